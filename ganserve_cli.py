@@ -1,0 +1,13 @@
+"""The `ganserve` command: one typer app joining the training and service verbs.
+
+This is the only module that sees both `training` and `service`.
+"""
+import typer
+
+from training.cli import register as register_training
+
+app = typer.Typer(help="ganserve: train GAN generators, evaluate them, sample from them, serve them.", no_args_is_help=True)
+register_training(app)
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,102 @@
+"""The training-side verbs of `ganserve`: train, evaluate, sample, train-classifier, results."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def train_command(
+    config: Path = typer.Option(..., "--config", "-c", exists=True, dir_okay=False, help="YAML config, e.g. configs/dcgan-digits.yaml"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default runs/<config name>)"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="override the config's generator steps"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="override the config's seed"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present)"),
+) -> None:
+    """Train a GAN from a config; writes checkpoints, samples, log.csv and metrics.json."""
+    from training.config import load_config
+    from training.loop import train
+
+    cfg = load_config(config)
+    updates = {k: v for k, v in {"max_steps": max_steps, "seed": seed}.items() if v is not None}
+    cfg = cfg.model_copy(update=updates)
+    out = out or Path("runs") / cfg.name
+    result = train(cfg, out, resume=resume, device=device)
+    print_metrics(f"{cfg.name} — step {result['step']}", result["last"], result.get("best"))
+    console.print(f"run written to [bold]{out}[/]")
+
+
+def evaluate_command(
+    run_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="a run directory written by `ganserve train`"),
+    checkpoint: str = typer.Option("best", help="best or last"),
+    num_samples: int = typer.Option(5000, min=10, help="generated samples to evaluate"),
+    inception_weights: Optional[Path] = typer.Option(None, help="InceptionV3 FID weights file, adds standard FID"),
+) -> None:
+    """Evaluate a run's generator and write the metrics into its metrics.json."""
+    from training.run_eval import evaluate_run
+
+    metrics = evaluate_run(run_dir, checkpoint, num_samples, inception_weights)
+    print_metrics(f"{run_dir} ({checkpoint})", metrics)
+
+
+def sample_command(
+    run_dir: Path = typer.Argument(..., exists=True, file_okay=False),
+    out: Path = typer.Option(Path("samples.png"), "--out", "-o", help="PNG grid to write"),
+    n: int = typer.Option(64, "--n", min=1, max=1024, help="number of samples"),
+    seed: int = typer.Option(0, help="latent seed: the same seed gives the same samples"),
+    label: Optional[str] = typer.Option(None, "--class", help="class index or name for conditional models (default: all classes in turn)"),
+    checkpoint: str = typer.Option("best", help="best or last"),
+    truncation: float = typer.Option(1.0, min=0.0, max=1.0, help="scale latents toward 0 (1 = off)"),
+) -> None:
+    """Draw samples from a trained run into a PNG grid."""
+    from training.run_eval import sample_run
+
+    sample_run(run_dir, out, n, seed, label, checkpoint, truncation)
+    console.print(f"wrote [bold]{out}[/]")
+
+
+def train_classifier_command(epochs: int = typer.Option(40, min=1)) -> None:
+    """Rebuild the digits feature classifier shipped in training/metrics/."""
+    from training.feature_classifier import train_digits_classifier
+
+    accuracy = train_digits_classifier(epochs=epochs)
+    console.print(f"held-out accuracy {accuracy:.4f}")
+
+
+def results_command(
+    out: Path = typer.Option(Path("docs/results.md"), "--out"),
+    runs: Path = typer.Option(Path("runs/results"), "--runs", help="where the result runs are trained"),
+    seeds: int = typer.Option(3, min=1, help="seeds per grid25 loss"),
+) -> None:
+    """Train the benchmark runs (grid25 x losses x seeds, digits DCGAN and cDCGAN) and write docs/results.md."""
+    from training.results import build_results
+
+    build_results(out, runs, seeds)
+    console.print(f"wrote [bold]{out}[/]")
+
+
+def print_metrics(title: str, metrics: dict, best: dict | None = None) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        if key != "step":
+            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+    if best:
+        console.print(f"best {best.get('metric')} = {best.get('value'):.4g} at step {best.get('step')}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train_command)
+    app.command("evaluate")(evaluate_command)
+    app.command("sample")(sample_command)
+    app.command("train-classifier")(train_classifier_command)
+    app.command("results")(results_command)

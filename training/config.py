@@ -1,0 +1,92 @@
+"""Typed training configuration, read from YAML and validated at the edge.
+
+Unknown keys are errors (a typo must not silently train the wrong model); every field has a
+default that works, so a config file only says what differs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+LossName = Literal["minimax", "nonsaturating", "hinge", "wgan", "wgan-gp", "lsgan"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(Strict):
+    name: Literal["digits", "gaussians", "shapes", "image_folder", "mnist", "cifar10"] = "digits"
+    resolution: int = 32
+    mixture: Literal["ring8", "grid25"] = "grid25"  # gaussians only
+    size: int = Field(10_000, gt=0)  # shapes / gaussians: how many samples to generate
+    path: str | None = None  # image_folder root, MNIST images file, or CIFAR batch folder
+    labels_path: str | None = None  # MNIST labels file
+    channels: int = 3  # image_folder only
+
+
+class ModelConfig(Strict):
+    arch: Literal["mlp", "dcgan", "cdcgan"] = "dcgan"
+    z_dim: int = Field(100, gt=0)
+    width: int = Field(64, gt=0)  # base feature width (channels) or hidden units for mlp
+    depth: int = Field(3, gt=0)  # mlp hidden layers
+    discriminator: Literal["dcgan", "sngan", "projection", "mlp", "mlp-sn"] = "dcgan"
+
+
+class LossConfig(Strict):
+    name: LossName = "nonsaturating"
+    n_critic: int = Field(1, gt=0)  # D steps per G step
+    gp_weight: float = 10.0  # wgan-gp
+    clip: float = 0.01  # wgan weight clipping
+    r1_gamma: float = 0.0  # R1 penalty on real data, 0 = off
+
+
+class OptimConfig(Strict):
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4  # TTUR: set lr_d above lr_g
+    beta1: float = 0.5
+    beta2: float = 0.999
+
+
+class EvalConfig(Strict):
+    every: int = Field(500, gt=0)  # steps between metric evaluations
+    num_samples: int = Field(2000, gt=0)
+    best_metric: str = "fid"  # which metric picks the best checkpoint
+    best_mode: Literal["min", "max"] = "min"
+
+
+class TrainConfig(Strict):
+    name: str = "run"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    eval: EvalConfig = EvalConfig()
+    batch_size: int = Field(64, gt=0)
+    max_steps: int = Field(5000, gt=0)  # generator steps
+    ema_beta: float = Field(0.999, ge=0, lt=1)  # 0 disables the EMA of G
+    ema_start: int = 0  # step at which EMA starts tracking (before it, EMA copies G)
+    amp: bool = True  # mixed precision, used only on CUDA
+    seed: int = 0
+    sample_every: int = Field(500, gt=0)
+    checkpoint_every: int = Field(500, gt=0)
+    panel_size: int = Field(64, gt=0)  # fixed latent panel for sample grids and diversity checks
+
+    @model_validator(mode="after")
+    def check_combinations(self) -> "TrainConfig":
+        is_2d = self.data.name == "gaussians"
+        if is_2d != (self.model.arch == "mlp"):
+            raise ValueError("2-D gaussians train the mlp arch, image sets a convolutional one")
+        if self.model.arch == "cdcgan" and self.model.discriminator != "projection":
+            raise ValueError("the conditional dcgan (cdcgan) needs the projection discriminator")
+        if self.model.arch == "dcgan" and self.data.resolution not in (32, 64):
+            raise ValueError(f"dcgan supports 32 or 64 px, not {self.data.resolution}")
+        return self
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    with open(path) as handle:
+        return TrainConfig.model_validate(yaml.safe_load(handle) or {})

@@ -1,0 +1,1 @@
+"""Quality metrics: one file per metric, each tested against a known answer."""
