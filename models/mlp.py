@@ -8,8 +8,12 @@ from models.layers import maybe_spectral
 
 
 class MLPGenerator(nn.Module):
-    def __init__(self, z_dim: int = 2, out_dim: int = 2, width: int = 256, depth: int = 3) -> None:
+    """`scale` is the data's spread: the net works in unit-scale coordinates and its output is
+    multiplied back, so samples live in data space while the optimisation stays well conditioned."""
+
+    def __init__(self, z_dim: int = 2, out_dim: int = 2, width: int = 256, depth: int = 3, scale: float = 1.0) -> None:
         super().__init__()
+        self.scale = scale
         layers: list[nn.Module] = []
         features = z_dim
         for _ in range(depth):
@@ -19,14 +23,15 @@ class MLPGenerator(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)
+        return self.net(z) * self.scale
 
 
 class MLPDiscriminator(nn.Module):
     """Outputs one logit (or critic score) per sample; spectral norm makes it the SNGAN-style D."""
 
-    def __init__(self, in_dim: int = 2, width: int = 256, depth: int = 3, spectral: bool = False) -> None:
+    def __init__(self, in_dim: int = 2, width: int = 256, depth: int = 3, spectral: bool = False, scale: float = 1.0) -> None:
         super().__init__()
+        self.scale = scale
         layers: list[nn.Module] = []
         features = in_dim
         for _ in range(depth):
@@ -36,4 +41,4 @@ class MLPDiscriminator(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.flatten(1)).squeeze(1)  # [B]
+        return self.net(x.flatten(1) / self.scale).squeeze(1)  # [B]

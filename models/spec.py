@@ -23,6 +23,7 @@ class ModelSpec:
     resolution: int = 32  # 0 for non-image (point) models
     channels: int = 1
     out_dim: int = 0  # point models only: dimension of a sample
+    data_scale: float = 1.0  # point models only: spread of the data, see MLPGenerator
     class_names: list[str] = field(default_factory=list)
     value_range: tuple[float, float] = (-1.0, 1.0)
 

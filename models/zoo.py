@@ -12,7 +12,7 @@ DISCRIMINATORS = ("dcgan", "sngan", "projection", "mlp", "mlp-sn")
 
 def build_generator(spec: ModelSpec) -> nn.Module:
     if spec.arch == "mlp":
-        return MLPGenerator(spec.z_dim, spec.out_dim, spec.width, spec.depth)
+        return MLPGenerator(spec.z_dim, spec.out_dim, spec.width, spec.depth, spec.data_scale)
     if spec.arch == "dcgan":
         return DCGANGenerator(spec.z_dim, spec.channels, spec.resolution, spec.width)
     if spec.arch == "cdcgan":
@@ -24,9 +24,9 @@ def build_generator(spec: ModelSpec) -> nn.Module:
 
 def build_discriminator(spec: ModelSpec, name: str) -> nn.Module:
     if name == "mlp":
-        return MLPDiscriminator(spec.out_dim, spec.width, spec.depth, spectral=False)
+        return MLPDiscriminator(spec.out_dim, spec.width, spec.depth, spectral=False, scale=spec.data_scale)
     if name == "mlp-sn":
-        return MLPDiscriminator(spec.out_dim, spec.width, spec.depth, spectral=True)
+        return MLPDiscriminator(spec.out_dim, spec.width, spec.depth, spectral=True, scale=spec.data_scale)
     if name == "dcgan":
         return DCGANDiscriminator(spec.channels, spec.resolution, spec.width)
     if name == "sngan":

@@ -49,6 +49,7 @@ class OptimConfig(Strict):
     lr_d: float = 2e-4  # TTUR: set lr_d above lr_g
     beta1: float = 0.5
     beta2: float = 0.999
+    lr_decay: Literal["none", "linear"] = "none"  # linear: both rates fall to 0 at max_steps
 
 
 class EvalConfig(Strict):

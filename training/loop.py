@@ -51,6 +51,7 @@ def spec_for(cfg: TrainConfig, train: TensorData) -> ModelSpec:
         resolution=0 if not train.is_image else train.x.shape[-1],
         channels=train.x.shape[1] if train.is_image else 0,
         out_dim=0 if train.is_image else train.x.shape[1],
+        data_scale=1.0 if train.is_image else round(float(train.x.std()), 4),
         class_names=list(train.class_names) if conditional else [],
     )
 
@@ -124,6 +125,14 @@ def generate_batch(run: Run, n: int, y_real: torch.Tensor | None) -> tuple[torch
     return run.G(z, y), y
 
 
+def set_learning_rates(run: Run) -> None:
+    """Linear decay to zero: late small steps let G settle onto the modes instead of orbiting them."""
+    remaining = max(0.0, 1.0 - run.step / run.cfg.max_steps)
+    for optimizer, base in ((run.opt_g, run.cfg.optim.lr_g), (run.opt_d, run.cfg.optim.lr_d)):
+        for group in optimizer.param_groups:
+            group["lr"] = base * remaining
+
+
 def train_step(run: Run, train: TensorData) -> dict[str, float]:
     """n_critic D updates, then one G update. Returns the log row (without step and time)."""
     cfg = run.cfg
@@ -158,6 +167,8 @@ def train_step(run: Run, train: TensorData) -> dict[str, float]:
     with autocast:
         x_fake, y_fake = generate_batch(run, cfg.batch_size, None)
         loss_g = g_loss_fn(discriminate(run, x_fake, y_fake).float())
+    if cfg.optim.lr_decay == "linear":
+        set_learning_rates(run)
     run.opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     norm_g = grad_norm(run.G)

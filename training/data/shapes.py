@@ -47,13 +47,15 @@ def load_shapes(n: int = 10_000, resolution: int = 32, seed: int = 0) -> TensorD
     if resolution < 8:
         raise ValueError(f"shapes resolution must be at least 8, not {resolution}")
     rng = np.random.default_rng(seed)
-    shape = rng.integers(0, 3, n)
-    hue = rng.random(n)
-    size = rng.uniform(MIN_SIZE, MAX_SIZE, n)
+    # one row of 6 uniforms per image, so the first k images of a set are the same for any n
+    u = rng.random((n, 6))
+    shape = (u[:, 0] * 3).astype(np.int64)
+    hue = u[:, 1]
+    size = MIN_SIZE + u[:, 2] * (MAX_SIZE - MIN_SIZE)
     # keep the whole shape inside the frame: the centre is at least a radius from each edge
-    x = size / 2 + rng.random(n) * (1 - size)
-    y = size / 2 + rng.random(n) * (1 - size)
-    rotation = rng.uniform(0, 2 * math.pi, n)
+    x = size / 2 + u[:, 3] * (1 - size)
+    y = size / 2 + u[:, 4] * (1 - size)
+    rotation = u[:, 5] * 2 * math.pi
     images = np.stack([render_shape(resolution, *params) for params in zip(shape, hue, size, x, y, rotation)])
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     factors = {

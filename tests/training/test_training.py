@@ -1,0 +1,129 @@
+"""Short real training runs: what a run directory holds, exact resume, and the CLI verbs."""
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file
+
+from training.config import TrainConfig, load_config
+from training.diagnostics import CollapseMonitor
+from training.loop import train
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
+
+
+def tiny_grid_config(**overrides) -> TrainConfig:
+    cfg = load_config(REPO / "configs" / "sngan-hinge-grid25.yaml").model_dump()
+    cfg.update(max_steps=40, sample_every=20, checkpoint_every=10, panel_size=200, batch_size=64)
+    cfg["eval"].update(every=20, num_samples=500)
+    cfg["model"].update(width=32)
+    cfg["data"].update(size=5000)
+    cfg.update(overrides)
+    return TrainConfig.model_validate(cfg)
+
+
+def test_a_run_writes_checkpoints_samples_log_spec_and_metrics(tmp_path):
+    result = train(tiny_grid_config(), tmp_path, show_progress=False)
+    for name in ("checkpoints/last.safetensors", "checkpoints/last.json", "checkpoints/best.safetensors",
+                 "samples/step_000020.png", "samples/step_000040.png", "log.csv", "metrics.json", "spec.json", "curves.png"):
+        assert (tmp_path / name).exists(), name
+    with open(tmp_path / "log.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in rows] == list(range(1, 41))
+    assert {"loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_norm_g", "step_time"} <= set(rows[0])
+    spec = json.loads((tmp_path / "spec.json").read_text())
+    assert spec["arch"] == "mlp" and spec["step"] == 40 and spec["config"]["loss"]["name"] == "hinge"
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["step"] == 40 and metrics["last"]["num_modes"] == 25
+    assert metrics["best"]["metric"] == "reverse_kl" and [h["step"] for h in metrics["history"]] == [20, 40]
+    # checkpoints are plain tensors + JSON: loadable without unpickling anything
+    assert any(k.startswith("G_ema.") for k in load_file(str(tmp_path / "checkpoints/last.safetensors")))
+    assert result == metrics
+
+
+def test_resume_continues_exactly_where_training_stopped(tmp_path):
+    straight, halted = tmp_path / "straight", tmp_path / "halted"
+    train(tiny_grid_config(max_steps=30), straight, show_progress=False)
+    train(tiny_grid_config(max_steps=20), halted, show_progress=False)
+    train(tiny_grid_config(max_steps=30), halted, resume=True, show_progress=False)
+    a = load_file(str(straight / "checkpoints/last.safetensors"))
+    b = load_file(str(halted / "checkpoints/last.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert (straight / "log.csv").read_text().count("\n") == (halted / "log.csv").read_text().count("\n")
+
+
+def test_training_into_an_existing_run_without_resume_is_refused(tmp_path):
+    train(tiny_grid_config(max_steps=10), tmp_path, show_progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny_grid_config(max_steps=10), tmp_path, show_progress=False)
+
+
+@pytest.mark.parametrize("config", ["dcgan-digits", "cdcgan-digits"])
+def test_digits_runs_evaluate_fid_kid_in_the_project_feature_space(tmp_path, config):
+    cfg = load_config(REPO / "configs" / f"{config}.yaml").model_dump()
+    cfg.update(max_steps=6, sample_every=6, checkpoint_every=6, batch_size=16)
+    cfg["eval"].update(every=6, num_samples=300)
+    cfg["model"].update(width=8)
+    result = train(TrainConfig.model_validate(cfg), tmp_path, show_progress=False)
+    last = result["last"]
+    assert {"fid", "kid", "precision", "recall", "inception_score", "fid_real_floor"} <= set(last)
+    assert last["fid"] > last["fid_real_floor"]  # six steps of training are far from real digits
+    assert ("class_accuracy" in last) == (config == "cdcgan-digits")
+    assert (tmp_path / "samples" / "step_000006.png").exists()
+
+
+def test_configs_are_validated_at_the_edge():
+    with pytest.raises(ValidationError, match="extra"):
+        TrainConfig.model_validate({"optim": {"learning_rate": 1e-3}})
+    with pytest.raises(ValidationError, match="projection"):
+        TrainConfig.model_validate({"model": {"arch": "cdcgan", "discriminator": "dcgan"}})
+    with pytest.raises(ValidationError):
+        TrainConfig.model_validate({"batch_size": 0})
+
+
+def test_every_shipped_config_loads():
+    for path in (REPO / "configs").glob("*.yaml"):
+        load_config(path)
+
+
+def test_collapse_monitor_warns_when_d_wins_and_when_samples_collapse():
+    monitor = CollapseMonitor(logistic_loss=True, real_diversity=1.0)
+    warnings = [w for step in range(1, 101) for w in monitor.observe_step(step, loss_d=0.001, grad_norm_g=1e-6)]
+    assert any("D loss sits near 0" in w for w in warnings)
+    assert any("G gradient norm vanished" in w for w in warnings)
+    _, collapse = monitor.observe_panel(100, torch.zeros(16, 2))
+    assert collapse and "diversity collapsed" in collapse[0]
+    _, healthy = CollapseMonitor(logistic_loss=True, real_diversity=1.0).observe_panel(100, torch.randn(64, 2))
+    assert healthy == []
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ganserve_cli", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_trains_evaluates_and_samples_a_conditional_digits_model(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text((REPO / "configs" / "cdcgan-digits.yaml").read_text().replace("width: 32", "width: 8"))
+    out = tmp_path / "run"
+    trained = run_cli("train", "--config", str(config), "--out", str(out), "--max-steps", "4")
+    assert trained.returncode == 0, trained.stderr
+    evaluated = run_cli("evaluate", str(out), "--num-samples", "200", "--checkpoint", "last")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "class_accuracy" in json.loads((out / "metrics.json").read_text())["evaluation"]
+    sampled = run_cli("sample", str(out), "--n", "8", "--class", "7", "--out", str(tmp_path / "sevens.png"))
+    assert sampled.returncode == 0, sampled.stderr
+    assert (tmp_path / "sevens.png").stat().st_size > 0
+    unknown = run_cli("sample", str(out), "--class", "eleven", "--out", str(tmp_path / "x.png"))
+    assert unknown.returncode != 0 and "unknown class" in (unknown.stderr + unknown.stdout)
+
+
+def test_cli_help_describes_each_verb():
+    for verb in ("train", "evaluate", "sample"):
+        result = run_cli(verb, "--help")
+        assert result.returncode == 0 and "Usage" in result.stdout
