@@ -84,9 +84,10 @@ class DCGANDiscriminator(nn.Module):
 
 
 class SNDiscriminator(nn.Module):
-    """The SNGAN 'standard CNN' discriminator: spectral norm on every layer, no BatchNorm, so it
-    also suits per-sample penalties (WGAN-GP, R1). With `num_classes` it becomes the projection D:
-    logit = linear(φ(x)) + <embed(y), φ(x)>."""
+    """The DCGAN discriminator with spectral norm on every layer instead of BatchNorm (the SNGAN
+    recipe), so it also suits per-sample penalties (WGAN-GP, R1). SNGAN's extra 3x3 convolution
+    per stage is left out: on a 2-core CPU it cost 8x the compute for no gain on 32 px digits.
+    With `num_classes` it becomes the projection D: logit = linear(φ(x)) + <embed(y), φ(x)>."""
 
     def __init__(self, channels: int = 3, resolution: int = 32, width: int = 64, num_classes: int = 0) -> None:
         super().__init__()
@@ -94,13 +95,8 @@ class SNDiscriminator(nn.Module):
         layers: list[nn.Module] = []
         in_features, features = channels, width
         for _ in range(stages):
-            layers += [
-                maybe_spectral(nn.Conv2d(in_features, features, 3, 1, 1), True),
-                nn.LeakyReLU(0.1, True),
-                maybe_spectral(nn.Conv2d(features, features * 2, 4, 2, 1), True),
-                nn.LeakyReLU(0.1, True),
-            ]
-            in_features, features = features * 2, features * 2
+            layers += [maybe_spectral(nn.Conv2d(in_features, features, 4, 2, 1), True), nn.LeakyReLU(0.1, True)]
+            in_features, features = features, features * 2
         layers += [maybe_spectral(nn.Conv2d(in_features, in_features, 3, 1, 1), True), nn.LeakyReLU(0.1, True)]
         self.features = nn.Sequential(*layers)
         self.linear = maybe_spectral(nn.Linear(in_features, 1), True)

@@ -120,6 +120,7 @@ def build_results(out: Path, runs: Path, seeds: int) -> None:
         "Every number below is read from the metrics the training code wrote next to its checkpoints.",
         "",
     ]
-    body = grid_section(runs, seeds) + digits_section(runs)
+    digits = digits_section(runs)  # the slower, riskier runs first: a problem shows early
+    body = grid_section(runs, seeds) + digits
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(header + body) + "\n")
