@@ -4,10 +4,12 @@ This is the only module that sees both `training` and `service`.
 """
 import typer
 
+from service.cli import register as register_service
 from training.cli import register as register_training
 
 app = typer.Typer(help="ganserve: train GAN generators, evaluate them, sample from them, serve them.", no_args_is_help=True)
 register_training(app)
+register_service(app)
 
 if __name__ == "__main__":
     app()

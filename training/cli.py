@@ -82,6 +82,28 @@ def results_command(
     console.print(f"wrote [bold]{out}[/]")
 
 
+def export_command(
+    run_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="a run directory written by `ganserve train`"),
+    name: str = typer.Option(..., "--name", help="model name in the repository, e.g. dcgan-digits"),
+    version: int = typer.Option(1, "--version", min=1),
+    formats: str = typer.Option("onnx,torchscript", "--formats", help="comma-separated: onnx, torchscript"),
+    repository: Path = typer.Option(Path("model_repository"), "--repository"),
+    checkpoint: str = typer.Option("best", help="best or last"),
+) -> None:
+    """Export a run to a model-repository entry (ONNX + TorchScript), parity-checked against eager PyTorch."""
+    from training.export import ExportError, export_run
+
+    try:
+        entry = export_run(run_dir, name, version, repository, [f.strip() for f in formats.split(",") if f.strip()], checkpoint)
+    except ExportError as error:
+        console.print(f"[red]export failed:[/] {error}")
+        raise typer.Exit(1)
+    spec = json.loads((entry / "spec.json").read_text())
+    for fmt, info in spec["formats"].items():
+        console.print(f"{fmt:12s} {info['file']:20s} parity max abs error {info['parity_max_abs_error']:.2e}")
+    console.print(f"wrote [bold]{entry}[/]")
+
+
 def print_metrics(title: str, metrics: dict, best: dict | None = None) -> None:
     table = Table(title=title)
     table.add_column("metric")
@@ -100,3 +122,4 @@ def register(app: typer.Typer) -> None:
     app.command("sample")(sample_command)
     app.command("train-classifier")(train_classifier_command)
     app.command("results")(results_command)
+    app.command("export")(export_command)

@@ -1,0 +1,1 @@
+"""The FastAPI service: loads model-repository entries, batches requests, serves images."""

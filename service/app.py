@@ -1,0 +1,45 @@
+"""The FastAPI application: lifespan-held registry, error handlers, body limit, routers."""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import HTMLResponse
+
+from service.errors import install_error_handlers
+from service.limits import BodySizeLimit
+from service.metrics import ServiceMetrics
+from service.playground import PAGE
+from service.registry import ModelRegistry
+from service.routes import health, v1, v2
+from service.settings import Settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        registry = ModelRegistry(settings, ServiceMetrics())
+        app.state.registry = registry
+        await registry.load_all()
+        logging.getLogger("ganserve").info("ready: %s", {n: sorted(v) for n, v in registry.models.items()})
+        try:
+            yield
+        finally:
+            await registry.drain()
+
+    app = FastAPI(title="ganserve", version="1.0", lifespan=lifespan,
+                  description="Batched GAN inference: generation, with KServe v2 tensor endpoints.")
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
+    app.include_router(health.router)
+    app.include_router(v1.router)
+    app.include_router(v2.router)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground() -> str:
+        return PAGE
+
+    return app

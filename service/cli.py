@@ -1,0 +1,34 @@
+"""The service-side verb of `ganserve`: serve."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def serve_command(
+    repository: Optional[Path] = typer.Option(None, "--repository", help="model repository root [GANSERVE_REPOSITORY]"),
+    host: Optional[str] = typer.Option(None, "--host", help="[GANSERVE_HOST]"),
+    port: Optional[int] = typer.Option(None, "--port", help="[GANSERVE_PORT]"),
+    runtime: Optional[str] = typer.Option(None, "--runtime", help="onnx, torchscript or eager [GANSERVE_RUNTIME]"),
+    max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size", help="items per forward pass [GANSERVE_MAX_BATCH_SIZE]"),
+    max_queue_delay_ms: Optional[float] = typer.Option(None, "--max-queue-delay-ms", help="[GANSERVE_MAX_QUEUE_DELAY_MS]"),
+) -> None:
+    """Serve the model repository over HTTP. Every option also reads from GANSERVE_* variables."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    overrides = {k: v for k, v in dict(repository=repository, host=host, port=port, runtime=runtime,
+                                       max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms).items() if v is not None}
+    settings = Settings(**overrides)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=int(settings.request_timeout_s) + 5, access_log=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve_command)

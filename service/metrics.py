@@ -1,0 +1,24 @@
+"""Prometheus metrics with DESIGN's names. Histograms, not summaries, so p99 aggregates across
+replicas. The registry belongs to the app (held by its lifespan), not to the process."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LABELS = ("model", "version", "operation")
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.request_duration = Histogram("ganserve_request_duration_seconds", "Whole request, arrival to response body", LABELS, buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_duration = Histogram("ganserve_queue_duration_seconds", "Time an item waited in its batch queue", LABELS, buckets=LATENCY_BUCKETS, registry=r)
+        self.compute_duration = Histogram("ganserve_compute_duration_seconds", "One batched forward pass", LABELS, buckets=LATENCY_BUCKETS, registry=r)
+        self.encode_duration = Histogram("ganserve_encode_duration_seconds", "Encoding a response's images", LABELS, buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_items = Histogram("ganserve_batch_items", "Items per forward pass", LABELS, buckets=BATCH_BUCKETS, registry=r)
+        self.queue_items = Gauge("ganserve_queue_items", "Items waiting in the batch queue", LABELS, registry=r)
+        self.requests = Counter("ganserve_requests_total", "Requests by final HTTP status", LABELS + ("status",), registry=r)
+        self.rejected = Counter("ganserve_rejected_total", "Requests or items refused or dropped", LABELS + ("reason",), registry=r)
+        self.gpu_memory = Gauge("ganserve_gpu_memory_bytes", "GPU memory allocated by this process", ("device",), registry=r)

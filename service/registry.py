@@ -1,0 +1,120 @@
+"""The one piece of process state: loaded models, their batchers and the thread pools, held by
+the app's lifespan. Loading, warm-up, readiness and draining live here."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.batcher import BatchKey, DynamicBatcher
+from service.metrics import ServiceMetrics
+from service.repository import ModelEntry, scan_repository
+from service.runtimes import Runtime, load_runtime, resolve_device
+from service.settings import Settings
+
+log = logging.getLogger("ganserve.registry")
+NUMPY_DTYPES = {"float32": np.float32, "int64": np.int64}
+
+
+@dataclass
+class LoadedModel:
+    entry: ModelEntry
+    runtime: Runtime | None = None
+    state: str = "loading"  # loading | ready | failed
+    error: str | None = None
+    batchers: dict[str, DynamicBatcher] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+
+def dummy_inputs(entry: ModelEntry, batch: int) -> dict[str, np.ndarray]:
+    arrays = {}
+    for tensor in entry.spec["inputs"]:
+        shape = [batch if d == -1 else d for d in tensor["shape"]]
+        arrays[tensor["name"]] = np.zeros(shape, dtype=NUMPY_DTYPES[tensor["datatype"]])
+    return arrays
+
+
+def warmup_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, … up to max_batch_size: the shapes the batcher will actually produce first."""
+    sizes, size = [], 1
+    while size < max_batch_size:
+        sizes.append(size)
+        size *= 2
+    return sizes + [max_batch_size]
+
+
+class ModelRegistry:
+    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.device = resolve_device(settings.device)
+        self.compute = ThreadPoolExecutor(1, thread_name_prefix="compute")  # one device, one stream of batches
+        self.encoders = ThreadPoolExecutor(settings.encoder_threads, thread_name_prefix="encode")
+        self.models: dict[str, dict[int, LoadedModel]] = {}
+        self.ready = False
+        self.draining = False
+
+    async def load_all(self) -> None:
+        for entry in scan_repository(self.settings.repository):
+            self.models.setdefault(entry.name, {})[entry.version] = LoadedModel(entry)
+        loop = asyncio.get_running_loop()
+        for versions in self.models.values():
+            for model in versions.values():
+                try:
+                    await loop.run_in_executor(self.compute, self.load_and_warm, model)
+                    model.state = "ready"
+                except Exception as error:  # one bad entry must not take the others down
+                    model.state, model.error = "failed", f"{type(error).__name__}: {error}"
+                    log.error("could not load %s v%d: %s", model.entry.name, model.entry.version, model.error)
+        self.ready = not self.draining
+
+    def load_and_warm(self, model: LoadedModel) -> None:
+        kind = self.settings.runtime_overrides.get(model.entry.name, self.settings.runtime)
+        started = time.perf_counter()
+        model.runtime = load_runtime(model.entry, kind, self.device, self.settings.intra_op_threads)
+        if self.settings.warmup:
+            for size in warmup_sizes(self.settings.max_batch_size):
+                model.runtime.run(dummy_inputs(model.entry, size))
+        log.info("loaded %s v%d (%s on %s) in %.2fs", model.entry.name, model.entry.version, kind, model.runtime.device, time.perf_counter() - started)
+
+    def versions(self, name: str) -> dict[int, LoadedModel]:
+        from service.errors import ApiError
+
+        if name not in self.models:
+            raise ApiError(404, f"unknown model {name!r}; GET /v1/models lists the models served")
+        return self.models[name]
+
+    def get(self, name: str, version: int | None = None) -> LoadedModel:
+        from service.errors import ApiError
+
+        versions = self.versions(name)
+        if version is None:
+            ready = [v for v, m in versions.items() if m.ready]
+            version = max(ready) if ready else max(versions)
+        if version not in versions:
+            raise ApiError(404, f"model {name!r} has no version {version} (has {sorted(versions)})")
+        model = versions[version]
+        if not model.ready:
+            raise ApiError(503, f"model {name!r} v{version} is {model.state}" + (f": {model.error}" if model.error else ""), headers={"Retry-After": "1"})
+        return model
+
+    def batcher(self, model: LoadedModel, operation: str) -> DynamicBatcher:
+        if operation not in model.batchers:
+            s = self.settings
+            key = BatchKey(model.entry.name, model.entry.version, operation)
+            model.batchers[operation] = DynamicBatcher(key, model.runtime.run, self.compute, self.metrics, s.max_batch_size, s.max_queue_delay_ms, s.max_queue_size)
+        return model.batchers[operation]
+
+    async def drain(self) -> None:
+        """Readiness goes false, accepted work finishes, then the pools stop."""
+        self.ready, self.draining = False, True
+        await asyncio.gather(*(b.close() for versions in self.models.values() for m in versions.values() for b in m.batchers.values()))
+        self.compute.shutdown(wait=True)
+        self.encoders.shutdown(wait=True)

@@ -1,0 +1,39 @@
+"""Liveness and readiness, in our names and KServe v2's, and the Prometheus scrape."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.requests import registry_of
+
+router = APIRouter(tags=["health"])
+
+
+def readiness(request: Request) -> JSONResponse:
+    registry = registry_of(request)
+    states = {f"{name}/{v}": m.state for name, versions in registry.models.items() for v, m in versions.items()}
+    return JSONResponse({"ready": registry.ready, "models": states}, status_code=200 if registry.ready else 503)
+
+
+@router.get("/health/live")
+@router.get("/v2/health/live")
+async def live() -> dict:
+    return {"live": True}
+
+
+@router.get("/health/ready")
+@router.get("/v2/health/ready")
+async def ready(request: Request) -> JSONResponse:
+    """200 once every model is loaded and warmed at its batch sizes; 503 before and while draining."""
+    return readiness(request)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    registry = registry_of(request)
+    if registry.device == "cuda":
+        import torch
+
+        registry.metrics.gpu_memory.labels("cuda:0").set(torch.cuda.memory_allocated())
+    return Response(generate_latest(registry.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,110 @@
+"""Runtimes behind one interface: a batch of named numpy inputs in, one numpy array out.
+
+ONNX Runtime is the default (CUDA provider when present, else CPU); TorchScript and eager
+PyTorch run on CUDA when present, with pinned host memory for the copies.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from service.repository import ModelEntry
+
+
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory for this batch: the batcher splits it and retries."""
+
+
+class Runtime(Protocol):
+    name: str
+    device: str
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray: ...
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    return device
+
+
+class OnnxRuntime:
+    name = "onnx"
+
+    def __init__(self, entry: ModelEntry, device: str, threads: int) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # spinning threads burn the cores the HTTP loop and the encoders need
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = ort.InferenceSession(str(entry.file_for("onnx")), options, providers=providers)
+        self.device = "cuda" if providers[0].startswith("CUDA") else "cpu"
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        try:
+            return self.session.run(None, {name: inputs[name] for name in self.input_names})[0]
+        except Exception as error:  # ORT raises its own RuntimeException type
+            if "Failed to allocate memory" in str(error) or "out of memory" in str(error).lower():
+                raise OutOfMemory(str(error)) from error
+            raise
+
+
+class TorchRuntime:
+    """TorchScript (`model.pt`) or eager (rebuilt from the spec + `model.safetensors`)."""
+
+    def __init__(self, entry: ModelEntry, device: str, threads: int, eager: bool) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.name = "eager" if eager else "torchscript"
+        self.device = device
+        if eager:
+            from safetensors.torch import load_file
+
+            from models.spec import ModelSpec
+            from models.zoo import build_generator
+
+            module = build_generator(ModelSpec.from_dict(entry.spec["model"]))
+            module.load_state_dict(load_file(str(entry.file_for("eager"))))
+        else:
+            module = torch.jit.load(str(entry.file_for("torchscript")), map_location="cpu")
+        self.module = module.eval().to(device)
+        self.input_names = [i["name"] for i in entry.spec["inputs"]]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        torch = self.torch
+        tensors = [torch.from_numpy(np.ascontiguousarray(inputs[name])) for name in self.input_names]
+        try:
+            with torch.inference_mode():
+                if self.device == "cuda":
+                    tensors = [t.pin_memory().to("cuda", non_blocking=True) for t in tensors]
+                return self.module(*tensors).float().cpu().numpy()
+        except torch.cuda.OutOfMemoryError as error:
+            torch.cuda.empty_cache()
+            raise OutOfMemory(str(error)) from error
+
+
+def load_runtime(entry: ModelEntry, kind: str, device: str, threads: int) -> Runtime:
+    if kind == "onnx":
+        return OnnxRuntime(entry, device, threads)
+    if kind in ("torchscript", "eager"):
+        return TorchRuntime(entry, device, threads, eager=kind == "eager")
+    raise ValueError(f"unknown runtime {kind!r}")

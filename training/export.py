@@ -1,0 +1,182 @@
+"""Turns a training run into a self-describing model-repository entry:
+
+    <repository>/<name>/<version>/
+        model.onnx          ONNX (opset 17, dynamic batch axis)
+        model.pt            TorchScript
+        model.safetensors   generator weights, for the eager runtime
+        spec.json           everything a runtime and a client need (see DESIGN.md)
+        metrics.json        the run's metrics
+        samples.png         a grid from fixed seeds
+
+Every format is checked against eager PyTorch on 16 fixed seeds; an export whose max abs
+error exceeds the tolerance fails with a clear message and leaves no entry behind.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from models.spec import ModelSpec
+from training.images import save_grid
+from training.run_eval import load_generator
+from training.sampling import balanced_labels, latents
+
+FORMATS = ("onnx", "torchscript")
+PARITY_SEEDS = list(range(16))
+PARITY_TOLERANCE = 1e-4
+OPSET = 17
+MAX_BATCH = 4096
+
+
+class ExportError(RuntimeError):
+    """Export could not produce a faithful entry (parity failed, or a format is unknown)."""
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: list[int]  # -1 is the dynamic batch axis
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "datatype": self.dtype, "shape": self.shape}
+
+
+def io_specs(spec: ModelSpec) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    inputs = [TensorSpec("z", "float32", [-1, spec.z_dim])]
+    if spec.kind == "conditional":
+        inputs.append(TensorSpec("label", "int64", [-1]))
+    output_shape = [-1, spec.channels, spec.resolution, spec.resolution] if spec.is_image else [-1, spec.out_dim]
+    return inputs, [TensorSpec("image" if spec.is_image else "sample", "float32", output_shape)]
+
+
+def example_inputs(spec: ModelSpec, seeds: list[int]) -> tuple[torch.Tensor, ...]:
+    """The parity inputs: one latent per seed drawn exactly as the service draws it."""
+    z = torch.cat([latents(spec, 1, seed) for seed in seeds])
+    labels = balanced_labels(spec, len(seeds))
+    return (z,) if labels is None else (z, labels)
+
+
+def export_torchscript(generator: nn.Module, example: tuple[torch.Tensor, ...], path: Path) -> None:
+    with torch.no_grad():
+        traced = torch.jit.trace(generator, example, check_trace=False)
+    traced.save(str(path))
+
+
+def export_onnx(generator: nn.Module, example: tuple[torch.Tensor, ...], inputs: list[TensorSpec], outputs: list[TensorSpec], path: Path) -> None:
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            generator, example, str(path), input_names=[t.name for t in inputs], output_names=[t.name for t in outputs],
+            opset_version=OPSET, dynamo=True, external_data=False, dynamic_shapes=tuple({0: batch} for _ in example),
+            verbose=False,
+        )
+
+
+def onnx_outputs(path: Path, example: tuple[torch.Tensor, ...], inputs: list[TensorSpec]) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {t.name: x.numpy() for t, x in zip(inputs, example)})[0]
+
+
+def parity_errors(generator: nn.Module, spec: ModelSpec, entry: Path, formats: list[str]) -> dict[str, float]:
+    """Max abs error of each exported format against eager PyTorch on the 16 parity seeds.
+
+    The batch is split 1 + 15 for the exported graphs, so a graph that only works at the batch
+    size it was traced with fails here rather than in the service."""
+    example = example_inputs(spec, PARITY_SEEDS)
+    inputs, _ = io_specs(spec)
+    with torch.no_grad():
+        reference = generator(*example).numpy()
+    errors: dict[str, float] = {}
+    parts = [tuple(x[:1] for x in example), tuple(x[1:] for x in example)]
+    if "torchscript" in formats:
+        scripted = torch.jit.load(str(entry / "model.pt"))
+        with torch.no_grad():
+            got = np.concatenate([scripted(*part).numpy() for part in parts])
+        errors["torchscript"] = float(np.abs(got - reference).max())
+    if "onnx" in formats:
+        got = np.concatenate([onnx_outputs(entry / "model.onnx", part, inputs) for part in parts])
+        errors["onnx"] = float(np.abs(got - reference).max())
+    return errors
+
+
+def entry_spec(spec: ModelSpec, name: str, version: int, run_dir: Path, cfg_dump: dict, parity: dict[str, float], formats: list[str]) -> dict:
+    inputs, outputs = io_specs(spec)
+    run_spec = json.loads((run_dir / "spec.json").read_text()) if (run_dir / "spec.json").exists() else {}
+    files = {"onnx": "model.onnx", "torchscript": "model.pt"}
+    return {
+        "name": name,
+        "version": version,
+        "kind": spec.kind,
+        "arch": spec.arch,
+        "resolution": spec.resolution,
+        "channels": spec.channels,
+        "value_range": list(spec.value_range),
+        "z_dim": spec.z_dim,
+        "w_dim": None,
+        "num_ws": None,
+        "class_names": spec.class_names,
+        "inputs": [t.to_dict() for t in inputs],
+        "outputs": [t.to_dict() for t in outputs],
+        "formats": {fmt: {"file": files[fmt], "parity_max_abs_error": parity[fmt]} for fmt in formats} | {"eager": {"file": "model.safetensors", "parity_max_abs_error": 0.0}},
+        "model": spec.to_dict(),
+        "training": {"config": cfg_dump, "step": run_spec.get("step"), "checkpoint_sha256": run_spec.get("checkpoint_sha256"), "run_dir": str(run_dir)},
+        "metrics_file": "metrics.json",
+        "parity": {"seeds": PARITY_SEEDS, "tolerance": PARITY_TOLERANCE},
+    }
+
+
+def export_run(run_dir: Path, name: str, version: int, repository: Path, formats: list[str], checkpoint: str = "best", tolerance: float = PARITY_TOLERANCE) -> Path:
+    """Writes `repository/name/version/`; returns its path. Raises ExportError on parity failure."""
+    unknown = set(formats) - set(FORMATS)
+    if unknown or not formats:
+        raise ExportError(f"unknown formats {sorted(unknown)}: choose from {FORMATS}")
+    if version < 1:
+        raise ExportError("versions start at 1")
+    generator, spec, cfg = load_generator(run_dir, checkpoint)
+    generator = generator.float().cpu().eval()
+    target = repository / name / str(version)
+    repository.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-{version}-", dir=repository))
+    try:
+        example = example_inputs(spec, PARITY_SEEDS[:2])
+        inputs, outputs = io_specs(spec)
+        save_file({k: v.contiguous() for k, v in generator.state_dict().items()}, str(staging / "model.safetensors"))
+        if "torchscript" in formats:
+            export_torchscript(generator, example, staging / "model.pt")
+        if "onnx" in formats:
+            export_onnx(generator, example, inputs, outputs, staging / "model.onnx")
+        parity = parity_errors(generator, spec, staging, formats)
+        failed = {fmt: err for fmt, err in parity.items() if not err <= tolerance}
+        if failed:
+            raise ExportError(f"parity check failed: max abs error {failed} exceeds {tolerance} against eager PyTorch on 16 seeds")
+        (staging / "spec.json").write_text(json.dumps(entry_spec(spec, name, version, run_dir, cfg.model_dump(), parity, formats), indent=2))
+        metrics = run_dir / "metrics.json"
+        (staging / "metrics.json").write_text(metrics.read_text() if metrics.exists() else "{}")
+        if spec.is_image:
+            z, *labels = example_inputs(spec, list(range(64 if spec.kind != "conditional" else 10 * spec.num_classes)))
+            with torch.no_grad():
+                save_grid(generator(z, *labels), staging / "samples.png", nrow=spec.num_classes if spec.kind == "conditional" else 8)
+        staging.chmod(0o755)  # mkdtemp makes it private; an entry is meant to be shared
+        for file in staging.iterdir():
+            file.chmod(0o644)
+        if target.exists():
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging.rename(target)  # the entry appears whole or not at all
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return target
