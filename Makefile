@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PORT ?= 8000
 
-.PHONY: install run test models results clean
+.PHONY: install run test models results bench clean
 
 install: $(STAMP)
 
@@ -16,15 +17,28 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e ".[dev,cpu]"
 	touch $(STAMP)
 
+# Serves model_repository/ (built by `make models` first if it holds no entry).
 run: install
-	$(BIN)/ganserve train --config configs/dcgan-digits.yaml --out runs/dcgan-digits
-	$(BIN)/ganserve sample runs/dcgan-digits --n 64 --out runs/dcgan-digits/sample_grid.png
+	@ls model_repository/*/*/spec.json >/dev/null 2>&1 || $(MAKE) models
+	$(BIN)/ganserve serve --repository model_repository --host 0.0.0.0 --port $(PORT)
 
 test: install
 	$(BIN)/pytest -q
 
+# Rebuilds the default models from scratch with the project's own commands (about 20 min on 2 cores).
+models: install
+	rm -rf runs/models
+	$(BIN)/ganserve train --config configs/dcgan-digits.yaml --out runs/models/dcgan-digits
+	$(BIN)/ganserve export runs/models/dcgan-digits --name dcgan-digits --version 1 --repository model_repository
+	$(BIN)/ganserve train --config configs/cdcgan-digits.yaml --out runs/models/cdcgan-digits
+	$(BIN)/ganserve export runs/models/cdcgan-digits --name cdcgan-digits --version 1 --repository model_repository
+
+# Trains and evaluates every run behind docs/results.md (about 2 hours on 2 cores).
 results: install
 	$(BIN)/ganserve results --out docs/results.md
+
+bench: install
+	$(BIN)/ganserve bench --repository model_repository --model dcgan-digits
 
 clean:
 	rm -rf $(VENV) runs

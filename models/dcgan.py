@@ -56,6 +56,9 @@ class ConditionalDCGANGenerator(nn.Module):
             features //= 2
         self.to_image = nn.ConvTranspose2d(features, channels, 4, 2, 1)
         self.apply(dcgan_init)
+        for norm in self.norms:  # dcgan_init would shrink the per-class BN scales to ~0
+            nn.init.ones_(norm.gamma.weight)
+            nn.init.zeros_(norm.beta.weight)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x = torch.cat([z, self.embed(y)], dim=1)[:, :, None, None]  # [B, 2*z_dim, 1, 1]
@@ -65,9 +68,10 @@ class ConditionalDCGANGenerator(nn.Module):
 
 
 class DCGANDiscriminator(nn.Module):
-    """image → one logit per sample. BatchNorm inside: train it with per-batch losses, not WGAN-GP."""
+    """image → one logit per sample. BatchNorm inside: train it with per-batch losses, not WGAN-GP.
+    With `num_classes` it adds a projection head (Miyato & Koyama): logit += <embed(y), φ(x)>."""
 
-    def __init__(self, channels: int = 3, resolution: int = 32, width: int = 64) -> None:
+    def __init__(self, channels: int = 3, resolution: int = 32, width: int = 64, num_classes: int = 0) -> None:
         super().__init__()
         stages = stage_count(resolution)
         layers: list[nn.Module] = [nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.2, True)]
@@ -75,12 +79,19 @@ class DCGANDiscriminator(nn.Module):
         for _ in range(stages - 1):
             layers += [nn.Conv2d(features, features * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(features * 2), nn.LeakyReLU(0.2, True)]
             features *= 2
-        layers.append(nn.Conv2d(features, 1, 4, 1, 0))
-        self.net = nn.Sequential(*layers)
+        self.features = nn.Sequential(*layers)  # [B, F, 4, 4]
+        self.head = nn.Conv2d(features, 1, 4, 1, 0)
+        self.embed = nn.Embedding(num_classes, features) if num_classes else None
         self.apply(dcgan_init)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).flatten()  # [B]
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        phi = self.features(x)
+        logit = self.head(phi).flatten()  # [B]
+        if self.embed is not None:
+            if y is None:
+                raise ValueError("the projection discriminator needs class labels")
+            logit = logit + (self.embed(y) * phi.sum(dim=(2, 3))).sum(dim=1)
+        return logit
 
 
 class SNDiscriminator(nn.Module):

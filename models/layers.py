@@ -33,9 +33,9 @@ class ConditionalBatchNorm2d(nn.Module):
 
 def dcgan_init(module: nn.Module) -> None:
     """Radford et al.'s initialisation: conv weights N(0, 0.02), BN scale N(1, 0.02)."""
-    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) and not hasattr(module, "parametrizations"):
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)) and not hasattr(module, "parametrizations"):
         nn.init.normal_(module.weight, 0.0, 0.02)
-        if module.bias is not None:
+        if getattr(module, "bias", None) is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.BatchNorm2d) and module.affine:
         nn.init.normal_(module.weight, 1.0, 0.02)

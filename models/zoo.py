@@ -7,7 +7,7 @@ from models.dcgan import ConditionalDCGANGenerator, DCGANDiscriminator, DCGANGen
 from models.mlp import MLPDiscriminator, MLPGenerator
 from models.spec import ModelSpec
 
-DISCRIMINATORS = ("dcgan", "sngan", "projection", "mlp", "mlp-sn")
+DISCRIMINATORS = ("dcgan", "dcgan-projection", "sngan", "projection", "mlp", "mlp-sn")
 
 
 def build_generator(spec: ModelSpec) -> nn.Module:
@@ -29,6 +29,8 @@ def build_discriminator(spec: ModelSpec, name: str) -> nn.Module:
         return MLPDiscriminator(spec.out_dim, spec.width, spec.depth, spectral=True, scale=spec.data_scale)
     if name == "dcgan":
         return DCGANDiscriminator(spec.channels, spec.resolution, spec.width)
+    if name == "dcgan-projection":
+        return DCGANDiscriminator(spec.channels, spec.resolution, spec.width, num_classes=spec.num_classes)
     if name == "sngan":
         return SNDiscriminator(spec.channels, spec.resolution, spec.width)
     if name == "projection":

@@ -1,6 +1,7 @@
 """The FastAPI application: lifespan-held registry, error handlers, body limit, routers."""
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 
@@ -23,11 +24,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         registry = ModelRegistry(settings, ServiceMetrics())
         app.state.registry = registry
-        await registry.load_all()
-        logging.getLogger("ganserve").info("ready: %s", {n: sorted(v) for n, v in registry.models.items()})
+        registry.discover()
+        # load and warm in the background: the server answers /health/* at once, ready only after
+        loading = asyncio.create_task(registry.load_all())
+        loading.add_done_callback(lambda _: logging.getLogger("ganserve").info("ready: %s", {n: sorted(v) for n, v in registry.models.items()}))
         try:
             yield
         finally:
+            if not loading.done():
+                loading.cancel()
             await registry.drain()
 
     app = FastAPI(title="ganserve", version="1.0", lifespan=lifespan,

@@ -61,9 +61,12 @@ class ModelRegistry:
         self.ready = False
         self.draining = False
 
-    async def load_all(self) -> None:
+    def discover(self) -> None:
+        """Reads the repository's entries (cheap); a missing repository stops start-up with a clear error."""
         for entry in scan_repository(self.settings.repository):
             self.models.setdefault(entry.name, {})[entry.version] = LoadedModel(entry)
+
+    async def load_all(self) -> None:
         loop = asyncio.get_running_loop()
         for versions in self.models.values():
             for model in versions.values():

@@ -33,7 +33,7 @@ class ModelConfig(Strict):
     z_dim: int = Field(100, gt=0)
     width: int = Field(64, gt=0)  # base feature width (channels) or hidden units for mlp
     depth: int = Field(3, gt=0)  # mlp hidden layers
-    discriminator: Literal["dcgan", "sngan", "projection", "mlp", "mlp-sn"] = "dcgan"
+    discriminator: Literal["dcgan", "dcgan-projection", "sngan", "projection", "mlp", "mlp-sn"] = "dcgan"
 
 
 class LossConfig(Strict):
@@ -81,8 +81,8 @@ class TrainConfig(Strict):
         is_2d = self.data.name == "gaussians"
         if is_2d != (self.model.arch == "mlp"):
             raise ValueError("2-D gaussians train the mlp arch, image sets a convolutional one")
-        if self.model.arch == "cdcgan" and self.model.discriminator != "projection":
-            raise ValueError("the conditional dcgan (cdcgan) needs the projection discriminator")
+        if (self.model.arch == "cdcgan") != (self.model.discriminator in ("projection", "dcgan-projection")):
+            raise ValueError("the conditional dcgan (cdcgan) goes with a projection discriminator (projection or dcgan-projection), and only it")
         if self.model.arch == "dcgan" and self.data.resolution not in (32, 64):
             raise ValueError(f"dcgan supports 32 or 64 px, not {self.data.resolution}")
         return self

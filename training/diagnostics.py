@@ -17,7 +17,12 @@ G_GRAD_FLOOR = 1e-4
 DIVERSITY_FLOOR = 0.25  # panel diversity relative to the real data's
 
 
-def mean_pairwise_distance(samples: torch.Tensor) -> float:
+def mean_pairwise_distance(samples: torch.Tensor, labels: torch.Tensor | None = None) -> float:
+    """Mean distance between two samples; with labels, between two samples of one class
+    (a conditional G that ignores z draws one image per class, which only this exposes)."""
+    if labels is not None:
+        groups = [samples[labels == c] for c in labels.unique()]
+        return sum(mean_pairwise_distance(g) for g in groups if len(g) > 1) / max(1, sum(len(g) > 1 for g in groups))
     flat = samples.flatten(1).double()
     distances = torch.cdist(flat, flat)
     n = len(flat)
@@ -53,9 +58,9 @@ class CollapseMonitor:
             warnings += self.warn_once("g_grad", step, f"G gradient norm vanished ({mean_g:.2e} over {WINDOW} steps): the generator has stopped learning")
         return warnings
 
-    def observe_panel(self, step: int, panel: torch.Tensor) -> tuple[float, list[str]]:
-        """Returns the panel's diversity relative to real data, and any warning."""
-        relative = mean_pairwise_distance(panel) / max(self.real_diversity, 1e-12)
+    def observe_panel(self, step: int, panel: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[float, list[str]]:
+        """Returns the panel's diversity relative to real data (within class when labelled), and any warning."""
+        relative = mean_pairwise_distance(panel, labels) / max(self.real_diversity, 1e-12)
         if relative < DIVERSITY_FLOOR:
             return relative, self.warn_once("diversity", step, f"sample diversity collapsed: the fixed panel spreads {relative:.2f}x as much as real data (mode collapse?)")
         return relative, []

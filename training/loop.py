@@ -114,7 +114,7 @@ def build_run(cfg: TrainConfig, train: TensorData, device: torch.device) -> Run:
 
 
 def discriminate(run: Run, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-    return run.D(x, y) if run.cfg.model.discriminator == "projection" else run.D(x)
+    return run.D(x, y) if run.spec.kind == "conditional" else run.D(x)
 
 
 def generate_batch(run: Run, n: int, y_real: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -237,8 +237,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, device: s
 
     panel_z = latents(run.spec, cfg.panel_size, PANEL_SEED)
     panel_y = balanced_labels(run.spec, cfg.panel_size)
-    reference = train_set.x[torch.randperm(len(train_set), generator=torch.Generator().manual_seed(PANEL_SEED))[: cfg.panel_size]]
-    monitor = CollapseMonitor(logistic_loss=cfg.loss.name in LOGISTIC | {"lsgan", "hinge"}, real_diversity=mean_pairwise_distance(reference))
+    reference_index = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(PANEL_SEED))[: cfg.panel_size]
+    reference = train_set.x[reference_index]
+    reference_labels = train_set.y[reference_index] if panel_y is not None else None
+    monitor = CollapseMonitor(logistic_loss=cfg.loss.name in LOGISTIC | {"lsgan", "hinge"}, real_diversity=mean_pairwise_distance(reference, reference_labels))
 
     new_log = not files.log_csv.exists()
     with open(files.log_csv, "a", newline="") as log_handle, make_progress(show_progress) as progress:
@@ -277,7 +279,7 @@ def make_progress(enabled: bool) -> Progress:
 
 def sample_panel(run: Run, files: RunFiles, panel_z, panel_y, reference, monitor: CollapseMonitor, logger, progress) -> float:
     panel = generate(run.sampler(), run.spec, panel_z, panel_y)
-    diversity, warnings = monitor.observe_panel(run.step, panel)
+    diversity, warnings = monitor.observe_panel(run.step, panel, panel_y)
     for warning in warnings:
         logger.warning(warning)
         progress.console.print(f"[yellow]warning[/] {warning}")

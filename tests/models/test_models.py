@@ -21,7 +21,7 @@ def test_dcgan_generates_images_in_range_that_its_discriminator_scores(resolutio
 
 def test_conditional_generator_draws_different_images_for_different_classes_from_one_latent():
     spec = ModelSpec(arch="cdcgan", kind="conditional", z_dim=16, width=8, resolution=32, channels=1, class_names=DIGITS)
-    G, D = build_generator(spec).eval(), build_discriminator(spec, "projection")
+    G, D = build_generator(spec).eval(), build_discriminator(spec, "dcgan-projection")
     z = torch.randn(1, 16).expand(2, -1)
     images = G(z, torch.tensor([0, 1]))
     assert images.shape == (2, 1, 32, 32)
@@ -55,3 +55,9 @@ def test_digits_classifier_exposes_features_and_logits():
     model = DigitsClassifier()
     x = torch.randn(3, 1, 32, 32)
     assert model.features(x).shape == (3, 64) and model(x).shape == (3, 10)
+
+
+def test_sn_projection_discriminator_scores_labelled_images():
+    spec = ModelSpec(arch="cdcgan", kind="conditional", z_dim=16, width=8, resolution=32, channels=1, class_names=DIGITS)
+    D = build_discriminator(spec, "projection")
+    assert D(torch.randn(3, 1, 32, 32), torch.tensor([0, 1, 2])).shape == (3,)

@@ -1,0 +1,54 @@
+"""The ceiling: the same runtime's bare forward pass (and forward + PNG encode) at the batch
+sizes the service uses, with no HTTP, queue or event loop in the way."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from service.imaging import encode, to_uint8
+from service.registry import dummy_inputs
+from service.repository import ModelEntry
+from service.runtimes import load_runtime
+
+
+@dataclass
+class CeilingResult:
+    runtime: str
+    device: str
+    batch_size: int
+    forward_images_per_s: float
+    forward_encode_images_per_s: float  # forward then PNG-encode every image, one thread
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def timed(repeat_until_s: float, work) -> float:
+    """Seconds per call, repeating `work` for at least `repeat_until_s` after one warm-up call."""
+    work()
+    calls, started = 0, time.perf_counter()
+    while time.perf_counter() - started < repeat_until_s or calls < 3:
+        work()
+        calls += 1
+    return (time.perf_counter() - started) / calls
+
+
+def measure_ceiling(entry: ModelEntry, runtime_kind: str, device: str, threads: int, batch_sizes: list[int], seconds: float = 2.0) -> list[CeilingResult]:
+    runtime = load_runtime(entry, runtime_kind, device, threads)
+    value_range = tuple(entry.spec["value_range"])
+    results = []
+    for batch in batch_sizes:
+        rng = np.random.default_rng(0)
+        inputs = dummy_inputs(entry, batch)
+        inputs["z"] = rng.standard_normal(inputs["z"].shape).astype(np.float32)
+        forward = timed(seconds, lambda: runtime.run(inputs))
+
+        def forward_and_encode() -> None:
+            for image in to_uint8(runtime.run(inputs), value_range):
+                encode(image, "png")
+
+        both = timed(seconds, forward_and_encode)
+        results.append(CeilingResult(runtime.name, runtime.device, batch, batch / forward, batch / both))
+    return results

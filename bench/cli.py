@@ -1,0 +1,29 @@
+"""The `ganserve bench` verb."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def bench_command(
+    model: str = typer.Option("dcgan-digits", help="model name in the repository"),
+    repository: Path = typer.Option(Path("model_repository"), "--repository", exists=True, file_okay=False),
+    runtime: str = typer.Option("onnx", help="onnx, torchscript or eager (the GPU path: torchscript/eager on CUDA)"),
+    concurrency: str = typer.Option("1,16,64", help="comma-separated client counts for single-image requests"),
+    duration: float = typer.Option(10.0, min=1.0, help="seconds per scenario"),
+    big_request: int = typer.Option(64, min=2, help="images per request in the large-request scenario"),
+    max_batch_size: int = typer.Option(64, min=1),
+    max_queue_delay_ms: float = typer.Option(2.0, min=0.0),
+    threads: int = typer.Option(1, min=1, help="runtime intra-op threads (the rest of the cores serve HTTP and encoding)"),
+    out: Optional[Path] = typer.Option(Path("bench/results/latest.json"), help="JSON report"),
+) -> None:
+    """Load-test the real server (batched vs unbatched) and compare with the bare-forward ceiling."""
+    from bench.runner import run_bench
+
+    run_bench(repository, model, runtime, [int(c) for c in concurrency.split(",")], duration, big_request, max_batch_size, max_queue_delay_ms, threads, out)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench_command)

@@ -1,0 +1,104 @@
+"""Fixtures that build a real model repository and start the real server as a subprocess."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from training.config import TrainConfig, load_config
+from training.export import export_run
+from training.loop import train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny_run(config: str, out: Path) -> Path:
+    cfg = load_config(REPO / "configs" / f"{config}.yaml").model_dump()
+    cfg.update(max_steps=2, sample_every=2, checkpoint_every=2, batch_size=8)
+    cfg["eval"].update(every=2, num_samples=50)
+    cfg["model"].update(width=8)
+    train(TrainConfig.model_validate(cfg), out, show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def repository(tmp_path_factory) -> Path:
+    """digits (unconditional) v1 and cdigits (conditional) v1, trained two steps and exported."""
+    root = tmp_path_factory.mktemp("serving")
+    repo = root / "model_repository"
+    export_run(tiny_run("dcgan-digits", root / "dcgan"), "digits", 1, repo, ["onnx", "torchscript"], "last")
+    export_run(tiny_run("cdcgan-digits", root / "cdcgan"), "cdigits", 1, repo, ["onnx", "torchscript"], "last")
+    return repo
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    def __init__(self, process: subprocess.Popen, url: str) -> None:
+        self.process, self.url = process, url
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 30), **kwargs)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of a Prometheus sample over the series matching `labels`."""
+        total = 0.0
+        for line in httpx.get(f"{self.url}/metrics").text.splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                series, value = line.rsplit(" ", 1)
+                if all(f'{k}="{v}"' in series for k, v in labels.items()):
+                    total += float(value)
+        return total
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}: {process.stderr.read().decode()[-2000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
+                return
+        time.sleep(0.05)
+    raise TimeoutError("server never became ready")
+
+
+@contextlib.contextmanager
+def running_server(repository: Path, wait: bool = True, **settings):
+    """`ganserve serve` on a free port, as a user starts it; GANSERVE_* variables set the rest."""
+    port = free_port()
+    env = {**os.environ, **{f"GANSERVE_{k.upper()}": str(v) for k, v in settings.items()}}
+    env.setdefault("GANSERVE_INTRA_OP_THREADS", "1")
+    env.setdefault("GANSERVE_ENCODER_THREADS", "2")
+    process = subprocess.Popen([sys.executable, "-m", "ganserve_cli", "serve", "--repository", str(repository), "--host", "127.0.0.1", "--port", str(port)],
+                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        if wait:
+            wait_ready(url, process)
+        yield Server(process, url)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@pytest.fixture(scope="module")
+def server(repository):
+    with running_server(repository, max_batch_size=16, max_queue_delay_ms=5) as running:
+        yield running

@@ -1,0 +1,62 @@
+"""Bad input gets a clear JSON error with the right status, never a 500 or a hang."""
+import pytest
+
+BAD_BODIES = [
+    ({"n": -1}, "n"),
+    ({"n": 0}, "n"),
+    ({"n": 100000}, "at most"),
+    ({"seeds": []}, "seeds"),
+    ({"seeds": [-5]}, "seeds"),
+    ({"seed": "abc"}, "seed"),
+    ({"class": 3}, "unconditional"),
+    ({"format": "gif"}, "format"),
+    ({"seeds": [1], "n": 2}, "either seeds or n"),
+    ({"sede": 1}, "sede"),
+]
+
+
+@pytest.mark.parametrize("body,mentions", BAD_BODIES)
+def test_invalid_generate_bodies_are_422_with_a_reason(server, body, mentions):
+    with server.client() as client:
+        response = client.post("/v1/models/digits/generate", json=body)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request" and mentions in error["message"]
+
+
+@pytest.mark.parametrize("label", [10, -1, "eleven", 2.5])
+def test_unknown_classes_are_422(server, label):
+    with server.client() as client:
+        response = client.post("/v1/models/cdigits/generate", json={"class": label})
+    assert response.status_code == 422
+
+
+def test_nan_in_json_is_422(server):
+    with server.client() as client:
+        response = client.post("/v1/models/digits/generate", content=b'{"seed": NaN}', headers={"content-type": "application/json"})
+    assert response.status_code == 422
+
+
+def test_unknown_model_and_version_are_404(server):
+    with server.client() as client:
+        assert client.post("/v1/models/nope/generate", json={}).json()["error"]["code"] == "not_found"
+        assert client.post("/v1/models/digits/generate", json={"version": 9}).status_code == 404
+        assert client.get("/v1/models/nope").status_code == 404
+
+
+def test_wrong_content_type_is_415(server):
+    with server.client() as client:
+        response = client.post("/v1/models/digits/generate", content=b"seed=1", headers={"content-type": "text/plain"})
+    assert response.status_code == 415 and "application/json" in response.json()["error"]["message"]
+
+
+def test_body_over_the_limit_is_413(server):
+    with server.client() as client:
+        response = client.post("/v1/models/digits/generate", content=b'{"seeds": [' + b"1," * 5_000_000 + b"1]}", headers={"content-type": "application/json"})
+    assert response.status_code == 413
+
+
+def test_malformed_json_is_422(server):
+    with server.client() as client:
+        response = client.post("/v1/models/digits/generate", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 422

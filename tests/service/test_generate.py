@@ -1,0 +1,94 @@
+"""Generation through the real server: formats, layouts, determinism under batching."""
+import base64
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from PIL import Image
+
+
+def decode(content: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(content)))
+
+
+def test_one_seed_returns_one_png_of_the_model_resolution(server):
+    with server.client() as client:
+        response = client.post("/v1/models/digits/generate", json={"seed": 7})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/png"
+    assert decode(response.content).shape == (32, 32)
+    assert response.headers["x-seeds"] == "7"
+
+
+def test_a_seed_gives_the_same_image_alone_and_inside_a_concurrent_burst(server):
+    with server.client() as client:
+        alone = decode(client.post("/v1/models/digits/generate", json={"seed": 123}).content)
+        batches_before = server.metric("ganserve_batch_items_count", model="digits", operation="generate")
+        items_before = server.metric("ganserve_batch_items_sum", model="digits", operation="generate")
+        seeds = list(range(100, 148))
+        with ThreadPoolExecutor(48) as pool:
+            responses = list(pool.map(lambda s: client.post("/v1/models/digits/generate", json={"seed": s}), seeds))
+    assert all(r.status_code == 200 for r in responses)
+    assert np.array_equal(decode(responses[seeds.index(123)].content), alone)
+    batches = server.metric("ganserve_batch_items_count", model="digits", operation="generate") - batches_before
+    items = server.metric("ganserve_batch_items_sum", model="digits", operation="generate") - items_before
+    assert items == 48
+    assert batches < 48  # some forward passes carried more than one request's image
+
+
+def test_different_seeds_give_different_images(server):
+    with server.client() as client:
+        a = decode(client.post("/v1/models/digits/generate", json={"seed": 1}).content)
+        b = decode(client.post("/v1/models/digits/generate", json={"seed": 2}).content)
+    assert not np.array_equal(a, b)
+
+
+def test_several_images_come_back_as_a_grid_a_base64_list_or_an_npy_stack(server):
+    with server.client() as client:
+        grid = client.post("/v1/models/digits/generate", json={"seed": 5, "n": 4, "columns": 2})
+        listed = client.post("/v1/models/digits/generate", json={"seeds": [5, 6, 7, 8], "layout": "list"})
+        stack = client.post("/v1/models/digits/generate", json={"seed": 5, "n": 4, "format": "npy"})
+    assert decode(grid.content).shape[:2] == (70, 70)
+    images = json.loads(listed.content)["images"]
+    assert [i["seed"] for i in images] == [5, 6, 7, 8]
+    array = np.load(io.BytesIO(stack.content))
+    assert array.shape == (4, 32, 32, 1) and array.dtype == np.uint8
+    # the same seed is the same image whichever way it is delivered
+    assert np.array_equal(decode(base64.b64decode(images[0]["data"])), array[0, :, :, 0])
+
+
+def test_accept_header_chooses_jpeg_or_webp(server):
+    with server.client() as client:
+        jpeg = client.post("/v1/models/digits/generate", json={"seed": 1}, headers={"accept": "image/jpeg"})
+        webp = client.post("/v1/models/digits/generate", json={"seed": 1, "format": "webp"})
+    assert jpeg.headers["content-type"] == "image/jpeg" and jpeg.content[:2] == b"\xff\xd8"
+    assert webp.headers["content-type"] == "image/webp" and webp.content[8:12] == b"WEBP"
+
+
+def test_conditional_model_takes_a_class_by_index_or_name(server):
+    with server.client() as client:
+        by_index = client.post("/v1/models/cdigits/generate", json={"seed": 3, "class": 7})
+        by_name = client.post("/v1/models/cdigits/generate", json={"seed": 3, "class": "7"})
+        other = client.post("/v1/models/cdigits/generate", json={"seed": 3, "class": 2})
+    assert by_index.status_code == by_name.status_code == 200
+    assert np.array_equal(decode(by_index.content), decode(by_name.content))
+    assert not np.array_equal(decode(by_index.content), decode(other.content))
+
+
+def test_models_are_listed_with_their_spec(server):
+    with server.client() as client:
+        listing = client.get("/v1/models").json()["models"]
+        detail = client.get("/v1/models/cdigits").json()
+    assert {m["name"] for m in listing} == {"digits", "cdigits"}
+    assert all(m["ready"] for m in listing)
+    spec = detail["versions"][0]["spec"]
+    assert spec["kind"] == "conditional" and spec["class_names"][7] == "7"
+    assert spec["formats"]["onnx"]["parity_max_abs_error"] <= 1e-4
+
+
+def test_playground_and_openapi_docs_are_served(server):
+    with server.client() as client:
+        assert "ganserve" in client.get("/").text
+        assert client.get("/docs").status_code == 200
+        assert "/v1/models/{name}/generate" in client.get("/openapi.json").json()["paths"]

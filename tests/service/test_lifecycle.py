@@ -1,0 +1,94 @@
+"""Queue limits, deadlines, disconnects, readiness, load failures and graceful shutdown."""
+import shutil
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.service.conftest import running_server, wait_ready
+
+
+def test_a_request_beyond_the_queue_bound_is_refused_at_once_with_429_and_retry_after(repository):
+    with running_server(repository, max_queue_size=4, max_batch_size=2) as server, server.client() as client:
+        started = time.monotonic()
+        response = client.post("/v1/models/digits/generate", json={"n": 8})
+        assert time.monotonic() - started < 1.0
+        assert response.status_code == 429
+        assert int(response.headers["retry-after"]) >= 1
+        assert response.json()["error"]["code"] == "queue_full"
+        assert client.post("/v1/models/digits/generate", json={"n": 4}).status_code == 200  # within the bound still works
+        assert server.metric("ganserve_rejected_total", model="digits", reason="queue_full") == 1
+
+
+def test_a_burst_past_the_queue_bound_gets_some_429_and_every_accepted_request_an_image(repository):
+    with running_server(repository, max_queue_size=8, max_batch_size=4, max_queue_delay_ms=50) as server, server.client() as client:
+        with ThreadPoolExecutor(32) as pool:
+            statuses = list(pool.map(lambda s: client.post("/v1/models/digits/generate", json={"seed": s, "n": 2}).status_code, range(32)))
+    assert set(statuses) <= {200, 429}
+    assert 429 in statuses and 200 in statuses
+
+
+def test_an_item_whose_deadline_passed_in_the_queue_gets_504_and_never_reaches_the_model(repository):
+    with running_server(repository, request_timeout_s=0.1, max_queue_delay_ms=1000, max_batch_size=64) as server, server.client() as client:
+        response = client.post("/v1/models/digits/generate", json={"seed": 1})
+        assert response.status_code == 504 and response.json()["error"]["code"] == "deadline_exceeded"
+        time.sleep(1.2)  # the batcher wakes up and drops the expired item
+        assert server.metric("ganserve_rejected_total", model="digits", reason="deadline") == 1
+        assert server.metric("ganserve_batch_items_count", model="digits", operation="generate") == 0
+
+
+def test_a_client_that_hangs_up_has_its_items_dropped_before_compute(repository):
+    with running_server(repository, max_queue_delay_ms=800, max_batch_size=64) as server:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.url}/v1/models/digits/generate", json={"seed": 1, "n": 3}, timeout=0.2)
+        time.sleep(1.2)
+        assert server.metric("ganserve_rejected_total", model="digits", reason="cancelled") == 3
+        assert server.metric("ganserve_batch_items_count", model="digits", operation="generate") == 0
+
+
+def test_readiness_is_false_until_every_model_is_loaded_and_warmed(repository):
+    with running_server(repository, wait=False, max_batch_size=2048) as server:
+        seen = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and 200 not in seen:
+            try:
+                seen.append(httpx.get(f"{server.url}/health/ready", timeout=1).status_code)
+            except httpx.TransportError:
+                time.sleep(0.02)
+        assert seen[0] == 503 and seen[-1] == 200
+        assert httpx.get(f"{server.url}/health/live").status_code == 200
+        states = httpx.get(f"{server.url}/health/ready").json()["models"]
+        assert set(states.values()) == {"ready"}
+
+
+def test_a_broken_entry_fails_alone_and_is_reported(repository, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(repository, repo)
+    (repo / "cdigits" / "1" / "model.onnx").write_bytes(b"this is not an onnx file")
+    with running_server(repo) as server, server.client() as client:
+        assert client.post("/v1/models/digits/generate", json={"seed": 1}).status_code == 200
+        broken = client.post("/v1/models/cdigits/generate", json={"seed": 1})
+        assert broken.status_code == 503 and "failed" in broken.json()["error"]["message"]
+        listing = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+        assert listing["cdigits"]["state"] == "failed" and listing["cdigits"]["error"]
+
+
+def test_sigterm_finishes_every_accepted_request_before_exiting(repository):
+    with running_server(repository, max_queue_delay_ms=400, max_batch_size=64) as server:
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(httpx.post, f"{server.url}/v1/models/digits/generate", json={"seed": s}, timeout=30) for s in range(8)]
+            time.sleep(0.2)  # the requests are in the queue, waiting for the batch delay
+            server.process.send_signal(signal.SIGTERM)
+            responses = [f.result() for f in futures]
+        assert [r.status_code for r in responses] == [200] * 8
+        # uvicorn re-raises the signal once it has shut down cleanly, as process managers expect
+        assert server.process.wait(timeout=30) in (0, -signal.SIGTERM)
+
+
+def test_the_server_runs_on_the_torchscript_and_eager_runtimes_too(repository):
+    for runtime in ("torchscript", "eager"):
+        with running_server(repository, runtime=runtime) as server, server.client() as client:
+            assert client.get("/v1/models/digits").json()["versions"][0]["runtime"] == runtime
+            assert client.post("/v1/models/cdigits/generate", json={"seed": 1, "class": 3}).status_code == 200
