@@ -117,16 +117,18 @@ class DynamicBatcher:
                 await self.execute(batch)
 
     async def wait_for_batch(self) -> None:
-        """Until the queue holds a full batch or the first item has waited max_queue_delay."""
+        """Until the queue holds a full batch or the first item has waited max_queue_delay.
+
+        With max_queue_delay_ms = 0 this is natural batching: whatever queued up while the
+        previous batch ran goes together, and an idle device never waits."""
         while len(self.queue) < self.max_batch_size and self.accepting:
             remaining = self.queue[0].enqueued + self.max_queue_delay - time.monotonic()
             if remaining <= 0:
                 return
             self.wakeup.clear()
-            try:
-                await asyncio.wait_for(self.wakeup.wait(), remaining)
-            except asyncio.TimeoutError:
-                return
+            timer = asyncio.get_running_loop().call_later(remaining, self.wakeup.set)
+            await self.wakeup.wait()
+            timer.cancel()
 
     def take_batch(self) -> list[WorkItem]:
         """Up to max_batch_size live items shaped like the oldest; dead items are dropped here."""
@@ -194,12 +196,15 @@ async def run_items(batcher: DynamicBatcher, inputs: list[dict[str, np.ndarray]]
     """Submits a request's items and waits for all of them until the request's deadline."""
     futures = batcher.submit(inputs, request)
     try:
-        return list(await asyncio.wait_for(asyncio.gather(*futures), max(0.0, request.deadline - time.monotonic())))
-    except asyncio.TimeoutError:
-        request.cancelled = True  # the worker drops what has not run yet
-        raise DeadlineExceeded() from None
+        _, pending = await asyncio.wait(futures, timeout=max(0.0, request.deadline - time.monotonic()))
     except asyncio.CancelledError:  # the client went away
         request.cancelled = True
         for future in futures:
             future.cancel()
         raise
+    if pending:
+        request.cancelled = True  # the worker drops what has not run yet
+        for future in pending:
+            future.cancel()
+        raise DeadlineExceeded()
+    return [future.result() for future in futures]

@@ -20,7 +20,7 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # the batcher (Triton's names)
     max_batch_size: int = Field(64, ge=1, le=4096)  # items (images), not requests
-    max_queue_delay_ms: float = Field(2.0, ge=0)
+    max_queue_delay_ms: float = Field(0.0, ge=0)  # 0: natural batching, see DynamicBatcher.wait_for_batch
     max_queue_size: int = Field(4096, ge=1)  # items waiting per (model, version, operation)
     request_timeout_s: float = Field(30.0, gt=0)  # the deadline of a request, 504 past it
     # request limits

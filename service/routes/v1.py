@@ -18,6 +18,10 @@ from service.registry import LoadedModel
 from service.requests import ClientGone, measured, new_request_state, registry_of, require_json, until_done_or_gone
 
 router = APIRouter(prefix="/v1", tags=["v1"])
+# Encoding a single small image takes less time than handing it to a pool thread and back
+# (measured on the 2-core machine: 140 µs to PNG-encode 32x32 inline, 250 µs through the pool),
+# so those stay on the event loop; larger payloads go to the pool.
+INLINE_ENCODE_MAX_VALUES = 64 * 64 * 3
 
 
 class GenerateRequest(BaseModel):
@@ -114,7 +118,10 @@ async def generate(name: str, body: GenerateRequest, request: Request) -> Respon
             return Response(status_code=499)
         images = to_uint8(np.stack(outputs), tuple(entry.spec["value_range"]))
         started = time.perf_counter()
-        content, media_type = await asyncio.get_running_loop().run_in_executor(registry.encoders, encode_response, images, fmt, body.layout, body.columns, seeds)
+        if images.size <= INLINE_ENCODE_MAX_VALUES:
+            content, media_type = encode_response(images, fmt, body.layout, body.columns, seeds)
+        else:
+            content, media_type = await asyncio.get_running_loop().run_in_executor(registry.encoders, encode_response, images, fmt, body.layout, body.columns, seeds)
         registry.metrics.encode_duration.labels(entry.name, str(entry.version), "generate").observe(time.perf_counter() - started)
         headers = {"X-Model-Version": str(entry.version), "X-Seeds": ",".join(map(str, seeds[:64]))}
         return Response(content, media_type=media_type, headers=headers)

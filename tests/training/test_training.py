@@ -45,17 +45,30 @@ def test_a_run_writes_checkpoints_samples_log_spec_and_metrics(tmp_path):
     assert result == metrics
 
 
-def test_resume_continues_exactly_where_training_stopped(tmp_path):
+def test_resume_continues_exactly_where_training_stopped(tmp_path, monkeypatch):
+    import training.loop as loop
+
     straight, halted = tmp_path / "straight", tmp_path / "halted"
     train(tiny_grid_config(max_steps=30), straight, show_progress=False)
-    train(tiny_grid_config(max_steps=20), halted, show_progress=False)
+    real_step = loop.train_step
+
+    def dies_after_step_25(run, data):  # the process is killed mid-run, 5 steps past a checkpoint
+        if run.step == 25:
+            raise KeyboardInterrupt
+        return real_step(run, data)
+
+    monkeypatch.setattr(loop, "train_step", dies_after_step_25)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_grid_config(max_steps=30), halted, show_progress=False)
+    monkeypatch.setattr(loop, "train_step", real_step)
     train(tiny_grid_config(max_steps=30), halted, resume=True, show_progress=False)
     a = load_file(str(straight / "checkpoints/last.safetensors"))
     b = load_file(str(halted / "checkpoints/last.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert (straight / "log.csv").read_text().count("\n") == (halted / "log.csv").read_text().count("\n")
+    # the log holds each step once: rows past the checkpoint were replaced, not duplicated
+    assert (straight / "log.csv").read_text().count("\n") == (halted / "log.csv").read_text().count("\n") == 31
 
 
 def test_training_into_an_existing_run_without_resume_is_refused(tmp_path):
