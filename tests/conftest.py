@@ -1,4 +1,19 @@
-"""Shared test settings: keep torch to the machine's two cores and deterministic."""
+"""Shared test settings and fixtures: torch on the machine's two cores, a real model repository,
+and the real server."""
+import pytest
 import torch
 
+from tests.serving import build_repository, running_server
+
 torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def repository(tmp_path_factory):
+    return build_repository(tmp_path_factory.mktemp("serving"))
+
+
+@pytest.fixture(scope="module")
+def server(repository):
+    with running_server(repository, max_batch_size=16, max_queue_delay_ms=5) as running:
+        yield running

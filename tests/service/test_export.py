@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import training.export as export
-from tests.service.conftest import tiny_run
+from tests.serving import tiny_run
 
 
 def test_an_entry_holds_every_format_with_its_recorded_parity(repository):

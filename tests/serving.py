@@ -1,4 +1,4 @@
-"""Fixtures that build a real model repository and start the real server as a subprocess."""
+"""Helpers that build a real model repository and start the real server as a subprocess."""
 from __future__ import annotations
 
 import contextlib
@@ -11,13 +11,12 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 from training.config import TrainConfig, load_config
 from training.export import export_run
 from training.loop import train
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_run(config: str, out: Path) -> Path:
@@ -29,10 +28,8 @@ def tiny_run(config: str, out: Path) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def repository(tmp_path_factory) -> Path:
+def build_repository(root: Path) -> Path:
     """digits (unconditional) v1 and cdigits (conditional) v1, trained two steps and exported."""
-    root = tmp_path_factory.mktemp("serving")
     repo = root / "model_repository"
     export_run(tiny_run("dcgan-digits", root / "dcgan"), "digits", 1, repo, ["onnx", "torchscript"], "last")
     export_run(tiny_run("cdcgan-digits", root / "cdcgan"), "cdigits", 1, repo, ["onnx", "torchscript"], "last")
@@ -97,8 +94,3 @@ def running_server(repository: Path, wait: bool = True, **settings):
             except subprocess.TimeoutExpired:
                 process.kill()
 
-
-@pytest.fixture(scope="module")
-def server(repository):
-    with running_server(repository, max_batch_size=16, max_queue_delay_ms=5) as running:
-        yield running

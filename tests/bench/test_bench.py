@@ -1,0 +1,20 @@
+"""The benchmark tools measure the real server and the bare runtime."""
+from bench.ceiling import measure_ceiling
+from bench.load import run_load
+from service.repository import scan_repository
+
+
+def test_load_generator_reports_throughput_latency_and_the_servers_batch_size(server):
+    result = run_load(server.url, "digits", "smoke", {"seed": 1}, concurrency=8, duration_s=1.0)
+    assert result.ok > 0 and result.requests_per_s > 0
+    assert set(result.statuses) == {"200"}
+    assert 0 < result.latency_ms["p50"] <= result.latency_ms["p99"]
+    assert result.mean_batch_items >= 1.0
+    assert result.stage_ms["compute"] > 0
+
+
+def test_ceiling_times_the_same_runtime_at_each_batch_size(repository):
+    entry = [e for e in scan_repository(repository) if e.name == "digits"][0]
+    results = measure_ceiling(entry, "onnx", "cpu", 1, [1, 8], seconds=0.2)
+    assert [r.batch_size for r in results] == [1, 8]
+    assert all(r.forward_images_per_s >= r.forward_encode_images_per_s > 0 for r in results)

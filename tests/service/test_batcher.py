@@ -1,0 +1,142 @@
+"""The batcher's own rules, driven directly with a recording runtime (no HTTP needed to see
+which items shared a forward pass)."""
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from service.batcher import BatchKey, DeadlineExceeded, DynamicBatcher, QueueFull, RequestState, ShuttingDown, run_items
+from service.metrics import ServiceMetrics
+from service.runtimes import OutOfMemory
+
+
+class RecordingRuntime:
+    """Doubles its input; remembers every batch size; runs out of memory above `memory_items`."""
+
+    def __init__(self, memory_items: int = 10_000, delay_s: float = 0.0) -> None:
+        self.batches: list[int] = []
+        self.memory_items = memory_items
+        self.delay_s = delay_s
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        x = inputs["x"]
+        if len(x) > self.memory_items:
+            raise OutOfMemory(f"{len(x)} items do not fit")
+        time.sleep(self.delay_s)
+        self.batches.append(len(x))
+        return x * 2
+
+
+def make_batcher(runtime: RecordingRuntime, **settings) -> DynamicBatcher:
+    options = dict(max_batch_size=8, max_queue_delay_ms=20, max_queue_size=64) | settings
+    return DynamicBatcher(BatchKey("m", 1, "op"), runtime.run, ThreadPoolExecutor(1), ServiceMetrics(), **options)
+
+
+def items(values, size: int = 3) -> list[dict[str, np.ndarray]]:
+    return [{"x": np.full(size, v, dtype=np.float32)} for v in values]
+
+
+def alive(seconds: float = 5.0) -> RequestState:
+    return RequestState(deadline=time.monotonic() + seconds)
+
+
+def test_items_from_concurrent_requests_share_a_forward_pass_and_get_their_own_results():
+    async def scenario():
+        runtime = RecordingRuntime()
+        batcher = make_batcher(runtime)
+        results = await asyncio.gather(*(run_items(batcher, items([i]), alive()) for i in range(8)))
+        await batcher.close()
+        return runtime, results
+
+    runtime, results = asyncio.run(scenario())
+    assert runtime.batches == [8]
+    assert [r[0][0] for r in results] == [2.0 * i for i in range(8)]
+
+
+def test_items_of_different_shapes_never_share_a_batch():
+    async def scenario():
+        runtime = RecordingRuntime()
+        batcher = make_batcher(runtime)
+        small, large = items(range(3), size=2), items(range(3), size=5)
+        out = await asyncio.gather(run_items(batcher, small, alive()), run_items(batcher, large, alive()))
+        await batcher.close()
+        return runtime, out
+
+    runtime, (small, large) = asyncio.run(scenario())
+    assert sorted(runtime.batches) == [3, 3]
+    assert [a.shape for a in small] == [(2,)] * 3 and [a.shape for a in large] == [(5,)] * 3
+
+
+def test_out_of_memory_splits_the_batch_retries_and_lowers_the_cap():
+    async def scenario():
+        runtime = RecordingRuntime(memory_items=3)
+        batcher = make_batcher(runtime)
+        out = await run_items(batcher, items(range(8)), alive())
+        cap = batcher.max_batch_size
+        await batcher.close()
+        return runtime, out, cap
+
+    runtime, out, cap = asyncio.run(scenario())
+    assert [o[0] for o in out] == [2.0 * i for i in range(8)]  # nothing lost
+    assert max(runtime.batches) <= 3 and sum(runtime.batches) == 8
+    assert cap <= 2
+
+
+def test_a_request_larger_than_the_free_queue_is_refused_whole():
+    async def scenario():
+        batcher = make_batcher(RecordingRuntime(), max_queue_size=4)
+        with pytest.raises(QueueFull) as refused:
+            batcher.submit(items(range(5)), alive())
+        assert len(batcher.queue) == 0  # nothing of it was queued
+        await batcher.close()
+        return refused.value
+
+    assert asyncio.run(scenario()).retry_after_s >= 1
+
+
+def test_expired_items_are_dropped_before_compute():
+    async def scenario():
+        runtime = RecordingRuntime()
+        batcher = make_batcher(runtime, max_queue_delay_ms=200)
+        with pytest.raises(DeadlineExceeded):
+            await run_items(batcher, items([1, 2]), alive(0.05))
+        await run_items(batcher, items([3]), alive())
+        await batcher.close()
+        return runtime
+
+    assert asyncio.run(scenario()).batches == [1]
+
+
+def test_close_finishes_accepted_items_then_refuses_new_ones():
+    async def scenario():
+        runtime = RecordingRuntime(delay_s=0.05)
+        batcher = make_batcher(runtime, max_batch_size=2, max_queue_delay_ms=0)
+        pending = asyncio.ensure_future(run_items(batcher, items(range(6)), alive()))
+        await asyncio.sleep(0)
+        await batcher.close()
+        with pytest.raises(ShuttingDown):
+            batcher.submit(items([9]), alive())
+        return await pending
+
+    assert [o[0] for o in asyncio.run(scenario())] == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
+
+
+def test_a_failing_model_fails_its_batch_but_not_the_worker():
+    class Flaky(RecordingRuntime):
+        def run(self, inputs):
+            if inputs["x"][0, 0] < 0:
+                raise ValueError("bad batch")
+            return super().run(inputs)
+
+    async def scenario():
+        runtime = Flaky()
+        batcher = make_batcher(runtime, max_queue_delay_ms=0)
+        with pytest.raises(ValueError):
+            await run_items(batcher, items([-1]), alive())
+        ok = await run_items(batcher, items([4]), alive())
+        await batcher.close()
+        return ok
+
+    assert asyncio.run(scenario())[0][0] == 8.0
