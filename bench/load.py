@@ -62,15 +62,18 @@ async def client_loop(client: httpx.AsyncClient, path: str, body: dict, stop_at:
 
 
 async def drive(url: str, path: str, body: dict, concurrency: int, duration_s: float) -> tuple[list[float], dict[str, int], float]:
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
-        # warm the connections so the measured window holds no TCP handshakes
-        await asyncio.gather(*(client.post(path, json=body) for _ in range(concurrency)))
+    # one client (one keep-alive connection) per simulated user: a single shared httpx pool
+    # serialises on its own lock at high concurrency and measures itself instead of the server
+    clients = [httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=1), timeout=60) for _ in range(concurrency)]
+    try:
+        await asyncio.gather(*(client.post(path, json=body) for client in clients))  # connect before timing
         latencies: list[float] = []
         statuses: dict[str, int] = {}
         started = time.perf_counter()
-        await asyncio.gather(*(client_loop(client, path, body, started + duration_s, latencies, statuses) for _ in range(concurrency)))
+        await asyncio.gather(*(client_loop(client, path, body, started + duration_s, latencies, statuses) for client in clients))
         return latencies, statuses, time.perf_counter() - started
+    finally:
+        await asyncio.gather(*(client.aclose() for client in clients))
 
 
 def run_load(url: str, model: str, scenario: str, body: dict, concurrency: int, duration_s: float) -> LoadResult:

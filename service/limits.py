@@ -1,4 +1,7 @@
-"""Refuses request bodies over `max_body_bytes` with 413 before they are read whole."""
+"""Refuses request bodies over `max_body_bytes` with 413 before they are read whole.
+
+FastAPI's own `max_body_size` answers 413 in plain text; every error here is JSON
+`{"error": {...}}`, so the limit is enforced by this small middleware instead."""
 from __future__ import annotations
 
 import json

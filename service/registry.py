@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.batcher import BatchKey, DynamicBatcher
+from service.errors import ApiError
 from service.metrics import ServiceMetrics
 from service.repository import ModelEntry, scan_repository
 from service.runtimes import Runtime, load_runtime, resolve_device
@@ -88,15 +89,11 @@ class ModelRegistry:
         log.info("loaded %s v%d (%s on %s) in %.2fs", model.entry.name, model.entry.version, kind, model.runtime.device, time.perf_counter() - started)
 
     def versions(self, name: str) -> dict[int, LoadedModel]:
-        from service.errors import ApiError
-
         if name not in self.models:
             raise ApiError(404, f"unknown model {name!r}; GET /v1/models lists the models served")
         return self.models[name]
 
     def get(self, name: str, version: int | None = None) -> LoadedModel:
-        from service.errors import ApiError
-
         versions = self.versions(name)
         if version is None:
             ready = [v for v, m in versions.items() if m.ready]

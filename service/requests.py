@@ -24,7 +24,8 @@ def registry_of(request: Request) -> ModelRegistry:
     return request.app.state.registry
 
 
-def require_json(request: Request) -> None:
+async def require_json(request: Request) -> None:
+    """(async so that FastAPI does not hand it to a worker thread for every request)"""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media != "application/json":
         raise ApiError(415, f"send the request body as application/json (got {media or 'no content type'!r})")

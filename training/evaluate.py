@@ -49,6 +49,9 @@ def evaluate_digits(samples: torch.Tensor, labels: torch.Tensor | None, train: T
         n = len(held_out)
         held_features, _ = digits_features(held_out.x)
         metrics["fid_real_floor"] = fid_from_features(real_features, held_features)
+        # FID against the train set rewards memorising it; against held-out digits it does not
+        metrics["fid_vs_held_out"] = fid_from_features(held_features, fake_features)
+        metrics["fid_train_vs_held_out"] = fid_from_features(held_features, real_features)
         metrics["kid_real_floor"], _ = kernel_inception_distance(real_features, held_features, subset_size=n)
         metrics[f"fid_at_{n}"] = float(np.mean([fid_from_features(real_features, fake_features[i * n : (i + 1) * n]) for i in range(max(1, len(fake_features) // n))]))
     return metrics

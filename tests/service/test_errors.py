@@ -53,7 +53,7 @@ def test_wrong_content_type_is_415(server):
 def test_body_over_the_limit_is_413(server):
     with server.client() as client:
         response = client.post("/v1/models/digits/generate", content=b'{"seeds": [' + b"1," * 5_000_000 + b"1]}", headers={"content-type": "application/json"})
-    assert response.status_code == 413
+    assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
 
 
 def test_malformed_json_is_422(server):
