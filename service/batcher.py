@@ -75,7 +75,7 @@ class DynamicBatcher:
         self.key = key
         self.run_batch = run_batch
         self.compute = compute
-        self.metrics = metrics
+        self.metrics = metrics.bound(*key.labels)
         self.max_batch_size = max_batch_size  # lowered after an out-of-memory
         self.max_queue_delay = max_queue_delay_ms / 1000
         self.max_queue_size = max_queue_size
@@ -91,14 +91,14 @@ class DynamicBatcher:
         if not self.accepting:
             raise ShuttingDown()
         if len(self.queue) + len(inputs) > self.max_queue_size:
-            self.metrics.rejected.labels(*self.key.labels, "queue_full").inc()
+            self.metrics.rejected("queue_full").inc()
             # the queue drains at about one batch per compute time
             batches_ahead = (len(self.queue) + len(inputs)) / max(self.max_batch_size, 1)
             raise QueueFull(retry_after_s=max(1.0, batches_ahead * self.last_compute_s))
         loop = asyncio.get_running_loop()
         items = [WorkItem(item, request, loop.create_future()) for item in inputs]
         self.queue.extend(items)
-        self.metrics.queue_items.labels(*self.key.labels).set(len(self.queue))
+        self.metrics.queue_items.set(len(self.queue))
         self.wakeup.set()
         return [item.future for item in items]
 
@@ -140,7 +140,7 @@ class DynamicBatcher:
             item = self.queue.popleft()
             if not item.request.alive(now) or item.future.done():
                 reason = "deadline" if now >= item.request.deadline else "cancelled"
-                self.metrics.rejected.labels(*self.key.labels, reason).inc()
+                self.metrics.rejected(reason).inc()
                 if not item.future.done():
                     item.future.set_exception(DeadlineExceeded())
                 continue
@@ -149,9 +149,9 @@ class DynamicBatcher:
             else:
                 kept.append(item)
         self.queue = kept
-        self.metrics.queue_items.labels(*self.key.labels).set(len(self.queue))
+        self.metrics.queue_items.set(len(self.queue))
         for item in batch:
-            self.metrics.queue_duration.labels(*self.key.labels).observe(now - item.enqueued)
+            self.metrics.queue_duration.observe(now - item.enqueued)
         return batch
 
     async def execute(self, batch: list[WorkItem]) -> None:
@@ -165,7 +165,7 @@ class DynamicBatcher:
                 return
             half = len(batch) // 2
             self.max_batch_size = max(1, min(self.max_batch_size, half))
-            self.metrics.rejected.labels(*self.key.labels, "oom_split").inc()
+            self.metrics.rejected("oom_split").inc()
             await self.execute(batch[:half])
             await self.execute(batch[half:])
             return
@@ -173,8 +173,8 @@ class DynamicBatcher:
             self.fail(batch, error)
             return
         self.last_compute_s = time.perf_counter() - started
-        self.metrics.compute_duration.labels(*self.key.labels).observe(self.last_compute_s)
-        self.metrics.batch_items.labels(*self.key.labels).observe(len(batch))
+        self.metrics.compute_duration.observe(self.last_compute_s)
+        self.metrics.batch_items.observe(len(batch))
         for item, output in zip(batch, outputs):
             if not item.future.done():
                 item.future.set_result(output)

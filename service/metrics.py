@@ -2,6 +2,9 @@
 replicas. The registry belongs to the app (held by its lifespan), not to the process."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LABELS = ("model", "version", "operation")
@@ -22,3 +25,25 @@ class ServiceMetrics:
         self.requests = Counter("ganserve_requests_total", "Requests by final HTTP status", LABELS + ("status",), registry=r)
         self.rejected = Counter("ganserve_rejected_total", "Requests or items refused or dropped", LABELS + ("reason",), registry=r)
         self.gpu_memory = Gauge("ganserve_gpu_memory_bytes", "GPU memory allocated by this process", ("device",), registry=r)
+
+    @lru_cache(maxsize=None)
+    def bound(self, model: str, version: str, operation: str) -> "BoundMetrics":
+        """The children for one label set, looked up once (`.labels()` costs a lock and a dict per call)."""
+        labels = (model, version, operation)
+        return BoundMetrics(
+            self.request_duration.labels(*labels), self.queue_duration.labels(*labels), self.compute_duration.labels(*labels),
+            self.encode_duration.labels(*labels), self.batch_items.labels(*labels), self.queue_items.labels(*labels),
+            lambda status: self.requests.labels(*labels, status), lambda reason: self.rejected.labels(*labels, reason),
+        )
+
+
+@dataclass(frozen=True)
+class BoundMetrics:
+    request_duration: Histogram
+    queue_duration: Histogram
+    compute_duration: Histogram
+    encode_duration: Histogram
+    batch_items: Histogram
+    queue_items: Gauge
+    requests: object  # status -> Counter child
+    rejected: object  # reason -> Counter child

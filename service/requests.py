@@ -63,8 +63,7 @@ async def until_done_or_gone(request: Request, state: RequestState, work: Awaita
 @asynccontextmanager
 async def measured(request: Request, model: str, version: int, operation: str):
     """Times the request and counts its final status under the model's labels."""
-    metrics = registry_of(request).metrics
-    labels = (model, str(version), operation)
+    metrics = registry_of(request).metrics.bound(model, str(version), operation)
     started = time.perf_counter()
     status = 200
     try:
@@ -79,8 +78,8 @@ async def measured(request: Request, model: str, version: int, operation: str):
         status = 500
         raise
     finally:
-        metrics.requests.labels(*labels, str(status)).inc()
-        metrics.request_duration.labels(*labels).observe(time.perf_counter() - started)
+        metrics.requests(str(status)).inc()
+        metrics.request_duration.observe(time.perf_counter() - started)
 
 
 def new_request_state(request: Request) -> RequestState:

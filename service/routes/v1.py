@@ -122,6 +122,6 @@ async def generate(name: str, body: GenerateRequest, request: Request) -> Respon
             content, media_type = encode_response(images, fmt, body.layout, body.columns, seeds)
         else:
             content, media_type = await asyncio.get_running_loop().run_in_executor(registry.encoders, encode_response, images, fmt, body.layout, body.columns, seeds)
-        registry.metrics.encode_duration.labels(entry.name, str(entry.version), "generate").observe(time.perf_counter() - started)
+        registry.metrics.bound(entry.name, str(entry.version), "generate").encode_duration.observe(time.perf_counter() - started)
         headers = {"X-Model-Version": str(entry.version), "X-Seeds": ",".join(map(str, seeds[:64]))}
         return Response(content, media_type=media_type, headers=headers)
