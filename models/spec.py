@@ -24,12 +24,20 @@ class ModelSpec:
     channels: int = 1
     out_dim: int = 0  # point models only: dimension of a sample
     data_scale: float = 1.0  # point models only: spread of the data, see MLPGenerator
+    w_dim: int = 0  # style models only
+    mapping_layers: int = 0
+    max_channels: int = 0
     class_names: list[str] = field(default_factory=list)
     value_range: tuple[float, float] = (-1.0, 1.0)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def num_ws(self) -> int:
+        """Style models: how many w vectors synthesis takes (two per resolution from 8x8, two at 4x4)."""
+        return 2 * (self.resolution.bit_length() - 1) - 2 if self.kind == "style" else 0
 
     @property
     def is_image(self) -> bool:

@@ -6,8 +6,9 @@ from torch import nn
 from models.dcgan import ConditionalDCGANGenerator, DCGANDiscriminator, DCGANGenerator, SNDiscriminator
 from models.mlp import MLPDiscriminator, MLPGenerator
 from models.spec import ModelSpec
+from models.stylegan import ResidualDiscriminator, StyleGenerator
 
-DISCRIMINATORS = ("dcgan", "dcgan-projection", "sngan", "projection", "mlp", "mlp-sn")
+DISCRIMINATORS = ("dcgan", "dcgan-projection", "sngan", "projection", "mlp", "mlp-sn", "residual")
 
 
 def build_generator(spec: ModelSpec) -> nn.Module:
@@ -19,6 +20,8 @@ def build_generator(spec: ModelSpec) -> nn.Module:
         if spec.num_classes < 2:
             raise ValueError("a conditional generator needs at least two class names")
         return ConditionalDCGANGenerator(spec.z_dim, spec.channels, spec.resolution, spec.width, spec.num_classes)
+    if spec.arch == "stylegan":
+        return StyleGenerator(spec.z_dim, spec.w_dim, spec.resolution, spec.channels, spec.width, spec.max_channels, spec.mapping_layers, spec.num_classes)
     raise ValueError(f"unknown generator arch {spec.arch!r}")
 
 
@@ -35,4 +38,6 @@ def build_discriminator(spec: ModelSpec, name: str) -> nn.Module:
         return SNDiscriminator(spec.channels, spec.resolution, spec.width)
     if name == "projection":
         return SNDiscriminator(spec.channels, spec.resolution, spec.width, num_classes=spec.num_classes)
+    if name == "residual":
+        return ResidualDiscriminator(spec.resolution, spec.channels, spec.width, spec.max_channels, spec.num_classes)
     raise ValueError(f"unknown discriminator {name!r}: choose from {DISCRIMINATORS}")

@@ -29,11 +29,15 @@ class DataConfig(Strict):
 
 
 class ModelConfig(Strict):
-    arch: Literal["mlp", "dcgan", "cdcgan"] = "dcgan"
+    arch: Literal["mlp", "dcgan", "cdcgan", "stylegan"] = "dcgan"
     z_dim: int = Field(100, gt=0)
     width: int = Field(64, gt=0)  # base feature width (channels) or hidden units for mlp
     depth: int = Field(3, gt=0)  # mlp hidden layers
-    discriminator: Literal["dcgan", "dcgan-projection", "sngan", "projection", "mlp", "mlp-sn"] = "dcgan"
+    discriminator: Literal["dcgan", "dcgan-projection", "sngan", "projection", "mlp", "mlp-sn", "residual"] = "dcgan"
+    # stylegan only
+    w_dim: int = Field(128, gt=0)
+    mapping_layers: int = Field(8, gt=0)
+    max_channels: int = Field(256, gt=0)
 
 
 class LossConfig(Strict):
@@ -42,6 +46,9 @@ class LossConfig(Strict):
     gp_weight: float = 10.0  # wgan-gp
     clip: float = 0.01  # wgan weight clipping
     r1_gamma: float = 0.0  # R1 penalty on real data, 0 = off
+    r1_every: int = Field(1, gt=0)  # lazy regularisation: apply R1 every N D steps, scaled by N
+    pl_weight: float = 0.0  # stylegan path-length regularisation, 0 = off
+    pl_every: int = Field(4, gt=0)
 
 
 class OptimConfig(Strict):
@@ -75,6 +82,8 @@ class TrainConfig(Strict):
     sample_every: int = Field(500, gt=0)
     checkpoint_every: int = Field(500, gt=0)
     panel_size: int = Field(64, gt=0)  # fixed latent panel for sample grids and diversity checks
+    style_mixing_prob: float = Field(0.0, ge=0, le=1)  # stylegan: share of batches with two latents
+    augment: str = ""  # DiffAugment policy for D's inputs, e.g. "color,translation,cutout"
 
     @model_validator(mode="after")
     def check_combinations(self) -> "TrainConfig":
@@ -83,6 +92,8 @@ class TrainConfig(Strict):
             raise ValueError("2-D gaussians train the mlp arch, image sets a convolutional one")
         if (self.model.arch == "cdcgan") != (self.model.discriminator in ("projection", "dcgan-projection")):
             raise ValueError("the conditional dcgan (cdcgan) goes with a projection discriminator (projection or dcgan-projection), and only it")
+        if (self.model.arch == "stylegan") != (self.model.discriminator == "residual"):
+            raise ValueError("stylegan trains with the residual discriminator, and only it")
         if self.model.arch == "dcgan" and self.data.resolution not in (32, 64):
             raise ValueError(f"dcgan supports 32 or 64 px, not {self.data.resolution}")
         return self

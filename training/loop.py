@@ -33,7 +33,8 @@ from training.data import TensorData, load_dataset
 from training.diagnostics import CollapseMonitor, mean_pairwise_distance
 from training.evaluate import evaluate_generator
 from training.images import save_grid, save_scatter
-from training.losses import LOGISTIC, gradient_penalty, loss_pair, r1_penalty
+from training.augment import diff_augment
+from training.losses import LOGISTIC, gradient_penalty, loss_pair, path_length_penalty, r1_penalty
 from training.sampling import balanced_labels, generate, latents
 
 LOG_COLUMNS = ["step", "loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_norm_g", "step_time", "panel_diversity"]
@@ -42,9 +43,10 @@ PANEL_SEED = 2024
 
 def spec_for(cfg: TrainConfig, train: TensorData) -> ModelSpec:
     conditional = cfg.model.arch == "cdcgan"
+    style = cfg.model.arch == "stylegan"
     return ModelSpec(
         arch=cfg.model.arch,
-        kind="conditional" if conditional else "unconditional",
+        kind="style" if style else "conditional" if conditional else "unconditional",
         z_dim=cfg.model.z_dim,
         width=cfg.model.width,
         depth=cfg.model.depth,
@@ -53,6 +55,9 @@ def spec_for(cfg: TrainConfig, train: TensorData) -> ModelSpec:
         out_dim=0 if train.is_image else train.x.shape[1],
         data_scale=1.0 if train.is_image else round(float(train.x.std()), 4),
         class_names=list(train.class_names) if conditional else [],
+        w_dim=cfg.model.w_dim if style else 0,
+        mapping_layers=cfg.model.mapping_layers if style else 0,
+        max_channels=cfg.model.max_channels if style else 0,
     )
 
 
@@ -77,6 +82,14 @@ def update_ema(ema: nn.Module, model: nn.Module, beta: float) -> None:
         b_ema.copy_(b)
 
 
+class TrainingState(nn.Module):
+    """Running values the loop keeps besides the networks, saved with them for exact resume."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("pl_mean", torch.zeros(()))  # path-length regularisation target
+
+
 @dataclass
 class Run:
     """Everything that changes during training and is saved in a checkpoint."""
@@ -90,12 +103,13 @@ class Run:
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
     rng: torch.Generator
+    state: nn.Module = field(default_factory=lambda: TrainingState())
     step: int = 0
     best: dict = field(default_factory=dict)  # {"step", "value", "metrics"}
     history: list[dict] = field(default_factory=list)
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"G": self.G, "D": self.D, "G_ema": self.G_ema}
+        return {"G": self.G, "D": self.D, "G_ema": self.G_ema, "state": self.state}
 
     def sampler(self) -> nn.Module:
         return self.G_ema if self.cfg.ema_beta > 0 else self.G
@@ -114,10 +128,32 @@ def build_run(cfg: TrainConfig, train: TensorData, device: torch.device) -> Run:
 
 
 def discriminate(run: Run, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    if run.cfg.augment:
+        x = diff_augment(x, run.cfg.augment, run.rng)
     return run.D(x, y) if run.spec.kind == "conditional" else run.D(x)
 
 
+def style_ws(run: Run, n: int) -> torch.Tensor:
+    """ws [n, num_ws, w_dim] for a training batch; with style-mixing probability, two latents
+    split at a random layer so the network cannot assume adjacent styles are correlated."""
+    G = run.G
+    w = G.mapping(torch.randn(n, run.spec.z_dim, generator=run.rng).to(run.device))
+    ws = w[:, None, :].repeat(1, G.num_ws, 1)
+    if run.cfg.style_mixing_prob > 0 and torch.rand((), generator=run.rng) < run.cfg.style_mixing_prob:
+        w2 = G.mapping(torch.randn(n, run.spec.z_dim, generator=run.rng).to(run.device))
+        cut = int(torch.randint(1, G.num_ws, (), generator=run.rng))
+        ws = torch.cat([ws[:, :cut], w2[:, None, :].expand(-1, G.num_ws - cut, -1)], dim=1)
+    return ws
+
+
+def synthesize(run: Run, ws: torch.Tensor) -> torch.Tensor:
+    noise = run.G.synthesis.random_noise(len(ws), run.rng, run.device)
+    return run.G.synthesis(ws, noise)
+
+
 def generate_batch(run: Run, n: int, y_real: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if run.spec.kind == "style":
+        return synthesize(run, style_ws(run, n)), None
     z = torch.randn(n, run.spec.z_dim, generator=run.rng).to(run.device)
     if run.spec.kind != "conditional":
         return run.G(z), None
@@ -138,14 +174,16 @@ def train_step(run: Run, train: TensorData) -> dict[str, float]:
     cfg = run.cfg
     d_loss_fn, g_loss_fn = loss_pair(cfg.loss.name)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and run.device.type == "cuda")
-    for _ in range(cfg.loss.n_critic):
+    lazy_r1 = cfg.loss.r1_gamma > 0 and run.step % cfg.loss.r1_every == 0
+    for critic_step in range(cfg.loss.n_critic):
+        apply_r1 = lazy_r1 and critic_step == 0
         x_real, y_real = train.minibatch(cfg.batch_size, run.rng)
         x_real = x_real.to(run.device)
         y_real = None if y_real is None else y_real.to(run.device)
         with autocast:
             with torch.no_grad():
                 x_fake, y_fake = generate_batch(run, len(x_real), y_real)
-            if cfg.loss.r1_gamma > 0:
+            if apply_r1:
                 x_real.requires_grad_(True)
             real_scores = discriminate(run, x_real, y_real).float()
             fake_scores = discriminate(run, x_fake, y_fake).float()
@@ -154,8 +192,8 @@ def train_step(run: Run, train: TensorData) -> dict[str, float]:
                 # interpolates share the real labels; for unconditional critics labels are unused
                 critic = lambda x: discriminate(run, x, y_real).float()  # noqa: E731
                 loss_d = loss_d + cfg.loss.gp_weight * gradient_penalty(critic, x_real, x_fake, run.rng)
-            if cfg.loss.r1_gamma > 0:
-                loss_d = loss_d + cfg.loss.r1_gamma / 2 * r1_penalty(real_scores, x_real)
+            if apply_r1:  # lazy: every r1_every steps, scaled up to keep the same average strength
+                loss_d = loss_d + cfg.loss.r1_gamma / 2 * cfg.loss.r1_every * r1_penalty(real_scores, x_real)
         run.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         norm_d = grad_norm(run.D)
@@ -167,12 +205,20 @@ def train_step(run: Run, train: TensorData) -> dict[str, float]:
     with autocast:
         x_fake, y_fake = generate_batch(run, cfg.batch_size, None)
         loss_g = g_loss_fn(discriminate(run, x_fake, y_fake).float())
+        if run.spec.kind == "style" and cfg.loss.pl_weight > 0 and run.step % cfg.loss.pl_every == 0:
+            ws = style_ws(run, max(1, cfg.batch_size // 2))
+            penalty, run.state.pl_mean = path_length_penalty(synthesize(run, ws), ws, run.state.pl_mean, run.rng)
+            loss_g = loss_g + cfg.loss.pl_weight * cfg.loss.pl_every * penalty
     if cfg.optim.lr_decay == "linear":
         set_learning_rates(run)
     run.opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     norm_g = grad_norm(run.G)
     run.opt_g.step()
+    if run.spec.kind == "style":
+        with torch.no_grad():  # the running mean of w, used for truncation
+            w = run.G.mapping(torch.randn(cfg.batch_size, run.spec.z_dim, generator=run.rng).to(run.device))
+            run.G.w_avg.lerp_(w.mean(dim=0), 0.005)
     if cfg.ema_beta > 0:
         update_ema(run.G_ema, run.G, ema_beta_at(cfg, run.step))
     as_prob = torch.sigmoid if cfg.loss.name in LOGISTIC else (lambda t: t)

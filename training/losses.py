@@ -76,6 +76,18 @@ def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch
     return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
 
 
+def path_length_penalty(images: torch.Tensor, ws: torch.Tensor, pl_mean: torch.Tensor, generator: torch.Generator | None = None, decay: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """StyleGAN2's path-length regularisation: a fixed-size step in W should move the image by a
+    fixed amount. Returns (penalty, updated running mean of the path lengths); `ws` must require
+    grad through `images`."""
+    h, w = images.shape[2:]
+    noise = torch.randn(images.shape, generator=generator).to(images) / (h * w) ** 0.5
+    (grad,) = torch.autograd.grad((images * noise).sum(), ws, create_graph=True)
+    lengths = grad.pow(2).sum(dim=2).mean(dim=1).sqrt()  # [B]
+    new_mean = pl_mean.detach() + decay * (lengths.detach().mean() - pl_mean.detach())
+    return (lengths - new_mean).pow(2).mean(), new_mean
+
+
 def r1_penalty(real_scores: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """R1 (Mescheder et al.): E[||∇D(x)||²] on real data; `real` must require grad. Scale by γ/2."""
     (grad,) = torch.autograd.grad(real_scores.sum(), real, create_graph=True)

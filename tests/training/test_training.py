@@ -140,3 +140,40 @@ def test_cli_help_describes_each_verb():
     for verb in ("train", "evaluate", "sample"):
         result = run_cli(verb, "--help")
         assert result.returncode == 0 and "Usage" in result.stdout
+
+
+def tiny_style_config(**overrides) -> TrainConfig:
+    cfg = load_config(REPO / "configs" / "stylegan-shapes.yaml").model_dump()
+    cfg.update(max_steps=6, sample_every=3, checkpoint_every=3, batch_size=4, panel_size=8)
+    cfg["data"].update(size=64, resolution=16)
+    cfg["model"].update(width=4, max_channels=16, w_dim=8, z_dim=8, mapping_layers=2)
+    cfg["loss"].update(r1_every=2, pl_every=2)
+    cfg["eval"].update(every=3, num_samples=16)
+    cfg.update(overrides)
+    return TrainConfig.model_validate(cfg)
+
+
+def test_stylegan_training_with_every_regulariser_resumes_exactly(tmp_path, monkeypatch):
+    import training.loop as loop
+
+    straight, halted = tmp_path / "straight", tmp_path / "halted"
+    train(tiny_style_config(), straight, show_progress=False)
+    real_step = loop.train_step
+
+    def dies_after_step_4(run, data):
+        if run.step == 4:
+            raise KeyboardInterrupt
+        return real_step(run, data)
+
+    monkeypatch.setattr(loop, "train_step", dies_after_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_style_config(), halted, show_progress=False)
+    monkeypatch.setattr(loop, "train_step", real_step)
+    train(tiny_style_config(), halted, resume=True, show_progress=False)
+    a = load_file(str(straight / "checkpoints/last.safetensors"))
+    b = load_file(str(halted / "checkpoints/last.safetensors"))
+    assert a["state.pl_mean"] > 0  # path-length regularisation ran
+    assert not torch.equal(a["G.w_avg"], torch.zeros_like(a["G.w_avg"]))  # w_avg is tracked
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert json.loads((straight / "spec.json").read_text())["kind"] == "style"
