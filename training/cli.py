@@ -70,6 +70,14 @@ def train_classifier_command(epochs: int = typer.Option(40, min=1)) -> None:
     console.print(f"held-out accuracy {accuracy:.4f}")
 
 
+def train_shapes_predictor_command(epochs: int = typer.Option(8, min=1)) -> None:
+    """Rebuild the shapes attribute predictor shipped in training/metrics/."""
+    from training.shapes_predictor import train_shapes_predictor
+
+    for name, value in train_shapes_predictor(epochs=epochs).items():
+        console.print(f"{name:28s} {value:.4f}")
+
+
 def results_command(
     out: Path = typer.Option(Path("docs/results.md"), "--out"),
     runs: Path = typer.Option(Path("runs/results"), "--runs", help="where the result runs are trained"),
@@ -121,5 +129,6 @@ def register(app: typer.Typer) -> None:
     app.command("evaluate")(evaluate_command)
     app.command("sample")(sample_command)
     app.command("train-classifier")(train_classifier_command)
+    app.command("train-shapes-predictor")(train_shapes_predictor_command)
     app.command("results")(results_command)
     app.command("export")(export_command)

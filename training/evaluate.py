@@ -1,11 +1,14 @@
 """Quality metrics for a generator on its dataset, used during training (to keep the best
 checkpoint) and by `ganserve evaluate`.
 
-Which metrics apply depends on the data: 2-D mixtures get mode coverage; digits get FID, KID,
-precision/recall and IS in the project's digits-classifier feature space (and class accuracy for
-conditional models); any image set gets standard FID when InceptionV3 weights are given.
+Which metrics apply depends on the data: 2-D mixtures get mode coverage; digits and 32 px shapes
+get FID, KID, precision/recall and IS in the feature space of the project's own network for
+them (and class accuracy for conditional models); any image set gets standard FID when
+InceptionV3 weights are given.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 import torch
@@ -20,6 +23,7 @@ from training.metrics.fid import fid_from_features
 from training.metrics.inception_score import inception_score
 from training.metrics.kid import kernel_inception_distance
 from training.metrics.modes import mode_metrics
+from training.metrics.shapes_features import shapes_readings
 from training.metrics.precision_recall import precision_recall
 from training.sampling import balanced_labels, generate, latents
 
@@ -37,9 +41,12 @@ def feature_metrics(real: np.ndarray, fake: np.ndarray, prefix: str = "") -> dic
     return {f"{prefix}fid": fid_from_features(real, fake), f"{prefix}kid": kid, f"{prefix}kid_std": kid_std, f"{prefix}precision": precision, f"{prefix}recall": recall}
 
 
-def evaluate_digits(samples: torch.Tensor, labels: torch.Tensor | None, train: TensorData, held_out: TensorData | None) -> dict[str, float]:
-    real_features, _ = digits_features(train.x)
-    fake_features, fake_probs = digits_features(samples)
+def evaluate_in_feature_space(samples: torch.Tensor, labels: torch.Tensor | None, train: TensorData, held_out: TensorData | None,
+                              featurize: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """FID/KID/precision/recall (+ IS and class accuracy from the network's class probabilities)
+    against the train set, and the real-vs-real floors against the held-out set."""
+    real_features, _ = featurize(train.x)
+    fake_features, fake_probs = featurize(samples)
     metrics = feature_metrics(real_features, fake_features)
     metrics["inception_score"], _ = inception_score(fake_probs)
     if labels is not None:
@@ -47,14 +54,19 @@ def evaluate_digits(samples: torch.Tensor, labels: torch.Tensor | None, train: T
     if held_out is not None:
         # FID is biased by sample count: compare the floor with the same number of generated samples
         n = len(held_out)
-        held_features, _ = digits_features(held_out.x)
+        held_features, _ = featurize(held_out.x)
         metrics["fid_real_floor"] = fid_from_features(real_features, held_features)
-        # FID against the train set rewards memorising it; against held-out digits it does not
+        # FID against the train set rewards memorising it; against held-out data it does not
         metrics["fid_vs_held_out"] = fid_from_features(held_features, fake_features)
         metrics["fid_train_vs_held_out"] = fid_from_features(held_features, real_features)
         metrics["kid_real_floor"], _ = kernel_inception_distance(real_features, held_features, subset_size=n)
         metrics[f"fid_at_{n}"] = float(np.mean([fid_from_features(real_features, fake_features[i * n : (i + 1) * n]) for i in range(max(1, len(fake_features) // n))]))
     return metrics
+
+
+def shapes_featurize(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    features, attributes = shapes_readings(images)
+    return features, attributes["shape_probs"]
 
 
 def evaluate_generator(generator: nn.Module, spec: ModelSpec, data_cfg: DataConfig, train: TensorData, held_out: TensorData | None, num_samples: int) -> dict[str, float]:
@@ -64,5 +76,7 @@ def evaluate_generator(generator: nn.Module, spec: ModelSpec, data_cfg: DataConf
     if data_cfg.name == "gaussians":
         return evaluate_mixture(samples, data_cfg.mixture)
     if data_cfg.name == "digits":
-        return evaluate_digits(samples, labels, train, held_out)
+        return evaluate_in_feature_space(samples, labels, train, held_out, digits_features)
+    if data_cfg.name == "shapes" and data_cfg.resolution == 32:
+        return evaluate_in_feature_space(samples, labels, train, held_out, shapes_featurize)
     return {}

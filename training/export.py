@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from models.latent import RANGE_NAMES, named_layers
 from models.spec import ModelSpec
 from training.images import save_grid
 from training.run_eval import load_generator
@@ -52,6 +53,9 @@ class TensorSpec:
 
 
 def io_specs(spec: ModelSpec) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Inputs and outputs of the main graph: the generator, or a style model's synthesis network."""
+    if spec.kind == "style":
+        return [TensorSpec("ws", "float32", [-1, spec.num_ws, spec.w_dim])], [TensorSpec("image", "float32", [-1, spec.channels, spec.resolution, spec.resolution])]
     inputs = [TensorSpec("z", "float32", [-1, spec.z_dim])]
     if spec.kind == "conditional":
         inputs.append(TensorSpec("label", "int64", [-1]))
@@ -64,6 +68,30 @@ def example_inputs(spec: ModelSpec, seeds: list[int]) -> tuple[torch.Tensor, ...
     z = torch.cat([latents(spec, 1, seed) for seed in seeds])
     labels = balanced_labels(spec, len(seeds))
     return (z,) if labels is None else (z, labels)
+
+
+@dataclass
+class Graph:
+    """One exported network: `model.*` is the main graph the service batches, `mapping.*` a
+    style model's z → w network."""
+
+    stem: str
+    module: nn.Module
+    example: tuple[torch.Tensor, ...]  # 16 parity inputs
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+def graphs_for(generator: nn.Module, spec: ModelSpec) -> list[Graph]:
+    z_example = example_inputs(spec, PARITY_SEEDS)
+    inputs, outputs = io_specs(spec)
+    if spec.kind != "style":
+        return [Graph("model", generator, z_example, inputs, outputs)]
+    with torch.no_grad():
+        w = generator.mapping(*z_example)
+    ws = w[:, None, :].expand(-1, spec.num_ws, -1).contiguous()
+    mapping_io = ([TensorSpec("z", "float32", [-1, spec.z_dim])], [TensorSpec("w", "float32", [-1, spec.w_dim])])
+    return [Graph("model", generator.synthesis, (ws,), inputs, outputs), Graph("mapping", generator.mapping, z_example, *mapping_io)]
 
 
 def export_torchscript(generator: nn.Module, example: tuple[torch.Tensor, ...], path: Path) -> None:
@@ -90,33 +118,49 @@ def onnx_outputs(path: Path, example: tuple[torch.Tensor, ...], inputs: list[Ten
     return session.run(None, {t.name: x.numpy() for t, x in zip(inputs, example)})[0]
 
 
-def parity_errors(generator: nn.Module, spec: ModelSpec, entry: Path, formats: list[str]) -> dict[str, float]:
-    """Max abs error of each exported format against eager PyTorch on the 16 parity seeds.
+def parity_errors(graph: Graph, entry: Path, formats: list[str]) -> dict[str, float]:
+    """Max abs error of each exported format against eager PyTorch on the 16 parity inputs.
 
     The batch is split 1 + 15 for the exported graphs, so a graph that only works at the batch
     size it was traced with fails here rather than in the service."""
-    example = example_inputs(spec, PARITY_SEEDS)
-    inputs, _ = io_specs(spec)
     with torch.no_grad():
-        reference = generator(*example).numpy()
+        reference = graph.module(*graph.example).numpy()
     errors: dict[str, float] = {}
-    parts = [tuple(x[:1] for x in example), tuple(x[1:] for x in example)]
+    parts = [tuple(x[:1] for x in graph.example), tuple(x[1:] for x in graph.example)]
     if "torchscript" in formats:
-        scripted = torch.jit.load(str(entry / "model.pt"))
+        scripted = torch.jit.load(str(entry / f"{graph.stem}.pt"))
         with torch.no_grad():
             got = np.concatenate([scripted(*part).numpy() for part in parts])
         errors["torchscript"] = float(np.abs(got - reference).max())
     if "onnx" in formats:
-        got = np.concatenate([onnx_outputs(entry / "model.onnx", part, inputs) for part in parts])
+        got = np.concatenate([onnx_outputs(entry / f"{graph.stem}.onnx", part, graph.inputs) for part in parts])
         errors["onnx"] = float(np.abs(got - reference).max())
     return errors
 
 
-def entry_spec(spec: ModelSpec, name: str, version: int, run_dir: Path, cfg_dump: dict, parity: dict[str, float], formats: list[str]) -> dict:
-    inputs, outputs = io_specs(spec)
-    run_spec = json.loads((run_dir / "spec.json").read_text()) if (run_dir / "spec.json").exists() else {}
-    files = {"onnx": "model.onnx", "torchscript": "model.pt"}
+def export_graph(graph: Graph, staging: Path, formats: list[str], tolerance: float) -> dict:
+    """Writes the graph in each format, checks parity; returns its spec block."""
+    example = tuple(x[:2] for x in graph.example)
+    if "torchscript" in formats:
+        export_torchscript(graph.module, example, staging / f"{graph.stem}.pt")
+    if "onnx" in formats:
+        export_onnx(graph.module, example, graph.inputs, graph.outputs, staging / f"{graph.stem}.onnx")
+    parity = parity_errors(graph, staging, formats)
+    failed = {fmt: err for fmt, err in parity.items() if not err <= tolerance}
+    if failed:
+        raise ExportError(f"parity check failed for {graph.stem}: max abs error {failed} exceeds {tolerance} against eager PyTorch on 16 seeds")
+    files = {"onnx": f"{graph.stem}.onnx", "torchscript": f"{graph.stem}.pt"}
     return {
+        "inputs": [t.to_dict() for t in graph.inputs],
+        "outputs": [t.to_dict() for t in graph.outputs],
+        "formats": {fmt: {"file": files[fmt], "parity_max_abs_error": parity[fmt]} for fmt in formats},
+    }
+
+
+def entry_spec(spec: ModelSpec, name: str, version: int, run_dir: Path, cfg_dump: dict, blocks: dict[str, dict], latent_names: list[str]) -> dict:
+    run_spec = json.loads((run_dir / "spec.json").read_text()) if (run_dir / "spec.json").exists() else {}
+    main = blocks["model"]
+    entry = {
         "name": name,
         "version": version,
         "kind": spec.kind,
@@ -125,20 +169,35 @@ def entry_spec(spec: ModelSpec, name: str, version: int, run_dir: Path, cfg_dump
         "channels": spec.channels,
         "value_range": list(spec.value_range),
         "z_dim": spec.z_dim,
-        "w_dim": None,
-        "num_ws": None,
+        "w_dim": spec.w_dim or None,
+        "num_ws": spec.num_ws or None,
         "class_names": spec.class_names,
-        "inputs": [t.to_dict() for t in inputs],
-        "outputs": [t.to_dict() for t in outputs],
-        "formats": {fmt: {"file": files[fmt], "parity_max_abs_error": parity[fmt]} for fmt in formats} | {"eager": {"file": "model.safetensors", "parity_max_abs_error": 0.0}},
+        "inputs": main["inputs"],
+        "outputs": main["outputs"],
+        "formats": main["formats"] | {"eager": {"file": "model.safetensors", "parity_max_abs_error": 0.0}},
         "model": spec.to_dict(),
         "training": {"config": cfg_dump, "step": run_spec.get("step"), "checkpoint_sha256": run_spec.get("checkpoint_sha256"), "run_dir": str(run_dir)},
         "metrics_file": "metrics.json",
         "parity": {"seeds": PARITY_SEEDS, "tolerance": PARITY_TOLERANCE},
     }
+    if spec.kind == "style":
+        entry["mapping"] = blocks["mapping"]
+        entry["latents_file"] = "latents.safetensors"
+        entry["directions"] = [n.removeprefix("direction.") for n in latent_names if n.startswith("direction.")]
+        entry["layer_ranges"] = {r: named_layers(r, spec.num_ws) for r in RANGE_NAMES}
+    return entry
 
 
-def export_run(run_dir: Path, name: str, version: int, repository: Path, formats: list[str], checkpoint: str = "best", tolerance: float = PARITY_TOLERANCE) -> Path:
+def style_latents(generator: nn.Module, spec: ModelSpec, directions: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """w_avg and the named edit directions, for truncation and editing on the server."""
+    tensors = {"w_avg": generator.w_avg.detach().clone().contiguous()}
+    for direction_name, vector in (directions or {}).items():
+        tensors[f"direction.{direction_name}"] = vector.float().contiguous()
+    return tensors
+
+
+def export_run(run_dir: Path, name: str, version: int, repository: Path, formats: list[str], checkpoint: str = "best",
+               tolerance: float = PARITY_TOLERANCE, directions: dict[str, torch.Tensor] | None = None) -> Path:
     """Writes `repository/name/version/`; returns its path. Raises ExportError on parity failure."""
     unknown = set(formats) - set(FORMATS)
     if unknown or not formats:
@@ -151,18 +210,12 @@ def export_run(run_dir: Path, name: str, version: int, repository: Path, formats
     repository.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-{version}-", dir=repository))
     try:
-        example = example_inputs(spec, PARITY_SEEDS[:2])
-        inputs, outputs = io_specs(spec)
         save_file({k: v.contiguous() for k, v in generator.state_dict().items()}, str(staging / "model.safetensors"))
-        if "torchscript" in formats:
-            export_torchscript(generator, example, staging / "model.pt")
-        if "onnx" in formats:
-            export_onnx(generator, example, inputs, outputs, staging / "model.onnx")
-        parity = parity_errors(generator, spec, staging, formats)
-        failed = {fmt: err for fmt, err in parity.items() if not err <= tolerance}
-        if failed:
-            raise ExportError(f"parity check failed: max abs error {failed} exceeds {tolerance} against eager PyTorch on 16 seeds")
-        (staging / "spec.json").write_text(json.dumps(entry_spec(spec, name, version, run_dir, cfg.model_dump(), parity, formats), indent=2))
+        blocks = {graph.stem: export_graph(graph, staging, formats, tolerance) for graph in graphs_for(generator, spec)}
+        latent_tensors = style_latents(generator, spec, directions) if spec.kind == "style" else {}
+        if latent_tensors:
+            save_file(latent_tensors, str(staging / "latents.safetensors"))
+        (staging / "spec.json").write_text(json.dumps(entry_spec(spec, name, version, run_dir, cfg.model_dump(), blocks, sorted(latent_tensors)), indent=2))
         metrics = run_dir / "metrics.json"
         (staging / "metrics.json").write_text(metrics.read_text() if metrics.exists() else "{}")
         if spec.is_image:

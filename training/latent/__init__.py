@@ -1,0 +1,1 @@
+"""Latent tools that need training-side machinery: edit directions and inversion."""
