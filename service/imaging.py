@@ -11,7 +11,7 @@ import math
 import numpy as np
 from PIL import Image
 
-CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "npy": "application/x-npy"}
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "npy": "application/x-npy", "gif": "image/gif"}
 ACCEPT_FORMATS = {v: k for k, v in CONTENT_TYPES.items()} | {"image/jpg": "jpeg", "application/octet-stream": "npy"}
 
 
@@ -60,3 +60,12 @@ def format_from_accept(accept: str | None) -> str | None:
         if media in ACCEPT_FORMATS:
             return ACCEPT_FORMATS[media]
     return None
+
+
+def encode_animation(frames: np.ndarray, fmt: str, frame_ms: int) -> bytes:
+    """[T, H, W, C] uint8 → an animated GIF or WebP that loops forever."""
+    pictures = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f) for f in frames]
+    buffer = io.BytesIO()
+    options = {"lossless": True} if fmt == "webp" else {}
+    pictures[0].save(buffer, format=fmt.upper(), save_all=True, append_images=pictures[1:], duration=frame_ms, loop=0, **options)
+    return buffer.getvalue()

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+from safetensors.numpy import load_file as load_numpy
 
 from service.batcher import BatchKey, DynamicBatcher
 from service.errors import ApiError
@@ -24,7 +25,9 @@ NUMPY_DTYPES = {"float32": np.float32, "int64": np.int64}
 @dataclass
 class LoadedModel:
     entry: ModelEntry
-    runtime: Runtime | None = None
+    runtime: Runtime | None = None  # the main graph
+    runtimes: dict[str, Runtime] = field(default_factory=dict)  # every graph by name
+    latents: dict[str, np.ndarray] = field(default_factory=dict)  # style models: w_avg, direction.<name>
     state: str = "loading"  # loading | ready | failed
     error: str | None = None
     batchers: dict[str, DynamicBatcher] = field(default_factory=dict)
@@ -34,9 +37,9 @@ class LoadedModel:
         return self.state == "ready"
 
 
-def dummy_inputs(entry: ModelEntry, batch: int) -> dict[str, np.ndarray]:
+def dummy_inputs(entry: ModelEntry, batch: int, graph: str = "model") -> dict[str, np.ndarray]:
     arrays = {}
-    for tensor in entry.spec["inputs"]:
+    for tensor in entry.graph_spec(graph)["inputs"]:
         shape = [batch if d == -1 else d for d in tensor["shape"]]
         arrays[tensor["name"]] = np.zeros(shape, dtype=NUMPY_DTYPES[tensor["datatype"]])
     return arrays
@@ -82,10 +85,15 @@ class ModelRegistry:
     def load_and_warm(self, model: LoadedModel) -> None:
         kind = self.settings.runtime_overrides.get(model.entry.name, self.settings.runtime)
         started = time.perf_counter()
-        model.runtime = load_runtime(model.entry, kind, self.device, self.settings.intra_op_threads)
-        if self.settings.warmup:
-            for size in warmup_sizes(self.settings.max_batch_size):
-                model.runtime.run(dummy_inputs(model.entry, size))
+        for graph in model.entry.graphs:
+            runtime = load_runtime(model.entry, kind, self.device, self.settings.intra_op_threads, graph)
+            model.runtimes[graph] = runtime
+            if self.settings.warmup:
+                for size in warmup_sizes(self.settings.max_batch_size):
+                    runtime.run(dummy_inputs(model.entry, size, graph))
+        model.runtime = model.runtimes["model"]
+        if "latents_file" in model.entry.spec:
+            model.latents = load_numpy(str(model.entry.path / model.entry.spec["latents_file"]))
         log.info("loaded %s v%d (%s on %s) in %.2fs", model.entry.name, model.entry.version, kind, model.runtime.device, time.perf_counter() - started)
 
     def versions(self, name: str) -> dict[int, LoadedModel]:
@@ -105,11 +113,12 @@ class ModelRegistry:
             raise ApiError(503, f"model {name!r} v{version} is {model.state}" + (f": {model.error}" if model.error else ""), headers={"Retry-After": "1"})
         return model
 
-    def batcher(self, model: LoadedModel, operation: str) -> DynamicBatcher:
+    def batcher(self, model: LoadedModel, operation: str, graph: str = "model") -> DynamicBatcher:
+        """The queue of one (model, version, operation); `graph` names the network it runs."""
         if operation not in model.batchers:
             s = self.settings
             key = BatchKey(model.entry.name, model.entry.version, operation)
-            model.batchers[operation] = DynamicBatcher(key, model.runtime.run, self.compute, self.metrics, s.max_batch_size, s.max_queue_delay_ms, s.max_queue_size)
+            model.batchers[operation] = DynamicBatcher(key, model.runtimes[graph].run, self.compute, self.metrics, s.max_batch_size, s.max_queue_delay_ms, s.max_queue_size)
         return model.batchers[operation]
 
     async def drain(self) -> None:

@@ -28,10 +28,19 @@ class ModelEntry:
     def class_names(self) -> list[str]:
         return self.spec.get("class_names") or []
 
-    def file_for(self, fmt: str) -> Path:
-        formats = self.spec.get("formats", {})
+    @property
+    def graphs(self) -> list[str]:
+        """`model` (the generator, or a style model's synthesis), plus `mapping` for style models."""
+        return ["model", "mapping"] if "mapping" in self.spec else ["model"]
+
+    def graph_spec(self, graph: str) -> dict:
+        """inputs, outputs and formats of one graph."""
+        return self.spec if graph == "model" else self.spec[graph]
+
+    def file_for(self, fmt: str, graph: str = "model") -> Path:
+        formats = self.spec["formats"] if fmt == "eager" else self.graph_spec(graph).get("formats", {})
         if fmt not in formats:
-            raise RepositoryError(f"{self.name} v{self.version} has no {fmt} export (has {sorted(formats)})")
+            raise RepositoryError(f"{self.name} v{self.version} has no {fmt} export of {graph} (has {sorted(formats)})")
         return self.path / formats[fmt]["file"]
 
 

@@ -41,7 +41,7 @@ def resolve_device(device: str) -> str:
 class OnnxRuntime:
     name = "onnx"
 
-    def __init__(self, entry: ModelEntry, device: str, threads: int) -> None:
+    def __init__(self, entry: ModelEntry, device: str, threads: int, graph: str = "model") -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -53,7 +53,7 @@ class OnnxRuntime:
         providers = ["CPUExecutionProvider"]
         if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(str(entry.file_for("onnx")), options, providers=providers)
+        self.session = ort.InferenceSession(str(entry.file_for("onnx", graph)), options, providers=providers)
         self.device = "cuda" if providers[0].startswith("CUDA") else "cpu"
         self.input_names = [i.name for i in self.session.get_inputs()]
 
@@ -67,9 +67,10 @@ class OnnxRuntime:
 
 
 class TorchRuntime:
-    """TorchScript (`model.pt`) or eager (rebuilt from the spec + `model.safetensors`)."""
+    """TorchScript (`model.pt`) or eager (rebuilt from the spec + `model.safetensors`; a style
+    model's graphs are its `synthesis` and `mapping` sub-networks)."""
 
-    def __init__(self, entry: ModelEntry, device: str, threads: int, eager: bool) -> None:
+    def __init__(self, entry: ModelEntry, device: str, threads: int, eager: bool, graph: str = "model") -> None:
         import torch
 
         torch.set_num_threads(threads)
@@ -84,10 +85,12 @@ class TorchRuntime:
 
             module = build_generator(ModelSpec.from_dict(entry.spec["model"]))
             module.load_state_dict(load_file(str(entry.file_for("eager"))))
+            if entry.kind == "style":
+                module = module.synthesis if graph == "model" else module.mapping
         else:
-            module = torch.jit.load(str(entry.file_for("torchscript")), map_location="cpu")
+            module = torch.jit.load(str(entry.file_for("torchscript", graph)), map_location="cpu")
         self.module = module.eval().to(device)
-        self.input_names = [i["name"] for i in entry.spec["inputs"]]
+        self.input_names = [i["name"] for i in entry.graph_spec(graph)["inputs"]]
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         torch = self.torch
@@ -102,9 +105,9 @@ class TorchRuntime:
             raise OutOfMemory(str(error)) from error
 
 
-def load_runtime(entry: ModelEntry, kind: str, device: str, threads: int) -> Runtime:
+def load_runtime(entry: ModelEntry, kind: str, device: str, threads: int, graph: str = "model") -> Runtime:
     if kind == "onnx":
-        return OnnxRuntime(entry, device, threads)
+        return OnnxRuntime(entry, device, threads, graph)
     if kind in ("torchscript", "eager"):
-        return TorchRuntime(entry, device, threads, eager=kind == "eager")
+        return TorchRuntime(entry, device, threads, eager=kind == "eager", graph=graph)
     raise ValueError(f"unknown runtime {kind!r}")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
 
 from training.config import TrainConfig, load_config
 from training.export import export_run
@@ -28,9 +29,22 @@ def tiny_run(config: str, out: Path) -> Path:
     return out
 
 
+def tiny_style_run(out: Path) -> Path:
+    cfg = load_config(REPO / "configs" / "stylegan-shapes.yaml").model_dump()
+    cfg.update(max_steps=2, sample_every=2, checkpoint_every=2, batch_size=4, panel_size=8)
+    cfg["data"].update(size=64, resolution=16)
+    cfg["model"].update(width=4, max_channels=16, w_dim=8, z_dim=8, mapping_layers=2)
+    cfg["eval"].update(every=2, num_samples=16)
+    train(TrainConfig.model_validate(cfg), out, show_progress=False)
+    return out
+
+
 def build_repository(root: Path) -> Path:
-    """digits (unconditional) v1 and cdigits (conditional) v1, trained two steps and exported."""
+    """digits (unconditional), cdigits (conditional) and styles (style, 16 px), each v1, trained
+    two steps and exported."""
     repo = root / "model_repository"
+    directions = {"size": torch.nn.functional.normalize(torch.randn(8), dim=0), "hue": torch.nn.functional.normalize(torch.randn(8), dim=0)}
+    export_run(tiny_style_run(root / "style"), "styles", 1, repo, ["onnx", "torchscript"], "last", directions=directions)
     export_run(tiny_run("dcgan-digits", root / "dcgan"), "digits", 1, repo, ["onnx", "torchscript"], "last")
     export_run(tiny_run("cdcgan-digits", root / "cdcgan"), "cdigits", 1, repo, ["onnx", "torchscript"], "last")
     return repo

@@ -15,6 +15,7 @@ from service.errors import ApiError
 from service.imaging import CONTENT_TYPES, encode, format_from_accept, grid, to_uint8
 from service.operations import MAX_SEED, generate_inputs, resolve_label
 from service.registry import LoadedModel
+from service import style
 from service.requests import ClientGone, measured, new_request_state, registry_of, require_json, until_done_or_gone
 
 router = APIRouter(prefix="/v1", tags=["v1"])
@@ -37,6 +38,7 @@ class GenerateRequest(BaseModel):
     format: str | None = Field(None, pattern="^(png|jpeg|webp|npy)$", description="default: from Accept, else png")
     layout: str = Field("grid", pattern="^(grid|list)$", description="several images: one grid image, or a JSON list of base64 images")
     columns: int | None = Field(None, ge=1, le=1024)
+    truncation_psi: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False, description="style models: pull w toward w_avg (1 = off)")
 
     @model_validator(mode="after")
     def check(self) -> "GenerateRequest":
@@ -111,17 +113,32 @@ async def generate(name: str, body: GenerateRequest, request: Request) -> Respon
         label = resolve_label(entry, body.class_label)
         fmt = choose_format(body.format, request.headers.get("accept"))
         state = new_request_state(request)
-        batcher = registry.batcher(model, "generate")
+        if entry.kind == "style":
+            work = style_images(registry, model, seeds, body.truncation_psi, state)
+        else:
+            if body.truncation_psi != 1.0:
+                raise ApiError(422, "truncation_psi applies to style models only")
+            work = run_items(registry.batcher(model, "generate"), generate_inputs(entry, seeds, label), state)
         try:
-            outputs = await until_done_or_gone(request, state, run_items(batcher, generate_inputs(entry, seeds, label), state))
+            outputs = await until_done_or_gone(request, state, work)
         except ClientGone:
             return Response(status_code=499)
-        images = to_uint8(np.stack(outputs), tuple(entry.spec["value_range"]))
-        started = time.perf_counter()
-        if images.size <= INLINE_ENCODE_MAX_VALUES:
-            content, media_type = encode_response(images, fmt, body.layout, body.columns, seeds)
-        else:
-            content, media_type = await asyncio.get_running_loop().run_in_executor(registry.encoders, encode_response, images, fmt, body.layout, body.columns, seeds)
-        registry.metrics.bound(entry.name, str(entry.version), "generate").encode_duration.observe(time.perf_counter() - started)
-        headers = {"X-Model-Version": str(entry.version), "X-Seeds": ",".join(map(str, seeds[:64]))}
-        return Response(content, media_type=media_type, headers=headers)
+        return await respond(registry, entry, "generate", np.stack(outputs), fmt, body.layout, body.columns, seeds)
+
+
+async def style_images(registry, model: LoadedModel, seeds: list[int], psi: float, state) -> np.ndarray:
+    w = await style.seeds_to_w(registry, model, seeds, psi, state)
+    return await style.synthesize(registry, model, style.broadcast(model, w), state)
+
+
+async def respond(registry, entry, operation: str, outputs: np.ndarray, fmt: str, layout: str, columns: int | None, tags: list[int]) -> Response:
+    """float images → uint8 → encoded (inline when small, else in the encoder pool) → Response."""
+    images = to_uint8(outputs, tuple(entry.spec["value_range"]))
+    started = time.perf_counter()
+    if images.size <= INLINE_ENCODE_MAX_VALUES:
+        content, media_type = encode_response(images, fmt, layout, columns, tags)
+    else:
+        content, media_type = await asyncio.get_running_loop().run_in_executor(registry.encoders, encode_response, images, fmt, layout, columns, tags)
+    registry.metrics.bound(entry.name, str(entry.version), operation).encode_duration.observe(time.perf_counter() - started)
+    headers = {"X-Model-Version": str(entry.version), "X-Seeds": ",".join(map(str, tags[:64]))}
+    return Response(content, media_type=media_type, headers=headers)

@@ -1,0 +1,74 @@
+"""Style-model operations: every request reduces to W arithmetic on the server plus batched
+calls of two shared queues, `mapping` (z → w) and `synthesis` (ws → image), so generate,
+style-mix, interpolate and edit requests share synthesis batches."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from models import latent
+from service.batcher import RequestState, run_items
+from service.errors import ApiError
+from service.operations import latent_for_seed
+from service.registry import LoadedModel, ModelRegistry
+
+MAPPING_OP, SYNTHESIS_OP = "mapping", "synthesis"
+
+
+def require_style(model: LoadedModel) -> None:
+    if model.entry.kind != "style":
+        raise ApiError(422, f"model {model.entry.name!r} is {model.entry.kind}: this operation needs a style model")
+
+
+async def map_z(registry: ModelRegistry, model: LoadedModel, z: np.ndarray, state: RequestState) -> np.ndarray:
+    """z [N, z_dim] → w [N, w_dim] through the mapping queue."""
+    outputs = await run_items(registry.batcher(model, MAPPING_OP, graph="mapping"), [{"z": row.astype(np.float32)} for row in z], state)
+    return np.stack(outputs)
+
+
+def seed_latents(model: LoadedModel, seeds: list[int]) -> np.ndarray:
+    return np.stack([latent_for_seed(seed, model.entry.spec["z_dim"]) for seed in seeds])
+
+
+def truncate(model: LoadedModel, w: np.ndarray, psi: float) -> np.ndarray:
+    return latent.truncate(torch.from_numpy(w), torch.from_numpy(model.latents["w_avg"]), psi).numpy()
+
+
+def broadcast(model: LoadedModel, w: np.ndarray) -> np.ndarray:
+    """w [N, w_dim] → ws [N, num_ws, w_dim]: the same style at every layer."""
+    return np.repeat(w[:, None, :], model.entry.spec["num_ws"], axis=1).astype(np.float32)
+
+
+async def synthesize(registry: ModelRegistry, model: LoadedModel, ws: np.ndarray, state: RequestState) -> np.ndarray:
+    outputs = await run_items(registry.batcher(model, SYNTHESIS_OP), [{"ws": row} for row in ws.astype(np.float32)], state)
+    return np.stack(outputs)
+
+
+async def seeds_to_w(registry: ModelRegistry, model: LoadedModel, seeds: list[int], psi: float, state: RequestState) -> np.ndarray:
+    return truncate(model, await map_z(registry, model, seed_latents(model, seeds), state), psi)
+
+
+def layers_for(model: LoadedModel, layers: str | list[int]) -> list[int]:
+    try:
+        return latent.resolve_layers(layers, model.entry.spec["num_ws"])
+    except ValueError as error:
+        raise ApiError(422, str(error))
+
+
+def direction(model: LoadedModel, name: str) -> torch.Tensor:
+    key = f"direction.{name}"
+    if key not in model.latents:
+        raise ApiError(422, f"unknown direction {name!r}: this model has {model.entry.spec.get('directions', [])}")
+    return torch.from_numpy(model.latents[key])
+
+
+def check_w(model: LoadedModel, w: list[list[float]]) -> np.ndarray:
+    w_dim = model.entry.spec["w_dim"]
+    if any(len(row) != w_dim for row in w):
+        raise ApiError(422, f"w must be a list of {w_dim}-long vectors")
+    array = np.asarray(w, dtype=np.float32)
+    if array.ndim != 2:
+        raise ApiError(422, f"w must be a list of {w_dim}-long vectors")
+    if not np.isfinite(array).all():
+        raise ApiError(422, "w holds NaN or infinity")
+    return array
