@@ -30,10 +30,10 @@ def named_layers(name: str, num_ws: int) -> list[int]:
     if name not in RANGE_NAMES:
         raise ValueError(f"unknown layer range {name!r}: use {RANGE_NAMES} or explicit indices")
     levels = num_levels(num_ws)
-    coarse_end = max(1, round(levels * 0.5))
-    middle_end = max(coarse_end, round(levels * 0.75))
-    if middle_end == levels:
-        middle_end = levels - 1
+    if levels < 3:
+        raise ValueError(f"{num_ws} layers are too few to split into coarse, middle and fine")
+    coarse_end = max(1, levels // 2)
+    middle_end = min(levels - 1, max(coarse_end + 1, round(levels * 0.75)))
     bounds = {"coarse": (0, coarse_end), "middle": (coarse_end, middle_end), "fine": (middle_end, levels)}[name]
     return [i for level in range(*bounds) for i in level_layers(level)]
 

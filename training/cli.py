@@ -100,9 +100,11 @@ def export_command(
 ) -> None:
     """Export a run to a model-repository entry (ONNX + TorchScript), parity-checked against eager PyTorch."""
     from training.export import ExportError, export_run
+    from training.latent.directions import directions_for_run
 
     try:
-        entry = export_run(run_dir, name, version, repository, [f.strip() for f in formats.split(",") if f.strip()], checkpoint)
+        directions = directions_for_run(run_dir, checkpoint)
+        entry = export_run(run_dir, name, version, repository, [f.strip() for f in formats.split(",") if f.strip()], checkpoint, directions=directions)
     except ExportError as error:
         console.print(f"[red]export failed:[/] {error}")
         raise typer.Exit(1)

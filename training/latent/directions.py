@@ -57,3 +57,17 @@ def fit_directions(generator: StyleGenerator, samples: int = 5000, seed: int = 7
     _, attributes = shapes_readings(images)
     w_np = w.double().numpy()
     return supervised_directions(w_np, attributes) | pca_directions(w_np)
+
+
+def directions_for_run(run_dir, checkpoint: str = "best") -> dict[str, torch.Tensor] | None:
+    """What `ganserve export` ships with a style model: supervised directions when the model draws
+    32 px shapes (the predictor can read them), PCA directions always; None for other kinds."""
+    from training.run_eval import load_generator
+
+    generator, spec, cfg = load_generator(run_dir, checkpoint)
+    if spec.kind != "style":
+        return None
+    if cfg.data.name == "shapes" and cfg.data.resolution == 32:
+        return fit_directions(generator)
+    w, _ = sample_ws(generator.eval(), 2000, seed=7)
+    return pca_directions(w.double().numpy())
