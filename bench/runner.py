@@ -77,18 +77,23 @@ def run_bench(repository: Path, model: str, runtime: str, concurrencies: list[in
     entry = max(entries, key=lambda e: e.version)
     device = "cuda" if runtime != "onnx" and _cuda() else "cpu"
     common = dict(runtime=runtime, intra_op_threads=threads, max_queue_size=100_000)
+    configurations = [
+        (f"natural batching (max_batch_size={max_batch_size}, delay 0)", dict(max_batch_size=max_batch_size, max_queue_delay_ms=0), True),
+        (f"batching with {max_queue_delay_ms:g} ms delay", dict(max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms), False),
+        ("no batching (max_batch_size=1)", dict(max_batch_size=1, max_queue_delay_ms=0), False),
+    ]
     loads: list[LoadResult] = []
-    with server(repository, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms, **common) as url:
-        for c in concurrencies:
-            loads.append(run_load(url, model, "batched, 1 image/request", {"seed": 1}, c, duration_s))
-        loads.append(run_load(url, model, f"batched, {big_request} images/request", {"seed": 1, "n": big_request}, 4, duration_s))
-    with server(repository, max_batch_size=1, max_queue_delay_ms=0, **common) as url:
-        for c in concurrencies:
-            loads.append(run_load(url, model, "no batching (max_batch_size=1), 1 image/request", {"seed": 1}, c, duration_s))
+    for title, settings, with_big_requests in configurations:
+        with server(repository, **settings, **common) as url:
+            for c in concurrencies:
+                loads.append(run_load(url, model, f"{title}, 1 image/request", {"seed": 1}, c, duration_s))
+            if with_big_requests:
+                loads.append(run_load(url, model, f"{title}, {big_request} images/request", {"seed": 1, "n": big_request}, 4, duration_s))
     ceilings = measure_ceiling(entry, runtime, device, threads, sorted({1, max_batch_size, big_request}))
     report = {"machine": machine(), "model": model, "runtime": runtime, "max_batch_size": max_batch_size, "max_queue_delay_ms": max_queue_delay_ms,
               "load": [r.to_dict() for r in loads], "ceiling": [c.to_dict() for c in ceilings]}
     print_report(report)
+    console.print("the ratio column divides by the best forward+PNG ceiling; large requests encode one grid PNG, not one PNG per image")
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
