@@ -69,3 +69,41 @@ def encode_animation(frames: np.ndarray, fmt: str, frame_ms: int) -> bytes:
     options = {"lossless": True} if fmt == "webp" else {}
     pictures[0].save(buffer, format=fmt.upper(), save_all=True, append_images=pictures[1:], duration=frame_ms, loop=0, **options)
     return buffer.getvalue()
+
+
+UPLOAD_TYPES = {"image/png", "image/jpeg", "image/webp"}
+
+
+class UploadError(ValueError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
+    """An uploaded PNG/JPEG/WebP → RGB uint8 [H, W, 3] (alpha composited on black, grey expanded).
+    Raises UploadError 422 for undecodable data and 413 past `max_pixels`, checked before decoding."""
+    try:
+        picture = Image.open(io.BytesIO(data))
+        width, height = picture.size
+    except Exception as error:
+        raise UploadError(422, f"the upload is not a PNG, JPEG or WebP image ({type(error).__name__})")
+    if width * height > max_pixels:
+        raise UploadError(413, f"image of {width}x{height} pixels is over the limit of {max_pixels} pixels")
+    try:
+        picture.load()
+    except Exception as error:
+        raise UploadError(422, f"the image could not be decoded ({type(error).__name__}: {error})")
+    if picture.mode in ("RGBA", "LA", "PA") or (picture.mode == "P" and "transparency" in picture.info):
+        rgba = picture.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        picture = Image.alpha_composite(background, rgba)
+    return np.asarray(picture.convert("RGB"))
+
+
+def fit_square(image: np.ndarray, size: int) -> np.ndarray:
+    """Centre-crop to a square and resize to size x size (bicubic)."""
+    picture = Image.fromarray(image)
+    side = min(picture.size)
+    left, top = (picture.width - side) // 2, (picture.height - side) // 2
+    return np.asarray(picture.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC))

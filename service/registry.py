@@ -13,6 +13,7 @@ from safetensors.numpy import load_file as load_numpy
 
 from service.batcher import BatchKey, DynamicBatcher
 from service.errors import ApiError
+from service.jobs import JobStore
 from service.metrics import ServiceMetrics
 from service.repository import ModelEntry, scan_repository
 from service.runtimes import Runtime, load_runtime, resolve_device
@@ -31,6 +32,7 @@ class LoadedModel:
     state: str = "loading"  # loading | ready | failed
     error: str | None = None
     batchers: dict[str, DynamicBatcher] = field(default_factory=dict)
+    projection: tuple | None = None  # style models: (eager generator, feature fn), built on first use
 
     @property
     def ready(self) -> bool:
@@ -62,6 +64,7 @@ class ModelRegistry:
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="compute")  # one device, one stream of batches
         self.encoders = ThreadPoolExecutor(settings.encoder_threads, thread_name_prefix="encode")
         self.models: dict[str, dict[int, LoadedModel]] = {}
+        self.jobs = JobStore(settings.max_jobs, settings.max_job_seconds)
         self.ready = False
         self.draining = False
 
@@ -126,4 +129,5 @@ class ModelRegistry:
         self.ready, self.draining = False, True
         await asyncio.gather(*(b.close() for versions in self.models.values() for m in versions.values() for b in m.batchers.values()))
         self.compute.shutdown(wait=True)
+        self.jobs.shutdown()
         self.encoders.shutdown(wait=True)

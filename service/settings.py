@@ -26,6 +26,11 @@ class Settings(BaseSettings):
     # request limits
     max_images_per_request: int = Field(256, ge=1)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_upload_pixels: int = Field(4096 * 4096, ge=1)  # decoded image size limit (413 past it)
+    # long jobs (projection)
+    max_jobs: int = Field(4, ge=1)  # queued + running; 429 past it
+    max_job_seconds: float = Field(120.0, gt=0)
+    max_projection_steps: int = Field(1000, ge=1)
     # threads
     encoder_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     intra_op_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)

@@ -196,6 +196,17 @@ def style_latents(generator: nn.Module, spec: ModelSpec, directions: dict[str, t
     return tensors
 
 
+def ship_feature_network(spec: ModelSpec, cfg, staging: Path) -> dict | None:
+    """Style models of 32 px shapes carry the shapes predictor, whose features the service's
+    projection uses as its perceptual loss (the service never imports training code)."""
+    from training.metrics.shapes_features import PREDICTOR_PATH
+
+    if spec.kind != "style" or cfg.data.name != "shapes" or cfg.data.resolution != 32 or not PREDICTOR_PATH.exists():
+        return None
+    shutil.copy(PREDICTOR_PATH, staging / "features.safetensors")
+    return {"name": "shapes_predictor", "file": "features.safetensors"}
+
+
 def export_run(run_dir: Path, name: str, version: int, repository: Path, formats: list[str], checkpoint: str = "best",
                tolerance: float = PARITY_TOLERANCE, directions: dict[str, torch.Tensor] | None = None) -> Path:
     """Writes `repository/name/version/`; returns its path. Raises ExportError on parity failure."""
@@ -215,7 +226,11 @@ def export_run(run_dir: Path, name: str, version: int, repository: Path, formats
         latent_tensors = style_latents(generator, spec, directions) if spec.kind == "style" else {}
         if latent_tensors:
             save_file(latent_tensors, str(staging / "latents.safetensors"))
-        (staging / "spec.json").write_text(json.dumps(entry_spec(spec, name, version, run_dir, cfg.model_dump(), blocks, sorted(latent_tensors)), indent=2))
+        feature_network = ship_feature_network(spec, cfg, staging)
+        entry = entry_spec(spec, name, version, run_dir, cfg.model_dump(), blocks, sorted(latent_tensors))
+        if feature_network:
+            entry["feature_network"] = feature_network
+        (staging / "spec.json").write_text(json.dumps(entry, indent=2))
         metrics = run_dir / "metrics.json"
         (staging / "metrics.json").write_text(metrics.read_text() if metrics.exists() else "{}")
         if spec.is_image:

@@ -21,7 +21,7 @@ IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dty
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 [N, H, W, C] → float [N, C, H, W] in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return torch.from_numpy(np.array(images, copy=True)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def read_image_folder(root: str | Path, resolution: int, channels: int = 3) -> TensorData:

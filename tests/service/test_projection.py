@@ -1,0 +1,81 @@
+"""Projection jobs through the real server: upload, poll, result; bounds and bad uploads."""
+import base64
+import io
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def png_bytes(size=(24, 20), mode="RGB", colour=(200, 40, 40)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, colour if mode != "L" else 128).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def wait_for(client, status_url: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(status_url).json()
+        if job["state"] in ("done", "failed"):
+            return job
+        time.sleep(0.1)
+    raise TimeoutError(job)
+
+
+def test_an_uploaded_image_is_projected_by_a_job_that_reports_progress_and_its_result(server):
+    with server.client() as client:
+        accepted = client.post("/v1/models/styles/project?steps=30", content=png_bytes(), headers={"content-type": "image/png"})
+        assert accepted.status_code == 202
+        job = wait_for(client, accepted.json()["status_url"])
+    assert job["state"] == "done", job
+    assert job["progress"] == {"step": 30, "total": 30}
+    result = job["result"]
+    assert np.asarray(result["ws"]).shape == (6, 8)
+    assert np.isfinite(result["psnr"])
+    reconstruction = Image.open(io.BytesIO(base64.b64decode(result["reconstruction"]["data"])))
+    assert reconstruction.size == (16, 16)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "L"])
+def test_multipart_uploads_with_alpha_or_grey_are_accepted(server, mode):
+    with server.client() as client:
+        accepted = client.post("/v1/models/styles/project?steps=2", files={"file": ("x.png", png_bytes(mode=mode, colour=(1, 2, 3, 4)), "image/png")})
+        assert accepted.status_code == 202, accepted.text
+        assert wait_for(client, accepted.json()["status_url"])["state"] == "done"
+
+
+def test_bad_uploads_get_clear_errors(server):
+    with server.client() as client:
+        undecodable = client.post("/v1/models/styles/project", content=b"not an image", headers={"content-type": "image/png"})
+        wrong_type = client.post("/v1/models/styles/project", content=b"GIF89a", headers={"content-type": "image/gif"})
+        too_many_steps = client.post("/v1/models/styles/project?steps=100000", content=png_bytes(), headers={"content-type": "image/png"})
+        not_style = client.post("/v1/models/digits/project", content=png_bytes(), headers={"content-type": "image/png"})
+        unknown_job = client.get("/v1/jobs/nope")
+    assert undecodable.status_code == 422 and "not a PNG" in undecodable.json()["error"]["message"]
+    assert wrong_type.status_code == 415
+    assert too_many_steps.status_code == 422
+    assert not_style.status_code == 422
+    assert unknown_job.status_code == 404
+
+
+def test_an_image_over_the_pixel_limit_is_413(repository):
+    from tests.serving import running_server
+
+    with running_server(repository, max_upload_pixels=100) as server, server.client() as client:
+        response = client.post("/v1/models/styles/project", content=png_bytes((20, 20)), headers={"content-type": "image/png"})
+    assert response.status_code == 413 and "over the limit" in response.json()["error"]["message"]
+
+
+def test_jobs_are_bounded_in_number_and_in_time(repository):
+    from tests.serving import running_server
+
+    with running_server(repository, max_jobs=1, max_job_seconds=0.5) as server, server.client() as client:
+        first = client.post("/v1/models/styles/project?steps=1000", content=png_bytes(), headers={"content-type": "image/png"})
+        second = client.post("/v1/models/styles/project?steps=10", content=png_bytes(), headers={"content-type": "image/png"})
+        assert first.status_code == 202
+        assert second.status_code == 429 and "retry-after" in second.headers
+        job = wait_for(client, first.json()["status_url"])
+    assert job["state"] == "failed" and "time limit" in job["error"]
+    assert 0 < job["progress"]["step"] < 1000
