@@ -82,11 +82,12 @@ def results_command(
     out: Path = typer.Option(Path("docs/results.md"), "--out"),
     runs: Path = typer.Option(Path("runs/results"), "--runs", help="where the result runs are trained"),
     seeds: int = typer.Option(3, min=1, help="seeds per grid25 loss"),
+    sections: str = typer.Option("grid,digits,style", help="comma-separated: grid, digits, style"),
 ) -> None:
-    """Train the benchmark runs (grid25 x losses x seeds, digits DCGAN and cDCGAN) and write docs/results.md."""
+    """Train the benchmark runs (grid25 x losses x seeds, digits DCGAN and cDCGAN, StyleGAN on shapes) and write docs/results.md."""
     from training.results import build_results
 
-    build_results(out, runs, seeds)
+    build_results(out, runs, seeds, tuple(p.strip() for p in sections.split(",") if p.strip()))
     console.print(f"wrote [bold]{out}[/]")
 
 
