@@ -25,15 +25,13 @@ run: install
 test: install
 	$(BIN)/pytest -q
 
-# Rebuilds the default models from scratch with the project's own commands (about 50 min on 2 cores).
+# Rebuilds the default models from scratch with the project's own commands (about 15 min on 2 cores).
 models: install
 	rm -rf runs/models
 	$(BIN)/ganserve train --config configs/dcgan-digits.yaml --out runs/models/dcgan-digits
 	$(BIN)/ganserve export runs/models/dcgan-digits --name dcgan-digits --version 1 --repository model_repository
 	$(BIN)/ganserve train --config configs/cdcgan-digits.yaml --out runs/models/cdcgan-digits
 	$(BIN)/ganserve export runs/models/cdcgan-digits --name cdcgan-digits --version 1 --repository model_repository
-	$(BIN)/ganserve train --config configs/stylegan-shapes.yaml --out runs/models/stylegan-shapes
-	$(BIN)/ganserve export runs/models/stylegan-shapes --name stylegan-shapes --version 1 --repository model_repository
 
 # Trains and evaluates every run behind docs/results.md (about 2 hours on 2 cores; finished runs are reused).
 results: install
