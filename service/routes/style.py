@@ -11,7 +11,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models import latent
 from service import style
-from service.errors import ApiError
 from service.imaging import CONTENT_TYPES, encode_animation, to_uint8
 from service.operations import MAX_SEED
 from service.requests import ClientGone, measured, new_request_state, registry_of, require_json, until_done_or_gone

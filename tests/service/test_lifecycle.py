@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.serving import running_server, wait_ready
+from tests.serving import running_server
 
 
 def test_a_request_beyond_the_queue_bound_is_refused_at_once_with_429_and_retry_after(repository):
