@@ -25,5 +25,24 @@ def bench_command(
     run_bench(repository, model, runtime, [int(c) for c in concurrency.split(",")], duration, big_request, max_batch_size, max_queue_delay_ms, threads, out)
 
 
+def bench_upscale_command(
+    model: str = typer.Option("sr-rrdb-x4", help="an upscale model in the repository"),
+    repository: Path = typer.Option(Path("model_repository"), "--repository", exists=True, file_okay=False),
+    runtime: str = typer.Option("onnx", help="onnx, torchscript or eager (torchscript/eager use CUDA when present)"),
+    concurrency: str = typer.Option("1,4,16", help="comma-separated client counts"),
+    duration: float = typer.Option(10.0, min=1.0, help="seconds per scenario"),
+    size: int = typer.Option(256, min=16, help="input side in px"),
+    format: str = typer.Option("jpeg", help="output format: jpeg, webp, png or npy"),
+    max_batch_size: int = typer.Option(64, min=1, help="tiles per forward pass"),
+    threads: int = typer.Option(1, min=1, help="runtime intra-op threads"),
+    out: Optional[Path] = typer.Option(Path("bench/results/upscale-latest.json"), help="JSON report"),
+) -> None:
+    """Upscale throughput (frames/s, p99) through the real server, beside the bare forward pass."""
+    from bench.upscale import run_upscale_bench
+
+    run_upscale_bench(repository, model, runtime, [int(c) for c in concurrency.split(",")], duration, size, format, max_batch_size, threads, out)
+
+
 def register(app: typer.Typer) -> None:
     app.command("bench")(bench_command)
+    app.command("bench-upscale")(bench_upscale_command)

@@ -49,11 +49,12 @@ def scrape(url: str) -> dict[str, float]:
     return totals
 
 
-async def client_loop(client: httpx.AsyncClient, path: str, body: dict, stop_at: float, latencies: list[float], statuses: dict[str, int]) -> None:
+async def client_loop(client: httpx.AsyncClient, path: str, request: dict, stop_at: float, latencies: list[float], statuses: dict[str, int]) -> None:
+    """`request`: keyword arguments of httpx's post (json=…, or content=… with headers)."""
     while time.perf_counter() < stop_at:
         started = time.perf_counter()
         try:
-            response = await client.post(path, json=body)
+            response = await client.post(path, **request)
             status = str(response.status_code)
         except httpx.HTTPError as error:
             status = type(error).__name__
@@ -61,24 +62,25 @@ async def client_loop(client: httpx.AsyncClient, path: str, body: dict, stop_at:
         statuses[status] = statuses.get(status, 0) + 1
 
 
-async def drive(url: str, path: str, body: dict, concurrency: int, duration_s: float) -> tuple[list[float], dict[str, int], float]:
+async def drive(url: str, path: str, request: dict, concurrency: int, duration_s: float) -> tuple[list[float], dict[str, int], float]:
     # one client (one keep-alive connection) per simulated user: a single shared httpx pool
     # serialises on its own lock at high concurrency and measures itself instead of the server
     clients = [httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=1), timeout=60) for _ in range(concurrency)]
     try:
-        await asyncio.gather(*(client.post(path, json=body) for client in clients))  # connect before timing
+        await asyncio.gather(*(client.post(path, **request) for client in clients))  # connect before timing
         latencies: list[float] = []
         statuses: dict[str, int] = {}
         started = time.perf_counter()
-        await asyncio.gather(*(client_loop(client, path, body, started + duration_s, latencies, statuses) for client in clients))
+        await asyncio.gather(*(client_loop(client, path, request, started + duration_s, latencies, statuses) for client in clients))
         return latencies, statuses, time.perf_counter() - started
     finally:
         await asyncio.gather(*(client.aclose() for client in clients))
 
 
-def run_load(url: str, model: str, scenario: str, body: dict, concurrency: int, duration_s: float) -> LoadResult:
+def run_load(url: str, model: str, scenario: str, body: dict, concurrency: int, duration_s: float, path: str | None = None, request: dict | None = None) -> LoadResult:
+    """Drives `generate` with the JSON `body`, or `path` with raw httpx `request` arguments."""
     before = scrape(url)
-    latencies, statuses, elapsed = asyncio.run(drive(url, f"/v1/models/{model}/generate", body, concurrency, duration_s))
+    latencies, statuses, elapsed = asyncio.run(drive(url, path or f"/v1/models/{model}/generate", request or {"json": body}, concurrency, duration_s))
     after = scrape(url)
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     requests = max(delta.get("ganserve_request_duration_seconds_count", 0.0), 1.0)

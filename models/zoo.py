@@ -7,6 +7,8 @@ from models.dcgan import ConditionalDCGANGenerator, DCGANDiscriminator, DCGANGen
 from models.mlp import MLPDiscriminator, MLPGenerator
 from models.spec import ModelSpec
 from models.stylegan import ResidualDiscriminator, StyleGenerator
+from models.superres import RRDBNet
+from models.translation import ResnetGenerator, UnetGenerator
 
 DISCRIMINATORS = ("dcgan", "dcgan-projection", "sngan", "projection", "mlp", "mlp-sn", "residual")
 
@@ -41,3 +43,16 @@ def build_discriminator(spec: ModelSpec, name: str) -> nn.Module:
     if name == "residual":
         return ResidualDiscriminator(spec.resolution, spec.channels, spec.width, spec.max_channels, spec.num_classes)
     raise ValueError(f"unknown discriminator {name!r}: choose from {DISCRIMINATORS}")
+
+
+def build_translator(params: dict) -> nn.Module:
+    """A translation or super-resolution generator from the parameters its run and its repository
+    entry record (`spec["model"]`): training, export and the eager runtime all rebuild it here."""
+    kind = params["generator"]
+    if kind == "unet":
+        return UnetGenerator(params["in_channels"], params["out_channels"], params["num_downs"], params["ngf"], params["norm"], params["dropout"])
+    if kind == "resnet":
+        return ResnetGenerator(params["in_channels"], params["out_channels"], params["ngf"], params["n_blocks"], params["norm"])
+    if kind == "rrdb":
+        return RRDBNet(params["scale"], params["in_channels"], params["features"], params["blocks"], params["growth"])
+    raise ValueError(f"unknown generator {kind!r}")

@@ -39,10 +39,14 @@ class LoadedModel:
         return self.state == "ready"
 
 
-def dummy_inputs(entry: ModelEntry, batch: int, graph: str = "model") -> dict[str, np.ndarray]:
+IMAGE_TO_IMAGE = {"translation": "translate", "super_resolution": "upscale"}  # kind → endpoint
+
+
+def dummy_inputs(entry: ModelEntry, batch: int, graph: str = "model", spatial: int = 0) -> dict[str, np.ndarray]:
+    """Zeros of the graph's input shapes: `batch` on axis 0, `spatial` on dynamic image axes."""
     arrays = {}
     for tensor in entry.graph_spec(graph)["inputs"]:
-        shape = [batch if d == -1 else d for d in tensor["shape"]]
+        shape = [(batch if axis == 0 else spatial) if d == -1 else d for axis, d in enumerate(tensor["shape"])]
         arrays[tensor["name"]] = np.zeros(shape, dtype=NUMPY_DTYPES[tensor["datatype"]])
     return arrays
 
@@ -92,12 +96,22 @@ class ModelRegistry:
             runtime = load_runtime(model.entry, kind, self.device, self.settings.intra_op_threads, graph)
             model.runtimes[graph] = runtime
             if self.settings.warmup:
-                for size in warmup_sizes(self.settings.max_batch_size):
-                    runtime.run(dummy_inputs(model.entry, size, graph))
+                for size, spatial in self.warmup_plan(model.entry):
+                    runtime.run(dummy_inputs(model.entry, size, graph, spatial))
         model.runtime = model.runtimes["model"]
         if "latents_file" in model.entry.spec:
             model.latents = load_numpy(str(model.entry.path / model.entry.spec["latents_file"]))
         log.info("loaded %s v%d (%s on %s) in %.2fs", model.entry.name, model.entry.version, kind, model.runtime.device, time.perf_counter() - started)
+
+    def warmup_plan(self, entry: ModelEntry) -> list[tuple[int, int]]:
+        """(batch, spatial size) pairs to warm: the batch sizes the batcher produces first, and for
+        image-to-image models the tile (upscale) or training size (translate) at small batches
+        (a full batch of large tiles would cost seconds of start-up on a CPU)."""
+        if entry.kind not in IMAGE_TO_IMAGE:
+            return [(size, 0) for size in warmup_sizes(self.settings.max_batch_size)]
+        multiple = entry.spec["size_multiple"]
+        spatial = self.settings.upscale_tile if entry.kind == "super_resolution" else -(-entry.spec["train_resolution"] // multiple) * multiple
+        return [(size, spatial) for size in (1, 2)]
 
     def versions(self, name: str) -> dict[int, LoadedModel]:
         if name not in self.models:

@@ -11,6 +11,7 @@ from fastapi import Request
 
 from service.batcher import DeadlineExceeded, QueueFull, RequestState, ShuttingDown
 from service.errors import ApiError
+from service.imaging import UPLOAD_TYPES
 from service.registry import ModelRegistry
 
 T = TypeVar("T")
@@ -84,3 +85,18 @@ async def measured(request: Request, model: str, version: int, operation: str):
 
 def new_request_state(request: Request) -> RequestState:
     return RequestState(deadline=time.monotonic() + registry_of(request).settings.request_timeout_s)
+
+
+async def read_upload(request: Request) -> tuple[bytes, str]:
+    """The uploaded image's bytes and media type: a raw image body, or the `file` part of a
+    multipart form."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media == "multipart/form-data":
+        form = await request.form()
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(422, "the multipart body needs a 'file' part holding the image")
+        return await upload.read(), (upload.content_type or "").lower()
+    if media in UPLOAD_TYPES:
+        return await request.body(), media
+    raise ApiError(415, f"send the image as {sorted(UPLOAD_TYPES)} or multipart/form-data (got {media or 'no content type'!r})")

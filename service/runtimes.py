@@ -81,9 +81,10 @@ class TorchRuntime:
             from safetensors.torch import load_file
 
             from models.spec import ModelSpec
-            from models.zoo import build_generator
+            from models.zoo import build_generator, build_translator
 
-            module = build_generator(ModelSpec.from_dict(entry.spec["model"]))
+            image_to_image = entry.kind in ("translation", "super_resolution")
+            module = build_translator(entry.spec["model"]) if image_to_image else build_generator(ModelSpec.from_dict(entry.spec["model"]))
             module.load_state_dict(load_file(str(entry.file_for("eager"))))
             if entry.kind == "style":
                 module = module.synthesis if graph == "model" else module.mapping

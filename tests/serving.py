@@ -15,6 +15,9 @@ import torch
 
 from training.config import TrainConfig, load_config
 from training.export import export_run
+from training.image2image.config import I2IConfig, load_i2i_config
+from training.image2image.export import export_i2i_run
+from training.image2image.train import train_image_to_image
 from training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,10 +42,27 @@ def tiny_style_run(out: Path) -> Path:
     return out
 
 
+def tiny_i2i_run(config: str, out: Path, **changes) -> Path:
+    """An image-to-image config shrunk to two real training steps (with both SR phases)."""
+    cfg = load_i2i_config(REPO / "configs" / f"{config}.yaml").model_dump()
+    cfg.update(max_steps=2, eval_every=2, sample_every=2, batch_size=2)
+    cfg["data"].update(size=16, held_out=4)
+    cfg["loss"].update(pretrain_steps=1)
+    for section, values in changes.items():
+        cfg[section].update(values)
+    train_image_to_image(I2IConfig.model_validate(cfg), out, show_progress=False)
+    return out
+
+
 def build_repository(root: Path) -> Path:
-    """digits (unconditional), cdigits (conditional) and styles (style, 16 px), each v1, trained
-    two steps and exported."""
+    """digits (unconditional), cdigits (conditional), styles (style, 16 px), edges (pix2pix,
+    32 px), gray (pix2pix luma → colour) and upx4 (x4 super-resolution without an RRDB body: its receptive
+    field, ~3 input px, stays inside the tiles' blending margin, so tiling must be exact), each
+    v1, trained two steps and exported."""
     repo = root / "model_repository"
+    export_i2i_run(tiny_i2i_run("pix2pix-edges2shapes", root / "edges", model={"ngf": 4}), "edges", 1, repo, ["onnx", "torchscript"])
+    export_i2i_run(tiny_i2i_run("pix2pix-gray2color", root / "gray", model={"ngf": 4}, data={"resolution": 64}), "gray", 1, repo, ["onnx", "torchscript"])
+    export_i2i_run(tiny_i2i_run("sr-rrdb-x4", root / "upx4", model={"features": 8, "blocks": 0, "growth": 4}, data={"resolution": 32}), "upx4", 1, repo, ["onnx", "torchscript"])
     directions = {"size": torch.nn.functional.normalize(torch.randn(8), dim=0), "hue": torch.nn.functional.normalize(torch.randn(8), dim=0)}
     export_run(tiny_style_run(root / "style"), "styles", 1, repo, ["onnx", "torchscript"], "last", directions=directions)
     export_run(tiny_run("dcgan-digits", root / "dcgan"), "digits", 1, repo, ["onnx", "torchscript"], "last")

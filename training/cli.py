@@ -18,17 +18,27 @@ def train_command(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="override the config's generator steps"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
     seed: Optional[int] = typer.Option(None, "--seed", help="override the config's seed"),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", min=0.1, help="stop cleanly after this many minutes of this invocation"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present)"),
 ) -> None:
     """Train a GAN from a config; writes checkpoints, samples, log.csv and metrics.json."""
-    from training.config import load_config
+    import yaml
+
+    from training.config import TrainConfig
+    from training.image2image.config import I2IConfig, is_image_to_image
+    from training.image2image.train import train_image_to_image
     from training.loop import train
 
-    cfg = load_config(config)
-    updates = {k: v for k, v in {"max_steps": max_steps, "seed": seed}.items() if v is not None}
-    cfg = cfg.model_copy(update=updates)
-    out = out or Path("runs") / cfg.name
-    result = train(cfg, out, resume=resume, device=device)
+    raw = yaml.safe_load(config.read_text()) or {}
+    updates = {k: v for k, v in {"max_steps": max_steps, "seed": seed, "max_minutes": max_minutes}.items() if v is not None}
+    if is_image_to_image(raw):
+        cfg = I2IConfig.model_validate(raw | updates)
+        out = out or Path("runs") / cfg.name
+        result = train_image_to_image(cfg, out, resume=resume, device=device)
+    else:
+        cfg = TrainConfig.model_validate(raw | updates)
+        out = out or Path("runs") / cfg.name
+        result = train(cfg, out, resume=resume, device=device)
     print_metrics(f"{cfg.name} — step {result['step']}", result["last"], result.get("best"))
     console.print(f"run written to [bold]{out}[/]")
 
@@ -82,7 +92,7 @@ def results_command(
     out: Path = typer.Option(Path("docs/results.md"), "--out"),
     runs: Path = typer.Option(Path("runs/results"), "--runs", help="where the result runs are trained"),
     seeds: int = typer.Option(3, min=1, help="seeds per grid25 loss"),
-    sections: str = typer.Option("grid,digits,style", help="comma-separated: grid, digits, style"),
+    sections: str = typer.Option("grid,digits,style,image2image", help="comma-separated: grid, digits, style, image2image"),
 ) -> None:
     """Train the benchmark runs (grid25 x losses x seeds, digits DCGAN and cDCGAN, StyleGAN on shapes) and write docs/results.md."""
     from training.results import build_results
@@ -97,15 +107,20 @@ def export_command(
     version: int = typer.Option(1, "--version", min=1),
     formats: str = typer.Option("onnx,torchscript", "--formats", help="comma-separated: onnx, torchscript"),
     repository: Path = typer.Option(Path("model_repository"), "--repository"),
-    checkpoint: str = typer.Option("best", help="best or last"),
+    checkpoint: str = typer.Option("best", help="best or last (image-to-image runs: last, or l1 for an SR run's L1 model; best means last)"),
 ) -> None:
     """Export a run to a model-repository entry (ONNX + TorchScript), parity-checked against eager PyTorch."""
     from training.export import ExportError, export_run
+    from training.image2image.export import export_i2i_run, is_i2i_run
     from training.latent.directions import directions_for_run
 
+    format_list = [f.strip() for f in formats.split(",") if f.strip()]
     try:
-        directions = directions_for_run(run_dir, checkpoint)
-        entry = export_run(run_dir, name, version, repository, [f.strip() for f in formats.split(",") if f.strip()], checkpoint, directions=directions)
+        if is_i2i_run(run_dir):
+            entry = export_i2i_run(run_dir, name, version, repository, format_list, "last" if checkpoint == "best" else checkpoint)
+        else:
+            directions = directions_for_run(run_dir, checkpoint)
+            entry = export_run(run_dir, name, version, repository, format_list, checkpoint, directions=directions)
     except ExportError as error:
         console.print(f"[red]export failed:[/] {error}")
         raise typer.Exit(1)

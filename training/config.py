@@ -75,6 +75,7 @@ class TrainConfig(Strict):
     eval: EvalConfig = EvalConfig()
     batch_size: int = Field(64, gt=0)
     max_steps: int = Field(5000, gt=0)  # generator steps
+    max_minutes: float | None = Field(None, gt=0)  # wall-clock budget: stop early, cleanly (eval, checkpoint, metrics)
     ema_beta: float = Field(0.999, ge=0, lt=1)  # 0 disables the EMA of G
     ema_start: int = 0  # step at which EMA starts tracking (before it, EMA copies G)
     amp: bool = True  # mixed precision, used only on CUDA

@@ -80,6 +80,21 @@ class Graph:
     example: tuple[torch.Tensor, ...]  # 16 parity inputs
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    size_multiple: int = 1  # image-to-image graphs: height and width must be multiples of this
+    other_sizes: tuple[tuple[torch.Tensor, ...], ...] = ()  # parity inputs at other heights/widths
+
+
+def dynamic_shapes(inputs: list[TensorSpec], size_multiple: int) -> tuple[dict, ...]:
+    """torch.export dims for each -1 axis: batch on axis 0, height/width on axes 2/3 (as
+    multiples of `size_multiple` when the network halves the image)."""
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    if size_multiple > 1:
+        height = size_multiple * torch.export.Dim("height_blocks", min=1, max=8192 // size_multiple)
+        width = size_multiple * torch.export.Dim("width_blocks", min=1, max=8192 // size_multiple)
+    else:
+        height, width = torch.export.Dim("height", min=2, max=8192), torch.export.Dim("width", min=2, max=8192)
+    named = {0: batch, 2: height, 3: width}
+    return tuple({axis: named[axis] for axis, size in enumerate(t.shape) if size == -1} for t in inputs)
 
 
 def graphs_for(generator: nn.Module, spec: ModelSpec) -> list[Graph]:
@@ -100,13 +115,13 @@ def export_torchscript(generator: nn.Module, example: tuple[torch.Tensor, ...], 
     traced.save(str(path))
 
 
-def export_onnx(generator: nn.Module, example: tuple[torch.Tensor, ...], inputs: list[TensorSpec], outputs: list[TensorSpec], path: Path) -> None:
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+def export_onnx(generator: nn.Module, example: tuple[torch.Tensor, ...], inputs: list[TensorSpec], outputs: list[TensorSpec], path: Path,
+                size_multiple: int = 1) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             generator, example, str(path), input_names=[t.name for t in inputs], output_names=[t.name for t in outputs],
-            opset_version=OPSET, dynamo=True, external_data=False, dynamic_shapes=tuple({0: batch} for _ in example),
+            opset_version=OPSET, dynamo=True, external_data=False, dynamic_shapes=dynamic_shapes(inputs, size_multiple),
             verbose=False,
         )
 
@@ -135,6 +150,16 @@ def parity_errors(graph: Graph, entry: Path, formats: list[str]) -> dict[str, fl
     if "onnx" in formats:
         got = np.concatenate([onnx_outputs(entry / f"{graph.stem}.onnx", part, graph.inputs) for part in parts])
         errors["onnx"] = float(np.abs(got - reference).max())
+    for other in graph.other_sizes:  # the dynamic height/width axes, at sizes the trace never saw
+        with torch.no_grad():
+            expected = graph.module(*other).numpy()
+        if "torchscript" in formats:
+            with torch.no_grad():
+                got = scripted(*other).numpy()
+            errors["torchscript"] = max(errors["torchscript"], float(np.abs(got - expected).max()))
+        if "onnx" in formats:
+            got = onnx_outputs(entry / f"{graph.stem}.onnx", other, graph.inputs)
+            errors["onnx"] = max(errors["onnx"], float(np.abs(got - expected).max()))
     return errors
 
 
@@ -144,7 +169,7 @@ def export_graph(graph: Graph, staging: Path, formats: list[str], tolerance: flo
     if "torchscript" in formats:
         export_torchscript(graph.module, example, staging / f"{graph.stem}.pt")
     if "onnx" in formats:
-        export_onnx(graph.module, example, graph.inputs, graph.outputs, staging / f"{graph.stem}.onnx")
+        export_onnx(graph.module, example, graph.inputs, graph.outputs, staging / f"{graph.stem}.onnx", graph.size_multiple)
     parity = parity_errors(graph, staging, formats)
     failed = {fmt: err for fmt, err in parity.items() if not err <= tolerance}
     if failed:
@@ -210,17 +235,11 @@ def ship_feature_network(spec: ModelSpec, cfg, staging: Path) -> dict | None:
 def export_run(run_dir: Path, name: str, version: int, repository: Path, formats: list[str], checkpoint: str = "best",
                tolerance: float = PARITY_TOLERANCE, directions: dict[str, torch.Tensor] | None = None) -> Path:
     """Writes `repository/name/version/`; returns its path. Raises ExportError on parity failure."""
-    unknown = set(formats) - set(FORMATS)
-    if unknown or not formats:
-        raise ExportError(f"unknown formats {sorted(unknown)}: choose from {FORMATS}")
-    if version < 1:
-        raise ExportError("versions start at 1")
+    check_export_request(formats, version)
     generator, spec, cfg = load_generator(run_dir, checkpoint)
     generator = generator.float().cpu().eval()
-    target = repository / name / str(version)
-    repository.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-{version}-", dir=repository))
-    try:
+
+    def fill(staging: Path) -> None:
         save_file({k: v.contiguous() for k, v in generator.state_dict().items()}, str(staging / "model.safetensors"))
         blocks = {graph.stem: export_graph(graph, staging, formats, tolerance) for graph in graphs_for(generator, spec)}
         latent_tensors = style_latents(generator, spec, directions) if spec.kind == "style" else {}
@@ -237,6 +256,26 @@ def export_run(run_dir: Path, name: str, version: int, repository: Path, formats
             z, *labels = example_inputs(spec, list(range(64 if spec.kind != "conditional" else 10 * spec.num_classes)))
             with torch.no_grad():
                 save_grid(generator(z, *labels), staging / "samples.png", nrow=spec.num_classes if spec.kind == "conditional" else 8)
+
+    return write_entry(repository, name, version, fill)
+
+
+def check_export_request(formats: list[str], version: int) -> None:
+    unknown = set(formats) - set(FORMATS)
+    if unknown or not formats:
+        raise ExportError(f"unknown formats {sorted(unknown)}: choose from {FORMATS}")
+    if version < 1:
+        raise ExportError("versions start at 1")
+
+
+def write_entry(repository: Path, name: str, version: int, fill) -> Path:
+    """Builds `repository/name/version/` in a staging folder with `fill(staging)` and moves it in
+    whole: a failed export (parity, a crash) leaves no entry behind and the old one untouched."""
+    target = repository / name / str(version)
+    repository.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-{version}-", dir=repository))
+    try:
+        fill(staging)
         staging.chmod(0o755)  # mkdtemp makes it private; an entry is meant to be shared
         for file in staging.iterdir():
             file.chmod(0o644)

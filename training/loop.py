@@ -294,6 +294,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, device: s
         if new_log:
             writer.writeheader()
         task = progress.add_task(cfg.name, total=cfg.max_steps, completed=run.step, status="")
+        deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else None
         while run.step < cfg.max_steps:
             started = time.perf_counter()
             row = train_step(run, train_set)
@@ -302,7 +303,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, device: s
             for warning in monitor.observe_step(run.step, row["loss_d"], row["grad_norm_g"]):
                 logger.warning(warning)
                 progress.console.print(f"[yellow]warning[/] {warning}")
-            final = run.step == cfg.max_steps
+            out_of_time = deadline is not None and time.monotonic() > deadline
+            final = run.step == cfg.max_steps or out_of_time
             if run.step % cfg.sample_every == 0 or final:
                 row["panel_diversity"] = sample_panel(run, files, panel_z, panel_y, reference, monitor, logger, progress)
             if run.step % cfg.eval.every == 0 or final:
@@ -311,6 +313,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, device: s
                 save_run(run, files)
             writer.writerow(row)
             progress.update(task, advance=1, status=f"D {row['loss_d']:.3f} G {row['loss_g']:.3f}")
+            if out_of_time:
+                logger.info("stopped at step %d: the %.1f-minute budget is spent", run.step, cfg.max_minutes)
+                break
     result = write_metrics(run, files)
     plot_curves(files.log_csv, out_dir / "curves.png")
     return result

@@ -13,8 +13,11 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from training.config import load_config
+from training.image2image.config import is_image_to_image, load_i2i_config
+from training.image2image.train import train_image_to_image
 from training.loop import train
 from training.run_eval import evaluate_run
 
@@ -37,13 +40,15 @@ def train_once(config_name: str, out: Path, seed: int | None = None) -> dict:
     """Trains unless a finished run is there; returns metrics.json plus the wall time."""
     metrics_path = out / "metrics.json"
     if not metrics_path.exists():
-        cfg = load_config(CONFIG_DIR / f"{config_name}.yaml")
+        path = CONFIG_DIR / f"{config_name}.yaml"
+        i2i = is_image_to_image(yaml.safe_load(path.read_text()))
+        cfg = load_i2i_config(path) if i2i else load_config(path)
         if seed is not None:
             cfg = cfg.model_copy(update={"seed": seed})
         if out.exists():
             shutil.rmtree(out)  # an interrupted run restarts cleanly
         started = time.perf_counter()
-        train(cfg, out)
+        (train_image_to_image if i2i else train)(cfg, out)
         record = json.loads(metrics_path.read_text())
         record["wall_seconds"] = time.perf_counter() - started
         metrics_path.write_text(json.dumps(record, indent=2))
@@ -170,7 +175,7 @@ def style_section(runs: Path) -> list[str]:
     ]
 
 
-SECTIONS = ("grid", "digits", "style")
+SECTIONS = ("grid", "digits", "style", "image2image")
 
 
 def build_results(out: Path, runs: Path, seeds: int, sections: tuple[str, ...] = SECTIONS) -> None:
@@ -187,5 +192,9 @@ def build_results(out: Path, runs: Path, seeds: int, sections: tuple[str, ...] =
         raise ValueError(f"unknown sections {sorted(unknown)}: choose from {SECTIONS}")
     digits = digits_section(runs) if "digits" in sections else []  # the slower, riskier runs first: a problem shows early
     body = (grid_section(runs, seeds) if "grid" in sections else []) + digits + (style_section(runs) if "style" in sections else [])
+    if "image2image" in sections:
+        from training.image2image.results import image_to_image_section
+
+        body += image_to_image_section(runs, train_once, wall_minutes)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(header + body) + "\n")

@@ -13,10 +13,10 @@ from models.projection import project
 from models.spec import ModelSpec
 from models.zoo import build_generator
 from service.errors import ApiError
-from service.imaging import UPLOAD_TYPES, UploadError, decode_upload, encode, fit_square, to_uint8
+from service.imaging import UploadError, decode_upload, encode, fit_square, to_uint8
 from service.registry import LoadedModel
 from service.repository import ModelEntry
-from service.requests import registry_of
+from service.requests import read_upload, registry_of
 from service.routes.style import style_model
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
@@ -40,19 +40,6 @@ def projection_networks(model: LoadedModel):
         features = network.eval().requires_grad_(False).features
     model.projection = (generator, features)
     return model.projection
-
-
-async def read_upload(request: Request) -> tuple[bytes, str]:
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media == "multipart/form-data":
-        form = await request.form()
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise ApiError(422, "the multipart body needs a 'file' part holding the image")
-        return await upload.read(), (upload.content_type or "").lower()
-    if media in UPLOAD_TYPES:
-        return await request.body(), media
-    raise ApiError(415, f"send the image as {sorted(UPLOAD_TYPES)} or multipart/form-data (got {media or 'no content type'!r})")
 
 
 def target_tensor(image: np.ndarray, entry: ModelEntry) -> torch.Tensor:

@@ -14,7 +14,7 @@ from service.batcher import run_items
 from service.errors import ApiError
 from service.imaging import CONTENT_TYPES, encode, format_from_accept, grid, to_uint8
 from service.operations import MAX_SEED, generate_inputs, resolve_label
-from service.registry import LoadedModel
+from service.registry import IMAGE_TO_IMAGE, LoadedModel
 from service import style
 from service.requests import ClientGone, measured, new_request_state, registry_of, require_json, until_done_or_gone
 
@@ -113,6 +113,8 @@ async def generate(name: str, body: GenerateRequest, request: Request) -> Respon
         label = resolve_label(entry, body.class_label)
         fmt = choose_format(body.format, request.headers.get("accept"))
         state = new_request_state(request)
+        if entry.kind in IMAGE_TO_IMAGE:
+            raise ApiError(422, f"model {entry.name!r} is a {entry.kind} model: POST an image to /v1/models/{entry.name}/{IMAGE_TO_IMAGE[entry.kind]}")
         if entry.kind == "style":
             work = style_images(registry, model, seeds, body.truncation_psi, state)
         else:
@@ -140,5 +142,5 @@ async def respond(registry, entry, operation: str, outputs: np.ndarray, fmt: str
     else:
         content, media_type = await asyncio.get_running_loop().run_in_executor(registry.encoders, encode_response, images, fmt, layout, columns, tags)
     registry.metrics.bound(entry.name, str(entry.version), operation).encode_duration.observe(time.perf_counter() - started)
-    headers = {"X-Model-Version": str(entry.version), "X-Seeds": ",".join(map(str, tags[:64]))}
+    headers = {"X-Model-Version": str(entry.version)} | ({"X-Seeds": ",".join(map(str, tags[:64]))} if tags else {})
     return Response(content, media_type=media_type, headers=headers)

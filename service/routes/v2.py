@@ -66,6 +66,9 @@ def parse_inputs(spec: dict, body: InferRequest, max_items: int) -> list[dict[st
             raise ApiError(422, f"input {name!r}: {error}")
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise ApiError(422, f"input {name!r} holds NaN or infinity")
+        multiple = spec.get("size_multiple")
+        if multiple and array.ndim == 4 and any(side < multiple or side % multiple for side in array.shape[2:]):
+            raise ApiError(422, f"input {name!r}: height and width must be multiples of {multiple}, got {list(array.shape[2:])}")
         if batch is not None and array.shape[0] != batch:
             raise ApiError(422, "all inputs must share the batch size")
         batch = array.shape[0]

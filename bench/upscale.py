@@ -1,0 +1,115 @@
+"""`ganserve bench-upscale`: 256x256 → 1024x1024 (x4) through the real server, beside the bare
+forward pass of the same runtime.
+
+Scenarios: `concurrency` clients each post one 256 px PNG (a held-out photo crop) in a loop and
+ask for JPEG (real-time streams cannot afford PNG: a 1024 px PNG costs a core ~0.1 s). The
+ceiling is the runtime alone on the same tiles the service cuts (one frame = its tile batch), and
+on the whole frame in one pass (no tiling overhead), plus the cost of encoding one output frame.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+from bench.ceiling import timed
+from bench.load import run_load
+from bench.runner import machine, server
+from service.imaging import encode
+from service.repository import scan_repository
+from service.runtimes import load_runtime
+from service.settings import Settings
+from service.tiling import cut_tiles, plan_tiles
+
+console = Console()
+
+
+def test_frame(size: int) -> np.ndarray:
+    """A size x size crop of a held-out photo (scikit-image's chelsea), RGB uint8."""
+    import skimage.data
+
+    photo = skimage.data.chelsea()
+    return np.asarray(Image.fromarray(photo).resize((size, size), Image.Resampling.BICUBIC))
+
+
+def measure_forward(entry, runtime_kind: str, device: str, threads: int, frame: np.ndarray, tile: int, overlap: int, frames_per_batch: list[int], seconds: float) -> list[dict]:
+    runtime = load_runtime(entry, runtime_kind, device, threads)
+    x = (frame.astype(np.float32) / 127.5 - 1).transpose(2, 0, 1)
+    grid = plan_tiles(frame.shape[0], frame.shape[1], tile, overlap)
+    tiles = np.stack(cut_tiles(x, grid))
+    rows = []
+    for frames in frames_per_batch:
+        batch = np.ascontiguousarray(np.concatenate([tiles] * frames))
+        per_call = timed(seconds, lambda: runtime.run({"image": batch}))
+        rows.append({"what": f"tiles: {frames} frame(s) = {len(batch)} tiles of {tile} px per forward", "frames_per_s": frames / per_call, "tiles": len(batch)})
+    whole = np.ascontiguousarray(x[None])
+    per_call = timed(seconds, lambda: runtime.run({"image": whole}))
+    rows.append({"what": "whole frame, one forward (no tiling)", "frames_per_s": 1 / per_call, "tiles": 0})
+    return rows
+
+
+def measure_encoding(size: int, seconds: float) -> dict[str, float]:
+    image = np.asarray(Image.fromarray(test_frame(size // 4)).resize((size, size), Image.Resampling.BICUBIC))
+    return {fmt: timed(seconds, lambda f=fmt: encode(image, f)) * 1000 for fmt in ("jpeg", "png", "webp")}
+
+
+def run_upscale_bench(repository: Path, model: str, runtime: str, concurrencies: list[int], duration_s: float, size: int, fmt: str,
+                      max_batch_size: int, threads: int, out: Path | None) -> dict:
+    entries = [e for e in scan_repository(repository) if e.name == model]
+    if not entries:
+        raise SystemExit(f"no model {model!r} in {repository}")
+    entry = max(entries, key=lambda e: e.version)
+    if entry.kind != "super_resolution":
+        raise SystemExit(f"{model} is a {entry.kind} model, not a super_resolution model")
+    from bench.runner import _cuda
+
+    device = "cuda" if runtime != "onnx" and _cuda() else "cpu"
+    settings = Settings()
+    frame = test_frame(size)
+    buffer = io.BytesIO()
+    Image.fromarray(frame).save(buffer, format="PNG")
+    request = {"content": buffer.getvalue(), "headers": {"content-type": "image/png"}, "params": {"format": fmt}}
+    loads = []
+    with server(repository, runtime=runtime, intra_op_threads=threads, max_batch_size=max_batch_size, max_queue_delay_ms=0, max_queue_size=100_000) as url:
+        for c in concurrencies:
+            result = run_load(url, model, f"{size}→{size * entry.spec['scale']} px, {fmt} out", {}, c, duration_s, path=f"/v1/models/{model}/upscale", request=request)
+            loads.append(result.to_dict())
+    grid = plan_tiles(size, size, settings.upscale_tile, settings.upscale_overlap)
+    tiles_per_frame = grid.rows * grid.cols
+    forward = measure_forward(entry, runtime, device, threads, frame, settings.upscale_tile, settings.upscale_overlap,
+                              sorted({1, max(1, max_batch_size // tiles_per_frame)}), seconds=3.0)
+    report = {"machine": machine(), "model": model, "runtime": runtime, "device": device, "size": size, "scale": entry.spec["scale"], "format": fmt,
+              "tile": settings.upscale_tile, "overlap": settings.upscale_overlap, "tiles_per_frame": tiles_per_frame, "max_batch_size": max_batch_size,
+              "load": loads, "forward": forward, "encode_ms": measure_encoding(size * entry.spec["scale"], 1.0)}
+    print_upscale_report(report)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def print_upscale_report(report: dict) -> None:
+    console.print(f"[bold]{report['model']}[/] x{report['scale']} on {report['machine']}, runtime {report['runtime']} ({report['device']}), "
+                  f"tiles {report['tile']} px / overlap {report['overlap']} → {report['tiles_per_frame']} tiles per {report['size']} px frame")
+    table = Table(title="service (HTTP, real server)")
+    for column in ("scenario", "clients", "frames/s", "p50 ms", "p99 ms", "errors", "mean tiles per batch", "queue/compute/encode ms per request"):
+        table.add_column(column, justify="right" if column != "scenario" else "left")
+    for r in report["load"]:
+        errors = sum(v for k, v in r["statuses"].items() if k != "200")
+        stages = "/".join(f"{r['stage_ms'][s]:.0f}" for s in ("queue", "compute", "encode"))
+        table.add_row(r["scenario"], str(r["concurrency"]), f"{r['requests_per_s']:.2f}", f"{r['latency_ms']['p50']:.0f}", f"{r['latency_ms']['p99']:.0f}",
+                      str(errors), f"{r['mean_batch_items']:.1f}", stages)
+    console.print(table)
+    ceiling = Table(title="bare forward pass (same runtime, no HTTP)")
+    ceiling.add_column("what")
+    ceiling.add_column("frames/s", justify="right")
+    for row in report["forward"]:
+        ceiling.add_row(row["what"], f"{row['frames_per_s']:.2f}")
+    console.print(ceiling)
+    console.print("encoding one output frame: " + ", ".join(f"{k} {v:.1f} ms" for k, v in report["encode_ms"].items()))
+

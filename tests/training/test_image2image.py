@@ -1,0 +1,119 @@
+"""Image-to-image building blocks and training: network shapes and size multiples, the PatchGAN
+receptive field, SSIM against scikit-image, the offline datasets, the image pool, and tiny real
+runs that write their evaluation next to their checkpoints and export with dynamic sizes."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import structural_similarity
+
+from models.superres import RRDBNet
+from models.translation import PatchDiscriminator, ResnetGenerator, UnetGenerator, receptive_field
+from tests.serving import tiny_i2i_run
+from training.data.pairs import HELD_OUT_PHOTOS, TRAIN_PHOTOS, PhotoCrops, bicubic_upscale, edges_to_shapes, shape_domains
+from training.export import ExportError
+from training.image2image.export import export_i2i_run, load_translator
+from training.image2image.tasks import ImagePool
+from training.metrics.image_quality import psnr, sharpness, ssim
+
+
+@pytest.mark.parametrize("num_downs,side", [(5, 32), (6, 64), (8, 256)])
+def test_unet_keeps_any_multiple_of_its_size_multiple(num_downs, side):
+    net = UnetGenerator(1, 3, num_downs, ngf=4).eval()
+    assert net.size_multiple == 2**num_downs
+    assert net(torch.zeros(1, 1, side, 2 * side)).shape == (1, 3, side, 2 * side)
+
+
+def test_resnet_generator_and_rrdb_shapes():
+    assert ResnetGenerator(3, 3, ngf=4, n_blocks=2)(torch.zeros(2, 3, 36, 20)).shape == (2, 3, 36, 20)
+    assert RRDBNet(4, 3, features=8, blocks=1, growth=4)(torch.zeros(1, 3, 10, 7)).shape == (1, 3, 40, 28)
+    assert RRDBNet(2, 3, features=8, blocks=1, growth=4)(torch.zeros(1, 3, 10, 7)).shape == (1, 3, 20, 14)
+
+
+def test_patchgan_default_sees_70_pixel_patches():
+    assert receptive_field(3) == 70
+    assert PatchDiscriminator(6, 8, 3)(torch.zeros(1, 6, 256, 256)).shape == (1, 1, 30, 30)
+
+
+def test_ssim_matches_scikit_image_and_psnr_its_closed_form():
+    rng = np.random.default_rng(0)
+    a = rng.random((2, 3, 32, 32))
+    b = np.clip(a + rng.normal(0, 0.1, a.shape), 0, 1)
+    ta, tb = torch.tensor(a * 2 - 1), torch.tensor(b * 2 - 1)
+    reference = np.mean([structural_similarity(a[i], b[i], channel_axis=0, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+                         for i in range(2)])
+    assert ssim(ta, tb) == pytest.approx(reference, abs=1e-6)
+    assert ssim(ta, ta) == pytest.approx(1.0)
+    mse = ((a - b) ** 2).reshape(2, -1).mean(1)
+    assert psnr(ta, tb) == pytest.approx(np.mean(10 * np.log10(1 / mse)), abs=1e-6)
+
+
+def test_bicubic_upscale_is_blurrier_than_the_original():
+    crops = PhotoCrops(HELD_OUT_PHOTOS, 64, "superres", 4).fixed(8, seed=0)
+    assert crops.a.shape == (8, 3, 16, 16) and crops.b.shape == (8, 3, 64, 64)
+    assert sharpness(bicubic_upscale(crops.a, 4)) < sharpness(crops.b)
+
+
+def test_photo_splits_hold_out_whole_photos_and_colorize_pairs_are_luma():
+    assert not set(TRAIN_PHOTOS) & set(HELD_OUT_PHOTOS)
+    pairs = PhotoCrops(TRAIN_PHOTOS, 32, "colorize").fixed(4, seed=0)
+    assert pairs.a.shape == (4, 1, 32, 32) and pairs.b.shape == (4, 3, 32, 32)
+    weights = torch.tensor([0.299, 0.587, 0.114])[None, :, None, None]
+    assert torch.allclose(pairs.a, (pairs.b * weights).sum(1, keepdim=True))
+
+
+def test_outlines_lie_on_their_shapes_and_domains_are_pure():
+    pairs = edges_to_shapes(16, 32, seed=0)
+    on = pairs.a.max(dim=1).values > -1
+    assert on.any() and (pairs.b.max(dim=1).values[on] > -0.5).all()  # every outline pixel is on the shape
+    assert on.sum() < (pairs.b.max(dim=1).values > -0.5).sum() / 2  # and an outline is thinner than the fill
+    circles, squares = shape_domains("circle", "square", 20, 32, seed=0)
+    assert (circles.y == 0).all() and (squares.y == 1).all() and len(circles) == len(squares) == 20
+
+
+def test_image_pool_returns_current_images_until_full_then_mixes_in_history():
+    import random
+
+    pool = ImagePool(4, random.Random(0))
+    first = torch.arange(4.0)[:, None]
+    assert torch.equal(pool.query(first), first)
+    later = pool.query(torch.full((64, 1), 9.0))
+    assert (later == 9).any() and (later < 9).any()
+
+
+@pytest.fixture(scope="module")
+def sr_run(tmp_path_factory):
+    return tiny_i2i_run("sr-rrdb-x4", tmp_path_factory.mktemp("sr") / "run", model={"features": 8, "blocks": 1, "growth": 4}, data={"resolution": 32})
+
+
+def test_sr_run_records_l1_model_and_gan_metrics_against_bicubic(sr_run):
+    metrics = json.loads((sr_run / "metrics.json").read_text())
+    assert {"psnr", "ssim", "bicubic_psnr", "bicubic_ssim", "sharpness", "target_sharpness", "psnr_gain_db"} <= set(metrics["last"])
+    assert metrics["l1_model"]["step"] == 1 and (sr_run / "checkpoints" / "l1.safetensors").exists()
+    assert (sr_run / "samples").glob("*.png") and (sr_run / "curves.png").exists()
+
+
+def test_pix2pix_and_cyclegan_runs_report_against_their_baselines(tmp_path):
+    p2p = json.loads((tiny_i2i_run("pix2pix-edges2shapes", tmp_path / "p2p", model={"ngf": 4}) / "metrics.json").read_text())
+    assert {"psnr", "ssim", "l1", "input_psnr", "mean_colour_psnr"} <= set(p2p["last"])
+    cycle = json.loads((tiny_i2i_run("cyclegan-circles2squares", tmp_path / "cycle", model={"ngf": 4, "n_blocks": 1}) / "metrics.json").read_text())
+    assert {"domain_accuracy", "input_accuracy", "cycle_l1"} <= set(cycle["last"])
+    assert cycle["last"]["input_accuracy"] < 0.2  # the classifier does not read untranslated circles as squares
+
+
+def test_export_has_dynamic_height_and_width_and_rebuilds_in_eval_mode(sr_run, tmp_path):
+    import onnxruntime as ort
+
+    entry = export_i2i_run(sr_run, "sr", 1, tmp_path / "repo", ["onnx", "torchscript"])
+    spec = json.loads((entry / "spec.json").read_text())
+    assert spec["kind"] == "super_resolution" and spec["scale"] == 4 and spec["size_multiple"] == 1
+    assert spec["inputs"][0]["shape"] == [-1, 3, -1, -1]
+    assert all(f["parity_max_abs_error"] <= 1e-4 for f in spec["formats"].values())
+    generator, _, _ = load_translator(sr_run)
+    x = torch.rand(2, 3, 13, 21) * 2 - 1
+    session = ort.InferenceSession(str(entry / "model.onnx"))
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {"image": x.numpy()})[0], generator(x).numpy(), atol=1e-4)
+    with pytest.raises(ExportError):
+        export_i2i_run(sr_run, "sr", 1, tmp_path / "repo", ["tflite"])

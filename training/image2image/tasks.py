@@ -1,0 +1,299 @@
+"""The three image-to-image training tasks. Each owns its networks, optimisers, one training step,
+its evaluation on held-out data, and a sample panel; `training/image2image/train.py` runs any of
+them with the same run directory, logging, time budget and checkpoints.
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.translation import PatchDiscriminator
+from models.zoo import build_translator
+from training.data.pairs import HELD_OUT_PHOTOS, TRAIN_PHOTOS, PhotoCrops, bicubic_upscale, edges_to_shapes, shape_domains
+from training.data.shapes import SHAPE_NAMES
+from training.image2image.config import I2IConfig, I2IModelConfig
+from training.metrics.image_quality import full_reference, sharpness
+
+EVAL_BATCH = 50
+
+
+def translator_params(cfg: I2IConfig) -> dict:
+    """What `build_translator` needs to rebuild the served generator (written to spec.json)."""
+    in_channels = 1 if cfg.data.name == "gray2color" else 3
+    m = cfg.model
+    params = {"generator": m.generator, "in_channels": in_channels, "out_channels": 3}
+    if m.generator == "unet":
+        params |= {"ngf": m.ngf, "num_downs": m.num_downs, "norm": m.norm, "dropout": m.dropout}
+    elif m.generator == "resnet":
+        params |= {"ngf": m.ngf, "n_blocks": m.n_blocks, "norm": m.norm}
+    else:
+        params |= {"features": m.features, "blocks": m.blocks, "growth": m.growth, "scale": m.scale}
+    return params
+
+
+def patch_discriminator(m: I2IModelConfig, in_channels: int) -> PatchDiscriminator:
+    return PatchDiscriminator(in_channels, m.ndf, m.d_layers, m.d_norm)
+
+
+def adam(params, lr: float, cfg: I2IConfig) -> torch.optim.Adam:
+    return torch.optim.Adam(params, lr=lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
+
+
+def gan_loss(logits: torch.Tensor, real: bool, kind: str) -> torch.Tensor:
+    target = torch.ones_like(logits) if real else torch.zeros_like(logits)
+    if kind == "lsgan":
+        return F.mse_loss(logits, target)
+    return F.binary_cross_entropy_with_logits(logits, target)
+
+
+@torch.no_grad()
+def run_batched(module: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    was_training = module.training
+    module.eval()
+    out = torch.cat([module(x[i : i + EVAL_BATCH].to(device)).float().cpu() for i in range(0, len(x), EVAL_BATCH)])
+    module.train(was_training)
+    return out
+
+
+def as_rgb(images: torch.Tensor) -> torch.Tensor:
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+class ImagePool:
+    """CycleGAN's history of generated images: D sees a mix of current and older fakes (pool of
+    50, half the time an older one), which damps G/D oscillation."""
+
+    def __init__(self, size: int, rng: random.Random) -> None:
+        self.size, self.images, self.rng = size, [], rng
+
+    def query(self, images: torch.Tensor) -> torch.Tensor:
+        if self.size == 0:
+            return images
+        out = []
+        for image in images.detach():
+            if len(self.images) < self.size:
+                self.images.append(image)
+                out.append(image)
+            elif self.rng.random() < 0.5:
+                index = self.rng.randrange(self.size)
+                out.append(self.images[index])
+                self.images[index] = image
+            else:
+                out.append(image)
+        return torch.stack(out)
+
+
+class Pix2Pix:
+    """Conditional GAN: D sees (input, output) pairs patch by patch; G adds λ·L1 to the target."""
+
+    best_metric, best_mode = "psnr", "max"
+
+    def __init__(self, cfg: I2IConfig, device: torch.device, rng: torch.Generator) -> None:
+        self.cfg, self.device, self.rng = cfg, device, rng
+        d = cfg.data
+        if d.name == "edges2shapes":
+            self.train_data = edges_to_shapes(d.size, d.resolution, seed=0)
+            self.held_out = edges_to_shapes(d.held_out, d.resolution, seed=1)
+        else:
+            self.train_data = PhotoCrops(TRAIN_PHOTOS, d.resolution, "colorize")
+            self.held_out = PhotoCrops(HELD_OUT_PHOTOS, d.resolution, "colorize").fixed(d.held_out, seed=1)
+        params = translator_params(cfg)
+        self.G = build_translator(params).to(device)
+        self.D = patch_discriminator(cfg.model, params["in_channels"] + 3).to(device)
+        self.opt_g, self.opt_d = adam(self.G.parameters(), cfg.optim.lr_g, cfg), adam(self.D.parameters(), cfg.optim.lr_d, cfg)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"G": self.G, "D": self.D}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"g": self.opt_g, "d": self.opt_d}
+
+    def served(self) -> nn.Module:
+        return self.G
+
+    def step(self, step: int) -> dict[str, float]:
+        a, b = (t.to(self.device) for t in self.train_data.minibatch(self.cfg.batch_size, self.rng))
+        fake = self.G(a)
+        real_logits, fake_logits = self.D(torch.cat([a, b], 1)), self.D(torch.cat([a, fake.detach()], 1))
+        loss_d = 0.5 * (gan_loss(real_logits, True, self.cfg.loss.gan) + gan_loss(fake_logits, False, self.cfg.loss.gan))
+        self.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        self.opt_d.step()
+        adv = gan_loss(self.D(torch.cat([a, fake], 1)), True, self.cfg.loss.gan)
+        l1 = F.l1_loss(fake, b)
+        loss_g = self.cfg.loss.adv_weight * adv + self.cfg.loss.l1_weight * l1
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        self.opt_g.step()
+        return {"loss_d": loss_d.item(), "loss_g": loss_g.item(), "l1": l1.item()}
+
+    def evaluate(self) -> dict[str, float]:
+        """L1/PSNR/SSIM on held-out pairs, beside two trivial baselines: the input as the output,
+        and every pixel the mean colour of the training targets."""
+        a, b = self.held_out.a, self.held_out.b
+        out = run_batched(self.G, a, self.device)
+        mean_colour = self.train_data.minibatch(500, torch.Generator().manual_seed(0))[1].mean(dim=(0, 2, 3), keepdim=True).expand_as(b)
+        metrics = full_reference(out, b)
+        metrics |= {f"input_{k}": v for k, v in full_reference(as_rgb(a), b).items()}
+        metrics |= {f"mean_colour_{k}": v for k, v in full_reference(mean_colour, b).items()}
+        return metrics
+
+    def panel(self) -> list[torch.Tensor]:
+        a, b = self.held_out.a[:8], self.held_out.b[:8]
+        return [as_rgb(a), run_batched(self.G, a, self.device), b]
+
+
+class CycleGAN:
+    """Two generators (A→B, B→A), two PatchGAN discriminators, LSGAN, cycle and identity losses,
+    image pools. The served direction is A→B."""
+
+    best_metric, best_mode = "domain_accuracy", "max"
+
+    def __init__(self, cfg: I2IConfig, device: torch.device, rng: torch.Generator) -> None:
+        self.cfg, self.device, self.rng = cfg, device, rng
+        d = cfg.data
+        self.train_a, self.train_b = shape_domains(d.domain_a, d.domain_b, d.size, d.resolution, seed=0)
+        self.held_a, self.held_b = shape_domains(d.domain_a, d.domain_b, d.held_out, d.resolution, seed=1)
+        params = translator_params(cfg)
+        self.G_ab, self.G_ba = build_translator(params).to(device), build_translator(params).to(device)
+        self.D_a, self.D_b = patch_discriminator(cfg.model, 3).to(device), patch_discriminator(cfg.model, 3).to(device)
+        self.opt_g = adam(list(self.G_ab.parameters()) + list(self.G_ba.parameters()), cfg.optim.lr_g, cfg)
+        self.opt_d = adam(list(self.D_a.parameters()) + list(self.D_b.parameters()), cfg.optim.lr_d, cfg)
+        pool_rng = random.Random(cfg.seed)
+        self.pool_a, self.pool_b = ImagePool(cfg.pool_size, pool_rng), ImagePool(cfg.pool_size, pool_rng)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"G": self.G_ab, "G_ba": self.G_ba, "D_a": self.D_a, "D_b": self.D_b}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"g": self.opt_g, "d": self.opt_d}
+
+    def served(self) -> nn.Module:
+        return self.G_ab
+
+    def step(self, step: int) -> dict[str, float]:
+        loss = self.cfg.loss
+        a = self.train_a.minibatch(self.cfg.batch_size, self.rng)[0].to(self.device)
+        b = self.train_b.minibatch(self.cfg.batch_size, self.rng)[0].to(self.device)
+        fake_b, fake_a = self.G_ab(a), self.G_ba(b)
+        adv = gan_loss(self.D_b(fake_b), True, "lsgan") + gan_loss(self.D_a(fake_a), True, "lsgan")
+        cycle = F.l1_loss(self.G_ba(fake_b), a) + F.l1_loss(self.G_ab(fake_a), b)
+        identity = F.l1_loss(self.G_ab(b), b) + F.l1_loss(self.G_ba(a), a) if loss.identity_weight > 0 else torch.zeros((), device=self.device)
+        loss_g = adv + loss.cycle_weight * cycle + loss.cycle_weight * loss.identity_weight * identity
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        self.opt_g.step()
+        old_b, old_a = self.pool_b.query(fake_b), self.pool_a.query(fake_a)
+        loss_d = 0.5 * (gan_loss(self.D_b(b), True, "lsgan") + gan_loss(self.D_b(old_b), False, "lsgan")
+                        + gan_loss(self.D_a(a), True, "lsgan") + gan_loss(self.D_a(old_a), False, "lsgan"))
+        self.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        self.opt_d.step()
+        return {"loss_d": loss_d.item(), "loss_g": loss_g.item(), "cycle": cycle.item()}
+
+    def evaluate(self) -> dict[str, float]:
+        """Domain accuracy: the shapes predictor (a shape classifier trained on real labels) reads
+        translated images as the target class. Cycle error: L1 of A → B → A on [0, 1] pixels."""
+        from training.metrics.shapes_features import load_shapes_predictor
+
+        predictor = load_shapes_predictor().to(self.device)
+        index_a, index_b = SHAPE_NAMES.index(self.cfg.data.domain_a), SHAPE_NAMES.index(self.cfg.data.domain_b)
+
+        def share(images: torch.Tensor, index: int) -> float:
+            with torch.no_grad():
+                return float((predictor(images.to(self.device))[0].argmax(1).cpu() == index).float().mean())
+
+        a, b = self.held_a.x, self.held_b.x
+        fake_b, fake_a = run_batched(self.G_ab, a, self.device), run_batched(self.G_ba, b, self.device)
+        back_a = run_batched(self.G_ba, fake_b, self.device)
+        return {
+            "domain_accuracy": share(fake_b, index_b),  # A→B read as B
+            "domain_accuracy_ba": share(fake_a, index_a),
+            "input_accuracy": share(a, index_b),  # baseline: the untranslated inputs read as B
+            "cycle_l1": float(((back_a.clamp(-1, 1) - a) / 2).abs().mean()),
+            "cycle_psnr": full_reference(back_a, a)["psnr"],
+        }
+
+    def panel(self) -> list[torch.Tensor]:
+        a = self.held_a.x[:8]
+        fake_b = run_batched(self.G_ab, a, self.device)
+        return [a, fake_b, run_batched(self.G_ba, fake_b, self.device)]
+
+
+class SuperResolution:
+    """RRDB generator: L1 pre-training for `pretrain_steps`, then a relativistic-average GAN
+    fine-tune with a feature loss from the shapes predictor's first conv blocks (the project's own
+    feature network; an ImageNet VGG is not available offline). The L1 model is checkpointed as
+    `l1` when pre-training ends: it is the PSNR model, the last checkpoint the GAN one."""
+
+    best_metric, best_mode = "psnr", "max"
+
+    def __init__(self, cfg: I2IConfig, device: torch.device, rng: torch.Generator) -> None:
+        self.cfg, self.device, self.rng = cfg, device, rng
+        scale = cfg.model.scale
+        self.train_data = PhotoCrops(TRAIN_PHOTOS, cfg.data.resolution, "superres", scale)
+        self.held_out = PhotoCrops(HELD_OUT_PHOTOS, cfg.data.resolution, "superres", scale).fixed(cfg.data.held_out, seed=1)
+        self.G = build_translator(translator_params(cfg)).to(device)
+        self.D = patch_discriminator(cfg.model, 3).to(device)
+        self.opt_g, self.opt_d = adam(self.G.parameters(), cfg.optim.lr_g, cfg), adam(self.D.parameters(), cfg.optim.lr_d, cfg)
+        self.features: nn.Module | None = None
+        if cfg.loss.feature_weight > 0:
+            from training.metrics.shapes_features import load_shapes_predictor
+
+            self.features = load_shapes_predictor().body[:2].to(device).eval().requires_grad_(False)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"G": self.G, "D": self.D}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"g": self.opt_g, "d": self.opt_d}
+
+    def served(self) -> nn.Module:
+        return self.G
+
+    def step(self, step: int) -> dict[str, float]:
+        loss = self.cfg.loss
+        lr, hr = (t.to(self.device) for t in self.train_data.minibatch(self.cfg.batch_size, self.rng))
+        sr = self.G(lr)
+        pixel = F.l1_loss(sr, hr)
+        if step < loss.pretrain_steps:
+            self.opt_g.zero_grad(set_to_none=True)
+            pixel.backward()
+            self.opt_g.step()
+            return {"loss_d": 0.0, "loss_g": pixel.item(), "l1": pixel.item()}
+        real_logits, fake_logits = self.D(hr), self.D(sr.detach())
+        loss_d = 0.5 * (gan_loss(real_logits - fake_logits.mean(), True, "vanilla") + gan_loss(fake_logits - real_logits.mean(), False, "vanilla"))
+        self.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        self.opt_d.step()
+        real_logits, fake_logits = self.D(hr).detach(), self.D(sr)
+        adv = 0.5 * (gan_loss(real_logits - fake_logits.mean(), False, "vanilla") + gan_loss(fake_logits - real_logits.mean(), True, "vanilla"))
+        loss_g = loss.l1_weight * pixel + loss.adv_weight * adv
+        if self.features is not None:
+            loss_g = loss_g + loss.feature_weight * F.l1_loss(self.features(sr), self.features(hr))
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        self.opt_g.step()
+        return {"loss_d": loss_d.item(), "loss_g": loss_g.item(), "l1": pixel.item()}
+
+    def evaluate(self) -> dict[str, float]:
+        """PSNR/SSIM on held-out crops (borders of `scale` px shaved) against bicubic upscaling of
+        the same inputs, and the sharpness (mean luma gradient) of each beside the original's."""
+        scale = self.cfg.model.scale
+        lr, hr = self.held_out.a, self.held_out.b
+        sr, bicubic = run_batched(self.G, lr, self.device), bicubic_upscale(lr, scale)
+        metrics = full_reference(sr, hr, border=scale) | {f"bicubic_{k}": v for k, v in full_reference(bicubic, hr, border=scale).items()}
+        metrics |= {"sharpness": sharpness(sr), "bicubic_sharpness": sharpness(bicubic), "target_sharpness": sharpness(hr)}
+        metrics["psnr_gain_db"] = metrics["psnr"] - metrics["bicubic_psnr"]
+        return metrics
+
+    def panel(self) -> list[torch.Tensor]:
+        lr, hr = self.held_out.a[:6], self.held_out.b[:6]
+        nearest = F.interpolate(lr, scale_factor=float(self.cfg.model.scale), mode="nearest")
+        return [nearest, bicubic_upscale(lr, self.cfg.model.scale), run_batched(self.G, lr, self.device), hr]
+
+
+TASKS = {"pix2pix": Pix2Pix, "cyclegan": CycleGAN, "superres": SuperResolution}
