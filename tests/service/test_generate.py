@@ -84,7 +84,8 @@ def test_models_are_listed_with_their_spec(server):
     with server.client() as client:
         listing = client.get("/v1/models").json()["models"]
         detail = client.get("/v1/models/cdigits").json()
-    assert {m["name"] for m in listing} == {"digits", "cdigits", "styles"}
+    assert {m["name"] for m in listing} == {"digits", "cdigits", "styles", "edges", "gray", "upx4"}
+    assert {m["kind"] for m in listing} == {"unconditional", "conditional", "style", "translation", "super_resolution"}
     assert all(m["ready"] for m in listing)
     spec = detail["versions"][0]["spec"]
     assert spec["kind"] == "conditional" and spec["class_names"][7] == "7"
