@@ -62,6 +62,6 @@ class RRDBNet(nn.Module):
         feat = feat + self.body_out(self.body(feat))
         for up in self.ups:
             feat = F.leaky_relu(up(F.interpolate(feat, scale_factor=2.0, mode="nearest")), 0.2)
-        # predict the residual over a bilinear upscale: the network spends its capacity on detail
-        base = F.interpolate(x, scale_factor=float(self.scale), mode="bilinear", align_corners=False)
+        # predict the residual over a bicubic upscale: the network spends its capacity on detail
+        base = F.interpolate(x, scale_factor=float(self.scale), mode="bicubic", align_corners=False)
         return base + self.tail(F.leaky_relu(self.hr(feat), 0.2))

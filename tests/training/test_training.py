@@ -45,6 +45,14 @@ def test_a_run_writes_checkpoints_samples_log_spec_and_metrics(tmp_path):
     assert result == metrics
 
 
+def test_a_time_budget_stops_the_run_cleanly_with_its_evaluation_and_checkpoint(tmp_path):
+    result = train(tiny_grid_config(max_steps=100_000, max_minutes=0.001), tmp_path, show_progress=False)
+    assert 1 <= result["step"] < 100_000
+    assert result["history"][-1]["step"] == result["step"]  # evaluated where it stopped
+    assert json.loads((tmp_path / "checkpoints/last.json").read_text())["step"] == result["step"]
+    assert "budget is spent" in (tmp_path / "train.log").read_text()
+
+
 def test_resume_continues_exactly_where_training_stopped(tmp_path, monkeypatch):
     import training.loop as loop
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from models.translation import PatchDiscriminator
 from models.zoo import build_translator
-from training.data.pairs import HELD_OUT_PHOTOS, TRAIN_PHOTOS, PhotoCrops, bicubic_upscale, edges_to_shapes, shape_domains
+from training.data.pairs import HELD_OUT_PHOTOS, TRAIN_GREY_PHOTOS, TRAIN_PHOTOS, PhotoCrops, bicubic_upscale, edges_to_shapes, shape_domains
 from training.data.shapes import SHAPE_NAMES
 from training.image2image.config import I2IConfig, I2IModelConfig
 from training.metrics.image_quality import full_reference, sharpness
@@ -234,7 +234,7 @@ class SuperResolution:
     def __init__(self, cfg: I2IConfig, device: torch.device, rng: torch.Generator) -> None:
         self.cfg, self.device, self.rng = cfg, device, rng
         scale = cfg.model.scale
-        self.train_data = PhotoCrops(TRAIN_PHOTOS, cfg.data.resolution, "superres", scale)
+        self.train_data = PhotoCrops(TRAIN_PHOTOS + TRAIN_GREY_PHOTOS, cfg.data.resolution, "superres", scale, skip_flat=True)
         self.held_out = PhotoCrops(HELD_OUT_PHOTOS, cfg.data.resolution, "superres", scale).fixed(cfg.data.held_out, seed=1)
         self.G = build_translator(translator_params(cfg)).to(device)
         self.D = patch_discriminator(cfg.model, 3).to(device)
