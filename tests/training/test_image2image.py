@@ -11,7 +11,7 @@ from skimage.metrics import structural_similarity
 from models.superres import RRDBNet
 from models.translation import PatchDiscriminator, ResnetGenerator, UnetGenerator, receptive_field
 from tests.serving import tiny_i2i_run
-from training.data.pairs import HELD_OUT_PHOTOS, TRAIN_PHOTOS, PhotoCrops, bicubic_upscale, edges_to_shapes, shape_domains
+from training.data.pairs import HELD_OUT_PHOTOS, TRAIN_PHOTOS, PhotoCrops, bicubic_upscale, edges_to_shapes, shape_domains, stroke_domains
 from training.export import ExportError
 from training.image2image.export import export_i2i_run, load_translator
 from training.image2image.tasks import ImagePool
@@ -68,6 +68,8 @@ def test_outlines_lie_on_their_shapes_and_domains_are_pure():
     on = pairs.a.max(dim=1).values > -1
     assert on.any() and (pairs.b.max(dim=1).values[on] > -0.5).all()  # every outline pixel is on the shape
     assert on.sum() < (pairs.b.max(dim=1).values > -0.5).sum() / 2  # and an outline is thinner than the fill
+    thin, thick = stroke_domains("held_out")
+    assert thin.x.shape[1] == 1 and (thin.x > 0).float().mean() < (thick.x > 0).float().mean()
     circles, squares = shape_domains("circle", "square", 20, 32, seed=0)
     assert (circles.y == 0).all() and (squares.y == 1).all() and len(circles) == len(squares) == 20
 
@@ -100,6 +102,9 @@ def test_pix2pix_and_cyclegan_runs_report_against_their_baselines(tmp_path):
     cycle = json.loads((tiny_i2i_run("cyclegan-circles2squares", tmp_path / "cycle", model={"ngf": 4, "n_blocks": 1}) / "metrics.json").read_text())
     assert {"domain_accuracy", "input_accuracy", "cycle_l1"} <= set(cycle["last"])
     assert cycle["last"]["input_accuracy"] < 0.2  # the classifier does not read untranslated circles as squares
+    strokes = json.loads((tiny_i2i_run("cyclegan-thin2thick", tmp_path / "strokes", model={"ngf": 4, "n_blocks": 1}) / "metrics.json").read_text())
+    assert strokes["last"]["classifier_accuracy"] > 0.9 and strokes["last"]["input_accuracy"] < 0.1
+    assert strokes["last"]["digit_read_on_real_thick"] > 0.9 and "digit_kept" in strokes["last"]
 
 
 def test_export_has_dynamic_height_and_width_and_rebuilds_in_eval_mode(sr_run, tmp_path):

@@ -6,7 +6,8 @@
 - photo crops from scikit-image's sample photos: grayscale → colour pairs, and bicubic-downscaled
   → original pairs for super-resolution. Whole photos are held out (chelsea and coffee), so the
   held-out crops show scenes the network never saw.
-- `shape_domains`: two unpaired domains (e.g. circles and squares) for CycleGAN.
+- `shape_domains`: two unpaired domains (e.g. circles and squares) for CycleGAN; `stroke_domains`:
+  thin and thick handwritten digits (eroded / dilated), the change CycleGAN is good at.
 
 Every image tensor is [N, C, H, W] in [-1, 1]. Training sets expose `minibatch(batch, generator)`
 → (a, b); held-out sets are fixed `Pairs`.
@@ -76,6 +77,19 @@ def shape_domains(domain_a: str, domain_b: str, n: int, resolution: int, seed: i
     if min(len(a), len(b)) < n:
         raise ValueError(f"only {min(len(a), len(b))} of the {n} images asked for per domain were drawn")
     return a, b
+
+
+def stroke_domains(split: str, resolution: int = 32, width: int = 1) -> tuple[TensorData, TensorData]:
+    """Thin and thick handwritten digits: scikit-learn's digits eroded (thin, domain A) and
+    dilated (thick, domain B) by `width` px, from disjoint halves of the split (unpaired)."""
+    from training.data.digits import load_digits
+
+    digits = load_digits(split, resolution)
+    kernel = 2 * width + 1
+    thin = -F.max_pool2d(-digits.x, kernel, stride=1, padding=width)
+    thick = F.max_pool2d(digits.x, kernel, stride=1, padding=width)
+    half = len(digits) // 2
+    return TensorData(thin[:half], digits.y[:half]), TensorData(thick[half:], digits.y[half:])
 
 
 def load_photo(name: str) -> np.ndarray:

@@ -17,10 +17,12 @@ KIND_FOR_TASK = {"pix2pix": "translation", "cyclegan": "translation", "superres"
 
 
 class I2IDataConfig(Strict):
-    name: Literal["edges2shapes", "gray2color", "shape_domains", "photo_sr"] = "edges2shapes"
+    name: Literal["edges2shapes", "gray2color", "shape_domains", "stroke_domains", "photo_sr"] = "edges2shapes"
     resolution: int = Field(32, ge=8)  # image side (shapes) or crop side of the target (photos)
     size: int = Field(4000, gt=0)  # generated training images (shapes sets)
     held_out: int = Field(200, gt=0)  # held-out pairs / images for evaluation
+    grey_photos: bool = False  # photo_sr: add scikit-image's grey photos (camera, coins, …) to training
+    skip_flat: bool = False  # photo_sr: redraw near-constant training crops
     domain_a: str = "circle"  # shape_domains
     domain_b: str = "square"
 
@@ -77,7 +79,7 @@ class I2IConfig(Strict):
     @model_validator(mode="after")
     def check_combinations(self) -> "I2IConfig":
         allowed = {"pix2pix": ({"edges2shapes", "gray2color"}, {"unet", "resnet"}),
-                   "cyclegan": ({"shape_domains"}, {"resnet", "unet"}),
+                   "cyclegan": ({"shape_domains", "stroke_domains"}, {"resnet", "unet"}),
                    "superres": ({"photo_sr"}, {"rrdb"})}[self.task]
         if self.data.name not in allowed[0]:
             raise ValueError(f"task {self.task} trains on {sorted(allowed[0])}, not {self.data.name}")

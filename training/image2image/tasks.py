@@ -12,9 +12,10 @@ from torch import nn
 
 from models.translation import PatchDiscriminator
 from models.zoo import build_translator
-from training.data.pairs import HELD_OUT_PHOTOS, TRAIN_GREY_PHOTOS, TRAIN_PHOTOS, PhotoCrops, bicubic_upscale, edges_to_shapes, shape_domains
+from training.data.pairs import HELD_OUT_PHOTOS, TRAIN_GREY_PHOTOS, TRAIN_PHOTOS, PhotoCrops, bicubic_upscale, edges_to_shapes, shape_domains, stroke_domains
 from training.data.shapes import SHAPE_NAMES
 from training.image2image.config import I2IConfig, I2IModelConfig
+from training.image2image.domain_classifier import train_domain_classifier
 from training.metrics.image_quality import full_reference, sharpness
 
 EVAL_BATCH = 50
@@ -22,9 +23,10 @@ EVAL_BATCH = 50
 
 def translator_params(cfg: I2IConfig) -> dict:
     """What `build_translator` needs to rebuild the served generator (written to spec.json)."""
-    in_channels = 1 if cfg.data.name == "gray2color" else 3
+    in_channels = 1 if cfg.data.name in ("gray2color", "stroke_domains") else 3
+    out_channels = 1 if cfg.data.name == "stroke_domains" else 3
     m = cfg.model
-    params = {"generator": m.generator, "in_channels": in_channels, "out_channels": 3}
+    params = {"generator": m.generator, "in_channels": in_channels, "out_channels": out_channels}
     if m.generator == "unet":
         params |= {"ngf": m.ngf, "num_downs": m.num_downs, "norm": m.norm, "dropout": m.dropout}
     elif m.generator == "resnet":
@@ -155,11 +157,17 @@ class CycleGAN:
     def __init__(self, cfg: I2IConfig, device: torch.device, rng: torch.Generator) -> None:
         self.cfg, self.device, self.rng = cfg, device, rng
         d = cfg.data
-        self.train_a, self.train_b = shape_domains(d.domain_a, d.domain_b, d.size, d.resolution, seed=0)
-        self.held_a, self.held_b = shape_domains(d.domain_a, d.domain_b, d.held_out, d.resolution, seed=1)
+        if d.name == "stroke_domains":
+            self.train_a, self.train_b = stroke_domains("train", d.resolution)
+            self.held_a, self.held_b = stroke_domains("held_out", d.resolution)
+        else:
+            self.train_a, self.train_b = shape_domains(d.domain_a, d.domain_b, d.size, d.resolution, seed=0)
+            self.held_a, self.held_b = shape_domains(d.domain_a, d.domain_b, d.held_out, d.resolution, seed=1)
+        self.judge: nn.Module | None = None  # the domain classifier, built at the first evaluation
         params = translator_params(cfg)
         self.G_ab, self.G_ba = build_translator(params).to(device), build_translator(params).to(device)
-        self.D_a, self.D_b = patch_discriminator(cfg.model, 3).to(device), patch_discriminator(cfg.model, 3).to(device)
+        channels = params["out_channels"]
+        self.D_a, self.D_b = patch_discriminator(cfg.model, channels).to(device), patch_discriminator(cfg.model, channels).to(device)
         self.opt_g = adam(list(self.G_ab.parameters()) + list(self.G_ba.parameters()), cfg.optim.lr_g, cfg)
         self.opt_d = adam(list(self.D_a.parameters()) + list(self.D_b.parameters()), cfg.optim.lr_d, cfg)
         pool_rng = random.Random(cfg.seed)
@@ -194,28 +202,56 @@ class CycleGAN:
         self.opt_d.step()
         return {"loss_d": loss_d.item(), "loss_g": loss_g.item(), "cycle": cycle.item()}
 
-    def evaluate(self) -> dict[str, float]:
-        """Domain accuracy: the shapes predictor (a shape classifier trained on real labels) reads
-        translated images as the target class. Cycle error: L1 of A → B → A on [0, 1] pixels."""
+    def domain_of(self, images: torch.Tensor) -> torch.Tensor:
+        """0 for domain A, 1 for domain B, as the domain classifier reads `images`."""
+        with torch.no_grad():
+            if self.cfg.data.name == "stroke_domains":
+                return self.judge(images).argmax(1)
+            classes = self.judge(images.to(self.device))[0].argmax(1).cpu()
+        domain = torch.full_like(classes, -1)  # a third shape class is neither domain
+        domain[classes == SHAPE_NAMES.index(self.cfg.data.domain_a)] = 0
+        domain[classes == SHAPE_NAMES.index(self.cfg.data.domain_b)] = 1
+        return domain
+
+    def build_judge(self) -> float:
+        """The domain classifier and its accuracy on held-out real images of both domains."""
+        if self.cfg.data.name == "stroke_domains":
+            self.judge, accuracy = train_domain_classifier(self.train_a.x, self.train_b.x, self.held_a.x, self.held_b.x, seed=self.cfg.seed)
+            return accuracy
         from training.metrics.shapes_features import load_shapes_predictor
 
-        predictor = load_shapes_predictor().to(self.device)
-        index_a, index_b = SHAPE_NAMES.index(self.cfg.data.domain_a), SHAPE_NAMES.index(self.cfg.data.domain_b)
+        self.judge = load_shapes_predictor().to(self.device)
+        return float(torch.cat([self.domain_of(self.held_a.x) == 0, self.domain_of(self.held_b.x) == 1]).float().mean())
 
-        def share(images: torch.Tensor, index: int) -> float:
-            with torch.no_grad():
-                return float((predictor(images.to(self.device))[0].argmax(1).cpu() == index).float().mean())
-
+    def evaluate(self) -> dict[str, float]:
+        """Domain accuracy: the domain classifier (the shapes predictor for shape domains, a small
+        CNN trained on the real domains for strokes) reads translated held-out images as the target
+        domain. Cycle error: L1 of A → B → A on [0, 1] pixels."""
+        if self.judge is None:
+            self.judge_accuracy = self.build_judge()
         a, b = self.held_a.x, self.held_b.x
         fake_b, fake_a = run_batched(self.G_ab, a, self.device), run_batched(self.G_ba, b, self.device)
         back_a = run_batched(self.G_ba, fake_b, self.device)
         return {
-            "domain_accuracy": share(fake_b, index_b),  # A→B read as B
-            "domain_accuracy_ba": share(fake_a, index_a),
-            "input_accuracy": share(a, index_b),  # baseline: the untranslated inputs read as B
+            "domain_accuracy": float((self.domain_of(fake_b) == 1).float().mean()),  # A→B read as B
+            "domain_accuracy_ba": float((self.domain_of(fake_a) == 0).float().mean()),
+            "input_accuracy": float((self.domain_of(a) == 1).float().mean()),  # baseline: untranslated A read as B
+            "classifier_accuracy": self.judge_accuracy,  # on held-out real images of both domains
             "cycle_l1": float(((back_a.clamp(-1, 1) - a) / 2).abs().mean()),
             "cycle_psnr": full_reference(back_a, a)["psnr"],
-        }
+        } | (self.digits_kept(fake_b) if self.cfg.data.name == "stroke_domains" else {})
+
+    def digits_kept(self, fake_b: torch.Tensor) -> dict[str, float]:
+        """Content check for strokes (a blank or blotted image could pass for "thick"): the shipped
+        digits classifier still reads the same digit after translation, beside its reading of the
+        real thick digits (the baseline a faithful translation can reach)."""
+        from training.metrics.digits_features import load_digits_classifier
+
+        classifier = load_digits_classifier()
+        with torch.no_grad():
+            kept = (classifier(fake_b).argmax(1) == self.held_a.y).float().mean()
+            real = (classifier(self.held_b.x).argmax(1) == self.held_b.y).float().mean()
+        return {"digit_kept": float(kept), "digit_read_on_real_thick": float(real)}
 
     def panel(self) -> list[torch.Tensor]:
         a = self.held_a.x[:8]
@@ -234,7 +270,8 @@ class SuperResolution:
     def __init__(self, cfg: I2IConfig, device: torch.device, rng: torch.Generator) -> None:
         self.cfg, self.device, self.rng = cfg, device, rng
         scale = cfg.model.scale
-        self.train_data = PhotoCrops(TRAIN_PHOTOS + TRAIN_GREY_PHOTOS, cfg.data.resolution, "superres", scale, skip_flat=True)
+        photos = TRAIN_PHOTOS + (TRAIN_GREY_PHOTOS if cfg.data.grey_photos else ())
+        self.train_data = PhotoCrops(photos, cfg.data.resolution, "superres", scale, skip_flat=cfg.data.skip_flat)
         self.held_out = PhotoCrops(HELD_OUT_PHOTOS, cfg.data.resolution, "superres", scale).fixed(cfg.data.held_out, seed=1)
         self.G = build_translator(translator_params(cfg)).to(device)
         self.D = patch_discriminator(cfg.model, 3).to(device)
