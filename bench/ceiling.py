@@ -26,8 +26,11 @@ class CeilingResult:
 
 
 def timed(repeat_until_s: float, work) -> float:
-    """Seconds per call, repeating `work` for at least `repeat_until_s` after one warm-up call."""
-    work()
+    """Seconds per call, repeating `work` for at least `repeat_until_s` after three warm-up calls
+    (TorchScript's profiling executor re-optimises a graph over its first calls at each new input
+    shape: one warm-up measured those recompilations on the GPU)."""
+    for _ in range(3):
+        work()
     calls, started = 0, time.perf_counter()
     while time.perf_counter() - started < repeat_until_s or calls < 3:
         work()

@@ -90,16 +90,18 @@ def ramp(length: int, overlap: int, rise: bool = True, fall: bool = True) -> np.
 
 
 def blend_tiles(outputs: list[np.ndarray], grid: TileGrid, scale: int) -> np.ndarray:
-    """Tile outputs [C, tile·scale, tile·scale] → the image [C, H·scale, W·scale]."""
+    """Tile outputs [C, tile·scale, tile·scale] → the image [C, H·scale, W·scale].
+
+    The windows form a partition of unity (neighbouring ramps sum to 1, and a side without a
+    neighbour keeps weight 1), so the weighted sum needs no normalisation pass; float32
+    throughout keeps a 1024 px frame's blend to a few milliseconds."""
     channels = outputs[0].shape[0]
     size, o = grid.tile * scale, grid.overlap * scale
-    canvas = np.zeros((channels, grid.padded_height * scale, grid.padded_width * scale), dtype=np.float64)
-    weights = np.zeros(canvas.shape[1:], dtype=np.float64)
+    canvas = np.zeros((channels, grid.padded_height * scale, grid.padded_width * scale), dtype=np.float32)
+    ramps = {(rise, fall): ramp(size, o, rise, fall).astype(np.float32) for rise in (False, True) for fall in (False, True)}
     for index, ((y, x), out) in enumerate(zip(grid.origins(), outputs)):
         row, col = divmod(index, grid.cols)
-        window = np.outer(ramp(size, o, row > 0, row < grid.rows - 1), ramp(size, o, col > 0, col < grid.cols - 1))
+        window = ramps[(row > 0, row < grid.rows - 1)][:, None] * ramps[(col > 0, col < grid.cols - 1)][None, :]
         ys, xs = y * scale, x * scale
         canvas[:, ys : ys + size, xs : xs + size] += out * window
-        weights[ys : ys + size, xs : xs + size] += window
-    canvas /= np.maximum(weights, 1e-12)
-    return canvas[:, : grid.height * scale, : grid.width * scale].astype(np.float32)
+    return canvas[:, : grid.height * scale, : grid.width * scale]
