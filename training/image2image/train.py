@@ -114,7 +114,8 @@ def train_image_to_image(cfg: I2IConfig, out_dir: str | Path, resume: bool = Fal
             elif step % cfg.eval_every == 0 or final:
                 evaluate()
             if step % cfg.sample_every == 0 or final:
-                save_grid(torch.cat(task.panel()), out_dir / "samples" / f"step_{step:06d}.png", nrow=len(task.panel()[0]))
+                rows = task.panel()
+                save_grid(torch.cat(rows), out_dir / "samples" / f"step_{step:06d}.png", nrow=len(rows[0]))
             if step % cfg.eval_every == 0 or final:
                 sha = checkpoint("last")
             progress.update(bar, advance=1, status=f"D {row['loss_d']:.3f} G {row['loss_g']:.3f}")
