@@ -35,8 +35,8 @@ models: install
 	$(BIN)/ganserve export runs/models/cdcgan-digits --name cdcgan-digits --version 1 --repository model_repository
 	$(BIN)/ganserve train --config configs/sr-rrdb-x4.yaml --out runs/models/sr-rrdb-x4
 	$(BIN)/ganserve export runs/models/sr-rrdb-x4 --name sr-rrdb-x4 --version 1 --repository model_repository
-	$(BIN)/ganserve train --config configs/cyclegan-circles2squares.yaml --out runs/models/cyclegan-circles2squares
-	$(BIN)/ganserve export runs/models/cyclegan-circles2squares --name cyclegan-circles2squares --version 1 --repository model_repository
+	$(BIN)/ganserve train --config configs/cyclegan-thin2thick.yaml --out runs/models/cyclegan-thin2thick
+	$(BIN)/ganserve export runs/models/cyclegan-thin2thick --name cyclegan-thin2thick --version 1 --repository model_repository
 	$(BIN)/ganserve train --config configs/stylegan-shapes.yaml --out runs/models/stylegan-shapes
 	$(BIN)/ganserve export runs/models/stylegan-shapes --name stylegan-shapes --version 1 --repository model_repository
 
