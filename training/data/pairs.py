@@ -25,10 +25,7 @@ from training.data.base import TensorData
 from training.data.shapes import SHAPE_NAMES, load_shapes
 
 TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
-# grey photos and textures add edges and fine detail for super-resolution (useless for colourising)
-TRAIN_GREY_PHOTOS = ("camera", "coins", "moon", "page", "text", "clock")
 HELD_OUT_PHOTOS = ("chelsea", "coffee")
-MIN_CROP_STD = 8.0  # uint8 levels: flatter training crops are redrawn (SR learns nothing from them)
 
 
 @dataclass
@@ -130,24 +127,21 @@ class PhotoCrops:
     `task`: "colorize" (a = luma, b = colour) or "superres" (a = bicubic-downscaled by `scale`,
     b = the crop)."""
 
-    def __init__(self, names: tuple[str, ...], crop: int, task: str, scale: int = 4, skip_flat: bool = False) -> None:
+    def __init__(self, names: tuple[str, ...], crop: int, task: str, scale: int = 4) -> None:
         if task not in ("colorize", "superres"):
             raise ValueError(f"unknown photo task {task!r}")
         if task == "superres" and crop % scale:
             raise ValueError(f"crop {crop} is not a multiple of the scale {scale}")
         self.photos = [load_photo(name) for name in names]
-        self.crop, self.task, self.scale, self.skip_flat = crop, task, scale, skip_flat
+        self.crop, self.task, self.scale = crop, task, scale
 
     def crops(self, n: int, generator: torch.Generator) -> np.ndarray:
         out = np.empty((n, self.crop, self.crop, 3), dtype=np.uint8)
         for i in range(n):
-            for _ in range(10):  # with `skip_flat`, redraw near-constant crops (sky, black borders)
-                photo = self.photos[int(torch.randint(len(self.photos), (), generator=generator))]
-                top = int(torch.randint(photo.shape[0] - self.crop + 1, (), generator=generator))
-                left = int(torch.randint(photo.shape[1] - self.crop + 1, (), generator=generator))
-                patch = photo[top : top + self.crop, left : left + self.crop]
-                if not self.skip_flat or patch.std() >= MIN_CROP_STD:
-                    break
+            photo = self.photos[int(torch.randint(len(self.photos), (), generator=generator))]
+            top = int(torch.randint(photo.shape[0] - self.crop + 1, (), generator=generator))
+            left = int(torch.randint(photo.shape[1] - self.crop + 1, (), generator=generator))
+            patch = photo[top : top + self.crop, left : left + self.crop]
             out[i] = patch[:, ::-1] if torch.rand((), generator=generator) < 0.5 else patch
         return out
 

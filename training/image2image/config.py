@@ -21,8 +21,6 @@ class I2IDataConfig(Strict):
     resolution: int = Field(32, ge=8)  # image side (shapes) or crop side of the target (photos)
     size: int = Field(4000, gt=0)  # generated training images (shapes sets)
     held_out: int = Field(200, gt=0)  # held-out pairs / images for evaluation
-    grey_photos: bool = False  # photo_sr: add scikit-image's grey photos (camera, coins, …) to training
-    skip_flat: bool = False  # photo_sr: redraw near-constant training crops
     domain_a: str = "circle"  # shape_domains
     domain_b: str = "square"
 
