@@ -8,7 +8,8 @@ InceptionV3 weights are given.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,8 +24,8 @@ from training.metrics.fid import fid_from_features
 from training.metrics.inception_score import inception_score
 from training.metrics.kid import kernel_inception_distance
 from training.metrics.modes import mode_metrics
-from training.metrics.shapes_features import shapes_readings
 from training.metrics.precision_recall import precision_recall
+from training.metrics.shapes_features import shapes_readings
 from training.sampling import balanced_labels, generate, latents
 
 EVAL_SEED = 12345  # evaluation latents never touch the training RNG
@@ -41,25 +42,49 @@ def feature_metrics(real: np.ndarray, fake: np.ndarray, prefix: str = "") -> dic
     return {f"{prefix}fid": fid_from_features(real, fake), f"{prefix}kid": kid, f"{prefix}kid_std": kid_std, f"{prefix}precision": precision, f"{prefix}recall": recall}
 
 
-def evaluate_in_feature_space(samples: torch.Tensor, labels: torch.Tensor | None, train: TensorData, held_out: TensorData | None,
-                              featurize: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+Featurize = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class RealReference:
+    """The real side of the feature-space metrics: features of the train set (and held-out set)
+    and the real-vs-real floors. Fixed for a run, so computed once rather than at every
+    evaluation (10k shapes through the predictor, and the floors, each time otherwise)."""
+
+    featurize: Featurize
+    train_features: np.ndarray
+    held_features: np.ndarray | None
+    floors: dict[str, float]
+
+    @classmethod
+    def build(cls, train: TensorData, held_out: TensorData | None, featurize: Featurize) -> RealReference:
+        train_features, _ = featurize(train.x)
+        held_features, floors = None, {}
+        if held_out is not None:
+            held_features, _ = featurize(held_out.x)
+            floors = {"fid_real_floor": fid_from_features(train_features, held_features),
+                      "fid_train_vs_held_out": fid_from_features(held_features, train_features)}
+            floors["kid_real_floor"], _ = kernel_inception_distance(train_features, held_features, subset_size=len(held_out))
+        return cls(featurize, train_features, held_features, floors)
+
+
+def evaluate_in_feature_space(samples: torch.Tensor, labels: torch.Tensor | None, reference: RealReference) -> dict[str, float]:
     """FID/KID/precision/recall (+ IS and class accuracy from the network's class probabilities)
     against the train set, and the real-vs-real floors against the held-out set."""
-    real_features, _ = featurize(train.x)
-    fake_features, fake_probs = featurize(samples)
+    fake_features, fake_probs = reference.featurize(samples)
+    real_features = reference.train_features
     metrics = feature_metrics(real_features, fake_features)
     metrics["inception_score"], _ = inception_score(fake_probs)
     if labels is not None:
         metrics["class_accuracy"] = float((fake_probs.argmax(1) == labels.numpy()).mean())
-    if held_out is not None:
+    if reference.held_features is not None:
         # FID is biased by sample count: compare the floor with the same number of generated samples
-        n = len(held_out)
-        held_features, _ = featurize(held_out.x)
-        metrics["fid_real_floor"] = fid_from_features(real_features, held_features)
+        n = len(reference.held_features)
+        metrics["fid_real_floor"] = reference.floors["fid_real_floor"]
         # FID against the train set rewards memorising it; against held-out data it does not
-        metrics["fid_vs_held_out"] = fid_from_features(held_features, fake_features)
-        metrics["fid_train_vs_held_out"] = fid_from_features(held_features, real_features)
-        metrics["kid_real_floor"], _ = kernel_inception_distance(real_features, held_features, subset_size=n)
+        metrics["fid_vs_held_out"] = fid_from_features(reference.held_features, fake_features)
+        metrics["fid_train_vs_held_out"] = reference.floors["fid_train_vs_held_out"]
+        metrics["kid_real_floor"] = reference.floors["kid_real_floor"]
         metrics[f"fid_at_{n}"] = float(np.mean([fid_from_features(real_features, fake_features[i * n : (i + 1) * n]) for i in range(max(1, len(fake_features) // n))]))
     return metrics
 
@@ -69,14 +94,30 @@ def shapes_featurize(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return features, attributes["shape_probs"]
 
 
+class GeneratorEvaluator:
+    """Evaluates generators of one run on its data: which metrics apply depends on the data, and
+    the real side of them is computed at the first call and kept."""
+
+    def __init__(self, spec: ModelSpec, data_cfg: DataConfig, train: TensorData, held_out: TensorData | None, num_samples: int) -> None:
+        self.spec, self.data_cfg, self.train, self.held_out, self.num_samples = spec, data_cfg, train, held_out, num_samples
+        self.featurize: Featurize | None = {"digits": digits_features, "shapes": shapes_featurize}.get(data_cfg.name)
+        if data_cfg.name == "shapes" and data_cfg.resolution != 32:
+            self.featurize = None  # the shapes predictor reads 32 px images only
+        self.reference: RealReference | None = None
+
+    def __call__(self, generator: nn.Module) -> dict[str, float]:
+        z = latents(self.spec, self.num_samples, EVAL_SEED)
+        labels = balanced_labels(self.spec, self.num_samples)
+        samples = generate(generator, self.spec, z, labels)
+        if self.data_cfg.name == "gaussians":
+            return evaluate_mixture(samples, self.data_cfg.mixture)
+        if self.featurize is None:
+            return {}
+        if self.reference is None:
+            self.reference = RealReference.build(self.train, self.held_out, self.featurize)
+        return evaluate_in_feature_space(samples, labels, self.reference)
+
+
 def evaluate_generator(generator: nn.Module, spec: ModelSpec, data_cfg: DataConfig, train: TensorData, held_out: TensorData | None, num_samples: int) -> dict[str, float]:
-    z = latents(spec, num_samples, EVAL_SEED)
-    labels = balanced_labels(spec, num_samples)
-    samples = generate(generator, spec, z, labels)
-    if data_cfg.name == "gaussians":
-        return evaluate_mixture(samples, data_cfg.mixture)
-    if data_cfg.name == "digits":
-        return evaluate_in_feature_space(samples, labels, train, held_out, digits_features)
-    if data_cfg.name == "shapes" and data_cfg.resolution == 32:
-        return evaluate_in_feature_space(samples, labels, train, held_out, shapes_featurize)
-    return {}
+    """One evaluation (`ganserve evaluate`); a training run keeps a `GeneratorEvaluator`."""
+    return GeneratorEvaluator(spec, data_cfg, train, held_out, num_samples)(generator)

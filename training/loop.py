@@ -31,7 +31,7 @@ from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import TrainConfig
 from training.data import TensorData, load_dataset
 from training.diagnostics import CollapseMonitor, mean_pairwise_distance
-from training.evaluate import evaluate_generator
+from training.evaluate import GeneratorEvaluator
 from training.images import save_grid, save_scatter
 from training.augment import diff_augment
 from training.losses import LOGISTIC, gradient_penalty, loss_pair, path_length_penalty, r1_penalty
@@ -286,6 +286,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, device: s
     reference_index = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(PANEL_SEED))[: cfg.panel_size]
     reference = train_set.x[reference_index]
     reference_labels = train_set.y[reference_index] if panel_y is not None else None
+    evaluator = GeneratorEvaluator(run.spec, cfg.data, train_set, held_out, cfg.eval.num_samples)
     monitor = CollapseMonitor(logistic_loss=cfg.loss.name in LOGISTIC | {"lsgan", "hinge"}, real_diversity=mean_pairwise_distance(reference, reference_labels))
 
     new_log = not files.log_csv.exists()
@@ -308,7 +309,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, device: s
             if run.step % cfg.sample_every == 0 or final:
                 row["panel_diversity"] = sample_panel(run, files, panel_z, panel_y, reference, monitor, logger, progress)
             if run.step % cfg.eval.every == 0 or final:
-                evaluate_and_keep_best(run, files, train_set, held_out, logger, progress)
+                evaluate_and_keep_best(run, files, evaluator, logger, progress)
             if run.step % cfg.checkpoint_every == 0 or final:
                 save_run(run, files)
             writer.writerow(row)
@@ -342,9 +343,9 @@ def sample_panel(run: Run, files: RunFiles, panel_z, panel_y, reference, monitor
     return round(diversity, 4)
 
 
-def evaluate_and_keep_best(run: Run, files: RunFiles, train_set, held_out, logger, progress) -> None:
+def evaluate_and_keep_best(run: Run, files: RunFiles, evaluator: GeneratorEvaluator, logger, progress) -> None:
     cfg = run.cfg
-    metrics = evaluate_generator(run.sampler(), run.spec, cfg.data, train_set, held_out, cfg.eval.num_samples)
+    metrics = evaluator(run.sampler())
     run.history.append({"step": run.step, **metrics})
     summary = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
     logger.info("step %d eval %s", run.step, summary)

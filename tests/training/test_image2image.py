@@ -14,7 +14,9 @@ from tests.serving import tiny_i2i_run
 from training.data.pairs import HELD_OUT_PHOTOS, TRAIN_PHOTOS, PhotoCrops, bicubic_upscale, edges_to_shapes, shape_domains, stroke_domains
 from training.export import ExportError
 from training.image2image.export import export_i2i_run, load_translator
+from training.image2image.config import I2IConfig
 from training.image2image.tasks import ImagePool
+from training.image2image.train import linear_decay
 from training.metrics.image_quality import psnr, sharpness, ssim
 
 
@@ -61,6 +63,24 @@ def test_photo_splits_hold_out_whole_photos_and_colorize_pairs_are_luma():
     assert pairs.a.shape == (4, 1, 32, 32) and pairs.b.shape == (4, 3, 32, 32)
     weights = torch.tensor([0.299, 0.587, 0.114])[None, :, None, None]
     assert torch.allclose(pairs.a, (pairs.b * weights).sum(1, keepdim=True))
+
+
+def test_rotated_crops_are_the_eight_symmetries_of_photo_patches():
+    crops = PhotoCrops(TRAIN_PHOTOS, 8, "superres", 4, rotate=True)
+    crops.photos = [np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)]  # one photo, one crop position
+    square = crops.photos[0]
+    symmetries = {np.rot90(flip, k).tobytes() for flip in (square, square[:, ::-1]) for k in range(4)}
+    drawn = {c.tobytes() for c in crops.crops(200, torch.Generator().manual_seed(3))}
+    assert drawn == symmetries and len(symmetries) == 8
+
+
+def test_sr_learning_rate_decays_to_zero_at_the_end_of_each_phase():
+    sr = I2IConfig(task="superres", data={"name": "photo_sr", "resolution": 64}, model={"generator": "rrdb"},
+                   loss={"pretrain_steps": 1000}, optim={"decay_start": 0.8}, max_steps=1500)
+    assert [linear_decay(sr, s) for s in (0, 799, 900, 999)] == [1.0, 1.0, pytest.approx(0.5), pytest.approx(0.005)]
+    assert [linear_decay(sr, s) for s in (1000, 1399, 1450, 1499)] == [1.0, 1.0, pytest.approx(0.5), pytest.approx(0.01)]
+    pix2pix = I2IConfig(task="pix2pix", optim={"decay_start": 0.5}, max_steps=100)
+    assert [linear_decay(pix2pix, s) for s in (49, 75)] == [1.0, pytest.approx(0.5)]
 
 
 def test_outlines_lie_on_their_shapes_and_domains_are_pure():

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from training.config import TrainConfig, load_config
 from training.diagnostics import CollapseMonitor
 from training.loop import train
+from training.run_eval import evaluate_run
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 
@@ -89,10 +90,13 @@ def test_training_into_an_existing_run_without_resume_is_refused(tmp_path):
 def test_digits_runs_evaluate_fid_kid_in_the_project_feature_space(tmp_path, config):
     cfg = load_config(REPO / "configs" / f"{config}.yaml").model_dump()
     cfg.update(max_steps=6, sample_every=6, checkpoint_every=6, batch_size=16)
-    cfg["eval"].update(every=6, num_samples=300)
+    cfg["eval"].update(every=3, num_samples=300)
     cfg["model"].update(width=8)
     result = train(TrainConfig.model_validate(cfg), tmp_path, show_progress=False)
     last = result["last"]
+    # the run computes the real features once; a one-off evaluation of its last checkpoint agrees
+    again = evaluate_run(tmp_path, "last", num_samples=300)
+    assert {k: round(v, 6) for k, v in again.items()} == {k: round(v, 6) for k, v in last.items() if k != "step"}
     assert {"fid", "kid", "precision", "recall", "inception_score", "fid_real_floor"} <= set(last)
     assert last["fid"] > last["fid_real_floor"]  # six steps of training are far from real digits
     assert ("class_accuracy" in last) == (config == "cdcgan-digits")

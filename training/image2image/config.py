@@ -21,6 +21,7 @@ class I2IDataConfig(Strict):
     resolution: int = Field(32, ge=8)  # image side (shapes) or crop side of the target (photos)
     size: int = Field(4000, gt=0)  # generated training images (shapes sets)
     held_out: int = Field(200, gt=0)  # held-out pairs / images for evaluation
+    rotate: bool = False  # photo_sr: quarter-turn augmentation on top of flips
     domain_a: str = "circle"  # shape_domains
     domain_b: str = "square"
 
@@ -56,7 +57,7 @@ class I2IOptimConfig(Strict):
     lr_d: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999
-    decay_start: float = Field(0.5, ge=0, le=1)  # linear decay to 0 from this fraction of max_steps
+    decay_start: float = Field(0.5, ge=0, le=1)  # linear decay to 0 from this fraction of each phase
 
 
 class I2IConfig(Strict):

@@ -279,7 +279,7 @@ class SuperResolution(GeneratorDiscriminatorTask):
     def __init__(self, cfg: I2IConfig, device: torch.device, rng: torch.Generator) -> None:
         self.cfg, self.device, self.rng = cfg, device, rng
         scale = cfg.model.scale
-        self.train_data = PhotoCrops(TRAIN_PHOTOS, cfg.data.resolution, "superres", scale)
+        self.train_data = PhotoCrops(TRAIN_PHOTOS, cfg.data.resolution, "superres", scale, rotate=cfg.data.rotate)
         self.held_out = PhotoCrops(HELD_OUT_PHOTOS, cfg.data.resolution, "superres", scale).fixed(cfg.data.held_out, seed=1)
         self.G = build_translator(translator_params(cfg)).to(device)
         self.D = patch_discriminator(cfg.model, 3).to(device)

@@ -24,10 +24,21 @@ from training.images import save_grid
 from training.loop import make_logger, make_progress
 
 
+def phases(cfg: I2IConfig) -> list[tuple[int, int]]:
+    """The run's phases as [begin, end) step ranges: one for pix2pix/CycleGAN, two for SR with
+    pre-training (L1, then GAN), so that each phase ends its own learning-rate decay."""
+    pretrain = cfg.loss.pretrain_steps if cfg.task == "superres" else 0
+    if 0 < pretrain < cfg.max_steps:
+        return [(0, pretrain), (pretrain, cfg.max_steps)]
+    return [(0, cfg.max_steps)]
+
+
 def linear_decay(cfg: I2IConfig, step: int) -> float:
-    """1 until `decay_start` of the run, then linearly to 0 (pix2pix/CycleGAN's schedule)."""
-    start = cfg.optim.decay_start * cfg.max_steps
-    return 1.0 if step < start else max(0.0, 1 - (step - start) / max(1.0, cfg.max_steps - start))
+    """1 until `decay_start` of the step's phase, then linearly to 0 at the phase's end
+    (pix2pix/CycleGAN's schedule; SR's L1 model gains most of its last tenths of a dB from it)."""
+    begin, end = next(((b, e) for b, e in phases(cfg) if step < e), phases(cfg)[-1])
+    start = begin + cfg.optim.decay_start * (end - begin)
+    return 1.0 if step < start else max(0.0, 1 - (step - start) / max(1.0, end - start))
 
 
 def set_learning_rates(task, cfg: I2IConfig, step: int) -> None:
