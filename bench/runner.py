@@ -7,50 +7,23 @@ import contextlib
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 from rich.console import Console
 from rich.table import Table
 
 from bench.ceiling import measure_ceiling
 from bench.load import LoadResult, run_load
+from bench.server import launched_server
 from service.repository import scan_repository
 
 console = Console()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def server(repository: Path, **settings):
-    port = free_port()
-    env = {**os.environ, **{f"GANSERVE_{k.upper()}": str(v) for k, v in settings.items()}, "GANSERVE_LOG_LEVEL": "warning"}
-    process = subprocess.Popen([sys.executable, "-m", "ganserve_cli", "serve", "--repository", str(repository), "--host", "127.0.0.1", "--port", str(port)],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                    break
-            if process.poll() is not None:
-                raise RuntimeError("the server exited during start-up")
-            time.sleep(0.1)
+    with launched_server(repository, log_level="warning", **settings) as (_, url):
         yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
 
 
 def machine() -> str:

@@ -2,17 +2,13 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import torch
 
+from bench.server import launched_server
 from training.config import TrainConfig, load_config
 from training.export import export_run
 from training.image2image.config import I2IConfig, load_i2i_config
@@ -70,12 +66,6 @@ def build_repository(root: Path) -> Path:
     return repo
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Server:
     def __init__(self, process: subprocess.Popen, url: str) -> None:
         self.process, self.url = process, url
@@ -94,37 +84,11 @@ class Server:
         return total
 
 
-def wait_ready(url: str, process: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}: {process.stderr.read().decode()[-2000:]}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                return
-        time.sleep(0.05)
-    raise TimeoutError("server never became ready")
-
-
 @contextlib.contextmanager
 def running_server(repository: Path, wait: bool = True, **settings):
-    """`ganserve serve` on a free port, as a user starts it; GANSERVE_* variables set the rest."""
-    port = free_port()
-    env = {**os.environ, **{f"GANSERVE_{k.upper()}": str(v) for k, v in settings.items()}}
-    env.setdefault("GANSERVE_INTRA_OP_THREADS", "1")
-    env.setdefault("GANSERVE_ENCODER_THREADS", "2")
-    process = subprocess.Popen([sys.executable, "-m", "ganserve_cli", "serve", "--repository", str(repository), "--host", "127.0.0.1", "--port", str(port)],
-                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        if wait:
-            wait_ready(url, process)
+    """`ganserve serve` on a free port, as a user starts it; GANSERVE_* variables set the rest
+    (one intra-op thread and two encoder threads unless a test says otherwise: 2 cores here)."""
+    settings = {"intra_op_threads": 1, "encoder_threads": 2, **settings}
+    with launched_server(repository, wait=wait, **settings) as (process, url):
         yield Server(process, url)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
 

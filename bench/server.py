@@ -1,0 +1,63 @@
+"""Starting the real server as a subprocess (`ganserve serve` on a free port, as users start it),
+for the benchmarks and the tests alike."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """Until /health/ready answers 200; the server's own log tail in the error when it dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}: {log.read_text(errors='replace')[-2000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"server never became ready in {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def launched_server(repository: Path, wait: bool = True, **settings) -> Iterator[tuple[subprocess.Popen, str]]:
+    """Yields (process, base URL); `settings` become GANSERVE_* variables. The server's stderr
+    goes to a temporary file (a pipe nobody reads would block a chatty server), stopped with
+    SIGTERM (a graceful drain) at exit."""
+    port = free_port()
+    env = {**os.environ, **{f"GANSERVE_{k.upper()}": str(v) for k, v in settings.items()}}
+    with tempfile.TemporaryDirectory() as scratch:
+        log = Path(scratch) / "server.log"
+        with open(log, "wb") as stderr:
+            process = subprocess.Popen([sys.executable, "-m", "ganserve_cli", "serve", "--repository", str(repository), "--host", "127.0.0.1", "--port", str(port)],
+                                       cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            if wait:
+                wait_ready(url, process, log)
+            yield process, url
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
