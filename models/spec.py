@@ -27,6 +27,7 @@ class ModelSpec:
     w_dim: int = 0  # style models only
     mapping_layers: int = 0
     max_channels: int = 0
+    synthesis: str = "skip"  # style models: StyleGAN2 output architecture, "skip" or "orig"
     class_names: list[str] = field(default_factory=list)
     value_range: tuple[float, float] = (-1.0, 1.0)
 

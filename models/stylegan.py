@@ -135,28 +135,38 @@ class SynthesisNetwork(nn.Module):
     """ws [B, num_ws, w_dim] → image [B, img_channels, resolution, resolution] (unbounded, ~[-1, 1]).
 
     Layer order of ws: for 4x4, conv then rgb share ws[0..1]; each higher resolution uses
-    two convs and one rgb: conv_up → ws[2i-1], conv → ws[2i], rgb → ws[2i+1]."""
+    two convs and one rgb: conv_up → ws[2i-1], conv → ws[2i], rgb → ws[2i+1].
 
-    def __init__(self, w_dim: int = 128, resolution: int = 32, img_channels: int = 3, width: int = 32, max_channels: int = 256) -> None:
+    `arch` is StyleGAN2's output architecture: "skip" sums a ToRGB at every resolution (its
+    default), "orig" has one ToRGB at the end. On flat-coloured shapes the skip form paints the
+    colour in the 4x4/8x8 ToRGBs, so colour follows the coarse styles; with one ToRGB, modulated
+    by the last w, colour can only be chosen in the fine layers (the split that style mixing
+    promises). Both take the same ws, so every latent tool is unchanged."""
+
+    def __init__(self, w_dim: int = 128, resolution: int = 32, img_channels: int = 3, width: int = 32, max_channels: int = 256,
+                 arch: str = "skip") -> None:
         super().__init__()
         if resolution < 8 or resolution & (resolution - 1):
             raise ValueError(f"resolution must be a power of two ≥ 8, not {resolution}")
-        self.resolution = resolution
+        if arch not in ("skip", "orig"):
+            raise ValueError(f"synthesis arch must be skip or orig, not {arch!r}")
+        self.resolution, self.arch = resolution, arch
         self.log_size = int(math.log2(resolution))
         self.num_ws = self.log_size * 2 - 2
         c4 = channels_at(4, width, max_channels)
         self.const = nn.Parameter(torch.randn(1, c4, 4, 4))
         self.conv4 = StyledConv(c4, c4, w_dim, 4)
-        self.rgb4 = ToRGB(c4, img_channels, w_dim)
+        self.rgb4 = ToRGB(c4, img_channels, w_dim) if arch == "skip" else None
         self.convs = nn.ModuleList()
-        self.rgbs = nn.ModuleList()
+        self.rgbs = nn.ModuleList()  # skip: one per resolution from 8x8; orig: the last only
         in_channels = c4
         for level in range(3, self.log_size + 1):
             res = 2**level
             out_channels = channels_at(res, width, max_channels)
             self.convs.append(StyledConv(in_channels, out_channels, w_dim, res, upsample=True))
             self.convs.append(StyledConv(out_channels, out_channels, w_dim, res))
-            self.rgbs.append(ToRGB(out_channels, img_channels, w_dim))
+            if arch == "skip" or level == self.log_size:
+                self.rgbs.append(ToRGB(out_channels, img_channels, w_dim))
             in_channels = out_channels
 
     def noise_shapes(self) -> list[int]:
@@ -167,11 +177,15 @@ class SynthesisNetwork(nn.Module):
         noises = noise if noise is not None else [None] * (1 + len(self.convs))
         x = self.const.expand(ws.shape[0], -1, -1, -1)
         x = self.conv4(x, ws[:, 0], noises[0])
-        rgb = self.rgb4(x, ws[:, 1], None)
-        for i, rgb_layer in enumerate(self.rgbs):
+        rgb = self.rgb4(x, ws[:, 1], None) if self.rgb4 is not None else None
+        levels = len(self.convs) // 2
+        for i in range(levels):
             x = self.convs[2 * i](x, ws[:, 2 * i + 1], noises[2 * i + 1])
             x = self.convs[2 * i + 1](x, ws[:, 2 * i + 2], noises[2 * i + 2])
-            rgb = rgb_layer(x, ws[:, 2 * i + 3], rgb)
+            if self.arch == "skip":
+                rgb = self.rgbs[i](x, ws[:, 2 * i + 3], rgb)
+        if self.arch == "orig":
+            rgb = self.rgbs[0](x, ws[:, -1], None)
         return rgb
 
     def random_noise(self, batch: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> list[torch.Tensor]:
@@ -182,10 +196,10 @@ class StyleGenerator(nn.Module):
     """Mapping + synthesis, with the running mean of w (`w_avg`) kept for truncation."""
 
     def __init__(self, z_dim: int = 128, w_dim: int = 128, resolution: int = 32, img_channels: int = 3, width: int = 32,
-                 max_channels: int = 256, mapping_layers: int = 8, num_classes: int = 0) -> None:
+                 max_channels: int = 256, mapping_layers: int = 8, num_classes: int = 0, synthesis_arch: str = "skip") -> None:
         super().__init__()
         self.mapping = MappingNetwork(z_dim, w_dim, mapping_layers, num_classes=num_classes)
-        self.synthesis = SynthesisNetwork(w_dim, resolution, img_channels, width, max_channels)
+        self.synthesis = SynthesisNetwork(w_dim, resolution, img_channels, width, max_channels, synthesis_arch)
         self.register_buffer("w_avg", torch.zeros(w_dim))
         self.num_ws = self.synthesis.num_ws
 

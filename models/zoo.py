@@ -23,7 +23,8 @@ def build_generator(spec: ModelSpec) -> nn.Module:
             raise ValueError("a conditional generator needs at least two class names")
         return ConditionalDCGANGenerator(spec.z_dim, spec.channels, spec.resolution, spec.width, spec.num_classes)
     if spec.arch == "stylegan":
-        return StyleGenerator(spec.z_dim, spec.w_dim, spec.resolution, spec.channels, spec.width, spec.max_channels, spec.mapping_layers, spec.num_classes)
+        return StyleGenerator(spec.z_dim, spec.w_dim, spec.resolution, spec.channels, spec.width, spec.max_channels, spec.mapping_layers, spec.num_classes,
+                              spec.synthesis)
     raise ValueError(f"unknown generator arch {spec.arch!r}")
 
 

@@ -38,6 +38,7 @@ class ModelConfig(Strict):
     w_dim: int = Field(128, gt=0)
     mapping_layers: int = Field(8, gt=0)
     max_channels: int = Field(256, gt=0)
+    synthesis: Literal["skip", "orig"] = "skip"  # a ToRGB per resolution (StyleGAN2) or one at the end
 
 
 class LossConfig(Strict):

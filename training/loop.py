@@ -58,6 +58,7 @@ def spec_for(cfg: TrainConfig, train: TensorData) -> ModelSpec:
         w_dim=cfg.model.w_dim if style else 0,
         mapping_layers=cfg.model.mapping_layers if style else 0,
         max_channels=cfg.model.max_channels if style else 0,
+        synthesis=cfg.model.synthesis,
     )
 
 

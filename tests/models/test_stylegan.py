@@ -59,8 +59,23 @@ def test_residual_discriminator_scores_images_with_and_without_projection():
     assert projected(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])).shape == (4,)
 
 
-def test_synthesis_exports_to_onnx_with_a_dynamic_batch(tmp_path):
-    G = small_generator()
+def test_orig_synthesis_paints_with_one_torgb_driven_by_the_last_style():
+    G = small_generator(synthesis_arch="orig")
+    assert G.num_ws == 6 and len(G.synthesis.rgbs) == 1 and G.synthesis.rgb4 is None
+    ws = torch.randn(2, G.num_ws, 16)
+    with torch.no_grad():
+        base = G.synthesis(ws)
+        last_changed = ws.clone()
+        last_changed[:, -1] = torch.randn(2, 16)
+        # the last style reaches the image through the single ToRGB
+        assert not torch.allclose(G.synthesis(last_changed), base)
+    with pytest.raises(ValueError, match="skip or orig"):
+        small_generator(synthesis_arch="resnet")
+
+
+@pytest.mark.parametrize("arch", ["skip", "orig"])
+def test_synthesis_exports_to_onnx_with_a_dynamic_batch(tmp_path, arch):
+    G = small_generator(synthesis_arch=arch)
     ws = torch.randn(2, G.num_ws, 16)
     batch = torch.export.Dim("batch", min=1, max=1024)
     torch.onnx.export(G.synthesis, (ws,), str(tmp_path / "synthesis.onnx"), input_names=["ws"], output_names=["image"],
