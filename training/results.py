@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from models import latent
 from training.config import load_config
 from training.image2image.config import is_image_to_image, load_i2i_config
 from training.image2image.train import train_image_to_image
@@ -135,7 +136,7 @@ def digits_section(runs: Path) -> list[str]:
 
 def style_section(runs: Path) -> list[str]:
     from training.latent.directions import fit_directions
-    from training.latent.measure import measure_projection, measure_size_edit, measure_style_mixing
+    from training.latent.measure import measure_crossovers, measure_projection, measure_size_edit, measure_style_mixing
     from training.run_eval import load_generator
 
     name = "stylegan-shapes"
@@ -146,6 +147,8 @@ def style_section(runs: Path) -> list[str]:
     directions = fit_directions(generator)
     size = measure_size_edit(generator, directions["size"])
     mixing = measure_style_mixing(generator)
+    crossovers = measure_crossovers(generator)
+    coarse = latent.named_layers("coarse", generator.num_ws)
     projection = measure_projection(generator)
     from training.run_eval import sample_run
 
@@ -169,6 +172,14 @@ def style_section(runs: Path) -> list[str]:
         f"| … keeps A's position (within 0.08 of the frame) | {100 * mixing['keeps_position']:.0f} % | |",
         f"| … takes B's colour (hue nearer B's than A's) | {100 * mixing['takes_colour']:.0f} % (all three: {100 * mixing['all_three']:.0f} %) | ≥ 80 % |",
         f"| projection of {projection['images']} held-out real shapes into W+ ({projection['steps']} steps, pixel + feature loss) | PSNR {projection['psnr_mean']:.1f} dB (min {projection['psnr_min']:.1f}, max {projection['psnr_max']:.1f}) | reported |",
+        "",
+        f"Where each attribute lives (`coarse` is ws[{coarse[0]}:{coarse[-1] + 1}] of {generator.num_ws}): crossover k takes A's ws[:k] and B's ws[k:], "
+        "k = 0 is B itself and k = num_ws is A itself. The synthesis architecture is "
+        f"`{generator.synthesis.arch}` (`skip`: a ToRGB at every resolution; `orig`: one at the end).",
+        "",
+        "| k | keeps A's shape | keeps A's position | takes B's colour | all three |",
+        "|---|---|---|---|---|",
+        *[f"| {c['k']} | {100 * c['keeps_shape']:.0f} % | {100 * c['keeps_position']:.0f} % | {100 * c['takes_colour']:.0f} % | {100 * c['all_three']:.0f} % |" for c in crossovers],
         "",
         f"![{name} samples](images/{name}.png)",
         "",

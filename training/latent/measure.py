@@ -47,17 +47,20 @@ def measure_size_edit(generator: StyleGenerator, direction: torch.Tensor, seeds:
             "both": float((monotonic & same_shape).mean()), "size_range": float(np.mean(size[:, -1] - size[:, 0]))}
 
 
-def measure_style_mixing(generator: StyleGenerator, pairs: int = 200, position_tolerance: float = 0.08) -> dict[str, float]:
+def mixing_readings(generator: StyleGenerator, pairs: int) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
+    """Seeded A and B styles ([pairs, num_ws, w_dim] each) and the predictor's readings of both."""
     wa, _ = sample_ws(generator, pairs, seed=202)
     wb, _ = sample_ws(generator, pairs, seed=303)
     n = generator.num_ws
-    ws_a, ws_b = wa[:, None].expand(-1, n, -1), wb[:, None].expand(-1, n, -1)
-    coarse = latent.named_layers("coarse", n)
-    rest = [i for i in range(n) if i not in coarse]
-    mixed = latent.mix_styles(ws_a.contiguous(), ws_b.contiguous(), rest)
-    _, a = shapes_readings(synthesize(generator, ws_a.contiguous()))
-    _, b = shapes_readings(synthesize(generator, ws_b.contiguous()))
-    _, m = shapes_readings(synthesize(generator, mixed))
+    ws_a, ws_b = wa[:, None].expand(-1, n, -1).contiguous(), wb[:, None].expand(-1, n, -1).contiguous()
+    _, a = shapes_readings(synthesize(generator, ws_a))
+    _, b = shapes_readings(synthesize(generator, ws_b))
+    return ws_a, ws_b, a, b
+
+
+def mixing_outcome(generator: StyleGenerator, ws_a: torch.Tensor, ws_b: torch.Tensor, a: dict, b: dict, layers_from_b: list[int],
+                   position_tolerance: float = 0.08) -> dict[str, float]:
+    _, m = shapes_readings(synthesize(generator, latent.mix_styles(ws_a, ws_b, layers_from_b)))
     keeps_shape = m["shape"] == a["shape"]
     keeps_position = np.hypot(m["x"] - a["x"], m["y"] - a["y"]) < position_tolerance
     takes_colour = hue_distance(m["hue"], b["hue"]) < hue_distance(m["hue"], a["hue"])
@@ -66,6 +69,21 @@ def measure_style_mixing(generator: StyleGenerator, pairs: int = 200, position_t
     success = keeps_shape & keeps_position & takes_colour
     return {"pairs": int(informative.sum()), "keeps_shape": float(keeps_shape[informative].mean()), "keeps_position": float(keeps_position[informative].mean()),
             "takes_colour": float(takes_colour[informative].mean()), "all_three": float(success[informative].mean())}
+
+
+def measure_style_mixing(generator: StyleGenerator, pairs: int = 200) -> dict[str, float]:
+    """Coarse layers from A, the rest from B."""
+    ws_a, ws_b, a, b = mixing_readings(generator, pairs)
+    coarse = latent.named_layers("coarse", generator.num_ws)
+    return mixing_outcome(generator, ws_a, ws_b, a, b, [i for i in range(generator.num_ws) if i not in coarse])
+
+
+def measure_crossovers(generator: StyleGenerator, pairs: int = 200) -> list[dict[str, float]]:
+    """Where each attribute lives: for every crossover k, A's ws[:k] with B's ws[k:] (k = 0 is B
+    itself, k = num_ws is A itself: the two ends anchor the readings)."""
+    ws_a, ws_b, a, b = mixing_readings(generator, pairs)
+    n = generator.num_ws
+    return [{"k": k, **mixing_outcome(generator, ws_a, ws_b, a, b, list(range(k, n)))} for k in range(n + 1)]
 
 
 def measure_projection(generator: StyleGenerator, images: int = 16, steps: int = 200) -> dict[str, float]:
