@@ -25,8 +25,8 @@ run: install
 test: install
 	$(BIN)/pytest -q
 
-# Rebuilds the default models from scratch with the project's own commands (about 1 h 40 min on
-# 2 cores: the digits models ~15 min, the StyleGAN ~50 min, CycleGAN and SR ~15 min each).
+# Rebuilds the default models from scratch with the project's own commands (about 2 h on 2 cores:
+# the digits models ~15 min, the StyleGAN ~55 min, CycleGAN ~15 min, SR x4 ~35 min).
 models: install
 	rm -rf runs/models
 	$(BIN)/ganserve train --config configs/dcgan-digits.yaml --out runs/models/dcgan-digits
@@ -40,7 +40,7 @@ models: install
 	$(BIN)/ganserve train --config configs/stylegan-shapes.yaml --out runs/models/stylegan-shapes
 	$(BIN)/ganserve export runs/models/stylegan-shapes --name stylegan-shapes --version 1 --repository model_repository
 
-# Trains and evaluates every run behind docs/results.md (about 2 hours on 2 cores; finished runs are reused).
+# Trains and evaluates every run behind docs/results.md (about 3 hours on 2 cores; finished runs are reused).
 results: install
 	$(BIN)/ganserve results --out docs/results.md
 
