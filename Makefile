@@ -25,8 +25,8 @@ run: install
 test: install
 	$(BIN)/pytest -q
 
-# Rebuilds the default models from scratch with the project's own commands (about 2 h on 2 cores:
-# the digits models ~15 min, the StyleGAN ~55 min, CycleGAN ~15 min, SR x4 ~35 min).
+# Rebuilds the default models from scratch with the project's own commands (about 2 h 30 min on 2 cores:
+# the digits models ~15 min, the StyleGAN ~80 min, CycleGAN ~15 min, SR x4 ~35 min).
 models: install
 	rm -rf runs/models
 	$(BIN)/ganserve train --config configs/dcgan-digits.yaml --out runs/models/dcgan-digits
