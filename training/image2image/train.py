@@ -35,8 +35,9 @@ def phases(cfg: I2IConfig) -> list[tuple[int, int]]:
 
 def linear_decay(cfg: I2IConfig, step: int) -> float:
     """1 until `decay_start` of the step's phase, then linearly to 0 at the phase's end
-    (pix2pix/CycleGAN's schedule; SR's L1 model gains most of its last tenths of a dB from it)."""
-    begin, end = next(((b, e) for b, e in phases(cfg) if step < e), phases(cfg)[-1])
+    (pix2pix/CycleGAN's schedule; SR's L1 phase ends on it before the GAN phase starts afresh)."""
+    spans = phases(cfg)
+    begin, end = next(((b, e) for b, e in spans if step < e), spans[-1])
     start = begin + cfg.optim.decay_start * (end - begin)
     return 1.0 if step < start else max(0.0, 1 - (step - start) / max(1.0, end - start))
 

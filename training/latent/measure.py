@@ -49,12 +49,12 @@ def measure_size_edit(generator: StyleGenerator, direction: torch.Tensor, seeds:
 
 def mixing_readings(generator: StyleGenerator, pairs: int) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
     """Seeded A and B styles ([pairs, num_ws, w_dim] each) and the predictor's readings of both."""
-    wa, _ = sample_ws(generator, pairs, seed=202)
-    wb, _ = sample_ws(generator, pairs, seed=303)
+    wa, images_a = sample_ws(generator, pairs, seed=202)  # images synthesized from w on every layer
+    wb, images_b = sample_ws(generator, pairs, seed=303)
     n = generator.num_ws
     ws_a, ws_b = wa[:, None].expand(-1, n, -1).contiguous(), wb[:, None].expand(-1, n, -1).contiguous()
-    _, a = shapes_readings(synthesize(generator, ws_a))
-    _, b = shapes_readings(synthesize(generator, ws_b))
+    _, a = shapes_readings(images_a)
+    _, b = shapes_readings(images_b)
     return ws_a, ws_b, a, b
 
 
