@@ -55,12 +55,6 @@ def layers_for(model: LoadedModel, layers: str | list[int]) -> list[int]:
         raise ApiError(422, str(error))
 
 
-def edit_layers(model: LoadedModel, direction_name: str) -> list[int]:
-    """The ws an edit acts on when the request names none: the direction's own window where the
-    export fitted one (`direction_layers` in the spec), else all."""
-    return model.entry.spec.get("direction_layers", {}).get(direction_name, list(range(model.entry.spec["num_ws"])))
-
-
 def direction(model: LoadedModel, name: str) -> torch.Tensor:
     key = f"direction.{name}"
     if key not in model.latents:

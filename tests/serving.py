@@ -13,7 +13,6 @@ from training.config import TrainConfig, load_config
 from training.export import export_run
 from training.image2image.config import I2IConfig, load_i2i_config
 from training.image2image.export import export_i2i_run
-from training.latent.directions import EditDirections
 from training.image2image.train import train_image_to_image
 from training.loop import train
 
@@ -60,8 +59,7 @@ def build_repository(root: Path) -> Path:
     export_i2i_run(tiny_i2i_run("pix2pix-edges2shapes", root / "edges", model={"ngf": 4}), "edges", 1, repo, ["onnx", "torchscript"])
     export_i2i_run(tiny_i2i_run("pix2pix-gray2color", root / "gray", model={"ngf": 4}, data={"resolution": 64}), "gray", 1, repo, ["onnx", "torchscript"])
     export_i2i_run(tiny_i2i_run("sr-rrdb-x4", root / "upx4", model={"features": 8, "blocks": 0, "growth": 4}, data={"resolution": 32}), "upx4", 1, repo, ["onnx", "torchscript"])
-    vectors = {"size": torch.nn.functional.normalize(torch.randn(8), dim=0), "hue": torch.nn.functional.normalize(torch.randn(8), dim=0)}
-    directions = EditDirections(vectors, layers={"size": [2, 3]})  # size acts on ws[2:4] unless a request says otherwise
+    directions = {"size": torch.nn.functional.normalize(torch.randn(8), dim=0), "hue": torch.nn.functional.normalize(torch.randn(8), dim=0)}
     export_run(tiny_style_run(root / "style"), "styles", 1, repo, ["onnx", "torchscript"], "last", directions=directions)
     export_run(tiny_run("dcgan-digits", root / "dcgan"), "digits", 1, repo, ["onnx", "torchscript"], "last")
     export_run(tiny_run("cdcgan-digits", root / "cdcgan"), "cdigits", 1, repo, ["onnx", "torchscript"], "last")

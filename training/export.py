@@ -28,7 +28,6 @@ from torch import nn
 from models.latent import RANGE_NAMES, named_layers
 from models.spec import ModelSpec
 from training.images import save_grid
-from training.latent.directions import EditDirections
 from training.run_eval import load_generator
 from training.sampling import balanced_labels, latents
 
@@ -214,10 +213,10 @@ def entry_spec(spec: ModelSpec, name: str, version: int, run_dir: Path, cfg_dump
     return entry
 
 
-def style_latents(generator: nn.Module, spec: ModelSpec, directions: EditDirections | None) -> dict[str, torch.Tensor]:
+def style_latents(generator: nn.Module, spec: ModelSpec, directions: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
     """w_avg and the named edit directions, for truncation and editing on the server."""
     tensors = {"w_avg": generator.w_avg.detach().clone().contiguous()}
-    for direction_name, vector in (directions.vectors if directions else {}).items():
+    for direction_name, vector in (directions or {}).items():
         tensors[f"direction.{direction_name}"] = vector.float().contiguous()
     return tensors
 
@@ -234,7 +233,7 @@ def ship_feature_network(spec: ModelSpec, cfg, staging: Path) -> dict | None:
 
 
 def export_run(run_dir: Path, name: str, version: int, repository: Path, formats: list[str], checkpoint: str = "best",
-               tolerance: float = PARITY_TOLERANCE, directions: EditDirections | None = None) -> Path:
+               tolerance: float = PARITY_TOLERANCE, directions: dict[str, torch.Tensor] | None = None) -> Path:
     """Writes `repository/name/version/`; returns its path. Raises ExportError on parity failure."""
     check_export_request(formats, version)
     generator, spec, cfg = load_generator(run_dir, checkpoint)
@@ -250,8 +249,6 @@ def export_run(run_dir: Path, name: str, version: int, repository: Path, formats
         entry = entry_spec(spec, name, version, run_dir, cfg.model_dump(), blocks, sorted(latent_tensors))
         if feature_network:
             entry["feature_network"] = feature_network
-        if directions and directions.layers:
-            entry["direction_layers"] = directions.layers  # /edit's default ws for these directions
         (staging / "spec.json").write_text(json.dumps(entry, indent=2))
         metrics = run_dir / "metrics.json"
         (staging / "metrics.json").write_text(metrics.read_text() if metrics.exists() else "{}")

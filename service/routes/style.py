@@ -64,7 +64,7 @@ class EditRequest(BaseModel):
     w: list[float] | None = None
     direction: str
     strengths: list[float] = Field(default_factory=lambda: [-3.0, -1.5, 0.0, 1.5, 3.0], min_length=1, max_length=64)
-    layers: str | list[int] | None = Field(None, description="apply the edit at these ws only (default: the direction's own ws, `direction_layers` in the model's spec, else all)")
+    layers: str | list[int] | None = Field(None, description="apply the edit at these ws only (default: all)")
     truncation_psi: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     format: str | None = Field(None, pattern="^(png|jpeg|webp|npy)$")
     layout: str = Field("grid", pattern="^(grid|list)$")
@@ -142,7 +142,7 @@ async def edit(name: str, body: EditRequest, request: Request) -> Response:
     registry, model = registry_of(request), style_model(request, name)
     async with measured(request, name, model.entry.version, "edit"):
         vector = style.direction(model, body.direction)
-        layers = style.layers_for(model, body.layers) if body.layers is not None else style.edit_layers(model, body.direction)
+        layers = style.layers_for(model, body.layers) if body.layers is not None else list(range(model.entry.spec["num_ws"]))
         state = new_request_state(request)
 
         async def work() -> np.ndarray:

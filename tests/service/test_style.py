@@ -22,7 +22,6 @@ def test_style_model_spec_lists_layers_directions_and_both_graphs(server):
         spec = client.get("/v1/models/styles").json()["versions"][0]["spec"]
     assert spec["kind"] == "style" and spec["num_ws"] == 6 and spec["w_dim"] == 8
     assert set(spec["directions"]) == {"size", "hue"}
-    assert spec["direction_layers"] == {"size": [2, 3]}
     assert set(spec["layer_ranges"]) == {"coarse", "middle", "fine"}
     assert spec["mapping"]["formats"]["onnx"]["parity_max_abs_error"] <= 1e-4
     assert spec["formats"]["onnx"]["parity_max_abs_error"] <= 1e-4
@@ -61,19 +60,6 @@ def test_interpolation_returns_an_animation_or_frames_whose_ends_are_the_seeds(s
     assert Image.open(io.BytesIO(webp.content)).n_frames == 3
     assert frames.shape == (5, 16, 16, 3)
     assert np.abs(frames[0].astype(int) - ends[0]).max() <= 1 and np.abs(frames[-1].astype(int) - ends[1]).max() <= 1
-
-
-def test_edit_acts_on_the_directions_own_ws_unless_the_request_names_others(server):
-    body = {"seed": 4, "direction": "size", "strengths": [-2.5, 2.5], "format": "npy"}
-    with server.client() as client:
-        default = npy(client.post("/v1/models/styles/edit", json=body))
-        own = npy(client.post("/v1/models/styles/edit", json=body | {"layers": [2, 3]}))
-        everywhere = npy(client.post("/v1/models/styles/edit", json=body | {"layers": [0, 1, 2, 3, 4, 5]}))
-        hue_default = npy(client.post("/v1/models/styles/edit", json=body | {"direction": "hue"}))
-        hue_everywhere = npy(client.post("/v1/models/styles/edit", json=body | {"direction": "hue", "layers": [0, 1, 2, 3, 4, 5]}))
-    assert np.array_equal(default, own)
-    assert not np.array_equal(default, everywhere)
-    assert np.array_equal(hue_default, hue_everywhere)  # no window in the spec: all ws
 
 
 def test_edit_strength_zero_is_the_original_image(server):

@@ -1,7 +1,7 @@
 """The measured proofs of the latent toolbox on `shapes` (docs/results.md):
 
-- editing: moving along the `size` direction, at the ws it was fitted to act on, raises the
-  predicted size monotonically while the predicted shape class stays put;
+- editing: moving along the `size` direction raises the predicted size monotonically while the
+  predicted shape class stays put;
 - style mixing: coarse layers from A and the rest from B keep A's shape and position and take
   B's colour;
 - projection: held-out real shapes are reconstructed to a PSNR.
@@ -17,7 +17,7 @@ from models.classifier import ShapesPredictor
 from models.projection import project
 from models.stylegan import StyleGenerator
 from training.data.shapes import load_shapes
-from training.latent.directions import edit_outcome, sample_ws, synthesize
+from training.latent.directions import sample_ws
 from training.metrics.shapes_features import load_shapes_predictor, shapes_readings
 
 
@@ -26,12 +26,25 @@ def hue_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.minimum(d, 1 - d)
 
 
-def measure_size_edit(generator: StyleGenerator, direction: torch.Tensor, layers: list[int] | None = None, seeds: int = 200, steps: int = 7,
-                      reach: float = 2.0) -> dict[str, float]:
-    """`steps` strengths over ±`reach` standard deviations of w along the direction, at `layers`
-    (default all), on seeds that neither fitting nor window choice saw."""
+@torch.no_grad()
+def synthesize(generator: StyleGenerator, ws: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    return torch.cat([generator.synthesis(ws[i : i + batch_size]) for i in range(0, len(ws), batch_size)])
+
+
+def measure_size_edit(generator: StyleGenerator, direction: torch.Tensor, seeds: int = 200, steps: int = 7, reach: float = 2.0) -> dict[str, float]:
+    """Strengths span ±`reach` standard deviations of w along the direction."""
     w, _ = sample_ws(generator, seeds, seed=101)
-    return edit_outcome(generator, w, direction, "size", layers, steps, reach)
+    spread = float((w @ (direction / direction.norm())).std())
+    strengths = list(np.linspace(-reach, reach, steps) * spread)
+    edited = torch.stack([latent.edit(row, direction, strengths) for row in w])  # [seeds, steps, w_dim]
+    images = synthesize(generator, edited.reshape(-1, w.shape[1])[:, None].expand(-1, generator.num_ws, -1))
+    _, readings = shapes_readings(images)
+    size = readings["size"].reshape(seeds, steps)
+    shape = readings["shape"].reshape(seeds, steps)
+    monotonic = (np.diff(size, axis=1) > 0).all(axis=1)
+    same_shape = (shape == shape[:, [steps // 2]]).all(axis=1)
+    return {"seeds": seeds, "size_monotonic": float(monotonic.mean()), "shape_kept": float(same_shape.mean()),
+            "both": float((monotonic & same_shape).mean()), "size_range": float(np.mean(size[:, -1] - size[:, 0]))}
 
 
 def mixing_readings(generator: StyleGenerator, pairs: int) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
