@@ -25,8 +25,8 @@ run: install
 test: install
 	$(BIN)/pytest -q
 
-# Rebuilds the default models from scratch with the project's own commands (about 2 h 30 min on 2 cores:
-# the digits models ~15 min, the StyleGAN ~80 min, CycleGAN ~15 min, SR x4 ~35 min).
+# Rebuilds the default models from scratch with the project's own commands (about 3 h on 2 cores:
+# the digits models ~15 min, the StyleGAN ~2 h, CycleGAN ~15 min, SR x4 ~35 min).
 models: install
 	rm -rf runs/models
 	$(BIN)/ganserve train --config configs/dcgan-digits.yaml --out runs/models/dcgan-digits
@@ -40,7 +40,7 @@ models: install
 	$(BIN)/ganserve train --config configs/stylegan-shapes.yaml --out runs/models/stylegan-shapes
 	$(BIN)/ganserve export runs/models/stylegan-shapes --name stylegan-shapes --version 1 --repository model_repository
 
-# Trains and evaluates every run behind docs/results.md (about 4 hours on 2 cores; finished runs are reused).
+# Trains and evaluates every run behind docs/results.md (about 5 hours on 2 cores; finished runs are reused).
 results: install
 	$(BIN)/ganserve results --out docs/results.md
 

@@ -7,6 +7,7 @@ resumes where it stopped.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import statistics
 import time
@@ -166,7 +167,8 @@ def style_section(runs: Path) -> list[str]:
         "",
         "| proof | measured | target |",
         "|---|---|---|",
-        f"| moving along the supervised `size` direction (7 strengths over ±2σ) raises the predicted size monotonically | {100 * size['size_monotonic']:.0f} % of {size['seeds']} seeds | |",
+        f"| moving along the supervised `size` direction (7 strengths over ±2σ) raises the predicted size monotonically "
+        f"(by {size['size_range']:.3f} of the frame on average, end to end) | {100 * size['size_monotonic']:.0f} % of {size['seeds']} seeds | |",
         f"| … while the predicted shape class stays the same | {100 * size['shape_kept']:.0f} % (both: {100 * size['both']:.0f} %) | ≥ 90 % |",
         f"| style mixing, coarse layers from A, the rest from B: keeps A's shape | {100 * mixing['keeps_shape']:.0f} % of {mixing['pairs']} pairs | |",
         f"| … keeps A's position (within 0.08 of the frame) | {100 * mixing['keeps_position']:.0f} % | |",
@@ -202,10 +204,28 @@ def build_results(out: Path, runs: Path, seeds: int, sections: tuple[str, ...] =
     if unknown:
         raise ValueError(f"unknown sections {sorted(unknown)}: choose from {SECTIONS}")
     digits = digits_section(runs) if "digits" in sections else []  # the slower, riskier runs first: a problem shows early
-    body = (grid_section(runs, seeds) if "grid" in sections else []) + digits + (style_section(runs) if "style" in sections else [])
+    built = [section for section in (grid_section(runs, seeds) if "grid" in sections else [], digits,
+                                     style_section(runs) if "style" in sections else []) if section]
     if "image2image" in sections:
         from training.image2image.results import image_to_image_section
 
-        body += image_to_image_section(runs, train_once, wall_minutes)
+        built.append(image_to_image_section(runs, train_once, wall_minutes))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(header + body) + "\n")
+    if out.exists() and set(sections) != set(SECTIONS):
+        out.write_text(merge_sections(out.read_text(), built))  # a partial rebuild keeps the other sections
+    else:
+        out.write_text("\n".join(header + [line for section in built for line in section]) + "\n")
+
+
+def merge_sections(existing: str, sections: list[list[str]]) -> str:
+    """`existing` with each section (its first line a `## ` heading) put in place of the one with
+    the same heading, or appended when there is none."""
+    chunks = re.split(r"(?m)^(?=## )", existing)
+    for section in sections:
+        text = "\n".join(section) + "\n"
+        matches = [i for i, chunk in enumerate(chunks) if chunk.startswith(section[0] + "\n")]
+        if matches:
+            chunks[matches[0]] = text
+        else:
+            chunks.append(text if chunks[-1].endswith("\n") else "\n" + text)
+    return "".join(chunks)
