@@ -223,9 +223,9 @@ def merge_sections(existing: str, sections: list[list[str]]) -> str:
     chunks = re.split(r"(?m)^(?=## )", existing)
     for section in sections:
         text = "\n".join(section) + "\n"
-        matches = [i for i, chunk in enumerate(chunks) if chunk.startswith(section[0] + "\n")]
-        if matches:
-            chunks[matches[0]] = text
+        match = next((i for i, chunk in enumerate(chunks) if chunk.startswith(section[0] + "\n")), None)
+        if match is not None:
+            chunks[match] = text
         else:
             chunks.append(text if chunks[-1].endswith("\n") else "\n" + text)
     return "".join(chunks)
