@@ -80,11 +80,16 @@ def train_classifier_command(epochs: int = typer.Option(40, min=1)) -> None:
     console.print(f"held-out accuracy {accuracy:.4f}")
 
 
-def train_shapes_predictor_command(epochs: int = typer.Option(8, min=1)) -> None:
-    """Rebuild the shapes attribute predictor shipped in training/metrics/."""
-    from training.shapes_predictor import train_shapes_predictor
+def train_shapes_predictor_command(
+    epochs: int = typer.Option(8, min=1),
+    role: str = typer.Option("features", help="features (FID/KID features, data size range) or reader (judges latent edits, wider size range)"),
+) -> None:
+    """Rebuild a shapes attribute predictor shipped in training/metrics/."""
+    from training.shapes_predictor import ROLES, train_shapes_predictor
 
-    for name, value in train_shapes_predictor(epochs=epochs).items():
+    if role not in ROLES:
+        raise typer.BadParameter(f"role must be one of {', '.join(ROLES)}, not {role!r}", param_hint="--role")
+    for name, value in train_shapes_predictor(ROLES[role], epochs=epochs).items():
         console.print(f"{name:28s} {value:.4f}")
 
 

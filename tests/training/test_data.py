@@ -44,6 +44,16 @@ def test_shapes_keep_their_generating_factors_and_bigger_shapes_cover_more_pixel
     assert torch.equal(load_shapes(5, 32, seed=3).x, data.x[:5])  # a seed fixes the set
 
 
+def test_shapes_size_range_widens_the_sizes_drawn_and_a_bad_range_is_refused():
+    wide = load_shapes(400, 32, seed=3, size_range=(0.2, 0.7))
+    assert 0.2 <= float(wide.factors["size"].min()) < 0.25 and 0.65 < float(wide.factors["size"].max()) <= 0.7
+    # the shape stays inside the frame at any size
+    assert bool(((wide.factors["x"] - wide.factors["size"] / 2) >= 0).all() and ((wide.factors["x"] + wide.factors["size"] / 2) <= 1).all())
+    assert torch.equal(load_shapes(5, 32, seed=3).x, load_shapes(5, 32, seed=3, size_range=(0.3, 0.6)).x)  # the default is the data's range
+    with pytest.raises(ValueError, match="size range"):
+        load_shapes(5, 32, size_range=(0.6, 0.3))
+
+
 def test_image_folder_with_class_subfolders_is_resized_cropped_and_labelled(tmp_path):
     for name, colour in (("cats", (255, 0, 0)), ("dogs", (0, 0, 255))):
         (tmp_path / name).mkdir()

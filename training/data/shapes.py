@@ -42,16 +42,21 @@ def render_shape(resolution: int, shape: int, hue: float, size: float, x: float,
     return np.asarray(canvas.resize((resolution, resolution), Image.Resampling.BOX))
 
 
-def load_shapes(n: int = 10_000, resolution: int = 32, seed: int = 0) -> TensorData:
-    """`n` shapes as [n, 3, resolution, resolution] in [-1, 1], labels = shape class, factors kept."""
+def load_shapes(n: int = 10_000, resolution: int = 32, seed: int = 0, size_range: tuple[float, float] = (MIN_SIZE, MAX_SIZE)) -> TensorData:
+    """`n` shapes as [n, 3, resolution, resolution] in [-1, 1], labels = shape class, factors kept.
+    `size_range` widens or narrows the sizes drawn (the data is 0.3–0.6; the shapes reader that
+    judges edits trains on a wider range so that it can read shapes an edit grows or shrinks past it)."""
     if resolution < 8:
         raise ValueError(f"shapes resolution must be at least 8, not {resolution}")
+    min_size, max_size = size_range
+    if not 0 < min_size <= max_size < 1:
+        raise ValueError(f"shapes size range must satisfy 0 < min ≤ max < 1, not {size_range}")
     rng = np.random.default_rng(seed)
     # one row of 6 uniforms per image, so the first k images of a set are the same for any n
     u = rng.random((n, 6))
     shape = (u[:, 0] * 3).astype(np.int64)
     hue = u[:, 1]
-    size = MIN_SIZE + u[:, 2] * (MAX_SIZE - MIN_SIZE)
+    size = min_size + u[:, 2] * (max_size - min_size)
     # keep the whole shape inside the frame: the centre is at least a radius from each edge
     x = size / 2 + u[:, 3] * (1 - size)
     y = size / 2 + u[:, 4] * (1 - size)

@@ -1,11 +1,13 @@
 """Edit directions in W.
 
 Supervised (InterFaceGAN-style): draw many w, synthesize, read attributes off the images with
-the shapes predictor, fit a linear model attribute ≈ a·w + b; the direction is a / |a|.
+the shapes reader (the predictor trained on a wide size range), fit a linear model attribute ≈ a·w + b; the direction is a / |a|.
 Shape classes get one-vs-rest logistic boundaries. Unsupervised (GANSpace-style): the principal
 components of W.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -14,7 +16,7 @@ from sklearn.linear_model import LogisticRegression, Ridge
 
 from models.stylegan import StyleGenerator
 from training.data.shapes import SHAPE_NAMES
-from training.metrics.shapes_features import shapes_readings
+from training.metrics.shapes_features import edit_readings
 
 
 @torch.no_grad()
@@ -52,9 +54,10 @@ def pca_directions(w: np.ndarray, count: int = 8) -> dict[str, torch.Tensor]:
     return {f"pc{i}": unit(component) for i, component in enumerate(pca.components_)}
 
 
-def fit_directions(generator: StyleGenerator, samples: int = 5000, seed: int = 7) -> dict[str, torch.Tensor]:
+def fit_directions(generator: StyleGenerator, samples: int = 5000, seed: int = 7,
+                   read: Callable[[torch.Tensor], dict[str, np.ndarray]] = edit_readings) -> dict[str, torch.Tensor]:
     w, images = sample_ws(generator.eval(), samples, seed)
-    _, attributes = shapes_readings(images)
+    attributes = read(images)
     w_np = w.double().numpy()
     return supervised_directions(w_np, attributes) | pca_directions(w_np)
 

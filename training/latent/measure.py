@@ -5,9 +5,11 @@
 - style mixing: coarse layers from A and the rest from B keep A's shape and position and take
   B's colour;
 - projection: held-out real shapes are reconstructed to a PSNR.
-All readings come from the shapes predictor, never from the generator's own latents.
+All readings come from the shapes reader (`edit_readings`), never from the generator's own latents.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -18,7 +20,7 @@ from models.projection import project
 from models.stylegan import StyleGenerator
 from training.data.shapes import load_shapes
 from training.latent.directions import sample_ws
-from training.metrics.shapes_features import load_shapes_predictor, shapes_readings
+from training.metrics.shapes_features import edit_readings, load_shapes_predictor
 
 
 def hue_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -31,14 +33,15 @@ def synthesize(generator: StyleGenerator, ws: torch.Tensor, batch_size: int = 50
     return torch.cat([generator.synthesis(ws[i : i + batch_size]) for i in range(0, len(ws), batch_size)])
 
 
-def measure_size_edit(generator: StyleGenerator, direction: torch.Tensor, seeds: int = 200, steps: int = 7, reach: float = 2.0) -> dict[str, float]:
-    """Strengths span ±`reach` standard deviations of w along the direction."""
+def measure_size_edit(generator: StyleGenerator, direction: torch.Tensor, seeds: int = 200, steps: int = 7, reach: float = 2.0,
+                      read: Callable[[torch.Tensor], dict[str, np.ndarray]] = edit_readings) -> dict[str, float]:
+    """Strengths span ±`reach` standard deviations of w along the direction; `read` is the judge."""
     w, _ = sample_ws(generator, seeds, seed=101)
     spread = float((w @ (direction / direction.norm())).std())
     strengths = list(np.linspace(-reach, reach, steps) * spread)
     edited = torch.stack([latent.edit(row, direction, strengths) for row in w])  # [seeds, steps, w_dim]
     images = synthesize(generator, edited.reshape(-1, w.shape[1])[:, None].expand(-1, generator.num_ws, -1))
-    _, readings = shapes_readings(images)
+    readings = read(images)
     size = readings["size"].reshape(seeds, steps)
     shape = readings["shape"].reshape(seeds, steps)
     monotonic = (np.diff(size, axis=1) > 0).all(axis=1)
@@ -53,14 +56,13 @@ def mixing_readings(generator: StyleGenerator, pairs: int) -> tuple[torch.Tensor
     wb, images_b = sample_ws(generator, pairs, seed=303)
     n = generator.num_ws
     ws_a, ws_b = wa[:, None].expand(-1, n, -1).contiguous(), wb[:, None].expand(-1, n, -1).contiguous()
-    _, a = shapes_readings(images_a)
-    _, b = shapes_readings(images_b)
+    a, b = edit_readings(images_a), edit_readings(images_b)
     return ws_a, ws_b, a, b
 
 
 def mixing_outcome(generator: StyleGenerator, ws_a: torch.Tensor, ws_b: torch.Tensor, a: dict, b: dict, layers_from_b: list[int],
                    position_tolerance: float = 0.08) -> dict[str, float]:
-    _, m = shapes_readings(synthesize(generator, latent.mix_styles(ws_a, ws_b, layers_from_b)))
+    m = edit_readings(synthesize(generator, latent.mix_styles(ws_a, ws_b, layers_from_b)))
     keeps_shape = m["shape"] == a["shape"]
     keeps_position = np.hypot(m["x"] - a["x"], m["y"] - a["y"]) < position_tolerance
     takes_colour = hue_distance(m["hue"], b["hue"]) < hue_distance(m["hue"], a["hue"])
@@ -84,6 +86,18 @@ def measure_crossovers(generator: StyleGenerator, pairs: int = 200) -> list[dict
     ws_a, ws_b, a, b = mixing_readings(generator, pairs)
     n = generator.num_ws
     return [{"k": k, **mixing_outcome(generator, ws_a, ws_b, a, b, list(range(k, n)))} for k in range(n + 1)]
+
+
+def measure_judge_stability(generator: StyleGenerator, read: Callable[[torch.Tensor], dict[str, np.ndarray]], pairs: int = 500) -> dict[str, float]:
+    """How steady a judge reads generated shapes when only the finest style layer (colour) is
+    swapped for another sample's: the class should not change, the size barely. A check of the
+    instrument on generated images, on seeds apart from the proofs'."""
+    wa, images_a = sample_ws(generator, pairs, seed=404)
+    wb, _ = sample_ws(generator, pairs, seed=505)
+    n = generator.num_ws
+    ws_a, ws_b = wa[:, None].expand(-1, n, -1).contiguous(), wb[:, None].expand(-1, n, -1).contiguous()
+    a, m = read(images_a), read(synthesize(generator, latent.mix_styles(ws_a, ws_b, [n - 1])))
+    return {"pairs": pairs, "class_kept": float(np.mean(a["shape"] == m["shape"])), "size_change_median": float(np.median(np.abs(a["size"] - m["size"])))}
 
 
 def measure_projection(generator: StyleGenerator, images: int = 16, steps: int = 200) -> dict[str, float]:

@@ -1,4 +1,6 @@
-"""The shapes feature space and attribute readings, from the shipped shapes predictor."""
+"""The shapes feature space and attribute readings, from the shipped shapes predictors: the
+features predictor (FID/KID features, trained on the data's size range) and the reader (trained on
+a wider size range, to judge latent edits); `training/shapes_predictor.py` explains the split."""
 from __future__ import annotations
 
 import math
@@ -12,22 +14,28 @@ from safetensors.torch import load_file
 from models.classifier import ShapesPredictor
 
 PREDICTOR_PATH = Path(__file__).with_name("shapes_predictor.safetensors")
+READER_PATH = Path(__file__).with_name("shapes_reader.safetensors")
 
 
-@lru_cache(maxsize=1)
+@lru_cache(maxsize=2)
 def load_shapes_predictor(path: Path = PREDICTOR_PATH) -> ShapesPredictor:
     if not Path(path).exists():
-        raise FileNotFoundError(f"shapes predictor weights not found at {path}; rebuild them with `ganserve train-shapes-predictor`")
+        role = " --role reader" if Path(path).name == READER_PATH.name else ""
+        raise FileNotFoundError(f"shapes predictor weights not found at {path}; rebuild them with `ganserve train-shapes-predictor{role}`")
     model = ShapesPredictor()
     model.load_state_dict(load_file(str(path)))
     return model.eval()
 
 
+def load_shapes_reader() -> ShapesPredictor:
+    return load_shapes_predictor(READER_PATH)
+
+
 @torch.no_grad()
-def shapes_readings(images: torch.Tensor, batch_size: int = 500) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(features [N, 64], attributes) for 32x32 RGB images in [-1, 1]. Attributes: `shape`
-    (class index), `shape_probs` [N, 3], `size`, `x`, `y`, `hue` (in [0, 1))."""
-    model = load_shapes_predictor()
+def shapes_readings(images: torch.Tensor, batch_size: int = 500, path: Path = PREDICTOR_PATH) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(features [N, 64], attributes) for 32x32 RGB images in [-1, 1], from the predictor at
+    `path`. Attributes: `shape` (class index), `shape_probs` [N, 3], `size`, `x`, `y`, `hue` (in [0, 1))."""
+    model = load_shapes_predictor(path)
     features, logits, regressed = [], [], []
     for start in range(0, len(images), batch_size):
         phi = model.features(images[start : start + batch_size].float().cpu())
@@ -39,3 +47,14 @@ def shapes_readings(images: torch.Tensor, batch_size: int = 500) -> tuple[np.nda
     attributes = {"shape": logits_all.argmax(1).numpy(), "shape_probs": logits_all.softmax(1).double().numpy(),
                   "size": reg[:, 0], "x": reg[:, 1], "y": reg[:, 2], "hue": hue}
     return torch.cat(features).double().numpy(), attributes
+
+
+def edit_readings(images: torch.Tensor) -> dict[str, np.ndarray]:
+    """The attributes the reader reads off images: what edit directions are fitted on and what
+    the latent proofs measure."""
+    return shapes_readings(images, path=READER_PATH)[1]
+
+
+def predictor_readings(images: torch.Tensor) -> dict[str, np.ndarray]:
+    """The features predictor's readings: the judge of edits before the reader, kept for comparison."""
+    return shapes_readings(images)[1]
