@@ -7,8 +7,6 @@ components of W.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 from sklearn.decomposition import PCA
@@ -16,7 +14,7 @@ from sklearn.linear_model import LogisticRegression, Ridge
 
 from models.stylegan import StyleGenerator
 from training.data.shapes import SHAPE_NAMES
-from training.metrics.shapes_features import edit_readings
+from training.metrics.shapes_features import Judge, edit_readings
 
 
 @torch.no_grad()
@@ -55,7 +53,7 @@ def pca_directions(w: np.ndarray, count: int = 8) -> dict[str, torch.Tensor]:
 
 
 def fit_directions(generator: StyleGenerator, samples: int = 5000, seed: int = 7,
-                   read: Callable[[torch.Tensor], dict[str, np.ndarray]] = edit_readings) -> dict[str, torch.Tensor]:
+                   read: Judge = edit_readings) -> dict[str, torch.Tensor]:
     w, images = sample_ws(generator.eval(), samples, seed)
     attributes = read(images)
     w_np = w.double().numpy()

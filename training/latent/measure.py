@@ -9,8 +9,6 @@ All readings come from the shapes reader (`edit_readings`), never from the gener
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 
@@ -20,7 +18,7 @@ from models.projection import project
 from models.stylegan import StyleGenerator
 from training.data.shapes import load_shapes
 from training.latent.directions import sample_ws
-from training.metrics.shapes_features import edit_readings, load_shapes_predictor
+from training.metrics.shapes_features import Judge, edit_readings, load_shapes_predictor
 
 
 def hue_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -34,7 +32,7 @@ def synthesize(generator: StyleGenerator, ws: torch.Tensor, batch_size: int = 50
 
 
 def measure_size_edit(generator: StyleGenerator, direction: torch.Tensor, seeds: int = 200, steps: int = 7, reach: float = 2.0,
-                      read: Callable[[torch.Tensor], dict[str, np.ndarray]] = edit_readings) -> dict[str, float]:
+                      read: Judge = edit_readings) -> dict[str, float]:
     """Strengths span ±`reach` standard deviations of w along the direction; `read` is the judge."""
     w, _ = sample_ws(generator, seeds, seed=101)
     spread = float((w @ (direction / direction.norm())).std())
@@ -50,14 +48,18 @@ def measure_size_edit(generator: StyleGenerator, direction: torch.Tensor, seeds:
             "both": float((monotonic & same_shape).mean()), "size_range": float(np.mean(size[:, -1] - size[:, 0]))}
 
 
-def mixing_readings(generator: StyleGenerator, pairs: int) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
-    """Seeded A and B styles ([pairs, num_ws, w_dim] each) and the predictor's readings of both."""
-    wa, images_a = sample_ws(generator, pairs, seed=202)  # images synthesized from w on every layer
-    wb, images_b = sample_ws(generator, pairs, seed=303)
+def paired_styles(generator: StyleGenerator, pairs: int, seed_a: int, seed_b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded A and B styles ([pairs, num_ws, w_dim] each, w on every layer) and their images."""
+    wa, images_a = sample_ws(generator, pairs, seed=seed_a)
+    wb, images_b = sample_ws(generator, pairs, seed=seed_b)
     n = generator.num_ws
-    ws_a, ws_b = wa[:, None].expand(-1, n, -1).contiguous(), wb[:, None].expand(-1, n, -1).contiguous()
-    a, b = edit_readings(images_a), edit_readings(images_b)
-    return ws_a, ws_b, a, b
+    return wa[:, None].expand(-1, n, -1).contiguous(), wb[:, None].expand(-1, n, -1).contiguous(), images_a, images_b
+
+
+def mixing_readings(generator: StyleGenerator, pairs: int) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
+    """Seeded A and B styles ([pairs, num_ws, w_dim] each) and the reader's readings of both."""
+    ws_a, ws_b, images_a, images_b = paired_styles(generator, pairs, 202, 303)
+    return ws_a, ws_b, edit_readings(images_a), edit_readings(images_b)
 
 
 def mixing_outcome(generator: StyleGenerator, ws_a: torch.Tensor, ws_b: torch.Tensor, a: dict, b: dict, layers_from_b: list[int],
@@ -88,15 +90,12 @@ def measure_crossovers(generator: StyleGenerator, pairs: int = 200) -> list[dict
     return [{"k": k, **mixing_outcome(generator, ws_a, ws_b, a, b, list(range(k, n)))} for k in range(n + 1)]
 
 
-def measure_judge_stability(generator: StyleGenerator, read: Callable[[torch.Tensor], dict[str, np.ndarray]], pairs: int = 500) -> dict[str, float]:
+def measure_judge_stability(generator: StyleGenerator, read: Judge, pairs: int = 500) -> dict[str, float]:
     """How steady a judge reads generated shapes when only the finest style layer (colour) is
     swapped for another sample's: the class should not change, the size barely. A check of the
     instrument on generated images, on seeds apart from the proofs'."""
-    wa, images_a = sample_ws(generator, pairs, seed=404)
-    wb, _ = sample_ws(generator, pairs, seed=505)
-    n = generator.num_ws
-    ws_a, ws_b = wa[:, None].expand(-1, n, -1).contiguous(), wb[:, None].expand(-1, n, -1).contiguous()
-    a, m = read(images_a), read(synthesize(generator, latent.mix_styles(ws_a, ws_b, [n - 1])))
+    ws_a, ws_b, images_a, _ = paired_styles(generator, pairs, 404, 505)
+    a, m = read(images_a), read(synthesize(generator, latent.mix_styles(ws_a, ws_b, [generator.num_ws - 1])))
     return {"pairs": pairs, "class_kept": float(np.mean(a["shape"] == m["shape"])), "size_change_median": float(np.median(np.abs(a["size"] - m["size"])))}
 
 

@@ -4,6 +4,7 @@ a wider size range, to judge latent edits); `training/shapes_predictor.py` expla
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from models.classifier import ShapesPredictor
 
 PREDICTOR_PATH = Path(__file__).with_name("shapes_predictor.safetensors")
 READER_PATH = Path(__file__).with_name("shapes_reader.safetensors")
+
+Judge = Callable[[torch.Tensor], dict[str, np.ndarray]]  # images → attributes read off them
 
 
 @lru_cache(maxsize=2)
