@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +122,16 @@ def train_shapes_predictor(role: PredictorRole = FEATURES, epochs: int = 8, seed
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(role.path))
     write_card(role, report | {"epochs": epochs, "seed": seed}, model)
     return report
+
+
+def reader_with_seed(seed: int, folder: Path) -> Path:
+    """Weights of a reader trained by the shipped recipe but with another seed, in `folder`
+    (trained once, then reused): a second opinion on the latent proofs, to see how much of a
+    result belongs to the one shipped judge."""
+    path = folder / f"shapes-reader-seed{seed}.safetensors"
+    if not path.exists():
+        train_shapes_predictor(replace(READER, path=path), seed=seed)
+    return path
 
 
 def write_card(role: PredictorRole, report: dict, model: ShapesPredictor) -> None:

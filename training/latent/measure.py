@@ -17,7 +17,7 @@ from models.classifier import ShapesPredictor
 from models.projection import project
 from models.stylegan import StyleGenerator
 from training.data.shapes import load_shapes
-from training.latent.directions import sample_ws
+from training.latent.directions import fit_directions, sample_ws
 from training.metrics.shapes_features import Judge, edit_readings, load_shapes_predictor
 
 
@@ -97,6 +97,17 @@ def measure_judge_stability(generator: StyleGenerator, read: Judge, pairs: int =
     ws_a, ws_b, images_a, _ = paired_styles(generator, pairs, 404, 505)
     a, m = read(images_a), read(synthesize(generator, latent.mix_styles(ws_a, ws_b, [generator.num_ws - 1])))
     return {"pairs": pairs, "class_kept": float(np.mean(a["shape"] == m["shape"])), "size_change_median": float(np.median(np.abs(a["size"] - m["size"])))}
+
+
+def measure_judge_seeds(generator: StyleGenerator, shipped_direction: torch.Tensor, judges: dict[str, Judge], seeds: int = 200,
+                        fit_samples: int = 5000) -> dict[str, dict]:
+    """The size proof under each judge (readers of one recipe, different training seeds): the
+    direction it fits itself, and the shipped direction, both read by it; and its steadiness. A
+    proof that holds for one judge only is a property of that judge."""
+    return {name: {"own_fit": measure_size_edit(generator, fit_directions(generator, fit_samples, read=read)["size"], seeds=seeds, read=read),
+                   "shipped_direction": measure_size_edit(generator, shipped_direction, seeds=seeds, read=read),
+                   "stability": measure_judge_stability(generator, read)}
+            for name, read in judges.items()}
 
 
 def measure_projection(generator: StyleGenerator, images: int = 16, steps: int = 200) -> dict[str, float]:

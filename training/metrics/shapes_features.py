@@ -58,6 +58,11 @@ def edit_readings(images: torch.Tensor) -> dict[str, np.ndarray]:
     return shapes_readings(images, path=READER_PATH)[1]
 
 
+def reader_at(path: Path) -> Judge:
+    """A judge reading with the predictor weights at `path` (e.g. a reader trained with another seed)."""
+    return lambda images: shapes_readings(images, path=path)[1]
+
+
 def predictor_readings(images: torch.Tensor) -> dict[str, np.ndarray]:
     """The features predictor's readings: the judge of edits before the reader, kept for comparison."""
     return shapes_readings(images)[1]
