@@ -40,7 +40,7 @@ models: install
 	$(BIN)/ganserve train --config configs/stylegan-shapes.yaml --out runs/models/stylegan-shapes
 	$(BIN)/ganserve export runs/models/stylegan-shapes --name stylegan-shapes --version 1 --repository model_repository
 
-# Trains and evaluates every run behind docs/results.md (about 5 hours on 2 cores; finished runs are reused).
+# Trains and evaluates every run behind docs/results.md (about 6 hours on 2 cores; finished runs are reused).
 results: install
 	$(BIN)/ganserve results --out docs/results.md
 

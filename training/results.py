@@ -24,7 +24,7 @@ from training.loop import train
 from training.run_eval import evaluate_run
 
 GRID_CONFIGS = {"gan-grid25": "vanilla GAN (non-saturating)", "wgan-gp-grid25": "WGAN-GP", "sngan-hinge-grid25": "SN-hinge"}
-DIGITS_CONFIGS = {"dcgan-digits": "DCGAN", "cdcgan-digits": "conditional DCGAN"}
+DIGITS_CONFIGS = {"dcgan-digits": "DCGAN", "cdcgan-digits": "conditional DCGAN", "stylegan-digits": "StyleGAN2-style"}
 CONFIG_DIR = Path("configs")
 
 
