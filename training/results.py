@@ -169,6 +169,8 @@ def style_section(runs: Path) -> list[str]:
         measure_style_mixing,
     )
     from training.metrics.shapes_features import (
+        READER_PATH,
+        averaged_judge,
         edit_readings,
         predictor_readings,
         reader_at,
@@ -186,7 +188,9 @@ def style_section(runs: Path) -> list[str]:
     # the protocol before the reader existed, kept for comparison: fitted and read by the features predictor
     size_by_features_predictor = measure_size_edit(generator, fit_directions(generator, read=predictor_readings)["size"], read=predictor_readings)
     stability = {"reader": measure_judge_stability(generator, edit_readings), "features predictor": measure_judge_stability(generator, predictor_readings)}
-    other_judges = measure_judge_seeds(generator, directions["size"], {str(seed): reader_at(reader_with_seed(seed, runs / "shapes-readers")) for seed in (1, 2)})
+    other_readers = {seed: reader_with_seed(seed, runs / "shapes-readers") for seed in (1, 2)}
+    other_judges = measure_judge_seeds(generator, directions["size"], {str(seed): reader_at(path) for seed, path in other_readers.items()}
+                                       | {"0, 1, 2 averaged": averaged_judge([READER_PATH, *other_readers.values()])})
     judges = {"0 (shipped)": {"own_fit": size, "shipped_direction": size, "stability": stability["reader"]}, **other_judges}
     mixing = measure_style_mixing(generator)
     crossovers = measure_crossovers(generator)

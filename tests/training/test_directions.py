@@ -62,3 +62,20 @@ def test_the_shapes_reader_reads_size_rising_with_true_size_past_the_data_range(
         errors = [abs(read - true) for read, true in zip(calibration[name]["size_read"], calibration["sizes"])]
         assert max(errors) < 0.04, (name, errors)
         assert min(calibration[name]["class_accuracy"]) > 0.9
+
+
+def test_an_averaged_judge_reads_between_its_readers_and_agrees_with_one_reader_averaged_with_itself():
+    import numpy as np
+
+    from training.data.shapes import load_shapes
+    from training.metrics.shapes_features import PREDICTOR_PATH, READER_PATH, averaged_judge, reader_at
+
+    shapes = load_shapes(60, 32, seed=3)
+    reader, predictor = reader_at(READER_PATH)(shapes.x), reader_at(PREDICTOR_PATH)(shapes.x)
+    alone = averaged_judge([READER_PATH, READER_PATH])(shapes.x)
+    assert np.allclose(alone["size"], reader["size"]) and np.array_equal(alone["shape"], reader["shape"])
+    assert np.allclose(np.angle(np.exp(2j * np.pi * (alone["hue"] - reader["hue"]))), 0, atol=1e-6)  # hue is circular
+    both = averaged_judge([READER_PATH, PREDICTOR_PATH])(shapes.x)
+    low, high = np.minimum(reader["size"], predictor["size"]), np.maximum(reader["size"], predictor["size"])
+    assert np.all((low - 1e-9 <= both["size"]) & (both["size"] <= high + 1e-9))
+    assert np.mean(both["shape"] == shapes.y.numpy()) > 0.95

@@ -63,6 +63,22 @@ def reader_at(path: Path) -> Judge:
     return lambda images: shapes_readings(images, path=path)[1]
 
 
+def averaged_judge(paths: list[Path]) -> Judge:
+    """One judge from several predictors' weights: the mean of their size and position readings,
+    the circular mean of their hues, the class of their mean class probabilities. Independent
+    readers' noise partly cancels, so it resolves smaller changes than any one of them."""
+
+    def read(images: torch.Tensor) -> dict[str, np.ndarray]:
+        readings = [shapes_readings(images, path=path)[1] for path in paths]
+        angles = [2 * math.pi * r["hue"] for r in readings]
+        hue = (np.arctan2(np.mean(np.sin(angles), 0), np.mean(np.cos(angles), 0)) / (2 * math.pi)) % 1.0
+        probs = np.mean([r["shape_probs"] for r in readings], 0)
+        return {"shape": probs.argmax(1), "shape_probs": probs, "hue": hue,
+                **{name: np.mean([r[name] for r in readings], 0) for name in ("size", "x", "y")}}
+
+    return read
+
+
 def predictor_readings(images: torch.Tensor) -> dict[str, np.ndarray]:
     """The features predictor's readings: the judge of edits before the reader, kept for comparison."""
     return shapes_readings(images)[1]
