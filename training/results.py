@@ -141,18 +141,19 @@ def judge_lines(judges: dict[str, dict], size: dict, steadiness: dict) -> list[s
     return [
         "The size proof belongs to its judge as much as to the edit. Readers trained by the same recipe with other seeds (`reader_with_seed`; "
         "their cards, with held-out accuracy and size calibration, lie beside their weights in `runs/shapes-readers/`) read the same "
-        "generator's size edit as follows:",
+        "generator's latent edits as follows:",
         "",
         "| reader (training seed) | `size` direction fitted by this reader: monotonic / class kept / both | shipped `size` direction read by this reader: both "
-        "(mean size change) | steadiness: class unchanged / median size change |",
-        "|---|---|---|---|",
+        "(mean size change) | style mixing: all three | steadiness: class unchanged / median size change |",
+        "|---|---|---|---|---|",
         *[f"| {judge} | {100 * r['own_fit']['size_monotonic']:.1f} / {100 * r['own_fit']['shape_kept']:.1f} / {100 * r['own_fit']['both']:.1f} % | "
-          f"{100 * r['shipped_direction']['both']:.1f} % ({r['shipped_direction']['size_range']:.3f}) | "
+          f"{100 * r['shipped_direction']['both']:.1f} % ({r['shipped_direction']['size_range']:.3f}) | {100 * r['mixing']['all_three']:.0f} % | "
           f"{100 * r['stability']['class_kept']:.1f} % / {r['stability']['size_change_median']:.4f} |" for judge, r in judges.items()],
         "",
         f"Both at once, over the {len(judges)} judges: {min(100 * r['own_fit']['both'] for r in judges.values()):.1f}–"
         f"{max(100 * r['own_fit']['both'] for r in judges.values()):.1f} %; the ≥ 90 % target holds under "
-        f"{sum(r['own_fit']['both'] >= 0.9 for r in judges.values())} of them. The edit moves the size by {size['size_range']:.3f} of the frame over "
+        f"{sum(r['own_fit']['both'] >= 0.9 for r in judges.values())} of them; style mixing, all three: {min(100 * r['mixing']['all_three'] for r in judges.values()):.0f}–"
+        f"{max(100 * r['mixing']['all_three'] for r in judges.values()):.0f} % (target ≥ 80 %). The size edit moves the size by {size['size_range']:.3f} of the frame over "
         f"its 7 strengths ({size['size_range'] / 6:.4f} a step), while a judge's reading changes by {steadiness['size_change_median']:.4f} "
         "(median) when only the colour layer changes.",
     ]
@@ -191,8 +192,8 @@ def style_section(runs: Path) -> list[str]:
     other_readers = {seed: reader_with_seed(seed, runs / "shapes-readers") for seed in (1, 2)}
     other_judges = measure_judge_seeds(generator, directions["size"], {str(seed): reader_at(path) for seed, path in other_readers.items()}
                                        | {"0, 1, 2 averaged": averaged_judge([READER_PATH, *other_readers.values()])})
-    judges = {"0 (shipped)": {"own_fit": size, "shipped_direction": size, "stability": stability["reader"]}, **other_judges}
     mixing = measure_style_mixing(generator)
+    judges = {"0 (shipped)": {"own_fit": size, "shipped_direction": size, "stability": stability["reader"], "mixing": mixing}, **other_judges}
     crossovers = measure_crossovers(generator)
     coarse = latent.named_layers("coarse", generator.num_ws)
     projection = measure_projection(generator)

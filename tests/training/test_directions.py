@@ -35,17 +35,18 @@ def test_latent_proofs_report_fractions_and_a_psnr_for_any_style_generator():
 
 
 def test_the_size_proof_is_reported_under_each_judge_with_its_own_fit_and_the_shipped_direction():
-    from training.latent.measure import measure_judge_seeds, measure_size_edit
+    from training.latent.measure import measure_judge_seeds, measure_size_edit, measure_style_mixing
     from training.metrics.shapes_features import edit_readings, predictor_readings
 
     torch.manual_seed(0)
     generator = StyleGenerator(z_dim=8, w_dim=8, resolution=32, img_channels=3, width=4, max_channels=16, mapping_layers=2).requires_grad_(False)
     shipped = fit_directions(generator, samples=300)["size"]
     judged = measure_judge_seeds(generator, shipped, {"reader": edit_readings, "predictor": predictor_readings}, seeds=10, fit_samples=300)
+    assert judged["reader"]["mixing"] == measure_style_mixing(generator)
     assert set(judged) == {"reader", "predictor"}
     assert judged["reader"]["shipped_direction"] == measure_size_edit(generator, shipped, seeds=10)  # the same walk, the same judge
     for result in judged.values():
-        assert set(result) == {"own_fit", "shipped_direction", "stability"}
+        assert set(result) == {"own_fit", "shipped_direction", "stability", "mixing"}
         assert 0 <= result["own_fit"]["both"] <= result["own_fit"]["shape_kept"] <= 1
 
 

@@ -56,15 +56,15 @@ def paired_styles(generator: StyleGenerator, pairs: int, seed_a: int, seed_b: in
     return wa[:, None].expand(-1, n, -1).contiguous(), wb[:, None].expand(-1, n, -1).contiguous(), images_a, images_b
 
 
-def mixing_readings(generator: StyleGenerator, pairs: int) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
-    """Seeded A and B styles ([pairs, num_ws, w_dim] each) and the reader's readings of both."""
+def mixing_readings(generator: StyleGenerator, pairs: int, read: Judge = edit_readings) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
+    """Seeded A and B styles ([pairs, num_ws, w_dim] each) and the judge's readings of both."""
     ws_a, ws_b, images_a, images_b = paired_styles(generator, pairs, 202, 303)
-    return ws_a, ws_b, edit_readings(images_a), edit_readings(images_b)
+    return ws_a, ws_b, read(images_a), read(images_b)
 
 
 def mixing_outcome(generator: StyleGenerator, ws_a: torch.Tensor, ws_b: torch.Tensor, a: dict, b: dict, layers_from_b: list[int],
-                   position_tolerance: float = 0.08) -> dict[str, float]:
-    m = edit_readings(synthesize(generator, latent.mix_styles(ws_a, ws_b, layers_from_b)))
+                   position_tolerance: float = 0.08, read: Judge = edit_readings) -> dict[str, float]:
+    m = read(synthesize(generator, latent.mix_styles(ws_a, ws_b, layers_from_b)))
     keeps_shape = m["shape"] == a["shape"]
     keeps_position = np.hypot(m["x"] - a["x"], m["y"] - a["y"]) < position_tolerance
     takes_colour = hue_distance(m["hue"], b["hue"]) < hue_distance(m["hue"], a["hue"])
@@ -75,11 +75,11 @@ def mixing_outcome(generator: StyleGenerator, ws_a: torch.Tensor, ws_b: torch.Te
             "takes_colour": float(takes_colour[informative].mean()), "all_three": float(success[informative].mean())}
 
 
-def measure_style_mixing(generator: StyleGenerator, pairs: int = 200) -> dict[str, float]:
+def measure_style_mixing(generator: StyleGenerator, pairs: int = 200, read: Judge = edit_readings) -> dict[str, float]:
     """Coarse layers from A, the rest from B."""
-    ws_a, ws_b, a, b = mixing_readings(generator, pairs)
+    ws_a, ws_b, a, b = mixing_readings(generator, pairs, read)
     coarse = latent.named_layers("coarse", generator.num_ws)
-    return mixing_outcome(generator, ws_a, ws_b, a, b, [i for i in range(generator.num_ws) if i not in coarse])
+    return mixing_outcome(generator, ws_a, ws_b, a, b, [i for i in range(generator.num_ws) if i not in coarse], read=read)
 
 
 def measure_crossovers(generator: StyleGenerator, pairs: int = 200) -> list[dict[str, float]]:
@@ -101,12 +101,12 @@ def measure_judge_stability(generator: StyleGenerator, read: Judge, pairs: int =
 
 def measure_judge_seeds(generator: StyleGenerator, shipped_direction: torch.Tensor, judges: dict[str, Judge], seeds: int = 200,
                         fit_samples: int = 5000) -> dict[str, dict]:
-    """The size proof under each judge (readers of one recipe, different training seeds): the
-    direction it fits itself, and the shipped direction, both read by it; and its steadiness. A
+    """The latent proofs under each judge (readers of one recipe, different training seeds): the
+    size direction it fits itself, and the shipped one, both read by it; style mixing; its steadiness. A
     proof that holds for one judge only is a property of that judge."""
     return {name: {"own_fit": measure_size_edit(generator, fit_directions(generator, fit_samples, read=read)["size"], seeds=seeds, read=read),
                    "shipped_direction": measure_size_edit(generator, shipped_direction, seeds=seeds, read=read),
-                   "stability": measure_judge_stability(generator, read)}
+                   "stability": measure_judge_stability(generator, read), "mixing": measure_style_mixing(generator, read=read)}
             for name, read in judges.items()}
 
 
