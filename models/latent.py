@@ -75,6 +75,14 @@ def edit(w: torch.Tensor, direction: torch.Tensor, strengths: list[float]) -> to
     return w[None] + torch.tensor(strengths, dtype=w.dtype)[:, None] * unit[None]
 
 
+def spreads(w: torch.Tensor, directions: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The standard deviation of sampled w [N, w_dim] along each unit direction: the scale of an
+    edit. Directions differ a lot in how far W spreads along them (on the shapes model, 0.5 along
+    `size`, 2-3 along the first principal components), so one strength in raw W units is a mild
+    edit along one and leaves the data along another; in these units ±2 is the tail of the data."""
+    return {name: float((w @ (vector / vector.norm())).std()) for name, vector in directions.items()}
+
+
 def frame_times(steps: int) -> torch.Tensor:
     if steps < 2:
         raise ValueError("an interpolation needs at least 2 steps")

@@ -33,6 +33,7 @@ class LoadedModel:
     error: str | None = None
     batchers: dict[str, DynamicBatcher] = field(default_factory=dict)
     projection: tuple | None = None  # style models: (eager generator, feature fn), built on first use
+    spreads: dict[str, float] = field(default_factory=dict)  # style models: std of w along each direction
 
     @property
     def ready(self) -> bool:
@@ -49,6 +50,23 @@ def dummy_inputs(entry: ModelEntry, batch: int, graph: str = "model", spatial: i
         shape = [(batch if axis == 0 else spatial) if d == -1 else d for axis, d in enumerate(tensor["shape"])]
         arrays[tensor["name"]] = np.zeros(shape, dtype=NUMPY_DTYPES[tensor["datatype"]])
     return arrays
+
+
+SPREAD_SAMPLES = 2000
+
+
+def direction_spreads(model: LoadedModel) -> dict[str, float]:
+    """Each named direction's spread over the model's own W (`SPREAD_SAMPLES` fixed-seed z through
+    the mapping graph): what one unit of an edit strength means when strengths are in σ."""
+    import torch
+
+    from models import latent
+
+    inputs = dummy_inputs(model.entry, SPREAD_SAMPLES, "mapping")  # a class input, if any, stays at class 0
+    inputs["z"] = np.random.default_rng(0).standard_normal(inputs["z"].shape).astype(np.float32)
+    w = torch.from_numpy(model.runtimes["mapping"].run(inputs))
+    directions = {key.removeprefix("direction."): torch.from_numpy(value) for key, value in model.latents.items() if key.startswith("direction.")}
+    return latent.spreads(w, directions)
 
 
 def warmup_sizes(max_batch_size: int) -> list[int]:
@@ -101,6 +119,8 @@ class ModelRegistry:
         model.runtime = model.runtimes["model"]
         if "latents_file" in model.entry.spec:
             model.latents = load_numpy(str(model.entry.path / model.entry.spec["latents_file"]))
+        if model.entry.kind == "style":
+            model.spreads = direction_spreads(model)
         log.info("loaded %s v%d (%s on %s) in %.2fs", model.entry.name, model.entry.version, kind, model.runtime.device, time.perf_counter() - started)
 
     def warmup_plan(self, entry: ModelEntry) -> list[tuple[int, int]]:

@@ -63,7 +63,9 @@ class EditRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     w: list[float] | None = None
     direction: str
-    strengths: list[float] = Field(default_factory=lambda: [-3.0, -1.5, 0.0, 1.5, 3.0], min_length=1, max_length=64)
+    strengths: list[float] = Field(default_factory=lambda: [-2.0, -1.0, 0.0, 1.0, 2.0], min_length=1, max_length=64)
+    units: str = Field("sigma", pattern="^(sigma|w)$",
+                       description="sigma: strengths in standard deviations of the model's W along the direction (GET /v1/models/{name} lists them); w: raw W distance")
     layers: str | list[int] | None = Field(None, description="apply the edit at these ws only (default: all)")
     truncation_psi: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     format: str | None = Field(None, pattern="^(png|jpeg|webp|npy)$")
@@ -150,7 +152,8 @@ async def edit(name: str, body: EditRequest, request: Request) -> Response:
                 w = style.check_w(model, [body.w])[0]
             else:
                 w = (await style.seeds_to_w(registry, model, [body.seed], body.truncation_psi, state))[0]
-            edited = latent.edit(torch.from_numpy(w), vector, body.strengths).numpy()  # [S, w_dim]
+            scale = model.spreads[body.direction] if body.units == "sigma" else 1.0
+            edited = latent.edit(torch.from_numpy(w), vector, [scale * s for s in body.strengths]).numpy()  # [S, w_dim]
             ws = np.repeat(style.broadcast(model, w[None]), len(body.strengths), axis=0)
             ws[:, layers] = edited[:, None, :]
             return await style.synthesize(registry, model, ws, state)

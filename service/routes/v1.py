@@ -59,6 +59,7 @@ def describe(model: LoadedModel) -> dict:
         "runtime": model.runtime.name if model.runtime else None, "device": model.runtime.device if model.runtime else None,
         "kind": spec["kind"], "resolution": spec.get("resolution"), "channels": spec.get("channels"),
         "class_names": spec.get("class_names", []), "formats": sorted(spec.get("formats", {})),
+        **({"direction_spreads": model.spreads} if model.spreads else {}),
     }
 
 

@@ -71,6 +71,19 @@ def test_edit_strength_zero_is_the_original_image(server):
     assert not np.array_equal(edited[0], edited[2])
 
 
+def test_edit_strengths_are_in_standard_deviations_of_w_along_the_direction_unless_asked_for_w_units(server):
+    """The model lists each direction's spread over its W; a strength of 1 in the default units is
+    one spread, so the same image as that spread in raw W units."""
+    with server.client() as client:
+        spreads = client.get("/v1/models/styles").json()["versions"][0]["direction_spreads"]
+        in_sigma = npy(client.post("/v1/models/styles/edit", json={"seed": 4, "direction": "size", "strengths": [1.5], "format": "npy"}))
+        in_w = npy(client.post("/v1/models/styles/edit", json={"seed": 4, "direction": "size", "strengths": [1.5 * spreads["size"]], "units": "w", "format": "npy"}))
+        unscaled = npy(client.post("/v1/models/styles/edit", json={"seed": 4, "direction": "size", "strengths": [1.5], "units": "w", "format": "npy"}))
+    assert set(spreads) == {"size", "hue"} and all(0 < value < 100 for value in spreads.values())
+    assert np.array_equal(in_sigma, in_w)
+    assert not np.array_equal(in_sigma, unscaled)
+
+
 @pytest.mark.parametrize("path,body,mentions", [
     ("edit", {"seed": 1, "direction": "smile"}, "unknown direction"),
     ("style-mix", {"row_seeds": [1], "col_seeds": [2], "layers": [0, 99]}, "layer indices"),
@@ -79,6 +92,7 @@ def test_edit_strength_zero_is_the_original_image(server):
     ("interpolate", {"seeds": [1]}, "seeds"),
     ("interpolate", {"w": [[0.0] * 8, [0.0] * 7]}, "w must be"),
     ("edit", {"seed": 1, "direction": "size", "strengths": [1e9]}, "strengths"),
+    ("edit", {"seed": 1, "direction": "size", "units": "pixels"}, "units"),
     ("generate", {"seed": 1, "truncation_psi": 5}, "truncation_psi"),
 ])
 def test_bad_style_requests_are_422_with_a_reason(server, path, body, mentions):
