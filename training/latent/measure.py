@@ -5,7 +5,8 @@
 - style mixing: coarse layers from A and the rest from B keep A's shape and position and take
   B's colour;
 - projection: held-out real shapes are reconstructed to a PSNR.
-All readings come from the shapes reader (`edit_readings`), never from the generator's own latents.
+All readings come from a judge read off the images, never from the generator's own latents: the shipped
+shapes reader (`edit_readings`) unless another is passed (`measure_judge_seeds` compares several).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def measure_size_edit(generator: StyleGenerator, direction: torch.Tensor, seeds:
                       read: Judge = edit_readings) -> dict[str, float]:
     """Strengths span ±`reach` standard deviations of w along the direction; `read` is the judge."""
     w, _ = sample_ws(generator, seeds, seed=101)
-    spread = float((w @ (direction / direction.norm())).std())
+    spread = latent.spreads(w, {"direction": direction})["direction"]  # the unit of the API's σ strengths
     strengths = list(np.linspace(-reach, reach, steps) * spread)
     edited = torch.stack([latent.edit(row, direction, strengths) for row in w])  # [seeds, steps, w_dim]
     images = synthesize(generator, edited.reshape(-1, w.shape[1])[:, None].expand(-1, generator.num_ws, -1))
