@@ -20,7 +20,7 @@ READER_PATH = Path(__file__).with_name("shapes_reader.safetensors")
 Judge = Callable[[torch.Tensor], dict[str, np.ndarray]]  # images → attributes read off them
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=8)  # the features predictor, the reader, and the readers an averaged judge combines
 def load_shapes_predictor(path: Path = PREDICTOR_PATH) -> ShapesPredictor:
     if not Path(path).exists():
         role = " --role reader" if Path(path).name == READER_PATH.name else ""
