@@ -1,4 +1,4 @@
-"""The FastAPI application: lifespan-held registry, error handlers, body limit, routers."""
+"""The FastAPI application: lifespan-held registry, error handlers, the request intake, routers."""
 from __future__ import annotations
 
 import asyncio
@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 
 from service.errors import install_error_handlers
-from service.limits import BodySizeLimit
+from service.intake import RequestIntake
 from service.metrics import ServiceMetrics
 from service.playground import PAGE
 from service.registry import ModelRegistry
@@ -27,7 +27,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry.discover()
         # load and warm in the background: the server answers /health/* at once, ready only after
         loading = asyncio.create_task(registry.load_all())
-        loading.add_done_callback(lambda _: logging.getLogger("ganserve").info("ready: %s", {n: sorted(v) for n, v in registry.models.items()}))
+        loading.add_done_callback(lambda _: logging.getLogger("ganserve").info("loaded: %s", {
+            m.entry.label: m.state for m in registry.all_models()}))
         try:
             yield
         finally:
@@ -36,9 +37,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await registry.drain()
 
     app = FastAPI(title="ganserve", version="1.0", lifespan=lifespan,
-                  description="Batched GAN inference: generation, with KServe v2 tensor endpoints.")
+                  description="Batched GAN inference: generation, latent tools, translation and super-resolution, with KServe v2 tensor endpoints.")
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestIntake, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s)
     app.include_router(health.router)
     app.include_router(v1.router)
     app.include_router(style.router)

@@ -1,22 +1,27 @@
 """The dynamic batcher: one queue per (model, version, operation), items not requests.
 
 A worker takes up to `max_batch_size` items, or waits at most `max_queue_delay_ms` after the
-first one, then runs one forward pass on the shared compute thread. The queue is bounded
-(QueueFull → 429); items whose request expired or went away are dropped before compute; items
-of different shapes never share a batch; on out-of-memory the batch is split and retried and the
-cap lowered. `close()` refuses new work and drains what was accepted.
+first one, then runs one forward pass on its model's lane. A batch is capped by cost as well as
+by count: it stops where its measured cost (service/costs.py) would pass `max_batch_seconds`, so
+62 super-resolution tiles are never one 56-second pass on a CPU while 64 digits still are one
+pass of a millisecond. The queue is bounded (QueueFull → 429; a request larger than the whole
+queue → RequestTooLarge, a permanent 413); items whose request expired or went away are dropped
+before compute; items of different shapes never share a batch; on out-of-memory the batch is
+split and retried and the cap lowered. `close()` refuses new work and drains what was accepted.
 """
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 
+from service.costs import GraphCost
+from service.lanes import Lane
 from service.metrics import ServiceMetrics
 from service.runtimes import OutOfMemory
 
@@ -25,6 +30,10 @@ class QueueFull(Exception):
     def __init__(self, retry_after_s: float) -> None:
         super().__init__("queue full")
         self.retry_after_s = retry_after_s
+
+
+class RequestTooLarge(Exception):
+    """More items than the queue can ever hold: retrying cannot help."""
 
 
 class ShuttingDown(Exception):
@@ -62,6 +71,8 @@ class WorkItem:
     inputs: dict[str, np.ndarray]  # one item's arrays, no batch axis
     request: RequestState
     future: asyncio.Future
+    units: float = 1.0  # its cost units (service/costs.py)
+    seconds: float = 0.0  # what it added to its lane's backlog
     enqueued: float = field(default_factory=time.monotonic)
 
     @property
@@ -70,19 +81,22 @@ class WorkItem:
 
 
 class DynamicBatcher:
-    def __init__(self, key: BatchKey, run_batch: Callable[[dict[str, np.ndarray]], np.ndarray], compute: Executor,
-                 metrics: ServiceMetrics, max_batch_size: int, max_queue_delay_ms: float, max_queue_size: int) -> None:
+    def __init__(self, key: BatchKey, run_batch: Callable[[dict[str, np.ndarray]], np.ndarray], lane: Lane,
+                 metrics: ServiceMetrics, max_batch_size: int, max_queue_delay_ms: float, max_queue_size: int,
+                 cost: GraphCost | None = None, max_batch_seconds: float = math.inf) -> None:
         self.key = key
         self.run_batch = run_batch
-        self.compute = compute
+        self.lane = lane
         self.metrics = metrics.bound(*key.labels)
         self.max_batch_size = max_batch_size  # lowered after an out-of-memory
         self.max_queue_delay = max_queue_delay_ms / 1000
         self.max_queue_size = max_queue_size
+        self.cost = cost
+        self.max_batch_seconds = max_batch_seconds
         self.queue: deque[WorkItem] = deque()
         self.wakeup = asyncio.Event()
         self.accepting = True
-        self.last_compute_s = 0.01
+        self.running: set[asyncio.Task] = set()
         self.worker = asyncio.get_running_loop().create_task(self.work(), name=f"batcher-{key}")
 
     # --- the request side -------------------------------------------------------------------
@@ -90,13 +104,20 @@ class DynamicBatcher:
         """Queues all of a request's items or none of them."""
         if not self.accepting:
             raise ShuttingDown()
+        if len(inputs) > self.max_queue_size:
+            self.metrics.rejected("too_large").inc()
+            raise RequestTooLarge(f"{len(inputs)} items; this queue holds at most {self.max_queue_size}")
         if len(self.queue) + len(inputs) > self.max_queue_size:
             self.metrics.rejected("queue_full").inc()
-            # the queue drains at about one batch per compute time
-            batches_ahead = (len(self.queue) + len(inputs)) / max(self.max_batch_size, 1)
-            raise QueueFull(retry_after_s=max(1.0, batches_ahead * self.last_compute_s))
+            # what is ahead drains at the lane's pace (at least one batch's time)
+            raise QueueFull(retry_after_s=max(1.0, self.lane.expected_wait_s()))
         loop = asyncio.get_running_loop()
-        items = [WorkItem(item, request, loop.create_future()) for item in inputs]
+        items = []
+        for item in inputs:
+            units = self.cost.units(item) if self.cost else 1.0
+            seconds = self.cost.item_seconds(units) if self.cost else 0.0
+            items.append(WorkItem(item, request, loop.create_future(), units, seconds))
+            self.lane.add_backlog(seconds)
         self.queue.extend(items)
         self.metrics.queue_items.set(len(self.queue))
         self.wakeup.set()
@@ -107,21 +128,28 @@ class DynamicBatcher:
         while True:
             if not self.queue:
                 if not self.accepting:
-                    return
+                    break
                 self.wakeup.clear()
                 await self.wakeup.wait()
                 continue
+            await self.lane.slots.acquire()  # natural batching: items gather while the lane is busy
             await self.wait_for_batch()
-            batch = self.take_batch()
-            if batch:
-                await self.execute(batch)
+            batch = self.take_batch() if self.queue else []
+            if not batch:
+                self.lane.slots.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self.execute_in_slot(batch))
+            self.running.add(task)
+            task.add_done_callback(self.running.discard)
+        if self.running:
+            await asyncio.gather(*self.running)
 
     async def wait_for_batch(self) -> None:
         """Until the queue holds a full batch or the first item has waited max_queue_delay.
 
         With max_queue_delay_ms = 0 this is natural batching: whatever queued up while the
         previous batch ran goes together, and an idle device never waits."""
-        while len(self.queue) < self.max_batch_size and self.accepting:
+        while self.queue and len(self.queue) < self.max_batch_size and self.accepting:
             remaining = self.queue[0].enqueued + self.max_queue_delay - time.monotonic()
             if remaining <= 0:
                 return
@@ -130,22 +158,33 @@ class DynamicBatcher:
             await self.wakeup.wait()
             timer.cancel()
 
+    def fits(self, batch: list[WorkItem], units: float, item: WorkItem) -> bool:
+        """Room for `item`: under the item cap, and under the cost cap unless the batch is empty."""
+        if len(batch) >= self.max_batch_size:
+            return False
+        if not batch or self.cost is None:
+            return True
+        return self.cost.batch_seconds(units + item.units, corrected=False) <= self.max_batch_seconds
+
     def take_batch(self) -> list[WorkItem]:
-        """Up to max_batch_size live items shaped like the oldest; dead items are dropped here."""
+        """Live items shaped like the oldest, up to the item and cost caps; dead items are dropped here."""
         now = time.monotonic()
         signature = self.queue[0].signature
         batch: list[WorkItem] = []
+        units = 0.0
         kept: deque[WorkItem] = deque()
         while self.queue:
             item = self.queue.popleft()
             if not item.request.alive(now) or item.future.done():
                 reason = "deadline" if now >= item.request.deadline else "cancelled"
                 self.metrics.rejected(reason).inc()
+                self.lane.remove_backlog(item.seconds)
                 if not item.future.done():
                     item.future.set_exception(DeadlineExceeded())
                 continue
-            if len(batch) < self.max_batch_size and item.signature == signature:
+            if item.signature == signature and self.fits(batch, units, item):
                 batch.append(item)
+                units += item.units
             else:
                 kept.append(item)
         self.queue = kept
@@ -154,11 +193,19 @@ class DynamicBatcher:
             self.metrics.queue_duration.observe(now - item.enqueued)
         return batch
 
+    async def execute_in_slot(self, batch: list[WorkItem]) -> None:
+        try:
+            await self.execute(batch)
+        finally:
+            for item in batch:
+                self.lane.remove_backlog(item.seconds)
+            self.lane.slots.release()
+
     async def execute(self, batch: list[WorkItem]) -> None:
         stacked = {name: np.stack([item.inputs[name] for item in batch]) for name in batch[0].inputs}
         started = time.perf_counter()
         try:
-            outputs = await asyncio.get_running_loop().run_in_executor(self.compute, self.run_batch, stacked)
+            outputs = await asyncio.get_running_loop().run_in_executor(self.lane.executor, self.run_batch, stacked)
         except OutOfMemory as error:
             if len(batch) == 1:
                 self.fail(batch, error)
@@ -172,8 +219,10 @@ class DynamicBatcher:
         except Exception as error:  # a broken model fails its batch, never the worker
             self.fail(batch, error)
             return
-        self.last_compute_s = time.perf_counter() - started
-        self.metrics.compute_duration.observe(self.last_compute_s)
+        elapsed = time.perf_counter() - started
+        if self.cost is not None:
+            self.cost.observe(sum(item.units for item in batch), elapsed)
+        self.metrics.compute_duration.observe(elapsed)
         self.metrics.batch_items.observe(len(batch))
         for item, output in zip(batch, outputs):
             if not item.future.done():
@@ -192,9 +241,8 @@ class DynamicBatcher:
         await self.worker
 
 
-async def run_items(batcher: DynamicBatcher, inputs: list[dict[str, np.ndarray]], request: RequestState) -> list[np.ndarray]:
-    """Submits a request's items and waits for all of them until the request's deadline."""
-    futures = batcher.submit(inputs, request)
+async def wait_items(futures: list[asyncio.Future], request: RequestState) -> list[np.ndarray]:
+    """Waits for a request's items until its deadline; what has not run yet is cancelled."""
     try:
         _, pending = await asyncio.wait(futures, timeout=max(0.0, request.deadline - time.monotonic()))
     except asyncio.CancelledError:  # the client went away
@@ -208,3 +256,27 @@ async def run_items(batcher: DynamicBatcher, inputs: list[dict[str, np.ndarray]]
             future.cancel()
         raise DeadlineExceeded()
     return [future.result() for future in futures]
+
+
+async def each_result(futures: list[asyncio.Future], request: RequestState) -> AsyncIterator[tuple[int, np.ndarray]]:
+    """(index, output) of a request's items as they complete, until its deadline (then
+    DeadlineExceeded); what has not run is cancelled when the caller stops early."""
+    index = {future: i for i, future in enumerate(futures)}
+    pending = set(futures)
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, timeout=max(0.0, request.deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                raise DeadlineExceeded()
+            for future in sorted(done, key=index.__getitem__):
+                yield index[future], future.result()
+    finally:
+        if pending:
+            request.cancelled = True
+            for future in pending:
+                future.cancel()
+
+
+async def run_items(batcher: DynamicBatcher, inputs: list[dict[str, np.ndarray]], request: RequestState) -> list[np.ndarray]:
+    """Submits a request's items and waits for all of them until the request's deadline."""
+    return await wait_items(batcher.submit(inputs, request), request)

@@ -20,14 +20,20 @@ def serve_command(
     import uvicorn
 
     from service.app import create_app
+    from service.http_protocol import guarded_protocol
+    from service.memory import return_freed_memory_to_the_os
     from service.settings import Settings
 
     overrides = {k: v for k, v in dict(repository=repository, host=host, port=port, runtime=runtime,
                                        max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms).items() if v is not None}
     settings = Settings(**overrides)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return_freed_memory_to_the_os()
+    # every accepted request ends by its deadline, so the drain fits in shutdown_grace_s
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=int(settings.request_timeout_s) + 5, access_log=False)
+                http=guarded_protocol(settings.header_timeout_s, settings.max_connections),
+                timeout_keep_alive=settings.keep_alive_s, timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+                access_log=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,13 +1,38 @@
 """Every error leaves as JSON `{"error": {"code", "message"}}` with the right status."""
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-STATUS_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type",
-                422: "invalid_request", 429: "queue_full", 500: "internal", 503: "unavailable", 504: "deadline_exceeded"}
+log = logging.getLogger("ganserve.errors")
+STATUS_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 406: "not_acceptable", 408: "request_timeout",
+                413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_request", 429: "queue_full",
+                499: "client_closed_request", 500: "internal", 503: "unavailable", 504: "deadline_exceeded"}
+STATUS_MEANINGS = {
+    404: "unknown model, version or job", 406: "the Accept header names no format this operation produces",
+    413: "body, image or request cost over a limit (permanent: send less)", 415: "wrong content type",
+    422: "invalid body or parameters", 429: "the model's queue is full (Retry-After)",
+    503: "model not ready, server draining or overloaded (Retry-After)", 504: "the deadline passed before the result was computed",
+}
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int, dict]:
+    """OpenAPI `responses` for the error statuses an operation can answer."""
+    return {status: {"model": ErrorBody, "description": STATUS_MEANINGS.get(status, STATUS_CODES.get(status, "error"))} for status in statuses}
 
 
 class ApiError(Exception):
@@ -24,7 +49,7 @@ def error_response(status: int, message: str, code: str | None = None, headers: 
 
 def describe_validation(error: RequestValidationError) -> str:
     parts = []
-    for problem in error.errors():
+    for problem in error.errors()[:10]:
         where = ".".join(str(p) for p in problem.get("loc", []) if p != "body")
         parts.append(f"{where}: {problem.get('msg')}" if where else str(problem.get("msg")))
     return "; ".join(parts) or "invalid request"
@@ -44,5 +69,6 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(error.status_code, str(error.detail), headers=getattr(error, "headers", None))
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, error: Exception) -> JSONResponse:
-        return error_response(500, f"internal error: {type(error).__name__}: {error}")
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=error)
+        return error_response(500, f"internal error ({type(error).__name__}); the server's log has the details")

@@ -13,6 +13,7 @@ from PIL import Image
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "npy": "application/x-npy", "gif": "image/gif"}
 ACCEPT_FORMATS = {v: k for k, v in CONTENT_TYPES.items()} | {"image/jpg": "jpeg", "application/octet-stream": "npy"}
+DECODE_BYTES_PER_PIXEL = 16  # decoding holds the RGB(A) image and a converted copy or two
 
 
 def to_uint8(batch: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
@@ -53,15 +54,6 @@ def encode(image: np.ndarray, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def format_from_accept(accept: str | None) -> str | None:
-    """The first image format the Accept header names, if any."""
-    for part in (accept or "").split(","):
-        media = part.split(";")[0].strip().lower()
-        if media in ACCEPT_FORMATS:
-            return ACCEPT_FORMATS[media]
-    return None
-
-
 def encode_animation(frames: np.ndarray, fmt: str, frame_ms: int) -> bytes:
     """[T, H, W, C] uint8 → an animated GIF or WebP that loops forever."""
     pictures = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f) for f in frames]
@@ -72,6 +64,7 @@ def encode_animation(frames: np.ndarray, fmt: str, frame_ms: int) -> bytes:
 
 
 UPLOAD_TYPES = {"image/png", "image/jpeg", "image/webp"}
+UPLOAD_FORMATS = ["PNG", "JPEG", "WEBP"]  # what PIL may open: never its other plugins
 
 
 class UploadError(ValueError):
@@ -80,14 +73,31 @@ class UploadError(ValueError):
         self.status = status
 
 
-def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
-    """An uploaded PNG/JPEG/WebP → RGB uint8 [H, W, 3] (alpha composited on black, grey expanded).
-    Raises UploadError 422 for undecodable data and 413 past `max_pixels`, checked before decoding."""
+def open_upload(data: bytes) -> Image.Image:
+    """PIL's lazy open: reads the header only. 413 for images past PIL's decompression-bomb
+    limit, 422 for anything that is not a PNG, JPEG or WebP."""
     try:
-        picture = Image.open(io.BytesIO(data))
-        width, height = picture.size
+        return Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
+    except Image.DecompressionBombError as error:
+        raise UploadError(413, f"the image is far too large to decode ({error})")
     except Exception as error:
         raise UploadError(422, f"the upload is not a PNG, JPEG or WebP image ({type(error).__name__})")
+
+
+def probe_upload(data: bytes) -> tuple[int, int]:
+    """(width, height) from the image's header, without decoding its pixels."""
+    width, height = open_upload(data).size
+    if width < 1 or height < 1:
+        raise UploadError(422, f"the image is {width}x{height} pixels")
+    return width, height
+
+
+def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
+    """An uploaded PNG/JPEG/WebP → RGB uint8 [H, W, 3] (alpha composited on black, grey expanded).
+    Raises UploadError 422 for undecodable data and 413 past `max_pixels`, checked from the
+    header before decoding."""
+    picture = open_upload(data)
+    width, height = picture.size
     if width * height > max_pixels:
         raise UploadError(413, f"image of {width}x{height} pixels is over the limit of {max_pixels} pixels")
     try:

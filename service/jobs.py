@@ -1,6 +1,7 @@
-"""Long jobs (projection): bounded in number and in time, run off the batch compute thread,
-polled with GET /v1/jobs/{id}. Jobs live in memory: they do not survive a restart, and
-shutdown waits for running ones (each bounded by its time limit)."""
+"""Long jobs (projection): bounded in number and in time, run on their own thread (off every
+model's lane), polled with GET /v1/jobs/{id}. Jobs live in memory: they do not survive a
+restart. On shutdown queued jobs are cancelled and a running one stops at its next step
+(`tick` answers False), so shutdown never waits for a job's whole time limit."""
 from __future__ import annotations
 
 import time
@@ -18,7 +19,7 @@ class Job:
     kind: str
     model: str
     total_steps: int
-    state: str = "queued"  # queued | running | done | failed
+    state: str = "queued"  # queued | running | done | failed | cancelled
     step: int = 0
     created: float = field(default_factory=time.time)
     started: float | None = None
@@ -39,12 +40,15 @@ class JobStore:
         self.keep_finished = keep_finished
         self.jobs: dict[str, Job] = {}
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="jobs")
+        self.stopping = False
 
     def active(self) -> int:
         return sum(job.state in ("queued", "running") for job in self.jobs.values())
 
     def submit(self, kind: str, model: str, total_steps: int, work: Callable[[Job, Callable[[int], bool]], dict]) -> Job:
         """Queues `work(job, tick)`; `tick(step)` records progress and returns False past the time limit."""
+        if self.stopping:
+            raise ApiError(503, "the server is shutting down", headers={"Retry-After": "1"})
         if self.active() >= self.max_active:
             raise ApiError(429, f"{self.max_active} jobs are already queued or running; retry later", headers={"Retry-After": "5"})
         job = Job(uuid.uuid4().hex, kind, model, total_steps)
@@ -54,21 +58,30 @@ class JobStore:
         return job
 
     def run(self, job: Job, work: Callable[[Job, Callable[[int], bool]], dict]) -> None:
+        if job.state == "cancelled":
+            return
         job.state, job.started = "running", time.time()
 
         def tick(step: int) -> bool:
             job.step = step
-            return time.time() - job.started < self.max_seconds
+            return not self.stopping and time.time() - job.started < self.max_seconds
 
         try:
             job.result = work(job, tick)
             job.state = "done"
         except Exception as error:  # a failed job reports why; the server carries on
-            job.state, job.error = "failed", f"{type(error).__name__}: {error}"
+            job.state, job.error = ("cancelled", "the server shut down") if self.stopping else ("failed", f"{type(error).__name__}: {error}")
         job.finished = time.time()
 
+    def cancel_all(self) -> None:
+        """Shutdown: queued jobs never start, the running one stops at its next step."""
+        self.stopping = True
+        for job in self.jobs.values():
+            if job.state == "queued":
+                job.state, job.error, job.finished = "cancelled", "the server shut down", time.time()
+
     def forget_old(self) -> None:
-        finished = sorted((j for j in self.jobs.values() if j.state in ("done", "failed")), key=lambda j: j.finished or 0)
+        finished = sorted((j for j in self.jobs.values() if j.state in ("done", "failed", "cancelled")), key=lambda j: j.finished or 0)
         for job in finished[: max(0, len(finished) - self.keep_finished)]:
             del self.jobs[job.id]
 
@@ -78,4 +91,5 @@ class JobStore:
         return self.jobs[job_id]
 
     def shutdown(self) -> None:
-        self.executor.shutdown(wait=True)
+        self.cancel_all()
+        self.executor.shutdown(wait=True, cancel_futures=True)

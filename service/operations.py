@@ -10,8 +10,6 @@ import torch
 from service.errors import ApiError
 from service.repository import ModelEntry
 
-MAX_SEED = 2**63 - 1
-
 
 def latent_for_seed(seed: int, z_dim: int) -> np.ndarray:
     return torch.randn(1, z_dim, generator=torch.Generator().manual_seed(seed))[0].numpy()

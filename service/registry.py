@@ -1,5 +1,6 @@
-"""The one piece of process state: loaded models, their batchers and the thread pools, held by
-the app's lifespan. Loading, warm-up, readiness and draining live here."""
+"""The one piece of process state: loaded models, their lanes and batchers, the memory budget and
+the encoder pool, held by the app's lifespan. Loading, warm-up (with cost measurement),
+readiness and draining live here."""
 from __future__ import annotations
 
 import asyncio
@@ -11,12 +12,17 @@ from dataclasses import dataclass, field
 import numpy as np
 from safetensors.numpy import load_file as load_numpy
 
-from service.batcher import BatchKey, DynamicBatcher
+from service import memory
+from service.admission import ModelLimits, derive_limits
+from service.batcher import BatchKey, DynamicBatcher, ShuttingDown
+from service.costs import GraphCost, measure_cost
 from service.errors import ApiError
 from service.jobs import JobStore
+from service.lanes import Lane
 from service.metrics import ServiceMetrics
+from service.model_config import ServingConfig, serving_config
 from service.repository import ModelEntry, scan_repository
-from service.runtimes import Runtime, load_runtime, resolve_device
+from service.runtimes import Runtime, has_dynamic_size, load_runtime, resolve_device
 from service.settings import Settings
 
 log = logging.getLogger("ganserve.registry")
@@ -31,6 +37,10 @@ class LoadedModel:
     latents: dict[str, np.ndarray] = field(default_factory=dict)  # style models: w_avg, direction.<name>
     state: str = "loading"  # loading | ready | failed
     error: str | None = None
+    config: ServingConfig | None = None
+    lane: Lane | None = None
+    costs: dict[str, GraphCost] = field(default_factory=dict)  # per graph, measured at warm-up
+    limits: ModelLimits | None = None
     batchers: dict[str, DynamicBatcher] = field(default_factory=dict)
     projection: tuple | None = None  # style models: (eager generator, feature fn), built on first use
     spreads: dict[str, float] = field(default_factory=dict)  # style models: std of w along each direction
@@ -78,34 +88,58 @@ def warmup_sizes(max_batch_size: int) -> list[int]:
     return sizes + [max_batch_size]
 
 
+def relative_message(error: BaseException, settings: Settings) -> str:
+    """An error's text with the repository's absolute path taken out (clients see this)."""
+    text = f"{type(error).__name__}: {error}"
+    for root in {str(settings.repository.resolve()), str(settings.repository)}:
+        text = text.replace(root.rstrip("/") + "/", "").replace(root, "<repository>")
+    return text
+
+
 class ModelRegistry:
     def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
         self.settings = settings
         self.metrics = metrics
         self.device = resolve_device(settings.device)
-        self.compute = ThreadPoolExecutor(1, thread_name_prefix="compute")  # one device, one stream of batches
         self.encoders = ThreadPoolExecutor(settings.encoder_threads, thread_name_prefix="encode")
+        self.memory = memory.MemoryBudget(max(0, settings.memory_budget - memory.rss_bytes()))
         self.models: dict[str, dict[int, LoadedModel]] = {}
         self.jobs = JobStore(settings.max_jobs, settings.max_job_seconds)
-        self.ready = False
+        self.loaded = False  # every entry has been tried
         self.draining = False
 
     def discover(self) -> None:
-        """Reads the repository's entries (cheap); a missing repository stops start-up with a clear error."""
+        """Reads the repository's entries (cheap); a missing repository stops start-up with a clear
+        error, a broken entry is `failed` with its reason."""
         for entry in scan_repository(self.settings.repository):
-            self.models.setdefault(entry.name, {})[entry.version] = LoadedModel(entry)
+            model = LoadedModel(entry)
+            if entry.problem:
+                model.state, model.error = "failed", entry.problem
+                log.error("cannot serve %s: %s", entry.label, entry.problem)
+            self.models.setdefault(entry.name, {})[entry.version] = model
 
     async def load_all(self) -> None:
+        """Loads and warms the entries one at a time (each on its own lane), so each one's memory
+        is measured with nothing else computing."""
         loop = asyncio.get_running_loop()
         for versions in self.models.values():
             for model in versions.values():
+                if model.state == "failed":
+                    continue
                 try:
-                    await loop.run_in_executor(self.compute, self.load_and_warm, model)
+                    model.config = serving_config(model.entry, self.settings)
+                    model.lane = Lane(model.entry.label, model.config.lane_threads)
+                    await loop.run_in_executor(model.lane.executor, self.load_and_warm, model)
+                    model.limits = derive_limits(model, self.settings, self.settings.memory_budget)
                     model.state = "ready"
                 except Exception as error:  # one bad entry must not take the others down
-                    model.state, model.error = "failed", f"{type(error).__name__}: {error}"
-                    log.error("could not load %s v%d: %s", model.entry.name, model.entry.version, model.error)
-        self.ready = not self.draining
+                    model.state, model.error = "failed", relative_message(error, self.settings)
+                    log.error("could not load %s: %s", model.entry.label, model.error)
+        memory.trim()
+        self.memory.set_capacity(self.settings.memory_budget - memory.rss_bytes())
+        log.info("memory: %.0f MiB resident after loading; %.0f MiB of the %.0f MiB budget left for requests",
+                 memory.rss_bytes() / 2**20, self.memory.capacity / 2**20, self.settings.memory_budget / 2**20)
+        self.loaded = True
 
     def load_and_warm(self, model: LoadedModel) -> None:
         kind = self.settings.runtime_overrides.get(model.entry.name, self.settings.runtime)
@@ -114,24 +148,48 @@ class ModelRegistry:
             runtime = load_runtime(model.entry, kind, self.device, self.settings.intra_op_threads, graph)
             model.runtimes[graph] = runtime
             if self.settings.warmup:
-                for size, spatial in self.warmup_plan(model.entry):
-                    runtime.run(dummy_inputs(model.entry, size, graph, spatial))
+                model.costs[graph] = self.measure(model, runtime, graph)
         model.runtime = model.runtimes["model"]
         if "latents_file" in model.entry.spec:
-            model.latents = load_numpy(str(model.entry.path / model.entry.spec["latents_file"]))
+            model.latents = load_numpy(str(model.entry.file_within(model.entry.spec["latents_file"])))
         if model.entry.kind == "style":
             model.spreads = direction_spreads(model)
-        log.info("loaded %s v%d (%s on %s) in %.2fs", model.entry.name, model.entry.version, kind, model.runtime.device, time.perf_counter() - started)
+        log.info("loaded %s (%s on %s) in %.2fs; costs %s", model.entry.label, kind, model.runtime.device,
+                 time.perf_counter() - started, {g: c.describe() for g, c in model.costs.items()})
 
-    def warmup_plan(self, entry: ModelEntry) -> list[tuple[int, int]]:
-        """(batch, spatial size) pairs to warm: the batch sizes the batcher produces first, and for
-        image-to-image models the tile (upscale) or training size (translate) at small batches
-        (a full batch of large tiles would cost seconds of start-up on a CPU)."""
-        if entry.kind not in IMAGE_TO_IMAGE:
-            return [(size, 0) for size in warmup_sizes(self.settings.max_batch_size)]
+    def measure(self, model: LoadedModel, runtime: Runtime, graph: str) -> GraphCost:
+        """Warms the graph at the shapes the batcher produces first and measures its cost there.
+
+        Generators: batch sizes 1, 2, 4, … max. Image-to-image graphs take any size, so one unit
+        is the reference image (the upscale tile, or a translate image of the training size) and
+        they are warmed at small batches (a full batch of large tiles would cost seconds of
+        start-up on a CPU); translate also at twice the side, so the cost per pixel is fitted
+        across sizes, not batch sizes."""
+        entry = model.entry
+        if not has_dynamic_size(entry, graph):
+            sizes = warmup_sizes(model.config.max_batch_size)
+            return measure_cost(runtime.run, lambda b: dummy_inputs(entry, b, graph), [(b, float(b)) for b in sizes], None)
         multiple = entry.spec["size_multiple"]
-        spatial = self.settings.upscale_tile if entry.kind == "super_resolution" else -(-entry.spec["train_resolution"] // multiple) * multiple
-        return [(size, spatial) for size in (1, 2)]
+        if entry.kind == "super_resolution":
+            side = self.settings.upscale_tile
+            shapes = {(1, side): 1.0, (2, side): 2.0}
+        else:
+            side = max(64, -(-entry.spec["train_resolution"] // multiple) * multiple)
+            shapes = {(1, side): 1.0, (1, 2 * side): 4.0}
+        inputs_for = {units: dummy_inputs(entry, b, graph, s) for (b, s), units in shapes.items()}
+        return measure_cost(runtime.run, lambda units: inputs_for[units], [(units, units) for units in shapes.values()], side * side)
+
+    def is_ready(self) -> bool:
+        """Readiness as `ready_requires` says: every model, any model, or the named ones."""
+        if self.draining or not self.loaded:
+            return False
+        ready = {name for name, versions in self.models.items() if any(m.ready for m in versions.values())}
+        rule = self.settings.ready_requires.strip()
+        if rule == "all":
+            return all(m.ready for versions in self.models.values() for m in versions.values())
+        if rule == "any":
+            return bool(ready)
+        return {name.strip() for name in rule.split(",") if name.strip()} <= ready
 
     def versions(self, name: str) -> dict[int, LoadedModel]:
         if name not in self.models:
@@ -153,15 +211,25 @@ class ModelRegistry:
     def batcher(self, model: LoadedModel, operation: str, graph: str = "model") -> DynamicBatcher:
         """The queue of one (model, version, operation); `graph` names the network it runs."""
         if operation not in model.batchers:
-            s = self.settings
+            if self.draining:
+                raise ShuttingDown()
+            config = model.config
             key = BatchKey(model.entry.name, model.entry.version, operation)
-            model.batchers[operation] = DynamicBatcher(key, model.runtimes[graph].run, self.compute, self.metrics, s.max_batch_size, s.max_queue_delay_ms, s.max_queue_size)
+            model.batchers[operation] = DynamicBatcher(key, model.runtimes[graph].run, model.lane, self.metrics, config.max_batch_size,
+                                                       config.max_queue_delay_ms, config.max_queue_size, model.costs.get(graph), config.max_batch_seconds)
         return model.batchers[operation]
 
+    def all_models(self) -> list[LoadedModel]:
+        return [m for versions in self.models.values() for m in versions.values()]
+
     async def drain(self) -> None:
-        """Readiness goes false, accepted work finishes, then the pools stop."""
-        self.ready, self.draining = False, True
-        await asyncio.gather(*(b.close() for versions in self.models.values() for m in versions.values() for b in m.batchers.values()))
-        self.compute.shutdown(wait=True)
+        """Readiness goes false, queued jobs are cancelled, accepted requests finish (each by its
+        deadline), then the pools stop."""
+        self.draining = True
+        self.jobs.cancel_all()
+        await asyncio.gather(*(b.close() for m in self.all_models() for b in m.batchers.values()))
+        for model in self.all_models():
+            if model.lane is not None:
+                model.lane.shutdown(wait=True)
         self.jobs.shutdown()
         self.encoders.shutdown(wait=True)

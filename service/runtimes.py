@@ -38,6 +38,11 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def has_dynamic_size(entry: ModelEntry, graph: str = "model") -> bool:
+    """Whether a graph takes inputs of any height and width (image-to-image), not only any batch."""
+    return any(-1 in tensor["shape"][1:] for tensor in entry.graph_spec(graph)["inputs"])
+
+
 class OnnxRuntime:
     name = "onnx"
 
@@ -50,6 +55,12 @@ class OnnxRuntime:
         # spinning threads burn the cores the HTTP loop and the encoders need
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if has_dynamic_size(entry, graph):
+            # every upload has its own size: an arena would keep the largest one's activations
+            # for good (a 4096² translate left 7 GB resident), and memory patterns only pay off
+            # for fixed shapes
+            options.enable_cpu_mem_arena = False
+            options.enable_mem_pattern = False
         providers = ["CPUExecutionProvider"]
         if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")

@@ -8,6 +8,26 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+GIB = 1024**3
+
+
+def machine_memory_bytes() -> int:
+    """The memory this process may use: the machine's, or its cgroup's limit when lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def default_memory_budget() -> int:
+    """Half the machine: the rest is left to the OS, the page cache and whatever runs beside us."""
+    return machine_memory_bytes() // 2
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GANSERVE_", extra="ignore")
@@ -18,26 +38,41 @@ class Settings(BaseSettings):
     runtime: Literal["onnx", "torchscript", "eager"] = "onnx"
     runtime_overrides: dict[str, Literal["onnx", "torchscript", "eager"]] = {}  # per model name
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # the batcher (Triton's names)
-    max_batch_size: int = Field(64, ge=1, le=4096)  # items (images), not requests
+    # the batcher (Triton's names); an entry's `serving` section may override the first four
+    max_batch_size: int = Field(64, ge=1, le=4096)  # items (images, tiles), not requests
+    max_batch_seconds: float = Field(0.5, gt=0)  # a batch also stops where its estimated compute would pass this
     max_queue_delay_ms: float = Field(0.0, ge=0)  # 0: natural batching, see DynamicBatcher.wait_for_batch
     max_queue_size: int = Field(4096, ge=1)  # items waiting per (model, version, operation)
     request_timeout_s: float = Field(30.0, gt=0)  # the deadline of a request, 504 past it
+    # lanes: every model computes on its own executor, so a slow model queues behind itself only
+    lane_threads: int = Field(1, ge=1, le=64)  # batches one model runs at once (Triton's instance count)
+    # the process memory budget: what is admitted at once (bodies, images, batches) plus what the
+    # loaded models hold stays under it; requests past it wait outside with 503 + Retry-After
+    memory_budget: int = Field(default_factory=default_memory_budget, ge=64 * 1024**2)
+    # readiness: `all` models ready (the default), `any` one of them, or a comma-separated list of names
+    ready_requires: str = "all"
     # request limits
-    max_images_per_request: int = Field(256, ge=1)
+    max_images_per_request: int = Field(256, ge=1, le=4096)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
-    max_upload_pixels: int = Field(4096 * 4096, ge=1)  # decoded image size limit (413 past it)
-    max_upscale_input_pixels: int = Field(1024 * 1024, ge=1)  # upscale input limit (the output is scale² larger)
+    max_upload_pixels: int = Field(4096 * 4096, ge=1)  # any upload past it: 413, read from its header before decoding
+    max_translate_pixels: int = Field(2048 * 2048, ge=64)  # translate inputs past it: 413 (lowered per model by its measured cost)
+    max_upscale_input_pixels: int = Field(1024 * 1024, ge=64)  # upscale inputs past it: 413 (lowered per model by its measured cost)
+    max_json_tensor_values: int = Field(1 << 20, ge=1024)  # v2 JSON outputs past it: 413 (about 20 MB of JSON)
+    # HTTP hygiene
+    max_connections: int = Field(512, ge=1)  # open connections; past it a new one gets 503 and is closed
+    header_timeout_s: float = Field(10.0, gt=0)  # a connection must finish sending a request's headers within this
+    body_timeout_s: float = Field(30.0, gt=0)  # and its body within this (408 past it)
+    keep_alive_s: int = Field(5, ge=1)  # idle keep-alive connections close after this
     # image-to-image
     upscale_tile: int = Field(96, ge=8)  # input px per tile side: every tile is one batcher item
     upscale_overlap: int = Field(16, ge=0)  # input px shared by neighbouring tiles, blended across
     # long jobs (projection)
     max_jobs: int = Field(4, ge=1)  # queued + running; 429 past it
     max_job_seconds: float = Field(120.0, gt=0)
-    max_projection_steps: int = Field(1000, ge=1)
+    max_projection_steps: int = Field(1000, ge=1, le=100_000)
     # threads
     encoder_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
-    intra_op_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    intra_op_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)  # per lane thread
     warmup: bool = True
     log_level: str = "info"
 
@@ -46,3 +81,8 @@ class Settings(BaseSettings):
         if 2 * self.upscale_overlap >= self.upscale_tile:
             raise ValueError(f"upscale_overlap ({self.upscale_overlap}) must be below half of upscale_tile ({self.upscale_tile})")
         return self
+
+    @property
+    def shutdown_grace_s(self) -> float:
+        """How long a shutdown may take: every accepted request ends by its deadline."""
+        return self.request_timeout_s + 5

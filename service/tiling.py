@@ -16,13 +16,28 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def pad_to_multiple(image: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """[C, H, W] → reflect-padded at bottom/right to multiples of `multiple`; returns (padded, (H, W))."""
+MIN_SIDE = 16  # smaller inputs are mirror-padded up to it: the networks' own reflection pads need room
+
+
+def padded_size(height: int, width: int, multiple: int) -> tuple[int, int]:
+    """The size an input is mirror-padded to: multiples of `multiple`, at least MIN_SIDE."""
+    floor = -(-max(multiple, MIN_SIDE) // multiple) * multiple
+    return max(floor, -(-height // multiple) * multiple), max(floor, -(-width // multiple) * multiple)
+
+
+def resized_size(height: int, width: int, multiple: int) -> tuple[int, int]:
+    """`fit=resize`: the nearest multiples of `multiple`, at least the padded floor."""
+    floor = -(-max(multiple, MIN_SIDE) // multiple) * multiple
+    return max(floor, round(height / multiple) * multiple), max(floor, round(width / multiple) * multiple)
+
+
+def pad_to(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """[C, H, W] mirror-padded at the bottom/right to [C, height, width] (any amount, even past
+    the image's own size: numpy repeats the reflection)."""
     _, h, w = image.shape
-    ph, pw = -h % multiple, -w % multiple
-    if ph or pw:
-        image = np.pad(image, ((0, 0), (0, ph), (0, pw)), mode="symmetric")
-    return image, (h, w)
+    if (h, w) == (height, width):
+        return image
+    return np.pad(image, ((0, 0), (0, height - h), (0, width - w)), mode="symmetric")
 
 
 @dataclass(frozen=True)
@@ -89,19 +104,37 @@ def ramp(length: int, overlap: int, rise: bool = True, fall: bool = True) -> np.
     return np.clip(weight, 0.0, 1.0)
 
 
-def blend_tiles(outputs: list[np.ndarray], grid: TileGrid, scale: int) -> np.ndarray:
-    """Tile outputs [C, tile·scale, tile·scale] → the image [C, H·scale, W·scale].
+class TileBlender:
+    """Tile outputs [C, tile·scale, tile·scale] blended into the image [C, H·scale, W·scale] one
+    at a time, as they come back from the batcher, so a request holds its canvas and a batch's
+    worth of tiles rather than every tile's output.
 
     The windows form a partition of unity (neighbouring ramps sum to 1, and a side without a
     neighbour keeps weight 1), so the weighted sum needs no normalisation pass; float32
     throughout keeps a 1024 px frame's blend to a few milliseconds."""
-    channels = outputs[0].shape[0]
-    size, o = grid.tile * scale, grid.overlap * scale
-    canvas = np.zeros((channels, grid.padded_height * scale, grid.padded_width * scale), dtype=np.float32)
-    ramps = {(rise, fall): ramp(size, o, rise, fall).astype(np.float32) for rise in (False, True) for fall in (False, True)}
-    for index, ((y, x), out) in enumerate(zip(grid.origins(), outputs)):
+
+    def __init__(self, grid: TileGrid, scale: int, channels: int) -> None:
+        self.grid, self.scale = grid, scale
+        self.size, overlap = grid.tile * scale, grid.overlap * scale
+        self.canvas = np.zeros((channels, grid.padded_height * scale, grid.padded_width * scale), dtype=np.float32)
+        self.ramps = {(rise, fall): ramp(self.size, overlap, rise, fall).astype(np.float32) for rise in (False, True) for fall in (False, True)}
+        self.origins = grid.origins()
+
+    def add(self, index: int, output: np.ndarray) -> None:
+        grid, size = self.grid, self.size
         row, col = divmod(index, grid.cols)
-        window = ramps[(row > 0, row < grid.rows - 1)][:, None] * ramps[(col > 0, col < grid.cols - 1)][None, :]
-        ys, xs = y * scale, x * scale
-        canvas[:, ys : ys + size, xs : xs + size] += out * window
-    return canvas[:, : grid.height * scale, : grid.width * scale]
+        window = self.ramps[(row > 0, row < grid.rows - 1)][:, None] * self.ramps[(col > 0, col < grid.cols - 1)][None, :]
+        y, x = self.origins[index]
+        ys, xs = y * self.scale, x * self.scale
+        self.canvas[:, ys : ys + size, xs : xs + size] += output * window
+
+    def result(self) -> np.ndarray:
+        return self.canvas[:, : self.grid.height * self.scale, : self.grid.width * self.scale]
+
+
+def blend_tiles(outputs: list[np.ndarray], grid: TileGrid, scale: int) -> np.ndarray:
+    """All tile outputs at once → the image (see TileBlender)."""
+    blender = TileBlender(grid, scale, outputs[0].shape[0])
+    for index, output in enumerate(outputs):
+        blender.add(index, output)
+    return blender.result()

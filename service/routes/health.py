@@ -5,7 +5,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.requests import registry_of
+from service.pipeline import registry_of
 
 router = APIRouter(tags=["health"])
 
@@ -13,7 +13,8 @@ router = APIRouter(tags=["health"])
 def readiness(request: Request) -> JSONResponse:
     registry = registry_of(request)
     states = {f"{name}/{v}": m.state for name, versions in registry.models.items() for v, m in versions.items()}
-    return JSONResponse({"ready": registry.ready, "models": states}, status_code=200 if registry.ready else 503)
+    ready = registry.is_ready()
+    return JSONResponse({"ready": ready, "requires": registry.settings.ready_requires, "models": states}, status_code=200 if ready else 503)
 
 
 @router.get("/health/live")
@@ -25,7 +26,8 @@ async def live() -> dict:
 @router.get("/health/ready")
 @router.get("/v2/health/ready")
 async def ready(request: Request) -> JSONResponse:
-    """200 once every model is loaded and warmed at its batch sizes; 503 before and while draining."""
+    """200 once the models `GANSERVE_READY_REQUIRES` names (default: all) are loaded and warmed;
+    503 before, while any of them is failed, and while draining."""
     return readiness(request)
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import base64
-import numpy as np
+
 import torch
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
@@ -12,12 +12,12 @@ from models.classifier import ShapesPredictor
 from models.projection import project
 from models.spec import ModelSpec
 from models.zoo import build_generator
-from service.errors import ApiError
-from service.imaging import UploadError, decode_upload, encode, fit_square, to_uint8
+from service.errors import ApiError, error_responses
+from service.imaging import DECODE_BYTES_PER_PIXEL, encode, to_uint8
+from service.pipeline import begin, registry_of, reserve
 from service.registry import LoadedModel
-from service.repository import ModelEntry
-from service.requests import read_upload, registry_of
-from service.routes.style import style_model
+from service.style import require_style
+from service.uploads import IMAGE_BODY, prepare, probe, read_upload
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 FEATURE_NETWORKS = {"shapes_predictor": ShapesPredictor}
@@ -36,34 +36,27 @@ def projection_networks(model: LoadedModel):
     info = entry.spec.get("feature_network")
     if info:
         network = FEATURE_NETWORKS[info["name"]]()
-        network.load_state_dict(load_file(str(entry.path / info["file"])))
+        network.load_state_dict(load_file(str(entry.file_within(info["file"]))))
         features = network.eval().requires_grad_(False).features
     model.projection = (generator, features)
     return model.projection
 
 
-def target_tensor(image: np.ndarray, entry: ModelEntry) -> torch.Tensor:
-    fitted = fit_square(image, entry.spec["resolution"]).astype(np.float32) / 127.5 - 1  # [H, W, 3]
-    if entry.spec["channels"] == 1:
-        fitted = fitted.mean(axis=2, keepdims=True)
-    return torch.from_numpy(np.ascontiguousarray(fitted.transpose(2, 0, 1)))
-
-
-@router.post("/models/{name}/project", status_code=202)
-async def project_image(name: str, request: Request, steps: int = Query(200, ge=1, description="optimisation steps")) -> JSONResponse:
+@router.post("/models/{name}/project", status_code=202, openapi_extra=IMAGE_BODY, responses=error_responses(404, 413, 415, 422, 429, 503))
+async def project_image(name: str, request: Request, steps: int = Query(200, ge=1, le=100_000, description="optimisation steps")) -> JSONResponse:
     """Upload an image (raw PNG/JPEG/WebP body or a multipart `file`); returns a job to poll."""
     registry = registry_of(request)
-    model = style_model(request, name)
+    model = begin(request, name, "project")
+    require_style(model)
     limit = registry.settings.max_projection_steps
     if steps > limit:
         raise ApiError(422, f"steps: at most {limit}")
-    data, _ = await read_upload(request)
-    try:
-        image = decode_upload(data, registry.settings.max_upload_pixels)
-    except UploadError as error:
-        raise ApiError(error.status, str(error))
+    data = await read_upload(request)
+    width, height = await probe(request, data)
+    reserve(request, width * height * DECODE_BYTES_PER_PIXEL)
     entry = model.entry
-    target = target_tensor(image, entry)
+    resolution = entry.spec["resolution"]
+    target = torch.from_numpy(await prepare(request, data, entry.spec["channels"], (resolution, resolution), fit="square"))
 
     def work(job, tick) -> dict:
         generator, features = projection_networks(model)
@@ -79,7 +72,7 @@ async def project_image(name: str, request: Request, steps: int = Query(200, ge=
     return JSONResponse({"job_id": job.id, "status_url": f"/v1/jobs/{job.id}", "state": job.state}, status_code=202)
 
 
-@router.get("/jobs/{job_id}")
+@router.get("/jobs/{job_id}", responses=error_responses(404))
 async def job_status(job_id: str, request: Request) -> dict:
-    """A job's state (queued, running, done, failed), progress and, once done, its result."""
+    """A job's state (queued, running, done, failed, cancelled), progress and, once done, its result."""
     return registry_of(request).jobs.get(job_id).to_dict()

@@ -2,12 +2,13 @@
 which items shared a forward pass)."""
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from service.batcher import BatchKey, DeadlineExceeded, DynamicBatcher, QueueFull, RequestState, ShuttingDown, run_items
+from service.batcher import BatchKey, DeadlineExceeded, DynamicBatcher, QueueFull, RequestState, RequestTooLarge, ShuttingDown, run_items
+from service.costs import GraphCost
+from service.lanes import Lane
 from service.metrics import ServiceMetrics
 from service.runtimes import OutOfMemory
 
@@ -31,7 +32,7 @@ class RecordingRuntime:
 
 def make_batcher(runtime: RecordingRuntime, **settings) -> DynamicBatcher:
     options = dict(max_batch_size=8, max_queue_delay_ms=20, max_queue_size=64) | settings
-    return DynamicBatcher(BatchKey("m", 1, "op"), runtime.run, ThreadPoolExecutor(1), ServiceMetrics(), **options)
+    return DynamicBatcher(BatchKey("m", 1, "op"), runtime.run, Lane("m", 1), ServiceMetrics(), **options)
 
 
 def items(values, size: int = 3) -> list[dict[str, np.ndarray]]:
@@ -86,14 +87,71 @@ def test_out_of_memory_splits_the_batch_retries_and_lowers_the_cap():
 
 def test_a_request_larger_than_the_free_queue_is_refused_whole():
     async def scenario():
-        batcher = make_batcher(RecordingRuntime(), max_queue_size=4)
+        batcher = make_batcher(RecordingRuntime(), max_queue_size=4, max_queue_delay_ms=500)
+        batcher.submit(items(range(2)), alive())
         with pytest.raises(QueueFull) as refused:
-            batcher.submit(items(range(5)), alive())
-        assert len(batcher.queue) == 0  # nothing of it was queued
+            batcher.submit(items(range(3)), alive())
+        assert len(batcher.queue) == 2  # nothing of it was queued
         await batcher.close()
         return refused.value
 
     assert asyncio.run(scenario()).retry_after_s >= 1
+
+
+def test_a_request_larger_than_the_whole_queue_is_refused_as_never_fitting():
+    async def scenario():
+        batcher = make_batcher(RecordingRuntime(), max_queue_size=4)
+        with pytest.raises(RequestTooLarge):
+            batcher.submit(items(range(5)), alive())
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_batch_stops_at_its_cost_budget_as_well_as_its_item_cap():
+    """Items that cost 0.2 s each under a 0.5 s budget go two at a time, though 8 would fit the item cap."""
+    async def scenario():
+        runtime = RecordingRuntime()
+        cost = GraphCost(per_unit_s=0.2, overhead_s=0.0, bytes_per_unit=0, reference_pixels=None)
+        batcher = make_batcher(runtime, cost=cost, max_batch_seconds=0.5, max_queue_delay_ms=50)
+        await run_items(batcher, items(range(6)), alive())
+        await batcher.close()
+        return runtime
+
+    assert asyncio.run(scenario()).batches == [2, 2, 2]
+
+
+def test_the_lane_backlog_counts_queued_work_and_empties_when_it_is_done():
+    async def scenario():
+        runtime = RecordingRuntime(delay_s=0.05)
+        cost = GraphCost(per_unit_s=0.1, overhead_s=0.0, bytes_per_unit=0, reference_pixels=None)
+        batcher = make_batcher(runtime, cost=cost, max_queue_delay_ms=0)
+        futures = batcher.submit(items(range(3)), alive())
+        queued = batcher.lane.backlog_s
+        await asyncio.gather(*futures)
+        await batcher.close()
+        return queued, batcher.lane.backlog_s
+
+    queued, after = asyncio.run(scenario())
+    assert queued == pytest.approx(0.3) and after == pytest.approx(0.0)
+
+
+def test_models_on_their_own_lanes_compute_at_the_same_time():
+    """A slow model's batch does not hold up another model's: each lane has its own thread."""
+    async def scenario():
+        slow, fast = RecordingRuntime(delay_s=0.5), RecordingRuntime()
+        slow_batcher = DynamicBatcher(BatchKey("slow", 1, "op"), slow.run, Lane("slow", 1), ServiceMetrics(), 8, 0, 64)
+        fast_batcher = DynamicBatcher(BatchKey("fast", 1, "op"), fast.run, Lane("fast", 1), ServiceMetrics(), 8, 0, 64)
+        slow_task = asyncio.ensure_future(run_items(slow_batcher, items([1]), alive()))
+        await asyncio.sleep(0.05)  # the slow batch is running
+        started = time.monotonic()
+        await run_items(fast_batcher, items([2]), alive())
+        waited = time.monotonic() - started
+        await slow_task
+        await asyncio.gather(slow_batcher.close(), fast_batcher.close())
+        return waited
+
+    assert asyncio.run(scenario()) < 0.25
 
 
 def test_expired_items_are_dropped_before_compute():

@@ -4,7 +4,8 @@ import pytest
 BAD_BODIES = [
     ({"n": -1}, "n"),
     ({"n": 0}, "n"),
-    ({"n": 100000}, "at most"),
+    ({"n": 100000}, "n"),
+    ({"n": 300}, "at most 256"),
     ({"seeds": []}, "seeds"),
     ({"seeds": [-5]}, "seeds"),
     ({"seed": "abc"}, "seed"),

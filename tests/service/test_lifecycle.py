@@ -11,15 +11,26 @@ from tests.serving import running_server
 
 
 def test_a_request_beyond_the_queue_bound_is_refused_at_once_with_429_and_retry_after(repository):
-    with running_server(repository, max_queue_size=4, max_batch_size=2) as server, server.client() as client:
-        started = time.monotonic()
-        response = client.post("/v1/models/digits/generate", json={"n": 8})
-        assert time.monotonic() - started < 1.0
+    with running_server(repository, max_queue_size=4, max_batch_size=64, max_queue_delay_ms=1500) as server, server.client() as client:
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(client.post, "/v1/models/digits/generate", json={"n": 3})  # sits out the queue delay
+            time.sleep(0.5)
+            started = time.monotonic()
+            response = client.post("/v1/models/digits/generate", json={"n": 2})
+            assert time.monotonic() - started < 1.0
+            assert waiting.result().status_code == 200
         assert response.status_code == 429
         assert int(response.headers["retry-after"]) >= 1
         assert response.json()["error"]["code"] == "queue_full"
         assert client.post("/v1/models/digits/generate", json={"n": 4}).status_code == 200  # within the bound still works
         assert server.metric("ganserve_rejected_total", model="digits", reason="queue_full") == 1
+
+
+def test_a_request_larger_than_the_whole_queue_gets_a_permanent_413_not_a_429(repository):
+    with running_server(repository, max_queue_size=4) as server, server.client() as client:
+        response = client.post("/v1/models/digits/generate", json={"n": 8})
+        assert response.status_code == 413 and "retry-after" not in response.headers
+        assert "never fit" in response.json()["error"]["message"]
 
 
 def test_a_burst_past_the_queue_bound_gets_some_429_and_every_accepted_request_an_image(repository):
@@ -67,7 +78,7 @@ def test_a_broken_entry_fails_alone_and_is_reported(repository, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(repository, repo)
     (repo / "cdigits" / "1" / "model.onnx").write_bytes(b"this is not an onnx file")
-    with running_server(repo) as server, server.client() as client:
+    with running_server(repo, ready_requires="any") as server, server.client() as client:
         assert client.post("/v1/models/digits/generate", json={"seed": 1}).status_code == 200
         broken = client.post("/v1/models/cdigits/generate", json={"seed": 1})
         assert broken.status_code == 503 and "failed" in broken.json()["error"]["message"]

@@ -86,8 +86,9 @@ def test_edit_strengths_are_in_standard_deviations_of_w_along_the_direction_unle
 
 @pytest.mark.parametrize("path,body,mentions", [
     ("edit", {"seed": 1, "direction": "smile"}, "unknown direction"),
-    ("style-mix", {"row_seeds": [1], "col_seeds": [2], "layers": [0, 99]}, "layer indices"),
-    ("style-mix", {"row_seeds": [1], "col_seeds": [2], "layers": "toes"}, "unknown layer range"),
+    ("style-mix", {"row_seeds": [1], "col_seeds": [2], "layers": [0, 7]}, "layer indices"),
+    ("style-mix", {"row_seeds": [1], "col_seeds": [2], "layers": [0, 99]}, "layers"),
+    ("style-mix", {"row_seeds": [1], "col_seeds": [2], "layers": "toes"}, "'coarse', 'middle' or 'fine'"),
     ("interpolate", {"seeds": [1, 2], "steps": 10_000}, "steps"),
     ("interpolate", {"seeds": [1]}, "seeds"),
     ("interpolate", {"w": [[0.0] * 8, [0.0] * 7]}, "w must be"),

@@ -3,7 +3,7 @@ only upsamples, for any image size, and the blend weights of neighbouring tiles 
 import numpy as np
 import pytest
 
-from service.tiling import blend_tiles, cut_tiles, pad_to_multiple, plan_tiles, ramp
+from service.tiling import MIN_SIDE, blend_tiles, cut_tiles, pad_to, padded_size, plan_tiles, ramp
 
 
 def nearest(tile: np.ndarray, scale: int) -> np.ndarray:
@@ -33,10 +33,18 @@ def test_overlap_must_stay_below_half_a_tile():
         plan_tiles(100, 100, tile=16, overlap=8)
 
 
-def test_pad_to_multiple_pads_only_what_is_missing():
+def test_padding_adds_only_what_the_size_multiple_is_missing():
     image = np.zeros((1, 33, 64), dtype=np.float32)
-    padded, size = pad_to_multiple(image, 32)
-    assert padded.shape == (1, 64, 64) and size == (33, 64)
+    assert pad_to(image, *padded_size(33, 64, 32)).shape == (1, 64, 64)
+
+
+@pytest.mark.parametrize("height,width", [(1, 1), (4, 4), (3, 40)])
+def test_tiny_images_are_mirror_padded_up_to_the_smallest_side_the_networks_take(height, width):
+    image = np.arange(height * width, dtype=np.float32).reshape(1, height, width)
+    target = padded_size(height, width, 4)
+    assert min(target) >= MIN_SIDE and target[0] % 4 == 0 and target[1] % 4 == 0
+    padded = pad_to(image, *target)
+    assert padded.shape == (1, *target) and np.array_equal(padded[:, :height, :width], image)
 
 
 def test_a_tile_border_pixel_never_counts_where_a_neighbour_covers_it():

@@ -1,0 +1,152 @@
+"""Admission control: a request's cost is known before it is queued, and what cannot finish is
+refused up front instead of timing out thirty seconds later.
+
+- **Limits per model**, derived once at load from the measured cost (service/costs.py): the
+  largest image-to-image input whose compute fits the deadline on an idle lane and whose memory
+  fits half the budget. Uploads are checked against them from their header, before decoding.
+- **Deadline**: a request whose estimated compute, after the backlog already on its model's lane,
+  would end past its deadline gets 503 with a Retry-After of when the lane will have room; one
+  that could not finish even on an idle lane gets a permanent 413.
+- **Memory**: a request reserves what it will hold at its peak from the process budget for its
+  whole life; what does not fit now gets 503, what never fits 413.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from service.costs import GraphCost
+from service.errors import ApiError
+from service.memory import MemoryBudget, OverBudget
+from service.settings import Settings
+from service.tiling import plan_tiles
+
+if TYPE_CHECKING:
+    from service.registry import LoadedModel
+
+COMPUTE_SHARE_OF_DEADLINE = 0.8  # the rest of a deadline is for decoding, queueing and encoding
+REQUEST_SHARE_OF_MEMORY = 0.5  # one request may hold at most this share of the budget
+FLOAT = 4
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What one request to this model may ask for on this machine."""
+
+    compute_seconds: float  # estimated compute one request may need on an idle lane
+    max_input_pixels: int | None = None  # image-to-image inputs
+    max_tiles: int | None = None  # upscale: tiles per image
+
+    def describe(self) -> dict:
+        return {"compute_seconds": round(self.compute_seconds, 3), "max_input_pixels": self.max_input_pixels,
+                "max_input_side": math.isqrt(self.max_input_pixels) if self.max_input_pixels else None, "max_tiles": self.max_tiles}
+
+
+def translate_bytes_per_pixel(channels: int) -> int:
+    """What a translate request holds per input pixel besides the batch: the decoded RGB image,
+    the float input and its padded copy, the float output and its crop, the uint8 output and
+    the encoded bytes (at worst as large)."""
+    return 3 + FLOAT * channels * 4 + 2 * channels
+
+
+def upscale_bytes_per_pixel(channels: int, scale: int) -> int:
+    """An upscale request per input pixel: decoded RGB, the float input and its padded copy, the
+    float canvas, the uint8 output and the encoded bytes, the last three scale² times over."""
+    return 3 + 2 * FLOAT * channels + scale * scale * (FLOAT * channels + 2 * channels)
+
+
+def tile_count(height: int, width: int, settings: Settings) -> int:
+    grid = plan_tiles(height, width, settings.upscale_tile, settings.upscale_overlap)
+    return grid.rows * grid.cols
+
+
+def largest_square(fits) -> int:
+    """The largest side s with fits(s), by bisection (fits is monotone)."""
+    low, high = 0, 1 << 16
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low
+
+
+def derive_limits(model: "LoadedModel", settings: Settings, memory_budget: int) -> ModelLimits:
+    config, cost, entry = model.config, model.costs.get("model"), model.entry
+    seconds = COMPUTE_SHARE_OF_DEADLINE * settings.request_timeout_s * config.lane_threads
+    if entry.kind not in ("translation", "super_resolution"):
+        return ModelLimits(seconds)
+    memory = REQUEST_SHARE_OF_MEMORY * memory_budget
+    channels = entry.spec["in_channels"]
+    if entry.kind == "translation":
+        per_pixel = translate_bytes_per_pixel(channels)
+        if cost is None:
+            return ModelLimits(seconds, min(config.max_input_pixels, int(memory // per_pixel)))
+        by_time = (seconds - cost.overhead_s) / cost.per_unit_s * cost.reference_pixels
+        by_memory = memory / (per_pixel + cost.bytes_per_unit / cost.reference_pixels)
+        return ModelLimits(seconds, max(0, int(min(config.max_input_pixels, by_time, by_memory))))
+    per_pixel = upscale_bytes_per_pixel(channels, entry.spec["scale"])
+    if cost is None:
+        return ModelLimits(seconds, min(config.max_input_pixels, int(memory // per_pixel)))
+    max_tiles = max(0, math.floor((seconds - cost.overhead_s) / cost.per_unit_s))
+    batch_bytes = cost.bytes_per_unit * config.max_batch_size
+
+    def fits(side: int) -> bool:
+        return (side * side <= config.max_input_pixels and tile_count(side, side, settings) <= max_tiles
+                and side * side * per_pixel + batch_bytes <= memory)
+
+    side = largest_square(fits)
+    return ModelLimits(seconds, side * side, max_tiles)
+
+
+@dataclass(frozen=True)
+class RequestCost:
+    """A request's estimate: compute seconds on its model's lane (uncorrected, as measured) and
+    the bytes it holds at its peak."""
+
+    seconds: float
+    bytes: int
+
+
+def batch_share_bytes(cost: GraphCost | None, units: list[float], max_batch_size: int) -> int:
+    """The batch memory a request's items may add: at most a batch's worth of them compute at once."""
+    if cost is None or not units:
+        return 0
+    return cost.bytes_for(sum(sorted(units, reverse=True)[:max_batch_size]))
+
+
+def compute_seconds(cost: GraphCost | None, units: list[float], max_batch_size: int) -> float:
+    """Seconds of compute for these items in batches of at most max_batch_size (uncorrected)."""
+    if cost is None or not units:
+        return 0.0
+    batches = math.ceil(len(units) / max_batch_size)
+    return batches * cost.overhead_s + cost.per_unit_s * sum(units)
+
+
+def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, budget: MemoryBudget) -> None:
+    """Refuses what cannot finish in time or fit in memory; reserves the request's bytes otherwise
+    (the caller releases them when the request ends)."""
+    limit = model.limits.compute_seconds if model.limits else math.inf
+    if request_cost.seconds > limit:
+        raise ApiError(413, f"this request needs about {request_cost.seconds:.1f} s of compute on {model.entry.name!r}; "
+                            f"a request may need at most {limit:.1f} s here: send fewer or smaller images", code="too_expensive")
+    lane = model.lane
+    correction = model.costs["model"].correction if "model" in model.costs else 1.0
+    finish = lane.expected_wait_s() + request_cost.seconds * correction / lane.threads
+    if finish > remaining_s:
+        retry = max(1, math.ceil(finish - remaining_s))
+        raise ApiError(503, f"{model.entry.name!r} has about {lane.expected_wait_s():.1f} s of work queued; this request would "
+                            f"finish after its deadline: retry in {retry} s", code="overloaded", headers={"Retry-After": str(retry)})
+    reserve_memory(budget, request_cost.bytes, retry_after_s=lane.expected_wait_s())
+
+
+def reserve_memory(budget: MemoryBudget, nbytes: int, retry_after_s: float = 1.0) -> None:
+    """Reserves `nbytes`, or refuses: 413 when they could never fit, 503 while others hold the budget."""
+    try:
+        budget.try_reserve(nbytes)
+    except OverBudget as error:
+        if error.permanent:
+            raise ApiError(413, f"this request needs about {error.wanted / 2**20:.0f} MiB; the server's memory budget for "
+                                f"requests is {error.capacity / 2**20:.0f} MiB", code="too_expensive")
+        retry = max(1, math.ceil(retry_after_s))
+        raise ApiError(503, f"the server's memory budget is taken by requests in flight ({error}); retry in {retry} s",
+                       code="overloaded", headers={"Retry-After": str(retry)})

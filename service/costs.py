@@ -1,0 +1,104 @@
+"""What a forward pass costs, measured at warm-up and kept honest by every batch since.
+
+A graph's cost is linear in its *units*: one unit is one item at the reference shape (a
+generator's image; an image-to-image graph's warm-up tile or image, so a translate input of
+four times the pixels is four units). At warm-up each graph runs at its batch sizes: the first
+run of each size gives the peak memory it added (read off the process's peak RSS), later runs
+its time. From then on every batch's observed time corrects the estimate (an EWMA of
+observed / estimated), so admission's "can this finish before its deadline" stays truthful when
+the machine is busier than it was at start-up.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+
+from service.memory import measure_peak
+
+# bytes a measurement may miss (allocator rounding, a copy the warm-up run did not make)
+MEMORY_MARGIN = 1.25
+FALLBACK_BYTES_PER_VALUE = 16  # where the peak cannot be read: 4 B floats, about 4 live copies
+K = TypeVar("K")
+
+
+@dataclass
+class GraphCost:
+    per_unit_s: float  # seconds one more unit adds to a batch
+    overhead_s: float  # seconds of a batch regardless of its size
+    bytes_per_unit: int  # peak memory one unit adds while it computes
+    reference_pixels: int | None  # dynamic-size graphs: pixels of one unit; None: every item is one unit
+    correction: float = 1.0  # observed / estimated over recent batches
+
+    def units(self, inputs: dict[str, np.ndarray]) -> float:
+        """An item's units: 1, or its pixels over the reference for dynamic-size graphs."""
+        if self.reference_pixels is None:
+            return 1.0
+        image = next(a for a in inputs.values() if a.ndim == 3)  # [C, H, W]
+        return image.shape[1] * image.shape[2] / self.reference_pixels
+
+    def units_for_pixels(self, pixels: int) -> float:
+        return 1.0 if self.reference_pixels is None else pixels / self.reference_pixels
+
+    def batch_seconds(self, units: float, corrected: bool = True) -> float:
+        return (self.overhead_s + self.per_unit_s * units) * (self.correction if corrected else 1.0)
+
+    def item_seconds(self, units: float) -> float:
+        """What an item adds to its lane's backlog (the batch overhead is shared, so not counted)."""
+        return self.per_unit_s * units * self.correction
+
+    def bytes_for(self, units: float) -> int:
+        return math.ceil(self.bytes_per_unit * units)
+
+    def observe(self, units: float, elapsed_s: float) -> None:
+        estimated = self.batch_seconds(units, corrected=False)
+        if estimated > 0:
+            ratio = min(50.0, max(0.2, elapsed_s / estimated))
+            self.correction = 0.8 * self.correction + 0.2 * ratio
+
+    def describe(self) -> dict:
+        return {"seconds_per_unit": round(self.per_unit_s, 6), "batch_overhead_seconds": round(self.overhead_s, 6),
+                "bytes_per_unit": self.bytes_per_unit, "unit_pixels": self.reference_pixels, "observed_over_measured": round(self.correction, 3)}
+
+
+def fallback_bytes(inputs: dict[str, np.ndarray], output: np.ndarray) -> int:
+    return FALLBACK_BYTES_PER_VALUE * (sum(a.size for a in inputs.values()) + output.size)
+
+
+def measure_cost(run: Callable[[dict[str, np.ndarray]], np.ndarray], make_inputs: Callable[[K], dict[str, np.ndarray]],
+                 shapes: list[tuple[K, float]], reference_pixels: int | None, repeats: int = 3) -> GraphCost:
+    """Warms `run` at every shape (`make_inputs(key)` builds it; it is `units` units), largest
+    first so an allocator that keeps an arena is measured at its full size, and fits the linear
+    cost between the smallest and the largest."""
+    shapes = sorted(shapes, key=lambda shape: -shape[1])
+    bytes_per_unit = 0
+    for key, units in shapes:
+        inputs = make_inputs(key)
+        output, added = measure_peak(lambda: run(inputs))
+        added = added if added is not None else fallback_bytes(inputs, output)
+        bytes_per_unit = max(bytes_per_unit, math.ceil(added / units * MEMORY_MARGIN))
+
+    def timed(key: K) -> float:
+        inputs = make_inputs(key)
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            run(inputs)
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    (small, small_units), (large, large_units) = shapes[-1], shapes[0]
+    t_small = timed(small)
+    if large_units == small_units:
+        per_unit, overhead = t_small / small_units, 0.0
+    else:
+        t_large = timed(large)
+        # timing noise must not make a unit free: at least 5 % of the large shape's mean
+        per_unit = max((t_large - t_small) / (large_units - small_units), 0.05 * t_large / large_units)
+        overhead = max(0.0, t_small - per_unit * small_units)
+    return GraphCost(per_unit, overhead, bytes_per_unit, reference_pixels)

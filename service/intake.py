@@ -1,0 +1,162 @@
+"""The HTTP edge every request passes, as one ASGI middleware:
+
+- the body is read whole before any route sees it, bounded in bytes (413, chunked or not, and
+  before a byte is read when Content-Length says so), in time (408 for a body that trickles in)
+  and against the memory budget (503 when the bytes in flight would pass it);
+- the client is watched for the rest of the request: a hang-up sets the request's
+  `disconnected` event (the pipeline drops its queued items) and the request counts as 499;
+- every model operation is timed and counted in `ganserve_requests_total` with its final
+  status, whether a route answered it, validation refused it or the client left;
+- what a request reserved from the memory budget is released when its response has been sent.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.memory import MemoryBudget, OverBudget
+
+STATE_KEY = "ganserve"  # scope["state"][STATE_KEY] holds the request's RequestContext
+
+
+@dataclass
+class RequestContext:
+    """What the edge knows about one request and shares with the request pipeline."""
+
+    arrived: float  # time.monotonic()
+    disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+    labels: tuple[str, str, str] | None = None  # (model, version, operation), set by the pipeline
+    reserved: int = 0  # bytes held from the memory budget until the response is sent
+
+
+def context_of(scope: Scope) -> RequestContext | None:
+    return scope.get("state", {}).get(STATE_KEY)
+
+
+def error_message(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> tuple[Message, Message]:
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    return {"type": "http.response.start", "status": status, "headers": raw}, {"type": "http.response.body", "body": body}
+
+
+class Refused(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+def operation_of(scope: Scope) -> str | None:
+    """The operation a model route performs (`generate`, `upscale`, `infer`, …), None for the rest."""
+    route = scope.get("route")
+    path = getattr(route, "path", "")
+    if scope.get("method") != "POST" or "{name}" not in path:
+        return None
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+class RequestIntake:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float) -> None:
+        self.app = app
+        self.limit = max_body_bytes
+        self.body_timeout_s = body_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        context = RequestContext(time.monotonic())
+        scope.setdefault("state", {})[STATE_KEY] = context
+        registry = getattr(scope["app"].state, "registry", None)
+        budget: MemoryBudget | None = registry.memory if registry is not None else None
+        status = {"code": 500}
+        final_body_sent = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal final_body_sent
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                final_body_sent = True
+            await send(message)
+
+        try:
+            try:
+                body = await self.read_body(scope, receive, context, budget)
+            except Refused as refused:
+                start, message = error_message(refused.status, refused.code, refused.message, refused.headers | {"Connection": "close"})
+                await tracking_send(start)
+                await tracking_send(message)
+                return
+            replayed = False
+
+            async def replay() -> Message:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                await context.disconnected.wait()
+                return {"type": "http.disconnect"}
+
+            async def watch() -> None:
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        if not final_body_sent:
+                            context.disconnected.set()
+                        return
+
+            watcher = asyncio.ensure_future(watch())
+            try:
+                await self.app(scope, replay, tracking_send)
+            finally:
+                watcher.cancel()
+        finally:
+            if budget is not None:
+                budget.release(context.reserved)
+            self.account(scope, context, 499 if context.disconnected.is_set() else status["code"], registry)
+
+    async def read_body(self, scope: Scope, receive: Receive, context: RequestContext, budget: MemoryBudget | None) -> bytes:
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            raise Refused(413, "payload_too_large", f"request body over {self.limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(max(0.0, context.arrived + self.body_timeout_s - time.monotonic())):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        context.disconnected.set()
+                        raise Refused(499, "client_closed_request", "the client went away while sending its body")
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.limit:
+                        raise Refused(413, "payload_too_large", f"request body over {self.limit} bytes")
+                    if chunk and budget is not None:
+                        try:
+                            budget.try_reserve(len(chunk))
+                        except OverBudget:
+                            raise Refused(503, "overloaded", "the server's memory budget is taken by requests in flight; retry later", {"Retry-After": "1"})
+                        context.reserved += len(chunk)
+                        chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        return b"".join(chunks)
+        except TimeoutError:
+            raise Refused(408, "request_timeout", f"the request body did not arrive within {self.body_timeout_s:g} s")
+
+    @staticmethod
+    def account(scope: Scope, context: RequestContext, status: int, registry) -> None:
+        operation = operation_of(scope)
+        if registry is None or operation is None:
+            return
+        if context.labels is None:  # refused before the pipeline saw it (validation, unknown model, …)
+            name = scope.get("path_params", {}).get("name", "")
+            context.labels = (name if name in registry.models else "unknown", "", operation)
+        metrics = registry.metrics.bound(*context.labels)
+        metrics.requests(str(status)).inc()
+        metrics.request_duration.observe(time.monotonic() - context.arrived)

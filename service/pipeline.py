@@ -1,0 +1,118 @@
+"""The one request path every model operation takes.
+
+A route validates its body, then calls `begin` (the model, labelled for metrics) and `execute`
+with the request's estimated cost and its work. `execute` owns the deadline (from the request's
+arrival), admission (time and memory, service/admission.py), the client's hang-up (items are
+dropped before compute, the request counts as 499) and mapping batcher outcomes to HTTP errors.
+Routes never repeat any of it, and never import each other.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from fastapi import Request
+
+from service.admission import RequestCost, admit, batch_share_bytes, compute_seconds, reserve_memory
+from service.batcher import DeadlineExceeded, QueueFull, RequestState, RequestTooLarge, ShuttingDown
+from service.errors import ApiError
+from service.intake import RequestContext, context_of
+from service.registry import LoadedModel, ModelRegistry
+
+T = TypeVar("T")
+
+
+def registry_of(request: Request) -> ModelRegistry:
+    return request.app.state.registry
+
+
+def context(request: Request) -> RequestContext:
+    found = context_of(request.scope)
+    if found is None:  # only when the app runs without its intake middleware
+        found = RequestContext(time.monotonic())
+        request.scope.setdefault("state", {})["ganserve"] = found
+    return found
+
+
+async def require_json(request: Request) -> None:
+    """(async so that FastAPI does not hand it to a worker thread for every request)"""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise ApiError(415, f"send the request body as application/json (got {media or 'no content type'!r})")
+
+
+def begin(request: Request, name: str, operation: str, version: int | None = None) -> LoadedModel:
+    """The model a request addresses (404 unknown, 503 not ready), with the request's metric
+    labels set so that every later answer counts under them."""
+    registry = registry_of(request)
+    ctx = context(request)
+    ctx.labels = (name if name in registry.models else "unknown", "", operation)
+    model = registry.get(name, version)
+    ctx.labels = (name, str(model.entry.version), operation)
+    return model
+
+
+def estimate(model: LoadedModel, graph: str, units: list[float], resident_bytes: int = 0) -> RequestCost:
+    """The cost of running `units` items through one of the model's graphs, plus what the request
+    holds besides its batches (images, outputs, encoded bytes)."""
+    cost = model.costs.get(graph)
+    size = model.config.max_batch_size
+    return RequestCost(compute_seconds(cost, units, size), resident_bytes + batch_share_bytes(cost, units, size))
+
+
+def generated_bytes(model: LoadedModel, count: int) -> int:
+    """What `count` generated images hold: float outputs, uint8 and the encoded bytes (at worst
+    as large as the pixels, base64 a third more)."""
+    spec = model.entry.spec
+    values = (spec.get("resolution") or 1) ** 2 * (spec.get("channels") or 1)
+    return count * values * (4 + 1 + 2)
+
+
+def combined(*costs: RequestCost) -> RequestCost:
+    return RequestCost(sum(c.seconds for c in costs), sum(c.bytes for c in costs))
+
+
+async def execute(request: Request, model: LoadedModel, cost: RequestCost, work: Callable[[RequestState], Awaitable[T]]) -> T:
+    """Admits the request, runs `work(state)` until it is done, the deadline passes or the client
+    leaves, and maps the outcome to an answer."""
+    registry = registry_of(request)
+    ctx = context(request)
+    state = RequestState(deadline=ctx.arrived + registry.settings.request_timeout_s)
+    if registry.draining:
+        raise ApiError(503, "the server is shutting down", headers={"Retry-After": "1"})
+    admit(model, cost, state.deadline - time.monotonic(), registry.memory)
+    ctx.reserved += cost.bytes  # released by the intake once the response is sent
+    task = asyncio.ensure_future(work(state))
+    gone = asyncio.ensure_future(ctx.disconnected.wait())
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not task.done():
+        state.cancelled = True
+        task.cancel()
+        raise ApiError(499, "the client closed the request", code="client_closed_request")
+    try:
+        return task.result()
+    except QueueFull as full:
+        raise ApiError(429, "the model's queue is full; retry later", headers={"Retry-After": str(max(1, round(full.retry_after_s)))})
+    except RequestTooLarge as error:
+        raise ApiError(413, f"this request can never fit the model's queue: {error}", code="too_expensive")
+    except DeadlineExceeded:
+        raise ApiError(504, "the request's deadline passed before its images were computed")
+    except ShuttingDown:
+        raise ApiError(503, "the server is shutting down", headers={"Retry-After": "1"})
+
+
+def reserve(request: Request, nbytes: int) -> None:
+    """Holds `nbytes` of the memory budget until the response is sent (work outside `execute`,
+    such as decoding a projection target)."""
+    reserve_memory(registry_of(request).memory, nbytes)
+    context(request).reserved += nbytes
+
+
+async def off_loop(request: Request, function: Callable[..., T], *args) -> T:
+    """Runs CPU work (decoding, blending, serialising) in the encoder pool, off the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(registry_of(request).encoders, function, *args)

@@ -1,0 +1,28 @@
+"""Field types every request body shares, each bounded before anything is allocated.
+
+Integers are strict (`true` is not a seed, `1.5` is not a class) and every number has a range,
+so a body like `{"n": 10**25}` is refused by validation instead of building a 10**25-long list.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, Strict
+
+MAX_SEED = 2**63 - 1
+HARD_MAX_IMAGES = 4096  # the most any setting may allow per request; the server's own limit is lower
+MAX_WS = 64  # style layers a request may name
+MAX_W_DIM = 4096
+
+Seed = Annotated[int, Strict(), Field(ge=0, le=MAX_SEED, description=f"0 … 2^63 - 1")]
+ImageCount = Annotated[int, Strict(), Field(ge=1, le=HARD_MAX_IMAGES)]
+ClassIndex = Annotated[int, Strict(), Field(ge=0, le=1_000_000)]
+ClassName = Annotated[str, Field(min_length=1, max_length=128)]
+LayerIndex = Annotated[int, Strict(), Field(ge=0, lt=MAX_WS)]
+Layers = Literal["coarse", "middle", "fine"] | Annotated[list[LayerIndex], Field(min_length=1, max_length=MAX_WS)]
+WValue = Annotated[float, Field(allow_inf_nan=False, ge=-1e4, le=1e4)]
+WVector = Annotated[list[WValue], Field(min_length=1, max_length=MAX_W_DIM)]
+Psi = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False, description="style models: pull w toward w_avg (1 = off)")]
+ImageFormat = Literal["png", "jpeg", "webp", "npy"]
+Layout = Literal["grid", "list"]
+Version = Annotated[int, Strict(), Field(ge=1, lt=2**31)]
