@@ -88,7 +88,7 @@ def derive_limits(model: "LoadedModel", settings: Settings, memory_budget: int) 
     if cost is None:
         return ModelLimits(seconds, min(config.max_input_pixels, int(memory // per_pixel)))
     max_tiles = max(0, math.floor((seconds - cost.overhead_s) / cost.per_unit_s))
-    batch_bytes = cost.bytes_per_unit * config.max_batch_size
+    batch_bytes = cost.bytes_per_unit * cost.batch_items(config.max_batch_size, config.max_batch_seconds)
 
     def fits(side: int) -> bool:
         return (side * side <= config.max_input_pixels and tile_count(side, side, settings) <= max_tiles
@@ -107,11 +107,11 @@ class RequestCost:
     bytes: int
 
 
-def batch_share_bytes(cost: GraphCost | None, units: list[float], max_batch_size: int) -> int:
+def batch_share_bytes(cost: GraphCost | None, units: list[float], max_batch_size: int, max_batch_seconds: float) -> int:
     """The batch memory a request's items may add: at most a batch's worth of them compute at once."""
     if cost is None or not units:
         return 0
-    return cost.bytes_for(sum(sorted(units, reverse=True)[:max_batch_size]))
+    return cost.bytes_for(sum(sorted(units, reverse=True)[:cost.batch_items(max_batch_size, max_batch_seconds)]))
 
 
 def compute_seconds(cost: GraphCost | None, units: list[float], max_batch_size: int) -> float:

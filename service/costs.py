@@ -52,6 +52,12 @@ class GraphCost:
         """What an item adds to its lane's backlog (the batch overhead is shared, so not counted)."""
         return self.per_unit_s * units * self.correction
 
+    def batch_items(self, max_batch_size: int, max_batch_seconds: float) -> int:
+        """How many one-unit items a batch takes under both caps (the batcher's rule)."""
+        if self.per_unit_s <= 0:
+            return max_batch_size
+        return max(1, min(max_batch_size, math.floor((max_batch_seconds - self.overhead_s) / self.per_unit_s)))
+
     def bytes_for(self, units: float) -> int:
         return math.ceil(self.bytes_per_unit * units)
 

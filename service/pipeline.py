@@ -57,9 +57,9 @@ def begin(request: Request, name: str, operation: str, version: int | None = Non
 def estimate(model: LoadedModel, graph: str, units: list[float], resident_bytes: int = 0) -> RequestCost:
     """The cost of running `units` items through one of the model's graphs, plus what the request
     holds besides its batches (images, outputs, encoded bytes)."""
-    cost = model.costs.get(graph)
-    size = model.config.max_batch_size
-    return RequestCost(compute_seconds(cost, units, size), resident_bytes + batch_share_bytes(cost, units, size))
+    cost, config = model.costs.get(graph), model.config
+    return RequestCost(compute_seconds(cost, units, config.max_batch_size),
+                       resident_bytes + batch_share_bytes(cost, units, config.max_batch_size, config.max_batch_seconds))
 
 
 def generated_bytes(model: LoadedModel, count: int) -> int:

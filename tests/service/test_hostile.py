@@ -1,0 +1,271 @@
+"""A hostile client against `ganserve serve` of the shipped repository: every request below was
+once a crash, a 500, gigabytes of memory or a wrong answer. Each must now get its right status
+with a JSON error body, leave /health/ready answering, and the server's peak RSS must stay under
+the memory budget it was given."""
+from __future__ import annotations
+
+import io
+import socket
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.serving import running_server
+
+SHIPPED = Path(__file__).resolve().parents[2] / "model_repository"
+GIB = 1024**3
+BUDGET = 2 * GIB
+V1 = "/v1/models"
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM")
+
+
+def png(width: int, height: int, mode: str = "L") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, (width, height), 128 if mode == "L" else (128, 60, 20)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def webp_lossless(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (9, 9, 9)).save(buffer, "WEBP", lossless=True)
+    return buffer.getvalue()
+
+
+def jpeg_declaring(width: int, height: int) -> bytes:
+    """An 8x8 JPEG whose frame header claims `width` x `height` (631 bytes)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "JPEG")
+    data = bytearray(buffer.getvalue())
+    frame = data.find(b"\xff\xc0")
+    struct.pack_into(">HH", data, frame + 5, height, width)
+    return bytes(data)
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG of a few dozen bytes whose header claims `width` x `height`."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def multipart(parts: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    boundary = "hostileboundary"
+    body = b"".join(f'--{boundary}\r\ncontent-disposition: form-data; name="{name}"; filename="x.png"\r\ncontent-type: image/png\r\n\r\n'.encode()
+                    + data + b"\r\n" for name, data in parts) + f"--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def z_tensor(values: int = 64) -> dict:
+    return {"name": "z", "shape": [1, values], "datatype": "FP32", "data": [0.0] * values}
+
+
+JSON = {"content-type": "application/json"}
+PNG = {"content-type": "image/png"}
+SMALL = png(24, 24, "RGB")
+MULTI_TWO_FILES = multipart([("file", SMALL), ("file", SMALL)])
+MULTI_NO_FILE = multipart([("other", SMALL)])
+
+# (name, method, path, {json|content, headers}, expected status)
+CASES = [
+    # numbers the schema must bound before anything is allocated
+    ("n 10^25 (once killed the process)", "POST", f"{V1}/dcgan-digits/generate", {"json": {"n": 10**25}}, 422),
+    ("n 3e7", "POST", f"{V1}/dcgan-digits/generate", {"json": {"n": 30_000_000}}, 422),
+    ("n past the per-request limit", "POST", f"{V1}/dcgan-digits/generate", {"json": {"n": 257}}, 422),
+    ("a million seeds", "POST", f"{V1}/dcgan-digits/generate", {"json": {"seeds": list(range(1_000_000))}}, 422),
+    ("seed 2^63", "POST", f"{V1}/dcgan-digits/generate", {"json": {"seed": 2**63}}, 422),
+    ("seed + n past the last seed", "POST", f"{V1}/dcgan-digits/generate", {"json": {"seed": 2**63 - 2, "n": 5}}, 422),
+    ("true as a seed", "POST", f"{V1}/dcgan-digits/generate", {"json": {"seed": True}}, 422),
+    ("true as a class", "POST", f"{V1}/cdcgan-digits/generate", {"json": {"class": True}}, 422),
+    ("class 10^30", "POST", f"{V1}/cdcgan-digits/generate", {"json": {"class": 10**30}}, 422),
+    ("columns 0", "POST", f"{V1}/dcgan-digits/generate", {"json": {"n": 4, "columns": 0}}, 422),
+    ("version 2^40", "POST", f"{V1}/dcgan-digits/generate", {"json": {"version": 2**40}}, 422),
+    ("a 200-digit integer", "POST", f"{V1}/dcgan-digits/generate", {"content": b'{"seed": ' + b"9" * 200 + b"}", "headers": JSON}, 422),
+    ("a 5000-digit integer", "POST", f"{V1}/dcgan-digits/generate", {"content": b'{"seed": ' + b"9" * 5000 + b"}", "headers": JSON}, 422),
+    ("JSON nested 100000 deep", "POST", f"{V1}/dcgan-digits/generate", {"content": b"[" * 100_000 + b"]" * 100_000, "headers": JSON}, 422),
+    ("style-mix row seed 2^64", "POST", f"{V1}/stylegan-shapes/style-mix", {"json": {"row_seeds": [2**64], "col_seeds": [1]}}, 422),
+    ("style-mix row seed below -2^63", "POST", f"{V1}/stylegan-shapes/style-mix", {"json": {"row_seeds": [-(2**63) - 1], "col_seeds": [1]}}, 422),
+    ("style-mix negative seed", "POST", f"{V1}/stylegan-shapes/style-mix", {"json": {"row_seeds": [-1], "col_seeds": [1]}}, 422),
+    ("style-mix 17 rows", "POST", f"{V1}/stylegan-shapes/style-mix", {"json": {"row_seeds": list(range(17)), "col_seeds": [1]}}, 422),
+    ("style-mix layer 10^9", "POST", f"{V1}/stylegan-shapes/style-mix", {"json": {"row_seeds": [1], "col_seeds": [2], "layers": [10**9]}}, 422),
+    ("interpolate 10^9 steps", "POST", f"{V1}/stylegan-shapes/interpolate", {"json": {"seeds": [1, 2], "steps": 10**9}}, 422),
+    ("interpolate w of 10^5 values", "POST", f"{V1}/stylegan-shapes/interpolate", {"json": {"w": [[0.0] * 100_000] * 2}}, 422),
+    ("edit strength 1e308", "POST", f"{V1}/stylegan-shapes/edit", {"json": {"seed": 1, "direction": "size", "strengths": [1e308]}}, 422),
+    ("edit 65 strengths", "POST", f"{V1}/stylegan-shapes/edit", {"json": {"seed": 1, "direction": "size", "strengths": [0.0] * 65}}, 422),
+    ("edit NaN in w", "POST", f"{V1}/stylegan-shapes/edit", {"content": b'{"w": [NaN], "direction": "size"}', "headers": JSON}, 422),
+    ("project 10^9 steps", "POST", f"{V1}/stylegan-shapes/project?steps=1000000000", {"content": SMALL, "headers": PNG}, 422),
+    # uploads: checked from the header before a pixel is decoded
+    ("16 KB grey 4096² PNG to translate", "POST", f"{V1}/cyclegan-thin2thick/translate", {"content": png(4096, 4096), "headers": PNG}, 413),
+    ("631-byte JPEG declaring 4000²", "POST", f"{V1}/cyclegan-thin2thick/translate", {"content": jpeg_declaring(4000, 4000), "headers": {"content-type": "image/jpeg"}}, 413),
+    ("706-byte lossless WebP of 16383x1000", "POST", f"{V1}/cyclegan-thin2thick/translate", {"content": webp_lossless(16383, 1000), "headers": {"content-type": "image/webp"}}, 413),
+    ("PNG declaring 20000² (a decompression bomb)", "POST", f"{V1}/cyclegan-thin2thick/translate", {"content": png_declaring(20000, 20000), "headers": PNG}, 413),
+    ("PNG declaring 60000x1 strip to upscale", "POST", f"{V1}/sr-rrdb-x4/upscale", {"content": png_declaring(60000, 1), "headers": PNG}, 413),
+    ("1024² upscale (minutes of tiles on a CPU)", "POST", f"{V1}/sr-rrdb-x4/upscale", {"content": png(1024, 1024, "RGB"), "headers": PNG}, 413),
+    ("PNG declaring 4096² for projection", "POST", f"{V1}/stylegan-shapes/project", {"content": png_declaring(5000, 5000), "headers": PNG}, 413),
+    ("garbage as image/png", "POST", f"{V1}/cyclegan-thin2thick/translate", {"content": b"\x89PNG not really" * 10, "headers": PNG}, 422),
+    ("a GIF sent as image/png", "POST", f"{V1}/cyclegan-thin2thick/translate", {"content": b"GIF89a" + b"\0" * 64, "headers": PNG}, 422),
+    ("empty upload", "POST", f"{V1}/sr-rrdb-x4/upscale", {"content": b"", "headers": PNG}, 422),
+    ("text/plain upload", "POST", f"{V1}/sr-rrdb-x4/upscale", {"content": b"hello", "headers": {"content-type": "text/plain"}}, 415),
+    ("multipart with two files", "POST", f"{V1}/cyclegan-thin2thick/translate", {"content": MULTI_TWO_FILES[0], "headers": {"content-type": MULTI_TWO_FILES[1]}}, 422),
+    ("multipart without a file part", "POST", f"{V1}/cyclegan-thin2thick/translate", {"content": MULTI_NO_FILE[0], "headers": {"content-type": MULTI_NO_FILE[1]}}, 422),
+    ("multipart without a boundary", "POST", f"{V1}/cyclegan-thin2thick/translate", {"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}}, 422),
+    ("fit=stretch", "POST", f"{V1}/cyclegan-thin2thick/translate?fit=stretch", {"content": SMALL, "headers": PNG}, 422),
+    ("format=gif on translate", "POST", f"{V1}/cyclegan-thin2thick/translate?format=gif", {"content": SMALL, "headers": PNG}, 422),
+    # content negotiation: 406, never a 500
+    ("Accept gif on generate", "POST", f"{V1}/dcgan-digits/generate", {"json": {"seed": 1}, "headers": {"accept": "image/gif"}}, 406),
+    ("Accept gif on style-mix", "POST", f"{V1}/stylegan-shapes/style-mix", {"json": {"row_seeds": [1], "col_seeds": [2]}, "headers": {"accept": "image/gif"}}, 406),
+    ("Accept gif on edit", "POST", f"{V1}/stylegan-shapes/edit", {"json": {"seed": 1, "direction": "size"}, "headers": {"accept": "image/gif"}}, 406),
+    ("Accept gif on translate", "POST", f"{V1}/cyclegan-thin2thick/translate", {"content": SMALL, "headers": PNG | {"accept": "image/gif"}}, 406),
+    ("Accept gif on upscale", "POST", f"{V1}/sr-rrdb-x4/upscale", {"content": SMALL, "headers": PNG | {"accept": "image/gif"}}, 406),
+    # v2: the same bounds as v1
+    ("v2 [1,3,384,384] to SR (154 MB of JSON)", "POST", "/v2/models/sr-rrdb-x4/infer",
+     {"json": {"inputs": [{"name": "image", "shape": [1, 3, 384, 384], "datatype": "FP32", "data": [0.0] * (3 * 384 * 384)}]}}, 413),
+    ("v2 cyclegan [1,1,4,4]", "POST", "/v2/models/cyclegan-thin2thick/infer", {"json": {"inputs": [{"name": "image", "shape": [1, 1, 4, 4], "datatype": "FP32", "data": [0.0] * 16}]}}, 422),
+    ("v2 label 2^63", "POST", "/v2/models/cdcgan-digits/infer",
+     {"json": {"inputs": [z_tensor(), {"name": "label", "shape": [1], "datatype": "INT64", "data": [2**63]}]}}, 422),
+    ("v2 INT64 label 1.7", "POST", "/v2/models/cdcgan-digits/infer",
+     {"json": {"inputs": [z_tensor(), {"name": "label", "shape": [1], "datatype": "INT64", "data": [1.7]}]}}, 422),
+    ("v2 label true", "POST", "/v2/models/cdcgan-digits/infer",
+     {"json": {"inputs": [z_tensor(), {"name": "label", "shape": [1], "datatype": "INT64", "data": [True]}]}}, 422),
+    ("v2 duplicate input names", "POST", "/v2/models/dcgan-digits/infer", {"json": {"inputs": [z_tensor(), z_tensor()]}}, 422),
+    ("v2 batch of 2^31", "POST", "/v2/models/dcgan-digits/infer", {"json": {"inputs": [{**z_tensor(), "shape": [2**31, 64]}]}}, 422),
+    ("v2 negative shape", "POST", "/v2/models/dcgan-digits/infer", {"json": {"inputs": [{**z_tensor(), "shape": [-1, 64]}]}}, 422),
+    ("v2 data of strings", "POST", "/v2/models/dcgan-digits/infer", {"json": {"inputs": [{**z_tensor(), "data": ["a"] * 64}]}}, 422),
+    ("v2 FP32 past float32's range", "POST", "/v2/models/dcgan-digits/infer", {"json": {"inputs": [{**z_tensor(), "data": [1e300] * 64}]}}, 422),
+    ("v2 not JSON", "POST", "/v2/models/dcgan-digits/infer", {"content": b"{nope", "headers": JSON}, 422),
+    ("v2 unknown model", "POST", "/v2/models/nope/infer", {"json": {"inputs": [z_tensor()]}}, 404),
+    # the rest of the matrix
+    ("unknown model", "POST", f"{V1}/nope/generate", {"json": {}}, 404),
+    ("unknown version", "POST", f"{V1}/dcgan-digits/generate", {"json": {"version": 7}}, 404),
+    ("style-mix on a DCGAN", "POST", f"{V1}/dcgan-digits/style-mix", {"json": {"row_seeds": [1], "col_seeds": [2]}}, 422),
+    ("translate on an SR model", "POST", f"{V1}/sr-rrdb-x4/translate", {"content": SMALL, "headers": PNG}, 422),
+    ("GET on a POST route", "GET", f"{V1}/dcgan-digits/generate", {}, 405),
+]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    with running_server(SHIPPED, memory_budget=BUDGET, header_timeout_s=1, body_timeout_s=3) as server:
+        yield server
+
+
+@pytest.mark.parametrize("name,method,path,options,status", CASES, ids=[case[0] for case in CASES])
+def test_a_hostile_request_gets_its_status_and_a_json_error_and_the_server_stays_up(shipped, name, method, path, options, status):
+    with shipped.client(timeout=60) as client:
+        response = client.request(method, path, **options)
+        assert response.status_code == status, response.text[:500]
+        error = response.json()["error"]
+        assert error["code"] and error["message"]
+        assert "/work/" not in error["message"] and "/tmp/" not in error["message"]
+        assert client.get("/health/ready").status_code == 200
+    assert peak_rss(shipped.process.pid) < BUDGET
+
+
+def test_a_tiny_image_is_translated_at_its_own_size(shipped):
+    """Sides of 1–4 px once reached ONNX's Pad with an error text for the client (500)."""
+    with shipped.client() as client:
+        for size in [(1, 1), (4, 4), (3, 40)]:
+            response = client.post(f"{V1}/cyclegan-thin2thick/translate", content=png(*size), headers=PNG)
+            assert response.status_code == 200, response.text
+            assert Image.open(io.BytesIO(response.content)).size == size
+
+
+def test_a_chunked_body_over_the_limit_is_413_not_400(shipped):
+    def chunks():
+        yield b'{"seeds": ['
+        for _ in range(600):
+            yield b"1," * 8192
+        yield b"1]}"
+
+    with shipped.client() as client:
+        response = client.post(f"{V1}/dcgan-digits/generate", content=chunks(), headers=JSON)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
+
+
+def raw_exchange(server, request: bytes, wait_s: float = 5) -> bytes:
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait_s) as sock:
+        sock.sendall(request)
+        data = b""
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+        except TimeoutError:
+            pass
+    return data
+
+
+def test_a_declared_content_length_over_the_limit_is_refused_before_the_body_is_read(shipped):
+    answer = raw_exchange(shipped, b"POST /v1/models/dcgan-digits/generate HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+                                   b"content-length: 1000000000000\r\n\r\n{")
+    assert answer.startswith(b"HTTP/1.1 413") and b"payload_too_large" in answer
+
+
+def test_half_sent_requests_are_closed_after_the_header_and_body_timeouts(shipped):
+    host, port = shipped.url.removeprefix("http://").split(":")
+    stalled = []
+    for i in range(50):
+        sock = socket.create_connection((host, int(port)))
+        if i % 2:
+            sock.sendall(b"POST /v1/models/dcgan-digits/generate HTTP/1.1\r\nHost: x\r\n")  # headers never finish
+        else:
+            sock.sendall(b"POST /v1/models/dcgan-digits/generate HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{")
+        stalled.append(sock)
+    time.sleep(4.5)  # header timeout 1 s, body timeout 3 s
+    answers = []
+    for sock in stalled:
+        sock.settimeout(2)
+        data = b""
+        try:
+            while chunk := sock.recv(4096):
+                data += chunk
+        except TimeoutError:
+            pass
+        answers.append(data.split(b"\r\n", 1)[0])
+        sock.close()
+    assert all(answer.startswith(b"HTTP/1.1 408") for answer in answers), set(answers)
+    with shipped.client() as client:
+        assert client.get("/health/ready").status_code == 200
+
+
+def test_every_refusal_is_counted_under_its_status(shipped):
+    before = shipped.metric("ganserve_requests_total", model="dcgan-digits", operation="generate", status="422")
+    unknown = shipped.metric("ganserve_requests_total", model="unknown", status="404")
+    with shipped.client() as client:
+        client.post(f"{V1}/dcgan-digits/generate", json={"n": 10**25})
+        client.post(f"{V1}/nope-{time.time()}/generate", json={})
+    assert shipped.metric("ganserve_requests_total", model="dcgan-digits", operation="generate", status="422") == before + 1
+    assert shipped.metric("ganserve_requests_total", model="unknown", status="404") == unknown + 1
+
+
+def test_a_client_that_hangs_up_is_counted_as_499_not_200(shipped):
+    before = shipped.metric("ganserve_requests_total", model="sr-rrdb-x4", status="499")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{shipped.url}{V1}/sr-rrdb-x4/upscale", content=png(200, 200, "RGB"), headers=PNG, timeout=0.3)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and shipped.metric("ganserve_requests_total", model="sr-rrdb-x4", status="499") == before:
+        time.sleep(0.2)
+    assert shipped.metric("ganserve_requests_total", model="sr-rrdb-x4", status="499") == before + 1
+    assert shipped.metric("ganserve_requests_total", model="sr-rrdb-x4", status="200") == 0
+
+
+def test_the_model_listing_states_each_models_limits(shipped):
+    with shipped.client() as client:
+        models = {m["name"]: m for m in client.get(f"{V1}").json()["models"]}
+    sr, cyclegan = models["sr-rrdb-x4"]["limits"], models["cyclegan-thin2thick"]["limits"]
+    assert 0 < sr["max_input_pixels"] < 1024 * 1024 and sr["max_tiles"] >= 1
+    assert 0 < cyclegan["max_input_pixels"] < 4096 * 4096
+    assert models["sr-rrdb-x4"]["costs"]["model"]["seconds_per_unit"] > 0
