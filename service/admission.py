@@ -122,9 +122,11 @@ def compute_seconds(cost: GraphCost | None, units: list[float], max_batch_size: 
     return batches * cost.overhead_s + cost.per_unit_s * sum(units)
 
 
-def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, budget: MemoryBudget) -> None:
-    """Refuses what cannot finish in time or fit in memory; reserves the request's bytes otherwise
-    (the caller releases them when the request ends)."""
+def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, budget: MemoryBudget) -> float:
+    """Refuses what cannot finish in time or fit in memory; otherwise reserves the request's
+    bytes and returns the lane seconds it will take (the caller adds them to the lane's backlog
+    at once, so the requests admitted in one burst see each other, and releases both when the
+    request ends)."""
     limit = model.limits.compute_seconds if model.limits else math.inf
     if request_cost.seconds > limit:
         raise ApiError(413, f"this request needs about {request_cost.seconds:.1f} s of compute on {model.entry.name!r}; "
@@ -132,11 +134,13 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
     lane = model.lane
     correction = model.costs["model"].correction if "model" in model.costs else 1.0
     finish = lane.expected_wait_s() + request_cost.seconds * correction / lane.threads
-    if finish > remaining_s:
-        retry = max(1, math.ceil(finish - remaining_s))
+    budget_s = remaining_s * COMPUTE_SHARE_OF_DEADLINE  # the rest is decoding, encoding and the estimate's error
+    if finish > budget_s:
+        retry = max(1, math.ceil(finish - budget_s))
         raise ApiError(503, f"{model.entry.name!r} has about {lane.expected_wait_s():.1f} s of work queued; this request would "
                             f"finish after its deadline: retry in {retry} s", code="overloaded", headers={"Retry-After": str(retry)})
     reserve_memory(budget, request_cost.bytes, retry_after_s=lane.expected_wait_s())
+    return request_cost.seconds * correction
 
 
 def reserve_memory(budget: MemoryBudget, nbytes: int, retry_after_s: float = 1.0) -> None:

@@ -61,6 +61,7 @@ class RequestState:
 
     deadline: float  # time.monotonic() seconds
     cancelled: bool = False
+    lane_seconds: float = 0.0  # what admission added to the lane's backlog for it, not yet settled by its items
 
     def alive(self, now: float) -> bool:
         return not self.cancelled and now < self.deadline
@@ -72,7 +73,7 @@ class WorkItem:
     request: RequestState
     future: asyncio.Future
     units: float = 1.0  # its cost units (service/costs.py)
-    seconds: float = 0.0  # what it added to its lane's backlog
+    seconds: float = 0.0  # its estimated compute: what its end takes off the lane's backlog
     enqueued: float = field(default_factory=time.monotonic)
 
     @property
@@ -117,7 +118,6 @@ class DynamicBatcher:
             units = self.cost.units(item) if self.cost else 1.0
             seconds = self.cost.item_seconds(units) if self.cost else 0.0
             items.append(WorkItem(item, request, loop.create_future(), units, seconds))
-            self.lane.add_backlog(seconds)
         self.queue.extend(items)
         self.metrics.queue_items.set(len(self.queue))
         self.wakeup.set()
@@ -178,7 +178,7 @@ class DynamicBatcher:
             if not item.request.alive(now) or item.future.done():
                 reason = "deadline" if now >= item.request.deadline else "cancelled"
                 self.metrics.rejected(reason).inc()
-                self.lane.remove_backlog(item.seconds)
+                self.settle(item)
                 if not item.future.done():
                     item.future.set_exception(DeadlineExceeded())
                 continue
@@ -198,8 +198,14 @@ class DynamicBatcher:
             await self.execute(batch)
         finally:
             for item in batch:
-                self.lane.remove_backlog(item.seconds)
+                self.settle(item)
             self.lane.slots.release()
+
+    def settle(self, item: WorkItem) -> None:
+        """An item is done (or dropped): its share of its request's admitted backlog leaves the lane."""
+        share = min(item.seconds, item.request.lane_seconds)
+        item.request.lane_seconds -= share
+        self.lane.remove_backlog(share)
 
     async def execute(self, batch: list[WorkItem]) -> None:
         stacked = {name: np.stack([item.inputs[name] for item in batch]) for name in batch[0].inputs}

@@ -65,7 +65,8 @@ class GraphCost:
         estimated = self.batch_seconds(units, corrected=False)
         if estimated > 0:
             ratio = min(50.0, max(0.2, elapsed_s / estimated))
-            self.correction = 0.8 * self.correction + 0.2 * ratio
+            weight = 0.5 if ratio > self.correction else 0.2  # quick to turn pessimistic, slow to trust good news
+            self.correction = (1 - weight) * self.correction + weight * ratio
 
     def describe(self) -> dict:
         return {"seconds_per_unit": round(self.per_unit_s, 6), "batch_overhead_seconds": round(self.overhead_s, 6),

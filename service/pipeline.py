@@ -82,14 +82,17 @@ async def execute(request: Request, model: LoadedModel, cost: RequestCost, work:
     state = RequestState(deadline=ctx.arrived + registry.settings.request_timeout_s)
     if registry.draining:
         raise ApiError(503, "the server is shutting down", headers={"Retry-After": "1"})
-    admit(model, cost, state.deadline - time.monotonic(), registry.memory)
+    state.lane_seconds = admit(model, cost, state.deadline - time.monotonic(), registry.memory)
     ctx.reserved += cost.bytes  # released by the intake once the response is sent
+    model.lane.add_backlog(state.lane_seconds)  # its items take their shares off as they finish
     task = asyncio.ensure_future(work(state))
     gone = asyncio.ensure_future(ctx.disconnected.wait())
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
+        model.lane.remove_backlog(state.lane_seconds)  # what its items did not settle (dropped, estimate error)
+        state.lane_seconds = 0.0
     if not task.done():
         state.cancelled = True
         task.cancel()

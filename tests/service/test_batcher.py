@@ -121,19 +121,24 @@ def test_a_batch_stops_at_its_cost_budget_as_well_as_its_item_cap():
     assert asyncio.run(scenario()).batches == [2, 2, 2]
 
 
-def test_the_lane_backlog_counts_queued_work_and_empties_when_it_is_done():
+def test_each_finished_item_takes_its_share_of_its_requests_admitted_backlog_off_the_lane():
     async def scenario():
         runtime = RecordingRuntime(delay_s=0.05)
         cost = GraphCost(per_unit_s=0.1, overhead_s=0.0, bytes_per_unit=0, reference_pixels=None)
-        batcher = make_batcher(runtime, cost=cost, max_queue_delay_ms=0)
-        futures = batcher.submit(items(range(3)), alive())
-        queued = batcher.lane.backlog_s
-        await asyncio.gather(*futures)
+        batcher = make_batcher(runtime, cost=cost, max_queue_delay_ms=0, max_batch_size=1)
+        request = alive()
+        request.lane_seconds = 0.3  # what admission counted for it
+        batcher.lane.add_backlog(0.3)
+        futures = batcher.submit(items(range(3)), request)
+        seen = []
+        for future in futures:
+            await future
+            await asyncio.sleep(0.01)
+            seen.append(round(batcher.lane.backlog_s, 6))
         await batcher.close()
-        return queued, batcher.lane.backlog_s
+        return seen
 
-    queued, after = asyncio.run(scenario())
-    assert queued == pytest.approx(0.3) and after == pytest.approx(0.0)
+    assert asyncio.run(scenario()) == [pytest.approx(0.2), pytest.approx(0.1), pytest.approx(0.0)]
 
 
 def test_models_on_their_own_lanes_compute_at_the_same_time():

@@ -1,4 +1,7 @@
 """Queue limits, deadlines, disconnects, readiness, load failures and graceful shutdown."""
+import contextlib
+import io
+import json
 import shutil
 import signal
 import time
@@ -6,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from PIL import Image
 
 from tests.serving import running_server
 
@@ -74,16 +78,66 @@ def test_readiness_is_false_until_every_model_is_loaded_and_warmed(repository):
         assert set(states.values()) == {"ready"}
 
 
-def test_a_broken_entry_fails_alone_and_is_reported(repository, tmp_path):
-    repo = tmp_path / "repo"
+def broken_repository(repository, root):
+    """The test repository plus every way an entry can be broken."""
+    repo = root / "repo"
     shutil.copytree(repository, repo)
-    (repo / "cdigits" / "1" / "model.onnx").write_bytes(b"this is not an onnx file")
+    (repo / "cdigits" / "1" / "model.onnx").write_bytes(b"this is not an onnx file")  # bad weights
+    spec = json.loads((repo / "digits" / "1" / "spec.json").read_text())
+    broken = {"not-json": "{not json", "empty": "{}", "a-list": "[1, 2]", "no-kind": json.dumps({k: v for k, v in spec.items() if k != "kind"}),
+              "escapes": json.dumps(spec | {"formats": {"onnx": {"file": "../../digits/1/model.onnx"}}}),
+              "bad-serving": json.dumps(spec | {"serving": {"max_batch_size": -3}})}
+    for name, text in broken.items():
+        (repo / name / "1").mkdir(parents=True)
+        (repo / name / "1" / "spec.json").write_text(text)
+    return repo, ["cdigits", *broken]
+
+
+def test_broken_entries_fail_alone_with_a_reason_and_no_absolute_path(repository, tmp_path):
+    repo, broken = broken_repository(repository, tmp_path)
     with running_server(repo, ready_requires="any") as server, server.client() as client:
         assert client.post("/v1/models/digits/generate", json={"seed": 1}).status_code == 200
-        broken = client.post("/v1/models/cdigits/generate", json={"seed": 1})
-        assert broken.status_code == 503 and "failed" in broken.json()["error"]["message"]
-        listing = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
-        assert listing["cdigits"]["state"] == "failed" and listing["cdigits"]["error"]
+        listing = client.get("/v1/models")
+        assert listing.status_code == 200
+        models = {m["name"]: m for m in listing.json()["models"]}
+        for name in broken:
+            assert models[name]["state"] == "failed" and models[name]["error"], name
+            assert str(tmp_path) not in models[name]["error"] and "/tmp" not in models[name]["error"], models[name]["error"]
+            assert client.get(f"/v1/models/{name}").status_code == 200
+            refused = client.post(f"/v1/models/{name}/generate", json={"seed": 1})
+            assert refused.status_code == 503 and "failed" in refused.json()["error"]["message"]
+            assert str(tmp_path) not in refused.text
+        assert "spec.json" in models["not-json"]["error"] and "kind" in models["no-kind"]["error"]
+        assert models["digits"]["state"] == "ready"
+
+
+def test_readiness_is_503_while_a_model_it_requires_is_failed(repository, tmp_path):
+    repo, _ = broken_repository(repository, tmp_path)
+    for requires, expected in [("all", 503), ("any", 200), ("digits, styles", 200), ("digits,cdigits", 503)]:
+        with running_server(repo, wait=False, ready_requires=requires) as server:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                with contextlib.suppress(httpx.TransportError):
+                    states = httpx.get(f"{server.url}/v1/models", timeout=2).json()["models"]
+                    if all(m["state"] != "loading" for m in states):
+                        break
+                time.sleep(0.1)
+            ready = httpx.get(f"{server.url}/health/ready")
+            assert ready.status_code == expected, (requires, ready.json())
+            assert ready.json()["models"]["cdigits/1"] == "failed"
+
+
+def test_sigterm_cancels_queued_jobs_and_exits_within_the_deadline_plus_five_seconds(repository):
+    with running_server(repository, request_timeout_s=3, max_projection_steps=100_000, max_job_seconds=1000) as server, server.client() as client:
+        image = io.BytesIO()
+        Image.new("RGB", (16, 16), (200, 30, 30)).save(image, "PNG")
+        jobs = [client.post("/v1/models/styles/project?steps=100000", content=image.getvalue(), headers={"content-type": "image/png"}) for _ in range(4)]
+        assert [job.status_code for job in jobs] == [202] * 4
+        time.sleep(0.5)
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(timeout=30)
+        assert time.monotonic() - started < 3 + 5
 
 
 def test_sigterm_finishes_every_accepted_request_before_exiting(repository):

@@ -1,0 +1,72 @@
+"""Lanes and admission through the real server on the shipped models: a heavy model queues
+behind itself only, and work that cannot finish before its deadline is refused up front."""
+from __future__ import annotations
+
+import io
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from PIL import Image
+
+from tests.serving import running_server
+from tests.service.test_hostile import SHIPPED
+
+
+def png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(((__import__("numpy").random.default_rng(0).random((height, width)) > 0.5) * 255).astype("uint8")).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_a_dcgan_generate_answers_quickly_while_heavy_translates_occupy_their_own_lane():
+    """Three clients keep cyclegan busy with 768² translates (about a second of compute each on
+    one thread); DCGAN generates beside them wait for their own lane only. Before lanes they
+    waited behind every translate (3.2 s p50)."""
+    big = png(768, 768)
+    with running_server(SHIPPED) as server, server.client(timeout=60) as client:
+        stop = threading.Event()
+        translated = []
+
+        def keep_translating() -> None:
+            with server.client(timeout=60) as own:
+                while not stop.is_set():
+                    translated.append(own.post("/v1/models/cyclegan-thin2thick/translate", content=big, headers={"content-type": "image/png"}).status_code)
+
+        with ThreadPoolExecutor(3) as pool:
+            for _ in range(3):
+                pool.submit(keep_translating)
+            time.sleep(1.5)  # the translate lane is saturated
+            latencies = []
+            for seed in range(20):
+                started = time.perf_counter()
+                assert client.post("/v1/models/dcgan-digits/generate", json={"seed": seed}).status_code == 200
+                latencies.append(time.perf_counter() - started)
+                time.sleep(0.05)
+            stop.set()
+    assert translated and set(translated) <= {200, 503}
+    assert 200 in translated  # the translates really ran meanwhile
+    assert statistics.median(latencies) < 0.25, latencies
+    assert max(latencies) < 1.0, latencies
+
+
+def test_a_burst_that_cannot_finish_before_its_deadline_is_refused_up_front_not_timed_out():
+    """32 upscales at once against a 3-second deadline: the lane takes what it can finish in
+    time; the rest get 503 with a Retry-After at once, and nobody waits 3 s for a 504."""
+    small = png(32, 32)
+    with running_server(SHIPPED, request_timeout_s=3) as server:
+        def upscale(_) -> tuple[int, float, str | None]:
+            with server.client(timeout=30) as client:
+                started = time.perf_counter()
+                response = client.post("/v1/models/sr-rrdb-x4/upscale", content=small, headers={"content-type": "image/png"})
+                return response.status_code, time.perf_counter() - started, response.headers.get("retry-after")
+
+        with ThreadPoolExecutor(32) as pool:
+            results = list(pool.map(upscale, range(32)))
+    statuses = [status for status, _, _ in results]
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(200) >= 1 and statuses.count(503) >= 1
+    refused = [(elapsed, retry) for status, elapsed, retry in results if status == 503]
+    assert all(retry is not None and int(retry) >= 1 for _, retry in refused)
+    assert max(elapsed for elapsed, _ in refused) < 1.5
