@@ -31,7 +31,7 @@ async def ready(request: Request) -> JSONResponse:
     return readiness(request)
 
 
-@router.get("/metrics")
+@router.get("/metrics", responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"}})
 async def metrics(request: Request) -> Response:
     registry = registry_of(request)
     if registry.device == "cuda":

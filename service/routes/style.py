@@ -36,7 +36,7 @@ class StyleMixRequest(BaseModel):
 class InterpolateRequest(BaseModel):
     """Frames from A to B: two seeds (slerp in Z or lerp in W) or two w vectors (lerp in W)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [{"required": ["seeds"]}, {"required": ["w"]}]})
     seeds: list[Seed] | None = Field(None, min_length=2, max_length=2)
     w: list[WVector] | None = Field(None, min_length=2, max_length=2)
     steps: int = Field(8, ge=2, le=MAX_FRAMES, strict=True)
@@ -57,7 +57,7 @@ class InterpolateRequest(BaseModel):
 class EditRequest(BaseModel):
     """One image per strength: w moved along a named direction."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [{"required": ["seed"]}, {"required": ["w"]}]})
     seed: Seed | None = None
     w: WVector | None = None
     direction: str = Field(min_length=1, max_length=128)

@@ -20,7 +20,7 @@ router = APIRouter(prefix="/v1", tags=["v1"])
 class GenerateRequest(BaseModel):
     """Either `seeds` (one image per seed) or `n` images from `seed`, `seed + 1`, …"""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, json_schema_extra={"not": {"required": ["seeds", "n"]}})
 
     seeds: list[Seed] | None = Field(None, min_length=1, max_length=4096, description="one image per seed")
     n: ImageCount | None = Field(None, description="number of images, seeded seed, seed+1, …")
