@@ -43,6 +43,21 @@ def bench_upscale_command(
     run_upscale_bench(repository, model, runtime, [int(c) for c in concurrency.split(",")], duration, size, format, max_batch_size, threads, out)
 
 
+def bench_soak_command(
+    repository: Path = typer.Option(Path("model_repository"), "--repository", exists=True, file_okay=False),
+    concurrency: int = typer.Option(64, min=1, help="clients of the mixed-traffic soak"),
+    duration: float = typer.Option(600.0, min=5.0, help="seconds of mixed traffic"),
+    isolation: float = typer.Option(20.0, min=2.0, help="seconds of each isolation scenario"),
+    warmup: float = typer.Option(60.0, min=0.0, help="RSS growth is measured from this second of the soak"),
+    out: Optional[Path] = typer.Option(Path("bench/results/soak-latest.json"), help="JSON report"),
+) -> None:
+    """Resource safety under load: DCGAN latency beside saturated heavy lanes, then a soak of mixed and hostile traffic (5xx, p99, RSS growth)."""
+    from bench.soak import run_soak
+
+    run_soak(repository, concurrency, duration, isolation, warmup, out)
+
+
 def register(app: typer.Typer) -> None:
     app.command("bench")(bench_command)
     app.command("bench-upscale")(bench_upscale_command)
+    app.command("bench-soak")(bench_soak_command)

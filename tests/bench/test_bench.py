@@ -18,3 +18,15 @@ def test_ceiling_times_the_same_runtime_at_each_batch_size(repository):
     results = measure_ceiling(entry, "onnx", "cpu", 1, [1, 8], seconds=0.2)
     assert [r.batch_size for r in results] == [1, 8]
     assert all(r.forward_images_per_s >= r.forward_encode_images_per_s > 0 for r in results)
+
+
+def test_the_soak_reports_statuses_latency_and_memory_of_the_shipped_models(tmp_path):
+    from bench.soak import run_soak
+    from tests.service.test_hostile import SHIPPED
+
+    report = run_soak(SHIPPED, concurrency=6, duration_s=6, isolation_s=2, warmup_s=1, out=tmp_path / "soak.json")
+    assert report["process_alive"] and report["errors"] == 0
+    hostile = report["operations"]["hostile"]["statuses"]
+    assert hostile and all(status.startswith("4") for status in hostile)
+    assert report["operations"]["dcgan generate"]["statuses"].get("200", 0) > 0
+    assert report["isolation"]["p99_ratio"] > 0 and report["rss_end_mb"] > 100

@@ -198,7 +198,8 @@ def test_a_chunked_body_over_the_limit_is_413_not_400(shipped):
 def raw_exchange(server, request: bytes, wait_s: float = 5) -> bytes:
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=wait_s) as sock:
-        sock.sendall(request)
+        if request:
+            sock.sendall(request)
         data = b""
         try:
             while chunk := sock.recv(65536):
@@ -269,3 +270,18 @@ def test_the_model_listing_states_each_models_limits(shipped):
     assert 0 < sr["max_input_pixels"] < 1024 * 1024 and sr["max_tiles"] >= 1
     assert 0 < cyclegan["max_input_pixels"] < 4096 * 4096
     assert models["sr-rrdb-x4"]["costs"]["model"]["seconds_per_unit"] > 0
+
+
+def test_connections_past_the_cap_get_a_json_503_and_are_closed(repository):
+    with running_server(repository, max_connections=4, header_timeout_s=30) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        held = [socket.create_connection((host, int(port))) for _ in range(4)]
+        try:
+            time.sleep(0.2)
+            answer = raw_exchange(server, b"")  # answered as it connects, before a byte is read
+            assert answer.startswith(b"HTTP/1.1 503") and b"too_many_connections" in answer
+        finally:
+            for sock in held:
+                sock.close()
+        time.sleep(0.2)
+        assert httpx.get(f"{server.url}/health/live").status_code == 200
