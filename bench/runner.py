@@ -67,10 +67,15 @@ def run_bench(repository: Path, model: str, runtime: str, concurrencies: list[in
               "load": [r.to_dict() for r in loads], "ceiling": [c.to_dict() for c in ceilings]}
     print_report(report)
     console.print("the ratio column divides by the best forward+PNG ceiling; large requests encode one grid PNG, not one PNG per image")
+    write_report(report, out)
+    return report
+
+
+def write_report(report: dict, out: Path | None) -> None:
+    """The raw report as JSON, when a path is given."""
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
-    return report
 
 
 def _cuda() -> bool:

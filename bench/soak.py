@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import random
 import struct
 import time
@@ -30,7 +29,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from bench.runner import machine
+from bench.runner import machine, write_report
 from bench.server import launched_server
 
 console = Console()
@@ -200,9 +199,7 @@ def run_soak(repository: Path, concurrency: int, duration_s: float, isolation_s:
                   "rss_after_warmup_mb": after_warmup / 2**20, "rss_end_mb": rss[-1][1] / 2**20, "rss_peak_mb": max(v for _, v in rss) / 2**20,
                   "rss_growth": rss[-1][1] / after_warmup - 1}
     print_report(report)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))
+    write_report(report, out)
     return report
 
 

@@ -9,7 +9,6 @@ on the whole frame in one pass (no tiling overhead), plus the cost of encoding o
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from rich.table import Table
 
 from bench.ceiling import timed
 from bench.load import run_load
-from bench.runner import machine, server
+from bench.runner import machine, server, write_report
 from service.imaging import encode
 from service.repository import scan_repository
 from service.runtimes import load_runtime
@@ -87,9 +86,7 @@ def run_upscale_bench(repository: Path, model: str, runtime: str, concurrencies:
               "tile": settings.upscale_tile, "overlap": settings.upscale_overlap, "tiles_per_frame": tiles_per_frame, "max_batch_size": max_batch_size,
               "load": loads, "forward": forward, "encode_ms": measure_encoding(size * entry.spec["scale"], 1.0)}
     print_upscale_report(report)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))
+    write_report(report, out)
     return report
 
 

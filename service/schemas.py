@@ -14,7 +14,7 @@ HARD_MAX_IMAGES = 4096  # the most any setting may allow per request; the server
 MAX_WS = 64  # style layers a request may name
 MAX_W_DIM = 4096
 
-Seed = Annotated[int, Strict(), Field(ge=0, le=MAX_SEED, description=f"0 … 2^63 - 1")]
+Seed = Annotated[int, Strict(), Field(ge=0, le=MAX_SEED, description="0 … 2^63 - 1")]
 ImageCount = Annotated[int, Strict(), Field(ge=1, le=HARD_MAX_IMAGES)]
 ClassIndex = Annotated[int, Strict(), Field(ge=0, le=1_000_000)]
 ClassName = Annotated[str, Field(min_length=1, max_length=128)]

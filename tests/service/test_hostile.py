@@ -12,7 +12,6 @@ import zlib
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -195,18 +194,23 @@ def test_a_chunked_body_over_the_limit_is_413_not_400(shipped):
     assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
 
 
+def read_until_closed(sock: socket.socket, wait_s: float) -> bytes:
+    sock.settimeout(wait_s)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        pass
+    return data
+
+
 def raw_exchange(server, request: bytes, wait_s: float = 5) -> bytes:
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=wait_s) as sock:
         if request:
             sock.sendall(request)
-        data = b""
-        try:
-            while chunk := sock.recv(65536):
-                data += chunk
-        except TimeoutError:
-            pass
-    return data
+        return read_until_closed(sock, wait_s)
 
 
 def test_a_declared_content_length_over_the_limit_is_refused_before_the_body_is_read(shipped):
@@ -228,14 +232,7 @@ def test_half_sent_requests_are_closed_after_the_header_and_body_timeouts(shippe
     time.sleep(4.5)  # header timeout 1 s, body timeout 3 s
     answers = []
     for sock in stalled:
-        sock.settimeout(2)
-        data = b""
-        try:
-            while chunk := sock.recv(4096):
-                data += chunk
-        except TimeoutError:
-            pass
-        answers.append(data.split(b"\r\n", 1)[0])
+        answers.append(read_until_closed(sock, 2).split(b"\r\n", 1)[0])
         sock.close()
     assert all(answer.startswith(b"HTTP/1.1 408") for answer in answers), set(answers)
     with shipped.client() as client:

@@ -8,6 +8,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 from PIL import Image
 
 from tests.serving import running_server
@@ -16,7 +17,7 @@ from tests.service.test_hostile import SHIPPED
 
 def png(width: int, height: int) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(((__import__("numpy").random.default_rng(0).random((height, width)) > 0.5) * 255).astype("uint8")).save(buffer, "PNG")
+    Image.fromarray(((np.random.default_rng(0).random((height, width)) > 0.5) * 255).astype(np.uint8)).save(buffer, "PNG")
     return buffer.getvalue()
 
 
