@@ -115,7 +115,8 @@ def export_command(
     checkpoint: str = typer.Option("best", help="best or last (image-to-image runs: last, or l1 for an SR run's L1 model; best means last)"),
 ) -> None:
     """Export a run to a model-repository entry (ONNX + TorchScript), parity-checked against eager PyTorch."""
-    from training.export import ExportError, export_run
+    from repository.graphs import ExportError
+    from training.export import export_run
     from training.image2image.export import export_i2i_run, is_i2i_run
     from training.latent.directions import directions_for_run
 

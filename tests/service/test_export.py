@@ -7,7 +7,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
+import repository.graphs as graphs
 import training.export as export
+from repository.graphs import ExportError
 from tests.serving import tiny_run
 
 
@@ -39,7 +41,7 @@ def test_torchscript_loads_without_the_project_code(repository):
 
 def test_a_parity_failure_stops_export_with_a_clear_message_and_leaves_no_entry(tmp_path, monkeypatch):
     run = tiny_run("dcgan-digits", tmp_path / "run")
-    real_export = export.export_torchscript
+    real_export = graphs.export_torchscript
 
     def corrupted(generator, example, path):  # a TorchScript file whose weights drifted
         real_export(generator, example, path)
@@ -48,13 +50,13 @@ def test_a_parity_failure_stops_export_with_a_clear_message_and_leaves_no_entry(
             next(scripted.parameters()).add_(0.5)
         scripted.save(str(path))
 
-    monkeypatch.setattr(export, "export_torchscript", corrupted)
-    with pytest.raises(export.ExportError, match="parity check failed"):
+    monkeypatch.setattr(graphs, "export_torchscript", corrupted)
+    with pytest.raises(ExportError, match="parity check failed"):
         export.export_run(run, "drifted", 1, tmp_path / "repo", ["onnx", "torchscript"], "last")
     assert not (tmp_path / "repo" / "drifted").exists()
     assert list((tmp_path / "repo").iterdir()) == []
 
 
 def test_unknown_export_formats_are_refused(tmp_path):
-    with pytest.raises(export.ExportError, match="unknown formats"):
+    with pytest.raises(ExportError, match="unknown formats"):
         export.export_run(tmp_path, "x", 1, tmp_path / "repo", ["tflite"])

@@ -12,7 +12,7 @@ from models.superres import RRDBNet
 from models.translation import PatchDiscriminator, ResnetGenerator, UnetGenerator, receptive_field
 from tests.serving import tiny_i2i_run
 from training.data.pairs import HELD_OUT_PHOTOS, TRAIN_PHOTOS, PhotoCrops, bicubic_upscale, edges_to_shapes, shape_domains, stroke_domains
-from training.export import ExportError
+from repository.graphs import ExportError
 from training.image2image.export import export_i2i_run, load_translator
 from training.image2image.config import I2IConfig
 from training.image2image.tasks import ImagePool

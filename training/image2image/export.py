@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import save_file
 
 from training.checkpoint import load_checkpoint
-from training.export import PARITY_TOLERANCE, ExportError, Graph, TensorSpec, check_export_request, export_graph, write_entry
+from repository.entries import check_export_request, write_entry
+from repository.graphs import PARITY_TOLERANCE, ExportError, Graph, TensorSpec, export_graph
 from training.image2image.config import KIND_FOR_TASK, I2IConfig
 from models.zoo import build_translator
 

@@ -1,0 +1,134 @@
+"""Exporting one network of an entry: TorchScript and ONNX (dynamic batch axis, and dynamic
+height/width for image-to-image graphs), each checked against eager PyTorch on the same inputs;
+an export whose max abs error exceeds the tolerance fails with a clear message. Shared by the
+export of our own runs (training/) and the import of foreign checkpoints (repository/importers/).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+FORMATS = ("onnx", "torchscript")
+PARITY_SEEDS = list(range(16))
+PARITY_TOLERANCE = 1e-4
+OPSET = 17
+MAX_BATCH = 4096
+
+
+class ExportError(RuntimeError):
+    """Export could not produce a faithful entry (parity failed, or a format is unknown)."""
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: list[int]  # -1 is the dynamic batch axis
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "datatype": self.dtype, "shape": self.shape}
+
+
+@dataclass
+class Graph:
+    """One exported network: `model.*` is the main graph the service batches, `mapping.*` a
+    style model's z → w network."""
+
+    stem: str
+    module: nn.Module
+    example: tuple[torch.Tensor, ...]  # 16 parity inputs
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    size_multiple: int = 1  # image-to-image graphs: height and width must be multiples of this
+    other_sizes: tuple[tuple[torch.Tensor, ...], ...] = ()  # parity inputs at other heights/widths
+
+
+def dynamic_shapes(inputs: list[TensorSpec], size_multiple: int) -> tuple[dict, ...]:
+    """torch.export dims for each -1 axis: batch on axis 0, height/width on axes 2/3 (as
+    multiples of `size_multiple` when the network halves the image)."""
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    if size_multiple > 1:
+        height = size_multiple * torch.export.Dim("height_blocks", min=1, max=8192 // size_multiple)
+        width = size_multiple * torch.export.Dim("width_blocks", min=1, max=8192 // size_multiple)
+    else:
+        height, width = torch.export.Dim("height", min=2, max=8192), torch.export.Dim("width", min=2, max=8192)
+    named = {0: batch, 2: height, 3: width}
+    return tuple({axis: named[axis] for axis, size in enumerate(t.shape) if size == -1} for t in inputs)
+
+
+def export_torchscript(generator: nn.Module, example: tuple[torch.Tensor, ...], path: Path) -> None:
+    with torch.no_grad():
+        traced = torch.jit.trace(generator, example, check_trace=False)
+    traced.save(str(path))
+
+
+def export_onnx(generator: nn.Module, example: tuple[torch.Tensor, ...], inputs: list[TensorSpec], outputs: list[TensorSpec], path: Path,
+                size_multiple: int = 1) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            generator, example, str(path), input_names=[t.name for t in inputs], output_names=[t.name for t in outputs],
+            opset_version=OPSET, dynamo=True, external_data=False, dynamic_shapes=dynamic_shapes(inputs, size_multiple),
+            verbose=False,
+        )
+
+
+def onnx_outputs(path: Path, example: tuple[torch.Tensor, ...], inputs: list[TensorSpec]) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {t.name: x.numpy() for t, x in zip(inputs, example)})[0]
+
+
+def parity_errors(graph: Graph, entry: Path, formats: list[str]) -> dict[str, float]:
+    """Max abs error of each exported format against eager PyTorch on the 16 parity inputs.
+
+    The batch is split 1 + 15 for the exported graphs, so a graph that only works at the batch
+    size it was traced with fails here rather than in the service."""
+    with torch.no_grad():
+        reference = graph.module(*graph.example).numpy()
+    errors: dict[str, float] = {}
+    parts = [tuple(x[:1] for x in graph.example), tuple(x[1:] for x in graph.example)]
+    if "torchscript" in formats:
+        scripted = torch.jit.load(str(entry / f"{graph.stem}.pt"))
+        with torch.no_grad():
+            got = np.concatenate([scripted(*part).numpy() for part in parts])
+        errors["torchscript"] = float(np.abs(got - reference).max())
+    if "onnx" in formats:
+        got = np.concatenate([onnx_outputs(entry / f"{graph.stem}.onnx", part, graph.inputs) for part in parts])
+        errors["onnx"] = float(np.abs(got - reference).max())
+    for other in graph.other_sizes:  # the dynamic height/width axes, at sizes the trace never saw
+        with torch.no_grad():
+            expected = graph.module(*other).numpy()
+        if "torchscript" in formats:
+            with torch.no_grad():
+                got = scripted(*other).numpy()
+            errors["torchscript"] = max(errors["torchscript"], float(np.abs(got - expected).max()))
+        if "onnx" in formats:
+            got = onnx_outputs(entry / f"{graph.stem}.onnx", other, graph.inputs)
+            errors["onnx"] = max(errors["onnx"], float(np.abs(got - expected).max()))
+    return errors
+
+
+def export_graph(graph: Graph, staging: Path, formats: list[str], tolerance: float) -> dict:
+    """Writes the graph in each format, checks parity; returns its spec block."""
+    example = tuple(x[:2] for x in graph.example)
+    if "torchscript" in formats:
+        export_torchscript(graph.module, example, staging / f"{graph.stem}.pt")
+    if "onnx" in formats:
+        export_onnx(graph.module, example, graph.inputs, graph.outputs, staging / f"{graph.stem}.onnx", graph.size_multiple)
+    parity = parity_errors(graph, staging, formats)
+    failed = {fmt: err for fmt, err in parity.items() if not err <= tolerance}
+    if failed:
+        raise ExportError(f"parity check failed for {graph.stem}: max abs error {failed} exceeds {tolerance} against eager PyTorch on 16 seeds")
+    files = {"onnx": f"{graph.stem}.onnx", "torchscript": f"{graph.stem}.pt"}
+    return {
+        "inputs": [t.to_dict() for t in graph.inputs],
+        "outputs": [t.to_dict() for t in graph.outputs],
+        "formats": {fmt: {"file": files[fmt], "parity_max_abs_error": parity[fmt]} for fmt in formats},
+    }
