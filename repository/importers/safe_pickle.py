@@ -1,0 +1,149 @@
+"""Reading a network pickle without running it.
+
+A pickle is a program: each global it names is imported and called. NVlabs' network pickles
+(StyleGAN2-ADA, StyleGAN3) even carry the source code of their networks, which their own loader
+imports. This unpickler resolves only an allow-list of globals — tensor and storage rebuilders,
+`OrderedDict`, numpy scalars, the easy-dict type and NVlabs' persistence reconstructor — and
+maps each to a function of ours: storages are read with `torch.load(weights_only=True)`, and a
+persistent object becomes a `PersistentRecord` (its class name, constructor arguments and
+state: parameters, buffers, children), its embedded source never imported or executed. Any other
+global is refused with an error that names it, before anything is called.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import pickle
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class UnsafePickle(Exception):
+    """The file names a global that an import never loads, or is not a pickle at all."""
+
+
+class EasyDict(dict):
+    """What `dnnlib.EasyDict` holds, as a plain dict (never NVlabs' class)."""
+
+
+@dataclass
+class PersistentRecord:
+    """An NVlabs persistent object as data: never an instance of its class."""
+
+    class_name: str
+    state: dict
+    source_sha256: str  # of the embedded module source (recorded, never run)
+    children: dict[str, "PersistentRecord"] = field(default_factory=dict)
+
+    @property
+    def init_args(self) -> list:
+        return list(self.state.get("_init_args") or [])
+
+    @property
+    def init_kwargs(self) -> dict:
+        return dict(self.state.get("_init_kwargs") or {})
+
+    def attribute(self, name: str, default: Any = None) -> Any:
+        return self.state.get(name, default)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer below this object, by dotted path (a state_dict)."""
+        found: dict[str, torch.Tensor] = {}
+        for group in ("_parameters", "_buffers"):
+            for name, value in (self.state.get(group) or {}).items():
+                if isinstance(value, torch.Tensor):
+                    found[name] = value.detach()
+        for child_name, child in (self.state.get("_modules") or {}).items():
+            if isinstance(child, PersistentRecord):
+                found.update({f"{child_name}.{key}": value for key, value in child.tensors().items()})
+        return found
+
+    def module(self, path: str) -> "PersistentRecord":
+        record = self
+        for name in path.split("."):
+            child = (record.state.get("_modules") or {}).get(name)
+            if not isinstance(child, PersistentRecord):
+                raise KeyError(path)
+            record = child
+        return record
+
+
+PERSISTENCE_VERSIONS = {6}  # torch_utils.persistence._version of stylegan2-ada-pytorch and stylegan3
+
+
+def reconstruct_persistent(meta: dict) -> PersistentRecord:
+    """Stands in for `torch_utils.persistence._reconstruct_persistent_obj`."""
+    if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("class_name"), str):
+        raise UnsafePickle("a persistent object in the pickle is not a class record")
+    if meta.get("version") not in PERSISTENCE_VERSIONS:
+        raise UnsafePickle(f"persistence version {meta.get('version')!r} is not one this importer knows ({sorted(PERSISTENCE_VERSIONS)})")
+    source = meta.get("module_src") or ""
+    state = meta.get("state") or {}
+    if not isinstance(state, dict):
+        raise UnsafePickle(f"the state of {meta['class_name']} is not a dict")
+    return PersistentRecord(meta["class_name"], dict(state), hashlib.sha256(str(source).encode()).hexdigest())
+
+
+def load_storage(data: bytes):
+    """Stands in for `torch.storage._load_from_bytes`: the bytes are a torch.save of one storage."""
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+def numpy_scalar(dtype: np.dtype, data: bytes = b""):
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise UnsafePickle("a numpy scalar in the pickle has an object dtype")
+    return np.frombuffer(data, dtype=dtype, count=1)[0]
+
+
+ALLOWED: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,
+    ("dnnlib.util", "EasyDict"): EasyDict,  # a type: pickles build it with NEWOBJ
+    ("dnnlib", "EasyDict"): EasyDict,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "scalar"): numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): numpy_scalar,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch.storage", "_load_from_bytes"): load_storage,
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): reconstruct_persistent,
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in ALLOWED:
+            return ALLOWED[(module, name)]
+        raise UnsafePickle(f"the pickle asks for {module}.{name}; an import loads only tensors, their containers and "
+                           "NVlabs' persistent-network records, never other code")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafePickle("the pickle refers to external persistent objects (a torch.save file? use its own format)")
+
+
+def link_children(value: Any) -> Any:
+    """Fills each record's `children` from its `_modules` (for convenience; the state is unchanged)."""
+    if isinstance(value, PersistentRecord):
+        for name, child in (value.state.get("_modules") or {}).items():
+            if isinstance(child, PersistentRecord):
+                value.children[name] = link_children(child)
+    elif isinstance(value, dict):
+        for item in value.values():
+            link_children(item)
+    return value
+
+
+def load_network_pickle(data: bytes) -> Any:
+    """The pickle's top-level object, its persistent networks as records. Raises UnsafePickle."""
+    if not data or data[:1] != b"\x80":
+        raise UnsafePickle("the file is not a pickle (protocol 2 or newer)")
+    try:
+        return link_children(RestrictedUnpickler(io.BytesIO(data)).load())
+    except UnsafePickle:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, RuntimeError) as error:
+        raise UnsafePickle(f"the pickle is damaged or truncated ({type(error).__name__}: {str(error)[:200]})") from None
