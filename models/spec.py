@@ -15,7 +15,7 @@ Kind = Literal["unconditional", "conditional", "style", "translation", "super_re
 
 @dataclass
 class ModelSpec:
-    arch: str  # "mlp" | "dcgan" | "cdcgan"
+    arch: str  # "mlp" | "dcgan" | "cdcgan" | "stylegan" | "stylegan2-ada" (imported)
     kind: Kind = "unconditional"
     z_dim: int = 100
     width: int = 64
@@ -30,6 +30,7 @@ class ModelSpec:
     synthesis: str = "skip"  # style models: StyleGAN2 output architecture, "skip" or "orig"
     class_names: list[str] = field(default_factory=list)
     value_range: tuple[float, float] = (-1.0, 1.0)
+    options: dict = field(default_factory=dict)  # architecture-specific hyperparameters (imported networks)
 
     @property
     def num_classes(self) -> int:

@@ -7,6 +7,7 @@ from models.dcgan import ConditionalDCGANGenerator, DCGANDiscriminator, DCGANGen
 from models.mlp import MLPDiscriminator, MLPGenerator
 from models.spec import ModelSpec
 from models.stylegan import ResidualDiscriminator, StyleGenerator
+from models.stylegan2_ada import StyleGAN2Generator
 from models.superres import RRDBNet
 from models.translation import ResnetGenerator, UnetGenerator
 
@@ -25,6 +26,8 @@ def build_generator(spec: ModelSpec) -> nn.Module:
     if spec.arch == "stylegan":
         return StyleGenerator(spec.z_dim, spec.w_dim, spec.resolution, spec.channels, spec.width, spec.max_channels, spec.mapping_layers, spec.num_classes,
                               spec.synthesis)
+    if spec.arch == "stylegan2-ada":
+        return StyleGAN2Generator(spec.z_dim, spec.w_dim, spec.resolution, spec.channels, spec.mapping_layers, **spec.options)
     raise ValueError(f"unknown generator arch {spec.arch!r}")
 
 

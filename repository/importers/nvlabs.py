@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from models.spec import ModelSpec
 from models.stylegan2_ada import StyleGAN2Generator
+from models.zoo import build_generator
 from repository.importers.safe_pickle import PersistentRecord, UnsafePickle, load_network_pickle
 
 GENERATOR_ARGS = ("z_dim", "c_dim", "w_dim", "img_resolution", "img_channels", "mapping_kwargs", "synthesis_kwargs")
@@ -27,9 +29,8 @@ class CheckpointError(ValueError):
 @dataclass
 class ImportedGenerator:
     generator: StyleGAN2Generator
+    spec: ModelSpec  # what `models.zoo` needs to rebuild it (recorded in spec.json)
     hyperparameters: dict  # the original constructor arguments, as the pickle states them
-    options: dict  # what `models.zoo` needs to rebuild the generator (recorded in spec.json)
-    network: str  # e.g. "stylegan2-ada"
 
 
 def plain(value):
@@ -132,9 +133,11 @@ def import_nvlabs_stylegan2(data: bytes, noise_mode: str = "const") -> ImportedG
         raise CheckpointError("this is a StyleGAN3 generator, which is not served yet (StyleGAN2-ADA only)")
     arguments = hyperparameters_of(record)
     options = build_options(arguments)
+    spec = ModelSpec(arch="stylegan2-ada", kind="style", z_dim=int(arguments["z_dim"]), w_dim=int(arguments["w_dim"]),
+                     resolution=int(arguments["img_resolution"]), channels=int(arguments["img_channels"]),
+                     mapping_layers=int((arguments.get("mapping_kwargs") or {}).get("num_layers", 8)), options=options | {"noise_mode": noise_mode})
     try:
-        generator = StyleGAN2Generator(arguments["z_dim"], arguments["w_dim"], arguments["img_resolution"], arguments["img_channels"],
-                                       int((arguments.get("mapping_kwargs") or {}).get("num_layers", 8)), noise_mode=noise_mode, **options)
+        generator = build_generator(spec)
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"the Generator's configuration cannot be built: {error}") from None
     tensors = folded_tensors(record, generator)
@@ -143,5 +146,4 @@ def import_nvlabs_stylegan2(data: bytes, noise_mode: str = "const") -> ImportedG
         if tensor.shape != expected[name].shape:
             raise CheckpointError(f"{name} is {list(tensor.shape)} in the checkpoint, but its configuration gives {list(expected[name].shape)}")
     generator.load_state_dict(tensors)
-    mapping_layers = int((arguments.get("mapping_kwargs") or {}).get("num_layers", 8))
-    return ImportedGenerator(generator.eval(), arguments, options | {"mapping_layers": mapping_layers, "noise_mode": noise_mode}, "stylegan2-ada")
+    return ImportedGenerator(generator.eval(), spec, arguments)

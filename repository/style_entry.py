@@ -1,0 +1,104 @@
+"""Writing a `style` entry from any style generator (an imported one): the mapping and synthesis
+graphs with parity, `w_avg` and GANSpace-style PCA directions over W (`pc0…`), the weights for the
+eager runtime, a sample grid and a `spec.json` that says where the model came from.
+
+The layout is the one `ganserve export` writes for the project's own StyleGAN, so the service
+cannot tell an imported model from a trained one.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from torch import nn
+
+from models.latent import RANGE_NAMES, named_layers
+from models.spec import ModelSpec
+from repository.entries import check_export_request, write_entry
+from repository.graphs import PARITY_SEEDS, PARITY_TOLERANCE, Graph, TensorSpec, export_graph
+
+PCA_SAMPLES = 10_000
+PCA_COMPONENTS = 10
+SAMPLE_SEEDS = list(range(16))
+
+
+def seed_latents(z_dim: int, seeds: list[int]) -> torch.Tensor:
+    """z for each seed, drawn exactly as the service draws it (one generator per seed, on the CPU)."""
+    return torch.cat([torch.randn(1, z_dim, generator=torch.Generator().manual_seed(seed)) for seed in seeds])
+
+
+@torch.no_grad()
+def pca_directions(mapping: nn.Module, z_dim: int, count: int = PCA_COMPONENTS, samples: int = PCA_SAMPLES) -> dict[str, torch.Tensor]:
+    """GANSpace: the principal axes of W over `samples` fixed-seed z, unit length, largest first;
+    each signed so that its largest component is positive (the same checkpoint gives the same
+    directions)."""
+    z = torch.randn(samples, z_dim, generator=torch.Generator().manual_seed(0))
+    w = torch.cat([mapping(chunk) for chunk in z.split(1000)])
+    _, _, axes = torch.linalg.svd(w - w.mean(dim=0), full_matrices=False)  # axes: [w_dim, w_dim], rows by variance
+    directions = {}
+    for index, axis in enumerate(axes[: min(count, axes.shape[0])]):
+        directions[f"pc{index}"] = (axis * torch.sign(axis[axis.abs().argmax()])).contiguous()
+    return directions
+
+
+def style_graphs(generator: nn.Module, spec: ModelSpec) -> list[Graph]:
+    z = seed_latents(spec.z_dim, PARITY_SEEDS)
+    with torch.no_grad():
+        w = generator.mapping(z)
+    ws = w[:, None, :].expand(-1, int(generator.num_ws), -1).contiguous()
+    image = TensorSpec("image", "float32", [-1, spec.channels, spec.resolution, spec.resolution])
+    return [Graph("model", generator.synthesis, (ws,), [TensorSpec("ws", "float32", [-1, ws.shape[1], spec.w_dim])], [image]),
+            Graph("mapping", generator.mapping, (z,), [TensorSpec("z", "float32", [-1, spec.z_dim])], [TensorSpec("w", "float32", [-1, spec.w_dim])])]
+
+
+def save_sample_grid(images: torch.Tensor, path: Path, columns: int = 4) -> None:
+    """[N, C, H, W] in [-1, 1] → one PNG grid with 2 px gaps."""
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    n, h, w, c = pixels.shape
+    rows = -(-n // columns)
+    canvas = np.zeros((rows * (h + 2) + 2, columns * (w + 2) + 2, c), dtype=np.uint8)
+    for i, picture in enumerate(pixels):
+        r, col = divmod(i, columns)
+        canvas[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + col * (w + 2) : 2 + col * (w + 2) + w] = picture
+    Image.fromarray(canvas[..., 0] if c == 1 else canvas).save(path)
+
+
+def write_style_entry(generator: nn.Module, spec: ModelSpec, name: str, version: int, repository: Path, formats: list[str],
+                      source: dict, tolerance: float = PARITY_TOLERANCE) -> Path:
+    """Writes `repository/name/version/` for a style generator with `.mapping`, `.synthesis`,
+    `.w_avg` and `.num_ws`; `source` says where it came from. Raises ExportError on parity failure."""
+    check_export_request(formats, version)
+    generator = generator.float().cpu().eval()
+    num_ws = int(generator.num_ws)
+    started = time.perf_counter()
+
+    def fill(staging: Path) -> None:
+        save_file({k: v.contiguous() for k, v in generator.state_dict().items()}, str(staging / "model.safetensors"))
+        graphs = style_graphs(generator, spec)
+        blocks = {graph.stem: export_graph(graph, staging, formats, tolerance) for graph in graphs}
+        directions = pca_directions(generator.mapping, spec.z_dim)
+        latents = {"w_avg": generator.w_avg.detach().clone().contiguous()} | {f"direction.{k}": v for k, v in directions.items()}
+        save_file(latents, str(staging / "latents.safetensors"))
+        with torch.no_grad():
+            save_sample_grid(generator(seed_latents(spec.z_dim, SAMPLE_SEEDS)), staging / "samples.png")
+        main = blocks["model"]
+        entry = {
+            "name": name, "version": version, "kind": "style", "arch": spec.arch, "resolution": spec.resolution, "channels": spec.channels,
+            "value_range": [-1.0, 1.0], "z_dim": spec.z_dim, "w_dim": spec.w_dim, "num_ws": num_ws, "class_names": [],
+            "inputs": main["inputs"], "outputs": main["outputs"],
+            "formats": main["formats"] | {"eager": {"file": "model.safetensors", "parity_max_abs_error": 0.0}},
+            "model": spec.to_dict(), "mapping": blocks["mapping"], "latents_file": "latents.safetensors",
+            "directions": sorted(directions, key=lambda d: int(d[2:])),
+            "layer_ranges": {r: named_layers(r, num_ws) for r in RANGE_NAMES} if num_ws >= 6 else {},
+            "source": source | {"imported_seconds": round(time.perf_counter() - started, 2)},
+            "metrics_file": "metrics.json", "parity": {"seeds": PARITY_SEEDS, "tolerance": tolerance},
+        }
+        (staging / "spec.json").write_text(json.dumps(entry, indent=2))
+        (staging / "metrics.json").write_text("{}")
+
+    return write_entry(repository, name, version, fill)
