@@ -36,7 +36,7 @@ def import_command(
     from repository.style_entry import write_style_entry
 
     if format not in FORMATS:
-        console.print(f"[red]import failed:[/] unknown format {format!r}: choose from {FORMATS}")
+        console.print(f"[red]import failed:[/] unknown format {format!r}: choose from {FORMATS}", soft_wrap=True)
         raise typer.Exit(2)
     data = path.read_bytes()
     try:
@@ -48,7 +48,7 @@ def import_command(
         with console.status(f"exporting {imported.spec.resolution}² {imported.spec.arch} ({sum(p.numel() for p in imported.generator.parameters()) / 1e6:.1f} M parameters)"):
             entry = write_style_entry(imported.generator, imported.spec, name, version, repository, [f.strip() for f in formats.split(",") if f.strip()], source)
     except (ValueError, CheckpointError, ExportError) as error:
-        console.print(f"[red]import failed:[/] {error}")
+        console.print(f"[red]import failed:[/] {error}", soft_wrap=True)
         raise typer.Exit(1)
     spec = json.loads((entry / "spec.json").read_text())
     for graph, block in (("synthesis", spec), ("mapping", spec["mapping"])):

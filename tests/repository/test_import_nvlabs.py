@@ -1,0 +1,177 @@
+"""`ganserve import` of NVlabs StyleGAN2-ADA network pickles: the imported generator reproduces
+the reference implementation's outputs, the entry's graphs do too, every style endpoint serves
+it, and a pickle that asks for anything but tensors and network records is refused unrun."""
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from ganserve_cli import app
+from repository.importers.nvlabs import CheckpointError, import_nvlabs_stylegan2
+from tests.fixtures.nvlabs_pickle import network_pickle
+from tests.serving import running_server
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "stylegan2_ada"
+CONFIGS = ["skip32", "orig16"]
+REFERENCE_TOLERANCE = 1e-3  # the issue's bound against NVlabs' own forward (float32, CPU, const noise)
+
+
+def reference(config: str) -> dict[str, torch.Tensor]:
+    return load_file(str(FIXTURES / config / "reference.safetensors"))
+
+
+def run_import(tmp_path: Path, data: bytes, name: str = "imported", *options: str):
+    checkpoint = tmp_path / f"{name}.pkl"
+    checkpoint.write_bytes(data)
+    return CliRunner().invoke(app, ["import", str(checkpoint), "--name", name, "--version", "1", "--repository", str(tmp_path / "repo"), *options])
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_an_imported_generator_reproduces_the_reference_mapping_and_synthesis(config):
+    generator = import_nvlabs_stylegan2(network_pickle(FIXTURES / config)).generator
+    expected = reference(config)
+    with torch.no_grad():
+        w = generator.mapping(expected["z"])
+        image = generator.synthesis(expected["ws"])
+        truncated = generator.synthesis(generator.w_avg.lerp(w, 0.5)[:, None].expand(-1, generator.num_ws, -1))
+    assert (w - expected["w"]).abs().max() <= REFERENCE_TOLERANCE
+    assert (image - expected["image"]).abs().max() <= REFERENCE_TOLERANCE
+    assert (truncated - expected["image_psi_half"]).abs().max() <= REFERENCE_TOLERANCE  # ψ as the server applies it
+    assert expected["image"].abs().max() > 0.5  # the reference image is not trivially small
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_import_writes_a_style_entry_whose_graphs_reproduce_the_reference(tmp_path, config):
+    result = run_import(tmp_path, network_pickle(FIXTURES / config), config)
+    assert result.exit_code == 0, result.output
+    entry = tmp_path / "repo" / config / "1"
+    spec = json.loads((entry / "spec.json").read_text())
+    expected = reference(config)
+    synthesis = ort.InferenceSession(str(entry / "model.onnx"), providers=["CPUExecutionProvider"])
+    mapping = ort.InferenceSession(str(entry / "mapping.onnx"), providers=["CPUExecutionProvider"])
+    w = mapping.run(None, {"z": expected["z"].numpy()})[0]
+    image = synthesis.run(None, {"ws": expected["ws"].numpy()})[0]
+    assert np.abs(w - expected["w"].numpy()).max() <= REFERENCE_TOLERANCE
+    assert np.abs(image - expected["image"].numpy()).max() <= REFERENCE_TOLERANCE
+    assert spec["kind"] == "style" and spec["arch"] == "stylegan2-ada" and spec["num_ws"] == expected["ws"].shape[1]
+    assert spec["directions"][:3] == ["pc0", "pc1", "pc2"] and spec["source"]["format"] == "nvlabs" and len(spec["source"]["sha256"]) == 64
+    assert spec["source"]["hyperparameters"]["synthesis_kwargs"]["architecture"] == config[:4]
+    assert all(info["parity_max_abs_error"] <= 1e-4 for info in spec["formats"].values())
+    directions = load_file(str(entry / "latents.safetensors"))
+    assert torch.allclose(directions["direction.pc0"].norm(), torch.tensor(1.0), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def imported_repository(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imported")
+    for config in CONFIGS:
+        assert run_import(root, network_pickle(FIXTURES / config), config).exit_code == 0
+    return root / "repo"
+
+
+def npy(response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    return np.load(io.BytesIO(response.content))
+
+
+def test_every_style_endpoint_serves_imported_generators(imported_repository):
+    target = io.BytesIO()
+    Image.new("RGB", (20, 20), (200, 40, 40)).save(target, "PNG")
+    with running_server(imported_repository) as server, server.client() as client:
+        for config in CONFIGS:
+            expected = reference(config)
+            side, channels = expected["image"].shape[2], expected["image"].shape[1]
+            body = {"inputs": [{"name": "ws", "shape": list(expected["ws"].shape), "datatype": "FP32", "data": expected["ws"].ravel().tolist()}]}
+            served = client.post(f"/v2/models/{config}/infer", json=body)
+            assert served.status_code == 200, served.text
+            tensor = np.asarray(served.json()["outputs"][0]["data"], np.float32).reshape(expected["image"].shape)
+            assert np.abs(tensor - expected["image"].numpy()).max() <= REFERENCE_TOLERANCE
+            base = f"/v1/models/{config}"
+            assert npy(client.post(f"{base}/generate", json={"seed": 3, "n": 2, "truncation_psi": 0.7, "format": "npy"})).shape == (2, side, side, channels)
+            assert npy(client.post(f"{base}/style-mix", json={"row_seeds": [1, 2], "col_seeds": [3], "layers": "coarse", "format": "npy"})).shape == (2, side, side, channels)
+            assert npy(client.post(f"{base}/interpolate", json={"seeds": [1, 2], "steps": 3, "format": "npy"})).shape == (3, side, side, channels)
+            edits = npy(client.post(f"{base}/edit", json={"seed": 1, "direction": "pc0", "strengths": [-2, 0, 2], "format": "npy"}))
+            assert edits.shape == (3, side, side, channels) and not np.array_equal(edits[0], edits[2])
+            job = client.post(f"{base}/project?steps=3", content=target.getvalue(), headers={"content-type": "image/png"})
+            assert job.status_code == 202
+        listing = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+        assert listing["skip32"]["state"] == "ready" and "pc0" in listing["skip32"]["direction_spreads"]
+
+
+def malicious_pickle(module: str, name: str, argument: str) -> bytes:
+    """A pickle that calls module.name(argument) when loaded by an ordinary unpickler."""
+    return b"\x80\x04" + f"c{module}\n{name}\n".encode() + b"(" + pickle.dumps(argument, protocol=4)[2:-1] + b"tR."
+
+
+@pytest.mark.parametrize("module,name", [("os", "system"), ("posix", "system"), ("builtins", "eval"), ("subprocess", "check_call"), ("torch", "load")])
+def test_a_pickle_that_asks_for_code_is_refused_and_nothing_runs(tmp_path, module, name):
+    marker = tmp_path / "ran"
+    result = run_import(tmp_path, malicious_pickle(module, name, f"touch {marker}"), "evil")
+    assert result.exit_code == 1
+    assert f"{module}.{name}" in result.output and "never other code" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not marker.exists() and not (tmp_path / "repo" / "evil").exists()
+
+
+def test_the_network_source_embedded_in_a_pickle_is_never_run():
+    """The fixture pickles carry a source that would exit the process if executed."""
+    assert import_nvlabs_stylegan2(network_pickle(FIXTURES / "orig16")).generator.num_ws == 6
+
+
+def torch_archive() -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"g_ema": {"w": torch.zeros(2)}}, buffer)
+    assert zipfile.is_zipfile(io.BytesIO(buffer.getvalue()))
+    return buffer.getvalue()
+
+
+def discriminator(structure: dict) -> None:
+    structure["class_name"] = "Discriminator"
+
+
+def wider_w(structure: dict) -> None:
+    structure["init_kwargs"]["w_dim"] = 64
+
+
+def conditional(structure: dict) -> None:
+    structure["init_kwargs"]["c_dim"] = 10
+
+
+def resnet(structure: dict) -> None:
+    structure["init_kwargs"]["synthesis_kwargs"]["architecture"] = "resnet"
+
+
+BAD_CHECKPOINTS = [
+    ("not a pickle", lambda: b"just some text, no pickle", (), "neither a network pickle"),
+    ("truncated", lambda: network_pickle(FIXTURES / "orig16")[:5000], (), "damaged or truncated"),
+    ("another kind of network", lambda: network_pickle(FIXTURES / "orig16", discriminator), (), "not a Generator"),
+    ("shapes contradict the config", lambda: network_pickle(FIXTURES / "orig16", wider_w), (), "configuration gives"),
+    ("conditional", lambda: network_pickle(FIXTURES / "orig16", conditional), (), "c_dim=10"),
+    ("resnet architecture", lambda: network_pickle(FIXTURES / "orig16", resnet), (), "'resnet' is not served"),
+    ("a torch.save archive", torch_archive, (), "not imported yet"),
+    ("an unknown format", lambda: network_pickle(FIXTURES / "orig16"), ("--format", "caffe"), "unknown format"),
+]
+
+
+@pytest.mark.parametrize("case,make,options,mentions", BAD_CHECKPOINTS, ids=[c[0] for c in BAD_CHECKPOINTS])
+def test_a_bad_checkpoint_is_a_one_line_error_and_no_entry(tmp_path, case, make, options, mentions):
+    result = run_import(tmp_path, make(), "bad", *options)
+    assert result.exit_code in (1, 2), result.output
+    assert mentions in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "repo" / "bad").exists()
+
+
+def test_the_checkpoint_error_type_names_what_is_wrong():
+    with pytest.raises(CheckpointError, match="no G_ema or G"):
+        import_nvlabs_stylegan2(pickle.dumps({"D": 1}, protocol=4))
