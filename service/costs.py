@@ -78,17 +78,26 @@ def fallback_bytes(inputs: dict[str, np.ndarray], output: np.ndarray) -> int:
 
 
 def measure_cost(run: Callable[[dict[str, np.ndarray]], np.ndarray], make_inputs: Callable[[K], dict[str, np.ndarray]],
-                 shapes: list[tuple[K, float]], reference_pixels: int | None, repeats: int = 3) -> GraphCost:
-    """Warms `run` at every shape (`make_inputs(key)` builds it; it is `units` units), largest
-    first so an allocator that keeps an arena is measured at its full size, and fits the linear
-    cost between the smallest and the largest."""
-    shapes = sorted(shapes, key=lambda shape: -shape[1])
+                 shapes: list[tuple[K, float]], reference_pixels: int | None, max_batch_seconds: float = math.inf,
+                 repeats: int = 3) -> GraphCost:
+    """Warms `run` at the shapes the batcher will form (`make_inputs(key)` builds a shape of
+    `units` units) and fits the linear cost between the smallest and the largest.
+
+    The smallest shape runs first; larger ones only where its time says they fit
+    `max_batch_seconds` (the batcher never forms bigger batches, and warming a 64-image batch of
+    a 256² StyleGAN2 would cost a CPU minutes of start-up). Each shape's first run gives the peak
+    memory it added; an allocator that keeps an arena has then already grown for the smallest
+    shape, so a larger shape's growth is divided by the units it added, not all of its units."""
+    shapes = sorted(shapes, key=lambda shape: shape[1])
+    (small, small_units) = shapes[0]
     bytes_per_unit = 0
-    for key, units in shapes:
+
+    def first_run(key: K, units: float, added_units: float) -> None:
+        nonlocal bytes_per_unit
         inputs = make_inputs(key)
         output, added = measure_peak(lambda: run(inputs))
         added = added if added is not None else fallback_bytes(inputs, output)
-        bytes_per_unit = max(bytes_per_unit, math.ceil(added / units * MEMORY_MARGIN))
+        bytes_per_unit = max(bytes_per_unit, math.ceil(added / max(added_units, 1e-9) * MEMORY_MARGIN))
 
     def timed(key: K) -> float:
         inputs = make_inputs(key)
@@ -99,13 +108,16 @@ def measure_cost(run: Callable[[dict[str, np.ndarray]], np.ndarray], make_inputs
             times.append(time.perf_counter() - started)
         return statistics.median(times)
 
-    (small, small_units), (large, large_units) = shapes[-1], shapes[0]
+    first_run(small, small_units, small_units)
     t_small = timed(small)
-    if large_units == small_units:
-        per_unit, overhead = t_small / small_units, 0.0
-    else:
-        t_large = timed(large)
-        # timing noise must not make a unit free: at least 5 % of the large shape's mean
-        per_unit = max((t_large - t_small) / (large_units - small_units), 0.05 * t_large / large_units)
-        overhead = max(0.0, t_small - per_unit * small_units)
+    fitting = [(key, units) for key, units in shapes[1:] if t_small / small_units * units <= max_batch_seconds]
+    for key, units in reversed(fitting):  # largest first: later ones reuse what it allocated
+        first_run(key, units, units - small_units)
+    if not fitting:
+        return GraphCost(t_small / small_units, 0.0, bytes_per_unit, reference_pixels)
+    large, large_units = fitting[-1]
+    t_large = timed(large)
+    # timing noise must not make a unit free: at least 5 % of the large shape's mean
+    per_unit = max((t_large - t_small) / (large_units - small_units), 0.05 * t_large / large_units)
+    overhead = max(0.0, t_small - per_unit * small_units)
     return GraphCost(per_unit, overhead, bytes_per_unit, reference_pixels)

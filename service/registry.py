@@ -160,7 +160,7 @@ class ModelRegistry:
     def measure(self, model: LoadedModel, runtime: Runtime, graph: str) -> GraphCost:
         """Warms the graph at the shapes the batcher produces first and measures its cost there.
 
-        Generators: batch sizes 1, 2, 4, … max. Image-to-image graphs take any size, so one unit
+        Generators: batch sizes 1, 2, 4, … max (those that fit `max_batch_seconds`). Image-to-image graphs take any size, so one unit
         is the reference image (the upscale tile, or a translate image of the training size) and
         they are warmed at small batches (a full batch of large tiles would cost seconds of
         start-up on a CPU); translate also at twice the side, so the cost per pixel is fitted
@@ -168,7 +168,8 @@ class ModelRegistry:
         entry = model.entry
         if not has_dynamic_size(entry, graph):
             sizes = warmup_sizes(model.config.max_batch_size)
-            return measure_cost(runtime.run, lambda b: dummy_inputs(entry, b, graph), [(b, float(b)) for b in sizes], None)
+            return measure_cost(runtime.run, lambda b: dummy_inputs(entry, b, graph), [(b, float(b)) for b in sizes], None,
+                                model.config.max_batch_seconds)
         multiple = entry.spec["size_multiple"]
         if entry.kind == "super_resolution":
             side = self.settings.upscale_tile
@@ -177,7 +178,8 @@ class ModelRegistry:
             side = max(64, -(-entry.spec["train_resolution"] // multiple) * multiple)
             shapes = {(1, side): 1.0, (1, 2 * side): 4.0}
         inputs_for = {units: dummy_inputs(entry, b, graph, s) for (b, s), units in shapes.items()}
-        return measure_cost(runtime.run, lambda units: inputs_for[units], [(units, units) for units in shapes.values()], side * side)
+        return measure_cost(runtime.run, lambda units: inputs_for[units], [(units, units) for units in shapes.values()], side * side,
+                            model.config.max_batch_seconds)
 
     def is_ready(self) -> bool:
         """Readiness as `ready_requires` says: every model, any model, or the named ones."""
