@@ -180,7 +180,11 @@ class SynthesisBlock(nn.Module):
         return x, img
 
 
-def channels_for(resolution: int, channel_base: int, channel_max: int) -> int:
+def channels_for(resolution: int, channel_base: int, channel_max: int, channels: dict | None = None) -> int:
+    """NVlabs' rule (`channel_base // resolution`, at most `channel_max`), unless `channels`
+    names the resolution (rosinality's table, or a fork's)."""
+    if channels and str(resolution) in {str(k) for k in channels}:
+        return int({str(k): v for k, v in channels.items()}[str(resolution)])
     return min(channel_base // resolution, channel_max)
 
 
@@ -191,7 +195,7 @@ class SynthesisNetwork(nn.Module):
     i + num_conv, so a ToRGB shares its w with the next block's first conv (as in NVlabs)."""
 
     def __init__(self, w_dim: int, resolution: int, img_channels: int, channel_base: int = 32768, channel_max: int = 512,
-                 architecture: str = "skip", conv_clamp: float | None = None, use_noise: bool = True) -> None:
+                 architecture: str = "skip", conv_clamp: float | None = None, use_noise: bool = True, channels: dict | None = None) -> None:
         super().__init__()
         if resolution < 4 or resolution & (resolution - 1):
             raise ValueError(f"resolution must be a power of two ≥ 4, not {resolution}")
@@ -200,8 +204,8 @@ class SynthesisNetwork(nn.Module):
         self.resolutions = [2**i for i in range(2, int(math.log2(resolution)) + 1)]
         self.num_ws = 0
         for res in self.resolutions:
-            in_channels = channels_for(res // 2, channel_base, channel_max) if res > 4 else 0
-            block = SynthesisBlock(in_channels, channels_for(res, channel_base, channel_max), w_dim, res, img_channels, res == resolution,
+            in_channels = channels_for(res // 2, channel_base, channel_max, channels) if res > 4 else 0
+            block = SynthesisBlock(in_channels, channels_for(res, channel_base, channel_max, channels), w_dim, res, img_channels, res == resolution,
                                    architecture, conv_clamp, use_noise)
             self.num_ws += block.num_conv + (block.num_torgb if res == resolution else 0)
             setattr(self, f"b{res}", block)
@@ -228,9 +232,9 @@ class StyleGAN2Generator(nn.Module):
 
     def __init__(self, z_dim: int, w_dim: int, resolution: int, img_channels: int = 3, mapping_layers: int = 8,
                  layer_features: int | None = None, channel_base: int = 32768, channel_max: int = 512, architecture: str = "skip",
-                 conv_clamp: float | None = None, use_noise: bool = True, noise_mode: str = "const") -> None:
+                 conv_clamp: float | None = None, use_noise: bool = True, noise_mode: str = "const", channels: dict | None = None) -> None:
         super().__init__()
-        self.synthesis = SynthesisNetwork(w_dim, resolution, img_channels, channel_base, channel_max, architecture, conv_clamp, use_noise)
+        self.synthesis = SynthesisNetwork(w_dim, resolution, img_channels, channel_base, channel_max, architecture, conv_clamp, use_noise, channels)
         self.synthesis.set_noise_mode(noise_mode)
         self.mapping = MappingNetwork(z_dim, w_dim, mapping_layers, layer_features)
         self.num_ws = self.synthesis.num_ws

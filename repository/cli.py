@@ -9,30 +9,32 @@ import typer
 from rich.console import Console
 
 console = Console()
-FORMATS = ("auto", "nvlabs")
+FORMATS = ("auto", "nvlabs", "rosinality")
 
 
 def detect_format(data: bytes) -> str:
-    """nvlabs for a pickle; other layouts are named so the user knows what is not served yet."""
+    """nvlabs for a network pickle, rosinality for a torch.save archive."""
     if data[:1] == b"\x80":
         return "nvlabs"
     if data[:2] == b"PK":
-        raise ValueError("this is a torch.save archive (rosinality's stylegan2-pytorch, BigGAN, pix2pix…); those formats are not imported yet")
+        return "rosinality"
     raise ValueError("the file is neither a network pickle nor a torch.save archive")
 
 
 def import_command(
-    path: Path = typer.Argument(..., exists=True, dir_okay=False, help="a checkpoint: an NVlabs StyleGAN2-ADA network pickle (*.pkl)"),
+    path: Path = typer.Argument(..., exists=True, dir_okay=False, help="a checkpoint: an NVlabs StyleGAN2-ADA network pickle (*.pkl) or rosinality stylegan2-pytorch *.pt"),
     name: str = typer.Option(..., "--name", help="model name in the repository"),
     version: int = typer.Option(1, "--version", min=1),
-    format: str = typer.Option("auto", "--format", help="auto or nvlabs"),
+    format: str = typer.Option("auto", "--format", help="auto, nvlabs or rosinality"),
     repository: Path = typer.Option(Path("model_repository"), "--repository"),
     formats: str = typer.Option("onnx,torchscript", "--formats", help="comma-separated: onnx, torchscript"),
     noise_mode: str = typer.Option("const", "--noise-mode", help="const (each layer's fixed noise: a seed fixes an image) or none"),
 ) -> None:
     """Import a published checkpoint: rebuild it with the project's own networks, export it with parity, write an entry."""
     from repository.graphs import ExportError
-    from repository.importers.nvlabs import CheckpointError, import_nvlabs_stylegan2
+    from repository.importers.checkpoint import CheckpointError
+    from repository.importers.nvlabs import import_nvlabs_stylegan2
+    from repository.importers.rosinality import import_rosinality
     from repository.style_entry import write_style_entry
 
     if format not in FORMATS:
@@ -42,7 +44,7 @@ def import_command(
     try:
         detected = detect_format(data) if format == "auto" else format
         with console.status(f"reading {path.name} ({detected})"):
-            imported = import_nvlabs_stylegan2(data, noise_mode)
+            imported = (import_nvlabs_stylegan2 if detected == "nvlabs" else import_rosinality)(data, noise_mode)
         source = {"format": detected, "network": imported.spec.arch, "file": path.name, "sha256": hashlib.sha256(data).hexdigest(),
                   "hyperparameters": imported.hyperparameters}
         with console.status(f"exporting {imported.spec.resolution}² {imported.spec.arch} ({sum(p.numel() for p in imported.generator.parameters()) / 1e6:.1f} M parameters)"):

@@ -9,39 +9,15 @@ have the shape the configuration implies; anything else is a one-line error and 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from models.spec import ModelSpec
 from models.stylegan2_ada import StyleGAN2Generator
 from models.zoo import build_generator
+from repository.importers.checkpoint import CheckpointError, ImportedGenerator, plain
 from repository.importers.safe_pickle import PersistentRecord, UnsafePickle, load_network_pickle
 
 GENERATOR_ARGS = ("z_dim", "c_dim", "w_dim", "img_resolution", "img_channels", "mapping_kwargs", "synthesis_kwargs")
-
-
-class CheckpointError(ValueError):
-    """The checkpoint cannot be imported: wrong kind of network, unsupported options, or tensors
-    that contradict its configuration."""
-
-
-@dataclass
-class ImportedGenerator:
-    generator: StyleGAN2Generator
-    spec: ModelSpec  # what `models.zoo` needs to rebuild it (recorded in spec.json)
-    hyperparameters: dict  # the original constructor arguments, as the pickle states them
-
-
-def plain(value):
-    """Constructor arguments as JSON-able values (numpy scalars, tuples and easy-dicts included)."""
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, torch.Tensor):
-        return value.item()
-    return value
 
 
 def generator_record(data) -> PersistentRecord:

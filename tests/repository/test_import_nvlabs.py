@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from ganserve_cli import app
-from repository.importers.nvlabs import CheckpointError, import_nvlabs_stylegan2
+from repository.importers.checkpoint import CheckpointError
+from repository.importers.nvlabs import import_nvlabs_stylegan2
 from tests.fixtures.nvlabs_pickle import network_pickle
 from tests.serving import running_server
 
@@ -158,7 +159,7 @@ BAD_CHECKPOINTS = [
     ("shapes contradict the config", lambda: network_pickle(FIXTURES / "orig16", wider_w), (), "configuration gives"),
     ("conditional", lambda: network_pickle(FIXTURES / "orig16", conditional), (), "c_dim=10"),
     ("resnet architecture", lambda: network_pickle(FIXTURES / "orig16", resnet), (), "'resnet' is not served"),
-    ("a torch.save archive", torch_archive, (), "not imported yet"),
+    ("a torch.save archive of something else", torch_archive, (), "holds no rosinality generator"),
     ("an unknown format", lambda: network_pickle(FIXTURES / "orig16"), ("--format", "caffe"), "unknown format"),
 ]
 
