@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SQRT2 = math.sqrt(2.0)
+from models.resampling import SQRT2, bias_act, upfirdn2d
+
 LRELU_SLOPE = 0.2
 
 
@@ -31,30 +32,6 @@ def fir_filter(taps: list[float] | None = None) -> torch.Tensor:
     f = torch.tensor(taps or [1.0, 3.0, 3.0, 1.0], dtype=torch.float32)
     f = torch.outer(f, f)
     return f / f.sum()
-
-
-def upfirdn2d(x: torch.Tensor, f: torch.Tensor, up: int, pad: tuple[int, int], gain: float) -> torch.Tensor:
-    """Upsample by zero insertion (`up` 1 or 2), pad (negative: crop) by `pad` = (before, after)
-    on both axes, and convolve every channel with the 2-D filter `f` times `gain`."""
-    channels = x.shape[1]
-    if up > 1:  # [.., H, W] → [.., up·H, up·W] with the samples at even positions, zeros after
-        ones = torch.ones(channels, 1, 1, 1, dtype=x.dtype, device=x.device)
-        x = F.conv_transpose2d(x, ones, stride=up, output_padding=up - 1, groups=channels)
-    before, after = pad
-    x = F.pad(x, [max(before, 0), max(after, 0), max(before, 0), max(after, 0)])
-    if before < 0 or after < 0:
-        h, w = x.shape[2], x.shape[3]
-        x = x[:, :, max(-before, 0) : h - max(-after, 0), max(-before, 0) : w - max(-after, 0)]
-    kernel = (f * gain).flip([0, 1]).to(x.dtype)[None, None].repeat(channels, 1, 1, 1)  # convolution, not correlation
-    return F.conv2d(x, kernel, groups=channels)
-
-
-def bias_act(x: torch.Tensor, bias: torch.Tensor, activation: bool, clamp: float | None) -> torch.Tensor:
-    """NVlabs' `bias_act`: add the bias, leaky ReLU times √2 (or linear), then clamp to ±clamp."""
-    x = x + bias.reshape(1, -1, *([1] * (x.ndim - 2)))
-    if activation:
-        x = F.leaky_relu(x, LRELU_SLOPE) * SQRT2
-    return x.clamp(-clamp, clamp) if clamp is not None else x
 
 
 class FullyConnected(nn.Module):
@@ -67,7 +44,7 @@ class FullyConnected(nn.Module):
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return bias_act(F.linear(x, self.weight), self.bias, self.activation, None)
+        return bias_act(F.linear(x, self.weight), self.bias, LRELU_SLOPE if self.activation else None, SQRT2 if self.activation else 1.0)
 
 
 class MappingNetwork(nn.Module):
@@ -121,11 +98,11 @@ class SynthesisLayer(nn.Module):
             x = F.conv2d(x, self.weight, padding=self.padding)
         else:
             x = F.conv_transpose2d(x, self.weight.transpose(0, 1), stride=self.up, padding=self.transpose_padding)
-            x = upfirdn2d(x, self.resample_filter, 1, self.filter_padding, self.up**2)
+            x = upfirdn2d(x, self.resample_filter, padding=self.filter_padding * 2, gain=self.up**2)
         x = x * demod[:, :, None, None]
         if self.use_noise and self.noise_mode == "const":
             x = x + self.noise_const * self.noise_strength
-        return bias_act(x, self.bias, True, self.conv_clamp)
+        return bias_act(x, self.bias, LRELU_SLOPE, SQRT2, self.conv_clamp)
 
 
 class ToRGB(nn.Module):
@@ -140,7 +117,7 @@ class ToRGB(nn.Module):
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         x = F.conv2d(x * self.affine(w)[:, :, None, None], self.weight)
-        return bias_act(x, self.bias, False, self.conv_clamp)
+        return bias_act(x, self.bias, None, 1.0, self.conv_clamp)
 
 
 class SynthesisBlock(nn.Module):
@@ -173,7 +150,7 @@ class SynthesisBlock(nn.Module):
         index += 1
         if img is not None:  # upfirdn2d.upsample2d
             fw = self.resample_filter.shape[-1]
-            img = upfirdn2d(img, self.resample_filter, 2, ((fw + 1) // 2, (fw - 2) // 2), 4.0)
+            img = upfirdn2d(img, self.resample_filter, up=2, padding=((fw + 1) // 2, (fw - 2) // 2) * 2, gain=4.0)
         if self.num_torgb:
             y = self.torgb(x, ws[:, index])
             img = y if img is None else img + y
