@@ -8,6 +8,7 @@ from models.mlp import MLPDiscriminator, MLPGenerator
 from models.spec import ModelSpec
 from models.stylegan import ResidualDiscriminator, StyleGenerator
 from models.stylegan2_ada import StyleGAN2Generator
+from models.stylegan3 import StyleGAN3Generator
 from models.superres import RRDBNet
 from models.translation import ResnetGenerator, UnetGenerator
 
@@ -26,6 +27,8 @@ def build_generator(spec: ModelSpec) -> nn.Module:
     if spec.arch == "stylegan":
         return StyleGenerator(spec.z_dim, spec.w_dim, spec.resolution, spec.channels, spec.width, spec.max_channels, spec.mapping_layers, spec.num_classes,
                               spec.synthesis)
+    if spec.arch == "stylegan3":
+        return StyleGAN3Generator(spec.z_dim, spec.w_dim, spec.resolution, spec.channels, spec.mapping_layers, **spec.options)
     if spec.arch == "stylegan2-ada":
         return StyleGAN2Generator(spec.z_dim, spec.w_dim, spec.resolution, spec.channels, spec.mapping_layers, **spec.options)
     raise ValueError(f"unknown generator arch {spec.arch!r}")

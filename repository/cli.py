@@ -33,7 +33,7 @@ def import_command(
     """Import a published checkpoint: rebuild it with the project's own networks, export it with parity, write an entry."""
     from repository.graphs import ExportError
     from repository.importers.checkpoint import CheckpointError
-    from repository.importers.nvlabs import import_nvlabs_stylegan2
+    from repository.importers.nvlabs import import_nvlabs
     from repository.importers.rosinality import import_rosinality
     from repository.style_entry import write_style_entry
 
@@ -44,7 +44,7 @@ def import_command(
     try:
         detected = detect_format(data) if format == "auto" else format
         with console.status(f"reading {path.name} ({detected})"):
-            imported = (import_nvlabs_stylegan2 if detected == "nvlabs" else import_rosinality)(data, noise_mode)
+            imported = (import_nvlabs if detected == "nvlabs" else import_rosinality)(data, noise_mode)
         source = {"format": detected, "network": imported.spec.arch, "file": path.name, "sha256": hashlib.sha256(data).hexdigest(),
                   "hyperparameters": imported.hyperparameters}
         with console.status(f"exporting {imported.spec.resolution}² {imported.spec.arch} ({sum(p.numel() for p in imported.generator.parameters()) / 1e6:.1f} M parameters)"):

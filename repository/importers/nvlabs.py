@@ -1,4 +1,5 @@
-"""NVlabs network pickles (stylegan2-ada-pytorch) → the project's `StyleGAN2Generator`.
+"""NVlabs network pickles (stylegan2-ada-pytorch, stylegan3) → the project's `StyleGAN2Generator`
+or `StyleGAN3Generator`.
 
 The pickle is read by the restricted unpickler (safe_pickle.py): its `G_ema` (else `G`) is a
 record of class names, constructor arguments and tensors. The generator is rebuilt from the
@@ -100,13 +101,16 @@ def folded_tensors(record: PersistentRecord, generator: StyleGAN2Generator) -> d
     return out
 
 
-def import_nvlabs_stylegan2(data: bytes, noise_mode: str = "const") -> ImportedGenerator:
+def import_nvlabs(data: bytes, noise_mode: str = "const") -> ImportedGenerator:
+    """Either generation of NVlabs pickle: StyleGAN3 if its synthesis has a Fourier-feature input."""
     try:
         record = generator_record(load_network_pickle(data))
     except UnsafePickle as error:
         raise CheckpointError(str(error)) from None
-    if is_stylegan3(record):
-        raise CheckpointError("this is a StyleGAN3 generator, which is not served yet (StyleGAN2-ADA only)")
+    return import_stylegan3(record) if is_stylegan3(record) else import_stylegan2(record, noise_mode)
+
+
+def import_stylegan2(record: PersistentRecord, noise_mode: str = "const") -> ImportedGenerator:
     arguments = hyperparameters_of(record)
     options = build_options(arguments)
     spec = ModelSpec(arch="stylegan2-ada", kind="style", z_dim=int(arguments["z_dim"]), w_dim=int(arguments["w_dim"]),
@@ -122,4 +126,73 @@ def import_nvlabs_stylegan2(data: bytes, noise_mode: str = "const") -> ImportedG
         if tensor.shape != expected[name].shape:
             raise CheckpointError(f"{name} is {list(tensor.shape)} in the checkpoint, but its configuration gives {list(expected[name].shape)}")
     generator.load_state_dict(tensors)
+    return ImportedGenerator(generator.eval(), spec, arguments)
+
+
+STYLEGAN3_GEOMETRY = ("channel_base", "channel_max", "num_layers", "num_critical", "first_cutoff", "first_stopband", "last_stopband_rel",
+                      "margin_size", "conv_kernel", "filter_size", "lrelu_upsampling", "use_radial_filters")
+
+
+def import_stylegan3(record: PersistentRecord) -> ImportedGenerator:
+    """stylegan3-t and -r: geometry from the Generator's arguments (checked against every layer's
+    recorded padding and factors), filters and Fourier features from the checkpoint's buffers."""
+    arguments = hyperparameters_of(record)
+    if arguments.get("c_dim", 0):
+        raise CheckpointError(f"conditional generators (c_dim={arguments['c_dim']}) are not served yet; import an unconditional one")
+    synthesis = record.module("synthesis")
+    options = {k: arguments[k] for k in STYLEGAN3_GEOMETRY if k in arguments}
+    options |= {"conv_clamp": synthesis.module(synthesis.attribute("layer_names")[0]).attribute("conv_clamp"),
+                "output_scale": float(synthesis.attribute("output_scale", 0.25))}
+    spec = ModelSpec(arch="stylegan3", kind="style", z_dim=int(arguments["z_dim"]), w_dim=int(arguments["w_dim"]),
+                     resolution=int(arguments["img_resolution"]), channels=int(arguments["img_channels"]),
+                     mapping_layers=int((arguments.get("mapping_kwargs") or {}).get("num_layers", 2)), options=options)
+    try:
+        generator = build_generator(spec)
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"the Generator's configuration cannot be built: {error}") from None
+    source = record.tensors()
+    names = list(synthesis.attribute("layer_names") or [])
+    if len(names) != len(generator.synthesis.layers):
+        raise CheckpointError(f"the checkpoint has {len(names)} synthesis layers, its configuration {len(generator.synthesis.layers)}")
+    for name, layer in zip(names, generator.synthesis.layers):
+        theirs = synthesis.module(name)
+        g = layer.geometry
+        recorded = (list(theirs.attribute("padding")), int(theirs.attribute("up_factor")), int(theirs.attribute("down_factor")))
+        if recorded != (list(g.padding), g.up_factor, g.down_factor):
+            raise CheckpointError(f"layer {name}: the checkpoint's padding/up/down {recorded} contradict its configuration's "
+                                  f"{(list(g.padding), g.up_factor, g.down_factor)}")
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+
+    def take(name: str) -> torch.Tensor:
+        if name not in source:
+            raise CheckpointError(f"the checkpoint has no {name}, which its configuration implies")
+        used.add(name)
+        return source[name].float()
+
+    def their_name(ours: str) -> str:  # synthesis.layers.{i}.… → synthesis.{layer_names[i]}.…
+        parts = ours.split(".")
+        return ".".join(["synthesis", names[int(parts[2])], *parts[3:]]) if parts[:2] == ["synthesis", "layers"] else ours
+
+    for ours in generator.state_dict():
+        theirs = their_name(ours)
+        owner, _, leaf = theirs.rpartition(".")
+        if owner.endswith("affine") or owner.startswith("mapping.fc"):
+            out[ours] = take(theirs) * gain(record.module(owner), "weight_gain" if leaf == "weight" else "bias_gain")
+        elif ours == "synthesis.input.weight":
+            out[ours] = take(theirs) / take(theirs).shape[0] ** 0.5
+        else:
+            out[ours] = take(theirs)
+    for index, layer in enumerate(generator.synthesis.layers):  # ToRGB: the reference scales its styles by 1/√fan_in
+        if layer.geometry.is_torgb:
+            key = f"synthesis.layers.{index}.weight"
+            out[key] = out[key] / (layer.geometry.in_channels * layer.geometry.conv_kernel**2) ** 0.5
+    unused = sorted(set(source) - used)
+    if unused:
+        raise CheckpointError(f"the checkpoint has tensors this configuration does not use: {unused[:5]}{' …' if len(unused) > 5 else ''}")
+    expected = generator.state_dict()
+    for name, tensor in out.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(f"{name} is {list(tensor.shape)} in the checkpoint, but its configuration gives {list(expected[name].shape)}")
+    generator.load_state_dict(out)
     return ImportedGenerator(generator.eval(), spec, arguments)

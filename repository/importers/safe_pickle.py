@@ -3,7 +3,7 @@
 A pickle is a program: each global it names is imported and called. NVlabs' network pickles
 (StyleGAN2-ADA, StyleGAN3) even carry the source code of their networks, which their own loader
 imports. This unpickler resolves only an allow-list of globals — tensor and storage rebuilders,
-`OrderedDict`, numpy scalars, the easy-dict type and NVlabs' persistence reconstructor — and
+`OrderedDict`, numpy scalars and plain arrays, the easy-dict type and NVlabs' persistence reconstructor — and
 maps each to a function of ours: storages are read with `torch.load(weights_only=True)`, and a
 persistent object becomes a `PersistentRecord` (its class name, constructor arguments and
 state: parameters, buffers, children), its embedded source never imported or executed. Any other
@@ -99,6 +99,14 @@ def numpy_scalar(dtype: np.dtype, data: bytes = b""):
     return np.frombuffer(data, dtype=dtype, count=1)[0]
 
 
+def numpy_array(subtype: type, shape: tuple, dtype_code: bytes):
+    """Stands in for numpy's `_reconstruct`: an empty ndarray (never a subclass) that the pickle
+    then fills with raw bytes (StyleGAN3 keeps layer sizes as small arrays)."""
+    if subtype is not np.ndarray:
+        raise UnsafePickle(f"a numpy array in the pickle is a {subtype!r}, not an ndarray")
+    return np.ndarray.__new__(np.ndarray, shape, dtype_code)
+
+
 ALLOWED: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("builtins", "set"): set,
@@ -107,6 +115,9 @@ ALLOWED: dict[tuple[str, str], Any] = {
     ("numpy", "dtype"): np.dtype,
     ("numpy.core.multiarray", "scalar"): numpy_scalar,
     ("numpy._core.multiarray", "scalar"): numpy_scalar,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy.core.multiarray", "_reconstruct"): numpy_array,
+    ("numpy._core.multiarray", "_reconstruct"): numpy_array,
     ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
     ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
     ("torch.storage", "_load_from_bytes"): load_storage,

@@ -1,4 +1,4 @@
-"""`ganserve import` of NVlabs StyleGAN2-ADA network pickles: the imported generator reproduces
+"""`ganserve import` of NVlabs network pickles (StyleGAN2-ADA, StyleGAN3-T and -R): the imported generator reproduces
 the reference implementation's outputs, the entry's graphs do too, every style endpoint serves
 it, and a pickle that asks for anything but tensors and network records is refused unrun."""
 from __future__ import annotations
@@ -19,17 +19,20 @@ from typer.testing import CliRunner
 
 from ganserve_cli import app
 from repository.importers.checkpoint import CheckpointError
-from repository.importers.nvlabs import import_nvlabs_stylegan2
+from repository.importers.nvlabs import import_nvlabs
 from tests.fixtures.nvlabs_pickle import network_pickle
 from tests.serving import running_server
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "stylegan2_ada"
-CONFIGS = ["skip32", "orig16"]
+FIXTURE_ROOT = Path(__file__).resolve().parents[1] / "fixtures"
+FIXTURES = {"skip32": FIXTURE_ROOT / "stylegan2_ada" / "skip32", "orig16": FIXTURE_ROOT / "stylegan2_ada" / "orig16",
+            "t16": FIXTURE_ROOT / "stylegan3" / "t16", "r16": FIXTURE_ROOT / "stylegan3" / "r16"}
+CONFIGS = list(FIXTURES)
+ARCH = {"skip32": "stylegan2-ada", "orig16": "stylegan2-ada", "t16": "stylegan3", "r16": "stylegan3"}
 REFERENCE_TOLERANCE = 1e-3  # the issue's bound against NVlabs' own forward (float32, CPU, const noise)
 
 
 def reference(config: str) -> dict[str, torch.Tensor]:
-    return load_file(str(FIXTURES / config / "reference.safetensors"))
+    return load_file(str(FIXTURES[config] / "reference.safetensors"))
 
 
 def run_import(tmp_path: Path, data: bytes, name: str = "imported", *options: str):
@@ -40,7 +43,7 @@ def run_import(tmp_path: Path, data: bytes, name: str = "imported", *options: st
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_an_imported_generator_reproduces_the_reference_mapping_and_synthesis(config):
-    generator = import_nvlabs_stylegan2(network_pickle(FIXTURES / config)).generator
+    generator = import_nvlabs(network_pickle(FIXTURES[config])).generator
     expected = reference(config)
     with torch.no_grad():
         w = generator.mapping(expected["z"])
@@ -54,7 +57,7 @@ def test_an_imported_generator_reproduces_the_reference_mapping_and_synthesis(co
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_import_writes_a_style_entry_whose_graphs_reproduce_the_reference(tmp_path, config):
-    result = run_import(tmp_path, network_pickle(FIXTURES / config), config)
+    result = run_import(tmp_path, network_pickle(FIXTURES[config]), config)
     assert result.exit_code == 0, result.output
     entry = tmp_path / "repo" / config / "1"
     spec = json.loads((entry / "spec.json").read_text())
@@ -65,9 +68,9 @@ def test_import_writes_a_style_entry_whose_graphs_reproduce_the_reference(tmp_pa
     image = synthesis.run(None, {"ws": expected["ws"].numpy()})[0]
     assert np.abs(w - expected["w"].numpy()).max() <= REFERENCE_TOLERANCE
     assert np.abs(image - expected["image"].numpy()).max() <= REFERENCE_TOLERANCE
-    assert spec["kind"] == "style" and spec["arch"] == "stylegan2-ada" and spec["num_ws"] == expected["ws"].shape[1]
+    assert spec["kind"] == "style" and spec["arch"] == ARCH[config] and spec["num_ws"] == expected["ws"].shape[1]
     assert spec["directions"][:3] == ["pc0", "pc1", "pc2"] and spec["source"]["format"] == "nvlabs" and len(spec["source"]["sha256"]) == 64
-    assert spec["source"]["hyperparameters"]["synthesis_kwargs"]["architecture"] == config[:4]
+    assert spec["source"]["hyperparameters"]["img_resolution"] == expected["image"].shape[-1]
     assert all(info["parity_max_abs_error"] <= 1e-4 for info in spec["formats"].values())
     directions = load_file(str(entry / "latents.safetensors"))
     assert torch.allclose(directions["direction.pc0"].norm(), torch.tensor(1.0), atol=1e-5)
@@ -77,7 +80,7 @@ def test_import_writes_a_style_entry_whose_graphs_reproduce_the_reference(tmp_pa
 def imported_repository(tmp_path_factory):
     root = tmp_path_factory.mktemp("imported")
     for config in CONFIGS:
-        assert run_import(root, network_pickle(FIXTURES / config), config).exit_code == 0
+        assert run_import(root, network_pickle(FIXTURES[config]), config).exit_code == 0
     return root / "repo"
 
 
@@ -107,7 +110,7 @@ def test_every_style_endpoint_serves_imported_generators(imported_repository):
             job = client.post(f"{base}/project?steps=3", content=target.getvalue(), headers={"content-type": "image/png"})
             assert job.status_code == 202
         listing = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
-        assert listing["skip32"]["state"] == "ready" and "pc0" in listing["skip32"]["direction_spreads"]
+        assert all(listing[config]["state"] == "ready" and "pc0" in listing[config]["direction_spreads"] for config in CONFIGS)
 
 
 def malicious_pickle(module: str, name: str, argument: str) -> bytes:
@@ -126,7 +129,7 @@ def test_a_pickle_that_asks_for_code_is_refused_and_nothing_runs(tmp_path, modul
 
 def test_the_network_source_embedded_in_a_pickle_is_never_run():
     """The fixture pickles carry a source that would exit the process if executed."""
-    assert import_nvlabs_stylegan2(network_pickle(FIXTURES / "orig16")).generator.num_ws == 6
+    assert import_nvlabs(network_pickle(FIXTURES["orig16"])).generator.num_ws == 6
 
 
 def torch_archive() -> bytes:
@@ -148,19 +151,29 @@ def conditional(structure: dict) -> None:
     structure["init_kwargs"]["c_dim"] = 10
 
 
+def fewer_layers(structure: dict) -> None:
+    structure["init_kwargs"]["num_layers"] = 5
+
+
+def narrower(structure: dict) -> None:
+    structure["init_kwargs"]["channel_max"] = 8
+
+
 def resnet(structure: dict) -> None:
     structure["init_kwargs"]["synthesis_kwargs"]["architecture"] = "resnet"
 
 
 BAD_CHECKPOINTS = [
     ("not a pickle", lambda: b"just some text, no pickle", (), "neither a network pickle"),
-    ("truncated", lambda: network_pickle(FIXTURES / "orig16")[:5000], (), "damaged or truncated"),
-    ("another kind of network", lambda: network_pickle(FIXTURES / "orig16", discriminator), (), "not a Generator"),
-    ("shapes contradict the config", lambda: network_pickle(FIXTURES / "orig16", wider_w), (), "configuration gives"),
-    ("conditional", lambda: network_pickle(FIXTURES / "orig16", conditional), (), "c_dim=10"),
-    ("resnet architecture", lambda: network_pickle(FIXTURES / "orig16", resnet), (), "'resnet' is not served"),
+    ("truncated", lambda: network_pickle(FIXTURES["orig16"])[:5000], (), "damaged or truncated"),
+    ("another kind of network", lambda: network_pickle(FIXTURES["orig16"], discriminator), (), "not a Generator"),
+    ("shapes contradict the config", lambda: network_pickle(FIXTURES["orig16"], wider_w), (), "configuration gives"),
+    ("conditional", lambda: network_pickle(FIXTURES["orig16"], conditional), (), "c_dim=10"),
+    ("resnet architecture", lambda: network_pickle(FIXTURES["orig16"], resnet), (), "'resnet' is not served"),
+    ("StyleGAN3 with fewer layers than its tensors", lambda: network_pickle(FIXTURES["t16"], fewer_layers), (), "synthesis layers"),
+    ("StyleGAN3 narrower than its tensors", lambda: network_pickle(FIXTURES["t16"], narrower), (), "configuration gives"),
     ("a torch.save archive of something else", torch_archive, (), "holds no rosinality generator"),
-    ("an unknown format", lambda: network_pickle(FIXTURES / "orig16"), ("--format", "caffe"), "unknown format"),
+    ("an unknown format", lambda: network_pickle(FIXTURES["orig16"]), ("--format", "caffe"), "unknown format"),
 ]
 
 
@@ -175,4 +188,4 @@ def test_a_bad_checkpoint_is_a_one_line_error_and_no_entry(tmp_path, case, make,
 
 def test_the_checkpoint_error_type_names_what_is_wrong():
     with pytest.raises(CheckpointError, match="no G_ema or G"):
-        import_nvlabs_stylegan2(pickle.dumps({"D": 1}, protocol=4))
+        import_nvlabs(pickle.dumps({"D": 1}, protocol=4))
