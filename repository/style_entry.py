@@ -84,8 +84,9 @@ def write_style_entry(generator: nn.Module, spec: ModelSpec, name: str, version:
         directions = pca_directions(generator.mapping, spec.z_dim)
         latents = {"w_avg": generator.w_avg.detach().clone().contiguous()} | {f"direction.{k}": v for k, v in directions.items()}
         save_file(latents, str(staging / "latents.safetensors"))
-        with torch.no_grad():
-            save_sample_grid(generator(seed_latents(spec.z_dim, SAMPLE_SEEDS)), staging / "samples.png")
+        with torch.no_grad():  # a few images at a time: large generators hold gigabytes of activations per batch
+            samples = torch.cat([generator(z) for z in seed_latents(spec.z_dim, SAMPLE_SEEDS).split(4)])
+        save_sample_grid(samples, staging / "samples.png")
         main = blocks["model"]
         entry = {
             "name": name, "version": version, "kind": "style", "arch": spec.arch, "resolution": spec.resolution, "channels": spec.channels,
