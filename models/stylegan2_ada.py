@@ -47,20 +47,35 @@ class FullyConnected(nn.Module):
         return bias_act(F.linear(x, self.weight), self.bias, LRELU_SLOPE if self.activation else None, SQRT2 if self.activation else 1.0)
 
 
+def normalize_2nd_moment(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + 1e-8)
+
+
 class MappingNetwork(nn.Module):
-    """z [B, z_dim] → w [B, w_dim]: 2nd-moment normalisation, then `num_layers` leaky-ReLU layers.
+    """z [B, z_dim] (and a class label [B] when `c_dim` > 0) → w [B, w_dim]: 2nd-moment
+    normalisation, the class's embedding (normalised too) beside it, then `num_layers` leaky-ReLU
+    layers. A label stands for NVlabs' one-hot `c`: its embedding is the weight column it selects.
     `w_avg` is the running mean of W the checkpoint tracked (truncation pulls toward it)."""
 
-    def __init__(self, z_dim: int, w_dim: int, num_layers: int = 8, layer_features: int | None = None) -> None:
+    def __init__(self, z_dim: int, w_dim: int, num_layers: int = 8, layer_features: int | None = None, c_dim: int = 0,
+                 embed_features: int | None = None) -> None:
         super().__init__()
-        features = [z_dim] + [layer_features or w_dim] * (num_layers - 1) + [w_dim]
+        embed = (embed_features or w_dim) if c_dim else 0
+        if c_dim:
+            self.embed = FullyConnected(c_dim, embed)
+        features = [z_dim + embed] + [layer_features or w_dim] * (num_layers - 1) + [w_dim]
         for index in range(num_layers):
             setattr(self, f"fc{index}", FullyConnected(features[index], features[index + 1], activation=True))
-        self.num_layers = num_layers
+        self.num_layers, self.c_dim = num_layers, c_dim
         self.register_buffer("w_avg", torch.zeros(w_dim))
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = z * torch.rsqrt(z.square().mean(dim=1, keepdim=True) + 1e-8)
+    def forward(self, z: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        x = normalize_2nd_moment(z)
+        if self.c_dim:
+            if label is None:
+                raise ValueError("this mapping network is conditional: it needs class labels")
+            y = self.embed.weight.t()[label] + self.embed.bias  # = embed(one_hot(label))
+            x = torch.cat([x, normalize_2nd_moment(y)], dim=1)
         for index in range(self.num_layers):
             x = getattr(self, f"fc{index}")(x)
         return x
@@ -209,17 +224,18 @@ class StyleGAN2Generator(nn.Module):
 
     def __init__(self, z_dim: int, w_dim: int, resolution: int, img_channels: int = 3, mapping_layers: int = 8,
                  layer_features: int | None = None, channel_base: int = 32768, channel_max: int = 512, architecture: str = "skip",
-                 conv_clamp: float | None = None, use_noise: bool = True, noise_mode: str = "const", channels: dict | None = None) -> None:
+                 conv_clamp: float | None = None, use_noise: bool = True, noise_mode: str = "const", channels: dict | None = None,
+                 c_dim: int = 0, embed_features: int | None = None) -> None:
         super().__init__()
         self.synthesis = SynthesisNetwork(w_dim, resolution, img_channels, channel_base, channel_max, architecture, conv_clamp, use_noise, channels)
         self.synthesis.set_noise_mode(noise_mode)
-        self.mapping = MappingNetwork(z_dim, w_dim, mapping_layers, layer_features)
+        self.mapping = MappingNetwork(z_dim, w_dim, mapping_layers, layer_features, c_dim, embed_features)
         self.num_ws = self.synthesis.num_ws
 
     @property
     def w_avg(self) -> torch.Tensor:
         return self.mapping.w_avg
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        w = self.mapping(z)
+    def forward(self, z: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        w = self.mapping(z, label)
         return self.synthesis(w[:, None, :].expand(-1, self.num_ws, -1))

@@ -32,13 +32,24 @@ def seed_latents(z_dim: int, seeds: list[int]) -> torch.Tensor:
     return torch.cat([torch.randn(1, z_dim, generator=torch.Generator().manual_seed(seed)) for seed in seeds])
 
 
+def cycled_labels(spec: ModelSpec, count: int) -> torch.Tensor | None:
+    """Classes 0, 1, 2, … in turn (as the service draws a conditional generator's images when no
+    class is asked for), or None for an unconditional generator."""
+    return torch.arange(count) % spec.num_classes if spec.num_classes else None
+
+
+def mapping_inputs(spec: ModelSpec, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    labels = cycled_labels(spec, z.shape[0])
+    return (z,) if labels is None else (z, labels)
+
+
 @torch.no_grad()
-def pca_directions(mapping: nn.Module, z_dim: int, count: int = PCA_COMPONENTS, samples: int = PCA_SAMPLES) -> dict[str, torch.Tensor]:
-    """GANSpace: the principal axes of W over `samples` fixed-seed z, unit length, largest first;
-    each signed so that its largest component is positive (the same checkpoint gives the same
-    directions)."""
-    z = torch.randn(samples, z_dim, generator=torch.Generator().manual_seed(0))
-    w = torch.cat([mapping(chunk) for chunk in z.split(1000)])
+def pca_directions(mapping: nn.Module, spec: ModelSpec, count: int = PCA_COMPONENTS, samples: int = PCA_SAMPLES) -> dict[str, torch.Tensor]:
+    """GANSpace: the principal axes of W over `samples` fixed-seed z (all classes in turn, for a
+    conditional generator), unit length, largest first; each signed so that its largest component
+    is positive (the same checkpoint gives the same directions)."""
+    z = torch.randn(samples, spec.z_dim, generator=torch.Generator().manual_seed(0))
+    w = torch.cat([mapping(*mapping_inputs(spec, chunk)) for chunk in z.split(1000)])
     _, _, axes = torch.linalg.svd(w - w.mean(dim=0), full_matrices=False)  # axes: [w_dim, w_dim], rows by variance
     directions = {}
     for index, axis in enumerate(axes[: min(count, axes.shape[0])]):
@@ -47,13 +58,14 @@ def pca_directions(mapping: nn.Module, z_dim: int, count: int = PCA_COMPONENTS, 
 
 
 def style_graphs(generator: nn.Module, spec: ModelSpec) -> list[Graph]:
-    z = seed_latents(spec.z_dim, PARITY_SEEDS)
+    inputs = mapping_inputs(spec, seed_latents(spec.z_dim, PARITY_SEEDS))
     with torch.no_grad():
-        w = generator.mapping(z)
+        w = generator.mapping(*inputs)
     ws = w[:, None, :].expand(-1, int(generator.num_ws), -1).contiguous()
     image = TensorSpec("image", "float32", [-1, spec.channels, spec.resolution, spec.resolution])
+    mapping_specs = [TensorSpec("z", "float32", [-1, spec.z_dim])] + ([TensorSpec("label", "int64", [-1])] if spec.num_classes else [])
     return [Graph("model", generator.synthesis, (ws,), [TensorSpec("ws", "float32", [-1, ws.shape[1], spec.w_dim])], [image]),
-            Graph("mapping", generator.mapping, (z,), [TensorSpec("z", "float32", [-1, spec.z_dim])], [TensorSpec("w", "float32", [-1, spec.w_dim])])]
+            Graph("mapping", generator.mapping, inputs, mapping_specs, [TensorSpec("w", "float32", [-1, spec.w_dim])])]
 
 
 def save_sample_grid(images: torch.Tensor, path: Path, columns: int = 4) -> None:
@@ -81,16 +93,17 @@ def write_style_entry(generator: nn.Module, spec: ModelSpec, name: str, version:
         save_file({k: v.contiguous() for k, v in generator.state_dict().items()}, str(staging / "model.safetensors"))
         graphs = style_graphs(generator, spec)
         blocks = {graph.stem: export_graph(graph, staging, formats, tolerance) for graph in graphs}
-        directions = pca_directions(generator.mapping, spec.z_dim)
+        directions = pca_directions(generator.mapping, spec)
         latents = {"w_avg": generator.w_avg.detach().clone().contiguous()} | {f"direction.{k}": v for k, v in directions.items()}
         save_file(latents, str(staging / "latents.safetensors"))
         with torch.no_grad():  # a few images at a time: large generators hold gigabytes of activations per batch
-            samples = torch.cat([generator(z) for z in seed_latents(spec.z_dim, SAMPLE_SEEDS).split(4)])
+            inputs = mapping_inputs(spec, seed_latents(spec.z_dim, SAMPLE_SEEDS))
+            samples = torch.cat([generator(*chunk) for chunk in zip(*(x.split(4) for x in inputs))])
         save_sample_grid(samples, staging / "samples.png")
         main = blocks["model"]
         entry = {
             "name": name, "version": version, "kind": "style", "arch": spec.arch, "resolution": spec.resolution, "channels": spec.channels,
-            "value_range": [-1.0, 1.0], "z_dim": spec.z_dim, "w_dim": spec.w_dim, "num_ws": num_ws, "class_names": [],
+            "value_range": [-1.0, 1.0], "z_dim": spec.z_dim, "w_dim": spec.w_dim, "num_ws": num_ws, "class_names": spec.class_names,
             "inputs": main["inputs"], "outputs": main["outputs"],
             "formats": main["formats"] | {"eager": {"file": "model.safetensors", "parity_max_abs_error": 0.0}},
             "model": spec.to_dict(), "mapping": blocks["mapping"], "latents_file": "latents.safetensors",

@@ -20,7 +20,7 @@ def resolve_label(entry: ModelEntry, label: int | str | None) -> int | None:
     if label is None:
         return None
     names = entry.class_names
-    if entry.kind != "conditional":
+    if entry.kind not in ("conditional", "style") or not names:
         raise ApiError(422, f"model {entry.name!r} is unconditional: it takes no class")
     if isinstance(label, str) and label in names:
         return names.index(label)

@@ -20,9 +20,26 @@ def require_style(model: LoadedModel) -> None:
         raise ApiError(422, f"model {model.entry.name!r} is {model.entry.kind}: this operation needs a style model")
 
 
-async def map_z(registry: ModelRegistry, model: LoadedModel, z: np.ndarray, state: RequestState) -> np.ndarray:
+def mapping_items(model: LoadedModel, z: np.ndarray, label: int | None) -> list[dict[str, np.ndarray]]:
+    """One mapping input per row of z; a conditional model's rows take `label`, or the classes in
+    turn when none is asked for (as conditional generation does)."""
+    items = [{"z": row.astype(np.float32)} for row in z]
+    classes = len(model.entry.class_names)
+    if classes:
+        for index, item in enumerate(items):
+            item["label"] = np.array(label if label is not None else index % classes, dtype=np.int64)
+    return items
+
+
+def one_class(model: LoadedModel, label: int | None) -> int | None:
+    """The latent tools (style-mix, interpolate, edit) keep one class for every image they draw:
+    the one asked for, else class 0 of a conditional model."""
+    return 0 if label is None and model.entry.class_names else label
+
+
+async def map_z(registry: ModelRegistry, model: LoadedModel, z: np.ndarray, state: RequestState, label: int | None = None) -> np.ndarray:
     """z [N, z_dim] → w [N, w_dim] through the mapping queue."""
-    outputs = await run_items(registry.batcher(model, MAPPING_OP, graph="mapping"), [{"z": row.astype(np.float32)} for row in z], state)
+    outputs = await run_items(registry.batcher(model, MAPPING_OP, graph="mapping"), mapping_items(model, z, label), state)
     return np.stack(outputs)
 
 
@@ -44,8 +61,9 @@ async def synthesize(registry: ModelRegistry, model: LoadedModel, ws: np.ndarray
     return np.stack(outputs)
 
 
-async def seeds_to_w(registry: ModelRegistry, model: LoadedModel, seeds: list[int], psi: float, state: RequestState) -> np.ndarray:
-    return truncate(model, await map_z(registry, model, seed_latents(model, seeds), state), psi)
+async def seeds_to_w(registry: ModelRegistry, model: LoadedModel, seeds: list[int], psi: float, state: RequestState,
+                     label: int | None = None) -> np.ndarray:
+    return truncate(model, await map_z(registry, model, seed_latents(model, seeds), state, label), psi)
 
 
 def layers_for(model: LoadedModel, layers: str | list[int]) -> list[int]:

@@ -45,10 +45,18 @@ def is_stylegan3(record: PersistentRecord) -> bool:
     return synthesis is not None and ("input" in synthesis.children or "layer_names" in synthesis.state)
 
 
+def class_options(arguments: dict) -> tuple[dict, list[str]]:
+    """A conditional generator (c_dim > 0) takes one class per image; NVlabs pickles carry no class
+    names, so the classes are named by their index."""
+    c_dim = int(arguments.get("c_dim") or 0)
+    if not c_dim:
+        return {}, []
+    embed = (arguments.get("mapping_kwargs") or {}).get("embed_features")
+    return {"c_dim": c_dim} | ({"embed_features": int(embed)} if embed else {}), [str(i) for i in range(c_dim)]
+
+
 def build_options(arguments: dict) -> dict:
     """Our constructor's options from NVlabs' arguments (its defaults where they are left out)."""
-    if arguments.get("c_dim", 0):
-        raise CheckpointError(f"conditional generators (c_dim={arguments['c_dim']}) are not served yet; import an unconditional one")
     mapping, synthesis = arguments.get("mapping_kwargs") or {}, arguments.get("synthesis_kwargs") or {}
     architecture = synthesis.get("architecture", "skip")
     if architecture not in ("skip", "orig"):
@@ -68,6 +76,13 @@ def gain(record: PersistentRecord, name: str) -> float:
     return float(record.attribute(name, 1.0))
 
 
+def submodule(record: PersistentRecord, path: str) -> PersistentRecord:
+    try:
+        return record.module(path)
+    except KeyError:
+        raise CheckpointError(f"the checkpoint has no {path}, which its configuration implies") from None
+
+
 def folded_tensors(record: PersistentRecord, generator: StyleGAN2Generator) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors under our names, gains folded; every source tensor accounted for."""
     source = record.tensors()
@@ -84,11 +99,11 @@ def folded_tensors(record: PersistentRecord, generator: StyleGAN2Generator) -> d
         kind = type(module).__name__
         prefix = f"{name}." if name else ""
         if kind == "FullyConnected":
-            fc = record.module(name)
+            fc = submodule(record, name)
             out[prefix + "weight"] = take(prefix + "weight") * gain(fc, "weight_gain")
             out[prefix + "bias"] = take(prefix + "bias") * gain(fc, "bias_gain")
         elif kind == "ToRGB":
-            out[prefix + "weight"] = take(prefix + "weight") * gain(record.module(name), "weight_gain")
+            out[prefix + "weight"] = take(prefix + "weight") * gain(submodule(record, name), "weight_gain")
             out[prefix + "bias"] = take(prefix + "bias")
         elif kind in ("SynthesisLayer", "SynthesisBlock", "MappingNetwork"):
             for local in list(module._parameters) + list(module._buffers):
@@ -113,9 +128,11 @@ def import_nvlabs(data: bytes, noise_mode: str = "const") -> ImportedGenerator:
 def import_stylegan2(record: PersistentRecord, noise_mode: str = "const") -> ImportedGenerator:
     arguments = hyperparameters_of(record)
     options = build_options(arguments)
+    conditional, class_names = class_options(arguments)
     spec = ModelSpec(arch="stylegan2-ada", kind="style", z_dim=int(arguments["z_dim"]), w_dim=int(arguments["w_dim"]),
-                     resolution=int(arguments["img_resolution"]), channels=int(arguments["img_channels"]),
-                     mapping_layers=int((arguments.get("mapping_kwargs") or {}).get("num_layers", 8)), options=options | {"noise_mode": noise_mode})
+                     resolution=int(arguments["img_resolution"]), channels=int(arguments["img_channels"]), class_names=class_names,
+                     mapping_layers=int((arguments.get("mapping_kwargs") or {}).get("num_layers", 8)),
+                     options=options | conditional | {"noise_mode": noise_mode})
     try:
         generator = build_generator(spec)
     except (ValueError, TypeError) as error:
@@ -137,14 +154,13 @@ def import_stylegan3(record: PersistentRecord) -> ImportedGenerator:
     """stylegan3-t and -r: geometry from the Generator's arguments (checked against every layer's
     recorded padding and factors), filters and Fourier features from the checkpoint's buffers."""
     arguments = hyperparameters_of(record)
-    if arguments.get("c_dim", 0):
-        raise CheckpointError(f"conditional generators (c_dim={arguments['c_dim']}) are not served yet; import an unconditional one")
+    conditional, class_names = class_options(arguments)
     synthesis = record.module("synthesis")
     options = {k: arguments[k] for k in STYLEGAN3_GEOMETRY if k in arguments}
     options |= {"conv_clamp": synthesis.module(synthesis.attribute("layer_names")[0]).attribute("conv_clamp"),
-                "output_scale": float(synthesis.attribute("output_scale", 0.25))}
+                "output_scale": float(synthesis.attribute("output_scale", 0.25))} | {k: v for k, v in conditional.items() if k == "c_dim"}
     spec = ModelSpec(arch="stylegan3", kind="style", z_dim=int(arguments["z_dim"]), w_dim=int(arguments["w_dim"]),
-                     resolution=int(arguments["img_resolution"]), channels=int(arguments["img_channels"]),
+                     resolution=int(arguments["img_resolution"]), channels=int(arguments["img_channels"]), class_names=class_names,
                      mapping_layers=int((arguments.get("mapping_kwargs") or {}).get("num_layers", 2)), options=options)
     try:
         generator = build_generator(spec)
@@ -178,7 +194,7 @@ def import_stylegan3(record: PersistentRecord) -> ImportedGenerator:
         theirs = their_name(ours)
         owner, _, leaf = theirs.rpartition(".")
         if owner.endswith("affine") or owner.startswith("mapping.fc"):
-            out[ours] = take(theirs) * gain(record.module(owner), "weight_gain" if leaf == "weight" else "bias_gain")
+            out[ours] = take(theirs) * gain(submodule(record, owner), "weight_gain" if leaf == "weight" else "bias_gain")
         elif ours == "synthesis.input.weight":
             out[ours] = take(theirs) / take(theirs).shape[0] ** 0.5
         else:

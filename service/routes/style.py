@@ -13,7 +13,8 @@ from service.errors import error_responses
 from service.pipeline import begin, combined, estimate, execute, generated_bytes, registry_of, require_json
 from service.registry import LoadedModel
 from service.responses import choose_format, respond, respond_animation
-from service.schemas import ImageFormat, Layers, Layout, Psi, Seed, WVector
+from service.operations import resolve_label
+from service.schemas import ClassIndex, ClassName, ImageFormat, Layers, Layout, Psi, Seed, WVector
 
 router = APIRouter(prefix="/v1", tags=["style"])
 MAX_FRAMES = 120
@@ -24,11 +25,12 @@ STYLE_ERRORS = error_responses(404, 406, 413, 415, 422, 429, 503, 504)
 class StyleMixRequest(BaseModel):
     """Grid of `row_seeds` × `col_seeds`: image (i, j) has row i's styles with column j's at `layers`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
     row_seeds: list[Seed] = Field(min_length=1, max_length=MAX_GRID)
     col_seeds: list[Seed] = Field(min_length=1, max_length=MAX_GRID)
     layers: Layers = Field("fine", description="coarse, middle, fine, or ws indices")
     truncation_psi: Psi = 1.0
+    class_label: ClassIndex | ClassName | None = Field(None, alias="class", description="class index or name (conditional style models)")
     format: ImageFormat | None = None
     layout: Layout = "grid"
 
@@ -36,12 +38,13 @@ class StyleMixRequest(BaseModel):
 class InterpolateRequest(BaseModel):
     """Frames from A to B: two seeds (slerp in Z or lerp in W) or two w vectors (lerp in W)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [{"required": ["seeds"]}, {"required": ["w"]}]})
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, json_schema_extra={"oneOf": [{"required": ["seeds"]}, {"required": ["w"]}]})
     seeds: list[Seed] | None = Field(None, min_length=2, max_length=2)
     w: list[WVector] | None = Field(None, min_length=2, max_length=2)
     steps: int = Field(8, ge=2, le=MAX_FRAMES, strict=True)
     space: str = Field("w", pattern="^(z|w)$")
     truncation_psi: Psi = 1.0
+    class_label: ClassIndex | ClassName | None = Field(None, alias="class", description="class index or name (conditional style models)")
     format: str = Field("gif", pattern="^(gif|webp|png|npy)$", description="gif/webp: animation; png: a grid of frames; npy: [T, H, W, C]")
     frame_ms: int = Field(80, ge=10, le=5000, strict=True)
 
@@ -57,7 +60,7 @@ class InterpolateRequest(BaseModel):
 class EditRequest(BaseModel):
     """One image per strength: w moved along a named direction."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [{"required": ["seed"]}, {"required": ["w"]}]})
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, json_schema_extra={"oneOf": [{"required": ["seed"]}, {"required": ["w"]}]})
     seed: Seed | None = None
     w: WVector | None = None
     direction: str = Field(min_length=1, max_length=128)
@@ -66,6 +69,7 @@ class EditRequest(BaseModel):
                        description="sigma: strengths in standard deviations of the model's W along the direction (GET /v1/models/{name} lists them); w: raw W distance")
     layers: Layers | None = Field(None, description="apply the edit at these ws only (default: all)")
     truncation_psi: Psi = 1.0
+    class_label: ClassIndex | ClassName | None = Field(None, alias="class", description="class index or name (conditional style models)")
     format: ImageFormat | None = None
     layout: Layout = "grid"
 
@@ -95,9 +99,10 @@ async def style_mix(name: str, body: StyleMixRequest, request: Request) -> Respo
     layers = style.layers_for(model, body.layers)
     fmt = choose_format(body.format, request.headers.get("accept"))
     rows, cols = len(body.row_seeds), len(body.col_seeds)
+    label = style.one_class(model, resolve_label(model.entry, body.class_label))
 
     async def work(state) -> np.ndarray:
-        w = await style.seeds_to_w(registry, model, body.row_seeds + body.col_seeds, body.truncation_psi, state)
+        w = await style.seeds_to_w(registry, model, body.row_seeds + body.col_seeds, body.truncation_psi, state, label)
         row_ws, col_ws = style.broadcast(model, w[:rows]), style.broadcast(model, w[rows:])
         ws = np.stack([latent.mix_styles(torch.from_numpy(row_ws[i : i + 1]), torch.from_numpy(col_ws[j : j + 1]), layers)[0].numpy()
                        for i in range(rows) for j in range(cols)])
@@ -112,6 +117,7 @@ async def interpolate(name: str, body: InterpolateRequest, request: Request) -> 
     registry, model = registry_of(request), style_model(request, name, "interpolate")
     ends = style.check_w(model, body.w) if body.w is not None else None
     times = latent.frame_times(body.steps)
+    label = style.one_class(model, resolve_label(model.entry, body.class_label))
 
     async def work(state) -> np.ndarray:
         if ends is not None:
@@ -119,9 +125,9 @@ async def interpolate(name: str, body: InterpolateRequest, request: Request) -> 
         elif body.space == "z":
             z = style.seed_latents(model, body.seeds)
             path = latent.slerp(torch.from_numpy(z[0]), torch.from_numpy(z[1]), times).numpy()
-            w = style.truncate(model, await style.map_z(registry, model, path, state), body.truncation_psi)
+            w = style.truncate(model, await style.map_z(registry, model, path, state, label), body.truncation_psi)
         else:
-            w_ends = await style.seeds_to_w(registry, model, body.seeds, body.truncation_psi, state)
+            w_ends = await style.seeds_to_w(registry, model, body.seeds, body.truncation_psi, state, label)
             w = latent.lerp(torch.from_numpy(w_ends[0]), torch.from_numpy(w_ends[1]), times).numpy()
         return await style.synthesize(registry, model, style.broadcast(model, w), state)
 
@@ -140,9 +146,10 @@ async def edit(name: str, body: EditRequest, request: Request) -> Response:
     given_w = style.check_w(model, [body.w])[0] if body.w is not None else None
     fmt = choose_format(body.format, request.headers.get("accept"))
     count = len(body.strengths)
+    label = style.one_class(model, resolve_label(model.entry, body.class_label))
 
     async def work(state) -> np.ndarray:
-        w = given_w if given_w is not None else (await style.seeds_to_w(registry, model, [body.seed], body.truncation_psi, state))[0]
+        w = given_w if given_w is not None else (await style.seeds_to_w(registry, model, [body.seed], body.truncation_psi, state, label))[0]
         scale = model.spreads[body.direction] if body.units == "sigma" else 1.0
         edited = latent.edit(torch.from_numpy(w), vector, [scale * s for s in body.strengths]).numpy()  # [S, w_dim]
         ws = np.repeat(style.broadcast(model, w[None]), count, axis=0)

@@ -103,7 +103,7 @@ async def generate(name: str, body: GenerateRequest, request: Request) -> Respon
         cost = combined(estimate(model, "mapping", units), estimate(model, "model", units, generated_bytes(model, len(seeds))))
 
         async def work(state) -> np.ndarray:
-            w = await style.seeds_to_w(registry, model, seeds, body.truncation_psi, state)
+            w = await style.seeds_to_w(registry, model, seeds, body.truncation_psi, state, label)
             return await style.synthesize(registry, model, style.broadcast(model, w), state)
     else:
         cost = estimate(model, "model", units, generated_bytes(model, len(seeds)))

@@ -25,14 +25,19 @@ from tests.serving import running_server
 
 FIXTURE_ROOT = Path(__file__).resolve().parents[1] / "fixtures"
 FIXTURES = {"skip32": FIXTURE_ROOT / "stylegan2_ada" / "skip32", "orig16": FIXTURE_ROOT / "stylegan2_ada" / "orig16",
-            "t16": FIXTURE_ROOT / "stylegan3" / "t16", "r16": FIXTURE_ROOT / "stylegan3" / "r16"}
+            "cond16": FIXTURE_ROOT / "stylegan2_ada" / "cond16", "t16": FIXTURE_ROOT / "stylegan3" / "t16", "r16": FIXTURE_ROOT / "stylegan3" / "r16"}
 CONFIGS = list(FIXTURES)
-ARCH = {"skip32": "stylegan2-ada", "orig16": "stylegan2-ada", "t16": "stylegan3", "r16": "stylegan3"}
+ARCH = {"skip32": "stylegan2-ada", "orig16": "stylegan2-ada", "cond16": "stylegan2-ada", "t16": "stylegan3", "r16": "stylegan3"}
+CONDITIONAL = {"cond16": 3}
 REFERENCE_TOLERANCE = 1e-3  # the issue's bound against NVlabs' own forward (float32, CPU, const noise)
 
 
 def reference(config: str) -> dict[str, torch.Tensor]:
     return load_file(str(FIXTURES[config] / "reference.safetensors"))
+
+
+def mapping_inputs(config: str, expected: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return (expected["z"], expected["labels"]) if config in CONDITIONAL else (expected["z"],)
 
 
 def run_import(tmp_path: Path, data: bytes, name: str = "imported", *options: str):
@@ -46,7 +51,7 @@ def test_an_imported_generator_reproduces_the_reference_mapping_and_synthesis(co
     generator = import_nvlabs(network_pickle(FIXTURES[config])).generator
     expected = reference(config)
     with torch.no_grad():
-        w = generator.mapping(expected["z"])
+        w = generator.mapping(*mapping_inputs(config, expected))
         image = generator.synthesis(expected["ws"])
         truncated = generator.synthesis(generator.w_avg.lerp(w, 0.5)[:, None].expand(-1, generator.num_ws, -1))
     assert (w - expected["w"]).abs().max() <= REFERENCE_TOLERANCE
@@ -64,13 +69,14 @@ def test_import_writes_a_style_entry_whose_graphs_reproduce_the_reference(tmp_pa
     expected = reference(config)
     synthesis = ort.InferenceSession(str(entry / "model.onnx"), providers=["CPUExecutionProvider"])
     mapping = ort.InferenceSession(str(entry / "mapping.onnx"), providers=["CPUExecutionProvider"])
-    w = mapping.run(None, {"z": expected["z"].numpy()})[0]
+    w = mapping.run(None, {name: x.numpy() for name, x in zip(("z", "label"), mapping_inputs(config, expected))})[0]
     image = synthesis.run(None, {"ws": expected["ws"].numpy()})[0]
     assert np.abs(w - expected["w"].numpy()).max() <= REFERENCE_TOLERANCE
     assert np.abs(image - expected["image"].numpy()).max() <= REFERENCE_TOLERANCE
     assert spec["kind"] == "style" and spec["arch"] == ARCH[config] and spec["num_ws"] == expected["ws"].shape[1]
     assert spec["directions"][:3] == ["pc0", "pc1", "pc2"] and spec["source"]["format"] == "nvlabs" and len(spec["source"]["sha256"]) == 64
     assert spec["source"]["hyperparameters"]["img_resolution"] == expected["image"].shape[-1]
+    assert spec["class_names"] == [str(i) for i in range(CONDITIONAL.get(config, 0))]
     assert all(info["parity_max_abs_error"] <= 1e-4 for info in spec["formats"].values())
     directions = load_file(str(entry / "latents.safetensors"))
     assert torch.allclose(directions["direction.pc0"].norm(), torch.tensor(1.0), atol=1e-5)
@@ -92,7 +98,7 @@ def npy(response) -> np.ndarray:
 def test_every_style_endpoint_serves_imported_generators(imported_repository):
     target = io.BytesIO()
     Image.new("RGB", (20, 20), (200, 40, 40)).save(target, "PNG")
-    with running_server(imported_repository) as server, server.client() as client:
+    with running_server(imported_repository, max_jobs=len(CONFIGS)) as server, server.client() as client:
         for config in CONFIGS:
             expected = reference(config)
             side, channels = expected["image"].shape[2], expected["image"].shape[1]
@@ -109,6 +115,14 @@ def test_every_style_endpoint_serves_imported_generators(imported_repository):
             assert edits.shape == (3, side, side, channels) and not np.array_equal(edits[0], edits[2])
             job = client.post(f"{base}/project?steps=3", content=target.getvalue(), headers={"content-type": "image/png"})
             assert job.status_code == 202
+        conditional = "/v1/models/cond16"
+        by_class = [npy(client.post(f"{conditional}/generate", json={"seed": 4, "class": label, "format": "npy"}))[0] for label in (0, 2, "2")]
+        assert not np.array_equal(by_class[0], by_class[1]) and np.array_equal(by_class[1], by_class[2])  # the class changes the image; names work
+        cycled = npy(client.post(f"{conditional}/generate", json={"seeds": [4, 4, 4], "format": "npy"}))
+        assert np.array_equal(cycled[0], by_class[0]) and np.array_equal(cycled[2], by_class[1])  # no class: classes in turn
+        assert client.post(f"{conditional}/generate", json={"seed": 1, "class": 3}).status_code == 422
+        assert client.post("/v1/models/skip32/generate", json={"seed": 1, "class": 0}).status_code == 422
+        assert npy(client.post(f"{conditional}/style-mix", json={"row_seeds": [1], "col_seeds": [2], "class": 1, "format": "npy"})).shape[0] == 1
         listing = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
         assert all(listing[config]["state"] == "ready" and "pc0" in listing[config]["direction_spreads"] for config in CONFIGS)
 
@@ -168,7 +182,7 @@ BAD_CHECKPOINTS = [
     ("truncated", lambda: network_pickle(FIXTURES["orig16"])[:5000], (), "damaged or truncated"),
     ("another kind of network", lambda: network_pickle(FIXTURES["orig16"], discriminator), (), "not a Generator"),
     ("shapes contradict the config", lambda: network_pickle(FIXTURES["orig16"], wider_w), (), "configuration gives"),
-    ("conditional", lambda: network_pickle(FIXTURES["orig16"], conditional), (), "c_dim=10"),
+    ("conditional config without an embedding", lambda: network_pickle(FIXTURES["orig16"], conditional), (), "has no mapping.embed"),
     ("resnet architecture", lambda: network_pickle(FIXTURES["orig16"], resnet), (), "'resnet' is not served"),
     ("StyleGAN3 with fewer layers than its tensors", lambda: network_pickle(FIXTURES["t16"], fewer_layers), (), "synthesis layers"),
     ("StyleGAN3 narrower than its tensors", lambda: network_pickle(FIXTURES["t16"], narrower), (), "configuration gives"),
