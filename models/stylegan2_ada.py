@@ -219,8 +219,25 @@ class SynthesisNetwork(nn.Module):
                 module.noise_mode = mode
 
 
-class StyleGAN2Generator(nn.Module):
-    """Mapping + synthesis with NVlabs' hyperparameters; `forward(z)` samples at ψ = 1."""
+class MappedSynthesis(nn.Module):
+    """What the service and projection ask of a style generator: `mapping`, `synthesis`,
+    `num_ws`, `w_avg`, and `forward(z[, label])` sampling at ψ = 1."""
+
+    mapping: MappingNetwork
+    synthesis: nn.Module
+    num_ws: int
+
+    @property
+    def w_avg(self) -> torch.Tensor:
+        return self.mapping.w_avg
+
+    def forward(self, z: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        w = self.mapping(z, label)
+        return self.synthesis(w[:, None, :].expand(-1, self.num_ws, -1))
+
+
+class StyleGAN2Generator(MappedSynthesis):
+    """Mapping + synthesis with NVlabs' hyperparameters."""
 
     def __init__(self, z_dim: int, w_dim: int, resolution: int, img_channels: int = 3, mapping_layers: int = 8,
                  layer_features: int | None = None, channel_base: int = 32768, channel_max: int = 512, architecture: str = "skip",
@@ -231,11 +248,3 @@ class StyleGAN2Generator(nn.Module):
         self.synthesis.set_noise_mode(noise_mode)
         self.mapping = MappingNetwork(z_dim, w_dim, mapping_layers, layer_features, c_dim, embed_features)
         self.num_ws = self.synthesis.num_ws
-
-    @property
-    def w_avg(self) -> torch.Tensor:
-        return self.mapping.w_avg
-
-    def forward(self, z: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
-        w = self.mapping(z, label)
-        return self.synthesis(w[:, None, :].expand(-1, self.num_ws, -1))

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.resampling import SQRT2, bias_act, upfirdn2d
-from models.stylegan2_ada import FullyConnected, MappingNetwork
+from models.stylegan2_ada import FullyConnected, MappedSynthesis, MappingNetwork
 
 LRELU_SLOPE = 0.2
 
@@ -176,18 +176,10 @@ class SynthesisNetwork(nn.Module):
         return x * self.output_scale
 
 
-class StyleGAN3Generator(nn.Module):
+class StyleGAN3Generator(MappedSynthesis):
     def __init__(self, z_dim: int, w_dim: int, resolution: int, img_channels: int = 3, mapping_layers: int = 2, conv_clamp: float | None = 256,
                  output_scale: float = 0.25, c_dim: int = 0, **geometry_options) -> None:
         super().__init__()
         self.synthesis = SynthesisNetwork(w_dim, resolution, img_channels, conv_clamp, output_scale, **geometry_options)
         self.mapping = MappingNetwork(z_dim, w_dim, mapping_layers, c_dim=c_dim)
         self.num_ws = self.synthesis.num_ws
-
-    @property
-    def w_avg(self) -> torch.Tensor:
-        return self.mapping.w_avg
-
-    def forward(self, z: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
-        w = self.mapping(z, label)
-        return self.synthesis(w[:, None, :].expand(-1, self.num_ws, -1))

@@ -54,3 +54,41 @@ def load_torch_archive(data: bytes) -> dict:
     if not isinstance(loaded, dict):
         raise CheckpointError(f"the archive holds a {type(loaded).__name__}, not a dict of weights")
     return loaded
+
+
+class TensorSource:
+    """A checkpoint's tensors, taken by name as an importer maps them: a missing one is an error,
+    and every one must have been taken by the end (`check_all_used`)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], what: str = "its configuration") -> None:
+        self.tensors, self.what, self.used = tensors, what, set()
+
+    def take(self, name: str) -> torch.Tensor:
+        if name not in self.tensors:
+            raise CheckpointError(f"the checkpoint has no {name}, which {self.what} implies")
+        self.used.add(name)
+        return self.tensors[name].float()
+
+    def ignore(self, predicate) -> None:
+        """Tensors the importer knows it does not need (e.g. filter taps it rebuilds itself)."""
+        self.used |= {name for name in self.tensors if predicate(name)}
+
+    def check_all_used(self) -> None:
+        unused = sorted(set(self.tensors) - self.used)
+        if unused:
+            raise CheckpointError(f"the checkpoint has tensors {self.what} does not use: {unused[:5]}{' …' if len(unused) > 5 else ''}")
+
+
+def load_checked(generator: nn.Module, tensors: dict[str, torch.Tensor], rebuilt=lambda name: False) -> None:
+    """Loads `tensors` after checking each shape against the generator's own; every parameter and
+    buffer must be given, except those `rebuilt(name)` says the generator makes itself."""
+    expected = generator.state_dict()
+    for name, tensor in tensors.items():
+        if name not in expected:
+            raise CheckpointError(f"{name} has no place in the rebuilt generator")
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(f"{name} is {list(tensor.shape)} in the checkpoint, but its configuration gives {list(expected[name].shape)}")
+    missing = [name for name in expected if name not in tensors and not rebuilt(name)]
+    if missing:
+        raise CheckpointError(f"the checkpoint lacks {missing[:5]}")
+    generator.load_state_dict(tensors, strict=False)

@@ -15,7 +15,7 @@ import torch
 from models.spec import ModelSpec
 from models.stylegan2_ada import StyleGAN2Generator
 from models.zoo import build_generator
-from repository.importers.checkpoint import CheckpointError, ImportedGenerator, plain
+from repository.importers.checkpoint import CheckpointError, ImportedGenerator, TensorSource, load_checked, plain
 from repository.importers.safe_pickle import PersistentRecord, UnsafePickle, load_network_pickle
 
 GENERATOR_ARGS = ("z_dim", "c_dim", "w_dim", "img_resolution", "img_channels", "mapping_kwargs", "synthesis_kwargs")
@@ -85,16 +85,9 @@ def submodule(record: PersistentRecord, path: str) -> PersistentRecord:
 
 def folded_tensors(record: PersistentRecord, generator: StyleGAN2Generator) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors under our names, gains folded; every source tensor accounted for."""
-    source = record.tensors()
-    used: set[str] = set()
+    source = TensorSource(record.tensors())
+    take = source.take
     out: dict[str, torch.Tensor] = {}
-
-    def take(name: str) -> torch.Tensor:
-        if name not in source:
-            raise CheckpointError(f"the checkpoint has no {name}, which its configuration implies")
-        used.add(name)
-        return source[name].float()
-
     for name, module in generator.named_modules():
         kind = type(module).__name__
         prefix = f"{name}." if name else ""
@@ -109,10 +102,8 @@ def folded_tensors(record: PersistentRecord, generator: StyleGAN2Generator) -> d
             for local in list(module._parameters) + list(module._buffers):
                 out[prefix + local] = take(prefix + local)
     # NVlabs keeps a resample filter in every layer, also those that never resample (unused there too)
-    used |= {name for name in source if name.endswith(".resample_filter")}
-    unused = sorted(set(source) - used)
-    if unused:
-        raise CheckpointError(f"the checkpoint has tensors this configuration does not use: {unused[:5]}{' …' if len(unused) > 5 else ''}")
+    source.ignore(lambda name: name.endswith(".resample_filter"))
+    source.check_all_used()
     return out
 
 
@@ -137,12 +128,7 @@ def import_stylegan2(record: PersistentRecord, noise_mode: str = "const") -> Imp
         generator = build_generator(spec)
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"the Generator's configuration cannot be built: {error}") from None
-    tensors = folded_tensors(record, generator)
-    expected = generator.state_dict()
-    for name, tensor in tensors.items():
-        if tensor.shape != expected[name].shape:
-            raise CheckpointError(f"{name} is {list(tensor.shape)} in the checkpoint, but its configuration gives {list(expected[name].shape)}")
-    generator.load_state_dict(tensors)
+    load_checked(generator, folded_tensors(record, generator))
     return ImportedGenerator(generator.eval(), spec, arguments)
 
 
@@ -166,7 +152,8 @@ def import_stylegan3(record: PersistentRecord) -> ImportedGenerator:
         generator = build_generator(spec)
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"the Generator's configuration cannot be built: {error}") from None
-    source = record.tensors()
+    source = TensorSource(record.tensors())
+    take = source.take
     names = list(synthesis.attribute("layer_names") or [])
     if len(names) != len(generator.synthesis.layers):
         raise CheckpointError(f"the checkpoint has {len(names)} synthesis layers, its configuration {len(generator.synthesis.layers)}")
@@ -178,13 +165,6 @@ def import_stylegan3(record: PersistentRecord) -> ImportedGenerator:
             raise CheckpointError(f"layer {name}: the checkpoint's padding/up/down {recorded} contradict its configuration's "
                                   f"{(list(g.padding), g.up_factor, g.down_factor)}")
     out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-
-    def take(name: str) -> torch.Tensor:
-        if name not in source:
-            raise CheckpointError(f"the checkpoint has no {name}, which its configuration implies")
-        used.add(name)
-        return source[name].float()
 
     def their_name(ours: str) -> str:  # synthesis.layers.{i}.… → synthesis.{layer_names[i]}.…
         parts = ours.split(".")
@@ -203,12 +183,6 @@ def import_stylegan3(record: PersistentRecord) -> ImportedGenerator:
         if layer.geometry.is_torgb:
             key = f"synthesis.layers.{index}.weight"
             out[key] = out[key] / (layer.geometry.in_channels * layer.geometry.conv_kernel**2) ** 0.5
-    unused = sorted(set(source) - used)
-    if unused:
-        raise CheckpointError(f"the checkpoint has tensors this configuration does not use: {unused[:5]}{' …' if len(unused) > 5 else ''}")
-    expected = generator.state_dict()
-    for name, tensor in out.items():
-        if tensor.shape != expected[name].shape:
-            raise CheckpointError(f"{name} is {list(tensor.shape)} in the checkpoint, but its configuration gives {list(expected[name].shape)}")
-    generator.load_state_dict(out)
+    source.check_all_used()
+    load_checked(generator, out)
     return ImportedGenerator(generator.eval(), spec, arguments)

@@ -19,7 +19,7 @@ import torch
 
 from models.spec import ModelSpec
 from models.zoo import build_generator
-from repository.importers.checkpoint import CheckpointError, ImportedGenerator, load_torch_archive, plain
+from repository.importers.checkpoint import CheckpointError, ImportedGenerator, TensorSource, load_checked, load_torch_archive, plain
 
 W_AVG_SAMPLES = 10_000
 
@@ -42,13 +42,8 @@ def inferred_configuration(state: dict[str, torch.Tensor]) -> dict:
 
 
 def folded_tensors(state: dict[str, torch.Tensor], generator, lr_mlp: float, w_avg: torch.Tensor) -> dict[str, torch.Tensor]:
-    used: set[str] = set()
-
-    def take(name: str) -> torch.Tensor:
-        if name not in state:
-            raise CheckpointError(f"the checkpoint has no {name}, which its shapes imply")
-        used.add(name)
-        return state[name].float()
+    source = TensorSource(state, "a rosinality StyleGAN2")
+    take = source.take
 
     def linear(ours: str, theirs: str, lr: float, out: dict) -> None:
         weight = take(f"{theirs}.weight")
@@ -78,10 +73,8 @@ def folded_tensors(state: dict[str, torch.Tensor], generator, lr_mlp: float, w_a
         modulated(f"synthesis.b{res}.conv1", f"convs.{2 * level + 1}", out, 2 * level + 2)
         modulated(f"synthesis.b{res}.torgb", f"to_rgbs.{level}", out, None)
     # filter buffers: rosinality's blur/upsample kernels are its [1,3,3,1] taps, ours are built from the same
-    used |= {k for k in state if k.endswith(".kernel")}
-    unused = sorted(set(state) - used)
-    if unused:
-        raise CheckpointError(f"the checkpoint has tensors a rosinality StyleGAN2 does not use: {unused[:5]}{' …' if len(unused) > 5 else ''}")
+    source.ignore(lambda name: name.endswith(".kernel"))
+    source.check_all_used()
     return out
 
 
@@ -103,15 +96,8 @@ def import_rosinality(data: bytes, noise_mode: str = "const", lr_mlp: float = 0.
     generator = build_generator(spec)
     latent_avg = checkpoint.get("latent_avg")
     w_avg = latent_avg.float().reshape(-1) if isinstance(latent_avg, torch.Tensor) else torch.zeros(config["style_dim"])
-    tensors = folded_tensors(state, generator, lr_mlp, w_avg)
-    expected = generator.state_dict()
-    for name, tensor in tensors.items():
-        if tensor.shape != expected[name].shape:
-            raise CheckpointError(f"{name} would be {list(tensor.shape)} from the checkpoint, but its configuration gives {list(expected[name].shape)}")
-    missing = [k for k in expected if k not in tensors and not k.endswith(".resample_filter")]
-    if missing:
-        raise CheckpointError(f"the checkpoint lacks {missing[:5]}")
-    generator.load_state_dict(tensors, strict=False)  # the resample filters keep their [1,3,3,1] taps
+    # the resample filters keep the [1,3,3,1] taps they were built with
+    load_checked(generator, folded_tensors(state, generator, lr_mlp, w_avg), rebuilt=lambda name: name.endswith(".resample_filter"))
     if not isinstance(latent_avg, torch.Tensor):
         with torch.no_grad():
             z = torch.randn(W_AVG_SAMPLES, config["style_dim"], generator=torch.Generator().manual_seed(0))
