@@ -24,9 +24,10 @@ def to_uint8(batch: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
 
 
 def grid(images: np.ndarray, columns: int | None = None, padding: int = 2) -> np.ndarray:
-    """[N, H, W, C] uint8 → one [H', W', C] image, `columns` per row."""
+    """[N, H, W, C] uint8 → one [H', W', C] image, `columns` per row (never more columns than
+    images: a client's `columns` must not size an empty canvas)."""
     n, h, w, c = images.shape
-    columns = columns or math.ceil(math.sqrt(n))
+    columns = min(columns or math.ceil(math.sqrt(n)), n)
     rows = math.ceil(n / columns)
     canvas = np.zeros((rows * (h + padding) + padding, columns * (w + padding) + padding, c), dtype=np.uint8)
     for i in range(n):

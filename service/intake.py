@@ -143,7 +143,7 @@ class RequestIntake:
                         except OverBudget:
                             raise Refused(503, "overloaded", "the server's memory budget is taken by requests in flight; retry later", {"Retry-After": "1"})
                         context.reserved += len(chunk)
-                        chunks.append(chunk)
+                    chunks.append(chunk)
                     if not message.get("more_body", False):
                         return b"".join(chunks)
         except TimeoutError:

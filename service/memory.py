@@ -14,7 +14,7 @@ import ctypes.util
 import logging
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -94,10 +94,6 @@ class MemoryBudget:
         with self.lock:
             self.capacity = max(0, capacity)
 
-    @property
-    def free(self) -> int:
-        return max(0, self.capacity - self.used)
-
     def try_reserve(self, nbytes: int) -> None:
         nbytes = max(0, int(nbytes))
         with self.lock:
@@ -108,11 +104,3 @@ class MemoryBudget:
     def release(self, nbytes: int) -> None:
         with self.lock:
             self.used = max(0, self.used - max(0, int(nbytes)))
-
-    @contextlib.contextmanager
-    def reserved(self, nbytes: int) -> Iterator[None]:
-        self.try_reserve(nbytes)
-        try:
-            yield
-        finally:
-            self.release(nbytes)

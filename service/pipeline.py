@@ -18,7 +18,7 @@ from fastapi import Request
 from service.admission import RequestCost, admit, batch_share_bytes, compute_seconds, reserve_memory
 from service.batcher import DeadlineExceeded, QueueFull, RequestState, RequestTooLarge, ShuttingDown
 from service.errors import ApiError
-from service.intake import RequestContext, context_of
+from service.intake import STATE_KEY, RequestContext, context_of
 from service.registry import LoadedModel, ModelRegistry
 
 T = TypeVar("T")
@@ -32,7 +32,7 @@ def context(request: Request) -> RequestContext:
     found = context_of(request.scope)
     if found is None:  # only when the app runs without its intake middleware
         found = RequestContext(time.monotonic())
-        request.scope.setdefault("state", {})["ganserve"] = found
+        request.scope.setdefault("state", {})[STATE_KEY] = found
     return found
 
 

@@ -41,8 +41,12 @@ def hyperparameters_of(record: PersistentRecord) -> dict:
 
 
 def is_stylegan3(record: PersistentRecord) -> bool:
-    synthesis = record.children.get("synthesis")
-    return synthesis is not None and ("input" in synthesis.children or "layer_names" in synthesis.state)
+    """StyleGAN3's synthesis starts from Fourier features (`input`) and names its layers."""
+    try:
+        synthesis = record.module("synthesis")
+    except KeyError:
+        return False
+    return "input" in (synthesis.state.get("_modules") or {}) or "layer_names" in synthesis.state
 
 
 def class_options(arguments: dict) -> tuple[dict, list[str]]:

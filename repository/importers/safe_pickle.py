@@ -15,7 +15,7 @@ import collections
 import hashlib
 import io
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,7 +37,6 @@ class PersistentRecord:
     class_name: str
     state: dict
     source_sha256: str  # of the embedded module source (recorded, never run)
-    children: dict[str, "PersistentRecord"] = field(default_factory=dict)
 
     @property
     def init_args(self) -> list:
@@ -136,24 +135,12 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise UnsafePickle("the pickle refers to external persistent objects (a torch.save file? use its own format)")
 
 
-def link_children(value: Any) -> Any:
-    """Fills each record's `children` from its `_modules` (for convenience; the state is unchanged)."""
-    if isinstance(value, PersistentRecord):
-        for name, child in (value.state.get("_modules") or {}).items():
-            if isinstance(child, PersistentRecord):
-                value.children[name] = link_children(child)
-    elif isinstance(value, dict):
-        for item in value.values():
-            link_children(item)
-    return value
-
-
 def load_network_pickle(data: bytes) -> Any:
     """The pickle's top-level object, its persistent networks as records. Raises UnsafePickle."""
     if not data or data[:1] != b"\x80":
         raise UnsafePickle("the file is not a pickle (protocol 2 or newer)")
     try:
-        return link_children(RestrictedUnpickler(io.BytesIO(data)).load())
+        return RestrictedUnpickler(io.BytesIO(data)).load()
     except UnsafePickle:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, RuntimeError) as error:

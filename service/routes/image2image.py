@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 
-from service.admission import tile_count, translate_bytes_per_pixel, upscale_bytes_per_pixel
+from service.admission import translate_bytes_per_pixel, upscale_bytes_per_pixel
 from service.batcher import each_result, run_items
 from service.errors import ApiError, error_responses
 from service.imaging import DECODE_BYTES_PER_PIXEL
@@ -91,13 +91,13 @@ async def upscale(name: str, request: Request, format: ImageFormat | None = Quer
     data = await read_upload(request)
     width, height = await probe(request, data)
     over_limit(model, width, height, width * height)
-    tiles = tile_count(height, width, settings)
+    grid = plan_tiles(height, width, settings.upscale_tile, settings.upscale_overlap)
+    tiles = grid.rows * grid.cols
     max_tiles = model.limits.max_tiles if model.limits else None
     if max_tiles is not None and tiles > max_tiles:
         raise ApiError(413, f"an image of {width}x{height} pixels takes {tiles} tiles; {entry.name!r} takes at most {max_tiles} per image on this machine")
     channels, scale = entry.spec["in_channels"], entry.spec["scale"]
     resident = height * width * (DECODE_BYTES_PER_PIXEL + upscale_bytes_per_pixel(max(channels, entry.spec["channels"]), scale))
-    grid = plan_tiles(height, width, settings.upscale_tile, settings.upscale_overlap)
 
     async def work(state) -> np.ndarray:
         x = await prepare(request, data, channels)

@@ -44,6 +44,13 @@ def test_different_seeds_give_different_images(server):
     assert not np.array_equal(a, b)
 
 
+def test_a_grid_never_has_more_columns_than_images(server):
+    """`columns` is a client's number: 1024 columns for two images must not size a 1024-wide canvas."""
+    with server.client() as client:
+        grid = client.post("/v1/models/digits/generate", json={"seed": 5, "n": 2, "columns": 1024})
+    assert grid.status_code == 200 and decode(grid.content).shape[:2] == (36, 70)
+
+
 def test_several_images_come_back_as_a_grid_a_base64_list_or_an_npy_stack(server):
     with server.client() as client:
         grid = client.post("/v1/models/digits/generate", json={"seed": 5, "n": 4, "columns": 2})
