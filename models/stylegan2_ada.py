@@ -1,5 +1,5 @@
-"""StyleGAN2 as NVlabs' stylegan2-ada-pytorch computes it (config-f generators, `skip` or `orig`
-output architecture), written for serving imported checkpoints.
+"""StyleGAN2 as NVlabs' stylegan2-ada-pytorch computes it (config-f generators, `skip`, `orig` or
+`resnet` architecture), written for serving imported checkpoints.
 
 Numerics follow the reference; the form follows the project's export rules (models/stylegan.py):
 - modulation acts on activations (x·s → conv with the static weight → ·demod), never on
@@ -25,6 +25,7 @@ from torch import nn
 from models.resampling import SQRT2, bias_act, upfirdn2d
 
 LRELU_SLOPE = 0.2
+SQRT_HALF = math.sqrt(0.5)
 
 
 def fir_filter(taps: list[float] | None = None) -> torch.Tensor:
@@ -104,7 +105,7 @@ class SynthesisLayer(nn.Module):
             self.transpose_padding = max(min(-p0, -p1), 0)
             self.filter_padding = (p0 + self.transpose_padding, p1 + self.transpose_padding)
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, w: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
         styles = self.affine(w)  # [B, in]
         energy = self.weight.square().sum(dim=(2, 3))  # [out, in]
         demod = torch.rsqrt(styles.square() @ energy.t() + 1e-8)  # [B, out]
@@ -117,7 +118,21 @@ class SynthesisLayer(nn.Module):
         x = x * demod[:, :, None, None]
         if self.use_noise and self.noise_mode == "const":
             x = x + self.noise_const * self.noise_strength
-        return bias_act(x, self.bias, LRELU_SLOPE, SQRT2, self.conv_clamp)
+        return bias_act(x, self.bias, LRELU_SLOPE, SQRT2 * gain, self.conv_clamp * gain if self.conv_clamp is not None else None)
+
+
+class ResampledSkip(nn.Module):
+    """The `resnet` architecture's shortcut: a 1x1 conv without bias (its 1/√fan_in gain folded into
+    the weight), then NVlabs' FIR 2x upsampling — conv2d_resample's fast path for a 1x1 kernel."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, 1, 1) / math.sqrt(in_channels))
+
+    def forward(self, x: torch.Tensor, resample_filter: torch.Tensor, gain: float) -> torch.Tensor:
+        fw = resample_filter.shape[-1]
+        x = upfirdn2d(F.conv2d(x, self.weight), resample_filter, up=2, padding=((fw + 1) // 2, (fw - 2) // 2) * 2, gain=4.0)
+        return x * gain
 
 
 class ToRGB(nn.Module):
@@ -137,7 +152,8 @@ class ToRGB(nn.Module):
 
 class SynthesisBlock(nn.Module):
     """One resolution: the learned constant (4x4) or an upsampling conv, a conv, and a ToRGB whose
-    output is added to the upsampled image of the resolution below (`skip`)."""
+    output is added to the upsampled image of the resolution below (`skip`); or, in `resnet`, the
+    two convs beside an upsampling 1x1 shortcut, each scaled by √0.5 (ToRGB at the end only, as `orig`)."""
 
     def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, img_channels: int, is_last: bool,
                  architecture: str = "skip", conv_clamp: float | None = None, use_noise: bool = True) -> None:
@@ -148,6 +164,8 @@ class SynthesisBlock(nn.Module):
             self.const = nn.Parameter(torch.randn(out_channels, resolution, resolution))
         else:
             self.conv0 = SynthesisLayer(in_channels, out_channels, w_dim, resolution, up=2, conv_clamp=conv_clamp, use_noise=use_noise)
+            if architecture == "resnet":
+                self.skip = ResampledSkip(in_channels, out_channels)
         self.conv1 = SynthesisLayer(out_channels, out_channels, w_dim, resolution, conv_clamp=conv_clamp, use_noise=use_noise)
         self.num_conv = 1 if in_channels == 0 else 2
         self.num_torgb = 1 if is_last or architecture == "skip" else 0
@@ -155,14 +173,14 @@ class SynthesisBlock(nn.Module):
             self.torgb = ToRGB(out_channels, img_channels, w_dim, conv_clamp)
 
     def forward(self, x: torch.Tensor | None, img: torch.Tensor | None, ws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        index = 0
         if self.in_channels == 0:
-            x = self.const[None].expand(ws.shape[0], -1, -1, -1)
+            x = self.conv1(self.const[None].expand(ws.shape[0], -1, -1, -1), ws[:, 0])
+        elif self.architecture == "resnet":
+            shortcut = self.skip(x, self.resample_filter, SQRT_HALF)
+            x = shortcut + self.conv1(self.conv0(x, ws[:, 0]), ws[:, 1], gain=SQRT_HALF)
         else:
-            x = self.conv0(x, ws[:, index])
-            index += 1
-        x = self.conv1(x, ws[:, index])
-        index += 1
+            x = self.conv1(self.conv0(x, ws[:, 0]), ws[:, 1])
+        index = self.num_conv
         if img is not None:  # upfirdn2d.upsample2d
             fw = self.resample_filter.shape[-1]
             img = upfirdn2d(img, self.resample_filter, up=2, padding=((fw + 1) // 2, (fw - 2) // 2) * 2, gain=4.0)
@@ -191,8 +209,8 @@ class SynthesisNetwork(nn.Module):
         super().__init__()
         if resolution < 4 or resolution & (resolution - 1):
             raise ValueError(f"resolution must be a power of two ≥ 4, not {resolution}")
-        if architecture not in ("skip", "orig"):
-            raise ValueError(f"architecture {architecture!r} is not served: skip or orig")
+        if architecture not in ("skip", "orig", "resnet"):
+            raise ValueError(f"architecture {architecture!r} is not served: skip, orig or resnet")
         self.resolutions = [2**i for i in range(2, int(math.log2(resolution)) + 1)]
         self.num_ws = 0
         for res in self.resolutions:

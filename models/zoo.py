@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from models.biggan import BigGANDeepGenerator
 from models.dcgan import ConditionalDCGANGenerator, DCGANDiscriminator, DCGANGenerator, SNDiscriminator
 from models.mlp import MLPDiscriminator, MLPGenerator
 from models.spec import ModelSpec
@@ -31,6 +32,8 @@ def build_generator(spec: ModelSpec) -> nn.Module:
         return StyleGAN3Generator(spec.z_dim, spec.w_dim, spec.resolution, spec.channels, spec.mapping_layers, **spec.options)
     if spec.arch == "stylegan2-ada":
         return StyleGAN2Generator(spec.z_dim, spec.w_dim, spec.resolution, spec.channels, spec.mapping_layers, **spec.options)
+    if spec.arch == "biggan-deep":
+        return BigGANDeepGenerator(spec.z_dim, spec.num_classes, channels=spec.channels, **spec.options)
     raise ValueError(f"unknown generator arch {spec.arch!r}")
 
 

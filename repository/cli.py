@@ -9,11 +9,16 @@ import typer
 from rich.console import Console
 
 console = Console()
-FORMATS = ("auto", "nvlabs", "rosinality")
+FORMATS = ("auto", "nvlabs", "rosinality", "biggan")
 
 
-def detect_format(data: bytes) -> str:
-    """nvlabs for a network pickle, rosinality for a torch.save archive."""
+def detect_format(path: Path, data: bytes) -> str:
+    """biggan for a folder (or its weights file) with BigGAN's config.json, nvlabs for a network
+    pickle, rosinality for another torch.save archive."""
+    from repository.importers.biggan import is_biggan
+
+    if is_biggan(path):
+        return "biggan"
     if data[:1] == b"\x80":
         return "nvlabs"
     if data[:2] == b"PK":
@@ -21,17 +26,29 @@ def detect_format(data: bytes) -> str:
     raise ValueError("the file is neither a network pickle nor a torch.save archive")
 
 
+def weights_file(path: Path) -> Path:
+    """The file whose bytes are hashed and sniffed: the path itself, or a BigGAN folder's weights."""
+    from repository.importers.biggan import checkpoint_files
+
+    return checkpoint_files(path)[1] if path.is_dir() else path
+
+
 def import_command(
-    path: Path = typer.Argument(..., exists=True, dir_okay=False, help="a checkpoint: an NVlabs StyleGAN2-ADA network pickle (*.pkl) or rosinality stylegan2-pytorch *.pt"),
+    path: Path = typer.Argument(..., exists=True, help="a checkpoint: an NVlabs StyleGAN2-ADA/StyleGAN3 network pickle (*.pkl), a rosinality "
+                                "stylegan2-pytorch *.pt, or a pytorch-pretrained-biggan folder (config.json + pytorch_model.bin)"),
     name: str = typer.Option(..., "--name", help="model name in the repository"),
     version: int = typer.Option(1, "--version", min=1),
-    format: str = typer.Option("auto", "--format", help="auto, nvlabs or rosinality"),
+    format: str = typer.Option("auto", "--format", help="auto, nvlabs, rosinality or biggan"),
     repository: Path = typer.Option(Path("model_repository"), "--repository"),
     formats: str = typer.Option("onnx,torchscript", "--formats", help="comma-separated: onnx, torchscript"),
     noise_mode: str = typer.Option("const", "--noise-mode", help="const (each layer's fixed noise: a seed fixes an image) or none"),
+    class_names: Path | None = typer.Option(None, "--class-names", exists=True, dir_okay=False,
+                                            help="BigGAN: a text file of class names, one per line (default: ImageNet's for 1000 classes, else indices)"),
 ) -> None:
     """Import a published checkpoint: rebuild it with the project's own networks, export it with parity, write an entry."""
     from repository.graphs import ExportError
+    from repository.conditional_entry import write_conditional_entry
+    from repository.importers.biggan import import_biggan
     from repository.importers.checkpoint import CheckpointError
     from repository.importers.nvlabs import import_nvlabs
     from repository.importers.rosinality import import_rosinality
@@ -40,23 +57,29 @@ def import_command(
     if format not in FORMATS:
         console.print(f"[red]import failed:[/] unknown format {format!r}: choose from {FORMATS}", soft_wrap=True)
         raise typer.Exit(2)
-    data = path.read_bytes()
     try:
-        detected = detect_format(data) if format == "auto" else format
+        data = weights_file(path).read_bytes()
+        detected = detect_format(path, data) if format == "auto" else format
         with console.status(f"reading {path.name} ({detected})"):
-            imported = (import_nvlabs if detected == "nvlabs" else import_rosinality)(data, noise_mode)
+            if detected == "biggan":
+                imported = import_biggan(path, class_names)
+            else:
+                imported = (import_nvlabs if detected == "nvlabs" else import_rosinality)(data, noise_mode)
         source = {"format": detected, "network": imported.spec.arch, "file": path.name, "sha256": hashlib.sha256(data).hexdigest(),
                   "hyperparameters": imported.hyperparameters}
+        write = write_conditional_entry if detected == "biggan" else write_style_entry
         with console.status(f"exporting {imported.spec.resolution}² {imported.spec.arch} ({sum(p.numel() for p in imported.generator.parameters()) / 1e6:.1f} M parameters)"):
-            entry = write_style_entry(imported.generator, imported.spec, name, version, repository, [f.strip() for f in formats.split(",") if f.strip()], source)
-    except (ValueError, CheckpointError, ExportError) as error:
+            entry = write(imported.generator, imported.spec, name, version, repository, [f.strip() for f in formats.split(",") if f.strip()], source)
+    except (ValueError, OSError, CheckpointError, ExportError) as error:
         console.print(f"[red]import failed:[/] {error}", soft_wrap=True)
         raise typer.Exit(1)
     spec = json.loads((entry / "spec.json").read_text())
-    for graph, block in (("synthesis", spec), ("mapping", spec["mapping"])):
+    for graph, block in (("synthesis" if "mapping" in spec else "generator", spec), *((("mapping", spec["mapping"]),) if "mapping" in spec else ())):
         for fmt, info in block["formats"].items():
             if fmt != "eager":
-                console.print(f"{graph:10s} {fmt:12s} {info['file']:14s} parity max abs error {info['parity_max_abs_error']:.2e}")
+                exact = (f" (float64: {info['float64_max_abs_error']:.2e}, eager float32 {info['eager_float64_max_abs_error']:.2e})"
+                         if "float64_max_abs_error" in info else "")
+                console.print(f"{graph:10s} {fmt:12s} {info['file']:14s} parity max abs error {info['parity_max_abs_error']:.2e}{exact}")
     console.print(f"wrote [bold]{entry}[/] ({spec['source']['imported_seconds']:.1f} s)")
 
 

@@ -1,10 +1,12 @@
 """Exporting one network of an entry: TorchScript and ONNX (dynamic batch axis, and dynamic
 height/width for image-to-image graphs), each checked against eager PyTorch on the same inputs;
-an export whose max abs error exceeds the tolerance fails with a clear message. Shared by the
+an export whose max abs error exceeds the tolerance fails with a clear message, unless float64
+shows the difference is eager float32's own rounding (see `parity_errors`). Shared by the
 export of our own runs (training/) and the import of foreign checkpoints (repository/importers/).
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,38 +98,60 @@ def onnx_outputs(session, example: tuple[torch.Tensor, ...], inputs: list[Tensor
 PARITY_CHUNK = 3  # parity inputs per run after the first: a 256² StyleGAN3 holds ~0.6 GB per activation per image
 
 
-def parity_errors(graph: Graph, entry: Path, formats: list[str]) -> dict[str, float]:
-    """Max abs error of each exported format against eager PyTorch on the 16 parity inputs.
-
-    The inputs run as 1, then chunks of 3 — never the 2 the graphs were traced with, so a graph
-    that only works at its traced batch size fails here rather than in the service — and in
-    chunks, so that checking a large imported generator does not hold 16 images' activations."""
+def parity_parts(graph: Graph) -> list[tuple[torch.Tensor, ...]]:
+    """The 16 parity inputs as 1, then chunks of 3 — never the 2 the graphs were traced with, so a
+    graph that only works at its traced batch size fails here rather than in the service — and in
+    chunks, so that checking a large imported generator does not hold 16 images' activations —
+    then the inputs at other heights/widths, if any."""
     count = graph.example[0].shape[0]
     bounds = [(0, 1)] + [(start, min(start + PARITY_CHUNK, count)) for start in range(1, count, PARITY_CHUNK)]
-    parts = [tuple(x[a:b] for x in graph.example) for a, b in bounds]
-    with torch.no_grad():
-        reference = np.concatenate([graph.module(*part).numpy() for part in parts])
-    errors: dict[str, float] = {}
+    return [tuple(x[a:b] for x in graph.example) for a, b in bounds] + list(graph.other_sizes)
+
+
+def exported_outputs(graph: Graph, entry: Path, formats: list[str], parts: list[tuple[torch.Tensor, ...]]) -> dict[str, list[np.ndarray]]:
+    """Each exported format's outputs on each part, read back from the files as a runtime loads them."""
+    outputs: dict[str, list[np.ndarray]] = {}
     if "torchscript" in formats:
         scripted = torch.jit.load(str(entry / f"{graph.stem}.pt"))
         with torch.no_grad():
-            got = np.concatenate([scripted(*part).numpy() for part in parts])
-        errors["torchscript"] = float(np.abs(got - reference).max())
+            outputs["torchscript"] = [scripted(*part).numpy() for part in parts]
     if "onnx" in formats:
         session = onnx_session(entry / f"{graph.stem}.onnx")
-        got = np.concatenate([onnx_outputs(session, part, graph.inputs) for part in parts])
-        errors["onnx"] = float(np.abs(got - reference).max())
-    for other in graph.other_sizes:  # the dynamic height/width axes, at sizes the trace never saw
-        with torch.no_grad():
-            expected = graph.module(*other).numpy()
-        if "torchscript" in formats:
-            with torch.no_grad():
-                got = scripted(*other).numpy()
-            errors["torchscript"] = max(errors["torchscript"], float(np.abs(got - expected).max()))
-        if "onnx" in formats:
-            got = onnx_outputs(session, other, graph.inputs)
-            errors["onnx"] = max(errors["onnx"], float(np.abs(got - expected).max()))
-    return errors
+        outputs["onnx"] = [onnx_outputs(session, part, graph.inputs) for part in parts]
+    return outputs
+
+
+def max_error(got: list[np.ndarray], expected: list[np.ndarray]) -> float:
+    return max(float(np.abs(a - b).max()) for a, b in zip(got, expected))
+
+
+def float64_outputs(graph: Graph, parts: list[tuple[torch.Tensor, ...]]) -> list[np.ndarray]:
+    """The graph's outputs computed in double precision: the arbiter when float32 results disagree."""
+    module = copy.deepcopy(graph.module).double()
+    with torch.no_grad():
+        return [module(*(x.double() if x.is_floating_point() else x for x in part)).numpy() for part in parts]
+
+
+def parity_errors(graph: Graph, entry: Path, formats: list[str], tolerance: float) -> dict[str, dict[str, float]]:
+    """Per format: its max abs error against eager PyTorch (float32) on the parity inputs, and
+    whether it passes. A format within `tolerance` of eager passes. One that is not is judged
+    against the same graph in float64: it passes when it is no further from that than eager
+    float32 itself is (nor than `tolerance`) — a deep network's float32 rounding (BigGAN-deep-128:
+    eager 1.1e-3 from float64 at truncation 0.05, ONNX Runtime 2.8e-4) is no fault of the export."""
+    parts = parity_parts(graph)
+    with torch.no_grad():
+        reference = [graph.module(*part).numpy() for part in parts]
+    outputs = exported_outputs(graph, entry, formats, parts)
+    results = {fmt: {"parity_max_abs_error": max_error(got, reference)} for fmt, got in outputs.items()}
+    if all(r["parity_max_abs_error"] <= tolerance for r in results.values()):
+        return {fmt: r | {"passed": True} for fmt, r in results.items()}
+    exact = float64_outputs(graph, parts)
+    eager_error = max_error(reference, exact)
+    for fmt, got in outputs.items():
+        own = max_error(got, exact)
+        results[fmt] |= {"float64_max_abs_error": own, "eager_float64_max_abs_error": eager_error,
+                         "passed": results[fmt]["parity_max_abs_error"] <= tolerance or own <= max(tolerance, eager_error)}
+    return results
 
 
 def export_graph(graph: Graph, staging: Path, formats: list[str], tolerance: float) -> dict:
@@ -137,13 +161,14 @@ def export_graph(graph: Graph, staging: Path, formats: list[str], tolerance: flo
         export_torchscript(graph.module, example, staging / f"{graph.stem}.pt")
     if "onnx" in formats:
         export_onnx(graph.module, example, graph.inputs, graph.outputs, staging / f"{graph.stem}.onnx", graph.size_multiple)
-    parity = parity_errors(graph, staging, formats)
-    failed = {fmt: err for fmt, err in parity.items() if not err <= tolerance}
+    parity = parity_errors(graph, staging, formats, tolerance)
+    failed = {fmt: r for fmt, r in parity.items() if not r.pop("passed")}
     if failed:
-        raise ExportError(f"parity check failed for {graph.stem}: max abs error {failed} exceeds {tolerance} against eager PyTorch on 16 seeds")
+        raise ExportError(f"parity check failed for {graph.stem}: {failed} exceeds {tolerance} against eager PyTorch on 16 seeds "
+                          "(and is further from float64 than eager float32 is)")
     files = {"onnx": f"{graph.stem}.onnx", "torchscript": f"{graph.stem}.pt"}
     return {
         "inputs": [t.to_dict() for t in graph.inputs],
         "outputs": [t.to_dict() for t in graph.outputs],
-        "formats": {fmt: {"file": files[fmt], "parity_max_abs_error": parity[fmt]} for fmt in formats},
+        "formats": {fmt: {"file": files[fmt]} | parity[fmt] for fmt in formats},
     }

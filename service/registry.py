@@ -54,11 +54,17 @@ IMAGE_TO_IMAGE = {"translation": "translate", "super_resolution": "upscale"}  # 
 
 
 def dummy_inputs(entry: ModelEntry, batch: int, graph: str = "model", spatial: int = 0) -> dict[str, np.ndarray]:
-    """Zeros of the graph's input shapes: `batch` on axis 0, `spatial` on dynamic image axes."""
+    """Zeros of the graph's input shapes: `batch` on axis 0, `spatial` on dynamic image axes;
+    BigGAN's truncation statistics are those of its default truncation (zeros would divide by √eps)."""
     arrays = {}
     for tensor in entry.graph_spec(graph)["inputs"]:
         shape = [(batch if axis == 0 else spatial) if d == -1 else d for axis, d in enumerate(tensor["shape"])]
         arrays[tensor["name"]] = np.zeros(shape, dtype=NUMPY_DTYPES[tensor["datatype"]])
+    if "truncation_stats" in arrays:
+        from models.biggan import truncation_stats_weights
+
+        block = entry.spec["truncation"]
+        arrays["truncation_stats"][:] = np.array(truncation_stats_weights(block["default"], block["n_stats"]), dtype=np.float32)
     return arrays
 
 

@@ -37,6 +37,16 @@ class GraphSpec(BaseModel):
     formats: dict[str, FormatSpec] = Field(min_length=1)
 
 
+class TruncationSpec(BaseModel):
+    """BigGAN's truncation: z from a normal truncated to ±z_bound, scaled by t; batch-norm
+    statistics for t enter the graph as `truncation_stats` [B, n_stats] (models/biggan.py)."""
+
+    method: Literal["biggan"]
+    z_bound: float = Field(gt=0, le=10)
+    n_stats: int = Field(ge=2, le=1024)
+    default: float = Field(gt=0, le=1)
+
+
 class EntrySpec(GraphSpec):
     """The fields of `spec.json` the service reads, checked when the repository is scanned so a
     bad entry fails alone with a clear reason instead of answering 500 later."""
@@ -55,6 +65,7 @@ class EntrySpec(GraphSpec):
     train_resolution: int | None = Field(None, ge=1, le=8192)
     mapping: GraphSpec | None = None
     model: dict | None = None
+    truncation: TruncationSpec | None = None
 
     @model_validator(mode="after")
     def check_kind(self) -> "EntrySpec":
@@ -65,6 +76,9 @@ class EntrySpec(GraphSpec):
         missing = [key for key in needs if getattr(self, key) in (None, [])]
         if missing:
             raise ValueError(f"a {self.kind} entry needs {', '.join(missing)}")
+        if self.truncation is not None and {"name": "truncation_stats", "datatype": "float32", "shape": [-1, self.truncation.n_stats]} not in [
+                t.model_dump() for t in self.inputs]:
+            raise ValueError(f"a model with BigGAN truncation needs the input truncation_stats [-1, {self.truncation.n_stats}]")
         if self.value_range[1] <= self.value_range[0]:
             raise ValueError("value_range must be [low, high] with low < high")
         return self

@@ -23,6 +23,8 @@ Layers = Literal["coarse", "middle", "fine"] | Annotated[list[LayerIndex], Field
 WValue = Annotated[float, Field(allow_inf_nan=False, ge=-1e4, le=1e4)]
 WVector = Annotated[list[WValue], Field(min_length=1, max_length=MAX_W_DIM)]
 Psi = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False, description="style models: pull w toward w_avg (1 = off)")]
+BigGANTruncation = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False,
+                                           description="BigGAN models: z truncated to ±2 and scaled by this, with its batch-norm statistics")]
 ImageFormat = Literal["png", "jpeg", "webp", "npy"]
 Layout = Literal["grid", "list"]
 Version = Annotated[int, Strict(), Field(ge=1, lt=2**31)]

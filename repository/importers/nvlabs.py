@@ -63,8 +63,8 @@ def build_options(arguments: dict) -> dict:
     """Our constructor's options from NVlabs' arguments (its defaults where they are left out)."""
     mapping, synthesis = arguments.get("mapping_kwargs") or {}, arguments.get("synthesis_kwargs") or {}
     architecture = synthesis.get("architecture", "skip")
-    if architecture not in ("skip", "orig"):
-        raise CheckpointError(f"synthesis architecture {architecture!r} is not served (skip or orig)")
+    if architecture not in ("skip", "orig", "resnet"):
+        raise CheckpointError(f"synthesis architecture {architecture!r} is not served (skip, orig or resnet)")
     activation = mapping.get("activation", "lrelu"), synthesis.get("activation", "lrelu")
     if activation != ("lrelu", "lrelu"):
         raise CheckpointError(f"activations {activation} are not served (leaky ReLU only)")
@@ -99,9 +99,10 @@ def folded_tensors(record: PersistentRecord, generator: StyleGAN2Generator) -> d
             fc = submodule(record, name)
             out[prefix + "weight"] = take(prefix + "weight") * gain(fc, "weight_gain")
             out[prefix + "bias"] = take(prefix + "bias") * gain(fc, "bias_gain")
-        elif kind == "ToRGB":
+        elif kind in ("ToRGB", "ResampledSkip"):
             out[prefix + "weight"] = take(prefix + "weight") * gain(submodule(record, name), "weight_gain")
-            out[prefix + "bias"] = take(prefix + "bias")
+            if kind == "ToRGB":
+                out[prefix + "bias"] = take(prefix + "bias")
         elif kind in ("SynthesisLayer", "SynthesisBlock", "MappingNetwork"):
             for local in list(module._parameters) + list(module._buffers):
                 out[prefix + local] = take(prefix + local)

@@ -8,11 +8,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from service import style
 from service.batcher import run_items
 from service.errors import ApiError, error_responses
-from service.operations import generate_inputs, resolve_label
+from service.operations import generate_inputs, resolve_label, resolve_truncation
 from service.pipeline import begin, combined, estimate, execute, generated_bytes, registry_of, require_json
 from service.registry import IMAGE_TO_IMAGE, LoadedModel
 from service.responses import choose_format, respond
-from service.schemas import MAX_SEED, ClassIndex, ClassName, ImageCount, ImageFormat, Layout, Psi, Seed, Version
+from service.schemas import MAX_SEED, BigGANTruncation, ClassIndex, ClassName, ImageCount, ImageFormat, Layout, Psi, Seed, Version
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 
@@ -31,6 +31,7 @@ class GenerateRequest(BaseModel):
     layout: Layout = Field("grid", description="several images: one grid image, or a JSON list of base64 images")
     columns: int | None = Field(None, ge=1, le=1024, strict=True)
     truncation_psi: Psi = 1.0
+    truncation: BigGANTruncation | None = None
 
     @model_validator(mode="after")
     def check(self) -> "GenerateRequest":
@@ -96,6 +97,7 @@ async def generate(name: str, body: GenerateRequest, request: Request) -> Respon
     if entry.kind != "style" and body.truncation_psi != 1.0:
         raise ApiError(422, "truncation_psi applies to style models only")
     label = resolve_label(entry, body.class_label)
+    truncation = resolve_truncation(entry, body.truncation)
     fmt = choose_format(body.format, request.headers.get("accept"))
     seeds = body.seed_list()
     units = [1.0] * len(seeds)
@@ -109,7 +111,7 @@ async def generate(name: str, body: GenerateRequest, request: Request) -> Respon
         cost = estimate(model, "model", units, generated_bytes(model, len(seeds)))
 
         async def work(state) -> np.ndarray:
-            return np.stack(await run_items(registry.batcher(model, "generate"), generate_inputs(entry, seeds, label), state))
+            return np.stack(await run_items(registry.batcher(model, "generate"), generate_inputs(entry, seeds, label, truncation), state))
 
     images = await execute(request, model, cost, work)
     return await respond(registry, entry, "generate", images, fmt, body.layout, body.columns, seeds)

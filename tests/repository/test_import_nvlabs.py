@@ -25,9 +25,9 @@ from tests.serving import running_server
 
 FIXTURE_ROOT = Path(__file__).resolve().parents[1] / "fixtures"
 FIXTURES = {"skip32": FIXTURE_ROOT / "stylegan2_ada" / "skip32", "orig16": FIXTURE_ROOT / "stylegan2_ada" / "orig16",
-            "cond16": FIXTURE_ROOT / "stylegan2_ada" / "cond16", "t16": FIXTURE_ROOT / "stylegan3" / "t16", "r16": FIXTURE_ROOT / "stylegan3" / "r16"}
+            "cond16": FIXTURE_ROOT / "stylegan2_ada" / "cond16", "res16": FIXTURE_ROOT / "stylegan2_ada" / "res16", "t16": FIXTURE_ROOT / "stylegan3" / "t16", "r16": FIXTURE_ROOT / "stylegan3" / "r16"}
 CONFIGS = list(FIXTURES)
-ARCH = {"skip32": "stylegan2-ada", "orig16": "stylegan2-ada", "cond16": "stylegan2-ada", "t16": "stylegan3", "r16": "stylegan3"}
+ARCH = {"skip32": "stylegan2-ada", "orig16": "stylegan2-ada", "cond16": "stylegan2-ada", "res16": "stylegan2-ada", "t16": "stylegan3", "r16": "stylegan3"}
 CONDITIONAL = {"cond16": 3}
 REFERENCE_TOLERANCE = 1e-3  # the issue's bound against NVlabs' own forward (float32, CPU, const noise)
 
@@ -173,8 +173,8 @@ def narrower(structure: dict) -> None:
     structure["init_kwargs"]["channel_max"] = 8
 
 
-def resnet(structure: dict) -> None:
-    structure["init_kwargs"]["synthesis_kwargs"]["architecture"] = "resnet"
+def relu_synthesis(structure: dict) -> None:
+    structure["init_kwargs"]["synthesis_kwargs"]["activation"] = "relu"
 
 
 BAD_CHECKPOINTS = [
@@ -183,7 +183,7 @@ BAD_CHECKPOINTS = [
     ("another kind of network", lambda: network_pickle(FIXTURES["orig16"], discriminator), (), "not a Generator"),
     ("shapes contradict the config", lambda: network_pickle(FIXTURES["orig16"], wider_w), (), "configuration gives"),
     ("conditional config without an embedding", lambda: network_pickle(FIXTURES["orig16"], conditional), (), "has no mapping.embed"),
-    ("resnet architecture", lambda: network_pickle(FIXTURES["orig16"], resnet), (), "'resnet' is not served"),
+    ("ReLU synthesis", lambda: network_pickle(FIXTURES["orig16"], relu_synthesis), (), "are not served (leaky ReLU only)"),
     ("StyleGAN3 with fewer layers than its tensors", lambda: network_pickle(FIXTURES["t16"], fewer_layers), (), "synthesis layers"),
     ("StyleGAN3 narrower than its tensors", lambda: network_pickle(FIXTURES["t16"], narrower), (), "configuration gives"),
     ("a torch.save archive of something else", torch_archive, (), "holds no rosinality generator"),
