@@ -66,6 +66,20 @@ async def seeds_to_w(registry: ModelRegistry, model: LoadedModel, seeds: list[in
     return truncate(model, await map_z(registry, model, seed_latents(model, seeds), state, label), psi)
 
 
+async def seeds_to_ws(registry: ModelRegistry, model: LoadedModel, seeds: list[int], psi: float, cutoff: int | None, state: RequestState,
+                      label: int | None = None) -> np.ndarray:
+    """ws [N, num_ws, w_dim] for seeds, truncated by ψ at every layer, or only at the first
+    `cutoff` layers (NVlabs' `truncation_cutoff`: coarse layers pulled to the average, fine detail kept)."""
+    if cutoff is None:
+        return broadcast(model, await seeds_to_w(registry, model, seeds, psi, state, label))
+    num_ws = model.entry.spec["num_ws"]
+    if cutoff > num_ws:
+        raise ApiError(422, f"truncation_cutoff {cutoff} exceeds the model's {num_ws} layers")
+    ws = broadcast(model, await map_z(registry, model, seed_latents(model, seeds), state, label))
+    ws[:, :cutoff] = truncate(model, ws[:, :cutoff], psi)
+    return ws
+
+
 def layers_for(model: LoadedModel, layers: str | list[int]) -> list[int]:
     try:
         return latent.resolve_layers(layers, model.entry.spec["num_ws"])

@@ -12,7 +12,7 @@ from service.operations import generate_inputs, resolve_label, resolve_truncatio
 from service.pipeline import begin, combined, estimate, execute, generated_bytes, registry_of, require_json
 from service.registry import IMAGE_TO_IMAGE, LoadedModel
 from service.responses import choose_format, respond
-from service.schemas import MAX_SEED, BigGANTruncation, ClassIndex, ClassName, ImageCount, ImageFormat, Layout, Psi, Seed, Version
+from service.schemas import MAX_SEED, MAX_WS, BigGANTruncation, ClassIndex, ClassName, ImageCount, ImageFormat, Layout, Psi, Seed, Version
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 
@@ -31,6 +31,7 @@ class GenerateRequest(BaseModel):
     layout: Layout = Field("grid", description="several images: one grid image, or a JSON list of base64 images")
     columns: int | None = Field(None, ge=1, le=1024, strict=True)
     truncation_psi: Psi = 1.0
+    truncation_cutoff: int | None = Field(None, ge=1, le=MAX_WS, strict=True, description="style models: apply truncation_psi to the first this many layers only")
     truncation: BigGANTruncation | None = None
 
     @model_validator(mode="after")
@@ -94,8 +95,8 @@ async def generate(name: str, body: GenerateRequest, request: Request) -> Respon
         raise ApiError(422, f"{body.count()} images asked; at most {limit} per request")
     if entry.kind in IMAGE_TO_IMAGE:
         raise ApiError(422, f"model {entry.name!r} is a {entry.kind} model: POST an image to /v1/models/{entry.name}/{IMAGE_TO_IMAGE[entry.kind]}")
-    if entry.kind != "style" and body.truncation_psi != 1.0:
-        raise ApiError(422, "truncation_psi applies to style models only")
+    if entry.kind != "style" and (body.truncation_psi != 1.0 or body.truncation_cutoff is not None):
+        raise ApiError(422, "truncation_psi and truncation_cutoff apply to style models only")
     label = resolve_label(entry, body.class_label)
     truncation = resolve_truncation(entry, body.truncation)
     fmt = choose_format(body.format, request.headers.get("accept"))
@@ -105,8 +106,8 @@ async def generate(name: str, body: GenerateRequest, request: Request) -> Respon
         cost = combined(estimate(model, "mapping", units), estimate(model, "model", units, generated_bytes(model, len(seeds))))
 
         async def work(state) -> np.ndarray:
-            w = await style.seeds_to_w(registry, model, seeds, body.truncation_psi, state, label)
-            return await style.synthesize(registry, model, style.broadcast(model, w), state)
+            ws = await style.seeds_to_ws(registry, model, seeds, body.truncation_psi, body.truncation_cutoff, state, label)
+            return await style.synthesize(registry, model, ws, state)
     else:
         cost = estimate(model, "model", units, generated_bytes(model, len(seeds)))
 

@@ -38,6 +38,17 @@ def test_same_seed_and_psi_give_the_same_image_and_psi_zero_gives_the_average_fo
     assert not np.array_equal(plain[0], plain[1])
 
 
+def test_truncation_cutoff_pulls_only_the_first_layers_toward_the_average(server):
+    with server.client() as client:
+        everywhere = npy(generate(client, seeds=[1, 2], truncation_psi=0.0, truncation_cutoff=6))
+        average = npy(generate(client, seeds=[1, 2], truncation_psi=0.0))
+        coarse_only = npy(generate(client, seeds=[1, 2], truncation_psi=0.0, truncation_cutoff=2))
+        plain = npy(generate(client, seeds=[1, 2]))
+    assert np.array_equal(everywhere, average)  # a cutoff at num_ws is plain truncation
+    assert not np.array_equal(coarse_only[0], coarse_only[1])  # the fine layers keep each seed's style
+    assert not np.array_equal(coarse_only[0], plain[0]) and not np.array_equal(coarse_only[0], average[0])
+
+
 def test_style_mix_grid_has_a_cell_per_pair_and_mixing_no_layers_changes_nothing(server):
     with server.client() as client:
         grid = npy(client.post("/v1/models/styles/style-mix", json={"row_seeds": [1, 2], "col_seeds": [5, 6, 7], "layers": "coarse", "format": "npy"}))
@@ -95,6 +106,8 @@ def test_edit_strengths_are_in_standard_deviations_of_w_along_the_direction_unle
     ("edit", {"seed": 1, "direction": "size", "strengths": [1e9]}, "strengths"),
     ("edit", {"seed": 1, "direction": "size", "units": "pixels"}, "units"),
     ("generate", {"seed": 1, "truncation_psi": 5}, "truncation_psi"),
+    ("generate", {"seed": 1, "truncation_psi": 0.5, "truncation_cutoff": 7}, "exceeds the model's 6 layers"),
+    ("generate", {"seed": 1, "truncation": 0.5}, "no BigGAN truncation"),
 ])
 def test_bad_style_requests_are_422_with_a_reason(server, path, body, mentions):
     with server.client() as client:
