@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 console = Console()
-FORMATS = ("auto", "nvlabs", "rosinality", "biggan")
+FORMATS = ("auto", "nvlabs", "rosinality", "biggan", "junyanz")
 
 
 def detect_format(path: Path, data: bytes) -> str:
@@ -22,8 +22,21 @@ def detect_format(path: Path, data: bytes) -> str:
     if data[:1] == b"\x80":
         return "nvlabs"
     if data[:2] == b"PK":
-        return "rosinality"
+        from repository.importers.junyanz import is_junyanz
+
+        return "junyanz" if is_junyanz(data) else "rosinality"
     raise ValueError("the file is neither a network pickle nor a torch.save archive")
+
+
+def parse_options(text: str) -> dict[str, str]:
+    """`key=value,key=value` → dict; a malformed pair is a one-line error."""
+    options = {}
+    for pair in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--options takes key=value pairs separated by commas, got {pair!r}")
+        options[key.strip()] = value.strip()
+    return options
 
 
 def weights_file(path: Path) -> Path:
@@ -35,15 +48,18 @@ def weights_file(path: Path) -> Path:
 
 def import_command(
     path: Path = typer.Argument(..., exists=True, help="a checkpoint: an NVlabs StyleGAN2-ADA/StyleGAN3 network pickle (*.pkl), a rosinality "
-                                "stylegan2-pytorch *.pt, or a pytorch-pretrained-biggan folder (config.json + pytorch_model.bin)"),
+                                "stylegan2-pytorch *.pt, a pytorch-pretrained-biggan folder (config.json + pytorch_model.bin), or a pix2pix/CycleGAN "
+                                "generator state dict (latest_net_G.pth)"),
     name: str = typer.Option(..., "--name", help="model name in the repository"),
     version: int = typer.Option(1, "--version", min=1),
-    format: str = typer.Option("auto", "--format", help="auto, nvlabs, rosinality or biggan"),
+    format: str = typer.Option("auto", "--format", help="auto, nvlabs, rosinality, biggan or junyanz"),
     repository: Path = typer.Option(Path("model_repository"), "--repository"),
     formats: str = typer.Option("onnx,torchscript", "--formats", help="comma-separated: onnx, torchscript"),
     noise_mode: str = typer.Option("const", "--noise-mode", help="const (each layer's fixed noise: a seed fixes an image) or none"),
     class_names: Path | None = typer.Option(None, "--class-names", exists=True, dir_okay=False,
                                             help="BigGAN: a text file of class names, one per line (default: ImageNet's for 1000 classes, else indices)"),
+    options: str = typer.Option("", "--options", help="pix2pix/CycleGAN: what the state dict cannot say, as key=value pairs: direction=AtoB|BtoA, "
+                                "domains=horse:zebra, train_resolution=256; and any inferred value to check (generator, ngf, n_blocks, num_downs, norm)"),
 ) -> None:
     """Import a published checkpoint: rebuild it with the project's own networks, export it with parity, write an entry."""
     from repository.graphs import ExportError
@@ -60,6 +76,10 @@ def import_command(
     try:
         data = weights_file(path).read_bytes()
         detected = detect_format(path, data) if format == "auto" else format
+        if detected == "junyanz":
+            entry = import_translator(path, data, name, version, repository, [f.strip() for f in formats.split(",") if f.strip()], parse_options(options))
+            report(entry)
+            return
         with console.status(f"reading {path.name} ({detected})"):
             if detected == "biggan":
                 imported = import_biggan(path, class_names)
@@ -73,6 +93,23 @@ def import_command(
     except (ValueError, OSError, CheckpointError, ExportError) as error:
         console.print(f"[red]import failed:[/] {error}", soft_wrap=True)
         raise typer.Exit(1)
+    report(entry)
+
+
+def import_translator(path: Path, data: bytes, name: str, version: int, repository: Path, formats: list[str], options: dict[str, str]) -> Path:
+    from repository.image_entry import write_image_entry
+    from repository.importers.junyanz import import_junyanz, translation_fields
+
+    with console.status(f"reading {path.name} (junyanz)"):
+        generator, params = import_junyanz(data)
+        fields = translation_fields(params, options)
+    source = {"source": {"format": "junyanz", "network": params["generator"], "file": path.name, "sha256": hashlib.sha256(data).hexdigest(),
+                         "hyperparameters": {"inferred": params, "options": options}}}
+    with console.status(f"exporting {params['generator']} generator ({sum(p.numel() for p in generator.parameters()) / 1e6:.1f} M parameters)"):
+        return write_image_entry(generator, fields, name, version, repository, formats, source)
+
+
+def report(entry: Path) -> None:
     spec = json.loads((entry / "spec.json").read_text())
     for graph, block in (("synthesis" if "mapping" in spec else "generator", spec), *((("mapping", spec["mapping"]),) if "mapping" in spec else ())):
         for fmt, info in block["formats"].items():
@@ -80,7 +117,8 @@ def import_command(
                 exact = (f" (float64: {info['float64_max_abs_error']:.2e}, eager float32 {info['eager_float64_max_abs_error']:.2e})"
                          if "float64_max_abs_error" in info else "")
                 console.print(f"{graph:10s} {fmt:12s} {info['file']:14s} parity max abs error {info['parity_max_abs_error']:.2e}{exact}")
-    console.print(f"wrote [bold]{entry}[/] ({spec['source']['imported_seconds']:.1f} s)")
+    took = spec["source"].get("imported_seconds")
+    console.print(f"wrote [bold]{entry}[/]" + (f" ({took:.1f} s)" if took is not None else ""))
 
 
 def register(app: typer.Typer) -> None:
