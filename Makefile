@@ -9,11 +9,13 @@ PORT ?= 8000
 
 install: $(STAMP)
 
-# torch is installed first, pinned, so that no multi-GB CUDA build is pulled by a looser range.
+# torch and torchvision are installed first, pinned to the pair that imports together (spandrel,
+# the SR architectures' loader, needs torchvision; see README "Install"), so that no looser range
+# pulls another multi-GB build.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -e ".[dev,cpu]"
 	touch $(STAMP)
 

@@ -55,10 +55,18 @@ def build_discriminator(spec: ModelSpec, name: str) -> nn.Module:
     raise ValueError(f"unknown discriminator {name!r}: choose from {DISCRIMINATORS}")
 
 
-def build_translator(params: dict) -> nn.Module:
+def build_translator(params: dict, weights: dict | None = None) -> nn.Module:
     """A translation or super-resolution generator from the parameters its run and its repository
-    entry record (`spec["model"]`): training, export and the eager runtime all rebuild it here."""
+    entry record (`spec["model"]`): training, export and the eager runtime all rebuild it here.
+    An imported SR network (`spandrel`) is rebuilt from its `weights` (spandrel reads the
+    architecture off them)."""
     kind = params["generator"]
+    if kind == "spandrel":
+        if weights is None:
+            raise ValueError("a spandrel network is rebuilt from its weights")
+        from models.restoration import build_spandrel
+
+        return build_spandrel(weights)
     if kind == "unet":
         return UnetGenerator(params["in_channels"], params["out_channels"], params["num_downs"], params["ngf"], params["norm"], params["dropout"])
     if kind == "resnet":

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 console = Console()
-FORMATS = ("auto", "nvlabs", "rosinality", "biggan", "junyanz")
+FORMATS = ("auto", "nvlabs", "rosinality", "biggan", "junyanz", "superres")
 
 
 def detect_format(path: Path, data: bytes) -> str:
@@ -19,13 +19,16 @@ def detect_format(path: Path, data: bytes) -> str:
 
     if is_biggan(path):
         return "biggan"
+    if path.suffix == ".safetensors":
+        return "superres"
     if data[:1] == b"\x80":
         return "nvlabs"
     if data[:2] == b"PK":
         from repository.importers.junyanz import is_junyanz
+        from repository.importers.rosinality import is_rosinality
 
-        return "junyanz" if is_junyanz(data) else "rosinality"
-    raise ValueError("the file is neither a network pickle nor a torch.save archive")
+        return "junyanz" if is_junyanz(data) else "rosinality" if is_rosinality(data) else "superres"
+    raise ValueError("the file is neither a network pickle, a torch.save archive nor a safetensors file")
 
 
 def parse_options(text: str) -> dict[str, str]:
@@ -49,10 +52,11 @@ def weights_file(path: Path) -> Path:
 def import_command(
     path: Path = typer.Argument(..., exists=True, help="a checkpoint: an NVlabs StyleGAN2-ADA/StyleGAN3 network pickle (*.pkl), a rosinality "
                                 "stylegan2-pytorch *.pt, a pytorch-pretrained-biggan folder (config.json + pytorch_model.bin), or a pix2pix/CycleGAN "
-                                "generator state dict (latest_net_G.pth)"),
+                                "generator state dict (latest_net_G.pth), or a super-resolution state dict (*.pth, *.safetensors: ESRGAN, Real-ESRGAN, "
+                                "SRVGGNetCompact, SPAN, … as spandrel detects them)"),
     name: str = typer.Option(..., "--name", help="model name in the repository"),
     version: int = typer.Option(1, "--version", min=1),
-    format: str = typer.Option("auto", "--format", help="auto, nvlabs, rosinality, biggan or junyanz"),
+    format: str = typer.Option("auto", "--format", help="auto, nvlabs, rosinality, biggan, junyanz or superres"),
     repository: Path = typer.Option(Path("model_repository"), "--repository"),
     formats: str = typer.Option("onnx,torchscript", "--formats", help="comma-separated: onnx, torchscript"),
     noise_mode: str = typer.Option("const", "--noise-mode", help="const (each layer's fixed noise: a seed fixes an image) or none"),
@@ -76,8 +80,9 @@ def import_command(
     try:
         data = weights_file(path).read_bytes()
         detected = detect_format(path, data) if format == "auto" else format
-        if detected == "junyanz":
-            entry = import_translator(path, data, name, version, repository, [f.strip() for f in formats.split(",") if f.strip()], parse_options(options))
+        if detected in ("junyanz", "superres"):
+            entry = import_image_model(detected, path, data, name, version, repository, [f.strip() for f in formats.split(",") if f.strip()],
+                                       parse_options(options))
             report(entry)
             return
         with console.status(f"reading {path.name} ({detected})"):
@@ -96,16 +101,25 @@ def import_command(
     report(entry)
 
 
-def import_translator(path: Path, data: bytes, name: str, version: int, repository: Path, formats: list[str], options: dict[str, str]) -> Path:
+def import_image_model(detected: str, path: Path, data: bytes, name: str, version: int, repository: Path, formats: list[str],
+                       options: dict[str, str]) -> Path:
+    """pix2pix/CycleGAN (junyanz) or super-resolution (spandrel) → an image-to-image entry."""
     from repository.image_entry import write_image_entry
     from repository.importers.junyanz import import_junyanz, translation_fields
+    from repository.importers.superres import import_superres
 
-    with console.status(f"reading {path.name} (junyanz)"):
-        generator, params = import_junyanz(data)
-        fields = translation_fields(params, options)
-    source = {"source": {"format": "junyanz", "network": params["generator"], "file": path.name, "sha256": hashlib.sha256(data).hexdigest(),
-                         "hyperparameters": {"inferred": params, "options": options}}}
-    with console.status(f"exporting {params['generator']} generator ({sum(p.numel() for p in generator.parameters()) / 1e6:.1f} M parameters)"):
+    with console.status(f"reading {path.name} ({detected})"):
+        if detected == "junyanz":
+            generator, params = import_junyanz(data)
+            fields, hyperparameters = translation_fields(params, options), {"inferred": params, "options": options}
+        else:
+            if options:
+                raise ValueError("--options are for pix2pix/CycleGAN checkpoints; spandrel reads a super-resolution model's layout itself")
+            generator, fields = import_superres(path, data)
+            hyperparameters = {"inferred": fields["model"] | {"scale": fields["scale"], "size_requirements": fields["size_requirements"]}}
+    source = {"source": {"format": detected, "network": fields["arch"], "file": path.name, "sha256": hashlib.sha256(data).hexdigest(),
+                         "hyperparameters": hyperparameters}}
+    with console.status(f"exporting {fields['arch']} ({sum(p.numel() for p in generator.parameters()) / 1e6:.1f} M parameters)"):
         return write_image_entry(generator, fields, name, version, repository, formats, source)
 
 

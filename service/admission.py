@@ -23,6 +23,7 @@ from service.settings import Settings
 from service.tiling import plan_tiles
 
 if TYPE_CHECKING:
+    from service.model_config import ServingConfig
     from service.registry import LoadedModel
 
 COMPUTE_SHARE_OF_DEADLINE = 0.8  # the rest of a deadline is for decoding, queueing and encoding
@@ -56,8 +57,8 @@ def upscale_bytes_per_pixel(channels: int, scale: int) -> int:
     return 3 + 2 * FLOAT * channels + scale * scale * (FLOAT * channels + 2 * channels)
 
 
-def tile_count(height: int, width: int, settings: Settings) -> int:
-    grid = plan_tiles(height, width, settings.upscale_tile, settings.upscale_overlap)
+def tile_count(height: int, width: int, config: "ServingConfig") -> int:
+    grid = plan_tiles(height, width, config.upscale_tile, config.upscale_overlap)
     return grid.rows * grid.cols
 
 
@@ -91,7 +92,7 @@ def derive_limits(model: "LoadedModel", settings: Settings, memory_budget: int) 
     batch_bytes = cost.bytes_per_unit * cost.batch_items(config.max_batch_size, config.max_batch_seconds)
 
     def fits(side: int) -> bool:
-        return (side * side <= config.max_input_pixels and tile_count(side, side, settings) <= max_tiles
+        return (side * side <= config.max_input_pixels and tile_count(side, side, config) <= max_tiles
                 and side * side * per_pixel + batch_bytes <= memory)
 
     side = largest_square(fits)

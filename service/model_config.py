@@ -3,7 +3,7 @@ a `serving` section beside its weights; what it leaves out comes from the server
 `GET /v1/models/{name}` shows the effective values."""
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from service.repository import ModelEntry
 from service.settings import Settings
@@ -18,19 +18,34 @@ class ServingConfig(BaseModel):
     max_queue_delay_ms: float = Field(ge=0)
     max_queue_size: int = Field(ge=1)
     max_input_pixels: int = Field(ge=64)  # image-to-image inputs; lowered further by the measured cost
+    upscale_tile: int = Field(ge=8, le=2048)  # super-resolution: input px per tile side (every tile is one batcher item)
+    upscale_overlap: int = Field(ge=0, le=1023)  # input px shared by neighbouring tiles, blended across
+
+    @model_validator(mode="after")
+    def check_tiles(self) -> "ServingConfig":
+        if 2 * self.upscale_overlap >= self.upscale_tile:
+            raise ValueError(f"upscale_overlap ({self.upscale_overlap}) must be below half of upscale_tile ({self.upscale_tile})")
+        return self
 
 
 def serving_config(entry: ModelEntry, settings: Settings) -> ServingConfig:
     """The entry's own values over the settings' defaults; an invalid section fails the entry."""
     input_pixels = settings.max_upscale_input_pixels if entry.kind == "super_resolution" else settings.max_translate_pixels
+    tiling = entry.spec.get("tiling") if isinstance(entry.spec.get("tiling"), dict) else {}
     defaults = {"lane_threads": settings.lane_threads, "max_batch_size": settings.max_batch_size,
                 "max_batch_seconds": settings.max_batch_seconds, "max_queue_delay_ms": settings.max_queue_delay_ms,
-                "max_queue_size": settings.max_queue_size, "max_input_pixels": input_pixels}
+                "max_queue_size": settings.max_queue_size, "max_input_pixels": input_pixels,
+                # an imported SR entry carries the tile its size rules allow; our own use the server's setting
+                "upscale_tile": tiling.get("tile", settings.upscale_tile), "upscale_overlap": tiling.get("overlap", settings.upscale_overlap)}
     own = entry.spec.get("serving") or {}
     if not isinstance(own, dict):
         raise ValueError(f"{entry.label}/spec.json: `serving` must be an object")
     try:
-        return ServingConfig.model_validate(defaults | own)
+        config = ServingConfig.model_validate(defaults | own)
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         raise ValueError(f"{entry.label}/spec.json: invalid `serving` section: {problems}") from None
+    multiple = entry.spec.get("size_multiple") or 1
+    if entry.kind == "super_resolution" and config.upscale_tile % multiple:
+        raise ValueError(f"{entry.label}/spec.json: upscale_tile {config.upscale_tile} is not a multiple of the model's size_multiple {multiple}")
+    return config

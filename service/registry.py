@@ -178,7 +178,7 @@ class ModelRegistry:
                                 model.config.max_batch_seconds)
         multiple = entry.spec["size_multiple"]
         if entry.kind == "super_resolution":
-            side = self.settings.upscale_tile
+            side = model.config.upscale_tile
             shapes = {(1, side): 1.0, (2, side): 2.0}
         else:
             side = max(64, -(-entry.spec["train_resolution"] // multiple) * multiple)

@@ -95,8 +95,9 @@ class TorchRuntime:
             from models.zoo import build_generator, build_translator
 
             image_to_image = entry.kind in ("translation", "super_resolution")
-            module = build_translator(entry.spec["model"]) if image_to_image else build_generator(ModelSpec.from_dict(entry.spec["model"]))
-            module.load_state_dict(load_file(str(entry.file_for("eager"))))
+            weights = load_file(str(entry.file_for("eager")))
+            module = build_translator(entry.spec["model"], weights) if image_to_image else build_generator(ModelSpec.from_dict(entry.spec["model"]))
+            module.load_state_dict(weights)
             if entry.kind == "style":
                 module = module.synthesis if graph == "model" else module.mapping
         else:

@@ -31,6 +31,19 @@ def generator_state(checkpoint: dict) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
+def is_rosinality(data: bytes) -> bool:
+    """A torch.save archive that means to hold rosinality's generator: a `g_ema`/`g` entry (whose
+    errors are then rosinality's to report), or a bare state dict of it."""
+    try:
+        checkpoint = load_torch_archive(data)
+        if "g_ema" in checkpoint or "g" in checkpoint:
+            return True
+        generator_state(checkpoint)
+    except CheckpointError:
+        return False
+    return True
+
+
 def inferred_configuration(state: dict[str, torch.Tensor]) -> dict:
     style_dim = state["style.1.weight"].shape[1]
     n_mlp = max(int(m.group(1)) for k in state if (m := re.fullmatch(r"style\.(\d+)\.weight", k)))

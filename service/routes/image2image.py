@@ -86,12 +86,11 @@ async def upscale(name: str, request: Request, format: ImageFormat | None = Quer
     model = begin(request, name, "upscale", version)
     require_kind(model, "super_resolution")
     entry = model.entry
-    settings = registry.settings
     fmt = choose_format(format, request.headers.get("accept"))
     data = await read_upload(request)
     width, height = await probe(request, data)
     over_limit(model, width, height, width * height)
-    grid = plan_tiles(height, width, settings.upscale_tile, settings.upscale_overlap)
+    grid = plan_tiles(height, width, model.config.upscale_tile, model.config.upscale_overlap)
     tiles = grid.rows * grid.cols
     max_tiles = model.limits.max_tiles if model.limits else None
     if max_tiles is not None and tiles > max_tiles:

@@ -1,0 +1,69 @@
+"""Super-resolution checkpoints (ESRGAN old and new layouts, Real-ESRGAN RRDBNet x4/x2,
+SRVGGNetCompact, SPAN and the rest of what spandrel recognises) → a `super_resolution` entry.
+
+spandrel detects the architecture and its hyperparameters from the state dict alone and builds the
+network; the import wraps it for the project's [-1, 1] convention (`models.restoration`), records
+what spandrel says about sizes (`size_multiple`, minimum, square-only), picks a tile for the
+upscale endpoint that respects them, and exports with dynamic height and width. Files are read
+without running code: `.safetensors`, or a torch.save archive with `weights_only=True`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from models.restoration import UnitRangeNetwork, load_spandrel
+from repository.importers.checkpoint import CheckpointError, load_torch_archive
+
+DEFAULT_TILE = 96  # input px per tile side (the shipped RRDB's measured sweet spot on 2 cores), rounded up to the size rules
+DEFAULT_OVERLAP = 16
+
+
+def read_state(path: Path, data: bytes) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        try:
+            return load(data)
+        except (SafetensorError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"the safetensors file is damaged or truncated ({str(error)[:200]})") from None
+    return load_torch_archive(data)
+
+
+def tile_for(multiple: int, minimum: int) -> int:
+    side = max(DEFAULT_TILE, minimum, 2 * DEFAULT_OVERLAP + multiple)
+    return -(-side // multiple) * multiple
+
+
+def import_superres(path: Path, data: bytes) -> tuple[UnitRangeNetwork, dict]:
+    """(the wrapped network in eval mode, the entry's fields)."""
+    import spandrel
+
+    state = read_state(path, data)
+    try:
+        descriptor = load_spandrel(state)
+    except spandrel.UnsupportedModelError:
+        raise CheckpointError("no super-resolution architecture spandrel knows matches this state dict") from None
+    except (KeyError, ValueError, RuntimeError, AssertionError, IndexError, TypeError) as error:
+        raise CheckpointError(f"spandrel recognised the layout but could not build it ({type(error).__name__}: {str(error)[:200]})") from None
+    if not isinstance(descriptor, spandrel.ImageModelDescriptor) or descriptor.purpose not in ("SR", "Restoration"):
+        raise CheckpointError(f"{descriptor.architecture.name} is a {descriptor.purpose} model: only super-resolution and restoration models are served by /upscale")
+    rules = descriptor.size_requirements
+    if rules.square:
+        raise CheckpointError(f"{descriptor.architecture.name} takes square inputs only, which tiles of any image cannot promise")
+    if descriptor.input_channels not in (1, 3) or descriptor.output_channels not in (1, 3):
+        raise CheckpointError(f"{descriptor.input_channels} → {descriptor.output_channels} channels: /upscale serves 1 or 3")
+    multiple, tile = max(1, rules.multiple_of), tile_for(max(1, rules.multiple_of), rules.minimum)
+    network = UnitRangeNetwork(descriptor.model.float().eval())
+    fields = {
+        "kind": "super_resolution", "arch": descriptor.architecture.id, "channels": descriptor.output_channels,
+        "in_channels": descriptor.input_channels, "size_multiple": multiple, "scale": descriptor.scale,
+        "train_resolution": tile * descriptor.scale,  # no training size is known: the output side of one tile
+        "value_range": [-1.0, 1.0],
+        "model": {"generator": "spandrel", "architecture": descriptor.architecture.id, "tags": list(descriptor.tags)},
+        "size_requirements": {"minimum": rules.minimum, "multiple_of": multiple, "square": rules.square},
+        "tiling": {"tile": tile, "overlap": DEFAULT_OVERLAP, "spandrel": descriptor.tiling.name.lower()},
+    }
+    return network, fields
