@@ -26,7 +26,7 @@ def bench_command(
 
 
 def bench_upscale_command(
-    model: str = typer.Option("sr-rrdb-x4", help="an upscale model in the repository"),
+    model: str = typer.Option("sr-rrdb-x4", help="an upscale (or translate) model in the repository"),
     repository: Path = typer.Option(Path("model_repository"), "--repository", exists=True, file_okay=False),
     runtime: str = typer.Option("onnx", help="onnx, torchscript or eager (torchscript/eager use CUDA when present)"),
     concurrency: str = typer.Option("1,4,16", help="comma-separated client counts"),
@@ -37,7 +37,7 @@ def bench_upscale_command(
     threads: int = typer.Option(1, min=1, help="runtime intra-op threads"),
     out: Optional[Path] = typer.Option(Path("bench/results/upscale-latest.json"), help="JSON report"),
 ) -> None:
-    """Upscale throughput (frames/s, p99) through the real server, beside the bare forward pass."""
+    """Upscale (or translate) throughput (frames/s, p99) through the real server, beside the bare forward pass."""
     from bench.upscale import run_upscale_bench
 
     run_upscale_bench(repository, model, runtime, [int(c) for c in concurrency.split(",")], duration, size, format, max_batch_size, threads, out)

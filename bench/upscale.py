@@ -1,5 +1,6 @@
 """`ganserve bench-upscale`: 256x256 → 1024x1024 (x4) through the real server, beside the bare
-forward pass of the same runtime.
+forward pass of the same runtime; for a translation model, 256x256 through `/translate` beside one
+forward pass of the whole padded frame.
 
 Scenarios: `concurrency` clients each post one 256 px PNG (a held-out photo crop) in a loop and
 ask for JPEG (real-time streams cannot afford PNG: a 1024 px PNG costs a core ~0.1 s). The
@@ -23,7 +24,9 @@ from service.imaging import encode
 from service.repository import scan_repository
 from service.runtimes import load_runtime
 from service.settings import Settings
-from service.tiling import cut_tiles, plan_tiles
+from service.model_config import serving_config
+from service.registry import IMAGE_TO_IMAGE
+from service.tiling import cut_tiles, padded_size, pad_to, plan_tiles
 
 console = Console()
 
@@ -52,6 +55,14 @@ def measure_forward(entry, runtime_kind: str, device: str, threads: int, frame: 
     return rows
 
 
+def measure_whole_frame(entry, runtime_kind: str, device: str, threads: int, frame: np.ndarray, seconds: float) -> list[dict]:
+    runtime = load_runtime(entry, runtime_kind, device, threads)
+    x = (frame.astype(np.float32) / 127.5 - 1).transpose(2, 0, 1)
+    whole = np.ascontiguousarray(pad_to(x, *padded_size(x.shape[1], x.shape[2], entry.spec["size_multiple"]))[None])
+    per_call = timed(seconds, lambda: runtime.run({"image": whole}))
+    return [{"what": f"whole frame {whole.shape[2]}x{whole.shape[3]}, one forward", "frames_per_s": 1 / per_call, "tiles": 0}]
+
+
 def measure_encoding(size: int, seconds: float) -> dict[str, float]:
     image = np.asarray(Image.fromarray(test_frame(size // 4)).resize((size, size), Image.Resampling.BICUBIC))
     return {fmt: timed(seconds, lambda f=fmt: encode(image, f)) * 1000 for fmt in ("jpeg", "png", "webp")}
@@ -63,12 +74,14 @@ def run_upscale_bench(repository: Path, model: str, runtime: str, concurrencies:
     if not entries:
         raise SystemExit(f"no model {model!r} in {repository}")
     entry = max(entries, key=lambda e: e.version)
-    if entry.kind != "super_resolution":
-        raise SystemExit(f"{model} is a {entry.kind} model, not a super_resolution model")
+    if entry.kind not in IMAGE_TO_IMAGE:
+        raise SystemExit(f"{model} is a {entry.kind} model, not an image-to-image model")
+    endpoint = IMAGE_TO_IMAGE[entry.kind]
     from bench.runner import _cuda
 
     device = "cuda" if runtime != "onnx" and _cuda() else "cpu"
     settings = Settings()
+    config = serving_config(entry, settings)  # the entry's own tile, where it carries one
     frame = test_frame(size)
     buffer = io.BytesIO()
     Image.fromarray(frame).save(buffer, format="PNG")
@@ -76,14 +89,20 @@ def run_upscale_bench(repository: Path, model: str, runtime: str, concurrencies:
     loads = []
     with server(repository, runtime=runtime, intra_op_threads=threads, max_batch_size=max_batch_size, max_queue_delay_ms=0, max_queue_size=100_000) as url:
         for c in concurrencies:
-            result = run_load(url, model, f"{size}→{size * entry.spec['scale']} px, {fmt} out", {}, c, duration_s, path=f"/v1/models/{model}/upscale", request=request)
+            result = run_load(url, model, f"{size}→{size * entry.spec['scale']} px, {fmt} out", {}, c, duration_s, path=f"/v1/models/{model}/{endpoint}",
+                              request=request)
             loads.append(result.to_dict())
-    grid = plan_tiles(size, size, settings.upscale_tile, settings.upscale_overlap)
-    tiles_per_frame = grid.rows * grid.cols
-    forward = measure_forward(entry, runtime, device, threads, frame, settings.upscale_tile, settings.upscale_overlap,
-                              sorted({1, max(1, max_batch_size // tiles_per_frame)}), seconds=3.0)
+    if endpoint == "upscale":
+        grid = plan_tiles(size, size, config.upscale_tile, config.upscale_overlap)
+        tiles_per_frame = grid.rows * grid.cols
+        forward = measure_forward(entry, runtime, device, threads, frame, config.upscale_tile, config.upscale_overlap,
+                                  sorted({1, max(1, max_batch_size // tiles_per_frame)}), seconds=3.0)
+    else:  # translate: the whole frame, mirror-padded to the network's size multiple, in one pass
+        tiles_per_frame = 1
+        forward = measure_whole_frame(entry, runtime, device, threads, frame, seconds=3.0)
     report = {"machine": machine(), "model": model, "runtime": runtime, "device": device, "size": size, "scale": entry.spec["scale"], "format": fmt,
-              "tile": settings.upscale_tile, "overlap": settings.upscale_overlap, "tiles_per_frame": tiles_per_frame, "max_batch_size": max_batch_size,
+              "endpoint": endpoint, "tile": config.upscale_tile if endpoint == "upscale" else None, "overlap": config.upscale_overlap if endpoint == "upscale" else None,
+              "tiles_per_frame": tiles_per_frame, "max_batch_size": max_batch_size,
               "load": loads, "forward": forward, "encode_ms": measure_encoding(size * entry.spec["scale"], 1.0)}
     print_upscale_report(report)
     write_report(report, out)
@@ -91,8 +110,9 @@ def run_upscale_bench(repository: Path, model: str, runtime: str, concurrencies:
 
 
 def print_upscale_report(report: dict) -> None:
-    console.print(f"[bold]{report['model']}[/] x{report['scale']} on {report['machine']}, runtime {report['runtime']} ({report['device']}), "
-                  f"tiles {report['tile']} px / overlap {report['overlap']} → {report['tiles_per_frame']} tiles per {report['size']} px frame")
+    tiling = (f"tiles {report['tile']} px / overlap {report['overlap']} → {report['tiles_per_frame']} tiles per {report['size']} px frame"
+              if report.get("endpoint", "upscale") == "upscale" else f"whole {report['size']} px frame per request")
+    console.print(f"[bold]{report['model']}[/] x{report['scale']} on {report['machine']}, runtime {report['runtime']} ({report['device']}), {tiling}")
     table = Table(title="service (HTTP, real server)")
     for column in ("scenario", "clients", "frames/s", "p50 ms", "p99 ms", "errors", "mean tiles per batch", "queue ms per tile", "compute/encode ms per request"):
         table.add_column(column, justify="right" if column != "scenario" else "left")
