@@ -1,4 +1,5 @@
-"""Every error leaves as JSON `{"error": {"code", "message"}}` with the right status."""
+"""Every error leaves as JSON with the right status: `{"error": {"code", "message"}}` on the
+REST API, `{"error": "message"}` on the tensor protocol's `/v2` routes (the shape its clients read)."""
 from __future__ import annotations
 
 import logging
@@ -30,9 +31,16 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-def error_responses(*statuses: int) -> dict[int, dict]:
-    """OpenAPI `responses` for the error statuses an operation can answer."""
-    return {status: {"model": ErrorBody, "description": STATUS_MEANINGS.get(status, STATUS_CODES.get(status, "error"))} for status in statuses}
+class ProtocolErrorBody(BaseModel):
+    """The Open Inference Protocol's error shape (`/v2` routes)."""
+
+    error: str
+
+
+def error_responses(*statuses: int, protocol: bool = False) -> dict[int, dict]:
+    """OpenAPI `responses` for the error statuses an operation can answer (`protocol`: a /v2 route)."""
+    model = ProtocolErrorBody if protocol else ErrorBody
+    return {status: {"model": model, "description": STATUS_MEANINGS.get(status, STATUS_CODES.get(status, "error"))} for status in statuses}
 
 
 class ApiError(Exception):
@@ -43,8 +51,14 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-def error_response(status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code or STATUS_CODES.get(status, "error"), "message": message}}, status_code=status, headers=headers)
+def error_payload(path: str, status: int, message: str, code: str | None = None) -> dict:
+    if path == "/v2" or path.startswith("/v2/"):
+        return {"error": message}
+    return {"error": {"code": code or STATUS_CODES.get(status, "error"), "message": message}}
+
+
+def error_response(request: Request, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_payload(request.url.path, status, message, code), status_code=status, headers=headers)
 
 
 def describe_validation(error: RequestValidationError) -> str:
@@ -57,20 +71,20 @@ def describe_validation(error: RequestValidationError) -> str:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def api_error(_: Request, error: ApiError) -> JSONResponse:
-        return error_response(error.status, error.message, error.code, error.headers)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        return error_response(request, error.status, error.message, error.code, error.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
-        return error_response(422, describe_validation(error))
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        return error_response(request, 422, describe_validation(error))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         if error.status_code == 400:  # FastAPI's "error parsing the body": an invalid body, like malformed JSON
-            return error_response(422, f"the body could not be parsed: {error.detail}")
-        return error_response(error.status_code, str(error.detail), headers=getattr(error, "headers", None))
+            return error_response(request, 422, f"the body could not be parsed: {error.detail}")
+        return error_response(request, error.status_code, str(error.detail), headers=getattr(error, "headers", None))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=error)
-        return error_response(500, f"internal error ({type(error).__name__}); the server's log has the details")
+        return error_response(request, 500, f"internal error ({type(error).__name__}); the server's log has the details")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.errors import error_payload
 from service.memory import MemoryBudget, OverBudget
 
 STATE_KEY = "ganserve"  # scope["state"][STATE_KEY] holds the request's RequestContext
@@ -37,8 +38,8 @@ def context_of(scope: Scope) -> RequestContext | None:
     return scope.get("state", {}).get(STATE_KEY)
 
 
-def error_message(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> tuple[Message, Message]:
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+def error_message(path: str, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> tuple[Message, Message]:
+    body = json.dumps(error_payload(path, status, message, code)).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     return {"type": "http.response.start", "status": status, "headers": raw}, {"type": "http.response.body", "body": body}
@@ -88,7 +89,7 @@ class RequestIntake:
             try:
                 body = await self.read_body(scope, receive, context, budget)
             except Refused as refused:
-                start, message = error_message(refused.status, refused.code, refused.message, refused.headers | {"Connection": "close"})
+                start, message = error_message(scope.get("path", ""), refused.status, refused.code, refused.message, refused.headers | {"Connection": "close"})
                 await tracking_send(start)
                 await tracking_send(message)
                 return

@@ -1,92 +1,85 @@
-"""KServe v2 (Open Inference Protocol) endpoints for tensor clients: raw inputs in, raw
-outputs out, through the same batcher (operation `infer`), one item per batch row.
+"""The Open Inference Protocol (KServe v2) for tensor clients such as `tritonclient`: server and
+model metadata and readiness (with or without `/versions/{v}`), and `infer` through the same
+batcher as v1 (operation `infer`), one item per batch row. JSON and the binary tensor data
+extension both ways (service/tensor_protocol.py); errors in the protocol's `{"error": "..."}` shape.
 
 The body is parsed and checked off the event loop, and bounded like v1: rows per request, the
 model's spatial limits (image-to-image inputs), integer values that are integers in range, and
-an output small enough to answer as JSON (`max_json_tensor_values`); the response is serialised
-in the encoder pool."""
+a JSON output small enough to write (`max_json_tensor_values`; binary outputs are bounded by the
+same image limits and reserved in the memory budget); the response is serialised in the encoder pool."""
 from __future__ import annotations
 
-import json
 import math
-from typing import Annotated, Literal
+from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 
 from service.batcher import run_items
 from service.errors import ApiError, error_responses
 from service.pipeline import begin, estimate, execute, off_loop, registry_of, reserve
 from service.registry import IMAGE_TO_IMAGE, LoadedModel
 from service.settings import Settings
+from service.tensor_protocol import ACCEPTED, HEADER_LENGTH, InferRequest, encode_response, parse_request, to_model_dtype
 from service.tiling import padded_size
 
 router = APIRouter(prefix="/v2", tags=["v2"])
-V2_TYPES = {"float32": "FP32", "int64": "INT64"}
-NUMPY_TYPES = {"FP32": np.float32, "INT64": np.int64}
 PYTHON_VALUE_BYTES = 40  # a parsed JSON number: the object and its list slot
 JSON_VALUE_BYTES = 24  # a float written as JSON text
 PARSED_BYTES_PER_BODY_BYTE = 16  # a JSON number takes at least 2 bytes ("0,") and becomes a ~32-byte object
+PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch", "eager": "pytorch_eager"}  # as Triton names them
+SERVER_VERSION = "0.1.0"
+VersionPath = Annotated[int, Path(ge=1, lt=2**31)]
 
 
-class InferTensor(BaseModel):
-    name: str = Field(min_length=1, max_length=256)
-    shape: list[Annotated[int, Strict(), Field(ge=0, le=2**31)]] = Field(min_length=1, max_length=8)
-    datatype: Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES", "BF16"]
-    data: list
+@router.get("")
+async def server_metadata() -> dict:
+    return {"name": "ganserve", "version": SERVER_VERSION, "extensions": ["binary_tensor_data"]}
 
 
-class InferRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    id: str | None = Field(None, max_length=256)
-    inputs: list[InferTensor] = Field(min_length=1, max_length=16)
+def wire_tensors(items: list[dict]) -> list[dict]:
+    """A graph's tensors as the protocol names them: the model's own datatype's wire name."""
+    return [{"name": t["name"], "datatype": ACCEPTED[t["datatype"]][0], "shape": t["shape"]} for t in items]
 
 
-@router.get("/models/{name}", responses=error_responses(404, 503))
-async def metadata(name: str, request: Request) -> dict:
-    model = registry_of(request).get(name)
+def model_metadata(request: Request, name: str, version: int | None) -> dict:
+    registry = registry_of(request)
+    model = registry.get(name, version)
     spec = model.entry.spec
-    tensors = lambda items: [{"name": t["name"], "datatype": V2_TYPES[t["datatype"]], "shape": t["shape"]} for t in items]  # noqa: E731
-    return {"name": name, "versions": [str(model.entry.version)], "platform": model.runtime.name, "inputs": tensors(spec["inputs"]), "outputs": tensors(spec["outputs"])}
+    return {"name": name, "versions": [str(v) for v in sorted(registry.versions(name))], "platform": PLATFORMS.get(model.runtime.name, model.runtime.name),
+            "inputs": wire_tensors(spec["inputs"]), "outputs": wire_tensors(spec["outputs"])}
 
 
-@router.get("/models/{name}/ready", responses=error_responses(404))
-async def model_ready(name: str, request: Request) -> JSONResponse:
+@router.get("/models/{name}", responses=error_responses(404, 503, protocol=True))
+async def metadata(name: str, request: Request) -> dict:
+    return model_metadata(request, name, None)
+
+
+@router.get("/models/{name}/versions/{version}", responses=error_responses(404, 503, protocol=True))
+async def version_metadata(name: str, version: VersionPath, request: Request) -> dict:
+    return model_metadata(request, name, version)
+
+
+def readiness(request: Request, name: str, version: int | None) -> JSONResponse:
     versions = registry_of(request).versions(name)
-    ready = any(m.ready for m in versions.values())
+    if version is not None and version not in versions:
+        raise ApiError(404, f"model {name!r} has no version {version} (has {sorted(versions)})")
+    ready = versions[version].ready if version is not None else any(m.ready for m in versions.values())
     return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
 
 
-def parse_body(raw: bytes) -> InferRequest:
-    """(runs in the encoder pool) JSON → a validated request; 422 for anything malformed."""
-    try:
-        return InferRequest.model_validate(json.loads(raw))
-    except ValidationError as error:
-        first = error.errors()[0]
-        raise ApiError(422, f"{'.'.join(map(str, first['loc']))}: {first['msg']}")
-    except (ValueError, RecursionError) as error:  # JSONDecodeError, int digits limit, nesting
-        raise ApiError(422, f"the body is not valid JSON ({type(error).__name__})")
+@router.get("/models/{name}/ready", responses=error_responses(404, protocol=True))
+async def model_ready(name: str, request: Request) -> JSONResponse:
+    return readiness(request, name, None)
 
 
-def tensor_array(name: str, datatype: str, data: list, shape: list[int]) -> np.ndarray:
-    """A tensor's values as a numpy array of its datatype; integers must be integers in range."""
-    if datatype == "INT64":
-        if any(type(v) is not int for v in data):
-            raise ApiError(422, f"input {name!r}: INT64 values must be integers")
-        if any(not -(2**63) <= v < 2**63 for v in data):
-            raise ApiError(422, f"input {name!r}: INT64 values must lie in [-2^63, 2^63)")
-    try:
-        array = np.asarray(data, dtype=NUMPY_TYPES[datatype]).reshape(shape)
-    except (TypeError, ValueError, OverflowError):
-        raise ApiError(422, f"input {name!r}: the data must be a flat list of {datatype} numbers")
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise ApiError(422, f"input {name!r} holds NaN, infinity or a value outside FP32's range")
-    return array
+@router.get("/models/{name}/versions/{version}/ready", responses=error_responses(404, protocol=True))
+async def version_ready(name: str, version: VersionPath, request: Request) -> JSONResponse:
+    return readiness(request, name, version)
 
 
-def parse_inputs(model: LoadedModel, body: InferRequest, settings: Settings) -> list[dict[str, np.ndarray]]:
+def parse_inputs(model: LoadedModel, body: InferRequest, arrays: dict[str, np.ndarray], settings: Settings) -> list[dict[str, np.ndarray]]:
     """(runs in the encoder pool) The request's tensors → per-row items, every bound checked."""
     spec = model.entry.spec
     expected = {t["name"]: t for t in spec["inputs"]}
@@ -95,11 +88,13 @@ def parse_inputs(model: LoadedModel, body: InferRequest, settings: Settings) -> 
         raise ApiError(422, f"input names must be unique, got {names}")
     if set(names) != set(expected):
         raise ApiError(422, f"inputs must be exactly {sorted(expected)}, got {sorted(names)}")
-    arrays, batch = {}, None
+    outputs = {t["name"] for t in spec["outputs"]}
+    unknown = [o.name for o in body.outputs or [] if o.name not in outputs]
+    if unknown:
+        raise ApiError(422, f"unknown outputs {unknown}: this model gives {sorted(outputs)}")
+    converted, batch = {}, None
     for tensor in body.inputs:
         name, want = tensor.name, expected[tensor.name]
-        if tensor.datatype != V2_TYPES[want["datatype"]]:
-            raise ApiError(422, f"input {name!r} must be {V2_TYPES[want['datatype']]}, not {tensor.datatype}")
         if len(tensor.shape) != len(want["shape"]) or any(w != -1 and w != g for w, g in zip(want["shape"], tensor.shape)):
             raise ApiError(422, f"input {name!r} must have shape {want['shape']} (-1 = any), got {tensor.shape}")
         if batch is not None and tensor.shape[0] != batch:
@@ -108,12 +103,10 @@ def parse_inputs(model: LoadedModel, body: InferRequest, settings: Settings) -> 
         if not 1 <= batch <= settings.max_images_per_request:
             raise ApiError(422, f"batch of {batch}: between 1 and {settings.max_images_per_request} rows per request")
         check_spatial(model, name, tensor.shape, settings)
-        if len(tensor.data) != math.prod(tensor.shape):
-            raise ApiError(422, f"input {name!r}: shape {tensor.shape} needs {math.prod(tensor.shape)} values, got {len(tensor.data)}")
-        arrays[name] = tensor_array(name, tensor.datatype, tensor.data, tensor.shape)
-    if "label" in arrays and not ((arrays["label"] >= 0) & (arrays["label"] < len(spec.get("class_names") or []))).all():
+        converted[name] = to_model_dtype(name, tensor.datatype, arrays[name], want["datatype"])
+    if "label" in converted and not ((converted["label"] >= 0) & (converted["label"] < len(spec.get("class_names") or []))).all():
         raise ApiError(422, "label values must be valid class indices")
-    return [{name: array[i] for name, array in arrays.items()} for i in range(batch)]
+    return [{name: array[i] for name, array in converted.items()} for i in range(batch)]
 
 
 def check_spatial(model: LoadedModel, name: str, shape: list[int], settings: Settings) -> None:
@@ -142,37 +135,48 @@ def output_values(model: LoadedModel, shapes: list[list[int]]) -> int:
     return batch * math.prod(d for d in out[1:])
 
 
-def encode_infer_response(name: str, version: int, request_id: str | None, output_name: str, result: np.ndarray) -> bytes:
-    result = result.astype(np.float32)
-    return json.dumps({"model_name": name, "model_version": str(version), "id": request_id,
-                       "outputs": [{"name": output_name, "datatype": "FP32", "shape": list(result.shape), "data": result.ravel().tolist()}]}).encode()
-
-
-@router.post("/models/{name}/infer", responses=error_responses(404, 413, 415, 422, 429, 503, 504),
-             openapi_extra={"requestBody": {"content": {"application/json": {"schema": InferRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}, "required": True}})
-async def infer(name: str, request: Request) -> Response:
+async def infer_on(request: Request, name: str, version: int | None) -> Response:
     registry = registry_of(request)
-    model = begin(request, name, "infer")
+    model = begin(request, name, "infer", version)
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media not in ("", "application/json"):
-        raise ApiError(415, f"send the inference request as application/json (got {media!r})")
+    if media not in ("", "application/json", "application/octet-stream"):
+        raise ApiError(415, f"send the inference request as JSON, or JSON followed by binary tensors (got {media!r})")
     raw = await request.body()
-    reserve(request, len(raw) * PARSED_BYTES_PER_BODY_BYTE)
-    body = await off_loop(request, parse_body, raw)
+    header_length = request.headers.get(HEADER_LENGTH)
+    json_bytes = int(header_length) if header_length and header_length.isdigit() else len(raw)
+    reserve(request, min(json_bytes, len(raw)) * PARSED_BYTES_PER_BODY_BYTE + len(raw))
+    body, arrays = await off_loop(request, parse_request, raw, header_length)
     shapes = [t.shape for t in body.inputs]
-    items = await off_loop(request, parse_inputs, model, body, registry.settings)
+    items = await off_loop(request, parse_inputs, model, body, arrays, registry.settings)
+    output_name = model.entry.spec["outputs"][0]["name"]
     values = output_values(model, shapes)
-    if values > registry.settings.max_json_tensor_values:
-        raise ApiError(413, f"the output would hold {values} values; JSON answers hold at most {registry.settings.max_json_tensor_values}: send fewer rows or smaller images")
+    json_values = 0 if body.wants_binary(output_name) else values
+    if json_values > registry.settings.max_json_tensor_values:
+        raise ApiError(413, f"the output would hold {values} values; JSON answers hold at most {registry.settings.max_json_tensor_values}: "
+                            "send fewer rows or smaller images, or ask for the output as binary data")
     cost = model.costs.get("model")
     units = [cost.units(item) if cost else 1.0 for item in items]
     in_values = sum(math.prod(s) for s in shapes)
-    resident = in_values * (PYTHON_VALUE_BYTES + 8) + values * (4 + PYTHON_VALUE_BYTES + JSON_VALUE_BYTES)
+    resident = in_values * 8 + values * 8 + json_values * (PYTHON_VALUE_BYTES + JSON_VALUE_BYTES)
 
     async def work(state) -> np.ndarray:
         return np.stack(await run_items(registry.batcher(model, "infer"), items, state))
 
     result = await execute(request, model, estimate(model, "model", units, resident), work)
     entry = model.entry
-    content = await off_loop(request, encode_infer_response, name, entry.version, body.id, entry.spec["outputs"][0]["name"], result)
-    return Response(content, media_type="application/json")
+    content, headers, media_type = await off_loop(request, encode_response, name, entry.version, body, {output_name: result})
+    return Response(content, media_type=media_type, headers=headers)
+
+
+INFER_DOC = {"requestBody": {"content": {"application/json": {"schema": InferRequest.model_json_schema(ref_template="#/components/schemas/{model}")}},
+                             "required": True}}
+
+
+@router.post("/models/{name}/infer", responses=error_responses(404, 413, 415, 422, 429, 503, 504, protocol=True), openapi_extra=INFER_DOC)
+async def infer(name: str, request: Request) -> Response:
+    return await infer_on(request, name, None)
+
+
+@router.post("/models/{name}/versions/{version}/infer", responses=error_responses(404, 413, 415, 422, 429, 503, 504, protocol=True), openapi_extra=INFER_DOC)
+async def version_infer(name: str, version: VersionPath, request: Request) -> Response:
+    return await infer_on(request, name, version)

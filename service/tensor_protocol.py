@@ -1,0 +1,154 @@
+"""The Open Inference Protocol's (KServe v2) wire format, as `tritonclient` and KServe's clients
+speak it: a JSON inference header, optionally followed by binary tensors (the binary tensor data
+extension: `Inference-Header-Content-Length` says where the JSON ends, each binary input says
+its `binary_data_size`), and the same two shapes for the answer.
+
+Everything here is bounded before it allocates: the body is already bounded by the intake, a
+binary tensor must be exactly as long as its shape and datatype say, JSON values must be
+numbers of the datatype, and the datatype must be one the model's input can take.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
+
+from service.errors import ApiError
+
+# wire datatype → numpy; which wire datatypes each model input dtype accepts (converted on arrival)
+WIRE_TYPES = {"FP32": np.float32, "FP16": np.float16, "UINT8": np.uint8, "INT32": np.int32, "INT64": np.int64}
+ACCEPTED = {"float32": ("FP32", "FP16"), "int64": ("INT64", "INT32", "UINT8")}
+MODEL_TYPES = {"float32": np.float32, "int64": np.int64}
+HEADER_LENGTH = "inference-header-content-length"
+Datatype = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES", "BF16"]
+
+
+class TensorParameters(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    binary_data_size: int | None = Field(None, ge=0, le=2**40)
+    binary_data: bool | None = None
+
+
+class InferTensor(BaseModel):
+    name: str = Field(min_length=1, max_length=256)
+    shape: list[Annotated[int, Strict(), Field(ge=0, le=2**31)]] = Field(min_length=1, max_length=8)
+    datatype: Datatype
+    data: list | None = None
+    parameters: TensorParameters | None = None
+
+
+class RequestedOutput(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1, max_length=256)
+    parameters: TensorParameters | None = None
+
+
+class InferRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str | None = Field(None, max_length=256)
+    inputs: list[InferTensor] = Field(min_length=1, max_length=16)
+    outputs: list[RequestedOutput] | None = Field(None, max_length=16)
+    parameters: dict | None = None
+
+    def wants_binary(self, output: str) -> bool:
+        """An output comes back binary if its request says so, else if `binary_data_output` does."""
+        for requested in self.outputs or []:
+            if requested.name == output and requested.parameters and requested.parameters.binary_data is not None:
+                return requested.parameters.binary_data
+        return bool((self.parameters or {}).get("binary_data_output", False))
+
+
+def split_body(raw: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    """(JSON header, binary tail) of an inference request."""
+    if header_length is None:
+        return raw, memoryview(b"")
+    try:
+        length = int(header_length)
+    except ValueError:
+        raise ApiError(422, f"Inference-Header-Content-Length must be an integer, got {header_length[:32]!r}")
+    if not 0 < length <= len(raw):
+        raise ApiError(422, f"Inference-Header-Content-Length {length} does not fit a body of {len(raw)} bytes")
+    return raw[:length], memoryview(raw)[length:]
+
+
+def parse_request(raw: bytes, header_length: str | None) -> tuple[InferRequest, dict[str, np.ndarray]]:
+    """(runs in the encoder pool) The request and its input arrays, as sent (not yet converted)."""
+    header, tail = split_body(raw, header_length)
+    try:
+        body = InferRequest.model_validate(json.loads(header))
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise ApiError(422, f"{'.'.join(map(str, first['loc']))}: {first['msg']}")
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, int digits limit, nesting
+        raise ApiError(422, f"the inference header is not valid JSON ({type(error).__name__})")
+    arrays, offset = {}, 0
+    for tensor in body.inputs:
+        if tensor.datatype not in WIRE_TYPES:
+            raise ApiError(422, f"input {tensor.name!r}: datatype {tensor.datatype} is not served (use {', '.join(WIRE_TYPES)})")
+        dtype = np.dtype(WIRE_TYPES[tensor.datatype]).newbyteorder("<")
+        count = math.prod(tensor.shape)
+        size = tensor.parameters.binary_data_size if tensor.parameters else None
+        if size is not None:
+            if size != count * dtype.itemsize:
+                raise ApiError(422, f"input {tensor.name!r}: binary_data_size {size} is not {count} {tensor.datatype} values of shape {tensor.shape}")
+            if offset + size > len(tail):
+                raise ApiError(422, f"input {tensor.name!r}: the body ends before its {size} binary bytes")
+            arrays[tensor.name] = np.frombuffer(tail[offset:offset + size], dtype=dtype).reshape(tensor.shape)
+            offset += size
+        elif tensor.data is not None:
+            arrays[tensor.name] = json_array(tensor, count)
+        else:
+            raise ApiError(422, f"input {tensor.name!r} has neither data nor binary_data_size")
+    if offset != len(tail):
+        raise ApiError(422, f"{len(tail) - offset} binary bytes follow the inputs that no input claims")
+    return body, arrays
+
+
+def json_array(tensor: InferTensor, count: int) -> np.ndarray:
+    """JSON values as an array of the tensor's datatype; integers must be integers in range."""
+    data = tensor.data
+    if len(data) != count:
+        raise ApiError(422, f"input {tensor.name!r}: shape {tensor.shape} needs {count} values, got {len(data)}")
+    dtype = WIRE_TYPES[tensor.datatype]
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        if any(type(v) is not int for v in data):
+            raise ApiError(422, f"input {tensor.name!r}: {tensor.datatype} values must be integers")
+        if any(not info.min <= v <= info.max for v in data):
+            raise ApiError(422, f"input {tensor.name!r}: {tensor.datatype} values must lie in [{info.min}, {info.max}]")
+    try:
+        return np.asarray(data, dtype=dtype).reshape(tensor.shape)
+    except (TypeError, ValueError, OverflowError):
+        raise ApiError(422, f"input {tensor.name!r}: the data must be a flat list of {tensor.datatype} numbers")
+
+
+def to_model_dtype(name: str, wire: str, array: np.ndarray, model_dtype: str) -> np.ndarray:
+    """The input in the model's dtype, if the model takes that wire datatype; floats must be finite."""
+    if wire not in ACCEPTED[model_dtype]:
+        raise ApiError(422, f"input {name!r} takes {' or '.join(ACCEPTED[model_dtype])}, not {wire}")
+    converted = array.astype(MODEL_TYPES[model_dtype])
+    if converted.dtype.kind == "f" and not np.isfinite(converted).all():
+        raise ApiError(422, f"input {name!r} holds NaN, infinity or a value outside FP32's range")
+    return converted
+
+
+def encode_response(name: str, version: int, body: InferRequest, outputs: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str], str]:
+    """(content, headers, media type): JSON only, or a JSON header followed by the binary outputs."""
+    described, binary = [], []
+    for output, array in outputs.items():
+        array = np.ascontiguousarray(array, dtype="<f4")
+        tensor = {"name": output, "datatype": "FP32", "shape": list(array.shape)}
+        if body.wants_binary(output):
+            tensor["parameters"] = {"binary_data_size": array.nbytes}
+            binary.append(array.tobytes())
+        else:
+            tensor["data"] = array.ravel().tolist()
+        described.append(tensor)
+    header = json.dumps({"model_name": name, "model_version": str(version), **({"id": body.id} if body.id is not None else {}),
+                         "outputs": described}).encode()
+    if not binary:
+        return header, {}, "application/json"
+    return b"".join([header, *binary]), {"Inference-Header-Content-Length": str(len(header))}, "application/octet-stream"

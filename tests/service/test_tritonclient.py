@@ -1,0 +1,115 @@
+"""The standard Open Inference Protocol client (`tritonclient.http`) against the real server: server
+and model metadata and readiness (with and without versions), and `infer` for every model kind with
+JSON and binary tensors both ways, whose outputs equal what the v1 REST path gives for the same inputs."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import tritonclient.http as tritonhttp
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from service.imaging import to_uint8
+from service.operations import latent_for_seed
+from service.uploads import to_model_input
+
+MODELS = ["digits", "cdigits", "styles", "edges", "gray", "upx4"]
+
+
+@pytest.fixture
+def triton(server):
+    client = tritonhttp.InferenceServerClient(url=server.url.removeprefix("http://"), network_timeout=60)
+    yield client
+    client.close()
+
+
+def npy(response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    return np.load(io.BytesIO(response.content))
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_the_standard_client_sees_the_server_and_every_model(triton):
+    assert triton.is_server_live() and triton.is_server_ready()
+    server = triton.get_server_metadata()
+    assert server["name"] == "ganserve" and "binary_tensor_data" in server["extensions"]
+    for name in MODELS:
+        assert triton.is_model_ready(name) and triton.is_model_ready(name, "1") and not triton.is_model_ready(name, "7")
+        metadata = triton.get_model_metadata(name)
+        assert metadata == triton.get_model_metadata(name, model_version="1")
+        assert metadata["platform"] == "onnxruntime_onnx" and metadata["versions"] == ["1"] and metadata["inputs"] and metadata["outputs"]
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        triton.get_model_metadata("nope")
+
+
+def infer(triton, name: str, arrays: dict[str, np.ndarray], binary: bool, request_id: str = "") -> np.ndarray:
+    inputs = []
+    for input_name, array in arrays.items():
+        datatype = {np.float32: "FP32", np.float16: "FP16", np.int64: "INT64", np.int32: "INT32"}[array.dtype.type]
+        tensor = tritonhttp.InferInput(input_name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array, binary_data=binary)
+        inputs.append(tensor)
+    output_name = triton.get_model_metadata(name)["outputs"][0]["name"]
+    result = triton.infer(name, inputs, request_id=request_id, outputs=[tritonhttp.InferRequestedOutput(output_name, binary_data=binary)])
+    if request_id:
+        assert result.get_response()["id"] == request_id
+    return result.as_numpy(output_name)
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_every_model_kind_infers_through_tritonclient_as_the_v1_path_gives(server, triton, binary):
+    seeds = [3, 11]
+    z = np.stack([latent_for_seed(seed, 64) for seed in seeds])
+    with server.client() as client:
+        # generators: z (and a class) → the v1 image for the same seeds
+        images = infer(triton, "digits", {"z": z}, binary, request_id="r-7")
+        assert np.array_equal(to_uint8(images, (-1.0, 1.0)), npy(client.post("/v1/models/digits/generate", json={"seeds": seeds, "format": "npy"})))
+        labelled = infer(triton, "cdigits", {"z": z, "label": np.array([4, 4], np.int64)}, binary)
+        expected = npy(client.post("/v1/models/cdigits/generate", json={"seeds": seeds, "class": 4, "format": "npy"}))
+        assert np.array_equal(to_uint8(labelled, (-1.0, 1.0)), expected)
+        # a style model's synthesis: ws → the v1 image of the same w (interpolating w with itself)
+        w = np.random.default_rng(0).standard_normal(8).astype(np.float32)
+        styled = infer(triton, "styles", {"ws": np.repeat(w[None, None], 6, axis=1)}, binary)
+        frames = npy(client.post("/v1/models/styles/interpolate", json={"w": [w.tolist(), w.tolist()], "steps": 2, "format": "npy"}))
+        assert np.array_equal(to_uint8(styled, (-1.0, 1.0))[0], frames[0])
+        # image-to-image: the upload's own tensor → the v1 answer for that upload (sizes the networks take whole)
+        rng = np.random.default_rng(1)
+        for name, side in (("edges", 32), ("gray", 64), ("upx4", 96)):
+            pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+            entry = client.get(f"/v1/models/{name}").json()["versions"][0]["spec"]
+            x = to_model_input(pixels, entry["in_channels"])[None]
+            out = infer(triton, name, {"image": x}, binary)
+            endpoint = "translate" if entry["kind"] == "translation" else "upscale"
+            answer = npy(client.post(f"/v1/models/{name}/{endpoint}?format=npy", content=png(pixels), headers={"content-type": "image/png"}))
+            assert np.array_equal(to_uint8(out, (-1.0, 1.0)), answer), name
+
+
+def test_narrower_wire_types_are_taken_where_the_model_input_allows(triton):
+    z = np.stack([latent_for_seed(seed, 64) for seed in (5, 6)])
+    exact = infer(triton, "cdigits", {"z": z, "label": np.array([1, 2], np.int64)}, True)
+    narrow = infer(triton, "cdigits", {"z": z.astype(np.float16), "label": np.array([1, 2], np.int32)}, True)
+    assert np.abs(narrow - exact).max() < 0.05  # FP16 rounding of z only
+
+
+def test_protocol_errors_reach_the_client_as_its_exception_with_the_message(server, triton):
+    bad = tritonhttp.InferInput("z", [1, 63], "FP32")
+    bad.set_data_from_numpy(np.zeros((1, 63), np.float32), binary_data=True)
+    with pytest.raises(InferenceServerException, match="must have shape"):
+        triton.infer("digits", [bad])
+    wrong_type = tritonhttp.InferInput("label", [1], "FP32")
+    wrong_type.set_data_from_numpy(np.zeros(1, np.float32))
+    z = tritonhttp.InferInput("z", [1, 64], "FP32")
+    z.set_data_from_numpy(np.zeros((1, 64), np.float32))
+    with pytest.raises(InferenceServerException, match="takes INT64"):
+        triton.infer("cdigits", [z, wrong_type])
+    with server.client() as client:
+        header = b'{"inputs":[{"name":"z","shape":[1,64],"datatype":"FP32","parameters":{"binary_data_size":256}}]}'
+        short = client.post("/v2/models/digits/infer", content=header + b"\0" * 100, headers={"Inference-Header-Content-Length": str(len(header))})
+        assert short.status_code == 422 and "before its 256 binary bytes" in short.json()["error"]
