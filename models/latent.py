@@ -12,6 +12,12 @@ import torch
 RANGE_NAMES = ("coarse", "middle", "fine")
 
 
+def seed_latents(z_dim: int, seeds: list[int]) -> torch.Tensor:
+    """z [len(seeds), z_dim], one generator per seed on the CPU: a seed fixes its z whatever else is
+    drawn beside it. The one way training's `sample`, export parity and the service draw latents."""
+    return torch.cat([torch.randn(1, z_dim, generator=torch.Generator().manual_seed(seed)) for seed in seeds])
+
+
 def truncate(w: torch.Tensor, w_avg: torch.Tensor, psi: float) -> torch.Tensor:
     """Pull w toward the average: ψ = 1 leaves it, ψ = 0 gives the average image."""
     return w_avg.lerp(w, psi)

@@ -19,7 +19,7 @@ from torch import nn
 from models.biggan import Z_BOUND, truncated_latent, truncation_stats_weights
 from models.spec import ModelSpec
 from repository.entries import check_export_request, write_entry
-from repository.graphs import PARITY_SEEDS, PARITY_TOLERANCE, Graph, TensorSpec, export_graph
+from repository.graphs import EAGER_FORMAT, PARITY_SEEDS, PARITY_TOLERANCE, Graph, TensorSpec, export_graph
 from repository.style_entry import save_sample_grid
 
 DEFAULT_TRUNCATION = 1.0
@@ -59,7 +59,7 @@ def write_conditional_entry(generator: nn.Module, spec: ModelSpec, name: str, ve
             "name": name, "version": version, "kind": "conditional", "arch": spec.arch, "resolution": spec.resolution,
             "channels": spec.channels, "value_range": [-1.0, 1.0], "z_dim": spec.z_dim, "class_names": spec.class_names,
             "inputs": block["inputs"], "outputs": block["outputs"],
-            "formats": block["formats"] | {"eager": {"file": "model.safetensors", "parity_max_abs_error": 0.0}},
+            "formats": block["formats"] | EAGER_FORMAT,
             "model": spec.to_dict(),
             "truncation": {"method": "biggan", "z_bound": Z_BOUND, "n_stats": n_stats, "default": DEFAULT_TRUNCATION},
             "source": source | {"imported_seconds": round(time.perf_counter() - started, 2)},

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 FORMATS = ("onnx", "torchscript")
+# the eager runtime rebuilds the exported module from its own weights: nothing is compared, so no parity number is claimed
+EAGER_FORMAT = {"eager": {"file": "model.safetensors"}}
 PARITY_SEEDS = list(range(16))
 PARITY_TOLERANCE = 1e-4
 OPSET = 17

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from repository.entries import check_export_request, write_entry
-from repository.graphs import PARITY_TOLERANCE, Graph, TensorSpec, export_graph
+from repository.graphs import EAGER_FORMAT, PARITY_TOLERANCE, Graph, TensorSpec, export_graph
 
 PARITY_IMAGES = 16
 ENTRY_FIELDS = ("kind", "arch", "channels", "in_channels", "size_multiple", "scale", "train_resolution", "value_range")
@@ -54,7 +54,7 @@ def write_image_entry(generator: torch.nn.Module, fields: dict, name: str, versi
         block = export_graph(graph, staging, formats, tolerance)
         entry = {"name": name, "version": version, **fields,
                  "inputs": block["inputs"], "outputs": block["outputs"],
-                 "formats": block["formats"] | {"eager": {"file": "model.safetensors", "parity_max_abs_error": 0.0}},
+                 "formats": block["formats"] | EAGER_FORMAT,
                  **provenance, "metrics_file": "metrics.json",
                  "parity": {"images": PARITY_IMAGES, "size": list(graph.example[0].shape[-2:]), "other_size": list(graph.other_sizes[0][0].shape[-2:]),
                             "tolerance": tolerance},

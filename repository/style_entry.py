@@ -17,19 +17,14 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from models.latent import RANGE_NAMES, named_layers
+from models.latent import RANGE_NAMES, named_layers, seed_latents
 from models.spec import ModelSpec
 from repository.entries import check_export_request, write_entry
-from repository.graphs import PARITY_SEEDS, PARITY_TOLERANCE, Graph, TensorSpec, export_graph
+from repository.graphs import EAGER_FORMAT, PARITY_SEEDS, PARITY_TOLERANCE, Graph, TensorSpec, export_graph
 
 PCA_SAMPLES = 10_000
 PCA_COMPONENTS = 10
 SAMPLE_SEEDS = list(range(16))
-
-
-def seed_latents(z_dim: int, seeds: list[int]) -> torch.Tensor:
-    """z for each seed, drawn exactly as the service draws it (one generator per seed, on the CPU)."""
-    return torch.cat([torch.randn(1, z_dim, generator=torch.Generator().manual_seed(seed)) for seed in seeds])
 
 
 def cycled_labels(spec: ModelSpec, count: int) -> torch.Tensor | None:
@@ -105,7 +100,7 @@ def write_style_entry(generator: nn.Module, spec: ModelSpec, name: str, version:
             "name": name, "version": version, "kind": "style", "arch": spec.arch, "resolution": spec.resolution, "channels": spec.channels,
             "value_range": [-1.0, 1.0], "z_dim": spec.z_dim, "w_dim": spec.w_dim, "num_ws": num_ws, "class_names": spec.class_names,
             "inputs": main["inputs"], "outputs": main["outputs"],
-            "formats": main["formats"] | {"eager": {"file": "model.safetensors", "parity_max_abs_error": 0.0}},
+            "formats": main["formats"] | EAGER_FORMAT,
             "model": spec.to_dict(), "mapping": blocks["mapping"], "latents_file": "latents.safetensors",
             "directions": sorted(directions, key=lambda d: int(d[2:])),
             "layer_ranges": {r: named_layers(r, num_ws) for r in RANGE_NAMES} if num_ws >= 6 else {},

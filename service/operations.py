@@ -5,15 +5,15 @@ and export draw them), so a seed fixes its image whatever batch it lands in."""
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from models.biggan import truncated_latent, truncation_stats_weights
+from models.latent import seed_latents
 from service.errors import ApiError
 from service.repository import ModelEntry
 
 
 def latent_for_seed(seed: int, z_dim: int) -> np.ndarray:
-    return torch.randn(1, z_dim, generator=torch.Generator().manual_seed(seed))[0].numpy()
+    return seed_latents(z_dim, [seed])[0].numpy()
 
 
 def resolve_label(entry: ModelEntry, label: int | str | None) -> int | None:

@@ -21,13 +21,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from models.latent import RANGE_NAMES, named_layers
+from models.latent import RANGE_NAMES, named_layers, seed_latents
 from models.spec import ModelSpec
 from repository.entries import check_export_request, write_entry
-from repository.graphs import PARITY_SEEDS, PARITY_TOLERANCE, Graph, TensorSpec, export_graph
+from repository.graphs import EAGER_FORMAT, PARITY_SEEDS, PARITY_TOLERANCE, Graph, TensorSpec, export_graph
 from training.images import save_grid
 from training.run_eval import load_generator
-from training.sampling import balanced_labels, latents
+from training.sampling import balanced_labels
 
 
 
@@ -44,7 +44,7 @@ def io_specs(spec: ModelSpec) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
 def example_inputs(spec: ModelSpec, seeds: list[int]) -> tuple[torch.Tensor, ...]:
     """The parity inputs: one latent per seed drawn exactly as the service draws it."""
-    z = torch.cat([latents(spec, 1, seed) for seed in seeds])
+    z = seed_latents(spec.z_dim, seeds)
     labels = balanced_labels(spec, len(seeds))
     return (z,) if labels is None else (z, labels)
 
@@ -78,7 +78,7 @@ def entry_spec(spec: ModelSpec, name: str, version: int, run_dir: Path, cfg_dump
         "class_names": spec.class_names,
         "inputs": main["inputs"],
         "outputs": main["outputs"],
-        "formats": main["formats"] | {"eager": {"file": "model.safetensors", "parity_max_abs_error": 0.0}},
+        "formats": main["formats"] | EAGER_FORMAT,
         "model": spec.to_dict(),
         "training": {"config": cfg_dump, "step": run_spec.get("step"), "checkpoint_sha256": run_spec.get("checkpoint_sha256"), "run_dir": str(run_dir)},
         "metrics_file": "metrics.json",

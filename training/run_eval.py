@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from models.latent import seed_latents
 from models.spec import ModelSpec
 from models.zoo import build_generator
 from training.checkpoint import load_checkpoint
@@ -63,7 +64,7 @@ def parse_label(spec: ModelSpec, label: str) -> int:
 
 def sample_run(run_dir: Path, out: Path, n: int, seed: int, label: str | None, checkpoint: str, truncation: float) -> torch.Tensor:
     generator, spec, cfg = load_generator(run_dir, checkpoint)
-    z = latents(spec, n, seed) * truncation
+    z = seed_latents(spec.z_dim, list(range(seed, seed + n))) * truncation  # seeds seed … seed+n-1, as the server draws them
     labels = balanced_labels(spec, n)
     if label is not None:
         if spec.kind != "conditional":

@@ -80,7 +80,7 @@ def test_import_writes_a_conditional_entry_whose_graph_reproduces_the_port(tmp_p
     assert spec["kind"] == "conditional" and spec["arch"] == "biggan-deep" and spec["resolution"] == 32 and spec["class_names"] == CLASSES
     assert spec["truncation"] == {"method": "biggan", "z_bound": 2.0, "n_stats": 51, "default": 1.0}
     assert spec["source"]["format"] == "biggan" and spec["source"]["hyperparameters"]["config"]["channel_width"] == 4
-    assert all(info["parity_max_abs_error"] <= 1e-4 for info in spec["formats"].values())
+    assert all(info["parity_max_abs_error"] <= 1e-4 for name, info in spec["formats"].items() if name != "eager")
     session = ort.InferenceSession(str(entry / "model.onnx"), providers=["CPUExecutionProvider"])
     scripted = torch.jit.load(str(entry / "model.pt"))
     for truncation, z, label, stats, image in cases(reference()):

@@ -64,7 +64,7 @@ def test_import_writes_a_translation_entry_that_says_what_was_inferred(imported)
     assert spec["kind"] == "translation" and spec["arch"] == "resnet" and spec["size_multiple"] == 4 and spec["norm"] == "instance"
     assert spec["domains"] == ["sketch", "photo"] and spec["direction"] == "AtoB" and spec["tiling"] == "whole image"
     assert spec["source"]["format"] == "junyanz" and spec["source"]["hyperparameters"]["inferred"]["n_blocks"] == 6
-    assert all(info["parity_max_abs_error"] <= 1e-4 for info in spec["formats"].values())
+    assert all(info["parity_max_abs_error"] <= 1e-4 for name, info in spec["formats"].items() if name != "eager")
     unet = json.loads((imported / "unet128_batch" / "1" / "spec.json").read_text())
     assert unet["size_multiple"] == 128 and unet["norm"] == "batch"
 

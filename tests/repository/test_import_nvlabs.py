@@ -77,7 +77,7 @@ def test_import_writes_a_style_entry_whose_graphs_reproduce_the_reference(tmp_pa
     assert spec["directions"][:3] == ["pc0", "pc1", "pc2"] and spec["source"]["format"] == "nvlabs" and len(spec["source"]["sha256"]) == 64
     assert spec["source"]["hyperparameters"]["img_resolution"] == expected["image"].shape[-1]
     assert spec["class_names"] == [str(i) for i in range(CONDITIONAL.get(config, 0))]
-    assert all(info["parity_max_abs_error"] <= 1e-4 for info in spec["formats"].values())
+    assert all(info["parity_max_abs_error"] <= 1e-4 for name, info in spec["formats"].items() if name != "eager")
     directions = load_file(str(entry / "latents.safetensors"))
     assert torch.allclose(directions["direction.pc0"].norm(), torch.tensor(1.0), atol=1e-5)
 

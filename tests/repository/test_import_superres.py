@@ -106,7 +106,7 @@ def test_each_architecture_is_detected_with_its_scale_and_size_rules(imported):
     for spec in specs.values():
         assert spec["kind"] == "super_resolution" and spec["source"]["format"] == "superres"
         assert spec["tiling"]["tile"] % spec["size_multiple"] == 0
-        assert all(info["parity_max_abs_error"] <= 1e-4 for info in spec["formats"].values())
+        assert all(info["parity_max_abs_error"] <= 1e-4 for name, info in spec["formats"].items() if name != "eager")
 
 
 def test_served_outputs_equal_spandrels_forward_and_uploads_come_back_scaled(imported):

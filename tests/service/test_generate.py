@@ -104,3 +104,17 @@ def test_playground_and_openapi_docs_are_served(server):
         assert "ganserve" in client.get("/").text
         assert client.get("/docs").status_code == 200
         assert "/v1/models/{name}/generate" in client.get("/openapi.json").json()["paths"]
+
+
+def test_ganserve_sample_draws_the_images_the_server_gives_for_the_same_seeds(server, repository, tmp_path):
+    """`ganserve sample --seed 5 --n 4` and the server's seeds 5…8: the same latents, so the same
+    images (up to the runtime's float rounding, at most one level of 255)."""
+    from service.imaging import to_uint8
+    from training.run_eval import sample_run
+
+    samples = sample_run(repository.parent / "dcgan", tmp_path / "grid.png", 4, 5, None, "last", 1.0)
+    with server.client() as client:
+        served = client.post("/v1/models/digits/generate", json={"seed": 5, "n": 4, "format": "npy"})
+    assert served.status_code == 200 and (tmp_path / "grid.png").exists()
+    drawn = to_uint8(samples.numpy(), (-1.0, 1.0)).astype(int)
+    assert np.abs(drawn - np.load(io.BytesIO(served.content)).astype(int)).max() <= 1

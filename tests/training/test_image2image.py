@@ -134,7 +134,7 @@ def test_export_has_dynamic_height_and_width_and_rebuilds_in_eval_mode(sr_run, t
     spec = json.loads((entry / "spec.json").read_text())
     assert spec["kind"] == "super_resolution" and spec["scale"] == 4 and spec["size_multiple"] == 1
     assert spec["inputs"][0]["shape"] == [-1, 3, -1, -1]
-    assert all(f["parity_max_abs_error"] <= 1e-4 for f in spec["formats"].values())
+    assert all(f["parity_max_abs_error"] <= 1e-4 for name, f in spec["formats"].items() if name != "eager")
     generator, _, _ = load_translator(sr_run)
     x = torch.rand(2, 3, 13, 21) * 2 - 1
     session = ort.InferenceSession(str(entry / "model.onnx"))
