@@ -35,7 +35,7 @@ class LoadedModel:
     runtime: Runtime | None = None  # the main graph
     runtimes: dict[str, Runtime] = field(default_factory=dict)  # every graph by name
     latents: dict[str, np.ndarray] = field(default_factory=dict)  # style models: w_avg, direction.<name>
-    state: str = "loading"  # loading | ready | failed
+    state: str = "loading"  # loading | ready | failed | unloaded (by the repository extension) | replaced (by a reload)
     error: str | None = None
     config: ServingConfig | None = None
     lane: Lane | None = None
@@ -51,6 +51,7 @@ class LoadedModel:
 
 
 IMAGE_TO_IMAGE = {"translation": "translate", "super_resolution": "upscale"}  # kind → endpoint
+TRITON_STATES = {"ready": "READY", "loading": "LOADING", "failed": "UNAVAILABLE", "unloaded": "UNAVAILABLE", "replaced": "UNLOADING"}
 
 
 def dummy_inputs(entry: ModelEntry, batch: int, graph: str = "model", spatial: int = 0) -> dict[str, np.ndarray]:
@@ -113,6 +114,7 @@ class ModelRegistry:
         self.jobs = JobStore(settings.max_jobs, settings.max_job_seconds)
         self.loaded = False  # every entry has been tried
         self.draining = False
+        self.repository_lock = asyncio.Lock()  # load/unload one model at a time
 
     def discover(self) -> None:
         """Reads the repository's entries (cheap); a missing repository stops start-up with a clear
@@ -127,25 +129,80 @@ class ModelRegistry:
     async def load_all(self) -> None:
         """Loads and warms the entries one at a time (each on its own lane), so each one's memory
         is measured with nothing else computing."""
-        loop = asyncio.get_running_loop()
         for versions in self.models.values():
             for model in versions.values():
-                if model.state == "failed":
-                    continue
-                try:
-                    model.config = serving_config(model.entry, self.settings)
-                    model.lane = Lane(model.entry.label, model.config.lane_threads)
-                    await loop.run_in_executor(model.lane.executor, self.load_and_warm, model)
-                    model.limits = derive_limits(model, self.settings, self.settings.memory_budget)
-                    model.state = "ready"
-                except Exception as error:  # one bad entry must not take the others down
-                    model.state, model.error = "failed", relative_message(error, self.settings)
-                    log.error("could not load %s: %s", model.entry.label, model.error)
+                await self.load_one(model)
+        self.settle_memory()
+        self.loaded = True
+
+    async def load_one(self, model: LoadedModel) -> None:
+        if model.state == "failed":
+            return
+        try:
+            model.config = serving_config(model.entry, self.settings)
+            model.lane = Lane(model.entry.label, model.config.lane_threads)
+            await asyncio.get_running_loop().run_in_executor(model.lane.executor, self.load_and_warm, model)
+            model.limits = derive_limits(model, self.settings, self.settings.memory_budget)
+            model.state = "ready"
+        except Exception as error:  # one bad entry must not take the others down
+            model.state, model.error = "failed", relative_message(error, self.settings)
+            log.error("could not load %s: %s", model.entry.label, model.error)
+
+    def settle_memory(self) -> None:
+        """What is left of the budget for requests once the models are resident."""
         memory.trim()
         self.memory.set_capacity(self.settings.memory_budget - memory.rss_bytes())
         log.info("memory: %.0f MiB resident after loading; %.0f MiB of the %.0f MiB budget left for requests",
                  memory.rss_bytes() / 2**20, self.memory.capacity / 2**20, self.settings.memory_budget / 2**20)
-        self.loaded = True
+
+    async def load_model(self, name: str) -> dict[int, LoadedModel]:
+        """(Re)reads one model's versions from the repository and loads them beside the ones being
+        served; traffic moves when they are ready, then the replaced ones drain their queues and are
+        unloaded. The repository extension's `load` (one at a time: `repository_lock`)."""
+        async with self.repository_lock:
+            entries = [entry for entry in scan_repository(self.settings.repository) if entry.name == name]
+            if not entries:
+                raise ApiError(404, f"no model {name!r} in the repository")
+            fresh: dict[int, LoadedModel] = {}
+            for entry in entries:
+                model = LoadedModel(entry)
+                if entry.problem:
+                    model.state, model.error = "failed", entry.problem
+                fresh[entry.version] = model
+                await self.load_one(model)
+            replaced = list(self.models.get(name, {}).values())
+            self.models[name] = fresh
+            for model in replaced:
+                await self.retire(model, "replaced")
+            self.settle_memory()
+            return fresh
+
+    async def unload_model(self, name: str) -> None:
+        """The repository extension's `unload`: readiness goes false at once, accepted requests
+        finish, then the runtimes and lanes are released. The model stays listed as `unloaded`."""
+        async with self.repository_lock:
+            for model in self.versions(name).values():
+                await self.retire(model, "unloaded")
+            self.settle_memory()
+
+    async def retire(self, model: LoadedModel, state: str) -> None:
+        """Stops taking new work for `model`, finishes what it accepted, releases what it holds."""
+        was_serving = model.state == "ready"
+        model.state = state if was_serving or state == "unloaded" else model.state
+        await asyncio.gather(*(batcher.close() for batcher in model.batchers.values()))
+        if model.lane is not None:
+            model.lane.shutdown(wait=True)
+        model.batchers, model.runtimes, model.runtime, model.projection = {}, {}, None, None
+
+    def index(self) -> list[dict]:
+        """Every entry on disk with its state (the repository extension's index)."""
+        rows = []
+        for entry in scan_repository(self.settings.repository):
+            model = self.models.get(entry.name, {}).get(entry.version)
+            state = model.state if model is not None else "not loaded"
+            rows.append({"name": entry.name, "version": str(entry.version), "state": TRITON_STATES.get(state, state.upper()),
+                         "reason": (model.error if model is not None and model.error else "") or ("" if model is not None else "on disk, not loaded")})
+        return rows
 
     def load_and_warm(self, model: LoadedModel) -> None:
         kind = self.settings.runtime_overrides.get(model.entry.name, self.settings.runtime)
@@ -193,8 +250,8 @@ class ModelRegistry:
             return False
         ready = {name for name, versions in self.models.items() if any(m.ready for m in versions.values())}
         rule = self.settings.ready_requires.strip()
-        if rule == "all":
-            return all(m.ready for versions in self.models.values() for m in versions.values())
+        if rule == "all":  # an unloaded model was taken out on purpose: it is not required
+            return all(m.ready for versions in self.models.values() for m in versions.values() if m.state != "unloaded")
         if rule == "any":
             return bool(ready)
         return {name.strip() for name in rule.split(",") if name.strip()} <= ready

@@ -1,0 +1,34 @@
+"""The Open Inference Protocol's model-repository extension, as Triton serves it and
+`tritonclient` calls it: the index of what is on disk and in what state, and load/unload of one
+model. `load` re-reads the model's versions from disk and loads them beside the served ones;
+traffic moves to them when they are warm, and the replaced ones finish their accepted work first."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from service.errors import ApiError, error_responses
+from service.pipeline import registry_of
+
+router = APIRouter(prefix="/v2/repository", tags=["v2"])
+
+
+@router.post("/index")
+async def repository_index(request: Request) -> list[dict]:
+    return registry_of(request).index()
+
+
+@router.post("/models/{name}/load", responses=error_responses(404, 422, protocol=True))
+async def load_model(name: str, request: Request) -> dict:
+    """Loads (or reloads) every version of `name` found on disk; answers once they are ready or failed."""
+    versions = await registry_of(request).load_model(name)
+    if not any(m.ready for m in versions.values()):
+        reasons = "; ".join(f"v{v}: {m.error}" for v, m in sorted(versions.items()))
+        raise ApiError(422, f"model {name!r} could not be loaded ({reasons})")
+    return {"name": name, "versions": {str(v): m.state for v, m in sorted(versions.items())},
+            **({"errors": {str(v): m.error for v, m in versions.items() if m.error}} if any(m.error for m in versions.values()) else {})}
+
+
+@router.post("/models/{name}/unload", responses=error_responses(404, protocol=True))
+async def unload_model(name: str, request: Request) -> dict:
+    await registry_of(request).unload_model(name)
+    return {"name": name, "state": "unloaded"}
