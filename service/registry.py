@@ -274,7 +274,15 @@ class ModelRegistry:
         return model
 
     def batcher(self, model: LoadedModel, operation: str, graph: str = "model") -> DynamicBatcher:
-        """The queue of one (model, version, operation); `graph` names the network it runs."""
+        """The queue of one (model, version, operation); `graph` names the network it runs.
+
+        A request that took its model just before a reload swapped it out is served by the
+        replacement of the same version (the same weights, re-read), so a reload fails no request."""
+        if model.state == "replaced":
+            replacement = self.models.get(model.entry.name, {}).get(model.entry.version)
+            if replacement is None or not replacement.ready:
+                raise ApiError(503, f"model {model.entry.label} was reloaded and this version is gone; retry", headers={"Retry-After": "1"})
+            model = replacement
         if operation not in model.batchers:
             if self.draining:
                 raise ShuttingDown()

@@ -1,9 +1,12 @@
 """The model-repository extension through `tritonclient`: the index lists what is on disk and its
 state, unload takes a model out of service (readiness and inference follow), load brings it back
-and picks up a version added on disk while serving, and a broken model cannot be loaded."""
+and picks up a version added on disk while serving, a broken model cannot be loaded, and a new
+version swapped in under load fails no request."""
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -11,7 +14,10 @@ import tritonclient.http as tritonhttp
 from tritonclient.utils import InferenceServerException
 
 from service.operations import latent_for_seed
-from tests.serving import running_server
+from tests.serving import REPO, running_server
+from training.config import TrainConfig, load_config
+from training.export import export_run
+from training.loop import train
 
 
 def z_input() -> tritonhttp.InferInput:
@@ -55,3 +61,50 @@ def test_unload_load_and_a_new_version_through_the_standard_client(own_repositor
         with pytest.raises(InferenceServerException, match="could not be loaded"):
             triton.load_model("digits")
         triton.close()
+
+
+def test_a_new_version_swapped_in_under_load_fails_no_request(own_repository, tmp_path):
+    """Four clients generate the same seed in a loop while version 2 (other weights) arrives on disk
+    and is loaded: every request succeeds, and each client's answers switch from v1's image to
+    v2's at one point."""
+    cfg = load_config(REPO / "configs" / "dcgan-digits.yaml").model_dump()
+    cfg.update(max_steps=2, sample_every=2, checkpoint_every=2, batch_size=8, seed=7)
+    cfg["eval"].update(every=2, num_samples=50)
+    cfg["model"].update(width=8)
+    train(TrainConfig.model_validate(cfg), tmp_path / "run2", show_progress=False)
+    staged = export_run(tmp_path / "run2", "digits", 2, tmp_path / "staged", ["onnx"], "last")
+
+    with running_server(own_repository, max_queue_delay_ms=2) as server:
+        answers: dict[int, list[bytes]] = {client: [] for client in range(4)}
+        statuses: list[int] = []
+        stop = threading.Event()
+
+        def generate_loop(client_id: int) -> None:
+            with server.client() as client:
+                while not stop.is_set():
+                    response = client.post("/v1/models/digits/generate", json={"seed": 1, "format": "npy"})
+                    statuses.append(response.status_code)
+                    if response.status_code == 200:
+                        answers[client_id].append(response.content)
+
+        threads = [threading.Thread(target=generate_loop, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        try:
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and min(len(a) for a in answers.values()) < 5:
+                time.sleep(0.1)
+            shutil.copytree(staged, own_repository / "digits" / "2")
+            with server.client(timeout=120) as client:
+                assert client.post("/v2/repository/models/digits/load").status_code == 200
+            time.sleep(3)  # traffic goes on against the new version
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+    assert statuses and set(statuses) == {200}, sorted(set(statuses))
+    first = answers[0][0]
+    for sequence in answers.values():
+        switched = [answer != first for answer in sequence]
+        assert switched[0] is False and switched[-1] is True  # v1 before, v2 after
+        assert switched == sorted(switched)  # one switch, never back
