@@ -29,11 +29,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         loading = asyncio.create_task(registry.load_all())
         loading.add_done_callback(lambda _: logging.getLogger("ganserve").info("loaded: %s", {
             m.entry.label: m.state for m in registry.all_models()}))
+        polling = asyncio.create_task(registry.poll_repository(settings.repository_poll_s)) if settings.repository_poll_s > 0 else None
         try:
             yield
         finally:
-            if not loading.done():
-                loading.cancel()
+            for task in (loading, polling):
+                if task is not None and not task.done():
+                    task.cancel()
             await registry.drain()
 
     app = FastAPI(title="ganserve", version="1.0", lifespan=lifespan,

@@ -194,6 +194,41 @@ class ModelRegistry:
             model.lane.shutdown(wait=True)
         model.batchers, model.runtimes, model.runtime, model.projection = {}, {}, None, None
 
+    def disk_signatures(self) -> dict[str, frozenset]:
+        """Per model on disk: its versions and each spec.json's size and modification time."""
+        signatures: dict[str, set] = {}
+        for entry in scan_repository(self.settings.repository):
+            try:
+                stat = (entry.path / "spec.json").stat()
+                mark = (entry.version, stat.st_size, stat.st_mtime_ns)
+            except OSError:
+                mark = (entry.version, -1, -1)
+            signatures.setdefault(entry.name, set()).add(mark)
+        return {name: frozenset(marks) for name, marks in signatures.items()}
+
+    async def poll_repository(self, interval_s: float) -> None:
+        """`GANSERVE_REPOSITORY_POLL_S`: every interval, models whose versions or specs changed on
+        disk are reloaded (new versions beside the served ones, as `load` does) and models gone
+        from disk are unloaded. Runs until the server drains."""
+        seen = await asyncio.to_thread(self.disk_signatures)
+        while not self.draining:
+            await asyncio.sleep(interval_s)
+            if self.draining or not self.loaded:
+                continue
+            now = await asyncio.to_thread(self.disk_signatures)
+            for name in sorted(set(now) | set(seen)):
+                if now.get(name) == seen.get(name):
+                    continue
+                try:
+                    if name in now:
+                        await self.load_model(name)
+                    elif name in self.models:
+                        await self.unload_model(name)
+                    log.info("repository poll: %s %s", "reloaded" if name in now else "unloaded", name)
+                except ApiError as error:
+                    log.error("repository poll: %s: %s", name, error.message)
+            seen = now
+
     def index(self) -> list[dict]:
         """Every entry on disk with its state (the repository extension's index)."""
         rows = []

@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(10.0, gt=0)  # a connection must finish sending a request's headers within this
     body_timeout_s: float = Field(30.0, gt=0)  # and its body within this (408 past it)
     keep_alive_s: int = Field(5, ge=1)  # idle keep-alive connections close after this
+    # the model repository
+    repository_poll_s: float = Field(0.0, ge=0)  # > 0: re-scan this often and (re)load models whose versions changed on disk
     # image-to-image
     upscale_tile: int = Field(96, ge=8)  # input px per tile side: every tile is one batcher item
     upscale_overlap: int = Field(16, ge=0)  # input px shared by neighbouring tiles, blended across

@@ -108,3 +108,29 @@ def test_a_new_version_swapped_in_under_load_fails_no_request(own_repository, tm
         switched = [answer != first for answer in sequence]
         assert switched[0] is False and switched[-1] is True  # v1 before, v2 after
         assert switched == sorted(switched)  # one switch, never back
+
+
+def wait_for(check, seconds: float = 60) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_polling_picks_up_versions_added_and_removed_on_disk(own_repository):
+    with running_server(own_repository, repository_poll_s=0.5, ready_requires="any") as server, server.client() as client:
+        def versions(name: str) -> list[str] | None:
+            response = client.get(f"/v2/models/{name}")
+            return response.json()["versions"] if response.status_code == 200 else None
+
+        assert versions("digits") == ["1"]
+        shutil.copytree(own_repository / "digits" / "1", own_repository / "digits" / "2")
+        assert wait_for(lambda: versions("digits") == ["1", "2"])
+        assert client.get("/v2/models/digits/versions/2/ready").status_code == 200
+        shutil.rmtree(own_repository / "digits" / "2")
+        assert wait_for(lambda: versions("digits") == ["1"])
+        shutil.rmtree(own_repository / "cdigits")
+        assert wait_for(lambda: client.get("/v2/models/cdigits/ready").status_code == 503)
+        assert client.post("/v1/models/digits/generate", json={"seed": 1}).status_code == 200
