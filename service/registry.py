@@ -24,6 +24,7 @@ from service.model_config import ServingConfig, serving_config
 from service.repository import ModelEntry, scan_repository
 from service.runtimes import Runtime, has_dynamic_size, load_runtime, resolve_device
 from service.settings import Settings
+from service.version_policy import selected_versions
 
 log = logging.getLogger("ganserve.registry")
 NUMPY_DTYPES = {"float32": np.float32, "int64": np.int64}
@@ -116,10 +117,19 @@ class ModelRegistry:
         self.draining = False
         self.repository_lock = asyncio.Lock()  # load/unload one model at a time
 
+    def served_entries(self, name: str | None = None) -> list[ModelEntry]:
+        """The repository's entries (of one model, or all) that the version policy selects."""
+        entries = [e for e in scan_repository(self.settings.repository) if name is None or e.name == name]
+        by_name: dict[str, list[int]] = {}
+        for entry in entries:
+            by_name.setdefault(entry.name, []).append(entry.version)
+        chosen = {n: selected_versions(self.settings.policy_for(n), versions) for n, versions in by_name.items()}
+        return [e for e in entries if e.version in chosen[e.name]]
+
     def discover(self) -> None:
         """Reads the repository's entries (cheap); a missing repository stops start-up with a clear
         error, a broken entry is `failed` with its reason."""
-        for entry in scan_repository(self.settings.repository):
+        for entry in self.served_entries():
             model = LoadedModel(entry)
             if entry.problem:
                 model.state, model.error = "failed", entry.problem
@@ -160,9 +170,9 @@ class ModelRegistry:
         served; traffic moves when they are ready, then the replaced ones drain their queues and are
         unloaded. The repository extension's `load` (one at a time: `repository_lock`)."""
         async with self.repository_lock:
-            entries = [entry for entry in scan_repository(self.settings.repository) if entry.name == name]
+            entries = self.served_entries(name)
             if not entries:
-                raise ApiError(404, f"no model {name!r} in the repository")
+                raise ApiError(404, f"no model {name!r} in the repository (or none of its versions is selected by its version policy)")
             fresh: dict[int, LoadedModel] = {}
             for entry in entries:
                 model = LoadedModel(entry)
@@ -231,12 +241,15 @@ class ModelRegistry:
 
     def index(self) -> list[dict]:
         """Every entry on disk with its state (the repository extension's index)."""
+        entries = scan_repository(self.settings.repository)
+        served = {(e.name, e.version) for e in self.served_entries()}
         rows = []
-        for entry in scan_repository(self.settings.repository):
+        for entry in entries:
             model = self.models.get(entry.name, {}).get(entry.version)
             state = model.state if model is not None else "not loaded"
-            rows.append({"name": entry.name, "version": str(entry.version), "state": TRITON_STATES.get(state, state.upper()),
-                         "reason": (model.error if model is not None and model.error else "") or ("" if model is not None else "on disk, not loaded")})
+            reason = (model.error or "") if model is not None else (
+                "on disk, not loaded" if (entry.name, entry.version) in served else "excluded by the version policy")
+            rows.append({"name": entry.name, "version": str(entry.version), "state": TRITON_STATES.get(state, state.upper()), "reason": reason})
         return rows
 
     def load_and_warm(self, model: LoadedModel) -> None:

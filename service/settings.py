@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
+
+from service.version_policy import check_policy
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GIB = 1024**3
@@ -65,6 +67,8 @@ class Settings(BaseSettings):
     keep_alive_s: int = Field(5, ge=1)  # idle keep-alive connections close after this
     # the model repository
     repository_poll_s: float = Field(0.0, ge=0)  # > 0: re-scan this often and (re)load models whose versions changed on disk
+    version_policy: str = "all"  # which versions are served: all, latest:N or specific:V1,V2 (Triton's policies)
+    version_policies: dict[str, str] = {}  # per model name, over version_policy
     # image-to-image
     upscale_tile: int = Field(96, ge=8)  # input px per tile side: every tile is one batcher item
     upscale_overlap: int = Field(16, ge=0)  # input px shared by neighbouring tiles, blended across
@@ -82,7 +86,12 @@ class Settings(BaseSettings):
     def check_tiles(self) -> "Settings":
         if 2 * self.upscale_overlap >= self.upscale_tile:
             raise ValueError(f"upscale_overlap ({self.upscale_overlap}) must be below half of upscale_tile ({self.upscale_tile})")
+        self.version_policy = check_policy(self.version_policy)
+        self.version_policies = {name: check_policy(policy) for name, policy in self.version_policies.items()}
         return self
+
+    def policy_for(self, name: str) -> str:
+        return self.version_policies.get(name, self.version_policy)
 
     @property
     def shutdown_grace_s(self) -> float:

@@ -134,3 +134,16 @@ def test_polling_picks_up_versions_added_and_removed_on_disk(own_repository):
         shutil.rmtree(own_repository / "cdigits")
         assert wait_for(lambda: client.get("/v2/models/cdigits/ready").status_code == 503)
         assert client.post("/v1/models/digits/generate", json={"seed": 1}).status_code == 200
+
+
+def test_version_policies_choose_what_is_served(own_repository):
+    for version in (2, 3):
+        shutil.copytree(own_repository / "digits" / "1", own_repository / "digits" / str(version))
+    policies = '{"cdigits": "specific:1,5"}'
+    with running_server(own_repository, version_policy="latest:2", version_policies=policies) as server, server.client() as client:
+        assert client.get("/v2/models/digits").json()["versions"] == ["2", "3"]
+        assert client.get("/v2/models/digits/versions/1/ready").status_code == 404
+        index = {(row["name"], row["version"]): row for row in client.post("/v2/repository/index").json()}
+        assert index[("digits", "1")]["reason"] == "excluded by the version policy"
+        assert client.get("/v2/models/cdigits").json()["versions"] == ["1"]  # its own policy; version 5 does not exist
+        assert client.post("/v1/models/digits/generate", json={"seed": 1}).status_code == 200
