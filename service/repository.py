@@ -1,6 +1,7 @@
 """The model repository on disk: `<root>/<name>/<version>/spec.json` plus model files.
 
-This is the whole contract with training: the service reads entries, never training code. A
+This is the whole contract with training: the service reads entries, never training code; their
+`spec.json` follows one typed, versioned schema (models/entry_schema.py) that the writers check too. A
 broken entry (unreadable or invalid `spec.json`) is still an entry: it carries its problem, the
 registry reports it `failed`, and every other entry is served. Messages name entries by
 `<name>/<version>/<file>`, never by absolute path.
@@ -10,86 +11,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError
+
+from models.entry_schema import EntrySpec, describe_invalid
 
 
 class RepositoryError(RuntimeError):
     pass
-
-
-class TensorSpec(BaseModel):
-    name: str = Field(min_length=1)
-    datatype: Literal["float32", "int64"]
-    shape: list[int] = Field(min_length=1)
-
-
-class FormatSpec(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    file: str = Field(min_length=1)
-
-
-class GraphSpec(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    inputs: list[TensorSpec] = Field(min_length=1)
-    outputs: list[TensorSpec] = Field(min_length=1)
-    formats: dict[str, FormatSpec] = Field(min_length=1)
-
-
-class TruncationSpec(BaseModel):
-    """BigGAN's truncation: z from a normal truncated to ±z_bound, scaled by t; batch-norm
-    statistics for t enter the graph as `truncation_stats` [B, n_stats] (models/biggan.py)."""
-
-    method: Literal["biggan"]
-    z_bound: float = Field(gt=0, le=10)
-    n_stats: int = Field(ge=2, le=1024)
-    default: float = Field(gt=0, le=1)
-
-
-class EntrySpec(GraphSpec):
-    """The fields of `spec.json` the service reads, checked when the repository is scanned so a
-    bad entry fails alone with a clear reason instead of answering 500 later."""
-
-    kind: Literal["unconditional", "conditional", "style", "translation", "super_resolution"]
-    value_range: tuple[float, float]
-    channels: int = Field(ge=1, le=4)
-    resolution: int | None = Field(None, ge=1, le=8192)
-    z_dim: int | None = Field(None, ge=1, le=65536)
-    w_dim: int | None = Field(None, ge=1, le=65536)
-    num_ws: int | None = Field(None, ge=1, le=64)
-    class_names: list[str] | None = None
-    in_channels: int | None = Field(None, ge=1, le=4)
-    size_multiple: int | None = Field(None, ge=1, le=1024)
-    scale: int | None = Field(None, ge=1, le=16)
-    train_resolution: int | None = Field(None, ge=1, le=8192)
-    mapping: GraphSpec | None = None
-    model: dict | None = None
-    truncation: TruncationSpec | None = None
-
-    @model_validator(mode="after")
-    def check_kind(self) -> "EntrySpec":
-        needs = {"unconditional": ("resolution", "z_dim"), "conditional": ("resolution", "z_dim", "class_names"),
-                 "style": ("resolution", "z_dim", "w_dim", "num_ws", "mapping"),
-                 "translation": ("in_channels", "size_multiple", "scale", "train_resolution"),
-                 "super_resolution": ("in_channels", "size_multiple", "scale", "train_resolution")}[self.kind]
-        missing = [key for key in needs if getattr(self, key) in (None, [])]
-        if missing:
-            raise ValueError(f"a {self.kind} entry needs {', '.join(missing)}")
-        if self.truncation is not None and {"name": "truncation_stats", "datatype": "float32", "shape": [-1, self.truncation.n_stats]} not in [
-                t.model_dump() for t in self.inputs]:
-            raise ValueError(f"a model with BigGAN truncation needs the input truncation_stats [-1, {self.truncation.n_stats}]")
-        if self.value_range[1] <= self.value_range[0]:
-            raise ValueError("value_range must be [low, high] with low < high")
-        return self
-
-
-def describe_invalid(error: ValidationError) -> str:
-    parts = []
-    for problem in error.errors()[:5]:
-        where = ".".join(str(p) for p in problem.get("loc", []))
-        parts.append(f"{where}: {problem.get('msg')}" if where else str(problem.get("msg")))
-    return "; ".join(parts)
 
 
 @dataclass(frozen=True)

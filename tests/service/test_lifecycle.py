@@ -88,7 +88,8 @@ def broken_repository(repository, root):
               "escapes": json.dumps(spec | {"formats": {"onnx": {"file": "../../digits/1/model.onnx"}}}),
               "bad-serving": json.dumps(spec | {"serving": {"max_batch_size": -3}})}
     upscaler = json.loads((repo / "upx4" / "1" / "spec.json").read_text())
-    broken |= {"tiles-overlap": json.dumps(upscaler | {"serving": {"upscale_tile": 20, "upscale_overlap": 12}}),
+    broken |= {"future-schema": json.dumps(spec | {"schema_version": 99}),
+               "tiles-overlap": json.dumps(upscaler | {"serving": {"upscale_tile": 20, "upscale_overlap": 12}}),
                "tiles-off-multiple": json.dumps(upscaler | {"size_multiple": 8, "serving": {"upscale_tile": 20, "upscale_overlap": 4}})}
     for name, text in broken.items():
         (repo / name / "1").mkdir(parents=True)
@@ -111,6 +112,7 @@ def test_broken_entries_fail_alone_with_a_reason_and_no_absolute_path(repository
             assert refused.status_code == 503 and "failed" in refused.json()["error"]["message"]
             assert str(tmp_path) not in refused.text
         assert "spec.json" in models["not-json"]["error"] and "kind" in models["no-kind"]["error"]
+        assert "newer ganserve" in models["future-schema"]["error"]
         assert "upscale_overlap" in models["tiles-overlap"]["error"] and "not a multiple" in models["tiles-off-multiple"]["error"]
         assert models["digits"]["state"] == "ready"
 
