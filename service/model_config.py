@@ -1,7 +1,11 @@
 """Per-model serving configuration, like Triton's `config.pbtxt`: an entry's `spec.json` may carry
-a `serving` section beside its weights; what it leaves out comes from the server's settings.
-`GET /v1/models/{name}` shows the effective values."""
+a `serving` section (written by the exporter) and a `serving.json` beside it (the operator's, over
+it); what they leave out comes from the server's settings. `GET /v1/models/{name}` shows the
+effective values."""
 from __future__ import annotations
+
+import json
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -12,6 +16,10 @@ from service.settings import Settings
 class ServingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    runtime: Literal["onnx", "torchscript", "eager"]
+    precision: Literal["fp32"] = Field("fp32", description="fp16/bf16 belong to the GPU path, not served yet")
+    warmup_repeats: int = Field(3, ge=1, le=100)  # timed runs per warm-up shape (the median is kept)
+    warmup_batch_sizes: list[int] | None = Field(None, min_length=1, max_length=32)  # fixed-size graphs: default 1, 2, 4, … max_batch_size
     lane_threads: int = Field(ge=1, le=64)
     max_batch_size: int = Field(ge=1, le=4096)
     max_batch_seconds: float = Field(gt=0)
@@ -25,14 +33,31 @@ class ServingConfig(BaseModel):
     def check_tiles(self) -> "ServingConfig":
         if 2 * self.upscale_overlap >= self.upscale_tile:
             raise ValueError(f"upscale_overlap ({self.upscale_overlap}) must be below half of upscale_tile ({self.upscale_tile})")
+        if self.warmup_batch_sizes and not all(1 <= b <= self.max_batch_size for b in self.warmup_batch_sizes):
+            raise ValueError(f"warmup_batch_sizes must lie in 1..max_batch_size ({self.max_batch_size})")
         return self
+
+
+def operator_overrides(entry: ModelEntry) -> dict:
+    """`serving.json` beside an entry's spec.json: the operator's settings for this model version,
+    over the `serving` section the exporter wrote (Triton's config.pbtxt, in JSON)."""
+    path = entry.path / "serving.json"
+    if not path.is_file():
+        return {}
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{entry.label}/serving.json is not JSON ({type(error).__name__})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{entry.label}/serving.json must be an object")
+    return values
 
 
 def serving_config(entry: ModelEntry, settings: Settings) -> ServingConfig:
     """The entry's own values over the settings' defaults; an invalid section fails the entry."""
     input_pixels = settings.max_upscale_input_pixels if entry.kind == "super_resolution" else settings.max_translate_pixels
     tiling = entry.spec.get("tiling") if isinstance(entry.spec.get("tiling"), dict) else {}
-    defaults = {"lane_threads": settings.lane_threads, "max_batch_size": settings.max_batch_size,
+    defaults = {"runtime": settings.runtime_overrides.get(entry.name, settings.runtime), "lane_threads": settings.lane_threads, "max_batch_size": settings.max_batch_size,
                 "max_batch_seconds": settings.max_batch_seconds, "max_queue_delay_ms": settings.max_queue_delay_ms,
                 "max_queue_size": settings.max_queue_size, "max_input_pixels": input_pixels,
                 # an imported SR entry carries the tile its size rules allow; our own use the server's setting
@@ -40,6 +65,7 @@ def serving_config(entry: ModelEntry, settings: Settings) -> ServingConfig:
     own = entry.spec.get("serving") or {}
     if not isinstance(own, dict):
         raise ValueError(f"{entry.label}/spec.json: `serving` must be an object")
+    own = own | operator_overrides(entry)
     try:
         config = ServingConfig.model_validate(defaults | own)
     except ValidationError as error:

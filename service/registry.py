@@ -253,7 +253,7 @@ class ModelRegistry:
         return rows
 
     def load_and_warm(self, model: LoadedModel) -> None:
-        kind = self.settings.runtime_overrides.get(model.entry.name, self.settings.runtime)
+        kind = model.config.runtime
         started = time.perf_counter()
         for graph in model.entry.graphs:
             runtime = load_runtime(model.entry, kind, self.device, self.settings.intra_op_threads, graph)
@@ -278,9 +278,9 @@ class ModelRegistry:
         across sizes, not batch sizes."""
         entry = model.entry
         if not has_dynamic_size(entry, graph):
-            sizes = warmup_sizes(model.config.max_batch_size)
+            sizes = model.config.warmup_batch_sizes or warmup_sizes(model.config.max_batch_size)
             return measure_cost(runtime.run, lambda b: dummy_inputs(entry, b, graph), [(b, float(b)) for b in sizes], None,
-                                model.config.max_batch_seconds)
+                                model.config.max_batch_seconds, model.config.warmup_repeats)
         multiple = entry.spec["size_multiple"]
         if entry.kind == "super_resolution":
             side = model.config.upscale_tile
@@ -290,7 +290,7 @@ class ModelRegistry:
             shapes = {(1, side): 1.0, (1, 2 * side): 4.0}
         inputs_for = {units: dummy_inputs(entry, b, graph, s) for (b, s), units in shapes.items()}
         return measure_cost(runtime.run, lambda units: inputs_for[units], [(units, units) for units in shapes.values()], side * side,
-                            model.config.max_batch_seconds)
+                            model.config.max_batch_seconds, model.config.warmup_repeats)
 
     def is_ready(self) -> bool:
         """Readiness as `ready_requires` says: every model, any model, or the named ones."""
