@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(30.0, gt=0)  # and its body within this (408 past it)
     keep_alive_s: int = Field(5, ge=1)  # idle keep-alive connections close after this
     # the model repository
+    model_control: bool = False  # allow POST /v2/repository/models/{name}/load|unload (off: anyone who reaches the port could unload models)
     repository_poll_s: float = Field(0.0, ge=0)  # > 0: re-scan this often and (re)load models whose versions changed on disk
     version_policy: str = "all"  # which versions are served: all, latest:N or specific:V1,V2 (Triton's policies)
     version_policies: dict[str, str] = {}  # per model name, over version_policy

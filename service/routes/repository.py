@@ -1,7 +1,9 @@
 """The Open Inference Protocol's model-repository extension, as Triton serves it and
 `tritonclient` calls it: the index of what is on disk and in what state, and load/unload of one
 model. `load` re-reads the model's versions from disk and loads them beside the served ones;
-traffic moves to them when they are warm, and the replaced ones finish their accepted work first."""
+traffic moves to them when they are warm, and the replaced ones finish their accepted work first.
+Load and unload change what the server serves, so they answer 403 unless `GANSERVE_MODEL_CONTROL`
+is on (Triton's default model-control mode refuses them too)."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
@@ -17,9 +19,15 @@ async def repository_index(request: Request) -> list[dict]:
     return registry_of(request).index()
 
 
-@router.post("/models/{name}/load", responses=error_responses(404, 422, protocol=True))
+def require_model_control(request: Request) -> None:
+    if not registry_of(request).settings.model_control:
+        raise ApiError(403, "model control is off: start the server with GANSERVE_MODEL_CONTROL=true to load and unload models over HTTP")
+
+
+@router.post("/models/{name}/load", responses=error_responses(403, 404, 422, protocol=True))
 async def load_model(name: str, request: Request) -> dict:
     """Loads (or reloads) every version of `name` found on disk; answers once they are ready or failed."""
+    require_model_control(request)
     versions = await registry_of(request).load_model(name)
     if not any(m.ready for m in versions.values()):
         reasons = "; ".join(f"v{v}: {m.error}" for v, m in sorted(versions.items()))
@@ -28,7 +36,8 @@ async def load_model(name: str, request: Request) -> dict:
             **({"errors": {str(v): m.error for v, m in versions.items() if m.error}} if any(m.error for m in versions.values()) else {})}
 
 
-@router.post("/models/{name}/unload", responses=error_responses(404, protocol=True))
+@router.post("/models/{name}/unload", responses=error_responses(403, 404, protocol=True))
 async def unload_model(name: str, request: Request) -> dict:
+    require_model_control(request)
     await registry_of(request).unload_model(name)
     return {"name": name, "state": "unloaded"}

@@ -34,7 +34,7 @@ def own_repository(repository, tmp_path):
 
 
 def test_unload_load_and_a_new_version_through_the_standard_client(own_repository):
-    with running_server(own_repository, ready_requires="all") as server:
+    with running_server(own_repository, ready_requires="all", model_control=True) as server:
         triton = tritonhttp.InferenceServerClient(url=server.url.removeprefix("http://"), network_timeout=120)
         index = {row["name"]: row for row in triton.get_model_repository_index()}
         assert index["digits"]["state"] == "READY" and index["digits"]["version"] == "1"
@@ -74,7 +74,7 @@ def test_a_new_version_swapped_in_under_load_fails_no_request(own_repository, tm
     train(TrainConfig.model_validate(cfg), tmp_path / "run2", show_progress=False)
     staged = export_run(tmp_path / "run2", "digits", 2, tmp_path / "staged", ["onnx"], "last")
 
-    with running_server(own_repository, max_queue_delay_ms=2) as server:
+    with running_server(own_repository, max_queue_delay_ms=2, model_control=True) as server:
         answers: dict[int, list[bytes]] = {client: [] for client in range(4)}
         statuses: list[int] = []
         stop = threading.Event()
@@ -147,3 +147,11 @@ def test_version_policies_choose_what_is_served(own_repository):
         assert index[("digits", "1")]["reason"] == "excluded by the version policy"
         assert client.get("/v2/models/cdigits").json()["versions"] == ["1"]  # its own policy; version 5 does not exist
         assert client.post("/v1/models/digits/generate", json={"seed": 1}).status_code == 200
+
+
+def test_load_and_unload_are_refused_unless_model_control_is_on(server):
+    with server.client() as client:
+        refused = client.post("/v2/repository/models/digits/unload")
+        assert refused.status_code == 403 and "GANSERVE_MODEL_CONTROL" in refused.json()["error"]
+        assert client.post("/v2/repository/models/digits/load").status_code == 403
+        assert client.get("/v2/models/digits/ready").status_code == 200 and client.post("/v2/repository/index").status_code == 200
