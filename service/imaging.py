@@ -11,6 +11,8 @@ import math
 import numpy as np
 from PIL import Image
 
+from service.encoders import PILLOW_ONLY, EncoderTable
+
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "npy": "application/x-npy", "gif": "image/gif"}
 ACCEPT_FORMATS = {v: k for k, v in CONTENT_TYPES.items()} | {"image/jpg": "jpeg", "application/octet-stream": "npy"}
 DECODE_BYTES_PER_PIXEL = 16  # decoding holds the RGB(A) image and a converted copy or two
@@ -37,22 +39,16 @@ def grid(images: np.ndarray, columns: int | None = None, padding: int = 2) -> np
     return canvas
 
 
-def encode(image: np.ndarray, fmt: str) -> bytes:
-    """One [H, W, C] uint8 image (or an [N, H, W, C] stack for npy) → bytes."""
-    buffer = io.BytesIO()
+def encode(image: np.ndarray, fmt: str, encoders: EncoderTable = PILLOW_ONLY) -> bytes:
+    """One [H, W, C] uint8 image (or an [N, H, W, C] stack for npy) → bytes, by the library the
+    server's measured `encoders` table picks for the format and size (Pillow without one)."""
     if fmt == "npy":
+        buffer = io.BytesIO()
         np.save(buffer, image, allow_pickle=False)
         return buffer.getvalue()
-    picture = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    if fmt == "png":
-        picture.save(buffer, format="PNG", compress_level=1)
-    elif fmt == "jpeg":
-        picture.save(buffer, format="JPEG", quality=90)
-    elif fmt == "webp":
-        picture.save(buffer, format="WEBP", quality=90, method=0)
-    else:
+    if fmt not in ("png", "jpeg", "webp"):
         raise ValueError(f"unknown image format {fmt!r}")
-    return buffer.getvalue()
+    return encoders.encode(image, fmt)
 
 
 def encode_animation(frames: np.ndarray, fmt: str, frame_ms: int) -> bytes:

@@ -16,6 +16,7 @@ from service import memory
 from service.admission import ModelLimits, derive_limits
 from service.batcher import BatchKey, DynamicBatcher, ShuttingDown
 from service.costs import GraphCost, measure_cost
+from service.encoders import PILLOW_ONLY, EncoderTable, measure_encoders
 from service.errors import ApiError
 from service.jobs import JobStore
 from service.lanes import Lane
@@ -116,6 +117,7 @@ class ModelRegistry:
         self.loaded = False  # every entry has been tried
         self.draining = False
         self.repository_lock = asyncio.Lock()  # load/unload one model at a time
+        self.encoder_table: EncoderTable = PILLOW_ONLY  # measured once the models are loaded
 
     def served_entries(self, name: str | None = None) -> list[ModelEntry]:
         """The repository's entries (of one model, or all) that the version policy selects."""
@@ -142,6 +144,8 @@ class ModelRegistry:
         for versions in self.models.values():
             for model in versions.values():
                 await self.load_one(model)
+        self.encoder_table = await asyncio.get_running_loop().run_in_executor(None, measure_encoders, self.settings.encoder_threads)
+        log.info("encoders: %s", self.encoder_table.describe())
         self.settle_memory()
         self.loaded = True
 

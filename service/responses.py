@@ -11,6 +11,7 @@ import time
 import numpy as np
 from fastapi import Response
 
+from service.encoders import PILLOW_ONLY, EncoderTable
 from service.errors import ApiError
 from service.imaging import ACCEPT_FORMATS, CONTENT_TYPES, encode, encode_animation, grid, to_uint8
 
@@ -57,20 +58,22 @@ def choose_format(explicit: str | None, accept: str | None, allowed: tuple[str, 
     raise ApiError(406, f"cannot answer with {accept!r}: this operation produces {offered} (or pass format=)", code="not_acceptable")
 
 
-def encode_response(images: np.ndarray, fmt: str, layout: str, columns: int | None, tags: list[int]) -> tuple[bytes, str]:
+def encode_response(images: np.ndarray, fmt: str, layout: str, columns: int | None, tags: list[int],
+                    encoders: EncoderTable = PILLOW_ONLY) -> tuple[bytes, str]:
     """Runs in the encoder pool: one image → its bytes; several → grid, npy stack or JSON list."""
     if fmt == "npy":
         return encode(images, "npy"), CONTENT_TYPES["npy"]
     if len(images) == 1:
-        return encode(images[0], fmt), CONTENT_TYPES[fmt]
+        return encode(images[0], fmt, encoders), CONTENT_TYPES[fmt]
     if layout == "list":
-        payload = [{"seed": s, "data": base64.b64encode(encode(img, fmt)).decode()} for s, img in zip(tags, images)]
+        payload = [{"seed": s, "data": base64.b64encode(encode(img, fmt, encoders)).decode()} for s, img in zip(tags, images)]
         return json.dumps({"format": fmt, "images": payload}).encode(), "application/json"
-    return encode(grid(images, columns), fmt), CONTENT_TYPES[fmt]
+    return encode(grid(images, columns), fmt, encoders), CONTENT_TYPES[fmt]
 
 
-def encode_outputs(outputs: np.ndarray, value_range: tuple[float, float], fmt: str, layout: str, columns: int | None, tags: list[int]) -> tuple[bytes, str]:
-    return encode_response(to_uint8(outputs, value_range), fmt, layout, columns, tags)
+def encode_outputs(outputs: np.ndarray, value_range: tuple[float, float], fmt: str, layout: str, columns: int | None, tags: list[int],
+                   encoders: EncoderTable = PILLOW_ONLY) -> tuple[bytes, str]:
+    return encode_response(to_uint8(outputs, value_range), fmt, layout, columns, tags, encoders)
 
 
 async def respond(registry, entry, operation: str, outputs: np.ndarray, fmt: str, layout: str = "grid", columns: int | None = None,
@@ -80,9 +83,10 @@ async def respond(registry, entry, operation: str, outputs: np.ndarray, fmt: str
     value_range = tuple(entry.spec["value_range"])
     started = time.perf_counter()
     if outputs.size <= INLINE_ENCODE_MAX_VALUES:
-        content, media_type = encode_outputs(outputs, value_range, fmt, layout, columns, tags)
+        content, media_type = encode_outputs(outputs, value_range, fmt, layout, columns, tags, registry.encoder_table)
     else:
-        content, media_type = await asyncio.get_running_loop().run_in_executor(registry.encoders, encode_outputs, outputs, value_range, fmt, layout, columns, tags)
+        content, media_type = await asyncio.get_running_loop().run_in_executor(registry.encoders, encode_outputs, outputs, value_range, fmt, layout,
+                                                                               columns, tags, registry.encoder_table)
     registry.metrics.bound(entry.name, str(entry.version), operation).encode_duration.observe(time.perf_counter() - started)
     headers = {"X-Model-Version": str(entry.version)} | ({"X-Seeds": ",".join(map(str, tags[:64]))} if tags else {})
     return Response(content, media_type=media_type, headers=headers)

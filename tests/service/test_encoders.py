@@ -1,0 +1,36 @@
+"""The encoder choice: both libraries write what the other would (PNG pixel for pixel, JPEG and WebP
+within their loss), and the server keeps the faster one per format and size as measured."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.encoders import FORMATS, PROBE_SIDES, measure_encoders, opencv_encode, pillow_encode, probe_frame
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("channels", [3, 1])
+def test_both_libraries_encode_the_same_picture(fmt, channels):
+    frame = probe_frame(96)[..., :channels] if channels == 3 else probe_frame(96)[..., :1]
+    mode = "L" if channels == 1 else "RGB"  # WebP has no grey mode: it decodes as RGB
+    decoded = [np.asarray(Image.open(io.BytesIO(encode(frame, fmt))).convert(mode)) for encode in (pillow_encode, opencv_encode)]
+    expected = frame[..., 0] if channels == 1 else frame
+    for pixels in decoded:
+        assert pixels.shape == expected.shape
+        error = np.abs(pixels.astype(int) - expected.astype(int))
+        assert error.max() == 0 if fmt == "png" else error.mean() < 6  # the probe's noise costs lossy formats ~4.5 levels
+    if fmt == "jpeg":
+        assert np.array_equal(decoded[0], decoded[1])  # one libjpeg-turbo, one quality: the same picture
+
+
+def test_the_measured_table_keeps_the_faster_library_per_format_and_size():
+    table = measure_encoders(2)
+    assert set(table.choices) == {(fmt, size) for fmt in FORMATS for size in PROBE_SIDES}
+    for (fmt, size), library in table.choices.items():
+        rates = table.measured[f"{fmt}/{size}"]
+        assert rates[library] == max(rates.values())
+    large = probe_frame(200)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(table.encode(large, "png")))), large)
