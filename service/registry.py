@@ -141,11 +141,12 @@ class ModelRegistry:
     async def load_all(self) -> None:
         """Loads and warms the entries one at a time (each on its own lane), so each one's memory
         is measured with nothing else computing."""
+        # the encoders first, while nothing else computes (and so that readiness follows the last model at once)
+        self.encoder_table = await asyncio.get_running_loop().run_in_executor(None, measure_encoders, self.settings.encoder_threads)
+        log.info("encoders: %s", self.encoder_table.describe())
         for versions in self.models.values():
             for model in versions.values():
                 await self.load_one(model)
-        self.encoder_table = await asyncio.get_running_loop().run_in_executor(None, measure_encoders, self.settings.encoder_threads)
-        log.info("encoders: %s", self.encoder_table.describe())
         self.settle_memory()
         self.loaded = True
 
