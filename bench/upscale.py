@@ -49,18 +49,19 @@ def measure_forward(entry, runtime_kind: str, device: str, threads: int, frame: 
         batch = np.ascontiguousarray(np.concatenate([tiles] * frames))
         per_call = timed(seconds, lambda: runtime.run({"image": batch}))
         rows.append({"what": f"tiles: {frames} frame(s) = {len(batch)} tiles of {tile} px per forward", "frames_per_s": frames / per_call, "tiles": len(batch)})
-    whole = np.ascontiguousarray(x[None])
+    return rows + [whole_frame(runtime, entry, x, seconds)]
+
+
+def whole_frame(runtime, entry, x: np.ndarray, seconds: float) -> dict:
+    """The frame [C, H, W] in one forward pass, mirror-padded to the network's size multiple."""
+    whole = np.ascontiguousarray(pad_to(x, *padded_size(x.shape[1], x.shape[2], entry.spec["size_multiple"]))[None])
     per_call = timed(seconds, lambda: runtime.run({"image": whole}))
-    rows.append({"what": "whole frame, one forward (no tiling)", "frames_per_s": 1 / per_call, "tiles": 0})
-    return rows
+    return {"what": f"whole frame {whole.shape[2]}x{whole.shape[3]}, one forward (no tiling)", "frames_per_s": 1 / per_call, "tiles": 0}
 
 
 def measure_whole_frame(entry, runtime_kind: str, device: str, threads: int, frame: np.ndarray, seconds: float) -> list[dict]:
     runtime = load_runtime(entry, runtime_kind, device, threads)
-    x = (frame.astype(np.float32) / 127.5 - 1).transpose(2, 0, 1)
-    whole = np.ascontiguousarray(pad_to(x, *padded_size(x.shape[1], x.shape[2], entry.spec["size_multiple"]))[None])
-    per_call = timed(seconds, lambda: runtime.run({"image": whole}))
-    return [{"what": f"whole frame {whole.shape[2]}x{whole.shape[3]}, one forward", "frames_per_s": 1 / per_call, "tiles": 0}]
+    return [whole_frame(runtime, entry, (frame.astype(np.float32) / 127.5 - 1).transpose(2, 0, 1), seconds)]
 
 
 def measure_encoding(size: int, seconds: float) -> dict[str, float]:

@@ -24,10 +24,15 @@ def detect_format(path: Path, data: bytes) -> str:
     if data[:1] == b"\x80":
         return "nvlabs"
     if data[:2] == b"PK":
+        from repository.importers.checkpoint import CheckpointError, load_torch_archive
         from repository.importers.junyanz import is_junyanz
         from repository.importers.rosinality import is_rosinality
 
-        return "junyanz" if is_junyanz(data) else "rosinality" if is_rosinality(data) else "superres"
+        try:
+            archive = load_torch_archive(data)  # loaded once to tell the three apart
+        except CheckpointError:
+            return "superres"  # its importer reports the damage
+        return "junyanz" if is_junyanz(archive) else "rosinality" if is_rosinality(archive) else "superres"
     raise ValueError("the file is neither a network pickle, a torch.save archive nor a safetensors file")
 
 
@@ -87,7 +92,7 @@ def import_command(
             return
         with console.status(f"reading {path.name} ({detected})"):
             if detected == "biggan":
-                imported = import_biggan(path, class_names)
+                imported = import_biggan(path, data, class_names)
             else:
                 imported = (import_nvlabs if detected == "nvlabs" else import_rosinality)(data, noise_mode)
         source = {"format": detected, "network": imported.spec.arch, "file": path.name, "sha256": hashlib.sha256(data).hexdigest(),

@@ -16,7 +16,6 @@ from repository.entries import check_export_request, write_entry
 from repository.graphs import EAGER_FORMAT, PARITY_TOLERANCE, Graph, TensorSpec, export_graph
 
 PARITY_IMAGES = 16
-ENTRY_FIELDS = ("kind", "arch", "channels", "in_channels", "size_multiple", "scale", "train_resolution", "value_range")
 
 
 def parity_images(channels: int, height: int, width: int, count: int, seed: int) -> torch.Tensor:
@@ -42,7 +41,8 @@ def translator_graph(generator: torch.nn.Module, fields: dict, parity_side: int 
 def write_image_entry(generator: torch.nn.Module, fields: dict, name: str, version: int, repository: Path, formats: list[str],
                       provenance: dict, tolerance: float = PARITY_TOLERANCE, parity_side: int | None = None,
                       metrics: str = "{}", samples: bytes | None = None) -> Path:
-    """Writes `repository/name/version/`. `fields` holds ENTRY_FIELDS, `model` (what
+    """Writes `repository/name/version/`. `fields` holds the entry's kind, arch, channels, in_channels,
+    size_multiple, scale, train_resolution and value_range, `model` (what
     `models.zoo.build_translator` rebuilds it from) and any extra spec keys (domains, norm, tiling…);
     `provenance` is merged in as is (`training` for our runs, `source` for imports)."""
     check_export_request(formats, version)

@@ -119,9 +119,10 @@ class ModelRegistry:
         self.repository_lock = asyncio.Lock()  # load/unload one model at a time
         self.encoder_table: EncoderTable = PILLOW_ONLY  # measured once the models are loaded
 
-    def served_entries(self, name: str | None = None) -> list[ModelEntry]:
-        """The repository's entries (of one model, or all) that the version policy selects."""
-        entries = [e for e in scan_repository(self.settings.repository) if name is None or e.name == name]
+    def served_entries(self, name: str | None = None, entries: list[ModelEntry] | None = None) -> list[ModelEntry]:
+        """The repository's entries (of one model, or all) that the version policy selects, from
+        `entries` when the caller has scanned already."""
+        entries = [e for e in (entries if entries is not None else scan_repository(self.settings.repository)) if name is None or e.name == name]
         by_name: dict[str, list[int]] = {}
         for entry in entries:
             by_name.setdefault(entry.name, []).append(entry.version)
@@ -202,8 +203,8 @@ class ModelRegistry:
 
     async def retire(self, model: LoadedModel, state: str) -> None:
         """Stops taking new work for `model`, finishes what it accepted, releases what it holds."""
-        was_serving = model.state == "ready"
-        model.state = state if was_serving or state == "unloaded" else model.state
+        if model.state == "ready" or state == "unloaded":  # a failed version stays `failed` when replaced
+            model.state = state
         await asyncio.gather(*(batcher.close() for batcher in model.batchers.values()))
         if model.lane is not None:
             model.lane.shutdown(wait=True)
@@ -247,7 +248,7 @@ class ModelRegistry:
     def index(self) -> list[dict]:
         """Every entry on disk with its state (the repository extension's index)."""
         entries = scan_repository(self.settings.repository)
-        served = {(e.name, e.version) for e in self.served_entries()}
+        served = {(e.name, e.version) for e in self.served_entries(entries=entries)}
         rows = []
         for entry in entries:
             model = self.models.get(entry.name, {}).get(entry.version)

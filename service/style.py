@@ -9,7 +9,6 @@ import torch
 from models import latent
 from service.batcher import RequestState, run_items
 from service.errors import ApiError
-from service.operations import latent_for_seed
 from service.registry import LoadedModel, ModelRegistry
 
 MAPPING_OP, SYNTHESIS_OP = "mapping", "synthesis"
@@ -44,7 +43,7 @@ async def map_z(registry: ModelRegistry, model: LoadedModel, z: np.ndarray, stat
 
 
 def seed_latents(model: LoadedModel, seeds: list[int]) -> np.ndarray:
-    return np.stack([latent_for_seed(seed, model.entry.spec["z_dim"]) for seed in seeds])
+    return latent.seed_latents(model.entry.spec["z_dim"], seeds).numpy()
 
 
 def truncate(model: LoadedModel, w: np.ndarray, psi: float) -> np.ndarray:

@@ -131,7 +131,8 @@ def class_names_for(num_classes: int, names_file: Path | None) -> list[str]:
     return [str(i) for i in range(num_classes)]
 
 
-def import_biggan(path: Path, class_names_file: Path | None = None) -> ImportedGenerator:
+def import_biggan(path: Path, weights: bytes | None = None, class_names_file: Path | None = None) -> ImportedGenerator:
+    """`weights`: the weights file's bytes when the caller has read them already (to hash them)."""
     config_file, weights_file = checkpoint_files(path)
     try:
         raw = json.loads(config_file.read_text())
@@ -140,7 +141,7 @@ def import_biggan(path: Path, class_names_file: Path | None = None) -> ImportedG
     if not isinstance(raw, dict):
         raise CheckpointError(f"{CONFIG_NAME} is not a BigGAN configuration")
     config = checked_config(raw)
-    state = load_torch_archive(weights_file.read_bytes())
+    state = load_torch_archive(weights if weights is not None else weights_file.read_bytes())
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if "embeddings.weight" not in state or "generator.gen_z.weight_orig" not in state:
         raise CheckpointError(f"{WEIGHTS_NAME} holds no BigGAN generator (embeddings.weight, generator.gen_z.*)")

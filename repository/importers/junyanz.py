@@ -27,9 +27,9 @@ from repository.importers.checkpoint import CheckpointError, load_checked, load_
 STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def generator_state(data: bytes) -> dict[str, torch.Tensor]:
-    state = load_torch_archive(data)
-    state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+def generator_state(archive: dict) -> dict[str, torch.Tensor]:
+    """The generator's tensors of a loaded torch.save archive (a DataParallel `module.` prefix dropped)."""
+    state = {k.removeprefix("module."): v for k, v in archive.items() if isinstance(v, torch.Tensor)}
     if "model.model.0.weight" not in state and not any(".conv_block." in k for k in state):
         raise CheckpointError("the state dict is not a pix2pix/CycleGAN generator (no model.model.0.weight, no ResNet conv_block)")
     return state
@@ -113,7 +113,7 @@ def translator_tensors(state: dict[str, torch.Tensor], generator: torch.nn.Modul
 
 def import_junyanz(data: bytes) -> tuple[torch.nn.Module, dict]:
     """(our generator in eval mode, its `build_translator` parameters)."""
-    state = generator_state(data)
+    state = generator_state(load_torch_archive(data))
     params, keys = unet_params(state) if "model.model.0.weight" in state else resnet_params(state)
     try:
         generator = build_translator(params)
@@ -123,10 +123,10 @@ def import_junyanz(data: bytes) -> tuple[torch.nn.Module, dict]:
     return generator.eval(), params
 
 
-def is_junyanz(data: bytes) -> bool:
-    """A torch.save archive holding a pix2pix/CycleGAN generator state dict."""
+def is_junyanz(archive: dict) -> bool:
+    """A loaded torch.save archive holding a pix2pix/CycleGAN generator state dict."""
     try:
-        generator_state(data)
+        generator_state(archive)
     except CheckpointError:
         return False
     return True

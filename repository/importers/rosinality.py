@@ -31,14 +31,13 @@ def generator_state(checkpoint: dict) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def is_rosinality(data: bytes) -> bool:
-    """A torch.save archive that means to hold rosinality's generator: a `g_ema`/`g` entry (whose
-    errors are then rosinality's to report), or a bare state dict of it."""
+def is_rosinality(archive: dict) -> bool:
+    """A loaded torch.save archive that means to hold rosinality's generator: a `g_ema`/`g` entry
+    (whose errors are then rosinality's to report), or a bare state dict of it."""
+    if "g_ema" in archive or "g" in archive:
+        return True
     try:
-        checkpoint = load_torch_archive(data)
-        if "g_ema" in checkpoint or "g" in checkpoint:
-            return True
-        generator_state(checkpoint)
+        generator_state(archive)
     except CheckpointError:
         return False
     return True

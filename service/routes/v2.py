@@ -9,6 +9,7 @@ a JSON output small enough to write (`max_json_tensor_values`; binary outputs ar
 same image limits and reserved in the memory budget); the response is serialised in the encoder pool."""
 from __future__ import annotations
 
+import importlib.metadata
 import math
 from typing import Annotated
 
@@ -29,13 +30,12 @@ PYTHON_VALUE_BYTES = 40  # a parsed JSON number: the object and its list slot
 JSON_VALUE_BYTES = 24  # a float written as JSON text
 PARSED_BYTES_PER_BODY_BYTE = 16  # a JSON number takes at least 2 bytes ("0,") and becomes a ~32-byte object
 PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch", "eager": "pytorch_eager"}  # as Triton names them
-SERVER_VERSION = "0.1.0"
 VersionPath = Annotated[int, Path(ge=1, lt=2**31)]
 
 
 @router.get("")
 async def server_metadata() -> dict:
-    return {"name": "ganserve", "version": SERVER_VERSION, "extensions": ["binary_tensor_data"]}
+    return {"name": "ganserve", "version": importlib.metadata.version("ganserve"), "extensions": ["binary_tensor_data"]}
 
 
 def wire_tensors(items: list[dict]) -> list[dict]:
