@@ -13,7 +13,7 @@ from service.intake import RequestIntake
 from service.metrics import ServiceMetrics
 from service.playground import PAGE
 from service.registry import ModelRegistry
-from service.routes import health, image2image, jobs, repository, style, v1, v2
+from service.routes import health, image2image, jobs, repository, stream, style, v1, v2
 from service.settings import Settings
 
 
@@ -47,6 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(style.router)
     app.include_router(jobs.router)
     app.include_router(image2image.router)
+    app.include_router(stream.router)
     app.include_router(v2.router)
     app.include_router(repository.router)
 

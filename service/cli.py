@@ -33,7 +33,7 @@ def serve_command(
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
                 http=guarded_protocol(settings.header_timeout_s, settings.max_connections),
                 timeout_keep_alive=settings.keep_alive_s, timeout_graceful_shutdown=int(settings.shutdown_grace_s),
-                access_log=False)
+                ws_max_size=settings.max_body_bytes, access_log=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -24,6 +24,13 @@ class ServiceMetrics:
         self.queue_items = Gauge("ganserve_queue_items", "Items waiting in the batch queue", LABELS, registry=r)
         self.requests = Counter("ganserve_requests_total", "Requests by final HTTP status", LABELS + ("status",), registry=r)
         self.rejected = Counter("ganserve_rejected_total", "Requests or items refused or dropped", LABELS + ("reason",), registry=r)
+        # upscale streams: frames by outcome, latency per frame, and each open stream's own fps and
+        # p50/p99 (series removed when the stream closes; at most max_streams of them)
+        self.stream_frames = Counter("ganserve_stream_frames_total", "Stream frames by outcome (answered, dropped, error)", ("model", "version", "outcome"), registry=r)
+        self.stream_frame_duration = Histogram("ganserve_stream_frame_seconds", "A stream frame from arrival to its answer", ("model", "version"), buckets=LATENCY_BUCKETS, registry=r)
+        self.streams_open = Gauge("ganserve_streams_open", "Open upscale streams", ("model",), registry=r)
+        self.stream_fps = Gauge("ganserve_stream_fps", "Frames answered per second by one open stream (last 5 s)", ("model", "stream"), registry=r)
+        self.stream_latency = Gauge("ganserve_stream_latency_seconds", "One open stream's frame latency over its last 256 frames", ("model", "stream", "quantile"), registry=r)
         self.gpu_memory = Gauge("ganserve_gpu_memory_bytes", "GPU memory allocated by this process", ("device",), registry=r)
 
     @lru_cache(maxsize=None)

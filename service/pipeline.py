@@ -19,7 +19,7 @@ from service.admission import RequestCost, admit, batch_share_bytes, compute_sec
 from service.batcher import DeadlineExceeded, QueueFull, RequestState, RequestTooLarge, ShuttingDown
 from service.errors import ApiError
 from service.intake import STATE_KEY, RequestContext, context_of
-from service.registry import LoadedModel, ModelRegistry
+from service.registry import IMAGE_TO_IMAGE, LoadedModel, ModelRegistry
 
 T = TypeVar("T")
 
@@ -54,6 +54,14 @@ def begin(request: Request, name: str, operation: str, version: int | None = Non
     return model
 
 
+def require_kind(model: LoadedModel, kind: str) -> None:
+    """422 when the model is not of `kind`, naming the endpoint its kind does have."""
+    entry = model.entry
+    if entry.kind != kind:
+        hint = f": POST to /v1/models/{entry.name}/{IMAGE_TO_IMAGE[entry.kind]}" if entry.kind in IMAGE_TO_IMAGE else ""
+        raise ApiError(422, f"model {entry.name!r} is a {entry.kind} model, not a {kind} model{hint}")
+
+
 def estimate(model: LoadedModel, graph: str, units: list[float], resident_bytes: int = 0) -> RequestCost:
     """The cost of running `units` items through one of the model's graphs, plus what the request
     holds besides its batches (images, outputs, encoded bytes)."""
@@ -77,8 +85,13 @@ def combined(*costs: RequestCost) -> RequestCost:
 async def execute(request: Request, model: LoadedModel, cost: RequestCost, work: Callable[[RequestState], Awaitable[T]]) -> T:
     """Admits the request, runs `work(state)` until it is done, the deadline passes or the client
     leaves, and maps the outcome to an answer."""
-    registry = registry_of(request)
-    ctx = context(request)
+    return await execute_for(registry_of(request), context(request), model, cost, work)
+
+
+async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: LoadedModel, cost: RequestCost,
+                      work: Callable[[RequestState], Awaitable[T]]) -> T:
+    """`execute` for a unit of work that is not an HTTP request (a stream's frame): its context
+    says when it arrived, when its client left and what it reserved (the caller releases it)."""
     state = RequestState(deadline=ctx.arrived + registry.settings.request_timeout_s)
     if registry.draining:
         raise ApiError(503, "the server is shutting down", headers={"Retry-After": "1"})
@@ -118,4 +131,8 @@ def reserve(request: Request, nbytes: int) -> None:
 
 async def off_loop(request: Request, function: Callable[..., T], *args) -> T:
     """Runs CPU work (decoding, blending, serialising) in the encoder pool, off the event loop."""
-    return await asyncio.get_running_loop().run_in_executor(registry_of(request).encoders, function, *args)
+    return await in_pool(registry_of(request), function, *args)
+
+
+async def in_pool(registry: ModelRegistry, function: Callable[..., T], *args) -> T:
+    return await asyncio.get_running_loop().run_in_executor(registry.encoders, function, *args)

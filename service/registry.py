@@ -4,6 +4,7 @@ readiness and draining live here."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -116,6 +117,8 @@ class ModelRegistry:
         self.jobs = JobStore(settings.max_jobs, settings.max_job_seconds)
         self.loaded = False  # every entry has been tried
         self.draining = False
+        self.open_streams = 0  # upscale streams (service/streams.py), capped by settings.max_streams
+        self.stream_ids = itertools.count(1)  # names them in /metrics
         self.repository_lock = asyncio.Lock()  # load/unload one model at a time
         self.encoder_table: EncoderTable = PILLOW_ONLY  # measured once the models are loaded
 

@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     # image-to-image
     upscale_tile: int = Field(96, ge=8)  # input px per tile side: every tile is one batcher item
     upscale_overlap: int = Field(16, ge=0)  # input px shared by neighbouring tiles, blended across
+    # upscale streams (WebSocket)
+    max_streams: int = Field(32, ge=1)  # open at once; past it the handshake gets 503
+    stream_idle_s: float = Field(60.0, gt=0)  # a stream that sends no frame for this long is closed
     # long jobs (projection)
     max_jobs: int = Field(4, ge=1)  # queued + running; 429 past it
     max_job_seconds: float = Field(120.0, gt=0)

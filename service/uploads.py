@@ -10,7 +10,7 @@ from PIL import Image
 
 from service.errors import ApiError
 from service.imaging import UPLOAD_TYPES, UploadError, decode_upload, fit_square, probe_upload
-from service.pipeline import off_loop, registry_of
+from service.pipeline import in_pool
 from service.tiling import pad_to
 
 IMAGE_BODY = {"requestBody": {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}, "multipart/form-data": {}}}}  # for OpenAPI
@@ -38,13 +38,13 @@ async def read_upload(request: Request) -> bytes:
     return data
 
 
-async def probe(request: Request, data: bytes) -> tuple[int, int]:
+async def probe(registry, data: bytes) -> tuple[int, int]:
     """(width, height) from the header, checked against the server's upload limit (413)."""
     try:
-        width, height = await off_loop(request, probe_upload, data)
+        width, height = await in_pool(registry, probe_upload, data)
     except UploadError as error:
         raise ApiError(error.status, str(error))
-    limit = registry_of(request).settings.max_upload_pixels
+    limit = registry.settings.max_upload_pixels
     if width * height > limit:
         raise ApiError(413, f"image of {width}x{height} pixels is over the limit of {limit} pixels")
     return width, height
@@ -62,10 +62,10 @@ def prepared_input(data: bytes, max_pixels: int, channels: int, size: tuple[int,
     return pad_to(x, *size) if fit == "pad" else resize_chw(x, *size)
 
 
-async def prepare(request: Request, data: bytes, channels: int, size: tuple[int, int] | None = None, fit: str = "pad") -> np.ndarray:
-    """`prepared_input` off the event loop, its upload errors as API errors."""
+async def prepare(registry, data: bytes, channels: int, size: tuple[int, int] | None = None, fit: str = "pad") -> np.ndarray:
+    """`prepared_input` off the event loop (in the registry's encoder pool), its upload errors as API errors."""
     try:
-        return await off_loop(request, prepared_input, data, registry_of(request).settings.max_upload_pixels, channels, size, fit)
+        return await in_pool(registry, prepared_input, data, registry.settings.max_upload_pixels, channels, size, fit)
     except UploadError as error:
         raise ApiError(error.status, str(error))
 

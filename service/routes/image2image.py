@@ -13,40 +13,25 @@ checked against the model's limits (GET /v1/models/{name} lists them) before it 
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Literal
 
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 
-from service.admission import translate_bytes_per_pixel, upscale_bytes_per_pixel
-from service.batcher import each_result, run_items
+from service.admission import translate_bytes_per_pixel
+from service.batcher import run_items
 from service.errors import ApiError, error_responses
 from service.imaging import DECODE_BYTES_PER_PIXEL
-from service.pipeline import begin, estimate, execute, off_loop, registry_of
-from service.registry import IMAGE_TO_IMAGE, LoadedModel
+from service.pipeline import begin, estimate, execute, off_loop, registry_of, require_kind
 from service.responses import choose_format, respond
 from service.schemas import ImageFormat
-from service.tiling import TileBlender, cut_tiles, padded_size, plan_tiles, resized_size
+from service.tiling import padded_size, resized_size
+from service.upscaling import over_limit, plan_upscale, upscale_upload
 from service.uploads import IMAGE_BODY, prepare, probe, read_upload, resize_chw
 
 router = APIRouter(prefix="/v1", tags=["image-to-image"])
 IMAGE_RESPONSES = {200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}, "application/x-npy": {}}},
                    **error_responses(404, 406, 413, 415, 422, 429, 503, 504)}
-
-
-def require_kind(model: LoadedModel, kind: str) -> None:
-    entry = model.entry
-    if entry.kind != kind:
-        hint = f": POST to /v1/models/{entry.name}/{IMAGE_TO_IMAGE[entry.kind]}" if entry.kind in IMAGE_TO_IMAGE else ""
-        raise ApiError(422, f"model {entry.name!r} is a {entry.kind} model, not a {kind} model{hint}")
-
-
-def over_limit(model: LoadedModel, width: int, height: int, pixels: int) -> None:
-    limit = model.limits.max_input_pixels if model.limits else None
-    if limit is not None and pixels > limit:
-        raise ApiError(413, f"image of {width}x{height} pixels is over {model.entry.name!r}'s limit of {limit} pixels "
-                            f"(about {int(limit ** 0.5)}² on this machine: its measured cost, the deadline and the memory budget set it)")
 
 
 @router.post("/models/{name}/translate", openapi_extra=IMAGE_BODY, responses=IMAGE_RESPONSES)
@@ -60,7 +45,7 @@ async def translate(name: str, request: Request, format: ImageFormat | None = Qu
     entry = model.entry
     fmt = choose_format(format, request.headers.get("accept"))
     data = await read_upload(request)
-    width, height = await probe(request, data)
+    width, height = await probe(registry, data)
     multiple, channels = entry.spec["size_multiple"], entry.spec["in_channels"]
     size = padded_size(height, width, multiple) if fit == "pad" else resized_size(height, width, multiple)
     over_limit(model, width, height, size[0] * size[1])
@@ -69,7 +54,7 @@ async def translate(name: str, request: Request, format: ImageFormat | None = Qu
     resident = height * width * DECODE_BYTES_PER_PIXEL + size[0] * size[1] * translate_bytes_per_pixel(max(channels, entry.spec["channels"]))
 
     async def work(state) -> np.ndarray:
-        x = await prepare(request, data, channels, size, fit)
+        x = await prepare(registry, data, channels, size, fit)
         (output,) = await run_items(registry.batcher(model, "translate"), [{"image": x}], state)
         return output
 
@@ -88,27 +73,9 @@ async def upscale(name: str, request: Request, format: ImageFormat | None = Quer
     entry = model.entry
     fmt = choose_format(format, request.headers.get("accept"))
     data = await read_upload(request)
-    width, height = await probe(request, data)
-    over_limit(model, width, height, width * height)
-    grid = plan_tiles(height, width, model.config.upscale_tile, model.config.upscale_overlap)
-    tiles = grid.rows * grid.cols
-    max_tiles = model.limits.max_tiles if model.limits else None
-    if max_tiles is not None and tiles > max_tiles:
-        raise ApiError(413, f"an image of {width}x{height} pixels takes {tiles} tiles; {entry.name!r} takes at most {max_tiles} per image on this machine")
-    channels, scale = entry.spec["in_channels"], entry.spec["scale"]
-    resident = height * width * (DECODE_BYTES_PER_PIXEL + upscale_bytes_per_pixel(max(channels, entry.spec["channels"]), scale))
-
-    async def work(state) -> np.ndarray:
-        x = await prepare(request, data, channels)
-        futures = registry.batcher(model, "upscale").submit([{"image": tile} for tile in cut_tiles(x, grid)], state)
-        del x
-        blender = TileBlender(grid, scale, entry.spec["channels"])
-        async with contextlib.aclosing(each_result(futures, state)) as results:
-            async for index, output in results:
-                blender.add(index, output)
-        return blender.result()
-
-    output = await execute(request, model, estimate(model, "model", [1.0] * tiles, resident), work)
+    width, height = await probe(registry, data)
+    plan = plan_upscale(model, width, height)
+    output = await execute(request, model, plan.cost, lambda state: upscale_upload(registry, model, data, plan, state))
     response = await respond(registry, entry, "upscale", output[None], fmt)
-    response.headers["X-Tiles"] = str(tiles)
+    response.headers["X-Tiles"] = str(plan.tiles)
     return response

@@ -52,11 +52,11 @@ async def project_image(name: str, request: Request, steps: int = Query(200, ge=
     if steps > limit:
         raise ApiError(422, f"steps: at most {limit}")
     data = await read_upload(request)
-    width, height = await probe(request, data)
+    width, height = await probe(registry, data)
     reserve(request, width * height * DECODE_BYTES_PER_PIXEL)
     entry = model.entry
     resolution = entry.spec["resolution"]
-    target = torch.from_numpy(await prepare(request, data, entry.spec["channels"], (resolution, resolution), fit="square"))
+    target = torch.from_numpy(await prepare(registry, data, entry.spec["channels"], (resolution, resolution), fit="square"))
 
     def work(job, tick) -> dict:
         generator, features = projection_networks(model)

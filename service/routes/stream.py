@@ -1,0 +1,62 @@
+"""The streaming super-resolution endpoint (protocol: service/streams.py). Refusals before the
+handshake completes are HTTP answers with the API's JSON error body (404 unknown model, 422 not
+an upscale model or a bad parameter, 503 not ready or too many streams)."""
+from __future__ import annotations
+
+from fastapi import APIRouter, WebSocket
+from fastapi.responses import JSONResponse
+
+from service.errors import ApiError, error_payload
+from service.pipeline import require_kind
+from service.streams import STREAM_FORMATS, UpscaleStream
+
+router = APIRouter(prefix="/v1", tags=["image-to-image"])
+
+
+def stream_parameters(websocket: WebSocket) -> tuple[str, int | None]:
+    query = websocket.query_params
+    fmt = query.get("format", "jpeg").lower()
+    if fmt not in STREAM_FORMATS:
+        raise ApiError(422, f"format: one of {', '.join(STREAM_FORMATS)} (got {fmt!r})")
+    version = query.get("version")
+    if version is not None and not (version.isdigit() and 1 <= int(version) < 2**31):
+        raise ApiError(422, f"version: a positive integer (got {version!r})")
+    return fmt, int(version) if version is not None else None
+
+
+async def refuse(websocket: WebSocket, error: ApiError) -> None:
+    """The handshake answered with the API's error (a plain close where the server cannot)."""
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(JSONResponse(error_payload(websocket.url.path, error.status, error.message, error.code),
+                                                          status_code=error.status, headers=error.headers))
+    else:
+        await websocket.close(1008, error.message[:120])
+
+
+@router.websocket("/models/{name}/upscale/stream")
+async def upscale_stream(websocket: WebSocket, name: str) -> None:
+    """Frames in (binary PNG/JPEG/WebP messages), each answered in order: its upscale, or a
+    notice that it was dropped (latest wins) or refused."""
+    registry = websocket.app.state.registry
+    try:
+        fmt, version = stream_parameters(websocket)
+        model = registry.get(name, version)
+        require_kind(model, "super_resolution")
+        if registry.draining:
+            raise ApiError(503, "the server is shutting down", headers={"Retry-After": "1"})
+        if registry.open_streams >= registry.settings.max_streams:
+            raise ApiError(503, f"the server holds its limit of {registry.settings.max_streams} streams; retry later", headers={"Retry-After": "5"})
+    except ApiError as error:
+        await refuse(websocket, error)
+        return
+    stream = UpscaleStream(websocket, registry, name, version, fmt, f"s{next(registry.stream_ids)}")
+    registry.open_streams += 1
+    try:
+        await websocket.accept()
+        limits = model.limits.describe() if model.limits else {}
+        await stream.send({"type": "ready", "stream": stream.id, "model": name, "version": model.entry.version, "scale": model.entry.spec["scale"],
+                           "format": fmt, "max_input_pixels": limits.get("max_input_pixels"), "max_frame_bytes": registry.settings.max_body_bytes,
+                           "idle_timeout_s": registry.settings.stream_idle_s})
+        await stream.run()
+    finally:
+        registry.open_streams -= 1

@@ -1,0 +1,259 @@
+"""Real-time super-resolution over a WebSocket: a client app sends frames, the server answers
+every frame, in order, with its upscale or a notice that it was dropped.
+
+The protocol (`/v1/models/{name}/upscale/stream?format=jpeg`):
+
+- after the handshake the server sends `{"type": "ready", "stream": id, "model", "version",
+  "scale", "format", "max_input_pixels", ...}`;
+- the client sends each frame as one binary message (a PNG, JPEG or WebP image);
+- the server answers every frame, in the order they arrived, with exactly one of
+  - `{"type": "frame", "frame": n, "width", "height", "format", "bytes", "latency_ms", "stats"}`
+    followed at once by one binary message holding the encoded image;
+  - `{"type": "dropped", "frame": n, "superseded_by": m}`: the frame arrived while the stream was
+    behind and a newer one (m) came before it could start (latest wins: a live feed wants the
+    newest picture, not a growing backlog);
+  - `{"type": "error", "frame": n, "status", "code", "error"}`: the frame was refused (not an
+    image, over the model's limits, overloaded, …) with the same status and message the HTTP
+    endpoint gives; the stream goes on.
+- `stats` (fps over the last 5 s, p50/p99 latency over the last 256 frames, counts) also
+  appear per open stream in /metrics.
+
+A stream holds at most two frames (one being upscaled, one waiting), each admitted like an HTTP
+request (deadline, lane backlog, memory budget), and its tiles share batches with every other
+stream's and request's. A stream that sends nothing for `stream_idle_s` is closed.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from service.errors import ApiError
+from service.intake import RequestContext
+from service.pipeline import execute_for, in_pool
+from service.registry import ModelRegistry
+from service.responses import encode_outputs
+from service.upscaling import plan_upscale, upscale_upload
+from service.uploads import probe
+
+log = logging.getLogger("ganserve.streams")
+STREAM_FORMATS = ("jpeg", "png", "webp")
+LATENCY_WINDOW = 256  # frames the p50/p99 are taken over
+FPS_WINDOW_S = 5.0
+
+
+@dataclass(frozen=True)
+class Frame:
+    number: int  # 1, 2, … in order of arrival
+    data: bytes
+    arrived: float  # time.monotonic()
+
+
+class LatestFrame:
+    """The one-frame mailbox between a stream's reader and its worker. A frame that arrives while
+    another is waiting replaces it (latest wins); the replaced frames are remembered so that the
+    worker answers them, in order, as dropped before it answers the newer one."""
+
+    def __init__(self) -> None:
+        self.waiting: Frame | None = None
+        self.superseded: list[int] = []
+        self.closed = False
+        self.changed = asyncio.Event()
+
+    def put(self, frame: Frame) -> None:
+        if self.waiting is not None:
+            self.superseded.append(self.waiting.number)
+        self.waiting = frame
+        self.changed.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.changed.set()
+
+    async def take(self) -> tuple[list[int], Frame | None]:
+        """(frames dropped since the last take, the newest frame), or ([], None) once closed."""
+        while self.waiting is None and not self.closed:
+            self.changed.clear()
+            await self.changed.wait()
+        if self.closed:
+            return [], None
+        dropped, self.superseded = self.superseded, []
+        frame, self.waiting = self.waiting, None
+        return dropped, frame
+
+
+class StreamStats:
+    """A stream's running figures: what its client sees with every frame and /metrics shows."""
+
+    def __init__(self) -> None:
+        self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self.answered_at: deque[float] = deque()
+        self.started = time.monotonic()
+        self.answered = self.dropped = self.errors = 0
+
+    def record_answer(self, latency_s: float, now: float) -> None:
+        self.answered += 1
+        self.latencies.append(latency_s)
+        self.answered_at.append(now)
+
+    def fps(self, now: float) -> float:
+        while self.answered_at and self.answered_at[0] < now - FPS_WINDOW_S:
+            self.answered_at.popleft()
+        return len(self.answered_at) / max(min(FPS_WINDOW_S, now - self.started), 1e-3)
+
+    def quantile_s(self, q: float) -> float:
+        return float(np.quantile(np.fromiter(self.latencies, float), q)) if self.latencies else 0.0
+
+    def summary(self, now: float) -> dict:
+        return {"fps": round(self.fps(now), 2), "p50_ms": round(1000 * self.quantile_s(0.5), 2), "p99_ms": round(1000 * self.quantile_s(0.99), 2),
+                "answered": self.answered, "dropped": self.dropped, "errors": self.errors}
+
+
+class UpscaleStream:
+    """One open stream: a reader task fills the mailbox, the worker answers frames one by one."""
+
+    def __init__(self, websocket: WebSocket, registry: ModelRegistry, name: str, version: int | None, fmt: str, stream_id: str) -> None:
+        self.websocket, self.registry = websocket, registry
+        self.name, self.version, self.format, self.id = name, version, fmt, stream_id
+        self.mailbox = LatestFrame()
+        self.gone = asyncio.Event()  # the client left: the frame in flight is dropped before compute
+        self.sending = asyncio.Lock()  # a frame's header and image go out back to back
+        self.stats = StreamStats()
+        self.busy = False
+        metrics = registry.metrics
+        self.fps_gauge = metrics.stream_fps.labels(name, stream_id)
+        self.latency_gauges = {q: metrics.stream_latency.labels(name, stream_id, q) for q in ("0.5", "0.99")}
+
+    async def run(self) -> None:
+        metrics = self.registry.metrics
+        metrics.streams_open.labels(self.name).inc()
+        reader = asyncio.create_task(self.read())
+        try:
+            await self.answer_frames()
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            metrics.streams_open.labels(self.name).dec()
+            for labels in ((self.name, self.id, "0.5"), (self.name, self.id, "0.99")):
+                with contextlib.suppress(KeyError):
+                    metrics.stream_latency.remove(*labels)
+            with contextlib.suppress(KeyError):
+                metrics.stream_fps.remove(self.name, self.id)
+
+    async def read(self) -> None:
+        """Frames into the mailbox until the client leaves, goes idle or the server drains."""
+        idle_s = self.registry.settings.stream_idle_s
+        number = 0
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(idle_s):
+                        message = await self.websocket.receive()
+                except TimeoutError:
+                    if self.busy or self.mailbox.waiting is not None:
+                        continue
+                    await self.close(1001, f"no frame for {idle_s:g} s")
+                    return
+                if message["type"] == "websocket.disconnect":
+                    return
+                if message.get("bytes") is not None:
+                    number += 1
+                    self.mailbox.put(Frame(number, message["bytes"], time.monotonic()))
+                else:
+                    await self.send({"type": "error", "frame": None, "status": 422, "code": "invalid_request",
+                                     "error": "send each frame as one binary message holding a PNG, JPEG or WebP image"})
+        except (WebSocketDisconnect, RuntimeError):  # the socket closed under us
+            return
+        finally:
+            self.gone.set()
+            self.mailbox.close()
+
+    async def answer_frames(self) -> None:
+        while True:
+            dropped, frame = await self.mailbox.take()
+            if frame is None:
+                return
+            for number in dropped:
+                self.stats.dropped += 1
+                self.count("dropped")
+                await self.send({"type": "dropped", "frame": number, "superseded_by": frame.number})
+            self.busy = True
+            try:
+                await self.answer(frame)
+            finally:
+                self.busy = False
+            if self.registry.draining:
+                await self.close(1001, "the server is shutting down")
+                return
+
+    async def answer(self, frame: Frame) -> None:
+        registry = self.registry
+        ctx = RequestContext(frame.arrived, disconnected=self.gone)
+        version = ""
+        try:
+            model = registry.get(self.name, self.version)  # per frame: a reloaded model takes over between frames
+            version = str(model.entry.version)
+            width, height = await probe(registry, frame.data)
+            plan = plan_upscale(model, width, height)
+            output = await execute_for(registry, ctx, model, plan.cost, lambda state: upscale_upload(registry, model, frame.data, plan, state))
+            started = time.perf_counter()
+            content, _ = await in_pool(registry, encode_outputs, output[None], tuple(model.entry.spec["value_range"]), self.format, "grid", None, [],
+                                       registry.encoder_table)
+            registry.metrics.encode_duration.labels(self.name, version, "upscale_stream").observe(time.perf_counter() - started)
+        except ApiError as error:
+            if error.status == 499:  # the client left: nobody to answer
+                return
+            self.stats.errors += 1
+            self.count("error", version)
+            await self.send({"type": "error", "frame": frame.number, "status": error.status, "code": error.code, "error": error.message}
+                            | ({"retry_after_s": int(error.headers["Retry-After"])} if "Retry-After" in error.headers else {}))
+            return
+        except Exception as error:  # a broken model answers this frame with 500, never ends the stream
+            log.exception("stream %s frame %d", self.id, frame.number, exc_info=error)
+            self.stats.errors += 1
+            self.count("error", version)
+            await self.send({"type": "error", "frame": frame.number, "status": 500, "code": "internal",
+                             "error": f"internal error ({type(error).__name__}); the server's log has the details"})
+            return
+        finally:
+            registry.memory.release(ctx.reserved)
+        scale = model.entry.spec["scale"]
+        now = time.monotonic()
+        self.stats.record_answer(now - frame.arrived, now)
+        header = {"type": "frame", "frame": frame.number, "width": width * scale, "height": height * scale, "format": self.format,
+                  "bytes": len(content), "latency_ms": round(1000 * (now - frame.arrived), 2), "stats": self.stats.summary(now)}
+        await self.send(header, content)
+        self.count("answered", version)
+        registry.metrics.stream_frame_duration.labels(self.name, version).observe(time.monotonic() - frame.arrived)
+        self.fps_gauge.set(self.stats.fps(now))
+        for q, gauge in self.latency_gauges.items():
+            gauge.set(self.stats.quantile_s(float(q)))
+
+    def count(self, outcome: str, version: str = "") -> None:
+        self.registry.metrics.stream_frames.labels(self.name, version, outcome).inc()
+
+    async def send(self, message: dict, image: bytes | None = None) -> None:
+        """A notice (and the image it announces); a client that has gone is no error."""
+        if self.gone.is_set():
+            return
+        async with self.sending:
+            try:
+                await self.websocket.send_json(message)
+                if image is not None:
+                    await self.websocket.send_bytes(image)
+            except (WebSocketDisconnect, RuntimeError, OSError):
+                self.gone.set()
+
+    async def close(self, code: int, reason: str) -> None:
+        async with self.sending:
+            with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+                await self.websocket.close(code, reason)
+        self.gone.set()
+        self.mailbox.close()

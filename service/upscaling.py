@@ -1,0 +1,63 @@
+"""One upscale, from uploaded bytes to the float image, the same way for the HTTP route and for
+a stream's frame: size checked against the model's limits before decoding, the image cut into
+fixed-size tiles (every tile one batcher item, so tiles of different requests and streams share
+batches), each tile's output blended into the canvas as it comes back."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.admission import RequestCost, upscale_bytes_per_pixel
+from service.batcher import RequestState, each_result
+from service.errors import ApiError
+from service.imaging import DECODE_BYTES_PER_PIXEL
+from service.pipeline import estimate
+from service.registry import LoadedModel, ModelRegistry
+from service.tiling import TileBlender, TileGrid, cut_tiles, plan_tiles
+from service.uploads import prepare
+
+
+def over_limit(model: LoadedModel, width: int, height: int, pixels: int) -> None:
+    """413 for an image-to-image input past the model's measured limit."""
+    limit = model.limits.max_input_pixels if model.limits else None
+    if limit is not None and pixels > limit:
+        raise ApiError(413, f"image of {width}x{height} pixels is over {model.entry.name!r}'s limit of {limit} pixels "
+                            f"(about {int(limit ** 0.5)}² on this machine: its measured cost, the deadline and the memory budget set it)")
+
+
+@dataclass(frozen=True)
+class UpscalePlan:
+    grid: TileGrid
+    cost: RequestCost
+
+    @property
+    def tiles(self) -> int:
+        return self.grid.rows * self.grid.cols
+
+
+def plan_upscale(model: LoadedModel, width: int, height: int) -> UpscalePlan:
+    """The tiles and the cost of upscaling a width x height image; 413 past the model's limits."""
+    over_limit(model, width, height, width * height)
+    grid = plan_tiles(height, width, model.config.upscale_tile, model.config.upscale_overlap)
+    tiles = grid.rows * grid.cols
+    max_tiles = model.limits.max_tiles if model.limits else None
+    if max_tiles is not None and tiles > max_tiles:
+        raise ApiError(413, f"an image of {width}x{height} pixels takes {tiles} tiles; {model.entry.name!r} takes at most {max_tiles} per image on this machine")
+    spec = model.entry.spec
+    resident = height * width * (DECODE_BYTES_PER_PIXEL + upscale_bytes_per_pixel(max(spec["in_channels"], spec["channels"]), spec["scale"]))
+    return UpscalePlan(grid, estimate(model, "model", [1.0] * tiles, resident))
+
+
+async def upscale_upload(registry: ModelRegistry, model: LoadedModel, data: bytes, plan: UpscalePlan, state: RequestState) -> np.ndarray:
+    """The admitted work of one upscale: decode, tiles through the batcher, blend → [C, H·s, W·s]."""
+    spec = model.entry.spec
+    x = await prepare(registry, data, spec["in_channels"])
+    futures = registry.batcher(model, "upscale").submit([{"image": tile} for tile in cut_tiles(x, plan.grid)], state)
+    del x
+    blender = TileBlender(plan.grid, spec["scale"], spec["channels"])
+    async with contextlib.aclosing(each_result(futures, state)) as results:
+        async for index, output in results:
+            blender.add(index, output)
+    return blender.result()

@@ -1,0 +1,146 @@
+"""Streaming super-resolution over a real WebSocket (the `websockets` client) against the real
+server: every frame answered once and in order, latest-wins dropping while the client is behind,
+the same pixels as the HTTP endpoint, refusals as the API's errors, per-stream metrics, the
+stream cap, the idle timeout and a clean shutdown with a stream open."""
+import io
+import json
+import signal
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+
+from tests.serving import running_server
+
+STREAM = "/v1/models/upx4/upscale/stream"
+
+
+def frame(height: int, width: int, seed: int) -> bytes:
+    """A smooth picture (small as PNG, so a burst of them arrives in a few milliseconds)."""
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([(x * 255 // width + seed * 17) % 256, y * 255 // height, np.full_like(x, seed * 40 % 256)], axis=-1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def ws_url(server, path: str = STREAM) -> str:
+    return server.url.replace("http://", "ws://") + path
+
+
+def answers(ws, count: int) -> list[dict]:
+    """The next `count` frame answers; an answered frame's image is attached as `image`."""
+    found = []
+    while len(found) < count:
+        message = json.loads(ws.recv(timeout=30))
+        if message["type"] == "frame":
+            message["image"] = ws.recv(timeout=30)
+            assert isinstance(message["image"], bytes) and len(message["image"]) == message["bytes"]
+        found.append(message)
+    return found
+
+
+def test_every_frame_is_answered_in_order_and_a_burst_drops_all_but_the_latest(server):
+    with connect(ws_url(server) + "?format=png", max_size=2**24) as ws:
+        ready = json.loads(ws.recv(timeout=30))
+        assert ready["type"] == "ready" and ready["scale"] == 4 and ready["format"] == "png"
+        for seed in range(10):  # sent at once: the server is still on frame 1 when the rest arrive
+            ws.send(frame(128, 128, seed))
+        got = answers(ws, 10)
+    assert [a["frame"] for a in got] == list(range(1, 11))
+    kinds = [a["type"] for a in got]
+    assert kinds[0] == "frame" and kinds[-1] == "frame"  # the first starts at once, the latest always wins
+    assert "dropped" in kinds and set(kinds) <= {"frame", "dropped"}
+    for answer in got:
+        if answer["type"] == "dropped":
+            assert answer["superseded_by"] > answer["frame"]
+        else:
+            assert Image.open(io.BytesIO(answer["image"])).size == (512, 512)
+    last = got[-1]["stats"]
+    assert last["answered"] == kinds.count("frame") and last["dropped"] == kinds.count("dropped") and last["p99_ms"] >= last["p50_ms"] > 0
+
+
+def test_a_streamed_frame_has_the_pixels_of_the_http_upscale(server):
+    image = frame(70, 90, 3)
+    with connect(ws_url(server) + "?format=png", max_size=2**24) as ws:
+        ws.recv(timeout=30)
+        ws.send(image)
+        (answer,) = answers(ws, 1)
+    with server.client() as client:
+        response = client.post("/v1/models/upx4/upscale", content=image, headers={"content-type": "image/png"}, params={"format": "png"})
+    streamed, posted = (np.asarray(Image.open(io.BytesIO(data)), dtype=int) for data in (answer["image"], response.content))
+    assert streamed.shape == posted.shape == (280, 360, 3)
+    assert np.abs(streamed - posted).max() <= 1  # tiles may share batches of other sizes: float noise, never a seam
+
+
+def test_bad_frames_are_refused_with_the_api_status_and_the_stream_goes_on(server):
+    huge = frame(1100, 1000, 1)  # over the 1024² upscale input limit
+    with connect(ws_url(server), max_size=2**24) as ws:
+        ws.recv(timeout=30)
+        ws.send(b"not an image")
+        got = answers(ws, 1)
+        ws.send(huge)
+        got += answers(ws, 1)
+        ws.send("a text message is not a frame")
+        notice = json.loads(ws.recv(timeout=30))
+        ws.send(frame(32, 48, 2))
+        got += answers(ws, 1)
+    assert [(a["frame"], a["type"], a.get("status")) for a in got] == [(1, "error", 422), (2, "error", 413), (3, "frame", None)]
+    assert "1000x1100" in got[1]["error"]  # width x height
+    assert notice["type"] == "error" and notice["frame"] is None and notice["status"] == 422
+    assert got[2]["format"] == "jpeg" and Image.open(io.BytesIO(got[2]["image"])).format == "JPEG"
+
+
+@pytest.mark.parametrize("path, status", [("/v1/models/nope/upscale/stream", 404), ("/v1/models/edges/upscale/stream", 422),
+                                          ("/v1/models/upx4/upscale/stream?format=gif", 422), ("/v1/models/upx4/upscale/stream?version=0", 422)])
+def test_a_refused_handshake_is_the_api_error(server, path, status):
+    with pytest.raises(InvalidStatus) as refused:
+        with connect(ws_url(server, path)):
+            pass
+    assert refused.value.response.status_code == status
+    assert json.loads(refused.value.response.body)["error"]["message"]
+
+
+def test_open_streams_report_their_fps_and_latency_in_metrics(server):
+    with connect(ws_url(server)) as ws:
+        stream = json.loads(ws.recv(timeout=30))["stream"]
+        for seed in range(3):
+            ws.send(frame(40, 40, seed))
+            answers(ws, 1)
+        assert server.metric("ganserve_stream_fps", stream=stream) > 0
+        assert server.metric("ganserve_stream_latency_seconds", stream=stream, quantile="0.99") > 0
+        assert server.metric("ganserve_streams_open", model="upx4") >= 1
+    assert server.metric("ganserve_stream_frames_total", model="upx4", outcome="answered") >= 3
+    deadline = time.monotonic() + 10
+    while f'stream="{stream}"' in httpx.get(f"{server.url}/metrics").text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert f'stream="{stream}"' not in httpx.get(f"{server.url}/metrics").text  # a closed stream's series are gone
+
+
+def test_the_stream_cap_the_idle_timeout_and_a_clean_shutdown_with_a_stream_open(repository):
+    with running_server(repository, max_streams=1, stream_idle_s=1) as server:
+        url = ws_url(server)
+        with connect(url) as first:
+            first.recv(timeout=30)
+            with pytest.raises(InvalidStatus) as refused:
+                with connect(url):
+                    pass
+            assert refused.value.response.status_code == 503 and "Retry-After" in refused.value.response.headers
+            started = time.monotonic()
+            with pytest.raises(ConnectionClosed) as closed:
+                first.recv(timeout=30)
+            assert closed.value.rcvd.code == 1001 and time.monotonic() - started < 10
+        with connect(url) as second:  # the slot is free again
+            second.recv(timeout=30)
+            second.send(frame(32, 32, 1))
+            answers(second, 1)
+            stopping = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed):
+                second.recv(timeout=30)
+        # uvicorn re-raises the signal once it has shut down cleanly, as process managers expect
+        assert server.process.wait(timeout=60) in (0, -signal.SIGTERM) and time.monotonic() - stopping < 10
