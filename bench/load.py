@@ -1,14 +1,19 @@
-"""An async httpx load generator: `concurrency` clients post the same kind of request in a loop
+"""An async load generator (bench/http_client.py): `concurrency` clients post the same kind of request in a loop
 for `duration_s`, then the latency distribution, throughput, errors and the server's own mean
 batch size (from /metrics) are reported."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
+
+from bench.http_client import KeepAliveConnection, request_bytes
 
 
 @dataclass
@@ -22,6 +27,7 @@ class LoadResult:
     latency_ms: dict[str, float] = field(default_factory=dict)  # p50, p95, p99, max
     mean_batch_items: float = 0.0
     stage_ms: dict[str, float] = field(default_factory=dict)  # mean queue/compute/encode per request
+    server_cpu_ms_per_request: float = 0.0  # the server process's CPU time (all its threads) per request
 
     @property
     def ok(self) -> int:
@@ -49,39 +55,54 @@ def scrape(url: str) -> dict[str, float]:
     return totals
 
 
-async def client_loop(client: httpx.AsyncClient, path: str, request: dict, stop_at: float, latencies: list[float], statuses: dict[str, int]) -> None:
-    """`request`: keyword arguments of httpx's post (json=…, or content=… with headers)."""
+async def client_loop(connection: KeepAliveConnection, raw: bytes, stop_at: float, latencies: list[float], statuses: dict[str, int]) -> None:
     while time.perf_counter() < stop_at:
         started = time.perf_counter()
         try:
-            response = await client.post(path, **request)
-            status = str(response.status_code)
-        except httpx.HTTPError as error:
+            status = str((await connection.send(raw))[0])
+        except (OSError, asyncio.IncompleteReadError, ValueError) as error:
             status = type(error).__name__
         latencies.append(time.perf_counter() - started)
         statuses[status] = statuses.get(status, 0) + 1
 
 
 async def drive(url: str, path: str, request: dict, concurrency: int, duration_s: float) -> tuple[list[float], dict[str, int], float]:
-    # one client (one keep-alive connection) per simulated user: a single shared httpx pool
-    # serialises on its own lock at high concurrency and measures itself instead of the server
-    clients = [httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=1), timeout=60) for _ in range(concurrency)]
+    """`concurrency` clients, one keep-alive connection each (a shared pool serialises on its own
+    lock at high concurrency and measures itself instead of the server)."""
+    raw = request_bytes(urlsplit(url).netloc, path, request)
+    connections = [KeepAliveConnection(url) for _ in range(concurrency)]
     try:
-        await asyncio.gather(*(client.post(path, **request) for client in clients))  # connect before timing
+        await asyncio.gather(*(connection.send(raw) for connection in connections))  # connect before timing
         latencies: list[float] = []
         statuses: dict[str, int] = {}
         started = time.perf_counter()
-        await asyncio.gather(*(client_loop(client, path, request, started + duration_s, latencies, statuses) for client in clients))
+        await asyncio.gather(*(client_loop(connection, raw, started + duration_s, latencies, statuses) for connection in connections))
         return latencies, statuses, time.perf_counter() - started
     finally:
-        await asyncio.gather(*(client.aclose() for client in clients))
+        await asyncio.gather(*(connection.close() for connection in connections))
 
 
-def run_load(url: str, model: str, scenario: str, body: dict, concurrency: int, duration_s: float, path: str | None = None, request: dict | None = None) -> LoadResult:
-    """Drives `generate` with the JSON `body`, or `path` with raw httpx `request` arguments."""
-    before = scrape(url)
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process (Linux /proc), 0 when unknown."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_load(url: str, model: str, scenario: str, body: dict, concurrency: int, duration_s: float, path: str | None = None, request: dict | None = None,
+             pid: int | None = None, metrics: bool = True) -> LoadResult:
+    """Drives `generate` with the JSON `body`, or `path` with httpx-style `request` arguments
+    (`content=`, `headers=`). `pid`: the server process, whose CPU time per request is reported;
+    `metrics=False` for a server without /metrics (the naive baseline)."""
+    before = scrape(url) if metrics else {}
+    cpu_before = cpu_seconds(pid)
     latencies, statuses, elapsed = asyncio.run(drive(url, path or f"/v1/models/{model}/generate", request or {"json": body}, concurrency, duration_s))
-    after = scrape(url)
+    cpu = cpu_seconds(pid) - cpu_before
+    after = scrape(url) if metrics else {}
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     requests = max(delta.get("ganserve_request_duration_seconds_count", 0.0), 1.0)
     lat = np.asarray(latencies) * 1000
@@ -90,4 +111,5 @@ def run_load(url: str, model: str, scenario: str, body: dict, concurrency: int, 
         latency_ms={q: float(np.percentile(lat, p)) for q, p in (("p50", 50), ("p95", 95), ("p99", 99))} | {"max": float(lat.max())},
         mean_batch_items=delta.get("ganserve_batch_items_sum", 0.0) / max(delta.get("ganserve_batch_items_count", 0.0), 1.0),
         stage_ms={stage: 1000 * delta.get(f"ganserve_{stage}_duration_seconds_sum", 0.0) / requests for stage in ("queue", "compute", "encode", "request")},
+        server_cpu_ms_per_request=1000 * cpu / max(len(latencies), 1) if pid is not None else 0.0,
     )

@@ -14,16 +14,23 @@ from rich.table import Table
 
 from bench.ceiling import measure_ceiling
 from bench.load import LoadResult, run_load
-from bench.server import launched_server
+from bench.server import launched_naive, launched_server
 from service.repository import scan_repository
 
 console = Console()
 
 
-@contextlib.contextmanager
-def server(repository: Path, **settings):
-    with launched_server(repository, log_level="warning", **settings) as (_, url):
-        yield url
+NAIVE = "naive FastAPI (one sess.run per request, no batching)"
+NATURAL = "natural batching"
+
+
+def naive_unsupported(entry, runtime: str) -> str | None:
+    """Why the naive baseline cannot serve this model the same way (None: it can)."""
+    if runtime != "onnx":
+        return "the naive server runs ONNX Runtime only"
+    if [t["name"] for t in entry.graph_spec("model")["inputs"]] != ["z"]:
+        return "the naive server draws z only (unconditional models)"
+    return None
 
 
 def machine() -> str:
@@ -57,15 +64,23 @@ def run_bench(repository: Path, model: str, runtime: str, concurrencies: list[in
     ]
     loads: list[LoadResult] = []
     for title, settings, with_big_requests in configurations:
-        with server(repository, **settings, **common) as url:
+        with launched_server(repository, log_level="warning", **settings, **common) as (process, url):
             for c in concurrencies:
-                loads.append(run_load(url, model, f"{title}, 1 image/request", {"seed": 1}, c, duration_s))
+                loads.append(run_load(url, model, f"{title}, 1 image/request", {"seed": 1}, c, duration_s, pid=process.pid))
             if with_big_requests:
-                loads.append(run_load(url, model, f"{title}, {big_request} images/request", {"seed": 1, "n": big_request}, 4, duration_s))
+                loads.append(run_load(url, model, f"{title}, {big_request} images/request", {"seed": 1, "n": big_request}, 4, duration_s, pid=process.pid))
+    naive_reason = naive_unsupported(entry, runtime)
+    if naive_reason is None:
+        with launched_naive(repository, model, threads) as (process, url):
+            for c in concurrencies:
+                loads.append(run_load(url, model, f"{NAIVE}, 1 image/request", {"seed": 1}, c, duration_s, pid=process.pid, metrics=False))
+    else:
+        console.print(f"naive baseline skipped: {naive_reason}")
     ceilings = measure_ceiling(entry, runtime, device, threads, sorted({1, max_batch_size, big_request}))
     report = {"machine": machine(), "model": model, "runtime": runtime, "max_batch_size": max_batch_size, "max_queue_delay_ms": max_queue_delay_ms,
               "load": [r.to_dict() for r in loads], "ceiling": [c.to_dict() for c in ceilings]}
     print_report(report)
+    print_side_by_side(report)
     console.print("the ratio column divides by the best forward+PNG ceiling; large requests encode one grid PNG, not one PNG per image")
     write_report(report, out)
     return report
@@ -105,3 +120,24 @@ def print_report(report: dict) -> None:
     for c in report["ceiling"]:
         ceiling.add_row(str(c["batch_size"]), c["device"], f"{c['forward_images_per_s']:.0f}", f"{c['forward_encode_images_per_s']:.0f}")
     console.print(ceiling)
+
+
+def print_side_by_side(report: dict) -> None:
+    """ganserve (natural batching) against the naive server at each concurrency: throughput ratio
+    and both p99s, from the same run."""
+    single = [r for r in report["load"] if r["images_per_request"] == 1]
+    naive = {r["concurrency"]: r for r in single if r["scenario"].startswith(NAIVE)}
+    ours_by_concurrency = {r["concurrency"]: r for r in single if r["scenario"].startswith(NATURAL)}
+    if not naive:
+        return
+    table = Table(title="ganserve (natural batching) vs the naive server, same load generator, same run")
+    for column in ("conc.", "ganserve req/s", "naive req/s", "ratio", "ganserve p99 ms", "naive p99 ms", "ganserve CPU ms/req", "naive CPU ms/req"):
+        table.add_column(column, justify="right")
+    for c, base in sorted(naive.items()):
+        ours = ours_by_concurrency.get(c)
+        if ours is None:
+            continue
+        table.add_row(str(c), f"{ours['requests_per_s']:.0f}", f"{base['requests_per_s']:.0f}", f"{ours['requests_per_s'] / max(base['requests_per_s'], 1e-9):.2f}",
+                      f"{ours['latency_ms']['p99']:.1f}", f"{base['latency_ms']['p99']:.1f}",
+                      f"{ours['server_cpu_ms_per_request']:.2f}", f"{base['server_cpu_ms_per_request']:.2f}")
+    console.print(table)

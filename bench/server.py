@@ -38,17 +38,14 @@ def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 
 
 
 @contextlib.contextmanager
-def launched_server(repository: Path, wait: bool = True, **settings) -> Iterator[tuple[subprocess.Popen, str]]:
-    """Yields (process, base URL); `settings` become GANSERVE_* variables. The server's stderr
-    goes to a temporary file (a pipe nobody reads would block a chatty server), stopped with
-    SIGTERM (a graceful drain) at exit."""
-    port = free_port()
-    env = {**os.environ, **{f"GANSERVE_{k.upper()}": str(v) for k, v in settings.items()}}
+def launched_process(command: list[str], port: int, env: dict[str, str] | None = None, wait: bool = True) -> Iterator[tuple[subprocess.Popen, str]]:
+    """Yields (process, base URL) of an HTTP server `command` starts on `port`. Its stderr goes to
+    a temporary file (a pipe nobody reads would block a chatty server); stopped with SIGTERM (a
+    graceful drain) at exit."""
     with tempfile.TemporaryDirectory() as scratch:
         log = Path(scratch) / "server.log"
         with open(log, "wb") as stderr:
-            process = subprocess.Popen([sys.executable, "-m", "ganserve_cli", "serve", "--repository", str(repository), "--host", "127.0.0.1", "--port", str(port)],
-                                       cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+            process = subprocess.Popen(command, cwd=REPO, env=env or dict(os.environ), stdout=subprocess.DEVNULL, stderr=stderr)
         url = f"http://127.0.0.1:{port}"
         try:
             if wait:
@@ -61,3 +58,22 @@ def launched_server(repository: Path, wait: bool = True, **settings) -> Iterator
                     process.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     process.kill()
+
+
+@contextlib.contextmanager
+def launched_naive(repository: Path, model: str, threads: int) -> Iterator[tuple[subprocess.Popen, str]]:
+    """The naive baseline (bench/naive.py) on a free port."""
+    port = free_port()
+    command = [sys.executable, "-m", "bench.naive", "--repository", str(repository), "--model", model, "--port", str(port), "--threads", str(threads)]
+    with launched_process(command, port) as launched:
+        yield launched
+
+
+@contextlib.contextmanager
+def launched_server(repository: Path, wait: bool = True, **settings) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`ganserve serve` as users start it; `settings` become GANSERVE_* variables."""
+    port = free_port()
+    env = {**os.environ, **{f"GANSERVE_{k.upper()}": str(v) for k, v in settings.items()}}
+    command = [sys.executable, "-m", "ganserve_cli", "serve", "--repository", str(repository), "--host", "127.0.0.1", "--port", str(port)]
+    with launched_process(command, port, env, wait) as launched:
+        yield launched

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,8 +31,15 @@ class RequestContext:
 
     arrived: float  # time.monotonic()
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+    on_disconnect: list[Callable[[], object]] = field(default_factory=list)  # what stops the request's work (the pipeline's)
     labels: tuple[str, str, str] | None = None  # (model, version, operation), set by the pipeline
     reserved: int = 0  # bytes held from the memory budget until the response is sent
+
+
+    def client_left(self) -> None:
+        self.disconnected.set()
+        for stop in list(self.on_disconnect):
+            stop()
 
 
 def context_of(scope: Scope) -> RequestContext | None:
@@ -108,7 +116,7 @@ class RequestIntake:
                     message = await receive()
                     if message["type"] == "http.disconnect":
                         if not final_body_sent:
-                            context.disconnected.set()
+                            context.client_left()
                         return
 
             watcher = asyncio.ensure_future(watch())
@@ -132,7 +140,7 @@ class RequestIntake:
                 while True:
                     message = await receive()
                     if message["type"] == "http.disconnect":
-                        context.disconnected.set()
+                        context.client_left()
                         raise Refused(499, "client_closed_request", "the client went away while sending its body")
                     chunk = message.get("body", b"")
                     size += len(chunk)

@@ -9,6 +9,7 @@ Routes never repeat any of it, and never import each other.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -88,6 +89,20 @@ async def execute(request: Request, model: LoadedModel, cost: RequestCost, work:
     return await execute_for(registry_of(request), context(request), model, cost, work)
 
 
+class Interruption:
+    """Why a request's work was cancelled under it: its deadline (a timer) or its client leaving
+    (the intake's watcher). One timer and one callback per request, and the work runs in the
+    request's own task: no helper tasks to create, wait on and tear down on the hot path."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def interrupt(self, task: asyncio.Task, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            task.cancel()
+
+
 async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: LoadedModel, cost: RequestCost,
                       work: Callable[[RequestState], Awaitable[T]]) -> T:
     """`execute` for a unit of work that is not an HTTP request (a stream's frame): its context
@@ -95,23 +110,27 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
     state = RequestState(deadline=ctx.arrived + registry.settings.request_timeout_s)
     if registry.draining:
         raise ApiError(503, "the server is shutting down", headers={"Retry-After": "1"})
+    if ctx.disconnected.is_set():
+        raise ApiError(499, "the client closed the request", code="client_closed_request")
     state.lane_seconds = admit(model, cost, state.deadline - time.monotonic(), registry.memory)
     ctx.reserved += cost.bytes  # released by the intake once the response is sent
     model.lane.add_backlog(state.lane_seconds)  # its items take their shares off as they finish
-    task = asyncio.ensure_future(work(state))
-    gone = asyncio.ensure_future(ctx.disconnected.wait())
+    task = asyncio.current_task()
+    loop = task.get_loop()
+    interruption = Interruption()
+    timer = loop.call_at(loop.time() + state.deadline - time.monotonic(), interruption.interrupt, task, "deadline")
+    left = functools.partial(interruption.interrupt, task, "disconnect")
+    ctx.on_disconnect.append(left)
     try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        model.lane.remove_backlog(state.lane_seconds)  # what its items did not settle (dropped, estimate error)
-        state.lane_seconds = 0.0
-    if not task.done():
-        state.cancelled = True
-        task.cancel()
-        raise ApiError(499, "the client closed the request", code="client_closed_request")
-    try:
-        return task.result()
+        return await work(state)
+    except asyncio.CancelledError:
+        if interruption.reason is None:  # cancelled from outside (shutdown): not ours to answer
+            raise
+        task.uncancel()
+        state.cancelled = True  # what is still queued is dropped before compute
+        if interruption.reason == "disconnect":
+            raise ApiError(499, "the client closed the request", code="client_closed_request")
+        raise ApiError(504, "the request's deadline passed before its images were computed")
     except QueueFull as full:
         raise ApiError(429, "the model's queue is full; retry later", headers={"Retry-After": str(max(1, round(full.retry_after_s)))})
     except RequestTooLarge as error:
@@ -120,6 +139,11 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
         raise ApiError(504, "the request's deadline passed before its images were computed")
     except ShuttingDown:
         raise ApiError(503, "the server is shutting down", headers={"Retry-After": "1"})
+    finally:
+        timer.cancel()
+        ctx.on_disconnect.remove(left)
+        model.lane.remove_backlog(state.lane_seconds)  # what its items did not settle (dropped, estimate error)
+        state.lane_seconds = 0.0
 
 
 def reserve(request: Request, nbytes: int) -> None:

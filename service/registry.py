@@ -160,7 +160,7 @@ class ModelRegistry:
         try:
             model.config = serving_config(model.entry, self.settings)
             model.lane = Lane(model.entry.label, model.config.lane_threads)
-            await asyncio.get_running_loop().run_in_executor(model.lane.executor, self.load_and_warm, model)
+            await model.lane.run(self.load_and_warm, model)
             model.limits = derive_limits(model, self.settings, self.settings.memory_budget)
             model.state = "ready"
         except Exception as error:  # one bad entry must not take the others down
@@ -168,7 +168,9 @@ class ModelRegistry:
             log.error("could not load %s: %s", model.entry.label, model.error)
 
     def settle_memory(self) -> None:
-        """What is left of the budget for requests once the models are resident."""
+        """What is left of the budget for requests once the models are resident; the loaded
+        objects are moved out of the garbage collector's sight (memory.freeze_resident_objects)."""
+        memory.freeze_resident_objects()
         memory.trim()
         self.memory.set_capacity(self.settings.memory_budget - memory.rss_bytes())
         log.info("memory: %.0f MiB resident after loading; %.0f MiB of the %.0f MiB budget left for requests",

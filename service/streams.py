@@ -122,7 +122,8 @@ class UpscaleStream:
         self.websocket, self.registry = websocket, registry
         self.name, self.version, self.format, self.id = name, version, fmt, stream_id
         self.mailbox = LatestFrame()
-        self.gone = asyncio.Event()  # the client left: the frame in flight is dropped before compute
+        self.gone = asyncio.Event()  # the client left
+        self.frame_context: RequestContext | None = None  # the frame in flight: told when the client leaves
         self.sending = asyncio.Lock()  # a frame's header and image go out back to back
         self.stats = StreamStats()
         self.busy = False
@@ -172,8 +173,14 @@ class UpscaleStream:
         except (WebSocketDisconnect, RuntimeError):  # the socket closed under us
             return
         finally:
-            self.gone.set()
-            self.mailbox.close()
+            self.left()
+
+    def left(self) -> None:
+        """The client is gone: the frame in flight is stopped (its queued tiles dropped), nothing more is read."""
+        self.gone.set()
+        self.mailbox.close()
+        if self.frame_context is not None:
+            self.frame_context.client_left()
 
     async def answer_frames(self) -> None:
         while True:
@@ -195,7 +202,7 @@ class UpscaleStream:
 
     async def answer(self, frame: Frame) -> None:
         registry = self.registry
-        ctx = RequestContext(frame.arrived, disconnected=self.gone)
+        ctx = self.frame_context = RequestContext(frame.arrived)
         version = ""
         try:
             model = registry.get(self.name, self.version)  # per frame: a reloaded model takes over between frames
@@ -223,6 +230,7 @@ class UpscaleStream:
                              "error": f"internal error ({type(error).__name__}); the server's log has the details"})
             return
         finally:
+            self.frame_context = None
             registry.memory.release(ctx.reserved)
         scale = model.entry.spec["scale"]
         now = time.monotonic()
@@ -249,11 +257,10 @@ class UpscaleStream:
                 if image is not None:
                     await self.websocket.send_bytes(image)
             except (WebSocketDisconnect, RuntimeError, OSError):
-                self.gone.set()
+                self.left()
 
     async def close(self, code: int, reason: str) -> None:
         async with self.sending:
             with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
                 await self.websocket.close(code, reason)
-        self.gone.set()
-        self.mailbox.close()
+        self.left()

@@ -30,3 +30,23 @@ def test_the_soak_reports_statuses_latency_and_memory_of_the_shipped_models(tmp_
     assert hostile and all(status.startswith("4") for status in hostile)
     assert report["operations"]["dcgan generate"]["statuses"].get("200", 0) > 0
     assert report["isolation"]["p99_ratio"] > 0 and report["rss_end_mb"] > 100
+
+
+def test_the_naive_baseline_answers_the_servers_pixels_and_both_report_cpu_per_request(server, repository):
+    import io
+
+    import httpx
+    import numpy as np
+    from PIL import Image
+
+    from bench.server import launched_naive
+
+    with launched_naive(repository, "digits", 1) as (process, url):
+        naive = httpx.post(f"{url}/v1/models/digits/generate", json={"seed": 5}, timeout=30)
+        baseline = run_load(url, "digits", "naive", {"seed": 1}, concurrency=2, duration_s=0.5, pid=process.pid, metrics=False)
+    ours = httpx.post(f"{server.url}/v1/models/digits/generate", json={"seed": 5}, timeout=30)
+    assert naive.status_code == ours.status_code == 200
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(naive.content))), np.asarray(Image.open(io.BytesIO(ours.content))))
+    assert set(baseline.statuses) == {"200"} and baseline.server_cpu_ms_per_request > 0
+    measured = run_load(server.url, "digits", "smoke", {"seed": 1}, concurrency=2, duration_s=0.5, pid=server.process.pid)
+    assert measured.server_cpu_ms_per_request > 0
