@@ -4,6 +4,7 @@ runtime, and prints one table with the ratios. Results also go to a JSON file.""
 from __future__ import annotations
 
 import contextlib
+import sys
 import json
 import os
 import platform
@@ -17,7 +18,7 @@ from bench.load import LoadResult, run_load
 from bench.server import launched_naive, launched_server
 from service.repository import scan_repository
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 200)  # piped to a file: wide enough for the tables
 
 
 NAIVE = "naive FastAPI (one sess.run per request, no batching)"
