@@ -69,6 +69,7 @@ class RequestState:
     deadline: float  # time.monotonic() seconds
     cancelled: bool = False
     lane_seconds: float = 0.0  # what admission added to the lane's backlog for it, not yet settled by its items
+    timing: dict[str, float] | None = None  # the request's stage seconds (Server-Timing): longest queue wait, compute of its batches
 
     def alive(self, now: float) -> bool:
         return not self.cancelled and now < self.deadline
@@ -146,6 +147,12 @@ class DynamicBatcher:
             if not batch:
                 self.lane.slots.release()
                 continue
+            if self.runs_inline(batch):
+                try:
+                    self.execute_inline(batch)
+                finally:
+                    self.release(batch)
+                continue
             task = self.loop.create_task(self.execute_in_slot(batch))
             self.running.add(task)
             task.add_done_callback(self.running.discard)
@@ -198,16 +205,36 @@ class DynamicBatcher:
         self.queue = kept
         self.metrics.queue_items.set(len(self.queue))
         for item in batch:
-            self.metrics.queue_duration.observe(now - item.enqueued)
+            waited = now - item.enqueued
+            self.metrics.queue_duration.observe(waited)
+            if (timing := item.request.timing) is not None and waited > timing.get("queue", 0.0):
+                timing["queue"] = waited
         return batch
 
     async def execute_in_slot(self, batch: list[WorkItem]) -> None:
         try:
             await self.execute(batch)
         finally:
-            for item in batch:
-                self.settle(item)
-            self.lane.slots.release()
+            self.release(batch)
+
+    def release(self, batch: list[WorkItem]) -> None:
+        for item in batch:
+            self.settle(item)
+        self.lane.slots.release()
+
+    def runs_inline(self, batch: list[WorkItem]) -> bool:
+        """A lone item of a tiny graph: see INLINE_COMPUTE_MAX_S."""
+        return len(batch) == 1 and self.cost is not None and self.cost.batch_seconds(batch[0].units) < INLINE_COMPUTE_MAX_S
+
+    def execute_inline(self, batch: list[WorkItem]) -> None:
+        stacked = {name: item[None] for name, item in batch[0].inputs.items()}
+        started = time.perf_counter()
+        try:
+            outputs = self.run_batch(stacked)
+        except Exception as error:  # a broken model (or out of memory on one item) fails the item, never the worker
+            self.fail(batch, error)
+            return
+        self.deliver(batch, outputs, started)
 
     def settle(self, item: WorkItem) -> None:
         """An item is done (or dropped): its share of its request's admitted backlog leaves the lane."""
@@ -219,10 +246,7 @@ class DynamicBatcher:
         stacked = {name: np.stack([item.inputs[name] for item in batch]) for name in batch[0].inputs}
         started = time.perf_counter()
         try:
-            if len(batch) == 1 and self.cost is not None and self.cost.batch_seconds(batch[0].units) < INLINE_COMPUTE_MAX_S:
-                outputs = self.run_batch(stacked)  # see INLINE_COMPUTE_MAX_S
-            else:
-                outputs = await self.lane.run(self.run_batch, stacked)
+            outputs = await self.lane.run(self.run_batch, stacked)
         except OutOfMemory as error:
             if len(batch) == 1:
                 self.fail(batch, error)
@@ -236,11 +260,18 @@ class DynamicBatcher:
         except Exception as error:  # a broken model fails its batch, never the worker
             self.fail(batch, error)
             return
+        self.deliver(batch, outputs, started)
+
+    def deliver(self, batch: list[WorkItem], outputs: np.ndarray, started: float) -> None:
+        """A batch's outputs to its items' futures, with its cost and metrics recorded."""
         elapsed = time.perf_counter() - started
         if self.cost is not None:
             self.cost.observe(sum(item.units for item in batch), elapsed)
         self.metrics.compute_duration.observe(elapsed)
         self.metrics.batch_items.observe(len(batch))
+        for request in {id(item.request): item.request for item in batch}.values():
+            if request.timing is not None:
+                request.timing["compute"] = request.timing.get("compute", 0.0) + elapsed
         for item, output in zip(batch, outputs):
             if not item.future.done():
                 item.future.set_result(output)

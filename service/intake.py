@@ -34,6 +34,7 @@ class RequestContext:
     on_disconnect: list[Callable[[], object]] = field(default_factory=list)  # what stops the request's work (the pipeline's)
     labels: tuple[str, str, str] | None = None  # (model, version, operation), set by the pipeline
     reserved: int = 0  # bytes held from the memory budget until the response is sent
+    timing: dict[str, float] = field(default_factory=dict)  # stage seconds for Server-Timing (queue, compute: the batcher's)
 
 
     def client_left(self) -> None:
@@ -51,6 +52,21 @@ def error_message(path: str, status: int, code: str, message: str, headers: dict
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     return {"type": "http.response.start", "status": status, "headers": raw}, {"type": "http.response.body", "body": body}
+
+
+def with_server_timing(start: Message, context: RequestContext) -> Message:
+    """The response start with a `Server-Timing` header: the batcher's queue and compute stages,
+    the encode stage the route reported (its own `Server-Timing`), and the total so far, in ms."""
+    headers = list(start.get("headers", []))
+    parts = [f"{stage};dur={1000 * seconds:.2f}" for stage, seconds in context.timing.items()]
+    for i, (name, value) in enumerate(headers):
+        if name.lower() == b"server-timing":
+            parts.append(value.decode("latin-1"))
+            del headers[i]
+            break
+    parts.append(f"total;dur={1000 * (time.monotonic() - context.arrived):.2f}")
+    headers.append((b"server-timing", ", ".join(parts).encode("latin-1")))
+    return {**start, "headers": headers}
 
 
 class Refused(Exception):
@@ -89,6 +105,8 @@ class RequestIntake:
             nonlocal final_body_sent
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                if context.labels is not None or operation_of(scope) is not None:  # a model operation: its stages, for clients and the playground
+                    message = with_server_timing(message, context)
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 final_body_sent = True
             await send(message)

@@ -107,7 +107,7 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
                       work: Callable[[RequestState], Awaitable[T]]) -> T:
     """`execute` for a unit of work that is not an HTTP request (a stream's frame): its context
     says when it arrived, when its client left and what it reserved (the caller releases it)."""
-    state = RequestState(deadline=ctx.arrived + registry.settings.request_timeout_s)
+    state = RequestState(deadline=ctx.arrived + registry.settings.request_timeout_s, timing=ctx.timing)
     if registry.draining:
         raise ApiError(503, "the server is shutting down", headers={"Retry-After": "1"})
     if ctx.disconnected.is_set():

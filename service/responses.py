@@ -87,8 +87,9 @@ async def respond(registry, entry, operation: str, outputs: np.ndarray, fmt: str
     else:
         content, media_type = await asyncio.get_running_loop().run_in_executor(registry.encoders, encode_outputs, outputs, value_range, fmt, layout,
                                                                                columns, tags, registry.encoder_table)
-    registry.metrics.bound(entry.name, str(entry.version), operation).encode_duration.observe(time.perf_counter() - started)
-    headers = {"X-Model-Version": str(entry.version)} | ({"X-Seeds": ",".join(map(str, tags[:64]))} if tags else {})
+    encoded = time.perf_counter() - started
+    registry.metrics.bound(entry.name, str(entry.version), operation).encode_duration.observe(encoded)
+    headers = {"X-Model-Version": str(entry.version), "Server-Timing": f"encode;dur={1000 * encoded:.2f}"} | ({"X-Seeds": ",".join(map(str, tags[:64]))} if tags else {})
     return Response(content, media_type=media_type, headers=headers)
 
 
@@ -97,5 +98,6 @@ async def respond_animation(registry, entry, frames: np.ndarray, fmt: str, frame
     pixels = to_uint8(frames, tuple(entry.spec["value_range"]))
     started = time.perf_counter()
     content = await asyncio.get_running_loop().run_in_executor(registry.encoders, encode_animation, pixels, fmt, frame_ms)
-    registry.metrics.bound(entry.name, str(entry.version), "interpolate").encode_duration.observe(time.perf_counter() - started)
-    return Response(content, media_type=CONTENT_TYPES[fmt], headers={"X-Model-Version": str(entry.version)})
+    encoded = time.perf_counter() - started
+    registry.metrics.bound(entry.name, str(entry.version), "interpolate").encode_duration.observe(encoded)
+    return Response(content, media_type=CONTENT_TYPES[fmt], headers={"X-Model-Version": str(entry.version), "Server-Timing": f"encode;dur={1000 * encoded:.2f}"})

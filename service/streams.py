@@ -213,7 +213,8 @@ class UpscaleStream:
             started = time.perf_counter()
             content, _ = await in_pool(registry, encode_outputs, output[None], tuple(model.entry.spec["value_range"]), self.format, "grid", None, [],
                                        registry.encoder_table)
-            registry.metrics.encode_duration.labels(self.name, version, "upscale_stream").observe(time.perf_counter() - started)
+            ctx.timing["encode"] = time.perf_counter() - started
+            registry.metrics.encode_duration.labels(self.name, version, "upscale_stream").observe(ctx.timing["encode"])
         except ApiError as error:
             if error.status == 499:  # the client left: nobody to answer
                 return
@@ -236,7 +237,8 @@ class UpscaleStream:
         now = time.monotonic()
         self.stats.record_answer(now - frame.arrived, now)
         header = {"type": "frame", "frame": frame.number, "width": width * scale, "height": height * scale, "format": self.format,
-                  "bytes": len(content), "latency_ms": round(1000 * (now - frame.arrived), 2), "stats": self.stats.summary(now)}
+                  "bytes": len(content), "latency_ms": round(1000 * (now - frame.arrived), 2),
+                  "timing_ms": {stage: round(1000 * seconds, 2) for stage, seconds in ctx.timing.items()}, "stats": self.stats.summary(now)}
         await self.send(header, content)
         self.count("answered", version)
         registry.metrics.stream_frame_duration.labels(self.name, version).observe(time.monotonic() - frame.arrived)

@@ -37,6 +37,16 @@ def test_a_seed_gives_the_same_image_alone_and_inside_a_concurrent_burst(server)
     assert batches < 48  # some forward passes carried more than one request's image
 
 
+def test_a_model_operation_reports_its_stages_in_server_timing(server):
+    with server.client() as client:
+        response = client.post("/v1/models/digits/generate", json={"seed": 3, "n": 4})
+        error = client.post("/v1/models/digits/generate", json={"seed": -1})
+    stages = {part.split(";")[0].strip(): float(part.split("dur=")[1]) for part in response.headers["server-timing"].split(",")}
+    assert set(stages) == {"queue", "compute", "encode", "total"}
+    assert all(value >= 0 for value in stages.values()) and stages["total"] >= stages["compute"] + stages["encode"]
+    assert "total;dur=" in error.headers["server-timing"]  # refused before any work: only the total
+
+
 def test_different_seeds_give_different_images(server):
     with server.client() as client:
         a = decode(client.post("/v1/models/digits/generate", json={"seed": 1}).content)
