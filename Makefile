@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8000
 
-.PHONY: install run test models results bench clean
+.PHONY: install run test models results bench screenshots clean
 
 install: $(STAMP)
 
@@ -48,6 +48,11 @@ results: install
 
 bench: install
 	$(BIN)/ganserve bench --repository model_repository --model dcgan-digits
+
+# docs/images/playground-*.png: each playground tool driven in headless Chromium against a server on
+# model_repository/ (needs apt-get install chromium chromium-driver; about 30 s).
+screenshots: install
+	$(BIN)/python docs/make_screenshots.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -6,14 +6,14 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 
+from service import playground
 from service.errors import install_error_handlers
 from service.intake import RequestIntake
 from service.metrics import ServiceMetrics
-from service.playground import PAGE
 from service.registry import ModelRegistry
-from service.routes import health, image2image, jobs, repository, stream, style, v1, v2
+from service.routes import gallery, health, image2image, jobs, repository, stream, style, v1, v2
 from service.settings import Settings
 
 
@@ -50,9 +50,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(stream.router)
     app.include_router(v2.router)
     app.include_router(repository.router)
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def playground() -> str:
-        return PAGE
+    app.include_router(gallery.router)
+    app.include_router(playground.router)
+    app.mount("/static", StaticFiles(directory=playground.STATIC), name="static")
 
     return app

@@ -1,0 +1,22 @@
+"""A model's sample grid: the `samples.png` its exporter wrote beside the weights, for the
+playground's gallery (and anyone else who wants a look before calling the model)."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse, Response
+
+from service.errors import ApiError, error_responses
+from service.pipeline import registry_of
+
+router = APIRouter(prefix="/v1", tags=["v1"])
+
+
+@router.get("/models/{name}/samples.png", response_class=Response,
+            responses={200: {"content": {"image/png": {}}, "description": "the entry's sample grid"}, **error_responses(404, 422, 503)})
+async def samples(name: str, request: Request, version: int | None = Query(None, ge=1, lt=2**31)) -> Response:
+    """The sample grid exported with the model (latest ready version, or `version`)."""
+    entry = registry_of(request).get(name, version).entry
+    path = entry.path / "samples.png"
+    if not path.is_file():
+        raise ApiError(404, f"{entry.label} has no samples.png")
+    return FileResponse(path, media_type="image/png", headers={"X-Model-Version": str(entry.version)})

@@ -1,0 +1,259 @@
+"""The playground page in a real browser (headless Chromium through Selenium) against the real
+server: the gallery lists every model with its samples, and each tool, used once, shows its answer
+at the expected size with the request's latency, or the API's own error message."""
+from __future__ import annotations
+
+import io
+import shutil
+
+import httpx
+import pytest
+from PIL import Image
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
+from selenium.common.exceptions import TimeoutException  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+if not (CHROMIUM and CHROMEDRIVER):
+    pytest.skip("the browser tests need Chromium and chromedriver (apt-get install chromium chromium-driver); .ci/run installs them",
+                allow_module_level=True)
+
+GRID_PADDING = 2  # service/imaging.py grid(): between and around the images
+SERVER_WAIT_S = 30
+
+
+def grid_width(columns: int, size: int) -> int:
+    return columns * (size + GRID_PADDING) + GRID_PADDING
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(autouse=True)
+def no_script_errors(browser):
+    """After each test: the page threw nothing (failed resources, the API's 4xx answers, are expected)."""
+    browser.get_log("browser")
+    yield
+    errors = [entry["message"] for entry in browser.get_log("browser")
+              if entry["level"] == "SEVERE" and "Failed to load resource" not in entry["message"]]
+    assert not errors
+
+
+def png(path, width: int, height: int, colour=(200, 40, 90)):
+    Image.new("RGB", (width, height), colour).save(path)
+    return str(path)
+
+
+def open_tool(browser, server, model: str, tool: str):
+    """A fresh page with `model` chosen and `tool` open (the page's own #model/tool links)."""
+    browser.get("about:blank")  # else a new hash on the same page would keep the last test's state
+    browser.get(f"{server.url}/#{model}/{tool}")
+    return WebDriverWait(browser, SERVER_WAIT_S).until(lambda d: d.find_element(By.CSS_SELECTOR, f'#tools form[data-tool="{tool}"]:not([hidden])'))
+
+
+def fill(form, name: str, value) -> None:
+    field = form.find_element(By.NAME, name)
+    field.clear()
+    field.send_keys(str(value))
+
+
+def wait_for_answer(browser, root, selector: str = "img.answer", count: int = 1) -> list:
+    """The loaded images of `root` matching `selector` (at least `count`); fails with the page's
+    error message if one is shown instead."""
+    def settled(_):
+        errors = [e.text for e in root.find_elements(By.CSS_SELECTOR, ".message.error") if e.text]
+        if errors:
+            return errors
+        images = root.find_elements(By.CSS_SELECTOR, selector)
+        loaded = browser.execute_script("return arguments[0].every(i => i.complete && i.naturalWidth > 0)", images)
+        return images if len(images) >= count and loaded else None
+
+    try:
+        found = WebDriverWait(browser, SERVER_WAIT_S).until(settled)
+    except TimeoutException:
+        raise AssertionError(f"no answer in {SERVER_WAIT_S} s: {root.text!r}") from None
+    if isinstance(found[0], str):
+        raise AssertionError(f"the page shows an error: {found}")
+    return found
+
+
+def natural_width(browser, image) -> int:
+    return browser.execute_script("return arguments[0].naturalWidth", image)
+
+
+def timing_of(root) -> str:
+    return root.find_element(By.CSS_SELECTOR, ".timing").text
+
+
+def shown_error(browser, root) -> str:
+    return WebDriverWait(browser, SERVER_WAIT_S).until(lambda _: root.find_element(By.CSS_SELECTOR, ".message.error").text)
+
+
+def api_message(response: httpx.Response) -> str:
+    return response.json()["error"]["message"]
+
+
+def test_gallery_lists_every_model_with_its_facts_and_samples(browser, server):
+    models = httpx.get(f"{server.url}/v1/models").json()["models"]
+    browser.get(server.url + "/")
+    cards = WebDriverWait(browser, SERVER_WAIT_S).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .card"))
+    assert [c.get_attribute("data-model") for c in cards] == [m["name"] for m in models]
+    assert {m["name"] for m in models} == {"digits", "cdigits", "styles", "edges", "gray", "upx4"}
+    samples = wait_for_answer(browser, browser.find_element(By.ID, "gallery"), ".card img", count=len(models))
+    assert len(samples) == len(models)  # every card shows its samples.png
+    text = {c.get_attribute("data-model"): c.text for c in cards}
+    assert "style generator" in text["styles"] and "16 px" in text["styles"] and "v1" in text["styles"]
+    assert "×4 upscale" in text["upx4"] and "image translation" in text["edges"]
+    runtime = models[0]
+    assert f"{runtime['runtime']} on {runtime['device']}" in text[runtime["name"]]
+
+    next(c for c in cards if c.get_attribute("data-model") == "styles").click()
+    tabs = WebDriverWait(browser, 5).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#tabs button"))
+    assert [t.text for t in tabs] == ["generate", "style mixing", "interpolation", "edit", "projection"]
+    assert browser.find_element(By.CSS_SELECTOR, "[data-needs=psi]").is_displayed()  # the truncation slider of style models
+    assert not browser.find_element(By.CSS_SELECTOR, "[data-needs=classes]").is_displayed()
+
+
+def test_samples_route_serves_the_entrys_png_and_404s_without_one(server):
+    answer = httpx.get(f"{server.url}/v1/models/digits/samples.png")
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+    Image.open(io.BytesIO(answer.content)).verify()
+    missing = httpx.get(f"{server.url}/v1/models/nope/samples.png")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert httpx.get(f"{server.url}/v1/models/digits/samples.png", params={"version": 9}).status_code == 404
+
+
+def test_generate_shows_the_grid_and_its_latency(browser, server):
+    form = open_tool(browser, server, "digits", "generate")
+    fill(form, "seed", 3)
+    fill(form, "n", 4)
+    form.find_element(By.CSS_SELECTOR, "button").click()
+    (image,) = wait_for_answer(browser, form)
+    assert natural_width(browser, image) == grid_width(4, 32)
+    assert timing_of(form).startswith("latency ") and " ms" in timing_of(form)
+    if "server-timing" in httpx.post(f"{server.url}/v1/models/digits/generate", json={"seed": 3}).headers:
+        assert "server:" in timing_of(form) and "encode" in timing_of(form)
+
+
+def test_conditional_model_draws_the_class_picked(browser, server):
+    form = open_tool(browser, server, "cdigits", "generate")
+    picker = Select(browser.find_element(By.CSS_SELECTOR, "#common select[name=class]"))
+    assert len(picker.options) == 1 + 10  # "by seed" and the ten digits
+    picker.select_by_value("7")
+    fill(form, "n", 1)
+    form.find_element(By.CSS_SELECTOR, "button").click()
+    (image,) = wait_for_answer(browser, form)
+    assert natural_width(browser, image) == 32
+    shown = browser.execute_script("return fetch(arguments[0].src).then(r => r.arrayBuffer()).then(b => Array.from(new Uint8Array(b)))", image)
+    expected = httpx.post(f"{server.url}/v1/models/cdigits/generate", json={"seed": 0, "n": 1, "class": 7}).content
+    assert bytes(shown) == expected
+
+
+def test_an_api_error_is_shown_as_the_apis_message(browser, server):
+    form = open_tool(browser, server, "digits", "generate")
+    fill(form, "n", 0)
+    form.find_element(By.CSS_SELECTOR, "button").click()
+    expected = api_message(httpx.post(f"{server.url}/v1/models/digits/generate", json={"seed": 0, "n": 0, "columns": 1}))
+    assert expected in shown_error(browser, form)
+
+
+def test_style_mixing_grid(browser, server):
+    form = open_tool(browser, server, "styles", "style-mix")
+    fill(form, "rows", "1, 2")
+    fill(form, "cols", "3, 4, 5")
+    Select(form.find_element(By.NAME, "layers")).select_by_visible_text("coarse")
+    form.find_element(By.CSS_SELECTOR, "button").click()
+    (image,) = wait_for_answer(browser, form)
+    assert natural_width(browser, image) == grid_width(3, 16)
+    assert browser.execute_script("return arguments[0].naturalHeight", image) == grid_width(2, 16)
+    columns, rows = wait_for_answer(browser, form, "img.source", count=2)  # the sources: column seeds above, row seeds beside
+    assert natural_width(browser, columns) == grid_width(3, 16) and natural_width(browser, rows) == grid_width(1, 16)
+    assert timing_of(form).startswith("latency ")
+
+
+def test_interpolation_is_an_animation(browser, server):
+    form = open_tool(browser, server, "styles", "interpolate")
+    fill(form, "steps", 6)
+    form.find_element(By.CSS_SELECTOR, "button").click()
+    (image,) = wait_for_answer(browser, form)
+    assert natural_width(browser, image) == 16
+    header = browser.execute_script("return fetch(arguments[0].src).then(r => r.arrayBuffer()).then(b => String.fromCharCode(...new Uint8Array(b).slice(0, 6)))", image)
+    assert header == "GIF89a"
+    assert timing_of(form).startswith("latency ")
+
+
+def test_edit_strip_per_direction(browser, server):
+    form = open_tool(browser, server, "styles", "edit")
+    strips = form.find_elements(By.CSS_SELECTOR, ".direction")
+    assert sorted(s.find_element(By.TAG_NAME, "strong").text for s in strips) == ["hue", "size"]
+    form.find_element(By.CSS_SELECTOR, ".controls button").click()
+    for strip in strips:
+        (image,) = wait_for_answer(browser, strip)
+        assert natural_width(browser, image) == grid_width(5, 16)
+        assert timing_of(strip).startswith("latency ")
+
+
+def test_projection_polls_its_job_and_shows_the_result_beside_the_target(browser, server, tmp_path):
+    form = open_tool(browser, server, "styles", "project")
+    form.find_element(By.NAME, "file").send_keys(png(tmp_path / "target.png", 24, 24))
+    fill(form, "steps", 3)
+    form.find_element(By.CSS_SELECTOR, "button").click()
+    (reconstruction,) = wait_for_answer(browser, form)
+    (target,) = wait_for_answer(browser, form, "img.target")
+    assert natural_width(browser, reconstruction) == 16 and natural_width(browser, target) == 24
+    assert "PSNR" in form.text and "3 steps" in form.text
+    assert timing_of(form).startswith("latency ")
+
+
+def test_translation_shows_input_and_output_and_offers_the_download(browser, server, tmp_path):
+    form = open_tool(browser, server, "edges", "translate")
+    form.find_element(By.NAME, "file").send_keys(png(tmp_path / "shape.png", 40, 24))  # choosing the file runs it
+    (output,) = wait_for_answer(browser, form)
+    (given,) = wait_for_answer(browser, form, "img.input")
+    assert natural_width(browser, output) == natural_width(browser, given) == 40
+    link = form.find_element(By.CSS_SELECTOR, "a.download")
+    assert link.get_attribute("download") == "shape-edges.png" and link.get_attribute("href").startswith("blob:")
+    assert timing_of(form).startswith("latency ")
+
+
+def test_upscale_shows_before_and_after_at_the_same_size(browser, server, tmp_path):
+    form = open_tool(browser, server, "upx4", "upscale")
+    form.find_element(By.NAME, "file").send_keys(png(tmp_path / "small.png", 20, 12))
+    (output,) = wait_for_answer(browser, form)
+    assert natural_width(browser, output) == 80
+    before, after = wait_for_answer(browser, form, ".compare .before", 1)[0], form.find_element(By.CSS_SELECTOR, ".compare .after")
+    assert before.size == after.size
+    slider = form.find_element(By.CSS_SELECTOR, ".compare input[type=range]")
+    browser.execute_script("arguments[0].value = 20; arguments[0].dispatchEvent(new Event('input'))", slider)
+    assert "80%" in before.get_attribute("style")
+    assert timing_of(form).startswith("latency ")
+
+
+def test_a_bad_upload_shows_the_apis_message(browser, server, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    form = open_tool(browser, server, "edges", "translate")
+    form.find_element(By.NAME, "file").send_keys(str(text))
+    expected = api_message(httpx.post(f"{server.url}/v1/models/edges/translate", files={"file": ("notes.txt", b"not an image", "text/plain")}))
+    assert expected in shown_error(browser, form)
+
+
+def test_server_timing_is_parsed_when_sent_and_latency_alone_shown_when_not(browser, server):
+    browser.get(server.url + "/")
+    stages = browser.execute_script("return parseServerTiming('queue;dur=0.12, compute;dur=0.40, encode;dur=0.09, total;dur=1.1')")
+    assert stages == {"queue": 0.12, "compute": 0.4, "encode": 0.09, "total": 1.1}
+    assert browser.execute_script("return timingText({latency: 12.3, stages: parseServerTiming(null)})") == "latency 12 ms"
+    shown = browser.execute_script("return timingText({latency: 5, stages: parseServerTiming('total;dur=1.1, queue;dur=0.12, encode;desc=\"x\"')})")
+    assert shown == "latency 5.0 ms — server: queue 0.1 ms · total 1.1 ms"
