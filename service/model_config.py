@@ -17,7 +17,7 @@ class ServingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     runtime: Literal["onnx", "torchscript", "eager"]
-    precision: Literal["fp32"] = Field("fp32", description="fp16/bf16 belong to the GPU path, not served yet")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="bf16/fp16: torchscript and eager runtimes only, served where the parity with fp32 holds (service/precision.py)")
     warmup_repeats: int = Field(3, ge=1, le=100)  # timed runs per warm-up shape (the median is kept)
     warmup_batch_sizes: list[int] | None = Field(None, min_length=1, max_length=32)  # fixed-size graphs: default 1, 2, 4, … max_batch_size
     lane_threads: int = Field(ge=1, le=64)
@@ -30,7 +30,9 @@ class ServingConfig(BaseModel):
     upscale_overlap: int = Field(ge=0, le=1023)  # input px shared by neighbouring tiles, blended across
 
     @model_validator(mode="after")
-    def check_tiles(self) -> "ServingConfig":
+    def check_consistency(self) -> "ServingConfig":
+        if self.precision != "fp32" and self.runtime == "onnx":
+            raise ValueError(f"precision {self.precision} needs the torchscript or eager runtime (the ONNX export is fp32)")
         if 2 * self.upscale_overlap >= self.upscale_tile:
             raise ValueError(f"upscale_overlap ({self.upscale_overlap}) must be below half of upscale_tile ({self.upscale_tile})")
         if self.warmup_batch_sizes and not all(1 <= b <= self.max_batch_size for b in self.warmup_batch_sizes):

@@ -23,6 +23,7 @@ from service.jobs import JobStore
 from service.lanes import Lane
 from service.metrics import ServiceMetrics
 from service.model_config import ServingConfig, serving_config
+from service.precision import PARITY_BATCH, PrecisionParity, measure_parity, parity_inputs
 from service.repository import ModelEntry, scan_repository
 from service.runtimes import Runtime, has_dynamic_size, load_runtime, resolve_device
 from service.settings import Settings
@@ -47,6 +48,7 @@ class LoadedModel:
     batchers: dict[str, DynamicBatcher] = field(default_factory=dict)
     projection: tuple | None = None  # style models: (eager generator, feature fn), built on first use
     spreads: dict[str, float] = field(default_factory=dict)  # style models: std of w along each direction
+    parity: PrecisionParity | None = None  # half precision: its measured distance from fp32
 
     @property
     def ready(self) -> bool:
@@ -264,11 +266,13 @@ class ModelRegistry:
         return rows
 
     def load_and_warm(self, model: LoadedModel) -> None:
-        kind = model.config.runtime
+        kind, precision = model.config.runtime, model.config.precision
         started = time.perf_counter()
         for graph in model.entry.graphs:
-            runtime = load_runtime(model.entry, kind, self.device, self.settings.intra_op_threads, graph)
-            model.runtimes[graph] = runtime
+            model.runtimes[graph] = load_runtime(model.entry, kind, self.device, self.settings.intra_op_threads, graph, precision)
+        if precision != "fp32":
+            model.parity = self.check_precision(model)
+        for graph, runtime in model.runtimes.items():
             if self.settings.warmup:
                 model.costs[graph] = self.measure(model, runtime, graph)
         model.runtime = model.runtimes["model"]
@@ -278,6 +282,33 @@ class ModelRegistry:
             model.spreads = direction_spreads(model)
         log.info("loaded %s (%s on %s) in %.2fs; costs %s", model.entry.label, kind, model.runtime.device,
                  time.perf_counter() - started, {g: c.describe() for g, c in model.costs.items()})
+
+    def check_precision(self, model: LoadedModel) -> PrecisionParity:
+        """The half-precision graphs against fp32 on fixed inputs (service/precision.py); an entry
+        over the bound fails with the figures. Style models are compared from z to image."""
+        entry, kind, threads = model.entry, model.config.runtime, self.settings.intra_op_threads
+        reference = load_runtime(entry, kind, self.device, threads, "model")
+        spatial = 0
+        if has_dynamic_size(entry):
+            multiple = entry.spec["size_multiple"]
+            spatial = model.config.upscale_tile if entry.kind == "super_resolution" else -(-entry.spec["train_resolution"] // multiple) * multiple
+        reference_run, half_run = reference.run, model.runtimes["model"].run
+        inputs = parity_inputs(entry, dummy_inputs(entry, PARITY_BATCH, "model", spatial))
+        if "mapping" in entry.graphs:  # style: z → w → ws → image, both graphs in the precision compared
+            reference_mapping = load_runtime(entry, kind, self.device, threads, "mapping")
+            inputs = parity_inputs(entry, dummy_inputs(entry, PARITY_BATCH, "mapping"))
+            num_ws = entry.spec["num_ws"]
+
+            def through(mapping_run, synthesis_run):
+                return lambda z: synthesis_run({"ws": np.ascontiguousarray(np.repeat(mapping_run(z)[:, None, :], num_ws, axis=1))})
+
+            reference_run, half_run = through(reference_mapping.run, reference.run), through(model.runtimes["mapping"].run, half_run)
+        parity = measure_parity(entry, model.config.precision, reference_run, half_run, inputs)
+        if not parity.within_bound:
+            raise ValueError(f"{model.config.precision} is too far from fp32 for this model: mean {parity.mean_abs_error:.2e} (bound {parity.mean_bound:.2e}), "
+                             f"max {parity.max_abs_error:.2e} (bound {parity.max_bound:.2e}) of the value range; serve it in fp32")
+        log.info("%s in %s: %s", entry.label, model.config.precision, parity.describe())
+        return parity
 
     def measure(self, model: LoadedModel, runtime: Runtime, graph: str) -> GraphCost:
         """Warms the graph at the shapes the batcher produces first and measures its cost there.

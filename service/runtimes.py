@@ -1,7 +1,8 @@
 """Runtimes behind one interface: a batch of named numpy inputs in, one numpy array out.
 
 ONNX Runtime is the default (CUDA provider when present, else CPU); TorchScript and eager
-PyTorch run on CUDA when present, with pinned host memory for the copies.
+PyTorch run on CUDA when present, with pinned host memory for the copies, in fp32 or, where the
+model's configuration asks and its parity holds (service/precision.py), in bf16 or fp16.
 """
 from __future__ import annotations
 
@@ -81,13 +82,16 @@ class TorchRuntime:
     """TorchScript (`model.pt`) or eager (rebuilt from the spec + `model.safetensors`; a style
     model's graphs are its `synthesis` and `mapping` sub-networks)."""
 
-    def __init__(self, entry: ModelEntry, device: str, threads: int, eager: bool, graph: str = "model") -> None:
+    def __init__(self, entry: ModelEntry, device: str, threads: int, eager: bool, graph: str = "model", precision: str = "fp32") -> None:
         import torch
+
+        from service.precision import torch_dtype
 
         torch.set_num_threads(threads)
         self.torch = torch
         self.name = "eager" if eager else "torchscript"
         self.device = device
+        self.dtype = torch_dtype(precision)  # weights and float inputs; outputs come back as float32
         if eager:
             from safetensors.torch import load_file
 
@@ -102,7 +106,7 @@ class TorchRuntime:
                 module = module.synthesis if graph == "model" else module.mapping
         else:
             module = torch.jit.load(str(entry.file_for("torchscript", graph)), map_location="cpu")
-        self.module = module.eval().to(device)
+        self.module = module.eval().to(device=device, dtype=self.dtype)
         self.input_names = [i["name"] for i in entry.graph_spec(graph)["inputs"]]
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -112,15 +116,19 @@ class TorchRuntime:
             with torch.inference_mode():
                 if self.device == "cuda":
                     tensors = [t.pin_memory().to("cuda", non_blocking=True) for t in tensors]
+                if self.dtype != torch.float32:
+                    tensors = [t.to(self.dtype) if t.is_floating_point() else t for t in tensors]
                 return self.module(*tensors).float().cpu().numpy()
         except torch.cuda.OutOfMemoryError as error:
             torch.cuda.empty_cache()
             raise OutOfMemory(str(error)) from error
 
 
-def load_runtime(entry: ModelEntry, kind: str, device: str, threads: int, graph: str = "model") -> Runtime:
+def load_runtime(entry: ModelEntry, kind: str, device: str, threads: int, graph: str = "model", precision: str = "fp32") -> Runtime:
     if kind == "onnx":
+        if precision != "fp32":
+            raise ValueError(f"the onnx runtime serves fp32 only; {precision} is served by the torchscript and eager runtimes")
         return OnnxRuntime(entry, device, threads, graph)
     if kind in ("torchscript", "eager"):
-        return TorchRuntime(entry, device, threads, eager=kind == "eager", graph=graph)
+        return TorchRuntime(entry, device, threads, eager=kind == "eager", graph=graph, precision=precision)
     raise ValueError(f"unknown runtime {kind!r}")

@@ -59,6 +59,7 @@ def describe(model: LoadedModel) -> dict:
         "class_names": spec.get("class_names") or [], "formats": sorted(spec.get("formats") or {}),
         **({"direction_spreads": model.spreads} if model.spreads else {}),
         **({"serving": model.config.model_dump()} if model.config else {}),
+        **({"precision": model.parity.describe()} if model.parity else {}),
         **({"limits": model.limits.describe()} if model.limits else {}),
         **({"costs": {graph: cost.describe() for graph, cost in model.costs.items()}} if model.costs else {}),
     }

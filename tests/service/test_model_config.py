@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
+
 from tests.serving import running_server
 
 
@@ -27,3 +29,48 @@ def test_serving_json_sets_one_models_runtime_batching_and_warmup(repository, tm
         assert styles["serving"]["runtime"] == "onnx" and styles["serving"]["max_batch_size"] == 64  # the others keep the settings
         cdigits = client.get("/v1/models/cdigits").json()["versions"][0]
         assert cdigits["state"] == "failed" and "precision" in cdigits["error"]
+
+
+def test_half_precision_is_served_where_its_parity_with_fp32_holds(repository, tmp_path, server):
+    import io
+
+    repo = tmp_path / "repo"
+    shutil.copytree(repository, repo)
+    small_warmup = {"max_batch_size": 4, "warmup_repeats": 1}  # bf16 convolutions are slow on a CPU without bf16 units
+    for name, config in {"digits": {"runtime": "torchscript", "precision": "bf16"}, "styles": {"runtime": "eager", "precision": "fp16"},
+                         "upx4": {"runtime": "eager", "precision": "bf16", "upscale_tile": 32, "upscale_overlap": 8}}.items():
+        (repo / name / "1" / "serving.json").write_text(json.dumps(config | small_warmup))
+    picture = io.BytesIO()
+    from PIL import Image
+
+    Image.fromarray((np.random.default_rng(0).random((40, 56, 3)) * 255).astype(np.uint8)).save(picture, "PNG")
+    requests = [("/v1/models/digits/generate", {"json": {"seed": 4, "n": 3, "format": "npy"}}),
+                ("/v1/models/styles/generate", {"json": {"seed": 4, "n": 2, "format": "npy"}}),
+                ("/v1/models/upx4/upscale?format=npy", {"content": picture.getvalue(), "headers": {"content-type": "image/png"}})]
+    with server.client() as client:
+        full = [np.load(io.BytesIO(client.post(path, **kwargs).content)).astype(int) for path, kwargs in requests]
+    with running_server(repo) as half_server, half_server.client() as client:
+        for name, precision in (("digits", "bf16"), ("styles", "fp16"), ("upx4", "bf16")):
+            version = client.get(f"/v1/models/{name}").json()["versions"][0]
+            assert version["state"] == "ready", version["error"]
+            assert version["precision"]["precision"] == precision and version["precision"]["within_bound"]
+            assert 0 < version["precision"]["max_abs_error"] <= version["precision"]["max_bound"]  # measured, not assumed
+        half = [np.load(io.BytesIO(client.post(path, **kwargs).content)).astype(int) for path, kwargs in requests]
+    for ours, reference in zip(half, full):
+        assert ours.shape == reference.shape
+        # the bound (mean 1, max 8 levels) is measured on the parity batch; other seeds may pass the max a little
+        assert np.abs(ours - reference).mean() <= 1.0 and np.abs(ours - reference).max() <= 16
+
+
+def test_a_half_precision_graph_past_the_bound_is_measured_as_such():
+    from service.precision import MAX_BOUND, measure_parity
+
+    class Entry:
+        spec = {"value_range": [-1.0, 1.0]}
+
+    inputs = {"z": np.zeros((2, 4), dtype=np.float32)}
+    exact = measure_parity(Entry(), "bf16", lambda x: np.zeros((2, 3)), lambda x: np.full((2, 3), 0.004), inputs)
+    assert exact.within_bound and abs(exact.max_abs_error - 0.002) < 1e-9  # in fractions of the value range (2 wide)
+    off = measure_parity(Entry(), "fp16", lambda x: np.zeros((2, 3)), lambda x: np.full((2, 3), 4 * MAX_BOUND), inputs)
+    broken = measure_parity(Entry(), "fp16", lambda x: np.zeros((2, 3)), lambda x: np.full((2, 3), np.nan), inputs)
+    assert not off.within_bound and not broken.within_bound
