@@ -18,7 +18,10 @@ def prebuilt_request(host: str, path: str, body: bytes, headers: dict[str, str])
 
 
 def request_bytes(host: str, path: str, request: dict) -> bytes:
-    """httpx-style keyword arguments (`json=` or `content=` with `headers=`) → the request's bytes."""
+    """httpx-style keyword arguments (`json=` or `content=` with `headers=`) → the request's bytes
+    (query parameters go in `path`)."""
+    if "params" in request:
+        raise ValueError("put query parameters in the path")
     if "json" in request:
         return prebuilt_request(host, path, json.dumps(request["json"]).encode(), {"Content-Type": "application/json"})
     return prebuilt_request(host, path, request["content"], request.get("headers", {}))

@@ -2,7 +2,8 @@
 forward pass of the same runtime; for a translation model, 256x256 through `/translate` beside one
 forward pass of the whole padded frame.
 
-Scenarios: `concurrency` clients each post one 256 px PNG (a held-out photo crop) in a loop and
+Scenarios: one client on the upscale stream (WebSocket, a frame sent when the last came back), and
+`concurrency` clients each post one 256 px PNG (a held-out photo crop) in a loop and
 ask for JPEG (real-time streams cannot afford PNG: a 1024 px PNG costs a core ~0.1 s). The
 ceiling is the runtime alone on the same tiles the service cuts (one frame = its tile batch), and
 on the whole frame in one pass (no tiling overhead), plus the cost of encoding one output frame.
@@ -19,7 +20,8 @@ from rich.table import Table
 
 from bench.ceiling import timed
 from bench.load import run_load
-from bench.runner import machine, server, write_report
+from bench.runner import machine, write_report
+from bench.server import launched_server
 from service.imaging import encode
 from service.repository import scan_repository
 from service.runtimes import load_runtime
@@ -69,6 +71,32 @@ def measure_encoding(size: int, seconds: float) -> dict[str, float]:
     return {fmt: timed(seconds, lambda f=fmt: encode(image, f)) * 1000 for fmt in ("jpeg", "png", "webp")}
 
 
+def measure_stream(url: str, model: str, frame: bytes, fmt: str, duration_s: float) -> dict:
+    """One client on the upscale stream (WebSocket), closed loop: the next frame is sent when the
+    last answer has arrived, so nothing is dropped and frames/s is what one stream sustains."""
+    import json
+    import time
+
+    from websockets.sync.client import connect
+
+    latencies: list[float] = []
+    with connect(url.replace("http://", "ws://") + f"/v1/models/{model}/upscale/stream?format={fmt}", max_size=2**26) as ws:
+        json.loads(ws.recv(timeout=60))  # ready
+        started = time.perf_counter()
+        while time.perf_counter() - started < duration_s or not latencies:
+            sent = time.perf_counter()
+            ws.send(frame)
+            answer = json.loads(ws.recv(timeout=120))
+            if answer["type"] != "frame":
+                raise RuntimeError(f"the stream answered {answer}")
+            ws.recv(timeout=120)  # the image
+            latencies.append(time.perf_counter() - sent)
+        elapsed = time.perf_counter() - started
+    ms = np.asarray(latencies) * 1000
+    return {"frames": len(latencies), "frames_per_s": len(latencies) / elapsed, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "server_stats": answer["stats"]}
+
+
 def run_upscale_bench(repository: Path, model: str, runtime: str, concurrencies: list[int], duration_s: float, size: int, fmt: str,
                       max_batch_size: int, threads: int, out: Path | None) -> dict:
     entries = [e for e in scan_repository(repository) if e.name == model]
@@ -86,13 +114,15 @@ def run_upscale_bench(repository: Path, model: str, runtime: str, concurrencies:
     frame = test_frame(size)
     buffer = io.BytesIO()
     Image.fromarray(frame).save(buffer, format="PNG")
-    request = {"content": buffer.getvalue(), "headers": {"content-type": "image/png"}, "params": {"format": fmt}}
+    request = {"content": buffer.getvalue(), "headers": {"content-type": "image/png"}}
     loads = []
-    with server(repository, runtime=runtime, intra_op_threads=threads, max_batch_size=max_batch_size, max_queue_delay_ms=0, max_queue_size=100_000) as url:
+    with launched_server(repository, log_level="warning", runtime=runtime, intra_op_threads=threads, max_batch_size=max_batch_size, max_queue_delay_ms=0,
+                         max_queue_size=100_000) as (process, url):
         for c in concurrencies:
-            result = run_load(url, model, f"{size}→{size * entry.spec['scale']} px, {fmt} out", {}, c, duration_s, path=f"/v1/models/{model}/{endpoint}",
-                              request=request)
+            result = run_load(url, model, f"{size}→{size * entry.spec['scale']} px, {fmt} out", {}, c, duration_s, path=f"/v1/models/{model}/{endpoint}?format={fmt}",
+                              request=request, pid=process.pid)
             loads.append(result.to_dict())
+        stream = measure_stream(url, model, buffer.getvalue(), fmt, duration_s) if endpoint == "upscale" else None
     if endpoint == "upscale":
         grid = plan_tiles(size, size, config.upscale_tile, config.upscale_overlap)
         tiles_per_frame = grid.rows * grid.cols
@@ -104,7 +134,7 @@ def run_upscale_bench(repository: Path, model: str, runtime: str, concurrencies:
     report = {"machine": machine(), "model": model, "runtime": runtime, "device": device, "size": size, "scale": entry.spec["scale"], "format": fmt,
               "endpoint": endpoint, "tile": config.upscale_tile if endpoint == "upscale" else None, "overlap": config.upscale_overlap if endpoint == "upscale" else None,
               "tiles_per_frame": tiles_per_frame, "max_batch_size": max_batch_size,
-              "load": loads, "forward": forward, "encode_ms": measure_encoding(size * entry.spec["scale"], 1.0)}
+              "load": loads, "stream": stream, "forward": forward, "encode_ms": measure_encoding(size * entry.spec["scale"], 1.0)}
     print_upscale_report(report)
     write_report(report, out)
     return report
@@ -125,6 +155,10 @@ def print_upscale_report(report: dict) -> None:
         table.add_row(r["scenario"], str(r["concurrency"]), f"{r['requests_per_s']:.2f}", f"{r['latency_ms']['p50']:.0f}", f"{r['latency_ms']['p99']:.0f}",
                       str(errors), f"{r['mean_batch_items']:.1f}", f"{queue_per_tile:.0f}", stages)
     console.print(table)
+    if report.get("stream"):
+        stream = report["stream"]
+        console.print(f"one upscale stream (WebSocket, closed loop): {stream['frames_per_s']:.2f} frames/s, p50 {stream['p50_ms']:.0f} ms, "
+                      f"p99 {stream['p99_ms']:.0f} ms over {stream['frames']} frames")
     ceiling = Table(title="bare forward pass (same runtime, no HTTP)")
     ceiling.add_column("what")
     ceiling.add_column("frames/s", justify="right")
