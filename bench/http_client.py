@@ -37,7 +37,18 @@ class KeepAliveConnection:
         self.writer: asyncio.StreamWriter | None = None
 
     async def send(self, raw: bytes) -> tuple[int, bytes]:
-        """(status, body) of one request."""
+        """(status, body) of one request. A kept-alive connection the server closed while it sat
+        idle (its keep-alive timeout) is reopened and the request sent again, once, as httpx
+        does; any other failure is the request's."""
+        reused = self.writer is not None
+        try:
+            return await self.exchange(raw)
+        except (asyncio.IncompleteReadError, ConnectionResetError) as error:
+            if not reused or getattr(error, "partial", b""):
+                raise
+        return await self.exchange(raw)
+
+    async def exchange(self, raw: bytes) -> tuple[int, bytes]:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         try:

@@ -11,6 +11,7 @@ on the whole frame in one pass (no tiling overhead), plus the cost of encoding o
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from service.model_config import serving_config
 from service.registry import IMAGE_TO_IMAGE
 from service.tiling import cut_tiles, padded_size, pad_to, plan_tiles
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 200)  # piped to a file: wide enough for the tables
 
 
 def test_frame(size: int) -> np.ndarray:

@@ -29,7 +29,7 @@ class ServiceMetrics:
         self.stream_frames = Counter("ganserve_stream_frames_total", "Stream frames by outcome (answered, dropped, error)", ("model", "version", "outcome"), registry=r)
         self.stream_frame_duration = Histogram("ganserve_stream_frame_seconds", "A stream frame from arrival to its answer", ("model", "version"), buckets=LATENCY_BUCKETS, registry=r)
         self.streams_open = Gauge("ganserve_streams_open", "Open upscale streams", ("model",), registry=r)
-        self.stream_fps = Gauge("ganserve_stream_fps", "Frames answered per second by one open stream (last 5 s)", ("model", "stream"), registry=r)
+        self.stream_fps = Gauge("ganserve_stream_fps", "Frames answered per second by one open stream (the spacing of its answers over the last 5 s)", ("model", "stream"), registry=r)
         self.stream_latency = Gauge("ganserve_stream_latency_seconds", "One open stream's frame latency over its last 256 frames", ("model", "stream", "quantile"), registry=r)
         self.gpu_memory = Gauge("ganserve_gpu_memory_bytes", "GPU memory allocated by this process", ("device",), registry=r)
 

@@ -103,9 +103,13 @@ class StreamStats:
         self.answered_at.append(now)
 
     def fps(self, now: float) -> float:
-        while self.answered_at and self.answered_at[0] < now - FPS_WINDOW_S:
+        """Answers per second over the last FPS_WINDOW_S: the spacing of the answers in it (a
+        stream slower than one frame per window keeps its last two answers' spacing)."""
+        while len(self.answered_at) > 2 and self.answered_at[0] < now - FPS_WINDOW_S:
             self.answered_at.popleft()
-        return len(self.answered_at) / max(min(FPS_WINDOW_S, now - self.started), 1e-3)
+        if len(self.answered_at) < 2:
+            return len(self.answered_at) / max(now - self.started, 1e-3)
+        return (len(self.answered_at) - 1) / max(self.answered_at[-1] - self.answered_at[0], 1e-6)
 
     def quantile_s(self, q: float) -> float:
         return float(np.quantile(np.fromiter(self.latencies, float), q)) if self.latencies else 0.0
