@@ -19,7 +19,10 @@ DECODE_BYTES_PER_PIXEL = 16  # decoding holds the RGB(A) image and a converted c
 
 
 def to_uint8(batch: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
-    """[N, C, H, W] floats in value_range → [N, H, W, C] uint8."""
+    """[N, C, H, W] floats in value_range → [N, H, W, C] uint8 (round half to even, as the
+    runtimes' device-side conversion does). Images the runtime already converted pass through."""
+    if batch.dtype == np.uint8:
+        return batch
     low, high = value_range
     scaled = (np.asarray(batch, dtype=np.float32) - low) * (255.0 / (high - low))
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)

@@ -4,6 +4,7 @@ readiness and draining live here."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -56,6 +57,10 @@ class LoadedModel:
 
 
 IMAGE_TO_IMAGE = {"translation": "translate", "super_resolution": "upscale"}  # kind → endpoint
+# operations whose outputs only ever become images: converted to uint8 by the runtime, where they
+# were computed (translate and upscale outputs are cropped, resized or blended in float first; v2
+# infer answers the float tensor)
+IMAGE_OPERATIONS = ("generate", "synthesis")
 TRITON_STATES = {"ready": "READY", "loading": "LOADING", "failed": "UNAVAILABLE", "unloaded": "UNAVAILABLE", "replaced": "UNLOADING"}
 
 
@@ -378,7 +383,9 @@ class ModelRegistry:
                 raise ShuttingDown()
             config = model.config
             key = BatchKey(model.entry.name, model.entry.version, operation)
-            model.batchers[operation] = DynamicBatcher(key, model.runtimes[graph].run, model.lane, self.metrics, config.max_batch_size,
+            runtime = model.runtimes[graph]
+            run = functools.partial(runtime.run_images, value_range=tuple(model.entry.spec["value_range"])) if operation in IMAGE_OPERATIONS else runtime.run
+            model.batchers[operation] = DynamicBatcher(key, run, model.lane, self.metrics, config.max_batch_size,
                                                        config.max_queue_delay_ms, config.max_queue_size, model.costs.get(graph), config.max_batch_seconds)
         return model.batchers[operation]
 

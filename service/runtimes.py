@@ -10,6 +10,7 @@ from typing import Protocol
 
 import numpy as np
 
+from service.imaging import to_uint8
 from service.repository import ModelEntry
 
 
@@ -22,6 +23,11 @@ class Runtime(Protocol):
     device: str
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray: ...
+
+    def run_images(self, inputs: dict[str, np.ndarray], value_range: tuple[float, float]) -> np.ndarray:
+        """The graph's images as uint8 [N, H, W, C], converted where they were computed (on the
+        GPU for the torch runtimes there: a quarter of the bytes cross to the host)."""
+        ...
 
 
 def cuda_available() -> bool:
@@ -69,6 +75,9 @@ class OnnxRuntime:
         self.device = "cuda" if providers[0].startswith("CUDA") else "cpu"
         self.input_names = [i.name for i in self.session.get_inputs()]
 
+    def run_images(self, inputs: dict[str, np.ndarray], value_range: tuple[float, float]) -> np.ndarray:
+        return to_uint8(self.run(inputs), value_range)  # ONNX Runtime hands back host arrays: converted on the lane's thread
+
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         try:
             return self.session.run(None, {name: inputs[name] for name in self.input_names})[0]
@@ -110,6 +119,18 @@ class TorchRuntime:
         self.input_names = [i["name"] for i in entry.graph_spec(graph)["inputs"]]
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.forward(inputs, lambda out: out.float().cpu().numpy())
+
+    def run_images(self, inputs: dict[str, np.ndarray], value_range: tuple[float, float]) -> np.ndarray:
+        low, high = value_range
+
+        def to_uint8(out):  # the arithmetic of imaging.to_uint8, where the output is
+            scaled = (out.float() - low) * (255.0 / (high - low))
+            return scaled.round().clamp(0, 255).to(self.torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+        return self.forward(inputs, to_uint8)
+
+    def forward(self, inputs: dict[str, np.ndarray], finish):
         torch = self.torch
         tensors = [torch.from_numpy(np.ascontiguousarray(inputs[name])) for name in self.input_names]
         try:
@@ -118,7 +139,7 @@ class TorchRuntime:
                     tensors = [t.pin_memory().to("cuda", non_blocking=True) for t in tensors]
                 if self.dtype != torch.float32:
                     tensors = [t.to(self.dtype) if t.is_floating_point() else t for t in tensors]
-                return self.module(*tensors).float().cpu().numpy()
+                return finish(self.module(*tensors))
         except torch.cuda.OutOfMemoryError as error:
             torch.cuda.empty_cache()
             raise OutOfMemory(str(error)) from error
