@@ -4,7 +4,9 @@
   before a byte is read when Content-Length says so), in time (408 for a body that trickles in)
   and against the memory budget (503 when the bytes in flight would pass it);
 - the client is watched for the rest of the request: a hang-up sets the request's
-  `disconnected` event (the pipeline drops its queued items) and the request counts as 499;
+  `disconnected` event and stops its work (the pipeline's callback cancels it and its queued
+  items are dropped) and the request counts as 499;
+- a model operation's answer gets a `Server-Timing` header (queue, compute, encode, total);
 - every model operation is timed and counted in `ganserve_requests_total` with its final
   status, whether a route answered it, validation refused it or the client left;
 - what a request reserved from the memory budget is released when its response has been sent.
@@ -36,8 +38,8 @@ class RequestContext:
     reserved: int = 0  # bytes held from the memory budget until the response is sent
     timing: dict[str, float] = field(default_factory=dict)  # stage seconds for Server-Timing (queue, compute: the batcher's)
 
-
     def client_left(self) -> None:
+        """The client hung up: wakes whoever waits on `disconnected` and stops the request's work."""
         self.disconnected.set()
         for stop in list(self.on_disconnect):
             stop()
