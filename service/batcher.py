@@ -92,7 +92,7 @@ class WorkItem:
 class DynamicBatcher:
     def __init__(self, key: BatchKey, run_batch: Callable[[dict[str, np.ndarray]], np.ndarray], lane: Lane,
                  metrics: ServiceMetrics, max_batch_size: int, max_queue_delay_ms: float, max_queue_size: int,
-                 cost: GraphCost | None = None, max_batch_seconds: float = math.inf) -> None:
+                 cost: GraphCost | None = None, max_batch_seconds: float = math.inf, pad_to: list[int] | None = None) -> None:
         self.key = key
         self.run_batch = run_batch
         self.lane = lane
@@ -102,6 +102,7 @@ class DynamicBatcher:
         self.max_queue_size = max_queue_size
         self.cost = cost
         self.max_batch_seconds = max_batch_seconds
+        self.pad_to = pad_to  # warmed batch sizes a batch is padded up to (None: no padding)
         self.queue: deque[WorkItem] = deque()
         self.wakeup = asyncio.Event()
         self.accepting = True
@@ -224,7 +225,8 @@ class DynamicBatcher:
 
     def runs_inline(self, batch: list[WorkItem]) -> bool:
         """A lone item of a tiny graph: see INLINE_COMPUTE_MAX_S."""
-        return len(batch) == 1 and self.cost is not None and self.cost.batch_seconds(batch[0].units) < INLINE_COMPUTE_MAX_S
+        return (len(batch) == 1 and self.cost is not None and self.cost.batch_seconds(batch[0].units) < INLINE_COMPUTE_MAX_S
+                and (not self.pad_to or self.pad_to[0] == 1))
 
     def execute_inline(self, batch: list[WorkItem]) -> None:
         stacked = {name: item[None] for name, item in batch[0].inputs.items()}
@@ -242,8 +244,17 @@ class DynamicBatcher:
         item.request.lane_seconds -= share
         self.lane.remove_backlog(share)
 
+    def padded(self, stacked: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+        """The batch with copies of its last item up to the nearest warmed size (outputs past
+        `size` are never handed out: `deliver` zips them with the real items)."""
+        target = next((s for s in self.pad_to or () if s >= size), size)
+        if target == size:
+            return stacked
+        self.metrics.padded_items.inc(target - size)
+        return {name: np.concatenate([array, np.repeat(array[-1:], target - size, axis=0)]) for name, array in stacked.items()}
+
     async def execute(self, batch: list[WorkItem]) -> None:
-        stacked = {name: np.stack([item.inputs[name] for item in batch]) for name in batch[0].inputs}
+        stacked = self.padded({name: np.stack([item.inputs[name] for item in batch]) for name in batch[0].inputs}, len(batch))
         started = time.perf_counter()
         try:
             outputs = await self.lane.run(self.run_batch, stacked)

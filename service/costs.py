@@ -34,6 +34,7 @@ class GraphCost:
     bytes_per_unit: int  # peak memory one unit adds while it computes
     reference_pixels: int | None  # dynamic-size graphs: pixels of one unit; None: every item is one unit
     correction: float = 1.0  # observed / estimated over recent batches
+    warmed: tuple[float, ...] = ()  # the shapes (in units: batch sizes for fixed-size graphs) run at warm-up
 
     def units(self, inputs: dict[str, np.ndarray]) -> float:
         """An item's units: 1, or its pixels over the reference for dynamic-size graphs."""
@@ -70,7 +71,8 @@ class GraphCost:
 
     def describe(self) -> dict:
         return {"seconds_per_unit": round(self.per_unit_s, 6), "batch_overhead_seconds": round(self.overhead_s, 6),
-                "bytes_per_unit": self.bytes_per_unit, "unit_pixels": self.reference_pixels, "observed_over_measured": round(self.correction, 3)}
+                "bytes_per_unit": self.bytes_per_unit, "unit_pixels": self.reference_pixels, "observed_over_measured": round(self.correction, 3),
+                "warmed_units": list(self.warmed)}
 
 
 def fallback_bytes(inputs: dict[str, np.ndarray], output: np.ndarray) -> int:
@@ -79,7 +81,7 @@ def fallback_bytes(inputs: dict[str, np.ndarray], output: np.ndarray) -> int:
 
 def measure_cost(run: Callable[[dict[str, np.ndarray]], np.ndarray], make_inputs: Callable[[K], dict[str, np.ndarray]],
                  shapes: list[tuple[K, float]], reference_pixels: int | None, max_batch_seconds: float = math.inf,
-                 repeats: int = 3) -> GraphCost:
+                 repeats: int = 3, runs_per_shape: int = 1) -> GraphCost:
     """Warms `run` at the shapes the batcher will form (`make_inputs(key)` builds a shape of
     `units` units) and fits the linear cost between the smallest and the largest.
 
@@ -87,7 +89,9 @@ def measure_cost(run: Callable[[dict[str, np.ndarray]], np.ndarray], make_inputs
     `max_batch_seconds` (the batcher never forms bigger batches, and warming a 64-image batch of
     a 256² StyleGAN2 would cost a CPU minutes of start-up). Each shape's first run gives the peak
     memory it added; an allocator that keeps an arena has then already grown for the smallest
-    shape, so a larger shape's growth is divided by the units it added, not all of its units."""
+    shape, so a larger shape's growth is divided by the units it added, not all of its units.
+    `runs_per_shape` > 1 runs every warmed shape that often (TorchScript on a GPU re-optimises a
+    graph over its first calls at each new shape: no request should pay for that)."""
     shapes = sorted(shapes, key=lambda shape: shape[1])
     (small, small_units) = shapes[0]
     bytes_per_unit = 0
@@ -96,6 +100,8 @@ def measure_cost(run: Callable[[dict[str, np.ndarray]], np.ndarray], make_inputs
         nonlocal bytes_per_unit
         inputs = make_inputs(key)
         output, added = measure_peak(lambda: run(inputs))
+        for _ in range(runs_per_shape - 1):
+            run(inputs)
         added = added if added is not None else fallback_bytes(inputs, output)
         bytes_per_unit = max(bytes_per_unit, math.ceil(added / max(added_units, 1e-9) * MEMORY_MARGIN))
 
@@ -113,11 +119,12 @@ def measure_cost(run: Callable[[dict[str, np.ndarray]], np.ndarray], make_inputs
     fitting = [(key, units) for key, units in shapes[1:] if t_small / small_units * units <= max_batch_seconds]
     for key, units in reversed(fitting):  # largest first: later ones reuse what it allocated
         first_run(key, units, units - small_units)
+    warmed = (small_units, *(units for _, units in fitting))
     if not fitting:
-        return GraphCost(t_small / small_units, 0.0, bytes_per_unit, reference_pixels)
+        return GraphCost(t_small / small_units, 0.0, bytes_per_unit, reference_pixels, warmed=warmed)
     large, large_units = fitting[-1]
     t_large = timed(large)
     # timing noise must not make a unit free: at least 5 % of the large shape's mean
     per_unit = max((t_large - t_small) / (large_units - small_units), 0.05 * t_large / large_units)
     overhead = max(0.0, t_small - per_unit * small_units)
-    return GraphCost(per_unit, overhead, bytes_per_unit, reference_pixels)
+    return GraphCost(per_unit, overhead, bytes_per_unit, reference_pixels, warmed=warmed)

@@ -24,6 +24,7 @@ class ServiceMetrics:
         self.queue_items = Gauge("ganserve_queue_items", "Items waiting in the batch queue", LABELS, registry=r)
         self.requests = Counter("ganserve_requests_total", "Requests by final HTTP status", LABELS + ("status",), registry=r)
         self.rejected = Counter("ganserve_rejected_total", "Requests or items refused or dropped", LABELS + ("reason",), registry=r)
+        self.padded_items = Counter("ganserve_padded_items_total", "Copies added to batches to reach a warmed batch size", LABELS, registry=r)
         # upscale streams: frames by outcome, latency per frame, and each open stream's own fps and
         # p50/p99 (series removed when the stream closes; at most max_streams of them)
         self.stream_frames = Counter("ganserve_stream_frames_total", "Stream frames by outcome (answered, dropped, error)", ("model", "version", "outcome"), registry=r)
@@ -41,6 +42,7 @@ class ServiceMetrics:
             self.request_duration.labels(*labels), self.queue_duration.labels(*labels), self.compute_duration.labels(*labels),
             self.encode_duration.labels(*labels), self.batch_items.labels(*labels), self.queue_items.labels(*labels),
             lambda status: self.requests.labels(*labels, status), lambda reason: self.rejected.labels(*labels, reason),
+            self.padded_items.labels(*labels),
         )
 
 
@@ -54,3 +56,4 @@ class BoundMetrics:
     queue_items: Gauge
     requests: object  # status -> Counter child
     rejected: object  # reason -> Counter child
+    padded_items: Counter

@@ -18,7 +18,11 @@ class ServingConfig(BaseModel):
 
     runtime: Literal["onnx", "torchscript", "eager"]
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="bf16/fp16: torchscript and eager runtimes only, served where the parity with fp32 holds (service/precision.py)")
-    warmup_repeats: int = Field(3, ge=1, le=100)  # timed runs per warm-up shape (the median is kept)
+    warmup_repeats: int = Field(3, ge=1, le=100)  # timed runs per warm-up shape (the median is kept); on CUDA torch runtimes, runs of every warmed shape
+    # pad a batch with copies of its last item up to the nearest warmed batch size, so that only
+    # warmed shapes reach the runtime (TorchScript and CUDA graphs specialise on shapes); None: on
+    # for the torchscript and eager runtimes on CUDA, off elsewhere (on a CPU padding is only cost)
+    pad_batches: bool | None = None
     warmup_batch_sizes: list[int] | None = Field(None, min_length=1, max_length=32)  # fixed-size graphs: default 1, 2, 4, … max_batch_size
     lane_threads: int = Field(ge=1, le=64)
     max_batch_size: int = Field(ge=1, le=4096)

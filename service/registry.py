@@ -326,8 +326,9 @@ class ModelRegistry:
         entry = model.entry
         if not has_dynamic_size(entry, graph):
             sizes = model.config.warmup_batch_sizes or warmup_sizes(model.config.max_batch_size)
+            specialised = model.config.runtime in ("torchscript", "eager") and runtime.device == "cuda"
             return measure_cost(runtime.run, lambda b: dummy_inputs(entry, b, graph), [(b, float(b)) for b in sizes], None,
-                                model.config.max_batch_seconds, model.config.warmup_repeats)
+                                model.config.max_batch_seconds, model.config.warmup_repeats, model.config.warmup_repeats if specialised else 1)
         multiple = entry.spec["size_multiple"]
         if entry.kind == "super_resolution":
             side = model.config.upscale_tile
@@ -385,9 +386,23 @@ class ModelRegistry:
             key = BatchKey(model.entry.name, model.entry.version, operation)
             runtime = model.runtimes[graph]
             run = functools.partial(runtime.run_images, value_range=tuple(model.entry.spec["value_range"])) if operation in IMAGE_OPERATIONS else runtime.run
+            cost = model.costs.get(graph)
+            pad_to = sorted({int(units) for units in cost.warmed}) if cost and self.pads_batches(model, graph) else None
             model.batchers[operation] = DynamicBatcher(key, run, model.lane, self.metrics, config.max_batch_size,
-                                                       config.max_queue_delay_ms, config.max_queue_size, model.costs.get(graph), config.max_batch_seconds)
+                                                       config.max_queue_delay_ms, config.max_queue_size, cost, config.max_batch_seconds, pad_to)
         return model.batchers[operation]
+
+    def shape_specialised(self, model: LoadedModel) -> bool:
+        """Runtimes that compile per input shape: TorchScript and eager torch on CUDA."""
+        return model.config.runtime in ("torchscript", "eager") and model.runtime is not None and model.runtime.device == "cuda"
+
+    def pads_batches(self, model: LoadedModel, graph: str) -> bool:
+        """Batches of fixed-size graphs are padded to warmed sizes where the configuration says so
+        (by default where the runtime specialises on shapes)."""
+        if has_dynamic_size(model.entry, graph):
+            return False
+        wanted = model.config.pad_batches
+        return self.shape_specialised(model) if wanted is None else wanted
 
     def all_models(self) -> list[LoadedModel]:
         return [m for versions in self.models.values() for m in versions.values()]

@@ -91,3 +91,22 @@ def test_runtimes_convert_images_to_uint8_exactly_as_the_host_does(repository):
             images = runtime.run_images(inputs, tuple(entry.spec["value_range"]))
             assert images.dtype == np.uint8 and images.shape == (5, 32, 32, 1)
             assert np.array_equal(images, to_uint8(runtime.run(inputs), tuple(entry.spec["value_range"])))
+
+
+def test_batches_are_padded_to_warmed_sizes_when_asked_and_every_image_stays_its_seeds(repository, tmp_path, server):
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    repo = tmp_path / "repo"
+    shutil.copytree(repository, repo)
+    (repo / "digits" / "1" / "serving.json").write_text(json.dumps(
+        {"pad_batches": True, "max_batch_size": 8, "warmup_batch_sizes": [1, 4, 8], "max_queue_delay_ms": 300}))
+    with server.client() as client:
+        alone = [client.post("/v1/models/digits/generate", json={"seed": s, "format": "npy"}).content for s in range(3)]
+    with running_server(repo) as padded:
+        with padded.client() as client:
+            assert client.get("/v1/models/digits").json()["versions"][0]["costs"]["model"]["warmed_units"] == [1.0, 4.0, 8.0]
+        with ThreadPoolExecutor(3) as pool:  # three requests inside the 300 ms delay: one batch of 3, padded to 4
+            burst = list(pool.map(lambda s: padded.client().post("/v1/models/digits/generate", json={"seed": s, "format": "npy"}), range(3)))
+        assert padded.metric("ganserve_padded_items_total", model="digits") >= 1
+    assert [np.load(io.BytesIO(r.content)).tolist() for r in burst] == [np.load(io.BytesIO(a)).tolist() for a in alone]
