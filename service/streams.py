@@ -18,8 +18,9 @@ The protocol (`/v1/models/{name}/upscale/stream?format=jpeg`):
 - `stats` (fps over the last 5 s, p50/p99 latency over the last 256 frames, counts) also
   appear per open stream in /metrics.
 
-A stream holds at most two frames (one being upscaled, one waiting), each admitted like an HTTP
-request (deadline, lane backlog, memory budget), and its tiles share batches with every other
+A stream holds at most two frames (one being upscaled, one waiting), their bytes reserved from the
+memory budget on arrival (a frame that does not fit is refused with 503), each admitted like an
+HTTP request (deadline, lane backlog, memory budget), and its tiles share batches with every other
 stream's and request's. A stream that sends nothing for `stream_idle_s` is closed.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from service.errors import ApiError
 from service.intake import RequestContext
+from service.memory import OverBudget
 from service.pipeline import execute_for, in_pool
 from service.registry import ModelRegistry
 from service.responses import encode_outputs
@@ -66,15 +68,21 @@ class LatestFrame:
         self.closed = False
         self.changed = asyncio.Event()
 
-    def put(self, frame: Frame) -> None:
-        if self.waiting is not None:
-            self.superseded.append(self.waiting.number)
+    def put(self, frame: Frame) -> Frame | None:
+        """Leaves `frame` waiting; returns the frame it superseded, if any."""
+        replaced = self.waiting
+        if replaced is not None:
+            self.superseded.append(replaced.number)
         self.waiting = frame
         self.changed.set()
+        return replaced
 
-    def close(self) -> None:
+    def close(self) -> Frame | None:
+        """No more frames; returns the one left waiting, if any."""
         self.closed = True
         self.changed.set()
+        left, self.waiting = self.waiting, None
+        return left
 
     async def take(self) -> tuple[list[int], Frame | None]:
         """(frames dropped since the last take, the newest frame), or ([], None) once closed."""
@@ -170,7 +178,17 @@ class UpscaleStream:
                     return
                 if message.get("bytes") is not None:
                     number += 1
-                    self.mailbox.put(Frame(number, message["bytes"], time.monotonic()))
+                    data = message["bytes"]
+                    try:  # a waiting frame's bytes count against the memory budget like a request body
+                        self.registry.memory.try_reserve(len(data))
+                    except OverBudget:
+                        self.stats.errors += 1
+                        await self.send({"type": "error", "frame": number, "status": 503, "code": "overloaded", "retry_after_s": 1,
+                                         "error": "the server's memory budget is taken by requests in flight; this frame was not kept"})
+                        continue
+                    replaced = self.mailbox.put(Frame(number, data, time.monotonic()))
+                    if replaced is not None:
+                        self.registry.memory.release(len(replaced.data))
                 else:
                     await self.send({"type": "error", "frame": None, "status": 422, "code": "invalid_request",
                                      "error": "send each frame as one binary message holding a PNG, JPEG or WebP image"})
@@ -182,7 +200,9 @@ class UpscaleStream:
     def left(self) -> None:
         """The client is gone: the frame in flight is stopped (its queued tiles dropped), nothing more is read."""
         self.gone.set()
-        self.mailbox.close()
+        waiting = self.mailbox.close()
+        if waiting is not None:
+            self.registry.memory.release(len(waiting.data))
         if self.frame_context is not None:
             self.frame_context.client_left()
 
@@ -206,7 +226,7 @@ class UpscaleStream:
 
     async def answer(self, frame: Frame) -> None:
         registry = self.registry
-        ctx = self.frame_context = RequestContext(frame.arrived)
+        ctx = self.frame_context = RequestContext(frame.arrived, reserved=len(frame.data))  # the bytes reserved on arrival
         version = ""
         try:
             model = registry.get(self.name, self.version)  # per frame: a reloaded model takes over between frames
