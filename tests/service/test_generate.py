@@ -109,6 +109,17 @@ def test_models_are_listed_with_their_spec(server):
     assert spec["formats"]["onnx"]["parity_max_abs_error"] <= 1e-4
 
 
+def test_a_models_sample_grid_is_served_and_404s_without_one(server):
+    with server.client() as client:
+        answer = client.get("/v1/models/digits/samples.png")
+        missing = client.get("/v1/models/nope/samples.png")
+        other_version = client.get("/v1/models/digits/samples.png", params={"version": 9})
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+    Image.open(io.BytesIO(answer.content)).verify()
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert other_version.status_code == 404
+
+
 def test_playground_and_openapi_docs_are_served(server):
     with server.client() as client:
         assert "ganserve" in client.get("/").text

@@ -3,7 +3,6 @@ server: the gallery lists every model with its samples, and each tool, used once
 at the expected size with the request's latency, or the API's own error message."""
 from __future__ import annotations
 
-import io
 import shutil
 
 import httpx
@@ -124,15 +123,6 @@ def test_gallery_lists_every_model_with_its_facts_and_samples(browser, server):
     assert [t.text for t in tabs] == ["generate", "style mixing", "interpolation", "edit", "projection"]
     assert browser.find_element(By.CSS_SELECTOR, "[data-needs=psi]").is_displayed()  # the truncation slider of style models
     assert not browser.find_element(By.CSS_SELECTOR, "[data-needs=classes]").is_displayed()
-
-
-def test_samples_route_serves_the_entrys_png_and_404s_without_one(server):
-    answer = httpx.get(f"{server.url}/v1/models/digits/samples.png")
-    assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
-    Image.open(io.BytesIO(answer.content)).verify()
-    missing = httpx.get(f"{server.url}/v1/models/nope/samples.png")
-    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
-    assert httpx.get(f"{server.url}/v1/models/digits/samples.png", params={"version": 9}).status_code == 404
 
 
 def test_generate_shows_the_grid_and_its_latency(browser, server):
