@@ -357,16 +357,22 @@ class ModelRegistry:
             raise ApiError(404, f"unknown model {name!r}; GET /v1/models lists the models served")
         return self.models[name]
 
-    def get(self, name: str, version: int | None = None) -> LoadedModel:
+    def resolve(self, name: str, version: int | None = None) -> LoadedModel:
+        """The version a request addresses, ready or not: `version`, else the latest ready one,
+        else the latest (404 for an unknown name or version)."""
         versions = self.versions(name)
         if version is None:
             ready = [v for v, m in versions.items() if m.ready]
             version = max(ready) if ready else max(versions)
         if version not in versions:
             raise ApiError(404, f"model {name!r} has no version {version} (has {sorted(versions)})")
-        model = versions[version]
+        return versions[version]
+
+    def get(self, name: str, version: int | None = None) -> LoadedModel:
+        """`resolve`, and 503 unless that version is ready."""
+        model = self.resolve(name, version)
         if not model.ready:
-            raise ApiError(503, f"model {name!r} v{version} is {model.state}" + (f": {model.error}" if model.error else ""), headers={"Retry-After": "1"})
+            raise ApiError(503, f"model {name!r} v{model.entry.version} is {model.state}" + (f": {model.error}" if model.error else ""), headers={"Retry-After": "1"})
         return model
 
     def batcher(self, model: LoadedModel, operation: str, graph: str = "model") -> DynamicBatcher:

@@ -12,10 +12,11 @@ router = APIRouter(prefix="/v1", tags=["v1"])
 
 
 @router.get("/models/{name}/samples.png", response_class=Response,
-            responses={200: {"content": {"image/png": {}}, "description": "the entry's sample grid"}, **error_responses(404, 422, 503)})
+            responses={200: {"content": {"image/png": {}}, "description": "the entry's sample grid"}, **error_responses(404, 422)})
 async def samples(name: str, request: Request, version: int | None = Query(None, ge=1, lt=2**31)) -> Response:
-    """The sample grid exported with the model (latest ready version, or `version`)."""
-    entry = registry_of(request).get(name, version).entry
+    """The sample grid exported with the model (latest ready version, else the latest, or
+    `version`): a file on disk, so it is served while the model still loads, or if it failed."""
+    entry = registry_of(request).resolve(name, version).entry
     path = entry.path / "samples.png"
     if not path.is_file():
         raise ApiError(404, f"{entry.label} has no samples.png")

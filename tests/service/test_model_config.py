@@ -29,6 +29,8 @@ def test_serving_json_sets_one_models_runtime_batching_and_warmup(repository, tm
         assert styles["serving"]["runtime"] == "onnx" and styles["serving"]["max_batch_size"] == 64  # the others keep the settings
         cdigits = client.get("/v1/models/cdigits").json()["versions"][0]
         assert cdigits["state"] == "failed" and "precision" in cdigits["error"]
+        assert client.get("/v1/models/cdigits/samples.png").status_code == 200  # a file on disk: shown for a failed model too
+        assert client.post("/v1/models/cdigits/generate", json={"seed": 1}).status_code == 503
 
 
 def test_half_precision_is_served_where_its_parity_with_fp32_holds(repository, tmp_path, server):
