@@ -141,7 +141,7 @@ class UpscaleStream:
         self.busy = False
         metrics = registry.metrics
         self.fps_gauge = metrics.stream_fps.labels(name, stream_id)
-        self.latency_gauges = {q: metrics.stream_latency.labels(name, stream_id, q) for q in ("0.5", "0.99")}
+        self.latency_gauges = {"p50_ms": metrics.stream_latency.labels(name, stream_id, "0.5"), "p99_ms": metrics.stream_latency.labels(name, stream_id, "0.99")}
 
     async def run(self) -> None:
         metrics = self.registry.metrics
@@ -260,15 +260,16 @@ class UpscaleStream:
         scale = model.entry.spec["scale"]
         now = time.monotonic()
         self.stats.record_answer(now - frame.arrived, now)
+        stats = self.stats.summary(now)
         header = {"type": "frame", "frame": frame.number, "width": width * scale, "height": height * scale, "format": self.format,
                   "bytes": len(content), "latency_ms": round(1000 * (now - frame.arrived), 2),
-                  "timing_ms": {stage: round(1000 * seconds, 2) for stage, seconds in ctx.timing.items()}, "stats": self.stats.summary(now)}
+                  "timing_ms": {stage: round(1000 * seconds, 2) for stage, seconds in ctx.timing.items()}, "stats": stats}
         await self.send(header, content)
         self.count("answered", version)
         registry.metrics.stream_frame_duration.labels(self.name, version).observe(time.monotonic() - frame.arrived)
-        self.fps_gauge.set(self.stats.fps(now))
-        for q, gauge in self.latency_gauges.items():
-            gauge.set(self.stats.quantile_s(float(q)))
+        self.fps_gauge.set(stats["fps"])  # the figures the client was sent, computed once
+        for key, gauge in self.latency_gauges.items():
+            gauge.set(stats[key] / 1000)
 
     def count(self, outcome: str, version: str = "") -> None:
         self.registry.metrics.stream_frames.labels(self.name, version, outcome).inc()
