@@ -13,8 +13,19 @@ from service.errors import install_error_handlers
 from service.intake import RequestIntake
 from service.metrics import ServiceMetrics
 from service.registry import ModelRegistry
-from service.routes import gallery, health, image2image, jobs, repository, stream, style, v1, v2
+from service.routes import engine_proxy, gallery, health, image2image, jobs, repository, stream, style, v1, v2
 from service.settings import Settings
+
+ENGINE_LINK = "link.sock"  # in settings.engine_dir: the front↔engine item link (service/engine.py)
+ENGINE_HTTP = "http.sock"  # the engine's own HTTP: what fronts forward (service/routes/engine_proxy.py)
+
+
+def build_registry(settings: Settings, metrics: ServiceMetrics) -> ModelRegistry:
+    if settings.role == "front":
+        from service.front import FrontRegistry
+
+        return FrontRegistry(settings, metrics, settings.engine_dir / ENGINE_LINK, settings.workers)
+    return ModelRegistry(settings, metrics)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -22,9 +33,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        registry = ModelRegistry(settings, ServiceMetrics())
+        registry = build_registry(settings, ServiceMetrics())
         app.state.registry = registry
         registry.discover()
+        link = None
+        if settings.role == "engine":  # the fronts may connect while the models load
+            from service.engine import EngineLink
+
+            link = EngineLink(registry, settings.engine_dir / ENGINE_LINK)
+            await link.start()
+        if settings.role == "front":
+            import httpx
+
+            app.state.engine_http = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(settings.engine_dir / ENGINE_HTTP)),
+                                                      base_url="http://engine")
         # load and warm in the background: the server answers /health/* at once, ready only after
         loading = asyncio.create_task(registry.load_all())
         loading.add_done_callback(lambda _: logging.getLogger("ganserve").info("loaded: %s", {
@@ -37,6 +59,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 if task is not None and not task.done():
                     task.cancel()
             await registry.drain()
+            if link is not None:
+                await link.close()
+            if settings.role == "front":
+                await app.state.engine_http.aclose()
 
     app = FastAPI(title="ganserve", version="1.0", lifespan=lifespan,
                   description="Batched GAN inference: generation, latent tools, translation and super-resolution, with KServe v2 tensor endpoints.")
@@ -45,11 +71,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(v1.router)
     app.include_router(style.router)
-    app.include_router(jobs.router)
+    if settings.role == "front":  # jobs and model control live in the engine process
+        app.include_router(engine_proxy.router)
+    else:
+        app.include_router(jobs.router)
+        app.include_router(repository.router)
     app.include_router(image2image.router)
     app.include_router(stream.router)
     app.include_router(v2.router)
-    app.include_router(repository.router)
     app.include_router(gallery.router)
     app.include_router(playground.router)
     app.mount("/static", StaticFiles(directory=playground.STATIC), name="static")

@@ -15,6 +15,8 @@ def serve_command(
     runtime: Optional[str] = typer.Option(None, "--runtime", help="onnx, torchscript or eager [GANSERVE_RUNTIME]"),
     max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size", help="items per forward pass [GANSERVE_MAX_BATCH_SIZE]"),
     max_queue_delay_ms: Optional[float] = typer.Option(None, "--max-queue-delay-ms", help="[GANSERVE_MAX_QUEUE_DELAY_MS]"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="HTTP front processes; above 1, one engine process computes "
+                                                                "every batch and the fronts parse, admit and encode [GANSERVE_WORKERS]"),
 ) -> None:
     """Serve the model repository over HTTP. Every option also reads from GANSERVE_* variables."""
     import uvicorn
@@ -25,9 +27,13 @@ def serve_command(
     from service.settings import Settings
 
     overrides = {k: v for k, v in dict(repository=repository, host=host, port=port, runtime=runtime,
-                                       max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms).items() if v is not None}
+                                       max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms, workers=workers).items() if v is not None}
     settings = Settings(**overrides)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if settings.workers > 1:
+        from service.workers import serve_workers
+
+        raise typer.Exit(serve_workers(settings))
     return_freed_memory_to_the_os()
     # every accepted request ends by its deadline, so the drain fits in shutdown_grace_s
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,

@@ -1,11 +1,20 @@
 """Prometheus metrics with DESIGN's names. Histograms, not summaries, so p99 aggregates across
-replicas. The registry belongs to the app (held by its lifespan), not to the process."""
+replicas. The registry belongs to the app (held by its lifespan), not to the process.
+
+With `serve --workers N` every process of the server writes its samples to files in
+PROMETHEUS_MULTIPROC_DIR (prometheus-client's multiprocess mode, set by the supervisor before the
+children import it) and any front's /metrics answers the sum over all of them: requests counted
+by the fronts, queues and batches by the engine. Gauges say how processes combine (`livesum`:
+summed over the live processes; per-stream gauges keep one series per process)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 LABELS = ("model", "version", "operation")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -21,7 +30,7 @@ class ServiceMetrics:
         self.compute_duration = Histogram("ganserve_compute_duration_seconds", "One batched forward pass", LABELS, buckets=LATENCY_BUCKETS, registry=r)
         self.encode_duration = Histogram("ganserve_encode_duration_seconds", "Encoding a response's images", LABELS, buckets=LATENCY_BUCKETS, registry=r)
         self.batch_items = Histogram("ganserve_batch_items", "Items per forward pass", LABELS, buckets=BATCH_BUCKETS, registry=r)
-        self.queue_items = Gauge("ganserve_queue_items", "Items waiting in the batch queue", LABELS, registry=r)
+        self.queue_items = Gauge("ganserve_queue_items", "Items waiting in the batch queue", LABELS, registry=r, multiprocess_mode="livesum")
         self.requests = Counter("ganserve_requests_total", "Requests by final HTTP status", LABELS + ("status",), registry=r)
         self.rejected = Counter("ganserve_rejected_total", "Requests or items refused or dropped", LABELS + ("reason",), registry=r)
         self.padded_items = Counter("ganserve_padded_items_total", "Copies added to batches to reach a warmed batch size", LABELS, registry=r)
@@ -29,10 +38,18 @@ class ServiceMetrics:
         # p50/p99 (series removed when the stream closes; at most max_streams of them)
         self.stream_frames = Counter("ganserve_stream_frames_total", "Stream frames by outcome (answered, dropped, error)", ("model", "version", "outcome"), registry=r)
         self.stream_frame_duration = Histogram("ganserve_stream_frame_seconds", "A stream frame from arrival to its answer", ("model", "version"), buckets=LATENCY_BUCKETS, registry=r)
-        self.streams_open = Gauge("ganserve_streams_open", "Open upscale streams", ("model",), registry=r)
-        self.stream_fps = Gauge("ganserve_stream_fps", "Frames answered per second by one open stream (the spacing of its answers over the last 5 s)", ("model", "stream"), registry=r)
-        self.stream_latency = Gauge("ganserve_stream_latency_seconds", "One open stream's frame latency over its last 256 frames", ("model", "stream", "quantile"), registry=r)
-        self.gpu_memory = Gauge("ganserve_gpu_memory_bytes", "GPU memory allocated by this process", ("device",), registry=r)
+        self.streams_open = Gauge("ganserve_streams_open", "Open upscale streams", ("model",), registry=r, multiprocess_mode="livesum")
+        self.stream_fps = Gauge("ganserve_stream_fps", "Frames answered per second by one open stream (the spacing of its answers over the last 5 s)", ("model", "stream"), registry=r, multiprocess_mode="liveall")
+        self.stream_latency = Gauge("ganserve_stream_latency_seconds", "One open stream's frame latency over its last 256 frames", ("model", "stream", "quantile"), registry=r, multiprocess_mode="liveall")
+        self.gpu_memory = Gauge("ganserve_gpu_memory_bytes", "GPU memory allocated by this process", ("device",), registry=r, multiprocess_mode="liveall")
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The scrape: this app's registry, or every process's samples in multiprocess mode."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            combined = CollectorRegistry()
+            MultiProcessCollector(combined)
+            return generate_latest(combined), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     @lru_cache(maxsize=None)
     def bound(self, model: str, version: str, operation: str) -> "BoundMetrics":

@@ -85,6 +85,12 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)  # per lane thread
     warmup: bool = True
     log_level: str = "info"
+    # processes: 1 = one process does everything; N > 1 = N HTTP front processes (parsing, validation,
+    # admission, encoding) hand items to one engine process that owns the models and batches
+    workers: int = Field(1, ge=1, le=64)
+    # set by the supervisor of `--workers N` for its children, never by hand
+    role: Literal["single", "engine", "front"] = "single"
+    engine_dir: Path | None = None  # the children's private directory: link and HTTP sockets
 
     @model_validator(mode="after")
     def check_tiles(self) -> "Settings":

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.pipeline import registry_of
 
@@ -38,4 +37,5 @@ async def metrics(request: Request) -> Response:
         import torch
 
         registry.metrics.gpu_memory.labels("cuda:0").set(torch.cuda.memory_allocated())
-    return Response(generate_latest(registry.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    body, media_type = registry.metrics.exposition()
+    return Response(body, media_type=media_type)

@@ -1,0 +1,128 @@
+"""The engine's end of the front↔engine link: batches form here, in one place per device.
+
+In `ganserve serve --workers N` the engine process loads the models and owns the batchers, lanes
+and runtimes, exactly as the single-process server does; the front processes parse, validate,
+admit and encode, and hand each request's items over a Unix socket (service/engine_link.py).
+Items from every front land in the same per-(model, version, operation) queues, so a batch
+mixes the fronts' requests as it mixes one process's requests.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from service.batcher import RequestState
+from service.engine_link import EngineSnapshot, ModelSnapshot, encode_error, pack, read_message
+from service.registry import LoadedModel, ModelRegistry
+
+log = logging.getLogger("ganserve.engine")
+
+
+def model_snapshot(model: LoadedModel) -> ModelSnapshot:
+    runtime = (model.runtime.name, model.runtime.device) if model.runtime else None
+    return ModelSnapshot(model.entry, model.state, model.error, model.config, dict(model.costs), model.limits, dict(model.latents),
+                         dict(model.spreads), model.parity, runtime, model.lane.threads if model.lane else 1,
+                         model.lane.backlog_s if model.lane else 0.0)
+
+
+def engine_snapshot(registry: ModelRegistry) -> EngineSnapshot:
+    models = {name: {v: model_snapshot(m) for v, m in versions.items()} for name, versions in registry.models.items()}
+    return EngineSnapshot(registry.loaded, registry.is_ready(), registry.draining, registry.encoder_table, registry.device, models)
+
+
+class FrontConnection:
+    """One front's socket: submits its requests' items to the batchers and streams each item's
+    output back as soon as it is computed."""
+
+    def __init__(self, registry: ModelRegistry, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.registry = registry
+        self.reader, self.writer = reader, writer
+        self.requests: dict[int, RequestState] = {}
+
+    def send(self, message: tuple) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(pack(message))
+
+    async def serve(self) -> None:
+        try:
+            while True:
+                message = await read_message(self.reader)
+                kind = message[0]
+                if kind == "submit":
+                    self.submit(*message[1:])
+                elif kind == "cancel":
+                    if (state := self.requests.get(message[1])) is not None:
+                        state.cancelled = True  # what is still queued is dropped before compute
+                elif kind == "snapshot":
+                    self.send(("snapshot", engine_snapshot(self.registry)))
+                await self.writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the front has gone (shut down or died): drop what it still had queued
+        finally:
+            for state in self.requests.values():
+                state.cancelled = True
+            self.writer.close()
+
+    def submit(self, request_id: int, name: str, version: int, operation: str, graph: str,
+               inputs: list[dict[str, np.ndarray]], deadline: float) -> None:
+        state = RequestState(deadline=deadline, timing={})
+        try:
+            model = self.registry.get(name, version)
+            batcher = self.registry.batcher(model, operation, graph)
+            futures = batcher.submit(inputs, state)
+        except Exception as error:
+            self.send(("refused", request_id, encode_error(error)))
+            return
+        # the engine lane's backlog holds every front's admitted work (the fronts read it in snapshots);
+        # the items take their shares off as they finish, as in the single-process server
+        state.lane_seconds = sum(batcher.cost.item_seconds(batcher.cost.units(item)) for item in inputs) if batcher.cost else 0.0
+        batcher.lane.add_backlog(state.lane_seconds)
+        self.requests[request_id] = state
+        remaining = [len(futures)]
+
+        def answered(index: int, future: asyncio.Future) -> None:
+            if future.cancelled():
+                self.send(("fail", request_id, index, encode_error(TimeoutError("cancelled"))))
+            elif (error := future.exception()) is not None:
+                self.send(("fail", request_id, index, encode_error(error)))
+            else:
+                self.send(("result", request_id, index, future.result(), state.timing))
+            remaining[0] -= 1
+            if not remaining[0]:
+                self.requests.pop(request_id, None)
+                batcher.lane.remove_backlog(state.lane_seconds)  # what its items did not settle
+                state.lane_seconds = 0.0
+
+        for index, future in enumerate(futures):
+            future.add_done_callback(lambda f, i=index: answered(i, f))
+
+
+class EngineLink:
+    """The Unix socket the fronts connect to."""
+
+    def __init__(self, registry: ModelRegistry, path: Path) -> None:
+        self.registry = registry
+        self.path = path
+        self.server: asyncio.base_events.Server | None = None
+        self.connections: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_unix_server(self.accept, path=str(self.path))
+        os.chmod(self.path, 0o600)
+        log.info("engine link listening on %s", self.path)
+
+    async def accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self.connections.add(task)
+        try:
+            await FrontConnection(self.registry, reader, writer).serve()
+        finally:
+            self.connections.discard(task)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()

@@ -1,0 +1,107 @@
+"""The wire between front processes and the engine process (`ganserve serve --workers N`).
+
+One Unix socket per front, messages as length-prefixed pickles (protocol 5). Both ends are
+processes of this server started by the same supervisor, and the socket lives in a directory only
+its user can open (0700), so pickle's trust assumption holds: nothing outside the server writes
+to it. A message is a tuple whose first element names it:
+
+front → engine
+  ("submit", request_id, model, version, operation, graph, inputs, deadline)  items of one request
+  ("cancel", request_id)                                                      its client left
+  ("snapshot",)                                                               the models' state
+
+engine → front
+  ("result", request_id, index, output, timing)   one item's output (uint8 or float array)
+  ("fail", request_id, index, error)              one item failed (error: `encode_error`)
+  ("refused", request_id, error)                  the whole request was refused at submit
+  ("snapshot", EngineSnapshot)
+
+Deadlines travel as `time.monotonic()` values: on Linux CLOCK_MONOTONIC is one clock for every
+process of the machine, so a deadline means the same instant on both ends.
+"""
+from __future__ import annotations
+
+import asyncio
+import pickle
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.batcher import DeadlineExceeded, QueueFull, RequestTooLarge, ShuttingDown
+from service.errors import ApiError
+
+HEADER = struct.Struct("!I")
+MAX_MESSAGE_BYTES = 1 << 31  # a frame of the largest upscale output is ~50 MB; this only catches a broken stream
+
+
+def pack(message: tuple) -> bytes:
+    body = pickle.dumps(message, protocol=5)
+    return HEADER.pack(len(body)) + body
+
+
+async def read_message(reader: asyncio.StreamReader) -> tuple:
+    """The next message; asyncio.IncompleteReadError when the other end has gone."""
+    (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+    if size > MAX_MESSAGE_BYTES:
+        raise ConnectionError(f"engine link: a message of {size} bytes; the stream is broken")
+    return pickle.loads(await reader.readexactly(size))
+
+
+def encode_error(error: BaseException) -> tuple:
+    """An exception as plain data, for the kinds the request pipeline maps to answers."""
+    if isinstance(error, ApiError):
+        return ("api", error.status, error.message, error.code, dict(error.headers or {}))
+    if isinstance(error, QueueFull):
+        return ("queue_full", error.retry_after_s)
+    if isinstance(error, RequestTooLarge):
+        return ("too_large", str(error))
+    if isinstance(error, DeadlineExceeded):
+        return ("deadline",)
+    if isinstance(error, ShuttingDown):
+        return ("shutting_down",)
+    return ("other", f"{type(error).__name__}: {error}")
+
+
+def decode_error(data: tuple) -> Exception:
+    kind = data[0]
+    if kind == "api":
+        _, status, message, code, headers = data
+        return ApiError(status, message, code=code, headers=headers or None)
+    if kind == "queue_full":
+        return QueueFull(data[1])
+    if kind == "too_large":
+        return RequestTooLarge(data[1])
+    if kind == "deadline":
+        return DeadlineExceeded()
+    if kind == "shutting_down":
+        return ShuttingDown()
+    return RuntimeError(data[1])
+
+
+@dataclass
+class ModelSnapshot:
+    """What a front needs of one loaded model to validate, estimate and describe requests: all of
+    it but the runtimes (which stay in the engine)."""
+
+    entry: Any  # service.repository.ModelEntry
+    state: str
+    error: str | None
+    config: Any  # service.model_config.ServingConfig | None
+    costs: dict[str, Any]  # graph → service.costs.GraphCost
+    limits: Any  # service.admission.ModelLimits | None
+    latents: dict[str, Any]
+    spreads: dict[str, float]
+    parity: Any  # service.precision.PrecisionParity | None
+    runtime: tuple[str, str] | None  # (name, device)
+    lane_threads: int
+    backlog_s: float  # the engine lane's backlog: every front's admitted work
+
+
+@dataclass
+class EngineSnapshot:
+    loaded: bool
+    ready: bool
+    draining: bool
+    encoder_table: Any  # service.encoders.EncoderTable
+    device: str
+    models: dict[str, dict[int, ModelSnapshot]] = field(default_factory=dict)

@@ -1,0 +1,310 @@
+"""A front process's registry (`ganserve serve --workers N`): the models as the engine describes
+them, and batchers that hand items to the engine.
+
+A front runs the whole HTTP app — parsing, validation, admission, the request pipeline, encoding,
+metrics — but no runtime: `FrontRegistry.batcher` returns a `RemoteBatcher` whose `submit` has the
+`DynamicBatcher`'s contract (all of a request's items or none; one future per item; the same
+exceptions), and sends the items over the engine link (service/engine_link.py). The mirrored
+models carry everything the routes read (entry, serving config, measured costs, limits, style
+latents, direction spreads, precision parity, the runtime's name and device), refreshed from the
+engine every `SNAPSHOT_INTERVAL_S` and at once after a repository call.
+
+Admission in a front compares a request's deadline with the larger of its own admitted backlog
+(exact) and the engine lane's backlog (every front's work, as of the last snapshot); the engine's
+queue bound (429) and its deadline checks before compute hold across fronts exactly.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from service import memory
+from service.batcher import RequestState, ShuttingDown
+from service.engine_link import EngineSnapshot, ModelSnapshot, decode_error, pack, read_message
+from service.errors import ApiError
+from service.metrics import ServiceMetrics
+from service.registry import LoadedModel, ModelRegistry
+from service.settings import Settings
+
+log = logging.getLogger("ganserve.front")
+SNAPSHOT_INTERVAL_S = 0.5
+CONNECT_TIMEOUT_S = 120.0  # the engine process imports torch and binds its socket within this
+
+
+@dataclass(frozen=True)
+class RuntimeLabel:
+    """The engine's runtime as the routes describe it (the runtime itself stays in the engine)."""
+
+    name: str
+    device: str
+
+
+class RemoteLane:
+    """The part of a `Lane` admission reads: its threads and its backlog."""
+
+    def __init__(self, name: str, threads: int) -> None:
+        self.name = name
+        self.threads = threads
+        self.backlog_s = 0.0  # this front's admitted work on the model
+        self.engine_backlog_s = 0.0  # every front's, as of the last snapshot
+
+    def add_backlog(self, seconds: float) -> None:
+        self.backlog_s += seconds
+
+    def remove_backlog(self, seconds: float) -> None:
+        self.backlog_s = max(0.0, self.backlog_s - seconds)
+
+    def expected_wait_s(self) -> float:
+        return max(self.backlog_s, self.engine_backlog_s) / self.threads
+
+    def shutdown(self, wait: bool = True) -> None:
+        pass
+
+
+@dataclass(eq=False)
+class PendingRequest:
+    futures: list[asyncio.Future]
+    request: RequestState
+    seconds: list[float]  # each item's estimated compute: its share of the admitted backlog
+    lane: RemoteLane
+    compute_seen: float = 0.0  # the engine's compute seconds already added to the request's timing
+    cancel_sent: bool = False
+
+
+class EngineClient:
+    """One front's connection to the engine: sends submits, routes each answer to its future."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.pending: dict[int, PendingRequest] = {}
+        self.ids = itertools.count(1)
+        self.snapshots: asyncio.Queue[EngineSnapshot] = asyncio.Queue()
+        self.connected = False
+        self.receiver: asyncio.Task | None = None
+
+    async def connect(self) -> None:
+        give_up = time.monotonic() + CONNECT_TIMEOUT_S
+        while True:
+            try:
+                self.reader, self.writer = await asyncio.open_unix_connection(str(self.path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > give_up:
+                    raise RuntimeError(f"no engine answered on {self.path} within {CONNECT_TIMEOUT_S:.0f} s")
+                await asyncio.sleep(0.1)
+        self.connected = True
+        self.receiver = asyncio.create_task(self.receive(), name="engine-link")
+
+    def send(self, message: tuple) -> None:
+        if not self.connected:
+            raise ShuttingDown()
+        self.writer.write(pack(message))
+
+    async def snapshot(self) -> EngineSnapshot:
+        self.send(("snapshot",))
+        return await self.snapshots.get()
+
+    async def receive(self) -> None:
+        try:
+            while True:
+                message = await read_message(self.reader)
+                kind = message[0]
+                if kind == "result":
+                    self.deliver(*message[1:])
+                elif kind == "fail":
+                    self.fail_item(message[1], message[2], decode_error(message[3]))
+                elif kind == "refused":
+                    if (pending := self.pending.get(message[1])) is not None:
+                        error = decode_error(message[2])
+                        for future in pending.futures:
+                            if not future.done():
+                                future.set_exception(error)
+                elif kind == "snapshot":
+                    self.snapshots.put_nowait(message[1])
+        except (asyncio.IncompleteReadError, ConnectionError) as error:
+            log.error("the engine link closed: %s", error)
+        finally:
+            self.connected = False
+            for pending in list(self.pending.values()):  # the engine has gone: what it held is lost
+                for future in pending.futures:
+                    if not future.done():
+                        future.set_exception(ShuttingDown())
+
+    def deliver(self, request_id: int, index: int, output: np.ndarray, timing: dict[str, float]) -> None:
+        pending = self.pending.get(request_id)
+        if pending is None:
+            return
+        self.settle(pending, index)
+        if (mine := pending.request.timing) is not None and timing:
+            mine["queue"] = max(mine.get("queue", 0.0), timing.get("queue", 0.0))
+            compute = timing.get("compute", 0.0)
+            mine["compute"] = mine.get("compute", 0.0) + compute - pending.compute_seen
+            pending.compute_seen = compute
+        future = pending.futures[index]
+        if not future.done():
+            future.set_result(output)
+
+    def fail_item(self, request_id: int, index: int, error: Exception) -> None:
+        pending = self.pending.get(request_id)
+        if pending is None:
+            return
+        self.settle(pending, index)
+        future = pending.futures[index]
+        if not future.done():
+            future.set_exception(error)
+
+    @staticmethod
+    def settle(pending: PendingRequest, index: int) -> None:
+        """An item is done: its share of its request's admitted backlog leaves the lane (as
+        DynamicBatcher.settle does in one process)."""
+        share = min(pending.seconds[index], pending.request.lane_seconds)
+        pending.request.lane_seconds -= share
+        pending.lane.remove_backlog(share)
+
+    def item_done(self, request_id: int, future: asyncio.Future) -> None:
+        """A future the request no longer waits for (cancelled: its client left or its deadline
+        passed) tells the engine to drop the request's queued items; once every future is done
+        the request is forgotten."""
+        pending = self.pending.get(request_id)
+        if pending is None:
+            return
+        if future.cancelled() and not pending.cancel_sent and self.connected:
+            pending.cancel_sent = True
+            self.writer.write(pack(("cancel", request_id)))
+        if all(f.done() for f in pending.futures):
+            del self.pending[request_id]
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.receiver is not None:
+            self.receiver.cancel()
+
+
+class RemoteBatcher:
+    """A `DynamicBatcher`'s request side whose queue is in the engine."""
+
+    def __init__(self, client: EngineClient, registry: "FrontRegistry", model: LoadedModel, operation: str, graph: str) -> None:
+        self.client = client
+        self.registry = registry
+        self.name, self.version = model.entry.name, model.entry.version
+        self.operation, self.graph = operation, graph
+
+    def submit(self, inputs: list[dict[str, np.ndarray]], request: RequestState) -> list[asyncio.Future]:
+        if self.registry.draining or not self.client.connected:
+            raise ShuttingDown()
+        model = self.registry.models.get(self.name, {}).get(self.version)
+        if model is None:
+            raise ApiError(503, f"model {self.name!r} v{self.version} is no longer served; retry", headers={"Retry-After": "1"})
+        cost = model.costs.get(self.graph)
+        seconds = [cost.item_seconds(cost.units(item)) if cost else 0.0 for item in inputs]
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in inputs]
+        request_id = next(self.client.ids)
+        self.client.pending[request_id] = PendingRequest(futures, request, seconds, model.lane)
+        self.client.send(("submit", request_id, self.name, self.version, self.operation, self.graph, inputs, request.deadline))
+        done = functools.partial(self.client.item_done, request_id)
+        for future in futures:
+            future.add_done_callback(done)
+        return futures
+
+
+class FrontRegistry(ModelRegistry):
+    """The registry of a front process: mirrors of the engine's models, remote batchers."""
+
+    def __init__(self, settings: Settings, metrics: ServiceMetrics, link_path: Path, fronts: int) -> None:
+        super().__init__(settings, metrics)
+        self.client = EngineClient(link_path)
+        self.fronts = fronts
+        self.engine_ready = False
+        self.device = "cpu"  # this process computes nothing; the models' own device is in their runtime label
+        self.polling: asyncio.Task | None = None
+
+    def discover(self) -> None:
+        """(the engine reads the repository; a front learns the models from its snapshots)"""
+
+    async def load_all(self) -> None:
+        await self.client.connect()
+        while True:
+            snapshot = await self.client.snapshot()
+            self.apply(snapshot)
+            if snapshot.loaded:
+                break
+            await asyncio.sleep(SNAPSHOT_INTERVAL_S)
+        self.encoder_table = snapshot.encoder_table  # measured by the engine with the same libraries
+        self.settle_memory()
+        self.loaded = True
+        self.polling = asyncio.create_task(self.follow_engine(), name="engine-snapshots")
+
+    def settle_memory(self) -> None:
+        """A front's share of the memory budget: the fronts and the engine split it evenly."""
+        memory.freeze_resident_objects()
+        self.memory.set_capacity(self.settings.memory_budget // (self.fronts + 1) - memory.rss_bytes())
+
+    async def follow_engine(self) -> None:
+        while self.client.connected:
+            await asyncio.sleep(SNAPSHOT_INTERVAL_S)
+            try:
+                await self.refresh()
+            except ShuttingDown:
+                break
+
+    async def refresh(self) -> None:
+        self.apply(await self.client.snapshot())
+
+    def apply(self, snapshot: EngineSnapshot) -> None:
+        """Mirrors the engine's models; a mirror stays the same object while its entry does, so
+        requests holding it keep their lane's backlog."""
+        self.engine_ready = snapshot.ready and not snapshot.draining
+        models: dict[str, dict[int, LoadedModel]] = {}
+        for name, versions in snapshot.models.items():
+            for version, seen in versions.items():
+                mirror = self.models.get(name, {}).get(version)
+                if mirror is None or mirror.entry != seen.entry:
+                    mirror = LoadedModel(seen.entry)
+                    mirror.lane = RemoteLane(seen.entry.label, seen.lane_threads)
+                update_mirror(mirror, seen)
+                models.setdefault(name, {})[version] = mirror
+        self.models = models
+
+    def is_ready(self) -> bool:
+        return self.loaded and self.engine_ready and self.client.connected and not self.draining
+
+    def batcher(self, model: LoadedModel, operation: str, graph: str = "model") -> RemoteBatcher:
+        key = f"{operation}/{graph}"
+        if key not in model.batchers:
+            if self.draining:
+                raise ShuttingDown()
+            model.batchers[key] = RemoteBatcher(self.client, self, model, operation, graph)
+        return model.batchers[key]
+
+    async def poll_repository(self, interval_s: float) -> None:
+        """(the engine polls the repository)"""
+
+    async def drain(self) -> None:
+        """In-flight requests have been answered (the HTTP server waits for them first); the link
+        closes and the pools stop."""
+        self.draining = True
+        if self.polling is not None:
+            self.polling.cancel()
+        await self.client.close()
+        self.jobs.shutdown()
+        self.encoders.shutdown(wait=True)
+
+
+def update_mirror(mirror: LoadedModel, seen: ModelSnapshot) -> None:
+    mirror.state, mirror.error, mirror.config = seen.state, seen.error, seen.config
+    mirror.costs, mirror.limits, mirror.latents = seen.costs, seen.limits, seen.latents
+    mirror.spreads, mirror.parity = seen.spreads, seen.parity
+    mirror.runtime = RuntimeLabel(*seen.runtime) if seen.runtime else None
+    mirror.lane.threads = seen.lane_threads
+    mirror.lane.engine_backlog_s = seen.backlog_s

@@ -1,0 +1,45 @@
+"""A front process's routes for what lives in the engine process alone (`serve --workers N`):
+projection jobs (they need the eager generator and keep their state in the engine's job store)
+and the model-repository extension (loading and unloading happen where the runtimes are). The
+front has already bounded the body (the intake); the engine answers over its own HTTP socket, and
+its answer, status and error body included, is passed on as it is. After a load or an unload the
+front re-reads the engine's models before answering, so the next request sees the change."""
+from __future__ import annotations
+
+import httpx
+from fastapi import APIRouter, Request, Response
+
+from service.errors import ApiError
+from service.pipeline import registry_of
+
+router = APIRouter(include_in_schema=False)
+PASSED_HEADERS = ("content-type", "accept", "retry-after", "location")
+
+
+async def forward(request: Request, timeout_s: float | None) -> Response:
+    registry = registry_of(request)
+    client: httpx.AsyncClient = request.app.state.engine_http
+    headers = {k: v for k, v in request.headers.items() if k.lower() in PASSED_HEADERS}
+    try:
+        answer = await client.request(request.method, request.url.path, params=request.query_params, headers=headers,
+                                      content=await request.body(), timeout=timeout_s)
+    except httpx.HTTPError as error:
+        raise ApiError(503, f"the engine process did not answer ({type(error).__name__}); retry", headers={"Retry-After": "1"})
+    if request.url.path.startswith("/v2/repository/models/"):
+        await registry.refresh()
+    return Response(answer.content, status_code=answer.status_code,
+                    headers={k: v for k, v in answer.headers.items() if k.lower() in PASSED_HEADERS})
+
+
+@router.post("/v1/models/{name}/project")
+@router.get("/v1/jobs/{job_id}")
+@router.post("/v2/repository/index")
+async def engine_route(request: Request) -> Response:
+    return await forward(request, registry_of(request).settings.request_timeout_s)
+
+
+@router.post("/v2/repository/models/{name}/load")
+@router.post("/v2/repository/models/{name}/unload")
+async def engine_model_control(request: Request) -> Response:
+    """Loading a large model takes as long as it takes (the engine answers once it is ready or failed)."""
+    return await forward(request, None)

@@ -1,0 +1,39 @@
+"""One child of `ganserve serve --workers N` (started by service/workers.py, not by hand):
+`python -m service.worker_process SETTINGS_JSON LISTEN_FD`.
+
+The engine serves its HTTP (what the fronts forward: jobs, model control) on a Unix socket in
+the supervisor's private directory; a front serves the public port on the socket it inherited.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import sys
+
+
+def main(settings_json: str, listen_fd: int) -> None:
+    import uvicorn
+
+    from service.app import ENGINE_HTTP, create_app
+    from service.http_protocol import guarded_protocol
+    from service.memory import return_freed_memory_to_the_os
+    from service.settings import Settings
+
+    settings = Settings(**json.loads(settings_json))
+    logging.basicConfig(level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s {settings.role} %(name)s %(message)s")
+    return_freed_memory_to_the_os()
+    config = uvicorn.Config(create_app(settings), log_level=settings.log_level,
+                            http=guarded_protocol(settings.header_timeout_s, settings.max_connections),
+                            timeout_keep_alive=settings.keep_alive_s, timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+                            ws_max_size=settings.max_body_bytes, access_log=False,
+                            **({"uds": str(settings.engine_dir / ENGINE_HTTP)} if settings.role == "engine" else {}))
+    server = uvicorn.Server(config)
+    if settings.role == "front":
+        server.run(sockets=[socket.socket(fileno=listen_fd)])
+    else:
+        server.run()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))

@@ -1,0 +1,123 @@
+"""`ganserve serve --workers N`: one engine process and N HTTP front processes, supervised.
+
+The engine loads the models and forms every batch (one place per device, service/engine.py); the
+fronts share one listening socket, bound here before any child starts (the kernel hands each new
+connection to one of them), and do what scales over cores: HTTP, validation, admission, encoding.
+This process only starts, watches and stops them:
+
+- the children run in their own session, so a Ctrl-C at the terminal reaches this process alone,
+  which then stops them in order: SIGTERM to the fronts (each finishes the requests it accepted;
+  their items are still computed by the engine), then to the engine (it drains), then exits;
+- a front that dies is started again; if the engine dies the server stops (exit status 1);
+- PROMETHEUS_MULTIPROC_DIR is a fresh directory set before the children import prometheus-client,
+  and a dead child's live gauges are dropped from it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from service.settings import Settings
+
+log = logging.getLogger("ganserve.workers")
+POLL_S = 0.2
+
+
+def child_command(role: str, settings: Settings, listen_fd: int | None = None) -> list[str]:
+    overrides = json.loads(settings.model_dump_json())
+    overrides["role"] = role
+    return [sys.executable, "-m", "service.worker_process", json.dumps(overrides), str(listen_fd if listen_fd is not None else -1)]
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.run_dir = Path(tempfile.mkdtemp(prefix="ganserve-"))  # 0700: only this user reaches the sockets
+        metrics_dir = self.run_dir / "metrics"
+        metrics_dir.mkdir()
+        self.settings = settings.model_copy(update={"engine_dir": self.run_dir})
+        self.env = os.environ | {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+        self.sock = listening_socket(settings.host, settings.port)
+        self.engine: subprocess.Popen | None = None
+        self.fronts: list[subprocess.Popen] = []
+        self.stopping = False
+
+    def spawn(self, role: str) -> subprocess.Popen:
+        fd = self.sock.fileno() if role == "front" else None
+        return subprocess.Popen(child_command(role, self.settings, fd), env=self.env, start_new_session=True,
+                                pass_fds=(fd,) if fd is not None else ())
+
+    def run(self) -> int:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.request_stop)
+        log.info("serving on %s:%d with %d front processes and one engine", self.settings.host, self.sock.getsockname()[1], self.settings.workers)
+        self.engine = self.spawn("engine")
+        self.fronts = [self.spawn("front") for _ in range(self.settings.workers)]
+        status = 0
+        try:
+            while not self.stopping:
+                time.sleep(POLL_S)
+                if self.engine.poll() is not None:
+                    log.error("the engine process exited (status %s): stopping", self.engine.returncode)
+                    status = 1
+                    break
+                for i, front in enumerate(self.fronts):
+                    if front.poll() is not None and not self.stopping:
+                        log.error("front process %d exited (status %s): starting another", front.pid, front.returncode)
+                        self.forget(front.pid)
+                        self.fronts[i] = self.spawn("front")
+        finally:
+            self.stop()
+        return status
+
+    def request_stop(self, signum: int, frame) -> None:
+        self.stopping = True
+
+    def stop(self) -> None:
+        """Fronts first (they answer what they accepted, which needs the engine), then the engine."""
+        grace = self.settings.shutdown_grace_s + 10
+        self.terminate(self.fronts, grace)
+        self.sock.close()
+        if self.engine is not None:
+            self.terminate([self.engine], grace)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def terminate(self, processes: list[subprocess.Popen], grace_s: float) -> None:
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                log.error("process %d did not stop within %.0f s: killing it", process.pid, grace_s)
+                process.kill()
+                process.wait()
+            self.forget(process.pid)
+
+    def forget(self, pid: int) -> None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, str(self.run_dir / "metrics"))
+
+
+def serve_workers(settings: Settings) -> int:
+    return Supervisor(settings).run()

@@ -1,0 +1,178 @@
+"""`ganserve serve --workers N`: N HTTP front processes and one engine process, started as users
+start them. What a client sees must not change: the same pixels for a seed whichever front took
+the request and whatever batch its items landed in, the same errors, every route (jobs and model
+control forwarded to the engine), metrics summed over the processes; and every process stops
+cleanly on SIGTERM, a dead front is replaced, a dead engine stops the server."""
+import io
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.serving import running_server
+
+
+def children(pid: int) -> dict[int, str]:
+    """pid → role ("engine" / "front") of the server's child processes."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and "service.worker_process" in command:
+            found[int(entry.name)] = "front" if '"role": "front"' in command else "engine"
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def png_pixels(response: httpx.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    return np.asarray(Image.open(io.BytesIO(response.content)))
+
+
+def npy(response: httpx.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    return np.load(io.BytesIO(response.content))
+
+
+def photo_png(height: int, width: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray((np.random.default_rng(4).random((height, width, 3)) * 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def workers(repository):
+    with running_server(repository, workers=2, max_batch_size=16, max_queue_delay_ms=5) as running:
+        yield running
+
+
+def test_the_server_is_one_engine_and_n_fronts(workers):
+    roles = sorted(children(workers.process.pid).values())
+    assert roles == ["engine", "front", "front"]
+
+
+def test_a_seed_gives_the_images_of_the_single_process_server_whichever_front_and_batch(workers, server):
+    seeds = list(range(40, 56))
+    with server.client() as single:
+        expected = [png_pixels(single.post("/v1/models/digits/generate", json={"seed": s})) for s in seeds]
+    # one client per request: new connections, spread by the kernel over both fronts, batched together in the engine
+    with ThreadPoolExecutor(16) as pool:
+        alone = list(pool.map(lambda s: png_pixels(httpx.post(f"{workers.url}/v1/models/digits/generate", json={"seed": s}, timeout=30)), seeds))
+    with workers.client() as client:
+        together = npy(client.post("/v1/models/digits/generate", json={"seeds": seeds, "format": "npy"}))
+    for i, image in enumerate(expected):
+        assert np.array_equal(alone[i], image)
+        assert np.array_equal(together[i].squeeze(), image)
+    assert workers.metric("ganserve_batch_items_sum", model="digits", operation="generate") >= 2 * len(seeds)
+
+
+def test_style_tools_and_tiled_upscales_equal_the_single_process_server(workers, server):
+    mix = {"row_seeds": [1, 2], "col_seeds": [5, 6], "layers": "coarse", "format": "npy"}
+    upload = photo_png(40, 56)
+    answers = []
+    for running in (server, workers):
+        with running.client() as client:
+            answers.append((npy(client.post("/v1/models/styles/style-mix", json=mix)),
+                            npy(client.post("/v1/models/styles/edit", json={"seed": 3, "direction": "size", "strengths": [-1, 0, 1], "format": "npy"})),
+                            npy(client.post("/v1/models/upx4/upscale", content=upload, headers={"content-type": "image/png"}, params={"format": "npy"}))))
+    for one, many in zip(*answers):
+        assert np.array_equal(one, many)
+    assert answers[1][2].shape[-3:-1] == (160, 224)
+
+
+def test_errors_and_limits_are_the_single_process_servers(workers, server):
+    requests = [("post", "/v1/models/nope/generate", {"json": {"seed": 1}}),
+                ("post", "/v1/models/digits/generate", {"json": {"seed": -1}}),
+                ("post", "/v1/models/digits/generate", {"json": {"n": 100000}}),
+                ("post", "/v1/models/digits/style-mix", {"json": {"row_seeds": [1], "col_seeds": [2]}}),
+                ("post", "/v2/repository/models/digits/unload", {}),
+                ("get", "/v1/jobs/no-such-job", {})]
+    for method, path, kwargs in requests:
+        with server.client() as single, workers.client() as front:
+            one, many = getattr(single, method)(path, **kwargs), getattr(front, method)(path, **kwargs)
+        assert (many.status_code, many.json()) == (one.status_code, one.json()), path
+        assert 400 <= many.status_code < 500
+
+
+def test_a_projection_job_runs_in_the_engine_and_is_polled_through_any_front(workers):
+    with workers.client() as client:
+        accepted = client.post("/v1/models/styles/project?steps=3", content=photo_png(16, 16), headers={"content-type": "image/png"})
+        assert accepted.status_code == 202, accepted.text
+        for _ in range(300):
+            job = httpx.get(f"{workers.url}{accepted.json()['status_url']}", timeout=10).json()  # a new connection each time
+            if job["state"] in ("done", "failed"):
+                break
+            time.sleep(0.1)
+    assert job["state"] == "done", job
+    assert job["result"]["steps"] == 3
+
+
+def test_metrics_count_the_fronts_requests_and_the_engines_batches(workers):
+    with workers.client() as client:
+        before = workers.metric("ganserve_requests_total", model="cdigits", status="200")
+        for seed in range(5):
+            assert client.post("/v1/models/cdigits/generate", json={"seed": seed, "n": 2}).status_code == 200
+    assert workers.metric("ganserve_requests_total", model="cdigits", status="200") - before == 5  # counted by the fronts
+    assert workers.metric("ganserve_batch_items_sum", model="cdigits", operation="generate") >= 10  # counted by the engine
+    assert workers.metric("ganserve_compute_duration_seconds_count", model="cdigits", operation="generate") >= 1
+
+
+def test_a_front_that_dies_is_replaced_and_the_server_keeps_answering(workers):
+    fronts = [pid for pid, role in children(workers.process.pid).items() if role == "front"]
+    os.kill(fronts[0], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        now = [pid for pid, role in children(workers.process.pid).items() if role == "front" and alive(pid)]
+        if len(now) == 2 and fronts[0] not in now:
+            break
+        time.sleep(0.2)
+    assert len(now) == 2 and fronts[0] not in now
+    ok = 0
+    for seed in range(20):  # the survivor and, once it is ready, the new front
+        try:
+            ok += httpx.post(f"{workers.url}/v1/models/digits/generate", json={"seed": seed}, timeout=30).status_code == 200
+        except httpx.HTTPError:
+            pass
+    assert ok >= 19
+
+
+def test_sigterm_answers_what_was_accepted_then_stops_every_process(repository):
+    with running_server(repository, workers=2, max_batch_size=4) as running:
+        pids = list(children(running.process.pid))
+        with ThreadPoolExecutor(12) as pool:
+            upload = photo_png(96, 96)  # x4 tiles: a few seconds of engine work per request on this CPU
+            futures = [pool.submit(httpx.post, f"{running.url}/v1/models/upx4/upscale", content=upload,
+                                   headers={"content-type": "image/png"}, timeout=60) for _ in range(6)]
+            time.sleep(1.0)
+            running.process.send_signal(signal.SIGTERM)
+            answers = [f.result() for f in futures]
+        assert running.process.wait(timeout=60) == 0
+    assert [a.status_code for a in answers] == [200] * 6
+    assert not any(alive(pid) for pid in pids)
+
+
+def test_a_dead_engine_stops_the_server_and_its_fronts(repository):
+    with running_server(repository, workers=2) as running:
+        pids = children(running.process.pid)
+        engine = next(pid for pid, role in pids.items() if role == "engine")
+        os.kill(engine, signal.SIGKILL)
+        assert running.process.wait(timeout=60) == 1
+    assert not any(alive(pid) for pid in pids)
