@@ -17,12 +17,14 @@ def bench_command(
     max_batch_size: int = typer.Option(64, min=1),
     max_queue_delay_ms: float = typer.Option(2.0, min=0.0, help="the delay of the second batching configuration (the first uses 0)"),
     threads: int = typer.Option(1, min=1, help="runtime intra-op threads (the rest of the cores serve HTTP and encoding)"),
+    workers: int = typer.Option(1, min=1, help="above 1: also measure natural batching with `serve --workers N` (N fronts, one engine)"),
     out: Optional[Path] = typer.Option(Path("bench/results/latest.json"), help="JSON report"),
 ) -> None:
     """Load-test the real server (natural batching, batching with a delay, no batching) and compare with the bare-forward ceiling."""
     from bench.runner import run_bench
 
-    run_bench(repository, model, runtime, [int(c) for c in concurrency.split(",")], duration, big_request, max_batch_size, max_queue_delay_ms, threads, out)
+    run_bench(repository, model, runtime, [int(c) for c in concurrency.split(",")], duration, big_request, max_batch_size, max_queue_delay_ms, threads, out,
+              workers)
 
 
 def bench_upscale_command(

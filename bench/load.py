@@ -83,14 +83,19 @@ async def drive(url: str, path: str, request: dict, concurrency: int, duration_s
 
 
 def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU time of a process (Linux /proc), 0 when unknown."""
+    """User + system CPU time of a process and its live child processes (`serve --workers N`:
+    the engine and the fronts), from Linux /proc; 0 when unknown."""
     if pid is None:
         return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if stat.parent.name == str(pid) or fields[1] == str(pid):
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def run_load(url: str, model: str, scenario: str, body: dict, concurrency: int, duration_s: float, path: str | None = None, request: dict | None = None,

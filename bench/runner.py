@@ -22,7 +22,8 @@ console = Console(width=None if sys.stdout.isatty() else 200)  # piped to a file
 
 
 NAIVE = "naive FastAPI (one sess.run per request, no batching)"
-NATURAL = "natural batching"
+NATURAL = "natural batching ("  # one process
+WORKERS = "natural batching, "  # --workers N
 
 
 def naive_unsupported(entry, runtime: str) -> str | None:
@@ -51,7 +52,7 @@ def machine() -> str:
 
 
 def run_bench(repository: Path, model: str, runtime: str, concurrencies: list[int], duration_s: float, big_request: int,
-              max_batch_size: int, max_queue_delay_ms: float, threads: int, out: Path | None) -> dict:
+              max_batch_size: int, max_queue_delay_ms: float, threads: int, out: Path | None, workers: int = 1) -> dict:
     entries = [e for e in scan_repository(repository) if e.name == model]
     if not entries:
         raise SystemExit(f"no model {model!r} in {repository}")
@@ -63,6 +64,9 @@ def run_bench(repository: Path, model: str, runtime: str, concurrencies: list[in
         (f"batching with {max_queue_delay_ms:g} ms delay", dict(max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms), False),
         ("no batching (max_batch_size=1)", dict(max_batch_size=1, max_queue_delay_ms=0), False),
     ]
+    if workers > 1:
+        configurations.append((f"natural batching, {workers} front processes + engine (--workers {workers})",
+                               dict(max_batch_size=max_batch_size, max_queue_delay_ms=0, workers=workers), True))
     loads: list[LoadResult] = []
     for title, settings, with_big_requests in configurations:
         with launched_server(repository, log_level="warning", **settings, **common) as (process, url):
@@ -129,16 +133,23 @@ def print_side_by_side(report: dict) -> None:
     single = [r for r in report["load"] if r["images_per_request"] == 1]
     naive = {r["concurrency"]: r for r in single if r["scenario"].startswith(NAIVE)}
     ours_by_concurrency = {r["concurrency"]: r for r in single if r["scenario"].startswith(NATURAL)}
+    workers_by_concurrency = {r["concurrency"]: r for r in single if r["scenario"].startswith(WORKERS)}
     if not naive:
         return
     table = Table(title="ganserve (natural batching) vs the naive server, same load generator, same run")
-    for column in ("conc.", "ganserve req/s", "naive req/s", "ratio", "ganserve p99 ms", "naive p99 ms", "ganserve CPU ms/req", "naive CPU ms/req"):
+    columns = ["conc.", "ganserve req/s", "naive req/s", "ratio", "ganserve p99 ms", "naive p99 ms", "ganserve CPU ms/req", "naive CPU ms/req"]
+    if workers_by_concurrency:
+        columns += ["--workers req/s", "--workers ratio", "--workers p99 ms"]
+    for column in columns:
         table.add_column(column, justify="right")
     for c, base in sorted(naive.items()):
         ours = ours_by_concurrency.get(c)
         if ours is None:
             continue
-        table.add_row(str(c), f"{ours['requests_per_s']:.0f}", f"{base['requests_per_s']:.0f}", f"{ours['requests_per_s'] / max(base['requests_per_s'], 1e-9):.2f}",
-                      f"{ours['latency_ms']['p99']:.1f}", f"{base['latency_ms']['p99']:.1f}",
-                      f"{ours['server_cpu_ms_per_request']:.2f}", f"{base['server_cpu_ms_per_request']:.2f}")
+        row = [str(c), f"{ours['requests_per_s']:.0f}", f"{base['requests_per_s']:.0f}", f"{ours['requests_per_s'] / max(base['requests_per_s'], 1e-9):.2f}",
+               f"{ours['latency_ms']['p99']:.1f}", f"{base['latency_ms']['p99']:.1f}",
+               f"{ours['server_cpu_ms_per_request']:.2f}", f"{base['server_cpu_ms_per_request']:.2f}"]
+        if workers_by_concurrency and (many := workers_by_concurrency.get(c)):
+            row += [f"{many['requests_per_s']:.0f}", f"{many['requests_per_s'] / max(base['requests_per_s'], 1e-9):.2f}", f"{many['latency_ms']['p99']:.1f}"]
+        table.add_row(*row)
     console.print(table)

@@ -4,6 +4,7 @@ the request and whatever batch its items landed in, the same errors, every route
 control forwarded to the engine), metrics summed over the processes; and every process stops
 cleanly on SIGTERM, a dead front is replaced, a dead engine stops the server."""
 import io
+import json
 import os
 import signal
 import time
@@ -14,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from websockets.sync.client import connect
 
 from tests.serving import running_server
 
@@ -96,6 +98,31 @@ def test_style_tools_and_tiled_upscales_equal_the_single_process_server(workers,
     for one, many in zip(*answers):
         assert np.array_equal(one, many)
     assert answers[1][2].shape[-3:-1] == (160, 224)
+
+
+def test_an_upscale_stream_through_a_front_answers_the_pixels_of_the_http_endpoint(workers):
+    upload = photo_png(40, 40)
+    with connect(workers.url.replace("http://", "ws://") + "/v1/models/upx4/upscale/stream?format=png", max_size=2**24) as ws:
+        assert json.loads(ws.recv(timeout=30))["type"] == "ready"
+        ws.send(upload)
+        answer = json.loads(ws.recv(timeout=30))
+        assert answer["type"] == "frame", answer
+        streamed = np.asarray(Image.open(io.BytesIO(ws.recv(timeout=30))))
+    with workers.client() as client:
+        assert np.array_equal(streamed, png_pixels(client.post("/v1/models/upx4/upscale", content=upload, headers={"content-type": "image/png"})))
+
+
+def test_tensor_protocol_inference_through_a_front_equals_the_single_process_server(workers, server):
+    with server.client() as single, workers.client() as front:
+        metadata = single.get("/v2/models/digits").json()
+        assert front.get("/v2/models/digits").json() == metadata
+        (z,) = metadata["inputs"]
+        z_dim = z["shape"][-1]
+        data = np.random.default_rng(1).standard_normal((3, z_dim)).astype(np.float32)
+        body = {"inputs": [{"name": z["name"], "shape": [3, z_dim], "datatype": "FP32", "data": data.ravel().tolist()}]}
+        one, many = single.post("/v2/models/digits/infer", json=body), front.post("/v2/models/digits/infer", json=body)
+    assert one.status_code == many.status_code == 200, many.text
+    assert many.json()["outputs"] == one.json()["outputs"]
 
 
 def test_errors_and_limits_are_the_single_process_servers(workers, server):
