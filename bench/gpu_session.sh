@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Issue 16's GPU figures in one run on a lent H100/H200 (the `device` tool), about 8 minutes:
+#   here, once:     bash bench/fetch_gpu_wheels.sh
+#   on the device:  run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=600)
+# Writes the reports (JSON) and the printed tables to $OUT; put them in docs/benchmarks.md naming the card.
+#  1. DCGAN (torchscript, CUDA): single-image requests at 1/16/64 clients, one process and --workers 8
+#     (the 5,000 req/s target with several fronts on the 16-core host), 64-image requests against the
+#     bare-forward ceiling (target >= 50 %), and the naive server beside them;
+#  2. the shipped sr-rrdb-x4, 256 -> 1024 JPEG: HTTP upscales at 1/4/16 clients and one closed-loop
+#     WebSocket stream (targets: >= 80 frames/s one stream, p99 <= 25 ms, >= 120 frames/s aggregate).
+# Dry run on a CPU machine: PYTHON=.venv/bin/python DURATION=2 OUT=/tmp/gs bash bench/gpu_session.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+DURATION=${DURATION:-6}
+OUT=${OUT:-bench/results/gpu-session}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+    $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"; nproc; } | tee "$OUT/machine.txt"
+step() {  # a step that overruns its share is cut, and the next one still runs
+    local limit=$1; shift
+    echo "== $*"
+    timeout "$limit" $PYTHON -m ganserve_cli "$@" 2>&1 | tee -a "$OUT/tables.txt" | tail -40
+}
+step 300 bench --model dcgan-digits --runtime torchscript --concurrency 1,16,64 --duration "$DURATION" --workers 8 --threads 1 \
+    --out "$OUT/dcgan-torchscript.json"
+step 240 bench-upscale --model sr-rrdb-x4 --runtime torchscript --size 256 --format jpeg --concurrency 1,4,16 \
+    --duration "$((DURATION + 4))" --out "$OUT/upscale-torchscript.json"
+ls -l "$OUT"
