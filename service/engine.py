@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from service.batcher import RequestState
-from service.engine_link import EngineSnapshot, ModelSnapshot, encode_error, pack, read_message
+from service.engine_link import EngineSnapshot, MessageProtocol, ModelSnapshot, encode_error
 from service.registry import LoadedModel, ModelRegistry
 
 log = logging.getLogger("ganserve.engine")
@@ -38,34 +38,26 @@ class FrontConnection:
     """One front's socket: submits its requests' items to the batchers and streams each item's
     output back as soon as it is computed."""
 
-    def __init__(self, registry: ModelRegistry, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
-        self.reader, self.writer = reader, writer
         self.requests: dict[int, RequestState] = {}
+        self.protocol = MessageProtocol(self.received, self.lost)
+        self.send = self.protocol.send
 
-    def send(self, message: tuple) -> None:
-        if not self.writer.is_closing():
-            self.writer.write(pack(message))
+    def received(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "submit":
+            self.submit(*message[1:])
+        elif kind == "cancel":
+            if (state := self.requests.get(message[1])) is not None:
+                state.cancelled = True  # what is still queued is dropped before compute
+        elif kind == "snapshot":
+            self.send(("snapshot", engine_snapshot(self.registry)))
 
-    async def serve(self) -> None:
-        try:
-            while True:
-                message = await read_message(self.reader)
-                kind = message[0]
-                if kind == "submit":
-                    self.submit(*message[1:])
-                elif kind == "cancel":
-                    if (state := self.requests.get(message[1])) is not None:
-                        state.cancelled = True  # what is still queued is dropped before compute
-                elif kind == "snapshot":
-                    self.send(("snapshot", engine_snapshot(self.registry)))
-                await self.writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # the front has gone (shut down or died): drop what it still had queued
-        finally:
-            for state in self.requests.values():
-                state.cancelled = True
-            self.writer.close()
+    def lost(self) -> None:
+        """The front has gone (shut down or died): what it still had queued is dropped."""
+        for state in self.requests.values():
+            state.cancelled = True
 
     def submit(self, request_id: int, name: str, version: int, operation: str, graph: str,
                inputs: list[dict[str, np.ndarray]], deadline: float) -> None:
@@ -108,20 +100,12 @@ class EngineLink:
         self.registry = registry
         self.path = path
         self.server: asyncio.base_events.Server | None = None
-        self.connections: set[asyncio.Task] = set()
 
     async def start(self) -> None:
-        self.server = await asyncio.start_unix_server(self.accept, path=str(self.path))
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_unix_server(lambda: FrontConnection(self.registry).protocol, path=str(self.path))
         os.chmod(self.path, 0o600)
         log.info("engine link listening on %s", self.path)
-
-    async def accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        self.connections.add(task)
-        try:
-            await FrontConnection(self.registry, reader, writer).serve()
-        finally:
-            self.connections.discard(task)
 
     async def close(self) -> None:
         if self.server is not None:

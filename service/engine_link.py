@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import pickle
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,12 +40,58 @@ def pack(message: tuple) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
-async def read_message(reader: asyncio.StreamReader) -> tuple:
-    """The next message; asyncio.IncompleteReadError when the other end has gone."""
-    (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
-    if size > MAX_MESSAGE_BYTES:
-        raise ConnectionError(f"engine link: a message of {size} bytes; the stream is broken")
-    return pickle.loads(await reader.readexactly(size))
+class MessageProtocol(asyncio.Protocol):
+    """Either end of the link, as an asyncio protocol rather than streams: every complete message
+    in what arrives is handed to `on_message` at once (no coroutine and two reads per message),
+    and the messages sent in one turn of the event loop leave in one write (a batch of 16 items
+    finishing is one system call to the front, not 16). Measured on the 2-core machine, single-image
+    DCGAN through two fronts: see docs/benchmarks.md."""
+
+    def __init__(self, on_message: Callable[[tuple], None], on_lost: Callable[[], None]) -> None:
+        self.on_message, self.on_lost = on_message, on_lost
+        self.transport: asyncio.Transport | None = None
+        self.received = bytearray()
+        self.outgoing: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        received = self.received
+        received += data
+        offset, end = 0, len(received)
+        while end - offset >= HEADER.size:
+            (size,) = HEADER.unpack_from(received, offset)
+            if size > MAX_MESSAGE_BYTES:
+                self.transport.close()  # a broken stream: nothing after this can be framed
+                return
+            if end - offset - HEADER.size < size:
+                break
+            start = offset + HEADER.size
+            message = pickle.loads(received[start : start + size])
+            offset = start + size
+            self.on_message(message)
+        del received[:offset]
+
+    def send(self, message: tuple) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if not self.outgoing:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.outgoing.append(pack(message))
+
+    def flush(self) -> None:
+        if self.outgoing and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(self.outgoing))
+        self.outgoing.clear()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.on_lost()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.flush()
+            self.transport.close()
 
 
 def encode_error(error: BaseException) -> tuple:

@@ -27,7 +27,7 @@ import numpy as np
 
 from service import memory
 from service.batcher import RequestState, ShuttingDown
-from service.engine_link import EngineSnapshot, ModelSnapshot, decode_error, pack, read_message
+from service.engine_link import EngineSnapshot, MessageProtocol, ModelSnapshot, decode_error
 from service.errors import ApiError
 from service.metrics import ServiceMetrics
 from service.registry import LoadedModel, ModelRegistry
@@ -83,61 +83,58 @@ class EngineClient:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
+        self.protocol = MessageProtocol(self.received, self.lost)
         self.pending: dict[int, PendingRequest] = {}
         self.ids = itertools.count(1)
         self.snapshots: asyncio.Queue[EngineSnapshot] = asyncio.Queue()
         self.connected = False
-        self.receiver: asyncio.Task | None = None
 
     async def connect(self) -> None:
         give_up = time.monotonic() + CONNECT_TIMEOUT_S
+        loop = asyncio.get_running_loop()
         while True:
             try:
-                self.reader, self.writer = await asyncio.open_unix_connection(str(self.path))
+                await loop.create_unix_connection(lambda: self.protocol, str(self.path))
                 break
             except (FileNotFoundError, ConnectionRefusedError):
                 if time.monotonic() > give_up:
                     raise RuntimeError(f"no engine answered on {self.path} within {CONNECT_TIMEOUT_S:.0f} s")
                 await asyncio.sleep(0.1)
         self.connected = True
-        self.receiver = asyncio.create_task(self.receive(), name="engine-link")
 
     def send(self, message: tuple) -> None:
         if not self.connected:
             raise ShuttingDown()
-        self.writer.write(pack(message))
+        self.protocol.send(message)
 
     async def snapshot(self) -> EngineSnapshot:
         self.send(("snapshot",))
         return await self.snapshots.get()
 
-    async def receive(self) -> None:
-        try:
-            while True:
-                message = await read_message(self.reader)
-                kind = message[0]
-                if kind == "result":
-                    self.deliver(*message[1:])
-                elif kind == "fail":
-                    self.fail_item(message[1], message[2], decode_error(message[3]))
-                elif kind == "refused":
-                    if (pending := self.pending.get(message[1])) is not None:
-                        error = decode_error(message[2])
-                        for future in pending.futures:
-                            if not future.done():
-                                future.set_exception(error)
-                elif kind == "snapshot":
-                    self.snapshots.put_nowait(message[1])
-        except (asyncio.IncompleteReadError, ConnectionError) as error:
-            log.error("the engine link closed: %s", error)
-        finally:
-            self.connected = False
-            for pending in list(self.pending.values()):  # the engine has gone: what it held is lost
+    def received(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "result":
+            self.deliver(*message[1:])
+        elif kind == "fail":
+            self.fail_item(message[1], message[2], decode_error(message[3]))
+        elif kind == "refused":
+            if (pending := self.pending.get(message[1])) is not None:
+                error = decode_error(message[2])
                 for future in pending.futures:
                     if not future.done():
-                        future.set_exception(ShuttingDown())
+                        future.set_exception(error)
+        elif kind == "snapshot":
+            self.snapshots.put_nowait(message[1])
+
+    def lost(self) -> None:
+        """The engine has gone: what it held is lost (503), and this front is no longer ready."""
+        if self.connected:
+            log.error("the engine link closed")
+        self.connected = False
+        for pending in list(self.pending.values()):
+            for future in pending.futures:
+                if not future.done():
+                    future.set_exception(ShuttingDown())
 
     def deliver(self, request_id: int, index: int, output: np.ndarray, timing: dict[str, float]) -> None:
         pending = self.pending.get(request_id)
@@ -179,15 +176,13 @@ class EngineClient:
             return
         if future.cancelled() and not pending.cancel_sent and self.connected:
             pending.cancel_sent = True
-            self.writer.write(pack(("cancel", request_id)))
+            self.protocol.send(("cancel", request_id))
         if all(f.done() for f in pending.futures):
             del self.pending[request_id]
 
     async def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        if self.receiver is not None:
-            self.receiver.cancel()
+        self.connected = False
+        self.protocol.close()
 
 
 class RemoteBatcher:

@@ -1,24 +1,24 @@
 """One child of `ganserve serve --workers N` (started by service/workers.py, not by hand):
-`python -m service.worker_process SETTINGS_JSON LISTEN_FD`.
+`python -m service.worker_process SETTINGS_JSON`.
 
 The engine serves its HTTP (what the fronts forward: jobs, model control) on a Unix socket in
-the supervisor's private directory; a front serves the public port on the socket it inherited.
+the supervisor's private directory; a front listens on the public port in its SO_REUSEPORT group.
 """
 from __future__ import annotations
 
 import json
 import logging
-import socket
 import sys
 
 
-def main(settings_json: str, listen_fd: int) -> None:
+def main(settings_json: str) -> None:
     import uvicorn
 
     from service.app import ENGINE_HTTP, create_app
     from service.http_protocol import guarded_protocol
     from service.memory import return_freed_memory_to_the_os
     from service.settings import Settings
+    from service.workers import port_socket
 
     settings = Settings(**json.loads(settings_json))
     logging.basicConfig(level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s {settings.role} %(name)s %(message)s")
@@ -30,10 +30,10 @@ def main(settings_json: str, listen_fd: int) -> None:
                             **({"uds": str(settings.engine_dir / ENGINE_HTTP)} if settings.role == "engine" else {}))
     server = uvicorn.Server(config)
     if settings.role == "front":
-        server.run(sockets=[socket.socket(fileno=listen_fd)])
+        server.run(sockets=[port_socket(settings.host, settings.port, listen=True)])
     else:
         server.run()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1])
