@@ -30,6 +30,12 @@ def model_snapshot(model: LoadedModel) -> ModelSnapshot:
 
 
 def engine_snapshot(registry: ModelRegistry) -> EngineSnapshot:
+    """(asked for by every front every SNAPSHOT_INTERVAL_S: also when the engine's GPU memory gauge
+    is refreshed, since a front's /metrics cannot read the engine's device)"""
+    if registry.device == "cuda":
+        import torch
+
+        registry.metrics.gpu_memory.labels("cuda:0").set(torch.cuda.memory_allocated())
     models = {name: {v: model_snapshot(m) for v, m in versions.items()} for name, versions in registry.models.items()}
     return EngineSnapshot(registry.loaded, registry.is_ready(), registry.draining, registry.encoder_table, registry.device, models)
 
