@@ -385,9 +385,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, device: s
         raise FileExistsError(f"{out_dir} already holds a run: pass --resume to continue it or choose another --out")
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     task = GanTask(cfg, torch_device)
-    result = run_task(task, schedule_for(cfg), out_dir, torch_device, resume=resume, show_progress=show_progress)
-    task.run.step = result["step"]
-    return result
+    return run_task(task, schedule_for(cfg), out_dir, torch_device, resume=resume, show_progress=show_progress)
 
 
 def plot_curves(log_csv: Path, out_path: Path) -> None:

@@ -197,7 +197,7 @@ class Runner:
         self.files.spec.write_text(json.dumps(spec, indent=2))
 
     def evaluate(self, report: Reporter) -> None:
-        forked = [] if self.device.type != "cuda" else [self.device]
+        forked = [] if self.device.type != "cuda" else [self.device.index if self.device.index is not None else torch.cuda.current_device()]
         with torch.random.fork_rng(devices=forked):
             metrics = self.task.evaluate()
         state = self.state

@@ -264,6 +264,8 @@ def test_lazy_r1_is_its_own_d_update_with_nvlabs_lr_and_beta_correction():
     for step in range(8):
         run.step = step
         train_step(run, data)
-    adam_steps = lambda opt: int(next(iter(opt.state.values()))["step"])  # noqa: E731
+    def adam_steps(optimizer: torch.optim.Optimizer) -> int:
+        return int(next(iter(optimizer.state.values()))["step"])
+
     assert adam_steps(run.opt_d) == 8 + 2  # 8 main updates and R1 at steps 0 and 4
     assert adam_steps(run.opt_g) == 8
