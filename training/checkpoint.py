@@ -1,6 +1,7 @@
 """Checkpoints as safetensors (every tensor) plus JSON (everything else), never pickles.
 
-A checkpoint holds G, D, the EMA of G, both optimizers and the training RNG state, so that
+A checkpoint holds every network of the task (G, D, the EMA of G…), its optimizers, the training
+RNG state and whatever else the task carries (torch's global RNG, CycleGAN's image pools), so that
 `--resume` continues bit-for-bit where training stopped.
 """
 from __future__ import annotations
@@ -47,9 +48,11 @@ def load_module(prefix: str, module: nn.Module, tensors: dict[str, torch.Tensor]
     module.load_state_dict({k[start:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
 
 
-def save_checkpoint(path: Path, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer], rng: torch.Generator, meta: dict) -> str:
-    """Writes `path` (.safetensors) and its `.json` twin; returns the weights' SHA-256."""
-    tensors: dict[str, torch.Tensor] = {}
+def save_checkpoint(path: Path, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer], rng: torch.Generator, meta: dict,
+                    extra_tensors: dict[str, torch.Tensor] | None = None) -> str:
+    """Writes `path` (.safetensors) and its `.json` twin; returns the weights' SHA-256.
+    `extra_tensors` are stored as they are named (e.g. `rng.torch`, `pool.a`)."""
+    tensors: dict[str, torch.Tensor] = {k: v.detach().cpu().contiguous() for k, v in (extra_tensors or {}).items()}
     for name, module in modules.items():
         tensors.update(module_tensors(name, module))
     optimizer_meta = {name: flatten_optimizer(f"opt_{name}", opt, tensors) for name, opt in optimizers.items()}
@@ -64,7 +67,8 @@ def save_checkpoint(path: Path, modules: dict[str, nn.Module], optimizers: dict[
 
 
 def load_checkpoint(path: Path, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer] | None = None, rng: torch.Generator | None = None) -> dict:
-    """Restores what is asked for; returns the checkpoint's JSON metadata."""
+    """Restores what is asked for; returns the checkpoint's JSON metadata, with the tensors that
+    belong to no module or optimizer under `extra_tensors`."""
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     tensors = load_file(str(path))
@@ -75,4 +79,6 @@ def load_checkpoint(path: Path, modules: dict[str, nn.Module], optimizers: dict[
         restore_optimizer(f"opt_{name}", optimizer, tensors, meta["optimizers"][name])
     if rng is not None:
         rng.set_state(tensors["rng.train"])
+    owned = tuple(f"{name}." for name in modules) + tuple(f"opt_{name}." for name in (optimizers or {}))
+    meta["extra_tensors"] = {k: v for k, v in tensors.items() if k != "rng.train" and not k.startswith(owned)}
     return meta

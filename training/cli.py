@@ -112,7 +112,7 @@ def export_command(
     version: int = typer.Option(1, "--version", min=1),
     formats: str = typer.Option("onnx,torchscript", "--formats", help="comma-separated: onnx, torchscript"),
     repository: Path = typer.Option(Path("model_repository"), "--repository"),
-    checkpoint: str = typer.Option("best", help="best or last (image-to-image runs: last, or l1 for an SR run's L1 model; best means last)"),
+    checkpoint: str = typer.Option("best", help="best or last (image-to-image runs also l1, an SR run's L1 model); runs trained before best existed for image-to-image fall back to last"),
 ) -> None:
     """Export a run to a model-repository entry (ONNX + TorchScript), parity-checked against eager PyTorch."""
     from repository.graphs import ExportError
@@ -123,7 +123,10 @@ def export_command(
     format_list = [f.strip() for f in formats.split(",") if f.strip()]
     try:
         if is_i2i_run(run_dir):
-            entry = export_i2i_run(run_dir, name, version, repository, format_list, "last" if checkpoint == "best" else checkpoint)
+            if checkpoint == "best" and not (run_dir / "checkpoints" / "best.safetensors").exists():
+                console.print(f"{run_dir} has no best checkpoint (trained before image-to-image runs kept one): exporting last")
+                checkpoint = "last"
+            entry = export_i2i_run(run_dir, name, version, repository, format_list, checkpoint)
         else:
             directions = directions_for_run(run_dir, checkpoint)
             entry = export_run(run_dir, name, version, repository, format_list, checkpoint, directions=directions)
@@ -132,7 +135,8 @@ def export_command(
         raise typer.Exit(1)
     spec = json.loads((entry / "spec.json").read_text())
     for fmt, info in spec["formats"].items():
-        console.print(f"{fmt:12s} {info['file']:20s} parity max abs error {info['parity_max_abs_error']:.2e}")
+        parity = f"parity max abs error {info['parity_max_abs_error']:.2e}" if "parity_max_abs_error" in info else "the reference the others are checked against"
+        console.print(f"{fmt:12s} {info['file']:20s} {parity}")
     console.print(f"wrote [bold]{entry}[/]")
 
 
@@ -145,7 +149,8 @@ def print_metrics(title: str, metrics: dict, best: dict | None = None) -> None:
             table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     console.print(table)
     if best:
-        console.print(f"best {best.get('metric')} = {best.get('value'):.4g} at step {best.get('step')}")
+        judge = f" (judge: {best['judge']})" if best.get("judge") else ""
+        console.print(f"best {best.get('metric')} = {best.get('value'):.4g} at step {best.get('step')}{judge}")
 
 
 def register(app: typer.Typer) -> None:

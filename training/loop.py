@@ -1,40 +1,36 @@
-"""The training loop: alternating D and G updates with the configured loss, EMA of G, periodic
-samples from a fixed latent panel, metric evaluation that keeps the best checkpoint beside the
-last, collapse diagnostics, and exact resumption.
+"""The GAN task (noise → sample): alternating D and G updates with the configured loss, lazy
+regularisation as phases of their own, EMA of G, samples from a fixed latent panel, evaluation
+by the data's judge, and collapse diagnostics. `training/run.py` runs it (time budget, log,
+checkpoints, exact resume); the run directory is described there.
 
-A run directory holds:
-    spec.json                 how to rebuild and call the generator, plus config and step
-    checkpoints/{last,best}.safetensors (+ .json)
-    samples/step_<N>.png      grids (or scatter plots for 2-D data) from the fixed panel
-    log.csv                   per-step losses, D outputs, gradient norms, step time
-    train.log                 collapse warnings and evaluation lines
-    metrics.json              final and best metrics, and their history
+Phases of one step, as in NVlabs' StyleGAN2-ADA training loop: `n_critic` D updates (Dmain), then
+R1 on real images every `r1_every` steps (Dreg), one G update with D frozen (Gmain), then path
+length every `pl_every` steps (Greg). A lazy regulariser is scaled by its interval, and the
+optimizer of the network it regularises runs with lr·r and betas**r, r = k/(k+1), so that its
+momentum and step size per image stay what they would be without the extra updates. An interval
+of 1 folds the regulariser into the main phase instead (no extra update, no correction).
 """
 from __future__ import annotations
 
 import copy
 import csv
-import json
-import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
 from models.spec import ModelSpec
 from models.zoo import build_discriminator, build_generator
-from training.checkpoint import load_checkpoint, save_checkpoint
+from training.augment import diff_augment
 from training.config import TrainConfig
 from training.data import TensorData, load_dataset
 from training.diagnostics import CollapseMonitor, mean_pairwise_distance
 from training.evaluate import GeneratorEvaluator
 from training.images import save_grid, save_scatter
-from training.augment import diff_augment
 from training.losses import LOGISTIC, gradient_penalty, loss_pair, path_length_penalty, r1_penalty
+from training.run import BestRule, Reporter, Schedule, run_task
 from training.sampling import balanced_labels, generate, latents
 
 LOG_COLUMNS = ["step", "loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_norm_g", "step_time", "panel_diversity"]
@@ -116,15 +112,32 @@ class Run:
         return self.G_ema if self.cfg.ema_beta > 0 else self.G
 
 
+def lazy_r1(cfg: TrainConfig) -> bool:
+    return cfg.loss.r1_gamma > 0 and cfg.loss.r1_every > 1
+
+
+def lazy_pl(cfg: TrainConfig) -> bool:
+    return cfg.model.arch == "stylegan" and cfg.loss.pl_weight > 0 and cfg.loss.pl_every > 1
+
+
+def minibatch_ratio(interval: int, lazy: bool) -> float:
+    """NVlabs' mb_ratio k/(k+1): the share of a lazily regularised network's updates that are
+    main-phase updates; its lr is scaled by it and its betas raised to it."""
+    return interval / (interval + 1) if lazy else 1.0
+
+
+def adam_for(params, lr: float, cfg: TrainConfig, ratio: float) -> torch.optim.Adam:
+    return torch.optim.Adam(params, lr=lr * ratio, betas=(cfg.optim.beta1**ratio, cfg.optim.beta2**ratio))
+
+
 def build_run(cfg: TrainConfig, train: TensorData, device: torch.device) -> Run:
     torch.manual_seed(cfg.seed)  # weight initialisation
     spec = spec_for(cfg, train)
     G = build_generator(spec).to(device)
     D = build_discriminator(spec, cfg.model.discriminator).to(device)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-    betas = (cfg.optim.beta1, cfg.optim.beta2)
-    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_g, betas=betas)
-    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d, betas=betas)
+    opt_g = adam_for(G.parameters(), cfg.optim.lr_g, cfg, minibatch_ratio(cfg.loss.pl_every, lazy_pl(cfg)))
+    opt_d = adam_for(D.parameters(), cfg.optim.lr_d, cfg, minibatch_ratio(cfg.loss.r1_every, lazy_r1(cfg)))
     return Run(cfg, spec, device, G, D, G_ema, opt_g, opt_d, torch.Generator().manual_seed(cfg.seed))
 
 
@@ -164,58 +177,110 @@ def generate_batch(run: Run, n: int, y_real: torch.Tensor | None) -> tuple[torch
 
 def set_learning_rates(run: Run) -> None:
     """Linear decay to zero: late small steps let G settle onto the modes instead of orbiting them."""
-    remaining = max(0.0, 1.0 - run.step / run.cfg.max_steps)
-    for optimizer, base in ((run.opt_g, run.cfg.optim.lr_g), (run.opt_d, run.cfg.optim.lr_d)):
+    cfg = run.cfg
+    remaining = max(0.0, 1.0 - run.step / cfg.max_steps)
+    bases = ((run.opt_g, cfg.optim.lr_g * minibatch_ratio(cfg.loss.pl_every, lazy_pl(cfg))),
+             (run.opt_d, cfg.optim.lr_d * minibatch_ratio(cfg.loss.r1_every, lazy_r1(cfg))))
+    for optimizer, base in bases:
         for group in optimizer.param_groups:
             group["lr"] = base * remaining
 
 
-def train_step(run: Run, train: TensorData) -> dict[str, float]:
-    """n_critic D updates, then one G update. Returns the log row (without step and time)."""
+def real_minibatch(run: Run, train: TensorData) -> tuple[torch.Tensor, torch.Tensor | None]:
+    x_real, y_real = train.minibatch(run.cfg.batch_size, run.rng)
+    return x_real.to(run.device), None if y_real is None else y_real.to(run.device)
+
+
+def d_main(run: Run, train: TensorData, autocast, r1_here: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, torch.Tensor, torch.Tensor | None]:
+    """One D update on a real and a generated minibatch (with R1 folded in when `r1_here`).
+    Returns (loss, real scores, fake scores, gradient norm, the real minibatch and its labels)."""
     cfg = run.cfg
-    d_loss_fn, g_loss_fn = loss_pair(cfg.loss.name)
+    d_loss_fn, _ = loss_pair(cfg.loss.name)
+    x_real, y_real = real_minibatch(run, train)
+    with autocast:
+        with torch.no_grad():
+            x_fake, y_fake = generate_batch(run, len(x_real), y_real)
+        if r1_here:
+            x_real.requires_grad_(True)
+        real_scores = discriminate(run, x_real, y_real).float()
+        fake_scores = discriminate(run, x_fake, y_fake).float()
+        loss_d = d_loss_fn(real_scores, fake_scores)
+        if cfg.loss.name == "wgan-gp":
+            # interpolates share the real labels; for unconditional critics labels are unused
+            critic = lambda x: discriminate(run, x, y_real).float()  # noqa: E731
+            loss_d = loss_d + cfg.loss.gp_weight * gradient_penalty(critic, x_real, x_fake, run.rng)
+        if r1_here:
+            loss_d = loss_d + cfg.loss.r1_gamma / 2 * r1_penalty(real_scores, x_real)
+    run.opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    norm_d = grad_norm(run.D)
+    run.opt_d.step()
+    if cfg.loss.name == "wgan":
+        clip_weights(run)
+    return loss_d, real_scores, fake_scores, norm_d, x_real.detach(), y_real
+
+
+@torch.no_grad()
+def clip_weights(run: Run) -> None:
+    """WGAN's Lipschitz constraint by weight clipping, after every D update."""
+    for p in run.D.parameters():
+        p.clamp_(-run.cfg.loss.clip, run.cfg.loss.clip)
+
+
+def d_reg(run: Run, x_real: torch.Tensor, y_real: torch.Tensor | None, autocast) -> None:
+    """Lazy R1: its own D update, γ/2·E‖∇D(x)‖² scaled by the interval (NVlabs' Dreg phase)."""
+    cfg = run.cfg
+    x_real = x_real.detach().requires_grad_(True)
+    with autocast:
+        real_scores = discriminate(run, x_real, y_real).float()
+        loss = cfg.loss.r1_gamma / 2 * cfg.loss.r1_every * r1_penalty(real_scores, x_real)
+    run.opt_d.zero_grad(set_to_none=True)
+    loss.backward()
+    run.opt_d.step()
+    if cfg.loss.name == "wgan":
+        clip_weights(run)
+
+
+def g_reg(run: Run, autocast) -> None:
+    """Lazy path length: its own G update on half a batch, scaled by the interval (Greg)."""
+    cfg = run.cfg
+    with autocast:
+        ws = style_ws(run, max(1, cfg.batch_size // 2))
+        penalty, run.state.pl_mean = path_length_penalty(synthesize(run, ws), ws, run.state.pl_mean, run.rng)
+        loss = cfg.loss.pl_weight * cfg.loss.pl_every * penalty
+    run.opt_g.zero_grad(set_to_none=True)
+    loss.backward()
+    run.opt_g.step()
+
+
+def train_step(run: Run, train: TensorData) -> dict[str, float]:
+    """One step's phases (module docstring). Returns the log row (without step and time)."""
+    cfg = run.cfg
+    _, g_loss_fn = loss_pair(cfg.loss.name)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and run.device.type == "cuda")
-    lazy_r1 = cfg.loss.r1_gamma > 0 and run.step % cfg.loss.r1_every == 0
+    r1_due = cfg.loss.r1_gamma > 0 and run.step % cfg.loss.r1_every == 0
     for critic_step in range(cfg.loss.n_critic):
-        apply_r1 = lazy_r1 and critic_step == 0
-        x_real, y_real = train.minibatch(cfg.batch_size, run.rng)
-        x_real = x_real.to(run.device)
-        y_real = None if y_real is None else y_real.to(run.device)
-        with autocast:
-            with torch.no_grad():
-                x_fake, y_fake = generate_batch(run, len(x_real), y_real)
-            if apply_r1:
-                x_real.requires_grad_(True)
-            real_scores = discriminate(run, x_real, y_real).float()
-            fake_scores = discriminate(run, x_fake, y_fake).float()
-            loss_d = d_loss_fn(real_scores, fake_scores)
-            if cfg.loss.name == "wgan-gp":
-                # interpolates share the real labels; for unconditional critics labels are unused
-                critic = lambda x: discriminate(run, x, y_real).float()  # noqa: E731
-                loss_d = loss_d + cfg.loss.gp_weight * gradient_penalty(critic, x_real, x_fake, run.rng)
-            if apply_r1:  # lazy: every r1_every steps, scaled up to keep the same average strength
-                loss_d = loss_d + cfg.loss.r1_gamma / 2 * cfg.loss.r1_every * r1_penalty(real_scores, x_real)
-        run.opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        norm_d = grad_norm(run.D)
-        run.opt_d.step()
-        if cfg.loss.name == "wgan":
-            with torch.no_grad():
-                for p in run.D.parameters():
-                    p.clamp_(-cfg.loss.clip, cfg.loss.clip)
+        loss_d, real_scores, fake_scores, norm_d, x_real, y_real = d_main(run, train, autocast, r1_due and critic_step == 0 and not lazy_r1(cfg))
+    if r1_due and lazy_r1(cfg):
+        d_reg(run, x_real, y_real, autocast)
+    pl_due = run.spec.kind == "style" and cfg.loss.pl_weight > 0 and run.step % cfg.loss.pl_every == 0
+    run.D.requires_grad_(False)  # G's update needs gradients through D, not into D's weights
     with autocast:
         x_fake, y_fake = generate_batch(run, cfg.batch_size, None)
         loss_g = g_loss_fn(discriminate(run, x_fake, y_fake).float())
-        if run.spec.kind == "style" and cfg.loss.pl_weight > 0 and run.step % cfg.loss.pl_every == 0:
+        if pl_due and not lazy_pl(cfg):
             ws = style_ws(run, max(1, cfg.batch_size // 2))
             penalty, run.state.pl_mean = path_length_penalty(synthesize(run, ws), ws, run.state.pl_mean, run.rng)
-            loss_g = loss_g + cfg.loss.pl_weight * cfg.loss.pl_every * penalty
+            loss_g = loss_g + cfg.loss.pl_weight * penalty
     if cfg.optim.lr_decay == "linear":
         set_learning_rates(run)
     run.opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     norm_g = grad_norm(run.G)
     run.opt_g.step()
+    run.D.requires_grad_(True)
+    if pl_due and lazy_pl(cfg):
+        g_reg(run, autocast)
     if run.spec.kind == "style":
         with torch.no_grad():  # the running mean of w, used for truncation
             w = run.G.mapping(torch.randn(cfg.batch_size, run.spec.z_dim, generator=run.rng).to(run.device))
@@ -230,149 +295,97 @@ def train_step(run: Run, train: TensorData) -> dict[str, float]:
     }
 
 
-class RunFiles:
-    """Paths inside a run directory and the small writers for them."""
+class GanTask:
+    """The GAN as a task of the run skeleton: its step, its evaluation (the data's judge), its
+    fixed-panel samples and collapse warnings."""
 
-    def __init__(self, out_dir: Path) -> None:
-        self.root = out_dir
-        self.last = out_dir / "checkpoints" / "last.safetensors"
-        self.best = out_dir / "checkpoints" / "best.safetensors"
-        self.log_csv = out_dir / "log.csv"
-        self.metrics = out_dir / "metrics.json"
-        self.spec = out_dir / "spec.json"
+    log_columns = LOG_COLUMNS
 
-    def trim_log(self, up_to_step: int) -> None:
-        """On resume, drop log rows written after the checkpoint we restart from."""
-        if not self.log_csv.exists():
-            return
-        with open(self.log_csv) as handle:
-            rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= up_to_step]
-        with open(self.log_csv, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, LOG_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
+        self.name, self.config = cfg.name, cfg
+        self.train_set, held_out = load_dataset(cfg.data)
+        self.run = build_run(cfg, self.train_set, device)
+        self.rng = self.run.rng
+        self.checkpoint_spec = self.run.spec.to_dict()
+        spec = self.run.spec
+        self.panel_z = latents(spec, cfg.panel_size, PANEL_SEED)
+        self.panel_y = balanced_labels(spec, cfg.panel_size)
+        index = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(PANEL_SEED))[: cfg.panel_size]
+        self.reference = self.train_set.x[index]
+        reference_labels = self.train_set.y[index] if self.panel_y is not None else None
+        self.evaluator = GeneratorEvaluator(spec, cfg.data, self.train_set, held_out, cfg.eval.num_samples)
+        self.monitor = CollapseMonitor(logistic_loss=cfg.loss.name in LOGISTIC | {"lsgan", "hinge"},
+                                       real_diversity=mean_pairwise_distance(self.reference, reference_labels))
+
+    def modules(self) -> dict[str, nn.Module]:
+        return self.run.modules()
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"g": self.run.opt_g, "d": self.run.opt_d}
+
+    def train_step(self, step: int) -> dict[str, float]:
+        self.run.step = step
+        row = train_step(self.run, self.train_set)
+        self.run.step = step + 1
+        return row | {"panel_diversity": ""}
+
+    def observe(self, step: int, row: dict, report: Reporter) -> None:
+        for warning in self.monitor.observe_step(step, row["loss_d"], row["grad_norm_g"]):
+            report.warn(warning)
+
+    def evaluate(self) -> dict[str, float]:
+        return self.evaluator(self.run.sampler())
+
+    def best_rule(self, step: int, metrics: dict) -> BestRule | None:
+        """The configured metric where the data's judge reports it, else the generic judge's."""
+        judge = self.evaluator.judge
+        if self.config.eval.best_metric in metrics:
+            return BestRule(self.config.eval.best_metric, self.config.eval.best_mode, judge)
+        fallback = self.evaluator.fallback_metric
+        return BestRule(*fallback, judge) if fallback and fallback[0] in metrics else None
+
+    def milestone(self, step: int) -> str | None:
+        return None
+
+    def sample(self, step: int, path: Path, report: Reporter) -> dict:
+        run = self.run
+        panel = generate(run.sampler(), run.spec, self.panel_z, self.panel_y)
+        diversity, warnings = self.monitor.observe_panel(step, panel, self.panel_y)
+        for warning in warnings:
+            report.warn(warning)
+        if run.spec.is_image:
+            save_grid(panel, path, nrow=int(math.sqrt(len(panel))) if run.spec.kind != "conditional" else run.spec.num_classes)
+        else:
+            save_scatter(panel, self.reference, path, title=f"{run.cfg.name} step {step}")
+        return {"panel_diversity": round(diversity, 4)}
+
+    def extra_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return {}, {}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        pass  # the GAN's state is all in its modules (pl_mean too), optimizers and RNG
+
+    def run_spec(self) -> dict:
+        return {**self.run.spec.to_dict(), "config": self.config.model_dump(), "metrics_file": "metrics.json"}
+
+    def result_extras(self, out_dir: Path, history: list[dict]) -> dict:
+        return {"judge": self.evaluator.judge}
+
+    def plot_curves(self, log_csv: Path, out_path: Path) -> None:
+        plot_curves(log_csv, out_path)
 
 
-def make_logger(path: Path) -> logging.Logger:
-    logger = logging.getLogger(f"ganserve.train.{path}")
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    if not logger.handlers:
-        handler = logging.FileHandler(path)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logger.addHandler(handler)
-    return logger
+def schedule_for(cfg: TrainConfig) -> Schedule:
+    return Schedule(cfg.max_steps, cfg.eval.every, cfg.sample_every, cfg.checkpoint_every, cfg.max_minutes)
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, device: str | None = None, show_progress: bool = True) -> dict:
     """Trains to `cfg.max_steps` generator steps; returns the content of metrics.json."""
-    out_dir = Path(out_dir)
-    files = RunFiles(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not resume and files.last.exists():
+    if not resume and (Path(out_dir) / "checkpoints" / "last.safetensors").exists():
         raise FileExistsError(f"{out_dir} already holds a run: pass --resume to continue it or choose another --out")
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    train_set, held_out = load_dataset(cfg.data)
-    run = build_run(cfg, train_set, torch_device)
-    logger = make_logger(out_dir / "train.log")
-    if resume:
-        meta = load_checkpoint(files.last, run.modules(), {"g": run.opt_g, "d": run.opt_d}, run.rng)
-        run.step, run.best, run.history = meta["step"], meta.get("best", {}), meta.get("history", [])
-        files.trim_log(run.step)
-        logger.info("resumed at step %d", run.step)
-    (out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
-
-    panel_z = latents(run.spec, cfg.panel_size, PANEL_SEED)
-    panel_y = balanced_labels(run.spec, cfg.panel_size)
-    reference_index = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(PANEL_SEED))[: cfg.panel_size]
-    reference = train_set.x[reference_index]
-    reference_labels = train_set.y[reference_index] if panel_y is not None else None
-    evaluator = GeneratorEvaluator(run.spec, cfg.data, train_set, held_out, cfg.eval.num_samples)
-    monitor = CollapseMonitor(logistic_loss=cfg.loss.name in LOGISTIC | {"lsgan", "hinge"}, real_diversity=mean_pairwise_distance(reference, reference_labels))
-
-    new_log = not files.log_csv.exists()
-    with open(files.log_csv, "a", newline="") as log_handle, make_progress(show_progress) as progress:
-        writer = csv.DictWriter(log_handle, LOG_COLUMNS)
-        if new_log:
-            writer.writeheader()
-        task = progress.add_task(cfg.name, total=cfg.max_steps, completed=run.step, status="")
-        deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else None
-        while run.step < cfg.max_steps:
-            started = time.perf_counter()
-            row = train_step(run, train_set)
-            run.step += 1
-            row.update(step=run.step, step_time=time.perf_counter() - started, panel_diversity="")
-            for warning in monitor.observe_step(run.step, row["loss_d"], row["grad_norm_g"]):
-                logger.warning(warning)
-                progress.console.print(f"[yellow]warning[/] {warning}")
-            out_of_time = deadline is not None and time.monotonic() > deadline
-            final = run.step == cfg.max_steps or out_of_time
-            if run.step % cfg.sample_every == 0 or final:
-                row["panel_diversity"] = sample_panel(run, files, panel_z, panel_y, reference, monitor, logger, progress)
-            if run.step % cfg.eval.every == 0 or final:
-                evaluate_and_keep_best(run, files, evaluator, logger, progress)
-            if run.step % cfg.checkpoint_every == 0 or final:
-                save_run(run, files)
-            writer.writerow(row)
-            progress.update(task, advance=1, status=f"D {row['loss_d']:.3f} G {row['loss_g']:.3f}")
-            if out_of_time:
-                logger.info("stopped at step %d: the %.1f-minute budget is spent", run.step, cfg.max_minutes)
-                break
-    result = write_metrics(run, files)
-    plot_curves(files.log_csv, out_dir / "curves.png")
-    return result
-
-
-def make_progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled,
-    )
-
-
-def sample_panel(run: Run, files: RunFiles, panel_z, panel_y, reference, monitor: CollapseMonitor, logger, progress) -> float:
-    panel = generate(run.sampler(), run.spec, panel_z, panel_y)
-    diversity, warnings = monitor.observe_panel(run.step, panel, panel_y)
-    for warning in warnings:
-        logger.warning(warning)
-        progress.console.print(f"[yellow]warning[/] {warning}")
-    path = files.root / "samples" / f"step_{run.step:06d}.png"
-    if run.spec.is_image:
-        save_grid(panel, path, nrow=int(math.sqrt(len(panel))) if run.spec.kind != "conditional" else run.spec.num_classes)
-    else:
-        save_scatter(panel, reference, path, title=f"{run.cfg.name} step {run.step}")
-    return round(diversity, 4)
-
-
-def evaluate_and_keep_best(run: Run, files: RunFiles, evaluator: GeneratorEvaluator, logger, progress) -> None:
-    cfg = run.cfg
-    metrics = evaluator(run.sampler())
-    run.history.append({"step": run.step, **metrics})
-    summary = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
-    logger.info("step %d eval %s", run.step, summary)
-    progress.console.print(f"step {run.step}: {summary}")
-    value = metrics.get(cfg.eval.best_metric)
-    if value is None or not math.isfinite(value):
-        return
-    better = not run.best or (value < run.best["value"] if cfg.eval.best_mode == "min" else value > run.best["value"])
-    if better:
-        run.best = {"step": run.step, "value": value, "metric": cfg.eval.best_metric, "metrics": metrics}
-        save_run(run, files, path=files.best)
-
-
-def save_run(run: Run, files: RunFiles, path: Path | None = None) -> None:
-    meta = {"step": run.step, "best": run.best, "history": run.history, "spec": run.spec.to_dict(), "config": run.cfg.model_dump()}
-    digest = save_checkpoint(path or files.last, run.modules(), {"g": run.opt_g, "d": run.opt_d}, run.rng, meta)
-    if path is None:
-        spec = {**run.spec.to_dict(), "config": run.cfg.model_dump(), "step": run.step, "checkpoint_sha256": digest, "metrics_file": "metrics.json"}
-        files.spec.write_text(json.dumps(spec, indent=2))
-
-
-def write_metrics(run: Run, files: RunFiles) -> dict:
-    last = run.history[-1] if run.history else {}
-    result = {"name": run.cfg.name, "step": run.step, "last": last, "best": run.best, "history": run.history}
-    files.metrics.write_text(json.dumps(result, indent=2))
-    return result
+    task = GanTask(cfg, torch_device)
+    return run_task(task, schedule_for(cfg), out_dir, torch_device, resume=resume, show_progress=show_progress)
 
 
 def plot_curves(log_csv: Path, out_path: Path) -> None:

@@ -10,13 +10,15 @@ from skimage.metrics import structural_similarity
 
 from models.superres import RRDBNet
 from models.translation import PatchDiscriminator, ResnetGenerator, UnetGenerator, receptive_field
-from tests.serving import tiny_i2i_run
+from tests.serving import REPO, tiny_i2i_run
 from training.data.pairs import HELD_OUT_PHOTOS, TRAIN_PHOTOS, PhotoCrops, bicubic_upscale, edges_to_shapes, shape_domains, stroke_domains
 from repository.graphs import ExportError
 from training.image2image.export import export_i2i_run, load_translator
-from training.image2image.config import I2IConfig
+from safetensors.torch import load_file
+
+from training.image2image.config import I2IConfig, load_i2i_config
 from training.image2image.tasks import ImagePool
-from training.image2image.train import linear_decay
+from training.image2image.train import linear_decay, train_image_to_image
 from training.metrics.image_quality import psnr, sharpness, ssim
 
 
@@ -142,3 +144,66 @@ def test_export_has_dynamic_height_and_width_and_rebuilds_in_eval_mode(sr_run, t
         np.testing.assert_allclose(session.run(None, {"image": x.numpy()})[0], generator(x).numpy(), atol=1e-4)
     with pytest.raises(ExportError):
         export_i2i_run(sr_run, "sr", 1, tmp_path / "repo", ["tflite"])
+
+
+def tiny_i2i_config(config: str, **changes) -> I2IConfig:
+    cfg = load_i2i_config(REPO / "configs" / f"{config}.yaml").model_dump()
+    cfg.update(batch_size=2, pool_size=4)
+    cfg["data"].update(size=16, held_out=4)
+    for section, values in changes.items():
+        cfg[section].update(values) if isinstance(values, dict) else cfg.update({section: values})
+    return I2IConfig.model_validate(cfg)
+
+
+def halted_and_resumed_equals_straight(tmp_path, monkeypatch, cfg: I2IConfig, task_class, halt_after: int) -> tuple:
+    """Trains `cfg` straight, and again killed after `halt_after` steps (past a checkpoint) then
+    resumed; asserts both end with the same last and best checkpoints; returns both run dirs."""
+    straight, halted = tmp_path / "straight", tmp_path / "halted"
+    train_image_to_image(cfg, straight, show_progress=False)
+    real_step = task_class.step
+
+    def dies(self, step):
+        if step == halt_after:
+            raise KeyboardInterrupt
+        return real_step(self, step)
+
+    monkeypatch.setattr(task_class, "step", dies)
+    with pytest.raises(KeyboardInterrupt):
+        train_image_to_image(cfg, halted, show_progress=False)
+    monkeypatch.setattr(task_class, "step", real_step)
+    train_image_to_image(cfg, halted, resume=True, show_progress=False)
+    for name in ("last", "best"):
+        a = load_file(str(straight / "checkpoints" / f"{name}.safetensors"))
+        b = load_file(str(halted / "checkpoints" / f"{name}.safetensors"))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+    # the log holds each step once: rows past the checkpoint were replaced, not appended again
+    steps = [int(line.split(",")[0]) for line in (halted / "log.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, cfg.max_steps + 1))
+    return straight, halted
+
+
+def test_halted_and_resumed_cyclegan_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    from training.image2image.tasks import CycleGAN
+
+    # pool of 2, 2 images a step: from step 2 on D sees pooled fakes, so the run resumed from step 2 needs the pool and its random state
+    cfg = tiny_i2i_config("cyclegan-circles2squares", model={"ngf": 4, "n_blocks": 1, "ndf": 8}, pool_size=2, max_steps=4, eval_every=2, sample_every=4)
+    straight, _ = halted_and_resumed_equals_straight(tmp_path, monkeypatch, cfg, CycleGAN, halt_after=3)
+    assert load_file(str(straight / "checkpoints" / "last.safetensors"))["pool.a"].shape[0] == 2
+    metrics = json.loads((straight / "metrics.json").read_text())
+    assert metrics["best"]["metric"] == "domain_accuracy" and "domain classifier" in metrics["best"]["judge"]
+
+
+def test_halted_and_resumed_sr_run_crosses_its_phase_change_exactly(tmp_path, monkeypatch):
+    from training.image2image.tasks import SuperResolution
+
+    # L1 phase steps 1-3 (the `l1` checkpoint at 3), GAN phase 4-5; killed in step 4, resumed from step 2
+    cfg = tiny_i2i_config("sr-rrdb-x4", model={"features": 8, "blocks": 1, "growth": 4}, data={"resolution": 32},
+                          loss={"pretrain_steps": 3}, max_steps=5, eval_every=2, sample_every=5)
+    straight, halted = halted_and_resumed_equals_straight(tmp_path, monkeypatch, cfg, SuperResolution, halt_after=3)
+    a, b = (load_file(str(run / "checkpoints" / "l1.safetensors")) for run in (straight, halted))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    metrics = json.loads((halted / "metrics.json").read_text())
+    assert metrics["l1_model"]["step"] == 3
+    assert metrics["best"]["step"] > 3  # the best GAN model: the L1 model has its own checkpoint

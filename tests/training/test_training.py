@@ -23,7 +23,8 @@ def tiny_grid_config(**overrides) -> TrainConfig:
     cfg["eval"].update(every=20, num_samples=500)
     cfg["model"].update(width=32)
     cfg["data"].update(size=5000)
-    cfg.update(overrides)
+    for key, value in overrides.items():
+        cfg[key].update(value) if isinstance(value, dict) else cfg.update({key: value})
     return TrainConfig.model_validate(cfg)
 
 
@@ -193,3 +194,78 @@ def test_stylegan_training_with_every_regulariser_resumes_exactly(tmp_path, monk
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert json.loads((straight / "spec.json").read_text())["kind"] == "style"
+
+
+def test_own_image_folder_trains_keeps_a_best_checkpoint_and_exports_with_defaults(tmp_path):
+    """A user's folder has no trained judge: the generic judge still picks a best checkpoint, so
+    `ganserve export` with its default (`--checkpoint best`) works and the entry generates. The
+    verbs run in-process (the `ganserve` app's training verbs) to spare two interpreter starts."""
+    import numpy as np
+    import onnxruntime as ort
+    import typer
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from models.entry_schema import EntrySpec
+    from training.cli import register
+    from training.data.shapes import load_shapes
+
+    folder = tmp_path / "my_images"
+    folder.mkdir()
+    for i, image in enumerate(load_shapes(48, 32, seed=5).x):
+        Image.fromarray(((image.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)).save(folder / f"{i:03d}.png")
+    config = tmp_path / "own.yaml"
+    config.write_text(f"name: own\ndata: {{name: image_folder, path: {folder}, resolution: 32}}\n"
+                      "model: {arch: dcgan, z_dim: 16, width: 8}\neval: {every: 2, num_samples: 40}\n"
+                      "batch_size: 8\nsample_every: 4\ncheckpoint_every: 4\n")
+    app = typer.Typer()
+    register(app)
+    cli = CliRunner()
+    run = tmp_path / "run"
+    trained = cli.invoke(app, ["train", "--config", str(config), "--out", str(run), "--max-steps", "4"])
+    assert trained.exit_code == 0, trained.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["best"]["metric"] == "generic_kid" and "random conv" in metrics["best"]["judge"]
+    assert {"generic_kid", "generic_kid_real_floor"} <= set(metrics["last"])
+    exported = cli.invoke(app, ["export", str(run), "--name", "own", "--version", "1", "--repository", str(tmp_path / "repo")])
+    assert exported.exit_code == 0, exported.output
+    entry = tmp_path / "repo" / "own" / "1"
+    spec = EntrySpec.model_validate(json.loads((entry / "spec.json").read_text()))
+    assert spec.kind == "unconditional" and spec.resolution == 32
+    assert json.loads((entry / "metrics.json").read_text())["best"]["judge"] == metrics["best"]["judge"]
+    z = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
+    images = ort.InferenceSession(str(entry / "model.onnx")).run(None, {"z": z})[0]
+    assert images.shape == (3, 3, 32, 32) and np.isfinite(images).all()
+
+
+def test_generator_steps_leave_the_discriminator_weights_untouched():
+    """D is frozen while G steps: D's gradients after a step are exactly those of its own update."""
+    from training.data import load_dataset
+    from training.loop import build_run, grad_norm, train_step
+
+    cfg = tiny_grid_config()
+    data, _ = load_dataset(cfg.data)
+    run = build_run(cfg, data, torch.device("cpu"))
+    row = train_step(run, data)
+    assert grad_norm(run.D) == row["grad_norm_d"]
+    assert all(p.requires_grad for p in run.D.parameters())  # and D is trainable again for its next update
+
+
+def test_lazy_r1_is_its_own_d_update_with_nvlabs_lr_and_beta_correction():
+    from training.data import load_dataset
+    from training.loop import build_run, train_step
+
+    cfg = tiny_grid_config(loss={"name": "nonsaturating", "r1_gamma": 1.0, "r1_every": 4}, optim={"lr_d": 1e-3, "beta1": 0.5, "beta2": 0.99, "lr_decay": "none"})
+    data, _ = load_dataset(cfg.data)
+    run = build_run(cfg, data, torch.device("cpu"))
+    group = run.opt_d.param_groups[0]
+    assert group["lr"] == pytest.approx(1e-3 * 4 / 5) and group["betas"] == pytest.approx((0.5 ** 0.8, 0.99 ** 0.8))
+    assert run.opt_g.param_groups[0]["lr"] == cfg.optim.lr_g  # G has no lazy regulariser here: uncorrected
+    for step in range(8):
+        run.step = step
+        train_step(run, data)
+    def adam_steps(optimizer: torch.optim.Optimizer) -> int:
+        return int(next(iter(optimizer.state.values()))["step"])
+
+    assert adam_steps(run.opt_d) == 8 + 2  # 8 main updates and R1 at steps 0 and 4
+    assert adam_steps(run.opt_g) == 8

@@ -21,10 +21,10 @@ from training.image2image.config import KIND_FOR_TASK, I2IConfig
 
 
 def load_translator(run_dir: Path, checkpoint: str = "last") -> tuple[torch.nn.Module, dict, I2IConfig]:
-    """The served generator of an image-to-image run (`last`, or `l1` for an SR run's L1 model)."""
+    """The served generator of an image-to-image run (`best`, `last`, or `l1` for an SR run's L1 model)."""
     path = run_dir / "checkpoints" / f"{checkpoint}.safetensors"
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: has {run_dir} been trained (checkpoints: last, or l1 for SR)?")
+        raise FileNotFoundError(f"{path} does not exist: has {run_dir} been trained (checkpoints: best, last, or l1 for SR)?")
     meta = json.loads(path.with_suffix(".json").read_text())
     spec, cfg = meta["spec"], I2IConfig.model_validate(meta["config"])
     generator = build_translator(spec["generator"])

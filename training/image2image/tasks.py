@@ -51,6 +51,22 @@ def gan_loss(logits: torch.Tensor, real: bool, kind: str) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, target)
 
 
+class frozen:
+    """Context: `modules` take no weight gradients (G's update back-propagates through D to G,
+    not into D's weights, which G's step would only throw away)."""
+
+    def __init__(self, *modules: nn.Module) -> None:
+        self.modules = modules
+
+    def __enter__(self) -> None:
+        for module in self.modules:
+            module.requires_grad_(False)
+
+    def __exit__(self, *exc) -> None:
+        for module in self.modules:
+            module.requires_grad_(True)
+
+
 @torch.no_grad()
 def run_batched(module: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
     was_training = module.training
@@ -66,10 +82,17 @@ def as_rgb(images: torch.Tensor) -> torch.Tensor:
 
 class ImagePool:
     """CycleGAN's history of generated images: D sees a mix of current and older fakes (pool of
-    50, half the time an older one), which damps G/D oscillation."""
+    50, half the time an older one), which damps G/D oscillation. Its images (and the random
+    state that picks them, shared by both pools) are saved with the checkpoint: resume is exact."""
 
     def __init__(self, size: int, rng: random.Random) -> None:
         self.size, self.images, self.rng = size, [], rng
+
+    def tensor(self) -> torch.Tensor | None:
+        return torch.stack(self.images).cpu() if self.images else None  # [n ≤ size, C, H, W]
+
+    def restore(self, images: torch.Tensor | None, device: torch.device) -> None:
+        self.images = [] if images is None else list(images.to(device).unbind(0))
 
     def query(self, images: torch.Tensor) -> torch.Tensor:
         if self.size == 0:
@@ -134,7 +157,8 @@ class Pix2Pix(GeneratorDiscriminatorTask):
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         self.opt_d.step()
-        adv = gan_loss(self.D(torch.cat([a, fake], 1)), True, self.cfg.loss.gan)
+        with frozen(self.D):
+            adv = gan_loss(self.D(torch.cat([a, fake], 1)), True, self.cfg.loss.gan)
         l1 = F.l1_loss(fake, b)
         loss_g = self.cfg.loss.adv_weight * adv + self.cfg.loss.l1_weight * l1
         self.opt_g.zero_grad(set_to_none=True)
@@ -191,12 +215,25 @@ class CycleGAN:
     def served(self) -> nn.Module:
         return self.G_ab
 
+    def extra_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {f"pool.{name}": images for name, pool in (("a", self.pool_a), ("b", self.pool_b)) if (images := pool.tensor()) is not None}
+        version, internal, gauss = self.pool_a.rng.getstate()
+        return tensors, {"pool_random": [version, list(internal), gauss]}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.pool_a.restore(tensors.get("pool.a"), self.device)
+        self.pool_b.restore(tensors.get("pool.b"), self.device)
+        if "pool_random" in meta:
+            version, internal, gauss = meta["pool_random"]
+            self.pool_a.rng.setstate((version, tuple(internal), gauss))
+
     def step(self, step: int) -> dict[str, float]:
         loss = self.cfg.loss
         a = self.train_a.minibatch(self.cfg.batch_size, self.rng)[0].to(self.device)
         b = self.train_b.minibatch(self.cfg.batch_size, self.rng)[0].to(self.device)
         fake_b, fake_a = self.G_ab(a), self.G_ba(b)
-        adv = gan_loss(self.D_b(fake_b), True, "lsgan") + gan_loss(self.D_a(fake_a), True, "lsgan")
+        with frozen(self.D_a, self.D_b):
+            adv = gan_loss(self.D_b(fake_b), True, "lsgan") + gan_loss(self.D_a(fake_a), True, "lsgan")
         cycle = F.l1_loss(self.G_ba(fake_b), a) + F.l1_loss(self.G_ab(fake_a), b)
         identity = F.l1_loss(self.G_ab(b), b) + F.l1_loss(self.G_ba(a), a) if loss.identity_weight > 0 else torch.zeros((), device=self.device)
         loss_g = adv + loss.cycle_weight * cycle + loss.cycle_weight * loss.identity_weight * identity
@@ -306,7 +343,8 @@ class SuperResolution(GeneratorDiscriminatorTask):
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         self.opt_d.step()
-        real_logits, fake_logits = self.D(hr).detach(), self.D(sr)
+        with frozen(self.D):
+            real_logits, fake_logits = self.D(hr).detach(), self.D(sr)
         adv = 0.5 * (gan_loss(real_logits - fake_logits.mean(), False, "vanilla") + gan_loss(fake_logits - real_logits.mean(), True, "vanilla"))
         loss_g = loss.l1_weight * pixel + loss.adv_weight * adv
         if self.features is not None:

@@ -1,8 +1,10 @@
-"""Runs an image-to-image task to its step count or time budget.
+"""Image-to-image tasks (pix2pix, CycleGAN, super-resolution) as tasks of the run skeleton
+(`training/run.py`: time budget, log, evaluation cadence, best + last checkpoints, exact resume).
 
 Run directory (same names as the GAN runs):
     config.json, spec.json      the config, and what export needs to rebuild the generator
-    checkpoints/last.*          safetensors + JSON (SR also keeps `l1`, the pre-trained model)
+    checkpoints/{last,best}.*   safetensors + JSON (SR also keeps `l1`, the pre-trained model);
+                                `best` by the task's metric (SR: among GAN-phase evaluations)
     samples/step_N.png          held-out panel: rows input | output | target (SR: nearest |
                                 bicubic | SR | original; CycleGAN: A | A→B | A→B→A)
     log.csv, curves.png         per-step losses
@@ -12,16 +14,15 @@ from __future__ import annotations
 
 import csv
 import json
-import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from training.checkpoint import load_checkpoint, save_checkpoint
 from training.image2image.config import KIND_FOR_TASK, I2IConfig
 from training.image2image.tasks import TASKS, translator_params
 from training.images import save_grid
-from training.loop import make_logger, make_progress
+from training.run import BestRule, Reporter, Schedule, run_task
 
 
 def phases(cfg: I2IConfig) -> list[tuple[int, int]]:
@@ -66,84 +67,86 @@ def spec_for(cfg: I2IConfig, task) -> dict:
     }
 
 
-def better(value: float, best: float | None, mode: str) -> bool:
-    return best is None or (value > best if mode == "max" else value < best)
+TASK_JUDGES = {"pix2pix": "PSNR against held-out targets", "superres": "PSNR against held-out originals",
+               "cyclegan": "domain classifier on translated held-out images"}
+
+
+class ImageToImageTask:
+    """Adapts a task of `tasks.py` (networks, step, evaluation, panel) to the run skeleton."""
+
+    def __init__(self, cfg: I2IConfig, device: torch.device) -> None:
+        torch.manual_seed(cfg.seed)
+        self.name, self.config = cfg.name, cfg
+        self.rng = torch.Generator().manual_seed(cfg.seed)
+        self.inner = TASKS[cfg.task](cfg, device, self.rng)
+        self.log_columns = ["step", "loss_d", "loss_g", *({"pix2pix": ["l1"], "cyclegan": ["cycle"], "superres": ["l1"]}[cfg.task]), "step_time"]
+        self.checkpoint_spec = spec_for(cfg, self.inner)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return self.inner.modules()
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return self.inner.optimizers()
+
+    def train_step(self, step: int) -> dict[str, float]:
+        set_learning_rates(self.inner, self.config, step)
+        return self.inner.step(step)
+
+    def observe(self, step: int, row: dict, report: Reporter) -> None:
+        pass
+
+    def evaluate(self) -> dict[str, float]:
+        return self.inner.evaluate()
+
+    def best_rule(self, step: int, metrics: dict) -> BestRule | None:
+        """The task's metric; an SR run with a GAN phase picks among that phase's evaluations (the
+        L1 model has its own checkpoint, `l1`, and would otherwise win on PSNR)."""
+        spans = phases(self.config)
+        if self.config.task == "superres" and len(spans) > 1 and step <= spans[1][0]:
+            return None
+        return BestRule(self.inner.best_metric, self.inner.best_mode, TASK_JUDGES[self.config.task])
+
+    def milestone(self, step: int) -> str | None:
+        """SR: the L1 model, checkpointed (and evaluated) where pre-training ends."""
+        return "l1" if self.config.task == "superres" and step == self.config.loss.pretrain_steps else None
+
+    def sample(self, step: int, path: Path, report: Reporter) -> dict:
+        rows = self.inner.panel()
+        save_grid(torch.cat(rows), path, nrow=len(rows[0]))
+        return {}
+
+    def extra_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return self.inner.extra_state() if hasattr(self.inner, "extra_state") else ({}, {})
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if hasattr(self.inner, "load_extra_state"):
+            self.inner.load_extra_state(tensors, meta)
+
+    def run_spec(self) -> dict:
+        return dict(self.checkpoint_spec)
+
+    def result_extras(self, out_dir: Path, history: list[dict]) -> dict:
+        extras = {"task": self.config.task, "judge": TASK_JUDGES[self.config.task]}
+        if self.config.task == "superres":
+            l1 = out_dir / "checkpoints" / "l1.json"
+            pretrain = self.config.loss.pretrain_steps
+            extras["l1_model"] = next((h for h in history if h["step"] == pretrain), None) if pretrain > 0 else None
+            if extras["l1_model"] is None and l1.exists():
+                extras["l1_model"] = json.loads(l1.read_text())["history"][-1]
+        return extras
+
+    def plot_curves(self, log_csv: Path, out_path: Path) -> None:
+        plot_losses(log_csv, out_path)
 
 
 def train_image_to_image(cfg: I2IConfig, out_dir: str | Path, resume: bool = False, device: str | None = None, show_progress: bool = True) -> dict:
     """Trains the task; returns the content of metrics.json."""
-    out_dir = Path(out_dir)
-    last = out_dir / "checkpoints" / "last.safetensors"
-    if not resume and last.exists():
+    if not resume and (Path(out_dir) / "checkpoints" / "last.safetensors").exists():
         raise FileExistsError(f"{out_dir} already holds a run: pass --resume to continue it or choose another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    rng = torch.Generator().manual_seed(cfg.seed)
-    task = TASKS[cfg.task](cfg, torch_device, rng)
-    logger = make_logger(out_dir / "train.log")
-    step, history, best = 0, [], {}
-    if resume:
-        meta = load_checkpoint(last, task.modules(), task.optimizers(), rng)
-        step, history, best = meta["step"], meta.get("history", []), meta.get("best", {})
-        logger.info("resumed at step %d", step)
-    spec = spec_for(cfg, task)
-    (out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
-
-    def checkpoint(name: str) -> str:
-        meta = {"step": step, "history": history, "best": best, "spec": spec, "config": cfg.model_dump()}
-        return save_checkpoint(out_dir / "checkpoints" / f"{name}.safetensors", task.modules(), task.optimizers(), rng, meta)
-
-    def evaluate() -> dict:
-        metrics = {"step": step, **task.evaluate()}
-        history.append(metrics)
-        logger.info("step %d eval %s", step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step"))
-        if better(metrics[task.best_metric], best.get("value"), task.best_mode):
-            best.update(step=step, value=metrics[task.best_metric], metric=task.best_metric, metrics=metrics)
-        return metrics
-
-    log_path = out_dir / "log.csv"
-    columns = ["step", "loss_d", "loss_g", *({"pix2pix": ["l1"], "cyclegan": ["cycle"], "superres": ["l1"]}[cfg.task]), "step_time"]
-    deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else None
-    pretrain_metrics, sha = None, None
-    with open(log_path, "a", newline="") as handle, make_progress(show_progress) as progress:
-        writer = csv.DictWriter(handle, columns)
-        if handle.tell() == 0:
-            writer.writeheader()
-        bar = progress.add_task(cfg.name, total=cfg.max_steps, completed=step, status="")
-        while step < cfg.max_steps:
-            started = time.perf_counter()
-            set_learning_rates(task, cfg, step)
-            row = task.step(step)
-            step += 1
-            writer.writerow({"step": step, **row, "step_time": time.perf_counter() - started})
-            out_of_time = deadline is not None and time.monotonic() > deadline
-            final = step == cfg.max_steps or out_of_time
-            if cfg.task == "superres" and step == cfg.loss.pretrain_steps:
-                pretrain_metrics = evaluate()
-                checkpoint("l1")
-                logger.info("L1 pre-training done at step %d: PSNR %.2f dB (bicubic %.2f)", step, pretrain_metrics["psnr"], pretrain_metrics["bicubic_psnr"])
-            elif step % cfg.eval_every == 0 or final:
-                evaluate()
-            if step % cfg.sample_every == 0 or final:
-                rows = task.panel()
-                save_grid(torch.cat(rows), out_dir / "samples" / f"step_{step:06d}.png", nrow=len(rows[0]))
-            if step % cfg.eval_every == 0 or final:
-                sha = checkpoint("last")
-            progress.update(bar, advance=1, status=f"D {row['loss_d']:.3f} G {row['loss_g']:.3f}")
-            if out_of_time:
-                logger.info("stopped at step %d: the %.1f-minute budget is spent", step, cfg.max_minutes)
-                break
-    spec |= {"step": step, "checkpoint_sha256": sha}
-    (out_dir / "spec.json").write_text(json.dumps(spec, indent=2))
-    result = {"name": cfg.name, "task": cfg.task, "step": step, "last": history[-1], "best": best, "history": history,
-              "wall_seconds": sum(float(r["step_time"]) for r in csv.DictReader(open(log_path)))}
-    if cfg.task == "superres":
-        l1_meta = out_dir / "checkpoints" / "l1.json"
-        result["l1_model"] = pretrain_metrics or (json.loads(l1_meta.read_text())["history"][-1] if l1_meta.exists() else None)
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
-    plot_losses(log_path, out_dir / "curves.png")
-    return result
+    task = ImageToImageTask(cfg, torch_device)
+    schedule = Schedule(cfg.max_steps, cfg.eval_every, cfg.sample_every, cfg.eval_every, cfg.max_minutes)
+    return run_task(task, schedule, out_dir, torch_device, resume=resume, show_progress=show_progress)
 
 
 def plot_losses(log_csv: Path, out_path: Path) -> None:
