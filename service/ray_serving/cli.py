@@ -28,6 +28,7 @@ def ray_command(
     model: Optional[list[str]] = typer.Option(None, "--model", help="deploy only this model (repeatable; default: all)"),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="local Ray only: logical CPUs it offers (default: the machine's)"),
     object_store_mb: int = typer.Option(256, "--object-store-mb", min=80, help="local Ray only: its object store (requests and answers cross it)"),
+    proxy_location: Optional[str] = typer.Option(None, "--proxy-location", help="EveryNode (default on a cluster), HeadOnly (default locally; also where nodes share one host)"),
     detach: bool = typer.Option(False, "--detach", help="deploy and exit, leaving the application on the cluster (`serve shutdown` stops it)"),
 ) -> None:
     """Serve the model repository on Ray Serve: replicas, autoscaling and failover per model, the
@@ -48,7 +49,7 @@ def ray_command(
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, object_store_memory=object_store_mb * 2**20)
-    serve.start(http_options={"host": host, "port": port}, proxy_location="EveryNode" if address else "HeadOnly")
+    serve.start(http_options={"host": host, "port": port}, proxy_location=proxy_location or ("EveryNode" if address else "HeadOnly"))
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     typer.echo(f"ganserve on Ray Serve: http://{host}:{port} ({', '.join(args.models) or 'every model'}), ready in {time.perf_counter() - started:.1f} s")
     if detach:

@@ -100,6 +100,8 @@ class ModelReplica:
 
     async def __del__(self) -> None:
         """Ray's graceful shutdown: readiness false, queued work drains, then the pools stop."""
+        if not hasattr(self, "pushing"):  # the constructor failed (and exited the lifespan itself)
+            return
         self.pushing.cancel()
         try:  # the board may be stopping too (the whole application deleted): never wait on it
             await asyncio.wait_for(self.board.forget.remote(self.replica), 1.0)
@@ -176,6 +178,9 @@ class Ingress:
                                      {"Retry-After": "1"})
             except asyncio.TimeoutError:
                 return json_response(path, 504, f"no answer from model {model!r} within {limit:.0f} s")
+            except Exception as error:  # a failure of Ray's own: the single server's 500, with the log to read
+                log.exception("%s %s to model %r failed", forwarded.method, path, model)
+                return json_response(path, 500, f"internal error ({type(error).__name__}); the ingress's log has the details")
         raise AssertionError("unreachable")
 
     async def merged(self, where: Route, forwarded: ForwardedRequest) -> Response:
