@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -e ".[dev,cpu]"
+	$(BIN)/pip install -e ".[dev,cpu,ray]"
 	touch $(STAMP)
 
 # Serves model_repository/ (built by `make models` first if it holds no entry).
