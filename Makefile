@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8000
 
-.PHONY: install run test models results bench screenshots clean
+.PHONY: install run ray test models results bench screenshots clean
 
 install: $(STAMP)
 
@@ -23,6 +23,11 @@ $(STAMP): pyproject.toml
 run: install
 	@ls model_repository/*/*/spec.json >/dev/null 2>&1 || $(MAKE) models
 	$(BIN)/ganserve serve --repository model_repository --host 0.0.0.0 --port $(PORT)
+
+# The same repository on a local Ray Serve: replicas, autoscaling, failover per model (docs/ray.md).
+ray: install
+	@ls model_repository/*/*/spec.json >/dev/null 2>&1 || $(MAKE) models
+	$(BIN)/ganserve ray --repository model_repository --host 0.0.0.0 --port $(PORT)
 
 test: install
 	$(BIN)/pytest -q
