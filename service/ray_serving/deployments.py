@@ -18,7 +18,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from service.errors import error_payload
@@ -110,6 +110,12 @@ class ModelReplica:
         await self.lifespan.__aexit__(None, None, None)
 
 
+class BodyRefused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
 def json_response(path: str, status: int, message: str, headers: dict[str, str] | None = None) -> Response:
     """The single-process server's error JSON (service/errors.py), shaped by the path (/v2: the protocol's)."""
     return Response(json.dumps(error_payload(path, status, message)), status_code=status, headers=headers, media_type="application/json")
@@ -142,7 +148,11 @@ class Ingress:
             return json_response(path, status, message)
         if where.kind == "metrics":
             return await self.metrics_exposition()
-        forwarded = ForwardedRequest(method, path, request.url.query.encode(), list(request.headers.raw), await request.body(),
+        try:
+            body = await self.bounded_body(request)
+        except BodyRefused as refused:
+            return json_response(path, refused.status, refused.message)
+        forwarded = ForwardedRequest(method, path, request.url.query.encode(), list(request.headers.raw), body,
                                      (request.client.host, request.client.port) if request.client else ("127.0.0.1", 0))
         if where.kind == "model":
             if where.model not in self.models:
@@ -151,6 +161,27 @@ class Ingress:
         if where.kind == "any":
             return as_response(await self.send(next(iter(self.models)), forwarded, is_idempotent(method, path)), path)
         return await self.merged(where, forwarded)
+
+    async def bounded_body(self, request: Request) -> bytes:
+        """The body, refused as the replica's intake would (413 past `max_body_bytes`, 408 past
+        `body_timeout_s`) before the ingress holds more of it than a replica would accept."""
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise BodyRefused(413, f"request body over {limit} bytes")
+        chunks, size = [], 0
+        try:
+            async with asyncio.timeout(self.settings.body_timeout_s):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise BodyRefused(413, f"request body over {limit} bytes")
+                    chunks.append(chunk)
+        except ClientDisconnect:
+            raise BodyRefused(499, "the client went away while sending its body") from None
+        except TimeoutError:
+            raise BodyRefused(408, f"the request body did not arrive within {self.settings.body_timeout_s:g} s") from None
+        return b"".join(chunks)
 
     async def send(self, model: str, forwarded: ForwardedRequest, idempotent: bool) -> ForwardedResponse | Response:
         """The request on one replica of `model`: once, or twice when the first replica died and

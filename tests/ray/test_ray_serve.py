@@ -125,6 +125,8 @@ def test_unknown_models_and_what_ray_cannot_serve_get_clear_4xx_json(ray_app):
         unknown = client.post("/v1/models/nope/generate", json={})
         assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
         assert client.post("/v2/models/nope/infer", json={}).json() == {"error": "unknown model 'nope'; GET /v1/models lists the models served"}
+        oversized = client.post("/v1/models/upx4/upscale", content=b"0" * (8 * 2**20 + 1), headers={"content-type": "image/png"})
+        assert oversized.status_code == 413 and oversized.json()["error"]["code"] == "payload_too_large"  # refused by the ingress, as by the intake
         invalid = client.post("/v1/models/digits/generate", json={"seed": -1})
         assert invalid.status_code == 422 and invalid.json()["error"]["code"] == "invalid_request"
         jobs = client.get("/v1/jobs/123")
