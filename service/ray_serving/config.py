@@ -42,9 +42,12 @@ class RayAppArgs(BaseModel):
         self.server_settings()  # invalid values fail here, on the driver, not in every replica
         return self
 
-    def server_settings(self, model: str | None = None) -> Settings:
-        """The settings one replica runs with: the application's, serving `model` only."""
-        return Settings(**self.settings, repository=self.repository, models=[model] if model else self.models)
+    def server_settings(self, model: str | None = None, cpus: float | None = None) -> Settings:
+        """The settings one replica runs with: the application's, serving `model` only. Its
+        runtime and encoder threads default to the CPUs the replica reserves (`cpus`), not to
+        the node's core count, which several replicas on one node would each claim."""
+        threads = {name: max(1, round(cpus)) for name in ("intra_op_threads", "encoder_threads") if cpus is not None and name not in self.settings}
+        return Settings(**self.settings, **threads, repository=self.repository, models=[model] if model else self.models)
 
 
 @dataclass(frozen=True)

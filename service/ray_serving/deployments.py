@@ -54,10 +54,10 @@ class ModelReplica:
     """One model's ganserve app. Ray routes to it only once its constructor returns, so the
     constructor loads and warms the model and fails (with the model's error) if it cannot."""
 
-    async def __init__(self, args: dict, model: str, board: DeploymentHandle) -> None:
+    async def __init__(self, args: dict, model: str, cpus: float, board: DeploymentHandle) -> None:
         from service.app import create_app  # torch and the runtimes: in replicas, not in the ingress
 
-        settings = RayAppArgs.model_validate(args).server_settings(model)
+        settings = RayAppArgs.model_validate(args).server_settings(model, cpus)
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
         self.app = create_app(settings)
         self.lifespan = self.app.router.lifespan_context(self.app)
@@ -261,5 +261,6 @@ def build_app(args: RayAppArgs) -> serve.Application:
     shutdown_grace_s = args.server_settings().shutdown_grace_s
     board = MetricsBoard.bind(max(5.0, 5 * args.metrics_push_s))
     plain = args.model_dump()
-    models = {plan.model: ModelReplica.options(**plan.options(shutdown_grace_s)).bind(plain, plan.model, board) for plan in plan_deployments(args)}
+    models = {plan.model: ModelReplica.options(**plan.options(shutdown_grace_s)).bind(plain, plan.model, plan.config.replicas.num_cpus, board)
+              for plan in plan_deployments(args)}
     return Ingress.options(num_replicas=args.ingress_replicas).bind(models, board, plain)

@@ -65,3 +65,10 @@ def test_unknown_server_settings_and_models_are_refused_before_any_replica(tmp_p
         RayAppArgs(repository=str(root), settings={"max_batch": 4})
     with pytest.raises(ValueError, match="no model"):
         plan_deployments(RayAppArgs(repository=str(root), models=["nope"]))
+
+
+def test_a_replicas_threads_default_to_the_cpus_it_reserves_not_the_nodes_cores(tmp_path):
+    root = str(repository_with(tmp_path, {}))
+    assert RayAppArgs(repository=root).server_settings("dcgan-digits", 2.0).intra_op_threads == 2
+    assert RayAppArgs(repository=root).server_settings("dcgan-digits", 0.25).encoder_threads == 1
+    assert RayAppArgs(repository=root, settings={"intra_op_threads": 3}).server_settings("dcgan-digits", 2.0).intra_op_threads == 3
