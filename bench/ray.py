@@ -1,8 +1,9 @@
 """`ganserve bench-ray`: the same load through `ganserve serve` (one process) and `ganserve ray`
 (a local Ray, one replica of the model behind the Serve proxy and the ingress), one after the
-other on this machine: single-image generate at each concurrency, then a few upscales, where one
-request's compute dwarfs the proxy hop. Reports req/s and latency of both, the latency Ray adds
-(p50 difference), and how long each took from launch to ready."""
+other on this machine: single-image generate at each concurrency, then a few upscales (a fresh
+launch serving the SR model only), where one request's compute dwarfs the proxy hop. Reports
+req/s and latency of both, the latency Ray adds (p50 difference), and how long each took from
+launch to ready (the generate launch: for Ray, starting Ray itself and deploying)."""
 from __future__ import annotations
 
 import json
@@ -36,14 +37,17 @@ def launch(kind: str, repository: Path, models: list[str]):
 
 
 def measure(kind: str, repository: Path, model: str, upscale_model: str | None, concurrencies: list[int], duration_s: float, upscale_concurrencies: list[int]) -> dict:
+    """Generate, then upscale, each on a fresh launch serving that model only (so the upscale is
+    not measured in a process that just served a minute of saturated generate traffic)."""
     started = time.perf_counter()
-    with launch(kind, repository, [model] + ([upscale_model] if upscale_model else [])) as (process, url):
+    with launch(kind, repository, [model]) as (process, url):
         ready_s = time.perf_counter() - started
         rows = [run_load(url, model, f"{kind} generate", {"seed": 1}, c, duration_s, pid=process.pid if kind == "serve" else None).to_dict() for c in concurrencies]
-        upscales = []
-        if upscale_model:
-            frame = encode(test_frame(UPSCALE_SIDE), "jpeg")
-            request = {"content": frame, "headers": {"content-type": "image/jpeg"}}
+    upscales = []
+    if upscale_model:
+        frame = encode(test_frame(UPSCALE_SIDE), "jpeg")
+        request = {"content": frame, "headers": {"content-type": "image/jpeg"}}
+        with launch(kind, repository, [upscale_model]) as (process, url):
             upscales = [run_load(url, upscale_model, f"{kind} upscale {UPSCALE_SIDE} px", {}, c, duration_s, path=f"/v1/models/{upscale_model}/upscale?format=jpeg", request=request).to_dict()
                         for c in upscale_concurrencies]
     return {"ready_s": ready_s, "generate": rows, "upscale": upscales}
