@@ -65,6 +65,15 @@ def test_the_pods_run_the_ray_image_at_the_manifests_ray_version():
     assert {"containerPort": 8000, "name": "serve"} in head["ports"]
 
 
+def test_the_image_holds_every_package_the_ganserve_command_imports():
+    """`ganserve` (the root image's CMD and Dockerfile.ray's) imports every verb's package; `pip
+    install .` installs only the packages that were copied in."""
+    dockerfile = (REPO / "Dockerfile").read_text()
+    packages = re.search(r'include = \[([^\]]*)\]', (REPO / "pyproject.toml").read_text())[1]
+    for package in re.findall(r'"(\w+)\*"', packages):
+        assert f"COPY {package} ./{package}" in dockerfile, package
+
+
 def test_the_default_repository_fits_the_worker_groups_at_their_largest():
     """Every model of model_repository/ at its most replicas, on the CPUs the workers offer."""
     app = application()
