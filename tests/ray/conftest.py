@@ -27,8 +27,9 @@ from tests.serving import REPO, running_server  # noqa: E402
 
 REPLICA_CPUS = 0.25
 RAY_MODELS = {
-    # two fixed replicas; a 200 ms queue delay keeps requests inside a replica long enough to kill it with some in flight
-    "digits": {"max_queue_delay_ms": 200, "max_batch_size": 16, "replicas": {"num_replicas": 2, "num_cpus": REPLICA_CPUS}},
+    # two fixed replicas of 4 requests each, the rest waiting in Ray's queue: a replica that answers a
+    # batch is handed 4 more at once, and they sit 400 ms in its batcher (the failover test kills it then)
+    "digits": {"max_queue_delay_ms": 400, "max_batch_size": 16, "replicas": {"num_replicas": 2, "num_cpus": REPLICA_CPUS, "max_ongoing_requests": 4}},
     # two fixed replicas that take one request each (1 s in the batcher) and let one more wait: the fourth is refused by Ray
     "upx4": {"max_queue_delay_ms": 1000, "replicas": {"num_replicas": 2, "num_cpus": REPLICA_CPUS, "max_ongoing_requests": 1, "max_queued_requests": 1}},
     # autoscaling 1..3 replicas around 2 ongoing requests each, reacting within seconds
@@ -53,9 +54,9 @@ class RayDeployment:
     def running(self, deployment: str) -> int:
         return self.replica_states(deployment).get("RUNNING", 0)
 
-    def replica_actors(self, deployment: str) -> list:
-        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(f"SERVE_REPLICA::ganserve#{deployment}#")]
-        return [ray.get_actor(name, namespace="serve") for name in names]
+    def replica_names(self, deployment: str) -> list[str]:
+        """The replicas' actor names, `SERVE_REPLICA::ganserve#<deployment>#<replica id>` (namespace `serve`)."""
+        return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(f"SERVE_REPLICA::ganserve#{deployment}#"))
 
 
 @pytest.fixture(scope="session")

@@ -44,8 +44,8 @@ TILE_IMAGE = png(np.random.default_rng(7).integers(0, 256, (24, 20, 3), dtype=np
 @pytest.fixture(scope="module")
 def reference(single_server) -> dict:
     """The single-process server's answers: seeded digits and one upscale."""
-    with single_server.client() as client:
-        images = {seed: pixels(generate(client, "digits", seed).content) for seed in SEEDS}
+    with single_server.client() as client, ThreadPoolExecutor(len(SEEDS)) as pool:
+        images = dict(zip(SEEDS, pool.map(lambda seed: pixels(generate(client, "digits", seed).content), SEEDS)))
         upscaled = upscale(client, TILE_IMAGE)
         assert upscaled.status_code == 200
         return {"digits": images, "upx4": upscaled.content}
@@ -141,7 +141,8 @@ class SteadyLoad:
 
     def __init__(self, url: str, model: str, clients: int) -> None:
         self.url, self.model, self.clients = url, model, clients
-        self.answers: list[tuple[int, int, bytes]] = []  # (seed, status, body)
+        self.answers: list[tuple[int, int, bytes]] = []  # (seed, status, pixels or error body)
+        self.answered_by: list[tuple[float, str]] = []  # (time.monotonic(), replica id) of each answer
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self.loop, args=(i,)) for i in range(clients)]
 
@@ -151,6 +152,7 @@ class SteadyLoad:
             while not self.stop.is_set():
                 answer = generate(client, self.model, seed % len(SEEDS))
                 self.answers.append((seed % len(SEEDS), answer.status_code, pixels(answer.content) if answer.status_code == 200 else answer.content))
+                self.answered_by.append((time.monotonic(), answer.headers.get("x-ganserve-replica", "@").split("@")[0]))
                 seed += self.clients
 
     def __enter__(self) -> "SteadyLoad":
@@ -169,18 +171,28 @@ def retried(url: str) -> float:
 
 
 def test_killing_a_replica_mid_load_loses_no_seeded_request_and_ray_brings_back_two(ray_app, reference):
+    """12 clients on 2 replicas that take 4 requests each (conftest.py): a replica that answers a
+    batch is handed 4 waiting requests at once, which sit 400 ms in its batcher. The victim is
+    killed 150 ms after one of its answers, so it dies with accepted requests in it: they must
+    come back, from the other replica, with the right images."""
     import ray
 
     retried_before = retried(ray_app.url)
-    victim, survivor = ray_app.replica_actors("model-digits")
-    with SteadyLoad(ray_app.url, "digits", clients=8) as load:
-        time.sleep(1.5)
+    names = ray_app.replica_names("model-digits")
+    assert len(names) == 2
+    victim_id, victim = names[0].rsplit("#", 1)[1], ray.get_actor(names[0], namespace="serve")
+    with SteadyLoad(ray_app.url, "digits", clients=12) as load:
+        started = time.monotonic()
+        while not any(at > started + 1.0 and replica == victim_id for at, replica in load.answered_by):
+            assert time.monotonic() < started + 30, "the victim never answered"
+            time.sleep(0.01)
+        time.sleep(0.15)
         ray.kill(victim, no_restart=True)  # the replica's process dies with requests in its batcher
         time.sleep(2.0)
-    assert len(load.answers) > 50
+    assert len(load.answers) > 30
     assert [status for _, status, _ in load.answers if status != 200] == []
     assert all(body == reference["digits"][seed] for seed, _, body in load.answers)
-    assert retried(ray_app.url) > retried_before  # some accepted requests were in the dead replica and were re-sent
+    assert retried(ray_app.url) > retried_before  # accepted requests were in the dead replica and were re-sent
     deadline = time.monotonic() + 90
     while ray_app.running("model-digits") < 2 and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -194,7 +206,8 @@ def test_killing_a_replica_mid_load_loses_no_seeded_request_and_ray_brings_back_
 def test_autoscaling_rises_under_sustained_load_within_bounds_and_falls_back(ray_app):
     """cdigits: 1..3 replicas, target 2 ongoing requests each; 8 clients whose requests each sit
     100 ms in the batcher ask for 4, so Ray must add replicas and stop at 3; with no load it
-    returns to 1 after the 2 s downscale delay. Bounds: up within 60 s, down within 60 s."""
+    returns to 1 after the 2 s downscale delay. Bounds: up within 90 s, down within 90 s (new
+    replicas start in ~10-30 s here: a process importing torch and warming the model on 2 busy cores)."""
     assert ray_app.running("model-cdigits") == 1
     running, replicas = [], []  # samples under load: RUNNING replicas, and all of them (starting ones too)
 
@@ -204,7 +217,7 @@ def test_autoscaling_rises_under_sustained_load_within_bounds_and_falls_back(ray
         replicas.append(sum(states.values()))
 
     with SteadyLoad(ray_app.url, "cdigits", clients=8) as load:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         while time.monotonic() < deadline and max(running, default=0) < 2:
             sample()
             time.sleep(0.5)
@@ -214,7 +227,7 @@ def test_autoscaling_rises_under_sustained_load_within_bounds_and_falls_back(ray
     assert max(running) >= 2, running
     assert max(replicas) <= 3, replicas
     assert {status for _, status, _ in load.answers} == {200}
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 90
     while ray_app.running("model-cdigits") > 1 and time.monotonic() < deadline:
         time.sleep(0.5)
     assert ray_app.running("model-cdigits") == 1
