@@ -32,9 +32,10 @@ RAY_MODELS = {
     "digits": {"max_queue_delay_ms": 400, "max_batch_size": 16, "replicas": {"num_replicas": 2, "num_cpus": REPLICA_CPUS, "max_ongoing_requests": 4}},
     # two fixed replicas that take one request each (1 s in the batcher) and let one more wait: the fourth is refused by Ray
     "upx4": {"max_queue_delay_ms": 1000, "replicas": {"num_replicas": 2, "num_cpus": REPLICA_CPUS, "max_ongoing_requests": 1, "max_queued_requests": 1}},
-    # autoscaling 1..3 replicas around 2 ongoing requests each, reacting within seconds
+    # autoscaling 1..3 replicas around 1 ongoing request each: up after 0.5 s over target, down after
+    # 10 s under it (longer than a replica takes to start here, or a dip in the load stops it half-started)
     "cdigits": {"max_queue_delay_ms": 100, "max_batch_size": 16, "replicas": {"num_cpus": REPLICA_CPUS, "autoscaling": {
-        "min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2, "upscale_delay_s": 0.5, "downscale_delay_s": 2, "look_back_period_s": 1}}},
+        "min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1, "upscale_delay_s": 0.5, "downscale_delay_s": 10, "look_back_period_s": 2}}},
 }
 FAST_AUTOSCALING_ENV = {"RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5", "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}
 QUIET_RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}

@@ -143,6 +143,7 @@ class SteadyLoad:
         self.url, self.model, self.clients = url, model, clients
         self.answers: list[tuple[int, int, bytes]] = []  # (seed, status, pixels or error body)
         self.answered_by: list[tuple[float, str]] = []  # (time.monotonic(), replica id) of each answer
+        self.spans: list[tuple[float, float]] = []  # (sent, answered), time.monotonic(), of each answer
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self.loop, args=(i,)) for i in range(clients)]
 
@@ -150,7 +151,9 @@ class SteadyLoad:
         with httpx.Client(base_url=self.url, timeout=60) as client:
             seed = index
             while not self.stop.is_set():
+                sent = time.monotonic()
                 answer = generate(client, self.model, seed % len(SEEDS))
+                self.spans.append((sent, time.monotonic()))
                 self.answers.append((seed % len(SEEDS), answer.status_code, pixels(answer.content) if answer.status_code == 200 else answer.content))
                 self.answered_by.append((time.monotonic(), answer.headers.get("x-ganserve-replica", "@").split("@")[0]))
                 seed += self.clients
@@ -187,34 +190,45 @@ def test_killing_a_replica_mid_load_loses_no_seeded_request_and_ray_brings_back_
             assert time.monotonic() < started + 30, "the victim never answered"
             time.sleep(0.01)
         time.sleep(0.15)
+        killed_at = time.monotonic()
         ray.kill(victim, no_restart=True)  # the replica's process dies with requests in its batcher
         time.sleep(2.0)
-    assert len(load.answers) > 30
-    assert [status for _, status, _ in load.answers if status != 200] == []
+    assert len(load.answers) >= 20, len(load.answers)
+    assert [(status, body) for _, status, body in load.answers if status != 200] == []
     assert all(body == reference["digits"][seed] for seed, _, body in load.answers)
-    assert retried(ray_app.url) > retried_before  # accepted requests were in the dead replica and were re-sent
+    across = sum(sent < killed_at < answered for sent, answered in load.spans)
+    assert across >= 8, across  # the requests in flight when the replica died (12 clients: ~4 in each replica, ~4 queued) all came back right
+    # who re-sent the victim's requests: Ray's router for those it had not yet seen accepted, the
+    # ingress (once, counted here) for those that failed with the replica's death (docs/ray.md)
+    print(f"in flight across the kill: {across}; re-sent by the ingress: {retried(ray_app.url) - retried_before:.0f}")
     deadline = time.monotonic() + 90
     while ray_app.running("model-digits") < 2 and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert ray_app.running("model-digits") == 2
+    assert ray_app.running("model-digits") == 2, ray_app.replica_states("model-digits")
+    # the replacement answers too, once the ingress's router has heard of it (Ray tells routers within a few seconds)
+    answering: set[str] = set()
     with httpx.Client(base_url=ray_app.url, timeout=30) as client, ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda seed: generate(client, "digits", seed), SEEDS))
-    assert all(a.status_code == 200 and pixels(a.content) == reference["digits"][seed] for a, seed in zip(answers, SEEDS))
-    assert len({a.headers["x-ganserve-replica"] for a in answers}) == 2
+        deadline = time.monotonic() + 30
+        while len(answering) < 2 and time.monotonic() < deadline:
+            answers = list(pool.map(lambda seed: generate(client, "digits", seed), SEEDS))
+            assert all(a.status_code == 200 and pixels(a.content) == reference["digits"][seed] for a, seed in zip(answers, SEEDS))
+            answering |= {a.headers["x-ganserve-replica"].split("@")[0] for a in answers}
+    assert len(answering) == 2 and victim_id not in answering, answering
 
 
 def test_autoscaling_rises_under_sustained_load_within_bounds_and_falls_back(ray_app):
-    """cdigits: 1..3 replicas, target 2 ongoing requests each; 8 clients whose requests each sit
-    100 ms in the batcher ask for 4, so Ray must add replicas and stop at 3; with no load it
-    returns to 1 after the 2 s downscale delay. Bounds: up within 90 s, down within 90 s (new
-    replicas start in ~10-30 s here: a process importing torch and warming the model on 2 busy cores)."""
+    """cdigits: 1..3 replicas, target 1 ongoing request each (conftest.py); 8 clients whose
+    requests each sit 100 ms in the batcher keep several ongoing, so Ray must add replicas and
+    stop at 3; with no load it returns to 1 after the 10 s downscale delay. Bounds: up within 90 s,
+    down within 90 s (new replicas start in ~10-30 s here: a process importing torch and warming
+    the model on 2 busy cores)."""
     assert ray_app.running("model-cdigits") == 1
-    running, replicas = [], []  # samples under load: RUNNING replicas, and all of them (starting ones too)
+    running, replicas = [], []  # samples under load: RUNNING replicas, and all not stopping (starting ones too)
 
     def sample() -> None:
         states = ray_app.replica_states("model-cdigits")
         running.append(states.get("RUNNING", 0))
-        replicas.append(sum(states.values()))
+        replicas.append(sum(n for state, n in states.items() if state != "STOPPING"))
 
     with SteadyLoad(ray_app.url, "cdigits", clients=8) as load:
         deadline = time.monotonic() + 90
