@@ -16,6 +16,8 @@ COPY models ./models
 COPY training ./training
 COPY service ./service
 COPY bench ./bench
+COPY repository ./repository
+COPY ganserve ./ganserve
 # torch and torchvision first, pinned as a pair, then the project with the runtime that matches the variant
 RUN pip install --upgrade pip && pip install torch==2.14.1 torchvision==0.29.1 && pip install ".[${VARIANT}]"
 COPY docker/entrypoint.sh /usr/local/bin/ganserve-entrypoint

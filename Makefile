@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8000
 
-.PHONY: install run test models results bench screenshots clean
+.PHONY: install run ray test models results bench screenshots clean
 
 install: $(STAMP)
 
@@ -16,13 +16,18 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -e ".[dev,cpu]"
+	$(BIN)/pip install -e ".[dev,cpu,ray]"
 	touch $(STAMP)
 
 # Serves model_repository/ (built by `make models` first if it holds no entry).
 run: install
 	@ls model_repository/*/*/spec.json >/dev/null 2>&1 || $(MAKE) models
 	$(BIN)/ganserve serve --repository model_repository --host 0.0.0.0 --port $(PORT)
+
+# The same repository on a local Ray Serve: replicas, autoscaling, failover per model (docs/ray.md).
+ray: install
+	@ls model_repository/*/*/spec.json >/dev/null 2>&1 || $(MAKE) models
+	$(BIN)/ganserve ray --repository model_repository --host 0.0.0.0 --port $(PORT)
 
 test: install
 	$(BIN)/pytest -q

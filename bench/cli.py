@@ -59,7 +59,22 @@ def bench_soak_command(
     run_soak(repository, concurrency, duration, isolation, warmup, out)
 
 
+def bench_ray_command(
+    model: str = typer.Option("dcgan-digits", help="model for single-image generate"),
+    upscale_model: Optional[str] = typer.Option("sr-rrdb-x4", help="an upscale model measured beside it ('' to skip)"),
+    repository: Path = typer.Option(Path("model_repository"), "--repository", exists=True, file_okay=False),
+    concurrency: str = typer.Option("1,8,32,64", help="comma-separated client counts for single-image generate"),
+    duration: float = typer.Option(10.0, min=1.0, help="seconds per scenario"),
+    out: Optional[Path] = typer.Option(Path("bench/results/ray-latest.json"), help="JSON report"),
+) -> None:
+    """The same load through `ganserve serve` and through `ganserve ray` (local Ray, one replica): throughput, latency and what Ray adds."""
+    from bench.ray import run_ray_bench
+
+    run_ray_bench(repository, model, upscale_model or None, [int(c) for c in concurrency.split(",")], duration, out)
+
+
 def register(app: typer.Typer) -> None:
     app.command("bench")(bench_command)
     app.command("bench-upscale")(bench_upscale_command)
     app.command("bench-soak")(bench_soak_command)
+    app.command("bench-ray")(bench_ray_command)

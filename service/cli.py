@@ -43,4 +43,7 @@ def serve_command(
 
 
 def register(app: typer.Typer) -> None:
+    from service.ray_serving.cli import register as register_ray  # the verb only: ray is imported when it runs
+
     app.command("serve")(serve_command)
+    register_ray(app)

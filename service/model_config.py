@@ -13,6 +13,55 @@ from service.repository import ModelEntry
 from service.settings import Settings
 
 
+class ReplicaAutoscaling(BaseModel):
+    """Ray Serve's autoscaling bounds for one model (Ray's own names; `ganserve ray` only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0, le=1000)
+    max_replicas: int = Field(ge=1, le=1000)
+    target_ongoing_requests: float | None = Field(None, gt=0)  # None: max_batch_size (a replica with one batch in flight is busy)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def check_bounds(self) -> "ReplicaAutoscaling":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        return self
+
+
+class ReplicaSettings(BaseModel):
+    """How `ganserve ray` places one model on a Ray cluster: a fixed `num_replicas` or
+    `autoscaling` bounds, the logical CPUs/GPUs each replica reserves (fractional GPUs share one
+    device between small models), and Ray's two queues. The single-process server ignores it.
+
+    `max_ongoing_requests` (requests Ray hands one replica at once) is derived from the batcher
+    when left out: a replica must hold a running batch and a full one forming behind it, or Ray's
+    cap, not the batcher, decides the batch size (Ray's default, 5, batches nothing worth having);
+    it never exceeds `max_queue_size`, so the replica's own queue stays the one that answers 429.
+    `max_queued_requests` (waiting at each caller for a free replica; past it 429) defaults to
+    `max_queue_size`, the bound the single-process server has."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int | None = Field(None, ge=1, le=1000)  # None and no autoscaling: 1
+    autoscaling: ReplicaAutoscaling | None = None
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int | None = Field(None, ge=1)
+    max_queued_requests: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def check_replicas(self) -> "ReplicaSettings":
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("give num_replicas or autoscaling, not both")
+        if self.num_gpus > 1 and self.num_gpus != int(self.num_gpus):
+            raise ValueError(f"num_gpus {self.num_gpus}: a fraction of one GPU, or whole GPUs")
+        return self
+
+
 class ServingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -32,6 +81,7 @@ class ServingConfig(BaseModel):
     max_input_pixels: int = Field(ge=64)  # image-to-image inputs; lowered further by the measured cost
     upscale_tile: int = Field(ge=8, le=2048)  # super-resolution: input px per tile side (every tile is one batcher item)
     upscale_overlap: int = Field(ge=0, le=1023)  # input px shared by neighbouring tiles, blended across
+    replicas: ReplicaSettings = Field(default_factory=ReplicaSettings)  # Ray Serve placement (`ganserve ray`); ignored by `ganserve serve`
 
     @model_validator(mode="after")
     def check_consistency(self) -> "ServingConfig":
@@ -42,6 +92,17 @@ class ServingConfig(BaseModel):
         if self.warmup_batch_sizes and not all(1 <= b <= self.max_batch_size for b in self.warmup_batch_sizes):
             raise ValueError(f"warmup_batch_sizes must lie in 1..max_batch_size ({self.max_batch_size})")
         return self
+
+    @property
+    def max_ongoing_requests(self) -> int:
+        """Requests Ray may hand one replica at once (see ReplicaSettings)."""
+        if self.replicas.max_ongoing_requests is not None:
+            return self.replicas.max_ongoing_requests
+        return min(self.max_queue_size, (self.lane_threads + 1) * self.max_batch_size)
+
+    @property
+    def max_queued_requests(self) -> int:
+        return self.replicas.max_queued_requests or self.max_queue_size
 
 
 def operator_overrides(entry: ModelEntry) -> dict:

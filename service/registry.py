@@ -133,6 +133,8 @@ class ModelRegistry:
         """The repository's entries (of one model, or all) that the version policy selects, from
         `entries` when the caller has scanned already."""
         entries = [e for e in (entries if entries is not None else scan_repository(self.settings.repository)) if name is None or e.name == name]
+        if self.settings.models:
+            entries = [e for e in entries if e.name in self.settings.models]
         by_name: dict[str, list[int]] = {}
         for entry in entries:
             by_name.setdefault(entry.name, []).append(entry.version)

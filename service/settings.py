@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     repository_poll_s: float = Field(0.0, ge=0)  # > 0: re-scan this often and (re)load models whose versions changed on disk
     version_policy: str = "all"  # which versions are served: all, latest:N or specific:V1,V2 (Triton's policies)
     version_policies: dict[str, str] = {}  # per model name, over version_policy
+    models: list[str] = []  # serve only these model names (empty: every model); a Ray Serve replica serves one
     # image-to-image
     upscale_tile: int = Field(96, ge=8)  # input px per tile side: every tile is one batcher item
     upscale_overlap: int = Field(16, ge=0)  # input px shared by neighbouring tiles, blended across
