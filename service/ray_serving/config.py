@@ -39,6 +39,9 @@ class RayAppArgs(BaseModel):
         for fixed in ("repository", "models"):
             if fixed in self.settings:
                 raise ValueError(f"settings.{fixed}: give it as the application's own `{fixed}`")
+        for process_setting in ("workers", "role", "engine_dir"):  # a replica is one process; Ray gives the scale-out
+            if process_setting in self.settings:
+                raise ValueError(f"settings.{process_setting}: `serve --workers` is the single machine's scale-out; on Ray, use replicas")
         self.server_settings()  # invalid values fail here, on the driver, not in every replica
         return self
 
@@ -47,7 +50,8 @@ class RayAppArgs(BaseModel):
         runtime and encoder threads default to the CPUs the replica reserves (`cpus`), not to
         the node's core count, which several replicas on one node would each claim."""
         threads = {name: max(1, round(cpus)) for name in ("intra_op_threads", "encoder_threads") if cpus is not None and name not in self.settings}
-        return Settings(**self.settings, **threads, repository=self.repository, models=[model] if model else self.models)
+        return Settings(**self.settings, **threads, repository=self.repository, models=[model] if model else self.models,
+                        workers=1, role="single", engine_dir=None)
 
 
 @dataclass(frozen=True)

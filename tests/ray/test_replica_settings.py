@@ -65,6 +65,8 @@ def test_unknown_server_settings_and_models_are_refused_before_any_replica(tmp_p
         RayAppArgs(repository=str(root), settings={"max_batch": 4})
     with pytest.raises(ValueError, match="no model"):
         plan_deployments(RayAppArgs(repository=str(root), models=["nope"]))
+    with pytest.raises(ValueError, match="use replicas"):  # a replica is one process, never a --workers supervisor
+        RayAppArgs(repository=str(root), settings={"workers": 4})
 
 
 def test_a_replicas_threads_default_to_the_cpus_it_reserves_not_the_nodes_cores(tmp_path):
