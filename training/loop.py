@@ -120,7 +120,7 @@ def build_run(cfg: TrainConfig, train: TensorData, device: torch.device) -> Run:
     torch.manual_seed(cfg.seed)  # weight initialisation
     spec = spec_for(cfg, train)
     G = build_generator(spec).to(device)
-    D = build_discriminator(spec, cfg.model.discriminator).to(device)
+    D = build_discriminator(spec, cfg.model.discriminator, cfg.model.pack).to(device)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     betas = (cfg.optim.beta1, cfg.optim.beta2)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_g, betas=betas)

@@ -28,3 +28,17 @@ def mode_metrics(samples: np.ndarray, centres: np.ndarray, std: float, min_count
         "high_quality_fraction": float(high_quality.mean()),
         "reverse_kl": reverse_kl,
     }
+
+
+def distance_profile(samples: np.ndarray, centres: np.ndarray, std: float, radii: tuple[float, ...] = (3, 6, 10, 20)) -> dict[str, float]:
+    """Where samples sit relative to their nearest mode, in units of the data's σ: the median and
+    90th-percentile distance, and the share within each of `radii` σ. "High quality" is the share
+    within 3σ, which the data itself meets 98.9 % of the time (1 - e^{-4.5} for a 2-D Gaussian);
+    a model whose samples sit a few σ off the centres loses it even when every mode is covered."""
+    samples, centres = np.asarray(samples, np.float64), np.asarray(centres, np.float64)
+    nearest = np.linalg.norm(samples[:, None, :] - centres[None, :, :], axis=2).min(axis=1) / std
+    return {
+        "median_sigma": float(np.median(nearest)),
+        "p90_sigma": float(np.quantile(nearest, 0.9)),
+        **{f"within_{r:g}_sigma": float((nearest <= r).mean()) for r in radii},
+    }
