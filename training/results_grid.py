@@ -1,0 +1,155 @@
+"""The grid25 seed-robustness section of docs/results.md: the chosen recipe on every seed, the
+two WGAN critics (weight clipping, gradient penalty) side by side, and where each model's samples
+sit relative to the modes, which is what the high-quality fraction measures.
+
+The runs are trained by `train_once` (reused when their metrics.json exists), so `ganserve results
+--sections grid-seeds` rebuilds this section alone.
+"""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from training.data.gaussians import mixture
+from training.metrics.modes import distance_profile, mode_metrics
+
+RECIPE = "sngan-hinge-pack2-grid25"  # the chosen recipe: its config is configs/<RECIPE>.yaml
+RECIPE_SEEDS = 5  # seeds 0-4; the SN-hinge baseline was tuned on seeds 0-2
+PROFILED = {  # config: (row title, seeds)
+    RECIPE: ("SN-hinge, pack 2 (the recipe)", RECIPE_SEEDS),
+    "wgan-clip-grid25": ("WGAN, weight clipping (c = 0.01)", 1),
+    "wgan-gp-grid25": ("WGAN-GP (λ = 10)", 1),
+}
+PROFILE_SAMPLES, PROFILE_SEED = 5000, 7
+CHANCE_SAMPLES = 200_000
+
+
+def cloud_chance(centres: np.ndarray, std: float, half_width: float = 5.0) -> float:
+    """The high-quality fraction of a cloud spread evenly over [-half_width, half_width]²: what a
+    generator scores by chance, with no mode learnt."""
+    cloud = np.random.default_rng(0).uniform(-half_width, half_width, (CHANCE_SAMPLES, 2))
+    return distance_profile(cloud, centres, std)["within_3_sigma"]
+TARGET_MODES, TARGET_HQ = 24, 0.90
+
+# Screening runs (runs/screen/, `runs/run.py CONFIG OUT SEED key=value…` on the shared 2-core
+# machine): each line is one config change against configs/sngan-hinge-grid25.yaml, the seed it
+# ran on, and its best checkpoint. Kept as text: they are not rebuilt by `ganserve results`.
+TRIED = [
+    "SN-hinge as shipped (`configs/sngan-hinge-grid25.yaml`, first table): seeds 0 / 1 / 2 reach 25 / 92 %, 24 / 37 %, 25 / 93 %; "
+    "seed 1 sits on 6 modes for 10k of its 20k steps.",
+    "`model.pack: 2` (PacGAN2), seed 1: 25 modes from step 8000 on (no collapse), 77.5 % high quality at step 20000, reverse KL 0.019; "
+    "the missing 22 % lie on bridges between neighbouring modes (11 % beyond 10σ), not in wide modes (median distance 0.88σ).",
+    "`model.pack: 4`, seed 1: 18–24 modes and ≤ 8 % high quality up to step 14000, stopped there.",
+]
+
+
+def _samples(run_dir: Path, checkpoint: str = "best") -> np.ndarray:
+    from training.run_eval import load_generator
+
+    generator, spec, _ = load_generator(run_dir, checkpoint)
+    z = torch.randn(PROFILE_SAMPLES, spec.z_dim, generator=torch.Generator().manual_seed(PROFILE_SEED))
+    with torch.no_grad():
+        return generator(z).numpy()
+
+
+def _pct(values: list[float]) -> str:
+    return f"{100 * statistics.mean(values):.1f} %" if len(values) > 1 else f"{100 * values[0]:.1f} %"
+
+
+def _mean(values: list[float], fmt: str) -> str:
+    return format(statistics.mean(values), fmt)
+
+
+def grid_seeds_section(runs: Path, train_once: Callable[..., dict], wall_minutes: Callable[[dict, Path], float]) -> list[str]:
+    grid = mixture("grid25")
+    centres, std = grid.centres.numpy(), grid.std
+    lines = [
+        "## 2-D grid of 25 Gaussians: one recipe for every seed",
+        "",
+        f"The recipe (`configs/{RECIPE}.yaml`) on seeds 0–{RECIPE_SEEDS - 1}, best checkpoint (lowest reverse KL) and last. "
+        f"Target: ≥ {TARGET_MODES} modes and ≥ {100 * TARGET_HQ:.0f} % high-quality samples on every seed. Train time is wall time on the "
+        "project's 2-core CPU machine, which other jobs shared while these ran: read it as an upper bound.",
+        "",
+        "| seed | modes covered (of 25) | high-quality samples | reverse KL | best step | last checkpoint: modes / high quality / reverse KL | train time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    records = [train_once(RECIPE, runs / f"{RECIPE}-seed{seed}", seed) for seed in range(RECIPE_SEEDS)]
+    for seed, record in enumerate(records):
+        best, last = record["best"]["metrics"], record["last"]
+        lines.append(f"| {seed} | {best['modes_covered']} | {100 * best['high_quality_fraction']:.1f} % | {best['reverse_kl']:.3f} | {record['best']['step']} "
+                     f"| {last['modes_covered']} / {100 * last['high_quality_fraction']:.1f} % / {last['reverse_kl']:.3f} "
+                     f"| {wall_minutes(record, runs / f'{RECIPE}-seed{seed}'):.1f} min |")
+    best = [r["best"]["metrics"] for r in records]
+    held = all(b["modes_covered"] >= TARGET_MODES and b["high_quality_fraction"] >= TARGET_HQ for b in best)
+    lines += [
+        f"| worst seed | {min(b['modes_covered'] for b in best)} | {100 * min(b['high_quality_fraction'] for b in best):.1f} % "
+        f"| {max(b['reverse_kl'] for b in best):.3f} | | | |",
+        "",
+        f"Target met on every seed: **{'yes' if held else 'no'}**.",
+        "",
+        "What was tried (screening runs, one change at a time against `configs/sngan-hinge-grid25.yaml`):",
+        "",
+        *[f"- {line}" for line in TRIED],
+        "",
+    ]
+    lines += profile_lines(runs, train_once, wall_minutes, centres, std)
+    return lines
+
+
+def profile_lines(runs: Path, train_once: Callable[..., dict], wall_minutes: Callable[[dict, Path], float], centres: np.ndarray, std: float) -> list[str]:
+    """Where samples sit: distance to the nearest mode in units of the data's σ (best checkpoints,
+    5,000 samples each, averaged over the seeds run)."""
+    real = mixture("grid25").sample(PROFILE_SAMPLES, torch.Generator().manual_seed(PROFILE_SEED)).numpy()
+    lines = [
+        "### Where the samples sit: the WGAN critics beside the recipe",
+        "",
+        f"Distance from each sample to its nearest mode centre, in units of the data's σ ({std}); high quality is within 3σ (0.15), "
+        f"mode spacing is 2.0 = {2 / std:.0f}σ. {PROFILE_SAMPLES:,} samples of each best checkpoint.",
+        "",
+        "| model (config) | seeds | modes covered | within 3σ (high quality) | within 6σ | within 10σ | median distance | 90th percentile | train time per run |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    profile = distance_profile(real, centres, std)
+    lines.append(f"| real data | — | 25 | {100 * profile['within_3_sigma']:.1f} % | {100 * profile['within_6_sigma']:.1f} % | {100 * profile['within_10_sigma']:.1f} % "
+                 f"| {profile['median_sigma']:.2f}σ | {profile['p90_sigma']:.2f}σ | — |")
+    measured: dict[str, dict[str, float]] = {}
+    for name, (title, seeds) in PROFILED.items():
+        records = [train_once(name, runs / f"{name}-seed{seed}", seed) for seed in range(seeds)]
+        profiles, modes = [], []
+        for seed in range(seeds):
+            samples = _samples(runs / f"{name}-seed{seed}")
+            profiles.append(distance_profile(samples, centres, std))
+            modes.append(mode_metrics(samples, centres, std)["modes_covered"])
+        mean = {key: statistics.mean(p[key] for p in profiles) for key in profiles[0]}
+        measured[name] = mean
+        minutes = statistics.mean(wall_minutes(r, runs / f"{name}-seed{s}") for s, r in enumerate(records))
+        lines.append(f"| {title} (`configs/{name}.yaml`) | {seeds} | {_mean(modes, '.1f')} | {100 * mean['within_3_sigma']:.1f} % | {100 * mean['within_6_sigma']:.1f} % "
+                     f"| {100 * mean['within_10_sigma']:.1f} % | {mean['median_sigma']:.2f}σ | {mean['p90_sigma']:.2f}σ | {minutes:.1f} min |")
+    clip = measured.get("wgan-clip-grid25")
+    chance = cloud_chance(centres, std)
+    lines += [
+        "",
+        "Why WGAN-GP's high-quality fraction is low (first table: 1.9 % at its best checkpoints, 2.5 % at its last): its samples form a diffuse "
+        "cloud over the grid, not 25 clusters, and a cloud's share within 3σ of some centre is set by area alone. The 25 disks of radius 3σ = 0.15 "
+        f"cover {100 * chance:.1f} % of the square [−5, 5]², so a cloud spread evenly over it scores {100 * chance:.1f} % (measured here on "
+        f"{CHANCE_SAMPLES:,} uniform points) — WGAN-GP's number. The scatter plots under the first table show the clouds. Two things hide this in "
+        "that table: its best checkpoint is picked by reverse KL, which sees only the high-quality samples, and a cloud's few such samples fall on "
+        "the modes evenly, so the early, shapeless checkpoints (steps 1000, 5000 and 1000 for seeds 0–2) win; and its modes-covered column "
+        "counts a mode hit by any one of 2,500 samples, which a cloud does by chance. The same holds for the vanilla GAN's best checkpoints (3.7 %), "
+        "whose last checkpoints reach 79.7 % on fewer modes. `mode_kl` (KL over the 25 modes plus an off-mode bin, `training/metrics/modes.py`) ranks "
+        "a cloud last and picks the checkpoints of this section; the first table's configs still pick by reverse KL. Why WGAN-GP's generator is "
+        "still a cloud after 6,000 steps at lr 1e-4 (30,000 critic steps) was not measured here (its runs were not repeated).",
+    ]
+    if clip is not None:
+        lines += [
+            "",
+            f"WGAN with weight clipping: {100 * clip['within_3_sigma']:.1f} % within 3σ, median distance {clip['median_sigma']:.1f}σ. Clipping every "
+            "weight to ±0.01 bounds the critic far more crudely than a penalty: it leaves a low-capacity, nearly linear function that cannot "
+            "separate 25 modes 40σ apart.",
+        ]
+    lines.append("")
+    return lines
