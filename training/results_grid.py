@@ -18,13 +18,22 @@ from training.data.gaussians import mixture
 from training.metrics.modes import distance_profile, mode_metrics
 
 RECIPE = "sngan-hinge-pack2-grid25"  # the chosen recipe: its config is configs/<RECIPE>.yaml
-RECIPE_SEEDS: tuple[int, ...] = (1, 3)  # seeds run so far; the issue asks for 0-4 (the SN-hinge baseline was tuned on 0-2, 3 is untuned)
+RECIPE_SEEDS: tuple[int, ...] = (1,)  # seeds run so far; the issue asks for 0-4 (the SN-hinge baseline was tuned on 0-2)
 PROFILED = {  # config: (row title, seeds)
     RECIPE: ("SN-hinge, pack 2, 30k steps (the recipe)", RECIPE_SEEDS),
-    "wgan-clip-grid25": ("WGAN, weight clipping (c = 0.01)", (0,)),
 }
+WGAN_CLIP = ("wgan-clip-grid25", "WGAN, weight clipping (c = 0.01)", (0,))
+WITH_WGAN_CLIP = False  # its run did not finish in this session; True adds its row (`ganserve results` trains it)
+if WITH_WGAN_CLIP:
+    PROFILED[WGAN_CLIP[0]] = WGAN_CLIP[1:]
 PROFILE_SAMPLES, PROFILE_SEED = 5000, 7
 CHANCE_SAMPLES = 200_000
+
+
+def planned_steps(name: str) -> int:
+    import yaml
+
+    return int(yaml.safe_load((Path("configs") / f"{name}.yaml").read_text())["max_steps"])
 
 
 def cloud_chance(centres: np.ndarray, std: float, half_width: float = 5.0) -> float:
@@ -51,6 +60,8 @@ TRIED = [
     "`model.pack: 2` with the linear decay stretched to 30k steps, seed 1: the recipe (table above). High quality rose 78 → 83 → 86 % "
     "at steps 14k–18k, then flattened at 88–89 % from 22k to 28k and ended at 90.1 % (89.9 % on the 5,000 fresh samples below): "
     "at the threshold, with no margin.",
+    "The recipe on seed 3 (a seed no config was tuned on): started, stopped at step 4000 of 30000 (24 modes, 12.6 % high quality, on the "
+    "same path as seed 1 at that step) because it could not finish before the deadline; no result.",
     "Not tried for lack of machine time (the 2 cores were shared by four engineers; one 20k-step run took 14–25 min): an R1 penalty "
     "(`loss.r1_gamma`, supported by the loop), the non-saturating loss with packing (PacGAN's own setting), more seeds.",
 ]
@@ -65,6 +76,24 @@ def _samples(run_dir: Path, checkpoint: str = "best") -> np.ndarray:
         return generator(z).numpy()
 
 
+def clipped_share(run_dir: Path) -> float:
+    """The share of the critic's weights sitting at the clipping bound (|w| ≥ 0.99 c) in the last
+    checkpoint: Gulrajani et al. (2017) observed clipping drives most weights to ±c."""
+    import json
+
+    from models.spec import ModelSpec
+    from models.zoo import build_discriminator
+    from training.checkpoint import load_checkpoint
+    from training.config import TrainConfig
+
+    meta = json.loads((run_dir / "checkpoints" / "last.json").read_text())
+    cfg = TrainConfig.model_validate(meta["config"])
+    critic = build_discriminator(ModelSpec.from_dict(meta["spec"]), cfg.model.discriminator, cfg.model.pack)
+    load_checkpoint(run_dir / "checkpoints" / "last.safetensors", {"D": critic})
+    weights = torch.cat([p.detach().flatten() for p in critic.parameters()])
+    return float((weights.abs() >= 0.99 * cfg.loss.clip).float().mean())
+
+
 def _pct(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.1f} %" if len(values) > 1 else f"{100 * values[0]:.1f} %"
 
@@ -77,7 +106,7 @@ def grid_seeds_section(runs: Path, train_once: Callable[..., dict], wall_minutes
     grid = mixture("grid25")
     centres, std = grid.centres.numpy(), grid.std
     lines = [
-        "## 2-D grid of 25 Gaussians: one recipe for every seed",
+        "## 2-D grid of 25 Gaussians: seed robustness",
         "",
         f"The recipe (`configs/{RECIPE}.yaml`) on seed{'s' if len(RECIPE_SEEDS) > 1 else ''} {', '.join(map(str, RECIPE_SEEDS))}, "
         "best checkpoint (lowest `mode_kl`, below) and last. "
@@ -103,7 +132,14 @@ def grid_seeds_section(runs: Path, train_once: Callable[..., dict], wall_minutes
         f"| worst seed | {min(b['modes_covered'] for b in best)} | {100 * min(b['high_quality_fraction'] for b in best):.1f} % "
         f"| {max(b['reverse_kl'] for b in best):.3f} | {max(b['mode_kl'] for b in best):.3f} | | | |",
         "",
-        f"Target met on every seed: **{'yes' if held else 'no'}**.",
+        f"The issue's target on ≥ 5 seeds: **{'met' if held and len(RECIPE_SEEDS) >= 5 else 'not shown'}**. "
+        f"Seed{'s' if len(RECIPE_SEEDS) > 1 else ''} run: {', '.join(map(str, RECIPE_SEEDS))} ({'every one meets' if held else 'not every one meets'} "
+        "≥ 24 modes and ≥ 90 % at the evaluation); the others were not run for lack of machine time. These are the 2,500-sample evaluations that "
+        "pick the checkpoints; at 90 % their standard error is 0.6 points, so 90.1 % is at the threshold, not safely above it (5,000 fresh "
+        "samples below).",
+        "",
+        "Scatter plots of the best checkpoints (red) over real data (grey): "
+        + " ".join(f"[seed {seed}](images/{RECIPE}-seed{seed}.png)" for seed in RECIPE_SEEDS),
         "",
         "What was tried (screening runs, one change at a time against `configs/sngan-hinge-grid25.yaml`):",
         "",
@@ -119,7 +155,7 @@ def profile_lines(runs: Path, train_once: Callable[..., dict], wall_minutes: Cal
     5,000 samples each, averaged over the seeds run)."""
     real = mixture("grid25").sample(PROFILE_SAMPLES, torch.Generator().manual_seed(PROFILE_SEED)).numpy()
     lines = [
-        "### Where the samples sit: the WGAN critics beside the recipe",
+        "### Where the samples sit, and why WGAN-GP scores so low",
         "",
         f"Distance from each sample to its nearest mode centre, in units of the data's σ ({std}); high quality is within 3σ (0.15), "
         f"mode spacing is 2.0 = {2 / std:.0f}σ. {PROFILE_SAMPLES:,} samples of each best checkpoint.",
@@ -159,11 +195,15 @@ def profile_lines(runs: Path, train_once: Callable[..., dict], wall_minutes: Cal
         "still a cloud after 6,000 steps at lr 1e-4 (30,000 critic steps) was not measured here (its runs were not repeated).",
     ]
     if clip is not None:
+        run_dir = runs / "wgan-clip-grid25-seed0"
+        record = train_once("wgan-clip-grid25", run_dir, 0)
+        planned = planned_steps("wgan-clip-grid25")
+        stopped = "" if record["step"] >= planned else f" of {planned:,}, stopped by a time budget on the shared machine"
         lines += [
             "",
-            f"WGAN with weight clipping: {100 * clip['within_3_sigma']:.1f} % within 3σ, median distance {clip['median_sigma']:.1f}σ. Clipping every "
-            "weight to ±0.01 bounds the critic far more crudely than a penalty: it leaves a low-capacity, nearly linear function that cannot "
-            "separate 25 modes 40σ apart.",
+            f"WGAN with weight clipping (seed 0, {record['step']:,} generator steps{stopped}): {100 * clip['within_3_sigma']:.1f} % of its samples "
+            f"within 3σ, median distance {clip['median_sigma']:.1f}σ, 90 % within {clip['p90_sigma']:.0f}σ. {100 * clipped_share(run_dir):.0f} % of its "
+            "critic's weights sit at the bound ±0.01, as Gulrajani et al. (2017) found: clipping spends the critic's capacity on the constraint.",
         ]
     lines.append("")
     return lines
