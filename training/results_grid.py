@@ -136,7 +136,7 @@ def grid_seeds_section(runs: Path, train_once: Callable[..., dict], wall_minutes
         f"The issue's target on ≥ 5 seeds: **{('met' if len(RECIPE_SEEDS) >= 5 else 'not shown') if held else 'not met'}**. "
         f"Seed{'s' if len(RECIPE_SEEDS) > 1 else ''} run: {', '.join(map(str, RECIPE_SEEDS))} ({'every one meets' if held else 'not every one meets'} "
         "≥ 24 modes and ≥ 90 % at the evaluation)"
-        + (f"; seed{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} not run for lack of machine time. " if missing else ". ")
+        + (f"; seed{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} not run to the end for lack of machine time (stopped at step 4000 of 30000 at the deadline). " if missing else ". ")
         + "These are the 2,500-sample evaluations that pick the checkpoints; at 90 % their standard error is "
         "0.6 points, so a seed within a point of 90 % is at the threshold, on either side of it by chance (5,000 fresh samples below).",
         "",
