@@ -27,13 +27,23 @@ class MLPGenerator(nn.Module):
 
 
 class MLPDiscriminator(nn.Module):
-    """Outputs one logit (or critic score) per sample; spectral norm makes it the SNGAN-style D."""
+    """Outputs one logit (or critic score) per sample; spectral norm makes it the SNGAN-style D.
 
-    def __init__(self, in_dim: int = 2, width: int = 256, depth: int = 3, spectral: bool = False, scale: float = 1.0) -> None:
+    `pack` > 1 is PacGAN (Lin et al., 2018): D judges `pack` samples at once, concatenated, and
+    outputs one score per pack. A collapsed G puts out packs of near-identical points, which real
+    data almost never does, so D can punish missing modes that a one-sample D cannot see. The
+    reshape happens here, so the loop, the losses and the penalties are unchanged: a batch of N
+    samples gives N / pack scores (N must be a multiple of `pack`).
+    """
+
+    def __init__(self, in_dim: int = 2, width: int = 256, depth: int = 3, spectral: bool = False, scale: float = 1.0, pack: int = 1) -> None:
         super().__init__()
+        if pack < 1:
+            raise ValueError(f"pack must be at least 1, not {pack}")
         self.scale = scale
+        self.pack = pack
         layers: list[nn.Module] = []
-        features = in_dim
+        features = in_dim * pack
         for _ in range(depth):
             layers += [maybe_spectral(nn.Linear(features, width), spectral), nn.LeakyReLU(0.2)]
             features = width
@@ -41,4 +51,7 @@ class MLPDiscriminator(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.flatten(1) / self.scale).squeeze(1)  # [B]
+        x = x.flatten(1) / self.scale
+        if x.shape[0] % self.pack:
+            raise ValueError(f"a batch of {x.shape[0]} cannot be split into packs of {self.pack}")
+        return self.net(x.reshape(x.shape[0] // self.pack, -1)).squeeze(1)  # [B / pack]

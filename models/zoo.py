@@ -37,11 +37,14 @@ def build_generator(spec: ModelSpec) -> nn.Module:
     raise ValueError(f"unknown generator arch {spec.arch!r}")
 
 
-def build_discriminator(spec: ModelSpec, name: str) -> nn.Module:
+def build_discriminator(spec: ModelSpec, name: str, pack: int = 1) -> nn.Module:
+    """`pack` (PacGAN) applies to the MLP discriminators only."""
+    if pack != 1 and name not in ("mlp", "mlp-sn"):
+        raise ValueError(f"packing (pack={pack}) is implemented for the mlp discriminators, not {name!r}")
     if name == "mlp":
-        return MLPDiscriminator(spec.out_dim, spec.width, spec.depth, spectral=False, scale=spec.data_scale)
+        return MLPDiscriminator(spec.out_dim, spec.width, spec.depth, spectral=False, scale=spec.data_scale, pack=pack)
     if name == "mlp-sn":
-        return MLPDiscriminator(spec.out_dim, spec.width, spec.depth, spectral=True, scale=spec.data_scale)
+        return MLPDiscriminator(spec.out_dim, spec.width, spec.depth, spectral=True, scale=spec.data_scale, pack=pack)
     if name == "dcgan":
         return DCGANDiscriminator(spec.channels, spec.resolution, spec.width)
     if name == "dcgan-projection":

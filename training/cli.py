@@ -97,7 +97,7 @@ def results_command(
     out: Path = typer.Option(Path("docs/results.md"), "--out"),
     runs: Path = typer.Option(Path("runs/results"), "--runs", help="where the result runs are trained"),
     seeds: int = typer.Option(3, min=1, help="seeds per grid25 loss"),
-    sections: str = typer.Option("grid,digits,style,image2image", help="comma-separated: grid, digits, style, image2image; a partial list rewrites only those sections of an existing --out"),
+    sections: str = typer.Option("grid,grid-seeds,digits,style,image2image,cyclegan-shapes", help="comma-separated: grid, grid-seeds, digits, style, image2image, cyclegan-shapes; a partial list rewrites only those sections of an existing --out"),
 ) -> None:
     """Train the benchmark runs (grid25 x losses x seeds, digits DCGAN and cDCGAN, StyleGAN on shapes) and write docs/results.md."""
     from training.results import build_results

@@ -34,6 +34,7 @@ class ModelConfig(Strict):
     width: int = Field(64, gt=0)  # base feature width (channels) or hidden units for mlp
     depth: int = Field(3, gt=0)  # mlp hidden layers
     discriminator: Literal["dcgan", "dcgan-projection", "sngan", "projection", "mlp", "mlp-sn", "residual"] = "dcgan"
+    pack: int = Field(1, gt=0)  # PacGAN: D scores `pack` samples at once (mlp discriminators only)
     # stylegan only
     w_dim: int = Field(128, gt=0)
     mapping_layers: int = Field(8, gt=0)

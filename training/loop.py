@@ -134,7 +134,7 @@ def build_run(cfg: TrainConfig, train: TensorData, device: torch.device) -> Run:
     torch.manual_seed(cfg.seed)  # weight initialisation
     spec = spec_for(cfg, train)
     G = build_generator(spec).to(device)
-    D = build_discriminator(spec, cfg.model.discriminator).to(device)
+    D = build_discriminator(spec, cfg.model.discriminator, cfg.model.pack).to(device)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     opt_g = adam_for(G.parameters(), cfg.optim.lr_g, cfg, minibatch_ratio(cfg.loss.pl_every, lazy_pl(cfg)))
     opt_d = adam_for(D.parameters(), cfg.optim.lr_d, cfg, minibatch_ratio(cfg.loss.r1_every, lazy_r1(cfg)))

@@ -80,12 +80,25 @@ def test_inception_score_ranges_from_one_to_the_number_of_classes():
 def test_mode_metrics_on_samples_at_every_centre_and_on_one_collapsed_mode():
     centres = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [2.0, 2.0]])
     everywhere = mode_metrics(np.repeat(centres, 5, axis=0), centres, std=0.05)
-    assert everywhere == {"modes_covered": 4, "num_modes": 4, "high_quality_fraction": 1.0, "reverse_kl": 0.0}
+    assert everywhere == {"modes_covered": 4, "num_modes": 4, "high_quality_fraction": 1.0, "reverse_kl": 0.0,
+                          "mode_kl": pytest.approx(-math.log(1 - math.exp(-4.5)))}
     collapsed = mode_metrics(np.zeros((10, 2)), centres, std=0.05)
     assert collapsed["modes_covered"] == 1
     assert collapsed["reverse_kl"] == pytest.approx(math.log(4))
     far = mode_metrics(np.full((10, 2), 1.0), centres, std=0.05)  # between modes: none is high quality
     assert far["high_quality_fraction"] == 0.0 and far["modes_covered"] == 0
+
+
+def test_mode_kl_ranks_a_diffuse_cloud_below_a_sharp_model_where_reverse_kl_cannot():
+    """Reverse KL sees only the high-quality samples, so a cloud that grazes every centre looks
+    perfect; mode_kl counts the off-mode mass and ranks the cloud last."""
+    centres = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [2.0, 2.0]])
+    sharp = np.concatenate([np.repeat(centres, 20, axis=0), np.full((8, 2), 1.0)])  # 91 % on the modes, evenly
+    cloud = np.concatenate([np.repeat(centres, 1, axis=0), np.full((84, 2), 1.0)])  # 5 % on the modes, evenly
+    collapsed = np.repeat(centres[:1], 88, axis=0)  # all on one mode
+    kl = {name: mode_metrics(x, centres, std=0.05) for name, x in {"sharp": sharp, "cloud": cloud, "collapsed": collapsed}.items()}
+    assert kl["cloud"]["reverse_kl"] == kl["sharp"]["reverse_kl"] == 0.0
+    assert kl["sharp"]["mode_kl"] < kl["collapsed"]["mode_kl"] < kl["cloud"]["mode_kl"]
 
 
 def test_shipped_digits_classifier_reaches_97_percent_on_held_out_digits():

@@ -45,8 +45,10 @@ class I2IModelConfig(Strict):
 class I2ILossConfig(Strict):
     gan: Literal["vanilla", "lsgan", "relativistic"] = "vanilla"
     l1_weight: float = 100.0  # pix2pix λ_L1; SR pixel loss weight
-    cycle_weight: float = 10.0  # cyclegan λ
+    cycle_weight: float = 10.0  # cyclegan λ (junyanz's lambda_A: the A → B → A cycle, and B → A → B unless cycle_weight_b is set)
+    cycle_weight_b: float | None = Field(None, ge=0)  # junyanz's lambda_B: the B → A → B cycle (None: cycle_weight)
     identity_weight: float = 0.5  # cyclegan, as a fraction of λ
+    cycle_noise: float = Field(0.0, ge=0)  # cyclegan: std of noise on a translation before it is translated back (0 = off)
     adv_weight: float = 1.0  # weight of the adversarial term for G (SR fine-tune: 5e-3)
     feature_weight: float = 0.0  # SR: perceptual loss with the project's feature network
     pretrain_steps: int = Field(0, ge=0)  # SR: L1-only steps before the GAN fine-tune
