@@ -60,11 +60,20 @@ def test_an_imported_generator_reproduces_the_reference_mapping_and_synthesis(co
     assert expected["image"].abs().max() > 0.5  # the reference image is not trivially small
 
 
+@pytest.fixture(scope="module")
+def imports(tmp_path_factory) -> tuple[Path, dict]:
+    """Each fixture pickle imported once with the real command, all into one repository: the
+    entry tests read it and the serving test serves it (an import exports two ONNX graphs, ~10 s)."""
+    root = tmp_path_factory.mktemp("imported")
+    return root / "repo", {config: run_import(root, network_pickle(FIXTURES[config]), config) for config in CONFIGS}
+
+
 @pytest.mark.parametrize("config", CONFIGS)
-def test_import_writes_a_style_entry_whose_graphs_reproduce_the_reference(tmp_path, config):
-    result = run_import(tmp_path, network_pickle(FIXTURES[config]), config)
+def test_import_writes_a_style_entry_whose_graphs_reproduce_the_reference(imports, config):
+    repo, results = imports
+    result = results[config]
     assert result.exit_code == 0, result.output
-    entry = tmp_path / "repo" / config / "1"
+    entry = repo / config / "1"
     spec = json.loads((entry / "spec.json").read_text())
     expected = reference(config)
     synthesis = ort.InferenceSession(str(entry / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -83,11 +92,10 @@ def test_import_writes_a_style_entry_whose_graphs_reproduce_the_reference(tmp_pa
 
 
 @pytest.fixture(scope="module")
-def imported_repository(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imported")
-    for config in CONFIGS:
-        assert run_import(root, network_pickle(FIXTURES[config]), config).exit_code == 0
-    return root / "repo"
+def imported_repository(imports) -> Path:
+    repo, results = imports
+    assert all(result.exit_code == 0 for result in results.values()), {c: r.output for c, r in results.items() if r.exit_code}
+    return repo
 
 
 def npy(response) -> np.ndarray:
