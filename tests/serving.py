@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import subprocess
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import httpx
 import torch
 
 from bench.server import launched_server
+from tests.parallel import run_two_at_a_time
 from training.config import TrainConfig, load_config
 from training.export import export_run
 from training.image2image.config import I2IConfig, load_i2i_config
@@ -54,7 +53,6 @@ def tiny_i2i_run(config: str, out: Path, **changes) -> Path:
 
 def build_image_to_image_entries(root: Path, repo: Path) -> None:
     """edges, gray and upx4: trained and exported (one worker's half of the repository)."""
-    torch.set_num_threads(1)
     export_i2i_run(tiny_i2i_run("pix2pix-edges2shapes", root / "edges", model={"ngf": 4}), "edges", 1, repo, ["onnx", "torchscript"])
     export_i2i_run(tiny_i2i_run("pix2pix-gray2color", root / "gray", model={"ngf": 4}, data={"resolution": 64}), "gray", 1, repo, ["onnx", "torchscript"])
     export_i2i_run(tiny_i2i_run("sr-rrdb-x4", root / "upx4", model={"features": 8, "blocks": 0, "growth": 4}, data={"resolution": 32}), "upx4", 1, repo, ["onnx", "torchscript"])
@@ -62,7 +60,6 @@ def build_image_to_image_entries(root: Path, repo: Path) -> None:
 
 def build_generator_entries(root: Path, repo: Path, directions: dict[str, torch.Tensor]) -> None:
     """styles, digits and cdigits: trained and exported (the other worker's half)."""
-    torch.set_num_threads(1)
     export_run(tiny_style_run(root / "style"), "styles", 1, repo, ["onnx", "torchscript"], "last", directions=directions)
     export_run(tiny_run("dcgan-digits", root / "dcgan"), "digits", 1, repo, ["onnx", "torchscript"], "last")
     export_run(tiny_run("cdcgan-digits", root / "cdcgan"), "cdigits", 1, repo, ["onnx", "torchscript"], "last")
@@ -74,15 +71,10 @@ def build_repository(root: Path) -> Path:
     field, ~3 input px, stays inside the tiles' blending margin, so tiling must be exact), each
     v1, trained two steps and exported.
 
-    Two halves of similar cost, built at once in two fresh (spawned) processes of one torch thread
-    each: most of the ~100 s is the ONNX exporter's tracing, single-threaded Python, so two
-    processes on two cores take about half the time one does."""
+    Two halves of similar cost (~50 s each), built at once (tests/parallel.py)."""
     repo = root / "model_repository"
     directions = {"size": torch.nn.functional.normalize(torch.randn(8), dim=0), "hue": torch.nn.functional.normalize(torch.randn(8), dim=0)}
-    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        halves = [pool.submit(build_image_to_image_entries, root, repo), pool.submit(build_generator_entries, root, repo, directions)]
-        for half in halves:
-            half.result()
+    run_two_at_a_time([(build_image_to_image_entries, (root, repo)), (build_generator_entries, (root, repo, directions))])
     return repo
 
 
