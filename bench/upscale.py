@@ -99,7 +99,9 @@ def measure_stream(url: str, model: str, frame: bytes, fmt: str, duration_s: flo
 
 
 def run_upscale_bench(repository: Path, model: str, runtime: str, concurrencies: list[int], duration_s: float, size: int, fmt: str,
-                      max_batch_size: int, threads: int, out: Path | None) -> dict:
+                      max_batch_size: int, threads: int, out: Path | None, measure_s: float = 3.0) -> dict:
+    """`measure_s`: how long each bare forward is repeated (encoding: a third of it); a report's
+    figures want seconds, a smoke test of the tool a fraction of one."""
     entries = [e for e in scan_repository(repository) if e.name == model]
     if not entries:
         raise SystemExit(f"no model {model!r} in {repository}")
@@ -128,14 +130,14 @@ def run_upscale_bench(repository: Path, model: str, runtime: str, concurrencies:
         grid = plan_tiles(size, size, config.upscale_tile, config.upscale_overlap)
         tiles_per_frame = grid.rows * grid.cols
         forward = measure_forward(entry, runtime, device, threads, frame, config.upscale_tile, config.upscale_overlap,
-                                  sorted({1, max(1, max_batch_size // tiles_per_frame)}), seconds=3.0)
+                                  sorted({1, max(1, max_batch_size // tiles_per_frame)}), seconds=measure_s)
     else:  # translate: the whole frame, mirror-padded to the network's size multiple, in one pass
         tiles_per_frame = 1
-        forward = measure_whole_frame(entry, runtime, device, threads, frame, seconds=3.0)
+        forward = measure_whole_frame(entry, runtime, device, threads, frame, seconds=measure_s)
     report = {"machine": machine(), "model": model, "runtime": runtime, "device": device, "size": size, "scale": entry.spec["scale"], "format": fmt,
               "endpoint": endpoint, "tile": config.upscale_tile if endpoint == "upscale" else None, "overlap": config.upscale_overlap if endpoint == "upscale" else None,
               "tiles_per_frame": tiles_per_frame, "max_batch_size": max_batch_size,
-              "load": loads, "stream": stream, "forward": forward, "encode_ms": measure_encoding(size * entry.spec["scale"], 1.0)}
+              "load": loads, "stream": stream, "forward": forward, "encode_ms": measure_encoding(size * entry.spec["scale"], measure_s / 3)}
     print_upscale_report(report)
     write_report(report, out)
     return report

@@ -13,7 +13,10 @@ def repository(tmp_path_factory):
     return build_repository(tmp_path_factory.mktemp("serving"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(repository):
+    """One server for every module that needs the default settings: starting one costs ~7 s (the
+    imports of a fresh process) and no test changes its state (metrics are read as differences;
+    tests that need other settings, or that load and unload models, start their own)."""
     with running_server(repository, max_batch_size=16, max_queue_delay_ms=5) as running:
         yield running

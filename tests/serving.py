@@ -9,6 +9,7 @@ import httpx
 import torch
 
 from bench.server import launched_server
+from tests.parallel import run_two_at_a_time
 from training.config import TrainConfig, load_config
 from training.export import export_run
 from training.image2image.config import I2IConfig, load_i2i_config
@@ -50,19 +51,30 @@ def tiny_i2i_run(config: str, out: Path, **changes) -> Path:
     return out
 
 
+def build_image_to_image_entries(root: Path, repo: Path) -> None:
+    """edges, gray and upx4: trained and exported (one worker's half of the repository)."""
+    export_i2i_run(tiny_i2i_run("pix2pix-edges2shapes", root / "edges", model={"ngf": 4}), "edges", 1, repo, ["onnx", "torchscript"])
+    export_i2i_run(tiny_i2i_run("pix2pix-gray2color", root / "gray", model={"ngf": 4}, data={"resolution": 64}), "gray", 1, repo, ["onnx", "torchscript"])
+    export_i2i_run(tiny_i2i_run("sr-rrdb-x4", root / "upx4", model={"features": 8, "blocks": 0, "growth": 4}, data={"resolution": 32}), "upx4", 1, repo, ["onnx", "torchscript"])
+
+
+def build_generator_entries(root: Path, repo: Path, directions: dict[str, torch.Tensor]) -> None:
+    """styles, digits and cdigits: trained and exported (the other worker's half)."""
+    export_run(tiny_style_run(root / "style"), "styles", 1, repo, ["onnx", "torchscript"], "last", directions=directions)
+    export_run(tiny_run("dcgan-digits", root / "dcgan"), "digits", 1, repo, ["onnx", "torchscript"], "last")
+    export_run(tiny_run("cdcgan-digits", root / "cdcgan"), "cdigits", 1, repo, ["onnx", "torchscript"], "last")
+
+
 def build_repository(root: Path) -> Path:
     """digits (unconditional), cdigits (conditional), styles (style, 16 px), edges (pix2pix,
     32 px), gray (pix2pix luma → colour) and upx4 (x4 super-resolution without an RRDB body: its receptive
     field, ~3 input px, stays inside the tiles' blending margin, so tiling must be exact), each
-    v1, trained two steps and exported."""
+    v1, trained two steps and exported.
+
+    Two halves of similar cost (~50 s each), built at once (tests/parallel.py)."""
     repo = root / "model_repository"
-    export_i2i_run(tiny_i2i_run("pix2pix-edges2shapes", root / "edges", model={"ngf": 4}), "edges", 1, repo, ["onnx", "torchscript"])
-    export_i2i_run(tiny_i2i_run("pix2pix-gray2color", root / "gray", model={"ngf": 4}, data={"resolution": 64}), "gray", 1, repo, ["onnx", "torchscript"])
-    export_i2i_run(tiny_i2i_run("sr-rrdb-x4", root / "upx4", model={"features": 8, "blocks": 0, "growth": 4}, data={"resolution": 32}), "upx4", 1, repo, ["onnx", "torchscript"])
     directions = {"size": torch.nn.functional.normalize(torch.randn(8), dim=0), "hue": torch.nn.functional.normalize(torch.randn(8), dim=0)}
-    export_run(tiny_style_run(root / "style"), "styles", 1, repo, ["onnx", "torchscript"], "last", directions=directions)
-    export_run(tiny_run("dcgan-digits", root / "dcgan"), "digits", 1, repo, ["onnx", "torchscript"], "last")
-    export_run(tiny_run("cdcgan-digits", root / "cdcgan"), "cdigits", 1, repo, ["onnx", "torchscript"], "last")
+    run_two_at_a_time([(build_image_to_image_entries, (root, repo)), (build_generator_entries, (root, repo, directions))])
     return repo
 
 

@@ -1,6 +1,7 @@
 """One real two-node Ray cluster for every Ray test (started and torn down here), the ganserve
 application deployed on it by `ganserve ray`, and the single-process server beside it for
-reference answers.
+reference answers. All are package-scoped: torn down when tests/ray ends, as their replicas,
+controller and proxy keep ~0.3 of a core busy while they live, which the rest of the suite would pay.
 
 Footprint on a 2-core machine: two nodes of 2 logical CPUs each (logical, not cores), 100 MiB of
 object store each, no dashboard; every model replica reserves 0.25 CPU. Short timings, set here
@@ -60,7 +61,7 @@ class RayDeployment:
         return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(f"SERVE_REPLICA::ganserve#{deployment}#"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_repository(repository, tmp_path_factory) -> Path:
     """A copy of the test repository's digits, cdigits and upx4 (a shared directory: both nodes
     read it), each with the serving.json that places it on Ray."""
@@ -71,7 +72,7 @@ def ray_repository(repository, tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_cluster():
     os.environ.update(FAST_AUTOSCALING_ENV | QUIET_RAY_ENV)  # the nodes' processes inherit them
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False, "object_store_memory": 100 * 2**20})
@@ -85,7 +86,7 @@ def ray_cluster():
         cluster.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_app(ray_cluster, ray_repository):
     """`ganserve ray` deploys the application onto the running cluster and exits (--detach);
     the wall time of that command is the cluster deployment's start-up time."""
@@ -106,7 +107,7 @@ def ray_app(ray_cluster, ray_repository):
         serve.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def single_server(ray_repository):
     """The single-process server on the same repository: what Ray must answer identically."""
     with running_server(ray_repository) as server:

@@ -21,6 +21,7 @@ from ganserve_cli import app
 from repository.importers.checkpoint import CheckpointError
 from repository.importers.nvlabs import import_nvlabs
 from tests.fixtures.nvlabs_pickle import network_pickle
+from tests.parallel import run_two_at_a_time
 from tests.serving import running_server
 
 FIXTURE_ROOT = Path(__file__).resolve().parents[1] / "fixtures"
@@ -60,11 +61,27 @@ def test_an_imported_generator_reproduces_the_reference_mapping_and_synthesis(co
     assert expected["image"].abs().max() > 0.5  # the reference image is not trivially small
 
 
+def import_fixture(root: Path, config: str) -> tuple[int, str]:
+    """(exit code, output) of the real command on one fixture pickle."""
+    result = run_import(root, network_pickle(FIXTURES[config]), config)
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def imports(tmp_path_factory) -> tuple[Path, dict[str, tuple[int, str]]]:
+    """Each fixture pickle imported once with the real command, all into one repository, two at a
+    time (an import exports two ONNX graphs, ~10 s): the entry tests read it, the serving test serves it."""
+    root = tmp_path_factory.mktemp("imported")
+    results = run_two_at_a_time([(import_fixture, (root, config)) for config in CONFIGS])
+    return root / "repo", dict(zip(CONFIGS, results))
+
+
 @pytest.mark.parametrize("config", CONFIGS)
-def test_import_writes_a_style_entry_whose_graphs_reproduce_the_reference(tmp_path, config):
-    result = run_import(tmp_path, network_pickle(FIXTURES[config]), config)
-    assert result.exit_code == 0, result.output
-    entry = tmp_path / "repo" / config / "1"
+def test_import_writes_a_style_entry_whose_graphs_reproduce_the_reference(imports, config):
+    repo, results = imports
+    exit_code, output = results[config]
+    assert exit_code == 0, output
+    entry = repo / config / "1"
     spec = json.loads((entry / "spec.json").read_text())
     expected = reference(config)
     synthesis = ort.InferenceSession(str(entry / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -83,11 +100,10 @@ def test_import_writes_a_style_entry_whose_graphs_reproduce_the_reference(tmp_pa
 
 
 @pytest.fixture(scope="module")
-def imported_repository(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imported")
-    for config in CONFIGS:
-        assert run_import(root, network_pickle(FIXTURES[config]), config).exit_code == 0
-    return root / "repo"
+def imported_repository(imports) -> Path:
+    repo, results = imports
+    assert all(exit_code == 0 for exit_code, _ in results.values()), {config: output for config, (exit_code, output) in results.items() if exit_code}
+    return repo
 
 
 def npy(response) -> np.ndarray:

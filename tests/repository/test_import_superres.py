@@ -21,6 +21,7 @@ from spandrel.architectures.SPAN import SPAN
 from typer.testing import CliRunner
 
 from ganserve_cli import app
+from tests.parallel import run_two_at_a_time
 from tests.repository.test_import_junyanz import code_archive
 from tests.serving import running_server
 
@@ -86,14 +87,21 @@ def run_import(tmp_path: Path, checkpoint: Path, name: str, *options: str):
     return CliRunner().invoke(app, ["import", str(checkpoint), "--name", name, "--version", "1", "--repository", str(tmp_path / "repo"), *options])
 
 
+def import_checkpoint(root: Path, checkpoint: Path, name: str) -> tuple[int, str]:
+    """(exit code, output) of the real command on one checkpoint."""
+    result = run_import(root, checkpoint, name)
+    return result.exit_code, result.output
+
+
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
+    """Each checkpoint imported with the real command, two at a time (an import's export and
+    parity check at the default tile, 96 px in at x4, take ~25 s)."""
     root = tmp_path_factory.mktemp("superres")
-    paths = {}
-    for name in CHECKPOINTS:
-        paths[name] = write_checkpoint(root, name)
-        result = run_import(root, paths[name], name)
-        assert result.exit_code == 0, result.output
+    paths = {name: write_checkpoint(root, name) for name in CHECKPOINTS}
+    results = run_two_at_a_time([(import_checkpoint, (root, path, name)) for name, path in paths.items()])
+    for exit_code, output in results:
+        assert exit_code == 0, output
     return root / "repo", paths
 
 

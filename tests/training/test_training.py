@@ -139,7 +139,11 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_trains_evaluates_and_samples_a_conditional_digits_model(tmp_path):
     config = tmp_path / "tiny.yaml"
-    config.write_text((REPO / "configs" / "cdcgan-digits.yaml").read_text().replace("width: 32", "width: 8"))
+    # narrow, and the run's own closing evaluation on 200 samples as the `evaluate` below (not 2000)
+    shipped = (REPO / "configs" / "cdcgan-digits.yaml").read_text()
+    tiny = shipped.replace("width: 32", "width: 8").replace("num_samples: 2000", "num_samples: 200")
+    assert "width: 8," in tiny and "num_samples: 200," in tiny, "the shipped config's width or eval size moved"
+    config.write_text(tiny)
     out = tmp_path / "run"
     trained = run_cli("train", "--config", str(config), "--out", str(out), "--max-steps", "4")
     assert trained.returncode == 0, trained.stderr
