@@ -112,7 +112,12 @@ class DynamicBatcher:
 
     # --- the request side -------------------------------------------------------------------
     def submit(self, inputs: list[dict[str, np.ndarray]], request: RequestState) -> list[asyncio.Future]:
-        """Queues all of a request's items or none of them."""
+        """Queues all of a request's items or none of them; one future per item, in order."""
+        return [item.future for item in self.submit_items(inputs, request)]
+
+    def submit_items(self, inputs: list[dict[str, np.ndarray]], request: RequestState) -> list[WorkItem]:
+        """`submit`, returning the queued items themselves, whose `seconds` the engine adds to its
+        lane's backlog without pricing each item a second time."""
         if not self.accepting:
             raise ShuttingDown()
         if len(inputs) > self.max_queue_size:
@@ -131,7 +136,7 @@ class DynamicBatcher:
         self.queue.extend(items)
         self.metrics.queue_items.set(len(self.queue))
         self.wakeup.set()
-        return [item.future for item in items]
+        return items
 
     # --- the worker side --------------------------------------------------------------------
     async def work(self) -> None:

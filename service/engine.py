@@ -71,21 +71,20 @@ class FrontConnection:
         try:
             model = self.registry.get(name, version)
             batcher = self.registry.batcher(model, operation, graph)
-            futures = batcher.submit(inputs, state)
+            items = batcher.submit_items(inputs, state)
         except Exception as error:
             self.send(("refused", request_id, encode_error(error)))
             return
         # the engine lane's backlog holds every front's admitted work (the fronts read it in snapshots);
         # the items take their shares off as they finish, as in the single-process server
-        state.lane_seconds = sum(batcher.cost.item_seconds(batcher.cost.units(item)) for item in inputs) if batcher.cost else 0.0
+        state.lane_seconds = sum(item.seconds for item in items)
         batcher.lane.add_backlog(state.lane_seconds)
         self.requests[request_id] = state
-        remaining = [len(futures)]
+        remaining = [len(items)]
 
         def answered(index: int, future: asyncio.Future) -> None:
-            if future.cancelled():
-                self.send(("fail", request_id, index, encode_error(TimeoutError("cancelled"))))
-            elif (error := future.exception()) is not None:
+            # never cancelled: the batcher fails the items it drops (deadline, hang-up) with DeadlineExceeded
+            if (error := future.exception()) is not None:
                 self.send(("fail", request_id, index, encode_error(error)))
             else:
                 self.send(("result", request_id, index, future.result(), state.timing))
@@ -95,8 +94,8 @@ class FrontConnection:
                 batcher.lane.remove_backlog(state.lane_seconds)  # what its items did not settle
                 state.lane_seconds = 0.0
 
-        for index, future in enumerate(futures):
-            future.add_done_callback(lambda f, i=index: answered(i, f))
+        for index, item in enumerate(items):
+            item.future.add_done_callback(lambda f, i=index: answered(i, f))
 
 
 class EngineLink:
