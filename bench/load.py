@@ -7,13 +7,13 @@ import asyncio
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
 
 from bench.http_client import KeepAliveConnection, request_bytes
+from bench.server import process_family
 
 
 @dataclass
@@ -87,14 +87,7 @@ def cpu_seconds(pid: int | None) -> float:
     the engine and the fronts), from Linux /proc; 0 when unknown."""
     if pid is None:
         return 0.0
-    ticks = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if stat.parent.name == str(pid) or fields[1] == str(pid):
-            ticks += int(fields[11]) + int(fields[12])
+    ticks = sum(int(fields[11]) + int(fields[12]) for fields in process_family(pid).values())
     return ticks / os.sysconf("SC_CLK_TCK")
 
 

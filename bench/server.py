@@ -18,6 +18,21 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 
 
+def process_family(pid: int) -> dict[int, list[str]]:
+    """pid → its /proc stat fields after the command name (state, ppid, …, utime at 11, stime at
+    12) for `pid` and its live children: a `serve --workers N` server is a supervisor, an engine
+    and N fronts, so its CPU and its roles are read from the whole family (Linux only)."""
+    family = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if stat.parent.name == str(pid) or fields[1] == str(pid):
+            family[int(stat.parent.name)] = fields
+    return family
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

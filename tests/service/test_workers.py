@@ -17,22 +17,20 @@ import pytest
 from PIL import Image
 from websockets.sync.client import connect
 
+from bench.server import process_family
 from tests.serving import running_server
 
 
 def children(pid: int) -> dict[int, str]:
     """pid → role ("engine" / "front") of the server's child processes."""
     found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for child in process_family(pid):
         try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            command = (entry / "cmdline").read_bytes().decode(errors="replace")
-        except (OSError, IndexError, ValueError):
+            command = Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
             continue
-        if ppid == pid and "service.worker_process" in command:
-            found[int(entry.name)] = "front" if '"role": "front"' in command else "engine"
+        if child != pid and "service.worker_process" in command:
+            found[child] = "front" if '"role": "front"' in command else "engine"
     return found
 
 
