@@ -207,3 +207,22 @@ def test_halted_and_resumed_sr_run_crosses_its_phase_change_exactly(tmp_path, mo
     metrics = json.loads((halted / "metrics.json").read_text())
     assert metrics["l1_model"]["step"] == 3
     assert metrics["best"]["step"] > 3  # the best GAN model: the L1 model has its own checkpoint
+
+
+def test_the_colour_shift_measure_reads_the_hue_a_translation_moved_the_shape_to():
+    """docs/results.md reports what turning CycleGAN's identity loss down costs in colour: a hue
+    change of each shape from input to output, on the colour wheel."""
+    from training.data.shapes import render_shape
+    from training.image2image.results import hue_gaps
+
+    def shapes(hues: list[float], shape: int) -> torch.Tensor:
+        images = np.stack([render_shape(32, shape, hue, 0.5, 0.5, 0.5, 0.3) for hue in hues])
+        return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    hues = [0.0, 0.2, 0.5, 0.9]
+    same_colour_other_shape = hue_gaps(shapes(hues, 0), shapes(hues, 1))
+    assert np.all(same_colour_other_shape < 3)  # a circle drawn as a square of its own colour moved no hue
+    turned = hue_gaps(shapes(hues, 0), shapes([(h + 1 / 3) % 1 for h in hues], 1))
+    assert np.allclose(turned, 120, atol=3)  # a third of the wheel is 120°, whichever way round
+    wrapped = hue_gaps(shapes([0.95], 0), shapes([0.05], 0))
+    assert np.allclose(wrapped, 36, atol=3)  # across red, the short way
