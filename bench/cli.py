@@ -18,13 +18,14 @@ def bench_command(
     max_queue_delay_ms: float = typer.Option(2.0, min=0.0, help="the delay of the second batching configuration (the first uses 0)"),
     threads: int = typer.Option(1, min=1, help="runtime intra-op threads (the rest of the cores serve HTTP and encoding)"),
     workers: int = typer.Option(1, min=1, help="above 1: also measure natural batching with `serve --workers N` (N fronts, one engine)"),
+    graph_capture: str = typer.Option("none", help="none, cuda_graphs or compile: the server's GANSERVE_GRAPH_CAPTURE (service/graph_capture.py)"),
     out: Optional[Path] = typer.Option(Path("bench/results/latest.json"), help="JSON report"),
 ) -> None:
     """Load-test the real server (natural batching, batching with a delay, no batching) and compare with the bare-forward ceiling."""
     from bench.runner import run_bench
 
     run_bench(repository, model, runtime, [int(c) for c in concurrency.split(",")], duration, big_request, max_batch_size, max_queue_delay_ms, threads, out,
-              workers)
+              workers, graph_capture)
 
 
 def bench_upscale_command(
@@ -37,12 +38,14 @@ def bench_upscale_command(
     format: str = typer.Option("jpeg", help="output format: jpeg, webp, png or npy"),
     max_batch_size: int = typer.Option(64, min=1, help="tiles per forward pass"),
     threads: int = typer.Option(1, min=1, help="runtime intra-op threads"),
+    graph_capture: str = typer.Option("none", help="none, cuda_graphs or compile: the server's GANSERVE_GRAPH_CAPTURE (service/graph_capture.py)"),
     out: Optional[Path] = typer.Option(Path("bench/results/upscale-latest.json"), help="JSON report"),
 ) -> None:
     """Upscale (or translate) throughput (frames/s, p99) through the real server, beside the bare forward pass."""
     from bench.upscale import run_upscale_bench
 
-    run_upscale_bench(repository, model, runtime, [int(c) for c in concurrency.split(",")], duration, size, format, max_batch_size, threads, out)
+    run_upscale_bench(repository, model, runtime, [int(c) for c in concurrency.split(",")], duration, size, format, max_batch_size, threads, out,
+                      graph_capture=graph_capture)
 
 
 def bench_soak_command(

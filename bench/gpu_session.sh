@@ -3,11 +3,15 @@
 #   here, once:     bash bench/fetch_gpu_wheels.sh
 #   on the device:  run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=600)
 # Writes the reports (JSON) and the printed tables to $OUT; put them in docs/benchmarks.md naming the card.
-#  1. DCGAN (torchscript, CUDA): single-image requests at 1/16/64 clients, one process and --workers 8
-#     (the 5,000 req/s target with several fronts on the 16-core host), 64-image requests against the
-#     bare-forward ceiling (target >= 50 %), and the naive server beside them;
-#  2. the shipped sr-rrdb-x4, 256 -> 1024 JPEG: HTTP upscales at 1/4/16 clients and one closed-loop
-#     WebSocket stream (targets: >= 80 frames/s one stream, p99 <= 25 ms, >= 120 frames/s aggregate).
+#  1. DCGAN (torchscript, CUDA, CUDA graphs captured per warmed batch size): single-image requests at
+#     1/16/64 clients, one process and --workers 8 (the 5,000 req/s target with several fronts on the
+#     16-core host), 64-image requests against the bare-forward ceiling (target >= 50 %), and the naive
+#     server beside them;
+#  2. the shipped sr-rrdb-x4, 256 -> 1024 JPEG, one 256 px tile per frame, CUDA graphs: HTTP upscales at
+#     1/4/16 clients and one closed-loop WebSocket stream (targets: >= 80 frames/s one stream,
+#     p99 <= 25 ms, >= 120 frames/s aggregate);
+#  3. the same without graph capture, shorter: what the capture is worth.
+# A capture that fails on the card fails its model's load, so step 1 or 2 ends early; the next step still runs.
 # Dry run on a CPU machine: PYTHON=.venv/bin/python DURATION=2 OUT=/tmp/gs bash bench/gpu_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,8 +30,11 @@ step() {  # a step that overruns its share is cut, and the next one still runs
     echo "== $*"
     timeout "$limit" $PYTHON -m ganserve_cli "$@" 2>&1 | tee -a "$OUT/tables.txt" | tail -40
 }
-step 300 bench --model dcgan-digits --runtime torchscript --concurrency 1,16,64 --duration "$DURATION" --workers 8 --threads 1 \
-    --out "$OUT/dcgan-torchscript.json"
-step 240 bench-upscale --model sr-rrdb-x4 --runtime torchscript --size 256 --format jpeg --concurrency 1,4,16 \
-    --duration "$((DURATION + 4))" --out "$OUT/upscale-torchscript.json"
+step 280 bench --model dcgan-digits --runtime torchscript --graph-capture cuda_graphs --concurrency 1,16,64 --duration "$DURATION" \
+    --workers 8 --threads 1 --out "$OUT/dcgan-torchscript-cuda-graphs.json"
+export GANSERVE_UPSCALE_TILE=256 GANSERVE_UPSCALE_OVERLAP=0  # a 256 px frame is one tile: no padding of 9 tiles up to 16
+step 200 bench-upscale --model sr-rrdb-x4 --runtime torchscript --graph-capture cuda_graphs --size 256 --format jpeg --concurrency 1,4,16 \
+    --duration "$((DURATION + 2))" --out "$OUT/upscale-torchscript-cuda-graphs.json"
+step 100 bench-upscale --model sr-rrdb-x4 --runtime torchscript --size 256 --format jpeg --concurrency 1,16 \
+    --duration "$DURATION" --out "$OUT/upscale-torchscript.json"
 ls -l "$OUT"

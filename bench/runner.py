@@ -24,6 +24,7 @@ console = Console(width=None if sys.stdout.isatty() else 200)  # piped to a file
 NAIVE = "naive FastAPI (one sess.run per request, no batching)"
 NATURAL = "natural batching ("  # one process
 WORKERS = "natural batching, "  # --workers N
+UNCAPTURED = "uncaptured natural batching ("  # the baseline of a --graph-capture run
 
 
 def naive_unsupported(entry, runtime: str) -> str | None:
@@ -52,13 +53,13 @@ def machine() -> str:
 
 
 def run_bench(repository: Path, model: str, runtime: str, concurrencies: list[int], duration_s: float, big_request: int,
-              max_batch_size: int, max_queue_delay_ms: float, threads: int, out: Path | None, workers: int = 1) -> dict:
+              max_batch_size: int, max_queue_delay_ms: float, threads: int, out: Path | None, workers: int = 1, graph_capture: str = "none") -> dict:
     entries = [e for e in scan_repository(repository) if e.name == model]
     if not entries:
         raise SystemExit(f"no model {model!r} in {repository}")
     entry = max(entries, key=lambda e: e.version)
     device = "cuda" if runtime != "onnx" and _cuda() else "cpu"
-    common = dict(runtime=runtime, intra_op_threads=threads, max_queue_size=100_000)
+    common = dict(runtime=runtime, intra_op_threads=threads, max_queue_size=100_000, graph_capture=graph_capture)
     configurations = [
         (f"natural batching (max_batch_size={max_batch_size}, delay 0)", dict(max_batch_size=max_batch_size, max_queue_delay_ms=0), True),
         (f"batching with {max_queue_delay_ms:g} ms delay", dict(max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms), False),
@@ -67,9 +68,13 @@ def run_bench(repository: Path, model: str, runtime: str, concurrencies: list[in
     if workers > 1:
         configurations.append((f"natural batching, {workers} front processes + engine (--workers {workers})",
                                dict(max_batch_size=max_batch_size, max_queue_delay_ms=0, workers=workers), True))
+    if graph_capture != "none":  # what the capture is worth, measured in the same run
+        configurations.append((f"{UNCAPTURED}max_batch_size={max_batch_size}, delay 0, graph_capture none)",
+                               dict(max_batch_size=max_batch_size, max_queue_delay_ms=0, graph_capture="none"), True))
     loads: list[LoadResult] = []
     for title, settings, with_big_requests in configurations:
-        with launched_server(repository, log_level="warning", **settings, **common) as (process, url):
+        ready_timeout_s = 900 if (common | settings)["graph_capture"] == "compile" else 120  # torch.compile warms each batch size for seconds
+        with launched_server(repository, log_level="warning", ready_timeout_s=ready_timeout_s, **(common | settings)) as (process, url):
             for c in concurrencies:
                 loads.append(run_load(url, model, f"{title}, 1 image/request", {"seed": 1}, c, duration_s, pid=process.pid))
             if with_big_requests:
@@ -82,10 +87,11 @@ def run_bench(repository: Path, model: str, runtime: str, concurrencies: list[in
     else:
         console.print(f"naive baseline skipped: {naive_reason}")
     ceilings = measure_ceiling(entry, runtime, device, threads, sorted({1, max_batch_size, big_request}))
-    report = {"machine": machine(), "model": model, "runtime": runtime, "max_batch_size": max_batch_size, "max_queue_delay_ms": max_queue_delay_ms,
+    report = {"machine": machine(), "model": model, "runtime": runtime, "graph_capture": graph_capture, "max_batch_size": max_batch_size, "max_queue_delay_ms": max_queue_delay_ms,
               "load": [r.to_dict() for r in loads], "ceiling": [c.to_dict() for c in ceilings]}
     print_report(report)
     print_side_by_side(report)
+    print_capture_gain(report)
     console.print("the ratio column divides by the best forward+PNG ceiling; large requests encode one grid PNG, not one PNG per image")
     write_report(report, out)
     return report
@@ -125,6 +131,23 @@ def print_report(report: dict) -> None:
     for c in report["ceiling"]:
         ceiling.add_row(str(c["batch_size"]), c["device"], f"{c['forward_images_per_s']:.0f}", f"{c['forward_encode_images_per_s']:.0f}")
     console.print(ceiling)
+
+
+def print_capture_gain(report: dict) -> None:
+    """Natural batching with graphs captured against the same server uncaptured, per scenario."""
+    uncaptured = {(r["concurrency"], r["images_per_request"]): r for r in report["load"] if r["scenario"].startswith(UNCAPTURED)}
+    if not uncaptured:
+        return
+    table = Table(title=f"graph_capture {report.get('graph_capture')} vs none (natural batching, same run)")
+    for column in ("conc.", "images/request", "captured images/s", "uncaptured images/s", "ratio", "captured p99 ms", "uncaptured p99 ms"):
+        table.add_column(column, justify="right")
+    for r in report["load"]:
+        base = uncaptured.get((r["concurrency"], r["images_per_request"]))
+        if base is None or not r["scenario"].startswith(NATURAL):
+            continue
+        table.add_row(str(r["concurrency"]), str(r["images_per_request"]), f"{r['images_per_s']:.0f}", f"{base['images_per_s']:.0f}",
+                      f"{r['images_per_s'] / max(base['images_per_s'], 1e-9):.2f}", f"{r['latency_ms']['p99']:.1f}", f"{base['latency_ms']['p99']:.1f}")
+    console.print(table)
 
 
 def print_side_by_side(report: dict) -> None:

@@ -53,7 +53,8 @@ def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 
 
 
 @contextlib.contextmanager
-def launched_process(command: list[str], port: int, env: dict[str, str] | None = None, wait: bool = True) -> Iterator[tuple[subprocess.Popen, str]]:
+def launched_process(command: list[str], port: int, env: dict[str, str] | None = None, wait: bool = True,
+                     ready_timeout_s: float = 120) -> Iterator[tuple[subprocess.Popen, str]]:
     """Yields (process, base URL) of an HTTP server `command` starts on `port`. Its stderr goes to
     a temporary file (a pipe nobody reads would block a chatty server); stopped with SIGTERM (a
     graceful drain) at exit."""
@@ -64,7 +65,7 @@ def launched_process(command: list[str], port: int, env: dict[str, str] | None =
         url = f"http://127.0.0.1:{port}"
         try:
             if wait:
-                wait_ready(url, process, log)
+                wait_ready(url, process, log, ready_timeout_s)
             yield process, url
         finally:
             if process.poll() is None:
@@ -85,10 +86,11 @@ def launched_naive(repository: Path, model: str, threads: int) -> Iterator[tuple
 
 
 @contextlib.contextmanager
-def launched_server(repository: Path, wait: bool = True, **settings) -> Iterator[tuple[subprocess.Popen, str]]:
-    """`ganserve serve` as users start it; `settings` become GANSERVE_* variables."""
+def launched_server(repository: Path, wait: bool = True, ready_timeout_s: float = 120, **settings) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`ganserve serve` as users start it; `settings` become GANSERVE_* variables. (`ready_timeout_s`:
+    longer where warm-up compiles, as `graph_capture compile` does on a CPU: about 15-20 s a shape here.)"""
     port = free_port()
     env = {**os.environ, **{f"GANSERVE_{k.upper()}": str(v) for k, v in settings.items()}}
     command = [sys.executable, "-m", "ganserve_cli", "serve", "--repository", str(repository), "--host", "127.0.0.1", "--port", str(port)]
-    with launched_process(command, port, env, wait) as launched:
+    with launched_process(command, port, env, wait, ready_timeout_s) as launched:
         yield launched

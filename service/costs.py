@@ -81,7 +81,7 @@ def fallback_bytes(inputs: dict[str, np.ndarray], output: np.ndarray) -> int:
 
 def measure_cost(run: Callable[[dict[str, np.ndarray]], np.ndarray], make_inputs: Callable[[K], dict[str, np.ndarray]],
                  shapes: list[tuple[K, float]], reference_pixels: int | None, max_batch_seconds: float = math.inf,
-                 repeats: int = 3, runs_per_shape: int = 1) -> GraphCost:
+                 repeats: int = 3, runs_per_shape: int = 1, prepare: Callable[[dict[str, np.ndarray]], object] | None = None) -> GraphCost:
     """Warms `run` at the shapes the batcher will form (`make_inputs(key)` builds a shape of
     `units` units) and fits the linear cost between the smallest and the largest.
 
@@ -91,7 +91,10 @@ def measure_cost(run: Callable[[dict[str, np.ndarray]], np.ndarray], make_inputs
     memory it added; an allocator that keeps an arena has then already grown for the smallest
     shape, so a larger shape's growth is divided by the units it added, not all of its units.
     `runs_per_shape` > 1 runs every warmed shape that often (TorchScript on a GPU re-optimises a
-    graph over its first calls at each new shape: no request should pay for that)."""
+    graph over its first calls at each new shape: no request should pay for that). `prepare`
+    runs each shape once before its memory is measured: a runtime that captures a graph per shape
+    (service/graph_capture.py) does so there, and the compiler's own memory is not charged to
+    the model's items."""
     shapes = sorted(shapes, key=lambda shape: shape[1])
     (small, small_units) = shapes[0]
     bytes_per_unit = 0
@@ -99,6 +102,8 @@ def measure_cost(run: Callable[[dict[str, np.ndarray]], np.ndarray], make_inputs
     def first_run(key: K, units: float, added_units: float) -> None:
         nonlocal bytes_per_unit
         inputs = make_inputs(key)
+        if prepare is not None:
+            prepare(inputs)
         output, added = measure_peak(lambda: run(inputs))
         for _ in range(runs_per_shape - 1):
             run(inputs)

@@ -142,6 +142,7 @@ class ModelSnapshot:
     runtime: tuple[str, str] | None  # (name, device)
     lane_threads: int
     backlog_s: float  # the engine lane's backlog: every front's admitted work
+    capture: dict[str, dict] = field(default_factory=dict)  # graph → captured shapes (service/graph_capture.py)
 
 
 @dataclass

@@ -67,10 +67,14 @@ class ServingConfig(BaseModel):
 
     runtime: Literal["onnx", "torchscript", "eager"]
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="bf16/fp16: torchscript and eager runtimes only, served where the parity with fp32 holds (service/precision.py)")
+    graph_capture: Literal["none", "cuda_graphs", "compile"] = Field(
+        "none", description="capture the graph per warmed input shape (service/graph_capture.py): cuda_graphs (torchscript or eager, CUDA only) "
+                            "or compile (torch.compile; eager runtime only); other shapes run uncaptured")
     warmup_repeats: int = Field(3, ge=1, le=100)  # timed runs per warm-up shape (the median is kept); on CUDA torch runtimes, runs of every warmed shape
     # pad a batch with copies of its last item up to the nearest warmed batch size, so that only
-    # warmed shapes reach the runtime (TorchScript and CUDA graphs specialise on shapes); None: on
-    # for the torchscript and eager runtimes on CUDA, off elsewhere (on a CPU padding is only cost)
+    # warmed shapes reach the runtime (TorchScript and captured graphs specialise on shapes); None:
+    # on for the torchscript and eager runtimes on CUDA and wherever graphs are captured, off
+    # elsewhere (on a CPU padding is only cost)
     pad_batches: bool | None = None
     warmup_batch_sizes: list[int] | None = Field(None, min_length=1, max_length=32)  # fixed-size graphs: default 1, 2, 4, … max_batch_size
     lane_threads: int = Field(ge=1, le=64)
@@ -87,6 +91,10 @@ class ServingConfig(BaseModel):
     def check_consistency(self) -> "ServingConfig":
         if self.precision != "fp32" and self.runtime == "onnx":
             raise ValueError(f"precision {self.precision} needs the torchscript or eager runtime (the ONNX export is fp32)")
+        if self.graph_capture != "none" and self.runtime == "onnx":
+            raise ValueError(f"graph_capture {self.graph_capture} needs the torchscript or eager runtime")
+        if self.graph_capture == "compile" and self.runtime != "eager":
+            raise ValueError("graph_capture compile needs the eager runtime (torch.compile cannot trace a TorchScript module)")
         if 2 * self.upscale_overlap >= self.upscale_tile:
             raise ValueError(f"upscale_overlap ({self.upscale_overlap}) must be below half of upscale_tile ({self.upscale_tile})")
         if self.warmup_batch_sizes and not all(1 <= b <= self.max_batch_size for b in self.warmup_batch_sizes):
@@ -133,8 +141,12 @@ def serving_config(entry: ModelEntry, settings: Settings) -> ServingConfig:
     if not isinstance(own, dict):
         raise ValueError(f"{entry.label}/spec.json: `serving` must be an object")
     own = own | operator_overrides(entry)
+    values = defaults | own
+    if "graph_capture" not in own:  # the server's default, where this model's runtime can capture
+        capable = {"cuda_graphs": ("torchscript", "eager"), "compile": ("eager",)}.get(settings.graph_capture, ())
+        values["graph_capture"] = settings.graph_capture if values["runtime"] in capable else "none"
     try:
-        config = ServingConfig.model_validate(defaults | own)
+        config = ServingConfig.model_validate(values)
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         raise ValueError(f"{entry.label}/spec.json: invalid `serving` section: {problems}") from None

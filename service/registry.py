@@ -20,6 +20,7 @@ from service.batcher import BatchKey, DynamicBatcher, ShuttingDown
 from service.costs import GraphCost, measure_cost
 from service.encoders import PILLOW_ONLY, EncoderTable, measure_encoders
 from service.errors import ApiError
+from service.graph_capture import capture_report, capturing
 from service.jobs import JobStore
 from service.lanes import Lane
 from service.metrics import ServiceMetrics
@@ -50,6 +51,12 @@ class LoadedModel:
     projection: tuple | None = None  # style models: (eager generator, feature fn), built on first use
     spreads: dict[str, float] = field(default_factory=dict)  # style models: std of w along each direction
     parity: PrecisionParity | None = None  # half precision: its measured distance from fp32
+    mirrored_capture: dict[str, dict] = field(default_factory=dict)  # a front's copy of the engine's capture report
+
+    @property
+    def capture(self) -> dict[str, dict]:
+        """graph → its captured shapes (service/graph_capture.py), for the graphs that capture."""
+        return capture_report(self.runtimes) if self.runtimes else self.mirrored_capture
 
     @property
     def ready(self) -> bool:
@@ -276,12 +283,14 @@ class ModelRegistry:
         kind, precision = model.config.runtime, model.config.precision
         started = time.perf_counter()
         for graph in model.entry.graphs:
-            model.runtimes[graph] = load_runtime(model.entry, kind, self.device, self.settings.intra_op_threads, graph, precision)
+            model.runtimes[graph] = load_runtime(model.entry, kind, self.device, self.settings.intra_op_threads, graph, precision,
+                                                 model.config.graph_capture)
         if precision != "fp32":
             model.parity = self.check_precision(model)
         for graph, runtime in model.runtimes.items():
             if self.settings.warmup:
-                model.costs[graph] = self.measure(model, runtime, graph)
+                with capturing(runtime):  # the shapes warm-up runs are the ones captured
+                    model.costs[graph] = self.measure(model, runtime, graph)
         model.runtime = model.runtimes["model"]
         if "latents_file" in model.entry.spec:
             model.latents = load_numpy(str(model.entry.file_within(model.entry.spec["latents_file"])))
@@ -325,22 +334,26 @@ class ModelRegistry:
         they are warmed at small batches (a full batch of large tiles would cost seconds of
         start-up on a CPU); translate also at twice the side, so the cost per pixel is fitted
         across sizes, not batch sizes."""
-        entry = model.entry
+        entry, config = model.entry, model.config
+        captures = getattr(runtime, "capture", None) is not None
+        prepare = runtime.run if captures else None  # captured before the memory of its first run is measured
+        specialised = (config.runtime in ("torchscript", "eager") and runtime.device == "cuda") or captures
+        batch_sizes = config.warmup_batch_sizes or warmup_sizes(config.max_batch_size)
         if not has_dynamic_size(entry, graph):
-            sizes = model.config.warmup_batch_sizes or warmup_sizes(model.config.max_batch_size)
-            specialised = model.config.runtime in ("torchscript", "eager") and runtime.device == "cuda"
-            return measure_cost(runtime.run, lambda b: dummy_inputs(entry, b, graph), [(b, float(b)) for b in sizes], None,
-                                model.config.max_batch_seconds, model.config.warmup_repeats, model.config.warmup_repeats if specialised else 1)
+            return measure_cost(runtime.run, lambda b: dummy_inputs(entry, b, graph), [(b, float(b)) for b in batch_sizes], None,
+                                config.max_batch_seconds, config.warmup_repeats, config.warmup_repeats if specialised else 1, prepare)
         multiple = entry.spec["size_multiple"]
         if entry.kind == "super_resolution":
-            side = model.config.upscale_tile
-            shapes = {(1, side): 1.0, (2, side): 2.0}
+            side = config.upscale_tile
+            # every tile has the tile's shape, so with captured graphs tile batches are warmed (and
+            # padded) like a generator's batches; otherwise two batch sizes fit the cost per tile
+            shapes = {(b, side): float(b) for b in batch_sizes} if captures else {(1, side): 1.0, (2, side): 2.0}
         else:
             side = max(64, -(-entry.spec["train_resolution"] // multiple) * multiple)
             shapes = {(1, side): 1.0, (1, 2 * side): 4.0}
         inputs_for = {units: dummy_inputs(entry, b, graph, s) for (b, s), units in shapes.items()}
         return measure_cost(runtime.run, lambda units: inputs_for[units], [(units, units) for units in shapes.values()], side * side,
-                            model.config.max_batch_seconds, model.config.warmup_repeats)
+                            config.max_batch_seconds, config.warmup_repeats, config.warmup_repeats if specialised else 1, prepare)
 
     def is_ready(self) -> bool:
         """Readiness as `ready_requires` says: every model, any model, or the named ones."""
@@ -401,13 +414,16 @@ class ModelRegistry:
         return model.batchers[operation]
 
     def shape_specialised(self, model: LoadedModel) -> bool:
-        """Runtimes that compile per input shape: TorchScript and eager torch on CUDA."""
+        """Runtimes that compile per input shape: TorchScript and eager torch on CUDA, and captured graphs anywhere."""
+        if model.config.graph_capture != "none":
+            return True
         return model.config.runtime in ("torchscript", "eager") and model.runtime is not None and model.runtime.device == "cuda"
 
     def pads_batches(self, model: LoadedModel, graph: str) -> bool:
         """Batches of fixed-size graphs are padded to warmed sizes where the configuration says so
-        (by default where the runtime specialises on shapes)."""
-        if has_dynamic_size(model.entry, graph):
+        (by default where the runtime specialises on shapes); upscale tiles too where graphs are
+        captured (every tile has the tile's shape)."""
+        if has_dynamic_size(model.entry, graph) and not (model.entry.kind == "super_resolution" and model.config.graph_capture != "none"):
             return False
         wanted = model.config.pad_batches
         return self.shape_specialised(model) if wanted is None else wanted

@@ -2,7 +2,8 @@
 
 ONNX Runtime is the default (CUDA provider when present, else CPU); TorchScript and eager
 PyTorch run on CUDA when present, with pinned host memory for the copies, in fp32 or, where the
-model's configuration asks and its parity holds (service/precision.py), in bf16 or fp16.
+model's configuration asks and its parity holds (service/precision.py), in bf16 or fp16, and
+with graphs captured per warmed shape where it asks for `graph_capture` (service/graph_capture.py).
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ def has_dynamic_size(entry: ModelEntry, graph: str = "model") -> bool:
 
 class OnnxRuntime:
     name = "onnx"
+    capture = None  # ONNX Runtime captures nothing here (service/graph_capture.py is for the torch runtimes)
 
     def __init__(self, entry: ModelEntry, device: str, threads: int, graph: str = "model") -> None:
         import onnxruntime as ort
@@ -91,8 +93,11 @@ class TorchRuntime:
     """TorchScript (`model.pt`) or eager (rebuilt from the spec + `model.safetensors`; a style
     model's graphs are its `synthesis` and `mapping` sub-networks)."""
 
-    def __init__(self, entry: ModelEntry, device: str, threads: int, eager: bool, graph: str = "model", precision: str = "fp32") -> None:
+    def __init__(self, entry: ModelEntry, device: str, threads: int, eager: bool, graph: str = "model", precision: str = "fp32",
+                 graph_capture: str = "none") -> None:
         import torch
+
+        from service.graph_capture import ShapeCapture
 
         from service.precision import torch_dtype
 
@@ -117,6 +122,10 @@ class TorchRuntime:
             module = torch.jit.load(str(entry.file_for("torchscript", graph)), map_location="cpu")
         self.module = module.eval().to(device=device, dtype=self.dtype)
         self.input_names = [i["name"] for i in entry.graph_spec(graph)["inputs"]]
+        if graph_capture == "compile" and not eager:
+            raise ValueError("graph_capture compile needs the eager runtime (torch.compile cannot trace a TorchScript module)")
+        # shapes captured while warm-up runs, then sealed by the registry (service/graph_capture.py)
+        self.capture = ShapeCapture(self.module, graph_capture, device) if graph_capture != "none" else None
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         return self.forward(inputs, lambda out: out.float().cpu().numpy())
@@ -139,17 +148,24 @@ class TorchRuntime:
                     tensors = [t.pin_memory().to("cuda", non_blocking=True) for t in tensors]
                 if self.dtype != torch.float32:
                     tensors = [t.to(self.dtype) if t.is_floating_point() else t for t in tensors]
-                return finish(self.module(*tensors))
+                captured = self.capture.runner(tensors) if self.capture is not None else None
+                if captured is None:
+                    return finish(self.module(*tensors))
+                with captured.guard():  # a static output is read before the next run overwrites it
+                    return finish(captured.run(*tensors))
         except torch.cuda.OutOfMemoryError as error:
             torch.cuda.empty_cache()
             raise OutOfMemory(str(error)) from error
 
 
-def load_runtime(entry: ModelEntry, kind: str, device: str, threads: int, graph: str = "model", precision: str = "fp32") -> Runtime:
+def load_runtime(entry: ModelEntry, kind: str, device: str, threads: int, graph: str = "model", precision: str = "fp32",
+                 graph_capture: str = "none") -> Runtime:
     if kind == "onnx":
         if precision != "fp32":
             raise ValueError(f"the onnx runtime serves fp32 only; {precision} is served by the torchscript and eager runtimes")
+        if graph_capture != "none":
+            raise ValueError(f"graph_capture {graph_capture} needs the torchscript or eager runtime")
         return OnnxRuntime(entry, device, threads, graph)
     if kind in ("torchscript", "eager"):
-        return TorchRuntime(entry, device, threads, eager=kind == "eager", graph=graph, precision=precision)
+        return TorchRuntime(entry, device, threads, eager=kind == "eager", graph=graph, precision=precision, graph_capture=graph_capture)
     raise ValueError(f"unknown runtime {kind!r}")

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     runtime: Literal["onnx", "torchscript", "eager"] = "onnx"
     runtime_overrides: dict[str, Literal["onnx", "torchscript", "eager"]] = {}  # per model name
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # graphs captured per warmed shape (service/graph_capture.py) for the models whose runtime can:
+    # cuda_graphs on torchscript/eager, compile on eager; others keep none (an entry's serving section may say otherwise)
+    graph_capture: Literal["none", "cuda_graphs", "compile"] = "none"
     # the batcher (Triton's names); an entry's `serving` section may override the first four
     max_batch_size: int = Field(64, ge=1, le=4096)  # items (images, tiles), not requests
     max_batch_seconds: float = Field(0.5, gt=0)  # a batch also stops where its estimated compute would pass this
