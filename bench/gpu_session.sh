@@ -25,6 +25,8 @@ if [ -d .whl ]; then
 fi
 export PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"; nproc; } | tee "$OUT/machine.txt"
+echo "== encoders measured as a server measures them at start-up (nvJPEG joins on CUDA)"
+timeout 60 $PYTHON -c "import os; from service.encoders import measure_encoders; print(measure_encoders(os.cpu_count()).describe())" 2>&1 | tee "$OUT/encoders.txt"
 step() {  # a step that overruns its share is cut, and the next one still runs
     local limit=$1; shift
     echo "== $*"

@@ -7,10 +7,18 @@ Pillow's in-memory saves do not; Pillow's WebP (method 0) is ~3x faster than Ope
 server measures both at start-up, on a small and a large frame with its own encoder-thread count,
 and keeps the faster per (format, size class). Both write the same settings (PNG compression 1,
 JPEG and WebP quality 90); PNG is lossless either way and JPEG comes out of the same libjpeg-turbo.
+
+On a machine with CUDA a third candidate joins for JPEG: nvJPEG through torchvision's
+`encode_jpeg` on a CUDA tensor (one upload, the encode on the GPU, the bytes back). Its calls are
+serialised (torchvision's CUDA encoder has corrupted output under concurrent callers,
+pytorch/vision#9060), and it is admitted only after its probe decodes to the probe frame, so a
+broken build is never chosen. Front processes (`--workers`) never use it: each would hold a CUDA
+context of its own.
 """
 from __future__ import annotations
 
 import io
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -48,6 +56,43 @@ def opencv_encode(image: np.ndarray, fmt: str) -> bytes:
     return encoded.tobytes()
 
 
+NVJPEG_LOCK = threading.Lock()
+LIBRARY_FORMATS = {"nvjpeg": ("jpeg",)}  # what a library encodes, where it is not every format
+DEVICE_LIBRARIES = ("nvjpeg",)  # libraries that need the GPU in the process that encodes
+
+
+def nvjpeg_encode(image: np.ndarray, fmt: str) -> bytes:
+    """JPEG on the GPU (quality 90, as the others); grey images go to Pillow (the CUDA encoder
+    takes three channels)."""
+    if fmt != "jpeg" or image.shape[-1] != 3:
+        return pillow_encode(image, fmt)
+    import torch
+    from torchvision.io import encode_jpeg
+
+    pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
+    with NVJPEG_LOCK:
+        encoded = encode_jpeg(pixels.to("cuda"), quality=90)
+        torch.cuda.current_stream().synchronize()
+        return encoded.cpu().numpy().tobytes()
+
+
+def nvjpeg_works() -> bool:
+    """CUDA is there, torchvision loads, and its encoder's probe decodes to the probe frame."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False
+        frame = probe_frame(PROBE_SIDES["small"])
+        decoded = np.asarray(Image.open(io.BytesIO(nvjpeg_encode(frame, "jpeg"))).convert("RGB"))
+    except Exception:  # no torchvision, no nvJPEG in this build, a driver problem: not a candidate
+        return False
+    return decoded.shape == frame.shape and float(np.abs(decoded.astype(int) - frame.astype(int)).mean()) < 6
+
+
+ENCODERS = {"pillow": pillow_encode, "opencv": opencv_encode, "nvjpeg": nvjpeg_encode}
+
+
 def available_libraries() -> dict:
     libraries = {"pillow": pillow_encode}
     try:
@@ -57,6 +102,8 @@ def available_libraries() -> dict:
         libraries["opencv"] = opencv_encode
     except ImportError:
         pass
+    if nvjpeg_works():
+        libraries["nvjpeg"] = nvjpeg_encode
     return libraries
 
 
@@ -72,8 +119,18 @@ class EncoderTable:
     measured: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def encode(self, image: np.ndarray, fmt: str) -> bytes:
-        library = self.choices.get((fmt, size_class(image)), "pillow")
-        return (opencv_encode if library == "opencv" else pillow_encode)(image, fmt)
+        return ENCODERS[self.choices.get((fmt, size_class(image)), "pillow")](image, fmt)
+
+    def without_device_libraries(self) -> "EncoderTable":
+        """The table for a process without the GPU (a `--workers` front): each choice of a device
+        library replaced by the fastest host library measured beside it."""
+        choices = {}
+        for (fmt, size), library in self.choices.items():
+            if library in DEVICE_LIBRARIES:
+                rates = {name: rate for name, rate in self.measured.get(f"{fmt}/{size}", {}).items() if name not in DEVICE_LIBRARIES}
+                library = max(rates, key=rates.get) if rates else "pillow"
+            choices[(fmt, size)] = library
+        return EncoderTable(choices, self.measured)
 
     def describe(self) -> dict:
         return {f"{fmt}/{size}": library for (fmt, size), library in sorted(self.choices.items())} | {"measured_per_s": self.measured}
@@ -103,6 +160,8 @@ def measure_encoders(threads: int, seconds_per_probe: float = 0.015) -> EncoderT
             for fmt in FORMATS:
                 rates = {}
                 for name, encode in libraries.items():
+                    if fmt not in LIBRARY_FORMATS.get(name, FORMATS):
+                        continue
                     encode(frame, fmt)  # first call: library set-up
                     count, started = 0, time.perf_counter()
                     while True:

@@ -235,7 +235,7 @@ class FrontRegistry(ModelRegistry):
             if snapshot.loaded:
                 break
             await asyncio.sleep(SNAPSHOT_INTERVAL_S)
-        self.encoder_table = snapshot.encoder_table  # measured by the engine with the same libraries
+        self.encoder_table = snapshot.encoder_table.without_device_libraries()  # measured by the engine; a front has no GPU context
         self.settle_memory()
         self.loaded = True
         self.polling = asyncio.create_task(self.follow_engine(), name="engine-snapshots")

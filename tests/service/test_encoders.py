@@ -34,3 +34,19 @@ def test_the_measured_table_keeps_the_faster_library_per_format_and_size():
         assert rates[library] == max(rates.values())
     large = probe_frame(200)
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(table.encode(large, "png")))), large)
+
+
+def test_a_gpu_encoder_is_a_candidate_only_where_it_works_and_never_in_a_front():
+    import torch
+
+    from service.encoders import EncoderTable, available_libraries
+
+    if not torch.cuda.is_available():  # on a CUDA host it joins only after its probe decodes (bench/gpu_session.sh)
+        assert "nvjpeg" not in available_libraries()
+    engine = EncoderTable({("jpeg", "large"): "nvjpeg", ("png", "large"): "opencv"},
+                          {"jpeg/large": {"pillow": 90.0, "opencv": 400.0, "nvjpeg": 2000.0}, "png/large": {"pillow": 10.0, "opencv": 30.0}})
+    front = engine.without_device_libraries()
+    assert front.choices == {("jpeg", "large"): "opencv", ("png", "large"): "opencv"}  # the fastest host library measured beside it
+    large = probe_frame(200)
+    decoded = np.asarray(Image.open(io.BytesIO(front.encode(large, "jpeg"))))
+    assert np.abs(decoded.astype(int) - large.astype(int)).mean() < 6
