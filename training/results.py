@@ -67,7 +67,8 @@ def grid_section(runs: Path, seeds: int) -> list[str]:
     lines = [
         "## 2-D grid of 25 Gaussians: mode collapse",
         "",
-        f"Each loss trained with {seeds} seeds on the CPU; the best checkpoint (lowest reverse KL, evaluated every 1,000 steps on 2,500 samples) is reported. "
+        f"Each loss trained with {seeds} seeds on the CPU; the best checkpoint (lowest `mode_kl`: KL over the 25 modes plus an off-mode bin, "
+        "`training/metrics/modes.py`; evaluated every 2,000 steps, WGAN-GP every 1,000, on 2,500 samples) is reported. "
         "A sample is high quality within 3σ of its nearest mode; a mode is covered when it gets a high-quality sample; reverse KL compares the "
         "mode histogram of high-quality samples with the uniform one.",
         "",
