@@ -41,7 +41,7 @@ def test_a_run_writes_checkpoints_samples_log_spec_and_metrics(tmp_path):
     assert spec["arch"] == "mlp" and spec["step"] == 40 and spec["config"]["loss"]["name"] == "hinge"
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["step"] == 40 and metrics["last"]["num_modes"] == 25
-    assert metrics["best"]["metric"] == "reverse_kl" and [h["step"] for h in metrics["history"]] == [20, 40]
+    assert metrics["best"]["metric"] == "mode_kl" and [h["step"] for h in metrics["history"]] == [20, 40]
     # checkpoints are plain tensors + JSON: loadable without unpickling anything
     assert any(k.startswith("G_ema.") for k in load_file(str(tmp_path / "checkpoints/last.safetensors")))
     assert result == metrics
