@@ -35,8 +35,9 @@ def shape_key(tensors: list) -> tuple:
 
 @dataclass
 class CapturedShape:
-    """One input shape's captured runner. `lock` is held from the run until the caller has read
-    the output (None where outputs are fresh tensors and runs may overlap)."""
+    """One input shape's captured runner. `lock` (shared by a module's shapes) is held from the
+    run until the caller has read the output (None where outputs are fresh tensors and runs may
+    overlap)."""
 
     run: Callable[..., Any]
     lock: threading.Lock | None
@@ -47,9 +48,10 @@ class CapturedShape:
         return self.lock if self.lock is not None else contextlib.nullcontext()
 
 
-def cuda_graph_runner(module: Callable[..., Any], example: list) -> Callable[..., Any]:
-    """Records `module` on static copies of `example` (CUDA tensors); the runner copies new inputs
-    of the same shapes into them, replays and returns the static output."""
+def cuda_graph_runner(module: Callable[..., Any], example: list, pool: Any) -> Callable[..., Any]:
+    """Records `module` on static copies of `example` (CUDA tensors) into the memory `pool` all
+    of a module's graphs share; the runner copies new inputs of the same shapes into them,
+    replays and returns the static output."""
     import torch
 
     static_inputs = [t.clone() for t in example]
@@ -60,7 +62,7 @@ def cuda_graph_runner(module: Callable[..., Any], example: list) -> Callable[...
             module(*static_inputs)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         static_output = module(*static_inputs)
 
     def run(*tensors):
@@ -95,6 +97,15 @@ class ShapeCapture:
 
             self.compiled = torch.compile(self.module, mode="reduce-overhead" if self.device == "cuda" else "default", dynamic=False)
         self.counting = threading.Lock()
+        # on a GPU every shape's graph replays into memory one pool shares (the largest shape's
+        # activations, not the sum over shapes), so one replay at a time, held until its output
+        # has been copied out
+        self.replay_lock = threading.Lock()
+        self.graph_pool = None
+        if self.mode == "cuda_graphs":
+            import torch
+
+            self.graph_pool = torch.cuda.graph_pool_handle()
 
     @property
     def static_outputs(self) -> bool:
@@ -116,11 +127,11 @@ class ShapeCapture:
     def capture(self, tensors: list) -> CapturedShape:
         started = time.perf_counter()
         if self.mode == "cuda_graphs":
-            run = cuda_graph_runner(self.module, tensors)
+            run = cuda_graph_runner(self.module, tensors, self.graph_pool)
         else:
             run = self.compiled
             run(*tensors)  # compiles this shape
-        captured = CapturedShape(run, threading.Lock() if self.static_outputs else None, time.perf_counter() - started)
+        captured = CapturedShape(run, self.replay_lock if self.static_outputs else None, time.perf_counter() - started)
         plain = self.module(*tensors).float()
         with captured.guard():
             difference = (run(*tensors).float() - plain).abs().max().item()
