@@ -35,8 +35,10 @@ step() {  # a step that overruns its share is cut, and the next one still runs
 step 280 bench --model dcgan-digits --runtime torchscript --graph-capture cuda_graphs --concurrency 1,16,64 --duration "$DURATION" \
     --workers 8 --threads 1 --out "$OUT/dcgan-torchscript-cuda-graphs.json"
 export GANSERVE_UPSCALE_TILE=256 GANSERVE_UPSCALE_OVERLAP=0  # a 256 px frame is one tile: no padding of 9 tiles up to 16
-step 200 bench-upscale --model sr-rrdb-x4 --runtime torchscript --graph-capture cuda_graphs --size 256 --format jpeg --concurrency 1,4,16 \
+# --max-batch-size 16: frames of one tile batch up to the 16 clients; a captured graph per batch size up to 64 of
+# 1024 px outputs would cost warm-up time and tens of GB for batches the run never forms
+step 200 bench-upscale --model sr-rrdb-x4 --runtime torchscript --graph-capture cuda_graphs --size 256 --format jpeg --concurrency 1,4,16 --max-batch-size 16 \
     --duration "$((DURATION + 2))" --out "$OUT/upscale-torchscript-cuda-graphs.json"
-step 100 bench-upscale --model sr-rrdb-x4 --runtime torchscript --size 256 --format jpeg --concurrency 1,16 \
+step 100 bench-upscale --model sr-rrdb-x4 --runtime torchscript --size 256 --format jpeg --concurrency 1,16 --max-batch-size 16 \
     --duration "$DURATION" --out "$OUT/upscale-torchscript.json"
 ls -l "$OUT"
