@@ -31,6 +31,8 @@ class ServiceMetrics:
         self.encode_duration = Histogram("ganserve_encode_duration_seconds", "Encoding a response's images", LABELS, buckets=LATENCY_BUCKETS, registry=r)
         self.batch_items = Histogram("ganserve_batch_items", "Items per forward pass", LABELS, buckets=BATCH_BUCKETS, registry=r)
         self.queue_items = Gauge("ganserve_queue_items", "Items waiting in the batch queue", LABELS, registry=r, multiprocess_mode="livesum")
+        self.in_flight = Gauge("ganserve_requests_in_flight", "Requests admitted whose work (queue and compute) is not done yet", LABELS, registry=r,
+                               multiprocess_mode="livesum")
         self.requests = Counter("ganserve_requests_total", "Requests by final HTTP status", LABELS + ("status",), registry=r)
         self.rejected = Counter("ganserve_rejected_total", "Requests or items refused or dropped", LABELS + ("reason",), registry=r)
         self.padded_items = Counter("ganserve_padded_items_total", "Copies added to batches to reach a warmed batch size", LABELS, registry=r)
@@ -59,7 +61,7 @@ class ServiceMetrics:
             self.request_duration.labels(*labels), self.queue_duration.labels(*labels), self.compute_duration.labels(*labels),
             self.encode_duration.labels(*labels), self.batch_items.labels(*labels), self.queue_items.labels(*labels),
             lambda status: self.requests.labels(*labels, status), lambda reason: self.rejected.labels(*labels, reason),
-            self.padded_items.labels(*labels),
+            self.padded_items.labels(*labels), self.in_flight.labels(*labels),
         )
 
 
@@ -74,3 +76,4 @@ class BoundMetrics:
     requests: object  # status -> Counter child
     rejected: object  # reason -> Counter child
     padded_items: Counter
+    in_flight: Gauge

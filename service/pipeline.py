@@ -121,6 +121,8 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
     timer = loop.call_at(loop.time() + state.deadline - time.monotonic(), interruption.interrupt, task, "deadline")
     left = functools.partial(interruption.interrupt, task, "disconnect")
     ctx.on_disconnect.append(left)
+    in_flight = registry.metrics.bound(*(ctx.labels or (model.entry.name, str(model.entry.version), "upscale_stream"))).in_flight
+    in_flight.inc()
     try:
         return await work(state)
     except asyncio.CancelledError:
@@ -140,6 +142,7 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
     except ShuttingDown:
         raise ApiError(503, "the server is shutting down", headers={"Retry-After": "1"})
     finally:
+        in_flight.dec()
         timer.cancel()
         ctx.on_disconnect.remove(left)
         model.lane.remove_backlog(state.lane_seconds)  # what its items did not settle (dropped, estimate error)

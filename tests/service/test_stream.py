@@ -114,6 +114,7 @@ def test_open_streams_report_their_fps_and_latency_in_metrics(server):
         assert server.metric("ganserve_stream_fps", stream=stream) > 0
         assert server.metric("ganserve_stream_latency_seconds", stream=stream, quantile="0.99") > 0
         assert server.metric("ganserve_streams_open", model="upx4") >= 1
+        assert server.metric("ganserve_requests_in_flight", model="upx4", operation="upscale_stream") == 0  # every frame answered
     assert server.metric("ganserve_stream_frames_total", model="upx4", outcome="answered") >= 3
     deadline = time.monotonic() + 10
     while f'stream="{stream}"' in httpx.get(f"{server.url}/metrics").text and time.monotonic() < deadline:

@@ -186,7 +186,10 @@ def test_sigterm_answers_what_was_accepted_then_stops_every_process(repository):
             upload = photo_png(96, 96)  # x4 tiles: a few seconds of engine work per request on this CPU
             futures = [pool.submit(httpx.post, f"{running.url}/v1/models/upx4/upscale", content=upload,
                                    headers={"content-type": "image/png"}, timeout=60) for _ in range(6)]
-            time.sleep(1.0)
+            deadline = time.monotonic() + 30  # SIGTERM once all six are admitted (one arriving after it is rightly refused with 503)
+            while running.metric("ganserve_requests_in_flight", model="upx4") < 6 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert running.metric("ganserve_requests_in_flight", model="upx4") == 6  # summed over both fronts
             running.process.send_signal(signal.SIGTERM)
             answers = [f.result() for f in futures]
         assert running.process.wait(timeout=60) == 0
