@@ -61,6 +61,7 @@ def photo_png(height: int, width: int) -> bytes:
 @pytest.fixture(scope="module")
 def workers(repository):
     with running_server(repository, workers=2, max_batch_size=16, max_queue_delay_ms=5) as running:
+        every_front_ready(running)
         yield running
 
 
@@ -179,6 +180,16 @@ def test_a_front_that_dies_is_replaced_and_the_server_keeps_answering(workers):
     assert ok >= 19
 
 
+def every_front_ready(server, answers_in_a_row: int = 12) -> None:
+    """Until `answers_in_a_row` fresh connections in a row find a front ready. The server reports
+    ready when the front that answers is; with SO_REUSEPORT a new connection may reach the other,
+    which answers 503 (model loading) until its first snapshot of the engine arrives."""
+    deadline, streak = time.monotonic() + 60, 0
+    while streak < answers_in_a_row and time.monotonic() < deadline:
+        streak = streak + 1 if httpx.get(f"{server.url}/health/ready").status_code == 200 else 0
+    assert streak >= answers_in_a_row
+
+
 def admitted_or_answered(server, model: str) -> float:
     """Requests of `model` in flight plus those answered 200, from one scrape (a request leaves the
     first before it joins the second, so the sum never counts one twice)."""
@@ -196,6 +207,7 @@ def test_sigterm_answers_what_was_accepted_then_stops_every_process(repository):
     # and a cost measured at warm-up on a loaded machine could refuse the fifth or sixth upscale
     with running_server(repository, workers=2, max_batch_size=4, request_timeout_s=120) as running:
         pids = list(children(running.process.pid))
+        every_front_ready(running)
         with ThreadPoolExecutor(12) as pool:
             upload = photo_png(96, 96)  # x4 tiles: a few seconds of engine work per request on this CPU
             futures = [pool.submit(httpx.post, f"{running.url}/v1/models/upx4/upscale", content=upload,
