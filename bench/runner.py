@@ -73,8 +73,7 @@ def run_bench(repository: Path, model: str, runtime: str, concurrencies: list[in
                                dict(max_batch_size=max_batch_size, max_queue_delay_ms=0, graph_capture="none"), True))
     loads: list[LoadResult] = []
     for title, settings, with_big_requests in configurations:
-        ready_timeout_s = 900 if (common | settings)["graph_capture"] == "compile" else 120  # torch.compile warms each batch size for seconds
-        with launched_server(repository, log_level="warning", ready_timeout_s=ready_timeout_s, **(common | settings)) as (process, url):
+        with launched_server(repository, log_level="warning", **(common | settings)) as (process, url):
             for c in concurrencies:
                 loads.append(run_load(url, model, f"{title}, 1 image/request", {"seed": 1}, c, duration_s, pid=process.pid))
             if with_big_requests:

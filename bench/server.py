@@ -86,9 +86,10 @@ def launched_naive(repository: Path, model: str, threads: int) -> Iterator[tuple
 
 
 @contextlib.contextmanager
-def launched_server(repository: Path, wait: bool = True, ready_timeout_s: float = 120, **settings) -> Iterator[tuple[subprocess.Popen, str]]:
-    """`ganserve serve` as users start it; `settings` become GANSERVE_* variables. (`ready_timeout_s`:
-    longer where warm-up compiles, as `graph_capture compile` does on a CPU: about 15-20 s a shape here.)"""
+def launched_server(repository: Path, wait: bool = True, **settings) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`ganserve serve` as users start it; `settings` become GANSERVE_* variables. It has longer to
+    become ready where warm-up compiles (`graph_capture compile` on a CPU: 10-20 s a batch size here)."""
+    ready_timeout_s = 900 if settings.get("graph_capture") == "compile" else 120
     port = free_port()
     env = {**os.environ, **{f"GANSERVE_{k.upper()}": str(v) for k, v in settings.items()}}
     command = [sys.executable, "-m", "ganserve_cli", "serve", "--repository", str(repository), "--host", "127.0.0.1", "--port", str(port)]

@@ -6,7 +6,8 @@ capture, chosen by a model's serving configuration (`graph_capture`):
 
 - `cuda_graphs`: `torch.cuda.CUDAGraph`, recorded from the TorchScript or eager module (CUDA
   only). The graph owns static input and output buffers: each run copies its inputs in, replays,
-  and the caller copies the output out before the next run (a lock per graph spans all three).
+  and the caller copies the output out before the next run (one lock per module spans all three:
+  its graphs share one memory pool).
 - `compile`: `torch.compile` of the eager module (`reduce-overhead`, which adds CUDA graphs, on a
   GPU; inductor's fused kernels on a CPU, where it is tested), specialised per shape.
 
@@ -26,6 +27,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 GRAPH_CAPTURES = ("none", "cuda_graphs", "compile")
+CAPTURING_RUNTIMES = {"cuda_graphs": ("torchscript", "eager"), "compile": ("eager",)}  # torch.compile cannot trace TorchScript
+
+
+def capture_refusal(mode: str, runtime: str) -> str | None:
+    """Why `runtime` cannot capture in `mode` (None: it can, or nothing is captured)."""
+    if mode == "none" or runtime in CAPTURING_RUNTIMES[mode]:
+        return None
+    return f"graph_capture {mode} needs the {' or '.join(CAPTURING_RUNTIMES[mode])} runtime (not {runtime})"
 CUDA_GRAPH_WARMUP_RUNS = 3  # eager runs on a side stream before recording (cuDNN/cuBLAS pick their algorithms)
 
 

@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from service.graph_capture import capture_refusal
 from service.repository import ModelEntry
 from service.settings import Settings
 
@@ -91,10 +92,8 @@ class ServingConfig(BaseModel):
     def check_consistency(self) -> "ServingConfig":
         if self.precision != "fp32" and self.runtime == "onnx":
             raise ValueError(f"precision {self.precision} needs the torchscript or eager runtime (the ONNX export is fp32)")
-        if self.graph_capture != "none" and self.runtime == "onnx":
-            raise ValueError(f"graph_capture {self.graph_capture} needs the torchscript or eager runtime")
-        if self.graph_capture == "compile" and self.runtime != "eager":
-            raise ValueError("graph_capture compile needs the eager runtime (torch.compile cannot trace a TorchScript module)")
+        if refusal := capture_refusal(self.graph_capture, self.runtime):
+            raise ValueError(refusal)
         if 2 * self.upscale_overlap >= self.upscale_tile:
             raise ValueError(f"upscale_overlap ({self.upscale_overlap}) must be below half of upscale_tile ({self.upscale_tile})")
         if self.warmup_batch_sizes and not all(1 <= b <= self.max_batch_size for b in self.warmup_batch_sizes):
@@ -143,8 +142,7 @@ def serving_config(entry: ModelEntry, settings: Settings) -> ServingConfig:
     own = own | operator_overrides(entry)
     values = defaults | own
     if "graph_capture" not in own:  # the server's default, where this model's runtime can capture
-        capable = {"cuda_graphs": ("torchscript", "eager"), "compile": ("eager",)}.get(settings.graph_capture, ())
-        values["graph_capture"] = settings.graph_capture if values["runtime"] in capable else "none"
+        values["graph_capture"] = "none" if capture_refusal(settings.graph_capture, values["runtime"]) else settings.graph_capture
     try:
         config = ServingConfig.model_validate(values)
     except ValidationError as error:

@@ -122,8 +122,6 @@ class TorchRuntime:
             module = torch.jit.load(str(entry.file_for("torchscript", graph)), map_location="cpu")
         self.module = module.eval().to(device=device, dtype=self.dtype)
         self.input_names = [i["name"] for i in entry.graph_spec(graph)["inputs"]]
-        if graph_capture == "compile" and not eager:
-            raise ValueError("graph_capture compile needs the eager runtime (torch.compile cannot trace a TorchScript module)")
         # shapes captured while warm-up runs, then sealed by the registry (service/graph_capture.py)
         self.capture = ShapeCapture(self.module, graph_capture, device) if graph_capture != "none" else None
 
@@ -160,11 +158,13 @@ class TorchRuntime:
 
 def load_runtime(entry: ModelEntry, kind: str, device: str, threads: int, graph: str = "model", precision: str = "fp32",
                  graph_capture: str = "none") -> Runtime:
+    from service.graph_capture import capture_refusal
+
+    if refusal := capture_refusal(graph_capture, kind):
+        raise ValueError(refusal)
     if kind == "onnx":
         if precision != "fp32":
             raise ValueError(f"the onnx runtime serves fp32 only; {precision} is served by the torchscript and eager runtimes")
-        if graph_capture != "none":
-            raise ValueError(f"graph_capture {graph_capture} needs the torchscript or eager runtime")
         return OnnxRuntime(entry, device, threads, graph)
     if kind in ("torchscript", "eager"):
         return TorchRuntime(entry, device, threads, eager=kind == "eager", graph=graph, precision=precision, graph_capture=graph_capture)

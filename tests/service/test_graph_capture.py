@@ -58,6 +58,18 @@ def test_compiled_shapes_serve_the_same_images_and_no_request_compiles(repositor
         assert np.abs(ours - theirs).max() <= 1  # inductor's fused arithmetic may flip a rounding, never more
 
 
+def test_the_servers_default_capture_applies_only_where_the_runtime_can_capture(repository):
+    from service.model_config import serving_config
+    from service.repository import scan_repository
+    from service.settings import Settings
+
+    digits = next(e for e in scan_repository(repository) if e.name == "digits")
+    assert serving_config(digits, Settings(graph_capture="compile")).graph_capture == "none"  # onnx by default
+    assert serving_config(digits, Settings(runtime="torchscript", graph_capture="compile")).graph_capture == "none"
+    assert serving_config(digits, Settings(runtime="torchscript", graph_capture="cuda_graphs")).graph_capture == "cuda_graphs"
+    assert serving_config(digits, Settings(runtime="eager", graph_capture="compile")).graph_capture == "compile"
+
+
 def test_onnx_cannot_capture_and_the_serving_section_says_why():
     from pydantic import ValidationError
 
