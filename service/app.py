@@ -28,7 +28,22 @@ def build_registry(settings: Settings, metrics: ServiceMetrics) -> ModelRegistry
     return ModelRegistry(settings, metrics)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def report_loading(task: asyncio.Task, registry: ModelRegistry) -> None:
+    """The log line that ends start-up: every entry's state, or why loading itself failed."""
+    log = logging.getLogger("ganserve")
+    if task.cancelled():
+        return
+    if (error := task.exception()) is not None:
+        log.error("loading failed: %s", error, exc_info=error)
+    else:
+        log.info("loaded: %s", {m.entry.label: m.state for m in registry.all_models()})
+
+
+def create_app(settings: Settings | None = None, serve_while_loading: bool = True) -> FastAPI:
+    """`serve_while_loading`: the server answers (/health/live at once, 503 for models still
+    loading) before its models are loaded; False for a `--workers` front started in place of one
+    that died, which starts serving (and so listening: service/worker_process.py) only once it
+    mirrors the engine's loaded models, so that it never answers 503 beside ready fronts."""
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -49,8 +64,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                                       base_url="http://engine")
         # load and warm in the background: the server answers /health/* at once, ready only after
         loading = asyncio.create_task(registry.load_all())
-        loading.add_done_callback(lambda _: logging.getLogger("ganserve").info("loaded: %s", {
-            m.entry.label: m.state for m in registry.all_models()}))
+        if not serve_while_loading:
+            await asyncio.shield(loading)
+        loading.add_done_callback(lambda task: report_loading(task, registry))
         polling = asyncio.create_task(registry.poll_repository(settings.repository_poll_s)) if settings.repository_poll_s > 0 else None
         try:
             yield

@@ -49,6 +49,7 @@ class FrontConnection:
         self.requests: dict[int, RequestState] = {}
         self.protocol = MessageProtocol(self.received, self.lost)
         self.send = self.protocol.send
+        self.waiting: asyncio.Task | None = None  # a front's start-up snapshot, sent once loading ends
 
     def received(self, message: tuple) -> None:
         kind = message[0]
@@ -58,12 +59,21 @@ class FrontConnection:
             if (state := self.requests.get(message[1])) is not None:
                 state.cancelled = True  # what is still queued is dropped before compute
         elif kind == "snapshot":
-            self.send(("snapshot", engine_snapshot(self.registry)))
+            if message[1] and not self.registry.loaded:  # answered the moment loading ends
+                self.waiting = asyncio.create_task(self.snapshot_when_loaded(), name="snapshot-when-loaded")
+            else:
+                self.send(("snapshot", engine_snapshot(self.registry)))
+
+    async def snapshot_when_loaded(self) -> None:
+        await self.registry.loaded_event.wait()
+        self.send(("snapshot", engine_snapshot(self.registry)))
 
     def lost(self) -> None:
         """The front has gone (shut down or died): what it still had queued is dropped."""
         for state in self.requests.values():
             state.cancelled = True
+        if self.waiting is not None:
+            self.waiting.cancel()
 
     def submit(self, request_id: int, name: str, version: int, operation: str, graph: str,
                inputs: list[dict[str, np.ndarray]], deadline: float) -> None:

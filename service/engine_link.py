@@ -8,7 +8,8 @@ to it. A message is a tuple whose first element names it:
 front → engine
   ("submit", request_id, model, version, operation, graph, inputs, deadline)  items of one request
   ("cancel", request_id)                                                      its client left
-  ("snapshot",)                                                               the models' state
+  ("snapshot", when_loaded)                                                   the models' state, now or
+                                                                              once every model is tried
 
 engine → front
   ("result", request_id, index, output, timing)   one item's output (uint8 or float array)

@@ -107,8 +107,9 @@ class EngineClient:
             raise ShuttingDown()
         self.protocol.send(message)
 
-    async def snapshot(self) -> EngineSnapshot:
-        self.send(("snapshot",))
+    async def snapshot(self, when_loaded: bool = False) -> EngineSnapshot:
+        """The engine's state now, or (`when_loaded`) once it has tried every model."""
+        self.send(("snapshot", when_loaded))
         return await self.snapshots.get()
 
     def received(self, message: tuple) -> None:
@@ -221,6 +222,7 @@ class FrontRegistry(ModelRegistry):
         self.client = EngineClient(link_path)
         self.fronts = fronts
         self.engine_ready = False
+        self.mirrored = False  # a first snapshot has been applied: the models are known
         self.device = "cpu"  # this process computes nothing; the models' own device is in their runtime label
         self.polling: asyncio.Task | None = None
 
@@ -228,16 +230,20 @@ class FrontRegistry(ModelRegistry):
         """(the engine reads the repository; a front learns the models from its snapshots)"""
 
     async def load_all(self) -> None:
+        """Mirrors the engine's models once it has tried them all. The first snapshot (at once)
+        makes the models known as `loading`; the second is the engine's answer the moment its
+        loading ends (every front waiting gets it in the same turn of the engine's loop), so no
+        front lags the others by a polling interval: a client that saw one front ready finds the
+        others ready too."""
         await self.client.connect()
-        while True:
-            snapshot = await self.client.snapshot()
+        snapshot = await self.client.snapshot()
+        self.apply(snapshot)
+        while not snapshot.loaded:
+            snapshot = await self.client.snapshot(when_loaded=True)
             self.apply(snapshot)
-            if snapshot.loaded:
-                break
-            await asyncio.sleep(SNAPSHOT_INTERVAL_S)
         self.encoder_table = snapshot.encoder_table.without_device_libraries()  # measured by the engine; a front has no GPU context
         self.settle_memory()
-        self.loaded = True
+        self.loaded_event.set()
         self.polling = asyncio.create_task(self.follow_engine(), name="engine-snapshots")
 
     def settle_memory(self) -> None:
@@ -260,6 +266,7 @@ class FrontRegistry(ModelRegistry):
         """Mirrors the engine's models; a mirror stays the same object while its entry does, so
         requests holding it keep their lane's backlog."""
         self.engine_ready = snapshot.ready and not snapshot.draining
+        self.mirrored = True
         models: dict[str, dict[int, LoadedModel]] = {}
         for name, versions in snapshot.models.items():
             for version, seen in versions.items():
@@ -270,6 +277,13 @@ class FrontRegistry(ModelRegistry):
                 update_mirror(mirror, seen)
                 models.setdefault(name, {})[version] = mirror
         self.models = models
+
+    def versions(self, name: str) -> dict[int, LoadedModel]:
+        """(503, not 404, before this front has learnt which models the engine serves)"""
+        if not self.mirrored:
+            raise ApiError(503, "the server is starting: this front process has not heard from the engine yet; retry",
+                           headers={"Retry-After": "1"})
+        return super().versions(name)
 
     def is_ready(self) -> bool:
         return self.loaded and self.engine_ready and self.client.connected and not self.draining

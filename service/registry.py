@@ -129,12 +129,17 @@ class ModelRegistry:
         self.memory = memory.MemoryBudget(max(0, settings.memory_budget - memory.rss_bytes()))
         self.models: dict[str, dict[int, LoadedModel]] = {}
         self.jobs = JobStore(settings.max_jobs, settings.max_job_seconds)
-        self.loaded = False  # every entry has been tried
+        self.loaded_event = asyncio.Event()  # set once every entry has been tried
         self.draining = False
         self.open_streams = 0  # upscale streams (service/streams.py), capped by settings.max_streams
         self.stream_ids = itertools.count(1)  # names them in /metrics
         self.repository_lock = asyncio.Lock()  # load/unload one model at a time
         self.encoder_table: EncoderTable = PILLOW_ONLY  # measured once the models are loaded
+
+    @property
+    def loaded(self) -> bool:
+        """Every entry has been tried (loaded and warmed, or failed)."""
+        return self.loaded_event.is_set()
 
     def served_entries(self, name: str | None = None, entries: list[ModelEntry] | None = None) -> list[ModelEntry]:
         """The repository's entries (of one model, or all) that the version policy selects, from
@@ -168,7 +173,7 @@ class ModelRegistry:
             for model in versions.values():
                 await self.load_one(model)
         self.settle_memory()
-        self.loaded = True
+        self.loaded_event.set()
 
     async def load_one(self, model: LoadedModel) -> None:
         if model.state == "failed":

@@ -11,7 +11,8 @@ This process only starts, watches and stops them:
 - the children run in their own session, so a Ctrl-C at the terminal reaches this process alone,
   which then stops them in order: SIGTERM to the fronts (each finishes the requests it accepted;
   their items are still computed by the engine), then to the engine (it drains), then exits;
-- a front that dies is started again; if the engine dies the server stops (exit status 1);
+- a front that dies is started again (it takes connections only once it mirrors the engine's
+  loaded models: service/worker_process.py); if the engine dies the server stops (exit status 1);
 - PROMETHEUS_MULTIPROC_DIR is a fresh directory set before the children import prometheus-client,
   and a dead child's live gauges are dropped from it.
 """
@@ -35,22 +36,21 @@ log = logging.getLogger("ganserve.workers")
 POLL_S = 0.2
 
 
-def child_command(role: str, settings: Settings) -> list[str]:
+def child_command(role: str, settings: Settings, replacement: bool = False) -> list[str]:
     overrides = json.loads(settings.model_dump_json())
     overrides["role"] = role
-    return [sys.executable, "-m", "service.worker_process", json.dumps(overrides)]
+    return [sys.executable, "-m", "service.worker_process", json.dumps(overrides)] + (["--replacement"] if replacement else [])
 
 
-def port_socket(host: str, port: int, listen: bool) -> socket.socket:
-    """A socket on (host, port) in the port's SO_REUSEPORT group: the supervisor's claim
-    (`listen=False`: it takes no connections) or one front's listener."""
+def port_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) in the port's SO_REUSEPORT group, not listening: the
+    supervisor's claim (it never listens, so it takes no connections) or a front's, which uvicorn
+    makes listen once the front's app has started."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    if listen:
-        sock.listen(2048)
     return sock
 
 
@@ -59,15 +59,15 @@ class Supervisor:
         self.run_dir = Path(tempfile.mkdtemp(prefix="ganserve-"))  # 0700: only this user reaches the sockets
         metrics_dir = self.run_dir / "metrics"
         metrics_dir.mkdir()
-        self.claim = port_socket(settings.host, settings.port, listen=False)
+        self.claim = port_socket(settings.host, settings.port)
         self.settings = settings.model_copy(update={"engine_dir": self.run_dir, "port": self.claim.getsockname()[1]})
         self.env = os.environ | {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
         self.engine: subprocess.Popen | None = None
         self.fronts: list[subprocess.Popen] = []
         self.stopping = False
 
-    def spawn(self, role: str) -> subprocess.Popen:
-        return subprocess.Popen(child_command(role, self.settings), env=self.env, start_new_session=True)
+    def spawn(self, role: str, replacement: bool = False) -> subprocess.Popen:
+        return subprocess.Popen(child_command(role, self.settings, replacement), env=self.env, start_new_session=True)
 
     def run(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -87,7 +87,7 @@ class Supervisor:
                     if front.poll() is not None and not self.stopping:
                         log.error("front process %d exited (status %s): starting another", front.pid, front.returncode)
                         self.forget(front.pid)
-                        self.fronts[i] = self.spawn("front")
+                        self.fronts[i] = self.spawn("front", replacement=True)
         finally:
             self.stop()
         return status

@@ -63,8 +63,7 @@ class ModelReplica:
         self.lifespan = self.app.router.lifespan_context(self.app)
         await self.lifespan.__aenter__()
         self.registry = self.app.state.registry
-        while not self.registry.loaded:
-            await asyncio.sleep(0.05)
+        await self.registry.loaded_event.wait()
         if not self.registry.is_ready():
             problems = {m.entry.label: m.error or m.state for m in self.registry.all_models() if not m.ready}
             await self.lifespan.__aexit__(None, None, None)

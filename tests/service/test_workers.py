@@ -61,13 +61,20 @@ def photo_png(height: int, width: int) -> bytes:
 @pytest.fixture(scope="module")
 def workers(repository):
     with running_server(repository, workers=2, max_batch_size=16, max_queue_delay_ms=5) as running:
-        every_front_ready(running)
+        # the moment one front has answered ready: what fresh connections (either front) answer now
+        running.first_answers = [httpx.get(f"{running.url}/health/ready").status_code for _ in range(24)]
         yield running
 
 
 def test_the_server_is_one_engine_and_n_fronts(workers):
     roles = sorted(children(workers.process.pid).values())
     assert roles == ["engine", "front", "front"]
+
+
+def test_once_one_front_is_ready_every_front_is(workers):
+    """The engine answers every waiting front the moment its loading ends, so no front lags
+    another by a polling interval (SO_REUSEPORT spreads the 24 fresh connections over both)."""
+    assert workers.first_answers == [200] * 24
 
 
 def test_a_seed_gives_the_images_of_the_single_process_server_whichever_front_and_batch(workers, server):
@@ -171,23 +178,13 @@ def test_a_front_that_dies_is_replaced_and_the_server_keeps_answering(workers):
             break
         time.sleep(0.2)
     assert len(now) == 2 and fronts[0] not in now
-    ok = 0
-    for seed in range(20):  # the survivor and, once it is ready, the new front
-        try:
-            ok += httpx.post(f"{workers.url}/v1/models/digits/generate", json={"seed": seed}, timeout=30).status_code == 200
-        except httpx.HTTPError:
-            pass
-    assert ok >= 19
-
-
-def every_front_ready(server, answers_in_a_row: int = 12) -> None:
-    """Until `answers_in_a_row` fresh connections in a row find a front ready. The server reports
-    ready when the front that answers is; with SO_REUSEPORT a new connection may reach the other,
-    which answers 503 (model loading) until its first snapshot of the engine arrives."""
-    deadline, streak = time.monotonic() + 60, 0
-    while streak < answers_in_a_row and time.monotonic() < deadline:
-        streak = streak + 1 if httpx.get(f"{server.url}/health/ready").status_code == 200 else 0
-    assert streak >= answers_in_a_row
+    # the replacement takes connections only once it mirrors the loaded engine: until then the
+    # survivor has them all, and no request meets an unready front
+    answers = []
+    deadline = time.monotonic() + 12
+    while time.monotonic() < deadline:
+        answers.append(httpx.post(f"{workers.url}/v1/models/digits/generate", json={"seed": len(answers)}, timeout=30).status_code)
+    assert set(answers) == {200} and len(answers) >= 20
 
 
 def admitted_or_answered(server, model: str) -> float:
@@ -207,7 +204,6 @@ def test_sigterm_answers_what_was_accepted_then_stops_every_process(repository):
     # and a cost measured at warm-up on a loaded machine could refuse the fifth or sixth upscale
     with running_server(repository, workers=2, max_batch_size=4, request_timeout_s=120) as running:
         pids = list(children(running.process.pid))
-        every_front_ready(running)
         with ThreadPoolExecutor(12) as pool:
             upload = photo_png(96, 96)  # x4 tiles: a few seconds of engine work per request on this CPU
             futures = [pool.submit(httpx.post, f"{running.url}/v1/models/upx4/upscale", content=upload,
