@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 16's GPU figures in one run on a lent H100/H200 (the `device` tool), about 8 minutes:
+# Issue 16's GPU figures in one run on a lent H100/H200 (the `device` tool), about 9 minutes:
 #   here, once:     bash bench/fetch_gpu_wheels.sh
 #   on the device:  run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=600)
 # Writes the reports (JSON) and the printed tables to $OUT; put them in docs/benchmarks.md naming the card.
@@ -10,7 +10,8 @@
 #  2. the shipped sr-rrdb-x4, 256 -> 1024 JPEG, one 256 px tile per frame, CUDA graphs: HTTP upscales at
 #     1/4/16 clients and one closed-loop WebSocket stream (targets: >= 80 frames/s one stream,
 #     p99 <= 25 ms, >= 120 frames/s aggregate);
-#  3. the same without graph capture, shorter: what the capture is worth.
+#  3. the same without graph capture, shorter: what the capture is worth;
+#  4. the same with the ONNX runtime (CUDA provider, I/O binding: uint8 converted on the device), shorter.
 # A capture that fails on the card fails its model's load, so step 1 or 2 ends early; the next step still runs.
 # Dry run on a CPU machine: PYTHON=.venv/bin/python DURATION=2 OUT=/tmp/gs bash bench/gpu_session.sh
 set -uo pipefail
@@ -25,6 +26,7 @@ if [ -d .whl ]; then
 fi
 export PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"; nproc; } | tee "$OUT/machine.txt"
+timeout 30 $PYTHON -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())" 2>&1 | tee -a "$OUT/machine.txt"
 echo "== encoders measured as a server measures them at start-up (nvJPEG joins on CUDA)"
 timeout 60 $PYTHON -c "import os; from service.encoders import measure_encoders; print(measure_encoders(os.cpu_count()).describe())" 2>&1 | tee "$OUT/encoders.txt"
 step() {  # a step that overruns its share is cut, and the next one still runs
@@ -32,13 +34,15 @@ step() {  # a step that overruns its share is cut, and the next one still runs
     echo "== $*"
     timeout "$limit" $PYTHON -m ganserve_cli "$@" 2>&1 | tee -a "$OUT/tables.txt" | tail -40
 }
-step 280 bench --model dcgan-digits --runtime torchscript --graph-capture cuda_graphs --concurrency 1,16,64 --duration "$DURATION" \
+step 260 bench --model dcgan-digits --runtime torchscript --graph-capture cuda_graphs --concurrency 1,16,64 --duration "$DURATION" \
     --workers 8 --threads 1 --out "$OUT/dcgan-torchscript-cuda-graphs.json"
 export GANSERVE_UPSCALE_TILE=256 GANSERVE_UPSCALE_OVERLAP=0  # a 256 px frame is one tile: no padding of 9 tiles up to 16
 # --max-batch-size 16: frames of one tile batch up to the 16 clients; a captured graph per batch size up to 64 of
 # 1024 px outputs would cost warm-up time and tens of GB for batches the run never forms
-step 200 bench-upscale --model sr-rrdb-x4 --runtime torchscript --graph-capture cuda_graphs --size 256 --format jpeg --concurrency 1,4,16 --max-batch-size 16 \
+step 180 bench-upscale --model sr-rrdb-x4 --runtime torchscript --graph-capture cuda_graphs --size 256 --format jpeg --concurrency 1,4,16 --max-batch-size 16 \
     --duration "$((DURATION + 2))" --out "$OUT/upscale-torchscript-cuda-graphs.json"
-step 100 bench-upscale --model sr-rrdb-x4 --runtime torchscript --size 256 --format jpeg --concurrency 1,16 --max-batch-size 16 \
+step 80 bench-upscale --model sr-rrdb-x4 --runtime torchscript --size 256 --format jpeg --concurrency 1,16 --max-batch-size 16 \
     --duration "$DURATION" --out "$OUT/upscale-torchscript.json"
+step 70 bench-upscale --model sr-rrdb-x4 --runtime onnx --size 256 --format jpeg --concurrency 1,16 --max-batch-size 16 \
+    --duration "$DURATION" --out "$OUT/upscale-onnx.json"
 ls -l "$OUT"

@@ -28,6 +28,16 @@ def to_uint8(batch: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
+def tensor_to_uint8(batch, value_range: tuple[float, float]) -> np.ndarray:
+    """`to_uint8` for a torch tensor, computed where the tensor is (on the GPU a quarter of the
+    bytes then cross to the host): the same arithmetic, round half to even."""
+    import torch
+
+    low, high = value_range
+    scaled = (batch.float() - low) * (255.0 / (high - low))
+    return scaled.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
 def grid(images: np.ndarray, columns: int | None = None, padding: int = 2) -> np.ndarray:
     """[N, H, W, C] uint8 → one [H', W', C] image, `columns` per row (never more columns than
     images: a client's `columns` must not size an empty canvas)."""

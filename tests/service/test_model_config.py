@@ -79,17 +79,19 @@ def test_a_half_precision_graph_past_the_bound_is_measured_as_such():
 
 
 def test_runtimes_convert_images_to_uint8_exactly_as_the_host_does(repository):
+    """Every runtime's device-side conversion, ONNX Runtime's I/O-binding path (what it takes on
+    CUDA: the output left where it was computed and converted there through DLPack) included."""
     from service.imaging import to_uint8
     from service.registry import dummy_inputs
     from service.repository import scan_repository
-    from service.runtimes import load_runtime
+    from service.runtimes import OnnxRuntime, load_runtime
 
     rng = np.random.default_rng(3)
     for entry in (e for e in scan_repository(repository) if e.name in ("digits", "cdigits")):
         inputs = dummy_inputs(entry, 5)
         inputs["z"] = rng.standard_normal(inputs["z"].shape).astype(np.float32) * 3  # past the value range too: clamped
-        for kind in ("onnx", "torchscript", "eager"):
-            runtime = load_runtime(entry, kind, "cpu", 1)
+        bound = OnnxRuntime(entry, "cpu", 1, io_binding=True)
+        for runtime in [load_runtime(entry, kind, "cpu", 1) for kind in ("onnx", "torchscript", "eager")] + [bound]:
             images = runtime.run_images(inputs, tuple(entry.spec["value_range"]))
             assert images.dtype == np.uint8 and images.shape == (5, 32, 32, 1)
             assert np.array_equal(images, to_uint8(runtime.run(inputs), tuple(entry.spec["value_range"])))
