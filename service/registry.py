@@ -62,11 +62,23 @@ class LoadedModel:
     def ready(self) -> bool:
         return self.state == "ready"
 
+    @property
+    def tiles_as_pixels(self) -> bool:
+        """Upscale tiles that meet without overlap have no seam to blend: each tile's output is
+        converted to uint8 where it was computed (on the GPU only uint8 crosses to the host) and
+        placed into the image as it is (service/upscaling.py)."""
+        return self.config is not None and self.config.upscale_overlap == 0
+
+    def outputs_pixels(self, operation: str) -> bool:
+        """Whether `operation`'s batches come back as uint8 images [N, H, W, C] (converted by the
+        runtime where they were computed) rather than the graph's float tensor."""
+        return operation in IMAGE_OPERATIONS or (operation == "upscale" and self.tiles_as_pixels)
+
 
 IMAGE_TO_IMAGE = {"translation": "translate", "super_resolution": "upscale"}  # kind → endpoint
 # operations whose outputs only ever become images: converted to uint8 by the runtime, where they
-# were computed (translate and upscale outputs are cropped, resized or blended in float first; v2
-# infer answers the float tensor)
+# were computed (translate outputs are cropped or resized, and overlapping upscale tiles blended,
+# in float first; v2 infer answers the float tensor)
 IMAGE_OPERATIONS = ("generate", "synthesis")
 TRITON_STATES = {"ready": "READY", "loading": "LOADING", "failed": "UNAVAILABLE", "unloaded": "UNAVAILABLE", "replaced": "UNLOADING"}
 
@@ -411,7 +423,7 @@ class ModelRegistry:
             config = model.config
             key = BatchKey(model.entry.name, model.entry.version, operation)
             runtime = model.runtimes[graph]
-            run = functools.partial(runtime.run_images, value_range=tuple(model.entry.spec["value_range"])) if operation in IMAGE_OPERATIONS else runtime.run
+            run = functools.partial(runtime.run_images, value_range=tuple(model.entry.spec["value_range"])) if model.outputs_pixels(operation) else runtime.run
             cost = model.costs.get(graph)
             pad_to = sorted({int(units) for units in cost.warmed}) if cost and self.pads_batches(model, graph) else None
             model.batchers[operation] = DynamicBatcher(key, run, model.lane, self.metrics, config.max_batch_size,

@@ -132,6 +132,27 @@ class TileBlender:
         return self.canvas[:, : self.grid.height * self.scale, : self.grid.width * self.scale]
 
 
+class TilePlacer:
+    """`TileBlender` for tiles that meet without overlap, already uint8 [tile·scale, tile·scale, C]:
+    each is copied into its place (the blend's windows would all be 1), so the image is built from
+    the converted pixels — a quarter of the float canvas's bytes, and no float pass over it."""
+
+    def __init__(self, grid: TileGrid, scale: int, channels: int) -> None:
+        if grid.overlap:
+            raise ValueError("tiles that overlap are blended (TileBlender), not placed")
+        self.grid, self.scale, self.size = grid, scale, grid.tile * scale
+        self.canvas = np.empty((grid.padded_height * scale, grid.padded_width * scale, channels), dtype=np.uint8)
+        self.origins = grid.origins()
+
+    def add(self, index: int, output: np.ndarray) -> None:
+        y, x = self.origins[index]
+        ys, xs = y * self.scale, x * self.scale
+        self.canvas[ys : ys + self.size, xs : xs + self.size] = output
+
+    def result(self) -> np.ndarray:
+        return self.canvas[: self.grid.height * self.scale, : self.grid.width * self.scale]
+
+
 def blend_tiles(outputs: list[np.ndarray], grid: TileGrid, scale: int) -> np.ndarray:
     """All tile outputs at once → the image (see TileBlender)."""
     blender = TileBlender(grid, scale, outputs[0].shape[0])

@@ -15,7 +15,7 @@ from service.errors import ApiError
 from service.imaging import DECODE_BYTES_PER_PIXEL
 from service.pipeline import estimate, in_pool
 from service.registry import LoadedModel, ModelRegistry
-from service.tiling import TileBlender, TileGrid, cut_tiles, plan_tiles
+from service.tiling import TileBlender, TileGrid, TilePlacer, cut_tiles, plan_tiles
 from service.uploads import prepare
 
 
@@ -51,17 +51,24 @@ def plan_upscale(model: LoadedModel, width: int, height: int) -> UpscalePlan:
 
 
 async def upscale_upload(registry: ModelRegistry, model: LoadedModel, data: bytes, plan: UpscalePlan, state: RequestState) -> np.ndarray:
-    """The admitted work of one upscale: decode, tiles through the batcher, blend → [C, H·s, W·s].
+    """The admitted work of one upscale: decode, tiles through the batcher, blend → float
+    [C, H·s, W·s]; or, where tiles meet without overlap (`LoadedModel.tiles_as_pixels`), each
+    tile comes back as uint8 and is placed → uint8 [H·s, W·s, C] (`imaging.to_uint8` takes either).
 
-    Each tile is blended in the encoder pool, not on the event loop: a 1024 px frame's blend is
-    ~18 ms of NumPy on this CPU, which the loop would otherwise spend while every other model's
-    requests wait. The tiles of one request are blended one after another (they overlap)."""
+    Each overlapping tile is blended in the encoder pool, not on the event loop: a 1024 px
+    frame's blend is ~18 ms of NumPy on this CPU, which the loop would otherwise spend while every
+    other model's requests wait. The tiles of one request are blended one after another (they
+    overlap). Placing a uint8 tile is a copy of its bytes: done on the loop."""
     spec = model.entry.spec
     x = await prepare(registry, data, spec["in_channels"])
     futures = registry.batcher(model, "upscale").submit([{"image": tile} for tile in cut_tiles(x, plan.grid)], state)
     del x
-    blender = TileBlender(plan.grid, spec["scale"], spec["channels"])
+    pixels = model.tiles_as_pixels
+    builder = (TilePlacer if pixels else TileBlender)(plan.grid, spec["scale"], spec["channels"])
     async with contextlib.aclosing(each_result(futures, state)) as results:
         async for index, output in results:
-            await in_pool(registry, blender.add, index, output)
-    return blender.result()
+            if pixels:
+                builder.add(index, output)
+            else:
+                await in_pool(registry, builder.add, index, output)
+    return builder.result()

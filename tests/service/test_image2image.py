@@ -117,10 +117,33 @@ def test_v2_infer_checks_the_size_multiple(server):
 
 @pytest.fixture(scope="module")
 def slow_batching_server(repository):
-    """Small limits, and a long queue delay so concurrent requests' tiles meet in one batch."""
+    """Small limits, a long queue delay so concurrent requests' tiles meet in one batch, and tiles
+    that meet without overlap (so they come back as uint8 and are placed, not blended)."""
     with running_server(repository, max_batch_size=64, max_queue_delay_ms=400, max_upload_pixels=200 * 200,
-                        max_upscale_input_pixels=120 * 120, upscale_tile=32, upscale_overlap=4) as running:
+                        max_upscale_input_pixels=120 * 120, upscale_tile=32, upscale_overlap=0) as running:
         yield running
+
+
+def test_tiles_without_overlap_are_converted_where_computed_and_placed_exactly(slow_batching_server, repository):
+    """At overlap 0 each tile's output is converted to uint8 by the runtime (on a GPU: before it
+    leaves the device) and copied into place: the pixels of float tiles blended and converted."""
+    import onnxruntime as ort
+
+    from service.imaging import to_uint8
+    from service.uploads import to_model_input
+    from service.tiling import blend_tiles, cut_tiles, plan_tiles
+
+    image = photo(70, 45, seed=5)  # 3 x 2 tiles of 32 px, the last row and column mirror-padded
+    with slow_batching_server.client() as client:
+        response = post_image(client, "/v1/models/upx4/upscale", encoded(image), format="npy")
+    assert response.headers["x-tiles"] == "6"
+    session = ort.InferenceSession(str(repository / "upx4" / "1" / "model.onnx"))
+    grid = plan_tiles(70, 45, 32, 0)
+    outputs = [session.run(None, {"image": tile[None]})[0][0] for tile in cut_tiles(to_model_input(image, 3), grid)]
+    reference = to_uint8(blend_tiles(outputs, grid, 4)[None], (-1.0, 1.0))
+    served = npy(response)
+    assert served.shape == reference.shape == (1, 280, 180, 3)
+    assert np.abs(served.astype(int) - reference).max() <= 1
 
 
 def test_upload_limits_answer_413(slow_batching_server):
@@ -132,7 +155,7 @@ def test_upload_limits_answer_413(slow_batching_server):
 
 
 def test_tiles_of_different_requests_share_a_batch(slow_batching_server):
-    image = encoded(photo(40, 40))  # 4 tiles of 32 px at 4 px overlap
+    image = encoded(photo(40, 40))  # 4 tiles of 32 px
 
     def upscale(_):
         with slow_batching_server.client() as client:

@@ -3,7 +3,8 @@ only upsamples, for any image size, and the blend weights of neighbouring tiles 
 import numpy as np
 import pytest
 
-from service.tiling import MIN_SIDE, blend_tiles, cut_tiles, pad_to, padded_size, plan_tiles, ramp
+from service.imaging import to_uint8
+from service.tiling import MIN_SIDE, TilePlacer, blend_tiles, cut_tiles, pad_to, padded_size, plan_tiles, ramp
 
 
 def nearest(tile: np.ndarray, scale: int) -> np.ndarray:
@@ -19,6 +20,19 @@ def test_cut_then_blend_reproduces_the_image(height, width, scale):
     assert all(t.shape == (3, 32, 32) for t in tiles)
     out = blend_tiles([nearest(t, scale) for t in tiles], grid, scale)
     np.testing.assert_allclose(out, nearest(image, scale), atol=1e-6)
+
+
+@pytest.mark.parametrize("height,width", [(5, 7), (64, 64), (65, 130)])
+def test_placing_uint8_tiles_without_overlap_equals_blending_their_floats(height, width):
+    image = np.random.default_rng(1).uniform(-1, 1, (3, height, width)).astype(np.float32)
+    grid = plan_tiles(height, width, tile=32, overlap=0)
+    outputs = [nearest(t, 4) for t in cut_tiles(image, grid)]
+    placer = TilePlacer(grid, 4, 3)
+    for index, output in reversed(list(enumerate(outputs))):  # in any order, as the batcher answers
+        placer.add(index, to_uint8(output[None], (-1, 1))[0])
+    assert np.array_equal(placer.result()[None], to_uint8(blend_tiles(outputs, grid, 4)[None], (-1, 1)))
+    with pytest.raises(ValueError):
+        TilePlacer(plan_tiles(height, width, tile=32, overlap=4), 4, 3)
 
 
 def test_neighbouring_ramps_sum_to_one_across_the_overlap():
