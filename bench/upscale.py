@@ -6,7 +6,9 @@ Scenarios: one client on the upscale stream (WebSocket, a frame sent when the la
 `concurrency` clients each post one 256 px PNG (a held-out photo crop) in a loop and
 ask for JPEG (real-time streams cannot afford PNG: a 1024 px PNG costs a core ~0.1 s). The
 ceiling is the runtime alone on the same tiles the service cuts (one frame = its tile batch), and
-on the whole frame in one pass (no tiling overhead), plus the cost of encoding one output frame.
+on the whole frame in one pass (no tiling overhead), plus the cost of assembling one output frame
+on the host from its tiles (blending float tiles, or placing tiles already uint8: overlap 0) and of
+encoding it.
 """
 from __future__ import annotations
 
@@ -23,13 +25,13 @@ from bench.ceiling import timed
 from bench.load import run_load
 from bench.runner import machine, write_report
 from bench.server import launched_server
-from service.imaging import encode
+from service.imaging import encode, to_uint8
 from service.repository import scan_repository
 from service.runtimes import load_runtime
 from service.settings import Settings
 from service.model_config import serving_config
 from service.registry import IMAGE_TO_IMAGE
-from service.tiling import cut_tiles, padded_size, pad_to, plan_tiles
+from service.tiling import TileBlender, TilePlacer, cut_tiles, padded_size, pad_to, plan_tiles
 
 console = Console(width=None if sys.stdout.isatty() else 200)  # piped to a file: wide enough for the tables
 
@@ -70,6 +72,39 @@ def measure_whole_frame(entry, runtime_kind: str, device: str, threads: int, fra
 def measure_encoding(size: int, seconds: float) -> dict[str, float]:
     image = np.asarray(Image.fromarray(test_frame(size // 4)).resize((size, size), Image.Resampling.BICUBIC))
     return {fmt: timed(seconds, lambda f=fmt: encode(image, f)) * 1000 for fmt in ("jpeg", "png", "webp")}
+
+
+def measure_assembly(size: int, scale: int, tile: int, overlap: int, seconds: float) -> dict[str, float]:
+    """ms of host work to turn one frame's tile outputs into its uint8 image, per path
+    (service/upscaling.py): float tiles blended then converted (any overlap; the configured one),
+    and, at overlap 0, tiles converted one by one then placed (ONNX Runtime on a CPU converts on
+    the lane's thread) or only placed (the torch runtimes, and ONNX Runtime on CUDA, convert on
+    the device: what is left on the host)."""
+    rng = np.random.default_rng(0)
+
+    def outputs(grid) -> list[np.ndarray]:
+        side = grid.tile * scale
+        return [rng.uniform(-1, 1, (3, side, side)).astype(np.float32) for _ in range(grid.rows * grid.cols)]
+
+    def blend(grid, tiles) -> np.ndarray:
+        blender = TileBlender(grid, scale, 3)
+        for index, output in enumerate(tiles):
+            blender.add(index, output)
+        return to_uint8(blender.result()[None], (-1, 1))
+
+    def place(grid, tiles, convert: bool) -> np.ndarray:
+        placer = TilePlacer(grid, scale, 3)
+        for index, output in enumerate(tiles):
+            placer.add(index, to_uint8(output[None], (-1, 1))[0] if convert else output)
+        return placer.result()
+
+    blended = plan_tiles(size, size, tile, overlap)
+    seamless = plan_tiles(size, size, tile, 0)
+    float_tiles, pixel_tiles = outputs(blended), outputs(seamless)
+    uint8_tiles = [np.ascontiguousarray(to_uint8(t[None], (-1, 1))[0]) for t in pixel_tiles]  # as torch hands them over
+    return {f"blend {len(float_tiles)} float tiles (overlap {overlap}) + convert": timed(seconds, lambda: blend(blended, float_tiles)) * 1000,
+            f"convert + place {len(pixel_tiles)} tiles (overlap 0)": timed(seconds, lambda: place(seamless, pixel_tiles, True)) * 1000,
+            f"place {len(pixel_tiles)} uint8 tiles (overlap 0, converted on the device)": timed(seconds, lambda: place(seamless, uint8_tiles, False)) * 1000}
 
 
 def measure_stream(url: str, model: str, frame: bytes, fmt: str, duration_s: float) -> dict:
@@ -137,7 +172,8 @@ def run_upscale_bench(repository: Path, model: str, runtime: str, concurrencies:
     report = {"machine": machine(), "model": model, "runtime": runtime, "graph_capture": graph_capture, "device": device, "size": size, "scale": entry.spec["scale"], "format": fmt,
               "endpoint": endpoint, "tile": config.upscale_tile if endpoint == "upscale" else None, "overlap": config.upscale_overlap if endpoint == "upscale" else None,
               "tiles_per_frame": tiles_per_frame, "max_batch_size": max_batch_size,
-              "load": loads, "stream": stream, "forward": forward, "encode_ms": measure_encoding(size * entry.spec["scale"], measure_s / 3)}
+              "load": loads, "stream": stream, "forward": forward, "encode_ms": measure_encoding(size * entry.spec["scale"], measure_s / 3),
+              "assembly_ms": measure_assembly(size, entry.spec["scale"], config.upscale_tile, config.upscale_overlap, measure_s / 3) if endpoint == "upscale" else {}}
     print_upscale_report(report)
     write_report(report, out)
     return report
@@ -168,5 +204,7 @@ def print_upscale_report(report: dict) -> None:
     for row in report["forward"]:
         ceiling.add_row(row["what"], f"{row['frames_per_s']:.2f}")
     console.print(ceiling)
+    if report.get("assembly_ms"):
+        console.print("assembling one output frame on the host: " + ", ".join(f"{k} {v:.1f} ms" for k, v in report["assembly_ms"].items()))
     console.print("encoding one output frame: " + ", ".join(f"{k} {v:.1f} ms" for k, v in report["encode_ms"].items()))
 
