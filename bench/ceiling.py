@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
-import numpy as np
-
 from service.imaging import encode, to_uint8
+from service.precision import parity_inputs
 from service.registry import dummy_inputs
 from service.repository import ModelEntry
 from service.runtimes import load_runtime
@@ -43,9 +42,7 @@ def measure_ceiling(entry: ModelEntry, runtime_kind: str, device: str, threads: 
     value_range = tuple(entry.spec["value_range"])
     results = []
     for batch in batch_sizes:
-        rng = np.random.default_rng(0)
-        inputs = dummy_inputs(entry, batch)
-        inputs["z"] = rng.standard_normal(inputs["z"].shape).astype(np.float32)
+        inputs = parity_inputs(entry, dummy_inputs(entry, batch))  # normal latents (z, or a style model's ws), seeded
         forward = timed(seconds, lambda: runtime.run(inputs))
 
         def forward_and_encode() -> None:

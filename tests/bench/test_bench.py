@@ -20,6 +20,18 @@ def test_ceiling_times_the_same_runtime_at_each_batch_size(repository):
     assert all(r.forward_images_per_s >= r.forward_encode_images_per_s > 0 for r in results)
 
 
+def test_a_random_style_entry_is_written_like_an_import_and_its_ceiling_is_timed(tmp_path):
+    """bench/style_entry.py (the GPU script's 256² StyleGAN2; 8² here): an entry the server's
+    runtimes load, marked as random, whose synthesis graph the ceiling can time (it takes ws, not z)."""
+    from bench.style_entry import random_style_entry
+
+    random_style_entry(tmp_path, resolution=8)
+    (entry,) = scan_repository(tmp_path)
+    assert entry.kind == "style" and entry.spec["source"]["format"] == "random" and entry.spec["resolution"] == 8
+    (result,) = measure_ceiling(entry, "torchscript", "cpu", 1, [2], seconds=0.1)
+    assert result.forward_images_per_s > 0
+
+
 def test_the_soak_reports_statuses_latency_and_memory_of_the_shipped_models(tmp_path):
     from bench.soak import run_soak
     from tests.service.test_hostile import SHIPPED
