@@ -91,23 +91,82 @@ def cpu_seconds(pid: int | None) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def run_load(url: str, model: str, scenario: str, body: dict, concurrency: int, duration_s: float, path: str | None = None, request: dict | None = None,
-             pid: int | None = None, metrics: bool = True) -> LoadResult:
+@dataclass
+class Tally:
+    """What rounds of one scenario add up to: every latency, status, second, CPU second and
+    metric delta (summed, so rounds interleaved with other servers' make one result)."""
+
+    latencies: list[float] = field(default_factory=list)
+    statuses: dict[str, int] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    cpu_s: float = 0.0
+    deltas: dict[str, float] = field(default_factory=dict)
+
+    def add(self, latencies: list[float], statuses: dict[str, int], elapsed_s: float, cpu_s: float, deltas: dict[str, float]) -> None:
+        self.latencies += latencies
+        for status, count in statuses.items():
+            self.statuses[status] = self.statuses.get(status, 0) + count
+        self.elapsed_s += elapsed_s
+        self.cpu_s += cpu_s
+        for name, value in deltas.items():
+            self.deltas[name] = self.deltas.get(name, 0.0) + value
+
+
+@dataclass(frozen=True)
+class Target:
+    """One server a scenario drives: where, what, and how it is measured."""
+
+    scenario: str
+    url: str
+    body: dict
+    path: str
+    request: dict
+    pid: int | None = None  # the server process, whose CPU time per request is reported
+    metrics: bool = True  # False for a server without /metrics (the naive baseline)
+
+
+def target(url: str, model: str, scenario: str, body: dict, path: str | None = None, request: dict | None = None,
+           pid: int | None = None, metrics: bool = True) -> Target:
     """Drives `generate` with the JSON `body`, or `path` with httpx-style `request` arguments
-    (`content=`, `headers=`). `pid`: the server process, whose CPU time per request is reported;
-    `metrics=False` for a server without /metrics (the naive baseline)."""
-    before = scrape(url) if metrics else {}
-    cpu_before = cpu_seconds(pid)
-    latencies, statuses, elapsed = asyncio.run(drive(url, path or f"/v1/models/{model}/generate", request or {"json": body}, concurrency, duration_s))
-    cpu = cpu_seconds(pid) - cpu_before
-    after = scrape(url) if metrics else {}
-    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    (`content=`, `headers=`)."""
+    return Target(scenario, url, body, path or f"/v1/models/{model}/generate", request or {"json": body}, pid, metrics)
+
+
+def measure_round(t: Target, concurrency: int, duration_s: float, tally: Tally) -> None:
+    before = scrape(t.url) if t.metrics else {}
+    cpu_before = cpu_seconds(t.pid)
+    latencies, statuses, elapsed = asyncio.run(drive(t.url, t.path, t.request, concurrency, duration_s))
+    cpu = cpu_seconds(t.pid) - cpu_before
+    after = scrape(t.url) if t.metrics else {}
+    tally.add(latencies, statuses, elapsed, cpu, {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after})
+
+
+def summarise(t: Target, concurrency: int, tally: Tally) -> LoadResult:
+    delta = tally.deltas
     requests = max(delta.get("ganserve_request_duration_seconds_count", 0.0), 1.0)
-    lat = np.asarray(latencies) * 1000
+    lat = np.asarray(tally.latencies) * 1000
     return LoadResult(
-        scenario=scenario, concurrency=concurrency, images_per_request=body.get("n", 1), duration_s=elapsed, requests=len(latencies), statuses=statuses,
+        scenario=t.scenario, concurrency=concurrency, images_per_request=t.body.get("n", 1), duration_s=tally.elapsed_s, requests=len(tally.latencies),
+        statuses=tally.statuses,
         latency_ms={q: float(np.percentile(lat, p)) for q, p in (("p50", 50), ("p95", 95), ("p99", 99))} | {"max": float(lat.max())},
         mean_batch_items=delta.get("ganserve_batch_items_sum", 0.0) / max(delta.get("ganserve_batch_items_count", 0.0), 1.0),
         stage_ms={stage: 1000 * delta.get(f"ganserve_{stage}_duration_seconds_sum", 0.0) / requests for stage in ("queue", "compute", "encode", "request")},
-        server_cpu_ms_per_request=1000 * cpu / max(len(latencies), 1) if pid is not None else 0.0,
+        server_cpu_ms_per_request=1000 * tally.cpu_s / max(len(tally.latencies), 1) if t.pid is not None else 0.0,
     )
+
+
+def run_interleaved(targets: list[Target], concurrency: int, duration_s: float, rounds: int) -> list[LoadResult]:
+    """Each target for `duration_s` in all, in `rounds` turns taken one after another (A B C A B
+    C ...): a drift of the machine (another tenant, a warming cache) lands on every server alike
+    instead of on whichever ran last, so their ratios hold within one run."""
+    tallies = [Tally() for _ in targets]
+    for _ in range(rounds):
+        for t, tally in zip(targets, tallies):
+            measure_round(t, concurrency, duration_s / rounds, tally)
+    return [summarise(t, concurrency, tally) for t, tally in zip(targets, tallies)]
+
+
+def run_load(url: str, model: str, scenario: str, body: dict, concurrency: int, duration_s: float, path: str | None = None, request: dict | None = None,
+             pid: int | None = None, metrics: bool = True) -> LoadResult:
+    """One server, one scenario, one round (`target` says what the arguments mean)."""
+    return run_interleaved([target(url, model, scenario, body, path, request, pid, metrics)], concurrency, duration_s, 1)[0]

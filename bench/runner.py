@@ -1,6 +1,7 @@
 """`ganserve bench`: starts the real server as users start it (with batching, and with batching
-off as the baseline), drives it with the load generator, measures the ceiling with the same
-runtime, and prints one table with the ratios. Results also go to a JSON file."""
+off as the baseline) and the naive server, all at once, drives them in interleaved turns with the
+load generator, measures the ceiling with the same runtime, and prints one table with the ratios.
+Results also go to a JSON file."""
 from __future__ import annotations
 
 import contextlib
@@ -14,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.ceiling import measure_ceiling
-from bench.load import LoadResult, run_load
+from bench.load import LoadResult, Target, run_interleaved, target
 from bench.server import launched_naive, launched_server
 from service.repository import scan_repository
 
@@ -53,7 +54,10 @@ def machine() -> str:
 
 
 def run_bench(repository: Path, model: str, runtime: str, concurrencies: list[int], duration_s: float, big_request: int,
-              max_batch_size: int, max_queue_delay_ms: float, threads: int, out: Path | None, workers: int = 1, graph_capture: str = "none") -> dict:
+              max_batch_size: int, max_queue_delay_ms: float, threads: int, out: Path | None, workers: int = 1, graph_capture: str = "none",
+              rounds: int = 3) -> dict:
+    """`rounds`: every server is up for the whole run and each scenario's `duration_s` is spent in
+    that many turns, interleaved with the other servers' (bench/load.py `run_interleaved`)."""
     entries = [e for e in scan_repository(repository) if e.name == model]
     if not entries:
         raise SystemExit(f"no model {model!r} in {repository}")
@@ -71,20 +75,26 @@ def run_bench(repository: Path, model: str, runtime: str, concurrencies: list[in
     if graph_capture != "none":  # what the capture is worth, measured in the same run
         configurations.append((f"{UNCAPTURED}max_batch_size={max_batch_size}, delay 0, graph_capture none)",
                                dict(max_batch_size=max_batch_size, max_queue_delay_ms=0, graph_capture="none"), True))
-    loads: list[LoadResult] = []
-    for title, settings, with_big_requests in configurations:
-        with launched_server(repository, log_level="warning", **(common | settings)) as (process, url):
-            for c in concurrencies:
-                loads.append(run_load(url, model, f"{title}, 1 image/request", {"seed": 1}, c, duration_s, pid=process.pid))
-            if with_big_requests:
-                loads.append(run_load(url, model, f"{title}, {big_request} images/request", {"seed": 1, "n": big_request}, 4, duration_s, pid=process.pid))
     naive_reason = naive_unsupported(entry, runtime)
-    if naive_reason is None:
-        with launched_naive(repository, model, threads) as (process, url):
-            for c in concurrencies:
-                loads.append(run_load(url, model, f"{NAIVE}, 1 image/request", {"seed": 1}, c, duration_s, pid=process.pid, metrics=False))
-    else:
+    if naive_reason is not None:
         console.print(f"naive baseline skipped: {naive_reason}")
+    loads: list[LoadResult] = []
+    with contextlib.ExitStack() as servers:  # every server up at once, idle but for its turns
+        single: list[Target] = []
+        big: list[Target] = []
+        for title, settings, with_big_requests in configurations:
+            process, url = servers.enter_context(launched_server(repository, log_level="warning", **(common | settings)))
+            single.append(target(url, model, f"{title}, 1 image/request", {"seed": 1}, pid=process.pid))
+            if with_big_requests:
+                big.append(target(url, model, f"{title}, {big_request} images/request", {"seed": 1, "n": big_request}, pid=process.pid))
+        if naive_reason is None:
+            process, url = servers.enter_context(launched_naive(repository, model, threads))
+            single.append(target(url, model, f"{NAIVE}, 1 image/request", {"seed": 1}, pid=process.pid, metrics=False))
+        for c in concurrencies:
+            loads += run_interleaved(single, c, duration_s, rounds)
+        loads += run_interleaved(big, 4, duration_s, rounds)
+    order = {t.scenario: i for i, t in enumerate(single + big)}
+    loads.sort(key=lambda r: (order[r.scenario], r.concurrency))  # the tables read by configuration
     ceilings = measure_ceiling(entry, runtime, device, threads, sorted({1, max_batch_size, big_request}))
     report = {"machine": machine(), "model": model, "runtime": runtime, "graph_capture": graph_capture, "max_batch_size": max_batch_size, "max_queue_delay_ms": max_queue_delay_ms,
               "load": [r.to_dict() for r in loads], "ceiling": [c.to_dict() for c in ceilings]}

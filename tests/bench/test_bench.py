@@ -13,6 +13,23 @@ def test_load_generator_reports_throughput_latency_and_the_servers_batch_size(se
     assert result.stage_ms["compute"] > 0
 
 
+def test_interleaved_turns_add_up_to_one_result_per_server(server):
+    """`ganserve bench` takes its servers in turns (A B A B): each result sums its own turns,
+    every request the server counted and no other's."""
+    from bench.load import run_interleaved, scrape, target
+
+    ours = target(server.url, "digits", "ours", {"seed": 1}, pid=server.process.pid)
+    twice = target(server.url, "cdigits", "other model", {"seed": 1})
+    before = scrape(server.url).get("ganserve_request_duration_seconds_count", 0.0)
+    first, second = run_interleaved([ours, twice], concurrency=2, duration_s=1.0, rounds=2)
+    counted = scrape(server.url)["ganserve_request_duration_seconds_count"] - before
+    assert first.scenario == "ours" and second.scenario == "other model"
+    assert 0.9 < first.duration_s < 1.5 and 0.9 < second.duration_s < 1.5  # two turns of 0.5 s each
+    untimed = 2 * 2 * 2  # every turn's two connections each send one request before the clock starts
+    assert first.ok + second.ok + untimed == counted and first.ok > 0 and second.ok > 0
+    assert first.server_cpu_ms_per_request > 0 and second.server_cpu_ms_per_request == 0.0
+
+
 def test_ceiling_times_the_same_runtime_at_each_batch_size(repository):
     entry = [e for e in scan_repository(repository) if e.name == "digits"][0]
     results = measure_ceiling(entry, "onnx", "cpu", 1, [1, 8], seconds=0.2)
