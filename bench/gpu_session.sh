@@ -55,6 +55,7 @@ wanted onnx && step 70 bench-upscale --model sr-rrdb-x4 --runtime onnx --size 25
 unset GANSERVE_UPSCALE_TILE GANSERVE_UPSCALE_OVERLAP
 if wanted style; then
     echo "== a 256² StyleGAN2 config-f entry (random weights) in /tmp/style-repo"
+    rm -rf /tmp/style-repo  # the server serves every entry there: only this one
     timeout 150 $PYTHON -m bench.style_entry /tmp/style-repo --resolution 256 2>&1 | tail -3 | tee -a "$OUT/tables.txt"
     step 200 bench --repository /tmp/style-repo --model stylegan2-256 --runtime torchscript --concurrency 1,16 --duration "$DURATION" \
         --big-request 16 --max-batch-size 16 --threads 1 --out "$OUT/stylegan2-256-torchscript.json"
