@@ -15,7 +15,10 @@ Capture happens during warm-up only, for exactly the shapes warm-up runs (the ba
 are padded to, the upscale tiles); then the set is sealed. A shape warm-up did not run is served
 by the plain module and counted (`uncaptured_runs`), never compiled on a request's time. Each
 captured shape's output is compared with the plain module's on the warm-up inputs, and the
-largest difference is reported with the shapes (`GET /v1/models/{name}` → `capture`).
+largest difference is reported with the shapes (`GET /v1/models/{name}` → `capture`); a
+captured graph further than 8/255 of the output's own range from the plain module (the bound
+half precision is held to: service/precision.py), or non-finite, fails the model's load with the
+figures, so a broken capture is never served.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ def capture_refusal(mode: str, runtime: str) -> str | None:
         return None
     return f"graph_capture {mode} needs the {' or '.join(CAPTURING_RUNTIMES[mode])} runtime (not {runtime})"
 CUDA_GRAPH_WARMUP_RUNS = 3  # eager runs on a side stream before recording (cuDNN/cuBLAS pick their algorithms)
+CAPTURE_MAX_DIFFERENCE = 8 / 255  # of the plain output's range (max - min) on the warm-up inputs
 
 
 def shape_key(tensors: list) -> tuple:
@@ -144,8 +148,13 @@ class ShapeCapture:
         plain = self.module(*tensors).float()
         with captured.guard():
             difference = (run(*tensors).float() - plain).abs().max().item()
+        shapes = [list(t.shape) for t in tensors]
         if not difference < float("inf"):  # NaN or inf: the captured graph is broken for this shape
-            raise ValueError(f"graph_capture {self.mode}: the captured graph for input shapes {[list(t.shape) for t in tensors]} gives non-finite outputs")
+            raise ValueError(f"graph_capture {self.mode}: the captured graph for input shapes {shapes} gives non-finite outputs")
+        spread = (plain.max() - plain.min()).item() or 1.0
+        if difference > CAPTURE_MAX_DIFFERENCE * spread:
+            raise ValueError(f"graph_capture {self.mode}: the captured graph for input shapes {shapes} differs from the plain module by "
+                             f"{difference:.3g}, {difference / spread:.3f} of its output range (at most {CAPTURE_MAX_DIFFERENCE:.3f}): not served")
         captured.max_abs_difference = difference
         return captured
 

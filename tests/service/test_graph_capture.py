@@ -80,3 +80,23 @@ def test_onnx_cannot_capture_and_the_serving_section_says_why():
     with pytest.raises(ValidationError, match="needs the torchscript or eager runtime"):
         ServingConfig(runtime="onnx", graph_capture="cuda_graphs", **base)
     assert ServingConfig(runtime="torchscript", graph_capture="cuda_graphs", **base).graph_capture == "cuda_graphs"
+
+
+def test_a_captured_graph_that_disagrees_with_the_plain_module_is_refused_not_served():
+    """A capture that goes wrong (a static buffer read too late, a miscompiled kernel) would serve
+    wrong images silently: warm-up compares it with the plain module and refuses it past 8/255 of
+    the output's range, naming the shapes; rounding-level differences pass and are reported."""
+    import torch
+
+    from service.graph_capture import ShapeCapture
+
+    module = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh()).eval()
+    inputs = [torch.randn(4, 8, generator=torch.Generator().manual_seed(0))]
+    with torch.inference_mode():
+        close = ShapeCapture(module, "compile", "cpu")
+        close.compiled = lambda x: module(x) + 1e-4  # within rounding of a fused kernel
+        assert close.capture(inputs).max_abs_difference == pytest.approx(1e-4, rel=0.01)
+        broken = ShapeCapture(module, "compile", "cpu")
+        broken.compiled = lambda x: module(x.flip(0))  # another request's rows: the outputs are swapped
+        with pytest.raises(ValueError, match=r"input shapes \[\[4, 8\]\] differs from the plain module"):
+            broken.capture(inputs)
