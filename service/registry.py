@@ -75,6 +75,15 @@ class LoadedModel:
         return operation in IMAGE_OPERATIONS or (operation == "upscale" and self.tiles_as_pixels)
 
 
+def specialises_on_shapes(runtime: Runtime) -> bool:
+    """Runtimes that prepare per input shape, so that the first batch of a new shape is slow:
+    captured graphs anywhere, and every runtime on CUDA (TorchScript's profiling executor
+    re-optimises, cuDNN picks algorithms, ONNX Runtime's CUDA provider searches convolution
+    algorithms and plans its arena). Their warm-up runs every batch size the batcher may form, each
+    several times, and batches are padded to those sizes, so no request pays the preparation."""
+    return getattr(runtime, "capture", None) is not None or runtime.device == "cuda"
+
+
 IMAGE_TO_IMAGE = {"translation": "translate", "super_resolution": "upscale"}  # kind → endpoint
 # operations whose outputs only ever become images: converted to uint8 by the runtime, where they
 # were computed (translate outputs are cropped or resized, and overlapping upscale tiles blended,
@@ -354,7 +363,7 @@ class ModelRegistry:
         entry, config = model.entry, model.config
         captures = getattr(runtime, "capture", None) is not None
         prepare = runtime.run if captures else None  # captured before the memory of its first run is measured
-        specialised = (config.runtime in ("torchscript", "eager") and runtime.device == "cuda") or captures
+        specialised = specialises_on_shapes(runtime)
         batch_sizes = config.warmup_batch_sizes or warmup_sizes(config.max_batch_size)
         if not has_dynamic_size(entry, graph):
             return measure_cost(runtime.run, lambda b: dummy_inputs(entry, b, graph), [(b, float(b)) for b in batch_sizes], None,
@@ -362,9 +371,10 @@ class ModelRegistry:
         multiple = entry.spec["size_multiple"]
         if entry.kind == "super_resolution":
             side = config.upscale_tile
-            # every tile has the tile's shape, so with captured graphs tile batches are warmed (and
-            # padded) like a generator's batches; otherwise two batch sizes fit the cost per tile
-            shapes = {(b, side): float(b) for b in batch_sizes} if captures else {(1, side): 1.0, (2, side): 2.0}
+            # every tile has the tile's shape, so where the runtime specialises on shapes (captured
+            # graphs, CUDA) tile batches are warmed (and padded) like a generator's batches;
+            # otherwise two batch sizes fit the cost per tile
+            shapes = {(b, side): float(b) for b in batch_sizes} if specialised else {(1, side): 1.0, (2, side): 2.0}
         else:
             side = max(64, -(-entry.spec["train_resolution"] // multiple) * multiple)
             shapes = {(1, side): 1.0, (1, 2 * side): 4.0}
@@ -430,20 +440,16 @@ class ModelRegistry:
                                                        config.max_queue_delay_ms, config.max_queue_size, cost, config.max_batch_seconds, pad_to)
         return model.batchers[operation]
 
-    def shape_specialised(self, model: LoadedModel) -> bool:
-        """Runtimes that compile per input shape: TorchScript and eager torch on CUDA, and captured graphs anywhere."""
-        if model.config.graph_capture != "none":
-            return True
-        return model.config.runtime in ("torchscript", "eager") and model.runtime is not None and model.runtime.device == "cuda"
-
     def pads_batches(self, model: LoadedModel, graph: str) -> bool:
         """Batches of fixed-size graphs are padded to warmed sizes where the configuration says so
-        (by default where the runtime specialises on shapes); upscale tiles too where graphs are
-        captured (every tile has the tile's shape)."""
-        if has_dynamic_size(model.entry, graph) and not (model.entry.kind == "super_resolution" and model.config.graph_capture != "none"):
+        (by default where the runtime specialises on shapes); upscale tiles too where it does
+        (every tile has the tile's shape)."""
+        runtime = model.runtimes.get(graph, model.runtime)
+        specialised = runtime is not None and specialises_on_shapes(runtime)
+        if has_dynamic_size(model.entry, graph) and not (model.entry.kind == "super_resolution" and specialised):
             return False
         wanted = model.config.pad_batches
-        return self.shape_specialised(model) if wanted is None else wanted
+        return specialised if wanted is None else wanted
 
     def all_models(self) -> list[LoadedModel]:
         return [m for versions in self.models.values() for m in versions.values()]
