@@ -97,8 +97,9 @@ class OnnxRuntime:
             binding.bind_cpu_input(name, np.ascontiguousarray(inputs[name]))  # copied to the device by ORT
         binding.bind_output(self.output_name, self.device)
         with translated_oom():
-            self.session.run_with_iobinding(binding)  # returns once the device is done with it
-        return tensor_to_uint8(torch.from_dlpack(binding.get_outputs()[0]), value_range)
+            self.session.run_with_iobinding(binding)  # returns once the device is done with it (ORT synchronises its stream)
+        output = binding.get_outputs()[0]  # owned by `binding`: the DLPack view below shares its memory, converted and copied before both go
+        return tensor_to_uint8(torch.from_dlpack(output), value_range)
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         with translated_oom():
