@@ -74,6 +74,13 @@ class LoadedModel:
         runtime where they were computed) rather than the graph's float tensor."""
         return operation in IMAGE_OPERATIONS or (operation == "upscale" and self.tiles_as_pixels)
 
+    def keeps_tiles(self, runtime: Runtime, role: str) -> bool:
+        """Whether overlapping upscale tiles come back as tensors where they were computed, to be
+        blended there (service/tiling.py): where the runtime can keep its outputs (the torch
+        runtimes; ONNX Runtime through I/O binding on CUDA) and the tiles stay in this process —
+        not in a `--workers` engine, whose outputs travel to a front as host arrays."""
+        return not self.tiles_as_pixels and role == "single" and runtime.keeps_outputs
+
 
 def specialises_on_shapes(runtime: Runtime) -> bool:
     """Runtimes that prepare per input shape, so that the first batch of a new shape is slow:
@@ -433,7 +440,12 @@ class ModelRegistry:
             config = model.config
             key = BatchKey(model.entry.name, model.entry.version, operation)
             runtime = model.runtimes[graph]
-            run = functools.partial(runtime.run_images, value_range=tuple(model.entry.spec["value_range"])) if model.outputs_pixels(operation) else runtime.run
+            if model.outputs_pixels(operation):
+                run = functools.partial(runtime.run_images, value_range=tuple(model.entry.spec["value_range"]))
+            elif operation == "upscale" and model.keeps_tiles(runtime, self.settings.role):
+                run = runtime.run_kept
+            else:
+                run = runtime.run
             cost = model.costs.get(graph)
             pad_to = sorted({int(units) for units in cost.warmed}) if cost and self.pads_batches(model, graph) else None
             model.batchers[operation] = DynamicBatcher(key, run, model.lane, self.metrics, config.max_batch_size,

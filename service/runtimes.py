@@ -32,6 +32,13 @@ class Runtime(Protocol):
         GPU for the torch runtimes there: a quarter of the bytes cross to the host)."""
         ...
 
+    keeps_outputs: bool  # whether `run_kept` is there: float outputs left where they were computed
+
+    def run_kept(self, inputs: dict[str, np.ndarray]):
+        """The graph's float output as a torch tensor on the device that computed it (a fresh
+        one: no later run overwrites it), for work that continues there (tile blending)."""
+        ...
+
 
 def cuda_available() -> bool:
     try:
@@ -82,6 +89,7 @@ class OnnxRuntime:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_name = self.session.get_outputs()[0].name
         self.io_binding = self.device == "cuda" if io_binding is None else io_binding
+        self.keeps_outputs = self.io_binding
 
     def run_images(self, inputs: dict[str, np.ndarray], value_range: tuple[float, float]) -> np.ndarray:
         """With I/O binding the output is left where it was computed (ONNX Runtime allocates it on
@@ -90,6 +98,14 @@ class OnnxRuntime:
         it, ONNX Runtime hands back host floats, converted on the lane's thread."""
         if not self.io_binding:
             return to_uint8(self.run(inputs), value_range)
+        return self.bound(inputs, lambda output: tensor_to_uint8(output, value_range))
+
+    def run_kept(self, inputs: dict[str, np.ndarray]):
+        return self.bound(inputs, lambda output: output.clone())
+
+    def bound(self, inputs: dict[str, np.ndarray], finish):
+        """One run through I/O binding: `finish` gets the output as a torch view of ONNX Runtime's
+        device memory (DLPack), valid until the binding goes, and returns what outlives it."""
         import torch
 
         binding = self.session.io_binding()
@@ -98,8 +114,8 @@ class OnnxRuntime:
         binding.bind_output(self.output_name, self.device)
         with translated_oom():
             self.session.run_with_iobinding(binding)  # returns once the device is done with it (ORT synchronises its stream)
-        output = binding.get_outputs()[0]  # owned by `binding`: the DLPack view below shares its memory, converted and copied before both go
-        return tensor_to_uint8(torch.from_dlpack(output), value_range)
+        output = binding.get_outputs()[0]  # owned by `binding`, which outlives `finish`
+        return finish(torch.from_dlpack(output))
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         with translated_oom():
@@ -153,8 +169,13 @@ class TorchRuntime:
         # shapes captured while warm-up runs, then sealed by the registry (service/graph_capture.py)
         self.capture = ShapeCapture(self.module, graph_capture, device) if graph_capture != "none" else None
 
+    keeps_outputs = True
+
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         return self.forward(inputs, lambda out: out.float().cpu().numpy())
+
+    def run_kept(self, inputs: dict[str, np.ndarray]):
+        return self.forward(inputs, lambda out: out.float().clone())  # a captured graph's static output is overwritten by its next run
 
     def run_images(self, inputs: dict[str, np.ndarray], value_range: tuple[float, float]) -> np.ndarray:
         return self.forward(inputs, lambda out: tensor_to_uint8(out, value_range))

@@ -111,16 +111,32 @@ class TileBlender:
 
     The windows form a partition of unity (neighbouring ramps sum to 1, and a side without a
     neighbour keeps weight 1), so the weighted sum needs no normalisation pass; float32
-    throughout keeps a 1024 px frame's blend to a few milliseconds."""
+    throughout keeps a 1024 px frame's blend to a few milliseconds.
+
+    Tiles are NumPy arrays or torch tensors: the canvas is made like the first tile, where it is
+    (a runtime that hands back device tensors has its tiles blended on the device, and only the
+    finished image's uint8 crosses to the host: service/upscaling.py)."""
 
     def __init__(self, grid: TileGrid, scale: int, channels: int) -> None:
-        self.grid, self.scale = grid, scale
+        self.grid, self.scale, self.channels = grid, scale, channels
         self.size, overlap = grid.tile * scale, grid.overlap * scale
-        self.canvas = np.zeros((channels, grid.padded_height * scale, grid.padded_width * scale), dtype=np.float32)
+        self.canvas = None  # made like the first tile
         self.ramps = {(rise, fall): ramp(self.size, overlap, rise, fall).astype(np.float32) for rise in (False, True) for fall in (False, True)}
         self.origins = grid.origins()
 
-    def add(self, index: int, output: np.ndarray) -> None:
+    def start(self, like) -> None:
+        shape = (self.channels, self.grid.padded_height * self.scale, self.grid.padded_width * self.scale)
+        if isinstance(like, np.ndarray):
+            self.canvas = np.zeros(shape, dtype=np.float32)
+            return
+        import torch
+
+        self.canvas = torch.zeros(shape, dtype=torch.float32, device=like.device)
+        self.ramps = {key: torch.from_numpy(weights).to(like.device) for key, weights in self.ramps.items()}
+
+    def add(self, index: int, output) -> None:
+        if self.canvas is None:
+            self.start(output)
         grid, size = self.grid, self.size
         row, col = divmod(index, grid.cols)
         window = self.ramps[(row > 0, row < grid.rows - 1)][:, None] * self.ramps[(col > 0, col < grid.cols - 1)][None, :]
@@ -128,7 +144,7 @@ class TileBlender:
         ys, xs = y * self.scale, x * self.scale
         self.canvas[:, ys : ys + size, xs : xs + size] += output * window
 
-    def result(self) -> np.ndarray:
+    def result(self):
         return self.canvas[:, : self.grid.height * self.scale, : self.grid.width * self.scale]
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from service.admission import RequestCost, upscale_bytes_per_pixel
 from service.batcher import RequestState, each_result
 from service.errors import ApiError
-from service.imaging import DECODE_BYTES_PER_PIXEL
+from service.imaging import DECODE_BYTES_PER_PIXEL, tensor_to_uint8
 from service.pipeline import estimate, in_pool
 from service.registry import LoadedModel, ModelRegistry
 from service.tiling import TileBlender, TileGrid, TilePlacer, cut_tiles, plan_tiles
@@ -53,7 +53,9 @@ def plan_upscale(model: LoadedModel, width: int, height: int) -> UpscalePlan:
 async def upscale_upload(registry: ModelRegistry, model: LoadedModel, data: bytes, plan: UpscalePlan, state: RequestState) -> np.ndarray:
     """The admitted work of one upscale: decode, tiles through the batcher, blend → float
     [C, H·s, W·s]; or, where tiles meet without overlap (`LoadedModel.tiles_as_pixels`), each
-    tile comes back as uint8 and is placed → uint8 [H·s, W·s, C] (`imaging.to_uint8` takes either).
+    tile comes back as uint8 and is placed → uint8 [H·s, W·s, C] (`imaging.to_uint8` takes either);
+    or, where the runtime keeps its tiles (`LoadedModel.keeps_tiles`: the torch runtimes, ONNX
+    Runtime on CUDA), they are blended where they were computed and converted there → uint8.
 
     Each overlapping tile is blended in the encoder pool, not on the event loop: a 1024 px
     frame's blend is ~18 ms of NumPy on this CPU, which the loop would otherwise spend while every
@@ -71,4 +73,8 @@ async def upscale_upload(registry: ModelRegistry, model: LoadedModel, data: byte
                 builder.add(index, output)
             else:
                 await in_pool(registry, builder.add, index, output)
-    return builder.result()
+    image = builder.result()
+    if isinstance(image, np.ndarray):
+        return image
+    # tiles the runtime kept where it computed them were blended there: only uint8 leaves
+    return (await in_pool(registry, tensor_to_uint8, image[None], tuple(spec["value_range"])))[0]

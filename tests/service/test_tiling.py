@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from service.imaging import to_uint8
-from service.tiling import MIN_SIDE, TilePlacer, blend_tiles, cut_tiles, pad_to, padded_size, plan_tiles, ramp
+from service.tiling import MIN_SIDE, TileBlender, TilePlacer, blend_tiles, cut_tiles, pad_to, padded_size, plan_tiles, ramp
 
 
 def nearest(tile: np.ndarray, scale: int) -> np.ndarray:
@@ -33,6 +33,22 @@ def test_placing_uint8_tiles_without_overlap_equals_blending_their_floats(height
     assert np.array_equal(placer.result()[None], to_uint8(blend_tiles(outputs, grid, 4)[None], (-1, 1)))
     with pytest.raises(ValueError):
         TilePlacer(plan_tiles(height, width, tile=32, overlap=4), 4, 3)
+
+
+def test_torch_tiles_are_blended_where_they_are_like_numpy_tiles():
+    """Tiles a runtime kept as tensors (on a GPU: device memory) get a canvas on their device and
+    the same blend as host arrays."""
+    import torch
+
+    image = np.random.default_rng(2).random((3, 65, 130)).astype(np.float32)
+    grid = plan_tiles(65, 130, tile=32, overlap=6)
+    outputs = [nearest(t, 4) for t in cut_tiles(image, grid)]
+    blender = TileBlender(grid, 4, 3)
+    for index, output in enumerate(outputs):
+        blender.add(index, torch.from_numpy(np.ascontiguousarray(output)))
+    blended = blender.result()
+    assert isinstance(blended, torch.Tensor) and blended.device == torch.device("cpu")
+    np.testing.assert_allclose(blended.numpy(), blend_tiles(outputs, grid, 4), atol=1e-6)
 
 
 def test_neighbouring_ramps_sum_to_one_across_the_overlap():
