@@ -31,7 +31,7 @@ from service.runtimes import load_runtime
 from service.settings import Settings
 from service.model_config import serving_config
 from service.registry import IMAGE_TO_IMAGE
-from service.tiling import TileBlender, TilePlacer, cut_tiles, padded_size, pad_to, plan_tiles
+from service.tiling import TilePlacer, blend_tiles, cut_tiles, padded_size, pad_to, plan_tiles
 
 console = Console(width=None if sys.stdout.isatty() else 200)  # piped to a file: wide enough for the tables
 
@@ -87,10 +87,7 @@ def measure_assembly(size: int, scale: int, tile: int, overlap: int, seconds: fl
         return [rng.uniform(-1, 1, (3, side, side)).astype(np.float32) for _ in range(grid.rows * grid.cols)]
 
     def blend(grid, tiles) -> np.ndarray:
-        blender = TileBlender(grid, scale, 3)
-        for index, output in enumerate(tiles):
-            blender.add(index, output)
-        return to_uint8(blender.result()[None], (-1, 1))
+        return to_uint8(blend_tiles(tiles, grid, scale)[None], (-1, 1))
 
     def place(grid, tiles, convert: bool) -> np.ndarray:
         placer = TilePlacer(grid, scale, 3)

@@ -29,8 +29,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.precision import MAX_BOUND
+
 GRAPH_CAPTURES = ("none", "cuda_graphs", "compile")
 CAPTURING_RUNTIMES = {"cuda_graphs": ("torchscript", "eager"), "compile": ("eager",)}  # torch.compile cannot trace TorchScript
+CUDA_GRAPH_WARMUP_RUNS = 3  # eager runs on a side stream before recording (cuDNN/cuBLAS pick their algorithms)
+CAPTURE_MAX_DIFFERENCE = MAX_BOUND  # half precision's bound, of the plain output's range (max - min) on the warm-up inputs
 
 
 def capture_refusal(mode: str, runtime: str) -> str | None:
@@ -38,8 +42,6 @@ def capture_refusal(mode: str, runtime: str) -> str | None:
     if mode == "none" or runtime in CAPTURING_RUNTIMES[mode]:
         return None
     return f"graph_capture {mode} needs the {' or '.join(CAPTURING_RUNTIMES[mode])} runtime (not {runtime})"
-CUDA_GRAPH_WARMUP_RUNS = 3  # eager runs on a side stream before recording (cuDNN/cuBLAS pick their algorithms)
-CAPTURE_MAX_DIFFERENCE = 8 / 255  # of the plain output's range (max - min) on the warm-up inputs
 
 
 def shape_key(tensors: list) -> tuple:
