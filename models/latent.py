@@ -12,10 +12,16 @@ import torch
 RANGE_NAMES = ("coarse", "middle", "fine")
 
 
+def seed_latent(z_dim: int, seed: int) -> torch.Tensor:
+    """z [z_dim] of one seed, from its own generator on the CPU: a seed fixes its z whatever else is
+    drawn beside it. The one way training's `sample`, export parity and the service draw latents
+    (two torch calls: the service draws one per request on its event loop)."""
+    return torch.randn(z_dim, generator=torch.Generator().manual_seed(seed))
+
+
 def seed_latents(z_dim: int, seeds: list[int]) -> torch.Tensor:
-    """z [len(seeds), z_dim], one generator per seed on the CPU: a seed fixes its z whatever else is
-    drawn beside it. The one way training's `sample`, export parity and the service draw latents."""
-    return torch.cat([torch.randn(1, z_dim, generator=torch.Generator().manual_seed(seed)) for seed in seeds])
+    """z [len(seeds), z_dim]: `seed_latent` of each seed."""
+    return torch.stack([seed_latent(z_dim, seed) for seed in seeds])
 
 
 def truncate(w: torch.Tensor, w_avg: torch.Tensor, psi: float) -> torch.Tensor:

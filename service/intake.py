@@ -5,7 +5,8 @@
   and against the memory budget (503 when the bytes in flight would pass it);
 - the client is watched for the rest of the request: a hang-up sets the request's
   `disconnected` event and stops its work (the pipeline's callback cancels it and its queued
-  items are dropped) and the request counts as 499;
+  items are dropped) and the request counts as 499. Our HTTP protocol reports the hang-up itself
+  (service/http_protocol.py); under another server a task per request waits on `receive()`;
 - a model operation's answer gets a `Server-Timing` header (queue, compute, encode, total);
 - every model operation is timed and counted in `ganserve_requests_total` with its final
   status, whether a route answered it, validation refused it or the client left;
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_payload
+from service.http_protocol import DISCONNECT_EXTENSION
 from service.memory import MemoryBudget, OverBudget
 
 STATE_KEY = "ganserve"  # scope["state"][STATE_KEY] holds the request's RequestContext
@@ -131,12 +133,21 @@ class RequestIntake:
                 await context.disconnected.wait()
                 return {"type": "http.disconnect"}
 
+            def hung_up() -> None:
+                if not final_body_sent:
+                    context.client_left()
+
+            told = scope.get("extensions", {}).get(DISCONNECT_EXTENSION)
+            if told is not None:  # our protocol calls back when the connection is lost (service/http_protocol.py)
+                told.append(hung_up)
+                await self.app(scope, replay, tracking_send)
+                return
+
             async def watch() -> None:
                 while True:
                     message = await receive()
                     if message["type"] == "http.disconnect":
-                        if not final_body_sent:
-                            context.client_left()
+                        hung_up()
                         return
 
             watcher = asyncio.ensure_future(watch())

@@ -7,13 +7,13 @@ from __future__ import annotations
 import numpy as np
 
 from models.biggan import truncated_latent, truncation_stats_weights
-from models.latent import seed_latents
+from models.latent import seed_latent
 from service.errors import ApiError
 from service.repository import ModelEntry
 
 
 def latent_for_seed(seed: int, z_dim: int) -> np.ndarray:
-    return seed_latents(z_dim, [seed])[0].numpy()
+    return seed_latent(z_dim, seed).numpy()
 
 
 def resolve_label(entry: ModelEntry, label: int | str | None) -> int | None:

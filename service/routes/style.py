@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models import latent
 from service import style
 from service.errors import error_responses
-from service.pipeline import begin, combined, estimate, execute, generated_bytes, registry_of, require_json
+from service.pipeline import JsonBodyRoute, begin, combined, estimate, execute, generated_bytes, registry_of
 from service.registry import LoadedModel
 from service.responses import choose_format, respond, respond_animation
 from service.operations import resolve_label
 from service.schemas import ClassIndex, ClassName, ImageFormat, Layers, Layout, Psi, Seed, WVector
 
-router = APIRouter(prefix="/v1", tags=["style"])
+router = APIRouter(prefix="/v1", tags=["style"], route_class=JsonBodyRoute)  # JSON bodies: 415 for any other type
 MAX_FRAMES = 120
 MAX_GRID = 16
 STYLE_ERRORS = error_responses(404, 406, 413, 415, 422, 429, 503, 504)
@@ -93,7 +93,7 @@ def style_cost(model: LoadedModel, mapped: int, synthesized: int):
     return combined(estimate(model, "mapping", [1.0] * mapped), estimate(model, "model", [1.0] * synthesized, generated_bytes(model, synthesized)))
 
 
-@router.post("/models/{name}/style-mix", dependencies=[Depends(require_json)], responses=STYLE_ERRORS)
+@router.post("/models/{name}/style-mix", responses=STYLE_ERRORS)
 async def style_mix(name: str, body: StyleMixRequest, request: Request) -> Response:
     registry, model = registry_of(request), style_model(request, name, "style-mix")
     layers = style.layers_for(model, body.layers)
@@ -112,7 +112,7 @@ async def style_mix(name: str, body: StyleMixRequest, request: Request) -> Respo
     return await respond(registry, model.entry, "style-mix", images, fmt, body.layout, cols, list(range(rows * cols)))
 
 
-@router.post("/models/{name}/interpolate", dependencies=[Depends(require_json)], responses=STYLE_ERRORS)
+@router.post("/models/{name}/interpolate", responses=STYLE_ERRORS)
 async def interpolate(name: str, body: InterpolateRequest, request: Request) -> Response:
     registry, model = registry_of(request), style_model(request, name, "interpolate")
     ends = style.check_w(model, body.w) if body.w is not None else None
@@ -138,7 +138,7 @@ async def interpolate(name: str, body: InterpolateRequest, request: Request) -> 
     return await respond_animation(registry, model.entry, frames, body.format, body.frame_ms)
 
 
-@router.post("/models/{name}/edit", dependencies=[Depends(require_json)], responses=STYLE_ERRORS)
+@router.post("/models/{name}/edit", responses=STYLE_ERRORS)
 async def edit(name: str, body: EditRequest, request: Request) -> Response:
     registry, model = registry_of(request), style_model(request, name, "edit")
     vector = style.direction(model, body.direction)

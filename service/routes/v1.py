@@ -2,19 +2,19 @@
 from __future__ import annotations
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service import style
 from service.batcher import run_items
 from service.errors import ApiError, error_responses
 from service.operations import generate_inputs, resolve_label, resolve_truncation
-from service.pipeline import begin, combined, estimate, execute, generated_bytes, registry_of, require_json
+from service.pipeline import JsonBodyRoute, begin, combined, estimate, execute, generated_bytes, registry_of
 from service.registry import IMAGE_TO_IMAGE, LoadedModel
 from service.responses import choose_format, respond
 from service.schemas import MAX_SEED, MAX_WS, BigGANTruncation, ClassIndex, ClassName, ImageCount, ImageFormat, Layout, Psi, Seed, Version
 
-router = APIRouter(prefix="/v1", tags=["v1"])
+router = APIRouter(prefix="/v1", tags=["v1"], route_class=JsonBodyRoute)  # JSON bodies: 415 for any other type
 
 
 class GenerateRequest(BaseModel):
@@ -82,8 +82,7 @@ async def model_detail(name: str, request: Request) -> dict:
             "versions": [{**describe(m), "spec": m.entry.spec} for _, m in sorted(versions.items())]}
 
 
-@router.post("/models/{name}/generate", dependencies=[Depends(require_json)],
-             responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}, "application/x-npy": {}, "application/json": {}}},
+@router.post("/models/{name}/generate", responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}, "application/x-npy": {}, "application/json": {}}},
                         **error_responses(404, 406, 413, 415, 422, 429, 503, 504)})
 async def generate(name: str, body: GenerateRequest, request: Request) -> Response:
     """Images for seeds. One image comes back as image bytes; several as one grid image
