@@ -233,26 +233,6 @@ class DynamicBatcher:
         return (len(batch) == 1 and self.cost is not None and self.cost.batch_seconds(batch[0].units) < INLINE_COMPUTE_MAX_S
                 and (not self.pad_to or self.pad_to[0] == 1))
 
-    def run_now(self, inputs: list[dict[str, np.ndarray]], request: RequestState) -> list[np.ndarray] | None:
-        """A lone item that would run on the event loop anyway (`runs_inline`), finding its queue
-        empty and its lane idle, runs at once in the caller's task: the hop to the worker task and
-        back, two turns of the event loop, was the last overhead of the one-client path. None when
-        it must queue (anything waiting or running, a costlier item, a closing batcher)."""
-        if len(inputs) != 1 or self.queue or not self.accepting or self.lane.slots.locked() or self.cost is None:
-            return None
-        units = self.cost.units(inputs[0])
-        item = WorkItem(inputs[0], request, self.loop.create_future(), units, self.cost.item_seconds(units))
-        if not self.runs_inline([item]) or not request.alive(item.enqueued):
-            return None
-        self.metrics.queue_duration.observe(0.0)
-        if request.timing is not None:
-            request.timing.setdefault("queue", 0.0)
-        try:
-            self.execute_inline([item])
-        finally:
-            self.settle(item)
-        return [item.future.result()]  # the item's error, raised as waiting for it would
-
     def execute_inline(self, batch: list[WorkItem]) -> None:
         stacked = {name: item[None] for name, item in batch[0].inputs.items()}
         started = time.perf_counter()
@@ -360,9 +340,5 @@ async def each_result(futures: list[asyncio.Future], request: RequestState) -> A
 
 
 async def run_items(batcher: DynamicBatcher, inputs: list[dict[str, np.ndarray]], request: RequestState) -> list[np.ndarray]:
-    """Submits a request's items and waits for all of them until the request's deadline (a lone
-    cheap item on an idle batcher runs at once: `DynamicBatcher.run_now`)."""
-    done = batcher.run_now(inputs, request)
-    if done is not None:
-        return done
+    """Submits a request's items and waits for all of them until the request's deadline."""
     return await wait_items(batcher.submit(inputs, request), request)

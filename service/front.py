@@ -195,11 +195,6 @@ class RemoteBatcher:
         self.name, self.version = model.entry.name, model.entry.version
         self.operation, self.graph = operation, graph
 
-    @staticmethod
-    def run_now(inputs: list[dict[str, np.ndarray]], request: RequestState) -> None:
-        """Never: a front computes nothing, every item goes to the engine's queue."""
-        return None
-
     def submit(self, inputs: list[dict[str, np.ndarray]], request: RequestState) -> list[asyncio.Future]:
         if self.registry.draining or not self.client.connected:
             raise ShuttingDown()

@@ -203,31 +203,3 @@ def test_a_failing_model_fails_its_batch_but_not_the_worker():
         return ok
 
     assert asyncio.run(scenario())[0][0] == 8.0
-
-
-def test_a_lone_cheap_item_on_an_idle_batcher_runs_at_once_and_otherwise_queues():
-    """`run_items` computes a lone item of a tiny graph in the caller's task when nothing is queued
-    or running (no worker hop), settles its share of the lane's backlog, and records it like any
-    batch; with an item already waiting, or a costlier graph, it queues as before."""
-    async def scenario():
-        runtime = RecordingRuntime()
-        tiny = GraphCost(per_unit_s=0.00001, overhead_s=0.0, bytes_per_unit=0, reference_pixels=None)
-        batcher = make_batcher(runtime, cost=tiny, max_queue_delay_ms=0)
-        request = alive()
-        request.lane_seconds = 0.00001
-        batcher.lane.add_backlog(0.00001)
-        now = batcher.run_now(items([3]), request)
-        after_now = (list(runtime.batches), batcher.lane.backlog_s, batcher.metrics.batch_items._sum.get())
-        queued = batcher.submit(items([1]), alive())  # an item waiting: the next lone one queues behind it
-        behind = batcher.run_now(items([2]), alive())
-        await asyncio.gather(*queued)
-        slow = make_batcher(RecordingRuntime(), cost=GraphCost(per_unit_s=0.01, overhead_s=0.0, bytes_per_unit=0, reference_pixels=None))
-        costly = slow.run_now(items([4]), alive())
-        await batcher.close()
-        await slow.close()
-        return now, after_now, behind, costly
-
-    now, (batches, backlog, recorded), behind, costly = asyncio.run(scenario())
-    assert now is not None and float(now[0][0]) == 6.0
-    assert batches == [1] and backlog == 0.0 and recorded == 1.0
-    assert behind is None and costly is None

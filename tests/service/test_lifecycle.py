@@ -120,8 +120,10 @@ def test_broken_entries_fail_alone_with_a_reason_and_no_absolute_path(repository
 
 def test_readiness_is_503_while_a_model_it_requires_is_failed(repository, tmp_path):
     repo, _ = broken_repository(repository, tmp_path)
-    for requires, expected in [("all", 503), ("any", 200), ("digits, styles", 200), ("digits,cdigits", 503)]:
-        with running_server(repo, wait=False, ready_requires=requires) as server:
+    cases = [("all", 503), ("any", 200), ("digits, styles", 200), ("digits,cdigits", 503)]
+    with contextlib.ExitStack() as stack:  # the four servers start at once: each start is mostly waiting on imports
+        servers = [stack.enter_context(running_server(repo, wait=False, ready_requires=requires)) for requires, _ in cases]
+        for server, (requires, expected) in zip(servers, cases):
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 with contextlib.suppress(httpx.TransportError):
