@@ -34,3 +34,15 @@ def test_truncation_and_edit_and_mixing():
     assert torch.allclose(moved, torch.tensor([[0.0, 0.0], [3.0, 4.0]]))
     a, b = torch.zeros(1, 4, 2), torch.ones(1, 4, 2)
     assert latent.mix_styles(a, b, [1, 2])[0, :, 0].tolist() == [0.0, 1.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("z_dim", [7, 16, 100, 512])
+def test_a_seeds_latent_is_torch_randn_from_its_own_generator_whatever_is_drawn_beside_it(z_dim):
+    """The documented way to reproduce a served image's z outside the service: torch.randn(z_dim)
+    from a CPU generator seeded with the seed; batches stack the same rows."""
+    seeds = [0, 1, 123, 2**40 + 3, 2**63 - 1]
+    stacked = latent.seed_latents(z_dim, seeds)
+    for row, seed in zip(stacked, seeds):
+        expected = torch.randn(1, z_dim, generator=torch.Generator().manual_seed(seed))[0]
+        assert torch.equal(row, expected) and torch.equal(latent.seed_latent(z_dim, seed), expected)
+    assert torch.equal(latent.seed_latents(z_dim, seeds[2:3])[0], stacked[2])
