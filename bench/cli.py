@@ -20,13 +20,16 @@ def bench_command(
     workers: int = typer.Option(1, min=1, help="above 1: also measure natural batching with `serve --workers N` (N fronts, one engine)"),
     graph_capture: str = typer.Option("none", help="none, cuda_graphs or compile: the server's GANSERVE_GRAPH_CAPTURE (service/graph_capture.py)"),
     rounds: int = typer.Option(3, min=1, help="every server runs at once; each scenario's seconds are spent in this many turns, interleaved with the others'"),
+    baseline_code: Optional[Path] = typer.Option(None, "--baseline-code", exists=True, file_okay=False,
+                                                 help="another checkout of ganserve (e.g. `git worktree add /tmp/base HEAD~1`): its natural-batching "
+                                                      "server joins the turns, and the side-by-side says what the change is worth"),
     out: Optional[Path] = typer.Option(Path("bench/results/latest.json"), help="JSON report"),
 ) -> None:
     """Load-test the real server (natural batching, batching with a delay, no batching) beside the naive server, and compare with the bare-forward ceiling."""
     from bench.runner import run_bench
 
     run_bench(repository, model, runtime, [int(c) for c in concurrency.split(",")], duration, big_request, max_batch_size, max_queue_delay_ms, threads, out,
-              workers, graph_capture, rounds)
+              workers, graph_capture, rounds, baseline_code)
 
 
 def bench_upscale_command(

@@ -26,6 +26,7 @@ NAIVE = "naive FastAPI (one sess.run per request, no batching)"
 NATURAL = "natural batching ("  # one process
 WORKERS = "natural batching, "  # --workers N
 UNCAPTURED = "uncaptured natural batching ("  # the baseline of a --graph-capture run
+BASELINE_CODE = "baseline code: natural batching ("  # --baseline-code: the same server from another checkout
 
 
 def naive_unsupported(entry, runtime: str) -> str | None:
@@ -55,9 +56,11 @@ def machine() -> str:
 
 def run_bench(repository: Path, model: str, runtime: str, concurrencies: list[int], duration_s: float, big_request: int,
               max_batch_size: int, max_queue_delay_ms: float, threads: int, out: Path | None, workers: int = 1, graph_capture: str = "none",
-              rounds: int = 3) -> dict:
+              rounds: int = 3, baseline_code: Path | None = None) -> dict:
     """`rounds`: every server is up for the whole run and each scenario's `duration_s` is spent in
-    that many turns, interleaved with the other servers' (bench/load.py `run_interleaved`)."""
+    that many turns, interleaved with the other servers' (bench/load.py `run_interleaved`).
+    `baseline_code`: another checkout whose natural-batching server joins the turns, so that a
+    change is measured against the code before it in the same run."""
     entries = [e for e in scan_repository(repository) if e.name == model]
     if not entries:
         raise SystemExit(f"no model {model!r} in {repository}")
@@ -75,6 +78,9 @@ def run_bench(repository: Path, model: str, runtime: str, concurrencies: list[in
     if graph_capture != "none":  # what the capture is worth, measured in the same run
         configurations.append((f"{UNCAPTURED}max_batch_size={max_batch_size}, delay 0, graph_capture none)",
                                dict(max_batch_size=max_batch_size, max_queue_delay_ms=0, graph_capture="none"), True))
+    if baseline_code is not None:
+        configurations.append((f"{BASELINE_CODE}{baseline_code}, max_batch_size={max_batch_size}, delay 0)",
+                               dict(max_batch_size=max_batch_size, max_queue_delay_ms=0, code=baseline_code), True))
     naive_reason = naive_unsupported(entry, runtime)
     if naive_reason is not None:
         console.print(f"naive baseline skipped: {naive_reason}")
@@ -97,6 +103,7 @@ def run_bench(repository: Path, model: str, runtime: str, concurrencies: list[in
     loads.sort(key=lambda r: (order[r.scenario], r.concurrency))  # the tables read by configuration
     ceilings = measure_ceiling(entry, runtime, device, threads, sorted({1, max_batch_size, big_request}))
     report = {"machine": machine(), "model": model, "runtime": runtime, "graph_capture": graph_capture, "max_batch_size": max_batch_size, "max_queue_delay_ms": max_queue_delay_ms,
+              "baseline_code": str(baseline_code) if baseline_code else None,
               "load": [r.to_dict() for r in loads], "ceiling": [c.to_dict() for c in ceilings]}
     print_report(report)
     print_side_by_side(report)
@@ -166,12 +173,15 @@ def print_side_by_side(report: dict) -> None:
     naive = {r["concurrency"]: r for r in single if r["scenario"].startswith(NAIVE)}
     ours_by_concurrency = {r["concurrency"]: r for r in single if r["scenario"].startswith(NATURAL)}
     workers_by_concurrency = {r["concurrency"]: r for r in single if r["scenario"].startswith(WORKERS)}
+    before_by_concurrency = {r["concurrency"]: r for r in single if r["scenario"].startswith(BASELINE_CODE)}
     if not naive:
         return
     table = Table(title="ganserve (natural batching) vs the naive server, same load generator, same run")
     columns = ["conc.", "ganserve req/s", "naive req/s", "ratio", "ganserve p99 ms", "naive p99 ms", "ganserve CPU ms/req", "naive CPU ms/req"]
     if workers_by_concurrency:
         columns += ["--workers req/s", "--workers ratio", "--workers p99 ms"]
+    if before_by_concurrency:
+        columns += ["baseline code req/s", "ganserve ÷ baseline code", "baseline code p99 ms"]
     for column in columns:
         table.add_column(column, justify="right")
     for c, base in sorted(naive.items()):
@@ -183,5 +193,7 @@ def print_side_by_side(report: dict) -> None:
                f"{ours['server_cpu_ms_per_request']:.2f}", f"{base['server_cpu_ms_per_request']:.2f}"]
         if workers_by_concurrency and (many := workers_by_concurrency.get(c)):
             row += [f"{many['requests_per_s']:.0f}", f"{many['requests_per_s'] / max(base['requests_per_s'], 1e-9):.2f}", f"{many['latency_ms']['p99']:.1f}"]
+        if before_by_concurrency and (before := before_by_concurrency.get(c)):
+            row += [f"{before['requests_per_s']:.0f}", f"{ours['requests_per_s'] / max(before['requests_per_s'], 1e-9):.2f}", f"{before['latency_ms']['p99']:.1f}"]
         table.add_row(*row)
     console.print(table)

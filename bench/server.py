@@ -54,14 +54,14 @@ def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 
 
 @contextlib.contextmanager
 def launched_process(command: list[str], port: int, env: dict[str, str] | None = None, wait: bool = True,
-                     ready_timeout_s: float = 120) -> Iterator[tuple[subprocess.Popen, str]]:
-    """Yields (process, base URL) of an HTTP server `command` starts on `port`. Its stderr goes to
-    a temporary file (a pipe nobody reads would block a chatty server); stopped with SIGTERM (a
-    graceful drain) at exit."""
+                     ready_timeout_s: float = 120, cwd: Path = REPO) -> Iterator[tuple[subprocess.Popen, str]]:
+    """Yields (process, base URL) of an HTTP server `command` starts in `cwd` on `port`. Its stderr
+    goes to a temporary file (a pipe nobody reads would block a chatty server); stopped with SIGTERM
+    (a graceful drain) at exit."""
     with tempfile.TemporaryDirectory() as scratch:
         log = Path(scratch) / "server.log"
         with open(log, "wb") as stderr:
-            process = subprocess.Popen(command, cwd=REPO, env=env or dict(os.environ), stdout=subprocess.DEVNULL, stderr=stderr)
+            process = subprocess.Popen(command, cwd=cwd, env=env or dict(os.environ), stdout=subprocess.DEVNULL, stderr=stderr)
         url = f"http://127.0.0.1:{port}"
         try:
             if wait:
@@ -86,12 +86,17 @@ def launched_naive(repository: Path, model: str, threads: int) -> Iterator[tuple
 
 
 @contextlib.contextmanager
-def launched_server(repository: Path, wait: bool = True, **settings) -> Iterator[tuple[subprocess.Popen, str]]:
+def launched_server(repository: Path, wait: bool = True, code: Path | None = None, **settings) -> Iterator[tuple[subprocess.Popen, str]]:
     """`ganserve serve` as users start it; `settings` become GANSERVE_* variables. It has longer to
-    become ready where warm-up compiles (`graph_capture compile` on a CPU: 10-20 s a batch size here)."""
+    become ready where warm-up compiles (`graph_capture compile` on a CPU: 10-20 s a batch size here).
+
+    `code`: another checkout of ganserve to serve from instead of this one (say `git worktree add
+    /tmp/base HEAD~1`), run with this environment's packages: `ganserve bench --baseline-code`."""
     ready_timeout_s = 900 if settings.get("graph_capture") == "compile" else 120
     port = free_port()
     env = {**os.environ, **{f"GANSERVE_{k.upper()}": str(v) for k, v in settings.items()}}
-    command = [sys.executable, "-m", "ganserve_cli", "serve", "--repository", str(repository), "--host", "127.0.0.1", "--port", str(port)]
-    with launched_process(command, port, env, wait, ready_timeout_s) as launched:
+    if code is not None:  # its packages first on the path (`-m` puts the working directory there too)
+        env["PYTHONPATH"] = os.pathsep.join([str(code.resolve()), *filter(None, [os.environ.get("PYTHONPATH")])])
+    command = [sys.executable, "-m", "ganserve_cli", "serve", "--repository", str(repository.resolve()), "--host", "127.0.0.1", "--port", str(port)]
+    with launched_process(command, port, env, wait, ready_timeout_s, cwd=(code or REPO).resolve()) as launched:
         yield launched

@@ -92,3 +92,24 @@ def test_the_upscale_bench_measures_requests_one_stream_and_the_bare_forward(rep
     assert len(report["assembly_ms"]) == 3 and all(ms > 0 for ms in report["assembly_ms"].values())
     translate = run_upscale_bench(repository, "edges", "onnx", [1], 1.0, 32, "png", 16, 1, None, measure_s=0.3)
     assert set(translate["load"][0]["statuses"]) == {"200"} and translate["stream"] is None
+
+
+def test_a_server_from_another_checkout_is_what_baseline_code_measures(repository, tmp_path):
+    """`ganserve bench --baseline-code DIR` serves DIR's code, not this checkout's: a copy whose app
+    says another version answers with it (and generates like this one)."""
+    import shutil
+
+    import httpx
+
+    from bench.server import REPO, launched_server
+
+    copy = tmp_path / "checkout"
+    for package in ("bench", "ganserve", "models", "repository", "service", "training"):
+        shutil.copytree(REPO / package, copy / package, ignore=shutil.ignore_patterns("__pycache__", "results"))
+    shutil.copy(REPO / "ganserve_cli.py", copy)
+    app_module = copy / "service" / "app.py"
+    app_module.write_text(app_module.read_text().replace('title="ganserve", version="1.0"', 'title="ganserve", version="baseline-copy"'))
+    with launched_server(repository, code=copy, log_level="warning") as (_, url):
+        version = httpx.get(f"{url}/openapi.json", timeout=30).json()["info"]["version"]
+        answer = httpx.post(f"{url}/v1/models/digits/generate", json={"seed": 5}, timeout=30)
+    assert version == "baseline-copy" and answer.status_code == 200
