@@ -58,7 +58,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         # armed only for a request whose headers did not come whole: most arrive in one read, and a
-        # timer made and cancelled for each of them cost the event loop ~1 % at 32 clients
+        # timer made and cancelled for each of them was 1.2 % of the event loop's py-spy samples at 32 clients
         if self.awaiting_headers:
             self.arm_header_timer()  # a running timer keeps its start
 
@@ -75,9 +75,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         # the body is whole: read on, so that a hang-up is seen while the request runs (uvicorn
-        # resumes reading only when the app calls receive(), which the intake no longer does)
-        if self.cycle is not None and not self.pipeline:
-            self.flow.resume_reading()
+        # resumes reading only when the app calls receive(), which the intake no longer does after
+        # the body; a pipelined request's headers pause reading again, as before)
+        self.flow.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.disarm_header_timer()

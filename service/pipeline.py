@@ -47,8 +47,8 @@ def require_json(request: Request) -> None:
 class JsonBodyRoute(APIRoute):
     """The route class of routers whose operations take a JSON body: a route with a body model
     answers 415 for any other content type before FastAPI parses the body. (A `Depends` did this at
-    a second pass of FastAPI's dependency solver on every request: ~2 % of the event loop's time
-    at 32 clients, docs/benchmarks.md.)"""
+    the cost of a second pass of FastAPI's dependency solver on every request: docs/benchmarks.md,
+    run 7.)"""
 
     def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
         handler = super().get_route_handler()
