@@ -43,13 +43,14 @@ def bench_upscale_command(
     max_batch_size: int = typer.Option(64, min=1, help="tiles per forward pass"),
     threads: int = typer.Option(1, min=1, help="runtime intra-op threads"),
     graph_capture: str = typer.Option("none", help="none, cuda_graphs or compile: the server's GANSERVE_GRAPH_CAPTURE (service/graph_capture.py)"),
+    workers: int = typer.Option(1, min=1, help="the server's front processes (`serve --workers N`: above 1, one engine computes and assembles the tiles)"),
     out: Optional[Path] = typer.Option(Path("bench/results/upscale-latest.json"), help="JSON report"),
 ) -> None:
     """Upscale (or translate) throughput (frames/s, p99) through the real server, beside the bare forward pass."""
     from bench.upscale import run_upscale_bench
 
     run_upscale_bench(repository, model, runtime, [int(c) for c in concurrency.split(",")], duration, size, format, max_batch_size, threads, out,
-                      graph_capture=graph_capture)
+                      graph_capture=graph_capture, workers=workers)
 
 
 def bench_soak_command(

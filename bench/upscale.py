@@ -131,7 +131,7 @@ def measure_stream(url: str, model: str, frame: bytes, fmt: str, duration_s: flo
 
 
 def run_upscale_bench(repository: Path, model: str, runtime: str, concurrencies: list[int], duration_s: float, size: int, fmt: str,
-                      max_batch_size: int, threads: int, out: Path | None, measure_s: float = 3.0, graph_capture: str = "none") -> dict:
+                      max_batch_size: int, threads: int, out: Path | None, measure_s: float = 3.0, graph_capture: str = "none", workers: int = 1) -> dict:
     """`measure_s`: how long each bare forward is repeated (encoding: a third of it); a report's
     figures want seconds, a smoke test of the tool a fraction of one."""
     entries = [e for e in scan_repository(repository) if e.name == model]
@@ -152,7 +152,7 @@ def run_upscale_bench(repository: Path, model: str, runtime: str, concurrencies:
     request = {"content": buffer.getvalue(), "headers": {"content-type": "image/png"}}
     loads = []
     with launched_server(repository, log_level="warning", runtime=runtime, intra_op_threads=threads, max_batch_size=max_batch_size, max_queue_delay_ms=0,
-                         max_queue_size=100_000, graph_capture=graph_capture) as (process, url):
+                         max_queue_size=100_000, graph_capture=graph_capture, workers=workers) as (process, url):
         for c in concurrencies:
             result = run_load(url, model, f"{size}→{size * entry.spec['scale']} px, {fmt} out", {}, c, duration_s, path=f"/v1/models/{model}/{endpoint}?format={fmt}",
                               request=request, pid=process.pid)
@@ -166,7 +166,7 @@ def run_upscale_bench(repository: Path, model: str, runtime: str, concurrencies:
     else:  # translate: the whole frame, mirror-padded to the network's size multiple, in one pass
         tiles_per_frame = 1
         forward = measure_whole_frame(entry, runtime, device, threads, frame, seconds=measure_s)
-    report = {"machine": machine(), "model": model, "runtime": runtime, "graph_capture": graph_capture, "device": device, "size": size, "scale": entry.spec["scale"], "format": fmt,
+    report = {"machine": machine(), "model": model, "runtime": runtime, "graph_capture": graph_capture, "workers": workers, "device": device, "size": size, "scale": entry.spec["scale"], "format": fmt,
               "endpoint": endpoint, "tile": config.upscale_tile if endpoint == "upscale" else None, "overlap": config.upscale_overlap if endpoint == "upscale" else None,
               "tiles_per_frame": tiles_per_frame, "max_batch_size": max_batch_size,
               "load": loads, "stream": stream, "forward": forward, "encode_ms": measure_encoding(size * entry.spec["scale"], measure_s / 3),
@@ -179,7 +179,8 @@ def run_upscale_bench(repository: Path, model: str, runtime: str, concurrencies:
 def print_upscale_report(report: dict) -> None:
     tiling = (f"tiles {report['tile']} px / overlap {report['overlap']} → {report['tiles_per_frame']} tiles per {report['size']} px frame"
               if report.get("endpoint", "upscale") == "upscale" else f"whole {report['size']} px frame per request")
-    console.print(f"[bold]{report['model']}[/] x{report['scale']} on {report['machine']}, runtime {report['runtime']} ({report['device']}), {tiling}")
+    processes = f", {report['workers']} fronts + one engine" if report.get("workers", 1) > 1 else ""
+    console.print(f"[bold]{report['model']}[/] x{report['scale']} on {report['machine']}, runtime {report['runtime']} ({report['device']}){processes}, {tiling}")
     table = Table(title="service (HTTP, real server)")
     for column in ("scenario", "clients", "frames/s", "p50 ms", "p99 ms", "errors", "mean tiles per batch", "queue ms per tile", "compute/encode ms per request"):
         table.add_column(column, justify="right" if column != "scenario" else "left")

@@ -90,6 +90,8 @@ class WorkItem:
 
 
 class DynamicBatcher:
+    assembles_tiles = False  # tile outputs come back one by one, to be assembled by the caller (service/upscaling.py)
+
     def __init__(self, key: BatchKey, run_batch: Callable[[dict[str, np.ndarray]], np.ndarray], lane: Lane,
                  metrics: ServiceMetrics, max_batch_size: int, max_queue_delay_ms: float, max_queue_size: int,
                  cost: GraphCost | None = None, max_batch_seconds: float = math.inf, pad_to: list[int] | None = None) -> None:

@@ -18,6 +18,8 @@ import numpy as np
 from service.batcher import RequestState
 from service.engine_link import EngineSnapshot, MessageProtocol, ModelSnapshot, encode_error
 from service.registry import LoadedModel, ModelRegistry
+from service.tiling import TileGrid
+from service.upscaling import assemble_pixels
 
 log = logging.getLogger("ganserve.engine")
 
@@ -40,6 +42,12 @@ def engine_snapshot(registry: ModelRegistry) -> EngineSnapshot:
     return EngineSnapshot(registry.loaded, registry.is_ready(), registry.draining, registry.encoder_table, registry.device, models)
 
 
+def host_array(output) -> np.ndarray:
+    """An output as the front can take it: a NumPy array (a tensor a runtime kept where it
+    computed it is copied to the host; a front has no GPU context to unpickle it into)."""
+    return output if isinstance(output, np.ndarray) else output.cpu().numpy()
+
+
 class FrontConnection:
     """One front's socket: submits its requests' items to the batchers and streams each item's
     output back as soon as it is computed."""
@@ -50,6 +58,7 @@ class FrontConnection:
         self.protocol = MessageProtocol(self.received, self.lost)
         self.send = self.protocol.send
         self.waiting: asyncio.Task | None = None  # a front's start-up snapshot, sent once loading ends
+        self.assembling: set[asyncio.Task] = set()  # upscales whose tiles are being assembled into their image
 
     def received(self, message: tuple) -> None:
         kind = message[0]
@@ -76,7 +85,11 @@ class FrontConnection:
             self.waiting.cancel()
 
     def submit(self, request_id: int, name: str, version: int, operation: str, graph: str,
-               inputs: list[dict[str, np.ndarray]], deadline: float) -> None:
+               inputs: list[dict[str, np.ndarray]], deadline: float, grid: TileGrid | None) -> None:
+        """Queues a request's items. With a tile `grid` (an upscale), the outputs are assembled
+        into the image here, where they were computed (on a GPU, on the device), and one uint8
+        image goes back instead of every tile's floats; otherwise each item's output goes back
+        as it is computed."""
         state = RequestState(deadline=deadline, timing={})
         try:
             model = self.registry.get(name, version)
@@ -94,10 +107,11 @@ class FrontConnection:
 
         def answered(index: int, future: asyncio.Future) -> None:
             # never cancelled: the batcher fails the items it drops (deadline, hang-up) with DeadlineExceeded
-            if (error := future.exception()) is not None:
-                self.send(("fail", request_id, index, encode_error(error)))
-            else:
-                self.send(("result", request_id, index, future.result(), state.timing))
+            if grid is None:
+                if (error := future.exception()) is not None:
+                    self.send(("fail", request_id, index, encode_error(error)))
+                else:
+                    self.send(("result", request_id, index, host_array(future.result()), state.timing))
             remaining[0] -= 1
             if not remaining[0]:
                 self.requests.pop(request_id, None)
@@ -106,6 +120,19 @@ class FrontConnection:
 
         for index, item in enumerate(items):
             item.future.add_done_callback(lambda f, i=index: answered(i, f))
+        if grid is not None:
+            task = asyncio.create_task(self.assemble(request_id, model, [item.future for item in items], state, grid))
+            self.assembling.add(task)
+            task.add_done_callback(self.assembling.discard)
+
+    async def assemble(self, request_id: int, model: LoadedModel, futures: list[asyncio.Future], state: RequestState,
+                       grid: TileGrid) -> None:
+        try:
+            image = await assemble_pixels(model, futures, state, grid, self.registry.encoders)
+        except Exception as error:
+            self.send(("fail", request_id, 0, encode_error(error)))
+        else:
+            self.send(("result", request_id, 0, image, state.timing))
 
 
 class EngineLink:

@@ -6,13 +6,15 @@ its user can open (0700), so pickle's trust assumption holds: nothing outside th
 to it. A message is a tuple whose first element names it:
 
 front → engine
-  ("submit", request_id, model, version, operation, graph, inputs, deadline)  items of one request
-  ("cancel", request_id)                                                      its client left
-  ("snapshot", when_loaded)                                                   the models' state, now or
-                                                                              once every model is tried
+  ("submit", request_id, model, version, operation, graph, inputs, deadline, grid)
+                                                  items of one request; with a tile grid
+                                                  (an upscale) the engine assembles their image
+  ("cancel", request_id)                          its client left
+  ("snapshot", when_loaded)                       the models' state, now or once every model is tried
 
 engine → front
-  ("result", request_id, index, output, timing)   one item's output (uint8 or float array)
+  ("result", request_id, index, output, timing)   one item's output (uint8 or float array), or
+                                                  an assembled upscale's uint8 image (index 0)
   ("fail", request_id, index, error)              one item failed (error: `encode_error`)
   ("refused", request_id, error)                  the whole request was refused at submit
   ("snapshot", EngineSnapshot)

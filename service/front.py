@@ -32,6 +32,7 @@ from service.errors import ApiError
 from service.metrics import ServiceMetrics
 from service.registry import LoadedModel, ModelRegistry
 from service.settings import Settings
+from service.tiling import TileGrid
 
 log = logging.getLogger("ganserve.front")
 SNAPSHOT_INTERVAL_S = 0.5
@@ -187,7 +188,10 @@ class EngineClient:
 
 
 class RemoteBatcher:
-    """A `DynamicBatcher`'s request side whose queue is in the engine."""
+    """A `DynamicBatcher`'s request side whose queue is in the engine. Upscale tiles are
+    assembled into their image in the engine, where they were computed (`submit_tiles`)."""
+
+    assembles_tiles = True
 
     def __init__(self, client: EngineClient, registry: "FrontRegistry", model: LoadedModel, operation: str, graph: str) -> None:
         self.client = client
@@ -196,6 +200,16 @@ class RemoteBatcher:
         self.operation, self.graph = operation, graph
 
     def submit(self, inputs: list[dict[str, np.ndarray]], request: RequestState) -> list[asyncio.Future]:
+        """One future per item, resolved by the item's output."""
+        return self.send_request(inputs, request, None)
+
+    def submit_tiles(self, inputs: list[dict[str, np.ndarray]], request: RequestState, grid: TileGrid) -> asyncio.Future:
+        """An image's tiles; one future, resolved by the image the engine assembled from their
+        outputs (uint8 [H·s, W·s, C]: service/upscaling.py `assemble_pixels`)."""
+        (future,) = self.send_request(inputs, request, grid)
+        return future
+
+    def send_request(self, inputs: list[dict[str, np.ndarray]], request: RequestState, grid: TileGrid | None) -> list[asyncio.Future]:
         if self.registry.draining or not self.client.connected:
             raise ShuttingDown()
         model = self.registry.models.get(self.name, {}).get(self.version)
@@ -203,11 +217,13 @@ class RemoteBatcher:
             raise ApiError(503, f"model {self.name!r} v{self.version} is no longer served; retry", headers={"Retry-After": "1"})
         cost = model.costs.get(self.graph)
         seconds = [cost.item_seconds(cost.units(item)) if cost else 0.0 for item in inputs]
+        if grid is not None:
+            seconds = [sum(seconds)]  # one answer settles the whole image's share of the backlog
         loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in inputs]
+        futures = [loop.create_future() for _ in seconds]
         request_id = next(self.client.ids)
         self.client.pending[request_id] = PendingRequest(futures, request, seconds, model.lane)
-        self.client.send(("submit", request_id, self.name, self.version, self.operation, self.graph, inputs, request.deadline))
+        self.client.send(("submit", request_id, self.name, self.version, self.operation, self.graph, inputs, request.deadline, grid))
         done = functools.partial(self.client.item_done, request_id)
         for future in futures:
             future.add_done_callback(done)

@@ -74,12 +74,12 @@ class LoadedModel:
         runtime where they were computed) rather than the graph's float tensor."""
         return operation in IMAGE_OPERATIONS or (operation == "upscale" and self.tiles_as_pixels)
 
-    def keeps_tiles(self, runtime: Runtime, role: str) -> bool:
+    def keeps_tiles(self, runtime: Runtime) -> bool:
         """Whether overlapping upscale tiles come back as tensors where they were computed, to be
         blended there (service/tiling.py): where the runtime can keep its outputs (the torch
-        runtimes; ONNX Runtime through I/O binding on CUDA) and the tiles stay in this process —
-        not in a `--workers` engine, whose outputs travel to a front as host arrays."""
-        return not self.tiles_as_pixels and role == "single" and runtime.keeps_outputs
+        runtimes; ONNX Runtime through I/O binding on CUDA). Tiles are always assembled in the
+        process that computed them (a `--workers` engine too: service/engine.py)."""
+        return not self.tiles_as_pixels and runtime.keeps_outputs
 
 
 def specialises_on_shapes(runtime: Runtime) -> bool:
@@ -442,7 +442,7 @@ class ModelRegistry:
             runtime = model.runtimes[graph]
             if model.outputs_pixels(operation):
                 run = functools.partial(runtime.run_images, value_range=tuple(model.entry.spec["value_range"]))
-            elif operation == "upscale" and model.keeps_tiles(runtime, self.settings.role):
+            elif operation == "upscale" and model.keeps_tiles(runtime):
                 run = runtime.run_kept
             else:
                 run = runtime.run

@@ -163,14 +163,15 @@ def test_sigterm_finishes_every_accepted_request_before_exiting(repository):
 
 def test_the_server_runs_on_the_torchscript_and_eager_runtimes_too(repository, server):
     """Their upscale tiles are kept as tensors where they were computed and blended there (on a
-    GPU, on the device; here in torch on the CPU): the pixels of ONNX Runtime's NumPy blend."""
+    GPU, on the device; here in torch on the CPU): the pixels of ONNX Runtime's NumPy blend. The
+    eager server runs as one engine and two fronts (`--workers 2`), whose engine blends them."""
     from tests.service.test_image2image import encoded, npy, photo
 
     upload = {"content": encoded(photo(100, 150, seed=2)), "headers": {"content-type": "image/png"}, "params": {"format": "npy"}}
     with server.client() as client:
         reference = npy(client.post("/v1/models/upx4/upscale", **upload))  # onnx: 2 x 2 tiles at 16 px overlap, blended in NumPy
-    for runtime in ("torchscript", "eager"):
-        with running_server(repository, runtime=runtime) as running, running.client() as client:
+    for runtime, workers in (("torchscript", 1), ("eager", 2)):
+        with running_server(repository, runtime=runtime, workers=workers) as running, running.client() as client:
             assert client.get("/v1/models/digits").json()["versions"][0]["runtime"] == runtime
             assert client.post("/v1/models/cdigits/generate", json={"seed": 1, "class": 3}).status_code == 200
             upscaled = npy(client.post("/v1/models/upx4/upscale", **upload))

@@ -226,3 +226,43 @@ def test_a_dead_engine_stops_the_server_and_its_fronts(repository):
         os.kill(engine, signal.SIGKILL)
         assert running.process.wait(timeout=60) == 1
     assert not any(alive(pid) for pid in pids)
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "eager"])
+def test_the_engine_sends_a_front_one_uint8_image_per_upscale_not_its_float_tiles(repository, runtime):
+    """The engine assembles an upscale's tiles where it computed them (eager: blended as torch
+    tensors, as on a GPU; ONNX Runtime on the CPU: in NumPy) and answers the front with the
+    image's uint8 — a quarter of the float tiles' bytes, and on a GPU no float crosses to the
+    host. Driven in-process, through the engine's end of the link."""
+    import asyncio
+
+    from service.app import build_registry
+    from service.engine import FrontConnection
+    from service.metrics import ServiceMetrics
+    from service.settings import Settings
+    from service.tiling import cut_tiles, plan_tiles
+
+    image = np.random.default_rng(3).uniform(-1, 1, (3, 40, 56)).astype(np.float32)
+
+    async def upscale(grid) -> list[tuple]:
+        settings = Settings(repository=repository, models=["upx4"], runtime=runtime, role="engine", upscale_tile=24, upscale_overlap=4)
+        registry = build_registry(settings, ServiceMetrics())
+        registry.discover()
+        await registry.load_all()
+        connection, sent = FrontConnection(registry), []
+        connection.send = sent.append
+        inputs = [{"image": tile} for tile in cut_tiles(image, plan_tiles(40, 56, 24, 4))]
+        connection.received(("submit", 1, "upx4", 1, "upscale", "model", inputs, time.monotonic() + 30, grid))
+        while not sent or len(sent) < (1 if grid else len(inputs)):
+            await asyncio.sleep(0.01)
+        await registry.drain()
+        return sent
+
+    grid = plan_tiles(40, 56, 24, 4)
+    (answer,) = asyncio.run(upscale(grid))
+    kind, request_id, index, output, _ = answer
+    assert (kind, request_id, index) == ("result", 1, 0)
+    assert output.dtype == np.uint8 and output.shape == (160, 224, 3)
+    tiles = asyncio.run(upscale(None))  # the same tiles one by one: each its own float output
+    assert len(tiles) == grid.rows * grid.cols == 6
+    assert all(kind == "result" and tile.dtype == np.float32 for kind, _, _, tile, _ in tiles)
