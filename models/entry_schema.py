@@ -14,6 +14,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 SCHEMA_VERSION = 1
+# The stated bound for serving a model in half precision (bf16/fp16), the same for every kind, in
+# fractions of the output's value range (1/255 is one 8-bit level of the served image): mean
+# ≤ 1/255 and max ≤ 8/255. Export records each graph's figures against it (`half_precision` in
+# spec.json); the server checks it again on its own device before serving half precision.
+HALF_PRECISION_MEAN_BOUND = 1 / 255
+HALF_PRECISION_MAX_BOUND = 8 / 255
 
 
 class TensorSpec(BaseModel):
@@ -32,6 +38,7 @@ class GraphSpec(BaseModel):
     inputs: list[TensorSpec] = Field(min_length=1)
     outputs: list[TensorSpec] = Field(min_length=1)
     formats: dict[str, FormatSpec] = Field(min_length=1)
+    half_precision: dict | None = None  # bf16/fp16 against fp32 as export measured it (repository/graphs.py); absent in older entries
 
 
 class TruncationSpec(BaseModel):

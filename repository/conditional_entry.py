@@ -50,7 +50,8 @@ def write_conditional_entry(generator: nn.Module, spec: ModelSpec, name: str, ve
         inputs = [TensorSpec("z", "float32", [-1, spec.z_dim]), TensorSpec("label", "int64", [-1]),
                   TensorSpec("truncation_stats", "float32", [-1, n_stats])]
         image = TensorSpec("image", "float32", [-1, spec.channels, spec.resolution, spec.resolution])
-        block = export_graph(Graph("model", generator, biggan_inputs(spec, PARITY_SEEDS, truncations), inputs, [image]), staging, formats, tolerance)
+        block = export_graph(Graph("model", generator, biggan_inputs(spec, PARITY_SEEDS, truncations), inputs, [image]), staging, formats, tolerance,
+                             (-1.0, 1.0))
         with torch.no_grad():  # a few images at a time: a 512² BigGAN-deep holds gigabytes of activations per batch
             sample_inputs = biggan_inputs(spec, SAMPLE_SEEDS, [DEFAULT_TRUNCATION] * len(SAMPLE_SEEDS))
             samples = torch.cat([generator(*chunk) for chunk in zip(*(x.split(4) for x in sample_inputs))])
@@ -59,7 +60,7 @@ def write_conditional_entry(generator: nn.Module, spec: ModelSpec, name: str, ve
             "name": name, "version": version, "kind": "conditional", "arch": spec.arch, "resolution": spec.resolution,
             "channels": spec.channels, "value_range": [-1.0, 1.0], "z_dim": spec.z_dim, "class_names": spec.class_names,
             "inputs": block["inputs"], "outputs": block["outputs"],
-            "formats": block["formats"] | EAGER_FORMAT,
+            "formats": block["formats"] | EAGER_FORMAT, "half_precision": block["half_precision"],
             "model": spec.to_dict(),
             "truncation": {"method": "biggan", "z_bound": Z_BOUND, "n_stats": n_stats, "default": DEFAULT_TRUNCATION},
             "source": source | {"imported_seconds": round(time.perf_counter() - started, 2)},

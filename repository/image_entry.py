@@ -51,10 +51,10 @@ def write_image_entry(generator: torch.nn.Module, fields: dict, name: str, versi
 
     def fill(staging: Path) -> None:
         save_file({k: v.contiguous() for k, v in generator.state_dict().items()}, str(staging / "model.safetensors"))
-        block = export_graph(graph, staging, formats, tolerance)
+        block = export_graph(graph, staging, formats, tolerance, tuple(fields["value_range"]))
         entry = {"name": name, "version": version, **fields,
                  "inputs": block["inputs"], "outputs": block["outputs"],
-                 "formats": block["formats"] | EAGER_FORMAT,
+                 "formats": block["formats"] | EAGER_FORMAT, "half_precision": block["half_precision"],
                  **provenance, "metrics_file": "metrics.json",
                  "parity": {"images": PARITY_IMAGES, "size": list(graph.example[0].shape[-2:]), "other_size": list(graph.other_sizes[0][0].shape[-2:]),
                             "tolerance": tolerance},

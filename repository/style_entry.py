@@ -87,7 +87,7 @@ def write_style_entry(generator: nn.Module, spec: ModelSpec, name: str, version:
     def fill(staging: Path) -> None:
         save_file({k: v.contiguous() for k, v in generator.state_dict().items()}, str(staging / "model.safetensors"))
         graphs = style_graphs(generator, spec)
-        blocks = {graph.stem: export_graph(graph, staging, formats, tolerance) for graph in graphs}
+        blocks = {graph.stem: export_graph(graph, staging, formats, tolerance, (-1.0, 1.0) if graph.stem == "model" else None) for graph in graphs}
         directions = pca_directions(generator.mapping, spec)
         latents = {"w_avg": generator.w_avg.detach().clone().contiguous()} | {f"direction.{k}": v for k, v in directions.items()}
         save_file(latents, str(staging / "latents.safetensors"))
@@ -100,7 +100,7 @@ def write_style_entry(generator: nn.Module, spec: ModelSpec, name: str, version:
             "name": name, "version": version, "kind": "style", "arch": spec.arch, "resolution": spec.resolution, "channels": spec.channels,
             "value_range": [-1.0, 1.0], "z_dim": spec.z_dim, "w_dim": spec.w_dim, "num_ws": num_ws, "class_names": spec.class_names,
             "inputs": main["inputs"], "outputs": main["outputs"],
-            "formats": main["formats"] | EAGER_FORMAT,
+            "formats": main["formats"] | EAGER_FORMAT, "half_precision": main["half_precision"],
             "model": spec.to_dict(), "mapping": blocks["mapping"], "latents_file": "latents.safetensors",
             "directions": sorted(directions, key=lambda d: int(d[2:])),
             "layer_ranges": {r: named_layers(r, num_ws) for r in RANGE_NAMES} if num_ws >= 6 else {},

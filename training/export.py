@@ -79,6 +79,7 @@ def entry_spec(spec: ModelSpec, name: str, version: int, run_dir: Path, cfg_dump
         "inputs": main["inputs"],
         "outputs": main["outputs"],
         "formats": main["formats"] | EAGER_FORMAT,
+        "half_precision": main["half_precision"],
         "model": spec.to_dict(),
         "training": {"config": cfg_dump, "step": run_spec.get("step"), "checkpoint_sha256": run_spec.get("checkpoint_sha256"), "run_dir": str(run_dir)},
         "metrics_file": "metrics.json",
@@ -120,7 +121,9 @@ def export_run(run_dir: Path, name: str, version: int, repository: Path, formats
 
     def fill(staging: Path) -> None:
         save_file({k: v.contiguous() for k, v in generator.state_dict().items()}, str(staging / "model.safetensors"))
-        blocks = {graph.stem: export_graph(graph, staging, formats, tolerance) for graph in graphs_for(generator, spec)}
+        image_range = tuple(spec.value_range) if spec.is_image else None
+        blocks = {graph.stem: export_graph(graph, staging, formats, tolerance, image_range if graph.stem == "model" else None)
+                  for graph in graphs_for(generator, spec)}
         latent_tensors = style_latents(generator, spec, directions) if spec.kind == "style" else {}
         if latent_tensors:
             save_file(latent_tensors, str(staging / "latents.safetensors"))

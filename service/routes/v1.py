@@ -60,6 +60,7 @@ def describe(model: LoadedModel) -> dict:
         **({"direction_spreads": model.spreads} if model.spreads else {}),
         **({"serving": model.config.model_dump()} if model.config else {}),
         **({"precision": model.parity.describe()} if model.parity else {}),
+        **({"half_precision_at_export": spec["half_precision"]} if spec.get("half_precision") else {}),
         **({"capture": model.capture} if model.capture else {}),
         **({"limits": model.limits.describe()} if model.limits else {}),
         **({"costs": {graph: cost.describe() for graph, cost in model.costs.items()}} if model.costs else {}),

@@ -27,6 +27,34 @@ def test_an_entry_holds_every_format_with_its_recorded_parity(repository):
     assert model.opset_import[0].version >= 17
 
 
+@pytest.mark.parametrize("name", ["cdigits", "styles", "upx4"])
+def test_an_entry_records_its_half_precision_parity_against_the_stated_bound(repository, name, server):
+    """Export runs the main graph in bf16 and fp16 beside fp32 and records the distance in
+    fractions of the value range, judged against the schema's bound; a style model's mapping is
+    recorded in its own units (w has no value range). `GET /v1/models/{name}` shows the record."""
+    spec = json.loads((repository / name / "1" / "spec.json").read_text())
+    record = spec["half_precision"]
+    assert record["units"] == "value_range" and record["bound"] == {"mean": 1 / 255, "max": 8 / 255}
+    for precision in ("bf16", "fp16"):
+        figures = record[precision]
+        assert 0 < figures["mean_abs_error"] <= figures["max_abs_error"] < 1
+        assert figures["within_bound"] == (figures["mean_abs_error"] <= 1 / 255 and figures["max_abs_error"] <= 8 / 255)
+    if name == "styles":
+        assert spec["mapping"]["half_precision"]["units"] == "output" and "within_bound" not in spec["mapping"]["half_precision"]["bf16"]
+    with server.client() as client:
+        assert client.get(f"/v1/models/{name}").json()["versions"][0]["half_precision_at_export"] == record
+
+
+def test_a_graph_that_loses_its_output_in_half_precision_is_recorded_over_the_bound():
+    class Cancelling(torch.nn.Module):  # x·1000 + 1 − x·1000: fp32 keeps the 1, a 8-bit mantissa does not
+        def forward(self, z):
+            return torch.tanh((z * 1000 + 1) - z * 1000)
+
+    graph = graphs.Graph("model", Cancelling(), (torch.randn(16, 8),), [], [])
+    record = graphs.half_precision_parity(graph, (-1.0, 1.0))
+    assert record["bf16"]["within_bound"] is False and record["bf16"]["max_abs_error"] > 0.1
+
+
 def test_onnx_graph_has_a_dynamic_batch_axis(repository):
     session = ort.InferenceSession(str(repository / "digits" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     for batch in (1, 3, 37):
