@@ -7,6 +7,8 @@ export of our own runs (training/) and the import of foreign checkpoints (reposi
 from __future__ import annotations
 
 import copy
+import functools
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,9 +160,31 @@ def parity_errors(graph: Graph, entry: Path, formats: list[str], tolerance: floa
     return results
 
 
-HALF_PARITY_INPUTS = 1  # one input: a CPU without fp16 (or bf16) units emulates it, ~10 s for a 96 px ESRGAN tile here
+HALF_PARITY_INPUTS = 1
 HALF_PARITY_SIDE = 32  # image-to-image graphs take any size: half precision is measured on a 32 px crop (9x fewer pixels than a 96 px tile)
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# A CPU without units for a half type runs it through emulated kernels, measured ~200x slower than
+# fp32 here (fp16 StyleGAN2 config-f 256² synthesis: 0.87 s in fp32, ~197 s in fp16; bf16 on the same
+# CPU's avx512_bf16 units 0.43 s). Emulated, a type is measured only for graphs whose fp32 forward
+# takes under this, so an import never spends more than ~10 s on it.
+HALF_NATIVE_CPU_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "amx_fp16")}
+EMULATED_HALF_MAX_FP32_S = 0.05
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere: every half type counts as emulated)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def runs_natively(precision: str) -> bool:
+    return any(flag in cpu_flags() for flag in HALF_NATIVE_CPU_FLAGS[precision])
 
 
 def half_parity_input(graph: Graph) -> tuple[torch.Tensor, ...]:
@@ -181,14 +205,21 @@ def half_precision_parity(graph: Graph, value_range: tuple[float, float] | None)
     parity input (`half_parity_input`): mean and max abs error, in fractions of `value_range` with the schema's bound
     (`within_bound`) for an image graph, in the output's own units otherwise (a style model's
     z → w). A precision the graph cannot run in here (an operator without a half kernel on the
-    CPU) is recorded with its error. The service measures again on its own device before it
-    serves half precision (service/precision.py); this is the entry's record of it."""
+    CPU) is recorded with its error, and one this CPU would emulate for minutes is recorded as
+    not measured (`EMULATED_HALF_MAX_FP32_S`). The service measures again on its own device before
+    it serves half precision (service/precision.py); this is the entry's record of it."""
     part = half_parity_input(graph)
     scale = 1.0 if value_range is None else value_range[1] - value_range[0]
+    started = time.perf_counter()
     with torch.no_grad():
         reference = graph.module(*part).double()
+    fp32_seconds = time.perf_counter() - started
     record: dict = {"device": "cpu", "input_shape": list(part[0].shape), "units": "value_range" if value_range else "output"}
     for name, dtype in HALF_DTYPES.items():
+        if not runs_natively(name) and fp32_seconds > EMULATED_HALF_MAX_FP32_S:
+            record[name] = {"not_measured": f"this CPU has no {name} units, and emulating them for this graph would take minutes "
+                                            f"(its fp32 forward: {fp32_seconds:.2f} s); the server measures it on its device at load"}
+            continue
         try:
             module = copy.deepcopy(graph.module).to(dtype)
             with torch.no_grad():

@@ -55,6 +55,16 @@ def test_a_graph_that_loses_its_output_in_half_precision_is_recorded_over_the_bo
     assert record["bf16"]["within_bound"] is False and record["bf16"]["max_abs_error"] > 0.1
 
 
+def test_a_half_type_this_cpu_would_emulate_for_long_is_recorded_as_not_measured(monkeypatch):
+    """An import of a large generator must not spend minutes in emulated fp16 kernels (a 256²
+    StyleGAN2's synthesis: ~200x its fp32 time on a CPU without fp16 units)."""
+    monkeypatch.setattr(graphs, "runs_natively", lambda precision: precision == "bf16")
+    monkeypatch.setattr(graphs, "EMULATED_HALF_MAX_FP32_S", 0.0)
+    graph = graphs.Graph("model", torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh()), (torch.randn(16, 8),), [], [])
+    record = graphs.half_precision_parity(graph, (-1.0, 1.0))
+    assert "mean_abs_error" in record["bf16"] and "not_measured" in record["fp16"] and "fp16 units" in record["fp16"]["not_measured"]
+
+
 def test_onnx_graph_has_a_dynamic_batch_axis(repository):
     session = ort.InferenceSession(str(repository / "digits" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     for batch in (1, 3, 37):
