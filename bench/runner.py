@@ -66,7 +66,8 @@ def run_bench(repository: Path, model: str, runtime: str, concurrencies: list[in
         raise SystemExit(f"no model {model!r} in {repository}")
     entry = max(entries, key=lambda e: e.version)
     device = "cuda" if runtime != "onnx" and _cuda() else "cpu"
-    common = dict(runtime=runtime, intra_op_threads=threads, max_queue_size=100_000, graph_capture=graph_capture)
+    # only the measured model: every server of the run is up at once, and the others would only hold memory and slow start-up
+    common = dict(runtime=runtime, intra_op_threads=threads, max_queue_size=100_000, graph_capture=graph_capture, models=[model])
     configurations = [
         (f"natural batching (max_batch_size={max_batch_size}, delay 0)", dict(max_batch_size=max_batch_size, max_queue_delay_ms=0), True),
         (f"batching with {max_queue_delay_ms:g} ms delay", dict(max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms), False),

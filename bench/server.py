@@ -3,6 +3,7 @@ for the benchmarks and the tests alike."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -94,7 +95,7 @@ def launched_server(repository: Path, wait: bool = True, code: Path | None = Non
     /tmp/base HEAD~1`), run with this environment's packages: `ganserve bench --baseline-code`."""
     ready_timeout_s = 900 if settings.get("graph_capture") == "compile" else 120
     port = free_port()
-    env = {**os.environ, **{f"GANSERVE_{k.upper()}": str(v) for k, v in settings.items()}}
+    env = {**os.environ, **{f"GANSERVE_{k.upper()}": json.dumps(v) if isinstance(v, list) else str(v) for k, v in settings.items()}}
     if code is not None:  # its packages first on the path (`-m` puts the working directory there too)
         env["PYTHONPATH"] = os.pathsep.join([str(code.resolve()), *filter(None, [os.environ.get("PYTHONPATH")])])
     command = [sys.executable, "-m", "ganserve_cli", "serve", "--repository", str(repository.resolve()), "--host", "127.0.0.1", "--port", str(port)]

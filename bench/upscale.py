@@ -152,7 +152,7 @@ def run_upscale_bench(repository: Path, model: str, runtime: str, concurrencies:
     request = {"content": buffer.getvalue(), "headers": {"content-type": "image/png"}}
     loads = []
     with launched_server(repository, log_level="warning", runtime=runtime, intra_op_threads=threads, max_batch_size=max_batch_size, max_queue_delay_ms=0,
-                         max_queue_size=100_000, graph_capture=graph_capture, workers=workers) as (process, url):
+                         max_queue_size=100_000, graph_capture=graph_capture, workers=workers, models=[model]) as (process, url):
         for c in concurrencies:
             result = run_load(url, model, f"{size}→{size * entry.spec['scale']} px, {fmt} out", {}, c, duration_s, path=f"/v1/models/{model}/{endpoint}?format={fmt}",
                               request=request, pid=process.pid)
