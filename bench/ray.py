@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.table import Table
 
 from bench.load import run_load
-from bench.runner import console, machine, write_report
+from bench.runner import console, machine, rate, write_report
 from bench.server import free_port, launched_process
 from bench.upscale import test_frame
 from service.imaging import encode
@@ -61,10 +61,6 @@ def run_ray_bench(repository: Path, model: str, upscale_model: str | None, concu
     write_report(report, out)
     print_report(report)
     return report
-
-
-def rate(per_s: float) -> str:
-    return f"{per_s:.0f}" if per_s >= 10 else f"{per_s:.2f}"
 
 
 def print_report(report: dict) -> None:
