@@ -37,8 +37,11 @@ def timed(repeat_until_s: float, work) -> float:
     return (time.perf_counter() - started) / calls
 
 
-def measure_ceiling(entry: ModelEntry, runtime_kind: str, device: str, threads: int, batch_sizes: list[int], seconds: float = 2.0) -> list[CeilingResult]:
-    runtime = load_runtime(entry, runtime_kind, device, threads)
+def measure_ceiling(entry: ModelEntry, runtime_kind: str, device: str, threads: int, batch_sizes: list[int], seconds: float = 2.0,
+                    precision: str = "fp32") -> list[CeilingResult]:
+    """The bare forward pass (and forward + PNG) at each batch size, in the precision the server
+    serves the model in (`precision: auto` on a GPU may serve bf16: the ceiling must be the same graph)."""
+    runtime = load_runtime(entry, runtime_kind, device, threads, precision=precision)
     value_range = tuple(entry.spec["value_range"])
     results = []
     for batch in batch_sizes:

@@ -4,6 +4,8 @@
 #   on the device:  run(command="STEPS=\"dcgan sr-graphs\" bash bench/gpu_session.sh", carry=[".whl"], timeout_s=600),
 #                   then the same with STEPS="sr onnx style"
 # Writes the reports (JSON) and the printed tables to $OUT; put them in docs/benchmarks.md naming the card.
+# The torch runtimes serve bf16 (else fp16) where its parity with fp32 holds on the card (`precision: auto`, the
+# default); each report's `precision` says what was served, and its bare-forward ceiling runs in the same precision.
 #  1. DCGAN (torchscript, CUDA, CUDA graphs captured per warmed batch size): single-image requests at
 #     1/16/64 clients, one process and --workers 8 (the 5,000 req/s target with several fronts on the
 #     16-core host), 64-image requests against the bare-forward ceiling (target >= 50 %), and the naive

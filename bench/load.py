@@ -45,6 +45,13 @@ class LoadResult:
         return asdict(self) | {"requests_per_s": self.requests_per_s, "images_per_s": self.images_per_s}
 
 
+def served_precision(url: str, model: str) -> str:
+    """The precision the server serves `model` in (`precision: auto` chooses at load): what a
+    figure is of, and what the bare-forward ceiling must run in."""
+    versions = httpx.get(f"{url}/v1/models/{model}", timeout=10).json()["versions"]
+    return versions[-1].get("served_precision", "fp32")
+
+
 def scrape(url: str) -> dict[str, float]:
     """Sums of every Prometheus sample by metric name (all labels together)."""
     totals: dict[str, float] = {}

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.ceiling import measure_ceiling
-from bench.load import LoadResult, Target, run_interleaved, target
+from bench.load import LoadResult, Target, run_interleaved, served_precision, target
 from bench.server import launched_naive, launched_server
 from service.repository import scan_repository
 
@@ -95,8 +95,10 @@ def run_bench(repository: Path, model: str, runtime: str, concurrencies: list[in
     with contextlib.ExitStack() as servers:  # every server up at once, idle but for its turns
         single: list[Target] = []
         big: list[Target] = []
+        precision = None
         for title, settings, with_big_requests in configurations:
             process, url = servers.enter_context(launched_server(repository, log_level="warning", **(common | settings)))
+            precision = precision or served_precision(url, model)  # the first server's: they all load the model alike
             single.append(target(url, model, f"{title}, 1 image/request", {"seed": 1}, pid=process.pid))
             if with_big_requests:
                 big.append(target(url, model, f"{title}, {big_request} images/request", {"seed": 1, "n": big_request}, pid=process.pid))
@@ -108,8 +110,9 @@ def run_bench(repository: Path, model: str, runtime: str, concurrencies: list[in
         loads += run_interleaved(big, 4, duration_s, rounds)
     order = {t.scenario: i for i, t in enumerate(single + big)}
     loads.sort(key=lambda r: (order[r.scenario], r.concurrency))  # the tables read by configuration
-    ceilings = measure_ceiling(entry, runtime, device, threads, sorted({1, max_batch_size, big_request}))
-    report = {"machine": machine(), "model": model, "runtime": runtime, "graph_capture": graph_capture, "max_batch_size": max_batch_size, "max_queue_delay_ms": max_queue_delay_ms,
+    ceilings = measure_ceiling(entry, runtime, device, threads, sorted({1, max_batch_size, big_request}), precision=precision)
+    report = {"machine": machine(), "model": model, "runtime": runtime, "precision": precision, "graph_capture": graph_capture, "max_batch_size": max_batch_size,
+              "max_queue_delay_ms": max_queue_delay_ms,
               "baseline_code": str(baseline_code) if baseline_code else None,
               "load": [r.to_dict() for r in loads], "ceiling": [c.to_dict() for c in ceilings]}
     print_report(report)
@@ -136,7 +139,8 @@ def _cuda() -> bool:
 
 
 def print_report(report: dict) -> None:
-    console.print(f"[bold]{report['model']}[/] on {report['machine']}, runtime {report['runtime']}, max_batch_size {report['max_batch_size']}, max_queue_delay_ms {report['max_queue_delay_ms']}")
+    console.print(f"[bold]{report['model']}[/] on {report['machine']}, runtime {report['runtime']} ({report.get('precision') or 'fp32'}), "
+                  f"max_batch_size {report['max_batch_size']}, max_queue_delay_ms {report['max_queue_delay_ms']}")
     best_ceiling = max(c["forward_encode_images_per_s"] for c in report["ceiling"])
     table = Table(title="service (HTTP, real server)")
     for column in ("scenario", "conc.", "req/s", "img/s", "p50 ms", "p95 ms", "p99 ms", "errors", "mean batch", "queue/compute/encode ms", "img/s ÷ ceiling"):

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.ceiling import timed
-from bench.load import run_load
+from bench.load import run_load, served_precision
 from bench.runner import machine, write_report
 from bench.server import launched_server
 from service.imaging import encode, to_uint8
@@ -44,8 +44,9 @@ def test_frame(size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(photo).resize((size, size), Image.Resampling.BICUBIC))
 
 
-def measure_forward(entry, runtime_kind: str, device: str, threads: int, frame: np.ndarray, tile: int, overlap: int, frames_per_batch: list[int], seconds: float) -> list[dict]:
-    runtime = load_runtime(entry, runtime_kind, device, threads)
+def measure_forward(entry, runtime_kind: str, device: str, threads: int, frame: np.ndarray, tile: int, overlap: int, frames_per_batch: list[int], seconds: float,
+                    precision: str = "fp32") -> list[dict]:
+    runtime = load_runtime(entry, runtime_kind, device, threads, precision=precision)
     x = (frame.astype(np.float32) / 127.5 - 1).transpose(2, 0, 1)
     grid = plan_tiles(frame.shape[0], frame.shape[1], tile, overlap)
     tiles = np.stack(cut_tiles(x, grid))
@@ -64,8 +65,8 @@ def whole_frame(runtime, entry, x: np.ndarray, seconds: float) -> dict:
     return {"what": f"whole frame {whole.shape[2]}x{whole.shape[3]}, one forward (no tiling)", "frames_per_s": 1 / per_call, "tiles": 0}
 
 
-def measure_whole_frame(entry, runtime_kind: str, device: str, threads: int, frame: np.ndarray, seconds: float) -> list[dict]:
-    runtime = load_runtime(entry, runtime_kind, device, threads)
+def measure_whole_frame(entry, runtime_kind: str, device: str, threads: int, frame: np.ndarray, seconds: float, precision: str = "fp32") -> list[dict]:
+    runtime = load_runtime(entry, runtime_kind, device, threads, precision=precision)
     return [whole_frame(runtime, entry, (frame.astype(np.float32) / 127.5 - 1).transpose(2, 0, 1), seconds)]
 
 
@@ -153,6 +154,7 @@ def run_upscale_bench(repository: Path, model: str, runtime: str, concurrencies:
     loads = []
     with launched_server(repository, log_level="warning", runtime=runtime, intra_op_threads=threads, max_batch_size=max_batch_size, max_queue_delay_ms=0,
                          max_queue_size=100_000, graph_capture=graph_capture, workers=workers, models=[model]) as (process, url):
+        precision = served_precision(url, model)
         for c in concurrencies:
             result = run_load(url, model, f"{size}→{size * entry.spec['scale']} px, {fmt} out", {}, c, duration_s, path=f"/v1/models/{model}/{endpoint}?format={fmt}",
                               request=request, pid=process.pid)
@@ -162,11 +164,11 @@ def run_upscale_bench(repository: Path, model: str, runtime: str, concurrencies:
         grid = plan_tiles(size, size, config.upscale_tile, config.upscale_overlap)
         tiles_per_frame = grid.rows * grid.cols
         forward = measure_forward(entry, runtime, device, threads, frame, config.upscale_tile, config.upscale_overlap,
-                                  sorted({1, max(1, max_batch_size // tiles_per_frame)}), seconds=measure_s)
+                                  sorted({1, max(1, max_batch_size // tiles_per_frame)}), seconds=measure_s, precision=precision)
     else:  # translate: the whole frame, mirror-padded to the network's size multiple, in one pass
         tiles_per_frame = 1
-        forward = measure_whole_frame(entry, runtime, device, threads, frame, seconds=measure_s)
-    report = {"machine": machine(), "model": model, "runtime": runtime, "graph_capture": graph_capture, "workers": workers, "device": device, "size": size, "scale": entry.spec["scale"], "format": fmt,
+        forward = measure_whole_frame(entry, runtime, device, threads, frame, seconds=measure_s, precision=precision)
+    report = {"machine": machine(), "model": model, "runtime": runtime, "precision": precision, "graph_capture": graph_capture, "workers": workers, "device": device, "size": size, "scale": entry.spec["scale"], "format": fmt,
               "endpoint": endpoint, "tile": config.upscale_tile if endpoint == "upscale" else None, "overlap": config.upscale_overlap if endpoint == "upscale" else None,
               "tiles_per_frame": tiles_per_frame, "max_batch_size": max_batch_size,
               "load": loads, "stream": stream, "forward": forward, "encode_ms": measure_encoding(size * entry.spec["scale"], measure_s / 3),
@@ -180,7 +182,8 @@ def print_upscale_report(report: dict) -> None:
     tiling = (f"tiles {report['tile']} px / overlap {report['overlap']} → {report['tiles_per_frame']} tiles per {report['size']} px frame"
               if report.get("endpoint", "upscale") == "upscale" else f"whole {report['size']} px frame per request")
     processes = f", {report['workers']} fronts + one engine" if report.get("workers", 1) > 1 else ""
-    console.print(f"[bold]{report['model']}[/] x{report['scale']} on {report['machine']}, runtime {report['runtime']} ({report['device']}){processes}, {tiling}")
+    console.print(f"[bold]{report['model']}[/] x{report['scale']} on {report['machine']}, runtime {report['runtime']} "
+                  f"({report['device']}, {report.get('precision') or 'fp32'}){processes}, {tiling}")
     table = Table(title="service (HTTP, real server)")
     for column in ("scenario", "clients", "frames/s", "p50 ms", "p99 ms", "errors", "mean tiles per batch", "queue ms per tile", "compute/encode ms per request"):
         table.add_column(column, justify="right" if column != "scenario" else "left")

@@ -146,6 +146,7 @@ class ModelSnapshot:
     lane_threads: int
     backlog_s: float  # the engine lane's backlog: every front's admitted work
     capture: dict[str, dict] = field(default_factory=dict)  # graph → captured shapes (service/graph_capture.py)
+    precision_rejected: list = field(default_factory=list)  # service.precision.PrecisionParity: what `auto` tried and left
 
 
 @dataclass

@@ -330,6 +330,7 @@ def update_mirror(mirror: LoadedModel, seen: ModelSnapshot) -> None:
     mirror.state, mirror.error, mirror.config = seen.state, seen.error, seen.config
     mirror.costs, mirror.limits, mirror.latents = seen.costs, seen.limits, seen.latents
     mirror.spreads, mirror.parity, mirror.mirrored_capture = seen.spreads, seen.parity, seen.capture
+    mirror.precision_rejected = seen.precision_rejected
     mirror.runtime = RuntimeLabel(*seen.runtime) if seen.runtime else None
     mirror.lane.threads = seen.lane_threads
     mirror.lane.engine_backlog_s = seen.backlog_s

@@ -67,7 +67,9 @@ class ServingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     runtime: Literal["onnx", "torchscript", "eager"]
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="bf16/fp16: torchscript and eager runtimes only, served where the parity with fp32 holds (service/precision.py)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "fp32", description="bf16/fp16: torchscript and eager runtimes only, served where the parity with fp32 holds, else the model fails; "
+                            "auto: bf16, else fp16, where that parity holds on a CUDA device with a torch runtime, else fp32 (service/precision.py)")
     graph_capture: Literal["none", "cuda_graphs", "compile"] = Field(
         "none", description="capture the graph per warmed input shape (service/graph_capture.py): cuda_graphs (torchscript or eager, CUDA only) "
                             "or compile (torch.compile; eager runtime only); other shapes run uncaptured")
@@ -90,7 +92,7 @@ class ServingConfig(BaseModel):
 
     @model_validator(mode="after")
     def check_consistency(self) -> "ServingConfig":
-        if self.precision != "fp32" and self.runtime == "onnx":
+        if self.precision in ("bf16", "fp16") and self.runtime == "onnx":
             raise ValueError(f"precision {self.precision} needs the torchscript or eager runtime (the ONNX export is fp32)")
         if refusal := capture_refusal(self.graph_capture, self.runtime):
             raise ValueError(refusal)
@@ -141,6 +143,8 @@ def serving_config(entry: ModelEntry, settings: Settings) -> ServingConfig:
         raise ValueError(f"{entry.label}/spec.json: `serving` must be an object")
     own = own | operator_overrides(entry)
     values = defaults | own
+    if "precision" not in own:  # the server's default; a half one only where this model's runtime has one
+        values["precision"] = "fp32" if values["runtime"] == "onnx" and settings.precision != "auto" else settings.precision
     if "graph_capture" not in own:  # the server's default, where this model's runtime can capture
         values["graph_capture"] = "none" if capture_refusal(settings.graph_capture, values["runtime"]) else settings.graph_capture
     try:

@@ -22,6 +22,11 @@ from models.entry_schema import HALF_PRECISION_MAX_BOUND, HALF_PRECISION_MEAN_BO
 from service.repository import ModelEntry
 
 HALF_PRECISIONS = ("bf16", "fp16")
+# `precision: auto` (the default) on a CUDA device with a torch runtime tries these in order and
+# serves the first whose parity holds, else fp32: bf16 first for fp32's exponent range (nothing
+# overflows), fp16 next (more mantissa bits: closer where no activation leaves its range). On a CPU
+# and with ONNX Runtime (whose export is fp32) `auto` is fp32.
+AUTO_ORDER = ("bf16", "fp16")
 MEAN_BOUND = HALF_PRECISION_MEAN_BOUND  # fractions of the output's value range (the entry schema states them)
 MAX_BOUND = HALF_PRECISION_MAX_BOUND
 PARITY_BATCH = 8
@@ -72,3 +77,13 @@ def measure_parity(entry: ModelEntry, precision: str, reference_run, half_run, i
     if not np.isfinite(difference).all():
         return PrecisionParity(precision, float("inf"), float("inf"))
     return PrecisionParity(precision, float(difference.mean()), float(difference.max()))
+
+
+def half_candidates(requested: str, runtime: str, device: str) -> list[str]:
+    """The half precisions to try at load, in order (empty: serve fp32): the one asked for, or
+    for `auto` AUTO_ORDER where half precision pays — a CUDA device and a torch runtime."""
+    if requested in HALF_PRECISIONS:
+        return [requested]
+    if requested == "auto" and device == "cuda" and runtime in ("torchscript", "eager"):
+        return list(AUTO_ORDER)
+    return []

@@ -25,7 +25,7 @@ from service.jobs import JobStore
 from service.lanes import Lane
 from service.metrics import ServiceMetrics
 from service.model_config import ServingConfig, serving_config
-from service.precision import PARITY_BATCH, PrecisionParity, measure_parity, parity_inputs
+from service.precision import PARITY_BATCH, PrecisionParity, half_candidates, measure_parity, parity_inputs
 from service.repository import ModelEntry, scan_repository
 from service.runtimes import Runtime, has_dynamic_size, load_runtime, resolve_device
 from service.settings import Settings
@@ -51,7 +51,12 @@ class LoadedModel:
     projection: tuple | None = None  # style models: (eager generator, feature fn), built on first use
     spreads: dict[str, float] = field(default_factory=dict)  # style models: std of w along each direction
     parity: PrecisionParity | None = None  # half precision: its measured distance from fp32
+    precision_rejected: list[PrecisionParity] = field(default_factory=list)  # `auto`: half precisions tried that missed the bound
     mirrored_capture: dict[str, dict] = field(default_factory=dict)  # a front's copy of the engine's capture report
+
+    @property
+    def served_precision(self) -> str:
+        return self.parity.precision if self.parity is not None else "fp32"
 
     @property
     def capture(self) -> dict[str, dict]:
@@ -313,13 +318,9 @@ class ModelRegistry:
         return rows
 
     def load_and_warm(self, model: LoadedModel) -> None:
-        kind, precision = model.config.runtime, model.config.precision
+        kind = model.config.runtime
         started = time.perf_counter()
-        for graph in model.entry.graphs:
-            model.runtimes[graph] = load_runtime(model.entry, kind, self.device, self.settings.intra_op_threads, graph, precision,
-                                                 model.config.graph_capture)
-        if precision != "fp32":
-            model.parity = self.check_precision(model)
+        self.load_runtimes(model)
         for graph, runtime in model.runtimes.items():
             if self.settings.warmup:
                 with capturing(runtime):  # the shapes warm-up runs are the ones captured
@@ -332,9 +333,30 @@ class ModelRegistry:
         log.info("loaded %s (%s on %s) in %.2fs; costs %s", model.entry.label, kind, model.runtime.device,
                  time.perf_counter() - started, {g: c.describe() for g, c in model.costs.items()})
 
-    def check_precision(self, model: LoadedModel) -> PrecisionParity:
-        """The half-precision graphs against fp32 on fixed inputs (service/precision.py); an entry
-        over the bound fails with the figures. Style models are compared from z to image."""
+    def load_runtimes(self, model: LoadedModel) -> None:
+        """Every graph's runtime, in the first half precision (`half_candidates`) whose parity with
+        fp32 holds, else fp32. A half precision asked for by name that misses the bound fails the
+        entry with the figures; one `auto` tried is listed with them (`precision_rejected`)."""
+        config = model.config
+        for precision in [*half_candidates(config.precision, config.runtime, self.device), "fp32"]:
+            model.runtimes = {graph: load_runtime(model.entry, config.runtime, self.device, self.settings.intra_op_threads, graph, precision,
+                                                  config.graph_capture) for graph in model.entry.graphs}
+            if precision == "fp32":
+                return
+            parity = self.check_precision(model, precision)
+            if parity.within_bound:
+                model.parity = parity
+                log.info("%s in %s: %s", model.entry.label, precision, parity.describe())
+                return
+            if config.precision != "auto":
+                raise ValueError(f"{precision} is too far from fp32 for this model: mean {parity.mean_abs_error:.2e} (bound {parity.mean_bound:.2e}), "
+                                 f"max {parity.max_abs_error:.2e} (bound {parity.max_bound:.2e}) of the value range; serve it in fp32")
+            model.precision_rejected.append(parity)
+            log.info("%s: %s misses the bound (%s); trying the next precision", model.entry.label, precision, parity.describe())
+
+    def check_precision(self, model: LoadedModel, precision: str) -> PrecisionParity:
+        """The half-precision graphs (`model.runtimes`) against fp32 on fixed inputs
+        (service/precision.py). Style models are compared from z to image."""
         entry, kind, threads = model.entry, model.config.runtime, self.settings.intra_op_threads
         reference = load_runtime(entry, kind, self.device, threads, "model")
         spatial = 0
@@ -352,12 +374,7 @@ class ModelRegistry:
                 return lambda z: synthesis_run({"ws": np.ascontiguousarray(np.repeat(mapping_run(z)[:, None, :], num_ws, axis=1))})
 
             reference_run, half_run = through(reference_mapping.run, reference.run), through(model.runtimes["mapping"].run, half_run)
-        parity = measure_parity(entry, model.config.precision, reference_run, half_run, inputs)
-        if not parity.within_bound:
-            raise ValueError(f"{model.config.precision} is too far from fp32 for this model: mean {parity.mean_abs_error:.2e} (bound {parity.mean_bound:.2e}), "
-                             f"max {parity.max_abs_error:.2e} (bound {parity.max_bound:.2e}) of the value range; serve it in fp32")
-        log.info("%s in %s: %s", entry.label, model.config.precision, parity.describe())
-        return parity
+        return measure_parity(entry, precision, reference_run, half_run, inputs)
 
     def measure(self, model: LoadedModel, runtime: Runtime, graph: str) -> GraphCost:
         """Warms the graph at the shapes the batcher produces first and measures its cost there.

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     runtime: Literal["onnx", "torchscript", "eager"] = "onnx"
     runtime_overrides: dict[str, Literal["onnx", "torchscript", "eager"]] = {}  # per model name
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # half precision (service/precision.py) for models whose entry does not say: auto serves bf16,
+    # else fp16, where its parity with fp32 holds on a CUDA device with a torch runtime; fp32 elsewhere
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # graphs captured per warmed shape (service/graph_capture.py) for the models whose runtime can:
     # cuda_graphs on torchscript/eager, compile on eager; others keep none (an entry's serving section may say otherwise)
     graph_capture: Literal["none", "cuda_graphs", "compile"] = "none"

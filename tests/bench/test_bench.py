@@ -91,6 +91,7 @@ def test_the_upscale_bench_measures_requests_one_stream_and_the_bare_forward(rep
     assert report["stream"]["frames"] >= 1 and report["stream"]["frames_per_s"] > 0 and report["stream"]["server_stats"]["answered"] >= 1
     assert all(row["frames_per_s"] > 0 for row in report["forward"]) and report["encode_ms"]["jpeg"] > 0
     assert len(report["assembly_ms"]) == 3 and all(ms > 0 for ms in report["assembly_ms"].values())
+    assert report["precision"] == "fp32"  # what the server says it serves (auto on a CPU), and what the bare forward ran in
     translate = run_upscale_bench(repository, "edges", "onnx", [1], 1.0, 32, "png", 16, 1, None, measure_s=0.3)
     assert set(translate["load"][0]["statuses"]) == {"200"} and translate["stream"] is None
 

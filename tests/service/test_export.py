@@ -42,7 +42,9 @@ def test_an_entry_records_its_half_precision_parity_against_the_stated_bound(rep
     if name == "styles":
         assert spec["mapping"]["half_precision"]["units"] == "output" and "within_bound" not in spec["mapping"]["half_precision"]["bf16"]
     with server.client() as client:
-        assert client.get(f"/v1/models/{name}").json()["versions"][0]["half_precision_at_export"] == record
+        version = client.get(f"/v1/models/{name}").json()["versions"][0]
+    assert version["half_precision_at_export"] == record
+    assert version["serving"]["precision"] == "auto" and version["served_precision"] == "fp32"  # auto on a CPU (ONNX Runtime here) is fp32
 
 
 def test_a_graph_that_loses_its_output_in_half_precision_is_recorded_over_the_bound():

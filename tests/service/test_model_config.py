@@ -78,6 +78,55 @@ def test_a_half_precision_graph_past_the_bound_is_measured_as_such():
     assert not off.within_bound and not broken.within_bound
 
 
+def test_auto_precision_tries_half_precision_only_on_a_cuda_torch_runtime():
+    from service.precision import half_candidates
+
+    assert half_candidates("auto", "torchscript", "cuda") == half_candidates("auto", "eager", "cuda") == ["bf16", "fp16"]
+    assert half_candidates("auto", "onnx", "cuda") == half_candidates("auto", "eager", "cpu") == []  # fp32: ONNX exports are fp32; a CPU gains little
+    assert half_candidates("fp16", "eager", "cpu") == ["fp16"] and half_candidates("fp32", "eager", "cuda") == []
+
+
+def test_auto_precision_serves_the_first_half_precision_within_the_bound_else_fp32(repository, monkeypatch):
+    """`auto` as it runs on a GPU, driven in-process on this CPU (the candidates a CUDA device would
+    get): bf16 where it holds; fp16 when bf16 misses the bound; fp32, with both listed, when
+    neither holds."""
+    import asyncio
+
+    import service.registry as registry_module
+    from service.app import build_registry
+    from service.metrics import ServiceMetrics
+    from service.precision import PrecisionParity
+    from service.settings import Settings
+
+    monkeypatch.setattr(registry_module, "half_candidates", lambda requested, runtime, device: ["bf16", "fp16"] if requested == "auto" else [])
+    measured = registry_module.ModelRegistry.check_precision
+
+    def served(missing: set[str]) -> registry_module.LoadedModel:
+        def check(self, model, precision):  # the real measurement, or a miss for the precisions in `missing`
+            parity = measured(self, model, precision)
+            return PrecisionParity(precision, 1.0, 1.0) if precision in missing else parity
+
+        monkeypatch.setattr(registry_module.ModelRegistry, "check_precision", check)
+
+        async def load():
+            registry = build_registry(Settings(repository=repository, models=["digits"], runtime="eager", precision="auto", max_batch_size=2), ServiceMetrics())
+            registry.discover()
+            await registry.load_all()
+            await registry.drain()
+            return registry.models["digits"][1]
+
+        return asyncio.run(load())
+
+    bf16 = served(set())
+    assert bf16.ready and bf16.served_precision == "bf16" and bf16.parity.within_bound and bf16.precision_rejected == []
+    assert str(bf16.runtimes["model"].dtype) == "torch.bfloat16"
+    fp16 = served({"bf16"})
+    assert fp16.served_precision == "fp16" and [p.precision for p in fp16.precision_rejected] == ["bf16"]
+    fp32 = served({"bf16", "fp16"})
+    assert fp32.ready and fp32.served_precision == "fp32" and fp32.parity is None
+    assert [p.precision for p in fp32.precision_rejected] == ["bf16", "fp16"] and str(fp32.runtimes["model"].dtype) == "torch.float32"
+
+
 def test_runtimes_convert_images_to_uint8_exactly_as_the_host_does(repository):
     """Every runtime's device-side conversion, ONNX Runtime's I/O-binding path (what it takes on
     CUDA: the output left where it was computed and converted there through DLPack) included."""
