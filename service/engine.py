@@ -106,9 +106,12 @@ class FrontConnection:
         remaining = [len(items)]
 
         def answered(index: int, future: asyncio.Future) -> None:
-            # never cancelled: the batcher fails the items it drops (deadline, hang-up) with DeadlineExceeded
+            # never cancelled: the batcher fails the items it drops (deadline, hang-up) with DeadlineExceeded.
+            # Read for every item: an assembled upscale stops at its first failed tile, and asyncio would
+            # log each other tile's failure as "never retrieved".
+            error = future.exception()
             if grid is None:
-                if (error := future.exception()) is not None:
+                if error is not None:
                     self.send(("fail", request_id, index, encode_error(error)))
                 else:
                     self.send(("result", request_id, index, host_array(future.result()), state.timing))

@@ -235,6 +235,7 @@ def test_the_engine_sends_a_front_one_uint8_image_per_upscale_not_its_float_tile
     image's uint8 — a quarter of the float tiles' bytes, and on a GPU no float crosses to the
     host. Driven in-process, through the engine's end of the link."""
     import asyncio
+    import gc
 
     from service.app import build_registry
     from service.engine import FrontConnection
@@ -258,7 +259,31 @@ def test_the_engine_sends_a_front_one_uint8_image_per_upscale_not_its_float_tile
         await registry.drain()
         return sent
 
+    async def cancelled_upscale(grid) -> tuple[list[tuple], list[dict]]:
+        """The front's client leaves at once: every queued tile fails, and the engine answers one
+        `fail`, leaving no tile's failure unread (asyncio logs those as errors when collected)."""
+        settings = Settings(repository=repository, models=["upx4"], runtime=runtime, role="engine", upscale_tile=24, upscale_overlap=4,
+                            max_queue_delay_ms=50)
+        registry = build_registry(settings, ServiceMetrics())
+        registry.discover()
+        await registry.load_all()
+        unread: list[dict] = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: unread.append(context))
+        connection, sent = FrontConnection(registry), []
+        connection.send = sent.append
+        inputs = [{"image": tile} for tile in cut_tiles(image, grid)]
+        connection.received(("submit", 2, "upx4", 1, "upscale", "model", inputs, time.monotonic() + 30, grid))
+        connection.received(("cancel", 2))
+        while not sent:
+            await asyncio.sleep(0.01)
+        await registry.drain()
+        gc.collect()
+        await asyncio.sleep(0)
+        return sent, unread
+
     grid = plan_tiles(40, 56, 24, 4)
+    (failed,), unread = asyncio.run(cancelled_upscale(grid))
+    assert failed[:3] == ("fail", 2, 0) and unread == []
     (answer,) = asyncio.run(upscale(grid))
     kind, request_id, index, output, _ = answer
     assert (kind, request_id, index) == ("result", 1, 0)
