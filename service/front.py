@@ -10,8 +10,9 @@ latents, direction spreads, precision parity, the runtime's name and device), re
 engine every `SNAPSHOT_INTERVAL_S` and at once after a repository call.
 
 Admission in a front compares a request's deadline with the larger of its own admitted backlog
-(exact) and the engine lane's backlog (every front's work, as of the last snapshot); the engine's
-queue bound (429) and its deadline checks before compute hold across fronts exactly.
+(exact) and the engine lane's backlog (every front's work, as of the last snapshot, plus what the
+fronts admitted since: `RemoteLane`); the engine's queue bound (429) and its deadline checks before
+compute hold across fronts exactly.
 """
 from __future__ import annotations
 
@@ -48,22 +49,38 @@ class RuntimeLabel:
 
 
 class RemoteLane:
-    """The part of a `Lane` admission reads: its threads and its backlog."""
+    """The part of a `Lane` admission reads: its threads and its backlog.
 
-    def __init__(self, name: str, threads: int) -> None:
+    A front sees the engine lane's backlog only as of the last snapshot (every
+    `SNAPSHOT_INTERVAL_S`), so what every front admitted since is unseen. This front's share of it
+    is exact; the other fronts' is taken to be as much again each (the kernel spreads connections
+    evenly over the fronts' sockets). Without that term a burst split over N fronts was admitted N
+    times over: two fronts admitted 16 upscales that could not all finish, and the last ones got
+    504 at their deadline where one process answers 503 at once (found by a hostile probe)."""
+
+    def __init__(self, name: str, threads: int, fronts: int = 1) -> None:
         self.name = name
         self.threads = threads
+        self.fronts = fronts
         self.backlog_s = 0.0  # this front's admitted work on the model
         self.engine_backlog_s = 0.0  # every front's, as of the last snapshot
+        self.admitted_since_snapshot_s = 0.0  # this front's admissions the last snapshot cannot have counted
 
     def add_backlog(self, seconds: float) -> None:
         self.backlog_s += seconds
+        self.admitted_since_snapshot_s += seconds
 
     def remove_backlog(self, seconds: float) -> None:
         self.backlog_s = max(0.0, self.backlog_s - seconds)
 
+    def observe(self, engine_backlog_s: float) -> None:
+        """A snapshot's figure: the engine lane's backlog, every front's admitted work in it."""
+        self.engine_backlog_s = engine_backlog_s
+        self.admitted_since_snapshot_s = 0.0
+
     def expected_wait_s(self) -> float:
-        return max(self.backlog_s, self.engine_backlog_s) / self.threads
+        unseen = self.admitted_since_snapshot_s * self.fronts  # this front's since the snapshot, and as much from each other front
+        return max(self.backlog_s, self.engine_backlog_s + unseen) / self.threads
 
     def shutdown(self, wait: bool = True) -> None:
         pass
@@ -289,7 +306,7 @@ class FrontRegistry(ModelRegistry):
                 mirror = self.models.get(name, {}).get(version)
                 if mirror is None or mirror.entry != seen.entry:
                     mirror = LoadedModel(seen.entry)
-                    mirror.lane = RemoteLane(seen.entry.label, seen.lane_threads)
+                    mirror.lane = RemoteLane(seen.entry.label, seen.lane_threads, self.fronts)
                 update_mirror(mirror, seen)
                 models.setdefault(name, {})[version] = mirror
         self.models = models
@@ -333,4 +350,4 @@ def update_mirror(mirror: LoadedModel, seen: ModelSnapshot) -> None:
     mirror.precision_rejected = seen.precision_rejected
     mirror.runtime = RuntimeLabel(*seen.runtime) if seen.runtime else None
     mirror.lane.threads = seen.lane_threads
-    mirror.lane.engine_backlog_s = seen.backlog_s
+    mirror.lane.observe(seen.backlog_s)

@@ -291,3 +291,19 @@ def test_the_engine_sends_a_front_one_uint8_image_per_upscale_not_its_float_tile
     tiles = asyncio.run(upscale(None))  # the same tiles one by one: each its own float output
     assert len(tiles) == grid.rows * grid.cols == 6
     assert all(kind == "result" and tile.dtype == np.float32 for kind, _, _, tile, _ in tiles)
+
+
+def test_a_front_counts_what_every_front_admitted_since_the_engines_last_snapshot():
+    """Two fronts each see the engine's backlog only every 0.5 s: a burst split over them must
+    weigh as the whole burst, or both admit work that cannot finish before its deadline."""
+    from service.front import RemoteLane
+
+    lane = RemoteLane("upx4", threads=1, fronts=2)
+    lane.observe(engine_backlog_s=3.0)
+    assert lane.expected_wait_s() == 3.0
+    lane.add_backlog(4.0)  # this front admitted 4 s since; the other front is taken to have admitted as much
+    assert lane.expected_wait_s() == 3.0 + 2 * 4.0
+    lane.observe(engine_backlog_s=9.0)  # the next snapshot counts every front's admissions itself
+    assert lane.expected_wait_s() == 9.0
+    lane.remove_backlog(4.0)
+    assert lane.expected_wait_s() == 9.0 and lane.backlog_s == 0.0
