@@ -55,6 +55,9 @@ class Frame:
     number: int  # 1, 2, … in order of arrival
     data: bytes
     arrived: float  # time.monotonic()
+    # an error notice answered in this frame's turn instead of computing it (its bytes did not fit the
+    # memory budget, so none are kept): sent by the worker, it cannot overtake the frame before it
+    refusal: dict | None = None
 
 
 class LatestFrame:
@@ -181,12 +184,12 @@ class UpscaleStream:
                     data = message["bytes"]
                     try:  # a waiting frame's bytes count against the memory budget like a request body
                         self.registry.memory.try_reserve(len(data))
+                        arrived = Frame(number, data, time.monotonic())
                     except OverBudget:
-                        self.stats.errors += 1
-                        await self.send({"type": "error", "frame": number, "status": 503, "code": "overloaded", "retry_after_s": 1,
-                                         "error": "the server's memory budget is taken by requests in flight; this frame was not kept"})
-                        continue
-                    replaced = self.mailbox.put(Frame(number, data, time.monotonic()))
+                        arrived = Frame(number, b"", time.monotonic(), refusal={
+                            "status": 503, "code": "overloaded", "retry_after_s": 1,
+                            "error": "the server's memory budget is taken by requests in flight; this frame was not kept"})
+                    replaced = self.mailbox.put(arrived)
                     if replaced is not None:
                         self.registry.memory.release(len(replaced.data))
                 else:
@@ -226,6 +229,11 @@ class UpscaleStream:
 
     async def answer(self, frame: Frame) -> None:
         registry = self.registry
+        if frame.refusal is not None:
+            self.stats.errors += 1
+            self.count("error")
+            await self.send({"type": "error", "frame": frame.number} | frame.refusal)
+            return
         ctx = self.frame_context = RequestContext(frame.arrived, reserved=len(frame.data))  # the bytes reserved on arrival
         version = ""
         try:

@@ -159,3 +159,26 @@ def test_a_frame_that_does_not_fit_the_memory_budget_is_refused_and_the_stream_g
             again = json.loads(ws.recv(timeout=30))
     assert (refused["type"], refused["frame"], refused["status"], refused["code"]) == ("error", 1, 503, "overloaded")
     assert (again["frame"], again["status"]) == (2, 503)
+
+
+def test_a_frame_refused_for_memory_waits_its_turn_like_any_frame():
+    """Its 503 goes through the stream's mailbox, so it is answered after the frame before it and
+    is superseded like any waiting frame when a newer one arrives first (never overtaking)."""
+    import asyncio
+
+    from service.streams import Frame, LatestFrame
+
+    async def turns() -> list:
+        mailbox = LatestFrame()
+        mailbox.put(Frame(1, b"png", 0.0))
+        first = await mailbox.take()  # frame 1 is being upscaled
+        mailbox.put(Frame(2, b"", 0.1, refusal={"status": 503, "code": "overloaded"}))
+        second = await mailbox.take()  # the refusal, in its turn after frame 1
+        mailbox.put(Frame(3, b"", 0.2, refusal={"status": 503, "code": "overloaded"}))
+        mailbox.put(Frame(4, b"png", 0.3))
+        third = await mailbox.take()  # a newer frame came before the refusal's turn: it is dropped, not answered out of order
+        return [first, second, third]
+
+    (no_drop, one), (none_dropped, refused), (dropped, latest) = asyncio.run(turns())
+    assert (no_drop, one.number, none_dropped, refused.number, refused.refusal["status"]) == ([], 1, [], 2, 503)
+    assert (dropped, latest.number, latest.refusal) == ([3], 4, None)
