@@ -241,29 +241,19 @@ def test_the_engine_sends_a_front_one_uint8_image_per_upscale_not_its_float_tile
     from service.engine import FrontConnection
     from service.metrics import ServiceMetrics
     from service.settings import Settings
-    from service.tiling import cut_tiles, plan_tiles
+    from service.tiling import TileGrid, cut_tiles, plan_tiles
 
     image = np.random.default_rng(3).uniform(-1, 1, (3, 40, 56)).astype(np.float32)
+    grid = plan_tiles(40, 56, 24, 4)
+    tiles = [{"image": tile} for tile in cut_tiles(image, grid)]
 
-    async def upscale(grid) -> list[tuple]:
-        settings = Settings(repository=repository, models=["upx4"], runtime=runtime, role="engine", upscale_tile=24, upscale_overlap=4)
-        registry = build_registry(settings, ServiceMetrics())
-        registry.discover()
-        await registry.load_all()
-        connection, sent = FrontConnection(registry), []
-        connection.send = sent.append
-        inputs = [{"image": tile} for tile in cut_tiles(image, plan_tiles(40, 56, 24, 4))]
-        connection.received(("submit", 1, "upx4", 1, "upscale", "model", inputs, time.monotonic() + 30, grid))
-        while not sent or len(sent) < (1 if grid else len(inputs)):
-            await asyncio.sleep(0.01)
-        await registry.drain()
-        return sent
-
-    async def cancelled_upscale(grid) -> tuple[list[tuple], list[dict]]:
-        """The front's client leaves at once: every queued tile fails, and the engine answers one
-        `fail`, leaving no tile's failure unread (asyncio logs those as errors when collected)."""
+    async def scenario() -> tuple[list[tuple], list[tuple], list[tuple], list[dict]]:
+        """One engine, three requests from a front: an upscale whose client leaves at once (every
+        queued tile fails; the engine answers one `fail` and leaves no tile's failure unread, which
+        asyncio would log as an error when collected), the same upscale assembled, and its tiles
+        sent without a grid."""
         settings = Settings(repository=repository, models=["upx4"], runtime=runtime, role="engine", upscale_tile=24, upscale_overlap=4,
-                            max_queue_delay_ms=50)
+                            max_queue_delay_ms=50)  # the cancelled request's tiles are still queued when its cancel arrives
         registry = build_registry(settings, ServiceMetrics())
         registry.discover()
         await registry.load_all()
@@ -271,26 +261,30 @@ def test_the_engine_sends_a_front_one_uint8_image_per_upscale_not_its_float_tile
         asyncio.get_running_loop().set_exception_handler(lambda loop, context: unread.append(context))
         connection, sent = FrontConnection(registry), []
         connection.send = sent.append
-        inputs = [{"image": tile} for tile in cut_tiles(image, grid)]
-        connection.received(("submit", 2, "upx4", 1, "upscale", "model", inputs, time.monotonic() + 30, grid))
-        connection.received(("cancel", 2))
-        while not sent:
-            await asyncio.sleep(0.01)
+
+        async def answers(request_id: int, with_grid: TileGrid | None, count: int) -> list[tuple]:
+            connection.received(("submit", request_id, "upx4", 1, "upscale", "model", tiles, time.monotonic() + 30, with_grid))
+            if request_id == 2:
+                connection.received(("cancel", 2))
+            while len(mine := [m for m in sent if m[1] == request_id]) < count:
+                await asyncio.sleep(0.01)
+            return mine
+
+        cancelled = await answers(2, grid, 1)
+        assembled = await answers(1, grid, 1)
+        one_by_one = await answers(3, None, len(tiles))
         await registry.drain()
         gc.collect()
         await asyncio.sleep(0)
-        return sent, unread
+        return cancelled, assembled, one_by_one, unread
 
-    grid = plan_tiles(40, 56, 24, 4)
-    (failed,), unread = asyncio.run(cancelled_upscale(grid))
+    (failed,), (answer,), one_by_one, unread = asyncio.run(scenario())
     assert failed[:3] == ("fail", 2, 0) and unread == []
-    (answer,) = asyncio.run(upscale(grid))
     kind, request_id, index, output, _ = answer
     assert (kind, request_id, index) == ("result", 1, 0)
     assert output.dtype == np.uint8 and output.shape == (160, 224, 3)
-    tiles = asyncio.run(upscale(None))  # the same tiles one by one: each its own float output
-    assert len(tiles) == grid.rows * grid.cols == 6
-    assert all(kind == "result" and tile.dtype == np.float32 for kind, _, _, tile, _ in tiles)
+    assert len(one_by_one) == grid.rows * grid.cols == 6  # the same tiles one by one: each its own float output
+    assert all(kind == "result" and tile.dtype == np.float32 for kind, _, _, tile, _ in one_by_one)
 
 
 def test_a_front_counts_what_every_front_admitted_since_the_engines_last_snapshot():
