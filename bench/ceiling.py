@@ -1,11 +1,13 @@
 """The ceiling: the same runtime's bare forward pass (and forward + PNG encode) at the batch
-sizes the service uses, with no HTTP, queue or event loop in the way."""
+sizes the service uses, with no HTTP, queue or event loop in the way; and what a many-image
+request adds on the host after it (laying its uint8 images out as one grid, then JPEG), the
+figures that decide whether the grid is worth moving onto the device."""
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
 
-from service.imaging import encode, to_uint8
+from service.imaging import encode, grid, to_uint8
 from service.precision import parity_inputs
 from service.registry import dummy_inputs
 from service.repository import ModelEntry
@@ -19,6 +21,8 @@ class CeilingResult:
     batch_size: int
     forward_images_per_s: float
     forward_encode_images_per_s: float  # forward then PNG-encode every image, one thread
+    grid_ms: float | None = None  # host ms to lay the batch's uint8 images out as one grid (None at batch 1)
+    grid_jpeg_ms: float | None = None  # host ms to JPEG-encode that grid (Pillow, one thread)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,5 +57,11 @@ def measure_ceiling(entry: ModelEntry, runtime_kind: str, device: str, threads: 
                 encode(image, "png")
 
         both = timed(seconds, forward_and_encode)
-        results.append(CeilingResult(runtime.name, runtime.device, batch, batch / forward, batch / both))
+        result = CeilingResult(runtime.name, runtime.device, batch, batch / forward, batch / both)
+        if batch > 1:
+            pixels = to_uint8(runtime.run(inputs), value_range)
+            laid_out = grid(pixels)
+            result.grid_ms = 1000 * timed(seconds / 4, lambda: grid(pixels))
+            result.grid_jpeg_ms = 1000 * timed(seconds / 4, lambda: encode(laid_out, "jpeg"))
+        results.append(result)
     return results

@@ -153,10 +153,12 @@ def print_report(report: dict) -> None:
                       f"{r['images_per_s'] / best_ceiling:.2f}")
     console.print(table)
     ceiling = Table(title="ceiling (same runtime, bare forward, no HTTP)")
-    for column in ("batch", "device", "forward img/s", "forward + PNG img/s"):
+    for column in ("batch", "device", "forward img/s", "forward + PNG img/s", "host grid ms", "grid JPEG ms"):
         ceiling.add_column(column, justify="right")
     for c in report["ceiling"]:
-        ceiling.add_row(str(c["batch_size"]), c["device"], rate(c['forward_images_per_s']), rate(c['forward_encode_images_per_s']))
+        grid_ms, jpeg_ms = c.get("grid_ms"), c.get("grid_jpeg_ms")
+        ceiling.add_row(str(c["batch_size"]), c["device"], rate(c['forward_images_per_s']), rate(c['forward_encode_images_per_s']),
+                        "" if grid_ms is None else f"{grid_ms:.2f}", "" if jpeg_ms is None else f"{jpeg_ms:.2f}")
     console.print(ceiling)
 
 

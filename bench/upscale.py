@@ -76,8 +76,10 @@ def measure_encoding(size: int, seconds: float) -> dict[str, float]:
 
 
 def measure_assembly(size: int, scale: int, tile: int, overlap: int, seconds: float) -> dict[str, float]:
-    """ms of host work to turn one frame's tile outputs into its uint8 image, per path
-    (service/upscaling.py): float tiles blended then converted (any overlap; the configured one),
+    """ms of host work per frame: cutting the decoded frame into the tiles the batcher stacks (the
+    side that decides whether cutting is worth moving onto the device: the frame crosses to the
+    device either way, whole or as tiles), and turning its tile outputs into the uint8 image, per
+    path (service/upscaling.py): float tiles blended then converted (any overlap; the configured one),
     and, at overlap 0, tiles converted one by one then placed (ONNX Runtime on a CPU converts on
     the lane's thread) or only placed (the torch runtimes, and ONNX Runtime on CUDA, convert on
     the device: what is left on the host)."""
@@ -100,7 +102,9 @@ def measure_assembly(size: int, scale: int, tile: int, overlap: int, seconds: fl
     seamless = plan_tiles(size, size, tile, 0)
     float_tiles, pixel_tiles = outputs(blended), outputs(seamless)
     uint8_tiles = [np.ascontiguousarray(to_uint8(t[None], (-1, 1))[0]) for t in pixel_tiles]  # as torch hands them over
-    return {f"blend {len(float_tiles)} float tiles (overlap {overlap}) + convert": timed(seconds, lambda: blend(blended, float_tiles)) * 1000,
+    frame = rng.uniform(-1, 1, (3, size, size)).astype(np.float32)
+    return {f"cut the frame into {len(float_tiles)} tiles (overlap {overlap}) + stack them": timed(seconds, lambda: np.stack(cut_tiles(frame, blended))) * 1000,
+            f"blend {len(float_tiles)} float tiles (overlap {overlap}) + convert": timed(seconds, lambda: blend(blended, float_tiles)) * 1000,
             f"convert + place {len(pixel_tiles)} tiles (overlap 0)": timed(seconds, lambda: place(seamless, pixel_tiles, True)) * 1000,
             f"place {len(pixel_tiles)} uint8 tiles (overlap 0, converted on the device)": timed(seconds, lambda: place(seamless, uint8_tiles, False)) * 1000}
 

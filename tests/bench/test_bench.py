@@ -35,6 +35,8 @@ def test_ceiling_times_the_same_runtime_at_each_batch_size(repository):
     results = measure_ceiling(entry, "onnx", "cpu", 1, [1, 8], seconds=0.2)
     assert [r.batch_size for r in results] == [1, 8]
     assert all(r.forward_images_per_s >= r.forward_encode_images_per_s > 0 for r in results)
+    # a many-image request's host work after the forward: its grid and the grid's JPEG, timed apart
+    assert results[0].grid_ms is None and results[1].grid_ms > 0 and results[1].grid_jpeg_ms > 0
 
 
 def test_a_random_style_entry_is_written_like_an_import_and_its_ceiling_is_timed(tmp_path):
@@ -90,7 +92,7 @@ def test_the_upscale_bench_measures_requests_one_stream_and_the_bare_forward(rep
     assert set(load["statuses"]) == {"200"} and load["requests_per_s"] > 0 and load["server_cpu_ms_per_request"] > 0
     assert report["stream"]["frames"] >= 1 and report["stream"]["frames_per_s"] > 0 and report["stream"]["server_stats"]["answered"] >= 1
     assert all(row["frames_per_s"] > 0 for row in report["forward"]) and report["encode_ms"]["jpeg"] > 0
-    assert len(report["assembly_ms"]) == 3 and all(ms > 0 for ms in report["assembly_ms"].values())
+    assert len(report["assembly_ms"]) == 4 and all(ms > 0 for ms in report["assembly_ms"].values())  # cutting, and three ways of assembling
     assert report["precision"] == "fp32"  # what the server says it serves (auto on a CPU), and what the bare forward ran in
     translate = run_upscale_bench(repository, "edges", "onnx", [1], 1.0, 32, "png", 16, 1, None, measure_s=0.3)
     assert set(translate["load"][0]["statuses"]) == {"200"} and translate["stream"] is None
