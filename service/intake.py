@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_payload
+from service.digits import ascii_count
 from service.http_protocol import DISCONNECT_EXTENSION
 from service.memory import MemoryBudget, OverBudget
 
@@ -162,7 +163,7 @@ class RequestIntake:
 
     async def read_body(self, scope: Scope, receive: Receive, context: RequestContext, budget: MemoryBudget | None) -> bytes:
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+        if (length := ascii_count(declared, max_digits=40)) is not None and length > self.limit:
             raise Refused(413, "payload_too_large", f"request body over {self.limit} bytes")
         chunks: list[bytes] = []
         size = 0

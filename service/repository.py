@@ -15,6 +15,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from models.entry_schema import EntrySpec, describe_invalid
+from service.digits import ascii_count
 
 
 class RepositoryError(RuntimeError):
@@ -90,6 +91,6 @@ def scan_repository(root: Path) -> list[ModelEntry]:
     entries = []
     for spec_path in sorted(root.glob("*/*/spec.json")):
         version_dir = spec_path.parent
-        if version_dir.name.isdigit() and 0 < int(version_dir.name) < 2**31:
+        if (version := ascii_count(version_dir.name)) is not None and 0 < version < 2**31:
             entries.append(read_entry(version_dir))
     return sorted(entries, key=lambda e: (e.name, e.version))

@@ -13,6 +13,10 @@ MAX_SEED = 2**63 - 1
 HARD_MAX_IMAGES = 4096  # the most any setting may allow per request; the server's own limit is lower
 MAX_WS = 64  # style layers a request may name
 MAX_W_DIM = 4096
+# the largest magnitude of a latent or image value a client may send (v1's w vectors, every float
+# input of v2's infer): far past any latent or pixel a generator was trained on, and small enough
+# that no forward pass overflows float32 into infinities and NaN
+MAX_INPUT_MAGNITUDE = 1e4
 
 Seed = Annotated[int, Strict(), Field(ge=0, le=MAX_SEED, description="0 … 2^63 - 1")]
 ImageCount = Annotated[int, Strict(), Field(ge=1, le=HARD_MAX_IMAGES)]
@@ -20,7 +24,7 @@ ClassIndex = Annotated[int, Strict(), Field(ge=0, le=1_000_000)]
 ClassName = Annotated[str, Field(min_length=1, max_length=128)]
 LayerIndex = Annotated[int, Strict(), Field(ge=0, lt=MAX_WS)]
 Layers = Literal["coarse", "middle", "fine"] | Annotated[list[LayerIndex], Field(min_length=1, max_length=MAX_WS)]
-WValue = Annotated[float, Field(allow_inf_nan=False, ge=-1e4, le=1e4)]
+WValue = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_INPUT_MAGNITUDE, le=MAX_INPUT_MAGNITUDE)]
 WVector = Annotated[list[WValue], Field(min_length=1, max_length=MAX_W_DIM)]
 Psi = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False, description="style models: pull w toward w_avg (1 = off)")]
 BigGANTruncation = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False,

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
-
-from service.version_policy import check_policy
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.digits import ascii_count
+from service.version_policy import check_policy
 
 GIB = 1024**3
 
@@ -21,8 +22,8 @@ def machine_memory_bytes() -> int:
             text = Path(limit_file).read_text().strip()
         except OSError:
             continue
-        if text.isdigit():
-            total = min(total, int(text))
+        if (limit := ascii_count(text, max_digits=30)) is not None:  # "max" when unlimited
+            total = min(total, limit)
     return total
 
 

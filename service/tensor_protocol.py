@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 
 from service.errors import ApiError
+from service.schemas import MAX_INPUT_MAGNITUDE
 
 # wire datatype → numpy; which wire datatypes each model input dtype accepts (converted on arrival)
 WIRE_TYPES = {"FP32": np.float32, "FP16": np.float16, "UINT8": np.uint8, "INT32": np.int32, "INT64": np.int64}
@@ -126,12 +127,17 @@ def json_array(tensor: InferTensor, count: int) -> np.ndarray:
 
 
 def to_model_dtype(name: str, wire: str, array: np.ndarray, model_dtype: str) -> np.ndarray:
-    """The input in the model's dtype, if the model takes that wire datatype; floats must be finite."""
+    """The input in the model's dtype, if the model takes that wire datatype; floats must be finite
+    and within ±MAX_INPUT_MAGNITUDE (the bound v1's w vectors have): a finite 3e38 overflows the
+    forward pass into NaN, which a JSON answer cannot even carry."""
     if wire not in ACCEPTED[model_dtype]:
         raise ApiError(422, f"input {name!r} takes {' or '.join(ACCEPTED[model_dtype])}, not {wire}")
     converted = array.astype(MODEL_TYPES[model_dtype])
-    if converted.dtype.kind == "f" and not np.isfinite(converted).all():
-        raise ApiError(422, f"input {name!r} holds NaN, infinity or a value outside FP32's range")
+    if converted.dtype.kind == "f":
+        if not np.isfinite(converted).all():
+            raise ApiError(422, f"input {name!r} holds NaN, infinity or a value outside FP32's range")
+        if converted.size and float(np.abs(converted).max()) > MAX_INPUT_MAGNITUDE:
+            raise ApiError(422, f"input {name!r} holds a value beyond ±{MAX_INPUT_MAGNITUDE:g}")
     return converted
 
 
@@ -145,6 +151,8 @@ def encode_response(name: str, version: int, body: InferRequest, outputs: dict[s
             tensor["parameters"] = {"binary_data_size": array.nbytes}
             binary.append(array.tobytes())
         else:
+            if not np.isfinite(array).all():
+                raise ApiError(422, f"output {output!r} holds NaN or infinity for these inputs, which JSON cannot carry: ask for it as binary data")
             tensor["data"] = array.ravel().tolist()
         described.append(tensor)
     header = json.dumps({"model_name": name, "model_version": str(version), **({"id": body.id} if body.id is not None else {}),

@@ -23,6 +23,7 @@ from starlette.responses import Response
 
 from service.errors import error_payload
 from service.ray_serving.config import RayAppArgs, plan_deployments
+from service.digits import ascii_count
 from service.ray_serving.forwarding import ForwardedRequest, ForwardedResponse, call_asgi
 from service.ray_serving.metrics_board import ExpositionBoard
 from service.ray_serving.routing import REFUSED_ON_RAY, Route, is_idempotent, route
@@ -166,7 +167,7 @@ class Ingress:
         `body_timeout_s`) before the ingress holds more of it than a replica would accept."""
         limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
+        if (length := ascii_count(declared, max_digits=40)) is not None and length > limit:
             raise BodyRefused(413, f"request body over {limit} bytes")
         chunks, size = [], 0
         try:

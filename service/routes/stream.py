@@ -7,6 +7,7 @@ from fastapi import APIRouter, WebSocket
 from fastapi.responses import JSONResponse
 
 from service.errors import ApiError, error_payload
+from service.digits import ascii_count
 from service.pipeline import require_kind
 from service.streams import STREAM_FORMATS, UpscaleStream
 
@@ -19,9 +20,10 @@ def stream_parameters(websocket: WebSocket) -> tuple[str, int | None]:
     if fmt not in STREAM_FORMATS:
         raise ApiError(422, f"format: one of {', '.join(STREAM_FORMATS)} (got {fmt!r})")
     version = query.get("version")
-    if version is not None and not (version.isdigit() and 1 <= int(version) < 2**31):
-        raise ApiError(422, f"version: a positive integer (got {version!r})")
-    return fmt, int(version) if version is not None else None
+    number = ascii_count(version)
+    if version is not None and not (number is not None and 1 <= number < 2**31):
+        raise ApiError(422, f"version: a positive integer (got {version[:32]!r})")
+    return fmt, number
 
 
 async def refuse(websocket: WebSocket, error: ApiError) -> None:

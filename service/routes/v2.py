@@ -21,6 +21,7 @@ from service.batcher import run_items
 from service.errors import ApiError, error_responses
 from service.pipeline import begin, estimate, execute, off_loop, registry_of, reserve
 from service.registry import IMAGE_TO_IMAGE, LoadedModel
+from service.digits import ascii_count
 from service.settings import Settings
 from service.tensor_protocol import ACCEPTED, HEADER_LENGTH, InferRequest, encode_response, parse_request, to_model_dtype
 from service.tiling import padded_size
@@ -143,7 +144,7 @@ async def infer_on(request: Request, name: str, version: int | None) -> Response
         raise ApiError(415, f"send the inference request as JSON, or JSON followed by binary tensors (got {media!r})")
     raw = await request.body()
     header_length = request.headers.get(HEADER_LENGTH)
-    json_bytes = int(header_length) if header_length and header_length.isdigit() else len(raw)
+    json_bytes = ascii_count(header_length) or len(raw)  # a header that is no count is refused by parse_request, with 422
     reserve(request, min(json_bytes, len(raw)) * PARSED_BYTES_PER_BODY_BYTE + len(raw))
     body, arrays = await off_loop(request, parse_request, raw, header_length)
     shapes = [t.shape for t in body.inputs]

@@ -144,6 +144,12 @@ CASES = [
     ("v2 negative shape", "POST", "/v2/models/dcgan-digits/infer", {"json": {"inputs": [{**z_tensor(), "shape": [-1, 64]}]}}, 422),
     ("v2 data of strings", "POST", "/v2/models/dcgan-digits/infer", {"json": {"inputs": [{**z_tensor(), "data": ["a"] * 64}]}}, 422),
     ("v2 FP32 past float32's range", "POST", "/v2/models/dcgan-digits/infer", {"json": {"inputs": [{**z_tensor(), "data": [1e300] * 64}]}}, 422),
+    ("v2 FP32 3e38 to a style model (once NaN in a JSON answer)", "POST", "/v2/models/stylegan-shapes/infer",
+     {"json": {"inputs": [{"name": "ws", "shape": [1, 8, 64], "datatype": "FP32", "data": [3e38] * 512}]}}, 422),
+    ("v2 header length '²' (once a 500)", "POST", "/v2/models/dcgan-digits/infer",
+     {"json": {"inputs": [z_tensor()]}, "headers": {"inference-header-content-length": b"\xb2"}}, 422),
+    ("v2 header length of 4301 digits (once a 500)", "POST", "/v2/models/dcgan-digits/infer",
+     {"json": {"inputs": [z_tensor()]}, "headers": {"inference-header-content-length": "9" * 4301}}, 422),
     ("v2 not JSON", "POST", "/v2/models/dcgan-digits/infer", {"content": b"{nope", "headers": JSON}, 422),
     ("v2 unknown model", "POST", "/v2/models/nope/infer", {"json": {"inputs": [z_tensor()]}}, 404),
     # the rest of the matrix

@@ -96,7 +96,9 @@ def test_bad_frames_are_refused_with_the_api_status_and_the_stream_goes_on(serve
 
 
 @pytest.mark.parametrize("path, status", [("/v1/models/nope/upscale/stream", 404), ("/v1/models/edges/upscale/stream", 422),
-                                          ("/v1/models/upx4/upscale/stream?format=gif", 422), ("/v1/models/upx4/upscale/stream?version=0", 422)])
+                                          ("/v1/models/upx4/upscale/stream?format=gif", 422), ("/v1/models/upx4/upscale/stream?version=0", 422),
+                                          # digits str.isdigit() takes and int() does not (both once a 500)
+                                          ("/v1/models/upx4/upscale/stream?version=%C2%B2", 422), ("/v1/models/upx4/upscale/stream?version=" + "9" * 4301, 422)])
 def test_a_refused_handshake_is_the_api_error(server, path, status):
     with pytest.raises(InvalidStatus) as refused:
         with connect(ws_url(server, path)):

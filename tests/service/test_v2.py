@@ -42,3 +42,25 @@ def test_v2_infer_rejects_wrong_shapes_types_and_names(server):
         for body in cases:
             assert client.post("/v2/models/digits/infer", json=body).status_code == 422, body
         assert client.post("/v2/models/digits/infer", json={"inputs": [good]}).status_code == 200
+
+
+def test_a_json_answer_never_carries_nan_and_the_binary_one_may():
+    """JSON has no NaN: an output that holds one is refused for JSON (json.dumps would write a bare
+    `NaN` token that strict clients cannot parse) and carried as it is in binary."""
+    import json
+
+    import pytest
+
+    from service.errors import ApiError
+    from service.tensor_protocol import InferRequest, encode_response
+
+    outputs = {"image": np.array([[0.5, np.nan]], np.float32)}
+    as_json = InferRequest.model_validate({"inputs": [{"name": "z", "shape": [1], "datatype": "FP32", "data": [0.0]}]})
+    with pytest.raises(ApiError) as refused:
+        encode_response("m", 1, as_json, outputs)
+    assert refused.value.status == 422 and "binary" in refused.value.message
+    as_binary = InferRequest.model_validate({"inputs": as_json.model_dump()["inputs"], "outputs": [{"name": "image", "parameters": {"binary_data": True}}]})
+    content, headers, _ = encode_response("m", 1, as_binary, outputs)
+    header = int(headers["Inference-Header-Content-Length"])
+    json.loads(content[:header], parse_constant=lambda token: pytest.fail(f"{token} in JSON"))
+    assert np.isnan(np.frombuffer(content[header:], "<f4")).tolist() == [False, True]

@@ -1,0 +1,26 @@
+"""Counts written as text by someone else (a header, a query parameter, a directory name, a cgroup
+file), read without trusting `str.isdigit`.
+
+`"²".isdigit()` is true and `int("²")` raises, and `int` refuses more than 4,300 digits: a guard
+of `text.isdigit() and int(text)` turned either into an unhandled ValueError, a 500 where the
+client deserved a 4xx. A count here is ASCII digits only, and few enough of them that `int` is
+cheap and the value fits an int64.
+"""
+from __future__ import annotations
+
+MAX_DIGITS = 18  # below 2**63: every count a client sends fits an int64
+
+
+def ascii_count(text: str | bytes | None, max_digits: int = MAX_DIGITS) -> int | None:
+    """The non-negative integer `text` spells in ASCII digits (at most `max_digits` of them), else
+    None: signs, spaces, Unicode digits and over-long numbers are not counts."""
+    if text is None:
+        return None
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    if not 0 < len(text) <= max_digits or not text.isascii() or not text.isdigit():
+        return None
+    return int(text)
