@@ -158,7 +158,9 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
     except DeadlineExceeded:
         raise ApiError(504, "the request's deadline passed before its images were computed")
     except ShuttingDown:
-        raise ApiError(503, "the server is shutting down", headers={"Retry-After": "1"})
+        if registry.draining:
+            raise ApiError(503, "the server is shutting down", headers={"Retry-After": "1"})
+        raise ApiError(503, f"model {model.entry.label} was {model.state} while this request waited for it; retry", headers={"Retry-After": "1"})
     finally:
         in_flight.dec()
         timer.cancel()

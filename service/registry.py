@@ -451,6 +451,8 @@ class ModelRegistry:
             if replacement is None or not replacement.ready:
                 raise ApiError(503, f"model {model.entry.label} was reloaded and this version is gone; retry", headers={"Retry-After": "1"})
             model = replacement
+        if not model.ready:  # unloaded between the request's admission and now (it was decoding its upload)
+            raise ApiError(503, f"model {model.entry.label} was {model.state} while this request was being prepared; retry", headers={"Retry-After": "1"})
         if operation not in model.batchers:
             if self.draining:
                 raise ShuttingDown()

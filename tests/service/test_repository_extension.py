@@ -8,6 +8,7 @@ import shutil
 import threading
 import time
 
+import httpx
 import numpy as np
 import pytest
 import tritonclient.http as tritonhttp
@@ -109,6 +110,33 @@ def test_a_new_version_swapped_in_under_load_fails_no_request(own_repository, tm
         assert switched[0] is False and switched[-1] is True  # v1 before, v2 after
         assert switched == sorted(switched)  # one switch, never back
 
+
+
+def test_an_unload_while_uploads_decode_answers_them_503_never_500(own_repository):
+    """An upload admitted just before its model is unloaded is still decoding when the unload
+    lands; it must get the API's 503 (retry) or, if it made it into the queue, its image: once
+    it was a 500 (the unloaded model's runtimes were gone when the request asked for its queue)."""
+    import io
+
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (768, 768, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")  # noise: tens of ms to decode
+    upload = buffer.getvalue()
+    answers = []
+    with running_server(own_repository, model_control=True) as server, server.client(timeout=120) as control:
+        for delay_s in (0.01, 0.02, 0.03, 0.045):
+            request = threading.Thread(target=lambda: answers.append(
+                httpx.post(f"{server.url}/v1/models/gray/translate", content=upload, headers={"content-type": "image/png"}, timeout=120)))
+            request.start()
+            time.sleep(delay_s)
+            assert control.post("/v2/repository/models/gray/unload").status_code == 200
+            request.join()
+            assert control.post("/v2/repository/models/gray/load").status_code == 200
+    assert {a.status_code for a in answers} <= {200, 503}, [(a.status_code, a.text[:200]) for a in answers]
+    for refused in (a for a in answers if a.status_code == 503):
+        assert "gray" in refused.json()["error"]["message"] and refused.headers["retry-after"]
 
 def wait_for(check, seconds: float = 60) -> bool:
     deadline = time.monotonic() + seconds
