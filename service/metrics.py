@@ -37,7 +37,7 @@ class ServiceMetrics:
         self.rejected = Counter("ganserve_rejected_total", "Requests or items refused or dropped", LABELS + ("reason",), registry=r)
         self.padded_items = Counter("ganserve_padded_items_total", "Copies added to batches to reach a warmed batch size", LABELS, registry=r)
         # upscale streams: frames by outcome, latency per frame, and each open stream's own fps and
-        # p50/p99 (series removed when the stream closes; at most max_streams of them)
+        # p50/p99, named by the stream's slot (series removed when it closes; at most max_streams slots)
         self.stream_frames = Counter("ganserve_stream_frames_total", "Stream frames by outcome (answered, dropped, error)", ("model", "version", "outcome"), registry=r)
         self.stream_frame_duration = Histogram("ganserve_stream_frame_seconds", "A stream frame from arrival to its answer", ("model", "version"), buckets=LATENCY_BUCKETS, registry=r)
         self.streams_open = Gauge("ganserve_streams_open", "Open upscale streams", ("model",), registry=r, multiprocess_mode="livesum")

@@ -164,10 +164,23 @@ class ModelRegistry:
         self.jobs = JobStore(settings.max_jobs, settings.max_job_seconds)
         self.loaded_event = asyncio.Event()  # set once every entry has been tried
         self.draining = False
-        self.open_streams = 0  # upscale streams (service/streams.py), capped by settings.max_streams
-        self.stream_ids = itertools.count(1)  # names them in /metrics
+        # upscale streams (service/streams.py) hold slots 1 … settings.max_streams, which name them in
+        # /metrics: reused, so a client opening streams in a loop cannot grow the series without bound
+        # (under --workers the multiprocess files keep every series they were ever given)
+        self.stream_slots: set[int] = set()
         self.repository_lock = asyncio.Lock()  # load/unload one model at a time
         self.encoder_table: EncoderTable = PILLOW_ONLY  # measured once the models are loaded
+
+    def take_stream_slot(self) -> int | None:
+        """The lowest free stream slot, or None when `max_streams` are open."""
+        if len(self.stream_slots) >= self.settings.max_streams:
+            return None
+        slot = next(n for n in itertools.count(1) if n not in self.stream_slots)
+        self.stream_slots.add(slot)
+        return slot
+
+    def free_stream_slot(self, slot: int) -> None:
+        self.stream_slots.discard(slot)
 
     @property
     def loaded(self) -> bool:

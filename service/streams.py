@@ -3,7 +3,7 @@ every frame, in order, with its upscale or a notice that it was dropped.
 
 The protocol (`/v1/models/{name}/upscale/stream?format=jpeg`):
 
-- after the handshake the server sends `{"type": "ready", "stream": id, "model", "version",
+- after the handshake the server sends `{"type": "ready", "stream": slot, "model", "version",
   "scale", "format", "max_input_pixels", ...}`;
 - the client sends each frame as one binary message (a PNG, JPEG or WebP image);
 - the server answers every frame, in the order they arrived, with exactly one of
@@ -157,6 +157,10 @@ class UpscaleStream:
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
             metrics.streams_open.labels(self.name).dec()
+            # NaN first: under --workers the multiprocess files keep a removed series, and a closed
+            # slot must not go on showing its last stream's figures (its next stream overwrites them)
+            for gauge in (self.fps_gauge, *self.latency_gauges.values()):
+                gauge.set(float("nan"))
             for labels in ((self.name, self.id, "0.5"), (self.name, self.id, "0.99")):
                 with contextlib.suppress(KeyError):
                     metrics.stream_latency.remove(*labels)

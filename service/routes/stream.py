@@ -46,14 +46,14 @@ async def upscale_stream(websocket: WebSocket, name: str) -> None:
         require_kind(model, "super_resolution")
         if registry.draining:
             raise ApiError(503, "the server is shutting down", headers={"Retry-After": "1"})
-        if registry.open_streams >= registry.settings.max_streams:
+        slot = registry.take_stream_slot()
+        if slot is None:
             raise ApiError(503, f"the server holds its limit of {registry.settings.max_streams} streams; retry later", headers={"Retry-After": "5"})
     except ApiError as error:
         await refuse(websocket, error)
         return
-    stream = UpscaleStream(websocket, registry, name, version, fmt, f"s{next(registry.stream_ids)}")
-    registry.open_streams += 1
     try:
+        stream = UpscaleStream(websocket, registry, name, version, fmt, f"s{slot}")
         await websocket.accept()
         limits = model.limits.describe() if model.limits else {}
         await stream.send({"type": "ready", "stream": stream.id, "model": name, "version": model.entry.version, "scale": model.entry.spec["scale"],
@@ -61,4 +61,4 @@ async def upscale_stream(websocket: WebSocket, name: str) -> None:
                            "idle_timeout_s": registry.settings.stream_idle_s})
         await stream.run()
     finally:
-        registry.open_streams -= 1
+        registry.free_stream_slot(slot)
