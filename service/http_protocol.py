@@ -1,10 +1,19 @@
-"""uvicorn's HTTP protocol with the two guards uvicorn lacks:
+"""uvicorn's HTTP and WebSocket protocols with the guards uvicorn lacks:
 
 - a **header timeout**: a connection that does not finish a request's headers within
   `header_timeout_s` of connecting (or of the request's first byte, on a kept-alive connection)
   gets 408 and is closed, so half-sent requests cannot hold sockets open for good;
 - a **connection cap**: past `max_connections` open connections a new one is answered 503 (JSON,
-  like every error) and closed before anything is read.
+  like every error) and closed before anything is read;
+- a **send timeout** (`WriteStallGuard`, HTTP and WebSocket): a peer that reads nothing of what
+  it was sent for `send_timeout_s` while the write buffer is over its high-water mark is
+  disconnected. A stream client that never read its answers held its stream slot, and its unsent
+  bytes, for as long as it kept the socket (a hostile probe held all 32 slots for minutes);
+- on WebSockets (`GuardedWebSocketProtocol`), **pongs are skipped while the write buffer is
+  over its high-water mark** (RFC 6455 allows answering only the latest ping: a ping flood from a
+  client that does not read grew the server by ~24 MB/s), and **a message in more than
+  `MAX_FRAGMENTS` frames closes the connection with 1009** (websockets' `max_size` counts payload
+  bytes only, so a flood of empty continuation frames was parsed without end on the event loop).
 
 It also tells the request intake (service/intake.py) when a client hangs up mid-request:
 callbacks the intake puts in `scope["extensions"][DISCONNECT_EXTENSION]` run when the
@@ -20,8 +29,10 @@ import asyncio
 import json
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 DISCONNECT_EXTENSION = "ganserve.on_disconnect"  # a list of callables in the request's scope extensions
+MAX_FRAGMENTS = 4096  # frames one WebSocket message may come in (a 64 MiB frame in 16 KiB pieces)
 
 
 def raw_error(status: int, reason: str, code: str, message: str) -> bytes:
@@ -31,12 +42,46 @@ def raw_error(status: int, reason: str, code: str, message: str) -> bytes:
     return head + body
 
 
+class WriteStallGuard:
+    """Aborts a connection whose peer stops reading. Armed when the transport's write buffer goes
+    over its high-water mark (the transport pauses writing), it looks every `timeout_s`: a buffer
+    that has not shrunk since the last look means the peer read nothing for that long, and the
+    connection is aborted (not closed: a close waits for the unsent bytes to be read). A slow
+    reader that drains anything keeps its connection."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, timeout_s: float) -> None:
+        self.loop, self.transport, self.timeout_s = loop, transport, timeout_s
+        self.timer: asyncio.TimerHandle | None = None
+        self.pending = 0
+
+    def paused(self) -> None:
+        if self.timer is None:
+            self.pending = self.transport.get_write_buffer_size()
+            self.timer = self.loop.call_later(self.timeout_s, self.look)
+
+    def resumed(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def look(self) -> None:
+        pending = self.transport.get_write_buffer_size()
+        if pending and pending >= self.pending:
+            self.timer = None
+            self.transport.abort()
+            return
+        self.pending = pending
+        self.timer = self.loop.call_later(self.timeout_s, self.look)
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
     header_timeout_s: float = 10.0
     max_connections: int = 512
+    send_timeout_s: float = 30.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.stall_guard = WriteStallGuard(self.loop, transport, self.send_timeout_s)
         self.header_timer: asyncio.TimerHandle | None = None
         self.awaiting_headers = False
         if len(self.connections) > self.max_connections:
@@ -79,8 +124,18 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         # the body; a pipelined request's headers pause reading again, as before)
         self.flow.resume_reading()
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.stall_guard.paused()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.stall_guard.resumed()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.disarm_header_timer()
+        if hasattr(self, "stall_guard"):
+            self.stall_guard.resumed()
         cycle = self.cycle
         super().connection_lost(exc)
         if cycle is not None and not cycle.response_complete:
@@ -95,6 +150,58 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
-def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[GuardedHttpProtocol]:
-    """The protocol class uvicorn instantiates per connection, with the settings' values."""
-    return type("ConfiguredHttpProtocol", (GuardedHttpProtocol,), {"header_timeout_s": header_timeout_s, "max_connections": max_connections})
+class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
+    send_timeout_s: float = 30.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.stall_guard = WriteStallGuard(self.loop, self.transport, self.send_timeout_s)
+        self.fragments = 0
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.stall_guard.paused()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.stall_guard.resumed()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stall_guard.resumed()
+        super().connection_lost(exc)
+
+    def handle_ping(self) -> None:
+        pong = self.conn.data_to_send()  # taken either way, or it would go out with the next write
+        if self.transport.get_write_buffer_size() < self.transport.get_write_buffer_limits()[1]:
+            self.transport.write(b"".join(pong))
+
+    def handle_text(self, event) -> None:
+        self.fragments = 1
+        super().handle_text(event)
+
+    def handle_bytes(self, event) -> None:
+        self.fragments = 1
+        super().handle_bytes(event)
+
+    def handle_cont(self, event) -> None:
+        self.fragments += 1
+        if self.fragments > MAX_FRAGMENTS:
+            if not self.transport.is_closing():
+                self.conn.fail(1009, f"a message in more than {MAX_FRAGMENTS} frames")
+                self.transport.write(b"".join(self.conn.data_to_send()))
+                self.close_sent = True
+                self.transport.close()
+            self.frames = []
+            return
+        super().handle_cont(event)
+
+
+def guarded_protocol(header_timeout_s: float, max_connections: int, send_timeout_s: float = 30.0) -> type[GuardedHttpProtocol]:
+    """The HTTP protocol class uvicorn instantiates per connection, with the settings' values."""
+    return type("ConfiguredHttpProtocol", (GuardedHttpProtocol,), {"header_timeout_s": header_timeout_s, "max_connections": max_connections,
+                                                                   "send_timeout_s": send_timeout_s})
+
+
+def guarded_websocket_protocol(send_timeout_s: float) -> type[GuardedWebSocketProtocol]:
+    """The WebSocket protocol class uvicorn instantiates per upgraded connection."""
+    return type("ConfiguredWebSocketProtocol", (GuardedWebSocketProtocol,), {"send_timeout_s": send_timeout_s})

@@ -71,6 +71,7 @@ class Settings(BaseSettings):
     max_connections: int = Field(512, ge=1)  # open connections; past it a new one gets 503 and is closed
     header_timeout_s: float = Field(10.0, gt=0)  # a connection must finish sending a request's headers within this
     body_timeout_s: float = Field(30.0, gt=0)  # and its body within this (408 past it)
+    send_timeout_s: float = Field(30.0, gt=0)  # a client that reads nothing of its answer (HTTP or stream) for this long is disconnected
     keep_alive_s: int = Field(5, ge=1)  # idle keep-alive connections close after this
     # the model repository
     model_control: bool = False  # allow POST /v2/repository/models/{name}/load|unload (off: anyone who reaches the port could unload models)

@@ -19,7 +19,7 @@ def main(settings_json: str, replacement: bool = False) -> None:
     import uvicorn
 
     from service.app import ENGINE_HTTP, create_app
-    from service.http_protocol import guarded_protocol
+    from service.http_protocol import guarded_protocol, guarded_websocket_protocol
     from service.memory import return_freed_memory_to_the_os
     from service.settings import Settings
     from service.workers import port_socket
@@ -28,7 +28,8 @@ def main(settings_json: str, replacement: bool = False) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s {settings.role} %(name)s %(message)s")
     return_freed_memory_to_the_os()
     config = uvicorn.Config(create_app(settings, serve_while_loading=not replacement), log_level=settings.log_level,
-                            http=guarded_protocol(settings.header_timeout_s, settings.max_connections),
+                            http=guarded_protocol(settings.header_timeout_s, settings.max_connections, settings.send_timeout_s),
+                            ws=guarded_websocket_protocol(settings.send_timeout_s),
                             timeout_keep_alive=settings.keep_alive_s, timeout_graceful_shutdown=int(settings.shutdown_grace_s),
                             ws_max_size=settings.max_body_bytes, access_log=False,
                             **({"uds": str(settings.engine_dir / ENGINE_HTTP)} if settings.role == "engine" else {}))

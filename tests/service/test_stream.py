@@ -1,10 +1,16 @@
 """Streaming super-resolution over a real WebSocket (the `websockets` client) against the real
 server: every frame answered once and in order, latest-wins dropping while the client is behind,
 the same pixels as the HTTP endpoint, refusals as the API's errors, per-stream metrics, the
-stream cap, the idle timeout and a clean shutdown with a stream open."""
+stream cap, the idle timeout and a clean shutdown with a stream open; and, from a raw socket,
+the clients a library would not be: one that never reads, one that fragments without end."""
+import base64
+import contextlib
 import io
 import json
+import os
 import signal
+import socket
+import struct
 import time
 
 import httpx
@@ -150,6 +156,72 @@ def test_the_stream_cap_the_idle_timeout_and_a_clean_shutdown_with_a_stream_open
         # uvicorn re-raises the signal once it has shut down cleanly, as process managers expect
         assert server.process.wait(timeout=60) in (0, -signal.SIGTERM) and time.monotonic() - stopping < 10
 
+
+
+def raw_stream(server, receive_buffer: int = 4096) -> socket.socket:
+    """A stream opened by hand (a tiny receive buffer, the handshake read, nothing else), so the
+    test decides what is read and what is sent."""
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.connect((host, int(port)))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(f"GET {STREAM} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def client_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """One masked client frame (payloads under 126 bytes)."""
+    mask = os.urandom(4)
+    return bytes([(0x80 if fin else 0) | opcode, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def test_a_client_that_stops_reading_is_disconnected_and_its_stream_slot_freed(repository):
+    """A client that sends and never reads filled the server's buffers, and its stream's reader
+    waited on a send for good: it held its slot (all 32 of them, a hostile probe found) for as
+    long as it kept the socket. Now the connection is aborted after `send_timeout_s` without
+    progress, and the slot comes back."""
+    with running_server(repository, max_streams=1, send_timeout_s=1) as server:
+        stalled = raw_stream(server)
+        stalled.settimeout(2)
+        with pytest.raises(OSError):  # each text message earns an error notice it never reads; the server stops reading
+            for _ in range(2_000_000):
+                stalled.sendall(client_frame(0x1, b"x"))
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with connect(ws_url(server)) as fresh:  # max_streams 1: refused while the stalled stream holds the slot
+                    assert json.loads(fresh.recv(timeout=30))["type"] == "ready"
+                break
+            except InvalidStatus as refused:
+                assert refused.response.status_code == 503 and time.monotonic() < deadline
+                time.sleep(0.2)
+        stalled.close()
+
+
+def test_a_message_in_endless_fragments_closes_the_connection_with_1009(server):
+    """Empty continuation frames carry no bytes for `max_size` to count; parsed without end they
+    stalled the event loop. Past MAX_FRAGMENTS frames for one message the server closes."""
+    from service.http_protocol import MAX_FRAGMENTS
+
+    sock = raw_stream(server, receive_buffer=1 << 16)
+    sock.settimeout(30)
+    sock.recv(4096)  # ready
+    with contextlib.suppress(OSError):  # the server may reset the connection before the last frames are written
+        sock.sendall(client_frame(0x2, b"\x89PNG", fin=False) + client_frame(0x0, b"", fin=False) * (MAX_FRAGMENTS + 10))
+    received = b""
+    with contextlib.suppress(OSError):
+        while chunk := sock.recv(4096):
+            received += chunk
+    close = received.find(b"\x88")  # a close frame: opcode 8, FIN
+    assert close >= 0 and struct.unpack(">H", received[close + 2 : close + 4])[0] == 1009
+    with httpx.Client(base_url=server.url) as client:
+        assert client.get("/health/live").status_code == 200
 
 def test_a_frame_that_does_not_fit_the_memory_budget_is_refused_and_the_stream_goes_on(repository):
     with running_server(repository, memory_budget=64 * 2**20) as server:  # below what the loaded models hold: nothing fits
