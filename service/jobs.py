@@ -45,12 +45,17 @@ class JobStore:
     def active(self) -> int:
         return sum(job.state in ("queued", "running") for job in self.jobs.values())
 
-    def submit(self, kind: str, model: str, total_steps: int, work: Callable[[Job, Callable[[int], bool]], dict]) -> Job:
-        """Queues `work(job, tick)`; `tick(step)` records progress and returns False past the time limit."""
+    def check_room(self) -> None:
+        """503 while stopping, 429 while `max_active` jobs are queued or running: asked before a
+        job's upload is decoded (a refused 4000² PNG once cost its decode first), and again at submit."""
         if self.stopping:
             raise ApiError(503, "the server is shutting down", headers={"Retry-After": "1"})
         if self.active() >= self.max_active:
             raise ApiError(429, f"{self.max_active} jobs are already queued or running; retry later", headers={"Retry-After": "5"})
+
+    def submit(self, kind: str, model: str, total_steps: int, work: Callable[[Job, Callable[[int], bool]], dict]) -> Job:
+        """Queues `work(job, tick)`; `tick(step)` records progress and returns False past the time limit."""
+        self.check_room()
         job = Job(uuid.uuid4().hex, kind, model, total_steps)
         self.jobs[job.id] = job
         self.forget_old()

@@ -51,6 +51,7 @@ async def project_image(name: str, request: Request, steps: int = Query(200, ge=
     limit = registry.settings.max_projection_steps
     if steps > limit:
         raise ApiError(422, f"steps: at most {limit}")
+    registry.jobs.check_room()  # before the upload is decoded
     data = await read_upload(request)
     width, height = await probe(registry, data)
     reserve(request, width * height * DECODE_BYTES_PER_PIXEL)

@@ -76,6 +76,10 @@ def test_jobs_are_bounded_in_number_and_in_time(repository):
         second = client.post("/v1/models/styles/project?steps=10", content=png_bytes(), headers={"content-type": "image/png"})
         assert first.status_code == 202
         assert second.status_code == 429 and "retry-after" in second.headers
+        # refused before its upload is looked at: a full job table costs a client no decode (an
+        # upload that is no image at all gets the same 429, where it once got the decoder's 422)
+        undecoded = client.post("/v1/models/styles/project?steps=10", content=b"not an image", headers={"content-type": "image/png"})
+        assert undecoded.status_code == 429
         job = wait_for(client, first.json()["status_url"])
     assert job["state"] == "failed" and "time limit" in job["error"]
     assert 0 < job["progress"]["step"] < 1000
