@@ -30,6 +30,8 @@ router = APIRouter(prefix="/v2", tags=["v2"])
 PYTHON_VALUE_BYTES = 40  # a parsed JSON number: the object and its list slot
 JSON_VALUE_BYTES = 24  # a float written as JSON text
 PARSED_BYTES_PER_BODY_BYTE = 16  # a JSON number takes at least 2 bytes ("0,") and becomes a ~32-byte object
+MAX_JSON_BYTES_PER_VALUE = 48  # the longest float's text, its separator, and a pretty-printer's indentation
+JSON_HEADER_SLACK = 64 * 1024  # names, shapes, datatypes, parameters, the request id
 PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch", "eager": "pytorch_eager"}  # as Triton names them
 VersionPath = Annotated[int, Path(ge=1, lt=2**31)]
 
@@ -136,6 +138,21 @@ def output_values(model: LoadedModel, shapes: list[list[int]]) -> int:
     return batch * math.prod(d for d in out[1:])
 
 
+def json_header_limit(model: LoadedModel, settings: Settings) -> int | None:
+    """The most JSON header bytes a request to this model can need, where every input has a fixed
+    shape past its batch axis (generators: 256 rows of a 64-value z are under a megabyte). The
+    header is refused past it before it is parsed: parsing holds the GIL, ~1 s per 8 MiB of
+    values, which stalled every other request while the value count was only checked after.
+    None where an input's size is dynamic (images): the pixel limit bounds those, after parsing."""
+    values = 0
+    for tensor in model.entry.spec["inputs"]:
+        dims = tensor["shape"][1:]
+        if any(d < 0 for d in dims):
+            return None
+        values += math.prod(dims)
+    return settings.max_images_per_request * values * MAX_JSON_BYTES_PER_VALUE + JSON_HEADER_SLACK
+
+
 async def infer_on(request: Request, name: str, version: int | None) -> Response:
     registry = registry_of(request)
     model = begin(request, name, "infer", version)
@@ -145,6 +162,10 @@ async def infer_on(request: Request, name: str, version: int | None) -> Response
     raw = await request.body()
     header_length = request.headers.get(HEADER_LENGTH)
     json_bytes = ascii_count(header_length) or len(raw)  # a header that is no count is refused by parse_request, with 422
+    limit = json_header_limit(model, registry.settings)
+    if limit is not None and min(json_bytes, len(raw)) > limit:
+        raise ApiError(413, f"the inference header is {min(json_bytes, len(raw))} bytes of JSON; {name!r}'s inputs need at most {limit} "
+                            "(send the tensors as binary data)")
     reserve(request, min(json_bytes, len(raw)) * PARSED_BYTES_PER_BODY_BYTE + len(raw))
     body, arrays = await off_loop(request, parse_request, raw, header_length)
     shapes = [t.shape for t in body.inputs]

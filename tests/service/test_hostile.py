@@ -150,6 +150,8 @@ CASES = [
      {"json": {"inputs": [z_tensor()]}, "headers": {"inference-header-content-length": b"\xb2"}}, 422),
     ("v2 header length of 4301 digits (once a 500)", "POST", "/v2/models/dcgan-digits/infer",
      {"json": {"inputs": [z_tensor()]}, "headers": {"inference-header-content-length": "9" * 4301}}, 422),
+    ("v2 4 MB of JSON values for a 64-value input (once parsed whole before any count check)", "POST", "/v2/models/dcgan-digits/infer",
+     {"content": b'{"inputs": [{"name": "z", "shape": [1, 64], "datatype": "FP32", "data": [' + b"1.5," * 1_000_000 + b'1.5]}]}', "headers": JSON}, 413),
     ("v2 not JSON", "POST", "/v2/models/dcgan-digits/infer", {"content": b"{nope", "headers": JSON}, 422),
     ("v2 unknown model", "POST", "/v2/models/nope/infer", {"json": {"inputs": [z_tensor()]}}, 404),
     # the rest of the matrix
