@@ -74,7 +74,22 @@ class WriteStallGuard:
         self.timer = self.loop.call_later(self.timeout_s, self.look)
 
 
-class GuardedHttpProtocol(HttpToolsProtocol):
+class StallGuardedWrites:
+    """The transport's flow-control calls, passed on to the protocol and to its `stall_guard`
+    (a mixin for both protocols below, ahead of uvicorn's class in the bases)."""
+
+    stall_guard: WriteStallGuard
+
+    def pause_writing(self) -> None:
+        super().pause_writing()  # type: ignore[misc]
+        self.stall_guard.paused()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()  # type: ignore[misc]
+        self.stall_guard.resumed()
+
+
+class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
     header_timeout_s: float = 10.0
     max_connections: int = 512
     send_timeout_s: float = 30.0
@@ -124,14 +139,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         # the body; a pipelined request's headers pause reading again, as before)
         self.flow.resume_reading()
 
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        self.stall_guard.paused()
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self.stall_guard.resumed()
-
     def connection_lost(self, exc: Exception | None) -> None:
         self.disarm_header_timer()
         if hasattr(self, "stall_guard"):
@@ -150,21 +157,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
-class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
+class GuardedWebSocketProtocol(StallGuardedWrites, WebSocketsSansIOProtocol):
     send_timeout_s: float = 30.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.stall_guard = WriteStallGuard(self.loop, self.transport, self.send_timeout_s)
         self.fragments = 0
-
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        self.stall_guard.paused()
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self.stall_guard.resumed()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.stall_guard.resumed()
