@@ -1,6 +1,7 @@
 """Field types every request body shares, each bounded before anything is allocated.
 
-Integers are strict (`true` is not a seed, `1.5` is not a class) and every number has a range,
+Numbers are strict (`true` is not a seed, `1.5` is not a class, `"1"` is not a float; an
+integer is a float) and every number has a range,
 so a body like `{"n": 10**25}` is refused by validation instead of building a 10**25-long list.
 """
 from __future__ import annotations
@@ -24,10 +25,10 @@ ClassIndex = Annotated[int, Strict(), Field(ge=0, le=1_000_000)]
 ClassName = Annotated[str, Field(min_length=1, max_length=128)]
 LayerIndex = Annotated[int, Strict(), Field(ge=0, lt=MAX_WS)]
 Layers = Literal["coarse", "middle", "fine"] | Annotated[list[LayerIndex], Field(min_length=1, max_length=MAX_WS)]
-WValue = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_INPUT_MAGNITUDE, le=MAX_INPUT_MAGNITUDE)]
+WValue = Annotated[float, Strict(), Field(allow_inf_nan=False, ge=-MAX_INPUT_MAGNITUDE, le=MAX_INPUT_MAGNITUDE)]
 WVector = Annotated[list[WValue], Field(min_length=1, max_length=MAX_W_DIM)]
-Psi = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False, description="style models: pull w toward w_avg (1 = off)")]
-BigGANTruncation = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False,
+Psi = Annotated[float, Strict(), Field(ge=0.0, le=2.0, allow_inf_nan=False, description="style models: pull w toward w_avg (1 = off)")]
+BigGANTruncation = Annotated[float, Strict(), Field(gt=0.0, le=1.0, allow_inf_nan=False,
                                            description="BigGAN models: z truncated to ±2 and scaled by this, with its batch-norm statistics")]
 ImageFormat = Literal["png", "jpeg", "webp", "npy"]
 Layout = Literal["grid", "list"]

@@ -29,7 +29,7 @@ Datatype = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16
 
 class TensorParameters(BaseModel):
     model_config = ConfigDict(extra="allow")
-    binary_data_size: int | None = Field(None, ge=0, le=2**40)
+    binary_data_size: Annotated[int, Strict()] | None = Field(None, ge=0, le=2**40)
     binary_data: bool | None = None
 
 
@@ -114,6 +114,8 @@ def json_array(tensor: InferTensor, count: int) -> np.ndarray:
     if len(data) != count:
         raise ApiError(422, f"input {tensor.name!r}: shape {tensor.shape} needs {count} values, got {len(data)}")
     dtype = WIRE_TYPES[tensor.datatype]
+    if any(type(v) is bool for v in data):  # numpy would take true as 1
+        raise ApiError(422, f"input {tensor.name!r}: {tensor.datatype} values must be numbers, not true or false")
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
         if any(type(v) is not int for v in data):

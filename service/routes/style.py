@@ -2,10 +2,12 @@
 server followed by batched synthesis calls shared with every other request (service/style.py)."""
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 import torch
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 
 from models import latent
 from service import style
@@ -64,7 +66,7 @@ class EditRequest(BaseModel):
     seed: Seed | None = None
     w: WVector | None = None
     direction: str = Field(min_length=1, max_length=128)
-    strengths: list[float] = Field(default_factory=lambda: [-2.0, -1.0, 0.0, 1.0, 2.0], min_length=1, max_length=64)
+    strengths: list[Annotated[float, Strict()]] = Field(default_factory=lambda: [-2.0, -1.0, 0.0, 1.0, 2.0], min_length=1, max_length=64)
     units: str = Field("sigma", pattern="^(sigma|w)$",
                        description="sigma: strengths in standard deviations of the model's W along the direction (GET /v1/models/{name} lists them); w: raw W distance")
     layers: Layers | None = Field(None, description="apply the edit at these ws only (default: all)")

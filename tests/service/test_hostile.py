@@ -152,6 +152,11 @@ CASES = [
      {"json": {"inputs": [z_tensor()]}, "headers": {"inference-header-content-length": "9" * 4301}}, 422),
     ("v2 4 MB of JSON values for a 64-value input (once parsed whole before any count check)", "POST", "/v2/models/dcgan-digits/infer",
      {"content": b'{"inputs": [{"name": "z", "shape": [1, 64], "datatype": "FP32", "data": [' + b"1.5," * 1_000_000 + b'1.5]}]}', "headers": JSON}, 413),
+    ("v2 true as an FP32 value", "POST", "/v2/models/dcgan-digits/infer", {"json": {"inputs": [{**z_tensor(), "data": [True] * 64}]}}, 422),
+    ("v2 binary_data_size as a string", "POST", "/v2/models/dcgan-digits/infer",
+     {"json": {"inputs": [{**z_tensor(), "data": None, "parameters": {"binary_data_size": "256"}}]}}, 422),
+    ("edit strength as a string", "POST", f"{V1}/stylegan-shapes/edit", {"json": {"seed": 1, "direction": "size", "strengths": ["1"]}}, 422),
+    ("truncation_psi as a string", "POST", f"{V1}/stylegan-shapes/generate", {"json": {"seed": 1, "truncation_psi": "0.7"}}, 422),
     ("v2 not JSON", "POST", "/v2/models/dcgan-digits/infer", {"content": b"{nope", "headers": JSON}, 422),
     ("v2 unknown model", "POST", "/v2/models/nope/infer", {"json": {"inputs": [z_tensor()]}}, 404),
     # the rest of the matrix
