@@ -63,6 +63,7 @@ def launched_process(command: list[str], port: int, env: dict[str, str] | None =
         log = Path(scratch) / "server.log"
         with open(log, "wb") as stderr:
             process = subprocess.Popen(command, cwd=cwd, env=env or dict(os.environ), stdout=subprocess.DEVNULL, stderr=stderr)
+        process.log_path = log  # type: ignore[attr-defined]  # what the server wrote to stderr, while it runs
         url = f"http://127.0.0.1:{port}"
         try:
             if wait:

@@ -169,6 +169,14 @@ class GuardedWebSocketProtocol(StallGuardedWrites, WebSocketsSansIOProtocol):
         self.stall_guard.resumed()
         super().connection_lost(exc)
 
+    async def send(self, message) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
+            # a refused handshake (the API's JSON error as the HTTP answer) is this handshake's end:
+            # uvicorn would otherwise log "ASGI callable returned without completing handshake" at
+            # ERROR for every refusal, a log line any client could produce at will
+            self.handshake_complete = True
+
     def handle_ping(self) -> None:
         pong = self.conn.data_to_send()  # taken either way, or it would go out with the next write
         if self.transport.get_write_buffer_size() < self.transport.get_write_buffer_limits()[1]:

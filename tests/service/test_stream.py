@@ -111,6 +111,7 @@ def test_a_refused_handshake_is_the_api_error(server, path, status):
             pass
     assert refused.value.response.status_code == status
     assert json.loads(refused.value.response.body)["error"]["message"]
+    assert "without completing handshake" not in server.process.log_path.read_text(errors="replace")  # no ERROR line per refusal
 
 
 def test_open_streams_report_their_fps_and_latency_in_metrics(server):
