@@ -161,12 +161,13 @@ async def infer_on(request: Request, name: str, version: int | None) -> Response
         raise ApiError(415, f"send the inference request as JSON, or JSON followed by binary tensors (got {media!r})")
     raw = await request.body()
     header_length = request.headers.get(HEADER_LENGTH)
-    json_bytes = ascii_count(header_length) or len(raw)  # a header that is no count is refused by parse_request, with 422
+    # the JSON part of the body; a header that is no count is refused by parse_request, with 422
+    json_bytes = min(ascii_count(header_length) or len(raw), len(raw))
     limit = json_header_limit(model, registry.settings)
-    if limit is not None and min(json_bytes, len(raw)) > limit:
-        raise ApiError(413, f"the inference header is {min(json_bytes, len(raw))} bytes of JSON; {name!r}'s inputs need at most {limit} "
+    if limit is not None and json_bytes > limit:
+        raise ApiError(413, f"the inference header is {json_bytes} bytes of JSON; {name!r}'s inputs need at most {limit} "
                             "(send the tensors as binary data)")
-    reserve(request, min(json_bytes, len(raw)) * PARSED_BYTES_PER_BODY_BYTE + len(raw))
+    reserve(request, json_bytes * PARSED_BYTES_PER_BODY_BYTE + len(raw))
     body, arrays = await off_loop(request, parse_request, raw, header_length)
     shapes = [t.shape for t in body.inputs]
     items = await off_loop(request, parse_inputs, model, body, arrays, registry.settings)
