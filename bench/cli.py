@@ -59,12 +59,15 @@ def bench_soak_command(
     duration: float = typer.Option(600.0, min=5.0, help="seconds of mixed traffic"),
     isolation: float = typer.Option(20.0, min=2.0, help="seconds of each isolation scenario"),
     warmup: float = typer.Option(60.0, min=0.0, help="RSS growth is measured from this second of the soak"),
+    stalled_readers: int = typer.Option(200, min=0, help="clients that ask for ~5 MB answers and never read them (0: skip)"),
+    stalled_budget_mb: int = typer.Option(1024, min=64, help="GANSERVE_MEMORY_BUDGET of the stalled readers' server, MiB"),
+X,
     out: Optional[Path] = typer.Option(Path("bench/results/soak-latest.json"), help="JSON report"),
 ) -> None:
-    """Resource safety under load: DCGAN latency beside saturated heavy lanes, then a soak of mixed and hostile traffic (5xx, p99, RSS growth)."""
+    """Resource safety under load: DCGAN latency beside saturated heavy lanes, a soak of mixed and hostile traffic (5xx, p99, RSS growth), then clients that never read their answers."""
     from bench.soak import run_soak
 
-    run_soak(repository, concurrency, duration, isolation, warmup, out)
+    run_soak(repository, concurrency, duration, isolation, warmup, out, stalled_readers, stalled_budget_mb * 2**20, stalled_send_timeout)
 
 
 def bench_ray_command(

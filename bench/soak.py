@@ -9,6 +9,8 @@
    after warm-up and at the end (growth target < 10 %). Clients honour Retry-After on 429/503
    as well-behaved ones do; errors (500, 504, broken connections: target 0) are counted apart
    from those overload refusals.
+3. **stalled readers** (`--stalled-readers N`, bench/stalled.py): N clients ask for big answers
+   and never read them, on a server of its own under a small memory budget.
 """
 from __future__ import annotations
 
@@ -171,7 +173,21 @@ def run_isolation(url: str, duration_s: float) -> dict:
             "p99_ratio": shared["dcgan generate"]["p99_ms"] / alone["dcgan generate"]["p99_ms"]}
 
 
-def run_soak(repository: Path, concurrency: int, duration_s: float, isolation_s: float, warmup_s: float, out: Path | None) -> dict:
+def run_soak(repository: Path, concurrency: int, duration_s: float, isolation_s: float, warmup_s: float, out: Path | None,
+             stalled_readers: int = 0, stalled_budget: int = 2**30, stalled_send_timeout_s: float = 30.0) -> dict:
+    report = soak_report(repository, concurrency, duration_s, isolation_s, warmup_s)
+    if stalled_readers:
+        from bench.stalled import run_stalled_readers
+
+        console.print(f"stalled readers: {stalled_readers} clients ask for ~5 MB answers and never read them "
+                      f"({stalled_budget / 2**20:.0f} MiB budget, {stalled_send_timeout_s:g} s send timeout)")
+        report["stalled_readers"] = run_stalled_readers(repository, stalled_readers, stalled_budget, stalled_send_timeout_s)
+    print_report(report)
+    write_report(report, out)
+    return report
+
+
+def soak_report(repository: Path, concurrency: int, duration_s: float, isolation_s: float, warmup_s: float) -> dict:
     with launched_server(repository, log_level="warning") as (process, url):
         console.print(f"isolation: {isolation_s:g} s of DCGAN generate alone, then beside saturated translate/upscale lanes")
         isolation = run_isolation(url, isolation_s)
@@ -198,8 +214,6 @@ def run_soak(repository: Path, concurrency: int, duration_s: float, isolation_s:
                   "errors": sum(errors.values()), "overload_refusals": sum(refused.values()), "process_alive": process.poll() is None,
                   "rss_after_warmup_mb": after_warmup / 2**20, "rss_end_mb": rss[-1][1] / 2**20, "rss_peak_mb": max(v for _, v in rss) / 2**20,
                   "rss_growth": rss[-1][1] / after_warmup - 1}
-    print_report(report)
-    write_report(report, out)
     return report
 
 
@@ -222,3 +236,10 @@ def print_report(report: dict) -> None:
     console.print(table)
     console.print(f"errors (500/504/broken): {report['errors']}; overload refusals (429/503 with Retry-After): {report['overload_refusals']}; server alive at the end: {report['process_alive']}; RSS after warm-up {report['rss_after_warmup_mb']:.0f} MB, "
                   f"at the end {report['rss_end_mb']:.0f} MB (growth {100 * report['rss_growth']:+.1f} %), peak {report['rss_peak_mb']:.0f} MB")
+    if stalled := report.get("stalled_readers"):
+        statuses = " ".join(f"{s}:{n}" for s, n in sorted(stalled["statuses"].items()))
+        benign = " ".join(f"{s}:{n}" for s, n in sorted(stalled["benign_statuses"].items()))
+        console.print(f"stalled readers: {stalled['readers']} answered {statuses}; held for them {stalled['held_mb']:.0f} MB of a "
+                      f"{stalled['capacity_mb']:.0f} MB request budget (RSS {stalled['rss_idle_mb']:.0f} → peak {stalled['rss_peak_mb']:.0f} MB, "
+                      f"budget {stalled['memory_budget_mb']:.0f} MB); meanwhile a benign generate got {benign} "
+                      f"(p50 {stalled['benign_p50_ms']:.1f} ms); budget whole again after {stalled['budget_whole_after_s']:.1f} s")

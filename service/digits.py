@@ -24,3 +24,15 @@ def ascii_count(text: str | bytes | None, max_digits: int = MAX_DIGITS) -> int |
     if not 0 < len(text) <= max_digits or not text.isascii() or not text.isdigit():
         return None
     return int(text)
+
+
+def count_from_text(value: object) -> object:
+    """A pydantic `BeforeValidator` for integers sent as text (path and query parameters): the text
+    must be an `ascii_count`. pydantic's lax `int` takes `1.0`, `+1`, ` 1` and `1_0` for 1 and 10,
+    so `/versions/1.0` once reached version 1; other values pass on to the type's own checks."""
+    if isinstance(value, (str, bytes)):
+        count = ascii_count(value)
+        if count is None:
+            raise ValueError("an integer written in ASCII digits only (no sign, point, space or underscore)")
+        return count
+    return value

@@ -15,10 +15,16 @@
   `MAX_FRAGMENTS` frames closes the connection with 1009** (websockets' `max_size` counts payload
   bytes only, so a flood of empty continuation frames was parsed without end on the event loop).
 
-It also tells the request intake (service/intake.py) when a client hangs up mid-request:
-callbacks the intake puts in `scope["extensions"][DISCONNECT_EXTENSION]` run when the
-connection is lost before the response is complete. Without it the intake would watch with a task
-per request, blocked on `receive()` (what it still does under another server).
+It also tells the request intake (service/intake.py) two things about a connection:
+- when a client hangs up mid-request: callbacks the intake puts in
+  `scope["extensions"][DISCONNECT_EXTENSION]` run when the connection is lost before the response
+  is complete. Without it the intake would watch with a task per request, blocked on `receive()`
+  (what it still does under another server);
+- when an answer has left the process: `scope["extensions"][FLUSHED_EXTENSION](callback)` runs
+  the callback once the write buffer is back under its low-water mark (or the connection is
+  gone), so the answer's bytes stay reserved in the memory budget while a client that does not
+  read keeps them here (they were released when the answer was handed to the transport: a
+  hostile probe held 2 GB of unread answers outside the budget).
 
 The body's own timeout and size limit live in the ASGI middleware (service/intake.py), where
 the answer can be JSON with the right status.
@@ -27,11 +33,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 DISCONNECT_EXTENSION = "ganserve.on_disconnect"  # a list of callables in the request's scope extensions
+FLUSHED_EXTENSION = "ganserve.when_flushed"  # a callable: when_flushed(callback), the callback run once the answer left
 MAX_FRAGMENTS = 4096  # frames one WebSocket message may come in (a 64 MiB frame in 16 KiB pieces)
 
 
@@ -97,6 +105,8 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.stall_guard = WriteStallGuard(self.loop, transport, self.send_timeout_s)
+        self.after_flush: list[Callable[[], object]] = []
+        self.lost = False
         self.header_timer: asyncio.TimerHandle | None = None
         self.awaiting_headers = False
         if len(self.connections) > self.max_connections:
@@ -130,7 +140,27 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         self.awaiting_headers = False
         self.disarm_header_timer()
         super().on_headers_complete()
-        self.scope.setdefault("extensions", {})[DISCONNECT_EXTENSION] = []
+        extensions = self.scope.setdefault("extensions", {})
+        extensions[DISCONNECT_EXTENSION] = []
+        extensions[FLUSHED_EXTENSION] = self.when_flushed
+
+    def when_flushed(self, callback: Callable[[], object]) -> None:
+        """Runs `callback` once what was written so far has left the process: now if writing is
+        not paused, else when the transport resumes writing (its buffer under the low-water mark)
+        or the connection is lost (the stall guard aborts a peer that reads nothing)."""
+        if self.flow.write_paused and not self.lost:
+            self.after_flush.append(callback)
+        else:
+            callback()
+
+    def run_after_flush(self) -> None:
+        callbacks, self.after_flush = self.after_flush, []
+        for callback in callbacks:
+            callback()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.run_after_flush()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -145,6 +175,8 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
             self.stall_guard.resumed()
         cycle = self.cycle
         super().connection_lost(exc)
+        self.lost = True
+        self.run_after_flush()
         if cycle is not None and not cycle.response_complete:
             for stop in list(cycle.scope.get("extensions", {}).get(DISCONNECT_EXTENSION, ())):
                 stop()

@@ -10,7 +10,9 @@
 - a model operation's answer gets a `Server-Timing` header (queue, compute, encode, total);
 - every model operation is timed and counted in `ganserve_requests_total` with its final
   status, whether a route answered it, validation refused it or the client left;
-- what a request reserved from the memory budget is released when its response has been sent.
+- what a request reserved from the memory budget is released when its response has been sent,
+  all but its answer's bytes; those when they have left the process (our protocol says when:
+  an answer a client does not read stays in the budget until it is read or the client dropped).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_payload
 from service.digits import ascii_count
-from service.http_protocol import DISCONNECT_EXTENSION
+from service.http_protocol import DISCONNECT_EXTENSION, FLUSHED_EXTENSION
 from service.memory import MemoryBudget, OverBudget
 
 STATE_KEY = "ganserve"  # scope["state"][STATE_KEY] holds the request's RequestContext
@@ -105,15 +107,17 @@ class RequestIntake:
         budget: MemoryBudget | None = registry.memory if registry is not None else None
         status = {"code": 500}
         final_body_sent = False
+        answer_bytes = 0
 
         async def tracking_send(message: Message) -> None:
-            nonlocal final_body_sent
+            nonlocal final_body_sent, answer_bytes
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
                 if context.labels is not None or operation_of(scope) is not None:  # a model operation: its stages, for clients and the playground
                     message = with_server_timing(message, context)
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                final_body_sent = True
+            elif message["type"] == "http.response.body":
+                answer_bytes += len(message.get("body", b""))
+                final_body_sent = not message.get("more_body", False)
             await send(message)
 
         try:
@@ -158,8 +162,18 @@ class RequestIntake:
                 watcher.cancel()
         finally:
             if budget is not None:
-                budget.release(context.reserved)
+                self.release(scope, budget, context.reserved, answer_bytes)
             self.account(scope, context, 499 if context.disconnected.is_set() else status["code"], registry)
+
+    @staticmethod
+    def release(scope: Scope, budget: MemoryBudget, reserved: int, answer_bytes: int) -> None:
+        """Gives back what the request reserved: at once, but for as much as its answer's bytes,
+        which stay reserved until they have left the process (where our protocol can tell)."""
+        flushed = scope.get("extensions", {}).get(FLUSHED_EXTENSION)
+        held = min(reserved, answer_bytes) if flushed is not None else 0
+        budget.release(reserved - held)
+        if held:
+            flushed(lambda: budget.release(held))
 
     async def read_body(self, scope: Scope, receive: Receive, context: RequestContext, budget: MemoryBudget | None) -> bytes:
         declared = dict(scope.get("headers") or []).get(b"content-length")

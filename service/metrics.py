@@ -43,6 +43,12 @@ class ServiceMetrics:
         self.streams_open = Gauge("ganserve_streams_open", "Open upscale streams", ("model",), registry=r, multiprocess_mode="livesum")
         self.stream_fps = Gauge("ganserve_stream_fps", "Frames answered per second by one open stream (the spacing of its answers over the last 5 s)", ("model", "stream"), registry=r, multiprocess_mode="liveall")
         self.stream_latency = Gauge("ganserve_stream_latency_seconds", "One open stream's frame latency over its last 256 frames", ("model", "stream", "quantile"), registry=r, multiprocess_mode="liveall")
+        # the memory budget (service/memory.py), as of this process's last scrape: what admitted
+        # requests may hold, and what they hold now (bodies, batches, answers not yet read by their clients)
+        self.memory_budget = Gauge("ganserve_memory_budget_bytes", "Bytes admitted requests may hold at once (the budget less what the loaded models hold)",
+                                   registry=r, multiprocess_mode="liveall")
+        self.memory_reserved = Gauge("ganserve_memory_reserved_bytes", "Bytes admitted requests hold now, unread answers included",
+                                     registry=r, multiprocess_mode="liveall")
         self.gpu_memory = Gauge("ganserve_gpu_memory_bytes", "GPU memory allocated by this process", ("device",), registry=r, multiprocess_mode="liveall")
 
     def exposition(self) -> tuple[bytes, str]:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, Strict
+from pydantic import BeforeValidator, Field, Strict
+
+from service.digits import count_from_text
 
 MAX_SEED = 2**63 - 1
 HARD_MAX_IMAGES = 4096  # the most any setting may allow per request; the server's own limit is lower
@@ -33,3 +35,7 @@ BigGANTruncation = Annotated[float, Strict(), Field(gt=0.0, le=1.0, allow_inf_na
 ImageFormat = Literal["png", "jpeg", "webp", "npy"]
 Layout = Literal["grid", "list"]
 Version = Annotated[int, Strict(), Field(ge=1, lt=2**31)]
+# integers a client writes as text, in a path or a query: ASCII digits only (`1.0` is not version 1;
+# the bounds come before the validator, or the OpenAPI schema loses them)
+VersionText = Annotated[int, Field(ge=1, lt=2**31), BeforeValidator(count_from_text)]
+ProjectionSteps = Annotated[int, Field(ge=1, le=100_000), BeforeValidator(count_from_text)]

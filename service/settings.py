@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     max_translate_pixels: int = Field(2048 * 2048, ge=64)  # translate inputs past it: 413 (lowered per model by its measured cost)
     max_upscale_input_pixels: int = Field(1024 * 1024, ge=64)  # upscale inputs past it: 413 (lowered per model by its measured cost)
     max_json_tensor_values: int = Field(1 << 20, ge=1024)  # v2 JSON outputs past it: 413 (about 20 MB of JSON)
+    # v2 JSON inference headers to models whose inputs have no fixed size (images) past it: 413 before
+    # parsing, which holds the GIL ~0.12 s per MiB (fixed-size inputs: what 256 rows can need)
+    max_json_header_bytes: int = Field(1 << 20, ge=64 * 1024)
     # HTTP hygiene
     max_connections: int = Field(512, ge=1)  # open connections; past it a new one gets 503 and is closed
     header_timeout_s: float = Field(10.0, gt=0)  # a connection must finish sending a request's headers within this

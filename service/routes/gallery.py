@@ -2,18 +2,21 @@
 playground's gallery (and anyone else who wants a look before calling the model)."""
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, Response
 
 from service.errors import ApiError, error_responses
 from service.pipeline import registry_of
+from service.schemas import VersionText
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 
 
 @router.get("/models/{name}/samples.png", response_class=Response,
             responses={200: {"content": {"image/png": {}}, "description": "the entry's sample grid"}, **error_responses(404, 422)})
-async def samples(name: str, request: Request, version: int | None = Query(None, ge=1, lt=2**31)) -> Response:
+async def samples(name: str, request: Request, version: Annotated[VersionText | None, Query()] = None) -> Response:
     """The sample grid exported with the model (latest ready version, else the latest, or
     `version`): a file on disk, so it is served while the model still loads, or if it failed."""
     entry = registry_of(request).resolve(name, version).entry

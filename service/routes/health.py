@@ -33,6 +33,8 @@ async def ready(request: Request) -> JSONResponse:
 @router.get("/metrics", responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"}})
 async def metrics(request: Request) -> Response:
     registry = registry_of(request)
+    registry.metrics.memory_budget.set(registry.memory.capacity)
+    registry.metrics.memory_reserved.set(registry.memory.used)
     if registry.device == "cuda":
         import torch
 

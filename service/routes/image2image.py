@@ -13,7 +13,7 @@ checked against the model's limits (GET /v1/models/{name} lists them) before it 
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response
@@ -24,7 +24,7 @@ from service.errors import ApiError, error_responses
 from service.imaging import DECODE_BYTES_PER_PIXEL
 from service.pipeline import begin, estimate, execute, off_loop, registry_of, require_kind
 from service.responses import choose_format, respond
-from service.schemas import ImageFormat
+from service.schemas import ImageFormat, VersionText
 from service.tiling import padded_size, resized_size
 from service.upscaling import over_limit, plan_upscale, upscale_upload
 from service.uploads import IMAGE_BODY, prepare, probe, read_upload, resize_chw
@@ -37,7 +37,7 @@ IMAGE_RESPONSES = {200: {"content": {"image/png": {}, "image/jpeg": {}, "image/w
 @router.post("/models/{name}/translate", openapi_extra=IMAGE_BODY, responses=IMAGE_RESPONSES)
 async def translate(name: str, request: Request, format: ImageFormat | None = Query(None),
                     fit: Literal["pad", "resize"] = Query("pad", description="pad (mirror) or resize to the size multiple"),
-                    version: int | None = Query(None, ge=1, lt=2**31)) -> Response:
+                    version: Annotated[VersionText | None, Query()] = None) -> Response:
     """Translate one image (pix2pix / CycleGAN A→B); the output has the input's size."""
     registry = registry_of(request)
     model = begin(request, name, "translate", version)
@@ -65,7 +65,7 @@ async def translate(name: str, request: Request, format: ImageFormat | None = Qu
 
 @router.post("/models/{name}/upscale", openapi_extra=IMAGE_BODY, responses=IMAGE_RESPONSES)
 async def upscale(name: str, request: Request, format: ImageFormat | None = Query(None),
-                  version: int | None = Query(None, ge=1, lt=2**31)) -> Response:
+                  version: Annotated[VersionText | None, Query()] = None) -> Response:
     """Super-resolve one image by the model's scale, tile by tile (tiles batch across requests)."""
     registry = registry_of(request)
     model = begin(request, name, "upscale", version)

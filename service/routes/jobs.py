@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+from typing import Annotated
 
 import torch
 from fastapi import APIRouter, Query, Request
@@ -16,6 +17,7 @@ from service.errors import ApiError, error_responses
 from service.imaging import DECODE_BYTES_PER_PIXEL, encode, to_uint8
 from service.pipeline import begin, registry_of, reserve
 from service.registry import LoadedModel
+from service.schemas import ProjectionSteps
 from service.style import require_style
 from service.uploads import IMAGE_BODY, prepare, probe, read_upload
 
@@ -43,7 +45,7 @@ def projection_networks(model: LoadedModel):
 
 
 @router.post("/models/{name}/project", status_code=202, openapi_extra=IMAGE_BODY, responses=error_responses(404, 413, 415, 422, 429, 503))
-async def project_image(name: str, request: Request, steps: int = Query(200, ge=1, le=100_000, description="optimisation steps")) -> JSONResponse:
+async def project_image(name: str, request: Request, steps: Annotated[ProjectionSteps, Query(description="optimisation steps")] = 200) -> JSONResponse:
     """Upload an image (raw PNG/JPEG/WebP body or a multipart `file`); returns a job to poll."""
     registry = registry_of(request)
     model = begin(request, name, "project")

@@ -22,6 +22,7 @@ from service.errors import ApiError, error_responses
 from service.pipeline import begin, estimate, execute, off_loop, registry_of, reserve
 from service.registry import IMAGE_TO_IMAGE, LoadedModel
 from service.digits import ascii_count
+from service.schemas import VersionText
 from service.settings import Settings
 from service.tensor_protocol import ACCEPTED, HEADER_LENGTH, InferRequest, encode_response, parse_request, to_model_dtype
 from service.tiling import padded_size
@@ -33,7 +34,7 @@ PARSED_BYTES_PER_BODY_BYTE = 16  # a JSON number takes at least 2 bytes ("0,") a
 MAX_JSON_BYTES_PER_VALUE = 48  # the longest float's text, its separator, and a pretty-printer's indentation
 JSON_HEADER_SLACK = 64 * 1024  # names, shapes, datatypes, parameters, the request id
 PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch", "eager": "pytorch_eager"}  # as Triton names them
-VersionPath = Annotated[int, Path(ge=1, lt=2**31)]
+VersionPath = Annotated[VersionText, Path()]
 
 
 @router.get("")
@@ -138,17 +139,18 @@ def output_values(model: LoadedModel, shapes: list[list[int]]) -> int:
     return batch * math.prod(d for d in out[1:])
 
 
-def json_header_limit(model: LoadedModel, settings: Settings) -> int | None:
-    """The most JSON header bytes a request to this model can need, where every input has a fixed
-    shape past its batch axis (generators: 256 rows of a 64-value z are under a megabyte). The
-    header is refused past it before it is parsed: parsing holds the GIL, ~1 s per 8 MiB of
-    values, which stalled every other request while the value count was only checked after.
-    None where an input's size is dynamic (images): the pixel limit bounds those, after parsing."""
+def json_header_limit(model: LoadedModel, settings: Settings) -> int:
+    """The most JSON header bytes a request to this model may send, refused past it (413) before
+    it is parsed: parsing holds the GIL, ~1 s per 8 MiB of values, and stalled every other request
+    while the value count was only checked after. Where every input has a fixed shape past its
+    batch axis (generators), it is what 256 rows can need (a 64-value z: under a megabyte); where
+    an input's size is dynamic (images), `max_json_header_bytes`: their pixel limits allow far
+    more values than the body limit, so no shape bounds the parse, and images travel as binary."""
     values = 0
     for tensor in model.entry.spec["inputs"]:
         dims = tensor["shape"][1:]
         if any(d < 0 for d in dims):
-            return None
+            return settings.max_json_header_bytes
         values += math.prod(dims)
     return settings.max_images_per_request * values * MAX_JSON_BYTES_PER_VALUE + JSON_HEADER_SLACK
 
@@ -164,8 +166,8 @@ async def infer_on(request: Request, name: str, version: int | None) -> Response
     # the JSON part of the body; a header that is no count is refused by parse_request, with 422
     json_bytes = min(ascii_count(header_length) or len(raw), len(raw))
     limit = json_header_limit(model, registry.settings)
-    if limit is not None and json_bytes > limit:
-        raise ApiError(413, f"the inference header is {json_bytes} bytes of JSON; {name!r}'s inputs need at most {limit} "
+    if json_bytes > limit:
+        raise ApiError(413, f"the inference header is {json_bytes} bytes of JSON; {name!r} takes at most {limit} "
                             "(send the tensors as binary data)")
     reserve(request, json_bytes * PARSED_BYTES_PER_BODY_BYTE + len(raw))
     body, arrays = await off_loop(request, parse_request, raw, header_length)

@@ -152,6 +152,8 @@ CASES = [
      {"json": {"inputs": [z_tensor()]}, "headers": {"inference-header-content-length": "9" * 4301}}, 422),
     ("v2 4 MB of JSON values for a 64-value input (once parsed whole before any count check)", "POST", "/v2/models/dcgan-digits/infer",
      {"content": b'{"inputs": [{"name": "z", "shape": [1, 64], "datatype": "FP32", "data": [' + b"1.5," * 1_000_000 + b'1.5]}]}', "headers": JSON}, 413),
+    ("v2 1.4 MB of JSON values to an image model (once parsed whole before any check: 422)", "POST", "/v2/models/cyclegan-thin2thick/infer",
+     {"content": b'{"inputs": [{"name": "image", "shape": [1, 1, 64, 64], "datatype": "FP32", "data": [' + b"0.5," * 359_999 + b'0.5]}]}', "headers": JSON}, 413),
     ("v2 true as an FP32 value", "POST", "/v2/models/dcgan-digits/infer", {"json": {"inputs": [{**z_tensor(), "data": [True] * 64}]}}, 422),
     ("v2 binary_data_size as a string", "POST", "/v2/models/dcgan-digits/infer",
      {"json": {"inputs": [{**z_tensor(), "data": None, "parameters": {"binary_data_size": "256"}}]}}, 422),
@@ -159,6 +161,10 @@ CASES = [
     ("truncation_psi as a string", "POST", f"{V1}/stylegan-shapes/generate", {"json": {"seed": 1, "truncation_psi": "0.7"}}, 422),
     ("v2 not JSON", "POST", "/v2/models/dcgan-digits/infer", {"content": b"{nope", "headers": JSON}, 422),
     ("v2 unknown model", "POST", "/v2/models/nope/infer", {"json": {"inputs": [z_tensor()]}}, 404),
+    # integers written as text (paths, queries): ASCII digits only, as README says
+    ("v2 version path 1.0 (once version 1)", "POST", "/v2/models/dcgan-digits/versions/1.0/infer", {"json": {"inputs": [z_tensor()]}}, 422),
+    ("query version +1 on upscale", "POST", f"{V1}/sr-rrdb-x4/upscale?version=+1", {"content": SMALL, "headers": PNG}, 422),
+    ("project steps 1_0", "POST", f"{V1}/stylegan-shapes/project?steps=1_0", {"content": SMALL, "headers": PNG}, 422),
     # the rest of the matrix
     ("unknown model", "POST", f"{V1}/nope/generate", {"json": {}}, 404),
     ("unknown version", "POST", f"{V1}/dcgan-digits/generate", {"json": {"version": 7}}, 404),

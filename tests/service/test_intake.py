@@ -1,9 +1,17 @@
-"""The request intake's hang-up detection, both ways it is told (service/intake.py): by our HTTP
-protocol's callback, or (under any other server) by a disconnect message from `receive()`."""
+"""The request intake (service/intake.py): its hang-up detection, both ways it is told (by our
+HTTP protocol's callback, or under any other server by a disconnect message from `receive()`),
+and the memory an answer holds until it has left the process."""
 import asyncio
+import contextlib
+import json
+import socket
+import time
+
+import numpy as np
 
 from service.http_protocol import DISCONNECT_EXTENSION
 from service.intake import RequestIntake, context_of
+from tests.serving import running_server
 
 
 def http_scope(extensions: dict | None = None) -> dict:
@@ -69,3 +77,59 @@ def test_our_protocols_callback_reports_a_hang_up_without_a_task_waiting_on_rece
 def test_under_another_server_a_disconnect_message_reports_the_hang_up():
     left, receives = run(http_scope(), lambda gone: gone.set())
     assert left and receives == 2
+
+
+def stalled_answer(server, side: int = 96) -> socket.socket:
+    """A v2 infer to the x4 SR model asking for its output as JSON (3x384x384 values, ~8 MB),
+    sent on a socket with a tiny receive window that the test then never reads."""
+    x = np.random.default_rng(side).uniform(-1, 1, (1, 3, side, side)).astype(np.float32)
+    header = json.dumps({"inputs": [{"name": "image", "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}],
+                         "parameters": {"binary_data_output": False}}).encode()
+    body = header + x.tobytes()
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    sock.sendall(b"POST /v2/models/upx4/infer HTTP/1.1\r\nhost: test\r\ncontent-type: application/octet-stream\r\n"
+                 b"inference-header-content-length: %d\r\ncontent-length: %d\r\n\r\n%s" % (len(header), len(body), body))
+    return sock
+
+
+def wait_for(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def test_an_answer_its_client_does_not_read_stays_in_the_memory_budget_until_the_client_is_dropped(repository):
+    """Answers were released from the budget when handed to the socket: clients that asked for big
+    answers and read none held them in the server, outside the budget, until the send timeout
+    (a hostile probe's 225 such clients: RSS 711 → 2,854 MB under a 2 GB budget). Now an answer's
+    bytes stay reserved until they leave the process, here until the stalled clients are dropped."""
+    with running_server(repository, send_timeout_s=3) as server:
+        reserved = lambda: server.metric("ganserve_memory_reserved_bytes")  # noqa: E731
+        answered = lambda: server.metric("ganserve_requests_total", model="upx4", operation="infer", status="200")  # noqa: E731
+        idle = reserved()
+        stalled = [stalled_answer(server) for _ in range(2)]
+        try:
+            assert wait_for(lambda: answered() == 2, 60)  # both computed and handed to the socket: the requests are over
+            assert reserved() >= idle + 2 * 5e6, f"{reserved() - idle:.0f} bytes held"  # yet their two ~9 MB answers are still held
+            assert server.metric("ganserve_memory_budget_bytes") > 0
+            assert wait_for(lambda: reserved() <= idle, 30), f"{reserved() - idle:.0f} bytes still held"  # aborted after 3 s without progress
+            for sock in stalled:  # dropped by the server: the rest of the answer never comes
+                sock.settimeout(10)
+                with contextlib.suppress(OSError):
+                    while sock.recv(1 << 20):
+                        pass
+        finally:
+            for sock in stalled:
+                sock.close()
+        with server.client() as client:  # the budget is whole again: the same request, read, is answered
+            x = np.zeros((1, 3, 32, 32), np.float32)
+            response = client.post("/v2/models/upx4/infer", json={"inputs": [{"name": "image", "shape": [1, 3, 32, 32], "datatype": "FP32",
+                                                                               "data": x.ravel().tolist()}]})
+            assert response.status_code == 200, response.text
+        assert reserved() <= idle
