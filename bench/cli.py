@@ -61,7 +61,7 @@ def bench_soak_command(
     warmup: float = typer.Option(60.0, min=0.0, help="RSS growth is measured from this second of the soak"),
     stalled_readers: int = typer.Option(200, min=0, help="clients that ask for ~5 MB answers and never read them (0: skip)"),
     stalled_budget_mb: int = typer.Option(1024, min=64, help="GANSERVE_MEMORY_BUDGET of the stalled readers' server, MiB"),
-X,
+    stalled_send_timeout: float = typer.Option(30.0, min=0.5, help="GANSERVE_SEND_TIMEOUT_S of the stalled readers' server"),
     out: Optional[Path] = typer.Option(Path("bench/results/soak-latest.json"), help="JSON report"),
 ) -> None:
     """Resource safety under load: DCGAN latency beside saturated heavy lanes, a soak of mixed and hostile traffic (5xx, p99, RSS growth), then clients that never read their answers."""
