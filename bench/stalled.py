@@ -27,18 +27,18 @@ from bench.soak import rss_bytes
 ROWS = 256  # the most a request may ask for: a ~5 MB JSON answer from the 32x32 DCGAN
 
 
-def stalled_request(url: str, rows: int = ROWS) -> socket.socket:
-    """The request sent, its answer left unread (but for the status line, read by `status_of`)."""
-    z = np.random.default_rng(0).standard_normal((rows, 64)).astype(np.float32)
-    header = json.dumps({"inputs": [{"name": "z", "shape": list(z.shape), "datatype": "FP32", "parameters": {"binary_data_size": z.nbytes}}],
-                         "parameters": {"binary_data_output": False}}).encode()
-    body = header + z.tobytes()
+def stalled_request(url: str, model: str, inputs: dict[str, np.ndarray]) -> socket.socket:
+    """A v2 infer of `inputs` (binary) asking for the output as JSON, sent on a socket with a 4 KiB
+    receive window whose answer is left unread (but for the status line, read by `status_of`)."""
+    header = json.dumps({"inputs": [{"name": name, "shape": list(array.shape), "datatype": "FP32", "parameters": {"binary_data_size": array.nbytes}}
+                                    for name, array in inputs.items()], "parameters": {"binary_data_output": False}}).encode()
+    body = header + b"".join(array.astype(np.float32).tobytes() for array in inputs.values())
     host, port = url.removeprefix("http://").split(":")
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect((host, int(port)))
-    sock.sendall(b"POST /v2/models/dcgan-digits/infer HTTP/1.1\r\nhost: bench\r\ncontent-type: application/octet-stream\r\n"
-                 b"inference-header-content-length: %d\r\ncontent-length: %d\r\n\r\n%s" % (len(header), len(body), body))
+    sock.sendall(b"POST /v2/models/%s/infer HTTP/1.1\r\nhost: bench\r\ncontent-type: application/octet-stream\r\n"
+                 b"inference-header-content-length: %d\r\ncontent-length: %d\r\n\r\n%s" % (model.encode(), len(header), len(body), body))
     return sock
 
 
@@ -66,10 +66,11 @@ def run_stalled_readers(repository: Path, readers: int, memory_budget: int, send
                          send_timeout_s=send_timeout_s) as (process, url):
         rss_idle = rss_bytes(process.pid)
         capacity = metric(url, "ganserve_memory_budget_bytes")
+        latents = np.random.default_rng(0).standard_normal((ROWS, 64)).astype(np.float32)
         started = time.monotonic()
         sockets, statuses = [], {}
         for _ in range(readers):  # one after another, each answered before the next asks (a burst at once meets the compute-time reservations instead)
-            sockets.append(stalled_request(url))
+            sockets.append(stalled_request(url, "dcgan-digits", {"z": latents}))
             status = status_of(sockets[-1], timeout_s=60)
             statuses[status] = statuses.get(status, 0) + 1
             rss_peak = max(rss_peak, rss_bytes(process.pid)) if sockets[1:] else rss_bytes(process.pid)

@@ -3,12 +3,12 @@ HTTP protocol's callback, or under any other server by a disconnect message from
 and the memory an answer holds until it has left the process."""
 import asyncio
 import contextlib
-import json
 import socket
 import time
 
 import numpy as np
 
+from bench.stalled import stalled_request
 from service.http_protocol import DISCONNECT_EXTENSION
 from service.intake import RequestIntake, context_of
 from tests.serving import running_server
@@ -80,19 +80,10 @@ def test_under_another_server_a_disconnect_message_reports_the_hang_up():
 
 
 def stalled_answer(server, side: int = 96) -> socket.socket:
-    """A v2 infer to the x4 SR model asking for its output as JSON (3x384x384 values, ~8 MB),
+    """A v2 infer to the x4 SR model asking for its output as JSON (3x384x384 values, ~9 MB),
     sent on a socket with a tiny receive window that the test then never reads."""
     x = np.random.default_rng(side).uniform(-1, 1, (1, 3, side, side)).astype(np.float32)
-    header = json.dumps({"inputs": [{"name": "image", "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}],
-                         "parameters": {"binary_data_output": False}}).encode()
-    body = header + x.tobytes()
-    host, port = server.url.removeprefix("http://").split(":")
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect((host, int(port)))
-    sock.sendall(b"POST /v2/models/upx4/infer HTTP/1.1\r\nhost: test\r\ncontent-type: application/octet-stream\r\n"
-                 b"inference-header-content-length: %d\r\ncontent-length: %d\r\n\r\n%s" % (len(header), len(body), body))
-    return sock
+    return stalled_request(server.url, "upx4", {"image": x})
 
 
 def wait_for(condition, seconds: float) -> bool:
