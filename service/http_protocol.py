@@ -24,7 +24,8 @@ It also tells the request intake (service/intake.py) two things about a connecti
   the callback once the write buffer is back under its low-water mark (or the connection is
   gone), so the answer's bytes stay reserved in the memory budget while a client that does not
   read keeps them here (they were released when the answer was handed to the transport: a
-  hostile probe held 2 GB of unread answers outside the budget).
+  hostile probe held 2 GB of unread answers outside the budget). The WebSocket protocol offers
+  the same to the upscale stream (service/streams.py).
 
 The body's own timeout and size limit live in the ASGI middleware (service/intake.py), where
 the answer can be JSON with the right status.
@@ -83,10 +84,30 @@ class WriteStallGuard:
 
 
 class StallGuardedWrites:
-    """The transport's flow-control calls, passed on to the protocol and to its `stall_guard`
-    (a mixin for both protocols below, ahead of uvicorn's class in the bases)."""
+    """The transport's flow-control calls, passed on to the protocol and to its `stall_guard`, and
+    `when_flushed` (FLUSHED_EXTENSION) on top of them (a mixin for both protocols below, ahead of
+    uvicorn's class in the bases)."""
 
     stall_guard: WriteStallGuard
+    after_flush: list[Callable[[], object]]
+
+    def writing_paused(self) -> bool:
+        """The transport holds more than its high-water mark and the connection is still there."""
+        raise NotImplementedError
+
+    def when_flushed(self, callback: Callable[[], object]) -> None:
+        """Runs `callback` once what was written so far has left the process: now if writing is
+        not paused, else when the transport resumes writing (its buffer under the low-water mark)
+        or the connection is lost (the stall guard aborts a peer that reads nothing)."""
+        if self.writing_paused():
+            self.after_flush.append(callback)
+        else:
+            callback()
+
+    def run_after_flush(self) -> None:
+        callbacks, self.after_flush = self.after_flush, []
+        for callback in callbacks:
+            callback()
 
     def pause_writing(self) -> None:
         super().pause_writing()  # type: ignore[misc]
@@ -95,6 +116,7 @@ class StallGuardedWrites:
     def resume_writing(self) -> None:
         super().resume_writing()  # type: ignore[misc]
         self.stall_guard.resumed()
+        self.run_after_flush()
 
 
 class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
@@ -144,23 +166,8 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         extensions[DISCONNECT_EXTENSION] = []
         extensions[FLUSHED_EXTENSION] = self.when_flushed
 
-    def when_flushed(self, callback: Callable[[], object]) -> None:
-        """Runs `callback` once what was written so far has left the process: now if writing is
-        not paused, else when the transport resumes writing (its buffer under the low-water mark)
-        or the connection is lost (the stall guard aborts a peer that reads nothing)."""
-        if self.flow.write_paused and not self.lost:
-            self.after_flush.append(callback)
-        else:
-            callback()
-
-    def run_after_flush(self) -> None:
-        callbacks, self.after_flush = self.after_flush, []
-        for callback in callbacks:
-            callback()
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self.run_after_flush()
+    def writing_paused(self) -> bool:
+        return self.flow.write_paused and not self.lost
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -195,11 +202,21 @@ class GuardedWebSocketProtocol(StallGuardedWrites, WebSocketsSansIOProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.stall_guard = WriteStallGuard(self.loop, self.transport, self.send_timeout_s)
+        self.after_flush = []
         self.fragments = 0
+
+    def handle_connect(self, event) -> None:
+        super().handle_connect(event)
+        if (scope := getattr(self, "scope", None)) is not None:  # none when the upgrade request was refused
+            scope.setdefault("extensions", {})[FLUSHED_EXTENSION] = self.when_flushed
+
+    def writing_paused(self) -> bool:
+        return not self.writable.is_set() and not self.disconnected
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.stall_guard.resumed()
         super().connection_lost(exc)
+        self.run_after_flush()
 
     async def send(self, message) -> None:
         await super().send(message)

@@ -21,7 +21,9 @@ The protocol (`/v1/models/{name}/upscale/stream?format=jpeg`):
 A stream holds at most two frames (one being upscaled, one waiting), their bytes reserved from the
 memory budget on arrival (a frame that does not fit is refused with 503), each admitted like an
 HTTP request (deadline, lane backlog, memory budget), and its tiles share batches with every other
-stream's and request's. A stream that sends nothing for `stream_idle_s` is closed.
+stream's and request's. An answer's bytes stay reserved until they have left the process (a
+client that does not read holds them in the budget until the send timeout drops it). A stream
+that sends nothing for `stream_idle_s` is closed.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from service.errors import ApiError
+from service.http_protocol import FLUSHED_EXTENSION
 from service.intake import RequestContext
 from service.memory import OverBudget
 from service.pipeline import execute_for, in_pool
@@ -239,7 +242,7 @@ class UpscaleStream:
             await self.send({"type": "error", "frame": frame.number} | frame.refusal)
             return
         ctx = self.frame_context = RequestContext(frame.arrived, reserved=len(frame.data))  # the bytes reserved on arrival
-        version = ""
+        version, held = "", 0
         try:
             model = registry.get(self.name, self.version)  # per frame: a reloaded model takes over between frames
             version = str(model.entry.version)
@@ -251,6 +254,7 @@ class UpscaleStream:
                                        registry.encoder_table)
             ctx.timing["encode"] = time.perf_counter() - started
             registry.metrics.encode_duration.labels(self.name, version, "upscale_stream").observe(ctx.timing["encode"])
+            held = min(ctx.reserved, len(content))  # the answer's bytes: reserved until they have left the process
         except ApiError as error:
             if error.status == 499:  # the client left: nobody to answer
                 return
@@ -268,7 +272,7 @@ class UpscaleStream:
             return
         finally:
             self.frame_context = None
-            registry.memory.release(ctx.reserved)
+            registry.memory.release(ctx.reserved - held)
         scale = model.entry.spec["scale"]
         now = time.monotonic()
         self.stats.record_answer(now - frame.arrived, now)
@@ -276,12 +280,24 @@ class UpscaleStream:
         header = {"type": "frame", "frame": frame.number, "width": width * scale, "height": height * scale, "format": self.format,
                   "bytes": len(content), "latency_ms": round(1000 * (now - frame.arrived), 2),
                   "timing_ms": {stage: round(1000 * seconds, 2) for stage, seconds in ctx.timing.items()}, "stats": stats}
-        await self.send(header, content)
+        try:
+            await self.send(header, content)
+        finally:
+            self.release_when_sent(held)
         self.count("answered", version)
         registry.metrics.stream_frame_duration.labels(self.name, version).observe(time.monotonic() - frame.arrived)
         self.fps_gauge.set(stats["fps"])  # the figures the client was sent, computed once
         for key, gauge in self.latency_gauges.items():
             gauge.set(stats[key] / 1000)
+
+    def release_when_sent(self, nbytes: int) -> None:
+        """Gives `nbytes` back to the memory budget once the answer has left the process (our
+        WebSocket protocol says when: service/http_protocol.py), at once under another server."""
+        flushed = self.websocket.scope.get("extensions", {}).get(FLUSHED_EXTENSION)
+        if flushed is None:
+            self.registry.memory.release(nbytes)
+        else:
+            flushed(lambda: self.registry.memory.release(nbytes))
 
     def count(self, outcome: str, version: str = "") -> None:
         self.registry.metrics.stream_frames.labels(self.name, version, outcome).inc()

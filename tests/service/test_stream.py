@@ -159,7 +159,7 @@ def test_the_stream_cap_the_idle_timeout_and_a_clean_shutdown_with_a_stream_open
 
 
 
-def raw_stream(server, receive_buffer: int = 4096) -> socket.socket:
+def raw_stream(server, receive_buffer: int = 4096, path: str = STREAM) -> socket.socket:
     """A stream opened by hand (a tiny receive buffer, the handshake read, nothing else), so the
     test decides what is read and what is sent."""
     host, port = server.url.removeprefix("http://").split(":")
@@ -167,7 +167,7 @@ def raw_stream(server, receive_buffer: int = 4096) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
     sock.connect((host, int(port)))
     key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(f"GET {STREAM} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
     head = b""
     while b"\r\n\r\n" not in head:
@@ -177,9 +177,12 @@ def raw_stream(server, receive_buffer: int = 4096) -> socket.socket:
 
 
 def client_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
-    """One masked client frame (payloads under 126 bytes)."""
+    """One masked client frame."""
     mask = os.urandom(4)
-    return bytes([(0x80 if fin else 0) | opcode, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    size = len(payload)
+    length = bytes([0x80 | size]) if size < 126 else struct.pack(">BH", 0x80 | 126, size) if size < 1 << 16 else struct.pack(">BQ", 0x80 | 127, size)
+    masked = (np.frombuffer(payload, np.uint8) ^ np.resize(np.frombuffer(mask, np.uint8), size)).tobytes()
+    return bytes([(0x80 if fin else 0) | opcode]) + length + mask + masked
 
 
 def test_a_client_that_stops_reading_is_disconnected_and_its_stream_slot_freed(repository):
@@ -202,6 +205,26 @@ def test_a_client_that_stops_reading_is_disconnected_and_its_stream_slot_freed(r
             except InvalidStatus as refused:
                 assert refused.response.status_code == 503 and time.monotonic() < deadline
                 time.sleep(0.2)
+        stalled.close()
+
+
+def test_an_answer_the_client_does_not_read_stays_in_the_memory_budget_until_it_is_dropped(repository):
+    """A frame's answer was released from the budget when handed to the socket; now its bytes stay
+    reserved until they leave the process, here until the stalled client is dropped."""
+    noise = io.BytesIO()
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (400, 400, 3), dtype=np.uint8)).save(noise, format="PNG")
+    with running_server(repository, send_timeout_s=2) as server:
+        stalled = raw_stream(server, path=STREAM + "?format=png")  # 1600² of noise: ~6 MB of PNG (past what loopback's kernel buffers take), never read
+        stalled.sendall(client_frame(0x2, noise.getvalue()))
+        deadline = time.monotonic() + 60
+        while server.metric("ganserve_stream_frames_total", outcome="answered") < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        held = server.metric("ganserve_memory_reserved_bytes")
+        assert held > 3e6, held  # the frame is over, its answer sits unread in the server
+        deadline = time.monotonic() + 30
+        while server.metric("ganserve_memory_reserved_bytes") > 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert server.metric("ganserve_memory_reserved_bytes") == 0  # dropped after 2 s without progress: all given back
         stalled.close()
 
 
