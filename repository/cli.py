@@ -71,6 +71,7 @@ def import_command(
                                 "domains=horse:zebra, train_resolution=256; and any inferred value to check (generator, ngf, n_blocks, num_downs, norm)"),
 ) -> None:
     """Import a published checkpoint: rebuild it with the project's own networks, export it with parity, write an entry."""
+    from repository.entries import check_entry_name
     from repository.graphs import ExportError
     from repository.conditional_entry import write_conditional_entry
     from repository.importers.biggan import import_biggan
@@ -83,6 +84,7 @@ def import_command(
         console.print(f"[red]import failed:[/] unknown format {format!r}: choose from {FORMATS}", soft_wrap=True)
         raise typer.Exit(2)
     try:
+        check_entry_name(name)
         data = weights_file(path).read_bytes()
         detected = detect_format(path, data) if format == "auto" else format
         if detected in ("junyanz", "superres"):
@@ -102,6 +104,12 @@ def import_command(
             entry = write(imported.generator, imported.spec, name, version, repository, [f.strip() for f in formats.split(",") if f.strip()], source)
     except (ValueError, OSError, CheckpointError, ExportError) as error:
         console.print(f"[red]import failed:[/] {error}", soft_wrap=True)
+        raise typer.Exit(1)
+    except (MemoryError, RecursionError) as error:
+        console.print(f"[red]import failed:[/] the checkpoint asks for more than this machine can build ({type(error).__name__})", soft_wrap=True)
+        raise typer.Exit(1)
+    except Exception as error:  # a checkpoint is hostile input: a malformed one gets one line, not a traceback
+        console.print(f"[red]import failed:[/] the checkpoint is malformed ({type(error).__name__}: {str(error)[:200]})", soft_wrap=True)
         raise typer.Exit(1)
     report(entry)
 

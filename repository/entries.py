@@ -3,6 +3,7 @@ export or import (parity, a crash, a bad checkpoint) leaves no entry behind and 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -33,11 +34,33 @@ def stamp_and_check(spec_path: Path) -> None:
     spec_path.write_text(json.dumps(spec, indent=2))
 
 
+ENTRY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_entry_name(name: str) -> None:
+    """A model's name is one folder of the repository and a URL path segment: letters, digits,
+    `.`, `_` and `-`, starting with a letter or digit (`--name /../../tmp/x` once wrote, and
+    replaced, a folder outside the repository)."""
+    if not ENTRY_NAME.fullmatch(name):
+        raise ExportError(f"model name {name[:80]!r}: use letters, digits, '.', '_' and '-' (at most 128, starting with a letter or digit)")
+
+
+def remove_stale_staging(repository: Path, name: str, version: int) -> None:
+    """Staging folders of this entry that a killed export left behind (the service never reads them)."""
+    for stale in repository.glob(f".{name}-{version}-*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def write_entry(repository: Path, name: str, version: int, fill) -> Path:
     """Builds `repository/name/version/` in a staging folder with `fill(staging)` and moves it in
     whole: a failed export (parity, a crash) leaves no entry behind and the old one untouched."""
+    check_entry_name(name)
     target = repository / name / str(version)
     repository.mkdir(parents=True, exist_ok=True)
+    if not target.resolve().is_relative_to(repository.resolve()):
+        raise ExportError(f"{target} lies outside the repository {repository}")
+    remove_stale_staging(repository, name, version)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-{version}-", dir=repository))
     try:
         fill(staging)

@@ -24,9 +24,10 @@ import torch
 from models.biggan import BigGANDeepGenerator, GBlock
 from models.spec import ModelSpec
 from models.zoo import build_generator
-from repository.importers.checkpoint import CheckpointError, ImportedGenerator, TensorSource, load_checked, load_torch_archive, plain
+from repository.importers.checkpoint import MAX_CLASSES, CheckpointError, ImportedGenerator, TensorSource, bounded, load_checked, load_torch_archive, plain
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "pytorch_model.bin"
+MAX_CONFIG_BYTES = 1 << 20  # a BigGAN config.json is under a kilobyte
 IMAGENET_CLASSES = Path(__file__).resolve().parent.parent / "imagenet_classes.txt"
 SIGMA_AGREEMENT = 0.5  # the stored u, v must give at least half the largest singular value
 
@@ -45,7 +46,9 @@ def checkpoint_files(path: Path) -> tuple[Path, Path]:
 def is_biggan(path: Path) -> bool:
     """A folder (or a file whose folder) holds a config.json with BigGAN's keys."""
     config = (path if path.is_dir() else path.parent) / CONFIG_NAME
-    try:
+    try:  # a regular file of a config's size: /dev/zero or a FIFO named config.json once read without end
+        if not config.is_file() or config.stat().st_size > MAX_CONFIG_BYTES:
+            return False
         return {"layers", "n_stats", "channel_width"} <= set(json.loads(config.read_text()))
     except (OSError, ValueError, TypeError):
         return False
@@ -61,6 +64,11 @@ def checked_config(config: dict) -> dict:
                    "n_stats": int(config.get("n_stats", 51)), "output_dim": int(config["output_dim"])}
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{CONFIG_NAME} is not a BigGAN configuration ({type(error).__name__}: {error})") from None
+    for name, high in (("z_dim", 4096), ("channel_width", 4096), ("num_classes", MAX_CLASSES), ("n_stats", 1000), ("output_dim", 2048)):
+        bounded(name, checked[name], 0, high)
+    bounded("the number of layers", len(layers), 1, 64)
+    for _, i, o in layers:
+        bounded("a layer's channel multiplier", max(i, o), 1, 64)
     if checked["class_embed_dim"] != checked["z_dim"]:
         raise CheckpointError("BigGAN-deep concatenates z and the class embedding: class_embed_dim must equal z_dim")
     resolution = 4 * 2 ** sum(up for up, _, _ in layers)
@@ -134,6 +142,8 @@ def class_names_for(num_classes: int, names_file: Path | None) -> list[str]:
 def import_biggan(path: Path, weights: bytes | None = None, class_names_file: Path | None = None) -> ImportedGenerator:
     """`weights`: the weights file's bytes when the caller has read them already (to hash them)."""
     config_file, weights_file = checkpoint_files(path)
+    if config_file.stat().st_size > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{CONFIG_NAME} is over {MAX_CONFIG_BYTES} bytes: not a BigGAN configuration")
     try:
         raw = json.loads(config_file.read_text())
     except ValueError as error:

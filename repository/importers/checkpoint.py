@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import io
 import pickle
+import re
 import zipfile
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -25,17 +27,81 @@ class ImportedGenerator:
     hyperparameters: dict  # the original configuration, as the checkpoint states it (or as inferred)
 
 
-def plain(value):
-    """Configuration values as JSON-able ones (numpy scalars, tuples, namespaces and easy-dicts included)."""
+# bounds on what a checkpoint's configuration may ask to be built: a 300 KB file once asked for a
+# billion class names, 10^8 mapping layers or a million convolutions (a hostile probe, 2026-12-02)
+MAX_CLASSES = 100_000
+MAX_CONFIG_VALUES = 100_000  # values in a configuration, nested containers included
+MAX_CONFIG_DEPTH = 32
+ARCHIVE_MAX_EXPANSION = 16  # a torch.save archive's members may expand at most this much (they are stored, not deflated)
+
+
+def plain(value, budget: list[int] | None = None, depth: int = 0, seen: frozenset[int] = frozenset()):
+    """Configuration values as JSON-able ones (numpy scalars, tuples, namespaces and easy-dicts
+    included), refusing a configuration deeper than MAX_CONFIG_DEPTH, with more than
+    MAX_CONFIG_VALUES values (a list that holds itself, or one list shared 40 levels deep, once
+    expanded to 2^40), or that contains itself."""
+    budget = [MAX_CONFIG_VALUES] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0 or depth > MAX_CONFIG_DEPTH:
+        raise CheckpointError(f"the checkpoint's configuration is over {MAX_CONFIG_VALUES} values or {MAX_CONFIG_DEPTH} levels deep")
     if isinstance(value, argparse.Namespace):
         value = vars(value)
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
+    if isinstance(value, (dict, list, tuple)):
+        if id(value) in seen:
+            raise CheckpointError("the checkpoint's configuration contains itself")
+        inner = seen | {id(value)}
+        if isinstance(value, dict):
+            return {str(k): plain(v, budget, depth + 1, inner) for k, v in value.items()}
+        return [plain(v, budget, depth + 1, inner) for v in value]
     if hasattr(value, "item") and not isinstance(value, torch.Tensor):
         return value.item()
     return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+
+
+def bounded(name: str, value: object, low: int, high: int) -> int:
+    """An integer of a checkpoint's configuration, within [low, high] before anything is built on it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or not low <= int(value) <= high:
+        raise CheckpointError(f"{name} is {str(value)[:40]}: an import takes {low}…{high}")
+    return int(value)
+
+
+def check_tensor(name: str, tensor: torch.Tensor) -> None:
+    """A tensor is no larger than the storage it was saved with: a zero stride repeats one value
+    (a 295 KB file once declared a 2.5 GB tensor), and the pickle path could even grow a storage
+    past its saved bytes (the heap's leftovers exported as weights)."""
+    if tensor.numel() and tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
+        raise CheckpointError(f"{name} is {list(tensor.shape)} over a storage of {tensor.untyped_storage().nbytes()} bytes: "
+                              "tensors that repeat or invent values are not imported")
+
+
+def check_tensors(value, path: str = "the checkpoint") -> None:
+    """Every tensor in a loaded checkpoint (nested dicts and lists) passes `check_tensor`, and
+    every dict of tensors `check_numbering`."""
+    if isinstance(value, torch.Tensor):
+        check_tensor(path, value)
+    elif isinstance(value, dict):
+        check_numbering([str(key) for key, item in value.items() if isinstance(item, torch.Tensor)])
+        for key, item in value.items():
+            check_tensors(item, f"{key}")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            check_tensors(item, f"{path}[{index}]")
+
+
+def check_numbering(names: list[str]) -> None:
+    """Numbered layers (`body.0`, `style.1`, …) are numbered densely: importers and spandrel take a
+    network's depth from its highest number, so `body.2000000` in a 118 KB file once asked for a
+    million convolutions. Gaps of non-parameter layers (activations, norms) stay well inside."""
+    numbers: dict[str, set[int]] = defaultdict(set)
+    for name in names:
+        parts = name.split(".")
+        for i, part in enumerate(parts):
+            if re.fullmatch(r"\d{1,18}", part):
+                numbers[".".join(parts[:i])].add(int(part))
+    for prefix, found in numbers.items():
+        if max(found) > 4 * len(found) + 16:
+            raise CheckpointError(f"{prefix or 'the top level'} has layers numbered up to {max(found)} but only {len(found)} of them: "
+                                  "a network's depth is read from its highest number, so an import refuses such gaps")
 
 
 def load_torch_archive(data: bytes) -> dict:
@@ -43,6 +109,10 @@ def load_torch_archive(data: bytes) -> dict:
     argparse.Namespace, which training scripts save their options in); anything else is refused."""
     if not zipfile.is_zipfile(io.BytesIO(data)):
         raise CheckpointError("the archive is damaged or truncated" if data[:2] == b"PK" else "the file is not a torch.save archive")
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:  # torch.save stores its members; a deflated one may be a bomb
+        expanded = sum(member.file_size for member in archive.infolist())
+    if expanded > ARCHIVE_MAX_EXPANSION * len(data) + 2**20:
+        raise CheckpointError(f"the archive's members expand to {expanded} bytes from {len(data)}: torch.save does not compress, so it is not imported")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -53,6 +123,7 @@ def load_torch_archive(data: bytes) -> dict:
         raise CheckpointError(f"the archive is damaged or truncated ({type(error).__name__}: {str(error)[:200]})") from None
     if not isinstance(loaded, dict):
         raise CheckpointError(f"the archive holds a {type(loaded).__name__}, not a dict of weights")
+    check_tensors(loaded)
     return loaded
 
 

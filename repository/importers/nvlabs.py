@@ -15,7 +15,7 @@ import torch
 from models.spec import ModelSpec
 from models.stylegan2_ada import StyleGAN2Generator
 from models.zoo import build_generator
-from repository.importers.checkpoint import CheckpointError, ImportedGenerator, TensorSource, load_checked, plain
+from repository.importers.checkpoint import MAX_CLASSES, CheckpointError, ImportedGenerator, TensorSource, bounded, load_checked, plain
 from repository.importers.safe_pickle import PersistentRecord, UnsafePickle, load_network_pickle
 
 GENERATOR_ARGS = ("z_dim", "c_dim", "w_dim", "img_resolution", "img_channels", "mapping_kwargs", "synthesis_kwargs")
@@ -37,7 +37,28 @@ def hyperparameters_of(record: PersistentRecord) -> dict:
     missing = [name for name in GENERATOR_ARGS[:5] if name not in arguments]
     if missing:
         raise CheckpointError(f"the Generator's constructor arguments lack {missing}")
-    return plain(arguments)
+    arguments = plain(arguments)
+    check_sizes(arguments)
+    return arguments
+
+
+def check_sizes(arguments: dict) -> None:
+    """Every size the network is built from, bounded before anything is built (a 308 KB pickle
+    with `c_dim` 10^9 once asked for a billion class names)."""
+    mapping, synthesis = arguments.get("mapping_kwargs") or {}, arguments.get("synthesis_kwargs") or {}
+    if not isinstance(mapping, dict) or not isinstance(synthesis, dict):
+        raise CheckpointError("mapping_kwargs and synthesis_kwargs must be dicts")
+    resolution = bounded("img_resolution", arguments["img_resolution"], 4, 2048)
+    if resolution & (resolution - 1):
+        raise CheckpointError(f"img_resolution is {resolution}: a power of 2 is expected")
+    for name, value, low, high in (("z_dim", arguments["z_dim"], 0, 4096), ("w_dim", arguments["w_dim"], 1, 4096),
+                                   ("c_dim", arguments.get("c_dim") or 0, 0, MAX_CLASSES), ("img_channels", arguments["img_channels"], 1, 4),
+                                   ("mapping num_layers", mapping.get("num_layers", 2), 0, 32), ("embed_features", mapping.get("embed_features") or 1, 1, 4096),
+                                   ("layer_features", mapping.get("layer_features") or 1, 1, 4096),
+                                   ("channel_base", synthesis.get("channel_base", arguments.get("channel_base", 32768)), 1, 1 << 20),
+                                   ("channel_max", synthesis.get("channel_max", arguments.get("channel_max", 512)), 1, 4096),
+                                   ("num_layers", arguments.get("num_layers", 14), 1, 64)):
+        bounded(name, value, low, high)
 
 
 def is_stylegan3(record: PersistentRecord) -> bool:

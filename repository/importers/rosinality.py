@@ -19,7 +19,7 @@ import torch
 
 from models.spec import ModelSpec
 from models.zoo import build_generator
-from repository.importers.checkpoint import CheckpointError, ImportedGenerator, TensorSource, load_checked, load_torch_archive, plain
+from repository.importers.checkpoint import CheckpointError, ImportedGenerator, TensorSource, bounded, load_checked, load_torch_archive, plain
 
 W_AVG_SAMPLES = 10_000
 
@@ -50,7 +50,8 @@ def inferred_configuration(state: dict[str, torch.Tensor]) -> dict:
     channels = {4: state["input.input"].shape[1]}
     for level in range(rgbs):
         channels[2 ** (level + 3)] = state[f"convs.{2 * level}.conv.weight"].shape[1]
-    return {"size": 2 ** (rgbs + 2), "style_dim": style_dim, "n_mlp": n_mlp, "channels": channels}
+    return {"size": 2 ** (bounded("the number of to_rgbs layers", rgbs, 0, 9) + 2), "style_dim": bounded("style_dim", style_dim, 1, 4096),
+            "n_mlp": bounded("n_mlp (the highest style layer)", n_mlp, 1, 32), "channels": channels}
 
 
 def folded_tensors(state: dict[str, torch.Tensor], generator, lr_mlp: float, w_avg: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ import collections
 import hashlib
 import io
 import pickle
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +72,7 @@ class PersistentRecord:
         return record
 
 
+MAX_ARRAY_VALUES = 1 << 20  # numpy arrays in NVlabs pickles are small (StyleGAN3's layer sizes and filters)
 PERSISTENCE_VERSIONS = {6}  # torch_utils.persistence._version of stylegan2-ada-pytorch and stylegan3
 
 
@@ -103,7 +105,30 @@ def numpy_array(subtype: type, shape: tuple, dtype_code: bytes):
     then fills with raw bytes (StyleGAN3 keeps layer sizes as small arrays)."""
     if subtype is not np.ndarray:
         raise UnsafePickle(f"a numpy array in the pickle is a {subtype!r}, not an ndarray")
+    if not isinstance(shape, tuple) or not all(isinstance(n, int) and 0 <= n for n in shape) or np.prod(shape, dtype=np.float64) > MAX_ARRAY_VALUES:
+        raise UnsafePickle(f"a numpy array in the pickle has shape {str(shape)[:60]}: an import takes small arrays only")
     return np.ndarray.__new__(np.ndarray, shape, dtype_code)
+
+
+def rebuild_tensor(storage, storage_offset: int, size: tuple, stride: tuple, *rest) -> torch.Tensor:
+    """Stands in for `torch._utils._rebuild_tensor_v2`, after checking that the tensor lies inside
+    its storage: `set_` grows a storage that is too small, so a tensor declared [32, 32] over one
+    saved value once came back holding the import process's uninitialised heap."""
+    if not isinstance(storage, (torch.UntypedStorage, torch.TypedStorage)):
+        raise UnsafePickle("a tensor in the pickle is not built on a storage")
+    if not (isinstance(storage_offset, int) and isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list)) and len(size) == len(stride)
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in (*size, *stride))):
+        raise UnsafePickle("a tensor in the pickle has a malformed shape, stride or offset")
+    with warnings.catch_warnings():  # TypedStorage's deprecation notice: NVlabs pickles are made of them
+        warnings.simplefilter("ignore")
+        elements = storage.size() if isinstance(storage, torch.TypedStorage) else storage.nbytes()  # untyped: bytes, a looser bound
+    if storage_offset < 0 or any(v < 0 for v in (*size, *stride)):
+        raise UnsafePickle("a tensor in the pickle has a negative size, stride or offset")
+    if 0 not in size:
+        extent = storage_offset + 1 + sum((n - 1) * step for n, step in zip(size, stride))
+        if extent > elements or any(step == 0 and n > 1 for n, step in zip(size, stride)):
+            raise UnsafePickle(f"a tensor in the pickle ({list(size)}) reaches past its storage of {elements} values or repeats values by a zero stride")
+    return torch._utils._rebuild_tensor_v2(storage, storage_offset, tuple(size), tuple(stride), *rest)
 
 
 ALLOWED: dict[tuple[str, str], Any] = {
@@ -117,7 +142,7 @@ ALLOWED: dict[tuple[str, str], Any] = {
     ("numpy", "ndarray"): np.ndarray,
     ("numpy.core.multiarray", "_reconstruct"): numpy_array,
     ("numpy._core.multiarray", "_reconstruct"): numpy_array,
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor_v2"): rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
     ("torch.storage", "_load_from_bytes"): load_storage,
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): reconstruct_persistent,

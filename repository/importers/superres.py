@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from models.restoration import UnitRangeNetwork, load_spandrel
-from repository.importers.checkpoint import CheckpointError, load_torch_archive
+from repository.importers.checkpoint import CheckpointError, check_tensors, load_torch_archive
 
 OUTPUT_TILE = 384  # output px per tile side the default aims at: 96 input px at x4 (the shipped RRDB's sweet spot on 2 cores)
 MIN_TILE, MAX_TILE = 64, 192
@@ -27,9 +27,11 @@ def read_state(path: Path, data: bytes) -> dict[str, torch.Tensor]:
         from safetensors.torch import load
 
         try:
-            return load(data)
+            state = load(data)
         except (SafetensorError, ValueError, RuntimeError) as error:
             raise CheckpointError(f"the safetensors file is damaged or truncated ({str(error)[:200]})") from None
+        check_tensors(state)
+        return state
     return load_torch_archive(data)
 
 
