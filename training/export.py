@@ -1,7 +1,7 @@
 """Turns a training run into a self-describing model-repository entry:
 
     <repository>/<name>/<version>/
-        model.onnx          ONNX (opset 17, dynamic batch axis)
+        model.onnx          ONNX (opset 18, dynamic batch axis)
         model.pt            TorchScript
         model.safetensors   generator weights, for the eager runtime
         spec.json           everything a runtime and a client need (see DESIGN.md)

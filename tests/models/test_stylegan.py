@@ -79,7 +79,7 @@ def test_synthesis_exports_to_onnx_with_a_dynamic_batch(tmp_path, arch):
     ws = torch.randn(2, G.num_ws, 16)
     batch = torch.export.Dim("batch", min=1, max=1024)
     torch.onnx.export(G.synthesis, (ws,), str(tmp_path / "synthesis.onnx"), input_names=["ws"], output_names=["image"],
-                      opset_version=17, dynamo=True, external_data=False, dynamic_shapes=({0: batch},), verbose=False)
+                      opset_version=18, dynamo=True, external_data=False, dynamic_shapes=({0: batch},), verbose=False)
     session = ort.InferenceSession(str(tmp_path / "synthesis.onnx"), providers=["CPUExecutionProvider"])
     for n in (1, 5):
         ws = torch.randn(n, G.num_ws, 16)

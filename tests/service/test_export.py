@@ -24,7 +24,7 @@ def test_an_entry_holds_every_format_with_its_recorded_parity(repository):
         assert spec["formats"][fmt]["parity_max_abs_error"] <= 1e-4
     assert spec["training"]["checkpoint_sha256"] and spec["training"]["config"]["model"]["arch"] == "cdcgan"
     model = onnx.load(str(entry / "model.onnx"))
-    assert model.opset_import[0].version >= 17
+    assert model.opset_import[0].version >= 18
 
 
 @pytest.mark.parametrize("name", ["cdigits", "styles", "upx4"])
