@@ -151,14 +151,17 @@ class TensorSource:
 
 
 def load_checked(generator: nn.Module, tensors: dict[str, torch.Tensor], rebuilt=lambda name: False) -> None:
-    """Loads `tensors` after checking each shape against the generator's own; every parameter and
-    buffer must be given, except those `rebuilt(name)` says the generator makes itself."""
+    """Loads `tensors` after checking each shape against the generator's own and each value for
+    NaN and infinity; every parameter and buffer must be given, except those `rebuilt(name)` says
+    the generator makes itself."""
     expected = generator.state_dict()
     for name, tensor in tensors.items():
         if name not in expected:
             raise CheckpointError(f"{name} has no place in the rebuilt generator")
         if tensor.shape != expected[name].shape:
             raise CheckpointError(f"{name} is {list(tensor.shape)} in the checkpoint, but its configuration gives {list(expected[name].shape)}")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():  # else found only by the parity check, after the export
+            raise CheckpointError(f"{name} holds NaN or infinity: the checkpoint is broken")
     missing = [name for name in expected if name not in tensors and not rebuilt(name)]
     if missing:
         raise CheckpointError(f"the checkpoint lacks {missing[:5]}")

@@ -108,3 +108,15 @@ def test_nvlabs_sizes_are_bounded_before_anything_is_built(change, what):
     check_sizes(SG2)
     with pytest.raises(CheckpointError, match=what):
         check_sizes(SG2 | change)
+
+
+def test_weights_with_nan_are_refused_before_the_export_not_by_its_parity_check():
+    from torch import nn
+
+    from repository.importers.checkpoint import load_checked
+
+    generator = nn.Linear(2, 2)
+    with pytest.raises(CheckpointError, match="weight holds NaN or infinity"):
+        load_checked(generator, {"weight": torch.tensor([[0.0, float("nan")], [1.0, 1.0]]), "bias": torch.zeros(2)})
+    load_checked(generator, {"weight": torch.ones(2, 2), "bias": torch.zeros(2)})
+    assert torch.equal(generator.weight, torch.ones(2, 2))
