@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from bench.load import scrape
 from bench.server import launched_server
 from bench.soak import rss_bytes
 
@@ -51,12 +52,8 @@ def status_of(sock: socket.socket, timeout_s: float) -> str:
         return type(error).__name__
 
 
-def metric(url: str, name: str) -> float:
-    total = 0.0
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+def reserved_bytes(url: str) -> float:
+    return scrape(url).get("ganserve_memory_reserved_bytes", 0.0)
 
 
 def run_stalled_readers(repository: Path, readers: int, memory_budget: int, send_timeout_s: float, code: Path | None = None) -> dict:
@@ -64,8 +61,8 @@ def run_stalled_readers(repository: Path, readers: int, memory_budget: int, send
     (`code`: another checkout's server, as `ganserve bench --baseline-code` takes it)."""
     with launched_server(repository, code=code, log_level="warning", models=["dcgan-digits"], memory_budget=memory_budget,
                          send_timeout_s=send_timeout_s) as (process, url):
-        rss_idle = rss_bytes(process.pid)
-        capacity = metric(url, "ganserve_memory_budget_bytes")
+        rss_idle = rss_peak = rss_bytes(process.pid)
+        capacity = scrape(url).get("ganserve_memory_budget_bytes", 0.0)
         latents = np.random.default_rng(0).standard_normal((ROWS, 64)).astype(np.float32)
         started = time.monotonic()
         sockets, statuses = [], {}
@@ -73,17 +70,17 @@ def run_stalled_readers(repository: Path, readers: int, memory_budget: int, send
             sockets.append(stalled_request(url, "dcgan-digits", {"z": latents}))
             status = status_of(sockets[-1], timeout_s=60)
             statuses[status] = statuses.get(status, 0) + 1
-            rss_peak = max(rss_peak, rss_bytes(process.pid)) if sockets[1:] else rss_bytes(process.pid)
-        held = metric(url, "ganserve_memory_reserved_bytes")
-        rss_peak, benign, latencies = max(rss_peak, rss_bytes(process.pid)), {}, []
+            rss_peak = max(rss_peak, rss_bytes(process.pid))
+        held = reserved_bytes(url)
+        benign, latencies = {}, []
         with httpx.Client(base_url=url, timeout=30) as client:
             for _ in range(20):
                 t = time.perf_counter()
-                code = str(client.post("/v1/models/dcgan-digits/generate", json={"seed": 1}).status_code)
+                status = str(client.post("/v1/models/dcgan-digits/generate", json={"seed": 1}).status_code)
                 latencies.append(time.perf_counter() - t)
-                benign[code] = benign.get(code, 0) + 1
+                benign[status] = benign.get(status, 0) + 1
                 rss_peak = max(rss_peak, rss_bytes(process.pid))
-        while metric(url, "ganserve_memory_reserved_bytes") > 0 and time.monotonic() - started < send_timeout_s * 4 + 60:
+        while reserved_bytes(url) > 0 and time.monotonic() - started < send_timeout_s * 4 + 60:
             rss_peak = max(rss_peak, rss_bytes(process.pid))
             time.sleep(0.25)
         whole_after_s = time.monotonic() - started
@@ -92,6 +89,6 @@ def run_stalled_readers(repository: Path, readers: int, memory_budget: int, send
         ms = np.asarray(latencies) * 1000
         return {"readers": readers, "statuses": statuses, "memory_budget_mb": memory_budget / 2**20, "capacity_mb": capacity / 2**20,
                 "held_mb": held / 2**20, "rss_idle_mb": rss_idle / 2**20, "rss_peak_mb": rss_peak / 2**20,
-                "budget_whole_after_s": whole_after_s, "released": metric(url, "ganserve_memory_reserved_bytes") == 0,
+                "budget_whole_after_s": whole_after_s, "released": reserved_bytes(url) == 0,
                 "benign_statuses": benign, "benign_p50_ms": float(np.percentile(ms, 50)), "benign_max_ms": float(ms.max()),
                 "process_alive": process.poll() is None}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import pickle
 import re
 import zipfile
@@ -60,7 +61,8 @@ def plain(value, budget: list[int] | None = None, depth: int = 0, seen: frozense
 
 def bounded(name: str, value: object, low: int, high: int) -> int:
     """An integer of a checkpoint's configuration, within [low, high] before anything is built on it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or not low <= int(value) <= high:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value))
+            or value != int(value) or not low <= int(value) <= high):
         raise CheckpointError(f"{name} is {str(value)[:40]}: an import takes {low}…{high}")
     return int(value)
 

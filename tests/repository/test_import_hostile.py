@@ -102,7 +102,7 @@ def test_a_configuration_that_contains_itself_or_explodes_is_refused_quickly():
 
 @pytest.mark.parametrize("change,what", [({"c_dim": 10**9}, "c_dim"), ({"z_dim": 10**6}, "z_dim"), ({"img_resolution": 2**20}, "img_resolution"),
                                          ({"img_resolution": 48}, "power of 2"), ({"mapping_kwargs": {"num_layers": 10**8}}, "num_layers"),
-                                         ({"z_dim": [1, 2]}, "z_dim"), ({"mapping_kwargs": [1]}, "must be dicts")])
+                                         ({"z_dim": [1, 2]}, "z_dim"), ({"z_dim": float("inf")}, "z_dim"), ({"mapping_kwargs": [1]}, "must be dicts")])
 def test_nvlabs_sizes_are_bounded_before_anything_is_built(change, what):
     """A 308 KB pickle with `c_dim` 10^9 once asked for a billion class names."""
     check_sizes(SG2)
