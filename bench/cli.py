@@ -84,8 +84,23 @@ def bench_ray_command(
     run_ray_bench(repository, model, upscale_model or None, [int(c) for c in concurrency.split(",")], duration, out)
 
 
+def bench_limits_command(
+    models: str = typer.Option("sr-rrdb-x4,cyclegan-thin2thick", help="comma-separated model names in the repository"),
+    repository: Path = typer.Option(Path("model_repository"), "--repository", exists=True, file_okay=False),
+    loops_per_core: int = typer.Option(2, min=1, help="busy processes per core while the second server warms"),
+    idle: float = typer.Option(5.0, min=0.1, help="the servers' GANSERVE_REMEASURE_IDLE_S"),
+    timeout: float = typer.Option(120.0, min=1.0, help="seconds to wait for every model's limits to relax"),
+    out: Optional[Path] = typer.Option(Path("bench/results/limits-latest.json"), help="JSON report"),
+) -> None:
+    """Limits after a quiet warm-up and after a busy one, and how soon the idle server relaxes the busy one's (service/remeasure.py)."""
+    from bench.limits import run_limits_bench
+
+    run_limits_bench(repository, models.split(","), loops_per_core, idle, timeout, out)
+
+
 def register(app: typer.Typer) -> None:
     app.command("bench")(bench_command)
     app.command("bench-upscale")(bench_upscale_command)
     app.command("bench-soak")(bench_soak_command)
     app.command("bench-ray")(bench_ray_command)
+    app.command("bench-limits")(bench_limits_command)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import Response

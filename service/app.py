@@ -13,6 +13,7 @@ from service.errors import install_error_handlers
 from service.intake import RequestIntake
 from service.metrics import ServiceMetrics
 from service.registry import ModelRegistry
+from service.remeasure import remeasure_when_idle
 from service.routes import engine_proxy, gallery, health, image2image, jobs, repository, stream, style, v1, v2
 from service.settings import Settings
 
@@ -68,10 +69,12 @@ def create_app(settings: Settings | None = None, serve_while_loading: bool = Tru
             await asyncio.shield(loading)
         loading.add_done_callback(lambda task: report_loading(task, registry))
         polling = asyncio.create_task(registry.poll_repository(settings.repository_poll_s)) if settings.repository_poll_s > 0 else None
+        remeasuring = (asyncio.create_task(remeasure_when_idle(registry), name="remeasure-when-idle")
+                       if settings.remeasure_idle_s > 0 and settings.warmup and settings.role != "front" else None)
         try:
             yield
         finally:
-            for task in (loading, polling):
+            for task in (loading, polling, remeasuring):
                 if task is not None and not task.done():
                     task.cancel()
             await registry.drain()

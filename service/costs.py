@@ -6,7 +6,9 @@ four times the pixels is four units). At warm-up each graph runs at its batch si
 run of each size gives the peak memory it added (read off the process's peak RSS), later runs
 its time. From then on every batch's observed time corrects the estimate (an EWMA of
 observed / estimated), so admission's "can this finish before its deadline" stays truthful when
-the machine is busier than it was at start-up.
+the machine is busier than it was at start-up. A warm-up that ran while the machine was busy
+measured too slow; the idle server times the same shapes again (`CostProbe`,
+service/remeasure.py) and adopts a fit only where it is faster (`relax`).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ class GraphCost:
     reference_pixels: int | None  # dynamic-size graphs: pixels of one unit; None: every item is one unit
     correction: float = 1.0  # observed / estimated over recent batches
     warmed: tuple[float, ...] = ()  # the shapes (in units: batch sizes for fixed-size graphs) run at warm-up
+    relaxed: int = 0  # times an idle re-measure found it faster and replaced the fit (service/remeasure.py)
 
     def units(self, inputs: dict[str, np.ndarray]) -> float:
         """An item's units: 1, or its pixels over the reference for dynamic-size graphs."""
@@ -69,10 +72,52 @@ class GraphCost:
             weight = 0.5 if ratio > self.correction else 0.2  # quick to turn pessimistic, slow to trust good news
             self.correction = (1 - weight) * self.correction + weight * ratio
 
+    def relax(self, per_unit_s: float, overhead_s: float, margin: float = 0.9) -> bool:
+        """Adopts a later fit where it is no slower at any warmed shape and faster than `margin` of
+        the current one at one of them; answers whether it did.
+
+        Only ever faster: the fit is what a batch costs on an idle lane, the figure the limits
+        (413, permanent) are derived from, and a measurement can only be slowed by contention. So
+        a request accepted once is never refused as too large later. The correction (observed over
+        estimated) is rescaled to the new fit and capped at 1: the idle lane has just measured the
+        fit, so batches that ran slower than it (on the busy machine) no longer count, while
+        batches that ran faster still than it still do."""
+        ends = (self.warmed[0], self.warmed[-1]) if self.warmed else (1.0,)
+        before = [self.batch_seconds(units, corrected=False) for units in ends]
+        after = [overhead_s + per_unit_s * units for units in ends]
+        if any(a > b for a, b in zip(after, before)) or not any(a < margin * b for a, b in zip(after, before)):
+            return False
+        self.correction = min(1.0, self.correction * before[-1] / after[-1])
+        self.per_unit_s, self.overhead_s = per_unit_s, overhead_s
+        self.relaxed += 1
+        return True
+
     def describe(self) -> dict:
         return {"seconds_per_unit": round(self.per_unit_s, 6), "batch_overhead_seconds": round(self.overhead_s, 6),
                 "bytes_per_unit": self.bytes_per_unit, "unit_pixels": self.reference_pixels, "observed_over_measured": round(self.correction, 3),
-                "warmed_units": list(self.warmed)}
+                "warmed_units": list(self.warmed), "relaxed_when_idle": self.relaxed}
+
+
+@dataclass(frozen=True)
+class CostProbe:
+    """What timing a graph again needs: its run, how to build a shape's inputs, and the warmed
+    shapes its fit rests on (the smallest, and the largest where a second one was warmed)."""
+
+    run: Callable[[dict[str, np.ndarray]], np.ndarray]
+    make_inputs: Callable[[object], dict[str, np.ndarray]]
+    points: tuple[tuple[object, float], ...]  # (shape key, units)
+    repeats: int
+
+
+def fit_line(small_units: float, t_small: float, large: tuple[float, float] | None) -> tuple[float, float]:
+    """(seconds per unit, batch overhead) through the smallest shape's time and, where there is
+    one, the largest's (`large` = (units, seconds))."""
+    if large is None:
+        return t_small / small_units, 0.0
+    large_units, t_large = large
+    # timing noise must not make a unit free: at least 5 % of the large shape's mean
+    per_unit = max((t_large - t_small) / (large_units - small_units), 0.05 * t_large / large_units)
+    return per_unit, max(0.0, t_small - per_unit * small_units)
 
 
 def fallback_bytes(inputs: dict[str, np.ndarray], output: np.ndarray) -> int:
@@ -81,7 +126,8 @@ def fallback_bytes(inputs: dict[str, np.ndarray], output: np.ndarray) -> int:
 
 def measure_cost(run: Callable[[dict[str, np.ndarray]], np.ndarray], make_inputs: Callable[[K], dict[str, np.ndarray]],
                  shapes: list[tuple[K, float]], reference_pixels: int | None, max_batch_seconds: float = math.inf,
-                 repeats: int = 3, runs_per_shape: int = 1, prepare: Callable[[dict[str, np.ndarray]], object] | None = None) -> GraphCost:
+                 repeats: int = 3, runs_per_shape: int = 1,
+                 prepare: Callable[[dict[str, np.ndarray]], object] | None = None) -> tuple[GraphCost, CostProbe]:
     """Warms `run` at the shapes the batcher will form (`make_inputs(key)` builds a shape of
     `units` units) and fits the linear cost between the smallest and the largest.
 
@@ -112,12 +158,7 @@ def measure_cost(run: Callable[[dict[str, np.ndarray]], np.ndarray], make_inputs
 
     def timed(key: K) -> float:
         inputs = make_inputs(key)
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            run(inputs)
-            times.append(time.perf_counter() - started)
-        return statistics.median(times)
+        return statistics.median(time_run(run, inputs) for _ in range(repeats))
 
     first_run(small, small_units, small_units)
     t_small = timed(small)
@@ -125,11 +166,14 @@ def measure_cost(run: Callable[[dict[str, np.ndarray]], np.ndarray], make_inputs
     for key, units in reversed(fitting):  # largest first: later ones reuse what it allocated
         first_run(key, units, units - small_units)
     warmed = (small_units, *(units for _, units in fitting))
-    if not fitting:
-        return GraphCost(t_small / small_units, 0.0, bytes_per_unit, reference_pixels, warmed=warmed)
-    large, large_units = fitting[-1]
-    t_large = timed(large)
-    # timing noise must not make a unit free: at least 5 % of the large shape's mean
-    per_unit = max((t_large - t_small) / (large_units - small_units), 0.05 * t_large / large_units)
-    overhead = max(0.0, t_small - per_unit * small_units)
-    return GraphCost(per_unit, overhead, bytes_per_unit, reference_pixels, warmed=warmed)
+    points = ((small, small_units), *fitting[-1:])
+    large = (fitting[-1][1], timed(fitting[-1][0])) if fitting else None
+    per_unit, overhead = fit_line(small_units, t_small, large)
+    return (GraphCost(per_unit, overhead, bytes_per_unit, reference_pixels, warmed=warmed),
+            CostProbe(run, make_inputs, points, repeats))
+
+
+def time_run(run: Callable[[dict[str, np.ndarray]], np.ndarray], inputs: dict[str, np.ndarray]) -> float:
+    started = time.perf_counter()
+    run(inputs)
+    return time.perf_counter() - started

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file as load_numpy
 from service import memory
 from service.admission import ModelLimits, derive_limits
 from service.batcher import BatchKey, DynamicBatcher, ShuttingDown
-from service.costs import GraphCost, measure_cost
+from service.costs import CostProbe, GraphCost, measure_cost
 from service.encoders import PILLOW_ONLY, EncoderTable, measure_encoders
 from service.errors import ApiError
 from service.graph_capture import capture_report, capturing
@@ -46,6 +46,7 @@ class LoadedModel:
     config: ServingConfig | None = None
     lane: Lane | None = None
     costs: dict[str, GraphCost] = field(default_factory=dict)  # per graph, measured at warm-up
+    probes: dict[str, CostProbe] = field(default_factory=dict)  # per graph: how to time it again (service/remeasure.py)
     limits: ModelLimits | None = None
     batchers: dict[str, DynamicBatcher] = field(default_factory=dict)
     projection: tuple | None = None  # style models: (eager generator, feature fn), built on first use
@@ -280,7 +281,7 @@ class ModelRegistry:
         await asyncio.gather(*(batcher.close() for batcher in model.batchers.values()))
         if model.lane is not None:
             model.lane.shutdown(wait=True)
-        model.batchers, model.runtimes, model.runtime, model.projection = {}, {}, None, None
+        model.batchers, model.runtimes, model.runtime, model.projection, model.probes = {}, {}, None, None, {}
 
     def disk_signatures(self) -> dict[str, frozenset]:
         """Per model on disk: its versions and each spec.json's size and modification time."""
@@ -337,7 +338,7 @@ class ModelRegistry:
         for graph, runtime in model.runtimes.items():
             if self.settings.warmup:
                 with capturing(runtime):  # the shapes warm-up runs are the ones captured
-                    model.costs[graph] = self.measure(model, runtime, graph)
+                    model.costs[graph], model.probes[graph] = self.measure(model, runtime, graph)
         model.runtime = model.runtimes["model"]
         if "latents_file" in model.entry.spec:
             model.latents = load_numpy(str(model.entry.file_within(model.entry.spec["latents_file"])))
@@ -389,7 +390,7 @@ class ModelRegistry:
             reference_run, half_run = through(reference_mapping.run, reference.run), through(model.runtimes["mapping"].run, half_run)
         return measure_parity(entry, precision, reference_run, half_run, inputs)
 
-    def measure(self, model: LoadedModel, runtime: Runtime, graph: str) -> GraphCost:
+    def measure(self, model: LoadedModel, runtime: Runtime, graph: str) -> tuple[GraphCost, CostProbe]:
         """Warms the graph at the shapes the batcher produces first and measures its cost there.
 
         Generators: batch sizes 1, 2, 4, … max (those that fit `max_batch_seconds`). Image-to-image graphs take any size, so one unit

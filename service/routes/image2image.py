@@ -20,7 +20,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from service.admission import translate_bytes_per_pixel
 from service.batcher import run_items
-from service.errors import ApiError, error_responses
+from service.errors import error_responses
 from service.imaging import DECODE_BYTES_PER_PIXEL
 from service.pipeline import begin, estimate, execute, off_loop, registry_of, require_kind
 from service.responses import choose_format, respond

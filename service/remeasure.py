@@ -1,0 +1,117 @@
+"""Timing the models again while the server is idle, so that limits derived at a busy warm-up relax.
+
+A model's limits (the largest upload, the most compute one request may ask for: 413 past them)
+and its compute estimate are fitted from the times its warm-up measured (service/costs.py). A
+server that warmed while another process loaded the machine measured up to ~2x slow (a probe saw
+0.51 against 1.22 s a tile for the same model) and refused, until it was restarted, requests it
+could serve.
+
+So once every lane has had nothing to do for `remeasure_idle_s`, no admitted request holds
+memory and no job runs, the models' warmed shapes are timed again, one run at a time on each
+model's own lane, and a fit is replaced where it is faster (`GraphCost.relax`). Never where it
+is slower: contention can only slow a measurement, and a 413 must not move against a client who
+was served before (a busier machine is admission's correction's business, answered with 503). A
+request that arrives meanwhile waits for the one run in progress at most: the re-measure stops
+there and is tried again at the next idle spell. A model found no faster is tried again after
+twice the wait, up to `remeasure_max_interval_s`, so an idle server spends a handful of runs an
+hour on each model.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from service.admission import derive_limits
+from service.costs import CostProbe, fit_line, time_run
+
+if TYPE_CHECKING:
+    from service.registry import LoadedModel, ModelRegistry
+
+log = logging.getLogger("ganserve.remeasure")
+
+
+@dataclass
+class Schedule:
+    due: float  # monotonic time from which the model may be timed again
+    wait: float  # what the next wait will be if this one finds it no faster
+
+
+def server_idle_for(registry: "ModelRegistry") -> float:
+    """Seconds since any lane last computed, or 0 while a request holds memory or a job runs."""
+    if registry.memory.used > 0 or registry.jobs.active() > 0:
+        return 0.0
+    lanes = [model.lane for model in registry.all_models() if model.lane is not None]
+    return min((lane.idle_for() for lane in lanes), default=0.0)
+
+
+def server_busy(registry: "ModelRegistry") -> bool:
+    """Anything queued on a lane, in memory or in a job now (checked between the timed runs)."""
+    return (registry.memory.used > 0 or registry.jobs.active() > 0
+            or any(model.lane is not None and model.lane.pending for model in registry.all_models()))
+
+
+async def time_points(registry: "ModelRegistry", model: "LoadedModel", probe: CostProbe) -> list[float] | None:
+    """The median time of each of the probe's shapes, each run alone on the model's lane; None
+    as soon as other work appears."""
+    medians = []
+    for key, _ in probe.points:
+        inputs = probe.make_inputs(key)
+        times = []
+        for _ in range(probe.repeats):
+            if server_busy(registry) or model.lane is None or not model.ready:
+                return None
+            times.append(await model.lane.run(time_run, probe.run, inputs))
+        medians.append(statistics.median(times))
+    return medians
+
+
+async def remeasure(registry: "ModelRegistry", model: "LoadedModel") -> str:
+    """Times each of the model's graphs again; relaxes the costs (and then the limits) that were
+    measured too slow. Answers `relaxed`, `kept` or `interrupted`."""
+    relaxed = False
+    for graph, probe in model.probes.items():
+        cost = model.costs.get(graph)
+        if cost is None:
+            continue
+        medians = await time_points(registry, model, probe)
+        if medians is None:
+            return "interrupted"
+        (_, small_units), *large = probe.points
+        per_unit, overhead = fit_line(small_units, medians[0], (large[0][1], medians[1]) if large else None)
+        before = cost.describe()
+        if cost.relax(per_unit, overhead):
+            relaxed = True
+            log.info("%s %s: timed faster while idle: %.4g s a unit + %.4g s a batch (was %.4g + %.4g)", model.entry.label, graph,
+                     cost.per_unit_s, cost.overhead_s, before["seconds_per_unit"], before["batch_overhead_seconds"])
+    if relaxed:
+        model.limits = derive_limits(model, registry.settings, registry.settings.memory_budget)
+        log.info("%s: limits now %s", model.entry.label, model.limits.describe())
+    return "relaxed" if relaxed else "kept"
+
+
+async def remeasure_when_idle(registry: "ModelRegistry") -> None:
+    """Runs until the server drains (started by the app's lifespan where models compute: a single
+    process, or a `--workers` engine, whose fronts take the new limits from its snapshots)."""
+    settings = registry.settings
+    idle_s = settings.remeasure_idle_s
+    schedules: dict[int, Schedule] = {}
+    while not registry.draining:
+        await asyncio.sleep(min(1.0, idle_s / 2))
+        if not registry.loaded or server_idle_for(registry) < idle_s:
+            continue
+        models = [model for model in registry.all_models() if model.ready and model.probes]
+        schedules = {id(model): schedules.get(id(model)) or Schedule(0.0, idle_s) for model in models}
+        for model in sorted(models, key=lambda m: schedules[id(m)].due):
+            schedule = schedules[id(model)]
+            if registry.draining or schedule.due > time.monotonic():
+                continue
+            outcome = await remeasure(registry, model)
+            registry.metrics.cost_remeasures.labels(model.entry.name, str(model.entry.version), outcome).inc()
+            if outcome == "interrupted":
+                break  # traffic: wait for the next idle spell
+            schedule.wait = idle_s if outcome == "relaxed" else min(2 * schedule.wait, settings.remeasure_max_interval_s)
+            schedule.due = time.monotonic() + schedule.wait

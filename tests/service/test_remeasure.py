@@ -1,0 +1,71 @@
+"""Limits measured at a busy warm-up relax once the server is idle (service/remeasure.py): the
+rule on a cost, and a server that warmed while other processes loaded the CPU, then was left alone."""
+from __future__ import annotations
+
+import io
+import os
+import time
+
+import numpy as np
+from PIL import Image
+
+from bench.limits import busy_loops, stop
+from service.costs import GraphCost
+from tests.serving import running_server
+
+
+def test_a_faster_fit_is_adopted_and_a_slower_one_never():
+    cost = GraphCost(per_unit_s=0.3, overhead_s=0.01, bytes_per_unit=0, reference_pixels=None, warmed=(1.0, 2.0))
+    assert not cost.relax(0.6, 0.0)  # slower: a busier moment never tightens the limits
+    assert not cost.relax(0.29, 0.01)  # within the 10 % margin: noise, not news
+    assert not cost.relax(0.1, 0.5)  # faster per unit but slower at one warmed shape
+    assert cost.relax(0.1, 0.01)
+    assert (cost.per_unit_s, cost.overhead_s, cost.relaxed) == (0.1, 0.01, 1)
+    assert cost.correction == 1.0  # no batches since warm-up: the new fit stands as measured
+
+
+def test_the_correction_keeps_what_faster_batches_taught_but_drops_what_slower_ones_did():
+    faster = GraphCost(per_unit_s=0.4, overhead_s=0.0, bytes_per_unit=0, reference_pixels=None, warmed=(1.0, 2.0), correction=0.25)
+    assert faster.relax(0.2, 0.0)
+    assert faster.correction == 0.5  # batches ran at 0.1 s a unit: still half the new fit
+    slower = GraphCost(per_unit_s=0.4, overhead_s=0.0, bytes_per_unit=0, reference_pixels=None, warmed=(1.0, 2.0), correction=2.0)
+    assert slower.relax(0.2, 0.0)
+    assert slower.correction == 1.0
+
+
+def square_png(side: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def upx4_costs(client) -> tuple[dict, dict]:
+    version = client.get("/v1/models/upx4").json()["versions"][0]
+    return version["limits"], version["costs"]["model"]
+
+
+def test_an_upscale_refused_after_a_busy_warm_up_is_served_once_the_idle_server_has_timed_its_model_again(repository):
+    """Three busy loops per core while the server warms: its tiles time several times slower and
+    the largest upload it accepts shrinks with them. Once the loops stop and the server has been
+    idle for a second, it times upx4 again, adopts the faster fit, and an image it refused as over
+    its limit is upscaled."""
+    with busy_loops(3 * (os.cpu_count() or 1)) as loops, \
+            running_server(repository, models=["upx4"], remeasure_idle_s=1, request_timeout_s=2) as server, server.client() as client:
+        busy_limits, busy_cost = upx4_costs(client)
+        side = busy_limits["max_input_side"] + 1
+        refused = client.post("/v1/models/upx4/upscale", content=square_png(side), headers={"content-type": "image/png"})
+        assert refused.status_code == 413, refused.text
+        stop(loops)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            idle_limits, idle_cost = upx4_costs(client)
+            if idle_cost["relaxed_when_idle"]:
+                break
+            time.sleep(0.25)
+        assert idle_cost["relaxed_when_idle"] >= 1, (busy_cost, idle_cost)
+        assert idle_cost["seconds_per_unit"] < 0.7 * busy_cost["seconds_per_unit"], (busy_cost, idle_cost)
+        assert idle_limits["max_input_side"] > busy_limits["max_input_side"], (busy_limits, idle_limits)
+        served = client.post("/v1/models/upx4/upscale", content=square_png(side), headers={"content-type": "image/png"})
+        assert served.status_code == 200, served.text
+        assert Image.open(io.BytesIO(served.content)).size == (4 * side, 4 * side)
+        assert server.metric("ganserve_cost_remeasures_total", model="upx4", outcome="relaxed") >= 1
