@@ -11,7 +11,7 @@ from fastapi.staticfiles import StaticFiles
 from service import playground
 from service.errors import install_error_handlers
 from service.intake import RequestIntake
-from service.metrics import ServiceMetrics
+from service.metrics import ServiceMetrics, refresh_process_state
 from service.registry import ModelRegistry
 from service.remeasure import remeasure_when_idle
 from service.routes import engine_proxy, gallery, health, image2image, jobs, repository, stream, style, v1, v2
@@ -71,10 +71,11 @@ def create_app(settings: Settings | None = None, serve_while_loading: bool = Tru
         polling = asyncio.create_task(registry.poll_repository(settings.repository_poll_s)) if settings.repository_poll_s > 0 else None
         remeasuring = (asyncio.create_task(remeasure_when_idle(registry), name="remeasure-when-idle")
                        if settings.remeasure_idle_s > 0 and settings.warmup and settings.role != "front" else None)
+        gauging = asyncio.create_task(refresh_process_state(registry.metrics, registry), name="process-gauges")
         try:
             yield
         finally:
-            for task in (loading, polling, remeasuring):
+            for task in (loading, polling, remeasuring, gauging):
                 if task is not None and not task.done():
                     task.cancel()
             await registry.drain()

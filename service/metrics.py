@@ -8,15 +8,16 @@ by the fronts, queues and batches by the engine. Gauges say how processes combin
 summed over the live processes; per-stream gauges keep one series per process)."""
 from __future__ import annotations
 
+import asyncio
+import os
 from dataclasses import dataclass
 from functools import lru_cache
-
-import os
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 LABELS = ("model", "version", "operation")
+STATE_REFRESH_S = 1.0  # how stale a process's memory gauges may be in a scrape another process answered
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -53,6 +54,18 @@ class ServiceMetrics:
                                      registry=r, multiprocess_mode="liveall")
         self.gpu_memory = Gauge("ganserve_gpu_memory_bytes", "GPU memory allocated by this process", ("device",), registry=r, multiprocess_mode="liveall")
 
+    def record_process_state(self, capacity: int, used: int, device: str) -> None:
+        """This process's memory budget, what admitted requests hold, and its GPU memory: read
+        where they live, so set at every scrape and, for the processes a scrape does not reach
+        (a `--workers` engine, the fronts that did not answer it), every `STATE_REFRESH_S` by
+        `refresh_process_state` (before, an engine's series read 0 and an unscraped front's was stale)."""
+        self.memory_budget.set(capacity)
+        self.memory_reserved.set(used)
+        if device == "cuda":
+            import torch
+
+            self.gpu_memory.labels("cuda:0").set(torch.cuda.memory_allocated())
+
     def exposition(self) -> tuple[bytes, str]:
         """The scrape: this app's registry, or every process's samples in multiprocess mode."""
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -85,3 +98,11 @@ class BoundMetrics:
     rejected: object  # reason -> Counter child
     padded_items: Counter
     in_flight: Gauge
+
+
+async def refresh_process_state(metrics: ServiceMetrics, registry) -> None:
+    """Keeps this process's memory gauges current until cancelled (the app's lifespan runs it in
+    every process; `registry` is the lifespan's ModelRegistry)."""
+    while True:
+        metrics.record_process_state(registry.memory.capacity, registry.memory.used, registry.device)
+        await asyncio.sleep(STATE_REFRESH_S)

@@ -33,11 +33,6 @@ async def ready(request: Request) -> JSONResponse:
 @router.get("/metrics", responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"}})
 async def metrics(request: Request) -> Response:
     registry = registry_of(request)
-    registry.metrics.memory_budget.set(registry.memory.capacity)
-    registry.metrics.memory_reserved.set(registry.memory.used)
-    if registry.device == "cuda":
-        import torch
-
-        registry.metrics.gpu_memory.labels("cuda:0").set(torch.cuda.memory_allocated())
+    registry.metrics.record_process_state(registry.memory.capacity, registry.memory.used, registry.device)
     body, media_type = registry.metrics.exposition()
     return Response(body, media_type=media_type)

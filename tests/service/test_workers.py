@@ -181,6 +181,18 @@ def test_metrics_count_the_fronts_requests_and_the_engines_batches(workers):
     assert workers.metric("ganserve_compute_duration_seconds_count", model="cdigits", operation="generate") >= 1
 
 
+def test_every_process_reports_its_own_memory_budget_whichever_front_is_scraped(workers):
+    """The engine's series read 0 and a front's only moved when that front answered a scrape:
+    each process now keeps its gauges current itself."""
+    time.sleep(1.5)  # a refresh period
+    budgets = {}
+    for line in httpx.get(f"{workers.url}/metrics").text.splitlines():
+        if line.startswith("ganserve_memory_budget_bytes{"):
+            budgets[int(line.split('pid="')[1].split('"')[0])] = float(line.rsplit(" ", 1)[1])
+    assert set(children(workers.process.pid)) <= set(budgets), budgets
+    assert all(budgets[pid] > 0 for pid in children(workers.process.pid)), budgets
+
+
 def test_a_front_that_dies_is_replaced_and_the_server_keeps_answering(workers):
     fronts = [pid for pid, role in children(workers.process.pid).items() if role == "front"]
     os.kill(fronts[0], signal.SIGKILL)
