@@ -280,3 +280,37 @@ def test_a_frame_refused_for_memory_waits_its_turn_like_any_frame():
     (no_drop, one), (none_dropped, refused), (dropped, latest) = asyncio.run(turns())
     assert (no_drop, one.number, none_dropped, refused.number, refused.refusal["status"]) == ([], 1, [], 2, 503)
     assert (dropped, latest.number, latest.refusal) == ([3], 4, None)
+
+
+def rss_bytes(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_ping_flood_from_a_client_that_reads_nothing_does_not_grow_the_server(server):
+    """Every ping earns a pong; a client that sends 300,000 pings and reads none of the pongs
+    grew the server by 37 MB (~24 MB/s under a probe's flood). RFC 6455 lets a server
+    answer only the latest ping, so pongs are skipped while the write buffer is full; other
+    streams are answered meanwhile."""
+    def one_frame_answered() -> None:
+        with connect(ws_url(server), max_size=2**24) as fresh:
+            assert json.loads(fresh.recv(timeout=30))["type"] == "ready"
+            fresh.send(frame(8, 8, 1))
+            assert answers(fresh, 1)[0]["type"] == "frame"
+
+    one_frame_answered()  # what a first stream allocates is not the flood's
+    pings = b"".join(client_frame(0x9, bytes(125)) for _ in range(1000))
+    stalled = raw_stream(server)
+    stalled.settimeout(10)
+    before = rss_bytes(server.process.pid)
+    for _ in range(300):
+        stalled.sendall(pings)  # read by the server as they come (sendall would time out otherwise)
+    grown = 0
+    for _ in range(20):  # the last of them parsed
+        grown = max(grown, rss_bytes(server.process.pid) - before)
+        time.sleep(0.1)
+    assert grown < 10e6, grown  # 37 MB when every pong was written (2 MB now)
+    one_frame_answered()  # beside the stalled stream
+    stalled.close()
