@@ -39,13 +39,19 @@ def checkpoint_files(path: Path) -> tuple[Path, Path]:
     config = folder / CONFIG_NAME
     for needed in (config, weights):
         if not needed.is_file():
-            raise CheckpointError(f"a BigGAN checkpoint is a folder with {CONFIG_NAME} and {WEIGHTS_NAME}: {needed.name} is missing in {folder.name}")
+            raise CheckpointError(f"a BigGAN checkpoint is a folder with {CONFIG_NAME} and {WEIGHTS_NAME}: {needed.name} is missing "
+                                  f"(or not a regular file) in {folder.name}")
     return config, weights
 
 
 def is_biggan(path: Path) -> bool:
-    """A folder (or a file whose folder) holds a config.json with BigGAN's keys."""
+    """A folder, or its `pytorch_model.bin`, with a config.json (the port's layout: its importer
+    then names what is wrong with the config, where detection once fell through to the
+    super-resolution importer and a message about SR architectures); or any file whose folder
+    holds a config.json with BigGAN's keys."""
     config = (path if path.is_dir() else path.parent) / CONFIG_NAME
+    if path.is_dir() or path.name == WEIGHTS_NAME:
+        return config.exists()
     try:  # a regular file of a config's size: /dev/zero or a FIFO named config.json once read without end
         if not config.is_file() or config.stat().st_size > MAX_CONFIG_BYTES:
             return False

@@ -106,6 +106,14 @@ def check_numbering(names: list[str]) -> None:
                                   "a network's depth is read from its highest number, so an import refuses such gaps")
 
 
+def refused_global(error: pickle.UnpicklingError) -> str:
+    """What torch's weights-only unpickler refused, by name. Its message begins by advising a
+    load with `weights_only=False` (code execution, for a file from anyone), which an import
+    never does, so only the refused global is quoted."""
+    named = re.search(r"GLOBAL ([\w.]{1,200})", str(error))
+    return f"it calls {named.group(1)}" if named else "torch's weights-only reader refused its pickle"
+
+
 def load_torch_archive(data: bytes) -> dict:
     """A torch.save archive read with `weights_only=True` (tensors, containers, numbers; plus
     argparse.Namespace, which training scripts save their options in); anything else is refused."""
@@ -119,8 +127,8 @@ def load_torch_archive(data: bytes) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"the archive holds objects an import never loads ({first[:200]})") from None
+        raise CheckpointError(f"the archive holds objects an import never loads ({refused_global(error)}); "
+                              "an import reads tensors, containers and numbers only") from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as error:
         raise CheckpointError(f"the archive is damaged or truncated ({type(error).__name__}: {str(error)[:200]})") from None
     if not isinstance(loaded, dict):

@@ -169,3 +169,23 @@ def test_a_bad_biggan_checkpoint_is_a_one_line_error_and_no_entry(tmp_path, case
     assert mentions in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "repo" / "bad").exists()
+
+
+def write_config(text: str):
+    def edit(tmp_path: Path) -> Path:
+        folder = broken_copy(tmp_path)
+        (folder / "config.json").write_text(text)
+        return folder
+    return edit
+
+
+@pytest.mark.parametrize("case,make,mentions", [
+    ("config not JSON", write_config("{layers: oops"), "config.json is not JSON"),
+    ("config of another model", write_config('{"hidden_size": 768}'), "config.json is not a BigGAN configuration"),
+    ("weights file given, config not JSON", lambda tmp: write_config("[")(tmp) / "pytorch_model.bin", "config.json is not JSON"),
+], ids=lambda c: c if isinstance(c, str) else "")
+def test_a_biggan_layout_with_a_bad_config_is_named_as_such_when_the_format_is_detected(tmp_path, case, make, mentions):
+    """The folder layout says BigGAN, so the config's fault is reported, not a guess at another format's."""
+    result = run_import(tmp_path, make(tmp_path), "bad")
+    assert result.exit_code == 1 and mentions in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1

@@ -130,7 +130,7 @@ def code_archive(tmp_path: Path) -> Path:
 BAD = [
     ("unknown architecture", unknown_architecture, (), "not a pix2pix/CycleGAN generator"),
     ("truncated file", truncated, (), "damaged or truncated"),
-    ("pickle with code", code_archive, (), "never loads"),
+    ("pickle with code", code_archive, (), "never loads (it calls os.system)"),  # named, without torch's advice to load it unsafely
     ("shapes contradict --options", lambda tmp: FIXTURE / "resnet6_instance.pth", ("--options", "ngf=64"), "tensors make it 8"),
     ("unknown option", lambda tmp: FIXTURE / "resnet6_instance.pth", ("--options", "colour=blue"), "unknown --options"),
 ]
