@@ -47,6 +47,9 @@ def import_superres(path: Path, data: bytes) -> tuple[UnitRangeNetwork, dict]:
     import spandrel
 
     state = read_state(path, data)
+    broken = next((name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+    if broken is not None:  # a state dict is the network alone: otherwise found by the parity check, after the export
+        raise CheckpointError(f"{broken} holds NaN or infinity: the checkpoint is broken")
     try:
         descriptor = load_spandrel(state)
     except spandrel.UnsupportedModelError:

@@ -162,8 +162,20 @@ def truncated_pth(tmp_path: Path) -> Path:
     return path
 
 
+def nan_safetensors(tmp_path: Path) -> Path:
+    """One NaN in a compact SR net: refused on reading, not by the export's parity check 10 s later."""
+    _, make, _, _ = CHECKPOINTS["compact-x4"]
+    state = {k: v.contiguous().clone() for k, v in make().items()}
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    state[first].view(-1)[0] = float("nan")
+    path = tmp_path / "nan.safetensors"
+    save_file(state, str(path))
+    return path
+
+
 BAD = [
     ("unknown architecture", junk_state, "no super-resolution architecture spandrel knows"),
+    ("NaN in the weights", nan_safetensors, "holds NaN or infinity"),
     ("truncated safetensors", truncated_safetensors, "damaged or truncated"),
     ("truncated archive", truncated_pth, "damaged or truncated"),
     ("pickle with code", code_archive, "never loads"),
