@@ -47,9 +47,6 @@ def import_superres(path: Path, data: bytes) -> tuple[UnitRangeNetwork, dict]:
     import spandrel
 
     state = read_state(path, data)
-    broken = next((name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
-    if broken is not None:  # a state dict is the network alone: otherwise found by the parity check, after the export
-        raise CheckpointError(f"{broken} holds NaN or infinity: the checkpoint is broken")
     try:
         descriptor = load_spandrel(state)
     except spandrel.UnsupportedModelError:
@@ -58,6 +55,10 @@ def import_superres(path: Path, data: bytes) -> tuple[UnitRangeNetwork, dict]:
         raise CheckpointError(f"spandrel recognised the layout but could not build it ({type(error).__name__}: {str(error)[:200]})") from None
     if not isinstance(descriptor, spandrel.ImageModelDescriptor) or descriptor.purpose not in ("SR", "Restoration"):
         raise CheckpointError(f"{descriptor.architecture.name} is a {descriptor.purpose} model: only super-resolution and restoration models are served by /upscale")
+    built = descriptor.model.state_dict()
+    broken = next((name for name, tensor in built.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+    if broken is not None:  # otherwise found by the parity check, after the export
+        raise CheckpointError(f"{broken} holds NaN or infinity: the checkpoint is broken")
     rules = descriptor.size_requirements
     if rules.square:
         raise CheckpointError(f"{descriptor.architecture.name} takes square inputs only, which tiles of any image cannot promise")
