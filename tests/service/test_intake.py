@@ -100,7 +100,7 @@ def test_an_answer_its_client_does_not_read_stays_in_the_memory_budget_until_the
     answers and read none held them in the server, outside the budget, until the send timeout
     (a hostile probe's 225 such clients: RSS 711 → 2,854 MB under a 2 GB budget). Now an answer's
     bytes stay reserved until they leave the process, here until the stalled clients are dropped."""
-    with running_server(repository, send_timeout_s=3) as server:
+    with running_server(repository, send_timeout_s=3, models=["upx4"]) as server:
         reserved = lambda: server.metric("ganserve_memory_reserved_bytes")  # noqa: E731
         answered = lambda: server.metric("ganserve_requests_total", model="upx4", operation="infer", status="200")  # noqa: E731
         idle = reserved()

@@ -16,7 +16,7 @@ from tests.serving import running_server
 
 
 def test_a_request_beyond_the_queue_bound_is_refused_at_once_with_429_and_retry_after(repository):
-    with running_server(repository, max_queue_size=4, max_batch_size=64, max_queue_delay_ms=1500) as server, server.client() as client:
+    with running_server(repository, max_queue_size=4, max_batch_size=64, max_queue_delay_ms=1500, models=["digits"]) as server, server.client() as client:
         with ThreadPoolExecutor(1) as pool:
             waiting = pool.submit(client.post, "/v1/models/digits/generate", json={"n": 3})  # sits out the queue delay
             time.sleep(0.5)
@@ -32,14 +32,14 @@ def test_a_request_beyond_the_queue_bound_is_refused_at_once_with_429_and_retry_
 
 
 def test_a_request_larger_than_the_whole_queue_gets_a_permanent_413_not_a_429(repository):
-    with running_server(repository, max_queue_size=4) as server, server.client() as client:
+    with running_server(repository, max_queue_size=4, models=["digits"]) as server, server.client() as client:
         response = client.post("/v1/models/digits/generate", json={"n": 8})
         assert response.status_code == 413 and "retry-after" not in response.headers
         assert "never fit" in response.json()["error"]["message"]
 
 
 def test_a_burst_past_the_queue_bound_gets_some_429_and_every_accepted_request_an_image(repository):
-    with running_server(repository, max_queue_size=8, max_batch_size=4, max_queue_delay_ms=50) as server, server.client() as client:
+    with running_server(repository, max_queue_size=8, max_batch_size=4, max_queue_delay_ms=50, models=["digits"]) as server, server.client() as client:
         with ThreadPoolExecutor(32) as pool:
             statuses = list(pool.map(lambda s: client.post("/v1/models/digits/generate", json={"seed": s, "n": 2}).status_code, range(32)))
     assert set(statuses) <= {200, 429}
@@ -47,7 +47,7 @@ def test_a_burst_past_the_queue_bound_gets_some_429_and_every_accepted_request_a
 
 
 def test_an_item_whose_deadline_passed_in_the_queue_gets_504_and_never_reaches_the_model(repository):
-    with running_server(repository, request_timeout_s=0.1, max_queue_delay_ms=1000, max_batch_size=64) as server, server.client() as client:
+    with running_server(repository, request_timeout_s=0.1, max_queue_delay_ms=1000, max_batch_size=64, models=["digits"]) as server, server.client() as client:
         response = client.post("/v1/models/digits/generate", json={"seed": 1})
         assert response.status_code == 504 and response.json()["error"]["code"] == "deadline_exceeded"
         time.sleep(1.2)  # the batcher wakes up and drops the expired item
@@ -56,7 +56,7 @@ def test_an_item_whose_deadline_passed_in_the_queue_gets_504_and_never_reaches_t
 
 
 def test_a_client_that_hangs_up_has_its_items_dropped_before_compute(repository):
-    with running_server(repository, max_queue_delay_ms=800, max_batch_size=64) as server:
+    with running_server(repository, max_queue_delay_ms=800, max_batch_size=64, models=["digits"]) as server:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{server.url}/v1/models/digits/generate", json={"seed": 1, "n": 3}, timeout=0.2)
         time.sleep(1.2)
@@ -137,7 +137,7 @@ def test_readiness_is_503_while_a_model_it_requires_is_failed(repository, tmp_pa
 
 
 def test_sigterm_cancels_queued_jobs_and_exits_within_the_deadline_plus_five_seconds(repository):
-    with running_server(repository, request_timeout_s=3, max_projection_steps=100_000, max_job_seconds=1000) as server, server.client() as client:
+    with running_server(repository, request_timeout_s=3, max_projection_steps=100_000, max_job_seconds=1000, models=["styles"]) as server, server.client() as client:
         image = io.BytesIO()
         Image.new("RGB", (16, 16), (200, 30, 30)).save(image, "PNG")
         jobs = [client.post("/v1/models/styles/project?steps=100000", content=image.getvalue(), headers={"content-type": "image/png"}) for _ in range(4)]
@@ -150,7 +150,7 @@ def test_sigterm_cancels_queued_jobs_and_exits_within_the_deadline_plus_five_sec
 
 
 def test_sigterm_finishes_every_accepted_request_before_exiting(repository):
-    with running_server(repository, max_queue_delay_ms=400, max_batch_size=64) as server:
+    with running_server(repository, max_queue_delay_ms=400, max_batch_size=64, models=["digits"]) as server:
         with ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(httpx.post, f"{server.url}/v1/models/digits/generate", json={"seed": s}, timeout=30) for s in range(8)]
             time.sleep(0.2)  # the requests are in the queue, waiting for the batch delay

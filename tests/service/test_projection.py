@@ -63,7 +63,7 @@ def test_bad_uploads_get_clear_errors(server):
 def test_an_image_over_the_pixel_limit_is_413(repository):
     from tests.serving import running_server
 
-    with running_server(repository, max_upload_pixels=100) as server, server.client() as client:
+    with running_server(repository, max_upload_pixels=100, models=["styles"]) as server, server.client() as client:
         response = client.post("/v1/models/styles/project", content=png_bytes((20, 20)), headers={"content-type": "image/png"})
     assert response.status_code == 413 and "over the limit" in response.json()["error"]["message"]
 
@@ -71,7 +71,7 @@ def test_an_image_over_the_pixel_limit_is_413(repository):
 def test_jobs_are_bounded_in_number_and_in_time(repository):
     from tests.serving import running_server
 
-    with running_server(repository, max_jobs=1, max_job_seconds=0.5) as server, server.client() as client:
+    with running_server(repository, max_jobs=1, max_job_seconds=0.5, models=["styles"]) as server, server.client() as client:
         first = client.post("/v1/models/styles/project?steps=1000", content=png_bytes(), headers={"content-type": "image/png"})
         second = client.post("/v1/models/styles/project?steps=10", content=png_bytes(), headers={"content-type": "image/png"})
         assert first.status_code == 202

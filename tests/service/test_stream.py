@@ -134,7 +134,7 @@ def test_open_streams_report_their_fps_and_latency_in_metrics(server):
 
 
 def test_the_stream_cap_the_idle_timeout_and_a_clean_shutdown_with_a_stream_open(repository):
-    with running_server(repository, max_streams=1, stream_idle_s=1) as server:
+    with running_server(repository, max_streams=1, stream_idle_s=1, models=["upx4"]) as server:
         url = ws_url(server)
         with connect(url) as first:
             first.recv(timeout=30)
@@ -190,7 +190,7 @@ def test_a_client_that_stops_reading_is_disconnected_and_its_stream_slot_freed(r
     waited on a send for good: it held its slot (all 32 of them, a hostile probe found) for as
     long as it kept the socket. Now the connection is aborted after `send_timeout_s` without
     progress, and the slot comes back."""
-    with running_server(repository, max_streams=1, send_timeout_s=1) as server:
+    with running_server(repository, max_streams=1, send_timeout_s=1, models=["upx4"]) as server:
         stalled = raw_stream(server)
         stalled.settimeout(2)
         with pytest.raises(OSError):  # each text message earns an error notice it never reads; the server stops reading
@@ -213,7 +213,7 @@ def test_an_answer_the_client_does_not_read_stays_in_the_memory_budget_until_it_
     reserved until they leave the process, here until the stalled client is dropped."""
     noise = io.BytesIO()
     Image.fromarray(np.random.default_rng(3).integers(0, 256, (400, 400, 3), dtype=np.uint8)).save(noise, format="PNG")
-    with running_server(repository, send_timeout_s=2) as server:
+    with running_server(repository, send_timeout_s=2, models=["upx4"]) as server:
         stalled = raw_stream(server, path=STREAM + "?format=png")  # 1600² of noise: ~6 MB of PNG (past what loopback's kernel buffers take), never read
         stalled.sendall(client_frame(0x2, noise.getvalue()))
         deadline = time.monotonic() + 60

@@ -227,7 +227,7 @@ def admitted_or_answered(server, model: str) -> float:
 def test_sigterm_answers_what_was_accepted_then_stops_every_process(repository):
     # a long deadline: admission refuses (503) what its measured cost says would miss the deadline,
     # and a cost measured at warm-up on a loaded machine could refuse the fifth or sixth upscale
-    with running_server(repository, workers=2, max_batch_size=4, request_timeout_s=120) as running:
+    with running_server(repository, workers=2, max_batch_size=4, request_timeout_s=120, models=["upx4"]) as running:
         pids = list(children(running.process.pid))
         with ThreadPoolExecutor(12) as pool:
             upload = photo_png(96, 96)  # x4 tiles: a few seconds of engine work per request on this CPU
@@ -245,7 +245,7 @@ def test_sigterm_answers_what_was_accepted_then_stops_every_process(repository):
 
 
 def test_a_dead_engine_stops_the_server_and_its_fronts(repository):
-    with running_server(repository, workers=2) as running:
+    with running_server(repository, workers=2, models=["digits"]) as running:
         pids = children(running.process.pid)
         engine = next(pid for pid, role in pids.items() if role == "engine")
         os.kill(engine, signal.SIGKILL)
