@@ -26,10 +26,15 @@ from bench.runner import machine, write_report
 from bench.server import launched_server
 
 
+def start_loops(count: int) -> list[subprocess.Popen]:
+    """`count` processes that spin a core each until `stop`ped."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+
+
 @contextlib.contextmanager
 def busy_loops(count: int) -> Iterator[list[subprocess.Popen]]:
-    """`count` processes that spin a core each until killed (the caller may kill them early)."""
-    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    """`start_loops` for the block (the caller may stop them early)."""
+    loops = start_loops(count)
     try:
         yield loops
     finally:

@@ -33,7 +33,7 @@ def test_compiled_shapes_serve_the_same_images_and_no_request_compiles(repositor
     bodies = [{"seed": 7, "format": "npy"}, {"seed": 3, "n": 3, "format": "npy"}, {"seeds": [9, 8, 7, 6], "format": "npy"}]
     with server.client() as client:
         reference = [np.load(io.BytesIO(client.post("/v1/models/digits/generate", json=body).content)).astype(int) for body in bodies]
-    with running_server(repo, ready_requires="digits,upx4,upx4plain") as captured, captured.client() as client:
+    with running_server(repo, ready_requires="digits,upx4,upx4plain", models=["digits", "cdigits", "styles", "upx4", "upx4plain"]) as captured, captured.client() as client:
         answer = client.get("/v1/models/digits").json()
         digits = answer["versions"][0] if "versions" in answer else pytest.fail(str(answer))
         assert digits["state"] == "ready", digits["error"]

@@ -2,14 +2,18 @@
 rule on a cost, and a server that warmed while other processes loaded the CPU, then was left alone."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import time
 
+import httpx
+
 import numpy as np
 from PIL import Image
 
-from bench.limits import busy_loops, stop
+from bench.limits import start_loops, stop
+from bench.server import wait_ready
 from service.costs import GraphCost
 from tests.serving import running_server
 
@@ -39,6 +43,17 @@ def square_png(side: int) -> bytes:
     return buffer.getvalue()
 
 
+def wait_until_live(server) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{server.url}/health/live", timeout=1).status_code == 200:
+                return
+        assert server.process.poll() is None, "the server died"
+        time.sleep(0.02)
+    raise TimeoutError("never live")
+
+
 def upx4_costs(client) -> tuple[dict, dict]:
     version = client.get("/v1/models/upx4").json()["versions"][0]
     return version["limits"], version["costs"]["model"]
@@ -49,23 +64,28 @@ def test_an_upscale_refused_after_a_busy_warm_up_is_served_once_the_idle_server_
     the largest upload it accepts shrinks with them. Once the loops stop and the server has been
     idle for a second, it times upx4 again, adopts the faster fit, and an image it refused as over
     its limit is upscaled."""
-    with busy_loops(3 * (os.cpu_count() or 1)) as loops, \
-            running_server(repository, models=["upx4"], remeasure_idle_s=1, request_timeout_s=2) as server, server.client() as client:
-        busy_limits, busy_cost = upx4_costs(client)
-        side = busy_limits["max_input_side"] + 1
-        refused = client.post("/v1/models/upx4/upscale", content=square_png(side), headers={"content-type": "image/png"})
-        assert refused.status_code == 413, refused.text
-        stop(loops)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            idle_limits, idle_cost = upx4_costs(client)
-            if idle_cost["relaxed_when_idle"]:
-                break
-            time.sleep(0.25)
-        assert idle_cost["relaxed_when_idle"] >= 1, (busy_cost, idle_cost)
-        assert idle_cost["seconds_per_unit"] < 0.7 * busy_cost["seconds_per_unit"], (busy_cost, idle_cost)
-        assert idle_limits["max_input_side"] > busy_limits["max_input_side"], (busy_limits, idle_limits)
-        served = client.post("/v1/models/upx4/upscale", content=square_png(side), headers={"content-type": "image/png"})
-        assert served.status_code == 200, served.text
-        assert Image.open(io.BytesIO(served.content)).size == (4 * side, 4 * side)
-        assert server.metric("ganserve_cost_remeasures_total", model="upx4", outcome="relaxed") >= 1
+    with running_server(repository, wait=False, models=["upx4"], remeasure_idle_s=1, request_timeout_s=2) as server, server.client() as client:
+        wait_until_live(server)  # imported: the loops start as it loads and warms
+        loops = start_loops(3 * (os.cpu_count() or 1))
+        try:
+            wait_ready(server.url, server.process, server.process.log_path)
+            busy_limits, busy_cost = upx4_costs(client)
+            side = busy_limits["max_input_side"] + 1
+            refused = client.post("/v1/models/upx4/upscale", content=square_png(side), headers={"content-type": "image/png"})
+            assert refused.status_code == 413, refused.text
+            stop(loops)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                idle_limits, idle_cost = upx4_costs(client)
+                if idle_cost["relaxed_when_idle"]:
+                    break
+                time.sleep(0.25)
+            assert idle_cost["relaxed_when_idle"] >= 1, (busy_cost, idle_cost)
+            assert idle_cost["seconds_per_unit"] < 0.7 * busy_cost["seconds_per_unit"], (busy_cost, idle_cost)
+            assert idle_limits["max_input_side"] > busy_limits["max_input_side"], (busy_limits, idle_limits)
+            served = client.post("/v1/models/upx4/upscale", content=square_png(side), headers={"content-type": "image/png"})
+            assert served.status_code == 200, served.text
+            assert Image.open(io.BytesIO(served.content)).size == (4 * side, 4 * side)
+            assert server.metric("ganserve_cost_remeasures_total", model="upx4", outcome="relaxed") >= 1
+        finally:
+            stop(loops)
