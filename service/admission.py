@@ -1,7 +1,8 @@
 """Admission control: a request's cost is known before it is queued, and what cannot finish is
 refused up front instead of timing out thirty seconds later.
 
-- **Limits per model**, derived once at load from the measured cost (service/costs.py): the
+- **Limits per model**, derived at load from the measured cost (service/costs.py), and again
+  when an idle re-measure finds the model faster (service/remeasure.py; they never tighten): the
   largest image-to-image input whose compute fits the deadline on an idle lane and whose memory
   fits half the budget. Uploads are checked against them from their header, before decoding.
 - **Deadline**: a request whose estimated compute, after the backlog already on its model's lane,
