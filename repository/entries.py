@@ -70,7 +70,7 @@ def entry_lock(repository: Path, name: str, version: int) -> Iterator[None]:
     its entry mid-write). An advisory `flock` on a hidden file, which the kernel releases when
     its holder dies; the file is removed on the way out, and a writer that locked a file a
     finishing one had just removed tries again on the new one."""
-    path = repository / f"{staging_prefix(name, version)}lock"
+    path = repository / f".{name}@{version}.lock"  # outside staging_prefix's glob
     while True:
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

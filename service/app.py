@@ -71,7 +71,7 @@ def create_app(settings: Settings | None = None, serve_while_loading: bool = Tru
         polling = asyncio.create_task(registry.poll_repository(settings.repository_poll_s)) if settings.repository_poll_s > 0 else None
         remeasuring = (asyncio.create_task(remeasure_when_idle(registry), name="remeasure-when-idle")
                        if settings.remeasure_idle_s > 0 and settings.warmup and settings.role != "front" else None)
-        gauging = asyncio.create_task(refresh_process_state(registry.metrics, registry), name="process-gauges")
+        gauging = asyncio.create_task(refresh_process_state(registry), name="process-gauges")
         try:
             yield
         finally:

@@ -108,16 +108,16 @@ class CostProbe:
     points: tuple[tuple[object, float], ...]  # (shape key, units)
     repeats: int
 
-
-def fit_line(small_units: float, t_small: float, large: tuple[float, float] | None) -> tuple[float, float]:
-    """(seconds per unit, batch overhead) through the smallest shape's time and, where there is
-    one, the largest's (`large` = (units, seconds))."""
-    if large is None:
-        return t_small / small_units, 0.0
-    large_units, t_large = large
-    # timing noise must not make a unit free: at least 5 % of the large shape's mean
-    per_unit = max((t_large - t_small) / (large_units - small_units), 0.05 * t_large / large_units)
-    return per_unit, max(0.0, t_small - per_unit * small_units)
+    def fit(self, seconds: list[float]) -> tuple[float, float]:
+        """(seconds per unit, batch overhead) through the points' measured times (one per point):
+        the smallest shape's and, where there is one, the largest's."""
+        (_, small_units), t_small = self.points[0], seconds[0]
+        if len(self.points) == 1:
+            return t_small / small_units, 0.0
+        (_, large_units), t_large = self.points[-1], seconds[-1]
+        # timing noise must not make a unit free: at least 5 % of the large shape's mean
+        per_unit = max((t_large - t_small) / (large_units - small_units), 0.05 * t_large / large_units)
+        return per_unit, max(0.0, t_small - per_unit * small_units)
 
 
 def fallback_bytes(inputs: dict[str, np.ndarray], output: np.ndarray) -> int:
@@ -166,11 +166,9 @@ def measure_cost(run: Callable[[dict[str, np.ndarray]], np.ndarray], make_inputs
     for key, units in reversed(fitting):  # largest first: later ones reuse what it allocated
         first_run(key, units, units - small_units)
     warmed = (small_units, *(units for _, units in fitting))
-    points = ((small, small_units), *fitting[-1:])
-    large = (fitting[-1][1], timed(fitting[-1][0])) if fitting else None
-    per_unit, overhead = fit_line(small_units, t_small, large)
-    return (GraphCost(per_unit, overhead, bytes_per_unit, reference_pixels, warmed=warmed),
-            CostProbe(run, make_inputs, points, repeats))
+    probe = CostProbe(run, make_inputs, ((small, small_units), *fitting[-1:]), repeats)
+    per_unit, overhead = probe.fit([t_small, *(timed(key) for key, _ in fitting[-1:])])
+    return GraphCost(per_unit, overhead, bytes_per_unit, reference_pixels, warmed=warmed), probe
 
 
 def time_run(run: Callable[[dict[str, np.ndarray]], np.ndarray], inputs: dict[str, np.ndarray]) -> float:

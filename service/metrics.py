@@ -100,9 +100,9 @@ class BoundMetrics:
     in_flight: Gauge
 
 
-async def refresh_process_state(metrics: ServiceMetrics, registry) -> None:
+async def refresh_process_state(registry) -> None:
     """Keeps this process's memory gauges current until cancelled (the app's lifespan runs it in
     every process; `registry` is the lifespan's ModelRegistry)."""
     while True:
-        metrics.record_process_state(registry.memory.capacity, registry.memory.used, registry.device)
+        registry.metrics.record_process_state(registry.memory.capacity, registry.memory.used, registry.device)
         await asyncio.sleep(STATE_REFRESH_S)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from service.admission import derive_limits
-from service.costs import CostProbe, fit_line, time_run
+from service.costs import CostProbe, time_run
 
 if TYPE_CHECKING:
     from service.registry import LoadedModel, ModelRegistry
@@ -80,13 +80,11 @@ async def remeasure(registry: "ModelRegistry", model: "LoadedModel") -> str:
         medians = await time_points(registry, model, probe)
         if medians is None:
             return "interrupted"
-        (_, small_units), *large = probe.points
-        per_unit, overhead = fit_line(small_units, medians[0], (large[0][1], medians[1]) if large else None)
-        before = cost.describe()
-        if cost.relax(per_unit, overhead):
+        was = (cost.per_unit_s, cost.overhead_s)
+        if cost.relax(*probe.fit(medians)):
             relaxed = True
             log.info("%s %s: timed faster while idle: %.4g s a unit + %.4g s a batch (was %.4g + %.4g)", model.entry.label, graph,
-                     cost.per_unit_s, cost.overhead_s, before["seconds_per_unit"], before["batch_overhead_seconds"])
+                     cost.per_unit_s, cost.overhead_s, *was)
     if relaxed:
         model.limits = derive_limits(model, registry.settings, registry.settings.memory_budget)
         log.info("%s: limits now %s", model.entry.label, model.limits.describe())
