@@ -20,13 +20,15 @@
 #     ceiling (target >= 85 %).
 # All five overrun one 600 s call: run them as two, e.g. STEPS="dcgan sr-graphs" then STEPS="sr onnx style".
 # A capture that fails on the card fails its model's load, so step 1 or 2 ends early; the next step still runs.
-# Dry run on a CPU machine: PYTHON=.venv/bin/python DURATION=2 OUT=/tmp/gs bash bench/gpu_session.sh
+# Dry run on a CPU machine: PYTHON=.venv/bin/python DURATION=2 OUT=/tmp/gs bash bench/gpu_session.sh (with no
+# nvidia-smi, steps 1 and 2 capture nothing: CUDA graphs fail a model's load on a CPU, and the run would prove nothing else).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 DURATION=${DURATION:-6}
 STEPS=${STEPS:-dcgan sr-graphs sr onnx style}
 OUT=${OUT:-bench/results/gpu-session}
+if command -v nvidia-smi >/dev/null; then CAPTURE=${CAPTURE:-cuda_graphs}; else CAPTURE=${CAPTURE:-none}; fi
 mkdir -p "$OUT"
 if [ -d .whl ]; then
     $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -43,12 +45,12 @@ step() {  # a step that overruns its share is cut, and the next one still runs
     timeout "$limit" $PYTHON -m ganserve_cli "$@" 2>&1 | tee -a "$OUT/tables.txt" | tail -40
 }
 wanted() { [[ " $STEPS " == *" $1 "* ]]; }
-wanted dcgan && step 260 bench --model dcgan-digits --runtime torchscript --graph-capture cuda_graphs --concurrency 1,16,64 --duration "$DURATION" \
+wanted dcgan && step 260 bench --model dcgan-digits --runtime torchscript --graph-capture "$CAPTURE" --concurrency 1,16,64 --duration "$DURATION" \
     --workers 8 --threads 1 --out "$OUT/dcgan-torchscript-cuda-graphs.json"
 export GANSERVE_UPSCALE_TILE=256 GANSERVE_UPSCALE_OVERLAP=0  # a 256 px frame is one tile: uint8 on the device, no padding of 9 tiles up to 16
 # --max-batch-size 16: frames of one tile batch up to the 16 clients; a captured graph per batch size up to 64 of
 # 1024 px outputs would cost warm-up time and tens of GB for batches the run never forms
-wanted sr-graphs && step 180 bench-upscale --model sr-rrdb-x4 --runtime torchscript --graph-capture cuda_graphs --size 256 --format jpeg \
+wanted sr-graphs && step 180 bench-upscale --model sr-rrdb-x4 --runtime torchscript --graph-capture "$CAPTURE" --size 256 --format jpeg \
     --concurrency 1,4,16 --max-batch-size 16 --duration "$((DURATION + 2))" --out "$OUT/upscale-torchscript-cuda-graphs.json"
 wanted sr && step 80 bench-upscale --model sr-rrdb-x4 --runtime torchscript --size 256 --format jpeg --concurrency 1,16 --max-batch-size 16 \
     --duration "$DURATION" --out "$OUT/upscale-torchscript.json"

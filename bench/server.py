@@ -40,15 +40,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def never_ready(readiness: dict) -> list[str]:
+    """The failed models of a 503 readiness answer once nothing is loading any more: the server
+    will not become ready without an operator (where its rule had been met, it would say 200)."""
+    states = readiness.get("models") or {}
+    if not states or any(state == "loading" for state in states.values()):
+        return []
+    return [model for model, state in states.items() if state == "failed"]
+
+
 def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    """Until /health/ready answers 200; the server's own log tail in the error when it dies."""
+    """Until /health/ready answers 200; the server's own log tail in the error when it dies, or
+    at once when a model it requires failed to load (a benchmark on a lent GPU must not wait out
+    the timeout for a server that cannot become ready)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}: {log.read_text(errors='replace')[-2000:]}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            answer = httpx.get(f"{url}/health/ready", timeout=1)
+            if answer.status_code == 200:
                 return
+            if failed := never_ready(answer.json()):
+                raise RuntimeError(f"server cannot become ready: {', '.join(failed)} failed to load: {log.read_text(errors='replace')[-2000:]}")
         time.sleep(0.05)
     raise TimeoutError(f"server never became ready in {timeout:.0f} s")
 
