@@ -73,19 +73,23 @@ class GraphCost:
             self.correction = (1 - weight) * self.correction + weight * ratio
 
     def relax(self, per_unit_s: float, overhead_s: float, margin: float = 0.9) -> bool:
-        """Adopts a later fit where it is no slower at any warmed shape and faster than `margin` of
-        the current one at one of them; answers whether it did.
+        """Adopts a later fit where it is no slower at the smallest warmed shape nor per unit (so
+        at no size from there up) and faster than `margin` of the current one at a warmed shape;
+        answers whether it did.
 
         Only ever faster: the fit is what a batch costs on an idle lane, the figure the limits
         (413, permanent) are derived from, and a measurement can only be slowed by contention. So
-        a request accepted once is never refused as too large later. The correction (observed over
+        a request accepted once is never refused as too large later. Per unit, not only at the
+        warmed shapes: the limits extrapolate the fit far past them (an upscale's 29 tiles from
+        warm-up's 1 and 2), and a fit with less overhead but more per unit, faster at both warmed
+        shapes, once took sr's limit from 416 to 336 px. The correction (observed over
         estimated) is rescaled to the new fit and capped at 1: the idle lane has just measured the
         fit, so batches that ran slower than it (on the busy machine) no longer count, while
         batches that ran faster still than it still do."""
         ends = (self.warmed[0], self.warmed[-1]) if self.warmed else (1.0,)
         before = [self.batch_seconds(units, corrected=False) for units in ends]
         after = [overhead_s + per_unit_s * units for units in ends]
-        if any(a > b for a, b in zip(after, before)) or not any(a < margin * b for a, b in zip(after, before)):
+        if per_unit_s > self.per_unit_s or any(a > b for a, b in zip(after, before)) or not any(a < margin * b for a, b in zip(after, before)):
             return False
         self.correction = min(1.0, self.correction * before[-1] / after[-1])
         self.per_unit_s, self.overhead_s = per_unit_s, overhead_s
@@ -136,6 +140,13 @@ def measure_cost(run: Callable[[dict[str, np.ndarray]], np.ndarray], make_inputs
     a 256² StyleGAN2 would cost a CPU minutes of start-up). Each shape's first run gives the peak
     memory it added; an allocator that keeps an arena has then already grown for the smallest
     shape, so a larger shape's growth is divided by the units it added, not all of its units.
+    Where a larger shape ran, the memory per unit is that growth alone: the smallest shape's
+    first run is also the graph's first run ever, and what it adds is mostly paid once
+    (TorchScript's profiling runs, thread pools, the runtime's lazily loaded kernels: measured
+    24.6 MiB "per image" for the 32² cDCGAN in TorchScript, against about 1 MiB from the 64-image run),
+    which charged to every unit made a 64-image request need 1.5 GiB and refused it (413) where
+    the memory budget is shared by `--workers` fronts. A graph warmed at one shape only keeps
+    that shape's figure: the only one measured, and too high rather than too low.
     `runs_per_shape` > 1 runs every warmed shape that often (TorchScript on a GPU re-optimises a
     graph over its first calls at each new shape: no request should pay for that). `prepare`
     runs each shape once before its memory is measured: a runtime that captures a graph per shape
@@ -143,10 +154,9 @@ def measure_cost(run: Callable[[dict[str, np.ndarray]], np.ndarray], make_inputs
     the model's items."""
     shapes = sorted(shapes, key=lambda shape: shape[1])
     (small, small_units) = shapes[0]
-    bytes_per_unit = 0
+    per_unit_bytes: list[float] = []  # one per first run: the smallest shape's, then the larger ones'
 
     def first_run(key: K, units: float, added_units: float) -> None:
-        nonlocal bytes_per_unit
         inputs = make_inputs(key)
         if prepare is not None:
             prepare(inputs)
@@ -154,7 +164,8 @@ def measure_cost(run: Callable[[dict[str, np.ndarray]], np.ndarray], make_inputs
         for _ in range(runs_per_shape - 1):
             run(inputs)
         added = added if added is not None else fallback_bytes(inputs, output)
-        bytes_per_unit = max(bytes_per_unit, math.ceil(added / max(added_units, 1e-9) * MEMORY_MARGIN))
+        own = sum(a.nbytes for a in inputs.values()) + output.nbytes  # an item's own arrays: never less than these
+        per_unit_bytes.append(max(added / max(added_units, 1e-9), own / units))
 
     def timed(key: K) -> float:
         inputs = make_inputs(key)
@@ -166,6 +177,7 @@ def measure_cost(run: Callable[[dict[str, np.ndarray]], np.ndarray], make_inputs
     for key, units in reversed(fitting):  # largest first: later ones reuse what it allocated
         first_run(key, units, units - small_units)
     warmed = (small_units, *(units for _, units in fitting))
+    bytes_per_unit = math.ceil(max(per_unit_bytes[1:] or per_unit_bytes) * MEMORY_MARGIN)
     probe = CostProbe(run, make_inputs, ((small, small_units), *fitting[-1:]), repeats)
     per_unit, overhead = probe.fit([t_small, *(timed(key) for key, _ in fitting[-1:])])
     return GraphCost(per_unit, overhead, bytes_per_unit, reference_pixels, warmed=warmed), probe

@@ -42,7 +42,10 @@ def rss_bytes() -> int:
 def measure_peak(work: Callable[[], T]) -> tuple[T, int | None]:
     """Runs `work` and returns (its result, how far the process's peak RSS rose above the RSS
     before it). None where the peak cannot be reset (not Linux). Run it while nothing else
-    computes: the peak is the whole process's."""
+    computes: the peak is the whole process's. Free heap pages are handed back first: a run that
+    reused them (glibc serves even a large buffer from a free heap chunk before it maps new
+    memory) would need them without raising the peak, and be measured as needing nothing."""
+    trim()
     before = rss_bytes()
     try:
         CLEAR_REFS.write_text("5")  # resets VmHWM to the current RSS

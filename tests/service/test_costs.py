@@ -1,0 +1,63 @@
+"""What warm-up measures a graph's batches to cost (service/costs.py), on real allocations read
+off the process's peak resident memory."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.costs import measure_cost
+from service.memory import measure_peak, return_freed_memory_to_the_os
+
+MIB = 2**20
+
+
+def graph_paying_once(first_run_mib: int, per_item_mib: int):
+    """A graph whose first run ever keeps `first_run_mib` for good (a runtime's lazily loaded
+    kernels, TorchScript's profiling runs) and whose every run holds `per_item_mib` an item while
+    it computes."""
+    kept: list[np.ndarray] = []
+
+    def run(inputs: dict[str, np.ndarray]) -> np.ndarray:
+        if not kept:
+            kept.append(np.ones(first_run_mib * MIB // 8))
+        work = np.ones((len(inputs["z"]), per_item_mib * MIB // 8))
+        return work[:, :4].astype(np.float32)
+
+    return run
+
+
+def batch_of(size: int) -> dict[str, np.ndarray]:
+    return {"z": np.zeros((size, 8), np.float32)}
+
+
+@pytest.fixture(autouse=True)
+def allocator_as_the_server_sets_it():
+    """The server sends every buffer of 1 MiB or more to mmap (service/memory.py); without that,
+    glibc serves them from heap pages an earlier free left resident, and no run adds anything."""
+    if measure_peak(lambda: None)[1] is None:
+        pytest.skip("the peak resident memory cannot be reset here (not Linux)")
+    return_freed_memory_to_the_os()
+
+
+def test_what_a_graphs_first_run_keeps_is_not_charged_to_every_unit():
+    """64 MiB paid once and 1 MiB an item: a 64-image request costs ~64 MiB, not 64 x 65 (which
+    refused it, 413, where `--workers` fronts share the budget)."""
+    cost, _ = measure_cost(graph_paying_once(64, 1), batch_of, [(1, 1.0), (8, 8.0)], None, repeats=1)
+    assert cost.warmed == (1.0, 8.0)
+    assert 1 * MIB <= cost.bytes_per_unit <= 2 * MIB, cost.bytes_per_unit / MIB
+
+
+def test_a_graph_warmed_at_one_shape_keeps_that_shapes_whole_figure():
+    """Nothing to tell what was paid once from what each run needs: too high, never too low."""
+    cost, _ = measure_cost(graph_paying_once(64, 1), batch_of, [(1, 1.0)], None, repeats=1)
+    assert cost.bytes_per_unit >= 65 * MIB
+
+
+def test_an_items_own_arrays_are_the_least_it_is_charged():
+    """A run whose buffers the allocator already holds adds no resident memory; its inputs and
+    output still exist while it computes."""
+    def run(inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return np.zeros((len(inputs["z"]), 3, 64, 64), np.float32)
+
+    cost, _ = measure_cost(run, lambda size: {"z": np.zeros((size, 512), np.float32)}, [(1, 1.0), (4, 4.0)], None, repeats=1)
+    assert cost.bytes_per_unit >= 3 * 64 * 64 * 4 + 512 * 4
