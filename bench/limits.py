@@ -27,8 +27,11 @@ from bench.server import launched_server
 
 
 def start_loops(count: int) -> list[subprocess.Popen]:
-    """`count` processes that spin a core each until `stop`ped."""
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    """`count` processes that spin a core each until `stop`ped, each in its own session like
+    another tenant's: with the kernel's autogroup scheduling (on by default) CPU time is shared
+    between sessions first, so loops in the caller's session would slow a server that runs in
+    the same session but not a `--workers` engine, which runs in its own."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True) for _ in range(count)]
 
 
 @contextlib.contextmanager

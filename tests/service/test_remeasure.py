@@ -2,14 +2,12 @@
 rule on a cost, and a server that warmed while other processes loaded the CPU, then was left alone."""
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import time
 
-import httpx
-
 import numpy as np
+import pytest
 from PIL import Image
 
 from bench.limits import start_loops, stop
@@ -23,6 +21,7 @@ def test_a_faster_fit_is_adopted_and_a_slower_one_never():
     assert not cost.relax(0.6, 0.0)  # slower: a busier moment never tightens the limits
     assert not cost.relax(0.29, 0.01)  # within the 10 % margin: noise, not news
     assert not cost.relax(0.1, 0.5)  # faster per unit but slower at one warmed shape
+    assert not cost.relax(0.31, 0.0)  # faster at both warmed shapes but not per unit: limits past them would tighten
     assert cost.relax(0.1, 0.01)
     assert (cost.per_unit_s, cost.overhead_s, cost.relaxed) == (0.1, 0.01, 1)
     assert cost.correction == 1.0  # no batches since warm-up: the new fit stands as measured
@@ -43,15 +42,16 @@ def square_png(side: int) -> bytes:
     return buffer.getvalue()
 
 
-def wait_until_live(server) -> None:
+def wait_until_loading(server) -> None:
+    """Until the process that loads the models (the server, or its `--workers` engine) has
+    imported and begun (its log says which encoders it measured, the step before the models)."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{server.url}/health/live", timeout=1).status_code == 200:
-                return
+        if "encoders:" in server.process.log_path.read_text(errors="replace"):
+            return
         assert server.process.poll() is None, "the server died"
         time.sleep(0.02)
-    raise TimeoutError("never live")
+    raise TimeoutError("never began loading")
 
 
 def upx4_costs(client) -> tuple[dict, dict]:
@@ -59,13 +59,15 @@ def upx4_costs(client) -> tuple[dict, dict]:
     return version["limits"], version["costs"]["model"]
 
 
-def test_an_upscale_refused_after_a_busy_warm_up_is_served_once_the_idle_server_has_timed_its_model_again(repository):
+@pytest.mark.parametrize("workers", [1, 2], ids=["one process", "engine and two fronts"])
+def test_an_upscale_refused_after_a_busy_warm_up_is_served_once_the_idle_server_has_timed_its_model_again(repository, workers):
     """Three busy loops per core while the server warms: its tiles time several times slower and
     the largest upload it accepts shrinks with them. Once the loops stop and the server has been
     idle for a second, it times upx4 again, adopts the faster fit, and an image it refused as over
-    its limit is upscaled."""
-    with running_server(repository, wait=False, models=["upx4"], remeasure_idle_s=1, request_timeout_s=2) as server, server.client() as client:
-        wait_until_live(server)  # imported: the loops start as it loads and warms
+    its limit is upscaled. With `--workers 2` the engine re-measures and the fronts, which refuse
+    a 413 before anything reaches the engine, take its new limits from its snapshots."""
+    with running_server(repository, wait=False, models=["upx4"], remeasure_idle_s=1, request_timeout_s=2, workers=workers) as server, server.client() as client:
+        wait_until_loading(server)  # imported: the loops start as it loads and warms
         loops = start_loops(3 * (os.cpu_count() or 1))
         try:
             wait_ready(server.url, server.process, server.process.log_path)
