@@ -10,7 +10,6 @@ import pickle
 import time
 import warnings
 import zipfile
-from pathlib import Path
 
 import pytest
 import torch

@@ -290,7 +290,7 @@ def test_the_model_listing_states_each_models_limits(shipped):
 
 
 def test_connections_past_the_cap_get_a_json_503_and_are_closed(repository):
-    with running_server(repository, max_connections=4, header_timeout_s=30) as server:
+    with running_server(repository, max_connections=4, header_timeout_s=30, models=["digits"]) as server:
         host, port = server.url.removeprefix("http://").split(":")
         held = [socket.create_connection((host, int(port))) for _ in range(4)]
         try:

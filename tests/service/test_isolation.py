@@ -26,7 +26,7 @@ def test_a_dcgan_generate_answers_quickly_while_heavy_translates_occupy_their_ow
     one thread); DCGAN generates beside them wait for their own lane only. Before lanes they
     waited behind every translate (3.2 s p50)."""
     big = png(768, 768)
-    with running_server(SHIPPED) as server, server.client(timeout=60) as client:
+    with running_server(SHIPPED, models=["cyclegan-thin2thick", "dcgan-digits"]) as server, server.client(timeout=60) as client:
         stop = threading.Event()
         translated = []
 
@@ -56,7 +56,7 @@ def test_a_burst_that_cannot_finish_before_its_deadline_is_refused_up_front_not_
     """32 upscales at once against a 3-second deadline: the lane takes what it can finish in
     time; the rest get 503 with a Retry-After at once, and nobody waits 3 s for a 504."""
     small = png(32, 32)
-    with running_server(SHIPPED, request_timeout_s=3) as server:
+    with running_server(SHIPPED, request_timeout_s=3, models=["sr-rrdb-x4"]) as server:
         def upscale(_) -> tuple[int, float, str | None]:
             with server.client(timeout=30) as client:
                 started = time.perf_counter()
