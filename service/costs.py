@@ -112,6 +112,20 @@ class CostProbe:
     points: tuple[tuple[object, float], ...]  # (shape key, units)
     repeats: int
 
+    def order(self) -> list[int]:
+        """The points' indices in the order they are timed: `repeats` rounds of every point, so
+        that both ends of the fit see the same moments of a machine whose load changes (timed
+        one after the other under contention, a CycleGAN's batch of one came out slowed more
+        than its batch of four: a fit with less time per unit than the quiet machine's)."""
+        return [index for _ in range(self.repeats) for index in range(len(self.points))]
+
+    def fit_runs(self, seconds: list[float]) -> tuple[float, float]:
+        """`fit` through each point's median over runs timed in `order()`."""
+        by_point: list[list[float]] = [[] for _ in self.points]
+        for index, elapsed in zip(self.order(), seconds):
+            by_point[index].append(elapsed)
+        return self.fit([statistics.median(times) for times in by_point])
+
     def fit(self, seconds: list[float]) -> tuple[float, float]:
         """(seconds per unit, batch overhead) through the points' measured times (one per point):
         the smallest shape's and, where there is one, the largest's."""
@@ -179,7 +193,11 @@ def measure_cost(run: Callable[[dict[str, np.ndarray]], np.ndarray], make_inputs
     warmed = (small_units, *(units for _, units in fitting))
     bytes_per_unit = math.ceil(max(per_unit_bytes[1:] or per_unit_bytes) * MEMORY_MARGIN)
     probe = CostProbe(run, make_inputs, ((small, small_units), *fitting[-1:]), repeats)
-    per_unit, overhead = probe.fit([t_small, *(timed(key) for key, _ in fitting[-1:])])
+    if fitting:  # the two ends timed again, in turns
+        inputs = [make_inputs(key) for key, _ in probe.points]
+        per_unit, overhead = probe.fit_runs([time_run(run, inputs[index]) for index in probe.order()])
+    else:
+        per_unit, overhead = probe.fit([t_small])
     return GraphCost(per_unit, overhead, bytes_per_unit, reference_pixels, warmed=warmed), probe
 
 

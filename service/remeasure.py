@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import statistics
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -54,19 +53,16 @@ def server_busy(registry: "ModelRegistry") -> bool:
             or any(model.lane is not None and model.lane.pending for model in registry.all_models()))
 
 
-async def time_points(registry: "ModelRegistry", model: "LoadedModel", probe: CostProbe) -> list[float] | None:
-    """The median time of each of the probe's shapes, each run alone on the model's lane; None
+async def time_runs(registry: "ModelRegistry", model: "LoadedModel", probe: CostProbe) -> list[float] | None:
+    """The probe's runs in its order (its shapes in turns), each alone on the model's lane; None
     as soon as other work appears."""
-    medians = []
-    for key, _ in probe.points:
-        inputs = probe.make_inputs(key)
-        times = []
-        for _ in range(probe.repeats):
-            if server_busy(registry) or model.lane is None or not model.ready:
-                return None
-            times.append(await model.lane.run(time_run, probe.run, inputs))
-        medians.append(statistics.median(times))
-    return medians
+    inputs = [probe.make_inputs(key) for key, _ in probe.points]
+    seconds = []
+    for index in probe.order():
+        if server_busy(registry) or model.lane is None or not model.ready:
+            return None
+        seconds.append(await model.lane.run(time_run, probe.run, inputs[index]))
+    return seconds
 
 
 async def remeasure(registry: "ModelRegistry", model: "LoadedModel") -> str:
@@ -77,11 +73,11 @@ async def remeasure(registry: "ModelRegistry", model: "LoadedModel") -> str:
         cost = model.costs.get(graph)
         if cost is None:
             continue
-        medians = await time_points(registry, model, probe)
-        if medians is None:
+        seconds = await time_runs(registry, model, probe)
+        if seconds is None:
             return "interrupted"
         was = (cost.per_unit_s, cost.overhead_s)
-        if cost.relax(*probe.fit(medians)):
+        if cost.relax(*probe.fit_runs(seconds)):
             relaxed = True
             log.info("%s %s: timed faster while idle: %.4g s a unit + %.4g s a batch (was %.4g + %.4g)", model.entry.label, graph,
                      cost.per_unit_s, cost.overhead_s, *was)

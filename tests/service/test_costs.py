@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.costs import measure_cost
+from service.costs import CostProbe, measure_cost
 from service.memory import measure_peak, return_freed_memory_to_the_os
 
 MIB = 2**20
@@ -61,3 +61,15 @@ def test_an_items_own_arrays_are_the_least_it_is_charged():
 
     cost, _ = measure_cost(run, lambda size: {"z": np.zeros((size, 512), np.float32)}, [(1, 1.0), (4, 4.0)], None, repeats=1)
     assert cost.bytes_per_unit >= 3 * 64 * 64 * 4 + 512 * 4
+
+
+def test_both_ends_of_a_fit_are_timed_in_turns():
+    """A machine whose load fades while a graph is timed slows both ends of its fit alike, so
+    the fit keeps its shape (timed one end after the other, the batch of one took the busy
+    moments: a batch overhead and a third of the time per unit, optimistic for large requests)."""
+    probe = CostProbe(run=lambda inputs: inputs["z"], make_inputs=batch_of, points=((1, 1.0), (4, 4.0)), repeats=3)
+    assert probe.order() == [0, 1, 0, 1, 0, 1]
+    fading = [3, 3, 2, 2, 1, 1]
+    seconds = [probe.points[index][1] * 0.01 * load for index, load in zip(probe.order(), fading)]
+    per_unit, overhead = probe.fit_runs(seconds)
+    assert per_unit == pytest.approx(0.02) and overhead == pytest.approx(0.0)
