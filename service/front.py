@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-from service import memory
 from service.batcher import RequestState, ShuttingDown
 from service.engine_link import EngineSnapshot, MessageProtocol, ModelSnapshot, decode_error
 from service.errors import ApiError
@@ -278,11 +277,6 @@ class FrontRegistry(ModelRegistry):
         self.settle_memory()
         self.loaded_event.set()
         self.polling = asyncio.create_task(self.follow_engine(), name="engine-snapshots")
-
-    def settle_memory(self) -> None:
-        """A front's share of the memory budget: the fronts and the engine split it evenly."""
-        memory.freeze_resident_objects()
-        self.memory.set_capacity(self.settings.memory_budget // (self.fronts + 1) - memory.rss_bytes())
 
     async def follow_engine(self) -> None:
         while self.client.connected:

@@ -46,16 +46,18 @@ class ServiceMetrics:
         self.streams_open = Gauge("ganserve_streams_open", "Open upscale streams", ("model",), registry=r, multiprocess_mode="livesum")
         self.stream_fps = Gauge("ganserve_stream_fps", "Frames answered per second by one open stream (the spacing of its answers over the last 5 s)", ("model", "stream"), registry=r, multiprocess_mode="liveall")
         self.stream_latency = Gauge("ganserve_stream_latency_seconds", "One open stream's frame latency over its last 256 frames", ("model", "stream", "quantile"), registry=r, multiprocess_mode="liveall")
-        # the memory budget (service/memory.py), as of this process's last scrape: what admitted
-        # requests may hold, and what they hold now (bodies, batches, answers not yet read by their clients)
-        self.memory_budget = Gauge("ganserve_memory_budget_bytes", "Bytes admitted requests may hold at once (the budget less what the loaded models hold)",
-                                   registry=r, multiprocess_mode="liveall")
+        # the memory budget (service/memory.py): what admitted requests may hold, and what they hold
+        # now (bodies, batches, answers not yet read by their clients). Under --workers the budget is
+        # the server's, shared by its processes, and every process reports the same two figures:
+        # the scrape shows the most recent of them (at most STATE_REFRESH_S old), one series
+        self.memory_budget = Gauge("ganserve_memory_budget_bytes", "Bytes admitted requests may hold at once (the budget less what the server's processes hold resident)",
+                                   registry=r, multiprocess_mode="livemostrecent")
         self.memory_reserved = Gauge("ganserve_memory_reserved_bytes", "Bytes admitted requests hold now, unread answers included",
-                                     registry=r, multiprocess_mode="liveall")
+                                     registry=r, multiprocess_mode="livemostrecent")
         self.gpu_memory = Gauge("ganserve_gpu_memory_bytes", "GPU memory allocated by this process", ("device",), registry=r, multiprocess_mode="liveall")
 
     def record_process_state(self, capacity: int, used: int, device: str) -> None:
-        """This process's memory budget, what admitted requests hold, and its GPU memory: read
+        """The memory budget, what admitted requests hold, and this process's GPU memory: read
         where they live, so set at every scrape and, for the processes a scrape does not reach
         (a `--workers` engine, the fronts that did not answer it), every `STATE_REFRESH_S` by
         `refresh_process_state` (before, an engine's series read 0 and an unscraped front's was stale)."""

@@ -154,13 +154,22 @@ def relative_message(error: BaseException, settings: Settings) -> str:
     return text
 
 
+def memory_budget_for(settings: Settings) -> memory.MemoryBudget:
+    """This process's budget, or under `--workers N` the server's, shared with its other processes
+    through the table the supervisor made (service/workers.py)."""
+    if settings.role != "single" and settings.engine_dir is not None:
+        table = memory.SharedBudgetTable(settings.engine_dir / memory.SHARED_BUDGET_FILE)
+        return memory.SharedMemoryBudget(table, settings.worker_slot, settings.memory_budget, memory.rss_bytes())
+    return memory.MemoryBudget(settings.memory_budget, memory.rss_bytes())
+
+
 class ModelRegistry:
     def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
         self.settings = settings
         self.metrics = metrics
         self.device = resolve_device(settings.device)
         self.encoders = ThreadPoolExecutor(settings.encoder_threads, thread_name_prefix="encode")
-        self.memory = memory.MemoryBudget(max(0, settings.memory_budget - memory.rss_bytes()))
+        self.memory = memory_budget_for(settings)
         self.models: dict[str, dict[int, LoadedModel]] = {}
         self.jobs = JobStore(settings.max_jobs, settings.max_job_seconds)
         self.loaded_event = asyncio.Event()  # set once every entry has been tried
@@ -240,7 +249,7 @@ class ModelRegistry:
         objects are moved out of the garbage collector's sight (memory.freeze_resident_objects)."""
         memory.freeze_resident_objects()
         memory.trim()
-        self.memory.set_capacity(self.settings.memory_budget - memory.rss_bytes())
+        self.memory.set_resident(memory.rss_bytes())
         log.info("memory: %.0f MiB resident after loading; %.0f MiB of the %.0f MiB budget left for requests",
                  memory.rss_bytes() / 2**20, self.memory.capacity / 2**20, self.settings.memory_budget / 2**20)
 

@@ -106,7 +106,8 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, le=64)
     # set by the supervisor of `--workers N` for its children, never by hand
     role: Literal["single", "engine", "front"] = "single"
-    engine_dir: Path | None = None  # the children's private directory: link and HTTP sockets
+    engine_dir: Path | None = None  # the children's private directory: link and HTTP sockets, the shared memory budget
+    worker_slot: int = Field(0, ge=0)  # the child's slot in the shared memory budget: the engine 0, the fronts 1 … N
 
     @model_validator(mode="after")
     def check_tiles(self) -> "Settings":

@@ -13,6 +13,8 @@ This process only starts, watches and stops them:
   their items are still computed by the engine), then to the engine (it drains), then exits;
 - a front that dies is started again (it takes connections only once it mirrors the engine's
   loaded models: service/worker_process.py); if the engine dies the server stops (exit status 1);
+- the memory budget is one for the whole server: every child maps the table made here
+  (service/memory.py: SharedBudgetTable), and a dead front's reservations are cleared from it;
 - PROMETHEUS_MULTIPROC_DIR is a fresh directory set before the children import prometheus-client,
   and a dead child's live gauges are dropped from it.
 """
@@ -30,15 +32,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from service.memory import SHARED_BUDGET_FILE, SharedBudgetTable
 from service.settings import Settings
 
 log = logging.getLogger("ganserve.workers")
 POLL_S = 0.2
 
 
-def child_command(role: str, settings: Settings, replacement: bool = False) -> list[str]:
+def child_command(role: str, settings: Settings, slot: int, replacement: bool = False) -> list[str]:
     overrides = json.loads(settings.model_dump_json())
-    overrides["role"] = role
+    overrides["role"], overrides["worker_slot"] = role, slot
     return [sys.executable, "-m", "service.worker_process", json.dumps(overrides)] + (["--replacement"] if replacement else [])
 
 
@@ -61,20 +64,21 @@ class Supervisor:
         metrics_dir.mkdir()
         self.claim = port_socket(settings.host, settings.port)
         self.settings = settings.model_copy(update={"engine_dir": self.run_dir, "port": self.claim.getsockname()[1]})
+        self.budget = SharedBudgetTable.create(self.run_dir / SHARED_BUDGET_FILE, slots=settings.workers + 1)
         self.env = os.environ | {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
         self.engine: subprocess.Popen | None = None
         self.fronts: list[subprocess.Popen] = []
         self.stopping = False
 
-    def spawn(self, role: str, replacement: bool = False) -> subprocess.Popen:
-        return subprocess.Popen(child_command(role, self.settings, replacement), env=self.env, start_new_session=True)
+    def spawn(self, role: str, slot: int, replacement: bool = False) -> subprocess.Popen:
+        return subprocess.Popen(child_command(role, self.settings, slot, replacement), env=self.env, start_new_session=True)
 
     def run(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self.request_stop)
         log.info("serving on %s:%d with %d front processes and one engine", self.settings.host, self.settings.port, self.settings.workers)
-        self.engine = self.spawn("engine")
-        self.fronts = [self.spawn("front") for _ in range(self.settings.workers)]
+        self.engine = self.spawn("engine", slot=0)
+        self.fronts = [self.spawn("front", slot=i + 1) for i in range(self.settings.workers)]
         status = 0
         try:
             while not self.stopping:
@@ -87,7 +91,8 @@ class Supervisor:
                     if front.poll() is not None and not self.stopping:
                         log.error("front process %d exited (status %s): starting another", front.pid, front.returncode)
                         self.forget(front.pid)
-                        self.fronts[i] = self.spawn("front", replacement=True)
+                        self.budget.clear(slot=i + 1)  # what it had reserved died with it
+                        self.fronts[i] = self.spawn("front", slot=i + 1, replacement=True)
         finally:
             self.stop()
         return status

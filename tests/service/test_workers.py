@@ -58,9 +58,20 @@ def photo_png(height: int, width: int) -> bytes:
     return buffer.getvalue()
 
 
+WORKERS_BUDGET = 5 * 10**9  # bytes: a third of it is less than a request at a translation model's largest side needs
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 @pytest.fixture(scope="module")
 def workers(repository):
-    with running_server(repository, workers=2, max_batch_size=16, max_queue_delay_ms=5) as running:
+    with running_server(repository, workers=2, max_batch_size=16, max_queue_delay_ms=5, memory_budget=WORKERS_BUDGET,
+                        max_translate_pixels=4096 * 4096) as running:
         # the moment one front has answered ready: what fresh connections (either front) answer now
         running.first_answers = [httpx.get(f"{running.url}/health/ready").status_code for _ in range(24)]
         yield running
@@ -181,16 +192,35 @@ def test_metrics_count_the_fronts_requests_and_the_engines_batches(workers):
     assert workers.metric("ganserve_compute_duration_seconds_count", model="cdigits", operation="generate") >= 1
 
 
-def test_every_process_reports_its_own_memory_budget_whichever_front_is_scraped(workers):
-    """The engine's series read 0 and a front's only moved when that front answered a scrape:
-    each process now keeps its gauges current itself."""
+def test_the_memory_budget_is_the_servers_and_every_process_reports_it(workers):
+    """One budget over the engine and every front (service/memory.py: SharedMemoryBudget), less what
+    each of them holds resident; whichever process a scrape reaches, one series (each process
+    refreshes it every second: an engine's series once read 0 and an unscraped front's went stale)."""
     time.sleep(1.5)  # a refresh period
-    budgets = {}
-    for line in httpx.get(f"{workers.url}/metrics").text.splitlines():
-        if line.startswith("ganserve_memory_budget_bytes{"):
-            budgets[int(line.split('pid="')[1].split('"')[0])] = float(line.rsplit(" ", 1)[1])
-    assert set(children(workers.process.pid)) <= set(budgets), budgets
-    assert all(budgets[pid] > 0 for pid in children(workers.process.pid)), budgets
+    for _ in range(4):  # fresh connections: the fronts take turns
+        series = [line for line in httpx.get(f"{workers.url}/metrics").text.splitlines()
+                  if line.startswith("ganserve_memory_budget_bytes")]
+        assert len(series) == 1, series
+        budget = float(series[0].rsplit(" ", 1)[1])
+        fronts = [pid for pid, role in children(workers.process.pid).items() if role == "front"]
+        assert WORKERS_BUDGET / 3 < budget < WORKERS_BUDGET - sum(rss_bytes(pid) for pid in fronts)
+
+
+def test_a_front_admits_a_request_larger_than_its_share_of_the_budget(workers):
+    """Each front used to admit against 1/(N+1) of GANSERVE_MEMORY_BUDGET, so a request that one
+    process serves was refused 413 under --workers. The largest side a translation model takes is
+    where a request needs half the budget; at 0.9 of it, ~0.4 of the budget — more than a third."""
+    with workers.client(timeout=120) as client:
+        limits = client.get("/v1/models").json()
+        limits = next(model["limits"] for model in limits["models"] if model["name"] == "edges")
+        side = int(limits["max_input_side"] * 0.9)
+        assert limits["max_input_side"] < 4096, limits  # below GANSERVE_MAX_TRANSLATE_PIXELS: memory set it (time allows far more)
+        ramp = np.linspace(0, 255, side, dtype=np.float32)
+        image = np.stack([np.add.outer(ramp, ramp) / 2] * 3, axis=-1).astype(np.uint8)  # smooth: a small PNG
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        response = client.post("/v1/models/edges/translate", files={"file": ("ramp.png", buffer.getvalue(), "image/png")})
+    assert png_pixels(response).shape[:2] == (side, side)
 
 
 def test_a_front_that_dies_is_replaced_and_the_server_keeps_answering(workers):

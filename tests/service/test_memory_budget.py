@@ -1,0 +1,119 @@
+"""The memory budget shared by the processes of `ganserve serve --workers N`: what one process has
+reserved is seen by every other before it admits, two processes racing for the last bytes never
+both get them, and a dead process's reservations can be cleared. Real processes, one table file."""
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from service.memory import MemoryBudget, OverBudget, SharedBudgetTable, SharedMemoryBudget
+
+MiB = 2**20
+
+
+def run_in_process(table: Path, slot: int, total: int, code: str) -> subprocess.Popen:
+    """Another process with its own SharedMemoryBudget on the same table, running `code` (which sees `budget`)."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from service.memory import OverBudget, SharedBudgetTable, SharedMemoryBudget
+        MiB = 2**20
+        budget = SharedMemoryBudget(SharedBudgetTable(Path({str(table)!r})), {slot}, {total}, resident=0)
+    """) + textwrap.dedent(code)
+    return subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def test_what_one_process_reserves_every_other_sees_before_it_admits(tmp_path):
+    table = SharedBudgetTable.create(tmp_path / "budget", slots=3)
+    here = SharedMemoryBudget(table, slot=0, total=100 * MiB, resident=10 * MiB)
+    other = run_in_process(tmp_path / "budget", 1, 100 * MiB, """
+        budget.set_resident(20 * MiB)
+        budget.try_reserve(50 * MiB)
+        print("held", flush=True)
+        sys.stdin.readline()
+        budget.release(50 * MiB)
+        print("released", flush=True)
+        sys.stdin.readline()
+    """)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        assert here.capacity == 70 * MiB  # 100 less both processes' resident bytes
+        assert here.used == 50 * MiB
+        with pytest.raises(OverBudget) as refused:
+            here.try_reserve(21 * MiB)
+        assert not refused.value.permanent  # it fits once the other process lets go: 503, not 413
+        here.try_reserve(20 * MiB)  # exactly what is left
+        other.stdin.write("\n")
+        other.stdin.flush()
+        assert other.stdout.readline().strip() == "released"
+        here.try_reserve(50 * MiB)
+        assert here.used == 70 * MiB
+        with pytest.raises(OverBudget) as never:
+            here.try_reserve(71 * MiB)
+        assert never.value.permanent  # more than the whole server could ever hold: 413
+    finally:
+        other.stdin.write("\n")
+        other.stdin.flush()
+        other.wait(timeout=30)
+
+
+def test_processes_racing_for_the_last_bytes_never_reserve_past_the_budget(tmp_path):
+    """Two processes reserve 1 KiB at a time until refused: together they hold the capacity
+    exactly, never more (the check and the reservation are one step under the table's lock)."""
+    table = SharedBudgetTable.create(tmp_path / "budget", slots=3)
+    total = 20_000 * 1024
+    racers = [run_in_process(tmp_path / "budget", slot, total, """
+        sys.stdin.readline()  # start together
+        count = 0
+        while True:
+            try:
+                budget.try_reserve(1024)
+            except OverBudget:
+                break
+            count += 1
+        print(count, flush=True)
+        sys.stdin.readline()
+    """) for slot in (1, 2)]
+    try:
+        for racer in racers:
+            racer.stdin.write("\n")
+            racer.stdin.flush()
+        counts = [int(racer.stdout.readline()) for racer in racers]
+        assert sum(counts) == 20_000, counts
+        assert all(count > 0 for count in counts), counts
+        assert table.reserved() == total
+    finally:
+        for racer in racers:
+            racer.stdin.write("\n")
+            racer.stdin.flush()
+            racer.wait(timeout=30)
+
+
+def test_a_dead_processes_reservations_are_cleared_and_a_replacement_starts_empty(tmp_path):
+    table = SharedBudgetTable.create(tmp_path / "budget", slots=2)
+    front = SharedMemoryBudget(table, slot=1, total=100 * MiB)
+    front.try_reserve(60 * MiB)
+    engine = SharedMemoryBudget(table, slot=0, total=100 * MiB)
+    with pytest.raises(OverBudget):
+        engine.try_reserve(41 * MiB)
+    table.clear(slot=1)  # what the supervisor does when the front dies
+    engine.try_reserve(41 * MiB)
+    engine.release(41 * MiB)
+    front.try_reserve(60 * MiB)
+    SharedMemoryBudget(table, slot=1, total=100 * MiB)  # its replacement takes the slot
+    assert table.reserved() == 0
+    with pytest.raises(ValueError):
+        SharedMemoryBudget(table, slot=2, total=100 * MiB)
+
+
+def test_one_process_budget_is_the_total_less_what_it_holds_resident():
+    budget = MemoryBudget(100 * MiB, resident=30 * MiB)
+    budget.try_reserve(70 * MiB)
+    with pytest.raises(OverBudget):
+        budget.try_reserve(1)
+    budget.set_resident(20 * MiB)  # models unloaded: room again
+    budget.try_reserve(10 * MiB)
+    budget.release(200 * MiB)  # never below nothing
+    assert budget.used == 0 and budget.capacity == 80 * MiB
