@@ -26,6 +26,8 @@ from service.memory import measure_peak
 # bytes a measurement may miss (allocator rounding, a copy the warm-up run did not make)
 MEMORY_MARGIN = 1.25
 FALLBACK_BYTES_PER_VALUE = 16  # where the peak cannot be read: 4 B floats, about 4 live copies
+# a fit is scaled down to what batches show once this many have run at under this share of it
+BATCHES_RELAX_MIN, BATCHES_RELAX_BELOW = 32, 0.8
 K = TypeVar("K")
 
 
@@ -38,6 +40,8 @@ class GraphCost:
     correction: float = 1.0  # observed / estimated over recent batches
     warmed: tuple[float, ...] = ()  # the shapes (in units: batch sizes for fixed-size graphs) run at warm-up
     relaxed: int = 0  # times an idle re-measure found it faster and replaced the fit (service/remeasure.py)
+    relaxed_by_batches: int = 0  # times the batches served ran faster than the fit for long enough to replace it
+    batches_since_fit: int = 0  # batches observed since the fit was measured or last replaced
 
     def units(self, inputs: dict[str, np.ndarray]) -> float:
         """An item's units: 1, or its pixels over the reference for dynamic-size graphs."""
@@ -67,6 +71,7 @@ class GraphCost:
 
     def observe(self, units: float, elapsed_s: float) -> None:
         estimated = self.batch_seconds(units, corrected=False)
+        self.batches_since_fit += 1
         if estimated > 0:
             ratio = min(50.0, max(0.2, elapsed_s / estimated))
             weight = 0.5 if ratio > self.correction else 0.2  # quick to turn pessimistic, slow to trust good news
@@ -86,6 +91,27 @@ class GraphCost:
         estimated) is rescaled to the new fit and capped at 1: the idle lane has just measured the
         fit, so batches that ran slower than it (on the busy machine) no longer count, while
         batches that ran faster still than it still do."""
+        if not self.adopt(per_unit_s, overhead_s, margin):
+            return False
+        self.relaxed += 1
+        return True
+
+    def relax_from_batches(self, below: float = BATCHES_RELAX_BELOW, min_batches: int = BATCHES_RELAX_MIN) -> bool:
+        """The fit scaled by what the batches served have shown, where for at least `min_batches`
+        they ran at under `below` of it (the correction, slow to trust good news). For a server
+        that warmed while the machine was busy and has never been idle long enough to be timed
+        again (`relax`): its traffic's own batches are the measurement. Scaled as a whole, the
+        new fit is faster at every size, so the same rule holds: limits only ever loosen. A
+        batch's time includes its wait for the lane and the copy of its outputs to the host, so
+        the correction errs slow, never fast."""
+        if self.batches_since_fit < min_batches or self.correction > below:
+            return False
+        if not self.adopt(self.per_unit_s * self.correction, self.overhead_s * self.correction, margin=1.0):
+            return False
+        self.relaxed_by_batches += 1
+        return True
+
+    def adopt(self, per_unit_s: float, overhead_s: float, margin: float) -> bool:
         ends = (self.warmed[0], self.warmed[-1]) if self.warmed else (1.0,)
         before = [self.batch_seconds(units, corrected=False) for units in ends]
         after = [overhead_s + per_unit_s * units for units in ends]
@@ -93,13 +119,13 @@ class GraphCost:
             return False
         self.correction = min(1.0, self.correction * before[-1] / after[-1])
         self.per_unit_s, self.overhead_s = per_unit_s, overhead_s
-        self.relaxed += 1
+        self.batches_since_fit = 0
         return True
 
     def describe(self) -> dict:
         return {"seconds_per_unit": round(self.per_unit_s, 6), "batch_overhead_seconds": round(self.overhead_s, 6),
                 "bytes_per_unit": self.bytes_per_unit, "unit_pixels": self.reference_pixels, "observed_over_measured": round(self.correction, 3),
-                "warmed_units": list(self.warmed), "relaxed_when_idle": self.relaxed}
+                "warmed_units": list(self.warmed), "relaxed_when_idle": self.relaxed, "relaxed_by_batches": self.relaxed_by_batches}
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ class ServiceMetrics:
         self.requests = Counter("ganserve_requests_total", "Requests by final HTTP status", LABELS + ("status",), registry=r)
         self.rejected = Counter("ganserve_rejected_total", "Requests or items refused or dropped", LABELS + ("reason",), registry=r)
         self.cost_remeasures = Counter("ganserve_cost_remeasures_total", "Idle re-timings of a model (relaxed: a faster fit and looser limits adopted; "
-                                       "kept; interrupted: a request arrived)", ("model", "version", "outcome"), registry=r)
+                                       "kept; interrupted: a request arrived; relaxed_by_batches: the fit scaled to the batches served, no re-timing)", ("model", "version", "outcome"), registry=r)
         self.padded_items = Counter("ganserve_padded_items_total", "Copies added to batches to reach a warmed batch size", LABELS, registry=r)
         # upscale streams: frames by outcome, latency per frame, and each open stream's own fps and
         # p50/p99, named by the stream's slot (series removed when it closes; at most max_streams slots)

@@ -15,6 +15,10 @@ request that arrives meanwhile waits for the one run in progress at most: the re
 there and is tried again at the next idle spell. A model found no faster is tried again after
 twice the wait, up to `remeasure_max_interval_s`, so an idle server spends a handful of runs an
 hour on each model.
+
+A server that is never idle that long is never timed again, so its traffic is: where a model's
+batches have run at under 0.8 of its fit for 32 batches or more, the fit is scaled down to them
+(`GraphCost.relax_from_batches`, checked every second; the same only-faster rule).
 """
 from __future__ import annotations
 
@@ -87,6 +91,24 @@ async def remeasure(registry: "ModelRegistry", model: "LoadedModel") -> str:
     return "relaxed" if relaxed else "kept"
 
 
+def relax_from_batches(registry: "ModelRegistry") -> None:
+    """Scales down the fits the served batches have shown to be slow, and derives the limits again."""
+    for model in registry.all_models():
+        if not model.ready:
+            continue
+        relaxed = []
+        for graph, cost in model.costs.items():
+            was = (cost.per_unit_s, cost.overhead_s)
+            if cost.relax_from_batches():
+                relaxed.append(graph)
+                log.info("%s %s: batches ran faster than measured: now %.4g s a unit + %.4g s a batch (was %.4g + %.4g)", model.entry.label,
+                         graph, cost.per_unit_s, cost.overhead_s, *was)
+        if relaxed:
+            model.limits = derive_limits(model, registry.settings, registry.settings.memory_budget)
+            registry.metrics.cost_remeasures.labels(model.entry.name, str(model.entry.version), "relaxed_by_batches").inc()
+            log.info("%s: limits now %s", model.entry.label, model.limits.describe())
+
+
 async def remeasure_when_idle(registry: "ModelRegistry") -> None:
     """Runs until the server drains (started by the app's lifespan where models compute: a single
     process, or a `--workers` engine, whose fronts take the new limits from its snapshots)."""
@@ -95,6 +117,8 @@ async def remeasure_when_idle(registry: "ModelRegistry") -> None:
     schedules: dict[int, Schedule] = {}
     while not registry.draining:
         await asyncio.sleep(min(1.0, idle_s / 2))
+        if registry.loaded:
+            relax_from_batches(registry)
         if not registry.loaded or server_idle_for(registry) < idle_s:
             continue
         models = [model for model in registry.all_models() if model.ready and model.probes]

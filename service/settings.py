@@ -97,7 +97,8 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)  # per lane thread
     warmup: bool = True
     # limits measured at a busy warm-up relax later: once every lane has been idle this long, one
-    # model's warmed shapes are timed again and a faster fit adopted (service/remeasure.py); 0: never
+    # model's warmed shapes are timed again and a faster fit adopted (service/remeasure.py), and a server never
+    # idle that long scales a fit to the batches it served where they ran faster; 0: neither
     remeasure_idle_s: float = Field(30.0, ge=0)
     remeasure_max_interval_s: float = Field(3600.0, gt=0)  # a model found no faster waits twice as long each time, up to this
     log_level: str = "info"

@@ -91,3 +91,49 @@ def test_an_upscale_refused_after_a_busy_warm_up_is_served_once_the_idle_server_
             assert server.metric("ganserve_cost_remeasures_total", model="upx4", outcome="relaxed") >= 1
         finally:
             stop(loops)
+
+
+def test_a_fit_is_scaled_to_batches_that_ran_faster_than_it_and_only_faster():
+    cost = GraphCost(per_unit_s=0.4, overhead_s=0.02, bytes_per_unit=0, reference_pixels=None, warmed=(1.0, 2.0))
+    for _ in range(31):
+        cost.observe(1.0, 0.105)  # a quarter of the fit
+    assert not cost.relax_from_batches()  # too few batches yet
+    cost.observe(1.0, 0.105)
+    assert cost.correction < 0.3
+    correction = cost.correction
+    assert cost.relax_from_batches()
+    assert cost.per_unit_s == pytest.approx(0.4 * correction) and cost.overhead_s == pytest.approx(0.02 * correction)
+    assert (cost.relaxed_by_batches, cost.relaxed, cost.correction, cost.batches_since_fit) == (1, 0, 1.0, 0)
+    slower = GraphCost(per_unit_s=0.4, overhead_s=0.02, bytes_per_unit=0, reference_pixels=None, warmed=(1.0, 2.0))
+    for _ in range(100):
+        slower.observe(1.0, 0.9)  # a busy machine: admission's correction, never the limits
+    assert not slower.relax_from_batches() and slower.per_unit_s == 0.4
+
+
+def test_a_server_never_idle_long_enough_to_be_timed_again_relaxes_from_the_batches_it_serves(repository):
+    """The same busy warm-up, but the idle re-measure never comes (`remeasure_idle_s` an hour): a
+    steady trickle of one-tile upscales runs far faster than the busy fit, and once 32 batches
+    have shown it the fit is scaled to them; the image refused as over the limit is then served."""
+    with running_server(repository, wait=False, models=["upx4"], remeasure_idle_s=3600, request_timeout_s=2) as server, server.client() as client:
+        wait_until_loading(server)
+        loops = start_loops(3 * (os.cpu_count() or 1))
+        try:
+            wait_ready(server.url, server.process, server.process.log_path)
+            busy_limits, busy_cost = upx4_costs(client)
+        finally:
+            stop(loops)
+        side = busy_limits["max_input_side"] + 1
+        assert client.post("/v1/models/upx4/upscale", content=square_png(side), headers={"content-type": "image/png"}).status_code == 413
+        tile = square_png(96)  # the warm-up tile: one unit
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert client.post("/v1/models/upx4/upscale", content=tile, headers={"content-type": "image/png"}).status_code == 200
+            limits, cost = upx4_costs(client)
+            if cost["relaxed_by_batches"]:
+                break
+        assert cost["relaxed_by_batches"] == 1 and cost["relaxed_when_idle"] == 0, (busy_cost, cost)
+        assert cost["seconds_per_unit"] < 0.7 * busy_cost["seconds_per_unit"], (busy_cost, cost)
+        assert limits["max_input_side"] > busy_limits["max_input_side"], (busy_limits, limits)
+        served = client.post("/v1/models/upx4/upscale", content=square_png(side), headers={"content-type": "image/png"})
+        assert served.status_code == 200, served.text
+        assert server.metric("ganserve_cost_remeasures_total", model="upx4", outcome="relaxed_by_batches") == 1
