@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_payload
 from service.digits import ascii_count
-from service.http_protocol import DISCONNECT_EXTENSION, FLUSHED_EXTENSION
+from service.http_protocol import DISCONNECT_EXTENSION, FLUSHED_EXTENSION, STOPPING_EXTENSION
 from service.memory import MemoryBudget, OverBudget
 
 STATE_KEY = "ganserve"  # scope["state"][STATE_KEY] holds the request's RequestContext
@@ -188,6 +188,9 @@ class RequestIntake:
                     if message["type"] == "http.disconnect":
                         context.client_left()
                         raise Refused(499, "client_closed_request", "the client went away while sending its body")
+                    if scope.get("extensions", {}).get(STOPPING_EXTENSION):
+                        raise Refused(503, "unavailable", "the server is shutting down before this request's body arrived; retry",
+                                      {"Retry-After": "1"})
                     chunk = message.get("body", b"")
                     size += len(chunk)
                     if size > self.limit:
