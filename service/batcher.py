@@ -100,6 +100,8 @@ class DynamicBatcher:
         self.lane = lane
         self.metrics = metrics.bound(*key.labels)
         self.max_batch_size = max_batch_size  # lowered after an out-of-memory
+        if cost is not None and cost.max_batch_units is not None and cost.reference_pixels is None:  # an item is a unit
+            self.max_batch_size = max(1, min(max_batch_size, math.floor(cost.max_batch_units)))
         self.max_queue_delay = max_queue_delay_ms / 1000
         self.max_queue_size = max_queue_size
         self.cost = cost
@@ -182,11 +184,14 @@ class DynamicBatcher:
             timer.cancel()
 
     def fits(self, batch: list[WorkItem], units: float, item: WorkItem) -> bool:
-        """Room for `item`: under the item cap, and under the cost cap unless the batch is empty."""
+        """Room for `item`: under the item cap, and under the cost caps (seconds; the units warm-up
+        found to fit the device's memory) unless the batch is empty."""
         if len(batch) >= self.max_batch_size:
             return False
         if not batch or self.cost is None:
             return True
+        if self.cost.max_batch_units is not None and units + item.units > self.cost.max_batch_units:
+            return False
         return self.cost.batch_seconds(units + item.units, corrected=False) <= self.max_batch_seconds
 
     def take_batch(self) -> list[WorkItem]:

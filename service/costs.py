@@ -22,6 +22,7 @@ from typing import TypeVar
 import numpy as np
 
 from service.memory import measure_peak
+from service.runtimes import OutOfMemory
 
 # bytes a measurement may miss (allocator rounding, a copy the warm-up run did not make)
 MEMORY_MARGIN = 1.25
@@ -42,6 +43,7 @@ class GraphCost:
     relaxed: int = 0  # times an idle re-measure found it faster and replaced the fit (service/remeasure.py)
     relaxed_by_batches: int = 0  # times the batches served ran faster than the fit for long enough to replace it
     batches_since_fit: int = 0  # batches observed since the fit was measured or last replaced
+    max_batch_units: float | None = None  # a larger warm-up shape ran out of device memory: batches stay at or under this
 
     def units(self, inputs: dict[str, np.ndarray]) -> float:
         """An item's units: 1, or its pixels over the reference for dynamic-size graphs."""
@@ -61,7 +63,9 @@ class GraphCost:
         return self.per_unit_s * units * self.correction
 
     def batch_items(self, max_batch_size: int, max_batch_seconds: float) -> int:
-        """How many one-unit items a batch takes under both caps (the batcher's rule)."""
+        """How many one-unit items a batch takes under the caps (the batcher's rule)."""
+        if self.max_batch_units is not None:
+            max_batch_size = max(1, min(max_batch_size, math.floor(self.max_batch_units)))
         if self.per_unit_s <= 0:
             return max_batch_size
         return max(1, min(max_batch_size, math.floor((max_batch_seconds - self.overhead_s) / self.per_unit_s)))
@@ -125,7 +129,8 @@ class GraphCost:
     def describe(self) -> dict:
         return {"seconds_per_unit": round(self.per_unit_s, 6), "batch_overhead_seconds": round(self.overhead_s, 6),
                 "bytes_per_unit": self.bytes_per_unit, "unit_pixels": self.reference_pixels, "observed_over_measured": round(self.correction, 3),
-                "warmed_units": list(self.warmed), "relaxed_when_idle": self.relaxed, "relaxed_by_batches": self.relaxed_by_batches}
+                "warmed_units": list(self.warmed), "relaxed_when_idle": self.relaxed, "relaxed_by_batches": self.relaxed_by_batches,
+                "max_batch_units": self.max_batch_units}
 
 
 @dataclass(frozen=True)
@@ -191,7 +196,12 @@ def measure_cost(run: Callable[[dict[str, np.ndarray]], np.ndarray], make_inputs
     graph over its first calls at each new shape: no request should pay for that). `prepare`
     runs each shape once before its memory is measured: a runtime that captures a graph per shape
     (service/graph_capture.py) does so there, and the compiler's own memory is not charged to
-    the model's items."""
+    the model's items.
+
+    A larger shape that runs out of device memory (`OutOfMemory`) is dropped, and so is every
+    larger one: the graph is served at the shapes that fit, its batches capped there
+    (`max_batch_units`), instead of failing to load (a 1024² generator's batch of 64 on a small
+    GPU). Out of memory at the smallest shape fails the load: nothing fits."""
     shapes = sorted(shapes, key=lambda shape: shape[1])
     (small, small_units) = shapes[0]
     per_unit_bytes: list[float] = []  # one per first run: the smallest shape's, then the larger ones'
@@ -214,7 +224,15 @@ def measure_cost(run: Callable[[dict[str, np.ndarray]], np.ndarray], make_inputs
     first_run(small, small_units, small_units)
     t_small = timed(small)
     fitting = [(key, units) for key, units in shapes[1:] if t_small / small_units * units <= max_batch_seconds]
-    for key, units in reversed(fitting):  # largest first: later ones reuse what it allocated
+    max_batch_units = None
+    for key, units in reversed(list(fitting)):  # largest first: later ones reuse what it allocated
+        try:
+            first_run(key, units, units - small_units)
+            break
+        except OutOfMemory:
+            fitting.remove((key, units))
+            max_batch_units = max((u for _, u in fitting), default=small_units)
+    for key, units in reversed(fitting[:-1]):
         first_run(key, units, units - small_units)
     warmed = (small_units, *(units for _, units in fitting))
     bytes_per_unit = math.ceil(max(per_unit_bytes[1:] or per_unit_bytes) * MEMORY_MARGIN)
@@ -224,7 +242,7 @@ def measure_cost(run: Callable[[dict[str, np.ndarray]], np.ndarray], make_inputs
         per_unit, overhead = probe.fit_runs([time_run(run, inputs[index]) for index in probe.order()])
     else:
         per_unit, overhead = probe.fit([t_small])
-    return GraphCost(per_unit, overhead, bytes_per_unit, reference_pixels, warmed=warmed), probe
+    return GraphCost(per_unit, overhead, bytes_per_unit, reference_pixels, warmed=warmed, max_batch_units=max_batch_units), probe
 
 
 def time_run(run: Callable[[dict[str, np.ndarray]], np.ndarray], inputs: dict[str, np.ndarray]) -> float:

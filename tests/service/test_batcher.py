@@ -203,3 +203,16 @@ def test_a_failing_model_fails_its_batch_but_not_the_worker():
         return ok
 
     assert asyncio.run(scenario())[0][0] == 8.0
+
+
+def test_batches_stay_within_the_units_warm_up_found_to_fit_the_device():
+    async def scenario():
+        runtime = RecordingRuntime()
+        cost = GraphCost(per_unit_s=0.0001, overhead_s=0.0, bytes_per_unit=0, reference_pixels=None, max_batch_units=3.0)
+        batcher = make_batcher(runtime, max_batch_size=8, max_queue_delay_ms=50, cost=cost)
+        await asyncio.gather(*(run_items(batcher, items([i]), alive()) for i in range(8)))
+        await batcher.close()
+        return runtime.batches
+
+    batches = asyncio.run(scenario())
+    assert sum(batches) == 8 and max(batches) <= 3, batches

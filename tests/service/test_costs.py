@@ -73,3 +73,20 @@ def test_both_ends_of_a_fit_are_timed_in_turns():
     seconds = [probe.points[index][1] * 0.01 * load for index, load in zip(probe.order(), fading)]
     per_unit, overhead = probe.fit_runs(seconds)
     assert per_unit == pytest.approx(0.02) and overhead == pytest.approx(0.0)
+
+
+def test_a_warm_up_shape_that_runs_out_of_device_memory_caps_the_batches_instead_of_failing_the_model():
+    """A 1024² generator's batch of 64 on a small GPU: warm-up keeps the shapes that fit."""
+    from service.runtimes import OutOfMemory
+
+    def run(inputs: dict[str, np.ndarray]) -> np.ndarray:
+        if len(inputs["z"]) > 8:
+            raise OutOfMemory(f"CUDA out of memory: a batch of {len(inputs['z'])}")
+        return inputs["z"] * 2
+
+    cost, probe = measure_cost(run, batch_of, [(b, float(b)) for b in (1, 2, 4, 8, 16, 32, 64)], None, repeats=1)
+    assert cost.warmed == (1.0, 2.0, 4.0, 8.0) and cost.max_batch_units == 8.0
+    assert probe.points[-1] == (8, 8.0)  # the fit rests on the largest shape that ran
+    assert cost.batch_items(64, 10.0) == 8 and cost.describe()["max_batch_units"] == 8.0
+    with pytest.raises(OutOfMemory):  # not even one fits: the model fails to load, with the reason
+        measure_cost(lambda inputs: run({"z": np.zeros((16, 8))}), batch_of, [(1, 1.0), (2, 2.0)], None, repeats=1)
