@@ -26,7 +26,10 @@ class LoadResult:
     statuses: dict[str, int] = field(default_factory=dict)
     latency_ms: dict[str, float] = field(default_factory=dict)  # p50, p95, p99, max
     mean_batch_items: float = 0.0
-    stage_ms: dict[str, float] = field(default_factory=dict)  # mean queue/compute/encode per request
+    # per request: compute and encode, and queue summed over the request's items (items wait side
+    # by side, so for a 64-image request that sum is no wall time: `item_queue_ms` is)
+    stage_ms: dict[str, float] = field(default_factory=dict)
+    item_queue_ms: float = 0.0  # an item's mean wait in its batcher's queue
     server_cpu_ms_per_request: float = 0.0  # the server process's CPU time (all its threads) per request
 
     @property
@@ -158,6 +161,7 @@ def summarise(t: Target, concurrency: int, tally: Tally) -> LoadResult:
         latency_ms={q: float(np.percentile(lat, p)) for q, p in (("p50", 50), ("p95", 95), ("p99", 99))} | {"max": float(lat.max())},
         mean_batch_items=delta.get("ganserve_batch_items_sum", 0.0) / max(delta.get("ganserve_batch_items_count", 0.0), 1.0),
         stage_ms={stage: 1000 * delta.get(f"ganserve_{stage}_duration_seconds_sum", 0.0) / requests for stage in ("queue", "compute", "encode", "request")},
+        item_queue_ms=1000 * delta.get("ganserve_queue_duration_seconds_sum", 0.0) / max(delta.get("ganserve_queue_duration_seconds_count", 0.0), 1.0),
         server_cpu_ms_per_request=1000 * tally.cpu_s / max(len(tally.latencies), 1) if t.pid is not None else 0.0,
     )
 

@@ -143,11 +143,11 @@ def print_report(report: dict) -> None:
                   f"max_batch_size {report['max_batch_size']}, max_queue_delay_ms {report['max_queue_delay_ms']}")
     best_ceiling = max(c["forward_encode_images_per_s"] for c in report["ceiling"])
     table = Table(title="service (HTTP, real server)")
-    for column in ("scenario", "conc.", "req/s", "img/s", "p50 ms", "p95 ms", "p99 ms", "errors", "mean batch", "queue/compute/encode ms", "img/s ÷ ceiling"):
+    for column in ("scenario", "conc.", "req/s", "img/s", "p50 ms", "p95 ms", "p99 ms", "errors", "mean batch", "item queue/compute/encode ms", "img/s ÷ ceiling"):
         table.add_column(column, justify="right" if column != "scenario" else "left")
     for r in report["load"]:
         errors = sum(v for k, v in r["statuses"].items() if k != "200")
-        stages = "/".join(f"{r['stage_ms'][s]:.1f}" for s in ("queue", "compute", "encode"))
+        stages = "/".join(f"{value:.1f}" for value in (r.get("item_queue_ms", r["stage_ms"]["queue"]), r["stage_ms"]["compute"], r["stage_ms"]["encode"]))
         table.add_row(r["scenario"], str(r["concurrency"]), rate(r['requests_per_s']), rate(r['images_per_s']), f"{r['latency_ms']['p50']:.1f}",
                       f"{r['latency_ms']['p95']:.1f}", f"{r['latency_ms']['p99']:.1f}", str(errors), f"{r['mean_batch_items']:.1f}", stages,
                       f"{r['images_per_s'] / best_ceiling:.2f}")
