@@ -100,8 +100,8 @@ class DynamicBatcher:
         self.lane = lane
         self.metrics = metrics.bound(*key.labels)
         self.max_batch_size = max_batch_size  # lowered after an out-of-memory
-        if cost is not None and cost.max_batch_units is not None and cost.reference_pixels is None:  # an item is a unit
-            self.max_batch_size = max(1, min(max_batch_size, math.floor(cost.max_batch_units)))
+        if cost is not None and cost.reference_pixels is None:  # an item is a unit
+            self.max_batch_size = cost.capped_batch_size(max_batch_size)
         self.max_queue_delay = max_queue_delay_ms / 1000
         self.max_queue_size = max_queue_size
         self.cost = cost

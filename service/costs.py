@@ -62,10 +62,15 @@ class GraphCost:
         """What an item adds to its lane's backlog (the batch overhead is shared, so not counted)."""
         return self.per_unit_s * units * self.correction
 
+    def capped_batch_size(self, max_batch_size: int) -> int:
+        """The item cap, lowered to what warm-up found to fit the device's memory (one-unit items)."""
+        if self.max_batch_units is None:
+            return max_batch_size
+        return max(1, min(max_batch_size, math.floor(self.max_batch_units)))
+
     def batch_items(self, max_batch_size: int, max_batch_seconds: float) -> int:
         """How many one-unit items a batch takes under the caps (the batcher's rule)."""
-        if self.max_batch_units is not None:
-            max_batch_size = max(1, min(max_batch_size, math.floor(self.max_batch_units)))
+        max_batch_size = self.capped_batch_size(max_batch_size)
         if self.per_unit_s <= 0:
             return max_batch_size
         return max(1, min(max_batch_size, math.floor((max_batch_seconds - self.overhead_s) / self.per_unit_s)))
@@ -225,13 +230,14 @@ def measure_cost(run: Callable[[dict[str, np.ndarray]], np.ndarray], make_inputs
     t_small = timed(small)
     fitting = [(key, units) for key, units in shapes[1:] if t_small / small_units * units <= max_batch_seconds]
     max_batch_units = None
-    for key, units in reversed(list(fitting)):  # largest first: later ones reuse what it allocated
+    while fitting:  # largest first: later ones reuse what it allocated
+        key, units = fitting[-1]
         try:
             first_run(key, units, units - small_units)
             break
         except OutOfMemory:
-            fitting.remove((key, units))
-            max_batch_units = max((u for _, u in fitting), default=small_units)
+            fitting.pop()
+            max_batch_units = fitting[-1][1] if fitting else small_units
     for key, units in reversed(fitting[:-1]):
         first_run(key, units, units - small_units)
     warmed = (small_units, *(units for _, units in fitting))

@@ -30,6 +30,7 @@ STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 SHARED_BUDGET_FILE = "memory-budget"  # in the supervisor's private directory
+UNSHARED = contextlib.nullcontext()  # the lock of a budget no other process shares (reusable)
 
 
 def status_kib(field: str) -> int | None:
@@ -119,12 +120,13 @@ class OverBudget(Exception):
 class MemoryBudget:
     """Bytes that admitted work may hold at once: the budget less what the process holds resident
     (its loaded models). `try_reserve` never waits: what does not fit is refused at once, which is
-    what keeps a burst of big requests from piling up in memory."""
+    what keeps a burst of big requests from piling up in memory. Where the figures are kept is
+    the subclasses' business (`SharedMemoryBudget`: a table every process of the server maps)."""
 
     def __init__(self, total: int, resident: int = 0) -> None:
         self.total = total
         self.resident = resident
-        self.reserved = 0
+        self.own_reserved = 0  # what this process's admitted work holds
         self.lock = threading.Lock()  # the intake reserves on the loop, jobs from their thread
 
     @property
@@ -133,7 +135,11 @@ class MemoryBudget:
 
     @property
     def used(self) -> int:
-        return self.reserved
+        return self.own_reserved
+
+    def exclusive(self) -> contextlib.AbstractContextManager:
+        """Held while a reservation is checked and made (other processes' too, where they share it)."""
+        return UNSHARED
 
     def set_resident(self, nbytes: int) -> None:
         with self.lock:
@@ -141,14 +147,15 @@ class MemoryBudget:
 
     def try_reserve(self, nbytes: int) -> None:
         nbytes = max(0, int(nbytes))
-        with self.lock:
-            if self.reserved + nbytes > self.capacity:
-                raise OverBudget(nbytes, self.capacity - self.reserved, self.capacity)
-            self.reserved += nbytes
+        with self.lock, self.exclusive():
+            capacity, used = self.capacity, self.used
+            if used + nbytes > capacity:
+                raise OverBudget(nbytes, capacity - used, capacity)
+            self.own_reserved += nbytes
 
     def release(self, nbytes: int) -> None:
         with self.lock:
-            self.reserved = max(0, self.reserved - max(0, int(nbytes)))
+            self.own_reserved = max(0, self.own_reserved - max(0, int(nbytes)))
 
 
 class SharedBudgetTable:
@@ -195,10 +202,24 @@ class SharedMemoryBudget(MemoryBudget):
     def __init__(self, table: SharedBudgetTable, slot: int, total: int, resident: int = 0) -> None:
         if not 0 <= slot < table.slots:
             raise ValueError(f"slot {slot} is outside the table's {table.slots} slots")
-        super().__init__(total, resident)
         self.table, self.slot = table, slot
-        table.cells[2 * slot] = self.resident
-        table.cells[2 * slot + 1] = 0  # a replacement front starts with none of its predecessor's reservations
+        super().__init__(total, resident)  # a replacement front starts with none of its predecessor's reservations
+
+    @property
+    def resident(self) -> int:
+        return self.table.cells[2 * self.slot]
+
+    @resident.setter
+    def resident(self, nbytes: int) -> None:
+        self.table.cells[2 * self.slot] = nbytes
+
+    @property
+    def own_reserved(self) -> int:
+        return self.table.cells[2 * self.slot + 1]
+
+    @own_reserved.setter
+    def own_reserved(self, nbytes: int) -> None:
+        self.table.cells[2 * self.slot + 1] = nbytes
 
     @property
     def capacity(self) -> int:
@@ -208,24 +229,10 @@ class SharedMemoryBudget(MemoryBudget):
     def used(self) -> int:
         return self.table.reserved()
 
-    def set_resident(self, nbytes: int) -> None:
-        with self.lock:
-            self.resident = max(0, int(nbytes))
-            self.table.cells[2 * self.slot] = self.resident
-
-    def try_reserve(self, nbytes: int) -> None:
-        nbytes = max(0, int(nbytes))
-        with self.lock:
-            fcntl.flock(self.table.fd, fcntl.LOCK_EX)
-            try:
-                capacity, used = self.capacity, self.table.reserved()
-                if used + nbytes > capacity:
-                    raise OverBudget(nbytes, capacity - used, capacity)
-                self.table.cells[2 * self.slot + 1] += nbytes
-            finally:
-                fcntl.flock(self.table.fd, fcntl.LOCK_UN)
-
-    def release(self, nbytes: int) -> None:
-        with self.lock:
-            cell = 2 * self.slot + 1
-            self.table.cells[cell] = max(0, self.table.cells[cell] - max(0, int(nbytes)))
+    @contextlib.contextmanager
+    def exclusive(self):
+        fcntl.flock(self.table.fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self.table.fd, fcntl.LOCK_UN)
