@@ -4,7 +4,6 @@ batch size (from /metrics) are reported."""
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
@@ -13,7 +12,7 @@ import httpx
 import numpy as np
 
 from bench.http_client import KeepAliveConnection, request_bytes
-from bench.server import process_family
+from bench.server import cpu_seconds_by_part
 
 
 @dataclass
@@ -31,6 +30,7 @@ class LoadResult:
     stage_ms: dict[str, float] = field(default_factory=dict)
     item_queue_ms: float = 0.0  # an item's mean wait in its batcher's queue
     server_cpu_ms_per_request: float = 0.0  # the server process's CPU time (all its threads) per request
+    server_cpu_ms_by_part: dict[str, float] = field(default_factory=dict)  # the same, by part (bench/server.py `cpu_seconds_by_part`)
 
     @property
     def ok(self) -> int:
@@ -92,13 +92,10 @@ async def drive(url: str, path: str, request: dict, concurrency: int, duration_s
         await asyncio.gather(*(connection.close() for connection in connections))
 
 
-def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU time of a process and its live child processes (`serve --workers N`:
-    the engine and the fronts), from Linux /proc; 0 when unknown."""
-    if pid is None:
-        return 0.0
-    ticks = sum(int(fields[11]) + int(fields[12]) for fields in process_family(pid).values())
-    return ticks / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pid: int | None) -> dict[str, float]:
+    """User + system CPU seconds of a server by part (bench/server.py `cpu_seconds_by_part`; their
+    sum is the whole server's, `serve --workers N`'s engine and fronts included); empty when unknown."""
+    return {} if pid is None else cpu_seconds_by_part(pid)
 
 
 @dataclass
@@ -109,15 +106,16 @@ class Tally:
     latencies: list[float] = field(default_factory=list)
     statuses: dict[str, int] = field(default_factory=dict)
     elapsed_s: float = 0.0
-    cpu_s: float = 0.0
+    cpu_s: dict[str, float] = field(default_factory=dict)  # by part of the server
     deltas: dict[str, float] = field(default_factory=dict)
 
-    def add(self, latencies: list[float], statuses: dict[str, int], elapsed_s: float, cpu_s: float, deltas: dict[str, float]) -> None:
+    def add(self, latencies: list[float], statuses: dict[str, int], elapsed_s: float, cpu_s: dict[str, float], deltas: dict[str, float]) -> None:
         self.latencies += latencies
         for status, count in statuses.items():
             self.statuses[status] = self.statuses.get(status, 0) + count
         self.elapsed_s += elapsed_s
-        self.cpu_s += cpu_s
+        for part, seconds in cpu_s.items():
+            self.cpu_s[part] = self.cpu_s.get(part, 0.0) + seconds
         for name, value in deltas.items():
             self.deltas[name] = self.deltas.get(name, 0.0) + value
 
@@ -146,7 +144,7 @@ def measure_round(t: Target, concurrency: int, duration_s: float, tally: Tally) 
     before = scrape(t.url) if t.metrics else {}
     cpu_before = cpu_seconds(t.pid)
     latencies, statuses, elapsed = asyncio.run(drive(t.url, t.path, t.request, concurrency, duration_s))
-    cpu = cpu_seconds(t.pid) - cpu_before
+    cpu = {part: seconds - cpu_before.get(part, 0.0) for part, seconds in cpu_seconds(t.pid).items()}
     after = scrape(t.url) if t.metrics else {}
     tally.add(latencies, statuses, elapsed, cpu, {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after})
 
@@ -162,7 +160,8 @@ def summarise(t: Target, concurrency: int, tally: Tally) -> LoadResult:
         mean_batch_items=delta.get("ganserve_batch_items_sum", 0.0) / max(delta.get("ganserve_batch_items_count", 0.0), 1.0),
         stage_ms={stage: 1000 * delta.get(f"ganserve_{stage}_duration_seconds_sum", 0.0) / requests for stage in ("queue", "compute", "encode", "request")},
         item_queue_ms=1000 * delta.get("ganserve_queue_duration_seconds_sum", 0.0) / max(delta.get("ganserve_queue_duration_seconds_count", 0.0), 1.0),
-        server_cpu_ms_per_request=1000 * tally.cpu_s / max(len(tally.latencies), 1) if t.pid is not None else 0.0,
+        server_cpu_ms_per_request=1000 * sum(tally.cpu_s.values()) / max(len(tally.latencies), 1) if t.pid is not None else 0.0,
+        server_cpu_ms_by_part={part: 1000 * seconds / max(len(tally.latencies), 1) for part, seconds in tally.cpu_s.items()},
     )
 
 

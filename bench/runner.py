@@ -118,6 +118,7 @@ def run_bench(repository: Path, model: str, runtime: str, concurrencies: list[in
     print_report(report)
     print_side_by_side(report)
     print_capture_gain(report)
+    print_cpu_parts(report)
     console.print("the ratio column divides by the best forward+PNG ceiling; large requests encode one grid PNG, not one PNG per image")
     write_report(report, out)
     return report
@@ -160,6 +161,26 @@ def print_report(report: dict) -> None:
         ceiling.add_row(str(c["batch_size"]), c["device"], rate(c['forward_images_per_s']), rate(c['forward_encode_images_per_s']),
                         "" if grid_ms is None else f"{grid_ms:.2f}", "" if jpeg_ms is None else f"{jpeg_ms:.2f}")
     console.print(ceiling)
+
+
+def print_cpu_parts(report: dict) -> None:
+    """Where each server's CPU went, per request, by part: the figure that says what a bigger
+    host buys. One process is bound by its one event loop; under `--workers N` the fronts' loops
+    add up over cores, and the engine's one loop (which forms every batch) caps the whole server
+    at 1000 / its ms per request, on a host whose cores are as fast as this one's."""
+    rows = [r for r in report["load"] if r.get("server_cpu_ms_by_part")]
+    if not rows:
+        return
+    table = Table(title="server CPU per request, by part (ms; each process's main thread runs its event loop)")
+    for column in ("scenario", "conc.", "req/s", "CPU ms/req by part", "ceiling of the engine's (or only) loop, req/s"):
+        table.add_column(column, justify="right" if column != "scenario" else "left")
+    for r in rows:
+        parts = r["server_cpu_ms_by_part"]
+        loop_ms = parts.get("engine event loop", parts.get("event loop", 0.0))  # the loop every request of the server passes through
+        table.add_row(r["scenario"], str(r["concurrency"]), rate(r["requests_per_s"]),
+                      " · ".join(f"{part} {ms:.2f}" for part, ms in parts.items() if ms >= 0.005),
+                      rate(1000 / loop_ms) if loop_ms > 0 else "")
+    console.print(table)
 
 
 def print_capture_gain(report: dict) -> None:

@@ -34,6 +34,45 @@ def process_family(pid: int) -> dict[int, list[str]]:
     return family
 
 
+def process_roles(pid: int) -> dict[int, str]:
+    """pid → role of each process of a server: "server" for a single process; "supervisor",
+    "engine" and "front" for `serve --workers N` (read from the children's command lines)."""
+    roles = {}
+    for process in process_family(pid):
+        try:
+            command = Path(f"/proc/{process}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if process != pid and "service.worker_process" in command:
+            roles[process] = "front" if '"role": "front"' in command else "engine"
+    return roles | {pid: "supervisor" if roles else "server"}
+
+
+def cpu_seconds_by_part(pid: int) -> dict[str, float]:
+    """User + system CPU seconds of each part of a running server (Linux /proc): every process's
+    main thread, which runs its event loop, apart from its other threads (lanes, runtime and
+    encoder pools; exited ones included), by role — "event loop" / "other threads" for one process,
+    "engine event loop", "front event loops", … for `--workers N`. It says which part a faster host
+    must scale: one engine loop forms every batch, the fronts add up over cores."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parts: dict[str, float] = {}
+    for process, role in process_roles(pid).items():
+        try:
+            whole = Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()
+            main = Path(f"/proc/{process}/task/{process}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited between the listing and the read
+        whole_s, main_s = [(int(f[11]) + int(f[12])) / tick for f in (whole, main)]
+        prefix = "" if role == "server" else f"{role} "
+        loop, others = (f"{prefix}event loops", f"{prefix}other threads") if role == "front" else (f"{prefix}event loop", f"{prefix}other threads")
+        if role == "supervisor":
+            parts["supervisor"] = parts.get("supervisor", 0.0) + whole_s
+            continue
+        parts[loop] = parts.get(loop, 0.0) + main_s
+        parts[others] = parts.get(others, 0.0) + max(whole_s - main_s, 0.0)
+    return parts
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -93,6 +93,9 @@ def test_the_naive_baseline_answers_the_servers_pixels_and_both_report_cpu_per_r
     assert set(baseline.statuses) == {"200"} and baseline.server_cpu_ms_per_request > 0
     measured = run_load(server.url, "digits", "smoke", {"seed": 1}, concurrency=2, duration_s=0.5, pid=server.process.pid)
     assert measured.server_cpu_ms_per_request > 0
+    # by part: one process's event loop (HTTP, batching) apart from its other threads (the lane's forward pass)
+    assert set(measured.server_cpu_ms_by_part) == {"event loop", "other threads"} and measured.server_cpu_ms_by_part["event loop"] > 0
+    assert abs(sum(measured.server_cpu_ms_by_part.values()) - measured.server_cpu_ms_per_request) < 1e-6
 
 
 def test_the_upscale_bench_measures_requests_one_stream_and_the_bare_forward(repository, tmp_path):

@@ -17,21 +17,13 @@ import pytest
 from PIL import Image
 from websockets.sync.client import connect
 
-from bench.server import process_family
+from bench.server import process_roles
 from tests.serving import running_server
 
 
 def children(pid: int) -> dict[int, str]:
     """pid → role ("engine" / "front") of the server's child processes."""
-    found = {}
-    for child in process_family(pid):
-        try:
-            command = Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if child != pid and "service.worker_process" in command:
-            found[child] = "front" if '"role": "front"' in command else "engine"
-    return found
+    return {child: role for child, role in process_roles(pid).items() if child != pid}
 
 
 def alive(pid: int) -> bool:
@@ -80,6 +72,20 @@ def workers(repository):
 def test_the_server_is_one_engine_and_n_fronts(workers):
     roles = sorted(children(workers.process.pid).values())
     assert roles == ["engine", "front", "front"]
+
+
+def test_the_bench_splits_the_servers_cpu_into_the_engines_loop_its_threads_and_the_fronts(workers):
+    """What `ganserve bench --workers N` prints to say what a bigger host buys: the fronts' share
+    grows with cores, the engine's one event loop caps the server. The parts are the whole
+    server's CPU, and each part that does work shows it."""
+    from bench.load import run_load
+
+    result = run_load(workers.url, "digits", "workers", {"seed": 1}, concurrency=4, duration_s=1.5, pid=workers.process.pid)
+    parts = result.server_cpu_ms_by_part
+    assert set(parts) == {"engine event loop", "engine other threads", "front event loops", "front other threads", "supervisor"}
+    assert parts["engine event loop"] > 0 and parts["front event loops"] > 0 and parts["engine other threads"] > 0  # batching, HTTP, the forward pass
+    assert parts["front event loops"] > parts["engine event loop"]  # the fronts parse, validate and encode; the engine only batches
+    assert abs(sum(parts.values()) - result.server_cpu_ms_per_request) < 1e-6
 
 
 def test_once_one_front_is_ready_every_front_is(workers):
