@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 
+from service.digits import ascii_count
 from service.errors import ApiError
 from service.schemas import MAX_INPUT_MAGNITUDE
 
@@ -66,9 +67,8 @@ def split_body(raw: bytes, header_length: str | None) -> tuple[bytes, memoryview
     """(JSON header, binary tail) of an inference request."""
     if header_length is None:
         return raw, memoryview(b"")
-    try:
-        length = int(header_length)
-    except ValueError:
+    length = ascii_count(header_length)  # ASCII digits only: int() would also take "3_62", " 362" and "+362"
+    if length is None:
         raise ApiError(422, f"Inference-Header-Content-Length must be an integer, got {header_length[:32]!r}")
     if not 0 < length <= len(raw):
         raise ApiError(422, f"Inference-Header-Content-Length {length} does not fit a body of {len(raw)} bytes")
@@ -116,6 +116,8 @@ def json_array(tensor: InferTensor, count: int) -> np.ndarray:
     dtype = WIRE_TYPES[tensor.datatype]
     if any(type(v) is bool for v in data):  # numpy would take true as 1
         raise ApiError(422, f"input {tensor.name!r}: {tensor.datatype} values must be numbers, not true or false")
+    if any(type(v) not in (int, float) for v in data):  # numpy would parse "0.5" (and nested lists are not flat)
+        raise ApiError(422, f"input {tensor.name!r}: the data must be a flat list of {tensor.datatype} numbers")
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
         if any(type(v) is not int for v in data):

@@ -113,3 +113,8 @@ def test_protocol_errors_reach_the_client_as_its_exception_with_the_message(serv
         header = b'{"inputs":[{"name":"z","shape":[1,64],"datatype":"FP32","parameters":{"binary_data_size":256}}]}'
         short = client.post("/v2/models/digits/infer", content=header + b"\0" * 100, headers={"Inference-Header-Content-Length": str(len(header))})
         assert short.status_code == 422 and "before its 256 binary bytes" in short.json()["error"]
+        body = header + b"\0" * 256
+        for length in (f"{len(header) // 10}_{len(header) % 10}", f"+{len(header)}", f"{len(header)}.0"):  # int() takes the first two
+            spelled = client.post("/v2/models/digits/infer", content=body, headers={"Inference-Header-Content-Length": length})
+            assert spelled.status_code == 422 and "must be an integer" in spelled.json()["error"], length
+        assert client.post("/v2/models/digits/infer", content=body, headers={"Inference-Header-Content-Length": str(len(header))}).status_code == 200

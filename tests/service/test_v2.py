@@ -37,6 +37,8 @@ def test_v2_infer_rejects_wrong_shapes_types_and_names(server):
         {"inputs": [{**good, "datatype": "INT64"}]},
         {"inputs": [{**good, "name": "x"}]},
         {"inputs": [{**good, "data": [0.0] * 10}]},
+        {"inputs": [{**good, "data": ["0.5"] * 64}]},  # a number in a string is not a number (numpy would parse it)
+        {"inputs": [{**good, "data": [[0.0] * 64]}]},  # the data is flat
     ]
     with server.client() as client:
         for body in cases:
