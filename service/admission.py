@@ -124,24 +124,33 @@ def compute_seconds(cost: GraphCost | None, units: list[float], max_batch_size: 
     return batches * cost.overhead_s + cost.per_unit_s * sum(units)
 
 
-def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, budget: MemoryBudget) -> float:
+def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, budget: MemoryBudget, recheck_s: float = 30.0) -> float:
     """Refuses what cannot finish in time or fit in memory; otherwise reserves the request's
     bytes and returns the lane seconds it will take (the caller adds them to the lane's backlog
     at once, so the requests admitted in one burst see each other, and releases both when the
-    request ends)."""
+    request ends). `recheck_s`: when the model's speed is measured again on an idle server
+    (`GANSERVE_REMEASURE_IDLE_S`), the Retry-After of a request refused because the model has
+    run slower than measured lately rather than for the work queued before it."""
     limit = model.limits.compute_seconds if model.limits else math.inf
     if request_cost.seconds > limit:
         raise ApiError(413, f"this request needs about {request_cost.seconds:.1f} s of compute on {model.entry.name!r}; "
                             f"a request may need at most {limit:.1f} s here: send fewer or smaller images", code="too_expensive")
     lane = model.lane
     correction = model.costs["model"].correction if "model" in model.costs else 1.0
-    finish = lane.expected_wait_s() + request_cost.seconds * correction / lane.threads
+    wait, alone = lane.expected_wait_s(), request_cost.seconds * correction / lane.threads
     budget_s = remaining_s * COMPUTE_SHARE_OF_DEADLINE  # the rest is decoding, encoding and the estimate's error
-    if finish > budget_s:
-        retry = max(1, math.ceil(finish - budget_s))
-        raise ApiError(503, f"{model.entry.name!r} has about {lane.expected_wait_s():.1f} s of work queued; this request would "
-                            f"finish after its deadline: retry in {retry} s", code="overloaded", headers={"Retry-After": str(retry)})
-    reserve_memory(budget, request_cost.bytes, retry_after_s=lane.expected_wait_s())
+    if wait + alone > budget_s:
+        if alone <= budget_s:  # the work queued before it: it has room once that is done
+            retry, why = max(1, math.ceil(wait + alone - budget_s)), f"{model.entry.name!r} has about {wait:.1f} s of work queued"
+        elif request_cost.seconds / lane.threads <= budget_s:  # not the queue: its batches have run slower than measured
+            retry = max(1, math.ceil(recheck_s))
+            why = f"{model.entry.name!r} has run {correction:.1f}x slower than measured lately (about {alone:.1f} s of compute for this request)"
+        else:  # the upload took the deadline's room
+            retry = 1
+            why = f"this request needs about {alone:.1f} s of compute and its deadline leaves {budget_s:.1f} s"
+        raise ApiError(503, f"{why}; this request would finish after its deadline: retry in {retry} s", code="overloaded",
+                       headers={"Retry-After": str(retry)})
+    reserve_memory(budget, request_cost.bytes, retry_after_s=wait)
     return request_cost.seconds * correction
 
 

@@ -289,7 +289,7 @@ class DynamicBatcher:
         """A batch's outputs to its items' futures, with its cost and metrics recorded."""
         elapsed = time.perf_counter() - started
         if self.cost is not None:
-            self.cost.observe(sum(item.units for item in batch), elapsed)
+            self.cost.observe(sum(item.units for item in batch), elapsed, min(item.units for item in batch))
         self.metrics.compute_duration.observe(elapsed)
         self.metrics.batch_items.observe(len(batch))
         for request in {id(item.request): item.request for item in batch}.values():

@@ -78,7 +78,17 @@ class GraphCost:
     def bytes_for(self, units: float) -> int:
         return math.ceil(self.bytes_per_unit * units)
 
-    def observe(self, units: float, elapsed_s: float) -> None:
+    def observe(self, units: float, elapsed_s: float, smallest_item_units: float = 1.0) -> None:
+        """A batch of `units` in all took `elapsed_s`: the correction moves toward observed over
+        estimated. A batch with an item under one unit is no evidence about the fit and is
+        skipped: below the reference shape warm-up measured, a forward's fixed costs dominate
+        and the line through the warmed shapes does not hold (an image-to-image graph's v2
+        request may send a 16² image to a model whose unit is a 96² tile: 32 batches of them,
+        faster per pixel, once scaled sr's fit down until it advertised upscales that ran 30 s
+        to a 504; others, slower than the overhead-free fit of one warmed shape, pushed the
+        correction to 1.7 and had in-limit upscales refused 503 on an idle lane)."""
+        if smallest_item_units < 1.0 - 1e-9:
+            return
         estimated = self.batch_seconds(units, corrected=False)
         self.batches_since_fit += 1
         if estimated > 0:
@@ -119,6 +129,17 @@ class GraphCost:
             return False
         self.relaxed_by_batches += 1
         return True
+
+    def recalibrate(self, per_unit_s: float, overhead_s: float) -> None:
+        """The correction set to what an idle lane has just measured against the fit (a
+        re-measure that did not replace it: `relax` answered False). It is the truth of now:
+        without it, the correction of a busy spell outlives the spell on a server with no
+        traffic to move it, and a request the limits allow is refused 503 on an idle lane
+        until traffic comes."""
+        units = self.warmed[-1] if self.warmed else 1.0
+        fitted = self.batch_seconds(units, corrected=False)
+        if fitted > 0:
+            self.correction = min(50.0, max(0.2, (overhead_s + per_unit_s * units) / fitted))
 
     def adopt(self, per_unit_s: float, overhead_s: float, margin: float) -> bool:
         ends = (self.warmed[0], self.warmed[-1]) if self.warmed else (1.0,)

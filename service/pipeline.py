@@ -130,7 +130,9 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
         raise ApiError(503, "the server is shutting down", headers={"Retry-After": "1"})
     if ctx.disconnected.is_set():
         raise ApiError(499, "the client closed the request", code="client_closed_request")
-    state.lane_seconds = admit(model, cost, state.deadline - time.monotonic(), registry.memory)
+    settings = registry.settings
+    state.lane_seconds = admit(model, cost, state.deadline - time.monotonic(), registry.memory,
+                               recheck_s=settings.remeasure_idle_s or settings.request_timeout_s)
     ctx.reserved += cost.bytes  # released by the intake once the response is sent
     model.lane.add_backlog(state.lane_seconds)  # its items take their shares off as they finish
     task = asyncio.current_task()

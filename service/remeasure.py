@@ -16,6 +16,13 @@ there and is tried again at the next idle spell. A model found no faster is trie
 twice the wait, up to `remeasure_max_interval_s`, so an idle server spends a handful of runs an
 hour on each model.
 
+A re-measure that finds a model no faster still sets its correction (observed over estimated,
+which admission multiplies its estimates by) to what the idle lane measured
+(`GraphCost.recalibrate`), and a model whose correction is above 1 is timed at every idle spell
+whatever its wait: otherwise a busy spell's correction outlives the spell on a server with no
+traffic to move it, and requests the limits allow get 503 on an idle lane (the message says the
+model has run slower than measured; the Retry-After is this idle wait).
+
 A server that is never idle that long is never timed again, so its traffic is: where a model's
 batches have run at under 0.8 of its fit for 32 batches or more, the fit is scaled down to them
 (`GraphCost.relax_from_batches`, checked every second; the same only-faster rule).
@@ -81,10 +88,13 @@ async def remeasure(registry: "ModelRegistry", model: "LoadedModel") -> str:
         if seconds is None:
             return "interrupted"
         was = (cost.per_unit_s, cost.overhead_s)
-        if cost.relax(*probe.fit_runs(seconds)):
+        fit = probe.fit_runs(seconds)
+        if cost.relax(*fit):
             relaxed = True
             log.info("%s %s: timed faster while idle: %.4g s a unit + %.4g s a batch (was %.4g + %.4g)", model.entry.label, graph,
                      cost.per_unit_s, cost.overhead_s, *was)
+        else:
+            cost.recalibrate(*fit)  # the idle lane's time is the correction's evidence now
     if relaxed:
         model.limits = derive_limits(model, registry.settings, registry.settings.memory_budget)
         log.info("%s: limits now %s", model.entry.label, model.limits.describe())
@@ -125,7 +135,8 @@ async def remeasure_when_idle(registry: "ModelRegistry") -> None:
         schedules = {id(model): schedules.get(id(model)) or Schedule(0.0, idle_s) for model in models}
         for model in sorted(models, key=lambda m: schedules[id(m)].due):
             schedule = schedules[id(model)]
-            if registry.draining or schedule.due > time.monotonic():
+            slowed = any(cost.correction > 1.0 for cost in model.costs.values())  # its batches ran slow: time it at this idle spell
+            if registry.draining or (schedule.due > time.monotonic() and not slowed):
                 continue
             outcome = await remeasure(registry, model)
             registry.metrics.cost_remeasures.labels(model.entry.name, str(model.entry.version), outcome).inc()

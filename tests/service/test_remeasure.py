@@ -36,6 +36,30 @@ def test_the_correction_keeps_what_faster_batches_taught_but_drops_what_slower_o
     assert slower.correction == 1.0
 
 
+def test_batches_of_items_under_one_unit_teach_the_correction_nothing():
+    cost = GraphCost(per_unit_s=0.5, overhead_s=0.0, bytes_per_unit=0, reference_pixels=96 * 96, warmed=(1.0,))
+    tiny = 16 * 16 / (96 * 96)
+    for _ in range(40):  # 16² images at a fifth of the line's estimate, then at five times it
+        cost.observe(4 * tiny, 0.2 * 0.5 * 4 * tiny, smallest_item_units=tiny)
+        cost.observe(4 * tiny, 5 * 0.5 * 4 * tiny, smallest_item_units=tiny)
+    assert (cost.correction, cost.batches_since_fit) == (1.0, 0) and not cost.relax_from_batches()
+    cost.observe(2.0 + tiny, 5.0, smallest_item_units=tiny)  # one small item in a batch of tiles is enough to skip it
+    assert cost.correction == 1.0
+    for _ in range(40):  # tiles, at half the fit
+        cost.observe(2.0, 0.5, smallest_item_units=1.0)
+    assert cost.correction < 0.8 and cost.relax_from_batches() and cost.per_unit_s < 0.5 * 0.8
+
+
+def test_an_idle_re_measure_that_keeps_the_fit_sets_the_correction_to_what_it_timed():
+    """A busy spell's correction must not outlive it: an idle lane's timing replaces it."""
+    cost = GraphCost(per_unit_s=0.3, overhead_s=0.01, bytes_per_unit=0, reference_pixels=None, warmed=(1.0, 4.0), correction=1.7)
+    assert not cost.relax(0.3, 0.01)  # the idle lane runs at the fit: nothing to relax
+    cost.recalibrate(0.3, 0.01)
+    assert cost.correction == 1.0
+    cost.recalibrate(0.45, 0.015)  # still slower than the fit while idle (another tenant): that is the truth of now
+    assert abs(cost.correction - 1.5) < 1e-9
+
+
 def square_png(side: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buffer, "PNG")
@@ -124,6 +148,14 @@ def test_a_server_never_idle_long_enough_to_be_timed_again_relaxes_from_the_batc
             stop(loops)
         side = busy_limits["max_input_side"] + 1
         assert client.post("/v1/models/upx4/upscale", content=square_png(side), headers={"content-type": "image/png"}).status_code == 413
+        # 16² images through v2 are batches of a shape warm-up never measured (0.028 of a 96² tile): no
+        # evidence about the fit either way (a probe's 40 of them once relaxed sr's limits past what its tiles can do)
+        tiny = {"inputs": [{"name": "image", "shape": [4, 3, 16, 16], "datatype": "FP32", "data": [0.5] * (4 * 3 * 16 * 16)}]}
+        for _ in range(40):
+            assert client.post("/v2/models/upx4/infer", json=tiny).status_code == 200
+        time.sleep(1.5)  # the relaxation is checked every second
+        limits, cost = upx4_costs(client)
+        assert (cost["observed_over_measured"], cost["relaxed_by_batches"], limits) == (busy_cost["observed_over_measured"], 0, busy_limits), cost
         tile = square_png(96)  # the warm-up tile: one unit
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
