@@ -68,9 +68,15 @@ class ServiceMetrics:
 
             self.gpu_memory.labels("cuda:0").set(torch.cuda.memory_allocated())
 
+    @staticmethod
+    def multiprocess() -> bool:
+        """Whether samples live in PROMETHEUS_MULTIPROC_DIR's files (`serve --workers N`): there a
+        series cannot be removed (prometheus-client warns on every try), only overwritten."""
+        return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
     def exposition(self) -> tuple[bytes, str]:
         """The scrape: this app's registry, or every process's samples in multiprocess mode."""
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if self.multiprocess():
             combined = CollectorRegistry()
             MultiProcessCollector(combined)
             return generate_latest(combined), CONTENT_TYPE_LATEST

@@ -160,10 +160,12 @@ class UpscaleStream:
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
             metrics.streams_open.labels(self.name).dec()
-            # NaN first: under --workers the multiprocess files keep a removed series, and a closed
-            # slot must not go on showing its last stream's figures (its next stream overwrites them)
+            # NaN: under --workers the multiprocess files keep a series (it cannot be removed there),
+            # and a closed slot must not go on showing its last stream's figures (its next stream overwrites them)
             for gauge in (self.fps_gauge, *self.latency_gauges.values()):
                 gauge.set(float("nan"))
+            if metrics.multiprocess():
+                return
             for labels in ((self.name, self.id, "0.5"), (self.name, self.id, "0.99")):
                 with contextlib.suppress(KeyError):
                     metrics.stream_latency.remove(*labels)
@@ -223,7 +225,7 @@ class UpscaleStream:
                 return
             for number in dropped:
                 self.stats.dropped += 1
-                self.count("dropped")
+                self.count("dropped", self.served_version())
                 await self.send({"type": "dropped", "frame": number, "superseded_by": frame.number})
             self.busy = True
             try:
@@ -238,7 +240,7 @@ class UpscaleStream:
         registry = self.registry
         if frame.refusal is not None:
             self.stats.errors += 1
-            self.count("error")
+            self.count("error", self.served_version())
             await self.send({"type": "error", "frame": frame.number} | frame.refusal)
             return
         ctx = self.frame_context = RequestContext(frame.arrived, reserved=len(frame.data))  # the bytes reserved on arrival
@@ -298,6 +300,14 @@ class UpscaleStream:
             self.registry.memory.release(nbytes)
         else:
             flushed(lambda: self.registry.memory.release(nbytes))
+
+    def served_version(self) -> str:
+        """The version the stream's frames go to now (a label for frames no model touched: dropped,
+        or refused on arrival); "" while none is served (unloaded)."""
+        try:
+            return str(self.registry.get(self.name, self.version).entry.version)
+        except ApiError:
+            return ""
 
     def count(self, outcome: str, version: str = "") -> None:
         self.registry.metrics.stream_frames.labels(self.name, version, outcome).inc()

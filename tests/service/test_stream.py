@@ -68,6 +68,9 @@ def test_every_frame_is_answered_in_order_and_a_burst_drops_all_but_the_latest(s
             assert Image.open(io.BytesIO(answer["image"])).size == (512, 512)
     last = got[-1]["stats"]
     assert last["answered"] == kinds.count("frame") and last["dropped"] == kinds.count("dropped") and last["p99_ms"] >= last["p50_ms"] > 0
+    # dropped frames are counted under the version the stream serves (they were counted under version "")
+    assert server.metric("ganserve_stream_frames_total", model="upx4", version="1", outcome="dropped") >= kinds.count("dropped")
+    assert server.metric("ganserve_stream_frames_total", model="upx4", version="", outcome="dropped") == 0
 
 
 def test_a_streamed_frame_has_the_pixels_of_the_http_upscale(server):

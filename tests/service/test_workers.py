@@ -147,6 +147,7 @@ def test_streams_opened_in_a_loop_reuse_their_slots_in_metrics(workers):
     fps = [line for line in httpx.get(f"{workers.url}/metrics").text.splitlines() if line.startswith("ganserve_stream_fps{")]
     assert fps and {line.split('stream="')[1].split('"')[0] for line in fps} == {"s1"}
     assert len(fps) <= 2 and all(line.endswith("NaN") for line in fps)  # one series per front, closed
+    assert "Removal of labels" not in workers.process.log_path.read_text(errors="replace")  # prometheus-client warned at every close
 
 def test_tensor_protocol_inference_through_a_front_equals_the_single_process_server(workers, server):
     with server.client() as single, workers.client() as front:
