@@ -44,6 +44,7 @@ class GraphCost:
     relaxed_by_batches: int = 0  # times the batches served ran faster than the fit for long enough to replace it
     batches_since_fit: int = 0  # batches observed since the fit was measured or last replaced
     max_batch_units: float | None = None  # a larger warm-up shape ran out of device memory: batches stay at or under this
+    recalibrated_to: float | None = None  # the correction an idle re-measure last set (`recalibrate`)
 
     def units(self, inputs: dict[str, np.ndarray]) -> float:
         """An item's units: 1, or its pixels over the reference for dynamic-size graphs."""
@@ -139,7 +140,13 @@ class GraphCost:
         units = self.warmed[-1] if self.warmed else 1.0
         fitted = self.batch_seconds(units, corrected=False)
         if fitted > 0:
-            self.correction = min(50.0, max(0.2, (overhead_s + per_unit_s * units) / fitted))
+            self.correction = self.recalibrated_to = min(50.0, max(0.2, (overhead_s + per_unit_s * units) / fitted))
+
+    @property
+    def slowed_since_timed(self) -> bool:
+        """Batches have run slower than the fit since an idle lane last timed it: worth timing
+        again at the next idle spell (a machine that stays slower while idle is not re-timed for it)."""
+        return self.correction > max(1.0, self.recalibrated_to or 1.0)
 
     def adopt(self, per_unit_s: float, overhead_s: float, margin: float) -> bool:
         ends = (self.warmed[0], self.warmed[-1]) if self.warmed else (1.0,)

@@ -18,8 +18,8 @@ hour on each model.
 
 A re-measure that finds a model no faster still sets its correction (observed over estimated,
 which admission multiplies its estimates by) to what the idle lane measured
-(`GraphCost.recalibrate`), and a model whose correction is above 1 is timed at every idle spell
-whatever its wait: otherwise a busy spell's correction outlives the spell on a server with no
+(`GraphCost.recalibrate`), and a model whose batches have run slower than its fit since it was
+last timed is timed at the next idle spell whatever its wait: otherwise a busy spell's correction outlives the spell on a server with no
 traffic to move it, and requests the limits allow get 503 on an idle lane (the message says the
 model has run slower than measured; the Retry-After is this idle wait).
 
@@ -135,7 +135,7 @@ async def remeasure_when_idle(registry: "ModelRegistry") -> None:
         schedules = {id(model): schedules.get(id(model)) or Schedule(0.0, idle_s) for model in models}
         for model in sorted(models, key=lambda m: schedules[id(m)].due):
             schedule = schedules[id(model)]
-            slowed = any(cost.correction > 1.0 for cost in model.costs.values())  # its batches ran slow: time it at this idle spell
+            slowed = any(cost.slowed_since_timed for cost in model.costs.values())  # its batches ran slow: time it at this idle spell
             if registry.draining or (schedule.due > time.monotonic() and not slowed):
                 continue
             outcome = await remeasure(registry, model)

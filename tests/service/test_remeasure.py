@@ -54,10 +54,14 @@ def test_an_idle_re_measure_that_keeps_the_fit_sets_the_correction_to_what_it_ti
     """A busy spell's correction must not outlive it: an idle lane's timing replaces it."""
     cost = GraphCost(per_unit_s=0.3, overhead_s=0.01, bytes_per_unit=0, reference_pixels=None, warmed=(1.0, 4.0), correction=1.7)
     assert not cost.relax(0.3, 0.01)  # the idle lane runs at the fit: nothing to relax
+    assert cost.slowed_since_timed  # timed at the next idle spell, whatever the back-off
     cost.recalibrate(0.3, 0.01)
-    assert cost.correction == 1.0
+    assert cost.correction == 1.0 and not cost.slowed_since_timed
     cost.recalibrate(0.45, 0.015)  # still slower than the fit while idle (another tenant): that is the truth of now
     assert abs(cost.correction - 1.5) < 1e-9
+    assert not cost.slowed_since_timed  # a machine slower while idle is not timed at every idle spell for it
+    cost.observe(1.0, 0.9)  # but batches slower still since are
+    assert cost.slowed_since_timed
 
 
 def square_png(side: int) -> bytes:
