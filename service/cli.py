@@ -37,7 +37,7 @@ def serve_command(
     return_freed_memory_to_the_os()
     # every accepted request ends by its deadline, so the drain fits in shutdown_grace_s
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                http=guarded_protocol(settings.header_timeout_s, settings.max_connections, settings.send_timeout_s),
+                http=guarded_protocol(settings.header_timeout_s, settings.max_connections, settings.send_timeout_s, settings.max_header_bytes),
                 ws=guarded_websocket_protocol(settings.send_timeout_s),
                 timeout_keep_alive=settings.keep_alive_s, timeout_graceful_shutdown=int(settings.shutdown_grace_s),
                 ws_max_size=settings.max_body_bytes, access_log=False)

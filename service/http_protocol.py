@@ -3,6 +3,10 @@
 - a **header timeout**: a connection that does not finish a request's headers within
   `header_timeout_s` of connecting (or of the request's first byte, on a kept-alive connection)
   gets 408 and is closed, so half-sent requests cannot hold sockets open for good;
+- a **header size cap**: a request whose headers go past `max_header_bytes` gets 431 and the
+  connection is closed, before the parser sees more of them. httptools builds a header's value by
+  appending each piece to a string, so parsing one 32 MiB header took 2.6 s of the event loop
+  (every other client waited) and 64 MiB 5 s; counted per read, so at most one read (256 KiB) past the cap is parsed;
 - a **connection cap**: past `max_connections` open connections a new one is answered 503 (JSON,
   like every error) and closed before anything is read;
 - a **send timeout** (`WriteStallGuard`, HTTP and WebSocket): a peer that reads nothing of what
@@ -47,6 +51,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 DISCONNECT_EXTENSION = "ganserve.on_disconnect"  # a list of callables in the request's scope extensions
 FLUSHED_EXTENSION = "ganserve.when_flushed"  # a callable: when_flushed(callback), the callback run once the answer left
 STOPPING_EXTENSION = "ganserve.stopping"  # True once the server shuts down while the request's body is still arriving
+REFUSED_LINGER_S = 1.0  # how long a refused request's remaining bytes are read and dropped before the close
 MAX_FRAGMENTS = 4096  # frames one WebSocket message may come in (a 64 MiB frame in 16 KiB pieces)
 
 
@@ -129,6 +134,7 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
     header_timeout_s: float = 10.0
     max_connections: int = 512
     send_timeout_s: float = 30.0
+    max_header_bytes: int = 64 * 1024
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -137,6 +143,8 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         self.lost = False
         self.header_timer: asyncio.TimerHandle | None = None
         self.awaiting_headers = False
+        self.header_bytes = 0  # read since the read in which the request began, while its headers are incomplete
+        self.refused = False  # answered 431: what still arrives is dropped
         if len(self.connections) > self.max_connections:
             transport.write(raw_error(503, "Service Unavailable", "too_many_connections",
                                       f"the server holds its limit of {self.max_connections} connections; retry later"))
@@ -154,6 +162,13 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
             self.header_timer = None
 
     def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return  # the rest of a refused request: read and dropped until the connection closes
+        if self.awaiting_headers:
+            self.header_bytes += len(data)
+            if self.header_bytes > self.max_header_bytes:
+                self.headers_too_large()
+                return
         super().data_received(data)
         # armed only for a request whose headers did not come whole: most arrive in one read, and a
         # timer made and cancelled for each of them was 1.2 % of the event loop's py-spy samples at 32 clients
@@ -163,6 +178,7 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.awaiting_headers = True  # a kept-alive connection's next request
+        self.header_bytes = 0
 
     def on_headers_complete(self) -> None:
         self.awaiting_headers = False
@@ -202,6 +218,19 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
             cycle.scope.setdefault("extensions", {})[STOPPING_EXTENSION] = True
             cycle.message_event.set()  # its pending receive() returns an empty chunk, and the intake looks at the flag
         super().shutdown()
+
+    def headers_too_large(self) -> None:
+        """431, then our side of the connection shut; what the client still sends is read and
+        dropped for `REFUSED_LINGER_S` before the close (closed at once with its bytes unread, the
+        kernel resets the connection, and the client may lose the answer before reading it)."""
+        self.disarm_header_timer()
+        self.awaiting_headers, self.refused = False, True
+        if not self.transport.is_closing():
+            self.transport.write(raw_error(431, "Request Header Fields Too Large", "headers_too_large",
+                                           f"the request's headers are over {self.max_header_bytes} bytes"))
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(REFUSED_LINGER_S, self.transport.close)
 
     def headers_timed_out(self) -> None:
         self.header_timer = None
@@ -267,10 +296,11 @@ class GuardedWebSocketProtocol(StallGuardedWrites, WebSocketsSansIOProtocol):
         super().handle_cont(event)
 
 
-def guarded_protocol(header_timeout_s: float, max_connections: int, send_timeout_s: float = 30.0) -> type[GuardedHttpProtocol]:
+def guarded_protocol(header_timeout_s: float, max_connections: int, send_timeout_s: float = 30.0,
+                     max_header_bytes: int = 64 * 1024) -> type[GuardedHttpProtocol]:
     """The HTTP protocol class uvicorn instantiates per connection, with the settings' values."""
     return type("ConfiguredHttpProtocol", (GuardedHttpProtocol,), {"header_timeout_s": header_timeout_s, "max_connections": max_connections,
-                                                                   "send_timeout_s": send_timeout_s})
+                                                                   "send_timeout_s": send_timeout_s, "max_header_bytes": max_header_bytes})
 
 
 def guarded_websocket_protocol(send_timeout_s: float) -> type[GuardedWebSocketProtocol]:

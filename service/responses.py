@@ -55,7 +55,8 @@ def choose_format(explicit: str | None, accept: str | None, allowed: tuple[str, 
         if fmt in allowed:
             return fmt
     offered = ", ".join(CONTENT_TYPES[f] for f in allowed)
-    raise ApiError(406, f"cannot answer with {accept!r}: this operation produces {offered} (or pass format=)", code="not_acceptable")
+    shown = accept if len(accept) <= 120 else accept[:120] + "…"  # never the client's whole header back
+    raise ApiError(406, f"cannot answer with {shown!r}: this operation produces {offered} (or pass format=)", code="not_acceptable")
 
 
 def encode_response(images: np.ndarray, fmt: str, layout: str, columns: int | None, tags: list[int],

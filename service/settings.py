@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     # HTTP hygiene
     max_connections: int = Field(512, ge=1)  # open connections; past it a new one gets 503 and is closed
     header_timeout_s: float = Field(10.0, gt=0)  # a connection must finish sending a request's headers within this
+    max_header_bytes: int = Field(64 * 1024, ge=1024)  # a request's headers in bytes; past it 431 and the connection closes
     body_timeout_s: float = Field(30.0, gt=0)  # and its body within this (408 past it)
     send_timeout_s: float = Field(30.0, gt=0)  # a client that reads nothing of its answer (HTTP or stream) for this long is disconnected
     keep_alive_s: int = Field(5, ge=1)  # idle keep-alive connections close after this

@@ -28,7 +28,7 @@ def main(settings_json: str, replacement: bool = False) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s {settings.role} %(name)s %(message)s")
     return_freed_memory_to_the_os()
     config = uvicorn.Config(create_app(settings, serve_while_loading=not replacement), log_level=settings.log_level,
-                            http=guarded_protocol(settings.header_timeout_s, settings.max_connections, settings.send_timeout_s),
+                            http=guarded_protocol(settings.header_timeout_s, settings.max_connections, settings.send_timeout_s, settings.max_header_bytes),
                             ws=guarded_websocket_protocol(settings.send_timeout_s),
                             timeout_keep_alive=settings.keep_alive_s, timeout_graceful_shutdown=int(settings.shutdown_grace_s),
                             ws_max_size=settings.max_body_bytes, access_log=False,
