@@ -105,12 +105,12 @@ def test_an_upscale_refused_after_a_busy_warm_up_is_served_once_the_idle_server_
             assert refused.status_code == 413, refused.text
             stop(loops)
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline:  # a re-measure may already have relaxed it while the loops ran (lanes idle, machine busy)
                 idle_limits, idle_cost = upx4_costs(client)
-                if idle_cost["relaxed_when_idle"]:
+                if idle_cost["relaxed_when_idle"] > busy_cost["relaxed_when_idle"]:
                     break
                 time.sleep(0.25)
-            assert idle_cost["relaxed_when_idle"] >= 1, (busy_cost, idle_cost)
+            assert idle_cost["relaxed_when_idle"] > busy_cost["relaxed_when_idle"], (busy_cost, idle_cost)
             assert idle_cost["seconds_per_unit"] < 0.7 * busy_cost["seconds_per_unit"], (busy_cost, idle_cost)
             assert idle_limits["max_input_side"] > busy_limits["max_input_side"], (busy_limits, idle_limits)
             served = client.post("/v1/models/upx4/upscale", content=square_png(side), headers={"content-type": "image/png"})
