@@ -20,9 +20,14 @@ async def forward(request: Request, timeout_s: float | None) -> Response:
     registry = registry_of(request)
     client: httpx.AsyncClient = request.app.state.engine_http
     headers = {k: v for k, v in request.headers.items() if k.lower() in PASSED_HEADERS}
+    # the path and query as the client sent them, still percent-encoded: decoded, a %00 or %7F in a
+    # job id made httpx refuse the URL (a 500 where one process answers 404), a %3F cut the name short
+    # and a %2E%2E was normalised into another route
+    target = httpx.URL(request.scope.get("raw_path", request.url.path.encode()).decode("latin-1"), query=request.scope.get("query_string", b""))
     try:
-        answer = await client.request(request.method, request.url.path, params=request.query_params, headers=headers,
-                                      content=await request.body(), timeout=timeout_s)
+        answer = await client.request(request.method, target, headers=headers, content=await request.body(), timeout=timeout_s)
+    except httpx.InvalidURL:
+        raise ApiError(404, "not found")
     except httpx.HTTPError as error:
         raise ApiError(503, f"the engine process did not answer ({type(error).__name__}); retry", headers={"Retry-After": "1"})
     if request.url.path.startswith("/v2/repository/models/"):

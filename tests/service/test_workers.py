@@ -149,6 +149,19 @@ def test_streams_opened_in_a_loop_reuse_their_slots_in_metrics(workers):
     assert len(fps) <= 2 and all(line.endswith("NaN") for line in fps)  # one series per front, closed
     assert "Removal of labels" not in workers.process.log_path.read_text(errors="replace")  # prometheus-client warned at every close
 
+def test_a_path_forwarded_to_the_engine_is_answered_as_one_process_answers_it(workers, server):
+    """A front forwards jobs and model control to the engine: it once rebuilt the URL from the
+    decoded path, so a %00 in a job id was a 500 (httpx refused the URL) where one process
+    answers 404. Now the path travels as the client encoded it."""
+    requests = [("GET", "/v1/jobs/%00"), ("GET", "/v1/jobs/%7F"), ("GET", "/v1/jobs/a%0Ab"), ("GET", "/v1/jobs/%2E%2E"),
+                ("POST", "/v2/repository/models/digits%00/unload"), ("POST", "/v1/models/digits%00/project")]
+    with workers.client() as front, server.client() as single:
+        for method, path in requests:
+            ours, alone = front.request(method, path), single.request(method, path)
+            assert ours.status_code == alone.status_code and ours.status_code < 500, (path, ours.text, alone.text)
+        assert front.get("/v1/jobs/none").status_code == 404
+
+
 def test_tensor_protocol_inference_through_a_front_equals_the_single_process_server(workers, server):
     with server.client() as single, workers.client() as front:
         metadata = single.get("/v2/models/digits").json()
