@@ -114,6 +114,8 @@ def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
         picture.load()
     except Exception as error:
         raise UploadError(422, f"the image could not be decoded ({type(error).__name__}: {error})")
+    if picture.mode.startswith("I"):  # 16-bit grey PNG ("I;16", or "I"): Pillow's convert clips at 255 instead of scaling
+        picture = Image.fromarray((np.asarray(picture).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8), "L")  # (a gradient came out 99.6 % white)
     if picture.mode in ("RGBA", "LA", "PA") or (picture.mode == "P" and "transparency" in picture.info):
         rgba = picture.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))

@@ -56,6 +56,16 @@ def test_gray_to_colour_takes_grey_alpha_and_colour_uploads_and_answers_in_colou
     assert out.shape == (1, 40, 64, 3)
 
 
+def test_a_16_bit_grey_png_is_the_image_its_8_bit_version_is(server):
+    """Pillow's convert clips 16-bit grey at 255 instead of scaling it: a 0-65535 gradient was
+    upscaled as a picture 99.6 % white. Decoded as the top 8 bits, it is its 8-bit version."""
+    grey16 = (np.random.default_rng(3).random((40, 48)) * 65535).astype(np.uint16)
+    with server.client() as client:
+        deep = npy(post_image(client, "/v1/models/upx4/upscale", encoded(grey16), format="npy"))
+        shallow = npy(post_image(client, "/v1/models/upx4/upscale", encoded((grey16 >> 8).astype(np.uint8)), format="npy"))
+    assert np.array_equal(deep, shallow)
+
+
 def test_upscale_multiplies_the_size_by_the_scale_for_every_upload_form(server):
     image = photo(100, 150)  # 2 x 2 tiles of 96 px at 16 px overlap
     with server.client() as client:
