@@ -268,12 +268,33 @@ class ModelRegistry:
                     model.state, model.error = "failed", entry.problem
                 fresh[entry.version] = model
                 await self.load_one(model)
+                self.keep_faster_fits(model, self.models.get(name, {}).get(entry.version))
             replaced = list(self.models.get(name, {}).values())
             self.models[name] = fresh
             for model in replaced:
                 await self.retire(model, "replaced")
             self.settle_memory()
             return fresh
+
+    def keep_faster_fits(self, fresh: LoadedModel, served: LoadedModel | None) -> None:
+        """A reload of the same network, served the same way, keeps the faster of its two cost fits.
+        Its warm-up competes with the traffic still served by the version it replaces, and measured
+        slow (1.74 s a tile against 0.58 in a probe) — so its limits tightened and an upscale served a
+        moment before got 413, the answer that says retrying cannot help. The weights do not change
+        what a forward pass costs; the architecture, the runtime and the precision do, and where
+        any of them changed the new fit stands as measured."""
+        if served is None or served.state != "ready" or not fresh.ready:
+            return
+        same = (fresh.entry.spec == served.entry.spec and fresh.config == served.config and fresh.served_precision == served.served_precision
+                and (fresh.runtime.name, fresh.runtime.device) == (served.runtime.name, served.runtime.device))
+        if not same:
+            return
+        kept = [graph for graph, cost in fresh.costs.items()
+                if (before := served.costs.get(graph)) is not None and cost.adopt(before.per_unit_s, before.overhead_s, margin=1.0)]
+        if kept:
+            fresh.limits = derive_limits(fresh, self.settings, self.settings.memory_budget)
+            log.info("%s: reloaded; kept the served version's faster fit for %s: limits %s", fresh.entry.label, ", ".join(kept),
+                     fresh.limits.describe())
 
     async def unload_model(self, name: str) -> None:
         """The repository extension's `unload`: readiness goes false at once, accepted requests

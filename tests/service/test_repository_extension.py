@@ -4,6 +4,7 @@ and picks up a version added on disk while serving, a broken model cannot be loa
 version swapped in under load fails no request."""
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -137,6 +138,26 @@ def test_an_unload_while_uploads_decode_answers_them_503_never_500(own_repositor
     assert {a.status_code for a in answers} <= {200, 503}, [(a.status_code, a.text[:200]) for a in answers]
     for refused in (a for a in answers if a.status_code == 503):
         assert "gray" in refused.json()["error"]["message"] and refused.headers["retry-after"]
+
+def test_a_reload_of_the_same_network_under_a_busy_machine_keeps_the_limits_it_served_with(repository):
+    """A reload warms while the machine is busy (here, busy loops on every core; in a probe, the
+    traffic the replaced version still served): it timed upx4's tiles slow and tightened its
+    limits, so an upscale served a moment before got 413. The same network served the same way
+    keeps the faster of the two fits."""
+    from bench.limits import start_loops, stop
+    from tests.service.test_remeasure import upx4_costs
+
+    with running_server(repository, models=["upx4"], model_control=True, remeasure_idle_s=0) as server, server.client(timeout=120) as client:
+        limits, cost = upx4_costs(client)
+        loops = start_loops(3 * (os.cpu_count() or 1))
+        try:
+            assert client.post("/v2/repository/models/upx4/load").status_code == 200
+        finally:
+            stop(loops)
+        reloaded_limits, reloaded_cost = upx4_costs(client)
+    assert reloaded_cost["seconds_per_unit"] <= cost["seconds_per_unit"], (cost, reloaded_cost)
+    assert reloaded_limits["max_input_side"] >= limits["max_input_side"], (limits, reloaded_limits)
+
 
 def wait_for(check, seconds: float = 60) -> bool:
     deadline = time.monotonic() + seconds
