@@ -47,7 +47,8 @@ class InterpolateRequest(BaseModel):
     space: str = Field("w", pattern="^(z|w)$")
     truncation_psi: Psi = 1.0
     class_label: ClassIndex | ClassName | None = Field(None, alias="class", description="class index or name (conditional style models)")
-    format: str = Field("gif", pattern="^(gif|webp|png|npy)$", description="gif/webp: animation; png: a grid of frames; npy: [T, H, W, C]")
+    format: str | None = Field(None, pattern="^(gif|webp|png|npy)$",
+                               description="gif/webp: animation; png: a grid of frames; npy: [T, H, W, C]; default: what Accept names, else gif")
     frame_ms: int = Field(80, ge=10, le=5000, strict=True)
 
     @model_validator(mode="after")
@@ -114,6 +115,9 @@ async def style_mix(name: str, body: StyleMixRequest, request: Request) -> Respo
     return await respond(registry, model.entry, "style-mix", images, fmt, body.layout, cols, list(range(rows * cols)))
 
 
+INTERPOLATE_FORMATS = ("gif", "webp", "png", "npy")  # the first is the default
+
+
 @router.post("/models/{name}/interpolate", responses=STYLE_ERRORS)
 async def interpolate(name: str, body: InterpolateRequest, request: Request) -> Response:
     registry, model = registry_of(request), style_model(request, name, "interpolate")
@@ -133,11 +137,12 @@ async def interpolate(name: str, body: InterpolateRequest, request: Request) -> 
             w = latent.lerp(torch.from_numpy(w_ends[0]), torch.from_numpy(w_ends[1]), times).numpy()
         return await style.synthesize(registry, model, style.broadcast(model, w), state)
 
+    fmt = choose_format(body.format, request.headers.get("accept"), INTERPOLATE_FORMATS)
     mapped = 0 if ends is not None else (body.steps if body.space == "z" else 2)
     frames = await execute(request, model, style_cost(model, mapped, body.steps), work)
-    if body.format in ("png", "npy"):
-        return await respond(registry, model.entry, "interpolate", frames, body.format, "grid", body.steps, list(range(body.steps)))
-    return await respond_animation(registry, model.entry, frames, body.format, body.frame_ms)
+    if fmt in ("png", "npy"):
+        return await respond(registry, model.entry, "interpolate", frames, fmt, "grid", body.steps, list(range(body.steps)))
+    return await respond_animation(registry, model.entry, frames, fmt, body.frame_ms)
 
 
 @router.post("/models/{name}/edit", responses=STYLE_ERRORS)

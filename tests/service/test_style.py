@@ -66,7 +66,10 @@ def test_interpolation_returns_an_animation_or_frames_whose_ends_are_the_seeds(s
         frames = npy(client.post("/v1/models/styles/interpolate", json={"seeds": [1, 2], "steps": 5, "format": "npy", "space": "z"}))
         ends = npy(generate(client, seeds=[1, 2]))
         webp = client.post("/v1/models/styles/interpolate", json={"seeds": [1, 2], "steps": 3, "format": "webp"})
+        accepted = client.post("/v1/models/styles/interpolate", json={"seeds": [1, 2], "steps": 3}, headers={"accept": "image/webp"})
+        refused = client.post("/v1/models/styles/interpolate", json={"seeds": [1, 2], "steps": 3}, headers={"accept": "image/jpeg"})
     assert gif.headers["content-type"] == "image/gif"
+    assert accepted.headers["content-type"] == "image/webp" and refused.status_code == 406  # Accept counts, as on every other route (a GIF came back)
     assert Image.open(io.BytesIO(gif.content)).n_frames == 5
     assert Image.open(io.BytesIO(webp.content)).n_frames == 3
     assert frames.shape == (5, 16, 16, 3)
