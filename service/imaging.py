@@ -9,7 +9,7 @@ import io
 import math
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from service.encoders import PILLOW_ONLY, EncoderTable
 
@@ -90,8 +90,10 @@ def open_upload(data: bytes) -> Image.Image:
         return Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
     except Image.DecompressionBombError as error:
         raise UploadError(413, f"the image is far too large to decode ({error})")
-    except Exception as error:
-        raise UploadError(422, f"the upload is not a PNG, JPEG or WebP image ({type(error).__name__})")
+    except UnidentifiedImageError:
+        raise UploadError(422, "the upload is not a PNG, JPEG or WebP image")
+    except Exception as error:  # recognised, but its header is broken or over Pillow's limits (a text chunk past its size cap)
+        raise UploadError(422, f"the image's header could not be read ({type(error).__name__}: {str(error)[:200]})")
 
 
 def probe_upload(data: bytes) -> tuple[int, int]:

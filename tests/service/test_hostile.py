@@ -193,6 +193,19 @@ def test_a_hostile_request_gets_its_status_and_a_json_error_and_the_server_stays
     assert peak_rss(shipped.process.pid) < BUDGET
 
 
+def test_a_png_whose_header_is_over_pillows_limits_is_named_a_png(shipped):
+    """A zTXt chunk that inflates past Pillow's 1 MB text cap is refused 422 before decoding, and
+    the message says what is wrong with it instead of calling it no PNG at all."""
+    text = b"comment\0\0" + zlib.compress(b"\0" * 2_000_000)
+    bomb = png(8, 8)
+    bomb = bomb[:33] + struct.pack(">I", len(text)) + b"zTXt" + text + struct.pack(">I", zlib.crc32(b"zTXt" + text)) + bomb[33:]
+    with shipped.client() as client:
+        refused = client.post(f"{V1}/cyclegan-thin2thick/translate", content=bomb, headers=PNG)
+        garbage = client.post(f"{V1}/cyclegan-thin2thick/translate", content=b"\x89PNG not really" * 10, headers=PNG)
+    assert refused.status_code == 422 and "header could not be read" in refused.json()["error"]["message"], refused.text
+    assert garbage.status_code == 422 and "not a PNG, JPEG or WebP" in garbage.json()["error"]["message"]
+
+
 def test_a_tiny_image_is_translated_at_its_own_size(shipped):
     """Sides of 1–4 px once reached ONNX's Pad with an error text for the client (500)."""
     with shipped.client() as client:
