@@ -46,17 +46,21 @@ def require_json(request: Request) -> None:
 
 class JsonBodyRoute(APIRoute):
     """The route class of routers whose operations take a JSON body: a route with a body model
-    answers 415 for any other content type before FastAPI parses the body. (A `Depends` did this at
+    answers 415 for any other content type before FastAPI parses the body (a `Depends` did this at
     the cost of a second pass of FastAPI's dependency solver on every request: docs/benchmarks.md,
-    run 7.)"""
+    run 7), and 422 for a query parameter it does not take: its options are body fields, and
+    `generate?format=jpeg` answered a PNG without a word, where an unknown body field is 422."""
 
     def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
         handler = super().get_route_handler()
         if self.body_field is None:
             return handler
+        taken = frozenset(parameter.alias for parameter in self.dependant.query_params)
 
         async def json_only(request: Request) -> Response:
             require_json(request)
+            if unknown := [key for key in request.query_params if key not in taken]:
+                raise ApiError(422, f"unknown query parameter {unknown[0][:64]!r}: this operation takes its options in the JSON body")
             return await handler(request)
 
         return json_only

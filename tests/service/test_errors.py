@@ -25,6 +25,15 @@ def test_invalid_generate_bodies_are_422_with_a_reason(server, body, mentions):
     assert error["code"] == "invalid_request" and mentions in error["message"]
 
 
+def test_a_query_parameter_a_json_operation_does_not_take_is_422(server):
+    """Its options are body fields: `?format=jpeg` answered a PNG without a word."""
+    with server.client() as client:
+        response = client.post("/v1/models/digits/generate", params={"format": "jpeg"}, json={"seed": 1})
+        assert response.status_code == 422 and "unknown query parameter 'format'" in response.json()["error"]["message"]
+        assert client.post("/v1/models/styles/edit", params={"n": 2}, json={"seed": 1, "direction": "size", "strengths": [0]}).status_code == 422
+        assert client.post("/v1/models/digits/generate", json={"seed": 1, "format": "jpeg"}).headers["content-type"] == "image/jpeg"
+
+
 @pytest.mark.parametrize("label", [10, -1, "eleven", 2.5])
 def test_unknown_classes_are_422(server, label):
     with server.client() as client:
