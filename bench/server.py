@@ -19,14 +19,23 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 
 
+def stat_fields(path: Path) -> list[str]:
+    """A /proc stat file's fields after the command name (state, ppid, …, utime at 11, stime at 12)."""
+    return path.read_text().rsplit(")", 1)[1].split()
+
+
+def cpu_s(fields: list[str]) -> float:
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def process_family(pid: int) -> dict[int, list[str]]:
-    """pid → its /proc stat fields after the command name (state, ppid, …, utime at 11, stime at
-    12) for `pid` and its live children: a `serve --workers N` server is a supervisor, an engine
-    and N fronts, so its CPU and its roles are read from the whole family (Linux only)."""
+    """pid → its stat fields (`stat_fields`) for `pid` and its live children: a `serve --workers N`
+    server is a supervisor, an engine and N fronts, so its CPU and its roles are read from the
+    whole family (Linux only)."""
     family = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            fields = stat_fields(stat)
         except (OSError, IndexError):
             continue
         if stat.parent.name == str(pid) or fields[1] == str(pid):
@@ -34,11 +43,12 @@ def process_family(pid: int) -> dict[int, list[str]]:
     return family
 
 
-def process_roles(pid: int) -> dict[int, str]:
-    """pid → role of each process of a server: "server" for a single process; "supervisor",
-    "engine" and "front" for `serve --workers N` (read from the children's command lines)."""
+def process_roles(pid: int, family: dict[int, list[str]] | None = None) -> dict[int, str]:
+    """pid → role of each process of a server (of `family`, when the caller has read it): "server"
+    for a single process; "supervisor", "engine" and "front" for `serve --workers N` (read from the
+    children's command lines)."""
     roles = {}
-    for process in process_family(pid):
+    for process in family if family is not None else process_family(pid):
         try:
             command = Path(f"/proc/{process}/cmdline").read_bytes().decode(errors="replace")
         except OSError:
@@ -54,20 +64,18 @@ def cpu_seconds_by_part(pid: int) -> dict[str, float]:
     encoder pools; exited ones included), by role — "event loop" / "other threads" for one process,
     "engine event loop", "front event loops", … for `--workers N`. It says which part a faster host
     must scale: one engine loop forms every batch, the fronts add up over cores."""
-    tick = os.sysconf("SC_CLK_TCK")
+    family = process_family(pid)
     parts: dict[str, float] = {}
-    for process, role in process_roles(pid).items():
+    for process, role in process_roles(pid, family).items():
         try:
-            whole = Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()
-            main = Path(f"/proc/{process}/task/{process}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+            whole_s, main_s = cpu_s(family[process]), cpu_s(stat_fields(Path(f"/proc/{process}/task/{process}/stat")))
+        except (OSError, IndexError, KeyError):
             continue  # exited between the listing and the read
-        whole_s, main_s = [(int(f[11]) + int(f[12])) / tick for f in (whole, main)]
-        prefix = "" if role == "server" else f"{role} "
-        loop, others = (f"{prefix}event loops", f"{prefix}other threads") if role == "front" else (f"{prefix}event loop", f"{prefix}other threads")
         if role == "supervisor":
             parts["supervisor"] = parts.get("supervisor", 0.0) + whole_s
             continue
+        prefix = "" if role == "server" else f"{role} "
+        loop, others = f"{prefix}event loop" + ("s" if role == "front" else ""), f"{prefix}other threads"
         parts[loop] = parts.get(loop, 0.0) + main_s
         parts[others] = parts.get(others, 0.0) + max(whole_s - main_s, 0.0)
     return parts

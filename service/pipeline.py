@@ -59,7 +59,7 @@ class JsonBodyRoute(APIRoute):
 
         async def json_only(request: Request) -> Response:
             require_json(request)
-            if unknown := [key for key in request.query_params if key not in taken]:
+            if request.scope.get("query_string") and (unknown := [key for key in request.query_params if key not in taken]):
                 raise ApiError(422, f"unknown query parameter {unknown[0][:64]!r}: this operation takes its options in the JSON body")
             return await handler(request)
 
