@@ -186,9 +186,14 @@ class Client:
             state = self.send(Call("GET", job["status_url"])).json()
             if state["state"] in ("done", "failed", "cancelled"):
                 return finished(state)
-            if time.monotonic() > deadline:
-                raise GanserveError(504, "client_timeout", f"job {job['job_id']} still {state['state']} after {timeout_s:g} s")
+            if time.monotonic() > deadline:  # cancelled, so the server does not go on with what nobody will read
+                self.send(Call("DELETE", job["status_url"]))
+                raise timed_out(job, state, timeout_s)
             time.sleep(poll_s)
+
+
+def timed_out(job: dict, state: dict, timeout_s: float) -> GanserveError:
+    return GanserveError(504, "client_timeout", f"job {job['job_id']} still {state['state']} after {timeout_s:g} s: cancelled")
 
 
 def finished(state: dict) -> dict:
@@ -259,5 +264,6 @@ class AsyncClient:
             if state["state"] in ("done", "failed", "cancelled"):
                 return finished(state)
             if time.monotonic() > deadline:
-                raise GanserveError(504, "client_timeout", f"job {job['job_id']} still {state['state']} after {timeout_s:g} s")
+                await self.send(Call("DELETE", job["status_url"]))
+                raise timed_out(job, state, timeout_s)
             await asyncio.sleep(poll_s)

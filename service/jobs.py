@@ -1,16 +1,27 @@
-"""Long jobs (projection): bounded in number and in time, run on their own thread (off every
-model's lane), polled with GET /v1/jobs/{id}. Jobs live in memory: they do not survive a
-restart. On shutdown queued jobs are cancelled and a running one stops at its next step
-(`tick` answers False), so shutdown never waits for a job's whole time limit."""
+"""Long jobs (projection): bounded in number, in time and in memory, run one at a time on their own
+thread (off every model's lane), polled with GET /v1/jobs/{id} and cancelled with DELETE. Jobs
+live in memory: they do not survive a restart. On shutdown queued jobs are cancelled and a running
+one stops at its next step (`tick` answers False), so shutdown never waits for a job's whole time
+limit.
+
+Memory: a job's input is reserved from the server's budget when it is accepted and held until it
+ends; what its computation holds (`working_bytes`, counted before it is accepted) is reserved when
+it starts, since jobs run one at a time. A job that could never fit is refused with 413; one that
+finds the budget taken by requests waits, queued and saying so, for as long as its time limit."""
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
+from service.admission import reserve_memory
 from service.errors import ApiError
+from service.memory import MemoryBudget, OverBudget
+
+MEMORY_RETRY_S = 0.25  # how often a job waiting for the memory budget looks again
 
 
 @dataclass
@@ -26,20 +37,31 @@ class Job:
     finished: float | None = None
     result: dict | None = None
     error: str | None = None
+    held_bytes: int = 0  # its input, reserved from acceptance to its end
+    working_bytes: int = 0  # what its computation holds, reserved while it runs
+    waiting: str | None = None  # why a queued job has not started (the memory budget is taken)
+    cancel_requested: bool = False
+
+    @property
+    def finished_state(self) -> bool:
+        return self.state in ("done", "failed", "cancelled")
 
     def to_dict(self) -> dict:
         return {"id": self.id, "kind": self.kind, "model": self.model, "state": self.state,
                 "progress": {"step": self.step, "total": self.total_steps}, "created": self.created,
-                "started": self.started, "finished": self.finished, "result": self.result, "error": self.error}
+                "started": self.started, "finished": self.finished, "result": self.result, "error": self.error,
+                "waiting": self.waiting, "memory_mib": round((self.held_bytes + self.working_bytes) / 2**20, 1)}
 
 
 class JobStore:
-    def __init__(self, max_active: int, max_seconds: float, keep_finished: int = 256) -> None:
+    def __init__(self, max_active: int, max_seconds: float, memory: MemoryBudget, keep_finished: int = 256) -> None:
         self.max_active = max_active
         self.max_seconds = max_seconds
+        self.memory = memory
         self.keep_finished = keep_finished
         self.jobs: dict[str, Job] = {}
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="jobs")
+        self.lock = threading.RLock()  # state changes: the loop cancels while the job thread starts or ends a job
         self.stopping = False
 
     def active(self) -> int:
@@ -53,40 +75,101 @@ class JobStore:
         if self.active() >= self.max_active:
             raise ApiError(429, f"{self.max_active} jobs are already queued or running; retry later", headers={"Retry-After": "5"})
 
-    def submit(self, kind: str, model: str, total_steps: int, work: Callable[[Job, Callable[[int], bool]], dict]) -> Job:
-        """Queues `work(job, tick)`; `tick(step)` records progress and returns False past the time limit."""
+    def check_fits(self, working_bytes: int, held_bytes: int = 0) -> None:
+        """413 for a job whose memory could never fit the budget, however long it waited."""
+        wanted = working_bytes + held_bytes
+        if wanted > self.memory.capacity:
+            raise ApiError(413, f"this job needs about {wanted / 2**20:.0f} MiB; the server's memory budget for requests "
+                                f"is {self.memory.capacity / 2**20:.0f} MiB", code="too_expensive")
+
+    def submit(self, kind: str, model: str, total_steps: int, work: Callable[[Job, Callable[[int], bool]], dict],
+               working_bytes: int = 0, held_bytes: int = 0) -> Job:
+        """Queues `work(job, tick)`; `tick(step)` records progress and returns False once the job
+        should stop (its time limit, a cancel, shutdown). `held_bytes` are reserved now (503 when
+        the budget is taken), `working_bytes` when the job starts."""
         self.check_room()
-        job = Job(uuid.uuid4().hex, kind, model, total_steps)
+        self.check_fits(working_bytes, held_bytes)
+        reserve_memory(self.memory, held_bytes)
+        job = Job(uuid.uuid4().hex, kind, model, total_steps, held_bytes=held_bytes, working_bytes=working_bytes)
         self.jobs[job.id] = job
         self.forget_old()
         self.executor.submit(self.run, job, work)
         return job
 
     def run(self, job: Job, work: Callable[[Job, Callable[[int], bool]], dict]) -> None:
-        if job.state == "cancelled":
+        if not self.start(job):
             return
-        job.state, job.started = "running", time.time()
+        job.started = time.time()
 
         def tick(step: int) -> bool:
             job.step = step
-            return not self.stopping and time.time() - job.started < self.max_seconds
+            return not (job.cancel_requested or self.stopping) and time.time() - job.started < self.max_seconds
 
         try:
-            job.result = work(job, tick)
-            job.state = "done"
-        except Exception as error:  # a failed job reports why; the server carries on
-            job.state, job.error = ("cancelled", "the server shut down") if self.stopping else ("failed", f"{type(error).__name__}: {error}")
-        job.finished = time.time()
+            result, state, error = work(job, tick), "done", None
+        except Exception as failure:  # a failed job reports why; the server carries on
+            result, state, error = None, "failed", f"{type(failure).__name__}: {failure}"
+        if self.stopping:
+            result, state, error = None, "cancelled", "the server shut down"
+        elif job.cancel_requested:
+            result, state, error = None, "cancelled", "cancelled by the client"
+        self.finish(job, state, error, result)
+
+    def start(self, job: Job) -> bool:
+        """Takes the job's working memory, waiting while requests hold the budget; False when the
+        job ended instead (cancelled, shutdown, or the budget stayed taken past its time limit)."""
+        waited_since = time.monotonic()
+        while True:
+            with self.lock:
+                if job.state != "queued":
+                    return False
+                if job.cancel_requested or self.stopping:
+                    self.cancel_if_queued(job, "the server shut down" if self.stopping else "cancelled by the client")
+                    return False
+                try:
+                    self.memory.try_reserve(job.working_bytes)
+                except OverBudget as error:
+                    job.waiting = f"the memory budget: {error}"
+                else:
+                    job.state, job.waiting = "running", None
+                    return True
+            if time.monotonic() - waited_since > self.max_seconds:
+                self.finish(job, "failed", f"the memory budget stayed taken for {self.max_seconds:g} s ({job.waiting})", release_working=False)
+                return False
+            time.sleep(MEMORY_RETRY_S)
+
+    def finish(self, job: Job, state: str, error: str | None, result: dict | None = None, release_working: bool = True) -> None:
+        """Ends a job once: its state, and its memory handed back."""
+        with self.lock:
+            if job.finished_state:
+                return
+            job.state, job.error, job.result, job.finished, job.waiting = state, error, result, time.time(), None
+            self.memory.release(job.held_bytes + (job.working_bytes if release_working else 0))
+
+    def cancel(self, job_id: str) -> Job:
+        """DELETE /v1/jobs/{id}: a queued job never starts, a running one stops at its next step
+        (its state says `running` until then), a finished one is forgotten."""
+        job = self.get(job_id)
+        if job.finished_state:
+            self.jobs.pop(job_id, None)
+            return job
+        job.cancel_requested = True
+        self.cancel_if_queued(job, "cancelled by the client")
+        return job
+
+    def cancel_if_queued(self, job: Job, reason: str) -> None:
+        with self.lock:  # not started meanwhile: it would run, and its working memory never be handed back
+            if job.state == "queued":
+                self.finish(job, "cancelled", reason, release_working=False)
 
     def cancel_all(self) -> None:
         """Shutdown: queued jobs never start, the running one stops at its next step."""
         self.stopping = True
-        for job in self.jobs.values():
-            if job.state == "queued":
-                job.state, job.error, job.finished = "cancelled", "the server shut down", time.time()
+        for job in list(self.jobs.values()):
+            self.cancel_if_queued(job, "the server shut down")
 
     def forget_old(self) -> None:
-        finished = sorted((j for j in self.jobs.values() if j.state in ("done", "failed", "cancelled")), key=lambda j: j.finished or 0)
+        finished = sorted((j for j in self.jobs.values() if j.finished_state), key=lambda j: j.finished or 0)
         for job in finished[: max(0, len(finished) - self.keep_finished)]:
             del self.jobs[job.id]
 

@@ -49,7 +49,7 @@ class LoadedModel:
     probes: dict[str, CostProbe] = field(default_factory=dict)  # per graph: how to time it again (service/remeasure.py)
     limits: ModelLimits | None = None
     batchers: dict[str, DynamicBatcher] = field(default_factory=dict)
-    projection: tuple | None = None  # style models: (eager generator, feature fn), built on first use
+    projection_bytes: int | None = None  # style models: a projection job's memory (service/projection.py), counted on first use
     spreads: dict[str, float] = field(default_factory=dict)  # style models: std of w along each direction
     parity: PrecisionParity | None = None  # half precision: its measured distance from fp32
     precision_rejected: list[PrecisionParity] = field(default_factory=list)  # `auto`: half precisions tried that missed the bound
@@ -171,7 +171,7 @@ class ModelRegistry:
         self.encoders = ThreadPoolExecutor(settings.encoder_threads, thread_name_prefix="encode")
         self.memory = memory_budget_for(settings)
         self.models: dict[str, dict[int, LoadedModel]] = {}
-        self.jobs = JobStore(settings.max_jobs, settings.max_job_seconds)
+        self.jobs = JobStore(settings.max_jobs, settings.max_job_seconds, self.memory)
         self.loaded_event = asyncio.Event()  # set once every entry has been tried
         self.draining = False
         # upscale streams (service/streams.py) hold slots 1 … settings.max_streams, which name them in
@@ -311,7 +311,7 @@ class ModelRegistry:
         await asyncio.gather(*(batcher.close() for batcher in model.batchers.values()))
         if model.lane is not None:
             model.lane.shutdown(wait=True)
-        model.batchers, model.runtimes, model.runtime, model.projection, model.probes = {}, {}, None, None, {}
+        model.batchers, model.runtimes, model.runtime, model.probes = {}, {}, None, {}
 
     def disk_signatures(self) -> dict[str, frozenset]:
         """Per model on disk: its versions and each spec.json's size and modification time."""

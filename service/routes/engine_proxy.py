@@ -38,6 +38,7 @@ async def forward(request: Request, timeout_s: float | None) -> Response:
 
 @router.post("/v1/models/{name}/project")
 @router.get("/v1/jobs/{job_id}")
+@router.delete("/v1/jobs/{job_id}")
 @router.post("/v2/repository/index")
 async def engine_route(request: Request) -> Response:
     return await forward(request, registry_of(request).settings.request_timeout_s)

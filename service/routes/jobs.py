@@ -1,47 +1,33 @@
-"""Projection of an uploaded image into a style model's W+, run as a bounded background job."""
+"""Projection of an uploaded image into a style model's W+, run as a bounded background job;
+its state polled and the job cancelled by id."""
 from __future__ import annotations
 
+import asyncio
 import base64
 from typing import Annotated
 
 import torch
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from safetensors.torch import load_file
 
-from models.classifier import ShapesPredictor
 from models.projection import project
-from models.spec import ModelSpec
-from models.zoo import build_generator
 from service.errors import ApiError, error_responses
 from service.imaging import DECODE_BYTES_PER_PIXEL, encode, to_uint8
 from service.pipeline import begin, registry_of, reserve
+from service.projection import projection_bytes, projection_networks
 from service.registry import LoadedModel
 from service.schemas import ProjectionSteps
 from service.style import require_style
 from service.uploads import IMAGE_BODY, prepare, probe, read_upload
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
-FEATURE_NETWORKS = {"shapes_predictor": ShapesPredictor}
 
 
-def projection_networks(model: LoadedModel):
-    """The eager generator (gradients need it) and the entry's feature network, if it ships one;
-    built once per model, in the job thread."""
-    if model.projection is not None:
-        return model.projection
-    entry = model.entry
-    generator = build_generator(ModelSpec.from_dict(entry.spec["model"]))
-    generator.load_state_dict(load_file(str(entry.file_for("eager"))))
-    generator.eval().requires_grad_(False)
-    features = None
-    info = entry.spec.get("feature_network")
-    if info:
-        network = FEATURE_NETWORKS[info["name"]]()
-        network.load_state_dict(load_file(str(entry.file_within(info["file"]))))
-        features = network.eval().requires_grad_(False).features
-    model.projection = (generator, features)
-    return model.projection
+async def working_bytes(model: LoadedModel) -> int:
+    """A projection job's memory for this model, counted once (on the meta device, off the loop)."""
+    if model.projection_bytes is None:
+        model.projection_bytes = await asyncio.get_running_loop().run_in_executor(None, projection_bytes, model.entry)
+    return model.projection_bytes
 
 
 @router.post("/models/{name}/project", status_code=202, openapi_extra=IMAGE_BODY, responses=error_responses(404, 413, 415, 422, 429, 503))
@@ -54,6 +40,8 @@ async def project_image(name: str, request: Request, steps: Annotated[Projection
     if steps > limit:
         raise ApiError(422, f"steps: at most {limit}")
     registry.jobs.check_room()  # before the upload is decoded
+    working = await working_bytes(model)
+    registry.jobs.check_fits(working)
     data = await read_upload(request)
     width, height = await probe(registry, data)
     reserve(request, width * height * DECODE_BYTES_PER_PIXEL)
@@ -62,16 +50,16 @@ async def project_image(name: str, request: Request, steps: Annotated[Projection
     target = torch.from_numpy(await prepare(registry, data, entry.spec["channels"], (resolution, resolution), fit="square"))
 
     def work(job, tick) -> dict:
-        generator, features = projection_networks(model)
-        result = project(generator.synthesis, target, generator.w_avg, entry.spec["num_ws"], steps=steps, features=features,
-                         progress=lambda step, loss: tick(step))
+        networks = projection_networks(entry)
+        result = project(networks.generator.synthesis, target, networks.generator.w_avg, entry.spec["num_ws"], steps=steps,
+                         features=networks.features, progress=lambda step, loss: tick(step))
         if result.steps < steps:
             raise TimeoutError(f"time limit of {registry.settings.max_job_seconds:g} s reached at step {result.steps} of {steps}")
         picture = to_uint8(result.image[None].numpy(), tuple(entry.spec["value_range"]))[0]
         return {"ws": result.ws.tolist(), "psnr": result.psnr, "steps": result.steps,
                 "reconstruction": {"format": "png", "data": base64.b64encode(encode(picture, "png")).decode()}}
 
-    job = registry.jobs.submit("project", name, steps, work)
+    job = registry.jobs.submit("project", name, steps, work, working_bytes=working, held_bytes=target.numel() * target.element_size())
     return JSONResponse({"job_id": job.id, "status_url": f"/v1/jobs/{job.id}", "state": job.state}, status_code=202)
 
 
@@ -79,3 +67,10 @@ async def project_image(name: str, request: Request, steps: Annotated[Projection
 async def job_status(job_id: str, request: Request) -> dict:
     """A job's state (queued, running, done, failed, cancelled), progress and, once done, its result."""
     return registry_of(request).jobs.get(job_id).to_dict()
+
+
+@router.delete("/jobs/{job_id}", responses=error_responses(404))
+async def cancel_job(job_id: str, request: Request) -> dict:
+    """Cancels a job: a queued one never starts, a running one stops at its next step (it says
+    `running` until then, `cancelled` after), a finished one is forgotten (its result with it)."""
+    return registry_of(request).jobs.cancel(job_id).to_dict()

@@ -41,6 +41,20 @@ def test_every_operation_returns_images(server):
         assert projected["steps"] == 3 and projected["reconstruction"].size == (16, 16) and len(projected["ws"]) == 6
 
 
+def test_a_projection_the_client_stops_waiting_for_is_cancelled_on_the_server(server):
+    photo = Image.new("RGB", (16, 16), (90, 20, 200))
+    with Client(server.url) as client:
+        with pytest.raises(GanserveError) as raised:
+            client.project("styles", photo, steps=1000, poll_s=0.05, timeout_s=0.2)
+        assert raised.value.status == 504 and raised.value.code == "client_timeout"
+        status_url = f"/v1/jobs/{raised.value.message.split()[1]}"
+        deadline = time.monotonic() + 30
+        while (job := httpx.get(f"{server.url}{status_url}").json())["state"] != "cancelled":
+            assert job["state"] in ("queued", "running") and time.monotonic() < deadline, job
+            time.sleep(0.05)
+    assert job["progress"]["step"] < 1000 and job["error"] == "cancelled by the client"
+
+
 def test_the_async_client_gives_what_the_sync_one_gives(server):
     async def both():
         async with AsyncClient(server.url) as client:

@@ -83,3 +83,73 @@ def test_jobs_are_bounded_in_number_and_in_time(repository):
         job = wait_for(client, first.json()["status_url"])
     assert job["state"] == "failed" and "time limit" in job["error"]
     assert 0 < job["progress"]["step"] < 1000
+
+
+def test_a_projection_jobs_counted_memory_covers_what_the_job_holds_at_its_peak(tmp_path):
+    """The count (on the meta device, before the job is accepted) against the process's measured
+    peak while the job loads its weights from a file and takes optimisation steps, as the server's
+    job does: a StyleGAN2 generator at 256² (114 MiB at its peak)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from models.projection import project
+    from models.spec import ModelSpec
+    from models.zoo import build_generator
+    from service.memory import measure_peak, return_freed_memory_to_the_os
+    from service.projection import ProjectionNetworks, counted_bytes
+
+    def spec(resolution: int) -> ModelSpec:
+        return ModelSpec(arch="stylegan2-ada", kind="style", z_dim=128, w_dim=128, resolution=resolution, channels=3, mapping_layers=2,
+                         options={"channel_base": 4096, "channel_max": 128, "architecture": "skip", "conv_clamp": 256, "use_noise": True,
+                                  "noise_mode": "const"})
+
+    return_freed_memory_to_the_os()  # as the server does: large buffers go back to the OS when freed
+    warm = build_generator(spec(16)).eval()  # autograd's first backward maps its code once per process
+    project(warm.synthesis, torch.zeros(3, 16, 16), warm.w_avg, warm.num_ws, steps=2)
+    weights = tmp_path / "model.safetensors"
+    save_file(dict(build_generator(spec(256)).state_dict()), str(weights))
+    with torch.device("meta"):
+        structure = build_generator(spec(256))
+    counted = counted_bytes(ProjectionNetworks(structure, None), structure.num_ws)
+
+    def job() -> None:
+        generator = build_generator(spec(256))
+        generator.load_state_dict(load_file(str(weights)))
+        generator.eval().requires_grad_(False)
+        project(generator.synthesis, torch.zeros(3, 256, 256), generator.w_avg, generator.num_ws, steps=2)
+
+    _, peak = measure_peak(job)
+    if peak is None:
+        pytest.skip("the process's peak memory cannot be reset here (not Linux)")
+    assert peak <= counted <= 1.4 * peak, (peak / 2**20, counted / 2**20)
+
+
+def test_a_client_cancels_its_jobs_queued_or_running_and_their_memory_is_handed_back(repository):
+    from tests.serving import running_server
+
+    with running_server(repository, max_projection_steps=100_000, max_job_seconds=1000, max_jobs=2, models=["styles"]) as server, server.client() as client:
+        running, queued = (client.post("/v1/models/styles/project?steps=100000", content=png_bytes(), headers={"content-type": "image/png"}).json()
+                           for _ in range(2))
+        deadline = time.monotonic() + 30
+        while (job := client.get(running["status_url"]).json())["state"] != "running" or job["progress"]["step"] < 3:
+            assert time.monotonic() < deadline, job
+            time.sleep(0.05)
+        assert job["memory_mib"] > 0  # what the job holds is counted in the server's budget
+        assert client.get(queued["status_url"]).json()["state"] == "queued"
+        assert server.metric("ganserve_memory_reserved_bytes") > 0
+
+        cancelled = client.delete(queued["status_url"])
+        assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled" and cancelled.json()["started"] is None
+        assert client.delete(running["status_url"]).status_code == 200
+        while (job := client.get(running["status_url"]).json())["state"] == "running":
+            assert time.monotonic() < deadline, job
+            time.sleep(0.05)
+        assert job["state"] == "cancelled" and job["error"] == "cancelled by the client" and job["progress"]["step"] < 100_000
+        assert client.get(queued["status_url"]).json()["started"] is None  # it never ran
+        while server.metric("ganserve_memory_reserved_bytes") > 0:  # the gauge is refreshed every second
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+        forgotten = client.delete(running["status_url"])  # a finished job: deleted with its result
+        assert forgotten.status_code == 200 and client.get(running["status_url"]).status_code == 404
+        assert client.delete("/v1/jobs/nope").status_code == 404

@@ -200,6 +200,9 @@ def test_a_projection_job_runs_in_the_engine_and_is_polled_through_any_front(wor
             time.sleep(0.1)
     assert job["state"] == "done", job
     assert job["result"]["steps"] == 3
+    with workers.client() as client:  # deleted through a front, in the engine's store
+        assert client.delete(accepted.json()["status_url"]).status_code == 200
+        assert client.get(accepted.json()["status_url"]).status_code == 404
 
 
 def test_metrics_count_the_fronts_requests_and_the_engines_batches(workers):

@@ -1,0 +1,91 @@
+"""The job store with a real memory budget: what a job holds is reserved, waited for when taken,
+handed back however the job ends, and a cancel reaches a job queued or running."""
+import threading
+import time
+
+import pytest
+
+from service.errors import ApiError
+from service.jobs import JobStore
+from service.memory import MemoryBudget
+
+MIB = 2**20
+
+
+def wait_until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def steps_until_stopped(job, tick) -> dict:
+    """A job that runs until its tick says stop (a cancel, shutdown or its time limit)."""
+    step = 0
+    while tick(step := step + 1):
+        time.sleep(0.005)
+    return {"steps": step}
+
+
+@pytest.fixture
+def store():
+    budget = MemoryBudget(total=100 * MIB)
+    jobs = JobStore(max_active=4, max_seconds=30, memory=budget)
+    yield jobs
+    jobs.shutdown()
+
+
+def test_a_job_that_could_never_fit_the_budget_is_refused_with_413_and_reserves_nothing(store):
+    with pytest.raises(ApiError) as refused:
+        store.submit("project", "m", 10, steps_until_stopped, working_bytes=90 * MIB, held_bytes=20 * MIB)
+    assert refused.value.status == 413 and "110 MiB" in refused.value.message
+    assert store.memory.used == 0 and store.jobs == {}
+
+
+def test_a_job_waits_while_requests_hold_the_budget_says_why_and_hands_everything_back_when_done(store):
+    store.memory.try_reserve(60 * MIB)  # a request in flight
+    job = store.submit("project", "m", 3, lambda job, tick: {"ticks": [tick(s) for s in (1, 2, 3)]}, working_bytes=50 * MIB, held_bytes=1 * MIB)
+    wait_until(lambda: job.waiting is not None)
+    assert job.state == "queued" and "memory budget" in job.to_dict()["waiting"]
+    assert store.memory.used == 61 * MIB  # its input is held, its working memory not yet
+    store.memory.release(60 * MIB)  # the request ends
+    wait_until(lambda: job.state == "done")
+    assert job.result == {"ticks": [True, True, True]} and job.waiting is None
+    assert store.memory.used == 0
+
+
+def test_cancelling_a_queued_job_means_it_never_starts_and_a_running_one_stops_at_its_next_step(store):
+    release = threading.Event()
+    blocker = store.submit("project", "m", 1, lambda job, tick: release.wait(10) and {}, working_bytes=10 * MIB)
+    wait_until(lambda: blocker.state == "running")
+    ran = []
+    queued = store.submit("project", "m", 1, lambda job, tick: ran.append(job) or {}, working_bytes=10 * MIB, held_bytes=2 * MIB)
+    assert store.cancel(queued.id).state == "cancelled"
+    assert store.memory.used == 10 * MIB  # the queued job's input was handed back; the blocker still works
+    release.set()
+    wait_until(lambda: blocker.state == "done")
+    running = store.submit("project", "m", 10**6, steps_until_stopped, working_bytes=20 * MIB)
+    wait_until(lambda: running.step > 2)
+    store.cancel(running.id)
+    wait_until(lambda: running.state == "cancelled")
+    assert running.error == "cancelled by the client" and running.result is None
+    assert ran == [] and queued.started is None
+    assert store.memory.used == 0
+
+
+def test_a_finished_job_is_forgotten_when_deleted(store):
+    job = store.submit("project", "m", 1, lambda job, tick: {"ok": True})
+    wait_until(lambda: job.state == "done")
+    assert store.cancel(job.id).result == {"ok": True}
+    with pytest.raises(ApiError) as unknown:
+        store.get(job.id)
+    assert unknown.value.status == 404
+
+
+def test_a_job_whose_budget_stays_taken_fails_after_its_time_limit_and_holds_nothing(store):
+    store.max_seconds = 0.3
+    store.memory.try_reserve(80 * MIB)
+    job = store.submit("project", "m", 1, lambda job, tick: {}, working_bytes=50 * MIB, held_bytes=1 * MIB)
+    wait_until(lambda: job.state == "failed")
+    assert "memory budget stayed taken" in job.error and job.started is None
+    assert store.memory.used == 80 * MIB
