@@ -77,6 +77,13 @@ UPLOAD_TYPES = {"image/png", "image/jpeg", "image/webp"}
 UPLOAD_FORMATS = ["PNG", "JPEG", "WEBP"]  # what PIL may open: never its other plugins
 
 
+EXIF_ORIENTATION = 0x0112
+# an EXIF orientation → the transpose that shows the image as phones and browsers do (upright)
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+SIDES_SWAPPED = {5, 6, 7, 8}
+
+
 class UploadError(ValueError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -96,19 +103,40 @@ def open_upload(data: bytes) -> Image.Image:
         raise UploadError(422, f"the image's header could not be read ({type(error).__name__}: {str(error)[:200]})")
 
 
+def orientation(picture: Image.Image) -> int:
+    """The EXIF orientation in the image's header (1, as stored, when there is none or its EXIF
+    cannot be read). Only EXIF read with the header counts: a PNG's eXIf chunk after its pixels
+    would be seen only once they are decoded, after the upload was sized (and its cost admitted)
+    by `probe_upload`, which must agree with what `decode_upload` returns."""
+    raw = picture.info.get("exif")
+    if not raw:
+        return 1
+    try:
+        exif = Image.Exif()
+        exif.load(raw)
+        value = exif.get(EXIF_ORIENTATION, 1)
+    except Exception:  # a broken EXIF block is no reason to refuse the picture
+        return 1
+    return value if value in UPRIGHT else 1
+
+
 def probe_upload(data: bytes) -> tuple[int, int]:
-    """(width, height) from the image's header, without decoding its pixels."""
-    width, height = open_upload(data).size
+    """(width, height) of the image as it is shown (its EXIF orientation applied, as
+    `decode_upload` applies it), from the header, without decoding its pixels."""
+    picture = open_upload(data)
+    width, height = picture.size
     if width < 1 or height < 1:
         raise UploadError(422, f"the image is {width}x{height} pixels")
-    return width, height
+    return (height, width) if orientation(picture) in SIDES_SWAPPED else (width, height)
 
 
 def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
-    """An uploaded PNG/JPEG/WebP → RGB uint8 [H, W, 3] (alpha composited on black, grey expanded).
-    Raises UploadError 422 for undecodable data and 413 past `max_pixels`, checked from the
-    header before decoding."""
+    """An uploaded PNG/JPEG/WebP → RGB uint8 [H, W, 3] (alpha composited on black, grey expanded),
+    upright as its EXIF orientation says (a phone's portrait photo is stored sideways with a tag:
+    it was translated and upscaled lying on its side). Raises UploadError 422 for undecodable data
+    and 413 past `max_pixels`, checked from the header before decoding."""
     picture = open_upload(data)
+    upright = UPRIGHT.get(orientation(picture))
     width, height = picture.size
     if width * height > max_pixels:
         raise UploadError(413, f"image of {width}x{height} pixels is over the limit of {max_pixels} pixels")
@@ -122,7 +150,8 @@ def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
         rgba = picture.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         picture = Image.alpha_composite(background, rgba)
-    return np.asarray(picture.convert("RGB"))
+    picture = picture.convert("RGB")
+    return np.asarray(picture.transpose(upright) if upright is not None else picture)
 
 
 def fit_square(image: np.ndarray, size: int) -> np.ndarray:

@@ -66,6 +66,40 @@ def test_a_16_bit_grey_png_is_the_image_its_8_bit_version_is(server):
     assert np.array_equal(deep, shallow)
 
 
+@pytest.mark.parametrize("tag", [3, 6, 8, 5])
+def test_a_photo_stored_sideways_with_an_exif_orientation_is_served_upright(server, tag):
+    """Phones store a portrait photo sideways and tag it; what the user sees is the tagged
+    orientation. The upload is upscaled and translated as that upright picture: the same pixels
+    as the upright image sent without a tag, at its size (the tiles and the cost planned for it)."""
+    from PIL import ImageOps
+
+    stored = Image.fromarray(photo(30, 100, seed=tag))
+    exif = Image.Exif()
+    exif[0x0112] = tag
+    tagged = io.BytesIO()
+    stored.save(tagged, format="PNG", exif=exif.tobytes())
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(tagged.getvalue()))))
+    assert upright.shape[:2] == ((30, 100) if tag == 3 else (100, 30))
+    with server.client() as client:
+        for path, params in (("/v1/models/upx4/upscale", {}), ("/v1/models/edges/translate", {"fit": "pad"})):
+            got = npy(post_image(client, path, tagged.getvalue(), format="npy", **params))
+            want = npy(post_image(client, path, encoded(upright), format="npy", **params))
+            assert np.array_equal(got, want), (path, got.shape, want.shape)
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF")  # Pillow's, once per place in a server's log
+def test_the_header_probe_sizes_a_tagged_jpeg_as_shown_and_a_broken_exif_block_is_ignored():
+    from service.imaging import decode_upload, probe_upload
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    tagged, broken = io.BytesIO(), io.BytesIO()
+    Image.fromarray(photo(20, 50)).save(tagged, format="JPEG", exif=exif.tobytes())
+    Image.fromarray(photo(20, 50)).save(broken, format="JPEG", exif=b"Exif\x00\x00MM\x00*\xff\xff\xff\xff")
+    assert probe_upload(tagged.getvalue()) == (20, 50) and decode_upload(tagged.getvalue(), 10**6).shape == (50, 20, 3)
+    assert probe_upload(broken.getvalue()) == (50, 20) and decode_upload(broken.getvalue(), 10**6).shape == (20, 50, 3)
+
+
 def test_upscale_multiplies_the_size_by_the_scale_for_every_upload_form(server):
     image = photo(100, 150)  # 2 x 2 tiles of 96 px at 16 px overlap
     with server.client() as client:
