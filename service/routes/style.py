@@ -24,6 +24,17 @@ MAX_GRID = 16
 STYLE_ERRORS = error_responses(404, 406, 413, 415, 422, 429, 503, 504)
 
 
+def check_seed_options(body: BaseModel, w: object) -> BaseModel:
+    """`truncation_psi` and `class` shape how a seed becomes w; with w given there is nothing for
+    them to act on, and a client who sent them would get an answer that silently ignored them."""
+    if w is not None:
+        ignored = [name for name in ("truncation_psi", "class_label") if name in body.model_fields_set]
+        if ignored:
+            named = " and ".join("class" if name == "class_label" else name for name in ignored)
+            raise ValueError(f"{named} apply to seeds, not to a given w (it is used as it is)")
+    return body
+
+
 class StyleMixRequest(BaseModel):
     """Grid of `row_seeds` × `col_seeds`: image (i, j) has row i's styles with column j's at `layers`."""
 
@@ -57,7 +68,7 @@ class InterpolateRequest(BaseModel):
             raise ValueError("give either two seeds or two w vectors")
         if self.w is not None and self.space == "z":
             raise ValueError("w vectors interpolate in W only")
-        return self
+        return check_seed_options(self, self.w)
 
 
 class EditRequest(BaseModel):
@@ -82,7 +93,7 @@ class EditRequest(BaseModel):
             raise ValueError("give either a seed or a w vector")
         if any(not np.isfinite(s) or abs(s) > 100 for s in self.strengths):
             raise ValueError("strengths must be finite numbers within ±100")
-        return self
+        return check_seed_options(self, self.w)
 
 
 def style_model(request: Request, name: str, operation: str) -> LoadedModel:

@@ -111,6 +111,9 @@ def test_edit_strengths_are_in_standard_deviations_of_w_along_the_direction_unle
     ("generate", {"seed": 1, "truncation_psi": 5}, "truncation_psi"),
     ("generate", {"seed": 1, "truncation_psi": 0.5, "truncation_cutoff": 7}, "exceeds the model's 6 layers"),
     ("generate", {"seed": 1, "truncation": 0.5}, "no BigGAN truncation"),
+    # options that act on seeds, sent with a given w: refused, not silently ignored
+    ("edit", {"w": [0.0] * 8, "direction": "size", "truncation_psi": 0.5}, "truncation_psi apply to seeds, not to a given w"),
+    ("interpolate", {"w": [[0.0] * 8, [0.1] * 8], "truncation_psi": 0.7, "class": 1}, "truncation_psi and class apply to seeds"),
 ])
 def test_bad_style_requests_are_422_with_a_reason(server, path, body, mentions):
     with server.client() as client:
