@@ -10,6 +10,7 @@ it starts, since jobs run one at a time. A job that could never fit is refused w
 finds the budget taken by requests waits, queued and saying so, for as long as its time limit."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -41,6 +42,7 @@ class Job:
     working_bytes: int = 0  # what its computation holds, reserved while it runs
     waiting: str | None = None  # why a queued job has not started (the memory budget is taken)
     cancel_requested: bool = False
+    result_bytes: int = 0  # its result's size as JSON, while it is kept
 
     @property
     def finished_state(self) -> bool:
@@ -54,18 +56,24 @@ class Job:
 
 
 class JobStore:
-    def __init__(self, max_active: int, max_seconds: float, memory: MemoryBudget, keep_finished: int = 256) -> None:
+    def __init__(self, max_active: int, max_seconds: float, memory: MemoryBudget, keep_finished: int = 256,
+                 keep_result_bytes: int = 64 * 2**20) -> None:
         self.max_active = max_active
         self.max_seconds = max_seconds
         self.memory = memory
+        # finished jobs are kept for their clients to read, the oldest forgotten past either bound:
+        # a result holds its ws and a base64 PNG (~6 MB at 1024²), and 256 of them were 1.5 GB
+        # outside the memory budget
         self.keep_finished = keep_finished
+        self.keep_result_bytes = keep_result_bytes
         self.jobs: dict[str, Job] = {}
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="jobs")
         self.lock = threading.RLock()  # state changes: the loop cancels while the job thread starts or ends a job
         self.stopping = False
 
     def active(self) -> int:
-        return sum(job.state in ("queued", "running") for job in self.jobs.values())
+        with self.lock:
+            return sum(job.state in ("queued", "running") for job in self.jobs.values())
 
     def check_room(self) -> None:
         """503 while stopping, 429 while `max_active` jobs are queued or running: asked before a
@@ -91,8 +99,8 @@ class JobStore:
         self.check_fits(working_bytes, held_bytes)
         reserve_memory(self.memory, held_bytes)
         job = Job(uuid.uuid4().hex, kind, model, total_steps, held_bytes=held_bytes, working_bytes=working_bytes)
-        self.jobs[job.id] = job
-        self.forget_old()
+        with self.lock:
+            self.jobs[job.id] = job
         self.executor.submit(self.run, job, work)
         return job
 
@@ -140,18 +148,22 @@ class JobStore:
 
     def finish(self, job: Job, state: str, error: str | None, result: dict | None = None, release_working: bool = True) -> None:
         """Ends a job once: its state, and its memory handed back."""
+        result_bytes = len(json.dumps(result)) if result is not None else 0  # (off the lock: ~50 ms for a 1024² result)
         with self.lock:
             if job.finished_state:
                 return
             job.state, job.error, job.result, job.finished, job.waiting = state, error, result, time.time(), None
+            job.result_bytes = result_bytes
             self.memory.release(job.held_bytes + (job.working_bytes if release_working else 0))
+            self.forget_old()
 
     def cancel(self, job_id: str) -> Job:
         """DELETE /v1/jobs/{id}: a queued job never starts, a running one stops at its next step
         (its state says `running` until then), a finished one is forgotten."""
         job = self.get(job_id)
         if job.finished_state:
-            self.jobs.pop(job_id, None)
+            with self.lock:
+                self.jobs.pop(job_id, None)
             return job
         job.cancel_requested = True
         self.cancel_if_queued(job, "cancelled by the client")
@@ -165,18 +177,28 @@ class JobStore:
     def cancel_all(self) -> None:
         """Shutdown: queued jobs never start, the running one stops at its next step."""
         self.stopping = True
-        for job in list(self.jobs.values()):
+        with self.lock:
+            jobs = list(self.jobs.values())
+        for job in jobs:
             self.cancel_if_queued(job, "the server shut down")
 
     def forget_old(self) -> None:
+        """Forgets the oldest finished jobs past `keep_finished` of them or `keep_result_bytes` of
+        results (the newest is kept whatever its size, for its client to read). Under the lock."""
         finished = sorted((j for j in self.jobs.values() if j.finished_state), key=lambda j: j.finished or 0)
-        for job in finished[: max(0, len(finished) - self.keep_finished)]:
+        kept_bytes = sum(j.result_bytes for j in finished)
+        for job in finished[:-1]:
+            if len(finished) <= self.keep_finished and kept_bytes <= self.keep_result_bytes:
+                break
             del self.jobs[job.id]
+            finished, kept_bytes = finished[1:], kept_bytes - job.result_bytes
 
     def get(self, job_id: str) -> Job:
-        if job_id not in self.jobs:
-            raise ApiError(404, f"unknown job {job_id!r}")
-        return self.jobs[job_id]
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise ApiError(404, f"unknown job {job_id!r} (finished jobs are kept until {self.keep_finished} newer ones or "
+                                f"{self.keep_result_bytes / 2**20:.0f} MiB of newer results have finished, or until deleted)")
+        return job
 
     def shutdown(self) -> None:
         self.cancel_all()

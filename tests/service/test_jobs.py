@@ -89,3 +89,23 @@ def test_a_job_whose_budget_stays_taken_fails_after_its_time_limit_and_holds_not
     wait_until(lambda: job.state == "failed")
     assert "memory budget stayed taken" in job.error and job.started is None
     assert store.memory.used == 80 * MIB
+
+
+def test_finished_results_are_kept_within_their_byte_bound_oldest_forgotten_first():
+    budget = MemoryBudget(total=100 * MIB)
+    store = JobStore(max_active=4, max_seconds=30, memory=budget, keep_result_bytes=250_000)
+    try:
+        jobs = []
+        for index in range(4):  # each result ~100 kB as JSON
+            jobs.append(store.submit("project", "m", 1, lambda job, tick, index=index: {"index": index, "data": "x" * 100_000}))
+            wait_until(lambda: jobs[-1].state == "done")
+        kept = [job.id for job in jobs if job.id in store.jobs]
+        assert kept == [jobs[2].id, jobs[3].id]
+        with pytest.raises(ApiError) as forgotten:
+            store.get(jobs[0].id)
+        assert forgotten.value.status == 404 and "MiB of newer results" in forgotten.value.message
+        big = store.submit("project", "m", 1, lambda job, tick: {"data": "x" * 400_000})  # over the bound alone: still kept, for its client
+        wait_until(lambda: big.state == "done")
+        assert list(store.jobs) == [big.id]
+    finally:
+        store.shutdown()
