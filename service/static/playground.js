@@ -49,9 +49,9 @@ async function errorOf(response) {
 }
 
 // One call: {body (a Blob, or JSON with as: "json"), latency (ms, measured here), stages (the server's, ms)}.
-async function call(path, {json, body, as = "blob"} = {}) {
+async function call(path, {json, body, as = "blob", method} = {}) {
   const options = json ? {method: "POST", headers: {"content-type": "application/json"}, body: JSON.stringify(json)}
-                       : body ? {method: "POST", body} : {};
+                       : body ? {method: "POST", body} : method ? {method} : {};
   const started = performance.now();
   let response;
   try {
@@ -359,24 +359,28 @@ const TOOLS = {
 
   project(form, model) {
     const chosen = fileField(form);
-    const progress = $("progress", form);
+    const progress = $("progress", form), cancel = $("button.cancel", form);
     submits(form, async result => {
       const file = chosen(), steps = numberOf(form.elements.steps), started = performance.now();
       const submitted = await call(`${model.base}/project?steps=${steps}`, {body: upload(file), as: "json"});
-      progress.hidden = false;
+      const jobUrl = `v1/jobs/${encodeURIComponent(submitted.body.job_id)}`;
+      // the job goes on on the server until it ends or is cancelled: the page asks for that (DELETE), then polls on to its end
+      cancel.onclick = () => { cancel.disabled = true; call(jobUrl, {method: "DELETE", as: "json"}).catch(error => result.fail(error)); };
+      progress.hidden = cancel.hidden = false;
+      cancel.disabled = false;
       let job, polls = 0;
       try {
         for (;;) {
-          job = (await call(`v1/jobs/${encodeURIComponent(submitted.body.job_id)}`, {as: "json"})).body;
+          job = (await call(jobUrl, {as: "json"})).body;
           polls += 1;
           progress.max = job.progress.total;
           progress.value = job.progress.step;
-          result.working(`${job.state}: step ${job.progress.step} of ${job.progress.total}`);
+          result.working(`${job.state}: step ${job.progress.step} of ${job.progress.total}${job.waiting ? ` (waiting for ${job.waiting})` : ""}`);
           if (!["queued", "running"].includes(job.state)) break;
           await new Promise(resolve => setTimeout(resolve, 250));
         }
       } finally {
-        progress.hidden = true;
+        progress.hidden = cancel.hidden = true;
       }
       if (job.state !== "done") throw new ApiError(0, "", `projection ${job.state}${job.error ? `: ${job.error}` : ""}`);
       const reconstruction = `data:image/png;base64,${job.result.reconstruction.data}`;

@@ -206,6 +206,20 @@ def test_projection_polls_its_job_and_shows_the_result_beside_the_target(browser
     assert timing_of(form).startswith("latency ")
 
 
+def test_a_projection_cancelled_from_the_page_stops_on_the_server(browser, server, tmp_path):
+    form = open_tool(browser, server, "styles", "project")
+    form.find_element(By.NAME, "file").send_keys(png(tmp_path / "target.png", 24, 24))
+    fill(form, "steps", 1000)
+    form.find_element(By.CSS_SELECTOR, "button").click()
+    cancel = form.find_element(By.CSS_SELECTOR, "button.cancel")
+    WebDriverWait(browser, SERVER_WAIT_S).until(lambda _: cancel.is_displayed() and "running: step" in form.text)
+    cancel.click()
+    WebDriverWait(browser, SERVER_WAIT_S).until(lambda _: "projection cancelled: cancelled by the client" in form.text)
+    assert not cancel.is_displayed()
+    step = int(form.find_element(By.CSS_SELECTOR, "progress").get_attribute("value"))
+    assert 0 < step < 1000
+
+
 def test_translation_shows_input_and_output_and_offers_the_download(browser, server, tmp_path):
     form = open_tool(browser, server, "edges", "translate")
     form.find_element(By.NAME, "file").send_keys(png(tmp_path / "shape.png", 40, 24))  # choosing the file runs it
