@@ -174,7 +174,7 @@ def probe_upload(data: bytes) -> tuple[int, int]:
 def check_decode_cost(picture: Image.Image, data: bytes) -> None:
     """422 for an image whose decoding would cost far more than its pixels say (a JPEG past
     MAX_JPEG_SCANS scans), checked before a pixel is decoded."""
-    if picture.format == "JPEG" and (scans := jpeg_scans(data, MAX_JPEG_SCANS)) > MAX_JPEG_SCANS:
+    if picture.format == "JPEG" and jpeg_scans(data, MAX_JPEG_SCANS) > MAX_JPEG_SCANS:
         raise UploadError(422, f"the JPEG has more than {MAX_JPEG_SCANS} scans (encoders write 1 to about 10); each costs a pass "
                                "over the whole image, so it is not decoded")
 
