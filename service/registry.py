@@ -258,7 +258,7 @@ class ModelRegistry:
         served; traffic moves when they are ready, then the replaced ones drain their queues and are
         unloaded. The repository extension's `load` (one at a time: `repository_lock`)."""
         async with self.repository_lock:
-            entries = self.served_entries(name)
+            entries = await asyncio.to_thread(self.served_entries, name)  # the disk, off the event loop
             if not entries:
                 raise ApiError(404, f"no model {name!r} in the repository (or none of its versions is selected by its version policy)")
             fresh: dict[int, LoadedModel] = {}
@@ -348,9 +348,9 @@ class ModelRegistry:
                     log.error("repository poll: %s: %s", name, error.message)
             seen = now
 
-    def index(self) -> list[dict]:
-        """Every entry on disk with its state (the repository extension's index)."""
-        entries = scan_repository(self.settings.repository)
+    async def index(self) -> list[dict]:
+        """Every entry on disk with its state (the repository extension's index), read off the event loop."""
+        entries = await asyncio.to_thread(scan_repository, self.settings.repository)
         served = {(e.name, e.version) for e in self.served_entries(entries=entries)}
         rows = []
         for entry in entries:

@@ -9,6 +9,7 @@ registry reports it `failed`, and every other entry is served. Messages name ent
 from __future__ import annotations
 
 import json
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,18 +69,28 @@ class ModelEntry:
         return path
 
 
+MAX_SPEC_BYTES = 4 * 2**20  # a spec.json is a few KB; one of gigabytes would be read whole
+
+
 def read_entry(version_dir: Path) -> ModelEntry:
-    """One entry; a problem with its spec is recorded on it, not raised."""
+    """One entry; a problem with its spec is recorded on it, not raised: one bad entry must not
+    take the repository down (a spec nested 100,000 deep once made the index, every load and
+    start-up itself fail, and a FIFO named spec.json blocked the event loop in `open`)."""
     name, version = version_dir.parent.name, int(version_dir.name)
     try:
+        info = (version_dir / "spec.json").stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("spec.json is not a regular file")
+        if info.st_size > MAX_SPEC_BYTES:
+            raise ValueError(f"spec.json is {info.st_size} bytes, more than a spec can need ({MAX_SPEC_BYTES})")
         spec = json.loads((version_dir / "spec.json").read_text())
         if not isinstance(spec, dict):
             raise ValueError("spec.json must hold a JSON object")
         EntrySpec.model_validate(spec)
     except ValidationError as error:
         return ModelEntry(name, version, version_dir, {}, f"{name}/{version}/spec.json is invalid: {describe_invalid(error)}")
-    except (OSError, UnicodeDecodeError, ValueError) as error:  # JSONDecodeError is a ValueError
-        reason = error.strerror if isinstance(error, OSError) else str(error)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
+        reason = error.strerror if isinstance(error, OSError) else "nested too deeply" if isinstance(error, RecursionError) else str(error)
         return ModelEntry(name, version, version_dir, {}, f"{name}/{version}/spec.json could not be read: {reason}")
     return ModelEntry(name, version, version_dir, spec)
 
@@ -91,6 +102,7 @@ def scan_repository(root: Path) -> list[ModelEntry]:
     entries = []
     for spec_path in sorted(root.glob("*/*/spec.json")):
         version_dir = spec_path.parent
-        if (version := ascii_count(version_dir.name)) is not None and 0 < version < 2**31:
+        # the canonical spelling only: `01` beside `1` listed version 1 twice
+        if (version := ascii_count(version_dir.name)) is not None and 0 < version < 2**31 and version_dir.name == str(version):
             entries.append(read_entry(version_dir))
     return sorted(entries, key=lambda e: (e.name, e.version))

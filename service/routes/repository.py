@@ -16,7 +16,7 @@ router = APIRouter(prefix="/v2/repository", tags=["v2"])
 
 @router.post("/index")
 async def repository_index(request: Request) -> list[dict]:
-    return registry_of(request).index()
+    return await registry_of(request).index()
 
 
 def require_model_control(request: Request) -> None:

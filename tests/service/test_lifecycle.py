@@ -2,6 +2,7 @@
 import contextlib
 import io
 import json
+import os
 import shutil
 import signal
 import socket
@@ -94,10 +95,14 @@ def broken_repository(repository, root):
     broken |= {"future-schema": json.dumps(spec | {"schema_version": 99}),
                "tiles-overlap": json.dumps(upscaler | {"serving": {"upscale_tile": 20, "upscale_overlap": 12}}),
                "tiles-off-multiple": json.dumps(upscaler | {"size_multiple": 8, "serving": {"upscale_tile": 20, "upscale_overlap": 4}})}
+    broken["nested-deep"] = '{"a":' * 100_000 + "1" + "}" * 100_000  # once a 500 for the index and every load, and no start-up at all
     for name, text in broken.items():
         (repo / name / "1").mkdir(parents=True)
         (repo / name / "1" / "spec.json").write_text(text)
-    return repo, ["cdigits", *broken]
+    (repo / "a-fifo" / "1").mkdir(parents=True)
+    os.mkfifo(repo / "a-fifo" / "1" / "spec.json")  # once blocked the event loop in open()
+    shutil.copytree(repo / "digits" / "1", repo / "digits" / "01")  # once listed as a second version 1
+    return repo, ["cdigits", "a-fifo", *broken]
 
 
 def test_broken_entries_fail_alone_with_a_reason_and_no_absolute_path(repository, tmp_path):
@@ -117,7 +122,10 @@ def test_broken_entries_fail_alone_with_a_reason_and_no_absolute_path(repository
         assert "spec.json" in models["not-json"]["error"] and "kind" in models["no-kind"]["error"]
         assert "newer ganserve" in models["future-schema"]["error"]
         assert "upscale_overlap" in models["tiles-overlap"]["error"] and "not a multiple" in models["tiles-off-multiple"]["error"]
-        assert models["digits"]["state"] == "ready"
+        assert "nested too deeply" in models["nested-deep"]["error"] and "not a regular file" in models["a-fifo"]["error"]
+        assert models["digits"]["state"] == "ready" and models["digits"]["versions"] == [1]
+        index = client.post("/v2/repository/index")
+        assert index.status_code == 200 and [row["version"] for row in index.json() if row["name"] == "digits"] == ["1"]
 
 
 def test_readiness_is_503_while_a_model_it_requires_is_failed(repository, tmp_path):
