@@ -84,7 +84,9 @@ def create_app(settings: Settings | None = None, serve_while_loading: bool = Tru
             if settings.role == "front":
                 await app.state.engine_http.aclose()
 
-    app = FastAPI(title="ganserve", version="1.0", lifespan=lifespan,
+    # no redirect from a path with a trailing slash: Starlette's 307 names the host the client's Host
+    # header names (`Location: http://evil.example/…`), which a cache in front would keep
+    app = FastAPI(title="ganserve", version="1.0", lifespan=lifespan, redirect_slashes=False,
                   description="Batched GAN inference: generation, latent tools, translation and super-resolution, with KServe v2 tensor endpoints.")
     install_error_handlers(app)
     app.add_middleware(RequestIntake, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s)

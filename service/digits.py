@@ -33,6 +33,6 @@ def count_from_text(value: object) -> object:
     if isinstance(value, (str, bytes)):
         count = ascii_count(value)
         if count is None:
-            raise ValueError("an integer written in ASCII digits only (no sign, point, space or underscore)")
+            raise ValueError(f"an integer written in ASCII digits only (no sign, point, space or underscore), at most {MAX_DIGITS} of them")
         return count
     return value

@@ -51,6 +51,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 DISCONNECT_EXTENSION = "ganserve.on_disconnect"  # a list of callables in the request's scope extensions
 FLUSHED_EXTENSION = "ganserve.when_flushed"  # a callable: when_flushed(callback), the callback run once the answer left
 STOPPING_EXTENSION = "ganserve.stopping"  # True once the server shuts down while the request's body is still arriving
+SERVER_SHUTDOWN_EXTENSION = "ganserve.on_server_shutdown"  # a list of callables: a WebSocket app that closes itself on shutdown
 REFUSED_LINGER_S = 1.0  # how long a refused request's remaining bytes are read and dropped before the close
 MAX_FRAGMENTS = 4096  # frames one WebSocket message may come in (a 64 MiB frame in 16 KiB pieces)
 
@@ -251,8 +252,23 @@ class GuardedWebSocketProtocol(StallGuardedWrites, WebSocketsSansIOProtocol):
 
     def handle_connect(self, event) -> None:
         super().handle_connect(event)
+        self.on_server_shutdown = []
         if (scope := getattr(self, "scope", None)) is not None:  # none when the upgrade request was refused
             scope.setdefault("extensions", {})[FLUSHED_EXTENSION] = self.when_flushed
+            scope["extensions"][SERVER_SHUTDOWN_EXTENSION] = self.on_server_shutdown
+
+    def shutdown(self) -> None:
+        """uvicorn's shutdown closes an open WebSocket at once with 1012, so an upscale stream's
+        frame in flight, already accepted, was never answered. An app that asked to be told
+        (`SERVER_SHUTDOWN_EXTENSION`) answers what it accepted and closes with 1001 itself, within
+        the graceful-shutdown bound after which uvicorn cancels it."""
+        callbacks = getattr(self, "on_server_shutdown", [])
+        if callbacks and self.handshake_complete and self.initial_response is None and not self.close_sent and not self.transport.is_closing():
+            self.stop_keepalive()
+            for callback in callbacks:
+                callback()
+            return
+        super().shutdown()
 
     def writing_paused(self) -> bool:
         return not self.writable.is_set() and not self.disconnected

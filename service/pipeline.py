@@ -44,6 +44,27 @@ def require_json(request: Request) -> None:
         raise ApiError(415, f"send the request body as application/json (got {media or 'no content type'!r})")
 
 
+def refuse_unknown_query(request: Request, taken: frozenset[str], hint: str = "") -> None:
+    if request.scope.get("query_string") and (unknown := [key for key in request.query_params if key not in taken]):
+        raise ApiError(422, f"unknown query parameter {unknown[0][:64]!r}{hint}")
+
+
+class KnownQueryRoute(APIRoute):
+    """The route class of routers whose operations take their options in the query (uploads,
+    jobs): 422 for a query parameter the operation does not take (`project?version=99` ran the
+    latest version without a word, where `upscale?version=99` is 404)."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handler = super().get_route_handler()
+        taken = frozenset(parameter.alias for parameter in self.dependant.query_params)
+
+        async def known_query(request: Request) -> Response:
+            refuse_unknown_query(request, taken)
+            return await handler(request)
+
+        return known_query
+
+
 class JsonBodyRoute(APIRoute):
     """The route class of routers whose operations take a JSON body: a route with a body model
     answers 415 for any other content type before FastAPI parses the body (a `Depends` did this at
@@ -66,8 +87,7 @@ class JsonBodyRoute(APIRoute):
 
         async def json_only(request: Request) -> Response:
             require_json(request)
-            if request.scope.get("query_string") and (unknown := [key for key in request.query_params if key not in taken]):
-                raise ApiError(422, f"unknown query parameter {unknown[0][:64]!r}: this operation takes its options in the JSON body")
+            refuse_unknown_query(request, taken, ": this operation takes its options in the JSON body")
             limit = registry_of(request).settings.max_json_body_bytes
             if len(body := await request.body()) > limit:
                 raise ApiError(413, f"the JSON body is {len(body)} bytes; this operation takes at most {limit} (GANSERVE_MAX_JSON_BODY_BYTES)")

@@ -260,7 +260,7 @@ class ModelRegistry:
         async with self.repository_lock:
             entries = await asyncio.to_thread(self.served_entries, name)  # the disk, off the event loop
             if not entries:
-                raise ApiError(404, f"no model {name!r} in the repository (or none of its versions is selected by its version policy)")
+                raise ApiError(404, f"no model {name[:100]!r} in the repository (or none of its versions is selected by its version policy)")
             fresh: dict[int, LoadedModel] = {}
             for entry in entries:
                 model = LoadedModel(entry)
@@ -464,7 +464,7 @@ class ModelRegistry:
 
     def versions(self, name: str) -> dict[int, LoadedModel]:
         if name not in self.models:
-            raise ApiError(404, f"unknown model {name!r}; GET /v1/models lists the models served")
+            raise ApiError(404, f"unknown model {name[:100]!r}; GET /v1/models lists the models served")
         return self.models[name]
 
     def resolve(self, name: str, version: int | None = None) -> LoadedModel:

@@ -38,7 +38,7 @@ import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from service.errors import ApiError
-from service.http_protocol import FLUSHED_EXTENSION
+from service.http_protocol import FLUSHED_EXTENSION, SERVER_SHUTDOWN_EXTENSION
 from service.intake import RequestContext
 from service.memory import OverBudget
 from service.pipeline import execute_for, in_pool
@@ -145,6 +145,10 @@ class UpscaleStream:
         self.sending = asyncio.Lock()  # a frame's header and image go out back to back
         self.stats = StreamStats()
         self.busy = False
+        self.stopping = False  # the server is shutting down: what was accepted is answered, nothing more is read
+        told = websocket.scope.get("extensions", {}).get(SERVER_SHUTDOWN_EXTENSION)
+        if told is not None:  # our WebSocket protocol says when, instead of closing the stream at once (service/http_protocol.py)
+            told.append(self.server_stopping)
         metrics = registry.metrics
         self.fps_gauge = metrics.stream_fps.labels(name, stream_id)
         self.latency_gauges = {"p50_ms": metrics.stream_latency.labels(name, stream_id, "0.5"), "p99_ms": metrics.stream_latency.labels(name, stream_id, "0.99")}
@@ -188,6 +192,8 @@ class UpscaleStream:
                     return
                 if message["type"] == "websocket.disconnect":
                     return
+                if self.stopping:  # frames sent after the shutdown began are not taken (the close says why)
+                    continue
                 if message.get("bytes") is not None:
                     number += 1
                     data = message["bytes"]
@@ -209,6 +215,12 @@ class UpscaleStream:
         finally:
             self.left()
 
+    def server_stopping(self) -> None:
+        """The server shuts down: an idle stream closes now, a busy one after the frames it holds."""
+        self.stopping = True
+        if not self.busy and self.mailbox.waiting is None:
+            asyncio.get_running_loop().create_task(self.close(1001, "the server is shutting down"))
+
     def left(self) -> None:
         """The client is gone: the frame in flight is stopped (its queued tiles dropped), nothing more is read."""
         self.gone.set()
@@ -223,16 +235,16 @@ class UpscaleStream:
             dropped, frame = await self.mailbox.take()
             if frame is None:
                 return
-            for number in dropped:
-                self.stats.dropped += 1
-                self.count("dropped", self.served_version())
-                await self.send({"type": "dropped", "frame": number, "superseded_by": frame.number})
-            self.busy = True
+            self.busy = True  # from the take: a shutdown meanwhile must wait for this frame
             try:
+                for number in dropped:
+                    self.stats.dropped += 1
+                    self.count("dropped", self.served_version())
+                    await self.send({"type": "dropped", "frame": number, "superseded_by": frame.number})
                 await self.answer(frame)
             finally:
                 self.busy = False
-            if self.registry.draining:
+            if (self.stopping or self.registry.draining) and self.mailbox.waiting is None:
                 await self.close(1001, "the server is shutting down")
                 return
 

@@ -31,7 +31,14 @@ Datatype = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16
 class TensorParameters(BaseModel):
     model_config = ConfigDict(extra="allow")
     binary_data_size: Annotated[int, Strict()] | None = Field(None, ge=0, le=2**40)
-    binary_data: bool | None = None
+    binary_data: Annotated[bool, Strict()] | None = None
+
+
+class InferParameters(BaseModel):
+    """The request's parameters: `binary_data_output` a JSON boolean (the string "false" was truthy)."""
+
+    model_config = ConfigDict(extra="allow")
+    binary_data_output: Annotated[bool, Strict()] | None = None
 
 
 class InferTensor(BaseModel):
@@ -53,14 +60,14 @@ class InferRequest(BaseModel):
     id: str | None = Field(None, max_length=256)
     inputs: list[InferTensor] = Field(min_length=1, max_length=16)
     outputs: list[RequestedOutput] | None = Field(None, max_length=16)
-    parameters: dict | None = None
+    parameters: InferParameters | None = None
 
     def wants_binary(self, output: str) -> bool:
         """An output comes back binary if its request says so, else if `binary_data_output` does."""
         for requested in self.outputs or []:
             if requested.name == output and requested.parameters and requested.parameters.binary_data is not None:
                 return requested.parameters.binary_data
-        return bool((self.parameters or {}).get("binary_data_output", False))
+        return bool(self.parameters and self.parameters.binary_data_output)
 
 
 def split_body(raw: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
@@ -139,7 +146,7 @@ def to_model_dtype(name: str, wire: str, array: np.ndarray, model_dtype: str) ->
     converted = array.astype(MODEL_TYPES[model_dtype])
     if converted.dtype.kind == "f":
         if not np.isfinite(converted).all():
-            raise ApiError(422, f"input {name!r} holds NaN, infinity or a value outside FP32's range")
+            raise ApiError(422, f"input {name!r} holds NaN, infinity or a value outside {wire}'s range")
         if converted.size and float(np.abs(converted).max()) > MAX_INPUT_MAGNITUDE:
             raise ApiError(422, f"input {name!r} holds a value beyond ±{MAX_INPUT_MAGNITUDE:g}")
     return converted

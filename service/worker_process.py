@@ -26,6 +26,7 @@ def main(settings_json: str, replacement: bool = False) -> None:
 
     settings = Settings(**json.loads(settings_json))
     logging.basicConfig(level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s {settings.role} %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a front's forwards to the engine: one INFO line per job poll otherwise
     return_freed_memory_to_the_os()
     config = uvicorn.Config(create_app(settings, serve_while_loading=not replacement), log_level=settings.log_level,
                             http=guarded_protocol(settings.header_timeout_s, settings.max_connections, settings.send_timeout_s, settings.max_header_bytes),

@@ -22,14 +22,14 @@ from service.admission import translate_bytes_per_pixel
 from service.batcher import run_items
 from service.errors import error_responses
 from service.imaging import DECODE_BYTES_PER_PIXEL
-from service.pipeline import begin, estimate, execute, off_loop, registry_of, require_kind
+from service.pipeline import KnownQueryRoute, begin, estimate, execute, off_loop, registry_of, require_kind
 from service.responses import choose_format, respond
 from service.schemas import ImageFormat, VersionText
 from service.tiling import padded_size, resized_size
 from service.upscaling import over_limit, plan_upscale, upscale_upload
 from service.uploads import IMAGE_BODY, prepare, probe, read_upload, resize_chw
 
-router = APIRouter(prefix="/v1", tags=["image-to-image"])
+router = APIRouter(prefix="/v1", tags=["image-to-image"], route_class=KnownQueryRoute)  # 422 for a query parameter an operation does not take
 IMAGE_RESPONSES = {200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}, "application/x-npy": {}}},
                    **error_responses(404, 406, 413, 415, 422, 429, 503, 504)}
 

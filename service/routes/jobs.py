@@ -13,14 +13,14 @@ from fastapi.responses import JSONResponse
 from models.projection import project
 from service.errors import ApiError, error_responses
 from service.imaging import DECODE_BYTES_PER_PIXEL, encode, to_uint8
-from service.pipeline import begin, registry_of, reserve
+from service.pipeline import KnownQueryRoute, begin, registry_of, reserve
 from service.projection import projection_bytes, projection_networks
 from service.registry import LoadedModel
-from service.schemas import ProjectionSteps
+from service.schemas import ProjectionSteps, VersionText
 from service.style import require_style
 from service.uploads import IMAGE_BODY, prepare, probe, read_upload
 
-router = APIRouter(prefix="/v1", tags=["jobs"])
+router = APIRouter(prefix="/v1", tags=["jobs"], route_class=KnownQueryRoute)  # 422 for a query parameter an operation does not take
 
 
 async def working_bytes(model: LoadedModel) -> int:
@@ -31,10 +31,11 @@ async def working_bytes(model: LoadedModel) -> int:
 
 
 @router.post("/models/{name}/project", status_code=202, openapi_extra=IMAGE_BODY, responses=error_responses(404, 413, 415, 422, 429, 503))
-async def project_image(name: str, request: Request, steps: Annotated[ProjectionSteps, Query(description="optimisation steps")] = 200) -> JSONResponse:
+async def project_image(name: str, request: Request, steps: Annotated[ProjectionSteps, Query(description="optimisation steps: at most GANSERVE_MAX_PROJECTION_STEPS (1000 by default)")] = 200,
+                        version: Annotated[VersionText | None, Query()] = None) -> JSONResponse:
     """Upload an image (raw PNG/JPEG/WebP body or a multipart `file`); returns a job to poll."""
     registry = registry_of(request)
-    model = begin(request, name, "project")
+    model = begin(request, name, "project", version)
     require_style(model)
     limit = registry.settings.max_projection_steps
     if steps > limit:

@@ -38,6 +38,8 @@ class GenerateRequest(BaseModel):
     def check(self) -> "GenerateRequest":
         if self.seeds is not None and self.n is not None:
             raise ValueError("give either seeds or n, not both")
+        if self.seeds is not None and "seed" in self.model_fields_set:  # it was silently ignored
+            raise ValueError("give either seeds or seed, not both")
         if self.seeds is None and self.seed + (self.n or 1) - 1 > MAX_SEED:
             raise ValueError("seed + n runs past the largest seed")
         return self

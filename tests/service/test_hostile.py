@@ -86,6 +86,7 @@ CASES = [
     ("n past the per-request limit", "POST", f"{V1}/dcgan-digits/generate", {"json": {"n": 257}}, 422),
     ("a million seeds (6.9 MB: past the JSON body cap)", "POST", f"{V1}/dcgan-digits/generate", {"json": {"seeds": list(range(1_000_000))}}, 413),
     ("300 seeds", "POST", f"{V1}/dcgan-digits/generate", {"json": {"seeds": list(range(300))}}, 422),
+    ("seeds and seed (seed was silently ignored)", "POST", f"{V1}/dcgan-digits/generate", {"json": {"seeds": [1], "seed": 2}}, 422),
     ("seed 2^63", "POST", f"{V1}/dcgan-digits/generate", {"json": {"seed": 2**63}}, 422),
     ("seed + n past the last seed", "POST", f"{V1}/dcgan-digits/generate", {"json": {"seed": 2**63 - 2, "n": 5}}, 422),
     ("true as a seed", "POST", f"{V1}/dcgan-digits/generate", {"json": {"seed": True}}, 422),
@@ -162,6 +163,8 @@ CASES = [
      {"content": b'{"inputs": [{"name": "z", "shape": [1, 64], "datatype": "FP32", "data": [' + b"1.5," * 1_000_000 + b'1.5]}]}', "headers": JSON}, 413),
     ("v2 1.4 MB of JSON values to an image model (once parsed whole before any check: 422)", "POST", "/v2/models/cyclegan-thin2thick/infer",
      {"content": b'{"inputs": [{"name": "image", "shape": [1, 1, 64, 64], "datatype": "FP32", "data": [' + b"0.5," * 359_999 + b'0.5]}]}', "headers": JSON}, 413),
+    ("v2 binary_data_output as the string 'false' (once truthy: a binary answer)", "POST", "/v2/models/dcgan-digits/infer",
+     {"json": {"inputs": [z_tensor()], "parameters": {"binary_data_output": "false"}}}, 422),
     ("v2 true as an FP32 value", "POST", "/v2/models/dcgan-digits/infer", {"json": {"inputs": [{**z_tensor(), "data": [True] * 64}]}}, 422),
     ("v2 binary_data_size as a string", "POST", "/v2/models/dcgan-digits/infer",
      {"json": {"inputs": [{**z_tensor(), "data": None, "parameters": {"binary_data_size": "256"}}]}}, 422),
@@ -173,12 +176,16 @@ CASES = [
     ("v2 version path 1.0 (once version 1)", "POST", "/v2/models/dcgan-digits/versions/1.0/infer", {"json": {"inputs": [z_tensor()]}}, 422),
     ("query version +1 on upscale", "POST", f"{V1}/sr-rrdb-x4/upscale?version=+1", {"content": SMALL, "headers": PNG}, 422),
     ("project steps 1_0", "POST", f"{V1}/stylegan-shapes/project?steps=1_0", {"content": SMALL, "headers": PNG}, 422),
+    ("project version 99 (once ran the latest version)", "POST", f"{V1}/stylegan-shapes/project?steps=1&version=99", {"content": SMALL, "headers": PNG}, 404),
+    ("project with an unknown query parameter", "POST", f"{V1}/stylegan-shapes/project?steps=1&foo=1", {"content": SMALL, "headers": PNG}, 422),
+    ("upscale with an unknown query parameter", "POST", f"{V1}/sr-rrdb-x4/upscale?scale=8", {"content": SMALL, "headers": PNG}, 422),
     # the rest of the matrix
     ("unknown model", "POST", f"{V1}/nope/generate", {"json": {}}, 404),
     ("unknown version", "POST", f"{V1}/dcgan-digits/generate", {"json": {"version": 7}}, 404),
     ("style-mix on a DCGAN", "POST", f"{V1}/dcgan-digits/style-mix", {"json": {"row_seeds": [1], "col_seeds": [2]}}, 422),
     ("translate on an SR model", "POST", f"{V1}/sr-rrdb-x4/translate", {"content": SMALL, "headers": PNG}, 422),
     ("GET on a POST route", "GET", f"{V1}/dcgan-digits/generate", {}, 405),
+    ("a trailing slash and a forged Host (once a 307 to that host)", "GET", "/v1/jobs/abc/", {"headers": {"host": "evil.example"}}, 404),
 ]
 
 

@@ -161,6 +161,23 @@ def test_the_stream_cap_the_idle_timeout_and_a_clean_shutdown_with_a_stream_open
         assert server.process.wait(timeout=60) in (0, -signal.SIGTERM) and time.monotonic() - stopping < 10
 
 
+def test_a_frame_in_flight_when_the_server_stops_is_answered_before_the_stream_closes(repository):
+    """uvicorn closed an open stream at once with 1012 on SIGTERM, and the frame it had accepted
+    was never answered (HTTP requests in flight were). The frame here waits out a 1.5 s batching
+    delay when the signal comes."""
+    with running_server(repository, max_queue_delay_ms=1500, models=["upx4"]) as server:
+        with connect(ws_url(server)) as ws:
+            ws.recv(timeout=30)  # ready
+            ws.send(frame(32, 32, 3))
+            time.sleep(0.5)
+            server.process.send_signal(signal.SIGTERM)
+            (answered,) = answers(ws, 1)
+            assert answered["type"] == "frame" and answered["frame"] == 1
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=30)
+            assert closed.value.rcvd.code == 1001
+        assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)
+
 
 def raw_stream(server, receive_buffer: int = 4096, path: str = STREAM) -> socket.socket:
     """A stream opened by hand (a tiny receive buffer, the handshake read, nothing else), so the
