@@ -26,7 +26,10 @@ router = APIRouter(prefix="/v1", tags=["jobs"], route_class=KnownQueryRoute)  # 
 async def working_bytes(model: LoadedModel) -> int:
     """A projection job's memory for this model, counted once (on the meta device, off the loop)."""
     if model.projection_bytes is None:
-        model.projection_bytes = await asyncio.get_running_loop().run_in_executor(None, projection_bytes, model.entry)
+        try:
+            model.projection_bytes = await asyncio.get_running_loop().run_in_executor(None, projection_bytes, model.entry)
+        except Exception as error:  # a generator the project's eager code cannot build
+            raise ApiError(422, f"model {model.entry.name!r} cannot be projected into ({type(error).__name__}: {str(error)[:200]})")
     return model.projection_bytes
 
 
