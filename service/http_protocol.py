@@ -299,6 +299,19 @@ class GuardedWebSocketProtocol(StallGuardedWrites, WebSocketsSansIOProtocol):
         self.fragments = 1
         super().handle_bytes(event)
 
+    def send_receive_event_to_app(self) -> None:
+        """A text message that is not UTF-8 is closed with 1007, as uvicorn closes it, without the
+        ERROR line and traceback uvicorn logs for it: a log entry any client could write at will."""
+        if self.curr_msg_data_type == "text" and not self.close_sent:
+            try:
+                b"".join(self.frames).decode()
+            except UnicodeDecodeError:
+                self.frames = []
+                self.conn.send_close(1007, "a text message must be UTF-8")
+                self.handle_parser_exception()
+                return
+        super().send_receive_event_to_app()
+
     def handle_cont(self, event) -> None:
         self.fragments += 1
         if self.fragments > MAX_FRAGMENTS:

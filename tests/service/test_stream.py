@@ -205,6 +205,34 @@ def client_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
     return bytes([(0x80 if fin else 0) | opcode]) + length + mask + masked
 
 
+def close_code(sock: socket.socket) -> int:
+    """Reads the server's (unmasked) frames until its close frame; returns the close code."""
+    def exactly(count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            chunk = sock.recv(count - len(data))
+            assert chunk, "closed without a close frame"
+            data += chunk
+        return data
+
+    while True:
+        opcode, size = exactly(2)
+        size &= 0x7F
+        size = struct.unpack(">H", exactly(2))[0] if size == 126 else struct.unpack(">Q", exactly(8))[0] if size == 127 else size
+        payload = exactly(size)
+        if opcode & 0x0F == 0x8:
+            return struct.unpack(">H", payload[:2])[0]
+
+
+def test_a_text_message_that_is_not_utf8_closes_the_stream_with_1007_and_no_error_in_the_log(server):
+    sock = raw_stream(server)
+    sock.settimeout(30)
+    sock.sendall(client_frame(0x1, b"\xff\xfe not text"))
+    assert close_code(sock) == 1007
+    sock.close()
+    assert "Invalid UTF-8" not in server.process.log_path.read_text(errors="replace")  # once an ERROR and a traceback per message
+
+
 def test_a_client_that_stops_reading_is_disconnected_and_its_stream_slot_freed(repository):
     """A client that sends and never reads filled the server's buffers, and its stream's reader
     waited on a send for good: it held its slot (all 32 of them, a hostile probe found) for as
