@@ -95,11 +95,9 @@ def direction(model: LoadedModel, name: str) -> torch.Tensor:
 
 def check_w(model: LoadedModel, w: list[list[float]]) -> np.ndarray:
     w_dim = model.entry.spec["w_dim"]
-    if any(len(row) != w_dim for row in w):
-        raise ApiError(422, f"w must be a list of {w_dim}-long vectors")
+    if (wrong := [len(row) for row in w if len(row) != w_dim]):
+        raise ApiError(422, f"w must be {w_dim} values long (this model's w_dim), got {wrong[0]}")
     array = np.asarray(w, dtype=np.float32)
-    if array.ndim != 2:
-        raise ApiError(422, f"w must be a list of {w_dim}-long vectors")
     if not np.isfinite(array).all():
         raise ApiError(422, "w holds NaN or infinity")
     return array
