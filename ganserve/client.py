@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 RETRY_STATUSES = (429, 503)
+NPY = {"format": "npy"}  # what image operations are asked to answer in: the client decodes it into arrays or PIL images
 ImageInput = Image.Image | bytes | str
 
 
@@ -118,8 +119,8 @@ class Requests:
 
     @staticmethod
     def image(model: str, endpoint: str, image: ImageInput, params: dict | None = None) -> Call:
-        return Call("POST", f"/v1/models/{model}/{endpoint}", content=png_bytes(image), params={"format": "npy", **(params or {})},
-                    headers={"content-type": "image/png"})
+        """An upload; `params` its query (image answers ask for npy: the client decodes it)."""
+        return Call("POST", f"/v1/models/{model}/{endpoint}", content=png_bytes(image), params=params or {}, headers={"content-type": "image/png"})
 
 
 class Client:
@@ -170,11 +171,11 @@ class Client:
         return npy_images(self.send(Requests.edit(model, seed, direction, list(strengths), units)), as_array)
 
     def translate(self, model: str, image: ImageInput, as_array: bool = False):
-        images = npy_images(self.send(Requests.image(model, "translate", image)), as_array)
+        images = npy_images(self.send(Requests.image(model, "translate", image, NPY)), as_array)
         return images[0]
 
     def upscale(self, model: str, image: ImageInput, as_array: bool = False):
-        images = npy_images(self.send(Requests.image(model, "upscale", image)), as_array)
+        images = npy_images(self.send(Requests.image(model, "upscale", image, NPY)), as_array)
         return images[0]
 
     def project(self, model: str, image: ImageInput, steps: int = 200, poll_s: float = 0.5, timeout_s: float = 600.0) -> dict:
@@ -251,10 +252,10 @@ class AsyncClient:
         return npy_images(await self.send(Requests.edit(model, seed, direction, list(strengths), units)), as_array)
 
     async def translate(self, model: str, image: ImageInput, as_array: bool = False):
-        return npy_images(await self.send(Requests.image(model, "translate", image)), as_array)[0]
+        return npy_images(await self.send(Requests.image(model, "translate", image, NPY)), as_array)[0]
 
     async def upscale(self, model: str, image: ImageInput, as_array: bool = False):
-        return npy_images(await self.send(Requests.image(model, "upscale", image)), as_array)[0]
+        return npy_images(await self.send(Requests.image(model, "upscale", image, NPY)), as_array)[0]
 
     async def project(self, model: str, image: ImageInput, steps: int = 200, poll_s: float = 0.5, timeout_s: float = 600.0) -> dict:
         job = (await self.send(Requests.image(model, "project", image, {"steps": steps}))).json()

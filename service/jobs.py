@@ -196,7 +196,7 @@ class JobStore:
     def get(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
         if job is None:
-            raise ApiError(404, f"unknown job {job_id!r} (finished jobs are kept until {self.keep_finished} newer ones or "
+            raise ApiError(404, f"unknown job {job_id[:64]!r} (finished jobs are kept until {self.keep_finished} newer ones or "
                                 f"{self.keep_result_bytes / 2**20:.0f} MiB of newer results have finished, or until deleted)")
         return job
 
