@@ -14,7 +14,7 @@ from service.intake import RequestIntake
 from service.metrics import ServiceMetrics, refresh_process_state
 from service.registry import ModelRegistry
 from service.remeasure import remeasure_when_idle
-from service.routes import engine_proxy, gallery, health, image2image, jobs, repository, stream, style, v1, v2
+from service.routes import docs, engine_proxy, gallery, health, image2image, jobs, repository, stream, style, v1, v2
 from service.settings import Settings
 
 ENGINE_LINK = "link.sock"  # in settings.engine_dir: the front↔engine item link (service/engine.py)
@@ -86,7 +86,7 @@ def create_app(settings: Settings | None = None, serve_while_loading: bool = Tru
 
     # no redirect from a path with a trailing slash: Starlette's 307 names the host the client's Host
     # header names (`Location: http://evil.example/…`), which a cache in front would keep
-    app = FastAPI(title="ganserve", version="1.0", lifespan=lifespan, redirect_slashes=False,
+    app = FastAPI(title="ganserve", version="1.0", lifespan=lifespan, redirect_slashes=False, docs_url=None, redoc_url=None,  # docs: routes/docs.py
                   description="Batched GAN inference: generation, latent tools, translation and super-resolution, with KServe v2 tensor endpoints.")
     install_error_handlers(app)
     app.add_middleware(RequestIntake, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s)
@@ -104,5 +104,7 @@ def create_app(settings: Settings | None = None, serve_while_loading: bool = Tru
     app.include_router(gallery.router)
     app.include_router(playground.router)
     app.mount("/static", StaticFiles(directory=playground.STATIC), name="static")
+    app.include_router(docs.router)
+    app.mount(docs.ASSETS_PATH, docs.ASSETS, name="docs-assets")
 
     return app

@@ -193,8 +193,25 @@ async def infer_on(request: Request, name: str, version: int | None) -> Response
     return Response(content, media_type=media_type, headers=headers)
 
 
-INFER_DOC = {"requestBody": {"content": {"application/json": {"schema": InferRequest.model_json_schema(ref_template="#/components/schemas/{model}")}},
-                             "required": True}}
+def inlined(schema: dict) -> dict:
+    """A pydantic JSON schema with its `$defs` written in place: refs to them named
+    `#/components/schemas/…`, where nothing put them, so ReDoc failed on the request body
+    ("Invalid reference token: InferTensor") and other tools could not read it (no model here is recursive)."""
+    definitions = schema.pop("$defs", {})
+
+    def expand(node):
+        if isinstance(node, dict):
+            if set(node) == {"$ref"} and node["$ref"].startswith("#/$defs/"):
+                return expand(definitions[node["$ref"].removeprefix("#/$defs/")])
+            return {key: expand(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [expand(item) for item in node]
+        return node
+
+    return expand(schema)
+
+
+INFER_DOC = {"requestBody": {"content": {"application/json": {"schema": inlined(InferRequest.model_json_schema())}}, "required": True}}
 
 
 @router.post("/models/{name}/infer", responses=error_responses(404, 413, 415, 422, 429, 503, 504, protocol=True), openapi_extra=INFER_DOC)

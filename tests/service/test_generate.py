@@ -2,6 +2,7 @@
 import base64
 import io
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -120,11 +121,20 @@ def test_a_models_sample_grid_is_served_and_404s_without_one(server):
     assert other_version.status_code == 404
 
 
-def test_playground_and_openapi_docs_are_served(server):
+def test_playground_and_openapi_docs_are_served_with_every_script_from_the_server(server):
+    """/docs and /redoc loaded Swagger UI and ReDoc from a CDN: blank pages on a host without the
+    internet. Every script, style sheet and icon they name is now a path on this server."""
     with server.client() as client:
         assert "ganserve" in client.get("/").text
-        assert client.get("/docs").status_code == 200
         assert "/v1/models/{name}/generate" in client.get("/openapi.json").json()["paths"]
+        for page in ("/docs", "/redoc"):
+            html = client.get(page)
+            assert html.status_code == 200
+            assets = re.findall(r"""(?:src|href)=["']([^"']+)["']|(?:url|swagger_js_url)\s*[:=]\s*["']([^"']+)["']""", html.text)
+            urls = {a or b for a, b in assets} - {""}
+            assert urls and not [u for u in urls if "//" in u], (page, urls)  # nothing from another host
+            for url in urls:
+                assert client.get(url).status_code == 200, url
 
 
 def test_ganserve_sample_draws_the_images_the_server_gives_for_the_same_seeds(server, repository, tmp_path):

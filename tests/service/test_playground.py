@@ -104,6 +104,13 @@ def api_message(response: httpx.Response) -> str:
     return response.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("page,operation", [("/docs", ".opblock"), ("/redoc", "[data-section-id^='operation']")])
+def test_the_api_docs_render_their_operations_from_scripts_the_server_serves(browser, server, page, operation):
+    browser.get(server.url + page)
+    WebDriverWait(browser, SERVER_WAIT_S).until(lambda _: len(browser.find_elements(By.CSS_SELECTOR, operation)) > 10)
+    assert "/v1/models/{name}/generate" in browser.find_element(By.TAG_NAME, "body").text
+
+
 def test_gallery_lists_every_model_with_its_facts_and_samples(browser, server):
     models = httpx.get(f"{server.url}/v1/models").json()["models"]
     browser.get(server.url + "/")

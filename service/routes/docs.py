@@ -1,0 +1,36 @@
+"""The API docs pages (/docs: Swagger UI, /redoc: ReDoc) served with their scripts from this
+server. FastAPI's defaults load them from a CDN, so on a host without the internet (a cluster
+behind a firewall, this project's CI) the pages were blank; `fastapi-offline` ships the same
+bundles (Swagger UI 5, which renders OpenAPI 3.1, and ReDoc standalone), mounted at /docs-assets."""
+from __future__ import annotations
+
+from importlib.resources import files
+
+from fastapi import APIRouter
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+
+ASSETS_PATH = "/docs-assets"
+ASSETS = StaticFiles(directory=str(files("fastapi_offline") / "static"))
+OPENAPI_URL, TITLE = "/openapi.json", "ganserve"
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/docs")
+async def swagger_ui() -> HTMLResponse:
+    return get_swagger_ui_html(openapi_url=OPENAPI_URL, title=f"{TITLE} – API", oauth2_redirect_url="/docs/oauth2-redirect",
+                               swagger_js_url=f"{ASSETS_PATH}/swagger-ui-bundle.js", swagger_css_url=f"{ASSETS_PATH}/swagger-ui.css",
+                               swagger_favicon_url=f"{ASSETS_PATH}/favicon.png")
+
+
+@router.get("/docs/oauth2-redirect")
+async def swagger_ui_redirect() -> HTMLResponse:
+    return get_swagger_ui_oauth2_redirect_html()
+
+
+@router.get("/redoc")
+async def redoc() -> HTMLResponse:
+    return get_redoc_html(openapi_url=OPENAPI_URL, title=f"{TITLE} – API", redoc_js_url=f"{ASSETS_PATH}/redoc.standalone.js",
+                          redoc_favicon_url=f"{ASSETS_PATH}/favicon.png", with_google_fonts=False)
