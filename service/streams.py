@@ -146,6 +146,7 @@ class UpscaleStream:
         self.stats = StreamStats()
         self.busy = False
         self.stopping = False  # the server is shutting down: what was accepted is answered, nothing more is read
+        self.closing: asyncio.Task | None = None
         told = websocket.scope.get("extensions", {}).get(SERVER_SHUTDOWN_EXTENSION)
         if told is not None:  # our WebSocket protocol says when, instead of closing the stream at once (service/http_protocol.py)
             told.append(self.server_stopping)
@@ -218,8 +219,8 @@ class UpscaleStream:
     def server_stopping(self) -> None:
         """The server shuts down: an idle stream closes now, a busy one after the frames it holds."""
         self.stopping = True
-        if not self.busy and self.mailbox.waiting is None:
-            asyncio.get_running_loop().create_task(self.close(1001, "the server is shutting down"))
+        if not self.busy and self.mailbox.waiting is None:  # (the task kept: the loop holds tasks only weakly)
+            self.closing = asyncio.get_running_loop().create_task(self.close(1001, "the server is shutting down"))
 
     def left(self) -> None:
         """The client is gone: the frame in flight is stopped (its queued tiles dropped), nothing more is read."""
