@@ -187,11 +187,10 @@ class JobStore:
         results (the newest is kept whatever its size, for its client to read). Under the lock."""
         finished = sorted((j for j in self.jobs.values() if j.finished_state), key=lambda j: j.finished or 0)
         kept_bytes = sum(j.result_bytes for j in finished)
-        for job in finished[:-1]:
-            if len(finished) <= self.keep_finished and kept_bytes <= self.keep_result_bytes:
-                break
-            del self.jobs[job.id]
-            finished, kept_bytes = finished[1:], kept_bytes - job.result_bytes
+        while len(finished) > 1 and (len(finished) > self.keep_finished or kept_bytes > self.keep_result_bytes):
+            oldest = finished.pop(0)
+            del self.jobs[oldest.id]
+            kept_bytes -= oldest.result_bytes
 
     def get(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
