@@ -7,6 +7,7 @@
   `disconnected` event and stops its work (the pipeline's callback cancels it and its queued
   items are dropped) and the request counts as 499. Our HTTP protocol reports the hang-up itself
   (service/http_protocol.py); under another server a task per request waits on `receive()`;
+- HEAD is answered as GET, without the body;
 - a model operation's answer gets a `Server-Timing` header (queue, compute, encode, total);
 - every model operation is timed and counted in `ganserve_requests_total` with its final
   status, whether a route answered it, validation refused it or the client left;
@@ -101,6 +102,11 @@ class RequestIntake:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if scope["method"] == "HEAD":
+            # answered as the GET would be (its status and headers) and the body left out by the
+            # HTTP server, which reads the method from its own scope: load balancers' health checks
+            # and link checkers send HEAD, and FastAPI's routes answered it 405 (only mounts took it)
+            scope = {**scope, "method": "GET"}
         context = RequestContext(time.monotonic())
         scope.setdefault("state", {})[STATE_KEY] = context
         registry = getattr(scope["app"].state, "registry", None)

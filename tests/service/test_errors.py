@@ -70,3 +70,23 @@ def test_malformed_json_is_422(server):
     with server.client() as client:
         response = client.post("/v1/models/digits/generate", content=b"{not json", headers={"content-type": "application/json"})
     assert response.status_code == 422
+
+
+@pytest.mark.parametrize("path", ["/health/live", "/health/ready", "/v1/models", "/v1/models/digits", "/v2/health/ready",
+                                  "/v2/models/digits", "/metrics", "/openapi.json", "/static/playground.js"])
+def test_head_is_answered_as_get_without_a_body(server, path):
+    """Load balancers' health checks send HEAD: FastAPI's routes answered it 405."""
+    with server.client() as client:
+        got = client.get(path)
+        head = client.head(path)
+    assert got.status_code == head.status_code == 200
+    assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"]
+    if path != "/metrics":  # the metrics move between the two calls
+        assert head.headers["content-length"] == str(len(got.content))
+
+
+def test_head_on_a_post_route_is_405_with_allow(server):
+    with server.client() as client:
+        response = client.head("/v1/models/digits/generate")
+        assert response.status_code == 405 and response.headers["allow"] == "POST"
+        assert client.get("/health/live").status_code == 200  # the connection carries on
