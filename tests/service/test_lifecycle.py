@@ -163,10 +163,15 @@ def test_sigterm_cancels_queued_jobs_and_exits_within_the_deadline_plus_five_sec
 
 
 def test_sigterm_finishes_every_accepted_request_before_exiting(repository):
-    with running_server(repository, max_queue_delay_ms=400, max_batch_size=64, models=["digits"]) as server:
+    with running_server(repository, max_queue_delay_ms=3000, max_batch_size=64, models=["digits"]) as server:
         with ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(httpx.post, f"{server.url}/v1/models/digits/generate", json={"seed": s}, timeout=30) for s in range(8)]
-            time.sleep(0.2)  # the requests are in the queue, waiting for the batch delay
+            # every request admitted and in the queue, waiting for the batch delay (a fixed 0.2 s
+            # sleep let a loaded machine signal before the last client had connected)
+            waited = time.monotonic()
+            while server.metric("ganserve_requests_in_flight") < 8 and time.monotonic() - waited < 20:
+                time.sleep(0.05)
+            assert not any(f.done() for f in futures)
             server.process.send_signal(signal.SIGTERM)
             responses = [f.result() for f in futures]
         assert [r.status_code for r in responses] == [200] * 8
