@@ -8,6 +8,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -165,6 +166,27 @@ def memory_budget_for(settings: Settings) -> memory.MemoryBudget:
     return memory.MemoryBudget(settings.memory_budget, memory.rss_bytes())
 
 
+def kept_on_failed_reload(fresh: dict[int, LoadedModel], served: dict[int, LoadedModel]) -> dict[int, LoadedModel]:
+    """The versions a (re)load serves: the fresh ones, except that a reload never takes down what
+    it fails to replace (Triton's rule, whose repository extension `load` implements). A version
+    that failed to load again keeps its served copy; and where no fresh version is ready, the
+    served ready versions stay, beside the failed ones. A spec.json with a typo, or files caught
+    half-copied by the repository poll, took a healthy model down, and the server's readiness
+    with it. The kept copies say why in their `error`."""
+    serving = dict(fresh)
+    for version, model in fresh.items():
+        if not model.ready and (before := served.get(version)) is not None and before.ready:
+            serving[version] = before
+            before.error = f"the reload failed ({model.error}); serving the version loaded before"
+    if not any(model.ready for model in serving.values()):
+        for version, before in served.items():
+            if before.ready:
+                serving[version] = before
+                failed = "; ".join(f"v{v}: {m.error}" for v, m in sorted(fresh.items()) if not m.ready)
+                before.error = f"the reload failed ({failed}); serving the version loaded before"
+    return serving
+
+
 class ModelRegistry:
     def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
         self.settings = settings
@@ -245,6 +267,8 @@ class ModelRegistry:
         except Exception as error:  # one bad entry must not take the others down
             model.state, model.error = "failed", relative_message(error, self.settings)
             log.error("could not load %s: %s", model.entry.label, model.error)
+            if model.lane is not None:  # its threads, which nothing will use
+                model.lane.shutdown(wait=False)
 
     def settle_memory(self) -> None:
         """What is left of the budget for requests once the models are resident; the loaded
@@ -271,10 +295,12 @@ class ModelRegistry:
                 fresh[entry.version] = model
                 await self.load_one(model)
                 self.keep_faster_fits(model, self.models.get(name, {}).get(entry.version))
-            replaced = list(self.models.get(name, {}).values())
-            self.models[name] = fresh
-            for model in replaced:
-                await self.retire(model, "replaced")
+            served = self.models.get(name, {})
+            serving = kept_on_failed_reload(fresh, served)
+            self.models[name] = serving
+            for model in [*served.values(), *fresh.values()]:
+                if all(model is not kept for kept in serving.values()):
+                    await self.retire(model, "replaced")
             self.settle_memory()
             return fresh
 
@@ -316,30 +342,43 @@ class ModelRegistry:
         model.batchers, model.runtimes, model.runtime, model.probes = {}, {}, None, {}
 
     def disk_signatures(self) -> dict[str, frozenset]:
-        """Per model on disk: its versions and each spec.json's size and modification time."""
+        """Per model on disk: its versions and the name, size and modification time of each file in
+        each version's folder (not only spec.json: a model.onnx copied after its spec.json left the
+        version picked up half-copied `failed` for good)."""
         signatures: dict[str, set] = {}
         for entry in scan_repository(self.settings.repository):
+            marks = signatures.setdefault(entry.name, set())
             try:
-                stat = (entry.path / "spec.json").stat()
-                mark = (entry.version, stat.st_size, stat.st_mtime_ns)
+                with os.scandir(entry.path) as files:
+                    for file in files:
+                        stat = file.stat(follow_symlinks=False)
+                        marks.add((entry.version, file.name, stat.st_size, stat.st_mtime_ns))
             except OSError:
-                mark = (entry.version, -1, -1)
-            signatures.setdefault(entry.name, set()).add(mark)
+                marks.add((entry.version, "", -1, -1))
+            marks.add((entry.version, None, 0, 0))  # the version itself, even with an empty folder
         return {name: frozenset(marks) for name, marks in signatures.items()}
 
     async def poll_repository(self, interval_s: float) -> None:
-        """`GANSERVE_REPOSITORY_POLL_S`: every interval, models whose versions or specs changed on
-        disk are reloaded (new versions beside the served ones, as `load` does) and models gone
-        from disk are unloaded. Runs until the server drains."""
+        """`GANSERVE_REPOSITORY_POLL_S`: every interval, models whose versions or files changed on
+        disk are reloaded (new versions beside the served ones, as `load` does; a reload that fails
+        keeps what it would have replaced) and models gone from disk are unloaded. A change is acted
+        on once the model's files have stayed the same for one interval, so that a copy in progress
+        is not loaded half-written. Runs until the server drains."""
         seen = await asyncio.to_thread(self.disk_signatures)
+        changing: dict[str, frozenset | None] = {}  # models whose files changed at the last look, as they were then
         while not self.draining:
             await asyncio.sleep(interval_s)
             if self.draining or not self.loaded:
                 continue
             now = await asyncio.to_thread(self.disk_signatures)
-            for name in sorted(set(now) | set(seen)):
+            for name in sorted(set(now) | set(seen) | set(changing)):
                 if now.get(name) == seen.get(name):
+                    changing.pop(name, None)
                     continue
+                if name not in changing or changing[name] != now.get(name):
+                    changing[name] = now.get(name)  # still being written, perhaps: look again in an interval
+                    continue
+                del changing[name]
                 try:
                     if name in now:
                         await self.load_model(name)
@@ -348,7 +387,10 @@ class ModelRegistry:
                     log.info("repository poll: %s %s", "reloaded" if name in now else "unloaded", name)
                 except ApiError as error:
                     log.error("repository poll: %s: %s", name, error.message)
-            seen = now
+                if name in now:
+                    seen[name] = now[name]
+                else:
+                    seen.pop(name, None)
 
     async def index(self) -> list[dict]:
         """Every entry on disk with its state (the repository extension's index), read off the event loop."""

@@ -62,6 +62,12 @@ def test_unload_load_and_a_new_version_through_the_standard_client(own_repositor
         (own_repository / "digits" / "2" / "model.onnx").write_bytes(b"broken")
         with pytest.raises(InferenceServerException, match="could not be loaded"):
             triton.load_model("digits")
+        # a reload that fails never takes down what it would have replaced (it took the served
+        # versions, and the server's readiness, down with it)
+        assert triton.is_server_ready() and triton.is_model_ready("digits", "2")
+        assert np.array_equal(triton.infer("digits", [z_input()], model_version="2").as_numpy("image"), before)
+        reason = {row["version"]: row for row in triton.get_model_repository_index() if row["name"] == "digits"}["2"]
+        assert reason["state"] == "READY" and "the reload failed" in reason["reason"]
         triton.close()
 
 
@@ -183,6 +189,23 @@ def test_polling_picks_up_versions_added_and_removed_on_disk(own_repository):
         shutil.rmtree(own_repository / "cdigits")
         assert wait_for(lambda: client.get("/v2/models/cdigits/ready").status_code == 503)
         assert client.post("/v1/models/digits/generate", json={"seed": 1}).status_code == 200
+
+
+def test_polling_loads_a_version_whose_files_arrive_after_its_spec(own_repository):
+    """A copy that writes spec.json first, and the model's files a while later: the version was
+    picked up half-copied and stayed `failed` for good (only spec.json was watched), holding the
+    server unready under GANSERVE_READY_REQUIRES=all."""
+    with running_server(own_repository, repository_poll_s=0.3, ready_requires="all") as server, server.client() as client:
+        target = own_repository / "digits" / "2"
+        target.mkdir()
+        shutil.copy(own_repository / "digits" / "1" / "spec.json", target / "spec.json")
+        time.sleep(1.5)  # a few polls see the version without its graph
+        for source in (own_repository / "digits" / "1").iterdir():
+            if source.name != "spec.json":
+                shutil.copy(source, target / source.name)
+        assert wait_for(lambda: client.get("/v2/models/digits/versions/2/ready").status_code == 200, 60)
+        assert client.get("/health/ready").status_code == 200
+        assert client.post("/v1/models/digits/generate", json={"seed": 1, "version": 2}).status_code == 200
 
 
 def test_version_policies_choose_what_is_served(own_repository):
