@@ -19,11 +19,6 @@ def serve_command(
                                                                 "every batch and the fronts parse, admit and encode [GANSERVE_WORKERS]"),
 ) -> None:
     """Serve the model repository over HTTP. Every option also reads from GANSERVE_* variables."""
-    import uvicorn
-
-    from service.app import create_app
-    from service.http_protocol import guarded_protocol, guarded_websocket_protocol
-    from service.memory import return_freed_memory_to_the_os
     from service.settings import Settings
 
     overrides = {k: v for k, v in dict(repository=repository, host=host, port=port, runtime=runtime,
@@ -31,9 +26,22 @@ def serve_command(
     settings = Settings(**overrides)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if settings.workers > 1:
+        # before the app is imported: the supervisor only starts, watches and stops processes, and
+        # importing the app (torch and the runtimes) cost it ~640 MB of RSS outside every budget
         from service.workers import serve_workers
 
-        raise typer.Exit(serve_workers(settings))
+        try:
+            status = serve_workers(settings)
+        except OSError as error:  # the port is taken (by another server's fronts too), or not ours to bind
+            logging.getLogger("ganserve.workers").error("cannot serve on %s:%d: %s", settings.host, settings.port, error)
+            status = 1
+        raise typer.Exit(status)
+    import uvicorn
+
+    from service.app import create_app
+    from service.http_protocol import guarded_protocol, guarded_websocket_protocol
+    from service.memory import return_freed_memory_to_the_os
+
     return_freed_memory_to_the_os()
     # every accepted request ends by its deadline, so the drain fits in shutdown_grace_s
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,

@@ -10,12 +10,33 @@ once it mirrors the engine's loaded models, so no client of a running server mee
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import shutil
+import signal
 import sys
+from collections.abc import Callable
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def main(settings_json: str, replacement: bool = False) -> None:
+def stop_with_the_supervisor(supervisor_pid: int) -> None:
+    """Asks the kernel for SIGTERM when the supervisor dies (Linux), and exits at once if it died
+    before this process could ask. A child left behind kept serving the port, unsupervised and
+    outside the next server's memory budget."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != supervisor_pid:
+        sys.exit(1)
+
+
+def main(settings_json: str, replacement: bool = False, supervisor_pid: int | None = None) -> None:
+    if supervisor_pid is not None:
+        stop_with_the_supervisor(supervisor_pid)
     import uvicorn
 
     from service.app import ENGINE_HTTP, create_app
@@ -38,8 +59,30 @@ def main(settings_json: str, replacement: bool = False) -> None:
     if settings.role == "front":
         server.run(sockets=[port_socket(settings.host, settings.port)])
     else:
+        if supervisor_pid is not None:
+            server.capture_signals = removing_an_orphaned_run_dir(server.capture_signals, supervisor_pid, settings.engine_dir)
         server.run()
 
 
+def removing_an_orphaned_run_dir(capture_signals, supervisor_pid: int, run_dir) -> Callable:
+    """uvicorn's `capture_signals`, after whose serving the engine removes the supervisor's
+    directory (sockets, the shared budget table, metrics files) if the supervisor died, which
+    would have removed it. Inside it, since on leaving it uvicorn re-raises the signal that
+    stopped the server (the process ends there)."""
+
+    @contextlib.contextmanager
+    def capture():
+        with capture_signals():
+            try:
+                yield
+            finally:
+                if os.getppid() != supervisor_pid:
+                    shutil.rmtree(run_dir, ignore_errors=True)
+
+    return capture
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], replacement="--replacement" in sys.argv[2:])
+    options = sys.argv[2:]
+    main(sys.argv[1], replacement="--replacement" in options,
+         supervisor_pid=int(options[options.index("--supervisor") + 1]) if "--supervisor" in options else None)

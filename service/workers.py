@@ -11,6 +11,10 @@ This process only starts, watches and stops them:
 - the children run in their own session, so a Ctrl-C at the terminal reaches this process alone,
   which then stops them in order: SIGTERM to the fronts (each finishes the requests it accepted;
   their items are still computed by the engine), then to the engine (it drains), then exits;
+- if this process dies without stopping them (`kill -9`, the OOM killer, a runtime that signals
+  the main process only), the kernel sends each child SIGTERM (PR_SET_PDEATHSIG,
+  service/worker_process.py): they drained and exited instead of serving on, unsupervised, beside
+  the server started next on the same port;
 - a front that dies is started again (it takes connections only once it mirrors the engine's
   loaded models: service/worker_process.py); if the engine dies the server stops (exit status 1);
 - the memory budget is one for the whole server: every child maps the table made here
@@ -42,7 +46,23 @@ POLL_S = 0.2
 def child_command(role: str, settings: Settings, slot: int, replacement: bool = False) -> list[str]:
     overrides = json.loads(settings.model_dump_json())
     overrides["role"], overrides["worker_slot"] = role, slot
-    return [sys.executable, "-m", "service.worker_process", json.dumps(overrides)] + (["--replacement"] if replacement else [])
+    return ([sys.executable, "-m", "service.worker_process", json.dumps(overrides), "--supervisor", str(os.getpid())]
+            + (["--replacement"] if replacement else []))
+
+
+def refuse_port_in_use(host: str, port: int) -> None:
+    """OSError (EADDRINUSE) when anything listens on (host, port), another `--workers` server's
+    fronts included: the claim below joins the port's SO_REUSEPORT group, which a second server
+    would join too, and the kernel then split the connections between two servers that serve
+    different models under two memory budgets. A plain listening socket (SO_REUSEADDR, as any
+    server binds, so a port left in TIME_WAIT is free) is refused wherever another one listens."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+        probe.listen(1)
 
 
 def port_socket(host: str, port: int) -> socket.socket:
@@ -62,6 +82,7 @@ class Supervisor:
         self.run_dir = Path(tempfile.mkdtemp(prefix="ganserve-"))  # 0700: only this user reaches the sockets
         metrics_dir = self.run_dir / "metrics"
         metrics_dir.mkdir()
+        refuse_port_in_use(settings.host, settings.port)
         self.claim = port_socket(settings.host, settings.port)
         self.settings = settings.model_copy(update={"engine_dir": self.run_dir, "port": self.claim.getsockname()[1]})
         self.budget = SharedBudgetTable.create(self.run_dir / SHARED_BUDGET_FILE, slots=settings.workers + 1)

@@ -7,6 +7,8 @@ import io
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -379,3 +381,38 @@ def test_a_front_counts_what_every_front_admitted_since_the_engines_last_snapsho
     assert lane.expected_wait_s() == 9.0
     lane.remove_backlog(4.0)
     assert lane.expected_wait_s() == 9.0 and lane.backlog_s == 0.0
+
+
+def command_settings(pid: int) -> dict:
+    """The settings a `--workers` child was started with (its command line's JSON)."""
+    arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    return json.loads(next(argument for argument in arguments if argument.startswith(b"{")))
+
+
+def test_a_supervisor_killed_outright_takes_its_children_with_it(repository):
+    """`kill -9` of the supervisor (the OOM killer, a runtime that signals the main process only)
+    left the engine and fronts serving the port, unsupervised, beside the next server started on it."""
+    with running_server(repository, workers=2, models=["digits"]) as running:
+        pids = children(running.process.pid)
+        run_dir = Path(command_settings(next(iter(pids)))["engine_dir"])
+        assert run_dir.is_dir() and rss_bytes(running.process.pid) < 300 * 2**20  # the supervisor never imports the app
+        running.process.kill()
+        running.process.wait()
+        deadline = time.monotonic() + 60
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(pid) for pid in pids)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{running.url}/health/live", timeout=5)
+        assert not run_dir.exists()
+
+
+def test_a_second_workers_server_on_a_port_in_use_refuses_to_start(repository, workers):
+    """Both servers' fronts joined the port's SO_REUSEPORT group, and the kernel split the
+    connections between two servers serving different models."""
+    port = workers.url.rsplit(":", 1)[1]
+    second = subprocess.run([sys.executable, "-m", "ganserve_cli", "serve", "--repository", str(repository), "--host", "127.0.0.1", "--port", port,
+                             "--workers", "2"],
+                            capture_output=True, text=True, timeout=60, env=os.environ | {"GANSERVE_MODELS": '["digits"]'})
+    assert second.returncode == 1 and "cannot serve on" in second.stderr and "in use" in second.stderr
+    assert all(httpx.get(f"{workers.url}/health/ready").status_code == 200 for _ in range(8))
