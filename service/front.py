@@ -36,6 +36,10 @@ from service.tiling import TileGrid
 
 log = logging.getLogger("ganserve.front")
 SNAPSHOT_INTERVAL_S = 0.5
+# an engine that has not answered a snapshot for this long is taken for hung (stopped, swapping, a
+# native deadlock): the front answers unready and refuses new requests with 503, where it stayed
+# ready and every request waited out its whole deadline for a 504
+ENGINE_SILENT_S = 5.0
 CONNECT_TIMEOUT_S = 120.0  # the engine process imports torch and binds its socket within this
 
 
@@ -257,6 +261,12 @@ class FrontRegistry(ModelRegistry):
         self.mirrored = False  # a first snapshot has been applied: the models are known
         self.device = "cpu"  # this process computes nothing; the models' own device is in their runtime label
         self.polling: asyncio.Task | None = None
+        self.last_snapshot = time.monotonic()  # when the engine last answered a snapshot
+
+    def engine_silent_s(self) -> float:
+        """Seconds since the engine last answered, past the snapshot interval; 0 when it keeps up."""
+        silent = time.monotonic() - self.last_snapshot
+        return silent if silent > ENGINE_SILENT_S else 0.0
 
     def discover(self) -> None:
         """(the engine reads the repository; a front learns the models from its snapshots)"""
@@ -293,6 +303,7 @@ class FrontRegistry(ModelRegistry):
         """Mirrors the engine's models; a mirror stays the same object while its entry does, so
         requests holding it keep their lane's backlog."""
         self.engine_ready = snapshot.ready and not snapshot.draining
+        self.last_snapshot = time.monotonic()
         self.mirrored = True
         models: dict[str, dict[int, LoadedModel]] = {}
         for name, versions in snapshot.models.items():
@@ -313,7 +324,13 @@ class FrontRegistry(ModelRegistry):
         return super().versions(name)
 
     def is_ready(self) -> bool:
-        return self.loaded and self.engine_ready and self.client.connected and not self.draining
+        return self.loaded and self.engine_ready and self.client.connected and not self.draining and not self.engine_silent_s()
+
+    def get(self, name: str, version: int | None = None) -> LoadedModel:
+        """(503 at once while the engine is silent: its requests would wait out their deadline)"""
+        if self.loaded and (silent := self.engine_silent_s()):
+            raise ApiError(503, f"the engine process has not answered for {silent:.0f} s; retry", headers={"Retry-After": "1"})
+        return super().get(name, version)
 
     def batcher(self, model: LoadedModel, operation: str, graph: str = "model") -> RemoteBatcher:
         key = f"{operation}/{graph}"

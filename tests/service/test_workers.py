@@ -416,3 +416,23 @@ def test_a_second_workers_server_on_a_port_in_use_refuses_to_start(repository, w
                             capture_output=True, text=True, timeout=60, env=os.environ | {"GANSERVE_MODELS": '["digits"]'})
     assert second.returncode == 1 and "cannot serve on" in second.stderr and "in use" in second.stderr
     assert all(httpx.get(f"{workers.url}/health/ready").status_code == 200 for _ in range(8))
+
+
+def test_a_hung_engine_makes_the_fronts_unready_and_refuse_at_once_until_it_answers_again(workers):
+    """A stopped engine (swapping, a native deadlock) left the server ready while every request
+    waited out its whole 30 s deadline for a 504."""
+    engine = next(pid for pid, role in children(workers.process.pid).items() if role == "engine")
+    os.kill(engine, signal.SIGSTOP)
+    try:
+        time.sleep(7)  # past ENGINE_SILENT_S (5 s) of unanswered snapshots
+        assert httpx.get(f"{workers.url}/health/ready", timeout=10).status_code == 503
+        started = time.monotonic()
+        refused = httpx.post(f"{workers.url}/v1/models/digits/generate", json={"seed": 1}, timeout=40)
+        assert refused.status_code == 503 and "engine" in refused.json()["error"]["message"] and time.monotonic() - started < 5
+        assert refused.headers["retry-after"] == "1"
+    finally:
+        os.kill(engine, signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{workers.url}/health/ready").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert httpx.post(f"{workers.url}/v1/models/digits/generate", json={"seed": 1}, timeout=40).status_code == 200
