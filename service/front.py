@@ -324,7 +324,8 @@ class FrontRegistry(ModelRegistry):
         return super().versions(name)
 
     def is_ready(self) -> bool:
-        return self.loaded and self.engine_ready and self.client.connected and not self.draining and not self.engine_silent_s()
+        return (self.loaded and self.engine_ready and self.client.connected and not self.draining and not self.engine_silent_s()
+                and self.memory.capacity > 0)
 
     def get(self, name: str, version: int | None = None) -> LoadedModel:
         """(503 at once while the engine is silent: its requests would wait out their deadline)"""

@@ -204,7 +204,11 @@ class RequestIntake:
                     if chunk and budget is not None:
                         try:
                             budget.try_reserve(len(chunk))
-                        except OverBudget:
+                        except OverBudget as error:
+                            if error.permanent or (length is not None and length > error.capacity):  # retrying cannot help
+                                raise Refused(413, "too_expensive", f"this request's body is {max(size, length or 0)} bytes; the server's memory budget "
+                                                                   f"for requests is {error.capacity / 2**20:.0f} MiB (GANSERVE_MEMORY_BUDGET less "
+                                                                   "what the loaded models hold)")
                             raise Refused(503, "overloaded", "the server's memory budget is taken by requests in flight; retry later", {"Retry-After": "1"})
                         context.reserved += len(chunk)
                     chunks.append(chunk)

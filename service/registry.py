@@ -278,6 +278,9 @@ class ModelRegistry:
         self.memory.set_resident(memory.rss_bytes())
         log.info("memory: %.0f MiB resident after loading; %.0f MiB of the %.0f MiB budget left for requests",
                  memory.rss_bytes() / 2**20, self.memory.capacity / 2**20, self.settings.memory_budget / 2**20)
+        if self.memory.capacity == 0:
+            log.error("the loaded models hold the whole memory budget (GANSERVE_MEMORY_BUDGET, %.0f MiB): no request can be "
+                      "served, so the server answers unready; raise the budget or serve fewer models", self.settings.memory_budget / 2**20)
 
     async def load_model(self, name: str) -> dict[int, LoadedModel]:
         """(Re)reads one model's versions from the repository and loads them beside the ones being
@@ -498,7 +501,7 @@ class ModelRegistry:
 
     def is_ready(self) -> bool:
         """Readiness as `ready_requires` says: every model, any model, or the named ones."""
-        if self.draining or not self.loaded:
+        if self.draining or not self.loaded or self.memory.capacity == 0:  # no request could fit: every one answered 503 "retry"
             return False
         ready = {name for name, versions in self.models.items() if any(m.ready for m in versions.values())}
         rule = self.settings.ready_requires.strip()
