@@ -56,6 +56,32 @@ class ServiceMetrics:
                                      registry=r, multiprocess_mode="livemostrecent")
         self.gpu_memory = Gauge("ganserve_gpu_memory_bytes", "GPU memory allocated by this process", ("device",), registry=r, multiprocess_mode="liveall")
 
+    def versioned(self) -> list[tuple[Counter | Gauge | Histogram, tuple[str, ...]]]:
+        """Every metric labelled by model and version, with its label names in order."""
+        with_status, with_reason, with_outcome = LABELS + ("status",), LABELS + ("reason",), ("model", "version", "outcome")
+        return [(self.request_duration, LABELS), (self.queue_duration, LABELS), (self.compute_duration, LABELS),
+                (self.encode_duration, LABELS), (self.batch_items, LABELS), (self.queue_items, LABELS), (self.in_flight, LABELS),
+                (self.requests, with_status), (self.rejected, with_reason), (self.padded_items, LABELS),
+                (self.cost_remeasures, with_outcome), (self.stream_frames, with_outcome), (self.stream_frame_duration, ("model", "version"))]
+
+    def forget_version(self, model: str, version: str) -> int:
+        """Removes the series of a version the server no longer serves (retired by a reload or
+        the version policy): each new version added ~230 series for good, 2,225 after nine
+        versions. Not under `--workers`, whose multiprocess files cannot drop a series. Answers
+        how many label sets were removed."""
+        if self.multiprocess():
+            return 0
+        removed = 0
+        for metric, names in self.versioned():
+            label_sets = {tuple(sample.labels[name] for name in names)
+                          for family in metric.collect() for sample in family.samples
+                          if sample.labels.get("model") == model and sample.labels.get("version") == version}
+            for label_set in label_sets:
+                metric.remove(*label_set)
+                removed += 1
+        self.bound.cache_clear()  # its children of the removed label sets would write where no scrape looks
+        return removed
+
     def record_process_state(self, capacity: int, used: int, device: str) -> None:
         """The memory budget, what admitted requests hold, and this process's GPU memory: read
         where they live, so set at every scrape and, for the processes a scrape does not reach

@@ -304,6 +304,8 @@ class ModelRegistry:
             for model in [*served.values(), *fresh.values()]:
                 if all(model is not kept for kept in serving.values()):
                     await self.retire(model, "replaced")
+            for version in set(served) - set(serving):  # versions no longer served: their series go too
+                self.metrics.forget_version(name, str(version))
             self.settle_memory()
             return fresh
 

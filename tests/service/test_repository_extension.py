@@ -208,6 +208,24 @@ def test_polling_loads_a_version_whose_files_arrive_after_its_spec(own_repositor
         assert client.post("/v1/models/digits/generate", json={"seed": 1, "version": 2}).status_code == 200
 
 
+def test_a_version_retired_by_a_reload_takes_its_metric_series_with_it(own_repository):
+    """Each version served added ~230 series (operations × statuses × buckets) that stayed after it
+    was retired: 2,225 after nine versions under `latest:1`."""
+    with running_server(own_repository, version_policy="latest:1", model_control=True, models=["digits"]) as server, server.client() as client:
+        def series(version: str) -> int:
+            return sum('model="digits"' in line and f'version="{version}"' in line for line in client.get("/metrics").text.splitlines())
+
+        assert client.post("/v1/models/digits/generate", json={"seed": 1}).status_code == 200
+        assert client.post("/v1/models/digits/generate", json={"n": 300}).status_code == 422
+        assert series("1") > 20
+        shutil.copytree(own_repository / "digits" / "1", own_repository / "digits" / "2")
+        assert client.post("/v2/repository/models/digits/load").status_code == 200
+        assert client.post("/v1/models/digits/generate", json={"seed": 1}).status_code == 200
+        assert series("1") == 0 and series("2") > 20
+        assert client.post("/v2/repository/models/digits/load").status_code == 200  # a reload of the served version keeps its series
+        assert series("2") > 20
+
+
 def test_version_policies_choose_what_is_served(own_repository):
     for version in (2, 3):
         shutil.copytree(own_repository / "digits" / "1", own_repository / "digits" / str(version))
