@@ -57,11 +57,12 @@ async def project_image(name: str, request: Request, steps: Annotated[Projection
         networks = projection_networks(entry)
         result = project(networks.generator.synthesis, target, networks.generator.w_avg, entry.spec["num_ws"], steps=steps,
                          features=networks.features, progress=lambda step, loss: tick(step))
-        if result.steps < steps:
-            raise TimeoutError(f"time limit of {registry.settings.max_job_seconds:g} s reached at step {result.steps} of {steps}")
         picture = to_uint8(result.image[None].numpy(), tuple(entry.spec["value_range"]))[0]
-        return {"ws": result.ws.tolist(), "psnr": result.psnr, "steps": result.steps,
-                "reconstruction": {"format": "png", "data": base64.b64encode(encode(picture, "png")).decode()}}
+        answer = {"ws": result.ws.tolist(), "psnr": result.psnr, "steps": result.steps,
+                  "reconstruction": {"format": "png", "data": base64.b64encode(encode(picture, "png")).decode()}}
+        if result.steps < steps:  # the time limit (a cancel or shutdown: the store says `cancelled`): what it reached is kept
+            answer["stopped"] = f"the time limit of {registry.settings.max_job_seconds:g} s, at step {result.steps} of {steps}"
+        return answer
 
     job = registry.jobs.submit("project", name, steps, work, working_bytes=working, held_bytes=target.numel() * target.element_size())
     return JSONResponse({"job_id": job.id, "status_url": f"/v1/jobs/{job.id}", "state": job.state}, status_code=202)
