@@ -201,8 +201,12 @@ class UpscaleStream:
                     try:  # a waiting frame's bytes count against the memory budget like a request body
                         self.registry.memory.try_reserve(len(data))
                         arrived = Frame(number, data, time.monotonic())
-                    except OverBudget:
-                        arrived = Frame(number, b"", time.monotonic(), refusal={
+                    except OverBudget as error:
+                        arrived = Frame(number, b"", time.monotonic(), refusal={  # as the intake answers a body
+                            "status": 413, "code": "too_expensive",
+                            "error": f"this frame is {len(data)} bytes; the server's memory budget for requests is "
+                                     f"{error.capacity / 2**20:.0f} MiB (GANSERVE_MEMORY_BUDGET less what the loaded models hold)"}
+                            if error.permanent else {
                             "status": 503, "code": "overloaded", "retry_after_s": 1,
                             "error": "the server's memory budget is taken by requests in flight; this frame was not kept"})
                     replaced = self.mailbox.put(arrived)
