@@ -264,7 +264,7 @@ class FrontRegistry(ModelRegistry):
         self.last_snapshot = time.monotonic()  # when the engine last answered a snapshot
 
     def engine_silent_s(self) -> float:
-        """Seconds since the engine last answered, past the snapshot interval; 0 when it keeps up."""
+        """Seconds since the engine last answered, once that is past ENGINE_SILENT_S; 0 while it answers."""
         silent = time.monotonic() - self.last_snapshot
         return silent if silent > ENGINE_SILENT_S else 0.0
 

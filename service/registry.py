@@ -173,17 +173,20 @@ def kept_on_failed_reload(fresh: dict[int, LoadedModel], served: dict[int, Loade
     served ready versions stay, beside the failed ones. A spec.json with a typo, or files caught
     half-copied by the repository poll, took a healthy model down, and the server's readiness
     with it. The kept copies say why in their `error`."""
+    def keep(before: LoadedModel, why: str | None) -> None:
+        before.error = f"the reload failed ({why}); serving the version loaded before"
+
     serving = dict(fresh)
     for version, model in fresh.items():
         if not model.ready and (before := served.get(version)) is not None and before.ready:
             serving[version] = before
-            before.error = f"the reload failed ({model.error}); serving the version loaded before"
+            keep(before, model.error)
     if not any(model.ready for model in serving.values()):
+        failed = "; ".join(f"v{v}: {m.error}" for v, m in sorted(fresh.items()) if not m.ready)
         for version, before in served.items():
             if before.ready:
                 serving[version] = before
-                failed = "; ".join(f"v{v}: {m.error}" for v, m in sorted(fresh.items()) if not m.ready)
-                before.error = f"the reload failed ({failed}); serving the version loaded before"
+                keep(before, failed)
     return serving
 
 

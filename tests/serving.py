@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -84,6 +85,18 @@ class Server:
 
     def client(self, **kwargs) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 30), **kwargs)
+
+    def wait_loaded(self, timeout_s: float = 120) -> None:
+        """Until every model has been tried (none `loading`): for servers started with wait=False
+        whose settings keep them unready once loaded (readiness cannot be what is waited for)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+                models = httpx.get(f"{self.url}/v1/models").json()["models"]
+                if models and all(model["state"] != "loading" for model in models):
+                    return
+            time.sleep(0.3)
+        raise TimeoutError(f"the models were still loading after {timeout_s} s")
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of a Prometheus sample over the series matching `labels`."""

@@ -298,15 +298,7 @@ def test_a_message_in_endless_fragments_closes_the_connection_with_1009(server):
 def test_a_frame_that_does_not_fit_the_memory_budget_is_refused_and_the_stream_goes_on(repository):
     # below what the loaded models hold: nothing fits, and the server says so (unready, 413: retrying cannot help)
     with running_server(repository, memory_budget=64 * 2**20, wait=False) as server:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{server.url}/health/live").status_code == 200 and httpx.get(f"{server.url}/v1/models").json()["models"] \
-                        and all(m["state"] != "loading" for m in httpx.get(f"{server.url}/v1/models").json()["models"]):
-                    break
-            except (httpx.HTTPError, ValueError, KeyError):
-                pass
-            time.sleep(0.3)
+        server.wait_loaded()
         with connect(ws_url(server)) as ws:
             ws.recv(timeout=30)
             ws.send(frame(32, 32, 1))
