@@ -43,6 +43,11 @@ ENGINE_SILENT_S = 5.0
 CONNECT_TIMEOUT_S = 120.0  # the engine process imports torch and binds its socket within this
 
 
+def engine_silent_error(silent_s: float) -> ApiError:
+    """What a front answers, at once, while its engine is silent: its requests would wait out their deadline."""
+    return ApiError(503, f"the engine process has not answered for {silent_s:.0f} s; retry", headers={"Retry-After": "1"})
+
+
 @dataclass(frozen=True)
 class RuntimeLabel:
     """The engine's runtime as the routes describe it (the runtime itself stays in the engine)."""
@@ -330,7 +335,7 @@ class FrontRegistry(ModelRegistry):
     def get(self, name: str, version: int | None = None) -> LoadedModel:
         """(503 at once while the engine is silent: its requests would wait out their deadline)"""
         if self.loaded and (silent := self.engine_silent_s()):
-            raise ApiError(503, f"the engine process has not answered for {silent:.0f} s; retry", headers={"Retry-After": "1"})
+            raise engine_silent_error(silent)
         return super().get(name, version)
 
     def batcher(self, model: LoadedModel, operation: str, graph: str = "model") -> RemoteBatcher:

@@ -3,17 +3,43 @@ projection jobs (they need the eager generator and keep their state in the engin
 and the model-repository extension (loading and unloading happen where the runtimes are). The
 front has already bounded the body (the intake); the engine answers over its own HTTP socket, and
 its answer, status and error body included, is passed on as it is. After a load or an unload the
-front re-reads the engine's models before answering, so the next request sees the change."""
+front re-reads the engine's models before answering, so the next request sees the change. An
+engine that has stopped answering (ENGINE_SILENT_S) gets nothing forwarded: 503 at once, and a
+forwarded request still waiting when it falls silent is answered 503 then."""
 from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
 
 import httpx
 from fastapi import APIRouter, Request, Response
 
 from service.errors import ApiError
+from service.front import FrontRegistry, engine_silent_error
 from service.pipeline import registry_of
 
 router = APIRouter(include_in_schema=False)
 PASSED_HEADERS = ("content-type", "accept", "retry-after", "location")
+SILENCE_CHECK_S = 0.5  # how often a forwarded request's wait looks at whether the engine still answers
+
+
+async def while_the_engine_answers(registry: FrontRegistry, answer: Awaitable[httpx.Response]) -> httpx.Response:
+    """The engine's answer, or 503 once it has been silent for ENGINE_SILENT_S. A stopped engine's
+    socket still accepts, so a forwarded job poll waited out its 30 s timeout and a `load` (no
+    timeout: a large model takes as long as it takes) waited for good. What the engine was asked
+    may still happen once it answers again: a load then completes."""
+    if silent := registry.engine_silent_s():
+        raise engine_silent_error(silent)
+    waiting = asyncio.ensure_future(answer)
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=SILENCE_CHECK_S)
+            if done:
+                return waiting.result()
+            if silent := registry.engine_silent_s():
+                raise engine_silent_error(silent)
+    finally:
+        waiting.cancel()  # (nothing when it finished)
 
 
 async def forward(request: Request, timeout_s: float | None) -> Response:
@@ -25,7 +51,8 @@ async def forward(request: Request, timeout_s: float | None) -> Response:
     # and a %2E%2E was normalised into another route
     target = httpx.URL(request.scope.get("raw_path", request.url.path.encode()).decode("latin-1"), query=request.scope.get("query_string", b""))
     try:
-        answer = await client.request(request.method, target, headers=headers, content=await request.body(), timeout=timeout_s)
+        body = await request.body()
+        answer = await while_the_engine_answers(registry, client.request(request.method, target, headers=headers, content=body, timeout=timeout_s))
     except httpx.InvalidURL:
         raise ApiError(404, "not found")
     except httpx.HTTPError as error:

@@ -134,13 +134,7 @@ def test_readiness_is_503_while_a_model_it_requires_is_failed(repository, tmp_pa
     with contextlib.ExitStack() as stack:  # the four servers start at once: each start is mostly waiting on imports
         servers = [stack.enter_context(running_server(repo, wait=False, ready_requires=requires)) for requires, _ in cases]
         for server, (requires, expected) in zip(servers, cases):
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                with contextlib.suppress(httpx.TransportError):
-                    states = httpx.get(f"{server.url}/v1/models", timeout=2).json()["models"]
-                    if all(m["state"] != "loading" for m in states):
-                        break
-                time.sleep(0.1)
+            server.wait_loaded(60)
             ready = httpx.get(f"{server.url}/health/ready")
             assert ready.status_code == expected, (requires, ready.json())
             assert ready.json()["models"]["cdigits/1"] == "failed"

@@ -420,16 +420,22 @@ def test_a_second_workers_server_on_a_port_in_use_refuses_to_start(repository, w
 
 def test_a_hung_engine_makes_the_fronts_unready_and_refuse_at_once_until_it_answers_again(workers):
     """A stopped engine (swapping, a native deadlock) left the server ready while every request
-    waited out its whole 30 s deadline for a 504."""
+    waited out its whole 30 s deadline for a 504; what a front forwards to the engine (job polls,
+    model control) waited its 30 s too, and a `load`, which has no timeout, for good."""
     engine = next(pid for pid, role in children(workers.process.pid).items() if role == "engine")
     os.kill(engine, signal.SIGSTOP)
     try:
-        time.sleep(7)  # past ENGINE_SILENT_S (5 s) of unanswered snapshots
+        started = time.monotonic()  # forwarded while the engine still looks alive
+        poll = httpx.get(f"{workers.url}/v1/jobs/0123456789abcdef", timeout=60)
+        assert poll.status_code == 503 and "engine" in poll.json()["error"]["message"] and time.monotonic() - started < 9
         assert httpx.get(f"{workers.url}/health/ready", timeout=10).status_code == 503
         started = time.monotonic()
         refused = httpx.post(f"{workers.url}/v1/models/digits/generate", json={"seed": 1}, timeout=40)
         assert refused.status_code == 503 and "engine" in refused.json()["error"]["message"] and time.monotonic() - started < 5
         assert refused.headers["retry-after"] == "1"
+        started = time.monotonic()
+        load = httpx.post(f"{workers.url}/v2/repository/models/digits/load", timeout=60)
+        assert load.status_code == 503 and load.headers["retry-after"] == "1" and time.monotonic() - started < 2
     finally:
         os.kill(engine, signal.SIGCONT)
     deadline = time.monotonic() + 30
