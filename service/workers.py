@@ -4,8 +4,8 @@ The engine loads the models and forms every batch (one place per device, service
 fronts each listen on the port with SO_REUSEPORT (the kernel spreads new connections evenly over
 them: with one shared listening socket, measured here, one front took 99 % of 16 keep-alive
 clients), and do what scales over cores: HTTP, validation, admission, encoding. The port is
-claimed here first (bound, not listening), so a port in use stops the server before any child
-starts.
+claimed here first (bound, not listening, and locked for as long as any of this server's processes
+lives), so a port in use stops the server before any child starts.
 This process only starts, watches and stops them:
 
 - the children run in their own session, so a Ctrl-C at the terminal reaches this process alone,
@@ -24,6 +24,7 @@ This process only starts, watches and stops them:
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -65,6 +66,27 @@ def refuse_port_in_use(host: str, port: int) -> None:
         probe.listen(1)
 
 
+def port_lock(host: str, port: int) -> socket.socket | None:
+    """A socket bound to an abstract Unix name made of (host, port), or OSError (EADDRINUSE) when
+    another `--workers` server holds it. Between this server's claim and its fronts' listening
+    (seconds: they import torch first) nothing listens on the port, so `refuse_port_in_use` let a
+    second server through, and the two split the port's connections. The children inherit it, so
+    the name stays taken until the last of them has exited (after a `kill -9` of this process they
+    drain first); the kernel frees it with them, and it leaves no file behind. Linux only (as is
+    SO_REUSEPORT's spreading of connections): elsewhere there is no lock."""
+    if port == 0 or not sys.platform.startswith("linux"):
+        return None
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        lock.bind(f"\0ganserve-workers-port {host} {port}")
+    except OSError as error:
+        lock.close()
+        if error.errno == errno.EADDRINUSE:
+            raise OSError(errno.EADDRINUSE, f"port {port} is in use by another `ganserve serve --workers` server (starting or serving)") from None
+        raise
+    return lock
+
+
 def port_socket(host: str, port: int) -> socket.socket:
     """A socket bound to (host, port) in the port's SO_REUSEPORT group, not listening: the
     supervisor's claim (it never listens, so it takes no connections) or a front's, which uvicorn
@@ -79,11 +101,17 @@ def port_socket(host: str, port: int) -> socket.socket:
 
 class Supervisor:
     def __init__(self, settings: Settings) -> None:
+        self.lock = port_lock(settings.host, settings.port)
+        try:
+            refuse_port_in_use(settings.host, settings.port)
+            self.claim = port_socket(settings.host, settings.port)
+        except OSError:
+            if self.lock is not None:
+                self.lock.close()
+            raise
         self.run_dir = Path(tempfile.mkdtemp(prefix="ganserve-"))  # 0700: only this user reaches the sockets
         metrics_dir = self.run_dir / "metrics"
         metrics_dir.mkdir()
-        refuse_port_in_use(settings.host, settings.port)
-        self.claim = port_socket(settings.host, settings.port)
         self.settings = settings.model_copy(update={"engine_dir": self.run_dir, "port": self.claim.getsockname()[1]})
         self.budget = SharedBudgetTable.create(self.run_dir / SHARED_BUDGET_FILE, slots=settings.workers + 1)
         self.env = os.environ | {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
@@ -92,7 +120,8 @@ class Supervisor:
         self.stopping = False
 
     def spawn(self, role: str, slot: int, replacement: bool = False) -> subprocess.Popen:
-        return subprocess.Popen(child_command(role, self.settings, slot, replacement), env=self.env, start_new_session=True)
+        return subprocess.Popen(child_command(role, self.settings, slot, replacement), env=self.env, start_new_session=True,
+                                pass_fds=() if self.lock is None else (self.lock.fileno(),))
 
     def run(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -129,6 +158,8 @@ class Supervisor:
         if self.engine is not None:
             self.terminate([self.engine], grace)
         shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self.lock is not None:
+            self.lock.close()
 
     def terminate(self, processes: list[subprocess.Popen], grace_s: float) -> None:
         for process in processes:

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 from websockets.sync.client import connect
 
-from bench.server import process_roles
+from bench.server import process_roles, wait_ready
 from tests.serving import running_server
 
 
@@ -416,6 +416,23 @@ def test_a_second_workers_server_on_a_port_in_use_refuses_to_start(repository, w
                             capture_output=True, text=True, timeout=60, env=os.environ | {"GANSERVE_MODELS": '["digits"]'})
     assert second.returncode == 1 and "cannot serve on" in second.stderr and "in use" in second.stderr
     assert all(httpx.get(f"{workers.url}/health/ready").status_code == 200 for _ in range(8))
+
+
+def test_a_second_workers_server_started_while_the_first_one_starts_refuses_too(repository):
+    """Between the first server's claim and its fronts' listening (they import torch first)
+    nothing listened on the port, so the second server's check let it through."""
+    with running_server(repository, wait=False, workers=2, models=["digits"]) as first:
+        deadline = time.monotonic() + 30
+        while not children(first.process.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(httpx.ConnectError):  # the first server's fronts are not listening yet
+            httpx.get(f"{first.url}/health/live", timeout=2)
+        second = subprocess.run([sys.executable, "-m", "ganserve_cli", "serve", "--repository", str(repository), "--host", "127.0.0.1",
+                                 "--port", first.url.rsplit(":", 1)[1], "--workers", "2"],
+                                capture_output=True, text=True, timeout=60, env=os.environ | {"GANSERVE_MODELS": '["digits"]'})
+        assert second.returncode == 1 and "cannot serve on" in second.stderr and "another" in second.stderr
+        wait_ready(first.url, first.process, first.process.log_path)
+        assert httpx.post(f"{first.url}/v1/models/digits/generate", json={"seed": 1}, timeout=30).status_code == 200
 
 
 def test_a_hung_engine_makes_the_fronts_unready_and_refuse_at_once_until_it_answers_again(workers):
