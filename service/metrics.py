@@ -22,6 +22,21 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
+class ListedVersionsOnly:
+    """A collector passing on another's samples except those labelled with a model version not in
+    `listed` (samples without both labels pass)."""
+
+    def __init__(self, inner: MultiProcessCollector, listed: set[tuple[str, str]]) -> None:
+        self.inner, self.listed = inner, listed
+
+    def collect(self):
+        for family in self.inner.collect():
+            family.samples = [sample for sample in family.samples
+                              if "model" not in sample.labels or "version" not in sample.labels
+                              or (sample.labels["model"], sample.labels["version"]) in self.listed]
+            yield family
+
+
 class ServiceMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -67,8 +82,8 @@ class ServiceMetrics:
     def forget_version(self, model: str, version: str) -> int:
         """Removes the series of a version the server no longer serves (retired by a reload or
         the version policy): each new version added ~230 series for good, 2,225 after nine
-        versions. Not under `--workers`, whose multiprocess files cannot drop a series. Answers
-        how many label sets were removed."""
+        versions. Not under `--workers`, whose multiprocess files cannot drop a series (there
+        `exposition` leaves them out). Answers how many label sets were removed."""
         if self.multiprocess():
             return 0
         removed = 0
@@ -100,11 +115,13 @@ class ServiceMetrics:
         series cannot be removed (prometheus-client warns on every try), only overwritten."""
         return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
-    def exposition(self) -> tuple[bytes, str]:
-        """The scrape: this app's registry, or every process's samples in multiprocess mode."""
+    def exposition(self, listed: set[tuple[str, str]]) -> tuple[bytes, str]:
+        """The scrape: this app's registry, or every process's samples in multiprocess mode, there
+        without the series of versions no longer listed (`listed`: (model, version) pairs), which
+        its files cannot drop (`forget_version`): they grew by ~230 a version retired by reloads."""
         if self.multiprocess():
             combined = CollectorRegistry()
-            MultiProcessCollector(combined)
+            combined.register(ListedVersionsOnly(MultiProcessCollector(None), listed))
             return generate_latest(combined), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 

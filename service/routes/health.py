@@ -34,5 +34,5 @@ async def ready(request: Request) -> JSONResponse:
 async def metrics(request: Request) -> Response:
     registry = registry_of(request)
     registry.metrics.record_process_state(registry.memory.capacity, registry.memory.used, registry.device)
-    body, media_type = registry.metrics.exposition()
+    body, media_type = registry.metrics.exposition({(name, str(version)) for name, versions in registry.models.items() for version in versions})
     return Response(body, media_type=media_type)
