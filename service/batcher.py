@@ -70,6 +70,7 @@ class RequestState:
     cancelled: bool = False
     lane_seconds: float = 0.0  # what admission added to the lane's backlog for it, not yet settled by its items
     timing: dict[str, float] | None = None  # the request's stage seconds (Server-Timing): longest queue wait, compute of its batches
+    items_batched: int = 0  # its items taken into batches so far: who goes first when a batch cannot take one of each
 
     def alive(self, now: float) -> bool:
         return not self.cancelled and now < self.deadline
@@ -83,6 +84,7 @@ class WorkItem:
     units: float = 1.0  # its cost units (service/costs.py)
     seconds: float = 0.0  # its estimated compute: what its end takes off the lane's backlog
     enqueued: float = field(default_factory=time.monotonic)
+    batched: bool = False  # taken into a batch (service/batcher.py: take_batch)
 
     @property
     def signature(self) -> tuple:
@@ -195,14 +197,22 @@ class DynamicBatcher:
         return self.cost.batch_seconds(units + item.units, corrected=False) <= self.max_batch_seconds
 
     def take_batch(self) -> list[WorkItem]:
-        """Live items shaped like the oldest, up to the item and cost caps; dead items are dropped here."""
+        """Live items, up to the item and cost caps; dead items are dropped here.
+
+        Not plain first-in first-out. First one item of each waiting request: those whose deadline
+        is at risk first (earliest deadline first), then those with the fewest items batched so
+        far, then by arrival. Then the rest in order. A single image queued behind two clients'
+        64-image requests waited for all 128 (6-16 s against 1.4 s on a 256-px StyleGAN in a probe):
+        now it is in the next batch. A request's own items keep their order; large requests among
+        themselves stay nearly first-come first-served, which finishes each sooner than sharing. A
+        request is at risk once it has waited half of its time, or its remaining compute, twice
+        over, no longer fits before its deadline: newcomers cannot starve it. The batch takes the
+        shape of its first item."""
         now = time.monotonic()
-        signature = self.queue[0].signature
-        batch: list[WorkItem] = []
-        units = 0.0
-        kept: deque[WorkItem] = deque()
-        while self.queue:
-            item = self.queue.popleft()
+        live: list[WorkItem] = []
+        firsts: dict[int, WorkItem] = {}  # each request's oldest waiting item
+        pending_s: dict[int, float] = {}  # each request's estimated compute still queued
+        for item in self.queue:
             if not item.request.alive(now) or item.future.done():
                 reason = "deadline" if now >= item.request.deadline else "cancelled"
                 self.metrics.rejected(reason).inc()
@@ -210,12 +220,30 @@ class DynamicBatcher:
                 if not item.future.done():
                     item.future.set_exception(DeadlineExceeded())
                 continue
-            if item.signature == signature and self.fits(batch, units, item):
-                batch.append(item)
-                units += item.units
-            else:
-                kept.append(item)
-        self.queue = kept
+            live.append(item)
+            firsts.setdefault(id(item.request), item)
+            pending_s[id(item.request)] = pending_s.get(id(item.request), 0.0) + item.seconds
+
+        def turn(item: WorkItem) -> tuple:
+            request = item.request
+            at_risk = (now - item.enqueued > (request.deadline - item.enqueued) / 2
+                       or request.deadline - now < 2 * pending_s[id(request)])
+            return (0, request.deadline, 0) if at_risk else (1, 0.0, request.items_batched)
+
+        batch: list[WorkItem] = []
+        if live:
+            first_turns = sorted(firsts.values(), key=turn) if len(firsts) > 1 else list(firsts.values())  # stable: arrival among equals
+            signature = first_turns[0].signature
+            units = 0.0
+            for item in [*first_turns, *live]:
+                if len(batch) >= self.max_batch_size:
+                    break
+                if not item.batched and item.signature == signature and self.fits(batch, units, item):
+                    batch.append(item)
+                    units += item.units
+                    item.batched = True
+                    item.request.items_batched += 1
+        self.queue = deque(item for item in live if not item.batched)
         self.metrics.queue_items.set(len(self.queue))
         for item in batch:
             waited = now - item.enqueued

@@ -18,6 +18,7 @@ class RecordingRuntime:
 
     def __init__(self, memory_items: int = 10_000, delay_s: float = 0.0) -> None:
         self.batches: list[int] = []
+        self.contents: list[list[float]] = []  # each batch's items, by their first value
         self.memory_items = memory_items
         self.delay_s = delay_s
 
@@ -27,6 +28,7 @@ class RecordingRuntime:
             raise OutOfMemory(f"{len(x)} items do not fit")
         time.sleep(self.delay_s)
         self.batches.append(len(x))
+        self.contents.append([float(v) for v in x[:, 0]])
         return x * 2
 
 
@@ -119,6 +121,52 @@ def test_a_batch_stops_at_its_cost_budget_as_well_as_its_item_cap():
         return runtime
 
     assert asyncio.run(scenario()).batches == [2, 2, 2]
+
+
+def test_a_one_item_request_behind_two_large_ones_goes_in_the_next_batch_and_each_request_keeps_its_order():
+    """It waited for all 48 items queued ahead of it (six batches), as a benign client of a
+    StyleGAN waited 6-16 s behind two clients' 64-image requests."""
+    async def scenario():
+        runtime = RecordingRuntime(delay_s=0.02)
+        batcher = make_batcher(runtime, max_queue_delay_ms=0)
+        first = asyncio.ensure_future(run_items(batcher, items(range(100, 124)), alive()))
+        second = asyncio.ensure_future(run_items(batcher, items(range(200, 224)), alive()))
+        await asyncio.sleep(0.005)  # the first batch is computing
+        lone = await run_items(batcher, items([7]), alive())
+        await asyncio.gather(first, second)
+        await batcher.close()
+        return runtime, lone
+
+    runtime, lone = asyncio.run(scenario())
+    assert lone[0][0] == 14.0
+    assert 7.0 in runtime.contents[1] and runtime.batches[1] == 8
+    for start in (100, 200):  # each request's items are computed in order, none lost or repeated
+        assert [v for batch in runtime.contents for v in batch if start <= v < start + 100] == list(range(start, start + 24))
+
+
+def test_a_batch_with_room_for_one_item_takes_the_least_served_request_first_but_never_starves_one_at_risk():
+    """Cost caps of one item a batch (a large StyleGAN on a CPU): a newcomer goes before the older
+    requests' next items, unless an older request's remaining compute, twice over, no longer fits
+    before its deadline: then its items go first."""
+    async def scenario(timeout_s: float):
+        runtime = RecordingRuntime(delay_s=0.05)
+        cost = GraphCost(per_unit_s=0.05, overhead_s=0.0, bytes_per_unit=0, reference_pixels=None)
+        batcher = make_batcher(runtime, max_queue_delay_ms=0, max_batch_size=1, cost=cost)
+        first = asyncio.ensure_future(run_items(batcher, items(range(100, 106)), alive(timeout_s)))
+        await asyncio.sleep(0.075)  # 100 computed, 101 computing
+        second = asyncio.ensure_future(run_items(batcher, items(range(200, 203)), alive()))
+        await asyncio.sleep(0.05)  # 200 computing
+        lone = asyncio.ensure_future(run_items(batcher, items([7]), alive()))
+        await asyncio.gather(first, second, lone)
+        await batcher.close()
+        return [batch[0] for batch in runtime.contents]
+
+    shared = asyncio.run(scenario(timeout_s=5.0))
+    assert shared[:4] == [100.0, 101.0, 200.0, 7.0] and sorted(shared) == sorted([*range(100, 106), *range(200, 203), 7.0])
+    # 0.45 s: after two items, 0.35 s left for 0.2 s of compute, under twice over: 102 goes before the
+    # newcomer, and all six finish in time (gather raised DeadlineExceeded otherwise)
+    at_risk = asyncio.run(scenario(timeout_s=0.45))
+    assert at_risk[:3] == [100.0, 101.0, 102.0] and [v for v in at_risk if v >= 100 and v < 200] == list(range(100, 106))
 
 
 def test_each_finished_item_takes_its_share_of_its_requests_admitted_backlog_off_the_lane():
