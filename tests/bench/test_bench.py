@@ -132,3 +132,11 @@ def test_a_server_from_another_checkout_is_what_baseline_code_measures(repositor
         version = httpx.get(f"{url}/openapi.json", timeout=30).json()["info"]["version"]
         answer = httpx.post(f"{url}/v1/models/digits/generate", json={"seed": 5}, timeout=30)
     assert version == "baseline-copy" and answer.status_code == 200
+
+
+def test_the_fairness_bench_reports_the_benign_clients_latency_and_queue_wait_beside_the_hogs(server):
+    from bench.fairness import run_fairness
+
+    result = run_fairness(server.url, "digits", hog_images=16, duration_s=2.5)
+    assert result.benign_requests >= 5 and result.hog_requests >= 2
+    assert 0 <= result.queue_p50_ms <= result.benign_p50_ms <= result.benign_p99_ms
