@@ -169,6 +169,26 @@ def test_a_batch_with_room_for_one_item_takes_the_least_served_request_first_but
     assert at_risk[:3] == [100.0, 101.0, 102.0] and [v for v in at_risk if v >= 100 and v < 200] == list(range(100, 106))
 
 
+def test_a_flood_of_one_item_requests_cannot_starve_a_large_one_past_its_deadline():
+    """Newcomers go first only until the large request has waited half of its time: then all its
+    items do, and it finishes in time."""
+    async def scenario():
+        runtime = RecordingRuntime(delay_s=0.05)
+        batcher = make_batcher(runtime, max_queue_delay_ms=0, max_batch_size=1)
+        large = asyncio.ensure_future(run_items(batcher, items(range(100, 104)), alive(1.0)))
+        flood = []
+        for i in range(30):  # one newcomer every 40 ms for 1.2 s: always one waiting
+            flood.append(asyncio.ensure_future(run_items(batcher, items([i]), alive())))
+            await asyncio.sleep(0.04)
+        await asyncio.gather(large, *flood)  # DeadlineExceeded if the large request starved
+        await batcher.close()
+        return [batch[0] for batch in runtime.contents]
+
+    computed = asyncio.run(scenario())
+    last = computed.index(103.0)
+    assert [v for v in computed[: last + 1] if v >= 100] == [100.0, 101.0, 102.0, 103.0] and last < 20
+
+
 def test_each_finished_item_takes_its_share_of_its_requests_admitted_backlog_off_the_lane():
     async def scenario():
         runtime = RecordingRuntime(delay_s=0.05)
