@@ -78,7 +78,7 @@ def port_lock(host: str, port: int) -> socket.socket | None:
         return None
     lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        lock.bind(f"\0ganserve-workers-port {host} {port}")
+        lock.bind(f"\0ganserve-workers-port {port} {host[:64]}")  # (an abstract name holds at most 107 bytes)
     except OSError as error:
         lock.close()
         if error.errno == errno.EADDRINUSE:
