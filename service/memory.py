@@ -137,6 +137,15 @@ class MemoryBudget:
     def used(self) -> int:
         return self.own_reserved
 
+    def capacity_if_resident(self, nbytes: int) -> int:
+        """What requests would have if this process held `nbytes` resident (a load asks before it
+        swaps a model in: service/registry.py)."""
+        return max(0, self.total - self.others_resident() - int(nbytes))
+
+    def others_resident(self) -> int:
+        """What the server's other processes hold resident (none: one process)."""
+        return 0
+
     def exclusive(self) -> contextlib.AbstractContextManager:
         """Held while a reservation is checked and made (other processes' too, where they share it)."""
         return UNSHARED
@@ -224,6 +233,9 @@ class SharedMemoryBudget(MemoryBudget):
     @property
     def capacity(self) -> int:
         return max(0, self.total - self.table.resident())
+
+    def others_resident(self) -> int:
+        return self.table.resident() - self.resident
 
     @property
     def used(self) -> int:

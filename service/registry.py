@@ -57,6 +57,8 @@ class LoadedModel:
     parity: PrecisionParity | None = None  # half precision: its measured distance from fp32
     precision_rejected: list[PrecisionParity] = field(default_factory=list)  # `auto`: half precisions tried that missed the bound
     mirrored_capture: dict[str, dict] = field(default_factory=dict)  # a front's copy of the engine's capture report
+    resident_bytes: int = 0  # what loading it added to the process's RSS, which retiring it should give back
+    failed_beside_served: bool = False  # failed in a (re)load while its model kept serving a ready version
 
     @property
     def served_precision(self) -> str:
@@ -264,7 +266,11 @@ class ModelRegistry:
         try:
             model.config = serving_config(model.entry, self.settings)
             model.lane = Lane(model.entry.label, model.config.lane_threads)
+            memory.trim()
+            before = memory.rss_bytes()
             await model.lane.run(self.load_and_warm, model)
+            memory.trim()
+            model.resident_bytes = max(0, memory.rss_bytes() - before)
             model.limits = derive_limits(model, self.settings, self.settings.memory_budget)
             model.state = "ready"
         except Exception as error:  # one bad entry must not take the others down
@@ -303,14 +309,44 @@ class ModelRegistry:
                 self.keep_faster_fits(model, self.models.get(name, {}).get(entry.version))
             served = self.models.get(name, {})
             serving = kept_on_failed_reload(fresh, served)
+            if (refusal := self.budget_refusal(served, serving)) is not None:
+                log.error("cannot load %s: %s", name, refusal)
+                for model in fresh.values():
+                    if model.ready:
+                        model.state, model.error = "failed", refusal
+                serving = kept_on_failed_reload(fresh, served)
+            still_serving = any(model.ready for model in serving.values())
+            for model in fresh.values():
+                model.failed_beside_served = not model.ready and still_serving
             self.models[name] = serving
             for model in [*served.values(), *fresh.values()]:
-                if all(model is not kept for kept in serving.values()):
+                # what is no longer served, and a failed fresh version that still holds runtimes (one
+                # the budget refused stays listed `failed`, and held its ~100 MB until the next load)
+                if all(model is not kept for kept in serving.values()) or (not model.ready and model.runtimes):
                     await self.retire(model, "replaced")
             for version in set(served) - set(serving):  # versions no longer served: their series go too
                 self.metrics.forget_version(name, str(version))
             self.settle_memory()
             return fresh
+
+    def budget_refusal(self, served: dict[int, LoadedModel], serving: dict[int, LoadedModel]) -> str | None:
+        """Why a load must not go on, or None: once the served versions it replaces are released,
+        the process would hold the whole memory budget and no request could fit. Asked while both
+        are resident: what it holds now, less what the replaced versions added when they loaded.
+        A reload of a larger version (by `load` or the repository poll) took the served model down
+        and the server's readiness with it; now it fails and the served version stays (Triton's
+        rule, as for any failed reload). An estimate: where it says the load fits and the
+        measurement after the swap says otherwise, the server is unready as at start-up."""
+        if not any(model.ready for model in serving.values() if all(model is not before for before in served.values())):
+            return None  # nothing fresh is about to be served
+        memory.trim()
+        released = sum(model.resident_bytes for model in served.values() if model.ready and all(model is not kept for kept in serving.values()))
+        expected = max(0, memory.rss_bytes() - released)
+        if self.memory.capacity_if_resident(expected) > 0:
+            return None
+        return (f"with it the server would hold ~{expected / 2**20:.0f} MiB resident, the whole memory budget "
+                f"(GANSERVE_MEMORY_BUDGET, {self.settings.memory_budget / 2**20:.0f} MiB), and no request could be served; "
+                "raise the budget or unload another model")
 
     def keep_faster_fits(self, fresh: LoadedModel, served: LoadedModel | None) -> None:
         """A reload of the same network, served the same way, keeps the faster of its two cost fits.
@@ -510,8 +546,11 @@ class ModelRegistry:
             return False
         ready = {name for name, versions in self.models.items() if any(m.ready for m in versions.values())}
         rule = self.settings.ready_requires.strip()
-        if rule == "all":  # an unloaded model was taken out on purpose: it is not required
-            return all(m.ready for versions in self.models.values() for m in versions.values() if m.state != "unloaded")
+        if rule == "all":  # an unloaded model was taken out on purpose, and a version whose (re)load failed while
+            # its model kept serving changed nothing served: neither is required (a broken or too large new
+            # version dropped into the repository took the server out of its load balancer)
+            return all(m.ready for versions in self.models.values() for m in versions.values()
+                       if m.state != "unloaded" and not m.failed_beside_served)
         if rule == "any":
             return bool(ready)
         return {name.strip() for name in rule.split(",") if name.strip()} <= ready

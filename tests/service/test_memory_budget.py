@@ -40,6 +40,7 @@ def test_what_one_process_reserves_every_other_sees_before_it_admits(tmp_path):
     try:
         assert other.stdout.readline().strip() == "held"
         assert here.capacity == 70 * MiB  # 100 less both processes' resident bytes
+        assert here.capacity_if_resident(30 * MiB) == 50 * MiB  # what a load asks: the other process's 20 stay
         assert here.used == 50 * MiB
         with pytest.raises(OverBudget) as refused:
             here.try_reserve(21 * MiB)
@@ -117,6 +118,7 @@ def test_one_process_budget_is_the_total_less_what_it_holds_resident():
     budget.try_reserve(10 * MiB)
     budget.release(200 * MiB)  # never below nothing
     assert budget.used == 0 and budget.capacity == 80 * MiB
+    assert budget.capacity_if_resident(100 * MiB) == 0 and budget.capacity_if_resident(60 * MiB) == 40 * MiB
 
 
 def test_a_budget_the_loaded_models_fill_is_unready_and_refuses_with_413_not_retry(repository):

@@ -71,6 +71,43 @@ def test_unload_load_and_a_new_version_through_the_standard_client(own_repositor
         triton.close()
 
 
+def test_a_load_that_would_fill_the_memory_budget_fails_and_the_served_version_stays(repository, tmp_path):
+    """A version ~100 MB larger arrives on disk under a budget with ~48 MiB to spare: `load` answers
+    422 naming the budget, and the served version, the pixels and readiness stay. It answered 200,
+    and the server went unready, every request 413, until an operator noticed. A load that fits
+    still loads."""
+    cfg = load_config(REPO / "configs" / "dcgan-digits.yaml").model_dump()
+    cfg.update(max_steps=1, sample_every=100, checkpoint_every=1, batch_size=2, panel_size=4)
+    cfg["eval"].update(every=100, num_samples=10)
+    cfg["model"].update(width=384)  # ~24 M parameters: ~97 MB of float32 weights
+    train(TrainConfig.model_validate(cfg), tmp_path / "wide", show_progress=False)
+    staged = export_run(tmp_path / "wide", "digits", 2, tmp_path / "staged", ["onnx"], "last")
+    repo = tmp_path / "repo"
+    shutil.copytree(repository / "digits" / "1", repo / "digits" / "1")
+    settings = {"model_control": True, "max_batch_size": 4}
+
+    with running_server(repo, memory_budget=4 * 2**30, **settings) as server:  # what the served model holds resident here
+        resident = 4 * 2**30 - server.metric("ganserve_memory_budget_bytes")
+    with running_server(repo, memory_budget=int(resident) + 48 * 2**20, **settings) as server, server.client(timeout=120) as client:
+        before = client.post("/v1/models/digits/generate", json={"seed": 3, "format": "npy"})
+        assert before.status_code == 200
+        shutil.copytree(staged, repo / "digits" / "2")
+        refused = client.post("/v2/repository/models/digits/load")
+        assert refused.status_code == 422 and "GANSERVE_MEMORY_BUDGET" in refused.json()["error"], refused.text
+        assert client.get("/health/ready").status_code == 200 and server.metric("ganserve_memory_budget_bytes") > 0
+        again = client.post("/v1/models/digits/generate", json={"seed": 3, "format": "npy"})
+        assert again.status_code == 200 and again.content == before.content and again.headers["x-model-version"] == "1"
+        index = {row["version"]: row for row in client.post("/v2/repository/index").json() if row["name"] == "digits"}
+        assert index["1"]["state"] == "READY" and "the reload failed" in index["1"]["reason"]
+        assert index["2"]["state"] == "UNAVAILABLE" and "GANSERVE_MEMORY_BUDGET" in index["2"]["reason"]
+
+        shutil.rmtree(repo / "digits" / "2")
+        shutil.copytree(repo / "digits" / "1", repo / "digits" / "3")  # a version of the same size fits
+        loaded = client.post("/v2/repository/models/digits/load")
+        assert loaded.status_code == 200 and loaded.json()["versions"] == {"1": "ready", "3": "ready"}, loaded.text
+        assert client.get("/health/ready").status_code == 200
+
+
 def test_a_new_version_swapped_in_under_load_fails_no_request(own_repository, tmp_path):
     """Four clients generate the same seed in a loop while version 2 (other weights) arrives on disk
     and is loaded: every request succeeds, and each client's answers switch from v1's image to
