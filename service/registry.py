@@ -53,6 +53,7 @@ class LoadedModel:
     limits: ModelLimits | None = None
     batchers: dict[str, DynamicBatcher] = field(default_factory=dict)
     projection_bytes: int | None = None  # style models: a projection job's memory (service/projection.py), counted on first use
+    projection_step_s: float | None = None  # style models: the fastest seconds a projection step took in this version's jobs
     spreads: dict[str, float] = field(default_factory=dict)  # style models: std of w along each direction
     parity: PrecisionParity | None = None  # half precision: its measured distance from fp32
     precision_rejected: list[PrecisionParity] = field(default_factory=list)  # `auto`: half precisions tried that missed the bound

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from typing import Annotated
 
 import torch
@@ -33,6 +34,29 @@ async def working_bytes(model: LoadedModel) -> int:
     return model.projection_bytes
 
 
+MIN_TIMED_STEPS = 10  # fewer are mostly the first step's set-up
+
+
+def refuse_past_the_time_limit(model: LoadedModel, steps: int, max_seconds: float) -> None:
+    """413 for a job whose steps could not finish within the job time limit even at the fastest
+    rate this model's jobs have run: its cost is known before it is queued. The first job of a
+    version has no such figure and runs; stopped by the limit, it is `done` with what it reached."""
+    step_s = model.projection_step_s
+    if step_s is None or steps * step_s <= max_seconds:
+        return
+    raise ApiError(413, f"{steps} steps would take about {steps * step_s:.0f} s at this model's fastest measured "
+                        f"{1000 * step_s:.1f} ms a step, past the job time limit of {max_seconds:g} s "
+                        f"(GANSERVE_MAX_JOB_SECONDS); ask for at most {int(max_seconds / step_s)}", code="too_expensive")
+
+
+def record_step_time(model: LoadedModel, steps: int, seconds: float) -> None:
+    """Keeps the fastest per-step time of the version's jobs (one job at a time runs, so the
+    fastest is the least disturbed by other work; a busy spell never tightens the refusal)."""
+    if steps >= MIN_TIMED_STEPS:
+        step_s = seconds / steps
+        model.projection_step_s = step_s if model.projection_step_s is None else min(model.projection_step_s, step_s)
+
+
 @router.post("/models/{name}/project", status_code=202, openapi_extra=IMAGE_BODY, responses=error_responses(404, 413, 415, 422, 429, 503))
 async def project_image(name: str, request: Request, steps: Annotated[ProjectionSteps, Query(description="optimisation steps: at most GANSERVE_MAX_PROJECTION_STEPS (1000 by default)")] = 200,
                         version: Annotated[VersionText | None, Query()] = None) -> JSONResponse:
@@ -43,6 +67,7 @@ async def project_image(name: str, request: Request, steps: Annotated[Projection
     limit = registry.settings.max_projection_steps
     if steps > limit:
         raise ApiError(422, f"steps: at most {limit}")
+    refuse_past_the_time_limit(model, steps, registry.settings.max_job_seconds)
     registry.jobs.check_room()  # before the upload is decoded
     working = await working_bytes(model)
     registry.jobs.check_fits(working)
@@ -55,8 +80,10 @@ async def project_image(name: str, request: Request, steps: Annotated[Projection
 
     def work(job, tick) -> dict:
         networks = projection_networks(entry)
+        started = time.perf_counter()
         result = project(networks.generator.synthesis, target, networks.generator.w_avg, entry.spec["num_ws"], steps=steps,
                          features=networks.features, progress=lambda step, loss: tick(step))
+        record_step_time(model, result.steps, time.perf_counter() - started)
         picture = to_uint8(result.image[None].numpy(), tuple(entry.spec["value_range"]))[0]
         answer = {"ws": result.ws.tolist(), "psnr": result.psnr, "steps": result.steps,
                   "reconstruction": {"format": "png", "data": base64.b64encode(encode(picture, "png")).decode()}}

@@ -81,9 +81,20 @@ def test_jobs_are_bounded_in_number_and_in_time(repository):
         undecoded = client.post("/v1/models/styles/project?steps=10", content=b"not an image", headers={"content-type": "image/png"})
         assert undecoded.status_code == 429
         job = wait_for(client, first.json()["status_url"])
-    # what it reached in its time is its result (it was thrown away: `failed`, no ws)
-    assert job["state"] == "done" and "time limit" in job["result"]["stopped"]
-    assert 0 < job["progress"]["step"] == job["result"]["steps"] < 1000 and len(job["result"]["ws"]) > 0
+        # what it reached in its time is its result (it was thrown away: `failed`, no ws)
+        assert job["state"] == "done" and "time limit" in job["result"]["stopped"]
+        assert 0 < job["progress"]["step"] == job["result"]["steps"] < 1000 and len(job["result"]["ws"]) > 0
+
+        # the model's step time is known now: a job that could not finish in time is refused up
+        # front, with the steps that would fit (it ran out its limit again); those are accepted
+        again = client.post("/v1/models/styles/project?steps=1000", content=png_bytes(), headers={"content-type": "image/png"})
+        assert again.status_code == 413 and again.json()["error"]["code"] == "too_expensive", again.text
+        message = again.json()["error"]["message"]
+        assert "GANSERVE_MAX_JOB_SECONDS" in message
+        fitting = int(message.rsplit("at most ", 1)[1])
+        assert job["result"]["steps"] <= fitting < 1000
+        fits = client.post(f"/v1/models/styles/project?steps={fitting}", content=png_bytes(), headers={"content-type": "image/png"})
+        assert fits.status_code == 202 and wait_for(client, fits.json()["status_url"])["state"] == "done"
 
 
 def test_a_projection_jobs_counted_memory_covers_what_the_job_holds_at_its_peak(tmp_path):
