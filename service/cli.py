@@ -39,10 +39,11 @@ def serve_command(
     import uvicorn
 
     from service.app import create_app
-    from service.http_protocol import guarded_protocol, guarded_websocket_protocol
+    from service.http_protocol import guarded_protocol, guarded_websocket_protocol, quiet_per_connection_lines
     from service.memory import return_freed_memory_to_the_os
 
     return_freed_memory_to_the_os()
+    quiet_per_connection_lines()
     # every accepted request ends by its deadline, so the drain fits in shutdown_grace_s
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
                 http=guarded_protocol(settings.header_timeout_s, settings.max_connections, settings.send_timeout_s, settings.max_header_bytes),

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -54,6 +55,26 @@ STOPPING_EXTENSION = "ganserve.stopping"  # True once the server shuts down whil
 SERVER_SHUTDOWN_EXTENSION = "ganserve.on_server_shutdown"  # a list of callables: a WebSocket app that closes itself on shutdown
 REFUSED_LINGER_S = 1.0  # how long a refused request's remaining bytes are read and dropped before the close
 MAX_FRAGMENTS = 4096  # frames one WebSocket message may come in (a 64 MiB frame in 16 KiB pieces)
+
+
+class PerConnectionLines(logging.Filter):
+    """Drops the INFO lines uvicorn and websockets write for every WebSocket connection (`"WebSocket
+    <path>" [accepted]`, `connection open`, `connection closed`): the server runs without an
+    access log, and a client opening upscale streams in a loop wrote three lines per handshake
+    to the operator's log. Warnings and errors of the same loggers pass."""
+
+    QUIET = ("connection open", "connection closed", '%s - "WebSocket %s" [accepted]')
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or record.msg not in self.QUIET
+
+
+def quiet_per_connection_lines() -> None:
+    """Installs `PerConnectionLines` on uvicorn's logger (once; uvicorn's logging set-up keeps a
+    logger's filters)."""
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, PerConnectionLines) for f in logger.filters):
+        logger.addFilter(PerConnectionLines())
 
 
 def raw_error(status: int, reason: str, code: str, message: str) -> bytes:

@@ -233,6 +233,18 @@ def test_a_text_message_that_is_not_utf8_closes_the_stream_with_1007_and_no_erro
     assert "Invalid UTF-8" not in server.process.log_path.read_text(errors="replace")  # once an ERROR and a traceback per message
 
 
+def test_streams_opened_and_closed_in_a_loop_write_nothing_per_connection_to_the_log(server):
+    """The server keeps no access log; each handshake wrote three INFO lines (`"WebSocket …"
+    [accepted]`, `connection open`, `connection closed`), so a client reconnecting in a loop
+    filled the operator's log."""
+    for _ in range(5):
+        with connect(ws_url(server)) as ws:
+            ws.send(json.dumps({"type": "hello"}))
+    time.sleep(0.5)  # the server's side of the last close
+    log = server.process.log_path.read_text(errors="replace")
+    assert "[accepted]" not in log and "connection open" not in log and "connection closed" not in log
+
+
 def test_a_client_that_stops_reading_is_disconnected_and_its_stream_slot_freed(repository):
     """A client that sends and never reads filled the server's buffers, and its stream's reader
     waited on a send for good: it held its slot (all 32 of them, a hostile probe found) for as
