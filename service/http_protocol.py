@@ -6,7 +6,8 @@
 - a **header size cap**: a request whose headers go past `max_header_bytes` gets 431 and the
   connection is closed, before the parser sees more of them. httptools builds a header's value by
   appending each piece to a string, so parsing one 32 MiB header took 2.6 s of the event loop
-  (every other client waited) and 64 MiB 5 s; counted per read, so at most one read (256 KiB) past the cap is parsed;
+  (every other client waited) and 64 MiB 5 s; counted per read, so at most one read (256 KiB) past the cap is parsed,
+  and only up to the headers' blank line (a body in the same read is no header);
 - a **connection cap**: past `max_connections` open connections a new one is answered 503 (JSON,
   like every error) and closed before anything is read;
 - a **send timeout** (`WriteStallGuard`, HTTP and WebSocket): a peer that reads nothing of what
@@ -166,6 +167,7 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         self.header_timer: asyncio.TimerHandle | None = None
         self.awaiting_headers = False
         self.header_bytes = 0  # read since the read in which the request began, while its headers are incomplete
+        self.header_tail = b""  # the last bytes of the read before, while the headers are incomplete
         self.refused = False  # answered 431: what still arrives is dropped
         if len(self.connections) > self.max_connections:
             transport.write(raw_error(503, "Service Unavailable", "too_many_connections",
@@ -187,7 +189,7 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         if self.refused:
             return  # the rest of a refused request: read and dropped until the connection closes
         if self.awaiting_headers:
-            self.header_bytes += len(data)
+            self.header_bytes += self.header_part(data)
             if self.header_bytes > self.max_header_bytes:
                 self.headers_too_large()
                 return
@@ -196,11 +198,24 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         # timer made and cancelled for each of them was 1.2 % of the event loop's py-spy samples at 32 clients
         if self.awaiting_headers:
             self.arm_header_timer()  # a running timer keeps its start
+            self.header_tail = data[-3:]  # their blank line, if it is split between this read and the next
+
+    def header_part(self, data: bytes) -> int:
+        """How much of a read belongs to the headers still arriving: up to the blank line that ends
+        them where it is in this read (and within the cap), else all of it. A body in the same read
+        is no header: an upload whose request line came in one read and the rest of its headers
+        with 190 KB of body in the next was answered 431."""
+        room = max(0, self.max_header_bytes - self.header_bytes)
+        tail = self.header_tail
+        window = tail + data[:room + 4]  # a blank line past the cap does not matter: the headers are over it
+        ends = [at + len(blank) for blank in (b"\r\n\r\n", b"\n\n") if (at := window.find(blank)) >= 0]
+        return max(0, min(ends) - len(tail)) if ends else len(data)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.awaiting_headers = True  # a kept-alive connection's next request
         self.header_bytes = 0
+        self.header_tail = b""  # what was read before this request is none of its headers
 
     def on_headers_complete(self) -> None:
         self.awaiting_headers = False

@@ -12,6 +12,7 @@ import zlib
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -282,6 +283,28 @@ def test_headers_past_the_cap_get_431_before_the_parser_sees_the_rest(shipped):
         assert client.get("/health/live", headers={"X-Big": "a" * 32_768}).status_code == 200
         refused = client.post("/v1/models/dcgan-digits/generate", json={"seed": 1}, headers={"Accept": "image/x-" + "a" * 30_000})
         assert refused.status_code == 406 and len(refused.content) < 1_000  # the message shows the header's start only
+
+
+@pytest.mark.parametrize("split", ["after the request line", "inside the blank line"])
+def test_an_upload_whose_headers_end_in_a_read_with_its_body_is_served(shipped, split):
+    """The header cap counted every byte of a read while headers were incomplete, body included:
+    an upload whose request line came in one read and the rest of its headers with 190 KB of body
+    in the next (a client writing its headers in pieces, or the network splitting them) got 431."""
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    body = buffer.getvalue()
+    assert len(body) > 128 * 1024  # random pixels do not compress: over twice the 64 KiB cap
+    request = (f"POST {V1}/cyclegan-thin2thick/translate HTTP/1.1\r\nHost: x\r\ncontent-type: image/png\r\n"
+               f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
+    at = request.index(b"\r\n") + 2 if split == "after the request line" else request.index(b"\r\n\r\n") + 3
+    host, port = shipped.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request[:at])
+        time.sleep(0.3)
+        sock.sendall(request[at:])
+        answer = read_until_closed(sock, 30)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
 
 
 def test_half_sent_requests_are_closed_after_the_header_and_body_timeouts(shipped):
