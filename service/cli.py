@@ -44,12 +44,14 @@ def serve_command(
 
     return_freed_memory_to_the_os()
     quiet_per_connection_lines()
-    # every accepted request ends by its deadline, so the drain fits in shutdown_grace_s
+    # every accepted request ends by its deadline, so the drain fits in shutdown_grace_s; WebSockets
+    # without permessage-deflate: stream frames are PNG/JPEG/WebP already, and an 8 KB deflated
+    # message inflated to 7.9 MiB on the event loop (~24 ms each: one stream starved every client)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
                 http=guarded_protocol(settings.header_timeout_s, settings.max_connections, settings.send_timeout_s, settings.max_header_bytes),
                 ws=guarded_websocket_protocol(settings.send_timeout_s),
                 timeout_keep_alive=settings.keep_alive_s, timeout_graceful_shutdown=int(settings.shutdown_grace_s),
-                ws_max_size=settings.max_body_bytes, access_log=False)
+                ws_max_size=settings.max_body_bytes, ws_per_message_deflate=False, access_log=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -245,6 +245,16 @@ def test_streams_opened_and_closed_in_a_loop_write_nothing_per_connection_to_the
     assert "[accepted]" not in log and "connection open" not in log and "connection closed" not in log
 
 
+def test_a_stream_is_not_compressed_even_when_the_client_offers_it(server):
+    """permessage-deflate was negotiated: an 8 KB message inflated to 7.9 MiB on the event loop
+    (~24 ms each), so one stream sending such messages starved every other client. Frames are
+    PNG/JPEG/WebP, which deflate cannot shrink anyway."""
+    with connect(ws_url(server)) as ws:  # the websockets client offers permessage-deflate
+        assert "permessage-deflate" in ws.request.headers.get("Sec-WebSocket-Extensions", "")
+        assert ws.response.headers.get("Sec-WebSocket-Extensions") is None
+        assert json.loads(ws.recv(timeout=30))["type"] == "ready"
+
+
 def test_a_client_that_stops_reading_is_disconnected_and_its_stream_slot_freed(repository):
     """A client that sends and never reads filled the server's buffers, and its stream's reader
     waited on a send for good: it held its slot (all 32 of them, a hostile probe found) for as
