@@ -8,6 +8,9 @@
   appending each piece to a string, so parsing one 32 MiB header took 2.6 s of the event loop
   (every other client waited) and 64 MiB 5 s; counted per read, so at most one read (256 KiB) past the cap is parsed,
   and only up to the headers' blank line (a body in the same read is no header);
+- a **pipeline cap**: past `MAX_PIPELINED` requests queued behind the running one on a connection,
+  the rest are dropped unread and the connection closes after the queued answers (uvicorn queued
+  them without bound: ~2.8 KB of server memory per 64-byte GET);
 - a **connection cap**: past `max_connections` open connections a new one is answered 503 (JSON,
   like every error) and closed before anything is read;
 - a **send timeout** (`WriteStallGuard`, HTTP and WebSocket): a peer that reads nothing of what
@@ -56,6 +59,7 @@ STOPPING_EXTENSION = "ganserve.stopping"  # True once the server shuts down whil
 SERVER_SHUTDOWN_EXTENSION = "ganserve.on_server_shutdown"  # a list of callables: a WebSocket app that closes itself on shutdown
 REFUSED_LINGER_S = 1.0  # how long a refused request's remaining bytes are read and dropped before the close
 MAX_FRAGMENTS = 4096  # frames one WebSocket message may come in (a 64 MiB frame in 16 KiB pieces)
+MAX_PIPELINED = 64  # requests queued behind the one running on a connection; later ones are dropped and the connection closes
 
 
 class PerConnectionLines(logging.Filter):
@@ -168,7 +172,7 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         self.awaiting_headers = False
         self.header_bytes = 0  # read since the read in which the request began, while its headers are incomplete
         self.header_tail = b""  # the last bytes of the read before, while the headers are incomplete
-        self.refused = False  # answered 431: what still arrives is dropped
+        self.refused = False  # answered 431, or pipelined past MAX_PIPELINED: what still arrives is dropped
         if len(self.connections) > self.max_connections:
             transport.write(raw_error(503, "Service Unavailable", "too_many_connections",
                                       f"the server holds its limit of {self.max_connections} connections; retry later"))
@@ -196,7 +200,7 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         super().data_received(data)
         # armed only for a request whose headers did not come whole: most arrive in one read, and a
         # timer made and cancelled for each of them was 1.2 % of the event loop's py-spy samples at 32 clients
-        if self.awaiting_headers:
+        if self.awaiting_headers and not self.refused:
             self.arm_header_timer()  # a running timer keeps its start
             self.header_tail = data[-3:]  # their blank line, if it is split between this read and the next
 
@@ -220,6 +224,11 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self.awaiting_headers = False
         self.disarm_header_timer()
+        if self.refused:
+            return  # pipelined past the cap: not queued, its body (on_body) dropped with it
+        if len(self.pipeline) >= MAX_PIPELINED:
+            self.stop_pipelining()
+            return
         super().on_headers_complete()
         extensions = self.scope.setdefault("extensions", {})
         extensions[DISCONNECT_EXTENSION] = []
@@ -228,12 +237,34 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
     def writing_paused(self) -> bool:
         return self.flow.write_paused and not self.lost
 
+    def stop_pipelining(self) -> None:
+        """A connection with `MAX_PIPELINED` requests queued behind the one running: this request
+        and every later one are dropped unread, and the connection closes once the queued ones are
+        answered (RFC 9112 lets a server close a pipelining connection; its client retries what
+        was not answered). uvicorn's queue had no bound here: 64-byte pipelined GETs cost ~2.8 KB
+        each (40 MB of them took the server up 1.8 GB) and parsing them starved every other client."""
+        self.refused = True  # read on and dropped from now on; on_response_complete closes after the last answer
+
+    def on_response_complete(self) -> None:
+        last = self.refused and not self.pipeline  # pipelining stopped, and nothing queued behind this answer
+        super().on_response_complete()
+        if last:
+            self.shut_and_linger()
+
+    def on_body(self, body: bytes) -> None:
+        if not self.refused:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
+        if self.refused:
+            return
         super().on_message_complete()
         # the body is whole: read on, so that a hang-up is seen while the request runs (uvicorn
         # resumes reading only when the app calls receive(), which the intake no longer does after
-        # the body; a pipelined request's headers pause reading again, as before)
-        self.flow.resume_reading()
+        # the body). Not while requests are queued behind it: uvicorn paused reading for them, and
+        # reading on here queued a pipelined flood without end
+        if not self.pipeline:
+            self.flow.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.disarm_header_timer()
@@ -265,13 +296,22 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         if not self.transport.is_closing():
             self.transport.write(raw_error(431, "Request Header Fields Too Large", "headers_too_large",
                                            f"the request's headers are over {self.max_header_bytes} bytes"))
-            if self.transport.can_write_eof():
-                self.transport.write_eof()
-            self.loop.call_later(REFUSED_LINGER_S, self.transport.close)
+            self.shut_and_linger()
+
+    def shut_and_linger(self) -> None:
+        """Our side shut after the last answer; what the client still sends is read and dropped
+        (`refused`) for `REFUSED_LINGER_S`, then the close (closed with bytes unread, the kernel
+        resets the connection, and the client may lose answers it had not read yet)."""
+        if self.transport.is_closing():
+            return
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.flow.resume_reading()
+        self.loop.call_later(REFUSED_LINGER_S, self.transport.close)
 
     def headers_timed_out(self) -> None:
         self.header_timer = None
-        if not self.transport.is_closing():
+        if not self.transport.is_closing() and not self.refused:
             self.transport.write(raw_error(408, "Request Timeout", "request_timeout",
                                            f"the request headers did not arrive within {self.header_timeout_s:g} s"))
             self.transport.close()

@@ -285,6 +285,30 @@ def test_headers_past_the_cap_get_431_before_the_parser_sees_the_rest(shipped):
         assert refused.status_code == 406 and len(refused.content) < 1_000  # the message shows the header's start only
 
 
+def test_pipelined_requests_past_the_cap_are_dropped_and_the_connection_closes_after_the_queued_answers(shipped):
+    """uvicorn queued pipelined requests without bound (and the server read on while they were
+    queued): 64-byte GETs cost ~2.8 KB each, 40 MB of them took the server up 1.8 GB, and parsing
+    them starved every client. Past 64 queued behind the running one, the rest are dropped and
+    the connection closes once the queued ones are answered; fewer are all answered."""
+    host, port = shipped.url.removeprefix("http://").split(":")
+    get = b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(get * 10)  # within the cap: every one answered, and the connection stays open
+        answers = b""
+        while answers.count(b"HTTP/1.1 200") < 10:
+            answers += sock.recv(65536)
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\nconnection: close\r\n\r\n")
+        assert read_until_closed(sock, 10).startswith(b"HTTP/1.1 200")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(get * 5000)
+        started = time.monotonic()
+        answers = read_until_closed(sock, 10)
+        closed_after_s = time.monotonic() - started
+    assert answers.count(b"HTTP/1.1 200") == 65 and closed_after_s < 5, (answers.count(b"HTTP/1.1 200"), closed_after_s)
+    with shipped.client() as client:
+        assert client.get("/health/ready").status_code == 200
+
+
 @pytest.mark.parametrize("split", ["after the request line", "inside the blank line"])
 def test_an_upload_whose_headers_end_in_a_read_with_its_body_is_served(shipped, split):
     """The header cap counted every byte of a read while headers were incomplete, body included:
