@@ -11,8 +11,10 @@
 - a **pipeline cap**: past `MAX_PIPELINED` requests queued behind the running one on a connection,
   the rest are dropped unread and the connection closes after the queued answers (uvicorn queued
   them without bound: ~2.8 KB of server memory per 64-byte GET);
-- a **connection cap**: past `max_connections` open connections a new one is answered 503 (JSON,
-  like every error) and closed before anything is read;
+- a **connection cap**: past `max_connections` open connections a connection that has waited
+  `IDLE_EVICTABLE_S` for a request is closed to make room (never one being served); where there is
+  none, the new one is answered 503 (JSON, like every error) and shut, its request read and dropped
+  for `REFUSED_LINGER_S` before the close;
 - a **send timeout** (`WriteStallGuard`, HTTP and WebSocket): a peer that reads nothing of what
   it was sent for `send_timeout_s` while the write buffer is over its high-water mark is
   disconnected. A stream client that never read its answers held its stream slot, and its unsent
@@ -59,6 +61,7 @@ STOPPING_EXTENSION = "ganserve.stopping"  # True once the server shuts down whil
 SERVER_SHUTDOWN_EXTENSION = "ganserve.on_server_shutdown"  # a list of callables: a WebSocket app that closes itself on shutdown
 REFUSED_LINGER_S = 1.0  # how long a refused request's remaining bytes are read and dropped before the close
 MAX_FRAGMENTS = 4096  # frames one WebSocket message may come in (a 64 MiB frame in 16 KiB pieces)
+IDLE_EVICTABLE_S = 1.0  # at the connection cap, a connection waiting this long for a request may be closed for a newcomer
 MAX_PIPELINED = 64  # requests queued behind the one running on a connection; later ones are dropped and the connection closes
 
 
@@ -172,13 +175,45 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         self.awaiting_headers = False
         self.header_bytes = 0  # read since the read in which the request began, while its headers are incomplete
         self.header_tail = b""  # the last bytes of the read before, while the headers are incomplete
-        self.refused = False  # answered 431, or pipelined past MAX_PIPELINED: what still arrives is dropped
-        if len(self.connections) > self.max_connections:
+        self.refused = False  # answered 431 or 503, or pipelined past MAX_PIPELINED: what still arrives is dropped
+        self.waiting_since = self.loop.time()  # since it connected or its last answer went out
+        if len(self.connections) > self.max_connections and not self.room_made():
+            self.refused = True
             transport.write(raw_error(503, "Service Unavailable", "too_many_connections",
                                       f"the server holds its limit of {self.max_connections} connections; retry later"))
-            transport.close()
+            self.shut_and_linger()  # closed at once with the request unread, the client saw a reset, not the 503
             return
         self.arm_header_timer()
+
+    def idle_for(self, now: float) -> float:
+        """How long this connection has waited for a request (0 while one is being served or queued)."""
+        if (self.cycle is not None and not self.cycle.response_complete) or self.pipeline:
+            return 0.0
+        return now - self.waiting_since
+
+    def room_made(self) -> bool:
+        """At the connection cap: whether this newcomer fits, counting only connections still open
+        (refused ones linger), after closing one that has waited `IDLE_EVICTABLE_S` for a request if
+        need be — never one whose request is being served. 512 sockets that sent nothing (one
+        client, ~61 connects/s as each reached its header timeout) held every slot, and 97 % of
+        other clients were refused."""
+        now, open_count, idle = self.loop.time(), 0, None
+        for other in self.connections:
+            if other is self:
+                continue
+            if isinstance(other, GuardedHttpProtocol):
+                if other.refused or other.transport is None or other.transport.is_closing():
+                    continue
+                if idle is None and other.idle_for(now) >= IDLE_EVICTABLE_S:
+                    idle = other
+            open_count += 1
+        if open_count < self.max_connections:
+            return True
+        if idle is not None:
+            idle.disarm_header_timer()
+            idle.transport.close()  # as a kept-alive connection's idle timeout closes it
+            return True
+        return False
 
     def arm_header_timer(self) -> None:
         if self.header_timer is None:
@@ -247,6 +282,7 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         last = self.refused and not self.pipeline  # pipelining stopped, and nothing queued behind this answer
+        self.waiting_since = self.loop.time()
         super().on_response_complete()
         if last:
             self.shut_and_linger()
