@@ -12,14 +12,18 @@ import time
 import httpx
 import numpy as np
 import pytest
+import torch
 import tritonclient.http as tritonhttp
 from tritonclient.utils import InferenceServerException
 
 from service.operations import latent_for_seed
 from tests.serving import REPO, running_server
+from models.zoo import build_generator
+from training.checkpoint import save_checkpoint
 from training.config import TrainConfig, load_config
+from training.data import load_dataset
 from training.export import export_run
-from training.loop import train
+from training.loop import spec_for, train
 
 
 def z_input() -> tritonhttp.InferInput:
@@ -77,10 +81,12 @@ def test_a_load_that_would_fill_the_memory_budget_fails_and_the_served_version_s
     and the server went unready, every request 413, until an operator noticed. A load that fits
     still loads."""
     cfg = load_config(REPO / "configs" / "dcgan-digits.yaml").model_dump()
-    cfg.update(max_steps=1, sample_every=100, checkpoint_every=1, batch_size=2, panel_size=4)
-    cfg["eval"].update(every=100, num_samples=10)
-    cfg["model"].update(width=384)  # ~24 M parameters: ~97 MB of float32 weights
-    train(TrainConfig.model_validate(cfg), tmp_path / "wide", show_progress=False)
+    cfg["model"].update(width=384)  # ~25 M parameters: ~100 MB of float32 weights
+    cfg = TrainConfig.model_validate(cfg)
+    spec = spec_for(cfg, load_dataset(cfg.data)[0])
+    wide = build_generator(spec)  # untrained: its size is what matters (training it took 13 s)
+    save_checkpoint(tmp_path / "wide" / "checkpoints" / "last.safetensors", {"G_ema": wide}, {}, torch.Generator(),
+                    {"spec": spec.to_dict(), "config": cfg.model_dump()})
     staged = export_run(tmp_path / "wide", "digits", 2, tmp_path / "staged", ["onnx"], "last")
     repo = tmp_path / "repo"
     shutil.copytree(repository / "digits" / "1", repo / "digits" / "1")
