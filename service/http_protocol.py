@@ -61,6 +61,7 @@ STOPPING_EXTENSION = "ganserve.stopping"  # True once the server shuts down whil
 SERVER_SHUTDOWN_EXTENSION = "ganserve.on_server_shutdown"  # a list of callables: a WebSocket app that closes itself on shutdown
 REFUSED_LINGER_S = 1.0  # how long a refused request's remaining bytes are read and dropped before the close
 MAX_FRAGMENTS = 4096  # frames one WebSocket message may come in (a 64 MiB frame in 16 KiB pieces)
+FULL_RESCAN_S = 0.1  # after a look at the cap found nothing to close, newcomers are refused without another for this long
 IDLE_EVICTABLE_S = 1.0  # at the connection cap, a connection waiting this long for a request may be closed for a newcomer
 MAX_PIPELINED = 64  # requests queued behind the one running on a connection; later ones are dropped and the connection closes
 
@@ -198,6 +199,11 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         client, ~61 connects/s as each reached its header timeout) held every slot, and 97 % of
         other clients were refused."""
         now, open_count, idle = self.loop.time(), 0, None
+        # the look is O(connections): a flood of newcomers while every connection is busy would
+        # pay it each (a connection only becomes closable after a second idle, so a tenth of a
+        # second without looking loses nothing). Kept on uvicorn's state of this server.
+        if now < getattr(self.server_state, "ganserve_full_until", 0.0):
+            return False
         for other in self.connections:
             if other is self:
                 continue
@@ -213,6 +219,7 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
             idle.disarm_header_timer()
             idle.transport.close()  # as a kept-alive connection's idle timeout closes it
             return True
+        self.server_state.ganserve_full_until = now + FULL_RESCAN_S
         return False
 
     def arm_header_timer(self) -> None:
