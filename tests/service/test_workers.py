@@ -129,6 +129,7 @@ def test_an_upscale_stream_through_a_front_answers_the_pixels_of_the_http_endpoi
     upload = photo_png(40, 40)
     with connect(workers.url.replace("http://", "ws://") + "/v1/models/upx4/upscale/stream?format=png", max_size=2**24) as ws:
         assert json.loads(ws.recv(timeout=30))["type"] == "ready"
+        assert ws.response.headers.get("Sec-WebSocket-Extensions") is None  # no permessage-deflate through a front either
         ws.send(upload)
         answer = json.loads(ws.recv(timeout=30))
         assert answer["type"] == "frame", answer
