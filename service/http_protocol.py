@@ -12,7 +12,8 @@
   the rest are dropped unread and the connection closes after the queued answers (uvicorn queued
   them without bound: ~2.8 KB of server memory per 64-byte GET);
 - a **connection cap**: past `max_connections` open connections a connection that has waited
-  `IDLE_EVICTABLE_S` for a request is closed to make room (never one being served); where there is
+  `IDLE_EVICTABLE_S` for a request is closed to make room, else a waiting one of the address
+  holding the most connections for a newcomer of another (never one being served); where there is
   none, the new one is answered 503 (JSON, like every error) and shut, its request read and dropped
   for `REFUSED_LINGER_S` before the close;
 - a **send timeout** (`WriteStallGuard`, HTTP and WebSocket): a peer that reads nothing of what
@@ -61,7 +62,7 @@ STOPPING_EXTENSION = "ganserve.stopping"  # True once the server shuts down whil
 SERVER_SHUTDOWN_EXTENSION = "ganserve.on_server_shutdown"  # a list of callables: a WebSocket app that closes itself on shutdown
 REFUSED_LINGER_S = 1.0  # how long a refused request's remaining bytes are read and dropped before the close
 MAX_FRAGMENTS = 4096  # frames one WebSocket message may come in (a 64 MiB frame in 16 KiB pieces)
-FULL_RESCAN_S = 0.1  # after a look at the cap found nothing to close, newcomers are refused without another for this long
+FULL_RESCAN_S = 0.1  # after a look at the cap found nothing to close, the busiest address's newcomers are refused without another for this long
 IDLE_EVICTABLE_S = 1.0  # at the connection cap, a connection waiting this long for a request may be closed for a newcomer
 MAX_PIPELINED = 64  # requests queued behind the one running on a connection; later ones are dropped and the connection closes
 
@@ -186,40 +187,58 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
             return
         self.arm_header_timer()
 
+    def being_served(self) -> bool:
+        """A request of this connection is running or queued."""
+        return (self.cycle is not None and not self.cycle.response_complete) or bool(self.pipeline)
+
     def idle_for(self, now: float) -> float:
         """How long this connection has waited for a request (0 while one is being served or queued)."""
-        if (self.cycle is not None and not self.cycle.response_complete) or self.pipeline:
-            return 0.0
-        return now - self.waiting_since
+        return 0.0 if self.being_served() else now - self.waiting_since
+
+    @property
+    def address(self) -> str | None:
+        return self.client[0] if self.client else None
 
     def room_made(self) -> bool:
         """At the connection cap: whether this newcomer fits, counting only connections still open
-        (refused ones linger), after closing one that has waited `IDLE_EVICTABLE_S` for a request if
-        need be — never one whose request is being served. 512 sockets that sent nothing (one
-        client, ~61 connects/s as each reached its header timeout) held every slot, and 97 % of
-        other clients were refused."""
+        (refused ones linger), after closing one if need be — never one whose request is being
+        served: first one that has waited `IDLE_EVICTABLE_S` for a request, else a waiting one of
+        the client address that holds the most connections, past a quarter of the cap, when the
+        newcomer comes from another. 512 sockets that sent nothing (one client, ~61 connects/s as
+        each reached its header timeout) held every slot, and 97 % of other clients were refused;
+        one that re-opened its connections as fast as the server closed them kept them all under
+        a second old."""
         now, open_count, idle = self.loop.time(), 0, None
-        # the look is O(connections): a flood of newcomers while every connection is busy would
-        # pay it each (a connection only becomes closable after a second idle, so a tenth of a
-        # second without looking loses nothing). Kept on uvicorn's state of this server.
-        if now < getattr(self.server_state, "ganserve_full_until", 0.0):
+        # the look is O(connections): newcomers of the address that held the most connections,
+        # which a look found nothing to close for, are refused without another for FULL_RESCAN_S
+        # (a flood of them paid it each). Kept on uvicorn's state of this server.
+        until, heaviest = getattr(self.server_state, "ganserve_full", (0.0, None))
+        if now < until and self.address == heaviest:
             return False
+        held: dict[str | None, int] = {}
+        waiting: dict[str | None, GuardedHttpProtocol] = {}
         for other in self.connections:
             if other is self:
                 continue
             if isinstance(other, GuardedHttpProtocol):
                 if other.refused or other.transport is None or other.transport.is_closing():
                     continue
-                if idle is None and other.idle_for(now) >= IDLE_EVICTABLE_S:
-                    idle = other
+                held[other.address] = held.get(other.address, 0) + 1
+                if not other.being_served():
+                    waiting.setdefault(other.address, other)
+                    if idle is None and other.idle_for(now) >= IDLE_EVICTABLE_S:
+                        idle = other
             open_count += 1
         if open_count < self.max_connections:
             return True
+        heaviest = max(held, key=held.__getitem__, default=None)
+        if idle is None and heaviest != self.address and held.get(heaviest, 0) > self.max_connections // 4:
+            idle = waiting.get(heaviest)
         if idle is not None:
             idle.disarm_header_timer()
             idle.transport.close()  # as a kept-alive connection's idle timeout closes it
             return True
-        self.server_state.ganserve_full_until = now + FULL_RESCAN_S
+        self.server_state.ganserve_full = (now + FULL_RESCAN_S, heaviest)
         return False
 
     def arm_header_timer(self) -> None:

@@ -382,7 +382,7 @@ def test_the_model_listing_states_each_models_limits(shipped):
     assert models["sr-rrdb-x4"]["costs"]["model"]["seconds_per_unit"] > 0
 
 
-def test_at_the_connection_cap_an_idle_connection_makes_room_and_busy_ones_get_a_readable_503(repository):
+def test_at_the_connection_cap_an_idle_or_a_hogs_connection_makes_room_and_busy_ones_get_a_readable_503(repository):
     """Connections that sent nothing held every slot until their header timeout (one client at ~61
     connects/s kept 512 of them, and 97 % of other clients were refused); at the cap, one that
     has waited a second for a request is closed for the newcomer. Where every connection is busy
@@ -413,4 +413,19 @@ def test_at_the_connection_cap_an_idle_connection_makes_room_and_busy_ones_get_a
             assert closed == 1  # the one that made room
         finally:
             for sock in idle:
+                sock.close()
+        time.sleep(0.3)
+        # one client address re-opening connections as fast as they are closed keeps them all
+        # under a second old: one of its waiting connections makes room for another address
+        hog = [socket.create_connection((host, int(port)), source_address=("127.0.0.2", 0)) for _ in range(4)]
+        try:
+            time.sleep(0.2)
+            assert httpx.get(f"{server.url}/health/live").status_code == 200
+            hog.append(socket.create_connection((host, int(port)), source_address=("127.0.0.2", 0)))  # back to the cap
+            time.sleep(0.2)
+            with socket.create_connection((host, int(port)), source_address=("127.0.0.2", 0), timeout=5) as more:
+                more.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert read_until_closed(more, 5).startswith(b"HTTP/1.1 503")  # the hog itself gets no more
+        finally:
+            for sock in hog:
                 sock.close()
