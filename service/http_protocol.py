@@ -178,6 +178,7 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         self.header_bytes = 0  # read since the read in which the request began, while its headers are incomplete
         self.header_tail = b""  # the last bytes of the read before, while the headers are incomplete
         self.refused = False  # answered 431 or 503, or pipelined past MAX_PIPELINED: what still arrives is dropped
+        self.lingering = False  # shut, reading and dropping until the close (shut_and_linger)
         self.waiting_since = self.loop.time()  # since it connected or its last answer went out
         if len(self.connections) > self.max_connections and not self.room_made():
             self.refused = True
@@ -364,8 +365,9 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         """Our side shut after the last answer; what the client still sends is read and dropped
         (`refused`) for `REFUSED_LINGER_S`, then the close (closed with bytes unread, the kernel
         resets the connection, and the client may lose answers it had not read yet)."""
-        if self.transport.is_closing():
-            return
+        if self.transport.is_closing() or self.lingering:
+            return  # (a 431 to a pipelined request shuts before the running one's answer ends)
+        self.lingering = True
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.flow.resume_reading()
