@@ -26,6 +26,10 @@
   `MAX_FRAGMENTS` frames closes the connection with 1009** (websockets' `max_size` counts payload
   bytes only, so a flood of empty continuation frames was parsed without end on the event loop).
 
+Warnings any client can cause at will (a malformed request) are logged at most once every
+`CLIENT_WARNING_EVERY_S` (`ClientCausedWarnings`), and the INFO lines written per WebSocket
+connection not at all (`PerConnectionLines`).
+
 It also tells the request intake (service/intake.py) two things about a connection:
 - when a client hangs up mid-request: callbacks the intake puts in
   `scope["extensions"][DISCONNECT_EXTENSION]` run when the connection is lost before the response
@@ -51,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -65,6 +70,7 @@ MAX_FRAGMENTS = 4096  # frames one WebSocket message may come in (a 64 MiB frame
 FULL_RESCAN_S = 0.1  # after a look at the cap found nothing to close, the busiest address's newcomers are refused without another for this long
 IDLE_EVICTABLE_S = 1.0  # at the connection cap, a connection waiting this long for a request may be closed for a newcomer
 MAX_PIPELINED = 64  # requests queued behind the one running on a connection; later ones are dropped and the connection closes
+CLIENT_WARNING_EVERY_S = 10.0  # a warning any client can cause (a malformed request) is logged at most this often
 
 
 class PerConnectionLines(logging.Filter):
@@ -79,12 +85,43 @@ class PerConnectionLines(logging.Filter):
         return record.levelno > logging.INFO or record.msg not in self.QUIET
 
 
+class ClientCausedWarnings(logging.Filter):
+    """Lets through at most one of each warning a client causes at will (`Invalid HTTP request
+    received.` for every malformed request, `Unsupported upgrade request.`) per `every_s`; the
+    next one that passes says how many were left out since. A hostile probe's malformed requests
+    wrote 495,000 such lines (20 MB) to the operator's log in a few minutes, one per request. Each
+    request is still answered 400 as before; only the log is spared."""
+
+    MESSAGES = frozenset({"Invalid HTTP request received.", "Unsupported upgrade request."})
+
+    def __init__(self, every_s: float = CLIENT_WARNING_EVERY_S, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.every_s, self.clock = every_s, clock
+        self.passed: dict[str, float] = {}  # message -> when it last passed
+        self.left_out: dict[str, int] = {}  # message -> how many were dropped since
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.msg
+        if not isinstance(message, str) or message not in self.MESSAGES or record.levelno > logging.WARNING:
+            return True
+        now = self.clock()
+        last = self.passed.get(message)
+        if last is not None and now - last < self.every_s:
+            self.left_out[message] = self.left_out.get(message, 0) + 1
+            return False
+        self.passed[message] = now
+        if dropped := self.left_out.pop(message, 0):
+            record.msg = f"{message} ({dropped} more like it in the last {now - last:.0f} s, not logged: at most one every {self.every_s:g} s)"
+        return True
+
+
 def quiet_per_connection_lines() -> None:
-    """Installs `PerConnectionLines` on uvicorn's logger (once; uvicorn's logging set-up keeps a
-    logger's filters)."""
+    """Installs `PerConnectionLines` and `ClientCausedWarnings` on uvicorn's logger (once;
+    uvicorn's logging set-up keeps a logger's filters)."""
     logger = logging.getLogger("uvicorn.error")
-    if not any(isinstance(f, PerConnectionLines) for f in logger.filters):
-        logger.addFilter(PerConnectionLines())
+    for quiet in (PerConnectionLines, ClientCausedWarnings):
+        if not any(isinstance(f, quiet) for f in logger.filters):
+            logger.addFilter(quiet())
 
 
 def raw_error(status: int, reason: str, code: str, message: str) -> bytes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import socket
 import struct
 import time
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.http_protocol import ClientCausedWarnings
 from tests.serving import running_server
 
 SHIPPED = Path(__file__).resolve().parents[2] / "model_repository"
@@ -284,6 +286,37 @@ def test_headers_past_the_cap_get_431_before_the_parser_sees_the_rest(shipped):
         assert client.get("/health/live", headers={"X-Big": "a" * 32_768}).status_code == 200
         refused = client.post("/v1/models/dcgan-digits/generate", json={"seed": 1}, headers={"Accept": "image/x-" + "a" * 30_000})
         assert refused.status_code == 406 and len(refused.content) < 1_000  # the message shows the header's start only
+
+
+def test_malformed_requests_in_a_flood_get_400_each_and_one_log_line_between_them(shipped):
+    """uvicorn logs `Invalid HTTP request received.` for every malformed request: a hostile probe
+    wrote 495,000 of them (20 MB) to the operator's log in a few minutes. Each still gets its 400;
+    the log gets at most one such line every 10 s, the next saying how many were left out."""
+    log_path = shipped.process.log_path
+    before = log_path.read_text(errors="replace").count("Invalid HTTP request received.")
+    answers = [raw_exchange(shipped, b"GET /health/live HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", wait_s=2) for _ in range(40)]
+    assert all(answer.startswith(b"HTTP/1.1 400") for answer in answers), {answer[:40] for answer in answers}
+    time.sleep(0.3)
+    assert log_path.read_text(errors="replace").count("Invalid HTTP request received.") - before <= 1
+    with shipped.client() as client:
+        assert client.get("/health/live").status_code == 200
+
+
+def test_the_line_after_a_quiet_spell_says_how_many_client_warnings_were_left_out():
+    now = [0.0]
+    quiet = ClientCausedWarnings(every_s=10, clock=lambda: now[0])
+
+    def passes(message: str, level: int = logging.WARNING) -> logging.LogRecord | None:
+        record = logging.LogRecord("uvicorn.error", level, __file__, 1, message, None, None)
+        return record if quiet.filter(record) else None
+
+    assert passes("Invalid HTTP request received.").getMessage() == "Invalid HTTP request received."
+    assert [passes("Invalid HTTP request received.") for _ in range(5)] == [None] * 5
+    assert passes("Unsupported upgrade request.") is not None  # counted apart
+    assert passes("Exception in ASGI application", logging.ERROR) is not None  # everything else passes
+    now[0] = 12.0
+    assert passes("Invalid HTTP request received.").getMessage().startswith("Invalid HTTP request received. (5 more like it in the last 12 s")
+    assert passes("Invalid HTTP request received.") is None
 
 
 def test_pipelined_requests_past_the_cap_are_dropped_and_the_connection_closes_after_the_queued_answers(shipped):
