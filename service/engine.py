@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.batcher import RequestState
+from service.batcher import DeadlineExceeded, RequestState
 from service.engine_link import EngineSnapshot, MessageProtocol, ModelSnapshot, encode_error
 from service.registry import LoadedModel, ModelRegistry
 from service.tiling import TileGrid
@@ -106,10 +106,11 @@ class FrontConnection:
         remaining = [len(items)]
 
         def answered(index: int, future: asyncio.Future) -> None:
-            # never cancelled: the batcher fails the items it drops (deadline, hang-up) with DeadlineExceeded.
-            # Read for every item: an assembled upscale stops at its first failed tile, and asyncio would
-            # log each other tile's failure as "never retrieved".
-            error = future.exception()
+            # The batcher fails the items it drops (deadline, hang-up) with DeadlineExceeded; an assembled
+            # upscale that stops (its deadline, its first failed tile) cancels the tiles still pending, whose
+            # exception() would raise here: one logged traceback per tile, and the request never forgotten.
+            # Read for every item: asyncio would log each other tile's failure as "never retrieved".
+            error = DeadlineExceeded() if future.cancelled() else future.exception()
             if grid is None:
                 if error is not None:
                     self.send(("fail", request_id, index, encode_error(error)))

@@ -329,10 +329,10 @@ def test_the_engine_sends_a_front_one_uint8_image_per_upscale_not_its_float_tile
     tiles = [{"image": tile} for tile in cut_tiles(image, grid)]
 
     async def scenario() -> tuple[list[tuple], list[tuple], list[tuple], list[dict]]:
-        """One engine, three requests from a front: an upscale whose client leaves at once (every
+        """One engine, four requests from a front: an upscale whose client leaves at once (every
         queued tile fails; the engine answers one `fail` and leaves no tile's failure unread, which
-        asyncio would log as an error when collected), the same upscale assembled, and its tiles
-        sent without a grid."""
+        asyncio would log as an error when collected), the same upscale assembled, its tiles
+        sent without a grid, and an upscale whose deadline passes while its tiles are queued."""
         settings = Settings(repository=repository, models=["upx4"], runtime=runtime, role="engine", upscale_tile=24, upscale_overlap=4,
                             max_queue_delay_ms=50)  # the cancelled request's tiles are still queued when its cancel arrives
         registry = build_registry(settings, ServiceMetrics())
@@ -343,8 +343,8 @@ def test_the_engine_sends_a_front_one_uint8_image_per_upscale_not_its_float_tile
         connection, sent = FrontConnection(registry), []
         connection.send = sent.append
 
-        async def answers(request_id: int, with_grid: TileGrid | None, count: int) -> list[tuple]:
-            connection.received(("submit", request_id, "upx4", 1, "upscale", "model", tiles, time.monotonic() + 30, with_grid))
+        async def answers(request_id: int, with_grid: TileGrid | None, count: int, seconds: float = 30) -> list[tuple]:
+            connection.received(("submit", request_id, "upx4", 1, "upscale", "model", tiles, time.monotonic() + seconds, with_grid))
             if request_id == 2:
                 connection.received(("cancel", 2))
             while len(mine := [m for m in sent if m[1] == request_id]) < count:
@@ -354,13 +354,19 @@ def test_the_engine_sends_a_front_one_uint8_image_per_upscale_not_its_float_tile
         cancelled = await answers(2, grid, 1)
         assembled = await answers(1, grid, 1)
         one_by_one = await answers(3, None, len(tiles))
+        expired = await answers(4, grid, 1, seconds=0.02)  # its deadline passes while its tiles wait out the queue delay
+        await asyncio.sleep(0.05)  # the cancelled tiles' callbacks
+        left = dict(connection.requests)
         await registry.drain()
         gc.collect()
         await asyncio.sleep(0)
-        return cancelled, assembled, one_by_one, unread
+        return cancelled, assembled, one_by_one, expired, left, unread
 
-    (failed,), (answer,), one_by_one, unread = asyncio.run(scenario())
+    (failed,), (answer,), one_by_one, (late,), left, unread = asyncio.run(scenario())
     assert failed[:3] == ("fail", 2, 0) and unread == []
+    # the assembly stops at the deadline and its queued tiles' futures are cancelled: one `fail`, no
+    # error logged per tile (each read its cancelled future's exception), and the request forgotten
+    assert late[:3] == ("fail", 4, 0) and "deadline" in str(late[3]).lower() and left == {}
     kind, request_id, index, output, _ = answer
     assert (kind, request_id, index) == ("result", 1, 0)
     assert output.dtype == np.uint8 and output.shape == (160, 224, 3)
