@@ -141,8 +141,8 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
     budget_s = remaining_s * COMPUTE_SHARE_OF_DEADLINE  # the rest is decoding, encoding and the estimate's error
     if wait + alone > budget_s:
         if alone <= budget_s:  # the work queued before it: it has room once that is done
-            retry, why = max(1, math.ceil(wait + alone - budget_s)), f"{model.entry.name!r} has about {wait:.1f} s of work queued"
-        elif request_cost.seconds / lane.threads <= budget_s:  # not the queue: its batches have run slower than measured
+            raise behind_the_queue(model.entry.name, wait, alone, budget_s)
+        if request_cost.seconds / lane.threads <= budget_s:  # not the queue: its batches have run slower than measured
             retry = max(1, math.ceil(recheck_s))
             why = f"{model.entry.name!r} has run {correction:.1f}x slower than measured lately (about {alone:.1f} s of compute for this request)"
         else:  # the upload took the deadline's room
@@ -152,6 +152,25 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
                        headers={"Retry-After": str(retry)})
     reserve_memory(budget, request_cost.bytes, retry_after_s=wait)
     return request_cost.seconds * correction
+
+
+def behind_the_queue(name: str, wait_s: float, alone_s: float, budget_s: float) -> ApiError:
+    """The 503 of a request that would finish after its deadline for the work queued before it."""
+    retry = max(1, math.ceil(wait_s + alone_s - budget_s))
+    return ApiError(503, f"{name!r} has about {wait_s:.1f} s of work queued; this request would finish after its deadline: retry in {retry} s",
+                    code="overloaded", headers={"Retry-After": str(retry)})
+
+
+def recheck_in_the_engine(name: str, wait_s: float, alone_s: float, remaining_s: float) -> None:
+    """A `--workers` engine's last look at a request a front admitted, before its items are
+    queued: the engine's lane backlog is every front's admitted work, exactly, where a front saw
+    it as of the last snapshot (0.5 s old). Two fronts that each admitted a request taking most
+    of a deadline in the same half second both queued it, and the second answered 504 at its
+    deadline, 30 s later, where one process answers 503 at once (a hostile probe). Only work
+    queued before it refuses it here: with none, the front's admission stands."""
+    budget_s = remaining_s * COMPUTE_SHARE_OF_DEADLINE
+    if wait_s > 0 and wait_s + alone_s > budget_s:
+        raise behind_the_queue(name, wait_s, alone_s, budget_s)
 
 
 def reserve_memory(budget: MemoryBudget, nbytes: int, retry_after_s: float = 1.0) -> None:

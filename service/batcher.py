@@ -121,9 +121,11 @@ class DynamicBatcher:
         """Queues all of a request's items or none of them; one future per item, in order."""
         return [item.future for item in self.submit_items(inputs, request)]
 
-    def submit_items(self, inputs: list[dict[str, np.ndarray]], request: RequestState) -> list[WorkItem]:
+    def submit_items(self, inputs: list[dict[str, np.ndarray]], request: RequestState,
+                     admit: Callable[[float], None] | None = None) -> list[WorkItem]:
         """`submit`, returning the queued items themselves, whose `seconds` the engine adds to its
-        lane's backlog without pricing each item a second time."""
+        lane's backlog without pricing each item a second time. `admit(seconds)`, given the items'
+        estimated compute, may refuse them (raise) before any is queued."""
         if not self.accepting:
             raise ShuttingDown()
         if len(inputs) > self.max_queue_size:
@@ -139,6 +141,8 @@ class DynamicBatcher:
             units = self.cost.units(item) if self.cost else 1.0
             seconds = self.cost.item_seconds(units) if self.cost else 0.0
             items.append(WorkItem(item, request, loop.create_future(), units, seconds))
+        if admit is not None:
+            admit(sum(item.seconds for item in items))
         self.queue.extend(items)
         self.metrics.queue_items.set(len(self.queue))
         self.wakeup.set()

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 
+from service.admission import recheck_in_the_engine
 from service.batcher import DeadlineExceeded, RequestState
 from service.engine_link import EngineSnapshot, MessageProtocol, ModelSnapshot, encode_error
 from service.registry import LoadedModel, ModelRegistry
@@ -94,7 +96,9 @@ class FrontConnection:
         try:
             model = self.registry.get(name, version)
             batcher = self.registry.batcher(model, operation, graph)
-            items = batcher.submit_items(inputs, state)
+            lane = batcher.lane
+            items = batcher.submit_items(inputs, state, lambda seconds: recheck_in_the_engine(
+                name, lane.expected_wait_s(), seconds / lane.threads, deadline - time.monotonic()))
         except Exception as error:
             self.send(("refused", request_id, encode_error(error)))
             return

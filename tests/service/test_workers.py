@@ -374,6 +374,55 @@ def test_the_engine_sends_a_front_one_uint8_image_per_upscale_not_its_float_tile
     assert all(kind == "result" and tile.dtype == np.float32 for kind, _, _, tile, _ in one_by_one)
 
 
+def test_the_engine_refuses_at_once_what_the_work_other_fronts_queued_would_push_past_its_deadline(repository):
+    """Each front sees the engine's backlog as of the last snapshot (0.5 s old), so two fronts could
+    each admit a request taking most of a deadline in the same half second; the second answered
+    504 thirty seconds later (a hostile probe: four 576² upscales over two fronts), where one
+    process answers 503 at once. The engine now looks again before it queues a front's items,
+    with every front's work in its backlog. Driven in-process, through the engine's end of the link."""
+    import asyncio
+
+    from service.app import build_registry
+    from service.engine import FrontConnection
+    from service.engine_link import decode_error
+    from service.metrics import ServiceMetrics
+    from service.settings import Settings
+    from service.tiling import cut_tiles, plan_tiles
+
+    image = np.random.default_rng(5).uniform(-1, 1, (3, 96, 96)).astype(np.float32)
+    grid = plan_tiles(96, 96, 24, 4)
+    tiles = [{"image": tile} for tile in cut_tiles(image, grid)]
+
+    async def scenario() -> tuple[float, list[tuple]]:
+        settings = Settings(repository=repository, models=["upx4"], role="engine", upscale_tile=24, upscale_overlap=4)
+        registry = build_registry(settings, ServiceMetrics())
+        registry.discover()
+        await registry.load_all()
+        connection, sent = FrontConnection(registry), []
+        connection.send = sent.append
+        lane = registry.batcher(registry.get("upx4"), "upscale").lane
+
+        def submit(request_id: int, seconds: float) -> None:
+            connection.received(("submit", request_id, "upx4", 1, "upscale", "model", tiles, time.monotonic() + seconds, grid))
+
+        submit(1, 30)  # one front's upscale: its tiles are the lane's backlog now
+        queued = lane.expected_wait_s()
+        submit(2, queued)  # another front's, admitted on an older snapshot: it cannot finish behind the first
+        submit(3, 30)  # room for it behind the first: queued
+        while len([m for m in sent if m[0] in ("result", "fail", "refused")]) < 3:
+            await asyncio.sleep(0.01)
+        await registry.drain()
+        return queued, sent
+
+    queued, sent = asyncio.run(scenario())
+    assert queued > 0
+    answers = {message[1]: message for message in sent}
+    assert answers[1][0] == "result" and answers[3][0] == "result"
+    assert answers[2][0] == "refused"
+    refusal = decode_error(answers[2][2])
+    assert refusal.status == 503 and "work queued" in refusal.message and int(refusal.headers["Retry-After"]) >= 1
+
+
 def test_a_front_counts_what_every_front_admitted_since_the_engines_last_snapshot():
     """Two fronts each see the engine's backlog only every 0.5 s: a burst split over them must
     weigh as the whole burst, or both admit work that cannot finish before its deadline."""
