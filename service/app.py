@@ -58,8 +58,15 @@ def create_app(settings: Settings | None = None, serve_while_loading: bool = Tru
 
             link = EngineLink(registry, settings.engine_dir / ENGINE_LINK)
             await link.start()
+        beating = None
         if settings.role == "front":
             import httpx
+
+            from service.heartbeats import HEARTBEATS_FILE, HeartbeatTable, keep_beating
+
+            # first, so that a replacement front mirroring the engine's models below is watched too
+            beating = asyncio.create_task(keep_beating(HeartbeatTable(settings.engine_dir / HEARTBEATS_FILE), settings.worker_slot),
+                                          name="heartbeat")
 
             app.state.engine_http = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(settings.engine_dir / ENGINE_HTTP)),
                                                       base_url="http://engine")
@@ -75,7 +82,7 @@ def create_app(settings: Settings | None = None, serve_while_loading: bool = Tru
         try:
             yield
         finally:
-            for task in (loading, polling, remeasuring, gauging):
+            for task in (loading, polling, remeasuring, gauging, beating):
                 if task is not None and not task.done():
                     task.cancel()
             await registry.drain()

@@ -16,7 +16,9 @@ This process only starts, watches and stops them:
   service/worker_process.py): they drained and exited instead of serving on, unsupervised, beside
   the server started next on the same port;
 - a front that dies is started again (it takes connections only once it mirrors the engine's
-  loaded models: service/worker_process.py); if the engine dies the server stops (exit status 1);
+  loaded models: service/worker_process.py), and so is one whose event loop has not turned for
+  `FRONT_SILENT_S` (killed first: service/heartbeats.py); if the engine dies the server stops
+  (exit status 1);
 - the memory budget is one for the whole server: every child maps the table made here
   (service/memory.py: SharedBudgetTable), and a dead front's reservations are cleared from it;
 - PROMETHEUS_MULTIPROC_DIR is a fresh directory set before the children import prometheus-client,
@@ -37,6 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from service.heartbeats import FRONT_SILENT_S, HEARTBEATS_FILE, HeartbeatTable
 from service.memory import SHARED_BUDGET_FILE, SharedBudgetTable
 from service.settings import Settings
 
@@ -114,6 +117,7 @@ class Supervisor:
         metrics_dir.mkdir()
         self.settings = settings.model_copy(update={"engine_dir": self.run_dir, "port": self.claim.getsockname()[1]})
         self.budget = SharedBudgetTable.create(self.run_dir / SHARED_BUDGET_FILE, slots=settings.workers + 1)
+        self.heartbeats = HeartbeatTable.create(self.run_dir / HEARTBEATS_FILE, slots=settings.workers + 1)
         self.env = os.environ | {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
         self.engine: subprocess.Popen | None = None
         self.fronts: list[subprocess.Popen] = []
@@ -138,11 +142,18 @@ class Supervisor:
                     status = 1
                     break
                 for i, front in enumerate(self.fronts):
-                    if front.poll() is not None and not self.stopping:
+                    if self.stopping:
+                        break
+                    if front.poll() is not None:
                         log.error("front process %d exited (status %s): starting another", front.pid, front.returncode)
                         self.forget(front.pid)
                         self.budget.clear(slot=i + 1)  # what it had reserved died with it
+                        self.heartbeats.clear(slot=i + 1)
                         self.fronts[i] = self.spawn("front", slot=i + 1, replacement=True)
+                    elif (silent := self.heartbeats.silent_s(slot=i + 1)) > FRONT_SILENT_S:
+                        # hung (stopped, deadlocked): the kernel still hands it new connections; replaced at the next look
+                        log.error("front process %d has not answered for %.0f s: killing it", front.pid, silent)
+                        front.kill()
         finally:
             self.stop()
         return status

@@ -268,6 +268,30 @@ def test_a_front_that_dies_is_replaced_and_the_server_keeps_answering(workers):
     assert set(answers) == {200} and len(answers) >= 20
 
 
+def test_a_hung_front_is_killed_and_replaced_and_fresh_connections_are_answered_again(workers):
+    """A stopped front (a native deadlock, an event loop held) stayed in the port's SO_REUSEPORT
+    group: the kernel handed it about half of the new connections, which waited out their
+    timeouts for as long as it hung (a hostile probe: 7 of 11), and the supervisor, which looked
+    only for fronts that exited, said nothing. Now it kills a front whose heartbeat has not moved
+    for 10 s (`FRONT_SILENT_S`) and starts another."""
+    fronts = [pid for pid, role in children(workers.process.pid).items() if role == "front"]
+    os.kill(fronts[0], signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            now = [pid for pid, role in children(workers.process.pid).items() if role == "front" and alive(pid)]
+            if len(now) == 2 and fronts[0] not in now:
+                break
+            time.sleep(0.2)
+    finally:
+        if alive(fronts[0]):
+            os.kill(fronts[0], signal.SIGCONT)
+    assert len(now) == 2 and fronts[0] not in now and not alive(fronts[0])
+    assert "has not answered for" in workers.process.log_path.read_text(errors="replace")
+    answers = [httpx.post(f"{workers.url}/v1/models/digits/generate", json={"seed": seed}, timeout=10).status_code for seed in range(16)]
+    assert answers == [200] * 16  # fresh connections each, spread over both fronts
+
+
 def admitted_or_answered(server, model: str) -> float:
     """Requests of `model` in flight plus those answered 200, from one scrape (a request leaves the
     first before it joins the second, so the sum never counts one twice)."""

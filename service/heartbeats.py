@@ -1,0 +1,62 @@
+"""Front processes' heartbeats (`ganserve serve --workers N`): how the supervisor tells a hung
+front from a busy one.
+
+The supervisor restarted a front that exited, but not one that stopped answering while alive (a
+native deadlock, a stop signal, an event loop held by something): the kernel kept handing it new
+connections in the port's SO_REUSEPORT group, so about one client in N waited out its timeout
+for as long as it hung (a hostile probe: 7 of 11 fresh requests hung while one of two fronts was
+stopped, and nothing was logged).
+
+Each front's event loop writes the time (CLOCK_MONOTONIC, the same clock in every process) into
+its slot of a file the supervisor made, every `BEAT_INTERVAL_S`; the supervisor kills a front
+whose slot has not moved for `FRONT_SILENT_S` and starts another, as for one that died. A slot
+is looked at only once its front has beaten (start-up imports torch before the loop runs).
+"""
+from __future__ import annotations
+
+import asyncio
+import mmap
+import os
+import time
+from pathlib import Path
+
+HEARTBEATS_FILE = "heartbeats"  # in the supervisor's run directory, one int64 per process slot
+BEAT_INTERVAL_S = 0.5
+FRONT_SILENT_S = 10.0  # a front's event loop that has not turned for this long is taken for hung
+
+
+class HeartbeatTable:
+    """One int64 per process slot (the engine 0, the fronts 1 … N): the monotonic nanoseconds of
+    its last beat, 0 before its first. A process writes only its own slot."""
+
+    def __init__(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            self.map = mmap.mmap(fd, 0)
+        finally:
+            os.close(fd)
+        self.cells = memoryview(self.map).cast("q")
+
+    @classmethod
+    def create(cls, path: Path, slots: int) -> "HeartbeatTable":
+        path.write_bytes(bytes(8 * slots))
+        return cls(path)
+
+    def beat(self, slot: int) -> None:
+        self.cells[slot] = time.monotonic_ns()
+
+    def silent_s(self, slot: int) -> float:
+        """Seconds since the slot's last beat; 0 before its first."""
+        last = self.cells[slot]
+        return (time.monotonic_ns() - last) / 1e9 if last else 0.0
+
+    def clear(self, slot: int) -> None:
+        """A replacement process starts unwatched until it beats."""
+        self.cells[slot] = 0
+
+
+async def keep_beating(table: HeartbeatTable, slot: int, interval_s: float = BEAT_INTERVAL_S) -> None:
+    """Beats for as long as this process's event loop turns (cancelled at shutdown)."""
+    while True:
+        table.beat(slot)
+        await asyncio.sleep(interval_s)
