@@ -1,8 +1,10 @@
 """uvicorn's HTTP and WebSocket protocols with the guards uvicorn lacks:
 
 - a **header timeout**: a connection that does not finish a request's headers within
-  `header_timeout_s` of connecting (or of the request's first byte, on a kept-alive connection)
-  gets 408 and is closed, so half-sent requests cannot hold sockets open for good;
+  `header_timeout_s` of connecting (or of the request's first byte, on a kept-alive connection,
+  or of the empty lines a client sends between requests, which stop uvicorn's keep-alive timer
+  without beginning a request) gets 408 and is closed, so half-sent requests cannot hold sockets
+  open for good;
 - a **header size cap**: a request whose headers go past `max_header_bytes` gets 431 and the
   connection is closed, before the parser sees more of them. httptools builds a header's value by
   appending each piece to a string, so parsing one 32 MiB header took 2.6 s of the event loop
@@ -302,6 +304,16 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         if self.awaiting_headers and not self.refused:
             self.arm_header_timer()  # a running timer keeps its start
             self.header_tail = data[-3:]  # their blank line, if it is split between this read and the next
+        elif self.idle_without_timer():
+            # bytes between requests that begin none (the empty lines RFC 9112 lets a server skip):
+            # uvicorn stopped its keep-alive timer on them, so one "\r\n" after an answer kept the
+            # connection open for good, below the connection cap (a hostile probe)
+            self.arm_header_timer()
+
+    def idle_without_timer(self) -> bool:
+        """Between requests, with neither the keep-alive timer nor the header timer running."""
+        return (self.timeout_keep_alive_task is None and self.header_timer is None and not self.refused and not self.pipeline
+                and (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing())
 
     def header_part(self, data: bytes) -> int:
         """How much of a read belongs to the headers still arriving: up to the blank line that ends

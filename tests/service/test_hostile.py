@@ -365,6 +365,23 @@ def test_an_upload_whose_headers_end_in_a_read_with_its_body_is_served(shipped, 
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
 
 
+def test_empty_lines_after_an_answer_do_not_keep_a_connection_open(shipped):
+    """uvicorn stops its keep-alive timer on any byte, and httptools skips the empty lines between
+    requests without beginning one: a single "\\r\\n" after an answer kept the connection open
+    for good (a hostile probe held one over 60 s; keep-alive is 5 s, the header timeout 1 s here)."""
+    host, port = shipped.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while b'{"live":true}' not in answer:
+            answer += sock.recv(65536)
+        started = time.monotonic()
+        sock.sendall(b"\r\n")
+        rest = read_until_closed(sock, 8)
+        assert time.monotonic() - started < 6, "the connection was still open"
+    assert rest == b"" or rest.startswith(b"HTTP/1.1 408")
+
+
 def test_half_sent_requests_are_closed_after_the_header_and_body_timeouts(shipped):
     host, port = shipped.url.removeprefix("http://").split(":")
     stalled = []
