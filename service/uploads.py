@@ -27,6 +27,9 @@ async def read_upload(request: Request) -> bytes:
             raise ApiError(422, f"the multipart body could not be read: {getattr(error, 'detail', error)}")
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
+            if not form:  # no part ended: the parser keeps only parts closed by a boundary
+                raise ApiError(422, "the multipart body holds no complete part: send the image as a part named 'file', "
+                                    "and end the body with the closing boundary (--<boundary>--)")
             raise ApiError(422, "the multipart body needs a 'file' part holding the image")
         data = await upload.read()
     elif media in UPLOAD_TYPES:

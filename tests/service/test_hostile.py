@@ -234,6 +234,18 @@ def test_a_tiny_image_is_translated_at_its_own_size(shipped):
             assert Image.open(io.BytesIO(response.content)).size == size
 
 
+def test_a_multipart_body_cut_before_its_closing_boundary_is_named_so(shipped):
+    """A form whose only part never ends (the body stops before `--boundary--`: a client that
+    forgot it, or a truncated upload) was answered as one without a `file` part, which it has."""
+    whole, content_type = multipart([("file", SMALL)])
+    cut = whole[:-len(b"--hostileboundary--\r\n")]
+    with shipped.client() as client:
+        truncated = client.post(f"{V1}/cyclegan-thin2thick/translate", content=cut, headers={"content-type": content_type})
+        no_file = client.post(f"{V1}/cyclegan-thin2thick/translate", content=MULTI_NO_FILE[0], headers={"content-type": MULTI_NO_FILE[1]})
+    assert truncated.status_code == 422 and "closing boundary" in truncated.json()["error"]["message"], truncated.text
+    assert no_file.status_code == 422 and "needs a 'file' part" in no_file.json()["error"]["message"], no_file.text
+
+
 def test_a_chunked_body_over_the_limit_is_413_not_400(shipped):
     def chunks():
         yield b'{"seeds": ['
