@@ -77,11 +77,14 @@ CLIENT_WARNING_EVERY_S = 10.0  # a warning any client can cause (a malformed req
 
 class PerConnectionLines(logging.Filter):
     """Drops the INFO lines uvicorn and websockets write for every WebSocket connection (`"WebSocket
-    <path>" [accepted]`, `connection open`, `connection closed`): the server runs without an
+    <path>" [accepted]`, `connection open`, `connection closed`, and for a refused handshake
+    `"WebSocket <path>" 404`, `connection rejected (404 Not Found)`): the server runs without an
     access log, and a client opening upscale streams in a loop wrote three lines per handshake
-    to the operator's log. Warnings and errors of the same loggers pass."""
+    to the operator's log (a probe's refused handshakes, two each: 104,000 lines). Warnings and
+    errors of the same loggers pass."""
 
-    QUIET = ("connection open", "connection closed", '%s - "WebSocket %s" [accepted]')
+    QUIET = frozenset({"connection open", "connection closed", '%s - "WebSocket %s" [accepted]', '%s - "WebSocket %s" 403',
+                       '%s - "WebSocket %s" %d', "connection rejected (%d %s)", "HTTP response sent (%d %s)"})
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno > logging.INFO or record.msg not in self.QUIET

@@ -240,9 +240,13 @@ def test_streams_opened_and_closed_in_a_loop_write_nothing_per_connection_to_the
     for _ in range(5):
         with connect(ws_url(server)) as ws:
             ws.send(json.dumps({"type": "hello"}))
+        with pytest.raises(InvalidStatus) as refused:  # a refused handshake wrote two lines
+            connect(ws_url(server, "/v1/models/nope/upscale/stream")).close()
+        assert refused.value.response.status_code == 404
     time.sleep(0.5)  # the server's side of the last close
     log = server.process.log_path.read_text(errors="replace")
     assert "[accepted]" not in log and "connection open" not in log and "connection closed" not in log
+    assert '"WebSocket ' not in log and "connection rejected" not in log
 
 
 def test_a_stream_is_not_compressed_even_when_the_client_offers_it(server):
