@@ -314,9 +314,12 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
             self.arm_header_timer()
 
     def idle_without_timer(self) -> bool:
-        """Between requests, with neither the keep-alive timer nor the header timer running."""
+        """Between requests, with neither the keep-alive timer nor the header timer running; never
+        once the connection is a WebSocket's (the upgrade hands the transport to another protocol,
+        and a header timer armed here cut every upscale stream after `header_timeout_s`)."""
         return (self.timeout_keep_alive_task is None and self.header_timer is None and not self.refused and not self.pipeline
-                and (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing())
+                and (self.cycle is None or self.cycle.response_complete) and self.transport.get_protocol() is self
+                and not self.transport.is_closing())
 
     def header_part(self, data: bytes) -> int:
         """How much of a read belongs to the headers still arriving: up to the blank line that ends
@@ -427,7 +430,7 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
 
     def headers_timed_out(self) -> None:
         self.header_timer = None
-        if not self.transport.is_closing() and not self.refused:
+        if not self.transport.is_closing() and not self.refused and self.transport.get_protocol() is self:
             self.transport.write(raw_error(408, "Request Timeout", "request_timeout",
                                            f"the request headers did not arrive within {self.header_timeout_s:g} s"))
             self.transport.close()

@@ -161,6 +161,21 @@ def test_the_stream_cap_the_idle_timeout_and_a_clean_shutdown_with_a_stream_open
         assert server.process.wait(timeout=60) in (0, -signal.SIGTERM) and time.monotonic() - stopping < 10
 
 
+def test_a_stream_outlives_the_header_timeout(repository):
+    """A timer for the empty lines a client may send between HTTP requests was also armed on the
+    upgrade that began a stream, and cut every stream after the header timeout (10 s by default)
+    with an HTTP 408 written into the WebSocket (a hostile probe). Here the timeout is 1 s."""
+    with running_server(repository, header_timeout_s=1, models=["upx4"]) as server:
+        with connect(ws_url(server), max_size=2**24) as ws:
+            assert json.loads(ws.recv(timeout=30))["type"] == "ready"
+            got = []
+            for seed in range(4):
+                time.sleep(0.8)
+                ws.send(frame(32, 32, seed))
+                got += answers(ws, 1)
+    assert [a["type"] for a in got] == ["frame"] * 4
+
+
 def test_a_frame_in_flight_when_the_server_stops_is_answered_before_the_stream_closes(repository):
     """uvicorn closed an open stream at once with 1012 on SIGTERM, and the frame it had accepted
     was never answered (HTTP requests in flight were). The frame here waits out a 1.5 s batching
