@@ -20,6 +20,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from service.errors import error_payload
 from service.ray_serving.config import RayAppArgs, plan_deployments
@@ -121,12 +122,54 @@ def json_response(path: str, status: int, message: str, headers: dict[str, str] 
     return Response(json.dumps(error_payload(path, status, message)), status_code=status, headers=headers, media_type="application/json")
 
 
+async def refuse_websocket(scope: Scope, send: Send) -> None:
+    """A WebSocket handshake: refused with the 403 JSON of a plain GET of the stream's path where
+    the proxy lets an app answer a handshake with an HTTP response, else closed (a bare 403)."""
+    path = scope.get("path", "")
+    message = REFUSED_ON_RAY["stream"][1]
+    if "websocket.http.response" in scope.get("extensions", {}):
+        body = json.dumps(error_payload(path, 403, message)).encode()
+        await send({"type": "websocket.http.response.start", "status": 403,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await send({"type": "websocket.close", "code": 1008})
+
+
+async def run_lifespan(receive: Receive, send: Send) -> None:
+    """The ASGI lifespan Ray's wrapper runs: nothing to start or stop here (the constructor and
+    `__del__` do it)."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+class IngressApp:
+    """The ingress as an ASGI app (an object with an async `__call__`: uvicorn, which Ray uses for
+    the lifespan, takes a bound method for an ASGI 2 app)."""
+
+    def __init__(self, ingress: "Ingress") -> None:
+        self.ingress = ingress
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.ingress.asgi(scope, receive, send)
+
+
 @serve.deployment(max_ongoing_requests=2048, ray_actor_options={"num_cpus": 0})
+@serve.ingress()
 class Ingress:
     """The one HTTP entry: routes by path to the model's deployment (routing.py), merges what
     spans models, and turns Ray's failures into the server's JSON: queue full (Ray's
     `max_queued_requests`) is 429 with Retry-After like the batcher's full queue; a replica that
-    died with the request in it is retried once on another when the request is idempotent, else 503."""
+    died with the request in it is retried once on another when the request is idempotent, else 503.
+
+    An ASGI ingress (`__serve_build_asgi_app__`), not a `__call__` taking a Request: Ray builds
+    that Request itself, and a WebSocket handshake failed its check before our routing ran (a 500
+    and a logged traceback for every handshake, where the stream's refusal is a 403)."""
 
     def __init__(self, models: dict[str, DeploymentHandle], board: DeploymentHandle, args: dict) -> None:
         self.models = models
@@ -138,7 +181,20 @@ class Ingress:
         self.rejected = Counter("ganserve_ray_rejected_total", "Requests Ray refused before a replica took them (reason: queue_full, unavailable, replica_lost)",
                                 ("model", "reason"), registry=self.metrics)
 
-    async def __call__(self, request: Request) -> Response:
+    def __serve_build_asgi_app__(self) -> "IngressApp":
+        return IngressApp(self)
+
+    async def asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            response = await self.answer(Request(scope, receive, send))
+            await response(scope, receive, send)
+        elif kind == "websocket":
+            await refuse_websocket(scope, send)
+        elif kind == "lifespan":
+            await run_lifespan(receive, send)
+
+    async def answer(self, request: Request) -> Response:
         path, method = request.url.path, request.method.upper()
         where = route(method, path)
         if where.kind == "live":

@@ -5,6 +5,7 @@ deployment (conftest.py); the failover and autoscaling tests come last."""
 from __future__ import annotations
 
 import io
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 SEEDS = list(range(24))
 
@@ -134,6 +137,13 @@ def test_unknown_models_and_what_ray_cannot_serve_get_clear_4xx_json(ray_app):
         unload = client.post("/v2/repository/models/digits/unload")
         assert unload.status_code == 403 and "redeployment" in unload.json()["error"]
         assert client.post("/v2/repository/index").json() == [{"name": n, "version": "1", "state": "READY", "reason": ""} for n in ("cdigits", "digits", "upx4")]
+    # a WebSocket handshake, on the stream's path or any other, was a 500 and a traceback in the
+    # ingress's log (Ray's Request refused the scope before the ingress's routing ran)
+    for path in ("/v1/models/upx4/upscale/stream", "/v1/models"):
+        with pytest.raises(InvalidStatus) as refused:
+            connect(ray_app.url.replace("http://", "ws://") + path, open_timeout=30).close()
+        assert refused.value.response.status_code == 403, refused.value.response.body
+        assert "ganserve serve" in json.loads(refused.value.response.body)["error"]["message"]  # the stream's refusal, as JSON
 
 
 class SteadyLoad:
