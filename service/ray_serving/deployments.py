@@ -21,6 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from service.errors import error_payload
 from service.ray_serving.config import RayAppArgs, plan_deployments
@@ -122,18 +123,14 @@ def json_response(path: str, status: int, message: str, headers: dict[str, str] 
     return Response(json.dumps(error_payload(path, status, message)), status_code=status, headers=headers, media_type="application/json")
 
 
-async def refuse_websocket(scope: Scope, send: Send) -> None:
+async def refuse_websocket(scope: Scope, receive: Receive, send: Send) -> None:
     """A WebSocket handshake: refused with the 403 JSON of a plain GET of the stream's path where
     the proxy lets an app answer a handshake with an HTTP response, else closed (a bare 403)."""
-    path = scope.get("path", "")
-    message = REFUSED_ON_RAY["stream"][1]
+    websocket = WebSocket(scope, receive, send)
     if "websocket.http.response" in scope.get("extensions", {}):
-        body = json.dumps(error_payload(path, 403, message)).encode()
-        await send({"type": "websocket.http.response.start", "status": 403,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "websocket.http.response.body", "body": body})
+        await websocket.send_denial_response(json_response(scope.get("path", ""), *REFUSED_ON_RAY["stream"]))
     else:
-        await send({"type": "websocket.close", "code": 1008})
+        await websocket.close(1008)
 
 
 async def run_lifespan(receive: Receive, send: Send) -> None:
@@ -156,7 +153,14 @@ class IngressApp:
         self.ingress = ingress
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.ingress.asgi(scope, receive, send)
+        kind = scope["type"]
+        if kind == "http":
+            response = await self.ingress.answer(Request(scope, receive, send))
+            await response(scope, receive, send)
+        elif kind == "websocket":
+            await refuse_websocket(scope, receive, send)
+        elif kind == "lifespan":
+            await run_lifespan(receive, send)
 
 
 @serve.deployment(max_ongoing_requests=2048, ray_actor_options={"num_cpus": 0})
@@ -183,16 +187,6 @@ class Ingress:
 
     def __serve_build_asgi_app__(self) -> "IngressApp":
         return IngressApp(self)
-
-    async def asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http":
-            response = await self.answer(Request(scope, receive, send))
-            await response(scope, receive, send)
-        elif kind == "websocket":
-            await refuse_websocket(scope, send)
-        elif kind == "lifespan":
-            await run_lifespan(receive, send)
 
     async def answer(self, request: Request) -> Response:
         path, method = request.url.path, request.method.upper()
