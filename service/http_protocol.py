@@ -13,11 +13,11 @@
 - a **pipeline cap**: past `MAX_PIPELINED` requests queued behind the running one on a connection,
   the rest are dropped unread and the connection closes after the queued answers (uvicorn queued
   them without bound: ~2.8 KB of server memory per 64-byte GET);
-- a **connection cap**: past `max_connections` open connections a connection that has waited
-  `IDLE_EVICTABLE_S` for a request is closed to make room, else a waiting one of the address
-  holding the most connections for a newcomer of another (never one being served); where there is
-  none, the new one is answered 503 (JSON, like every error) and shut, its request read and dropped
-  for `REFUSED_LINGER_S` before the close;
+- a **connection cap**: past `max_connections` open connections a connection that is only waiting
+  for a request is closed to make room (never one being served; which one: service/connection_table.py,
+  the longest-waiting one of a hog's or of the newcomer's own address); where there is none, the new
+  one is answered 503 (JSON, like every error) and shut, its request read and dropped for
+  `REFUSED_LINGER_S` before the close;
 - a **send timeout** (`WriteStallGuard`, HTTP and WebSocket): a peer that reads nothing of what
   it was sent for `send_timeout_s` while the write buffer is over its high-water mark is
   disconnected. A stream client that never read its answers held its stream slot, and its unsent
@@ -63,14 +63,14 @@ from collections.abc import Callable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
+from service.connection_table import ConnectionTable
+
 DISCONNECT_EXTENSION = "ganserve.on_disconnect"  # a list of callables in the request's scope extensions
 FLUSHED_EXTENSION = "ganserve.when_flushed"  # a callable: when_flushed(callback), the callback run once the answer left
 STOPPING_EXTENSION = "ganserve.stopping"  # True once the server shuts down while the request's body is still arriving
 SERVER_SHUTDOWN_EXTENSION = "ganserve.on_server_shutdown"  # a list of callables: a WebSocket app that closes itself on shutdown
 REFUSED_LINGER_S = 1.0  # how long a refused request's remaining bytes are read and dropped before the close
 MAX_FRAGMENTS = 4096  # frames one WebSocket message may come in (a 64 MiB frame in 16 KiB pieces)
-FULL_RESCAN_S = 0.1  # after a look at the cap found nothing to close, the busiest address's newcomers are refused without another for this long
-IDLE_EVICTABLE_S = 1.0  # at the connection cap, a connection waiting this long for a request may be closed for a newcomer
 MAX_PIPELINED = 64  # requests queued behind the one running on a connection; later ones are dropped and the connection closes
 CLIENT_WARNING_EVERY_S = 10.0  # a warning any client can cause (a malformed request) is logged at most this often
 
@@ -222,7 +222,7 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         self.refused = False  # answered 431 or 503, or pipelined past MAX_PIPELINED: what still arrives is dropped
         self.lingering = False  # shut, reading and dropping until the close (shut_and_linger)
         self.waiting_since = self.loop.time()  # since it connected or its last answer went out
-        if len(self.connections) > self.max_connections and not self.room_made():
+        if not self.slots().admit(self, self.waiting_since):
             self.refused = True
             transport.write(raw_error(503, "Service Unavailable", "too_many_connections",
                                       f"the server holds its limit of {self.max_connections} connections; retry later"))
@@ -234,55 +234,32 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         """A request of this connection is running or queued."""
         return (self.cycle is not None and not self.cycle.response_complete) or bool(self.pipeline)
 
-    def idle_for(self, now: float) -> float:
-        """How long this connection has waited for a request (0 while one is being served or queued)."""
-        return 0.0 if self.being_served() else now - self.waiting_since
-
     @property
     def address(self) -> str | None:
         return self.client[0] if self.client else None
 
-    def room_made(self) -> bool:
-        """At the connection cap: whether this newcomer fits, counting only connections still open
-        (refused ones linger), after closing one if need be — never one whose request is being
-        served: first one that has waited `IDLE_EVICTABLE_S` for a request, else a waiting one of
-        the client address that holds the most connections, past a quarter of the cap, when the
-        newcomer comes from another. 512 sockets that sent nothing (one client, ~61 connects/s as
-        each reached its header timeout) held every slot, and 97 % of other clients were refused;
-        one that re-opened its connections as fast as the server closed them kept them all under
-        a second old."""
-        now, open_count, idle = self.loop.time(), 0, None
-        # the look is O(connections): newcomers of the address that held the most connections,
-        # which a look found nothing to close for, are refused without another for FULL_RESCAN_S
-        # (a flood of them paid it each). Kept on uvicorn's state of this server.
-        until, heaviest = getattr(self.server_state, "ganserve_full", (0.0, None))
-        if now < until and self.address == heaviest:
-            return False
-        held: dict[str | None, int] = {}
-        waiting: dict[str | None, GuardedHttpProtocol] = {}
-        for other in self.connections:
-            if other is self:
-                continue
-            if isinstance(other, GuardedHttpProtocol):
-                if other.refused or other.transport is None or other.transport.is_closing():
-                    continue
-                held[other.address] = held.get(other.address, 0) + 1
-                if not other.being_served():
-                    waiting.setdefault(other.address, other)
-                    if idle is None and other.idle_for(now) >= IDLE_EVICTABLE_S:
-                        idle = other
-            open_count += 1
-        if open_count < self.max_connections:
-            return True
-        heaviest = max(held, key=held.__getitem__, default=None)
-        if idle is None and heaviest != self.address and held.get(heaviest, 0) > self.max_connections // 4:
-            idle = waiting.get(heaviest)
-        if idle is not None:
-            idle.disarm_header_timer()
-            idle.transport.close()  # as a kept-alive connection's idle timeout closes it
-            return True
-        self.server_state.ganserve_full = (now + FULL_RESCAN_S, heaviest)
-        return False
+    def slots(self) -> ConnectionTable:
+        """The connection slots of this server (one table per server state: per `--workers` front)."""
+        table = getattr(self.server_state, "ganserve_slots", None)
+        if table is None:
+            table = self.server_state.ganserve_slots = ConnectionTable(self.max_connections)
+        return table
+
+    def gone(self) -> bool:
+        return self.refused or self.transport is None or self.transport.is_closing()
+
+    def make_room(self) -> None:
+        """Closed for a newcomer at the cap while waiting for a request, as a kept-alive
+        connection's idle timeout closes it."""
+        self.disarm_header_timer()
+        self.transport.close()
+
+    def handle_websocket_upgrade(self) -> None:
+        slots = self.slots()
+        slots.remove(self)
+        super().handle_websocket_upgrade()
+        if isinstance(stream := self.transport.get_protocol(), GuardedWebSocketProtocol):
+            stream.hold_slot(slots)  # the transport and its slot pass to the WebSocket protocol
 
     def arm_header_timer(self) -> None:
         if self.header_timer is None:
@@ -347,6 +324,7 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
             self.stop_pipelining()
             return
         super().on_headers_complete()
+        self.slots().began_serving(self)
         extensions = self.scope.setdefault("extensions", {})
         extensions[DISCONNECT_EXTENSION] = []
         extensions[FLUSHED_EXTENSION] = self.when_flushed
@@ -361,11 +339,14 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         was not answered). uvicorn's queue had no bound here: 64-byte pipelined GETs cost ~2.8 KB
         each (40 MB of them took the server up 1.8 GB) and parsing them starved every other client."""
         self.refused = True  # read on and dropped from now on; on_response_complete closes after the last answer
+        self.slots().remove(self)
 
     def on_response_complete(self) -> None:
         last = self.refused and not self.pipeline  # pipelining stopped, and nothing queued behind this answer
         self.waiting_since = self.loop.time()
         super().on_response_complete()
+        if not self.being_served():  # (else a pipelined request began)
+            self.slots().began_waiting(self)
         if last:
             self.shut_and_linger()
 
@@ -386,6 +367,7 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.disarm_header_timer()
+        self.slots().remove(self)
         if hasattr(self, "stall_guard"):
             self.stall_guard.resumed()
         cycle = self.cycle
@@ -423,6 +405,7 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         if self.transport.is_closing() or self.lingering:
             return  # (a 431 to a pipelined request shuts before the running one's answer ends)
         self.lingering = True
+        self.slots().remove(self)
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.flow.resume_reading()
@@ -438,12 +421,29 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
 
 class GuardedWebSocketProtocol(StallGuardedWrites, WebSocketsSansIOProtocol):
     send_timeout_s: float = 30.0
+    slots: ConnectionTable | None = None  # the server's, once the upgrade handed this connection's slot over
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.stall_guard = WriteStallGuard(self.loop, self.transport, self.send_timeout_s)
         self.after_flush = []
         self.fragments = 0
+
+    def hold_slot(self, slots: ConnectionTable) -> None:
+        """Takes the upgraded HTTP connection's slot: a stream counts toward the connection cap,
+        and never waits in line to be closed for a newcomer."""
+        self.slots, self.waiting_since = slots, self.loop.time()
+        slots.add(self, waiting=False)
+
+    @property
+    def address(self) -> str | None:
+        return self.client[0] if self.client else None
+
+    def gone(self) -> bool:
+        return self.transport.is_closing()
+
+    def make_room(self) -> None:
+        self.transport.close()  # (never chosen: a stream is not in the waiting line)
 
     def handle_connect(self, event) -> None:
         super().handle_connect(event)
@@ -470,6 +470,8 @@ class GuardedWebSocketProtocol(StallGuardedWrites, WebSocketsSansIOProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.stall_guard.resumed()
+        if self.slots is not None:
+            self.slots.remove(self)
         super().connection_lost(exc)
         self.run_after_flush()
 

@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     # parsing, which holds the GIL ~0.12 s per MiB (fixed-size inputs: what 256 rows can need)
     max_json_header_bytes: int = Field(1 << 20, ge=64 * 1024)
     # HTTP hygiene
-    max_connections: int = Field(512, ge=1)  # open connections; past it a new one gets 503 and is closed
+    max_connections: int = Field(512, ge=1)  # open connections; at it a waiting one makes room (service/connection_table.py), else a new one gets 503
     header_timeout_s: float = Field(10.0, gt=0)  # a connection must finish sending a request's headers within this
     max_header_bytes: int = Field(64 * 1024, ge=1024)  # a request's headers in bytes; past it 431 and the connection closes
     body_timeout_s: float = Field(30.0, gt=0)  # and its body within this (408 past it)

@@ -269,6 +269,17 @@ def read_until_closed(sock: socket.socket, wait_s: float) -> bytes:
     return data
 
 
+def still_open(sock: socket.socket, wait_s: float = 0.3) -> bool:
+    """Whether the server kept this connection (one that sent nothing) open."""
+    sock.settimeout(wait_s)
+    try:
+        return sock.recv(1) != b""
+    except TimeoutError:
+        return True
+    except ConnectionResetError:
+        return False
+
+
 def raw_exchange(server, request: bytes, wait_s: float = 5) -> bytes:
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=wait_s) as sock:
@@ -444,7 +455,7 @@ def test_the_model_listing_states_each_models_limits(shipped):
     assert models["sr-rrdb-x4"]["costs"]["model"]["seconds_per_unit"] > 0
 
 
-def test_at_the_connection_cap_an_idle_or_a_hogs_connection_makes_room_and_busy_ones_get_a_readable_503(repository):
+def test_at_the_connection_cap_a_waiting_connection_makes_room_and_busy_ones_get_a_readable_503(repository):
     """Connections that sent nothing held every slot until their header timeout (one client at ~61
     connects/s kept 512 of them, and 97 % of other clients were refused); at the cap, one that
     has waited a second for a request is closed for the newcomer. Where every connection is busy
@@ -485,9 +496,14 @@ def test_at_the_connection_cap_an_idle_or_a_hogs_connection_makes_room_and_busy_
             assert httpx.get(f"{server.url}/health/live").status_code == 200
             hog.append(socket.create_connection((host, int(port)), source_address=("127.0.0.2", 0)))  # back to the cap
             time.sleep(0.2)
+            # a client sharing the hog's address (behind NAT or a proxy every client does) is
+            # served too: a newcomer takes the place of its own address's longest-waiting
+            # connection, so the hog gains no slot by re-opening (92-96 % of such a client's
+            # requests got 503 in a probe, where the newcomer of the busiest address was refused)
             with socket.create_connection((host, int(port)), source_address=("127.0.0.2", 0), timeout=5) as more:
-                more.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
-                assert read_until_closed(more, 5).startswith(b"HTTP/1.1 503")  # the hog itself gets no more
+                more.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                assert read_until_closed(more, 5).startswith(b"HTTP/1.1 200")
+            assert [still_open(sock) for sock in hog] == [False, False, True, True, True]  # the oldest two made room
         finally:
             for sock in hog:
                 sock.close()

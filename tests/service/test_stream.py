@@ -176,6 +176,35 @@ def test_a_stream_outlives_the_header_timeout(repository):
     assert [a["type"] for a in got] == ["frame"] * 4
 
 
+def test_an_open_stream_holds_a_connection_slot_and_is_never_closed_to_make_room(repository):
+    """At the connection cap a connection waiting for a request is closed for a newcomer; a
+    stream's connection is handed its slot at the upgrade and never waits in that line, however
+    long it has been quiet."""
+    with running_server(repository, max_connections=2, models=["upx4"]) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        with connect(ws_url(server), max_size=2**24) as stream:
+            assert json.loads(stream.recv(timeout=30))["type"] == "ready"
+            with socket.create_connection((host, int(port))) as waiting:
+                time.sleep(1.2)  # both quiet past the idle bound
+                assert httpx.get(f"{server.url}/health/live").status_code == 200
+                waiting.settimeout(5)
+                assert waiting.recv(1) == b""  # the waiting connection made room, not the stream
+            stream.send(frame(32, 32, 1))
+            assert answers(stream, 1)[0]["type"] == "frame"
+            with connect(ws_url(server), max_size=2**24) as second:
+                assert json.loads(second.recv(timeout=30))["type"] == "ready"
+                time.sleep(1.2)
+                refused = httpx.get(f"{server.url}/health/live")  # two streams hold both slots
+                assert refused.status_code == 503 and refused.json()["error"]["code"] == "too_many_connections"
+                second.send(frame(32, 32, 2))
+                assert answers(second, 1)[0]["type"] == "frame"
+        for _ in range(5):  # streams opened and closed give their slots back
+            with connect(ws_url(server)) as passing:
+                passing.recv(timeout=30)
+        with httpx.Client() as first, httpx.Client() as other:
+            assert first.get(f"{server.url}/health/live").status_code == other.get(f"{server.url}/health/live").status_code == 200
+
+
 def test_a_frame_in_flight_when_the_server_stops_is_answered_before_the_stream_closes(repository):
     """uvicorn closed an open stream at once with 1012 on SIGTERM, and the frame it had accepted
     was never answered (HTTP requests in flight were). The frame here waits out a 1.5 s batching

@@ -1,0 +1,108 @@
+"""Which connection makes room at the connection cap (service/connection_table.py). The real
+server's behaviour at the cap is tested through HTTP in test_hostile.py; these pin the order of
+choice, that a connection being served is never chosen, and that a choice costs the same however
+many connections there are."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.connection_table import ConnectionTable
+
+
+@dataclass(eq=False)
+class FakeSlot:
+    address: str | None
+    waiting_since: float
+    closing: bool = False
+    closed_for_a_newcomer: bool = False
+    looked_at: int = 0
+
+    def gone(self) -> bool:
+        self.looked_at += 1
+        return self.closing
+
+    def make_room(self) -> None:
+        self.closed_for_a_newcomer = True
+
+
+def filled(limit: int, address: str) -> tuple[ConnectionTable, list[FakeSlot]]:
+    table = ConnectionTable(limit)
+    slots = [FakeSlot(address, i * 0.001) for i in range(limit)]
+    for slot in slots:
+        assert table.admit(slot, slot.waiting_since)
+    return table, slots
+
+
+def test_a_newcomer_of_the_hogs_own_address_takes_the_place_of_its_longest_waiting_connection():
+    table, hog = filled(8, "10.0.0.1")
+    newcomer = FakeSlot("10.0.0.1", 0.5)
+    assert table.admit(newcomer, 0.5)  # every connection under IDLE_EVICTABLE_S old
+    assert [s.closed_for_a_newcomer for s in hog] == [True] + [False] * 7
+    assert len(table) == 8 and newcomer in table and hog[0] not in table
+
+
+def test_an_answer_sends_a_connection_to_the_back_of_the_line():
+    table, slots = filled(4, "10.0.0.1")
+    table.began_serving(slots[0])
+    slots[0].waiting_since = 0.4
+    table.began_waiting(slots[0])  # its answer went out just now
+    assert table.admit(FakeSlot("10.0.0.1", 0.5), 0.5)
+    assert [s.closed_for_a_newcomer for s in slots] == [False, True, False, False]
+
+
+def test_a_connection_waiting_past_the_idle_bound_goes_first_whoever_comes():
+    table = ConnectionTable(4)
+    old = FakeSlot("10.0.0.9", 0.0)
+    table.admit(old, 0.0)
+    hog = [FakeSlot("10.0.0.1", 5.0 + i * 0.01) for i in range(3)]
+    for slot in hog:
+        table.admit(slot, slot.waiting_since)
+    assert table.admit(FakeSlot("10.0.0.1", 5.1), 5.1)
+    assert old.closed_for_a_newcomer and not any(s.closed_for_a_newcomer for s in hog)
+
+
+def test_a_newcomer_of_another_address_takes_from_the_hog_not_from_a_light_address():
+    table = ConnectionTable(8)
+    light = FakeSlot("10.0.0.7", 0.0)  # the longest waiting, but under the idle bound at 0.5
+    table.admit(light, 0.0)
+    hog = [FakeSlot("10.0.0.1", 0.1 + i * 0.01) for i in range(7)]
+    for slot in hog:
+        table.admit(slot, slot.waiting_since)
+    assert table.admit(FakeSlot("10.0.0.2", 0.5), 0.5)
+    assert not light.closed_for_a_newcomer and hog[0].closed_for_a_newcomer
+    # a light address's newcomer with nothing of its own waiting, the hog's connections all busy: refused
+    for slot in hog[1:]:
+        table.began_serving(slot)
+    assert not table.admit(FakeSlot("10.0.0.3", 0.6), 0.6)
+    assert not light.closed_for_a_newcomer
+
+
+def test_where_every_connection_is_being_served_the_newcomer_is_refused_at_the_cost_of_none_of_them():
+    table, slots = filled(512, "10.0.0.1")
+    for slot in slots:
+        table.began_serving(slot)
+    for address in ("10.0.0.1", "10.0.0.2"):
+        assert not table.admit(FakeSlot(address, 0.6), 0.6)
+    assert len(table) == 512 and not any(s.closed_for_a_newcomer for s in slots)
+    assert sum(s.looked_at for s in slots) == 0  # no look walked the busy ones (one walked all 512 before)
+    slots[300].waiting_since = 0.7
+    table.began_waiting(slots[300])  # one answer went out
+    assert table.admit(FakeSlot("10.0.0.1", 0.8), 0.8)
+    assert slots[300].closed_for_a_newcomer
+
+
+def test_connections_gone_are_dropped_by_a_look_and_free_their_slot():
+    table, slots = filled(4, "10.0.0.1")
+    slots[0].closing = True  # closed, its connection_lost not yet run
+    newcomer = FakeSlot("10.0.0.1", 0.5)
+    assert table.admit(newcomer, 0.5)
+    assert not any(s.closed_for_a_newcomer for s in slots) and slots[0] not in table and len(table) == 4
+
+
+def test_removing_is_idempotent_and_leaves_nothing_behind():
+    table, slots = filled(4, "10.0.0.1")
+    table.began_serving(slots[2])
+    for slot in slots:
+        table.remove(slot)
+        table.remove(slot)
+    assert len(table) == 0 and not table.held and not table.heavy and not table.waiting and not table.waiting_by_address
