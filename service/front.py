@@ -17,6 +17,7 @@ compute hold across fronts exactly.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import itertools
 import logging
@@ -267,10 +268,19 @@ class FrontRegistry(ModelRegistry):
         self.device = "cpu"  # this process computes nothing; the models' own device is in their runtime label
         self.polling: asyncio.Task | None = None
         self.last_snapshot = time.monotonic()  # when the engine last answered a snapshot
+        self.asked: collections.deque[float] = collections.deque()  # when each snapshot still awaited was asked for (answered in order)
 
     def engine_silent_s(self) -> float:
-        """Seconds since the engine last answered, once that is past ENGINE_SILENT_S; 0 while it answers."""
-        silent = time.monotonic() - self.last_snapshot
+        """How long the engine has left a snapshot unanswered, once that is past ENGINE_SILENT_S;
+        0 while it answers. Counted from the ask, not from the last answer: a front whose own
+        loop stalled (5–10 s, short of the supervisor's kill) saw its last answer that long ago,
+        and refused its first requests after the stall with a 503 blaming an engine that had
+        answered all along. Before the periodic snapshots begin (loading), since the last answer."""
+        now = time.monotonic()
+        if self.polling is None:
+            silent = now - self.last_snapshot
+        else:
+            silent = now - self.asked[0] if self.asked else 0.0
         return silent if silent > ENGINE_SILENT_S else 0.0
 
     def discover(self) -> None:
@@ -302,7 +312,12 @@ class FrontRegistry(ModelRegistry):
                 break
 
     async def refresh(self) -> None:
-        self.apply(await self.client.snapshot())
+        self.asked.append(time.monotonic())
+        try:
+            snapshot = await self.client.snapshot()
+        finally:
+            self.asked.popleft()
+        self.apply(snapshot)
 
     def apply(self, snapshot: EngineSnapshot) -> None:
         """Mirrors the engine's models; a mirror stays the same object while its entry does, so

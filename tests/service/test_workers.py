@@ -292,6 +292,25 @@ def test_a_hung_front_is_killed_and_replaced_and_fresh_connections_are_answered_
     assert answers == [200] * 16  # fresh connections each, spread over both fronts
 
 
+def test_a_front_that_stalled_short_of_the_kill_answers_what_it_finds_on_waking(workers):
+    """A front whose loop stalled for 5-10 s (swapping, a long pause; short of the supervisor's
+    kill) saw the engine's last snapshot answer that long ago and refused its first requests
+    after the stall with a 503 blaming the engine, which had answered all along (a hostile probe).
+    The engine's silence is now counted from a snapshot asked and not answered."""
+    fronts = [pid for pid, role in children(workers.process.pid).items() if role == "front"]
+    os.kill(fronts[0], signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(16) as pool:  # fresh connections: about half wait in the stopped front's queue
+            answers = [pool.submit(httpx.post, f"{workers.url}/v1/models/digits/generate", json={"seed": seed}, timeout=30) for seed in range(16)]
+            time.sleep(6.5)  # past ENGINE_SILENT_S, short of FRONT_SILENT_S
+            os.kill(fronts[0], signal.SIGCONT)
+            codes = [answer.result().status_code for answer in answers]
+    finally:
+        os.kill(fronts[0], signal.SIGCONT)
+    assert codes == [200] * 16, [answer.result().text for answer in answers if answer.result().status_code != 200][:2]
+    assert alive(fronts[0])  # not killed: it stalled short of the supervisor's bound
+
+
 def admitted_or_answered(server, model: str) -> float:
     """Requests of `model` in flight plus those answered 200, from one scrape (a request leaves the
     first before it joins the second, so the sum never counts one twice)."""
