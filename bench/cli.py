@@ -62,12 +62,16 @@ def bench_soak_command(
     stalled_readers: int = typer.Option(200, min=0, help="clients that ask for ~5 MB answers and never read them (0: skip)"),
     stalled_budget_mb: int = typer.Option(1024, min=64, help="GANSERVE_MEMORY_BUDGET of the stalled readers' server, MiB"),
     stalled_send_timeout: float = typer.Option(30.0, min=0.5, help="GANSERVE_SEND_TIMEOUT_S of the stalled readers' server"),
+    connection_hogs: int = typer.Option(1200, min=0, help="silent sockets one client holds, re-opened as closed, beside a benign client (0: skip)"),
+    hog_seconds: float = typer.Option(15.0, min=2.0, help="seconds of each connection-hog phase (the hog on the benign client's address, then on another)"),
+    hog_max_connections: int = typer.Option(512, min=1, help="GANSERVE_MAX_CONNECTIONS of the connection hogs' server"),
     out: Optional[Path] = typer.Option(Path("bench/results/soak-latest.json"), help="JSON report"),
 ) -> None:
-    """Resource safety under load: DCGAN latency beside saturated heavy lanes, a soak of mixed and hostile traffic (5xx, p99, RSS growth), then clients that never read their answers."""
+    """Resource safety under load: DCGAN latency beside saturated heavy lanes, a soak of mixed and hostile traffic (5xx, p99, RSS growth), then clients that never read their answers, then a client holding silent sockets."""
     from bench.soak import run_soak
 
-    run_soak(repository, concurrency, duration, isolation, warmup, out, stalled_readers, stalled_budget_mb * 2**20, stalled_send_timeout)
+    run_soak(repository, concurrency, duration, isolation, warmup, out, stalled_readers, stalled_budget_mb * 2**20, stalled_send_timeout,
+             connection_hogs, hog_seconds, hog_max_connections)
 
 
 def bench_ray_command(

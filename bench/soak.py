@@ -11,6 +11,8 @@
    from those overload refusals.
 3. **stalled readers** (`--stalled-readers N`, bench/stalled.py): N clients ask for big answers
    and never read them, on a server of its own under a small memory budget.
+4. **connection hogs** (`--connection-hogs N`, bench/hogs.py): one client holds N silent sockets,
+   re-opened as fast as they are closed, from a benign client's own address and from another.
 """
 from __future__ import annotations
 
@@ -174,7 +176,8 @@ def run_isolation(url: str, duration_s: float) -> dict:
 
 
 def run_soak(repository: Path, concurrency: int, duration_s: float, isolation_s: float, warmup_s: float, out: Path | None,
-             stalled_readers: int = 0, stalled_budget: int = 2**30, stalled_send_timeout_s: float = 30.0) -> dict:
+             stalled_readers: int = 0, stalled_budget: int = 2**30, stalled_send_timeout_s: float = 30.0,
+             connection_hogs: int = 0, hog_seconds: float = 15.0, hog_max_connections: int = 512) -> dict:
     report = soak_report(repository, concurrency, duration_s, isolation_s, warmup_s)
     if stalled_readers:
         from bench.stalled import run_stalled_readers
@@ -182,6 +185,12 @@ def run_soak(repository: Path, concurrency: int, duration_s: float, isolation_s:
         console.print(f"stalled readers: {stalled_readers} clients ask for ~5 MB answers and never read them "
                       f"({stalled_budget / 2**20:.0f} MiB budget, {stalled_send_timeout_s:g} s send timeout)")
         report["stalled_readers"] = run_stalled_readers(repository, stalled_readers, stalled_budget, stalled_send_timeout_s)
+    if connection_hogs:
+        from bench.hogs import run_connection_hogs
+
+        console.print(f"connection hogs: {connection_hogs} silent sockets re-opened as closed, {hog_seconds:g} s from the benign "
+                      f"client's address, then from another (GANSERVE_MAX_CONNECTIONS={hog_max_connections})")
+        report["connection_hogs"] = run_connection_hogs(repository, connection_hogs, hog_seconds, hog_max_connections)
     print_report(report)
     write_report(report, out)
     return report
@@ -243,3 +252,13 @@ def print_report(report: dict) -> None:
                       f"{stalled['capacity_mb']:.0f} MB request budget (RSS {stalled['rss_idle_mb']:.0f} → peak {stalled['rss_peak_mb']:.0f} MB, "
                       f"budget {stalled['memory_budget_mb']:.0f} MB); meanwhile a benign generate got {benign} "
                       f"(p50 {stalled['benign_p50_ms']:.1f} ms); budget whole again after {stalled['budget_whole_after_s']:.1f} s")
+    if hogs := report.get("connection_hogs"):
+        table = Table(title=f"connection hogs: {hogs['sockets']} silent sockets against a cap of {hogs['max_connections']}, a benign generate every 50 ms")
+        for column in ("hog's address", "benign served", "benign statuses", "p50 ms", "p99 ms", "hog connects/s", "RSS peak MB"):
+            table.add_column(column, justify="right" if column != "hog's address" else "left")
+        for phase, row in hogs["phases"].items():
+            benign = row["benign"]
+            statuses = " ".join(f"{s}:{n}" for s, n in sorted(benign["statuses"].items()))
+            table.add_row(phase.replace("_", " "), f"{100 * benign['served']:.0f} %", statuses, f"{benign['p50_ms']:.1f}", f"{benign['p99_ms']:.1f}",
+                          f"{row['hog_connects_per_s']:.0f}", f"{row['rss_peak_mb']:.0f}")
+        console.print(table)

@@ -65,7 +65,7 @@ def test_the_soak_reports_statuses_latency_and_memory_of_the_shipped_models(tmp_
     from tests.service.test_hostile import SHIPPED
 
     report = run_soak(SHIPPED, concurrency=6, duration_s=6, isolation_s=2, warmup_s=1, out=tmp_path / "soak.json",
-                      stalled_readers=3, stalled_send_timeout_s=2)
+                      stalled_readers=3, stalled_send_timeout_s=2, connection_hogs=256, hog_seconds=2, hog_max_connections=128)
     assert report["process_alive"] and report["errors"] == 0
     stalled = report["stalled_readers"]  # three ~5 MB answers, unread: held in the budget until their clients are dropped
     assert stalled["statuses"] == {"200": 3} and stalled["held_mb"] > 3 * 4 and stalled["released"] and stalled["process_alive"]
@@ -73,6 +73,10 @@ def test_the_soak_reports_statuses_latency_and_memory_of_the_shipped_models(tmp_
     assert hostile and all(status.startswith("4") for status in hostile)
     assert report["operations"]["dcgan generate"]["statuses"].get("200", 0) > 0
     assert report["isolation"]["p99_ratio"] > 0 and report["rss_end_mb"] > 100
+    hogs = report["connection_hogs"]  # twice the cap in silent sockets: the benign client is served wherever the hog sits
+    assert hogs["process_alive"] and set(hogs["phases"]) == {"same_address", "other_address"}
+    for phase in hogs["phases"].values():
+        assert phase["benign"]["served"] >= 0.9 and phase["hog_connects_per_s"] > 256 / 2, phase
 
 
 def test_the_naive_baseline_answers_the_servers_pixels_and_both_report_cpu_per_request(server, repository):
