@@ -87,21 +87,39 @@ UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4:
 SIDES_SWAPPED = {5, 6, 7, 8}
 
 
+class UploadError(ValueError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 # A progressive JPEG's decoder walks every block of the image once per scan, and nothing bounds
 # the scans: a 303 KB file of 10,000 empty 4096² scans took 13.4 s of a core, which no deadline
 # stops (a decode cannot be cancelled) — its two of them held the whole decode pool. Encoders write
 # 1 scan (baseline), 3 (one per component) or about 10 (libjpeg's progressive script).
 MAX_JPEG_SCANS = 100
+# Pillow walks a PNG's chunks and a JPEG's marker segments in Python, a few microseconds each, and
+# keeps every JPEG segment it meets before the scan: an 8 MB upload of a 32x32 image made of 2 M empty
+# APP1 segments (or 650 k empty PNG chunks) cost 4.2–5.0 s to open and as much again to decode, with
+# 260 MB held, none of it in the pixels' cost (a hostile probe). Encoders write a few dozen, plus one
+# IDAT chunk (or ICC/XMP segment) per 8–64 KB of data: past SEGMENTS_BASE + one per KiB of upload,
+# the file is not opened (8 MB then walks at most ~9,200 of them: milliseconds).
+SEGMENTS_BASE = 1024
 NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")  # in entropy-coded data 0xFF is followed by 0x00 (stuffing) or RSTn
 NO_LENGTH_MARKERS = {0x01, 0xD8, *range(0xD0, 0xD8)}  # TEM, SOI, RSTn: markers without a length field
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def jpeg_scans(data: bytes, limit: int) -> int:
-    """How many scans (SOS segments) a JPEG holds, counted up to `limit` + 1 from its marker
-    structure without decoding: each marker segment is skipped by its length, and a scan's
-    entropy-coded data up to the next marker (so a thumbnail inside EXIF is not counted)."""
-    position, scans, size = 2, 0, len(data)
-    while position + 4 <= size and scans <= limit:
+def segment_limit(data: bytes) -> int:
+    return SEGMENTS_BASE + len(data) // 1024
+
+
+def jpeg_structure(data: bytes, max_scans: int, max_segments: int) -> tuple[int, int]:
+    """(marker segments, scans) a JPEG holds, counted without decoding until either passes its
+    limit: each marker segment is skipped by its length, and a scan's entropy-coded data up to the
+    next marker (so a thumbnail inside EXIF is not counted)."""
+    position, segments, scans, size = 2, 0, 0, len(data)
+    while position + 4 <= size and scans <= max_scans and segments <= max_segments:
         if data[position] != 0xFF:  # not a marker where one must be: libjpeg skips to the next one, and so does the count
             following = NEXT_MARKER.search(data, position)
             if following is None:
@@ -113,6 +131,7 @@ def jpeg_scans(data: bytes, limit: int) -> int:
             continue
         if marker == 0xD9:  # end of image
             break
+        segments += 1
         if marker in NO_LENGTH_MARKERS:
             position += 2
             continue
@@ -123,18 +142,42 @@ def jpeg_scans(data: bytes, limit: int) -> int:
             if following is None:
                 break
             position = following.start()
-    return scans
+    return segments, scans
 
 
-class UploadError(ValueError):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+def png_chunks(data: bytes, limit: int) -> int:
+    """How many chunks a PNG holds, counted up to `limit` + 1 by their length fields."""
+    position, chunks, size = len(PNG_SIGNATURE), 0, len(data)
+    while position + 8 <= size and chunks <= limit:
+        chunks += 1
+        if data[position + 4:position + 8] == b"IEND":
+            break
+        position += 12 + int.from_bytes(data[position:position + 4], "big")
+    return chunks
+
+
+def check_structure(data: bytes) -> None:
+    """422 for an upload whose opening or decoding would cost far more than its pixels say,
+    checked before Pillow reads it: a JPEG past MAX_JPEG_SCANS scans, or a JPEG or PNG of more
+    segments (chunks) than `segment_limit` allows for its size."""
+    limit = segment_limit(data)
+    if data[:3] == b"\xff\xd8\xff":
+        segments, scans = jpeg_structure(data, MAX_JPEG_SCANS, limit)
+        if scans > MAX_JPEG_SCANS:
+            raise UploadError(422, f"the JPEG has more than {MAX_JPEG_SCANS} scans (encoders write 1 to about 10); each costs a pass "
+                                   "over the whole image, so it is not decoded")
+        if segments > limit:
+            raise UploadError(422, f"the JPEG has more than {limit} marker segments for its {len(data)} bytes (encoders write a few "
+                                   "dozen); each costs the parser a step, so it is not opened")
+    elif data.startswith(PNG_SIGNATURE) and png_chunks(data, limit) > limit:
+        raise UploadError(422, f"the PNG has more than {limit} chunks for its {len(data)} bytes (encoders write a few dozen, and an "
+                               "image's data in chunks of 8 KiB or more); each costs the parser a step, so it is not opened")
 
 
 def open_upload(data: bytes) -> Image.Image:
-    """PIL's lazy open: reads the header only. 413 for images past PIL's decompression-bomb
-    limit, 422 for anything that is not a PNG, JPEG or WebP."""
+    """PIL's lazy open: reads the header only, once `check_structure` has passed. 413 for images
+    past PIL's decompression-bomb limit, 422 for anything that is not a PNG, JPEG or WebP."""
+    check_structure(data)
     try:
         return Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
     except Image.DecompressionBombError as error:
@@ -169,16 +212,7 @@ def probe_upload(data: bytes) -> tuple[int, int]:
     width, height = picture.size
     if width < 1 or height < 1:
         raise UploadError(422, f"the image is {width}x{height} pixels")
-    check_decode_cost(picture, data)
     return (height, width) if orientation(picture) in SIDES_SWAPPED else (width, height)
-
-
-def check_decode_cost(picture: Image.Image, data: bytes) -> None:
-    """422 for an image whose decoding would cost far more than its pixels say (a JPEG past
-    MAX_JPEG_SCANS scans), checked before a pixel is decoded."""
-    if picture.format == "JPEG" and jpeg_scans(data, MAX_JPEG_SCANS) > MAX_JPEG_SCANS:
-        raise UploadError(422, f"the JPEG has more than {MAX_JPEG_SCANS} scans (encoders write 1 to about 10); each costs a pass "
-                               "over the whole image, so it is not decoded")
 
 
 def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
@@ -191,7 +225,6 @@ def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
     width, height = picture.size
     if width * height > max_pixels:
         raise UploadError(413, f"image of {width}x{height} pixels is over the limit of {max_pixels} pixels")
-    check_decode_cost(picture, data)
     try:
         picture.load()
     except Exception as error:

@@ -136,6 +136,34 @@ def test_a_jpeg_of_endless_scans_is_refused_before_it_is_decoded(server):
     assert npy(served).shape == (1, 40, 48, 3)
 
 
+def with_empty_segments(image: bytes, count: int) -> bytes:
+    """`image` (a JPEG or a PNG) with `count` empty APP1 segments after the start of image, or
+    empty private chunks after IHDR: still a valid file of the same pixels."""
+    import struct
+    import zlib
+
+    if image.startswith(b"\xff\xd8"):
+        return image[:2] + b"\xff\xe1\x00\x02" * count + image[2:]
+    chunk = struct.pack(">I", 0) + b"prVt" + struct.pack(">I", zlib.crc32(b"prVt"))
+    return image[:33] + chunk * count + image[33:]
+
+
+def test_an_upload_of_endless_empty_segments_is_refused_before_it_is_opened(server):
+    """Pillow walks a JPEG's marker segments and a PNG's chunks in Python: 8 MB of empty ones
+    around a 32x32 image cost 4-5 s of a core to open and as much to decode, with 260 MB held and
+    none of it in the request's cost (a hostile probe). Past 1,024 plus one per KiB of upload the
+    file is not opened; a file with a few hundred (ICC, XMP, many IDAT chunks) is served."""
+    picture = photo(32, 32)
+    with server.client() as client:
+        for fmt, media in (("JPEG", "image/jpeg"), ("PNG", "image/png")):
+            flood = with_empty_segments(encoded(picture, fmt), 300_000)  # ~1.2-3.6 MB
+            refused = post_image(client, "/v1/models/edges/translate", flood, media)
+            assert refused.status_code == 422, refused.text
+            assert "segments" in refused.json()["error"]["message"] or "chunks" in refused.json()["error"]["message"]
+            served = post_image(client, "/v1/models/edges/translate", with_empty_segments(encoded(picture, fmt), 300), media, format="npy")
+            assert npy(served).shape == (1, 32, 32, 3)
+
+
 def test_upscale_multiplies_the_size_by_the_scale_for_every_upload_form(server):
     image = photo(100, 150)  # 2 x 2 tiles of 96 px at 16 px overlap
     with server.client() as client:
