@@ -10,11 +10,13 @@ it starts, since jobs run one at a time. A job that could never fit is refused w
 finds the budget taken by requests waits, queued and saying so, for as long as its time limit."""
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -70,18 +72,36 @@ class JobStore:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="jobs")
         self.lock = threading.RLock()  # state changes: the loop cancels while the job thread starts or ends a job
         self.stopping = False
+        self.claims = 0  # slots held by requests still reading and decoding their job's upload (`claim`)
 
     def active(self) -> int:
+        """Jobs queued or running, and the slots claimed for jobs about to be submitted."""
         with self.lock:
-            return sum(job.state in ("queued", "running") for job in self.jobs.values())
+            return sum(job.state in ("queued", "running") for job in self.jobs.values()) + self.claims
 
-    def check_room(self) -> None:
-        """503 while stopping, 429 while `max_active` jobs are queued or running: asked before a
-        job's upload is decoded (a refused 4000² PNG once cost its decode first), and again at submit."""
+    def check_room(self, own_claims: int = 0) -> None:
+        """503 while stopping, 429 while `max_active` jobs are queued, running or claimed (not
+        counting the caller's own claims)."""
         if self.stopping:
             raise ApiError(503, "the server is shutting down", headers={"Retry-After": "1"})
-        if self.active() >= self.max_active:
+        if self.active() - own_claims >= self.max_active:
             raise ApiError(429, f"{self.max_active} jobs are already queued or running; retry later", headers={"Retry-After": "5"})
+
+    @contextlib.contextmanager
+    def claim(self) -> Iterator[None]:
+        """A job slot held from before its upload is read and decoded until the job is submitted
+        (`submit(..., claimed=True)`) or the request fails: the room was once only checked first,
+        so every request of a burst passed the check and decoded its upload before the 429 at
+        submit (a hostile probe: 30 at once, 11 refused after decoding a 16 MP image each, the
+        decode pool held for 36 s). A refused 4000² PNG once cost its decode, before any check."""
+        self.check_room()
+        with self.lock:
+            self.claims += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.claims -= 1
 
     def check_fits(self, working_bytes: int, held_bytes: int = 0) -> None:
         """413 for a job whose memory could never fit the budget, however long it waited."""
@@ -91,11 +111,12 @@ class JobStore:
                                 f"is {self.memory.capacity / 2**20:.0f} MiB", code="too_expensive")
 
     def submit(self, kind: str, model: str, total_steps: int, work: Callable[[Job, Callable[[int], bool]], dict],
-               working_bytes: int = 0, held_bytes: int = 0) -> Job:
+               working_bytes: int = 0, held_bytes: int = 0, claimed: bool = False) -> Job:
         """Queues `work(job, tick)`; `tick(step)` records progress and returns False once the job
         should stop (its time limit, a cancel, shutdown). `held_bytes` are reserved now (503 when
-        the budget is taken), `working_bytes` when the job starts."""
-        self.check_room()
+        the budget is taken), `working_bytes` when the job starts. `claimed`: within the caller's
+        `claim`, whose slot the job takes."""
+        self.check_room(own_claims=1 if claimed else 0)
         self.check_fits(working_bytes, held_bytes)
         reserve_memory(self.memory, held_bytes)
         job = Job(uuid.uuid4().hex, kind, model, total_steps, held_bytes=held_bytes, working_bytes=working_bytes)

@@ -68,30 +68,31 @@ async def project_image(name: str, request: Request, steps: Annotated[Projection
     if steps > limit:
         raise ApiError(422, f"steps: at most {limit}")
     refuse_past_the_time_limit(model, steps, registry.settings.max_job_seconds)
-    registry.jobs.check_room()  # before the upload is decoded
-    working = await working_bytes(model)
-    registry.jobs.check_fits(working)
-    data = await read_upload(request)
-    width, height = await probe(registry, data)
-    reserve(request, width * height * DECODE_BYTES_PER_PIXEL)
-    entry = model.entry
-    resolution = entry.spec["resolution"]
-    target = torch.from_numpy(await prepare(registry, data, entry.spec["channels"], (resolution, resolution), fit="square"))
+    with registry.jobs.claim():  # a job slot, held from before the upload is read until the job is submitted
+        working = await working_bytes(model)
+        registry.jobs.check_fits(working)
+        data = await read_upload(request)
+        width, height = await probe(registry, data)
+        reserve(request, width * height * DECODE_BYTES_PER_PIXEL)
+        entry = model.entry
+        resolution = entry.spec["resolution"]
+        target = torch.from_numpy(await prepare(registry, data, entry.spec["channels"], (resolution, resolution), fit="square"))
 
-    def work(job, tick) -> dict:
-        networks = projection_networks(entry)
-        started = time.perf_counter()
-        result = project(networks.generator.synthesis, target, networks.generator.w_avg, entry.spec["num_ws"], steps=steps,
-                         features=networks.features, progress=lambda step, loss: tick(step))
-        record_step_time(model, result.steps, time.perf_counter() - started)
-        picture = to_uint8(result.image[None].numpy(), tuple(entry.spec["value_range"]))[0]
-        answer = {"ws": result.ws.tolist(), "psnr": result.psnr, "steps": result.steps,
-                  "reconstruction": {"format": "png", "data": base64.b64encode(encode(picture, "png")).decode()}}
-        if result.steps < steps:  # the time limit (a cancel or shutdown: the store says `cancelled`): what it reached is kept
-            answer["stopped"] = f"the time limit of {registry.settings.max_job_seconds:g} s, at step {result.steps} of {steps}"
-        return answer
+        def work(job, tick) -> dict:
+            networks = projection_networks(entry)
+            started = time.perf_counter()
+            result = project(networks.generator.synthesis, target, networks.generator.w_avg, entry.spec["num_ws"], steps=steps,
+                             features=networks.features, progress=lambda step, loss: tick(step))
+            record_step_time(model, result.steps, time.perf_counter() - started)
+            picture = to_uint8(result.image[None].numpy(), tuple(entry.spec["value_range"]))[0]
+            answer = {"ws": result.ws.tolist(), "psnr": result.psnr, "steps": result.steps,
+                      "reconstruction": {"format": "png", "data": base64.b64encode(encode(picture, "png")).decode()}}
+            if result.steps < steps:  # the time limit (a cancel or shutdown: the store says `cancelled`): what it reached is kept
+                answer["stopped"] = f"the time limit of {registry.settings.max_job_seconds:g} s, at step {result.steps} of {steps}"
+            return answer
 
-    job = registry.jobs.submit("project", name, steps, work, working_bytes=working, held_bytes=target.numel() * target.element_size())
+        job = registry.jobs.submit("project", name, steps, work, working_bytes=working, held_bytes=target.numel() * target.element_size(),
+                                   claimed=True)
     return JSONResponse({"job_id": job.id, "status_url": f"/v1/jobs/{job.id}", "state": job.state}, status_code=202)
 
 

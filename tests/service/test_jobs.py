@@ -109,3 +109,20 @@ def test_finished_results_are_kept_within_their_byte_bound_oldest_forgotten_firs
         assert list(store.jobs) == [big.id]
     finally:
         store.shutdown()
+
+
+def test_a_claimed_slot_counts_from_before_the_upload_is_read_until_its_job_is_submitted(store):
+    """Every request of a burst once passed the room check before any had submitted its job, and
+    decoded its upload (a 16 MP image each) before its 429 (a hostile probe: 30 at once, 11
+    refused after decoding). A slot is now claimed before the upload is read."""
+    with store.claim(), store.claim(), store.claim():
+        with store.claim():  # the fourth of max_active=4
+            with pytest.raises(ApiError) as refused, store.claim():
+                pass
+            assert refused.value.status == 429
+            job = store.submit("project", "m", 10, steps_until_stopped, claimed=True)  # takes its own claim's slot
+        assert store.active() == 4  # three claims and the job
+        with pytest.raises(ApiError):
+            store.submit("project", "m", 10, steps_until_stopped)  # unclaimed: no room
+    assert store.active() == 1  # claims given back however their block ended
+    store.cancel(job.id)
