@@ -165,6 +165,8 @@ CASES = [
      {"json": {"inputs": [z_tensor()]}, "headers": {"inference-header-content-length": "9" * 4301}}, 422),
     ("v2 4 MB of JSON values for a 64-value input (once parsed whole before any count check)", "POST", "/v2/models/dcgan-digits/infer",
      {"content": b'{"inputs": [{"name": "z", "shape": [1, 64], "datatype": "FP32", "data": [' + b"1.5," * 1_000_000 + b'1.5]}]}', "headers": JSON}, 413),
+    ("v2 800 KB of `0,` for a 64-value input: under the byte limit, 400 k values (once parsed whole, then 422)", "POST", "/v2/models/dcgan-digits/infer",
+     {"content": b'{"inputs": [{"name": "z", "shape": [1, 64], "datatype": "FP32", "data": [' + b"0," * 400_000 + b'0]}]}', "headers": JSON}, 413),
     ("v2 1.4 MB of JSON values to an image model (once parsed whole before any check: 422)", "POST", "/v2/models/cyclegan-thin2thick/infer",
      {"content": b'{"inputs": [{"name": "image", "shape": [1, 1, 64, 64], "datatype": "FP32", "data": [' + b"0.5," * 359_999 + b'0.5]}]}', "headers": JSON}, 413),
     ("v2 binary_data_output as the string 'false' (once truthy: a binary answer)", "POST", "/v2/models/dcgan-digits/infer",
