@@ -9,7 +9,7 @@ grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/ex
 pin() { .venv/bin/python -c "import importlib.metadata as m; print('$1==' + m.version('$1'))"; }
 packages=()
 for name in fastapi starlette uvicorn pydantic pydantic_core pydantic-settings python-dotenv annotated-types typing-inspection \
-            python-multipart spandrel httptools websockets typing_extensions; do
+            python-multipart spandrel httptools websockets typing_extensions orjson; do
     packages+=("$(pin "$name")")
 done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

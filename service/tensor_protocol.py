@@ -14,6 +14,7 @@ import math
 from typing import Annotated, Literal
 
 import numpy as np
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 
 from service.digits import ascii_count
@@ -152,25 +153,12 @@ def to_model_dtype(name: str, wire: str, array: np.ndarray, model_dtype: str) ->
     return converted
 
 
-JSON_CHUNK_VALUES = 16384  # values written per json.dumps call (a few ms): each call holds the GIL
-
-
-def json_values(array: np.ndarray) -> str:
-    """A flat JSON list of the array's values, written a chunk at a time: written whole, the 4 M
-    values of one answer were a single C call of ~0.7 s holding the GIL, which stopped the event
-    loop and every other request for as long (a hostile probe: a benign request's p99 709 ms);
-    between chunks the loop gets its turn."""
-    flat = array.ravel()
-    return "[" + ", ".join(json.dumps(flat[at:at + JSON_CHUNK_VALUES].tolist())[1:-1] for at in range(0, flat.size, JSON_CHUNK_VALUES)) + "]"
-
-
-def with_raw_field(encoded: str, key: str, raw: str) -> str:
-    """A JSON object's text with one more field whose value is already JSON text."""
-    return f"{encoded[:-1]}{', ' if encoded != '{}' else ''}{json.dumps(key)}: {raw}}}"
-
-
 def encode_response(name: str, version: int, body: InferRequest, outputs: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str], str]:
-    """(content, headers, media type): JSON only, or a JSON header followed by the binary outputs."""
+    """(content, headers, media type): JSON only, or a JSON header followed by the binary outputs.
+    The JSON is written by orjson from the arrays themselves: `json.dumps(array.tolist())` took
+    0.67 s for the 786 k values of a 256-row StyleGAN answer, one C call that held the GIL and
+    stopped the event loop for as long (a hostile probe: a benign request's p99 709 ms); orjson
+    takes 0.03 s and writes each float32 in its shortest form (half the bytes, the same values)."""
     described, binary = [], []
     for output, array in outputs.items():
         array = np.ascontiguousarray(array, dtype="<f4")
@@ -178,13 +166,13 @@ def encode_response(name: str, version: int, body: InferRequest, outputs: dict[s
         if body.wants_binary(output):
             tensor["parameters"] = {"binary_data_size": array.nbytes}
             binary.append(array.tobytes())
-            described.append(json.dumps(tensor))
         else:
             if not np.isfinite(array).all():
                 raise ApiError(422, f"output {output!r} holds NaN or infinity for these inputs, which JSON cannot carry: ask for it as binary data")
-            described.append(with_raw_field(json.dumps(tensor), "data", json_values(array)))
-    meta = json.dumps({"model_name": name, "model_version": str(version), **({"id": body.id} if body.id is not None else {})})
-    header = with_raw_field(meta, "outputs", "[" + ", ".join(described) + "]").encode()
+            tensor["data"] = array.ravel()
+        described.append(tensor)
+    header = orjson.dumps({"model_name": name, "model_version": str(version), **({"id": body.id} if body.id is not None else {}),
+                           "outputs": described}, option=orjson.OPT_SERIALIZE_NUMPY)
     if not binary:
         return header, {}, "application/json"
     return b"".join([header, *binary]), {"Inference-Header-Content-Length": str(len(header))}, "application/octet-stream"
