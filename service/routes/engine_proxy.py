@@ -17,6 +17,7 @@ from fastapi import APIRouter, Request, Response
 from service.errors import ApiError
 from service.front import FrontRegistry, engine_silent_error
 from service.pipeline import registry_of
+from service.routes.repository import require_same_site
 
 router = APIRouter(include_in_schema=False)
 PASSED_HEADERS = ("content-type", "accept", "retry-after", "location")
@@ -74,5 +75,7 @@ async def engine_route(request: Request) -> Response:
 @router.post("/v2/repository/models/{name}/load")
 @router.post("/v2/repository/models/{name}/unload")
 async def engine_model_control(request: Request) -> Response:
-    """Loading a large model takes as long as it takes (the engine answers once it is ready or failed)."""
+    """Loading a large model takes as long as it takes (the engine answers once it is ready or failed).
+    The site check is the front's: the engine sees neither the browser's Origin nor its Host."""
+    require_same_site(request)
     return await forward(request, None)

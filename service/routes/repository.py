@@ -3,8 +3,11 @@
 model. `load` re-reads the model's versions from disk and loads them beside the served ones;
 traffic moves to them when they are warm, and the replaced ones finish their accepted work first.
 Load and unload change what the server serves, so they answer 403 unless `GANSERVE_MODEL_CONTROL`
-is on (Triton's default model-control mode refuses them too)."""
+is on (Triton's default model-control mode refuses them too), and 403 to a request a browser sent
+from another site's page."""
 from __future__ import annotations
+
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Request
 
@@ -19,9 +22,20 @@ async def repository_index(request: Request) -> list[dict]:
     return await registry_of(request).index()
 
 
+def require_same_site(request: Request) -> None:
+    """403 for a request whose `Origin` (which browsers send with every cross-site POST, and
+    clients such as tritonclient do not) names another host than the one it was sent to: a page
+    on any site could otherwise post a form to `unload` (no preflight asks first)."""
+    origin = request.headers.get("origin")
+    if origin is not None and urlsplit(origin).netloc.lower() != request.headers.get("host", "").lower():
+        raise ApiError(403, f"model control does not take requests a browser sends from another site (Origin {origin[:100]!r}); "
+                            "send them from a client or a page of this server")
+
+
 def require_model_control(request: Request) -> None:
     if not registry_of(request).settings.model_control:
         raise ApiError(403, "model control is off: start the server with GANSERVE_MODEL_CONTROL=true to load and unload models over HTTP")
+    require_same_site(request)
 
 
 @router.post("/models/{name}/load", responses=error_responses(403, 404, 422, protocol=True))

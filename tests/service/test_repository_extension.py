@@ -270,6 +270,12 @@ def test_a_version_retired_by_a_reload_takes_its_metric_series_with_it(own_repos
         assert series("1") == 0 and series("2") > 20
         assert client.post("/v2/repository/models/digits/load").status_code == 200  # a reload of the served version keeps its series
         assert series("2") > 20
+        # (and in both modes, model control refuses what a browser posts from another site's page)
+        cross_site = client.post("/v2/repository/models/digits/unload", headers={"Origin": "http://elsewhere.example"})
+        assert cross_site.status_code == 403 and "another site" in cross_site.json()["error"]
+        assert client.get("/v2/models/digits/ready").status_code == 200
+        same_site = client.post("/v2/repository/models/digits/load", headers={"Origin": server.url})
+        assert same_site.status_code == 200, same_site.text
 
 
 def test_version_policies_choose_what_is_served(own_repository):
