@@ -8,6 +8,9 @@
   items are dropped) and the request counts as 499. Our HTTP protocol reports the hang-up itself
   (service/http_protocol.py); under another server a task per request waits on `receive()`;
 - HEAD is answered as GET, without the body;
+- a `Range` header the file routes cannot use (another unit than bytes, a range that ends before
+  it starts, no range at all) is dropped, as RFC 9110 lets a server ignore it: Starlette answered
+  it with a plain-text 400, the one error of the API that was not JSON (a hostile probe);
 - a model operation's answer gets a `Server-Timing` header (queue, compute, encode, total);
 - every model operation is timed and counted in `ganserve_requests_total` with its final
   status, whether a route answered it, validation refused it or the client left;
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +35,25 @@ from service.http_protocol import DISCONNECT_EXTENSION, FLUSHED_EXTENSION, STOPP
 from service.memory import MemoryBudget, OverBudget
 
 STATE_KEY = "ganserve"  # scope["state"][STATE_KEY] holds the request's RequestContext
+BYTE_RANGE = re.compile(r"\s*(\d{0,19})\s*-\s*(\d{0,19})\s*")  # (a longer number is no file's offset, and int() refuses past 4,300 digits)
+
+
+def usable_range(value: bytes) -> bool:
+    """Whether a Range header is `bytes=` ranges each of which has a start or a suffix length,
+    and ends no earlier than it starts."""
+    unit, equals, ranges = value.decode("latin-1").partition("=")
+    if not equals or unit.strip().lower() != "bytes":
+        return False
+    parts = [BYTE_RANGE.fullmatch(part) for part in ranges.split(",") if part.strip()]
+    return bool(parts) and all(part is not None and (part[1] or part[2]) and (not part[1] or not part[2] or int(part[1]) <= int(part[2]))
+                               for part in parts)
+
+
+def without_unusable_range(scope: Scope) -> Scope:
+    headers = scope["headers"]
+    if not any(name == b"range" for name, _ in headers) or all(usable_range(value) for name, value in headers if name == b"range"):
+        return scope
+    return {**scope, "headers": [(name, value) for name, value in headers if name != b"range"]}
 
 
 @dataclass
@@ -107,6 +130,8 @@ class RequestIntake:
             # HTTP server, which reads the method from its own scope: load balancers' health checks
             # and link checkers send HEAD, and FastAPI's routes answered it 405 (only mounts took it)
             scope = {**scope, "method": "GET"}
+        if scope["method"] == "GET":
+            scope = without_unusable_range(scope)
         context = RequestContext(time.monotonic())
         scope.setdefault("state", {})[STATE_KEY] = context
         registry = getattr(scope["app"].state, "registry", None)

@@ -124,3 +124,17 @@ def test_an_answer_its_client_does_not_read_stays_in_the_memory_budget_until_the
                                                                                "data": x.ravel().tolist()}]})
             assert response.status_code == 200, response.text
         assert reserved() <= idle
+
+
+def test_a_range_header_the_server_cannot_use_is_ignored_and_a_usable_one_is_served(server):
+    """Starlette answered a malformed Range (`bytes=5-1`, `chars=0-5`) with a plain-text 400, the
+    one error of the API that was not JSON (a hostile probe); RFC 9110 lets a server ignore a Range
+    it cannot use, and the intake drops it: the whole file, 200."""
+    with server.client() as client:
+        whole = client.get("/static/playground.css")
+        assert whole.status_code == 200 and len(whole.content) > 10
+        for unusable in ("bytes=5-1", "chars=0-5", "bytes=", "bytes=a-b", "bytes=1-" + "9" * 5000):
+            answer = client.get("/static/playground.css", headers={"Range": unusable})
+            assert answer.status_code == 200 and answer.content == whole.content, (unusable, answer.status_code, answer.text[:80])
+        part = client.get("/static/playground.css", headers={"Range": "bytes=0-9"})
+        assert part.status_code == 206 and part.content == whole.content[:10]
