@@ -8,10 +8,10 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, Response
 
 from service.errors import ApiError, error_responses
-from service.pipeline import registry_of
+from service.pipeline import KnownQueryRoute, registry_of
 from service.schemas import VersionText
 
-router = APIRouter(prefix="/v1", tags=["v1"])
+router = APIRouter(prefix="/v1", tags=["v1"], route_class=KnownQueryRoute)  # (422 for a query parameter it does not take, as every v1 route)
 
 
 @router.get("/models/{name}/samples.png", response_class=Response,

@@ -115,6 +115,8 @@ def test_a_models_sample_grid_is_served_and_404s_without_one(server):
         answer = client.get("/v1/models/digits/samples.png")
         missing = client.get("/v1/models/nope/samples.png")
         other_version = client.get("/v1/models/digits/samples.png", params={"version": 9})
+        unknown = client.get("/v1/models/digits/samples.png", params={"size": 9})  # 422 as on every v1 route (it was a 200)
+    assert unknown.status_code == 422 and "unknown query parameter 'size'" in unknown.json()["error"]["message"]
     assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
     Image.open(io.BytesIO(answer.content)).verify()
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
