@@ -46,7 +46,9 @@ async def while_the_engine_answers(registry: FrontRegistry, answer: Awaitable[ht
 async def forward(request: Request, timeout_s: float | None) -> Response:
     registry = registry_of(request)
     client: httpx.AsyncClient = request.app.state.engine_http
-    headers = {k: v for k, v in request.headers.items() if k.lower() in PASSED_HEADERS}
+    # the client's bytes as they came: decoded to text, a non-ASCII byte (`Accept: caf\xe9`) made httpx
+    # refuse to encode the header, a 500 and two tracebacks per request (one process answers them as usual)
+    headers = [(k, v) for k, v in request.headers.raw if k.decode("latin-1").lower() in PASSED_HEADERS]
     # the path and query as the client sent them, still percent-encoded: decoded, a %00 or %7F in a
     # job id made httpx refuse the URL (a 500 where one process answers 404), a %3F cut the name short
     # and a %2E%2E was normalised into another route

@@ -163,6 +163,10 @@ def test_a_path_forwarded_to_the_engine_is_answered_as_one_process_answers_it(wo
             ours, alone = front.request(method, path), single.request(method, path)
             assert ours.status_code == alone.status_code and ours.status_code < 500, (path, ours.text, alone.text)
         assert front.get("/v1/jobs/none").status_code == 404
+        # a non-ASCII byte in a passed header was a 500 and two tracebacks per request (a probe)
+        for headers in ({"accept": b"caf\xe9"}, {"content-type": b"image/png; x=\xe9"}):
+            ours, alone = front.get("/v1/jobs/none", headers=headers), single.get("/v1/jobs/none", headers=headers)
+            assert ours.status_code == alone.status_code == 404, (headers, ours.text)
 
 
 def test_tensor_protocol_inference_through_a_front_equals_the_single_process_server(workers, server):
