@@ -182,7 +182,7 @@ def run_soak(repository: Path, concurrency: int, duration_s: float, isolation_s:
     if stalled_readers:
         from bench.stalled import run_stalled_readers
 
-        console.print(f"stalled readers: {stalled_readers} clients ask for ~5 MB answers and never read them "
+        console.print(f"stalled readers: {stalled_readers} clients ask for ~9 MB answers and never read them "
                       f"({stalled_budget / 2**20:.0f} MiB budget, {stalled_send_timeout_s:g} s send timeout)")
         report["stalled_readers"] = run_stalled_readers(repository, stalled_readers, stalled_budget, stalled_send_timeout_s)
     if connection_hogs:

@@ -1,7 +1,7 @@
 """`ganserve bench-soak --stalled-readers N`: clients that ask for big answers and never read them.
 
-Each of N raw sockets (a 4 KiB receive window), one after another, posts a v2 infer to the DCGAN
-asking for 256 images as JSON (~5 MB of text) and reads only its status line. Meanwhile a benign client
+Each of N raw sockets (a 4 KiB receive window), one after another, posts a v2 infer to the StyleGAN
+asking for 256 images as JSON (~8.7 MB of text) and reads only its status line. Meanwhile a benign client
 generates single images. The figures: how the N were answered (200, or 503 once the memory budget
 is taken), the bytes the server held for them (`ganserve_memory_reserved_bytes`) against its
 budget and its RSS, the benign client's statuses and latency, and how long until the server
@@ -25,7 +25,9 @@ from bench.load import scrape
 from bench.server import launched_server
 from bench.soak import rss_bytes
 
-ROWS = 256  # the most a request may ask for: a ~5 MB JSON answer from the 32x32 DCGAN
+ROWS = 256  # the most a request may ask for: an ~8.7 MB JSON answer from the 32x32 RGB StyleGAN (more than the
+# kernel's socket buffers take; the DCGAN's 2.6 MB once answers were written by orjson fitted in them, and nothing was held)
+MODEL = "stylegan-shapes"
 
 
 def stalled_request(url: str, model: str, inputs: dict[str, np.ndarray]) -> socket.socket:
@@ -59,15 +61,15 @@ def reserved_bytes(url: str) -> float:
 def run_stalled_readers(repository: Path, readers: int, memory_budget: int, send_timeout_s: float, code: Path | None = None) -> dict:
     """The figures above, from a server of the repository's DCGAN alone under `memory_budget`
     (`code`: another checkout's server, as `ganserve bench --baseline-code` takes it)."""
-    with launched_server(repository, code=code, log_level="warning", models=["dcgan-digits"], memory_budget=memory_budget,
+    with launched_server(repository, code=code, log_level="warning", models=["dcgan-digits", MODEL], memory_budget=memory_budget,
                          send_timeout_s=send_timeout_s) as (process, url):
         rss_idle = rss_peak = rss_bytes(process.pid)
         capacity = scrape(url).get("ganserve_memory_budget_bytes", 0.0)
-        latents = np.random.default_rng(0).standard_normal((ROWS, 64)).astype(np.float32)
+        ws = np.random.default_rng(0).standard_normal((ROWS, 8, 64)).astype(np.float32)
         started = time.monotonic()
         sockets, statuses = [], {}
         for _ in range(readers):  # one after another, each answered before the next asks (a burst at once meets the compute-time reservations instead)
-            sockets.append(stalled_request(url, "dcgan-digits", {"z": latents}))
+            sockets.append(stalled_request(url, MODEL, {"ws": ws}))
             status = status_of(sockets[-1], timeout_s=60)
             statuses[status] = statuses.get(status, 0) + 1
             rss_peak = max(rss_peak, rss_bytes(process.pid))
