@@ -60,7 +60,7 @@ def bench_soak_command(
     isolation: float = typer.Option(20.0, min=2.0, help="seconds of each isolation scenario"),
     warmup: float = typer.Option(60.0, min=0.0, help="RSS growth is measured from this second of the soak"),
     stalled_readers: int = typer.Option(200, min=0, help="clients that ask for ~9 MB answers and never read them (0: skip)"),
-    stalled_budget_mb: int = typer.Option(1024, min=64, help="GANSERVE_MEMORY_BUDGET of the stalled readers' server, MiB"),
+    stalled_budget_mb: int = typer.Option(2048, min=64, help="GANSERVE_MEMORY_BUDGET of the stalled readers' server, MiB (it holds the StyleGAN: ~1.07 GB resident)"),
     stalled_send_timeout: float = typer.Option(30.0, min=0.5, help="GANSERVE_SEND_TIMEOUT_S of the stalled readers' server"),
     connection_hogs: int = typer.Option(1200, min=0, help="silent sockets one client holds, re-opened as closed, beside a benign client (0: skip)"),
     hog_seconds: float = typer.Option(15.0, min=2.0, help="seconds of each connection-hog phase (the hog on the benign client's address, then on another)"),

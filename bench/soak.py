@@ -176,7 +176,7 @@ def run_isolation(url: str, duration_s: float) -> dict:
 
 
 def run_soak(repository: Path, concurrency: int, duration_s: float, isolation_s: float, warmup_s: float, out: Path | None,
-             stalled_readers: int = 0, stalled_budget: int = 2**30, stalled_send_timeout_s: float = 30.0,
+             stalled_readers: int = 0, stalled_budget: int = 2 * 2**30, stalled_send_timeout_s: float = 30.0,
              connection_hogs: int = 0, hog_seconds: float = 15.0, hog_max_connections: int = 512) -> dict:
     report = soak_report(repository, concurrency, duration_s, isolation_s, warmup_s)
     if stalled_readers:
