@@ -3,6 +3,7 @@ REST API, `{"error": "message"}` on the tensor protocol's `/v2` routes (the shap
 from __future__ import annotations
 
 import logging
+import sys
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -69,6 +70,15 @@ def describe_validation(error: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def parse_failure(cause: BaseException | None) -> str:
+    """Why FastAPI could not parse a body, where the client can act on it. Python's JSON parser
+    refuses an integer past sys.get_int_max_str_digits() (4,300) digits with a ValueError that
+    FastAPI answered as a bare "There was an error parsing the body"."""
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return f" (a number in it has more than {sys.get_int_max_str_digits()} digits)"
+    return ""
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
@@ -81,7 +91,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         if error.status_code == 400:  # FastAPI's "error parsing the body": an invalid body, like malformed JSON
-            return error_response(request, 422, f"the body could not be parsed: {error.detail}")
+            return error_response(request, 422, f"the body could not be parsed: {error.detail}{parse_failure(error.__cause__)}")
         return error_response(request, error.status_code, str(error.detail), headers=getattr(error, "headers", None))
 
     @app.exception_handler(Exception)

@@ -18,7 +18,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 
 from service.digits import ascii_count
-from service.errors import ApiError
+from service.errors import ApiError, parse_failure
 from service.schemas import MAX_INPUT_MAGNITUDE
 
 # wire datatype → numpy; which wire datatypes each model input dtype accepts (converted on arrival)
@@ -92,7 +92,7 @@ def parse_request(raw: bytes, header_length: str | None) -> tuple[InferRequest, 
         first = error.errors()[0]
         raise ApiError(422, f"{'.'.join(map(str, first['loc']))}: {first['msg']}")
     except (ValueError, RecursionError) as error:  # JSONDecodeError, int digits limit, nesting
-        raise ApiError(422, f"the inference header is not valid JSON ({type(error).__name__})")
+        raise ApiError(422, f"the inference header is not valid JSON ({type(error).__name__}){parse_failure(error)}")
     arrays, offset = {}, 0
     for tensor in body.inputs:
         if tensor.datatype not in WIRE_TYPES:

@@ -69,7 +69,10 @@ def test_body_over_the_limit_is_413(server):
 def test_malformed_json_is_422(server):
     with server.client() as client:
         response = client.post("/v1/models/digits/generate", content=b"{not json", headers={"content-type": "application/json"})
+        too_long = client.post("/v1/models/digits/generate", content=b'{"seed": ' + b"7" * 5000 + b"}", headers={"content-type": "application/json"})
     assert response.status_code == 422
+    # Python's JSON parser refuses integers past 4,300 digits: the answer said only that the body could not be parsed
+    assert too_long.status_code == 422 and "more than 4300 digits" in too_long.json()["error"]["message"], too_long.text
 
 
 @pytest.mark.parametrize("path", ["/health/live", "/health/ready", "/v1/models", "/v1/models/digits", "/v2/health/ready",
