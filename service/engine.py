@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,7 @@ class FrontConnection:
         self.send = self.protocol.send
         self.waiting: asyncio.Task | None = None  # a front's start-up snapshot, sent once loading ends
         self.assembling: set[asyncio.Task] = set()  # upscales whose tiles are being assembled into their image
+        self.on_lost: Callable[[], None] = lambda: None
 
     def received(self, message: tuple) -> None:
         kind = message[0]
@@ -85,6 +87,7 @@ class FrontConnection:
             state.cancelled = True
         if self.waiting is not None:
             self.waiting.cancel()
+        self.on_lost()
 
     def submit(self, request_id: int, name: str, version: int, operation: str, graph: str,
                inputs: list[dict[str, np.ndarray]], deadline: float, grid: TileGrid | None) -> None:
@@ -144,16 +147,32 @@ class FrontConnection:
 
 
 class EngineLink:
-    """The Unix socket the fronts connect to."""
+    """The Unix socket the fronts connect to. A load or unload is told to every front at once
+    (a `models` message with a snapshot): the fronts but the one that forwarded it learnt of it
+    at their next snapshot, and answered 503 "unloaded" for up to SNAPSHOT_INTERVAL_S meanwhile."""
 
     def __init__(self, registry: ModelRegistry, path: Path) -> None:
         self.registry = registry
         self.path = path
         self.server: asyncio.base_events.Server | None = None
+        self.fronts: set[FrontConnection] = set()
+        registry.on_models_changed.append(self.tell_fronts)
+
+    def connected(self) -> asyncio.Protocol:
+        front = FrontConnection(self.registry)
+        self.fronts.add(front)
+        front.on_lost = lambda: self.fronts.discard(front)
+        return front.protocol
+
+    def tell_fronts(self) -> None:
+        if self.fronts:
+            snapshot = engine_snapshot(self.registry)
+            for front in self.fronts:
+                front.send(("models", snapshot))
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_unix_server(lambda: FrontConnection(self.registry).protocol, path=str(self.path))
+        self.server = await loop.create_unix_server(self.connected, path=str(self.path))
         os.chmod(self.path, 0o600)
         log.info("engine link listening on %s", self.path)
 

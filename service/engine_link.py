@@ -17,7 +17,8 @@ engine → front
                                                   an assembled upscale's uint8 image (index 0)
   ("fail", request_id, index, error)              one item failed (error: `encode_error`)
   ("refused", request_id, error)                  the whole request was refused at submit
-  ("snapshot", EngineSnapshot)
+  ("snapshot", EngineSnapshot)                    the answer to a front's ask, in order
+  ("models", EngineSnapshot)                      unasked, to every front: a load or unload happened
 
 Deadlines travel as `time.monotonic()` values: on Linux CLOCK_MONOTONIC is one clock for every
 process of the machine, so a deadline means the same instant on both ends.

@@ -7,7 +7,7 @@ metrics — but no runtime: `FrontRegistry.batcher` returns a `RemoteBatcher` wh
 exceptions), and sends the items over the engine link (service/engine_link.py). The mirrored
 models carry everything the routes read (entry, serving config, measured costs, limits, style
 latents, direction spreads, precision parity, the runtime's name and device), refreshed from the
-engine every `SNAPSHOT_INTERVAL_S` and at once after a repository call.
+engine every `SNAPSHOT_INTERVAL_S` and at once when a load or unload has changed them.
 
 Admission in a front compares a request's deadline with the larger of its own admitted backlog
 (exact) and the engine lane's backlog (every front's work, as of the last snapshot, plus what the
@@ -22,6 +22,7 @@ import functools
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +115,7 @@ class EngineClient:
         self.pending: dict[int, PendingRequest] = {}
         self.ids = itertools.count(1)
         self.snapshots: asyncio.Queue[EngineSnapshot] = asyncio.Queue()
+        self.on_models: Callable[[EngineSnapshot], None] = lambda snapshot: None
         self.connected = False
 
     async def connect(self) -> None:
@@ -153,6 +155,8 @@ class EngineClient:
                         future.set_exception(error)
         elif kind == "snapshot":
             self.snapshots.put_nowait(message[1])
+        elif kind == "models":  # a load or unload, told to every front as it happens (not an answer to an ask)
+            self.on_models(message[1])
 
     def lost(self) -> None:
         """The engine has gone: what it held is lost (503), and this front is no longer ready."""
@@ -262,6 +266,7 @@ class FrontRegistry(ModelRegistry):
     def __init__(self, settings: Settings, metrics: ServiceMetrics, link_path: Path, fronts: int) -> None:
         super().__init__(settings, metrics)
         self.client = EngineClient(link_path)
+        self.client.on_models = self.models_told
         self.fronts = fronts
         self.engine_ready = False
         self.mirrored = False  # a first snapshot has been applied: the models are known
@@ -318,6 +323,12 @@ class FrontRegistry(ModelRegistry):
         finally:
             self.asked.popleft()
         self.apply(snapshot)
+
+    def models_told(self, snapshot: EngineSnapshot) -> None:
+        """A load or unload in the engine, as it happened (before this front has mirrored the
+        models once, start-up's snapshots bring them)."""
+        if self.loaded:
+            self.apply(snapshot)
 
     def apply(self, snapshot: EngineSnapshot) -> None:
         """Mirrors the engine's models; a mirror stays the same object while its entry does, so

@@ -245,7 +245,9 @@ class RequestIntake:
     @staticmethod
     def account(scope: Scope, context: RequestContext, status: int, registry) -> None:
         operation = operation_of(scope)
-        if registry is None or operation is None:
+        # an engine's HTTP requests are what fronts forwarded (projections, model control), and each was
+        # counted by its front already: /metrics sums every process's series, so they counted twice
+        if registry is None or operation is None or registry.settings.role == "engine":
             return
         if context.labels is None:  # refused before the pipeline saw it (validation, unknown model, …)
             name = scope.get("path_params", {}).get("name", "")

@@ -10,6 +10,7 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -209,6 +210,8 @@ class ModelRegistry:
         # (under --workers the multiprocess files keep every series they were ever given)
         self.stream_slots: set[int] = set()
         self.repository_lock = asyncio.Lock()  # load/unload one model at a time
+        self.control_waiting = 0  # model-control requests waiting for it (bounded: service/routes/repository.py)
+        self.on_models_changed: list[Callable[[], None]] = []  # called once a load or unload has changed what is served
         self.encoder_table: EncoderTable = PILLOW_ONLY  # measured once the models are loaded
 
     def take_stream_slot(self) -> int | None:
@@ -328,6 +331,7 @@ class ModelRegistry:
             for version in set(served) - set(serving):  # versions no longer served: their series go too
                 self.metrics.forget_version(name, str(version))
             self.settle_memory()
+            self.models_changed()
             return fresh
 
     def budget_refusal(self, served: dict[int, LoadedModel], serving: dict[int, LoadedModel]) -> str | None:
@@ -376,6 +380,12 @@ class ModelRegistry:
             for model in self.versions(name).values():
                 await self.retire(model, "unloaded")
             self.settle_memory()
+            self.models_changed()
+
+    def models_changed(self) -> None:
+        """Tells whoever mirrors the served models (the engine's fronts) that they changed."""
+        for callback in self.on_models_changed:
+            callback()
 
     async def retire(self, model: LoadedModel, state: str) -> None:
         """Stops taking new work for `model`, finishes what it accepted, releases what it holds."""

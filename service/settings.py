@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     keep_alive_s: int = Field(5, ge=1)  # idle keep-alive connections close after this
     # the model repository
     model_control: bool = False  # allow POST /v2/repository/models/{name}/load|unload (off: anyone who reaches the port could unload models)
+    # host names (the Host header, no port) model control answers to besides IP addresses and localhost: a
+    # page on a name an attacker controls, re-pointed at this server (DNS rebinding), is same-site to itself
+    model_control_hosts: list[str] = []
     repository_poll_s: float = Field(0.0, ge=0)  # > 0: re-scan this often and (re)load models whose versions changed on disk
     version_policy: str = "all"  # which versions are served: all, latest:N or specific:V1,V2 (Triton's policies)
     version_policies: dict[str, str] = {}  # per model name, over version_policy

@@ -1,8 +1,11 @@
 """A front process's routes for what lives in the engine process alone (`serve --workers N`):
 projection jobs (they need the eager generator and keep their state in the engine's job store)
 and the model-repository extension (loading and unloading happen where the runtimes are). The
-front has already bounded the body (the intake); the engine answers over its own HTTP socket, and
-its answer, status and error body included, is passed on as it is. After a load or an unload the
+front has already bounded the body (the intake), and forwards one only to the route that reads
+it: a projection's upload, once the front has refused what one process refuses before a job slot
+is taken (the model, the steps, the upload's header and structure), so that a flood of bad uploads
+costs the fronts' CPU and not the engine's, whose loop forms every batch. The engine answers over
+its own HTTP socket, and its answer, status and error body included, is passed on as it is. After a load or an unload the
 front re-reads the engine's models before answering, so the next request sees the change. An
 engine that has stopped answering (ENGINE_SILENT_S) gets nothing forwarded: 503 at once, and a
 forwarded request still waiting when it falls silent is answered 503 then."""
@@ -10,14 +13,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
+from typing import Annotated
 
 import httpx
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from service.errors import ApiError
 from service.front import FrontRegistry, engine_silent_error
 from service.pipeline import registry_of
-from service.routes.repository import require_same_site
+from service.routes.jobs import projected_model
+from service.routes.repository import require_known_host, require_same_site
+from service.schemas import ProjectionSteps, VersionText
+from service.uploads import probe, read_upload
 
 router = APIRouter(include_in_schema=False)
 PASSED_HEADERS = ("content-type", "accept", "retry-after", "location")
@@ -43,7 +50,10 @@ async def while_the_engine_answers(registry: FrontRegistry, answer: Awaitable[ht
         waiting.cancel()  # (nothing when it finished)
 
 
-async def forward(request: Request, timeout_s: float | None) -> Response:
+async def forward(request: Request, timeout_s: float | None, body: bytes = b"") -> Response:
+    """The request as the client sent it (path, query, the PASSED_HEADERS), with `body`: none but
+    for the route that reads one (a body sent to a job poll or to model control, which ignore it,
+    was copied to the engine: +280 MB of its memory under a probe's flood, outside the budget)."""
     registry = registry_of(request)
     client: httpx.AsyncClient = request.app.state.engine_http
     # the client's bytes as they came: decoded to text, a non-ASCII byte (`Accept: caf\xe9`) made httpx
@@ -54,7 +64,6 @@ async def forward(request: Request, timeout_s: float | None) -> Response:
     # and a %2E%2E was normalised into another route
     target = httpx.URL(request.scope.get("raw_path", request.url.path.encode()).decode("latin-1"), query=request.scope.get("query_string", b""))
     try:
-        body = await request.body()
         answer = await while_the_engine_answers(registry, client.request(request.method, target, headers=headers, content=body, timeout=timeout_s))
     except httpx.InvalidURL:
         raise ApiError(404, "not found")
@@ -67,6 +76,18 @@ async def forward(request: Request, timeout_s: float | None) -> Response:
 
 
 @router.post("/v1/models/{name}/project")
+async def engine_projection(name: str, request: Request, steps: Annotated[ProjectionSteps, Query()] = 200,
+                            version: Annotated[VersionText | None, Query()] = None) -> Response:
+    """Refuses here what one process refuses before it takes a job slot, and checks the upload's
+    header and structure (a marker flood cost the engine 9.7 s of CPU in 15 s when it came
+    through unchecked); the engine checks again, takes the slot and decodes."""
+    registry = registry_of(request)
+    projected_model(request, name, steps, version)
+    body = await request.body()  # (kept by the request: read_upload's form parser reads it from there)
+    await probe(registry, await read_upload(request))
+    return await forward(request, registry.settings.request_timeout_s, body)
+
+
 @router.get("/v1/jobs/{job_id}")
 @router.delete("/v1/jobs/{job_id}")
 @router.post("/v2/repository/index")
@@ -78,6 +99,8 @@ async def engine_route(request: Request) -> Response:
 @router.post("/v2/repository/models/{name}/unload")
 async def engine_model_control(request: Request) -> Response:
     """Loading a large model takes as long as it takes (the engine answers once it is ready or failed).
-    The site check is the front's: the engine sees neither the browser's Origin nor its Host."""
-    require_same_site(request)
+    The host and site checks are the front's: the engine sees neither the browser's Origin nor its Host."""
+    if registry_of(request).settings.model_control:  # (off: the engine answers its 403)
+        require_known_host(request)
+        require_same_site(request)
     return await forward(request, None)

@@ -57,10 +57,10 @@ def record_step_time(model: LoadedModel, steps: int, seconds: float) -> None:
         model.projection_step_s = step_s if model.projection_step_s is None else min(model.projection_step_s, step_s)
 
 
-@router.post("/models/{name}/project", status_code=202, openapi_extra=IMAGE_BODY, responses=error_responses(404, 413, 415, 422, 429, 503))
-async def project_image(name: str, request: Request, steps: Annotated[ProjectionSteps, Query(description="optimisation steps: at most GANSERVE_MAX_PROJECTION_STEPS (1000 by default)")] = 200,
-                        version: Annotated[VersionText | None, Query()] = None) -> JSONResponse:
-    """Upload an image (raw PNG/JPEG/WebP body or a multipart `file`); returns a job to poll."""
+def projected_model(request: Request, name: str, steps: int, version: int | None) -> LoadedModel:
+    """The style model a projection request addresses, its steps checked (404, 422, 413): what is
+    refused before the upload is read. (A `--workers` front runs it too, before it checks the
+    upload and forwards the request to the engine: service/routes/engine_proxy.py.)"""
     registry = registry_of(request)
     model = begin(request, name, "project", version)
     require_style(model)
@@ -68,6 +68,15 @@ async def project_image(name: str, request: Request, steps: Annotated[Projection
     if steps > limit:
         raise ApiError(422, f"steps: at most {limit}")
     refuse_past_the_time_limit(model, steps, registry.settings.max_job_seconds)
+    return model
+
+
+@router.post("/models/{name}/project", status_code=202, openapi_extra=IMAGE_BODY, responses=error_responses(404, 413, 415, 422, 429, 503))
+async def project_image(name: str, request: Request, steps: Annotated[ProjectionSteps, Query(description="optimisation steps: at most GANSERVE_MAX_PROJECTION_STEPS (1000 by default)")] = 200,
+                        version: Annotated[VersionText | None, Query()] = None) -> JSONResponse:
+    """Upload an image (raw PNG/JPEG/WebP body or a multipart `file`); returns a job to poll."""
+    registry = registry_of(request)
+    model = projected_model(request, name, steps, version)
     with registry.jobs.claim():  # a job slot, held from before the upload is read until the job is submitted
         working = await working_bytes(model)
         registry.jobs.check_fits(working)

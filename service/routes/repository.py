@@ -7,6 +7,9 @@ is on (Triton's default model-control mode refuses them too), and 403 to a reque
 from another site's page."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+import ipaddress
+from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Request
@@ -15,6 +18,10 @@ from service.errors import ApiError, error_responses
 from service.pipeline import registry_of
 
 router = APIRouter(prefix="/v2/repository", tags=["v2"])
+# loads and unloads run one at a time; this many more may wait their turn, and the next is refused 429:
+# each waiting one holds a connection (under --workers, one of its front's connections to the engine
+# too, and loads wait without a timeout), so a script firing loads in a loop filled them
+MAX_WAITING_MODEL_CONTROL = 16
 
 
 @router.post("/index")
@@ -32,17 +39,66 @@ def require_same_site(request: Request) -> None:
                             "send them from a client or a page of this server")
 
 
+@contextmanager
+def model_control_turn(request: Request) -> Iterator[None]:
+    """A place among the load/unload requests waiting for the repository (429 past
+    MAX_WAITING_MODEL_CONTROL), held until the request is answered."""
+    registry = registry_of(request)
+    if registry.control_waiting >= MAX_WAITING_MODEL_CONTROL:
+        raise ApiError(429, f"{registry.control_waiting} model loads and unloads are already queued (one runs at a time); retry once they are done",
+                       headers={"Retry-After": "5"})
+    registry.control_waiting += 1
+    try:
+        yield
+    finally:
+        registry.control_waiting -= 1
+
+
+def host_name(host: str) -> str:
+    """The name in a Host header, without its port (an IPv6 literal keeps no brackets)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def require_known_host(request: Request) -> None:
+    """403 for a request whose Host names something other than an IP address, localhost or a name
+    in GANSERVE_MODEL_CONTROL_HOSTS. DNS rebinding: a page on a name an attacker controls, whose
+    address the attacker then points at this server, posts to it from its own origin, so Origin and
+    Host agree and `require_same_site` lets it through; the name in its Host is the attacker's."""
+    host = request.headers.get("host")
+    if host is None:  # HTTP/1.0 without one: not a browser
+        return
+    name = host_name(host)
+    try:
+        ipaddress.ip_address(name)
+        return
+    except ValueError:
+        pass
+    allowed = {"localhost", *(h.lower() for h in registry_of(request).settings.model_control_hosts)}
+    if name not in allowed and not name.endswith(".localhost"):
+        raise ApiError(403, f"model control answers requests sent to an IP address, localhost or a name in GANSERVE_MODEL_CONTROL_HOSTS, "
+                            f"not to {name[:100]!r} (a name another site could point at this server); add it there to use it")
+
+
 def require_model_control(request: Request) -> None:
-    if not registry_of(request).settings.model_control:
+    """Model control is on, and the request was sent to this server by name, from no other site.
+    (Under --workers the front checks the client's headers; the engine sees the front's.)"""
+    settings = registry_of(request).settings
+    if not settings.model_control:
         raise ApiError(403, "model control is off: start the server with GANSERVE_MODEL_CONTROL=true to load and unload models over HTTP")
-    require_same_site(request)
+    if settings.role != "engine":
+        require_known_host(request)
+        require_same_site(request)
 
 
-@router.post("/models/{name}/load", responses=error_responses(403, 404, 422, protocol=True))
+@router.post("/models/{name}/load", responses=error_responses(403, 404, 422, 429, protocol=True))
 async def load_model(name: str, request: Request) -> dict:
     """Loads (or reloads) every version of `name` found on disk; answers once they are ready or failed."""
     require_model_control(request)
-    versions = await registry_of(request).load_model(name)
+    with model_control_turn(request):
+        versions = await registry_of(request).load_model(name)
     if not any(m.ready for m in versions.values()):
         reasons = "; ".join(f"v{v}: {m.error}" for v, m in sorted(versions.items()))
         raise ApiError(422, f"model {name!r} could not be loaded ({reasons})")
@@ -50,8 +106,9 @@ async def load_model(name: str, request: Request) -> dict:
             **({"errors": {str(v): m.error for v, m in versions.items() if m.error}} if any(m.error for m in versions.values()) else {})}
 
 
-@router.post("/models/{name}/unload", responses=error_responses(403, 404, protocol=True))
+@router.post("/models/{name}/unload", responses=error_responses(403, 404, 429, protocol=True))
 async def unload_model(name: str, request: Request) -> dict:
     require_model_control(request)
-    await registry_of(request).unload_model(name)
+    with model_control_turn(request):
+        await registry_of(request).unload_model(name)
     return {"name": name, "state": "unloaded"}

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -16,6 +18,7 @@ import torch
 import tritonclient.http as tritonhttp
 from tritonclient.utils import InferenceServerException
 
+from bench.server import process_roles
 from service.operations import latent_for_seed
 from tests.serving import REPO, running_server
 from models.zoo import build_generator
@@ -255,9 +258,11 @@ def test_polling_loads_a_version_whose_files_arrive_after_its_spec(own_repositor
 def test_a_version_retired_by_a_reload_takes_its_metric_series_with_it(own_repository, workers):
     """Each version served added ~230 series (operations × statuses × buckets) that stayed after it
     was retired: 2,225 after nine versions under `latest:1` (under `--workers` too, whose
-    multiprocess files cannot drop a series: the scrape leaves them out)."""
-    with running_server(own_repository, version_policy="latest:1", model_control=True, models=["digits"], workers=workers) as server, \
-            server.client() as client:
+    multiprocess files cannot drop a series: the scrape leaves them out). And what a load or
+    unload changes reaches every front at once (the others answered 503 until their next
+    snapshot), and loads fired in a loop wait in a bounded line (429 past it)."""
+    with running_server(own_repository, version_policy="latest:1", model_control=True, models=["digits"], workers=workers,
+                        model_control_hosts=["ganserve.internal"]) as server, server.client() as client:
         def series(version: str) -> int:
             return sum('model="digits"' in line and f'version="{version}"' in line for line in client.get("/metrics").text.splitlines())
 
@@ -276,6 +281,43 @@ def test_a_version_retired_by_a_reload_takes_its_metric_series_with_it(own_repos
         assert client.get("/v2/models/digits/ready").status_code == 200
         same_site = client.post("/v2/repository/models/digits/load", headers={"Origin": server.url})
         assert same_site.status_code == 200, same_site.text
+        # DNS rebinding: a page on an attacker's name, re-pointed at this server, is same-site to itself
+        port = server.url.rsplit(":", 1)[1]
+        rebound = client.post("/v2/repository/models/digits/unload", headers={"Host": f"rebound.example:{port}", "Origin": f"http://rebound.example:{port}"})
+        assert rebound.status_code == 403 and "GANSERVE_MODEL_CONTROL_HOSTS" in rebound.json()["error"], rebound.text
+        for host in (f"localhost:{port}", f"ganserve.internal:{port}", "[::1]"):  # what the server is known by
+            assert client.post("/v2/repository/models/digits/load", headers={"Host": host}).status_code == 200, host
+
+        def fresh_connections_generate() -> list[int]:  # (under --workers the kernel spreads them over both fronts)
+            return [httpx.post(f"{server.url}/v1/models/digits/generate", json={"seed": 1}).status_code for _ in range(16)]
+
+        assert client.post("/v2/repository/models/digits/unload").status_code == 200
+        assert set(fresh_connections_generate()) == {503}
+        assert client.post("/v2/repository/models/digits/load").status_code == 200
+        assert set(fresh_connections_generate()) == {200}
+        # a flood of model control: one runs, 15 more may wait their turn, the rest are refused at once. The
+        # server is stopped while they are sent, so that they arrive together (a digits load takes ~0.1 s)
+        processes = list(process_roles(server.process.pid))
+        with ThreadPoolExecutor(41) as pool:
+            for pid in processes:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                flood = [pool.submit(client_post, f"{server.url}/v2/repository/models/digits/load")]
+                time.sleep(0.1)
+                flood += [pool.submit(client_post, f"{server.url}/v2/repository/models/digits/unload") for _ in range(40)]
+                time.sleep(0.5)
+            finally:
+                for pid in processes:
+                    os.kill(pid, signal.SIGCONT)
+            answers = [future.result() for future in flood]
+        statuses = [answer.status_code for answer in answers]
+        assert set(statuses) == {200, 429} and statuses.count(429) >= 10, statuses
+        assert all(answer.headers["retry-after"] == "5" for answer in answers if answer.status_code == 429)
+        assert client.post("/v2/repository/models/digits/load").status_code == 200
+
+
+def client_post(url: str) -> httpx.Response:
+    return httpx.post(url, timeout=120)
 
 
 def test_version_policies_choose_what_is_served(own_repository):

@@ -21,6 +21,7 @@ from websockets.sync.client import connect
 
 from bench.server import process_roles, wait_ready
 from tests.serving import running_server
+from tests.service.test_image2image import with_empty_segments
 
 
 def children(pid: int) -> dict[int, str]:
@@ -49,6 +50,12 @@ def npy(response: httpx.Response) -> np.ndarray:
 def photo_png(height: int, width: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray((np.random.default_rng(4).random((height, width, 3)) * 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def photo_jpeg(height: int, width: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(photo_png(height, width))).save(buffer, format="JPEG")
     return buffer.getvalue()
 
 
@@ -169,6 +176,33 @@ def test_a_path_forwarded_to_the_engine_is_answered_as_one_process_answers_it(wo
             assert ours.status_code == alone.status_code == 404, (headers, ours.text)
 
 
+def peak_rss_bytes(pid: int, reset: bool = False) -> int:
+    """The process's peak resident memory since it started, or since the last `reset`."""
+    if reset:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # (Linux: 5 resets VmHWM)
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_bodies_sent_to_forwarded_routes_that_read_none_stay_in_the_front(workers):
+    """Job polls, deletes and model control ignore a body; a front forwarded it to the engine all
+    the same, where a probe's flood of 8 MB bodies raised the engine's memory by 280 MB (outside
+    the budget, beside the models). Now only a projection's upload is forwarded."""
+    engine = next(pid for pid, role in children(workers.process.pid).items() if role == "engine")
+    body = os.urandom(8 * 2**20 - 4096)
+    requests = [("POST", "/v2/repository/index"), ("GET", "/v1/jobs/0123456789abcdef"), ("DELETE", "/v1/jobs/0123456789abcdef"),
+                ("POST", "/v2/repository/models/digits/unload")] * 6
+    resident = rss_bytes(engine)
+    peak_rss_bytes(engine, reset=True)
+    with ThreadPoolExecutor(len(requests)) as pool:
+        answers = list(pool.map(lambda r: httpx.request(r[0], f"{workers.url}{r[1]}", content=body, timeout=60), requests))
+    assert [a.status_code for a in answers[:4]] == [200, 404, 404, 403], [a.text for a in answers[:4]]
+    assert all(a.status_code == b.status_code for a, b in zip(answers, answers[4:]))
+    assert peak_rss_bytes(engine) - resident < 16 * 2**20  # +71 MB when the 24 bodies of 8 MB reached the engine (+0.6 MB now)
+
+
 def test_tensor_protocol_inference_through_a_front_equals_the_single_process_server(workers, server):
     with server.client() as single, workers.client() as front:
         metadata = single.get("/v2/models/digits").json()
@@ -197,6 +231,7 @@ def test_errors_and_limits_are_the_single_process_servers(workers, server):
 
 
 def test_a_projection_job_runs_in_the_engine_and_is_polled_through_any_front(workers):
+    counted = workers.metric("ganserve_requests_total", model="styles", operation="project", status="202")
     with workers.client() as client:
         accepted = client.post("/v1/models/styles/project?steps=3", content=photo_png(16, 16), headers={"content-type": "image/png"})
         assert accepted.status_code == 202, accepted.text
@@ -206,6 +241,8 @@ def test_a_projection_job_runs_in_the_engine_and_is_polled_through_any_front(wor
                 break
             time.sleep(0.1)
     assert job["state"] == "done", job
+    # counted once, by the front that took it (the engine it is forwarded to does not count it again)
+    assert workers.metric("ganserve_requests_total", model="styles", operation="project", status="202") - counted == 1
     assert job["result"]["steps"] == 3
     with workers.client() as client:  # deleted through a front, in the engine's store
         assert client.delete(accepted.json()["status_url"]).status_code == 200
@@ -545,6 +582,14 @@ def test_a_hung_engine_makes_the_fronts_unready_and_refuse_at_once_until_it_answ
     engine = next(pid for pid, role in children(workers.process.pid).items() if role == "engine")
     os.kill(engine, signal.SIGSTOP)
     try:
+        # a projection's upload is checked by the front before anything is forwarded: an upload of
+        # empty JPEG segments, refused by the front alone while the engine cannot answer (forwarded,
+        # it cost the engine's CPU, and here waited for the engine's silence: 503)
+        started = time.monotonic()
+        flood = with_empty_segments(photo_jpeg(16, 16), 100_000)
+        refused = httpx.post(f"{workers.url}/v1/models/styles/project?steps=3", content=flood, headers={"content-type": "image/jpeg"}, timeout=60)
+        assert refused.status_code == 422 and "segments" in refused.json()["error"]["message"], refused.text
+        assert time.monotonic() - started < 3
         started = time.monotonic()  # forwarded while the engine still looks alive
         poll = httpx.get(f"{workers.url}/v1/jobs/0123456789abcdef", timeout=60)
         assert poll.status_code == 503 and "engine" in poll.json()["error"]["message"] and time.monotonic() - started < 9
