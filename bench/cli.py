@@ -102,9 +102,23 @@ def bench_limits_command(
     run_limits_bench(repository, models.split(","), loops_per_core, idle, timeout, out)
 
 
+def bench_animation_command(
+    sides: str = typer.Option("64,256,1024", help="comma-separated frame sides for the photo frames"),
+    frames: int = typer.Option(16, min=2, help="frames per animation"),
+    noise_side: int = typer.Option(256, min=8, help="the side of the noise frames (the quantiser's worst case)"),
+    repeats: int = typer.Option(3, min=1, help="runs per case; the best counts"),
+    out: Optional[Path] = typer.Option(Path("bench/results/animation-latest.json"), help="JSON report"),
+) -> None:
+    """What /interpolate's GIF and WebP animations cost the encoder pool: the server's settings against Pillow's defaults, same frames, same run."""
+    from bench.animation import run_animation_bench
+
+    run_animation_bench([int(side) for side in sides.split(",")], frames, noise_side, repeats, out)
+
+
 def register(app: typer.Typer) -> None:
     app.command("bench")(bench_command)
     app.command("bench-upscale")(bench_upscale_command)
     app.command("bench-soak")(bench_soak_command)
     app.command("bench-ray")(bench_ray_command)
     app.command("bench-limits")(bench_limits_command)
+    app.command("bench-animation")(bench_animation_command)

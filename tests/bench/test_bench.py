@@ -144,3 +144,18 @@ def test_the_fairness_bench_reports_the_benign_clients_latency_and_queue_wait_be
     result = run_fairness(server.url, "digits", hog_images=16, duration_s=2.5)
     assert result.benign_requests >= 5 and result.hog_requests >= 2
     assert 0 <= result.queue_p50_ms <= result.benign_p50_ms <= result.benign_p99_ms
+
+
+def test_the_animation_bench_times_the_servers_encoding_beside_pillows_defaults(tmp_path):
+    from bench.animation import run_animation_bench
+
+    report = run_animation_bench([32], 3, 24, 1, tmp_path / "animation.json")
+    assert [(row["frames"], row["side"], row["format"]) for row in report["rows"]] == [
+        ("photo", 32, "gif"), ("photo", 32, "webp"), ("noise", 24, "gif"), ("noise", 24, "webp")]
+    for row in report["rows"]:
+        assert row["now_ms_per_frame"] > 0 and row["before_ms_per_frame"] > 0 and row["now_bytes"] > 0
+        if row["frames"] == "photo":
+            assert row["now_psnr_db"] > 25  # (32² frames: ~30 dB; 256² and up: 35-41 dB)
+        if row["format"] == "webp":  # it was lossless
+            assert row["before_psnr_db"] > 100
+    assert (tmp_path / "animation.json").exists()
