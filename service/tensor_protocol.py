@@ -153,20 +153,28 @@ def to_model_dtype(name: str, wire: str, array: np.ndarray, model_dtype: str) ->
     return converted
 
 
-def encode_response(name: str, version: int, body: InferRequest, outputs: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str], str]:
+def encode_response(name: str, version: int, body: InferRequest,
+                    outputs: dict[str, np.ndarray | list[np.ndarray]]) -> tuple[bytes, dict[str, str], str]:
     """(content, headers, media type): JSON only, or a JSON header followed by the binary outputs.
+    An output is an array, or its rows (each item's output, as the batcher answered them): a
+    binary output is written from its rows straight into the body, one copy. Stacked first, then
+    `tobytes()`, then joined, a large answer was held four times over (a hostile probe: a 1.26 GB
+    answer raised the process's memory by 4.9 GB where 3.3 GB were reserved).
     The JSON is written by orjson from the arrays themselves: `json.dumps(array.tolist())` took
     0.67 s for the 786 k values of a 256-row StyleGAN answer, one C call that held the GIL and
     stopped the event loop for as long (a hostile probe: a benign request's p99 709 ms); orjson
     takes 0.03 s and writes each float32 in its shortest form (half the bytes, the same values)."""
     described, binary = [], []
-    for output, array in outputs.items():
-        array = np.ascontiguousarray(array, dtype="<f4")
-        tensor = {"name": output, "datatype": "FP32", "shape": list(array.shape)}
+    for output, value in outputs.items():
+        rows = [np.ascontiguousarray(row, dtype="<f4") for row in value] if isinstance(value, list) else None
+        shape = [len(rows), *rows[0].shape] if rows else list(np.shape(value))
+        tensor = {"name": output, "datatype": "FP32", "shape": shape}
         if body.wants_binary(output):
-            tensor["parameters"] = {"binary_data_size": array.nbytes}
-            binary.append(array.tobytes())
+            chunks = rows if rows is not None else [np.ascontiguousarray(value, dtype="<f4")]
+            tensor["parameters"] = {"binary_data_size": sum(chunk.nbytes for chunk in chunks)}
+            binary.extend(memoryview(chunk).cast("B") for chunk in chunks)
         else:
+            array = np.ascontiguousarray(np.stack(rows) if rows else value, dtype="<f4")
             if not np.isfinite(array).all():
                 raise ApiError(422, f"output {output!r} holds NaN or infinity for these inputs, which JSON cannot carry: ask for it as binary data")
             tensor["data"] = array.ravel()

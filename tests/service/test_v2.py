@@ -89,3 +89,77 @@ def test_a_json_answer_reads_back_as_the_same_float32_values_beside_a_binary_one
     assert written["shape"] == [3, 3, 5000] and written["datatype"] == "FP32"
     assert np.array_equal(np.asarray(written["data"], np.float32), image.ravel())
     assert binary["parameters"]["binary_data_size"] == extra.nbytes and np.array_equal(np.frombuffer(content[length:], "<f4").reshape(2, 3), extra)
+
+
+def test_a_binary_answer_is_written_from_the_items_outputs_with_one_copy():
+    """A 1.26 GB binary answer raised a server's memory by 4.9 GB where 3.3 GB were reserved (a
+    hostile probe): the items' outputs were stacked, the stack copied by `tobytes()`, and that
+    joined to the header, four times the answer at once. Now the items' outputs go straight into
+    the body, which is all the encoding allocates; the JSON path (rows stacked) gives the same values."""
+    import json
+    import tracemalloc
+
+    from service.tensor_protocol import InferRequest, encode_response
+
+    rows = [np.full((3, 256, 256), index, np.float32) for index in range(16)]  # 12.6 MB of outputs
+    answer_bytes = sum(row.nbytes for row in rows)
+    body = InferRequest.model_validate({"inputs": [{"name": "z", "shape": [1, 1], "datatype": "FP32", "data": [0.0]}],
+                                        "outputs": [{"name": "image", "parameters": {"binary_data": True}}]})
+    tracemalloc.start()
+    try:
+        content, headers, _ = encode_response("m", 1, body, {"image": rows})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    length = int(headers["Inference-Header-Content-Length"])
+    assert json.loads(content[:length])["outputs"][0]["shape"] == [16, 3, 256, 256]
+    assert np.array_equal(np.frombuffer(content[length:], "<f4").reshape(16, 3, 256, 256), np.stack(rows))
+    assert peak < 1.2 * answer_bytes, peak / answer_bytes  # the body alone (3x before)
+    as_json = InferRequest.model_validate({"inputs": [{"name": "z", "shape": [1, 1], "datatype": "FP32", "data": [0.0]}]})
+    small = [row[:, :2, :2] for row in rows[:2]]
+    written = json.loads(encode_response("m", 1, as_json, {"image": small})[0])["outputs"][0]
+    assert written["shape"] == [2, 3, 2, 2] and np.array_equal(np.asarray(written["data"], np.float32), np.stack(small).ravel())
+
+
+def test_a_json_header_of_more_rows_than_the_model_can_serve_is_refused_before_it_is_parsed(repository):
+    """The value count allowed 256 rows whatever the model: a 256² StyleGAN that serves about 5 in
+    one request parsed 8 MB of JSON values (0.64 s holding the GIL; a benign request's p99 60 →
+    1,055 ms in a probe) before its 413 for their compute. Now the count is what the compute limit
+    serves, the rows `admit` takes."""
+    import pytest
+
+    from service.admission import ModelLimits, RequestCost, admit, compute_seconds
+    from service.costs import GraphCost
+    from service.errors import ApiError
+    from service.lanes import Lane
+    from service.memory import MemoryBudget
+    from service.registry import LoadedModel
+    from service.repository import scan_repository
+    from service.routes.v2 import JSON_STRUCTURE_COMMAS, check_json_values, servable_rows
+    from service.settings import Settings
+
+    entry = next(e for e in scan_repository(repository) if e.name == "styles")
+    lane = Lane("v2-rows-test", 1)
+    cost = GraphCost(per_unit_s=0.1, overhead_s=0.02, bytes_per_unit=0, reference_pixels=None)
+    model = LoadedModel(entry, lane=lane, costs={"model": cost}, limits=ModelLimits(compute_seconds=0.5))
+    settings = Settings(repository=repository)
+    try:
+        assert servable_rows(model, settings) == 4  # 4 x 0.1 + 0.02 fits 0.5 s; 5 do not
+        admit(model, RequestCost(compute_seconds(cost, [1.0] * 4, settings.max_batch_size), 0), 30.0, MemoryBudget(10**9))
+        with pytest.raises(ApiError):  # (what the parse would have ended in)
+            admit(model, RequestCost(compute_seconds(cost, [1.0] * 5, settings.max_batch_size), 0), 30.0, MemoryBudget(10**9))
+        ((name, dims),) = [(t["name"], t["shape"][1:]) for t in entry.spec["inputs"]]
+        per_row = int(np.prod(dims))
+
+        def header(rows: int) -> bytes:
+            return (f'{{"inputs":[{{"name":"{name}","shape":[{rows},{",".join(map(str, dims))}],"datatype":"FP32","data":['
+                    + ",".join(["0"] * rows * per_row) + "]}]}").encode()
+
+        check_json_values(model, settings, header(4), len(header(4)))
+        too_many = 5 + JSON_STRUCTURE_COMMAS // per_row  # (the count allows the commas of keys and shapes besides)
+        with pytest.raises(ApiError) as refused:
+            check_json_values(model, settings, header(too_many), len(header(too_many)))
+        assert refused.value.status == 413 and "at most 4 rows" in refused.value.message
+        assert too_many < 256  # (allowed before)
+    finally:
+        lane.shutdown()
