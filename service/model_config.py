@@ -5,6 +5,7 @@ effective values."""
 from __future__ import annotations
 
 import json
+import logging
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -12,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from service.graph_capture import capture_refusal
 from service.repository import ModelEntry
 from service.settings import Settings
+
+log = logging.getLogger("ganserve.model_config")
 
 
 class ReplicaAutoscaling(BaseModel):
@@ -129,6 +132,29 @@ def operator_overrides(entry: ModelEntry) -> dict:
     return values
 
 
+RUNTIME_PREFERENCE = ("onnx", "torchscript", "eager")
+
+
+def has_runtime(entry: ModelEntry, runtime: str) -> bool:
+    """Whether every graph of the entry has an export this runtime loads."""
+    formats = [entry.spec.get("formats", {}) if runtime == "eager" else entry.graph_spec(graph).get("formats", {}) for graph in entry.graphs]
+    return all(isinstance(found, dict) and runtime in found for found in formats)
+
+
+def runtime_it_has(entry: ModelEntry, default: str) -> str:
+    """The server's default runtime, or, for an entry written without an export for it, the first
+    of RUNTIME_PREFERENCE it has. An imported StyleGAN is written with TorchScript alone (its
+    graphs are traced, not exported to ONNX) and failed under the default `onnx` with "has no
+    onnx export", where it could be served as it came (a probe). A model's own `runtime` (its
+    serving section, serving.json, GANSERVE_RUNTIME_OVERRIDES) is never replaced."""
+    if has_runtime(entry, default):
+        return default
+    chosen = next((runtime for runtime in RUNTIME_PREFERENCE if has_runtime(entry, runtime)), default)
+    if chosen != default:
+        log.warning("%s has no %s export: served with %s", entry.label, default, chosen)
+    return chosen
+
+
 def serving_config(entry: ModelEntry, settings: Settings) -> ServingConfig:
     """The entry's own values over the settings' defaults; an invalid section fails the entry."""
     input_pixels = settings.max_upscale_input_pixels if entry.kind == "super_resolution" else settings.max_translate_pixels
@@ -143,6 +169,8 @@ def serving_config(entry: ModelEntry, settings: Settings) -> ServingConfig:
         raise ValueError(f"{entry.label}/spec.json: `serving` must be an object")
     own = own | operator_overrides(entry)
     values = defaults | own
+    if "runtime" not in own and entry.name not in settings.runtime_overrides:
+        values["runtime"] = runtime_it_has(entry, values["runtime"])
     if "precision" not in own:  # the server's default; a half one only where this model's runtime has one
         values["precision"] = "fp32" if values["runtime"] == "onnx" and settings.precision != "auto" else settings.precision
     if "graph_capture" not in own:  # the server's default, where this model's runtime can capture

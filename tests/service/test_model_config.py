@@ -18,7 +18,13 @@ def test_serving_json_sets_one_models_runtime_batching_and_warmup(repository, tm
         {"runtime": "torchscript", "max_batch_size": 8, "max_queue_delay_ms": 3, "warmup_repeats": 1, "warmup_batch_sizes": [1, 8], "lane_threads": 2}))
     (repo / "upx4" / "1" / "serving.json").write_text(json.dumps({"upscale_tile": 48, "upscale_overlap": 8}))
     (repo / "cdigits" / "1" / "serving.json").write_text(json.dumps({"precision": "fp16"}))
+    # an entry written without the default runtime's export (an imported StyleGAN has TorchScript alone) is served with one it has
+    spec = json.loads((repo / "gray" / "1" / "spec.json").read_text())
+    (repo / "gray" / "1" / spec["formats"].pop("onnx")["file"]).unlink()
+    (repo / "gray" / "1" / "spec.json").write_text(json.dumps(spec))
     with running_server(repo, ready_requires="any") as server, server.client() as client:
+        gray = client.get("/v1/models/gray").json()["versions"][0]
+        assert gray["state"] == "ready" and gray["runtime"] == "torchscript", gray
         digits = client.get("/v1/models/digits").json()["versions"][0]
         assert digits["runtime"] == "torchscript" and digits["serving"]["runtime"] == "torchscript"
         assert digits["serving"]["max_batch_size"] == 8 and digits["serving"]["lane_threads"] == 2
