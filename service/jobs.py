@@ -10,6 +10,7 @@ it starts, since jobs run one at a time. A job that could never fit is refused w
 finds the budget taken by requests waits, queued and saying so, for as long as its time limit."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import threading
@@ -45,6 +46,7 @@ class Job:
     waiting: str | None = None  # why a queued job has not started (the memory budget is taken)
     cancel_requested: bool = False
     result_bytes: int = 0  # its result's size as JSON, while it is kept
+    owner: str = ""  # the client address that submitted it (its share of the slots: JobStore.per_client)
 
     @property
     def finished_state(self) -> bool:
@@ -72,36 +74,43 @@ class JobStore:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="jobs")
         self.lock = threading.RLock()  # state changes: the loop cancels while the job thread starts or ends a job
         self.stopping = False
-        self.claims = 0  # slots held by requests still reading and decoding their job's upload (`claim`)
+        self.claims: collections.Counter[str] = collections.Counter()  # per client: slots held by requests still reading their upload (`claim`)
+        # one client's share of the slots: it held them all (4 jobs of 1,000 steps on a 256² model ran to
+        # their time limit, every other client 429 for ~8 minutes: a hostile probe)
+        self.per_client = max(1, max_active // 2)
 
-    def active(self) -> int:
-        """Jobs queued or running, and the slots claimed for jobs about to be submitted."""
+    def active(self, owner: str | None = None) -> int:
+        """Jobs queued or running, and the slots claimed for jobs about to be submitted (of one client's, with `owner`)."""
         with self.lock:
-            return sum(job.state in ("queued", "running") for job in self.jobs.values()) + self.claims
+            jobs = sum(job.state in ("queued", "running") and owner in (None, job.owner) for job in self.jobs.values())
+            return jobs + (self.claims.total() if owner is None else self.claims[owner])
 
-    def check_room(self, own_claims: int = 0) -> None:
-        """503 while stopping, 429 while `max_active` jobs are queued, running or claimed (not
-        counting the caller's own claims)."""
+    def check_room(self, owner: str = "", own_claims: int = 0) -> None:
+        """503 while stopping, 429 while `max_active` jobs are queued, running or claimed, or
+        while `owner` holds its share of them (not counting the caller's own claims)."""
         if self.stopping:
             raise ApiError(503, "the server is shutting down", headers={"Retry-After": "1"})
         if self.active() - own_claims >= self.max_active:
             raise ApiError(429, f"{self.max_active} jobs are already queued or running; retry later", headers={"Retry-After": "5"})
+        if self.active(owner) - own_claims >= self.per_client:
+            raise ApiError(429, f"this client already has {self.per_client} jobs queued or running, its share of the server's "
+                                f"{self.max_active}; retry once one has finished", headers={"Retry-After": "5"})
 
     @contextlib.contextmanager
-    def claim(self) -> Iterator[None]:
+    def claim(self, owner: str = "") -> Iterator[None]:
         """A job slot held from before its upload is read and decoded until the job is submitted
         (`submit(..., claimed=True)`) or the request fails: the room was once only checked first,
         so every request of a burst passed the check and decoded its upload before the 429 at
         submit (a hostile probe: 30 at once, 11 refused after decoding a 16 MP image each, the
         decode pool held for 36 s). A refused 4000² PNG once cost its decode, before any check."""
-        self.check_room()
         with self.lock:
-            self.claims += 1
+            self.check_room(owner)
+            self.claims[owner] += 1
         try:
             yield
         finally:
             with self.lock:
-                self.claims -= 1
+                self.claims[owner] -= 1
 
     def check_fits(self, working_bytes: int, held_bytes: int = 0) -> None:
         """413 for a job whose memory could never fit the budget, however long it waited."""
@@ -111,15 +120,15 @@ class JobStore:
                                 f"is {self.memory.capacity / 2**20:.0f} MiB", code="too_expensive")
 
     def submit(self, kind: str, model: str, total_steps: int, work: Callable[[Job, Callable[[int], bool]], dict],
-               working_bytes: int = 0, held_bytes: int = 0, claimed: bool = False) -> Job:
+               working_bytes: int = 0, held_bytes: int = 0, claimed: bool = False, owner: str = "") -> Job:
         """Queues `work(job, tick)`; `tick(step)` records progress and returns False once the job
         should stop (its time limit, a cancel, shutdown). `held_bytes` are reserved now (503 when
         the budget is taken), `working_bytes` when the job starts. `claimed`: within the caller's
-        `claim`, whose slot the job takes."""
-        self.check_room(own_claims=1 if claimed else 0)
+        `claim` (for the same `owner`), whose slot the job takes."""
+        self.check_room(owner, own_claims=1 if claimed else 0)
         self.check_fits(working_bytes, held_bytes)
         reserve_memory(self.memory, held_bytes)
-        job = Job(uuid.uuid4().hex, kind, model, total_steps, held_bytes=held_bytes, working_bytes=working_bytes)
+        job = Job(uuid.uuid4().hex, kind, model, total_steps, held_bytes=held_bytes, working_bytes=working_bytes, owner=owner)
         with self.lock:
             self.jobs[job.id] = job
         self.executor.submit(self.run, job, work)

@@ -30,6 +30,18 @@ def registry_of(request: Request) -> ModelRegistry:
     return request.app.state.registry
 
 
+FORWARDED_CLIENT = "x-ganserve-client"  # a --workers front's header to the engine: the address its client connected from
+
+
+def client_address(request: Request) -> str:
+    """The address the client connected from. In a `--workers` engine every request is one a front
+    forwarded over the engine's private Unix socket, and the front names its client in
+    FORWARDED_CLIENT (a client's own header of that name is never passed on)."""
+    if registry_of(request).settings.role == "engine":
+        return request.headers.get(FORWARDED_CLIENT, "")
+    return request.client.host if request.client else ""
+
+
 def context(request: Request) -> RequestContext:
     found = context_of(request.scope)
     if found is None:  # only when the app runs without its intake middleware

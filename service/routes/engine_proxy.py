@@ -20,7 +20,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from service.errors import ApiError
 from service.front import FrontRegistry, engine_silent_error
-from service.pipeline import registry_of
+from service.pipeline import FORWARDED_CLIENT, client_address, registry_of
 from service.routes.jobs import projected_model
 from service.routes.repository import require_known_host, require_same_site
 from service.schemas import ProjectionSteps, VersionText
@@ -59,6 +59,7 @@ async def forward(request: Request, timeout_s: float | None, body: bytes = b"") 
     # the client's bytes as they came: decoded to text, a non-ASCII byte (`Accept: caf\xe9`) made httpx
     # refuse to encode the header, a 500 and two tracebacks per request (one process answers them as usual)
     headers = [(k, v) for k, v in request.headers.raw if k.decode("latin-1").lower() in PASSED_HEADERS]
+    headers.append((FORWARDED_CLIENT.encode(), client_address(request).encode("latin-1", "replace")))  # (a projection's share of the job slots is per client)
     # the path and query as the client sent them, still percent-encoded: decoded, a %00 or %7F in a
     # job id made httpx refuse the URL (a 500 where one process answers 404), a %3F cut the name short
     # and a %2E%2E was normalised into another route

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from models.projection import project
 from service.errors import ApiError, error_responses
 from service.imaging import DECODE_BYTES_PER_PIXEL, encode, to_uint8
-from service.pipeline import KnownQueryRoute, begin, registry_of, reserve
+from service.pipeline import KnownQueryRoute, begin, client_address, registry_of, reserve
 from service.projection import projection_bytes, projection_networks
 from service.registry import LoadedModel
 from service.schemas import ProjectionSteps, VersionText
@@ -77,7 +77,8 @@ async def project_image(name: str, request: Request, steps: Annotated[Projection
     """Upload an image (raw PNG/JPEG/WebP body or a multipart `file`); returns a job to poll."""
     registry = registry_of(request)
     model = projected_model(request, name, steps, version)
-    with registry.jobs.claim():  # a job slot, held from before the upload is read until the job is submitted
+    owner = client_address(request)
+    with registry.jobs.claim(owner):  # a job slot, held from before the upload is read until the job is submitted
         working = await working_bytes(model)
         registry.jobs.check_fits(working)
         data = await read_upload(request)
@@ -101,7 +102,7 @@ async def project_image(name: str, request: Request, steps: Annotated[Projection
             return answer
 
         job = registry.jobs.submit("project", name, steps, work, working_bytes=working, held_bytes=target.numel() * target.element_size(),
-                                   claimed=True)
+                                   claimed=True, owner=owner)
     return JSONResponse({"job_id": job.id, "status_url": f"/v1/jobs/{job.id}", "state": job.state}, status_code=202)
 
 

@@ -115,14 +115,31 @@ def test_a_claimed_slot_counts_from_before_the_upload_is_read_until_its_job_is_s
     """Every request of a burst once passed the room check before any had submitted its job, and
     decoded its upload (a 16 MP image each) before its 429 (a hostile probe: 30 at once, 11
     refused after decoding). A slot is now claimed before the upload is read."""
-    with store.claim(), store.claim(), store.claim():
-        with store.claim():  # the fourth of max_active=4
-            with pytest.raises(ApiError) as refused, store.claim():
+    with store.claim("a"), store.claim("b"), store.claim("c"):
+        with store.claim("d"):  # the fourth of max_active=4
+            with pytest.raises(ApiError) as refused, store.claim("e"):
                 pass
             assert refused.value.status == 429
-            job = store.submit("project", "m", 10, steps_until_stopped, claimed=True)  # takes its own claim's slot
+            job = store.submit("project", "m", 10, steps_until_stopped, claimed=True, owner="d")  # takes its own claim's slot
         assert store.active() == 4  # three claims and the job
         with pytest.raises(ApiError):
-            store.submit("project", "m", 10, steps_until_stopped)  # unclaimed: no room
+            store.submit("project", "m", 10, steps_until_stopped, owner="e")  # unclaimed: no room
     assert store.active() == 1  # claims given back however their block ended
     store.cancel(job.id)
+
+
+def test_one_client_holds_at_most_half_the_job_slots(store):
+    """One client held every slot (4 jobs of 1,000 steps on a 256² model ran to their 120 s limit;
+    every other client 429 for ~8 minutes: a hostile probe). Now a client's jobs, queued, running
+    or claimed, take at most half of `max_active`, and another client still finds room."""
+    first = store.submit("project", "m", 10, steps_until_stopped, owner="10.0.0.1")
+    with store.claim("10.0.0.1"):
+        with pytest.raises(ApiError) as refused, store.claim("10.0.0.1"):
+            pass
+        assert refused.value.status == 429 and "its share" in refused.value.message and refused.value.headers["Retry-After"]
+        with pytest.raises(ApiError):
+            store.submit("project", "m", 10, steps_until_stopped, owner="10.0.0.1")
+        other = store.submit("project", "m", 10, steps_until_stopped, owner="10.0.0.2")
+    assert store.active("10.0.0.1") == 1 and store.active("10.0.0.2") == 1
+    for job in (first, other):
+        store.cancel(job.id)

@@ -50,7 +50,7 @@ def test_bad_uploads_get_clear_errors(server):
     with server.client() as client:
         undecodable = client.post("/v1/models/styles/project", content=b"not an image", headers={"content-type": "image/png"})
         wrong_type = client.post("/v1/models/styles/project", content=b"GIF89a", headers={"content-type": "image/gif"})
-        too_many_steps = client.post("/v1/models/styles/project?steps=100000", content=png_bytes(), headers={"content-type": "image/png"})
+        too_many_steps = client.post("/v1/models/styles/project?steps=1000", content=png_bytes(), headers={"content-type": "image/png"})
         not_style = client.post("/v1/models/digits/project", content=png_bytes(), headers={"content-type": "image/png"})
         unknown_job = client.get("/v1/jobs/nope")
     assert undecodable.status_code == 422 and "not a PNG" in undecodable.json()["error"]["message"]
@@ -140,7 +140,7 @@ def test_a_client_cancels_its_jobs_queued_or_running_and_their_memory_is_handed_
     from tests.serving import running_server
 
     with running_server(repository, max_projection_steps=100_000, max_job_seconds=1000, max_jobs=2, models=["styles"]) as server, server.client() as client:
-        running, queued = (client.post("/v1/models/styles/project?steps=100000", content=png_bytes(), headers={"content-type": "image/png"}).json()
+        running, queued = (client.post("/v1/models/styles/project?steps=1000", content=png_bytes(), headers={"content-type": "image/png"}).json()
                            for _ in range(2))
         deadline = time.monotonic() + 30
         while (job := client.get(running["status_url"]).json())["state"] != "running" or job["progress"]["step"] < 3:
@@ -165,3 +165,32 @@ def test_a_client_cancels_its_jobs_queued_or_running_and_their_memory_is_handed_
         forgotten = client.delete(running["status_url"])  # a finished job: deleted with its result
         assert forgotten.status_code == 200 and client.get(running["status_url"]).status_code == 404
         assert client.delete("/v1/jobs/nope").status_code == 404
+
+
+def one_client_takes_at_most_half_the_job_slots(url: str, max_jobs: int = 4) -> None:
+    """Through a real server: a client at 127.0.0.1 gets its share of the slots (half of
+    `max_jobs`), then 429 naming it, while a client at 127.0.0.2 is still accepted. (A probe: one
+    client held every slot, and every other client got 429 for minutes.)"""
+    import httpx
+
+    def project(client: httpx.Client) -> httpx.Response:
+        return client.post("/v1/models/styles/project?steps=1000", content=png_bytes(), headers={"content-type": "image/png"})
+
+    with httpx.Client(base_url=url, timeout=30) as one, \
+            httpx.Client(base_url=url, timeout=30, transport=httpx.HTTPTransport(local_address="127.0.0.2")) as other:
+        accepted = [project(one) for _ in range(max_jobs // 2)]
+        try:
+            assert [a.status_code for a in accepted] == [202] * (max_jobs // 2), [a.text for a in accepted]
+            refused = project(one)
+            assert refused.status_code == 429 and "its share" in refused.json()["error"]["message"], refused.text
+            elsewhere = project(other)
+            assert elsewhere.status_code == 202, elsewhere.text
+            accepted.append(elsewhere)
+        finally:
+            for job in accepted:
+                if job.status_code == 202:
+                    one.delete(job.json()["status_url"])
+
+
+def test_one_client_takes_at_most_half_the_job_slots(server):
+    one_client_takes_at_most_half_the_job_slots(server.url)

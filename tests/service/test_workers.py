@@ -22,6 +22,7 @@ from websockets.sync.client import connect
 from bench.server import process_roles, wait_ready
 from tests.serving import running_server
 from tests.service.test_image2image import with_empty_segments
+from tests.service.test_projection import one_client_takes_at_most_half_the_job_slots
 
 
 def children(pid: int) -> dict[int, str]:
@@ -247,6 +248,11 @@ def test_a_projection_job_runs_in_the_engine_and_is_polled_through_any_front(wor
     with workers.client() as client:  # deleted through a front, in the engine's store
         assert client.delete(accepted.json()["status_url"]).status_code == 200
         assert client.get(accepted.json()["status_url"]).status_code == 404
+
+
+def test_a_clients_share_of_the_job_slots_holds_through_the_fronts(workers):
+    """The engine keeps the jobs; the front names the client it forwards for (FORWARDED_CLIENT)."""
+    one_client_takes_at_most_half_the_job_slots(workers.url)
 
 
 def test_metrics_count_the_fronts_requests_and_the_engines_batches(workers):
