@@ -50,7 +50,7 @@ def test_bad_uploads_get_clear_errors(server):
     with server.client() as client:
         undecodable = client.post("/v1/models/styles/project", content=b"not an image", headers={"content-type": "image/png"})
         wrong_type = client.post("/v1/models/styles/project", content=b"GIF89a", headers={"content-type": "image/gif"})
-        too_many_steps = client.post("/v1/models/styles/project?steps=1000", content=png_bytes(), headers={"content-type": "image/png"})
+        too_many_steps = client.post("/v1/models/styles/project?steps=100000", content=png_bytes(), headers={"content-type": "image/png"})
         not_style = client.post("/v1/models/digits/project", content=png_bytes(), headers={"content-type": "image/png"})
         unknown_job = client.get("/v1/jobs/nope")
     assert undecodable.status_code == 422 and "not a PNG" in undecodable.json()["error"]["message"]
@@ -139,8 +139,8 @@ def test_a_projection_jobs_counted_memory_covers_what_the_job_holds_at_its_peak(
 def test_a_client_cancels_its_jobs_queued_or_running_and_their_memory_is_handed_back(repository):
     from tests.serving import running_server
 
-    with running_server(repository, max_projection_steps=100_000, max_job_seconds=1000, max_jobs=2, models=["styles"]) as server, server.client() as client:
-        running, queued = (client.post("/v1/models/styles/project?steps=1000", content=png_bytes(), headers={"content-type": "image/png"}).json()
+    with running_server(repository, max_projection_steps=100_000, max_job_seconds=1000, max_jobs=4, models=["styles"]) as server, server.client() as client:
+        running, queued = (client.post("/v1/models/styles/project?steps=100000", content=png_bytes(), headers={"content-type": "image/png"}).json()
                            for _ in range(2))
         deadline = time.monotonic() + 30
         while (job := client.get(running["status_url"]).json())["state"] != "running" or job["progress"]["step"] < 3:
