@@ -45,6 +45,7 @@ def noise_frames(side: int, count: int) -> np.ndarray:
 
 
 def decoded(content: bytes) -> np.ndarray:
+    """An animated GIF or WebP's frames as RGB uint8 [T, H, W, 3]."""
     animation = Image.open(io.BytesIO(content))
     frames = []
     for index in range(animation.n_frames):

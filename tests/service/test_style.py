@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.animation import decoded, psnr
+
 
 def npy(response) -> np.ndarray:
     assert response.status_code == 200, response.text
@@ -60,20 +62,6 @@ def test_style_mix_grid_has_a_cell_per_pair_and_mixing_no_layers_changes_nothing
     assert np.array_equal(all_b[0], b[0])  # every layer from B is B
 
 
-def animation_frames(content: bytes) -> np.ndarray:
-    """An animated GIF or WebP's frames as RGB uint8 [T, H, W, 3]."""
-    animation = Image.open(io.BytesIO(content))
-    frames = []
-    for index in range(animation.n_frames):
-        animation.seek(index)
-        frames.append(np.asarray(animation.convert("RGB")))
-    return np.stack(frames)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(10 * np.log10(255**2 / max(np.mean((a.astype(float) - b) ** 2), 1e-12)))
-
-
 def test_interpolation_returns_an_animation_or_frames_whose_ends_are_the_seeds(server):
     with server.client() as client:
         gif = client.post("/v1/models/styles/interpolate", json={"seeds": [1, 2], "steps": 5})
@@ -89,8 +77,8 @@ def test_interpolation_returns_an_animation_or_frames_whose_ends_are_the_seeds(s
     assert Image.open(io.BytesIO(gif.content)).n_frames == 5
     assert Image.open(io.BytesIO(webp.content)).n_frames == 3
     # what the animations hold stays close to the frames: the GIF's 256 colours a frame (a fast octree quantiser), the WebP at quality 90
-    assert psnr(animation_frames(webp.content), webp_frames) > 30
-    assert psnr(animation_frames(gif.content), gif_frames) > 30
+    assert psnr(decoded(webp.content), webp_frames) > 30
+    assert psnr(decoded(gif.content), gif_frames) > 30
     assert frames.shape == (5, 16, 16, 3)
     assert np.abs(frames[0].astype(int) - ends[0]).max() <= 1 and np.abs(frames[-1].astype(int) - ends[1]).max() <= 1
 
