@@ -144,7 +144,7 @@ def test_readiness_is_503_while_a_model_it_requires_is_failed(repository, tmp_pa
 
 
 def test_sigterm_cancels_queued_jobs_and_exits_within_the_deadline_plus_five_seconds(repository):
-    with running_server(repository, request_timeout_s=3, max_projection_steps=100_000, max_job_seconds=1000, models=["styles"]) as server, server.client() as client:
+    with running_server(repository, request_timeout_s=3, max_projection_steps=100_000, max_job_seconds=1000, max_jobs=8, models=["styles"]) as server, server.client() as client:
         image = io.BytesIO()
         Image.new("RGB", (16, 16), (200, 30, 30)).save(image, "PNG")
         jobs = [client.post("/v1/models/styles/project?steps=100000", content=image.getvalue(), headers={"content-type": "image/png"}) for _ in range(4)]
