@@ -71,10 +71,11 @@ def encode_animation(frames: np.ndarray, fmt: str, frame_ms: int) -> bytes:
     """[T, H, W, C] uint8 → an animated GIF or WebP that loops forever.
 
     An RGB frame goes into a GIF through Pillow's fast octree quantiser (256 colours): its default
-    for RGB, median cut, took 12-60x as long (164 ms a 256² frame of noise, 299 ms a 1024² photo:
-    120 frames held an encoder thread 20-36 s) for the same PSNR. WebP is written as still WebP is
-    (quality 90, method 0): lossless, it took 6x as long at 1024² (372 ms a frame) for files 9x
-    as large, where GIF's 256 colours are lossy anyway (`ganserve bench-animation`)."""
+    for RGB, median cut, took 13-71x as long (130 ms a 256² frame of noise, 322 ms a 1024² photo:
+    120 frames held an encoder thread 15-39 s) for the same PSNR. WebP is written as still WebP is
+    (quality 90, method 0): lossless, it took 8x as long at 1024² (351 ms a frame) for files 9x
+    as large, where GIF's 256 colours are lossy anyway (`ganserve bench-animation`,
+    bench/results/animation-latest.json)."""
     pictures = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f) for f in frames]
     if fmt == "gif":
         pictures = [picture.quantize(256, method=Image.Quantize.FASTOCTREE) if picture.mode == "RGB" else picture for picture in pictures]

@@ -7,8 +7,8 @@ is on (Triton's default model-control mode refuses them too), and 403 to a reque
 from another site's page."""
 from __future__ import annotations
 
-from collections.abc import Iterator
 import ipaddress
+from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import urlsplit
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
+from dataclasses import dataclass
 from typing import Annotated
 
 import numpy as np
@@ -159,42 +160,51 @@ def servable_rows(model: LoadedModel, settings: Settings) -> int:
     return max(1, low)
 
 
-def json_value_limit(model: LoadedModel, settings: Settings) -> int | None:
+@dataclass(frozen=True)
+class JsonValueLimit:
+    """What a JSON header to a model may carry: `rows` (`servable_rows`) of `per_row` values."""
+
+    rows: int
+    per_row: int
+
+    @property
+    def values(self) -> int:
+        return self.rows * self.per_row
+
+
+def json_value_limit(model: LoadedModel, settings: Settings) -> JsonValueLimit | None:
     """The most values a JSON header to this model may carry: what the rows it can serve need
     (`servable_rows`) where every input has a fixed shape past its batch axis (generators); None
     where an input's size is dynamic (images: bounded by `max_json_header_bytes` instead). It was
     what 256 rows need: a 256² StyleGAN that serves about 5 parsed 8 MB of them (0.64 s holding the
     GIL; a benign request's p99 60 → 1,055 ms in a probe) before its 413 for their compute."""
-    values = 0
+    per_row = 0
     for tensor in model.entry.spec["inputs"]:
         dims = tensor["shape"][1:]
         if any(d < 0 for d in dims):
             return None
-        values += math.prod(dims)
-    return servable_rows(model, settings) * values
+        per_row += math.prod(dims)
+    return JsonValueLimit(servable_rows(model, settings), per_row)
 
 
-def json_header_limit(model: LoadedModel, settings: Settings) -> int:
-    """The most JSON header bytes a request to this model may send, refused past it (413) before
-    it is parsed: parsing holds the GIL, ~1 s per 8 MiB of values, and stalled every other request
-    while the value count was only checked after. Where every input has a fixed shape past its
-    batch axis (generators), it is what 256 rows can need written long (a 64-value z: under a
-    megabyte); where an input's size is dynamic (images), `max_json_header_bytes`: their pixel
-    limits allow far more values than the body limit, so no shape bounds the parse, and images
-    travel as binary."""
-    values = json_value_limit(model, settings)
-    return settings.max_json_header_bytes if values is None else values * MAX_JSON_BYTES_PER_VALUE + JSON_HEADER_SLACK
+def json_header_limit(limit: JsonValueLimit | None, settings: Settings) -> int:
+    """The most JSON header bytes a request may send, refused past it (413) before it is parsed:
+    parsing holds the GIL, ~1 s per 8 MiB of values, and stalled every other request while the
+    value count was only checked after. Where the inputs have a fixed size (`limit`), what its
+    values can need written long; where an input's size is dynamic (images),
+    `max_json_header_bytes`: their pixel limits allow far more values than the body limit, so no
+    shape bounds the parse, and images travel as binary."""
+    return settings.max_json_header_bytes if limit is None else limit.values * MAX_JSON_BYTES_PER_VALUE + JSON_HEADER_SLACK
 
 
-def check_json_values(model: LoadedModel, settings: Settings, raw: bytes, json_bytes: int) -> None:
-    """413 for a JSON header of more values than the model's inputs can take (`json_value_limit`),
-    counted by its commas before it is parsed. The byte limit allows for long floats: 6.3 MB of
-    `0,` under the 512-value StyleGAN's limit were 3.1 M values, 0.4 s of parsing that held the
-    GIL (a hostile probe: a benign request's p50 4 → 165 ms); counting them takes milliseconds."""
-    values = json_value_limit(model, settings)
-    if values is not None and raw.count(b",", 0, json_bytes) > values + JSON_STRUCTURE_COMMAS:
-        raise ApiError(413, f"the inference header holds more than {values} values; {model.entry.name!r} takes at most "
-                            f"{servable_rows(model, settings)} rows of its inputs ({values} values) in one request here")
+def check_json_values(name: str, limit: JsonValueLimit | None, raw: bytes, json_bytes: int) -> None:
+    """413 for a JSON header of more values than `limit`, counted by its commas before it is
+    parsed. The byte limit allows for long floats: 6.3 MB of `0,` under the 512-value StyleGAN's
+    limit were 3.1 M values, 0.4 s of parsing that held the GIL (a hostile probe: a benign
+    request's p50 4 → 165 ms); counting them takes milliseconds."""
+    if limit is not None and raw.count(b",", 0, json_bytes) > limit.values + JSON_STRUCTURE_COMMAS:
+        raise ApiError(413, f"the inference header holds more than {limit.values} values; {name!r} takes at most "
+                            f"{limit.rows} rows of its inputs ({limit.values} values) in one request here")
 
 
 async def infer_on(request: Request, name: str, version: int | None) -> Response:
@@ -207,11 +217,12 @@ async def infer_on(request: Request, name: str, version: int | None) -> Response
     header_length = request.headers.get(HEADER_LENGTH)
     # the JSON part of the body; a header that is no count is refused by parse_request, with 422
     json_bytes = min(ascii_count(header_length) or len(raw), len(raw))
-    limit = json_header_limit(model, registry.settings)
+    value_limit = json_value_limit(model, registry.settings)  # (once: its rows come from a search over the compute limit)
+    limit = json_header_limit(value_limit, registry.settings)
     if json_bytes > limit:
         raise ApiError(413, f"the inference header is {json_bytes} bytes of JSON; {name!r} takes at most {limit} "
                             "(send the tensors as binary data)")
-    check_json_values(model, registry.settings, raw, json_bytes)
+    check_json_values(name, value_limit, raw, json_bytes)
     reserve(request, json_bytes * PARSED_BYTES_PER_BODY_BYTE + len(raw))
     body, arrays = await off_loop(request, parse_request, raw, header_length)
     shapes = [t.shape for t in body.inputs]

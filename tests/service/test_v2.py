@@ -135,7 +135,7 @@ def test_a_json_header_of_more_rows_than_the_model_can_serve_is_refused_before_i
     from service.memory import MemoryBudget
     from service.registry import LoadedModel
     from service.repository import scan_repository
-    from service.routes.v2 import JSON_STRUCTURE_COMMAS, check_json_values, servable_rows
+    from service.routes.v2 import JSON_STRUCTURE_COMMAS, check_json_values, json_value_limit, servable_rows
     from service.settings import Settings
 
     entry = next(e for e in scan_repository(repository) if e.name == "styles")
@@ -155,10 +155,11 @@ def test_a_json_header_of_more_rows_than_the_model_can_serve_is_refused_before_i
             return (f'{{"inputs":[{{"name":"{name}","shape":[{rows},{",".join(map(str, dims))}],"datatype":"FP32","data":['
                     + ",".join(["0"] * rows * per_row) + "]}]}").encode()
 
-        check_json_values(model, settings, header(4), len(header(4)))
+        limit = json_value_limit(model, settings)
+        check_json_values("styles", limit, header(4), len(header(4)))
         too_many = 5 + JSON_STRUCTURE_COMMAS // per_row  # (the count allows the commas of keys and shapes besides)
         with pytest.raises(ApiError) as refused:
-            check_json_values(model, settings, header(too_many), len(header(too_many)))
+            check_json_values("styles", limit, header(too_many), len(header(too_many)))
         assert refused.value.status == 413 and "at most 4 rows" in refused.value.message
         assert too_many < 256  # (allowed before)
     finally:

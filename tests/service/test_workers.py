@@ -600,6 +600,11 @@ def test_a_hung_engine_makes_the_fronts_unready_and_refuse_at_once_until_it_answ
         poll = httpx.get(f"{workers.url}/v1/jobs/0123456789abcdef", timeout=60)
         assert poll.status_code == 503 and "engine" in poll.json()["error"]["message"] and time.monotonic() - started < 9
         assert httpx.get(f"{workers.url}/health/ready", timeout=10).status_code == 503
+        # each front counts the silence from its own last unanswered ask (asked every 0.5 s): the
+        # other front may be a moment behind, and a request it admits meanwhile waits out its deadline
+        waited = time.monotonic()
+        while any(httpx.get(f"{workers.url}/health/ready", timeout=10).status_code != 503 for _ in range(8)) and time.monotonic() - waited < 3:
+            time.sleep(0.1)
         started = time.monotonic()
         refused = httpx.post(f"{workers.url}/v1/models/digits/generate", json={"seed": 1}, timeout=40)
         assert refused.status_code == 503 and "engine" in refused.json()["error"]["message"] and time.monotonic() - started < 5
