@@ -115,6 +115,20 @@ def bench_animation_command(
     run_animation_bench([int(side) for side in sides.split(",")], frames, noise_side, repeats, out)
 
 
+def bench_arena_command(
+    entry: Optional[Path] = typer.Option(None, help="a repository entry's version directory (fixed-shape ONNX); default: a synthetic generator"),
+    side: int = typer.Option(1024, min=16, help="the synthetic generator's image side"),
+    batch: int = typer.Option(4, min=1, help="the warmed batch size"),
+    held: int = typer.Option(16, min=1, help="batches whose outputs one request holds at once"),
+    repeats: int = typer.Option(5, min=1, help="timed batches; the median counts"),
+    out: Optional[Path] = typer.Option(Path("bench/results/arena-latest.json"), help="JSON report"),
+) -> None:
+    """What ONNX Runtime's host arena keeps after warm-up, as served against the settings before and against no arena, same model, same run."""
+    from bench.arena import run_arena_bench
+
+    run_arena_bench(entry, side, batch, held, repeats, out)
+
+
 def register(app: typer.Typer) -> None:
     app.command("bench")(bench_command)
     app.command("bench-upscale")(bench_upscale_command)
@@ -122,3 +136,4 @@ def register(app: typer.Typer) -> None:
     app.command("bench-ray")(bench_ray_command)
     app.command("bench-limits")(bench_limits_command)
     app.command("bench-animation")(bench_animation_command)
+    app.command("bench-arena")(bench_arena_command)

@@ -9,7 +9,8 @@ with graphs captured per warmed shape where it asks for `graph_capture` (service
 from __future__ import annotations
 
 import contextlib
-from typing import Protocol
+import threading
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -75,17 +76,23 @@ class OnnxRuntime:
         # spinning threads burn the cores the HTTP loop and the encoders need
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if has_dynamic_size(entry, graph):
-            # every upload has its own size: an arena would keep the largest one's activations
-            # for good (a 4096² translate left 7 GB resident), and memory patterns only pay off
-            # for fixed shapes
-            options.enable_cpu_mem_arena = False
-            options.enable_mem_pattern = False
         providers = ["CPUExecutionProvider"]
         if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(str(entry.file_for("onnx", graph)), options, providers=providers)
         self.device = "cuda" if providers[0].startswith("CUDA") else "cpu"
+        if has_dynamic_size(entry, graph):
+            # every upload has its own size: an arena would keep the largest one's activations
+            # for good (a 4096² translate left 7 GB resident)
+            options.enable_cpu_mem_arena = False
+        if has_dynamic_size(entry, graph) or self.device == "cpu":
+            # a memory pattern plans each shape's activations into one block, allocated beside the
+            # arena's own chunks: a 1024² generator's arena then held twice a batch's activations
+            # (1,101 against 590 MB at 4 images), at no speed gained on any shipped model
+            options.enable_mem_pattern = False
+        self.session = ort.InferenceSession(str(entry.file_for("onnx", graph)), options, providers=providers)
+        self.arena = ArenaKeeper(ort) if options.enable_cpu_mem_arena and self.device == "cpu" else None
+        output_spec = entry.graph_spec(graph)["outputs"][0]  # fixed but for the batch where there is an arena
+        self.output_shape, self.output_dtype = output_spec["shape"], np.dtype(output_spec["datatype"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_name = self.session.get_outputs()[0].name
         self.io_binding = self.device == "cuda" if io_binding is None else io_binding
@@ -118,8 +125,82 @@ class OnnxRuntime:
         return finish(torch.from_dlpack(output))
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        with translated_oom():
-            return self.session.run(None, {name: inputs[name] for name in self.input_names})[0]
+        feeds = {name: inputs[name] for name in self.input_names}
+        if self.arena is None:
+            with translated_oom():
+                return self.session.run(None, feeds)[0]
+        with self.arena.turn(len(feeds[self.input_names[0]])) as run_options, translated_oom():
+            return self.run_into_own_array(feeds, run_options)
+
+    def run_into_own_array(self, feeds: dict[str, np.ndarray], run_options) -> np.ndarray:
+        """One run whose output is written into an array of ours, not the arena's. `session.run`
+        hands back the output in the arena's memory, so outputs a request still holds (a 100-image
+        answer's rows until it is written) make the arena grow past them, and it keeps that for good:
+        +1.3 GB idle after one such answer of a 1024² generator."""
+        batch = len(feeds[self.input_names[0]])
+        output = np.empty((batch, *self.output_shape[1:]), self.output_dtype)
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        binding.bind_output(self.output_name, "cpu", 0, output.dtype, list(output.shape), output.ctypes.data)
+        self.session.run_with_iobinding(binding, run_options)
+        return output
+
+
+class ArenaKeeper:
+    """Bounds what ONNX Runtime's host arena keeps to what warm-up left in it.
+
+    The arena keeps the largest batch's activations after the batch is done (fast: fresh pages
+    cost a 1024² generator 50–80 % more a forward without it). Warm-up runs the largest batch the
+    batcher forms, and the memory budget's resident baseline is read after warm-up, so what the
+    arena keeps from then on is counted, as long as it does not grow. It grows under a batch
+    larger than warm-up's (the fit may have been relaxed since) or a batch beside another on the
+    same session (`lane_threads` > 1): those runs ask the arena to give back, at their end, the
+    regions they added (`memory.enable_memory_arena_shrinkage`). Before this, three 100-image
+    answers of a 1024² generator left 2.2 GB resident outside the budget (docs/benchmarks.md, "The host
+    arena")."""
+
+    def __init__(self, ort) -> None:
+        self.warming = False
+        self.kept_batch = 0  # the largest batch warm-up ran (0: none, so every run gives back)
+        self.in_flight = 0
+        self.shrinks = 0  # runs that gave back what they added (for tests and logs)
+        self.lock = threading.Lock()
+        self.giving_back = ort.RunOptions()
+        self.giving_back.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+    @contextlib.contextmanager
+    def warm(self):
+        """While warm-up runs: every batch is kept, and the largest becomes the bound."""
+        self.warming = True
+        try:
+            yield
+        finally:
+            self.warming = False
+
+    @contextlib.contextmanager
+    def turn(self, batch: int):
+        """The run options for one run of `batch` items."""
+        with self.lock:
+            self.in_flight += 1
+            if self.warming:
+                self.kept_batch = max(self.kept_batch, batch)
+            keeps = self.warming or (batch <= self.kept_batch and self.in_flight == 1)
+            if not keeps:
+                self.shrinks += 1
+        try:
+            yield None if keeps else self.giving_back
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+
+@contextlib.contextmanager
+def warming(runtime: Any):
+    """While warm-up runs `runtime`: the batches it runs are those its arena may keep."""
+    arena: ArenaKeeper | None = getattr(runtime, "arena", None)
+    with arena.warm() if arena is not None else contextlib.nullcontext():
+        yield
 
 
 @contextlib.contextmanager

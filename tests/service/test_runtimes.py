@@ -1,0 +1,73 @@
+"""What ONNX Runtime's host arena keeps between requests: no more than warm-up left in it, which
+the memory budget's resident baseline counted (service/runtimes.py, `ArenaKeeper`)."""
+import gc
+
+import numpy as np
+import pytest
+
+from bench.arena import wide_generator_entry
+from service.memory import rss_bytes
+from service.repository import ModelEntry
+from service.runtimes import OnnxRuntime, warming
+
+SIDE = 512  # 3 MiB an output image, 16 MiB of activations an image
+
+
+@pytest.fixture(scope="module")
+def wide_entry(tmp_path_factory) -> ModelEntry:
+    return wide_generator_entry(tmp_path_factory.mktemp("wide"), SIDE)
+
+
+def z(batch: int) -> dict[str, np.ndarray]:
+    return {"z": np.random.default_rng(batch).standard_normal((batch, 4), dtype=np.float32)}
+
+
+def warmed(entry: ModelEntry, batch: int) -> OnnxRuntime:
+    runtime = OnnxRuntime(entry, "cpu", 1)
+    with warming(runtime):
+        runtime.run(z(batch))
+        runtime.run(z(batch))
+    return runtime
+
+
+def settled_rss() -> int:
+    gc.collect()
+    return rss_bytes()
+
+
+def test_outputs_a_request_holds_leave_nothing_in_the_arena_after_it(wide_entry):
+    """A 100-image answer holds its rows until it is written: held in the arena's memory, they made
+    the arena grow past them and keep that (+1 GB idle after one answer of a 1024² generator)."""
+    runtime = warmed(wide_entry, 4)
+    before = settled_rss()
+    held = [runtime.run(z(4)) for _ in range(24)]  # 288 MiB of outputs
+    assert held[0].shape == (4, 3, SIDE, SIDE) and np.abs(held[0]).max() > 0
+    own_memory = [output.flags.owndata for output in held]
+    del held
+    kept = settled_rss() - before
+    assert kept < 100 * 2**20, f"{kept / 2**20:.0f} MiB more resident after the outputs were let go"
+    assert all(own_memory), "an output is the arena's memory"
+
+
+def test_a_batch_larger_than_warm_ups_gives_back_what_it_added(wide_entry):
+    """Batches up to warm-up's largest reuse what the arena holds; a larger one (a relaxed fit lets
+    the batcher form it) is given back at its end, so idle memory stays what the budget counted."""
+    runtime = warmed(wide_entry, 2)
+    before = settled_rss()
+    for _ in range(2):
+        runtime.run(z(2))
+    assert runtime.arena.shrinks == 0
+    output = runtime.run(z(16))  # 256 MiB of activations
+    assert output.shape == (16, 3, SIDE, SIDE)
+    del output
+    kept = settled_rss() - before
+    assert runtime.arena.shrinks == 1
+    assert kept < 100 * 2**20, f"{kept / 2**20:.0f} MiB more resident after a 16-image batch"
+
+
+def test_the_arena_gives_the_same_images_as_a_session_without_one(wide_entry):
+    runtime = warmed(wide_entry, 2)
+    inputs = z(3)
+    plain = OnnxRuntime(wide_entry, "cpu", 1)
+    plain.arena = None  # session.run's own output
+    np.testing.assert_array_equal(runtime.run(inputs), plain.run(inputs))
