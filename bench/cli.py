@@ -129,6 +129,17 @@ def bench_arena_command(
     run_arena_bench(entry, side, batch, held, repeats, out)
 
 
+def bench_encoding_command(
+    sides: str = typer.Option("64,256,512,1024", help="comma-separated image sides"),
+    repeats: int = typer.Option(5, min=1, help="encodes per case; the median counts"),
+    out: Optional[Path] = typer.Option(Path("bench/results/encoding-estimate-latest.json"), help="JSON report"),
+) -> None:
+    """The encoding estimate admission uses against the encoding itself, per format and size."""
+    from bench.encoding import run_encoding_bench
+
+    run_encoding_bench([int(side) for side in sides.split(",")], repeats, out)
+
+
 def register(app: typer.Typer) -> None:
     app.command("bench")(bench_command)
     app.command("bench-upscale")(bench_upscale_command)
@@ -137,3 +148,4 @@ def register(app: typer.Typer) -> None:
     app.command("bench-limits")(bench_limits_command)
     app.command("bench-animation")(bench_animation_command)
     app.command("bench-arena")(bench_arena_command)
+    app.command("bench-encoding")(bench_encoding_command)

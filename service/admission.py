@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from service.costs import GraphCost
+from service.encoder_backlog import EncoderBacklog
 from service.errors import ApiError
 from service.memory import MemoryBudget, OverBudget
 from service.settings import Settings
@@ -107,6 +108,8 @@ class RequestCost:
 
     seconds: float
     bytes: int
+    encode_seconds: float = 0.0  # one encoder thread's seconds for its answer (`EncoderTable.seconds`)
+    encode_format: str = ""
 
 
 def batch_share_bytes(cost: GraphCost | None, units: list[float], max_batch_size: int, max_batch_seconds: float) -> int:
@@ -124,13 +127,17 @@ def compute_seconds(cost: GraphCost | None, units: list[float], max_batch_size: 
     return batches * cost.overhead_s + cost.per_unit_s * sum(units)
 
 
-def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, budget: MemoryBudget, recheck_s: float = 30.0) -> float:
+def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, budget: MemoryBudget, recheck_s: float = 30.0,
+          encoding: EncoderBacklog | None = None, timeout_s: float = math.inf) -> float:
     """Refuses what cannot finish in time or fit in memory; otherwise reserves the request's
     bytes and returns the lane seconds it will take (the caller adds them to the lane's backlog
     at once, so the requests admitted in one burst see each other, and releases both when the
     request ends). `recheck_s`: when the model's speed is measured again on an idle server
     (`GANSERVE_REMEASURE_IDLE_S`), the Retry-After of a request refused because the model has
-    run slower than measured lately rather than for the work queued before it."""
+    run slower than measured lately rather than for the work queued before it. With `encoding`
+    (the process's encoder pool), its answer's encoding must also fit, after its compute, behind
+    the encodings admitted before it (`EncoderBacklog.check`); its seconds are added there, and
+    the caller takes them off once the answer is encoded."""
     limit = model.limits.compute_seconds if model.limits else math.inf
     if request_cost.seconds > limit:
         raise ApiError(413, f"this request needs about {request_cost.seconds:.1f} s of compute on {model.entry.name!r}; "
@@ -150,7 +157,12 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
             why = f"this request needs about {alone:.1f} s of compute and its deadline leaves {budget_s:.1f} s"
         raise ApiError(503, f"{why}; this request would finish after its deadline: retry in {retry} s", code="overloaded",
                        headers={"Retry-After": str(retry)})
+    if encoding is not None:
+        hint = f" as {request_cost.encode_format}" if request_cost.encode_format else ""
+        encoding.check(request_cost.encode_seconds, request_cost.seconds / lane.threads, wait + alone, remaining_s, timeout_s, hint)
     reserve_memory(budget, request_cost.bytes, retry_after_s=wait)
+    if encoding is not None:
+        encoding.add(request_cost.encode_seconds)
     return request_cost.seconds * correction
 
 

@@ -29,6 +29,7 @@ from PIL import Image
 FORMATS = ("png", "jpeg", "webp")
 LARGE_PIXELS = 160 * 160  # frames at least this big are "large"
 PROBE_SIDES = {"small": 64, "large": 384}
+ANIMATION_RATE_OF = {"gif": "webp"}  # what an animation format's frames are estimated at (`EncoderTable.seconds`)
 
 
 def pillow_encode(image: np.ndarray, fmt: str) -> bytes:
@@ -117,9 +118,26 @@ class EncoderTable:
 
     choices: dict[tuple[str, str], str] = field(default_factory=dict)
     measured: dict[str, dict[str, float]] = field(default_factory=dict)
+    threads: int = 1  # encoder threads encoding at once when the rates were measured
 
     def encode(self, image: np.ndarray, fmt: str) -> bytes:
         return ENCODERS[self.choices.get((fmt, size_class(image)), "pillow")](image, fmt)
+
+    def seconds(self, fmt: str, pixels: int, images: int = 1) -> float:
+        """What encoding `images` images of `pixels` pixels each in `fmt` takes one encoder thread,
+        from the chosen library's rate at the size class's probe, per pixel (never less than a
+        probe's worth a small image: a call's fixed cost). The rate was measured with every thread
+        encoding at once, so this is what one image costs when the pool is busy, which is when it
+        matters, and over what it costs one thread alone where a library does not scale across
+        threads (Pillow's). A GIF frame (quantised, then compressed) is counted at WebP's rate,
+        over what it takes at every size measured (bench-encoding, docs/benchmarks.md). 0 where nothing was measured (npy and JSON tensors are copies)."""
+        fmt = ANIMATION_RATE_OF.get(fmt, fmt)
+        size = "large" if pixels >= LARGE_PIXELS else "small"
+        rate = self.measured.get(f"{fmt}/{size}", {}).get(self.choices.get((fmt, size), ""), 0.0)
+        if rate <= 0:
+            return 0.0
+        probe_pixels = PROBE_SIDES[size] ** 2
+        return images * self.threads * max(pixels, probe_pixels if size == "small" else 0) / (rate * probe_pixels)
 
     def without_device_libraries(self) -> "EncoderTable":
         """The table for a process without the GPU (a `--workers` front): each choice of a device
@@ -130,7 +148,7 @@ class EncoderTable:
                 rates = {name: rate for name, rate in self.measured.get(f"{fmt}/{size}", {}).items() if name not in DEVICE_LIBRARIES}
                 library = max(rates, key=rates.get) if rates else "pillow"
             choices[(fmt, size)] = library
-        return EncoderTable(choices, self.measured)
+        return EncoderTable(choices, self.measured, self.threads)
 
     def describe(self) -> dict:
         return {f"{fmt}/{size}": library for (fmt, size), library in sorted(self.choices.items())} | {"measured_per_s": self.measured}
@@ -173,4 +191,4 @@ def measure_encoders(threads: int, seconds_per_probe: float = 0.015) -> EncoderT
                     rates[name] = count / elapsed
                 choices[(fmt, size)] = max(rates, key=rates.get)
                 measured[f"{fmt}/{size}"] = {name: round(rate, 1) for name, rate in rates.items()}
-    return EncoderTable(choices, measured)
+    return EncoderTable(choices, measured, threads)

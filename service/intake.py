@@ -65,7 +65,13 @@ class RequestContext:
     on_disconnect: list[Callable[[], object]] = field(default_factory=list)  # what stops the request's work (the pipeline's)
     labels: tuple[str, str, str] | None = None  # (model, version, operation), set by the pipeline
     reserved: int = 0  # bytes held from the memory budget until the response is sent
+    encode_seconds: float = 0.0  # counted in the encoder pool's backlog until the answer is encoded (`encoded`)
     timing: dict[str, float] = field(default_factory=dict)  # stage seconds for Server-Timing (queue, compute: the batcher's)
+
+    def encoded(self, backlog) -> None:
+        """The answer is encoded (or never will be): its seconds leave the encoder pool's backlog."""
+        backlog.remove(self.encode_seconds)
+        self.encode_seconds = 0.0
 
     def client_left(self) -> None:
         """The client hung up: wakes whoever waits on `disconnected` and stops the request's work."""
@@ -194,6 +200,8 @@ class RequestIntake:
         finally:
             if budget is not None:
                 self.release(scope, budget, context.reserved, answer_bytes)
+            if (backlog := getattr(registry, "encoding", None)) is not None:
+                context.encoded(backlog)  # a request that ended before its answer was encoded (504, 499, an error)
             self.account(scope, context, 499 if context.disconnected.is_set() else status["code"], registry)
 
     @staticmethod

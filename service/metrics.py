@@ -69,6 +69,8 @@ class ServiceMetrics:
                                    registry=r, multiprocess_mode="livemostrecent")
         self.memory_reserved = Gauge("ganserve_memory_reserved_bytes", "Bytes admitted requests hold now, unread answers included",
                                      registry=r, multiprocess_mode="livemostrecent")
+        self.encoder_backlog = Gauge("ganserve_encoder_backlog_seconds", "One encoder thread's seconds of the answers admitted and not yet encoded (summed over processes)",
+                                     registry=r, multiprocess_mode="livesum")
         self.gpu_memory = Gauge("ganserve_gpu_memory_bytes", "GPU memory allocated by this process", ("device",), registry=r, multiprocess_mode="liveall")
 
     def versioned(self) -> list[tuple[Counter | Gauge | Histogram, tuple[str, ...]]]:
@@ -97,13 +99,14 @@ class ServiceMetrics:
         self.bound.cache_clear()  # its children of the removed label sets would write where no scrape looks
         return removed
 
-    def record_process_state(self, capacity: int, used: int, device: str) -> None:
-        """The memory budget, what admitted requests hold, and this process's GPU memory: read
+    def record_process_state(self, capacity: int, used: int, device: str, encoding_s: float = 0.0) -> None:
+        """The memory budget, what admitted requests hold, the encoder pool's backlog and this process's GPU memory: read
         where they live, so set at every scrape and, for the processes a scrape does not reach
         (a `--workers` engine, the fronts that did not answer it), every `STATE_REFRESH_S` by
         `refresh_process_state` (before, an engine's series read 0 and an unscraped front's was stale)."""
         self.memory_budget.set(capacity)
         self.memory_reserved.set(used)
+        self.encoder_backlog.set(encoding_s)
         if device == "cuda":
             import torch
 
@@ -155,5 +158,5 @@ async def refresh_process_state(registry) -> None:
     """Keeps this process's memory gauges current until cancelled (the app's lifespan runs it in
     every process; `registry` is the lifespan's ModelRegistry)."""
     while True:
-        registry.metrics.record_process_state(registry.memory.capacity, registry.memory.used, registry.device)
+        registry.metrics.record_process_state(registry.memory.capacity, registry.memory.used, registry.device, registry.encoding.seconds)
         await asyncio.sleep(STATE_REFRESH_S)

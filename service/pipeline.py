@@ -9,6 +9,7 @@ Routes never repeat any of it, and never import each other.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import time
 from collections.abc import Awaitable, Callable
@@ -143,6 +144,17 @@ def estimate(model: LoadedModel, graph: str, units: list[float], resident_bytes:
                        resident_bytes + batch_share_bytes(cost, units, config.max_batch_size, config.max_batch_seconds))
 
 
+def with_encoding(registry: ModelRegistry, cost: RequestCost, fmt: str, pixels: int, images: int = 1) -> RequestCost:
+    """`cost` with what its answer's encoding takes the encoder pool: `images` images of `pixels`
+    pixels each in `fmt` (service/encoder_backlog.py)."""
+    return dataclasses.replace(cost, encode_seconds=registry.encoder_table.seconds(fmt, pixels, images), encode_format=fmt)
+
+
+def output_pixels(model: LoadedModel) -> int:
+    """The pixels of one generated image."""
+    return (model.entry.spec.get("resolution") or 1) ** 2
+
+
 def generated_bytes(model: LoadedModel, count: int) -> int:
     """What `count` generated images hold: float outputs, uint8 and the encoded bytes (at worst
     as large as the pixels, base64 a third more)."""
@@ -152,7 +164,8 @@ def generated_bytes(model: LoadedModel, count: int) -> int:
 
 
 def combined(*costs: RequestCost) -> RequestCost:
-    return RequestCost(sum(c.seconds for c in costs), sum(c.bytes for c in costs))
+    return RequestCost(sum(c.seconds for c in costs), sum(c.bytes for c in costs), sum(c.encode_seconds for c in costs),
+                       next((c.encode_format for c in costs if c.encode_format), ""))
 
 
 async def execute(request: Request, model: LoadedModel, cost: RequestCost, work: Callable[[RequestState], Awaitable[T]]) -> T:
@@ -186,8 +199,10 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
         raise ApiError(499, "the client closed the request", code="client_closed_request")
     settings = registry.settings
     state.lane_seconds = admit(model, cost, state.deadline - time.monotonic(), registry.memory,
-                               recheck_s=settings.remeasure_idle_s or settings.request_timeout_s)
+                               recheck_s=settings.remeasure_idle_s or settings.request_timeout_s, encoding=registry.encoding,
+                               timeout_s=settings.request_timeout_s)
     ctx.reserved += cost.bytes  # released by the intake once the response is sent
+    ctx.encode_seconds += cost.encode_seconds  # released once the answer is encoded (`respond`), or by the intake
     model.lane.add_backlog(state.lane_seconds)  # its items take their shares off as they finish
     task = asyncio.current_task()
     loop = task.get_loop()

@@ -21,6 +21,7 @@ from service import memory
 from service.admission import ModelLimits, derive_limits
 from service.batcher import BatchKey, DynamicBatcher, ShuttingDown
 from service.costs import CostProbe, GraphCost, measure_cost
+from service.encoder_backlog import EncoderBacklog
 from service.encoders import PILLOW_ONLY, EncoderTable, measure_encoders
 from service.errors import ApiError
 from service.graph_capture import capture_report, capturing
@@ -200,6 +201,7 @@ class ModelRegistry:
         self.metrics = metrics
         self.device = resolve_device(settings.device)
         self.encoders = ThreadPoolExecutor(settings.encoder_threads, thread_name_prefix="encode")
+        self.encoding = EncoderBacklog(settings.encoder_threads)  # what admission has queued for `encoders` (service/encoder_backlog.py)
         self.memory = memory_budget_for(settings)
         self.models: dict[str, dict[int, LoadedModel]] = {}
         self.jobs = JobStore(settings.max_jobs, settings.max_job_seconds, self.memory)

@@ -78,8 +78,9 @@ def encode_outputs(outputs: np.ndarray, value_range: tuple[float, float], fmt: s
 
 
 async def respond(registry, entry, operation: str, outputs: np.ndarray, fmt: str, layout: str = "grid", columns: int | None = None,
-                  tags: list[int] | None = None) -> Response:
-    """float images [N, C, H, W] → uint8 → encoded (inline when small, else in the encoder pool) → Response."""
+                  tags: list[int] | None = None, ctx=None) -> Response:
+    """float images [N, C, H, W] → uint8 → encoded (inline when small, else in the encoder pool) →
+    Response. `ctx`: the request's context, whose encoding leaves the pool's backlog once done."""
     tags = tags or []
     value_range = tuple(entry.spec["value_range"])
     started = time.perf_counter()
@@ -89,16 +90,20 @@ async def respond(registry, entry, operation: str, outputs: np.ndarray, fmt: str
         content, media_type = await asyncio.get_running_loop().run_in_executor(registry.encoders, encode_outputs, outputs, value_range, fmt, layout,
                                                                                columns, tags, registry.encoder_table)
     encoded = time.perf_counter() - started
+    if ctx is not None:
+        ctx.encoded(registry.encoding)
     registry.metrics.bound(entry.name, str(entry.version), operation).encode_duration.observe(encoded)
     headers = {"X-Model-Version": str(entry.version), "Server-Timing": f"encode;dur={1000 * encoded:.2f}"} | ({"X-Seeds": ",".join(map(str, tags[:64]))} if tags else {})
     return Response(content, media_type=media_type, headers=headers)
 
 
-async def respond_animation(registry, entry, frames: np.ndarray, fmt: str, frame_ms: int) -> Response:
+async def respond_animation(registry, entry, frames: np.ndarray, fmt: str, frame_ms: int, ctx=None) -> Response:
     """float frames [T, C, H, W] → an animated GIF or WebP."""
     pixels = to_uint8(frames, tuple(entry.spec["value_range"]))
     started = time.perf_counter()
     content = await asyncio.get_running_loop().run_in_executor(registry.encoders, encode_animation, pixels, fmt, frame_ms)
     encoded = time.perf_counter() - started
+    if ctx is not None:
+        ctx.encoded(registry.encoding)
     registry.metrics.bound(entry.name, str(entry.version), "interpolate").encode_duration.observe(encoded)
     return Response(content, media_type=CONTENT_TYPES[fmt], headers={"X-Model-Version": str(entry.version), "Server-Timing": f"encode;dur={1000 * encoded:.2f}"})

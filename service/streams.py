@@ -41,7 +41,7 @@ from service.errors import ApiError
 from service.http_protocol import FLUSHED_EXTENSION, SERVER_SHUTDOWN_EXTENSION
 from service.intake import RequestContext
 from service.memory import OverBudget
-from service.pipeline import execute_for, in_pool
+from service.pipeline import execute_for, in_pool, with_encoding
 from service.registry import ModelRegistry
 from service.responses import encode_outputs
 from service.upscaling import plan_upscale, upscale_upload
@@ -267,7 +267,8 @@ class UpscaleStream:
             version = str(model.entry.version)
             width, height = await probe(registry, frame.data)
             plan = plan_upscale(model, width, height)
-            output = await execute_for(registry, ctx, model, plan.cost, lambda state: upscale_upload(registry, model, frame.data, plan, state))
+            cost = with_encoding(registry, plan.cost, self.format, width * height * model.entry.spec["scale"] ** 2)
+            output = await execute_for(registry, ctx, model, cost, lambda state: upscale_upload(registry, model, frame.data, plan, state))
             started = time.perf_counter()
             content, _ = await in_pool(registry, encode_outputs, output[None], tuple(model.entry.spec["value_range"]), self.format, "grid", None, [],
                                        registry.encoder_table)
@@ -292,6 +293,7 @@ class UpscaleStream:
         finally:
             self.frame_context = None
             registry.memory.release(ctx.reserved - held)
+            ctx.encoded(registry.encoding)
         scale = model.entry.spec["scale"]
         now = time.monotonic()
         self.stats.record_answer(now - frame.arrived, now)

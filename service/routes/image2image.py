@@ -22,7 +22,7 @@ from service.admission import translate_bytes_per_pixel
 from service.batcher import run_items
 from service.errors import error_responses
 from service.imaging import DECODE_BYTES_PER_PIXEL
-from service.pipeline import KnownQueryRoute, begin, estimate, execute, off_loop, registry_of, require_kind
+from service.pipeline import KnownQueryRoute, begin, context, estimate, execute, off_loop, registry_of, require_kind, with_encoding
 from service.responses import choose_format, respond
 from service.schemas import ImageFormat, VersionText
 from service.tiling import padded_size, resized_size
@@ -58,9 +58,9 @@ async def translate(name: str, request: Request, format: ImageFormat | None = Qu
         (output,) = await run_items(registry.batcher(model, "translate"), [{"image": x}], state)
         return output
 
-    output = await execute(request, model, estimate(model, "model", [units], resident), work)
+    output = await execute(request, model, with_encoding(registry, estimate(model, "model", [units], resident), fmt, height * width), work)
     output = output[:, :height, :width] if fit == "pad" else await off_loop(request, resize_chw, output, height, width)
-    return await respond(registry, entry, "translate", output[None], fmt)
+    return await respond(registry, entry, "translate", output[None], fmt, ctx=context(request))
 
 
 @router.post("/models/{name}/upscale", openapi_extra=IMAGE_BODY, responses=IMAGE_RESPONSES)
@@ -75,7 +75,8 @@ async def upscale(name: str, request: Request, format: ImageFormat | None = Quer
     data = await read_upload(request)
     width, height = await probe(registry, data)
     plan = plan_upscale(model, width, height)
-    output = await execute(request, model, plan.cost, lambda state: upscale_upload(registry, model, data, plan, state))
-    response = await respond(registry, entry, "upscale", output[None], fmt)
+    cost = with_encoding(registry, plan.cost, fmt, width * height * entry.spec["scale"] ** 2)
+    output = await execute(request, model, cost, lambda state: upscale_upload(registry, model, data, plan, state))
+    response = await respond(registry, entry, "upscale", output[None], fmt, ctx=context(request))
     response.headers["X-Tiles"] = str(plan.tiles)
     return response

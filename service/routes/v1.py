@@ -9,7 +9,7 @@ from service import style
 from service.batcher import run_items
 from service.errors import ApiError, error_responses
 from service.operations import generate_inputs, resolve_label, resolve_truncation
-from service.pipeline import JsonBodyRoute, begin, combined, estimate, execute, generated_bytes, registry_of
+from service.pipeline import JsonBodyRoute, begin, combined, context, estimate, execute, generated_bytes, output_pixels, registry_of, with_encoding
 from service.registry import IMAGE_TO_IMAGE, LoadedModel
 from service.responses import choose_format, respond
 from service.schemas import MAX_SEED, MAX_WS, BigGANTruncation, ClassIndex, ClassName, ImageCount, ImageFormat, Layout, Psi, Seed, Version
@@ -120,5 +120,5 @@ async def generate(name: str, body: GenerateRequest, request: Request) -> Respon
         async def work(state) -> np.ndarray:
             return np.stack(await run_items(registry.batcher(model, "generate"), generate_inputs(entry, seeds, label, truncation), state))
 
-    images = await execute(request, model, cost, work)
-    return await respond(registry, entry, "generate", images, fmt, body.layout, body.columns, seeds)
+    images = await execute(request, model, with_encoding(registry, cost, fmt, output_pixels(model), len(seeds)), work)
+    return await respond(registry, entry, "generate", images, fmt, body.layout, body.columns, seeds, ctx=context(request))

@@ -1,16 +1,28 @@
 """Admission's 503s say why, with a Retry-After that means something: the work queued before a
-request, a model that has run slower than measured lately, or a deadline the upload used up."""
+request, a model that has run slower than measured lately, or a deadline the upload used up; and
+an answer's encoding is admitted with it, behind the encodings admitted before it."""
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import pytest
+from PIL import Image
 
 from service.admission import ModelLimits, RequestCost, admit
 from service.costs import GraphCost
+from service.encoder_backlog import EncoderBacklog
 from service.errors import ApiError
 from service.lanes import Lane
 from service.memory import MemoryBudget
 from service.registry import LoadedModel
 from service.repository import scan_repository
+
+
+def png_bytes(side: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(side).integers(0, 255, (side, side, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 @pytest.fixture
@@ -52,3 +64,47 @@ def test_a_deadline_the_upload_used_up_is_named(upx4):
     refused = refusal(upx4, 20.0, remaining_s=12.0)
     assert refused.status == 503 and "its deadline leaves 9.6 s" in refused.message and refused.headers["Retry-After"] == "1"
     assert refusal(upx4, 25.0).status == 413  # past the limit: never, whatever the moment
+
+
+def test_an_answer_that_could_not_be_encoded_within_a_whole_timeout_is_413_naming_its_format(upx4):
+    """Its compute fits (10 s of the 24 s limit); its encoding after it (25 s) never could."""
+    with pytest.raises(ApiError) as refused:
+        admit(upx4, RequestCost(10.0, 0, encode_seconds=25.0, encode_format="png"), 30.0, MemoryBudget(10**9), encoding=EncoderBacklog(2), timeout_s=30.0)
+    assert refused.value.status == 413 and "25.0 s to encode as png" in refused.value.message and "jpeg or npy" in refused.value.message
+
+
+def test_encodings_queued_before_a_request_are_what_its_retry_after_waits_out(upx4):
+    """The encoder pool is every model's: an answer admitted behind 30 s of others' encoding (two
+    threads) would be encoded after its deadline, so it is refused now, not answered late."""
+    encoding = EncoderBacklog(2)
+    encoding.add(60.0)
+    with pytest.raises(ApiError) as refused:
+        admit(upx4, RequestCost(2.0, 0, encode_seconds=5.0), 30.0, MemoryBudget(10**9), encoding=encoding, timeout_s=30.0)
+    assert refused.value.status == 503 and "30.0 s of encoding queued" in refused.value.message
+    assert refused.value.headers["Retry-After"] == "7"  # 2 + 30 + 5 - 30
+    assert encoding.seconds == 60.0  # a refused request adds nothing
+    encoding.remove(60.0)
+    assert admit(upx4, RequestCost(2.0, 0, encode_seconds=5.0), 30.0, MemoryBudget(10**9), encoding=encoding, timeout_s=30.0) == 2.0
+    assert encoding.seconds == 5.0  # until its answer is encoded
+
+
+def test_a_request_the_memory_budget_refuses_leaves_nothing_in_the_encoder_backlog(upx4):
+    encoding = EncoderBacklog(2)
+    with pytest.raises(ApiError) as refused:
+        admit(upx4, RequestCost(2.0, 2 * 10**9, encode_seconds=5.0), 30.0, MemoryBudget(10**9), encoding=encoding, timeout_s=30.0)
+    assert refused.value.status == 413 and encoding.seconds == 0.0
+
+
+def test_every_answer_leaves_the_encoder_backlog_once_encoded(server):
+    """Through the real server: each kind of answer is counted in the encoder pool's backlog from
+    admission until it is encoded, and nothing stays (a leak would refuse every answer, 503, once
+    it reached a deadline's worth)."""
+    with server.client() as client:
+        answers = [client.post("/v1/models/digits/generate", json={"seed": 1, "n": 16}),
+                   client.post("/v1/models/digits/generate", json={"seed": 1, "n": 4, "layout": "list", "format": "webp"}),
+                   client.post("/v1/models/styles/interpolate", json={"seeds": [1, 2], "steps": 5}),
+                   client.post("/v1/models/styles/style-mix", json={"row_seeds": [1, 2], "col_seeds": [3], "format": "jpeg"}),
+                   client.post("/v1/models/upx4/upscale", content=png_bytes(48), headers={"content-type": "image/png"}),
+                   client.post("/v1/models/edges/translate?format=jpeg", content=png_bytes(32), headers={"content-type": "image/png"})]
+    assert [answer.status_code for answer in answers] == [200] * len(answers), [answer.text[:200] for answer in answers]
+    assert server.metric("ganserve_encoder_backlog_seconds") == 0.0

@@ -56,6 +56,7 @@ def test_an_item_whose_deadline_passed_in_the_queue_gets_504_and_never_reaches_t
         time.sleep(1.2)  # the batcher wakes up and drops the expired item
         assert server.metric("ganserve_rejected_total", model="digits", reason="deadline") == 1
         assert server.metric("ganserve_batch_items_count", model="digits", operation="generate") == 0
+        assert server.metric("ganserve_encoder_backlog_seconds") == 0.0  # an answer never encoded leaves the encoder pool's backlog too
 
 
 def test_a_client_that_hangs_up_has_its_items_dropped_before_compute(repository):
@@ -65,6 +66,7 @@ def test_a_client_that_hangs_up_has_its_items_dropped_before_compute(repository)
         time.sleep(1.2)
         assert server.metric("ganserve_rejected_total", model="digits", reason="cancelled") == 3
         assert server.metric("ganserve_batch_items_count", model="digits", operation="generate") == 0
+        assert server.metric("ganserve_encoder_backlog_seconds") == 0.0
 
 
 def test_readiness_is_false_until_every_model_is_loaded_and_warmed(repository):
