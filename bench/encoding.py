@@ -3,9 +3,10 @@
 compares with what encoding takes, at the sizes the server answers with.
 
 The server measures its encoders at start-up; this does the same (`measure_encoders` with the
-server's default thread count), then encodes a photo (scikit-image's astronaut, resized) at each
-side, one image at a time on one thread, as a response is encoded, and reports the estimate over
-the measured time. Admission refuses what could not be encoded before its deadline, so the
+server's default thread count), then answers as `respond` does, on one thread: a photo
+(scikit-image's astronaut, resized) as a generator's float output, 1 and 4 of them at each side,
+converted to uint8, laid out as a grid and encoded (GIF: the 4 as an animation), and reports the
+estimate over the measured time. Admission refuses what could not be encoded before its deadline, so the
 estimate should not be under the time (a ratio at or above 1), and not so far over it that it
 refuses what would have fitted.
 """
@@ -23,7 +24,8 @@ from rich.table import Table
 
 from bench.runner import machine, write_report
 from service.encoders import measure_encoders
-from service.imaging import encode_animation
+from service.imaging import encode_animation, to_uint8
+from service.responses import encode_outputs
 
 
 def photo(side: int) -> np.ndarray:
@@ -32,41 +34,42 @@ def photo(side: int) -> np.ndarray:
     return np.asarray(Image.fromarray(data.astronaut()).resize((side, side), Image.Resampling.BICUBIC))
 
 
-def run_encoding_bench(sides: list[int], repeats: int, out: Path | None) -> dict:
+def run_encoding_bench(sides: list[int], repeats: int, out: Path | None, counts: tuple[int, ...] = (1, 4)) -> dict:
     threads = os.cpu_count() or 1
     table = measure_encoders(threads)
     rows = []
     for side in sides:
-        image = photo(side)
-        for fmt in ("png", "jpeg", "webp", "gif"):
-            if fmt == "gif":
-                frames = np.stack([image, np.roll(image, 4, axis=1)])
+        floats = photo(side).transpose(2, 0, 1)[None].astype(np.float32) / 127.5 - 1.0  # a generator's [1, C, H, W] in [-1, 1]
+        for count in counts:
+            batch = np.repeat(floats, count, axis=0)
+            for fmt in ("png", "jpeg", "webp", "gif", "npy"):
+                if fmt == "gif":
+                    if count == 1:
+                        continue
 
-                def encode():
-                    return encode_animation(frames, "gif", 100)
-                images = 2
-            else:
+                    def answer():
+                        return encode_animation(to_uint8(batch, (-1.0, 1.0)), "gif", 100)
+                else:
 
-                def encode():
-                    return table.encode(image, fmt)
-                images = 1
-            encode()
-            times = []
-            for _ in range(repeats):
-                started = time.perf_counter()
-                encode()
-                times.append(time.perf_counter() - started)
-            measured = statistics.median(times)
-            estimated = table.seconds(fmt, side * side, images)
-            rows.append({"side": side, "format": fmt, "images": images, "measured_ms": measured * 1000, "estimated_ms": estimated * 1000,
-                         "estimated_over_measured": estimated / measured})
+                    def answer():
+                        return encode_outputs(batch, (-1.0, 1.0), fmt, "grid", None, [], table)
+                answer()
+                times = []
+                for _ in range(repeats):
+                    started = time.perf_counter()
+                    answer()
+                    times.append(time.perf_counter() - started)
+                measured = statistics.median(times)
+                estimated = table.seconds(fmt, side * side, count)
+                rows.append({"side": side, "format": fmt, "images": count, "measured_ms": measured * 1000, "estimated_ms": estimated * 1000,
+                             "estimated_over_measured": estimated / measured})
     console = Console()
     view = Table(title=f"the encoding estimate against the encoding, {threads} encoder threads measured at start-up: {machine()}")
-    for column in ("side", "format", "measured ms", "estimated ms", "estimated ÷ measured"):
+    for column in ("side", "format", "images", "measured ms", "estimated ms", "estimated ÷ measured"):
         view.add_column(column, justify="right")
     for row in rows:
-        view.add_row(str(row["side"]), row["format"] + (f" ({row['images']} frames)" if row["images"] > 1 else ""), f"{row['measured_ms']:.1f}",
-                     f"{row['estimated_ms']:.1f}", f"{row['estimated_over_measured']:.2f}")
+        view.add_row(str(row["side"]), row["format"], str(row["images"]), f"{row['measured_ms']:.1f}", f"{row['estimated_ms']:.1f}",
+                     f"{row['estimated_over_measured']:.2f}")
     console.print(view)
     report = {"machine": machine(), "encoder_threads": threads, "encoders": table.describe(), "rows": rows}
     write_report(report, out)

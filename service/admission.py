@@ -128,7 +128,7 @@ def compute_seconds(cost: GraphCost | None, units: list[float], max_batch_size: 
 
 
 def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, budget: MemoryBudget, recheck_s: float = 30.0,
-          encoding: EncoderBacklog | None = None, timeout_s: float = math.inf) -> float:
+          encoding: EncoderBacklog | None = None, timeout_s: float = math.inf, counted: list[int] | None = None) -> float:
     """Refuses what cannot finish in time or fit in memory; otherwise reserves the request's
     bytes and returns the lane seconds it will take (the caller adds them to the lane's backlog
     at once, so the requests admitted in one burst see each other, and releases both when the
@@ -136,8 +136,9 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
     (`GANSERVE_REMEASURE_IDLE_S`), the Retry-After of a request refused because the model has
     run slower than measured lately rather than for the work queued before it. With `encoding`
     (the process's encoder pool), its answer's encoding must also fit, after its compute, behind
-    the encodings admitted before it (`EncoderBacklog.check`); its seconds are added there, and
-    the caller takes them off once the answer is encoded."""
+    the encodings admitted before it (`EncoderBacklog.check`); its seconds are added there (the
+    microseconds counted appended to `counted`), and the caller takes them off once the answer is
+    encoded."""
     limit = model.limits.compute_seconds if model.limits else math.inf
     if request_cost.seconds > limit:
         raise ApiError(413, f"this request needs about {request_cost.seconds:.1f} s of compute on {model.entry.name!r}; "
@@ -157,12 +158,18 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
             why = f"this request needs about {alone:.1f} s of compute and its deadline leaves {budget_s:.1f} s"
         raise ApiError(503, f"{why}; this request would finish after its deadline: retry in {retry} s", code="overloaded",
                        headers={"Retry-After": str(retry)})
+    reserve_memory(budget, request_cost.bytes, retry_after_s=wait)  # first: its 413 (never fits) before any 503
     if encoding is not None:
         hint = f" as {request_cost.encode_format}" if request_cost.encode_format else ""
-        encoding.check(request_cost.encode_seconds, request_cost.seconds / lane.threads, wait + alone, remaining_s, timeout_s, hint)
-    reserve_memory(budget, request_cost.bytes, retry_after_s=wait)
-    if encoding is not None:
-        encoding.add(request_cost.encode_seconds)
+        slow_retry = max(1, math.ceil(recheck_s)) if wait == 0 and correction > 1.0 else None
+        try:
+            encoding.check(request_cost.encode_seconds, request_cost.seconds / lane.threads, wait + alone, remaining_s, timeout_s, hint, slow_retry)
+        except ApiError:
+            budget.release(request_cost.bytes)
+            raise
+        micros = encoding.add(request_cost.encode_seconds)
+        if counted is not None:
+            counted.append(micros)
     return request_cost.seconds * correction
 
 

@@ -29,7 +29,8 @@ from PIL import Image
 FORMATS = ("png", "jpeg", "webp")
 LARGE_PIXELS = 160 * 160  # frames at least this big are "large"
 PROBE_SIDES = {"small": 64, "large": 384}
-ANIMATION_RATE_OF = {"gif": "webp"}  # what an animation format's frames are estimated at (`EncoderTable.seconds`)
+ANIMATION_RATE_OF = {"gif": "webp"}
+PREPARE, PREPARE_LIBRARY = "prepare", "numpy"  # floats to uint8 and into a grid, before any encoding: measured beside the encoders  # what an animation format's frames are estimated at (`EncoderTable.seconds`)
 
 
 def pillow_encode(image: np.ndarray, fmt: str) -> bytes:
@@ -124,20 +125,24 @@ class EncoderTable:
         return ENCODERS[self.choices.get((fmt, size_class(image)), "pillow")](image, fmt)
 
     def seconds(self, fmt: str, pixels: int, images: int = 1) -> float:
-        """What encoding `images` images of `pixels` pixels each in `fmt` takes one encoder thread,
-        from the chosen library's rate at the size class's probe, per pixel (never less than a
-        probe's worth a small image: a call's fixed cost). The rate was measured with every thread
-        encoding at once, so this is what one image costs when the pool is busy, which is when it
-        matters, and over what it costs one thread alone where a library does not scale across
-        threads (Pillow's). A GIF frame (quantised, then compressed) is counted at WebP's rate,
-        over what it takes at every size measured (bench-encoding, docs/benchmarks.md). 0 where nothing was measured (npy and JSON tensors are copies)."""
-        fmt = ANIMATION_RATE_OF.get(fmt, fmt)
+        """What answering with `images` images of `pixels` pixels each in `fmt` takes one encoder
+        thread: their conversion from floats to uint8 and into a grid (`PREPARE`), then their
+        encoding, each from its rate at the size class's probe, per pixel (never less than a
+        probe's worth a small image: a call's fixed cost). The rates were measured with every
+        thread working at once, so this is what one image costs when the pool is busy, which is
+        when it matters, and over what it costs one thread alone where a library does not scale
+        across threads (Pillow's). A GIF frame (quantised, then compressed) is counted at WebP's
+        rate, over what it takes at every size measured (bench-encoding, docs/benchmarks.md). npy
+        is a copy: its conversion only. 0 where nothing was measured."""
         size = "large" if pixels >= LARGE_PIXELS else "small"
-        rate = self.measured.get(f"{fmt}/{size}", {}).get(self.choices.get((fmt, size), ""), 0.0)
-        if rate <= 0:
-            return 0.0
         probe_pixels = PROBE_SIDES[size] ** 2
-        return images * self.threads * max(pixels, probe_pixels if size == "small" else 0) / (rate * probe_pixels)
+        counted = images * self.threads * max(pixels, probe_pixels if size == "small" else 0) / probe_pixels
+        total = 0.0
+        for step in (PREPARE, ANIMATION_RATE_OF.get(fmt, fmt)):
+            library = PREPARE_LIBRARY if step == PREPARE else self.choices.get((step, size), "")
+            rate = self.measured.get(f"{step}/{size}", {}).get(library, 0.0)
+            total += counted / rate if rate > 0 else 0.0
+        return total
 
     def without_device_libraries(self) -> "EncoderTable":
         """The table for a process without the GPU (a `--workers` front): each choice of a device
@@ -191,4 +196,23 @@ def measure_encoders(threads: int, seconds_per_probe: float = 0.015) -> EncoderT
                     rates[name] = count / elapsed
                 choices[(fmt, size)] = max(rates, key=rates.get)
                 measured[f"{fmt}/{size}"] = {name: round(rate, 1) for name, rate in rates.items()}
+        prepare_rates(pool, threads, seconds_per_probe, measured)
     return EncoderTable(choices, measured, threads)
+
+
+def prepare_rates(pool: ThreadPoolExecutor, threads: int, seconds_per_probe: float, measured: dict) -> None:
+    """Probe frames/s of what precedes every encoding: a float batch of four probes converted to
+    uint8 and laid out as one grid (at 1024² this took more than a JPEG encode; four at once, as
+    a many-image answer does, since its temporaries are then fresh memory each time)."""
+    from service.imaging import grid, to_uint8
+
+    for size, side in PROBE_SIDES.items():
+        floats = np.random.default_rng(0).uniform(-1, 1, (4, 3, side, side)).astype(np.float32)
+        count, started = 0, time.perf_counter()
+        while True:
+            list(pool.map(lambda _: grid(to_uint8(floats, (-1.0, 1.0)), 2), range(threads)))
+            count += 4 * threads
+            elapsed = time.perf_counter() - started
+            if elapsed >= seconds_per_probe:
+                break
+        measured[f"{PREPARE}/{size}"] = {PREPARE_LIBRARY: round(count / elapsed, 1)}

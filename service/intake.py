@@ -65,13 +65,14 @@ class RequestContext:
     on_disconnect: list[Callable[[], object]] = field(default_factory=list)  # what stops the request's work (the pipeline's)
     labels: tuple[str, str, str] | None = None  # (model, version, operation), set by the pipeline
     reserved: int = 0  # bytes held from the memory budget until the response is sent
-    encode_seconds: float = 0.0  # counted in the encoder pool's backlog until the answer is encoded (`encoded`)
+    encode_micros: list[int] = field(default_factory=list)  # counted in the encoder pool's backlog until the answer is encoded (`encoded`)
     timing: dict[str, float] = field(default_factory=dict)  # stage seconds for Server-Timing (queue, compute: the batcher's)
 
     def encoded(self, backlog) -> None:
         """The answer is encoded (or never will be): its seconds leave the encoder pool's backlog."""
-        backlog.remove(self.encode_seconds)
-        self.encode_seconds = 0.0
+        for micros in self.encode_micros:
+            backlog.remove_micros(micros)
+        self.encode_micros.clear()
 
     def client_left(self) -> None:
         """The client hung up: wakes whoever waits on `disconnected` and stops the request's work."""

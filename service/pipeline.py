@@ -200,9 +200,8 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
     settings = registry.settings
     state.lane_seconds = admit(model, cost, state.deadline - time.monotonic(), registry.memory,
                                recheck_s=settings.remeasure_idle_s or settings.request_timeout_s, encoding=registry.encoding,
-                               timeout_s=settings.request_timeout_s)
+                               timeout_s=settings.request_timeout_s, counted=ctx.encode_micros)
     ctx.reserved += cost.bytes  # released by the intake once the response is sent
-    ctx.encode_seconds += cost.encode_seconds  # released once the answer is encoded (`respond`), or by the intake
     model.lane.add_backlog(state.lane_seconds)  # its items take their shares off as they finish
     task = asyncio.current_task()
     loop = task.get_loop()

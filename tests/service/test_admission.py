@@ -108,3 +108,37 @@ def test_every_answer_leaves_the_encoder_backlog_once_encoded(server):
                    client.post("/v1/models/edges/translate?format=jpeg", content=png_bytes(32), headers={"content-type": "image/png"})]
     assert [answer.status_code for answer in answers] == [200] * len(answers), [answer.text[:200] for answer in answers]
     assert server.metric("ganserve_encoder_backlog_seconds") == 0.0
+
+
+def test_a_request_that_never_fits_the_memory_budget_is_413_before_any_encoding_503(upx4):
+    """A hostile probe: after load had made the model run 2.3-3.3x slower than measured, a request
+    needing more than the whole budget got the encoding check's 503 'retry in 1 s', for as long as
+    the slowdown lasted, instead of its 413."""
+    upx4.costs["model"].correction = 2.0
+    with pytest.raises(ApiError) as refused:
+        admit(upx4, RequestCost(10.0, 2 * 10**9, encode_seconds=12.0), 30.0, MemoryBudget(10**9), encoding=EncoderBacklog(2), timeout_s=30.0)
+    assert refused.value.status == 413 and "MiB" in refused.value.message
+
+
+def test_an_encoding_that_fits_only_at_the_measured_speed_names_the_slowdown_and_retries_after_the_re_measure(upx4):
+    """Not the encoder pool's queue (it is empty): the model's recent slowdown leaves no room for
+    the encoding, so it says so and retries when an idle server times the model again, as the
+    lane's own check does; the memory it reserved is handed back."""
+    upx4.costs["model"].correction = 2.0
+    budget = MemoryBudget(10**9)
+    with pytest.raises(ApiError) as refused:
+        admit(upx4, RequestCost(10.0, 1000, encode_seconds=12.0), 30.0, budget, recheck_s=30.0, encoding=EncoderBacklog(2), timeout_s=30.0)
+    assert refused.value.status == 503 and refused.value.headers["Retry-After"] == "30"
+    assert "20.0 s of compute (its model has run slower than measured lately) and 12.0 s of encoding" in refused.value.message
+    assert budget.used == 0
+
+
+def test_the_encoder_backlog_comes_back_to_exactly_zero_whatever_the_order():
+    """Float sums added and taken off in another order left 1.1e-16 on the gauge for good."""
+    encoding = EncoderBacklog(2)
+    estimates = [0.1, 0.2, 0.3, 1e-7, 7.77, 0.000123]
+    for seconds in estimates:
+        encoding.add(seconds)
+    for seconds in reversed(estimates):
+        encoding.remove(seconds)
+    assert encoding.seconds == 0.0

@@ -34,6 +34,8 @@ def test_the_measured_table_keeps_the_faster_library_per_format_and_size():
         assert rates[library] == max(rates.values())
     large = probe_frame(200)
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(table.encode(large, "png")))), large)
+    assert all(table.measured[f"prepare/{size}"]["numpy"] > 0 for size in PROBE_SIDES)  # what precedes every encoding, in the estimate too
+    assert table.seconds("npy", 1024 * 1024) > 0 and table.seconds("png", 1024 * 1024) > table.seconds("npy", 1024 * 1024)
 
 
 def test_a_gpu_encoder_is_a_candidate_only_where_it_works_and_never_in_a_front():
