@@ -151,3 +151,18 @@ def test_ganserve_sample_draws_the_images_the_server_gives_for_the_same_seeds(se
     assert served.status_code == 200 and (tmp_path / "grid.png").exists()
     drawn = to_uint8(samples.numpy(), (-1.0, 1.0)).astype(int)
     assert np.abs(drawn - np.load(io.BytesIO(served.content)).astype(int)).max() <= 1
+
+
+def test_a_key_given_twice_in_a_json_body_is_422_naming_it(server):
+    """The standard parser kept the last of two `seed`s without a word (a filter in front of the
+    server may have read the first); a nested object's duplicate counts too (found while parsing,
+    before the body's fields are looked at)."""
+    with server.client() as client:
+        for body in ('{"seed": 1, "seed": 2}', '{"seed": 1, "n": 2, "format": "png", "n": 3}'):
+            answer = client.post("/v1/models/digits/generate", content=body, headers={"content-type": "application/json"})
+            assert answer.status_code == 422, (body, answer.status_code)
+            assert "appears more than once" in answer.json()["error"]["message"]
+        nested = '{"seeds": [1, 2], "w": null, "weights": {"size": 1, "size": 2}}'
+        answer = client.post("/v1/models/styles/generate", content=nested, headers={"content-type": "application/json"})
+        assert answer.status_code == 422 and "'size' appears more than once" in answer.json()["error"]["message"]
+        assert client.post("/v1/models/digits/generate", content='{"seed": 1, "n": 2}', headers={"content-type": "application/json"}).status_code == 200
