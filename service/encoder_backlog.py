@@ -68,8 +68,5 @@ class EncoderBacklog:
         self.micros += micros
         return micros
 
-    def remove(self, seconds: float) -> None:
-        self.remove_micros(round(seconds * MICROS))
-
     def remove_micros(self, micros: int) -> None:
         self.micros = max(0, self.micros - micros)

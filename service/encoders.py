@@ -29,8 +29,8 @@ from PIL import Image
 FORMATS = ("png", "jpeg", "webp")
 LARGE_PIXELS = 160 * 160  # frames at least this big are "large"
 PROBE_SIDES = {"small": 64, "large": 384}
-ANIMATION_RATE_OF = {"gif": "webp"}
-PREPARE, PREPARE_LIBRARY = "prepare", "numpy"  # floats to uint8 and into a grid, before any encoding: measured beside the encoders  # what an animation format's frames are estimated at (`EncoderTable.seconds`)
+ANIMATION_RATE_OF = {"gif": "webp"}  # what an animation format's frames are estimated at (`EncoderTable.seconds`)
+PREPARE, PREPARE_LIBRARY = "prepare", "numpy"  # floats to uint8 and into a grid, before any encoding: measured beside the encoders
 
 
 def pillow_encode(image: np.ndarray, fmt: str) -> bytes:

@@ -26,6 +26,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -33,6 +34,9 @@ from service.errors import error_payload
 from service.digits import ascii_count
 from service.http_protocol import DISCONNECT_EXTENSION, FLUSHED_EXTENSION, STOPPING_EXTENSION
 from service.memory import MemoryBudget, OverBudget
+
+if TYPE_CHECKING:
+    from service.encoder_backlog import EncoderBacklog
 
 STATE_KEY = "ganserve"  # scope["state"][STATE_KEY] holds the request's RequestContext
 BYTE_RANGE = re.compile(r"\s*(\d{0,19})\s*-\s*(\d{0,19})\s*")  # (a longer number is no file's offset, and int() refuses past 4,300 digits)
@@ -68,7 +72,7 @@ class RequestContext:
     encode_micros: list[int] = field(default_factory=list)  # counted in the encoder pool's backlog until the answer is encoded (`encoded`)
     timing: dict[str, float] = field(default_factory=dict)  # stage seconds for Server-Timing (queue, compute: the batcher's)
 
-    def encoded(self, backlog) -> None:
+    def encoded(self, backlog: "EncoderBacklog") -> None:
         """The answer is encoded (or never will be): its seconds leave the encoder pool's backlog."""
         for micros in self.encode_micros:
             backlog.remove_micros(micros)

@@ -80,11 +80,12 @@ class OnnxRuntime:
         if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
         self.device = "cuda" if providers[0].startswith("CUDA") else "cpu"
-        if has_dynamic_size(entry, graph):
+        dynamic = has_dynamic_size(entry, graph)
+        if dynamic:
             # every upload has its own size: an arena would keep the largest one's activations
             # for good (a 4096² translate left 7 GB resident)
             options.enable_cpu_mem_arena = False
-        if has_dynamic_size(entry, graph) or self.device == "cpu":
+        if dynamic or self.device == "cpu":
             # a memory pattern plans each shape's activations into one block, allocated beside the
             # arena's own chunks: a 1024² generator's arena then held twice a batch's activations
             # (1,101 against 590 MB at 4 images), at no speed gained on any shipped model

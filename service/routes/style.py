@@ -13,7 +13,7 @@ from models import latent
 from service import style
 from service.errors import error_responses
 from service.pipeline import JsonBodyRoute, begin, combined, context, estimate, execute, generated_bytes, output_pixels, registry_of, with_encoding
-from service.registry import LoadedModel
+from service.registry import LoadedModel, ModelRegistry
 from service.responses import choose_format, respond, respond_animation
 from service.operations import resolve_label
 from service.schemas import ClassIndex, ClassName, ImageFormat, Layers, Layout, Psi, Seed, WVector
@@ -102,10 +102,10 @@ def style_model(request: Request, name: str, operation: str) -> LoadedModel:
     return model
 
 
-def style_cost(request: Request, model: LoadedModel, mapped: int, synthesized: int, fmt: str):
+def style_cost(registry: ModelRegistry, model: LoadedModel, mapped: int, synthesized: int, fmt: str):
     """Mapping `mapped` z and synthesising `synthesized` images, with their outputs and their encoding in `fmt`."""
     cost = combined(estimate(model, "mapping", [1.0] * mapped), estimate(model, "model", [1.0] * synthesized, generated_bytes(model, synthesized)))
-    return with_encoding(registry_of(request), cost, fmt, output_pixels(model), synthesized)
+    return with_encoding(registry, cost, fmt, output_pixels(model), synthesized)
 
 
 @router.post("/models/{name}/style-mix", responses=STYLE_ERRORS)
@@ -123,7 +123,7 @@ async def style_mix(name: str, body: StyleMixRequest, request: Request) -> Respo
                        for i in range(rows) for j in range(cols)])
         return await style.synthesize(registry, model, ws, state)
 
-    images = await execute(request, model, style_cost(request, model, rows + cols, rows * cols, fmt), work)
+    images = await execute(request, model, style_cost(registry, model, rows + cols, rows * cols, fmt), work)
     return await respond(registry, model.entry, "style-mix", images, fmt, body.layout, cols, list(range(rows * cols)), ctx=context(request))
 
 
@@ -151,7 +151,7 @@ async def interpolate(name: str, body: InterpolateRequest, request: Request) -> 
 
     fmt = choose_format(body.format, request.headers.get("accept"), INTERPOLATE_FORMATS)
     mapped = 0 if ends is not None else (body.steps if body.space == "z" else 2)
-    frames = await execute(request, model, style_cost(request, model, mapped, body.steps, fmt), work)
+    frames = await execute(request, model, style_cost(registry, model, mapped, body.steps, fmt), work)
     if fmt in ("png", "npy"):
         return await respond(registry, model.entry, "interpolate", frames, fmt, "grid", body.steps, list(range(body.steps)), ctx=context(request))
     return await respond_animation(registry, model.entry, frames, fmt, body.frame_ms, ctx=context(request))
@@ -175,5 +175,5 @@ async def edit(name: str, body: EditRequest, request: Request) -> Response:
         ws[:, layers] = edited[:, None, :]
         return await style.synthesize(registry, model, ws, state)
 
-    images = await execute(request, model, style_cost(request, model, 0 if given_w is not None else 1, count, fmt), work)
+    images = await execute(request, model, style_cost(registry, model, 0 if given_w is not None else 1, count, fmt), work)
     return await respond(registry, model.entry, "edit", images, fmt, body.layout, count, list(range(count)), ctx=context(request))

@@ -77,13 +77,13 @@ def test_encodings_queued_before_a_request_are_what_its_retry_after_waits_out(up
     """The encoder pool is every model's: an answer admitted behind 30 s of others' encoding (two
     threads) would be encoded after its deadline, so it is refused now, not answered late."""
     encoding = EncoderBacklog(2)
-    encoding.add(60.0)
+    queued = encoding.add(60.0)
     with pytest.raises(ApiError) as refused:
         admit(upx4, RequestCost(2.0, 0, encode_seconds=5.0), 30.0, MemoryBudget(10**9), encoding=encoding, timeout_s=30.0)
     assert refused.value.status == 503 and "30.0 s of encoding queued" in refused.value.message
     assert refused.value.headers["Retry-After"] == "7"  # 2 + 30 + 5 - 30
     assert encoding.seconds == 60.0  # a refused request adds nothing
-    encoding.remove(60.0)
+    encoding.remove_micros(queued)
     assert admit(upx4, RequestCost(2.0, 0, encode_seconds=5.0), 30.0, MemoryBudget(10**9), encoding=encoding, timeout_s=30.0) == 2.0
     assert encoding.seconds == 5.0  # until its answer is encoded
 
@@ -137,8 +137,7 @@ def test_the_encoder_backlog_comes_back_to_exactly_zero_whatever_the_order():
     """Float sums added and taken off in another order left 1.1e-16 on the gauge for good."""
     encoding = EncoderBacklog(2)
     estimates = [0.1, 0.2, 0.3, 1e-7, 7.77, 0.000123]
-    for seconds in estimates:
-        encoding.add(seconds)
-    for seconds in reversed(estimates):
-        encoding.remove(seconds)
+    counted = [encoding.add(seconds) for seconds in estimates]
+    for micros in reversed(counted):
+        encoding.remove_micros(micros)
     assert encoding.seconds == 0.0
