@@ -14,6 +14,7 @@ refused up front instead of timing out thirty seconds later.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -64,9 +65,10 @@ def tile_count(height: int, width: int, config: "ServingConfig") -> int:
     return grid.rows * grid.cols
 
 
-def largest_square(fits) -> int:
-    """The largest side s with fits(s), by bisection (fits is monotone)."""
-    low, high = 0, 1 << 16
+def largest_within(fits: Callable[[int], bool], high: int = 1 << 16) -> int:
+    """The largest n in [0, high] with fits(n), by bisection (fits is monotone: true up to some n,
+    false after; 0 when nothing fits): an upscale's largest side, a v2 request's most rows."""
+    low = 0
     while low < high:
         middle = (low + high + 1) // 2
         low, high = (middle, high) if fits(middle) else (low, middle - 1)
@@ -97,7 +99,7 @@ def derive_limits(model: "LoadedModel", settings: Settings, memory_budget: int) 
         return (side * side <= config.max_input_pixels and tile_count(side, side, config) <= max_tiles
                 and side * side * per_pixel + batch_bytes <= memory)
 
-    side = largest_square(fits)
+    side = largest_within(fits)
     return ModelLimits(seconds, side * side, max_tiles)
 
 

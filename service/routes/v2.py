@@ -18,7 +18,7 @@ import numpy as np
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.admission import compute_seconds
+from service.admission import compute_seconds, largest_within
 from service.batcher import run_items
 from service.errors import ApiError, error_responses
 from service.pipeline import begin, estimate, execute, off_loop, registry_of, reserve
@@ -150,14 +150,8 @@ def servable_rows(model: LoadedModel, settings: Settings) -> int:
     if cost is None or limits is None:
         return rows
     batch_size = model.config.max_batch_size if model.config else settings.max_batch_size
-    low, high = 0, rows  # the compute of n rows grows with n: the largest n within the limit
-    while low < high:
-        middle = (low + high + 1) // 2
-        if compute_seconds(cost, [1.0] * middle, batch_size) <= limits.compute_seconds:
-            low = middle
-        else:
-            high = middle - 1
-    return max(1, low)
+    # the compute of n rows grows with n: the largest n within the limit
+    return max(1, largest_within(lambda n: compute_seconds(cost, [1.0] * n, batch_size) <= limits.compute_seconds, rows))
 
 
 @dataclass(frozen=True)
