@@ -15,32 +15,18 @@ is looked at only once its front has beaten (start-up imports torch before the l
 from __future__ import annotations
 
 import asyncio
-import mmap
-import os
 import time
-from pathlib import Path
+
+from service.shared_cells import SharedCells
 
 HEARTBEATS_FILE = "heartbeats"  # in the supervisor's run directory, one int64 per process slot
 BEAT_INTERVAL_S = 0.5
 FRONT_SILENT_S = 10.0  # a front's event loop that has not turned for this long is taken for hung
 
 
-class HeartbeatTable:
+class HeartbeatTable(SharedCells):
     """One int64 per process slot (the engine 0, the fronts 1 … N): the monotonic nanoseconds of
     its last beat, 0 before its first. A process writes only its own slot."""
-
-    def __init__(self, path: Path) -> None:
-        fd = os.open(path, os.O_RDWR)
-        try:
-            self.map = mmap.mmap(fd, 0)
-        finally:
-            os.close(fd)
-        self.cells = memoryview(self.map).cast("q")
-
-    @classmethod
-    def create(cls, path: Path, slots: int) -> "HeartbeatTable":
-        path.write_bytes(bytes(8 * slots))
-        return cls(path)
 
     def beat(self, slot: int) -> None:
         self.cells[slot] = time.monotonic_ns()

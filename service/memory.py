@@ -16,13 +16,13 @@ import fcntl
 import functools
 import gc
 import logging
-import mmap
-import os
 import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
+
+from service.shared_cells import SharedCells
 
 log = logging.getLogger("ganserve.memory")
 T = TypeVar("T")
@@ -167,27 +167,13 @@ class MemoryBudget:
             self.own_reserved = max(0, self.own_reserved - max(0, int(nbytes)))
 
 
-class SharedBudgetTable:
+class SharedBudgetTable(SharedCells):
     """The file every process of `ganserve serve --workers N` maps: one slot per process (the
     engine 0, the fronts 1 … N), each two int64 — what the process holds resident, what its
     admitted requests have reserved. A process writes only its own slot; every process reads all
     of them, so the budget is the server's, not split per process."""
 
-    SLOT_BYTES = 16
-
-    def __init__(self, path: Path) -> None:
-        self.fd = os.open(path, os.O_RDWR)
-        self.map = mmap.mmap(self.fd, 0)
-        self.cells = memoryview(self.map).cast("q")
-
-    @classmethod
-    def create(cls, path: Path, slots: int) -> "SharedBudgetTable":
-        path.write_bytes(bytes(cls.SLOT_BYTES * slots))
-        return cls(path)
-
-    @property
-    def slots(self) -> int:
-        return len(self.cells) // 2
+    CELLS_PER_SLOT = 2
 
     def resident(self) -> int:
         return sum(self.cells[0::2])
