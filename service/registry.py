@@ -215,6 +215,7 @@ class ModelRegistry:
         self.control_waiting = 0  # model-control requests waiting for it (bounded: service/routes/repository.py)
         self.on_models_changed: list[Callable[[], None]] = []  # called once a load or unload has changed what is served
         self.encoder_table: EncoderTable = PILLOW_ONLY  # measured once the models are loaded
+        self.memory_settled_at_rest = True  # False while the resident figure was read beside reserved work (`settle_memory`)
 
     def take_stream_slot(self) -> int | None:
         """The lowest free stream slot, or None when `max_streams` are open."""
@@ -273,10 +274,10 @@ class ModelRegistry:
             model.config = serving_config(model.entry, self.settings)
             model.lane = Lane(model.entry.label, model.config.lane_threads)
             memory.trim()
-            before = memory.rss_bytes()
+            before = self.resident_now()
             await model.lane.run(self.load_and_warm, model)
             memory.trim()
-            model.resident_bytes = max(0, memory.rss_bytes() - before)
+            model.resident_bytes = max(0, self.resident_now() - before)
             model.limits = derive_limits(model, self.settings, self.settings.memory_budget)
             model.state = "ready"
         except Exception as error:  # one bad entry must not take the others down
@@ -285,17 +286,39 @@ class ModelRegistry:
             if model.lane is not None:  # its threads, which nothing will use
                 model.lane.shutdown(wait=False)
 
+    def resident_now(self) -> int:
+        """What the process holds resident, less what admitted requests and jobs have reserved:
+        a load or unload can run beside them (model control, the repository poll), and RSS then
+        holds their memory too, which their reservations already count. Counted twice, it shrank
+        the budget until the next load (a hostile probe: 1,486 → 1,029 MiB left for requests after
+        a reload beside one 272² upscale, and the same upscale 413, "retrying cannot help", on
+        the idle server 45 s later). Reservations are peaks, so beside work not yet at its peak
+        this reads low; `settle_memory` reads it again once nothing is reserved."""
+        reserved = self.memory.used
+        rss = memory.rss_bytes()
+        return max(0, rss - max(reserved, self.memory.used))
+
     def settle_memory(self) -> None:
         """What is left of the budget for requests once the models are resident; the loaded
-        objects are moved out of the garbage collector's sight (memory.freeze_resident_objects)."""
+        objects are moved out of the garbage collector's sight (memory.freeze_resident_objects).
+        Read beside reserved work, the figure is provisional (`resident_now`) and read again at
+        the first moment nothing is reserved (`settle_memory_at_rest`)."""
         memory.freeze_resident_objects()
         memory.trim()
-        self.memory.set_resident(memory.rss_bytes())
+        self.memory_settled_at_rest = self.memory.used == 0
+        self.memory.set_resident(self.resident_now())
         log.info("memory: %.0f MiB resident after loading; %.0f MiB of the %.0f MiB budget left for requests",
                  memory.rss_bytes() / 2**20, self.memory.capacity / 2**20, self.settings.memory_budget / 2**20)
         if self.memory.capacity == 0:
             log.error("the loaded models hold the whole memory budget (GANSERVE_MEMORY_BUDGET, %.0f MiB): no request can be "
                       "served, so the server answers unready; raise the budget or serve fewer models", self.settings.memory_budget / 2**20)
+
+    def settle_memory_at_rest(self) -> None:
+        """Reads the resident figure again once nothing is reserved and no load runs, where the
+        last was read beside reserved work (called every second by service/remeasure.py)."""
+        if not self.memory_settled_at_rest and self.memory.used == 0 and not self.repository_lock.locked():
+            self.settle_memory()
+            log.info("memory: re-read at rest, %.0f MiB of the budget left for requests", self.memory.capacity / 2**20)
 
     async def load_model(self, name: str) -> dict[int, LoadedModel]:
         """(Re)reads one model's versions from the repository and loads them beside the ones being
@@ -348,7 +371,7 @@ class ModelRegistry:
             return None  # nothing fresh is about to be served
         memory.trim()
         released = sum(model.resident_bytes for model in served.values() if model.ready and all(model is not kept for kept in serving.values()))
-        expected = max(0, memory.rss_bytes() - released)
+        expected = max(0, self.resident_now() - released)
         if self.memory.capacity_if_resident(expected) > 0:
             return None
         return (f"with it the server would hold ~{expected / 2**20:.0f} MiB resident, the whole memory budget "
