@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from fastapi import Request, Response
+from fastapi import Request, Response, WebSocket
 from fastapi.routing import APIRoute
 
 from service.admission import RequestCost, admit, batch_share_bytes, compute_seconds, reserve_memory
@@ -58,9 +58,17 @@ def require_json(request: Request) -> None:
         raise ApiError(415, f"send the request body as application/json (got {media or 'no content type'!r})")
 
 
-def refuse_unknown_query(request: Request, taken: frozenset[str], hint: str = "") -> None:
-    if request.scope.get("query_string") and (unknown := [key for key in request.query_params if key not in taken]):
+def refuse_unknown_query(request: Request | WebSocket, taken: frozenset[str], hint: str = "") -> None:
+    """422 for a query parameter the operation does not take, or one given twice (`steps=20&steps=30`
+    ran 30 steps without a word, where a proxy in front may have read 20: as a JSON key twice)."""
+    if not request.scope.get("query_string"):
+        return
+    keys = [key for key, _ in request.query_params.multi_items()]
+    if unknown := [key for key in keys if key not in taken]:
         raise ApiError(422, f"unknown query parameter {unknown[0][:64]!r}{hint}")
+    if len(set(keys)) != len(keys):
+        seen: set[str] = set()
+        raise ApiError(422, f"query parameter {next(key for key in keys if key in seen or seen.add(key))!r} is given twice")
 
 
 class KnownQueryRoute(APIRoute):

@@ -210,23 +210,30 @@ class ModelRegistry:
         # upscale streams (service/streams.py) hold slots 1 … settings.max_streams, which name them in
         # /metrics: reused, so a client opening streams in a loop cannot grow the series without bound
         # (under --workers the multiprocess files keep every series they were ever given)
-        self.stream_slots: set[int] = set()
+        self.stream_slots: dict[int, str] = {}  # slot → the client address holding it
         self.repository_lock = asyncio.Lock()  # load/unload one model at a time
         self.control_waiting = 0  # model-control requests waiting for it (bounded: service/routes/repository.py)
         self.on_models_changed: list[Callable[[], None]] = []  # called once a load or unload has changed what is served
         self.encoder_table: EncoderTable = PILLOW_ONLY  # measured once the models are loaded
         self.memory_settled_at_rest = True  # False while the resident figure was read beside reserved work (`settle_memory`)
 
-    def take_stream_slot(self) -> int | None:
-        """The lowest free stream slot, or None when `max_streams` are open."""
-        if len(self.stream_slots) >= self.settings.max_streams:
-            return None
+    def take_stream_slot(self, owner: str) -> int:
+        """The lowest free stream slot, for the client at address `owner`: 503 when `max_streams`
+        are open, or when `owner` holds its share of them (half: one client opening them all, each
+        kept open by a frame a minute, held every other client out, as jobs' share is kept)."""
+        limit = self.settings.max_streams
+        if len(self.stream_slots) >= limit:
+            raise ApiError(503, f"the server holds its limit of {limit} streams; retry later", headers={"Retry-After": "5"})
+        share = max(1, limit // 2)
+        if sum(holder == owner for holder in self.stream_slots.values()) >= share:
+            raise ApiError(503, f"this client already holds {share} streams, its share of the server's {limit}; close one first",
+                           headers={"Retry-After": "5"})
         slot = next(n for n in itertools.count(1) if n not in self.stream_slots)
-        self.stream_slots.add(slot)
+        self.stream_slots[slot] = owner
         return slot
 
     def free_stream_slot(self, slot: int) -> None:
-        self.stream_slots.discard(slot)
+        self.stream_slots.pop(slot, None)
 
     @property
     def loaded(self) -> bool:

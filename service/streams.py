@@ -23,7 +23,8 @@ memory budget on arrival (a frame that does not fit is refused with 503), each a
 HTTP request (deadline, lane backlog, memory budget), and its tiles share batches with every other
 stream's and request's. An answer's bytes stay reserved until they have left the process (a
 client that does not read holds them in the budget until the send timeout drops it). A stream
-that sends nothing for `stream_idle_s` is closed.
+that sends no frame for `stream_idle_s` is closed (other messages do not keep it open), and one
+client address holds at most half of `max_streams` (`ModelRegistry.take_stream_slot`).
 """
 from __future__ import annotations
 
@@ -180,14 +181,16 @@ class UpscaleStream:
     async def read(self) -> None:
         """Frames into the mailbox until the client leaves, goes idle or the server drains."""
         idle_s = self.registry.settings.stream_idle_s
-        number = 0
+        loop = asyncio.get_running_loop()
+        number, last_frame = 0, loop.time()
         try:
             while True:
-                try:
-                    async with asyncio.timeout(idle_s):
+                try:  # only a frame restarts the idle time: text messages, each answered with an error, held a slot forever
+                    async with asyncio.timeout_at(last_frame + idle_s):
                         message = await self.websocket.receive()
                 except TimeoutError:
                     if self.busy or self.mailbox.waiting is not None:
+                        last_frame = loop.time()  # its frames are still being answered: idle from then on
                         continue
                     await self.close(1001, f"no frame for {idle_s:g} s")
                     return
@@ -196,7 +199,7 @@ class UpscaleStream:
                 if self.stopping:  # frames sent after the shutdown began are not taken (the close says why)
                     continue
                 if message.get("bytes") is not None:
-                    number += 1
+                    number, last_frame = number + 1, loop.time()
                     data = message["bytes"]
                     try:  # a waiting frame's bytes count against the memory budget like a request body
                         self.registry.memory.try_reserve(len(data))

@@ -1,6 +1,7 @@
 """The streaming super-resolution endpoint (protocol: service/streams.py). Refusals before the
 handshake completes are HTTP answers with the API's JSON error body (404 unknown model, 422 not
-an upscale model or a bad parameter, 503 not ready or too many streams)."""
+an upscale model, a bad, unknown or repeated parameter, 503 not ready, too many streams or this
+client's share of them)."""
 from __future__ import annotations
 
 from fastapi import APIRouter, WebSocket
@@ -8,13 +9,15 @@ from fastapi.responses import JSONResponse
 
 from service.errors import ApiError, error_payload
 from service.digits import ascii_count
-from service.pipeline import require_kind
+from service.pipeline import refuse_unknown_query, require_kind
 from service.streams import STREAM_FORMATS, UpscaleStream
 
 router = APIRouter(prefix="/v1", tags=["image-to-image"])
+STREAM_PARAMETERS = frozenset({"format", "version"})
 
 
 def stream_parameters(websocket: WebSocket) -> tuple[str, int | None]:
+    refuse_unknown_query(websocket, STREAM_PARAMETERS)
     query = websocket.query_params
     fmt = query.get("format", "jpeg").lower()
     if fmt not in STREAM_FORMATS:
@@ -46,9 +49,7 @@ async def upscale_stream(websocket: WebSocket, name: str) -> None:
         require_kind(model, "super_resolution")
         if registry.draining:
             raise ApiError(503, "the server is shutting down", headers={"Retry-After": "1"})
-        slot = registry.take_stream_slot()
-        if slot is None:
-            raise ApiError(503, f"the server holds its limit of {registry.settings.max_streams} streams; retry later", headers={"Retry-After": "5"})
+        slot = registry.take_stream_slot(websocket.client.host if websocket.client else "")
     except ApiError as error:
         await refuse(websocket, error)
         return

@@ -185,6 +185,9 @@ CASES = [
     ("project version 99 (once ran the latest version)", "POST", f"{V1}/stylegan-shapes/project?steps=1&version=99", {"content": SMALL, "headers": PNG}, 404),
     ("project with an unknown query parameter", "POST", f"{V1}/stylegan-shapes/project?steps=1&foo=1", {"content": SMALL, "headers": PNG}, 422),
     ("upscale with an unknown query parameter", "POST", f"{V1}/sr-rrdb-x4/upscale?scale=8", {"content": SMALL, "headers": PNG}, 422),
+    ("project steps given twice (once ran the last without a word)", "POST", f"{V1}/stylegan-shapes/project?steps=20&steps=30",
+     {"content": SMALL, "headers": PNG}, 422),
+    ("upscale format given twice", "POST", f"{V1}/sr-rrdb-x4/upscale?format=png&format=jpeg", {"content": SMALL, "headers": PNG}, 422),
     # the rest of the matrix
     ("unknown model", "POST", f"{V1}/nope/generate", {"json": {}}, 404),
     ("unknown version", "POST", f"{V1}/dcgan-digits/generate", {"json": {"version": 7}}, 404),

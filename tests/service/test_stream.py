@@ -107,7 +107,9 @@ def test_bad_frames_are_refused_with_the_api_status_and_the_stream_goes_on(serve
 @pytest.mark.parametrize("path, status", [("/v1/models/nope/upscale/stream", 404), ("/v1/models/edges/upscale/stream", 422),
                                           ("/v1/models/upx4/upscale/stream?format=gif", 422), ("/v1/models/upx4/upscale/stream?version=0", 422),
                                           # digits str.isdigit() takes and int() does not (both once a 500)
-                                          ("/v1/models/upx4/upscale/stream?version=%C2%B2", 422), ("/v1/models/upx4/upscale/stream?version=" + "9" * 4301, 422)])
+                                          ("/v1/models/upx4/upscale/stream?version=%C2%B2", 422), ("/v1/models/upx4/upscale/stream?version=" + "9" * 4301, 422),
+                                          # an option the stream does not take, or one given twice (each once accepted without a word)
+                                          ("/v1/models/upx4/upscale/stream?scale=8", 422), ("/v1/models/upx4/upscale/stream?format=png&format=jpeg", 422)])
 def test_a_refused_handshake_is_the_api_error(server, path, status):
     with pytest.raises(InvalidStatus) as refused:
         with connect(ws_url(server, path)):
@@ -159,6 +161,31 @@ def test_the_stream_cap_the_idle_timeout_and_a_clean_shutdown_with_a_stream_open
                 second.recv(timeout=30)
         # uvicorn re-raises the signal once it has shut down cleanly, as process managers expect
         assert server.process.wait(timeout=60) in (0, -signal.SIGTERM) and time.monotonic() - stopping < 10
+
+
+def test_only_frames_keep_a_stream_open_and_one_client_holds_half_the_streams(repository):
+    """A hostile probe held every stream slot without sending a frame: each text message (answered
+    with an error notice) restarted the idle timer, and one address could open all the slots. Now
+    only a frame keeps a stream open, and one client address holds at most half of them, so
+    another client still gets one."""
+    with running_server(repository, max_streams=2, stream_idle_s=1, models=["upx4"]) as server:
+        url = ws_url(server)
+        with connect(url) as chatty:
+            chatty.recv(timeout=30)
+            with pytest.raises(InvalidStatus) as refused:  # this address holds its share: 1 of 2
+                with connect(url):
+                    pass
+            assert refused.value.response.status_code == 503 and "share" in json.loads(refused.value.response.body)["error"]["message"]
+            elsewhere = socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), source_address=("127.0.0.2", 0))
+            with connect(url, sock=elsewhere) as other:  # another client address gets the other slot
+                assert json.loads(other.recv(timeout=30))["type"] == "ready"
+            started = time.monotonic()
+            with pytest.raises(ConnectionClosed) as closed:
+                while time.monotonic() - started < 15:
+                    chatty.send("still here")  # not a frame: answered with an error notice, and no reason to stay open
+                    assert json.loads(chatty.recv(timeout=30))["type"] == "error"
+                    time.sleep(0.2)
+            assert closed.value.rcvd.code == 1001 and "no frame" in closed.value.rcvd.reason and time.monotonic() - started < 5
 
 
 def test_a_stream_outlives_the_header_timeout(repository):
