@@ -278,6 +278,14 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
             if self.header_bytes > self.max_header_bytes:
                 self.headers_too_large()
                 return
+        elif len(data) > self.max_header_bytes and not self.being_served():
+            # a request's first read, which begins it: the count above starts once the parser has
+            # seen it begin, so a 140 KB header sent in one read was served (a hostile probe; 431
+            # came past ~200 KB). On an idle connection the read starts with the request.
+            self.header_bytes, self.header_tail = 0, b""
+            if self.header_part(data) > self.max_header_bytes:
+                self.headers_too_large()
+                return
         super().data_received(data)
         # armed only for a request whose headers did not come whole: most arrive in one read, and a
         # timer made and cancelled for each of them was 1.2 % of the event loop's py-spy samples at 32 clients
