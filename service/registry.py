@@ -487,7 +487,7 @@ class ModelRegistry:
         for entry in entries:
             model = self.models.get(entry.name, {}).get(entry.version)
             state = model.state if model is not None else "not loaded"
-            reason = (model.error or "") if model is not None else (
+            reason = (model.error or ("unloaded" if state == "unloaded" else "")) if model is not None else (
                 "on disk, not loaded" if (entry.name, entry.version) in served else "excluded by the version policy")
             rows.append({"name": entry.name, "version": str(entry.version), "state": TRITON_STATES.get(state, state.upper()), "reason": reason})
         return rows

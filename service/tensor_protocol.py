@@ -71,15 +71,22 @@ class InferRequest(BaseModel):
         return bool(self.parameters and self.parameters.binary_data_output)
 
 
-def split_body(raw: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
-    """(JSON header, binary tail) of an inference request."""
+def json_part_bytes(header_length: str | None, body_bytes: int) -> int:
+    """How many of the body's bytes are its JSON header: all of them without
+    `Inference-Header-Content-Length`, else what it says, 422 where that is no count within the body."""
     if header_length is None:
-        return raw, memoryview(b"")
+        return body_bytes
     length = ascii_count(header_length)  # ASCII digits only: int() would also take "3_62", " 362" and "+362"
     if length is None:
         raise ApiError(422, f"Inference-Header-Content-Length must be an integer, got {header_length[:32]!r}")
-    if not 0 < length <= len(raw):
-        raise ApiError(422, f"Inference-Header-Content-Length {length} does not fit a body of {len(raw)} bytes")
+    if not 0 < length <= body_bytes:
+        raise ApiError(422, f"Inference-Header-Content-Length {length} does not fit a body of {body_bytes} bytes")
+    return length
+
+
+def split_body(raw: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    """(JSON header, binary tail) of an inference request."""
+    length = json_part_bytes(header_length, len(raw))
     return raw[:length], memoryview(raw)[length:]
 
 
@@ -93,6 +100,10 @@ def parse_request(raw: bytes, header_length: str | None) -> tuple[InferRequest, 
         raise ApiError(422, f"{'.'.join(map(str, first['loc']))}: {first['msg']}")
     except (ValueError, RecursionError) as error:  # JSONDecodeError, int digits limit, nesting
         raise ApiError(422, f"the inference header is not valid JSON ({type(error).__name__}){parse_failure(error)}")
+    for requested in body.outputs or []:  # the classification extension: its answer would be the raw tensor, not the top classes asked for
+        if requested.parameters and (requested.parameters.model_extra or {}).get("classification"):
+            raise ApiError(422, f"output {requested.name!r} asks for its top classes (the classification extension), which this server "
+                                "does not serve: ask for the output itself")
     arrays, offset = {}, 0
     for tensor in body.inputs:
         if tensor.datatype not in WIRE_TYPES:
@@ -100,6 +111,8 @@ def parse_request(raw: bytes, header_length: str | None) -> tuple[InferRequest, 
         dtype = np.dtype(WIRE_TYPES[tensor.datatype]).newbyteorder("<")
         count = math.prod(tensor.shape)
         size = tensor.parameters.binary_data_size if tensor.parameters else None
+        if size is not None and tensor.data is not None:  # one of them would be dropped without a word
+            raise ApiError(422, f"input {tensor.name!r} has both data and binary_data_size: send its values one way")
         if size is not None:
             if size != count * dtype.itemsize:
                 raise ApiError(422, f"input {tensor.name!r}: binary_data_size {size} is not {count} {tensor.datatype} values of shape {tensor.shape}")

@@ -8,6 +8,7 @@ from another site's page."""
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import urlsplit
@@ -93,10 +94,29 @@ def require_model_control(request: Request) -> None:
         require_same_site(request)
 
 
+async def refuse_overrides(request: Request) -> None:
+    """422 for a load that carries a configuration or model files (tritonclient's `load_model(config=…,
+    files=…)`): they were ignored, and the client took its configuration for applied. This server
+    loads what is on disk; the body is read only to say so (the intake bounds it)."""
+    raw = await request.body()
+    if not raw.strip():
+        return
+    try:
+        parameters = json.loads(raw).get("parameters") or {}
+    except (ValueError, AttributeError, RecursionError):
+        raise ApiError(422, "a load request's body is a JSON object (or empty)")
+    if not isinstance(parameters, dict):
+        raise ApiError(422, "parameters: a JSON object")
+    if overrides := sorted(key for key in parameters if key == "config" or key.startswith("file:")):
+        raise ApiError(422, f"loads take the repository on disk as it is; {', '.join(overrides)[:200]} cannot be given with the request "
+                            "(write the version's files and its serving.json into the repository, then load)")
+
+
 @router.post("/models/{name}/load", responses=error_responses(403, 404, 422, 429, protocol=True))
 async def load_model(name: str, request: Request) -> dict:
     """Loads (or reloads) every version of `name` found on disk; answers once they are ready or failed."""
     require_model_control(request)
+    await refuse_overrides(request)
     with model_control_turn(request):
         versions = await registry_of(request).load_model(name)
     if not any(m.ready for m in versions.values()):

@@ -26,7 +26,7 @@ from service.registry import IMAGE_TO_IMAGE, LoadedModel
 from service.digits import ascii_count
 from service.schemas import VersionText
 from service.settings import Settings
-from service.tensor_protocol import ACCEPTED, HEADER_LENGTH, InferRequest, encode_response, parse_request, to_model_dtype
+from service.tensor_protocol import ACCEPTED, HEADER_LENGTH, InferRequest, encode_response, json_part_bytes, parse_request, to_model_dtype
 from service.tiling import padded_size
 
 router = APIRouter(prefix="/v2", tags=["v2"])
@@ -42,7 +42,7 @@ VersionPath = Annotated[VersionText, Path()]
 
 @router.get("")
 async def server_metadata() -> dict:
-    return {"name": "ganserve", "version": importlib.metadata.version("ganserve"), "extensions": ["binary_tensor_data"]}
+    return {"name": "ganserve", "version": importlib.metadata.version("ganserve"), "extensions": ["binary_tensor_data", "model_repository"]}
 
 
 def wire_tensors(items: list[dict]) -> list[dict]:
@@ -209,8 +209,7 @@ async def infer_on(request: Request, name: str, version: int | None) -> Response
         raise ApiError(415, f"send the inference request as JSON, or JSON followed by binary tensors (got {media!r})")
     raw = await request.body()
     header_length = request.headers.get(HEADER_LENGTH)
-    # the JSON part of the body; a header that is no count is refused by parse_request, with 422
-    json_bytes = min(ascii_count(header_length) or len(raw), len(raw))
+    json_bytes = json_part_bytes(header_length, len(raw))  # (422 for a header that is no count: "0" or "abc" once read as "all JSON", then 413)
     value_limit = json_value_limit(model, registry.settings)  # (once: its rows come from a search over the compute limit)
     limit = json_header_limit(value_limit, registry.settings)
     if json_bytes > limit:

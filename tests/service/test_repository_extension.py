@@ -53,7 +53,12 @@ def test_unload_load_and_a_new_version_through_the_standard_client(own_repositor
         assert not triton.is_model_ready("digits") and triton.is_server_ready()  # an unloaded model is not required
         with pytest.raises(InferenceServerException, match="unloaded"):
             triton.infer("digits", [z_input()])
-        assert {row["name"]: row for row in triton.get_model_repository_index()}["digits"]["state"] == "UNAVAILABLE"
+        unloaded = {row["name"]: row for row in triton.get_model_repository_index()}["digits"]
+        assert unloaded["state"] == "UNAVAILABLE" and unloaded["reason"] == "unloaded"
+        for overrides in ({"config": '{"max_batch_size": 4}'}, {"files": {"file:1/model.onnx": b"weights"}}):
+            with pytest.raises(InferenceServerException, match="on disk"):  # once answered 200 and ignored
+                triton.load_model("digits", **overrides)
+        assert not triton.is_model_ready("digits")
         assert triton.is_model_ready("cdigits")  # the others are untouched
 
         shutil.copytree(own_repository / "digits" / "1", own_repository / "digits" / "2")  # a new version arrives on disk

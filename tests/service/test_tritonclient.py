@@ -4,6 +4,7 @@ JSON and binary tensors both ways, whose outputs equal what the v1 REST path giv
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -39,7 +40,7 @@ def png(pixels: np.ndarray) -> bytes:
 def test_the_standard_client_sees_the_server_and_every_model(triton):
     assert triton.is_server_live() and triton.is_server_ready()
     server = triton.get_server_metadata()
-    assert server["name"] == "ganserve" and "binary_tensor_data" in server["extensions"]
+    assert server["name"] == "ganserve" and {"binary_tensor_data", "model_repository"} <= set(server["extensions"])
     for name in MODELS:
         assert triton.is_model_ready(name) and triton.is_model_ready(name, "1") and not triton.is_model_ready(name, "7")
         metadata = triton.get_model_metadata(name)
@@ -118,3 +119,27 @@ def test_protocol_errors_reach_the_client_as_its_exception_with_the_message(serv
             spelled = client.post("/v2/models/digits/infer", content=body, headers={"Inference-Header-Content-Length": length})
             assert spelled.status_code == 422 and "must be an integer" in spelled.json()["error"], length
         assert client.post("/v2/models/digits/infer", content=body, headers={"Inference-Header-Content-Length": str(len(header))}).status_code == 200
+
+
+def test_what_the_server_does_not_serve_is_refused_with_a_reason_not_ignored(server, triton):
+    """A hostile probe found the standard client's options answered as if they worked: a gzip request
+    was "not valid JSON (UnicodeDecodeError)", `class_count` gave the raw tensor back, an input with
+    both `data` and `binary_data_size` lost its `data`, and a malformed header length under a large
+    binary body was "413 … send the tensors as binary data" to a client that had."""
+    z = tritonhttp.InferInput("z", [1, 64], "FP32")
+    z.set_data_from_numpy(latent_for_seed(1, 64)[None], binary_data=True)
+    for algorithm in ("gzip", "deflate"):
+        with pytest.raises(InferenceServerException, match="uncompressed"):
+            triton.infer("digits", [z], request_compression_algorithm=algorithm)
+    with pytest.raises(InferenceServerException, match="classification"):
+        triton.infer("digits", [z], outputs=[tritonhttp.InferRequestedOutput("image", class_count=3)])
+    assert triton.infer("digits", [z]).as_numpy("image").shape == (1, 1, 32, 32)  # and without them it is served
+    with server.client() as client:
+        both = {"name": "z", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64, "parameters": {"binary_data_size": 256}}
+        header = json.dumps({"inputs": [both]}).encode()
+        answer = client.post("/v2/models/digits/infer", content=header + b"\0" * 256, headers={"Inference-Header-Content-Length": str(len(header))})
+        assert answer.status_code == 422 and "both data and binary_data_size" in answer.json()["error"]
+        image = b'{"inputs":[{"name":"image","shape":[1,3,400,400],"datatype":"FP32","parameters":{"binary_data_size":1920000}}]}'
+        for length in ("0", "abc", "+123"):  # large enough a body that "all of it is JSON" passed the header limit
+            answer = client.post("/v2/models/upx4/infer", content=image + b"\0" * 1_920_000, headers={"Inference-Header-Content-Length": length})
+            assert answer.status_code == 422 and "Inference-Header-Content-Length" in answer.json()["error"], (length, answer.text[:200])
