@@ -23,7 +23,6 @@ from service.batcher import run_items
 from service.errors import ApiError, error_responses
 from service.pipeline import begin, estimate, execute, off_loop, registry_of, reserve
 from service.registry import IMAGE_TO_IMAGE, LoadedModel
-from service.digits import ascii_count
 from service.schemas import VersionText
 from service.settings import Settings
 from service.tensor_protocol import ACCEPTED, HEADER_LENGTH, InferRequest, encode_response, json_part_bytes, parse_request, to_model_dtype
