@@ -69,6 +69,9 @@ class RequestState:
     deadline: float  # time.monotonic() seconds
     cancelled: bool = False
     lane_seconds: float = 0.0  # what admission added to the lane's backlog for it, not yet settled by its items
+    # the lane that backlog was added to: a reload hands a waiting request's items to the replacement's
+    # batcher, on another lane, whose backlog its shares were taken off (under-counted there, left on the old one)
+    lane: Lane | None = None
     timing: dict[str, float] | None = None  # the request's stage seconds (Server-Timing): longest queue wait, compute of its batches
     items_batched: int = 0  # its items taken into batches so far: who goes first when a batch cannot take one of each
 
@@ -288,7 +291,7 @@ class DynamicBatcher:
         """An item is done (or dropped): its share of its request's admitted backlog leaves the lane."""
         share = min(item.seconds, item.request.lane_seconds)
         item.request.lane_seconds -= share
-        self.lane.remove_backlog(share)
+        (item.request.lane or self.lane).remove_backlog(share)
 
     def padded(self, stacked: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
         """The batch with copies of its last item up to the nearest warmed size (outputs past

@@ -108,7 +108,8 @@ class FrontConnection:
         # the engine lane's backlog holds every front's admitted work (the fronts read it in snapshots);
         # the items take their shares off as they finish, as in the single-process server
         state.lane_seconds = sum(item.seconds for item in items)
-        batcher.lane.add_backlog(state.lane_seconds)
+        state.lane = batcher.lane
+        state.lane.add_backlog(state.lane_seconds)
         self.requests[request_id] = state
         remaining = [len(items)]
 
@@ -126,7 +127,7 @@ class FrontConnection:
             remaining[0] -= 1
             if not remaining[0]:
                 self.requests.pop(request_id, None)
-                batcher.lane.remove_backlog(state.lane_seconds)  # what its items did not settle
+                state.lane.remove_backlog(state.lane_seconds)  # what its items did not settle
                 state.lane_seconds = 0.0
 
         for index, item in enumerate(items):

@@ -233,7 +233,8 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
                                recheck_s=settings.remeasure_idle_s or settings.request_timeout_s, encoding=registry.encoding,
                                timeout_s=settings.request_timeout_s, counted=ctx.encode_micros)
     ctx.reserved += cost.bytes  # released by the intake once the response is sent
-    model.lane.add_backlog(state.lane_seconds)  # its items take their shares off as they finish
+    state.lane = model.lane
+    state.lane.add_backlog(state.lane_seconds)  # its items take their shares off as they finish
     task = asyncio.current_task()
     loop = task.get_loop()
     interruption = Interruption()
@@ -266,7 +267,7 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
         in_flight.dec()
         timer.cancel()
         ctx.on_disconnect.remove(left)
-        model.lane.remove_backlog(state.lane_seconds)  # what its items did not settle (dropped, estimate error)
+        state.lane.remove_backlog(state.lane_seconds)  # what its items did not settle (dropped, estimate error)
         state.lane_seconds = 0.0
 
 

@@ -209,6 +209,27 @@ def test_each_finished_item_takes_its_share_of_its_requests_admitted_backlog_off
     assert asyncio.run(scenario()) == [pytest.approx(0.2), pytest.approx(0.1), pytest.approx(0.0)]
 
 
+def test_a_request_handed_to_a_replacements_batcher_settles_the_lane_it_was_admitted_on():
+    """A reload hands a waiting request's items to the replacement's batcher (another lane): its
+    shares came off the new lane, which admission then saw emptier than it was (another request's
+    backlog there went uncounted), and stayed on the old one."""
+    async def scenario():
+        cost = GraphCost(per_unit_s=0.1, overhead_s=0.0, bytes_per_unit=0, reference_pixels=None)
+        replacement = make_batcher(RecordingRuntime(), cost=cost, max_queue_delay_ms=0)
+        admitted_on = Lane("m-replaced", 1)
+        request = alive()
+        request.lane, request.lane_seconds = admitted_on, 0.3
+        admitted_on.add_backlog(0.3)
+        replacement.lane.add_backlog(0.5)  # another request's, admitted on the replacement
+        await run_items(replacement, items(range(3)), request)
+        await replacement.close()
+        admitted_on.shutdown()
+        return admitted_on.backlog_s, replacement.lane.backlog_s
+
+    old, new = asyncio.run(scenario())
+    assert old == pytest.approx(0.0) and new == pytest.approx(0.5)
+
+
 def test_models_on_their_own_lanes_compute_at_the_same_time():
     """A slow model's batch does not hold up another model's: each lane has its own thread."""
     async def scenario():
