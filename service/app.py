@@ -97,6 +97,7 @@ def create_app(settings: Settings | None = None, serve_while_loading: bool = Tru
                   description="Batched GAN inference: generation, latent tools, translation and super-resolution, with KServe v2 tensor endpoints.")
     install_error_handlers(app)
     app.add_middleware(RequestIntake, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s)
+    app.add_middleware(stream.WebSocketRoutesOnly)
     app.include_router(health.router)
     app.include_router(v1.router)
     app.include_router(style.router)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, WebSocket
 from fastapi.responses import JSONResponse
+from starlette.routing import Match, Mount
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import ApiError, error_payload
 from service.digits import ascii_count
@@ -36,6 +38,24 @@ async def refuse(websocket: WebSocket, error: ApiError) -> None:
                                                           status_code=error.status, headers=error.headers))
     else:
         await websocket.close(1008, error.message[:120])
+
+
+class WebSocketRoutesOnly:
+    """ASGI middleware: a WebSocket handshake to a path no WebSocket route serves (an HTTP route, a
+    static file, nothing) is refused with the API's JSON 404, where Starlette closed it unaccepted,
+    which the server answered as an empty text/plain 403."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            routes = scope["app"].router.routes  # (HTTP routes never match a WebSocket; mounts, of static files, match any)
+            if not any(not isinstance(route, Mount) and route.matches(scope)[0] == Match.FULL for route in routes):
+                await refuse(WebSocket(scope, receive, send), ApiError(404, f"no WebSocket endpoint at {scope.get('path', '')[:100]!r} "
+                                                                            "(the one stream: /v1/models/{name}/upscale/stream)"))
+                return
+        await self.app(scope, receive, send)
 
 
 @router.websocket("/models/{name}/upscale/stream")

@@ -109,7 +109,9 @@ def test_bad_frames_are_refused_with_the_api_status_and_the_stream_goes_on(serve
                                           # digits str.isdigit() takes and int() does not (both once a 500)
                                           ("/v1/models/upx4/upscale/stream?version=%C2%B2", 422), ("/v1/models/upx4/upscale/stream?version=" + "9" * 4301, 422),
                                           # an option the stream does not take, or one given twice (each once accepted without a word)
-                                          ("/v1/models/upx4/upscale/stream?scale=8", 422), ("/v1/models/upx4/upscale/stream?format=png&format=jpeg", 422)])
+                                          ("/v1/models/upx4/upscale/stream?scale=8", 422), ("/v1/models/upx4/upscale/stream?format=png&format=jpeg", 422),
+                                          # no WebSocket endpoint there (once an empty text/plain 403)
+                                          ("/v1/models/upx4/generate", 404), ("/static/playground.css", 404), ("/nope", 404)])
 def test_a_refused_handshake_is_the_api_error(server, path, status):
     with pytest.raises(InvalidStatus) as refused:
         with connect(ws_url(server, path)):
