@@ -79,10 +79,11 @@ def create_app(settings: Settings | None = None, serve_while_loading: bool = Tru
         remeasuring = (asyncio.create_task(remeasure_when_idle(registry), name="remeasure-when-idle")
                        if settings.remeasure_idle_s > 0 and settings.warmup and settings.role != "front" else None)
         gauging = asyncio.create_task(refresh_process_state(registry), name="process-gauges")
+        resident = asyncio.create_task(registry.keep_resident_figure_current(), name="resident-memory") if settings.role != "front" else None
         try:
             yield
         finally:
-            for task in (loading, polling, remeasuring, gauging, beating):
+            for task in (loading, polling, remeasuring, gauging, beating, resident):
                 if task is not None and not task.done():
                     task.cancel()
             await registry.drain()

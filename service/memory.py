@@ -109,11 +109,12 @@ def libc() -> ctypes.CDLL | None:
 
 
 class OverBudget(Exception):
-    """A reservation does not fit the memory budget now (`permanent`: it never will)."""
+    """A reservation does not fit the memory budget now (`permanent`: it never will, not even once
+    the resident figure, read beside admitted work, is read again with none: `unsure`)."""
 
-    def __init__(self, wanted: int, free: int, capacity: int) -> None:
+    def __init__(self, wanted: int, free: int, capacity: int, unsure: int = 0) -> None:
         self.wanted, self.free, self.capacity = wanted, free, capacity
-        self.permanent = wanted > capacity
+        self.permanent = wanted > capacity + unsure
         super().__init__(f"{wanted / 2**20:.0f} MiB wanted, {free / 2**20:.0f} MiB free of {capacity / 2**20:.0f} MiB")
 
 
@@ -127,6 +128,9 @@ class MemoryBudget:
         self.total = total
         self.resident = resident
         self.own_reserved = 0  # what this process's admitted work holds
+        # how much `resident` may over-count: read beside admitted work, RSS held some of theirs too
+        # (service/registry.py `settle_memory`); what a 413 must allow for, as it says "never"
+        self.own_unsure = 0
         self.lock = threading.Lock()  # the intake reserves on the loop, jobs from their thread
 
     @property
@@ -136,6 +140,10 @@ class MemoryBudget:
     @property
     def used(self) -> int:
         return self.own_reserved
+
+    @property
+    def unsure(self) -> int:
+        return self.own_unsure
 
     def capacity_if_resident(self, nbytes: int) -> int:
         """What requests would have if this process held `nbytes` resident (a load asks before it
@@ -150,16 +158,19 @@ class MemoryBudget:
         """Held while a reservation is checked and made (other processes' too, where they share it)."""
         return UNSHARED
 
-    def set_resident(self, nbytes: int) -> None:
+    def set_resident(self, nbytes: int, unsure: int = 0) -> None:
+        """What this process holds resident (the most it may hold, where it was read beside admitted
+        work), and by how much that may over-count."""
         with self.lock:
             self.resident = max(0, int(nbytes))
+            self.own_unsure = max(0, int(unsure))
 
     def try_reserve(self, nbytes: int) -> None:
         nbytes = max(0, int(nbytes))
         with self.lock, self.exclusive():
             capacity, used = self.capacity, self.used
             if used + nbytes > capacity:
-                raise OverBudget(nbytes, capacity - used, capacity)
+                raise OverBudget(nbytes, capacity - used, capacity, self.unsure)
             self.own_reserved += nbytes
 
     def release(self, nbytes: int) -> None:
@@ -169,21 +180,30 @@ class MemoryBudget:
 
 class SharedBudgetTable(SharedCells):
     """The file every process of `ganserve serve --workers N` maps: one slot per process (the
-    engine 0, the fronts 1 … N), each two int64 — what the process holds resident, what its
-    admitted requests have reserved. A process writes only its own slot; every process reads all
-    of them, so the budget is the server's, not split per process."""
+    engine 0, the fronts 1 … N), each three int64 — what the process holds resident, what its
+    admitted requests have reserved, and how much its resident figure may over-count. A process
+    writes only its own slot; every process reads all of them, so the budget is the server's, not
+    split per process."""
 
-    CELLS_PER_SLOT = 2
+    CELLS_PER_SLOT = 3
+    RESIDENT, RESERVED, UNSURE = range(3)
+
+    def cell(self, slot: int, which: int) -> int:
+        return self.CELLS_PER_SLOT * slot + which
 
     def resident(self) -> int:
-        return sum(self.cells[0::2])
+        return sum(self.cells[self.RESIDENT::self.CELLS_PER_SLOT])
 
     def reserved(self) -> int:
-        return sum(self.cells[1::2])
+        return sum(self.cells[self.RESERVED::self.CELLS_PER_SLOT])
+
+    def unsure(self) -> int:
+        return sum(self.cells[self.UNSURE::self.CELLS_PER_SLOT])
 
     def clear(self, slot: int) -> None:
         """A process that died: its reservations died with it (its successor sets its own resident bytes)."""
-        self.cells[2 * slot + 1] = 0
+        self.cells[self.cell(slot, self.RESERVED)] = 0
+        self.cells[self.cell(slot, self.UNSURE)] = 0
 
 
 class SharedMemoryBudget(MemoryBudget):
@@ -202,19 +222,31 @@ class SharedMemoryBudget(MemoryBudget):
 
     @property
     def resident(self) -> int:
-        return self.table.cells[2 * self.slot]
+        return self.table.cells[self.table.cell(self.slot, SharedBudgetTable.RESIDENT)]
 
     @resident.setter
     def resident(self, nbytes: int) -> None:
-        self.table.cells[2 * self.slot] = nbytes
+        self.table.cells[self.table.cell(self.slot, SharedBudgetTable.RESIDENT)] = nbytes
 
     @property
     def own_reserved(self) -> int:
-        return self.table.cells[2 * self.slot + 1]
+        return self.table.cells[self.table.cell(self.slot, SharedBudgetTable.RESERVED)]
 
     @own_reserved.setter
     def own_reserved(self, nbytes: int) -> None:
-        self.table.cells[2 * self.slot + 1] = nbytes
+        self.table.cells[self.table.cell(self.slot, SharedBudgetTable.RESERVED)] = nbytes
+
+    @property
+    def own_unsure(self) -> int:
+        return self.table.cells[self.table.cell(self.slot, SharedBudgetTable.UNSURE)]
+
+    @own_unsure.setter
+    def own_unsure(self, nbytes: int) -> None:
+        self.table.cells[self.table.cell(self.slot, SharedBudgetTable.UNSURE)] = nbytes
+
+    @property
+    def unsure(self) -> int:
+        return self.table.unsure()
 
     @property
     def capacity(self) -> int:

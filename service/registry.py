@@ -216,6 +216,7 @@ class ModelRegistry:
         self.on_models_changed: list[Callable[[], None]] = []  # called once a load or unload has changed what is served
         self.encoder_table: EncoderTable = PILLOW_ONLY  # measured once the models are loaded
         self.memory_settled_at_rest = True  # False while the resident figure was read beside reserved work (`settle_memory`)
+        self.resident_bounds = (0, 0)  # (at least, at most) what the process holds resident apart from admitted work
 
     def take_stream_slot(self, owner: str) -> int:
         """The lowest free stream slot, for the client at address `owner`: 503 when `max_streams`
@@ -281,10 +282,10 @@ class ModelRegistry:
             model.config = serving_config(model.entry, self.settings)
             model.lane = Lane(model.entry.label, model.config.lane_threads)
             memory.trim()
-            before = self.resident_now()
+            before = memory.rss_bytes()
             await model.lane.run(self.load_and_warm, model)
             memory.trim()
-            model.resident_bytes = max(0, self.resident_now() - before)
+            model.resident_bytes = max(0, memory.rss_bytes() - before)
             model.limits = derive_limits(model, self.settings, self.settings.memory_budget)
             model.state = "ready"
         except Exception as error:  # one bad entry must not take the others down
@@ -293,39 +294,61 @@ class ModelRegistry:
             if model.lane is not None:  # its threads, which nothing will use
                 model.lane.shutdown(wait=False)
 
-    def resident_now(self) -> int:
-        """What the process holds resident, less what admitted requests and jobs have reserved:
-        a load or unload can run beside them (model control, the repository poll), and RSS then
-        holds their memory too, which their reservations already count. Counted twice, it shrank
-        the budget until the next load (a hostile probe: 1,486 → 1,029 MiB left for requests after
-        a reload beside one 272² upscale, and the same upscale 413, "retrying cannot help", on
-        the idle server 45 s later). Reservations are peaks, so beside work not yet at its peak
-        this reads low; `settle_memory` reads it again once nothing is reserved."""
+    def resident_reading(self) -> tuple[int, int]:
+        """(at least, at most) what the process holds resident apart from admitted work, read now:
+        RSS holds their memory too, up to what they reserved (reservations are peaks)."""
         reserved = self.memory.used
         rss = memory.rss_bytes()
-        return max(0, rss - max(reserved, self.memory.used))
+        return max(0, rss - max(reserved, self.memory.used)), rss
 
     def settle_memory(self) -> None:
         """What is left of the budget for requests once the models are resident; the loaded
         objects are moved out of the garbage collector's sight (memory.freeze_resident_objects).
-        Read beside reserved work, the figure is provisional (`resident_now`) and read again at
-        the first moment nothing is reserved (`settle_memory_at_rest`)."""
+
+        A load or unload can run beside admitted work (model control, the repository poll), and
+        RSS then holds some of its memory, which its reservations already count: taken whole for
+        resident, it shrank the budget until the next load (a hostile probe: 1,486 → 1,029 MiB left
+        for requests after a reload beside one 272² upscale, and the same upscale 413, "retrying
+        cannot help", on the idle server 45 s later); RSS less every reservation admitted past the
+        budget under steady traffic (reservations are peaks not yet reached: 416 MiB reserved of a
+        368 MiB budget, a second probe). So the budget counts the most the process may hold
+        resident, says by how much that may over-count (`MemoryBudget.unsure`: a refusal within it
+        is a 503 to retry, not a 413), narrows both every second (`tighten_resident`) and reads
+        it exactly at the first moment nothing is reserved."""
         memory.freeze_resident_objects()
         memory.trim()
-        self.memory_settled_at_rest = self.memory.used == 0
-        self.memory.set_resident(self.resident_now())
+        self.resident_bounds = self.resident_reading()
+        self.memory_settled_at_rest = self.resident_bounds[0] == self.resident_bounds[1]
+        self.memory.set_resident(self.resident_bounds[1], unsure=self.resident_bounds[1] - self.resident_bounds[0])
         log.info("memory: %.0f MiB resident after loading; %.0f MiB of the %.0f MiB budget left for requests",
                  memory.rss_bytes() / 2**20, self.memory.capacity / 2**20, self.settings.memory_budget / 2**20)
         if self.memory.capacity == 0:
             log.error("the loaded models hold the whole memory budget (GANSERVE_MEMORY_BUDGET, %.0f MiB): no request can be "
                       "served, so the server answers unready; raise the budget or serve fewer models", self.settings.memory_budget / 2**20)
 
-    def settle_memory_at_rest(self) -> None:
-        """Reads the resident figure again once nothing is reserved and no load runs, where the
-        last was read beside reserved work (called every second by service/remeasure.py)."""
-        if not self.memory_settled_at_rest and self.memory.used == 0 and not self.repository_lock.locked():
+    def tighten_resident(self) -> None:
+        """Where the resident figure was read beside admitted work: read again once nothing is
+        reserved (exact), else narrowed by this reading (each RSS is an upper bound, each RSS less
+        what is reserved a lower one; a reading outside the bounds means what is resident moved,
+        and starts them again). Not while a load runs: it settles when it ends."""
+        if self.memory_settled_at_rest or self.repository_lock.locked():
+            return
+        if self.memory.used == 0:
             self.settle_memory()
-            log.info("memory: re-read at rest, %.0f MiB of the budget left for requests", self.memory.capacity / 2**20)
+            log.info("memory: read again at rest, %.0f MiB of the budget left for requests", self.memory.capacity / 2**20)
+            return
+        low, high = self.resident_reading()
+        known_low, known_high = self.resident_bounds
+        if known_low <= high and low <= known_high:
+            low, high = max(low, known_low), min(high, known_high)
+        self.resident_bounds = (low, high)
+        self.memory.set_resident(high, unsure=high - low)
+
+    async def keep_resident_figure_current(self, interval_s: float = 1.0) -> None:
+        """`tighten_resident` every `interval_s` (the app's lifespan runs it where models load)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            self.tighten_resident()
 
     async def load_model(self, name: str) -> dict[int, LoadedModel]:
         """(Re)reads one model's versions from the repository and loads them beside the ones being
@@ -378,7 +401,7 @@ class ModelRegistry:
             return None  # nothing fresh is about to be served
         memory.trim()
         released = sum(model.resident_bytes for model in served.values() if model.ready and all(model is not kept for kept in serving.values()))
-        expected = max(0, self.resident_now() - released)
+        expected = max(0, memory.rss_bytes() - released)
         if self.memory.capacity_if_resident(expected) > 0:
             return None
         return (f"with it the server would hold ~{expected / 2**20:.0f} MiB resident, the whole memory budget "

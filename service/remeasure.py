@@ -129,7 +129,6 @@ async def remeasure_when_idle(registry: "ModelRegistry") -> None:
         await asyncio.sleep(min(1.0, idle_s / 2))
         if registry.loaded:
             relax_from_batches(registry)
-            registry.settle_memory_at_rest()
         if not registry.loaded or server_idle_for(registry) < idle_s:
             continue
         models = [model for model in registry.all_models() if model.ready and model.probes]

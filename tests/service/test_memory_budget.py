@@ -121,6 +121,42 @@ def test_one_process_budget_is_the_total_less_what_it_holds_resident():
     assert budget.capacity_if_resident(100 * MiB) == 0 and budget.capacity_if_resident(60 * MiB) == 40 * MiB
 
 
+def test_a_resident_figure_read_beside_admitted_work_never_over_admits_and_says_no_413_it_cannot_back(tmp_path, monkeypatch):
+    """A load beside admitted work reads RSS with some of their memory in it. Taken whole, the
+    budget stayed short until the next load and refused with 413 what it had served; RSS less every
+    reservation admitted past the budget (reservations are peaks not yet reached). Now the budget
+    counts the most that may be resident, a refusal within the doubt is 503, every reading narrows
+    it, and the first with nothing reserved settles it."""
+    import service.registry as registry_module
+    from service.metrics import ServiceMetrics
+    from service.registry import ModelRegistry
+    from service.settings import Settings
+
+    rss = [400 * MiB]
+    monkeypatch.setattr(registry_module.memory, "rss_bytes", lambda: rss[0])
+    registry = ModelRegistry(Settings(repository=tmp_path, memory_budget=1000 * MiB), ServiceMetrics())
+    try:
+        registry.memory.try_reserve(100 * MiB)  # admitted work, some of whose memory is in the reading
+        registry.settle_memory()  # a load ends beside it
+        assert registry.memory.capacity == 600 * MiB and registry.memory.unsure == 100 * MiB
+        with pytest.raises(OverBudget) as within_the_doubt:
+            registry.memory.try_reserve(650 * MiB)
+        assert not within_the_doubt.value.permanent  # it may fit once the figure is read again: 503, not 413
+        with pytest.raises(OverBudget) as beyond:
+            registry.memory.try_reserve(750 * MiB)
+        assert beyond.value.permanent
+        rss[0] = 350 * MiB  # less of the work's memory in this reading: at most 350, at least 300 resident
+        registry.tighten_resident()
+        assert registry.memory.capacity == 650 * MiB and registry.memory.unsure == 50 * MiB
+        registry.memory.release(100 * MiB)
+        rss[0] = 330 * MiB
+        registry.tighten_resident()  # nothing reserved: read exactly
+        assert registry.memory.capacity == 670 * MiB and registry.memory.unsure == 0 and registry.memory_settled_at_rest
+    finally:
+        registry.encoders.shutdown()
+        registry.jobs.shutdown()
+
+
 def test_a_budget_the_loaded_models_fill_is_unready_and_refuses_with_413_not_retry(repository):
     """Every request got 503 "taken by requests in flight, retry" while nothing was in flight and
     the server answered ready: a misconfiguration that looked like a passing overload."""
