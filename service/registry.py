@@ -227,7 +227,8 @@ class ModelRegistry:
             raise ApiError(503, f"the server holds its limit of {limit} streams; retry later", headers={"Retry-After": "5"})
         share = max(1, limit // 2)
         if sum(holder == owner for holder in self.stream_slots.values()) >= share:
-            raise ApiError(503, f"this client already holds {share} streams, its share of the server's {limit}; close one first",
+            raise ApiError(503, f"this client already holds {share} streams, its share of the {limit} this server process holds "
+                           "(GANSERVE_MAX_STREAMS, per front under --workers); close one first",
                            headers={"Retry-After": "5"})
         slot = next(n for n in itertools.count(1) if n not in self.stream_slots)
         self.stream_slots[slot] = owner

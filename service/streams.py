@@ -23,7 +23,8 @@ memory budget on arrival (a frame that does not fit is refused with 503), each a
 HTTP request (deadline, lane backlog, memory budget), and its tiles share batches with every other
 stream's and request's. An answer's bytes stay reserved until they have left the process (a
 client that does not read holds them in the budget until the send timeout drops it). A stream
-that sends no frame for `stream_idle_s` is closed (other messages do not keep it open), and one
+that sends no frame for `stream_idle_s` is closed (other messages, and frames refused for what
+they are — not an image, over the model's limits — do not keep it open), and one
 client address holds at most half of `max_streams` (`ModelRegistry.take_stream_slot`).
 """
 from __future__ import annotations
@@ -52,6 +53,7 @@ log = logging.getLogger("ganserve.streams")
 STREAM_FORMATS = ("jpeg", "png", "webp")
 LATENCY_WINDOW = 256  # frames the p50/p99 are taken over
 FPS_WINDOW_S = 5.0
+SERVER_REASONS = (429, 503, 504)  # refusals of a frame that keep its stream open as an answer would (the rest are the frame's fault)
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,10 @@ class UpscaleStream:
         self.sending = asyncio.Lock()  # a frame's header and image go out back to back
         self.stats = StreamStats()
         self.busy = False
+        # (loop time) when the stream last did work: opened, or a frame answered or refused for the
+        # server's reasons. A frame that is no image (422/415) is no work: a client sending a few
+        # junk bytes a minute held a slot for good (a re-probe)
+        self.last_work = asyncio.get_running_loop().time()
         self.stopping = False  # the server is shutting down: what was accepted is answered, nothing more is read
         self.closing: asyncio.Task | None = None
         told = websocket.scope.get("extensions", {}).get(SERVER_SHUTDOWN_EXTENSION)
@@ -182,15 +188,15 @@ class UpscaleStream:
         """Frames into the mailbox until the client leaves, goes idle or the server drains."""
         idle_s = self.registry.settings.stream_idle_s
         loop = asyncio.get_running_loop()
-        number, last_frame = 0, loop.time()
+        number = 0
         try:
             while True:
-                try:  # only a frame restarts the idle time: text messages, each answered with an error, held a slot forever
-                    async with asyncio.timeout_at(last_frame + idle_s):
+                try:  # only work restarts the idle time: text messages, each answered with an error, held a slot forever
+                    async with asyncio.timeout_at(self.last_work + idle_s):
                         message = await self.websocket.receive()
                 except TimeoutError:
                     if self.busy or self.mailbox.waiting is not None:
-                        last_frame = loop.time()  # its frames are still being answered: idle from then on
+                        self.last_work = loop.time()  # its frames are still being answered: idle from then on
                         continue
                     await self.close(1001, f"no frame for {idle_s:g} s")
                     return
@@ -199,7 +205,7 @@ class UpscaleStream:
                 if self.stopping:  # frames sent after the shutdown began are not taken (the close says why)
                     continue
                 if message.get("bytes") is not None:
-                    number, last_frame = number + 1, loop.time()
+                    number += 1
                     data = message["bytes"]
                     try:  # a waiting frame's bytes count against the memory budget like a request body
                         self.registry.memory.try_reserve(len(data))
@@ -258,7 +264,8 @@ class UpscaleStream:
 
     async def answer(self, frame: Frame) -> None:
         registry = self.registry
-        if frame.refusal is not None:
+        if frame.refusal is not None:  # the memory budget's refusal: the server's reason, so work all the same
+            self.last_work = asyncio.get_running_loop().time()
             self.stats.errors += 1
             self.count("error", self.served_version())
             await self.send({"type": "error", "frame": frame.number} | frame.refusal)
@@ -281,12 +288,15 @@ class UpscaleStream:
         except ApiError as error:
             if error.status == 499:  # the client left: nobody to answer
                 return
+            if error.status in SERVER_REASONS:
+                self.last_work = asyncio.get_running_loop().time()
             self.stats.errors += 1
             self.count("error", version)
             await self.send({"type": "error", "frame": frame.number, "status": error.status, "code": error.code, "error": error.message}
                             | ({"retry_after_s": int(error.headers["Retry-After"])} if "Retry-After" in error.headers else {}))
             return
         except Exception as error:  # a broken model answers this frame with 500, never ends the stream
+            self.last_work = asyncio.get_running_loop().time()
             log.exception("stream %s frame %d", self.id, frame.number, exc_info=error)
             self.stats.errors += 1
             self.count("error", version)
@@ -297,6 +307,7 @@ class UpscaleStream:
             self.frame_context = None
             registry.memory.release(ctx.reserved - held)
             ctx.encoded(registry.encoding)
+        self.last_work = asyncio.get_running_loop().time()
         scale = model.entry.spec["scale"]
         now = time.monotonic()
         self.stats.record_answer(now - frame.arrived, now)

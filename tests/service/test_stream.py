@@ -183,9 +183,10 @@ def test_only_frames_keep_a_stream_open_and_one_client_holds_half_the_streams(re
                 assert json.loads(other.recv(timeout=30))["type"] == "ready"
             started = time.monotonic()
             with pytest.raises(ConnectionClosed) as closed:
-                while time.monotonic() - started < 15:
-                    chatty.send("still here")  # not a frame: answered with an error notice, and no reason to stay open
-                    assert json.loads(chatty.recv(timeout=30))["type"] == "error"
+                while time.monotonic() - started < 15:  # neither is a frame to upscale: each answered with an error notice
+                    for junk in ("still here", b"", b"not an image"):  # (binary junk, too, once kept the stream open: a re-probe)
+                        chatty.send(junk)
+                        assert json.loads(chatty.recv(timeout=30))["type"] == "error"
                     time.sleep(0.2)
             assert closed.value.rcvd.code == 1001 and "no frame" in closed.value.rcvd.reason and time.monotonic() - started < 5
 
