@@ -219,6 +219,7 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         self.awaiting_headers = False
         self.header_bytes = 0  # read since the read in which the request began, while its headers are incomplete
         self.header_tail = b""  # the last bytes of the read before, while the headers are incomplete
+        self.messages_begun = 0  # requests the parser has begun on this connection
         self.refused = False  # answered 431 or 503, or pipelined past MAX_PIPELINED: what still arrives is dropped
         self.lingering = False  # shut, reading and dropping until the close (shut_and_linger)
         self.waiting_since = self.loop.time()  # since it connected or its last answer went out
@@ -273,23 +274,29 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self.refused:
             return  # the rest of a refused request: read and dropped until the connection closes
+        first_part = None
         if self.awaiting_headers:
             self.header_bytes += self.header_part(data)
             if self.header_bytes > self.max_header_bytes:
                 self.headers_too_large()
                 return
-        elif len(data) > self.max_header_bytes and not self.being_served():
-            # a request's first read, which begins it: the count above starts once the parser has
-            # seen it begin, so a 140 KB header sent in one read was served (a hostile probe; 431
-            # came past ~200 KB). On an idle connection the read starts with the request.
+        elif not self.being_served():
+            # a request's first read, which begins it (on an idle connection the read starts with
+            # the request): the count above starts once the parser has seen it begin, so a 140 KB
+            # header sent in one read was served (a hostile probe; 431 came past ~200 KB), and 120 KB
+            # sent as 60 KB and the rest (a re-probe): the first read's part is counted here
             self.header_bytes, self.header_tail = 0, b""
-            if self.header_part(data) > self.max_header_bytes:
+            first_part = self.header_part(data)
+            if first_part > self.max_header_bytes:
                 self.headers_too_large()
                 return
+        begun = self.messages_begun
         super().data_received(data)
         # armed only for a request whose headers did not come whole: most arrive in one read, and a
         # timer made and cancelled for each of them was 1.2 % of the event loop's py-spy samples at 32 clients
         if self.awaiting_headers and not self.refused:
+            if first_part is not None and self.messages_begun == begun + 1:  # begun in this read, alone (the parser's start reset the count)
+                self.header_bytes = first_part
             self.arm_header_timer()  # a running timer keeps its start
             self.header_tail = data[-3:]  # their blank line, if it is split between this read and the next
         elif self.idle_without_timer():
@@ -319,6 +326,7 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.messages_begun += 1
         self.awaiting_headers = True  # a kept-alive connection's next request
         self.header_bytes = 0
         self.header_tail = b""  # what was read before this request is none of its headers

@@ -310,6 +310,12 @@ def test_headers_past_the_cap_get_431_before_the_parser_sees_the_rest(shipped):
         sock.sendall(b"a" * 200_000)  # the header is still going on
         answer = read_until_closed(sock, 5)
     assert answer.startswith(b"HTTP/1.1 431") and b"headers_too_large" in answer, answer[:200]
+    with socket.create_connection((host, int(port)), timeout=5) as sock:  # 120 KB as 60 KB and the rest (once only the rest counted)
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 60_000)
+        time.sleep(0.3)
+        sock.sendall(b"a" * 60_000 + b"\r\n\r\n")
+        answer = read_until_closed(sock, 5)
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
     with shipped.client() as client:
         assert client.get("/health/live", headers={"X-Big": "a" * 32_768}).status_code == 200
         # whole in the request's first read (its count began after that read: 70-140 KB were served)
