@@ -223,12 +223,14 @@ class RequestIntake:
     async def read_body(self, scope: Scope, receive: Receive, context: RequestContext, budget: MemoryBudget | None) -> bytes:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
-        encoding = headers.get(b"content-encoding", b"identity").strip().lower()
-        if encoding != b"identity" and (ascii_count(declared, max_digits=40) or b"transfer-encoding" in headers):  # (a bodyless GET passes)
+        # every Content-Encoding header, each a list (a proxy may read the first of two; the dict keeps the last)
+        codings = [coding.strip().lower() for name, value in scope.get("headers") or [] if name == b"content-encoding" for coding in value.split(b",")]
+        compressed = [coding for coding in codings if coding not in (b"", b"identity")]
+        if compressed and (ascii_count(declared, max_digits=40) or b"transfer-encoding" in headers):  # (a bodyless GET passes)
             # compressed bodies were read as they came: tritonclient's gzip request got "not valid JSON
             # (UnicodeDecodeError)"; inflating one would cost what no limit checked first (bombs)
             raise Refused(415, "unsupported_media_type", f"request bodies are taken uncompressed (Content-Encoding "
-                                                         f"{encoding.decode('latin-1')[:40]!r}); send it without compression")
+                                                         f"{compressed[0].decode('latin-1')[:40]!r}); send it without compression")
         if (length := ascii_count(declared, max_digits=40)) is not None and length > self.limit:
             raise Refused(413, "payload_too_large", f"request body over {self.limit} bytes")
         chunks: list[bytes] = []
