@@ -206,6 +206,19 @@ class SharedBudgetTable(SharedCells):
         self.cells[self.cell(slot, self.UNSURE)] = 0
 
 
+class SlotCell:
+    """A SharedMemoryBudget attribute kept in its process's slot of the shared table (one cell of it)."""
+
+    def __init__(self, which: int) -> None:
+        self.which = which
+
+    def __get__(self, budget: "SharedMemoryBudget", owner: type | None = None) -> int:
+        return budget.table.cells[budget.table.cell(budget.slot, self.which)]
+
+    def __set__(self, budget: "SharedMemoryBudget", nbytes: int) -> None:
+        budget.table.cells[budget.table.cell(budget.slot, self.which)] = nbytes
+
+
 class SharedMemoryBudget(MemoryBudget):
     """One memory budget over every process of `--workers N`: a request admitted by any front is
     checked against what the engine and every front hold resident and have reserved, so the
@@ -220,29 +233,10 @@ class SharedMemoryBudget(MemoryBudget):
         self.table, self.slot = table, slot
         super().__init__(total, resident)  # a replacement front starts with none of its predecessor's reservations
 
-    @property
-    def resident(self) -> int:
-        return self.table.cells[self.table.cell(self.slot, SharedBudgetTable.RESIDENT)]
-
-    @resident.setter
-    def resident(self, nbytes: int) -> None:
-        self.table.cells[self.table.cell(self.slot, SharedBudgetTable.RESIDENT)] = nbytes
-
-    @property
-    def own_reserved(self) -> int:
-        return self.table.cells[self.table.cell(self.slot, SharedBudgetTable.RESERVED)]
-
-    @own_reserved.setter
-    def own_reserved(self, nbytes: int) -> None:
-        self.table.cells[self.table.cell(self.slot, SharedBudgetTable.RESERVED)] = nbytes
-
-    @property
-    def own_unsure(self) -> int:
-        return self.table.cells[self.table.cell(self.slot, SharedBudgetTable.UNSURE)]
-
-    @own_unsure.setter
-    def own_unsure(self, nbytes: int) -> None:
-        self.table.cells[self.table.cell(self.slot, SharedBudgetTable.UNSURE)] = nbytes
+    # this process's own figures live in its slot of the table
+    resident = SlotCell(SharedBudgetTable.RESIDENT)
+    own_reserved = SlotCell(SharedBudgetTable.RESERVED)
+    own_unsure = SlotCell(SharedBudgetTable.UNSURE)
 
     @property
     def unsure(self) -> int:
