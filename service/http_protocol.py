@@ -130,7 +130,7 @@ def quiet_per_connection_lines() -> None:
 
 
 def raw_error(status: int, reason: str, code: str, message: str) -> bytes:
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    body = json.dumps({"error": {"code": code, "message": message}}, separators=(",", ":")).encode()  # compact, as the routes' JSON errors are
     head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
             "connection: close\r\n\r\n").encode()
     return head + body

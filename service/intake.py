@@ -91,7 +91,7 @@ def context_of(scope: Scope) -> RequestContext | None:
 
 
 def error_message(path: str, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> tuple[Message, Message]:
-    body = json.dumps(error_payload(path, status, message, code)).encode()
+    body = json.dumps(error_payload(path, status, message, code), separators=(",", ":")).encode()  # compact, as the routes' JSON errors are
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     return {"type": "http.response.start", "status": status, "headers": raw}, {"type": "http.response.body", "body": body}
