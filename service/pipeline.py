@@ -66,9 +66,14 @@ def refuse_unknown_query(request: Request | WebSocket, taken: frozenset[str], hi
     keys = [key for key, _ in request.query_params.multi_items()]
     if unknown := [key for key in keys if key not in taken]:
         raise ApiError(422, f"unknown query parameter {unknown[0][:64]!r}{hint}")
-    if len(set(keys)) != len(keys):
-        seen: set[str] = set()
-        raise ApiError(422, f"query parameter {next(key for key in keys if key in seen or seen.add(key))!r} is given twice")
+    if (repeated := first_repeated(keys)) is not None:
+        raise ApiError(422, f"query parameter {repeated!r} is given twice")
+
+
+def first_repeated(keys: list[str]) -> str | None:
+    """The first key that appears a second time, or None."""
+    seen: set[str] = set()
+    return next((key for key in keys if key in seen or seen.add(key)), None)
 
 
 class KnownQueryRoute(APIRoute):
@@ -99,8 +104,7 @@ def unique_keys(pairs: list[tuple[str, object]]) -> dict:
     may have read the first."""
     obj = dict(pairs)
     if len(obj) != len(pairs):
-        seen = set()
-        raise DuplicateKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
+        raise DuplicateKey(first_repeated([key for key, _ in pairs]))
     return obj
 
 

@@ -317,15 +317,20 @@ class ModelRegistry:
         is a 503 to retry, not a 413), narrows both every second (`tighten_resident`) and reads
         it exactly at the first moment nothing is reserved."""
         memory.freeze_resident_objects()
-        memory.trim()
-        self.resident_bounds = self.resident_reading()
-        self.memory_settled_at_rest = self.resident_bounds[0] == self.resident_bounds[1]
-        self.memory.set_resident(self.resident_bounds[1], unsure=self.resident_bounds[1] - self.resident_bounds[0])
+        self.read_resident()
         log.info("memory: %.0f MiB resident after loading; %.0f MiB of the %.0f MiB budget left for requests",
-                 memory.rss_bytes() / 2**20, self.memory.capacity / 2**20, self.settings.memory_budget / 2**20)
+                 self.memory.resident / 2**20, self.memory.capacity / 2**20, self.settings.memory_budget / 2**20)
         if self.memory.capacity == 0:
             log.error("the loaded models hold the whole memory budget (GANSERVE_MEMORY_BUDGET, %.0f MiB): no request can be "
                       "served, so the server answers unready; raise the budget or serve fewer models", self.settings.memory_budget / 2**20)
+
+    def read_resident(self) -> None:
+        """The resident figure and its doubt from one reading, free heap pages handed back first."""
+        memory.trim()
+        self.resident_bounds = self.resident_reading()
+        low, high = self.resident_bounds
+        self.memory_settled_at_rest = low == high
+        self.memory.set_resident(high, unsure=high - low)
 
     def tighten_resident(self) -> None:
         """Where the resident figure was read beside admitted work: read again once nothing is
@@ -334,8 +339,8 @@ class ModelRegistry:
         and starts them again). Not while a load runs: it settles when it ends."""
         if self.memory_settled_at_rest or self.repository_lock.locked():
             return
-        if self.memory.used == 0:
-            self.settle_memory()
+        if self.memory.used == 0:  # (the load froze what it left; a full collection again held the loop ~90 ms)
+            self.read_resident()
             log.info("memory: read again at rest, %.0f MiB of the budget left for requests", self.memory.capacity / 2**20)
             return
         low, high = self.resident_reading()

@@ -187,7 +187,6 @@ class UpscaleStream:
     async def read(self) -> None:
         """Frames into the mailbox until the client leaves, goes idle or the server drains."""
         idle_s = self.registry.settings.stream_idle_s
-        loop = asyncio.get_running_loop()
         number = 0
         try:
             while True:
@@ -196,7 +195,7 @@ class UpscaleStream:
                         message = await self.websocket.receive()
                 except TimeoutError:
                     if self.busy or self.mailbox.waiting is not None:
-                        self.last_work = loop.time()  # its frames are still being answered: idle from then on
+                        self.worked()  # its frames are still being answered: idle from then on
                         continue
                     await self.close(1001, f"no frame for {idle_s:g} s")
                     return
@@ -228,6 +227,9 @@ class UpscaleStream:
             return
         finally:
             self.left()
+
+    def worked(self) -> None:
+        self.last_work = asyncio.get_running_loop().time()
 
     def server_stopping(self) -> None:
         """The server shuts down: an idle stream closes now, a busy one after the frames it holds."""
@@ -265,7 +267,7 @@ class UpscaleStream:
     async def answer(self, frame: Frame) -> None:
         registry = self.registry
         if frame.refusal is not None:  # the memory budget's refusal: the server's reason, so work all the same
-            self.last_work = asyncio.get_running_loop().time()
+            self.worked()
             self.stats.errors += 1
             self.count("error", self.served_version())
             await self.send({"type": "error", "frame": frame.number} | frame.refusal)
@@ -289,14 +291,14 @@ class UpscaleStream:
             if error.status == 499:  # the client left: nobody to answer
                 return
             if error.status in SERVER_REASONS:
-                self.last_work = asyncio.get_running_loop().time()
+                self.worked()
             self.stats.errors += 1
             self.count("error", version)
             await self.send({"type": "error", "frame": frame.number, "status": error.status, "code": error.code, "error": error.message}
                             | ({"retry_after_s": int(error.headers["Retry-After"])} if "Retry-After" in error.headers else {}))
             return
         except Exception as error:  # a broken model answers this frame with 500, never ends the stream
-            self.last_work = asyncio.get_running_loop().time()
+            self.worked()
             log.exception("stream %s frame %d", self.id, frame.number, exc_info=error)
             self.stats.errors += 1
             self.count("error", version)
@@ -307,7 +309,7 @@ class UpscaleStream:
             self.frame_context = None
             registry.memory.release(ctx.reserved - held)
             ctx.encoded(registry.encoding)
-        self.last_work = asyncio.get_running_loop().time()
+        self.worked()
         scale = model.entry.spec["scale"]
         now = time.monotonic()
         self.stats.record_answer(now - frame.arrived, now)

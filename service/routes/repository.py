@@ -23,6 +23,7 @@ router = APIRouter(prefix="/v2/repository", tags=["v2"])
 # each waiting one holds a connection (under --workers, one of its front's connections to the engine
 # too, and loads wait without a timeout), so a script firing loads in a loop filled them
 MAX_WAITING_MODEL_CONTROL = 16
+MAX_LOAD_BODY_BYTES = 64 * 1024  # a load's parameters without files or a config (refused) are a few dozen bytes
 
 
 @router.post("/index")
@@ -101,6 +102,9 @@ async def refuse_overrides(request: Request) -> None:
     raw = await request.body()
     if not raw.strip():
         return
+    if len(raw) > MAX_LOAD_BODY_BYTES:  # (parsed on the event loop: a body-limit's worth of JSON held it for seconds)
+        raise ApiError(422, f"a load request's body is {len(raw)} bytes: loads take the repository on disk as it is, and their parameters "
+                            f"fit in {MAX_LOAD_BODY_BYTES} bytes (model files and configurations cannot be given with the request)")
     try:
         parameters = json.loads(raw).get("parameters") or {}
     except (ValueError, AttributeError, RecursionError):
