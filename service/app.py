@@ -77,7 +77,7 @@ def create_app(settings: Settings | None = None, serve_while_loading: bool = Tru
         loading.add_done_callback(lambda task: report_loading(task, registry))
         polling = asyncio.create_task(registry.poll_repository(settings.repository_poll_s)) if settings.repository_poll_s > 0 else None
         remeasuring = (asyncio.create_task(remeasure_when_idle(registry), name="remeasure-when-idle")
-                       if settings.remeasure_idle_s > 0 and settings.warmup and settings.role != "front" else None)
+                       if settings.remeasure_idle_s > 0 and settings.role != "front" else None)
         gauging = asyncio.create_task(refresh_process_state(registry), name="process-gauges")
         resident = asyncio.create_task(registry.keep_resident_figure_current(), name="resident-memory") if settings.role != "front" else None
         try:

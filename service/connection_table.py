@@ -1,12 +1,21 @@
 """Who holds the server's connection slots, and which one makes room for a newcomer at the cap.
 
 At the cap (`limit` open connections) a newcomer is let in if a connection that is only waiting
-for a request (never one whose request is being served) can be closed for it, chosen in this order:
+for a request, or one whose request's body is still arriving, can be closed for it (never one whose
+request was accepted: its body is whole), chosen in this order:
 
 1. the connection that has waited longest, once it has waited `IDLE_EVICTABLE_S`;
 2. the longest-waiting one of the client address that holds the most connections (past a
    quarter of the cap), when the newcomer comes from another;
-3. the longest-waiting one of the newcomer's own address.
+3. the longest-waiting one of the newcomer's own address;
+4. the one whose body has been arriving longest (at least `IDLE_EVICTABLE_S`) of the address that
+   holds the most connections, when the newcomer comes from another;
+5. the same of the newcomer's own address, when that address holds past a quarter of the cap.
+
+A connection whose body is still arriving was never accepted: it is answered 503 (retry) and
+closed, as at shutdown. Without 4 and 5 one address held every slot for the body timeout with
+requests that sent their headers and one byte of a body (512 sockets; every other client got
+503 for 30 s at a time, and could be made to again: a hostile probe).
 
 The third is what lets a client share an address with a hog (behind NAT or a proxy every client
 has one address): one client re-opening 1,200 silent sockets as fast as they were closed kept the
@@ -33,6 +42,7 @@ class Slot(Protocol):
     """What the table needs of a connection (the HTTP protocol, or a WebSocket, which never waits)."""
 
     waiting_since: float  # since it connected or its last answer went out
+    receiving_since: float  # since its request's headers arrived, while its body is still arriving
 
     @property
     def address(self) -> str | None: ...
@@ -41,7 +51,8 @@ class Slot(Protocol):
         """Closed or closing, or refused: it holds no slot any more."""
 
     def make_room(self) -> None:
-        """Closes this waiting connection for a newcomer."""
+        """Closes this connection for a newcomer: a waiting one at once, one whose body is still
+        arriving once it has been answered 503."""
 
 
 class ConnectionTable:
@@ -55,6 +66,7 @@ class ConnectionTable:
         self.members: set[Slot] = set()
         self.waiting: OrderedDict[Slot, None] = OrderedDict()  # longest waiting first
         self.waiting_by_address: dict[str | None, OrderedDict[Slot, None]] = {}
+        self.receiving_by_address: dict[str | None, OrderedDict[Slot, None]] = {}  # bodies arriving, the longest first
 
     def __len__(self) -> int:
         return len(self.members)
@@ -76,6 +88,7 @@ class ConnectionTable:
             return
         self.members.discard(slot)
         self.began_serving(slot)
+        self.body_arrived(slot)
         held = self.held[slot.address] = self.held[slot.address] - 1
         if held <= self.heavy_above:
             self.heavy.discard(slot.address)
@@ -99,6 +112,17 @@ class ConnectionTable:
             if not line:
                 del self.waiting_by_address[slot.address]
 
+    def began_receiving(self, slot: Slot) -> None:
+        """Its request's headers are in and its body is to come: not accepted yet."""
+        if slot in self.members:
+            self.receiving_by_address.setdefault(slot.address, OrderedDict())[slot] = None
+
+    def body_arrived(self, slot: Slot) -> None:
+        """Its request's body is whole (or the connection is gone): never closed for a newcomer now."""
+        line = self.receiving_by_address.get(slot.address)
+        if line is not None and line.pop(slot, False) is not False and not line:
+            del self.receiving_by_address[slot.address]
+
     def admit(self, newcomer: Slot, now: float) -> bool:
         """Whether the newcomer gets a slot, after closing a waiting connection if the cap is full."""
         if len(self) >= self.limit:
@@ -115,7 +139,9 @@ class ConnectionTable:
         """The waiting connection a newcomer from `address` may take the place of, in the module's order."""
         looks = (lambda: self.longest_waiting(self.waiting, now, at_least=IDLE_EVICTABLE_S),
                  lambda: self.from_a_hog(address, now),
-                 lambda: self.longest_waiting(self.waiting_by_address.get(address), now))
+                 lambda: self.longest_waiting(self.waiting_by_address.get(address), now),
+                 lambda: self.slow_body_of_a_hog(address, now),
+                 lambda: self.longest_receiving(self.receiving_by_address.get(address), now) if address in self.heavy else None)
         for look in looks:
             if len(self) < self.limit:
                 return None  # room made by dropping slots found gone
@@ -127,6 +153,22 @@ class ConnectionTable:
         for hog in sorted(self.heavy - {address}, key=self.held.__getitem__, reverse=True):
             if (victim := self.longest_waiting(self.waiting_by_address.get(hog), now)) is not None:
                 return victim
+        return None
+
+    def slow_body_of_a_hog(self, address: str | None, now: float) -> Slot | None:
+        for hog in sorted(self.heavy - {address}, key=self.held.__getitem__, reverse=True):
+            if (victim := self.longest_receiving(self.receiving_by_address.get(hog), now)) is not None:
+                return victim
+        return None
+
+    def longest_receiving(self, line: OrderedDict[Slot, None] | None, now: float) -> Slot | None:
+        """The connection of a line whose body has been arriving longest, if for `IDLE_EVICTABLE_S`
+        (slots found gone on the way are dropped)."""
+        while line:
+            slot = next(iter(line))
+            if not slot.gone():
+                return slot if now - slot.receiving_since >= IDLE_EVICTABLE_S else None
+            self.remove(slot)
         return None
 
     def longest_waiting(self, line: OrderedDict[Slot, None] | None, now: float, at_least: float = 0.0) -> Slot | None:

@@ -14,8 +14,9 @@
   the rest are dropped unread and the connection closes after the queued answers (uvicorn queued
   them without bound: ~2.8 KB of server memory per 64-byte GET);
 - a **connection cap**: past `max_connections` open connections a connection that is only waiting
-  for a request is closed to make room (never one being served; which one: service/connection_table.py,
-  the longest-waiting one of a hog's or of the newcomer's own address); where there is none, the new
+  for a request is closed to make room, else one whose request's body is still arriving (answered
+  503; never one whose request was accepted; which one: service/connection_table.py, the
+  longest-waiting one of a hog's or of the newcomer's own address); where there is none, the new
   one is answered 503 (JSON, like every error) and shut, its request read and dropped for
   `REFUSED_LINGER_S` before the close;
 - a **send timeout** (`WriteStallGuard`, HTTP and WebSocket): a peer that reads nothing of what
@@ -67,7 +68,10 @@ from service.connection_table import ConnectionTable
 
 DISCONNECT_EXTENSION = "ganserve.on_disconnect"  # a list of callables in the request's scope extensions
 FLUSHED_EXTENSION = "ganserve.when_flushed"  # a callable: when_flushed(callback), the callback run once the answer left
-STOPPING_EXTENSION = "ganserve.stopping"  # True once the server shuts down while the request's body is still arriving
+# why the request's body will not be waited for, once it is: SHUTTING_DOWN, or GAVE_UP_SLOT (its connection
+# closed for a newcomer at the connection cap, service/connection_table.py)
+STOPPING_EXTENSION = "ganserve.stopping"
+SHUTTING_DOWN, GAVE_UP_SLOT = "shutting_down", "gave_up_slot"
 SERVER_SHUTDOWN_EXTENSION = "ganserve.on_server_shutdown"  # a list of callables: a WebSocket app that closes itself on shutdown
 REFUSED_LINGER_S = 1.0  # how long a refused request's remaining bytes are read and dropped before the close
 MAX_FRAGMENTS = 4096  # frames one WebSocket message may come in (a 64 MiB frame in 16 KiB pieces)
@@ -223,6 +227,7 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         self.refused = False  # answered 431 or 503, or pipelined past MAX_PIPELINED: what still arrives is dropped
         self.lingering = False  # shut, reading and dropping until the close (shut_and_linger)
         self.waiting_since = self.loop.time()  # since it connected or its last answer went out
+        self.receiving_since = 0.0  # since its request's headers arrived, while the body is to come
         if not self.slots().admit(self, self.waiting_since):
             self.refused = True
             transport.write(raw_error(503, "Service Unavailable", "too_many_connections",
@@ -250,10 +255,21 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         return self.refused or self.transport is None or self.transport.is_closing()
 
     def make_room(self) -> None:
-        """Closed for a newcomer at the cap while waiting for a request, as a kept-alive
-        connection's idle timeout closes it."""
+        """Closed for a newcomer at the cap: while waiting for a request, as a kept-alive
+        connection's idle timeout closes it; while its request's body is still arriving, once the
+        intake has answered it 503 (the request was never accepted)."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and not cycle.response_started and cycle.more_body:
+            self.stop_waiting_for_body(GAVE_UP_SLOT)
+            return
         self.disarm_header_timer()
         self.transport.close()
+
+    def stop_waiting_for_body(self, reason: str) -> None:
+        """The request whose body is arriving is told to stop waiting for it (STOPPING_EXTENSION):
+        its pending receive() returns an empty chunk, and the intake answers it 503 and closes."""
+        self.cycle.scope.setdefault("extensions", {})[STOPPING_EXTENSION] = reason
+        self.cycle.message_event.set()
 
     def handle_websocket_upgrade(self) -> None:
         slots = self.slots()
@@ -340,7 +356,10 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
             self.stop_pipelining()
             return
         super().on_headers_complete()
-        self.slots().began_serving(self)
+        slots = self.slots()
+        slots.began_serving(self)
+        self.receiving_since = self.loop.time()
+        slots.began_receiving(self)  # until on_message_complete: the body is to come
         extensions = self.scope.setdefault("extensions", {})
         extensions[DISCONNECT_EXTENSION] = []
         extensions[FLUSHED_EXTENSION] = self.when_flushed
@@ -373,6 +392,7 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
     def on_message_complete(self) -> None:
         if self.refused:
             return
+        self.slots().body_arrived(self)
         super().on_message_complete()
         # the body is whole: read on, so that a hang-up is seen while the request runs (uvicorn
         # resumes reading only when the app calls receive(), which the intake no longer does after
@@ -399,8 +419,7 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         still arriving is told to stop waiting for it (STOPPING_EXTENSION)."""
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete and not cycle.response_started and cycle.more_body:
-            cycle.scope.setdefault("extensions", {})[STOPPING_EXTENSION] = True
-            cycle.message_event.set()  # its pending receive() returns an empty chunk, and the intake looks at the flag
+            self.stop_waiting_for_body(SHUTTING_DOWN)
         super().shutdown()
 
     def headers_too_large(self) -> None:

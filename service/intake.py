@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_payload
 from service.digits import ascii_count
-from service.http_protocol import DISCONNECT_EXTENSION, FLUSHED_EXTENSION, STOPPING_EXTENSION
+from service.http_protocol import DISCONNECT_EXTENSION, FLUSHED_EXTENSION, GAVE_UP_SLOT, STOPPING_EXTENSION
 from service.memory import MemoryBudget, OverBudget
 
 if TYPE_CHECKING:
@@ -247,8 +247,11 @@ class RequestIntake:
                     if message["type"] == "http.disconnect":
                         context.client_left()
                         raise Refused(499, "client_closed_request", "the client went away while sending its body")
-                    if scope.get("extensions", {}).get(STOPPING_EXTENSION):
-                        raise Refused(503, "unavailable", "the server is shutting down before this request's body arrived; retry",
+                    if stopping := scope.get("extensions", {}).get(STOPPING_EXTENSION):
+                        raise Refused(503, "too_many_connections" if stopping == GAVE_UP_SLOT else "unavailable",
+                                      "the server is at its connection cap, and this request's body was still arriving from an address "
+                                      "holding over a quarter of the connections: its connection went to a newcomer; retry"
+                                      if stopping == GAVE_UP_SLOT else "the server is shutting down before this request's body arrived; retry",
                                       {"Retry-After": "1"})
                     chunk = message.get("body", b"")
                     size += len(chunk)

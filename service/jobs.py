@@ -213,20 +213,34 @@ class JobStore:
             self.cancel_if_queued(job, "the server shut down")
 
     def forget_old(self) -> None:
-        """Forgets the oldest finished jobs past `keep_finished` of them or `keep_result_bytes` of
-        results (the newest is kept whatever its size, for its client to read). Under the lock."""
+        """Past `keep_finished` finished jobs or `keep_result_bytes` of results, forgets the oldest
+        finished job of the client holding the most of them (by count past the first bound, by
+        result bytes past the second), so that one client's many jobs push out its own results,
+        not another client's: the bounds were shared, and 260 one-step jobs from one address made
+        every other client's unread result 404 (a hostile probe). The newest finished job is kept
+        whatever its size, for its client to read. Under the lock."""
         finished = sorted((j for j in self.jobs.values() if j.finished_state), key=lambda j: j.finished or 0)
-        kept_bytes = sum(j.result_bytes for j in finished)
-        while len(finished) > 1 and (len(finished) > self.keep_finished or kept_bytes > self.keep_result_bytes):
-            oldest = finished.pop(0)
+        if len(finished) < 2:
+            return
+        by_owner: dict[str, list[Job]] = {}
+        for job in finished[:-1]:  # (the newest is never a candidate)
+            by_owner.setdefault(job.owner, []).append(job)
+        count, kept_bytes = len(finished), sum(j.result_bytes for j in finished)
+        while by_owner and (count > self.keep_finished or kept_bytes > self.keep_result_bytes):
+            by_count = count > self.keep_finished
+            owner = max(by_owner, key=lambda o: len(by_owner[o]) if by_count else sum(j.result_bytes for j in by_owner[o]))
+            oldest = by_owner[owner].pop(0)
+            if not by_owner[owner]:
+                del by_owner[owner]
             del self.jobs[oldest.id]
-            kept_bytes -= oldest.result_bytes
+            count, kept_bytes = count - 1, kept_bytes - oldest.result_bytes
 
     def get(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
         if job is None:
-            raise ApiError(404, f"unknown job {job_id[:64]!r} (finished jobs are kept until {self.keep_finished} newer ones or "
-                                f"{self.keep_result_bytes / 2**20:.0f} MiB of newer results have finished, or until deleted)")
+            raise ApiError(404, f"unknown job {job_id[:64]!r} (finished jobs are kept until deleted, or until the server holds over "
+                                f"{self.keep_finished} of them or {self.keep_result_bytes / 2**20:.0f} MiB of results: then the oldest of "
+                                "the client holding the most goes first)")
         return job
 
     def shutdown(self) -> None:

@@ -517,7 +517,8 @@ class ModelRegistry:
             model = self.models.get(entry.name, {}).get(entry.version)
             state = model.state if model is not None else "not loaded"
             reason = (model.error or ("unloaded" if state == "unloaded" else "")) if model is not None else (
-                "on disk, not loaded" if (entry.name, entry.version) in served else "excluded by the version policy")
+                "on disk, not loaded" if (entry.name, entry.version) in served
+                else "not in GANSERVE_MODELS" if self.settings.models and entry.name not in self.settings.models else "excluded by the version policy")
             rows.append({"name": entry.name, "version": str(entry.version), "state": TRITON_STATES.get(state, state.upper()), "reason": reason})
         return rows
 
@@ -525,10 +526,9 @@ class ModelRegistry:
         kind = model.config.runtime
         started = time.perf_counter()
         self.load_runtimes(model)
-        for graph, runtime in model.runtimes.items():
-            if self.settings.warmup:
-                with capturing(runtime), warming(runtime):  # the shapes warm-up runs are the ones captured, and kept
-                    model.costs[graph], model.probes[graph] = self.measure(model, runtime, graph)
+        for graph, runtime in model.runtimes.items():  # every graph is timed: admission and the limits stand on its costs
+            with capturing(runtime), warming(runtime):  # the shapes warm-up runs are the ones captured, and kept
+                model.costs[graph], model.probes[graph] = self.measure(model, runtime, graph)
         model.runtime = model.runtimes["model"]
         if "latents_file" in model.entry.spec:
             model.latents = load_numpy(str(model.entry.file_within(model.entry.spec["latents_file"])))

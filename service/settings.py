@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.digits import ascii_count
@@ -102,13 +102,12 @@ class Settings(BaseSettings):
     # threads
     encoder_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     intra_op_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)  # per lane thread
-    warmup: bool = True
     # limits measured at a busy warm-up relax later: once every lane has been idle this long, one
     # model's warmed shapes are timed again and a faster fit adopted (service/remeasure.py), and a server never
     # idle that long scales a fit to the batches it served where they ran faster; 0: neither
     remeasure_idle_s: float = Field(30.0, ge=0)
     remeasure_max_interval_s: float = Field(3600.0, gt=0)  # a model found no faster waits twice as long each time, up to this
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"  # (a free string crashed start-up with a traceback)
     # processes: 1 = one process does everything; N > 1 = N HTTP front processes (parsing, validation,
     # admission, encoding) hand items to one engine process that owns the models and batches
     workers: int = Field(1, ge=1, le=64)
@@ -116,6 +115,11 @@ class Settings(BaseSettings):
     role: Literal["single", "engine", "front"] = "single"
     engine_dir: Path | None = None  # the children's private directory: link and HTTP sockets, the shared memory budget
     worker_slot: int = Field(0, ge=0)  # the child's slot in the shared memory budget: the engine 0, the fronts 1 … N
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def lower_case_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def check_tiles(self) -> "Settings":

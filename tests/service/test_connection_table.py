@@ -13,6 +13,7 @@ from service.connection_table import ConnectionTable
 class FakeSlot:
     address: str | None
     waiting_since: float
+    receiving_since: float = 0.0
     closing: bool = False
     closed_for_a_newcomer: bool = False
     looked_at: int = 0
@@ -91,6 +92,45 @@ def test_where_every_connection_is_being_served_the_newcomer_is_refused_at_the_c
     assert slots[300].closed_for_a_newcomer
 
 
+def receiving(table: ConnectionTable, slots: list[FakeSlot], since: float) -> None:
+    """Their requests' headers arrived at `since`, and their bodies are still to come."""
+    for slot in slots:
+        table.began_serving(slot)
+        slot.receiving_since = since
+        table.began_receiving(slot)
+
+
+def test_a_hogs_bodies_still_arriving_make_room_for_another_address_once_they_have_taken_a_second():
+    """One address held every slot with requests that sent their headers and a byte of body, and
+    every other client got 503 for the body timeout (a hostile probe)."""
+    table, hog = filled(8, "10.0.0.1")
+    receiving(table, hog, since=0.1)
+    assert not table.admit(FakeSlot("10.0.0.2", 0.5), 0.5)  # under a second of body: refused, none closed
+    assert not any(s.closed_for_a_newcomer for s in hog)
+    assert table.admit(FakeSlot("10.0.0.2", 1.2), 1.2)
+    assert [s.closed_for_a_newcomer for s in hog] == [True] + [False] * 7
+    table.body_arrived(hog[1])  # a body that is whole: its request is accepted, never closed
+    assert table.admit(FakeSlot("10.0.0.3", 1.3), 1.3)
+    assert [s.closed_for_a_newcomer for s in hog] == [True, False, True] + [False] * 5
+
+
+def test_a_light_addresss_body_still_arriving_is_not_taken_and_a_hogs_own_newcomer_takes_its_own():
+    table = ConnectionTable(8)
+    light = [FakeSlot("10.0.0.7", 0.0) for _ in range(2)]  # a quarter of the cap: not a hog
+    hog = [FakeSlot("10.0.0.1", 0.0) for _ in range(6)]
+    for slot in light + hog:
+        table.admit(slot, 0.0)
+    receiving(table, light, since=0.0)
+    receiving(table, hog, since=1.5)
+    assert not table.admit(FakeSlot("10.0.0.7", 2.0), 2.0)  # its own address is no hog, and the hog's bodies are under a second
+    behind_the_nat = FakeSlot("10.0.0.1", 2.6)
+    assert table.admit(behind_the_nat, 2.6)  # the hog's own newcomer (a client behind its NAT)
+    assert [s.closed_for_a_newcomer for s in light + hog] == [False, False, True] + [False] * 5
+    table.began_serving(behind_the_nat)  # its request arrived whole
+    assert table.admit(FakeSlot("10.0.0.9", 2.7), 2.7)
+    assert not any(s.closed_for_a_newcomer for s in light) and hog[1].closed_for_a_newcomer and not behind_the_nat.closed_for_a_newcomer
+
+
 def test_connections_gone_are_dropped_by_a_look_and_free_their_slot():
     table, slots = filled(4, "10.0.0.1")
     slots[0].closing = True  # closed, its connection_lost not yet run
@@ -106,3 +146,8 @@ def test_removing_is_idempotent_and_leaves_nothing_behind():
         table.remove(slot)
         table.remove(slot)
     assert len(table) == 0 and not table.held and not table.heavy and not table.waiting and not table.waiting_by_address
+    table, slots = filled(4, "10.0.0.1")
+    receiving(table, slots, since=0.0)
+    for slot in slots:
+        table.remove(slot)
+    assert not table.receiving_by_address

@@ -494,10 +494,22 @@ def test_at_the_connection_cap_a_waiting_connection_makes_room_and_busy_ones_get
         busy = [socket.create_connection((host, int(port))) for _ in range(4)]
         try:
             for sock in busy:  # a request whose body is still to come: being served
-                sock.sendall(b"POST /v1/models/digits/generate HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: 12\r\n\r\n")
-            time.sleep(1.5)
+                sock.sendall(b"POST /v1/models/digits/generate HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: 12\r\n\r\n{")
+            time.sleep(0.2)
             answer = raw_exchange(server, b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
             assert answer.startswith(b"HTTP/1.1 503") and b"too_many_connections" in answer, answer[:200]
+            # one address held every slot with bodies that never came, for the body timeout (a hostile
+            # probe: every other client got 503 for 30 s at a time): once a body has been arriving
+            # for a second, the one that has taken longest is answered 503 and its slot goes to
+            # the newcomer of another address
+            time.sleep(1.5)
+            with socket.create_connection((host, int(port)), source_address=("127.0.0.2", 0), timeout=5) as other:
+                other.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                assert read_until_closed(other, 5).startswith(b"HTTP/1.1 200")
+            given_up = [read_until_closed(sock, 0.5) for sock in busy]
+            assert sorted(answer[:12] for answer in given_up) == [b"", b"", b"", b"HTTP/1.1 503"], given_up
+            (refused,) = [answer for answer in given_up if answer]
+            assert b"its connection went to a newcomer" in refused and b"retry-after: 1" in refused.lower()
         finally:
             for sock in busy:
                 sock.close()

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from service.errors import ApiError
-from service.jobs import JobStore
+from service.jobs import Job, JobStore
 from service.memory import MemoryBudget
 
 MIB = 2**20
@@ -103,10 +103,32 @@ def test_finished_results_are_kept_within_their_byte_bound_oldest_forgotten_firs
         assert kept == [jobs[2].id, jobs[3].id]
         with pytest.raises(ApiError) as forgotten:
             store.get(jobs[0].id)
-        assert forgotten.value.status == 404 and "MiB of newer results" in forgotten.value.message
+        assert forgotten.value.status == 404 and "MiB of results" in forgotten.value.message
         big = store.submit("project", "m", 1, lambda job, tick: {"data": "x" * 400_000})  # over the bound alone: still kept, for its client
         wait_until(lambda: big.state == "done")
         assert list(store.jobs) == [big.id]
+    finally:
+        store.shutdown()
+
+
+def test_one_clients_many_finished_jobs_push_out_its_own_results_not_another_clients():
+    """The bounds on finished jobs were shared: 260 one-step jobs from one address made another
+    client's unread result 404 (a hostile probe). The oldest of the client holding the most goes first."""
+    store = JobStore(max_active=4, max_seconds=30, memory=MemoryBudget(total=100 * MIB), keep_finished=4, keep_result_bytes=250_000)
+    try:
+        def finished(owner: str, data: str = "") -> Job:
+            job = store.submit("project", "m", 1, lambda job, tick: {"data": data}, owner=owner)
+            wait_until(lambda: job.state == "done")
+            return job
+
+        victim = finished("10.0.0.1")
+        flood = [finished("10.0.0.2") for _ in range(8)]
+        assert store.get(victim.id).state == "done"  # past 4 finished jobs: the flooding client's oldest went
+        assert [job.id in store.jobs for job in flood] == [False] * 5 + [True] * 3
+        big = finished("10.0.0.3", "x" * 60_000)
+        flood.append(finished("10.0.0.2", "x" * 100_000))
+        flood.append(finished("10.0.0.2", "x" * 100_000))  # past 250 kB of results: the client holding the most bytes gives first
+        assert victim.id in store.jobs and big.id in store.jobs and flood[-1].id in store.jobs and flood[-2].id not in store.jobs
     finally:
         store.shutdown()
 
