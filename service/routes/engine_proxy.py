@@ -22,7 +22,7 @@ from service.errors import ApiError
 from service.front import FrontRegistry, engine_silent_error
 from service.pipeline import FORWARDED_CLIENT, client_address, registry_of
 from service.routes.jobs import projected_model
-from service.routes.repository import require_known_host, require_same_site
+from service.routes.repository import load_body, refuse_overrides, require_known_host, require_same_site
 from service.schemas import ProjectionSteps, VersionText
 from service.uploads import probe, read_upload
 
@@ -91,9 +91,15 @@ async def engine_projection(name: str, request: Request, steps: Annotated[Projec
 
 @router.get("/v1/jobs/{job_id}")
 @router.delete("/v1/jobs/{job_id}")
-@router.post("/v2/repository/index")
 async def engine_route(request: Request) -> Response:
     return await forward(request, registry_of(request).settings.request_timeout_s)
+
+
+@router.post("/v2/repository/index")
+async def engine_index(request: Request) -> Response:
+    """The index with its request (`{"ready": true}`), bounded here before it is passed on."""
+    await load_body(request, "an index request")
+    return await forward(request, registry_of(request).settings.request_timeout_s, await request.body())
 
 
 @router.post("/v2/repository/models/{name}/load")
@@ -104,4 +110,6 @@ async def engine_model_control(request: Request) -> Response:
     if registry_of(request).settings.model_control:  # (off: the engine answers its 403)
         require_known_host(request)
         require_same_site(request)
+        if request.url.path.endswith("/load"):  # checked here: the body is not passed on, and the engine's check saw none
+            await refuse_overrides(request)
     return await forward(request, None)

@@ -26,9 +26,17 @@ MAX_WAITING_MODEL_CONTROL = 16
 MAX_LOAD_BODY_BYTES = 64 * 1024  # a load's parameters without files or a config (refused) are a few dozen bytes
 
 
-@router.post("/index")
+@router.post("/index", responses=error_responses(422, protocol=True))
 async def repository_index(request: Request) -> list[dict]:
-    return await registry_of(request).index()
+    """Every entry on disk with its state; `{"ready": true}` lists only the ready ones (the
+    protocol's request field: it was ignored, and unloaded models were listed to a client that
+    asked for ready ones)."""
+    parameters = await load_body(request, "an index request")
+    ready = parameters.get("ready", False)
+    if not isinstance(ready, bool):
+        raise ApiError(422, "ready: true or false")
+    rows = await registry_of(request).index()
+    return [row for row in rows if row["state"] == "READY"] if ready else rows
 
 
 def require_same_site(request: Request) -> None:
@@ -95,20 +103,29 @@ def require_model_control(request: Request) -> None:
         require_same_site(request)
 
 
+async def load_body(request: Request, what: str) -> dict:
+    """A repository request's JSON body as an object ({} when empty), bounded before it is parsed
+    (on the event loop: a body-limit's worth of JSON held it for seconds)."""
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    if len(raw) > MAX_LOAD_BODY_BYTES:
+        raise ApiError(422, f"{what}'s body is {len(raw)} bytes: its parameters fit in {MAX_LOAD_BODY_BYTES} bytes (loads take the repository "
+                            "on disk as it is; model files and configurations cannot be given with the request)")
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        body = None
+    if not isinstance(body, dict):
+        raise ApiError(422, f"{what}'s body is a JSON object (or empty)")
+    return body
+
+
 async def refuse_overrides(request: Request) -> None:
     """422 for a load that carries a configuration or model files (tritonclient's `load_model(config=…,
     files=…)`): they were ignored, and the client took its configuration for applied. This server
     loads what is on disk; the body is read only to say so (the intake bounds it)."""
-    raw = await request.body()
-    if not raw.strip():
-        return
-    if len(raw) > MAX_LOAD_BODY_BYTES:  # (parsed on the event loop: a body-limit's worth of JSON held it for seconds)
-        raise ApiError(422, f"a load request's body is {len(raw)} bytes: loads take the repository on disk as it is, and their parameters "
-                            f"fit in {MAX_LOAD_BODY_BYTES} bytes (model files and configurations cannot be given with the request)")
-    try:
-        parameters = json.loads(raw).get("parameters") or {}
-    except (ValueError, AttributeError, RecursionError):
-        raise ApiError(422, "a load request's body is a JSON object (or empty)")
+    parameters = (await load_body(request, "a load request")).get("parameters") or {}
     if not isinstance(parameters, dict):
         raise ApiError(422, "parameters: a JSON object")
     if overrides := sorted(key for key in parameters if key == "config" or key.startswith("file:")):

@@ -312,6 +312,15 @@ def test_a_version_retired_by_a_reload_takes_its_metric_series_with_it(own_repos
         assert series("1") == 0 and series("2") > 20
         assert client.post("/v2/repository/models/digits/load").status_code == 200  # a reload of the served version keeps its series
         assert series("2") > 20
+        # a load's configuration is refused in both modes (under --workers the front passed no body on, and it was ignored)
+        overridden = client.post("/v2/repository/models/digits/load", json={"parameters": {"config": '{"max_batch_size": 4}'}})
+        assert overridden.status_code == 422 and "on disk" in overridden.json()["error"], overridden.text
+        # the index's `ready` field: only the ready entries (it was ignored)
+        ready_only = client.post("/v2/repository/index", json={"ready": True}).json()
+        assert {(row["name"], row["version"]) for row in ready_only} == {("digits", "2")}
+        rows = {(row["name"], row["version"]): row for row in client.post("/v2/repository/index").json()}
+        assert rows[("digits", "1")]["reason"] == "excluded by the version policy" and rows[("upx4", "1")]["reason"] == "not in GANSERVE_MODELS"
+        assert client.post("/v2/repository/index", json={"ready": "yes"}).status_code == 422
         # (and in both modes, model control refuses what a browser posts from another site's page)
         cross_site = client.post("/v2/repository/models/digits/unload", headers={"Origin": "http://elsewhere.example"})
         assert cross_site.status_code == 403 and "another site" in cross_site.json()["error"]
