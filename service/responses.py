@@ -61,10 +61,12 @@ def choose_format(explicit: str | None, accept: str | None, allowed: tuple[str, 
 
 def encode_response(images: np.ndarray, fmt: str, layout: str, columns: int | None, tags: list[int],
                     encoders: EncoderTable = PILLOW_ONLY) -> tuple[bytes, str]:
-    """Runs in the encoder pool: one image → its bytes; several → grid, npy stack or JSON list."""
+    """Runs in the encoder pool: one image → its bytes (a one-item JSON list when the client
+    asked for a list: a client that parses the list broke on a lone image); several → grid, npy
+    stack or JSON list."""
     if fmt == "npy":
         return encode(images, "npy"), CONTENT_TYPES["npy"]
-    if len(images) == 1:
+    if len(images) == 1 and layout != "list":
         return encode(images[0], fmt, encoders), CONTENT_TYPES[fmt]
     if layout == "list":
         payload = [{"seed": s, "data": base64.b64encode(encode(img, fmt, encoders)).decode()} for s, img in zip(tags, images)]

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 
 from models import latent
 from service import style
-from service.errors import error_responses
+from service.errors import ApiError, error_responses
 from service.pipeline import JsonBodyRoute, begin, combined, context, estimate, execute, generated_bytes, output_pixels, registry_of, with_encoding
 from service.registry import LoadedModel, ModelRegistry
 from service.responses import choose_format, respond, respond_animation
@@ -150,6 +150,8 @@ async def interpolate(name: str, body: InterpolateRequest, request: Request) -> 
         return await style.synthesize(registry, model, style.broadcast(model, w), state)
 
     fmt = choose_format(body.format, request.headers.get("accept"), INTERPOLATE_FORMATS)
+    if fmt in ("png", "npy") and "frame_ms" in body.model_fields_set:  # (it was silently ignored)
+        raise ApiError(422, f"frame_ms times an animation's frames (gif, webp); {fmt} is {'a grid' if fmt == 'png' else 'a stack'} of frames")
     mapped = 0 if ends is not None else (body.steps if body.space == "z" else 2)
     frames = await execute(request, model, style_cost(registry, model, mapped, body.steps, fmt), work)
     if fmt in ("png", "npy"):

@@ -42,6 +42,8 @@ class GenerateRequest(BaseModel):
             raise ValueError("give either seeds or seed, not both")
         if self.seeds is None and self.seed + (self.n or 1) - 1 > MAX_SEED:
             raise ValueError("seed + n runs past the largest seed")
+        if self.truncation_cutoff is not None and "truncation_psi" not in self.model_fields_set:  # (it was silently ignored)
+            raise ValueError("truncation_cutoff applies truncation_psi to the first layers only: give truncation_psi too")
         return self
 
     def count(self) -> int:
@@ -90,9 +92,9 @@ async def model_detail(name: str, request: Request) -> dict:
 @router.post("/models/{name}/generate", responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}, "application/x-npy": {}, "application/json": {}}},
                         **error_responses(404, 406, 413, 415, 422, 429, 503, 504)})
 async def generate(name: str, body: GenerateRequest, request: Request) -> Response:
-    """Images for seeds. One image comes back as image bytes; several as one grid image
-    (`layout=grid`, the default), a JSON list of base64 images (`layout=list`), or an npy stack
-    [N, H, W, C] uint8 (`format=npy`)."""
+    """Images for seeds. One image comes back as image bytes, or as a one-item JSON list with
+    `layout=list`; several as one grid image (`layout=grid`, the default), a JSON list of base64
+    images (`layout=list`), or an npy stack [N, H, W, C] uint8 (`format=npy`)."""
     registry = registry_of(request)
     model = begin(request, name, "generate", body.version)
     entry = model.entry
@@ -106,6 +108,8 @@ async def generate(name: str, body: GenerateRequest, request: Request) -> Respon
     label = resolve_label(entry, body.class_label)
     truncation = resolve_truncation(entry, body.truncation)
     fmt = choose_format(body.format, request.headers.get("accept"))
+    if body.columns is not None and (fmt == "npy" or body.layout == "list"):  # (it was silently ignored)
+        raise ApiError(422, f"columns lays out a grid image; {'an npy stack' if fmt == 'npy' else 'a list'} has none")
     seeds = body.seed_list()
     units = [1.0] * len(seeds)
     if entry.kind == "style":

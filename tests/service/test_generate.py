@@ -74,6 +74,14 @@ def test_several_images_come_back_as_a_grid_a_base64_list_or_an_npy_stack(server
     assert array.shape == (4, 32, 32, 1) and array.dtype == np.uint8
     # the same seed is the same image whichever way it is delivered
     assert np.array_equal(decode(base64.b64decode(images[0]["data"])), array[0, :, :, 0])
+    with server.client() as client:
+        # a list is a list for one image too (a client parsing the list got the PNG itself), and columns,
+        # which lays out a grid, is refused where there is none (both were silently ignored)
+        one = client.post("/v1/models/digits/generate", json={"seeds": [5], "layout": "list"})
+        assert one.headers["content-type"] == "application/json" and [i["seed"] for i in one.json()["images"]] == [5]
+        for body in ({"n": 4, "layout": "list", "columns": 2}, {"n": 4, "format": "npy", "columns": 2}):
+            refused = client.post("/v1/models/digits/generate", json=body)
+            assert refused.status_code == 422 and "columns lays out a grid" in refused.json()["error"]["message"], body
 
 
 def test_accept_header_chooses_jpeg_or_webp(server):

@@ -118,6 +118,10 @@ def test_edit_strengths_are_in_standard_deviations_of_w_along_the_direction_unle
     ("generate", {"seed": 1, "truncation_psi": 5}, "truncation_psi"),
     ("generate", {"seed": 1, "truncation_psi": 0.5, "truncation_cutoff": 7}, "exceeds the model's 6 layers"),
     ("generate", {"seed": 1, "truncation": 0.5}, "no BigGAN truncation"),
+    # options that act on nothing in the request: refused, not silently ignored (a hostile probe)
+    ("generate", {"seed": 1, "truncation_cutoff": 2}, "give truncation_psi too"),
+    ("interpolate", {"seeds": [1, 2], "format": "png", "frame_ms": 40}, "frame_ms times an animation"),
+    ("interpolate", {"seeds": [1, 2], "format": "npy", "frame_ms": 40}, "frame_ms times an animation"),
     # options that act on seeds, sent with a given w: refused, not silently ignored
     ("edit", {"w": [0.0] * 8, "direction": "size", "truncation_psi": 0.5}, "truncation_psi apply to seeds, not to a given w"),
     ("interpolate", {"w": [[0.0] * 8, [0.1] * 8], "truncation_psi": 0.7, "class": 1}, "truncation_psi and class apply to seeds"),
