@@ -102,10 +102,28 @@ def refuse_compressed(headers: list[tuple[bytes, bytes]]) -> None:
     the first of two, where a dict keeps the last) or position of its list. Compressed bodies were
     read as they came (tritonclient's gzip request got "not valid JSON (UnicodeDecodeError)");
     inflating one would cost what no limit checked first."""
-    codings = [coding.strip().lower() for name, value in headers if name == b"content-encoding" for coding in value.split(b",")]
-    if compressed := [coding for coding in codings if coding not in (b"", b"identity")]:
+    if compressed := [coding for coding in header_items(headers, b"content-encoding") if coding not in (b"", b"identity")]:
         raise Refused(415, "unsupported_media_type", f"request bodies are taken uncompressed (Content-Encoding "
                                                      f"{compressed[0].decode('latin-1')[:40]!r}); send it without compression")
+
+
+def header_items(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+    """The members of every `name` header's comma-separated list, trimmed and lower-cased."""
+    return [item.strip().lower() for key, value in headers if key == name for item in value.split(b",")]
+
+
+def refuse_unknown_expectations(headers: list[tuple[bytes, bytes]]) -> None:
+    """417 for an Expect other than 100-continue (RFC 9110 §10.1.1): it was answered as if met."""
+    if unknown := [item for item in header_items(headers, b"expect") if item not in (b"", b"100-continue")]:
+        raise Refused(417, "expectation_failed", f"the server meets no expectation but 100-continue (Expect {unknown[0].decode('latin-1')[:40]!r})")
+
+
+def refuse_transfer_codings(headers: list[tuple[bytes, bytes]]) -> None:
+    """501 for a transfer coding other than chunked (RFC 9112 §6.1): the HTTP parser unchunks a
+    body and passes any other coding's bytes on as they came (`gzip, chunked` was read as plain)."""
+    if unknown := [item for item in header_items(headers, b"transfer-encoding") if item not in (b"", b"chunked")]:
+        raise Refused(501, "not_implemented", f"the server takes no transfer coding but chunked (Transfer-Encoding "
+                                              f"{unknown[0].decode('latin-1')[:40]!r}); send the body as it is, chunked or with a Content-Length")
 
 
 def with_server_timing(start: Message, context: RequestContext) -> Message:
@@ -236,6 +254,10 @@ class RequestIntake:
         length = ascii_count(headers.get(b"content-length"), max_digits=40)
         if b"content-encoding" in headers and (length or b"transfer-encoding" in headers):  # (a bodyless GET passes)
             refuse_compressed(scope["headers"])
+        if b"transfer-encoding" in headers:
+            refuse_transfer_codings(scope["headers"])
+        if b"expect" in headers:
+            refuse_unknown_expectations(scope["headers"])
         if length is not None and length > self.limit:
             raise Refused(413, "payload_too_large", f"request body over {self.limit} bytes")
         chunks: list[bytes] = []

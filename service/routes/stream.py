@@ -58,6 +58,13 @@ class WebSocketRoutesOnly:
         await self.app(scope, receive, send)
 
 
+@router.get("/models/{name}/upscale/stream", include_in_schema=False)
+async def upscale_stream_over_http(name: str) -> None:
+    """426 for a plain GET (or HEAD) of the stream's address: it answered a bare 404, as if there were none."""
+    raise ApiError(426, "this is a WebSocket endpoint: connect with a WebSocket client (an Upgrade: websocket handshake), "
+                        f"or POST single images to /v1/models/{name[:100]}/upscale", headers={"Upgrade": "websocket", "Connection": "Upgrade"})
+
+
 @router.websocket("/models/{name}/upscale/stream")
 async def upscale_stream(websocket: WebSocket, name: str) -> None:
     """Frames in (binary PNG/JPEG/WebP messages), each answered in order: its upscale, or a

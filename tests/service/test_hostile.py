@@ -194,6 +194,8 @@ CASES = [
     ("a gzip body", "POST", f"{V1}/dcgan-digits/generate", {"content": gzip.compress(b'{"seed": 1}'), "headers": JSON | {"content-encoding": "gzip"}}, 415),
     ("gzip, then identity", "POST", f"{V1}/dcgan-digits/generate",
      {"content": gzip.compress(b'{"seed": 1}'), "headers": [("content-type", "application/json"), ("content-encoding", "gzip"), ("content-encoding", "identity")]}, 415),
+    # an expectation the server does not meet was answered as if met (RFC 9110: 417)
+    ("Expect: 200-ok", "POST", f"{V1}/dcgan-digits/generate", {"json": {"seed": 1}, "headers": {"expect": "200-ok"}}, 417),
     # the rest of the matrix
     ("unknown model", "POST", f"{V1}/nope/generate", {"json": {}}, 404),
     ("unknown version", "POST", f"{V1}/dcgan-digits/generate", {"json": {"version": 7}}, 404),
@@ -310,6 +312,20 @@ def test_a_body_that_says_it_is_not_compressed_is_served_however_it_says_so(ship
         for saying in ("identity", "identity, identity", "", "IDENTITY"):
             answer = client.post(f"{V1}/dcgan-digits/generate", json={"seed": 1}, headers={"content-encoding": saying})
             assert answer.status_code == 200, (saying, answer.text[:200])
+
+
+def test_a_transfer_coding_other_than_chunked_is_501_not_read_as_plain(shipped):
+    """`Transfer-Encoding: gzip, chunked` was unchunked and its gzip bytes read as the body (a plain
+    body so sent was served, a gzipped one "could not be parsed"); RFC 9112 says 501."""
+    body = gzip.compress(b'{"seed": 1}')
+    request = (b"POST /v1/models/dcgan-digits/generate HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+               b"transfer-encoding: gzip, chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+    answer = raw_exchange(shipped, request)
+    assert answer.startswith(b"HTTP/1.1 501") and b"no transfer coding but chunked" in answer, answer[:300]
+    plain = b'{"seed": 1}'
+    served = raw_exchange(shipped, b"POST /v1/models/dcgan-digits/generate HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+                                   b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(plain), plain))
+    assert served.startswith(b"HTTP/1.1 200"), served[:300]
 
 
 def test_headers_past_the_cap_get_431_before_the_parser_sees_the_rest(shipped):

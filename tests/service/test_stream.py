@@ -121,6 +121,15 @@ def test_a_refused_handshake_is_the_api_error(server, path, status):
     assert "without completing handshake" not in server.process.log_path.read_text(errors="replace")  # no ERROR line per refusal
 
 
+def test_a_plain_http_get_of_the_stream_says_it_is_a_websocket_endpoint(server):
+    """It was a bare 404, as if nothing were there."""
+    with server.client() as client:
+        for method in ("GET", "HEAD"):
+            answer = client.request(method, "/v1/models/upx4/upscale/stream")
+            assert answer.status_code == 426 and answer.headers["upgrade"] == "websocket", method
+        assert "WebSocket endpoint" in client.get("/v1/models/upx4/upscale/stream").json()["error"]["message"]
+
+
 def test_open_streams_report_their_fps_and_latency_in_metrics(server):
     with connect(ws_url(server)) as ws:
         stream = json.loads(ws.recv(timeout=30))["stream"]
