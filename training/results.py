@@ -141,7 +141,7 @@ def judge_lines(judges: dict[str, dict], size: dict, steadiness: dict) -> list[s
     with the shipped reader's `size` edit and `steadiness` for scale."""
     return [
         "The size proof belongs to its judge as much as to the edit. Readers trained by the same recipe with other seeds (`reader_with_seed`; "
-        "their cards, with held-out accuracy and size calibration, lie beside their weights in `runs/shapes-readers/`) read the same "
+        "their cards, with held-out accuracy and size calibration, written beside their weights to `runs/shapes-readers/` by `ganserve results`; `runs/` is not in the repository) read the same "
         "generator's latent edits as follows:",
         "",
         "| reader (training seed) | `size` direction fitted by this reader: monotonic / class kept / both | shipped `size` direction read by this reader: both "
