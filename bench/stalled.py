@@ -59,7 +59,7 @@ def reserved_bytes(url: str) -> float:
 
 
 def run_stalled_readers(repository: Path, readers: int, memory_budget: int, send_timeout_s: float, code: Path | None = None) -> dict:
-    """The figures above, from a server of the repository's DCGAN alone under `memory_budget`
+    """The figures above, from a server of the repository's StyleGAN and DCGAN under `memory_budget`
     (`code`: another checkout's server, as `ganserve bench --baseline-code` takes it)."""
     with launched_server(repository, code=code, log_level="warning", models=["dcgan-digits", MODEL], memory_budget=memory_budget,
                          send_timeout_s=send_timeout_s) as (process, url):
