@@ -19,11 +19,19 @@ def serve_command(
                                                                 "every batch and the fronts parse, admit and encode [GANSERVE_WORKERS]"),
 ) -> None:
     """Serve the model repository over HTTP. Every option also reads from GANSERVE_* variables."""
+    from pydantic import ValidationError
+
     from service.settings import Settings
 
     overrides = {k: v for k, v in dict(repository=repository, host=host, port=port, runtime=runtime,
                                        max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms, workers=workers).items() if v is not None}
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as error:  # a setting's name and what it takes, not a traceback
+        for problem in error.errors():
+            name = "GANSERVE_" + "_".join(str(part) for part in problem["loc"][:1]).upper() if problem["loc"] else "a setting"
+            typer.echo(f"ganserve serve: {name}: {problem['msg']} (got {str(problem.get('input'))[:80]!r})", err=True)
+        raise typer.Exit(2)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if settings.workers > 1:
         # before the app is imported: the supervisor only starts, watches and stops processes, and

@@ -5,17 +5,23 @@ for a request, or one whose request's body is still arriving, can be closed for 
 request was accepted: its body is whole), chosen in this order:
 
 1. the connection that has waited longest, once it has waited `IDLE_EVICTABLE_S`;
-2. the longest-waiting one of the client address that holds the most connections (past a
-   quarter of the cap), when the newcomer comes from another;
+2. the longest-waiting one of the address holding the most connections, where it holds at least
+   two more than the newcomer's address (so that the swap evens the shares out);
 3. the longest-waiting one of the newcomer's own address;
-4. the one whose body has been arriving longest (at least `IDLE_EVICTABLE_S`) of the address that
-   holds the most connections, when the newcomer comes from another;
-5. the same of the newcomer's own address, when that address holds past a quarter of the cap.
+4. of the address holding the most connections, at least two more than the newcomer's, the one
+   whose connection has been busy longest with requests (pipelined ones included) and whose
+   current request's body is still arriving, whatever its age;
+5. the same of the newcomer's own address, when it holds over a quarter of the cap and that
+   connection has been busy for `IDLE_EVICTABLE_S`.
 
 A connection whose body is still arriving was never accepted: it is answered 503 (retry) and
 closed, as at shutdown. Without 4 and 5 one address held every slot for the body timeout with
 requests that sent their headers and one byte of a body (512 sockets; every other client got
-503 for 30 s at a time, and could be made to again: a hostile probe).
+503 for 30 s at a time, again and again: a hostile probe). Its re-probe beat a first form of the
+rule: a minimum age of the body let one address keep every body under a second old (each request
+finished and the next pipelined behind it every 0.9 s, or each connection re-opened), and an
+address counted as a hog only past a quarter of the cap let four addresses of a quarter each fill
+it (rules 2 and 4 compare the holder with the newcomer's address now, so shares tend to equal).
 
 The third is what lets a client share an address with a hog (behind NAT or a proxy every client
 has one address): one client re-opening 1,200 silent sockets as fast as they were closed kept the
@@ -24,11 +30,13 @@ same address got 503 (a hostile probe). A newcomer now takes the place of its ow
 connection that has waited longest, so a hog gains no slot by re-opening, and a client that sends
 its request as soon as it connects is served.
 
-Each choice is O(1) amortised: the waiting connections are kept in the order they began to wait
-(at connect, or when their last answer went out), in one ordered dict for everyone and one per
-address, so the longest-waiting one is at the front; a connection leaves them while its request
-is served. The look before this walked every connection (~300 µs at 512, in Python), which a
-connection flood paid per connect.
+The waiting connections are kept in the order they began to wait (at connect, or when their last
+answer went out), in one ordered dict for everyone and one per address, so the longest-waiting one
+is at the front; a connection leaves them while its request is served. Addresses are kept in
+buckets by the connections they hold, so the largest holders are found without a walk of every
+address. Only rules 4 and 5 walk a line (the chosen address's bodies in progress, for the one
+busy longest), and only at the cap once the waiting ones are exhausted. The look before this
+walked every connection (~300 µs at 512, in Python), which a connection flood paid per connect.
 """
 from __future__ import annotations
 
@@ -42,7 +50,7 @@ class Slot(Protocol):
     """What the table needs of a connection (the HTTP protocol, or a WebSocket, which never waits)."""
 
     waiting_since: float  # since it connected or its last answer went out
-    receiving_since: float  # since its request's headers arrived, while its body is still arriving
+    busy_since: float  # since it began a request after waiting for one: requests pipelined behind it keep it busy
 
     @property
     def address(self) -> str | None: ...
@@ -60,13 +68,13 @@ class ConnectionTable:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.heavy_above = limit // 4  # an address holding more is a hog whose connections another address's newcomer may take
+        self.quarter = limit // 4  # an address holding more may lose a body in progress to its own newcomer (rule 5)
         self.held: dict[str | None, int] = {}  # address -> slots it holds
-        self.heavy: set[str | None] = set()
+        self.holding: dict[int, set[str | None]] = {}  # slots held -> the addresses that hold that many
         self.members: set[Slot] = set()
         self.waiting: OrderedDict[Slot, None] = OrderedDict()  # longest waiting first
         self.waiting_by_address: dict[str | None, OrderedDict[Slot, None]] = {}
-        self.receiving_by_address: dict[str | None, OrderedDict[Slot, None]] = {}  # bodies arriving, the longest first
+        self.receiving_by_address: dict[str | None, dict[Slot, None]] = {}  # requests whose bodies are arriving
 
     def __len__(self) -> int:
         return len(self.members)
@@ -74,11 +82,29 @@ class ConnectionTable:
     def __contains__(self, slot: Slot) -> bool:
         return slot in self.members
 
+    def count(self, address: str | None, change: int) -> None:
+        """`address` holds `change` more slots (or fewer), in `held` and in its bucket."""
+        before = self.held.get(address, 0)
+        after = before + change
+        if before:
+            bucket = self.holding[before]
+            bucket.discard(address)
+            if not bucket:
+                del self.holding[before]
+        if after:
+            self.held[address] = after
+            self.holding.setdefault(after, set()).add(address)
+        else:
+            del self.held[address]
+
+    def heavier_than(self, address: str | None) -> list[str | None]:
+        """The addresses holding at least two more slots than `address`, the largest holders first."""
+        floor = self.held.get(address, 0) + 2
+        return [other for held in sorted((h for h in self.holding if h >= floor), reverse=True) for other in self.holding[held]]
+
     def add(self, slot: Slot, waiting: bool = True) -> None:
         self.members.add(slot)
-        held = self.held[slot.address] = self.held.get(slot.address, 0) + 1
-        if held > self.heavy_above:
-            self.heavy.add(slot.address)
+        self.count(slot.address, 1)
         if waiting:
             self.began_waiting(slot)
 
@@ -89,11 +115,7 @@ class ConnectionTable:
         self.members.discard(slot)
         self.began_serving(slot)
         self.body_arrived(slot)
-        held = self.held[slot.address] = self.held[slot.address] - 1
-        if held <= self.heavy_above:
-            self.heavy.discard(slot.address)
-        if not held:
-            del self.held[slot.address]
+        self.count(slot.address, -1)
 
     def began_waiting(self, slot: Slot) -> None:
         """Connected, or its answer went out: now the connection that has waited least."""
@@ -115,7 +137,7 @@ class ConnectionTable:
     def began_receiving(self, slot: Slot) -> None:
         """Its request's headers are in and its body is to come: not accepted yet."""
         if slot in self.members:
-            self.receiving_by_address.setdefault(slot.address, OrderedDict())[slot] = None
+            self.receiving_by_address.setdefault(slot.address, {})[slot] = None
 
     def body_arrived(self, slot: Slot) -> None:
         """Its request's body is whole (or the connection is gone): never closed for a newcomer now."""
@@ -140,8 +162,8 @@ class ConnectionTable:
         looks = (lambda: self.longest_waiting(self.waiting, now, at_least=IDLE_EVICTABLE_S),
                  lambda: self.from_a_hog(address, now),
                  lambda: self.longest_waiting(self.waiting_by_address.get(address), now),
-                 lambda: self.slow_body_of_a_hog(address, now),
-                 lambda: self.longest_receiving(self.receiving_by_address.get(address), now) if address in self.heavy else None)
+                 lambda: self.body_of_a_heavier_address(address, now),
+                 lambda: self.busy_longest(self.receiving_by_address.get(address), now, IDLE_EVICTABLE_S) if self.held.get(address, 0) > self.quarter else None)
         for look in looks:
             if len(self) < self.limit:
                 return None  # room made by dropping slots found gone
@@ -150,26 +172,24 @@ class ConnectionTable:
         return None
 
     def from_a_hog(self, address: str | None, now: float) -> Slot | None:
-        for hog in sorted(self.heavy - {address}, key=self.held.__getitem__, reverse=True):
+        for hog in self.heavier_than(address):
             if (victim := self.longest_waiting(self.waiting_by_address.get(hog), now)) is not None:
                 return victim
         return None
 
-    def slow_body_of_a_hog(self, address: str | None, now: float) -> Slot | None:
-        for hog in sorted(self.heavy - {address}, key=self.held.__getitem__, reverse=True):
-            if (victim := self.longest_receiving(self.receiving_by_address.get(hog), now)) is not None:
+    def body_of_a_heavier_address(self, address: str | None, now: float) -> Slot | None:
+        for hog in self.heavier_than(address):
+            if (victim := self.busy_longest(self.receiving_by_address.get(hog), now, 0.0)) is not None:
                 return victim
         return None
 
-    def longest_receiving(self, line: OrderedDict[Slot, None] | None, now: float) -> Slot | None:
-        """The connection of a line whose body has been arriving longest, if for `IDLE_EVICTABLE_S`
-        (slots found gone on the way are dropped)."""
-        while line:
-            slot = next(iter(line))
-            if not slot.gone():
-                return slot if now - slot.receiving_since >= IDLE_EVICTABLE_S else None
+    def busy_longest(self, line: dict[Slot, None] | None, now: float, at_least: float) -> Slot | None:
+        """The connection of a line (requests whose bodies are arriving) busy longest, if for
+        `at_least`; slots found gone on the way are dropped."""
+        for slot in [slot for slot in line or () if slot.gone()]:
             self.remove(slot)
-        return None
+        oldest = min(line or (), key=lambda slot: slot.busy_since, default=None)
+        return oldest if oldest is not None and now - oldest.busy_since >= at_least else None
 
     def longest_waiting(self, line: OrderedDict[Slot, None] | None, now: float, at_least: float = 0.0) -> Slot | None:
         """The front of a waiting line, if it has waited `at_least`; slots found gone on the way

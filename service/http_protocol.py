@@ -227,7 +227,7 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         self.refused = False  # answered 431 or 503, or pipelined past MAX_PIPELINED: what still arrives is dropped
         self.lingering = False  # shut, reading and dropping until the close (shut_and_linger)
         self.waiting_since = self.loop.time()  # since it connected or its last answer went out
-        self.receiving_since = 0.0  # since its request's headers arrived, while the body is to come
+        self.busy_since = 0.0  # since it began a request after waiting for one (pipelined ones keep it busy)
         if not self.slots().admit(self, self.waiting_since):
             self.refused = True
             transport.write(raw_error(503, "Service Unavailable", "too_many_connections",
@@ -355,10 +355,11 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         if len(self.pipeline) >= MAX_PIPELINED:
             self.stop_pipelining()
             return
+        if not self.being_served():  # (a request pipelined behind a running one keeps the connection's age)
+            self.busy_since = self.loop.time()
         super().on_headers_complete()
         slots = self.slots()
         slots.began_serving(self)
-        self.receiving_since = self.loop.time()
         slots.began_receiving(self)  # until on_message_complete: the body is to come
         extensions = self.scope.setdefault("extensions", {})
         extensions[DISCONNECT_EXTENSION] = []

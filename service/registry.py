@@ -225,11 +225,13 @@ class ModelRegistry:
         limit = self.settings.max_streams
         if len(self.stream_slots) >= limit:
             raise ApiError(503, f"the server holds its limit of {limit} streams; retry later", headers={"Retry-After": "5"})
-        share = max(1, limit // 2)
+        # a stream holds a connection no newcomer can take: a share of half the streams, at a connection cap
+        # no larger than it (16 streams under GANSERVE_MAX_CONNECTIONS=16), let one client fill the cap (a re-probe)
+        share = max(1, min(limit, self.settings.max_connections // 2) // 2)
         if sum(holder == owner for holder in self.stream_slots.values()) >= share:
             raise ApiError(503, f"this client already holds {share} streams, its share of the {limit} this server process holds "
-                           "(GANSERVE_MAX_STREAMS, per front under --workers); close one first",
-                           headers={"Retry-After": "5"})
+                           "(half of GANSERVE_MAX_STREAMS, and a quarter of GANSERVE_MAX_CONNECTIONS at most; per front under --workers); "
+                           "close one first", headers={"Retry-After": "5"})
         slot = next(n for n in itertools.count(1) if n not in self.stream_slots)
         self.stream_slots[slot] = owner
         return slot

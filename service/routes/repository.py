@@ -110,11 +110,13 @@ async def load_body(request: Request, what: str) -> dict:
     if not raw.strip():
         return {}
     if len(raw) > MAX_LOAD_BODY_BYTES:
-        raise ApiError(422, f"{what}'s body is {len(raw)} bytes: its parameters fit in {MAX_LOAD_BODY_BYTES} bytes (loads take the repository "
-                            "on disk as it is; model files and configurations cannot be given with the request)")
+        raise ApiError(422, f"{what}'s body is {len(raw)} bytes: its fields fit in {MAX_LOAD_BODY_BYTES} bytes" + (
+            " (loads take the repository on disk as it is; model files and configurations cannot be given with the request)" if "load" in what else ""))
     try:
         body = json.loads(raw)
-    except (ValueError, RecursionError):
+    except RecursionError:
+        raise ApiError(422, f"{what}'s body is nested too deeply")
+    except ValueError:
         body = None
     if not isinstance(body, dict):
         raise ApiError(422, f"{what}'s body is a JSON object (or empty)")
@@ -125,8 +127,9 @@ async def refuse_overrides(request: Request) -> None:
     """422 for a load that carries a configuration or model files (tritonclient's `load_model(config=…,
     files=…)`): they were ignored, and the client took its configuration for applied. This server
     loads what is on disk; the body is read only to say so (the intake bounds it)."""
-    parameters = (await load_body(request, "a load request")).get("parameters") or {}
-    if not isinstance(parameters, dict):
+    parameters = (await load_body(request, "a load request")).get("parameters")
+    parameters = {} if parameters is None else parameters
+    if not isinstance(parameters, dict):  # ([] and 0 passed as none)
         raise ApiError(422, "parameters: a JSON object")
     if overrides := sorted(key for key in parameters if key == "config" or key.startswith("file:")):
         raise ApiError(422, f"loads take the repository on disk as it is; {', '.join(overrides)[:200]} cannot be given with the request "

@@ -4,7 +4,7 @@ an upscale model, a bad, unknown or repeated parameter, 503 not ready, too many 
 client's share of them)."""
 from __future__ import annotations
 
-from fastapi import APIRouter, WebSocket
+from fastapi import APIRouter, Request, WebSocket
 from fastapi.responses import JSONResponse
 from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -59,8 +59,10 @@ class WebSocketRoutesOnly:
 
 
 @router.get("/models/{name}/upscale/stream", include_in_schema=False)
-async def upscale_stream_over_http(name: str) -> None:
-    """426 for a plain GET (or HEAD) of the stream's address: it answered a bare 404, as if there were none."""
+async def upscale_stream_over_http(name: str, request: Request) -> None:
+    """426 for a plain GET (or HEAD) of an upscale model's stream address (it answered a bare 404,
+    as if there were none); an unknown model is 404 and another kind 422, as the handshake says."""
+    require_kind(request.app.state.registry.get(name), "super_resolution")
     raise ApiError(426, "this is a WebSocket endpoint: connect with a WebSocket client (an Upgrade: websocket handshake), "
                         f"or POST single images to /v1/models/{name[:100]}/upscale", headers={"Upgrade": "websocket", "Connection": "Upgrade"})
 

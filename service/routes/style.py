@@ -128,6 +128,7 @@ async def style_mix(name: str, body: StyleMixRequest, request: Request) -> Respo
 
 
 INTERPOLATE_FORMATS = ("gif", "webp", "png", "npy")  # the first is the default
+ANIMATION_FORMATS = ("gif", "webp")
 
 
 @router.post("/models/{name}/interpolate", responses=STYLE_ERRORS)
@@ -149,8 +150,9 @@ async def interpolate(name: str, body: InterpolateRequest, request: Request) -> 
             w = latent.lerp(torch.from_numpy(w_ends[0]), torch.from_numpy(w_ends[1]), times).numpy()
         return await style.synthesize(registry, model, style.broadcast(model, w), state)
 
-    fmt = choose_format(body.format, request.headers.get("accept"), INTERPOLATE_FORMATS)
-    if fmt in ("png", "npy") and "frame_ms" in body.model_fields_set:  # (it was silently ignored)
+    timed = "frame_ms" in body.model_fields_set  # an animation is asked for: Accept chooses among those
+    fmt = choose_format(body.format, request.headers.get("accept"), ANIMATION_FORMATS if timed and body.format is None else INTERPOLATE_FORMATS)
+    if fmt in ("png", "npy") and timed:  # (it was silently ignored)
         raise ApiError(422, f"frame_ms times an animation's frames (gif, webp); {fmt} is {'a grid' if fmt == 'png' else 'a stack'} of frames")
     mapped = 0 if ends is not None else (body.steps if body.space == "z" else 2)
     frames = await execute(request, model, style_cost(registry, model, mapped, body.steps, fmt), work)

@@ -110,6 +110,8 @@ async def generate(name: str, body: GenerateRequest, request: Request) -> Respon
     fmt = choose_format(body.format, request.headers.get("accept"))
     if body.columns is not None and (fmt == "npy" or body.layout == "list"):  # (it was silently ignored)
         raise ApiError(422, f"columns lays out a grid image; {'an npy stack' if fmt == 'npy' else 'a list'} has none")
+    if fmt == "npy" and body.layout == "list":
+        raise ApiError(422, "layout list is a JSON list of encoded images; npy is one uint8 stack [N, H, W, C] (ask for png, jpeg or webp)")
     seeds = body.seed_list()
     units = [1.0] * len(seeds)
     if entry.kind == "style":

@@ -13,7 +13,7 @@ from service.connection_table import ConnectionTable
 class FakeSlot:
     address: str | None
     waiting_since: float
-    receiving_since: float = 0.0
+    busy_since: float = 0.0
     closing: bool = False
     closed_for_a_newcomer: bool = False
     looked_at: int = 0
@@ -92,42 +92,63 @@ def test_where_every_connection_is_being_served_the_newcomer_is_refused_at_the_c
     assert slots[300].closed_for_a_newcomer
 
 
-def receiving(table: ConnectionTable, slots: list[FakeSlot], since: float) -> None:
-    """Their requests' headers arrived at `since`, and their bodies are still to come."""
+def receiving(table: ConnectionTable, slots: list[FakeSlot], busy_since: float) -> None:
+    """Their connections began a request at `busy_since`, and its body is still to come."""
     for slot in slots:
         table.began_serving(slot)
-        slot.receiving_since = since
+        slot.busy_since = busy_since
         table.began_receiving(slot)
 
 
-def test_a_hogs_bodies_still_arriving_make_room_for_another_address_once_they_have_taken_a_second():
+def test_a_hogs_bodies_still_arriving_make_room_for_another_address_the_one_busy_longest_first():
     """One address held every slot with requests that sent their headers and a byte of body, and
-    every other client got 503 for the body timeout (a hostile probe)."""
+    every other client got 503 for the body timeout (a hostile probe); its re-probe kept each body
+    under a second old (a minimum age the rule had then), finishing each request with the next
+    one pipelined behind it, which keeps the connection busy since the first."""
     table, hog = filled(8, "10.0.0.1")
-    receiving(table, hog, since=0.1)
-    assert not table.admit(FakeSlot("10.0.0.2", 0.5), 0.5)  # under a second of body: refused, none closed
-    assert not any(s.closed_for_a_newcomer for s in hog)
-    assert table.admit(FakeSlot("10.0.0.2", 1.2), 1.2)
-    assert [s.closed_for_a_newcomer for s in hog] == [True] + [False] * 7
-    table.body_arrived(hog[1])  # a body that is whole: its request is accepted, never closed
-    assert table.admit(FakeSlot("10.0.0.3", 1.3), 1.3)
-    assert [s.closed_for_a_newcomer for s in hog] == [True, False, True] + [False] * 5
+    receiving(table, hog, busy_since=0.1)
+    hog[3].busy_since = 0.05  # pipelined behind requests since then
+    assert table.admit(FakeSlot("10.0.0.2", 0.2), 0.2)  # whatever the body's age
+    assert [s.closed_for_a_newcomer for s in hog] == [False] * 3 + [True] + [False] * 4
+    table.body_arrived(hog[0])  # a body that is whole: its request is accepted, never closed
+    assert table.admit(FakeSlot("10.0.0.3", 0.3), 0.3)
+    assert not hog[0].closed_for_a_newcomer and sum(s.closed_for_a_newcomer for s in hog) == 2
 
 
-def test_a_light_addresss_body_still_arriving_is_not_taken_and_a_hogs_own_newcomer_takes_its_own():
+def test_four_addresses_of_a_quarter_each_lose_a_slot_to_a_fifth_while_one_holds_two_more_than_it():
+    """Four addresses holding a quarter of the cap each were no hog (past a quarter was), and
+    filled it with bodies that never came (a re-probe)."""
     table = ConnectionTable(8)
-    light = [FakeSlot("10.0.0.7", 0.0) for _ in range(2)]  # a quarter of the cap: not a hog
+    quarters = [FakeSlot(f"10.0.0.{i // 2 + 1}", 0.0) for i in range(8)]
+    for slot in quarters:
+        table.admit(slot, 0.0)
+    receiving(table, quarters, busy_since=0.0)
+    fifth = [FakeSlot("10.0.0.9", 0.1 + i / 100) for i in range(2)]
+    assert table.admit(fifth[0], 0.1)
+    assert sum(s.closed_for_a_newcomer for s in quarters) == 1
+    table.began_serving(fifth[0])
+    # the fifth address now holds 1, the others 2, 2, 2 and 1: no one holds two more than it, and a
+    # swap would only move the unevenness from one address to another
+    assert sorted(table.held.values()) == [1, 1, 2, 2, 2]
+    assert not table.admit(fifth[1], 0.11)
+    assert sum(s.closed_for_a_newcomer for s in quarters) == 1
+
+
+def test_a_light_addresss_body_still_arriving_is_not_taken_and_a_hogs_own_newcomer_takes_its_own_once_a_second_busy():
+    table = ConnectionTable(8)
+    light = [FakeSlot("10.0.0.7", 0.0) for _ in range(2)]  # a quarter of the cap: no more than any newcomer's address but by 2
     hog = [FakeSlot("10.0.0.1", 0.0) for _ in range(6)]
     for slot in light + hog:
         table.admit(slot, 0.0)
-    receiving(table, light, since=0.0)
-    receiving(table, hog, since=1.5)
-    assert not table.admit(FakeSlot("10.0.0.7", 2.0), 2.0)  # its own address is no hog, and the hog's bodies are under a second
+    receiving(table, light, busy_since=0.0)
+    receiving(table, hog, busy_since=1.5)
+    assert not table.admit(FakeSlot("10.0.0.1", 2.0), 2.0)  # the hog's own newcomer: its bodies under a second busy, the light one lighter
+    assert not any(s.closed_for_a_newcomer for s in light + hog)
     behind_the_nat = FakeSlot("10.0.0.1", 2.6)
-    assert table.admit(behind_the_nat, 2.6)  # the hog's own newcomer (a client behind its NAT)
+    assert table.admit(behind_the_nat, 2.6)  # a second on: its own address's connection busy longest
     assert [s.closed_for_a_newcomer for s in light + hog] == [False, False, True] + [False] * 5
     table.began_serving(behind_the_nat)  # its request arrived whole
-    assert table.admit(FakeSlot("10.0.0.9", 2.7), 2.7)
+    assert table.admit(FakeSlot("10.0.0.9", 2.7), 2.7)  # another address's newcomer: from the hog, not the light address
     assert not any(s.closed_for_a_newcomer for s in light) and hog[1].closed_for_a_newcomer and not behind_the_nat.closed_for_a_newcomer
 
 
@@ -145,9 +166,9 @@ def test_removing_is_idempotent_and_leaves_nothing_behind():
     for slot in slots:
         table.remove(slot)
         table.remove(slot)
-    assert len(table) == 0 and not table.held and not table.heavy and not table.waiting and not table.waiting_by_address
+    assert len(table) == 0 and not table.held and not table.holding and not table.waiting and not table.waiting_by_address
     table, slots = filled(4, "10.0.0.1")
-    receiving(table, slots, since=0.0)
+    receiving(table, slots, busy_since=0.0)
     for slot in slots:
         table.remove(slot)
     assert not table.receiving_by_address

@@ -82,6 +82,8 @@ def test_several_images_come_back_as_a_grid_a_base64_list_or_an_npy_stack(server
         for body in ({"n": 4, "layout": "list", "columns": 2}, {"n": 4, "format": "npy", "columns": 2}):
             refused = client.post("/v1/models/digits/generate", json=body)
             assert refused.status_code == 422 and "columns lays out a grid" in refused.json()["error"]["message"], body
+        refused = client.post("/v1/models/digits/generate", json={"n": 4, "format": "npy", "layout": "list"})
+        assert refused.status_code == 422 and "one uint8 stack" in refused.json()["error"]["message"]
 
 
 def test_accept_header_chooses_jpeg_or_webp(server):

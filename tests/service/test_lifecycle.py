@@ -6,6 +6,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -214,3 +216,13 @@ def test_the_server_runs_on_the_torchscript_and_eager_runtimes_too(repository, s
             upscaled = npy(client.post("/v1/models/upx4/upscale", **upload))
         assert upscaled.shape == reference.shape == (1, 400, 600, 3)
         assert np.abs(upscaled.astype(int) - reference).max() <= 1
+
+
+def test_a_bad_setting_stops_serve_with_its_name_and_what_it_takes_not_a_traceback(repository):
+    """An invalid GANSERVE_* value printed a page of traceback (GANSERVE_LOG_LEVEL was a free string
+    that crashed logging's set-up)."""
+    started = subprocess.run([sys.executable, "-m", "ganserve_cli", "serve", "--repository", str(repository), "--port", "1"],
+                             capture_output=True, text=True, timeout=60,
+                             env=os.environ | {"GANSERVE_LOG_LEVEL": "loud", "GANSERVE_MAX_CONNECTIONS": "abc"})
+    assert started.returncode == 2 and "Traceback" not in started.stderr, started.stderr[-2000:]
+    assert "GANSERVE_LOG_LEVEL" in started.stderr and "'warning'" in started.stderr and "GANSERVE_MAX_CONNECTIONS" in started.stderr

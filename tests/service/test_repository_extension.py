@@ -321,6 +321,7 @@ def test_a_version_retired_by_a_reload_takes_its_metric_series_with_it(own_repos
         rows = {(row["name"], row["version"]): row for row in client.post("/v2/repository/index").json()}
         assert rows[("digits", "1")]["reason"] == "excluded by the version policy" and rows[("upx4", "1")]["reason"] == "not in GANSERVE_MODELS"
         assert client.post("/v2/repository/index", json={"ready": "yes"}).status_code == 422
+        assert client.post("/v2/repository/models/digits/load", json={"parameters": []}).status_code == 422  # (once taken as none)
         # (and in both modes, model control refuses what a browser posts from another site's page)
         cross_site = client.post("/v2/repository/models/digits/unload", headers={"Origin": "http://elsewhere.example"})
         assert cross_site.status_code == 403 and "another site" in cross_site.json()["error"]

@@ -128,6 +128,8 @@ def test_a_plain_http_get_of_the_stream_says_it_is_a_websocket_endpoint(server):
             answer = client.request(method, "/v1/models/upx4/upscale/stream")
             assert answer.status_code == 426 and answer.headers["upgrade"] == "websocket", method
         assert "WebSocket endpoint" in client.get("/v1/models/upx4/upscale/stream").json()["error"]["message"]
+        assert client.get("/v1/models/nope/upscale/stream").status_code == 404  # as the handshake answers
+        assert client.get("/v1/models/edges/upscale/stream").status_code == 422
 
 
 def test_open_streams_report_their_fps_and_latency_in_metrics(server):
@@ -230,7 +232,14 @@ def test_an_open_stream_holds_a_connection_slot_and_is_never_closed_to_make_room
                 assert waiting.recv(1) == b""  # the waiting connection made room, not the stream
             stream.send(frame(32, 32, 1))
             assert answers(stream, 1)[0]["type"] == "frame"
-            with connect(ws_url(server), max_size=2**24) as second:
+            # a client's share of the streams is a quarter of the connection cap at most: 16 streams of one
+            # address filled a cap of 16 with connections no newcomer could take (a re-probe)
+            with pytest.raises(InvalidStatus) as over_share:
+                with connect(ws_url(server)):
+                    pass
+            assert over_share.value.response.status_code == 503 and b"its share" in over_share.value.response.body
+            other_address = socket.create_connection((host, int(port)), source_address=("127.0.0.2", 0))
+            with connect(ws_url(server), max_size=2**24, sock=other_address) as second:
                 assert json.loads(second.recv(timeout=30))["type"] == "ready"
                 time.sleep(1.2)
                 refused = httpx.get(f"{server.url}/health/live")  # two streams hold both slots

@@ -72,7 +72,9 @@ def test_interpolation_returns_an_animation_or_frames_whose_ends_are_the_seeds(s
         gif_frames = npy(client.post("/v1/models/styles/interpolate", json={"seeds": [1, 2], "steps": 5, "format": "npy"}))
         accepted = client.post("/v1/models/styles/interpolate", json={"seeds": [1, 2], "steps": 3}, headers={"accept": "image/webp"})
         refused = client.post("/v1/models/styles/interpolate", json={"seeds": [1, 2], "steps": 3}, headers={"accept": "image/jpeg"})
+        timed = client.post("/v1/models/styles/interpolate", json={"seeds": [1, 2], "steps": 3, "frame_ms": 40}, headers={"accept": "image/png, image/gif"})
     assert gif.headers["content-type"] == "image/gif"
+    assert timed.headers["content-type"] == "image/gif"  # a frame time asks for an animation: Accept chooses among those
     assert accepted.headers["content-type"] == "image/webp" and refused.status_code == 406  # Accept counts, as on every other route (a GIF came back)
     assert Image.open(io.BytesIO(gif.content)).n_frames == 5
     assert Image.open(io.BytesIO(webp.content)).n_frames == 3
