@@ -12,7 +12,14 @@ request was accepted: its body is whole), chosen in this order:
    whose connection has been busy longest with requests (pipelined ones included) and whose
    current request's body is still arriving, whatever its age;
 5. the same of the newcomer's own address, when it holds over a quarter of the cap and that
-   connection has been busy for `IDLE_EVICTABLE_S`.
+   connection has been busy for `IDLE_EVICTABLE_S` (busy since it connected, or since it last
+   waited that long for a request: a request sent 2 ms after the last answer does not make a
+   connection young);
+6. of the address holding the most connections, at least two more than the newcomer's, the
+   connection whose answer its client has not kept up with longest (the server's write buffer
+   over its high-water mark): a client reading 100 KB/s of pipelined 1.5 MB answers on each of
+   512 connections kept every slot with requests already accepted (a re-probe), which the send
+   timeout, that needs no progress at all, never cut.
 
 A connection whose body is still arriving was never accepted: it is answered 503 (retry) and
 closed, as at shutdown. Without 4 and 5 one address held every slot for the body timeout with
@@ -22,6 +29,11 @@ rule: a minimum age of the body let one address keep every body under a second o
 finished and the next pipelined behind it every 0.9 s, or each connection re-opened), and an
 address counted as a hog only past a quarter of the cap let four addresses of a quarter each fill
 it (rules 2 and 4 compare the holder with the newcomer's address now, so shares tend to equal).
+
+Addresses are compared by `share_key`: an IPv6 address by its /64 network, which one subscriber
+gets whole (a probe counted that one /64 beats any per-address share); an IPv4 address as itself,
+since one /24 holds many unrelated clients. A client with as many networks as the cap has slots
+still fills it, as it would any per-address share.
 
 The third is what lets a client share an address with a hog (behind NAT or a proxy every client
 has one address): one client re-opening 1,200 silent sockets as fast as they were closed kept the
@@ -40,8 +52,23 @@ walked every connection (~300 µs at 512, in Python), which a connection flood p
 """
 from __future__ import annotations
 
+import ipaddress
 from collections import OrderedDict
 from typing import Protocol
+
+def share_key(host: str | None) -> str | None:
+    """Whose share a connection, stream or job counts in: an IPv6 address's /64 (an IPv4-mapped one
+    as its IPv4 address), anything else as given."""
+    if host is None or ":" not in host:
+        return host
+    try:
+        address = ipaddress.IPv6Address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((address, 64), strict=False))
+
 
 IDLE_EVICTABLE_S = 1.0  # at the cap, a connection waiting this long for a request may be closed for any newcomer
 
@@ -50,7 +77,8 @@ class Slot(Protocol):
     """What the table needs of a connection (the HTTP protocol, or a WebSocket, which never waits)."""
 
     waiting_since: float  # since it connected or its last answer went out
-    busy_since: float  # since it began a request after waiting for one: requests pipelined behind it keep it busy
+    busy_since: float  # since it connected, or began a request after waiting `IDLE_EVICTABLE_S` for one
+    stalled_since: float  # since its client stopped keeping up with its answer (the write buffer over its high-water mark)
 
     @property
     def address(self) -> str | None: ...
@@ -60,7 +88,8 @@ class Slot(Protocol):
 
     def make_room(self) -> None:
         """Closes this connection for a newcomer: a waiting one at once, one whose body is still
-        arriving once it has been answered 503."""
+        arriving once it has been answered 503, one whose client does not keep up with its answer
+        by an abort."""
 
 
 class ConnectionTable:
@@ -75,6 +104,7 @@ class ConnectionTable:
         self.waiting: OrderedDict[Slot, None] = OrderedDict()  # longest waiting first
         self.waiting_by_address: dict[str | None, OrderedDict[Slot, None]] = {}
         self.receiving_by_address: dict[str | None, dict[Slot, None]] = {}  # requests whose bodies are arriving
+        self.stalled_by_address: dict[str | None, dict[Slot, None]] = {}  # answers their clients have not kept up with
 
     def __len__(self) -> int:
         return len(self.members)
@@ -115,6 +145,7 @@ class ConnectionTable:
         self.members.discard(slot)
         self.began_serving(slot)
         self.body_arrived(slot)
+        self.caught_up(slot)
         self.count(slot.address, -1)
 
     def began_waiting(self, slot: Slot) -> None:
@@ -145,6 +176,16 @@ class ConnectionTable:
         if line is not None and line.pop(slot, False) is not False and not line:
             del self.receiving_by_address[slot.address]
 
+    def fell_behind(self, slot: Slot) -> None:
+        """Its client stopped keeping up with what it is sent."""
+        if slot in self.members:
+            self.stalled_by_address.setdefault(slot.address, {})[slot] = None
+
+    def caught_up(self, slot: Slot) -> None:
+        line = self.stalled_by_address.get(slot.address)
+        if line is not None and line.pop(slot, False) is not False and not line:
+            del self.stalled_by_address[slot.address]
+
     def admit(self, newcomer: Slot, now: float) -> bool:
         """Whether the newcomer gets a slot, after closing a waiting connection if the cap is full."""
         if len(self) >= self.limit:
@@ -163,7 +204,8 @@ class ConnectionTable:
                  lambda: self.from_a_hog(address, now),
                  lambda: self.longest_waiting(self.waiting_by_address.get(address), now),
                  lambda: self.body_of_a_heavier_address(address, now),
-                 lambda: self.busy_longest(self.receiving_by_address.get(address), now, IDLE_EVICTABLE_S) if self.held.get(address, 0) > self.quarter else None)
+                 lambda: self.busy_longest(self.receiving_by_address.get(address), now, IDLE_EVICTABLE_S) if self.held.get(address, 0) > self.quarter else None,
+                 lambda: self.stalled_of_a_heavier_address(address))
         for look in looks:
             if len(self) < self.limit:
                 return None  # room made by dropping slots found gone
@@ -180,6 +222,15 @@ class ConnectionTable:
     def body_of_a_heavier_address(self, address: str | None, now: float) -> Slot | None:
         for hog in self.heavier_than(address):
             if (victim := self.busy_longest(self.receiving_by_address.get(hog), now, 0.0)) is not None:
+                return victim
+        return None
+
+    def stalled_of_a_heavier_address(self, address: str | None) -> Slot | None:
+        for hog in self.heavier_than(address):
+            line = self.stalled_by_address.get(hog)
+            for slot in [slot for slot in line or () if slot.gone()]:
+                self.remove(slot)
+            if line and (victim := min(line, key=lambda slot: slot.stalled_since, default=None)) is not None:
                 return victim
         return None
 

@@ -64,7 +64,7 @@ from collections.abc import Callable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from service.connection_table import ConnectionTable
+from service.connection_table import IDLE_EVICTABLE_S, ConnectionTable, share_key
 
 DISCONNECT_EXTENSION = "ganserve.on_disconnect"  # a list of callables in the request's scope extensions
 FLUSHED_EXTENSION = "ganserve.when_flushed"  # a callable: when_flushed(callback), the callback run once the answer left
@@ -227,7 +227,9 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         self.refused = False  # answered 431 or 503, or pipelined past MAX_PIPELINED: what still arrives is dropped
         self.lingering = False  # shut, reading and dropping until the close (shut_and_linger)
         self.waiting_since = self.loop.time()  # since it connected or its last answer went out
-        self.busy_since = 0.0  # since it began a request after waiting for one (pipelined ones keep it busy)
+        self.busy_since = self.waiting_since  # since it connected, or began a request after waiting IDLE_EVICTABLE_S for one
+        self.stalled_since = 0.0  # since its client stopped keeping up with its answer (writing paused)
+        self.open_cycles: list = []  # the requests begun and not answered (the running one, and those pipelined behind it)
         if not self.slots().admit(self, self.waiting_since):
             self.refused = True
             transport.write(raw_error(503, "Service Unavailable", "too_many_connections",
@@ -242,7 +244,8 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
 
     @property
     def address(self) -> str | None:
-        return self.client[0] if self.client else None
+        """Its client's share key (an IPv6 address's /64: service/connection_table.py)."""
+        return share_key(self.client[0]) if self.client else None
 
     def slots(self) -> ConnectionTable:
         """The connection slots of this server (one table per server state: per `--workers` front)."""
@@ -263,6 +266,9 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
             self.stop_waiting_for_body(GAVE_UP_SLOT)
             return
         self.disarm_header_timer()
+        if self.writing_paused():  # a client that has not kept up with its answer: a close would wait for it to read
+            self.transport.abort()
+            return
         self.transport.close()
 
     def stop_waiting_for_body(self, reason: str) -> None:
@@ -270,6 +276,16 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         its pending receive() returns an empty chunk, and the intake answers it 503 and closes."""
         self.cycle.scope.setdefault("extensions", {})[STOPPING_EXTENSION] = reason
         self.cycle.message_event.set()
+
+    def pause_writing(self) -> None:
+        """Its client has not kept up with its answer: at the cap, a newcomer of a lighter address may take its slot."""
+        super().pause_writing()
+        self.stalled_since = self.loop.time()
+        self.slots().fell_behind(self)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.slots().caught_up(self)
 
     def handle_websocket_upgrade(self) -> None:
         slots = self.slots()
@@ -355,9 +371,13 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         if len(self.pipeline) >= MAX_PIPELINED:
             self.stop_pipelining()
             return
-        if not self.being_served():  # (a request pipelined behind a running one keeps the connection's age)
-            self.busy_since = self.loop.time()
+        now = self.loop.time()
+        if not self.being_served() and now - self.waiting_since >= IDLE_EVICTABLE_S:
+            # (a request pipelined behind a running one, or sent just after the last answer, keeps the
+            # connection's age: a re-probe sent each next request 2 ms after the answer to stay young)
+            self.busy_since = now
         super().on_headers_complete()
+        self.open_cycles = [cycle for cycle in self.open_cycles if not cycle.response_complete] + [self.cycle]
         slots = self.slots()
         slots.began_serving(self)
         slots.began_receiving(self)  # until on_message_complete: the body is to come
@@ -407,11 +427,16 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         self.slots().remove(self)
         if hasattr(self, "stall_guard"):
             self.stall_guard.resumed()
-        cycle = self.cycle
+        cycles = [cycle for cycle in self.open_cycles if not cycle.response_complete]
+        self.open_cycles = []
         super().connection_lost(exc)
         self.lost = True
         self.run_after_flush()
-        if cycle is not None and not cycle.response_complete:
+        for cycle in cycles:
+            # uvicorn marks only the newest request gone: the one running ahead of pipelined ones wrote to the
+            # closed transport, and each such hang-up logged two tracebacks (~7 KB: a re-probe wrote 15 MB)
+            cycle.disconnected = True
+            cycle.message_event.set()
             for stop in list(cycle.scope.get("extensions", {}).get(DISCONNECT_EXTENSION, ())):
                 stop()
 

@@ -21,6 +21,7 @@ from fastapi.routing import APIRoute
 
 from service.admission import RequestCost, admit, batch_share_bytes, compute_seconds, reserve_memory
 from service.batcher import DeadlineExceeded, QueueFull, RequestState, RequestTooLarge, ShuttingDown
+from service.connection_table import share_key
 from service.errors import ApiError
 from service.intake import STATE_KEY, RequestContext, context_of
 from service.registry import IMAGE_TO_IMAGE, LoadedModel, ModelRegistry
@@ -36,12 +37,13 @@ FORWARDED_CLIENT = "x-ganserve-client"  # a --workers front's header to the engi
 
 
 def client_address(request: Request) -> str:
-    """The address the client connected from. In a `--workers` engine every request is one a front
+    """The address the client connected from, as its share is kept (an IPv6 address's /64:
+    service/connection_table.py `share_key`). In a `--workers` engine every request is one a front
     forwarded over the engine's private Unix socket, and the front names its client in
     FORWARDED_CLIENT (a client's own header of that name is never passed on)."""
     if registry_of(request).settings.role == "engine":
         return request.headers.get(FORWARDED_CLIENT, "")
-    return request.client.host if request.client else ""
+    return share_key(request.client.host) or "" if request.client else ""
 
 
 def context(request: Request) -> RequestContext:

@@ -222,15 +222,18 @@ class ModelRegistry:
         """The lowest free stream slot, for the client at address `owner`: 503 when `max_streams`
         are open, or when `owner` holds its share of them (half: one client opening them all, each
         kept open by a frame a minute, held every other client out, as jobs' share is kept)."""
-        limit = self.settings.max_streams
+        # streams hold connections no newcomer can take: at most half the connection cap (16 streams of 4
+        # addresses filled GANSERVE_MAX_CONNECTIONS=16 under GANSERVE_MAX_STREAMS=32: a re-probe)
+        limit = max(1, min(self.settings.max_streams, self.settings.max_connections // 2))
         if len(self.stream_slots) >= limit:
-            raise ApiError(503, f"the server holds its limit of {limit} streams; retry later", headers={"Retry-After": "5"})
+            raise ApiError(503, f"the server holds its limit of {limit} streams (GANSERVE_MAX_STREAMS, and half of GANSERVE_MAX_CONNECTIONS at most); "
+                                "retry later", headers={"Retry-After": "5"})
         # a stream holds a connection no newcomer can take: a share of half the streams, at a connection cap
         # no larger than it (16 streams under GANSERVE_MAX_CONNECTIONS=16), let one client fill the cap (a re-probe)
-        share = max(1, min(limit, self.settings.max_connections // 2) // 2)
+        share = max(1, limit // 2)
         if sum(holder == owner for holder in self.stream_slots.values()) >= share:
             raise ApiError(503, f"this client already holds {share} streams, its share of the {limit} this server process holds "
-                           "(half of GANSERVE_MAX_STREAMS, and a quarter of GANSERVE_MAX_CONNECTIONS at most; per front under --workers); "
+                           "(half of that limit; per front under --workers); "
                            "close one first", headers={"Retry-After": "5"})
         slot = next(n for n in itertools.count(1) if n not in self.stream_slots)
         self.stream_slots[slot] = owner

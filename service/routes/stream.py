@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.connection_table import share_key
 from service.errors import ApiError, error_payload
 from service.digits import ascii_count
 from service.pipeline import refuse_unknown_query, require_kind
@@ -78,7 +79,7 @@ async def upscale_stream(websocket: WebSocket, name: str) -> None:
         require_kind(model, "super_resolution")
         if registry.draining:
             raise ApiError(503, "the server is shutting down", headers={"Retry-After": "1"})
-        slot = registry.take_stream_slot(websocket.client.host if websocket.client else "")
+        slot = registry.take_stream_slot(share_key(websocket.client.host) if websocket.client else "")
     except ApiError as error:
         await refuse(websocket, error)
         return

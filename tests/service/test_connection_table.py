@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from service.connection_table import ConnectionTable
+from service.connection_table import ConnectionTable, share_key
 
 
 @dataclass(eq=False)
@@ -14,6 +14,7 @@ class FakeSlot:
     address: str | None
     waiting_since: float
     busy_since: float = 0.0
+    stalled_since: float = 0.0
     closing: bool = False
     closed_for_a_newcomer: bool = False
     looked_at: int = 0
@@ -150,6 +151,36 @@ def test_a_light_addresss_body_still_arriving_is_not_taken_and_a_hogs_own_newcom
     table.began_serving(behind_the_nat)  # its request arrived whole
     assert table.admit(FakeSlot("10.0.0.9", 2.7), 2.7)  # another address's newcomer: from the hog, not the light address
     assert not any(s.closed_for_a_newcomer for s in light) and hog[1].closed_for_a_newcomer and not behind_the_nat.closed_for_a_newcomer
+
+
+def test_answers_a_heavier_address_does_not_keep_up_with_make_room_the_longest_behind_first():
+    """A client reading 100 KB/s of pipelined 1.5 MB answers on every connection kept each slot
+    with accepted requests, which no rule touched and the send timeout (no progress at all) never
+    cut (a re-probe)."""
+    table, slow = filled(8, "10.0.0.1")
+    for index, slot in enumerate(slow):
+        table.began_serving(slot)
+        if index % 2:
+            slot.stalled_since = 1.0 - index / 10
+            table.fell_behind(slot)
+    assert table.admit(FakeSlot("10.0.0.2", 2.0), 2.0)
+    assert [s.closed_for_a_newcomer for s in slow] == [False] * 7 + [True]  # behind since 0.3, the longest
+    table.caught_up(slow[5])
+    assert table.admit(FakeSlot("10.0.0.3", 2.1), 2.1)
+    assert [s.closed_for_a_newcomer for s in slow] == [False, False, False, True, False, False, False, True]
+    # its own address's newcomer takes none of them: no swap evens anything out
+    assert not table.admit(FakeSlot("10.0.0.1", 2.2), 2.2) and sum(s.closed_for_a_newcomer for s in slow) == 2
+
+
+def test_an_ipv6_clients_share_is_its_64_one_subscribers_network():
+    assert share_key("2001:db8:1:2:3:4:5:6") == share_key("2001:db8:1:2::9") == "2001:db8:1:2::/64"
+    assert share_key("2001:db8:1:3::1") != share_key("2001:db8:1:2::1")
+    assert share_key("::ffff:10.0.0.1") == "10.0.0.1" and share_key("10.0.0.1") == "10.0.0.1" and share_key(None) is None
+    table = ConnectionTable(4)
+    hog = [FakeSlot(share_key(f"2001:db8:1:2::{i + 1:x}"), 0.0) for i in range(4)]  # four addresses of one /64
+    for slot in hog:
+        table.admit(slot, 0.0)
+    assert table.admit(FakeSlot(share_key("2001:db8:9::1"), 0.1), 0.1) and hog[0].closed_for_a_newcomer
 
 
 def test_connections_gone_are_dropped_by_a_look_and_free_their_slot():

@@ -282,6 +282,20 @@ def read_until_closed(sock: socket.socket, wait_s: float) -> bytes:
     return data
 
 
+def still_open_while_reading(sock: socket.socket, wait_s: float = 0.5) -> bool:
+    """Whether a connection with an answer coming is still open: read all that arrives within
+    `wait_s` (an aborted one ends in a reset or an end of stream)."""
+    sock.settimeout(wait_s)
+    try:
+        while sock.recv(65536):
+            pass
+    except TimeoutError:
+        return True
+    except ConnectionResetError:
+        return False
+    return False
+
+
 def still_open(sock: socket.socket, wait_s: float = 0.3) -> bool:
     """Whether the server kept this connection (one that sent nothing) open."""
     sock.settimeout(wait_s)
@@ -326,6 +340,28 @@ def test_a_transfer_coding_other_than_chunked_is_501_not_read_as_plain(shipped):
     served = raw_exchange(shipped, b"POST /v1/models/dcgan-digits/generate HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
                                    b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(plain), plain))
     assert served.startswith(b"HTTP/1.1 200"), served[:300]
+
+
+def test_a_client_that_resets_with_requests_pipelined_costs_no_traceback(shipped):
+    """uvicorn marked only the newest request of a lost connection gone: the one running ahead of
+    those pipelined behind it wrote to the closed transport, and each reset connection logged two
+    tracebacks (~7 KB; a re-probe's churn wrote 15 MB of them)."""
+    before = shipped.process.log_path.read_text(errors="replace").count("Traceback")
+    body = b'{"seed": 1, "n": 64}'
+    request = b"POST /v1/models/dcgan-digits/generate HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    host, port = shipped.url.removeprefix("http://").split(":")
+    for _ in range(10):
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(request * 3)
+        time.sleep(0.01)  # the first one running
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset, with the answers still to come
+        time.sleep(0.05)
+    time.sleep(2)
+    log = shipped.process.log_path.read_text(errors="replace")
+    assert log.count("Traceback") == before and "unable to perform operation" not in log, log[-3000:]
+    with shipped.client() as client:
+        assert client.post(f"{V1}/dcgan-digits/generate", json={"seed": 1}).status_code == 200
 
 
 def test_headers_past_the_cap_get_431_before_the_parser_sees_the_rest(shipped):
@@ -562,4 +598,25 @@ def test_at_the_connection_cap_a_waiting_connection_makes_room_and_busy_ones_get
             assert [still_open(sock) for sock in hog] == [False, False, True, True, True]  # the oldest two made room
         finally:
             for sock in hog:
+                sock.close()
+        time.sleep(0.3)
+        # an address whose clients do not keep up with their answers (a re-probe read 100 KB/s of pipelined
+        # 1.5 MB answers on every connection: accepted requests, which nothing took and the send timeout,
+        # which needs no progress at all, never cut) gives up the one furthest behind to a lighter address
+        slow = []
+        for _ in range(4):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.bind(("127.0.0.2", 0))
+            sock.connect((host, int(port)))
+            sock.sendall(b"GET /docs-assets/swagger-ui-bundle.js HTTP/1.1\r\nHost: x\r\n\r\n" * 8)  # more than the kernel's buffers take
+            slow.append(sock)
+        try:
+            time.sleep(0.5)
+            with socket.create_connection((host, int(port)), source_address=("127.0.0.3", 0), timeout=5) as other:
+                other.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                assert read_until_closed(other, 5).startswith(b"HTTP/1.1 200")
+            assert sum(not still_open_while_reading(sock) for sock in slow) == 1
+        finally:
+            for sock in slow:
                 sock.close()

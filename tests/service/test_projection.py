@@ -71,7 +71,8 @@ def test_an_image_over_the_pixel_limit_is_413(repository):
 def test_jobs_are_bounded_in_number_and_in_time(repository):
     from tests.serving import running_server
 
-    with running_server(repository, max_jobs=1, max_job_seconds=0.5, models=["styles"]) as server, server.client() as client:
+    # 1.5 s: the up-front refusal below needs a job that ran 10 steps, which 0.5 s did not always give on a busy machine
+    with running_server(repository, max_jobs=1, max_job_seconds=1.5, models=["styles"]) as server, server.client() as client:
         first = client.post("/v1/models/styles/project?steps=1000", content=png_bytes(), headers={"content-type": "image/png"})
         second = client.post("/v1/models/styles/project?steps=10", content=png_bytes(), headers={"content-type": "image/png"})
         assert first.status_code == 202
