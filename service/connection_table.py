@@ -19,7 +19,9 @@ request was accepted: its body is whole), chosen in this order:
    connection whose answer its client has not kept up with longest (the server's write buffer
    over its high-water mark): a client reading 100 KB/s of pipelined 1.5 MB answers on each of
    512 connections kept every slot with requests already accepted (a re-probe), which the send
-   timeout, that needs no progress at all, never cut.
+   timeout, that needs no progress at all, never cut;
+7. the same of the newcomer's own address, when it holds over a quarter of the cap (a slow reader
+   behind the same NAT as the newcomer shut it out: a third re-probe).
 
 A connection whose body is still arriving was never accepted: it is answered 503 (retry) and
 closed, as at shutdown. Without 4 and 5 one address held every slot for the body timeout with
@@ -205,7 +207,8 @@ class ConnectionTable:
                  lambda: self.longest_waiting(self.waiting_by_address.get(address), now),
                  lambda: self.body_of_a_heavier_address(address, now),
                  lambda: self.busy_longest(self.receiving_by_address.get(address), now, IDLE_EVICTABLE_S) if self.held.get(address, 0) > self.quarter else None,
-                 lambda: self.stalled_of_a_heavier_address(address))
+                 lambda: self.stalled_of_a_heavier_address(address),
+                 lambda: self.furthest_behind(self.stalled_by_address.get(address)) if self.held.get(address, 0) > self.quarter else None)
         for look in looks:
             if len(self) < self.limit:
                 return None  # room made by dropping slots found gone
@@ -227,12 +230,16 @@ class ConnectionTable:
 
     def stalled_of_a_heavier_address(self, address: str | None) -> Slot | None:
         for hog in self.heavier_than(address):
-            line = self.stalled_by_address.get(hog)
-            for slot in [slot for slot in line or () if slot.gone()]:
-                self.remove(slot)
-            if line and (victim := min(line, key=lambda slot: slot.stalled_since, default=None)) is not None:
+            if (victim := self.furthest_behind(self.stalled_by_address.get(hog))) is not None:
                 return victim
         return None
+
+    def furthest_behind(self, line: dict[Slot, None] | None) -> Slot | None:
+        """The connection of a line (answers their clients have not kept up with) behind longest;
+        slots found gone on the way are dropped."""
+        for slot in [slot for slot in line or () if slot.gone()]:
+            self.remove(slot)
+        return min(line or (), key=lambda slot: slot.stalled_since, default=None)
 
     def busy_longest(self, line: dict[Slot, None] | None, now: float, at_least: float) -> Slot | None:
         """The connection of a line (requests whose bodies are arriving) busy longest, if for

@@ -498,7 +498,8 @@ class GuardedWebSocketProtocol(StallGuardedWrites, WebSocketsSansIOProtocol):
 
     @property
     def address(self) -> str | None:
-        return self.client[0] if self.client else None
+        """Its client's share key, as its HTTP connection was counted (an IPv6 address's /64)."""
+        return share_key(self.client[0]) if self.client else None
 
     def gone(self) -> bool:
         return self.transport.is_closing()

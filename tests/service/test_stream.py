@@ -220,32 +220,35 @@ def test_a_stream_outlives_the_header_timeout(repository):
 def test_an_open_stream_holds_a_connection_slot_and_is_never_closed_to_make_room(repository):
     """At the connection cap a connection waiting for a request is closed for a newcomer; a
     stream's connection is handed its slot at the upgrade and never waits in that line, however
-    long it has been quiet."""
-    with running_server(repository, max_connections=2, models=["upx4"]) as server:
+    long it has been quiet. Since no newcomer can take a stream's connection, streams are half the
+    cap at most, and one client's half of those (16 streams of one address, then 4 streams of each
+    of 4 addresses, filled a cap of 16: two re-probes)."""
+    with running_server(repository, max_connections=4, models=["upx4"]) as server:
         host, port = server.url.removeprefix("http://").split(":")
+
+        def from_address(address: str) -> socket.socket:
+            return socket.create_connection((host, int(port)), source_address=(address, 0))
+
         with connect(ws_url(server), max_size=2**24) as stream:
             assert json.loads(stream.recv(timeout=30))["type"] == "ready"
-            with socket.create_connection((host, int(port))) as waiting:
-                time.sleep(1.2)  # both quiet past the idle bound
-                assert httpx.get(f"{server.url}/health/live").status_code == 200
-                waiting.settimeout(5)
-                assert waiting.recv(1) == b""  # the waiting connection made room, not the stream
-            stream.send(frame(32, 32, 1))
-            assert answers(stream, 1)[0]["type"] == "frame"
-            # a client's share of the streams is a quarter of the connection cap at most: 16 streams of one
-            # address filled a cap of 16 with connections no newcomer could take (a re-probe)
-            with pytest.raises(InvalidStatus) as over_share:
+            with pytest.raises(InvalidStatus) as over_share:  # the client's share: 1 of the cap's 2 streams
                 with connect(ws_url(server)):
                     pass
             assert over_share.value.response.status_code == 503 and b"its share" in over_share.value.response.body
-            other_address = socket.create_connection((host, int(port)), source_address=("127.0.0.2", 0))
-            with connect(ws_url(server), max_size=2**24, sock=other_address) as second:
+            with connect(ws_url(server), max_size=2**24, sock=from_address("127.0.0.2")) as second:
                 assert json.loads(second.recv(timeout=30))["type"] == "ready"
-                time.sleep(1.2)
-                refused = httpx.get(f"{server.url}/health/live")  # two streams hold both slots
-                assert refused.status_code == 503 and refused.json()["error"]["code"] == "too_many_connections"
-                second.send(frame(32, 32, 2))
-                assert answers(second, 1)[0]["type"] == "frame"
+                with pytest.raises(InvalidStatus) as over_limit:  # half the cap
+                    with connect(ws_url(server), sock=from_address("127.0.0.3")):
+                        pass
+                assert over_limit.value.response.status_code == 503 and b"half of GANSERVE_MAX_CONNECTIONS" in over_limit.value.response.body
+                with from_address("127.0.0.3") as waiting, from_address("127.0.0.3"):  # the cap is full
+                    time.sleep(1.2)  # everyone quiet past the idle bound
+                    assert httpx.get(f"{server.url}/health/live").status_code == 200
+                    waiting.settimeout(5)
+                    assert waiting.recv(1) == b""  # the waiting connection made room, not a stream
+                for quiet, seed in ((stream, 1), (second, 2)):
+                    quiet.send(frame(32, 32, seed))
+                    assert answers(quiet, 1)[0]["type"] == "frame"
         for _ in range(5):  # streams opened and closed give their slots back
             with connect(ws_url(server)) as passing:
                 passing.recv(timeout=30)
