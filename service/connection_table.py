@@ -72,6 +72,18 @@ def share_key(host: str | None) -> str | None:
     return str(ipaddress.IPv6Network((address, 64), strict=False))
 
 
+def join(lines: dict[str | None, dict["Slot", None]], slot: "Slot") -> None:
+    """Puts `slot` in its address's line of `lines`."""
+    lines.setdefault(slot.address, {})[slot] = None
+
+
+def leave(lines: dict[str | None, dict["Slot", None]], slot: "Slot") -> None:
+    """Takes `slot` out of its address's line of `lines` (and the line out once it is empty)."""
+    line = lines.get(slot.address)
+    if line is not None and line.pop(slot, False) is not False and not line:
+        del lines[slot.address]
+
+
 IDLE_EVICTABLE_S = 1.0  # at the cap, a connection waiting this long for a request may be closed for any newcomer
 
 
@@ -170,23 +182,19 @@ class ConnectionTable:
     def began_receiving(self, slot: Slot) -> None:
         """Its request's headers are in and its body is to come: not accepted yet."""
         if slot in self.members:
-            self.receiving_by_address.setdefault(slot.address, {})[slot] = None
+            join(self.receiving_by_address, slot)
 
     def body_arrived(self, slot: Slot) -> None:
         """Its request's body is whole (or the connection is gone): never closed for a newcomer now."""
-        line = self.receiving_by_address.get(slot.address)
-        if line is not None and line.pop(slot, False) is not False and not line:
-            del self.receiving_by_address[slot.address]
+        leave(self.receiving_by_address, slot)
 
     def fell_behind(self, slot: Slot) -> None:
         """Its client stopped keeping up with what it is sent."""
         if slot in self.members:
-            self.stalled_by_address.setdefault(slot.address, {})[slot] = None
+            join(self.stalled_by_address, slot)
 
     def caught_up(self, slot: Slot) -> None:
-        line = self.stalled_by_address.get(slot.address)
-        if line is not None and line.pop(slot, False) is not False and not line:
-            del self.stalled_by_address[slot.address]
+        leave(self.stalled_by_address, slot)
 
     def admit(self, newcomer: Slot, now: float) -> bool:
         """Whether the newcomer gets a slot, after closing a waiting connection if the cap is full."""
