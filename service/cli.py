@@ -59,7 +59,8 @@ def serve_command(
                 http=guarded_protocol(settings.header_timeout_s, settings.max_connections, settings.send_timeout_s, settings.max_header_bytes),
                 ws=guarded_websocket_protocol(settings.send_timeout_s),
                 timeout_keep_alive=settings.keep_alive_s, timeout_graceful_shutdown=int(settings.shutdown_grace_s),
-                ws_max_size=settings.max_body_bytes, ws_per_message_deflate=False, access_log=False)
+                ws_max_size=settings.max_body_bytes, ws_per_message_deflate=False, access_log=False,
+                forwarded_allow_ips=settings.forwarded_allow_ips)
 
 
 def register(app: typer.Typer) -> None:

@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(30.0, gt=0)  # and its body within this (408 past it)
     send_timeout_s: float = Field(30.0, gt=0)  # a client that reads nothing of its answer (HTTP or stream) for this long is disconnected
     keep_alive_s: int = Field(5, ge=1)  # idle keep-alive connections close after this
+    # proxies (comma-separated addresses, "*" for any, "" for none) whose X-Forwarded-For names the client, for
+    # the per-client shares of jobs and streams; uvicorn's default trusted 127.0.0.1 without a word, so a local
+    # client could name itself anyone (a probe's 270 named clients evicted another's job result)
+    forwarded_allow_ips: str = "127.0.0.1"
     # the model repository
     model_control: bool = False  # allow POST /v2/repository/models/{name}/load|unload (off: anyone who reaches the port could unload models)
     # host names (the Host header, no port) model control answers to besides IP addresses and localhost: a

@@ -55,6 +55,7 @@ def main(settings_json: str, replacement: bool = False, supervisor_pid: int | No
                             ws=guarded_websocket_protocol(settings.send_timeout_s),
                             timeout_keep_alive=settings.keep_alive_s, timeout_graceful_shutdown=int(settings.shutdown_grace_s),
                             ws_max_size=settings.max_body_bytes, ws_per_message_deflate=False, access_log=False,
+                            forwarded_allow_ips=settings.forwarded_allow_ips,  # (the engine reads its clients from the fronts' header)
                             **({"uds": str(settings.engine_dir / ENGINE_HTTP)} if settings.role == "engine" else {}))
     server = uvicorn.Server(config)
     if settings.role == "front":

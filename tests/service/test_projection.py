@@ -1,5 +1,6 @@
 """Projection jobs through the real server: upload, poll, result; bounds and bad uploads."""
 import base64
+import contextlib
 import io
 import time
 
@@ -196,3 +197,33 @@ def one_client_takes_at_most_half_the_job_slots(url: str, max_jobs: int = 4) -> 
 
 def test_one_client_takes_at_most_half_the_job_slots(server):
     one_client_takes_at_most_half_the_job_slots(server.url)
+
+
+def test_x_forwarded_for_names_the_client_only_from_the_proxies_the_server_trusts(repository, server):
+    """The per-client share of the job slots follows X-Forwarded-For from GANSERVE_FORWARDED_ALLOW_IPS
+    (127.0.0.1 by default, a proxy on the same host, as uvicorn trusted it without a setting); with
+    none trusted, a client cannot name itself another one (a probe's 270 named clients evicted
+    another client's job result)."""
+    import httpx
+
+    from tests.serving import running_server
+
+    def project(client: httpx.Client, forwarded_for: str) -> httpx.Response:
+        return client.post("/v1/models/styles/project?steps=1000", content=png_bytes(),
+                           headers={"content-type": "image/png", "x-forwarded-for": forwarded_for})
+
+    for trusting, url in ((True, server.url), (False, None)):
+        with contextlib.ExitStack() as stack:
+            if url is None:
+                url = stack.enter_context(running_server(repository, forwarded_allow_ips="", max_jobs=2, models=["styles"])).url
+            with httpx.Client(base_url=url, timeout=30) as client:
+                # another client behind the proxy, or the same one naming itself anew; then its second job
+                jobs = [project(client, forwarded_for) for forwarded_for in ("10.9.9.1", "10.9.9.2", "10.9.9.2")[:3 if trusting else 2]]
+                try:
+                    statuses = [job.status_code for job in jobs]
+                    # trusted: each named client has its share (2 of the server's 4: the third, a second job of 10.9.9.2, is accepted)
+                    assert statuses == ([202, 202, 202] if trusting else [202, 429]), [job.text for job in jobs]
+                finally:
+                    for job in jobs:
+                        if job.status_code == 202:
+                            client.delete(job.json()["status_url"])
