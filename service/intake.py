@@ -272,7 +272,7 @@ class RequestIntake:
                     if stopping := scope.get("extensions", {}).get(STOPPING_EXTENSION):
                         raise Refused(503, "too_many_connections" if stopping == GAVE_UP_SLOT else "unavailable",
                                       "the server is at its connection cap, and this request's body was still arriving from an address "
-                                      "holding over a quarter of the connections: its connection went to a newcomer; retry"
+                                      "holding more connections than the newcomer's: its connection went to a newcomer; retry"
                                       if stopping == GAVE_UP_SLOT else "the server is shutting down before this request's body arrived; retry",
                                       {"Retry-After": "1"})
                     chunk = message.get("body", b"")
