@@ -1,8 +1,9 @@
 """Who holds the server's connection slots, and which one makes room for a newcomer at the cap.
 
 At the cap (`limit` open connections) a newcomer is let in if a connection that is only waiting
-for a request, or one whose request's body is still arriving, can be closed for it (never one whose
-request was accepted: its body is whole), chosen in this order:
+for a request, or one whose request's body is still arriving, or one whose client has fallen
+behind reading its answer, can be closed for it (never one whose request was accepted and whose
+client keeps up, never a stream), chosen in this order:
 
 1. the connection that has waited longest, once it has waited `IDLE_EVICTABLE_S`;
 2. the longest-waiting one of the address holding the most connections, where it holds at least

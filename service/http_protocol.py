@@ -15,8 +15,9 @@
   them without bound: ~2.8 KB of server memory per 64-byte GET);
 - a **connection cap**: past `max_connections` open connections a connection that is only waiting
   for a request is closed to make room, else one whose request's body is still arriving (answered
-  503; never one whose request was accepted; which one: service/connection_table.py, the
-  longest-waiting one of a hog's or of the newcomer's own address); where there is none, the new
+  503), else one whose client has fallen behind reading its answer (aborted); never one whose
+  request was accepted and whose client keeps up (which one: service/connection_table.py, by
+  address, the newcomer's own or one holding two more connections); where there is none, the new
   one is answered 503 (JSON, like every error) and shut, its request read and dropped for
   `REFUSED_LINGER_S` before the close;
 - a **send timeout** (`WriteStallGuard`, HTTP and WebSocket): a peer that reads nothing of what

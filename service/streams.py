@@ -25,7 +25,8 @@ stream's and request's. An answer's bytes stay reserved until they have left the
 client that does not read holds them in the budget until the send timeout drops it). A stream
 that sends no frame for `stream_idle_s` is closed (other messages, and frames refused for what
 they are — not an image, over the model's limits — do not keep it open), and one
-client address holds at most half of `max_streams` (`ModelRegistry.take_stream_slot`).
+client address holds at most half of the streams the server takes (`max_streams`, and half of
+`max_connections` at most: `ModelRegistry.take_stream_slot`).
 """
 from __future__ import annotations
 
