@@ -49,14 +49,15 @@ The waiting connections are kept in the order they began to wait (at connect, or
 answer went out), in one ordered dict for everyone and one per address, so the longest-waiting one
 is at the front; a connection leaves them while its request is served. Addresses are kept in
 buckets by the connections they hold, so the largest holders are found without a walk of every
-address. Only rules 4 and 5 walk a line (the chosen address's bodies in progress, for the one
-busy longest), and only at the cap once the waiting ones are exhausted. The look before this
+address. Only rules 4 to 7 walk a line (the chosen address's bodies in progress, or its answers
+behind, for the earliest), and only at the cap once the waiting ones are exhausted. The look before this
 walked every connection (~300 µs at 512, in Python), which a connection flood paid per connect.
 """
 from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Protocol
 
 def share_key(host: str | None) -> str | None:
@@ -214,9 +215,9 @@ class ConnectionTable:
         looks = (lambda: self.longest_waiting(self.waiting, now, at_least=IDLE_EVICTABLE_S),
                  lambda: self.from_a_hog(address, now),
                  lambda: self.longest_waiting(self.waiting_by_address.get(address), now),
-                 lambda: self.body_of_a_heavier_address(address, now),
+                 lambda: self.of_a_heavier_address(address, lambda hog: self.busy_longest(self.receiving_by_address.get(hog), now, 0.0)),
                  lambda: self.busy_longest(self.receiving_by_address.get(address), now, IDLE_EVICTABLE_S) if self.held.get(address, 0) > self.quarter else None,
-                 lambda: self.stalled_of_a_heavier_address(address),
+                 lambda: self.of_a_heavier_address(address, lambda hog: self.furthest_behind(self.stalled_by_address.get(hog))),
                  lambda: self.furthest_behind(self.stalled_by_address.get(address)) if self.held.get(address, 0) > self.quarter else None)
         for look in looks:
             if len(self) < self.limit:
@@ -225,37 +226,30 @@ class ConnectionTable:
                 return victim
         return None
 
+    def of_a_heavier_address(self, address: str | None, pick: Callable[[str | None], Slot | None]) -> Slot | None:
+        """What `pick` finds among an address's connections, for the first of the addresses holding
+        two more than `address` (the largest holders first) where it finds one."""
+        for hog in self.heavier_than(address):
+            if (victim := pick(hog)) is not None:
+                return victim
+        return None
+
     def from_a_hog(self, address: str | None, now: float) -> Slot | None:
-        for hog in self.heavier_than(address):
-            if (victim := self.longest_waiting(self.waiting_by_address.get(hog), now)) is not None:
-                return victim
-        return None
+        return self.of_a_heavier_address(address, lambda hog: self.longest_waiting(self.waiting_by_address.get(hog), now))
 
-    def body_of_a_heavier_address(self, address: str | None, now: float) -> Slot | None:
-        for hog in self.heavier_than(address):
-            if (victim := self.busy_longest(self.receiving_by_address.get(hog), now, 0.0)) is not None:
-                return victim
-        return None
-
-    def stalled_of_a_heavier_address(self, address: str | None) -> Slot | None:
-        for hog in self.heavier_than(address):
-            if (victim := self.furthest_behind(self.stalled_by_address.get(hog))) is not None:
-                return victim
-        return None
+    def earliest(self, line: dict[Slot, None] | None, since: Callable[[Slot], float]) -> Slot | None:
+        """The connection of a line with the earliest `since`; slots found gone on the way are dropped."""
+        for slot in [slot for slot in line or () if slot.gone()]:
+            self.remove(slot)
+        return min(line or (), key=since, default=None)
 
     def furthest_behind(self, line: dict[Slot, None] | None) -> Slot | None:
-        """The connection of a line (answers their clients have not kept up with) behind longest;
-        slots found gone on the way are dropped."""
-        for slot in [slot for slot in line or () if slot.gone()]:
-            self.remove(slot)
-        return min(line or (), key=lambda slot: slot.stalled_since, default=None)
+        """The connection of a line (answers their clients have not kept up with) behind longest."""
+        return self.earliest(line, lambda slot: slot.stalled_since)
 
     def busy_longest(self, line: dict[Slot, None] | None, now: float, at_least: float) -> Slot | None:
-        """The connection of a line (requests whose bodies are arriving) busy longest, if for
-        `at_least`; slots found gone on the way are dropped."""
-        for slot in [slot for slot in line or () if slot.gone()]:
-            self.remove(slot)
-        oldest = min(line or (), key=lambda slot: slot.busy_since, default=None)
+        """The connection of a line (requests whose bodies are arriving) busy longest, if for `at_least`."""
+        oldest = self.earliest(line, lambda slot: slot.busy_since)
         return oldest if oldest is not None and now - oldest.busy_since >= at_least else None
 
     def longest_waiting(self, line: OrderedDict[Slot, None] | None, now: float, at_least: float = 0.0) -> Slot | None:
