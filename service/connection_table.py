@@ -74,6 +74,12 @@ def share_key(host: str | None) -> str | None:
     return str(ipaddress.IPv6Network((address, 64), strict=False))
 
 
+def client_share_key(client: tuple[str, int] | None) -> str | None:
+    """The share key of a connection's peer (uvicorn's `client`: host and port, or None for a
+    socket with no address)."""
+    return share_key(client[0]) if client else None
+
+
 def join(lines: dict[str | None, dict["Slot", None]], slot: "Slot") -> None:
     """Puts `slot` in its address's line of `lines`."""
     lines.setdefault(slot.address, {})[slot] = None
@@ -96,8 +102,7 @@ class Slot(Protocol):
     busy_since: float  # since it connected, or began a request after waiting `IDLE_EVICTABLE_S` for one
     stalled_since: float  # since its client stopped keeping up with its answer (the write buffer over its high-water mark)
 
-    @property
-    def address(self) -> str | None: ...
+    address: str | None  # its client's share key, fixed when it connected
 
     def gone(self) -> bool:
         """Closed or closing, or refused: it holds no slot any more."""

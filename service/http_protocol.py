@@ -65,7 +65,7 @@ from collections.abc import Callable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from service.connection_table import IDLE_EVICTABLE_S, ConnectionTable, share_key
+from service.connection_table import IDLE_EVICTABLE_S, ConnectionTable, client_share_key
 
 DISCONNECT_EXTENSION = "ganserve.on_disconnect"  # a list of callables in the request's scope extensions
 FLUSHED_EXTENSION = "ganserve.when_flushed"  # a callable: when_flushed(callback), the callback run once the answer left
@@ -217,6 +217,7 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.address = client_share_key(self.client)  # once: the table asks for it several times a request
         self.stall_guard = WriteStallGuard(self.loop, transport, self.send_timeout_s)
         self.after_flush: list[Callable[[], object]] = []
         self.lost = False
@@ -243,11 +244,6 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         """A request of this connection is running or queued."""
         return (self.cycle is not None and not self.cycle.response_complete) or bool(self.pipeline)
 
-    @property
-    def address(self) -> str | None:
-        """Its client's share key (an IPv6 address's /64: service/connection_table.py)."""
-        return share_key(self.client[0]) if self.client else None
-
     def slots(self) -> ConnectionTable:
         """The connection slots of this server (one table per server state: per `--workers` front)."""
         table = getattr(self.server_state, "ganserve_slots", None)
@@ -261,7 +257,8 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
     def make_room(self) -> None:
         """Closed for a newcomer at the cap: while waiting for a request, as a kept-alive
         connection's idle timeout closes it; while its request's body is still arriving, once the
-        intake has answered it 503 (the request was never accepted)."""
+        intake has answered it 503 (the request was never accepted); while its client is behind on
+        reading its answer, aborted (a close would wait for the client to read what is buffered)."""
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete and not cycle.response_started and cycle.more_body:
             self.stop_waiting_for_body(GAVE_UP_SLOT)
@@ -303,6 +300,14 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         if getattr(self, "header_timer", None) is not None:
             self.header_timer.cancel()
             self.header_timer = None
+
+    def send_400_response(self, msg: str) -> None:
+        """The HTTP parser refused the request (a malformed request line or header, a framing it
+        does not take such as `Transfer-Encoding: identity` or `chunked, chunked`): answered with
+        the API's JSON error, as every other refusal is, not uvicorn's plain text, and closed."""
+        self.transport.write(raw_error(400, "Bad Request", "bad_request",
+                                       "the request is not valid HTTP/1.1 (its request line, a header or its body's framing)"))
+        self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self.refused:
@@ -487,6 +492,7 @@ class GuardedWebSocketProtocol(StallGuardedWrites, WebSocketsSansIOProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        self.address = client_share_key(self.client)  # as its HTTP connection was counted
         self.stall_guard = WriteStallGuard(self.loop, self.transport, self.send_timeout_s)
         self.after_flush = []
         self.fragments = 0
@@ -496,11 +502,6 @@ class GuardedWebSocketProtocol(StallGuardedWrites, WebSocketsSansIOProtocol):
         and never waits in line to be closed for a newcomer."""
         self.slots, self.waiting_since = slots, self.loop.time()
         slots.add(self, waiting=False)
-
-    @property
-    def address(self) -> str | None:
-        """Its client's share key, as its HTTP connection was counted (an IPv6 address's /64)."""
-        return share_key(self.client[0]) if self.client else None
 
     def gone(self) -> bool:
         return self.transport.is_closing()

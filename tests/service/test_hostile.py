@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
+import json
 import logging
 import socket
 import struct
@@ -340,6 +341,22 @@ def test_a_transfer_coding_other_than_chunked_is_501_not_read_as_plain(shipped):
     served = raw_exchange(shipped, b"POST /v1/models/dcgan-digits/generate HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
                                    b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(plain), plain))
     assert served.startswith(b"HTTP/1.1 200"), served[:300]
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"POST /v1/models/dcgan-digits/generate HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+    b"transfer-encoding: identity\r\n\r\n{}",
+    b"POST /v1/models/dcgan-digits/generate HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+    b"transfer-encoding: chunked, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nbad header\r\n\r\n",
+], ids=["identity", "chunked twice", "header without a colon"])
+def test_a_request_the_http_parser_refuses_gets_the_api_json_400(shipped, request_bytes):
+    """The parser's refusals were uvicorn's plain-text 400: a client reading every error as the
+    API's JSON broke on them."""
+    answer = raw_exchange(shipped, request_bytes)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head.lower(), answer[:300]
+    assert json.loads(body)["error"]["code"] == "bad_request"
 
 
 def test_a_client_that_resets_with_requests_pipelined_costs_no_traceback(shipped):
