@@ -15,7 +15,7 @@ import logging
 import ray
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, TaskCancelledError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import ClientDisconnect, Request
@@ -214,7 +214,9 @@ class Ingress:
 
     async def bounded_body(self, request: Request) -> bytes:
         """The body, refused as the replica's intake would (413 past `max_body_bytes`, 408 past
-        `body_timeout_s`) before the ingress holds more of it than a replica would accept."""
+        `body_timeout_s`) before the ingress holds more of it than a replica would accept. Behind
+        `ganserve ray`'s proxy the edge (edge.py) has read it already and hands it over at once;
+        this stays for an ingress reached another way."""
         limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length", "")
         if (length := ascii_count(declared, max_digits=40)) is not None and length > limit:
@@ -227,7 +229,7 @@ class Ingress:
                     if size > limit:
                         raise BodyRefused(413, f"request body over {limit} bytes")
                     chunks.append(chunk)
-        except ClientDisconnect:
+        except (ClientDisconnect, TaskCancelledError):  # (Ray cancels the request when its client hangs up: no traceback for that)
             raise BodyRefused(499, "the client went away while sending its body") from None
         except TimeoutError:
             raise BodyRefused(408, f"the request body did not arrive within {self.settings.body_timeout_s:g} s") from None

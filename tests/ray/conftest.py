@@ -24,6 +24,7 @@ ray = pytest.importorskip("ray", reason="Ray is the optional `ray` extra (`pip i
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from bench.server import free_port  # noqa: E402
+from service.ray_serving.edge import BODY_BUDGET_ENV, PROXY_CALLBACK, PROXY_CALLBACK_ENV  # noqa: E402
 from tests.serving import REPO, running_server  # noqa: E402
 
 REPLICA_CPUS = 0.25
@@ -40,6 +41,9 @@ RAY_MODELS = {
 }
 FAST_AUTOSCALING_ENV = {"RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5", "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}
 QUIET_RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
+# the edge in the proxy (service/ray_serving/edge.py), set where the nodes start as a cluster's
+# nodes need it; a budget of 8 MiB: 2 MiB of bodies an address (test_ray_serve.py)
+EDGE_ENV = {PROXY_CALLBACK_ENV: PROXY_CALLBACK, BODY_BUDGET_ENV: str(8 * 2**20)}
 
 
 class RayDeployment:
@@ -74,7 +78,7 @@ def ray_repository(repository, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="package")
 def ray_cluster():
-    os.environ.update(FAST_AUTOSCALING_ENV | QUIET_RAY_ENV)  # the nodes' processes inherit them
+    os.environ.update(FAST_AUTOSCALING_ENV | QUIET_RAY_ENV | EDGE_ENV)  # the nodes' processes inherit them
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False, "object_store_memory": 100 * 2**20})
     cluster.add_node(num_cpus=2, object_store_memory=100 * 2**20)
     cluster.wait_for_nodes()

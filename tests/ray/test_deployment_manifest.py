@@ -12,6 +12,7 @@ import yaml
 from packaging.version import Version
 
 from service.ray_serving.config import APP_NAME, IMPORT_PATH, RayAppArgs, plan_deployments
+from service.ray_serving.edge import BODY_BUDGET_ENV, PROXY_CALLBACK, PROXY_CALLBACK_ENV, ProxyEdge
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,6 +51,19 @@ def test_every_pod_mounts_the_repository_read_only_where_the_args_say():
         assert mount["readOnly"] is True
         (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
         assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+
+
+def test_every_nodes_http_proxy_runs_the_edge():
+    """Ray's proxy applies ganserve's edge (headers, bodies, per-address shares: edge.py) only where
+    its node's environment names the callback: on every pod, since proxies run on every node."""
+    for pod in pod_templates():
+        (container,) = pod["containers"]
+        env = {item["name"]: item["value"] for item in container.get("env", [])}
+        assert env.get(PROXY_CALLBACK_ENV) == PROXY_CALLBACK
+        assert int(env[BODY_BUDGET_ENV]) >= 64 * 2**20
+    module, _, attribute = PROXY_CALLBACK.partition(":")
+    (edge,) = getattr(importlib.import_module(module), attribute)()
+    assert edge.cls is ProxyEdge
 
 
 def test_the_pods_run_the_ray_image_at_the_manifests_ray_version():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -129,7 +130,7 @@ def test_unknown_models_and_what_ray_cannot_serve_get_clear_4xx_json(ray_app):
         assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
         assert client.post("/v2/models/nope/infer", json={}).json() == {"error": "unknown model 'nope'; GET /v1/models lists the models served"}
         oversized = client.post("/v1/models/upx4/upscale", content=b"0" * (8 * 2**20 + 1), headers={"content-type": "image/png"})
-        assert oversized.status_code == 413 and oversized.json()["error"]["code"] == "payload_too_large"  # refused by the ingress, as by the intake
+        assert oversized.status_code == 413 and oversized.json()["error"]["code"] == "payload_too_large"  # refused in the proxy (edge.py), as by the intake
         invalid = client.post("/v1/models/digits/generate", json={"seed": -1})
         assert invalid.status_code == 422 and invalid.json()["error"]["code"] == "invalid_request"
         jobs = client.get("/v1/jobs/123")
@@ -144,6 +145,46 @@ def test_unknown_models_and_what_ray_cannot_serve_get_clear_4xx_json(ray_app):
             connect(ray_app.url.replace("http://", "ws://") + path, open_timeout=30).close()
         assert refused.value.response.status_code == 403, refused.value.response.body
         assert "ganserve serve" in json.loads(refused.value.response.body)["error"]["message"]  # the stream's refusal, as JSON
+
+
+def held_body(url: str, source: str, declared: int, sent: int, path: str = "/v1/models/digits/generate") -> socket.socket:
+    """A connection from `source` (a loopback address) whose body stops `declared - sent` bytes short."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30, source_address=(source, 0))
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: {declared}\r\n\r\n".encode()
+                 + b" " * sent)
+    return sock
+
+
+def test_rays_proxy_refuses_big_headers_a_clients_request_id_and_bodies_past_an_address_share(ray_app):
+    """A hostile probe of `ganserve ray`: 64 MiB of headers reached the replica through the ingress
+    and the object store; a client's X-Request-Id went into every log line; bodies held a byte
+    short filled the ingress (3.8 GiB) from one address. The edge in Ray's proxy (edge.py; its
+    budget 8 MiB here, conftest.py: 2 MiB an address) refuses them before the ingress sees them."""
+    with httpx.Client(base_url=ray_app.url, timeout=30) as client:
+        big = client.post("/v1/models/digits/generate", json={"seed": 1}, headers={"x-pad": "a" * 70_000})
+        assert big.status_code == 431 and big.json()["error"]["code"] == "headers_too_large"
+        named = client.post("/v1/models/digits/generate", json={"seed": 1}, headers={"x-request-id": "chosen-by-the-client"})
+        assert named.status_code == 200 and named.headers.get("x-request-id") not in (None, "chosen-by-the-client")
+        share = 2 * 2**20
+        holders = [held_body(ray_app.url, "127.0.0.2", share, share // 2 - 512) for _ in range(2)]  # 1 KiB under the share, held
+        try:
+            time.sleep(1)
+            body = b'{"seed": 1}' + b" " * 2037  # 2 KiB, complete: over its address's share by 1 KiB
+            over = held_body(ray_app.url, "127.0.0.2", len(body), 0)
+            over.sendall(body)
+            answer = over.recv(65536)
+            over.close()
+            assert answer.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in answer.lower(), answer[:300]
+            assert generate(client, "digits", 1).status_code == 200  # another address is served meanwhile
+        finally:
+            for sock in holders:
+                sock.close()
+        time.sleep(1)  # the proxy sees the hang-ups and gives their bytes back
+        again = held_body(ray_app.url, "127.0.0.2", len(body), 0)
+        again.sendall(body)
+        assert again.recv(65536).startswith(b"HTTP/1.1 200")
+        again.close()
 
 
 class SteadyLoad:

@@ -74,3 +74,16 @@ def test_a_replicas_threads_default_to_the_cpus_it_reserves_not_the_nodes_cores(
     assert RayAppArgs(repository=root).server_settings("dcgan-digits", 2.0).intra_op_threads == 2
     assert RayAppArgs(repository=root).server_settings("dcgan-digits", 0.25).encoder_threads == 1
     assert RayAppArgs(repository=root, settings={"intra_op_threads": 3}).server_settings("dcgan-digits", 2.0).intra_op_threads == 3
+
+
+def test_ganserve_ray_deploys_the_models_ganserve_models_names_when_no_model_is_given():
+    """`ganserve ray` ignored GANSERVE_MODELS and deployed every model in the repository (a probe's
+    start command then asked for more replicas than its CPUs and never became ready)."""
+    import typer
+
+    from service.ray_serving.cli import env_models
+
+    assert env_models('["dcgan-digits", "sr-rrdb-x4"]') == ["dcgan-digits", "sr-rrdb-x4"]
+    assert env_models("") == [] and env_models("[]") == []
+    with pytest.raises(typer.BadParameter, match="JSON list"):
+        env_models("dcgan-digits")
