@@ -18,9 +18,11 @@ before the ingress sees a request:
   requests itself, and neither is the client's to set;
 - the body is read whole here, within `body_timeout_s` (408) and `max_body_bytes` (413), and
   the bytes count against the proxy's `BodyLedger` until the request is answered (the ingress and
-  the replica hold their copies that long): past its budget, or past a quarter of it from one
-  client address, 503 with Retry-After. The ingress then gets the body at once, so a slow body
-  holds none of its slots.
+  the replica hold their copies that long): a body that would pass the budget, or a quarter of it
+  from one client address, first takes the room of a body still arriving (of its own address
+  once that one has been arriving a second, else of the address holding the most), and is
+  refused only where there is none: 503 with Retry-After either way. The ingress then gets the
+  body at once, so a slow body holds none of its slots.
 
 What only the HTTP server itself could do stays undone: connections that send nothing, headers
 that trickle in, answers never read (uvicorn in Ray's proxy has no connection cap, header timeout
@@ -30,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from dataclasses import dataclass
 
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -46,33 +49,101 @@ PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = "service.ray_serving.edge:proxy_middlewares"
 
 
-class BodyLedger:
-    """Bytes of request bodies one proxy holds for requests not yet answered: in all, and per
-    client address (a share key: an IPv6 client by its /64), one address at most a quarter."""
+@dataclass(eq=False)
+class Body:
+    """One request's body in the proxy: its bytes counted in the ledger, and whether the ledger
+    took them back for another client's (`evicted`, while the body was still arriving)."""
 
-    def __init__(self, budget_bytes: int) -> None:
+    address: str | None
+    started: float
+    evicted: asyncio.Future
+    held: int = 0
+
+
+class BodyLedger:
+    """Bytes of request bodies one proxy holds for requests not yet answered: in all (`budget`),
+    and per client address (a share key: an IPv6 client by its /64), one address at most a
+    quarter. A body that does not fit makes room first, as the single server's connection table
+    does for connections (service/connection_table.py), taking a body still arriving:
+
+    1. its own address over its quarter: that address's body arriving longest, once it has been
+       arriving `evictable_after_s` (a client behind the same NAT as one holding bodies a byte
+       short was refused every request);
+    2. the whole budget in use: the body arriving longest of the address holding the most, when
+       that holds more than the newcomer's would, whatever its age.
+
+    A body taken is answered 503 with Retry-After (it was never accepted); one that finds no room
+    is refused the same way. Bodies complete and in flight to the ingress are never taken."""
+
+    def __init__(self, budget_bytes: int, evictable_after_s: float = 1.0) -> None:
         self.budget = budget_bytes
         self.share = budget_bytes // 4
+        self.evictable_after_s = evictable_after_s
         self.total = 0
         self.by_address: dict[str | None, int] = {}
+        self.arriving: dict[str | None, dict[Body, None]] = {}  # per address, longest arriving first
 
-    def take(self, address: str | None, nbytes: int) -> bool:
-        held = self.by_address.get(address, 0)
-        if self.total + nbytes > self.budget or held + nbytes > self.share:
-            return False
+    def begin(self, body: Body) -> None:
+        self.arriving.setdefault(body.address, {})[body] = None
+
+    def add(self, body: Body, nbytes: int, now: float) -> bool:
+        """Counts `nbytes` more of `body`, making room first where they do not fit; False when
+        there is none to make."""
+        while not self.fits(body.address, nbytes):
+            victim = self.victim(body, nbytes, now)
+            if victim is None:
+                return False
+            self.evict(victim)
         self.total += nbytes
-        self.by_address[address] = held + nbytes
+        self.by_address[body.address] = self.by_address.get(body.address, 0) + nbytes
+        body.held += nbytes
         return True
 
-    def give_back(self, address: str | None, nbytes: int) -> None:
-        if nbytes == 0:
+    def fits(self, address: str | None, nbytes: int) -> bool:
+        return self.total + nbytes <= self.budget and self.by_address.get(address, 0) + nbytes <= self.share
+
+    def victim(self, body: Body, nbytes: int, now: float) -> Body | None:
+        own = self.by_address.get(body.address, 0)
+        if own + nbytes > self.share:
+            return self.longest_arriving(body.address, body, now - self.evictable_after_s)
+        heaviest = max(self.by_address, key=self.by_address.__getitem__, default=None)
+        if heaviest is not None and heaviest != body.address and self.by_address[heaviest] > own + nbytes:
+            return self.longest_arriving(heaviest, body, None)
+        return None
+
+    def longest_arriving(self, address: str | None, besides: Body, began_by: float | None) -> Body | None:
+        for candidate in self.arriving.get(address, {}):
+            if candidate is not besides and candidate.held and (began_by is None or candidate.started <= began_by):
+                return candidate
+            if began_by is not None and candidate.started > began_by:
+                return None  # the rest began later still
+        return None
+
+    def evict(self, victim: Body) -> None:
+        self.arrived(victim)
+        self.release(victim)
+        if not victim.evicted.done():
+            victim.evicted.set_result(None)
+
+    def arrived(self, body: Body) -> None:
+        """The body is complete (or refused): no longer one to take, its bytes still counted."""
+        line = self.arriving.get(body.address)
+        if line is not None:
+            line.pop(body, None)
+            if not line:
+                del self.arriving[body.address]
+
+    def release(self, body: Body) -> None:
+        """Gives back what `body` holds (its request answered, refused or gone)."""
+        if body.held == 0:
             return
-        self.total -= nbytes
-        left = self.by_address[address] - nbytes
+        self.total -= body.held
+        left = self.by_address[body.address] - body.held
+        body.held = 0
         if left:
-            self.by_address[address] = left
+            self.by_address[body.address] = left
         else:
-            del self.by_address[address]
+            del self.by_address[body.address]
 
 
 class Refused(Exception):
@@ -81,69 +152,89 @@ class Refused(Exception):
         self.status, self.message, self.retry_after_s, self.code = status, message, retry_after_s, code  # code: as the single server names it
 
 
+BUSY = "the server holds as many request bodies as it takes (from this client address, or in all); retry"
+
+
 class ProxyEdge:
     """The ASGI middleware (module docstring). WebSocket and lifespan scopes pass untouched: the
     ingress refuses WebSockets itself."""
 
     def __init__(self, app: ASGIApp, max_header_bytes: int, max_body_bytes: int, body_timeout_s: float,
-                 body_budget_bytes: int = DEFAULT_BODY_BUDGET_BYTES) -> None:
+                 body_budget_bytes: int = DEFAULT_BODY_BUDGET_BYTES, evictable_after_s: float = 1.0) -> None:
         self.app = app
         self.max_header_bytes, self.max_body_bytes, self.body_timeout_s = max_header_bytes, max_body_bytes, body_timeout_s
-        self.ledger = BodyLedger(body_budget_bytes)
+        self.ledger = BodyLedger(body_budget_bytes, evictable_after_s)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
-        address = client_share_key(scope.get("client"))
         headers = scope["headers"]
+        loop = asyncio.get_running_loop()
+        body = Body(client_share_key(scope.get("client")), loop.time(), loop.create_future())
         try:
             if sum(len(name) + len(value) + HEADER_OVERHEAD for name, value in headers) > self.max_header_bytes:
                 raise Refused(431, f"the request's headers are over {self.max_header_bytes} bytes", code="headers_too_large")
             scope = {**scope, "headers": [(name, value) for name, value in headers if name.lower() not in DROPPED_HEADERS]}
-            chunks = await self.read_body(scope, receive, address)
-        except Refused as refused:  # (what read_body had counted it gave back)
+            chunks = await self.read_body(scope, receive, body)
+        except Refused as refused:
             await answer_refusal(send, path, refused)
             return
-        if chunks is None:
-            return  # the client went away before its body was complete: nobody to answer
-        held = sum(len(chunk) for chunk in chunks)
         try:
-            await self.app(scope, replayed(chunks, receive), send)
+            if chunks is not None:  # (None: the client went away before its body was complete, nobody to answer)
+                await self.app(scope, replayed(chunks, receive), send)
         finally:
-            self.ledger.give_back(address, held)
+            self.ledger.release(body)
 
-    async def read_body(self, scope: Scope, receive: Receive, address: str | None) -> list[bytes] | None:
-        """The body's chunks, each counted in the ledger as it arrives: given back by the caller once
-        the request is answered, or here when the body is refused or its client leaves (None)."""
+    async def read_body(self, scope: Scope, receive: Receive, body: Body) -> list[bytes] | None:
+        """The body's chunks, each counted in the ledger as it arrives; None when its client left.
+        What was counted is given back when refused, here, else by the caller once answered."""
         declared = next((ascii_count(value, max_digits=40) for name, value in scope["headers"] if name.lower() == b"content-length"), None)
         if declared is not None and declared > self.max_body_bytes:
             raise Refused(413, f"request body over {self.max_body_bytes} bytes")
         chunks: list[bytes] = []
-        held = 0
+        size = 0
+        self.ledger.begin(body)
         try:
             async with asyncio.timeout(self.body_timeout_s):
                 while True:
-                    message = await receive()
+                    message = await next_message(receive, body.evicted)
                     if message["type"] == "http.disconnect":
-                        self.ledger.give_back(address, held)
                         return None
                     chunk = message.get("body", b"")
-                    if held + len(chunk) > self.max_body_bytes:
+                    size += len(chunk)
+                    if size > self.max_body_bytes:
                         raise Refused(413, f"request body over {self.max_body_bytes} bytes")
-                    if chunk and not self.ledger.take(address, len(chunk)):
-                        raise Refused(503, "the server holds as many request bodies as it takes (from this client, or in all); retry", 1)
-                    held += len(chunk)
+                    if chunk and not self.ledger.add(body, len(chunk), asyncio.get_running_loop().time()):
+                        raise Refused(503, BUSY, 1)
                     chunks.append(chunk)
                     if not message.get("more_body", False):
                         return chunks
         except TimeoutError:
-            self.ledger.give_back(address, held)
+            self.ledger.release(body)
             raise Refused(408, f"the request body did not arrive within {self.body_timeout_s:g} s") from None
         except BaseException:  # refused, or the proxy cancelled the request: nothing stays counted
-            self.ledger.give_back(address, held)
+            self.ledger.release(body)
             raise
+        finally:
+            self.ledger.arrived(body)
+
+
+async def next_message(receive: Receive, evicted: asyncio.Future) -> Message:
+    """The client's next message, or Refused 503 once the ledger has taken the body's bytes for
+    another client's (BodyLedger)."""
+    if evicted.done():
+        raise Refused(503, BUSY, 1)
+    arriving = asyncio.ensure_future(receive())
+    try:
+        await asyncio.wait((arriving, evicted), return_when=asyncio.FIRST_COMPLETED)
+    finally:  # (taken, timed out or cancelled: the pending receive goes too)
+        if not arriving.done():
+            arriving.cancel()
+    if evicted.done():
+        raise Refused(503, BUSY, 1)
+    return arriving.result()
 
 
 def replayed(chunks: list[bytes], receive: Receive) -> Receive:

@@ -141,3 +141,83 @@ def test_a_slow_body_is_408_a_declared_oversize_body_413_and_a_hang_up_answered_
     assert oversize.status == 413 and chunked_over.status == 413
     assert gone.sent == []
     assert edge.ledger.total == 0 and not edge.ledger.by_address
+
+
+def test_a_newcomer_behind_the_same_address_takes_the_body_arriving_longest_once_it_is_old():
+    """A client behind the same NAT as one holding bodies a byte short got 503 for every request
+    (the address's quarter was full): the oldest of those bodies, arriving a while, makes room."""
+    async def scenario():
+        app = RecordingApp()
+        edge = ProxyEdge(app, **(LIMITS | {"body_timeout_s": 5}), evictable_after_s=0.1)
+        quarter = LIMITS["body_budget_bytes"] // 4
+        holders = [Client([b"x" * (quarter // 2 - 10)], complete=False) for _ in range(2)]
+        tasks = []
+        for holder in holders:
+            tasks.append(asyncio.create_task(edge(http_scope("10.0.0.1"), holder.receive, holder.send)))
+            await asyncio.sleep(0.02)
+        early = Client([b"y" * 1000])
+        await edge(http_scope("10.0.0.1"), early.receive, early.send)  # before they are old: no room made
+        await asyncio.sleep(0.15)
+        neighbour = Client([b"y" * 1000])
+        await edge(http_scope("10.0.0.1"), neighbour.receive, neighbour.send)
+        await asyncio.sleep(0.01)
+        statuses = [holder.status for holder in holders]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return early, neighbour, statuses, edge
+
+    early, neighbour, statuses, edge = run(scenario())
+    assert early.status == 503
+    assert neighbour.status == 200
+    assert statuses == [503, None], "the body arriving longest was answered 503 and its bytes given to the neighbour"
+    assert edge.ledger.total == 0 and not edge.ledger.arriving
+
+
+def test_with_the_budget_full_a_light_address_takes_the_heaviest_addresss_arriving_body():
+    async def scenario():
+        app = RecordingApp()
+        app.release.clear()  # complete bodies stay in flight until released
+        edge = ProxyEdge(app, **(LIMITS | {"body_timeout_s": 5}))
+        quarter = LIMITS["body_budget_bytes"] // 4
+        holders = [Client([b"x" * (quarter - 100 - i)], complete=False) for i in range(4)]  # four addresses, near their quarters
+        tasks = [asyncio.create_task(edge(http_scope(f"10.0.1.{i}"), h.receive, h.send)) for i, h in enumerate(holders)]
+        await asyncio.sleep(0.02)
+        light = Client([b"y" * 1000])
+        served = asyncio.create_task(edge(http_scope("10.0.2.1"), light.receive, light.send))
+        await asyncio.sleep(0.02)
+        taken = [h.status for h in holders]
+        second = Client([b"z" * 2000])  # fits beside the light body, which is complete and in flight
+        also_served = asyncio.create_task(edge(http_scope("10.0.2.2"), second.receive, second.send))
+        await asyncio.sleep(0.02)
+        app.release.set()
+        await asyncio.gather(served, also_served)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return taken, light, second, edge
+
+    taken, light, second, edge = run(scenario())
+    assert taken == [503, None, None, None], taken  # the heaviest address's body (10.0.1.0 held the most)
+    assert light.status == 200 and second.status == 200
+    assert edge.ledger.total == 0
+
+
+def test_bodies_complete_and_in_flight_are_never_taken_the_newcomer_gets_503():
+    async def scenario():
+        app = RecordingApp()
+        app.release.clear()
+        edge = ProxyEdge(app, **(LIMITS | {"body_timeout_s": 5}))
+        quarter = LIMITS["body_budget_bytes"] // 4
+        in_flight = [Client([b"x" * (quarter - 10)]) for _ in range(4)]
+        tasks = [asyncio.create_task(edge(http_scope(f"10.0.1.{i}"), c.receive, c.send)) for i, c in enumerate(in_flight)]
+        await asyncio.sleep(0.02)
+        newcomer = Client([b"y" * 1000])
+        await edge(http_scope("10.0.2.1"), newcomer.receive, newcomer.send)
+        app.release.set()
+        await asyncio.gather(*tasks)
+        return in_flight, newcomer, edge
+
+    in_flight, newcomer, edge = run(scenario())
+    assert newcomer.status == 503 and [c.status for c in in_flight] == [200] * 4
+    assert edge.ledger.total == 0
