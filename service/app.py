@@ -97,7 +97,9 @@ def create_app(settings: Settings | None = None, serve_while_loading: bool = Tru
     app = FastAPI(title="ganserve", version="1.0", lifespan=lifespan, redirect_slashes=False, docs_url=None, redoc_url=None,  # docs: routes/docs.py
                   description="Batched GAN inference: generation, latent tools, translation and super-resolution, with KServe v2 tensor endpoints.")
     install_error_handlers(app)
-    app.add_middleware(RequestIntake, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s)
+    json_routes = [route for router in (v1.router, style.router) for route in router.routes if getattr(route, "json_body_only", False)]
+    app.add_middleware(RequestIntake, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s,
+                       max_json_body_bytes=settings.max_json_body_bytes, json_routes=json_routes)
     app.add_middleware(stream.WebSocketRoutesOnly)
     app.include_router(health.router)
     app.include_router(v1.router)

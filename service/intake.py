@@ -25,10 +25,11 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_payload
@@ -157,10 +158,21 @@ def operation_of(scope: Scope) -> str | None:
 
 
 class RequestIntake:
-    def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float) -> None:
+    """`json_routes`: the routes that read only a JSON body of at most `max_json_body_bytes`
+    (service/pipeline.py JsonBodyRoute); a body declared past that bound for one of them is 413
+    before it is read (it was read whole, up to `max_body_bytes`, then refused). They are matched
+    only for such a body, so routing twice costs nothing on the common path."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float, max_json_body_bytes: int | None = None,
+                 json_routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
         self.limit = max_body_bytes
         self.body_timeout_s = body_timeout_s
+        self.json_limit = max_json_body_bytes if max_json_body_bytes is not None else max_body_bytes
+        self.json_routes = tuple(json_routes)
+
+    def takes_json_only(self, scope: Scope) -> bool:
+        return any(route.matches(scope)[0] is Match.FULL for route in self.json_routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -260,6 +272,9 @@ class RequestIntake:
             refuse_unknown_expectations(scope["headers"])
         if length is not None and length > self.limit:
             raise Refused(413, "payload_too_large", f"request body over {self.limit} bytes")
+        if length is not None and length > self.json_limit and self.takes_json_only(scope):  # (it was read whole, then refused)
+            raise Refused(413, "payload_too_large", f"the JSON body is {length} bytes; this operation takes at most {self.json_limit} "
+                                                    "(GANSERVE_MAX_JSON_BODY_BYTES)")
         chunks: list[bytes] = []
         size = 0
         try:

@@ -343,6 +343,19 @@ def test_a_transfer_coding_other_than_chunked_is_501_not_read_as_plain(shipped):
     assert served.startswith(b"HTTP/1.1 200"), served[:300]
 
 
+def test_a_json_body_over_its_limit_is_413_and_a_declared_one_before_it_is_sent(shipped):
+    """JSON operations take 256 KiB (GANSERVE_MAX_JSON_BODY_BYTES); a body declared at 4 MiB was
+    read whole (held, waiting for its bytes) before the 413."""
+    with shipped.client() as client:
+        padded = client.post(f"{V1}/dcgan-digits/generate", content=b'{"seed": 1}' + b" " * 300_000, headers={"content-type": "application/json"})
+    assert padded.status_code == 413 and "GANSERVE_MAX_JSON_BODY_BYTES" in padded.json()["error"]["message"]
+    started = time.perf_counter()
+    answer = raw_exchange(shipped, b"POST /v1/models/dcgan-digits/generate HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+                                   b"content-length: 4194304\r\n\r\n{\"seed\"", wait_s=10)
+    assert answer.startswith(b"HTTP/1.1 413") and b"4194304 bytes" in answer, answer[:300]
+    assert time.perf_counter() - started < 5  # answered, not waited out (the body timeout is 30 s)
+
+
 @pytest.mark.parametrize("request_bytes", [
     b"POST /v1/models/dcgan-digits/generate HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
     b"transfer-encoding: identity\r\n\r\n{}",
