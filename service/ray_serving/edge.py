@@ -30,7 +30,6 @@ or send timeout). docs/ray.md says what to put in front."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from dataclasses import dataclass
 
@@ -39,7 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.connection_table import client_share_key
 from service.digits import ascii_count
-from service.errors import error_payload
+from service.intake import Refused, error_message
 
 DROPPED_HEADERS = {b"x-request-id", b"x-request-timeout-seconds"}  # Ray's own request id and timeout: not the client's
 HEADER_OVERHEAD = 4  # ": " and CRLF of each header line, as the single server counts them
@@ -146,13 +145,9 @@ class BodyLedger:
             del self.by_address[body.address]
 
 
-class Refused(Exception):
-    def __init__(self, status: int, message: str, retry_after_s: int | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.retry_after_s, self.code = status, message, retry_after_s, code  # code: as the single server names it
-
-
-BUSY = "the server holds as many request bodies as it takes (from this client address, or in all); retry"
+def busy() -> Refused:
+    return Refused(503, "overloaded", "the server holds as many request bodies as it takes (from this client address, or in all); retry",
+                   {"Retry-After": "1"})
 
 
 class ProxyEdge:
@@ -175,11 +170,12 @@ class ProxyEdge:
         body = Body(client_share_key(scope.get("client")), loop.time(), loop.create_future())
         try:
             if sum(len(name) + len(value) + HEADER_OVERHEAD for name, value in headers) > self.max_header_bytes:
-                raise Refused(431, f"the request's headers are over {self.max_header_bytes} bytes", code="headers_too_large")
+                raise Refused(431, "headers_too_large", f"the request's headers are over {self.max_header_bytes} bytes")
             scope = {**scope, "headers": [(name, value) for name, value in headers if name.lower() not in DROPPED_HEADERS]}
             chunks = await self.read_body(scope, receive, body)
-        except Refused as refused:
-            await answer_refusal(send, path, refused)
+        except Refused as refused:  # (the intake's, answered as the intake answers it)
+            for message in error_message(path, refused.status, refused.code, refused.message, refused.headers | {"Connection": "close"}):
+                await send(message)
             return
         try:
             if chunks is not None:  # (None: the client went away before its body was complete, nobody to answer)
@@ -192,28 +188,26 @@ class ProxyEdge:
         What was counted is given back when refused, here, else by the caller once answered."""
         declared = next((ascii_count(value, max_digits=40) for name, value in scope["headers"] if name.lower() == b"content-length"), None)
         if declared is not None and declared > self.max_body_bytes:
-            raise Refused(413, f"request body over {self.max_body_bytes} bytes")
+            raise Refused(413, "payload_too_large", f"request body over {self.max_body_bytes} bytes")
         chunks: list[bytes] = []
-        size = 0
         self.ledger.begin(body)
         try:
             async with asyncio.timeout(self.body_timeout_s):
                 while True:
-                    message = await next_message(receive, body.evicted)
+                    message = await next_message(receive, body)
                     if message["type"] == "http.disconnect":
                         return None
                     chunk = message.get("body", b"")
-                    size += len(chunk)
-                    if size > self.max_body_bytes:
-                        raise Refused(413, f"request body over {self.max_body_bytes} bytes")
+                    if body.held + len(chunk) > self.max_body_bytes:
+                        raise Refused(413, "payload_too_large", f"request body over {self.max_body_bytes} bytes")
                     if chunk and not self.ledger.add(body, len(chunk), asyncio.get_running_loop().time()):
-                        raise Refused(503, BUSY, 1)
+                        raise busy()
                     chunks.append(chunk)
                     if not message.get("more_body", False):
                         return chunks
         except TimeoutError:
             self.ledger.release(body)
-            raise Refused(408, f"the request body did not arrive within {self.body_timeout_s:g} s") from None
+            raise Refused(408, "request_timeout", f"the request body did not arrive within {self.body_timeout_s:g} s") from None
         except BaseException:  # refused, or the proxy cancelled the request: nothing stays counted
             self.ledger.release(body)
             raise
@@ -221,11 +215,15 @@ class ProxyEdge:
             self.ledger.arrived(body)
 
 
-async def next_message(receive: Receive, evicted: asyncio.Future) -> Message:
+async def next_message(receive: Receive, body: Body) -> Message:
     """The client's next message, or Refused 503 once the ledger has taken the body's bytes for
-    another client's (BodyLedger)."""
+    another client's (BodyLedger). Only a body holding bytes can be taken: until it does (every
+    request's first message, and the only one of most), the message is awaited without a race."""
+    evicted = body.evicted
     if evicted.done():
-        raise Refused(503, BUSY, 1)
+        raise busy()
+    if not body.held:
+        return await receive()
     arriving = asyncio.ensure_future(receive())
     try:
         await asyncio.wait((arriving, evicted), return_when=asyncio.FIRST_COMPLETED)
@@ -233,7 +231,7 @@ async def next_message(receive: Receive, evicted: asyncio.Future) -> Message:
         if not arriving.done():
             arriving.cancel()
     if evicted.done():
-        raise Refused(503, BUSY, 1)
+        raise busy()
     return arriving.result()
 
 
@@ -248,15 +246,6 @@ def replayed(chunks: list[bytes], receive: Receive) -> Receive:
         return await receive()
 
     return receive_replayed
-
-
-async def answer_refusal(send: Send, path: str, refused: Refused) -> None:
-    body = json.dumps(error_payload(path, refused.status, refused.message, refused.code), separators=(",", ":")).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
-    if refused.retry_after_s is not None:
-        headers.append((b"retry-after", str(refused.retry_after_s).encode()))
-    await send({"type": "http.response.start", "status": refused.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 def proxy_middlewares() -> list[Middleware]:
