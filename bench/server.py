@@ -88,12 +88,13 @@ def free_port() -> int:
 
 
 def never_ready(readiness: dict) -> list[str]:
-    """The failed models of a 503 readiness answer once nothing is loading any more: the server
+    """The failed models of a 503 readiness answer once nothing is loading any more, and the
+    models it was told to serve that its repository lacks: the server
     will not become ready without an operator (where its rule had been met, it would say 200)."""
     states = readiness.get("models") or {}
-    if not states or any(state == "loading" for state in states.values()):
+    if any(state == "loading" for state in states.values()) or not (states or readiness.get("missing")):
         return []
-    return [model for model, state in states.items() if state == "failed"]
+    return [f"{model} failed to load" for model, state in states.items() if state == "failed"] + [f"{name} is not in the repository" for name in readiness.get("missing", [])]
 
 
 def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
@@ -109,7 +110,7 @@ def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 
             if answer.status_code == 200:
                 return
             if failed := never_ready(answer.json()):
-                raise RuntimeError(f"server cannot become ready: {', '.join(failed)} failed to load: {log.read_text(errors='replace')[-2000:]}")
+                raise RuntimeError(f"server cannot become ready: {', '.join(failed)}: {log.read_text(errors='replace')[-2000:]}")
         time.sleep(0.05)
     raise TimeoutError(f"server never became ready in {timeout:.0f} s")
 

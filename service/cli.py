@@ -20,6 +20,7 @@ def serve_command(
 ) -> None:
     """Serve the model repository over HTTP. Every option also reads from GANSERVE_* variables."""
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     from service.settings import Settings
 
@@ -31,6 +32,9 @@ def serve_command(
         for problem in error.errors():
             name = "GANSERVE_" + "_".join(str(part) for part in problem["loc"][:1]).upper() if problem["loc"] else "a setting"
             typer.echo(f"ganserve serve: {name}: {problem['msg']} (got {str(problem.get('input'))[:80]!r})", err=True)
+        raise typer.Exit(2)
+    except SettingsError as error:  # a JSON setting (GANSERVE_VERSION_POLICIES) that is not JSON
+        typer.echo(f"ganserve serve: {error} ({error.__cause__})", err=True)
         raise typer.Exit(2)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if settings.workers > 1:

@@ -354,6 +354,10 @@ class FrontRegistry(ModelRegistry):
                            headers={"Retry-After": "1"})
         return super().versions(name)
 
+    def missing_models(self) -> list[str]:
+        """(none before this front has learnt which models the engine serves)"""
+        return super().missing_models() if self.mirrored else []
+
     def is_ready(self) -> bool:
         return (self.loaded and self.engine_ready and self.client.connected and not self.draining and not self.engine_silent_s()
                 and self.memory.capacity > 0)

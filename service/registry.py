@@ -268,6 +268,15 @@ class ModelRegistry:
                 model.state, model.error = "failed", entry.problem
                 log.error("cannot serve %s: %s", entry.label, entry.problem)
             self.models.setdefault(entry.name, {})[entry.version] = model
+        if missing := self.missing_models():
+            held = sorted({entry.name for entry in scan_repository(self.settings.repository)})
+            log.error("GANSERVE_MODELS names %s, which %s does not hold (it holds %s): the server is not ready until they are "
+                      "there and loaded", missing, self.settings.repository, held)
+
+    def missing_models(self) -> list[str]:
+        """The names GANSERVE_MODELS asks for that nothing in the repository answers to: with a
+        typo there the server served nothing and said it was ready (every model it had was)."""
+        return [name for name in self.settings.models if name not in self.models]
 
     async def load_all(self) -> None:
         """Loads and warms the entries one at a time (each on its own lane), so each one's memory
@@ -630,6 +639,8 @@ class ModelRegistry:
             return False
         ready = {name for name, versions in self.models.items() if any(m.ready for m in versions.values())}
         rule = self.settings.ready_requires.strip()
+        if rule == "all" and self.missing_models():
+            return False
         if rule == "all":  # an unloaded model was taken out on purpose, and a version whose (re)load failed while
             # its model kept serving changed nothing served: neither is required (a broken or too large new
             # version dropped into the repository took the server out of its load balancer)

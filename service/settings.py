@@ -1,12 +1,13 @@
 """Every knob of the service, from the command line or `GANSERVE_*` environment variables."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.digits import ascii_count
 from service.version_policy import check_policy
@@ -30,6 +31,22 @@ def machine_memory_bytes() -> int:
 def default_memory_budget() -> int:
     """Half the machine: the rest is left to the OS, the page cache and whatever runs beside us."""
     return machine_memory_bytes() // 2
+
+
+def name_list(value: object) -> object:
+    """A list of names as people write it in the environment: a JSON list (`["a", "b"]`) or names
+    separated by commas (`a,b`, or one name). pydantic-settings took JSON only, and
+    `GANSERVE_MODELS=dcgan-digits` stopped start-up with a page of traceback."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        return json.loads(text)  # malformed JSON: a ValueError, reported as the setting's error
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+# read by `name_list`, not by pydantic-settings' JSON decoding
+NameList = Annotated[list[str], NoDecode]
 
 
 class Settings(BaseSettings):
@@ -88,11 +105,11 @@ class Settings(BaseSettings):
     model_control: bool = False  # allow POST /v2/repository/models/{name}/load|unload (off: anyone who reaches the port could unload models)
     # host names (the Host header, no port) model control answers to besides IP addresses and localhost: a
     # page on a name an attacker controls, re-pointed at this server (DNS rebinding), is same-site to itself
-    model_control_hosts: list[str] = []
+    model_control_hosts: NameList = []
     repository_poll_s: float = Field(0.0, ge=0)  # > 0: re-scan this often and (re)load models whose versions changed on disk
     version_policy: str = "all"  # which versions are served: all, latest:N or specific:V1,V2 (Triton's policies)
     version_policies: dict[str, str] = {}  # per model name, over version_policy
-    models: list[str] = []  # serve only these model names (empty: every model); a Ray Serve replica serves one
+    models: NameList = []  # serve only these model names (empty: every model); a Ray Serve replica serves one
     # image-to-image
     upscale_tile: int = Field(96, ge=8)  # input px per tile side: every tile is one batcher item
     upscale_overlap: int = Field(16, ge=0)  # input px shared by neighbouring tiles, blended across
@@ -119,6 +136,11 @@ class Settings(BaseSettings):
     role: Literal["single", "engine", "front"] = "single"
     engine_dir: Path | None = None  # the children's private directory: link and HTTP sockets, the shared memory budget
     worker_slot: int = Field(0, ge=0)  # the child's slot in the shared memory budget: the engine 0, the fronts 1 … N
+
+    @field_validator("models", "model_control_hosts", mode="before")
+    @classmethod
+    def names_from_text(cls, value: object) -> object:
+        return name_list(value)
 
     @field_validator("log_level", mode="before")
     @classmethod

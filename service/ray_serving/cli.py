@@ -14,6 +14,7 @@ from typing import Optional
 import typer
 
 from service.ray_serving.edge import BODY_BUDGET_ENV, DEFAULT_BODY_BUDGET_BYTES, PROXY_CALLBACK, PROXY_CALLBACK_ENV
+from service.settings import name_list
 
 
 def env_value(text: str):
@@ -26,11 +27,15 @@ NOT_REPLICA_SETTINGS = ("GANSERVE_REPOSITORY", "GANSERVE_MODELS", "GANSERVE_HOST
 
 
 def env_models(text: str) -> list[str]:
-    """GANSERVE_MODELS as `serve` reads it (a JSON list), the models `ganserve ray` deploys when no
-    --model is given (it was ignored: every model in the repository was deployed)."""
-    value = env_value(text) if text.strip() else []
+    """GANSERVE_MODELS as `serve` reads it (a JSON list or comma-separated names), the models
+    `ganserve ray` deploys when no --model is given (it was ignored: every model in the repository
+    was deployed)."""
+    try:
+        value = name_list(text)
+    except ValueError:
+        value = None
     if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
-        raise typer.BadParameter(f"GANSERVE_MODELS must be a JSON list of model names, got {text!r}")
+        raise typer.BadParameter(f"GANSERVE_MODELS must be model names, comma-separated or a JSON list, got {text!r}")
     return value
 
 

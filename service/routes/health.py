@@ -13,7 +13,10 @@ def readiness(request: Request) -> JSONResponse:
     registry = registry_of(request)
     states = {f"{name}/{v}": m.state for name, versions in registry.models.items() for v, m in versions.items()}
     ready = registry.is_ready()
-    return JSONResponse({"ready": ready, "requires": registry.settings.ready_requires, "models": states}, status_code=200 if ready else 503)
+    answer = {"ready": ready, "requires": registry.settings.ready_requires, "models": states}
+    if missing := registry.missing_models():
+        answer["missing"] = missing  # named by GANSERVE_MODELS, not in the repository
+    return JSONResponse(answer, status_code=200 if ready else 503)
 
 
 @router.get("/health/live")
@@ -26,7 +29,8 @@ async def live() -> dict:
 @router.get("/v2/health/ready")
 async def ready(request: Request) -> JSONResponse:
     """200 once the models `GANSERVE_READY_REQUIRES` names (default: all) are loaded and warmed;
-    503 before, while any of them is failed, and while draining."""
+    503 before, while any of them is failed, while a model GANSERVE_MODELS names is not in the
+    repository (`missing`), and while draining."""
     return readiness(request)
 
 

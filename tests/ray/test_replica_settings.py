@@ -85,5 +85,7 @@ def test_ganserve_ray_deploys_the_models_ganserve_models_names_when_no_model_is_
 
     assert env_models('["dcgan-digits", "sr-rrdb-x4"]') == ["dcgan-digits", "sr-rrdb-x4"]
     assert env_models("") == [] and env_models("[]") == []
-    with pytest.raises(typer.BadParameter, match="JSON list"):
-        env_models("dcgan-digits")
+    assert env_models("dcgan-digits") == ["dcgan-digits"] and env_models(" a, b ") == ["a", "b"]  # as `serve` reads it
+    for wrong in ("[1, 2]", '["a"', '[["a"]]'):
+        with pytest.raises(typer.BadParameter, match="comma-separated or a JSON list"):
+            env_models(wrong)

@@ -226,3 +226,40 @@ def test_a_bad_setting_stops_serve_with_its_name_and_what_it_takes_not_a_traceba
                              env=os.environ | {"GANSERVE_LOG_LEVEL": "loud", "GANSERVE_MAX_CONNECTIONS": "abc"})
     assert started.returncode == 2 and "Traceback" not in started.stderr, started.stderr[-2000:]
     assert "GANSERVE_LOG_LEVEL" in started.stderr and "'warning'" in started.stderr and "GANSERVE_MAX_CONNECTIONS" in started.stderr
+
+
+def test_a_model_name_the_repository_lacks_keeps_the_server_unready_and_names_it(repository):
+    """A typo in GANSERVE_MODELS gave a server that served nothing and said it was ready (every
+    model it had was): behind a load balancer, traffic went to a server without the model. The
+    models it does hold are served; readiness is 503 and names what is missing."""
+    with running_server(repository, wait=False, models=["digits", "nosuch"]) as server, server.client() as client:
+        server.wait_loaded()
+        readiness = client.get("/health/ready")
+        assert readiness.status_code == 503 and readiness.json()["missing"] == ["nosuch"], readiness.text
+        assert readiness.json()["models"] == {"digits/1": "ready"}
+        assert client.post("/v1/models/digits/generate", json={"seed": 1}).status_code == 200
+        assert client.post("/v1/models/nosuch/generate", json={"seed": 1}).status_code == 404
+        assert "nosuch" in server.process.log_path.read_text() and "does not hold" in server.process.log_path.read_text()
+    with pytest.raises(RuntimeError, match="nosuch is not in the repository"):  # a benchmark's start stops at once
+        with running_server(repository, models=["nosuch"]):
+            pass
+
+
+def test_model_name_lists_are_read_as_people_write_them_a_name_commas_or_json(monkeypatch):
+    """`GANSERVE_MODELS=dcgan-digits` (one name, as one writes it) stopped start-up with a page of
+    pydantic-settings traceback: lists were read as JSON only."""
+    from service.settings import Settings
+
+    for text, names in (("digits", ["digits"]), ("digits, cdigits", ["digits", "cdigits"]), ('["digits", "cdigits"]', ["digits", "cdigits"]), ("", [])):
+        monkeypatch.setenv("GANSERVE_MODELS", text)
+        monkeypatch.setenv("GANSERVE_MODEL_CONTROL_HOSTS", text)
+        settings = Settings()
+        assert settings.models == settings.model_control_hosts == names, text
+
+
+@pytest.mark.parametrize("setting, value", [("GANSERVE_MODELS", '["digits"'), ("GANSERVE_VERSION_POLICIES", "digits=latest:1")])
+def test_a_setting_that_is_not_the_json_it_must_be_stops_serve_with_its_name_not_a_traceback(repository, setting, value):
+    started = subprocess.run([sys.executable, "-m", "ganserve_cli", "serve", "--repository", str(repository), "--port", "1"],
+                             capture_output=True, text=True, timeout=60, env=os.environ | {setting: value})
+    assert started.returncode == 2 and "Traceback" not in started.stderr and "─" not in started.stderr, started.stderr[-2000:]
+    assert setting.removeprefix("GANSERVE_").lower() in started.stderr.lower(), started.stderr
