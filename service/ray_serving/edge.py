@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.connection_table import client_share_key
+from service.connection_table import IDLE_EVICTABLE_S, client_share_key
 from service.digits import ascii_count
 from service.intake import Refused, error_message
 
@@ -74,7 +74,7 @@ class BodyLedger:
     A body taken is answered 503 with Retry-After (it was never accepted); one that finds no room
     is refused the same way. Bodies complete and in flight to the ingress are never taken."""
 
-    def __init__(self, budget_bytes: int, evictable_after_s: float = 1.0) -> None:
+    def __init__(self, budget_bytes: int, evictable_after_s: float = IDLE_EVICTABLE_S) -> None:
         self.budget = budget_bytes
         self.share = budget_bytes // 4
         self.evictable_after_s = evictable_after_s
@@ -155,7 +155,7 @@ class ProxyEdge:
     ingress refuses WebSockets itself."""
 
     def __init__(self, app: ASGIApp, max_header_bytes: int, max_body_bytes: int, body_timeout_s: float,
-                 body_budget_bytes: int = DEFAULT_BODY_BUDGET_BYTES, evictable_after_s: float = 1.0) -> None:
+                 body_budget_bytes: int = DEFAULT_BODY_BUDGET_BYTES, evictable_after_s: float = IDLE_EVICTABLE_S) -> None:
         self.app = app
         self.max_header_bytes, self.max_body_bytes, self.body_timeout_s = max_header_bytes, max_body_bytes, body_timeout_s
         self.ledger = BodyLedger(body_budget_bytes, evictable_after_s)
