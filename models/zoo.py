@@ -23,7 +23,7 @@ def build_generator(spec: ModelSpec) -> nn.Module:
         return DCGANGenerator(spec.z_dim, spec.channels, spec.resolution, spec.width)
     if spec.arch == "cdcgan":
         if spec.num_classes < 2:
-            raise ValueError("a conditional generator needs at least two class names")
+            raise ValueError("a conditional generator needs at least two classes (an image folder's class sub-folders, MNIST's labels file)")
         return ConditionalDCGANGenerator(spec.z_dim, spec.channels, spec.resolution, spec.width, spec.num_classes)
     if spec.arch == "stylegan":
         return StyleGenerator(spec.z_dim, spec.w_dim, spec.resolution, spec.channels, spec.width, spec.max_channels, spec.mapping_layers, spec.num_classes,

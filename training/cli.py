@@ -12,6 +12,14 @@ from rich.table import Table
 console = Console()
 
 
+def stop(verb: str, message: str) -> typer.Exit:
+    """One line on stderr for a problem the user can fix (a config, their data), then exit 2."""
+    from rich.markup import escape
+
+    Console(stderr=True).print(f"[red]ganserve {verb}:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    return typer.Exit(2)
+
+
 def train_command(
     config: Path = typer.Option(..., "--config", "-c", exists=True, dir_okay=False, help="YAML config, e.g. configs/dcgan-digits.yaml"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default runs/<config name>)"),
@@ -23,22 +31,33 @@ def train_command(
 ) -> None:
     """Train a GAN from a config; writes checkpoints, samples, log.csv and metrics.json."""
     import yaml
+    from pydantic import ValidationError
 
     from training.config import TrainConfig
+    from training.data.readers import DataError
     from training.image2image.config import I2IConfig, is_image_to_image
     from training.image2image.train import train_image_to_image
     from training.loop import train
 
-    raw = yaml.safe_load(config.read_text()) or {}
-    updates = {k: v for k, v in {"max_steps": max_steps, "seed": seed, "max_minutes": max_minutes}.items() if v is not None}
-    if is_image_to_image(raw):
-        cfg = I2IConfig.model_validate(raw | updates)
-        out = out or Path("runs") / cfg.name
-        result = train_image_to_image(cfg, out, resume=resume, device=device)
-    else:
-        cfg = TrainConfig.model_validate(raw | updates)
-        out = out or Path("runs") / cfg.name
-        result = train(cfg, out, resume=resume, device=device)
+    try:
+        raw = yaml.safe_load(config.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise stop("train", f"{config} is not a YAML mapping of settings")
+        updates = {k: v for k, v in {"max_steps": max_steps, "seed": seed, "max_minutes": max_minutes}.items() if v is not None}
+        if is_image_to_image(raw):
+            cfg = I2IConfig.model_validate(raw | updates)
+            out = out or Path("runs") / cfg.name
+            result = train_image_to_image(cfg, out, resume=resume, device=device)
+        else:
+            cfg = TrainConfig.model_validate(raw | updates)
+            out = out or Path("runs") / cfg.name
+            result = train(cfg, out, resume=resume, device=device)
+    except yaml.YAMLError as error:
+        raise stop("train", f"{config} is not valid YAML ({error})")
+    except ValidationError as error:  # each setting's place and problem, not a traceback
+        raise stop("train", "; ".join(f"{'.'.join(map(str, problem['loc'])) or 'config'}: {problem['msg']}" for problem in error.errors()))
+    except DataError as error:
+        raise stop("train", str(error))
     print_metrics(f"{cfg.name} — step {result['step']}", result["last"], result.get("best"))
     console.print(f"run written to [bold]{out}[/]")
 
@@ -52,7 +71,12 @@ def evaluate_command(
     """Evaluate a run's generator and write the metrics into its metrics.json."""
     from training.run_eval import evaluate_run
 
-    metrics = evaluate_run(run_dir, checkpoint, num_samples, inception_weights)
+    from training.data.readers import DataError
+
+    try:
+        metrics = evaluate_run(run_dir, checkpoint, num_samples, inception_weights)
+    except DataError as error:  # the run's data moved or changed since it trained
+        raise stop("evaluate", str(error))
     print_metrics(f"{run_dir} ({checkpoint})", metrics)
 
 

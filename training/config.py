@@ -5,11 +5,12 @@ default that works, so a config file only says what differs.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 LossName = Literal["minimax", "nonsaturating", "hinge", "wgan", "wgan-gp", "lsgan"]
 
@@ -25,7 +26,14 @@ class DataConfig(Strict):
     size: int = Field(10_000, gt=0)  # shapes / gaussians: how many samples to generate
     path: str | None = None  # image_folder root, MNIST images file, or CIFAR batch folder
     labels_path: str | None = None  # MNIST labels file
-    channels: int = 3  # image_folder only
+    channels: Literal[1, 3] = 3  # image_folder only
+
+    @field_validator("path", "labels_path")
+    @classmethod
+    def absolute(cls, path: str | None) -> str | None:
+        """From where `ganserve train` ran: the run's config.json keeps it absolute, so that
+        `ganserve evaluate` reads the same data from any folder (a relative path was not found)."""
+        return os.path.abspath(os.path.expanduser(path)) if path else path
 
 
 class ModelConfig(Strict):
@@ -97,8 +105,13 @@ class TrainConfig(Strict):
             raise ValueError("the conditional dcgan (cdcgan) goes with a projection discriminator (projection or dcgan-projection), and only it")
         if (self.model.arch == "stylegan") != (self.model.discriminator == "residual"):
             raise ValueError("stylegan trains with the residual discriminator, and only it")
-        if self.model.arch == "dcgan" and self.data.resolution not in (32, 64):
-            raise ValueError(f"dcgan supports 32 or 64 px, not {self.data.resolution}")
+        resolution = self.data.resolution
+        if self.model.arch in ("dcgan", "cdcgan") and resolution not in (32, 64):
+            raise ValueError(f"{self.model.arch} supports 32 or 64 px, not {resolution}")
+        if self.model.arch == "stylegan" and (resolution < 8 or resolution & (resolution - 1)):
+            raise ValueError(f"stylegan trains at a power of two ≥ 8 px, not {resolution}")
+        if self.model.arch == "cdcgan" and self.data.name == "mnist" and not self.data.labels_path:
+            raise ValueError("a conditional model on MNIST needs its labels file (data.labels_path)")
         return self
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -304,6 +305,9 @@ class GanTask:
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
         self.name, self.config = cfg.name, cfg
         self.train_set, held_out = load_dataset(cfg.data)
+        if cfg.batch_size > len(self.train_set):
+            logging.getLogger(__name__).warning("batch_size %d is larger than the %d training samples: every batch is the whole set",
+                                                cfg.batch_size, len(self.train_set))
         self.run = build_run(cfg, self.train_set, device)
         self.rng = self.run.rng
         self.checkpoint_spec = self.run.spec.to_dict()

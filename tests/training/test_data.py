@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from training.config import DataConfig
-from training.data import load_dataset
+from training.data import TensorData, load_dataset
 from training.data.digits import load_digits
 from training.data.gaussians import grid25, load_gaussians, ring8
 from training.data.readers import read_cifar10, read_idx, read_image_folder, read_mnist
@@ -70,6 +70,71 @@ def test_empty_image_folder_is_a_clear_error(tmp_path):
         read_image_folder(tmp_path, 16)
 
 
+def test_a_users_folder_is_read_as_they_see_it(tmp_path, caplog):
+    """What a real folder holds: nested folders inside a class, hidden folders and macOS's `._`
+    files, a linked class folder, TIFF, a 16-bit PNG, a phone photo stored sideways with an EXIF
+    tag, an empty class folder, and a broken file among good ones. Each was mis-read before (a
+    class per nested folder, `.thumbnails` a class, the link and TIFF ignored, 16-bit clipped to
+    white, the photo sideways, the whole load failed on one bad file without naming it)."""
+    red, blue = (255, 0, 0), (0, 0, 255)
+    for folder in ("cats/kittens/small", "dogs", ".thumbnails", "empty"):
+        (tmp_path / "set" / folder).mkdir(parents=True)
+    Image.new("RGB", (20, 20), red).save(tmp_path / "set" / "cats" / "kittens" / "small" / "a.tif")
+    Image.new("RGB", (20, 20), red).save(tmp_path / "set" / ".thumbnails" / "t.png")
+    (tmp_path / "set" / "cats" / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    gradient = np.tile(np.linspace(0, 65535, 32).astype(np.uint16), (32, 1))
+    Image.fromarray(gradient).save(tmp_path / "set" / "cats" / "grey16.png")
+    sideways = np.zeros((16, 48, 3), np.uint8)
+    sideways[:, :24] = blue  # stored: blue on the left; EXIF 6 shows it turned clockwise, blue on top
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(sideways).save(tmp_path / "set" / "dogs" / "phone.jpg", exif=exif, quality=95)
+    (tmp_path / "set" / "dogs" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    (tmp_path / "elsewhere" / "birds").mkdir(parents=True)
+    Image.new("RGB", (20, 20), blue).save(tmp_path / "elsewhere" / "birds" / "b.webp")
+    (tmp_path / "set" / "birds").symlink_to(tmp_path / "elsewhere" / "birds")
+    (tmp_path / "set" / "dogs" / "loop").symlink_to(tmp_path / "set")  # walked once, not forever
+    with caplog.at_level("WARNING"):
+        data = read_image_folder(tmp_path / "set", resolution=16)
+    assert data.class_names == ["birds", "cats", "dogs"] and sorted(data.y.tolist()) == [0, 1, 1, 2]
+    assert "broken.jpg" in caplog.text and "skipped 1 of 5" in caplog.text and "empty" in caplog.text
+    grey = ((data.x[data.y == 1][0] + 1) * 127.5).numpy()  # (sorted: cats/grey16.png before cats/kittens/…)
+    assert grey.min() < 20 and grey.max() > 235 and grey.mean() == pytest.approx(127.5, abs=12)  # a gradient, not all white
+    photo = data.x[data.y == 2][0]
+    assert photo.shape == (3, 16, 16) and photo[2, :4].mean() > 0.8 and photo[2, -4:].mean() < -0.8  # upright: blue on top
+
+
+def test_a_folder_too_small_to_train_on_and_one_whose_images_all_fail_are_refused_by_name(tmp_path):
+    """One image: it was held out, training ran on nothing (loss nan) and the first evaluation
+    crashed; two: KID failed after the run."""
+    from training.data.readers import DataError
+
+    (tmp_path / "few").mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / "few" / f"{i}.png")
+    with pytest.raises(DataError, match="holds 3 samples: too few"):
+        load_dataset(DataConfig(name="image_folder", path=str(tmp_path / "few"), resolution=16))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.png").write_bytes(b"")
+    big = Image.new("1", (9000, 9000))
+    big.save(tmp_path / "bad" / "huge.png")  # a few KB on disk, 81 M pixels decoded
+    with pytest.raises(DataError, match="none of the 2 images.*9000x9000"):
+        read_image_folder(tmp_path / "bad", 16)
+
+
+def test_a_large_set_is_split_without_a_second_copy_and_the_split_is_fixed():
+    from training.data.registry import split_off
+
+    data = TensorData(x=torch.arange(40.0).view(40, 1, 1, 1).expand(40, 1, 2, 2).contiguous(), y=torch.arange(40))
+    storage = data.x.untyped_storage().data_ptr()
+    train, held_out = split_off(data, "a set")
+    assert len(held_out) == 4 and len(train) == 36 and train.x.untyped_storage().data_ptr() == storage  # a view, not a copy
+    assert sorted(train.y.tolist() + held_out.y.tolist()) == list(range(40)) and train.y.tolist() == sorted(train.y.tolist())
+    assert torch.equal(train.x[:, 0, 0, 0].long(), train.y)  # images moved with their labels
+    again = TensorData(x=torch.arange(40.0).view(40, 1, 1, 1).expand(40, 1, 2, 2).contiguous(), y=torch.arange(40))
+    assert split_off(again, "a set")[1].y.tolist() == held_out.y.tolist()
+
+
 def write_idx(path, array: np.ndarray, compress: bool = False) -> None:
     header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
     payload = header + array.astype(np.uint8).tobytes()
@@ -97,18 +162,64 @@ def test_a_file_that_is_not_idx_is_refused(tmp_path):
 
 def test_cifar10_python_batches_round_trip(tmp_path):
     rng = np.random.default_rng(1)
-    data = rng.integers(0, 256, (4, 3072), dtype=np.uint8)
-    with open(tmp_path / "data_batch_1", "wb") as handle:
-        pickle.dump({b"data": data, b"labels": [0, 9, 2, 3]}, handle)
-    with open(tmp_path / "batches.meta", "wb") as handle:
-        pickle.dump({b"label_names": [f"n{i}".encode() for i in range(10)]}, handle)
-    loaded = read_cifar10([tmp_path / "data_batch_1"], tmp_path / "batches.meta")
-    assert loaded.x.shape == (4, 3, 32, 32) and loaded.y.tolist() == [0, 9, 2, 3]
-    # CIFAR stores the red plane first: pixel (0, 0) red is data[:, 0]
-    assert np.array_equal(((loaded.x[:, 0, 0, 0] + 1) * 127.5).round().byte().numpy(), data[:, 0])
-    assert loaded.class_names[9] == "n9"
-    train, held_out = load_dataset(DataConfig(name="cifar10", path=str(tmp_path)))
-    assert len(train) + len(held_out) == 4
+    data = rng.integers(0, 256, (20, 3072), dtype=np.uint8)
+    labels = [int(v) for v in rng.integers(0, 10, 20)]
+    for protocol in (2, pickle.HIGHEST_PROTOCOL):  # the published batches are protocol-2 pickles
+        with open(tmp_path / "data_batch_1", "wb") as handle:
+            pickle.dump({b"data": data, b"labels": labels}, handle, protocol=protocol)
+        with open(tmp_path / "batches.meta", "wb") as handle:
+            pickle.dump({b"label_names": [f"n{i}".encode() for i in range(10)]}, handle, protocol=protocol)
+        loaded = read_cifar10([tmp_path / "data_batch_1"], tmp_path / "batches.meta")
+        assert loaded.x.shape == (20, 3, 32, 32) and loaded.y.tolist() == labels
+        # CIFAR stores the red plane first: pixel (0, 0) red is data[:, 0]
+        assert np.array_equal(((loaded.x[:, 0, 0, 0] + 1) * 127.5).round().byte().numpy(), data[:, 0])
+        assert loaded.class_names[9] == "n9"
+    (tmp_path / "data_batch_1.bak").write_bytes(b"an editor's backup")  # matched data_batch_* and failed the load
+    train, held_out = load_dataset(DataConfig(name="cifar10", path=str(tmp_path), resolution=64))
+    assert len(train) + len(held_out) == 20 and train.x.shape[1:] == (3, 64, 64)
+
+
+class WritesAFile:
+    """A pickle that, when loaded, opens a file: what a hostile 'CIFAR batch' would do."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_cifar_batch_is_read_without_running_code_and_a_broken_one_is_named(tmp_path):
+    """`pickle.load` ran whatever a downloaded batch named (here: it created a file)."""
+    from training.data.readers import DataError
+
+    marker = tmp_path / "ran"
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps({b"data": WritesAFile(str(marker)), b"labels": []}))
+    with pytest.raises(DataError, match=r"data_batch_1: the pickle asks for (io|builtins)\.open"):
+        load_dataset(DataConfig(name="cifar10", path=str(tmp_path)))
+    assert not marker.exists()
+    for broken in (pickle.dumps({b"data": np.zeros((20, 3072), np.uint8), b"labels": [0] * 20})[:-40], pickle.dumps([1, 2]),
+                   pickle.dumps({b"data": np.zeros((20, 3072), np.uint8), b"labels": [10] * 20})):
+        (tmp_path / "data_batch_1").write_bytes(broken)
+        with pytest.raises(DataError, match="data_batch_1"):
+            load_dataset(DataConfig(name="cifar10", path=str(tmp_path)))
+
+
+def test_mnist_trains_at_the_configured_resolution_and_bad_files_are_named(tmp_path):
+    """MNIST's 28 px fit no generator (DCGAN: 32 or 64): the data stayed 28 whatever the config said."""
+    from training.data.readers import DataError
+
+    images = np.random.default_rng(0).integers(0, 256, (30, 28, 28), dtype=np.uint8)
+    write_idx(tmp_path / "images", images)
+    write_idx(tmp_path / "labels", np.arange(30) % 10)
+    train, held_out = load_dataset(DataConfig(name="mnist", path=str(tmp_path / "images"), labels_path=str(tmp_path / "labels"), resolution=32))
+    assert train.x.shape[1:] == (1, 32, 32) and len(train) + len(held_out) == 30 and sorted(train.y.tolist() + held_out.y.tolist()) == sorted(np.arange(30) % 10)
+    write_idx(tmp_path / "labels", images)  # a labels file of images
+    (tmp_path / "cut.gz").write_bytes(gzip.compress((tmp_path / "images").read_bytes())[:300])
+    (tmp_path / "short").write_bytes(bytes([0, 0, 8, 3, 0, 0, 0, 30]))
+    for images_file, labels_file in (("images", "labels"), ("cut.gz", None), ("short", None)):
+        with pytest.raises(DataError, match=images_file if labels_file is None else labels_file):
+            load_dataset(DataConfig(name="mnist", path=str(tmp_path / images_file), labels_path=labels_file and str(tmp_path / labels_file)))
 
 
 def test_a_dataset_needing_a_path_says_so():

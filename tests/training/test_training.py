@@ -3,9 +3,11 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import typer
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
@@ -111,6 +113,35 @@ def test_configs_are_validated_at_the_edge():
         TrainConfig.model_validate({"model": {"arch": "cdcgan", "discriminator": "dcgan"}})
     with pytest.raises(ValidationError):
         TrainConfig.model_validate({"batch_size": 0})
+    # refused before the data is read (they failed after a whole load, deep in the model's code)
+    with pytest.raises(ValidationError, match="power of two"):
+        TrainConfig.model_validate({"data": {"resolution": 48}, "model": {"arch": "stylegan", "discriminator": "residual"}})
+    with pytest.raises(ValidationError, match="channels"):
+        TrainConfig.model_validate({"data": {"name": "image_folder", "path": "x", "channels": 4}})
+    with pytest.raises(ValidationError, match="labels file"):
+        TrainConfig.model_validate({"data": {"name": "mnist", "path": "x"}, "model": {"arch": "cdcgan", "discriminator": "projection"}})
+    # a relative data path is kept absolute, so `ganserve evaluate` finds the data from any folder
+    assert TrainConfig.model_validate({"data": {"name": "image_folder", "path": "photos"}}).data.path == str(Path.cwd() / "photos")
+
+
+def test_train_stops_with_one_line_on_a_config_or_data_it_cannot_use(tmp_path):
+    """A typo in a config, or a folder too small to train on, printed 80–180 lines of traceback."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from training.cli import register
+
+    app = typer.Typer()
+    register(app)
+    (tmp_path / "three").mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / "three" / f"{i}.png")
+    for text, expected in ((f"name: x\ndata: {{name: image_folder, path: {tmp_path / 'three'}}}\n", "holds 3 samples: too few"),
+                           ("name: x\nmodel: {archx: dcgan}\n", "model.archx: Extra inputs are not permitted"),
+                           ("name: [x\n", "not valid YAML")):
+        (tmp_path / "config.yaml").write_text(text)
+        result = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "config.yaml"), "--out", str(tmp_path / "run")])
+        assert result.exit_code == 2 and expected in result.output and "Traceback" not in result.output, result.output
 
 
 def test_every_shipped_config_loads():
