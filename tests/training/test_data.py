@@ -122,8 +122,11 @@ def test_a_folder_too_small_to_train_on_and_one_whose_images_all_fail_are_refuse
         read_image_folder(tmp_path / "bad", 16)
 
 
-def test_a_large_set_is_split_without_a_second_copy_and_the_split_is_fixed():
+def test_a_large_set_is_split_without_a_second_copy_and_the_split_is_fixed(monkeypatch):
+    from training.data import registry
     from training.data.registry import split_off
+
+    monkeypatch.setattr(registry, "COMPACT_BYTES", 3 * 16)  # moved three rows at a time
 
     data = TensorData(x=torch.arange(40.0).view(40, 1, 1, 1).expand(40, 1, 2, 2).contiguous(), y=torch.arange(40))
     storage = data.x.untyped_storage().data_ptr()

@@ -14,7 +14,7 @@ from training.data.shapes import load_shapes
 
 DATASETS = ("digits", "gaussians", "shapes", "image_folder", "mnist", "cifar10")
 MIN_SAMPLES = 10  # a user's set smaller than this trains on nothing: a tenth is held out, KID needs two of each
-COMPACT_ROWS = 4096  # rows moved at a time by `split_off`
+COMPACT_BYTES = 64 * 2**20  # moved at a time by `split_off`
 
 
 def split_off(data: TensorData, source: object, fraction: float = 0.1, seed: int = 0) -> tuple[TensorData, TensorData]:
@@ -29,8 +29,9 @@ def split_off(data: TensorData, source: object, fraction: float = 0.1, seed: int
     held_out = data.subset(order[:cut])
     keep = order[cut:].sort().values
     columns = [data.x, *([data.y] if data.y is not None else []), *data.factors.values()]
-    for start in range(0, len(keep), COMPACT_ROWS):  # rows only move up (keep[i] ≥ i): each read precedes its overwrite
-        rows = keep[start:start + COMPACT_ROWS]
+    step = max(1, COMPACT_BYTES // max(1, data.x[:1].nbytes))
+    for start in range(0, len(keep), step):  # rows only move up (keep[i] ≥ i): each read precedes its overwrite
+        rows = keep[start:start + step]
         for column in columns:
             column[start:start + len(rows)] = column[rows]
     size = len(keep)
