@@ -94,7 +94,7 @@ def never_ready(readiness: dict) -> list[str]:
     states = readiness.get("models") or {}
     if any(state == "loading" for state in states.values()) or not (states or readiness.get("missing")):
         return []
-    return [f"{model} failed to load" for model, state in states.items() if state == "failed"] + [f"{name} is not in the repository" for name in readiness.get("missing", [])]
+    return [f"{model} failed to load" for model, state in states.items() if state == "failed"] + [f"{name} is not served" for name in readiness.get("missing", [])]
 
 
 def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:

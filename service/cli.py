@@ -30,11 +30,18 @@ def serve_command(
         settings = Settings(**overrides)
     except ValidationError as error:  # a setting's name and what it takes, not a traceback
         for problem in error.errors():
-            name = "GANSERVE_" + "_".join(str(part) for part in problem["loc"][:1]).upper() if problem["loc"] else "a setting"
-            typer.echo(f"ganserve serve: {name}: {problem['msg']} (got {str(problem.get('input'))[:80]!r})", err=True)
+            message = problem["msg"].removeprefix("Value error, ")
+            if problem["loc"]:
+                name = "GANSERVE_" + str(problem["loc"][0]).upper()
+                typer.echo(f"ganserve serve: {name}: {message} (got {str(problem.get('input'))[:80]!r})", err=True)
+            else:  # a rule across settings: its message names them (the input is every setting)
+                typer.echo(f"ganserve serve: {message}", err=True)
         raise typer.Exit(2)
     except SettingsError as error:  # a JSON setting (GANSERVE_VERSION_POLICIES) that is not JSON
         typer.echo(f"ganserve serve: {error} ({error.__cause__})", err=True)
+        raise typer.Exit(2)
+    if not settings.repository.is_dir():  # (it surfaced as a page of uvicorn's lifespan traceback, exit 3)
+        typer.echo(f"ganserve serve: model repository {settings.repository} does not exist: run `make models` or `ganserve export`", err=True)
         raise typer.Exit(2)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if settings.workers > 1:

@@ -62,11 +62,29 @@ def error_response(request: Request, status: int, message: str, code: str | None
     return JSONResponse(error_payload(request.url.path, status, message, code), status_code=status, headers=headers)
 
 
+def is_union_branch(part: object) -> bool:
+    """A location step pydantic adds for a branch of a union (`literal['coarse','middle']`,
+    `list[constrained-int]`): the client named the field, not the branch."""
+    return isinstance(part, str) and ("[" in part or part.startswith("function-"))
+
+
 def describe_validation(error: RequestValidationError) -> str:
-    parts = []
+    """Each problem as `field: what is wrong`, in the client's terms: no union branches, no
+    pydantic prefixes, and a missing or unparsable body said as such."""
+    parts: list[str] = []
     for problem in error.errors()[:10]:
-        where = ".".join(str(p) for p in problem.get("loc", []) if p != "body")
-        parts.append(f"{where}: {problem.get('msg')}" if where else str(problem.get("msg")))
+        location = problem.get("loc", [])
+        message = str(problem.get("msg")).removeprefix("Value error, ")
+        if problem.get("type") == "json_invalid":
+            reason = (problem.get("ctx") or {}).get("error", message)
+            parts.append(f"the body is not valid JSON ({reason} at character {location[-1] if location else 0})")
+            continue
+        where = ".".join(str(p) for p in location if p != "body" and not is_union_branch(p))
+        if not where and problem.get("type") == "missing":
+            message = "the request needs a JSON body"
+        line = f"{where}: {message}" if where else message
+        if line not in parts:
+            parts.append(line)
     return "; ".join(parts) or "invalid request"
 
 

@@ -167,12 +167,16 @@ def begin(request: Request, name: str, operation: str, version: int | None = Non
     return model
 
 
+def article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
 def require_kind(model: LoadedModel, kind: str) -> None:
     """422 when the model is not of `kind`, naming the endpoint its kind does have."""
     entry = model.entry
     if entry.kind != kind:
         hint = f": POST to /v1/models/{entry.name}/{IMAGE_TO_IMAGE[entry.kind]}" if entry.kind in IMAGE_TO_IMAGE else ""
-        raise ApiError(422, f"model {entry.name!r} is a {entry.kind} model, not a {kind} model{hint}")
+        raise ApiError(422, f"model {entry.name!r} is {article(entry.kind)} {entry.kind} model, not {article(kind)} {kind} model{hint}")
 
 
 def estimate(model: LoadedModel, graph: str, units: list[float], resident_bytes: int = 0) -> RequestCost:

@@ -270,13 +270,15 @@ class ModelRegistry:
             self.models.setdefault(entry.name, {})[entry.version] = model
         if missing := self.missing_models():
             held = sorted({entry.name for entry in scan_repository(self.settings.repository)})
-            log.error("GANSERVE_MODELS names %s, which %s does not hold (it holds %s): the server is not ready until they are "
-                      "there and loaded", missing, self.settings.repository, held)
+            log.error("GANSERVE_MODELS or GANSERVE_READY_REQUIRES names %s, which the server does not serve (%s holds %s%s): it is "
+                      "not ready until they are there and loaded", missing, self.settings.repository, held,
+                      f"; GANSERVE_MODELS serves {self.settings.models}" if self.settings.models else "")
 
     def missing_models(self) -> list[str]:
-        """The names GANSERVE_MODELS asks for that nothing in the repository answers to: with a
-        typo there the server served nothing and said it was ready (every model it had was)."""
-        return [name for name in self.settings.models if name not in self.models]
+        """The names GANSERVE_MODELS or GANSERVE_READY_REQUIRES asks for that no served model
+        answers to: with a typo in the first the server served nothing and said it was ready
+        (every model it had was); in the second it stayed unready for good, and nothing said why."""
+        return [name for name in dict.fromkeys(self.settings.models + self.settings.ready_names) if name not in self.models]
 
     async def load_all(self) -> None:
         """Loads and warms the entries one at a time (each on its own lane), so each one's memory
@@ -638,7 +640,7 @@ class ModelRegistry:
         if self.draining or not self.loaded or self.memory.capacity == 0:  # no request could fit: every one answered 503 "retry"
             return False
         ready = {name for name, versions in self.models.items() if any(m.ready for m in versions.values())}
-        rule = self.settings.ready_requires.strip()
+        rule = self.settings.ready_requires
         if rule == "all" and self.missing_models():
             return False
         if rule == "all":  # an unloaded model was taken out on purpose, and a version whose (re)load failed while
@@ -648,7 +650,7 @@ class ModelRegistry:
                        if m.state != "unloaded" and not m.failed_beside_served)
         if rule == "any":
             return bool(ready)
-        return {name.strip() for name in rule.split(",") if name.strip()} <= ready
+        return set(self.settings.ready_names) <= ready
 
     def versions(self, name: str) -> dict[int, LoadedModel]:
         if name not in self.models:

@@ -60,23 +60,24 @@ def choose_format(explicit: str | None, accept: str | None, allowed: tuple[str, 
 
 
 def encode_response(images: np.ndarray, fmt: str, layout: str, columns: int | None, tags: list[int],
-                    encoders: EncoderTable = PILLOW_ONLY) -> tuple[bytes, str]:
+                    encoders: EncoderTable = PILLOW_ONLY, tag_name: str = "seed") -> tuple[bytes, str]:
     """Runs in the encoder pool: one image → its bytes (a one-item JSON list when the client
     asked for a list: a client that parses the list broke on a lone image); several → grid, npy
-    stack or JSON list."""
+    stack or JSON list, each item tagged `tag_name`: its seed, or its index in the request's
+    strengths, cells or frames."""
     if fmt == "npy":
         return encode(images, "npy"), CONTENT_TYPES["npy"]
     if len(images) == 1 and layout != "list":
         return encode(images[0], fmt, encoders), CONTENT_TYPES[fmt]
     if layout == "list":
-        payload = [{"seed": s, "data": base64.b64encode(encode(img, fmt, encoders)).decode()} for s, img in zip(tags, images)]
+        payload = [{tag_name: s, "data": base64.b64encode(encode(img, fmt, encoders)).decode()} for s, img in zip(tags, images)]
         return json.dumps({"format": fmt, "images": payload}).encode(), "application/json"
     return encode(grid(images, columns), fmt, encoders), CONTENT_TYPES[fmt]
 
 
 def encode_outputs(outputs: np.ndarray, value_range: tuple[float, float], fmt: str, layout: str, columns: int | None, tags: list[int],
-                   encoders: EncoderTable = PILLOW_ONLY) -> tuple[bytes, str]:
-    return encode_response(to_uint8(outputs, value_range), fmt, layout, columns, tags, encoders)
+                   encoders: EncoderTable = PILLOW_ONLY, tag_name: str = "seed") -> tuple[bytes, str]:
+    return encode_response(to_uint8(outputs, value_range), fmt, layout, columns, tags, encoders, tag_name)
 
 
 def encode_frames(frames: np.ndarray, value_range: tuple[float, float], fmt: str, frame_ms: int) -> bytes:
@@ -85,22 +86,24 @@ def encode_frames(frames: np.ndarray, value_range: tuple[float, float], fmt: str
 
 
 async def respond(registry, entry, operation: str, outputs: np.ndarray, fmt: str, layout: str = "grid", columns: int | None = None,
-                  tags: list[int] | None = None, ctx=None) -> Response:
+                  tags: list[int] | None = None, ctx=None, tag_name: str = "seed") -> Response:
     """float images [N, C, H, W] → uint8 → encoded (inline when small, else in the encoder pool) →
-    Response. `ctx`: the request's context, whose encoding leaves the pool's backlog once done."""
+    Response. `ctx`: the request's context, whose encoding leaves the pool's backlog once done.
+    Tags that are seeds are also sent as `X-Seeds`; other tags (`index`: edit's strengths, a
+    style-mix's cells, frames) only name the items of a JSON list (they were sent as seeds)."""
     tags = tags or []
     value_range = tuple(entry.spec["value_range"])
     started = time.perf_counter()
     if outputs.size <= INLINE_ENCODE_MAX_VALUES:
-        content, media_type = encode_outputs(outputs, value_range, fmt, layout, columns, tags, registry.encoder_table)
+        content, media_type = encode_outputs(outputs, value_range, fmt, layout, columns, tags, registry.encoder_table, tag_name)
     else:
         content, media_type = await asyncio.get_running_loop().run_in_executor(registry.encoders, encode_outputs, outputs, value_range, fmt, layout,
-                                                                               columns, tags, registry.encoder_table)
+                                                                               columns, tags, registry.encoder_table, tag_name)
     encoded = time.perf_counter() - started
     if ctx is not None:
         ctx.encoded(registry.encoding)
     registry.metrics.bound(entry.name, str(entry.version), operation).encode_duration.observe(encoded)
-    headers = {"X-Model-Version": str(entry.version), "Server-Timing": f"encode;dur={1000 * encoded:.2f}"} | ({"X-Seeds": ",".join(map(str, tags[:64]))} if tags else {})
+    headers = {"X-Model-Version": str(entry.version), "Server-Timing": f"encode;dur={1000 * encoded:.2f}"} | ({"X-Seeds": ",".join(map(str, tags[:64]))} if tags and tag_name == "seed" else {})
     return Response(content, media_type=media_type, headers=headers)
 
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ByteSize, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.digits import ascii_count
@@ -50,6 +50,8 @@ NameList = Annotated[list[str], NoDecode]
 
 
 class Settings(BaseSettings):
+    """(Byte sizes take units as README writes them: `8MiB`, `2GiB`, `512KiB`; a bare number is bytes.)"""
+
     model_config = SettingsConfigDict(env_prefix="GANSERVE_", extra="ignore")
 
     repository: Path = Path("model_repository")
@@ -74,26 +76,26 @@ class Settings(BaseSettings):
     lane_threads: int = Field(1, ge=1, le=64)  # batches one model runs at once (Triton's instance count)
     # the process memory budget: what is admitted at once (bodies, images, batches) plus what the
     # loaded models hold stays under it; requests past it wait outside with 503 + Retry-After
-    memory_budget: int = Field(default_factory=default_memory_budget, ge=64 * 1024**2)
-    # readiness: `all` models ready (the default), `any` one of them, or a comma-separated list of names
+    memory_budget: ByteSize = Field(default_factory=default_memory_budget, ge=64 * 1024**2)
+    # readiness: `all` models ready (the default), `any` one of them, or the named ones (commas or a JSON list)
     ready_requires: str = "all"
     # request limits
     max_images_per_request: int = Field(256, ge=1, le=4096)
-    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_body_bytes: ByteSize = Field(8 * 1024 * 1024, ge=1024)
     # v1 JSON operations' bodies past it: 413 before parsing (their largest: interpolate's two w of
     # 4,096 values, ~200 KB). 7.9 MB of unknown keys held the event loop 6 s and 0.9 GB before its 422
-    max_json_body_bytes: int = Field(256 * 1024, ge=16 * 1024)
+    max_json_body_bytes: ByteSize = Field(256 * 1024, ge=16 * 1024)
     max_upload_pixels: int = Field(4096 * 4096, ge=1)  # any upload past it: 413, read from its header before decoding
     max_translate_pixels: int = Field(2048 * 2048, ge=64)  # translate inputs past it: 413 (lowered per model by its measured cost)
     max_upscale_input_pixels: int = Field(1024 * 1024, ge=64)  # upscale inputs past it: 413 (lowered per model by its measured cost)
     max_json_tensor_values: int = Field(1 << 20, ge=1024)  # v2 JSON outputs past it: 413 (about 20 MB of JSON)
     # v2 JSON inference headers to models whose inputs have no fixed size (images) past it: 413 before
     # parsing, which holds the GIL ~0.12 s per MiB (fixed-size inputs: what 256 rows can need)
-    max_json_header_bytes: int = Field(1 << 20, ge=64 * 1024)
+    max_json_header_bytes: ByteSize = Field(1 << 20, ge=64 * 1024)
     # HTTP hygiene
     max_connections: int = Field(512, ge=1)  # open connections; at it a waiting one makes room (service/connection_table.py), else a new one gets 503
     header_timeout_s: float = Field(10.0, gt=0)  # a connection must finish sending a request's headers within this
-    max_header_bytes: int = Field(64 * 1024, ge=1024)  # a request's headers in bytes; past it 431 and the connection closes
+    max_header_bytes: ByteSize = Field(64 * 1024, ge=1024)  # a request's headers in bytes; past it 431 and the connection closes
     body_timeout_s: float = Field(30.0, gt=0)  # and its body within this (408 past it)
     send_timeout_s: float = Field(30.0, gt=0)  # a client that reads nothing of its answer (HTTP or stream) for this long is disconnected
     keep_alive_s: int = Field(5, ge=1)  # idle keep-alive connections close after this
@@ -141,6 +143,22 @@ class Settings(BaseSettings):
     @classmethod
     def names_from_text(cls, value: object) -> object:
         return name_list(value)
+
+    @field_validator("ready_requires", mode="before")
+    @classmethod
+    def readiness_rule(cls, value: object) -> object:
+        """`all`, `any` (any case) or names, written as `models` is: a JSON list of names kept
+        readiness 503 for good (it was matched as one name), and so did `ALL`. Empty: `all`."""
+        if not isinstance(value, str):
+            return value
+        if value.strip().lower() in ("", "all", "any"):
+            return value.strip().lower() or "all"
+        return ",".join(name_list(value))
+
+    @property
+    def ready_names(self) -> list[str]:
+        """The models readiness waits for when `ready_requires` names them (none for all / any)."""
+        return [] if self.ready_requires in ("all", "any") else self.ready_requires.split(",")
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -15,7 +15,7 @@ def readiness(request: Request) -> JSONResponse:
     ready = registry.is_ready()
     answer = {"ready": ready, "requires": registry.settings.ready_requires, "models": states}
     if missing := registry.missing_models():
-        answer["missing"] = missing  # named by GANSERVE_MODELS, not in the repository
+        answer["missing"] = missing  # named by GANSERVE_MODELS or GANSERVE_READY_REQUIRES, not served
     return JSONResponse(answer, status_code=200 if ready else 503)
 
 
@@ -29,8 +29,8 @@ async def live() -> dict:
 @router.get("/v2/health/ready")
 async def ready(request: Request) -> JSONResponse:
     """200 once the models `GANSERVE_READY_REQUIRES` names (default: all) are loaded and warmed;
-    503 before, while any of them is failed, while a model GANSERVE_MODELS names is not in the
-    repository (`missing`), and while draining."""
+    503 before, while any of them is failed, while a model GANSERVE_MODELS or the rule names is
+    not served (`missing`), and while draining."""
     return readiness(request)
 
 

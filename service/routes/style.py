@@ -31,7 +31,7 @@ def check_seed_options(body: BaseModel, w: object) -> BaseModel:
         ignored = [name for name in ("truncation_psi", "class_label") if name in body.model_fields_set]
         if ignored:
             named = " and ".join("class" if name == "class_label" else name for name in ignored)
-            raise ValueError(f"{named} apply to seeds, not to a given w (it is used as it is)")
+            raise ValueError(f"{named} {'apply' if len(ignored) > 1 else 'applies'} to seeds, not to a given w (it is used as it is)")
     return body
 
 
@@ -124,7 +124,7 @@ async def style_mix(name: str, body: StyleMixRequest, request: Request) -> Respo
         return await style.synthesize(registry, model, ws, state)
 
     images = await execute(request, model, style_cost(registry, model, rows + cols, rows * cols, fmt), work)
-    return await respond(registry, model.entry, "style-mix", images, fmt, body.layout, cols, list(range(rows * cols)), ctx=context(request))
+    return await respond(registry, model.entry, "style-mix", images, fmt, body.layout, cols, list(range(rows * cols)), ctx=context(request), tag_name="index")
 
 
 INTERPOLATE_FORMATS = ("gif", "webp", "png", "npy")  # the first is the default
@@ -157,7 +157,7 @@ async def interpolate(name: str, body: InterpolateRequest, request: Request) -> 
     mapped = 0 if ends is not None else (body.steps if body.space == "z" else 2)
     frames = await execute(request, model, style_cost(registry, model, mapped, body.steps, fmt), work)
     if fmt in ("png", "npy"):
-        return await respond(registry, model.entry, "interpolate", frames, fmt, "grid", body.steps, list(range(body.steps)), ctx=context(request))
+        return await respond(registry, model.entry, "interpolate", frames, fmt, "grid", body.steps, list(range(body.steps)), ctx=context(request), tag_name="index")
     return await respond_animation(registry, model.entry, frames, fmt, body.frame_ms, ctx=context(request))
 
 
@@ -180,4 +180,4 @@ async def edit(name: str, body: EditRequest, request: Request) -> Response:
         return await style.synthesize(registry, model, ws, state)
 
     images = await execute(request, model, style_cost(registry, model, 0 if given_w is not None else 1, count, fmt), work)
-    return await respond(registry, model.entry, "edit", images, fmt, body.layout, count, list(range(count)), ctx=context(request))
+    return await respond(registry, model.entry, "edit", images, fmt, body.layout, count, list(range(count)), ctx=context(request), tag_name="index")

@@ -9,7 +9,7 @@ from service import style
 from service.batcher import run_items
 from service.errors import ApiError, error_responses
 from service.operations import generate_inputs, resolve_label, resolve_truncation
-from service.pipeline import JsonBodyRoute, begin, combined, context, estimate, execute, generated_bytes, output_pixels, registry_of, with_encoding
+from service.pipeline import JsonBodyRoute, article, begin, combined, context, estimate, execute, generated_bytes, output_pixels, registry_of, with_encoding
 from service.registry import IMAGE_TO_IMAGE, LoadedModel
 from service.responses import choose_format, respond
 from service.schemas import MAX_SEED, MAX_WS, BigGANTruncation, ClassIndex, ClassName, ImageCount, ImageFormat, Layout, Psi, Seed, Version
@@ -102,7 +102,7 @@ async def generate(name: str, body: GenerateRequest, request: Request) -> Respon
     if body.count() > limit:
         raise ApiError(422, f"{body.count()} images asked; at most {limit} per request")
     if entry.kind in IMAGE_TO_IMAGE:
-        raise ApiError(422, f"model {entry.name!r} is a {entry.kind} model: POST an image to /v1/models/{entry.name}/{IMAGE_TO_IMAGE[entry.kind]}")
+        raise ApiError(422, f"model {entry.name!r} is {article(entry.kind)} {entry.kind} model: POST an image to /v1/models/{entry.name}/{IMAGE_TO_IMAGE[entry.kind]}")
     if entry.kind != "style" and (body.truncation_psi != 1.0 or body.truncation_cutoff is not None):
         raise ApiError(422, "truncation_psi and truncation_cutoff apply to style models only")
     label = resolve_label(entry, body.class_label)

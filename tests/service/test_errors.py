@@ -70,9 +70,20 @@ def test_malformed_json_is_422(server):
     with server.client() as client:
         response = client.post("/v1/models/digits/generate", content=b"{not json", headers={"content-type": "application/json"})
         too_long = client.post("/v1/models/digits/generate", content=b'{"seed": ' + b"7" * 5000 + b"}", headers={"content-type": "application/json"})
-    assert response.status_code == 422
+    assert response.status_code == 422 and "the body is not valid JSON (Expecting property name" in response.json()["error"]["message"], response.text
     # Python's JSON parser refuses integers past 4,300 digits: the answer said only that the body could not be parsed
     assert too_long.status_code == 422 and "more than 4300 digits" in too_long.json()["error"]["message"], too_long.text
+
+
+def test_validation_messages_speak_of_the_clients_fields_not_the_validators_internals(server):
+    """An empty body said only `Field required`; a bad `layers` named pydantic's union branches
+    (`layers.literal['coarse','middle','fine']: …; layers.list[constrained-int]: …`)."""
+    with server.client() as client:
+        empty = client.post("/v1/models/digits/generate", headers={"content-type": "application/json"})
+        layers = client.post("/v1/models/styles/style-mix", json={"row_seeds": [1], "col_seeds": [2], "layers": "top"})
+    assert empty.status_code == 422 and empty.json()["error"]["message"] == "the request needs a JSON body", empty.text
+    message = layers.json()["error"]["message"]
+    assert layers.status_code == 422 and message.startswith("layers: ") and "literal" not in message and "constrained" not in message, message
 
 
 @pytest.mark.parametrize("path", ["/health/live", "/health/ready", "/v1/models", "/v1/models/digits", "/v2/health/ready",

@@ -240,8 +240,15 @@ def test_a_model_name_the_repository_lacks_keeps_the_server_unready_and_names_it
         assert client.post("/v1/models/digits/generate", json={"seed": 1}).status_code == 200
         assert client.post("/v1/models/nosuch/generate", json={"seed": 1}).status_code == 404
         assert "nosuch" in server.process.log_path.read_text() and "does not hold" in server.process.log_path.read_text()
-    with pytest.raises(RuntimeError, match="nosuch is not in the repository"):  # a benchmark's start stops at once
+    with pytest.raises(RuntimeError, match="nosuch is not served"):  # a benchmark's start stops at once
         with running_server(repository, models=["nosuch"]):
+            pass
+    # GANSERVE_READY_REQUIRES as GANSERVE_MODELS is written (a JSON list was matched as one name:
+    # unready for good), and a name in it that is not served named at once
+    with running_server(repository, models=["digits", "cdigits"], ready_requires='["digits", "cdigits"]'):
+        pass
+    with pytest.raises(RuntimeError, match="digitz is not served"):
+        with running_server(repository, models=["digits"], ready_requires="digits, digitz"):
             pass
 
 
@@ -255,6 +262,9 @@ def test_model_name_lists_are_read_as_people_write_them_a_name_commas_or_json(mo
         monkeypatch.setenv("GANSERVE_MODEL_CONTROL_HOSTS", text)
         settings = Settings()
         assert settings.models == settings.model_control_hosts == names, text
+    for text, rule, names in (("ALL", "all", []), (" any ", "any", []), ("", "all", []), ('["a", "b"]', "a,b", ["a", "b"]), ("a, b", "a,b", ["a", "b"])):
+        monkeypatch.setenv("GANSERVE_READY_REQUIRES", text)
+        assert (Settings().ready_requires, Settings().ready_names) == (rule, names), text
 
 
 @pytest.mark.parametrize("setting, value", [("GANSERVE_MODELS", '["digits"'), ("GANSERVE_VERSION_POLICIES", "digits=latest:1")])

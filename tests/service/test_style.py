@@ -94,6 +94,19 @@ def test_edit_strength_zero_is_the_original_image(server):
     assert not np.array_equal(edited[0], edited[2])
 
 
+def test_edited_mixed_and_interpolated_images_are_not_labelled_as_seeds(server):
+    """Edit of seed 9 answered `X-Seeds: 0,1,2` and a list of `{"seed": 0}`, …: the strengths'
+    indices, sent as seeds. Their items are `index`ed; generate's stay seeds."""
+    with server.client() as client:
+        edited = client.post("/v1/models/styles/edit", json={"seed": 9, "direction": "size", "strengths": [-1, 0, 1], "layout": "list"})
+        mixed = client.post("/v1/models/styles/style-mix", json={"row_seeds": [9, 8], "col_seeds": [7], "layout": "list"})
+        generated = client.post("/v1/models/styles/generate", json={"seeds": [9, 8], "layout": "list"})
+    for answer, count in ((edited, 3), (mixed, 2)):
+        assert answer.status_code == 200 and "x-seeds" not in answer.headers, answer.headers
+        assert [item["index"] for item in answer.json()["images"]] == list(range(count)) and "seed" not in answer.json()["images"][0]
+    assert generated.headers["x-seeds"] == "9,8" and [item["seed"] for item in generated.json()["images"]] == [9, 8]
+
+
 def test_edit_strengths_are_in_standard_deviations_of_w_along_the_direction_unless_asked_for_w_units(server):
     """The model lists each direction's spread over its W; a strength of 1 in the default units is
     one spread, so the same image as that spread in raw W units."""

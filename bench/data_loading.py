@@ -1,0 +1,72 @@
+"""What reading a user's image folder costs before training's first step: time and peak resident
+memory of `load_dataset` on an `image_folder` config (reader + held-out split), for this code and
+for another checkout (`--baseline-code`: a git worktree of the code before a change), each in its
+own process (peak memory is per process), on one synthetic folder of JPEGs made for the run.
+
+    python -m bench.data_loading --images 20000 --resolution 128 --baseline-code /tmp/base
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import typer
+from PIL import Image
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+
+from bench.runner import machine, write_report
+
+REPO = Path(__file__).resolve().parents[1]
+# run in a child with the code under test first on its path: prints seconds, tensor bytes and peak RSS
+CHILD = """
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+from training.config import DataConfig
+from training.data.registry import load_dataset
+started = time.perf_counter()
+train, held_out = load_dataset(DataConfig(name="image_folder", path=sys.argv[2], resolution=int(sys.argv[3])))
+print(json.dumps({"seconds": time.perf_counter() - started, "images": len(train) + len(held_out),
+                  "tensor_bytes": train.x.nbytes + held_out.x.nbytes, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def make_folder(root: Path, images: int, classes: int = 4) -> None:
+    """`images` 128x96 JPEGs (shifted copies of one noise picture) in `classes` class folders."""
+    base = np.random.default_rng(2).integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    for i in track(range(images), description=f"writing {images} JPEGs", transient=True):
+        folder = root / f"c{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.roll(base, i, axis=1)).save(folder / f"{i:05d}.jpg", quality=85)
+
+
+def measure(code: Path, folder: Path, resolution: int) -> dict:
+    finished = subprocess.run([sys.executable, "-c", CHILD, str(code.resolve()), str(folder), str(resolution)],
+                              capture_output=True, text=True, cwd=code, check=True)
+    return json.loads(finished.stdout.strip().splitlines()[-1])
+
+
+def main(images: int = typer.Option(20_000, min=10), resolution: int = typer.Option(128, min=8),
+         baseline_code: Path | None = typer.Option(None, exists=True, file_okay=False, help="another checkout to measure beside this one"),
+         out: Path | None = typer.Option(None, help="JSON report")) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch) / "images"
+        make_folder(folder, images)
+        codes = {"now": REPO} | ({"baseline": baseline_code} if baseline_code else {})
+        results = {name: measure(code, folder, resolution) for name, code in codes.items()}
+    table = Table(title=f"{images} JPEGs read at {resolution} px ({machine()})")
+    for column in ("code", "seconds", "float tensor GB", "peak RSS GB"):
+        table.add_column(column)
+    for name, result in results.items():
+        table.add_row(name, f"{result['seconds']:.1f}", f"{result['tensor_bytes'] / 1e9:.2f}", f"{result['peak_rss_bytes'] / 1e9:.2f}")
+    Console().print(table)
+    write_report({"machine": machine(), "images": images, "resolution": resolution, "results": results}, out)
+
+
+if __name__ == "__main__":
+    typer.run(main)
