@@ -239,7 +239,7 @@ def test_a_model_name_the_repository_lacks_keeps_the_server_unready_and_names_it
         assert readiness.json()["models"] == {"digits/1": "ready"}
         assert client.post("/v1/models/digits/generate", json={"seed": 1}).status_code == 200
         assert client.post("/v1/models/nosuch/generate", json={"seed": 1}).status_code == 404
-        assert "nosuch" in server.process.log_path.read_text() and "does not hold" in server.process.log_path.read_text()
+        assert "nosuch" in server.process.log_path.read_text() and "does not serve" in server.process.log_path.read_text()
     with pytest.raises(RuntimeError, match="nosuch is not served"):  # a benchmark's start stops at once
         with running_server(repository, models=["nosuch"]):
             pass
@@ -265,6 +265,9 @@ def test_model_name_lists_are_read_as_people_write_them_a_name_commas_or_json(mo
     for text, rule, names in (("ALL", "all", []), (" any ", "any", []), ("", "all", []), ('["a", "b"]', "a,b", ["a", "b"]), ("a, b", "a,b", ["a", "b"])):
         monkeypatch.setenv("GANSERVE_READY_REQUIRES", text)
         assert (Settings().ready_requires, Settings().ready_names) == (rule, names), text
+    monkeypatch.setenv("GANSERVE_MEMORY_BUDGET", "2GiB")  # byte sizes as README writes them (refused: "not a valid integer")
+    monkeypatch.setenv("GANSERVE_MAX_BODY_BYTES", "8 MiB")
+    assert (Settings().memory_budget, Settings().max_body_bytes) == (2 * 1024**3, 8 * 1024**2)
 
 
 @pytest.mark.parametrize("setting, value", [("GANSERVE_MODELS", '["digits"'), ("GANSERVE_VERSION_POLICIES", "digits=latest:1")])
