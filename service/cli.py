@@ -57,6 +57,13 @@ def serve_command(
         raise typer.Exit(status)
     import uvicorn
 
+    from service.runtimes import DeviceUnavailable, resolve_device
+
+    try:
+        resolve_device(settings.device)
+    except DeviceUnavailable as error:  # (under --workers, the engine stops with it)
+        typer.echo(f"ganserve serve: {error}", err=True)
+        raise typer.Exit(2)
     from service.app import create_app
     from service.http_protocol import guarded_protocol, guarded_websocket_protocol, quiet_per_connection_lines
     from service.memory import return_freed_memory_to_the_os

@@ -29,7 +29,7 @@ from service.jobs import JobStore
 from service.lanes import Lane
 from service.metrics import ServiceMetrics
 from service.model_config import ServingConfig, serving_config
-from service.precision import PARITY_BATCH, PrecisionParity, half_candidates, measure_parity, parity_inputs
+from service.precision import HALF_PRECISIONS, PARITY_BATCH, PrecisionParity, half_candidates, measure_parity, parity_inputs
 from service.projection import projection_bytes
 from service.repository import ModelEntry, scan_repository
 from service.runtimes import Runtime, has_dynamic_size, load_runtime, resolve_device, warming
@@ -560,6 +560,9 @@ class ModelRegistry:
         fp32 holds, else fp32. A half precision asked for by name that misses the bound fails the
         entry with the figures; one `auto` tried is listed with them (`precision_rejected`)."""
         config = model.config
+        if self.settings.precision in HALF_PRECISIONS and config.precision == "fp32":  # (it was dropped without a word)
+            log.warning("%s: GANSERVE_PRECISION=%s is not served by the %s runtime (its ONNX graph is fp32), or its entry asks for fp32: "
+                        "serving fp32", model.entry.label, self.settings.precision, config.runtime)
         for precision in [*half_candidates(config.precision, config.runtime, self.device), "fp32"]:
             model.runtimes = {graph: load_runtime(model.entry, config.runtime, self.device, self.settings.intra_op_threads, graph, precision,
                                                   config.graph_capture) for graph in model.entry.graphs}

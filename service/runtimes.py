@@ -50,9 +50,17 @@ def cuda_available() -> bool:
         return False
 
 
+class DeviceUnavailable(ValueError):
+    """GANSERVE_DEVICE=cuda where torch sees no CUDA device: ONNX models were served on the CPU
+    without a word, and every torch model failed to load."""
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if cuda_available() else "cpu"
+    if device == "cuda" and not cuda_available():
+        raise DeviceUnavailable("GANSERVE_DEVICE is cuda, but torch finds no CUDA device here (no GPU, no driver, or a CPU build of "
+                                "torch): use auto or cpu")
     return device
 
 

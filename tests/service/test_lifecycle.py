@@ -252,6 +252,17 @@ def test_a_model_name_the_repository_lacks_keeps_the_server_unready_and_names_it
             pass
 
 
+def test_asking_for_cuda_where_there_is_none_stops_serve_with_one_line(repository):
+    """ONNX models were served on the CPU without a word, and every torch model failed to load."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    started = subprocess.run([sys.executable, "-m", "ganserve_cli", "serve", "--repository", str(repository), "--port", "1"],
+                             capture_output=True, text=True, timeout=60, env=os.environ | {"GANSERVE_DEVICE": "cuda"})
+    assert started.returncode == 2 and "Traceback" not in started.stderr and "no CUDA device" in started.stderr, started.stderr[-2000:]
+
+
 def test_model_name_lists_are_read_as_people_write_them_a_name_commas_or_json(monkeypatch):
     """`GANSERVE_MODELS=dcgan-digits` (one name, as one writes it) stopped start-up with a page of
     pydantic-settings traceback: lists were read as JSON only."""
