@@ -20,6 +20,22 @@ def stop(verb: str, message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
+def checked_device(device: str | None) -> str | None:
+    """`--device` as torch takes it, on a device torch has (cuda on a machine without one failed
+    120 lines into the run's set-up)."""
+    import re
+
+    import torch
+
+    if device is None:
+        return None
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise stop("train", f"--device {device!r}: use cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise stop("train", f"--device {device}: torch finds no CUDA device here")
+    return device
+
+
 def train_command(
     config: Path = typer.Option(..., "--config", "-c", exists=True, dir_okay=False, help="YAML config, e.g. configs/dcgan-digits.yaml"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default runs/<config name>)"),
@@ -40,6 +56,7 @@ def train_command(
     from training.loop import train
 
     try:
+        device = checked_device(device)
         raw = yaml.safe_load(config.read_text()) or {}
         if not isinstance(raw, dict):
             raise stop("train", f"{config} is not a YAML mapping of settings")
@@ -56,7 +73,7 @@ def train_command(
         raise stop("train", f"{config} is not valid YAML ({error})")
     except ValidationError as error:  # each setting's place and problem, not a traceback
         raise stop("train", "; ".join(f"{'.'.join(map(str, problem['loc'])) or 'config'}: {problem['msg']}" for problem in error.errors()))
-    except DataError as error:
+    except (DataError, FileExistsError, FileNotFoundError) as error:
         raise stop("train", str(error))
     print_metrics(f"{cfg.name} — step {result['step']}", result["last"], result.get("best"))
     console.print(f"run written to [bold]{out}[/]")
@@ -73,9 +90,11 @@ def evaluate_command(
 
     from training.data.readers import DataError
 
+    from training.run_eval import RunError
+
     try:
         metrics = evaluate_run(run_dir, checkpoint, num_samples, inception_weights)
-    except DataError as error:  # the run's data moved or changed since it trained
+    except (DataError, RunError, FileNotFoundError) as error:  # the run's data moved or changed since it trained, a checkpoint it lacks
         raise stop("evaluate", str(error))
     print_metrics(f"{run_dir} ({checkpoint})", metrics)
 
@@ -90,9 +109,12 @@ def sample_command(
     truncation: float = typer.Option(1.0, min=0.0, max=1.0, help="scale latents toward 0 (1 = off)"),
 ) -> None:
     """Draw samples from a trained run into a PNG grid."""
-    from training.run_eval import sample_run
+    from training.run_eval import RunError, sample_run
 
-    sample_run(run_dir, out, n, seed, label, checkpoint, truncation)
+    try:
+        sample_run(run_dir, out, n, seed, label, checkpoint, truncation)
+    except (RunError, FileNotFoundError) as error:  # a class the model has not, a checkpoint the run lacks
+        raise stop("sample", str(error))
     console.print(f"wrote [bold]{out}[/]")
 
 
@@ -144,7 +166,10 @@ def export_command(
     from training.image2image.export import export_i2i_run, is_i2i_run
     from training.latent.directions import directions_for_run
 
+    from training.run_eval import RunError
+
     format_list = [f.strip() for f in formats.split(",") if f.strip()]
+    replacing = (repository / name / str(version)).is_dir()
     try:
         if is_i2i_run(run_dir):
             if checkpoint == "best" and not (run_dir / "checkpoints" / "best.safetensors").exists():
@@ -157,6 +182,10 @@ def export_command(
     except ExportError as error:
         console.print(f"[red]export failed:[/] {error}")
         raise typer.Exit(1)
+    except (RunError, FileNotFoundError) as error:  # a checkpoint the run lacks or this kind of run has not
+        raise stop("export", str(error))
+    if replacing:  # (the entry is swapped whole; a server polling the repository reloads it)
+        console.print(f"[yellow]replaced[/] the entry that was at {entry}")
     spec = json.loads((entry / "spec.json").read_text())
     for fmt, info in spec["formats"].items():
         parity = f"parity max abs error {info['parity_max_abs_error']:.2e}" if "parity_max_abs_error" in info else "the reference the others are checked against"

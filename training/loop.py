@@ -31,7 +31,7 @@ from training.diagnostics import CollapseMonitor, mean_pairwise_distance
 from training.evaluate import GeneratorEvaluator
 from training.images import save_grid, save_scatter
 from training.losses import LOGISTIC, gradient_penalty, loss_pair, path_length_penalty, r1_penalty
-from training.run import BestRule, Reporter, Schedule, run_task
+from training.run import BestRule, Reporter, Schedule, check_run_dir, run_task
 from training.sampling import balanced_labels, generate, latents
 
 LOG_COLUMNS = ["step", "loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_norm_g", "step_time", "panel_diversity"]
@@ -385,8 +385,7 @@ def schedule_for(cfg: TrainConfig) -> Schedule:
 
 def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, device: str | None = None, show_progress: bool = True) -> dict:
     """Trains to `cfg.max_steps` generator steps; returns the content of metrics.json."""
-    if not resume and (Path(out_dir) / "checkpoints" / "last.safetensors").exists():
-        raise FileExistsError(f"{out_dir} already holds a run: pass --resume to continue it or choose another --out")
+    check_run_dir(out_dir, resume)
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     task = GanTask(cfg, torch_device)
     return run_task(task, schedule_for(cfg), out_dir, torch_device, resume=resume, show_progress=show_progress)

@@ -256,10 +256,19 @@ class Runner:
         return result
 
 
+def check_run_dir(out_dir: str | Path, resume: bool) -> None:
+    """Before anything is loaded or written: a new run never overwrites one, and `--resume` needs
+    one (it failed after the data had loaded, leaving a train.log behind)."""
+    last = RunFiles(Path(out_dir)).last
+    if not resume and last.exists():
+        raise FileExistsError(f"{out_dir} already holds a run: pass --resume to continue it or choose another --out")
+    if resume and not last.exists():
+        raise FileNotFoundError(f"{out_dir} holds no run to resume ({last} is missing): drop --resume to start one there")
+
+
 def run_task(task: Task, schedule: Schedule, out_dir: str | Path, device: torch.device, resume: bool = False, show_progress: bool = True) -> dict:
     """Runs `task` to `schedule.max_steps` (or its time budget) in `out_dir`; returns metrics.json."""
     out_dir = Path(out_dir)
-    if not resume and RunFiles(out_dir).last.exists():
-        raise FileExistsError(f"{out_dir} already holds a run: pass --resume to continue it or choose another --out")
+    check_run_dir(out_dir, resume)
     out_dir.mkdir(parents=True, exist_ok=True)
     return Runner(task, schedule, out_dir, device).run(resume, show_progress)

@@ -18,10 +18,14 @@ from training.images import save_grid, save_scatter
 from training.sampling import balanced_labels, generate, latents
 
 
+class RunError(ValueError):
+    """What a user asked of a trained run that it cannot give (a checkpoint name, a class)."""
+
+
 def load_generator(run_dir: Path, checkpoint: str = "best") -> tuple[nn.Module, ModelSpec, TrainConfig]:
     """The EMA generator (or the raw one when EMA was off) from `best` or `last`."""
     if checkpoint not in ("best", "last"):
-        raise ValueError(f"checkpoint must be best or last, not {checkpoint!r}")
+        raise RunError(f"checkpoint must be best or last, not {checkpoint!r}")
     path = run_dir / "checkpoints" / f"{checkpoint}.safetensors"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: has {run_dir} been trained?")
@@ -59,7 +63,7 @@ def parse_label(spec: ModelSpec, label: str) -> int:
         return spec.class_names.index(label)
     if label.isdigit() and int(label) < spec.num_classes:
         return int(label)
-    raise ValueError(f"unknown class {label!r}: use an index below {spec.num_classes} or one of {spec.class_names}")
+    raise RunError(f"unknown class {label!r}: use an index below {spec.num_classes} or one of {spec.class_names}")
 
 
 def sample_run(run_dir: Path, out: Path, n: int, seed: int, label: str | None, checkpoint: str, truncation: float) -> torch.Tensor:
@@ -68,7 +72,7 @@ def sample_run(run_dir: Path, out: Path, n: int, seed: int, label: str | None, c
     labels = balanced_labels(spec, n)
     if label is not None:
         if spec.kind != "conditional":
-            raise ValueError("--class only applies to conditional models")
+            raise RunError("--class only applies to conditional models")
         labels = torch.full((n,), parse_label(spec, label), dtype=torch.long)
     samples = generate(generator, spec, z, labels)
     if spec.is_image:

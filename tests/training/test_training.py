@@ -142,6 +142,11 @@ def test_train_stops_with_one_line_on_a_config_or_data_it_cannot_use(tmp_path):
         (tmp_path / "config.yaml").write_text(text)
         result = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "config.yaml"), "--out", str(tmp_path / "run")])
         assert result.exit_code == 2 and expected in result.output and "Traceback" not in result.output, result.output
+    shipped = str(REPO / "configs" / "dcgan-digits.yaml")
+    for options, expected in ((["--resume"], "holds no run to resume"), (["--device", "gpu"], "use cpu, cuda or cuda:N")):
+        result = CliRunner().invoke(app, ["train", "--config", shipped, "--out", str(tmp_path / "fresh"), *options])
+        assert result.exit_code == 2 and expected in result.output, result.output
+    assert not (tmp_path / "fresh").exists()  # (--resume left a train.log behind)
 
 
 def test_every_shipped_config_loads():

@@ -22,7 +22,7 @@ from torch import nn
 from training.image2image.config import KIND_FOR_TASK, I2IConfig
 from training.image2image.tasks import TASKS, translator_params
 from training.images import save_grid
-from training.run import BestRule, Reporter, Schedule, run_task
+from training.run import BestRule, Reporter, Schedule, check_run_dir, run_task
 
 
 def phases(cfg: I2IConfig) -> list[tuple[int, int]]:
@@ -141,8 +141,7 @@ class ImageToImageTask:
 
 def train_image_to_image(cfg: I2IConfig, out_dir: str | Path, resume: bool = False, device: str | None = None, show_progress: bool = True) -> dict:
     """Trains the task; returns the content of metrics.json."""
-    if not resume and (Path(out_dir) / "checkpoints" / "last.safetensors").exists():
-        raise FileExistsError(f"{out_dir} already holds a run: pass --resume to continue it or choose another --out")
+    check_run_dir(out_dir, resume)
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     task = ImageToImageTask(cfg, torch_device)
     schedule = Schedule(cfg.max_steps, cfg.eval_every, cfg.sample_every, cfg.eval_every, cfg.max_minutes)
