@@ -129,16 +129,38 @@ def parse_request(raw: bytes, header_length: str | None) -> tuple[InferRequest, 
     return body, arrays
 
 
-def json_array(tensor: InferTensor, count: int) -> np.ndarray:
-    """JSON values as an array of the tensor's datatype; integers must be integers in range."""
+def flat_data(tensor: InferTensor) -> list:
+    """The tensor's JSON values in row-major order, sent flat or nested as its shape (KServe's
+    examples nest: `[[…], […]]` for shape [2, 64] was refused as 2 values of 128). Each level is
+    checked against the shape before it is opened, so flattening touches only values the bounded
+    header holds."""
     data = tensor.data
+    if len(tensor.shape) < 2 or not data or not isinstance(data[0], list):
+        return data
+    level = data
+    for depth, size in enumerate(tensor.shape):
+        if len(level) != math.prod(tensor.shape[:depth + 1]):
+            raise ApiError(422, f"input {tensor.name!r}: nested data must follow its shape {tensor.shape}: level {depth} holds "
+                                f"{len(level)} items, not {math.prod(tensor.shape[:depth + 1])}")
+        if depth + 1 < len(tensor.shape):
+            if not all(type(item) is list and len(item) == tensor.shape[depth + 1] for item in level):
+                raise ApiError(422, f"input {tensor.name!r}: nested data must follow its shape {tensor.shape}: every list at level "
+                                    f"{depth + 1} holds {tensor.shape[depth + 1]} values")
+            level = [value for item in level for value in item]
+    return level
+
+
+def json_array(tensor: InferTensor, count: int) -> np.ndarray:
+    """JSON values (flat or nested as the shape) as an array of the tensor's datatype; integers
+    must be integers in range."""
+    data = flat_data(tensor)
     if len(data) != count:
         raise ApiError(422, f"input {tensor.name!r}: shape {tensor.shape} needs {count} values, got {len(data)}")
     dtype = WIRE_TYPES[tensor.datatype]
     if any(type(v) is bool for v in data):  # numpy would take true as 1
         raise ApiError(422, f"input {tensor.name!r}: {tensor.datatype} values must be numbers, not true or false")
-    if any(type(v) not in (int, float) for v in data):  # numpy would parse "0.5" (and nested lists are not flat)
-        raise ApiError(422, f"input {tensor.name!r}: the data must be a flat list of {tensor.datatype} numbers")
+    if any(type(v) not in (int, float) for v in data):  # numpy would parse "0.5" (and lists nested off the shape)
+        raise ApiError(422, f"input {tensor.name!r}: the data must be {tensor.datatype} numbers, flat or nested as the shape")
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
         if any(type(v) is not int for v in data):
@@ -148,7 +170,7 @@ def json_array(tensor: InferTensor, count: int) -> np.ndarray:
     try:
         return np.asarray(data, dtype=dtype).reshape(tensor.shape)
     except (TypeError, ValueError, OverflowError):
-        raise ApiError(422, f"input {tensor.name!r}: the data must be a flat list of {tensor.datatype} numbers")
+        raise ApiError(422, f"input {tensor.name!r}: the data must be {tensor.datatype} numbers, flat or nested as the shape")
 
 
 def to_model_dtype(name: str, wire: str, array: np.ndarray, model_dtype: str) -> np.ndarray:

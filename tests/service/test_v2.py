@@ -22,7 +22,10 @@ def test_v2_infer_round_trip_matches_the_seeded_generate_image(server):
     with server.client() as client:
         response = client.post("/v2/models/cdigits/infer", json=body)
         npy = client.post("/v1/models/cdigits/generate", json={"seed": 42, "class": 4, "format": "npy"})
+        body["inputs"][0]["data"] = z.tolist()  # nested as its shape, as KServe's examples send it (refused: "needs 128 values, got 2")
+        nested = client.post("/v2/models/cdigits/infer", json=body)
     assert response.status_code == 200, response.text
+    assert nested.status_code == 200 and nested.json()["outputs"] == response.json()["outputs"], nested.text[:300]
     output = response.json()["outputs"][0]
     assert output["shape"] == [2, 1, 32, 32] and response.json()["id"] == "r1"
     tensor = np.asarray(output["data"], np.float32).reshape(output["shape"])
@@ -38,7 +41,9 @@ def test_v2_infer_rejects_wrong_shapes_types_and_names(server):
         {"inputs": [{**good, "name": "x"}]},
         {"inputs": [{**good, "data": [0.0] * 10}]},
         {"inputs": [{**good, "data": ["0.5"] * 64}]},  # a number in a string is not a number (numpy would parse it)
-        {"inputs": [{**good, "data": [[0.0] * 64]}]},  # the data is flat
+        {"inputs": [{**good, "data": [[0.0] * 63]}]},  # nested, but not as its shape
+        {"inputs": [{**good, "data": [[0.0] * 64, [0.0] * 64]}]},
+        {"inputs": [{**good, "data": [[0.0] * 32, [0.0] * 32]}]},
     ]
     with server.client() as client:
         for body in cases:
