@@ -200,11 +200,16 @@ def check_json_values(name: str, limit: JsonValueLimit | None, raw: bytes, json_
                             f"{limit.rows} rows of its inputs ({limit.values} values) in one request here")
 
 
+# the body is read as JSON (then binary tensors) whatever it says: `curl -d` labels it a form and a
+# browser's fetch of a string text/plain, and both were 415; only other declared formats are refused
+INFER_MEDIA_TYPES = ("", "application/json", "application/octet-stream", "application/x-www-form-urlencoded", "text/plain")
+
+
 async def infer_on(request: Request, name: str, version: int | None) -> Response:
     registry = registry_of(request)
     model = begin(request, name, "infer", version)
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media not in ("", "application/json", "application/octet-stream"):
+    if media not in INFER_MEDIA_TYPES:
         raise ApiError(415, f"send the inference request as JSON, or JSON followed by binary tensors (got {media!r})")
     raw = await request.body()
     header_length = request.headers.get(HEADER_LENGTH)

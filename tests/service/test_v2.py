@@ -1,4 +1,6 @@
 """The KServe v2 tensor endpoints."""
+import json
+
 import numpy as np
 import torch
 
@@ -49,6 +51,9 @@ def test_v2_infer_rejects_wrong_shapes_types_and_names(server):
         for body in cases:
             assert client.post("/v2/models/digits/infer", json=body).status_code == 422, body
         assert client.post("/v2/models/digits/infer", json={"inputs": [good]}).status_code == 200
+        for media in ("application/x-www-form-urlencoded", "text/plain"):  # curl -d's and a fetch of a string's (415 before)
+            assert client.post("/v2/models/digits/infer", content=json.dumps({"inputs": [good]}), headers={"content-type": media}).status_code == 200
+        assert client.post("/v2/models/digits/infer", content=b"x", headers={"content-type": "image/png"}).status_code == 415
 
 
 def test_a_json_answer_never_carries_nan_and_the_binary_one_may():
