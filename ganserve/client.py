@@ -26,7 +26,7 @@ from PIL import Image
 
 RETRY_STATUSES = (429, 503)
 NPY = {"format": "npy"}  # what image operations are asked to answer in: the client decodes it into arrays or PIL images
-ImageInput = Image.Image | bytes | str
+ImageInput = Image.Image | np.ndarray | bytes | str
 
 
 class GanserveError(Exception):
@@ -69,12 +69,18 @@ def retry_after(response: httpx.Response, attempt: int, backoff_s: float, max_wa
 
 
 def png_bytes(image: ImageInput) -> bytes:
-    """A PIL image, encoded bytes (sent as they are) or a file path."""
+    """A PIL image, a uint8 array [H, W, C] or [H, W] (what `as_array=True` answers, one of its
+    items: a result sent straight back in raised AttributeError), encoded bytes (sent as they
+    are) or a file path."""
     if isinstance(image, bytes):
         return image
     if isinstance(image, str):
         with open(image, "rb") as handle:
             return handle.read()
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (1, 3, 4)):
+            raise ValueError(f"an image array must be uint8 [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got {image.dtype} {image.shape}")
+        image = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
     return buffer.getvalue()

@@ -37,6 +37,8 @@ def test_every_operation_returns_images(server):
         photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8))
         assert client.upscale("upx4", photo).size == (96, 80)
         assert client.translate("edges", photo).size == (24, 20)
+        frames = client.interpolate("styles", seeds=[1, 2], steps=2, as_array=True)  # a result sent back in as it came (AttributeError)
+        assert client.upscale("upx4", frames[0], as_array=True).shape == (64, 64, 3)
         projected = client.project("styles", photo, steps=3, poll_s=0.1)
         assert projected["steps"] == 3 and projected["reconstruction"].size == (16, 16) and len(projected["ws"]) == 6
 
