@@ -21,3 +21,13 @@ def selected_versions(policy: str, versions: list[int]) -> set[int]:
     if kind == "specific":
         return set(versions) & {int(v) for v in argument.split(",")}
     return set(versions)
+
+
+def triton_policy(policy: str) -> dict:
+    """The policy as Triton's model configuration writes it (`{"latest": {"num_versions": 2}}`)."""
+    kind, _, values = policy.partition(":")
+    if kind == "latest":
+        return {"latest": {"num_versions": int(values)}}
+    if kind == "specific":
+        return {"specific": {"versions": [int(v) for v in values.split(",")]}}
+    return {"all": {}}

@@ -27,6 +27,7 @@ from service.schemas import VersionText
 from service.settings import Settings
 from service.tensor_protocol import ACCEPTED, HEADER_LENGTH, InferRequest, encode_response, json_part_bytes, parse_request, to_model_dtype
 from service.tiling import padded_size
+from service.version_policy import triton_policy
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 PYTHON_VALUE_BYTES = 40  # a parsed JSON number: the object and its list slot
@@ -65,6 +66,37 @@ async def metadata(name: str, request: Request) -> dict:
 @router.get("/models/{name}/versions/{version}", responses=error_responses(404, 503, protocol=True))
 async def version_metadata(name: str, version: VersionPath, request: Request) -> dict:
     return model_metadata(request, name, version)
+
+
+def model_configuration(request: Request, name: str, version: int | None) -> dict:
+    """Triton's model configuration (`tritonclient`'s `get_model_config`: it was a bare 404), from
+    what this server serves: the batcher's settings as Triton names them (`max_batch_size`,
+    `dynamic_batching`, `instance_group`: one instance per lane thread), each tensor's dims without
+    the batch dimension, -1 where any size is taken."""
+    registry = registry_of(request)
+    model = registry.get(name, version)
+    spec, config = model.entry.spec, model.config
+
+    def tensors(items: list[dict]) -> list[dict]:
+        return [{"name": t["name"], "data_type": f"TYPE_{ACCEPTED[t['datatype']][0]}", "dims": t["shape"][1:]} for t in items]
+
+    runtime = model.runtime.name
+    return {"name": name, "platform": PLATFORMS.get(runtime, runtime), "backend": "onnxruntime" if runtime == "onnx" else "pytorch",
+            "max_batch_size": config.max_batch_size, "input": tensors(spec["inputs"]), "output": tensors(spec["outputs"]),
+            "dynamic_batching": {"max_queue_delay_microseconds": round(1000 * config.max_queue_delay_ms),
+                                 "default_queue_policy": {"max_queue_size": config.max_queue_size}},
+            "instance_group": [{"name": name, "kind": "KIND_GPU" if registry.device == "cuda" else "KIND_CPU", "count": config.lane_threads}],
+            "version_policy": triton_policy(registry.settings.policy_for(name))}
+
+
+@router.get("/models/{name}/config", responses=error_responses(404, 503, protocol=True))
+async def config(name: str, request: Request) -> dict:
+    return model_configuration(request, name, None)
+
+
+@router.get("/models/{name}/versions/{version}/config", responses=error_responses(404, 503, protocol=True))
+async def version_config(name: str, version: VersionPath, request: Request) -> dict:
+    return model_configuration(request, name, version)
 
 
 def readiness(request: Request, name: str, version: int | None) -> JSONResponse:

@@ -46,8 +46,15 @@ def test_the_standard_client_sees_the_server_and_every_model(triton):
         metadata = triton.get_model_metadata(name)
         assert metadata == triton.get_model_metadata(name, model_version="1")
         assert metadata["platform"] == "onnxruntime_onnx" and metadata["versions"] == ["1"] and metadata["inputs"] and metadata["outputs"]
+        config = triton.get_model_config(name)  # (a bare 404 "Not Found")
+        assert config["name"] == name and config["max_batch_size"] >= 1 and config["instance_group"][0]["kind"] == "KIND_CPU"
+        assert config["version_policy"] == {"all": {}}
+        assert [(t["name"], t["dims"]) for t in config["input"]] == [(t["name"], t["shape"][1:]) for t in metadata["inputs"]]
+        assert all(t["data_type"] == f"TYPE_{m['datatype']}" for t, m in zip(config["input"], metadata["inputs"]))
     with pytest.raises(InferenceServerException, match="unknown model"):
         triton.get_model_metadata("nope")
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        triton.get_model_config("nope")
 
 
 def infer(triton, name: str, arrays: dict[str, np.ndarray], binary: bool, request_id: str = "") -> np.ndarray:
