@@ -1,11 +1,31 @@
 """The service-side verb of `ganserve`: serve."""
 from __future__ import annotations
 
+import difflib
 import logging
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+
+# GANSERVE_* variables read by something other than `Settings`
+OTHER_VARIABLES = {"GANSERVE_RAY_BODY_BUDGET_BYTES"}
+
+
+def unknown_settings(environment: Mapping[str, str]) -> list[str]:
+    """A line for each GANSERVE_* variable that is no setting, with the setting it most looks
+    like: a misspelt one (GANSERVE_READY_MODELS) was ignored without a word."""
+    from service.settings import Settings
+
+    known = {f"GANSERVE_{name.upper()}" for name in Settings.model_fields} | OTHER_VARIABLES
+    lines = []
+    for variable in sorted(key for key in environment if key.startswith("GANSERVE_") and key not in known):
+        close = difflib.get_close_matches(variable.removeprefix("GANSERVE_"), [name.removeprefix("GANSERVE_") for name in known], n=1, cutoff=0.7)
+        lines.append(f"{variable} is no setting, and is ignored" + (f" (did you mean GANSERVE_{close[0]}?)" if close else ""))
+    return lines
 
 
 def serve_command(
@@ -40,6 +60,8 @@ def serve_command(
     except SettingsError as error:  # a JSON setting (GANSERVE_VERSION_POLICIES) that is not JSON
         typer.echo(f"ganserve serve: {error} ({error.__cause__})", err=True)
         raise typer.Exit(2)
+    for line in unknown_settings(os.environ):
+        typer.echo(f"ganserve serve: warning: {line}", err=True)
     if not settings.repository.is_dir():  # (it surfaced as a page of uvicorn's lifespan traceback, exit 3)
         typer.echo(f"ganserve serve: model repository {settings.repository} does not exist: run `make models` or `ganserve export`", err=True)
         raise typer.Exit(2)

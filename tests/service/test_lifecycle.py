@@ -263,6 +263,15 @@ def test_asking_for_cuda_where_there_is_none_stops_serve_with_one_line(repositor
     assert started.returncode == 2 and "Traceback" not in started.stderr and "no CUDA device" in started.stderr, started.stderr[-2000:]
 
 
+def test_a_misspelt_setting_is_named_with_the_one_it_looks_like():
+    """GANSERVE_READY_REQUIRE (no s) was ignored without a word: readiness stayed `all`."""
+    from service.cli import unknown_settings
+
+    lines = unknown_settings({"GANSERVE_READY_REQUIRE": "any", "GANSERVE_PORT": "1", "GANSERVE_RAY_BODY_BUDGET_BYTES": "1", "GANSERVE_ZZZ": "1"})
+    assert lines == ["GANSERVE_READY_REQUIRE is no setting, and is ignored (did you mean GANSERVE_READY_REQUIRES?)",
+                     "GANSERVE_ZZZ is no setting, and is ignored"]
+
+
 def test_model_name_lists_are_read_as_people_write_them_a_name_commas_or_json(monkeypatch):
     """`GANSERVE_MODELS=dcgan-digits` (one name, as one writes it) stopped start-up with a page of
     pydantic-settings traceback: lists were read as JSON only."""
