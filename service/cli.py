@@ -4,6 +4,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
@@ -58,7 +59,9 @@ def serve_command(
                 typer.echo(f"ganserve serve: {message}", err=True)
         raise typer.Exit(2)
     except SettingsError as error:  # a JSON setting (GANSERVE_VERSION_POLICIES) that is not JSON
-        typer.echo(f"ganserve serve: {error} ({error.__cause__})", err=True)
+        field = re.search(r'field "(\w+)"', str(error))
+        name = f"GANSERVE_{field.group(1).upper()}" if field else "a setting"
+        typer.echo(f"ganserve serve: {name} must be JSON, such as README's example for it ({error.__cause__})", err=True)
         raise typer.Exit(2)
     for line in unknown_settings(os.environ):
         typer.echo(f"ganserve serve: warning: {line}", err=True)
