@@ -68,39 +68,59 @@ class Frame:
 
 
 class LatestFrame:
-    """The one-frame mailbox between a stream's reader and its worker. A frame that arrives while
-    another is waiting replaces it (latest wins); the replaced frames are remembered so that the
-    worker answers them, in order, as dropped before it answers the newer one."""
+    """The mailbox between a stream's reader and its worker. A frame that arrives while the worker
+    is idle is handed to it at once (it is as good as started: a frame that follows it, in the same
+    read, cannot supersede it — the first of two frames sent back to back to an idle stream was
+    dropped); one that arrives while another is waiting replaces it (latest wins), and the replaced
+    frames are remembered so that the worker answers them, in order, as dropped before it answers
+    the newer one."""
 
     def __init__(self) -> None:
+        self.handed: Frame | None = None  # taken by the idle worker, not yet started
         self.waiting: Frame | None = None
         self.superseded: list[int] = []
         self.closed = False
+        self.worker_idle = False
         self.changed = asyncio.Event()
 
+    @property
+    def holds(self) -> bool:
+        return self.handed is not None or self.waiting is not None
+
     def put(self, frame: Frame) -> Frame | None:
-        """Leaves `frame` waiting; returns the frame it superseded, if any."""
+        """Hands `frame` to the idle worker, or leaves it waiting; returns the frame it superseded, if any."""
+        self.changed.set()
+        if self.worker_idle and self.handed is None:
+            self.handed, self.worker_idle = frame, False
+            return None
         replaced = self.waiting
         if replaced is not None:
             self.superseded.append(replaced.number)
         self.waiting = frame
-        self.changed.set()
         return replaced
 
-    def close(self) -> Frame | None:
-        """No more frames; returns the one left waiting, if any."""
+    def close(self) -> list[Frame]:
+        """No more frames; returns those left untaken."""
         self.closed = True
         self.changed.set()
-        left, self.waiting = self.waiting, None
+        left = [frame for frame in (self.handed, self.waiting) if frame is not None]
+        self.handed = self.waiting = None
         return left
 
     async def take(self) -> tuple[list[int], Frame | None]:
-        """(frames dropped since the last take, the newest frame), or ([], None) once closed."""
-        while self.waiting is None and not self.closed:
+        """(frames dropped since the last take, the next frame), or ([], None) once closed."""
+        while not self.holds and not self.closed:
             self.changed.clear()
-            await self.changed.wait()
+            self.worker_idle = True
+            try:
+                await self.changed.wait()
+            finally:
+                self.worker_idle = False
         if self.closed:
             return [], None
+        if self.handed is not None:
+            frame, self.handed = self.handed, None
+            return [], frame
         dropped, self.superseded = self.superseded, []
         frame, self.waiting = self.waiting, None
         return dropped, frame
@@ -195,7 +215,7 @@ class UpscaleStream:
                     async with asyncio.timeout_at(self.last_work + idle_s):
                         message = await self.websocket.receive()
                 except TimeoutError:
-                    if self.busy or self.mailbox.waiting is not None:
+                    if self.busy or self.mailbox.holds:
                         self.worked()  # its frames are still being answered: idle from then on
                         continue
                     await self.close(1001, f"no frame for {idle_s:g} s")
@@ -235,15 +255,14 @@ class UpscaleStream:
     def server_stopping(self) -> None:
         """The server shuts down: an idle stream closes now, a busy one after the frames it holds."""
         self.stopping = True
-        if not self.busy and self.mailbox.waiting is None:  # (the task kept: the loop holds tasks only weakly)
+        if not self.busy and not self.mailbox.holds:  # (the task kept: the loop holds tasks only weakly)
             self.closing = asyncio.get_running_loop().create_task(self.close(1001, "the server is shutting down"))
 
     def left(self) -> None:
         """The client is gone: the frame in flight is stopped (its queued tiles dropped), nothing more is read."""
         self.gone.set()
-        waiting = self.mailbox.close()
-        if waiting is not None:
-            self.registry.memory.release(len(waiting.data))
+        for untaken in self.mailbox.close():
+            self.registry.memory.release(len(untaken.data))
         if self.frame_context is not None:
             self.frame_context.client_left()
 
@@ -261,7 +280,7 @@ class UpscaleStream:
                 await self.answer(frame)
             finally:
                 self.busy = False
-            if (self.stopping or self.registry.draining) and self.mailbox.waiting is None:
+            if (self.stopping or self.registry.draining) and not self.mailbox.holds:
                 await self.close(1001, "the server is shutting down")
                 return
 

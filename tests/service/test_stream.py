@@ -453,6 +453,27 @@ def test_a_frame_refused_for_memory_waits_its_turn_like_any_frame():
     assert (dropped, latest.number, latest.refusal) == ([3], 4, None)
 
 
+def test_the_first_of_two_frames_sent_back_to_back_to_an_idle_stream_is_answered_not_dropped():
+    """Two frames read in one go (one TCP segment): the second superseded the first before the
+    idle worker woke to take it, so an idle stream dropped a frame it was never behind on."""
+    import asyncio
+
+    from service.streams import Frame, LatestFrame
+
+    async def turns() -> list:
+        mailbox = LatestFrame()
+        worker = asyncio.create_task(mailbox.take())
+        await asyncio.sleep(0)  # the worker waits, idle
+        mailbox.put(Frame(1, b"png", 0.0))
+        mailbox.put(Frame(2, b"png", 0.0))  # before the worker has run again
+        first = await worker
+        mailbox.put(Frame(3, b"png", 0.1))  # the worker is busy with 1: 2 and 3 wait, latest wins
+        return [first, await mailbox.take(), await mailbox.take() if mailbox.holds else None]
+
+    (no_drop, one), (dropped, three), rest = asyncio.run(turns())
+    assert (no_drop, one.number, dropped, three.number, rest) == ([], 1, [2], 3, None)
+
+
 def rss_bytes(pid: int) -> int:
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmRSS:"):
