@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
 
@@ -23,7 +24,14 @@ def env_value(text: str):
     return json.loads(text) if text.strip()[:1] in ("{", "[") else text
 
 
-NOT_REPLICA_SETTINGS = ("GANSERVE_REPOSITORY", "GANSERVE_MODELS", "GANSERVE_HOST", "GANSERVE_PORT", BODY_BUDGET_ENV)
+# (a replica serves one model and is ready with it: GANSERVE_READY_REQUIRES naming two kept every replica unready)
+NOT_REPLICA_SETTINGS = ("GANSERVE_REPOSITORY", "GANSERVE_MODELS", "GANSERVE_READY_REQUIRES", "GANSERVE_HOST", "GANSERVE_PORT", BODY_BUDGET_ENV)
+
+
+def replica_settings(environment: Mapping[str, str]) -> dict:
+    """The GANSERVE_* settings every replica takes, as `Settings` fields."""
+    return {key.removeprefix("GANSERVE_").lower(): env_value(value) for key, value in environment.items()
+            if key.startswith("GANSERVE_") and key not in NOT_REPLICA_SETTINGS}
 
 
 def env_models(text: str) -> list[str]:
@@ -61,8 +69,7 @@ def ray_command(
     from service.ray_serving.config import APP_NAME, RayAppArgs
     from service.ray_serving.deployments import build_app
 
-    settings = {key.removeprefix("GANSERVE_").lower(): env_value(value) for key, value in os.environ.items()
-                if key.startswith("GANSERVE_") and key not in NOT_REPLICA_SETTINGS}
+    settings = replica_settings(os.environ)
     models = model or env_models(os.environ.get("GANSERVE_MODELS", ""))
     args = RayAppArgs(repository=str(repository.resolve()), models=models, settings=settings)
     address = address or os.environ.get("RAY_ADDRESS")

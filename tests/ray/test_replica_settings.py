@@ -89,3 +89,13 @@ def test_ganserve_ray_deploys_the_models_ganserve_models_names_when_no_model_is_
     for wrong in ("[1, 2]", '["a"', '[["a"]]'):
         with pytest.raises(typer.BadParameter, match="comma-separated or a JSON list"):
             env_models(wrong)
+
+
+def test_a_replica_takes_the_servers_settings_but_not_its_readiness_rule():
+    """Each replica serves one model: GANSERVE_READY_REQUIRES naming two kept every replica unready
+    (the ingress merges readiness over the models itself)."""
+    from service.ray_serving.cli import replica_settings
+
+    taken = replica_settings({"GANSERVE_READY_REQUIRES": "a,b", "GANSERVE_MODELS": "a,b", "GANSERVE_MAX_BATCH_SIZE": "8",
+                              "GANSERVE_VERSION_POLICIES": '{"a": "latest:1"}', "HOME": "/root"})
+    assert taken == {"max_batch_size": "8", "version_policies": {"a": "latest:1"}}
