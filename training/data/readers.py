@@ -82,7 +82,7 @@ def fitted_image(path: Path, resolution: int, channels: int) -> np.ndarray:
         if picture.mode.startswith("I"):  # 16-bit grey: convert() clips at 255 (99.6 % of a gradient came out white)
             picture = Image.fromarray((np.asarray(picture) >> 8).clip(0, 255).astype(np.uint8), "L")
         fitted = ImageOps.fit(picture.convert(mode), (resolution, resolution), Image.Resampling.BICUBIC)
-        return np.asarray(fitted).reshape(resolution, resolution, channels)
+        return np.array(fitted).reshape(resolution, resolution, channels)  # (writable: torch warns on a read-only array)
 
 
 def read_image_folder(root: str | Path, resolution: int, channels: int = 3) -> TensorData:
