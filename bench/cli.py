@@ -7,6 +7,28 @@ from typing import Optional
 import typer
 
 
+def counts(text: str, option: str, minimum: int = 1, example: str = "1,8,32") -> list[int]:
+    """A comma-separated option of whole numbers, each at least `minimum` (`1,abc` or `0` ended in a
+    traceback, the second after every server had started)."""
+    parts = [part.strip() for part in text.split(",")]
+    if not parts or not all(part.isdigit() and int(part) >= minimum for part in parts):
+        raise typer.BadParameter(f"{text!r}: comma-separated whole numbers of at least {minimum}, such as {example}", param_hint=option)
+    return [int(part) for part in parts]
+
+
+def model_names(text: str, repository: Path) -> list[str]:
+    """Comma-separated model names, each in the repository (a missing one ended in a traceback)."""
+    from service.repository import scan_repository
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    held = {entry.name for entry in scan_repository(repository)}
+    missing = [name for name in names if name not in held]
+    if not names or missing:
+        raise typer.BadParameter(f"no model {', '.join(missing) or '(none given)'} in {repository} (it holds {', '.join(sorted(held))})",
+                                 param_hint="--models")
+    return names
+
+
 def bench_command(
     model: str = typer.Option("dcgan-digits", help="model name in the repository"),
     repository: Path = typer.Option(Path("model_repository"), "--repository", exists=True, file_okay=False),
@@ -28,7 +50,7 @@ def bench_command(
     """Load-test the real server (natural batching, batching with a delay, no batching) beside the naive server, and compare with the bare-forward ceiling."""
     from bench.runner import run_bench
 
-    run_bench(repository, model, runtime, [int(c) for c in concurrency.split(",")], duration, big_request, max_batch_size, max_queue_delay_ms, threads, out,
+    run_bench(repository, model, runtime, counts(concurrency, "--concurrency"), duration, big_request, max_batch_size, max_queue_delay_ms, threads, out,
               workers, graph_capture, rounds, baseline_code)
 
 
@@ -49,7 +71,7 @@ def bench_upscale_command(
     """Upscale (or translate) throughput (frames/s, p99) through the real server, beside the bare forward pass."""
     from bench.upscale import run_upscale_bench
 
-    run_upscale_bench(repository, model, runtime, [int(c) for c in concurrency.split(",")], duration, size, format, max_batch_size, threads, out,
+    run_upscale_bench(repository, model, runtime, counts(concurrency, "--concurrency"), duration, size, format, max_batch_size, threads, out,
                       graph_capture=graph_capture, workers=workers)
 
 
@@ -85,7 +107,7 @@ def bench_ray_command(
     """The same load through `ganserve serve` and through `ganserve ray` (local Ray, one replica): throughput, latency and what Ray adds."""
     from bench.ray import run_ray_bench
 
-    run_ray_bench(repository, model, upscale_model or None, [int(c) for c in concurrency.split(",")], duration, out)
+    run_ray_bench(repository, model, upscale_model or None, counts(concurrency, "--concurrency"), duration, out)
 
 
 def bench_limits_command(
@@ -99,7 +121,7 @@ def bench_limits_command(
     """Limits after a quiet warm-up and after a busy one, and how soon the idle server relaxes the busy one's (service/remeasure.py)."""
     from bench.limits import run_limits_bench
 
-    run_limits_bench(repository, models.split(","), loops_per_core, idle, timeout, out)
+    run_limits_bench(repository, model_names(models, repository), loops_per_core, idle, timeout, out)
 
 
 def bench_animation_command(
@@ -112,7 +134,7 @@ def bench_animation_command(
     """What /interpolate's GIF and WebP animations cost the encoder pool: the server's settings against Pillow's defaults, same frames, same run."""
     from bench.animation import run_animation_bench
 
-    run_animation_bench([int(side) for side in sides.split(",")], frames, noise_side, repeats, out)
+    run_animation_bench(counts(sides, "--sides", 8, "64,256"), frames, noise_side, repeats, out)
 
 
 def bench_arena_command(
@@ -137,7 +159,7 @@ def bench_encoding_command(
     """The encoding estimate admission uses against the encoding itself, per format and size."""
     from bench.encoding import run_encoding_bench
 
-    run_encoding_bench([int(side) for side in sides.split(",")], repeats, out)
+    run_encoding_bench(counts(sides, "--sides", 8, "64,256"), repeats, out)
 
 
 def register(app: typer.Typer) -> None:

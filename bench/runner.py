@@ -119,7 +119,7 @@ def run_bench(repository: Path, model: str, runtime: str, concurrencies: list[in
     print_side_by_side(report)
     print_capture_gain(report)
     print_cpu_parts(report)
-    console.print("the ratio column divides by the best forward+PNG ceiling; large requests encode one grid PNG, not one PNG per image")
+    console.print("img/s ÷ ceiling divides by the best forward+PNG ceiling; large requests encode one grid PNG, not one PNG per image")
     write_report(report, out)
     return report
 
@@ -149,8 +149,10 @@ def print_report(report: dict) -> None:
     for r in report["load"]:
         errors = sum(v for k, v in r["statuses"].items() if k != "200")
         stages = "/".join(f"{value:.1f}" for value in (r.get("item_queue_ms", r["stage_ms"]["queue"]), r["stage_ms"]["compute"], r["stage_ms"]["encode"]))
+        timed = bool(r["mean_batch_items"])  # the naive server reports no batches and no stage times: shown as —, not 0.0
         table.add_row(r["scenario"], str(r["concurrency"]), rate(r['requests_per_s']), rate(r['images_per_s']), f"{r['latency_ms']['p50']:.1f}",
-                      f"{r['latency_ms']['p95']:.1f}", f"{r['latency_ms']['p99']:.1f}", str(errors), f"{r['mean_batch_items']:.1f}", stages,
+                      f"{r['latency_ms']['p95']:.1f}", f"{r['latency_ms']['p99']:.1f}", str(errors),
+                      f"{r['mean_batch_items']:.1f}" if timed else "—", stages if timed else "—",
                       f"{r['images_per_s'] / best_ceiling:.2f}")
     console.print(table)
     ceiling = Table(title="ceiling (same runtime, bare forward, no HTTP)")

@@ -159,3 +159,19 @@ def test_the_animation_bench_times_the_servers_encoding_beside_pillows_defaults(
         if row["format"] == "webp":  # it was lossless
             assert row["before_psnr_db"] > 100
     assert (tmp_path / "animation.json").exists()
+
+
+def test_a_bench_option_that_is_no_list_of_counts_or_names_a_missing_model_is_a_usage_error(repository):
+    """`--concurrency 1,abc` ended in a traceback, `--concurrency 0` one after every server had
+    started, `bench-limits --models nosuch` one after a server failed to become ready."""
+    import typer
+    from typer.testing import CliRunner
+
+    from bench.cli import register
+
+    app = typer.Typer()
+    register(app)
+    for arguments in (["bench", "--concurrency", "1,abc"], ["bench", "--concurrency", "0"], ["bench-encoding", "--sides", "0"],
+                      ["bench-limits", "--models", "nosuch", "--repository", str(repository)]):
+        result = CliRunner().invoke(app, arguments)
+        assert result.exit_code == 2 and "Invalid value" in result.output and "Traceback" not in result.output, (arguments, result.output)
