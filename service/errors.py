@@ -79,7 +79,8 @@ def describe_validation(error: RequestValidationError) -> str:
             reason = (problem.get("ctx") or {}).get("error", message)
             parts.append(f"the body is not valid JSON ({reason} at character {location[-1] if location else 0})")
             continue
-        where = ".".join(str(p) for p in location if p != "body" and not is_union_branch(p))
+        steps = location[1:] if location and location[0] in ("body", "query", "path") else location  # the field, where it came from aside
+        where = ".".join(str(p) for p in steps if not is_union_branch(p))
         if not where and problem.get("type") == "missing":
             message = "the request needs a JSON body"
         line = f"{where}: {message}" if where else message

@@ -25,7 +25,7 @@ def over_limit(model: LoadedModel, width: int, height: int, pixels: int) -> None
     """413 for an image-to-image input past the model's measured limit."""
     limit = model.limits.max_input_pixels if model.limits else None
     if limit is not None and pixels > limit:
-        raise ApiError(413, f"image of {width}x{height} pixels is over {model.entry.name!r}'s limit of {limit} pixels "
+        raise ApiError(413, f"image of {width}x{height} pixels is over the limit of model {model.entry.name!r}, {limit} pixels "
                             f"(about {int(limit ** 0.5)}² on this machine: its measured cost, the deadline and the memory budget set it)")
 
 

@@ -159,7 +159,7 @@ def check_spatial(model: LoadedModel, name: str, shape: list[int], settings: Set
         raise ApiError(422, f"input {name!r}: height and width must be multiples of {multiple} and at least {floor}, got {[height, width]}")
     limit = model.limits.max_input_pixels if model.limits else settings.max_upload_pixels
     if height * width > limit:
-        raise ApiError(413, f"input {name!r}: {height}x{width} is over {model.entry.name!r}'s limit of {limit} pixels per image")
+        raise ApiError(413, f"input {name!r}: {height}x{width} is over the limit of model {model.entry.name!r}, {limit} pixels per image")
 
 
 def output_values(model: LoadedModel, shapes: list[list[int]]) -> int:

@@ -109,6 +109,18 @@ function picture(source, caption, className = "answer") {
   return element("figure", {}, img, label);
 }
 
+// Two pictures at one display width, the one the wider image gets (an upscale's 96 px input was
+// shown at 576 px beside its 384 px output, a projection's target at twice its reconstruction).
+function alike(...figures) {
+  const images = figures.map(figure => $("img", figure));
+  const loaded = img => (img.complete && img.naturalWidth ? null : new Promise(resolve => img.addEventListener("load", resolve, {once: true})));
+  Promise.all(images.map(loaded)).then(() => {
+    const widest = Math.max(...images.map(img => img.naturalWidth));
+    images.forEach(img => { img.style.width = `${widest * factorFor(widest)}px`; });
+  });
+  return element("div", {className: "pair"}, ...figures);
+}
+
 // Before/after at the same display size: the input stretched over the output, cut at the slider.
 function comparison(input, output) {
   const after = element("img", {src: output, className: "after", alt: "after"});
@@ -117,7 +129,7 @@ function comparison(input, output) {
   const frame = element("div", {className: "compare"}, after, before, slider);
   const cut = () => { before.style.clipPath = `inset(0 ${100 - slider.value}% 0 0)`; };
   slider.addEventListener("input", cut);
-  after.addEventListener("load", () => { frame.style.width = `${Math.max(600, after.naturalWidth)}px`; }, {once: true});
+  after.addEventListener("load", () => { frame.style.width = `${Math.max(600, after.naturalWidth)}px`; }, {once: true});  // (max-width: 100% in CSS)
   cut();
   return element("figure", {}, frame, element("figcaption", {textContent: "before ◂ slide ▸ after"}));
 }
@@ -179,13 +191,14 @@ async function showGallery() {
 
 function choose(name, tool) {
   const model = state.models.find(m => m.name === name);
-  if (!model) return;
+  if (!model) return false;
   const spec = latestSpec(model);
   state.model = {...model, spec, base: `v1/models/${encodeURIComponent(name)}`};
   $$(".card").forEach(c => c.classList.toggle("chosen", c.dataset.model === name));
   $("#bench").hidden = false;
   $("#model-name").textContent = name;
-  $("#model-facts").textContent = facts(model).join(" · ") + (model.ready ? "" : ` — ${model.state}${model.error ? `: ${model.error}` : ""}`);
+  const unready = model.ready ? [] : [model.runtime ? model.state : null, model.error].filter(Boolean);  // (facts name the state when no runtime is known)
+  $("#model-facts").textContent = facts(model).join(" · ") + (unready.length ? ` — ${unready.join(": ")}` : "");
   showCommon(state.model);
 
   const tabs = $("#tabs"), tools = $("#tools");
@@ -202,6 +215,7 @@ function choose(name, tool) {
     tabs.lastChild.dataset.tool = id;
   }
   openTool(tool && $(`#tools [data-tool="${tool}"]`) ? tool : tools.firstElementChild.dataset.tool);
+  return true;
 }
 
 function openTool(id) {
@@ -384,8 +398,8 @@ const TOOLS = {
       }
       if (job.state !== "done") throw new ApiError(0, "", `projection ${job.state}${job.error ? `: ${job.error}` : ""}`);
       const reconstruction = `data:image/png;base64,${job.result.reconstruction.data}`;
-      const pair = element("div", {className: "pair"}, picture(file, "target", "target"),
-                           picture(reconstruction, `reconstruction · PSNR ${job.result.psnr.toFixed(1)} dB · ${job.result.steps} steps`));
+      const pair = alike(picture(file, "target", "target"),
+                         picture(reconstruction, `reconstruction · PSNR ${job.result.psnr.toFixed(1)} dB · ${job.result.steps} steps`));
       return [{latency: performance.now() - started, note: `upload to result: job ${job.id}, polled ${polls} times`}, pair];
     });
   },
@@ -402,7 +416,7 @@ function imageToImage(form, model, operation) {
     const answer = await call(`${model.base}/${operation}?format=${format}`, {body: upload(file)});
     const output = URL.createObjectURL(answer.body);
     const saveAs = `${file.name.replace(/\.[^.]*$/, "")}-${model.name}.${format === "jpeg" ? "jpg" : format}`;
-    const pair = element("div", {className: "pair"}, picture(file, `input: ${file.name}`, "input"), picture(output, `output (${operation})`));
+    const pair = alike(picture(file, `input: ${file.name}`, "input"), picture(output, `output (${operation})`));
     const nodes = [pair];
     if (operation === "upscale") nodes.push(comparison(URL.createObjectURL(file), output));
     nodes.push(element("a", {href: output, download: saveAs, className: "download", textContent: `download ${saveAs}`}));
@@ -414,9 +428,20 @@ function imageToImage(form, model, operation) {
 
 // #name/tool opens a model's tool: links to it work, and so do back and forward
 function followHash() {
-  const [name, tool] = decodeURIComponent(location.hash.slice(1)).split("/");
-  if (name && (!state.model || state.model.name !== name)) choose(name, tool);
-  else if (name && tool && $(`#tools [data-tool="${tool}"]`)) openTool(tool);
+  let name, tool;
+  try {
+    [name, tool] = decodeURIComponent(location.hash.slice(1)).split("/");
+  } catch (error) {  // a malformed escape (#%E0%A4%A) threw URIError
+    name = location.hash.slice(1);
+  }
+  $("#hash-notice").hidden = true;
+  if (name && (!state.model || state.model.name !== name)) {
+    if (!choose(name, tool) && state.models.length) {  // a link to a model this server does not serve: said, not silently ignored
+      $("#hash-notice").textContent = `this server serves no model named ${JSON.stringify(name)}: pick one below`;
+      $("#hash-notice").hidden = false;
+      history.replaceState(null, "", location.pathname);
+    }
+  } else if (name && tool && $(`#tools [data-tool="${tool}"]`)) openTool(tool);
 }
 window.addEventListener("hashchange", followHash);
 showGallery().then(followHash);

@@ -209,6 +209,7 @@ def test_projection_polls_its_job_and_shows_the_result_beside_the_target(browser
     (reconstruction,) = wait_for_answer(browser, form)
     (target,) = wait_for_answer(browser, form, "img.target")
     assert natural_width(browser, reconstruction) == 16 and natural_width(browser, target) == 24
+    WebDriverWait(browser, SERVER_WAIT_S).until(lambda _: target.size["width"] == reconstruction.size["width"] > 0)  # (target shown larger)
     assert "PSNR" in form.text and "3 steps" in form.text
     assert timing_of(form).startswith("latency ")
 
@@ -243,6 +244,8 @@ def test_upscale_shows_before_and_after_at_the_same_size(browser, server, tmp_pa
     form.find_element(By.NAME, "file").send_keys(png(tmp_path / "small.png", 20, 12))
     (output,) = wait_for_answer(browser, form)
     assert natural_width(browser, output) == 80
+    (given,) = wait_for_answer(browser, form, "img.input")  # side by side at one width (the input was shown larger than its output)
+    WebDriverWait(browser, SERVER_WAIT_S).until(lambda _: given.size["width"] == output.size["width"] and given.size["width"] > 0)
     before, after = wait_for_answer(browser, form, ".compare .before", 1)[0], form.find_element(By.CSS_SELECTOR, ".compare .after")
     assert before.size == after.size
     slider = form.find_element(By.CSS_SELECTOR, ".compare input[type=range]")
@@ -267,3 +270,33 @@ def test_server_timing_is_parsed_when_sent_and_latency_alone_shown_when_not(brow
     assert browser.execute_script("return timingText({latency: 12.3, stages: parseServerTiming(null)})") == "latency 12 ms"
     shown = browser.execute_script("return timingText({latency: 5, stages: parseServerTiming('total;dur=1.1, queue;dur=0.12, encode;desc=\"x\"')})")
     assert shown == "latency 5.0 ms — server: queue 0.1 ms · total 1.1 ms"
+
+
+def test_every_tool_fits_a_phones_width(browser, server, tmp_path):
+    """At 375 px the page scrolled sideways: tabs off the screen, 520 px edit strips, a 600 px
+    before/after frame."""
+    browser.set_window_size(375, 800)
+    try:
+        for model, tools in (("styles", ("generate", "style-mix", "interpolate", "edit", "project")), ("upx4", ("upscale",)), ("edges", ("translate",))):
+            for tool in tools:
+                form = open_tool(browser, server, model, tool)
+                if tool in ("upscale", "translate"):
+                    form.find_element(By.NAME, "file").send_keys(png(tmp_path / "small.png", 160, 96))
+                    wait_for_answer(browser, form, ".compare .before" if tool == "upscale" else "img.answer")
+                elif tool == "edit":
+                    form.find_element(By.CSS_SELECTOR, ".controls button").click()
+                    wait_for_answer(browser, form.find_element(By.CSS_SELECTOR, ".direction"))
+                overflow = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+                wide = browser.execute_script("return [...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right > window.innerWidth + 0.5).map(e => e.tagName + '.' + e.className + '#' + e.id + ':' + Math.round(e.getBoundingClientRect().right)).slice(0, 8)")
+                assert overflow <= 0, (model, tool, overflow, wide)
+    finally:
+        browser.set_window_size(1280, 1000)
+
+
+def test_a_link_to_a_model_the_server_does_not_serve_says_so(browser, server):
+    """It showed the gallery and nothing else; a malformed escape in the link threw URIError."""
+    for fragment in ("no-such-model/generate", "%E0%A4%A"):
+        browser.get("about:blank")
+        browser.get(f"{server.url}/#{fragment}")
+        notice = WebDriverWait(browser, SERVER_WAIT_S).until(lambda d: d.find_element(By.ID, "hash-notice").text)
+        assert "serves no model named" in notice
