@@ -138,7 +138,7 @@ def test_edit_strengths_are_in_standard_deviations_of_w_along_the_direction_unle
     ("interpolate", {"seeds": [1, 2], "format": "png", "frame_ms": 40}, "frame_ms times an animation"),
     ("interpolate", {"seeds": [1, 2], "format": "npy", "frame_ms": 40}, "frame_ms times an animation"),
     # options that act on seeds, sent with a given w: refused, not silently ignored
-    ("edit", {"w": [0.0] * 8, "direction": "size", "truncation_psi": 0.5}, "truncation_psi apply to seeds, not to a given w"),
+    ("edit", {"w": [0.0] * 8, "direction": "size", "truncation_psi": 0.5}, "truncation_psi applies to seeds, not to a given w"),
     ("interpolate", {"w": [[0.0] * 8, [0.1] * 8], "truncation_psi": 0.7, "class": 1}, "truncation_psi and class apply to seeds"),
 ])
 def test_bad_style_requests_are_422_with_a_reason(server, path, body, mentions):
