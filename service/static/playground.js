@@ -253,8 +253,18 @@ function commonParams(model) {
 
 /* ---------- the tools ---------- */
 
-const numberOf = input => (input.value.trim() === "" ? NaN : Number(input.value));  // NaN goes to the API, which says why
-const seedList = text => text.split(/[\s,]+/).filter(Boolean).map(Number);
+// NaN goes to the API, which says why. A whole number past 2^53 is refused here: a browser's
+// Number rounds it (a seed was silently another seed), and the API takes seeds up to 2^63 - 1.
+const numberOf = input => {
+  const text = input.value.trim();
+  if (text === "") return NaN;
+  const value = Number(text);
+  if (Number.isInteger(value) && !Number.isSafeInteger(value)) {
+    throw new Error(`${input.name} ${text} is past 2^53, where a browser's numbers round: send it through the API (curl, ganserve.client)`);
+  }
+  return value;
+};
+const seedList = text => text.split(/[\s,]+/).filter(Boolean).map(part => numberOf({name: "seed", value: part}));
 
 // Runs `work(result)` on submit: it returns [answer, ...nodes to show] or throws (the error is shown).
 function submits(form, work) {
@@ -339,7 +349,8 @@ const TOOLS = {
   edit(form, model) {
     const names = Object.keys(model.direction_spreads || {});
     const strips = $(".directions", form);
-    if (!names.length) strips.append(element("p", {className: "message", textContent: "this model ships no edit directions"}));
+    if (!names.length) strips.append(element("p", {className: "message", textContent: model.ready ? "this model ships no edit directions"
+      : `the model is ${model.state}: its directions are listed once it is ready`}));  // (a loading model said it shipped none)
     const render = names.map(direction => {
       const strength = element("input", {type: "range", name: `strength-${direction}`, min: 0.5, max: 4, step: 0.5, value: 2});
       const shown = element("output", {textContent: "±2σ"});
@@ -348,10 +359,10 @@ const TOOLS = {
       const result = resultBox(box);
       const run = async () => {
         const s = Number(strength.value), strengths = [-s, -s / 2, 0, s / 2, s];
-        const json = {seed: numberOf(form.elements.seed), direction, strengths, units: "sigma", ...commonParams(model)};
-        if (form.elements.layers.value) json.layers = form.elements.layers.value;
         result.working();
         try {
+          const json = {seed: numberOf(form.elements.seed), direction, strengths, units: "sigma", ...commonParams(model)};
+          if (form.elements.layers.value) json.layers = form.elements.layers.value;
           const answer = await call(`${model.base}/edit`, {json});
           result.done(answer, picture(answer.body, strengths.map(v => (v ? `${v > 0 ? "+" : "−"}${Math.abs(v)}σ` : "0"))));
         } catch (error) {

@@ -165,6 +165,14 @@ def test_an_api_error_is_shown_as_the_apis_message(browser, server):
     assert expected in shown_error(browser, form)
 
 
+def test_a_seed_past_what_a_browsers_numbers_hold_is_refused_not_rounded(browser, server):
+    """2^60 + 1 was sent as 2^60 (the browser's Number rounds past 2^53): another seed's image."""
+    form = open_tool(browser, server, "digits", "generate")
+    fill(form, "seed", 2**60 + 1)
+    form.find_element(By.CSS_SELECTOR, "button").click()
+    assert "past 2^53" in shown_error(browser, form)
+
+
 def test_style_mixing_grid(browser, server):
     form = open_tool(browser, server, "styles", "style-mix")
     fill(form, "rows", "1, 2")
