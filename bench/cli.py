@@ -162,6 +162,19 @@ def bench_encoding_command(
     run_encoding_bench(counts(sides, "--sides", 8, "64,256"), repeats, out)
 
 
+def bench_data_command(
+    images: int = typer.Option(20_000, min=10, help="JPEGs (128x96, in 4 class folders) written for the run"),
+    resolution: int = typer.Option(128, min=8, help="the training resolution they are read at"),
+    baseline_code: Optional[Path] = typer.Option(None, "--baseline-code", exists=True, file_okay=False,
+                                                 help="another checkout (a git worktree of the code before a change), measured beside this one"),
+    out: Optional[Path] = typer.Option(Path("bench/results/image-folder-loading-latest.json"), help="JSON report"),
+) -> None:
+    """What reading a user's image folder costs before training's first step: time and peak memory of the reader and split, each code in its own process."""
+    from bench.data_loading import run_data_loading_bench
+
+    run_data_loading_bench(images, resolution, baseline_code, out)
+
+
 def register(app: typer.Typer) -> None:
     app.command("bench")(bench_command)
     app.command("bench-upscale")(bench_upscale_command)
@@ -171,3 +184,4 @@ def register(app: typer.Typer) -> None:
     app.command("bench-animation")(bench_animation_command)
     app.command("bench-arena")(bench_arena_command)
     app.command("bench-encoding")(bench_encoding_command)
+    app.command("bench-data")(bench_data_command)

@@ -3,7 +3,7 @@ memory of `load_dataset` on an `image_folder` config (reader + held-out split), 
 for another checkout (`--baseline-code`: a git worktree of the code before a change), each in its
 own process (peak memory is per process), on one synthetic folder of JPEGs made for the run.
 
-    python -m bench.data_loading --images 20000 --resolution 128 --baseline-code /tmp/base
+    ganserve bench-data --images 20000 --resolution 128 --baseline-code /tmp/base
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import typer
 from PIL import Image
 from rich.console import Console
 from rich.progress import track
@@ -51,9 +50,7 @@ def measure(code: Path, folder: Path, resolution: int) -> dict:
     return json.loads(finished.stdout.strip().splitlines()[-1])
 
 
-def main(images: int = typer.Option(20_000, min=10), resolution: int = typer.Option(128, min=8),
-         baseline_code: Path | None = typer.Option(None, exists=True, file_okay=False, help="another checkout to measure beside this one"),
-         out: Path | None = typer.Option(None, help="JSON report")) -> None:
+def run_data_loading_bench(images: int, resolution: int, baseline_code: Path | None, out: Path | None) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch) / "images"
         make_folder(folder, images)
@@ -65,8 +62,6 @@ def main(images: int = typer.Option(20_000, min=10), resolution: int = typer.Opt
     for name, result in results.items():
         table.add_row(name, f"{result['seconds']:.1f}", f"{result['tensor_bytes'] / 1e9:.2f}", f"{result['peak_rss_bytes'] / 1e9:.2f}")
     Console().print(table)
-    write_report({"machine": machine(), "images": images, "resolution": resolution, "results": results}, out)
-
-
-if __name__ == "__main__":
-    typer.run(main)
+    report = {"machine": machine(), "images": images, "resolution": resolution, "results": results}
+    write_report(report, out)
+    return report

@@ -175,3 +175,12 @@ def test_a_bench_option_that_is_no_list_of_counts_or_names_a_missing_model_is_a_
                       ["bench-limits", "--models", "nosuch", "--repository", str(repository)]):
         result = CliRunner().invoke(app, arguments)
         assert result.exit_code == 2 and "Invalid value" in result.output and "Traceback" not in result.output, (arguments, result.output)
+
+
+def test_the_image_folder_bench_reads_a_folder_as_training_does_and_reports_its_cost(tmp_path):
+    from bench.data_loading import run_data_loading_bench
+
+    report = run_data_loading_bench(images=20, resolution=16, baseline_code=None, out=tmp_path / "report.json")
+    result = report["results"]["now"]
+    assert result["images"] == 20 and result["tensor_bytes"] == 20 * 3 * 16 * 16 * 4 and result["peak_rss_bytes"] > result["tensor_bytes"]
+    assert (tmp_path / "report.json").exists()
