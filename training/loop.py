@@ -27,6 +27,7 @@ from models.zoo import build_discriminator, build_generator
 from training.augment import diff_augment
 from training.config import TrainConfig
 from training.data import TensorData, load_dataset
+from training.data.readers import DataError
 from training.diagnostics import CollapseMonitor, mean_pairwise_distance
 from training.evaluate import GeneratorEvaluator
 from training.images import save_grid, save_scatter
@@ -305,6 +306,9 @@ class GanTask:
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
         self.name, self.config = cfg.name, cfg
         self.train_set, held_out = load_dataset(cfg.data)
+        if cfg.model.arch == "cdcgan" and self.train_set.num_classes < 2:  # (the model's own check was a traceback)
+            raise DataError(f"a conditional model needs at least two classes, and this {cfg.data.name} data has {self.train_set.num_classes}: "
+                            "give an image folder a sub-folder per class, MNIST its labels file")
         if cfg.batch_size > len(self.train_set):
             logging.getLogger(__name__).warning("batch_size %d is larger than the %d training samples: every batch is the whole set",
                                                 cfg.batch_size, len(self.train_set))

@@ -136,9 +136,14 @@ def test_train_stops_with_one_line_on_a_config_or_data_it_cannot_use(tmp_path):
     (tmp_path / "three").mkdir()
     for i in range(3):
         Image.new("RGB", (8, 8)).save(tmp_path / "three" / f"{i}.png")
+    (tmp_path / "flat").mkdir()  # no class sub-folders
+    for i in range(12):
+        Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(tmp_path / "flat" / f"{i}.png")
     for text, expected in ((f"name: x\ndata: {{name: image_folder, path: {tmp_path / 'three'}}}\n", "holds 3 samples: too few"),
                            ("name: x\nmodel: {archx: dcgan}\n", "model.archx: Extra inputs are not permitted"),
-                           ("name: [x\n", "not valid YAML")):
+                           ("name: [x\n", "not valid YAML"),
+                           (f"name: x\ndata: {{name: image_folder, path: {tmp_path / 'flat'}}}\nmodel: {{arch: cdcgan, discriminator: projection}}\n",
+                            "a conditional model needs at least two classes")):
         (tmp_path / "config.yaml").write_text(text)
         result = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "config.yaml"), "--out", str(tmp_path / "run")])
         assert result.exit_code == 2 and expected in result.output and "Traceback" not in result.output, result.output
