@@ -33,6 +33,8 @@ class DataConfig(Strict):
     def absolute(cls, path: str | None) -> str | None:
         """From where `ganserve train` ran: the run's config.json keeps it absolute, so that
         `ganserve evaluate` reads the same data from any folder (a relative path was not found)."""
+        if path is not None and not path.strip():  # (an empty path trained on whatever folder the command ran in)
+            raise ValueError("an empty path: name the data's folder or file")
         return os.path.abspath(os.path.expanduser(path)) if path else path
 
 

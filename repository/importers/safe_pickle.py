@@ -94,20 +94,70 @@ def load_storage(data: bytes):
     return torch.load(io.BytesIO(data), weights_only=True)
 
 
+NUMERIC_KINDS = "biufc"  # bool, signed and unsigned integers, floats, complex: values, never pointers
+
+
+def checked_dtype(spec: object, align: bool = False, copy: bool = True) -> np.dtype:
+    """Stands in for `numpy.dtype`: a plain numeric type named by its string, always a fresh copy.
+    A pickle may then BUILD (set the state of) what it made; NumPy's own builtin descriptors are
+    shared, so one pickle's state on `dtype('u1', copy=False)` would have changed uint8 for the
+    whole process."""
+    if not isinstance(spec, str) or len(spec) > 8:
+        raise UnsafePickle(f"a numpy dtype in the pickle is named by {type(spec).__name__}, not a type string")
+    try:
+        dtype = np.dtype(spec, align=False, copy=True)
+    except TypeError:
+        raise UnsafePickle(f"a numpy dtype in the pickle names {spec[:8]!r}, which is no numpy type") from None
+    if dtype.kind not in NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise UnsafePickle(f"a numpy dtype in the pickle is {spec!r}: an import takes numeric arrays only")
+    return dtype
+
+
+def clean_dtype(dtype: object) -> np.dtype:
+    """A dtype the pickle built, rebuilt from its type and byte order alone. What a BUILD can set on
+    a descriptor (its flags, size, fields) is dropped: flags that said an 'O' type holds no
+    objects turned the file's bytes into object pointers (a 164-byte file crashed the process)."""
+    if not isinstance(dtype, np.dtype) or dtype.kind not in NUMERIC_KINDS or dtype.byteorder not in "<>|=":
+        raise UnsafePickle("a numpy array or scalar in the pickle has a dtype that is not a plain number type")
+    clean = np.dtype(dtype.char)
+    return clean.newbyteorder(dtype.byteorder) if dtype.byteorder in "<>" else clean
+
+
+class CheckedArray(np.ndarray):
+    """What `_reconstruct` makes: its state (shape, dtype, raw bytes) is checked and its dtype
+    rebuilt before NumPy reads the bytes. Consumers take it as a plain array (`np.asarray`)."""
+
+    def __setstate__(self, state: object) -> None:
+        if not isinstance(state, tuple) or len(state) != 5:
+            raise UnsafePickle("a numpy array in the pickle has a malformed state")
+        version, shape, dtype, fortran, raw = state
+        if not isinstance(shape, tuple) or not all(isinstance(n, int) and n >= 0 for n in shape) or not isinstance(raw, (bytes, bytearray)):
+            raise UnsafePickle("a numpy array in the pickle has a malformed shape or data")
+        super().__setstate__((version, shape, clean_dtype(dtype), bool(fortran), raw))
+
+
+class ArrayTypeName:
+    """Stands for `numpy.ndarray` in a pickle, only as `_reconstruct`'s first argument: called, it
+    allocated any shape asked for (240 bytes of pickle held 4.5 GB)."""
+
+
 def numpy_scalar(dtype: np.dtype, data: bytes = b""):
-    if not isinstance(dtype, np.dtype) or dtype.hasobject:
-        raise UnsafePickle("a numpy scalar in the pickle has an object dtype")
+    dtype = clean_dtype(dtype)
+    if not isinstance(data, bytes) or len(data) != dtype.itemsize:
+        raise UnsafePickle("a numpy scalar in the pickle has the wrong number of bytes")
     return np.frombuffer(data, dtype=dtype, count=1)[0]
 
 
 def numpy_array(subtype: type, shape: tuple, dtype_code: bytes):
-    """Stands in for numpy's `_reconstruct`: an empty ndarray (never a subclass) that the pickle
-    then fills with raw bytes (StyleGAN3 keeps layer sizes as small arrays)."""
-    if subtype is not np.ndarray:
+    """Stands in for numpy's `_reconstruct`: an empty `CheckedArray` that the pickle then fills
+    with raw bytes (StyleGAN3 keeps layer sizes as small arrays)."""
+    if subtype is not ArrayTypeName:
         raise UnsafePickle(f"a numpy array in the pickle is a {subtype!r}, not an ndarray")
     if not isinstance(shape, tuple) or not all(isinstance(n, int) and 0 <= n for n in shape) or np.prod(shape, dtype=np.float64) > MAX_ARRAY_VALUES:
         raise UnsafePickle(f"a numpy array in the pickle has shape {str(shape)[:60]}: an import takes small arrays only")
-    return np.ndarray.__new__(np.ndarray, shape, dtype_code)
+    if dtype_code not in (b"b", "b"):  # what ndarray.__reduce__ writes; the real dtype comes with the state
+        raise UnsafePickle("a numpy array in the pickle is not built the way NumPy writes one")
+    return np.ndarray.__new__(CheckedArray, shape, dtype_code)
 
 
 def rebuild_tensor(storage, storage_offset: int, size: tuple, stride: tuple, *rest) -> torch.Tensor:
@@ -136,10 +186,10 @@ ALLOWED: dict[tuple[str, str], Any] = {
     ("builtins", "set"): set,
     ("dnnlib.util", "EasyDict"): EasyDict,  # a type: pickles build it with NEWOBJ
     ("dnnlib", "EasyDict"): EasyDict,
-    ("numpy", "dtype"): np.dtype,
+    ("numpy", "dtype"): checked_dtype,
     ("numpy.core.multiarray", "scalar"): numpy_scalar,
     ("numpy._core.multiarray", "scalar"): numpy_scalar,
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "ndarray"): ArrayTypeName,
     ("numpy.core.multiarray", "_reconstruct"): numpy_array,
     ("numpy._core.multiarray", "_reconstruct"): numpy_array,
     ("torch._utils", "_rebuild_tensor_v2"): rebuild_tensor,

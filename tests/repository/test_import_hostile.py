@@ -11,6 +11,7 @@ import time
 import warnings
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -60,6 +61,29 @@ def test_a_pickled_tensor_reaching_past_its_storage_is_refused_not_filled_from_t
         data = pickle.dumps({"G_ema": Reaching()}, protocol=4)
     with pytest.raises(UnsafePickle, match="reaches past its storage"):
         load_network_pickle(data)
+
+
+def forged_object_scalar(flags: int = 0, type_name: str = "O8") -> bytes:
+    """A numpy scalar whose dtype the pickle BUILDs with forged flags: with flags 0 an object
+    dtype said it held no objects, and the file's 8 bytes were read as an object pointer."""
+    args = pickle.dumps((type_name, False, True), 2)[2:-1]
+    state = pickle.dumps((3, "|", None, None, None, -1, -1, flags), 2)[2:-1]
+    return (b"\x80\x03}(X\x05\x00\x00\x00G_emacnumpy.core.multiarray\nscalar\n(cnumpy\ndtype\n" + args + b"R" + state + b"b"
+            + b"C\x08" + b"A" * 8 + b"tRu.")
+
+
+def test_a_forged_numpy_dtype_or_an_array_of_any_shape_is_refused_before_numpy_reads_it():
+    """164 bytes crashed the import process (signal 11: the bytes became a pointer); calling
+    numpy.ndarray itself allocated any shape asked for (240 bytes held 4.5 GB)."""
+    with pytest.raises(UnsafePickle, match="numeric arrays only"):
+        load_network_pickle(forged_object_scalar())
+    # a number type with object flags: the flags are dropped, the value read as the number it is
+    assert int(load_network_pickle(forged_object_scalar(flags=63, type_name="u8"))["G_ema"]) == int.from_bytes(b"A" * 8, "little")
+    allocating = b"\x80\x02}X\x05\x00\x00\x00G_emacnumpy\nndarray\n(J\x00\x00\x00\x40tR" + b"s."  # ndarray((2**30,))
+    with pytest.raises(UnsafePickle, match="damaged"):
+        load_network_pickle(allocating)
+    plain = load_network_pickle(pickle.dumps({"G_ema": np.arange(6, dtype=np.float32).reshape(2, 3)}, protocol=4))["G_ema"]
+    assert np.array_equal(np.asarray(plain), np.arange(6, dtype=np.float32).reshape(2, 3))  # what NumPy writes still loads
 
 
 def test_layers_numbered_far_past_their_count_are_refused():

@@ -104,6 +104,47 @@ def test_a_users_folder_is_read_as_they_see_it(tmp_path, caplog):
     assert photo.shape == (3, 16, 16) and photo[2, :4].mean() > 0.8 and photo[2, -4:].mean() < -0.8  # upright: blue on top
 
 
+def test_deep_grey_images_pipes_and_links_out_of_the_folder_are_read_as_they_are(tmp_path, caplog):
+    """int32 and float TIFFs came out black; a named pipe called x.png hung the load; a link to
+    another folder tree added its images without a word."""
+    import os
+
+    folder = tmp_path / "set"
+    (folder / "deep").mkdir(parents=True)
+    Image.fromarray(np.tile(np.arange(0, 256, 8, dtype=np.int32), (32, 1))).save(folder / "deep" / "int32.tif")
+    Image.fromarray(np.tile(np.linspace(0, 1, 32, dtype=np.float32), (32, 1))).save(folder / "deep" / "float.tif")
+    os.mkfifo(folder / "deep" / "pipe.png")
+    (tmp_path / "elsewhere").mkdir()
+    Image.new("L", (8, 8), 200).save(tmp_path / "elsewhere" / "far.png")
+    (folder / "linked").symlink_to(tmp_path / "elsewhere")
+    with caplog.at_level("WARNING"):
+        data = read_image_folder(folder, 16, channels=1)
+    assert len(data) == 3 and "links lead out of the folder" in caplog.text and "elsewhere" in caplog.text
+    deep = ((data.x[:, 0] + 1) * 127.5)  # sorted: deep/float.tif, deep/int32.tif, linked/far.png
+    for row in deep[:2]:
+        assert row.min() < 30 and row.max() > 220, row  # a ramp, not black
+
+
+def test_a_cifar_batch_of_nested_lists_or_a_meta_of_thousands_of_classes_is_refused_by_name(tmp_path):
+    """400 KB of nested lists ended in NumPy's 64-dimension traceback; 100,000 class names made a
+    conditional model of 9.7 GB; a batch without labels was reported as float labels."""
+    from training.data.readers import DataError
+
+    nested = [0]
+    for _ in range(70):
+        nested = [nested]
+    cases = {"data_batch_1": {b"data": nested, b"labels": [0]}}, {"data_batch_1": {b"data": np.zeros((20, 3072), np.uint8)}}
+    for files, expected in zip(cases, ("no arrays", "no labels")):
+        for name, content in files.items():
+            (tmp_path / name).write_bytes(pickle.dumps(content, protocol=4))
+        with pytest.raises(DataError, match=expected):
+            load_dataset(DataConfig(name="cifar10", path=str(tmp_path)))
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps({b"data": np.zeros((20, 3072), np.uint8), b"labels": [0] * 20}, protocol=4))
+    (tmp_path / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"c%d" % i for i in range(5000)]}, protocol=4))
+    with pytest.raises(DataError, match="lists 5000 class names"):
+        load_dataset(DataConfig(name="cifar10", path=str(tmp_path)))
+
+
 def test_a_folder_too_small_to_train_on_and_one_whose_images_all_fail_are_refused_by_name(tmp_path):
     """One image: it was held out, training ran on nothing (loss nan) and the first evaluation
     crashed; two: KID failed after the run."""

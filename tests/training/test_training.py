@@ -120,6 +120,8 @@ def test_configs_are_validated_at_the_edge():
         TrainConfig.model_validate({"data": {"name": "image_folder", "path": "x", "channels": 4}})
     with pytest.raises(ValidationError, match="labels file"):
         TrainConfig.model_validate({"data": {"name": "mnist", "path": "x"}, "model": {"arch": "cdcgan", "discriminator": "projection"}})
+    with pytest.raises(ValidationError, match="empty path"):  # (it trained on the folder the command ran in)
+        TrainConfig.model_validate({"data": {"name": "image_folder", "path": ""}})
     # a relative data path is kept absolute, so `ganserve evaluate` finds the data from any folder
     assert TrainConfig.model_validate({"data": {"name": "image_folder", "path": "photos"}}).data.path == str(Path.cwd() / "photos")
 

@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from PIL import Image, ImageOps
 from rich.progress import track
 
 from repository.importers.safe_pickle import ALLOWED as SAFE_GLOBALS
-from repository.importers.safe_pickle import UnsafePickle
+from repository.importers.safe_pickle import UnsafePickle, clean_dtype
 from training.data.base import TensorData
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ MAX_SOURCE_PIXELS = 8192 * 8192
 SHOWN_PROBLEMS = 5  # skipped files named in the warning
 PROGRESS_FROM_FILES = 200  # a folder this large shows a progress bar while it is read
 CIFAR_BATCH = re.compile(r"data_batch_\d+")  # not data_batch_1.bak beside it
+MAX_CLASSES = 1000  # class names a CIFAR meta file may list
 
 
 class DataError(ValueError):
@@ -49,17 +51,29 @@ def is_hidden(name: str) -> bool:
 
 
 def image_files(root: Path) -> list[Path]:
-    """Every image file under `root`, hidden ones left out, following symbolic links (a linked
-    class folder is a class) but walking each real folder once (a link loop ends)."""
-    found, walked = [], set()
-    for folder, subfolders, names in os.walk(root, followlinks=True):
+    """Every regular image file under `root` (a named pipe called x.png hung the load), hidden ones
+    left out, following symbolic links (a linked class folder is a class) but walking each real
+    folder once (a link loop ends). Folders that cannot be read, and links that lead out of
+    `root`, are named in a warning (an unreadable class folder vanished without a word)."""
+    found, walked, unreadable, outside = [], set(), [], []
+    base = os.path.realpath(root)
+    for folder, subfolders, names in os.walk(root, followlinks=True, onerror=unreadable.append):
         real = os.path.realpath(folder)
         if real in walked:
             subfolders[:] = []
             continue
         walked.add(real)
+        if os.path.commonpath([base, real]) != base and not any(os.path.commonpath([real, os.path.realpath(o)]) == os.path.realpath(o) for o in outside):
+            outside.append(folder)
         subfolders[:] = sorted(name for name in subfolders if not is_hidden(name))
-        found += [Path(folder) / name for name in names if not is_hidden(name) and Path(name).suffix.lower() in IMAGE_SUFFIXES]
+        found += [path for name in names if not is_hidden(name) and Path(name).suffix.lower() in IMAGE_SUFFIXES
+                  and (path := Path(folder) / name).is_file()]
+    if unreadable:
+        log.warning("%s: %d folder(s) could not be read, and their images are left out: %s", root, len(unreadable),
+                    "; ".join(f"{error.filename} ({error.strerror})" for error in unreadable[:SHOWN_PROBLEMS]))
+    if outside:
+        log.warning("%s: links lead out of the folder, and the images there are read too: %s", root,
+                    ", ".join(f"{folder} → {os.path.realpath(folder)}" for folder in outside[:SHOWN_PROBLEMS]))
     return sorted(found)
 
 
@@ -69,18 +83,45 @@ def class_of(path: Path, root: Path) -> str | None:
     return parts[0] if len(parts) > 1 else None
 
 
+def eight_bits(values: np.ndarray, sixteen_bits: bool = False) -> np.ndarray:
+    """Grey values deeper than 8 bits as uint8: 16-bit samples » 8; otherwise by the range they
+    hold (Pillow's 32-bit "I" and float "F" modes say nothing of it): floats up to 1 (a float TIFF
+    of 0…1) × 255, integers up to 255 as they are, up to 65,535 » 8, beyond that scaled to their
+    maximum. (int32 and float data came out black.)"""
+    if sixteen_bits:
+        return (values.astype(np.uint32) >> 8).astype(np.uint8)
+    if values.dtype.kind == "f":
+        values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        top = float(values.max(initial=0.0))
+        scaled = values * 255 if top <= 1.0 else values * (255 / top) if top > 255 else values
+        return scaled.round().clip(0, 255).astype(np.uint8)
+    top = int(values.max(initial=0))
+    if top <= 255:
+        return values.clip(0, 255).astype(np.uint8)
+    if top <= 65535:
+        return (values >> 8).clip(0, 255).astype(np.uint8)
+    return (values.astype(np.float64) * (255 / top)).round().clip(0, 255).astype(np.uint8)
+
+
 def fitted_image(path: Path, resolution: int, channels: int) -> np.ndarray:
     """uint8 [resolution, resolution, channels]: upright as its EXIF orientation says, 16-bit grey
     scaled (not clipped) to 8 bits, short side resized to `resolution`, centre-cropped."""
     mode = "L" if channels == 1 else "RGB"
+    with warnings.catch_warnings():  # (Pillow's bomb warning, printed raw: the size is checked here)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return fitted_picture(path, resolution, channels, mode)
+
+
+def fitted_picture(path: Path, resolution: int, channels: int, mode: str) -> np.ndarray:
+    """`fitted_image`, inside its warning filter."""
     with Image.open(path) as image:
         width, height = image.size
         if width * height > MAX_SOURCE_PIXELS:
             raise DataError(f"{width}x{height} pixels, over the {MAX_SOURCE_PIXELS:,} read")
         image.draft(mode, (resolution, resolution))  # a JPEG decodes at the smallest scale still ≥ the size asked
         picture = ImageOps.exif_transpose(image)
-        if picture.mode.startswith("I"):  # 16-bit grey: convert() clips at 255 (99.6 % of a gradient came out white)
-            picture = Image.fromarray((np.asarray(picture) >> 8).clip(0, 255).astype(np.uint8), "L")
+        if picture.mode.startswith("I") or picture.mode == "F":  # convert() clips these at 255 (a 16-bit gradient came out 99.6 % white)
+            picture = Image.fromarray(eight_bits(np.asarray(picture), sixteen_bits=picture.mode.startswith("I;16")), "L")
         fitted = ImageOps.fit(picture.convert(mode), (resolution, resolution), Image.Resampling.BICUBIC)
         return np.array(fitted).reshape(resolution, resolution, channels)  # (writable: torch warns on a read-only array)
 
@@ -133,8 +174,10 @@ def resized(images: np.ndarray, resolution: int) -> np.ndarray:
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N, H, W, C] → float [N, C, H, W] in [-1, 1]."""
-    return torch.from_numpy(np.array(images, copy=True)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    """uint8 [N, H, W, C] → float [N, C, H, W] in [-1, 1], scaled in place: the set is held once
+    as floats beside its bytes (the arithmetic's temporaries held 50k CIFAR images 2.5 times)."""
+    source = torch.from_numpy(images if images.flags.writeable else images.copy())
+    return source.permute(0, 3, 1, 2).float().div_(127.5).sub_(1)
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -189,9 +232,9 @@ def read_mnist(images_path: str | Path, labels_path: str | Path | None = None, r
 def array_from_buffer(buffer: bytes, dtype: np.dtype, shape: tuple, order: str = "C") -> np.ndarray:
     """Stands in for NumPy's `_frombuffer` (its pickles at protocol 5): an array over the bytes the
     pickle holds, never larger than they are."""
-    if not isinstance(buffer, (bytes, bytearray, pickle.PickleBuffer)) or not isinstance(dtype, np.dtype) or order not in ("C", "F"):
+    if not isinstance(buffer, (bytes, bytearray, pickle.PickleBuffer)) or order not in ("C", "F"):
         raise UnsafePickle("a NumPy array in the pickle is malformed")
-    return np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order)
+    return np.frombuffer(buffer, dtype=clean_dtype(dtype)).reshape(shape, order=order)
 
 
 # what a CIFAR batch's pickle may name: NumPy's array and dtype rebuilders (checked stand-ins, from
@@ -229,6 +272,22 @@ def cifar_batches(root: Path) -> list[Path]:
     return sorted(path for path in root.iterdir() if CIFAR_BATCH.fullmatch(path.name))
 
 
+def batch_arrays(batch: object, path: Path, num_classes: int) -> tuple[np.ndarray, torch.Tensor]:
+    """(uint8 images [N, 32, 32, 3], labels [N]) of one CIFAR batch, every part checked."""
+    if not isinstance(batch, dict) or b"data" not in batch:
+        raise DataError(f"{path}: expected a dict with data and labels, got {type(batch).__name__}")
+    labels = batch.get(b"labels", batch.get(b"fine_labels"))
+    if labels is None:
+        raise DataError(f"{path}: no labels (a CIFAR batch holds `labels`, or CIFAR-100's `fine_labels`)")
+    try:  # (400 KB of nested lists made NumPy refuse 64 dimensions, in a traceback)
+        data, labels = np.asarray(batch[b"data"]), np.asarray(labels)
+    except (ValueError, TypeError, OverflowError, MemoryError) as error:
+        raise DataError(f"{path}: its data or labels are no arrays ({type(error).__name__}: {str(error)[:120]})") from None
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(f"{path}: expected uint8 data [N, 3072], got {data.dtype} {data.shape}")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), checked_labels(labels, len(data), num_classes, path)
+
+
 def read_cifar10(batch_paths: list[str | Path], meta_path: str | Path | None = None, resolution: int = 32) -> TensorData:
     """CIFAR-10 python batches (`data_batch_1` …): [N, 3, R, R] in [-1, 1] with labels."""
     class_names = [f"class_{i}" for i in range(10)]
@@ -237,15 +296,12 @@ def read_cifar10(batch_paths: list[str | Path], meta_path: str | Path | None = N
         names = meta.get(b"label_names") if isinstance(meta, dict) else None
         if not isinstance(names, list) or not all(isinstance(name, bytes) for name in names):
             raise DataError(f"{meta_path}: expected a dict with label_names")
+        if not 2 <= len(names) <= MAX_CLASSES:  # (100,000 names made a conditional model of 9.7 GB; none, "labels in 0 … -1")
+            raise DataError(f"{meta_path} lists {len(names)} class names: between 2 and {MAX_CLASSES} are taken (CIFAR-10 has 10, CIFAR-100 100)")
         class_names = [name.decode(errors="replace") for name in names]
     images, labels = [], []
     for path in map(Path, batch_paths):
-        batch = load_cifar_pickle(path)
-        if not isinstance(batch, dict) or b"data" not in batch:
-            raise DataError(f"{path}: expected a dict with data and labels, got {type(batch).__name__}")
-        data = np.asarray(batch[b"data"])
-        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise DataError(f"{path}: expected uint8 data [N, 3072], got {data.dtype} {data.shape}")
-        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.append(checked_labels(np.asarray(batch.get(b"labels", batch.get(b"fine_labels", []))), len(data), len(class_names), path))
+        data, batch_labels = batch_arrays(load_cifar_pickle(path), path, len(class_names))
+        images.append(data)
+        labels.append(batch_labels)
     return TensorData(x=to_tensor(resized(np.concatenate(images), resolution)), y=torch.cat(labels), class_names=class_names)
