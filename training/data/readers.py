@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 from rich.progress import track
 
 from repository.importers.safe_pickle import ALLOWED as SAFE_GLOBALS
-from repository.importers.safe_pickle import UnsafePickle, clean_dtype
+from repository.importers.safe_pickle import RestrictedUnpickler, UnsafePickle, clean_dtype
 from training.data.base import TensorData
 
 log = logging.getLogger(__name__)
@@ -245,15 +245,9 @@ BATCH_GLOBALS = {key: value for key, value in SAFE_GLOBALS.items() if key[0].sta
     ("numpy.core.numeric", "_frombuffer"): array_from_buffer}
 
 
-class BatchUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> object:
-        if (module, name) in BATCH_GLOBALS:
-            return BATCH_GLOBALS[(module, name)]
-        raise UnsafePickle(f"the pickle asks for {module}.{name}; a CIFAR batch holds arrays, lists and dicts, and nothing "
-                           "else in it is run")
-
-    def persistent_load(self, pid: object) -> object:
-        raise UnsafePickle("the pickle refers to external persistent objects")
+class BatchUnpickler(RestrictedUnpickler):
+    allowed = BATCH_GLOBALS
+    only = "a CIFAR batch holds arrays, lists and dicts, and nothing else in it is run"
 
 
 def load_cifar_pickle(path: Path) -> object:
