@@ -11,7 +11,7 @@ def counts(text: str, option: str, minimum: int = 1, example: str = "1,8,32") ->
     """A comma-separated option of whole numbers, each at least `minimum` (`1,abc` or `0` ended in a
     traceback, the second after every server had started)."""
     parts = [part.strip() for part in text.split(",")]
-    if not parts or not all(part.isdigit() and int(part) >= minimum for part in parts):
+    if not all(part.isdigit() and int(part) >= minimum for part in parts):
         raise typer.BadParameter(f"{text!r}: comma-separated whole numbers of at least {minimum}, such as {example}", param_hint=option)
     return [int(part) for part in parts]
 

@@ -21,10 +21,10 @@ def unknown_settings(environment: Mapping[str, str]) -> list[str]:
     like: a misspelt one (GANSERVE_READY_MODELS) was ignored without a word."""
     from service.settings import Settings
 
-    known = {f"GANSERVE_{name.upper()}" for name in Settings.model_fields} | OTHER_VARIABLES
+    known = [name.upper() for name in Settings.model_fields] + [name.removeprefix("GANSERVE_") for name in OTHER_VARIABLES]
     lines = []
-    for variable in sorted(key for key in environment if key.startswith("GANSERVE_") and key not in known):
-        close = difflib.get_close_matches(variable.removeprefix("GANSERVE_"), [name.removeprefix("GANSERVE_") for name in known], n=1, cutoff=0.7)
+    for variable in sorted(key for key in environment if key.startswith("GANSERVE_") and key.removeprefix("GANSERVE_") not in known):
+        close = difflib.get_close_matches(variable.removeprefix("GANSERVE_"), known, n=1, cutoff=0.7)
         lines.append(f"{variable} is no setting, and is ignored" + (f" (did you mean GANSERVE_{close[0]}?)" if close else ""))
     return lines
 

@@ -89,7 +89,6 @@ def evaluate_command(
     from training.run_eval import evaluate_run
 
     from training.data.readers import DataError
-
     from training.run_eval import RunError
 
     try:

@@ -55,7 +55,7 @@ def image_files(root: Path) -> list[Path]:
     left out, following symbolic links (a linked class folder is a class) but walking each real
     folder once (a link loop ends). Folders that cannot be read, and links that lead out of
     `root`, are named in a warning (an unreadable class folder vanished without a word)."""
-    found, walked, unreadable, outside = [], set(), [], []
+    found, walked, unreadable, outside = [], set(), [], {}
     base = os.path.realpath(root)
     for folder, subfolders, names in os.walk(root, followlinks=True, onerror=unreadable.append):
         real = os.path.realpath(folder)
@@ -63,8 +63,8 @@ def image_files(root: Path) -> list[Path]:
             subfolders[:] = []
             continue
         walked.add(real)
-        if os.path.commonpath([base, real]) != base and not any(os.path.commonpath([real, os.path.realpath(o)]) == os.path.realpath(o) for o in outside):
-            outside.append(folder)
+        if not within(real, base) and not any(within(real, other) for other in outside.values()):  # each link named once, not its sub-folders
+            outside[folder] = real
         subfolders[:] = sorted(name for name in subfolders if not is_hidden(name))
         found += [path for name in names if not is_hidden(name) and Path(name).suffix.lower() in IMAGE_SUFFIXES
                   and (path := Path(folder) / name).is_file()]
@@ -73,8 +73,12 @@ def image_files(root: Path) -> list[Path]:
                     "; ".join(f"{error.filename} ({error.strerror})" for error in unreadable[:SHOWN_PROBLEMS]))
     if outside:
         log.warning("%s: links lead out of the folder, and the images there are read too: %s", root,
-                    ", ".join(f"{folder} → {os.path.realpath(folder)}" for folder in outside[:SHOWN_PROBLEMS]))
+                    ", ".join(f"{folder} → {real}" for folder, real in list(outside.items())[:SHOWN_PROBLEMS]))
     return sorted(found)
+
+
+def within(path: str, folder: str) -> bool:
+    return os.path.commonpath([folder, path]) == folder
 
 
 def class_of(path: Path, root: Path) -> str | None:
@@ -107,13 +111,6 @@ def fitted_image(path: Path, resolution: int, channels: int) -> np.ndarray:
     """uint8 [resolution, resolution, channels]: upright as its EXIF orientation says, 16-bit grey
     scaled (not clipped) to 8 bits, short side resized to `resolution`, centre-cropped."""
     mode = "L" if channels == 1 else "RGB"
-    with warnings.catch_warnings():  # (Pillow's bomb warning, printed raw: the size is checked here)
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return fitted_picture(path, resolution, channels, mode)
-
-
-def fitted_picture(path: Path, resolution: int, channels: int, mode: str) -> np.ndarray:
-    """`fitted_image`, inside its warning filter."""
     with Image.open(path) as image:
         width, height = image.size
         if width * height > MAX_SOURCE_PIXELS:
@@ -149,7 +146,9 @@ def read_image_folder(root: str | Path, resolution: int, channels: int = 3) -> T
     for path, name in track(list(zip(files, classes)), description=f"reading {len(files)} images", transient=True,
                             disable=len(files) < PROGRESS_FROM_FILES):
         try:
-            pixels = fitted_image(path, resolution, channels)
+            with warnings.catch_warnings():  # Pillow's bomb warning printed raw, where `fitted_image` checks the size itself
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                pixels = fitted_image(path, resolution, channels)
         except (OSError, ValueError, Image.DecompressionBombError, SyntaxError, struct.error, zlib.error) as error:
             skipped.append(f"{path.relative_to(root)} ({str(error)[:120] or type(error).__name__})")
             continue
