@@ -57,7 +57,7 @@ def run_data_loading_bench(images: int, resolution: int, baseline_code: Path | N
         codes = {"now": REPO} | ({"baseline": baseline_code} if baseline_code else {})
         results = {name: measure(code, folder, resolution) for name, code in codes.items()}
     table = Table(title=f"{images} JPEGs read at {resolution} px ({machine()})")
-    for column in ("code", "seconds", "float tensor GB", "peak RSS GB"):
+    for column in ("code", "seconds", "tensor GB", "peak RSS GB"):
         table.add_column(column)
     for name, result in results.items():
         table.add_row(name, f"{result['seconds']:.1f}", f"{result['tensor_bytes'] / 1e9:.2f}", f"{result['peak_rss_bytes'] / 1e9:.2f}")

@@ -26,7 +26,7 @@ from models.spec import ModelSpec
 from models.zoo import build_discriminator, build_generator
 from training.augment import diff_augment
 from training.config import TrainConfig
-from training.data import TensorData, load_dataset
+from training.data import TensorData, as_floats, load_dataset
 from training.data.readers import DataError
 from training.diagnostics import CollapseMonitor, mean_pairwise_distance
 from training.evaluate import GeneratorEvaluator
@@ -319,7 +319,7 @@ class GanTask:
         self.panel_z = latents(spec, cfg.panel_size, PANEL_SEED)
         self.panel_y = balanced_labels(spec, cfg.panel_size)
         index = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(PANEL_SEED))[: cfg.panel_size]
-        self.reference = self.train_set.x[index]
+        self.reference = as_floats(self.train_set.x[index])
         reference_labels = self.train_set.y[index] if self.panel_y is not None else None
         self.evaluator = GeneratorEvaluator(spec, cfg.data, self.train_set, held_out, cfg.eval.num_samples)
         self.monitor = CollapseMonitor(logistic_loss=cfg.loss.name in LOGISTIC | {"lsgan", "hinge"},

@@ -60,9 +60,11 @@ def test_image_folder_with_class_subfolders_is_resized_cropped_and_labelled(tmp_
         for i in range(3):
             Image.new("RGB", (40 + i * 10, 30), colour).save(tmp_path / name / f"{i}.png")
     data = read_image_folder(tmp_path, resolution=16)
-    assert data.x.shape == (6, 3, 16, 16)
+    assert data.x.shape == (6, 3, 16, 16) and data.x.dtype == torch.uint8  # held as pixels: a quarter of the floats
     assert data.class_names == ["cats", "dogs"] and data.y.tolist() == [0, 0, 0, 1, 1, 1]
-    assert data.x[0, 0].mean() == pytest.approx(1.0) and data.x[0, 2].mean() == pytest.approx(-1.0)
+    batch, labels = data.minibatch(6, torch.Generator().manual_seed(0))  # the networks see floats in [-1, 1]
+    first = batch[labels == 0][0]
+    assert batch.dtype == torch.float32 and first[0].mean() == pytest.approx(1.0) and first[2].mean() == pytest.approx(-1.0)
 
 
 def test_empty_image_folder_is_a_clear_error(tmp_path):
@@ -98,10 +100,10 @@ def test_a_users_folder_is_read_as_they_see_it(tmp_path, caplog):
         data = read_image_folder(tmp_path / "set", resolution=16)
     assert data.class_names == ["birds", "cats", "dogs"] and sorted(data.y.tolist()) == [0, 1, 1, 2]
     assert "broken.jpg" in caplog.text and "skipped 1 of 5" in caplog.text and "empty" in caplog.text
-    grey = ((data.x[data.y == 1][0] + 1) * 127.5).numpy()  # (sorted: cats/grey16.png before cats/kittens/…)
+    grey = data.x[data.y == 1][0].float().numpy()  # (sorted: cats/grey16.png before cats/kittens/…)
     assert grey.min() < 20 and grey.max() > 235 and grey.mean() == pytest.approx(127.5, abs=12)  # a gradient, not all white
     photo = data.x[data.y == 2][0]
-    assert photo.shape == (3, 16, 16) and photo[2, :4].mean() > 0.8 and photo[2, -4:].mean() < -0.8  # upright: blue on top
+    assert photo.shape == (3, 16, 16) and photo[2, :4].float().mean() > 230 and photo[2, -4:].float().mean() < 25  # upright: blue on top
 
 
 def test_deep_grey_images_pipes_and_links_out_of_the_folder_are_read_as_they_are(tmp_path, caplog):
@@ -120,7 +122,7 @@ def test_deep_grey_images_pipes_and_links_out_of_the_folder_are_read_as_they_are
     with caplog.at_level("WARNING"):
         data = read_image_folder(folder, 16, channels=1)
     assert len(data) == 3 and "links lead out of the folder" in caplog.text and "elsewhere" in caplog.text
-    deep = ((data.x[:, 0] + 1) * 127.5)  # sorted: deep/float.tif, deep/int32.tif, linked/far.png
+    deep = data.x[:, 0].float()  # sorted: deep/float.tif, deep/int32.tif, linked/far.png
     for row in deep[:2]:
         assert row.min() < 30 and row.max() > 220, row  # a ramp, not black
 
@@ -194,7 +196,7 @@ def test_mnist_idx_files_round_trip(tmp_path, compress):
     write_idx(tmp_path / f"labels{suffix}", labels, compress)
     data = read_mnist(tmp_path / f"images{suffix}", tmp_path / f"labels{suffix}")
     assert data.x.shape == (5, 1, 28, 28)
-    assert np.array_equal(((data.x[:, 0] + 1) * 127.5).round().byte().numpy(), images)
+    assert np.array_equal(data.x[:, 0].numpy(), images)
     assert data.y.tolist() == [3, 1, 4, 1, 5]
 
 
@@ -216,7 +218,7 @@ def test_cifar10_python_batches_round_trip(tmp_path):
         loaded = read_cifar10([tmp_path / "data_batch_1"], tmp_path / "batches.meta")
         assert loaded.x.shape == (20, 3, 32, 32) and loaded.y.tolist() == labels
         # CIFAR stores the red plane first: pixel (0, 0) red is data[:, 0]
-        assert np.array_equal(((loaded.x[:, 0, 0, 0] + 1) * 127.5).round().byte().numpy(), data[:, 0])
+        assert np.array_equal(loaded.x[:, 0, 0, 0].numpy(), data[:, 0])
         assert loaded.class_names[9] == "n9"
     (tmp_path / "data_batch_1.bak").write_bytes(b"an editor's backup")  # matched data_batch_* and failed the load
     train, held_out = load_dataset(DataConfig(name="cifar10", path=str(tmp_path), resolution=64))
@@ -269,3 +271,19 @@ def test_mnist_trains_at_the_configured_resolution_and_bad_files_are_named(tmp_p
 def test_a_dataset_needing_a_path_says_so():
     with pytest.raises(ValueError, match="data.path is required"):
         load_dataset(DataConfig(name="mnist"))
+
+
+def test_a_users_pixels_become_the_floats_the_networks_and_judges_saw_before():
+    """A user's set is held as uint8 pixels; what the generator, the judge and FID see is the
+    float set the readers used to store (p / 127.5 - 1), exactly."""
+    from training.data import as_floats
+    from training.metrics.generic_features import RandomConvFeatures
+
+    pixels = torch.randint(0, 256, (6, 3, 40, 40), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    floats = pixels.float() / 127.5 - 1
+    assert torch.equal(as_floats(pixels), floats) and as_floats(floats) is floats
+    judge = RandomConvFeatures(3)
+    assert np.array_equal(judge(pixels), judge(floats))
+    data = TensorData(x=pixels, y=torch.arange(6))
+    batch, labels = data.minibatch(6, torch.Generator().manual_seed(1))
+    assert torch.equal(batch, floats[labels])

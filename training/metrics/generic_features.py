@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.data import as_floats
+
 JUDGE_SIDE = 32  # images are resized to 32x32 before the network: the judge sees one scale
 RANDOM_SEED = 0
 
@@ -35,9 +37,11 @@ def encoder(channels: int) -> nn.Sequential:
 
 
 def at_judge_size(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [-1, 1] (uint8 pixels scaled) at the judge's 32x32."""
+    images = as_floats(images)
     if images.shape[-1] == JUDGE_SIDE and images.shape[-2] == JUDGE_SIDE:
-        return images.float()
-    return F.interpolate(images.float(), size=(JUDGE_SIDE, JUDGE_SIDE), mode="area" if images.shape[-1] > JUDGE_SIDE else "bilinear", align_corners=None if images.shape[-1] > JUDGE_SIDE else False)
+        return images
+    return F.interpolate(images, size=(JUDGE_SIDE, JUDGE_SIDE), mode="area" if images.shape[-1] > JUDGE_SIDE else "bilinear", align_corners=None if images.shape[-1] > JUDGE_SIDE else False)
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from models.inception import FIDInceptionV3
+from training.data import as_floats
 
 IGNORED_PREFIXES = ("fc.", "AuxLogits.")  # classification heads the feature extractor does not use
 
@@ -40,5 +41,5 @@ def load_fid_inception(weights_path: str | Path | None) -> FIDInceptionV3:
 
 @torch.no_grad()
 def inception_features(model: FIDInceptionV3, images: torch.Tensor, batch_size: int = 50) -> np.ndarray:
-    """pool3 features [N, 2048] of images in [-1, 1]."""
-    return torch.cat([model(images[i : i + batch_size].float()) for i in range(0, len(images), batch_size)]).double().numpy()
+    """pool3 features [N, 2048] of images in [-1, 1] (or their uint8 pixels, scaled a batch at a time)."""
+    return torch.cat([model(as_floats(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]).double().numpy()
