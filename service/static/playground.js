@@ -138,7 +138,7 @@ function comparison(input, output) {
 
 const KIND_NAMES = {unconditional: "generator", conditional: "conditional generator", style: "style generator",
                     translation: "image translation", super_resolution: "super-resolution"};
-const state = {models: [], details: {}, model: null};
+const state = {models: [], details: {}, model: null, drawn: false, refresh: null};
 
 function sizeOf(model, spec) {
   if (model.kind === "super_resolution") return `×${spec.scale || "?"} upscale`;
@@ -160,7 +160,8 @@ const latestSpec = model => {
 };
 
 function card(model) {
-  const samples = element("img", {src: `v1/models/${encodeURIComponent(model.name)}/samples.png`, alt: `samples of ${model.name}`});
+  const source = `v1/models/${encodeURIComponent(model.name)}/samples.png?version=${model.latest_version}`;  // (a new version's own samples, not the cached ones)
+  const samples = element("img", {src: source, alt: `samples of ${model.name}`});
   samples.addEventListener("error", () => samples.replaceWith(element("div", {className: "no-samples", textContent: model.ready ? "no samples" : model.state})));
   const item = element("button", {type: "button", className: `card ${model.state}`, title: model.error || `open ${model.name}`},
     samples, element("strong", {textContent: model.name}), element("span", {className: `kind ${model.kind}`, textContent: KIND_NAMES[model.kind] || model.kind}),
@@ -170,21 +171,65 @@ function card(model) {
   return item;
 }
 
+// The gallery follows the server: models load, finish loading, get new versions (a repository
+// poll, a `load` through the repository API) or are unloaded while the page is open. The list is
+// asked for every few seconds while the page is visible (one small GET), a model's details only
+// when what the list says of it changed, and the gallery is redrawn only then.
+const REFRESH_MS = {loading: 2000, settled: 5000};
+const signature = model => JSON.stringify([model.state, model.latest_version, model.versions, model.error || ""]);
+
 async function showGallery() {
   const gallery = $("#gallery");
+  let models;
   try {
-    state.models = (await call("v1/models", {as: "json"})).body.models;
-    const details = await Promise.all(state.models.map(m => call(`v1/models/${encodeURIComponent(m.name)}`, {as: "json"}).then(a => a.body, () => null)));
-    state.models.forEach((m, i) => { state.details[m.name] = details[i]; });
+    if (document.hidden && state.models.length) return;  // (asked again when the page is shown)
+    models = (await call("v1/models", {as: "json"})).body.models;
+    const before = Object.fromEntries(state.models.map(m => [m.name, signature(m)]));
+    const stale = models.filter(m => before[m.name] !== signature(m) || !(m.name in state.details));
+    const details = await Promise.all(stale.map(m => call(`v1/models/${encodeURIComponent(m.name)}`, {as: "json"}).then(a => a.body, () => null)));
+    stale.forEach((m, i) => { state.details[m.name] = details[i]; });
+    if (state.drawn && !stale.length && models.length === state.models.length && !gallery.querySelector(".message.error")) return;
   } catch (error) {
     gallery.replaceChildren(element("p", {className: "message error", textContent: `the models could not be listed: ${error}`}));
     return;
+  } finally {
+    clearTimeout(state.refresh);  // (one timer, whoever asked: the timer itself or the page shown again)
+    state.refresh = setTimeout(showGallery, (models || state.models).some(m => m.state === "loading") ? REFRESH_MS.loading : REFRESH_MS.settled);
   }
-  gallery.replaceChildren(...(state.models.length ? state.models.map(card) : [element("p", {className: "message", textContent: "this server holds no models"})]));
-  const chosen = state.model && state.models.find(m => m.name === state.model.name);
-  if (chosen && chosen.state !== state.model.state) choose(chosen.name, ($("#tools > form:not([hidden])") || {dataset: {}}).dataset.tool);
-  else if (chosen) $$(".card", gallery).forEach(c => c.classList.toggle("chosen", c.dataset.model === chosen.name));
-  if (state.models.some(m => m.state === "loading")) setTimeout(showGallery, 2000);  // until every model has loaded or failed
+  const previous = state.model && state.models.find(m => m.name === state.model.name);
+  state.models = models;
+  state.drawn = true;
+  gallery.replaceChildren(...(models.length ? models.map(card) : [element("p", {className: "message", textContent: "this server holds no models"})]));
+  const chosen = state.model && models.find(m => m.name === state.model.name);
+  if (chosen && (!previous || signature(chosen) !== signature(previous))) {  // its state or versions changed: its tools are rebuilt, what was typed kept
+    const kept = inputsOf($("#bench"));
+    choose(chosen.name, ($("#tools > form:not([hidden])") || {dataset: {}}).dataset.tool);
+    restoreInputs($("#bench"), kept);
+  } else if (chosen) $$(".card", gallery).forEach(c => c.classList.toggle("chosen", c.dataset.model === chosen.name));
+}
+document.addEventListener("visibilitychange", () => { if (!document.hidden) showGallery(); });
+
+// What was typed and picked in a model's tools (and the class and truncation above them), by tool
+// and field: a model that finished loading rebuilt its tools, and the seeds typed and the image
+// chosen were lost.
+function inputsOf(root) {
+  const kept = new Map();
+  for (const field of $$("input, select", root)) {
+    if (!field.name) continue;
+    const key = `${(field.closest("form") || {dataset: {}}).dataset.tool || "common"}/${field.name}`;
+    kept.set(key, field.type === "file" ? field.files : field.value);
+  }
+  return kept;
+}
+
+function restoreInputs(root, kept) {
+  for (const field of $$("input, select", root)) {
+    const key = `${(field.closest("form") || {dataset: {}}).dataset.tool || "common"}/${field.name}`;
+    if (!kept.has(key)) continue;
+    if (field.type === "file") field.files = kept.get(key);  // (no change event: that would send it)
+    else if (field.tagName !== "SELECT" || $$("option", field).some(option => option.value === kept.get(key))) field.value = kept.get(key);
+    if (field.type === "range") field.dispatchEvent(new Event("input"));  // (its shown value follows it)
+  }
 }
 
 /* ---------- the bench: one model's tools ---------- */

@@ -9,6 +9,8 @@ import httpx
 import pytest
 from PIL import Image
 
+from tests.serving import running_server
+
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
 from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
@@ -308,3 +310,27 @@ def test_a_link_to_a_model_the_server_does_not_serve_says_so(browser, server):
         browser.get(f"{server.url}/#{fragment}")
         notice = WebDriverWait(browser, SERVER_WAIT_S).until(lambda d: d.find_element(By.ID, "hash-notice").text)
         assert "serves no model named" in notice
+
+
+def test_the_page_follows_a_model_unloaded_and_loaded_again_and_keeps_what_was_typed(browser, repository):
+    """The gallery was read once: a model unloaded, loaded or given a new version while the page
+    was open went unseen; and a model that finished loading rebuilt its tools, wiping the seed
+    typed and the class picked."""
+    with running_server(repository, model_control=True, models="cdigits") as control, control.client() as client:
+        form = open_tool(browser, control, "cdigits", "generate")
+        fill(form, "seed", 4242)
+        fill(form, "n", 1)
+        Select(browser.find_element(By.CSS_SELECTOR, "#common select[name=class]")).select_by_value("3")
+        facts = lambda _: browser.find_element(By.ID, "model-facts").text  # noqa: E731
+        assert client.post("/v2/repository/models/cdigits/unload").status_code == 200
+        WebDriverWait(browser, SERVER_WAIT_S).until(lambda d: "unloaded" in facts(d))
+        assert client.post("/v2/repository/models/cdigits/load").status_code == 200
+        WebDriverWait(browser, SERVER_WAIT_S).until(lambda d: "unloaded" not in facts(d) and " on " in facts(d))  # "onnx on cpu"
+        form = browser.find_element(By.CSS_SELECTOR, '#tools form[data-tool="generate"]:not([hidden])')
+        assert form.find_element(By.NAME, "seed").get_attribute("value") == "4242"
+        picker = Select(browser.find_element(By.CSS_SELECTOR, "#common select[name=class]"))
+        assert picker.first_selected_option.get_attribute("value") == "3"
+        form.find_element(By.CSS_SELECTOR, "button").click()
+        (image,) = wait_for_answer(browser, form)
+        shown = browser.execute_script("return fetch(arguments[0].src).then(r => r.arrayBuffer()).then(b => Array.from(new Uint8Array(b)))", image)
+        assert bytes(shown) == client.post("/v1/models/cdigits/generate", json={"seed": 4242, "n": 1, "class": 3}).content
