@@ -1,6 +1,7 @@
 """The `ganserve bench` verb."""
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -162,17 +163,25 @@ def bench_encoding_command(
     run_encoding_bench(counts(sides, "--sides", 8, "64,256"), repeats, out)
 
 
+class DataLoadingSet(str, Enum):
+    """The readers `bench-data` measures."""
+
+    image_folder = "image_folder"
+    cifar10 = "cifar10"
+
+
 def bench_data_command(
-    images: int = typer.Option(20_000, min=10, help="JPEGs (128x96, in 4 class folders) written for the run"),
+    images: int = typer.Option(20_000, min=10, help="images written for the run (JPEGs of 128x96 in 4 class folders, or 32x32 CIFAR batches)"),
     resolution: int = typer.Option(128, min=8, help="the training resolution they are read at"),
     baseline_code: Optional[Path] = typer.Option(None, "--baseline-code", exists=True, file_okay=False,
                                                  help="another checkout (a git worktree of the code before a change), measured beside this one"),
-    out: Optional[Path] = typer.Option(Path("bench/results/image-folder-loading-latest.json"), help="JSON report"),
+    dataset: DataLoadingSet = typer.Option(DataLoadingSet.image_folder, help="the reader measured"),
+    out: Optional[Path] = typer.Option(Path("bench/results/data-loading-latest.json"), help="JSON report"),
 ) -> None:
-    """What reading a user's image folder costs before training's first step: time and peak memory of the reader and split, each code in its own process."""
+    """What reading a user's data (an image folder, or CIFAR-10 batches) costs before training's first step: time and peak memory of the reader and split, each code in its own process."""
     from bench.data_loading import run_data_loading_bench
 
-    run_data_loading_bench(images, resolution, baseline_code, out)
+    run_data_loading_bench(images, resolution, baseline_code, out, dataset.value)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,4 +1,6 @@
 """The benchmark tools measure the real server and the bare runtime."""
+import pytest
+
 from bench.ceiling import measure_ceiling
 from bench.load import run_load
 from service.repository import scan_repository
@@ -177,10 +179,11 @@ def test_a_bench_option_that_is_no_list_of_counts_or_names_a_missing_model_is_a_
         assert result.exit_code == 2 and "Invalid value" in result.output and "Traceback" not in result.output, (arguments, result.output)
 
 
-def test_the_image_folder_bench_reads_a_folder_as_training_does_and_reports_its_cost(tmp_path):
+@pytest.mark.parametrize("dataset", ["image_folder", "cifar10"])
+def test_the_data_bench_reads_a_set_as_training_does_and_reports_its_cost(tmp_path, dataset):
     from bench.data_loading import run_data_loading_bench
 
-    report = run_data_loading_bench(images=20, resolution=16, baseline_code=None, out=tmp_path / "report.json")
+    report = run_data_loading_bench(images=20, resolution=16, baseline_code=None, out=tmp_path / "report.json", dataset=dataset)
     result = report["results"]["now"]
     assert result["images"] == 20 and result["tensor_bytes"] == 20 * 3 * 16 * 16 and result["peak_rss_bytes"] > result["tensor_bytes"]
     assert (tmp_path / "report.json").exists()
