@@ -28,7 +28,14 @@
   over its high-water mark** (RFC 6455 allows answering only the latest ping: a ping flood from a
   client that does not read grew the server by ~24 MB/s), and **a message in more than
   `MAX_FRAGMENTS` frames closes the connection with 1009** (websockets' `max_size` counts payload
-  bytes only, so a flood of empty continuation frames was parsed without end on the event loop).
+  bytes only, so a flood of empty continuation frames was parsed without end on the event loop),
+  and **a connection sending more than `MAX_MESSAGES_PER_S` messages (text, binary, ping, pong) or
+  `MAX_FRAMES_PER_S` frames a second, past a burst, is closed with 1008**. A read (up to 256 KiB)
+  is parsed `FEED_BYTES` at a time and the budget checked between pieces: one client's 30,000
+  one-byte frames every half second (8 MB in 20 s) held the event loop for seconds at a time,
+  every other client's requests with it (a hostile probe: benign p99 7.0 s, `/health/live` 1.7 s;
+  websockets parses ~37,000 such frames from one read, 118 ms, before uvicorn and the stream
+  handle each).
 
 Warnings any client can cause at will (a malformed request) are logged at most once every
 `CLIENT_WARNING_EVERY_S` (`ClientCausedWarnings`), and the INFO lines written per WebSocket
@@ -64,8 +71,12 @@ from collections.abc import Callable
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets import http11 as websockets_http11
+from websockets.datastructures import Headers as WebSocketHeaders
+from websockets.http11 import Response as WebSocketResponse
 
 from service.connection_table import IDLE_EVICTABLE_S, ConnectionTable, client_share_key
+from service.errors import error_payload
 
 DISCONNECT_EXTENSION = "ganserve.on_disconnect"  # a list of callables in the request's scope extensions
 FLUSHED_EXTENSION = "ganserve.when_flushed"  # a callable: when_flushed(callback), the callback run once the answer left
@@ -76,6 +87,9 @@ SHUTTING_DOWN, GAVE_UP_SLOT = "shutting_down", "gave_up_slot"
 SERVER_SHUTDOWN_EXTENSION = "ganserve.on_server_shutdown"  # a list of callables: a WebSocket app that closes itself on shutdown
 REFUSED_LINGER_S = 1.0  # how long a refused request's remaining bytes are read and dropped before the close
 MAX_FRAGMENTS = 4096  # frames one WebSocket message may come in (a 64 MiB frame in 16 KiB pieces)
+MAX_MESSAGES_PER_S, MESSAGE_BURST = 240, 480  # WebSocket messages a connection may send (a live feed sends 30-120 frames a second)
+MAX_FRAMES_PER_S, FRAME_BURST = 2048, MAX_FRAGMENTS + 480  # frames of any kind, continuations included (one message in the most pieces allowed)
+FEED_BYTES = 16 * 1024  # a WebSocket read is parsed this much at a time, the budgets checked between pieces (≤ 2,340 frames)
 MAX_PIPELINED = 64  # requests queued behind the one running on a connection; later ones are dropped and the connection closes
 CLIENT_WARNING_EVERY_S = 10.0  # a warning any client can cause (a malformed request) is logged at most this often
 
@@ -486,6 +500,32 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
             self.transport.close()
 
 
+def json_refusal(refused: WebSocketResponse, path: str) -> WebSocketResponse:
+    """websockets' plain-text refusal of a handshake as the API's JSON error (status, and headers
+    such as `Sec-WebSocket-Version` on a version it does not speak, kept)."""
+    text = refused.body.decode(errors="replace").split("\n\n")[0].strip()
+    message = text.removeprefix("Failed to open a WebSocket connection: ").rstrip(".") or refused.reason_phrase
+    body = json.dumps(error_payload(path, refused.status_code, f"not a WebSocket handshake this server accepts: {message}")).encode()
+    headers = WebSocketHeaders([(key, value) for key, value in refused.headers.raw_items() if key.lower() not in ("content-type", "content-length")]
+                               + [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return WebSocketResponse(refused.status_code, refused.reason_phrase, headers, body)
+
+
+class RateBudget:
+    """A token bucket: `burst` at once, refilled at `rate` a second (loop time)."""
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate, self.burst, self.tokens, self.at = rate, burst, burst, now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
 class GuardedWebSocketProtocol(StallGuardedWrites, WebSocketsSansIOProtocol):
     send_timeout_s: float = 30.0
     slots: ConnectionTable | None = None  # the server's, once the upgrade handed this connection's slot over
@@ -496,6 +536,37 @@ class GuardedWebSocketProtocol(StallGuardedWrites, WebSocketsSansIOProtocol):
         self.stall_guard = WriteStallGuard(self.loop, self.transport, self.send_timeout_s)
         self.after_flush = []
         self.fragments = 0
+        now = self.loop.time()
+        self.message_budget = RateBudget(MAX_MESSAGES_PER_S, MESSAGE_BURST, now)
+        self.frame_budget = RateBudget(MAX_FRAMES_PER_S, FRAME_BURST, now)
+
+    def data_received(self, data: bytes) -> None:
+        """A read parsed `FEED_BYTES` at a time, so a closed connection's rest is never parsed."""
+        for start in range(0, len(data), FEED_BYTES):
+            if self.transport.is_closing():
+                return
+            super().data_received(data[start:start + FEED_BYTES])
+
+    def over_budget(self, message: bool) -> bool:
+        """Takes one frame (and one message) from the connection's budgets; past either, the
+        connection is closed with 1008 and True returned (the frame is not handled)."""
+        if self.transport.is_closing():
+            return True
+        now = self.loop.time()
+        if self.frame_budget.take(now) and (not message or self.message_budget.take(now)):
+            return False
+        limit = f"{MAX_MESSAGES_PER_S} messages" if message and self.frame_budget.tokens >= 1 else f"{MAX_FRAMES_PER_S} frames"
+        self.fail(1008, f"more than {limit} a second")
+        return True
+
+    def fail(self, code: int, reason: str) -> None:
+        """Closes the connection at once with `code` (the app is told it is gone)."""
+        if not self.transport.is_closing():
+            self.conn.fail(code, reason)
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.close_sent = True
+            self.transport.close()
+        self.frames = []
 
     def hold_slot(self, slots: ConnectionTable) -> None:
         """Takes the upgraded HTTP connection's slot: a stream counts toward the connection cap,
@@ -510,6 +581,16 @@ class GuardedWebSocketProtocol(StallGuardedWrites, WebSocketsSansIOProtocol):
         self.transport.close()  # (never chosen: a stream is not in the waiting line)
 
     def handle_connect(self, event) -> None:
+        """A handshake websockets refuses (no key, another protocol version) is answered with the
+        API's JSON error, as every refusal of the app is (it was websockets' plain text)."""
+        refused = self.conn.accept(event)  # (it only reads the request: uvicorn's own handshake accepts it again)
+        if refused.status_code != 101:
+            self.request = event
+            self.handshake_initiated = self.handshake_complete = self.close_sent = True
+            self.conn.send_response(json_refusal(refused, event.path.partition("?")[0]))
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.transport.close()
+            return
         super().handle_connect(event)
         self.on_server_shutdown = []
         if (scope := getattr(self, "scope", None)) is not None:  # none when the upgrade request was refused
@@ -547,16 +628,34 @@ class GuardedWebSocketProtocol(StallGuardedWrites, WebSocketsSansIOProtocol):
             # ERROR for every refusal, a log line any client could produce at will
             self.handshake_complete = True
 
+    def handle_handshake_exception(self) -> None:
+        """An upgrade request websockets cannot parse: the API's JSON 400 (it was plain text)."""
+        self.conn.data_to_send()  # (websockets' own answer, if it queued one, is replaced)
+        self.handshake_complete = self.close_sent = True
+        refused = self.conn.reject(400, "the upgrade request could not be read")
+        self.transport.write(json_refusal(refused, "").serialize())
+        self.transport.close()
+
     def handle_ping(self) -> None:
         pong = self.conn.data_to_send()  # taken either way, or it would go out with the next write
+        if self.over_budget(message=True):
+            return
         if self.transport.get_write_buffer_size() < self.transport.get_write_buffer_limits()[1]:
             self.transport.write(b"".join(pong))
 
+    def handle_pong(self, event) -> None:
+        if not self.over_budget(message=True):
+            super().handle_pong(event)
+
     def handle_text(self, event) -> None:
+        if self.over_budget(message=True):
+            return
         self.fragments = 1
         super().handle_text(event)
 
     def handle_bytes(self, event) -> None:
+        if self.over_budget(message=True):
+            return
         self.fragments = 1
         super().handle_bytes(event)
 
@@ -574,14 +673,11 @@ class GuardedWebSocketProtocol(StallGuardedWrites, WebSocketsSansIOProtocol):
         super().send_receive_event_to_app()
 
     def handle_cont(self, event) -> None:
+        if self.over_budget(message=False):
+            return
         self.fragments += 1
         if self.fragments > MAX_FRAGMENTS:
-            if not self.transport.is_closing():
-                self.conn.fail(1009, f"a message in more than {MAX_FRAGMENTS} frames")
-                self.transport.write(b"".join(self.conn.data_to_send()))
-                self.close_sent = True
-                self.transport.close()
-            self.frames = []
+            self.fail(1009, f"a message in more than {MAX_FRAGMENTS} frames")
             return
         super().handle_cont(event)
 
@@ -593,6 +689,12 @@ def guarded_protocol(header_timeout_s: float, max_connections: int, send_timeout
                                                                    "send_timeout_s": send_timeout_s, "max_header_bytes": max_header_bytes})
 
 
-def guarded_websocket_protocol(send_timeout_s: float) -> type[GuardedWebSocketProtocol]:
-    """The WebSocket protocol class uvicorn instantiates per upgraded connection."""
+def guarded_websocket_protocol(send_timeout_s: float, max_header_bytes: int = 64 * 1024) -> type[GuardedWebSocketProtocol]:
+    """The WebSocket protocol class uvicorn instantiates per upgraded connection. websockets
+    parses the upgrade request again with limits of its own (a line of 8 KiB, 128 headers: its
+    `WEBSOCKETS_MAX_LINE_LENGTH` and `WEBSOCKETS_MAX_NUM_HEADERS`), so a 9 KB cookie opened every
+    HTTP route and got 431 from the stream; they are set to the HTTP protocol's own cap, which
+    the request has already passed (one header line takes at least 4 of its bytes)."""
+    websockets_http11.MAX_LINE_LENGTH = max_header_bytes
+    websockets_http11.MAX_NUM_HEADERS = max_header_bytes // 4
     return type("ConfiguredWebSocketProtocol", (GuardedWebSocketProtocol,), {"send_timeout_s": send_timeout_s})

@@ -481,11 +481,27 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def test_a_ping_flood_from_a_client_that_reads_nothing_does_not_grow_the_server(server):
-    """Every ping earns a pong; a client that sends 300,000 pings and reads none of the pongs
-    grew the server by 37 MB (~24 MB/s under a probe's flood). RFC 6455 lets a server
-    answer only the latest ping, so pongs are skipped while the write buffer is full; other
-    streams are answered meanwhile."""
+def close_code_in(sock: socket.socket) -> int | None:
+    """The close code of the server's close frame among what is left to read (the reset that
+    follows, for the bytes it left unread, ends the reading)."""
+    received = b""
+    with contextlib.suppress(OSError):
+        while chunk := sock.recv(1 << 16):
+            received += chunk
+    close = received.rfind(b"\x88\x02") if b"\x88\x02" in received else received.rfind(b"\x88")
+    return struct.unpack(">H", received[close + 2 : close + 4])[0] if close >= 0 and len(received) >= close + 4 else None
+
+
+@pytest.mark.parametrize("opcode,payload", [(0x2, b"x"), (0x1, b"x"), (0x9, bytes(125))], ids=["one-byte frames", "text", "pings"])
+def test_a_flood_of_small_messages_is_closed_with_1008_after_its_burst(server, opcode, payload):
+    """30,000 one-byte frames every half second (8 MB in 20 s, a hostile probe) held the event
+    loop for seconds at a time: another client's requests waited up to 7.0 s. Each message is
+    work (parsed, handed to the stream, answered): past `MESSAGE_BURST` at more than
+    `MAX_MESSAGES_PER_S` the connection is closed with 1008, and what is left of its read is not
+    parsed. (A flood of pings that were never read grew the server by 37 MB before pongs were
+    skipped while the write buffer is full; it is now closed as any flood is.)"""
+    from service.http_protocol import MESSAGE_BURST
+
     def one_frame_answered() -> None:
         with connect(ws_url(server), max_size=2**24) as fresh:
             assert json.loads(fresh.recv(timeout=30))["type"] == "ready"
@@ -493,16 +509,46 @@ def test_a_ping_flood_from_a_client_that_reads_nothing_does_not_grow_the_server(
             assert answers(fresh, 1)[0]["type"] == "frame"
 
     one_frame_answered()  # what a first stream allocates is not the flood's
-    pings = b"".join(client_frame(0x9, bytes(125)) for _ in range(1000))
-    stalled = raw_stream(server)
-    stalled.settimeout(10)
+    handled_before = sum(server.metric("ganserve_stream_frames_total", outcome=o) for o in ("answered", "dropped", "error"))
     before = rss_bytes(server.process.pid)
-    for _ in range(300):
-        stalled.sendall(pings)  # read by the server as they come (sendall would time out otherwise)
-    grown = 0
-    for _ in range(20):  # the last of them parsed
-        grown = max(grown, rss_bytes(server.process.pid) - before)
-        time.sleep(0.1)
-    assert grown < 10e6, grown  # 37 MB when every pong was written (2 MB now)
-    one_frame_answered()  # beside the stalled stream
-    stalled.close()
+    flood = raw_stream(server, receive_buffer=1 << 16)
+    flood.settimeout(10)
+    with contextlib.suppress(OSError):  # the server may reset the connection before all of it is written
+        flood.sendall(client_frame(opcode, payload) * 200_000)
+    assert close_code_in(flood) == 1008
+    flood.close()
+    time.sleep(0.5)
+    handled = sum(server.metric("ganserve_stream_frames_total", outcome=o) for o in ("answered", "dropped", "error")) - handled_before
+    assert handled <= MESSAGE_BURST + 10, handled  # of 200,000 frames sent (text and pings are no frames of the stream)
+    assert rss_bytes(server.process.pid) - before < 10e6
+    one_frame_answered()  # the server goes on
+
+
+def handshake(server, headers: str) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) of a hand-written upgrade request to the stream."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"GET {STREAM} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{headers}\r\n".encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer and (chunk := sock.recv(4096)):
+            answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        fields = dict(line.split(": ", 1) for line in lines[1:])
+        while len(body) < int(fields.get("Content-Length", 0)) and (chunk := sock.recv(4096)):
+            body += chunk
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in fields.items()}, body
+
+
+def test_a_handshake_websockets_refuses_is_the_api_json_error_and_a_large_cookie_opens_the_stream(server):
+    """A missing key or another protocol version were refused in websockets' plain text; a 9 KB
+    cookie line (an SSO cookie) or 130 headers got 431 from websockets' own 8 KiB / 128-header
+    limits where every HTTP route served them (the server's header cap is 64 KiB)."""
+    key = f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+    status, fields, body = handshake(server, "Sec-WebSocket-Version: 13\r\n")
+    assert status == 400 and fields["content-type"] == "application/json" and "Sec-WebSocket-Key" in json.loads(body)["error"]["message"]
+    status, fields, body = handshake(server, key + "Sec-WebSocket-Version: 8\r\n")
+    assert status == 400 and fields["content-type"] == "application/json" and "Sec-WebSocket-Version" in json.loads(body)["error"]["message"]
+    large = key + "Sec-WebSocket-Version: 13\r\n" + f"Cookie: session={'c' * 9000}\r\n" + "".join(f"X-Extra-{i}: {i}\r\n" for i in range(130))
+    status, _, _ = handshake(server, large)
+    assert status == 101
