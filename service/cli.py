@@ -90,11 +90,11 @@ def serve_command(
         typer.echo(f"ganserve serve: {error}", err=True)
         raise typer.Exit(2)
     from service.app import create_app
-    from service.http_protocol import guarded_protocol, guarded_websocket_protocol, quiet_per_connection_lines
+    from service.http_protocol import guarded_protocol, guarded_websocket_protocol, quiet_client_caused_output
     from service.memory import return_freed_memory_to_the_os
 
     return_freed_memory_to_the_os()
-    quiet_per_connection_lines()
+    quiet_client_caused_output()
     # every accepted request ends by its deadline, so the drain fits in shutdown_grace_s; WebSockets
     # without permessage-deflate: stream frames are PNG/JPEG/WebP already, and an 8 KB deflated
     # message inflated to 7.9 MiB on the event loop (~24 ms each: one stream starved every client)

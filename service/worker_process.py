@@ -40,7 +40,7 @@ def main(settings_json: str, replacement: bool = False, supervisor_pid: int | No
     import uvicorn
 
     from service.app import ENGINE_HTTP, create_app
-    from service.http_protocol import guarded_protocol, guarded_websocket_protocol, quiet_per_connection_lines
+    from service.http_protocol import guarded_protocol, guarded_websocket_protocol, quiet_client_caused_output
     from service.memory import return_freed_memory_to_the_os
     from service.settings import Settings
     from service.workers import port_socket
@@ -48,7 +48,7 @@ def main(settings_json: str, replacement: bool = False, supervisor_pid: int | No
     settings = Settings(**json.loads(settings_json))
     logging.basicConfig(level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s {settings.role} %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a front's forwards to the engine: one INFO line per job poll otherwise
-    quiet_per_connection_lines()
+    quiet_client_caused_output()
     return_freed_memory_to_the_os()
     config = uvicorn.Config(create_app(settings, serve_while_loading=not replacement), log_level=settings.log_level,
                             http=guarded_protocol(settings.header_timeout_s, settings.max_connections, settings.send_timeout_s, settings.max_header_bytes),
