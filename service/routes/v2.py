@@ -70,9 +70,11 @@ async def version_metadata(name: str, version: VersionPath, request: Request) ->
 
 def model_configuration(request: Request, name: str, version: int | None) -> dict:
     """Triton's model configuration (`tritonclient`'s `get_model_config`: it was a bare 404), from
-    what this server serves: the batcher's settings as Triton names them (`max_batch_size`,
-    `dynamic_batching`, `instance_group`: one instance per lane thread), each tensor's dims without
-    the batch dimension, -1 where any size is taken."""
+    what this server serves: `max_batch_size` the most rows one request is served (as Triton
+    refuses a larger one; it said the batcher's 64 where 256 were taken, and clients split their
+    batches by it), the batcher's own batch as `dynamic_batching`'s preferred size,
+    `instance_group` one instance per lane thread, each tensor's dims without the batch dimension,
+    -1 where any size is taken."""
     registry = registry_of(request)
     model = registry.get(name, version)
     spec, config = model.entry.spec, model.config
@@ -82,8 +84,8 @@ def model_configuration(request: Request, name: str, version: int | None) -> dic
 
     runtime = model.runtime.name
     return {"name": name, "platform": PLATFORMS.get(runtime, runtime), "backend": "onnxruntime" if runtime == "onnx" else "pytorch",
-            "max_batch_size": config.max_batch_size, "input": tensors(spec["inputs"]), "output": tensors(spec["outputs"]),
-            "dynamic_batching": {"max_queue_delay_microseconds": round(1000 * config.max_queue_delay_ms),
+            "max_batch_size": servable_rows(model, registry.settings), "input": tensors(spec["inputs"]), "output": tensors(spec["outputs"]),
+            "dynamic_batching": {"preferred_batch_size": [config.max_batch_size], "max_queue_delay_microseconds": round(1000 * config.max_queue_delay_ms),
                                  "default_queue_policy": {"max_queue_size": config.max_queue_size}},
             "instance_group": [{"name": name, "kind": "KIND_GPU" if registry.device == "cuda" else "KIND_CPU", "count": config.lane_threads}],
             "version_policy": triton_policy(registry.settings.policy_for(name))}

@@ -259,7 +259,7 @@ function choose(name, tool) {
     tabs.append(element("button", {type: "button", role: "tab", textContent: template.dataset.title, onclick: () => openTool(id)}));
     tabs.lastChild.dataset.tool = id;
   }
-  openTool(tool && $(`#tools [data-tool="${tool}"]`) ? tool : tools.firstElementChild.dataset.tool);
+  openTool(tool && $(`#tools [data-tool="${CSS.escape(tool)}"]`) ? tool : tools.firstElementChild.dataset.tool);  // (a quote in the link's tool threw)
   return true;
 }
 
@@ -497,7 +497,7 @@ function followHash() {
       $("#hash-notice").hidden = false;
       history.replaceState(null, "", location.pathname);
     }
-  } else if (name && tool && $(`#tools [data-tool="${tool}"]`)) openTool(tool);
+  } else if (name && tool && $(`#tools [data-tool="${CSS.escape(tool)}"]`)) openTool(tool);
 }
 window.addEventListener("hashchange", followHash);
 showGallery().then(followHash);

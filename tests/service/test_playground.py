@@ -334,3 +334,10 @@ def test_the_page_follows_a_model_unloaded_and_loaded_again_and_keeps_what_was_t
         (image,) = wait_for_answer(browser, form)
         shown = browser.execute_script("return fetch(arguments[0].src).then(r => r.arrayBuffer()).then(b => Array.from(new Uint8Array(b)))", image)
         assert bytes(shown) == client.post("/v1/models/cdigits/generate", json={"seed": 4242, "n": 1, "class": 3}).content
+
+
+def test_a_link_to_a_tool_with_a_quote_in_its_name_opens_the_models_first_tool(browser, server):
+    """The tool's name went into a CSS selector as it was: `#digits/a"` threw, and no tool opened."""
+    browser.get("about:blank")
+    browser.get(f'{server.url}/#digits/a"')
+    WebDriverWait(browser, SERVER_WAIT_S).until(lambda d: d.find_element(By.CSS_SELECTOR, '#tools form[data-tool="generate"]:not([hidden])'))

@@ -57,6 +57,18 @@ def test_the_standard_client_sees_the_server_and_every_model(triton):
         triton.get_model_config("nope")
 
 
+def test_the_configs_max_batch_size_is_the_largest_request_served(server, triton):
+    """Clients split their batches by `max_batch_size`, as Triton refuses a request past it: it
+    said the batcher's batch (64) where requests of 256 rows were served."""
+    config = triton.get_model_config("digits")
+    rows = config["max_batch_size"]
+    assert rows == 256 and config["dynamic_batching"]["preferred_batch_size"] == [16]  # the test server's batcher batch
+    z = np.zeros((rows, 64), np.float32)
+    assert infer(triton, "digits", {"z": z}, binary=True).shape[0] == rows
+    with pytest.raises(InferenceServerException, match="between 1 and 256 rows"):
+        infer(triton, "digits", {"z": np.zeros((rows + 1, 64), np.float32)}, binary=True)
+
+
 def infer(triton, name: str, arrays: dict[str, np.ndarray], binary: bool, request_id: str = "") -> np.ndarray:
     inputs = []
     for input_name, array in arrays.items():
