@@ -26,12 +26,17 @@ async def read_upload(request: Request) -> bytes:
         except Exception as error:  # malformed multipart, too many parts
             raise ApiError(422, f"the multipart body could not be read: {getattr(error, 'detail', error)}")
         upload = form.get("file")
-        if upload is None or isinstance(upload, str):
+        if isinstance(upload, str):  # a part without a filename is a plain field to the parser
+            raise ApiError(422, "the multipart body's 'file' part has no filename: send the image as a file part "
+                                "(Content-Disposition: form-data; name=\"file\"; filename=\"image.png\")")
+        if upload is None:
             if not form:  # no part ended: the parser keeps only parts closed by a boundary
                 raise ApiError(422, "the multipart body holds no complete part: send the image as a part named 'file', "
                                     "and end the body with the closing boundary (--<boundary>--)")
-            raise ApiError(422, "the multipart body needs a 'file' part holding the image")
+            raise ApiError(422, f"the multipart body needs a 'file' part holding the image (it has {sorted(form.keys())[:8]})")
         data = await upload.read()
+        if not data:
+            raise ApiError(422, "the multipart body's 'file' part is empty: put the image's bytes in it")
     elif media in UPLOAD_TYPES:
         data = await request.body()
     else:

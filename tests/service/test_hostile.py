@@ -260,6 +260,19 @@ def test_a_multipart_body_cut_before_its_closing_boundary_is_named_so(shipped):
     assert no_file.status_code == 422 and "needs a 'file' part" in no_file.json()["error"]["message"], no_file.text
 
 
+def test_an_empty_file_part_or_one_without_a_filename_is_named_for_what_it_is(shipped):
+    """An empty `file` part was answered "the request body is empty", and a `file` part without a
+    filename (a plain field to the parser) "needs a 'file' part", which it had."""
+    empty, content_type = multipart([("file", b"")])
+    plain = b'--B\r\ncontent-disposition: form-data; name="file"\r\n\r\n' + SMALL + b"\r\n--B--\r\n"
+    with shipped.client() as client:
+        answers = [client.post(f"{V1}/cyclegan-thin2thick/translate", content=body, headers={"content-type": kind})
+                   for body, kind in ((empty, content_type), (plain, "multipart/form-data; boundary=B"))]
+    assert [a.status_code for a in answers] == [422, 422]
+    assert "'file' part is empty" in answers[0].json()["error"]["message"]
+    assert "has no filename" in answers[1].json()["error"]["message"]
+
+
 def test_a_chunked_body_over_the_limit_is_413_not_400(shipped):
     def chunks():
         yield b'{"seeds": ['
