@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import time
 
 import numpy as np
@@ -23,18 +24,20 @@ ANY_MEDIA = {"*/*", "image/*", "application/*", "application/json"}  # no prefer
 INLINE_ENCODE_MAX_VALUES = 64 * 64 * 3
 
 
+QVALUE = re.compile(r"0(\.\d{0,3})?|1(\.0{0,3})?")  # RFC 9110's weight: 0 to 1, three decimals at most
+
+
 def accepted_media(accept: str) -> list[str]:
-    """The media types of an Accept header in the client's order of preference (q=0 dropped)."""
+    """The media types of an Accept header in the client's order of preference (q=0 dropped, and
+    a range whose weight is no RFC 9110 qvalue, such as `q=2` or `q=1e400`, which outranked every
+    well-formed one)."""
     ranked = []
     for position, part in enumerate(accept.split(",")):
         media, *params = [p.strip() for p in part.split(";")]
         quality = 1.0
         for param in params:
             if param.lower().startswith("q="):
-                try:
-                    quality = float(param[2:])
-                except ValueError:
-                    quality = 0.0
+                quality = float(param[2:]) if QVALUE.fullmatch(param[2:]) else 0.0
         if media and quality > 0:
             ranked.append((-quality, position, media.lower()))
     return [media for _, _, media in sorted(ranked)]

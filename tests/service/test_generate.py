@@ -176,3 +176,14 @@ def test_a_key_given_twice_in_a_json_body_is_422_naming_it(server):
         answer = client.post("/v1/models/styles/generate", content=nested, headers={"content-type": "application/json"})
         assert answer.status_code == 422 and "'size' appears more than once" in answer.json()["error"]["message"]
         assert client.post("/v1/models/digits/generate", content='{"seed": 1, "n": 2}', headers={"content-type": "application/json"}).status_code == 200
+
+
+def test_accept_weights_rank_the_formats_and_a_weight_past_one_is_no_weight():
+    """`image/webp;q=2` (or `q=1e400`) outranked every well-formed range; RFC 9110 weights run
+    from 0 to 1 with three decimals at most, and a range with any other is left out."""
+    from service.responses import accepted_media
+
+    assert accepted_media("image/png;q=0.5, image/jpeg;q=0.9, image/webp") == ["image/webp", "image/jpeg", "image/png"]
+    assert accepted_media("image/webp;q=2, image/png;q=0.1") == ["image/png"]
+    assert accepted_media("image/webp;q=1e400, image/jpeg;q=nan, image/png;q=1.000") == ["image/png"]
+    assert accepted_media("image/png;q=0, image/jpeg;q=0.001") == ["image/jpeg"]
