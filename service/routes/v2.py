@@ -132,6 +132,9 @@ def parse_inputs(model: LoadedModel, body: InferRequest, arrays: dict[str, np.nd
     unknown = [o.name for o in body.outputs or [] if o.name not in outputs]
     if unknown:
         raise ApiError(422, f"unknown outputs {unknown}: this model gives {sorted(outputs)}")
+    asked = [o.name for o in body.outputs or []]
+    if len(set(asked)) != len(asked):  # (one as JSON, one as binary data: answered binary without a word)
+        raise ApiError(422, f"output names must be unique, got {asked}")
     converted, batch = {}, None
     for tensor in body.inputs:
         name, want = tensor.name, expected[tensor.name]

@@ -187,6 +187,8 @@ CASES = [
     ("project version 99 (once ran the latest version)", "POST", f"{V1}/stylegan-shapes/project?steps=1&version=99", {"content": SMALL, "headers": PNG}, 404),
     ("project with an unknown query parameter", "POST", f"{V1}/stylegan-shapes/project?steps=1&foo=1", {"content": SMALL, "headers": PNG}, 422),
     ("upscale with an unknown query parameter", "POST", f"{V1}/sr-rrdb-x4/upscale?scale=8", {"content": SMALL, "headers": PNG}, 422),
+    ("v2 infer asking for one output twice (answered binary without a word)", "POST", "/v2/models/dcgan-digits/infer",
+     {"json": {"inputs": [z_tensor()], "outputs": [{"name": "image"}, {"name": "image", "parameters": {"binary_data": True}}]}}, 422),
     ("the model list with an unknown query parameter (was 200)", "GET", f"{V1}?x=1", {}, 422),
     ("a model's details with an unknown query parameter (was 200)", "GET", f"{V1}/dcgan-digits?x=1", {}, 422),
     ("project steps given twice (once ran the last without a word)", "POST", f"{V1}/stylegan-shapes/project?steps=20&steps=30",
