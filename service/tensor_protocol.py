@@ -168,8 +168,11 @@ def json_array(tensor: InferTensor, count: int) -> np.ndarray:
         if any(not info.min <= v <= info.max for v in data):
             raise ApiError(422, f"input {tensor.name!r}: {tensor.datatype} values must lie in [{info.min}, {info.max}]")
     try:
-        return np.asarray(data, dtype=dtype).reshape(tensor.shape)
-    except (TypeError, ValueError, OverflowError):
+        with np.errstate(over="ignore"):  # (a value past the type's range becomes infinity, refused by `to_model_dtype`; numpy's warning went raw to stderr)
+            return np.asarray(data, dtype=dtype).reshape(tensor.shape)
+    except OverflowError:  # an integer past what a float holds (10^309 and up)
+        raise ApiError(422, f"input {tensor.name!r} holds a value outside {tensor.datatype}'s range")
+    except (TypeError, ValueError):
         raise ApiError(422, f"input {tensor.name!r}: the data must be {tensor.datatype} numbers, flat or nested as the shape")
 
 

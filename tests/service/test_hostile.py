@@ -701,3 +701,13 @@ def test_at_the_connection_cap_a_waiting_connection_makes_room_and_busy_ones_get
         finally:
             for sock in slow:
                 sock.close()
+
+
+def test_a_v2_number_past_what_a_float_holds_is_named_as_out_of_range(shipped):
+    """An integer of 310 to 4,300 digits was 'the data must be FP32 numbers' (it is a number), and
+    one past FP32's range (1e39) printed numpy's overflow warning raw to stderr."""
+    with shipped.client() as client:
+        for huge in (10**400, 10**39):
+            body = {"inputs": [{"name": "z", "shape": [1, 64], "datatype": "FP32", "data": [huge] + [0.0] * 63}]}
+            response = client.post("/v2/models/dcgan-digits/infer", content=json.dumps(body), headers={"content-type": "application/json"})
+            assert response.status_code == 422 and "range" in response.json()["error"], response.text
