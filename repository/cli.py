@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import typer
@@ -69,6 +70,7 @@ def import_command(
                                             help="BigGAN: a text file of class names, one per line (default: ImageNet's for 1000 classes, else indices)"),
     options: str = typer.Option("", "--options", help="pix2pix/CycleGAN: what the state dict cannot say, as key=value pairs: direction=AtoB|BtoA, "
                                 "domains=horse:zebra, train_resolution=256; and any inferred value to check (generator, ngf, n_blocks, num_downs, norm)"),
+    replace: bool = typer.Option(False, "--replace", help="write over an entry already at --name/--version (refused without it)"),
 ) -> None:
     """Import a published checkpoint: rebuild it with the project's own networks, export it with parity, write an entry."""
     from repository.entries import check_entry_name
@@ -85,6 +87,16 @@ def import_command(
         raise typer.Exit(2)
     try:
         check_entry_name(name)
+    except ValueError as error:
+        console.print(f"[red]import failed:[/] {error}", soft_wrap=True)
+        raise typer.Exit(1)
+    existing = repository / name / str(version)
+    if existing.exists() and not replace:  # (checked first: an import can take minutes)
+        console.print(f"[red]import failed:[/] {existing} already holds {entry_kind(existing)}: choose another --version, "
+                      "or --replace it (a server polling the repository would swap it in)", soft_wrap=True)
+        raise typer.Exit(2)
+    export_progress()
+    try:
         data = weights_file(path).read_bytes()
         detected = detect_format(path, data) if format == "auto" else format
         if detected in ("junyanz", "superres"):
@@ -134,6 +146,28 @@ def import_image_model(detected: str, path: Path, data: bytes, name: str, versio
                          "hyperparameters": hyperparameters}}
     with console.status(f"exporting {fields['arch']} ({sum(p.numel() for p in generator.parameters()) / 1e6:.1f} M parameters)"):
         return write_image_entry(generator, fields, name, version, repository, formats, source)
+
+
+def entry_kind(entry: Path) -> str:
+    """What an entry folder holds, for a message ("a 'translation' entry")."""
+    try:
+        return f"a {json.loads((entry / 'spec.json').read_text())['kind']!r} entry"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "an entry"
+
+
+def export_progress() -> None:
+    """Shows each step of an export as it starts, one timed line each, through the console the
+    spinner uses: a StyleGAN3 import ran 15 minutes with nothing but torch's warnings to show,
+    and a spinner is not seen in a log file."""
+    from rich.logging import RichHandler
+
+    from repository.graphs import progress
+
+    if not progress.handlers:
+        progress.addHandler(RichHandler(console=console, show_path=False, show_level=False, omit_repeated_times=False))
+        progress.setLevel(logging.INFO)
+        progress.propagate = False
 
 
 def report(entry: Path) -> None:

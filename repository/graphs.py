@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import time
 import warnings
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ PARITY_SEEDS = list(range(16))
 PARITY_TOLERANCE = 1e-4
 OPSET = 18  # the dynamo exporter's own: asking for 17 made it convert down, and print a traceback where the conversion failed (it then kept 18)
 MAX_BATCH = 4096
+# each step of an export, as it starts: a StyleGAN3 import ran 15 minutes without a line (`ganserve
+# import` and `ganserve export` show these; `export_progress` in repository/cli.py)
+progress = logging.getLogger("ganserve.export")
 
 
 class ExportError(RuntimeError):
@@ -70,7 +74,9 @@ def dynamic_shapes(inputs: list[TensorSpec], size_multiple: int) -> tuple[dict, 
 
 
 def export_torchscript(generator: nn.Module, example: tuple[torch.Tensor, ...], path: Path) -> None:
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():  # the tracer's warnings about Python values (checked by parity) and its deprecation
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(generator, example, check_trace=False)
     traced.save(str(path))
 
@@ -145,6 +151,7 @@ def parity_errors(graph: Graph, entry: Path, formats: list[str], tolerance: floa
     float32 itself is (nor than `tolerance`) — a deep network's float32 rounding (BigGAN-deep-128:
     eager 1.1e-3 from float64 at truncation 0.05, ONNX Runtime 2.8e-4) is no fault of the export."""
     parts = parity_parts(graph)
+    progress.info("checking %s: %s against eager PyTorch on %d inputs", graph.stem, " and ".join(formats), sum(len(part[0]) for part in parts))
     with torch.no_grad():
         reference = [graph.module(*part).numpy() for part in parts]
     outputs = exported_outputs(graph, entry, formats, parts)
@@ -209,6 +216,7 @@ def half_precision_parity(graph: Graph, value_range: tuple[float, float] | None)
     not measured (`EMULATED_HALF_MAX_FP32_S`). The service measures again on its own device before
     it serves half precision (service/precision.py); this is the entry's record of it."""
     part = half_parity_input(graph)
+    progress.info("measuring %s in bf16 and fp16 against fp32", graph.stem)
     scale = 1.0 if value_range is None else value_range[1] - value_range[0]
     started = time.perf_counter()
     with torch.no_grad():
@@ -246,8 +254,10 @@ def export_graph(graph: Graph, staging: Path, formats: list[str], tolerance: flo
     the schema's bound)."""
     example = tuple(x[:2] for x in graph.example)
     if "torchscript" in formats:
+        progress.info("exporting %s: TorchScript", graph.stem)
         export_torchscript(graph.module, example, staging / f"{graph.stem}.pt")
     if "onnx" in formats:
+        progress.info("exporting %s: ONNX", graph.stem)
         export_onnx(graph.module, example, graph.inputs, graph.outputs, staging / f"{graph.stem}.onnx", graph.size_multiple)
     parity = parity_errors(graph, staging, formats, tolerance)
     failed = {fmt: r for fmt, r in parity.items() if not r.pop("passed")}

@@ -20,7 +20,7 @@ from torch import nn
 from models.latent import RANGE_NAMES, named_layers, seed_latents
 from models.spec import ModelSpec
 from repository.entries import check_export_request, write_entry
-from repository.graphs import EAGER_FORMAT, PARITY_SEEDS, PARITY_TOLERANCE, Graph, TensorSpec, export_graph
+from repository.graphs import EAGER_FORMAT, PARITY_SEEDS, PARITY_TOLERANCE, Graph, TensorSpec, export_graph, progress
 
 PCA_SAMPLES = 10_000
 PCA_COMPONENTS = 10
@@ -88,9 +88,11 @@ def write_style_entry(generator: nn.Module, spec: ModelSpec, name: str, version:
         save_file({k: v.contiguous() for k, v in generator.state_dict().items()}, str(staging / "model.safetensors"))
         graphs = style_graphs(generator, spec)
         blocks = {graph.stem: export_graph(graph, staging, formats, tolerance, (-1.0, 1.0) if graph.stem == "model" else None) for graph in graphs}
+        progress.info("directions: the principal axes of W over %d seeds' z", PCA_SAMPLES)
         directions = pca_directions(generator.mapping, spec)
         latents = {"w_avg": generator.w_avg.detach().clone().contiguous()} | {f"direction.{k}": v for k, v in directions.items()}
         save_file(latents, str(staging / "latents.safetensors"))
+        progress.info("samples: %d images for samples.png", len(SAMPLE_SEEDS))
         with torch.no_grad():  # a few images at a time: large generators hold gigabytes of activations per batch
             inputs = mapping_inputs(spec, seed_latents(spec.z_dim, SAMPLE_SEEDS))
             samples = torch.cat([generator(*chunk) for chunk in zip(*(x.split(4) for x in inputs))])

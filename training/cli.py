@@ -167,8 +167,11 @@ def export_command(
 
     from training.run_eval import RunError
 
+    from repository.cli import export_progress
+
     format_list = [f.strip() for f in formats.split(",") if f.strip()]
     replacing = (repository / name / str(version)).is_dir()
+    export_progress()
     try:
         if is_i2i_run(run_dir):
             if checkpoint == "best" and not (run_dir / "checkpoints" / "best.safetensors").exists():

@@ -69,6 +69,23 @@ def test_import_writes_a_translation_entry_that_says_what_was_inferred(imported)
     assert unet["size_multiple"] == 128 and unet["norm"] == "batch"
 
 
+def test_an_import_over_an_existing_entry_is_refused_unless_replace_is_asked_and_shows_its_steps(imported, tmp_path):
+    """Importing another checkpoint under a name and version already taken replaced the entry
+    without a word (a super-resolution model over a translator; a server polling the repository
+    swaps it in); and a long import showed nothing of what it was doing (a StyleGAN3: 15 minutes)."""
+    import shutil
+
+    shutil.copytree(imported, tmp_path / "repo")
+    refused = run_import(tmp_path, FIXTURE / "unet128_batch.pth", "resnet6_instance")
+    assert refused.exit_code == 2 and "already holds a 'translation' entry" in refused.output and "--replace" in refused.output
+    assert json.loads((tmp_path / "repo" / "resnet6_instance" / "1" / "spec.json").read_text())["arch"] == "resnet"
+    replaced = run_import(tmp_path, FIXTURE / "unet128_batch.pth", "resnet6_instance", "--replace", "--options", "train_resolution=64")
+    assert replaced.exit_code == 0, replaced.output
+    assert json.loads((tmp_path / "repo" / "resnet6_instance" / "1" / "spec.json").read_text())["arch"] == "unet"
+    for step in ("exporting model: TorchScript", "exporting model: ONNX", "checking model: onnx and torchscript", "measuring model in bf16"):
+        assert step in replaced.output, replaced.output
+
+
 def png_bytes(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "PNG")
