@@ -201,7 +201,8 @@ def reserve_memory(budget: MemoryBudget, nbytes: int, retry_after_s: float = 1.0
     except OverBudget as error:
         if error.permanent:
             raise ApiError(413, f"this request needs about {error.wanted / 2**20:.0f} MiB; the server's memory budget for "
-                                f"requests is {error.capacity / 2**20:.0f} MiB", code="too_expensive")
+                                f"requests is {error.capacity / 2**20:.0f} MiB (GANSERVE_MEMORY_BUDGET less what the loaded models hold)",
+                           code="too_expensive")
         retry = max(1, math.ceil(retry_after_s))
         raise ApiError(503, f"the server's memory budget is taken by requests in flight ({error}); retry in {retry} s",
                        code="overloaded", headers={"Retry-After": str(retry)})

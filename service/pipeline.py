@@ -242,9 +242,14 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
     if ctx.disconnected.is_set():
         raise ApiError(499, "the client closed the request", code="client_closed_request")
     settings = registry.settings
-    state.lane_seconds = admit(model, cost, state.deadline - time.monotonic(), registry.memory,
-                               recheck_s=settings.remeasure_idle_s or settings.request_timeout_s, encoding=registry.encoding,
-                               timeout_s=settings.request_timeout_s, counted=ctx.encode_micros)
+    bound = registry.metrics.bound(*(ctx.labels or (model.entry.name, str(model.entry.version), "upscale_stream")))
+    try:
+        state.lane_seconds = admit(model, cost, state.deadline - time.monotonic(), registry.memory,
+                                   recheck_s=settings.remeasure_idle_s or settings.request_timeout_s, encoding=registry.encoding,
+                                   timeout_s=settings.request_timeout_s, counted=ctx.encode_micros)
+    except ApiError as refusal:  # counted by reason beside the batcher's own (they showed in requests_total's status alone)
+        bound.rejected("too_expensive" if refusal.status == 413 else "overloaded").inc()
+        raise
     ctx.reserved += cost.bytes  # released by the intake once the response is sent
     state.lane = model.lane
     state.lane.add_backlog(state.lane_seconds)  # its items take their shares off as they finish
@@ -254,7 +259,7 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
     timer = loop.call_at(loop.time() + state.deadline - time.monotonic(), interruption.interrupt, task, "deadline")
     left = functools.partial(interruption.interrupt, task, "disconnect")
     ctx.on_disconnect.append(left)
-    in_flight = registry.metrics.bound(*(ctx.labels or (model.entry.name, str(model.entry.version), "upscale_stream"))).in_flight
+    in_flight = bound.in_flight
     in_flight.inc()
     try:
         return await work(state)

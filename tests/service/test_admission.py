@@ -141,3 +141,15 @@ def test_the_encoder_backlog_comes_back_to_exactly_zero_whatever_the_order():
     for micros in reversed(counted):
         encoding.remove_micros(micros)
     assert encoding.seconds == 0.0
+
+
+def test_admissions_refusals_are_counted_by_reason(repository):
+    """A request refused by admission (413 past the compute a deadline allows, 503 behind the
+    queue or the memory in flight) showed only in requests_total's status: a dashboard of
+    `ganserve_rejected_total{reason}` saw nothing of them."""
+    from tests.serving import running_server
+
+    with running_server(repository, models=["styles"], request_timeout_s=0.005) as server, server.client() as client:
+        refused = client.post("/v1/models/styles/generate", json={"n": 256})
+        assert refused.status_code == 413 and "s of compute" in refused.json()["error"]["message"], refused.text
+        assert server.metric("ganserve_rejected_total", model="styles", operation="generate", reason="too_expensive") == 1
