@@ -47,6 +47,20 @@ class ModelLimits:
                 "max_input_side": math.isqrt(self.max_input_pixels) if self.max_input_pixels else None, "max_tiles": self.max_tiles}
 
 
+def servable_rows(model, settings) -> int:
+    """The most images (v2: rows) one request to this model can be served: the settings'
+    `max_images_per_request`, and no more than its compute limit covers (a 256² StyleGAN on 2
+    cores: about 5). `GET /v1/models/{name}` lists it (`max_images`), and v2's `/config` as
+    `max_batch_size`: clients could not learn it, and found it by 413s."""
+    rows = settings.max_images_per_request
+    cost, limits = model.costs.get("model"), model.limits
+    if cost is None or limits is None:
+        return rows
+    batch_size = model.config.max_batch_size if model.config else settings.max_batch_size
+    # the compute of n rows grows with n: the largest n within the limit
+    return max(1, largest_within(lambda n: compute_seconds(cost, [1.0] * n, batch_size) <= limits.compute_seconds, rows))
+
+
 def translate_bytes_per_pixel(channels: int) -> int:
     """What a translate request holds per input pixel besides the batch: the decoded RGB image,
     the float input and its padded copy, the float output and its crop, the uint8 output and
@@ -112,6 +126,7 @@ class RequestCost:
     bytes: int
     encode_seconds: float = 0.0  # one encoder thread's seconds for its answer (`EncoderTable.seconds`)
     encode_format: str = ""
+    smaller: str = "send fewer or smaller images"  # what the client can change when it is too expensive (an interpolation's frames)
 
 
 def batch_share_bytes(cost: GraphCost | None, units: list[float], max_batch_size: int, max_batch_seconds: float) -> int:
@@ -144,7 +159,7 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
     limit = model.limits.compute_seconds if model.limits else math.inf
     if request_cost.seconds > limit:
         raise ApiError(413, f"this request needs about {request_cost.seconds:.1f} s of compute on {model.entry.name!r}; "
-                            f"a request may need at most {limit:.1f} s here: send fewer or smaller images", code="too_expensive")
+                            f"a request may need at most {limit:.1f} s here: {request_cost.smaller}", code="too_expensive")
     lane = model.lane
     correction = model.costs["model"].correction if "model" in model.costs else 1.0
     wait, alone = lane.expected_wait_s(), request_cost.seconds * correction / lane.threads

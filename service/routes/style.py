@@ -2,6 +2,8 @@
 server followed by batched synthesis calls shared with every other request (service/style.py)."""
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Annotated
 
 import numpy as np
@@ -102,10 +104,12 @@ def style_model(request: Request, name: str, operation: str) -> LoadedModel:
     return model
 
 
-def style_cost(registry: ModelRegistry, model: LoadedModel, mapped: int, synthesized: int, fmt: str):
-    """Mapping `mapped` z and synthesising `synthesized` images, with their outputs and their encoding in `fmt`."""
+def style_cost(registry: ModelRegistry, model: LoadedModel, mapped: int, synthesized: int, fmt: str, smaller: str):
+    """Mapping `mapped` z and synthesising `synthesized` images, with their outputs and their
+    encoding in `fmt`; `smaller` says what the client can ask for less of (a style model's images
+    cannot be made smaller: an interpolation was told to send "fewer or smaller images")."""
     cost = combined(estimate(model, "mapping", [1.0] * mapped), estimate(model, "model", [1.0] * synthesized, generated_bytes(model, synthesized)))
-    return with_encoding(registry, cost, fmt, output_pixels(model), synthesized)
+    return dataclasses.replace(with_encoding(registry, cost, fmt, output_pixels(model), synthesized), smaller=smaller)
 
 
 @router.post("/models/{name}/style-mix", responses=STYLE_ERRORS)
@@ -123,7 +127,7 @@ async def style_mix(name: str, body: StyleMixRequest, request: Request) -> Respo
                        for i in range(rows) for j in range(cols)])
         return await style.synthesize(registry, model, ws, state)
 
-    images = await execute(request, model, style_cost(registry, model, rows + cols, rows * cols, fmt), work)
+    images = await execute(request, model, style_cost(registry, model, rows + cols, rows * cols, fmt, "send fewer row or column seeds"), work)
     return await respond(registry, model.entry, "style-mix", images, fmt, body.layout, cols, list(range(rows * cols)), ctx=context(request), tag_name="index")
 
 
@@ -155,7 +159,7 @@ async def interpolate(name: str, body: InterpolateRequest, request: Request) -> 
     if fmt in ("png", "npy") and timed:  # (it was silently ignored)
         raise ApiError(422, f"frame_ms times an animation's frames (gif, webp); {fmt} is {'a grid' if fmt == 'png' else 'a stack'} of frames")
     mapped = 0 if ends is not None else (body.steps if body.space == "z" else 2)
-    frames = await execute(request, model, style_cost(registry, model, mapped, body.steps, fmt), work)
+    frames = await execute(request, model, style_cost(registry, model, mapped, body.steps, fmt, "ask for fewer frames (steps)"), work)
     if fmt in ("png", "npy"):
         return await respond(registry, model.entry, "interpolate", frames, fmt, "grid", body.steps, list(range(body.steps)), ctx=context(request), tag_name="index")
     return await respond_animation(registry, model.entry, frames, fmt, body.frame_ms, ctx=context(request))
@@ -179,5 +183,5 @@ async def edit(name: str, body: EditRequest, request: Request) -> Response:
         ws[:, layers] = edited[:, None, :]
         return await style.synthesize(registry, model, ws, state)
 
-    images = await execute(request, model, style_cost(registry, model, 0 if given_w is not None else 1, count, fmt), work)
+    images = await execute(request, model, style_cost(registry, model, 0 if given_w is not None else 1, count, fmt, "send fewer strengths"), work)
     return await respond(registry, model.entry, "edit", images, fmt, body.layout, count, list(range(count)), ctx=context(request), tag_name="index")

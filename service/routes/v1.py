@@ -1,16 +1,20 @@
 """The v1 REST API: model listing and image generation."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service import style
+from service.admission import servable_rows
 from service.batcher import run_items
 from service.errors import ApiError, error_responses
 from service.operations import generate_inputs, resolve_label, resolve_truncation
 from service.pipeline import JsonBodyRoute, article, begin, combined, context, estimate, execute, generated_bytes, output_pixels, registry_of, with_encoding
 from service.registry import IMAGE_TO_IMAGE, LoadedModel
+from service.settings import Settings
 from service.responses import choose_format, respond
 from service.schemas import MAX_SEED, MAX_WS, BigGANTruncation, ClassIndex, ClassName, ImageCount, ImageFormat, Layout, Psi, Seed, Version
 
@@ -54,7 +58,7 @@ class GenerateRequest(BaseModel):
         return self.seeds if self.seeds is not None else [self.seed + i for i in range(self.n or 1)]
 
 
-def describe(model: LoadedModel) -> dict:
+def describe(model: LoadedModel, settings: Settings) -> dict:
     spec = model.entry.spec
     return {
         "version": model.entry.version, "state": model.state, "error": model.error,
@@ -68,7 +72,8 @@ def describe(model: LoadedModel) -> dict:
         **({"precision_rejected": [p.describe() for p in model.precision_rejected]} if model.precision_rejected else {}),
         **({"half_precision_at_export": spec["half_precision"]} if spec.get("half_precision") else {}),
         **({"capture": model.capture} if model.capture else {}),
-        **({"limits": model.limits.describe()} if model.limits else {}),
+        **({"limits": model.limits.describe() | ({} if model.entry.kind in IMAGE_TO_IMAGE else {"max_images": servable_rows(model, settings)})}
+           if model.limits else {}),
         **({"costs": {graph: cost.describe() for graph, cost in model.costs.items()}} if model.costs else {}),
     }
 
@@ -77,16 +82,17 @@ def describe(model: LoadedModel) -> dict:
 async def list_models(request: Request) -> dict:
     registry = registry_of(request)
     return {"models": [
-        {"name": name, "latest_version": max(versions), "versions": sorted(versions), "ready": any(m.ready for m in versions.values()), **describe(versions[max(versions)])}
+        {"name": name, "latest_version": max(versions), "versions": sorted(versions), "ready": any(m.ready for m in versions.values()), **describe(versions[max(versions)], registry.settings)}
         for name, versions in sorted(registry.models.items())
     ]}
 
 
 @router.get("/models/{name}", responses=error_responses(404))
 async def model_detail(name: str, request: Request) -> dict:
-    versions = registry_of(request).versions(name)
+    registry = registry_of(request)
+    versions = registry.versions(name)
     return {"name": name, "ready": any(m.ready for m in versions.values()),
-            "versions": [{**describe(m), "spec": m.entry.spec} for _, m in sorted(versions.items())]}
+            "versions": [{**describe(m, registry.settings), "spec": m.entry.spec} for _, m in sorted(versions.items())]}
 
 
 @router.post("/models/{name}/generate", responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}, "application/x-npy": {}, "application/json": {}}},
@@ -126,5 +132,6 @@ async def generate(name: str, body: GenerateRequest, request: Request) -> Respon
         async def work(state) -> np.ndarray:
             return np.stack(await run_items(registry.batcher(model, "generate"), generate_inputs(entry, seeds, label, truncation), state))
 
-    images = await execute(request, model, with_encoding(registry, cost, fmt, output_pixels(model), len(seeds)), work)
+    cost = dataclasses.replace(with_encoding(registry, cost, fmt, output_pixels(model), len(seeds)), smaller="send fewer images (n or seeds)")
+    images = await execute(request, model, cost, work)
     return await respond(registry, entry, "generate", images, fmt, body.layout, body.columns, seeds, ctx=context(request))

@@ -18,7 +18,7 @@ import numpy as np
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.admission import compute_seconds, largest_within
+from service.admission import servable_rows
 from service.batcher import run_items
 from service.errors import ApiError, error_responses
 from service.pipeline import begin, estimate, execute, off_loop, registry_of, reserve
@@ -176,18 +176,6 @@ def output_values(model: LoadedModel, shapes: list[list[int]]) -> int:
         image = next(s for s in shapes if len(s) == 4)
         return batch * spec["channels"] * image[2] * image[3] * spec["scale"] ** 2
     return batch * math.prod(d for d in out[1:])
-
-
-def servable_rows(model: LoadedModel, settings: Settings) -> int:
-    """The most rows one request to this model can be served: `max_images_per_request`, and no
-    more than its compute limit covers (a 256² StyleGAN on 2 cores: about 5)."""
-    rows = settings.max_images_per_request
-    cost, limits = model.costs.get("model"), model.limits
-    if cost is None or limits is None:
-        return rows
-    batch_size = model.config.max_batch_size if model.config else settings.max_batch_size
-    # the compute of n rows grows with n: the largest n within the limit
-    return max(1, largest_within(lambda n: compute_seconds(cost, [1.0] * n, batch_size) <= limits.compute_seconds, rows))
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,14 @@ def refusal(model: LoadedModel, seconds: float, remaining_s: float = 30.0) -> Ap
     return refused.value
 
 
+def test_a_request_past_the_compute_limit_is_told_what_to_ask_less_of(upx4):
+    """A style model's interpolation was told to "send fewer or smaller images": its images
+    cannot be smaller, and what it can ask for less of is frames."""
+    with pytest.raises(ApiError) as refused:
+        admit(upx4, RequestCost(30.0, 0, smaller="ask for fewer frames (steps)"), 30.0, MemoryBudget(10**9))
+    assert refused.value.status == 413 and refused.value.message.endswith("at most 24.0 s here: ask for fewer frames (steps)")
+
+
 def test_work_queued_before_a_request_is_what_its_retry_after_waits_out(upx4):
     upx4.lane.add_backlog(10.0)
     refused = refusal(upx4, 20.0)
@@ -152,4 +160,5 @@ def test_admissions_refusals_are_counted_by_reason(repository):
     with running_server(repository, models=["styles"], request_timeout_s=0.005) as server, server.client() as client:
         refused = client.post("/v1/models/styles/generate", json={"n": 256})
         assert refused.status_code == 413 and "s of compute" in refused.json()["error"]["message"], refused.text
+        assert "send fewer images (n or seeds)" in refused.json()["error"]["message"]
         assert server.metric("ganserve_rejected_total", model="styles", operation="generate", reason="too_expensive") == 1

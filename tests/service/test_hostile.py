@@ -614,6 +614,9 @@ def test_the_model_listing_states_each_models_limits(shipped):
     assert 0 < sr["max_input_pixels"] < 1024 * 1024 and sr["max_tiles"] >= 1
     assert 0 < cyclegan["max_input_pixels"] < 4096 * 4096
     assert models["sr-rrdb-x4"]["costs"]["model"]["seconds_per_unit"] > 0
+    for generator in ("dcgan-digits", "stylegan-shapes"):  # the most images a request's compute fits (clients found it by 413s)
+        assert 1 <= models[generator]["limits"]["max_images"] <= 256
+    assert "max_images" not in sr
 
 
 def test_at_the_connection_cap_a_waiting_connection_makes_room_and_busy_ones_get_a_readable_503(repository):

@@ -145,7 +145,8 @@ def test_a_json_header_of_more_rows_than_the_model_can_serve_is_refused_before_i
     from service.memory import MemoryBudget
     from service.registry import LoadedModel
     from service.repository import scan_repository
-    from service.routes.v2 import JSON_STRUCTURE_COMMAS, check_json_values, json_value_limit, servable_rows
+    from service.admission import servable_rows
+    from service.routes.v2 import JSON_STRUCTURE_COMMAS, check_json_values, json_value_limit
     from service.settings import Settings
 
     entry = next(e for e in scan_repository(repository) if e.name == "styles")
