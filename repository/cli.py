@@ -129,7 +129,8 @@ def import_command(
 def import_image_model(detected: str, path: Path, data: bytes, name: str, version: int, repository: Path, formats: list[str],
                        options: dict[str, str]) -> Path:
     """pix2pix/CycleGAN (junyanz) or super-resolution (spandrel) → an image-to-image entry."""
-    from repository.image_entry import write_image_entry
+    from repository.graphs import progress
+    from repository.image_entry import sample_pair, write_image_entry
     from repository.importers.junyanz import import_junyanz, translation_fields
     from repository.importers.superres import import_superres
 
@@ -144,8 +145,10 @@ def import_image_model(detected: str, path: Path, data: bytes, name: str, versio
             hyperparameters = {"inferred": fields["model"] | {"scale": fields["scale"], "size_requirements": fields["size_requirements"]}}
     source = {"source": {"format": detected, "network": fields["arch"], "file": path.name, "sha256": hashlib.sha256(data).hexdigest(),
                          "hyperparameters": hyperparameters}}
+    progress.info("samples: the photo in and its output, for samples.png")
+    samples = sample_pair(generator, fields)
     with console.status(f"exporting {fields['arch']} ({sum(p.numel() for p in generator.parameters()) / 1e6:.1f} M parameters)"):
-        return write_image_entry(generator, fields, name, version, repository, formats, source)
+        return write_image_entry(generator, fields, name, version, repository, formats, source, samples=samples)
 
 
 def entry_kind(entry: Path) -> str:

@@ -6,22 +6,58 @@ pix2pix/CycleGAN and super-resolution checkpoints.
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from repository.entries import check_export_request, write_entry
 from repository.graphs import EAGER_FORMAT, PARITY_TOLERANCE, Graph, TensorSpec, export_graph
 
 PARITY_IMAGES = 16
+SAMPLE_GAP = 4  # pixels between a sample's input and output
+SR_SAMPLE_SIDE = 64  # an upscaler's sample input: the photo at 64², shown beside its x2/x4 output
+TRANSLATION_SAMPLE_MAX_SIDE = 256  # a translator's: its training size, at most this (one forward pass on the CPU)
 
 
 def parity_images(channels: int, height: int, width: int, count: int, seed: int) -> torch.Tensor:
     """Smooth random images in [-1, 1] (blurred noise: closer to real inputs than white noise)."""
     noise = torch.rand(count, channels, max(2, height // 4), max(2, width // 4), generator=torch.Generator().manual_seed(seed)) * 2 - 1
     return torch.nn.functional.interpolate(noise, size=(height, width), mode="bilinear", align_corners=False)
+
+
+def sample_pair(generator: torch.nn.Module, fields: dict) -> bytes:
+    """samples.png of an imported translator or upscaler (the playground's gallery showed "no
+    samples" for every imported image model): scikit-image's astronaut photo at the network's
+    training size (an upscaler: at 64²), and the network's output beside it, the input shown at
+    the output's size."""
+    import skimage.data
+
+    multiple, scale = fields["size_multiple"], fields["scale"]
+    side = SR_SAMPLE_SIDE if fields["kind"] == "super_resolution" else min(fields["train_resolution"], TRANSLATION_SAMPLE_MAX_SIDE)
+    side = max(side, multiple, fields.get("size_requirements", {}).get("minimum") or 1)
+    side = -(-side // multiple) * multiple
+    photo = np.array(Image.fromarray(skimage.data.astronaut()).resize((side, side), Image.Resampling.BICUBIC))  # (writable: torch warns)
+    x = torch.from_numpy(photo).permute(2, 0, 1).float()[None] / 127.5 - 1
+    if fields["in_channels"] == 1:
+        x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    low, high = fields["value_range"]
+    with torch.no_grad():
+        y = generator.float().cpu().eval()(x)[0]
+    output = ((y.clamp(low, high) - low) / (high - low) * 255).round().byte().permute(1, 2, 0).numpy()
+    output = np.repeat(output, 3, axis=2) if output.shape[2] == 1 else output
+    shown = np.asarray(Image.fromarray(photo).resize((side * scale, side * scale), Image.Resampling.NEAREST))
+    if fields["in_channels"] == 1:
+        shown = np.repeat(np.asarray(Image.fromarray(shown).convert("L"))[..., None], 3, axis=2)
+    canvas = np.full((side * scale, 2 * side * scale + SAMPLE_GAP, 3), 255, np.uint8)
+    canvas[:, : side * scale], canvas[:, side * scale + SAMPLE_GAP :] = shown, output
+    buffer = io.BytesIO()
+    Image.fromarray(canvas).save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 def translator_graph(generator: torch.nn.Module, fields: dict, parity_side: int | None = None) -> Graph:

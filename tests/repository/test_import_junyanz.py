@@ -67,6 +67,9 @@ def test_import_writes_a_translation_entry_that_says_what_was_inferred(imported)
     assert all(info["parity_max_abs_error"] <= 1e-4 for name, info in spec["formats"].items() if name != "eager")
     unet = json.loads((imported / "unet128_batch" / "1" / "spec.json").read_text())
     assert unet["size_multiple"] == 128 and unet["norm"] == "batch"
+    # the gallery's samples.png (imported image models had none): the photo at the training size and its translation beside it
+    assert Image.open(imported / "resnet6_instance" / "1" / "samples.png").size == (2 * 64 + 4, 64)
+    assert Image.open(imported / "unet128_batch" / "1" / "samples.png").size == (2 * 128 + 4, 128)  # (at least one U-Net multiple)
 
 
 def test_an_import_over_an_existing_entry_is_refused_unless_replace_is_asked_and_shows_its_steps(imported, tmp_path):

@@ -115,6 +115,8 @@ def test_each_architecture_is_detected_with_its_scale_and_size_rules(imported):
         assert spec["kind"] == "super_resolution" and spec["source"]["format"] == "superres"
         assert spec["tiling"]["tile"] % spec["size_multiple"] == 0
         assert all(info["parity_max_abs_error"] <= 1e-4 for name, info in spec["formats"].items() if name != "eager")
+        samples = Image.open(repo / spec["name"] / "1" / "samples.png")  # the photo at 64² beside its upscale (the gallery had none)
+        assert samples.size == (2 * 64 * spec["scale"] + 4, 64 * spec["scale"])
 
 
 def test_served_outputs_equal_spandrels_forward_and_uploads_come_back_scaled(imported):
