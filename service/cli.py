@@ -100,7 +100,7 @@ def serve_command(
     # message inflated to 7.9 MiB on the event loop (~24 ms each: one stream starved every client)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
                 http=guarded_protocol(settings.header_timeout_s, settings.max_connections, settings.send_timeout_s, settings.max_header_bytes),
-                ws=guarded_websocket_protocol(settings.send_timeout_s, settings.max_header_bytes),
+                ws=guarded_websocket_protocol(settings.send_timeout_s, settings.max_header_bytes, settings.stream_max_messages_per_s),
                 timeout_keep_alive=settings.keep_alive_s, timeout_graceful_shutdown=int(settings.shutdown_grace_s),
                 ws_max_size=settings.max_body_bytes, ws_per_message_deflate=False, access_log=False,
                 forwarded_allow_ips=settings.forwarded_allow_ips)

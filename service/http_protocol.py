@@ -29,8 +29,10 @@
   client that does not read grew the server by ~24 MB/s), and **a message in more than
   `MAX_FRAGMENTS` frames closes the connection with 1009** (websockets' `max_size` counts payload
   bytes only, so a flood of empty continuation frames was parsed without end on the event loop),
-  and **a connection sending more than `MAX_MESSAGES_PER_S` messages (text, binary, ping, pong) or
-  `MAX_FRAMES_PER_S` frames a second, past a burst, is closed with 1008**. A read (up to 256 KiB)
+  and **a connection sending more than `GANSERVE_STREAM_MAX_MESSAGES_PER_S` messages (text,
+  binary, ping, pong; 240 by default, after a burst of twice as many) or `MAX_FRAMES_PER_S`
+  frames a second (or 8 per message allowed, whichever is more; continuations included, after a
+  burst of one message in `MAX_FRAGMENTS` pieces) is closed with 1008**. A read (up to 256 KiB)
   is parsed `FEED_BYTES` at a time and the budget checked between pieces: one client's 30,000
   one-byte frames every half second (8 MB in 20 s) held the event loop for seconds at a time,
   every other client's requests with it (a hostile probe: benign p99 7.0 s, `/health/live` 1.7 s;
@@ -89,8 +91,8 @@ SHUTTING_DOWN, GAVE_UP_SLOT = "shutting_down", "gave_up_slot"
 SERVER_SHUTDOWN_EXTENSION = "ganserve.on_server_shutdown"  # a list of callables: a WebSocket app that closes itself on shutdown
 REFUSED_LINGER_S = 1.0  # how long a refused request's remaining bytes are read and dropped before the close
 MAX_FRAGMENTS = 4096  # frames one WebSocket message may come in (a 64 MiB frame in 16 KiB pieces)
-MAX_MESSAGES_PER_S, MESSAGE_BURST = 240, 480  # WebSocket messages a connection may send (a live feed sends 30-120 frames a second)
-MAX_FRAMES_PER_S, FRAME_BURST = 2048, MAX_FRAGMENTS + 480  # frames of any kind, continuations included (one message in the most pieces allowed)
+MAX_MESSAGES_PER_S = 240  # WebSocket messages a connection may send, by default (a live feed sends 30-120 frames a second), after a burst of twice as many
+MAX_FRAMES_PER_S = 2048  # frames of any kind, continuations included, after a burst of one message in the most pieces allowed and the messages' burst
 FEED_BYTES = 16 * 1024  # a WebSocket read is parsed this much at a time, the budgets checked between pieces (≤ 2,340 frames)
 MAX_PIPELINED = 64  # requests queued behind the one running on a connection; later ones are dropped and the connection closes
 CLIENT_WARNING_EVERY_S = 10.0  # a warning any client can cause (a malformed request) is logged at most this often
@@ -545,6 +547,7 @@ class RateBudget:
 
 class GuardedWebSocketProtocol(StallGuardedWrites, WebSocketsSansIOProtocol):
     send_timeout_s: float = 30.0
+    max_messages_per_s: int = MAX_MESSAGES_PER_S  # (GANSERVE_STREAM_MAX_MESSAGES_PER_S)
     slots: ConnectionTable | None = None  # the server's, once the upgrade handed this connection's slot over
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -554,8 +557,9 @@ class GuardedWebSocketProtocol(StallGuardedWrites, WebSocketsSansIOProtocol):
         self.after_flush = []
         self.fragments = 0
         now = self.loop.time()
-        self.message_budget = RateBudget(MAX_MESSAGES_PER_S, MESSAGE_BURST, now)
-        self.frame_budget = RateBudget(MAX_FRAMES_PER_S, FRAME_BURST, now)
+        rate = self.max_messages_per_s
+        self.message_budget = RateBudget(rate, 2 * rate, now)
+        self.frame_budget = RateBudget(max(MAX_FRAMES_PER_S, 8 * rate), MAX_FRAGMENTS + 2 * rate, now)
 
     def data_received(self, data: bytes) -> None:
         """A read parsed `FEED_BYTES` at a time, so a closed connection's rest is never parsed."""
@@ -572,7 +576,7 @@ class GuardedWebSocketProtocol(StallGuardedWrites, WebSocketsSansIOProtocol):
         now = self.loop.time()
         if self.frame_budget.take(now) and (not message or self.message_budget.take(now)):
             return False
-        limit = f"{MAX_MESSAGES_PER_S} messages" if message and self.frame_budget.tokens >= 1 else f"{MAX_FRAMES_PER_S} frames"
+        limit = f"{self.message_budget.rate:g} messages" if message and self.frame_budget.tokens >= 1 else f"{self.frame_budget.rate:g} frames"
         self.fail(1008, f"more than {limit} a second")
         return True
 
@@ -706,7 +710,8 @@ def guarded_protocol(header_timeout_s: float, max_connections: int, send_timeout
                                                                    "send_timeout_s": send_timeout_s, "max_header_bytes": max_header_bytes})
 
 
-def guarded_websocket_protocol(send_timeout_s: float, max_header_bytes: int = 64 * 1024) -> type[GuardedWebSocketProtocol]:
+def guarded_websocket_protocol(send_timeout_s: float, max_header_bytes: int = 64 * 1024,
+                               max_messages_per_s: int = MAX_MESSAGES_PER_S) -> type[GuardedWebSocketProtocol]:
     """The WebSocket protocol class uvicorn instantiates per upgraded connection. websockets
     parses the upgrade request again with limits of its own (a line of 8 KiB, 128 headers: its
     `WEBSOCKETS_MAX_LINE_LENGTH` and `WEBSOCKETS_MAX_NUM_HEADERS`), so a 9 KB cookie opened every
@@ -714,4 +719,4 @@ def guarded_websocket_protocol(send_timeout_s: float, max_header_bytes: int = 64
     the request has already passed (one header line takes at least 4 of its bytes)."""
     websockets_http11.MAX_LINE_LENGTH = max_header_bytes
     websockets_http11.MAX_NUM_HEADERS = max_header_bytes // 4
-    return type("ConfiguredWebSocketProtocol", (GuardedWebSocketProtocol,), {"send_timeout_s": send_timeout_s})
+    return type("ConfiguredWebSocketProtocol", (GuardedWebSocketProtocol,), {"send_timeout_s": send_timeout_s, "max_messages_per_s": max_messages_per_s})

@@ -118,6 +118,7 @@ class Settings(BaseSettings):
     # upscale streams (WebSocket)
     max_streams: int = Field(32, ge=1)  # open at once; past it the handshake gets 503
     stream_idle_s: float = Field(60.0, gt=0)  # a stream that sends no frame for this long is closed
+    stream_max_messages_per_s: int = Field(240, ge=1)  # a WebSocket connection past it (after a burst of twice as many) is closed with 1008
     # long jobs (projection)
     max_jobs: int = Field(4, ge=1)  # queued + running; 429 past it
     max_job_seconds: float = Field(120.0, gt=0)

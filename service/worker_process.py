@@ -52,7 +52,7 @@ def main(settings_json: str, replacement: bool = False, supervisor_pid: int | No
     return_freed_memory_to_the_os()
     config = uvicorn.Config(create_app(settings, serve_while_loading=not replacement), log_level=settings.log_level,
                             http=guarded_protocol(settings.header_timeout_s, settings.max_connections, settings.send_timeout_s, settings.max_header_bytes),
-                            ws=guarded_websocket_protocol(settings.send_timeout_s, settings.max_header_bytes),
+                            ws=guarded_websocket_protocol(settings.send_timeout_s, settings.max_header_bytes, settings.stream_max_messages_per_s),
                             timeout_keep_alive=settings.keep_alive_s, timeout_graceful_shutdown=int(settings.shutdown_grace_s),
                             ws_max_size=settings.max_body_bytes, ws_per_message_deflate=False, access_log=False,
                             forwarded_allow_ips=settings.forwarded_allow_ips,  # (the engine reads its clients from the fronts' header)
