@@ -113,10 +113,16 @@ class Slot(Protocol):
         by an abort."""
 
 
+STREAM_OPENINGS_PER_S = 1.0  # fresh WebSocket bursts an address earns a second, past `STREAM_OPENING_BURST` at once
+STREAM_OPENING_BURST = 16.0  # (an address may hold 16 streams at the defaults: all of them open with a whole burst)
+PRUNE_OPENINGS_PAST = 4096  # addresses remembered before those whose openings have refilled are forgotten
+
+
 class ConnectionTable:
     """The slots of one server (one per `--workers` front), kept on uvicorn's server state."""
 
     def __init__(self, limit: int) -> None:
+        self.openings: dict[str | None, tuple[float, float]] = {}  # address -> (WebSocket openings left, when counted)
         self.limit = limit
         self.quarter = limit // 4  # an address holding more may lose a body in progress to its own newcomer (rule 5)
         self.held: dict[str | None, int] = {}  # address -> slots it holds
@@ -129,6 +135,22 @@ class ConnectionTable:
 
     def __len__(self) -> int:
         return len(self.members)
+
+    def opening_allowance(self, address: str | None, now: float) -> float:
+        """The share (0 to 1) of a fresh connection's message bursts that a WebSocket connection
+        of `address` opened `now` gets: whole for an address's first streams, then one whole
+        burst a second between them. Each new connection started with a whole burst, so a client
+        that hung up and reconnected in a loop sent ~272,000 frames a second from one socket,
+        past the per-connection rate 133 times over (a re-probe)."""
+        left, then = self.openings.get(address, (STREAM_OPENING_BURST, now))
+        left = min(STREAM_OPENING_BURST, left + (now - then) * STREAM_OPENINGS_PER_S)
+        granted = min(1.0, left)
+        self.openings[address] = (left - granted, now)
+        if len(self.openings) > PRUNE_OPENINGS_PAST:  # an address whose openings have refilled is as good as new: forgotten
+            full = [key for key, (held, at) in self.openings.items() if held + (now - at) * STREAM_OPENINGS_PER_S >= STREAM_OPENING_BURST]
+            for key in full:
+                del self.openings[key]
+        return granted
 
     def __contains__(self, slot: Slot) -> bool:
         return slot in self.members

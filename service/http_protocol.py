@@ -30,9 +30,12 @@
   `MAX_FRAGMENTS` frames closes the connection with 1009** (websockets' `max_size` counts payload
   bytes only, so a flood of empty continuation frames was parsed without end on the event loop),
   and **a connection sending more than `GANSERVE_STREAM_MAX_MESSAGES_PER_S` messages (text,
-  binary, ping, pong; 240 by default, after a burst of twice as many) or `MAX_FRAMES_PER_S`
-  frames a second (or 8 per message allowed, whichever is more; continuations included, after a
-  burst of one message in `MAX_FRAGMENTS` pieces) is closed with 1008**. A read (up to 256 KiB)
+  binary, ping, pong; 240 by default, after a burst of twice as many) or `MAX_SMALL_FRAMES_PER_S`
+  continuation frames under `SMALL_FRAME_BYTES` a second (after a burst of `SMALL_FRAME_BURST`;
+  a client's 4 KiB fragments of a large frame do not count: they were closed at 30 frames a
+  second) is closed with 1008**; a new connection's bursts are what its address has earned,
+  one whole burst a second past its first 16 (a client reconnecting in a loop started each
+  connection with a whole burst: ~272,000 frames a second from one socket). A read (up to 256 KiB)
   is parsed `FEED_BYTES` at a time and the budget checked between pieces: one client's 30,000
   one-byte frames every half second (8 MB in 20 s) held the event loop for seconds at a time,
   every other client's requests with it (a hostile probe: benign p99 7.0 s, `/health/live` 1.7 s;
@@ -92,7 +95,9 @@ SERVER_SHUTDOWN_EXTENSION = "ganserve.on_server_shutdown"  # a list of callables
 REFUSED_LINGER_S = 1.0  # how long a refused request's remaining bytes are read and dropped before the close
 MAX_FRAGMENTS = 4096  # frames one WebSocket message may come in (a 64 MiB frame in 16 KiB pieces)
 MAX_MESSAGES_PER_S = 240  # WebSocket messages a connection may send, by default (a live feed sends 30-120 frames a second), after a burst of twice as many
-MAX_FRAMES_PER_S = 2048  # frames of any kind, continuations included, after a burst of one message in the most pieces allowed and the messages' burst
+MIN_OPENING_TOKENS = 16  # messages (and small frames) any new connection may send at once, whatever its address has used
+SMALL_FRAME_BYTES = 1024  # a continuation frame smaller than this is a "small frame" (larger ones are bounded by their bytes)
+MAX_SMALL_FRAMES_PER_S, SMALL_FRAME_BURST = 2048, 1024  # small continuation frames a connection may send (a client's 4 KiB fragments are not)
 FEED_BYTES = 16 * 1024  # a WebSocket read is parsed this much at a time, the budgets checked between pieces (≤ 2,340 frames)
 MAX_PIPELINED = 64  # requests queued behind the one running on a connection; later ones are dropped and the connection closes
 CLIENT_WARNING_EVERY_S = 10.0  # a warning any client can cause (a malformed request) is logged at most this often
@@ -559,7 +564,7 @@ class GuardedWebSocketProtocol(StallGuardedWrites, WebSocketsSansIOProtocol):
         now = self.loop.time()
         rate = self.max_messages_per_s
         self.message_budget = RateBudget(rate, 2 * rate, now)
-        self.frame_budget = RateBudget(max(MAX_FRAMES_PER_S, 8 * rate), MAX_FRAGMENTS + 2 * rate, now)
+        self.frame_budget = RateBudget(MAX_SMALL_FRAMES_PER_S, SMALL_FRAME_BURST, now)
 
     def data_received(self, data: bytes) -> None:
         """A read parsed `FEED_BYTES` at a time, so a closed connection's rest is never parsed."""
@@ -568,17 +573,18 @@ class GuardedWebSocketProtocol(StallGuardedWrites, WebSocketsSansIOProtocol):
                 return
             super().data_received(data[start:start + FEED_BYTES])
 
-    def over_budget(self, message: bool) -> bool:
-        """Takes one frame (and one message) from the connection's budgets; past either, the
-        connection is closed with 1008 and True returned (the frame is not handled)."""
+    def over_budget(self, budget: RateBudget, what: str) -> bool:
+        """Takes one from `budget` (messages, or small frames); past it, the connection is closed
+        with 1008 and True returned (the frame is not handled)."""
         if self.transport.is_closing():
             return True
-        now = self.loop.time()
-        if self.frame_budget.take(now) and (not message or self.message_budget.take(now)):
+        if budget.take(self.loop.time()):
             return False
-        limit = f"{self.message_budget.rate:g} messages" if message and self.frame_budget.tokens >= 1 else f"{self.frame_budget.rate:g} frames"
-        self.fail(1008, f"more than {limit} a second")
+        self.fail(1008, f"more than {budget.rate:g} {what} a second")
         return True
+
+    def over_message_budget(self) -> bool:
+        return self.over_budget(self.message_budget, "messages")
 
     def fail(self, code: int, reason: str) -> None:
         """Closes the connection at once with `code` (the app is told it is gone)."""
@@ -591,9 +597,13 @@ class GuardedWebSocketProtocol(StallGuardedWrites, WebSocketsSansIOProtocol):
 
     def hold_slot(self, slots: ConnectionTable) -> None:
         """Takes the upgraded HTTP connection's slot: a stream counts toward the connection cap,
-        and never waits in line to be closed for a newcomer."""
+        and never waits in line to be closed for a newcomer. Its opening bursts are what its
+        address has earned (`ConnectionTable.opening_allowance`): a reconnect is no fresh burst."""
         self.slots, self.waiting_since = slots, self.loop.time()
         slots.add(self, waiting=False)
+        share = slots.opening_allowance(self.address, self.loop.time())
+        for budget in (self.message_budget, self.frame_budget):  # (never none: a client may always begin, at its rate)
+            budget.tokens = max(MIN_OPENING_TOKENS, budget.tokens * share)
 
     def gone(self) -> bool:
         return self.transport.is_closing()
@@ -659,23 +669,23 @@ class GuardedWebSocketProtocol(StallGuardedWrites, WebSocketsSansIOProtocol):
 
     def handle_ping(self) -> None:
         pong = self.conn.data_to_send()  # taken either way, or it would go out with the next write
-        if self.over_budget(message=True):
+        if self.over_message_budget():
             return
         if self.transport.get_write_buffer_size() < self.transport.get_write_buffer_limits()[1]:
             self.transport.write(b"".join(pong))
 
     def handle_pong(self, event) -> None:
-        if not self.over_budget(message=True):
+        if not self.over_message_budget():
             super().handle_pong(event)
 
     def handle_text(self, event) -> None:
-        if self.over_budget(message=True):
+        if self.over_message_budget():
             return
         self.fragments = 1
         super().handle_text(event)
 
     def handle_bytes(self, event) -> None:
-        if self.over_budget(message=True):
+        if self.over_message_budget():
             return
         self.fragments = 1
         super().handle_bytes(event)
@@ -694,7 +704,7 @@ class GuardedWebSocketProtocol(StallGuardedWrites, WebSocketsSansIOProtocol):
         super().send_receive_event_to_app()
 
     def handle_cont(self, event) -> None:
-        if self.over_budget(message=False):
+        if len(event.data) < SMALL_FRAME_BYTES and self.over_budget(self.frame_budget, "small frames"):
             return
         self.fragments += 1
         if self.fragments > MAX_FRAGMENTS:

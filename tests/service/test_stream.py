@@ -274,12 +274,14 @@ def test_a_frame_in_flight_when_the_server_stops_is_answered_before_the_stream_c
         assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)
 
 
-def raw_stream(server, receive_buffer: int = 4096, path: str = STREAM) -> socket.socket:
+def raw_stream(server, receive_buffer: int = 4096, path: str = STREAM, source: str | None = None) -> socket.socket:
     """A stream opened by hand (a tiny receive buffer, the handshake read, nothing else), so the
-    test decides what is read and what is sent."""
+    test decides what is read and what is sent; `source`: the client address it comes from."""
     host, port = server.url.removeprefix("http://").split(":")
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    if source is not None:
+        sock.bind((source, 0))
     sock.connect((host, int(port)))
     key = base64.b64encode(os.urandom(16)).decode()
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -397,22 +399,24 @@ def test_an_answer_the_client_does_not_read_stays_in_the_memory_budget_until_it_
         stalled.close()
 
 
-def test_a_message_in_endless_fragments_closes_the_connection_with_1009(server):
+@pytest.mark.parametrize("piece,code", [(b"", 1008), (bytes(1024), 1009)], ids=["empty pieces", "1 KiB pieces"])
+def test_a_message_in_endless_fragments_closes_the_connection(server, piece, code):
     """Empty continuation frames carry no bytes for `max_size` to count; parsed without end they
-    stalled the event loop. Past MAX_FRAGMENTS frames for one message the server closes."""
+    stalled the event loop. Small ones are counted against the connection's small-frame budget
+    (1008 past it); past MAX_FRAGMENTS frames of any size for one message the server closes with 1009."""
     from service.http_protocol import MAX_FRAGMENTS
 
     sock = raw_stream(server, receive_buffer=1 << 16)
     sock.settimeout(30)
     sock.recv(4096)  # ready
     with contextlib.suppress(OSError):  # the server may reset the connection before the last frames are written
-        sock.sendall(client_frame(0x2, b"\x89PNG", fin=False) + client_frame(0x0, b"", fin=False) * (MAX_FRAGMENTS + 10))
+        sock.sendall(client_frame(0x2, b"\x89PNG", fin=False) + client_frame(0x0, piece, fin=False) * (MAX_FRAGMENTS + 10))
     received = b""
     with contextlib.suppress(OSError):
         while chunk := sock.recv(4096):
             received += chunk
     close = received.find(b"\x88")  # a close frame: opcode 8, FIN
-    assert close >= 0 and struct.unpack(">H", received[close + 2 : close + 4])[0] == 1009
+    assert close >= 0 and struct.unpack(">H", received[close + 2 : close + 4])[0] == code
     with httpx.Client(base_url=server.url) as client:
         assert client.get("/health/live").status_code == 200
 
@@ -552,3 +556,40 @@ def test_a_handshake_websockets_refuses_is_the_api_json_error_and_a_large_cookie
     large = key + "Sec-WebSocket-Version: 13\r\n" + f"Cookie: session={'c' * 9000}\r\n" + "".join(f"X-Extra-{i}: {i}\r\n" for i in range(130))
     status, _, _ = handshake(server, large)
     assert status == 101
+
+
+def test_a_client_reconnecting_in_a_loop_gets_no_fresh_burst_each_time(server):
+    """Each new connection started with a whole burst: hanging up and reconnecting sent ~272,000
+    frames a second from one socket (a re-probe). An address's first 16 streams open with a whole
+    burst; after that, one whole burst a second between them."""
+    from service.connection_table import STREAM_OPENING_BURST
+    from service.http_protocol import MAX_MESSAGES_PER_S
+
+    burst = client_frame(0x2, b"x") * (2 * MAX_MESSAGES_PER_S - 20)  # within one connection's burst
+    codes = []
+    for _ in range(int(STREAM_OPENING_BURST) + 8):
+        sock = raw_stream(server, receive_buffer=1 << 16, source="127.0.0.77")  # (an address of its own: the shared server's 127.0.0.1 keeps its openings)
+        sock.settimeout(10)
+        with contextlib.suppress(OSError):
+            sock.sendall(burst)
+            sock.shutdown(socket.SHUT_WR)
+        codes.append(close_code_in(sock))
+        sock.close()
+    assert codes.count(1008) >= 4, codes  # the later ones, opened faster than one a second, had no whole burst
+    with connect(ws_url(server)) as fresh:  # a client that sends within its rate is still served
+        assert json.loads(fresh.recv(timeout=30))["type"] == "ready"
+
+
+def test_a_large_frame_sent_in_4_kib_fragments_is_not_a_flood(server):
+    """A 480 KB frame in 4 KiB fragments, 30 times a second, is 3,540 frames a second: it was
+    closed with 1008 after 89 frames (when its frames had used up the connection's burst). Fragments of 1 KiB or more count by their bytes only."""
+    noise = io.BytesIO()
+    Image.fromarray(np.random.default_rng(4).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(noise, format="PNG")
+    data = noise.getvalue() + bytes(480_000 - len(noise.getvalue()))  # (a PNG with trailing bytes: Pillow reads it)
+    pieces = [data[i : i + 4096] for i in range(0, len(data), 4096)]
+    with connect(ws_url(server), max_size=2**24) as ws:
+        assert json.loads(ws.recv(timeout=30))["type"] == "ready"
+        for _ in range(60):
+            ws.send(iter(pieces))  # one message in 118 fragments: 7,080 frames in all, sent as fast as they go
+        got = answers(ws, 60)
+    assert [a["frame"] for a in got] == list(range(1, 61)) and {a["type"] for a in got} <= {"frame", "dropped"}
