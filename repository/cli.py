@@ -87,7 +87,7 @@ def import_command(
         raise typer.Exit(2)
     try:
         check_entry_name(name)
-    except ValueError as error:
+    except (ValueError, ExportError) as error:
         console.print(f"[red]import failed:[/] {error}", soft_wrap=True)
         raise typer.Exit(1)
     existing = repository / name / str(version)
