@@ -116,6 +116,7 @@ class Slot(Protocol):
 STREAM_OPENINGS_PER_S = 1.0  # fresh WebSocket bursts an address earns a second, past `STREAM_OPENING_BURST` at once
 STREAM_OPENING_BURST = 16.0  # (an address may hold 16 streams at the defaults: all of them open with a whole burst)
 PRUNE_OPENINGS_PAST = 4096  # addresses remembered before those whose openings have refilled are forgotten
+PRUNE_EVERY_OPENINGS = 256  # past it, the scan runs once per this many openings
 
 
 class ConnectionTable:
@@ -123,6 +124,7 @@ class ConnectionTable:
 
     def __init__(self, limit: int) -> None:
         self.openings: dict[str | None, tuple[float, float]] = {}  # address -> (WebSocket openings left, when counted)
+        self.openings_since_prune = 0
         self.limit = limit
         self.quarter = limit // 4  # an address holding more may lose a body in progress to its own newcomer (rule 5)
         self.held: dict[str | None, int] = {}  # address -> slots it holds
@@ -146,9 +148,11 @@ class ConnectionTable:
         left = min(STREAM_OPENING_BURST, left + (now - then) * STREAM_OPENINGS_PER_S)
         granted = min(1.0, left)
         self.openings[address] = (left - granted, now)
-        if len(self.openings) > PRUNE_OPENINGS_PAST:  # an address whose openings have refilled is as good as new: forgotten
+        self.openings_since_prune += 1
+        if len(self.openings) > PRUNE_OPENINGS_PAST and self.openings_since_prune >= PRUNE_EVERY_OPENINGS:
+            self.openings_since_prune = 0  # (a scan every so many openings, not one per opening past the threshold)
             full = [key for key, (held, at) in self.openings.items() if held + (now - at) * STREAM_OPENINGS_PER_S >= STREAM_OPENING_BURST]
-            for key in full:
+            for key in full:  # an address whose openings have refilled is as good as new: forgotten
                 del self.openings[key]
         return granted
 

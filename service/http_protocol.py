@@ -34,9 +34,11 @@
   continuation frames under `SMALL_FRAME_BYTES` a second (after a burst of `SMALL_FRAME_BURST`;
   a client's 4 KiB fragments of a large frame do not count: they were closed at 30 frames a
   second) is closed with 1008**; a new connection's bursts are what its address has earned,
-  one whole burst a second past its first 16 (a client reconnecting in a loop started each
-  connection with a whole burst: ~272,000 frames a second from one socket). A read (up to 256 KiB)
-  is parsed `FEED_BYTES` at a time and the budget checked between pieces: one client's 30,000
+  one whole burst a second past its first 16, never fewer than `MIN_OPENING_MESSAGES` and
+  `MIN_OPENING_SMALL_FRAMES` (a client reconnecting in a loop started each connection with a
+  whole burst: ~272,000 frames a second from one socket). A read (up to 256 KiB) is parsed in
+  pieces of at most `FEED_BYTES`, and no larger than what the budgets have left can cover, the
+  budget checked between pieces: one client's 30,000
   one-byte frames every half second (8 MB in 20 s) held the event loop for seconds at a time,
   every other client's requests with it (a hostile probe: benign p99 7.0 s, `/health/live` 1.7 s;
   websockets parses ~37,000 such frames from one read, 118 ms, before uvicorn and the stream
@@ -95,7 +97,9 @@ SERVER_SHUTDOWN_EXTENSION = "ganserve.on_server_shutdown"  # a list of callables
 REFUSED_LINGER_S = 1.0  # how long a refused request's remaining bytes are read and dropped before the close
 MAX_FRAGMENTS = 4096  # frames one WebSocket message may come in (a 64 MiB frame in 16 KiB pieces)
 MAX_MESSAGES_PER_S = 240  # WebSocket messages a connection may send, by default (a live feed sends 30-120 frames a second), after a burst of twice as many
-MIN_OPENING_TOKENS = 16  # messages (and small frames) any new connection may send at once, whatever its address has used
+MIN_OPENING_MESSAGES, MIN_OPENING_SMALL_FRAMES = 32, 256  # what any new connection may send at once, whatever its address has used
+# (at 16 of each, a client behind a NAT whose address had opened 16 streams was closed on its first frame in 512-byte fragments)
+FEED_BYTES_PER_TOKEN = 8  # a piece parsed holds at most this many bytes per message or small frame left in the budget (a tiny frame is 7)
 SMALL_FRAME_BYTES = 1024  # a continuation frame smaller than this is a "small frame" (larger ones are bounded by their bytes)
 MAX_SMALL_FRAMES_PER_S, SMALL_FRAME_BURST = 2048, 1024  # small continuation frames a connection may send (a client's 4 KiB fragments are not)
 FEED_BYTES = 16 * 1024  # a WebSocket read is parsed this much at a time, the budgets checked between pieces (≤ 2,340 frames)
@@ -567,11 +571,19 @@ class GuardedWebSocketProtocol(StallGuardedWrites, WebSocketsSansIOProtocol):
         self.frame_budget = RateBudget(MAX_SMALL_FRAMES_PER_S, SMALL_FRAME_BURST, now)
 
     def data_received(self, data: bytes) -> None:
-        """A read parsed `FEED_BYTES` at a time, so a closed connection's rest is never parsed."""
-        for start in range(0, len(data), FEED_BYTES):
+        """A read parsed a piece at a time, so a closed connection's rest is never parsed: at most
+        `FEED_BYTES`, and no more bytes than `FEED_BYTES_PER_TOKEN` per message or small frame its
+        budgets have left (at least 1 KiB). With 16 KiB pieces a connection on a few tokens had
+        ~2,340 tiny frames parsed before the budget was looked at: a client reconnecting in a loop
+        still held a core, ~5.9 ms per connection (a re-probe)."""
+        start = 0
+        while start < len(data):
             if self.transport.is_closing():
                 return
-            super().data_received(data[start:start + FEED_BYTES])
+            left = min(self.message_budget.tokens, self.frame_budget.tokens)
+            piece = max(1024, min(FEED_BYTES, int(left) * FEED_BYTES_PER_TOKEN))
+            super().data_received(data[start:start + piece])
+            start += piece
 
     def over_budget(self, budget: RateBudget, what: str) -> bool:
         """Takes one from `budget` (messages, or small frames); past it, the connection is closed
@@ -601,9 +613,9 @@ class GuardedWebSocketProtocol(StallGuardedWrites, WebSocketsSansIOProtocol):
         address has earned (`ConnectionTable.opening_allowance`): a reconnect is no fresh burst."""
         self.slots, self.waiting_since = slots, self.loop.time()
         slots.add(self, waiting=False)
-        share = slots.opening_allowance(self.address, self.loop.time())
-        for budget in (self.message_budget, self.frame_budget):  # (never none: a client may always begin, at its rate)
-            budget.tokens = max(MIN_OPENING_TOKENS, budget.tokens * share)
+        share = slots.opening_allowance(self.address, self.loop.time())  # (never none: a client may always begin, at its rate)
+        self.message_budget.tokens = max(MIN_OPENING_MESSAGES, self.message_budget.tokens * share)
+        self.frame_budget.tokens = max(MIN_OPENING_SMALL_FRAMES, self.frame_budget.tokens * share)
 
     def gone(self) -> bool:
         return self.transport.is_closing()

@@ -485,13 +485,20 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def close_code_in(sock: socket.socket) -> int | None:
-    """The close code of the server's close frame among what is left to read (the reset that
-    follows, for the bytes it left unread, ends the reading)."""
+def rest_of(sock: socket.socket) -> bytes:
+    """What is left to read until the server closes or resets the connection."""
     received = b""
     with contextlib.suppress(OSError):
         while chunk := sock.recv(1 << 16):
             received += chunk
+    return received
+
+
+def close_code_in(sock: socket.socket) -> int | None:
+    """The close code of the server's close frame among what is left to read; None where none
+    came: a server that closes with a flood unread resets the connection, and the kernel drops
+    what it had not sent yet, the close frame with it."""
+    received = rest_of(sock)
     close = received.rfind(b"\x88\x02") if b"\x88\x02" in received else received.rfind(b"\x88")
     return struct.unpack(">H", received[close + 2 : close + 4])[0] if close >= 0 and len(received) >= close + 4 else None
 
@@ -519,11 +526,12 @@ def test_a_flood_of_small_messages_is_closed_with_1008_after_its_burst(server, o
     flood.settimeout(10)
     with contextlib.suppress(OSError):  # the server may reset the connection before all of it is written
         flood.sendall(client_frame(opcode, payload) * 200_000)
-    assert close_code_in(flood) == 1008
+    answered = rest_of(flood)  # until the server closed it (1008, or a reset that dropped the close frame)
     flood.close()
     time.sleep(0.5)
     handled = sum(server.metric("ganserve_stream_frames_total", outcome=o) for o in ("answered", "dropped", "error")) - handled_before
-    assert handled <= 2 * MAX_MESSAGES_PER_S + 10, handled  # of 200,000 frames sent (text and pings are no frames of the stream)
+    handled += answered.count(b'"type":"error"') + answered.count(b"\x8a\x7d")  # text's error notices, pings' pongs
+    assert handled <= 2 * MAX_MESSAGES_PER_S + 10, handled  # of 200,000 messages sent
     assert rss_bytes(server.process.pid) - before < 10e6
     one_frame_answered()  # the server goes on
 
@@ -573,11 +581,23 @@ def test_a_client_reconnecting_in_a_loop_gets_no_fresh_burst_each_time(server):
         with contextlib.suppress(OSError):
             sock.sendall(burst)
             sock.shutdown(socket.SHUT_WR)
-        codes.append(close_code_in(sock))
+        codes.append(close_code_in(sock))  # (the close frame goes out at once: nothing else is queued before it)
         sock.close()
-    assert codes.count(1008) >= 4, codes  # the later ones, opened faster than one a second, had no whole burst
-    with connect(ws_url(server)) as fresh:  # a client that sends within its rate is still served
+    assert codes[: int(STREAM_OPENING_BURST)].count(1008) == 0 and codes.count(1008) >= 4, codes  # the later ones, opened faster than one a second, had no whole burst
+    # a client of that address that sends within its rate is still served, a frame in 512-byte fragments
+    # and a backlog of 20 frames included (at 16 tokens a stream behind such a NAT was closed on its first frame)
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.bind(("127.0.0.77", 0))
+    sock.connect((host, int(port)))
+    picture = frame(32, 32, 5)
+    with connect(ws_url(server), sock=sock, max_size=2**24) as fresh:
         assert json.loads(fresh.recv(timeout=30))["type"] == "ready"
+        fresh.send(iter([picture[i : i + 512] for i in range(0, len(picture), 512)]))
+        for _ in range(20):
+            fresh.send(picture)
+        got = answers(fresh, 21)
+    assert [a["frame"] for a in got] == list(range(1, 22)) and got[-1]["type"] == "frame"
 
 
 def test_a_large_frame_sent_in_4_kib_fragments_is_not_a_flood(server):
