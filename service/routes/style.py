@@ -3,7 +3,6 @@ server followed by batched synthesis calls shared with every other request (serv
 from __future__ import annotations
 
 import dataclasses
-
 from typing import Annotated
 
 import numpy as np
