@@ -184,6 +184,25 @@ def bench_data_command(
     run_data_loading_bench(images, resolution, baseline_code, out, dataset.value)
 
 
+def bench_contention_command(
+    repository: Path = typer.Option(Path("model_repository"), "--repository", exists=True, file_okay=False),
+    baseline_code: Optional[Path] = typer.Option(None, "--baseline-code", exists=True, file_okay=False,
+                                                 help="another checkout (a git worktree of the code before a change), measured in turns with this one"),
+    rounds: int = typer.Option(2, min=1, help="turns per server"),
+    bursts: int = typer.Option(4, min=1, help="bursts per turn"),
+    k: int = typer.Option(3, min=1, help="upscales and translates in each burst (each)"),
+    seconds: float = typer.Option(30.0, min=1.0, help="the steady scenario's length"),
+    timeout_s: float = typer.Option(3.0, min=0.5, help="the servers' GANSERVE_REQUEST_TIMEOUT_S"),
+    upscale_side: int = typer.Option(160, min=8, help="the upscales' input side"),
+    translate_side: int = typer.Option(1024, min=8, help="the translates' input side"),
+    out: Optional[Path] = typer.Option(Path("bench/results/contention-latest.json"), help="JSON report"),
+) -> None:
+    """Admission with several models busy on the same cores: admitted requests that still missed their deadline, refusals after an obeyed Retry-After, latency."""
+    from bench.contention import run_contention_bench
+
+    run_contention_bench(repository, baseline_code, rounds, bursts, k, seconds, timeout_s, upscale_side, translate_side, out)
+
+
 def register(app: typer.Typer) -> None:
     app.command("bench")(bench_command)
     app.command("bench-upscale")(bench_upscale_command)
@@ -194,3 +213,4 @@ def register(app: typer.Typer) -> None:
     app.command("bench-arena")(bench_arena_command)
     app.command("bench-encoding")(bench_encoding_command)
     app.command("bench-data")(bench_data_command)
+    app.command("bench-contention")(bench_contention_command)

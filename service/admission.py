@@ -8,19 +8,27 @@ refused up front instead of timing out thirty seconds later.
 - **Deadline**: a request whose estimated compute, after the backlog already on its model's lane,
   would end past its deadline gets 503 with a Retry-After of when the lane will have room; one
   that could not finish even on an idle lane gets a permanent 413.
+- **The lanes beside it**: other models compute on the same cores (or GPU), so the work queued on
+  their lanes stretches a request's own, and its own stretches theirs. Its estimate adds the
+  others' work that will run beside it (processor sharing: each other lane's, up to as long as
+  its own lane's), and it is refused while it would push a request already admitted beside it
+  past that request's deadline (`crowded_out`). A 256² upscale admitted at an estimated 9 s
+  once took 26 s beside two busy models, where each lane was judged alone.
 - **Memory**: a request reserves what it will hold at its peak from the process budget for its
   whole life; what does not fit now gets 503, what never fits 413.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from service.costs import GraphCost
 from service.encoder_backlog import EncoderBacklog
 from service.errors import ApiError
+from service.lanes import Booking
 from service.memory import MemoryBudget, OverBudget
 from service.settings import Settings
 from service.tiling import plan_tiles
@@ -30,6 +38,7 @@ if TYPE_CHECKING:
     from service.registry import LoadedModel
 
 COMPUTE_SHARE_OF_DEADLINE = 0.8  # the rest of a deadline is for decoding, queueing and encoding
+PROTECTED_SHARE_OF_DEADLINE = 0.9  # how far requests admitted later beside it may push an admitted request's compute
 REQUEST_SHARE_OF_MEMORY = 0.5  # one request may hold at most this share of the budget
 FLOAT = 4
 
@@ -144,8 +153,57 @@ def compute_seconds(cost: GraphCost | None, units: list[float], max_batch_size: 
     return batches * cost.overhead_s + cost.per_unit_s * sum(units)
 
 
+def crowding(lane, other) -> float:
+    """How much of a second each second of `other`'s work adds to `lane`'s while both compute (and
+    the other way round): 1 for two lanes that each ask for the whole device, 0 for two whose
+    runtimes' threads fit the cores together (`Lane.share`, per job, times the lane's threads)."""
+    demand = min(1.0, lane.share * lane.threads) + min(1.0, other.share * other.threads)
+    return min(1.0, max(0.0, demand - 1.0))
+
+
+def beside_s(lane, own_s: float, others: Sequence) -> float:
+    """The seconds the work queued on the other lanes adds to `own_s` seconds of `lane`'s own:
+    each other lane's, as far as it overlaps (up to `own_s`), times their crowding."""
+    return sum(min(other.expected_wait_s(), own_s) * crowding(lane, other) for other in others)
+
+
+def pushed_by(booking: Booking, share: float, start_in: float, alone_s: float, now: float) -> float:
+    """How much later `alone_s` seconds of work on another lane, starting `start_in` seconds from
+    now, make the booked request end: the part of it that runs before that request's end."""
+    return max(0.0, min(alone_s, booking.finish - now - start_in)) * share
+
+
+def crowded_out(lane, start_in: float, alone_s: float, others: Sequence, now: float) -> float:
+    """0 when `alone_s` more seconds on `lane`, starting after its queue (`start_in`), leave every
+    request admitted beside it within its deadline; else the seconds until the last one of those
+    it would not ends (when it has room)."""
+    wait = 0.0
+    for other in others:
+        share = crowding(lane, other)
+        if share:
+            for booking in other.bookings:
+                pushed = pushed_by(booking, share, start_in, alone_s, now)
+                if pushed > 0 and booking.finish + pushed > booking.latest:
+                    wait = max(wait, booking.finish - now)
+    return wait
+
+
+def book(lane, start_in: float, alone_s: float, others: Sequence, finish_in: float, latest_in: float, now: float) -> Booking:
+    """Admits a request on `lane`: the requests booked beside it are pushed later by its work, and
+    its own booking is returned (the caller takes it off `lane.bookings` when the request ends)."""
+    for other in others:
+        share = crowding(lane, other)
+        if share:
+            for booking in other.bookings:
+                booking.finish += pushed_by(booking, share, start_in, alone_s, now)
+    booking = Booking(now + finish_in, now + latest_in)
+    lane.bookings.add(booking)
+    return booking
+
+
 def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, budget: MemoryBudget, recheck_s: float = 30.0,
-          encoding: EncoderBacklog | None = None, timeout_s: float = math.inf, counted: list[int] | None = None) -> float:
+          encoding: EncoderBacklog | None = None, timeout_s: float = math.inf, counted: list[int] | None = None,
+          beside: Sequence = (), booked: list[Booking] | None = None) -> float:
     """Refuses what cannot finish in time or fit in memory; otherwise reserves the request's
     bytes and returns the lane seconds it will take (the caller adds them to the lane's backlog
     at once, so the requests admitted in one burst see each other, and releases both when the
@@ -155,25 +213,36 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
     (the process's encoder pool), its answer's encoding must also fit, after its compute, behind
     the encodings admitted before it (`EncoderBacklog.check`); its seconds are added there (the
     microseconds counted appended to `counted`), and the caller takes them off once the answer is
-    encoded."""
+    encoded. `beside`: the other lanes on the device (`ModelRegistry.lanes_beside`), whose queued
+    work is added to its estimate and whose admitted requests it may not push past their
+    deadlines; its booking is appended to `booked` (the caller takes it off its lane at the end)."""
     limit = model.limits.compute_seconds if model.limits else math.inf
     if request_cost.seconds > limit:
         raise ApiError(413, f"this request needs about {request_cost.seconds:.1f} s of compute on {model.entry.name!r}; "
                             f"a request may need at most {limit:.1f} s here: {request_cost.smaller}", code="too_expensive")
-    lane = model.lane
-    correction = model.costs["model"].correction if "model" in model.costs else 1.0
+    lane, now = model.lane, time.monotonic()
+    cost = model.costs.get("model")
+    correction = cost.current_correction() if cost is not None else 1.0
     wait, alone = lane.expected_wait_s(), request_cost.seconds * correction / lane.threads
+    crowd = beside_s(lane, wait + alone, beside)
     budget_s = remaining_s * COMPUTE_SHARE_OF_DEADLINE  # the rest is decoding, encoding and the estimate's error
-    if wait + alone > budget_s:
-        if alone <= budget_s:  # the work queued before it: it has room once that is done
-            raise behind_the_queue(model.entry.name, wait, alone, budget_s)
+    if wait + alone + crowd > budget_s:
+        if alone <= budget_s:  # the work queued before it, here and beside: it has room once that is done
+            raise behind_the_queue(model.entry.name, wait, alone, budget_s, crowd)
         if request_cost.seconds / lane.threads <= budget_s:  # not the queue: its batches have run slower than measured
-            retry = max(1, math.ceil(recheck_s))
+            # until the correction has gone back far enough (it fades while no batch renews it), or the idle re-measure
+            fits_at = max(0.0, budget_s - wait - crowd) * lane.threads / request_cost.seconds
+            retry = max(1, math.ceil(min(recheck_s, cost.seconds_until_correction(fits_at) if cost is not None else math.inf)))
             why = f"{model.entry.name!r} has run {correction:.1f}x slower than measured lately (about {alone:.1f} s of compute for this request)"
         else:  # the upload took the deadline's room
             retry = 1
             why = f"this request needs about {alone:.1f} s of compute and its deadline leaves {budget_s:.1f} s"
         raise ApiError(503, f"{why}; this request would finish after its deadline: retry in {retry} s", code="overloaded",
+                       headers={"Retry-After": str(retry)})
+    if crowded := crowded_out(lane, wait, alone, beside, now):
+        retry = max(1, math.ceil(crowded))
+        raise ApiError(503, f"this request's {alone:.1f} s of compute on {model.entry.name!r} would make requests admitted to other "
+                            f"models on the same device miss their deadlines: retry in {retry} s", code="overloaded",
                        headers={"Retry-After": str(retry)})
     reserve_memory(budget, request_cost.bytes, retry_after_s=wait)  # first: its 413 (never fits) before any 503
     if encoding is not None:
@@ -187,26 +256,31 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
         micros = encoding.add(request_cost.encode_seconds)
         if counted is not None:
             counted.append(micros)
+    if booked is not None:
+        booked.append(book(lane, wait, alone, beside, wait + alone + crowd, remaining_s * PROTECTED_SHARE_OF_DEADLINE, now))
     return request_cost.seconds * correction
 
 
-def behind_the_queue(name: str, wait_s: float, alone_s: float, budget_s: float) -> ApiError:
-    """The 503 of a request that would finish after its deadline for the work queued before it."""
-    retry = max(1, math.ceil(wait_s + alone_s - budget_s))
-    return ApiError(503, f"{name!r} has about {wait_s:.1f} s of work queued; this request would finish after its deadline: retry in {retry} s",
-                    code="overloaded", headers={"Retry-After": str(retry)})
+def behind_the_queue(name: str, wait_s: float, alone_s: float, budget_s: float, beside_s: float = 0.0) -> ApiError:
+    """The 503 of a request that would finish after its deadline for the work queued before it,
+    on its own lane and (`beside_s`, what it adds) on the other models' lanes."""
+    retry = max(1, math.ceil(wait_s + alone_s + beside_s - budget_s))
+    others = f", and other models on the same device about {beside_s:.1f} s more beside it" if beside_s >= 0.05 else ""
+    return ApiError(503, f"{name!r} has about {wait_s:.1f} s of work queued{others}; this request would finish after its deadline: "
+                         f"retry in {retry} s", code="overloaded", headers={"Retry-After": str(retry)})
 
 
-def recheck_in_the_engine(name: str, wait_s: float, alone_s: float, remaining_s: float) -> None:
+def recheck_in_the_engine(name: str, wait_s: float, alone_s: float, remaining_s: float, beside_s: float = 0.0) -> None:
     """A `--workers` engine's last look at a request a front admitted, before its items are
     queued: the engine's lane backlog is every front's admitted work, exactly, where a front saw
     it as of the last snapshot (0.5 s old). Two fronts that each admitted a request taking most
     of a deadline in the same half second both queued it, and the second answered 504 at its
     deadline, 30 s later, where one process answers 503 at once (a hostile probe). Only work
-    queued before it refuses it here: with none, the front's admission stands."""
+    queued before it refuses it here, on its lane or beside it (`beside_s`, what the other lanes'
+    work adds): with none, the front's admission stands."""
     budget_s = remaining_s * COMPUTE_SHARE_OF_DEADLINE
-    if wait_s > 0 and wait_s + alone_s > budget_s:
-        raise behind_the_queue(name, wait_s, alone_s, budget_s)
+    if wait_s + beside_s > 0 and wait_s + alone_s + beside_s > budget_s:
+        raise behind_the_queue(name, wait_s, alone_s, budget_s, beside_s)
 
 
 def reserve_memory(budget: MemoryBudget, nbytes: int, retry_after_s: float = 1.0) -> None:

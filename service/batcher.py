@@ -306,7 +306,7 @@ class DynamicBatcher:
         stacked = self.padded({name: np.stack([item.inputs[name] for item in batch]) for name in batch[0].inputs}, len(batch))
         started = time.perf_counter()
         try:
-            outputs = await self.lane.run(self.run_batch, stacked)
+            outputs, stretch = await self.lane.run_timed(self.run_batch, stacked)
         except OutOfMemory as error:
             if len(batch) == 1:
                 self.fail(batch, error)
@@ -320,13 +320,14 @@ class DynamicBatcher:
         except Exception as error:  # a broken model fails its batch, never the worker
             self.fail(batch, error)
             return
-        self.deliver(batch, outputs, started)
+        self.deliver(batch, outputs, started, stretch)
 
-    def deliver(self, batch: list[WorkItem], outputs: np.ndarray, started: float) -> None:
-        """A batch's outputs to its items' futures, with its cost and metrics recorded."""
+    def deliver(self, batch: list[WorkItem], outputs: np.ndarray, started: float, stretch: float = 1.0) -> None:
+        """A batch's outputs to its items' futures, with its cost and metrics recorded (`stretch`:
+        how much longer the device's other jobs made it take, `Lane.run_timed`)."""
         elapsed = time.perf_counter() - started
         if self.cost is not None:
-            self.cost.observe(sum(item.units for item in batch), elapsed, min(item.units for item in batch))
+            self.cost.observe(sum(item.units for item in batch), elapsed, min(item.units for item in batch), stretch)
         self.metrics.compute_duration.observe(elapsed)
         self.metrics.batch_items.observe(len(batch))
         for request in {id(item.request): item.request for item in batch}.values():

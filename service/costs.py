@@ -29,6 +29,8 @@ MEMORY_MARGIN = 1.25
 FALLBACK_BYTES_PER_VALUE = 16  # where the peak cannot be read: 4 B floats, about 4 live copies
 # a fit is scaled down to what batches show once this many have run at under this share of it
 BATCHES_RELAX_MIN, BATCHES_RELAX_BELOW = 32, 0.8
+# how soon a correction no batch has renewed goes halfway back to where the idle lane last put it
+CORRECTION_HALF_LIFE_S = 30.0
 K = TypeVar("K")
 
 
@@ -45,6 +47,31 @@ class GraphCost:
     batches_since_fit: int = 0  # batches observed since the fit was measured or last replaced
     max_batch_units: float | None = None  # a larger warm-up shape ran out of device memory: batches stay at or under this
     recalibrated_to: float | None = None  # the correction an idle re-measure last set (`recalibrate`)
+    observed_at: float | None = None  # when a batch last moved the correction (monotonic; None: never, it holds as set)
+
+    def current_correction(self, now: float | None = None) -> float:
+        """The correction as evidence of *lately*: it goes back toward where the idle lane last
+        put it (1, or `recalibrated_to`) with a half-life of CORRECTION_HALF_LIFE_S while no batch
+        renews it. Held as it was, one slow spell refused a model's every request "slower than
+        measured lately" while no batch of it could run to say otherwise: an upscaler was locked
+        out for 3 minutes on an almost idle server, a trickle of another model's requests keeping
+        the idle re-measure away (a hostile probe). A model still slow shows it again on its
+        next batch (the correction turns pessimistic at half weight)."""
+        if self.observed_at is None:
+            return self.correction
+        rest = self.recalibrated_to if self.recalibrated_to is not None else 1.0
+        age = max(0.0, (time.monotonic() if now is None else now) - self.observed_at)
+        return rest + (self.correction - rest) * 0.5 ** (age / CORRECTION_HALF_LIFE_S)
+
+    def seconds_until_correction(self, at_most: float) -> float:
+        """How long until the correction has gone back to `at_most` (inf if it never will)."""
+        now, rest = time.monotonic(), self.recalibrated_to if self.recalibrated_to is not None else 1.0
+        current = self.current_correction(now)
+        if current <= at_most:
+            return 0.0
+        if self.observed_at is None or at_most <= rest:
+            return math.inf
+        return CORRECTION_HALF_LIFE_S * math.log2((current - rest) / (at_most - rest))
 
     def units(self, inputs: dict[str, np.ndarray]) -> float:
         """An item's units: 1, or its pixels over the reference for dynamic-size graphs."""
@@ -57,11 +84,11 @@ class GraphCost:
         return 1.0 if self.reference_pixels is None else pixels / self.reference_pixels
 
     def batch_seconds(self, units: float, corrected: bool = True) -> float:
-        return (self.overhead_s + self.per_unit_s * units) * (self.correction if corrected else 1.0)
+        return (self.overhead_s + self.per_unit_s * units) * (self.current_correction() if corrected else 1.0)
 
     def item_seconds(self, units: float) -> float:
         """What an item adds to its lane's backlog (the batch overhead is shared, so not counted)."""
-        return self.per_unit_s * units * self.correction
+        return self.per_unit_s * units * self.current_correction()
 
     def capped_batch_size(self, max_batch_size: int) -> int:
         """The item cap, lowered to what warm-up found to fit the device's memory (one-unit items)."""
@@ -79,9 +106,13 @@ class GraphCost:
     def bytes_for(self, units: float) -> int:
         return math.ceil(self.bytes_per_unit * units)
 
-    def observe(self, units: float, elapsed_s: float, smallest_item_units: float = 1.0) -> None:
+    def observe(self, units: float, elapsed_s: float, smallest_item_units: float = 1.0, stretch: float = 1.0) -> None:
         """A batch of `units` in all took `elapsed_s`: the correction moves toward observed over
-        estimated. A batch with an item under one unit is no evidence about the fit and is
+        estimated. `stretch` is how much longer other lanes' jobs on the device made it take
+        (`Lane.run_timed`): admission counts their work beside a request's own, so here it is
+        taken off — but never past what the fit says, so that contention the sharing model
+        overstates can explain a batch's slowness away and never make the model look faster than
+        measured (that would relax admission on the idle server). A batch with an item under one unit is no evidence about the fit and is
         skipped: below the reference shape warm-up measured, a forward's fixed costs dominate
         and the line through the warmed shapes does not hold (an image-to-image graph's v2
         request may send a 16² image to a model whose unit is a 96² tile: 32 batches of them,
@@ -93,9 +124,12 @@ class GraphCost:
         estimated = self.batch_seconds(units, corrected=False)
         self.batches_since_fit += 1
         if estimated > 0:
-            ratio = min(50.0, max(0.2, elapsed_s / estimated))
-            weight = 0.5 if ratio > self.correction else 0.2  # quick to turn pessimistic, slow to trust good news
-            self.correction = (1 - weight) * self.correction + weight * ratio
+            observed = elapsed_s / estimated
+            ratio = min(50.0, max(0.2, max(min(1.0, observed), observed / max(1.0, stretch))))
+            now = time.monotonic()
+            current = self.current_correction(now)
+            weight = 0.5 if ratio > current else 0.2  # quick to turn pessimistic, slow to trust good news
+            self.correction, self.observed_at = (1 - weight) * current + weight * ratio, now
 
     def relax(self, per_unit_s: float, overhead_s: float, margin: float = 0.9) -> bool:
         """Adopts a later fit where it is no slower at the smallest warmed shape nor per unit (so
@@ -124,9 +158,10 @@ class GraphCost:
         new fit is faster at every size, so the same rule holds: limits only ever loosen. A
         batch's time includes its wait for the lane and the copy of its outputs to the host, so
         the correction errs slow, never fast."""
-        if self.batches_since_fit < min_batches or self.correction > below:
+        correction = self.current_correction()
+        if self.batches_since_fit < min_batches or correction > below:
             return False
-        if not self.adopt(self.per_unit_s * self.correction, self.overhead_s * self.correction, margin=1.0):
+        if not self.adopt(self.per_unit_s * correction, self.overhead_s * correction, margin=1.0):
             return False
         self.relaxed_by_batches += 1
         return True
@@ -146,7 +181,7 @@ class GraphCost:
     def slowed_since_timed(self) -> bool:
         """Batches have run slower than the fit since an idle lane last timed it: worth timing
         again at the next idle spell (a machine that stays slower while idle is not re-timed for it)."""
-        return self.correction > max(1.0, self.recalibrated_to or 1.0)
+        return self.current_correction() > max(1.0, self.recalibrated_to or 1.0)
 
     def adopt(self, per_unit_s: float, overhead_s: float, margin: float) -> bool:
         ends = (self.warmed[0], self.warmed[-1]) if self.warmed else (1.0,)
@@ -154,14 +189,14 @@ class GraphCost:
         after = [overhead_s + per_unit_s * units for units in ends]
         if per_unit_s > self.per_unit_s or any(a > b for a, b in zip(after, before)) or not any(a < margin * b for a, b in zip(after, before)):
             return False
-        self.correction = min(1.0, self.correction * before[-1] / after[-1])
+        self.correction = min(1.0, self.current_correction() * before[-1] / after[-1])
         self.per_unit_s, self.overhead_s = per_unit_s, overhead_s
         self.batches_since_fit = 0
         return True
 
     def describe(self) -> dict:
         return {"seconds_per_unit": round(self.per_unit_s, 6), "batch_overhead_seconds": round(self.overhead_s, 6),
-                "bytes_per_unit": self.bytes_per_unit, "unit_pixels": self.reference_pixels, "observed_over_measured": round(self.correction, 3),
+                "bytes_per_unit": self.bytes_per_unit, "unit_pixels": self.reference_pixels, "observed_over_measured": round(self.current_correction(), 3),
                 "warmed_units": list(self.warmed), "relaxed_when_idle": self.relaxed, "relaxed_by_batches": self.relaxed_by_batches,
                 "max_batch_units": self.max_batch_units}
 

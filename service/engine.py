@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.admission import recheck_in_the_engine
+from service.admission import beside_s, recheck_in_the_engine
 from service.batcher import DeadlineExceeded, RequestState
 from service.engine_link import EngineSnapshot, MessageProtocol, ModelSnapshot, encode_error
 from service.registry import LoadedModel, ModelRegistry
@@ -100,8 +100,13 @@ class FrontConnection:
             model = self.registry.get(name, version)
             batcher = self.registry.batcher(model, operation, graph)
             lane = batcher.lane
-            items = batcher.submit_items(inputs, state, lambda seconds: recheck_in_the_engine(
-                name, lane.expected_wait_s(), seconds / lane.threads, deadline - time.monotonic()))
+            beside = self.registry.lanes_beside(model)
+
+            def recheck(seconds: float) -> None:
+                wait, alone = lane.expected_wait_s(), seconds / lane.threads
+                recheck_in_the_engine(name, wait, alone, deadline - time.monotonic(), beside_s(lane, wait + alone, beside))
+
+            items = batcher.submit_items(inputs, state, recheck)
         except Exception as error:
             self.send(("refused", request_id, encode_error(error)))
             return

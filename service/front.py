@@ -31,6 +31,7 @@ import numpy as np
 from service.batcher import RequestState, ShuttingDown
 from service.engine_link import EngineSnapshot, MessageProtocol, ModelSnapshot, decode_error
 from service.errors import ApiError
+from service.lanes import Booking, lane_share
 from service.metrics import ServiceMetrics
 from service.registry import LoadedModel, ModelRegistry
 from service.settings import Settings
@@ -68,10 +69,12 @@ class RemoteLane:
     times over: two fronts admitted 16 upscales that could not all finish, and the last ones got
     504 at their deadline where one process answers 503 at once (found by a hostile probe)."""
 
-    def __init__(self, name: str, threads: int, fronts: int = 1) -> None:
+    def __init__(self, name: str, threads: int, fronts: int = 1, share: float = 1.0) -> None:
         self.name = name
         self.threads = threads
         self.fronts = fronts
+        self.share = share  # as `Lane.share`
+        self.bookings: set[Booking] = set()  # this front's admitted requests (the engine rechecks what every front queued)
         self.backlog_s = 0.0  # this front's admitted work on the model
         self.engine_backlog_s = 0.0  # every front's, as of the last snapshot
         self.admitted_since_snapshot_s = 0.0  # this front's admissions the last snapshot cannot have counted
@@ -342,7 +345,7 @@ class FrontRegistry(ModelRegistry):
                 mirror = self.models.get(name, {}).get(version)
                 if mirror is None or mirror.entry != seen.entry:
                     mirror = LoadedModel(seen.entry)
-                    mirror.lane = RemoteLane(seen.entry.label, seen.lane_threads, self.fronts)
+                    mirror.lane = RemoteLane(seen.entry.label, seen.lane_threads, self.fronts, lane_share(self.device, self.settings.intra_op_threads))
                 update_mirror(mirror, seen)
                 models.setdefault(name, {})[version] = mirror
         self.models = models

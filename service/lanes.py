@@ -12,23 +12,90 @@ to do (`idle_for`), which is when the server may time its models again (service/
 The threads take work from a plain queue and hand results back with one
 `call_soon_threadsafe`: half the cost of `run_in_executor`'s concurrent.futures round trip
 (measured on the 2-core machine: ~45 µs against ~90 µs per hop, paid once per batch).
+
+Lanes are not independent, though: on one device they share its cores (or the GPU). The lanes of
+a device share one `SharedDevice`, which keeps how much of the device the jobs running now ask
+for and so how fast each one goes beside the others. A job's *stretch* (its wall time over the
+time it would have taken alone) is what lets a batch's cost be judged against its fit without the
+other models' work counted as the model's own slowness, and each lane's `bookings` (the requests
+admitted to it, each with when its work is projected to end and the latest it may) are what lets
+admission see what a new request does to the requests already admitted beside it
+(service/admission.py).
 """
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 STOP = None  # the sentinel that ends one lane thread
 
 
+class SharedDevice:
+    """The device the lanes of one process share, seen as processor sharing: a job asks for a
+    `share` of it (its runtime's threads over the cores; a GPU's whole), and while the shares of
+    the jobs running add up to more than 1 each one goes at 1 / that sum of its own speed alone.
+
+    `progress` is the integral of that speed over time: between a job's start and end it grows
+    by the seconds the job would have taken alone. Updated under a lock by the lane threads, at
+    each job's start and end (a few microseconds)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._demand = 0.0  # the shares of the jobs running now
+        self._progress = 0.0
+        self._since = time.perf_counter()
+
+    def _advance(self) -> float:
+        now = time.perf_counter()
+        self._progress += (now - self._since) / max(1.0, self._demand)
+        self._since = now
+        return self._progress
+
+    def enter(self, share: float) -> float:
+        with self._lock:
+            progress = self._advance()
+            self._demand += share
+            return progress
+
+    def leave(self, share: float) -> float:
+        with self._lock:
+            progress = self._advance()
+            self._demand = max(0.0, self._demand - share)
+            return progress
+
+
+def lane_share(device: str, intra_op_threads: int) -> float:
+    """How much of the device one job of a lane asks for: a GPU's whole (its kernels take turns),
+    or the runtime's threads over the cores this process may use."""
+    if device != "cpu":
+        return 1.0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(1.0, intra_op_threads / max(1, cores))
+
+
+@dataclass(eq=False)
+class Booking:
+    """An admitted request on its lane: when the lane's work up to its own is projected to end
+    (monotonic seconds; moved later when a request admitted beside it will share the device
+    meanwhile) and the latest that may be without its deadline being missed."""
+
+    finish: float
+    latest: float
+
+
 class Lane:
-    def __init__(self, name: str, threads: int) -> None:
+    def __init__(self, name: str, threads: int, device: SharedDevice | None = None, share: float = 1.0) -> None:
         self.name = name
         self.threads = threads
+        self.device = device  # shared with the other lanes of this process (None: timed alone)
+        self.share = share  # how much of the device one of its jobs asks for (min(1, runtime threads / cores); 1 on a GPU)
+        self.bookings: set[Booking] = set()  # the requests admitted here and not yet ended
         self.backlog_s = 0.0  # estimated seconds of the items queued or running here
         self.pending = 0  # jobs queued or running (counted on the loop's thread)
         self.last_done = time.monotonic()  # when the last of them ended
@@ -47,10 +114,19 @@ class Lane:
 
     def run(self, function: Callable[..., Any], *args: Any) -> asyncio.Future:
         """`function(*args)` on one of the lane's threads; the future resolves on the caller's loop."""
+        return self._queue(function, args, timed=False)
+
+    def run_timed(self, function: Callable[..., Any], *args: Any) -> asyncio.Future:
+        """`run`, resolving to `(result, stretch)`: the job's wall time over what the device's
+        sharing says it would have taken alone (1 with nothing else running, ~2 beside one other
+        job asking for the whole device)."""
+        return self._queue(function, args, timed=True)
+
+    def _queue(self, function: Callable[..., Any], args: tuple, timed: bool) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self.pending += 1
-        self._work.put((loop, future, function, args))
+        self._work.put((loop, future, function, args, timed))
         return future
 
     def idle_for(self) -> float:
@@ -59,16 +135,27 @@ class Lane:
 
     def _serve(self) -> None:
         while (job := self._work.get()) is not STOP:
-            loop, future, function, args = job
+            loop, future, function, args, timed = job
             if future.cancelled():
                 loop.call_soon_threadsafe(self._settle, future, None, None)
                 continue
+            started = time.perf_counter()
+            progress = self.device.enter(self.share) if self.device is not None else 0.0
             try:
                 result = function(*args)
             except BaseException as error:  # handed to the awaiting coroutine, as an executor would
+                self._left(progress)
                 loop.call_soon_threadsafe(self._settle, future, None, error)
             else:
+                alone = self._left(progress)
+                if timed:
+                    wall = time.perf_counter() - started
+                    result = (result, wall / alone if alone > 0 else 1.0)
                 loop.call_soon_threadsafe(self._settle, future, result, None)
+
+    def _left(self, entered_at: float) -> float:
+        """The seconds the job that entered the device at `entered_at` would have taken alone."""
+        return self.device.leave(self.share) - entered_at if self.device is not None else 0.0
 
     def _settle(self, future: asyncio.Future, result: Any, error: BaseException | None) -> None:
         self.pending -= 1

@@ -24,6 +24,7 @@ from service.batcher import DeadlineExceeded, QueueFull, RequestState, RequestTo
 from service.connection_table import share_key
 from service.errors import ApiError
 from service.intake import STATE_KEY, RequestContext, context_of
+from service.lanes import Booking
 from service.registry import IMAGE_TO_IMAGE, LoadedModel, ModelRegistry
 
 T = TypeVar("T")
@@ -243,10 +244,12 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
         raise ApiError(499, "the client closed the request", code="client_closed_request")
     settings = registry.settings
     bound = registry.metrics.bound(*(ctx.labels or (model.entry.name, str(model.entry.version), "upscale_stream")))
+    booked: list[Booking] = []
     try:
         state.lane_seconds = admit(model, cost, state.deadline - time.monotonic(), registry.memory,
                                    recheck_s=settings.remeasure_idle_s or settings.request_timeout_s, encoding=registry.encoding,
-                                   timeout_s=settings.request_timeout_s, counted=ctx.encode_micros)
+                                   timeout_s=settings.request_timeout_s, counted=ctx.encode_micros,
+                                   beside=registry.lanes_beside(model), booked=booked)
     except ApiError as refusal:  # counted by reason beside the batcher's own (they showed in requests_total's status alone)
         bound.rejected("too_expensive" if refusal.status == 413 else "overloaded").inc()
         raise
@@ -287,6 +290,7 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
         ctx.on_disconnect.remove(left)
         state.lane.remove_backlog(state.lane_seconds)  # what its items did not settle (dropped, estimate error)
         state.lane_seconds = 0.0
+        state.lane.bookings.difference_update(booked)
 
 
 def reserve(request: Request, nbytes: int) -> None:

@@ -26,7 +26,7 @@ from service.encoders import PILLOW_ONLY, EncoderTable, measure_encoders
 from service.errors import ApiError
 from service.graph_capture import capture_report, capturing
 from service.jobs import JobStore
-from service.lanes import Lane
+from service.lanes import Lane, SharedDevice, lane_share
 from service.metrics import ServiceMetrics
 from service.model_config import ServingConfig, serving_config
 from service.precision import HALF_PRECISIONS, PARITY_BATCH, PrecisionParity, half_candidates, measure_parity, parity_inputs
@@ -200,6 +200,7 @@ class ModelRegistry:
         self.settings = settings
         self.metrics = metrics
         self.device = resolve_device(settings.device)
+        self.shared_device = SharedDevice()  # the cores (or GPU) every model's lane computes on
         self.encoders = ThreadPoolExecutor(settings.encoder_threads, thread_name_prefix="encode")
         self.encoding = EncoderBacklog(settings.encoder_threads)  # what admission has queued for `encoders` (service/encoder_backlog.py)
         self.memory = memory_budget_for(settings)
@@ -297,7 +298,8 @@ class ModelRegistry:
             return
         try:
             model.config = serving_config(model.entry, self.settings)
-            model.lane = Lane(model.entry.label, model.config.lane_threads)
+            model.lane = Lane(model.entry.label, model.config.lane_threads, self.shared_device,
+                              lane_share(self.device, self.settings.intra_op_threads))
             memory.trim()
             before = memory.rss_bytes()
             await model.lane.run(self.load_and_warm, model)
@@ -721,6 +723,10 @@ class ModelRegistry:
 
     def all_models(self) -> list[LoadedModel]:
         return [m for versions in self.models.values() for m in versions.values()]
+
+    def lanes_beside(self, model: LoadedModel) -> list:
+        """The other models' lanes, which share the device with `model`'s (admission counts their work)."""
+        return [other.lane for other in self.all_models() if other.lane is not None and other.lane is not model.lane]
 
     async def drain(self) -> None:
         """Readiness goes false, queued jobs are cancelled, accepted requests finish (each by its

@@ -4,6 +4,7 @@ an answer's encoding is admitted with it, behind the encodings admitted before i
 from __future__ import annotations
 
 import io
+import time
 
 import numpy as np
 import pytest
@@ -41,6 +42,48 @@ def refusal(model: LoadedModel, seconds: float, remaining_s: float = 30.0) -> Ap
     return refused.value
 
 
+@pytest.fixture
+def beside(upx4):
+    """A second model, on its own lane, on the same device as upx4's."""
+    lane = Lane("admission-test-beside", 1)
+    yield LoadedModel(upx4.entry, lane=lane, costs={"model": GraphCost(per_unit_s=1.0, overhead_s=0.0, bytes_per_unit=0, reference_pixels=96 * 96)},
+                      limits=ModelLimits(compute_seconds=24.0))
+    lane.shutdown()
+
+
+def test_work_queued_on_other_models_lanes_counts_as_far_as_it_runs_beside_a_request(upx4, beside):
+    """The cores are shared: an upscale admitted at an estimated 9 s on its own lane once took
+    26 s beside two busy models. Another lane's work stretches a request's own for as long as
+    both run (processor sharing), and the Retry-After waits that out too."""
+    beside.lane.add_backlog(16.0)
+    with pytest.raises(ApiError) as refused:
+        admit(upx4, RequestCost(14.0, 0), 30.0, MemoryBudget(10**9), beside=[beside.lane])
+    assert refused.value.status == 503 and "other models on the same device about 14.0 s more" in refused.value.message
+    assert refused.value.headers["Retry-After"] == "4"  # 14 + 14 beside - 0.8 x 30
+    assert admit(upx4, RequestCost(10.0, 0), 30.0, MemoryBudget(10**9), beside=[beside.lane]) == 10.0  # 10 + 10 beside fits
+    upx4.lane.share = beside.lane.share = 0.5  # runtimes each on half the cores: they do not slow each other
+    assert admit(upx4, RequestCost(14.0, 0), 30.0, MemoryBudget(10**9), beside=[beside.lane]) == 14.0
+
+
+def test_a_request_that_would_push_one_admitted_beside_it_past_its_deadline_waits_for_it(upx4, beside):
+    """Admitting a request slows the requests already admitted to other models: 20 s admitted
+    beside, which may end 27 s from now (0.9 of its deadline), has room for 7 s of other work
+    beside it, not 10."""
+    booked = []
+    assert admit(beside, RequestCost(20.0, 0), 30.0, MemoryBudget(10**9), beside=[upx4.lane], booked=booked) == 20.0
+    beside.lane.add_backlog(20.0)  # as the pipeline does
+    with pytest.raises(ApiError) as refused:  # its own estimate fits: 10 + 10 beside
+        admit(upx4, RequestCost(10.0, 0), 30.0, MemoryBudget(10**9), beside=[beside.lane])
+    assert refused.value.status == 503 and "would make requests admitted to other models on the same device miss their deadlines" in refused.value.message
+    assert refused.value.headers["Retry-After"] == "20"  # when the request it would push ends
+    mine = []
+    assert admit(upx4, RequestCost(5.0, 0), 30.0, MemoryBudget(10**9), beside=[beside.lane], booked=mine) == 5.0
+    assert booked[0].finish - mine[0].finish == pytest.approx(20 + 5 - (5 + 5), abs=0.01)  # pushed 5 s later; its own ends after 5 + 5
+    beside.lane.bookings.difference_update(booked)  # ended: nothing of it to protect
+    beside.lane.remove_backlog(20.0)
+    assert admit(upx4, RequestCost(10.0, 0), 30.0, MemoryBudget(10**9), beside=[beside.lane]) == 10.0
+
+
 def test_a_request_past_the_compute_limit_is_told_what_to_ask_less_of(upx4):
     """A style model's interpolation was told to "send fewer or smaller images": its images
     cannot be smaller, and what it can ask for less of is frames."""
@@ -66,6 +109,21 @@ def test_a_model_slower_than_measured_lately_says_so_and_retries_after_the_idle_
     assert refused.status == 503 and "1.7x slower than measured lately" in refused.message and "queued" not in refused.message
     assert refused.headers["Retry-After"] == "30"  # when an idle server times it again (service/remeasure.py)
     assert admit(upx4, RequestCost(10.0, 0), 30.0, MemoryBudget(10**9)) == pytest.approx(17.0)  # smaller ones still fit
+
+
+def test_a_slowness_no_batch_renews_fades_and_the_retry_after_says_when_the_request_fits(upx4):
+    """One slow spell put an upscaler's correction at 6.8 and refused its every request "retry
+    in 30 s" for 3 minutes on an almost idle server: no batch of it could run to say otherwise,
+    and another model's trickle kept the idle re-measure away (a hostile probe). The correction
+    a batch set goes halfway back every 30 s while no batch renews it."""
+    cost = upx4.costs["model"]
+    cost.correction, cost.observed_at = 1.7, time.monotonic()  # as a batch just left it
+    with pytest.raises(ApiError) as refused:
+        admit(upx4, RequestCost(20.0, 0), 30.0, MemoryBudget(10**9), recheck_s=120.0)
+    assert refused.value.status == 503 and "slower than measured lately" in refused.value.message
+    assert refused.value.headers["Retry-After"] == "55"  # 30 s x log2(0.7 / 0.2): 20 s x 1.2 fits 24 s
+    cost.observed_at -= 60  # two half-lives later: 1 + 0.7 / 4
+    assert admit(upx4, RequestCost(20.0, 0), 30.0, MemoryBudget(10**9)) == pytest.approx(20 * 1.175)
 
 
 def test_a_deadline_the_upload_used_up_is_named(upx4):

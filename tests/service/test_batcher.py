@@ -8,7 +8,7 @@ import pytest
 
 from service.batcher import BatchKey, DeadlineExceeded, DynamicBatcher, QueueFull, RequestState, RequestTooLarge, ShuttingDown, run_items
 from service.costs import GraphCost
-from service.lanes import Lane
+from service.lanes import Lane, SharedDevice
 from service.metrics import ServiceMetrics
 from service.runtimes import OutOfMemory
 
@@ -246,6 +246,24 @@ def test_models_on_their_own_lanes_compute_at_the_same_time():
         return waited
 
     assert asyncio.run(scenario()) < 0.25
+
+
+def test_a_job_knows_how_much_longer_the_other_jobs_on_its_device_made_it_take():
+    """The stretch a batch's cost is judged with (GraphCost.observe): ~2 for a job beside another
+    that asks for the whole device, ~1 alone or beside one that fits the cores with it."""
+    async def stretches(shares: list[float], seconds: float) -> list[float]:
+        device = SharedDevice()
+        lanes = [Lane(f"l{i}", 1, device, share) for i, share in enumerate(shares)]
+        done = await asyncio.gather(*(lane.run_timed(time.sleep, seconds) for lane in lanes))
+        for lane in lanes:
+            lane.shutdown()
+        return [stretch for _, stretch in done]
+
+    assert all(1.8 < stretch < 2.05 for stretch in asyncio.run(stretches([1.0, 1.0], 0.4)))
+    assert all(0.95 < stretch < 1.05 for stretch in asyncio.run(stretches([1.0], 0.2)))
+    assert all(0.95 < stretch < 1.05 for stretch in asyncio.run(stretches([0.5, 0.5], 0.2)))
+    with_three = asyncio.run(stretches([1.0, 1.0, 1.0], 0.4))
+    assert all(2.6 < stretch < 3.05 for stretch in with_three)
 
 
 def test_expired_items_are_dropped_before_compute():

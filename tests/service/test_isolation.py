@@ -71,3 +71,31 @@ def test_a_burst_that_cannot_finish_before_its_deadline_is_refused_up_front_not_
     refused = [(elapsed, retry) for status, elapsed, retry in results if status == 503]
     assert all(retry is not None and int(retry) >= 1 for _, retry in refused)
     assert max(elapsed for elapsed, _ in refused) < 1.5
+
+
+def test_a_burst_to_two_models_sharing_the_cores_is_refused_up_front_not_timed_out():
+    """Three 160² upscales and three 1024² translates at once against a 3-second deadline, each
+    runtime on both cores. Each lane alone could finish its first two in time, but the lanes
+    share the cores: judged lane by lane, an upscale and a translate were admitted beside each
+    other and both waited the whole deadline for a 504. Counting the other lane's work beside
+    each request, what cannot finish is refused at once."""
+    small, large = png(160, 160), png(1024, 1024)
+    with running_server(SHIPPED, request_timeout_s=3, intra_op_threads=2, models=["sr-rrdb-x4", "cyclegan-thin2thick"]) as server:
+        def call(job: tuple[str, bytes]) -> tuple[str, int, float, str | None]:
+            path, body = job
+            with server.client(timeout=30) as client:
+                started = time.perf_counter()
+                response = client.post(f"/v1/models/{path}", content=body, headers={"content-type": "image/png"})
+                return path, response.status_code, time.perf_counter() - started, response.headers.get("retry-after")
+
+        for job in (("sr-rrdb-x4/upscale", small), ("cyclegan-thin2thick/translate", large)):  # alone first: no first runs below
+            assert call(job)[1] == 200
+        time.sleep(1)
+        jobs = [job for _ in range(3) for job in (("sr-rrdb-x4/upscale", small), ("cyclegan-thin2thick/translate", large))]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            results = list(pool.map(call, jobs))
+    statuses = [status for _, status, _, _ in results]
+    assert set(statuses) <= {200, 503} and 200 in statuses, results
+    refused = [(elapsed, retry) for _, status, elapsed, retry in results if status == 503]
+    assert all(retry is not None and int(retry) >= 1 for _, retry in refused), results
+    assert max(elapsed for elapsed, _ in refused) < 1.5, results

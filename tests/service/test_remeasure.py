@@ -50,6 +50,20 @@ def test_batches_of_items_under_one_unit_teach_the_correction_nothing():
     assert cost.correction < 0.8 and cost.relax_from_batches() and cost.per_unit_s < 0.5 * 0.8
 
 
+def test_a_batch_slowed_by_other_models_work_beside_it_is_not_taken_for_the_models_own_slowness():
+    """Admission adds the other lanes' work to a request's estimate (service/admission.py), so a
+    batch that took twice its fit beside one other job asking for the whole device is on time.
+    The stretch explains slowness away but never makes a batch look faster than it ran."""
+    cost = GraphCost(per_unit_s=0.5, overhead_s=0.0, bytes_per_unit=0, reference_pixels=None, warmed=(1.0,))
+    cost.observe(2.0, 2.0, stretch=2.0)
+    assert cost.correction == 1.0
+    cost.observe(2.0, 3.0, stretch=2.0)  # 3x its fit where sharing explains 2x: half as slow again as its own
+    assert cost.correction == pytest.approx(0.5 * 1.0 + 0.5 * 1.5)
+    faster = GraphCost(per_unit_s=0.5, overhead_s=0.0, bytes_per_unit=0, reference_pixels=None, warmed=(1.0,))
+    faster.observe(2.0, 0.5, stretch=2.0)  # half its fit: counted as half, not a quarter
+    assert faster.correction == pytest.approx(0.8 + 0.2 * 0.5)
+
+
 def test_an_idle_re_measure_that_keeps_the_fit_sets_the_correction_to_what_it_timed():
     """A busy spell's correction must not outlive it: an idle lane's timing replaces it."""
     cost = GraphCost(per_unit_s=0.3, overhead_s=0.01, bytes_per_unit=0, reference_pixels=None, warmed=(1.0, 4.0), correction=1.7)
