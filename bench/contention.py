@@ -42,11 +42,23 @@ def noise_png(side: int, seed: int) -> bytes:
     return buffer.getvalue()
 
 
+REASONS = (("miss their deadlines", "would push an admitted request past its deadline"), ("is promised to another model", "room promised to another model"),
+           ("slower than measured", "slower than measured lately"),
+           ("work queued", "work queued"), ("memory budget", "memory budget"), ("encod", "encoding backlog"))
+
+
+def reason(message: str) -> str:
+    """A 503's message, by what refused it (service/admission.py)."""
+    return next((name for words, name in REASONS if words in message), "other")
+
+
 class Record:
-    """Every answer of one server's run: (scenario, route, status, seconds, Retry-After, refused before)."""
+    """Every answer of one server's run: (scenario, route, status, seconds, Retry-After, refused
+    before), and each 503's reason."""
 
     def __init__(self) -> None:
         self.rows: list[tuple[str, str, int, float, int | None, bool]] = []
+        self.reasons: Counter = Counter()  # (scenario, route, reason)
         self.lock = threading.Lock()
 
     def post(self, client: httpx.Client, scenario: str, route: str, refused_before: bool = False, **request) -> httpx.Response:
@@ -55,6 +67,8 @@ class Record:
         retry = answer.headers.get("retry-after")
         with self.lock:
             self.rows.append((scenario, route, answer.status_code, time.perf_counter() - started, int(retry) if retry else None, refused_before))
+            if answer.status_code == 503:
+                self.reasons[scenario, route, reason(answer.text)] += 1
         return answer
 
 
@@ -118,7 +132,8 @@ def summary(record: Record, scenario: str, route: str) -> dict:
             "admitted_past_deadline": round(statuses[504] / admitted, 3) if admitted else None,
             "answered_p50_s": round(statistics.median(answered), 3) if answered else None, "answered_p99_s": percentile(answered, 0.99),
             "refused_again_after_retry_after": round(retried.count(503) / len(retried), 3) if retried else None,
-            "slowest_refusal_s": max((seconds for _, _, status, seconds, _, _ in rows if status == 503), default=None)}
+            "slowest_refusal_s": max((seconds for _, _, status, seconds, _, _ in rows if status == 503), default=None),
+            "refused_because": {why: count for (where, what, why), count in sorted(record.reasons.items()) if (where, what) == (scenario, route)}}
 
 
 def run_contention_bench(repository: Path, baseline_code: Path | None, rounds: int, bursts: int, k: int, seconds: float,

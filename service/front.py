@@ -31,7 +31,7 @@ import numpy as np
 from service.batcher import RequestState, ShuttingDown
 from service.engine_link import EngineSnapshot, MessageProtocol, ModelSnapshot, decode_error
 from service.errors import ApiError
-from service.lanes import Booking, lane_share
+from service.lanes import Booking, Claim, lane_share
 from service.metrics import ServiceMetrics
 from service.registry import LoadedModel, ModelRegistry
 from service.settings import Settings
@@ -75,6 +75,7 @@ class RemoteLane:
         self.fronts = fronts
         self.share = share  # as `Lane.share`
         self.bookings: set[Booking] = set()  # this front's admitted requests (the engine rechecks what every front queued)
+        self.claim: Claim | None = None  # as `Lane.claim`, for this front's refusals
         self.backlog_s = 0.0  # this front's admitted work on the model
         self.engine_backlog_s = 0.0  # every front's, as of the last snapshot
         self.admitted_since_snapshot_s = 0.0  # this front's admissions the last snapshot cannot have counted

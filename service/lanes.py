@@ -89,6 +89,16 @@ class Booking:
     latest: float
 
 
+@dataclass(eq=False)
+class Claim:
+    """Room promised to a lane whose request was refused because it would have pushed requests
+    admitted beside it past their deadlines: from when its Retry-After ends (`opens`) until a
+    second later (`lapses`), or until the lane admits a request, whichever is first."""
+
+    opens: float
+    lapses: float
+
+
 class Lane:
     def __init__(self, name: str, threads: int, device: SharedDevice | None = None, share: float = 1.0) -> None:
         self.name = name
@@ -96,6 +106,7 @@ class Lane:
         self.device = device  # shared with the other lanes of this process (None: timed alone)
         self.share = share  # how much of the device one of its jobs asks for (min(1, runtime threads / cores); 1 on a GPU)
         self.bookings: set[Booking] = set()  # the requests admitted here and not yet ended
+        self.claim: Claim | None = None  # room promised to this lane's refused request (service/admission.py)
         self.backlog_s = 0.0  # estimated seconds of the items queued or running here
         self.pending = 0  # jobs queued or running (counted on the loop's thread)
         self.last_done = time.monotonic()  # when the last of them ended

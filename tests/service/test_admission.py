@@ -79,9 +79,36 @@ def test_a_request_that_would_push_one_admitted_beside_it_past_its_deadline_wait
     mine = []
     assert admit(upx4, RequestCost(5.0, 0), 30.0, MemoryBudget(10**9), beside=[beside.lane], booked=mine) == 5.0
     assert booked[0].finish - mine[0].finish == pytest.approx(20 + 5 - (5 + 5), abs=0.01)  # pushed 5 s later; its own ends after 5 + 5
+    booked[0].finish += 1.9  # 26.9 s from now: 0.1 s of room left
+    with pytest.raises(ApiError):
+        admit(upx4, RequestCost(0.5, 0), 30.0, MemoryBudget(10**9), beside=[beside.lane])
+    assert admit(upx4, RequestCost(0.25, 0), 30.0, MemoryBudget(10**9), beside=[beside.lane]) == 0.25  # under 1 % of its 27 s: slight
     beside.lane.bookings.difference_update(booked)  # ended: nothing of it to protect
     beside.lane.remove_backlog(20.0)
     assert admit(upx4, RequestCost(10.0, 0), 30.0, MemoryBudget(10**9), beside=[beside.lane]) == 10.0
+
+
+def test_the_room_after_the_requests_a_refusal_protected_is_kept_for_the_refused_model(upx4, beside):
+    """Refused to keep an upscale in time, a translate came back at its Retry-After to find the
+    next upscale admitted in its place, every time: 11 translates answered to 28 upscales in
+    `ganserve bench-contention`. The refusal now claims the room after the request it protected,
+    for the refused model, until a second past its Retry-After."""
+    booked = []
+    admit(beside, RequestCost(20.0, 0), 30.0, MemoryBudget(10**9), beside=[upx4.lane], booked=booked)
+    beside.lane.add_backlog(20.0)
+    with pytest.raises(ApiError) as refused:  # 10 s beside it would end it 30 s from now, past 27
+        admit(upx4, RequestCost(10.0, 0), 30.0, MemoryBudget(10**9), beside=[beside.lane])
+    assert refused.value.headers["Retry-After"] == "20" and upx4.lane.claim is not None
+    beside.lane.bookings.difference_update(booked)  # it ended early
+    beside.lane.remove_backlog(20.0)
+    assert admit(beside, RequestCost(19.0, 0), 30.0, MemoryBudget(10**9), beside=[upx4.lane]) == 19.0  # over before the claimed room
+    with pytest.raises(ApiError) as kept:  # 22 s would run into it
+        admit(beside, RequestCost(22.0, 0), 30.0, MemoryBudget(10**9), beside=[upx4.lane])
+    assert "promised to another model's request" in kept.value.message and kept.value.headers["Retry-After"] == "21"
+    assert admit(beside, RequestCost(0.2, 0), 30.0, MemoryBudget(10**9), beside=[upx4.lane]) == 0.2  # a slight one still goes
+    assert admit(upx4, RequestCost(10.0, 0), 30.0, MemoryBudget(10**9), beside=[beside.lane]) == 10.0  # the refused model's turn
+    assert upx4.lane.claim is None
+    assert admit(beside, RequestCost(10.0, 0), 30.0, MemoryBudget(10**9), beside=[upx4.lane]) == 10.0
 
 
 def test_a_request_past_the_compute_limit_is_told_what_to_ask_less_of(upx4):
