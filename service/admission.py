@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 COMPUTE_SHARE_OF_DEADLINE = 0.8  # the rest of a deadline is for decoding, queueing and encoding
 PROTECTED_SHARE_OF_DEADLINE = 0.9  # how far requests admitted later beside it may push an admitted request's compute
-SLIGHT_PUSH = 0.01  # a push of at most this share of the time a booked request has left is never refused (a single image beside an upscale)
+SLIGHT_PUSH = 0.01  # a push of at most this share of the time a booked request has left, or of the request's own deadline, is never refused
 CLAIM_GRACE_S = 1.0  # how long room promised with a Retry-After waits for the request to come back
 REQUEST_SHARE_OF_MEMORY = 0.5  # one request may hold at most this share of the budget
 FLOAT = 4
@@ -175,20 +175,26 @@ def pushed_by(booking: Booking, share: float, start_in: float, alone_s: float, n
     return max(0.0, min(alone_s, booking.finish - now - start_in)) * share
 
 
-def crowded_out(lane, start_in: float, alone_s: float, others: Sequence, now: float) -> float:
+def crowded_out(lane, start_in: float, alone_s: float, others: Sequence, now: float, remaining_s: float = math.inf) -> float:
     """0 when `alone_s` more seconds on `lane`, starting after its queue (`start_in`), leave every
     request admitted beside it within its deadline; else the seconds until the last one of those
     it would not ends (when it has room). A slight push (SLIGHT_PUSH of the time a booking has
-    left) is let through: a DCGAN image's millisecond beside upscales booked to their limit was
-    refused 503 in `ganserve bench-contention`, where DCGAN beside busy heavy lanes is what lanes
-    are for. Its push is still booked, so a flood of them shows in the heavy ones' bookings."""
+    left, or of the request's own `remaining_s`) is let through: a DCGAN image's millisecond
+    beside upscales booked to their limit was refused 503 in `ganserve bench-contention`, where
+    DCGAN beside busy heavy lanes is what lanes are for (and with the booking's share alone, 7 in
+    750 were refused by a booking near its latest, a re-probe). Its push is still booked, so a
+    flood of them shows in the heavy ones' bookings. A booking past its latest is not protected:
+    nothing refused now brings it back in time."""
     wait = 0.0
     for other in others:
         share = crowding(lane, other)
         if share:
             for booking in other.bookings:
+                if booking.latest <= now:
+                    continue
                 pushed = pushed_by(booking, share, start_in, alone_s, now)
-                if pushed > SLIGHT_PUSH * (booking.latest - now) and booking.finish + pushed > booking.latest:
+                slight = SLIGHT_PUSH * max(booking.latest - now, remaining_s)
+                if pushed > slight and booking.finish + pushed > booking.latest:
                     wait = max(wait, booking.finish - now)
     return wait
 
@@ -251,7 +257,7 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
             why = f"this request needs about {alone:.1f} s of compute and its deadline leaves {budget_s:.1f} s"
         raise ApiError(503, f"{why}; this request would finish after its deadline: retry in {retry} s", code="overloaded",
                        headers={"Retry-After": str(retry)})
-    if crowded := crowded_out(lane, wait, alone, beside, now):
+    if crowded := crowded_out(lane, wait, alone, beside, now, remaining_s):
         retry = max(1, math.ceil(crowded))
         if lane.claim is None or lane.claim.lapses <= now:  # the room after them is this lane's, when its client comes back
             lane.claim = Claim(now + retry, now + retry + CLAIM_GRACE_S)
@@ -260,7 +266,7 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
                        headers={"Retry-After": str(retry)})
     if alone > SLIGHT_PUSH * remaining_s and (claim := claimed_beside(wait + alone + crowd, beside, now)):
         retry = max(1, math.ceil(claim.lapses - now))
-        raise ApiError(503, f"the device's room from {claim.opens - now:.1f} s from now is promised to another model's request, refused "
+        raise ApiError(503, f"the device's room from {max(0.0, claim.opens - now):.1f} s from now is promised to another model's request, refused "
                             f"earlier to keep the requests admitted beside it in time: retry in {retry} s", code="overloaded",
                        headers={"Retry-After": str(retry)})
     reserve_memory(budget, request_cost.bytes, retry_after_s=wait)  # first: its 413 (never fits) before any 503

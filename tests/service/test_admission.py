@@ -83,6 +83,10 @@ def test_a_request_that_would_push_one_admitted_beside_it_past_its_deadline_wait
     with pytest.raises(ApiError):
         admit(upx4, RequestCost(0.5, 0), 30.0, MemoryBudget(10**9), beside=[beside.lane])
     assert admit(upx4, RequestCost(0.25, 0), 30.0, MemoryBudget(10**9), beside=[beside.lane]) == 0.25  # under 1 % of its 27 s: slight
+    booked[0].latest = time.monotonic() + 0.5  # near its latest, a share of what it has left is next to nothing ...
+    assert admit(upx4, RequestCost(0.25, 0), 30.0, MemoryBudget(10**9), beside=[beside.lane]) == 0.25  # ... 1 % of 30 s still is slight
+    booked[0].latest = time.monotonic() - 0.1  # past it: nothing refused now brings it back in time
+    assert admit(upx4, RequestCost(10.0, 0), 30.0, MemoryBudget(10**9), beside=[beside.lane]) == 10.0
     beside.lane.bookings.difference_update(booked)  # ended: nothing of it to protect
     beside.lane.remove_backlog(20.0)
     assert admit(upx4, RequestCost(10.0, 0), 30.0, MemoryBudget(10**9), beside=[beside.lane]) == 10.0
