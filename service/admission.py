@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from service.costs import GraphCost
 from service.encoder_backlog import EncoderBacklog
 from service.errors import ApiError
-from service.lanes import Booking, Claim
+from service.lanes import Booking, Claim, LaneView
 from service.memory import MemoryBudget, OverBudget
 from service.settings import Settings
 from service.tiling import plan_tiles
@@ -155,7 +155,7 @@ def compute_seconds(cost: GraphCost | None, units: list[float], max_batch_size: 
     return batches * cost.overhead_s + cost.per_unit_s * sum(units)
 
 
-def crowding(lane, other) -> float:
+def crowding(lane: LaneView, other: LaneView) -> float:
     """How much of a second each second of `other`'s work adds to `lane`'s while both compute (and
     the other way round): 1 for two lanes that each ask for the whole device, 0 for two whose
     runtimes' threads fit the cores together (`Lane.share`, per job, times the lane's threads)."""
@@ -163,7 +163,7 @@ def crowding(lane, other) -> float:
     return min(1.0, max(0.0, demand - 1.0))
 
 
-def beside_s(lane, own_s: float, others: Sequence) -> float:
+def beside_s(lane: LaneView, own_s: float, others: Sequence[LaneView]) -> float:
     """The seconds the work queued on the other lanes adds to `own_s` seconds of `lane`'s own:
     each other lane's, as far as it overlaps (up to `own_s`), times their crowding."""
     return sum(min(other.expected_wait_s(), own_s) * crowding(lane, other) for other in others)
@@ -175,7 +175,7 @@ def pushed_by(booking: Booking, share: float, start_in: float, alone_s: float, n
     return max(0.0, min(alone_s, booking.finish - now - start_in)) * share
 
 
-def crowded_out(lane, start_in: float, alone_s: float, others: Sequence, now: float, remaining_s: float = math.inf) -> float:
+def crowded_out(lane: LaneView, start_in: float, alone_s: float, others: Sequence[LaneView], now: float, remaining_s: float = math.inf) -> float:
     """0 when `alone_s` more seconds on `lane`, starting after its queue (`start_in`), leave every
     request admitted beside it within its deadline; else the seconds until the last one of those
     it would not ends (when it has room). A slight push (SLIGHT_PUSH of the time a booking has
@@ -199,14 +199,14 @@ def crowded_out(lane, start_in: float, alone_s: float, others: Sequence, now: fl
     return wait
 
 
-def claimed_beside(finish_in: float, others: Sequence, now: float) -> Claim | None:
+def claimed_beside(finish_in: float, others: Sequence[LaneView], now: float) -> Claim | None:
     """A claim of another lane (room promised to a request it refused for crowding) that work
     ending `finish_in` seconds from now would still be running at."""
     return next((other.claim for other in others if other.claim is not None and other.claim.lapses > now
                  and other.claim.opens < now + finish_in), None)
 
 
-def book(lane, start_in: float, alone_s: float, others: Sequence, finish_in: float, latest_in: float, now: float) -> Booking:
+def book(lane: LaneView, start_in: float, alone_s: float, others: Sequence[LaneView], finish_in: float, latest_in: float, now: float) -> Booking:
     """Admits a request on `lane`: the requests booked beside it are pushed later by its work, and
     its own booking is returned (the caller takes it off `lane.bookings` when the request ends)."""
     for other in others:
@@ -221,7 +221,7 @@ def book(lane, start_in: float, alone_s: float, others: Sequence, finish_in: flo
 
 def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, budget: MemoryBudget, recheck_s: float = 30.0,
           encoding: EncoderBacklog | None = None, timeout_s: float = math.inf, counted: list[int] | None = None,
-          beside: Sequence = (), booked: list[Booking] | None = None) -> float:
+          beside: Sequence[LaneView] = (), booked: list[Booking] | None = None) -> float:
     """Refuses what cannot finish in time or fit in memory; otherwise reserves the request's
     bytes and returns the lane seconds it will take (the caller adds them to the lane's backlog
     at once, so the requests admitted in one burst see each other, and releases both when the

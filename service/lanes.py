@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 STOP = None  # the sentinel that ends one lane thread
 
@@ -97,6 +97,18 @@ class Claim:
 
     opens: float
     lapses: float
+
+
+class LaneView(Protocol):
+    """What admission reads of a lane: one of this process (`Lane`) or a front's mirror of the
+    engine's (`service.front.RemoteLane`)."""
+
+    threads: int
+    share: float
+    bookings: set[Booking]
+    claim: Claim | None
+
+    def expected_wait_s(self) -> float: ...
 
 
 class Lane:

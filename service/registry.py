@@ -26,7 +26,7 @@ from service.encoders import PILLOW_ONLY, EncoderTable, measure_encoders
 from service.errors import ApiError
 from service.graph_capture import capture_report, capturing
 from service.jobs import JobStore
-from service.lanes import Lane, SharedDevice, lane_share
+from service.lanes import Lane, LaneView, SharedDevice, lane_share
 from service.metrics import ServiceMetrics
 from service.model_config import ServingConfig, serving_config
 from service.precision import HALF_PRECISIONS, PARITY_BATCH, PrecisionParity, half_candidates, measure_parity, parity_inputs
@@ -724,7 +724,7 @@ class ModelRegistry:
     def all_models(self) -> list[LoadedModel]:
         return [m for versions in self.models.values() for m in versions.values()]
 
-    def lanes_beside(self, model: LoadedModel) -> list:
+    def lanes_beside(self, model: LoadedModel) -> list[LaneView]:
         """The other models' lanes, which share the device with `model`'s (admission counts their work)."""
         return [other.lane for other in self.all_models() if other.lane is not None and other.lane is not model.lane]
 

@@ -115,6 +115,18 @@ def test_the_room_after_the_requests_a_refusal_protected_is_kept_for_the_refused
     assert admit(beside, RequestCost(10.0, 0), 30.0, MemoryBudget(10**9), beside=[upx4.lane]) == 10.0
 
 
+def test_a_workers_engine_refuses_what_the_work_beside_it_would_push_past_its_deadline():
+    """The engine's last look at a request a front admitted (`--workers`) counts the other lanes'
+    work beside it as one process does; with nothing queued anywhere, the front's word stands."""
+    from service.admission import recheck_in_the_engine
+
+    recheck_in_the_engine("upx4", 0.0, 20.0, 30.0)  # nothing queued: admitted by the front, not second-guessed
+    with pytest.raises(ApiError) as refused:
+        recheck_in_the_engine("upx4", 0.0, 14.0, 30.0, beside_s=14.0)
+    assert refused.value.status == 503 and "other models on the same device about 14.0 s more" in refused.value.message
+    assert refused.value.headers["Retry-After"] == "4"
+
+
 def test_a_request_past_the_compute_limit_is_told_what_to_ask_less_of(upx4):
     """A style model's interpolation was told to "send fewer or smaller images": its images
     cannot be smaller, and what it can ask for less of is frames."""
