@@ -112,8 +112,9 @@ class GraphCost:
         (`Lane.run_timed`): admission counts their work beside a request's own, so here it is
         taken off — but never past what the fit says, so that contention the sharing model
         overstates can explain a batch's slowness away and never make the model look faster than
-        measured (that would relax admission on the idle server). A batch with an item under one unit is no evidence about the fit and is
-        skipped: below the reference shape warm-up measured, a forward's fixed costs dominate
+        measured (that would relax admission on the idle server). A batch with an item under one
+        unit is no evidence about the fit and is skipped: below the reference shape warm-up
+        measured, a forward's fixed costs dominate
         and the line through the warmed shapes does not hold (an image-to-image graph's v2
         request may send a 16² image to a model whose unit is a 96² tile: 32 batches of them,
         faster per pixel, once scaled sr's fit down until it advertised upscales that ran 30 s
