@@ -59,14 +59,17 @@ class GraphCost:
         next batch (the correction turns pessimistic at half weight)."""
         if self.observed_at is None:
             return self.correction
-        rest = self.recalibrated_to if self.recalibrated_to is not None else 1.0
         age = max(0.0, (time.monotonic() if now is None else now) - self.observed_at)
-        return rest + (self.correction - rest) * 0.5 ** (age / CORRECTION_HALF_LIFE_S)
+        return self.resting_correction + (self.correction - self.resting_correction) * 0.5 ** (age / CORRECTION_HALF_LIFE_S)
+
+    @property
+    def resting_correction(self) -> float:
+        """Where the correction goes back to while no batch renews it: what the idle lane last timed."""
+        return self.recalibrated_to if self.recalibrated_to is not None else 1.0
 
     def seconds_until_correction(self, at_most: float) -> float:
         """How long until the correction has gone back to `at_most` (inf if it never will)."""
-        now, rest = time.monotonic(), self.recalibrated_to if self.recalibrated_to is not None else 1.0
-        current = self.current_correction(now)
+        current, rest = self.current_correction(), self.resting_correction
         if current <= at_most:
             return 0.0
         if self.observed_at is None or at_most <= rest:
