@@ -129,6 +129,10 @@ def dummy_inputs(entry: ModelEntry, batch: int, graph: str = "model", spatial: i
 
 
 SPREAD_SAMPLES = 2000
+# a translate graph is also timed at an input this wide: the cost per pixel grows with the size
+# (cyclegan-thin2thick here: 0.42 µs a pixel fitted between 64² and 128², 0.66 µs at 1024²), and
+# a fit between small shapes admitted 1024² translates at two thirds of what they took
+TRANSLATE_WARMUP_LARGE_SIDE = 512
 
 
 def direction_spreads(model: LoadedModel) -> dict[str, float]:
@@ -609,8 +613,10 @@ class ModelRegistry:
         Generators: batch sizes 1, 2, 4, … max (those that fit `max_batch_seconds`). Image-to-image graphs take any size, so one unit
         is the reference image (the upscale tile, or a translate image of the training size) and
         they are warmed at small batches (a full batch of large tiles would cost seconds of
-        start-up on a CPU); translate also at twice the side, so the cost per pixel is fitted
-        across sizes, not batch sizes."""
+        start-up on a CPU); translate also at twice the side and at TRANSLATE_WARMUP_LARGE_SIDE,
+        so the cost per pixel is fitted across sizes, not batch sizes, and up to where large
+        inputs are (the fit runs between the smallest and the largest shape that fits
+        `max_batch_seconds`)."""
         entry, config = model.entry, model.config
         captures = getattr(runtime, "capture", None) is not None
         prepare = runtime.run if captures else None  # captured before the memory of its first run is measured
@@ -635,7 +641,8 @@ class ModelRegistry:
             shapes = {(b, side): float(b) for b in batch_sizes} if specialised else {(1, side): 1.0, (2, side): 2.0}
         else:
             side = max(64, -(-entry.spec["train_resolution"] // multiple) * multiple)
-            shapes = {(1, side): 1.0, (1, 2 * side): 4.0}
+            large = -(-TRANSLATE_WARMUP_LARGE_SIDE // multiple) * multiple
+            shapes = {(1, side): 1.0, (1, 2 * side): 4.0} | ({(1, large): (large / side) ** 2} if large > 2 * side else {})
         inputs_for = {units: dummy_inputs(entry, b, graph, s) for (b, s), units in shapes.items()}
         return measure_cost(runtime.run, lambda units: inputs_for[units], [(units, units) for units in shapes.values()], side * side,
                             config.max_batch_seconds, config.warmup_repeats, config.warmup_repeats if specialised else 1, prepare)
