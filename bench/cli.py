@@ -195,12 +195,13 @@ def bench_contention_command(
     timeout_s: float = typer.Option(3.0, min=0.5, help="the servers' GANSERVE_REQUEST_TIMEOUT_S"),
     upscale_side: int = typer.Option(160, min=8, help="the upscales' input side"),
     translate_side: int = typer.Option(1024, min=8, help="the translates' input side"),
+    other_processes: int = typer.Option(0, min=0, max=64, help="busy loops spinning beside the server from after its first runs (another tenant's load)"),
     out: Optional[Path] = typer.Option(Path("bench/results/contention-latest.json"), help="JSON report"),
 ) -> None:
     """Admission with several models busy on the same cores: admitted requests that still missed their deadline, refusals after an obeyed Retry-After, latency."""
     from bench.contention import run_contention_bench
 
-    run_contention_bench(repository, baseline_code, rounds, bursts, k, seconds, timeout_s, upscale_side, translate_side, out)
+    run_contention_bench(repository, baseline_code, rounds, bursts, k, seconds, timeout_s, upscale_side, translate_side, out, other_processes)
 
 
 def register(app: typer.Typer) -> None:

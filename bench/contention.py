@@ -10,6 +10,10 @@ heavy requests fill it. Two scenarios:
 - **steady**: two clients loop upscales and two loop translates for `seconds`, each obeying
   `Retry-After` when refused, while a benign client asks DCGAN for one image every 200 ms.
 
+With `--other-processes N`, N busy loops (each in its own session, like another tenant's) spin
+from after the first runs to the end: load the lanes cannot see, which admission reads off the
+kernel's counters (service/host_load.py), and which the code before took for idle cores.
+
 What counts: how many admitted requests still missed their deadline (504 after waiting it out,
 where a 503 at once was the honest answer), how often a client that waited out a `Retry-After`
 was refused again, the latency of what was answered, and the benign client's.
@@ -30,6 +34,7 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+from bench.limits import busy_loops
 from bench.runner import machine, write_report
 from bench.server import launched_server
 
@@ -43,7 +48,7 @@ def noise_png(side: int, seed: int) -> bytes:
 
 
 REASONS = (("miss their deadlines", "would push an admitted request past its deadline"), ("is promised to another model", "room promised to another model"),
-           ("slower than measured", "slower than measured lately"),
+           ("slower than measured", "slower than measured lately"), ("other processes want ", "other processes"),
            ("work queued", "work queued"), ("memory budget", "memory budget"), ("encod", "encoding backlog"))
 
 
@@ -137,7 +142,7 @@ def summary(record: Record, scenario: str, route: str) -> dict:
 
 
 def run_contention_bench(repository: Path, baseline_code: Path | None, rounds: int, bursts: int, k: int, seconds: float,
-                         timeout_s: float, upscale_side: int, translate_side: int, out: Path | None) -> dict:
+                         timeout_s: float, upscale_side: int, translate_side: int, out: Path | None, other_processes: int = 0) -> dict:
     codes = [("baseline", baseline_code)] if baseline_code else []
     codes.append(("this checkout", None))
     results: dict[str, list[dict]] = {label: [] for label, _ in codes}
@@ -148,16 +153,18 @@ def run_contention_bench(repository: Path, baseline_code: Path | None, rounds: i
                 with httpx.Client(base_url=url, timeout=120) as client:  # first runs paid before anything is counted
                     for route in (UPSCALE, TRANSLATE):
                         client.post(f"/v1/models/{route}", **image_request(route, upscale_side, translate_side, 0))
-                time.sleep(1.0)
-                run_bursts(url, record, bursts, k, upscale_side, translate_side)
-                time.sleep(2.0)
-                run_steady(url, record, seconds, upscale_side, translate_side)
+                with busy_loops(other_processes):
+                    time.sleep(1.0)
+                    run_bursts(url, record, bursts, k, upscale_side, translate_side)
+                    time.sleep(2.0)
+                    run_steady(url, record, seconds, upscale_side, translate_side)
             results[label].append({f"{scenario}/{route.split('/')[0]}": summary(record, scenario, route)
                                    for scenario, routes in (("bursts", (UPSCALE, TRANSLATE)), ("steady", (UPSCALE, TRANSLATE, BENIGN)))
                                    for route in routes})
-    report = {"machine": machine(), "timeout_s": timeout_s, "bursts": bursts, "k": k, "steady_seconds": seconds,
+    report = {"machine": machine(), "timeout_s": timeout_s, "other_processes": other_processes, "bursts": bursts, "k": k, "steady_seconds": seconds,
               "upscale_side": upscale_side, "translate_side": translate_side, "results": results}
-    table = Table(title=f"contention: deadline {timeout_s:g} s, {k}+{k} at once x {bursts}, then {seconds:g} s steady")
+    beside = f", {other_processes} busy loops beside" if other_processes else ""
+    table = Table(title=f"contention: deadline {timeout_s:g} s, {k}+{k} at once x {bursts}, then {seconds:g} s steady{beside}")
     for column in ("server", "round", "case", "statuses", "admitted past deadline", "answered p50 / p99 s", "refused again after Retry-After"):
         table.add_column(column)
     for label, runs in results.items():

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from service.costs import GraphCost
 from service.encoder_backlog import EncoderBacklog
 from service.errors import ApiError
+from service.host_load import usable_cpus
 from service.lanes import Booking, Claim, LaneView
 from service.memory import MemoryBudget, OverBudget
 from service.settings import Settings
@@ -41,6 +42,8 @@ COMPUTE_SHARE_OF_DEADLINE = 0.8  # the rest of a deadline is for decoding, queue
 PROTECTED_SHARE_OF_DEADLINE = 0.9  # how far requests admitted later beside it may push an admitted request's compute
 SLIGHT_PUSH = 0.01  # a push of at most this share of the time a booked request has left, or of the request's own deadline, is never refused
 CLAIM_GRACE_S = 1.0  # how long room promised with a Retry-After waits for the request to come back
+BARRIER_PENALTY = 1.5  # what a runtime of several threads loses per share of the device it is short of (`slowdown`)
+OTHER_LOAD_RETRY_S = 2  # a refusal for other processes' load: when to look again (the reading moves every half second)
 REQUEST_SHARE_OF_MEMORY = 0.5  # one request may hold at most this share of the budget
 FLOAT = 4
 
@@ -163,6 +166,21 @@ def crowding(lane: LaneView, other: LaneView) -> float:
     return min(1.0, max(0.0, demand - 1.0))
 
 
+def slowdown(lane: LaneView, other_share: float, cpus: int | None = None) -> float:
+    """How much longer a lane's work takes while other processes want `other_share` of the device
+    (`SharedDevice.other_share`): the kernel shares the cores by threads, so where the lane's
+    asked share (all of it for a runtime on every core) and theirs add up to more than the
+    device, a one-thread runtime takes that sum, and a runtime of several threads loses more per
+    share it is short of (BARRIER_PENALTY): its threads wait for each other at every layer, so
+    one slowed thread slows them all. Measured on 2 cores, sr-rrdb-x4 beside 1, 2, 3 spinning
+    processes: 1.73x, 2.6x, 2.5-3.3x its time alone on both cores (here 1.75, 2.5, 3.25);
+    1.0, 1.55, 2.0x on one core (here 1.0, 1.5, 2.0)."""
+    asked = min(1.0, lane.share * lane.threads)
+    short = max(0.0, asked + other_share - 1.0)  # the share of the device the lane goes without
+    threads = asked * (cpus if cpus is not None else len(usable_cpus()))
+    return 1.0 + short * (BARRIER_PENALTY if threads > 1.5 else 1.0)
+
+
 def beside_s(lane: LaneView, own_s: float, others: Sequence[LaneView]) -> float:
     """The seconds the work queued on the other lanes adds to `own_s` seconds of `lane`'s own:
     each other lane's, as far as it overlaps (up to `own_s`), times their crowding."""
@@ -221,7 +239,7 @@ def book(lane: LaneView, start_in: float, alone_s: float, others: Sequence[LaneV
 
 def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, budget: MemoryBudget, recheck_s: float = 30.0,
           encoding: EncoderBacklog | None = None, timeout_s: float = math.inf, counted: list[int] | None = None,
-          beside: Sequence[LaneView] = (), booked: list[Booking] | None = None) -> float:
+          beside: Sequence[LaneView] = (), booked: list[Booking] | None = None, other_share: float = 0.0) -> float:
     """Refuses what cannot finish in time or fit in memory; otherwise reserves the request's
     bytes and returns the lane seconds it will take (the caller adds them to the lane's backlog
     at once, so the requests admitted in one burst see each other, and releases both when the
@@ -233,7 +251,9 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
     microseconds counted appended to `counted`), and the caller takes them off once the answer is
     encoded. `beside`: the other lanes on the device (`ModelRegistry.lanes_beside`), whose queued
     work is added to its estimate and whose admitted requests it may not push past their
-    deadlines; its booking is appended to `booked` (the caller takes it off its lane at the end)."""
+    deadlines; its booking is appended to `booked` (the caller takes it off its lane at the end).
+    `other_share`: the share of the device other processes held lately (`SharedDevice.other_share`):
+    everything it waits for and computes takes `slowdown` times longer."""
     limit = model.limits.compute_seconds if model.limits else math.inf
     if request_cost.seconds > limit:
         raise ApiError(413, f"this request needs about {request_cost.seconds:.1f} s of compute on {model.entry.name!r}; "
@@ -243,13 +263,20 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
     correction = cost.current_correction() if cost is not None else 1.0
     wait, alone = lane.expected_wait_s(), request_cost.seconds * correction / lane.threads
     crowd = beside_s(lane, wait + alone, beside)
+    slowed = slowdown(lane, other_share)
+    wait, alone, crowd = wait * slowed, alone * slowed, crowd * slowed
     budget_s = remaining_s * COMPUTE_SHARE_OF_DEADLINE  # the rest is decoding, encoding and the estimate's error
     if wait + alone + crowd > budget_s:
         if alone <= budget_s:  # the work queued before it, here and beside: it has room once that is done
-            raise behind_the_queue(model.entry.name, wait, alone, budget_s, crowd)
-        if request_cost.seconds / lane.threads <= budget_s:  # not the queue: its batches have run slower than measured
+            raise behind_the_queue(model.entry.name, wait, alone, budget_s, crowd, other_share if slowed > 1.0 else 0.0)
+        if request_cost.seconds * correction / lane.threads <= budget_s:  # it would fit but for the other processes
+            retry = OTHER_LOAD_RETRY_S
+            cpus = len(usable_cpus())
+            why = (f"other processes want about {other_share * cpus:.1f} of this machine's {cpus} cores, so this request's compute on "
+                   f"{model.entry.name!r} would take about {alone:.1f} s")
+        elif request_cost.seconds / lane.threads <= budget_s:  # not the queue: its batches have run slower than measured
             # until the correction has gone back far enough (it fades while no batch renews it), or the idle re-measure
-            fits_at = max(0.0, budget_s - wait - crowd) * lane.threads / request_cost.seconds
+            fits_at = max(0.0, budget_s - wait - crowd) / slowed * lane.threads / request_cost.seconds
             retry = max(1, math.ceil(min(recheck_s, cost.seconds_until_correction(fits_at) if cost is not None else math.inf)))
             why = f"{model.entry.name!r} has run {correction:.1f}x slower than measured lately (about {alone:.1f} s of compute for this request)"
         else:  # the upload took the deadline's room
@@ -287,11 +314,14 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
     return request_cost.seconds * correction
 
 
-def behind_the_queue(name: str, wait_s: float, alone_s: float, budget_s: float, beside_s: float = 0.0) -> ApiError:
+def behind_the_queue(name: str, wait_s: float, alone_s: float, budget_s: float, beside_s: float = 0.0, other_share: float = 0.0) -> ApiError:
     """The 503 of a request that would finish after its deadline for the work queued before it,
-    on its own lane and (`beside_s`, what it adds) on the other models' lanes."""
+    on its own lane and (`beside_s`, what it adds) on the other models' lanes, all of it slowed by
+    other processes holding `other_share` of the device."""
     retry = max(1, math.ceil(wait_s + alone_s + beside_s - budget_s))
     others = f", and other models on the same device about {beside_s:.1f} s more beside it" if beside_s >= 0.05 else ""
+    cpus = len(usable_cpus())
+    others += f", with other processes wanting about {other_share * cpus:.1f} of the {cpus} cores" if other_share >= 0.05 else ""
     return ApiError(503, f"{name!r} has about {wait_s:.1f} s of work queued{others}; this request would finish after its deadline: "
                          f"retry in {retry} s", code="overloaded", headers={"Retry-After": str(retry)})
 

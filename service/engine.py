@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.admission import beside_s, recheck_in_the_engine
+from service.admission import beside_s, recheck_in_the_engine, slowdown
 from service.batcher import DeadlineExceeded, RequestState
 from service.engine_link import EngineSnapshot, MessageProtocol, ModelSnapshot, encode_error
 from service.registry import LoadedModel, ModelRegistry
@@ -42,7 +42,8 @@ def engine_snapshot(registry: ModelRegistry) -> EngineSnapshot:
 
         registry.metrics.gpu_memory.labels("cuda:0").set(torch.cuda.memory_allocated())
     models = {name: {v: model_snapshot(m) for v, m in versions.items()} for name, versions in registry.models.items()}
-    return EngineSnapshot(registry.loaded, registry.is_ready(), registry.draining, registry.encoder_table, registry.device, models)
+    return EngineSnapshot(registry.loaded, registry.is_ready(), registry.draining, registry.encoder_table, registry.device, models,
+                          registry.shared_device.other_share())
 
 
 def host_array(output) -> np.ndarray:
@@ -104,7 +105,8 @@ class FrontConnection:
 
             def recheck(seconds: float) -> None:
                 wait, alone = lane.expected_wait_s(), seconds / lane.threads
-                recheck_in_the_engine(name, wait, alone, deadline - time.monotonic(), beside_s(lane, wait + alone, beside))
+                slowed = slowdown(lane, self.registry.shared_device.other_share())
+                recheck_in_the_engine(name, wait * slowed, alone * slowed, deadline - time.monotonic(), beside_s(lane, wait + alone, beside) * slowed)
 
             items = batcher.submit_items(inputs, state, recheck)
         except Exception as error:

@@ -158,3 +158,4 @@ class EngineSnapshot:
     encoder_table: Any  # service.encoders.EncoderTable
     device: str
     models: dict[str, dict[int, ModelSnapshot]] = field(default_factory=dict)
+    other_share: float = 0.0  # the engine's reading of the other processes' share of the cores (the fronts' among them)

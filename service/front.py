@@ -339,6 +339,8 @@ class FrontRegistry(ModelRegistry):
         requests holding it keep their lane's backlog."""
         self.engine_ready = snapshot.ready and not snapshot.draining
         self.last_snapshot = time.monotonic()
+        # the engine's reading: from here the engine's own compute would count as another process's
+        self.shared_device.reported_other_share = snapshot.other_share
         self.mirrored = True
         models: dict[str, dict[int, LoadedModel]] = {}
         for name, versions in snapshot.models.items():

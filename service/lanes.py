@@ -25,13 +25,14 @@ admission see what a new request does to the requests already admitted beside it
 from __future__ import annotations
 
 import asyncio
-import os
 import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from service.host_load import usable_cpus
 
 STOP = None  # the sentinel that ends one lane thread
 
@@ -40,34 +41,65 @@ class SharedDevice:
     """The device the lanes of one process share, seen as processor sharing: a job asks for a
     `share` of it (its runtime's threads over the cores; a GPU's whole), and while the shares of
     the jobs running add up to more than 1 each one goes at 1 / that sum of its own speed alone.
+    On a CPU the other processes on the same cores are one more job, of the share they held
+    lately (`other_load`, service/host_load.py; a `--workers` front is told the engine's reading).
 
     `progress` is the integral of that speed over time: between a job's start and end it grows
     by the seconds the job would have taken alone. Updated under a lock by the lane threads, at
     each job's start and end (a few microseconds)."""
 
-    def __init__(self) -> None:
+    def __init__(self, other_load: OtherShare | None = None) -> None:
         self._lock = threading.Lock()
         self._demand = 0.0  # the shares of the jobs running now
         self._progress = 0.0
+        self._asked = 0.0  # core-seconds the jobs have asked for (`asked_core_seconds`)
         self._since = time.perf_counter()
+        self.other_load = other_load
+        self.reported_other_share: float | None = None  # a front's: the engine's reading, from its snapshots
+        self.cpus = len(usable_cpus())
 
-    def _advance(self) -> float:
+    def other_share(self) -> float:
+        """Other processes' demand over the device, lately (0: none; 1: as much as all of it)."""
+        if self.reported_other_share is not None:
+            return self.reported_other_share
+        return self.other_load.share() if self.other_load is not None else 0.0
+
+    def other_cores(self) -> float:
+        return self.other_share() * self.cpus
+
+    def asked_core_seconds(self) -> float:
+        """The cores this process's jobs asked for, integrated over time: what `OtherLoad` weighs
+        the other processes' use against while the CPUs were saturated."""
+        with self._lock:
+            return self._asked + (time.perf_counter() - self._since) * self._demand * self.cpus
+
+    def _advance(self, other: float) -> float:
         now = time.perf_counter()
-        self._progress += (now - self._since) / max(1.0, self._demand)
+        elapsed = now - self._since
+        self._progress += elapsed / max(1.0, self._demand + (other if self._demand > 0 else 0.0))
+        self._asked += elapsed * self._demand * self.cpus
         self._since = now
         return self._progress
 
     def enter(self, share: float) -> float:
+        other = self.other_share()  # (outside the lock: reading it may read `asked_core_seconds`)
         with self._lock:
-            progress = self._advance()
+            progress = self._advance(other)
             self._demand += share
             return progress
 
     def leave(self, share: float) -> float:
+        other = self.other_share()
         with self._lock:
-            progress = self._advance()
+            progress = self._advance(other)
             self._demand = max(0.0, self._demand - share)
             return progress
+
+
+class OtherShare(Protocol):
+    """What the device reads of the other processes' load (`service.host_load.OtherLoad`)."""
+
+    def share(self) -> float: ...
 
 
 def lane_share(device: str, intra_op_threads: int) -> float:
@@ -75,8 +107,7 @@ def lane_share(device: str, intra_op_threads: int) -> float:
     or the runtime's threads over the cores this process may use."""
     if device != "cpu":
         return 1.0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(1.0, intra_op_threads / max(1, cores))
+    return min(1.0, intra_op_threads / max(1, len(usable_cpus())))
 
 
 @dataclass(eq=False)

@@ -71,6 +71,8 @@ class ServiceMetrics:
                                      registry=r, multiprocess_mode="livemostrecent")
         self.encoder_backlog = Gauge("ganserve_encoder_backlog_seconds", "One encoder thread's seconds of the answers admitted and not yet encoded (summed over processes)",
                                      registry=r, multiprocess_mode="livesum")
+        self.other_processes = Gauge("ganserve_other_processes_cores", "Cores of this server's CPUs other processes kept busy lately (admission counts them)",
+                                     registry=r, multiprocess_mode="livemostrecent")
         self.gpu_memory = Gauge("ganserve_gpu_memory_bytes", "GPU memory allocated by this process", ("device",), registry=r, multiprocess_mode="liveall")
 
     def versioned(self) -> list[tuple[Counter | Gauge | Histogram, tuple[str, ...]]]:
@@ -99,7 +101,7 @@ class ServiceMetrics:
         self.bound.cache_clear()  # its children of the removed label sets would write where no scrape looks
         return removed
 
-    def record_process_state(self, capacity: int, used: int, device: str, encoding_s: float = 0.0) -> None:
+    def record_process_state(self, capacity: int, used: int, device: str, encoding_s: float = 0.0, other_cores: float = 0.0) -> None:
         """The memory budget, what admitted requests hold, the encoder pool's backlog and this process's GPU memory: read
         where they live, so set at every scrape and, for the processes a scrape does not reach
         (a `--workers` engine, the fronts that did not answer it), every `STATE_REFRESH_S` by
@@ -107,6 +109,7 @@ class ServiceMetrics:
         self.memory_budget.set(capacity)
         self.memory_reserved.set(used)
         self.encoder_backlog.set(encoding_s)
+        self.other_processes.set(other_cores)
         if device == "cuda":
             import torch
 
@@ -158,5 +161,6 @@ async def refresh_process_state(registry) -> None:
     """Keeps this process's memory gauges current until cancelled (the app's lifespan runs it in
     every process; `registry` is the lifespan's ModelRegistry)."""
     while True:
-        registry.metrics.record_process_state(registry.memory.capacity, registry.memory.used, registry.device, registry.encoding.seconds)
+        registry.metrics.record_process_state(registry.memory.capacity, registry.memory.used, registry.device, registry.encoding.seconds,
+                                              registry.shared_device.other_cores())
         await asyncio.sleep(STATE_REFRESH_S)

@@ -131,6 +131,9 @@ class Settings(BaseSettings):
     # idle that long scales a fit to the batches it served where they ran faster; 0: neither
     remeasure_idle_s: float = Field(30.0, ge=0)
     remeasure_max_interval_s: float = Field(3600.0, gt=0)  # a model found no faster waits twice as long each time, up to this
+    # the load other processes put on this process's cores (read from /proc/stat) counts in admission's
+    # estimates (service/host_load.py); off where that file shows CPUs this process shares with no one
+    count_other_processes: bool = True
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"  # (a free string crashed start-up with a traceback)
     # processes: 1 = one process does everything; N > 1 = N HTTP front processes (parsing, validation,
     # admission, encoding) hand items to one engine process that owns the models and batches

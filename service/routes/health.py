@@ -37,6 +37,7 @@ async def ready(request: Request) -> JSONResponse:
 @router.get("/metrics", responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"}})
 async def metrics(request: Request) -> Response:
     registry = registry_of(request)
-    registry.metrics.record_process_state(registry.memory.capacity, registry.memory.used, registry.device, registry.encoding.seconds)
+    registry.metrics.record_process_state(registry.memory.capacity, registry.memory.used, registry.device, registry.encoding.seconds,
+                                          registry.shared_device.other_cores())
     body, media_type = registry.metrics.exposition({(name, str(version)) for name, versions in registry.models.items() for version in versions})
     return Response(body, media_type=media_type)

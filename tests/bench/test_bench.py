@@ -149,13 +149,14 @@ def test_the_fairness_bench_reports_the_benign_clients_latency_and_queue_wait_be
 
 
 def test_the_contention_bench_counts_what_each_model_was_answered_beside_the_others(tmp_path):
-    """`ganserve bench-contention` on the shipped models: every answer of both scenarios counted
-    by status, with the share of admitted requests that missed their deadline."""
+    """`ganserve bench-contention` on the shipped models, a busy loop beside: every answer of both
+    scenarios counted by status, with the share of admitted requests that missed their deadline."""
     from bench.contention import run_contention_bench
     from tests.service.test_hostile import SHIPPED
 
     report = run_contention_bench(SHIPPED, None, rounds=1, bursts=1, k=2, seconds=3.0, timeout_s=3.0, upscale_side=64,
-                                  translate_side=256, out=tmp_path / "contention.json")
+                                  translate_side=256, out=tmp_path / "contention.json", other_processes=1)
+    assert report["other_processes"] == 1
     cases = report["results"]["this checkout"][0]
     assert set(cases) == {"bursts/sr-rrdb-x4", "bursts/cyclegan-thin2thick", "steady/sr-rrdb-x4", "steady/cyclegan-thin2thick", "steady/dcgan-digits"}
     assert sum(cases["bursts/sr-rrdb-x4"]["statuses"].values()) == 2 and sum(cases["bursts/cyclegan-thin2thick"]["statuses"].values()) == 2

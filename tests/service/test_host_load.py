@@ -1,0 +1,166 @@
+"""Other processes on the server's cores: read off the kernel's counters (service/host_load.py),
+counted in the device's sharing and in a request's estimate (service/lanes.py, admission.py)."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from bench.limits import busy_loops
+from service.admission import ModelLimits, RequestCost, admit, slowdown
+from service.costs import GraphCost
+from service.errors import ApiError
+from service.host_load import OtherLoad, busy_cpu_seconds
+from service.lanes import Lane, SharedDevice
+from service.memory import MemoryBudget
+from service.registry import LoadedModel
+from service.repository import scan_repository
+from tests.serving import running_server
+from tests.service.test_hostile import SHIPPED
+from tests.service.test_isolation import png
+
+linux_only = pytest.mark.skipif(busy_cpu_seconds({0}) is None, reason="reads /proc/stat")
+
+
+def test_the_reading_is_what_the_cpus_were_busy_with_less_this_process_s_own():
+    """Counters as the kernel keeps them: in each half second two CPUs were busy 0.6 s, 0.1 s of it
+    this process's own threads: the others wanted one core. A higher reading is taken at once;
+    once they stop it goes halfway down each half second."""
+    clock, busy, own = [100.0], [50.0], [10.0]
+    load = OtherLoad({0, 1}, busy=lambda cpus: busy[0], own=lambda: own[0], clock=lambda: clock[0])
+
+    def span(busy_s: float, own_s: float) -> float:
+        clock[0] += 0.5
+        busy[0] += busy_s
+        own[0] += own_s
+        return load.cores()
+
+    assert span(0.6, 0.1) == pytest.approx(1.0)
+    assert load.share() == pytest.approx(0.5)  # of two CPUs
+    clock[0] += 0.1  # within a span: not read again
+    busy[0] += 5.0
+    assert load.cores() == pytest.approx(1.0)
+    busy[0] -= 5.0
+    clock[0] -= 0.1
+    assert [round(span(0.1, 0.1), 3) for _ in range(3)] == [0.5, 0.25, 0.125]
+
+
+def test_saturated_cpus_hide_what_the_others_wanted_and_the_sharing_gives_it_back():
+    """Two processes spinning beside a lane computing on both of two cores: the kernel shares the
+    CPUs by threads, so each side used one core. What they used (1) is not what they wanted (2):
+    weighed against what this process's lanes asked for (2 cores) and got (1), it is."""
+    clock, busy, own, asked = [100.0], [50.0], [10.0], [0.0]
+    load = OtherLoad({0, 1}, busy=lambda cpus: busy[0], own=lambda: own[0], clock=lambda: clock[0], own_demand=lambda: asked[0])
+    clock[0] += 0.5
+    busy[0] += 1.0  # both CPUs, the whole span
+    own[0] += 0.5  # one core's worth of it this process's
+    asked[0] += 1.0  # its lanes asked for two cores
+    assert load.cores() == pytest.approx(2.0)
+
+
+def test_without_the_kernels_counters_nothing_is_counted():
+    load = OtherLoad({0}, busy=lambda cpus: None)
+    assert load.cores() == 0.0 and load.share() == 0.0
+
+
+@linux_only
+def test_a_busy_process_beside_counts_and_this_process_s_own_threads_do_not():
+    load = OtherLoad()
+    stop = threading.Event()
+
+    def spin() -> None:  # this process's own work: a lane's, an encoder's
+        while not stop.is_set():
+            sum(range(1000))
+
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        time.sleep(1.6)
+        own_only = load.cores()
+    finally:
+        stop.set()
+        spinner.join()
+    with busy_loops(1):
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and load.cores() < 0.7:
+            time.sleep(0.25)
+        beside = load.cores()
+    assert own_only < 0.5, own_only
+    assert beside >= 0.7, beside
+
+
+def test_a_job_beside_another_process_s_load_is_stretched_by_it():
+    """The device's sharing counts the other processes' share as a job of its own: a lane's job
+    asking for all the cores beside another process holding half of them took 1.5x its time alone
+    (so its model's correction does not take that for the model's own slowness)."""
+    class HalfBusy:
+        def share(self) -> float:
+            return 0.5
+
+    lane = Lane("beside-others", 1, SharedDevice(HalfBusy()), share=1.0)
+    try:
+        async def one() -> float:
+            _, stretch = await lane.run_timed(time.sleep, 0.3)
+            return stretch
+
+        assert asyncio.run(one()) == pytest.approx(1.5, rel=0.05)
+    finally:
+        lane.shutdown()
+
+
+def test_the_estimate_grows_with_the_cores_others_hold_where_the_lane_needs_them():
+    """On two cores: a runtime on both beside 1 and 2 spinning processes (measured 1.73x and 2.6x),
+    and one on a single core beside 1 and 2 (1.0x and 1.55x)."""
+    whole, half = Lane("whole", 1, share=1.0), Lane("half", 1, share=0.5)
+    try:
+        assert [slowdown(whole, other, cpus=2) for other in (0.0, 0.02, 0.5, 1.0)] == [1.0, 1.03, 1.75, 2.5]  # no step
+        assert [slowdown(half, other, cpus=2) for other in (0.5, 1.0)] == [1.0, 1.5]
+    finally:
+        whole.shutdown()
+        half.shutdown()
+
+
+def test_a_request_that_fits_an_idle_machine_is_refused_while_other_processes_hold_its_cores(repository):
+    """2 s of compute against a 3-second deadline (2.4 s of it for compute) is admitted on an
+    idle machine, and refused at once, naming the other processes, while they hold half of it."""
+    entry = next(e for e in scan_repository(repository) if e.name == "upx4")
+    lane = Lane("others-test", 1, share=1.0)
+    model = LoadedModel(entry, lane=lane, costs={"model": GraphCost(per_unit_s=1.0, overhead_s=0.0, bytes_per_unit=0, reference_pixels=96 * 96)},
+                        limits=ModelLimits(compute_seconds=24.0))
+    try:
+        assert admit(model, RequestCost(seconds=2.0, bytes=0), 3.0, MemoryBudget(1 << 30)) == 2.0  # (not queued: the lane stays empty)
+        with pytest.raises(ApiError) as refused:
+            admit(model, RequestCost(seconds=2.0, bytes=0), 3.0, MemoryBudget(1 << 30), other_share=0.5)
+    finally:
+        lane.shutdown()
+    assert refused.value.status == 503
+    assert "other processes" in refused.value.message and int(refused.value.headers["Retry-After"]) >= 1
+
+
+@linux_only
+def test_a_server_sharing_its_cores_with_busy_processes_refuses_up_front_what_it_cannot_finish():
+    """sr-rrdb-x4 on both cores with a 5-second deadline (4 s of it for compute): a 250² upscale
+    (9 tiles, about 1.9 s alone) fits it on an idle machine. With two processes spinning on the
+    two cores it takes about 2.6 times as long; judged as on an idle machine it was admitted and
+    ended past its deadline (and the model, taken for slow, was refused for 30 s after they
+    stopped). Counting them it is refused at once, saying why, and served once they stop."""
+    body = png(250, 250)
+    with running_server(SHIPPED, request_timeout_s=5, intra_op_threads=2, models=["sr-rrdb-x4"]) as server, server.client(timeout=30) as client:
+        def upscale():
+            started = time.perf_counter()
+            response = client.post("/v1/models/sr-rrdb-x4/upscale", content=body, headers={"content-type": "image/png"})
+            return response, time.perf_counter() - started
+
+        assert upscale()[0].status_code == 200
+        with busy_loops(2):
+            time.sleep(2)  # a few readings of the counters
+            busy_reading = server.metric("ganserve_other_processes_cores")
+            refused, elapsed = upscale()
+        time.sleep(3)
+        served, _ = upscale()
+    assert busy_reading >= 1.0
+    assert refused.status_code == 503, (refused.status_code, elapsed)
+    assert elapsed < 1.0 and "other processes" in refused.json()["error"]["message"] and "retry-after" in refused.headers
+    assert served.status_code == 200
