@@ -41,6 +41,7 @@ from service.costs import CostProbe, time_run
 if TYPE_CHECKING:
     from service.registry import LoadedModel, ModelRegistry
 
+OTHERS_BUSY_SHARE = 0.1  # other processes' share of the device above which the server is not idle enough to be timed
 log = logging.getLogger("ganserve.remeasure")
 
 
@@ -58,9 +59,19 @@ def server_idle_for(registry: "ModelRegistry") -> float:
     return min((lane.idle_for() for lane in lanes), default=0.0)
 
 
+def others_busy(registry: "ModelRegistry") -> bool:
+    """Other processes want a noticeable share of the cores (`SharedDevice.other_share`): the
+    lanes are idle but the device is not, and a model timed now is timed slow. Timed beside two
+    spinning processes, sr-rrdb-x4's correction was set to their slowness and kept after they
+    stopped, on top of admission's own count of them: 503 "slower than measured lately" on an
+    idle machine."""
+    return registry.shared_device.other_share() > OTHERS_BUSY_SHARE
+
+
 def server_busy(registry: "ModelRegistry") -> bool:
-    """Anything queued on a lane, in memory or in a job now (checked between the timed runs)."""
-    return (registry.memory.used > 0 or registry.jobs.active() > 0
+    """Anything queued on a lane, in memory or in a job now, or other processes busy on the cores
+    (checked between the timed runs)."""
+    return (registry.memory.used > 0 or registry.jobs.active() > 0 or others_busy(registry)
             or any(model.lane is not None and model.lane.pending for model in registry.all_models()))
 
 
@@ -129,7 +140,7 @@ async def remeasure_when_idle(registry: "ModelRegistry") -> None:
         await asyncio.sleep(min(1.0, idle_s / 2))
         if registry.loaded:
             relax_from_batches(registry)
-        if not registry.loaded or server_idle_for(registry) < idle_s:
+        if not registry.loaded or server_idle_for(registry) < idle_s or others_busy(registry):
             continue
         models = [model for model in registry.all_models() if model.ready and model.probes]
         schedules = {id(model): schedules.get(id(model)) or Schedule(0.0, idle_s) for model in models}

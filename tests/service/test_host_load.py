@@ -150,13 +150,16 @@ def test_a_server_sharing_its_cores_with_busy_processes_refuses_up_front_what_it
     `--workers` the engine reads the counters (the fronts are other processes to it) and tells
     the fronts, which admit."""
     body = png(250, 250)
-    with running_server(SHIPPED, request_timeout_s=5, intra_op_threads=2, models=["sr-rrdb-x4"], workers=workers) as server, server.client(timeout=30) as client:
+    with running_server(SHIPPED, request_timeout_s=5, intra_op_threads=2, models=["sr-rrdb-x4"], workers=workers, remeasure_idle_s=1) as server, \
+            server.client(timeout=30) as client:
+        server.wait_for_side("sr-rrdb-x4", 250)
         def upscale():
             started = time.perf_counter()
             response = client.post("/v1/models/sr-rrdb-x4/upscale", content=body, headers={"content-type": "image/png"})
             return response, time.perf_counter() - started
 
-        assert upscale()[0].status_code == 200
+        alone, _ = upscale()
+        assert alone.status_code == 200, alone.text
         with busy_loops(2):
             time.sleep(2)  # a few readings of the counters
             busy_reading = server.metric("ganserve_other_processes_cores")
@@ -167,3 +170,19 @@ def test_a_server_sharing_its_cores_with_busy_processes_refuses_up_front_what_it
     assert refused.status_code == 503, (refused.status_code, elapsed)
     assert elapsed < 1.0 and "other processes" in refused.json()["error"]["message"] and "retry-after" in refused.headers
     assert served.status_code == 200
+
+
+def test_the_idle_server_is_not_timed_while_other_processes_are_busy():
+    """Lanes idle is not the device idle: timed beside two spinning processes, a model's
+    correction was set to their slowness and kept after they had gone (503 "slower than
+    measured lately" on an idle machine, found by the `--workers` case above)."""
+    from types import SimpleNamespace
+
+    from service.remeasure import server_busy
+
+    device = SharedDevice()
+    registry = SimpleNamespace(shared_device=device, memory=SimpleNamespace(used=0), jobs=SimpleNamespace(active=lambda: 0),
+                               all_models=lambda: [])
+    assert not server_busy(registry)
+    device.reported_other_share = 0.5
+    assert server_busy(registry)
