@@ -71,7 +71,7 @@ class ServiceMetrics:
                                      registry=r, multiprocess_mode="livemostrecent")
         self.encoder_backlog = Gauge("ganserve_encoder_backlog_seconds", "One encoder thread's seconds of the answers admitted and not yet encoded (summed over processes)",
                                      registry=r, multiprocess_mode="livesum")
-        self.other_processes = Gauge("ganserve_other_processes_cores", "Cores of this server's CPUs other processes kept busy lately (admission counts them)",
+        self.other_processes = Gauge("ganserve_other_processes_cores", "Cores' worth of work other processes wanted on this server's CPUs lately (admission counts it)",
                                      registry=r, multiprocess_mode="livemostrecent")
         self.gpu_memory = Gauge("ganserve_gpu_memory_bytes", "GPU memory allocated by this process", ("device",), registry=r, multiprocess_mode="liveall")
 
