@@ -283,11 +283,13 @@ def test_the_memory_budget_is_the_servers_and_every_process_reports_it(workers):
 def test_a_front_admits_a_request_larger_than_its_share_of_the_budget(workers):
     """Each front used to admit against 1/(N+1) of GANSERVE_MEMORY_BUDGET, so a request that one
     process serves was refused 413 under --workers. The largest side a translation model takes is
-    where a request needs half the budget; at 0.9 of it, ~0.4 of the budget — more than a third."""
+    where a request needs half the budget; at 0.85 of it, ~0.36 of the budget — more than a third.
+    (At 0.9 a CI run's request needed 2246 MiB where the budget for requests had 2223: the limits
+    are derived from the whole budget, the admission from what the models leave of it.)"""
     with workers.client(timeout=120) as client:
         limits = client.get("/v1/models").json()
         limits = next(model["limits"] for model in limits["models"] if model["name"] == "edges")
-        side = int(limits["max_input_side"] * 0.9)
+        side = int(limits["max_input_side"] * 0.85)
         assert limits["max_input_side"] < 4096, limits  # below GANSERVE_MAX_TRANSLATE_PIXELS: memory set it (time allows far more)
         ramp = np.linspace(0, 255, side, dtype=np.float32)
         image = np.stack([np.add.outer(ramp, ramp) / 2] * 3, axis=-1).astype(np.uint8)  # smooth: a small PNG
