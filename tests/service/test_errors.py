@@ -95,7 +95,9 @@ def test_head_is_answered_as_get_without_a_body(server, path):
         head = client.head(path)
     assert got.status_code == head.status_code == 200
     assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"]
-    if path != "/metrics":  # the metrics move between the two calls
+    # the metrics move between the two calls, and so does a model's listing: its running correction
+    # fades with time (9044 against 9045 bytes in a CI run)
+    if path != "/metrics" and not path.startswith("/v1/models"):
         assert head.headers["content-length"] == str(len(got.content))
 
 
