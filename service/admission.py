@@ -176,7 +176,9 @@ def slowdown(lane: LaneView, other_share: float, cpus: int | None = None) -> flo
     processes: 1.73x, 2.6x, 2.5-3.3x its time alone on both cores (here 1.75, 2.5, 3.25);
     1.0, 1.55, 2.0x on one core (here 1.0, 1.5, 2.0)."""
     asked = min(1.0, lane.share * lane.threads)
-    short = max(0.0, asked + other_share - 1.0)  # the share of the device the lane goes without
+    short = asked + other_share - 1.0  # the share of the device the lane goes without
+    if short <= 0.0:  # the usual case, on every admission: no affinity call
+        return 1.0
     threads = asked * (cpus if cpus is not None else len(usable_cpus()))
     return 1.0 + short * (BARRIER_PENALTY if threads > 1.5 else 1.0)
 
