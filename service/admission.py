@@ -29,6 +29,7 @@ from service.costs import GraphCost
 from service.encoder_backlog import EncoderBacklog
 from service.errors import ApiError
 from service.host_load import usable_cpus
+from service.imaging import DECODE_BYTES_PER_PIXEL
 from service.lanes import Booking, Claim, LaneView
 from service.memory import MemoryBudget, OverBudget
 from service.settings import Settings
@@ -45,6 +46,7 @@ CLAIM_GRACE_S = 1.0  # how long room promised with a Retry-After waits for the r
 BARRIER_PENALTY = 1.5  # what a runtime of several threads loses per share of the device it is short of (`slowdown`)
 OTHER_LOAD_RETRY_S = 2  # a refusal for other processes' load: when to look again (the reading moves every half second)
 REQUEST_SHARE_OF_MEMORY = 0.5  # one request may hold at most this share of the budget
+LIMITS_MEMORY_MARGIN = 0.03  # and at most what the loaded models leave of it, less this share
 FLOAT = 4
 
 
@@ -55,10 +57,21 @@ class ModelLimits:
     compute_seconds: float  # estimated compute one request may need on an idle lane
     max_input_pixels: int | None = None  # image-to-image inputs
     max_tiles: int | None = None  # upscale: tiles per image
+    # translate: inputs are padded (or resized) to this multiple before `max_input_pixels` is checked,
+    # so the largest side listed is a multiple of it (listed as the pixels' square root, a 1326²
+    # upload was refused 413 as 1328² padded)
+    side_multiple: int = 1
+
+    @property
+    def max_input_side(self) -> int | None:
+        """The largest square input taken: its padded size within `max_input_pixels`."""
+        if not self.max_input_pixels:
+            return None
+        return math.isqrt(self.max_input_pixels) // self.side_multiple * self.side_multiple
 
     def describe(self) -> dict:
         return {"compute_seconds": round(self.compute_seconds, 3), "max_input_pixels": self.max_input_pixels,
-                "max_input_side": math.isqrt(self.max_input_pixels) if self.max_input_pixels else None, "max_tiles": self.max_tiles}
+                "max_input_side": self.max_input_side, "max_tiles": self.max_tiles}
 
 
 def servable_rows(model, settings) -> int:
@@ -103,21 +116,34 @@ def largest_within(fits: Callable[[int], bool], high: int = 1 << 16) -> int:
     return low
 
 
-def derive_limits(model: "LoadedModel", settings: Settings, memory_budget: int) -> ModelLimits:
+def request_memory_bytes(memory_budget: int, capacity: int) -> int:
+    """The most one request may hold: REQUEST_SHARE_OF_MEMORY of GANSERVE_MEMORY_BUDGET, and never
+    more than the budget leaves once the models (under `--workers`, every process) are resident
+    (`MemoryBudget.capacity`). From the whole budget alone, the limits listed sizes admission
+    could never fit: a CI run's translate at 0.9 of the listed side needed 2246 MiB where 2223 were
+    left, 413. LIMITS_MEMORY_MARGIN below what is left: the resident figure moves a little with
+    each reading, and the limits follow it only past a step (`ModelRegistry.derive_all_limits`)."""
+    return int(min(REQUEST_SHARE_OF_MEMORY * memory_budget, (1.0 - LIMITS_MEMORY_MARGIN) * capacity))
+
+
+def derive_limits(model: "LoadedModel", settings: Settings, request_memory: int) -> ModelLimits:
+    """The largest input a model takes (`request_memory`: the most one request may hold,
+    `request_memory_bytes`) and the compute seconds a request may need."""
     config, cost, entry = model.config, model.costs.get("model"), model.entry
     seconds = COMPUTE_SHARE_OF_DEADLINE * settings.request_timeout_s * config.lane_threads
     if entry.kind not in ("translation", "super_resolution"):
         return ModelLimits(seconds)
-    memory = REQUEST_SHARE_OF_MEMORY * memory_budget
-    channels = entry.spec["in_channels"]
+    memory = request_memory
+    # what the routes count per pixel (service/routes/image2image.py, upscaling.py): the decoded upload too
+    channels = max(entry.spec["in_channels"], entry.spec["channels"])
     if entry.kind == "translation":
-        per_pixel = translate_bytes_per_pixel(channels)
+        per_pixel, multiple = DECODE_BYTES_PER_PIXEL + translate_bytes_per_pixel(channels), entry.spec.get("size_multiple", 1)
         if cost is None:
-            return ModelLimits(seconds, min(config.max_input_pixels, int(memory // per_pixel)))
+            return ModelLimits(seconds, min(config.max_input_pixels, int(memory // per_pixel)), side_multiple=multiple)
         by_time = (seconds - cost.overhead_s) / cost.per_unit_s * cost.reference_pixels
         by_memory = memory / (per_pixel + cost.bytes_per_unit / cost.reference_pixels)
-        return ModelLimits(seconds, max(0, int(min(config.max_input_pixels, by_time, by_memory))))
-    per_pixel = upscale_bytes_per_pixel(channels, entry.spec["scale"])
+        return ModelLimits(seconds, max(0, int(min(config.max_input_pixels, by_time, by_memory))), side_multiple=multiple)
+    per_pixel = DECODE_BYTES_PER_PIXEL + upscale_bytes_per_pixel(channels, entry.spec["scale"])
     if cost is None:
         return ModelLimits(seconds, min(config.max_input_pixels, int(memory // per_pixel)))
     max_tiles = max(0, math.floor((seconds - cost.overhead_s) / cost.per_unit_s))

@@ -334,6 +334,9 @@ class FrontRegistry(ModelRegistry):
         if self.loaded:
             self.apply(snapshot)
 
+    def derive_all_limits(self) -> None:
+        """A front's limits are the engine's, from its snapshots (derived against the same shared budget)."""
+
     def apply(self, snapshot: EngineSnapshot) -> None:
         """Mirrors the engine's models; a mirror stays the same object while its entry does, so
         requests holding it keep their lane's backlog."""

@@ -18,7 +18,7 @@ import numpy as np
 from safetensors.numpy import load_file as load_numpy
 
 from service import memory
-from service.admission import ModelLimits, derive_limits
+from service.admission import ModelLimits, derive_limits, request_memory_bytes
 from service.batcher import BatchKey, DynamicBatcher, ShuttingDown
 from service.costs import CostProbe, GraphCost, measure_cost
 from service.encoder_backlog import EncoderBacklog
@@ -134,6 +134,7 @@ SPREAD_SAMPLES = 2000
 # (cyclegan-thin2thick here: 0.42 µs a pixel fitted between 64² and 128², 0.66 µs at 1024²), and
 # a fit between small shapes admitted 1024² translates at two thirds of what they took
 TRANSLATE_WARMUP_LARGE_SIDE = 512
+LIMITS_MEMORY_STEP = 0.02  # the limits follow what a request may hold when it moves by more than this share
 
 
 def direction_spreads(model: LoadedModel) -> dict[str, float]:
@@ -211,6 +212,7 @@ class ModelRegistry:
         self.encoders = ThreadPoolExecutor(settings.encoder_threads, thread_name_prefix="encode")
         self.encoding = EncoderBacklog(settings.encoder_threads)  # what admission has queued for `encoders` (service/encoder_backlog.py)
         self.memory = memory_budget_for(settings)
+        self.limits_request_memory = self.request_memory_bytes()  # what the listed limits let one request hold
         self.models: dict[str, dict[int, LoadedModel]] = {}
         self.jobs = JobStore(settings.max_jobs, settings.max_job_seconds, self.memory)
         self.loaded_event = asyncio.Event()  # set once every entry has been tried
@@ -312,7 +314,7 @@ class ModelRegistry:
             await model.lane.run(self.load_and_warm, model)
             memory.trim()
             model.resident_bytes = max(0, memory.rss_bytes() - before)
-            model.limits = derive_limits(model, self.settings, self.settings.memory_budget)
+            model.limits = derive_limits(model, self.settings, self.request_memory_bytes())
             model.state = "ready"
         except Exception as error:  # one bad entry must not take the others down
             model.state, model.error = "failed", relative_message(error, self.settings)
@@ -343,6 +345,7 @@ class ModelRegistry:
         it exactly at the first moment nothing is reserved."""
         memory.freeze_resident_objects()
         self.read_resident()
+        self.derive_all_limits()
         log.info("memory: %.0f MiB resident after loading; %.0f MiB of the %.0f MiB budget left for requests",
                  self.memory.resident / 2**20, self.memory.capacity / 2**20, self.settings.memory_budget / 2**20)
         if self.memory.capacity == 0:
@@ -376,10 +379,25 @@ class ModelRegistry:
         self.memory.set_resident(high, unsure=high - low)
 
     async def keep_resident_figure_current(self, interval_s: float = 1.0) -> None:
-        """`tighten_resident` every `interval_s` (the app's lifespan runs it where models load)."""
+        """`tighten_resident` every `interval_s` (the app's lifespan runs it where models load),
+        and the limits derived again where what a request may hold moved by more than
+        LIMITS_MEMORY_STEP (a `--workers` front that starts or is replaced after the models
+        loaded holds part of the budget too)."""
         while True:
             await asyncio.sleep(interval_s)
             self.tighten_resident()
+            if abs(self.request_memory_bytes() - self.limits_request_memory) > LIMITS_MEMORY_STEP * self.limits_request_memory:
+                self.derive_all_limits()
+
+    def request_memory_bytes(self) -> int:
+        return request_memory_bytes(self.settings.memory_budget, self.memory.capacity)
+
+    def derive_all_limits(self) -> None:
+        """Every ready model's limits from its costs and what one request may hold now."""
+        self.limits_request_memory = self.request_memory_bytes()
+        for model in self.all_models():
+            if model.ready and model.costs:
+                model.limits = derive_limits(model, self.settings, self.limits_request_memory)
 
     async def load_model(self, name: str) -> dict[int, LoadedModel]:
         """(Re)reads one model's versions from the repository and loads them beside the ones being
@@ -455,7 +473,7 @@ class ModelRegistry:
         kept = [graph for graph, cost in fresh.costs.items()
                 if (before := served.costs.get(graph)) is not None and cost.adopt(before.per_unit_s, before.overhead_s, margin=1.0)]
         if kept:
-            fresh.limits = derive_limits(fresh, self.settings, self.settings.memory_budget)
+            fresh.limits = derive_limits(fresh, self.settings, self.request_memory_bytes())
             log.info("%s: reloaded; kept the served version's faster fit for %s: limits %s", fresh.entry.label, ", ".join(kept),
                      fresh.limits.describe())
 

@@ -107,7 +107,7 @@ async def remeasure(registry: "ModelRegistry", model: "LoadedModel") -> str:
         else:
             cost.recalibrate(*fit)  # the idle lane's time is the correction's evidence now
     if relaxed:
-        model.limits = derive_limits(model, registry.settings, registry.settings.memory_budget)
+        model.limits = derive_limits(model, registry.settings, registry.request_memory_bytes())
         log.info("%s: limits now %s", model.entry.label, model.limits.describe())
     return "relaxed" if relaxed else "kept"
 
@@ -125,7 +125,7 @@ def relax_from_batches(registry: "ModelRegistry") -> None:
                 log.info("%s %s: batches ran faster than measured: now %.4g s a unit + %.4g s a batch (was %.4g + %.4g)", model.entry.label,
                          graph, cost.per_unit_s, cost.overhead_s, *was)
         if relaxed:
-            model.limits = derive_limits(model, registry.settings, registry.settings.memory_budget)
+            model.limits = derive_limits(model, registry.settings, registry.request_memory_bytes())
             registry.metrics.cost_remeasures.labels(model.entry.name, str(model.entry.version), "relaxed_by_batches").inc()
             log.info("%s: limits now %s", model.entry.label, model.limits.describe())
 
