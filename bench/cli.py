@@ -204,6 +204,24 @@ def bench_contention_command(
     run_contention_bench(repository, baseline_code, rounds, bursts, k, seconds, timeout_s, upscale_side, translate_side, out, other_processes)
 
 
+def bench_warmup_command(
+    model: str = typer.Option("sr-rrdb-x4", help="a model name in the repository"),
+    repository: Path = typer.Option(Path("model_repository"), "--repository", exists=True, file_okay=False),
+    starts: int = typer.Option(4, min=1, max=50, help="server starts per code and per --workers count"),
+    workers: str = typer.Option("1,2", help="comma-separated `--workers` counts (1: one process)"),
+    baseline_code: Optional[Path] = typer.Option(None, exists=True, file_okay=False, help="another checkout started in turns with this one (`git worktree add /tmp/base <commit>`)"),
+    idle: float = typer.Option(1.0, min=0.1, help="the servers' GANSERVE_REMEASURE_IDLE_S"),
+    timeout: float = typer.Option(60.0, min=1.0, help="seconds to wait for a server's first idle re-timing"),
+    intra_op_threads: int = typer.Option(2, min=1, help="the servers' GANSERVE_INTRA_OP_THREADS"),
+    out: Optional[Path] = typer.Option(Path("bench/results/warmup-latest.json"), help="JSON report"),
+) -> None:
+    """How far a quiet start's warm-up timing is from the model's speed (its idle re-measure), per start, one process and --workers."""
+    from bench.warmup import run_warmup_bench
+
+    run_warmup_bench(repository, model_names(model, repository)[0], starts, counts(workers, "--workers", 1, "1,2"), baseline_code, idle, timeout,
+                     out, intra_op_threads=intra_op_threads)
+
+
 def register(app: typer.Typer) -> None:
     app.command("bench")(bench_command)
     app.command("bench-upscale")(bench_upscale_command)
@@ -215,3 +233,4 @@ def register(app: typer.Typer) -> None:
     app.command("bench-encoding")(bench_encoding_command)
     app.command("bench-data")(bench_data_command)
     app.command("bench-contention")(bench_contention_command)
+    app.command("bench-warmup")(bench_warmup_command)

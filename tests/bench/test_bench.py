@@ -167,6 +167,19 @@ def test_the_contention_bench_counts_what_each_model_was_answered_beside_the_oth
     assert (tmp_path / "contention.json").exists()
 
 
+def test_the_warmup_bench_sets_each_starts_warm_up_against_the_idle_servers_timing(tmp_path):
+    """`ganserve bench-warmup`: a start's warm-up figure and what its idle re-measure timed."""
+    from bench.warmup import run_warmup_bench
+    from tests.service.test_hostile import SHIPPED
+
+    report = run_warmup_bench(SHIPPED, "sr-rrdb-x4", 1, [1], None, 0.5, 60.0, tmp_path / "warmup.json", intra_op_threads=1)
+    (row,) = report["servers"]
+    (start,) = row["starts"]
+    assert row["server"] == "this code, workers 1" and (tmp_path / "warmup.json").exists()
+    assert start["s_per_unit_warmup"] > 0 and start["s_per_unit_idle"] > 0 and start["side_warmup"] and start["side_idle"]
+    assert 0.3 < start["warmup_over_idle"] < 5, start  # the same model timed twice on a quiet machine
+
+
 def test_the_animation_bench_times_the_servers_encoding_beside_pillows_defaults(tmp_path):
     from bench.animation import run_animation_bench
 
