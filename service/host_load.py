@@ -51,6 +51,29 @@ def own_cpu_seconds() -> float:
     return times.user + times.system
 
 
+def process_cpu_seconds(pid: int, reaped: bool = False) -> float:
+    """A process's CPU seconds off `/proc/<pid>/stat` (0 where it is gone); with `reaped`, its
+    children's that it has waited for too (a front that died and was replaced keeps counting)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if reaped else 0)  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def sibling_cpu_seconds(supervisor: int, own_pid: int) -> float:
+    """The CPU seconds of a `--workers` server's other processes, as seen by its engine: the
+    supervisor (`supervisor`) and its children but `own_pid` (the fronts), reaped ones included.
+    To the engine they are the same server: in one process the HTTP parsing and the encoder pool
+    are its own threads, not other processes."""
+    try:
+        children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    except OSError:
+        children = []
+    return process_cpu_seconds(supervisor, reaped=True) + sum(process_cpu_seconds(int(pid)) for pid in children if int(pid) != own_pid)
+
+
 class OtherLoad:
     """How many cores' worth of work other processes on this process's CPUs wanted lately, read at
     most once a half-second span (a file read of ~30 µs), whoever asks.
@@ -61,21 +84,31 @@ class OtherLoad:
     sharing by threads is inverted: their demand over this process's is what they used over what
     it used, and this process's is its lanes' (`own_demand`: the cores its running jobs asked
     for, averaged over the span). A higher reading is taken at once, a lower one halfway per
-    span: quick to see load arrive, slow to trust that it left."""
+    span: quick to see load arrive, slow to trust that it left.
+
+    `helpers`: the CPU seconds of processes that are part of this server (a `--workers` engine's
+    fronts and supervisor, `sibling_cpu_seconds`): their use counts as this process's own, and
+    their demand as what they used. Counted as other processes, they made a `--workers` engine
+    refuse what one process admits (the first upscale of a test, 503 "other processes want about
+    0.6 of this machine's 2 cores", on a CI machine)."""
 
     def __init__(self, cpus: set[int] | None = None, busy: Callable[[set[int]], float | None] = busy_cpu_seconds,
                  own: Callable[[], float] = own_cpu_seconds, clock: Callable[[], float] = time.monotonic,
-                 own_demand: Callable[[], float] | None = None) -> None:
+                 own_demand: Callable[[], float] | None = None, helpers: Callable[[], float] | None = None) -> None:
         self.cpus = cpus if cpus is not None else usable_cpus()
         self._busy, self._own, self._clock = busy, own, clock
         self.own_demand = own_demand  # core-seconds this process's lanes asked for since it began (`SharedDevice`)
+        self.helpers = helpers
         self._lock = threading.Lock()
         self._cores = 0.0
         self._last = self._read()
 
     def _read(self) -> tuple[float, float, float, float] | None:
         busy = self._busy(self.cpus)
-        return None if busy is None else (self._clock(), busy, self._own(), self.own_demand() if self.own_demand else 0.0)
+        if busy is None:
+            return None
+        helped = self.helpers() if self.helpers else 0.0  # used by the server's other processes: wanted as much
+        return (self._clock(), busy, self._own() + helped, (self.own_demand() if self.own_demand else 0.0) + helped)
 
     def cores(self) -> float:
         """Cores' worth of work other processes wanted lately (0 up to MAX_DEMAND_PER_CPU a CPU)."""

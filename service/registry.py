@@ -26,7 +26,7 @@ from service.encoders import PILLOW_ONLY, EncoderTable, measure_encoders
 from service.errors import ApiError
 from service.graph_capture import capture_report, capturing
 from service.jobs import JobStore
-from service.host_load import OtherLoad
+from service.host_load import OtherLoad, sibling_cpu_seconds
 from service.lanes import Lane, LaneView, SharedDevice, lane_share
 from service.metrics import ServiceMetrics
 from service.model_config import ServingConfig, serving_config
@@ -208,7 +208,8 @@ class ModelRegistry:
         self.device = resolve_device(settings.device)
         self.shared_device = SharedDevice()  # the cores (or GPU) every model's lane computes on
         if settings.count_other_processes and self.device == "cpu":  # beside other processes' work on the cores
-            self.shared_device.other_load = OtherLoad(own_demand=self.shared_device.asked_core_seconds)
+            helpers = functools.partial(sibling_cpu_seconds, os.getppid(), os.getpid()) if settings.role == "engine" else None
+            self.shared_device.other_load = OtherLoad(own_demand=self.shared_device.asked_core_seconds, helpers=helpers)
         self.encoders = ThreadPoolExecutor(settings.encoder_threads, thread_name_prefix="encode")
         self.encoding = EncoderBacklog(settings.encoder_threads)  # what admission has queued for `encoders` (service/encoder_backlog.py)
         self.memory = memory_budget_for(settings)

@@ -3,6 +3,7 @@ counted in the device's sharing and in a request's estimate (service/lanes.py, a
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 
@@ -138,6 +139,45 @@ def test_a_request_that_fits_an_idle_machine_is_refused_while_other_processes_ho
         lane.shutdown()
     assert refused.value.status == 503
     assert "other processes" in refused.value.message and int(refused.value.headers["Retry-After"]) >= 1
+
+
+def test_a_workers_engine_counts_its_fronts_as_its_own_server_not_as_other_processes():
+    """In one process the HTTP parsing and the encoders are the server's own threads; under
+    `--workers` they run in the fronts, and the engine took them for other processes (a CI run's
+    first upscale refused 503, "other processes want about 0.6 of this machine's 2 cores").
+    Each half second: the CPUs busy 1.0 s, the fronts 0.8 s of it, the engine 0.2 s."""
+    clock, busy, own, fronts = [100.0], [50.0], [10.0], [5.0]
+    load = OtherLoad({0, 1}, busy=lambda cpus: busy[0], own=lambda: own[0], clock=lambda: clock[0], helpers=lambda: fronts[0])
+    alone = OtherLoad({0, 1}, busy=lambda cpus: busy[0], own=lambda: own[0], clock=lambda: clock[0])
+    clock[0] += 0.5
+    busy[0] += 1.0
+    own[0] += 0.2
+    fronts[0] += 0.8
+    assert load.cores() == pytest.approx(0.0) and alone.cores() == pytest.approx(1.6)
+
+
+@linux_only
+def test_a_servers_other_processes_cpu_is_read_off_the_kernel_dead_ones_included():
+    """`sibling_cpu_seconds` of this process as the supervisor: a child spinning half a second
+    counts while it runs and once it has been reaped; the engine's own pid is left out."""
+    import subprocess
+    import sys
+
+    from service.host_load import process_cpu_seconds, sibling_cpu_seconds
+
+    spin = "import sys, time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass\nprint(flush=True)\nsys.stdin.readline()"
+    before = sibling_cpu_seconds(os.getpid(), own_pid=-1)
+    child = subprocess.Popen([sys.executable, "-c", spin], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    child.stdout.readline()  # it has spun
+    running = sibling_cpu_seconds(os.getpid(), own_pid=-1)
+    without_it = sibling_cpu_seconds(os.getpid(), own_pid=child.pid)
+    assert process_cpu_seconds(child.pid) >= 0.45
+    child.stdin.close()
+    child.wait()
+    reaped = sibling_cpu_seconds(os.getpid(), own_pid=-1)
+    assert running - before >= 0.45
+    assert without_it < running - 0.4
+    assert reaped >= running - 0.05
 
 
 def upscale_of_about(seconds: float, figures: dict, tile: int = 96, overlap: int = 16) -> tuple[int, int]:
