@@ -222,6 +222,19 @@ def bench_warmup_command(
                      out, intra_op_threads=intra_op_threads)
 
 
+def bench_hugepages_command(
+    repository: Path = typer.Option(Path("model_repository"), "--repository", exists=True, file_okay=False),
+    rounds: int = typer.Option(2, min=1, max=20, help="turns of the two servers"),
+    requests: int = typer.Option(5, min=1, max=100, help="requests per case a turn, one at a time"),
+    threads: int = typer.Option(2, min=1, help="the servers' GANSERVE_INTRA_OP_THREADS"),
+    out: Optional[Path] = typer.Option(Path("bench/results/hugepages-latest.json"), help="JSON report"),
+) -> None:
+    """A 256² upscale and a 1024² translate through servers with GANSERVE_HUGE_PAGES off and on, in turns."""
+    from bench.hugepages import run_hugepages_bench
+
+    run_hugepages_bench(repository, rounds, requests, out, threads)
+
+
 def register(app: typer.Typer) -> None:
     app.command("bench")(bench_command)
     app.command("bench-upscale")(bench_upscale_command)
@@ -234,3 +247,4 @@ def register(app: typer.Typer) -> None:
     app.command("bench-data")(bench_data_command)
     app.command("bench-contention")(bench_contention_command)
     app.command("bench-warmup")(bench_warmup_command)
+    app.command("bench-hugepages")(bench_hugepages_command)

@@ -5,6 +5,7 @@ import difflib
 import logging
 import os
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
@@ -68,6 +69,14 @@ def serve_command(
     if not settings.repository.is_dir():  # (it surfaced as a page of uvicorn's lifespan traceback, exit 3)
         typer.echo(f"ganserve serve: model repository {settings.repository} does not exist: run `make models` or `ganserve export`", err=True)
         raise typer.Exit(2)
+    from service.memory import huge_pages_environment
+
+    if settings.huge_pages and (environment := huge_pages_environment(dict(os.environ))) is not None:
+        # the tunable is read only at a process's start: the same command again, in it (under
+        # --workers the engine and the fronts inherit it)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if settings.workers > 1:
         # before the app is imported: the supervisor only starts, watches and stops processes, and

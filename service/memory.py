@@ -63,6 +63,37 @@ def measure_peak(work: Callable[[], T]) -> tuple[T, int | None]:
     return result, max(0, peak - before)
 
 
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def huge_pages_environment(environ: dict[str, str], thp_mode: Path = THP_MODE) -> dict[str, str] | None:
+    """The environment to restart the server in so that glibc (2.35 or later) asks the kernel for
+    transparent huge pages on the buffers it maps (`GLIBC_TUNABLES`, read only at a process's
+    start); None where it already is, or where the kernel gives none (THP `never`, no Linux).
+
+    The image-to-image graphs run without ONNX Runtime's arena (every upload has its own size,
+    and an arena would keep the largest's activations for good), so each run maps its
+    activations afresh, and the kernel faults them in 4 KiB at a time: cyclegan's 1024² translate
+    took 0.74 s on two threads here, 0.46 s of it system time, against 0.36 s with an arena; with
+    huge pages 0.45 s (sr-rrdb-x4's 96² tile 0.22 → 0.17 s, standalone; docs/benchmarks.md "Huge pages").
+    The cost: where memory is fragmented, the kernel may compact it before it hands out a huge
+    page (THP `defrag`), and a graph's first runs at a size are slow while it does: warm-up timed
+    cyclegan 1.45x slower than without (0.0037 against 0.0025 s a 64² unit) while its requests
+    ran 1.5x faster, and some requests took 3x the median. So it is GANSERVE_HUGE_PAGES=true's,
+    not the default."""
+    if HUGE_PAGES_TUNABLE in environ.get("GLIBC_TUNABLES", ""):
+        return None
+    try:
+        mode = re.search(r"\[(\w+)\]", thp_mode.read_text())
+    except OSError:
+        return None
+    if mode is None or mode.group(1) == "never":
+        return None
+    tunables = ":".join(filter(None, [environ.get("GLIBC_TUNABLES", ""), HUGE_PAGES_TUNABLE]))
+    return {**environ, "GLIBC_TUNABLES": tunables}
+
+
 def return_freed_memory_to_the_os() -> None:
     """glibc keeps freed blocks in its heaps and raises its mmap threshold after every large free,
     so a burst of big images would stay resident for good. A fixed 1 MiB threshold sends every

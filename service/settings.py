@@ -134,6 +134,11 @@ class Settings(BaseSettings):
     # the load other processes put on this process's cores (read from /proc/stat) counts in admission's
     # estimates (service/host_load.py); off where that file shows CPUs this process shares with no one
     count_other_processes: bool = True
+    # glibc asks for transparent huge pages on the large buffers it maps (service/memory.py
+    # `huge_pages_environment`): a runtime without an arena faults every activation in afresh each run.
+    # Off by default: translates' median compute 1.5x faster, but warm-up timed them slower and the
+    # kernel's compaction can stall a request (docs/benchmarks.md "Huge pages")
+    huge_pages: bool = False
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"  # (a free string crashed start-up with a traceback)
     # processes: 1 = one process does everything; N > 1 = N HTTP front processes (parsing, validation,
     # admission, encoding) hand items to one engine process that owns the models and batches
