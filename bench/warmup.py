@@ -16,22 +16,13 @@ import statistics
 import time
 from pathlib import Path
 
-import httpx
 from rich.console import Console
 from rich.table import Table
 
 from bench.limits import model_figures
+from bench.load import scrape
 from bench.runner import machine, write_report
 from bench.server import launched_server
-
-
-def remeasures(url: str, name: str) -> float:
-    """How many idle re-timings the server has counted for `name`, whatever their outcome."""
-    total = 0.0
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        if line.startswith("ganserve_cost_remeasures_total{") and f'model="{name}"' in line and 'outcome="relaxed_by_batches"' not in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def one_start(repository: Path, name: str, workers: int, code: Path | None, idle_s: float, timeout_s: float, **settings) -> dict:
@@ -40,7 +31,7 @@ def one_start(repository: Path, name: str, workers: int, code: Path | None, idle
     with launched_server(repository, code=code, models=[name], remeasure_idle_s=idle_s, **extra, **settings) as (_, url):
         ready = model_figures(url, name)
         deadline = time.monotonic() + timeout_s
-        while remeasures(url, name) < 1 and time.monotonic() < deadline:
+        while scrape(url).get("ganserve_cost_remeasures_total", 0.0) < 1 and time.monotonic() < deadline:  # (the only model served)
             time.sleep(0.25)
         time.sleep(1.0)  # a `--workers` front lists the engine's figures as of its last snapshot (every 0.5 s)
         idle = model_figures(url, name)

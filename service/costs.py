@@ -32,9 +32,9 @@ BATCHES_RELAX_MIN, BATCHES_RELAX_BELOW = 32, 0.8
 # how soon a correction no batch has renewed goes halfway back to where the idle lane last put it
 CORRECTION_HALF_LIFE_S = 30.0
 # A fresh process's first runs of a graph can be slow for seconds: sr-rrdb-x4's tile took
-# 0.60, 0.43, 0.21 s in turn after its first run (in 2 of 8 starts here, and in every start of a
-# `--workers` engine: 0.57, 0.40, 0.26, then 0.21), the extra time mostly the kernel's (0.29 against
-# 0.09 s of system time a run, for the same page faults). Timed as it ran, the smallest shape's median was
+# 0.60, 0.43, 0.21 s in turn after its first run (in 2 of 8 one-process starts here; a `--workers`
+# engine once 0.57, 0.40, 0.26, then 0.21), the extra time mostly the kernel's (0.29 against 0.09 s
+# of system time a run, for the same page faults). Timed as it ran, the smallest shape's median was
 # 1.6-2.8x the model's speed, the limits that tight until the idle re-measure, and the larger
 # shapes left unwarmed (their time judged past `max_batch_seconds`). So the smallest shape is run
 # once untimed, then timed until its last `repeats` runs agree within SETTLED_SPREAD (at most

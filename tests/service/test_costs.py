@@ -94,7 +94,7 @@ def test_a_warm_up_shape_that_runs_out_of_device_memory_caps_the_batches_instead
 
 def test_a_graphs_slow_first_runs_are_not_taken_for_its_speed():
     """A fresh process's first runs of a shape can take 2-3x the graph's time (sr-rrdb-x4's tile:
-    0.60, 0.43, then 0.21 s, in every `--workers` engine start): timed as they came, the median
+    0.60, 0.43, then 0.21 s, in 2 of 8 starts): timed as they came, the median
     set the model's limits 2-3x tight and left its larger batches unwarmed until the idle
     re-measure. Warm-up runs the shape once more untimed, then until its runs agree."""
     import time
