@@ -235,6 +235,22 @@ def bench_hugepages_command(
     run_hugepages_bench(repository, rounds, requests, out, threads)
 
 
+def bench_image_compute_command(
+    baseline_code: Path = typer.Option(..., "--baseline-code", exists=True, file_okay=False,
+                                       help="another ganserve checkout to compare (say `git worktree add /tmp/base HEAD~1`)"),
+    repository: Path = typer.Option(Path("model_repository"), "--repository", exists=True, file_okay=False),
+    rounds: int = typer.Option(2, min=1, max=20, help="turns of the two servers"),
+    requests: int = typer.Option(5, min=1, max=100, help="requests per case a turn, one at a time"),
+    stream_seconds: float = typer.Option(8.0, min=1.0, help="seconds of the upscale stream a turn"),
+    threads: int = typer.Option(2, min=1, help="the servers' GANSERVE_INTRA_OP_THREADS"),
+    out: Optional[Path] = typer.Option(Path("bench/results/image-compute-latest.json"), help="JSON report"),
+) -> None:
+    """A 256² upscale, a 128² upscale stream and a 1024² translate through this code and another checkout, servers in turns."""
+    from bench.image_compute import run_image_compute_bench
+
+    run_image_compute_bench(repository, baseline_code, rounds, requests, stream_seconds, out, threads)
+
+
 def register(app: typer.Typer) -> None:
     app.command("bench")(bench_command)
     app.command("bench-upscale")(bench_upscale_command)
@@ -248,3 +264,4 @@ def register(app: typer.Typer) -> None:
     app.command("bench-contention")(bench_contention_command)
     app.command("bench-warmup")(bench_warmup_command)
     app.command("bench-hugepages")(bench_hugepages_command)
+    app.command("bench-image-compute")(bench_image_compute_command)

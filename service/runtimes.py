@@ -89,7 +89,12 @@ class OnnxRuntime:
             providers.insert(0, "CUDAExecutionProvider")
         self.device = "cuda" if providers[0].startswith("CUDA") else "cpu"
         dynamic = has_dynamic_size(entry, graph)
-        if dynamic:
+        # an upscale graph is served one tile shape only (service/tiling.py), so an arena holds
+        # what its tile batches need, and tiles skip faulting their activations in afresh every
+        # run (0.20 against 0.23-0.29 s a 96² tile of sr-rrdb-x4 on two threads, ~100 MB kept a
+        # tile of warm-up's largest batch); the ArenaKeeper gives back what any other shape adds
+        tiles = dynamic and entry.kind == "super_resolution"
+        if dynamic and not tiles:
             # every upload has its own size: an arena would keep the largest one's activations
             # for good (a 4096² translate left 7 GB resident)
             options.enable_cpu_mem_arena = False
@@ -100,8 +105,9 @@ class OnnxRuntime:
             options.enable_mem_pattern = False
         self.session = ort.InferenceSession(str(entry.file_for("onnx", graph)), options, providers=providers)
         self.arena = ArenaKeeper(ort) if options.enable_cpu_mem_arena and self.device == "cpu" else None
-        output_spec = entry.graph_spec(graph)["outputs"][0]  # fixed but for the batch where there is an arena
+        output_spec = entry.graph_spec(graph)["outputs"][0]  # fixed but for the batch, or an upscale's sides
         self.output_shape, self.output_dtype = output_spec["shape"], np.dtype(output_spec["datatype"])
+        self.output_scale = entry.spec["scale"] if tiles else None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_name = self.session.get_outputs()[0].name
         self.io_binding = self.device == "cuda" if io_binding is None else io_binding
@@ -138,16 +144,23 @@ class OnnxRuntime:
         if self.arena is None:
             with translated_oom():
                 return self.session.run(None, feeds)[0]
-        with self.arena.turn(len(feeds[self.input_names[0]])) as run_options, translated_oom():
+        with self.arena.turn(feeds[self.input_names[0]].shape) as run_options, translated_oom():
             return self.run_into_own_array(feeds, run_options)
+
+    def output_shape_for(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The output's shape for an input's: the spec's but for the batch, and an upscale's sides
+        scaled from the input's."""
+        batch = input_shape[0]
+        if self.output_scale is None:
+            return (batch, *self.output_shape[1:])
+        return (batch, self.output_shape[1], input_shape[2] * self.output_scale, input_shape[3] * self.output_scale)
 
     def run_into_own_array(self, feeds: dict[str, np.ndarray], run_options) -> np.ndarray:
         """One run whose output is written into an array of ours, not the arena's. `session.run`
         hands back the output in the arena's memory, so outputs a request still holds (a 100-image
         answer's rows until it is written) make the arena grow past them, and it keeps that for good:
         +1.3 GB idle after one such answer of a 1024² generator."""
-        batch = len(feeds[self.input_names[0]])
-        output = np.empty((batch, *self.output_shape[1:]), self.output_dtype)
+        output = np.empty(self.output_shape_for(feeds[self.input_names[0]].shape), self.output_dtype)
         binding = self.session.io_binding()
         for name, array in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
@@ -164,14 +177,17 @@ class ArenaKeeper:
     batcher forms, and the memory budget's resident baseline is read after warm-up, so what the
     arena keeps from then on is counted, as long as it does not grow. It grows under a batch
     larger than warm-up's (the fit may have been relaxed since) or a batch beside another on the
-    same session (`lane_threads` > 1): those runs ask the arena to give back, at their end, the
-    regions they added (`memory.enable_memory_arena_shrinkage`). Before this, three 100-image
-    answers of a 1024² generator left 2.2 GB resident outside the budget (docs/benchmarks.md, "The host
-    arena")."""
+    same session (`lane_threads` > 1), or an item of another shape than warm-up's (an upscale
+    graph is kept at its tile, and v2 infer may send it any size): those runs ask the arena to give
+    back, at their end, its free regions (`memory.enable_memory_arena_shrinkage`; measured: all of
+    them, so the next batch faults its activations in once more and the arena holds them again).
+    Before this, three 100-image answers of a 1024² generator left 2.2 GB resident outside the
+    budget (docs/benchmarks.md, "The host arena")."""
 
     def __init__(self, ort) -> None:
         self.warming = False
         self.kept_batch = 0  # the largest batch warm-up ran (0: none, so every run gives back)
+        self.kept_item: tuple[int, ...] | None = None  # the shape of one item warm-up ran (the last, where it ran several)
         self.in_flight = 0
         self.shrinks = 0  # runs that gave back what they added (for tests and logs)
         self.lock = threading.Lock()
@@ -188,13 +204,15 @@ class ArenaKeeper:
             self.warming = False
 
     @contextlib.contextmanager
-    def turn(self, batch: int):
-        """The run options for one run of `batch` items."""
+    def turn(self, shape: tuple[int, ...]):
+        """The run options for one run of an input of `shape` (batch first)."""
+        batch, item = shape[0], tuple(shape[1:])
         with self.lock:
             self.in_flight += 1
             if self.warming:
-                self.kept_batch = max(self.kept_batch, batch)
-            keeps = self.warming or (batch <= self.kept_batch and self.in_flight == 1)
+                self.kept_batch = max(self.kept_batch, batch) if item == self.kept_item else batch
+                self.kept_item = item
+            keeps = self.warming or (batch <= self.kept_batch and item == self.kept_item and self.in_flight == 1)
             if not keeps:
                 self.shrinks += 1
         try:
