@@ -6,7 +6,8 @@ sending 128² frames (4 tiles a frame; closed loop, so nothing is dropped and fr
 stream sustains), and a 1024² CycleGAN translate. Per case and code: the median and the largest
 compute the answers' `Server-Timing` gives (frames/s and p50 for the stream), and the medians'
 ratio (baseline over this code: above 1, this code is faster). A case whose path neither code
-changed is the run's noise.
+changed is the run's noise. The server's resident memory once ready and again after the cases
+says what each code keeps for the speed (an arena holds its activations between runs).
 """
 from __future__ import annotations
 
@@ -26,35 +27,50 @@ REQUEST_CASES = (("sr-rrdb-x4", "upscale", 256), ("cyclegan-thin2thick", "transl
 STREAM_CASE = ("sr-rrdb-x4", 128)
 
 
-def one_turn(repository: Path, code: Path | None, requests: int, stream_s: float, threads: int) -> dict[str, dict[str, list[float]]]:
+def one_turn(repository: Path, code: Path | None, requests: int, stream_s: float, threads: int,
+             request_cases: tuple[tuple[str, str, int], ...], stream_case: tuple[str, int]) -> dict[str, dict[str, list[float]]]:
     """Every case through one server: compute seconds of each request, and the stream's figures."""
-    models = sorted({model for model, _, _ in REQUEST_CASES} | {STREAM_CASE[0]})
+    models = sorted({model for model, _, _ in request_cases} | {stream_case[0]})
     figures: dict[str, dict[str, list[float]]] = {}
     with launched_server(repository, code=code, models=models, intra_op_threads=threads, request_timeout_s=120,
-                         max_translate_pixels=4096 * 4096) as (_, url):
-        for model, operation, side in REQUEST_CASES:
+                         max_translate_pixels=4096 * 4096) as (process, url):
+        figures["resident MiB"] = {"ready": [resident_mib(process.pid)]}
+        for model, operation, side in request_cases:
             compute, _ = time_case(url, model, operation, side, requests)
             figures[f"{model} {operation} {side}²"] = {"compute_s": compute}
-        model, side = STREAM_CASE
+        model, side = stream_case
         stream = measure_stream(url, model, png(side, side), "jpeg", stream_s)
         figures[f"{model} stream {side}²"] = {"frames_per_s": [stream["frames_per_s"]], "p50_ms": [stream["p50_ms"]]}
+        figures["resident MiB"]["after"] = [resident_mib(process.pid)]
     return figures
 
 
+def resident_mib(pid: int) -> float:
+    """VmRSS of the server's process (`ganserve serve` without `--workers` computes in it)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
 def run_image_compute_bench(repository: Path, baseline_code: Path, rounds: int, requests: int, stream_s: float, out: Path | None,
-                            threads: int = 2) -> dict:
+                            threads: int = 2, request_cases: tuple[tuple[str, str, int], ...] = REQUEST_CASES,
+                            stream_case: tuple[str, int] = STREAM_CASE) -> dict:
+    """`request_cases`: (model, operation, side) posted; `stream_case`: (model, frame side)."""
     codes: dict[str, Path | None] = {"this code": None, "baseline": baseline_code}
     cells: dict[tuple[str, str], dict[str, list[float]]] = {}
     for _ in range(rounds):  # in turns, so both codes see the same spells of the machine
         for label, code in codes.items():
-            for case, figures in one_turn(repository, code, requests, stream_s, threads).items():
+            for case, figures in one_turn(repository, code, requests, stream_s, threads, request_cases, stream_case).items():
                 cell = cells.setdefault((case, label), {})
                 for key, values in figures.items():
                     cell.setdefault(key, []).extend(values)
     rows = []
     for case in dict.fromkeys(case for case, _ in cells):
         now, base = cells[(case, "this code")], cells[(case, "baseline")]
-        if "compute_s" in now:
+        if case == "resident MiB":
+            row = {"case": case, **{f"{key}_{code}": statistics.median(cell[key]) for code, cell in (("now", now), ("baseline", base)) for key in ("ready", "after")}}
+        elif "compute_s" in now:
             row = {"case": case, "compute_now_s": statistics.median(now["compute_s"]), "compute_baseline_s": statistics.median(base["compute_s"]),
                    "compute_max_now_s": max(now["compute_s"]), "compute_max_baseline_s": max(base["compute_s"]),
                    "compute_now_all_s": [round(v, 4) for v in now["compute_s"]], "compute_baseline_all_s": [round(v, 4) for v in base["compute_s"]]}
@@ -63,6 +79,9 @@ def run_image_compute_bench(repository: Path, baseline_code: Path, rounds: int, 
             row = {"case": case, "frames_per_s_now": statistics.median(now["frames_per_s"]), "frames_per_s_baseline": statistics.median(base["frames_per_s"]),
                    "p50_ms_now": statistics.median(now["p50_ms"]), "p50_ms_baseline": statistics.median(base["p50_ms"])}
             row["speedup"] = row["frames_per_s_now"] / row["frames_per_s_baseline"]
+        if "speedup" not in row:
+            rows.append({key: round(value, 1) if isinstance(value, float) else value for key, value in row.items()})
+            continue
         rows.append({key: round(value, 4) if isinstance(value, float) else value for key, value in row.items()})
     report = {"machine": machine(), "baseline_code": str(baseline_code), "rounds": rounds, "requests": requests, "stream_s": stream_s,
               "intra_op_threads": threads, "rows": rows}
@@ -78,6 +97,10 @@ def print_image_compute_report(report: dict) -> None:
     for column in ("case", "this code", "baseline", "speedup"):
         table.add_column(column)
     for row in report["rows"]:
+        if row["case"] == "resident MiB":
+            table.add_row("resident MiB: ready → after the cases", f"{row['ready_now']:.0f} → {row['after_now']:.0f}",
+                          f"{row['ready_baseline']:.0f} → {row['after_baseline']:.0f}", "")
+            continue
         if "compute_now_s" in row:
             now = f"{row['compute_now_s']:.3f} s ({row['compute_max_now_s']:.3f})"
             base = f"{row['compute_baseline_s']:.3f} s ({row['compute_max_baseline_s']:.3f})"

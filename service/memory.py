@@ -72,11 +72,12 @@ def huge_pages_environment(environ: dict[str, str], thp_mode: Path = THP_MODE) -
     transparent huge pages on the buffers it maps (`GLIBC_TUNABLES`, read only at a process's
     start); None where it already is, or where the kernel gives none (THP `never`, no Linux).
 
-    The image-to-image graphs run without ONNX Runtime's arena (every upload has its own size,
-    and an arena would keep the largest's activations for good), so each run maps its
-    activations afresh, and the kernel faults them in 4 KiB at a time: cyclegan's 1024² translate
-    took 0.74 s on two threads here, 0.46 s of it system time, against 0.36 s with an arena; with
-    huge pages 0.45 s (sr-rrdb-x4's 96² tile 0.22 → 0.17 s, standalone; docs/benchmarks.md "Huge pages").
+    The translate graphs run without ONNX Runtime's arena (every upload has its own size, and an
+    arena would keep the largest's activations for good), so each run maps its activations
+    afresh, and the kernel faults them in 4 KiB at a time: cyclegan's 1024² translate took 0.74 s
+    on two threads here, 0.46 s of it system time, against 0.36 s with an arena; with huge pages
+    0.45 s (docs/benchmarks.md "Huge pages"). The upscale graphs keep an arena for their tile
+    shape (service/runtimes.py), so only their other sizes (v2 infer) gain here.
     The cost: where memory is fragmented, the kernel may compact it before it hands out a huge
     page (THP `defrag`), and a graph's first runs at a size are slow while it does: warm-up timed
     cyclegan 1.45x slower than without (0.0037 against 0.0025 s a 64² unit) while its requests

@@ -180,6 +180,22 @@ def test_the_warmup_bench_sets_each_starts_warm_up_against_the_idle_servers_timi
     assert 0.3 < start["warmup_over_idle"] < 5, start  # the same model timed twice on a quiet machine
 
 
+def test_the_image_compute_bench_sets_this_codes_upscales_and_stream_beside_another_checkouts(tmp_path):
+    """`ganserve bench-image-compute` (small cases: this checkout against itself)."""
+    from bench.image_compute import run_image_compute_bench
+    from bench.server import REPO
+    from tests.service.test_hostile import SHIPPED
+
+    report = run_image_compute_bench(SHIPPED, REPO, 1, 2, 1.0, tmp_path / "compute.json", threads=1,
+                                     request_cases=(("sr-rrdb-x4", "upscale", 48),), stream_case=("sr-rrdb-x4", 32))
+    memory, upscale, stream = report["rows"]
+    assert memory["case"] == "resident MiB" and memory["ready_now"] > 100 and memory["after_baseline"] > 100
+    assert upscale["case"] == "sr-rrdb-x4 upscale 48²" and len(upscale["compute_now_all_s"]) == len(upscale["compute_baseline_all_s"]) == 2
+    assert upscale["compute_now_s"] > 0 and 0.2 < upscale["speedup"] < 5  # the same code twice
+    assert stream["case"] == "sr-rrdb-x4 stream 32²" and stream["frames_per_s_now"] > 0 and stream["p50_ms_baseline"] > 0
+    assert (tmp_path / "compute.json").exists()
+
+
 def test_the_animation_bench_times_the_servers_encoding_beside_pillows_defaults(tmp_path):
     from bench.animation import run_animation_bench
 
