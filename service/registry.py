@@ -661,22 +661,21 @@ class ModelRegistry:
             large = -(-TRANSLATE_WARMUP_LARGE_SIDE // multiple) * multiple
             shapes = {(1, side): 1.0, (1, 2 * side): 4.0} | ({(1, large): (large / side) ** 2} if large > 2 * side else {})
         inputs_for = {units: dummy_inputs(entry, b, graph, s) for (b, s), units in shapes.items()}
-        cost, probe = measure_cost(runtime.run, lambda units: inputs_for[units], [(units, units) for units in shapes.values()], side * side,
-                                   config.max_batch_seconds, config.warmup_repeats, config.warmup_repeats if specialised else 1, prepare)
-        if entry.kind == "super_resolution":
-            self.fill_arena(model, runtime, graph, cost, side)
-        return cost, probe
+        # (where the runtime keeps an arena for the tiles, it holds warm-up's two-tile batch, and
+        # larger tile batches run in chunks of two in it: service/runtimes.py `run_in_chunks`)
+        return measure_cost(runtime.run, lambda units: inputs_for[units], [(units, units) for units in shapes.values()], side * side,
+                            config.max_batch_seconds, config.warmup_repeats, config.warmup_repeats if specialised else 1, prepare)
 
     @staticmethod
-    def fill_arena(model: LoadedModel, runtime: Runtime, graph: str, cost: GraphCost, spatial: int = 0) -> None:
-        """Where the runtime keeps an arena (service/runtimes.py `ArenaKeeper`), the batcher's
-        largest batch (7 where warm-up's powers of two stopped at 4; 2 or 3 upscale tiles where
-        warm-up ran 1 and 2) is run once now, so the arena holds it while the resident baseline is
-        read, and batches up to it reuse that memory instead of giving it back."""
+    def fill_arena(model: LoadedModel, runtime: Runtime, graph: str, cost: GraphCost) -> None:
+        """Where a generator's runtime keeps an arena (service/runtimes.py `ArenaKeeper`), the
+        batcher's largest batch (7 where warm-up's powers of two stopped at 4) is run once now, so
+        the arena holds it while the resident baseline is read, and batches up to it reuse that
+        memory instead of giving it back."""
         arena = getattr(runtime, "arena", None)
         largest = cost.batch_items(model.config.max_batch_size, model.config.max_batch_seconds)
         if arena is not None and largest > arena.kept_batch:
-            runtime.run(dummy_inputs(model.entry, largest, graph, spatial))
+            runtime.run(dummy_inputs(model.entry, largest, graph))
 
     def is_ready(self) -> bool:
         """Readiness as `ready_requires` says: every model, any model, or the named ones."""

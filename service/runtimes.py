@@ -90,9 +90,9 @@ class OnnxRuntime:
         self.device = "cuda" if providers[0].startswith("CUDA") else "cpu"
         dynamic = has_dynamic_size(entry, graph)
         # an upscale graph is served one tile shape only (service/tiling.py), so an arena holds
-        # what its tile batches need, and tiles skip faulting their activations in afresh every
-        # run (0.20 against 0.23-0.29 s a 96² tile of sr-rrdb-x4 on two threads, ~100 MB kept a
-        # tile of warm-up's largest batch); the ArenaKeeper gives back what any other shape adds
+        # what warm-up's two-tile batch needs, and tiles skip faulting their activations in afresh
+        # every run (0.20 against 0.23-0.29 s a 96² tile of sr-rrdb-x4 on two threads); larger
+        # tile batches run in chunks of two in it (`run_in_chunks`), any other shape gives it back
         tiles = dynamic and entry.kind == "super_resolution"
         if dynamic and not tiles:
             # every upload has its own size: an arena would keep the largest one's activations
@@ -144,8 +144,25 @@ class OnnxRuntime:
         if self.arena is None:
             with translated_oom():
                 return self.session.run(None, feeds)[0]
-        with self.arena.turn(feeds[self.input_names[0]].shape) as run_options, translated_oom():
+        shape = feeds[self.input_names[0]].shape
+        if self.output_scale is not None and self.arena.splits(shape):
+            return self.run_in_chunks(feeds, self.arena.kept_batch)
+        with self.arena.turn(shape) as run_options, translated_oom():
             return self.run_into_own_array(feeds, run_options)
+
+    def run_in_chunks(self, feeds: dict[str, np.ndarray], chunk: int) -> np.ndarray:
+        """A tile batch larger than warm-up's, run `chunk` tiles at a time in the arena warm-up
+        left, each chunk's output written in place into the batch's. The arena would otherwise
+        keep the batcher's largest batch: 1,250 MiB for the 64 tiles a tiny x4 model's batch
+        holds (~19 MiB a tile), where two tiles keep 52; and on a CPU a tile costs the same in a
+        batch of 2 as of 4 (0.202 / 0.214 s, sr-rrdb-x4, docs/benchmarks.md)."""
+        batch = len(feeds[self.input_names[0]])
+        output = np.empty(self.output_shape_for(feeds[self.input_names[0]].shape), self.output_dtype)
+        for start in range(0, batch, chunk):
+            part = {name: array[start:start + chunk] for name, array in feeds.items()}
+            with self.arena.turn(part[self.input_names[0]].shape) as run_options, translated_oom():
+                self.run_into_own_array(part, run_options, output[start:start + chunk])
+        return output
 
     def output_shape_for(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The output's shape for an input's: the spec's but for the batch, and an upscale's sides
@@ -155,12 +172,13 @@ class OnnxRuntime:
             return (batch, *self.output_shape[1:])
         return (batch, self.output_shape[1], input_shape[2] * self.output_scale, input_shape[3] * self.output_scale)
 
-    def run_into_own_array(self, feeds: dict[str, np.ndarray], run_options) -> np.ndarray:
+    def run_into_own_array(self, feeds: dict[str, np.ndarray], run_options, output: np.ndarray | None = None) -> np.ndarray:
         """One run whose output is written into an array of ours, not the arena's. `session.run`
         hands back the output in the arena's memory, so outputs a request still holds (a 100-image
         answer's rows until it is written) make the arena grow past them, and it keeps that for good:
         +1.3 GB idle after one such answer of a 1024² generator."""
-        output = np.empty(self.output_shape_for(feeds[self.input_names[0]].shape), self.output_dtype)
+        if output is None:
+            output = np.empty(self.output_shape_for(feeds[self.input_names[0]].shape), self.output_dtype)
         binding = self.session.io_binding()
         for name, array in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
@@ -202,6 +220,11 @@ class ArenaKeeper:
             yield
         finally:
             self.warming = False
+
+    def splits(self, shape: tuple[int, ...]) -> bool:
+        """Whether a batch of warm-up's item shape, larger than warm-up's largest, is run in chunks
+        of that (`OnnxRuntime.run_in_chunks`: tile graphs) rather than given back after."""
+        return not self.warming and self.kept_batch > 0 and tuple(shape[1:]) == self.kept_item and shape[0] > self.kept_batch
 
     @contextlib.contextmanager
     def turn(self, shape: tuple[int, ...]):

@@ -79,11 +79,13 @@ def test_under_another_server_a_disconnect_message_reports_the_hang_up():
     assert left and receives == 2
 
 
-def stalled_answer(server, side: int = 128) -> socket.socket:
+def stalled_answer(server, side: int = 128, batch: int = 1) -> socket.socket:
     """A v2 infer to the x4 SR model asking for its output as JSON (3x512x512 values, ~8 MB as
     orjson writes them: more than the kernel's socket buffers take),
-    sent on a socket with a tiny receive window that the test then never reads."""
-    x = np.random.default_rng(side).uniform(-1, 1, (1, 3, side, side)).astype(np.float32)
+    sent on a socket with a tiny receive window that the test then never reads. At the upscale
+    tile's side (96) the graph runs in the arena its tiles keep; any other side gives it back
+    (service/runtimes.py `ArenaKeeper`), and the process's resident memory falls by it."""
+    x = np.random.default_rng(side).uniform(-1, 1, (batch, 3, side, side)).astype(np.float32)
     return stalled_request(server.url, "upx4", {"image": x})
 
 
