@@ -31,7 +31,7 @@ from service.errors import ApiError
 from service.host_load import usable_cpus
 from service.imaging import DECODE_BYTES_PER_PIXEL
 from service.lanes import Booking, Claim, LaneView
-from service.memory import MemoryBudget, OverBudget
+from service.memory import ClaimedByAnother, MemoryBudget, OverBudget
 from service.settings import Settings
 from service.tiling import plan_tiles
 
@@ -267,7 +267,8 @@ def book(lane: LaneView, start_in: float, alone_s: float, others: Sequence[LaneV
 
 def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, budget: MemoryBudget, recheck_s: float = 30.0,
           encoding: EncoderBacklog | None = None, timeout_s: float = math.inf, counted: list[int] | None = None,
-          beside: Sequence[LaneView] = (), booked: list[Booking] | None = None, other_share: float = 0.0) -> float:
+          beside: Sequence[LaneView] = (), booked: list[Booking] | None = None, other_share: float = 0.0,
+          holder: int | None = None) -> float:
     """Refuses what cannot finish in time or fit in memory; otherwise reserves the request's
     bytes and returns the lane seconds it will take (the caller adds them to the lane's backlog
     at once, so the requests admitted in one burst see each other, and releases both when the
@@ -277,7 +278,8 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
     (the process's encoder pool), its answer's encoding must also fit, after its compute, behind
     the encodings admitted before it (`EncoderBacklog.check`); its seconds are added there (the
     microseconds counted appended to `counted`), and the caller takes them off once the answer is
-    encoded. `beside`: the other lanes on the device (`ModelRegistry.lanes_beside`), whose queued
+    encoded. `holder` (`memory.memory_holder`): who the request is, for the room a memory
+    refusal claims for it (`reserve_memory`). `beside`: the other lanes on the device (`ModelRegistry.lanes_beside`), whose queued
     work is added to its estimate and whose admitted requests it may not push past their
     deadlines; its booking is appended to `booked` (the caller takes it off its lane at the end).
     `other_share`: the share of the device other processes held lately (`SharedDevice.other_share`):
@@ -324,7 +326,7 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
         raise ApiError(503, f"the device's room from {max(0.0, claim.opens - now):.1f} s from now is promised to another model's request, refused "
                             f"earlier to keep the requests admitted beside it in time: retry in {retry} s", code="overloaded",
                        headers={"Retry-After": str(retry)})
-    reserve_memory(budget, request_cost.bytes, retry_after_s=wait)  # first: its 413 (never fits) before any 503
+    reserve_memory(budget, request_cost.bytes, retry_after_s=wait, holder=holder)  # first: its 413 (never fits) before any 503
     if encoding is not None:
         hint = f" as {request_cost.encode_format}" if request_cost.encode_format else ""
         slow_retry = max(1, math.ceil(recheck_s)) if wait == 0 and correction > 1.0 else None
@@ -367,15 +369,27 @@ def recheck_in_the_engine(name: str, wait_s: float, alone_s: float, remaining_s:
         raise behind_the_queue(name, wait_s, alone_s, budget_s, beside_s)
 
 
-def reserve_memory(budget: MemoryBudget, nbytes: int, retry_after_s: float = 1.0) -> None:
-    """Reserves `nbytes`, or refuses: 413 when they could never fit, 503 while others hold the budget."""
+def reserve_memory(budget: MemoryBudget, nbytes: int, retry_after_s: float = 1.0, holder: int | None = None) -> None:
+    """Reserves `nbytes`, or refuses: 413 when they could never fit, 503 while others hold the
+    budget. A `holder`'s 503 claims the room until a second past its Retry-After (renewed each
+    time it comes back too soon), and a request of another holder that would take that room is
+    refused until then: a large request refused while small ones held the budget was refused
+    again and again, the room it waited for taken each time by requests that arrived after it
+    (a hostile probe: a translate refused 6 times in a row after obeying Retry-After)."""
     try:
-        budget.try_reserve(nbytes)
+        budget.try_reserve(nbytes, holder)
+    except ClaimedByAnother as error:
+        retry = max(1, math.ceil(error.lapses_in_s()))
+        raise ApiError(503, f"{error.claim.nbytes / 2**20:.0f} MiB of the {error.free / 2**20:.0f} MiB of the memory budget free now is "
+                            f"promised to a request refused earlier for want of it, and this request needs {error.wanted / 2**20:.0f} MiB: "
+                            f"retry in {retry} s", code="overloaded", headers={"Retry-After": str(retry)})
     except OverBudget as error:
         if error.permanent:
             raise ApiError(413, f"this request needs about {error.wanted / 2**20:.0f} MiB; the server's memory budget for "
                                 f"requests is {error.capacity / 2**20:.0f} MiB (GANSERVE_MEMORY_BUDGET less what the loaded models hold)",
                            code="too_expensive")
         retry = max(1, math.ceil(retry_after_s))
+        if holder is not None:
+            budget.claim(nbytes, holder, retry + CLAIM_GRACE_S)
         raise ApiError(503, f"the server's memory budget is taken by requests in flight ({error}); retry in {retry} s",
                        code="overloaded", headers={"Retry-After": str(retry)})

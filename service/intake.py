@@ -70,6 +70,7 @@ class RequestContext:
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     on_disconnect: list[Callable[[], object]] = field(default_factory=list)  # what stops the request's work (the pipeline's)
     labels: tuple[str, str, str] | None = None  # (model, version, operation), set by the pipeline
+    client: str = ""  # the peer's address: who a memory refusal's claim is for (service/memory.py `MemoryClaim`)
     reserved: int = 0  # bytes held from the memory budget until the response is sent
     encode_micros: list[int] = field(default_factory=list)  # counted in the encoder pool's backlog until the answer is encoded (`encoded`)
     timing: dict[str, float] = field(default_factory=dict)  # stage seconds for Server-Timing (queue, compute: the batcher's)
@@ -85,6 +86,12 @@ class RequestContext:
         self.disconnected.set()
         for stop in list(self.on_disconnect):
             stop()
+
+
+def peer_host(scope: Scope) -> str:
+    """The client's address as the server saw it (a proxy's, behind one; "" where unknown)."""
+    client = scope.get("client")
+    return str(client[0]) if client else ""
 
 
 def context_of(scope: Scope) -> RequestContext | None:
@@ -185,7 +192,7 @@ class RequestIntake:
             scope = {**scope, "method": "GET"}
         if scope["method"] == "GET":
             scope = without_unusable_range(scope)
-        context = RequestContext(time.monotonic())
+        context = RequestContext(time.monotonic(), client=peer_host(scope))
         scope.setdefault("state", {})[STATE_KEY] = context
         registry = getattr(scope["app"].state, "registry", None)
         budget: MemoryBudget | None = registry.memory if registry is not None else None

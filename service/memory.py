@@ -3,6 +3,9 @@
 Every request reserves what it will hold (its body, decoded image, model inputs, outputs and its
 share of the batches it joins) before anything is allocated; a reservation that does not fit is
 refused with 503 and a Retry-After instead of growing the process until the kernel kills it.
+A request refused that way claims the room it needs (`MemoryClaim`): until its client is back,
+requests of others that would take that room are refused in turn, so the client that waited
+out its Retry-After finds it, rather than whatever arrived in the meantime.
 The estimates come from measurement: models' per-item peaks are read off the process's peak RSS
 at warm-up (`measure_peak`). Under `ganserve serve --workers N` the budget is the server's, shared
 by its processes through a mapped table (`SharedMemoryBudget`).
@@ -18,7 +21,10 @@ import gc
 import logging
 import re
 import threading
+import time
+import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -140,6 +146,42 @@ def libc() -> ctypes.CDLL | None:
         return None
 
 
+@dataclass(frozen=True)
+class MemoryClaim:
+    """Room promised to the request a memory refusal turned away (its `holder`: a hash of its
+    client's address, model and operation, `memory_holder`), until `lapses` (time.monotonic_ns):
+    its Retry-After and a grace second. Renewed while the holder is refused again, taken when it
+    is admitted."""
+
+    nbytes: int
+    holder: int
+    lapses_ns: int
+
+
+NO_SHOW_BAR_S = 10.0  # a client whose claim lapsed untaken makes no claim for this long
+
+
+@dataclass(frozen=True)
+class NoShow:
+    """The client (`holder_client`) whose last claim lapsed untaken, barred from claiming until
+    `until_ns`: otherwise a client could keep room promised and idle by sending large requests while
+    the budget is busy and never coming back for them, each lapsed claim followed by the next."""
+
+    client: int
+    until_ns: int
+
+
+def memory_holder(client: str, model: str, operation: str) -> int:
+    """Who may take a claim: the same client address asking the same model the same thing. Stable
+    hashes, the same in every process of the server: the client's in the high bits
+    (`holder_client`), never 0 (which means none)."""
+    return (zlib.crc32(client.encode()) >> 1) << 31 | (zlib.crc32(f"{model}|{operation}".encode()) >> 1) | 1
+
+
+def holder_client(holder: int) -> int:
+    return holder >> 31
+
+
 class OverBudget(Exception):
     """A reservation does not fit the memory budget now (`permanent`: it never will, not even once
     the resident figure, read beside admitted work, is read again with none: `unsure`)."""
@@ -148,6 +190,18 @@ class OverBudget(Exception):
         self.wanted, self.free, self.capacity = wanted, free, capacity
         self.permanent = wanted > capacity + unsure
         super().__init__(f"{wanted / 2**20:.0f} MiB wanted, {free / 2**20:.0f} MiB free of {capacity / 2**20:.0f} MiB")
+
+
+class ClaimedByAnother(OverBudget):
+    """A reservation that fits what is free, but not beside the room claimed for another request."""
+
+    def __init__(self, wanted: int, free: int, capacity: int, claim: MemoryClaim) -> None:
+        super().__init__(wanted, free, capacity)
+        self.claim = claim
+        self.permanent = False
+
+    def lapses_in_s(self) -> float:
+        return max(0.0, (self.claim.lapses_ns - time.monotonic_ns()) / 1e9)
 
 
 class MemoryBudget:
@@ -163,6 +217,8 @@ class MemoryBudget:
         # how much `resident` may over-count: read beside admitted work, RSS held some of theirs too
         # (service/registry.py `settle_memory`); what a 413 must allow for, as it says "never"
         self.own_unsure = 0
+        self.own_claim: MemoryClaim | None = None
+        self.own_no_show: NoShow | None = None
         self.lock = threading.Lock()  # the intake reserves on the loop, jobs from their thread
 
     @property
@@ -197,13 +253,57 @@ class MemoryBudget:
             self.resident = max(0, int(nbytes))
             self.own_unsure = max(0, int(unsure))
 
-    def try_reserve(self, nbytes: int) -> None:
+    def read_claim(self) -> MemoryClaim | None:
+        """The claim in force (where the figures are kept: the subclasses' business); under `exclusive`."""
+        return self.own_claim
+
+    def write_claim(self, claim: MemoryClaim | None) -> None:
+        self.own_claim = claim
+
+    def read_no_show(self) -> NoShow | None:
+        return self.own_no_show
+
+    def write_no_show(self, no_show: NoShow) -> None:
+        self.own_no_show = no_show
+
+    def live_claim(self, now: int) -> MemoryClaim | None:
+        """The claim in force, once a lapsed one is cleared and its client barred (under `exclusive`)."""
+        claim = self.read_claim()
+        if claim is not None and claim.lapses_ns <= now:
+            self.write_claim(None)
+            self.write_no_show(NoShow(holder_client(claim.holder), now + int(NO_SHOW_BAR_S * 1e9)))
+            return None
+        return claim
+
+    def try_reserve(self, nbytes: int, holder: int | None = None) -> None:
+        """`holder` (`memory_holder`): the reservation of a request's compute, which a claim
+        protects and which may claim. Without one (a body's chunks, a stream's waiting frame, a
+        job's held bytes), a reservation neither sees claims nor makes them: those are bounded by
+        the body limit, or small beside a request's activations."""
         nbytes = max(0, int(nbytes))
         with self.lock, self.exclusive():
             capacity, used = self.capacity, self.used
             if used + nbytes > capacity:
                 raise OverBudget(nbytes, capacity - used, capacity, self.unsure)
+            if holder is not None and (claim := self.live_claim(time.monotonic_ns())) is not None:
+                if claim.holder == holder:
+                    self.write_claim(None)  # taken
+                elif capacity - used - nbytes < claim.nbytes:
+                    raise ClaimedByAnother(nbytes, capacity - used, capacity, claim)
             self.own_reserved += nbytes
+
+    def claim(self, nbytes: int, holder: int, for_s: float) -> None:
+        """Promises `nbytes` to `holder` for `for_s` seconds, where no other claim is in force (one
+        at a time: the first refused is the first served), or renews the holder's own; not for a
+        client barred for leaving its last claim untaken (`NoShow`)."""
+        with self.lock, self.exclusive():
+            now = time.monotonic_ns()
+            claim = self.live_claim(now)
+            no_show = self.read_no_show()
+            if no_show is not None and no_show.client == holder_client(holder) and now < no_show.until_ns:
+                return
+            if claim is None or claim.holder == holder:
+                self.write_claim(MemoryClaim(max(0, int(nbytes)), holder, now + int(for_s * 1e9)))
 
     def release(self, nbytes: int) -> None:
         with self.lock:
@@ -215,22 +315,52 @@ class SharedBudgetTable(SharedCells):
     engine 0, the fronts 1 … N), each three int64 — what the process holds resident, what its
     admitted requests have reserved, and how much its resident figure may over-count. A process
     writes only its own slot; every process reads all of them, so the budget is the server's, not
-    split per process."""
+    split per process. Two more slots after them hold the server's `MemoryClaim` (bytes, holder,
+    lapses) and `NoShow` (client, until), read and written under the table's lock: a client
+    refused by one front finds its room kept from every front's requests."""
 
     CELLS_PER_SLOT = 3
     RESIDENT, RESERVED, UNSURE = range(3)
+    CLAIM_SLOTS = 2
+
+    @classmethod
+    def create(cls, path: Path, slots: int) -> "SharedBudgetTable":
+        return super().create(path, slots + cls.CLAIM_SLOTS)  # the processes' slots, then the claim's
+
+    @property
+    def slots(self) -> int:
+        return super().slots - self.CLAIM_SLOTS
 
     def cell(self, slot: int, which: int) -> int:
         return self.CELLS_PER_SLOT * slot + which
 
+    def column(self, which: int) -> int:
+        return sum(self.cells[which:self.CELLS_PER_SLOT * self.slots:self.CELLS_PER_SLOT])
+
     def resident(self) -> int:
-        return sum(self.cells[self.RESIDENT::self.CELLS_PER_SLOT])
+        return self.column(self.RESIDENT)
 
     def reserved(self) -> int:
-        return sum(self.cells[self.RESERVED::self.CELLS_PER_SLOT])
+        return self.column(self.RESERVED)
 
     def unsure(self) -> int:
-        return sum(self.cells[self.UNSURE::self.CELLS_PER_SLOT])
+        return self.column(self.UNSURE)
+
+    def read_claim(self) -> MemoryClaim | None:
+        nbytes, holder, lapses = (self.cells[self.cell(self.slots, which)] for which in range(3))
+        return MemoryClaim(nbytes, holder, lapses) if holder else None
+
+    def write_claim(self, claim: MemoryClaim | None) -> None:
+        values = (claim.nbytes, claim.holder, claim.lapses_ns) if claim is not None else (0, 0, 0)
+        for which, value in enumerate(values):
+            self.cells[self.cell(self.slots, which)] = value
+
+    def read_no_show(self) -> NoShow | None:
+        client, until = self.cells[self.cell(self.slots + 1, 0)], self.cells[self.cell(self.slots + 1, 1)]
+        return NoShow(client, until) if until else None
+
+    def write_no_show(self, no_show: NoShow) -> None:
+        self.cells[self.cell(self.slots + 1, 0)], self.cells[self.cell(self.slots + 1, 1)] = no_show.client, no_show.until_ns
 
     def clear(self, slot: int) -> None:
         """A process that died: its reservations died with it (its successor sets its own resident bytes)."""
@@ -273,6 +403,18 @@ class SharedMemoryBudget(MemoryBudget):
     @property
     def unsure(self) -> int:
         return self.table.unsure()
+
+    def read_claim(self) -> MemoryClaim | None:
+        return self.table.read_claim()
+
+    def write_claim(self, claim: MemoryClaim | None) -> None:
+        self.table.write_claim(claim)
+
+    def read_no_show(self) -> NoShow | None:
+        return self.table.read_no_show()
+
+    def write_no_show(self, no_show: NoShow) -> None:
+        self.table.write_no_show(no_show)
 
     @property
     def capacity(self) -> int:

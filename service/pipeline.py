@@ -25,6 +25,7 @@ from service.connection_table import share_key
 from service.errors import ApiError
 from service.intake import STATE_KEY, RequestContext, context_of
 from service.lanes import Booking
+from service.memory import memory_holder
 from service.registry import IMAGE_TO_IMAGE, LoadedModel, ModelRegistry
 
 T = TypeVar("T")
@@ -243,13 +244,15 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
     if ctx.disconnected.is_set():
         raise ApiError(499, "the client closed the request", code="client_closed_request")
     settings = registry.settings
-    bound = registry.metrics.bound(*(ctx.labels or (model.entry.name, str(model.entry.version), "upscale_stream")))
+    labels = ctx.labels or (model.entry.name, str(model.entry.version), "upscale_stream")
+    bound = registry.metrics.bound(*labels)
     booked: list[Booking] = []
     try:
         state.lane_seconds = admit(model, cost, state.deadline - time.monotonic(), registry.memory,
                                    recheck_s=settings.remeasure_idle_s or settings.request_timeout_s, encoding=registry.encoding,
                                    timeout_s=settings.request_timeout_s, counted=ctx.encode_micros,
-                                   beside=registry.lanes_beside(model), booked=booked, other_share=registry.shared_device.other_share())
+                                   beside=registry.lanes_beside(model), booked=booked, other_share=registry.shared_device.other_share(),
+                                   holder=memory_holder(share_key(ctx.client) or "", labels[0], labels[2]))
     except ApiError as refusal:  # counted by reason beside the batcher's own (they showed in requests_total's status alone)
         bound.rejected("too_expensive" if refusal.status == 413 else "overloaded").inc()
         raise

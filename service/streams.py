@@ -42,7 +42,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from service.errors import ApiError
 from service.http_protocol import FLUSHED_EXTENSION, SERVER_SHUTDOWN_EXTENSION
-from service.intake import RequestContext
+from service.intake import RequestContext, peer_host
 from service.memory import OverBudget
 from service.pipeline import execute_for, in_pool, with_encoding
 from service.registry import ModelRegistry
@@ -292,7 +292,8 @@ class UpscaleStream:
             self.count("error", self.served_version())
             await self.send({"type": "error", "frame": frame.number} | frame.refusal)
             return
-        ctx = self.frame_context = RequestContext(frame.arrived, reserved=len(frame.data))  # the bytes reserved on arrival
+        ctx = self.frame_context = RequestContext(frame.arrived, reserved=len(frame.data),  # the bytes reserved on arrival
+                                                  client=peer_host(self.websocket.scope))
         version, held = "", 0
         try:
             model = registry.get(self.name, self.version)  # per frame: a reloaded model takes over between frames

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service.memory import MemoryBudget, OverBudget, SharedBudgetTable, SharedMemoryBudget
+from service.memory import ClaimedByAnother, MemoryBudget, OverBudget, SharedBudgetTable, SharedMemoryBudget, memory_holder
 
 MiB = 2**20
 
@@ -121,6 +121,87 @@ def test_one_process_budget_is_the_total_less_what_it_holds_resident():
     assert budget.capacity_if_resident(100 * MiB) == 0 and budget.capacity_if_resident(60 * MiB) == 40 * MiB
 
 
+WAITER, OTHER = memory_holder("10.0.0.1", "upx4", "upscale"), memory_holder("10.0.0.2", "upx4", "upscale")  # two requests' holders
+
+
+def test_a_request_refused_for_memory_finds_its_room_kept_when_it_comes_back():
+    """What a memory refusal's claim keeps: the room the refused request needs, from requests of
+    others that would take it, until it comes back; requests that leave it free still pass."""
+    budget = MemoryBudget(100 * MiB)
+    budget.try_reserve(70 * MiB, OTHER)  # in flight
+    with pytest.raises(OverBudget):
+        budget.try_reserve(60 * MiB, WAITER)
+    budget.claim(60 * MiB, WAITER, for_s=30)
+    budget.release(70 * MiB)  # the request in flight is answered
+    with pytest.raises(ClaimedByAnother) as promised:
+        budget.try_reserve(50 * MiB, OTHER)  # would leave 50 of the 60 promised
+    assert not promised.value.permanent and 28 < promised.value.lapses_in_s() <= 30
+    budget.try_reserve(40 * MiB, OTHER)  # leaves the 60 free
+    budget.try_reserve(1 * MiB)  # a body's chunk: bounded by the body limit, never held back by a claim
+    budget.release(1 * MiB)
+    budget.try_reserve(60 * MiB, WAITER)  # back: it takes its room, and the claim with it
+    budget.release(60 * MiB)
+    budget.try_reserve(60 * MiB, OTHER)
+
+
+def test_a_claim_lapses_unless_its_holder_comes_back_and_only_one_stands_at_a_time():
+    budget = MemoryBudget(100 * MiB)
+    budget.claim(80 * MiB, WAITER, for_s=0.05)
+    budget.claim(90 * MiB, OTHER, for_s=30)  # the first refused is the first served
+    with pytest.raises(ClaimedByAnother):
+        budget.try_reserve(30 * MiB, OTHER)
+    import time
+
+    time.sleep(0.1)  # the waiter never came back
+    budget.try_reserve(30 * MiB, OTHER)
+    budget.claim(70 * MiB, OTHER, for_s=0.05)  # renewed by its holder's next refusal
+    budget.claim(70 * MiB, OTHER, for_s=30)
+    time.sleep(0.1)
+    with pytest.raises(ClaimedByAnother):
+        budget.try_reserve(10 * MiB, WAITER)
+    budget.release(30 * MiB)
+
+
+def test_a_client_that_leaves_its_claim_untaken_claims_nothing_for_a_while():
+    """Large requests sent while the budget is busy, never sent again: each claim would keep room
+    promised and idle. After one lapses untaken, that client's refusals claim nothing (any
+    request of it: the bar is on its address) until NO_SHOW_BAR_S has passed."""
+    import time
+
+    budget = MemoryBudget(100 * MiB)
+    budget.claim(80 * MiB, WAITER, for_s=0.05)
+    time.sleep(0.1)
+    budget.claim(80 * MiB, memory_holder("10.0.0.1", "edges", "translate"), for_s=30)  # the same address: barred
+    budget.try_reserve(50 * MiB, OTHER)
+    budget.claim(60 * MiB, OTHER, for_s=30)  # another client still may
+    with pytest.raises(ClaimedByAnother):
+        budget.try_reserve(10 * MiB, WAITER)
+
+
+def test_a_claim_made_in_one_process_keeps_the_room_from_every_other(tmp_path):
+    """Under `--workers` the client comes back to whichever front the kernel hands it: the claim is
+    the server's, in the shared table, and the processes' figures leave its slot out."""
+    table = SharedBudgetTable.create(tmp_path / "budget", slots=2)
+    front = SharedMemoryBudget(table, slot=1, total=100 * MiB, resident=10 * MiB)
+    front.claim(50 * MiB, WAITER, for_s=30)
+    assert table.slots == 2 and table.resident() == 10 * MiB and table.reserved() == 0
+    other = run_in_process(tmp_path / "budget", 0, 100 * MiB, f"""
+        from service.memory import ClaimedByAnother
+        try:
+            budget.try_reserve(50 * MiB, {OTHER})
+            print("admitted", flush=True)
+        except ClaimedByAnother as error:
+            print("refused", error.claim.nbytes // MiB, flush=True)
+        budget.try_reserve(40 * MiB, {OTHER})
+        print("admitted", flush=True)
+    """)
+    assert other.stdout.readline().split() == ["refused", "50"]
+    assert other.stdout.readline().strip() == "admitted"
+    other.wait(timeout=30)
+    front.try_reserve(50 * MiB, WAITER)
+    assert table.read_claim() is None
+
+
 def test_a_resident_figure_read_beside_admitted_work_never_over_admits_and_says_no_413_it_cannot_back(tmp_path, monkeypatch):
     """A load beside admitted work reads RSS with some of their memory in it. Taken whole, the
     budget stayed short until the next load and refused with 413 what it had served; RSS less every
@@ -198,3 +279,68 @@ def test_the_largest_listed_translate_is_admitted_where_the_models_leave_less_th
         response = client.post("/v1/models/edges/translate", content=buffer.getvalue(), headers={"content-type": "image/png"})
     assert left < 0.45 * budget, (left, budget)
     assert response.status_code == 200, (response.status_code, response.text, limits, left / MiB)
+
+
+def smooth_png(side: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    image = np.stack([np.add.outer(ramp, ramp) / 2] * 3, axis=-1).astype(np.uint8)  # a small PNG at any size
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_client_refused_for_memory_finds_its_room_when_it_comes_back_not_taken_by_later_requests(repository):
+    """A hostile probe: a translate refused for memory 6 times in a row after obeying Retry-After,
+    the room it waited for taken each time by requests that arrived after it. Here answers no one
+    reads hold most of the budget; a large upscale is refused (503) and claims its room; a small
+    one from another address that fits what is free, but only by taking that room, is refused in
+    turn (it was served before); once the answers are dropped, the large one is served."""
+    import contextlib
+    import time
+
+    import httpx
+    import numpy as np
+
+    from bench.stalled import stalled_request
+    from tests.serving import running_server
+
+    def client_at(server, address: str) -> httpx.Client:
+        return httpx.Client(base_url=server.url, timeout=60, transport=httpx.HTTPTransport(local_address=address))
+
+    settings = {"models": ["upx4"], "send_timeout_s": 120, "request_timeout_s": 60}
+    with running_server(repository, memory_budget=4 * 2**30, **settings) as server:
+        resident = 4 * 2**30 - server.metric("ganserve_memory_budget_bytes")
+    budget = int(1.8 * resident)  # what one request may hold is then 0.97 of what the model leaves
+    with running_server(repository, memory_budget=budget, **settings) as server, \
+            client_at(server, "127.0.0.3") as waiter, client_at(server, "127.0.0.4") as later:
+        capacity = server.metric("ganserve_memory_budget_bytes")
+        largest = min(0.5 * budget, 0.97 * capacity)  # what the listed side needs, about
+        side = waiter.get("/v1/models/upx4").json()["versions"][-1]["limits"]["max_input_side"]
+        stalled = []
+        try:
+            x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 96, 96)).astype(np.float32)  # two tiles: ~9 MB of JSON out
+            while capacity - server.metric("ganserve_memory_reserved_bytes") > 0.8 * largest and len(stalled) < 40:
+                stalled.append(stalled_request(server.url, "upx4", {"image": x}))
+                time.sleep(0.5)
+            large, small = smooth_png(side), smooth_png(32)
+            refused = waiter.post("/v1/models/upx4/upscale", content=large, headers={"content-type": "image/png"})
+            assert refused.status_code == 503 and "memory budget" in refused.text, refused.text
+            assert later.get("/v1/models/upx4").status_code == 200
+            taken = later.post("/v1/models/upx4/upscale", content=small, headers={"content-type": "image/png"})
+            assert taken.status_code == 503, "a later request took the room the refused one waits for"
+            assert "promised to a request refused earlier" in taken.text and int(taken.headers["retry-after"]) >= 1
+        finally:
+            for sock in stalled:
+                with contextlib.suppress(OSError):
+                    sock.close()
+        deadline = time.monotonic() + 30
+        while (answer := waiter.post("/v1/models/upx4/upscale", content=large, headers={"content-type": "image/png"})).status_code == 503:
+            assert time.monotonic() < deadline, answer.text
+            time.sleep(float(answer.headers.get("retry-after", 1)))
+        assert answer.status_code == 200, answer.text
+        assert later.post("/v1/models/upx4/upscale", content=small, headers={"content-type": "image/png"}).status_code == 200
