@@ -326,7 +326,8 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
         raise ApiError(503, f"the device's room from {max(0.0, claim.opens - now):.1f} s from now is promised to another model's request, refused "
                             f"earlier to keep the requests admitted beside it in time: retry in {retry} s", code="overloaded",
                        headers={"Retry-After": str(retry)})
-    reserve_memory(budget, request_cost.bytes, retry_after_s=wait, holder=holder)  # first: its 413 (never fits) before any 503
+    reserve_memory(budget, request_cost.bytes, retry_after_s=wait, holder=holder,  # first: its 413 (never fits) before any 503
+                   holds_s=wait + alone + crowd + request_cost.encode_seconds)
     if encoding is not None:
         hint = f" as {request_cost.encode_format}" if request_cost.encode_format else ""
         slow_retry = max(1, math.ceil(recheck_s)) if wait == 0 and correction > 1.0 else None
@@ -369,20 +370,23 @@ def recheck_in_the_engine(name: str, wait_s: float, alone_s: float, remaining_s:
         raise behind_the_queue(name, wait_s, alone_s, budget_s, beside_s)
 
 
-def reserve_memory(budget: MemoryBudget, nbytes: int, retry_after_s: float = 1.0, holder: int | None = None) -> None:
+def reserve_memory(budget: MemoryBudget, nbytes: int, retry_after_s: float = 1.0, holder: int | None = None,
+                   holds_s: float = math.inf) -> None:
     """Reserves `nbytes`, or refuses: 413 when they could never fit, 503 while others hold the
-    budget. A `holder`'s 503 claims the room until a second past its Retry-After (renewed each
-    time it comes back too soon), and a request of another holder that would take that room is
-    refused until then: a large request refused while small ones held the budget was refused
+    budget. A `holder`'s 503 claims the room from its Retry-After until a second past it (renewed
+    each time it comes back too soon: service/memory.py `MemoryClaim`), and a request of another
+    holder that would still hold that room then (`holds_s`: its estimated wait, compute and
+    encoding) is refused: a large request refused while small ones held the budget was refused
     again and again, the room it waited for taken each time by requests that arrived after it
-    (a hostile probe: a translate refused 6 times in a row after obeying Retry-After)."""
+    (a hostile probe: a translate refused 6 times in a row after obeying Retry-After; 30 of 30
+    in another)."""
     try:
-        budget.try_reserve(nbytes, holder)
+        budget.try_reserve(nbytes, holder, holds_s)
     except ClaimedByAnother as error:
         retry = max(1, math.ceil(error.lapses_in_s()))
         raise ApiError(503, f"{error.claim.nbytes / 2**20:.0f} MiB of the {error.free / 2**20:.0f} MiB of the memory budget free now is "
-                            f"promised to a request refused earlier for want of it, and this request needs {error.wanted / 2**20:.0f} MiB: "
-                            f"retry in {retry} s", code="overloaded", headers={"Retry-After": str(retry)})
+                            f"promised to a request refused earlier for want of it, and this request needs {error.wanted / 2**20:.0f} MiB "
+                            f"for longer than that room is free: retry in {retry} s", code="overloaded", headers={"Retry-After": str(retry)})
     except OverBudget as error:
         if error.permanent:
             raise ApiError(413, f"this request needs about {error.wanted / 2**20:.0f} MiB; the server's memory budget for "
@@ -390,6 +394,6 @@ def reserve_memory(budget: MemoryBudget, nbytes: int, retry_after_s: float = 1.0
                            code="too_expensive")
         retry = max(1, math.ceil(retry_after_s))
         if holder is not None:
-            budget.claim(nbytes, holder, retry + CLAIM_GRACE_S)
+            budget.claim(nbytes, holder, retry, CLAIM_GRACE_S)
         raise ApiError(503, f"the server's memory budget is taken by requests in flight ({error}); retry in {retry} s",
                        code="overloaded", headers={"Retry-After": str(retry)})

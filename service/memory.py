@@ -19,6 +19,7 @@ import fcntl
 import functools
 import gc
 import logging
+import math
 import re
 import threading
 import time
@@ -149,26 +150,35 @@ def libc() -> ctypes.CDLL | None:
 @dataclass(frozen=True)
 class MemoryClaim:
     """Room promised to the request a memory refusal turned away (its `holder`: a hash of its
-    client's address, model and operation, `memory_holder`), until `lapses` (time.monotonic_ns):
-    its Retry-After and a grace second. Renewed while the holder is refused again, taken when it
-    is admitted."""
+    client's address, model and operation, `memory_holder`): from `opens` (its Retry-After, in
+    time.monotonic_ns) until `lapses` (a grace second later). Requests of others that would take
+    the room are refused only where they would still hold it at `opens`: until then it is used.
+    Renewed while the holder is refused again (for at most MAX_CLAIM_S from `since`), taken when
+    it is admitted."""
 
     nbytes: int
     holder: int
+    opens_ns: int
     lapses_ns: int
+    since_ns: int
 
 
-NO_SHOW_BAR_S = 10.0  # a client whose claim lapsed untaken makes no claim for this long
+MAX_CLAIM_S = 30.0  # a claim renewed this long is let lapse: what holds the room may be no request's
+CLIENT_BAR_S = 60.0  # a client whose claim lapsed untaken makes no claim for this long
+EVERYONE_BAR_S = 5.0  # and nobody does for this long: rotating addresses would otherwise keep room idle
 
 
 @dataclass(frozen=True)
-class NoShow:
-    """The client (`holder_client`) whose last claim lapsed untaken, barred from claiming until
-    `until_ns`: otherwise a client could keep room promised and idle by sending large requests while
-    the budget is busy and never coming back for them, each lapsed claim followed by the next."""
+class ClaimBar:
+    """Who may not claim, after a claim lapsed untaken: its client (`holder_client`) until
+    `client_until_ns`, everyone until `everyone_until_ns`. A client sending large requests while
+    the budget is busy and never coming back for them kept room promised and idle: a hostile probe
+    rotating 31 addresses cut other clients' translates from 181 to 49 a minute. Barred, the worst
+    a client can do is what every refusal did before claims: nothing is kept for anyone."""
 
     client: int
-    until_ns: int
+    client_until_ns: int
+    everyone_until_ns: int
 
 
 def memory_holder(client: str, model: str, operation: str) -> int:
@@ -218,7 +228,7 @@ class MemoryBudget:
         # (service/registry.py `settle_memory`); what a 413 must allow for, as it says "never"
         self.own_unsure = 0
         self.own_claim: MemoryClaim | None = None
-        self.own_no_show: NoShow | None = None
+        self.own_bar: ClaimBar | None = None
         self.lock = threading.Lock()  # the intake reserves on the loop, jobs from their thread
 
     @property
@@ -260,50 +270,56 @@ class MemoryBudget:
     def write_claim(self, claim: MemoryClaim | None) -> None:
         self.own_claim = claim
 
-    def read_no_show(self) -> NoShow | None:
-        return self.own_no_show
+    def read_bar(self) -> ClaimBar | None:
+        return self.own_bar
 
-    def write_no_show(self, no_show: NoShow) -> None:
-        self.own_no_show = no_show
+    def write_bar(self, bar: ClaimBar) -> None:
+        self.own_bar = bar
 
     def live_claim(self, now: int) -> MemoryClaim | None:
-        """The claim in force, once a lapsed one is cleared and its client barred (under `exclusive`)."""
+        """The claim in force, once a lapsed one is cleared and claims barred (under `exclusive`)."""
         claim = self.read_claim()
         if claim is not None and claim.lapses_ns <= now:
             self.write_claim(None)
-            self.write_no_show(NoShow(holder_client(claim.holder), now + int(NO_SHOW_BAR_S * 1e9)))
+            self.write_bar(ClaimBar(holder_client(claim.holder), now + int(CLIENT_BAR_S * 1e9), now + int(EVERYONE_BAR_S * 1e9)))
             return None
         return claim
 
-    def try_reserve(self, nbytes: int, holder: int | None = None) -> None:
+    def try_reserve(self, nbytes: int, holder: int | None = None, holds_s: float = math.inf) -> None:
         """`holder` (`memory_holder`): the reservation of a request's compute, which a claim
-        protects and which may claim. Without one (a body's chunks, a stream's waiting frame, a
-        job's held bytes), a reservation neither sees claims nor makes them: those are bounded by
-        the body limit, or small beside a request's activations."""
+        protects and which may claim; `holds_s`: about how long it will hold the bytes (its wait,
+        compute and encoding), so that room claimed for later is used until then. Without a
+        holder (a body's chunks, a stream's waiting frame, a job's held bytes), a reservation
+        neither sees claims nor makes them: those are bounded by the body limit, or small beside
+        a request's activations."""
         nbytes = max(0, int(nbytes))
         with self.lock, self.exclusive():
             capacity, used = self.capacity, self.used
             if used + nbytes > capacity:
                 raise OverBudget(nbytes, capacity - used, capacity, self.unsure)
-            if holder is not None and (claim := self.live_claim(time.monotonic_ns())) is not None:
+            now = time.monotonic_ns()
+            if holder is not None and (claim := self.live_claim(now)) is not None:
                 if claim.holder == holder:
                     self.write_claim(None)  # taken
-                elif capacity - used - nbytes < claim.nbytes:
+                elif capacity - used - nbytes < claim.nbytes and now + holds_s * 1e9 > claim.opens_ns:
                     raise ClaimedByAnother(nbytes, capacity - used, capacity, claim)
             self.own_reserved += nbytes
 
-    def claim(self, nbytes: int, holder: int, for_s: float) -> None:
-        """Promises `nbytes` to `holder` for `for_s` seconds, where no other claim is in force (one
-        at a time: the first refused is the first served), or renews the holder's own; not for a
-        client barred for leaving its last claim untaken (`NoShow`)."""
+    def claim(self, nbytes: int, holder: int, opens_in_s: float, grace_s: float) -> None:
+        """Promises `nbytes` to `holder` from `opens_in_s` for `grace_s` more, where no other claim
+        is in force (one at a time: the first refused is the first served); renews the holder's
+        own (its size kept); nothing while claims are barred (`ClaimBar`)."""
         with self.lock, self.exclusive():
             now = time.monotonic_ns()
             claim = self.live_claim(now)
-            no_show = self.read_no_show()
-            if no_show is not None and no_show.client == holder_client(holder) and now < no_show.until_ns:
+            bar = self.read_bar()
+            if bar is not None and (now < bar.everyone_until_ns or (bar.client == holder_client(holder) and now < bar.client_until_ns)):
                 return
-            if claim is None or claim.holder == holder:
-                self.write_claim(MemoryClaim(max(0, int(nbytes)), holder, now + int(for_s * 1e9)))
+            opens = now + int(opens_in_s * 1e9)
+            if claim is None:
+                self.write_claim(MemoryClaim(max(0, int(nbytes)), holder, opens, opens + int(grace_s * 1e9), now))
+            elif claim.holder == holder and now - claim.since_ns < MAX_CLAIM_S * 1e9:
+                self.write_claim(MemoryClaim(claim.nbytes, holder, opens, opens + int(grace_s * 1e9), claim.since_ns))
 
     def release(self, nbytes: int) -> None:
         with self.lock:
@@ -315,13 +331,13 @@ class SharedBudgetTable(SharedCells):
     engine 0, the fronts 1 … N), each three int64 — what the process holds resident, what its
     admitted requests have reserved, and how much its resident figure may over-count. A process
     writes only its own slot; every process reads all of them, so the budget is the server's, not
-    split per process. Two more slots after them hold the server's `MemoryClaim` (bytes, holder,
-    lapses) and `NoShow` (client, until), read and written under the table's lock: a client
-    refused by one front finds its room kept from every front's requests."""
+    split per process. Three more slots after them hold the server's `MemoryClaim` and
+    `ClaimBar`, read and written under the table's lock: a client refused by one front finds its
+    room kept from every front's requests."""
 
     CELLS_PER_SLOT = 3
     RESIDENT, RESERVED, UNSURE = range(3)
-    CLAIM_SLOTS = 2
+    CLAIM_SLOTS = 3  # the claim's five figures, the bar's three
 
     @classmethod
     def create(cls, path: Path, slots: int) -> "SharedBudgetTable":
@@ -346,21 +362,25 @@ class SharedBudgetTable(SharedCells):
     def unsure(self) -> int:
         return self.column(self.UNSURE)
 
+    def claim_cells(self, first: int, count: int) -> range:
+        return range(self.cell(self.slots, first), self.cell(self.slots, first + count))
+
     def read_claim(self) -> MemoryClaim | None:
-        nbytes, holder, lapses = (self.cells[self.cell(self.slots, which)] for which in range(3))
-        return MemoryClaim(nbytes, holder, lapses) if holder else None
+        figures = [self.cells[i] for i in self.claim_cells(0, 5)]
+        return MemoryClaim(*figures) if figures[1] else None  # (holder 0: none)
 
     def write_claim(self, claim: MemoryClaim | None) -> None:
-        values = (claim.nbytes, claim.holder, claim.lapses_ns) if claim is not None else (0, 0, 0)
-        for which, value in enumerate(values):
-            self.cells[self.cell(self.slots, which)] = value
+        figures = (claim.nbytes, claim.holder, claim.opens_ns, claim.lapses_ns, claim.since_ns) if claim is not None else (0,) * 5
+        for i, value in zip(self.claim_cells(0, 5), figures):
+            self.cells[i] = value
 
-    def read_no_show(self) -> NoShow | None:
-        client, until = self.cells[self.cell(self.slots + 1, 0)], self.cells[self.cell(self.slots + 1, 1)]
-        return NoShow(client, until) if until else None
+    def read_bar(self) -> ClaimBar | None:
+        figures = [self.cells[i] for i in self.claim_cells(5, 3)]
+        return ClaimBar(*figures) if figures[2] else None
 
-    def write_no_show(self, no_show: NoShow) -> None:
-        self.cells[self.cell(self.slots + 1, 0)], self.cells[self.cell(self.slots + 1, 1)] = no_show.client, no_show.until_ns
+    def write_bar(self, bar: ClaimBar) -> None:
+        for i, value in zip(self.claim_cells(5, 3), (bar.client, bar.client_until_ns, bar.everyone_until_ns)):
+            self.cells[i] = value
 
     def clear(self, slot: int) -> None:
         """A process that died: its reservations died with it (its successor sets its own resident bytes)."""
@@ -410,11 +430,11 @@ class SharedMemoryBudget(MemoryBudget):
     def write_claim(self, claim: MemoryClaim | None) -> None:
         self.table.write_claim(claim)
 
-    def read_no_show(self) -> NoShow | None:
-        return self.table.read_no_show()
+    def read_bar(self) -> ClaimBar | None:
+        return self.table.read_bar()
 
-    def write_no_show(self, no_show: NoShow) -> None:
-        self.table.write_no_show(no_show)
+    def write_bar(self, bar: ClaimBar) -> None:
+        self.table.write_bar(bar)
 
     @property
     def capacity(self) -> int:

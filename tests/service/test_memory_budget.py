@@ -126,16 +126,19 @@ WAITER, OTHER = memory_holder("10.0.0.1", "upx4", "upscale"), memory_holder("10.
 
 def test_a_request_refused_for_memory_finds_its_room_kept_when_it_comes_back():
     """What a memory refusal's claim keeps: the room the refused request needs, from requests of
-    others that would take it, until it comes back; requests that leave it free still pass."""
+    others that would still hold it when it comes back; requests that leave it free, or that will
+    be done by then, still pass."""
     budget = MemoryBudget(100 * MiB)
     budget.try_reserve(70 * MiB, OTHER)  # in flight
     with pytest.raises(OverBudget):
         budget.try_reserve(60 * MiB, WAITER)
-    budget.claim(60 * MiB, WAITER, for_s=30)
+    budget.claim(60 * MiB, WAITER, opens_in_s=2, grace_s=30)
     budget.release(70 * MiB)  # the request in flight is answered
     with pytest.raises(ClaimedByAnother) as promised:
-        budget.try_reserve(50 * MiB, OTHER)  # would leave 50 of the 60 promised
-    assert not promised.value.permanent and 28 < promised.value.lapses_in_s() <= 30
+        budget.try_reserve(50 * MiB, OTHER, holds_s=3)  # would leave 50 of the 60 promised when the waiter is back
+    assert not promised.value.permanent and 30 < promised.value.lapses_in_s() <= 32
+    budget.try_reserve(50 * MiB, OTHER, holds_s=0.5)  # done before the waiter is back: the room is used meanwhile
+    budget.release(50 * MiB)
     budget.try_reserve(40 * MiB, OTHER)  # leaves the 60 free
     budget.try_reserve(1 * MiB)  # a body's chunk: bounded by the body limit, never held back by a claim
     budget.release(1 * MiB)
@@ -144,36 +147,51 @@ def test_a_request_refused_for_memory_finds_its_room_kept_when_it_comes_back():
     budget.try_reserve(60 * MiB, OTHER)
 
 
-def test_a_claim_lapses_unless_its_holder_comes_back_and_only_one_stands_at_a_time():
+def test_a_claim_lapses_unless_its_holder_comes_back_and_only_one_stands_at_a_time(monkeypatch):
+    import time
+
+    from service import memory
+
     budget = MemoryBudget(100 * MiB)
-    budget.claim(80 * MiB, WAITER, for_s=0.05)
-    budget.claim(90 * MiB, OTHER, for_s=30)  # the first refused is the first served
-    with pytest.raises(ClaimedByAnother):
+    budget.claim(80 * MiB, WAITER, opens_in_s=0, grace_s=30)
+    budget.claim(90 * MiB, OTHER, opens_in_s=0, grace_s=30)  # the first refused is the first served
+    with pytest.raises(ClaimedByAnother) as promised:
         budget.try_reserve(30 * MiB, OTHER)
-    import time
-
-    time.sleep(0.1)  # the waiter never came back
-    budget.try_reserve(30 * MiB, OTHER)
-    budget.claim(70 * MiB, OTHER, for_s=0.05)  # renewed by its holder's next refusal
-    budget.claim(70 * MiB, OTHER, for_s=30)
+    assert promised.value.claim.holder == WAITER
+    budget.try_reserve(20 * MiB, WAITER)  # taken
+    budget.release(20 * MiB)
+    budget.claim(70 * MiB, OTHER, opens_in_s=0, grace_s=0.05)
+    budget.claim(90 * MiB, OTHER, opens_in_s=0, grace_s=0.2)  # renewed by its holder's next refusal, at its size
     time.sleep(0.1)
-    with pytest.raises(ClaimedByAnother):
-        budget.try_reserve(10 * MiB, WAITER)
-    budget.release(30 * MiB)
+    with pytest.raises(ClaimedByAnother) as promised:
+        budget.try_reserve(40 * MiB, WAITER)
+    assert promised.value.claim.nbytes == 70 * MiB
+    monkeypatch.setattr(memory, "MAX_CLAIM_S", 0.05)  # renewed for longer: let lapse (what holds the room may be no request)
+    budget.claim(70 * MiB, OTHER, opens_in_s=0, grace_s=30)
+    time.sleep(0.2)
+    budget.try_reserve(40 * MiB, WAITER)
 
 
-def test_a_client_that_leaves_its_claim_untaken_claims_nothing_for_a_while():
-    """Large requests sent while the budget is busy, never sent again: each claim would keep room
-    promised and idle. After one lapses untaken, that client's refusals claim nothing (any
-    request of it: the bar is on its address) until NO_SHOW_BAR_S has passed."""
+def test_a_claim_left_untaken_bars_its_client_for_a_minute_and_everyone_for_seconds(monkeypatch):
+    """Large requests sent while the budget is busy and never sent again: each claim kept room
+    promised and idle (a hostile probe rotating 31 addresses: other clients' translates 181 → 49
+    a minute). After a claim lapses untaken, its client claims nothing for CLIENT_BAR_S (any
+    request of it: the bar is on its address), and nobody does for EVERYONE_BAR_S."""
     import time
 
+    from service import memory
+
+    monkeypatch.setattr(memory, "EVERYONE_BAR_S", 0.2)
     budget = MemoryBudget(100 * MiB)
-    budget.claim(80 * MiB, WAITER, for_s=0.05)
+    budget.claim(80 * MiB, WAITER, opens_in_s=0, grace_s=0.05)
     time.sleep(0.1)
-    budget.claim(80 * MiB, memory_holder("10.0.0.1", "edges", "translate"), for_s=30)  # the same address: barred
-    budget.try_reserve(50 * MiB, OTHER)
-    budget.claim(60 * MiB, OTHER, for_s=30)  # another client still may
+    budget.try_reserve(50 * MiB, OTHER)  # the lapsed claim is found, and the bars set
+    budget.claim(60 * MiB, OTHER, opens_in_s=0, grace_s=30)  # nobody, for now
+    budget.try_reserve(10 * MiB, WAITER)
+    time.sleep(0.3)
+    budget.claim(80 * MiB, memory_holder("10.0.0.1", "edges", "translate"), opens_in_s=0, grace_s=30)  # its address: still barred
+    budget.try_reserve(10 * MiB, OTHER)
+    budget.claim(60 * MiB, OTHER, opens_in_s=0, grace_s=30)  # another client may again
     with pytest.raises(ClaimedByAnother):
         budget.try_reserve(10 * MiB, WAITER)
 
@@ -183,7 +201,7 @@ def test_a_claim_made_in_one_process_keeps_the_room_from_every_other(tmp_path):
     the server's, in the shared table, and the processes' figures leave its slot out."""
     table = SharedBudgetTable.create(tmp_path / "budget", slots=2)
     front = SharedMemoryBudget(table, slot=1, total=100 * MiB, resident=10 * MiB)
-    front.claim(50 * MiB, WAITER, for_s=30)
+    front.claim(50 * MiB, WAITER, opens_in_s=0, grace_s=30)
     assert table.slots == 2 and table.resident() == 10 * MiB and table.reserved() == 0
     other = run_in_process(tmp_path / "budget", 0, 100 * MiB, f"""
         from service.memory import ClaimedByAnother
@@ -298,10 +316,11 @@ def smooth_png(side: int) -> bytes:
 def test_a_client_refused_for_memory_finds_its_room_when_it_comes_back_not_taken_by_later_requests(repository, processes):
     """A hostile probe: a translate refused for memory 6 times in a row after obeying Retry-After,
     the room it waited for taken each time by requests that arrived after it. Here answers no one
-    reads hold most of the budget; a large upscale is refused (503) and claims its room; a small
-    one from another address that fits what is free, but only by taking that room, is refused in
-    turn (it was served before); once the answers are dropped, the large one is served. Under
-    `--workers` the claim is the server's: the requests land on whichever front."""
+    reads hold most of the budget; a large upscale is refused (503) and claims its room from its
+    Retry-After. A small one from another address is served meanwhile (done before then); at
+    the Retry-After, the same small one, which would take that room, is refused (it was served
+    before); once the answers are dropped, the large one is served. Under `--workers` the claim
+    is the server's: the requests land on whichever front."""
     import contextlib
     import time
 
@@ -337,7 +356,10 @@ def test_a_client_refused_for_memory_finds_its_room_when_it_comes_back_not_taken
             large, small = smooth_png(int(0.95 * side)), smooth_png(32)
             refused = waiter.post("/v1/models/upx4/upscale", content=large, headers={"content-type": "image/png"})
             assert refused.status_code == 503 and "memory budget" in refused.text, refused.text
-            assert later.get("/v1/models/upx4").status_code == 200
+            due = time.monotonic() + int(refused.headers["retry-after"])
+            meanwhile = later.post("/v1/models/upx4/upscale", content=small, headers={"content-type": "image/png"})
+            assert meanwhile.status_code == 200, meanwhile.text  # the claimed room is used until the waiter is due
+            time.sleep(max(0.0, due - time.monotonic()) + 0.05)
             taken = later.post("/v1/models/upx4/upscale", content=small, headers={"content-type": "image/png"})
             assert taken.status_code == 503, "a later request took the room the refused one waits for"
             assert "promised to a request refused earlier" in taken.text and int(taken.headers["retry-after"]) >= 1
