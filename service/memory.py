@@ -153,8 +153,8 @@ class MemoryClaim:
     client's address, model and operation, `memory_holder`): from `opens` (its Retry-After, in
     time.monotonic_ns) until `lapses` (a grace second later). Requests of others that would take
     the room are refused only where they would still hold it at `opens`: until then it is used.
-    Renewed while the holder is refused again (for at most MAX_CLAIM_S from `since`), taken when
-    it is admitted."""
+    Renewed while the holder, back when told, is refused again (for at most MAX_CLAIM_S from
+    `since`), taken when it is admitted."""
 
     nbytes: int
     holder: int
@@ -308,7 +308,8 @@ class MemoryBudget:
     def claim(self, nbytes: int, holder: int, opens_in_s: float, grace_s: float) -> None:
         """Promises `nbytes` to `holder` from `opens_in_s` for `grace_s` more, where no other claim
         is in force (one at a time: the first refused is the first served); renews the holder's
-        own (its size kept); nothing while claims are barred (`ClaimBar`)."""
+        own (its size kept) where the holder is back no sooner than told; nothing while claims are
+        barred (`ClaimBar`)."""
         with self.lock, self.exclusive():
             now = time.monotonic_ns()
             claim = self.live_claim(now)
@@ -318,7 +319,9 @@ class MemoryBudget:
             opens = now + int(opens_in_s * 1e9)
             if claim is None:
                 self.write_claim(MemoryClaim(max(0, int(nbytes)), holder, opens, opens + int(grace_s * 1e9), now))
-            elif claim.holder == holder and now - claim.since_ns < MAX_CLAIM_S * 1e9:
+            elif claim.holder == holder and claim.opens_ns <= now and now - claim.since_ns < MAX_CLAIM_S * 1e9:
+                # back when told (not before: a client retrying early and often moved `opens` ahead
+                # of everyone for good, and kept the one claim from the client that waits its turn)
                 self.write_claim(MemoryClaim(claim.nbytes, holder, opens, opens + int(grace_s * 1e9), claim.since_ns))
 
     def release(self, nbytes: int) -> None:

@@ -147,11 +147,13 @@ def test_a_request_refused_for_memory_finds_its_room_kept_when_it_comes_back():
     budget.try_reserve(60 * MiB, OTHER)
 
 
-def test_a_claim_lapses_unless_its_holder_comes_back_and_only_one_stands_at_a_time(monkeypatch):
+def test_a_claim_lapses_unless_its_holder_comes_back_when_told_and_only_one_stands_at_a_time(monkeypatch):
     import time
 
     from service import memory
 
+    monkeypatch.setattr(memory, "EVERYONE_BAR_S", 0.0)  # (bars: the next test)
+    monkeypatch.setattr(memory, "CLIENT_BAR_S", 0.0)
     budget = MemoryBudget(100 * MiB)
     budget.claim(80 * MiB, WAITER, opens_in_s=0, grace_s=30)
     budget.claim(90 * MiB, OTHER, opens_in_s=0, grace_s=30)  # the first refused is the first served
@@ -161,14 +163,22 @@ def test_a_claim_lapses_unless_its_holder_comes_back_and_only_one_stands_at_a_ti
     budget.try_reserve(20 * MiB, WAITER)  # taken
     budget.release(20 * MiB)
     budget.claim(70 * MiB, OTHER, opens_in_s=0, grace_s=0.05)
-    budget.claim(90 * MiB, OTHER, opens_in_s=0, grace_s=0.2)  # renewed by its holder's next refusal, at its size
+    budget.claim(90 * MiB, OTHER, opens_in_s=0, grace_s=0.2)  # back when told and refused again: renewed, at its size
     time.sleep(0.1)
     with pytest.raises(ClaimedByAnother) as promised:
         budget.try_reserve(40 * MiB, WAITER)
     assert promised.value.claim.nbytes == 70 * MiB
-    monkeypatch.setattr(memory, "MAX_CLAIM_S", 0.05)  # renewed for longer: let lapse (what holds the room may be no request)
-    budget.claim(70 * MiB, OTHER, opens_in_s=0, grace_s=30)
-    time.sleep(0.2)
+    time.sleep(0.15)
+    budget.claim(70 * MiB, OTHER, opens_in_s=1, grace_s=0.05)  # a fresh claim: opens in a second
+    budget.claim(70 * MiB, OTHER, opens_in_s=1, grace_s=30)  # back too soon: not renewed
+    time.sleep(1.1)
+    budget.try_reserve(40 * MiB, WAITER)  # it lapsed at 1.05 s
+    budget.release(40 * MiB)
+    budget.claim(70 * MiB, OTHER, opens_in_s=0, grace_s=0.1)
+    monkeypatch.setattr(memory, "MAX_CLAIM_S", 0.02)
+    time.sleep(0.05)
+    budget.claim(70 * MiB, OTHER, opens_in_s=0, grace_s=30)  # renewed for longer than MAX_CLAIM_S: let lapse
+    time.sleep(0.1)
     budget.try_reserve(40 * MiB, WAITER)
 
 
