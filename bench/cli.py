@@ -251,6 +251,24 @@ def bench_image_compute_command(
     run_image_compute_bench(repository, baseline_code, rounds, requests, stream_seconds, out, threads)
 
 
+def bench_claims_command(
+    baseline_code: Optional[Path] = typer.Option(None, "--baseline-code", exists=True, file_okay=False,
+                                                 help="another ganserve checkout to compare (say `git worktree add /tmp/base HEAD~1`)"),
+    repository: Path = typer.Option(Path("model_repository"), "--repository", exists=True, file_okay=False),
+    scenarios: str = typer.Option(",".join(("starve", "squat_one", "squat_rot", "renew")), help="comma-separated: starve, squat_one, squat_rot, renew"),
+    duration: float = typer.Option(30.0, min=2.0, help="seconds a scenario"),
+    room_mib: int = typer.Option(400, min=50, help="MiB of the memory budget left for requests"),
+    out: Optional[Path] = typer.Option(Path("bench/results/claims-latest.json"), help="JSON report"),
+) -> None:
+    """Who gets the memory budget's room when it is short: benign clients, a large one, an attacker; this code and another checkout in turns."""
+    from bench.claims import SCENARIOS, run_claims_bench
+
+    chosen = [name.strip() for name in scenarios.split(",") if name.strip()]
+    if not chosen or set(chosen) - set(SCENARIOS):
+        raise typer.BadParameter(f"scenarios are among {', '.join(SCENARIOS)}", param_hint="--scenarios")
+    run_claims_bench(repository, baseline_code, chosen, duration, room_mib * 2**20, out)
+
+
 def register(app: typer.Typer) -> None:
     app.command("bench")(bench_command)
     app.command("bench-upscale")(bench_upscale_command)
@@ -265,3 +283,4 @@ def register(app: typer.Typer) -> None:
     app.command("bench-warmup")(bench_warmup_command)
     app.command("bench-hugepages")(bench_hugepages_command)
     app.command("bench-image-compute")(bench_image_compute_command)
+    app.command("bench-claims")(bench_claims_command)

@@ -46,6 +46,16 @@ def png(width: int, height: int, seed: int = 0, mode: str = "RGB") -> bytes:
     return buffer.getvalue()
 
 
+def smooth_png(side: int) -> bytes:
+    """A side x side gradient: a PNG of a few hundred KB at any size (noise of 2048² passes the
+    8 MiB body limit), for requests sized by their pixels."""
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    pixels = np.stack([np.add.outer(ramp, ramp) / 2] * 3, axis=-1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def bomb_png(width: int, height: int) -> bytes:
     """A few dozen bytes whose header claims width x height."""
     def chunk(kind: bytes, body: bytes) -> bytes:

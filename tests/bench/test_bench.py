@@ -196,6 +196,18 @@ def test_the_image_compute_bench_sets_this_codes_upscales_and_stream_beside_anot
     assert (tmp_path / "compute.json").exists()
 
 
+def test_the_claims_bench_counts_each_clients_answers_and_how_full_the_room_was(tmp_path):
+    """`ganserve bench-claims` (one short scenario, this code only)."""
+    from bench.claims import run_claims_bench
+    from tests.service.test_hostile import SHIPPED
+
+    report = run_claims_bench(SHIPPED, None, ["squat_one"], 3.0, 400 * 2**20, tmp_path / "claims.json")
+    (row,) = report["rows"]
+    assert row["scenario"] == "squat_one" and row["code"] == "this code" and row["side"] > 0 and 300 < row["room_mib"] < 500
+    assert row["answered_per_min"]["benign"] > 0 and set(row["statuses"]) >= {"benign", "victim", "attacker"}
+    assert 0 <= row["room_used"] <= 1.5 and (tmp_path / "claims.json").exists()
+
+
 def test_the_animation_bench_times_the_servers_encoding_beside_pillows_defaults(tmp_path):
     from bench.animation import run_animation_bench
 

@@ -309,19 +309,6 @@ def test_the_largest_listed_translate_is_admitted_where_the_models_leave_less_th
     assert response.status_code == 200, (response.status_code, response.text, limits, left / MiB)
 
 
-def smooth_png(side: int) -> bytes:
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    ramp = np.linspace(0, 255, side, dtype=np.float32)
-    image = np.stack([np.add.outer(ramp, ramp) / 2] * 3, axis=-1).astype(np.uint8)  # a small PNG at any size
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 @pytest.mark.parametrize("processes", [{}, {"workers": 2}], ids=["one process", "engine and two fronts"])
 def test_a_client_refused_for_memory_finds_its_room_when_it_comes_back_not_taken_by_later_requests(repository, processes):
     """A hostile probe: a translate refused for memory 6 times in a row after obeying Retry-After,
@@ -337,6 +324,7 @@ def test_a_client_refused_for_memory_finds_its_room_when_it_comes_back_not_taken
     import httpx
     import numpy as np
 
+    from bench.soak import smooth_png
     from bench.stalled import stalled_request
     from tests.serving import running_server
 
