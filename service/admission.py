@@ -279,8 +279,8 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
     the encodings admitted before it (`EncoderBacklog.check`); its seconds are added there (the
     microseconds counted appended to `counted`), and the caller takes them off once the answer is
     encoded. `holder` (`memory.memory_holder`): who the request is, for the room a memory
-    refusal claims for it (`reserve_memory`). `beside`: the other lanes on the device (`ModelRegistry.lanes_beside`), whose queued
-    work is added to its estimate and whose admitted requests it may not push past their
+    refusal claims for it (`reserve_memory`). `beside`: the other lanes on the device
+    (`ModelRegistry.lanes_beside`), whose queued work is added to its estimate and whose admitted requests it may not push past their
     deadlines; its booking is appended to `booked` (the caller takes it off its lane at the end).
     `other_share`: the share of the device other processes held lately (`SharedDevice.other_share`):
     everything it waits for and computes takes `slowdown` times longer."""
@@ -373,13 +373,13 @@ def recheck_in_the_engine(name: str, wait_s: float, alone_s: float, remaining_s:
 def reserve_memory(budget: MemoryBudget, nbytes: int, retry_after_s: float = 1.0, holder: int | None = None,
                    holds_s: float = math.inf) -> None:
     """Reserves `nbytes`, or refuses: 413 when they could never fit, 503 while others hold the
-    budget. A `holder`'s 503 claims the room from its Retry-After until a second past it (renewed
-    each time it comes back too soon: service/memory.py `MemoryClaim`), and a request of another
-    holder that would still hold that room then (`holds_s`: its estimated wait, compute and
-    encoding) is refused: a large request refused while small ones held the budget was refused
-    again and again, the room it waited for taken each time by requests that arrived after it
-    (a hostile probe: a translate refused 6 times in a row after obeying Retry-After; 30 of 30
-    in another)."""
+    budget. A `holder`'s 503 claims the room from its Retry-After until a second past it
+    (renewed while it comes back when told and is refused again: service/memory.py
+    `MemoryClaim`), and a request of another holder that would still hold that room then
+    (`holds_s`: its estimated wait, compute and encoding) is refused: a large request refused
+    while small ones held the budget was refused again and again, the room it waited for taken
+    each time by requests that arrived after it (a hostile probe: a translate refused 6 times in
+    a row after obeying Retry-After; `ganserve bench-claims`: 31 of 31)."""
     try:
         budget.try_reserve(nbytes, holder, holds_s)
     except ClaimedByAnother as error:
