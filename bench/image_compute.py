@@ -20,7 +20,7 @@ from rich.table import Table
 from bench.hugepages import time_case
 from bench.runner import machine, write_report
 from bench.server import launched_server
-from bench.soak import png
+from bench.soak import png, rss_bytes
 from bench.upscale import measure_stream
 
 REQUEST_CASES = (("sr-rrdb-x4", "upscale", 256), ("cyclegan-thin2thick", "translate", 1024))
@@ -34,23 +34,16 @@ def one_turn(repository: Path, code: Path | None, requests: int, stream_s: float
     figures: dict[str, dict[str, list[float]]] = {}
     with launched_server(repository, code=code, models=models, intra_op_threads=threads, request_timeout_s=120,
                          max_translate_pixels=4096 * 4096) as (process, url):
-        figures["resident MiB"] = {"ready": [resident_mib(process.pid)]}
+        figures["resident MiB"] = {"ready": [rss_bytes(process.pid) / 2**20]}
         for model, operation, side in request_cases:
             compute, _ = time_case(url, model, operation, side, requests)
             figures[f"{model} {operation} {side}²"] = {"compute_s": compute}
         model, side = stream_case
         stream = measure_stream(url, model, png(side, side), "jpeg", stream_s)
         figures[f"{model} stream {side}²"] = {"frames_per_s": [stream["frames_per_s"]], "p50_ms": [stream["p50_ms"]]}
-        figures["resident MiB"]["after"] = [resident_mib(process.pid)]
+        figures["resident MiB"]["after"] = [rss_bytes(process.pid) / 2**20]
     return figures
 
-
-def resident_mib(pid: int) -> float:
-    """VmRSS of the server's process (`ganserve serve` without `--workers` computes in it)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def run_image_compute_bench(repository: Path, baseline_code: Path, rounds: int, requests: int, stream_s: float, out: Path | None,
