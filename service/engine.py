@@ -31,7 +31,8 @@ def model_snapshot(model: LoadedModel) -> ModelSnapshot:
     runtime = (model.runtime.name, model.runtime.device) if model.runtime else None
     return ModelSnapshot(model.entry, model.state, model.error, model.config, dict(model.costs), model.limits, dict(model.latents),
                          dict(model.spreads), model.parity, runtime, model.lane.threads if model.lane else 1,
-                         model.lane.backlog_s if model.lane else 0.0, model.capture, list(model.precision_rejected))
+                         model.lane.backlog_s if model.lane else 0.0, model.capture, list(model.precision_rejected),
+                         model.lane.running_for() if model.lane else 0.0)
 
 
 def engine_snapshot(registry: ModelRegistry) -> EngineSnapshot:

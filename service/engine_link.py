@@ -148,6 +148,7 @@ class ModelSnapshot:
     backlog_s: float  # the engine lane's backlog: every front's admitted work
     capture: dict[str, dict] = field(default_factory=dict)  # graph → captured shapes (service/graph_capture.py)
     precision_rejected: list = field(default_factory=list)  # service.precision.PrecisionParity: what `auto` tried and left
+    running_s: float = 0.0  # how long the engine lane's longest-running batch has run (`Lane.running_for`)
 
 
 @dataclass

@@ -79,6 +79,7 @@ class RemoteLane:
         self.backlog_s = 0.0  # this front's admitted work on the model
         self.engine_backlog_s = 0.0  # every front's, as of the last snapshot
         self.admitted_since_snapshot_s = 0.0  # this front's admissions the last snapshot cannot have counted
+        self.engine_running_since: float | None = None  # when the engine lane's longest-running batch began, by this clock
 
     def add_backlog(self, seconds: float) -> None:
         self.backlog_s += seconds
@@ -87,10 +88,16 @@ class RemoteLane:
     def remove_backlog(self, seconds: float) -> None:
         self.backlog_s = max(0.0, self.backlog_s - seconds)
 
-    def observe(self, engine_backlog_s: float) -> None:
-        """A snapshot's figure: the engine lane's backlog, every front's admitted work in it."""
+    def observe(self, engine_backlog_s: float, engine_running_s: float = 0.0) -> None:
+        """A snapshot's figures: the engine lane's backlog, every front's admitted work in it, and
+        how long its longest-running batch has run (`Lane.running_for`)."""
         self.engine_backlog_s = engine_backlog_s
         self.admitted_since_snapshot_s = 0.0
+        self.engine_running_since = time.monotonic() - engine_running_s if engine_running_s > 0 else None
+
+    def running_for(self) -> float:
+        """As `Lane.running_for`, from the last snapshot on: a silent engine's batch counts on."""
+        return 0.0 if self.engine_running_since is None else time.monotonic() - self.engine_running_since
 
     def expected_wait_s(self) -> float:
         unseen = self.admitted_since_snapshot_s * self.fronts  # this front's since the snapshot, and as much from each other front
@@ -367,9 +374,16 @@ class FrontRegistry(ModelRegistry):
         """(none before this front has learnt which models the engine serves)"""
         return super().missing_models() if self.mirrored else []
 
+    def stuck_lanes(self) -> dict[str, float]:
+        """(the engine's lanes, from its snapshots; and the engine itself, once silent that long)"""
+        stuck = super().stuck_lanes()
+        if (silent := self.engine_silent_s()) > self.settings.stuck_after_s:
+            stuck["engine"] = round(silent, 1)
+        return stuck
+
     def is_ready(self) -> bool:
         return (self.loaded and self.engine_ready and self.client.connected and not self.draining and not self.engine_silent_s()
-                and self.memory.capacity > 0)
+                and self.memory.capacity > 0 and not self.stuck_lanes())  # (as its /health/live, not a snapshot later)
 
     def get(self, name: str, version: int | None = None) -> LoadedModel:
         """(503 at once while the engine is silent: its requests would wait out their deadline)"""
@@ -406,4 +420,4 @@ def update_mirror(mirror: LoadedModel, seen: ModelSnapshot) -> None:
     mirror.precision_rejected = seen.precision_rejected
     mirror.runtime = RuntimeLabel(*seen.runtime) if seen.runtime else None
     mirror.lane.threads = seen.lane_threads
-    mirror.lane.observe(seen.backlog_s)
+    mirror.lane.observe(seen.backlog_s, seen.running_s)

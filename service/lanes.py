@@ -155,7 +155,9 @@ class Lane:
         self.last_done = time.monotonic()  # when the last of them ended
         self._slots: asyncio.Semaphore | None = None
         self._work: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._serve, name=f"lane-{name}_{i}", daemon=True) for i in range(threads)]
+        # per thread: when the watched job it runs began (None: idle, or loading); each thread writes its own cell
+        self._started: list[float | None] = [None] * threads
+        self._threads = [threading.Thread(target=self._serve, args=(i,), name=f"lane-{name}_{i}", daemon=True) for i in range(threads)]
         for thread in self._threads:
             thread.start()
 
@@ -166,37 +168,51 @@ class Lane:
             self._slots = asyncio.Semaphore(self.threads)
         return self._slots
 
-    def run(self, function: Callable[..., Any], *args: Any) -> asyncio.Future:
-        """`function(*args)` on one of the lane's threads; the future resolves on the caller's loop."""
-        return self._queue(function, args, timed=False)
+    def run(self, function: Callable[..., Any], *args: Any, watched: bool = True) -> asyncio.Future:
+        """`function(*args)` on one of the lane's threads; the future resolves on the caller's loop.
+        `watched`: counted by `running_for` (serving work, bounded by the deadlines it serves; a
+        model's load and warm-up is not: a graph compile may take minutes)."""
+        return self._queue(function, args, timed=False, watched=watched)
 
     def run_timed(self, function: Callable[..., Any], *args: Any) -> asyncio.Future:
         """`run`, resolving to `(result, stretch)`: the job's wall time over what the device's
         sharing says it would have taken alone (1 with nothing else running, ~2 beside one other
         job asking for the whole device)."""
-        return self._queue(function, args, timed=True)
+        return self._queue(function, args, timed=True, watched=True)
 
-    def _queue(self, function: Callable[..., Any], args: tuple, timed: bool) -> asyncio.Future:
+    def _queue(self, function: Callable[..., Any], args: tuple, timed: bool, watched: bool) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self.pending += 1
-        self._work.put((loop, future, function, args, timed))
+        self._work.put((loop, future, function, args, timed, watched))
         return future
+
+    def running_for(self) -> float:
+        """How long the longest-running watched job now on the lane has run (0 with none): a
+        batch past every deadline it could serve is stuck (a wedged runtime, driver or device),
+        and only a restart frees its thread (`ModelRegistry.stuck_lanes`, /health/live)."""
+        now = time.monotonic()
+        return max((now - started for started in list(self._started) if started is not None), default=0.0)
 
     def idle_for(self) -> float:
         """Seconds since the lane last had work queued or running; 0 while it has some."""
         return 0.0 if self.pending else time.monotonic() - self.last_done
 
-    def _serve(self) -> None:
+    def _serve(self, index: int) -> None:
         while (job := self._work.get()) is not STOP:
-            loop, future, function, args, timed = job
+            loop, future, function, args, timed, watched = job
             if future.cancelled():
                 loop.call_soon_threadsafe(self._settle, future, None, None)
                 continue
             started = time.perf_counter()
             progress = self.device.enter(self.share) if self.device is not None else 0.0
+            if watched:
+                self._started[index] = time.monotonic()
             try:
-                result = function(*args)
+                try:
+                    result = function(*args)
+                finally:
+                    self._started[index] = None
             except BaseException as error:  # handed to the awaiting coroutine, as an executor would
                 self._left(progress)
                 loop.call_soon_threadsafe(self._settle, future, None, error)

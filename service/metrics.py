@@ -73,6 +73,8 @@ class ServiceMetrics:
                                      registry=r, multiprocess_mode="livesum")
         self.other_processes = Gauge("ganserve_other_processes_cores", "Cores' worth of work other processes wanted on this server's CPUs lately (admission counts it)",
                                      registry=r, multiprocess_mode="livemostrecent")
+        self.longest_compute = Gauge("ganserve_longest_running_batch_seconds", "How long the longest batch computing now has run (any model; past "
+                                     "GANSERVE_STUCK_COMPUTE_S its lane is stuck and /health/live answers 503)", registry=r, multiprocess_mode="livemax")
         self.gpu_memory = Gauge("ganserve_gpu_memory_bytes", "GPU memory allocated by this process", ("device",), registry=r, multiprocess_mode="liveall")
 
     def versioned(self) -> list[tuple[Counter | Gauge | Histogram, tuple[str, ...]]]:
@@ -101,7 +103,8 @@ class ServiceMetrics:
         self.bound.cache_clear()  # its children of the removed label sets would write where no scrape looks
         return removed
 
-    def record_process_state(self, capacity: int, used: int, device: str, encoding_s: float = 0.0, other_cores: float = 0.0) -> None:
+    def record_process_state(self, capacity: int, used: int, device: str, encoding_s: float = 0.0, other_cores: float = 0.0,
+                             longest_compute_s: float = 0.0) -> None:
         """The memory budget, what admitted requests hold, the encoder pool's backlog and this process's GPU memory: read
         where they live, so set at every scrape and, for the processes a scrape does not reach
         (a `--workers` engine, the fronts that did not answer it), every `STATE_REFRESH_S` by
@@ -110,6 +113,7 @@ class ServiceMetrics:
         self.memory_reserved.set(used)
         self.encoder_backlog.set(encoding_s)
         self.other_processes.set(other_cores)
+        self.longest_compute.set(longest_compute_s)
         if device == "cuda":
             import torch
 
@@ -161,6 +165,11 @@ async def refresh_process_state(registry) -> None:
     """Keeps this process's memory gauges current until cancelled (the app's lifespan runs it in
     every process; `registry` is the lifespan's ModelRegistry)."""
     while True:
-        registry.metrics.record_process_state(registry.memory.capacity, registry.memory.used, registry.device, registry.encoding.seconds,
-                                              registry.shared_device.other_cores())
+        record_registry_state(registry)
         await asyncio.sleep(STATE_REFRESH_S)
+
+
+def record_registry_state(registry) -> None:
+    """`record_process_state` from what `registry` (a ModelRegistry) reads now."""
+    registry.metrics.record_process_state(registry.memory.capacity, registry.memory.used, registry.device, registry.encoding.seconds,
+                                          registry.shared_device.other_cores(), registry.longest_running_batch_s())

@@ -291,6 +291,19 @@ class ModelRegistry:
         (every model it had was); in the second it stayed unready for good, and nothing said why."""
         return [name for name in dict.fromkeys(self.settings.models + self.settings.ready_names) if name not in self.models]
 
+    def stuck_lanes(self) -> dict[str, float]:
+        """`model/version` → seconds, for each lane whose one batch (or idle re-timing) has run
+        past `Settings.stuck_after_s`: a wedged runtime, driver or device. Nothing but a restart
+        frees its thread; before, /health/live said live and every request to the model waited out
+        its deadline for a 504, for good."""
+        limit = self.settings.stuck_after_s
+        return {model.entry.label: round(running, 1) for model in self.all_models()
+                if model.lane is not None and (running := model.lane.running_for()) > limit}
+
+    def longest_running_batch_s(self) -> float:
+        """How long the longest batch computing now (any model's lane) has run."""
+        return max((model.lane.running_for() for model in self.all_models() if model.lane is not None), default=0.0)
+
     async def load_all(self) -> None:
         """Loads and warms the entries one at a time (each on its own lane), so each one's memory
         is measured with nothing else computing."""
@@ -312,7 +325,7 @@ class ModelRegistry:
                               lane_share(self.device, self.settings.intra_op_threads))
             memory.trim()
             before = memory.rss_bytes()
-            await model.lane.run(self.load_and_warm, model)
+            await model.lane.run(self.load_and_warm, model, watched=False)
             memory.trim()
             model.resident_bytes = max(0, memory.rss_bytes() - before)
             model.limits = derive_limits(model, self.settings, self.request_memory_bytes())
@@ -681,6 +694,8 @@ class ModelRegistry:
         """Readiness as `ready_requires` says: every model, any model, or the named ones."""
         if self.draining or not self.loaded or self.memory.capacity == 0:  # no request could fit: every one answered 503 "retry"
             return False
+        if self.stuck_lanes():
+            return False
         ready = {name for name, versions in self.models.items() if any(m.ready for m in versions.values())}
         rule = self.settings.ready_requires
         if rule == "all" and self.missing_models():
@@ -715,6 +730,10 @@ class ModelRegistry:
         model = self.resolve(name, version)
         if not model.ready:
             raise ApiError(503, f"model {name!r} v{model.entry.version} is {model.state}" + (f": {model.error}" if model.error else ""), headers={"Retry-After": "1"})
+        if (running := model.lane.running_for()) > self.settings.stuck_after_s:
+            raise ApiError(503, f"model {model.entry.label} has been computing one batch for {running:.0f} s, past "
+                                f"GANSERVE_STUCK_COMPUTE_S ({self.settings.stuck_after_s:g} s): its compute is stuck and the "
+                                f"server reports itself not live (/health/live) until it ends", headers={"Retry-After": "10"})
         return model
 
     def batcher(self, model: LoadedModel, operation: str, graph: str = "model") -> DynamicBatcher:

@@ -96,7 +96,10 @@ class ModelReplica:
             await asyncio.sleep(every_s)
 
     async def check_health(self) -> None:
-        """Ray replaces a replica whose check fails; a draining or failed registry is unhealthy."""
+        """Ray replaces a replica whose check fails; a draining or failed registry is unhealthy,
+        and so is one whose lane is stuck in a batch (`ModelRegistry.stuck_lanes`)."""
+        if stuck := self.registry.stuck_lanes():
+            raise RuntimeError(f"compute stuck: {stuck}")
         if not self.registry.is_ready():
             raise RuntimeError("the model is not ready")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from service.metrics import record_registry_state
 from service.pipeline import registry_of
 
 router = APIRouter(tags=["health"])
@@ -16,13 +17,21 @@ def readiness(request: Request) -> JSONResponse:
     answer = {"ready": ready, "requires": registry.settings.ready_requires, "models": states}
     if missing := registry.missing_models():
         answer["missing"] = missing  # named by GANSERVE_MODELS or GANSERVE_READY_REQUIRES, not served
+    if stuck := registry.stuck_lanes():
+        answer["stuck"] = stuck
     return JSONResponse(answer, status_code=200 if ready else 503)
 
 
 @router.get("/health/live")
 @router.get("/v2/health/live")
-async def live() -> dict:
-    return {"live": True}
+async def live(request: Request) -> JSONResponse:
+    """200 while the process makes progress; 503 once a lane has run one batch past
+    GANSERVE_STUCK_COMPUTE_S (`stuck`: which, for how long), or under `--workers` the engine has
+    been silent that long: a wedged runtime or device that only a restart frees, which is what an
+    orchestrator's liveness probe is for (it said live whatever happened)."""
+    if stuck := registry_of(request).stuck_lanes():
+        return JSONResponse({"live": False, "stuck": stuck, "stuck_after_s": registry_of(request).settings.stuck_after_s}, status_code=503)
+    return JSONResponse({"live": True})
 
 
 @router.get("/health/ready")
@@ -37,7 +46,6 @@ async def ready(request: Request) -> JSONResponse:
 @router.get("/metrics", responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"}})
 async def metrics(request: Request) -> Response:
     registry = registry_of(request)
-    registry.metrics.record_process_state(registry.memory.capacity, registry.memory.used, registry.device, registry.encoding.seconds,
-                                          registry.shared_device.other_cores())
+    record_registry_state(registry)
     body, media_type = registry.metrics.exposition({(name, str(version)) for name, versions in registry.models.items() for version in versions})
     return Response(body, media_type=media_type)

@@ -307,3 +307,79 @@ def test_a_setting_that_is_not_the_json_it_must_be_stops_serve_with_its_name_not
                              capture_output=True, text=True, timeout=60, env=os.environ | {setting: value})
     assert started.returncode == 2 and "Traceback" not in started.stderr and "─" not in started.stderr, started.stderr[-2000:]
     assert setting.removeprefix("GANSERVE_").lower() in started.stderr.lower(), started.stderr
+
+
+def test_a_lane_counts_how_long_its_serving_job_has_run_but_not_a_load():
+    """`Lane.running_for` is what liveness reads: a job still running (here one blocked for good
+    until released, as a wedged runtime is) counts up; a load (warm-up may compile for minutes)
+    does not; an ended one is forgotten."""
+    import asyncio
+
+    from service.lanes import Lane
+
+    async def scenario() -> tuple[float, float, float, float]:
+        lane = Lane("wedged", threads=1)
+        released = threading.Event()
+        loading = lane.run(released.wait, 5, watched=False)
+        await asyncio.sleep(0.3)
+        while_loading = lane.running_for()
+        released.set()
+        await loading
+        released.clear()
+        serving = lane.run(released.wait, 5)
+        await asyncio.sleep(0.3)
+        early = lane.running_for()
+        await asyncio.sleep(0.3)
+        later = lane.running_for()
+        released.set()
+        await serving
+        lane.shutdown()
+        return while_loading, early, later, lane.running_for()
+
+    while_loading, early, later, ended = asyncio.run(scenario())
+    assert while_loading == 0.0 and ended == 0.0
+    assert 0.25 <= early < later and later >= 0.55
+
+
+@pytest.mark.parametrize("settings", [{}, {"workers": 2}], ids=["one process", "engine and two fronts"])
+def test_a_batch_running_past_the_stuck_limit_makes_the_server_not_live_and_refuses_its_model_at_once(settings):
+    """A lane wedged in one batch (a hung driver or runtime) is only freed by a restart: liveness
+    must say so, or an orchestrator keeps a server whose model answers every request 504 at its
+    deadline. Here the limit is set below one real batch (an upscale of ~2.5 s in one batch), so
+    the stuck state is seen, and seen to end: meanwhile /health/live and /health/ready are 503
+    naming the lane, a request to that model is refused at once, another model still serves;
+    once the batch ends all is as before (and the slow upscale itself was answered)."""
+    from bench.limits import model_figures
+    from tests.service.test_host_load import upscale_of_about
+    from tests.service.test_hostile import SHIPPED
+    from tests.service.test_isolation import png
+
+    with running_server(SHIPPED, models=["sr-rrdb-x4", "dcgan-digits"], stuck_compute_s=0.5, max_batch_seconds=4,
+                        intra_op_threads=2, remeasure_idle_s=600, **settings) as server, server.client(timeout=60) as client:
+        assert client.get("/health/live").json() == {"live": True}
+        width, height = upscale_of_about(2.5, model_figures(server.url, "sr-rrdb-x4"))
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(client.post, "/v1/models/sr-rrdb-x4/upscale?format=jpeg", content=png(width, height), headers={"content-type": "image/png"})
+            deadline = time.monotonic() + 10
+            while (live := client.get("/health/live")).status_code == 200 and time.monotonic() < deadline and not slow.done():
+                time.sleep(0.05)
+            ready = client.get("/health/ready")
+            started = time.monotonic()
+            refused = client.post("/v1/models/sr-rrdb-x4/upscale", content=png(64, 64), headers={"content-type": "image/png"})
+            refused_in = time.monotonic() - started
+            other = client.post("/v1/models/dcgan-digits/generate", json={"seed": 1})
+            longest = server.metric("ganserve_longest_running_batch_seconds")
+            upscaled = slow.result()
+        assert live.status_code == 503, (width, height, live.text)
+        assert list(live.json()["stuck"]) == ["sr-rrdb-x4/1"] and live.json()["stuck_after_s"] == 0.5
+        assert ready.status_code == 503 and list(ready.json()["stuck"]) == ["sr-rrdb-x4/1"]
+        assert refused.status_code == 503 and "stuck" in refused.json()["error"]["message"] and "retry-after" in refused.headers
+        assert refused_in < 1.0
+        assert other.status_code == 200
+        assert longest > 0.5
+        assert upscaled.status_code == 200
+        deadline = time.monotonic() + 5
+        while client.get("/health/live").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.get("/health/live").json() == {"live": True} and client.get("/health/ready").status_code == 200
+        assert client.post("/v1/models/sr-rrdb-x4/upscale", content=png(64, 64), headers={"content-type": "image/png"}).status_code == 200
