@@ -147,7 +147,7 @@ def derive_limits(model: "LoadedModel", settings: Settings, request_memory: int)
     if cost is None:
         return ModelLimits(seconds, min(config.max_input_pixels, int(memory // per_pixel)))
     max_tiles = max(0, math.floor((seconds - cost.overhead_s) / cost.per_unit_s))
-    batch_bytes = cost.bytes_per_unit * cost.batch_items(config.max_batch_size, config.max_batch_seconds)
+    batch_bytes = cost.tile_bytes(cost.batch_items(config.max_batch_size, config.max_batch_seconds))
 
     def fits(side: int) -> bool:
         return (side * side <= config.max_input_pixels and tile_count(side, side, config) <= max_tiles
@@ -169,11 +169,13 @@ class RequestCost:
     smaller: str = "send fewer or smaller images"  # what the client can change when it is too expensive (an interpolation's frames)
 
 
-def batch_share_bytes(cost: GraphCost | None, units: list[float], max_batch_size: int, max_batch_seconds: float) -> int:
-    """The batch memory a request's items may add: at most a batch's worth of them compute at once."""
+def batch_share_bytes(cost: GraphCost | None, units: list[float], max_batch_size: int, max_batch_seconds: float, tiles: bool = False) -> int:
+    """The batch memory a request's items may add: at most a batch's worth of them compute at once
+    (`tiles`: the items are an upscale's tiles, `GraphCost.tile_bytes`)."""
     if cost is None or not units:
         return 0
-    return cost.bytes_for(sum(sorted(units, reverse=True)[:cost.batch_items(max_batch_size, max_batch_seconds)]))
+    in_batch = sum(sorted(units, reverse=True)[:cost.batch_items(max_batch_size, max_batch_seconds)])
+    return cost.tile_bytes(in_batch) if tiles else cost.bytes_for(in_batch)
 
 
 def compute_seconds(cost: GraphCost | None, units: list[float], max_batch_size: int) -> float:

@@ -58,6 +58,10 @@ class GraphCost:
     max_batch_units: float | None = None  # a larger warm-up shape ran out of device memory: batches stay at or under this
     recalibrated_to: float | None = None  # the correction an idle re-measure last set (`recalibrate`)
     observed_at: float | None = None  # when a batch last moved the correction (monotonic; None: never, it holds as set)
+    item_bytes: int = 0  # one unit's own arrays (its input and output), with the margin
+    # the runtime runs this graph's tile batches in an arena it holds resident (ONNX Runtime on a CPU, one lane
+    # thread: service/runtimes.py `run_in_chunks`), which the resident baseline counts: a tile adds its own arrays only
+    in_arena: bool = False
 
     def current_correction(self, now: float | None = None) -> float:
         """The correction as evidence of *lately*: it goes back toward where the idle lane last
@@ -118,6 +122,13 @@ class GraphCost:
 
     def bytes_for(self, units: float) -> int:
         return math.ceil(self.bytes_per_unit * units)
+
+    def tile_bytes(self, tiles: float) -> int:
+        """What `tiles` upscale tiles add while their batch computes: their own arrays where the
+        batch runs in the resident arena (a 96² tile of sr-rrdb-x4: ~2 MB, against the ~120 MB of
+        activations counted per tile before, which made a 10 s batch's share of ~50 tiles refuse
+        every upscale), else `bytes_for`."""
+        return math.ceil(self.item_bytes * tiles) if self.in_arena else self.bytes_for(tiles)
 
     def observe(self, units: float, elapsed_s: float, smallest_item_units: float = 1.0, stretch: float = 1.0) -> None:
         """A batch of `units` in all took `elapsed_s`: the correction moves toward observed over
@@ -212,7 +223,7 @@ class GraphCost:
         return {"seconds_per_unit": round(self.per_unit_s, 6), "batch_overhead_seconds": round(self.overhead_s, 6),
                 "bytes_per_unit": self.bytes_per_unit, "unit_pixels": self.reference_pixels, "observed_over_measured": round(self.current_correction(), 3),
                 "warmed_units": list(self.warmed), "relaxed_when_idle": self.relaxed, "relaxed_by_batches": self.relaxed_by_batches,
-                "max_batch_units": self.max_batch_units}
+                "max_batch_units": self.max_batch_units, "item_bytes": self.item_bytes, "tiles_in_arena": self.in_arena}
 
 
 @dataclass(frozen=True)
@@ -287,6 +298,7 @@ def measure_cost(run: Callable[[dict[str, np.ndarray]], np.ndarray], make_inputs
     shapes = sorted(shapes, key=lambda shape: shape[1])
     (small, small_units) = shapes[0]
     per_unit_bytes: list[float] = []  # one per first run: the smallest shape's, then the larger ones'
+    own_per_unit: list[float] = []  # one per first run: the inputs' and output's bytes per unit
 
     def first_run(key: K, units: float, added_units: float) -> None:
         inputs = make_inputs(key)
@@ -298,6 +310,7 @@ def measure_cost(run: Callable[[dict[str, np.ndarray]], np.ndarray], make_inputs
         added = added if added is not None else fallback_bytes(inputs, output)
         own = sum(a.nbytes for a in inputs.values()) + output.nbytes  # an item's own arrays: never less than these
         per_unit_bytes.append(max(added / max(added_units, 1e-9), own / units))
+        own_per_unit.append(own / units)
 
     def timed(key: K) -> float:
         inputs = make_inputs(key)
@@ -329,7 +342,9 @@ def measure_cost(run: Callable[[dict[str, np.ndarray]], np.ndarray], make_inputs
         per_unit, overhead = probe.fit_runs([time_run(run, inputs[index]) for index in probe.order()])
     else:
         per_unit, overhead = probe.fit([t_small])
-    return GraphCost(per_unit, overhead, bytes_per_unit, reference_pixels, warmed=warmed, max_batch_units=max_batch_units), probe
+    item_bytes = math.ceil(max(own_per_unit) * MEMORY_MARGIN)
+    return GraphCost(per_unit, overhead, bytes_per_unit, reference_pixels, warmed=warmed, max_batch_units=max_batch_units,
+                     item_bytes=item_bytes), probe
 
 
 def time_run(run: Callable[[dict[str, np.ndarray]], np.ndarray], inputs: dict[str, np.ndarray]) -> float:

@@ -182,12 +182,13 @@ def require_kind(model: LoadedModel, kind: str) -> None:
         raise ApiError(422, f"model {entry.name!r} is {article(entry.kind)} {entry.kind} model, not {article(kind)} {kind} model{hint}")
 
 
-def estimate(model: LoadedModel, graph: str, units: list[float], resident_bytes: int = 0) -> RequestCost:
+def estimate(model: LoadedModel, graph: str, units: list[float], resident_bytes: int = 0, tiles: bool = False) -> RequestCost:
     """The cost of running `units` items through one of the model's graphs, plus what the request
-    holds besides its batches (images, outputs, encoded bytes)."""
+    holds besides its batches (images, outputs, encoded bytes); `tiles`: the items are an
+    upscale's tiles (`GraphCost.tile_bytes`)."""
     cost, config = model.costs.get(graph), model.config
     return RequestCost(compute_seconds(cost, units, config.max_batch_size),
-                       resident_bytes + batch_share_bytes(cost, units, config.max_batch_size, config.max_batch_seconds))
+                       resident_bytes + batch_share_bytes(cost, units, config.max_batch_size, config.max_batch_seconds, tiles))
 
 
 def with_encoding(registry: ModelRegistry, cost: RequestCost, fmt: str, pixels: int, images: int = 1) -> RequestCost:

@@ -340,8 +340,15 @@ class ModelRegistry:
         """(at least, at most) what the process holds resident apart from admitted work, read now:
         RSS holds their memory too, up to what they reserved (reservations are peaks)."""
         reserved = self.memory.used
-        rss = memory.rss_bytes()
+        rss = memory.rss_bytes() + self.arenas_missing_bytes()
         return max(0, rss - max(reserved, self.memory.used)), rss
+
+    def arenas_missing_bytes(self) -> int:
+        """What the tile arenas that tile batches reserve no room for (`GraphCost.in_arena`) would
+        add to hold warm-up's batch again, where a run of another size emptied them: counted
+        resident, as if held, so that the next tile batch's refill is inside the baseline."""
+        return sum(arena.missing_bytes() for model in self.all_models() for runtime in model.runtimes.values()
+                   if (arena := getattr(runtime, "arena", None)) is not None)
 
     def settle_memory(self) -> None:
         """What is left of the budget for requests once the models are resident; the loaded
@@ -674,10 +681,17 @@ class ModelRegistry:
             large = -(-TRANSLATE_WARMUP_LARGE_SIDE // multiple) * multiple
             shapes = {(1, side): 1.0, (1, 2 * side): 4.0} | ({(1, large): (large / side) ** 2} if large > 2 * side else {})
         inputs_for = {units: dummy_inputs(entry, b, graph, s) for (b, s), units in shapes.items()}
-        # (where the runtime keeps an arena for the tiles, it holds warm-up's two-tile batch, and
-        # larger tile batches run in chunks of two in it: service/runtimes.py `run_in_chunks`)
-        return measure_cost(runtime.run, lambda units: inputs_for[units], [(units, units) for units in shapes.values()], side * side,
-                            config.max_batch_seconds, config.warmup_repeats, config.warmup_repeats if specialised else 1, prepare)
+        cost, probe = measure_cost(runtime.run, lambda units: inputs_for[units], [(units, units) for units in shapes.values()], side * side,
+                                   config.max_batch_seconds, config.warmup_repeats, config.warmup_repeats if specialised else 1, prepare)
+        # where the runtime keeps an arena for the tiles, it holds warm-up's two-tile batch, and
+        # larger tile batches run in chunks of two in it (service/runtimes.py `run_in_chunks`): with
+        # one lane thread no two chunks run at once, so a tile batch adds its tiles' arrays only
+        # (the arena's batch is then counted resident even while a v2 input of another size has
+        # emptied it: `arenas_missing_bytes`)
+        arena = getattr(runtime, "arena", None)
+        if arena is not None and entry.kind == "super_resolution" and config.lane_threads == 1:
+            cost.in_arena, arena.kept_bytes = True, cost.bytes_for(arena.kept_batch)
+        return cost, probe
 
     @staticmethod
     def fill_arena(model: LoadedModel, runtime: Runtime, graph: str, cost: GraphCost) -> None:

@@ -208,6 +208,12 @@ class ArenaKeeper:
         self.kept_item: tuple[int, ...] | None = None  # the shape of one item warm-up ran (the last, where it ran several)
         self.in_flight = 0
         self.shrinks = 0  # runs that gave back what they added (for tests and logs)
+        # what warm-up's largest batch left in the arena, as its cost counts it (set once measured),
+        # and whether the arena holds it now: a run that gave back emptied it, a run at warm-up's
+        # largest batch fills it again. The resident baseline counts it as held either way
+        # (`missing_bytes`), since tile batches reserve no room for it (`GraphCost.in_arena`)
+        self.kept_bytes = 0
+        self.holds = False
         self.lock = threading.Lock()
         self.giving_back = ort.RunOptions()
         self.giving_back.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
@@ -243,6 +249,14 @@ class ArenaKeeper:
         finally:
             with self.lock:
                 self.in_flight -= 1
+                if not keeps:
+                    self.holds = False
+                elif self.warming or batch == self.kept_batch:
+                    self.holds = True
+
+    def missing_bytes(self) -> int:
+        """What the arena would add to the process's memory to hold warm-up's batch again."""
+        return 0 if self.holds else self.kept_bytes
 
 
 @contextlib.contextmanager

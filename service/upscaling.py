@@ -49,7 +49,7 @@ def plan_upscale(model: LoadedModel, width: int, height: int) -> UpscalePlan:
         raise ApiError(413, f"an image of {width}x{height} pixels takes {tiles} tiles; {model.entry.name!r} takes at most {max_tiles} per image on this machine")
     spec = model.entry.spec
     resident = height * width * (DECODE_BYTES_PER_PIXEL + upscale_bytes_per_pixel(max(spec["in_channels"], spec["channels"]), spec["scale"]))
-    return UpscalePlan(grid, estimate(model, "model", [1.0] * tiles, resident))
+    return UpscalePlan(grid, estimate(model, "model", [1.0] * tiles, resident, tiles=True))
 
 
 async def upscale_upload(registry: ModelRegistry, model: LoadedModel, data: bytes, plan: UpscalePlan, state: RequestState) -> np.ndarray:

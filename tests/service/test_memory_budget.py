@@ -371,3 +371,35 @@ def test_a_client_refused_for_memory_finds_its_room_when_it_comes_back_not_taken
             time.sleep(float(answer.headers.get("retry-after", 1)))
         assert answer.status_code == 200, answer.text
         assert later.post("/v1/models/upx4/upscale", content=small, headers={"content-type": "image/png"}).status_code == 200
+
+
+def test_an_upscale_at_the_listed_side_is_served_within_a_small_budget_with_tile_batches_in_the_arena():
+    """sr-rrdb-x4's tile batches run two tiles at a time in the arena warm-up left resident
+    (service/runtimes.py `run_in_chunks`), which the resident baseline counts. Counted per tile as
+    fresh activations (~120 MB a tile, two in a batch), a budget leaving 80 MiB for requests
+    listed no upscale size at all (every upload 413; so did any budget under ~6 GB with
+    GANSERVE_MAX_BATCH_SECONDS=10, a batch of ~50 tiles). A tile now adds its own arrays (~2 MB): the listed side
+    is served, and the process's peak memory while it is stays within the budget."""
+    import io
+
+    from PIL import Image
+
+    from bench.soak import smooth_png
+    from tests.service.test_hostile import SHIPPED
+    from tests.serving import running_server
+
+    settings = {"models": ["sr-rrdb-x4"], "request_timeout_s": 6}  # (a short deadline: fewer tiles to compute)
+    with running_server(SHIPPED, memory_budget=4 * 2**30, **settings) as server:
+        resident = 4 * 2**30 - server.metric("ganserve_memory_budget_bytes")
+    budget = int(resident + 80 * MiB)
+    with running_server(SHIPPED, memory_budget=budget, **settings) as server, server.client(timeout=120) as client:
+        limits = client.get("/v1/models/sr-rrdb-x4").json()["versions"][-1]["limits"]
+        side = limits["max_input_side"]
+        assert side and side >= 256, limits
+        status = Path(f"/proc/{server.process.pid}/status")
+        Path(f"/proc/{server.process.pid}/clear_refs").write_text("5")  # the peak from here on
+        response = client.post("/v1/models/sr-rrdb-x4/upscale?format=jpeg", content=smooth_png(side), headers={"content-type": "image/png"})
+        peak = int(next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024
+    assert response.status_code == 200, (response.status_code, response.text, limits)
+    assert Image.open(io.BytesIO(response.content)).size == (4 * side, 4 * side)
+    assert peak <= budget, f"peak {(peak - resident) / MiB:.0f} MiB above resident, past the budget's {(budget - resident) / MiB:.0f} (side {side})"

@@ -118,3 +118,30 @@ def test_an_upscale_graph_with_an_arena_gives_the_images_of_one_without(upscaler
     plain.arena = None  # session.run's own output
     for inputs in (image(2, TILE), image(5, TILE), image(1, 40)):  # in one run, in chunks of two, given back
         np.testing.assert_array_equal(runtime.run(inputs), plain.run(inputs))
+
+
+def test_a_tile_arena_emptied_by_another_size_is_missing_from_memory_until_a_tile_batch_fills_it(upscaler):
+    """Tile batches reserve no room for the arena's activations (`GraphCost.in_arena`): the
+    resident baseline counts them. A v2 input of another size gives the arena back, so the
+    registry adds what it lacks (`missing_bytes`) to any resident reading until a tile batch at
+    warm-up's size has faulted it in again; that refill stays within the figure warm-up's cost
+    gives it (two tiles' activations)."""
+    from service.costs import measure_cost
+
+    runtime = OnnxRuntime(upscaler, "cpu", 2)
+    tiles = {1.0: image(1, TILE), 2.0: image(2, TILE)}
+    grown = settled_rss()
+    with warming(runtime):  # as the registry warms and measures a tile graph (`ModelRegistry.measure`)
+        cost, _ = measure_cost(runtime.run, tiles.__getitem__, [(1.0, 1.0), (2.0, 2.0)], TILE * TILE, repeats=1)
+    arena = runtime.arena
+    arena.kept_bytes = cost.bytes_for(arena.kept_batch)
+    assert arena.kept_batch == 2 and arena.holds and arena.missing_bytes() == 0 and settled_rss() - grown > 50 * 2**20
+    runtime.run(image(1, 2 * TILE))
+    given_back = settled_rss()
+    assert not arena.holds and arena.missing_bytes() == arena.kept_bytes
+    runtime.run(image(1, TILE))  # one tile fills part of it: still counted as missing
+    assert arena.missing_bytes() == arena.kept_bytes
+    runtime.run(image(5, TILE))  # in chunks of two: warm-up's batch again
+    refilled = settled_rss() - given_back
+    assert arena.holds and arena.missing_bytes() == 0
+    assert 0 < refilled <= arena.kept_bytes, f"the refill took {refilled / 2**20:.0f} MiB"
