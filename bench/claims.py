@@ -10,7 +10,10 @@ server lists (`max_input_side`), so both codes are loaded alike:
 - a large client (`victim`), 0.9 of the side: the request a memory refusal once starved;
 - in `squat_one` and `squat_rot`, an attacker that sends a large request every 0.25 s and never
   comes back for one refused (from one address, or 31 in turn); in `renew`, one that comes back
-  every 0.3 s, sooner than told, with a request a little larger.
+  every 0.3 s, sooner than told, with a request a little larger; in `crowd`, a second large
+  client as obedient as the victim but with two connections (counted as `attacker`): one of its
+  connections took the claim while the other, refused, claimed the room again at once, and the
+  victim's refusals made none (a hostile probe: 43 answers against 1).
 
 Per scenario and code: requests answered a minute and refusals by reason (memory, or room promised
 to another: service/memory.py `MemoryClaim`), the victim's longest run of refusals, and how full
@@ -33,7 +36,7 @@ from bench.runner import machine, write_report
 from bench.server import launched_server
 from bench.soak import smooth_png
 
-SCENARIOS = ("starve", "squat_one", "squat_rot", "renew")
+SCENARIOS = ("starve", "squat_one", "squat_rot", "renew", "crowd")
 MODEL = "cyclegan-thin2thick"
 ATTACKER_ADDRESSES = [f"127.0.0.{k}" for k in range(10, 41)]
 
@@ -125,6 +128,8 @@ def run_scenario(repository: Path, code: Path | None, scenario: str, duration_s:
             threads.append(threading.Thread(target=attacker, args=(url, addresses, large, 0.25, tally, stop)))
         elif scenario == "renew":
             threads.append(threading.Thread(target=attacker, args=(url, ATTACKER_ADDRESSES[:1], large, 0.3, tally, stop, larger)))
+        elif scenario == "crowd":
+            threads += [threading.Thread(target=obedient, args=(url, ATTACKER_ADDRESSES[0], large, "attacker", tally, stop)) for _ in range(2)]
         started = time.monotonic()
         for thread in threads:
             thread.start()
