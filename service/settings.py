@@ -72,8 +72,9 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = Field(0.0, ge=0)  # 0: natural batching, see DynamicBatcher.wait_for_batch
     max_queue_size: int = Field(4096, ge=1)  # items waiting per (model, version, operation)
     request_timeout_s: float = Field(30.0, gt=0)  # the deadline of a request, 504 past it
-    # a lane whose one batch has run this long is stuck (every request it served is past its deadline):
-    # /health/live and /health/ready answer 503 and its model's requests are refused at once; unset: 2 x the deadline
+    # a lane whose one batch has run this long is stuck (every request it served is long past its deadline):
+    # /health/live and /health/ready answer 503 and its model's requests are refused at once; unset: 4 x the
+    # deadline (a v2 whole image through an upscale graph ran 1.5x its estimate, and a busy machine stretches more)
     stuck_compute_s: float | None = Field(None, gt=0)
     # lanes: every model computes on its own executor, so a slow model queues behind itself only
     lane_threads: int = Field(1, ge=1, le=64)  # batches one model runs at once (Triton's instance count)
@@ -191,7 +192,7 @@ class Settings(BaseSettings):
     @property
     def stuck_after_s(self) -> float:
         """How long one batch may run before its lane is taken for stuck (`stuck_compute_s`)."""
-        return self.stuck_compute_s if self.stuck_compute_s is not None else 2 * self.request_timeout_s
+        return self.stuck_compute_s if self.stuck_compute_s is not None else 4 * self.request_timeout_s
 
     @property
     def shutdown_grace_s(self) -> float:
