@@ -375,9 +375,11 @@ class FrontRegistry(ModelRegistry):
         return super().missing_models() if self.mirrored else []
 
     def stuck_lanes(self) -> dict[str, float]:
-        """(the engine's lanes, from its snapshots; and the engine itself, once silent that long)"""
+        """(the engine's lanes, from its snapshots; and the engine itself, once silent that long
+        after its models loaded: while it loads, it answers no snapshot, and a front not live then
+        would have an orchestrator restart a server loading large models, over and over)"""
         stuck = super().stuck_lanes()
-        if (silent := self.engine_silent_s()) > self.settings.stuck_after_s:
+        if self.polling is not None and (silent := self.engine_silent_s()) > self.settings.stuck_after_s:
             stuck["engine"] = round(silent, 1)
         return stuck
 
