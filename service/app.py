@@ -59,14 +59,15 @@ def create_app(settings: Settings | None = None, serve_while_loading: bool = Tru
             link = EngineLink(registry, settings.engine_dir / ENGINE_LINK)
             await link.start()
         beating = None
-        if settings.role == "front":
-            import httpx
-
+        if settings.role in ("front", "engine"):
             from service.heartbeats import HEARTBEATS_FILE, HeartbeatTable, keep_beating
 
-            # first, so that a replacement front mirroring the engine's models below is watched too
+            # first, so that a replacement front mirroring the engine's models below is watched too (and
+            # the engine while it loads: its event loop turns while the lanes load the models)
             beating = asyncio.create_task(keep_beating(HeartbeatTable(settings.engine_dir / HEARTBEATS_FILE), settings.worker_slot),
                                           name="heartbeat")
+        if settings.role == "front":
+            import httpx
 
             app.state.engine_http = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(settings.engine_dir / ENGINE_HTTP)),
                                                       base_url="http://engine")

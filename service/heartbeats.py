@@ -9,8 +9,9 @@ stopped, and nothing was logged).
 
 Each front's event loop writes the time (CLOCK_MONOTONIC, the same clock in every process) into
 its slot of a file the supervisor made, every `BEAT_INTERVAL_S`; the supervisor kills a front
-whose slot has not moved for `FRONT_SILENT_S` and starts another, as for one that died. A slot
-is looked at only once its front has beaten (start-up imports torch before the loop runs).
+whose slot has not moved for `FRONT_SILENT_S` and starts another, as for one that died. The
+engine beats in slot 0; one silent for `GANSERVE_STUCK_COMPUTE_S` stops the server. A slot
+is looked at only once its process has beaten (start-up imports torch before the loop runs).
 """
 from __future__ import annotations
 

@@ -17,8 +17,10 @@ This process only starts, watches and stops them:
   the server started next on the same port;
 - a front that dies is started again (it takes connections only once it mirrors the engine's
   loaded models: service/worker_process.py), and so is one whose event loop has not turned for
-  `FRONT_SILENT_S` (killed first: service/heartbeats.py); if the engine dies the server stops
-  (exit status 1);
+  `FRONT_SILENT_S` (killed first: service/heartbeats.py); if the engine dies, or its event loop
+  has not turned for `GANSERVE_STUCK_COMPUTE_S` (killed first: it holds every model, so nothing
+  short of a new server frees it), the server stops (exit status 1) for a process manager to
+  start it again;
 - the memory budget is one for the whole server: every child maps the table made here
   (service/memory.py: SharedBudgetTable), and a dead front's reservations are cleared from it;
 - PROMETHEUS_MULTIPROC_DIR is a fresh directory set before the children import prometheus-client,
@@ -139,6 +141,14 @@ class Supervisor:
                 time.sleep(POLL_S)
                 if self.engine.poll() is not None:
                     log.error("the engine process exited (status %s): stopping", self.engine.returncode)
+                    status = 1
+                    break
+                if (silent := self.heartbeats.silent_s(slot=0)) > self.settings.stuck_after_s:
+                    # hung (stopped, a native deadlock): it holds every model, and the fronts answer 503 for as
+                    # long as it hangs; stopping (status 1) lets a process manager start the server again
+                    log.error("the engine process has not answered for %.0f s (GANSERVE_STUCK_COMPUTE_S): killing it and stopping", silent)
+                    self.engine.kill()
+                    self.engine.wait()
                     status = 1
                     break
                 for i, front in enumerate(self.fronts):

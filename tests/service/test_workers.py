@@ -622,3 +622,22 @@ def test_a_hung_engine_makes_the_fronts_unready_and_refuse_at_once_until_it_answ
     while httpx.get(f"{workers.url}/health/ready").status_code != 200 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert httpx.post(f"{workers.url}/v1/models/digits/generate", json={"seed": 1}, timeout=40).status_code == 200
+
+
+def test_an_engine_hung_past_the_stuck_limit_stops_the_server_for_its_manager_to_start_again(repository):
+    """A hung engine (stopped, a native deadlock) holds every model: the fronts answer 503 at once
+    and say not live, but nothing freed it, and a server run without an orchestrator's liveness
+    probe (systemd, a container's restart policy) hung for good. Past GANSERVE_STUCK_COMPUTE_S the
+    supervisor kills it and stops, status 1, every process gone."""
+    with running_server(repository, workers=2, models=["digits"], stuck_compute_s=3) as server:
+        engine = next(pid for pid, role in children(server.process.pid).items() if role == "engine")
+        others = list(children(server.process.pid))
+        os.kill(engine, signal.SIGSTOP)
+        try:
+            status = server.process.wait(timeout=60)
+        finally:
+            if alive(engine):
+                os.kill(engine, signal.SIGCONT)
+        assert status == 1
+        assert "the engine process has not answered for" in server.process.log_path.read_text(errors="replace")
+        assert not any(alive(pid) for pid in others)
