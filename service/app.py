@@ -62,10 +62,10 @@ def create_app(settings: Settings | None = None, serve_while_loading: bool = Tru
         if settings.role in ("front", "engine"):
             from service.heartbeats import HEARTBEATS_FILE, HeartbeatTable, keep_beating
 
-            # first, so that a replacement front mirroring the engine's models below is watched too (and
-            # the engine while it loads: its event loop turns while the lanes load the models)
-            beating = asyncio.create_task(keep_beating(HeartbeatTable(settings.engine_dir / HEARTBEATS_FILE), settings.worker_slot),
-                                          name="heartbeat")
+            # first, so that a replacement front mirroring the engine's models below is watched too (the
+            # engine once its models loaded: what a load does is not a hang)
+            beating = asyncio.create_task(keep_beating(HeartbeatTable(settings.engine_dir / HEARTBEATS_FILE), settings.worker_slot,
+                                                       after=registry.loaded_event if settings.role == "engine" else None), name="heartbeat")
         if settings.role == "front":
             import httpx
 

@@ -125,7 +125,7 @@ class GraphCost:
 
     def tile_bytes(self, tiles: float) -> int:
         """What `tiles` upscale tiles add while their batch computes: their own arrays where the
-        batch runs in the resident arena (a 96² tile of sr-rrdb-x4: ~2.3 MB, against the ~120 MB of
+        batch runs in the resident arena (a 96² tile of sr-rrdb-x4: ~5 MB, against the ~120 MB of
         activations counted per tile before, which made a 10 s batch's share of ~50 tiles refuse
         every upscale), else `bytes_for`."""
         return math.ceil(self.item_bytes * tiles) if self.in_arena else self.bytes_for(tiles)

@@ -10,7 +10,8 @@ stopped, and nothing was logged).
 Each front's event loop writes the time (CLOCK_MONOTONIC, the same clock in every process) into
 its slot of a file the supervisor made, every `BEAT_INTERVAL_S`; the supervisor kills a front
 whose slot has not moved for `FRONT_SILENT_S` and starts another, as for one that died. The
-engine beats in slot 0; one silent for `GANSERVE_STUCK_COMPUTE_S` stops the server. A slot
+engine beats in slot 0 once its models loaded; one silent for `GANSERVE_STUCK_COMPUTE_S` (at
+least `FRONT_SILENT_S`) stops the server. A slot
 is looked at only once its process has beaten (start-up imports torch before the loop runs).
 """
 from __future__ import annotations
@@ -42,8 +43,19 @@ class HeartbeatTable(SharedCells):
         self.cells[slot] = 0
 
 
-async def keep_beating(table: HeartbeatTable, slot: int, interval_s: float = BEAT_INTERVAL_S) -> None:
-    """Beats for as long as this process's event loop turns (cancelled at shutdown)."""
+def engine_silent_limit_s(stuck_after_s: float) -> float:
+    """How long the engine's slot may be silent before the supervisor kills it and stops the
+    server: GANSERVE_STUCK_COMPUTE_S, never under FRONT_SILENT_S (a limit of half a second, below
+    the beat's own interval, killed a healthy engine)."""
+    return max(stuck_after_s, FRONT_SILENT_S)
+
+
+async def keep_beating(table: HeartbeatTable, slot: int, interval_s: float = BEAT_INTERVAL_S, after: asyncio.Event | None = None) -> None:
+    """Beats for as long as this process's event loop turns (cancelled at shutdown); from when
+    `after` is set, where given (the engine's models loaded: creating a runtime's session may hold
+    the interpreter's lock for as long as the model takes to load)."""
+    if after is not None:
+        await after.wait()
     while True:
         table.beat(slot)
         await asyncio.sleep(interval_s)

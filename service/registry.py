@@ -8,6 +8,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from safetensors.numpy import load_file as load_numpy
 from service import memory
 from service.admission import ModelLimits, derive_limits, request_memory_bytes
 from service.batcher import BatchKey, DynamicBatcher, ShuttingDown
-from service.costs import CostProbe, GraphCost, measure_cost
+from service.costs import MEMORY_MARGIN, CostProbe, GraphCost, measure_cost
 from service.encoder_backlog import EncoderBacklog
 from service.encoders import PILLOW_ONLY, EncoderTable, measure_encoders
 from service.errors import ApiError
@@ -217,6 +218,7 @@ class ModelRegistry:
         self.models: dict[str, dict[int, LoadedModel]] = {}
         self.jobs = JobStore(settings.max_jobs, settings.max_job_seconds, self.memory)
         self.loaded_event = asyncio.Event()  # set once every entry has been tried
+        self.retiring: list[LoadedModel] = []  # versions finishing their accepted work after a reload or unload
         self.draining = False
         # upscale streams (service/streams.py) hold slots 1 … settings.max_streams, which name them in
         # /metrics: reused, so a client opening streams in a loop cannot grow the series without bound
@@ -296,13 +298,23 @@ class ModelRegistry:
         past `Settings.stuck_after_s`: a wedged runtime, driver or device. Nothing but a restart
         frees its thread; before, /health/live said live and every request to the model waited out
         its deadline for a 504, for good."""
-        limit = self.settings.stuck_after_s
-        return {model.entry.label: round(running, 1) for model in self.all_models()
-                if model.lane is not None and (running := model.lane.running_for()) > limit}
+        return {model.entry.label: round(running, 1) for model in self.watched_models()
+                if model.lane is not None and (running := model.lane.running_for()) > self.stuck_limit_s(model)}
+
+    def stuck_limit_s(self, model: LoadedModel) -> float:
+        """`Settings.stuck_after_s`, times the lane's threads where it is the default: a request's
+        compute limit grows with them, and one item (a translate's image) runs on one thread."""
+        threads = model.config.lane_threads if model.config is not None and self.settings.stuck_compute_s is None else 1
+        return self.settings.stuck_after_s * threads
+
+    def watched_models(self) -> list[LoadedModel]:
+        """The served versions and those being retired: a version replaced by a reload while its
+        lane was stuck left the served ones, and the server said live again."""
+        return [*self.all_models(), *self.retiring]
 
     def longest_running_batch_s(self) -> float:
         """How long the longest batch computing now (any model's lane) has run."""
-        return max((model.lane.running_for() for model in self.all_models() if model.lane is not None), default=0.0)
+        return max((model.lane.running_for() for model in self.watched_models() if model.lane is not None), default=0.0)
 
     async def load_all(self) -> None:
         """Loads and warms the entries one at a time (each on its own lane), so each one's memory
@@ -471,7 +483,7 @@ class ModelRegistry:
             return None  # nothing fresh is about to be served
         memory.trim()
         released = sum(model.resident_bytes for model in served.values() if model.ready and all(model is not kept for kept in serving.values()))
-        expected = max(0, memory.rss_bytes() - released)
+        expected = max(0, memory.rss_bytes() + self.arenas_missing_bytes() - released)
         if self.memory.capacity_if_resident(expected) > 0:
             return None
         return (f"with it the server would hold ~{expected / 2**20:.0f} MiB resident, the whole memory budget "
@@ -516,9 +528,13 @@ class ModelRegistry:
         """Stops taking new work for `model`, finishes what it accepted, releases what it holds."""
         if model.state == "ready" or state == "unloaded":  # a failed version stays `failed` when replaced
             model.state = state
-        await asyncio.gather(*(batcher.close() for batcher in model.batchers.values()))
-        if model.lane is not None:  # joined off the event loop: a re-timing run on the lane held it 0.56 s in a probe
-            await asyncio.to_thread(model.lane.shutdown, True)
+        self.retiring.append(model)
+        try:
+            await asyncio.gather(*(batcher.close() for batcher in model.batchers.values()))
+            if model.lane is not None:  # joined off the event loop: a re-timing run on the lane held it 0.56 s in a probe
+                await asyncio.to_thread(model.lane.shutdown, True)
+        finally:
+            self.retiring.remove(model)
         model.batchers, model.runtimes, model.runtime, model.probes = {}, {}, None, {}
 
     def disk_signatures(self) -> dict[str, frozenset]:
@@ -690,6 +706,11 @@ class ModelRegistry:
         # emptied it: `arenas_missing_bytes`)
         arena = getattr(runtime, "arena", None)
         if arena is not None and entry.kind == "super_resolution" and config.lane_threads == 1:
+            # a tile's own arrays: its input and float output, and for the output's uint8 conversion
+            # (`imaging.to_uint8`, overlap 0) or its blend a float temporary and the uint8 image
+            tile_in = 4 * entry.spec["in_channels"] * side * side
+            tile_out = 4 * entry.spec["channels"] * (side * entry.spec["scale"]) ** 2
+            cost.item_bytes = max(cost.item_bytes, math.ceil((tile_in + 2.25 * tile_out) * MEMORY_MARGIN))
             cost.in_arena, arena.kept_bytes = True, cost.bytes_for(arena.kept_batch)
         return cost, probe
 
@@ -744,9 +765,9 @@ class ModelRegistry:
         model = self.resolve(name, version)
         if not model.ready:
             raise ApiError(503, f"model {name!r} v{model.entry.version} is {model.state}" + (f": {model.error}" if model.error else ""), headers={"Retry-After": "1"})
-        if (running := model.lane.running_for()) > self.settings.stuck_after_s:
+        if (running := model.lane.running_for()) > (limit := self.stuck_limit_s(model)):
             raise ApiError(503, f"model {model.entry.label} has been computing one batch for {running:.0f} s, past "
-                                f"GANSERVE_STUCK_COMPUTE_S ({self.settings.stuck_after_s:g} s): its compute is stuck and the "
+                                f"GANSERVE_STUCK_COMPUTE_S ({limit:g} s): its compute is stuck and the "
                                 f"server reports itself not live (/health/live) until it ends", headers={"Retry-After": "10"})
         return model
 

@@ -18,7 +18,8 @@ This process only starts, watches and stops them:
 - a front that dies is started again (it takes connections only once it mirrors the engine's
   loaded models: service/worker_process.py), and so is one whose event loop has not turned for
   `FRONT_SILENT_S` (killed first: service/heartbeats.py); if the engine dies, or its event loop
-  has not turned for `GANSERVE_STUCK_COMPUTE_S` (killed first: it holds every model, so nothing
+  has not turned for `GANSERVE_STUCK_COMPUTE_S` once its models loaded (at least `FRONT_SILENT_S`;
+  killed first: it holds every model, so nothing
   short of a new server frees it), the server stops (exit status 1) for a process manager to
   start it again;
 - the memory budget is one for the whole server: every child maps the table made here
@@ -41,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from service.heartbeats import FRONT_SILENT_S, HEARTBEATS_FILE, HeartbeatTable
+from service.heartbeats import FRONT_SILENT_S, HEARTBEATS_FILE, HeartbeatTable, engine_silent_limit_s
 from service.memory import SHARED_BUDGET_FILE, SharedBudgetTable
 from service.settings import Settings
 
@@ -143,7 +144,7 @@ class Supervisor:
                     log.error("the engine process exited (status %s): stopping", self.engine.returncode)
                     status = 1
                     break
-                if (silent := self.heartbeats.silent_s(slot=0)) > self.settings.stuck_after_s:
+                if (silent := self.heartbeats.silent_s(slot=0)) > engine_silent_limit_s(self.settings.stuck_after_s):
                     # hung (stopped, a native deadlock): it holds every model, and the fronts answer 503 for as
                     # long as it hangs; stopping (status 1) lets a process manager start the server again
                     log.error("the engine process has not answered for %.0f s (GANSERVE_STUCK_COMPUTE_S): killing it and stopping", silent)

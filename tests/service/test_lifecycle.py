@@ -392,3 +392,39 @@ def test_a_batch_running_past_the_stuck_limit_makes_the_server_not_live_and_refu
             time.sleep(0.1)
         assert client.get("/health/live").json() == {"live": True} and client.get("/health/ready").status_code == 200
         assert client.post("/v1/models/sr-rrdb-x4/upscale", content=png(64, 64), headers={"content-type": "image/png"}).status_code == 200
+
+
+def test_a_version_retired_while_its_lane_is_stuck_is_still_counted_and_the_limit_grows_with_lane_threads(tmp_path):
+    """A reload or unload takes a version out of the served ones before it finishes its accepted
+    batch: a version whose lane was stuck left them, and the server said live again while the
+    wedged thread was still there (a review). And with the default limit, a lane of several
+    threads may be given one request of several times the deadline's compute (one item runs on
+    one thread): its limit is that many times longer."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from service.lanes import Lane
+    from service.metrics import ServiceMetrics
+    from service.registry import ModelRegistry
+    from service.settings import Settings
+
+    async def scenario() -> tuple[dict, dict, float, float]:
+        registry = ModelRegistry(Settings(repository=tmp_path, request_timeout_s=0.05), ServiceMetrics())
+        wedged, released = Lane("wedged/1", threads=1), threading.Event()
+        model = SimpleNamespace(entry=SimpleNamespace(label="wedged/1"), lane=wedged, config=SimpleNamespace(lane_threads=1),
+                                batchers={}, state="ready", runtimes={}, runtime=None, probes={})
+        running = wedged.run(released.wait, 5)
+        await asyncio.sleep(0.3)  # past 4 x 0.05 s
+        retiring = asyncio.create_task(registry.retire(model, "unloaded"))  # it waits for the batch
+        await asyncio.sleep(0.05)
+        while_retiring = registry.stuck_lanes()
+        model.config.lane_threads = 2  # the same batch on a lane of two threads: 0.4 s before it is stuck
+        with_two_threads = registry.stuck_lanes()
+        released.set()
+        await running
+        await retiring
+        return while_retiring, with_two_threads, registry.settings.stuck_after_s, registry.stuck_limit_s(model)
+
+    while_retiring, with_two_threads, limit, two_thread_limit = asyncio.run(scenario())
+    assert list(while_retiring) == ["wedged/1"]
+    assert with_two_threads == {} and two_thread_limit == 2 * limit == 0.4

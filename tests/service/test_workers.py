@@ -627,7 +627,8 @@ def test_a_hung_engine_makes_the_fronts_unready_and_refuse_at_once_until_it_answ
 def test_an_engine_hung_past_the_stuck_limit_stops_the_server_for_its_manager_to_start_again(repository):
     """A hung engine (stopped, a native deadlock) holds every model: the fronts answer 503 at once
     and say not live, but nothing freed it, and a server run without an orchestrator's liveness
-    probe (systemd, a container's restart policy) hung for good. Past GANSERVE_STUCK_COMPUTE_S the
+    probe (systemd, a container's restart policy) hung for good. Past GANSERVE_STUCK_COMPUTE_S (at
+    least 10 s: half a second, below the heartbeat's interval, killed a healthy engine) the
     supervisor kills it and stops, status 1, every process gone."""
     with running_server(repository, workers=2, models=["digits"], stuck_compute_s=3) as server:
         engine = next(pid for pid, role in children(server.process.pid).items() if role == "engine")
