@@ -58,7 +58,7 @@ class GraphCost:
     max_batch_units: float | None = None  # a larger warm-up shape ran out of device memory: batches stay at or under this
     recalibrated_to: float | None = None  # the correction an idle re-measure last set (`recalibrate`)
     observed_at: float | None = None  # when a batch last moved the correction (monotonic; None: never, it holds as set)
-    item_bytes: int = 0  # one unit's own arrays (its input and output), with the margin
+    item_bytes: int = 0  # where `in_arena`: one tile's own arrays, with the margin (`ModelRegistry.measure`)
     # the runtime runs this graph's tile batches in an arena it holds resident (ONNX Runtime on a CPU, one lane
     # thread: service/runtimes.py `run_in_chunks`), which the resident baseline counts: a tile adds its own arrays only
     in_arena: bool = False
@@ -298,7 +298,6 @@ def measure_cost(run: Callable[[dict[str, np.ndarray]], np.ndarray], make_inputs
     shapes = sorted(shapes, key=lambda shape: shape[1])
     (small, small_units) = shapes[0]
     per_unit_bytes: list[float] = []  # one per first run: the smallest shape's, then the larger ones'
-    own_per_unit: list[float] = []  # one per first run: the inputs' and output's bytes per unit
 
     def first_run(key: K, units: float, added_units: float) -> None:
         inputs = make_inputs(key)
@@ -310,7 +309,6 @@ def measure_cost(run: Callable[[dict[str, np.ndarray]], np.ndarray], make_inputs
         added = added if added is not None else fallback_bytes(inputs, output)
         own = sum(a.nbytes for a in inputs.values()) + output.nbytes  # an item's own arrays: never less than these
         per_unit_bytes.append(max(added / max(added_units, 1e-9), own / units))
-        own_per_unit.append(own / units)
 
     def timed(key: K) -> float:
         inputs = make_inputs(key)
@@ -342,9 +340,7 @@ def measure_cost(run: Callable[[dict[str, np.ndarray]], np.ndarray], make_inputs
         per_unit, overhead = probe.fit_runs([time_run(run, inputs[index]) for index in probe.order()])
     else:
         per_unit, overhead = probe.fit([t_small])
-    item_bytes = math.ceil(max(own_per_unit) * MEMORY_MARGIN)
-    return GraphCost(per_unit, overhead, bytes_per_unit, reference_pixels, warmed=warmed, max_batch_units=max_batch_units,
-                     item_bytes=item_bytes), probe
+    return GraphCost(per_unit, overhead, bytes_per_unit, reference_pixels, warmed=warmed, max_batch_units=max_batch_units), probe
 
 
 def time_run(run: Callable[[dict[str, np.ndarray]], np.ndarray], inputs: dict[str, np.ndarray]) -> float:

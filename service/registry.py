@@ -710,7 +710,7 @@ class ModelRegistry:
             # (`imaging.to_uint8`, overlap 0) or its blend a float temporary and the uint8 image
             tile_in = 4 * entry.spec["in_channels"] * side * side
             tile_out = 4 * entry.spec["channels"] * (side * entry.spec["scale"]) ** 2
-            cost.item_bytes = max(cost.item_bytes, math.ceil((tile_in + 2.25 * tile_out) * MEMORY_MARGIN))
+            cost.item_bytes = math.ceil((tile_in + 2.25 * tile_out) * MEMORY_MARGIN)
             cost.in_arena, arena.kept_bytes = True, cost.bytes_for(arena.kept_batch)
         return cost, probe
 

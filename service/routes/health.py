@@ -29,8 +29,9 @@ async def live(request: Request) -> JSONResponse:
     GANSERVE_STUCK_COMPUTE_S (`stuck`: which, for how long), or under `--workers` the engine has
     been silent that long: a wedged runtime or device that only a restart frees, which is what an
     orchestrator's liveness probe is for (it said live whatever happened)."""
-    if stuck := registry_of(request).stuck_lanes():
-        return JSONResponse({"live": False, "stuck": stuck, "stuck_after_s": registry_of(request).settings.stuck_after_s}, status_code=503)
+    registry = registry_of(request)
+    if stuck := registry.stuck_lanes():
+        return JSONResponse({"live": False, "stuck": stuck, "stuck_after_s": registry.settings.stuck_after_s}, status_code=503)
     return JSONResponse({"live": True})
 
 
