@@ -25,6 +25,7 @@ admission see what a new request does to the requests already admitted beside it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
@@ -142,6 +143,9 @@ class LaneView(Protocol):
     def expected_wait_s(self) -> float: ...
 
 
+LANE_STOP_POLL_S = 0.01  # how often a stopping lane is looked at (its last job ran for ~1 ms to seconds)
+
+
 class Lane:
     def __init__(self, name: str, threads: int, device: SharedDevice | None = None, share: float = 1.0) -> None:
         self.name = name
@@ -202,7 +206,7 @@ class Lane:
         while (job := self._work.get()) is not STOP:
             loop, future, function, args, timed, watched = job
             if future.cancelled():
-                loop.call_soon_threadsafe(self._settle, future, None, None)
+                self._hand_back(loop, future, None, None)
                 continue
             started = time.perf_counter()
             progress = self.device.enter(self.share) if self.device is not None else 0.0
@@ -215,13 +219,19 @@ class Lane:
                     self._started[index] = None
             except BaseException as error:  # handed to the awaiting coroutine, as an executor would
                 self._left(progress)
-                loop.call_soon_threadsafe(self._settle, future, None, error)
+                self._hand_back(loop, future, None, error)
             else:
                 alone = self._left(progress)
                 if timed:
                     wall = time.perf_counter() - started
                     result = (result, wall / alone if alone > 0 else 1.0)
-                loop.call_soon_threadsafe(self._settle, future, result, None)
+                self._hand_back(loop, future, result, None)
+
+    def _hand_back(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+        """Settles `future` on its loop's thread; nothing when that loop has closed: a stop does not
+        wait for a stuck lane (`ModelRegistry.unless_stuck`), and its batch may end after it."""
+        with contextlib.suppress(RuntimeError):  # call_soon_threadsafe on a closed loop
+            loop.call_soon_threadsafe(self._settle, future, result, error)
 
     def _left(self, entered_at: float) -> float:
         """The seconds the job that entered the device at `entered_at` would have taken alone."""
@@ -254,4 +264,16 @@ class Lane:
         if wait:
             for thread in self._threads:
                 thread.join()
+
+    def ended(self) -> bool:
+        """Whether every thread has stopped (after `shutdown`)."""
+        return not any(thread.is_alive() for thread in self._threads)
+
+    async def stopped(self) -> None:
+        """`shutdown` without a thread waiting on the join: an executor thread joined on a wedged
+        lane would never return, and the interpreter waits for the default executor's threads at
+        exit (the lane's own are daemons). Polled: a lane stops within its last job."""
+        self.shutdown(wait=False)
+        while not self.ended():
+            await asyncio.sleep(LANE_STOP_POLL_S)
 

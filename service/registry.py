@@ -11,9 +11,10 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import load_file as load_numpy
@@ -40,6 +41,7 @@ from service.version_policy import selected_versions
 
 log = logging.getLogger("ganserve.registry")
 NUMPY_DTYPES = {"float32": np.float32, "int64": np.int64}
+STUCK_WAIT_POLL_S = 0.25  # how often a release waiting for a lane asks whether it is stuck
 
 
 @dataclass
@@ -219,6 +221,7 @@ class ModelRegistry:
         self.jobs = JobStore(settings.max_jobs, settings.max_job_seconds, self.memory)
         self.loaded_event = asyncio.Event()  # set once every entry has been tried
         self.retiring: list[LoadedModel] = []  # versions finishing their accepted work after a reload or unload
+        self.releasing: set[asyncio.Task] = set()  # those releases (and a drain's), held so they are not collected
         self.draining = False
         # upscale streams (service/streams.py) hold slots 1 … settings.max_streams, which name them in
         # /metrics: reused, so a client opening streams in a loop cannot grow the series without bound
@@ -529,13 +532,38 @@ class ModelRegistry:
         if model.state == "ready" or state == "unloaded":  # a failed version stays `failed` when replaced
             model.state = state
         self.retiring.append(model)
-        try:
-            await asyncio.gather(*(batcher.close() for batcher in model.batchers.values()))
-            if model.lane is not None:  # joined off the event loop: a re-timing run on the lane held it 0.56 s in a probe
-                await asyncio.to_thread(model.lane.shutdown, True)
-        finally:
-            self.retiring.remove(model)
-        model.batchers, model.runtimes, model.runtime, model.probes = {}, {}, None, {}
+
+        async def release() -> None:
+            try:
+                await self.finish(model)
+            finally:
+                self.retiring.remove(model)
+            model.batchers, model.runtimes, model.runtime, model.probes = {}, {}, None, {}
+
+        await self.unless_stuck(model, release())
+
+    async def finish(self, model: LoadedModel) -> None:
+        """`model`'s batchers finish the items they accepted and stop, then its lane's threads."""
+        await asyncio.gather(*(batcher.close() for batcher in model.batchers.values()))
+        if model.lane is not None:  # polled, not joined: a re-timing run on the lane held it 0.56 s in a probe
+            await model.lane.stopped()
+
+    async def unless_stuck(self, model: LoadedModel, work: Coroutine[Any, Any, None]) -> None:
+        """Waits for `work` (which waits for `model`'s lane) unless that lane is or becomes stuck
+        (`stuck_lanes`); then the work goes on in the background and ends with the batch, if ever.
+        A reload or unload of a stuck model waited for good while holding `repository_lock`, so
+        every later load, unload and repository poll hung too; a graceful stop waited until it was
+        killed. A retired version stays counted by `stuck_lanes` (it is in `retiring`) until then."""
+        task = asyncio.create_task(work, name=f"release {model.entry.label}")
+        self.releasing.add(task)
+        task.add_done_callback(self.releasing.discard)
+        while not task.done():
+            await asyncio.wait({task}, timeout=STUCK_WAIT_POLL_S)
+            if not task.done() and model.lane is not None and (running := model.lane.running_for()) > self.stuck_limit_s(model):
+                log.error("%s: its lane has run one batch for %.0f s (stuck); it is released when that ends, if ever "
+                          "(a restart frees it now)", model.entry.label, running)
+                return
+        task.result()
 
     def disk_signatures(self) -> dict[str, frozenset]:
         """Per model on disk: its versions and the name, size and modification time of each file in
@@ -824,9 +852,6 @@ class ModelRegistry:
         deadline), then the pools stop."""
         self.draining = True
         self.jobs.cancel_all()
-        await asyncio.gather(*(b.close() for m in self.all_models() for b in m.batchers.values()))
-        for model in self.all_models():
-            if model.lane is not None:
-                model.lane.shutdown(wait=True)
+        await asyncio.gather(*(self.unless_stuck(model, self.finish(model)) for model in self.all_models()))
         self.jobs.shutdown()
         self.encoders.shutdown(wait=True)

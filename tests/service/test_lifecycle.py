@@ -347,14 +347,15 @@ def test_a_batch_running_past_the_stuck_limit_makes_the_server_not_live_and_refu
     must say so, or an orchestrator keeps a server whose model answers every request 504 at its
     deadline. Here the limit is set below one real batch (an upscale of ~2.5 s in one batch), so
     the stuck state is seen, and seen to end (and a load, longer than the limit, is not taken for
-    it): meanwhile /health/live and /health/ready are 503 naming the lane, a request to that model is refused at once, another model still serves;
-    once the batch ends all is as before (and the slow upscale itself was answered)."""
+    it): meanwhile /health/live and /health/ready are 503 naming the lane, a request to that model is refused at once, another model still serves,
+    and an unload answers at once (it waited for the wedged batch) while the version stays counted;
+    once the batch ends all is as before (the slow upscale itself was answered, and the model loads again)."""
     from bench.limits import model_figures
     from tests.service.test_host_load import upscale_of_about
     from tests.service.test_hostile import SHIPPED
     from tests.service.test_isolation import png
 
-    with running_server(SHIPPED, wait=False, stuck_compute_s=0.5,
+    with running_server(SHIPPED, wait=False, stuck_compute_s=0.5, model_control=True,
                         max_batch_seconds=4, intra_op_threads=2, remeasure_idle_s=600, **settings) as server, server.client(timeout=60) as client:
         loading = []  # a load (the shipped models: 7-10 s) is not a stuck batch: under `--workers` the engine answers no snapshot
         deadline = time.monotonic() + 120  # while it loads, and a front took that for an engine silent past the limit
@@ -366,7 +367,7 @@ def test_a_batch_running_past_the_stuck_limit_makes_the_server_not_live_and_refu
             time.sleep(0.2)
         assert loading and set(loading) == {200}, loading
         assert client.get("/health/live").json() == {"live": True}
-        width, height = upscale_of_about(2.5, model_figures(server.url, "sr-rrdb-x4"))
+        width, height = upscale_of_about(3.5, model_figures(server.url, "sr-rrdb-x4"))
         with ThreadPoolExecutor(1) as pool:
             slow = pool.submit(client.post, "/v1/models/sr-rrdb-x4/upscale?format=jpeg", content=png(width, height), headers={"content-type": "image/png"})
             deadline = time.monotonic() + 10
@@ -378,6 +379,10 @@ def test_a_batch_running_past_the_stuck_limit_makes_the_server_not_live_and_refu
             refused_in = time.monotonic() - started
             other = client.post("/v1/models/dcgan-digits/generate", json={"seed": 1})
             longest = server.metric("ganserve_longest_running_batch_seconds")
+            started = time.monotonic()
+            unloaded = client.post("/v2/repository/models/sr-rrdb-x4/unload")  # it waited for the wedged batch, holding the repository lock
+            unloaded_in, batch_ran_on = time.monotonic() - started, not slow.done()
+            live_after_unload = client.get("/health/live")
             upscaled = slow.result()
         assert live.status_code == 503, (width, height, live.text)
         assert list(live.json()["stuck"]) == ["sr-rrdb-x4/1"] and live.json()["stuck_after_s"] == 0.5
@@ -386,20 +391,25 @@ def test_a_batch_running_past_the_stuck_limit_makes_the_server_not_live_and_refu
         assert refused_in < 1.0
         assert other.status_code == 200
         assert longest > 0.5
-        assert upscaled.status_code == 200
+        assert unloaded.status_code == 200 and batch_ran_on and unloaded_in < 1.5, (unloaded.text, unloaded_in)
+        assert live_after_unload.status_code == 503 and list(live_after_unload.json()["stuck"]) == ["sr-rrdb-x4/1"]
+        assert upscaled.status_code == 200  # accepted before the unload: still answered
         deadline = time.monotonic() + 5
         while client.get("/health/live").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert client.get("/health/live").json() == {"live": True} and client.get("/health/ready").status_code == 200
+        assert client.get("/health/live").json() == {"live": True}
+        assert client.post("/v2/repository/models/sr-rrdb-x4/load").status_code == 200 and client.get("/health/ready").status_code == 200
         assert client.post("/v1/models/sr-rrdb-x4/upscale", content=png(64, 64), headers={"content-type": "image/png"}).status_code == 200
 
 
 def test_a_version_retired_while_its_lane_is_stuck_is_still_counted_and_the_limit_grows_with_lane_threads(tmp_path):
     """A reload or unload takes a version out of the served ones before it finishes its accepted
     batch: a version whose lane was stuck left them, and the server said live again while the
-    wedged thread was still there (a review). And with the default limit, a lane of several
-    threads may be given one request of several times the deadline's compute (one item runs on
-    one thread): its limit is that many times longer."""
+    wedged thread was still there (a review). The unload no longer waits for the wedged batch
+    (it held `repository_lock`, so every later load, unload and poll hung): it returns, the
+    version stays counted, and it is released in the background once the batch ends. And with
+    the default limit, a lane of several threads may be given one request of several times the
+    deadline's compute (one item runs on one thread): its limit is that many times longer."""
     import asyncio
     from types import SimpleNamespace
 
@@ -415,16 +425,49 @@ def test_a_version_retired_while_its_lane_is_stuck_is_still_counted_and_the_limi
                                 batchers={}, state="ready", runtimes={}, runtime=None, probes={})
         running = wedged.run(released.wait, 5)
         await asyncio.sleep(0.3)  # past 4 x 0.05 s
-        retiring = asyncio.create_task(registry.retire(model, "unloaded"))  # it waits for the batch
-        await asyncio.sleep(0.05)
-        while_retiring = registry.stuck_lanes()
         model.config.lane_threads = 2  # the same batch on a lane of two threads: 0.4 s before it is stuck
         with_two_threads = registry.stuck_lanes()
+        model.config.lane_threads = 1
+        await asyncio.wait_for(registry.retire(model, "unloaded"), timeout=1.0)  # it does not wait for the batch
+        while_retiring = registry.stuck_lanes()
+        held_while_wedged = model.runtimes is not None and not wedged.ended()
         released.set()
         await running
-        await retiring
-        return while_retiring, with_two_threads, registry.settings.stuck_after_s, registry.stuck_limit_s(model)
+        await asyncio.wait_for(asyncio.gather(*registry.releasing), timeout=2.0)
+        released_after = (registry.retiring, model.runtimes, model.runtime, wedged.ended())
+        return while_retiring, with_two_threads, held_while_wedged, released_after, registry.settings.stuck_after_s, registry.stuck_limit_s(model)
 
-    while_retiring, with_two_threads, limit, two_thread_limit = asyncio.run(scenario())
-    assert list(while_retiring) == ["wedged/1"]
-    assert with_two_threads == {} and two_thread_limit == 2 * limit == 0.4
+    while_retiring, with_two_threads, held_while_wedged, released_after, limit, one_thread_limit = asyncio.run(scenario())
+    assert list(while_retiring) == ["wedged/1"] and held_while_wedged
+    assert with_two_threads == {} and 2 * one_thread_limit == 2 * limit == 0.4
+    assert released_after == ([], {}, None, True)
+
+
+def test_a_graceful_stop_does_not_wait_for_a_stuck_lane(tmp_path):
+    """`drain` joined every lane's threads: with one wedged in a batch, a graceful stop waited
+    until it was killed. Now it finishes the other models' work and returns; the wedged thread
+    is a daemon and goes with the process."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from service.lanes import Lane
+    from service.metrics import ServiceMetrics
+    from service.registry import ModelRegistry
+    from service.settings import Settings
+
+    async def scenario() -> tuple[bool, bool, bool]:
+        registry = ModelRegistry(Settings(repository=tmp_path, request_timeout_s=0.05), ServiceMetrics())
+        wedged, healthy, released = Lane("wedged/1", threads=1), Lane("healthy/1", threads=1), threading.Event()
+        for name, lane in (("wedged", wedged), ("healthy", healthy)):
+            registry.models[name] = {1: SimpleNamespace(entry=SimpleNamespace(label=f"{name}/1"), lane=lane, config=SimpleNamespace(lane_threads=1),
+                                                        batchers={}, state="ready", runtimes={}, runtime=None, probes={})}
+        wedged.run(released.wait, 5)
+        finishing = healthy.run(time.sleep, 0.3)  # accepted work on a healthy lane is still finished
+        await asyncio.sleep(0.3)
+        await asyncio.wait_for(registry.drain(), timeout=2.0)
+        outcome = finishing.done(), healthy.ended(), wedged.ended()
+        released.set()
+        return outcome
+
+    healthy_finished, healthy_ended, wedged_ended = asyncio.run(scenario())
+    assert healthy_finished and healthy_ended and not wedged_ended
