@@ -125,6 +125,19 @@ def bench_limits_command(
     run_limits_bench(repository, model_names(models, repository), loops_per_core, idle, timeout, out)
 
 
+def bench_estimates_command(
+    model: str = typer.Option("sr-rrdb-x4", help="an upscale model in the repository"),
+    repository: Path = typer.Option(Path("model_repository"), "--repository", exists=True, file_okay=False),
+    sides: str = typer.Option("96,192,288,448,640,816", help="comma-separated sides of the whole images sent by v2 infer"),
+    repeats: int = typer.Option(2, min=1, help="requests per side, one after another (the first meets the prior, the later ones what the earlier showed)"),
+    out: Optional[Path] = typer.Option(Path("bench/results/estimates-latest.json"), help="JSON report"),
+) -> None:
+    """Admission's compute estimate for whole images through an upscale graph (v2 infer) against the server's own compute time."""
+    from bench.estimates import run_estimates_bench
+
+    run_estimates_bench(repository, model, counts(sides, "--sides"), repeats, out)
+
+
 def bench_animation_command(
     sides: str = typer.Option("64,256,1024", help="comma-separated frame sides for the photo frames"),
     frames: int = typer.Option(16, min=2, help="frames per animation"),
@@ -276,6 +289,7 @@ def register(app: typer.Typer) -> None:
     app.command("bench-soak")(bench_soak_command)
     app.command("bench-ray")(bench_ray_command)
     app.command("bench-limits")(bench_limits_command)
+    app.command("bench-estimates")(bench_estimates_command)
     app.command("bench-animation")(bench_animation_command)
     app.command("bench-arena")(bench_arena_command)
     app.command("bench-encoding")(bench_encoding_command)

@@ -183,7 +183,7 @@ def compute_seconds(cost: GraphCost | None, units: list[float], max_batch_size: 
     if cost is None or not units:
         return 0.0
     batches = math.ceil(len(units) / max_batch_size)
-    return batches * cost.overhead_s + cost.per_unit_s * sum(units)
+    return batches * cost.overhead_s + cost.per_unit_s * sum(u * cost.size_factor(u) for u in units)
 
 
 def crowding(lane: LaneView, other: LaneView) -> float:

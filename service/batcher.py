@@ -201,7 +201,7 @@ class DynamicBatcher:
             return True
         if self.cost.max_batch_units is not None and units + item.units > self.cost.max_batch_units:
             return False
-        return self.cost.batch_seconds(units + item.units, corrected=False) <= self.max_batch_seconds
+        return self.cost.batch_seconds(units + item.units, corrected=False, item_units=item.units) <= self.max_batch_seconds
 
     def take_batch(self) -> list[WorkItem]:
         """Live items, up to the item and cost caps; dead items are dropped here.
@@ -274,7 +274,7 @@ class DynamicBatcher:
 
     def runs_inline(self, batch: list[WorkItem]) -> bool:
         """A lone item of a tiny graph: see INLINE_COMPUTE_MAX_S."""
-        return (len(batch) == 1 and self.cost is not None and self.cost.batch_seconds(batch[0].units) < INLINE_COMPUTE_MAX_S
+        return (len(batch) == 1 and self.cost is not None and self.cost.batch_seconds(batch[0].units, item_units=batch[0].units) < INLINE_COMPUTE_MAX_S
                 and (not self.pad_to or self.pad_to[0] == 1))
 
     def execute_inline(self, batch: list[WorkItem]) -> None:

@@ -16,7 +16,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
@@ -62,6 +62,13 @@ class GraphCost:
     # the runtime runs this graph's tile batches in an arena it holds resident (ONNX Runtime on a CPU, one lane
     # thread: service/runtimes.py `run_in_chunks`), which the resident baseline counts: a tile adds its own arrays only
     in_arena: bool = False
+    # items larger than this many units are past every item size warm-up ran (an upscale graph's whole image, sent by
+    # v2 infer: warm-up ran tiles only), and their time is scaled by `size_factor`; None: not scaled
+    largest_warmed_item: float | None = None
+    large_item_exponent: float = 1.0  # the prior for those: (units / largest_warmed_item) ** (this - 1) more per unit
+    # per size class of such items (floor(log2(units / largest_warmed_item))): their time per unit over the fit's, as
+    # their batches showed it (`observe`), apart from the correction every batch shares
+    size_factors: dict[int, float] = field(default_factory=dict)
 
     def current_correction(self, now: float | None = None) -> float:
         """The correction as evidence of *lately*: it goes back toward where the idle lane last
@@ -100,12 +107,30 @@ class GraphCost:
     def units_for_pixels(self, pixels: int) -> float:
         return 1.0 if self.reference_pixels is None else pixels / self.reference_pixels
 
-    def batch_seconds(self, units: float, corrected: bool = True) -> float:
-        return (self.overhead_s + self.per_unit_s * units) * (self.current_correction() if corrected else 1.0)
+    def size_factor(self, item_units: float) -> float:
+        """How much more a unit costs in an item of `item_units` than the fit says: 1 up to the
+        largest item warm-up ran. Past it, what batches of items of its size class showed, else
+        the largest of the prior (`large_item_exponent`) and what smaller classes showed (an
+        image is not taken to be cheaper per pixel than a smaller one). A whole image through an
+        upscale graph, timed at tiles only, ran 1.03-1.06x the tile's time per pixel up to 448²
+        and 1.30x at 640², 1.56x at 816² (ONNX Runtime, two CPU threads): at the tile's rate an
+        816² image was admitted at 17 s and took 27 s, a 504 under load (docs/benchmarks.md)."""
+        if self.largest_warmed_item is None or item_units <= self.largest_warmed_item:
+            return 1.0
+        ratio = item_units / self.largest_warmed_item
+        size_class = math.floor(math.log2(ratio))
+        if (shown := self.size_factors.get(size_class)) is not None:
+            return shown
+        smaller = [factor for known, factor in self.size_factors.items() if known < size_class]
+        return max([ratio ** (self.large_item_exponent - 1.0), *smaller])
+
+    def batch_seconds(self, units: float, corrected: bool = True, item_units: float = 1.0) -> float:
+        """A batch of `units` in all, of items of `item_units` each (a batch takes one shape)."""
+        return (self.overhead_s + self.per_unit_s * units * self.size_factor(item_units)) * (self.current_correction() if corrected else 1.0)
 
     def item_seconds(self, units: float) -> float:
         """What an item adds to its lane's backlog (the batch overhead is shared, so not counted)."""
-        return self.per_unit_s * units * self.current_correction()
+        return self.per_unit_s * units * self.size_factor(units) * self.current_correction()
 
     def capped_batch_size(self, max_batch_size: int) -> int:
         """The item cap, lowered to what warm-up found to fit the device's memory (one-unit items)."""
@@ -146,15 +171,32 @@ class GraphCost:
         correction to 1.7 and had in-limit upscales refused 503 on an idle lane)."""
         if smallest_item_units < 1.0 - 1e-9:
             return
+        if self.largest_warmed_item is not None and smallest_item_units > self.largest_warmed_item:
+            self.observe_size(units, elapsed_s, smallest_item_units, stretch)
+            return
         estimated = self.batch_seconds(units, corrected=False)
         self.batches_since_fit += 1
         if estimated > 0:
-            observed = elapsed_s / estimated
-            ratio = min(50.0, max(0.2, max(min(1.0, observed), observed / max(1.0, stretch))))
+            ratio = observed_ratio(elapsed_s / estimated, stretch)
             now = time.monotonic()
             current = self.current_correction(now)
             weight = 0.5 if ratio > current else 0.2  # quick to turn pessimistic, slow to trust good news
             self.correction, self.observed_at = (1 - weight) * current + weight * ratio, now
+
+    def observe_size(self, units: float, elapsed_s: float, item_units: float, stretch: float) -> None:
+        """A batch of items larger than any warm-up ran: it moves their size class's factor, not
+        the correction the other batches share (one 816² image through an upscale graph would
+        otherwise have had every tile estimated 1.3x slow for a while). Taken as the batch's time
+        over the fit's, less the correction of now (how busy the machine is), at the correction's
+        weights: quick to turn pessimistic, slow to trust good news; never under 1."""
+        fitted = self.overhead_s + self.per_unit_s * units
+        if fitted <= 0:
+            return
+        size_class = math.floor(math.log2(item_units / self.largest_warmed_item))
+        shown = max(1.0, observed_ratio(elapsed_s / fitted, stretch) / self.current_correction())
+        current = self.size_factor(item_units)
+        weight = 0.5 if shown > current else 0.2
+        self.size_factors[size_class] = round((1 - weight) * current + weight * shown, 4)
 
     def relax(self, per_unit_s: float, overhead_s: float, margin: float = 0.9) -> bool:
         """Adopts a later fit where it is no slower at the smallest warmed shape nor per unit (so
@@ -223,7 +265,15 @@ class GraphCost:
         return {"seconds_per_unit": round(self.per_unit_s, 6), "batch_overhead_seconds": round(self.overhead_s, 6),
                 "bytes_per_unit": self.bytes_per_unit, "unit_pixels": self.reference_pixels, "observed_over_measured": round(self.current_correction(), 3),
                 "warmed_units": list(self.warmed), "relaxed_when_idle": self.relaxed, "relaxed_by_batches": self.relaxed_by_batches,
-                "max_batch_units": self.max_batch_units, "item_bytes": self.item_bytes, "tiles_in_arena": self.in_arena}
+                "max_batch_units": self.max_batch_units, "item_bytes": self.item_bytes, "tiles_in_arena": self.in_arena,
+                "largest_warmed_item": self.largest_warmed_item, "large_item_exponent": self.large_item_exponent,
+                "size_factors": {str(2 ** size_class): factor for size_class, factor in sorted(self.size_factors.items())}}
+
+
+def observed_ratio(observed: float, stretch: float) -> float:
+    """Observed over estimated, with what other lanes' jobs added (`stretch`) taken off, but never
+    to under 1 where it was over (`GraphCost.observe`); bounded to 0.2-50."""
+    return min(50.0, max(0.2, max(min(1.0, observed), observed / max(1.0, stretch))))
 
 
 @dataclass(frozen=True)

@@ -258,6 +258,7 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
         bound.rejected("too_expensive" if refusal.status == 413 else "overloaded").inc()
         raise
     ctx.reserved += cost.bytes  # released by the intake once the response is sent
+    ctx.timing["estimate"] = state.lane_seconds  # the compute admission counted (Server-Timing), beside what it took
     state.lane = model.lane
     state.lane.add_backlog(state.lane_seconds)  # its items take their shares off as they finish
     task = asyncio.current_task()

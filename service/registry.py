@@ -137,6 +137,12 @@ SPREAD_SAMPLES = 2000
 # (cyclegan-thin2thick here: 0.42 µs a pixel fitted between 64² and 128², 0.66 µs at 1024²), and
 # a fit between small shapes admitted 1024² translates at two thirds of what they took
 TRANSLATE_WARMUP_LARGE_SIDE = 512
+# A whole image through an upscale graph (v2 infer; the upscale route cuts tiles) ran slower per pixel than warm-up's
+# tiles, the more so the larger (sr-rrdb-x4, ONNX Runtime on two CPU threads, docs/benchmarks.md): 1.12x at 4 tiles'
+# pixels, 1.16-1.23x at 9-44, 1.36x at 72 in one measurement; 1.03-1.06x up to 22, 1.30x at 44, 1.56x at 72 in another.
+# The prior for a size no batch has shown yet (`GraphCost.size_factor`): (pixels / tile's) ** (this - 1) more per
+# pixel, 1.10 / 1.17-1.30 / 1.35x. On a CPU only: a GPU was not measured.
+WHOLE_IMAGE_EXPONENT_CPU = 1.07
 LIMITS_MEMORY_STEP = 0.02  # the limits follow what a request may hold when it moves by more than this share
 
 
@@ -740,6 +746,9 @@ class ModelRegistry:
             tile_out = 4 * entry.spec["channels"] * (side * entry.spec["scale"]) ** 2
             cost.item_bytes = math.ceil((tile_in + 2.25 * tile_out) * MEMORY_MARGIN)
             cost.in_arena, arena.kept_bytes = True, cost.bytes_for(arena.kept_batch)
+        if entry.kind == "super_resolution":  # warm-up ran tiles: a larger (v2) image is past them
+            cost.largest_warmed_item = 1.0
+            cost.large_item_exponent = WHOLE_IMAGE_EXPONENT_CPU if runtime.device == "cpu" else 1.0
         return cost, probe
 
     @staticmethod

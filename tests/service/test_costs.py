@@ -107,3 +107,35 @@ def test_a_graphs_slow_first_runs_are_not_taken_for_its_speed():
 
     cost, _ = measure_cost(run, batch_of, [(1, 1.0)], None, repeats=3)
     assert cost.per_unit_s == pytest.approx(0.02, rel=0.3), cost.per_unit_s
+
+
+def test_a_whole_image_through_a_tile_graph_is_estimated_by_what_its_size_showed_not_at_the_tiles_rate():
+    """v2 infer sends an upscale graph whole images; warm-up timed tiles only, and a whole image
+    ran slower per pixel the larger it was (1.56x at 72 tiles' pixels on a CPU): admitted at the
+    tile's rate, an 816² image estimated at 17 s took 27 s, a 504 under load. Its time now grows
+    by a prior for sizes not yet seen, and by what batches of its size class showed once one ran;
+    that leaves the tiles' correction alone, and what an item holds still grows with its pixels."""
+    from service.admission import batch_share_bytes, compute_seconds
+    from service.costs import GraphCost
+    from service.registry import WHOLE_IMAGE_EXPONENT_CPU
+
+    cost = GraphCost(per_unit_s=0.25, overhead_s=0.0, bytes_per_unit=100_000_000, reference_pixels=96 * 96)
+    big, mid = cost.units_for_pixels(816 * 816), cost.units_for_pixels(448 * 448)
+    assert cost.size_factor(big) == 1.0  # a graph warmed at every size it serves: as before
+    cost.largest_warmed_item, cost.large_item_exponent = 1.0, WHOLE_IMAGE_EXPONENT_CPU
+    assert cost.size_factor(0.25) == cost.size_factor(1.0) == 1.0  # a tile, or less: as measured
+    assert 1.3 < cost.size_factor(big) < 1.4 and cost.size_factor(mid) < cost.size_factor(big)  # the prior
+    assert compute_seconds(cost, [big], 4) == pytest.approx(0.25 * big * cost.size_factor(big))
+    assert cost.item_seconds(big) == pytest.approx(0.25 * big * cost.size_factor(big))
+
+    cost.observe(big, 0.25 * big * 1.56, big)  # an 816² image took 1.56x the tile's rate
+    cost.observe(big, 0.25 * big * 1.56, big)
+    assert 1.48 < cost.size_factor(big) <= 1.56 and cost.current_correction() == 1.0  # tiles keep their estimate
+    prior = cost.size_factor(mid)
+    for _ in range(8):  # 448² images, 1.04x: good news is trusted slowly
+        cost.observe(mid, 0.25 * mid * 1.04, mid)
+    assert 1.04 <= cost.size_factor(mid) < 1.1 < prior
+    assert cost.size_factor(cost.units_for_pixels(1024 * 1024)) >= cost.size_factor(big)  # larger than any seen: not cheaper
+    cost.observe(1.0, 0.25, 1.0)  # a tile batch still moves the correction
+    assert cost.describe()["size_factors"] == {"16": cost.size_factors[4], "64": cost.size_factors[6]}
+    assert batch_share_bytes(cost, [big], 4, 10.0) == cost.bytes_for(big)  # memory: by pixels

@@ -43,8 +43,9 @@ def test_a_model_operation_reports_its_stages_in_server_timing(server):
         response = client.post("/v1/models/digits/generate", json={"seed": 3, "n": 4})
         error = client.post("/v1/models/digits/generate", json={"seed": -1})
     stages = {part.split(";")[0].strip(): float(part.split("dur=")[1]) for part in response.headers["server-timing"].split(",")}
-    assert set(stages) == {"queue", "compute", "encode", "total"}
+    assert set(stages) == {"estimate", "queue", "compute", "encode", "total"}
     assert all(value >= 0 for value in stages.values()) and stages["total"] >= stages["compute"] + stages["encode"]
+    assert stages["estimate"] > 0  # the compute admission counted for it
     assert "total;dur=" in error.headers["server-timing"]  # refused before any work: only the total
 
 

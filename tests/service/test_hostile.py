@@ -614,6 +614,8 @@ def test_the_model_listing_states_each_models_limits(shipped):
     assert 0 < sr["max_input_pixels"] < 1024 * 1024 and sr["max_tiles"] >= 1
     assert 0 < cyclegan["max_input_pixels"] < 4096 * 4096
     assert models["sr-rrdb-x4"]["costs"]["model"]["seconds_per_unit"] > 0
+    # a v2 whole image through the tile graph counts more per pixel the larger it is (on a CPU); translate's fit spans sizes
+    assert models["sr-rrdb-x4"]["costs"]["model"]["large_item_exponent"] > 1 == models["cyclegan-thin2thick"]["costs"]["model"]["large_item_exponent"]
     for generator in ("dcgan-digits", "stylegan-shapes"):  # the most images a request's compute fits (clients found it by 413s)
         assert 1 <= models[generator]["limits"]["max_images"] <= 256
     assert "max_images" not in sr
