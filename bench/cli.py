@@ -126,9 +126,9 @@ def bench_limits_command(
 
 
 def bench_estimates_command(
-    model: str = typer.Option("sr-rrdb-x4", help="an upscale model in the repository"),
+    model: str = typer.Option("sr-rrdb-x4", help="an upscale model (v2 whole images) or a translation model (translates past its warmed sizes) in the repository"),
     repository: Path = typer.Option(Path("model_repository"), "--repository", exists=True, file_okay=False),
-    sides: str = typer.Option("96,192,288,448,640,816", help="comma-separated sides of the whole images sent by v2 infer"),
+    sides: str = typer.Option("96,192,288,448,640,816", help="comma-separated image sides (a translation model: try 512,1024,1448,2048)"),
     repeats: int = typer.Option(2, min=1, help="requests per side, one after another (the first meets the prior, the later ones what the earlier showed)"),
     out: Optional[Path] = typer.Option(Path("bench/results/estimates-latest.json"), help="JSON report"),
 ) -> None:

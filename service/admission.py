@@ -140,7 +140,9 @@ def derive_limits(model: "LoadedModel", settings: Settings, request_memory: int)
         per_pixel, multiple = DECODE_BYTES_PER_PIXEL + translate_bytes_per_pixel(channels), entry.spec.get("size_multiple", 1)
         if cost is None:
             return ModelLimits(seconds, min(config.max_input_pixels, int(memory // per_pixel)), side_multiple=multiple)
-        by_time = (seconds - cost.overhead_s) / cost.per_unit_s * cost.reference_pixels
+        linear = max(0, int((seconds - cost.overhead_s) / cost.per_unit_s * cost.reference_pixels))
+        # past the warmed sizes an image may be slower per pixel (`GraphCost.size_factor`, as its batches showed)
+        by_time = largest_within(lambda pixels: compute_seconds(cost, [cost.units_for_pixels(pixels)], 1) <= seconds, min(linear, config.max_input_pixels))
         by_memory = memory / (per_pixel + cost.bytes_per_unit / cost.reference_pixels)
         return ModelLimits(seconds, max(0, int(min(config.max_input_pixels, by_time, by_memory))), side_multiple=multiple)
     per_pixel = DECODE_BYTES_PER_PIXEL + upscale_bytes_per_pixel(channels, entry.spec["scale"])

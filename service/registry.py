@@ -749,6 +749,8 @@ class ModelRegistry:
         if entry.kind == "super_resolution":  # warm-up ran tiles: a larger (v2) image is past them
             cost.largest_warmed_item = 1.0
             cost.large_item_exponent = WHOLE_IMAGE_EXPONENT_CPU if runtime.device == "cpu" else 1.0
+        else:  # a translate past its largest warmed image: no prior (measured, the slowdown starts past 1448²), what batches show
+            cost.largest_warmed_item = max(cost.warmed, default=1.0)  # (a shape past `max_batch_seconds` is not warmed)
         return cost, probe
 
     @staticmethod
