@@ -196,16 +196,20 @@ def test_an_unload_while_uploads_decode_answers_them_503_never_500(own_repositor
     for refused in (a for a in answers if a.status_code == 503):
         assert "gray" in refused.json()["error"]["message"] and refused.headers["retry-after"]
 
-def test_a_reload_of_the_same_network_under_a_busy_machine_keeps_the_limits_it_served_with(repository):
+@pytest.mark.parametrize("unloaded_first", [False, True], ids=["reload", "unload then load"])
+def test_a_reload_of_the_same_network_under_a_busy_machine_keeps_the_limits_it_served_with(repository, unloaded_first):
     """A reload warms while the machine is busy (here, busy loops on every core; in a probe, the
     traffic the replaced version still served): it timed upx4's tiles slow and tightened its
     limits, so an upscale served a moment before got 413. The same network served the same way
-    keeps the faster of the two fits."""
+    keeps the faster of the two fits — also when it was unloaded first (a load right after an
+    unload warmed beside the batch the unloaded version still computed, and kept nothing)."""
     from bench.limits import start_loops, stop
     from tests.service.test_remeasure import upx4_costs
 
     with running_server(repository, models=["upx4"], model_control=True, remeasure_idle_s=0) as server, server.client(timeout=120) as client:
         limits, cost = upx4_costs(client)
+        if unloaded_first:
+            assert client.post("/v2/repository/models/upx4/unload").status_code == 200
         loops = start_loops(3 * (os.cpu_count() or 1))
         try:
             assert client.post("/v2/repository/models/upx4/load").status_code == 200
