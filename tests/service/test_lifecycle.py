@@ -421,8 +421,9 @@ def test_a_version_retired_while_its_lane_is_stuck_is_still_counted_and_the_limi
     async def scenario() -> tuple[dict, dict, float, float]:
         registry = ModelRegistry(Settings(repository=tmp_path, request_timeout_s=0.05), ServiceMetrics())
         wedged, released = Lane("wedged/1", threads=1), threading.Event()
-        model = SimpleNamespace(entry=SimpleNamespace(label="wedged/1"), lane=wedged, config=SimpleNamespace(lane_threads=1),
-                                batchers={}, state="ready", runtimes={}, runtime=None, probes={})
+        model = SimpleNamespace(entry=SimpleNamespace(label="wedged/1", name="wedged", version=1, spec={}), lane=wedged,
+                                config=SimpleNamespace(lane_threads=1), batchers={}, state="ready", runtimes={}, runtime=None, probes={},
+                                costs={}, served_precision="fp32")
         running = wedged.run(released.wait, 5)
         await asyncio.sleep(0.3)  # past 4 x 0.05 s
         model.config.lane_threads = 2  # the same batch on a lane of two threads: 0.4 s before it is stuck
