@@ -22,6 +22,7 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+from bench.fairness import server_timing
 from bench.limits import model_figures
 from bench.runner import machine, write_report
 from bench.server import launched_server
@@ -35,8 +36,7 @@ def infer_whole_image(client: httpx.Client, model: str, side: int, seed: int) ->
                          "outputs": [{"name": "output", "parameters": {"binary_data": True}}]}).encode()
     answer = client.post(f"/v2/models/{model}/infer", content=header + image.tobytes(),
                          headers={"content-type": "application/octet-stream", "inference-header-content-length": str(len(header))})
-    answer.raise_for_status()
-    return {name: float(value) / 1000 for name, value in (part.split(";dur=") for part in answer.headers["server-timing"].split(", "))}
+    return stages_of(answer, f"a {side}² v2 infer")
 
 
 def translate_image(client: httpx.Client, model: str, side: int, seed: int) -> dict[str, float]:
@@ -46,9 +46,14 @@ def translate_image(client: httpx.Client, model: str, side: int, seed: int) -> d
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
     answer = client.post(f"/v1/models/{model}/translate?format=npy", content=buffer.getvalue(), headers={"content-type": "image/png"})
+    return stages_of(answer, f"a {side}² translate")
+
+
+def stages_of(answer: httpx.Response, what: str) -> dict[str, float]:
+    """The answer's `estimate` and `compute` stages (seconds); a refusal ends the bench, saying why."""
     if answer.status_code != 200:
-        raise SystemExit(f"a {side}² translate: {answer.status_code} {answer.text[:300]}")
-    return {name: float(value) / 1000 for name, value in (part.split(";dur=") for part in answer.headers["server-timing"].split(", "))}
+        raise SystemExit(f"{what}: {answer.status_code} {answer.text[:300]}")
+    return {stage: server_timing(answer.headers["server-timing"], stage) / 1000 for stage in ("estimate", "compute")}
 
 
 def run_estimates_bench(repository: Path, model: str, sides: list[int], repeats: int, out: Path | None) -> dict:

@@ -247,3 +247,16 @@ def test_the_data_bench_reads_a_set_as_training_does_and_reports_its_cost(tmp_pa
     result = report["results"]["now"]
     assert result["images"] == 20 and result["tensor_bytes"] == 20 * 3 * 16 * 16 and result["peak_rss_bytes"] > result["tensor_bytes"]
     assert (tmp_path / "report.json").exists()
+
+
+def test_the_estimates_bench_sets_each_images_compute_beside_what_admission_counted_and_learns_its_size(tmp_path):
+    from bench.estimates import run_estimates_bench
+    from tests.service.test_hostile import SHIPPED
+
+    report = run_estimates_bench(SHIPPED, "sr-rrdb-x4", [96, 192], 1, tmp_path / "estimates.json")
+    tile, whole = report["rows"]
+    assert (tile["units"], whole["units"]) == (1.0, 4.0)
+    assert all(row["observed_s"] > 0 and row["estimate_s"] > 0 for row in report["rows"])
+    # a 192² image (four tiles' pixels) met the prior; it taught its size class a factor, and the tile class none
+    assert report["cost"]["large_item_exponent"] > 1 and report["cost"]["size_factors"] == {}
+    assert list(report["cost_after"]["size_factors"]) == ["4"] and (tmp_path / "estimates.json").exists()
