@@ -9,6 +9,12 @@ heavy requests fill it. Two scenarios:
   could finish some of them in time; beside each other they run at about half speed.
 - **steady**: two clients loop upscales and two loop translates for `seconds`, each obeying
   `Retry-After` when refused, while a benign client asks DCGAN for one image every 200 ms.
+- **streams**: `streams` clients stream small (256²) translates back to back for `seconds`, and
+  one client sends upscales one at a time, `upscale_side`² and 1.4 times that in turns (about 1
+  and 2 s alone at 160²). The streams leave almost nothing queued at any moment, yet their lane
+  computes all along: counted at its backlog alone, an upscale admitted within its deadline ran
+  about twice its estimate beside them and got 504. Per answered upscale, its compute over what
+  admission counted for it (`Server-Timing` `estimate` plus `beside`).
 
 With `--other-processes N`, N busy loops (each in its own session, like another tenant's) spin
 from after the first runs to the end: load the lanes cannot see, which admission reads off the
@@ -122,6 +128,53 @@ def run_steady(url: str, record: Record, seconds: float, upscale_side: int, tran
         thread.join()
 
 
+STREAM_SIDE = 256
+
+
+def stage_s(answer: httpx.Response, stage: str) -> float:
+    """One `Server-Timing` stage in seconds (0 where the server did not report it)."""
+    for part in answer.headers.get("server-timing", "").split(","):
+        name, _, duration = part.strip().partition(";dur=")
+        if name == stage:
+            return float(duration) / 1000
+    return 0.0
+
+
+def run_streams(url: str, record: Record, seconds: float, upscale_side: int, streams: int) -> list[float]:
+    """The streams scenario; returns each answered upscale's compute over what admission counted."""
+    stop = time.monotonic() + seconds
+    ratios: list[float] = []
+
+    def stream(seed: int) -> None:
+        body = {"content": noise_png(STREAM_SIDE, seed), "headers": {"content-type": "image/png"}}
+        with httpx.Client(base_url=url, timeout=120) as client:
+            while time.monotonic() < stop:
+                answer = record.post(client, "streams", TRANSLATE, **body)
+                if answer.status_code == 503:
+                    time.sleep(float(answer.headers.get("retry-after", "1")))
+
+    def heavy() -> None:
+        sides = (upscale_side, round(upscale_side * 1.4))
+        refused, turn = False, 0
+        with httpx.Client(base_url=url, timeout=120) as client:
+            time.sleep(min(5.0, seconds / 4))  # the streams' demand shows within the lanes' window
+            while time.monotonic() < stop:
+                side = sides[turn % 2]
+                answer = record.post(client, "streams", UPSCALE, refused, **image_request(UPSCALE, side, STREAM_SIDE, turn))
+                refused = answer.status_code == 503
+                if answer.status_code == 200:
+                    ratios.append(round(stage_s(answer, "compute") / (stage_s(answer, "estimate") + stage_s(answer, "beside")), 3))
+                turn += 1
+                time.sleep(float(answer.headers.get("retry-after", "1")) if refused else 0.5)
+
+    threads = [threading.Thread(target=stream, args=(seed,)) for seed in range(streams)] + [threading.Thread(target=heavy)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return ratios
+
+
 def percentile(values: list[float], q: float) -> float | None:
     ordered = sorted(values)
     return round(ordered[int(q * (len(ordered) - 1))], 3) if ordered else None
@@ -142,7 +195,8 @@ def summary(record: Record, scenario: str, route: str) -> dict:
 
 
 def run_contention_bench(repository: Path, baseline_code: Path | None, rounds: int, bursts: int, k: int, seconds: float,
-                         timeout_s: float, upscale_side: int, translate_side: int, out: Path | None, other_processes: int = 0) -> dict:
+                         timeout_s: float, upscale_side: int, translate_side: int, out: Path | None, other_processes: int = 0,
+                         streams: int = 3) -> dict:
     codes = [("baseline", baseline_code)] if baseline_code else []
     codes.append(("this checkout", None))
     results: dict[str, list[dict]] = {label: [] for label, _ in codes}
@@ -158,10 +212,15 @@ def run_contention_bench(repository: Path, baseline_code: Path | None, rounds: i
                     run_bursts(url, record, bursts, k, upscale_side, translate_side)
                     time.sleep(2.0)
                     run_steady(url, record, seconds, upscale_side, translate_side)
-            results[label].append({f"{scenario}/{route.split('/')[0]}": summary(record, scenario, route)
-                                   for scenario, routes in (("bursts", (UPSCALE, TRANSLATE)), ("steady", (UPSCALE, TRANSLATE, BENIGN)))
-                                   for route in routes})
-    report = {"machine": machine(), "timeout_s": timeout_s, "other_processes": other_processes, "bursts": bursts, "k": k, "steady_seconds": seconds,
+                    time.sleep(2.0)
+                    ratios = run_streams(url, record, seconds, upscale_side, streams) if streams else []
+            cases = {f"{scenario}/{route.split('/')[0]}": summary(record, scenario, route)
+                     for scenario, routes in (("bursts", (UPSCALE, TRANSLATE)), ("steady", (UPSCALE, TRANSLATE, BENIGN)), ("streams", (UPSCALE, TRANSLATE)))
+                     for route in routes if scenario != "streams" or streams}
+            if streams:
+                cases["streams/sr-rrdb-x4"]["compute_over_counted"] = ratios
+            results[label].append(cases)
+    report = {"machine": machine(), "timeout_s": timeout_s, "other_processes": other_processes, "bursts": bursts, "k": k, "steady_seconds": seconds, "streams": streams,
               "upscale_side": upscale_side, "translate_side": translate_side, "results": results}
     beside = f", {other_processes} busy loops beside" if other_processes else ""
     table = Table(title=f"contention: deadline {timeout_s:g} s, {k}+{k} at once x {bursts}, then {seconds:g} s steady{beside}")
@@ -173,5 +232,9 @@ def run_contention_bench(repository: Path, baseline_code: Path | None, rounds: i
                 table.add_row(label, str(turn), case, str(figures["statuses"]), str(figures["admitted_past_deadline"]),
                               f"{figures['answered_p50_s']} / {figures['answered_p99_s']}", str(figures["refused_again_after_retry_after"]))
     Console().print(table)
+    for label, runs in results.items():
+        for turn, cases in enumerate(runs, 1):
+            if "streams/sr-rrdb-x4" in cases:
+                print(f"{label}, round {turn}: streams' upscales, compute over what admission counted:", cases["streams/sr-rrdb-x4"]["compute_over_counted"])
     write_report(report, out)
     return report

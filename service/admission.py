@@ -13,7 +13,10 @@ refused up front instead of timing out thirty seconds later.
   others' work that will run beside it (processor sharing: each other lane's, up to as long as
   its own lane's), and it is refused while it would push a request already admitted beside it
   past that request's deadline (`crowded_out`). A 256² upscale admitted at an estimated 9 s
-  once took 26 s beside two busy models, where each lane was judged alone.
+  once took 26 s beside two busy models, where each lane was judged alone. A stream of small
+  requests to another model leaves almost nothing queued at any moment yet computes all along,
+  so each other lane's steady demand (`Lane.steady_demand`) is taken to go on meanwhile
+  (`steady_share`): a 640² image admitted at 13 s beside such streams ran 2.7x that and got 504.
 - **Memory**: a request reserves what it will hold at its peak from the process budget for its
   whole life; what does not fit now gets 503, what never fits 413.
 """
@@ -213,10 +216,38 @@ def slowdown(lane: LaneView, other_share: float, cpus: int | None = None) -> flo
     return 1.0 + short * (BARRIER_PENALTY if threads > 1.5 else 1.0)
 
 
-def beside_s(lane: LaneView, own_s: float, others: Sequence[LaneView]) -> float:
-    """The seconds the work queued on the other lanes adds to `own_s` seconds of `lane`'s own:
-    each other lane's, as far as it overlaps (up to `own_s`), times their crowding."""
-    return sum(min(other.expected_wait_s(), own_s) * crowding(lane, other) for other in others)
+def steady_share(demands: Sequence[tuple[float, float]]) -> float:
+    """The share of the device a lane's work gets while other lanes' steady demand goes on:
+    `demands` holds each other lane's (steady demand, crowding). The device is shared max-min
+    fairly (processor sharing): a lane asking for less than the level gets what it asks, the rest
+    get the level, as the new work does; the level is where the shares fill the device. One lane
+    asking 0.3: 0.7 left; one never idle: half; two never idle: a third."""
+    asking = sorted((demand, share) for demand, share in demands if demand > 0.0 and share > 0.0)
+    given, capped = 0.0, sum(share for _, share in asking)
+    level = 1.0 / (1.0 + capped)
+    for demand, share in asking:  # ascending: each one under the level takes only what it asks, raising the level
+        if demand >= level:
+            break
+        given, capped = given + demand * share, capped - share
+        level = (1.0 - given) / (1.0 + capped)
+    return level
+
+
+def beside_s(lane: LaneView, own_s: float, others: Sequence[LaneView], steady: bool = True) -> float:
+    """The seconds the other lanes' work adds to `own_s` seconds of `lane`'s own, each lane's
+    the larger of
+    - what is queued on it, as far as it overlaps (up to `own_s`), and
+    - what its steady demand goes on asking meanwhile: over the `own_s / level` the work takes at
+      the `steady_share` level, its share of the device, min(demand, level), for each second;
+    times their crowding. A stream of small DCGAN or StyleGAN requests has almost no backlog.
+    `steady=False`: what is queued alone (a booking's end: the streams push it as they come)."""
+    if not others:
+        return 0.0
+    if not steady:
+        return sum(min(other.expected_wait_s(), own_s) * crowding(lane, other) for other in others)
+    seen = [(other.expected_wait_s(), other.steady_demand(), crowding(lane, other)) for other in others]
+    level = steady_share([(demand, share) for _, demand, share in seen])
+    return sum(share * max(min(queued, own_s), min(demand, level) * own_s / level) for queued, demand, share in seen if share)
 
 
 def pushed_by(booking: Booking, share: float, start_in: float, alone_s: float, now: float) -> float:
@@ -272,7 +303,7 @@ def book(lane: LaneView, start_in: float, alone_s: float, others: Sequence[LaneV
 def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, budget: MemoryBudget, recheck_s: float = 30.0,
           encoding: EncoderBacklog | None = None, timeout_s: float = math.inf, counted: list[int] | None = None,
           beside: Sequence[LaneView] = (), booked: list[Booking] | None = None, other_share: float = 0.0,
-          holder: int | None = None) -> float:
+          holder: int | None = None, timing: dict[str, float] | None = None) -> float:
     """Refuses what cannot finish in time or fit in memory; otherwise reserves the request's
     bytes and returns the lane seconds it will take (the caller adds them to the lane's backlog
     at once, so the requests admitted in one burst see each other, and releases both when the
@@ -287,7 +318,8 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
     (`ModelRegistry.lanes_beside`), whose queued work is added to its estimate and whose admitted requests it may not push past their
     deadlines; its booking is appended to `booked` (the caller takes it off its lane at the end).
     `other_share`: the share of the device other processes held lately (`SharedDevice.other_share`):
-    everything it waits for and computes takes `slowdown` times longer."""
+    everything it waits for and computes takes `slowdown` times longer. `timing` (the request's
+    Server-Timing stages) gets `beside`: the seconds the other lanes' work was counted to add."""
     limit = model.limits.compute_seconds if model.limits else math.inf
     if request_cost.seconds > limit:
         raise ApiError(413, f"this request needs about {request_cost.seconds:.1f} s of compute on {model.entry.name!r}; "
@@ -296,7 +328,8 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
     cost = model.costs.get("model")
     correction = cost.current_correction() if cost is not None else 1.0
     wait, alone = lane.expected_wait_s(), request_cost.seconds * correction / lane.threads
-    crowd = beside_s(lane, wait + alone, beside)
+    own = wait + alone
+    crowd = beside_s(lane, own, beside)
     slowed = slowdown(lane, other_share)
     wait, alone, crowd = wait * slowed, alone * slowed, crowd * slowed
     budget_s = remaining_s * COMPUTE_SHARE_OF_DEADLINE  # the rest is decoding, encoding and the estimate's error
@@ -344,8 +377,11 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
         if counted is not None:
             counted.append(micros)
     lane.claim = None  # the room promised to this lane, if any, is taken
-    if booked is not None:
-        booked.append(book(lane, wait, alone, beside, wait + alone + crowd, remaining_s * PROTECTED_SHARE_OF_DEADLINE, now))
+    if booked is not None:  # booked to end after what is queued beside it: the streams' requests push it as they come (`book`)
+        queued = beside_s(lane, own, beside, steady=False) * slowed
+        booked.append(book(lane, wait, alone, beside, wait + alone + queued, remaining_s * PROTECTED_SHARE_OF_DEADLINE, now))
+    if timing is not None and crowd > 0.0:
+        timing["beside"] = crowd
     return request_cost.seconds * correction
 
 

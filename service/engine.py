@@ -32,7 +32,7 @@ def model_snapshot(model: LoadedModel) -> ModelSnapshot:
     return ModelSnapshot(model.entry, model.state, model.error, model.config, dict(model.costs), model.limits, dict(model.latents),
                          dict(model.spreads), model.parity, runtime, model.lane.threads if model.lane else 1,
                          model.lane.backlog_s if model.lane else 0.0, model.capture, list(model.precision_rejected),
-                         model.lane.running_for() if model.lane else 0.0)
+                         model.lane.running_for() if model.lane else 0.0, model.lane.steady_demand() if model.lane else 0.0)
 
 
 def engine_snapshot(registry: ModelRegistry) -> EngineSnapshot:

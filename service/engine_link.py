@@ -149,6 +149,7 @@ class ModelSnapshot:
     capture: dict[str, dict] = field(default_factory=dict)  # graph → captured shapes (service/graph_capture.py)
     precision_rejected: list = field(default_factory=list)  # service.precision.PrecisionParity: what `auto` tried and left
     running_s: float = 0.0  # how long the engine lane's longest-running batch has run (`Lane.running_for`)
+    steady_demand: float = 0.0  # the engine lane's `Lane.steady_demand`
 
 
 @dataclass

@@ -60,7 +60,7 @@ class RuntimeLabel:
 
 
 class RemoteLane:
-    """The part of a `Lane` admission reads: its threads and its backlog.
+    """The part of a `Lane` admission reads: its threads, its backlog and its steady demand.
 
     A front sees the engine lane's backlog only as of the last snapshot (every
     `SNAPSHOT_INTERVAL_S`), so what every front admitted since is unseen. This front's share of it
@@ -80,6 +80,7 @@ class RemoteLane:
         self.engine_backlog_s = 0.0  # every front's, as of the last snapshot
         self.admitted_since_snapshot_s = 0.0  # this front's admissions the last snapshot cannot have counted
         self.engine_running_since: float | None = None  # when the engine lane's longest-running batch began, by this clock
+        self.engine_steady_demand = 0.0  # the engine lane's `steady_demand`, as of the last snapshot
 
     def add_backlog(self, seconds: float) -> None:
         self.backlog_s += seconds
@@ -88,10 +89,11 @@ class RemoteLane:
     def remove_backlog(self, seconds: float) -> None:
         self.backlog_s = max(0.0, self.backlog_s - seconds)
 
-    def observe(self, engine_backlog_s: float, engine_running_s: float = 0.0) -> None:
-        """A snapshot's figures: the engine lane's backlog, every front's admitted work in it, and
-        how long its longest-running batch has run (`Lane.running_for`)."""
+    def observe(self, engine_backlog_s: float, engine_running_s: float = 0.0, steady_demand: float = 0.0) -> None:
+        """A snapshot's figures: the engine lane's backlog, every front's admitted work in it, how
+        long its longest-running batch has run (`Lane.running_for`) and its steady demand."""
         self.engine_backlog_s = engine_backlog_s
+        self.engine_steady_demand = steady_demand
         self.admitted_since_snapshot_s = 0.0
         self.engine_running_since = time.monotonic() - engine_running_s if engine_running_s > 0 else None
 
@@ -102,6 +104,10 @@ class RemoteLane:
     def expected_wait_s(self) -> float:
         unseen = self.admitted_since_snapshot_s * self.fronts  # this front's since the snapshot, and as much from each other front
         return max(self.backlog_s, self.engine_backlog_s + unseen) / self.threads
+
+    def steady_demand(self) -> float:
+        """As `Lane.steady_demand`, every front's streams in it (half a second old: it moves over seconds)."""
+        return self.engine_steady_demand
 
     def shutdown(self, wait: bool = True) -> None:
         pass
@@ -422,4 +428,4 @@ def update_mirror(mirror: LoadedModel, seen: ModelSnapshot) -> None:
     mirror.precision_rejected = seen.precision_rejected
     mirror.runtime = RuntimeLabel(*seen.runtime) if seen.runtime else None
     mirror.lane.threads = seen.lane_threads
-    mirror.lane.observe(seen.backlog_s, seen.running_s)
+    mirror.lane.observe(seen.backlog_s, seen.running_s, seen.steady_demand)

@@ -150,17 +150,22 @@ def test_the_fairness_bench_reports_the_benign_clients_latency_and_queue_wait_be
 
 def test_the_contention_bench_counts_what_each_model_was_answered_beside_the_others(tmp_path):
     """`ganserve bench-contention` on the shipped models, a busy loop beside: every answer of both
-    scenarios counted by status, with the share of admitted requests that missed their deadline."""
+    scenarios counted by status, with the share of admitted requests that missed their deadline,
+    and in the streams scenario each answered upscale's compute over what admission counted."""
     from bench.contention import run_contention_bench
     from tests.service.test_hostile import SHIPPED
 
     report = run_contention_bench(SHIPPED, None, rounds=1, bursts=1, k=2, seconds=3.0, timeout_s=3.0, upscale_side=64,
-                                  translate_side=256, out=tmp_path / "contention.json", other_processes=1)
+                                  translate_side=256, out=tmp_path / "contention.json", other_processes=1, streams=2)
     assert report["other_processes"] == 1
     cases = report["results"]["this checkout"][0]
-    assert set(cases) == {"bursts/sr-rrdb-x4", "bursts/cyclegan-thin2thick", "steady/sr-rrdb-x4", "steady/cyclegan-thin2thick", "steady/dcgan-digits"}
+    assert set(cases) == {"bursts/sr-rrdb-x4", "bursts/cyclegan-thin2thick", "steady/sr-rrdb-x4", "steady/cyclegan-thin2thick", "steady/dcgan-digits",
+                          "streams/sr-rrdb-x4", "streams/cyclegan-thin2thick"}
     assert sum(cases["bursts/sr-rrdb-x4"]["statuses"].values()) == 2 and sum(cases["bursts/cyclegan-thin2thick"]["statuses"].values()) == 2
     assert cases["steady/dcgan-digits"]["statuses"].get(200, 0) >= 5  # one every 200 ms beside the heavy clients
+    assert cases["streams/cyclegan-thin2thick"]["statuses"].get(200, 0) >= 5 and cases["streams/sr-rrdb-x4"]["statuses"]
+    counted = cases["streams/sr-rrdb-x4"]["compute_over_counted"]
+    assert len(counted) == cases["streams/sr-rrdb-x4"]["statuses"].get(200, 0) and all(ratio > 0 for ratio in counted)
     for figures in cases.values():
         assert set(figures["statuses"]) <= {200, 503, 504}
         assert figures["admitted_past_deadline"] is None or 0 <= figures["admitted_past_deadline"] <= 1

@@ -124,3 +124,50 @@ def test_a_burst_to_two_models_sharing_the_cores_is_refused_up_front_not_timed_o
     refused = [(elapsed, retry) for _, status, elapsed, retry in results if status == 503]
     assert all(retry is not None and int(retry) >= 1 for _, retry in refused), results
     assert max(elapsed for elapsed, _ in refused) < 1.5, results
+
+
+def test_a_request_beside_other_models_streams_of_small_requests_is_refused_up_front_not_timed_out():
+    """A stream of small requests to another model leaves almost nothing queued at any moment,
+    yet its lane computes the whole time a long request runs beside it (probed: a 640² image
+    admitted at 13.3 s beside streams of StyleGAN and small translates ran 2.7x that and got 504).
+    Here three clients stream 256² translates while 224² upscales (about 2 s alone: within the
+    3.2 s a 4 s deadline leaves compute) and 160² ones (about 1 s) are sent one at a time. Counted
+    at the queued backlog alone, two of three 224² upscales were admitted and answered 504 after
+    the whole deadline; counting the translate lane's steady demand, they are refused at once
+    (they would take about twice as long), and the 160² ones are served, their Server-Timing
+    `beside` showing what the stream was counted to add."""
+    small = png(256, 256)
+    with running_server(SHIPPED, request_timeout_s=4, intra_op_threads=2, models=["sr-rrdb-x4", "cyclegan-thin2thick"]) as server, \
+            server.client(timeout=60) as client:
+        server.wait_for_side("sr-rrdb-x4", 224, timeout_s=90)
+
+        def upscale(side: int):
+            return client.post("/v1/models/sr-rrdb-x4/upscale", content=png(side, side), headers={"content-type": "image/png"})
+
+        assert upscale(224).status_code == 200  # alone it fits its deadline
+        stop, streamed = threading.Event(), []
+
+        def stream() -> None:
+            with server.client(timeout=60) as own:
+                while not stop.is_set():
+                    streamed.append(own.post("/v1/models/cyclegan-thin2thick/translate", content=small, headers={"content-type": "image/png"}).status_code)
+
+        with ThreadPoolExecutor(3) as pool:
+            for _ in range(3):
+                pool.submit(stream)
+            time.sleep(5)  # the stream's demand shows within the lanes' 4 s window
+            answers = []
+            for side in (224, 160, 224, 160, 224):
+                answers.append((side, upscale(side)))
+                time.sleep(0.5)
+            stop.set()
+    statuses = [(side, answer.status_code) for side, answer in answers]
+    assert all(status in (200, 503) for _, status in statuses), statuses  # never a 504 after the whole deadline
+    for side, answer in answers:
+        if side == 224:
+            assert answer.status_code == 503 and "other models on the same device" in answer.json()["error"]["message"], statuses
+            assert int(answer.headers["retry-after"]) >= 1
+        else:
+            assert answer.status_code == 200, statuses
+            assert "beside;dur=" in answer.headers["server-timing"]
+    assert set(streamed) <= {200, 503} and 200 in streamed

@@ -12,6 +12,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -531,6 +532,29 @@ def test_a_front_counts_what_every_front_admitted_since_the_engines_last_snapsho
     lane.remove_backlog(4.0)
     assert lane.expected_wait_s() == 9.0 and lane.backlog_s == 0.0
 
+
+
+def test_a_front_reads_the_engine_lanes_steady_demand_from_its_snapshots(repository):
+    """Admission in a front counts the other lanes' steady demand as one process does: the
+    engine's lanes, where the streams' jobs run, are read off every snapshot."""
+    from service.engine import engine_snapshot
+    from service.front import RemoteLane, update_mirror
+    from service.lanes import Lane
+    from service.registry import LoadedModel
+    from service.repository import scan_repository
+
+    entry = next(e for e in scan_repository(repository) if e.name == "upx4")
+    lane = Lane("snapshot-test", 1)
+    try:
+        lane.count_served(4.0, 4.0)  # computed all of the last 4 s
+        engine = SimpleNamespace(device="cpu", models={"upx4": {1: LoadedModel(entry, lane=lane)}}, loaded=True, is_ready=lambda: True,
+                                 draining=False, encoder_table=None, shared_device=SimpleNamespace(other_share=lambda: 0.0))
+        mirror = LoadedModel(entry, lane=RemoteLane("upx4", threads=1, fronts=2))
+        update_mirror(mirror, engine_snapshot(engine).models["upx4"][1])
+        assert mirror.lane.steady_demand() == pytest.approx(lane.steady_demand(), abs=0.01)
+        assert mirror.lane.steady_demand() > 0.6
+    finally:
+        lane.shutdown()
 
 def command_settings(pid: int) -> dict:
     """The settings a `--workers` child was started with (its command line's JSON)."""
