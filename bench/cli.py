@@ -209,7 +209,7 @@ def bench_contention_command(
     upscale_side: int = typer.Option(160, min=8, help="the upscales' input side"),
     translate_side: int = typer.Option(1024, min=8, help="the translates' input side"),
     other_processes: int = typer.Option(0, min=0, max=64, help="busy loops spinning beside the server from after its first runs (another tenant's load)"),
-    streams: int = typer.Option(3, min=0, max=32, help="the streams scenario's clients streaming small translates (0: no streams scenario)"),
+    streams: int = typer.Option(4, min=0, max=32, help="the streams scenario's clients streaming small translates (0: no streams scenario)"),
     out: Optional[Path] = typer.Option(Path("bench/results/contention-latest.json"), help="JSON report"),
 ) -> None:
     """Admission with several models busy on the same cores: admitted requests that still missed their deadline, refusals after an obeyed Retry-After, latency."""

@@ -15,8 +15,10 @@ refused up front instead of timing out thirty seconds later.
   past that request's deadline (`crowded_out`). A 256² upscale admitted at an estimated 9 s
   once took 26 s beside two busy models, where each lane was judged alone. A stream of small
   requests to another model leaves almost nothing queued at any moment yet computes all along,
-  so each other lane's steady demand (`Lane.steady_demand`) is taken to go on meanwhile
-  (`steady_share`): a 640² image admitted at 13 s beside such streams ran 2.7x that and got 504.
+  and each of them is too slight a push to be refused for the requests it stretches, so each
+  other lane's steady demand (`Lane.steady_demand`: the slight requests admitted to it lately)
+  is taken to go on meanwhile (`steady_share`): a 640² image admitted at 13 s beside such
+  streams ran 2.7x that and got 504.
 - **Memory**: a request reserves what it will hold at its peak from the process budget for its
   whole life; what does not fit now gets 503, what never fits 413.
 """
@@ -377,6 +379,8 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
         if counted is not None:
             counted.append(micros)
     lane.claim = None  # the room promised to this lane, if any, is taken
+    if alone <= SLIGHT_PUSH * remaining_s:  # never refused for what it pushes: the lanes beside count it as a stream
+        lane.count_slight(request_cost.seconds * correction)
     if booked is not None:  # booked to end after what is queued beside it: the streams' requests push it as they come (`book`)
         queued = beside_s(lane, own, beside, steady=False) * slowed
         booked.append(book(lane, wait, alone, beside, wait + alone + queued, remaining_s * PROTECTED_SHARE_OF_DEADLINE, now))

@@ -22,8 +22,9 @@ admitted to it, each with when its work is projected to end and the latest it ma
 admission see what a new request does to the requests already admitted beside it
 (service/admission.py). A backlog is only what is queued now: a model kept busy by a stream of
 small requests has almost none at any moment, yet computes the whole time a long request beside
-it does, so each lane also keeps its *steady demand*, the share of its slots' time its jobs asked
-for lately, which admission takes to go on for as long as a new request computes.
+it does, and its requests are each too slight a push on a booked request to be refused for it.
+So each lane also keeps its *steady demand*: the seconds of such slight requests admitted to it
+lately, per second, which admission takes to go on for as long as a new request computes.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ from service.host_load import usable_cpus
 
 STOP = None  # the sentinel that ends one lane thread
 # how long a lane's steady demand remembers (the time constant of its exponential average): a
-# stream of small requests shows within it, and a lane left idle is forgotten within a few times it
+# stream of small requests shows within it, and a lane left alone is forgotten within a few times it
 STEADY_WINDOW_S = 4.0
 
 
@@ -151,6 +152,8 @@ class LaneView(Protocol):
 
     def steady_demand(self) -> float: ...
 
+    def count_slight(self, seconds: float) -> None: ...
+
 
 LANE_STOP_POLL_S = 0.01  # how often a stopping lane is looked at (its last job ran for ~1 ms to seconds)
 
@@ -166,8 +169,8 @@ class Lane:
         self.backlog_s = 0.0  # estimated seconds of the items queued or running here
         self.pending = 0  # jobs queued or running (counted on the loop's thread)
         self.last_done = time.monotonic()  # when the last of them ended
-        self._demand_seconds = 0.0  # the alone-seconds of its served jobs, decayed to `_demand_at` (`steady_demand`)
-        self._demand_at = time.monotonic()
+        self._slight_s = 0.0  # the seconds of slight requests admitted here, decayed to `_slight_at` (`steady_demand`)
+        self._slight_at = time.monotonic()
         self._slots: asyncio.Semaphore | None = None
         self._work: queue.SimpleQueue = queue.SimpleQueue()
         # per thread: when the watched job it runs began (None: idle, or loading); each thread writes its own cell
@@ -229,33 +232,28 @@ class Lane:
                 finally:
                     self._started[index] = None
             except BaseException as error:  # handed to the awaiting coroutine, as an executor would
-                alone = self._left(progress)
-                wall = time.perf_counter() - started
-                self._hand_back(loop, future, None, error, (alone if self.device is not None else wall, wall) if watched else None)
+                self._left(progress)
+                self._hand_back(loop, future, None, error)
             else:
                 alone = self._left(progress)
-                wall = time.perf_counter() - started
                 if timed:
+                    wall = time.perf_counter() - started
                     result = (result, wall / alone if alone > 0 else 1.0)
-                self._hand_back(loop, future, result, None, (alone if self.device is not None else wall, wall) if watched else None)
+                self._hand_back(loop, future, result, None)
 
-    def _hand_back(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future, result: Any, error: BaseException | None,
-                   served: tuple[float, float] | None = None) -> None:
+    def _hand_back(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future, result: Any, error: BaseException | None) -> None:
         """Settles `future` on its loop's thread; nothing when that loop has closed: a stop does not
-        wait for a stuck lane (`ModelRegistry.unless_stuck`), and its batch may end after it.
-        `served`: a watched job's (alone, wall) seconds, for `steady_demand`."""
+        wait for a stuck lane (`ModelRegistry.unless_stuck`), and its batch may end after it."""
         with contextlib.suppress(RuntimeError):  # call_soon_threadsafe on a closed loop
-            loop.call_soon_threadsafe(self._settle, future, result, error, served)
+            loop.call_soon_threadsafe(self._settle, future, result, error)
 
     def _left(self, entered_at: float) -> float:
         """The seconds the job that entered the device at `entered_at` would have taken alone."""
         return self.device.leave(self.share) - entered_at if self.device is not None else 0.0
 
-    def _settle(self, future: asyncio.Future, result: Any, error: BaseException | None, served: tuple[float, float] | None = None) -> None:
+    def _settle(self, future: asyncio.Future, result: Any, error: BaseException | None) -> None:
         self.pending -= 1
         self.last_done = time.monotonic()
-        if served is not None:
-            self.count_served(*served)
         if future.cancelled():
             return
         if error is not None:
@@ -273,22 +271,20 @@ class Lane:
         """How long new work waits for the work already here, with every slot busy."""
         return self.backlog_s / self.threads
 
-    def count_served(self, alone_s: float, wall_s: float) -> None:
-        """Adds a job that just ended, its `alone_s` spread evenly over the `wall_s` it ran, to the
-        exponential average (on the loop's thread, in `_settle`)."""
+    def count_slight(self, seconds: float) -> None:
+        """A slight request admitted here (`admission.SLIGHT_PUSH`), of `seconds` lane seconds."""
         now = time.monotonic()
-        window = STEADY_WINDOW_S
-        spread = alone_s * window / wall_s * -math.expm1(-wall_s / window) if wall_s > 0 else alone_s
-        self._demand_seconds = self._demand_seconds * math.exp((self._demand_at - now) / window) + spread
-        self._demand_at = now
+        self._slight_s = self._slight_s * math.exp((self._slight_at - now) / STEADY_WINDOW_S) + seconds
+        self._slight_at = now
 
     def steady_demand(self) -> float:
-        """The share of its slots' time this lane's served jobs have asked for lately, in what they
-        would have taken alone (0: idle; 1: every slot busy with the device to itself; a lane never
-        idle beside one other busy lane reads about 0.5, its fair share there): an exponential average over STEADY_WINDOW_S. A stream of small requests keeps the
-        backlog near zero but this near the share of the device the stream takes (admission's
-        `steady_share`). A running job counts once it ends (its backlog counts until then)."""
-        decayed = self._demand_seconds * math.exp((self._demand_at - time.monotonic()) / STEADY_WINDOW_S)
+        """The share of its slots' time the slight requests admitted here lately ask for (0: none;
+        1: as much as every slot can do): an exponential average over STEADY_WINDOW_S. A stream of
+        small requests keeps the backlog near zero but this near the share of the device it takes
+        (admission's `steady_share`). Heavier requests are left out: admission refuses those that
+        would push a booked request past its deadline (`crowded_out`), so they cannot stretch it
+        past its deadline and are counted where they are queued."""
+        decayed = self._slight_s * math.exp((self._slight_at - time.monotonic()) / STEADY_WINDOW_S)
         return min(1.0, decayed / STEADY_WINDOW_S / self.threads)
 
     def shutdown(self, wait: bool = True) -> None:

@@ -546,7 +546,7 @@ def test_a_front_reads_the_engine_lanes_steady_demand_from_its_snapshots(reposit
     entry = next(e for e in scan_repository(repository) if e.name == "upx4")
     lane = Lane("snapshot-test", 1)
     try:
-        lane.count_served(4.0, 4.0)  # computed all of the last 4 s
+        lane.count_slight(2.6)  # slight requests worth 0.65 of the last 4 s
         engine = SimpleNamespace(device="cpu", models={"upx4": {1: LoadedModel(entry, lane=lane)}}, loaded=True, is_ready=lambda: True,
                                  draining=False, encoder_table=None, shared_device=SimpleNamespace(other_share=lambda: 0.0))
         mirror = LoadedModel(entry, lane=RemoteLane("upx4", threads=1, fronts=2))
