@@ -16,8 +16,8 @@ refused up front instead of timing out thirty seconds later.
   once took 26 s beside two busy models, where each lane was judged alone. A stream of small
   requests to another model leaves almost nothing queued at any moment yet computes all along,
   and each of them is too slight a push to be refused for the requests it stretches, so each
-  other lane's steady demand (`Lane.steady_demand`: the slight requests admitted to it lately)
-  is taken to go on meanwhile (`steady_share`): a 640² image admitted at 13 s beside such
+  other lane's steady demand (`Lane.steady_demand`: the slight requests it computed lately) is
+  taken to go on meanwhile (`steady_share`): a 640² image admitted at 13 s beside such
   streams ran 2.7x that and got 504.
 - **Memory**: a request reserves what it will hold at its peak from the process budget for its
   whole life; what does not fit now gets 503, what never fits 413.
@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from service import lanes
 from service.costs import GraphCost
 from service.encoder_backlog import EncoderBacklog
 from service.errors import ApiError
@@ -218,6 +219,14 @@ def slowdown(lane: LaneView, other_share: float, cpus: int | None = None) -> flo
     return 1.0 + short * (BARRIER_PENALTY if threads > 1.5 else 1.0)
 
 
+def is_slight(lane_seconds: float, threads: int, remaining_s: float) -> bool:
+    """Whether a request of `lane_seconds` is a push too slight for `crowded_out` to refuse
+    (under SLIGHT_PUSH of its deadline): what its lane computes of it counts in the lane's steady
+    demand (`RequestState.slight`, `Lane.count_slight`), as the other lanes' requests cannot see
+    it coming otherwise."""
+    return lane_seconds / threads <= SLIGHT_PUSH * remaining_s
+
+
 def steady_share(demands: Sequence[tuple[float, float]]) -> float:
     """The share of the device a lane's work gets while other lanes' steady demand goes on:
     `demands` holds each other lane's (steady demand, crowding). The device is shared max-min
@@ -235,21 +244,36 @@ def steady_share(demands: Sequence[tuple[float, float]]) -> float:
     return level
 
 
-def beside_s(lane: LaneView, own_s: float, others: Sequence[LaneView], steady: bool = True) -> float:
+def beside_s(lane: LaneView, own_s: float, others: Sequence[LaneView], steady: bool = True, fade: float = 1.0) -> float:
     """The seconds the other lanes' work adds to `own_s` seconds of `lane`'s own, each lane's
     the larger of
     - what is queued on it, as far as it overlaps (up to `own_s`), and
     - what its steady demand goes on asking meanwhile: over the `own_s / level` the work takes at
       the `steady_share` level, its share of the device, min(demand, level), for each second;
     times their crowding. A stream of small DCGAN or StyleGAN requests has almost no backlog.
-    `steady=False`: what is queued alone (a booking's end: the streams push it as they come)."""
+    `steady=False`: what is queued alone (a booking's end: the streams push it as they come);
+    `fade`: the demands as they will have faded by then, if the streams pause (`streams_ease_s`)."""
     if not others:
         return 0.0
     if not steady:
         return sum(min(other.expected_wait_s(), own_s) * crowding(lane, other) for other in others)
-    seen = [(other.expected_wait_s(), other.steady_demand(), crowding(lane, other)) for other in others]
+    seen = [(other.expected_wait_s(), other.steady_demand() * fade, crowding(lane, other)) for other in others]
     level = steady_share([(demand, share) for _, demand, share in seen])
     return sum(share * max(min(queued, own_s), min(demand, level) * own_s / level) for queued, demand, share in seen if share)
+
+
+def streams_ease_s(fits: Callable[[float], bool]) -> float:
+    """The seconds until `fits(fade)` holds as the other lanes' steady demand fades (by
+    exp(-t / STEADY_WINDOW_S), were their streams to pause now): the Retry-After of a request only
+    the streams keep out. One computed at the queue's pace (1-2 s) was refused again 11 times in 11
+    while the streams went on, and after a burst for 9 s more (a probe)."""
+    low, high = 0.0, 4 * lanes.STEADY_WINDOW_S
+    if not fits(math.exp(-high / lanes.STEADY_WINDOW_S)):
+        return high
+    for _ in range(12):
+        middle = (low + high) / 2
+        low, high = (low, middle) if fits(math.exp(-middle / lanes.STEADY_WINDOW_S)) else (middle, high)
+    return high
 
 
 def pushed_by(booking: Booking, share: float, start_in: float, alone_s: float, now: float) -> float:
@@ -336,6 +360,12 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
     wait, alone, crowd = wait * slowed, alone * slowed, crowd * slowed
     budget_s = remaining_s * COMPUTE_SHARE_OF_DEADLINE  # the rest is decoding, encoding and the estimate's error
     if wait + alone + crowd > budget_s:
+        if wait + alone + beside_s(lane, own, beside, steady=False) * slowed <= budget_s:  # what is queued fits: the streams beside do not
+            retry = max(1, math.ceil(streams_ease_s(lambda fade: wait + alone + beside_s(lane, own, beside, fade=fade) * slowed <= budget_s)))
+            raise ApiError(503, f"this request's {alone:.1f} s of compute on {model.entry.name!r} would take about {alone + crowd:.1f} s beside the "
+                                f"streams of requests other models on the same device have kept computing lately: past its deadline; retry in "
+                                f"{retry} s, when their demand will have eased enough if they pause (while they go on at this pace, it will "
+                                f"not fit)", code="overloaded", headers={"Retry-After": str(retry)})
         if alone <= budget_s:  # the work queued before it, here and beside: it has room once that is done
             raise behind_the_queue(model.entry.name, wait, alone, budget_s, crowd, other_share if slowed > 1.0 else 0.0)
         if request_cost.seconds * correction / lane.threads <= budget_s:  # it would fit but for the other processes
@@ -379,8 +409,6 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
         if counted is not None:
             counted.append(micros)
     lane.claim = None  # the room promised to this lane, if any, is taken
-    if alone <= SLIGHT_PUSH * remaining_s:  # never refused for what it pushes: the lanes beside count it as a stream
-        lane.count_slight(request_cost.seconds * correction)
     if booked is not None:  # booked to end after what is queued beside it: the streams' requests push it as they come (`book`)
         queued = beside_s(lane, own, beside, steady=False) * slowed
         booked.append(book(lane, wait, alone, beside, wait + alone + queued, remaining_s * PROTECTED_SHARE_OF_DEADLINE, now))

@@ -74,6 +74,7 @@ class RequestState:
     lane: Lane | None = None
     timing: dict[str, float] | None = None  # the request's stage seconds (Server-Timing): longest queue wait, compute of its batches
     items_batched: int = 0  # its items taken into batches so far: who goes first when a batch cannot take one of each
+    slight: bool = False  # admitted as a push too slight to be refused (`admission.is_slight`): its lane's steady demand counts its items
 
     def alive(self, now: float) -> bool:
         return not self.cancelled and now < self.deadline
@@ -333,6 +334,8 @@ class DynamicBatcher:
         for request in {id(item.request): item.request for item in batch}.values():
             if request.timing is not None:
                 request.timing["compute"] = request.timing.get("compute", 0.0) + elapsed
+        if slight := sum(item.seconds for item in batch if item.request.slight):
+            self.lane.count_slight(slight)
         for item, output in zip(batch, outputs):
             if not item.future.done():
                 item.future.set_result(output)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.admission import SLIGHT_PUSH, beside_s, recheck_in_the_engine, slowdown
+from service.admission import beside_s, is_slight, recheck_in_the_engine, slowdown
 from service.batcher import DeadlineExceeded, RequestState
 from service.engine_link import EngineSnapshot, MessageProtocol, ModelSnapshot, encode_error
 from service.registry import LoadedModel, ModelRegistry
@@ -118,8 +118,7 @@ class FrontConnection:
         state.lane_seconds = sum(item.seconds for item in items)
         state.lane = batcher.lane
         state.lane.add_backlog(state.lane_seconds)
-        if state.lane_seconds / lane.threads <= SLIGHT_PUSH * (deadline - time.monotonic()):  # as `admit` counts it in one process
-            state.lane.count_slight(state.lane_seconds)
+        state.slight = is_slight(state.lane_seconds, lane.threads, deadline - time.monotonic())  # as a single process marks it
         self.requests[request_id] = state
         remaining = [len(items)]
 

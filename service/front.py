@@ -109,9 +109,6 @@ class RemoteLane:
         """As `Lane.steady_demand`, every front's streams in it (half a second old: it moves over seconds)."""
         return self.engine_steady_demand
 
-    def count_slight(self, seconds: float) -> None:
-        """(the engine's lane counts every front's slight requests, when it queues them)"""
-
     def shutdown(self, wait: bool = True) -> None:
         pass
 

@@ -19,7 +19,7 @@ from typing import TypeVar
 from fastapi import Request, Response, WebSocket
 from fastapi.routing import APIRoute
 
-from service.admission import RequestCost, admit, batch_share_bytes, compute_seconds, reserve_memory
+from service.admission import RequestCost, admit, batch_share_bytes, compute_seconds, is_slight, reserve_memory
 from service.batcher import DeadlineExceeded, QueueFull, RequestState, RequestTooLarge, ShuttingDown
 from service.connection_table import share_key
 from service.errors import ApiError
@@ -261,6 +261,7 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
     ctx.timing["estimate"] = state.lane_seconds  # the compute admission counted (Server-Timing), beside what it took
     state.lane = model.lane
     state.lane.add_backlog(state.lane_seconds)  # its items take their shares off as they finish
+    state.slight = is_slight(state.lane_seconds, model.lane.threads, state.deadline - time.monotonic())
     task = asyncio.current_task()
     loop = task.get_loop()
     interruption = Interruption()

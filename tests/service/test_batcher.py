@@ -323,3 +323,39 @@ def test_batches_stay_within_the_units_warm_up_found_to_fit_the_device():
 
     batches = asyncio.run(scenario())
     assert sum(batches) == 8 and max(batches) <= 3, batches
+
+
+def test_a_lanes_steady_demand_counts_what_it_computed_of_slight_requests_only(monkeypatch):
+    """Slight requests (pushes admission never refuses) are what other lanes cannot see coming,
+    so a lane counts them: when their items are computed, not when admitted. Counted at admission,
+    a probe's 89-byte PNGs that never decode (refused inside their work) at 15 a second kept every
+    224² upscale beside them refused on 4 % of a core. Heavier requests are left out (bookings guard
+    against them), and what a lane counts is held to a full window, so a burst fades as fast as a
+    lane busy throughout."""
+    import service.lanes
+
+    monkeypatch.setattr(service.lanes, "STEADY_WINDOW_S", 0.5)
+
+    async def scenario() -> list[float]:
+        batcher = make_batcher(RecordingRuntime(), cost=GraphCost(per_unit_s=0.05, overhead_s=0.0, bytes_per_unit=0, reference_pixels=None))
+        slight, heavy, dropped = alive(), alive(), alive()
+        slight.slight = dropped.slight = True
+        dropped.cancelled = True  # its client left before its items ran
+        await run_items(batcher, items(range(5)), slight)  # 5 x 0.05 s computed: half the lane's window
+        seen = [batcher.lane.steady_demand()]
+        await run_items(batcher, items([9]), heavy)
+        with pytest.raises(DeadlineExceeded):
+            await run_items(batcher, items([7]), dropped)
+        seen.append(batcher.lane.steady_demand())
+        await run_items(batcher, items(range(40)), slight)  # 2 s in a moment: held to the window's 0.5
+        seen.append(batcher.lane.steady_demand())
+        await asyncio.sleep(1.5)
+        seen.append(batcher.lane.steady_demand())
+        await batcher.close()
+        return seen
+
+    after_five, after_others, after_burst, later = asyncio.run(scenario())
+    assert after_five == pytest.approx(0.5, abs=0.05)
+    assert after_others == pytest.approx(after_five, abs=0.05)  # the heavy and the dropped request added nothing
+    assert after_burst == pytest.approx(1.0, abs=0.01)
+    assert later < 0.06  # e^-3
