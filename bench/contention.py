@@ -56,7 +56,7 @@ def noise_png(side: int, seed: int) -> bytes:
     return buffer.getvalue()
 
 
-REASONS = (("miss their deadlines", "would push an admitted request past its deadline"), ("is promised to another model", "room promised to another model"),
+REASONS = (("beside the streams", "other models' streams"), ("miss their deadlines", "would push an admitted request past its deadline"), ("is promised to another model", "room promised to another model"),
            ("slower than measured", "slower than measured lately"), ("other processes want ", "other processes"),
            ("work queued", "work queued"), ("memory budget", "memory budget"), ("encod", "encoding backlog"))
 
