@@ -213,7 +213,7 @@ def test_a_slowness_no_batch_renews_fades_and_the_retry_after_says_when_the_requ
     assert refused.value.status == 503 and "slower than measured lately" in refused.value.message
     assert refused.value.headers["Retry-After"] == "55"  # 30 s x log2(0.7 / 0.2): 20 s x 1.2 fits 24 s
     cost.observed_at -= 60  # two half-lives later: 1 + 0.7 / 4
-    assert admit(upx4, RequestCost(20.0, 0), 30.0, MemoryBudget(10**9)) == pytest.approx(20 * 1.175)
+    assert admit(upx4, RequestCost(20.0, 0), 30.0, MemoryBudget(10**9)) == pytest.approx(20 * 1.175, rel=1e-3)  # (it fades on meanwhile: a CI run took 0.4 ms here)
 
 
 def test_a_deadline_the_upload_used_up_is_named(upx4):
