@@ -355,12 +355,12 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
     correction = cost.current_correction() if cost is not None else 1.0
     wait, alone = lane.expected_wait_s(), request_cost.seconds * correction / lane.threads
     own = wait + alone
-    crowd = beside_s(lane, own, beside)
+    crowd, queued = beside_s(lane, own, beside), beside_s(lane, own, beside, steady=False)  # queued: what the streams beside leave out
     slowed = slowdown(lane, other_share)
-    wait, alone, crowd = wait * slowed, alone * slowed, crowd * slowed
+    wait, alone, crowd, queued = wait * slowed, alone * slowed, crowd * slowed, queued * slowed
     budget_s = remaining_s * COMPUTE_SHARE_OF_DEADLINE  # the rest is decoding, encoding and the estimate's error
     if wait + alone + crowd > budget_s:
-        if wait + alone + beside_s(lane, own, beside, steady=False) * slowed <= budget_s:  # what is queued fits: the streams beside do not
+        if wait + alone + queued <= budget_s:  # what is queued fits: the streams beside do not
             retry = max(1, math.ceil(streams_ease_s(lambda fade: wait + alone + beside_s(lane, own, beside, fade=fade) * slowed <= budget_s)))
             raise ApiError(503, f"this request's {alone:.1f} s of compute on {model.entry.name!r} would take about {alone + crowd:.1f} s beside the "
                                 f"streams of requests other models on the same device have kept computing lately: past its deadline; retry in "
@@ -410,7 +410,6 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
             counted.append(micros)
     lane.claim = None  # the room promised to this lane, if any, is taken
     if booked is not None:  # booked to end after what is queued beside it: the streams' requests push it as they come (`book`)
-        queued = beside_s(lane, own, beside, steady=False) * slowed
         booked.append(book(lane, wait, alone, beside, wait + alone + queued, remaining_s * PROTECTED_SHARE_OF_DEADLINE, now))
     if timing is not None and crowd > 0.0:
         timing["beside"] = crowd
