@@ -144,7 +144,9 @@ def test_a_fit_is_scaled_to_batches_that_ran_faster_than_it_and_only_faster():
     assert cost.correction < 0.3
     correction = cost.correction
     assert cost.relax_from_batches()
-    assert cost.per_unit_s == pytest.approx(0.4 * correction) and cost.overhead_s == pytest.approx(0.02 * correction)
+    # the correction fades toward 1 while no batch renews it, on between the reading and the relaxation
+    # (a full run read 0.10023827 against 0.10023902 s): compared within what a slow moment lets it fade
+    assert cost.per_unit_s == pytest.approx(0.4 * correction, rel=1e-3) and cost.overhead_s == pytest.approx(0.02 * correction, rel=1e-3)
     assert (cost.relaxed_by_batches, cost.relaxed, cost.correction, cost.batches_since_fit) == (1, 0, 1.0, 0)
     slower = GraphCost(per_unit_s=0.4, overhead_s=0.02, bytes_per_unit=0, reference_pixels=None, warmed=(1.0, 2.0))
     for _ in range(100):
