@@ -170,7 +170,7 @@ def bench_encoding_command(
     repeats: int = typer.Option(5, min=1, help="encodes per case; the median counts"),
     out: Optional[Path] = typer.Option(Path("bench/results/encoding-estimate-latest.json"), help="JSON report"),
 ) -> None:
-    """The encoding estimate admission uses against the encoding itself, per format and size."""
+    """The encoding estimate admission uses against the encoding itself, per format and size; and PNG as served against the settings before."""
     from bench.encoding import run_encoding_bench
 
     run_encoding_bench(counts(sides, "--sides", 8, "64,256"), repeats, out)
