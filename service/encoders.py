@@ -51,9 +51,13 @@ def opencv_png_params() -> list[int]:
     """zlib level 1 with run-length matching and every row filtered against the row above: a
     1024² photo in 34 ms instead of 62 (level 1 alone: zlib's default matching, and libpng trying
     every filter on every row), 1.7-3.9x faster from 64² to 1024², the files within -6 %/+4 %
-    (`ganserve bench-encoding`, docs/benchmarks.md "PNG settings"). Lossless either way."""
+    (`ganserve bench-encoding`, docs/benchmarks.md "PNG settings"). Lossless either way. An
+    OpenCV before 4.12 (a host's own, beside the project's pin) cannot choose the filter: it
+    keeps level 1 alone rather than fail every PNG."""
     import cv2
 
+    if not hasattr(cv2, "IMWRITE_PNG_FILTER"):
+        return [cv2.IMWRITE_PNG_COMPRESSION, 1]
     return [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
 
 

@@ -81,3 +81,15 @@ def test_opencv_writes_png_with_the_fast_settings_and_loses_nothing(channels):
     assert png_row_filters(encoded) == {2}
     assert png_row_filters(pillow_encode(frame, "png")) != {2}  # the check can tell: Pillow's libpng still picks per row
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(encoded))).reshape(frame.shape), frame)
+
+
+def test_an_opencv_that_cannot_choose_the_filter_still_writes_png(monkeypatch):
+    """A host's own OpenCV before 4.12 (the GPU machines' image brings its own, of a version not
+    known here) has no filter option: asked for it, every PNG would fail, and the start-up
+    measurement with it."""
+    import cv2
+
+    monkeypatch.delattr(cv2, "IMWRITE_PNG_FILTER")
+    frame = probe_frame(64)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(opencv_encode(frame, "png")))), frame)
+    assert measure_encoders(1).choices[("png", "small")] in ("opencv", "pillow")
