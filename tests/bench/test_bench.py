@@ -265,3 +265,13 @@ def test_the_estimates_bench_sets_each_images_compute_beside_what_admission_coun
     # a 192² image (four tiles' pixels) met the prior; it taught its size class a factor, and the tile class none
     assert report["cost"]["large_item_exponent"] > 1 and report["cost"]["size_factors"] == {}
     assert list(report["cost_after"]["size_factors"]) == ["4"] and (tmp_path / "estimates.json").exists()
+
+
+def test_the_png_settings_bench_times_the_served_png_beside_the_settings_before():
+    from bench.encoding import png_settings_rows
+
+    rows = png_settings_rows([64], repeats=1)  # every file is decoded back to its pixels inside
+    assert [row["picture"] for row in rows] == ["photo 64²", "shapes 512²", "grey photo 512²", "noise 256²"]
+    for row in rows:
+        assert min(row["before_ms"], row["now_ms"], row["pillow_ms"]) > 0 and row["speedup"] == row["before_ms"] / row["now_ms"]
+        assert 0.5 < row["size_ratio"] < 2  # the same pictures, losslessly: neither setting doubles a file
