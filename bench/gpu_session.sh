@@ -37,6 +37,8 @@ fi
 export PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"; nproc; } | tee "$OUT/machine.txt"
 timeout 30 $PYTHON -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())" 2>&1 | tee -a "$OUT/machine.txt"
+# the image's own OpenCV: before 4.12 it cannot choose PNG's row filter (service/encoders.py opencv_png_params)
+timeout 30 $PYTHON -c "import cv2; print('opencv', cv2.__version__, 'png filter option:', hasattr(cv2, 'IMWRITE_PNG_FILTER'))" 2>&1 | tee -a "$OUT/machine.txt"
 echo "== encoders measured as a server measures them at start-up (nvJPEG joins on CUDA)"
 timeout 60 $PYTHON -c "import os; from service.encoders import measure_encoders; print(measure_encoders(os.cpu_count()).describe())" 2>&1 | tee "$OUT/encoders.txt"
 step() {  # a step that overruns its share is cut, and the next one still runs
