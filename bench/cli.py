@@ -236,6 +236,19 @@ def bench_warmup_command(
                      out, intra_op_threads=intra_op_threads)
 
 
+def bench_startup_command(
+    repository: Path = typer.Option(Path("model_repository"), "--repository", exists=True, file_okay=False),
+    starts: int = typer.Option(3, min=1, max=50, help="server starts per code and per --workers count"),
+    workers: str = typer.Option("1", help="comma-separated `--workers` counts (1: one process)"),
+    baseline_code: Optional[Path] = typer.Option(None, exists=True, file_okay=False, help="another checkout started in turns with this one (`git worktree add /tmp/base <commit>`)"),
+    out: Optional[Path] = typer.Option(Path("bench/results/startup-latest.json"), help="JSON report"),
+) -> None:
+    """How long `ganserve serve` takes from launch to ready, and the CPU it spends, against another checkout in turns."""
+    from bench.startup import run_startup_bench
+
+    run_startup_bench(repository, starts, counts(workers, "--workers", 1, "1,2"), baseline_code, out)
+
+
 def bench_hugepages_command(
     repository: Path = typer.Option(Path("model_repository"), "--repository", exists=True, file_okay=False),
     rounds: int = typer.Option(2, min=1, max=20, help="turns of the two servers"),
@@ -297,6 +310,7 @@ def register(app: typer.Typer) -> None:
     app.command("bench-data")(bench_data_command)
     app.command("bench-contention")(bench_contention_command)
     app.command("bench-warmup")(bench_warmup_command)
+    app.command("bench-startup")(bench_startup_command)
     app.command("bench-hugepages")(bench_hugepages_command)
     app.command("bench-image-compute")(bench_image_compute_command)
     app.command("bench-claims")(bench_claims_command)

@@ -4,7 +4,6 @@ readiness and draining live here."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import itertools
 import logging
@@ -33,7 +32,6 @@ from service.lanes import Lane, LaneView, SharedDevice, lane_share
 from service.metrics import ServiceMetrics
 from service.model_config import ServingConfig, serving_config
 from service.precision import HALF_PRECISIONS, PARITY_BATCH, PrecisionParity, half_candidates, measure_parity, parity_inputs
-from service.projection import projection_bytes
 from service.repository import ModelEntry, scan_repository
 from service.runtimes import Runtime, has_dynamic_size, load_runtime, resolve_device, warming
 from service.settings import Settings
@@ -673,8 +671,9 @@ class ModelRegistry:
             model.latents = load_numpy(str(model.entry.file_within(model.entry.spec["latents_file"])))
         if model.entry.kind == "style":
             model.spreads = direction_spreads(model)
-            with contextlib.suppress(Exception):  # counted again at the first projection, which says what is wrong
-                model.projection_bytes = projection_bytes(model.entry)  # here, not on a request's path (~1 s the first time)
+            # a projection job's memory is counted at the first projection (service/routes/jobs.py), off the loop:
+            # counted here, every start of a process serving a style model paid ~1.3 s for torch's meta kernels
+            # to import (~60 server starts in the tests), and most never project
         log.info("loaded %s (%s on %s) in %.2fs; costs %s", model.entry.label, kind, model.runtime.device,
                  time.perf_counter() - started, {g: c.describe() for g, c in model.costs.items()})
 

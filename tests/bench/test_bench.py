@@ -275,3 +275,13 @@ def test_the_png_settings_bench_times_the_served_png_beside_the_settings_before(
     for row in rows:
         assert min(row["before_ms"], row["now_ms"], row["pillow_ms"]) > 0 and row["speedup"] == row["before_ms"] / row["now_ms"]
         assert 0.5 < row["size_ratio"] < 2  # the same pictures, losslessly: neither setting doubles a file
+
+
+def test_the_startup_bench_times_launch_to_ready_and_the_cpu_spent(repository, tmp_path):
+    from bench.startup import run_startup_bench
+
+    report = run_startup_bench(repository, starts=1, workers=[1], baseline_code=None, out=tmp_path / "startup.json")
+    (row,) = report["servers"]
+    (start,) = row["starts"]
+    assert row["server"] == "this code, workers 1" and start["ready_s"] > 0 and start["cpu_s"] > 1  # the imports alone take seconds
+    assert (tmp_path / "startup.json").exists()
