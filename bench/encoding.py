@@ -79,20 +79,6 @@ def run_encoding_bench(sides: list[int], repeats: int, out: Path | None, counts:
     return report
 
 
-def shapes(side: int) -> np.ndarray:
-    """Flat-coloured discs on a flat ground, the kind of picture the shapes models draw: long runs."""
-    from PIL import ImageDraw
-
-    picture = Image.new("RGB", (side, side), (30, 30, 60))
-    draw = ImageDraw.Draw(picture)
-    rng = np.random.default_rng(1)
-    for _ in range(12):
-        x, y, r = (int(v) for v in rng.integers(0, side, 3))
-        r = r // 4 + 4
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
-    return np.asarray(picture)
-
-
 def png_settings_rows(sides: list[int], repeats: int) -> list[dict]:
     """The PNG encoder as served (`opencv_encode`) against OpenCV at zlib level 1 alone (the
     settings before) and Pillow at level 1 (the fallback without OpenCV), same pictures, same run:
@@ -101,12 +87,14 @@ def png_settings_rows(sides: list[int], repeats: int) -> list[dict]:
     from skimage import data
 
     from service.encoders import opencv_encode, pillow_encode
+    from training.data.shapes import render_shape
 
     def before(image: np.ndarray, fmt: str) -> bytes:
         return cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 1])[1].tobytes()
 
     grey = np.asarray(Image.fromarray(data.camera()).resize((512, 512), Image.Resampling.BICUBIC))[..., None]
-    pictures = [*((f"photo {side}²", photo(side)) for side in sides), ("shapes 512²", shapes(512)), ("grey photo 512²", grey),
+    shape = render_shape(512, shape=1, hue=0.6, size=0.5, x=0.45, y=0.55, rotation=0.3)  # what the shapes models learn to draw
+    pictures = [*((f"photo {side}²", photo(side)) for side in sides), ("shapes 512²", shape), ("grey photo 512²", grey),
                 ("noise 256²", np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8))]
     rows = []
     for name, image in pictures:

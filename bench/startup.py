@@ -18,14 +18,7 @@ from rich.table import Table
 
 from bench.runner import machine, write_report
 from bench.server import launched_server
-from service.host_load import process_cpu_seconds
-
-
-def process_tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds of a process and of its live children (a `--workers` server's engine and fronts)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    kids = [int(child) for child in children.read_text().split()] if children.exists() else []
-    return process_cpu_seconds(pid) + sum(process_tree_cpu_seconds(kid) for kid in kids)
+from service.host_load import sibling_cpu_seconds
 
 
 def one_start(repository: Path, code: Path | None, workers: int) -> dict:
@@ -33,7 +26,7 @@ def one_start(repository: Path, code: Path | None, workers: int) -> dict:
     started = time.perf_counter()
     with launched_server(repository, code=code, log_level="warning", **extra) as (process, _):
         ready_s = time.perf_counter() - started
-        cpu_s = process_tree_cpu_seconds(process.pid)
+        cpu_s = sibling_cpu_seconds(process.pid, own_pid=0)  # the process, its children (engine, fronts) and any it reaped
     return {"ready_s": round(ready_s, 2), "cpu_s": round(cpu_s, 2)}
 
 

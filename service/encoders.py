@@ -49,8 +49,8 @@ def pillow_encode(image: np.ndarray, fmt: str) -> bytes:
 
 def opencv_png_params() -> list[int]:
     """zlib level 1 with run-length matching and every row filtered against the row above: a
-    1024² photo in 34 ms instead of 62 (level 1 alone: zlib's default matching, and libpng trying
-    every filter on every row), 1.7-3.9x faster from 64² to 1024², the files within -6 %/+4 %
+    1024² photo in 36-39 ms instead of 60-66 (level 1 alone: zlib's default matching, and libpng
+    trying every filter on every row), 1.6-3.4x faster from 64² to 1024², files -23 % to +4 %
     (`ganserve bench-encoding`, docs/benchmarks.md "PNG settings"). Lossless either way. An
     OpenCV before 4.12 (a host's own, beside the project's pin) cannot choose the filter: it
     keeps level 1 alone rather than fail every PNG."""

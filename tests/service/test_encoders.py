@@ -74,8 +74,8 @@ def png_row_filters(png: bytes) -> set[int]:
 
 @pytest.mark.parametrize("channels", [3, 1])
 def test_opencv_writes_png_with_the_fast_settings_and_loses_nothing(channels):
-    """Level 1 alone let libpng try every filter on every row (1.7-3.9x slower from 64² to 1024²
-    for files within a few per cent, bench-encoding): each row is now filtered against the one above."""
+    """Level 1 alone let libpng try every filter on every row (1.6-3.4x slower from 64² to 1024²
+    for files as large or larger, bench-encoding): each row is now filtered against the one above."""
     frame = probe_frame(200)[..., :channels]
     encoded = opencv_encode(frame, "png")
     assert png_row_filters(encoded) == {2}
