@@ -329,7 +329,7 @@ def book(lane: LaneView, start_in: float, alone_s: float, others: Sequence[LaneV
 def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, budget: MemoryBudget, recheck_s: float = 30.0,
           encoding: EncoderBacklog | None = None, timeout_s: float = math.inf, counted: list[int] | None = None,
           beside: Sequence[LaneView] = (), booked: list[Booking] | None = None, other_share: float = 0.0,
-          holder: int | None = None, timing: dict[str, float] | None = None) -> float:
+          holder: int | None = None, timing: dict[str, float] | None = None, host_share: float = 0.0) -> float:
     """Refuses what cannot finish in time or fit in memory; otherwise reserves the request's
     bytes and returns the lane seconds it will take (the caller adds them to the lane's backlog
     at once, so the requests admitted in one burst see each other, and releases both when the
@@ -344,7 +344,8 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
     (`ModelRegistry.lanes_beside`), whose queued work is added to its estimate and whose admitted requests it may not push past their
     deadlines; its booking is appended to `booked` (the caller takes it off its lane at the end).
     `other_share`: the share of the device other processes held lately (`SharedDevice.other_share`):
-    everything it waits for and computes takes `slowdown` times longer. `timing` (the request's
+    everything it waits for and computes takes `slowdown` times longer; `host_share`, this process's
+    own work outside the lanes (a projection job, `SharedDevice.host_share`), likewise. `timing` (the request's
     Server-Timing stages) gets `beside`: the seconds the other lanes' work was counted to add."""
     limit = model.limits.compute_seconds if model.limits else math.inf
     if request_cost.seconds > limit:
@@ -356,7 +357,7 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
     wait, alone = lane.expected_wait_s(), request_cost.seconds * correction / lane.threads
     own = wait + alone
     crowd, queued = beside_s(lane, own, beside), beside_s(lane, own, beside, steady=False)  # queued: what the streams beside leave out
-    slowed = slowdown(lane, other_share)
+    slowed = slowdown(lane, other_share + host_share)
     wait, alone, crowd, queued = wait * slowed, alone * slowed, crowd * slowed, queued * slowed
     budget_s = remaining_s * COMPUTE_SHARE_OF_DEADLINE  # the rest is decoding, encoding and the estimate's error
     if wait + alone + crowd > budget_s:
@@ -367,11 +368,12 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
                                 f"{retry} s, when their demand will have eased enough if they pause (while they go on at this pace, it will "
                                 f"not fit)", code="overloaded", headers={"Retry-After": str(retry)})
         if alone <= budget_s:  # the work queued before it, here and beside: it has room once that is done
-            raise behind_the_queue(model.entry.name, wait, alone, budget_s, crowd, other_share if slowed > 1.0 else 0.0)
-        if request_cost.seconds * correction / lane.threads <= budget_s:  # it would fit but for the other processes
+            raise behind_the_queue(model.entry.name, wait, alone, budget_s, crowd, other_share if slowed > 1.0 else 0.0,
+                                   host_share if slowed > 1.0 else 0.0)
+        if request_cost.seconds * correction / lane.threads <= budget_s:  # it would fit but for the other processes (or a job)
             retry = OTHER_LOAD_RETRY_S
             cpus = len(usable_cpus())
-            why = (f"other processes want about {other_share * cpus:.1f} of this machine's {cpus} cores, so this request's compute on "
+            why = (f"{load_beside(other_share, host_share, cpus)} of this machine's {cpus} cores, so this request's compute on "
                    f"{model.entry.name!r} would take about {alone:.1f} s")
         elif request_cost.seconds / lane.threads <= budget_s:  # not the queue: its batches have run slower than measured
             # until the correction has gone back far enough (it fades while no batch renews it), or the idle re-measure
@@ -416,14 +418,29 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
     return request_cost.seconds * correction
 
 
-def behind_the_queue(name: str, wait_s: float, alone_s: float, budget_s: float, beside_s: float = 0.0, other_share: float = 0.0) -> ApiError:
+def load_beside(other_share: float, host_share: float, cpus: int, participle: bool = False) -> str:
+    """Who wants the cores besides the lanes, and how much, for a refusal's message: other
+    processes (`other_share`), this server's projection job (`host_share`), or both
+    ("... want about 1.4", or with `participle` "... wanting about 1.4")."""
+    if other_share >= 0.05 and host_share > 0:
+        who, verb = "a projection job on this server and other processes", "want"
+    elif host_share > 0:
+        who, verb = "a projection job on this server", "wants"
+    else:
+        who, verb = "other processes", "want"
+    return f"{who} {'wanting' if participle else verb} about {(other_share + host_share) * cpus:.1f}"
+
+
+def behind_the_queue(name: str, wait_s: float, alone_s: float, budget_s: float, beside_s: float = 0.0, other_share: float = 0.0,
+                     host_share: float = 0.0) -> ApiError:
     """The 503 of a request that would finish after its deadline for the work queued before it,
     on its own lane and (`beside_s`, what it adds) on the other models' lanes, all of it slowed by
-    other processes holding `other_share` of the device."""
+    other processes holding `other_share` of the device and this server's job `host_share`."""
     retry = max(1, math.ceil(wait_s + alone_s + beside_s - budget_s))
     others = f", and other models on the same device about {beside_s:.1f} s more beside it" if beside_s >= 0.05 else ""
     cpus = len(usable_cpus())
-    others += f", with other processes wanting about {other_share * cpus:.1f} of the {cpus} cores" if other_share >= 0.05 else ""
+    if other_share >= 0.05 or host_share > 0:
+        others += f", with {load_beside(other_share, host_share, cpus, participle=True)} of the {cpus} cores"
     return ApiError(503, f"{name!r} has about {wait_s:.1f} s of work queued{others}; this request would finish after its deadline: "
                          f"retry in {retry} s", code="overloaded", headers={"Retry-After": str(retry)})
 

@@ -44,7 +44,7 @@ def engine_snapshot(registry: ModelRegistry) -> EngineSnapshot:
         registry.metrics.gpu_memory.labels("cuda:0").set(torch.cuda.memory_allocated())
     models = {name: {v: model_snapshot(m) for v, m in versions.items()} for name, versions in registry.models.items()}
     return EngineSnapshot(registry.loaded, registry.is_ready(), registry.draining, registry.encoder_table, registry.device, models,
-                          registry.shared_device.other_share())
+                          registry.shared_device.other_share(), registry.shared_device.host_share())
 
 
 def host_array(output) -> np.ndarray:
@@ -106,7 +106,7 @@ class FrontConnection:
 
             def recheck(seconds: float) -> None:
                 wait, alone = lane.expected_wait_s(), seconds / lane.threads
-                slowed = slowdown(lane, self.registry.shared_device.other_share())
+                slowed = slowdown(lane, self.registry.shared_device.other_share() + self.registry.shared_device.host_share())
                 recheck_in_the_engine(name, wait * slowed, alone * slowed, deadline - time.monotonic(), beside_s(lane, wait + alone, beside) * slowed)
 
             items = batcher.submit_items(inputs, state, recheck)

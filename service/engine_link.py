@@ -161,3 +161,4 @@ class EngineSnapshot:
     device: str
     models: dict[str, dict[int, ModelSnapshot]] = field(default_factory=dict)
     other_share: float = 0.0  # the engine's reading of the other processes' share of the cores (the fronts' among them)
+    host_share: float = 0.0  # the engine's own work outside its lanes now (a projection job: `SharedDevice.host_share`)

@@ -357,6 +357,7 @@ class FrontRegistry(ModelRegistry):
         self.last_snapshot = time.monotonic()
         # the engine's reading: from here the engine's own compute would count as another process's
         self.shared_device.reported_other_share = snapshot.other_share
+        self.shared_device.reported_host_share = snapshot.host_share
         self.mirrored = True
         models: dict[str, dict[int, LoadedModel]] = {}
         for name, versions in snapshot.models.items():

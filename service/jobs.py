@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from service.admission import reserve_memory
+from service.lanes import HostWork, SharedDevice
 from service.errors import ApiError
 from service.memory import MemoryBudget, OverBudget
 
@@ -61,8 +62,13 @@ class Job:
 
 class JobStore:
     def __init__(self, max_active: int, max_seconds: float, memory: MemoryBudget, keep_finished: int = 256,
-                 keep_result_bytes: int = 64 * 2**20) -> None:
+                 keep_result_bytes: int = 64 * 2**20, device: SharedDevice | None = None,
+                 job_share: Callable[[], float] | None = None) -> None:
         self.max_active = max_active
+        # the device the lanes compute on, where a running job computes too (the CPU): the job is held
+        # there as host work of `job_share()` (`SharedDevice.host_work`), which admission counts
+        self.device = device
+        self.job_share = job_share
         self.max_seconds = max_seconds
         self.memory = memory
         # finished jobs are kept for their clients to read, the oldest forgotten past either bound:
@@ -139,12 +145,17 @@ class JobStore:
             return
         job.started = time.time()
 
+        held: HostWork | None = None
+
         def tick(step: int) -> bool:
             job.step = step
+            if held is not None:
+                held.sample()  # what the job uses, as its share of the device (every half second at most)
             return not (job.cancel_requested or self.stopping) and time.time() - job.started < self.max_seconds
 
         try:
-            result, state, error = work(job, tick), "done", None
+            with self.computing() as held:
+                result, state, error = work(job, tick), "done", None
         except Exception as failure:  # a failed job reports why; the server carries on
             result, state, error = None, "failed", f"{type(failure).__name__}: {failure}"
         if self.stopping:
@@ -152,6 +163,12 @@ class JobStore:
         elif job.cancel_requested:
             result, state, error = None, "cancelled", "cancelled by the client"
         self.finish(job, state, error, result)
+
+    def computing(self) -> contextlib.AbstractContextManager[HostWork | None]:
+        """The running job held on the device it shares with the lanes (nothing where it does not)."""
+        if self.device is None or self.job_share is None:
+            return contextlib.nullcontext()
+        return self.device.host_work(self.job_share())
 
     def start(self, job: Job) -> bool:
         """Takes the job's working memory, waiting while requests hold the budget; False when the

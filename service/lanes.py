@@ -34,7 +34,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -63,8 +63,11 @@ class SharedDevice:
         self._progress = 0.0
         self._asked = 0.0  # core-seconds the jobs have asked for (`asked_core_seconds`)
         self._since = time.perf_counter()
+        self._host = 0.0  # the shares of the host work outside every lane running now (`host_work`)
+        self._lane_changes = 0  # lane jobs entered and left (`lanes_quiet_since`)
         self.other_load = other_load
         self.reported_other_share: float | None = None  # a front's: the engine's reading, from its snapshots
+        self.reported_host_share: float | None = None  # a front's: the engine's `host_share`, from its snapshots
         self.cpus = len(usable_cpus())
 
     def other_share(self) -> float:
@@ -75,6 +78,48 @@ class SharedDevice:
 
     def other_cores(self) -> float:
         return self.other_share() * self.cpus
+
+    def host_share(self) -> float:
+        """The share of the device this process's own work outside every lane asks for now (a
+        projection job's optimisation on the CPU: `host_work`; 0 with none)."""
+        if self.reported_host_share is not None:
+            return self.reported_host_share
+        return self._host
+
+    @contextlib.contextmanager
+    def host_work(self, threads_share: float) -> Iterator[HostWork]:
+        """Work of this process that runs on the device outside every lane, for as long as it
+        runs: a projection job, seconds to minutes of optimisation on torch's intra-op threads.
+        It is a job of the sharing (the lanes' batches beside it are timed as stretched by it, not
+        as their models' slowness) and admission counts it beside the other processes'
+        (`host_share`). It was counted nowhere: the process's own CPU is left out of the other
+        processes' reading, so a 320² upscale refused beside another process's light load was
+        admitted beside a job, computed 1.8x its estimate and answered 504 (a hostile probe).
+
+        Its share starts at what its threads may ask for (`threads_share`) and follows what it
+        is measured using (`HostWork.sample`): a 64-px StyleGAN's projection, on two intra-op
+        threads of a 2-core machine, used 0.99 of a core (its steps are small), and an upscale
+        beside it took 1.8x its time alone, which that use predicts (`slowdown`: 1.75x), where
+        its threads predict 2.5x."""
+        work = HostWork(self, threads_share)
+        self._resize_host(threads_share)
+        try:
+            yield work
+        finally:
+            self._resize_host(-work.share)
+
+    def _resize_host(self, delta: float) -> None:
+        other = self.other_share()
+        with self._lock:
+            self._advance(other)
+            self._demand = max(0.0, self._demand + delta)
+            self._host = max(0.0, self._host + delta)
+
+    def lanes_quiet_since(self) -> int | None:
+        """A mark of the lanes' activity: equal marks taken at two moments mean no lane job
+        entered or left between them; None while a lane job is running."""
+        with self._lock:
+            return None if self._demand - self._host > 1e-9 else self._lane_changes
 
     def asked_core_seconds(self) -> float:
         """The cores this process's jobs asked for, integrated over time: what `OtherLoad` weighs
@@ -95,6 +140,7 @@ class SharedDevice:
         with self._lock:
             progress = self._advance(other)
             self._demand += share
+            self._lane_changes += 1
             return progress
 
     def leave(self, share: float) -> float:
@@ -102,7 +148,38 @@ class SharedDevice:
         with self._lock:
             progress = self._advance(other)
             self._demand = max(0.0, self._demand - share)
+            self._lane_changes += 1
             return progress
+
+
+HOST_WORK_SAMPLE_S = 0.5  # how long a span of host work is before its use is measured
+MIN_HOST_SHARE = 0.05  # the least a piece of host work is taken to ask for (it computes, however small its steps)
+
+
+class HostWork:
+    """One piece of host work held on a `SharedDevice`: its share, at first what its threads
+    may ask for, then what it used over spans in which no lane computed (`sample`, called by
+    the work at each of its steps). In a span where lanes computed, the process's CPU is theirs
+    too, and the share stays as it was."""
+
+    def __init__(self, device: SharedDevice, share: float) -> None:
+        self.device = device
+        self.share = share
+        self.ceiling = share
+        self._mark: tuple[float, float, int | None] = (time.perf_counter(), time.process_time(), device.lanes_quiet_since())
+
+    def sample(self) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        then, cpu_then, quiet_then = self._mark
+        if wall - then < HOST_WORK_SAMPLE_S:
+            return
+        quiet = self.device.lanes_quiet_since()
+        if quiet is not None and quiet == quiet_then:  # only this work (and the event loop's little) used the process's CPU
+            used = (cpu - cpu_then) / (wall - then) / max(1, self.device.cpus)
+            share = min(self.ceiling, max(MIN_HOST_SHARE, used))
+            self.device._resize_host(share - self.share)
+            self.share = share
+        self._mark = (wall, cpu, quiet)
 
 
 class OtherShare(Protocol):

@@ -253,7 +253,8 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
                                    recheck_s=settings.remeasure_idle_s or settings.request_timeout_s, encoding=registry.encoding,
                                    timeout_s=settings.request_timeout_s, counted=ctx.encode_micros,
                                    beside=registry.lanes_beside(model), booked=booked, other_share=registry.shared_device.other_share(),
-                                   holder=memory_holder(share_key(ctx.client) or "", labels[0], labels[2]), timing=ctx.timing)
+                                   holder=memory_holder(share_key(ctx.client) or "", labels[0], labels[2]), timing=ctx.timing,
+                                   host_share=registry.shared_device.host_share())
     except ApiError as refusal:  # counted by reason beside the batcher's own (they showed in requests_total's status alone)
         bound.rejected("too_expensive" if refusal.status == 413 else "overloaded").inc()
         raise

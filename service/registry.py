@@ -225,6 +225,14 @@ def kept_on_failed_reload(fresh: dict[int, LoadedModel], served: dict[int, Loade
     return serving
 
 
+def torch_job_share() -> float:
+    """The share of the cores a job computing with torch asks for: its intra-op threads (the
+    process's setting, which a torch runtime sets to its own) over the cores."""
+    import torch
+
+    return lane_share("cpu", torch.get_num_threads())
+
+
 class ModelRegistry:
     def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
         self.settings = settings
@@ -239,7 +247,9 @@ class ModelRegistry:
         self.memory = memory_budget_for(settings)
         self.limits_request_memory = self.request_memory_bytes()  # what the listed limits let one request hold
         self.models: dict[str, dict[int, LoadedModel]] = {}
-        self.jobs = JobStore(settings.max_jobs, settings.max_job_seconds, self.memory)
+        # a projection job computes on the CPU on torch's intra-op threads: beside the lanes only where they compute there too
+        self.jobs = JobStore(settings.max_jobs, settings.max_job_seconds, self.memory, device=self.shared_device if self.device == "cpu" else None,
+                             job_share=torch_job_share)
         self.loaded_event = asyncio.Event()  # set once every entry has been tried
         self.retiring: list[LoadedModel] = []  # versions finishing their accepted work after a reload or unload
         self.releasing: set[asyncio.Task] = set()  # those releases (and a drain's), held so they are not collected

@@ -1,5 +1,6 @@
 """Other processes on the server's cores: read off the kernel's counters (service/host_load.py),
-counted in the device's sharing and in a request's estimate (service/lanes.py, admission.py)."""
+counted in the device's sharing and in a request's estimate (service/lanes.py, admission.py); and
+the server's own work outside its lanes (a projection job), counted the same way."""
 from __future__ import annotations
 
 import asyncio
@@ -238,6 +239,80 @@ def test_a_server_sharing_its_cores_with_busy_processes_refuses_up_front_what_it
     assert refused.status_code == 503, (refused.status_code, elapsed, width, height)
     assert elapsed < 1.0 and "other processes" in refused.json()["error"]["message"] and "retry-after" in refused.headers
     assert served.status_code == 200, served.text
+
+
+@linux_only
+@pytest.mark.parametrize("settings", [{}, {"workers": 2}], ids=["one process", "engine and two fronts"])
+def test_an_upscale_that_fits_alone_is_refused_up_front_while_the_servers_own_projection_job_computes(settings):
+    """The server's own projection job computes on the cores its lanes use, outside every lane:
+    the reading of other processes leaves it out (it is this process's CPU), and admission counted
+    it nowhere. A hostile probe had an upscale refused beside another process's light load
+    admitted beside a job, computing 1.8x its estimate and answering 504 at its deadline. Now the
+    job is held on the device while it runs (`SharedDevice.host_work`, at the share it is measured
+    using): an upscale of about 2.7 s, which fits the 4 s of a 5-second deadline alone, is
+    refused at once while a job runs, naming it, and served once the job is cancelled. Under
+    `--workers` the job runs in the engine, which tells the fronts."""
+    from bench.limits import model_figures
+
+    with running_server(SHIPPED, request_timeout_s=5, intra_op_threads=2, models=["sr-rrdb-x4", "stylegan-shapes"], remeasure_idle_s=1,
+                        **settings) as server, server.client(timeout=30) as client:
+        deadline = time.monotonic() + 20
+        while server.metric("ganserve_cost_remeasures_total") < 2 and time.monotonic() < deadline:
+            time.sleep(0.25)  # the figures the size is chosen from, as the idle server has timed them
+        time.sleep(1.0)  # (a `--workers` front lists them as of the engine's last snapshot)
+        width, height = upscale_of_about(2.7, model_figures(server.url, "sr-rrdb-x4"))
+        body = png(width, height)
+
+        def upscale():
+            started = time.perf_counter()
+            response = client.post("/v1/models/sr-rrdb-x4/upscale", content=body, headers={"content-type": "image/png"})
+            return response, time.perf_counter() - started
+
+        alone, _ = upscale()
+        assert alone.status_code == 200, alone.text
+        job = client.post("/v1/models/stylegan-shapes/project?steps=1000", content=png(64, 64), headers={"content-type": "image/png"})
+        assert job.status_code == 202, job.text
+        time.sleep(2.0)  # its use measured (every half second) and, under `--workers`, in the fronts' snapshot
+        refused, elapsed = upscale()
+        state = client.get(job.json()["status_url"]).json()["state"]
+        client.delete(job.json()["status_url"])
+        deadline = time.monotonic() + 10
+        while client.get(job.json()["status_url"]).json()["state"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)  # (the fronts' next snapshot)
+        served, _ = upscale()
+    assert state == "running"
+    assert refused.status_code == 503, (refused.status_code, elapsed, width, height)
+    assert elapsed < 1.0 and "a projection job on this server" in refused.json()["error"]["message"], refused.text
+    assert "retry-after" in refused.headers
+    assert served.status_code == 200, served.text
+
+
+def test_host_work_is_held_at_the_share_it_is_measured_using_while_no_lane_computes():
+    """A projection job starts at what its threads may ask for and is then held at what it uses
+    (a 64-px StyleGAN's, on two threads of two cores, used one core: held at its threads it made
+    an upscale beside it look 2.5x slower where it took 1.8x). A span in which a lane computed
+    says nothing of it (the process's CPU was the lane's too), and it is let go when it ends."""
+    from service.lanes import HOST_WORK_SAMPLE_S, MIN_HOST_SHARE
+
+    device = SharedDevice()
+    with device.host_work(1.0) as work:
+        assert device.host_share() == 1.0
+        time.sleep(HOST_WORK_SAMPLE_S + 0.1)  # used nothing
+        work.sample()
+        assert device.host_share() == pytest.approx(MIN_HOST_SHARE)
+        spin_until = time.perf_counter() + HOST_WORK_SAMPLE_S + 0.1
+        while time.perf_counter() < spin_until:  # one core's worth
+            pass
+        work.sample()
+        spun = device.host_share()
+        device.enter(1.0)  # a lane's batch in the next span: its CPU is not the job's
+        time.sleep(HOST_WORK_SAMPLE_S + 0.1)
+        device.leave(1.0)
+        work.sample()
+        assert device.host_share() == spun
+    assert 0.5 / device.cpus <= spun <= min(1.0, 1.0 / device.cpus + 0.1)
+    assert device.host_share() == pytest.approx(0.0)
 
 
 def test_the_idle_server_is_not_timed_while_other_processes_are_busy():
