@@ -105,6 +105,17 @@ def error_message(path: str, status: int, code: str, message: str, headers: dict
     return {"type": "http.response.start", "status": status, "headers": raw}, {"type": "http.response.body", "body": body}
 
 
+def unsatisfiable_range(path: str, start: Message) -> tuple[Message, Message]:
+    """A file route's 416 (a Range past the file's end, or a suffix of 0 bytes), which Starlette
+    answers as an empty `text/plain`, as the API's JSON error, its `Content-Range` (the file's
+    length, RFC 9110 §15.5.17) kept: every other error is JSON (a hostile probe)."""
+    content_range = next((value.decode("latin-1") for name, value in start.get("headers", []) if name.lower() == b"content-range"), "")
+    length = content_range.rpartition("/")[2]
+    return error_message(path, 416, "range_not_satisfiable",
+                         f"the Range asked for is not within the file{f' of {length} bytes' if length.isdigit() else ''}",
+                         {"Content-Range": content_range} if content_range else None)
+
+
 def refuse_compressed(headers: list[tuple[bytes, bytes]]) -> None:
     """415 for a body in any coding but identity, in any Content-Encoding header (a proxy may read
     the first of two, where a dict keeps the last) or position of its list. Compressed bodies were
@@ -199,13 +210,21 @@ class RequestIntake:
         status = {"code": 500}
         final_body_sent = False
         answer_bytes = 0
+        replaced_body = False  # a file route's plain 416 was sent as the API's JSON error: its own (empty) body is dropped
 
         async def tracking_send(message: Message) -> None:
-            nonlocal final_body_sent, answer_bytes
+            nonlocal final_body_sent, answer_bytes, replaced_body
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
-                if context.labels is not None or operation_of(scope) is not None:  # a model operation: its stages, for clients and the playground
+                if message["status"] == 416:
+                    start, message = unsatisfiable_range(scope.get("path", ""), message)
+                    await send(start)
+                    replaced_body = final_body_sent = True
+                    answer_bytes += len(message["body"])
+                elif context.labels is not None or operation_of(scope) is not None:  # a model operation: its stages, for clients and the playground
                     message = with_server_timing(message, context)
+            elif message["type"] == "http.response.body" and replaced_body:
+                return
             elif message["type"] == "http.response.body":
                 answer_bytes += len(message.get("body", b""))
                 final_body_sent = not message.get("more_body", False)

@@ -132,7 +132,8 @@ def test_an_answer_its_client_does_not_read_stays_in_the_memory_budget_until_the
 def test_a_range_header_the_server_cannot_use_is_ignored_and_a_usable_one_is_served(server):
     """Starlette answered a malformed Range (`bytes=5-1`, `chars=0-5`) with a plain-text 400, the
     one error of the API that was not JSON (a hostile probe); RFC 9110 lets a server ignore a Range
-    it cannot use, and the intake drops it: the whole file, 200."""
+    it cannot use, and the intake drops it: the whole file, 200. A well-formed Range past the
+    file's end is 416, as JSON like every other error (a later probe found it empty text/plain)."""
     with server.client() as client:
         whole = client.get("/static/playground.css")
         assert whole.status_code == 200 and len(whole.content) > 10
@@ -141,3 +142,13 @@ def test_a_range_header_the_server_cannot_use_is_ignored_and_a_usable_one_is_ser
             assert answer.status_code == 200 and answer.content == whole.content, (unusable, answer.status_code, answer.text[:80])
         part = client.get("/static/playground.css", headers={"Range": "bytes=0-9"})
         assert part.status_code == 206 and part.content == whole.content[:10]
+        # a usable Range past the file's end: 416, which Starlette sent as an empty text/plain, is the API's JSON error
+        for path in ("/static/playground.css", "/v1/models/digits/samples.png"):
+            size = len(client.get(path).content)
+            for unsatisfiable in ("bytes=99999999-", "bytes=-0"):
+                answer = client.get(path, headers={"Range": unsatisfiable})
+                assert answer.status_code == 416 and answer.headers["content-type"] == "application/json", (path, unsatisfiable, answer.headers)
+                assert answer.json()["error"]["code"] == "range_not_satisfiable" and f"of {size} bytes" in answer.json()["error"]["message"]
+                assert answer.headers["content-range"] == f"bytes */{size}"
+                head = client.head(path, headers={"Range": unsatisfiable})
+                assert head.status_code == 416 and head.content == b""
