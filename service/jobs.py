@@ -221,6 +221,15 @@ class JobStore:
             if job.state == "queued":
                 self.finish(job, "cancelled", reason, release_working=False)
 
+    def cancel_queued_of(self, model: str, reason: str) -> None:
+        """`model` was unloaded: its queued jobs never start (a probe's queued job ran to `done`
+        after the unload, on the memory and cores the operator unloaded it to free). The running one
+        finishes, as the model's accepted requests do: it holds its own copy of the networks."""
+        with self.lock:
+            jobs = [job for job in self.jobs.values() if job.model == model]
+        for job in jobs:
+            self.cancel_if_queued(job, reason)
+
     def cancel_all(self) -> None:
         """Shutdown: queued jobs never start, the running one stops at its next step."""
         self.stopping = True

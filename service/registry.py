@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import logging
 import math
 import os
@@ -35,6 +34,7 @@ from service.precision import HALF_PRECISIONS, PARITY_BATCH, PrecisionParity, ha
 from service.repository import ModelEntry, scan_repository
 from service.runtimes import Runtime, has_dynamic_size, load_runtime, resolve_device, warming
 from service.settings import Settings
+from service.stream_slots import NoStreamSlot, stream_slots_for
 from service.version_policy import selected_versions
 
 log = logging.getLogger("ganserve.registry")
@@ -255,10 +255,9 @@ class ModelRegistry:
         self.releasing: set[asyncio.Task] = set()  # those releases (and a drain's), held so they are not collected
         self.unloaded_fits: dict[tuple[str, int], ServedFit] = {}  # (name, version) → how it was served when last unloaded
         self.draining = False
-        # upscale streams (service/streams.py) hold slots 1 … settings.max_streams, which name them in
-        # /metrics: reused, so a client opening streams in a loop cannot grow the series without bound
-        # (under --workers the multiprocess files keep every series they were ever given)
-        self.stream_slots: dict[int, str] = {}  # slot → the client address holding it
+        # upscale streams (service/streams.py) hold slots 1 … the limit, the server's under --workers (service/stream_slots.py)
+        self.stream_slots = stream_slots_for(settings.max_streams, settings.max_connections,
+                                             settings.engine_dir if settings.role == "front" else None, settings.worker_slot)
         self.repository_lock = asyncio.Lock()  # load/unload one model at a time
         self.control_waiting = 0  # model-control requests waiting for it (bounded: service/routes/repository.py)
         self.on_models_changed: list[Callable[[], None]] = []  # called once a load or unload has changed what is served
@@ -267,28 +266,14 @@ class ModelRegistry:
         self.resident_bounds = (0, 0)  # (at least, at most) what the process holds resident apart from admitted work
 
     def take_stream_slot(self, owner: str) -> int:
-        """The lowest free stream slot, for the client at address `owner`: 503 when `max_streams`
-        are open, or when `owner` holds its share of them (half: one client opening them all, each
-        kept open by a frame a minute, held every other client out, as jobs' share is kept)."""
-        # streams hold connections no newcomer can take: at most half the connection cap (16 streams of 4
-        # addresses filled GANSERVE_MAX_CONNECTIONS=16 under GANSERVE_MAX_STREAMS=32: a re-probe)
-        limit = max(1, min(self.settings.max_streams, self.settings.max_connections // 2))
-        if len(self.stream_slots) >= limit:
-            raise ApiError(503, f"the server holds its limit of {limit} streams (GANSERVE_MAX_STREAMS, and half of GANSERVE_MAX_CONNECTIONS at most); "
-                                "retry later", headers={"Retry-After": "5"})
-        # a stream holds a connection no newcomer can take: a share of half the streams, at a connection cap
-        # no larger than it (16 streams under GANSERVE_MAX_CONNECTIONS=16), let one client fill the cap (a re-probe)
-        share = max(1, limit // 2)
-        if sum(holder == owner for holder in self.stream_slots.values()) >= share:
-            raise ApiError(503, f"this client already holds {share} streams, its share of the {limit} this server process holds "
-                           "(half of that limit; per front under --workers); "
-                           "close one first", headers={"Retry-After": "5"})
-        slot = next(n for n in itertools.count(1) if n not in self.stream_slots)
-        self.stream_slots[slot] = owner
-        return slot
+        """The lowest free stream slot, for the client at address `owner` (`StreamSlots.take`): 503 past the limit or its share."""
+        try:
+            return self.stream_slots.take(owner)
+        except NoStreamSlot as refused:
+            raise ApiError(503, str(refused), headers={"Retry-After": "5"}) from None
 
     def free_stream_slot(self, slot: int) -> None:
-        self.stream_slots.pop(slot, None)
+        self.stream_slots.free(slot)
 
     @property
     def loaded(self) -> bool:
@@ -545,10 +530,12 @@ class ModelRegistry:
 
     async def unload_model(self, name: str) -> None:
         """The repository extension's `unload`: readiness goes false at once, accepted requests
-        finish, then the runtimes and lanes are released. The model stays listed as `unloaded`."""
+        finish, then the runtimes and lanes are released; its queued projection jobs are cancelled
+        (a running one finishes). The model stays listed as `unloaded`."""
         async with self.repository_lock:
             for model in self.versions(name).values():
                 await self.retire(model, "unloaded")
+            self.jobs.cancel_queued_of(name, "the model was unloaded")
             self.settle_memory()
             self.models_changed()
 

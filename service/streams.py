@@ -26,7 +26,7 @@ client that does not read holds them in the budget until the send timeout drops 
 that sends no frame for `stream_idle_s` is closed (other messages, and frames refused for what
 they are — not an image, over the model's limits — do not keep it open), and one
 client address holds at most half of the streams the server takes (`max_streams`, and half of
-`max_connections` at most: `ModelRegistry.take_stream_slot`).
+`max_connections` at most; the whole server's under `--workers`: service/stream_slots.py).
 """
 from __future__ import annotations
 

@@ -24,6 +24,8 @@ This process only starts, watches and stops them:
   start it again;
 - the memory budget is one for the whole server: every child maps the table made here
   (service/memory.py: SharedBudgetTable), and a dead front's reservations are cleared from it;
+- so are the upscale streams' slots (service/stream_slots.py: StreamSlotTable): GANSERVE_MAX_STREAMS
+  and a client's half of it are the server's, and a dead front's streams are freed;
 - PROMETHEUS_MULTIPROC_DIR is a fresh directory set before the children import prometheus-client,
   and a dead child's live gauges are dropped from it.
 """
@@ -44,6 +46,7 @@ from pathlib import Path
 
 from service.heartbeats import FRONT_SILENT_S, HEARTBEATS_FILE, HeartbeatTable, engine_silent_limit_s
 from service.memory import SHARED_BUDGET_FILE, SharedBudgetTable
+from service.stream_slots import STREAM_SLOTS_FILE, StreamSlotTable, stream_limit
 from service.settings import Settings
 
 log = logging.getLogger("ganserve.workers")
@@ -121,6 +124,7 @@ class Supervisor:
         self.settings = settings.model_copy(update={"engine_dir": self.run_dir, "port": self.claim.getsockname()[1]})
         self.budget = SharedBudgetTable.create(self.run_dir / SHARED_BUDGET_FILE, slots=settings.workers + 1)
         self.heartbeats = HeartbeatTable.create(self.run_dir / HEARTBEATS_FILE, slots=settings.workers + 1)
+        self.streams = StreamSlotTable.create(self.run_dir / STREAM_SLOTS_FILE, slots=stream_limit(settings.max_streams, settings.max_connections))
         self.env = os.environ | {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
         self.engine: subprocess.Popen | None = None
         self.fronts: list[subprocess.Popen] = []
@@ -160,6 +164,7 @@ class Supervisor:
                         self.forget(front.pid)
                         self.budget.clear(slot=i + 1)  # what it had reserved died with it
                         self.heartbeats.clear(slot=i + 1)
+                        self.streams.clear(process=i + 1)  # its streams' connections died with it
                         self.fronts[i] = self.spawn("front", slot=i + 1, replacement=True)
                     elif (silent := self.heartbeats.silent_s(slot=i + 1)) > FRONT_SILENT_S:
                         # hung (stopped, deadlocked): the kernel still hands it new connections; replaced at the next look

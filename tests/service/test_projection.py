@@ -171,6 +171,32 @@ def test_a_client_cancels_its_jobs_queued_or_running_and_their_memory_is_handed_
         assert client.delete("/v1/jobs/nope").status_code == 404
 
 
+def test_an_unload_cancels_the_models_queued_jobs_and_lets_the_running_one_finish(repository):
+    """A probe unloaded a style model with two jobs in and both ran to `done` after it, on the
+    memory and cores the unload was to free. A queued job of an unloaded model now never starts
+    (`cancelled`, saying why); the running one finishes, as the model's accepted requests do."""
+    from tests.serving import running_server
+
+    with running_server(repository, model_control=True, max_projection_steps=100_000, max_job_seconds=4, max_jobs=4,
+                        ready_requires="any", models=["styles"]) as server, server.client(timeout=60) as client:
+        running, queued = (client.post("/v1/models/styles/project?steps=100000", content=png_bytes(), headers={"content-type": "image/png"}).json()
+                           for _ in range(2))
+        deadline = time.monotonic() + 30
+        while (job := client.get(running["status_url"]).json())["state"] != "running":
+            assert time.monotonic() < deadline, job
+            time.sleep(0.05)
+        assert client.post("/v2/repository/models/styles/unload").status_code == 200
+        waiting = client.get(queued["status_url"]).json()
+        while (job := client.get(running["status_url"]).json())["state"] == "running":
+            assert time.monotonic() < deadline, job
+            time.sleep(0.1)
+        time.sleep(0.5)  # (the job thread would take the queued one next)
+        after = client.get(queued["status_url"]).json()
+    assert waiting["state"] == "cancelled" and waiting["started"] is None and "unloaded" in waiting["error"], waiting
+    assert after["state"] == "cancelled" and after["started"] is None
+    assert job["state"] == "done" and "time limit" in job["result"]["stopped"]
+
+
 def one_client_takes_at_most_half_the_job_slots(url: str, max_jobs: int = 4) -> None:
     """Through a real server: a client at 127.0.0.1 gets its share of the slots (half of
     `max_jobs`), then 429 naming it, while a client at 127.0.0.2 is still accepted. (A probe: one

@@ -3,6 +3,7 @@ start them. What a client sees must not change: the same pixels for a seed which
 the request and whatever batch its items landed in, the same errors, every route (jobs and model
 control forwarded to the engine), metrics summed over the processes; and every process stops
 cleanly on SIGTERM, a dead front is replaced, a dead engine stops the server."""
+import contextlib
 import io
 import json
 import os
@@ -18,6 +19,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from bench.server import process_roles, wait_ready
@@ -160,6 +162,47 @@ def test_streams_opened_in_a_loop_reuse_their_slots_in_metrics(workers):
     assert fps and {line.split('stream="')[1].split('"')[0] for line in fps} == {"s1"}
     assert len(fps) <= 2 and all(line.endswith("NaN") for line in fps)  # one series per front, closed
     assert "Removal of labels" not in workers.process.log_path.read_text(errors="replace")  # prometheus-client warned at every close
+
+def test_the_stream_limit_and_a_clients_share_are_the_servers_and_a_dead_fronts_streams_are_freed(workers):
+    """Stream slots were counted per front: under `--workers 2` one address opened 32 streams
+    where the server takes 32 and a client half of them, 80 addresses opened 64, and both fronts
+    named their streams s1, s2, ... (a hostile probe). The slots are now one table the fronts share
+    (service/stream_slots.py): this address gets its 16, each with a name of its own, and the 17th
+    is refused naming its share. A front killed with streams open takes its connections with it,
+    and the supervisor frees their slots: the client opens as many again."""
+    url = workers.url.replace("http://", "ws://") + "/v1/models/upx4/upscale/stream"
+
+    def open_until_refused(stack: contextlib.ExitStack, most: int) -> tuple[list, list[str], InvalidStatus | None]:
+        opened, names = [], []
+        for _ in range(most):
+            try:
+                ws = stack.enter_context(connect(url))
+            except InvalidStatus as refused:
+                return opened, names, refused
+            opened.append(ws)
+            names.append(json.loads(ws.recv(timeout=30))["stream"])
+        return opened, names, None
+
+    def still_open(ws) -> bool:
+        try:
+            ws.ping().wait(timeout=10)
+        except (ConnectionClosed, TimeoutError):
+            return False
+        return True
+
+    with contextlib.ExitStack() as stack:
+        opened, names, refused = open_until_refused(stack, 40)
+        assert len(opened) == 16 and len(set(names)) == 16, names
+        assert refused is not None and refused.response.status_code == 503
+        assert "16 streams, its share of the 32" in json.loads(refused.response.body)["error"]["message"]
+        front = next(pid for pid, role in children(workers.process.pid).items() if role == "front")
+        os.kill(front, signal.SIGKILL)
+        assert replaced(workers, front)
+        survivors = sum(still_open(ws) for ws in opened)
+        again, again_names, refused = open_until_refused(stack, 40)
+    assert 0 < survivors < 16  # (both fronts held some: 16 connections spread by the kernel's hash)
+    assert survivors + len(again) == 16 and refused is not None and refused.response.status_code == 503
+
 
 def test_a_path_forwarded_to_the_engine_is_answered_as_one_process_answers_it(workers, server):
     """A front forwards jobs and model control to the engine: it once rebuilt the URL from the
