@@ -198,6 +198,27 @@ def upscale_of_about(seconds: float, figures: dict, tile: int = 96, overlap: int
     return min(sides, key=lambda size: abs(estimate(size) - seconds))
 
 
+def sized_upscale(server, client, seconds: float, remeasures: int = 1):
+    """An upscale of `sr-rrdb-x4` the server estimates at about `seconds`, sized from the per-tile
+    cost it lists once the idle server has timed its models `remeasures` times: a call answering
+    (the response, the seconds it took), and the upload's (width, height)."""
+    from bench.limits import model_figures
+
+    deadline = time.monotonic() + 20
+    while server.metric("ganserve_cost_remeasures_total") < remeasures and time.monotonic() < deadline:
+        time.sleep(0.25)
+    time.sleep(1.0)  # (a `--workers` front lists them as of the engine's last snapshot)
+    size = upscale_of_about(seconds, model_figures(server.url, "sr-rrdb-x4"))
+    body = png(*size)
+
+    def upscale():
+        started = time.perf_counter()
+        response = client.post("/v1/models/sr-rrdb-x4/upscale", content=body, headers={"content-type": "image/png"})
+        return response, time.perf_counter() - started
+
+    return upscale, size
+
+
 @linux_only
 @pytest.mark.parametrize("settings", [{}, {"workers": 2}], ids=["one process", "engine and two fronts"])
 def test_a_server_sharing_its_cores_with_busy_processes_refuses_up_front_what_it_cannot_finish(settings):
@@ -209,22 +230,9 @@ def test_a_server_sharing_its_cores_with_busy_processes_refuses_up_front_what_it
     once, saying why, and served once the server has seen them stop. Under `--workers` the engine
     reads the counters and tells the fronts; its fronts are its own server, not other processes
     (counted among them, the engine refused this test's first upscale on a CI machine)."""
-    from bench.limits import model_figures
-
     with running_server(SHIPPED, request_timeout_s=5, intra_op_threads=2, models=["sr-rrdb-x4"], remeasure_idle_s=1, **settings) as server, \
             server.client(timeout=30) as client:
-        deadline = time.monotonic() + 20
-        while server.metric("ganserve_cost_remeasures_total") < 1 and time.monotonic() < deadline:
-            time.sleep(0.25)  # the figures the size is chosen from, as the idle server has timed them
-        time.sleep(1.0)  # (a `--workers` front lists them as of the engine's last snapshot)
-        width, height = upscale_of_about(2.2, model_figures(server.url, "sr-rrdb-x4"))
-        body = png(width, height)
-
-        def upscale():
-            started = time.perf_counter()
-            response = client.post("/v1/models/sr-rrdb-x4/upscale", content=body, headers={"content-type": "image/png"})
-            return response, time.perf_counter() - started
-
+        upscale, (width, height) = sized_upscale(server, client, 2.2)
         alone, _ = upscale()
         assert alone.status_code == 200, alone.text
         with busy_loops(2):
@@ -252,22 +260,9 @@ def test_an_upscale_that_fits_alone_is_refused_up_front_while_the_servers_own_pr
     using): an upscale of about 2.7 s, which fits the 4 s of a 5-second deadline alone, is
     refused at once while a job runs, naming it, and served once the job is cancelled. Under
     `--workers` the job runs in the engine, which tells the fronts."""
-    from bench.limits import model_figures
-
     with running_server(SHIPPED, request_timeout_s=5, intra_op_threads=2, models=["sr-rrdb-x4", "stylegan-shapes"], remeasure_idle_s=1,
                         **settings) as server, server.client(timeout=30) as client:
-        deadline = time.monotonic() + 20
-        while server.metric("ganserve_cost_remeasures_total") < 2 and time.monotonic() < deadline:
-            time.sleep(0.25)  # the figures the size is chosen from, as the idle server has timed them
-        time.sleep(1.0)  # (a `--workers` front lists them as of the engine's last snapshot)
-        width, height = upscale_of_about(2.7, model_figures(server.url, "sr-rrdb-x4"))
-        body = png(width, height)
-
-        def upscale():
-            started = time.perf_counter()
-            response = client.post("/v1/models/sr-rrdb-x4/upscale", content=body, headers={"content-type": "image/png"})
-            return response, time.perf_counter() - started
-
+        upscale, (width, height) = sized_upscale(server, client, 2.7, remeasures=2)
         alone, _ = upscale()
         assert alone.status_code == 200, alone.text
         job = client.post("/v1/models/stylegan-shapes/project?steps=1000", content=png(64, 64), headers={"content-type": "image/png"})
