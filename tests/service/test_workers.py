@@ -582,7 +582,7 @@ def test_a_front_reads_the_engine_lanes_steady_demand_from_its_snapshots(reposit
     engine's lanes, where the streams' jobs run, are read off every snapshot."""
     from service.engine import engine_snapshot
     from service.front import RemoteLane, update_mirror
-    from service.lanes import Lane
+    from service.lanes import Lane, SharedDevice
     from service.registry import LoadedModel
     from service.repository import scan_repository
 
@@ -591,7 +591,7 @@ def test_a_front_reads_the_engine_lanes_steady_demand_from_its_snapshots(reposit
     try:
         lane.count_slight(2.6)  # slight requests worth 0.65 of the last 4 s
         engine = SimpleNamespace(device="cpu", models={"upx4": {1: LoadedModel(entry, lane=lane)}}, loaded=True, is_ready=lambda: True,
-                                 draining=False, encoder_table=None, shared_device=SimpleNamespace(other_share=lambda: 0.0))
+                                 draining=False, encoder_table=None, shared_device=SharedDevice())
         mirror = LoadedModel(entry, lane=RemoteLane("upx4", threads=1, fronts=2))
         update_mirror(mirror, engine_snapshot(engine).models["upx4"][1])
         assert mirror.lane.steady_demand() == pytest.approx(lane.steady_demand(), abs=0.01)
