@@ -102,13 +102,14 @@ class SharedDevice:
         beside it took 1.8x its time alone, which that use predicts (`slowdown`: 1.75x), where
         its threads predict 2.5x."""
         work = HostWork(self, threads_share)
-        self._resize_host(threads_share)
+        self.resize_host(threads_share)
         try:
             yield work
         finally:
-            self._resize_host(-work.share)
+            self.resize_host(-work.share)
 
-    def _resize_host(self, delta: float) -> None:
+    def resize_host(self, delta: float) -> None:
+        """Host work's share changed by `delta` (it began, was measured again, or ended)."""
         other = self.other_share()
         with self._lock:
             self._advance(other)
@@ -177,7 +178,7 @@ class HostWork:
         if quiet is not None and quiet == quiet_then:  # only this work (and the event loop's little) used the process's CPU
             used = (cpu - cpu_then) / (wall - then) / max(1, self.device.cpus)
             share = min(self.ceiling, max(MIN_HOST_SHARE, used))
-            self.device._resize_host(share - self.share)
+            self.device.resize_host(share - self.share)
             self.share = share
         self._mark = (wall, cpu, quiet)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import fcntl
 import functools
 import gc
 import logging
@@ -450,10 +449,5 @@ class SharedMemoryBudget(MemoryBudget):
     def used(self) -> int:
         return self.table.reserved()
 
-    @contextlib.contextmanager
-    def exclusive(self):
-        fcntl.flock(self.table.fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self.table.fd, fcntl.LOCK_UN)
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        return self.table.locked()

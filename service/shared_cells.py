@@ -5,8 +5,11 @@ per-process bytes, the fronts' heartbeats). Each process has a slot of `CELLS_PE
 single machine words, so a reader never sees half a value."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import mmap
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Self
 
@@ -28,3 +31,13 @@ class SharedCells:
     @property
     def slots(self) -> int:
         return len(self.cells) // self.CELLS_PER_SLOT
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """The table's exclusive `flock`, for changes that read and write several cells as one step
+        across the processes (a reservation against the budget, a stream slot taken)."""
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)

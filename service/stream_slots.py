@@ -15,9 +15,8 @@ supervisor, as its memory reservations are."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
-from collections.abc import Iterator, MutableSequence
+from collections.abc import MutableSequence
 from pathlib import Path
 
 from service.shared_cells import SharedCells
@@ -42,22 +41,10 @@ class StreamSlotTable(SharedCells):
 
     def clear(self, process: int) -> None:
         """Frees every slot `process` held (it died: its streams' connections died with it)."""
-        with locked(self.fd):
+        with self.locked():
             for slot in range(self.slots):
                 if self.cells[2 * slot] == process + 1:
                     self.cells[2 * slot] = self.cells[2 * slot + 1] = 0
-
-
-@contextlib.contextmanager
-def locked(fd: int | None) -> Iterator[None]:
-    if fd is None:
-        yield
-        return
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    try:
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 class StreamSlots:
@@ -72,12 +59,16 @@ class StreamSlots:
         self.cells: MutableSequence[int] = table.cells if table is not None else [0] * (2 * self.limit)
         self.process = process
 
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        """The table's lock under `--workers`; nothing in one process (only its event loop changes the slots)."""
+        return self.table.locked() if self.table is not None else contextlib.nullcontext()
+
     def take(self, owner: str) -> int:
         """The lowest free slot, for the client at address `owner`; `NoStreamSlot` when `limit`
         streams are open, or when `owner` holds its share of them (half: one client opening them
         all, each kept open by a frame a minute, held every other client out)."""
         key = owner_key(owner)
-        with locked(self.table.fd if self.table is not None else None):
+        with self.locked():
             held = [self.cells[2 * slot + 1] for slot in range(self.limit) if self.cells[2 * slot]]
             if len(held) >= self.limit:
                 raise NoStreamSlot(f"the server holds its limit of {self.limit} streams (GANSERVE_MAX_STREAMS, and half of "
@@ -92,7 +83,7 @@ class StreamSlots:
     def free(self, number: int) -> None:
         """Frees slot `number` (1 … limit), if this process holds it."""
         slot = number - 1
-        with locked(self.table.fd if self.table is not None else None):
+        with self.locked():
             if 0 <= slot < self.limit and self.cells[2 * slot] == self.process + 1:
                 self.cells[2 * slot] = self.cells[2 * slot + 1] = 0
 
