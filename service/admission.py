@@ -306,6 +306,31 @@ def crowded_out(lane: LaneView, start_in: float, alone_s: float, others: Sequenc
     return wait
 
 
+def held_back_by(share: float, booked_lanes: Sequence[LaneView], other_share: float, host_share: float, now: float) -> float:
+    """0 when host work asking `share` of the device from now on (a projection job about to start:
+    seconds to minutes, so for the rest of every request booked now) leaves each of them within its
+    deadline; else the seconds until the last one it would not has ended. It stretches what is
+    left of a booked request's compute by the slowdown it adds to its lane (`slowdown`, beside the
+    other processes' and the host work's already counted). Started at once, a job beside an upscale
+    admitted before it (sr-rrdb-x4 on both cores, estimated at 2.3-2.4 s of a 5-second deadline)
+    made it compute 3.3-4.1 s, 1.4-1.7x its estimate: in time there, past it for a larger one.
+    Bookings are copied first: this runs on the jobs' thread and the event loop adds and removes
+    them (a set copied in one C call, under the GIL). A slight push is let through, as in
+    `crowded_out`."""
+    wait = 0.0
+    for lane in booked_lanes:
+        before, after = slowdown(lane, other_share + host_share), slowdown(lane, other_share + host_share + share)
+        if after <= before:
+            continue
+        for booking in tuple(lane.bookings):
+            if booking.latest <= now:
+                continue
+            pushed = max(0.0, booking.finish - now) * (after / before - 1.0)
+            if pushed > SLIGHT_PUSH * (booking.latest - now) and booking.finish + pushed > booking.latest:
+                wait = max(wait, booking.finish - now)
+    return wait
+
+
 def claimed_beside(finish_in: float, others: Sequence[LaneView], now: float) -> Claim | None:
     """A claim of another lane (room promised to a request it refused for crowding) that work
     ending `finish_in` seconds from now would still be running at."""
@@ -456,6 +481,16 @@ def recheck_in_the_engine(name: str, wait_s: float, alone_s: float, remaining_s:
     budget_s = remaining_s * COMPUTE_SHARE_OF_DEADLINE
     if wait_s + beside_s > 0 and wait_s + alone_s + beside_s > budget_s:
         raise behind_the_queue(name, wait_s, alone_s, budget_s, beside_s)
+
+
+def engine_booking(lane: LaneView, lane_seconds: float, deadline: float, device: "lanes.SharedDevice") -> Booking:
+    """A `--workers` engine's booking of a request a front admitted, on the engine's own lane
+    (queued after what is there now, slowed as the device is shared now): what the engine's
+    projection job is held back by (`held_back_by`). The fronts' bookings are on their mirrors."""
+    now = time.monotonic()
+    slowed = slowdown(lane, device.other_share() + device.host_share())
+    return Booking(now + (lane.expected_wait_s() + lane_seconds / lane.threads) * slowed,
+                   now + max(0.0, deadline - now) * PROTECTED_SHARE_OF_DEADLINE)
 
 
 def reserve_memory(budget: MemoryBudget, nbytes: int, retry_after_s: float = 1.0, holder: int | None = None,

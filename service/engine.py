@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.admission import beside_s, is_slight, recheck_in_the_engine, slowdown
+from service.admission import beside_s, engine_booking, is_slight, recheck_in_the_engine, slowdown
 from service.batcher import DeadlineExceeded, RequestState
 from service.engine_link import EngineSnapshot, MessageProtocol, ModelSnapshot, encode_error
 from service.registry import LoadedModel, ModelRegistry
@@ -117,6 +117,10 @@ class FrontConnection:
         # the items take their shares off as they finish, as in the single-process server
         state.lane_seconds = sum(item.seconds for item in items)
         state.lane = batcher.lane
+        # booked here too (the fronts book it on their mirrors, for their admission): the engine's
+        # projection job does not start while it would push a request booked on its lanes past its deadline
+        booking = engine_booking(lane, state.lane_seconds, deadline, self.registry.shared_device)
+        lane.bookings.add(booking)
         state.lane.add_backlog(state.lane_seconds)
         state.slight = is_slight(state.lane_seconds, lane.threads, deadline - time.monotonic())  # as a single process marks it
         self.requests[request_id] = state
@@ -136,6 +140,7 @@ class FrontConnection:
             remaining[0] -= 1
             if not remaining[0]:
                 self.requests.pop(request_id, None)
+                lane.bookings.discard(booking)
                 state.lane.remove_backlog(state.lane_seconds)  # what its items did not settle
                 state.lane_seconds = 0.0
 

@@ -7,7 +7,12 @@ limit.
 Memory: a job's input is reserved from the server's budget when it is accepted and held until it
 ends; what its computation holds (`working_bytes`, counted before it is accepted) is reserved when
 it starts, since jobs run one at a time. A job that could never fit is refused with 413; one that
-finds the budget taken by requests waits, queued and saying so, for as long as its time limit."""
+finds the budget taken by requests waits, queued and saying so, for as long as its time limit.
+
+Cores: a running job computes on the device the lanes share (the CPU), held there at its share
+(`SharedDevice.host_work`), which admission counts for every request after it. The requests
+admitted before it were not: a job waits, queued and saying so, while starting would push one of
+them past its deadline (`admission.held_back_by`), which is at most until their deadlines."""
 from __future__ import annotations
 
 import collections
@@ -17,16 +22,16 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Callable
 
-from service.admission import reserve_memory
-from service.lanes import HostWork, SharedDevice
+from service.admission import held_back_by, reserve_memory
+from service.lanes import HostWork, LaneView, SharedDevice
 from service.errors import ApiError
 from service.memory import MemoryBudget, OverBudget
 
-MEMORY_RETRY_S = 0.25  # how often a job waiting for the memory budget looks again
+MEMORY_RETRY_S = 0.25  # how often a job waiting for the memory budget (or for booked requests) looks again
 
 
 @dataclass
@@ -63,12 +68,14 @@ class Job:
 class JobStore:
     def __init__(self, max_active: int, max_seconds: float, memory: MemoryBudget, keep_finished: int = 256,
                  keep_result_bytes: int = 64 * 2**20, device: SharedDevice | None = None,
-                 job_share: Callable[[], float] | None = None) -> None:
+                 job_share: Callable[[], float] | None = None, booked_lanes: Callable[[], Sequence[LaneView]] | None = None) -> None:
         self.max_active = max_active
         # the device the lanes compute on, where a running job computes too (the CPU): the job is held
-        # there as host work of `job_share()` (`SharedDevice.host_work`), which admission counts
+        # there as host work of `job_share()` (`SharedDevice.host_work`), which admission counts, and
+        # does not start while that would push a request booked on `booked_lanes()` past its deadline
         self.device = device
         self.job_share = job_share
+        self.booked_lanes = booked_lanes
         self.max_seconds = max_seconds
         self.memory = memory
         # finished jobs are kept for their clients to read, the oldest forgotten past either bound:
@@ -170,9 +177,18 @@ class JobStore:
             return contextlib.nullcontext()
         return self.device.host_work(self.job_share())
 
+    def held_back_s(self) -> float:
+        """0 when a job may start now; else about how long until the requests it would push past
+        their deadlines have ended (`admission.held_back_by`, at the share its threads may ask for:
+        what a job uses is only measured once it runs)."""
+        if self.device is None or self.job_share is None or self.booked_lanes is None:
+            return 0.0
+        return held_back_by(self.job_share(), self.booked_lanes(), self.device.other_share(), self.device.host_share(), time.monotonic())
+
     def start(self, job: Job) -> bool:
-        """Takes the job's working memory, waiting while requests hold the budget; False when the
-        job ended instead (cancelled, shutdown, or the budget stayed taken past its time limit)."""
+        """Takes the job's working memory, waiting while requests hold the budget or while it
+        would push requests admitted before it past their deadlines; False when the job ended
+        instead (cancelled, shutdown, or it could not start within its time limit)."""
         waited_since = time.monotonic()
         while True:
             with self.lock:
@@ -181,15 +197,20 @@ class JobStore:
                 if job.cancel_requested or self.stopping:
                     self.cancel_if_queued(job, "the server shut down" if self.stopping else "cancelled by the client")
                     return False
-                try:
-                    self.memory.try_reserve(job.working_bytes)
-                except OverBudget as error:
-                    job.waiting = f"the memory budget: {error}"
+                if held_s := self.held_back_s():
+                    blocked = "requests admitted before it kept needing the cores"
+                    job.waiting = (f"requests admitted before it would miss their deadlines beside it: it starts once they have ended "
+                                   f"(in about {held_s:.1f} s)")
                 else:
-                    job.state, job.waiting = "running", None
-                    return True
+                    try:
+                        self.memory.try_reserve(job.working_bytes)
+                    except OverBudget as error:
+                        blocked, job.waiting = "the memory budget stayed taken", f"the memory budget: {error}"
+                    else:
+                        job.state, job.waiting = "running", None
+                        return True
             if time.monotonic() - waited_since > self.max_seconds:
-                self.finish(job, "failed", f"the memory budget stayed taken for {self.max_seconds:g} s ({job.waiting})", release_working=False)
+                self.finish(job, "failed", f"{blocked} for {self.max_seconds:g} s ({job.waiting})", release_working=False)
                 return False
             time.sleep(MEMORY_RETRY_S)
 

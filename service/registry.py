@@ -249,7 +249,7 @@ class ModelRegistry:
         self.models: dict[str, dict[int, LoadedModel]] = {}
         # a projection job computes on the CPU on torch's intra-op threads: beside the lanes only where they compute there too
         self.jobs = JobStore(settings.max_jobs, settings.max_job_seconds, self.memory, device=self.shared_device if self.device == "cpu" else None,
-                             job_share=torch_job_share)
+                             job_share=torch_job_share, booked_lanes=self.booked_lanes)
         self.loaded_event = asyncio.Event()  # set once every entry has been tried
         self.retiring: list[LoadedModel] = []  # versions finishing their accepted work after a reload or unload
         self.releasing: set[asyncio.Task] = set()  # those releases (and a drain's), held so they are not collected
@@ -331,6 +331,12 @@ class ModelRegistry:
         """The served versions and those being retired: a version replaced by a reload while its
         lane was stuck left the served ones, and the server said live again."""
         return [*self.all_models(), *self.retiring]
+
+    def booked_lanes(self) -> list[LaneView]:
+        """Every lane whose requests hold bookings (retiring versions' too), for the jobs' thread:
+        the dicts are copied in single C calls (under the GIL) while the event loop may change them."""
+        versions = [tuple(served.values()) for served in tuple(self.models.values())]
+        return [model.lane for model in (*(m for served in versions for m in served), *tuple(self.retiring)) if model.lane is not None]
 
     def longest_running_batch_s(self) -> float:
         """How long the longest batch computing now (any model's lane) has run."""

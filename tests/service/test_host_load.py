@@ -283,6 +283,71 @@ def test_an_upscale_that_fits_alone_is_refused_up_front_while_the_servers_own_pr
     assert served.status_code == 200, served.text
 
 
+@linux_only
+@pytest.mark.parametrize("settings", [{}, {"workers": 2}], ids=["one process", "engine and two fronts"])
+def test_a_projection_job_waits_for_the_requests_admitted_before_it_that_it_would_push_past_their_deadlines(settings):
+    """Admission counts a running job for every request after it; the requests admitted before it
+    were judged without it. An upscale of about 2.5 s, on both cores within the 4.5 s its 5-second
+    deadline protects, would take ~2.5x as long beside a job on two threads: submitted while it
+    computes, the job waits, queued and saying why, until what is left of the upscale fits its
+    deadline beside it; the upscale is answered 200. Under `--workers` the engine books what the
+    fronts admitted on its own lanes."""
+    with running_server(SHIPPED, request_timeout_s=5, intra_op_threads=2, models=["sr-rrdb-x4", "stylegan-shapes"], remeasure_idle_s=1,
+                        **settings) as server, server.client(timeout=30) as client:
+        upscale, (width, height) = sized_upscale(server, client, 2.5, remeasures=2)
+        alone, _ = upscale()
+        assert alone.status_code == 200, alone.text
+        first = client.post("/v1/models/stylegan-shapes/project?steps=1", content=png(64, 64), headers={"content-type": "image/png"})
+        while client.get(first.json()["status_url"]).json()["state"] in ("queued", "running"):  # (its set-up, counted once, is done)
+            time.sleep(0.1)
+        time.sleep(1.0)  # (under `--workers`, the fronts' next snapshot: the first job's share let go)
+        answered: list = []
+        computing = threading.Thread(target=lambda: answered.append(upscale()))
+        computing.start()
+        time.sleep(0.5)  # admitted and booked
+        job = client.post("/v1/models/stylegan-shapes/project?steps=1000", content=png(64, 64), headers={"content-type": "image/png"})
+        assert job.status_code == 202, job.text
+        seen = []
+        while computing.is_alive():
+            seen.append(client.get(job.json()["status_url"]).json())
+            time.sleep(0.2)
+        computing.join()
+        deadline = time.monotonic() + 5
+        while (after := client.get(job.json()["status_url"]).json())["state"] == "queued" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        client.delete(job.json()["status_url"])
+    (response, elapsed), = answered
+    assert response.status_code == 200, (response.text, elapsed, width, height)
+    held = [status for status in seen if "requests admitted before it would miss their deadlines" in (status["waiting"] or "")]
+    assert held and held[0]["state"] == "queued", seen
+    assert after["state"] == "running", after
+
+
+def test_a_job_is_held_back_only_by_bookings_it_would_push_past_their_latest():
+    """A job asking one core of two beside a lane on both (`slowdown`: 1.75x on 2 cores): a
+    booking that ends in 2 s of a 4.5 s limit would end at 3.5 s: it fits, and the job may start.
+    One ending at 3 s would end at 5.25 s, past its limit: held for the 3 s it has left. A lane on
+    one core of two is not slowed by a job on the other, and a booking already past its limit is
+    not kept."""
+    from service.admission import held_back_by
+    from service.lanes import Booking
+
+    now = time.monotonic()
+    both, one = Lane("both", 1, share=1.0), Lane("one", 1, share=0.5)
+    try:
+        both.bookings.add(Booking(now + 2.0, now + 4.5))
+        assert held_back_by(0.5, [both], 0.0, 0.0, now) == 0.0
+        both.bookings.add(Booking(now + 3.0, now + 4.5))
+        assert held_back_by(0.5, [both], 0.0, 0.0, now) == pytest.approx(3.0)
+        one.bookings.add(Booking(now + 3.0, now + 3.1))
+        assert held_back_by(0.5, [one], 0.0, 0.0, now) == 0.0
+        both.bookings = {Booking(now - 1.0, now - 0.5)}
+        assert held_back_by(0.5, [both], 0.0, 0.0, now) == 0.0
+    finally:
+        both.shutdown()
+        one.shutdown()
+
+
 def test_host_work_is_held_at_the_share_it_is_measured_using_while_no_lane_computes():
     """A projection job starts at what its threads may ask for and is then held at what it uses
     (a 64-px StyleGAN's, on two threads of two cores, used one core: held at its threads it made
