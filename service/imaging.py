@@ -10,7 +10,7 @@ import math
 import re
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from service.encoders import PILLOW_ONLY, EncoderTable
 
@@ -197,8 +197,19 @@ def open_upload(data: bytes) -> Image.Image:
         raise UploadError(413, f"the image is far too large to decode ({error})")
     except UnidentifiedImageError:
         raise UploadError(422, "the upload is not a PNG, JPEG or WebP image")
-    except Exception as error:  # recognised, but its header is broken or over Pillow's limits (a text chunk past its size cap)
-        raise UploadError(422, f"the image's header could not be read ({type(error).__name__}: {str(error)[:200]})")
+    except Exception as error:  # recognised, but its header is broken or over Pillow's limits
+        raise unreadable(error, "the image's header could not be read")
+
+
+def unreadable(error: Exception, what: str) -> UploadError:
+    """422 for an image Pillow recognised but could not read (`what`), Pillow's own limits named in
+    ours: a PNG's compressed text or ICC-profile chunk inflating past MAX_TEXT_CHUNK (a 6 MiB
+    profile in a 32² PNG, a probe; Pillow read it before the pixels or after, as the chunk lies).
+    JPEG and WebP carry their profiles uncompressed, bounded by the upload's size."""
+    if "MAX_TEXT_CHUNK" in str(error):
+        return UploadError(422, f"{what}: one of the PNG's compressed text or ICC-profile chunks inflates past "
+                                f"{PngImagePlugin.MAX_TEXT_CHUNK // 2**20} MiB (real ones are a few KiB)")
+    return UploadError(422, f"{what} ({type(error).__name__}: {str(error)[:200]})")
 
 
 def orientation(picture: Image.Image) -> int:
@@ -241,7 +252,7 @@ def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
     try:
         picture.load()
     except Exception as error:
-        raise UploadError(422, f"the image could not be decoded ({type(error).__name__}: {error})")
+        raise unreadable(error, "the image could not be decoded")
     if picture.mode.startswith("I"):  # 16-bit grey PNG ("I;16", or "I"): Pillow's convert clips at 255 instead of scaling
         picture = Image.fromarray((np.asarray(picture) >> 8).clip(0, 255).astype(np.uint8), "L")  # (a gradient came out 99.6 % white)
     if picture.mode in ("RGBA", "LA", "PA") or (picture.mode == "P" and "transparency" in picture.info):

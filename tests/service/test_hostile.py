@@ -230,16 +230,28 @@ def test_a_hostile_request_gets_its_status_and_a_json_error_and_the_server_stays
     assert peak_rss(shipped.process.pid) < BUDGET
 
 
+def with_chunk(picture: bytes, kind: bytes, data: bytes, before_pixels: bool) -> bytes:
+    """`picture` (a PNG) with one more chunk, after its header or before its end."""
+    at = 33 if before_pixels else picture.rindex(b"IEND") - 4
+    return picture[:at] + struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data)) + picture[at:]
+
+
 def test_a_png_whose_header_is_over_pillows_limits_is_named_a_png(shipped):
-    """A zTXt chunk that inflates past Pillow's 1 MB text cap is refused 422 before decoding, and
-    the message says what is wrong with it instead of calling it no PNG at all."""
-    text = b"comment\0\0" + zlib.compress(b"\0" * 2_000_000)
-    bomb = png(8, 8)
-    bomb = bomb[:33] + struct.pack(">I", len(text)) + b"zTXt" + text + struct.pack(">I", zlib.crc32(b"zTXt" + text)) + bomb[33:]
+    """A zTXt or iCCP chunk that inflates past Pillow's 1 MiB cap is refused 422, before its
+    pixels are decoded where it lies before them, and the message says what is wrong with it in
+    our words (it was Pillow's "PngImagePlugin.MAX_TEXT_CHUNK") instead of calling it no PNG."""
+    inflating = zlib.compress(b"\0" * 2_000_000)
+    bombs = [with_chunk(png(8, 8), b"zTXt", b"comment\0\0" + inflating, before_pixels=True),
+             with_chunk(png(8, 8), b"iCCP", b"profile\0\0" + inflating, before_pixels=True),
+             with_chunk(png(8, 8), b"zTXt", b"comment\0\0" + inflating, before_pixels=False)]
     with shipped.client() as client:
-        refused = client.post(f"{V1}/cyclegan-thin2thick/translate", content=bomb, headers=PNG)
+        refused = [client.post(f"{V1}/cyclegan-thin2thick/translate", content=bomb, headers=PNG) for bomb in bombs]
         garbage = client.post(f"{V1}/cyclegan-thin2thick/translate", content=b"\x89PNG not really" * 10, headers=PNG)
-    assert refused.status_code == 422 and "header could not be read" in refused.json()["error"]["message"], refused.text
+    for response in refused:
+        message = response.json()["error"]["message"]
+        assert response.status_code == 422 and "compressed text or ICC-profile chunks inflates past 1 MiB" in message, response.text
+        assert "MAX_TEXT_CHUNK" not in message
+    assert "header could not be read" in refused[0].json()["error"]["message"]
     assert garbage.status_code == 422 and "not a PNG, JPEG or WebP" in garbage.json()["error"]["message"]
 
 
