@@ -306,18 +306,18 @@ def crowded_out(lane: LaneView, start_in: float, alone_s: float, others: Sequenc
     return wait
 
 
-def held_back_by(share: float, booked_lanes: Sequence[LaneView], other_share: float, host_share: float, now: float) -> float:
-    """0 when host work asking `share` of the device from now on (a projection job about to start:
-    seconds to minutes, so for the rest of every request booked now) leaves each of them within its
-    deadline; else the seconds until the last one it would not has ended. It stretches what is
-    left of a booked request's compute by the slowdown it adds to its lane (`slowdown`, beside the
-    other processes' and the host work's already counted). Started at once, a job beside an upscale
-    admitted before it (sr-rrdb-x4 on both cores, estimated at 2.3-2.4 s of a 5-second deadline)
-    made it compute 3.3-4.1 s, 1.4-1.7x its estimate: in time there, past it for a larger one.
-    Bookings are copied first: this runs on the jobs' thread and the event loop adds and removes
-    them (a set copied in one C call, under the GIL). A slight push is let through, as in
-    `crowded_out`."""
-    wait = 0.0
+def held_back_by(share: float, booked_lanes: Sequence[LaneView], other_share: float, host_share: float, now: float) -> dict[Booking, float]:
+    """The requests booked on `booked_lanes` that host work asking `share` of the device from now
+    on (a projection job about to start: seconds to minutes, so for the rest of each of them)
+    would push past their deadlines, each with the seconds until it ends; none, and it may start.
+    It stretches what is left of a booked request's compute by the slowdown it adds to its lane
+    (`slowdown`, beside the other processes' and the host work's already counted). Started at
+    once, a job beside an upscale admitted before it (sr-rrdb-x4 on both cores, estimated at
+    2.3-2.4 s of a 5-second deadline) made it compute 3.3-4.1 s, 1.4-1.7x its estimate: in time
+    there, past it for a larger one. Bookings are copied first: this runs on the jobs' thread and
+    the event loop adds and removes them (a set copied in one C call, under the GIL). A slight
+    push is let through, as in `crowded_out`."""
+    endangered: dict[Booking, float] = {}
     for lane in booked_lanes:
         before, after = slowdown(lane, other_share + host_share), slowdown(lane, other_share + host_share + share)
         if after <= before:
@@ -327,8 +327,8 @@ def held_back_by(share: float, booked_lanes: Sequence[LaneView], other_share: fl
                 continue
             pushed = max(0.0, booking.finish - now) * (after / before - 1.0)
             if pushed > SLIGHT_PUSH * (booking.latest - now) and booking.finish + pushed > booking.latest:
-                wait = max(wait, booking.finish - now)
-    return wait
+                endangered[booking] = booking.finish - now
+    return endangered
 
 
 def claimed_beside(finish_in: float, others: Sequence[LaneView], now: float) -> Claim | None:

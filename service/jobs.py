@@ -12,7 +12,9 @@ finds the budget taken by requests waits, queued and saying so, for as long as i
 Cores: a running job computes on the device the lanes share (the CPU), held there at its share
 (`SharedDevice.host_work`), which admission counts for every request after it. The requests
 admitted before it were not: a job waits, queued and saying so, while starting would push one of
-them past its deadline (`admission.held_back_by`), which is at most until their deadlines."""
+them past its deadline (`admission.held_back_by`), which is at most until their deadlines. Only
+for those: while it waits its share is promised on the device (`SharedDevice.promise_host`), so
+the requests admitted meanwhile are judged beside it."""
 from __future__ import annotations
 
 import collections
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from service.admission import held_back_by, reserve_memory
-from service.lanes import HostWork, LaneView, SharedDevice
+from service.lanes import Booking, HostWork, LaneView, SharedDevice
 from service.errors import ApiError
 from service.memory import MemoryBudget, OverBudget
 
@@ -76,6 +78,7 @@ class JobStore:
         self.device = device
         self.job_share = job_share
         self.booked_lanes = booked_lanes
+        self.promised = 0.0  # the share promised on the device for the job waiting for booked requests (`promise`)
         self.max_seconds = max_seconds
         self.memory = memory
         # finished jobs are kept for their clients to read, the oldest forgotten past either bound:
@@ -148,8 +151,13 @@ class JobStore:
         return job
 
     def run(self, job: Job, work: Callable[[Job, Callable[[int], bool]], dict]) -> None:
-        if not self.start(job):
-            return
+        try:
+            if self.start(job):
+                self.compute(job, work)
+        finally:
+            self.promise(False)
+
+    def compute(self, job: Job, work: Callable[[Job, Callable[[int], bool]], dict]) -> None:
         job.started = time.time()
 
         held: HostWork | None = None
@@ -162,6 +170,7 @@ class JobStore:
 
         try:
             with self.computing() as held:
+                self.promise(False)  # (held as running work now)
                 result, state, error = work(job, tick), "done", None
         except Exception as failure:  # a failed job reports why; the server carries on
             result, state, error = None, "failed", f"{type(failure).__name__}: {failure}"
@@ -177,19 +186,31 @@ class JobStore:
             return contextlib.nullcontext()
         return self.device.host_work(self.job_share())
 
-    def held_back_s(self) -> float:
-        """0 when a job may start now; else about how long until the requests it would push past
-        their deadlines have ended (`admission.held_back_by`, at the share its threads may ask for:
-        what a job uses is only measured once it runs)."""
+    def endangered(self) -> dict[Booking, float]:
+        """The booked requests a job starting now would push past their deadlines, each with the
+        seconds until it ends (`admission.held_back_by`, at the share the job's threads may ask
+        for: what a job uses is only measured once it runs; its own promise left out)."""
         if self.device is None or self.job_share is None or self.booked_lanes is None:
-            return 0.0
-        return held_back_by(self.job_share(), self.booked_lanes(), self.device.other_share(), self.device.host_share(), time.monotonic())
+            return {}
+        return held_back_by(self.job_share(), self.booked_lanes(), self.device.other_share(), self.device.host_share() - self.promised,
+                            time.monotonic())
+
+    def promise(self, waiting: bool) -> None:
+        """The waiting job's share promised on the device (`SharedDevice.promise_host`) while it
+        waits for booked requests, and taken back when it starts or ends (jobs run one at a time)."""
+        if self.device is None or self.job_share is None:
+            return
+        share = self.job_share() if waiting else 0.0
+        if share != self.promised:
+            self.device.promise_host(share - self.promised)
+            self.promised = share
 
     def start(self, job: Job) -> bool:
         """Takes the job's working memory, waiting while requests hold the budget or while it
         would push requests admitted before it past their deadlines; False when the job ended
         instead (cancelled, shutdown, or it could not start within its time limit)."""
         waited_since = time.monotonic()
+        first_seen: set[Booking] | None = None  # the requests booked before it: the ones it waits for
         while True:
             with self.lock:
                 if job.state != "queued":
@@ -197,10 +218,14 @@ class JobStore:
                 if job.cancel_requested or self.stopping:
                     self.cancel_if_queued(job, "the server shut down" if self.stopping else "cancelled by the client")
                     return False
-                if held_s := self.held_back_s():
+                endangered = self.endangered()
+                first_seen = set(endangered) if first_seen is None else first_seen
+                waits_for = [ends_in for booking, ends_in in endangered.items() if booking in first_seen]
+                self.promise(bool(waits_for))
+                if waits_for:
                     blocked = "requests admitted before it kept needing the cores"
                     job.waiting = (f"requests admitted before it would miss their deadlines beside it: it starts once they have ended "
-                                   f"(in about {held_s:.1f} s)")
+                                   f"(in about {max(waits_for):.1f} s)")
                 else:
                     try:
                         self.memory.try_reserve(job.working_bytes)

@@ -64,6 +64,7 @@ class SharedDevice:
         self._asked = 0.0  # core-seconds the jobs have asked for (`asked_core_seconds`)
         self._since = time.perf_counter()
         self._host = 0.0  # the shares of the host work outside every lane running now (`host_work`)
+        self._promised = 0.0  # the shares of host work about to start (`promise_host`)
         self._lane_changes = 0  # lane jobs entered and left (`lanes_quiet_since`)
         self.other_load = other_load
         self.reported_other_share: float | None = None  # a front's: the engine's reading, from its snapshots
@@ -81,10 +82,21 @@ class SharedDevice:
 
     def host_share(self) -> float:
         """The share of the device this process's own work outside every lane asks for now (a
-        projection job's optimisation on the CPU: `host_work`; 0 with none)."""
+        projection job's optimisation on the CPU: `host_work`), or is promised for when it starts
+        (`promise_host`); 0 with none."""
         if self.reported_host_share is not None:
             return self.reported_host_share
-        return self._host
+        return self._host + self._promised
+
+    def promise_host(self, delta: float) -> None:
+        """Host work about to start changed its promise by `delta`: a projection job waiting for
+        the requests booked before it (service/jobs.py). Admission counts it (`host_share`), so the
+        requests admitted meanwhile are judged beside the job, which does not wait for them too
+        (without it, a smaller upscale admitted while a job waited held it 2.0 s instead of 1.3,
+        and heavy requests one after another could hold it to its time limit); the sharing's
+        timing does not count it, as it computes nothing yet."""
+        with self._lock:
+            self._promised = max(0.0, self._promised + delta)
 
     @contextlib.contextmanager
     def host_work(self, threads_share: float) -> Iterator[HostWork]:
