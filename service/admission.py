@@ -311,7 +311,9 @@ def held_back_by(share: float, booked_lanes: Sequence[LaneView], other_share: fl
     on (a projection job about to start: seconds to minutes, so for the rest of each of them)
     would push past their deadlines, each with the seconds until it ends; none, and it may start.
     It stretches what is left of a booked request's compute by the slowdown it adds to its lane
-    (`slowdown`, beside the other processes' and the host work's already counted). Started at
+    (`slowdown`, beside the other processes' and the host work's already counted, or the host work
+    the request was judged beside where that was more: one admitted while the job's share was
+    promised was judged beside the job, `Booking.host_share`). Started at
     once, a job beside an upscale admitted before it (sr-rrdb-x4 on both cores, estimated at
     2.3-2.4 s of a 5-second deadline) made it compute 3.3-4.1 s, 1.4-1.7x its estimate: in time
     there, past it for a larger one. Bookings are copied first: this runs on the jobs' thread and
@@ -319,11 +321,10 @@ def held_back_by(share: float, booked_lanes: Sequence[LaneView], other_share: fl
     push is let through, as in `crowded_out`."""
     endangered: dict[Booking, float] = {}
     for lane in booked_lanes:
-        before, after = slowdown(lane, other_share + host_share), slowdown(lane, other_share + host_share + share)
-        if after <= before:
-            continue
+        after = slowdown(lane, other_share + host_share + share)
         for booking in tuple(lane.bookings):
-            if booking.latest <= now:
+            before = slowdown(lane, other_share + max(host_share, booking.host_share))
+            if booking.latest <= now or after <= before:
                 continue
             pushed = max(0.0, booking.finish - now) * (after / before - 1.0)
             if pushed > SLIGHT_PUSH * (booking.latest - now) and booking.finish + pushed > booking.latest:
@@ -338,15 +339,17 @@ def claimed_beside(finish_in: float, others: Sequence[LaneView], now: float) -> 
                  and other.claim.opens < now + finish_in), None)
 
 
-def book(lane: LaneView, start_in: float, alone_s: float, others: Sequence[LaneView], finish_in: float, latest_in: float, now: float) -> Booking:
+def book(lane: LaneView, start_in: float, alone_s: float, others: Sequence[LaneView], finish_in: float, latest_in: float, now: float,
+         host_share: float = 0.0) -> Booking:
     """Admits a request on `lane`: the requests booked beside it are pushed later by its work, and
-    its own booking is returned (the caller takes it off `lane.bookings` when the request ends)."""
+    its own booking is returned (the caller takes it off `lane.bookings` when the request ends).
+    `host_share`: the host work it was judged beside (`Booking.host_share`)."""
     for other in others:
         share = crowding(lane, other)
         if share:
             for booking in other.bookings:
                 booking.finish += pushed_by(booking, share, start_in, alone_s, now)
-    booking = Booking(now + finish_in, now + latest_in)
+    booking = Booking(now + finish_in, now + latest_in, host_share)
     lane.bookings.add(booking)
     return booking
 
@@ -437,7 +440,7 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
             counted.append(micros)
     lane.claim = None  # the room promised to this lane, if any, is taken
     if booked is not None:  # booked to end after what is queued beside it: the streams' requests push it as they come (`book`)
-        booked.append(book(lane, wait, alone, beside, wait + alone + queued, remaining_s * PROTECTED_SHARE_OF_DEADLINE, now))
+        booked.append(book(lane, wait, alone, beside, wait + alone + queued, remaining_s * PROTECTED_SHARE_OF_DEADLINE, now, host_share))
     if timing is not None and crowd > 0.0:
         timing["beside"] = crowd
     return request_cost.seconds * correction
@@ -490,7 +493,7 @@ def engine_booking(lane: LaneView, lane_seconds: float, deadline: float, device:
     now = time.monotonic()
     slowed = slowdown(lane, device.other_share() + device.host_share())
     return Booking(now + (lane.expected_wait_s() + lane_seconds / lane.threads) * slowed,
-                   now + max(0.0, deadline - now) * PROTECTED_SHARE_OF_DEADLINE)
+                   now + max(0.0, deadline - now) * PROTECTED_SHARE_OF_DEADLINE, device.host_share())
 
 
 def reserve_memory(budget: MemoryBudget, nbytes: int, retry_after_s: float = 1.0, holder: int | None = None,

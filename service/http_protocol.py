@@ -10,6 +10,12 @@
   appending each piece to a string, so parsing one 32 MiB header took 2.6 s of the event loop
   (every other client waited) and 64 MiB 5 s; counted per read, so at most one read (256 KiB) past the cap is parsed,
   and only up to the headers' blank line (a body in the same read is no header);
+- a **trailer cap**: the trailer fields after a chunked body are dropped (RFC 9110 lets a
+  recipient discard them; uvicorn appended them to the request's headers after the app had
+  begun) and counted against `max_header_bytes`, as the bytes after the last chunk that are no
+  body; past it the request is answered 431 by the intake and the connection closed. They were
+  counted by no limit: a hostile probe's 400 MiB of trailer lines on a 11-byte chunked body were
+  answered 200 and took the process up 470 MB for good, each time;
 - a **pipeline cap**: past `MAX_PIPELINED` requests queued behind the running one on a connection,
   the rest are dropped unread and the connection closes after the queued answers (uvicorn queued
   them without bound: ~2.8 KB of server memory per 64-byte GET);
@@ -89,10 +95,10 @@ from service.errors import error_payload
 
 DISCONNECT_EXTENSION = "ganserve.on_disconnect"  # a list of callables in the request's scope extensions
 FLUSHED_EXTENSION = "ganserve.when_flushed"  # a callable: when_flushed(callback), the callback run once the answer left
-# why the request's body will not be waited for, once it is: SHUTTING_DOWN, or GAVE_UP_SLOT (its connection
-# closed for a newcomer at the connection cap, service/connection_table.py)
+# why the request's body will not be waited for, once it is: SHUTTING_DOWN, GAVE_UP_SLOT (its connection
+# closed for a newcomer at the connection cap, service/connection_table.py), or TRAILERS_TOO_LARGE
 STOPPING_EXTENSION = "ganserve.stopping"
-SHUTTING_DOWN, GAVE_UP_SLOT = "shutting_down", "gave_up_slot"
+SHUTTING_DOWN, GAVE_UP_SLOT, TRAILERS_TOO_LARGE = "shutting_down", "gave_up_slot", "trailers_too_large"
 SERVER_SHUTDOWN_EXTENSION = "ganserve.on_server_shutdown"  # a list of callables: a WebSocket app that closes itself on shutdown
 REFUSED_LINGER_S = 1.0  # how long a refused request's remaining bytes are read and dropped before the close
 MAX_FRAGMENTS = 4096  # frames one WebSocket message may come in (a 64 MiB frame in 16 KiB pieces)
@@ -215,6 +221,29 @@ class WriteStallGuard:
         self.timer = self.loop.call_later(self.timeout_s, self.look)
 
 
+class LingeringClose:
+    """A request cycle's view of its connection's transport, whose `close` lingers while the
+    request's body is still arriving: an answer refusing a body mid-way (413 past the size limit,
+    431 for its trailers, 503 for a connection given up at the cap) says `Connection: close`, and
+    uvicorn closed at once with the client still sending, which then lost the answer to a reset or
+    a broken pipe. Now our side is shut after the answer and what still arrives is read and dropped
+    for `REFUSED_LINGER_S` (`GuardedHttpProtocol.shut_and_linger`). Everything else is the
+    transport's."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: GuardedHttpProtocol, cycle) -> None:
+        self._transport, self._protocol, self._cycle = transport, protocol, cycle
+
+    def close(self) -> None:
+        if self._cycle.more_body and not self._transport.is_closing():
+            self._protocol.refused = True  # what still arrives is dropped
+            self._protocol.loop.call_soon(self._protocol.shut_and_linger)  # (after the answer's own bookkeeping)
+        else:
+            self._transport.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+
 class StallGuardedWrites:
     """The transport's flow-control calls, passed on to the protocol and to its `stall_guard`, and
     `when_flushed` (FLUSHED_EXTENSION) on top of them (a mixin for both protocols below, ahead of
@@ -267,6 +296,9 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         self.awaiting_headers = False
         self.header_bytes = 0  # read since the read in which the request began, while its headers are incomplete
         self.header_tail = b""  # the last bytes of the read before, while the headers are incomplete
+        self.chunk_bodiless = False  # a chunk's size line was parsed and none of its data yet: the last chunk's trailers follow it
+        self.trailer_bytes = 0  # read after the last chunk's size line that were no body (`count_trailers`)
+        self.body_read = 0  # body bytes the parser gave in the current read
         self.messages_begun = 0  # requests the parser has begun on this connection
         self.refused = False  # answered 431 or 503, or pipelined past MAX_PIPELINED: what still arrives is dropped
         self.lingering = False  # shut, reading and dropping until the close (shut_and_linger)
@@ -371,7 +403,10 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
                 self.headers_too_large()
                 return
         begun = self.messages_begun
+        self.body_read = 0
         super().data_received(data)
+        if self.chunk_bodiless and not self.refused:  # counted by the read: httptools builds one long trailer line piece by piece
+            self.count_trailers(len(data) - self.body_read)
         # armed only for a request whose headers did not come whole: most arrive in one read, and a
         # timer made and cancelled for each of them was 1.2 % of the event loop's py-spy samples at 32 clients
         if self.awaiting_headers and not self.refused:
@@ -425,6 +460,8 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
             # connection's age: a re-probe sent each next request 2 ms after the answer to stay young)
             self.busy_since = now
         super().on_headers_complete()
+        if self.cycle is not None and not isinstance(self.cycle.transport, LingeringClose):  # (none made for an upgrade)
+            self.cycle.transport = LingeringClose(self.transport, self, self.cycle)
         self.open_cycles = [cycle for cycle in self.open_cycles if not cycle.response_complete] + [self.cycle]
         slots = self.slots()
         slots.began_serving(self)
@@ -455,8 +492,33 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
             self.shut_and_linger()
 
     def on_body(self, body: bytes) -> None:
+        self.chunk_bodiless, self.trailer_bytes = False, 0
+        self.body_read += len(body)
         if not self.refused:
             super().on_body(body)
+
+    def on_chunk_header(self) -> None:
+        self.chunk_bodiless = True  # until its data arrives; the last chunk has none, and its trailer fields follow
+
+    def on_chunk_complete(self) -> None:
+        self.chunk_bodiless, self.trailer_bytes = False, 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.awaiting_headers:  # a trailer field, after a chunked body: dropped and counted
+            if not self.refused and self.cycle is not None:
+                self.count_trailers(len(name) + len(value))
+            return
+        super().on_header(name, value)
+
+    def count_trailers(self, nbytes: int) -> None:
+        """Bytes of a chunked request's trailer section (an upper bound: its last chunk's size line
+        may be among them); past `max_header_bytes` the request's body is not waited for any more
+        (the intake answers 431, TRAILERS_TOO_LARGE) and what the connection still sends is
+        dropped until the answer, then it closes."""
+        self.trailer_bytes += nbytes
+        if self.trailer_bytes > self.max_header_bytes and not self.refused:
+            self.refused = True  # on_response_complete shuts the connection after the answer
+            self.stop_waiting_for_body(TRAILERS_TOO_LARGE)
 
     def on_message_complete(self) -> None:
         if self.refused:

@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_payload
 from service.digits import ascii_count
-from service.http_protocol import DISCONNECT_EXTENSION, FLUSHED_EXTENSION, GAVE_UP_SLOT, STOPPING_EXTENSION
+from service.http_protocol import DISCONNECT_EXTENSION, FLUSHED_EXTENSION, GAVE_UP_SLOT, STOPPING_EXTENSION, TRAILERS_TOO_LARGE
 from service.memory import MemoryBudget, OverBudget
 
 if TYPE_CHECKING:
@@ -310,7 +310,10 @@ class RequestIntake:
                     if message["type"] == "http.disconnect":
                         context.client_left()
                         raise Refused(499, "client_closed_request", "the client went away while sending its body")
-                    if stopping := scope.get("extensions", {}).get(STOPPING_EXTENSION):
+                    if (stopping := scope.get("extensions", {}).get(STOPPING_EXTENSION)) == TRAILERS_TOO_LARGE:
+                        raise Refused(431, "headers_too_large", "the trailer fields after the request's chunked body are over "
+                                                                 "the headers' limit (GANSERVE_MAX_HEADER_BYTES)")
+                    if stopping:
                         raise Refused(503, "too_many_connections" if stopping == GAVE_UP_SLOT else "unavailable",
                                       "the server is at its connection cap, and this request's body was still arriving from an address "
                                       "holding more connections than the newcomer's: its connection went to a newcomer; retry"

@@ -14,7 +14,9 @@ Cores: a running job computes on the device the lanes share (the CPU), held ther
 admitted before it were not: a job waits, queued and saying so, while starting would push one of
 them past its deadline (`admission.held_back_by`), which is at most until their deadlines. Only
 for those: while it waits its share is promised on the device (`SharedDevice.promise_host`), so
-the requests admitted meanwhile are judged beside it."""
+the requests admitted meanwhile are judged beside it (and their bookings say so). A job waiting
+for the memory budget promises nothing: the requests admitted then are waited for when it could
+start (a probe's upscale admitted as the budget freed under a waiting job answered 504)."""
 from __future__ import annotations
 
 import collections
@@ -79,6 +81,7 @@ class JobStore:
         self.job_share = job_share
         self.booked_lanes = booked_lanes
         self.promised = 0.0  # the share promised on the device for the job waiting for booked requests (`promise`)
+        self.promised_for: Job | None = None  # that job
         self.max_seconds = max_seconds
         self.memory = memory
         # finished jobs are kept for their clients to read, the oldest forgotten past either bound:
@@ -155,7 +158,7 @@ class JobStore:
             if self.start(job):
                 self.compute(job, work)
         finally:
-            self.promise(False)
+            self.promise(None)
 
     def compute(self, job: Job, work: Callable[[Job, Callable[[int], bool]], dict]) -> None:
         job.started = time.time()
@@ -170,7 +173,7 @@ class JobStore:
 
         try:
             with self.computing() as held:
-                self.promise(False)  # (held as running work now)
+                self.promise(None)  # (held as running work now)
                 result, state, error = work(job, tick), "done", None
         except Exception as failure:  # a failed job reports why; the server carries on
             result, state, error = None, "failed", f"{type(failure).__name__}: {failure}"
@@ -195,22 +198,24 @@ class JobStore:
         return held_back_by(self.job_share(), self.booked_lanes(), self.device.other_share(), self.device.host_share() - self.promised,
                             time.monotonic())
 
-    def promise(self, waiting: bool) -> None:
-        """The waiting job's share promised on the device (`SharedDevice.promise_host`) while it
-        waits for booked requests, and taken back when it starts or ends (jobs run one at a time)."""
+    def promise(self, waiting: Job | None) -> None:
+        """The `waiting` job's share promised on the device (`SharedDevice.promise_host`) while it
+        waits for booked requests, taken back (None) when it starts, ends or is cancelled (jobs
+        run one at a time: one promise at most)."""
         if self.device is None or self.job_share is None:
             return
-        share = self.job_share() if waiting else 0.0
-        if share != self.promised:
-            self.device.promise_host(share - self.promised)
-            self.promised = share
+        with self.lock:
+            share = self.job_share() if waiting is not None else 0.0
+            if share != self.promised:
+                self.device.promise_host(share - self.promised)
+                self.promised = share
+            self.promised_for = waiting
 
     def start(self, job: Job) -> bool:
         """Takes the job's working memory, waiting while requests hold the budget or while it
         would push requests admitted before it past their deadlines; False when the job ended
         instead (cancelled, shutdown, or it could not start within its time limit)."""
         waited_since = time.monotonic()
-        first_seen: set[Booking] | None = None  # the requests booked before it: the ones it waits for
         while True:
             with self.lock:
                 if job.state != "queued":
@@ -219,13 +224,11 @@ class JobStore:
                     self.cancel_if_queued(job, "the server shut down" if self.stopping else "cancelled by the client")
                     return False
                 endangered = self.endangered()
-                first_seen = set(endangered) if first_seen is None else first_seen
-                waits_for = [ends_in for booking, ends_in in endangered.items() if booking in first_seen]
-                self.promise(bool(waits_for))
-                if waits_for:
+                self.promise(job if endangered else None)
+                if endangered:
                     blocked = "requests admitted before it kept needing the cores"
                     job.waiting = (f"requests admitted before it would miss their deadlines beside it: it starts once they have ended "
-                                   f"(in about {max(waits_for):.1f} s)")
+                                   f"(in about {max(endangered.values()):.1f} s)")
                 else:
                     try:
                         self.memory.try_reserve(job.working_bytes)
@@ -266,6 +269,8 @@ class JobStore:
         with self.lock:  # not started meanwhile: it would run, and its working memory never be handed back
             if job.state == "queued":
                 self.finish(job, "cancelled", reason, release_working=False)
+                if self.promised_for is job:  # at once: the requests refused beside it meanwhile are admitted again
+                    self.promise(None)
 
     def cancel_queued_of(self, model: str, reason: str) -> None:
         """`model` was unloaded: its queued jobs never start (a probe's queued job ran to `done`

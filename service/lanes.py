@@ -91,10 +91,10 @@ class SharedDevice:
     def promise_host(self, delta: float) -> None:
         """Host work about to start changed its promise by `delta`: a projection job waiting for
         the requests booked before it (service/jobs.py). Admission counts it (`host_share`), so the
-        requests admitted meanwhile are judged beside the job, which does not wait for them too
-        (without it, a smaller upscale admitted while a job waited held it 2.0 s instead of 1.3,
-        and heavy requests one after another could hold it to its time limit); the sharing's
-        timing does not count it, as it computes nothing yet."""
+        requests admitted meanwhile are judged beside the job (their bookings say so), which does
+        not wait for them too (without it, a smaller upscale admitted while a job waited held it
+        2.0 s instead of 1.3, and heavy requests one after another could hold it to its time
+        limit); the sharing's timing does not count it, as it computes nothing yet."""
         with self._lock:
             self._promised = max(0.0, self._promised + delta)
 
@@ -213,10 +213,13 @@ def lane_share(device: str, intra_op_threads: int) -> float:
 class Booking:
     """An admitted request on its lane: when the lane's work up to its own is projected to end
     (monotonic seconds; moved later when a request admitted beside it will share the device
-    meanwhile) and the latest that may be without its deadline being missed."""
+    meanwhile) and the latest that may be without its deadline being missed; and the share of
+    host work (a projection job's, running or promised) it was judged beside, which a job about to
+    start does not push it further for (`admission.held_back_by`)."""
 
     finish: float
     latest: float
+    host_share: float = 0.0
 
 
 @dataclass(eq=False)

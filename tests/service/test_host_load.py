@@ -333,9 +333,10 @@ def test_a_projection_job_waits_for_the_requests_admitted_before_it_that_it_woul
 def test_a_job_is_held_back_only_by_bookings_it_would_push_past_their_latest():
     """A job asking one core of two beside a lane on both (`slowdown`: 1.75x on 2 cores): a
     booking that ends in 2 s of a 4.5 s limit would end at 3.5 s: it fits, and the job may start.
-    One ending at 3 s would end at 5.25 s, past its limit: held for the 3 s it has left. A lane on
-    one core of two is not slowed by a job on the other, and a booking already past its limit is
-    not kept."""
+    One ending at 3 s would end at 5.25 s, past its limit: held for the 3 s it has left; not for
+    the same booking judged beside the job (admitted while its share was promised). A lane on one
+    core of two is not slowed by a job on the other, and a booking already past its limit is not
+    kept."""
     from service.admission import held_back_by
     from service.lanes import Booking
 
@@ -345,6 +346,8 @@ def test_a_job_is_held_back_only_by_bookings_it_would_push_past_their_latest():
         both.bookings.add(Booking(now + 2.0, now + 4.5))
         assert held_back_by(0.5, [both], 0.0, 0.0, now) == {}
         both.bookings.add(late := Booking(now + 3.0, now + 4.5))
+        assert held_back_by(0.5, [both], 0.0, 0.0, now) == {late: pytest.approx(3.0)}
+        both.bookings.add(Booking(now + 3.0, now + 4.5, host_share=0.5))  # admitted while the job's share was promised
         assert held_back_by(0.5, [both], 0.0, 0.0, now) == {late: pytest.approx(3.0)}
         one.bookings.add(Booking(now + 3.0, now + 3.1))
         assert held_back_by(0.5, [one], 0.0, 0.0, now) == {}

@@ -450,6 +450,52 @@ def test_headers_past_the_cap_get_431_before_the_parser_sees_the_rest(shipped):
         assert refused.status_code == 406 and len(refused.content) < 1_000  # the message shows the header's start only
 
 
+def test_trailers_after_a_chunked_body_are_dropped_and_past_the_header_cap_get_431(shipped):
+    """Trailer fields after a chunked body were counted by no limit (neither the headers' nor the
+    body's) and appended to the request's headers: a hostile probe's 400 MiB of them on an
+    11-byte body were answered 200 and left the process 470 MB larger, each time. A few are
+    dropped and the request served; past `max_header_bytes` (64 KiB), as many lines or one long
+    line sent in pieces, the request gets 431 and its connection closes."""
+    host, port = shipped.url.removeprefix("http://").split(":")
+    body = b'{"seed": 1}'
+    head = (b"POST /v1/models/dcgan-digits/generate HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+            b"transfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n" % (len(body), body))
+    served = raw_exchange(shipped, head + b"X-Checksum: abc\r\n\r\n", wait_s=3)
+    assert served.startswith(b"HTTP/1.1 200") and b"image/png" in served[:500], served[:300]
+
+    def trailers_in_pieces(pieces: list[bytes]) -> bytes:
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(head)
+            for piece in pieces:
+                sock.sendall(piece)
+                time.sleep(0.05)  # (read as it comes: a close with bytes unread would reset the connection)
+            return read_until_closed(sock, 5)
+
+    many = trailers_in_pieces([b"".join(b"X-T%d-%d: %s\r\n" % (i, j, b"a" * 1000) for j in range(32)) for i in range(8)])
+    long = trailers_in_pieces([b"X-Long: "] + [b"a" * 32_768] * 8)
+    for answer in (many, long):
+        assert answer.startswith(b"HTTP/1.1 431") and b"headers_too_large" in answer and b"trailer fields" in answer, answer[:300]
+    with shipped.client() as client:
+        assert client.post(f"{V1}/dcgan-digits/generate", json={"seed": 1}).status_code == 200
+
+
+def test_a_client_still_sending_a_body_refused_mid_way_reads_its_413(shipped):
+    """A chunked upload past `max_body_bytes` is refused once the limit is passed, with the client
+    still sending: uvicorn closed the connection at once, and the client's next write failed
+    (broken pipe) or the 413 was lost to a reset. Our side shuts after the answer and reads on for
+    a second, so the client finishes its writes and reads the 413."""
+    host, port = shipped.url.removeprefix("http://").split(":")
+    piece = b"a" * 2**20
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(b"POST /v1/models/cyclegan-thin2thick/translate HTTP/1.1\r\nHost: x\r\ncontent-type: image/png\r\n"
+                     b"transfer-encoding: chunked\r\n\r\n")
+        for _ in range(10):  # 10 MiB, past the 8 MiB limit
+            sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+            time.sleep(0.05)
+        answer = read_until_closed(sock, 5)
+    assert answer.startswith(b"HTTP/1.1 413") and b"payload_too_large" in answer, answer[:300]
+
+
 def test_malformed_requests_in_a_flood_get_400_each_and_one_log_line_between_them(shipped):
     """uvicorn logs `Invalid HTTP request received.` for every malformed request: a hostile probe
     wrote 495,000 of them (20 MB) to the operator's log in a few minutes. Each still gets its 400;
