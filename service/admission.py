@@ -486,14 +486,16 @@ def recheck_in_the_engine(name: str, wait_s: float, alone_s: float, remaining_s:
         raise behind_the_queue(name, wait_s, alone_s, budget_s, beside_s)
 
 
-def engine_booking(lane: LaneView, lane_seconds: float, deadline: float, device: "lanes.SharedDevice") -> Booking:
+def engine_booking(lane: LaneView, lane_seconds: float, deadline: float, device: "lanes.SharedDevice", host_share: float) -> Booking:
     """A `--workers` engine's booking of a request a front admitted, on the engine's own lane
     (queued after what is there now, slowed as the device is shared now): what the engine's
-    projection job is held back by (`held_back_by`). The fronts' bookings are on their mirrors."""
+    projection job is held back by (`held_back_by`). The fronts' bookings are on their mirrors.
+    `host_share`: the host work the front's admission counted (the engine's, as of its last
+    snapshot): a job's share promised in the engine since then was not."""
     now = time.monotonic()
     slowed = slowdown(lane, device.other_share() + device.host_share())
     return Booking(now + (lane.expected_wait_s() + lane_seconds / lane.threads) * slowed,
-                   now + max(0.0, deadline - now) * PROTECTED_SHARE_OF_DEADLINE, device.host_share())
+                   now + max(0.0, deadline - now) * PROTECTED_SHARE_OF_DEADLINE, host_share)
 
 
 def reserve_memory(budget: MemoryBudget, nbytes: int, retry_after_s: float = 1.0, holder: int | None = None,

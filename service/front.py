@@ -270,7 +270,10 @@ class RemoteBatcher:
         futures = [loop.create_future() for _ in seconds]
         request_id = next(self.client.ids)
         self.client.pending[request_id] = PendingRequest(futures, request, seconds, model.lane)
-        self.client.send(("submit", request_id, self.name, self.version, self.operation, self.graph, inputs, request.deadline, grid))
+        # (with the host work its admission was judged beside: a job's share promised in the engine reaches the fronts
+        # with the next snapshot, and a request admitted before it is waited for by the job)
+        self.client.send(("submit", request_id, self.name, self.version, self.operation, self.graph, inputs, request.deadline, grid,
+                          self.registry.shared_device.host_share()))
         done = functools.partial(self.client.item_done, request_id)
         for future in futures:
             future.add_done_callback(done)
