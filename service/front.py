@@ -346,9 +346,10 @@ class FrontRegistry(ModelRegistry):
 
     def models_told(self, snapshot: EngineSnapshot) -> None:
         """A load or unload in the engine, as it happened (before this front has mirrored the
-        models once, start-up's snapshots bring them)."""
+        models once, start-up's snapshots bring them); this front's streams look whether their model is gone."""
         if self.loaded:
             self.apply(snapshot)
+            self.models_changed()
 
     def derive_all_limits(self) -> None:
         """A front's limits are the engine's, from its snapshots (derived against the same shared budget)."""

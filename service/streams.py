@@ -17,6 +17,9 @@ The protocol (`/v1/models/{name}/upscale/stream?format=jpeg`):
     endpoint gives; the stream goes on.
 - `stats` (fps over the last 5 s, p50/p99 latency over the last 256 frames, counts) also
   appear per open stream in /metrics.
+- the server closes a stream with 1001 and a reason when it shuts down or the stream's model is
+  unloaded (after answering the frames it holds), and when the client sends no frame for
+  `stream_idle_s`; a reload's new version takes over between frames.
 
 A stream holds at most two frames (one being upscaled, one waiting), their bytes reserved from the
 memory budget on arrival (a frame that does not fit is refused with 503), each admitted like an
@@ -173,7 +176,9 @@ class UpscaleStream:
         # server's reasons. A frame that is no image (422/415) is no work: a client sending a few
         # junk bytes a minute held a slot for good (a re-probe)
         self.last_work = asyncio.get_running_loop().time()
-        self.stopping = False  # the server is shutting down: what was accepted is answered, nothing more is read
+        # why the stream closes once the frames it holds are answered (the server shuts down, or its model
+        # was unloaded); from then on nothing more is read
+        self.ending: str | None = None
         self.closing: asyncio.Task | None = None
         told = websocket.scope.get("extensions", {}).get(SERVER_SHUTDOWN_EXTENSION)
         if told is not None:  # our WebSocket protocol says when, instead of closing the stream at once (service/http_protocol.py)
@@ -185,10 +190,12 @@ class UpscaleStream:
     async def run(self) -> None:
         metrics = self.registry.metrics
         metrics.streams_open.labels(self.name).inc()
+        self.registry.on_models_changed.append(self.models_changed)
         reader = asyncio.create_task(self.read())
         try:
             await self.answer_frames()
         finally:
+            self.registry.on_models_changed.remove(self.models_changed)
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
@@ -222,7 +229,7 @@ class UpscaleStream:
                     return
                 if message["type"] == "websocket.disconnect":
                     return
-                if self.stopping:  # frames sent after the shutdown began are not taken (the close says why)
+                if self.ending:  # frames sent after the stream began to end are not taken (the close says why)
                     continue
                 if message.get("bytes") is not None:
                     number += 1
@@ -253,10 +260,31 @@ class UpscaleStream:
         self.last_work = asyncio.get_running_loop().time()
 
     def server_stopping(self) -> None:
-        """The server shuts down: an idle stream closes now, a busy one after the frames it holds."""
-        self.stopping = True
+        self.end("the server is shutting down")
+
+    def models_changed(self) -> None:
+        """A load or unload (told by the registry; under --workers by the engine, through the
+        front's mirror): a stream whose model is gone ends."""
+        if self.ending is None and (reason := self.model_gone()):
+            self.end(reason)
+
+    def model_gone(self) -> str | None:
+        """Why the model this stream upscales with is gone for good, else None. A reload's
+        replacement takes over between frames, but an unloaded model comes back only when someone
+        loads it: its stream stayed open and answered every frame 503 for as long as frames came."""
+        try:
+            model = self.registry.resolve(self.name, self.version)
+        except ApiError as error:  # (a --workers front not yet mirroring the engine says 503: not gone)
+            return f"{error.message}: this stream ends" if error.status == 404 else None
+        if model.state == "unloaded":
+            return f"model {self.name[:60]!r} was unloaded: this stream ends (connect again once it is loaded)"
+        return None
+
+    def end(self, reason: str) -> None:
+        """The stream closes with `reason`: an idle one now, a busy one after the frames it holds."""
+        self.ending = reason
         if not self.busy and not self.mailbox.holds:  # (the task kept: the loop holds tasks only weakly)
-            self.closing = asyncio.get_running_loop().create_task(self.close(1001, "the server is shutting down"))
+            self.closing = asyncio.get_running_loop().create_task(self.close(1001, reason))
 
     def left(self) -> None:
         """The client is gone: the frame in flight is stopped (its queued tiles dropped), nothing more is read."""
@@ -280,8 +308,10 @@ class UpscaleStream:
                 await self.answer(frame)
             finally:
                 self.busy = False
-            if (self.stopping or self.registry.draining) and not self.mailbox.holds:
-                await self.close(1001, "the server is shutting down")
+            if self.ending is None and (reason := self.model_gone()):  # (a front may answer a frame before it is told)
+                self.ending = reason
+            if (self.ending or self.registry.draining) and not self.mailbox.holds:
+                await self.close(1001, self.ending or "the server is shutting down")
                 return
 
     async def answer(self, frame: Frame) -> None:
@@ -381,6 +411,7 @@ class UpscaleStream:
                 self.left()
 
     async def close(self, code: int, reason: str) -> None:
+        reason = reason.encode()[:123].decode(errors="ignore")  # (a close frame holds at most 123 bytes of reason)
         async with self.sending:
             with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
                 await self.websocket.close(code, reason)

@@ -274,6 +274,36 @@ def test_a_frame_in_flight_when_the_server_stops_is_answered_before_the_stream_c
         assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)
 
 
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["one process", "--workers 2"])
+def test_unloading_the_model_answers_the_frame_in_flight_then_ends_its_streams(repository, workers):
+    """A stream whose model was unloaded over the repository extension stayed open and answered
+    every frame 503 for as long as frames came (a hostile probe). It now ends with 1001 saying
+    so: an idle stream at once, a busy one once its frame is answered (here the frame waits out
+    a 1.5 s batching delay when the unload comes). Once the model is loaded again, a new stream
+    serves it. Under --workers the stream is in a front and the unload in the engine."""
+    with running_server(repository, model_control=True, max_queue_delay_ms=1500, stream_idle_s=30, models=["upx4"], workers=workers) as server, \
+            server.client() as client:
+        with connect(ws_url(server)) as idle, connect(ws_url(server)) as busy:
+            idle.recv(timeout=30)
+            busy.recv(timeout=30)
+            busy.send(frame(32, 32, 3))
+            time.sleep(0.5)
+            unloading = time.monotonic()
+            assert client.post("/v2/repository/models/upx4/unload").status_code == 200
+            (answered,) = answers(busy, 1)
+            assert answered["type"] == "frame" and answered["frame"] == 1
+            for ws in (idle, busy):
+                with pytest.raises(ConnectionClosed) as closed:
+                    ws.recv(timeout=30)
+                assert closed.value.rcvd.code == 1001 and "unloaded" in closed.value.rcvd.reason
+            assert time.monotonic() - unloading < 10  # not the 30 s idle timeout
+        assert client.post("/v2/repository/models/upx4/load").status_code == 200
+        with connect(ws_url(server)) as again:
+            assert json.loads(again.recv(timeout=30))["type"] == "ready"
+            again.send(frame(32, 32, 4))
+            assert answers(again, 1)[0]["type"] == "frame"
+
 def raw_stream(server, receive_buffer: int = 4096, path: str = STREAM, source: str | None = None) -> socket.socket:
     """A stream opened by hand (a tiny receive buffer, the handshake read, nothing else), so the
     test decides what is read and what is sent; `source`: the client address it comes from."""
