@@ -129,6 +129,7 @@ class Supervisor:
         self.engine: subprocess.Popen | None = None
         self.fronts: list[subprocess.Popen] = []
         self.stopping = False
+        self.stopped_by: int | None = None  # the signal that asked for the stop
 
     def spawn(self, role: str, slot: int, replacement: bool = False) -> subprocess.Popen:
         return subprocess.Popen(child_command(role, self.settings, slot, replacement), env=self.env, start_new_session=True,
@@ -176,6 +177,7 @@ class Supervisor:
 
     def request_stop(self, signum: int, frame) -> None:
         self.stopping = True
+        self.stopped_by = signum
 
     def stop(self) -> None:
         """Fronts first (they answer what they accepted, which needs the engine), then the engine."""
@@ -208,4 +210,15 @@ class Supervisor:
 
 
 def serve_workers(settings: Settings) -> int:
-    return Supervisor(settings).run()
+    """The server's exit status. A clean stop on SIGTERM ends by SIGTERM itself (status 143 in a
+    shell), as the one-process server does (uvicorn raises the signal again once it has shut
+    down), so a process manager reads the same stop from either mode; it exited 0 here."""
+    supervisor = Supervisor(settings)
+    status = supervisor.run()
+    if status == 0 and supervisor.stopped_by == signal.SIGTERM:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGTERM)
+    return status
