@@ -8,9 +8,26 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field, Strict
+from pydantic import BeforeValidator, Field, Strict, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
+from pydantic_core import PydanticCustomError
 
 from service.digits import count_from_text
+
+
+def bounded_by_setting(setting: str, default: int) -> WrapValidator:
+    """For a number whose type's bound is the most any server may be set to take, where the route
+    checks the server's own (lower) setting: past the type's bound pydantic said "less than or
+    equal to 100000" for `steps` where the server took 1000 (a hostile probe), naming a limit not in
+    force. Now the message names the setting."""
+    def refuse_in_the_settings_words(value: object, handler: ValidatorFunctionWrapHandler) -> object:
+        try:
+            return handler(value)
+        except ValidationError as error:
+            if any(problem["type"] == "less_than_equal" for problem in error.errors()):
+                raise PydanticCustomError("less_than_equal", f"at most {setting} (the server's setting, {default} by default)") from None
+            raise
+    return WrapValidator(refuse_in_the_settings_words)
+
 
 MAX_SEED = 2**63 - 1
 HARD_MAX_IMAGES = 4096  # the most any setting may allow per request; the server's own limit is lower
@@ -22,7 +39,7 @@ MAX_W_DIM = 4096
 MAX_INPUT_MAGNITUDE = 1e4
 
 Seed = Annotated[int, Strict(), Field(ge=0, le=MAX_SEED, description="0 … 2^63 - 1")]
-ImageCount = Annotated[int, Strict(), Field(ge=1, le=HARD_MAX_IMAGES)]
+ImageCount = Annotated[int, Strict(), Field(ge=1, le=HARD_MAX_IMAGES), bounded_by_setting("GANSERVE_MAX_IMAGES_PER_REQUEST", 256)]
 ClassIndex = Annotated[int, Strict(), Field(ge=0, le=1_000_000)]
 ClassName = Annotated[str, Field(min_length=1, max_length=128)]
 LayerIndex = Annotated[int, Strict(), Field(ge=0, lt=MAX_WS)]
@@ -38,4 +55,4 @@ Version = Annotated[int, Strict(), Field(ge=1, lt=2**31)]
 # integers a client writes as text, in a path or a query: ASCII digits only (`1.0` is not version 1;
 # the bounds come before the validator, or the OpenAPI schema loses them)
 VersionText = Annotated[int, Field(ge=1, lt=2**31), BeforeValidator(count_from_text)]
-ProjectionSteps = Annotated[int, Field(ge=1, le=100_000), BeforeValidator(count_from_text)]
+ProjectionSteps = Annotated[int, Field(ge=1, le=100_000), BeforeValidator(count_from_text), bounded_by_setting("GANSERVE_MAX_PROJECTION_STEPS", 1000)]

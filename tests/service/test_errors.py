@@ -4,7 +4,8 @@ import pytest
 BAD_BODIES = [
     ({"n": -1}, "n"),
     ({"n": 0}, "n"),
-    ({"n": 100000}, "n"),
+    # past the most any server takes: the setting, not pydantic's "less than or equal to 4096" (the server takes 256)
+    ({"n": 100000}, "n: at most GANSERVE_MAX_IMAGES_PER_REQUEST"),
     ({"n": 300}, "at most 256"),
     ({"seeds": []}, "seeds"),
     ({"seeds": [-5]}, "seeds"),
@@ -106,3 +107,13 @@ def test_head_on_a_post_route_is_405_with_allow(server):
         response = client.head("/v1/models/digits/generate")
         assert response.status_code == 405 and response.headers["allow"] == "POST"
         assert client.get("/health/live").status_code == 200  # the connection carries on
+
+
+def test_projection_steps_past_the_most_any_server_takes_name_the_setting(server):
+    """A hostile probe: 1001 steps was "steps: at most 1000", 10^9 "Input should be less than or
+    equal to 100000", a limit the server does not apply."""
+    with server.client() as client:
+        for steps, says in ((1001, "steps: at most 1000"), (10**9, "steps: at most GANSERVE_MAX_PROJECTION_STEPS")):
+            response = client.post("/v1/models/styles/project", params={"steps": steps}, content=b"x", headers={"content-type": "image/png"})
+            assert response.status_code == 422 and says in response.json()["error"]["message"], response.text
+            assert "100000" not in response.json()["error"]["message"]
