@@ -486,11 +486,15 @@ class ModelRegistry:
             for model in fresh.values():
                 model.failed_beside_served = not model.ready and still_serving
             self.models[name] = serving
-            for model in [*served.values(), *fresh.values()]:
-                # what is no longer served, and a failed fresh version that still holds runtimes (one
-                # the budget refused stays listed `failed`, and held its ~100 MB until the next load)
-                if all(model is not kept for kept in serving.values()) or (not model.ready and model.runtimes):
-                    await self.retire(model, "replaced")
+            # what is no longer served, and a failed fresh version that still holds runtimes (one
+            # the budget refused stays listed `failed`, and held its ~100 MB until the next load)
+            retired = [model for model in [*served.values(), *fresh.values()]
+                       if all(model is not kept for kept in serving.values()) or (not model.ready and model.runtimes)]
+            for model in retired:
+                self.stop_serving(model, "replaced")
+            self.models_changed()  # the fronts mirror the new versions now, not once the replaced ones have finished their work
+            for model in retired:
+                await self.release_retired(model)
             for version in set(served) - set(serving):  # versions no longer served: their series go too
                 self.metrics.forget_version(name, str(version))
             self.settle_memory()
@@ -539,8 +543,14 @@ class ModelRegistry:
         finish, then the runtimes and lanes are released; its queued projection jobs are cancelled
         (a running one finishes). The model stays listed as `unloaded`."""
         async with self.repository_lock:
-            for model in self.versions(name).values():
-                await self.retire(model, "unloaded")
+            versions = list(self.versions(name).values())
+            for model in versions:
+                self.stop_serving(model, "unloaded")
+            # at once: under --workers the fronts kept admitting the model's requests (the engine refused each
+            # with 503) and its streams kept taking frames until its accepted work had finished (a probe)
+            self.models_changed()
+            for model in versions:
+                await self.release_retired(model)
             self.jobs.cancel_queued_of(name, "the model was unloaded")
             self.settle_memory()
             self.models_changed()
@@ -557,14 +567,17 @@ class ModelRegistry:
             return ServedFit.of(served)
         return self.unloaded_fits.get((name, version))
 
-    async def retire(self, model: LoadedModel, state: str) -> None:
-        """Stops taking new work for `model`, finishes what it accepted, releases what it holds."""
+    def stop_serving(self, model: LoadedModel, state: str) -> None:
+        """`model` takes no new work from now (`state`: unloaded, or replaced by a reload); what it
+        accepted goes on (`release_retired`)."""
         if model.state == "ready" and state == "unloaded":
             self.unloaded_fits[(model.entry.name, model.entry.version)] = ServedFit.of(model)
         if model.state == "ready" or state == "unloaded":  # a failed version stays `failed` when replaced
             model.state = state
         self.retiring.append(model)
 
+    async def release_retired(self, model: LoadedModel) -> None:
+        """A version `stop_serving` retired finishes what it accepted, then releases what it holds."""
         async def release() -> None:
             try:
                 await self.finish(model)

@@ -18,7 +18,9 @@ The protocol (`/v1/models/{name}/upscale/stream?format=jpeg`):
 - `stats` (fps over the last 5 s, p50/p99 latency over the last 256 frames, counts) also
   appear per open stream in /metrics.
 - the server closes a stream with 1001 and a reason when it shuts down or the stream's model is
-  unloaded (after answering the frames it holds), and when the client sends no frame for
+  unloaded (after answering the frames it holds: on an unload, the frame in flight with its
+  image, a frame not yet started with an `error` notice, as an HTTP request not yet admitted is
+  refused; frames sent after either are not read), and when the client sends no frame for
   `stream_idle_s`; a reload's new version takes over between frames.
 
 A stream holds at most two frames (one being upscaled, one waiting), their bytes reserved from the
@@ -345,8 +347,9 @@ class UpscaleStream:
                 self.worked()
             self.stats.errors += 1
             self.count("error", version)
+            retry = "Retry-After" in error.headers and not self.ending  # (the stream closes next: no retry on it)
             await self.send({"type": "error", "frame": frame.number, "status": error.status, "code": error.code, "error": error.message}
-                            | ({"retry_after_s": int(error.headers["Retry-After"])} if "Retry-After" in error.headers else {}))
+                            | ({"retry_after_s": int(error.headers["Retry-After"])} if retry else {}))
             return
         except Exception as error:  # a broken model answers this frame with 500, never ends the stream
             self.worked()

@@ -12,6 +12,7 @@ import signal
 import socket
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -279,30 +280,42 @@ def test_a_frame_in_flight_when_the_server_stops_is_answered_before_the_stream_c
 def test_unloading_the_model_answers_the_frame_in_flight_then_ends_its_streams(repository, workers):
     """A stream whose model was unloaded over the repository extension stayed open and answered
     every frame 503 for as long as frames came (a hostile probe). It now ends with 1001 saying
-    so: an idle stream at once, a busy one once its frame is answered (here the frame waits out
-    a 1.5 s batching delay when the unload comes). Once the model is loaded again, a new stream
-    serves it. Under --workers the stream is in a front and the unload in the engine."""
-    with running_server(repository, model_control=True, max_queue_delay_ms=1500, stream_idle_s=30, models=["upx4"], workers=workers) as server, \
-            server.client() as client:
-        with connect(ws_url(server)) as idle, connect(ws_url(server)) as busy:
+    so, an idle one at once, before the unload has finished its accepted work; a busy one once its
+    frame in flight is answered with its image (here a 600² frame, seconds of compute) and the
+    frame waiting behind it, never started, with an error notice (no retry: the stream ends). Under --workers the stream is in a front and the unload in the engine, which told the
+    fronts only once the model's accepted work had finished: meanwhile their streams took frames
+    and answered each 503 (a re-probe). Once the model is loaded again, a new stream serves it."""
+    with running_server(repository, model_control=True, stream_idle_s=30, models=["upx4"], workers=workers) as server, \
+            server.client() as client, ThreadPoolExecutor(1) as pool:
+        with connect(ws_url(server)) as idle, connect(ws_url(server), max_size=2**26) as busy:
             idle.recv(timeout=30)
             busy.recv(timeout=30)
-            busy.send(frame(32, 32, 3))
+            sent = time.monotonic()
+            busy.send(frame(600, 600, 3))
             time.sleep(0.5)
+            busy.send(frame(32, 32, 4))  # waits behind the first
+            time.sleep(0.2)
             unloading = time.monotonic()
-            assert client.post("/v2/repository/models/upx4/unload").status_code == 200
-            (answered,) = answers(busy, 1)
-            assert answered["type"] == "frame" and answered["frame"] == 1
-            for ws in (idle, busy):
-                with pytest.raises(ConnectionClosed) as closed:
-                    ws.recv(timeout=30)
-                assert closed.value.rcvd.code == 1001 and "unloaded" in closed.value.rcvd.reason
-            assert time.monotonic() - unloading < 10  # not the 30 s idle timeout
+            unload = pool.submit(client.post, "/v2/repository/models/upx4/unload")
+            with pytest.raises(ConnectionClosed) as idle_closed:
+                idle.recv(timeout=30)
+            idle_closed_at = time.monotonic()
+            in_flight, waiting = answers(busy, 2)
+            with pytest.raises(ConnectionClosed) as busy_closed:
+                busy.recv(timeout=30)
+            assert unload.result().status_code == 200
+        assert idle_closed.value.rcvd.code == busy_closed.value.rcvd.code == 1001
+        assert "unloaded" in idle_closed.value.rcvd.reason and "unloaded" in busy_closed.value.rcvd.reason
+        answered_at = sent + in_flight["latency_ms"] / 1000  # (the server's latency: from the frame's arrival)
+        assert idle_closed_at < answered_at - 0.5, (idle_closed_at - unloading, answered_at - unloading)  # not once the accepted frame is done
+        assert in_flight["type"] == "frame" and in_flight["frame"] == 1
+        assert waiting["type"] == "error" and waiting["frame"] == 2 and waiting["status"] == 503 and "retry_after_s" not in waiting, waiting
         assert client.post("/v2/repository/models/upx4/load").status_code == 200
         with connect(ws_url(server)) as again:
             assert json.loads(again.recv(timeout=30))["type"] == "ready"
             again.send(frame(32, 32, 4))
             assert answers(again, 1)[0]["type"] == "frame"
+
 
 def raw_stream(server, receive_buffer: int = 4096, path: str = STREAM, source: str | None = None) -> socket.socket:
     """A stream opened by hand (a tiny receive buffer, the handshake read, nothing else), so the
