@@ -67,7 +67,14 @@ class Job:
         return {"id": self.id, "kind": self.kind, "model": self.model, "state": self.state,
                 "progress": {"step": self.step, "total": self.total_steps}, "created": self.created,
                 "started": self.started, "finished": self.finished, "result": self.result, "error": self.error,
-                "waiting": self.waiting, "memory_mib": round((self.held_bytes + self.working_bytes) / 2**20, 1)}
+                "waiting": self.waiting, "memory_mib": round(self.holds_bytes() / 2**20, 1)}
+
+    def holds_bytes(self) -> int:
+        """What the job holds of the memory budget now: its input while queued, its working memory
+        too while running, nothing once ended (a cancelled or finished job said it still held both)."""
+        if self.finished_state:
+            return 0
+        return self.held_bytes + (self.working_bytes if self.state == "running" else 0)
 
 
 class JobStore:

@@ -151,16 +151,19 @@ def test_a_client_cancels_its_jobs_queued_or_running_and_their_memory_is_handed_
             assert time.monotonic() < deadline, job
             time.sleep(0.05)
         assert job["memory_mib"] > 0  # what the job holds is counted in the server's budget
-        assert client.get(queued["status_url"]).json()["state"] == "queued"
+        waiting = client.get(queued["status_url"]).json()
+        assert waiting["state"] == "queued" and waiting["memory_mib"] < job["memory_mib"]  # its input (a small PNG); its working memory once it runs
         assert server.metric("ganserve_memory_reserved_bytes") > 0
 
         cancelled = client.delete(queued["status_url"])
         assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled" and cancelled.json()["started"] is None
+        assert cancelled.json()["memory_mib"] == 0  # (it said it still held its input)
         assert client.delete(running["status_url"]).status_code == 200
         while (job := client.get(running["status_url"]).json())["state"] == "running":
             assert time.monotonic() < deadline, job
             time.sleep(0.05)
         assert job["state"] == "cancelled" and job["error"] == "cancelled by the client" and job["progress"]["step"] < 100_000
+        assert job["memory_mib"] == 0
         assert client.get(queued["status_url"]).json()["started"] is None  # it never ran
         while server.metric("ganserve_memory_reserved_bytes") > 0:  # the gauge is refreshed every second
             assert time.monotonic() < deadline
