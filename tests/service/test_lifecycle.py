@@ -429,7 +429,8 @@ def test_a_version_retired_while_its_lane_is_stuck_is_still_counted_and_the_limi
         model.config.lane_threads = 2  # the same batch on a lane of two threads: 0.4 s before it is stuck
         with_two_threads = registry.stuck_lanes()
         model.config.lane_threads = 1
-        await asyncio.wait_for(registry.retire(model, "unloaded"), timeout=1.0)  # it does not wait for the batch
+        registry.stop_serving(model, "unloaded")
+        await asyncio.wait_for(registry.release_retired(model), timeout=1.0)  # it does not wait for the batch
         while_retiring = registry.stuck_lanes()
         held_while_wedged = model.runtimes is not None and not wedged.ended()
         released.set()
