@@ -12,13 +12,16 @@ from pydantic import BeforeValidator, Field, Strict, ValidationError, ValidatorF
 from pydantic_core import PydanticCustomError
 
 from service.digits import count_from_text
+from service.settings import Settings
 
 
-def bounded_by_setting(setting: str, default: int) -> WrapValidator:
+def bounded_by_setting(field: str) -> WrapValidator:
     """For a number whose type's bound is the most any server may be set to take, where the route
     checks the server's own (lower) setting: past the type's bound pydantic said "less than or
     equal to 100000" for `steps` where the server took 1000 (a hostile probe), naming a limit not in
-    force. Now the message names the setting."""
+    force. Now the message names the setting (`field` of Settings) and its default."""
+    setting, default = f"GANSERVE_{field.upper()}", Settings.model_fields[field].default
+
     def refuse_in_the_settings_words(value: object, handler: ValidatorFunctionWrapHandler) -> object:
         try:
             return handler(value)
@@ -39,7 +42,7 @@ MAX_W_DIM = 4096
 MAX_INPUT_MAGNITUDE = 1e4
 
 Seed = Annotated[int, Strict(), Field(ge=0, le=MAX_SEED, description="0 … 2^63 - 1")]
-ImageCount = Annotated[int, Strict(), Field(ge=1, le=HARD_MAX_IMAGES), bounded_by_setting("GANSERVE_MAX_IMAGES_PER_REQUEST", 256)]
+ImageCount = Annotated[int, Strict(), Field(ge=1, le=HARD_MAX_IMAGES), bounded_by_setting("max_images_per_request")]
 ClassIndex = Annotated[int, Strict(), Field(ge=0, le=1_000_000)]
 ClassName = Annotated[str, Field(min_length=1, max_length=128)]
 LayerIndex = Annotated[int, Strict(), Field(ge=0, lt=MAX_WS)]
@@ -55,4 +58,4 @@ Version = Annotated[int, Strict(), Field(ge=1, lt=2**31)]
 # integers a client writes as text, in a path or a query: ASCII digits only (`1.0` is not version 1;
 # the bounds come before the validator, or the OpenAPI schema loses them)
 VersionText = Annotated[int, Field(ge=1, lt=2**31), BeforeValidator(count_from_text)]
-ProjectionSteps = Annotated[int, Field(ge=1, le=100_000), BeforeValidator(count_from_text), bounded_by_setting("GANSERVE_MAX_PROJECTION_STEPS", 1000)]
+ProjectionSteps = Annotated[int, Field(ge=1, le=100_000), BeforeValidator(count_from_text), bounded_by_setting("max_projection_steps")]
