@@ -10,7 +10,8 @@ it starts, since jobs run one at a time. A job that could never fit is refused w
 finds the budget taken by requests waits, queued and saying so, for as long as its time limit.
 
 Cores: a running job computes on the device the lanes share (the CPU), held there at its share
-(`SharedDevice.host_work`), which admission counts for every request after it. The requests
+(`SharedDevice.host_work`: what it is measured using, from what the last job of its model used,
+`share_of`), which admission counts for every request after it. The requests
 admitted before it were not: a job waits, queued and saying so, while starting would push one of
 them past its deadline (`admission.held_back_by`), which is at most until their deadlines. Only
 for those: while it waits its share is promised on the device (`SharedDevice.promise_host`), so
@@ -89,6 +90,10 @@ class JobStore:
         self.booked_lanes = booked_lanes
         self.promised = 0.0  # the share promised on the device for the job waiting for booked requests (`promise`)
         self.promised_for: Job | None = None  # that job
+        # model → the most the last job of it that was measured used (`share_of`): a job is counted
+        # at that before it runs, not at its threads' share, which is twice what a 64-px StyleGAN's
+        # projection uses on two threads of two cores (requests beside it were refused for the rest)
+        self.measured_shares: dict[str, float] = {}
         self.max_seconds = max_seconds
         self.memory = memory
         # finished jobs are kept for their clients to read, the oldest forgotten past either bound:
@@ -179,9 +184,13 @@ class JobStore:
             return not (job.cancel_requested or self.stopping) and time.time() - job.started < self.max_seconds
 
         try:
-            with self.computing() as held:
+            with self.computing(job) as held:
                 self.promise(None)  # (held as running work now)
-                result, state, error = work(job, tick), "done", None
+                try:
+                    result, state, error = work(job, tick), "done", None
+                finally:
+                    if held is not None and held.measured is not None:
+                        self.measured_shares[job.model] = held.measured
         except Exception as failure:  # a failed job reports why; the server carries on
             result, state, error = None, "failed", f"{type(failure).__name__}: {failure}"
         if self.stopping:
@@ -190,19 +199,28 @@ class JobStore:
             result, state, error = None, "cancelled", "cancelled by the client"
         self.finish(job, state, error, result)
 
-    def computing(self) -> contextlib.AbstractContextManager[HostWork | None]:
-        """The running job held on the device it shares with the lanes (nothing where it does not)."""
+    def computing(self, job: Job) -> contextlib.AbstractContextManager[HostWork | None]:
+        """The running job held on the device it shares with the lanes (nothing where it does not),
+        from the share it is expected to use (`share_of`) up to its threads'."""
         if self.device is None or self.job_share is None:
             return contextlib.nullcontext()
-        return self.device.host_work(self.job_share())
+        return self.device.host_work(self.job_share(), self.share_of(job.model))
 
-    def endangered(self) -> dict[Booking, float]:
-        """The booked requests a job starting now would push past their deadlines, each with the
-        seconds until it ends (`admission.held_back_by`, at the share the job's threads may ask
-        for: what a job uses is only measured once it runs; its own promise left out)."""
+    def share_of(self, model: str) -> float:
+        """The share of the device a job of `model` is counted at before it is measured running:
+        what the last measured job of that model used, its threads' share at most (the steps of a
+        model's projection cost the same from job to job), else its threads' share."""
+        threads = self.job_share() if self.job_share is not None else 0.0
+        measured = self.measured_shares.get(model)
+        return threads if measured is None else min(threads, measured)
+
+    def endangered(self, job: Job) -> dict[Booking, float]:
+        """The booked requests `job` starting now would push past their deadlines, each with the
+        seconds until it ends (`admission.held_back_by`, at `share_of` its model; its own promise
+        left out)."""
         if self.device is None or self.job_share is None or self.booked_lanes is None:
             return {}
-        return held_back_by(self.job_share(), self.booked_lanes(), self.device.other_share(), self.device.host_share() - self.promised,
+        return held_back_by(self.share_of(job.model), self.booked_lanes(), self.device.other_share(), self.device.host_share() - self.promised,
                             time.monotonic())
 
     def promise(self, waiting: Job | None) -> None:
@@ -212,7 +230,7 @@ class JobStore:
         if self.device is None or self.job_share is None:
             return
         with self.lock:
-            share = self.job_share() if waiting is not None else 0.0
+            share = self.share_of(waiting.model) if waiting is not None else 0.0
             if share != self.promised:
                 self.device.promise_host(share - self.promised)
                 self.promised = share
@@ -230,7 +248,7 @@ class JobStore:
                 if job.cancel_requested or self.stopping:
                     self.cancel_if_queued(job, "the server shut down" if self.stopping else "cancelled by the client")
                     return False
-                endangered = self.endangered()
+                endangered = self.endangered(job)
                 self.promise(job if endangered else None)
                 if endangered:
                     blocked = "requests admitted before it kept needing the cores"

@@ -99,7 +99,7 @@ class SharedDevice:
             self._promised = max(0.0, self._promised + delta)
 
     @contextlib.contextmanager
-    def host_work(self, threads_share: float) -> Iterator[HostWork]:
+    def host_work(self, threads_share: float, start_share: float | None = None) -> Iterator[HostWork]:
         """Work of this process that runs on the device outside every lane, for as long as it
         runs: a projection job, seconds to minutes of optimisation on torch's intra-op threads.
         It is a job of the sharing (the lanes' batches beside it are timed as stretched by it, not
@@ -112,9 +112,10 @@ class SharedDevice:
         is measured using (`HostWork.sample`): a 64-px StyleGAN's projection, on two intra-op
         threads of a 2-core machine, used 0.99 of a core (its steps are small), and an upscale
         beside it took 1.8x its time alone, which that use predicts (`slowdown`: 1.75x), where
-        its threads predict 2.5x."""
-        work = HostWork(self, threads_share)
-        self.resize_host(threads_share)
+        its threads predict 2.5x. `start_share`: where to start instead, when a like piece of work
+        was measured before (never above `threads_share`, which stays its ceiling)."""
+        work = HostWork(self, threads_share if start_share is None else min(start_share, threads_share), ceiling=threads_share)
+        self.resize_host(work.share)
         try:
             yield work
         finally:
@@ -173,12 +174,13 @@ class HostWork:
     """One piece of host work held on a `SharedDevice`: its share, at first what its threads
     may ask for, then what it used over spans in which no lane computed (`sample`, called by
     the work at each of its steps). In a span where lanes computed, the process's CPU is theirs
-    too, and the share stays as it was."""
+    too, and the share stays as it was. `measured`: the most of its samples, None before one."""
 
-    def __init__(self, device: SharedDevice, share: float) -> None:
+    def __init__(self, device: SharedDevice, share: float, ceiling: float | None = None) -> None:
         self.device = device
         self.share = share
-        self.ceiling = share
+        self.ceiling = share if ceiling is None else ceiling
+        self.measured: float | None = None
         self._mark: tuple[float, float, int | None] = (time.perf_counter(), time.process_time(), device.lanes_quiet_since())
 
     def sample(self) -> None:
@@ -192,6 +194,7 @@ class HostWork:
             share = min(self.ceiling, max(MIN_HOST_SHARE, used))
             self.device.resize_host(share - self.share)
             self.share = share
+            self.measured = max(self.measured or 0.0, share)
         self._mark = (wall, cpu, quiet)
 
 

@@ -385,6 +385,64 @@ def test_host_work_is_held_at_the_share_it_is_measured_using_while_no_lane_compu
     assert device.host_share() == pytest.approx(0.0)
 
 
+
+def test_a_job_is_counted_at_what_the_last_job_of_its_model_used_not_at_its_threads():
+    """A job was counted at its threads' share until measured running, every time: a 64-px
+    StyleGAN's projection on two threads of two cores asks for 1.0 and uses 0.5, so requests
+    beside it waiting or starting were judged beside twice its load. The store keeps what the
+    last measured job of each model used: here a job spinning one thread of work asks for the
+    whole device; the next job of that model waits for a booked request promising what the first
+    used, and starts at it. Another model's job is still counted at its threads' share."""
+    from service.jobs import JobStore
+    from service.lanes import HOST_WORK_SAMPLE_S, Booking
+
+    device = SharedDevice()
+    lane = Lane("both", 1, share=1.0)
+    store = JobStore(max_active=4, max_seconds=30, memory=MemoryBudget(total=2**30), device=device, job_share=lambda: 1.0,
+                     booked_lanes=lambda: [lane])
+
+    def spin(job, tick) -> dict:  # one thread's worth of steps for a few samples
+        ends = time.perf_counter() + 3 * HOST_WORK_SAMPLE_S + 0.2
+        while time.perf_counter() < ends:
+            spun = time.perf_counter() + 0.01
+            while time.perf_counter() < spun:
+                pass
+            tick(1)
+        return {}
+
+    release, seen = threading.Event(), {}
+
+    def hold(job, tick) -> dict:
+        seen["share"] = device.host_share()  # before its first sample
+        release.wait(10)
+        return {}
+
+    try:
+        first = store.submit("project", "style", 1, spin)
+        deadline = time.monotonic() + 10
+        while first.state != "done" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        used = store.measured_shares["style"]
+        assert first.state == "done" and 0.5 / device.cpus <= used <= min(1.0, 1.0 / device.cpus + 0.15), used
+        assert store.share_of("style") == used and store.share_of("other") == 1.0
+        now = time.monotonic()
+        lane.bookings.add(Booking(now + 1.0, now + 1.2))  # pushed past its limit by any job: the next waits ~1 s
+        second = store.submit("project", "style", 1, hold)
+        deadline = time.monotonic() + 5
+        while second.waiting is None and second.state == "queued" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert second.state == "queued" and device.host_share() == pytest.approx(used), second.to_dict()
+        lane.bookings.clear()
+        deadline = time.monotonic() + 5
+        while "share" not in seen and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert seen["share"] == pytest.approx(used)
+        release.set()
+    finally:
+        release.set()
+        store.shutdown()
+        lane.shutdown()
+
 def test_the_idle_server_is_not_timed_while_other_processes_are_busy():
     """Lanes idle is not the device idle: timed beside two spinning processes, a model's
     correction was set to their slowness and kept after they had gone (503 "slower than
