@@ -174,19 +174,26 @@ class HostWork:
     """One piece of host work held on a `SharedDevice`: its share, at first what its threads
     may ask for, then what it used over spans in which no lane computed (`sample`, called by
     the work at each of its steps). In a span where lanes computed, the process's CPU is theirs
-    too, and the share stays as it was. `measured`: the most of its samples, None before one."""
+    too, and the share stays as it was. `measured`: the most it used over a span that began at a
+    step, None before one: the span up to the first step holds the work's set-up (a projection's
+    networks built, its first step's warm-up, ~1.3 s), whose use says nothing of the steps'; a
+    job of one step counted by it made the next job of its model look half as heavy."""
 
     def __init__(self, device: SharedDevice, share: float, ceiling: float | None = None) -> None:
         self.device = device
         self.share = share
         self.ceiling = share if ceiling is None else ceiling
         self.measured: float | None = None
+        self._stepping = False  # a step has been sampled: spans from here on began at a step
         self._mark: tuple[float, float, int | None] = (time.perf_counter(), time.process_time(), device.lanes_quiet_since())
 
     def sample(self) -> None:
         wall, cpu = time.perf_counter(), time.process_time()
         then, cpu_then, quiet_then = self._mark
+        from_a_step, self._stepping = self._stepping, True
         if wall - then < HOST_WORK_SAMPLE_S:
+            if not from_a_step:  # the first step came soon: the next span begins here, not with the set-up
+                self._mark = (wall, cpu, self.device.lanes_quiet_since())
             return
         quiet = self.device.lanes_quiet_since()
         if quiet is not None and quiet == quiet_then:  # only this work (and the event loop's little) used the process's CPU
@@ -194,7 +201,8 @@ class HostWork:
             share = min(self.ceiling, max(MIN_HOST_SHARE, used))
             self.device.resize_host(share - self.share)
             self.share = share
-            self.measured = max(self.measured or 0.0, share)
+            if from_a_step:
+                self.measured = max(self.measured or 0.0, share)
         self._mark = (wall, cpu, quiet)
 
 

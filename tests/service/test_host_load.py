@@ -443,6 +443,51 @@ def test_a_job_is_counted_at_what_the_last_job_of_its_model_used_not_at_its_thre
         store.shutdown()
         lane.shutdown()
 
+
+def test_what_a_job_remembers_of_its_model_is_its_steps_use_not_its_set_up():
+    """The span before a job's first step holds its set-up (a projection's networks built and its
+    first step warmed: ~1.3 s, little of it on every thread). Remembered, it made the next job of
+    the model look light: a one-step job's set-up was all that was measured, the next job started
+    at once beside an upscale admitted before it and pushed it toward its deadline (a real-server
+    test caught it). Now a job of one step, however long its set-up, leaves nothing remembered,
+    and a job that idles through its set-up and then spins a thread is remembered at the thread's
+    share, not at the set-up's idle."""
+    from service.jobs import JobStore
+    from service.lanes import HOST_WORK_SAMPLE_S
+
+    device = SharedDevice()
+    store = JobStore(max_active=4, max_seconds=30, memory=MemoryBudget(total=2**30), device=device, job_share=lambda: 1.0,
+                     booked_lanes=lambda: [])
+
+    def set_up_then_spin(steps_for_s: float):
+        def work(job, tick) -> dict:
+            time.sleep(2 * HOST_WORK_SAMPLE_S)  # the set-up: nothing computed
+            tick(1)
+            ends = time.perf_counter() + steps_for_s
+            while time.perf_counter() < ends:
+                spun = time.perf_counter() + 0.01
+                while time.perf_counter() < spun:
+                    pass
+                tick(2)
+            return {}
+        return work
+
+    def finished(job) -> None:
+        deadline = time.monotonic() + 10
+        while job.state != "done" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert job.state == "done", job.to_dict()
+
+    try:
+        finished(store.submit("project", "style", 1, set_up_then_spin(0.0)))
+        assert "style" not in store.measured_shares and store.share_of("style") == 1.0
+        finished(store.submit("project", "style", 1, set_up_then_spin(3 * HOST_WORK_SAMPLE_S + 0.2)))
+        used = store.measured_shares["style"]
+        assert 0.5 / device.cpus <= used <= min(1.0, 1.0 / device.cpus + 0.15), used
+    finally:
+        store.shutdown()
+
+
 def test_the_idle_server_is_not_timed_while_other_processes_are_busy():
     """Lanes idle is not the device idle: timed beside two spinning processes, a model's
     correction was set to their slowness and kept after they had gone (503 "slower than
