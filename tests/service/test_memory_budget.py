@@ -388,7 +388,9 @@ def test_an_upscale_at_the_listed_side_is_served_within_a_small_budget_with_tile
     from tests.service.test_hostile import SHIPPED
     from tests.serving import running_server
 
-    settings = {"models": ["sr-rrdb-x4"], "request_timeout_s": 6}  # (a short deadline: fewer tiles to compute)
+    # (a short deadline: fewer tiles to compute; not so short that the deadline lists the side: at 6 s a
+    # slow moment of the 2-core machine during warm-up listed 176 px by compute, under the 256 asserted)
+    settings = {"models": ["sr-rrdb-x4"], "request_timeout_s": 8}
     with running_server(SHIPPED, memory_budget=4 * 2**30, **settings) as server:
         resident = 4 * 2**30 - server.metric("ganserve_memory_budget_bytes")
     budget = int(resident + 80 * MiB)
