@@ -53,6 +53,11 @@ BARRIER_PENALTY = 1.5  # what a runtime of several threads loses per share of th
 OTHER_LOAD_RETRY_S = 2  # a refusal for other processes' load: when to look again (the reading moves every half second)
 REQUEST_SHARE_OF_MEMORY = 0.5  # one request may hold at most this share of the budget
 LIMITS_MEMORY_MARGIN = 0.03  # and at most what the loaded models leave of it, less this share
+# The limits list (and 413 past) this share less compute than a deadline leaves it, so that what
+# they list is served on an idle machine: listed at the deadline's whole compute share, the
+# largest listed upscale (81 tiles, 23.7 s of 24.0) was refused 503 every time on an idle server
+# (a hostile probe), by the correction its idle re-measure kept (1.019) or the upload's seconds.
+LIMITS_COMPUTE_MARGIN = 0.05
 FLOAT = 4
 
 
@@ -136,7 +141,7 @@ def derive_limits(model: "LoadedModel", settings: Settings, request_memory: int)
     """The largest input a model takes (`request_memory`: the most one request may hold,
     `request_memory_bytes`) and the compute seconds a request may need."""
     config, cost, entry = model.config, model.costs.get("model"), model.entry
-    seconds = COMPUTE_SHARE_OF_DEADLINE * settings.request_timeout_s * config.lane_threads
+    seconds = (1.0 - LIMITS_COMPUTE_MARGIN) * COMPUTE_SHARE_OF_DEADLINE * settings.request_timeout_s * config.lane_threads
     if entry.kind not in ("translation", "super_resolution"):
         return ModelLimits(seconds)
     memory = request_memory
@@ -407,7 +412,7 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
             # until the correction has gone back far enough (it fades while no batch renews it), or the idle re-measure
             fits_at = max(0.0, budget_s - wait - crowd) / slowed * lane.threads / request_cost.seconds
             retry = max(1, math.ceil(min(recheck_s, cost.seconds_until_correction(fits_at) if cost is not None else math.inf)))
-            why = f"{model.entry.name!r} has run {correction:.1f}x slower than measured lately (about {alone:.1f} s of compute for this request)"
+            why = f"{model.entry.name!r} has run {slower_by(correction)} than measured lately (about {alone:.1f} s of compute for this request)"
         else:  # the upload took the deadline's room
             retry = 1
             why = f"this request needs about {alone:.1f} s of compute and its deadline leaves {budget_s:.1f} s"
@@ -444,6 +449,12 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
     if timing is not None and crowd > 0.0:
         timing["beside"] = crowd
     return request_cost.seconds * correction
+
+
+def slower_by(correction: float) -> str:
+    """How much slower a correction says a model runs, as a refusal says it: "2 % slower" (a probe
+    read "1.0x slower" for 1.019), "1.7x slower" from twice as slow down."""
+    return f"{correction:.1f}x slower" if correction >= 1.5 else f"{max(1, round(100 * (correction - 1)))} % slower"
 
 
 def load_beside(other_share: float, host_share: float, cpus: int, participle: bool = False) -> str:

@@ -182,6 +182,33 @@ def test_a_request_past_the_compute_limit_is_told_what_to_ask_less_of(upx4):
     assert refused.value.status == 413 and refused.value.message.endswith("at most 24.0 s here: ask for fewer frames (steps)")
 
 
+def test_the_largest_upscale_the_limits_list_is_admitted_on_an_idle_lane_beside_a_little_noise(upx4):
+    """A hostile probe sent sr-rrdb-x4 its listed largest side, 736² (81 tiles at 0.293 s: 23.7 s
+    of the 24.0 s a 30 s deadline leaves compute), to an idle server five times: 503 every time,
+    "has run 1.0x slower than measured lately", retry in 30 s, for as long as it retried. The
+    idle re-measure had kept a correction of 1.019, and the upload's seconds come off the
+    deadline too: the listed limit had no room for either. The limits now list 95 % of that
+    share: the listed largest side is admitted at a 1.03 correction after a 0.5 s upload, and a
+    refusal for a small correction says it in per cent."""
+    from service.admission import admit, derive_limits, tile_count
+    from service.model_config import serving_config
+    from service.settings import Settings
+
+    settings = Settings(request_timeout_s=30.0)
+    upx4.config = serving_config(upx4.entry, settings).model_copy(update={"upscale_tile": 96, "upscale_overlap": 8, "max_input_pixels": 4096 * 4096})
+    cost = upx4.costs["model"] = GraphCost(per_unit_s=0.293, overhead_s=0.0, bytes_per_unit=0, reference_pixels=96 * 96)
+    upx4.limits = limits = derive_limits(upx4, settings, 2**40)
+    side = limits.max_input_side
+    largest = cost.per_unit_s * tile_count(side, side, upx4.config)
+    assert tile_count(side + 1, side + 1, upx4.config) > limits.max_tiles  # (the listed side is the largest)
+    cost.correction = cost.recalibrated_to = 1.03  # what the idle lane last timed: it stays
+    assert admit(upx4, RequestCost(largest, 0), 30.0 - 0.5, MemoryBudget(10**9)) == pytest.approx(largest * 1.03)
+    upx4.lane.remove_backlog(largest * 1.03)
+    cost.correction = cost.recalibrated_to = 1.3
+    refused = refusal(upx4, largest, 29.5)
+    assert refused.status == 503 and "has run 30 % slower than measured lately" in refused.message, refused.message
+
+
 def test_work_queued_before_a_request_is_what_its_retry_after_waits_out(upx4):
     upx4.lane.add_backlog(10.0)
     refused = refusal(upx4, 20.0)
