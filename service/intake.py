@@ -175,6 +175,15 @@ def operation_of(scope: Scope) -> str | None:
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
+def not_json(media: str) -> str | None:
+    """The 415's message for a body of media type `media` (lower case, parameters left off) sent to
+    a route that reads only JSON, None for JSON: said the same before its body is read (here) and
+    after (service/pipeline.py `require_json`)."""
+    if media == "application/json":
+        return None
+    return f"send the request body as application/json (got {media or 'no content type'!r})"
+
+
 class RequestIntake:
     """`json_routes`: the routes that read only a JSON body of at most `max_json_body_bytes`
     (service/pipeline.py JsonBodyRoute); a body declared past that bound for one of them is 413
@@ -298,6 +307,11 @@ class RequestIntake:
             refuse_unknown_expectations(scope["headers"])
         if length is not None and length > self.limit:
             raise Refused(413, "payload_too_large", f"request body over {self.limit} bytes")
+        media = headers.get(b"content-type", b"").split(b";")[0].strip().lower().decode("latin-1")
+        if (length or b"transfer-encoding" in headers) and (wrong := not_json(media)) and self.takes_json_only(scope):
+            # refused before its body is read, as the 413 below: a JSON route sent 8 MB as text/xml read it all
+            # (after a `100 Continue`), and one declared past the JSON bound was told its size, not its mistake
+            raise Refused(415, "unsupported_media_type", wrong)
         if length is not None and length > self.json_limit and self.takes_json_only(scope):  # (it was read whole, then refused)
             raise Refused(413, "payload_too_large", f"the JSON body is {length} bytes; this operation takes at most {self.json_limit} "
                                                     "(GANSERVE_MAX_JSON_BODY_BYTES)")

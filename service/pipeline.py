@@ -23,7 +23,7 @@ from service.admission import RequestCost, admit, batch_share_bytes, compute_sec
 from service.batcher import DeadlineExceeded, QueueFull, RequestState, RequestTooLarge, ShuttingDown
 from service.connection_table import share_key
 from service.errors import ApiError
-from service.intake import STATE_KEY, RequestContext, context_of
+from service.intake import STATE_KEY, RequestContext, context_of, not_json
 from service.lanes import Booking
 from service.memory import memory_holder
 from service.registry import IMAGE_TO_IMAGE, LoadedModel, ModelRegistry
@@ -57,9 +57,8 @@ def context(request: Request) -> RequestContext:
 
 
 def require_json(request: Request) -> None:
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media != "application/json":
-        raise ApiError(415, f"send the request body as application/json (got {media or 'no content type'!r})")
+    if message := not_json(request.headers.get("content-type", "").split(";")[0].strip().lower()):
+        raise ApiError(415, message)
 
 
 def refuse_unknown_query(request: Request | WebSocket, taken: frozenset[str], hint: str = "") -> None:

@@ -385,6 +385,22 @@ def test_a_json_body_over_its_limit_is_413_and_a_declared_one_before_it_is_sent(
     assert time.perf_counter() - started < 5  # answered, not waited out (the body timeout is 30 s)
 
 
+@pytest.mark.parametrize("length", [4_194_304, 40], ids=["past the JSON bound", "small"])
+def test_a_json_operation_sent_another_content_type_is_415_before_its_body_is_read(shipped, length):
+    """A hostile probe sent 8 MB as text/xml to a JSON operation with `Expect: 100-continue`: the
+    server answered "100 Continue", read it all, then 415; declared past the JSON bound, it was told
+    its size (413), not its mistake. Now the 415 comes on the headers, with no 100 Continue, and
+    the connection is closed, as for the 413 on a declared length; a JSON body is still served."""
+    started = time.perf_counter()
+    answer = raw_exchange(shipped, b"POST /v1/models/stylegan-shapes/edit HTTP/1.1\r\nHost: x\r\ncontent-type: text/xml\r\n"
+                                   b"expect: 100-continue\r\ncontent-length: %d\r\n\r\n" % length, wait_s=10)
+    assert answer.startswith(b"HTTP/1.1 415") and b"send the request body as application/json (got 'text/xml')" in answer, answer[:300]
+    assert b"100 Continue" not in answer and b"connection: close" in answer.lower()
+    assert time.perf_counter() - started < 5  # answered on the headers, not after the body timeout (30 s)
+    with shipped.client() as client:
+        assert client.post(f"{V1}/dcgan-digits/generate", json={"seed": 1}).status_code == 200
+
+
 @pytest.mark.parametrize("request_bytes", [
     b"POST /v1/models/dcgan-digits/generate HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
     b"transfer-encoding: identity\r\n\r\n{}",
