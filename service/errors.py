@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 log = logging.getLogger("ganserve.errors")
 STATUS_CODES = {400: "bad_request", 403: "forbidden", 404: "not_found", 405: "method_not_allowed", 406: "not_acceptable", 408: "request_timeout",
@@ -98,6 +99,21 @@ def parse_failure(cause: BaseException | None) -> str:
     return ""
 
 
+ROUTED_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+
+def allowed_methods(request: Request) -> str:
+    """A 405's `Allow`: every method some route serves at the request's path, and HEAD wherever GET
+    is (the intake answers HEAD as GET). The router names only the first route it found for the
+    path: `PUT /v1/jobs/{id}` said `Allow: GET`, where DELETE is served too (a probe)."""
+    routes = request.app.router.routes
+    methods = {method for method in ROUTED_METHODS
+               if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)}
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
@@ -111,7 +127,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         if error.status_code == 400:  # FastAPI's "error parsing the body": an invalid body, like malformed JSON
             return error_response(request, 422, f"the body could not be parsed: {error.detail}{parse_failure(error.__cause__)}")
-        return error_response(request, error.status_code, str(error.detail), headers=getattr(error, "headers", None))
+        headers = getattr(error, "headers", None)
+        if error.status_code == 405:
+            headers = (headers or {}) | {"Allow": allowed_methods(request)}
+        return error_response(request, error.status_code, str(error.detail), headers=headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:

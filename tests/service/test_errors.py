@@ -109,6 +109,21 @@ def test_head_on_a_post_route_is_405_with_allow(server):
         assert client.get("/health/live").status_code == 200  # the connection carries on
 
 
+@pytest.mark.parametrize(("method", "path", "allow"), [
+    ("PUT", "/v1/jobs/0123abcd", "DELETE, GET, HEAD"),
+    ("POST", "/v1/models", "GET, HEAD"),
+    ("DELETE", "/v1/models/digits/generate", "POST"),
+])
+def test_a_405_allows_every_method_served_at_its_path(server, method, path, allow):
+    """The router named only the first route it found for the path: `PUT /v1/jobs/{id}` said
+    `Allow: GET` where DELETE is served too, and GET routes left out the HEAD they answer (a
+    hostile probe)."""
+    with server.client() as client:
+        response = client.request(method, path)
+    assert response.status_code == 405 and response.headers["allow"] == allow, (response.status_code, response.headers.get("allow"))
+    assert response.json()["error"]["code"] == "method_not_allowed"
+
+
 def test_projection_steps_past_the_most_any_server_takes_name_the_setting(server):
     """A hostile probe: 1001 steps was "steps: at most 1000", 10^9 "Input should be less than or
     equal to 100000", a limit the server does not apply."""
