@@ -29,10 +29,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from starlette.requests import Request
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_payload
+from service.errors import ApiError, error_payload
 from service.digits import ascii_count
 from service.http_protocol import DISCONNECT_EXTENSION, FLUSHED_EXTENSION, GAVE_UP_SLOT, STOPPING_EXTENSION, TRAILERS_TOO_LARGE
 from service.memory import MemoryBudget, OverBudget
@@ -160,6 +161,11 @@ def with_server_timing(start: Message, context: RequestContext) -> Message:
     return {**start, "headers": headers}
 
 
+# a body past this (or chunked, or after `Expect: 100-continue`) is not read for an upload route that
+# refuses the request on its headers (`RequestIntake.refuse_on_headers`); a smaller one costs less to read
+HEADER_CHECKED_BODY_BYTES = 64 * 1024
+
+
 class Refused(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -191,15 +197,32 @@ class RequestIntake:
     only for such a body, so routing twice costs nothing on the common path."""
 
     def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float, max_json_body_bytes: int | None = None,
-                 json_routes: Sequence[BaseRoute] = ()) -> None:
+                 json_routes: Sequence[BaseRoute] = (), upload_routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
         self.limit = max_body_bytes
         self.body_timeout_s = body_timeout_s
         self.json_limit = max_json_body_bytes if max_json_body_bytes is not None else max_body_bytes
         self.json_routes = tuple(json_routes)
+        self.upload_routes = tuple(upload_routes)  # routes whose endpoint is `checked_on_headers` (service/pipeline.py)
 
     def takes_json_only(self, scope: Scope) -> bool:
         return any(route.matches(scope)[0] is Match.FULL for route in self.json_routes)
+
+    def refuse_on_headers(self, scope: Scope, headers: dict[bytes, bytes], length: int | None) -> None:
+        """An upload route's refusals from the path and headers alone (`checked_on_headers`), before
+        a body worth not reading is read: one past HEADER_CHECKED_BODY_BYTES, chunked, or sent after
+        `Expect: 100-continue` (the `100 Continue` goes out with the first read). A small body is
+        read as before: the route says the same once it has it."""
+        if not self.upload_routes or not (b"expect" in headers or b"transfer-encoding" in headers or (length or 0) > HEADER_CHECKED_BODY_BYTES):
+            return
+        for route in self.upload_routes:
+            matched, child = route.matches(scope)
+            if matched is Match.FULL:
+                try:
+                    route.endpoint.checked_on_headers(Request({**scope, **child}))
+                except ApiError as error:
+                    raise Refused(error.status, error.code, error.message, error.headers) from None
+                return
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -315,6 +338,7 @@ class RequestIntake:
         if length is not None and length > self.json_limit and self.takes_json_only(scope):  # (it was read whole, then refused)
             raise Refused(413, "payload_too_large", f"the JSON body is {length} bytes; this operation takes at most {self.json_limit} "
                                                     "(GANSERVE_MAX_JSON_BODY_BYTES)")
+        self.refuse_on_headers(scope, headers, length)
         chunks: list[bytes] = []
         size = 0
         try:

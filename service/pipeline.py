@@ -158,6 +158,21 @@ class JsonBodyRoute(APIRoute):
         return json_only
 
 
+Endpoint = TypeVar("Endpoint", bound=Callable)
+
+
+def checked_on_headers(check: Callable[[Request], None]) -> Callable[[Endpoint], Endpoint]:
+    """Marks an upload route's endpoint with `check(request)`: what it refuses from the path and
+    headers alone (an unknown or unready model, a model of another kind, a content type it does
+    not read). The intake runs it before it reads a large, chunked or `Expect: 100-continue` body
+    (`RequestIntake.refuse_on_headers`): `curl -T` of 8 MB to a misspelt model was told "100
+    Continue", read whole and reserved in the memory budget, then answered 404 (a probe)."""
+    def mark(endpoint: Endpoint) -> Endpoint:
+        endpoint.checked_on_headers = check  # type: ignore[attr-defined]
+        return endpoint
+    return mark
+
+
 def begin(request: Request, name: str, operation: str, version: int | None = None) -> LoadedModel:
     """The model a request addresses (404 unknown, 503 not ready), with the request's metric
     labels set so that every later answer counts under them."""

@@ -17,9 +17,17 @@ IMAGE_BODY = {"requestBody": {"content": {"image/png": {}, "image/jpeg": {}, "im
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
+def upload_media(request: Request) -> str:
+    """The upload's media type, 415 where it is no image type we decode nor a multipart form."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "multipart/form-data" and media not in UPLOAD_TYPES:
+        raise ApiError(415, f"send the image as {sorted(UPLOAD_TYPES)} or multipart/form-data (got {media or 'no content type'!r})")
+    return media
+
+
 async def read_upload(request: Request) -> bytes:
     """The uploaded image's bytes: a raw image body, or the `file` part of a multipart form."""
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    media = upload_media(request)
     if media == "multipart/form-data":
         try:
             form = await request.form(max_files=1, max_fields=8)
@@ -37,10 +45,8 @@ async def read_upload(request: Request) -> bytes:
         data = await upload.read()
         if not data:
             raise ApiError(422, "the multipart body's 'file' part is empty: put the image's bytes in it")
-    elif media in UPLOAD_TYPES:
-        data = await request.body()
     else:
-        raise ApiError(415, f"send the image as {sorted(UPLOAD_TYPES)} or multipart/form-data (got {media or 'no content type'!r})")
+        data = await request.body()
     if not data:
         raise ApiError(422, "the request body is empty: send an image")
     return data

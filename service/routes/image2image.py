@@ -22,19 +22,29 @@ from service.admission import translate_bytes_per_pixel
 from service.batcher import run_items
 from service.errors import error_responses
 from service.imaging import DECODE_BYTES_PER_PIXEL
-from service.pipeline import KnownQueryRoute, begin, context, estimate, execute, off_loop, registry_of, require_kind, with_encoding
+from service.pipeline import KnownQueryRoute, begin, checked_on_headers, context, estimate, execute, off_loop, registry_of, require_kind, with_encoding
 from service.responses import choose_format, respond
 from service.schemas import ImageFormat, VersionText
 from service.tiling import padded_size, resized_size
 from service.upscaling import over_limit, plan_upscale, upscale_upload
-from service.uploads import IMAGE_BODY, prepare, probe, read_upload, resize_chw
+from service.uploads import IMAGE_BODY, prepare, probe, read_upload, resize_chw, upload_media
 
 router = APIRouter(prefix="/v1", tags=["image-to-image"], route_class=KnownQueryRoute)  # 422 for a query parameter an operation does not take
 IMAGE_RESPONSES = {200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}, "application/x-npy": {}}},
                    **error_responses(404, 406, 413, 415, 422, 429, 503, 504)}
 
 
+def image_upload_to(kind: str, operation: str):
+    """The refusals an upload of an image to `operation` gets from its path and headers alone
+    (`checked_on_headers`): 404 or 503 for the model, 422 for its kind, 415 for the body's type."""
+    def check(request: Request) -> None:
+        require_kind(begin(request, request.path_params["name"], operation), kind)
+        upload_media(request)
+    return check
+
+
 @router.post("/models/{name}/translate", openapi_extra=IMAGE_BODY, responses=IMAGE_RESPONSES)
+@checked_on_headers(image_upload_to("translation", "translate"))
 async def translate(name: str, request: Request, format: ImageFormat | None = Query(None),
                     fit: Literal["pad", "resize"] = Query("pad", description="pad (mirror) or resize to the size multiple"),
                     version: Annotated[VersionText | None, Query()] = None) -> Response:
@@ -64,6 +74,7 @@ async def translate(name: str, request: Request, format: ImageFormat | None = Qu
 
 
 @router.post("/models/{name}/upscale", openapi_extra=IMAGE_BODY, responses=IMAGE_RESPONSES)
+@checked_on_headers(image_upload_to("super_resolution", "upscale"))
 async def upscale(name: str, request: Request, format: ImageFormat | None = Query(None),
                   version: Annotated[VersionText | None, Query()] = None) -> Response:
     """Super-resolve one image by the model's scale, tile by tile (tiles batch across requests)."""

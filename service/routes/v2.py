@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from service.admission import servable_rows
 from service.batcher import run_items
 from service.errors import ApiError, error_responses
-from service.pipeline import begin, estimate, execute, off_loop, registry_of, reserve
+from service.pipeline import begin, checked_on_headers, estimate, execute, off_loop, registry_of, reserve
 from service.registry import IMAGE_TO_IMAGE, LoadedModel
 from service.schemas import VersionText
 from service.settings import Settings
@@ -230,12 +230,23 @@ def check_json_values(name: str, limit: JsonValueLimit | None, raw: bytes, json_
 INFER_MEDIA_TYPES = ("", "application/json", "application/octet-stream", "application/x-www-form-urlencoded", "text/plain")
 
 
-async def infer_on(request: Request, name: str, version: int | None) -> Response:
-    registry = registry_of(request)
-    model = begin(request, name, "infer", version)
+def infer_media(request: Request) -> None:
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media not in INFER_MEDIA_TYPES:
         raise ApiError(415, f"send the inference request as JSON, or JSON followed by binary tensors (got {media!r})")
+
+
+def infer_headers(request: Request) -> None:
+    """What an inference request is refused on its path and headers alone (`checked_on_headers`):
+    an unknown or unready model, a content type it does not read."""
+    begin(request, request.path_params["name"], "infer")
+    infer_media(request)
+
+
+async def infer_on(request: Request, name: str, version: int | None) -> Response:
+    registry = registry_of(request)
+    model = begin(request, name, "infer", version)
+    infer_media(request)
     raw = await request.body()
     header_length = request.headers.get(HEADER_LENGTH)
     json_bytes = json_part_bytes(header_length, len(raw))  # (422 for a header that is no count: "0" or "abc" once read as "all JSON", then 413)
@@ -292,10 +303,12 @@ INFER_DOC = {"requestBody": {"content": {"application/json": {"schema": inlined(
 
 
 @router.post("/models/{name}/infer", responses=error_responses(404, 413, 415, 422, 429, 503, 504, protocol=True), openapi_extra=INFER_DOC)
+@checked_on_headers(infer_headers)
 async def infer(name: str, request: Request) -> Response:
     return await infer_on(request, name, None)
 
 
 @router.post("/models/{name}/versions/{version}/infer", responses=error_responses(404, 413, 415, 422, 429, 503, 504, protocol=True), openapi_extra=INFER_DOC)
+@checked_on_headers(infer_headers)
 async def version_infer(name: str, version: VersionPath, request: Request) -> Response:
     return await infer_on(request, name, version)

@@ -401,6 +401,41 @@ def test_a_json_operation_sent_another_content_type_is_415_before_its_body_is_re
         assert client.post(f"{V1}/dcgan-digits/generate", json={"seed": 1}).status_code == 200
 
 
+@pytest.mark.parametrize(("path", "media", "status", "says"), [
+    ("/v1/models/dcgan-digit/upscale", "image/png", 404, b"dcgan-digit"),
+    ("/v1/models/dcgan-digits/upscale", "image/png", 422, b"not a super_resolution model"),
+    ("/v1/models/sr-rrdb-x4/upscale", "text/xml", 415, b"send the image as"),
+    ("/v1/models/sr-rrdb-x4/translate", "image/png", 422, b"not a translation model"),
+    ("/v2/models/dcgan-digit/infer", "application/octet-stream", 404, b"dcgan-digit"),
+], ids=["unknown model", "another kind", "content type", "translate to an upscaler", "v2 unknown model"])
+def test_an_upload_its_headers_refuse_is_answered_before_its_body_is_read(shipped, path, media, status, says):
+    """A hostile probe sent 8 MB with `Expect: 100-continue` to a misspelt model, to a model of
+    another kind and as text/xml: each was told "100 Continue", read whole (reserved in the memory
+    budget as it came) and only then refused. Now the headers are enough: refused at once, with
+    no 100 Continue and the connection closed (the shipped server's body timeout is 3 s)."""
+    started = time.perf_counter()
+    answer = raw_exchange(shipped, b"POST %s HTTP/1.1\r\nHost: x\r\ncontent-type: %s\r\nexpect: 100-continue\r\n"
+                                   b"content-length: 8000000\r\n\r\n" % (path.encode(), media.encode()), wait_s=10)
+    assert answer.startswith(b"HTTP/1.1 %d" % status) and says in answer, answer[:400]
+    assert b"100 Continue" not in answer and b"connection: close" in answer.lower()
+    assert time.perf_counter() - started < 2.5  # answered on its headers, not at the body timeout
+
+
+def test_an_upload_that_expects_100_continue_is_told_to_go_on_and_served(shipped):
+    """The header checks refuse nothing they should not: an upscale sent after `Expect: 100-continue`
+    is told to go on, then served."""
+    body = png(24, 24, "RGB")
+    host, port = shipped.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/models/sr-rrdb-x4/upscale HTTP/1.1\r\nHost: x\r\ncontent-type: image/png\r\nexpect: 100-continue\r\n"
+                     b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(body))
+        interim = sock.recv(4096)
+        assert interim.startswith(b"HTTP/1.1 100"), interim[:200]
+        sock.sendall(body)
+        answer = read_until_closed(sock, 30)
+    assert answer.startswith(b"HTTP/1.1 200") and b"image/png" in answer, answer[:300]
+
+
 @pytest.mark.parametrize("request_bytes", [
     b"POST /v1/models/dcgan-digits/generate HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
     b"transfer-encoding: identity\r\n\r\n{}",
