@@ -707,13 +707,14 @@ def test_every_refusal_is_counted_under_its_status(shipped):
 
 def test_a_client_that_hangs_up_is_counted_as_499_not_200(shipped):
     before = shipped.metric("ganserve_requests_total", model="sr-rrdb-x4", status="499")
+    served = shipped.metric("ganserve_requests_total", model="sr-rrdb-x4", status="200")  # (other tests' upscales on this server)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{shipped.url}{V1}/sr-rrdb-x4/upscale", content=png(200, 200, "RGB"), headers=PNG, timeout=0.3)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and shipped.metric("ganserve_requests_total", model="sr-rrdb-x4", status="499") == before:
         time.sleep(0.2)
     assert shipped.metric("ganserve_requests_total", model="sr-rrdb-x4", status="499") == before + 1
-    assert shipped.metric("ganserve_requests_total", model="sr-rrdb-x4", status="200") == 0
+    assert shipped.metric("ganserve_requests_total", model="sr-rrdb-x4", status="200") == served
 
 
 def test_the_model_listing_states_each_models_limits(shipped):
