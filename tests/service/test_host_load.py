@@ -385,6 +385,15 @@ def test_host_work_is_held_at_the_share_it_is_measured_using_while_no_lane_compu
     assert device.host_share() == pytest.approx(0.0)
 
 
+def spin_steps(seconds: float, tick) -> None:
+    """A job's steps for `seconds`: 10 ms of one thread's spinning each, `tick`ed."""
+    ends = time.perf_counter() + seconds
+    while time.perf_counter() < ends:
+        spun = time.perf_counter() + 0.01
+        while time.perf_counter() < spun:
+            pass
+        tick(1)
+
 
 def test_a_job_is_counted_at_what_the_last_job_of_its_model_used_not_at_its_threads():
     """A job was counted at its threads' share until measured running, every time: a 64-px
@@ -402,12 +411,7 @@ def test_a_job_is_counted_at_what_the_last_job_of_its_model_used_not_at_its_thre
                      booked_lanes=lambda: [lane])
 
     def spin(job, tick) -> dict:  # one thread's worth of steps for a few samples
-        ends = time.perf_counter() + 3 * HOST_WORK_SAMPLE_S + 0.2
-        while time.perf_counter() < ends:
-            spun = time.perf_counter() + 0.01
-            while time.perf_counter() < spun:
-                pass
-            tick(1)
+        spin_steps(3 * HOST_WORK_SAMPLE_S + 0.2, tick)
         return {}
 
     release, seen = threading.Event(), {}
@@ -463,12 +467,7 @@ def test_what_a_job_remembers_of_its_model_is_its_steps_use_not_its_set_up():
         def work(job, tick) -> dict:
             time.sleep(2 * HOST_WORK_SAMPLE_S)  # the set-up: nothing computed
             tick(1)
-            ends = time.perf_counter() + steps_for_s
-            while time.perf_counter() < ends:
-                spun = time.perf_counter() + 0.01
-                while time.perf_counter() < spun:
-                    pass
-                tick(2)
+            spin_steps(steps_for_s, tick)
             return {}
         return work
 
