@@ -13,6 +13,7 @@ checked against the model's limits (GET /v1/models/{name} lists them) before it 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Literal
 
 import numpy as np
@@ -34,7 +35,7 @@ IMAGE_RESPONSES = {200: {"content": {"image/png": {}, "image/jpeg": {}, "image/w
                    **error_responses(404, 406, 413, 415, 422, 429, 503, 504)}
 
 
-def image_upload_to(kind: str, operation: str):
+def image_upload_to(kind: str, operation: str) -> Callable[[Request], None]:
     """The refusals an upload of an image to `operation` gets from its path and headers alone
     (`checked_on_headers`): 404 or 503 for the model, 422 for its kind, 415 for the body's type."""
     def check(request: Request) -> None:
