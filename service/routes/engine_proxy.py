@@ -20,8 +20,8 @@ from fastapi import APIRouter, Query, Request, Response
 
 from service.errors import ApiError
 from service.front import FrontRegistry, engine_silent_error
-from service.pipeline import FORWARDED_CLIENT, client_address, registry_of
-from service.routes.jobs import projected_model
+from service.pipeline import FORWARDED_CLIENT, checked_on_headers, client_address, registry_of
+from service.routes.jobs import projected_model, projection_headers
 from service.routes.repository import load_body, refuse_overrides, require_known_host, require_same_site
 from service.schemas import ProjectionSteps, VersionText
 from service.uploads import probe, read_upload
@@ -77,6 +77,7 @@ async def forward(request: Request, timeout_s: float | None, body: bytes = b"") 
 
 
 @router.post("/v1/models/{name}/project")
+@checked_on_headers(projection_headers)
 async def engine_projection(name: str, request: Request, steps: Annotated[ProjectionSteps, Query()] = 200,
                             version: Annotated[VersionText | None, Query()] = None) -> Response:
     """Refuses here what one process refuses before it takes a job slot, and checks the upload's

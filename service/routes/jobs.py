@@ -14,12 +14,12 @@ from fastapi.responses import JSONResponse
 from models.projection import project
 from service.errors import ApiError, error_responses
 from service.imaging import DECODE_BYTES_PER_PIXEL, encode, to_uint8
-from service.pipeline import KnownQueryRoute, begin, client_address, registry_of, reserve
+from service.pipeline import KnownQueryRoute, begin, checked_on_headers, client_address, registry_of, reserve
 from service.projection import projection_bytes, projection_networks
 from service.registry import LoadedModel
 from service.schemas import ProjectionSteps, VersionText
 from service.style import require_style
-from service.uploads import IMAGE_BODY, prepare, probe, read_upload
+from service.uploads import IMAGE_BODY, prepare, probe, read_upload, upload_media
 
 router = APIRouter(prefix="/v1", tags=["jobs"], route_class=KnownQueryRoute)  # 422 for a query parameter an operation does not take
 
@@ -71,7 +71,16 @@ def projected_model(request: Request, name: str, steps: int, version: int | None
     return model
 
 
+def projection_headers(request: Request) -> None:
+    """What a projection upload is refused on its path and headers alone (`checked_on_headers`, in
+    one process and in a `--workers` front): an unknown or unready model, one that is no style
+    model, a body of a type it does not read. Its steps are checked with its query, after."""
+    require_style(begin(request, request.path_params["name"], "project"))
+    upload_media(request)
+
+
 @router.post("/models/{name}/project", status_code=202, openapi_extra=IMAGE_BODY, responses=error_responses(404, 413, 415, 422, 429, 503))
+@checked_on_headers(projection_headers)
 async def project_image(name: str, request: Request, steps: Annotated[ProjectionSteps, Query(description="optimisation steps: at most GANSERVE_MAX_PROJECTION_STEPS (1000 by default)")] = 200,
                         version: Annotated[VersionText | None, Query()] = None) -> JSONResponse:
     """Upload an image (raw PNG/JPEG/WebP body or a multipart `file`); returns a job to poll."""

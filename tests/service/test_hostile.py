@@ -407,12 +407,16 @@ def test_a_json_operation_sent_another_content_type_is_415_before_its_body_is_re
     ("/v1/models/sr-rrdb-x4/upscale", "text/xml", 415, b"send the image as"),
     ("/v1/models/sr-rrdb-x4/translate", "image/png", 422, b"not a translation model"),
     ("/v2/models/dcgan-digit/infer", "application/octet-stream", 404, b"dcgan-digit"),
-], ids=["unknown model", "another kind", "content type", "translate to an upscaler", "v2 unknown model"])
+    ("/v1/models/dcgan-digits/project", "image/png", 422, b"needs a style model"),
+    ("/v1/models/stylegan-shapes/project", "text/xml", 415, b"send the image as"),
+], ids=["unknown model", "another kind", "content type", "translate to an upscaler", "v2 unknown model", "projection to a DCGAN",
+        "projection content type"])
 def test_an_upload_its_headers_refuse_is_answered_before_its_body_is_read(shipped, path, media, status, says):
     """A hostile probe sent 8 MB with `Expect: 100-continue` to a misspelt model, to a model of
     another kind and as text/xml: each was told "100 Continue", read whole (reserved in the memory
     budget as it came) and only then refused. Now the headers are enough: refused at once, with
-    no 100 Continue and the connection closed (the shipped server's body timeout is 3 s)."""
+    no 100 Continue and the connection closed (the shipped server's body timeout is 3 s). The
+    `--workers` front's projection route is checked the same way (`test_workers.py`)."""
     started = time.perf_counter()
     answer = raw_exchange(shipped, b"POST %s HTTP/1.1\r\nHost: x\r\ncontent-type: %s\r\nexpect: 100-continue\r\n"
                                    b"content-length: 8000000\r\n\r\n" % (path.encode(), media.encode()), wait_s=10)

@@ -276,6 +276,20 @@ def test_errors_and_limits_are_the_single_process_servers(workers, server):
         assert 400 <= many.status_code < 500
 
 
+@pytest.mark.parametrize(("path", "status", "says"), [
+    ("/v1/models/digits/project", 422, b"needs a style model"),
+    ("/v1/models/digit/upscale", 404, b"digit"),
+], ids=["projection to a DCGAN", "unknown model"])
+def test_a_front_refuses_an_upload_on_its_headers_before_reading_it(workers, path, status, says):
+    """As one process does (`test_hostile.py`): 8 MB declared after `Expect: 100-continue` to a
+    model that cannot take it is refused on the headers, with no 100 Continue, by the front."""
+    from tests.service.test_hostile import raw_exchange
+
+    answer = raw_exchange(workers, b"POST %s HTTP/1.1\r\nHost: x\r\ncontent-type: image/png\r\nexpect: 100-continue\r\n"
+                                   b"content-length: 8000000\r\n\r\n" % path.encode(), wait_s=10)
+    assert answer.startswith(b"HTTP/1.1 %d" % status) and says in answer and b"100 Continue" not in answer, answer[:400]
+
+
 def test_a_projection_job_runs_in_the_engine_and_is_polled_through_any_front(workers):
     counted = workers.metric("ganserve_requests_total", model="styles", operation="project", status="202")
     with workers.client() as client:
