@@ -131,14 +131,18 @@ def test_a_request_beside_other_models_streams_of_small_requests_is_refused_up_f
     yet its lane computes the whole time a long request runs beside it (probed: a 640² image
     admitted at 13.3 s beside streams of StyleGAN and small translates ran 2.7x that and got 504).
     Here four clients stream 128² translates (each too small a push on a booked upscale to be
-    refused for it) while 224² upscales (about 2 s alone: within the 3.2 s a 4 s deadline leaves
-    compute) and 160² ones (about 1 s) are sent one at a time. Counted at the queued backlog
+    refused for it) while 224² upscales (about 2-3.2 s alone, as fast as this machine is at the
+    moment: within the 3.6 s a 4.5 s deadline leaves compute, and the 3.42 s the limits list of
+    it) and 160² ones (about 1 s) are sent one at a time. Counted at the queued backlog
     alone, every 224² upscale was admitted, ran 3.8-4 s and was answered 504 after the whole
     deadline; counting the translate lane's steady demand, they are refused at once (they would
     take about twice as long), and the 160² ones are served, their Server-Timing `beside` showing
     what the streams were counted to add."""
     small = png(128, 128)
-    with running_server(SHIPPED, request_timeout_s=4, intra_op_threads=2, models=["sr-rrdb-x4", "cyclegan-thin2thick"]) as server, \
+    # (4.5 s: at 4 s the limits, 95 % of the compute share since LIMITS_COMPUTE_MARGIN, listed 224² only
+    # where a tile took at most 0.338 s, and a CI run's slower warm-up never got there; at 4.25 s a 224²
+    # timed at 3.2 s on a slow moment was listed, then refused alone for its correction)
+    with running_server(SHIPPED, request_timeout_s=4.5, intra_op_threads=2, models=["sr-rrdb-x4", "cyclegan-thin2thick"]) as server, \
             server.client(timeout=60) as client:
         server.wait_for_side("sr-rrdb-x4", 224, timeout_s=90)
 
@@ -171,7 +175,9 @@ def test_a_request_beside_other_models_streams_of_small_requests_is_refused_up_f
     assert len(reasons) == 3, statuses  # each refused up front, not admitted to miss its deadline
     # mostly for the streams; a test machine's own clients may be read as other processes first (a `make test` run)
     assert any("other models on the same device" in reason for reason in reasons), reasons
-    assert all("other models on the same device" in reason or "other processes want" in reason for reason in reasons), reasons
+    # (or, on a slow moment of the machine, the model's own slowness lately: refused up front all the same)
+    assert all("other models on the same device" in reason or "other processes want" in reason or "slower than measured lately" in reason
+               for reason in reasons), reasons
     for side, answer in answers:
         if side == 224:
             assert int(answer.headers["retry-after"]) >= 1
