@@ -166,6 +166,19 @@ def with_server_timing(start: Message, context: RequestContext) -> Message:
 HEADER_CHECKED_BODY_BYTES = 64 * 1024
 
 
+def body_worth_not_reading(headers: dict[bytes, bytes], length: int | None) -> bool:
+    """Whether a refusal the headers decide should come before the body is read: one declared past
+    HEADER_CHECKED_BODY_BYTES, a chunked one (its size unknown), or one sent after `Expect:
+    100-continue` (the `100 Continue` goes out with the first read). Such a refusal closes the
+    connection, its body unread; a small body is cheaper read and refused by its route."""
+    return b"expect" in headers or b"transfer-encoding" in headers or (length or 0) > HEADER_CHECKED_BODY_BYTES
+
+
+def media_type(headers: dict[bytes, bytes]) -> str:
+    """The request's media type, lower-cased and without parameters (`charset=…`)."""
+    return headers.get(b"content-type", b"").split(b";")[0].strip().lower().decode("latin-1")
+
+
 class Refused(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -208,13 +221,10 @@ class RequestIntake:
     def takes_json_only(self, scope: Scope) -> bool:
         return any(route.matches(scope)[0] is Match.FULL for route in self.json_routes)
 
-    def refuse_on_headers(self, scope: Scope, headers: dict[bytes, bytes], length: int | None) -> None:
+    def refuse_on_headers(self, scope: Scope) -> None:
         """An upload route's refusals from the path and headers alone (`checked_on_headers`), before
-        a body worth not reading is read: one past HEADER_CHECKED_BODY_BYTES, chunked, or sent after
-        `Expect: 100-continue` (the `100 Continue` goes out with the first read). A small body is
-        read as before: the route says the same once it has it."""
-        if not self.upload_routes or not (b"expect" in headers or b"transfer-encoding" in headers or (length or 0) > HEADER_CHECKED_BODY_BYTES):
-            return
+        a body worth not reading is read (`body_worth_not_reading`). A small body is read as before:
+        the route says the same once it has it."""
         for route in self.upload_routes:
             matched, child = route.matches(scope)
             if matched is Match.FULL:
@@ -330,15 +340,17 @@ class RequestIntake:
             refuse_unknown_expectations(scope["headers"])
         if length is not None and length > self.limit:
             raise Refused(413, "payload_too_large", f"request body over {self.limit} bytes")
-        media = headers.get(b"content-type", b"").split(b";")[0].strip().lower().decode("latin-1")
-        if (length or b"transfer-encoding" in headers) and (wrong := not_json(media)) and self.takes_json_only(scope):
+        worth_not_reading = body_worth_not_reading(headers, length)
+        if (worth_not_reading or (length or 0) > self.json_limit) and (wrong := not_json(media_type(headers))) and self.takes_json_only(scope):
             # refused before its body is read, as the 413 below: a JSON route sent 8 MB as text/xml read it all
-            # (after a `100 Continue`), and one declared past the JSON bound was told its size, not its mistake
+            # (after a `100 Continue`), and one declared past the JSON bound was told its size, not its mistake.
+            # A small body is read and the route says the same, on a connection that stays open.
             raise Refused(415, "unsupported_media_type", wrong)
         if length is not None and length > self.json_limit and self.takes_json_only(scope):  # (it was read whole, then refused)
             raise Refused(413, "payload_too_large", f"the JSON body is {length} bytes; this operation takes at most {self.json_limit} "
                                                     "(GANSERVE_MAX_JSON_BODY_BYTES)")
-        self.refuse_on_headers(scope, headers, length)
+        if worth_not_reading:
+            self.refuse_on_headers(scope)
         chunks: list[bytes] = []
         size = 0
         try:

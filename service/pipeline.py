@@ -18,6 +18,7 @@ from typing import TypeVar
 
 from fastapi import Request, Response, WebSocket
 from fastapi.routing import APIRoute
+from pydantic import TypeAdapter, ValidationError
 
 from service.admission import RequestCost, admit, batch_share_bytes, compute_seconds, is_slight, reserve_memory
 from service.batcher import DeadlineExceeded, QueueFull, RequestState, RequestTooLarge, ShuttingDown
@@ -159,6 +160,21 @@ class JsonBodyRoute(APIRoute):
 
 
 Endpoint = TypeVar("Endpoint", bound=Callable)
+
+
+def query_value(request: Request, name: str, adapter: TypeAdapter[T], default: T | None = None) -> T | None:
+    """A query parameter as its route will read it, for a check made before the body is read
+    (`checked_on_headers`): `default` where it is absent, None where it is repeated or invalid
+    (the route refuses an invalid one with its 422 once it runs, as before)."""
+    values = request.query_params.getlist(name)
+    if not values:
+        return default
+    if len(values) > 1:
+        return None
+    try:
+        return adapter.validate_python(values[0])
+    except ValidationError:
+        return None
 
 
 def checked_on_headers(check: Callable[[Request], None]) -> Callable[[Endpoint], Endpoint]:

@@ -21,7 +21,7 @@ from fastapi import APIRouter, Query, Request, Response
 from service.errors import ApiError
 from service.front import FrontRegistry, engine_silent_error
 from service.pipeline import FORWARDED_CLIENT, checked_on_headers, client_address, registry_of
-from service.routes.jobs import projected_model, projection_headers
+from service.routes.jobs import DEFAULT_PROJECTION_STEPS, projected_model, projection_headers
 from service.routes.repository import load_body, refuse_overrides, require_known_host, require_same_site
 from service.schemas import ProjectionSteps, VersionText
 from service.uploads import probe, read_upload
@@ -78,7 +78,7 @@ async def forward(request: Request, timeout_s: float | None, body: bytes = b"") 
 
 @router.post("/v1/models/{name}/project")
 @checked_on_headers(projection_headers)
-async def engine_projection(name: str, request: Request, steps: Annotated[ProjectionSteps, Query()] = 200,
+async def engine_projection(name: str, request: Request, steps: Annotated[ProjectionSteps, Query()] = DEFAULT_PROJECTION_STEPS,
                             version: Annotated[VersionText | None, Query()] = None) -> Response:
     """Refuses here what one process refuses before it takes a job slot, and checks the upload's
     header and structure (a marker flood cost the engine 9.7 s of CPU in 15 s when it came

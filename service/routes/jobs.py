@@ -10,11 +10,12 @@ from typing import Annotated
 import torch
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
+from pydantic import TypeAdapter
 
 from models.projection import project
 from service.errors import ApiError, error_responses
 from service.imaging import DECODE_BYTES_PER_PIXEL, encode, to_uint8
-from service.pipeline import KnownQueryRoute, begin, checked_on_headers, client_address, registry_of, reserve
+from service.pipeline import KnownQueryRoute, begin, checked_on_headers, client_address, query_value, registry_of, reserve
 from service.projection import projection_bytes, projection_networks
 from service.registry import LoadedModel
 from service.schemas import ProjectionSteps, VersionText
@@ -71,17 +72,27 @@ def projected_model(request: Request, name: str, steps: int, version: int | None
     return model
 
 
+DEFAULT_PROJECTION_STEPS = 200
+STEPS_QUERY, VERSION_QUERY = TypeAdapter(ProjectionSteps), TypeAdapter(VersionText)
+
+
 def projection_headers(request: Request) -> None:
-    """What a projection upload is refused on its path and headers alone (`checked_on_headers`, in
-    one process and in a `--workers` front): an unknown or unready model, one that is no style
-    model, a body of a type it does not read. Its steps are checked with its query, after."""
-    require_style(begin(request, request.path_params["name"], "project"))
+    """What a projection upload is refused on its path, query and headers alone
+    (`checked_on_headers`, in one process and in a `--workers` front): an unknown or unready model
+    or version, one that is no style model, `steps` past the server's limits, a body of a type it
+    does not read. (Steps or a version the query's types refuse are the route's 422, after.)"""
+    name, version = request.path_params["name"], query_value(request, "version", VERSION_QUERY)
+    steps = query_value(request, "steps", STEPS_QUERY, default=DEFAULT_PROJECTION_STEPS)
+    if steps is None:
+        require_style(begin(request, name, "project", version))
+    else:
+        projected_model(request, name, steps, version)
     upload_media(request)
 
 
 @router.post("/models/{name}/project", status_code=202, openapi_extra=IMAGE_BODY, responses=error_responses(404, 413, 415, 422, 429, 503))
 @checked_on_headers(projection_headers)
-async def project_image(name: str, request: Request, steps: Annotated[ProjectionSteps, Query(description="optimisation steps: at most GANSERVE_MAX_PROJECTION_STEPS (1000 by default)")] = 200,
+async def project_image(name: str, request: Request, steps: Annotated[ProjectionSteps, Query(description="optimisation steps: at most GANSERVE_MAX_PROJECTION_STEPS (1000 by default)")] = DEFAULT_PROJECTION_STEPS,
                         version: Annotated[VersionText | None, Query()] = None) -> JSONResponse:
     """Upload an image (raw PNG/JPEG/WebP body or a multipart `file`); returns a job to poll."""
     registry = registry_of(request)

@@ -17,6 +17,7 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import TypeAdapter, ValidationError
 
 from service.admission import servable_rows
 from service.batcher import run_items
@@ -72,7 +73,8 @@ def model_configuration(request: Request, name: str, version: int | None) -> dic
     """Triton's model configuration (`tritonclient`'s `get_model_config`: it was a bare 404), from
     what this server serves: `max_batch_size` the most rows one request is served (as Triton
     refuses a larger one; it said the batcher's 64 where 256 were taken, and clients split their
-    batches by it), the batcher's own batch as `dynamic_batching`'s preferred size,
+    batches by it; for an upscaler, whose rows take any size, rows of one tile each: rows smaller
+    than a tile cost less and a few more may be served, so it is the safe figure), the batcher's own batch as `dynamic_batching`'s preferred size,
     `instance_group` one instance per lane thread, each tensor's dims without the batch dimension,
     -1 where any size is taken."""
     registry = registry_of(request)
@@ -236,10 +238,19 @@ def infer_media(request: Request) -> None:
         raise ApiError(415, f"send the inference request as JSON, or JSON followed by binary tensors (got {media!r})")
 
 
+VERSION_IN_PATH = TypeAdapter(VersionText)
+
+
 def infer_headers(request: Request) -> None:
     """What an inference request is refused on its path and headers alone (`checked_on_headers`):
-    an unknown or unready model, a content type it does not read."""
-    begin(request, request.path_params["name"], "infer")
+    an unknown or unready model or version, a content type it does not read. (A version that is
+    no version number is the route's 422, after.)"""
+    version = request.path_params.get("version")
+    try:
+        version = None if version is None else VERSION_IN_PATH.validate_python(version)
+    except ValidationError:
+        version = None
+    begin(request, request.path_params["name"], "infer", version)
     infer_media(request)
 
 
