@@ -279,7 +279,8 @@ def test_errors_and_limits_are_the_single_process_servers(workers, server):
 @pytest.mark.parametrize(("path", "status", "says"), [
     ("/v1/models/digits/project", 422, b"needs a style model"),
     ("/v1/models/digit/upscale", 404, b"digit"),
-], ids=["projection to a DCGAN", "unknown model"])
+    ("/v1/models/styles/project?steps=5000", 422, b"steps: at most"),
+], ids=["projection to a DCGAN", "unknown model", "projection steps"])
 def test_a_front_refuses_an_upload_on_its_headers_before_reading_it(workers, path, status, says):
     """As one process does (`test_hostile.py`): 8 MB declared after `Expect: 100-continue` to a
     model that cannot take it is refused on the headers, with no 100 Continue, by the front."""
