@@ -269,11 +269,13 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
                       work: Callable[[RequestState], Awaitable[T]]) -> T:
     """`execute` for a unit of work that is not an HTTP request (a stream's frame): its context
     says when it arrived, when its client left and what it reserved (the caller releases it)."""
-    state = RequestState(deadline=ctx.arrived + registry.settings.request_timeout_s, timing=ctx.timing)
+    state = RequestState(deadline=deadline_of(registry, ctx), timing=ctx.timing)
     if registry.draining:
         raise ApiError(503, "the server is shutting down", headers={"Retry-After": "1"})
     if ctx.disconnected.is_set():
         raise ApiError(499, "the client closed the request", code="client_closed_request")
+    if state.deadline <= time.monotonic():  # (admission read a negative time left as a wait to retry after)
+        raise ApiError(504, "the request's deadline passed before it reached admission (its body arriving, or the server's image pool busy)")
     settings = registry.settings
     labels = ctx.labels or (model.entry.name, str(model.entry.version), "upscale_stream")
     bound = registry.metrics.bound(*labels)
@@ -342,5 +344,26 @@ async def off_loop(request: Request, function: Callable[..., T], *args) -> T:
     return await in_pool(registry_of(request), function, *args)
 
 
-async def in_pool(registry: ModelRegistry, function: Callable[..., T], *args) -> T:
-    return await asyncio.get_running_loop().run_in_executor(registry.encoders, function, *args)
+async def in_pool(registry: ModelRegistry, function: Callable[..., T], *args, deadline: float | None = None) -> T:
+    """`function(*args)` in the encoder pool. With `deadline` (monotonic), a wait past it is a 504:
+    two uploads whose decoding held both threads for 70 s made a small upscale's header check wait
+    41-61 s, then be told 503 "retry in 1 s" with -24.9 s left of its 30 (a probe). Work a thread
+    has begun runs on (it cannot be stopped); work still queued is dropped."""
+    future = asyncio.get_running_loop().run_in_executor(registry.encoders, function, *args)
+    if deadline is None:
+        return await future
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            return await future
+    except TimeoutError:
+        raise ApiError(504, "the request's deadline passed while it waited for the server's image pool (decoding and encoding, "
+                            "busy with other requests' images)") from None
+
+
+def deadline_of(registry: ModelRegistry, ctx: RequestContext) -> float:
+    """When a request's answer is due (monotonic seconds): its arrival plus the request timeout."""
+    return ctx.arrived + registry.settings.request_timeout_s
+
+
+def request_deadline(request: Request) -> float:
+    return deadline_of(registry_of(request), context(request))

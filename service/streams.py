@@ -49,7 +49,7 @@ from service.errors import ApiError
 from service.http_protocol import FLUSHED_EXTENSION, SERVER_SHUTDOWN_EXTENSION
 from service.intake import RequestContext, peer_host
 from service.memory import OverBudget
-from service.pipeline import execute_for, in_pool, with_encoding
+from service.pipeline import deadline_of, execute_for, in_pool, with_encoding
 from service.registry import ModelRegistry
 from service.responses import encode_outputs
 from service.upscaling import plan_upscale, upscale_upload
@@ -330,7 +330,7 @@ class UpscaleStream:
         try:
             model = registry.get(self.name, self.version)  # per frame: a reloaded model takes over between frames
             version = str(model.entry.version)
-            width, height = await probe(registry, frame.data)
+            width, height = await probe(registry, frame.data, deadline_of(registry, ctx))
             plan = plan_upscale(model, width, height)
             cost = with_encoding(registry, plan.cost, self.format, width * height * model.entry.spec["scale"] ** 2)
             output = await execute_for(registry, ctx, model, cost, lambda state: upscale_upload(registry, model, frame.data, plan, state))

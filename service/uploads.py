@@ -52,10 +52,11 @@ async def read_upload(request: Request) -> bytes:
     return data
 
 
-async def probe(registry, data: bytes) -> tuple[int, int]:
-    """(width, height) from the header, checked against the server's upload limit (413)."""
+async def probe(registry, data: bytes, deadline: float | None = None) -> tuple[int, int]:
+    """(width, height) from the header, checked against the server's upload limit (413); 504
+    where the image pool is busy past the request's `deadline` (`in_pool`)."""
     try:
-        width, height = await in_pool(registry, probe_upload, data)
+        width, height = await in_pool(registry, probe_upload, data, deadline=deadline)
     except UploadError as error:
         raise ApiError(error.status, str(error))
     limit = registry.settings.max_upload_pixels

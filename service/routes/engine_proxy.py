@@ -20,7 +20,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from service.errors import ApiError
 from service.front import FrontRegistry, engine_silent_error
-from service.pipeline import FORWARDED_CLIENT, checked_on_headers, client_address, registry_of
+from service.pipeline import FORWARDED_CLIENT, checked_on_headers, client_address, registry_of, request_deadline
 from service.routes.jobs import DEFAULT_PROJECTION_STEPS, projected_model, projection_headers
 from service.routes.repository import load_body, refuse_overrides, require_known_host, require_same_site
 from service.schemas import ProjectionSteps, VersionText
@@ -86,7 +86,7 @@ async def engine_projection(name: str, request: Request, steps: Annotated[Projec
     registry = registry_of(request)
     projected_model(request, name, steps, version)
     body = await request.body()  # (kept by the request: read_upload's form parser reads it from there)
-    await probe(registry, await read_upload(request))
+    await probe(registry, await read_upload(request), request_deadline(request))
     return await forward(request, registry.settings.request_timeout_s, body)
 
 

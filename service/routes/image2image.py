@@ -25,7 +25,7 @@ from service.batcher import run_items
 from service.errors import error_responses
 from service.imaging import DECODE_BYTES_PER_PIXEL
 from service.pipeline import (KnownQueryRoute, begin, checked_on_headers, context, estimate, execute, off_loop, query_value, registry_of,
-                              require_kind, with_encoding)
+                              request_deadline, require_kind, with_encoding)
 from service.responses import choose_format, respond
 from service.schemas import ImageFormat, VersionText
 from service.tiling import padded_size, resized_size
@@ -64,7 +64,7 @@ async def translate(name: str, request: Request, format: ImageFormat | None = Qu
     entry = model.entry
     fmt = choose_format(format, request.headers.get("accept"))
     data = await read_upload(request)
-    width, height = await probe(registry, data)
+    width, height = await probe(registry, data, request_deadline(request))
     multiple, channels = entry.spec["size_multiple"], entry.spec["in_channels"]
     size = padded_size(height, width, multiple) if fit == "pad" else resized_size(height, width, multiple)
     over_limit(model, width, height, size[0] * size[1])
@@ -93,7 +93,7 @@ async def upscale(name: str, request: Request, format: ImageFormat | None = Quer
     entry = model.entry
     fmt = choose_format(format, request.headers.get("accept"))
     data = await read_upload(request)
-    width, height = await probe(registry, data)
+    width, height = await probe(registry, data, request_deadline(request))
     plan = plan_upscale(model, width, height)
     cost = with_encoding(registry, plan.cost, fmt, width * height * entry.spec["scale"] ** 2)
     output = await execute(request, model, cost, lambda state: upscale_upload(registry, model, data, plan, state))

@@ -15,7 +15,7 @@ from pydantic import TypeAdapter
 from models.projection import project
 from service.errors import ApiError, error_responses
 from service.imaging import DECODE_BYTES_PER_PIXEL, encode, to_uint8
-from service.pipeline import KnownQueryRoute, begin, checked_on_headers, client_address, query_value, registry_of, reserve
+from service.pipeline import KnownQueryRoute, begin, checked_on_headers, client_address, query_value, registry_of, request_deadline, reserve
 from service.projection import projection_bytes, projection_networks
 from service.registry import LoadedModel
 from service.schemas import ProjectionSteps, VersionText
@@ -102,7 +102,7 @@ async def project_image(name: str, request: Request, steps: Annotated[Projection
         working = await working_bytes(model)
         registry.jobs.check_fits(working)
         data = await read_upload(request)
-        width, height = await probe(registry, data)
+        width, height = await probe(registry, data, request_deadline(request))
         reserve(request, width * height * DECODE_BYTES_PER_PIXEL)
         entry = model.entry
         resolution = entry.spec["resolution"]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.imaging import jpeg_structure
 from tests.serving import running_server
 
 
@@ -100,7 +101,7 @@ def test_the_header_probe_sizes_a_tagged_jpeg_as_shown_and_a_broken_exif_block_i
     assert probe_upload(broken.getvalue()) == (50, 20) and decode_upload(broken.getvalue(), 10**6).shape == (20, 50, 3)
 
 
-def many_scan_jpeg(side: int, scans: int) -> bytes:
+def many_scan_jpeg(side: int, scans: int, hidden: bool = False) -> bytes:
     """A valid progressive greyscale JPEG whose AC scans are empty (one end-of-band run over every
     block each): a few bytes a scan, a pass over the whole image to decode each."""
     import struct
@@ -119,14 +120,22 @@ def many_scan_jpeg(side: int, scans: int) -> bytes:
               + segment(0xC4, b"\x10" + bytes([1, 1] + [0] * 14) + b"\xe0\x00"))  # AC: EOB run of 2^14 + 14 bits (code 0)
     dc_scan = segment(0xDA, b"\x01\x01\x00\x00\x00\x00") + entropy("0" * blocks)
     ac_scan = segment(0xDA, b"\x01\x01\x00\x01\x3f\x00") + entropy("0" + format(blocks - 2**14, "014b"))
-    return header + dc_scan + ac_scan * scans + b"\xff\xd9"
+    if not hidden:
+        return header + dc_scan + ac_scan * scans + b"\xff\xd9"
+    # 0xFF 0xFF 0x00 and a "length" over a block of scans: libjpeg reads a fill byte and a stuffed
+    # zero (garbage, skipped) and decodes every scan after it; the count once jumped over them all
+    block = ac_scan * 500
+    return header + dc_scan + (b"\xff\xff\x00" + struct.pack(">H", len(block) + 2) + block) * (scans // 500) + b"\xff\xd9"
 
 
-def test_a_jpeg_of_endless_scans_is_refused_before_it_is_decoded(server):
+@pytest.mark.parametrize("hidden", [False, True], ids=["in plain sight", "behind a stuffed zero read as a marker"])
+def test_a_jpeg_of_endless_scans_is_refused_before_it_is_decoded(server, hidden):
     """Each scan of a progressive JPEG is a pass over every block: 10,000 scans of 4096² were a
     303 KB file and 13.4 s of a core no deadline could stop. Past 100 scans it is not decoded; a
-    normal progressive JPEG (about 10 scans) is."""
-    bomb, normal = many_scan_jpeg(1024, 2000), io.BytesIO()
+    normal progressive JPEG (about 10 scans) is. The scans are counted as libjpeg finds them: a
+    probe hid 20,000 behind bytes the count read as a marker with a length (25 s of a core)."""
+    bomb, normal = many_scan_jpeg(1024, 2000, hidden), io.BytesIO()
+    assert jpeg_structure(bomb, 10**6, 10**6)[1] == 2001  # every scan libjpeg decodes, counted
     assert Image.open(io.BytesIO(bomb)).size == (1024, 1024)  # a JPEG as far as its header goes
     Image.fromarray(photo(40, 48)).save(normal, "JPEG", progressive=True)
     with server.client() as client:
