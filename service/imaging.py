@@ -222,6 +222,9 @@ def unreadable(error: Exception, what: str) -> UploadError:
     if "MAX_TEXT_CHUNK" in str(error):
         return UploadError(422, f"{what}: one of the PNG's compressed text or ICC-profile chunks inflates past "
                                 f"{PngImagePlugin.MAX_TEXT_CHUNK // 2**20} MiB (real ones are a few KiB)")
+    if "MAX_TEXT_MEMORY" in str(error):  # (1,000 chunks each under the one-chunk cap: Pillow's words were all a client saw)
+        return UploadError(422, f"{what}: the PNG's text chunks together inflate past {PngImagePlugin.MAX_TEXT_MEMORY // 2**20} MiB "
+                                "(real ones are a few KiB)")
     return UploadError(422, f"{what} ({type(error).__name__}: {str(error)[:200]})")
 
 

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, Request
 
 from service.errors import ApiError, error_responses
-from service.pipeline import registry_of
+from service.pipeline import DuplicateKey, registry_of, unique_keys
 
 router = APIRouter(prefix="/v2/repository", tags=["v2"])
 # loads and unloads run one at a time; this many more may wait their turn, and the next is refused 429:
@@ -113,7 +113,9 @@ async def load_body(request: Request, what: str) -> dict:
         raise ApiError(422, f"{what}'s body is {len(raw)} bytes: its fields fit in {MAX_LOAD_BODY_BYTES} bytes" + (
             " (loads take the repository on disk as it is; model files and configurations cannot be given with the request)" if "load" in what else ""))
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, object_pairs_hook=unique_keys)
+    except DuplicateKey as duplicate:  # (as the v1 bodies: `{"a": 1, "a": 2}` was taken, its last value kept)
+        raise ApiError(422, f"{what}'s body gives the key {duplicate.key[:64]!r} more than once in one JSON object") from None
     except RecursionError:
         raise ApiError(422, f"{what}'s body is nested too deeply")
     except ValueError:

@@ -247,11 +247,16 @@ def test_a_png_whose_header_is_over_pillows_limits_is_named_a_png(shipped):
     with shipped.client() as client:
         refused = [client.post(f"{V1}/cyclegan-thin2thick/translate", content=bomb, headers=PNG) for bomb in bombs]
         garbage = client.post(f"{V1}/cyclegan-thin2thick/translate", content=b"\x89PNG not really" * 10, headers=PNG)
+        many = png(8, 8)  # each chunk under the one-chunk cap, 80 of them past Pillow's 64 MiB for all (a probe: Pillow's words)
+        for _ in range(80):
+            many = with_chunk(many, b"zTXt", b"comment\0\0" + zlib.compress(b"\0" * 1_000_000), before_pixels=True)
+        summed = client.post(f"{V1}/cyclegan-thin2thick/translate", content=many, headers=PNG)
     for response in refused:
         message = response.json()["error"]["message"]
         assert response.status_code == 422 and "compressed text or ICC-profile chunks inflates past 1 MiB" in message, response.text
         assert "MAX_TEXT_CHUNK" not in message
     assert "header could not be read" in refused[0].json()["error"]["message"]
+    assert summed.status_code == 422 and "text chunks together inflate past 64 MiB" in summed.json()["error"]["message"], summed.text
     assert garbage.status_code == 422 and "not a PNG, JPEG or WebP" in garbage.json()["error"]["message"]
 
 

@@ -326,6 +326,8 @@ def test_a_version_retired_by_a_reload_takes_its_metric_series_with_it(own_repos
         assert rows[("digits", "1")]["reason"] == "excluded by the version policy" and rows[("upx4", "1")]["reason"] == "not in GANSERVE_MODELS"
         assert client.post("/v2/repository/index", json={"ready": "yes"}).status_code == 422
         assert client.post("/v2/repository/models/digits/load", json={"parameters": []}).status_code == 422  # (once taken as none)
+        twice = client.post("/v2/repository/index", content=b'{"ready": true, "ready": false}', headers={"content-type": "application/json"})
+        assert twice.status_code == 422 and "'ready' more than once" in twice.json()["error"], twice.text  # (as v1's bodies; the last was taken)
         # (and in both modes, model control refuses what a browser posts from another site's page)
         cross_site = client.post("/v2/repository/models/digits/unload", headers={"Origin": "http://elsewhere.example"})
         assert cross_site.status_code == 403 and "another site" in cross_site.json()["error"]
