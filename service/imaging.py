@@ -118,6 +118,10 @@ MAX_JPEG_SCANS = 100
 # IDAT chunk (or ICC/XMP segment) per 8–64 KB of data: past SEGMENTS_BASE + one per KiB of upload,
 # the file is not opened (8 MB then walks at most ~9,200 of them: milliseconds).
 SEGMENTS_BASE = 1024
+# Pillow's header parser steps over fill bytes (0xFF) and garbage between segments one byte at a
+# time in Python: 4 MB of them before the frame header cost 1.0-1.8 s to open (twice: probe, then
+# decode). Encoders write none; past this many before the first scan the file is not opened (~30 ms).
+MAX_JPEG_STRAY_BYTES = 64 * 1024
 # A marker as libjpeg finds one (jdmarker.c `next_marker`): 0xFF, any more 0xFF (fill), then a code
 # that is neither 0x00 (0xFF 0x00 is a stuffed data byte, skipped with other garbage) nor 0xFF; in a
 # scan's entropy-coded data RSTn belongs to the data too. The look-behind lets a match start only
@@ -148,16 +152,19 @@ def next_marker(data: bytes, position: int, in_scan: bool) -> int | None:
     return None if found is None else found.end() - 1
 
 
-def jpeg_structure(data: bytes, max_scans: int, max_segments: int) -> tuple[int, int]:
-    """(marker segments, scans) a JPEG holds, counted without decoding until either passes its
-    limit, walked as libjpeg walks it (`next_marker`): each marker segment is skipped by its
-    length, and a scan's entropy-coded data up to the next marker (so a thumbnail inside EXIF is
-    not counted)."""
-    position, segments, scans, in_scan = 2, 0, 0, False
+def jpeg_structure(data: bytes, max_scans: int, max_segments: int) -> tuple[int, int, int]:
+    """(marker segments, scans, stray bytes before the first scan) a JPEG holds, counted without
+    decoding until the segments or scans pass their limit, walked as libjpeg walks it
+    (`next_marker`): each marker segment is skipped by its length, and a scan's entropy-coded data
+    up to the next marker (so a thumbnail inside EXIF is not counted). Stray bytes are fill bytes
+    and garbage between segments, which Pillow's header parser steps over one at a time."""
+    position, segments, scans, stray, in_scan = 2, 0, 0, 0, False
     while scans <= max_scans and segments <= max_segments:
         code_at = next_marker(data, position, in_scan)
         if code_at is None:
             break
+        if scans == 0:
+            stray += max(0, code_at - 1 - position)  # (the bytes before the marker's own 0xFF)
         marker, in_scan = data[code_at], False
         if marker == 0xD9:  # end of image
             break
@@ -168,7 +175,7 @@ def jpeg_structure(data: bytes, max_scans: int, max_segments: int) -> tuple[int,
         position = code_at + 1 + int.from_bytes(data[code_at + 1:code_at + 3], "big")
         if marker == 0xDA:
             scans, in_scan = scans + 1, True
-    return segments, scans
+    return segments, scans, stray
 
 
 def png_chunks(data: bytes, limit: int) -> int:
@@ -188,7 +195,10 @@ def check_structure(data: bytes) -> None:
     segments (chunks) than `segment_limit` allows for its size."""
     limit = segment_limit(data)
     if data[:3] == b"\xff\xd8\xff":
-        segments, scans = jpeg_structure(data, MAX_JPEG_SCANS, limit)
+        segments, scans, stray = jpeg_structure(data, MAX_JPEG_SCANS, limit)
+        if stray > MAX_JPEG_STRAY_BYTES:
+            raise UploadError(422, f"the JPEG has {stray} bytes of padding or garbage between its header's segments (encoders write "
+                                   f"none; at most {MAX_JPEG_STRAY_BYTES} are read): the parser steps over each, so it is not opened")
         if scans > MAX_JPEG_SCANS:
             raise UploadError(422, f"the JPEG has more than {MAX_JPEG_SCANS} scans (encoders write 1 to about 10); each costs a pass "
                                    "over the whole image, so it is not decoded")

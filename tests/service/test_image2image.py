@@ -145,6 +145,21 @@ def test_a_jpeg_of_endless_scans_is_refused_before_it_is_decoded(server, hidden)
     assert npy(served).shape == (1, 40, 48, 3)
 
 
+def test_a_jpeg_padded_between_its_segments_is_refused_before_it_is_opened(server):
+    """Pillow's header parser steps over fill bytes and garbage between segments one at a time:
+    4 MB of 0xFF after the JFIF segment cost ~1 s to open, twice (probe, then decode). A few
+    fill bytes, as the standard allows before any marker, are still read."""
+    plain = io.BytesIO()
+    Image.fromarray(photo(16, 16)).save(plain, "JPEG")
+    jfif_end = 4 + int.from_bytes(plain.getvalue()[4:6], "big")
+    padded, filled = (plain.getvalue()[:jfif_end] + filler + plain.getvalue()[jfif_end:] for filler in (b"\xff" * 4_000_000, b"\xff" * 8))
+    with server.client() as client:
+        refused = post_image(client, "/v1/models/edges/translate", padded, "image/jpeg")
+        served = post_image(client, "/v1/models/edges/translate", filled, "image/jpeg", format="npy")
+    assert refused.status_code == 422 and "4000000 bytes of padding or garbage" in refused.json()["error"]["message"], refused.text
+    assert npy(served).shape == (1, 16, 16, 3)
+
+
 def with_empty_segments(image: bytes, count: int) -> bytes:
     """`image` (a JPEG or a PNG) with `count` empty APP1 segments after the start of image, or
     empty private chunks after IHDR: still a valid file of the same pixels."""
