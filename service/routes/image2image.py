@@ -18,7 +18,6 @@ from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import TypeAdapter
 
 from service.admission import translate_bytes_per_pixel
 from service.batcher import run_items
@@ -27,7 +26,7 @@ from service.imaging import DECODE_BYTES_PER_PIXEL
 from service.pipeline import (KnownQueryRoute, begin, checked_on_headers, context, estimate, execute, off_loop, query_value, registry_of,
                               request_deadline, require_kind, with_encoding)
 from service.responses import choose_format, respond
-from service.schemas import ImageFormat, VersionText
+from service.schemas import VERSION_TEXT, ImageFormat, VersionText
 from service.tiling import padded_size, resized_size
 from service.upscaling import over_limit, plan_upscale, upscale_upload
 from service.uploads import IMAGE_BODY, prepare, probe, read_upload, resize_chw, upload_media
@@ -37,15 +36,12 @@ IMAGE_RESPONSES = {200: {"content": {"image/png": {}, "image/jpeg": {}, "image/w
                    **error_responses(404, 406, 413, 415, 422, 429, 503, 504)}
 
 
-VERSION_QUERY = TypeAdapter(VersionText)
-
-
 def image_upload_to(kind: str, operation: str) -> Callable[[Request], None]:
     """The refusals an upload of an image to `operation` gets from its path, query and headers
     alone (`checked_on_headers`): 404 or 503 for the model or its `version`, 422 for its kind, 415
     for the body's type, 406 for an `Accept` it cannot answer (without `format=`)."""
     def check(request: Request) -> None:
-        require_kind(begin(request, request.path_params["name"], operation, query_value(request, "version", VERSION_QUERY)), kind)
+        require_kind(begin(request, request.path_params["name"], operation, query_value(request, "version", VERSION_TEXT)), kind)
         upload_media(request)
         if "format" not in request.query_params:  # (a valid one is what is answered, whatever Accept says)
             choose_format(None, request.headers.get("accept"))

@@ -18,7 +18,7 @@ from service.imaging import DECODE_BYTES_PER_PIXEL, encode, to_uint8
 from service.pipeline import KnownQueryRoute, begin, checked_on_headers, client_address, query_value, registry_of, request_deadline, reserve
 from service.projection import projection_bytes, projection_networks
 from service.registry import LoadedModel
-from service.schemas import ProjectionSteps, VersionText
+from service.schemas import VERSION_TEXT, ProjectionSteps, VersionText
 from service.style import require_style
 from service.uploads import IMAGE_BODY, prepare, probe, read_upload, upload_media
 
@@ -73,7 +73,7 @@ def projected_model(request: Request, name: str, steps: int, version: int | None
 
 
 DEFAULT_PROJECTION_STEPS = 200
-STEPS_QUERY, VERSION_QUERY = TypeAdapter(ProjectionSteps), TypeAdapter(VersionText)
+STEPS_QUERY = TypeAdapter(ProjectionSteps)
 
 
 def projection_headers(request: Request) -> None:
@@ -81,7 +81,7 @@ def projection_headers(request: Request) -> None:
     (`checked_on_headers`, in one process and in a `--workers` front): an unknown or unready model
     or version, one that is no style model, `steps` past the server's limits, a body of a type it
     does not read. (Steps or a version the query's types refuse are the route's 422, after.)"""
-    name, version = request.path_params["name"], query_value(request, "version", VERSION_QUERY)
+    name, version = request.path_params["name"], query_value(request, "version", VERSION_TEXT)
     steps = query_value(request, "steps", STEPS_QUERY, default=DEFAULT_PROJECTION_STEPS)
     if steps is None:
         require_style(begin(request, name, "project", version))
