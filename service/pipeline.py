@@ -275,7 +275,7 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
     if ctx.disconnected.is_set():
         raise ApiError(499, "the client closed the request", code="client_closed_request")
     if state.deadline <= time.monotonic():  # (admission read a negative time left as a wait to retry after)
-        raise ApiError(504, "the request's deadline passed before it reached admission (its body arriving, or the server's image pool busy)")
+        raise ApiError(504, "the request's deadline passed before it reached admission (its body arriving, or the server's encoder pool busy)")
     settings = registry.settings
     labels = ctx.labels or (model.entry.name, str(model.entry.version), "upscale_stream")
     bound = registry.metrics.bound(*labels)
@@ -356,8 +356,8 @@ async def in_pool(registry: ModelRegistry, function: Callable[..., T], *args, de
         async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
             return await future
     except TimeoutError:
-        raise ApiError(504, "the request's deadline passed while it waited for the server's image pool (decoding and encoding, "
-                            "busy with other requests' images)") from None
+        raise ApiError(504, "the request's deadline passed while it waited for the server's encoder pool (it decodes uploads and "
+                            "encodes answers; busy with other requests' images)") from None
 
 
 def deadline_of(registry: ModelRegistry, ctx: RequestContext) -> float:

@@ -54,7 +54,7 @@ async def read_upload(request: Request) -> bytes:
 
 async def probe(registry, data: bytes, deadline: float | None = None) -> tuple[int, int]:
     """(width, height) from the header, checked against the server's upload limit (413); 504
-    where the image pool is busy past the request's `deadline` (`in_pool`)."""
+    where the encoder pool is busy past the request's `deadline` (`in_pool`)."""
     try:
         width, height = await in_pool(registry, probe_upload, data, deadline=deadline)
     except UploadError as error:

@@ -27,7 +27,7 @@ def test_a_wait_for_a_busy_image_pool_ends_at_the_deadline_with_504_and_drops_th
             started = time.monotonic()
             with pytest.raises(ApiError) as refused:
                 await in_pool(registry, ran.append, "ran", deadline=started + 0.3)
-            assert refused.value.status == 504 and "image pool" in refused.value.message
+            assert refused.value.status == 504 and "encoder pool" in refused.value.message
             return time.monotonic() - started
 
         waited = asyncio.run(wait_behind_it())
