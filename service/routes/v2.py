@@ -74,9 +74,9 @@ def model_configuration(request: Request, name: str, version: int | None) -> dic
     what this server serves: `max_batch_size` the most rows one request is served (as Triton
     refuses a larger one; it said the batcher's 64 where 256 were taken, and clients split their
     batches by it; for an upscaler, whose rows take any size, rows of one tile each: rows smaller
-    than a tile cost less and a few more may be served, so it is the safe figure), the batcher's own batch as `dynamic_batching`'s preferred size,
-    `instance_group` one instance per lane thread, each tensor's dims without the batch dimension,
-    -1 where any size is taken."""
+    than a tile cost less and a few more may be served, so it is the safe figure), the batcher's
+    own batch as `dynamic_batching`'s preferred size, `instance_group` one instance per lane
+    thread, each tensor's dims without the batch dimension, -1 where any size is taken."""
     registry = registry_of(request)
     model = registry.get(name, version)
     spec, config = model.entry.spec, model.config
