@@ -274,8 +274,6 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
         raise ApiError(503, "the server is shutting down", headers={"Retry-After": "1"})
     if ctx.disconnected.is_set():
         raise ApiError(499, "the client closed the request", code="client_closed_request")
-    if state.deadline <= time.monotonic():  # (admission read a negative time left as a wait to retry after)
-        raise ApiError(504, "the request's deadline passed before it reached admission (its body arriving, or the server's encoder pool busy)")
     settings = registry.settings
     labels = ctx.labels or (model.entry.name, str(model.entry.version), "upscale_stream")
     bound = registry.metrics.bound(*labels)
@@ -288,6 +286,10 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
                                    holder=memory_holder(share_key(ctx.client) or "", labels[0], labels[2]), timing=ctx.timing,
                                    host_share=registry.shared_device.host_share())
     except ApiError as refusal:  # counted by reason beside the batcher's own (they showed in requests_total's status alone)
+        if refusal.status == 503 and state.deadline <= time.monotonic():  # (a 413 says more: retrying cannot help)
+            # admission read the negative time left as a wait to retry after: "retry in 1 s", half a minute late
+            raise ApiError(504, "the request's deadline passed before it reached admission (its body arriving, or the server's "
+                                "encoder pool busy)") from None
         bound.rejected("too_expensive" if refusal.status == 413 else "overloaded").inc()
         raise
     ctx.reserved += cost.bytes  # released by the intake once the response is sent

@@ -4,6 +4,7 @@ an answer's encoding is admitted with it, behind the encodings admitted before i
 from __future__ import annotations
 
 import io
+import socket
 import time
 
 import numpy as np
@@ -337,3 +338,17 @@ def test_admissions_refusals_are_counted_by_reason(repository):
         assert refused.status_code == 413 and "s of compute" in refused.json()["error"]["message"], refused.text
         assert "send fewer images (n or seeds)" in refused.json()["error"]["message"]
         assert server.metric("ganserve_rejected_total", model="styles", operation="generate", reason="too_expensive") == 1
+        # a request whose deadline passed before admission (its body came late) is 504, where admission read the
+        # negative time left as a wait to retry after (503 "retry in 1 s"); one too costly for any deadline stays 413
+        from tests.service.test_hostile import read_until_closed
+
+        body = b'{"seed": 1}'
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /v1/models/styles/generate HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+                         b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(body))
+            time.sleep(0.2)  # 40 deadlines of this server
+            sock.sendall(body)
+            late = read_until_closed(sock, 10)
+        assert late.startswith(b"HTTP/1.1 504") and b"deadline passed before it reached admission" in late, late[:400]
+        assert server.metric("ganserve_rejected_total", model="styles", operation="generate", reason="overloaded") == 0

@@ -1,4 +1,5 @@
-"""The request path's own bounds: what a request waiting past its deadline is told."""
+"""The request path's own bounds: what a request waiting past its deadline is told (through the
+real server: `test_admission.py`'s `test_admissions_refusals_are_counted_by_reason`)."""
 from __future__ import annotations
 
 import asyncio
@@ -10,8 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from service.errors import ApiError
-from service.intake import RequestContext
-from service.pipeline import execute_for, in_pool
+from service.pipeline import in_pool
 
 
 def test_a_wait_for_a_busy_image_pool_ends_at_the_deadline_with_504_and_drops_the_queued_work():
@@ -33,16 +33,3 @@ def test_a_wait_for_a_busy_image_pool_ends_at_the_deadline_with_504_and_drops_th
         waited = asyncio.run(wait_behind_it())
         release.set()
     assert waited < 2 and ran == []  # answered at its deadline, not when the thread came free
-
-
-def test_a_request_past_its_deadline_before_admission_is_504_not_told_to_retry():
-    """Admission read a negative time left as a wait to retry after (503, `Retry-After: 1`)."""
-    registry = SimpleNamespace(draining=False, settings=SimpleNamespace(request_timeout_s=30.0))
-    late = RequestContext(time.monotonic() - 31.0)
-
-    async def admit_it() -> None:
-        await execute_for(registry, late, model=None, cost=None, work=None)
-
-    with pytest.raises(ApiError) as refused:
-        asyncio.run(admit_it())
-    assert refused.value.status == 504 and "deadline passed" in refused.value.message
