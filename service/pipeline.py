@@ -169,10 +169,19 @@ def query_value(request: Request, name: str, adapter: TypeAdapter[T], default: T
     values = request.query_params.getlist(name)
     if not values:
         return default
-    if len(values) > 1:
-        return None
+    return valid_or_none(adapter, values[0]) if len(values) == 1 else None
+
+
+def path_value(request: Request, name: str, adapter: TypeAdapter[T]) -> T | None:
+    """A path parameter as its route will read it, for the same checks (`query_value`): None
+    where the path has none or its text is invalid (the route's 422, once it runs)."""
+    text = request.path_params.get(name)
+    return None if text is None else valid_or_none(adapter, text)
+
+
+def valid_or_none(adapter: TypeAdapter[T], text: str) -> T | None:
     try:
-        return adapter.validate_python(values[0])
+        return adapter.validate_python(text)
     except ValidationError:
         return None
 

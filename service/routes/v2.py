@@ -17,12 +17,11 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 
 from service.admission import servable_rows
 from service.batcher import run_items
 from service.errors import ApiError, error_responses
-from service.pipeline import begin, checked_on_headers, estimate, execute, off_loop, registry_of, reserve
+from service.pipeline import begin, checked_on_headers, estimate, execute, off_loop, path_value, registry_of, reserve
 from service.registry import IMAGE_TO_IMAGE, LoadedModel
 from service.schemas import VERSION_TEXT, VersionText
 from service.settings import Settings
@@ -242,12 +241,7 @@ def infer_headers(request: Request) -> None:
     """What an inference request is refused on its path and headers alone (`checked_on_headers`):
     an unknown or unready model or version, a content type it does not read. (A version that is
     no version number is the route's 422, after.)"""
-    version = request.path_params.get("version")
-    try:
-        version = None if version is None else VERSION_TEXT.validate_python(version)
-    except ValidationError:
-        version = None
-    begin(request, request.path_params["name"], "infer", version)
+    begin(request, request.path_params["name"], "infer", path_value(request, "version", VERSION_TEXT))
     infer_media(request)
 
 
