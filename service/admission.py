@@ -484,17 +484,20 @@ def behind_the_queue(name: str, wait_s: float, alone_s: float, budget_s: float, 
                          f"retry in {retry} s", code="overloaded", headers={"Retry-After": str(retry)})
 
 
-def recheck_in_the_engine(name: str, wait_s: float, alone_s: float, remaining_s: float, beside_s: float = 0.0) -> None:
+def recheck_in_the_engine(name: str, wait_s: float, alone_s: float, remaining_s: float, beside_s: float = 0.0, other_share: float = 0.0,
+                          host_share: float = 0.0) -> None:
     """A `--workers` engine's last look at a request a front admitted, before its items are
     queued: the engine's lane backlog is every front's admitted work, exactly, where a front saw
     it as of the last snapshot (0.5 s old). Two fronts that each admitted a request taking most
     of a deadline in the same half second both queued it, and the second answered 504 at its
     deadline, 30 s later, where one process answers 503 at once (a hostile probe). Only work
     queued before it refuses it here, on its lane or beside it (`beside_s`, what the other lanes'
-    work adds): with none, the front's admission stands."""
+    work adds): with none, the front's admission stands. `other_share` and `host_share` (where
+    they slowed the figures) are named in the refusal: a probe was told "about 0.0 s of work
+    queued … retry in 13 s" where the load of other processes made the difference."""
     budget_s = remaining_s * COMPUTE_SHARE_OF_DEADLINE
     if wait_s + beside_s > 0 and wait_s + alone_s + beside_s > budget_s:
-        raise behind_the_queue(name, wait_s, alone_s, budget_s, beside_s)
+        raise behind_the_queue(name, wait_s, alone_s, budget_s, beside_s, other_share, host_share)
 
 
 def engine_booking(lane: LaneView, lane_seconds: float, deadline: float, device: "lanes.SharedDevice", host_share: float) -> Booking:

@@ -106,8 +106,10 @@ class FrontConnection:
 
             def recheck(seconds: float) -> None:
                 wait, alone = lane.expected_wait_s(), seconds / lane.threads
-                slowed = slowdown(lane, self.registry.shared_device.other_share() + self.registry.shared_device.host_share())
-                recheck_in_the_engine(name, wait * slowed, alone * slowed, deadline - time.monotonic(), beside_s(lane, wait + alone, beside) * slowed)
+                other, host = self.registry.shared_device.other_share(), self.registry.shared_device.host_share()
+                slowed = slowdown(lane, other + host)
+                loads = (other, host) if slowed > 1.0 else (0.0, 0.0)
+                recheck_in_the_engine(name, wait * slowed, alone * slowed, deadline - time.monotonic(), beside_s(lane, wait + alone, beside) * slowed, *loads)
 
             items = batcher.submit_items(inputs, state, recheck)
         except Exception as error:

@@ -229,7 +229,7 @@ class RequestIntake:
             matched, child = route.matches(scope)
             if matched is Match.FULL:
                 try:
-                    route.endpoint.checked_on_headers(Request({**scope, **child}))
+                    route.endpoint.checked_on_headers(Request({**scope, **child}), route)
                 except ApiError as error:
                     raise Refused(error.status, error.code, error.message, error.headers) from None
                 return

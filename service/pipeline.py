@@ -17,13 +17,15 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from fastapi import Request, Response, WebSocket
+from fastapi.dependencies.utils import request_params_to_args
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import TypeAdapter, ValidationError
 
 from service.admission import RequestCost, admit, batch_share_bytes, compute_seconds, is_slight, reserve_memory
 from service.batcher import DeadlineExceeded, QueueFull, RequestState, RequestTooLarge, ShuttingDown
 from service.connection_table import share_key
-from service.errors import ApiError
+from service.errors import ApiError, describe_validation
 from service.intake import STATE_KEY, RequestContext, context_of, not_json
 from service.lanes import Booking
 from service.memory import memory_holder
@@ -165,7 +167,7 @@ Endpoint = TypeVar("Endpoint", bound=Callable)
 def query_value(request: Request, name: str, adapter: TypeAdapter[T], default: T | None = None) -> T | None:
     """A query parameter as its route will read it, for a check made before the body is read
     (`checked_on_headers`): `default` where it is absent, None where it is repeated or invalid
-    (the route refuses an invalid one with its 422 once it runs, as before)."""
+    (which `refuse_invalid_parameters` has refused before such a check runs)."""
     values = request.query_params.getlist(name)
     if not values:
         return default
@@ -174,7 +176,7 @@ def query_value(request: Request, name: str, adapter: TypeAdapter[T], default: T
 
 def path_value(request: Request, name: str, adapter: TypeAdapter[T]) -> T | None:
     """A path parameter as its route will read it, for the same checks (`query_value`): None
-    where the path has none or its text is invalid (the route's 422, once it runs)."""
+    where the path has none or its text is invalid (refused before, as `query_value` says)."""
     text = request.path_params.get(name)
     return None if text is None else valid_or_none(adapter, text)
 
@@ -189,13 +191,32 @@ def valid_or_none(adapter: TypeAdapter[T], text: str) -> T | None:
 def checked_on_headers(check: Callable[[Request], None]) -> Callable[[Endpoint], Endpoint]:
     """Marks an upload route's endpoint with `check(request)`: what it refuses from the path and
     headers alone (an unknown or unready model, a model of another kind, a content type it does
-    not read). The intake runs it before it reads a large, chunked or `Expect: 100-continue` body
+    not read), after what its parameters' types refuse (`refuse_invalid_parameters`). The intake runs it before it reads a large, chunked or `Expect: 100-continue` body
     (`RequestIntake.refuse_on_headers`): `curl -T` of 8 MB to a misspelt model was told "100
     Continue", read whole and reserved in the memory budget, then answered 404 (a probe)."""
+    def checks(request: Request, route: APIRoute) -> None:
+        refuse_invalid_parameters(request, route)
+        check(request)
+
     def mark(endpoint: Endpoint) -> Endpoint:
-        endpoint.checked_on_headers = check  # type: ignore[attr-defined]
+        endpoint.checked_on_headers = checks  # type: ignore[attr-defined]
         return endpoint
     return mark
+
+
+def refuse_invalid_parameters(request: Request, route: APIRoute) -> None:
+    """The 422 the route gives its path and query parameters once it runs, said before its body
+    is read: an unknown or repeated query parameter (`KnownQueryRoute`), then what their types
+    refuse (`?steps=abc`, `/versions/abc/infer`), in the words of the app's validation errors. A
+    probe's 8 MB sent after `Expect: 100-continue` to `upscale?format=bogus` was told "100
+    Continue" and read whole for that 422, where `?steps=5000` was refused at once."""
+    if isinstance(route, KnownQueryRoute):
+        refuse_unknown_query(request, frozenset(parameter.alias for parameter in route.dependant.query_params))
+    problems = [problem for fields, received in ((route.dependant.path_params, request.path_params),
+                                                 (route.dependant.query_params, request.query_params))
+                for problem in request_params_to_args(fields, received)[1]]
+    if problems:
+        raise ApiError(422, describe_validation(RequestValidationError(problems)))
 
 
 def begin(request: Request, name: str, operation: str, version: int | None = None) -> LoadedModel:

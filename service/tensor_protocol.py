@@ -16,8 +16,9 @@ from typing import Annotated, Literal
 import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
+from starlette.datastructures import Headers
 
-from service.digits import ascii_count
+from service.digits import MAX_DIGITS, ascii_count
 from service.errors import ApiError, parse_failure
 from service.schemas import MAX_INPUT_MAGNITUDE
 
@@ -77,11 +78,22 @@ def json_part_bytes(header_length: str | None, body_bytes: int) -> int:
     if header_length is None:
         return body_bytes
     length = ascii_count(header_length)  # ASCII digits only: int() would also take "3_62", " 362" and "+362"
-    if length is None:
-        raise ApiError(422, f"Inference-Header-Content-Length must be an integer, got {header_length[:32]!r}")
+    if length is None:  # (a header's bytes come as Latin-1: "٣" read "Ù£", so other bytes are shown as bytes)
+        shown = header_length[:32] if header_length.isascii() else header_length[:32].encode("latin-1", "replace")
+        raise ApiError(422, f"Inference-Header-Content-Length must be an integer of at most {MAX_DIGITS} ASCII digits, got {shown!r}")
     if not 0 < length <= body_bytes:
         raise ApiError(422, f"Inference-Header-Content-Length {length} does not fit a body of {body_bytes} bytes")
     return length
+
+
+def header_length_of(headers: Headers) -> str | None:
+    """The request's `Inference-Header-Content-Length`, 422 where it is given twice: two parsers
+    on the way may each read another one, and so split JSON from tensors differently (the first
+    was taken)."""
+    given = headers.getlist(HEADER_LENGTH)
+    if len(given) > 1:
+        raise ApiError(422, "Inference-Header-Content-Length is given twice: send it once")
+    return given[0] if given else None
 
 
 def split_body(raw: bytes, header_length: str | None) -> tuple[bytes, memoryview]:

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from service.errors import ApiError
 from service.front import FrontRegistry, engine_silent_error
-from service.pipeline import FORWARDED_CLIENT, checked_on_headers, client_address, registry_of, request_deadline
+from service.pipeline import FORWARDED_CLIENT, KnownQueryRoute, checked_on_headers, client_address, registry_of, request_deadline
 from service.routes.jobs import DEFAULT_PROJECTION_STEPS, projected_model, projection_headers
 from service.routes.repository import load_body, refuse_overrides, require_known_host, require_same_site
 from service.schemas import ProjectionSteps, VersionText
@@ -76,7 +76,6 @@ async def forward(request: Request, timeout_s: float | None, body: bytes = b"") 
                     headers={k: v for k, v in answer.headers.items() if k.lower() in PASSED_HEADERS})
 
 
-@router.post("/v1/models/{name}/project")
 @checked_on_headers(projection_headers)
 async def engine_projection(name: str, request: Request, steps: Annotated[ProjectionSteps, Query()] = DEFAULT_PROJECTION_STEPS,
                             version: Annotated[VersionText | None, Query()] = None) -> Response:
@@ -88,6 +87,10 @@ async def engine_projection(name: str, request: Request, steps: Annotated[Projec
     body = await request.body()  # (kept by the request: read_upload's form parser reads it from there)
     await probe(registry, await read_upload(request), request_deadline(request))
     return await forward(request, registry.settings.request_timeout_s, body)
+
+
+# a query parameter it does not take is 422 here, before the upload is read (the engine's route says the same)
+router.add_api_route("/v1/models/{name}/project", engine_projection, methods=["POST"], route_class_override=KnownQueryRoute)
 
 
 @router.get("/v1/jobs/{job_id}")

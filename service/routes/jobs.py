@@ -80,7 +80,7 @@ def projection_headers(request: Request) -> None:
     """What a projection upload is refused on its path, query and headers alone
     (`checked_on_headers`, in one process and in a `--workers` front): an unknown or unready model
     or version, one that is no style model, `steps` past the server's limits, a body of a type it
-    does not read. (Steps or a version the query's types refuse are the route's 422, after.)"""
+    does not read (after the 422s of its parameters' types: `checked_on_headers`)."""
     name, version = request.path_params["name"], query_value(request, "version", VERSION_TEXT)
     steps = query_value(request, "steps", STEPS_QUERY, default=DEFAULT_PROJECTION_STEPS)
     if steps is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
+import sys
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -20,12 +21,13 @@ from fastapi.responses import JSONResponse
 
 from service.admission import servable_rows
 from service.batcher import run_items
+from service.digits import ascii_count
 from service.errors import ApiError, error_responses
 from service.pipeline import begin, checked_on_headers, estimate, execute, off_loop, path_value, registry_of, reserve
 from service.registry import IMAGE_TO_IMAGE, LoadedModel
 from service.schemas import VERSION_TEXT, VersionText
 from service.settings import Settings
-from service.tensor_protocol import ACCEPTED, HEADER_LENGTH, InferRequest, encode_response, json_part_bytes, parse_request, to_model_dtype
+from service.tensor_protocol import ACCEPTED, InferRequest, encode_response, header_length_of, json_part_bytes, parse_request, to_model_dtype
 from service.tiling import padded_size
 from service.version_policy import triton_policy
 
@@ -239,10 +241,14 @@ def infer_media(request: Request) -> None:
 
 def infer_headers(request: Request) -> None:
     """What an inference request is refused on its path and headers alone (`checked_on_headers`):
-    an unknown or unready model or version, a content type it does not read. (A version that is
-    no version number is the route's 422, after.)"""
+    an unknown or unready model or version, a content type it does not read, an
+    `Inference-Header-Content-Length` that is no count within the declared body, or given twice
+    (a probe's `abc` was read with 8 MB after `Expect: 100-continue` for its 422)."""
     begin(request, request.path_params["name"], "infer", path_value(request, "version", VERSION_TEXT))
     infer_media(request)
+    if (header_length := header_length_of(request.headers)) is not None:
+        declared = ascii_count(request.headers.get("content-length"))  # (None where chunked: its size is not known yet)
+        json_part_bytes(header_length, sys.maxsize if declared is None else declared)
 
 
 async def infer_on(request: Request, name: str, version: int | None) -> Response:
@@ -250,7 +256,7 @@ async def infer_on(request: Request, name: str, version: int | None) -> Response
     model = begin(request, name, "infer", version)
     infer_media(request)
     raw = await request.body()
-    header_length = request.headers.get(HEADER_LENGTH)
+    header_length = header_length_of(request.headers)
     json_bytes = json_part_bytes(header_length, len(raw))  # (422 for a header that is no count: "0" or "abc" once read as "all JSON", then 413)
     value_limit = json_value_limit(model, registry.settings)  # (once: its rows come from a search over the compute limit)
     limit = json_header_limit(value_limit, registry.settings)

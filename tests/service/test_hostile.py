@@ -431,14 +431,29 @@ def test_a_json_operation_sent_another_content_type_is_415_before_its_body_is_re
     ("/v1/models/stylegan-shapes/project?steps=5000", "image/png", 422, b"steps: at most"),
     ("/v1/models/stylegan-shapes/project?version=99&steps=10", "image/png", 404, b"has no version 99"),
     ("/v1/models/sr-rrdb-x4/upscale", "image/png\r\naccept: text/html", 406, b"cannot answer with 'text/html'"),
+    ("/v1/models/sr-rrdb-x4/upscale?format=bogus", "image/png", 422, b"format: "),
+    ("/v1/models/sr-rrdb-x4/upscale?zzz=1", "image/png", 422, b"unknown query parameter 'zzz'"),
+    ("/v1/models/sr-rrdb-x4/translate?fit=bogus", "image/png", 422, b"fit: "),
+    ("/v1/models/stylegan-shapes/project?steps=abc", "image/png", 422, b"steps: "),
+    ("/v2/models/dcgan-digits/versions/abc/infer", "application/octet-stream", 422, b"version: "),
+    ("/v2/models/dcgan-digits/infer", "application/octet-stream\r\ninference-header-content-length: abc", 422, b"must be an integer"),
+    ("/v2/models/dcgan-digits/infer", "application/octet-stream\r\ninference-header-content-length: 9000000", 422,
+     b"does not fit a body of 8000000 bytes"),
+    ("/v2/models/dcgan-digits/infer", "application/octet-stream\r\ninference-header-content-length: 106\r\ninference-header-content-length: 5",
+     422, b"given twice"),
 ], ids=["unknown model", "another kind", "content type", "translate to an upscaler", "v2 unknown model", "projection to a DCGAN",
-        "projection content type", "unknown version", "v2 unknown version", "projection steps", "projection version", "accept"])
+        "projection content type", "unknown version", "v2 unknown version", "projection steps", "projection version", "accept",
+        "a query value its type refuses", "an unknown query parameter", "translate's fit", "projection steps not a number",
+        "v2 version not a number", "v2 header length not a count", "v2 header length past the body", "v2 header length twice"])
 def test_an_upload_its_headers_refuse_is_answered_before_its_body_is_read(shipped, path, media, status, says):
     """A hostile probe sent 8 MB with `Expect: 100-continue` to a misspelt model, to a model of
     another kind and as text/xml: each was told "100 Continue", read whole (reserved in the memory
     budget as it came) and only then refused. Now the path, query and headers are enough (a
     version, a projection's steps, an `Accept` too): refused at once, with no 100 Continue and the
-    connection closed (the shipped server's body timeout is 3 s). The `--workers` front's
+    connection closed (the shipped server's body timeout is 3 s). So are the 422s the headers
+    decide: a parameter its type refuses or one the operation does not take (a second probe's
+    `?format=bogus` and `/versions/abc/infer` were read whole first), and an
+    `Inference-Header-Content-Length` that is no count within the body. The `--workers` front's
     projection route is checked the same way (`test_workers.py`)."""
     started = time.perf_counter()
     answer = raw_exchange(shipped, b"POST %s HTTP/1.1\r\nHost: x\r\ncontent-type: %s\r\nexpect: 100-continue\r\n"
@@ -446,6 +461,20 @@ def test_an_upload_its_headers_refuse_is_answered_before_its_body_is_read(shippe
     assert answer.startswith(b"HTTP/1.1 %d" % status) and says in answer, answer[:400]
     assert b"100 Continue" not in answer and b"connection: close" in answer.lower()
     assert time.perf_counter() - started < 2.5  # answered on its headers, not at the body timeout
+
+
+@pytest.mark.parametrize("path", ["/v1/models/sr-rrdb-x4/upscale?format=bogus", "/v1/models/stylegan-shapes/project?steps=abc&zzz=1",
+                                  "/v2/models/dcgan-digits/versions/abc/infer"])
+def test_a_parameter_refused_on_the_headers_is_told_what_the_route_tells_it(shipped, path):
+    """The same 422, word for word, whether the headers refuse it before a large body is read or
+    the route does once it has read a small one."""
+    media = b"application/octet-stream" if path.startswith("/v2") else b"image/png"
+    early = raw_exchange(shipped, b"POST %s HTTP/1.1\r\nHost: x\r\ncontent-type: %s\r\nexpect: 100-continue\r\n"
+                                  b"content-length: 8000000\r\n\r\n" % (path.encode(), media), wait_s=10)
+    with shipped.client() as client:
+        late = client.post(path, content=png(24, 24, "RGB"), headers={"content-type": media.decode()})
+    assert early.startswith(b"HTTP/1.1 422") and late.status_code == 422, (early[:300], late.text)
+    assert json.loads(early.split(b"\r\n\r\n", 1)[1]) == late.json()
 
 
 def test_an_upload_that_expects_100_continue_is_told_to_go_on_and_served(shipped):

@@ -280,7 +280,11 @@ def test_errors_and_limits_are_the_single_process_servers(workers, server):
     ("/v1/models/digits/project", 422, b"needs a style model"),
     ("/v1/models/digit/upscale", 404, b"digit"),
     ("/v1/models/styles/project?steps=5000", 422, b"steps: at most"),
-], ids=["projection to a DCGAN", "unknown model", "projection steps"])
+    ("/v1/models/styles/project?steps=abc", 422, b"steps: "),
+    ("/v1/models/styles/project?zzz=1", 422, b"unknown query parameter 'zzz'"),
+    ("/v2/models/digits/versions/abc/infer", 422, b"version: "),
+], ids=["projection to a DCGAN", "unknown model", "projection steps", "projection steps not a number", "projection's unknown parameter",
+        "v2 version not a number"])
 def test_a_front_refuses_an_upload_on_its_headers_before_reading_it(workers, path, status, says):
     """As one process does (`test_hostile.py`): 8 MB declared after `Expect: 100-continue` to a
     model that cannot take it is refused on the headers, with no 100 Continue, by the front."""
