@@ -182,8 +182,10 @@ def quiet_client_caused_output() -> None:
     warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
 
 
-def raw_error(status: int, reason: str, code: str, message: str) -> bytes:
-    body = json.dumps({"error": {"code": code, "message": message}}, separators=(",", ":")).encode()  # compact, as the routes' JSON errors are
+def raw_error(status: int, reason: str, code: str, message: str, path: str = "") -> bytes:
+    """An answer written before any route runs, shaped as the routes' errors for `path` (the
+    request's path as far as it was parsed: a v2 path's error is `{"error": "message"}`)."""
+    body = json.dumps(error_payload(path, status, message, code), separators=(",", ":")).encode()  # compact, as the routes' JSON errors are
     head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
             "connection: close\r\n\r\n").encode()
     return head + body
@@ -375,12 +377,17 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
             self.header_timer.cancel()
             self.header_timer = None
 
+    def path_so_far(self) -> str:
+        """The request's path as far as the parser has read it ("" before its request line): a
+        refusal at this level is shaped for it (a v2 client was sent v1's error object)."""
+        return bytes(getattr(self, "url", b"")).split(b"?", 1)[0].decode("latin-1")
+
     def send_400_response(self, msg: str) -> None:
         """The HTTP parser refused the request (a malformed request line or header, a framing it
         does not take such as `Transfer-Encoding: identity` or `chunked, chunked`): answered with
         the API's JSON error, as every other refusal is, not uvicorn's plain text, and closed."""
         self.transport.write(raw_error(400, "Bad Request", "bad_request",
-                                       "the request is not valid HTTP/1.1 (its request line, a header or its body's framing)"))
+                                       "the request is not valid HTTP/1.1 (its request line, a header or its body's framing)", self.path_so_far()))
         self.transport.close()
 
     def data_received(self, data: bytes) -> None:
@@ -569,7 +576,7 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         self.awaiting_headers, self.refused = False, True
         if not self.transport.is_closing():
             self.transport.write(raw_error(431, "Request Header Fields Too Large", "headers_too_large",
-                                           f"the request's headers are over {self.max_header_bytes} bytes"))
+                                           f"the request's headers are over {self.max_header_bytes} bytes", self.path_so_far()))
             self.shut_and_linger()
 
     def shut_and_linger(self) -> None:
@@ -589,7 +596,7 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         self.header_timer = None
         if not self.transport.is_closing() and not self.refused and self.transport.get_protocol() is self:
             self.transport.write(raw_error(408, "Request Timeout", "request_timeout",
-                                           f"the request headers did not arrive within {self.header_timeout_s:g} s"))
+                                           f"the request headers did not arrive within {self.header_timeout_s:g} s", self.path_so_far()))
             self.transport.close()
 
 
