@@ -175,3 +175,16 @@ def test_a_json_header_of_more_rows_than_the_model_can_serve_is_refused_before_i
         assert too_many < 256  # (allowed before)
     finally:
         lane.shutdown()
+
+
+def test_a_header_length_in_other_bytes_is_refused_naming_its_bytes():
+    """A header's bytes come as Latin-1: `٣` (UTF-8 d9 a3) was named 'Ù£' in the 422."""
+    import pytest
+
+    from service.errors import ApiError
+    from service.tensor_protocol import json_part_bytes
+
+    with pytest.raises(ApiError) as refused:
+        json_part_bytes("\xd9\xa3", 100)
+    assert refused.value.status == 422 and "b'\\xd9\\xa3'" in refused.value.message, refused.value.message
+    assert json_part_bytes("00000000000000106", 200) == 106  # leading zeros are still a count
