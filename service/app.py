@@ -6,7 +6,6 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.staticfiles import StaticFiles
 
 from service import playground
 from service.errors import install_error_handlers
@@ -103,8 +102,9 @@ def create_app(settings: Settings | None = None, serve_while_loading: bool = Tru
     upload_routes = [route for router in (image2image.router, v2.router, job_router) for route in router.routes
                      if getattr(getattr(route, "endpoint", None), "checked_on_headers", None)]
     app.add_middleware(RequestIntake, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s,
-                       max_json_body_bytes=settings.max_json_body_bytes, json_routes=json_routes, upload_routes=upload_routes)
-    app.add_middleware(stream.WebSocketRoutesOnly)
+                       max_json_body_bytes=settings.max_json_body_bytes, json_routes=json_routes, upload_routes=upload_routes,
+                       trusted_origins=settings.trusted_origins)
+    app.add_middleware(stream.WebSocketRoutesOnly, trusted_origins=settings.trusted_origins)
     app.include_router(health.router)
     app.include_router(v1.router)
     app.include_router(style.router)
@@ -118,7 +118,7 @@ def create_app(settings: Settings | None = None, serve_while_loading: bool = Tru
     app.include_router(v2.router)
     app.include_router(gallery.router)
     app.include_router(playground.router)
-    app.mount("/static", StaticFiles(directory=playground.STATIC), name="static")
+    app.mount("/static", playground.PageFiles(directory=playground.STATIC), name="static")
     app.include_router(docs.router)
     app.mount(docs.ASSETS_PATH, docs.ASSETS, name="docs-assets")
 

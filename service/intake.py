@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.routing import BaseRoute, Match
@@ -179,6 +180,40 @@ def media_type(headers: dict[bytes, bytes]) -> str:
     return headers.get(b"content-type", b"").split(b";")[0].strip().lower().decode("latin-1")
 
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def cross_site_origin(headers: dict[bytes, bytes], trusted_origins: frozenset[str] = frozenset()) -> str | None:
+    """The `Origin` of a request a browser sent from another site's page, None for any other
+    request. Browsers send `Origin` with every cross-site POST and WebSocket handshake, and a form
+    post or a `no-cors` fetch needs no preflight, so without this a page anywhere could spend a
+    visitor's share of this server: a probe's page started projection jobs (the visitor's own
+    were then 429) and read upscales over a WebSocket (no CORS applies to those). Clients such as
+    tritonclient or curl send none. An origin naming the host the request was sent to (its `Host`)
+    is the server's own pages'; `trusted_origins` (GANSERVE_TRUSTED_ORIGINS) are others allowed."""
+    origin = headers.get(b"origin")
+    if origin is None:
+        return None
+    text = origin.decode("latin-1")
+    if text.strip().rstrip("/").lower() in trusted_origins:
+        return None
+    try:
+        netloc = urlsplit(text.strip()).netloc.lower()
+    except ValueError:  # ("http://[::1" and the like)
+        return text
+    return None if netloc and netloc == headers.get(b"host", b"").decode("latin-1").strip().lower() else text
+
+
+def trusted_origin_set(origins: Sequence[str]) -> frozenset[str]:
+    """GANSERVE_TRUSTED_ORIGINS as `cross_site_origin` compares them: lower case, no trailing slash."""
+    return frozenset(origin.strip().rstrip("/").lower() for origin in origins)
+
+
+def refuse_cross_site(origin: str) -> ApiError:
+    return ApiError(403, f"this server does not take requests a browser sends from another site's page (Origin {origin[:100]!r}): "
+                         "send them from a client or from this server's own pages, or list that site in GANSERVE_TRUSTED_ORIGINS")
+
+
 class Refused(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -210,8 +245,9 @@ class RequestIntake:
     only for such a body, so routing twice costs nothing on the common path."""
 
     def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float, max_json_body_bytes: int | None = None,
-                 json_routes: Sequence[BaseRoute] = (), upload_routes: Sequence[BaseRoute] = ()) -> None:
+                 json_routes: Sequence[BaseRoute] = (), upload_routes: Sequence[BaseRoute] = (), trusted_origins: Sequence[str] = ()) -> None:
         self.app = app
+        self.trusted_origins = trusted_origin_set(trusted_origins)
         self.limit = max_body_bytes
         self.body_timeout_s = body_timeout_s
         self.json_limit = max_json_body_bytes if max_json_body_bytes is not None else max_body_bytes
@@ -331,6 +367,9 @@ class RequestIntake:
 
     async def read_body(self, scope: Scope, receive: Receive, context: RequestContext, budget: MemoryBudget | None) -> bytes:
         headers = dict(scope.get("headers") or [])
+        if b"origin" in headers and scope["method"] not in SAFE_METHODS and (origin := cross_site_origin(headers, self.trusted_origins)) is not None:
+            refused = refuse_cross_site(origin)
+            raise Refused(refused.status, refused.code, refused.message)
         length = ascii_count(headers.get(b"content-length"), max_digits=40)
         if b"content-encoding" in headers and (length or b"transfer-encoding" in headers):  # (a bodyless GET passes)
             refuse_compressed(scope["headers"])

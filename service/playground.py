@@ -6,14 +6,28 @@ from pathlib import Path
 
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, Response
+from fastapi.staticfiles import StaticFiles
 
 STATIC = Path(__file__).with_name("static")  # playground.html, .css, .js; mounted at /static by the app
 router = APIRouter(include_in_schema=False)
+# the pages (the playground, the API docs) and their files: no other site may frame them (a probe's
+# page framed /docs, and a click and a typed name in it unloaded a model: the request was the docs
+# page's own, so no Origin or Host check could tell), and no browser may read a file as another type
+PAGE_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'", "X-Content-Type-Options": "nosniff"}
+
+
+class PageFiles(StaticFiles):
+    """Static files (the playground's, the API docs' scripts) answered with PAGE_HEADERS."""
+
+    def file_response(self, *args, **kwargs) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers.update(PAGE_HEADERS)
+        return response
 
 
 @router.get("/")
 async def playground() -> FileResponse:
-    return FileResponse(STATIC / "playground.html", media_type="text/html")
+    return FileResponse(STATIC / "playground.html", media_type="text/html", headers=PAGE_HEADERS)
 
 
 @router.get("/favicon.ico")

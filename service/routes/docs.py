@@ -9,28 +9,34 @@ from importlib.resources import files
 from fastapi import APIRouter
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse
-from fastapi.staticfiles import StaticFiles
+
+from service.playground import PAGE_HEADERS, PageFiles
 
 ASSETS_PATH = "/docs-assets"
-ASSETS = StaticFiles(directory=str(files("fastapi_offline") / "static"))
+ASSETS = PageFiles(directory=str(files("fastapi_offline") / "static"))
 OPENAPI_URL, TITLE = "/openapi.json", "ganserve"
 
 router = APIRouter(include_in_schema=False)
 
 
+def page(response: HTMLResponse) -> HTMLResponse:
+    response.headers.update(PAGE_HEADERS)
+    return response
+
+
 @router.get("/docs")
 async def swagger_ui() -> HTMLResponse:
-    return get_swagger_ui_html(openapi_url=OPENAPI_URL, title=f"{TITLE} – API", oauth2_redirect_url="/docs/oauth2-redirect",
+    return page(get_swagger_ui_html(openapi_url=OPENAPI_URL, title=f"{TITLE} – API", oauth2_redirect_url="/docs/oauth2-redirect",
                                swagger_js_url=f"{ASSETS_PATH}/swagger-ui-bundle.js", swagger_css_url=f"{ASSETS_PATH}/swagger-ui.css",
-                               swagger_favicon_url=f"{ASSETS_PATH}/favicon.png")
+                               swagger_favicon_url=f"{ASSETS_PATH}/favicon.png"))
 
 
 @router.get("/docs/oauth2-redirect")
 async def swagger_ui_redirect() -> HTMLResponse:
-    return get_swagger_ui_oauth2_redirect_html()
+    return page(get_swagger_ui_oauth2_redirect_html())
 
 
 @router.get("/redoc")
 async def redoc() -> HTMLResponse:
-    return get_redoc_html(openapi_url=OPENAPI_URL, title=f"{TITLE} – API", redoc_js_url=f"{ASSETS_PATH}/redoc.standalone.js",
-                          redoc_favicon_url=f"{ASSETS_PATH}/favicon.png", with_google_fonts=False)
+    return page(get_redoc_html(openapi_url=OPENAPI_URL, title=f"{TITLE} – API", redoc_js_url=f"{ASSETS_PATH}/redoc.standalone.js",
+                               redoc_favicon_url=f"{ASSETS_PATH}/favicon.png", with_google_fonts=False))

@@ -1,8 +1,10 @@
 """The streaming super-resolution endpoint (protocol: service/streams.py). Refusals before the
 handshake completes are HTTP answers with the API's JSON error body (404 unknown model, 422 not
 an upscale model, a bad, unknown or repeated parameter, 503 not ready, too many streams or this
-client's share of them)."""
+client's share of them, 403 from another site's page)."""
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from fastapi import APIRouter, Request, WebSocket
 from fastapi.responses import JSONResponse
@@ -12,6 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.connection_table import share_key
 from service.errors import ApiError, error_payload
 from service.digits import ascii_count
+from service.intake import cross_site_origin, refuse_cross_site, trusted_origin_set
 from service.pipeline import refuse_unknown_query, require_kind
 from service.streams import STREAM_FORMATS, UpscaleStream
 
@@ -44,13 +47,20 @@ async def refuse(websocket: WebSocket, error: ApiError) -> None:
 class WebSocketRoutesOnly:
     """ASGI middleware: a WebSocket handshake to a path no WebSocket route serves (an HTTP route, a
     static file, nothing) is refused with the API's JSON 404, where Starlette closed it unaccepted,
-    which the server answered as an empty text/plain 403."""
+    which the server answered as an empty text/plain 403; one a browser sends from another site's
+    page with the API's 403 (`intake.cross_site_origin`: no CORS applies to WebSockets, and a
+    probe's page read upscales through a visitor's stream slots)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, trusted_origins: Sequence[str] = ()) -> None:
         self.app = app
+        self.trusted_origins = trusted_origin_set(trusted_origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
+            headers = dict(scope.get("headers") or [])
+            if b"origin" in headers and (origin := cross_site_origin(headers, self.trusted_origins)) is not None:
+                await refuse(WebSocket(scope, receive, send), refuse_cross_site(origin))
+                return
             routes = scope["app"].router.routes  # (HTTP routes never match a WebSocket; mounts, of static files, match any)
             if not any(not isinstance(route, Mount) and route.matches(scope)[0] == Match.FULL for route in routes):
                 await refuse(WebSocket(scope, receive, send), ApiError(404, f"no WebSocket endpoint at {scope.get('path', '')[:100]!r} "

@@ -477,6 +477,47 @@ def test_a_parameter_refused_on_the_headers_is_told_what_the_route_tells_it(ship
     assert json.loads(early.split(b"\r\n\r\n", 1)[1]) == late.json()
 
 
+def test_a_post_a_browser_sends_from_another_sites_page_is_refused_before_anything_runs(shipped):
+    """A form post or a `no-cors` fetch needs no preflight: a probe's page on another origin started
+    projection jobs through its visitor's browser (the visitor's own next one was then 429, its
+    share taken), upscaled and ran v2 infers sent as text/plain. Browsers send `Origin` with each
+    such request; one naming another site than the request's `Host` is refused before its body is
+    read, and nothing runs. The server's own pages (an Origin naming its Host) and clients sending
+    no Origin are served."""
+    host = shipped.url.removeprefix("http://")
+    jobs = shipped.metric("ganserve_requests_total", model="stylegan-shapes", operation="project")
+    upscales = shipped.metric("ganserve_requests_total", model="sr-rrdb-x4", operation="upscale")
+    form = {"files": {"file": ("red.png", png(24, 24, "RGB"), "image/png")}}
+    z = json.dumps({"inputs": [{"name": "z", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]})
+    with shipped.client() as client:
+        for origin in ("http://elsewhere.example", f"http://{host}.evil.example", "null", "http://[::1"):
+            sent = {"headers": {"origin": origin}}
+            for answer in (client.post("/v1/models/stylegan-shapes/project?steps=1", **form, **sent),
+                           client.post("/v1/models/sr-rrdb-x4/upscale", **form, **sent),
+                           client.post("/v2/models/dcgan-digits/infer", content=z, headers={"origin": origin, "content-type": "text/plain"})):
+                assert answer.status_code == 403 and "another site" in str(answer.json()["error"]), (origin, answer.text)
+        assert shipped.metric("ganserve_requests_total", model="stylegan-shapes", operation="project") == jobs  # none began
+        assert shipped.metric("ganserve_requests_total", model="sr-rrdb-x4", operation="upscale") == upscales
+        own = client.post("/v1/models/sr-rrdb-x4/upscale", **form, headers={"origin": f"http://{host}"})
+        assert own.status_code == 200, own.text
+        assert client.post("/v2/models/dcgan-digits/infer", content=z, headers={"content-type": "text/plain"}).status_code == 200
+        assert client.get("/v1/models", headers={"origin": "http://elsewhere.example"}).status_code == 200  # reads: CORS keeps them unread
+
+
+def test_origins_are_compared_by_scheme_host_and_port_and_trusted_ones_pass():
+    from service.intake import cross_site_origin, trusted_origin_set
+
+    def check(origin: str, host: str = "ganserve.example:8000", trusted: tuple[str, ...] = ()) -> str | None:
+        return cross_site_origin({b"origin": origin.encode(), b"host": host.encode()}, trusted_origin_set(trusted))
+
+    assert check("http://ganserve.example:8000") is None and check("HTTP://GanServe.Example:8000") is None
+    assert check("http://ganserve.example") and check("http://ganserve.example:8001") and check("http://evil.example:8000")
+    assert check("https://app.example", trusted=("https://App.example/",)) is None
+    assert check("https://app.example:8443", trusted=("https://app.example",))  # another port is another origin
+    assert check("null") and check("http://[::1") and check("http://ganserve.example:8000", host="")
+    assert check("") == ""  # (an empty Origin is no origin of this server's either)
+
+
 def test_an_upload_that_expects_100_continue_is_told_to_go_on_and_served(shipped):
     """The header checks refuse nothing they should not: an upscale sent after `Expect: 100-continue`
     (of its version, as JPEG by `format=` whatever `Accept` says) is told to go on, then served."""

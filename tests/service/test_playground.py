@@ -113,6 +113,29 @@ def test_the_api_docs_render_their_operations_from_scripts_the_server_serves(bro
     assert "/v1/models/{name}/generate" in browser.find_element(By.TAG_NAME, "body").text
 
 
+@pytest.mark.parametrize("page,shown", [("/", "#gallery"), ("/docs", ".swagger-ui"), ("/redoc", "redoc, [data-section-id]")])
+def test_another_sites_page_cannot_frame_the_playground_or_the_docs(browser, server, tmp_path, page, shown):
+    """A probe's page framed /docs at one operation: a click on "Try it out", a typed model name
+    and a click on Execute unloaded the model, the request being the docs page's own (so no
+    Origin or Host check could tell). The pages now tell the browser that no other site may frame
+    them, and it shows an error in the frame instead. Their files say it too, and `nosniff`."""
+    elsewhere = tmp_path / "elsewhere.html"
+    elsewhere.write_text(f'<iframe id="framed" src="{server.url}{page}" width="900" height="700"></iframe>')
+    browser.get(elsewhere.as_uri())
+    WebDriverWait(browser, SERVER_WAIT_S).until(lambda _: browser.execute_script("return document.readyState") == "complete")
+    browser.switch_to.frame("framed")
+    try:
+        with pytest.raises(TimeoutException):  # what the page shows when it is allowed to load
+            WebDriverWait(browser, 3).until(lambda _: browser.find_elements(By.CSS_SELECTOR, shown))
+    finally:
+        browser.switch_to.default_content()
+    browser.get_log("browser")  # (the browser logs its refusal to show the frame as an error: expected here)
+    for path in (page, "/static/playground.js", "/docs-assets/swagger-ui-bundle.js"):
+        headers = httpx.get(server.url + path, timeout=30).headers
+        assert headers["x-frame-options"] == "DENY" and "frame-ancestors 'none'" in headers["content-security-policy"], path
+        assert headers["x-content-type-options"] == "nosniff", path
+
+
 def test_gallery_lists_every_model_with_its_facts_and_samples(browser, server):
     models = httpx.get(f"{server.url}/v1/models").json()["models"]
     browser.get(server.url + "/")

@@ -122,6 +122,25 @@ def test_a_refused_handshake_is_the_api_error(server, path, status):
     assert "without completing handshake" not in server.process.log_path.read_text(errors="replace")  # no ERROR line per refusal
 
 
+def test_a_stream_a_browser_opens_from_another_sites_page_is_refused(server):
+    """No CORS applies to WebSockets: a probe's page elsewhere opened 20 streams through its
+    visitor's browser, read the upscales of its frames and took the visitor's share of the slots
+    (the visitor's own stream then 503). A page of this server (an Origin naming its Host) and a
+    client sending no Origin open theirs."""
+    host = server.url.removeprefix("http://")
+    for origin in ("http://elsewhere.example", f"http://{host}.evil.example", "null"):
+        with pytest.raises(InvalidStatus) as refused:
+            with connect(ws_url(server), origin=origin):
+                pass
+        assert refused.value.response.status_code == 403, origin
+        assert "another site" in json.loads(refused.value.response.body)["error"]["message"]
+    for origin in (f"http://{host}", None):
+        with connect(ws_url(server) + "?format=png", origin=origin, max_size=2**24) as ws:
+            assert json.loads(ws.recv(timeout=30))["type"] == "ready"
+            ws.send(frame(16, 16, 1))
+            assert answers(ws, 1)[0]["type"] == "frame", origin
+
+
 def test_a_plain_http_get_of_the_stream_says_it_is_a_websocket_endpoint(server):
     """It was a bare 404, as if nothing were there."""
     with server.client() as client:
