@@ -14,6 +14,7 @@ import functools
 import json
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from typing import TypeVar
 
 from fastapi import Request, Response, WebSocket
@@ -376,20 +377,21 @@ async def off_loop(request: Request, function: Callable[..., T], *args) -> T:
     return await in_pool(registry_of(request), function, *args)
 
 
-async def in_pool(registry: ModelRegistry, function: Callable[..., T], *args, deadline: float | None = None) -> T:
-    """`function(*args)` in the encoder pool. With `deadline` (monotonic), a wait past it is a 504:
+async def in_pool(registry: ModelRegistry, function: Callable[..., T], *args, deadline: float | None = None, pool: Executor | None = None) -> T:
+    """`function(*args)` in the encoder pool (or `pool`). With `deadline` (monotonic), a wait past it is a 504:
     two uploads whose decoding held both threads for 70 s made a small upscale's header check wait
     41-61 s, then be told 503 "retry in 1 s" with -24.9 s left of its 30 (a probe). Work a thread
     has begun runs on (it cannot be stopped); work still queued is dropped."""
-    future = asyncio.get_running_loop().run_in_executor(registry.encoders, function, *args)
+    future = asyncio.get_running_loop().run_in_executor(pool or registry.encoders, function, *args)
     if deadline is None:
         return await future
     try:
         async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
             return await future
     except TimeoutError:
-        raise ApiError(504, "the request's deadline passed while it waited for the server's encoder pool (it decodes uploads and "
-                            "encodes answers; busy with other requests' images)") from None
+        where = ("the server's encoder pool (it decodes uploads and encodes answers; busy with other requests' images)" if pool is None
+                 else "its turn to decode its upload (one at a time, behind other requests' uploads)")
+        raise ApiError(504, f"the request's deadline passed while it waited for {where}") from None
 
 
 def deadline_of(registry: ModelRegistry, ctx: RequestContext) -> float:

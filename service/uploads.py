@@ -4,6 +4,8 @@ from the header and checked before a pixel is decoded, decoded off the event loo
 (ITU-R 601 luma for one-channel models) and padded."""
 from __future__ import annotations
 
+from concurrent.futures import Executor
+
 import numpy as np
 from fastapi import Request
 from PIL import Image
@@ -77,10 +79,12 @@ def prepared_input(data: bytes, max_pixels: int, channels: int, size: tuple[int,
     return pad_to(x, *size) if fit == "pad" else resize_chw(x, *size)
 
 
-async def prepare(registry, data: bytes, channels: int, size: tuple[int, int] | None = None, fit: str = "pad") -> np.ndarray:
-    """`prepared_input` off the event loop (in the registry's encoder pool), its upload errors as API errors."""
+async def prepare(registry, data: bytes, channels: int, size: tuple[int, int] | None = None, fit: str = "pad",
+                  pool: Executor | None = None, deadline: float | None = None) -> np.ndarray:
+    """`prepared_input` off the event loop (in the registry's encoder pool, or `pool`; 504 where
+    its turn has not come by `deadline`), its upload errors as API errors."""
     try:
-        return await in_pool(registry, prepared_input, data, registry.settings.max_upload_pixels, channels, size, fit)
+        return await in_pool(registry, prepared_input, data, registry.settings.max_upload_pixels, channels, size, fit, deadline=deadline, pool=pool)
     except UploadError as error:
         raise ApiError(error.status, str(error))
 

@@ -106,7 +106,8 @@ async def project_image(name: str, request: Request, steps: Annotated[Projection
         reserve(request, width * height * DECODE_BYTES_PER_PIXEL)
         entry = model.entry
         resolution = entry.spec["resolution"]
-        target = torch.from_numpy(await prepare(registry, data, entry.spec["channels"], (resolution, resolution), fit="square"))
+        target = torch.from_numpy(await prepare(registry, data, entry.spec["channels"], (resolution, resolution), fit="square",
+                                                pool=registry.jobs.intake, deadline=request_deadline(request)))
 
         def work(job, tick) -> dict:
             networks = projection_networks(entry)

@@ -228,6 +228,18 @@ def test_the_animation_bench_times_the_servers_encoding_beside_pillows_defaults(
     assert (tmp_path / "animation.json").exists()
 
 
+def test_the_projection_churn_bench_times_a_benign_client_alone_and_beside_the_churners(server):
+    """`python -m bench.projection_churn` (a short turn on the test server)."""
+    from bench.projection_churn import run_projection_churn
+
+    report = run_projection_churn(server.url, "styles", "upx4", "digits", side=512, seconds=1.5)
+    alone, beside = report["phases"]["alone"], report["phases"]["beside the churn"]
+    assert alone["projections"] == {"accepted": 0, "refused": 0} and beside["projections"]["accepted"] > 0
+    for phase in (alone, beside):
+        assert phase["upscale"]["n"] > 0 and 0 < phase["generate"]["p50_ms"] <= phase["generate"]["max_ms"]
+        assert set(phase["statuses"]) == {"upscale 200", "generate 200"}, phase["statuses"]
+
+
 def test_a_bench_option_that_is_no_list_of_counts_or_names_a_missing_model_is_a_usage_error(repository):
     """`--concurrency 1,abc` ended in a traceback, `--concurrency 0` one after every server had
     started, `bench-limits --models nosuch` one after a server failed to become ready."""
