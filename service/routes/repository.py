@@ -55,11 +55,15 @@ def model_control_turn(request: Request) -> Iterator[None]:
 
 
 def host_name(host: str) -> str:
-    """The name in a Host header, without its port (an IPv6 literal keeps no brackets)."""
+    """The name in a Host header, without its port (an IPv6 literal keeps no brackets). What
+    follows the name must be a port: `127.0.0.1:8813.evil.com` and `[::1]evil.com` were read as
+    the addresses they start with (no browser sends them; they are kept whole, and so refused)."""
     host = host.strip().lower()
     if host.startswith("["):
-        return host[1:].partition("]")[0]
-    return host.rpartition(":")[0] if host.count(":") == 1 else host
+        literal, _, rest = host[1:].partition("]")
+        return literal if rest == "" or (rest[0] == ":" and rest[1:].isdigit()) else host
+    name, colon, port = host.rpartition(":")
+    return name if colon and host.count(":") == 1 and port.isdigit() else host
 
 
 def require_known_host(request: Request) -> None:
