@@ -195,7 +195,7 @@ def cross_site_origin(headers: dict[bytes, bytes], trusted_origins: frozenset[st
     if origin is None:
         return None
     text = origin.decode("latin-1")
-    if text.strip().rstrip("/").lower() in trusted_origins:
+    if normal_origin(text) in trusted_origins:
         return None
     try:
         netloc = urlsplit(text.strip()).netloc.lower()
@@ -204,9 +204,14 @@ def cross_site_origin(headers: dict[bytes, bytes], trusted_origins: frozenset[st
     return None if netloc and netloc == headers.get(b"host", b"").decode("latin-1").strip().lower() else text
 
 
+def normal_origin(origin: str) -> str:
+    """An origin as `cross_site_origin` compares it with the trusted ones: lower case, no trailing slash."""
+    return origin.strip().rstrip("/").lower()
+
+
 def trusted_origin_set(origins: Sequence[str]) -> frozenset[str]:
-    """GANSERVE_TRUSTED_ORIGINS as `cross_site_origin` compares them: lower case, no trailing slash."""
-    return frozenset(origin.strip().rstrip("/").lower() for origin in origins)
+    """GANSERVE_TRUSTED_ORIGINS, each as `normal_origin` writes it."""
+    return frozenset(normal_origin(origin) for origin in origins)
 
 
 def refuse_cross_site(origin: str) -> ApiError:

@@ -70,7 +70,7 @@ def require_known_host(request: Request) -> None:
     """403 for a request whose Host names something other than an IP address, localhost or a name
     in GANSERVE_MODEL_CONTROL_HOSTS. DNS rebinding: a page on a name an attacker controls, whose
     address the attacker then points at this server, posts to it from its own origin, so Origin and
-    Host agree and `require_same_site` lets it through; the name in its Host is the attacker's."""
+    Host agree and the intake's site check (`intake.cross_site_origin`) lets it through; the name in its Host is the attacker's."""
     host = request.headers.get("host")
     if host is None:  # HTTP/1.0 without one: not a browser
         return
