@@ -69,7 +69,9 @@ def inputs_for(entry: ModelEntry, batch: int) -> dict[str, np.ndarray]:
 
 def measure_setting(setting: str, entry: ModelEntry, batch: int, held: int, repeats: int, results) -> None:
     """One setting in this (fresh) process; puts its figures on `results`."""
-    import onnxruntime as ort
+    from models.onnx_runtime import onnx_runtime
+
+    ort = onnx_runtime()
 
     from service.memory import rss_bytes
     from service.runtimes import OnnxRuntime, warming

@@ -25,7 +25,9 @@ class GenerateBody(BaseModel):
 
 
 def naive_app(repository: Path, model: str, threads: int) -> FastAPI:
-    import onnxruntime as ort
+    from models.onnx_runtime import onnx_runtime
+
+    ort = onnx_runtime()
 
     entry = max((e for e in scan_repository(repository) if e.name == model), key=lambda e: e.version)
     options = ort.SessionOptions()

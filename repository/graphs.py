@@ -96,7 +96,9 @@ def onnx_session(path: Path):
     """One ONNX Runtime session for a parity check, without the CPU arena: each run's activations
     go back to the allocator instead of staying with the session (a 256² StyleGAN3 would keep
     gigabytes)."""
-    import onnxruntime as ort
+    from models.onnx_runtime import onnx_runtime
+
+    ort = onnx_runtime()
 
     options = ort.SessionOptions()
     options.enable_cpu_mem_arena = False

@@ -76,7 +76,9 @@ class OnnxRuntime:
     def __init__(self, entry: ModelEntry, device: str, threads: int, graph: str = "model", io_binding: bool | None = None) -> None:
         """`io_binding`: images through `run_with_iobinding` (default: on CUDA only; the CPU
         tests turn it on to prove the path the GPU takes)."""
-        import onnxruntime as ort
+        from models.onnx_runtime import onnx_runtime
+
+        ort = onnx_runtime()
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads

@@ -1,9 +1,13 @@
 """Shared test settings and fixtures: torch on the machine's two cores, a real model repository,
 and the real server."""
-import pytest
-import torch
+import os
 
-from tests.serving import build_repository, running_server
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # before any import of onnxruntime (models/onnx_runtime.py says why)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests.serving import build_repository, running_server  # noqa: E402
 
 torch.set_num_threads(2)
 

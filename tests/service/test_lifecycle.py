@@ -97,6 +97,20 @@ def test_readiness_is_false_until_every_model_is_loaded_and_warmed(repository):
         assert set(states.values()) == {"ready"}
 
 
+def test_the_server_sends_onnx_runtime_no_telemetry_and_leaves_no_device_id(repository, tmp_path, monkeypatch):
+    """ONNX Runtime's Linux wheels (1.29 on) write a device identifier and an event cache under the
+    user's home at the first session and resolve Microsoft's event host every few seconds. A
+    server started without ORT_DISABLE_TELEMETRY in its environment (as a user starts it) must
+    do neither: the home it is given stays empty of them."""
+    monkeypatch.delenv("ORT_DISABLE_TELEMETRY", raising=False)  # (the test session's own conftest sets it)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / ".cache"))
+    with running_server(repository, models=["digits"]) as server, server.client() as client:
+        assert client.post("/v1/models/digits/generate", json={"seed": 3}).status_code == 200
+        assert [m["runtime"] for m in client.get("/v1/models").json()["models"]] == ["onnx"]
+    assert not (tmp_path / ".cache" / "Microsoft").exists()
+
+
 def broken_repository(repository, root):
     """The test repository plus every way an entry can be broken."""
     repo = root / "repo"
