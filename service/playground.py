@@ -1,4 +1,4 @@
-"""GET /: the playground, a static page (service/static/) that shows every model the server holds
+"""GET /: the playground, a static page (service/pages/, its files in service/static/) that shows every model the server holds
 with its sample grid and, for the one chosen, the tools its kind offers. It talks to the API only."""
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-STATIC = Path(__file__).with_name("static")  # playground.html, .css, .js; mounted at /static by the app
+STATIC = Path(__file__).with_name("static")  # the page's .css and .js; mounted at /static by the app
+# the page itself, kept out of /static: served there too, its relative links (static/…) broke
+PAGE = Path(__file__).with_name("pages") / "playground.html"
 router = APIRouter(include_in_schema=False)
 # the pages (the playground, the API docs) and their files: no other site may frame them (a probe's
 # page framed /docs, and a click and a typed name in it unloaded a model: the request was the docs
@@ -27,7 +29,7 @@ class PageFiles(StaticFiles):
 
 @router.get("/")
 async def playground() -> FileResponse:
-    return FileResponse(STATIC / "playground.html", media_type="text/html", headers=PAGE_HEADERS)
+    return FileResponse(PAGE, media_type="text/html", headers=PAGE_HEADERS)
 
 
 @router.get("/favicon.ico")

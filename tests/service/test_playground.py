@@ -136,6 +136,15 @@ def test_another_sites_page_cannot_frame_the_playground_or_the_docs(browser, ser
         assert headers["x-content-type-options"] == "nosniff", path
 
 
+def test_the_page_is_served_at_the_root_only(server):
+    """Its links are relative to the root (static/playground.js): a second copy under /static
+    loaded neither its script nor its style (a probe found it)."""
+    page = httpx.get(server.url + "/", timeout=30)
+    assert page.status_code == 200 and '<script src="static/playground.js"' in page.text
+    assert httpx.get(server.url + "/static/playground.html", timeout=30).status_code == 404
+    assert httpx.get(server.url + "/static/playground.js", timeout=30).status_code == 200
+
+
 def test_gallery_lists_every_model_with_its_facts_and_samples(browser, server):
     models = httpx.get(f"{server.url}/v1/models").json()["models"]
     browser.get(server.url + "/")
