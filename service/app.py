@@ -97,14 +97,15 @@ def create_app(settings: Settings | None = None, serve_while_loading: bool = Tru
     app = FastAPI(title="ganserve", version="1.0", lifespan=lifespan, redirect_slashes=False, docs_url=None, redoc_url=None,  # docs: routes/docs.py
                   description="Batched GAN inference: generation, latent tools, translation and super-resolution, with KServe v2 tensor endpoints.")
     install_error_handlers(app)
+    allowed_hosts = () if settings.role == "engine" else settings.allowed_hosts  # (an engine's requests are its fronts', checked there)
     json_routes = [route for router in (v1.router, style.router) for route in router.routes if getattr(route, "json_body_only", False)]
     job_router = engine_proxy.router if settings.role == "front" else jobs.router  # (a front forwards projections to the engine)
     upload_routes = [route for router in (image2image.router, v2.router, job_router) for route in router.routes
                      if getattr(getattr(route, "endpoint", None), "checked_on_headers", None)]
     app.add_middleware(RequestIntake, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s,
                        max_json_body_bytes=settings.max_json_body_bytes, json_routes=json_routes, upload_routes=upload_routes,
-                       trusted_origins=settings.trusted_origins)
-    app.add_middleware(stream.WebSocketRoutesOnly, trusted_origins=settings.trusted_origins)
+                       trusted_origins=settings.trusted_origins, allowed_hosts=allowed_hosts)
+    app.add_middleware(stream.WebSocketRoutesOnly, trusted_origins=settings.trusted_origins, allowed_hosts=allowed_hosts)
     app.include_router(health.router)
     app.include_router(v1.router)
     app.include_router(style.router)

@@ -14,7 +14,7 @@ from starlette.routing import Match
 
 log = logging.getLogger("ganserve.errors")
 STATUS_CODES = {400: "bad_request", 403: "forbidden", 404: "not_found", 405: "method_not_allowed", 406: "not_acceptable", 408: "request_timeout",
-                413: "payload_too_large", 415: "unsupported_media_type", 417: "expectation_failed", 422: "invalid_request", 426: "upgrade_required", 429: "queue_full",
+                413: "payload_too_large", 415: "unsupported_media_type", 417: "expectation_failed", 421: "misdirected_request", 422: "invalid_request", 426: "upgrade_required", 429: "queue_full",
                 499: "client_closed_request", 500: "internal", 501: "not_implemented", 503: "unavailable", 504: "deadline_exceeded"}
 STATUS_MEANINGS = {
     403: "the operation is switched off on this server", 404: "unknown model, version or job", 406: "the Accept header names no format this operation produces",

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import re
 import time
@@ -204,6 +205,49 @@ def cross_site_origin(headers: dict[bytes, bytes], trusted_origins: frozenset[st
     return None if netloc and netloc == headers.get(b"host", b"").decode("latin-1").strip().lower() else text
 
 
+def host_name(host: str) -> str:
+    """The name in a Host header, without its port (an IPv6 literal keeps no brackets). What
+    follows the name must be a port: `127.0.0.1:8813.evil.com` and `[::1]evil.com` were read as
+    the addresses they start with (no browser sends them; they are kept whole, and so refused)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        literal, _, rest = host[1:].partition("]")
+        return literal if rest == "" or (rest[0] == ":" and rest[1:].isdigit()) else host
+    name, colon, port = host.rpartition(":")
+    return name if colon and host.count(":") == 1 and port.isdigit() else host
+
+
+def local_or_address(name: str) -> bool:
+    """An IP address, localhost or a name under `.localhost`: no other site's page can be served
+    from them, so no page is same-site to this server through them (DNS rebinding needs a name)."""
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def unlisted_host(headers: dict[bytes, bytes], allowed_hosts: frozenset[str]) -> str | None:
+    """The name in a request's `Host` where GANSERVE_ALLOWED_HOSTS is set and lists neither it nor
+    the request was sent to an address or localhost; None for any other request (one without a
+    Host is HTTP/1.0, no browser's). DNS rebinding: a page on a name an attacker controls, whose
+    address the attacker then points at this server, is same-site to itself, so the site check
+    (`cross_site_origin`) lets its posts through and its reads are its own; the name in its Host
+    is the attacker's."""
+    host = headers.get(b"host")
+    if not allowed_hosts or host is None:
+        return None
+    name = host_name(host.decode("latin-1"))
+    return None if name in allowed_hosts or local_or_address(name) else name
+
+
+def refuse_unlisted_host(name: str) -> ApiError:
+    return ApiError(421, f"this server answers requests sent to an IP address, localhost or a name in GANSERVE_ALLOWED_HOSTS, "
+                         f"not to {name[:100]!r}")
+
+
 def normal_origin(origin: str) -> str:
     """An origin as `cross_site_origin` compares it with the trusted ones: lower case, no trailing slash."""
     return origin.strip().rstrip("/").lower()
@@ -250,9 +294,11 @@ class RequestIntake:
     only for such a body, so routing twice costs nothing on the common path."""
 
     def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float, max_json_body_bytes: int | None = None,
-                 json_routes: Sequence[BaseRoute] = (), upload_routes: Sequence[BaseRoute] = (), trusted_origins: Sequence[str] = ()) -> None:
+                 json_routes: Sequence[BaseRoute] = (), upload_routes: Sequence[BaseRoute] = (), trusted_origins: Sequence[str] = (),
+                 allowed_hosts: Sequence[str] = ()) -> None:
         self.app = app
         self.trusted_origins = trusted_origin_set(trusted_origins)
+        self.allowed_hosts = frozenset(name.lower() for name in allowed_hosts)  # empty: any Host is answered
         self.limit = max_body_bytes
         self.body_timeout_s = body_timeout_s
         self.json_limit = max_json_body_bytes if max_json_body_bytes is not None else max_body_bytes
@@ -372,6 +418,9 @@ class RequestIntake:
 
     async def read_body(self, scope: Scope, receive: Receive, context: RequestContext, budget: MemoryBudget | None) -> bytes:
         headers = dict(scope.get("headers") or [])
+        if self.allowed_hosts and (name := unlisted_host(headers, self.allowed_hosts)) is not None:
+            refused = refuse_unlisted_host(name)
+            raise Refused(refused.status, refused.code, refused.message)
         if b"origin" in headers and scope["method"] not in SAFE_METHODS and (origin := cross_site_origin(headers, self.trusted_origins)) is not None:
             refused = refuse_cross_site(origin)
             raise Refused(refused.status, refused.code, refused.message)

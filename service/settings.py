@@ -112,6 +112,10 @@ class Settings(BaseSettings):
     # host names (the Host header, no port) model control answers to besides IP addresses and localhost: a
     # page on a name an attacker controls, re-pointed at this server (DNS rebinding), is same-site to itself
     model_control_hosts: NameList = []
+    # host names (the Host header, no port) every route answers besides IP addresses and localhost; empty: any
+    # name. Set it where browsers could reach the server: a page on a name an attacker controls, re-pointed at
+    # this server's address (DNS rebinding), is same-site to it and may read and post as its visitor; others: 421
+    allowed_hosts: NameList = []
     # origins (`https://app.example`) whose pages may send this server POSTs and open streams through a
     # visitor's browser besides its own pages (an Origin naming the request's Host): a page elsewhere is 403
     trusted_origins: NameList = []
@@ -155,7 +159,7 @@ class Settings(BaseSettings):
     engine_dir: Path | None = None  # the children's private directory: link and HTTP sockets, the shared memory budget
     worker_slot: int = Field(0, ge=0)  # the child's slot in the shared memory budget: the engine 0, the fronts 1 … N
 
-    @field_validator("models", "model_control_hosts", "trusted_origins", mode="before")
+    @field_validator("models", "model_control_hosts", "allowed_hosts", "trusted_origins", mode="before")
     @classmethod
     def names_from_text(cls, value: object) -> object:
         return name_list(value)

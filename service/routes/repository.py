@@ -8,7 +8,6 @@ from another site's page (as every POST is: `intake.cross_site_origin`) or to a 
 site could point at this server."""
 from __future__ import annotations
 
-import ipaddress
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +15,7 @@ from contextlib import contextmanager
 from fastapi import APIRouter, Request
 
 from service.errors import ApiError, error_responses
+from service.intake import host_name, local_or_address
 from service.pipeline import DuplicateKey, registry_of, unique_keys
 
 router = APIRouter(prefix="/v2/repository", tags=["v2"])
@@ -54,34 +54,18 @@ def model_control_turn(request: Request) -> Iterator[None]:
         registry.control_waiting -= 1
 
 
-def host_name(host: str) -> str:
-    """The name in a Host header, without its port (an IPv6 literal keeps no brackets). What
-    follows the name must be a port: `127.0.0.1:8813.evil.com` and `[::1]evil.com` were read as
-    the addresses they start with (no browser sends them; they are kept whole, and so refused)."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        literal, _, rest = host[1:].partition("]")
-        return literal if rest == "" or (rest[0] == ":" and rest[1:].isdigit()) else host
-    name, colon, port = host.rpartition(":")
-    return name if colon and host.count(":") == 1 and port.isdigit() else host
-
-
 def require_known_host(request: Request) -> None:
     """403 for a request whose Host names something other than an IP address, localhost or a name
-    in GANSERVE_MODEL_CONTROL_HOSTS. DNS rebinding: a page on a name an attacker controls, whose
+    in GANSERVE_MODEL_CONTROL_HOSTS or GANSERVE_ALLOWED_HOSTS (both name the server's own). DNS rebinding: a page on a name an attacker controls, whose
     address the attacker then points at this server, posts to it from its own origin, so Origin and
     Host agree and the intake's site check (`intake.cross_site_origin`) lets it through; the name in its Host is the attacker's."""
     host = request.headers.get("host")
     if host is None:  # HTTP/1.0 without one: not a browser
         return
     name = host_name(host)
-    try:
-        ipaddress.ip_address(name)
-        return
-    except ValueError:
-        pass
-    allowed = {"localhost", *(h.lower() for h in registry_of(request).settings.model_control_hosts)}
-    if name not in allowed and not name.endswith(".localhost"):
+    settings = registry_of(request).settings
+    allowed = {h.lower() for h in (*settings.model_control_hosts, *settings.allowed_hosts)}
+    if not local_or_address(name) and name not in allowed:
         raise ApiError(403, f"model control answers requests sent to an IP address, localhost or a name in GANSERVE_MODEL_CONTROL_HOSTS, "
                             f"not to {name[:100]!r} (a name another site could point at this server); add it there to use it")
 

@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.connection_table import share_key
 from service.errors import ApiError, error_payload
 from service.digits import ascii_count
-from service.intake import cross_site_origin, refuse_cross_site, trusted_origin_set
+from service.intake import cross_site_origin, refuse_cross_site, refuse_unlisted_host, trusted_origin_set, unlisted_host
 from service.pipeline import refuse_unknown_query, require_kind
 from service.streams import STREAM_FORMATS, UpscaleStream
 
@@ -49,15 +49,20 @@ class WebSocketRoutesOnly:
     static file, nothing) is refused with the API's JSON 404, where Starlette closed it unaccepted,
     which the server answered as an empty text/plain 403; one a browser sends from another site's
     page with the API's 403 (`intake.cross_site_origin`: no CORS applies to WebSockets, and a
-    probe's page read upscales through a visitor's stream slots)."""
+    probe's page read upscales through a visitor's stream slots), and one sent to a name
+    GANSERVE_ALLOWED_HOSTS does not list with its 421 (`intake.unlisted_host`)."""
 
-    def __init__(self, app: ASGIApp, trusted_origins: Sequence[str] = ()) -> None:
+    def __init__(self, app: ASGIApp, trusted_origins: Sequence[str] = (), allowed_hosts: Sequence[str] = ()) -> None:
         self.app = app
         self.trusted_origins = trusted_origin_set(trusted_origins)
+        self.allowed_hosts = frozenset(name.lower() for name in allowed_hosts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
             headers = dict(scope.get("headers") or [])
+            if (name := unlisted_host(headers, self.allowed_hosts)) is not None:
+                await refuse(WebSocket(scope, receive, send), refuse_unlisted_host(name))
+                return
             if b"origin" in headers and (origin := cross_site_origin(headers, self.trusted_origins)) is not None:
                 await refuse(WebSocket(scope, receive, send), refuse_cross_site(origin))
                 return

@@ -504,6 +504,31 @@ def test_a_post_a_browser_sends_from_another_sites_page_is_refused_before_anythi
         assert client.get("/v1/models", headers={"origin": "http://elsewhere.example"}).status_code == 200  # reads: CORS keeps them unread
 
 
+@pytest.mark.parametrize("settings", [{}, {"workers": 2}], ids=["one process", "engine and two fronts"])
+def test_a_server_given_its_host_names_answers_no_other_name(repository, settings):
+    """DNS rebinding: a page on a name an attacker controls, whose address the attacker then points
+    at this server, is same-site to itself: the site check lets its posts through, and it may read
+    `/v1/models` and `/metrics`. With GANSERVE_ALLOWED_HOSTS set, a request (or a stream's
+    handshake) sent to any other name is 421 before anything runs; addresses and localhost are
+    answered, as every name is where the setting is empty."""
+    with running_server(repository, allowed_hosts=["gan.example"], models=["digits", "upx4"], **settings) as server, server.client() as client:
+        port = server.url.rsplit(":", 1)[1]
+        for host in (f"gan.example:{port}", "GAN.Example", f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "app.localhost"):
+            assert client.get("/v1/models", headers={"host": host}).status_code == 200, host
+            assert client.post("/v1/models/digits/generate", json={"seed": 1}, headers={"host": host}).status_code == 200, host
+        generated = server.metric("ganserve_requests_total", model="digits", operation="generate")
+        for host in (f"evil.example:{port}", f"gan.example.evil.example:{port}", f"127.0.0.1:{port}.evil.example", "gan.example:x"):
+            for method, path, sent in (("GET", "/v1/models", {}), ("GET", "/metrics", {}), ("GET", "/", {}),
+                                       ("POST", "/v1/models/digits/generate", {"json": {"seed": 1}, "headers": {"origin": f"http://{host}"}})):
+                answer = client.request(method, path, **sent | {"headers": sent.get("headers", {}) | {"host": host}})
+                assert answer.status_code == 421 and "GANSERVE_ALLOWED_HOSTS" in answer.json()["error"]["message"], (host, path, answer.text[:200])
+        assert server.metric("ganserve_requests_total", model="digits", operation="generate") == generated  # none ran
+        handshake = (b"GET /v1/models/upx4/upscale/stream HTTP/1.1\r\nHost: %s:%s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        assert raw_exchange(server, handshake % (b"evil.example", port.encode()), wait_s=5).startswith(b"HTTP/1.1 421")
+        assert raw_exchange(server, handshake % (b"gan.example", port.encode()), wait_s=2).startswith(b"HTTP/1.1 101")
+
+
 def test_origins_are_compared_by_scheme_host_and_port_and_trusted_ones_pass():
     from service.intake import cross_site_origin, trusted_origin_set
 

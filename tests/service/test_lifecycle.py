@@ -305,8 +305,9 @@ def test_model_name_lists_are_read_as_people_write_them_a_name_commas_or_json(mo
     for text, names in (("digits", ["digits"]), ("digits, cdigits", ["digits", "cdigits"]), ('["digits", "cdigits"]', ["digits", "cdigits"]), ("", [])):
         monkeypatch.setenv("GANSERVE_MODELS", text)
         monkeypatch.setenv("GANSERVE_MODEL_CONTROL_HOSTS", text)
+        monkeypatch.setenv("GANSERVE_ALLOWED_HOSTS", text)
         settings = Settings()
-        assert settings.models == settings.model_control_hosts == names, text
+        assert settings.models == settings.model_control_hosts == settings.allowed_hosts == names, text
     for text, rule, names in (("ALL", "all", []), (" any ", "any", []), ("", "all", []), ('["a", "b"]', "a,b", ["a", "b"]), ("a, b", "a,b", ["a", "b"])):
         monkeypatch.setenv("GANSERVE_READY_REQUIRES", text)
         assert (Settings().ready_requires, Settings().ready_names) == (rule, names), text

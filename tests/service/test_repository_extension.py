@@ -397,7 +397,7 @@ def test_load_and_unload_are_refused_unless_model_control_is_on(server):
 def test_a_host_header_is_read_as_a_name_and_a_port_or_kept_whole():
     """Model control's DNS-rebinding check reads the name in `Host`: what follows it must be a port
     (a probe's `127.0.0.1:8813.evil.com` was read as 127.0.0.1)."""
-    from service.routes.repository import host_name
+    from service.intake import host_name
 
     assert host_name("127.0.0.1:8813") == "127.0.0.1" and host_name("[::1]:8813") == "::1" and host_name("[::1]") == "::1"
     assert host_name("LocalHost") == "localhost" and host_name("::1") == "::1"
