@@ -8,9 +8,17 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console()
 FORMATS = ("auto", "nvlabs", "rosinality", "biggan", "junyanz", "superres")
+
+
+def shown(text: object) -> str:
+    """An error's text as the terminal should show it: it may quote names from the file, so rich's
+    markup in it is escaped (a tensor named `[/x].100` raised a MarkupError, a traceback) and
+    control characters are replaced (an ESC in a name reached the terminal: its title, a clear)."""
+    return escape("".join(c if c.isprintable() else "?" for c in str(text)))
 
 
 def detect_format(path: Path, data: bytes) -> str:
@@ -88,7 +96,7 @@ def import_command(
     try:
         check_entry_name(name)
     except (ValueError, ExportError) as error:
-        console.print(f"[red]import failed:[/] {error}", soft_wrap=True)
+        console.print("[red]import failed:[/] " + shown(error), soft_wrap=True)
         raise typer.Exit(1)
     existing = repository / name / str(version)
     if existing.exists() and not replace:  # (checked first: an import can take minutes)
@@ -115,13 +123,13 @@ def import_command(
         with console.status(f"exporting {imported.spec.resolution}² {imported.spec.arch} ({sum(p.numel() for p in imported.generator.parameters()) / 1e6:.1f} M parameters)"):
             entry = write(imported.generator, imported.spec, name, version, repository, [f.strip() for f in formats.split(",") if f.strip()], source)
     except (ValueError, OSError, CheckpointError, ExportError) as error:
-        console.print(f"[red]import failed:[/] {error}", soft_wrap=True)
+        console.print("[red]import failed:[/] " + shown(error), soft_wrap=True)
         raise typer.Exit(1)
     except (MemoryError, RecursionError) as error:
         console.print(f"[red]import failed:[/] the checkpoint asks for more than this machine can build ({type(error).__name__})", soft_wrap=True)
         raise typer.Exit(1)
     except Exception as error:  # a checkpoint is hostile input: a malformed one gets one line, not a traceback
-        console.print(f"[red]import failed:[/] the checkpoint is malformed ({type(error).__name__}: {str(error)[:200]})", soft_wrap=True)
+        console.print("[red]import failed:[/] " + shown(f"the checkpoint is malformed ({type(error).__name__}: {str(error)[:200]})"), soft_wrap=True)
         raise typer.Exit(1)
     report(entry)
 

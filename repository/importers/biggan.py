@@ -24,7 +24,7 @@ import torch
 from models.biggan import BigGANDeepGenerator, GBlock
 from models.spec import ModelSpec
 from models.zoo import build_generator
-from repository.importers.checkpoint import MAX_CLASSES, CheckpointError, ImportedGenerator, TensorSource, bounded, load_checked, load_torch_archive, plain
+from repository.importers.checkpoint import MAX_CLASSES, CheckpointError, ImportedGenerator, TensorSource, bounded, built_within, load_checked, load_torch_archive, plain, tensor_values
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "pytorch_model.bin"
 MAX_CONFIG_BYTES = 1 << 20  # a BigGAN config.json is under a kilobyte
@@ -165,6 +165,6 @@ def import_biggan(path: Path, weights: bytes | None = None, class_names_file: Pa
     options["layers"] = [list(layer) for layer in config["layers"]]
     spec = ModelSpec(arch="biggan-deep", kind="conditional", z_dim=config["z_dim"], resolution=config["output_dim"], channels=3,
                      class_names=class_names_for(config["num_classes"], class_names_file), options=options)
-    generator = build_generator(spec)
+    generator = built_within(lambda: build_generator(spec), tensor_values(state))
     load_checked(generator, folded_tensors(state, generator))
     return ImportedGenerator(generator.eval(), spec, {"config": plain(raw)})

@@ -8,12 +8,14 @@ import pickle
 import re
 import zipfile
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from models.spec import ModelSpec
+from repository.importers.pickle_scan import PickleRefused, check_archive
 
 
 class CheckpointError(ValueError):
@@ -33,7 +35,6 @@ class ImportedGenerator:
 MAX_CLASSES = 100_000
 MAX_CONFIG_VALUES = 100_000  # values in a configuration, nested containers included
 MAX_CONFIG_DEPTH = 32
-ARCHIVE_MAX_EXPANSION = 16  # a torch.save archive's members may expand at most this much (they are stored, not deflated)
 
 
 def plain(value, budget: list[int] | None = None, depth: int = 0, seen: frozenset[int] = frozenset()):
@@ -67,6 +68,40 @@ def bounded(name: str, value: object, low: int, high: int) -> int:
     return int(value)
 
 
+BUILD_VALUES_PER_FILE_VALUE = 2  # a network built from a file holds at most this many values per value the file gives it
+BUILD_SLACK_VALUES = 1 << 20  # plus this many (filters and constants a network makes itself)
+
+
+def tensor_values(tensors: dict, seen: set[int] | None = None) -> int:
+    """How many values a state dict's tensors give, those of dicts within it included (a
+    checkpoint may wrap its weights as `params_ema`); its other entries give none."""
+    seen = set() if seen is None else seen
+    if id(tensors) in seen:
+        return 0
+    seen.add(id(tensors))
+    return sum(value.numel() if isinstance(value, torch.Tensor) else tensor_values(value, seen) if isinstance(value, dict) else 0
+               for value in tensors.values())
+
+
+def network_values(network: nn.Module) -> int:
+    return sum(t.numel() for t in (*network.parameters(), *network.buffers()))
+
+
+def built_within(build: Callable[[], nn.Module], file_values: int) -> nn.Module:
+    """`build()`, once the same build on the meta device (shapes, no memory) holds no more than
+    the file's values can fill (BUILD_VALUES_PER_FILE_VALUE of them, plus BUILD_SLACK_VALUES).
+    Each size a configuration gives is bounded, but not their product: a 406-byte NVlabs pickle
+    asked for a 12 GB network and a 12 KB BigGAN folder for 31 GB, built (and every page written
+    by the initialiser) before any tensor was compared (a hostile probe, 2026-12-07)."""
+    with torch.device("meta"):
+        probe = build()
+    wanted = network_values(probe)
+    if wanted > BUILD_VALUES_PER_FILE_VALUE * file_values + BUILD_SLACK_VALUES:
+        raise CheckpointError(f"its configuration builds a network of {wanted:,} values, and the file holds {file_values:,}: "
+                              "an import builds only what the file's tensors can fill")
+    return build()
+
+
 def check_tensor(name: str, tensor: torch.Tensor) -> None:
     """A tensor is no larger than the storage it was saved with: a zero stride repeats one value
     (a 295 KB file once declared a 2.5 GB tensor), and the pickle path could even grow a storage
@@ -74,20 +109,31 @@ def check_tensor(name: str, tensor: torch.Tensor) -> None:
     if tensor.numel() and tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
         raise CheckpointError(f"{name} is {list(tensor.shape)} over a storage of {tensor.untyped_storage().nbytes()} bytes: "
                               "tensors that repeat or invent values are not imported")
+    if not tensor.numel() and any(tensor.shape):
+        # importers (and spandrel) read widths off shapes: a [8000, 0, 3, 3] tensor costs nothing in
+        # a 2.8 KB file and built convolutions of 8000 channels (gigabytes) before any compare
+        raise CheckpointError(f"{name} is {list(tensor.shape)[:8]}, empty but sized: an import reads a network's widths from its "
+                              "tensors' shapes, so empty tensors with sizes are refused")
 
 
-def check_tensors(value, path: str = "the checkpoint") -> None:
+def check_tensors(value, path: str = "the checkpoint", seen: set[int] | None = None) -> None:
     """Every tensor in a loaded checkpoint (nested dicts and lists) passes `check_tensor`, and
-    every dict of tensors `check_numbering`."""
+    every dict of tensors `check_numbering`. Each container is walked once: a list shared twice
+    at each of 60 levels (2.7 KB) was walked 2^60 times."""
+    seen = set() if seen is None else seen
     if isinstance(value, torch.Tensor):
-        check_tensor(path, value)
-    elif isinstance(value, dict):
-        check_numbering([str(key) for key, item in value.items() if isinstance(item, torch.Tensor)])
-        for key, item in value.items():
-            check_tensors(item, f"{key}")
-    elif isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            check_tensors(item, f"{path}[{index}]")
+        check_tensor(path[:200], value)
+    elif isinstance(value, (dict, list, tuple)):
+        if id(value) in seen:
+            return
+        seen.add(id(value))
+        if isinstance(value, dict):
+            check_numbering([str(key)[:200] for key, item in value.items() if isinstance(item, torch.Tensor)])
+            for key, item in value.items():
+                check_tensors(item, str(key)[:200], seen)
+        else:
+            for index, item in enumerate(value):
+                check_tensors(item, f"{path[:200]}[{index}]", seen)
 
 
 def check_numbering(names: list[str]) -> None:
@@ -117,12 +163,10 @@ def refused_global(error: pickle.UnpicklingError) -> str:
 def load_torch_archive(data: bytes) -> dict:
     """A torch.save archive read with `weights_only=True` (tensors, containers, numbers; plus
     argparse.Namespace, which training scripts save their options in); anything else is refused."""
-    if not zipfile.is_zipfile(io.BytesIO(data)):
-        raise CheckpointError("the archive is damaged or truncated" if data[:2] == b"PK" else "the file is not a torch.save archive")
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:  # torch.save stores its members; a deflated one may be a bomb
-        expanded = sum(member.file_size for member in archive.infolist())
-    if expanded > ARCHIVE_MAX_EXPANSION * len(data) + 2**20:
-        raise CheckpointError(f"the archive's members expand to {expanded} bytes from {len(data)}: torch.save does not compress, so it is not imported")
+    try:
+        check_archive(data, "the archive")  # its expansion and its pickle's shape (pickle_scan.py), before torch reads it
+    except PickleRefused as error:
+        raise CheckpointError(str(error).replace("the archive is not", "the file is not")) from None
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

@@ -22,7 +22,7 @@ import re
 import torch
 
 from models.zoo import build_translator
-from repository.importers.checkpoint import CheckpointError, load_checked, load_torch_archive
+from repository.importers.checkpoint import CheckpointError, built_within, load_checked, load_torch_archive, tensor_values
 
 STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -116,7 +116,7 @@ def import_junyanz(data: bytes) -> tuple[torch.nn.Module, dict]:
     state = generator_state(load_torch_archive(data))
     params, keys = unet_params(state) if "model.model.0.weight" in state else resnet_params(state)
     try:
-        generator = build_translator(params)
+        generator = built_within(lambda: build_translator(params), tensor_values(state))
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"the generator cannot be built: {error}") from None
     load_checked(generator, translator_tensors(state, generator, keys))

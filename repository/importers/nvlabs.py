@@ -10,12 +10,14 @@ have the shape the configuration implies; anything else is a one-line error and 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from models.spec import ModelSpec
 from models.stylegan2_ada import StyleGAN2Generator
 from models.zoo import build_generator
-from repository.importers.checkpoint import MAX_CLASSES, CheckpointError, ImportedGenerator, TensorSource, bounded, load_checked, plain
+from repository.importers.checkpoint import MAX_CLASSES, CheckpointError, ImportedGenerator, TensorSource, bounded, built_within, load_checked, plain, tensor_values
 from repository.importers.safe_pickle import PersistentRecord, UnsafePickle, load_network_pickle
 
 GENERATOR_ARGS = ("z_dim", "c_dim", "w_dim", "img_resolution", "img_channels", "mapping_kwargs", "synthesis_kwargs")
@@ -30,6 +32,21 @@ def generator_record(data) -> PersistentRecord:
     if record.class_name != "Generator":
         raise CheckpointError(f"G_ema is a {record.class_name}, not a Generator")
     return record
+
+
+def finite_or_none(name: str, value: object) -> float | None:
+    """A float setting of the network, checked before the build: a NaN `output_scale` was found
+    only by the parity check, after the whole export, and 1e39 passed it (a hostile probe)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 < abs(value) <= 1e6:
+        raise CheckpointError(f"{name} is {str(value)[:40] if isinstance(value, (int, float)) else type(value).__name__}: "
+                              "a finite number between -1e6 and 1e6, not 0, is expected")
+    return float(value)
+
+
+def record_values(record: PersistentRecord) -> int:
+    return tensor_values(record.tensors())
 
 
 def hyperparameters_of(record: PersistentRecord) -> dict:
@@ -151,7 +168,7 @@ def import_stylegan2(record: PersistentRecord, noise_mode: str = "const") -> Imp
                      mapping_layers=int((arguments.get("mapping_kwargs") or {}).get("num_layers", 8)),
                      options=options | conditional | {"noise_mode": noise_mode})
     try:
-        generator = build_generator(spec)
+        generator = built_within(lambda: build_generator(spec), record_values(record))
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"the Generator's configuration cannot be built: {error}") from None
     load_checked(generator, folded_tensors(record, generator))
@@ -169,13 +186,15 @@ def import_stylegan3(record: PersistentRecord) -> ImportedGenerator:
     conditional, class_names = class_options(arguments)
     synthesis = record.module("synthesis")
     options = {k: arguments[k] for k in STYLEGAN3_GEOMETRY if k in arguments}
-    options |= {"conv_clamp": synthesis.module(synthesis.attribute("layer_names")[0]).attribute("conv_clamp"),
-                "output_scale": float(synthesis.attribute("output_scale", 0.25))} | {k: v for k, v in conditional.items() if k == "c_dim"}
+    options |= {"conv_clamp": finite_or_none("conv_clamp", synthesis.module(synthesis.attribute("layer_names")[0]).attribute("conv_clamp")),
+                "output_scale": finite_or_none("output_scale", synthesis.attribute("output_scale", 0.25))} | {k: v for k, v in conditional.items() if k == "c_dim"}
+    if options["output_scale"] is None:
+        raise CheckpointError("output_scale is None: a number is expected")
     spec = ModelSpec(arch="stylegan3", kind="style", z_dim=int(arguments["z_dim"]), w_dim=int(arguments["w_dim"]),
                      resolution=int(arguments["img_resolution"]), channels=int(arguments["img_channels"]), class_names=class_names,
                      mapping_layers=int((arguments.get("mapping_kwargs") or {}).get("num_layers", 2)), options=options)
     try:
-        generator = build_generator(spec)
+        generator = built_within(lambda: build_generator(spec), record_values(record))
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"the Generator's configuration cannot be built: {error}") from None
     source = TensorSource(record.tensors())

@@ -19,7 +19,7 @@ import torch
 
 from models.spec import ModelSpec
 from models.zoo import build_generator
-from repository.importers.checkpoint import CheckpointError, ImportedGenerator, TensorSource, bounded, load_checked, load_torch_archive, plain
+from repository.importers.checkpoint import CheckpointError, ImportedGenerator, TensorSource, bounded, built_within, load_checked, load_torch_archive, plain, tensor_values
 
 W_AVG_SAMPLES = 10_000
 
@@ -106,7 +106,7 @@ def import_rosinality(data: bytes, noise_mode: str = "const", lr_mlp: float = 0.
                      channels=3, mapping_layers=config["n_mlp"],
                      options={"channels": {str(k): v for k, v in config["channels"].items()}, "architecture": "skip", "conv_clamp": None,
                               "use_noise": True, "noise_mode": noise_mode})
-    generator = build_generator(spec)
+    generator = built_within(lambda: build_generator(spec), tensor_values(state))
     latent_avg = checkpoint.get("latent_avg")
     w_avg = latent_avg.float().reshape(-1) if isinstance(latent_avg, torch.Tensor) else torch.zeros(config["style_dim"])
     # the resample filters keep the [1,3,3,1] taps they were built with

@@ -22,6 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from repository.importers.checkpoint import check_tensor, refused_global
+from repository.importers.pickle_scan import PickleRefused, check_archive, check_legacy, scan_pickle
+
 
 class UnsafePickle(Exception):
     """The file names a global that an import never loads, or is not a pickle at all."""
@@ -50,16 +53,26 @@ class PersistentRecord:
     def attribute(self, name: str, default: Any = None) -> Any:
         return self.state.get(name, default)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Every parameter and buffer below this object, by dotted path (a state_dict)."""
+    def tensors(self, seen: set[int] | None = None) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer below this object, by dotted path (a state_dict), each checked
+        against its storage as loaded (`check_tensor`: the unpickler's BUILD may re-shape a tensor
+        after its rebuild was checked, and a zero stride made a 306 KB pickle's tensor 16 GiB). A
+        module met twice is refused: one shared at each of 40 levels was walked 2^40 times."""
+        seen = set() if seen is None else seen
+        if id(self) in seen:
+            raise UnsafePickle(f"the network holds one {self.class_name[:60]} module in two places: NVlabs networks never share one")
+        seen.add(id(self))
         found: dict[str, torch.Tensor] = {}
         for group in ("_parameters", "_buffers"):
-            for name, value in (self.state.get(group) or {}).items():
+            held = self.state.get(group) or {}
+            for name, value in (held.items() if isinstance(held, dict) else ()):
                 if isinstance(value, torch.Tensor):
-                    found[name] = value.detach()
-        for child_name, child in (self.state.get("_modules") or {}).items():
+                    check_tensor(str(name)[:100], value)
+                    found[str(name)] = value.detach().as_subclass(torch.Tensor)
+        children = self.state.get("_modules") or {}
+        for child_name, child in (children.items() if isinstance(children, dict) else ()):
             if isinstance(child, PersistentRecord):
-                found.update({f"{child_name}.{key}": value for key, value in child.tensors().items()})
+                found.update({f"{child_name}.{key}": value for key, value in child.tensors(seen).items()})
         return found
 
     def module(self, path: str) -> "PersistentRecord":
@@ -80,8 +93,10 @@ def reconstruct_persistent(meta: dict) -> PersistentRecord:
     """Stands in for `torch_utils.persistence._reconstruct_persistent_obj`."""
     if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("class_name"), str):
         raise UnsafePickle("a persistent object in the pickle is not a class record")
-    if meta.get("version") not in PERSISTENCE_VERSIONS:
-        raise UnsafePickle(f"persistence version {meta.get('version')!r} is not one this importer knows ({sorted(PERSISTENCE_VERSIONS)})")
+    version = meta.get("version")
+    if not isinstance(version, int) or version not in PERSISTENCE_VERSIONS:  # (the type first: hashing a crafted tuple cost 2^40 steps)
+        shown = version if isinstance(version, int) else type(version).__name__
+        raise UnsafePickle(f"persistence version {shown} is not one this importer knows ({sorted(PERSISTENCE_VERSIONS)})")
     source = meta.get("module_src") or ""
     state = meta.get("state") or {}
     if not isinstance(state, dict):
@@ -90,8 +105,23 @@ def reconstruct_persistent(meta: dict) -> PersistentRecord:
 
 
 def load_storage(data: bytes):
-    """Stands in for `torch.storage._load_from_bytes`: the bytes are a torch.save of one storage."""
-    return torch.load(io.BytesIO(data), weights_only=True)
+    """Stands in for `torch.storage._load_from_bytes`: the bytes are a torch.save of one storage,
+    in torch's older format (what `Storage.__reduce__` writes) or a zip archive, whose pickles are
+    scanned first (`pickle_scan`) and whose members may not expand (a deflated one grew 1 MB into
+    1 GiB)."""
+    if not isinstance(data, bytes):
+        raise UnsafePickle("a storage in the pickle is not given as bytes")
+    try:
+        if data[:2] == b"PK":
+            check_archive(data, "a storage in the pickle")
+        else:
+            check_legacy(data, "a storage in the pickle")
+    except PickleRefused as error:
+        raise UnsafePickle(str(error)) from None
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise UnsafePickle(f"a storage in the pickle holds objects an import never loads ({refused_global(error)})") from None
 
 
 NUMERIC_KINDS = "biufc"  # bool, signed and unsigned integers, floats, complex: values, never pointers
@@ -152,9 +182,10 @@ def numpy_array(subtype: type, shape: tuple, dtype_code: bytes):
     """Stands in for numpy's `_reconstruct`: an empty `CheckedArray` that the pickle then fills
     with raw bytes (StyleGAN3 keeps layer sizes as small arrays)."""
     if subtype is not ArrayTypeName:
-        raise UnsafePickle(f"a numpy array in the pickle is a {subtype!r}, not an ndarray")
+        raise UnsafePickle(f"a numpy array in the pickle is built from a {type(subtype).__name__}, not an ndarray")
     if not isinstance(shape, tuple) or not all(isinstance(n, int) and 0 <= n for n in shape) or np.prod(shape, dtype=np.float64) > MAX_ARRAY_VALUES:
-        raise UnsafePickle(f"a numpy array in the pickle has shape {str(shape)[:60]}: an import takes small arrays only")
+        shown = str(shape)[:60] if isinstance(shape, tuple) and all(isinstance(n, int) for n in shape[:8]) and len(shape) <= 8 else type(shape).__name__
+        raise UnsafePickle(f"a numpy array in the pickle has shape {shown}: an import takes small arrays only")
     if dtype_code not in (b"b", "b"):  # what ndarray.__reduce__ writes; the real dtype comes with the state
         raise UnsafePickle("a numpy array in the pickle is not built the way NumPy writes one")
     return np.ndarray.__new__(CheckedArray, shape, dtype_code)
@@ -178,7 +209,26 @@ def rebuild_tensor(storage, storage_offset: int, size: tuple, stride: tuple, *re
         extent = storage_offset + 1 + sum((n - 1) * step for n, step in zip(size, stride))
         if extent > elements or any(step == 0 and n > 1 for n, step in zip(size, stride)):
             raise UnsafePickle(f"a tensor in the pickle ({list(size)}) reaches past its storage of {elements} values or repeats values by a zero stride")
-    return torch._utils._rebuild_tensor_v2(storage, storage_offset, tuple(size), tuple(stride), *rest)
+    return torch._utils._rebuild_tensor_v2(storage, storage_offset, tuple(size), tuple(stride), *rest).as_subclass(LoadedTensor)
+
+
+class LoadedTensor(torch.Tensor):
+    """A tensor as `rebuild_tensor` made and checked it. A pickle may then BUILD it (its
+    `__setstate__`, which is `set_`: any storage, offset, size and stride), past every check: a
+    zero stride made a 306 KB pickle's tensor 16 GiB, and a `set_` grew a storage of torch's older
+    format (resizable) with the heap's leftovers, which were exported as weights. Refused here;
+    `PersistentRecord.tensors` hands out plain tensors."""
+
+    def __setstate__(self, state: object) -> None:
+        raise UnsafePickle("the pickle re-shapes a tensor after building it (a BUILD on a tensor): NVlabs pickles never do")
+
+
+def rebuild_parameter(data: torch.Tensor, requires_grad: bool = True, backward_hooks: object = None) -> torch.Tensor:
+    """Stands in for `torch._utils._rebuild_parameter`: the tensor itself (an import needs its
+    values, not a Parameter, and a Parameter made of it could be re-shaped as the tensor can't)."""
+    if not isinstance(data, LoadedTensor):
+        raise UnsafePickle("a parameter in the pickle is not built from a tensor")
+    return data
 
 
 ALLOWED: dict[tuple[str, str], Any] = {
@@ -193,7 +243,7 @@ ALLOWED: dict[tuple[str, str], Any] = {
     ("numpy.core.multiarray", "_reconstruct"): numpy_array,
     ("numpy._core.multiarray", "_reconstruct"): numpy_array,
     ("torch._utils", "_rebuild_tensor_v2"): rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter"): rebuild_parameter,
     ("torch.storage", "_load_from_bytes"): load_storage,
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): reconstruct_persistent,
 }
@@ -218,6 +268,10 @@ def load_network_pickle(data: bytes) -> Any:
     """The pickle's top-level object, its persistent networks as records. Raises UnsafePickle."""
     if not data or data[:1] != b"\x80":
         raise UnsafePickle("the file is not a pickle (protocol 2 or newer)")
+    try:
+        scan_pickle(data)  # its nesting and keys, before anything is built (pickle_scan.py)
+    except PickleRefused as error:
+        raise UnsafePickle(str(error)) from None
     try:
         return RestrictedUnpickler(io.BytesIO(data)).load()
     except UnsafePickle:

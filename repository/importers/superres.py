@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from models.restoration import UnitRangeNetwork, load_spandrel
-from repository.importers.checkpoint import CheckpointError, check_tensors, load_torch_archive
+from repository.importers.checkpoint import (BUILD_SLACK_VALUES, BUILD_VALUES_PER_FILE_VALUE, CheckpointError, check_tensors, load_torch_archive,
+                                             network_values, tensor_values)
 
 OUTPUT_TILE = 384  # output px per tile side the default aims at: 96 input px at x4 (the shipped RRDB's sweet spot on 2 cores)
 MIN_TILE, MAX_TILE = 64, 192
@@ -42,11 +43,47 @@ def tile_for(scale: int, multiple: int, minimum: int) -> int:
     return -(-side // multiple) * multiple
 
 
+def on_meta(value, depth: int = 0):
+    """A checkpoint's tensors as meta tensors of the same shapes, its dicts (`params_ema`) alike
+    (a few levels: a dict that holds itself is left to the real load to refuse)."""
+    if isinstance(value, torch.Tensor):
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+    return {key: on_meta(item, depth + 1) for key, item in value.items()} if isinstance(value, dict) and depth < 4 else value
+
+
+def check_spandrel_size(state: dict[str, torch.Tensor]) -> None:
+    """spandrel's build of the state dict's shapes on the meta device (no memory) holds no more
+    than the file's values can fill (`checkpoint.built_within`'s bound): it reads widths and depths
+    off the shapes, so one real 864 KB first convolution made an ESRGAN of 2.3 GB a convolution,
+    allocated and initialised before it found the file had none of them (a hostile probe). Where an
+    architecture's detection reads values, which meta tensors lack, the real build decides alone."""
+    import spandrel
+
+    shapes = on_meta(state)
+    try:
+        with torch.device("meta"):
+            probe = load_spandrel(shapes).model
+    except RuntimeError as error:
+        if "state_dict" not in str(error):  # (an operation meta tensors lack)
+            return
+        # the layout built, and the file's tensors do not fill it: what the real load says too, after
+        # allocating the network first (a 2.3 GB convolution at a time)
+        first = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line or "Missing" in line), str(error))
+        raise CheckpointError(f"spandrel recognised the layout, but the file's tensors do not fit it ({first[:200]})") from None
+    except (spandrel.UnsupportedModelError, NotImplementedError, KeyError, ValueError, AssertionError, IndexError, TypeError):
+        return
+    wanted, given = network_values(probe), tensor_values(state)
+    if wanted > BUILD_VALUES_PER_FILE_VALUE * given + BUILD_SLACK_VALUES:
+        raise CheckpointError(f"its layout builds a network of {wanted:,} values, and the file holds {given:,}: "
+                              "an import builds only what the file's tensors can fill")
+
+
 def import_superres(path: Path, data: bytes) -> tuple[UnitRangeNetwork, dict]:
     """(the wrapped network in eval mode, the entry's fields)."""
     import spandrel
 
     state = read_state(path, data)
+    check_spandrel_size(state)
     try:
         descriptor = load_spandrel(state)
     except spandrel.UnsupportedModelError:

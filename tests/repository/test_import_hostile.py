@@ -143,3 +143,84 @@ def test_weights_with_nan_are_refused_before_the_export_not_by_its_parity_check(
         load_checked(generator, {"weight": torch.tensor([[0.0, float("nan")], [1.0, 1.0]]), "bias": torch.zeros(2)})
     load_checked(generator, {"weight": torch.ones(2, 2), "bias": torch.zeros(2)})
     assert torch.equal(generator.weight, torch.ones(2, 2))
+
+
+# a second hostile probe (2026-12-07): files that cost more than their bytes while they were read
+
+def deflated(archive: bytes) -> bytes:
+    bomb = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(archive)) as source, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as target:
+        for member in source.infolist():
+            target.writestr(member.filename, source.read(member))
+    return bomb.getvalue()
+
+
+def test_a_nested_key_is_refused_before_unpickling_where_hashing_it_crashed_or_ran_for_good():
+    """A tuple key nested a million deep (1 MB) crashed the process: hashing it overflowed the C
+    stack. One sharing a tuple twice at each of 30 levels (~70 bytes) hashed 2^30 times. Both are
+    now refused from the opcodes (`pickle_scan`), in the NVlabs reader and in torch archives."""
+    deep_key = b"\x80\x02}K\x01" + b"\x85" * 200 + b"K\x02s."  # {((…(1,)…),): 2}
+    shared_key = b"\x80\x02}K\x01" + b"2\x86" * 30 + b"K\x02s."  # {(x, x) with x = (y, y) …: 2}
+    started = time.perf_counter()
+    with pytest.raises(UnsafePickle, match="over 100 deep"):
+        load_network_pickle(deep_key)
+    with pytest.raises(UnsafePickle, match="dict key"):
+        load_network_pickle(shared_key)
+    archive = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(saved({"w": torch.zeros(1)}))) as source, zipfile.ZipFile(archive, "w") as target:
+        for member in source.infolist():
+            target.writestr(member.filename, shared_key if member.filename.endswith("data.pkl") else source.read(member))
+    with pytest.raises(CheckpointError, match="dict key"):
+        load_torch_archive(archive.getvalue())
+    assert time.perf_counter() - started < 5
+    assert load_network_pickle(pickle.dumps({"G": {(1, 2): 3, "a": [[[1]]]}}, protocol=2)) == {"G": {(1, 2): 3, "a": [[[1]]]}}
+
+
+def test_a_tensor_the_pickle_reshapes_after_building_it_is_refused():
+    """The unpickler's BUILD on a tensor is `set_`, past the checks its rebuild passed: a zero
+    stride made a 306 KB pickle's tensor 16 GiB, and a `set_` grew a storage of torch's older
+    format (as every storage in an NVlabs pickle is) with heap memory, exported as weights."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tensor = pickle.dumps(torch.zeros(4), protocol=3)  # (bytes as BINBYTES: NVlabs pickles are 3 or newer)
+    assert torch.equal(load_network_pickle(tensor), torch.zeros(4))  # (a storage in the older format loads)
+    with pytest.raises(UnsafePickle, match="re-shapes a tensor"):
+        load_network_pickle(tensor[:-1] + b"Nb.")  # the same tensor, then BUILD with any state
+
+
+def test_a_deflated_storage_inside_a_network_pickle_is_refused_before_it_is_expanded():
+    """A storage is a torch.save archive within the pickle: deflated, 1 MB grew into 1 GiB."""
+    buffer = io.BytesIO()
+    torch.save(torch.zeros(16 * 2**20 // 4).untyped_storage(), buffer)
+    bomb = deflated(buffer.getvalue())
+    hostile = b"\x80\x02ctorch.storage\n_load_from_bytes\nB" + len(bomb).to_bytes(4, "little") + bomb + b"\x85R."
+    with pytest.raises(UnsafePickle, match="expand to"):
+        load_network_pickle(hostile)
+
+
+def test_a_network_larger_than_the_file_can_fill_is_refused_before_it_is_built():
+    """Each size in a configuration is bounded, not their product: a 406-byte pickle asked for a
+    12 GB StyleGAN, and a 12 KB BigGAN folder for 31 GB, built before any tensor was compared.
+    The build is tried on the meta device first. Empty tensors with sizes, from which widths are
+    read at no cost in the file ([8000, 0, 3, 3]), are refused too."""
+    from torch import nn
+
+    from repository.importers.checkpoint import built_within, check_tensors
+
+    with pytest.raises(CheckpointError, match="builds a network of 400,020,000 values"):
+        built_within(lambda: nn.Linear(20_000, 20_000), file_values=1_000)
+    assert isinstance(built_within(lambda: nn.Linear(100, 100), file_values=10_100), nn.Linear)
+    with pytest.raises(CheckpointError, match="empty but sized"):
+        check_tensors({"model.0.weight": torch.empty(8000, 3, 3, 0)})
+    check_tensors({"empty": torch.empty(0)})
+
+
+def test_an_error_quoting_the_files_names_is_one_plain_line(tmp_path):
+    """The CLI printed errors through rich's markup: a tensor named `[/x].100` raised a MarkupError
+    (a traceback), and an ESC in a name reached the terminal."""
+    for name in ("[/x]", "\x1b]0;pwned\x07"):
+        checkpoint = tmp_path / "net.pt"
+        checkpoint.write_bytes(saved({f"{name}.100": torch.zeros(1)}))
+        result = CliRunner().invoke(app, ["import", str(checkpoint), "--name", "probe", "--repository", str(tmp_path / "repo"), "--format", "superres"])
+        assert result.exit_code == 1 and result.exception is None or isinstance(result.exception, SystemExit), result.output
+        assert "import failed:" in result.output and "numbered up to 100" in result.output and "\x1b" not in result.output, result.output

@@ -8,6 +8,7 @@ a warning.
 from __future__ import annotations
 
 import codecs
+import io
 import gzip
 import logging
 import os
@@ -24,6 +25,7 @@ from PIL import Image, ImageOps
 from rich.progress import track
 
 from repository.importers.safe_pickle import ALLOWED as SAFE_GLOBALS
+from repository.importers.pickle_scan import PickleRefused, scan_pickle
 from repository.importers.safe_pickle import RestrictedUnpickler, UnsafePickle, clean_dtype
 from training.data.base import TensorData
 
@@ -257,9 +259,10 @@ def load_cifar_pickle(path: Path) -> object:
     """A CIFAR python batch: a pickle by format, read without running it (plain containers and
     NumPy arrays only: a batch whose pickle named any other global ran it while loading)."""
     try:
-        with open(path, "rb") as handle:
-            return BatchUnpickler(handle, encoding="bytes").load()
-    except UnsafePickle as error:
+        data = path.read_bytes()
+        scan_pickle(data)  # its nesting and keys first: a nested key crashed the process when hashed (repository/importers/pickle_scan.py)
+        return BatchUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except (UnsafePickle, PickleRefused) as error:
         raise DataError(f"{path}: {error}") from None
     except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
         raise DataError(f"{path} is not a CIFAR python batch ({type(error).__name__}: {str(error)[:160]})") from None
