@@ -181,7 +181,7 @@ def numpy_scalar(dtype: np.dtype, data: bytes = b""):
 def numpy_array(subtype: type, shape: tuple, dtype_code: bytes):
     """Stands in for numpy's `_reconstruct`: an empty `CheckedArray` that the pickle then fills
     with raw bytes (StyleGAN3 keeps layer sizes as small arrays)."""
-    if subtype is not ArrayTypeName:
+    if not (isinstance(subtype, type) and issubclass(subtype, ArrayTypeName)):
         raise UnsafePickle(f"a numpy array in the pickle is built from a {type(subtype).__name__}, not an ndarray")
     if not isinstance(shape, tuple) or not all(isinstance(n, int) and 0 <= n for n in shape) or np.prod(shape, dtype=np.float64) > MAX_ARRAY_VALUES:
         shown = str(shape)[:60] if isinstance(shape, tuple) and all(isinstance(n, int) for n in shape[:8]) and len(shape) <= 8 else type(shape).__name__
@@ -255,10 +255,26 @@ class RestrictedUnpickler(pickle.Unpickler):
     allowed: dict[tuple[str, str], Any] = ALLOWED
     only = "an import loads only tensors, their containers and NVlabs' persistent-network records, never other code"
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.resolved: dict[tuple[str, str], Any] = {}  # this unpickler's own copy of each global it was given
+
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self.allowed:
-            return self.allowed[(module, name)]
-        raise UnsafePickle(f"the pickle asks for {module}.{name}; {self.only}")
+        if (module, name) not in self.allowed:
+            raise UnsafePickle(f"the pickle asks for {module}.{name}; {self.only}")
+        if (module, name) not in self.resolved:
+            self.resolved[(module, name)] = own_copy(self.allowed[(module, name)])
+        return self.resolved[(module, name)]
+
+
+def own_copy(target: Any) -> Any:
+    """A global as one unpickler hands it out: a class as a fresh subclass of it, a function as a
+    fresh wrapper of it. A pickle may BUILD (set the attributes of) anything it holds, globals
+    too: one load set `EasyDict.__len__` to `set` and a rebuilder's `__defaults__` for the rest of
+    the process (a hostile probe). What it sets now lands on this load's copies."""
+    if isinstance(target, type):
+        return type(target.__name__, (target,), {"__module__": target.__module__})
+    return lambda *args, **kwargs: target(*args, **kwargs)
 
     def persistent_load(self, pid: Any) -> Any:
         raise UnsafePickle("the pickle refers to external persistent objects (a torch.save file? use its own format)")

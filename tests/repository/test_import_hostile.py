@@ -224,3 +224,18 @@ def test_an_error_quoting_the_files_names_is_one_plain_line(tmp_path):
         result = CliRunner().invoke(app, ["import", str(checkpoint), "--name", "probe", "--repository", str(tmp_path / "repo"), "--format", "superres"])
         assert result.exit_code == 1 and result.exception is None or isinstance(result.exception, SystemExit), result.output
         assert "import failed:" in result.output and "numbered up to 100" in result.output and "\x1b" not in result.output, result.output
+
+
+def test_what_a_pickle_sets_on_a_global_stays_with_that_load():
+    """A BUILD on a global the unpickler hands out set its attributes for the rest of the process:
+    one load made `EasyDict.__len__` `set`. Each load now gets its own copies."""
+    from repository.importers import safe_pickle
+
+    def text(value: str) -> bytes:
+        return b"X" + len(value).to_bytes(4, "little") + value.encode()
+
+    on_class = b"\x80\x02cdnnlib.util\nEasyDict\nN}" + text("__len__") + b"cbuiltins\nset\ns\x86b."
+    on_function = b"\x80\x02ctorch._utils\n_rebuild_parameter\nN}" + text("__defaults__") + b"\x89K\x01\x86s\x86b."
+    load_network_pickle(on_class)
+    load_network_pickle(on_function)
+    assert len(safe_pickle.EasyDict(a=1)) == 1 and safe_pickle.rebuild_parameter.__defaults__ == (True, None)
