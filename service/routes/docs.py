@@ -19,8 +19,15 @@ OPENAPI_URL, TITLE = "/openapi.json", "ganserve"
 router = APIRouter(include_in_schema=False)
 
 
+# images from this server, data: and blob: URLs only: ReDoc's bundle fetched its logo from
+# cdn.redoc.ly, telling a third party (by its Referer) the docs page's address on every visit
+# (Swagger UI shows an image answer, such as a generated PNG, through a blob: URL)
+DOCS_IMAGES = "img-src 'self' data: blob:"
+
+
 def page(response: HTMLResponse) -> HTMLResponse:
     response.headers.update(PAGE_HEADERS)
+    response.headers["Content-Security-Policy"] = f"{PAGE_HEADERS['Content-Security-Policy']}; {DOCS_IMAGES}"
     return response
 
 

@@ -108,9 +108,17 @@ def api_message(response: httpx.Response) -> str:
 
 @pytest.mark.parametrize("page,operation", [("/docs", ".opblock"), ("/redoc", "[data-section-id^='operation']")])
 def test_the_api_docs_render_their_operations_from_scripts_the_server_serves(browser, server, page, operation):
+    """...and fetch nothing from elsewhere: ReDoc's bundle asked cdn.redoc.ly for its logo (the
+    page's address in its Referer), which the page's policy now has the browser refuse."""
+    browser.get_log("browser")  # (what earlier pages logged)
     browser.get(server.url + page)
     WebDriverWait(browser, SERVER_WAIT_S).until(lambda _: len(browser.find_elements(By.CSS_SELECTOR, operation)) > 10)
     assert "/v1/models/{name}/generate" in browser.find_element(By.TAG_NAME, "body").text
+    if page == "/redoc":  # (its logo is asked for once the page has rendered: its refusal, or its failure offline, is logged)
+        elsewhere: list[str] = []
+        WebDriverWait(browser, SERVER_WAIT_S).until(
+            lambda _: elsewhere.extend(e["message"] for e in browser.get_log("browser") if "redoc.ly" in e["message"]) or elsewhere)
+        assert all("Content Security Policy" in message for message in elsewhere), elsewhere
 
 
 @pytest.mark.parametrize("page,shown", [("/", "#gallery"), ("/docs", ".swagger-ui"), ("/redoc", "redoc, [data-section-id]")])
