@@ -36,3 +36,12 @@ def count_from_text(value: object) -> object:
             raise ValueError(f"an integer written in ASCII digits only (no sign, point, space or underscore), at most {MAX_DIGITS} of them")
         return count
     return value
+
+
+def version_from_text(value: object) -> object:
+    """`count_from_text` for a model version: also no leading zero. The repository reads version
+    folders as their canonical numbers (a folder `01` is no version), and `/versions/01` reached
+    version 1: one version had two names, and a cache keyed by URL two copies of it."""
+    if isinstance(value, (str, bytes)) and len(value) > 1 and value[:1] in ("0", b"0"):
+        raise ValueError("a version number as the repository names its folders: ASCII digits, no leading zero")
+    return count_from_text(value)

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import BeforeValidator, Field, Strict, TypeAdapter, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
 from pydantic_core import PydanticCustomError
 
-from service.digits import count_from_text
+from service.digits import count_from_text, version_from_text
 from service.settings import Settings
 
 
@@ -57,6 +57,6 @@ Layout = Literal["grid", "list"]
 Version = Annotated[int, Strict(), Field(ge=1, lt=2**31)]
 # integers a client writes as text, in a path or a query: ASCII digits only (`1.0` is not version 1;
 # the bounds come before the validator, or the OpenAPI schema loses them)
-VersionText = Annotated[int, Field(ge=1, lt=2**31), BeforeValidator(count_from_text)]
+VersionText = Annotated[int, Field(ge=1, lt=2**31), BeforeValidator(version_from_text)]
 VERSION_TEXT = TypeAdapter(VersionText)  # a version read from a path or query by hand (checks made before a body is read)
 ProjectionSteps = Annotated[int, Field(ge=1, le=100_000), BeforeValidator(count_from_text), bounded_by_setting("max_projection_steps")]

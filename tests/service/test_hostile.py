@@ -183,6 +183,8 @@ CASES = [
     # integers written as text (paths, queries): ASCII digits only, as README says
     ("v2 version path 1.0 (once version 1)", "POST", "/v2/models/dcgan-digits/versions/1.0/infer", {"json": {"inputs": [z_tensor()]}}, 422),
     ("query version +1 on upscale", "POST", f"{V1}/sr-rrdb-x4/upscale?version=+1", {"content": SMALL, "headers": PNG}, 422),
+    ("v2 version path 01 (once version 1: two names for one version)", "GET", "/v2/models/dcgan-digits/versions/01", {}, 422),
+    ("query version 01 on upscale (once version 1)", "POST", f"{V1}/sr-rrdb-x4/upscale?version=01", {"content": SMALL, "headers": PNG}, 422),
     ("project steps 1_0", "POST", f"{V1}/stylegan-shapes/project?steps=1_0", {"content": SMALL, "headers": PNG}, 422),
     ("project version 99 (once ran the latest version)", "POST", f"{V1}/stylegan-shapes/project?steps=1&version=99", {"content": SMALL, "headers": PNG}, 404),
     ("project with an unknown query parameter", "POST", f"{V1}/stylegan-shapes/project?steps=1&foo=1", {"content": SMALL, "headers": PNG}, 422),
