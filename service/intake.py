@@ -230,9 +230,9 @@ def local_or_address(name: str) -> bool:
 
 
 def unlisted_host(headers: dict[bytes, bytes], allowed_hosts: frozenset[str]) -> str | None:
-    """The name in a request's `Host` where GANSERVE_ALLOWED_HOSTS is set and lists neither it nor
-    the request was sent to an address or localhost; None for any other request (one without a
-    Host is HTTP/1.0, no browser's). DNS rebinding: a page on a name an attacker controls, whose
+    """The name in a request's `Host` where GANSERVE_ALLOWED_HOSTS is set and that name is neither
+    in it nor an address or localhost; None for any other request (one without a Host is HTTP/1.0,
+    no browser's). DNS rebinding: a page on a name an attacker controls, whose
     address the attacker then points at this server, is same-site to itself, so the site check
     (`cross_site_origin`) lets its posts through and its reads are its own; the name in its Host
     is the attacker's."""
@@ -241,6 +241,11 @@ def unlisted_host(headers: dict[bytes, bytes], allowed_hosts: frozenset[str]) ->
         return None
     name = host_name(host.decode("latin-1"))
     return None if name in allowed_hosts or local_or_address(name) else name
+
+
+def allowed_host_set(names: Sequence[str]) -> frozenset[str]:
+    """GANSERVE_ALLOWED_HOSTS as `unlisted_host` compares names: lower case (`host_name` lowers the Host's)."""
+    return frozenset(name.strip().lower() for name in names)
 
 
 def refuse_unlisted_host(name: str) -> ApiError:
@@ -298,7 +303,7 @@ class RequestIntake:
                  allowed_hosts: Sequence[str] = ()) -> None:
         self.app = app
         self.trusted_origins = trusted_origin_set(trusted_origins)
-        self.allowed_hosts = frozenset(name.lower() for name in allowed_hosts)  # empty: any Host is answered
+        self.allowed_hosts = allowed_host_set(allowed_hosts)  # empty: any Host is answered
         self.limit = max_body_bytes
         self.body_timeout_s = body_timeout_s
         self.json_limit = max_json_body_bytes if max_json_body_bytes is not None else max_body_bytes

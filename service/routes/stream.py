@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.connection_table import share_key
 from service.errors import ApiError, error_payload
 from service.digits import ascii_count
-from service.intake import cross_site_origin, refuse_cross_site, refuse_unlisted_host, trusted_origin_set, unlisted_host
+from service.intake import allowed_host_set, cross_site_origin, refuse_cross_site, refuse_unlisted_host, trusted_origin_set, unlisted_host
 from service.pipeline import refuse_unknown_query, require_kind
 from service.streams import STREAM_FORMATS, UpscaleStream
 
@@ -55,7 +55,7 @@ class WebSocketRoutesOnly:
     def __init__(self, app: ASGIApp, trusted_origins: Sequence[str] = (), allowed_hosts: Sequence[str] = ()) -> None:
         self.app = app
         self.trusted_origins = trusted_origin_set(trusted_origins)
-        self.allowed_hosts = frozenset(name.lower() for name in allowed_hosts)
+        self.allowed_hosts = allowed_host_set(allowed_hosts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
