@@ -95,11 +95,15 @@ def built_within(build: Callable[[], nn.Module], file_values: int) -> nn.Module:
     by the initialiser) before any tensor was compared (a hostile probe, 2026-12-07)."""
     with torch.device("meta"):
         probe = build()
-    wanted = network_values(probe)
-    if wanted > BUILD_VALUES_PER_FILE_VALUE * file_values + BUILD_SLACK_VALUES:
-        raise CheckpointError(f"its configuration builds a network of {wanted:,} values, and the file holds {file_values:,}: "
-                              "an import builds only what the file's tensors can fill")
+    check_fills(network_values(probe), file_values, "its configuration")
     return build()
+
+
+def check_fills(wanted: int, file_values: int, what: str) -> None:
+    """A network of `wanted` values (built on the meta device from `what`) is one the file's values can fill."""
+    if wanted > BUILD_VALUES_PER_FILE_VALUE * file_values + BUILD_SLACK_VALUES:
+        raise CheckpointError(f"{what} builds a network of {wanted:,} values, and the file holds {file_values:,}: "
+                              "an import builds only what the file's tensors can fill")
 
 
 def check_tensor(name: str, tensor: torch.Tensor) -> None:

@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 
 from models.restoration import UnitRangeNetwork, load_spandrel
-from repository.importers.checkpoint import (BUILD_SLACK_VALUES, BUILD_VALUES_PER_FILE_VALUE, CheckpointError, check_tensors, load_torch_archive,
-                                             network_values, tensor_values)
+from repository.importers.checkpoint import CheckpointError, check_fills, check_tensors, load_torch_archive, network_values, tensor_values
 
 OUTPUT_TILE = 384  # output px per tile side the default aims at: 96 input px at x4 (the shipped RRDB's sweet spot on 2 cores)
 MIN_TILE, MAX_TILE = 64, 192
@@ -53,7 +52,7 @@ def on_meta(value, depth: int = 0):
 
 def check_spandrel_size(state: dict[str, torch.Tensor]) -> None:
     """spandrel's build of the state dict's shapes on the meta device (no memory) holds no more
-    than the file's values can fill (`checkpoint.built_within`'s bound): it reads widths and depths
+    than the file's values can fill (`checkpoint.check_fills`): it reads widths and depths
     off the shapes, so one real 864 KB first convolution made an ESRGAN of 2.3 GB a convolution,
     allocated and initialised before it found the file had none of them (a hostile probe). Where an
     architecture's detection reads values, which meta tensors lack, the real build decides alone."""
@@ -72,10 +71,7 @@ def check_spandrel_size(state: dict[str, torch.Tensor]) -> None:
         raise CheckpointError(f"spandrel recognised the layout, but the file's tensors do not fit it ({first[:200]})") from None
     except (spandrel.UnsupportedModelError, NotImplementedError, KeyError, ValueError, AssertionError, IndexError, TypeError):
         return
-    wanted, given = network_values(probe), tensor_values(state)
-    if wanted > BUILD_VALUES_PER_FILE_VALUE * given + BUILD_SLACK_VALUES:
-        raise CheckpointError(f"its layout builds a network of {wanted:,} values, and the file holds {given:,}: "
-                              "an import builds only what the file's tensors can fill")
+    check_fills(network_values(probe), tensor_values(state), "its layout")
 
 
 def import_superres(path: Path, data: bytes) -> tuple[UnitRangeNetwork, dict]:
