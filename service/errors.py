@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 log = logging.getLogger("ganserve.errors")
-STATUS_CODES = {400: "bad_request", 403: "forbidden", 404: "not_found", 405: "method_not_allowed", 406: "not_acceptable", 408: "request_timeout",
+STATUS_CODES = {400: "bad_request", 403: "forbidden", 404: "not_found", 405: "method_not_allowed", 406: "not_acceptable", 408: "request_timeout", 412: "precondition_failed",
                 413: "payload_too_large", 415: "unsupported_media_type", 417: "expectation_failed", 421: "misdirected_request", 422: "invalid_request", 426: "upgrade_required", 429: "queue_full",
                 499: "client_closed_request", 500: "internal", 501: "not_implemented", 503: "unavailable", 504: "deadline_exceeded"}
 STATUS_MEANINGS = {

@@ -28,9 +28,11 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -56,6 +58,10 @@ def usable_range(value: bytes) -> bool:
     parts = [BYTE_RANGE.fullmatch(part) for part in ranges.split(",") if part.strip()]
     return bool(parts) and all(part is not None and (part[1] or part[2]) and (not part[1] or not part[2] or int(part[1]) <= int(part[2]))
                                for part in parts)
+
+
+def has_precondition(scope: Scope) -> bool:
+    return any(name in (b"if-match", b"if-unmodified-since") for name, _ in scope["headers"])
 
 
 def without_unusable_range(scope: Scope) -> Scope:
@@ -117,6 +123,31 @@ def unsatisfiable_range(path: str, start: Message) -> tuple[Message, Message]:
     return error_message(path, 416, "range_not_satisfiable",
                          f"the Range asked for is not within the file{f' of {length} bytes' if length.isdigit() else ''}",
                          {"Content-Range": content_range} if content_range else None)
+
+
+def http_date(value: str | None) -> float | None:
+    """An HTTP date as a timestamp; None where absent or not a date (RFC 9110 §13.1.4: then ignored)."""
+    try:
+        return parsedate_to_datetime(value).timestamp() if value else None
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def failed_precondition(path: str, request: Headers, start: Message) -> tuple[Message, Message] | None:
+    """A file route's 412 where the request's `If-Match` (strong comparison, `*` any file) or,
+    without it, `If-Unmodified-Since` does not hold for the file it is about to send (RFC 9110
+    §13.2.2, steps 1–2); None where it holds or the answer has no validator to test it against.
+    Starlette reads neither, so a client resuming a download "only if it is still the file I had"
+    got a range of a new file (206)."""
+    answer = Headers(raw=start.get("headers", []))
+    if (if_match := request.get("if-match")) is not None:
+        tags, etag = [tag.strip() for tag in if_match.split(",")], answer.get("etag")
+        holds = etag is None or "*" in tags or (not etag.startswith("W/") and etag in tags)
+    else:
+        since, modified = http_date(request.get("if-unmodified-since")), http_date(answer.get("last-modified"))
+        holds = since is None or modified is None or modified <= since
+    return None if holds else error_message(path, 412, "precondition_failed", "the file is not the one the request's If-Match or "
+                                                                              "If-Unmodified-Since names; fetch it again without them")
 
 
 def refuse_compressed(headers: list[tuple[bytes, bytes]]) -> None:
@@ -350,8 +381,14 @@ class RequestIntake:
             nonlocal final_body_sent, answer_bytes, replaced_body
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                replaced = None
                 if message["status"] == 416:
-                    start, message = unsatisfiable_range(scope.get("path", ""), message)
+                    replaced = unsatisfiable_range(scope.get("path", ""), message)
+                elif message["status"] in (200, 206, 304) and scope["method"] == "GET" and has_precondition(scope):
+                    replaced = failed_precondition(scope.get("path", ""), Headers(scope=scope), message)
+                if replaced is not None:
+                    start, message = replaced
+                    status["code"] = start["status"]
                     await send(start)
                     replaced_body = final_body_sent = True
                     answer_bytes += len(message["body"])

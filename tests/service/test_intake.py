@@ -3,6 +3,8 @@ HTTP protocol's callback, or under any other server by a disconnect message from
 and the memory an answer holds until it has left the process."""
 import asyncio
 import contextlib
+import datetime
+import email.utils
 import socket
 import time
 
@@ -152,3 +154,25 @@ def test_a_range_header_the_server_cannot_use_is_ignored_and_a_usable_one_is_ser
                 assert answer.headers["content-range"] == f"bytes */{size}"
                 head = client.head(path, headers={"Range": unsatisfiable})
                 assert head.status_code == 416 and head.content == b""
+
+
+def test_a_file_is_412_where_the_requests_if_match_or_if_unmodified_since_does_not_hold(server):
+    """Starlette reads neither precondition, so `Range` with `If-Match` naming an old file's tag (a
+    client resuming a download of the file it had) got a range of the current file, 206 (a probe).
+    RFC 9110 §13.2.2: the precondition comes first, and a false one is 412 (JSON, as every error)."""
+    with server.client() as client:
+        for path in ("/", "/static/playground.css", "/v1/models/digits/samples.png"):
+            whole = client.get(path)
+            etag, modified = whole.headers["etag"], whole.headers["last-modified"]
+            assert client.get(path, headers={"If-Match": etag, "Range": "bytes=0-9"}).content == whole.content[:10], path
+            for held in ({"If-Match": "*"}, {"If-Match": f'"other", {etag}'}, {"If-Unmodified-Since": modified},
+                         {"If-Unmodified-Since": "not a date"}):
+                assert client.get(path, headers=held).status_code == 200, (path, held)
+            earlier = email.utils.format_datetime(email.utils.parsedate_to_datetime(modified) - datetime.timedelta(days=1), usegmt=True)
+            for failed in ({"If-Match": '"other"'}, {"If-Match": f"W/{etag}"}, {"If-Unmodified-Since": earlier},
+                           {"If-Match": '"other"', "If-None-Match": etag}):
+                for method in ("GET", "HEAD"):
+                    answer = client.request(method, path, headers={**failed, "Range": "bytes=0-9"})
+                    assert answer.status_code == 412, (method, path, failed, answer.status_code)
+                    assert method == "HEAD" or answer.json()["error"]["code"] == "precondition_failed"
+        assert client.get("/v1/models", headers={"If-Match": '"other"'}).status_code == 200  # (no validator: ignored, as before)
