@@ -8,7 +8,8 @@ import pickle
 import re
 import zipfile
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,36 @@ def built_within(build: Callable[[], nn.Module], file_values: int) -> nn.Module:
         probe = build()
     check_fills(network_values(probe), file_values, "its configuration")
     return build()
+
+
+@contextmanager
+def weights_on_meta() -> Iterator[None]:
+    """While open, the parameters and buffers modules register are made on the meta device (their
+    shapes, no memory); every other tensor stays where it was made. `torch.device("meta")` makes
+    every tensor meta, and the Swin family's constructors read numbers off tensors they make
+    (drop-path rates, `torch.linspace(...)[i].item()`), which meta tensors lack: under it HAT,
+    DRCT, RGT, DAT and six more spandrel architectures could not be tried, and were built for
+    real. A parameter is made by its module (`torch.empty`: address space, no pages written)
+    before it is registered here. Patches `nn.Module`'s two registration methods for the
+    duration: imports run in the CLI, on one thread."""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def on_meta(tensor):
+        return tensor if tensor is None or tensor.device.type == "meta" else torch.empty_like(tensor, device="meta")
+
+    def parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and type(param) is nn.Parameter:  # (lazy modules' uninitialised ones kept as they are)
+            param = nn.Parameter(on_meta(param), requires_grad=param.requires_grad)
+        register_parameter(module, name, param)
+
+    def buffer(module: nn.Module, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
+        register_buffer(module, name, on_meta(tensor), persistent)
+
+    nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
 
 
 def check_fills(wanted: int, file_values: int, what: str) -> None:

@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 
 from models.restoration import UnitRangeNetwork, load_spandrel
-from repository.importers.checkpoint import CheckpointError, check_fills, check_tensors, load_torch_archive, network_values, tensor_values
+from repository.importers.checkpoint import CheckpointError, check_fills, check_tensors, load_torch_archive, network_values, tensor_values, weights_on_meta
 
 OUTPUT_TILE = 384  # output px per tile side the default aims at: 96 input px at x4 (the shipped RRDB's sweet spot on 2 cores)
 MIN_TILE, MAX_TILE = 64, 192
 DEFAULT_OVERLAP = 16
+READ_VALUES = 65_536  # a state dict's tensors up to this size stay real in the dry run (`on_meta`)
 
 
 def read_state(path: Path, data: bytes) -> dict[str, torch.Tensor]:
@@ -44,34 +45,42 @@ def tile_for(scale: int, multiple: int, minimum: int) -> int:
 
 def on_meta(value, depth: int = 0):
     """A checkpoint's tensors as meta tensors of the same shapes, its dicts (`params_ema`) alike
-    (a few levels: a dict that holds itself is left to the real load to refuse)."""
+    (a few levels: a dict that holds itself is left to the real load to refuse). Tensors of up to
+    READ_VALUES values stay as they are: DAT's, FDAT's and MoESR's detection reads numbers off
+    small ones."""
     if isinstance(value, torch.Tensor):
-        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+        return value if value.numel() <= READ_VALUES else torch.empty(value.shape, dtype=value.dtype, device="meta")
     return {key: on_meta(item, depth + 1) for key, item in value.items()} if isinstance(value, dict) and depth < 4 else value
 
 
-def check_spandrel_size(state: dict[str, torch.Tensor]) -> None:
+def check_spandrel_size(state: dict[str, torch.Tensor]) -> int | None:
     """spandrel's build of the state dict's shapes on the meta device (no memory) holds no more
     than the file's values can fill (`checkpoint.check_fills`): it reads widths and depths
     off the shapes, so one real 864 KB first convolution made an ESRGAN of 2.3 GB a convolution,
     allocated and initialised before it found the file had none of them (a hostile probe). Where an
-    architecture's detection reads values, which meta tensors lack, the real build decides alone."""
+    architecture's build needs its weights' values (RCAN and IPT set some in their constructors),
+    the real build decides alone.
+
+    The registry's `load`, not `ModelLoader`'s: that one moves the model to the CPU after loading,
+    which a meta model cannot do, so until 2026-12-07 every architecture left here at that step and
+    `check_fills` never ran. Returns the values the layout builds (None where it could not be tried)."""
     import spandrel
 
     shapes = on_meta(state)
     try:
-        with torch.device("meta"):
-            probe = load_spandrel(shapes).model
+        with weights_on_meta():
+            probe = spandrel.MAIN_REGISTRY.load(shapes).model
     except RuntimeError as error:
-        if "state_dict" not in str(error):  # (an operation meta tensors lack)
-            return
+        if not any(sign in str(error) for sign in ("size mismatch", "Missing key", "Unexpected key")):
+            return None  # (an operation meta tensors lack)
         # the layout built, and the file's tensors do not fill it: what the real load says too, after
         # allocating the network first (a 2.3 GB convolution at a time)
-        first = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line or "Missing" in line), str(error))
+        first = next((line.strip() for line in str(error).splitlines() if any(sign in line for sign in ("size mismatch", "Missing", "Unexpected"))), str(error))
         raise CheckpointError(f"spandrel recognised the layout, but the file's tensors do not fit it ({first[:200]})") from None
     except (spandrel.UnsupportedModelError, NotImplementedError, KeyError, ValueError, AssertionError, IndexError, TypeError):
-        return
-    check_fills(network_values(probe), tensor_values(state), "its layout")
+        return None
+    check_fills(wanted := network_values(probe), tensor_values(state), "its layout")
+    return wanted
 
 
 def import_superres(path: Path, data: bytes) -> tuple[UnitRangeNetwork, dict]:

@@ -239,3 +239,27 @@ def test_what_a_pickle_sets_on_a_global_stays_with_that_load():
     load_network_pickle(on_class)
     load_network_pickle(on_function)
     assert len(safe_pickle.EasyDict(a=1)) == 1 and safe_pickle.rebuild_parameter.__defaults__ == (True, None)
+
+
+def test_a_spandrel_layout_wider_than_its_file_is_refused_before_it_is_built(tmp_path):
+    """HAT reads its width off the first convolution: widened to 4,096 channels in a 3 MB file,
+    it built a network of 2.7 GB before finding that no other tensor fitted (7.4 s; 16,384
+    channels would ask for ~40 GB). The dry run on meta tensors could not be made for HAT (its
+    constructor reads numbers off tensors it makes), and for no architecture at all got past
+    spandrel's move to the CPU, so what a layout builds was never counted. Now it is, for
+    ESRGAN and HAT alike, and the wide file is refused from shapes (0.9 GB peak, the CLI's own)."""
+    from spandrel.architectures.ESRGAN import ESRGAN
+    from spandrel.architectures.HAT import HAT
+
+    from repository.importers.checkpoint import tensor_values
+    from repository.importers.superres import check_spandrel_size
+
+    hat = HAT(embed_dim=96, depths=(2,), num_heads=(2,), window_size=8, upscale=4, num_feat=16).state_dict()
+    for state in (hat, ESRGAN(in_nc=3, out_nc=3, num_filters=8, num_blocks=2, scale=4).state_dict()):
+        assert check_spandrel_size(state) == tensor_values(state)  # (tried, and the file fills it)
+    hat |= {"conv_first.weight": torch.randn(4096, 3, 3, 3), "conv_first.bias": torch.zeros(4096)}
+    checkpoint = tmp_path / "hat.pth"
+    checkpoint.write_bytes(saved(hat))
+    result = CliRunner().invoke(app, ["import", str(checkpoint), "--name", "probe", "--repository", str(tmp_path / "repo"), "--format", "superres"])
+    assert result.exit_code == 1, result.output
+    assert "the file's tensors do not fit it" in result.output and "4096" in result.output, result.output
