@@ -106,8 +106,7 @@ def weights_on_meta() -> Iterator[None]:
     shapes, no memory); every other tensor stays where it was made. `torch.device("meta")` makes
     every tensor meta, and the Swin family's constructors read numbers off tensors they make
     (drop-path rates, `torch.linspace(...)[i].item()`), which meta tensors lack: under it HAT,
-    DRCT, RGT, DAT and six more spandrel architectures could not be tried, and were built for
-    real. A parameter is made by its module (`torch.empty`: address space, no pages written)
+    DRCT, RGT, SCUNet, Uformer, GRL and MoSR could not be tried, and were built for real. A parameter is made by its module (`torch.empty`: address space, no pages written)
     before it is registered here. Patches `nn.Module`'s two registration methods for the
     duration: imports run in the CLI, on one thread."""
     register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
