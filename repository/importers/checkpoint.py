@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
 
 from models.spec import ModelSpec
 from repository.importers.pickle_scan import PickleRefused, check_archive
@@ -129,9 +131,55 @@ def weights_on_meta() -> Iterator[None]:
         nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
 
 
+class TensorsWithin(TorchDispatchMode):
+    """While open, an operation that would make a tensor of more than `max_values` values (its
+    storage: a broadcast view costs nothing) is refused before it runs, as a `CheckpointError`
+    naming `what`. Each operation is first run on meta copies of its arguments, which tells the
+    size without allocating; one without a meta kernel runs unchecked.
+
+    Why: constructors compute buffers from sizes read off a file's shapes. HAT's window side is
+    the square root of one tensor's first dimension, and its constructor computes a [side²,
+    side²] index table from it: a 2.8 MB file with a [9216, 1] tensor there had the dry run make
+    3.4 GB (side 96; side 256 asks for ~70 GB), before any shape was compared."""
+
+    def __init__(self, max_values: int, what: str) -> None:
+        super().__init__()
+        self.max_values, self.what = max_values, what
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for made in made_on_meta(func, args, kwargs):
+            values = made.untyped_storage().nbytes() // max(1, made.element_size())
+            if values > self.max_values:
+                raise CheckpointError(f"{self.what} makes a tensor of {values:,} values ({func.__name__.split('.')[0]} of "
+                                      f"{list(made.shape)[:6]}), more than the {self.max_values:,} the file's tensors allow")
+        return func(*args, **kwargs)
+
+
+def made_on_meta(func, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors `func` returns when run on meta copies of its tensor arguments (and on the meta
+    device where it takes one): their shapes and storages, nothing allocated. [] where it cannot
+    be run so (no meta kernel, or its result depends on values)."""
+    def meta(value):
+        return value.to("meta") if isinstance(value, torch.Tensor) and value.device.type != "meta" else value
+
+    if any(argument.name == "device" for argument in func._schema.arguments):
+        kwargs = {**kwargs, "device": torch.device("meta")}
+    try:
+        result = func(*tree_map(meta, args), **tree_map(meta, kwargs))
+    except Exception:  # noqa: BLE001 (any failure only means the size is not known beforehand)
+        return []
+    return [value for value in tree_flatten(result)[0] if isinstance(value, torch.Tensor)]
+
+
+def build_values_allowed(file_values: int) -> int:
+    """The most values a network built from a file of `file_values` may hold (`check_fills`)."""
+    return BUILD_VALUES_PER_FILE_VALUE * file_values + BUILD_SLACK_VALUES
+
+
 def check_fills(wanted: int, file_values: int, what: str) -> None:
     """A network of `wanted` values (built on the meta device from `what`) is one the file's values can fill."""
-    if wanted > BUILD_VALUES_PER_FILE_VALUE * file_values + BUILD_SLACK_VALUES:
+    if wanted > build_values_allowed(file_values):
         raise CheckpointError(f"{what} builds a network of {wanted:,} values, and the file holds {file_values:,}: "
                               "an import builds only what the file's tensors can fill")
 

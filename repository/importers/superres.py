@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from models.restoration import UnitRangeNetwork, load_spandrel
-from repository.importers.checkpoint import CheckpointError, check_fills, check_tensors, load_torch_archive, network_values, tensor_values, weights_on_meta
+from repository.importers.checkpoint import (CheckpointError, TensorsWithin, build_values_allowed, check_fills, check_tensors, load_torch_archive,
+                                             network_values, tensor_values, weights_on_meta)
 
 OUTPUT_TILE = 384  # output px per tile side the default aims at: 96 input px at x4 (the shipped RRDB's sweet spot on 2 cores)
 MIN_TILE, MAX_TILE = 64, 192
@@ -68,8 +69,10 @@ def check_spandrel_size(state: dict[str, torch.Tensor]) -> int | None:
 
     shapes = on_meta(state)
     try:
-        with weights_on_meta():
+        with weights_on_meta(), TensorsWithin(build_values_allowed(tensor_values(state)), "its layout"):
             probe = spandrel.MAIN_REGISTRY.load(shapes).model
+    except CheckpointError:
+        raise
     except RuntimeError as error:
         if not any(sign in str(error) for sign in ("size mismatch", "Missing key", "Unexpected key")):
             return None  # (an operation meta tensors lack)
@@ -90,7 +93,10 @@ def import_superres(path: Path, data: bytes) -> tuple[UnitRangeNetwork, dict]:
     state = read_state(path, data)
     check_spandrel_size(state)
     try:
-        descriptor = load_spandrel(state)
+        with TensorsWithin(build_values_allowed(tensor_values(state)), "its layout"):  # (where the dry run could not be made)
+            descriptor = load_spandrel(state)
+    except CheckpointError:
+        raise
     except spandrel.UnsupportedModelError:
         raise CheckpointError("no super-resolution architecture spandrel knows matches this state dict") from None
     except (KeyError, ValueError, RuntimeError, AssertionError, IndexError, TypeError) as error:

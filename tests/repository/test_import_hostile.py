@@ -247,7 +247,8 @@ def test_a_spandrel_layout_wider_than_its_file_is_refused_before_it_is_built(tmp
     channels would ask for ~40 GB). The dry run on meta tensors could not be made for HAT (its
     constructor reads numbers off tensors it makes), and for no architecture at all got past
     spandrel's move to the CPU, so what a layout builds was never counted. Now it is, for
-    ESRGAN and HAT alike, and the wide file is refused from shapes (0.9 GB peak, the CLI's own)."""
+    ESRGAN and HAT alike, and the wide file is refused from shapes (0.9 GB peak, the CLI's own),
+    at its first weight too large for the file (`checkpoint.TensorsWithin`)."""
     from spandrel.architectures.ESRGAN import ESRGAN
     from spandrel.architectures.HAT import HAT
 
@@ -262,4 +263,21 @@ def test_a_spandrel_layout_wider_than_its_file_is_refused_before_it_is_built(tmp
     checkpoint.write_bytes(saved(hat))
     result = CliRunner().invoke(app, ["import", str(checkpoint), "--name", "probe", "--repository", str(tmp_path / "repo"), "--format", "superres"])
     assert result.exit_code == 1, result.output
-    assert "the file's tensors do not fit it" in result.output and "4096" in result.output, result.output
+    # refused from shapes: the first 4096-wide weight is over what the file's values allow
+    assert "its layout makes a tensor of 50,331,648 values" in result.output and "4096" in result.output, result.output
+
+
+def test_a_buffer_a_constructor_computes_from_a_files_shape_is_bounded_before_it_is_made(tmp_path):
+    """HAT's window side is the square root of `relative_position_index_SA`'s first dimension, and
+    its constructor computes a [side², side²] index table: a 2.8 MB file holding that tensor as
+    [9216, 1] had the dry run itself make 3.4 GB (side 96; side 256 asks for ~70 GB). Every
+    operation of the build is now sized on meta tensors first (`checkpoint.TensorsWithin`)."""
+    from spandrel.architectures.HAT import HAT
+
+    hat = HAT(embed_dim=96, depths=(2,), num_heads=(2,), window_size=8, upscale=4, num_feat=16).state_dict()
+    hat["relative_position_index_SA"] = torch.zeros(96 * 96, 1, dtype=torch.long)
+    checkpoint = tmp_path / "hat.pth"
+    checkpoint.write_bytes(saved(hat))
+    result = CliRunner().invoke(app, ["import", str(checkpoint), "--name", "probe", "--repository", str(tmp_path / "repo"), "--format", "superres"])
+    assert result.exit_code == 1, result.output
+    assert "its layout makes a tensor of 169,869,312 values" in result.output, result.output
