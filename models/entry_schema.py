@@ -20,6 +20,7 @@ SCHEMA_VERSION = 1
 # spec.json); the server checks it again on its own device before serving half precision.
 HALF_PRECISION_MEAN_BOUND = 1 / 255
 HALF_PRECISION_MAX_BOUND = 8 / 255
+MAX_SCALE = 16  # the largest super-resolution scale an entry may hold
 
 
 class TensorSpec(BaseModel):
@@ -69,7 +70,7 @@ class EntrySpec(GraphSpec):
     class_names: list[str] | None = None
     in_channels: int | None = Field(None, ge=1, le=4)
     size_multiple: int | None = Field(None, ge=1, le=1024)
-    scale: int | None = Field(None, ge=1, le=16)
+    scale: int | None = Field(None, ge=1, le=MAX_SCALE)
     train_resolution: int | None = Field(None, ge=1, le=8192)
     mapping: GraphSpec | None = None
     model: dict | None = None

@@ -73,17 +73,39 @@ def bounded(name: str, value: object, low: int, high: int) -> int:
 
 BUILD_VALUES_PER_FILE_VALUE = 2  # a network built from a file holds at most this many values per value the file gives it
 BUILD_SLACK_VALUES = 1 << 20  # plus this many (filters and constants a network makes itself)
+BUILD_TENSORS_PER_FILE_TENSOR = 2  # and registers at most this many parameters and buffers per tensor of the file
+BUILD_SLACK_TENSORS = 1000  # plus this many (buffers a network computes itself)
 
 
-def tensor_values(tensors: dict, seen: set[int] | None = None) -> int:
+def tensor_values(tensors: dict, seen: set[int] | None = None, storages: set[tuple[int, int]] | None = None) -> int:
     """How many values a state dict's tensors give, those of dicts within it included (a
-    checkpoint may wrap its weights as `params_ema`); its other entries give none."""
+    checkpoint may wrap its weights as `params_ema`); its other entries give none. Counted by
+    storage, once each: every tensor of a 788 KB ESRGAN was a view of one storage of 110,592
+    values, summed per key to 72 M, and a network of that size was built from it (a probe)."""
+    seen = set() if seen is None else seen
+    storages = set() if storages is None else storages
+    if id(tensors) in seen:
+        return 0
+    seen.add(id(tensors))
+    total = 0
+    for value in tensors.values():
+        if isinstance(value, dict):
+            total += tensor_values(value, seen, storages)
+        elif isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            if (key := (storage.data_ptr(), storage.nbytes())) not in storages:
+                storages.add(key)
+                total += storage.nbytes() // value.element_size()
+    return total
+
+
+def tensor_count(tensors: dict, seen: set[int] | None = None) -> int:
+    """How many tensors a state dict holds, those of dicts within it included."""
     seen = set() if seen is None else seen
     if id(tensors) in seen:
         return 0
     seen.add(id(tensors))
-    return sum(value.numel() if isinstance(value, torch.Tensor) else tensor_values(value, seen) if isinstance(value, dict) else 0
-               for value in tensors.values())
+    return sum(1 if isinstance(value, torch.Tensor) else tensor_count(value, seen) if isinstance(value, dict) else 0 for value in tensors.values())
 
 
 def network_values(network: nn.Module) -> int:
@@ -103,26 +125,44 @@ def built_within(build: Callable[[], nn.Module], file_values: int) -> nn.Module:
 
 
 @contextmanager
-def weights_on_meta() -> Iterator[None]:
-    """While open, the parameters and buffers modules register are made on the meta device (their
-    shapes, no memory); every other tensor stays where it was made. `torch.device("meta")` makes
-    every tensor meta, and the Swin family's constructors read numbers off tensors they make
-    (drop-path rates, `torch.linspace(...)[i].item()`), which meta tensors lack: under it HAT,
-    DRCT, RGT, SCUNet, Uformer, GRL and MoSR could not be tried, and were built for real. A parameter is made by its module (`torch.empty`: address space, no pages written)
-    before it is registered here. Patches `nn.Module`'s two registration methods for the
-    duration: imports run in the CLI, on one thread."""
-    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+def weights_within(state: dict, what: str, on_meta: bool = False) -> Iterator[None]:
+    """While open, the parameters and buffers modules register are counted, and the registration
+    that takes a build past what `state` can fill (`build_values_allowed` values, or
+    `build_tensors_allowed` tensors: a strict load needs a tensor of the file for each) is refused
+    with a `CheckpointError` naming `what`, before anything more is built. RCAN reads its depth off
+    numbered keys: 14.7 KB of one-value tensors built 64 x 100 residual blocks (2.8 GB, 18 s)
+    before the load named the missing ones, and 101 KB of SwinIR keys built 10,000 Swin blocks
+    (157 s) on the meta device (a probe).
 
-    def on_meta(tensor):
-        return tensor if tensor is None or tensor.device.type == "meta" else torch.empty_like(tensor, device="meta")
+    With `on_meta`, each is made on the meta device (its shape, no memory) and every other tensor
+    stays where it was made: `torch.device("meta")` makes every tensor meta, and the Swin family's
+    constructors read numbers off tensors they make (drop-path rates, `torch.linspace(...)[i].item()`),
+    which meta tensors lack (under it HAT, DRCT, RGT, SCUNet, Uformer, GRL and MoSR could not be
+    tried, and were built for real). A parameter is made by its module (`torch.empty`: address
+    space, no pages written) before it is registered here.
+
+    Patches `nn.Module`'s two registration methods for the duration: imports run in the CLI, on one thread."""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+    max_values, max_tensors = build_values_allowed(tensor_values(state)), build_tensors_allowed(tensor_count(state))
+    built = {"values": 0, "tensors": 0}
+
+    def counted(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        if tensor is None:
+            return None
+        built["values"] += tensor.numel()
+        built["tensors"] += 1
+        if built["values"] > max_values or built["tensors"] > max_tensors:
+            raise CheckpointError(f"{what} builds more than {max_values:,} values or {max_tensors:,} tensors, and the file holds "
+                                  f"{tensor_values(state):,} values in {tensor_count(state):,} tensors: an import builds only what the file's tensors can fill")
+        return tensor if not on_meta or tensor.device.type == "meta" else torch.empty_like(tensor, device="meta")
 
     def parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         if param is not None and type(param) is nn.Parameter:  # (lazy modules' uninitialised ones kept as they are)
-            param = nn.Parameter(on_meta(param), requires_grad=param.requires_grad)
+            param = nn.Parameter(counted(param), requires_grad=param.requires_grad)
         register_parameter(module, name, param)
 
     def buffer(module: nn.Module, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
-        register_buffer(module, name, on_meta(tensor), persistent)
+        register_buffer(module, name, counted(tensor), persistent)
 
     nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer
     try:
@@ -175,6 +215,11 @@ def made_on_meta(func, args: tuple, kwargs: dict) -> list[torch.Tensor]:
 def build_values_allowed(file_values: int) -> int:
     """The most values a network built from a file of `file_values` may hold (`check_fills`)."""
     return BUILD_VALUES_PER_FILE_VALUE * file_values + BUILD_SLACK_VALUES
+
+
+def build_tensors_allowed(file_tensors: int) -> int:
+    """The most parameters and buffers a network built from a file of `file_tensors` tensors may register."""
+    return BUILD_TENSORS_PER_FILE_TENSOR * file_tensors + BUILD_SLACK_TENSORS
 
 
 def check_fills(wanted: int, file_values: int, what: str) -> None:

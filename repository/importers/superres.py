@@ -13,17 +13,23 @@ from pathlib import Path
 
 import torch
 
+from models.entry_schema import MAX_SCALE
 from models.restoration import UnitRangeNetwork, load_spandrel
 from repository.importers.checkpoint import (CheckpointError, TensorsWithin, build_values_allowed, check_fills, check_tensors, load_torch_archive,
-                                             network_values, tensor_values, weights_on_meta)
+                                             network_values, tensor_count, tensor_values, weights_within)
 
 OUTPUT_TILE = 384  # output px per tile side the default aims at: 96 input px at x4 (the shipped RRDB's sweet spot on 2 cores)
 MIN_TILE, MAX_TILE = 64, 192
 DEFAULT_OVERLAP = 16
+MAX_STATE_TENSORS = 8192  # (`read_state`)
 READ_VALUES = 65_536  # a state dict's tensors up to this size stay real in the dry run (`on_meta`)
 
 
 def read_state(path: Path, data: bytes) -> dict[str, torch.Tensor]:
+    """The file's state dict, of at most MAX_STATE_TENSORS tensors: spandrel's SwinIR detection
+    scans every key once per numbered layer, and 20,000 one-value keys (2.9 MB) held it 48 s
+    before anything was built (a probe); the largest published layouts have ~1,700 (HAT-L,
+    RCAN), twice that with Real-ESRGAN's `params` beside `params_ema`."""
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load
@@ -33,8 +39,11 @@ def read_state(path: Path, data: bytes) -> dict[str, torch.Tensor]:
         except (SafetensorError, ValueError, RuntimeError) as error:
             raise CheckpointError(f"the safetensors file is damaged or truncated ({str(error)[:200]})") from None
         check_tensors(state)
-        return state
-    return load_torch_archive(data)
+    else:
+        state = load_torch_archive(data)
+    if (count := tensor_count(state)) > MAX_STATE_TENSORS:
+        raise CheckpointError(f"the file holds {count:,} tensors; a super-resolution state dict is taken with at most {MAX_STATE_TENSORS:,}")
+    return state
 
 
 def tile_for(scale: int, multiple: int, minimum: int) -> int:
@@ -69,8 +78,8 @@ def check_spandrel_size(state: dict[str, torch.Tensor]) -> int | None:
 
     shapes = on_meta(state)
     try:
-        with weights_on_meta(), TensorsWithin(build_values_allowed(tensor_values(state)), "its layout"):
-            probe = spandrel.MAIN_REGISTRY.load(shapes).model
+        with weights_within(state, "its layout", on_meta=True), TensorsWithin(build_values_allowed(tensor_values(state)), "its layout"):
+            descriptor = spandrel.MAIN_REGISTRY.load(shapes)
     except CheckpointError:
         raise
     except RuntimeError as error:
@@ -82,8 +91,18 @@ def check_spandrel_size(state: dict[str, torch.Tensor]) -> int | None:
         raise CheckpointError(f"spandrel recognised the layout, but the file's tensors do not fit it ({first[:200]})") from None
     except (spandrel.UnsupportedModelError, NotImplementedError, KeyError, ValueError, AssertionError, IndexError, TypeError):
         return None
-    check_fills(wanted := network_values(probe), tensor_values(state), "its layout")
+    check_scale(descriptor)
+    check_fills(wanted := network_values(descriptor.model), tensor_values(state), "its layout")
     return wanted
+
+
+def check_scale(descriptor) -> None:
+    """A scale the entry can hold (`EntrySpec.scale`), said before the export: FDAT reads its
+    scale off a tensor's values, and one 146 KB file asked for x32, refused only when its entry
+    was written, after a sample, the export and the parity runs at 32 times the input's side
+    (4.7 GB, 39 s; a probe)."""
+    if not 1 <= descriptor.scale <= MAX_SCALE:
+        raise CheckpointError(f"{descriptor.architecture.name} at scale x{descriptor.scale}: /upscale serves x1 to x{MAX_SCALE}")
 
 
 def import_superres(path: Path, data: bytes) -> tuple[UnitRangeNetwork, dict]:
@@ -93,7 +112,8 @@ def import_superres(path: Path, data: bytes) -> tuple[UnitRangeNetwork, dict]:
     state = read_state(path, data)
     check_spandrel_size(state)
     try:
-        with TensorsWithin(build_values_allowed(tensor_values(state)), "its layout"):  # (where the dry run could not be made)
+        # (bounded as the dry run was, for the architectures where none could be made)
+        with weights_within(state, "its layout"), TensorsWithin(build_values_allowed(tensor_values(state)), "its layout"):
             descriptor = load_spandrel(state)
     except CheckpointError:
         raise
@@ -103,6 +123,7 @@ def import_superres(path: Path, data: bytes) -> tuple[UnitRangeNetwork, dict]:
         raise CheckpointError(f"spandrel recognised the layout but could not build it ({type(error).__name__}: {str(error)[:200]})") from None
     if not isinstance(descriptor, spandrel.ImageModelDescriptor) or descriptor.purpose not in ("SR", "Restoration"):
         raise CheckpointError(f"{descriptor.architecture.name} is a {descriptor.purpose} model: only super-resolution and restoration models are served by /upscale")
+    check_scale(descriptor)
     built = descriptor.model.state_dict()
     broken = next((name for name, tensor in built.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
     if broken is not None:  # otherwise found by the parity check, after the export

@@ -281,3 +281,50 @@ def test_a_buffer_a_constructor_computes_from_a_files_shape_is_bounded_before_it
     result = CliRunner().invoke(app, ["import", str(checkpoint), "--name", "probe", "--repository", str(tmp_path / "repo"), "--format", "superres"])
     assert result.exit_code == 1, result.output
     assert "its layout makes a tensor of 169,869,312 values" in result.output, result.output
+
+
+def superres_import(tmp_path, state: dict) -> str:
+    """`ganserve import --format superres` of `state` saved as a .pth: the CLI's output (exit 1 asserted)."""
+    checkpoint = tmp_path / "net.pth"
+    checkpoint.write_bytes(saved(state))
+    result = CliRunner().invoke(app, ["import", str(checkpoint), "--name", "probe", "--repository", str(tmp_path / "repo"), "--format", "superres"])
+    assert result.exit_code == 1, result.output
+    return result.output
+
+
+def test_spandrel_files_whose_layouts_outgrow_them_are_refused_before_they_are_built(tmp_path):
+    """A third probe's files, each refused from the file's own count of values and tensors:
+    - every tensor of an ESRGAN of 400 blocks a view of one storage of 110,592 values (1.8 MB):
+      summed per key the file "held" 72 M values, and a 288 M-value network was built and exported
+      (2.8 GB, killed at 120 s);
+    - RCAN, whose `sub_mean` keeps the dry run from being made, with depths read off numbered
+      one-value keys (14.7 KB): 64 x 100 residual blocks built (2.8 GB, 18 s) before the load
+      named the missing tensors;
+    - 20,004 one-value keys (2.9 MB) that spandrel's SwinIR detection scanned once per layer (48 s)."""
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    with torch.device("meta"):
+        shapes = {key: value.shape for key, value in ESRGAN(in_nc=3, out_nc=3, num_filters=64, num_blocks=40, scale=4).state_dict().items()}
+    shared = torch.zeros(max(shape.numel() for shape in shapes.values()))
+    output = superres_import(tmp_path, {key: shared[:shape.numel()].view(shape) for key, shape in shapes.items()})
+    assert "the file holds 110,592 values in" in output and "builds only what the file's tensors can fill" in output, output
+
+    one = torch.zeros(1)
+    rcan = {"sub_mean.weight": torch.zeros(3, 3, 1, 1), "head.0.weight": torch.zeros(1, 1, 1, 3), "tail.1.weight": torch.zeros(3, 1),
+            "body.0.body.0.body.0.weight": one.clone(), "body.0.body.0.body.3.conv_du.0.weight": torch.zeros(4)}
+    rcan |= {f"body.{i}.w": one.clone() for i in (*range(0, 64, 4), 64)} | {f"body.0.body.{j}.w": one.clone() for j in (*range(0, 100, 4), 100)}
+    output = superres_import(tmp_path, rcan)
+    assert "builds more than" in output and "builds only what the file's tensors can fill" in output, output
+
+    output = superres_import(tmp_path, {f"layers.{i}.w": one for i in range(9000)})
+    assert "the file holds 9,000 tensors; a super-resolution state dict is taken with at most 8,192" in output, output
+
+
+def test_a_super_resolution_scale_the_entry_cannot_hold_is_refused_before_the_export(tmp_path):
+    """FDAT reads its scale off a tensor's values: a real 146 KB FDAT at x32 went through a sample,
+    the ONNX export and its parity runs at 32 times the input's side (4.7 GB, 39 s) before its
+    entry's scale (at most x16) was refused."""
+    from spandrel.architectures.FDAT import FDAT
+
+    state = FDAT(scale=32, embed_dim=16, num_groups=1, depth_per_group=1, num_heads=2, upsampler_type="nearest+conv", mid_dim=16).state_dict()
+    assert "FDAT at scale x32: /upscale serves x1 to x16" in superres_import(tmp_path, state)
