@@ -9,6 +9,8 @@ without running code: `.safetensors`, or a torch.save archive with `weights_only
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -63,6 +65,14 @@ def on_meta(value, depth: int = 0):
     return {key: on_meta(item, depth + 1) for key, item in value.items()} if isinstance(value, dict) and depth < 4 else value
 
 
+@contextmanager
+def built_from(state: dict, on_meta: bool = False) -> Iterator[None]:
+    """A build of `state`'s layout bounded by what the file's tensors can fill: in all, as it
+    registers its weights (`weights_within`), and for each tensor its code makes (`TensorsWithin`)."""
+    with weights_within(state, "its layout", on_meta=on_meta), TensorsWithin(build_values_allowed(tensor_values(state)), "its layout"):
+        yield
+
+
 def check_spandrel_size(state: dict[str, torch.Tensor]) -> int | None:
     """spandrel's build of the state dict's shapes on the meta device (no memory) holds no more
     than the file's values can fill (`checkpoint.check_fills`): it reads widths and depths
@@ -78,7 +88,7 @@ def check_spandrel_size(state: dict[str, torch.Tensor]) -> int | None:
 
     shapes = on_meta(state)
     try:
-        with weights_within(state, "its layout", on_meta=True), TensorsWithin(build_values_allowed(tensor_values(state)), "its layout"):
+        with built_from(state, on_meta=True):
             descriptor = spandrel.MAIN_REGISTRY.load(shapes)
     except CheckpointError:
         raise
@@ -112,8 +122,7 @@ def import_superres(path: Path, data: bytes) -> tuple[UnitRangeNetwork, dict]:
     state = read_state(path, data)
     check_spandrel_size(state)
     try:
-        # (bounded as the dry run was, for the architectures where none could be made)
-        with weights_within(state, "its layout"), TensorsWithin(build_values_allowed(tensor_values(state)), "its layout"):
+        with built_from(state):  # (bounded as the dry run was, for the architectures where none could be made)
             descriptor = load_spandrel(state)
     except CheckpointError:
         raise
