@@ -375,7 +375,7 @@ class RequestIntake:
         status = {"code": 500}
         final_body_sent = False
         answer_bytes = 0
-        replaced_body = False  # a file route's plain 416 was sent as the API's JSON error: its own (empty) body is dropped
+        replaced_body = False  # a file route's answer was replaced by the API's JSON error (416, 412): its own body is dropped
 
         async def tracking_send(message: Message) -> None:
             nonlocal final_body_sent, answer_bytes, replaced_body

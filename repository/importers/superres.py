@@ -17,14 +17,14 @@ import torch
 
 from models.entry_schema import MAX_SCALE
 from models.restoration import UnitRangeNetwork, load_spandrel
-from repository.importers.checkpoint import (CheckpointError, TensorsWithin, build_values_allowed, check_fills, check_tensors, load_torch_archive,
+from repository.importers.checkpoint import (CheckpointError, TensorsWithin, build_values_allowed, check_tensors, load_torch_archive,
                                              network_values, tensor_count, tensor_values, weights_within)
 
 OUTPUT_TILE = 384  # output px per tile side the default aims at: 96 input px at x4 (the shipped RRDB's sweet spot on 2 cores)
 MIN_TILE, MAX_TILE = 64, 192
 DEFAULT_OVERLAP = 16
 MAX_STATE_TENSORS = 8192  # (`read_state`)
-READ_VALUES = 65_536  # a state dict's tensors up to this size stay real in the dry run (`on_meta`)
+READ_VALUES = 65_536  # a state dict's tensors up to this size stay real in the dry run (`shapes_of`)
 
 
 def read_state(path: Path, data: bytes) -> dict[str, torch.Tensor]:
@@ -55,14 +55,14 @@ def tile_for(scale: int, multiple: int, minimum: int) -> int:
     return -(-side // multiple) * multiple
 
 
-def on_meta(value, depth: int = 0):
+def shapes_of(value, depth: int = 0):
     """A checkpoint's tensors as meta tensors of the same shapes, its dicts (`params_ema`) alike
     (a few levels: a dict that holds itself is left to the real load to refuse). Tensors of up to
     READ_VALUES values stay as they are: DAT's, FDAT's and MoESR's detection reads numbers off
     small ones."""
     if isinstance(value, torch.Tensor):
         return value if value.numel() <= READ_VALUES else torch.empty(value.shape, dtype=value.dtype, device="meta")
-    return {key: on_meta(item, depth + 1) for key, item in value.items()} if isinstance(value, dict) and depth < 4 else value
+    return {key: shapes_of(item, depth + 1) for key, item in value.items()} if isinstance(value, dict) and depth < 4 else value
 
 
 @contextmanager
@@ -75,7 +75,7 @@ def built_from(state: dict, on_meta: bool = False) -> Iterator[None]:
 
 def check_spandrel_size(state: dict[str, torch.Tensor]) -> int | None:
     """spandrel's build of the state dict's shapes on the meta device (no memory) holds no more
-    than the file's values can fill (`checkpoint.check_fills`): it reads widths and depths
+    than the file's values can fill (`built_from`, counted as it registers them): it reads widths and depths
     off the shapes, so one real 864 KB first convolution made an ESRGAN of 2.3 GB a convolution,
     allocated and initialised before it found the file had none of them (a hostile probe). Where an
     architecture's build needs its weights' values (RCAN and IPT set some in their constructors),
@@ -83,10 +83,10 @@ def check_spandrel_size(state: dict[str, torch.Tensor]) -> int | None:
 
     The registry's `load`, not `ModelLoader`'s: that one moves the model to the CPU after loading,
     which a meta model cannot do, so until 2026-12-07 every architecture left here at that step and
-    `check_fills` never ran. Returns the values the layout builds (None where it could not be tried)."""
+    its size was never counted. Returns the values the layout builds (None where it could not be tried)."""
     import spandrel
 
-    shapes = on_meta(state)
+    shapes = shapes_of(state)
     try:
         with built_from(state, on_meta=True):
             descriptor = spandrel.MAIN_REGISTRY.load(shapes)
@@ -102,8 +102,7 @@ def check_spandrel_size(state: dict[str, torch.Tensor]) -> int | None:
     except (spandrel.UnsupportedModelError, NotImplementedError, KeyError, ValueError, AssertionError, IndexError, TypeError):
         return None
     check_scale(descriptor)
-    check_fills(wanted := network_values(descriptor.model), tensor_values(state), "its layout")
-    return wanted
+    return network_values(descriptor.model)  # (within the bound: `built_from` counted each registration)
 
 
 def check_scale(descriptor) -> None:
