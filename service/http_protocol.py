@@ -26,6 +26,10 @@
   address, the newcomer's own or one holding two more connections); where there is none, the new
   one is answered 503 (JSON, like every error) and shut, its request read and dropped for
   `REFUSED_LINGER_S` before the close;
+- an **upgrade to a protocol not served** (`Upgrade: h2c`, CONNECT) ends the connection after
+  its answer, what follows it unread: the parser stops at such a request's headers, and a body
+  arriving after them was read as a request of its own (h2c smuggling); a WebSocket handshake
+  carries at most `MAX_UPGRADE_HEADERS` header fields (431), since websockets parses them again;
 - a **send timeout** (`WriteStallGuard`, HTTP and WebSocket): a peer that reads nothing of what
   it was sent for `send_timeout_s` while the write buffer is over its high-water mark is
   disconnected. A stream client that never read its answers held its stream slot, and its unsent
@@ -110,6 +114,7 @@ SMALL_FRAME_BYTES = 1024  # a continuation frame smaller than this is a "small f
 MAX_SMALL_FRAMES_PER_S, SMALL_FRAME_BURST = 2048, 1024  # small continuation frames a connection may send (a client's 4 KiB fragments are not)
 FEED_BYTES = 16 * 1024  # a WebSocket read is parsed this much at a time, the budgets checked between pieces (≤ 2,340 frames)
 MAX_PIPELINED = 64  # requests queued behind the one running on a connection; later ones are dropped and the connection closes
+MAX_UPGRADE_HEADERS = 256  # header fields a WebSocket handshake may carry (websockets parses them all again, in Python)
 CLIENT_WARNING_EVERY_S = 10.0  # a warning any client can cause (a malformed request) is logged at most this often
 
 
@@ -303,6 +308,7 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         self.body_read = 0  # body bytes the parser gave in the current read
         self.messages_begun = 0  # requests the parser has begun on this connection
         self.refused = False  # answered 431 or 503, or pipelined past MAX_PIPELINED: what still arrives is dropped
+        self.past_upgrade = False  # a request asked to switch to a protocol not served: what still arrives is dropped (`_unsupported_upgrade_warning`)
         self.lingering = False  # shut, reading and dropping until the close (shut_and_linger)
         self.waiting_since = self.loop.time()  # since it connected or its last answer went out
         self.busy_since = self.waiting_since  # since it connected, or began a request after waiting IDLE_EVICTABLE_S for one
@@ -361,7 +367,29 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         super().resume_writing()
         self.slots().caught_up(self)
 
+    def _unsupported_upgrade_warning(self) -> None:
+        """A request asking to switch to a protocol this server does not speak (`Upgrade: h2c`, a
+        CONNECT): the HTTP parser stops at its headers as if the switch were made, so its body
+        never reaches the request (the intake answers 400 where it declared one:
+        `refuse_unsupported_upgrade`) and, arriving in a later read, was parsed as a request of its
+        own: a body `GET /…` behind `Upgrade: h2c` was answered as a second request, one a proxy in
+        front that forwards the upgrade headers never saw (h2c smuggling). The request is answered
+        as it is; what the connection sends after it is dropped, and it closes after the answer."""
+        super()._unsupported_upgrade_warning()
+        self.past_upgrade = True
+
     def handle_websocket_upgrade(self) -> None:
+        if len(self.headers) > MAX_UPGRADE_HEADERS:
+            # refused before websockets parses the request again, in Python: 10,500 header lines took
+            # ~18 ms of the event loop there, 31-53 ms a handshake in all (a hostile probe: 16 clients
+            # opening such handshakes held /health/live at ~0.5 s); a browser sends about 20
+            self.disarm_header_timer()
+            self.refused = True
+            self.transport.write(raw_error(431, "Request Header Fields Too Large", "headers_too_large",
+                                           f"a WebSocket handshake takes at most {MAX_UPGRADE_HEADERS} header fields; "
+                                           f"this one has {len(self.headers)}", self.path_so_far()))
+            self.shut_and_linger()
+            return
         slots = self.slots()
         slots.remove(self)
         super().handle_websocket_upgrade()
@@ -391,7 +419,7 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         self.transport.close()
 
     def data_received(self, data: bytes) -> None:
-        if self.refused:
+        if self.refused or self.past_upgrade:
             return  # the rest of a refused request: read and dropped until the connection closes
         first_part = None
         if self.awaiting_headers:
@@ -471,7 +499,14 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
             # (a request pipelined behind a running one, or sent just after the last answer, keeps the
             # connection's age: a re-probe sent each next request 2 ms after the answer to stay young)
             self.busy_since = now
+        before = self.cycle
         super().on_headers_complete()
+        if self.cycle is before:
+            # a WebSocket handshake: no request cycle begins (the upgrade hands the connection over, or
+            # `handle_websocket_upgrade` refuses it). Its None was kept here, and `connection_lost` then
+            # failed on it before uvicorn's own clean-up: every refused handshake's protocol, and its
+            # headers, stayed in memory for good (a probe's 10,500-line handshakes: +1.2 to 4 MB each)
+            return
         self.open_cycles = [cycle for cycle in self.open_cycles if not cycle.response_complete] + [self.cycle]
         slots = self.slots()
         slots.began_serving(self)
@@ -493,7 +528,7 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         self.slots().remove(self)
 
     def on_response_complete(self) -> None:
-        last = self.refused and not self.pipeline  # pipelining stopped, and nothing queued behind this answer
+        last = (self.refused or self.past_upgrade) and not self.pipeline  # pipelining stopped (or an upgrade), and nothing queued behind this answer
         self.waiting_since = self.loop.time()
         super().on_response_complete()
         if not self.being_served():  # (else a pipelined request began)
@@ -809,8 +844,8 @@ def guarded_websocket_protocol(send_timeout_s: float, max_header_bytes: int = 64
     """The WebSocket protocol class uvicorn instantiates per upgraded connection. websockets
     parses the upgrade request again with limits of its own (a line of 8 KiB, 128 headers: its
     `WEBSOCKETS_MAX_LINE_LENGTH` and `WEBSOCKETS_MAX_NUM_HEADERS`), so a 9 KB cookie opened every
-    HTTP route and got 431 from the stream; they are set to the HTTP protocol's own cap, which
-    the request has already passed (one header line takes at least 4 of its bytes)."""
+    HTTP route and got 431 from the stream; a line may be as long as the HTTP protocol's own cap,
+    which the request has already passed, and a handshake may carry `MAX_UPGRADE_HEADERS` fields."""
     websockets_http11.MAX_LINE_LENGTH = max_header_bytes
-    websockets_http11.MAX_NUM_HEADERS = max_header_bytes // 4
+    websockets_http11.MAX_NUM_HEADERS = MAX_UPGRADE_HEADERS  # (GuardedHttpProtocol refuses more before websockets parses them)
     return type("ConfiguredWebSocketProtocol", (GuardedWebSocketProtocol,), {"send_timeout_s": send_timeout_s, "max_messages_per_s": max_messages_per_s})

@@ -171,6 +171,41 @@ def refuse_unknown_expectations(headers: list[tuple[bytes, bytes]]) -> None:
         raise Refused(417, "expectation_failed", f"the server meets no expectation but 100-continue (Expect {unknown[0].decode('latin-1')[:40]!r})")
 
 
+def refuse_ambiguous_framing(scope: Scope) -> None:
+    """400 for a request two parsers may read two ways (RFC 9112 §3.2, RFC 9110 §5.3): no `Host`
+    on HTTP/1.1 or more than one, or two `Content-Type`s (the route read the first, the intake's
+    checks the last), and 505 for a version other than HTTP/1.0 or 1.1 (`HTTP/2.0` in a request
+    line was served as 1.1). A proxy in front and this server could otherwise disagree about
+    which host or media type a request has (GANSERVE_ALLOWED_HOSTS checks one of them)."""
+    hosts = types = 0
+    for name, _ in scope["headers"]:
+        if name == b"host":
+            hosts += 1
+        elif name == b"content-type":
+            types += 1
+    version = scope.get("http_version", "1.1")
+    if version not in ("1.1", "1.0"):
+        raise Refused(505, "http_version_not_supported", f"the server speaks HTTP/1.1 (and 1.0); the request line says HTTP/{version[:8]}")
+    if hosts > 1 or (hosts == 0 and version == "1.1"):
+        raise Refused(400, "bad_request", "an HTTP/1.1 request carries exactly one Host header" + (f"; this one has {hosts}" if hosts else ""))
+    if types > 1:
+        raise Refused(400, "bad_request", "the request gives Content-Type more than once: send it once")
+
+
+def refuse_unsupported_upgrade(headers: list[tuple[bytes, bytes]], length: int | None) -> None:
+    """400 for a request with a body that asks to switch to a protocol this server does not speak
+    (`Connection: Upgrade`, `Upgrade: h2c`): the HTTP parser stops at its headers, so the route
+    would see no body (a valid JSON body was answered "needs a JSON body"); the connection closes
+    after the answer (service/http_protocol.py). Without a body it is served, the upgrade ignored."""
+    if not length and not any(name == b"transfer-encoding" for name, _ in headers):
+        return
+    upgrades = header_items(headers, b"upgrade")
+    if b"upgrade" in header_items(headers, b"connection") and upgrades != [b"websocket"]:
+        shown = b", ".join(upgrades).decode("latin-1")[:40]
+        raise Refused(400, "bad_request", f"this server does not switch protocols (Upgrade {shown!r}), and the body of a request "
+                                          "asking to is not read: send it without Connection: Upgrade")
+
+
 def refuse_transfer_codings(headers: list[tuple[bytes, bytes]]) -> None:
     """501 for a transfer coding other than chunked (RFC 9112 §6.1): the HTTP parser unchunks a
     body and passes any other coding's bytes on as they came (`gzip, chunked` was read as plain)."""
@@ -466,7 +501,10 @@ class RequestIntake:
         if b"origin" in headers and scope["method"] not in SAFE_METHODS and (origin := cross_site_origin(headers, self.trusted_origins)) is not None:
             refused = refuse_cross_site(origin)
             raise Refused(refused.status, refused.code, refused.message)
+        refuse_ambiguous_framing(scope)
         length = ascii_count(headers.get(b"content-length"), max_digits=40)
+        if b"upgrade" in headers:
+            refuse_unsupported_upgrade(scope["headers"], length)
         if b"content-encoding" in headers and (length or b"transfer-encoding" in headers):  # (a bodyless GET passes)
             refuse_compressed(scope["headers"])
         if b"transfer-encoding" in headers:

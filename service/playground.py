@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter
+import os
+
+from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.staticfiles import NotModifiedResponse
 
 STATIC = Path(__file__).with_name("static")  # the page's .css and .js; mounted at /static by the app
 # the page itself, kept out of /static: served there too, its relative links (static/…) broke
@@ -27,9 +30,23 @@ class PageFiles(StaticFiles):
         return response
 
 
+# Starlette's rule for its static files (If-None-Match, else If-Modified-Since), for the file routes
+VALIDATORS = StaticFiles(directory=None, check_dir=False)
+
+
+def file_or_not_modified(path: Path, request: Request, media_type: str, headers: dict[str, str]) -> Response:
+    """A file route's answer as /static's is: 304 where the request's `If-None-Match` or
+    `If-Modified-Since` says the client holds this file (a `Range` beside them too, RFC 9110
+    §13.2.2); `FileResponse` alone sent it whole every time, 200, or 206 for a range."""
+    response = FileResponse(path, media_type=media_type, headers=headers, stat_result=os.stat(path))
+    if VALIDATORS.is_not_modified(response.headers, request.headers):
+        return NotModifiedResponse(response.headers)
+    return response
+
+
 @router.get("/")
-async def playground() -> FileResponse:
-    return FileResponse(PAGE, media_type="text/html", headers=PAGE_HEADERS)
+async def playground(request: Request) -> Response:
+    return file_or_not_modified(PAGE, request, "text/html", PAGE_HEADERS)
 
 
 @router.get("/favicon.ico")

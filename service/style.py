@@ -16,7 +16,7 @@ MAPPING_OP, SYNTHESIS_OP = "mapping", "synthesis"
 
 def require_style(model: LoadedModel) -> None:
     if model.entry.kind != "style":
-        raise ApiError(422, f"model {model.entry.name!r} is {model.entry.kind}: this operation needs a style model")
+        raise ApiError(422, f"model {model.entry.name!r} is of kind {model.entry.kind!r}: this operation needs a style model (kind 'style')")
 
 
 def mapping_items(model: LoadedModel, z: np.ndarray, label: int | None) -> list[dict[str, np.ndarray]]:

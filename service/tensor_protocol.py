@@ -102,6 +102,26 @@ def split_body(raw: bytes, header_length: str | None) -> tuple[bytes, memoryview
     return raw[:length], memoryview(raw)[length:]
 
 
+SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")  # the sequence batcher's: Triton keeps a stream's state by them
+
+
+def refuse_unserved_extensions(body: InferRequest) -> None:
+    """422 for what a client asks of an extension this server does not serve, where the answer
+    would not be what it asked for: a tensor in a shared-memory region (tritonclient's
+    `set_shared_memory`: the output came back in the body, nothing written to the region the
+    client then reads; an input's region was never read) and a sequence's parameters (each
+    request is served alone, with no state kept between them). `priority` and `timeout` are
+    scheduling hints this server does not act on (its deadline is GANSERVE_REQUEST_TIMEOUT_S)."""
+    tensors = [("input", tensor) for tensor in body.inputs] + [("output", requested) for requested in body.outputs or []]
+    for role, tensor in tensors:
+        if tensor.parameters and "shared_memory_region" in (tensor.parameters.model_extra or {}):
+            raise ApiError(422, f"{role} {tensor.name!r} names a shared-memory region; this server does not serve the shared-memory "
+                                "extension: send the tensor in the request body and read it from the answer (binary data for speed)")
+    if body.parameters and (asked := [name for name in SEQUENCE_PARAMETERS if name in (body.parameters.model_extra or {})]):
+        raise ApiError(422, f"parameters: {asked[0]} belongs to a sequence; this server keeps no state between requests and serves "
+                            "each one alone: send it without sequence parameters")
+
+
 def parse_request(raw: bytes, header_length: str | None) -> tuple[InferRequest, dict[str, np.ndarray]]:
     """(runs in the encoder pool) The request and its input arrays, as sent (not yet converted)."""
     header, tail = split_body(raw, header_length)
@@ -116,6 +136,7 @@ def parse_request(raw: bytes, header_length: str | None) -> tuple[InferRequest, 
         if requested.parameters and (requested.parameters.model_extra or {}).get("classification"):
             raise ApiError(422, f"output {requested.name!r} asks for its top classes (the classification extension), which this server "
                                 "does not serve: ask for the output itself")
+    refuse_unserved_extensions(body)
     arrays, offset = {}, 0
     for tensor in body.inputs:
         if tensor.datatype not in WIRE_TYPES:

@@ -84,7 +84,7 @@ class ModelReplica:
 
     async def push_metrics(self, every_s: float) -> None:
         """Sends this replica's /metrics text to the board, as a scrape would read it."""
-        scrape = ForwardedRequest("GET", "/metrics", b"", [], b"")
+        scrape = ForwardedRequest("GET", "/metrics", b"", [(b"host", b"ganserve-replica")], b"")  # (HTTP/1.1's one Host: the intake refuses none)
         while True:
             try:
                 text = (await call_asgi(self.app, scrape)).body.decode()

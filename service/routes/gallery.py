@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import Response
 
 from service.errors import ApiError, error_responses
 from service.pipeline import KnownQueryRoute, registry_of
+from service.playground import file_or_not_modified
 from service.schemas import VersionText
 
 router = APIRouter(prefix="/v1", tags=["v1"], route_class=KnownQueryRoute)  # (422 for a query parameter it does not take, as every v1 route)
@@ -23,4 +24,4 @@ async def samples(name: str, request: Request, version: Annotated[VersionText | 
     path = entry.path / "samples.png"
     if not path.is_file():
         raise ApiError(404, f"{entry.label} has no samples.png")
-    return FileResponse(path, media_type="image/png", headers={"X-Model-Version": str(entry.version)})
+    return file_or_not_modified(path, request, "image/png", {"X-Model-Version": str(entry.version)})

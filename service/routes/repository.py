@@ -26,12 +26,14 @@ MAX_WAITING_MODEL_CONTROL = 16
 MAX_LOAD_BODY_BYTES = 64 * 1024  # a load's parameters without files or a config (refused) are a few dozen bytes
 
 
-@router.post("/index", responses=error_responses(422, protocol=True))
+@router.post("/index", responses=error_responses(413, 422, protocol=True))
 async def repository_index(request: Request) -> list[dict]:
     """Every entry on disk with its state; `{"ready": true}` lists only the ready ones (the
     protocol's request field: it was ignored, and unloaded models were listed to a client that
     asked for ready ones)."""
     parameters = await load_body(request, "an index request")
+    if unknown := sorted(set(parameters) - {"ready"}):  # (as v1's bodies: a misspelt field was ignored, all entries listed)
+        raise ApiError(422, f"an index request takes only `ready`; {unknown[0][:64]!r} is not a field of it")
     ready = parameters.get("ready", False)
     if not isinstance(ready, bool):
         raise ApiError(422, "ready: true or false")
@@ -88,7 +90,7 @@ async def load_body(request: Request, what: str) -> dict:
     if not raw.strip():
         return {}
     if len(raw) > MAX_LOAD_BODY_BYTES:
-        raise ApiError(422, f"{what}'s body is {len(raw)} bytes: its fields fit in {MAX_LOAD_BODY_BYTES} bytes" + (
+        raise ApiError(413, f"{what}'s body is {len(raw)} bytes: its fields fit in {MAX_LOAD_BODY_BYTES} bytes" + (
             " (loads take the repository on disk as it is; model files and configurations cannot be given with the request)" if "load" in what else ""))
     try:
         body = json.loads(raw, object_pairs_hook=unique_keys)
@@ -116,7 +118,7 @@ async def refuse_overrides(request: Request) -> None:
                             "(write the version's files and its serving.json into the repository, then load)")
 
 
-@router.post("/models/{name}/load", responses=error_responses(403, 404, 422, 429, protocol=True))
+@router.post("/models/{name}/load", responses=error_responses(403, 404, 413, 422, 429, protocol=True))
 async def load_model(name: str, request: Request) -> dict:
     """Loads (or reloads) every version of `name` found on disk; answers once they are ready or failed."""
     require_model_control(request)

@@ -17,7 +17,7 @@ from tests.serving import running_server
 
 
 def http_scope(extensions: dict | None = None) -> dict:
-    scope = {"type": "http", "method": "POST", "path": "/v1/models/m/generate", "headers": [(b"content-length", b"2")], "app": None}
+    scope = {"type": "http", "method": "POST", "path": "/v1/models/m/generate", "headers": [(b"host", b"test"), (b"content-length", b"2")], "app": None}
     if extensions is not None:
         scope["extensions"] = extensions
     return scope
@@ -176,3 +176,74 @@ def test_a_file_is_412_where_the_requests_if_match_or_if_unmodified_since_does_n
                     assert answer.status_code == 412, (method, path, failed, answer.status_code)
                     assert method == "HEAD" or answer.json()["error"]["code"] == "precondition_failed"
         assert client.get("/v1/models", headers={"If-Match": '"other"'}).status_code == 200  # (no validator: ignored, as before)
+
+
+def test_a_file_is_304_where_the_request_says_the_client_holds_it(server):
+    """`samples.png` and the playground page are `FileResponse`s, which Starlette sends whole
+    whatever the request's validators say (a probe: 200 with 94 KB for a matching `If-None-Match`,
+    206 for one with a `Range`), where /static answered 304. Now all three answer 304 alike."""
+    with server.client() as client:
+        for path in ("/", "/static/playground.css", "/v1/models/digits/samples.png"):
+            whole = client.get(path)
+            etag, modified = whole.headers["etag"], whole.headers["last-modified"]
+            later = email.utils.format_datetime(email.utils.parsedate_to_datetime(modified) + datetime.timedelta(days=1), usegmt=True)
+            for held in ({"If-None-Match": etag}, {"If-None-Match": f'"other", W/{etag}'}, {"If-None-Match": "*"},
+                         {"If-None-Match": etag, "Range": "bytes=0-9"}, {"If-Modified-Since": later}):
+                answer = client.get(path, headers=held)
+                assert answer.status_code == 304 and answer.content == b"" and answer.headers["etag"] == etag, (path, held, answer.status_code)
+            for changed in ({"If-None-Match": '"other"'}, {"If-Modified-Since": "Mon, 01 Jan 2001 00:00:00 GMT"}):
+                answer = client.get(path, headers=changed)
+                assert answer.status_code == 200 and answer.content == whole.content, (path, changed)
+
+
+def exchange(server, *parts: bytes, gap_s: float = 0.3) -> list[bytes]:
+    """The status lines a connection answers to `parts` sent `gap_s` apart, read until it closes."""
+    host, port = server.url.removeprefix("http://").split(":")
+    answered = b""
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        for part in parts:
+            sock.sendall(part)
+            time.sleep(gap_s)
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            while chunk := sock.recv(65536):
+                answered += chunk
+    return [line for line in answered.split(b"\r\n") if line.startswith(b"HTTP/1.")]
+
+
+def test_a_body_behind_an_upgrade_the_server_does_not_speak_is_never_read_as_a_request_of_its_own(server):
+    """`Connection: Upgrade` with `Upgrade: h2c` makes the HTTP parser stop at the headers as if the
+    protocol had switched: a body in the same read was lost (valid JSON answered "needs a JSON
+    body"), and one in a later read was parsed as a second request, which a proxy in front that
+    forwards the upgrade headers never saw (h2c smuggling; a probe's smuggled GET was answered
+    404 "unknown model 'SMUGGLED-REQUEST'"). Now such a request is 400 and the connection closes;
+    one without a body is served, the upgrade ignored, and the connection closes after it."""
+    host = server.url.removeprefix("http://")
+    smuggled = b"GET /v1/models/SMUGGLED/samples.png HTTP/1.1\r\nHost: " + host.encode() + b"\r\n\r\n"
+    upgrade = f"Host: {host}\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+    head = f"POST /v1/models/digits/generate HTTP/1.1\r\n{upgrade}Content-Type: application/json\r\nContent-Length: {len(smuggled)}\r\n\r\n"
+    assert exchange(server, head.encode(), smuggled) == [b"HTTP/1.1 400 Bad Request"]  # one answer: the smuggled GET was not read
+    body = b'{"seed": 1}'
+    head = f"POST /v1/models/digits/generate HTTP/1.1\r\n{upgrade}Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    assert exchange(server, head.encode() + body) == [b"HTTP/1.1 400 Bad Request"]
+    get = f"GET /v1/models/digits HTTP/1.1\r\n{upgrade}\r\n".encode()
+    assert exchange(server, get + smuggled) == [b"HTTP/1.1 200 OK"]  # served; what followed it on the connection was not
+    with server.client() as client:
+        assert client.post("/v1/models/digits/generate", json={"seed": 1}).status_code == 200  # and the server goes on
+
+
+def test_a_request_two_parsers_could_read_two_ways_is_400(server):
+    """RFC 9112 §3.2: an HTTP/1.1 request carries exactly one Host; two (or none) were served, as were
+    two Content-Types, the route reading the first and the intake's checks the last; a request line
+    saying HTTP/2.0 was served as 1.1 (a probe). A proxy in front and this server could disagree on
+    them (GANSERVE_ALLOWED_HOSTS checks the Host)."""
+    host = server.url.removeprefix("http://")
+    body = b'{"seed": 1}'
+    tail = f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+    for head, status in ((f"Host: {host}\r\nHost: evil.example\r\nContent-Type: application/json\r\n", b"400"),
+                         ("Content-Type: application/json\r\n", b"400"),
+                         (f"Host: {host}\r\nContent-Type: application/json\r\nContent-Type: image/png\r\n", b"400"),
+                         (f"Host: {host}\r\nContent-Type: application/json\r\n", b"200")):
+        answered = exchange(server, b"POST /v1/models/digits/generate HTTP/1.1\r\n" + head.encode() + b"Connection: close\r\n" + tail, gap_s=0)
+        assert len(answered) == 1 and answered[0].split()[1] == status, (head, answered)
+    assert exchange(server, f"GET /health/live HTTP/2.0\r\nHost: {host}\r\n\r\n".encode(), gap_s=0)[0].split()[1] == b"505"
+    assert exchange(server, b"GET /health/live HTTP/1.0\r\n\r\n", gap_s=0)[0].split()[1] == b"200"  # (1.0 needs no Host)

@@ -325,6 +325,9 @@ def test_a_version_retired_by_a_reload_takes_its_metric_series_with_it(own_repos
         rows = {(row["name"], row["version"]): row for row in client.post("/v2/repository/index").json()}
         assert rows[("digits", "1")]["reason"] == "excluded by the version policy" and rows[("upx4", "1")]["reason"] == "not in GANSERVE_MODELS"
         assert client.post("/v2/repository/index", json={"ready": "yes"}).status_code == 422
+        # a misspelt field was ignored (every entry listed), and an oversized body was 422, not 413
+        assert client.post("/v2/repository/index", json={"redy": True}).status_code == 422
+        assert client.post("/v2/repository/index", json={"ready": True, "x": "a" * 100_000}).status_code == 413
         assert client.post("/v2/repository/models/digits/load", json={"parameters": []}).status_code == 422  # (once taken as none)
         twice = client.post("/v2/repository/index", content=b'{"ready": true, "ready": false}', headers={"content-type": "application/json"})
         assert twice.status_code == 422 and "'ready' more than once" in twice.json()["error"], twice.text  # (as v1's bodies; the last was taken)

@@ -152,6 +152,17 @@ def test_what_the_server_does_not_serve_is_refused_with_a_reason_not_ignored(ser
             triton.infer("digits", [z], request_compression_algorithm=algorithm)
     with pytest.raises(InferenceServerException, match="classification"):
         triton.infer("digits", [z], outputs=[tritonhttp.InferRequestedOutput("image", class_count=3)])
+    # the shared-memory extension (the output came back in the body, nothing written to the region
+    # the client then reads) and a sequence's parameters (no state is kept between requests) were ignored too
+    in_region = tritonhttp.InferInput("z", [1, 64], "FP32")
+    in_region.set_shared_memory("inputs", 256)
+    out_region = tritonhttp.InferRequestedOutput("image")
+    out_region.set_shared_memory("outputs", 4096)
+    for inputs, outputs in (([in_region], None), ([z], [out_region])):
+        with pytest.raises(InferenceServerException, match="shared-memory"):
+            triton.infer("digits", inputs, outputs=outputs)
+    with pytest.raises(InferenceServerException, match="sequence"):
+        triton.infer("digits", [z], sequence_id=7, sequence_start=True)
     assert triton.infer("digits", [z]).as_numpy("image").shape == (1, 1, 32, 32)  # and without them it is served
     with server.client() as client:
         both = {"name": "z", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64, "parameters": {"binary_data_size": 256}}

@@ -235,7 +235,7 @@ def test_bodies_sent_to_forwarded_routes_that_read_none_stay_in_the_front(worker
     """Job polls, deletes and model control ignore a body; a front forwarded it to the engine all
     the same, where a probe's flood of 8 MB bodies raised the engine's memory by 280 MB (outside
     the budget, beside the models). Now only a projection's upload is forwarded, and the index's
-    request once the front has found it within 64 KiB (8 MB: 422 in the front)."""
+    request once the front has found it within 64 KiB (8 MB: 413 in the front)."""
     engine = next(pid for pid, role in children(workers.process.pid).items() if role == "engine")
     body = os.urandom(8 * 2**20 - 4096)
     requests = [("POST", "/v2/repository/index"), ("GET", "/v1/jobs/0123456789abcdef"), ("DELETE", "/v1/jobs/0123456789abcdef"),
@@ -244,7 +244,7 @@ def test_bodies_sent_to_forwarded_routes_that_read_none_stay_in_the_front(worker
     peak_rss_bytes(engine, reset=True)
     with ThreadPoolExecutor(len(requests)) as pool:
         answers = list(pool.map(lambda r: httpx.request(r[0], f"{workers.url}{r[1]}", content=body, timeout=60), requests))
-    assert [a.status_code for a in answers[:4]] == [422, 404, 404, 403], [a.text for a in answers[:4]]
+    assert [a.status_code for a in answers[:4]] == [413, 404, 404, 403], [a.text for a in answers[:4]]
     assert all(a.status_code == b.status_code for a, b in zip(answers, answers[4:]))
     assert peak_rss_bytes(engine) - resident < 16 * 2**20  # +71 MB when the 24 bodies of 8 MB reached the engine (+0.6 MB now)
 
