@@ -16,7 +16,10 @@ router = APIRouter(prefix="/v1", tags=["v1"], route_class=KnownQueryRoute)  # (4
 
 
 @router.get("/models/{name}/samples.png", response_class=Response,
-            responses={200: {"content": {"image/png": {}}, "description": "the entry's sample grid"}, **error_responses(404, 422)})
+            responses={200: {"content": {"image/png": {}}, "description": "the entry's sample grid"},
+                       206: {"content": {"image/png": {}}, "description": "the part a `Range` asked for"},
+                       304: {"description": "the client holds this file (`If-None-Match`, `If-Modified-Since`)"},
+                       **error_responses(404, 412, 416, 422)})
 async def samples(name: str, request: Request, version: Annotated[VersionText | None, Query()] = None) -> Response:
     """The sample grid exported with the model (latest ready version, else the latest, or
     `version`): a file on disk, so it is served while the model still loads, or if it failed."""

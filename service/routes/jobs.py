@@ -90,7 +90,7 @@ def projection_headers(request: Request) -> None:
     upload_media(request)
 
 
-@router.post("/models/{name}/project", status_code=202, openapi_extra=IMAGE_BODY, responses=error_responses(404, 413, 415, 422, 429, 503))
+@router.post("/models/{name}/project", status_code=202, openapi_extra=IMAGE_BODY, responses=error_responses(404, 413, 415, 422, 429, 503, 504))
 @checked_on_headers(projection_headers)
 async def project_image(name: str, request: Request, steps: Annotated[ProjectionSteps, Query(description="optimisation steps: at most GANSERVE_MAX_PROJECTION_STEPS (1000 by default)")] = DEFAULT_PROJECTION_STEPS,
                         version: Annotated[VersionText | None, Query()] = None) -> JSONResponse:

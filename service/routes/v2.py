@@ -307,7 +307,10 @@ def inlined(schema: dict) -> dict:
     return expand(schema)
 
 
-INFER_DOC = {"requestBody": {"content": {"application/json": {"schema": inlined(InferRequest.model_json_schema())}}, "required": True}}
+INFER_SCHEMA = inlined(InferRequest.model_json_schema())
+# JSON (under any of the types clients send it with), or JSON followed by the binary tensors, its length in Inference-Header-Content-Length
+INFER_DOC = {"requestBody": {"content": {media: {"schema": INFER_SCHEMA} for media in INFER_MEDIA_TYPES if media}
+                             | {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}, "required": True}}
 
 
 @router.post("/models/{name}/infer", responses=error_responses(404, 413, 415, 422, 429, 503, 504, protocol=True), openapi_extra=INFER_DOC)

@@ -247,3 +247,22 @@ def test_a_request_two_parsers_could_read_two_ways_is_400(server):
         assert len(answered) == 1 and answered[0].split()[1] == status, (head, answered)
     assert exchange(server, f"GET /health/live HTTP/2.0\r\nHost: {host}\r\n\r\n".encode(), gap_s=0)[0].split()[1] == b"505"
     assert exchange(server, b"GET /health/live HTTP/1.0\r\n\r\n", gap_s=0)[0].split()[1] == b"200"  # (1.0 needs no Host)
+
+
+def test_a_closed_connections_request_is_freed_with_it_not_at_the_next_full_garbage_collection(server):
+    """uvicorn's request cycle and our protocol held each other (and the scope's flush callback held
+    the protocol), so each closed connection's last request, its headers with it, waited for a full
+    garbage collection: a probe's 63 KB requests of 10,500 header lines raised RSS by ~1.3 MB each
+    (+130 MB per 100) for as long as none came. Now a connection's memory goes when it closes."""
+    host = server.url.removeprefix("http://")
+    headers = b"".join(b"a%d:b\r\n" % (i % 10) for i in range(10_000))
+    request = f"GET /health/live HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n".encode() + headers + b"\r\n"
+
+    def rss() -> int:
+        return int(next(line for line in open(f"/proc/{server.process.pid}/status") if line.startswith("VmRSS")).split()[1]) * 1024
+
+    assert exchange(server, request, gap_s=0) == [b"HTTP/1.1 200 OK"]
+    before = rss()
+    for _ in range(150):
+        assert exchange(server, request, gap_s=0) == [b"HTTP/1.1 200 OK"]
+    assert rss() - before < 40e6, (rss() - before) / 1e6  # +190 MB before
