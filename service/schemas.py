@@ -42,7 +42,9 @@ MAX_W_DIM = 4096
 MAX_INPUT_MAGNITUDE = 1e4
 
 Seed = Annotated[int, Strict(), Field(ge=0, le=MAX_SEED, description="0 … 2^63 - 1")]
-ImageCount = Annotated[int, Strict(), Field(ge=1, le=HARD_MAX_IMAGES), bounded_by_setting("max_images_per_request")]
+ImageCount = Annotated[int, Strict(), Field(ge=1, le=HARD_MAX_IMAGES, description="at most GANSERVE_MAX_IMAGES_PER_REQUEST (the server's "
+                      f"setting, {Settings.model_fields['max_images_per_request'].default} by default); {HARD_MAX_IMAGES} is the most it may be set to"),
+                      bounded_by_setting("max_images_per_request")]
 ClassIndex = Annotated[int, Strict(), Field(ge=0, le=1_000_000)]
 ClassName = Annotated[str, Field(min_length=1, max_length=128)]
 LayerIndex = Annotated[int, Strict(), Field(ge=0, lt=MAX_WS)]

@@ -79,7 +79,7 @@ class EditRequest(BaseModel):
     seed: Seed | None = None
     w: WVector | None = None
     direction: str = Field(min_length=1, max_length=128)
-    strengths: list[Annotated[float, Strict()]] = Field(default_factory=lambda: [-2.0, -1.0, 0.0, 1.0, 2.0], min_length=1, max_length=64)
+    strengths: list[Annotated[float, Strict(), Field(ge=-100, le=100, allow_inf_nan=False)]] = Field(default_factory=lambda: [-2.0, -1.0, 0.0, 1.0, 2.0], min_length=1, max_length=64)
     units: str = Field("sigma", pattern="^(sigma|w)$",
                        description="sigma: strengths in standard deviations of the model's W along the direction (GET /v1/models/{name} lists them); w: raw W distance")
     layers: Layers | None = Field(None, description="apply the edit at these ws only (default: all)")
