@@ -417,6 +417,10 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         slots = self.slots()
         slots.remove(self)
         super().handle_websocket_upgrade()
+        # the connection is the WebSocket protocol's now, and this one's `connection_lost` (which lets
+        # go of the parser) never runs: the parser holds this protocol's callbacks and this protocol
+        # the parser, and each stream's handshake waited for a full garbage collection
+        self.parser, self.cycle = None, None
         if isinstance(stream := self.transport.get_protocol(), GuardedWebSocketProtocol):
             stream.hold_slot(slots)  # the transport and its slot pass to the WebSocket protocol
 
@@ -799,6 +803,9 @@ class GuardedWebSocketProtocol(StallGuardedWrites, WebSocketsSansIOProtocol):
             self.slots.remove(self)
         super().connection_lost(exc)
         self.run_after_flush()
+        # a stream's shutdown callback holds the stream, whose WebSocket holds this protocol: a cycle
+        # that kept each closed stream's objects until a full garbage collection
+        getattr(self, "on_server_shutdown", []).clear()
 
     async def send(self, message) -> None:
         await super().send(message)
