@@ -2,9 +2,8 @@
 with its sample grid and, for the one chosen, the tools its kind offers. It talks to the API only."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import os
+from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response

@@ -107,11 +107,16 @@ SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")  # the s
 
 def refuse_unserved_extensions(body: InferRequest) -> None:
     """422 for what a client asks of an extension this server does not serve, where the answer
-    would not be what it asked for: a tensor in a shared-memory region (tritonclient's
+    would not be what it asked for: an output's top classes (the classification extension: the
+    answer would be the raw tensor), a tensor in a shared-memory region (tritonclient's
     `set_shared_memory`: the output came back in the body, nothing written to the region the
     client then reads; an input's region was never read) and a sequence's parameters (each
     request is served alone, with no state kept between them). `priority` and `timeout` are
     scheduling hints this server does not act on (its deadline is GANSERVE_REQUEST_TIMEOUT_S)."""
+    for requested in body.outputs or []:
+        if requested.parameters and (requested.parameters.model_extra or {}).get("classification"):
+            raise ApiError(422, f"output {requested.name!r} asks for its top classes (the classification extension), which this server "
+                                "does not serve: ask for the output itself")
     tensors = [("input", tensor) for tensor in body.inputs] + [("output", requested) for requested in body.outputs or []]
     for role, tensor in tensors:
         if tensor.parameters and "shared_memory_region" in (tensor.parameters.model_extra or {}):
@@ -132,10 +137,6 @@ def parse_request(raw: bytes, header_length: str | None) -> tuple[InferRequest, 
         raise ApiError(422, f"{'.'.join(map(str, first['loc']))}: {first['msg']}")
     except (ValueError, RecursionError) as error:  # JSONDecodeError, int digits limit, nesting
         raise ApiError(422, f"the inference header is not valid JSON ({type(error).__name__}){parse_failure(error)}")
-    for requested in body.outputs or []:  # the classification extension: its answer would be the raw tensor, not the top classes asked for
-        if requested.parameters and (requested.parameters.model_extra or {}).get("classification"):
-            raise ApiError(422, f"output {requested.name!r} asks for its top classes (the classification extension), which this server "
-                                "does not serve: ask for the output itself")
     refuse_unserved_extensions(body)
     arrays, offset = {}, 0
     for tensor in body.inputs:
