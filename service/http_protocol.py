@@ -403,6 +403,16 @@ class GuardedHttpProtocol(StallGuardedWrites, HttpToolsProtocol):
         self.past_upgrade = True
 
     def handle_websocket_upgrade(self) -> None:
+        if (version := self.scope.get("http_version", "1.1")) != "1.1":
+            # RFC 6455 §4.1: the opening handshake is an HTTP/1.1 request; websockets answered one
+            # sent as HTTP/1.0 with 101, over a connection that version's proxies may not keep open
+            self.disarm_header_timer()
+            self.refused = True
+            self.transport.write(raw_error(400, "Bad Request", "bad_request",
+                                           f"a WebSocket handshake is an HTTP/1.1 request; this one says HTTP/{version[:8]}",
+                                           self.path_so_far()))
+            self.shut_and_linger()
+            return
         if len(self.headers) > MAX_UPGRADE_HEADERS:
             # refused before websockets parses the request again, in Python: 10,500 header lines took
             # ~18 ms of the event loop there, 31-53 ms a handshake in all (a hostile probe: 16 clients

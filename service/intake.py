@@ -65,8 +65,13 @@ def has_precondition(scope: Scope) -> bool:
 
 
 def without_unusable_range(scope: Scope) -> Scope:
+    """The scope without its Range where the server cannot use it (RFC 9110 §14.2 lets a server
+    ignore a Range): one that is not `bytes=` ranges, or given in two header fields (the file
+    server used the first, where a proxy in front may have read the other: 206 of bytes the client
+    did not ask for)."""
     headers = scope["headers"]
-    if not any(name == b"range" for name, _ in headers) or all(usable_range(value) for name, value in headers if name == b"range"):
+    ranges = [value for name, value in headers if name == b"range"]
+    if not ranges or (len(ranges) == 1 and usable_range(ranges[0])):
         return scope
     return {**scope, "headers": [(name, value) for name, value in headers if name != b"range"]}
 

@@ -24,9 +24,12 @@ router = APIRouter(prefix="/v2/repository", tags=["v2"])
 # too, and loads wait without a timeout), so a script firing loads in a loop filled them
 MAX_WAITING_MODEL_CONTROL = 16
 MAX_LOAD_BODY_BYTES = 64 * 1024  # a load's parameters without files or a config (refused) are a few dozen bytes
+# the body is read as JSON whatever these say (tritonclient sends none, `curl -d` a form, a browser's
+# fetch of a string text/plain); any other declared format is 415 before the body is read
+REPOSITORY_MEDIA_TYPES = ("", "application/json", "application/x-www-form-urlencoded", "text/plain")
 
 
-@router.post("/index", responses=error_responses(413, 422, protocol=True))
+@router.post("/index", responses=error_responses(413, 415, 422, protocol=True))
 async def repository_index(request: Request) -> list[dict]:
     """Every entry on disk with its state; `{"ready": true}` lists only the ready ones (the
     protocol's request field: it was ignored, and unloaded models were listed to a client that
@@ -85,7 +88,12 @@ def require_model_control(request: Request) -> None:
 
 async def load_body(request: Request, what: str) -> dict:
     """A repository request's JSON body as an object ({} when empty), bounded before it is parsed
-    (on the event loop: a body-limit's worth of JSON held it for seconds)."""
+    (on the event loop: a body-limit's worth of JSON held it for seconds). A body declared as
+    another format (an image, a multipart form) is 415 before it is read: it was read, and a JSON
+    object sent as `image/png` was taken."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media not in REPOSITORY_MEDIA_TYPES:
+        raise ApiError(415, f"send {what} as a JSON object, or with no body (got {media[:64]!r})")
     raw = await request.body()
     if not raw.strip():
         return {}
@@ -118,7 +126,7 @@ async def refuse_overrides(request: Request) -> None:
                             "(write the version's files and its serving.json into the repository, then load)")
 
 
-@router.post("/models/{name}/load", responses=error_responses(403, 404, 413, 422, 429, protocol=True))
+@router.post("/models/{name}/load", responses=error_responses(403, 404, 413, 415, 422, 429, protocol=True))
 async def load_model(name: str, request: Request) -> dict:
     """Loads (or reloads) every version of `name` found on disk; answers once they are ready or failed."""
     require_model_control(request)

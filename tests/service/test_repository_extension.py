@@ -331,6 +331,13 @@ def test_a_version_retired_by_a_reload_takes_its_metric_series_with_it(own_repos
         assert client.post("/v2/repository/models/digits/load", json={"parameters": []}).status_code == 422  # (once taken as none)
         twice = client.post("/v2/repository/index", content=b'{"ready": true, "ready": false}', headers={"content-type": "application/json"})
         assert twice.status_code == 422 and "'ready' more than once" in twice.json()["error"], twice.text  # (as v1's bodies; the last was taken)
+        # a body declared as another format is 415 before it is read (a JSON object sent as image/png was taken)
+        as_image = client.post("/v2/repository/index", content=b'{"ready": true}', headers={"content-type": "image/png"})
+        assert as_image.status_code == 415 and "JSON object" in as_image.json()["error"], as_image.text
+        as_form = client.post("/v2/repository/models/digits/load", content=b"{}", headers={"content-type": "multipart/form-data; boundary=x"})
+        assert as_form.status_code == 415, as_form.text
+        curl_d = client.post("/v2/repository/index", content=b'{"ready": true}', headers={"content-type": "application/x-www-form-urlencoded"})
+        assert curl_d.status_code == 200 and len(curl_d.json()) == 1  # (what `curl -d` labels it)
         # (and in both modes, model control refuses what a browser posts from another site's page)
         cross_site = client.post("/v2/repository/models/digits/unload", headers={"Origin": "http://elsewhere.example"})
         assert cross_site.status_code == 403 and "another site" in cross_site.json()["error"]

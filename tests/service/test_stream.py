@@ -599,11 +599,11 @@ def test_a_flood_of_small_messages_is_closed_with_1008_after_its_burst(server, o
     one_frame_answered()  # the server goes on
 
 
-def handshake(server, headers: str) -> tuple[int, dict[str, str], bytes]:
+def handshake(server, headers: str, version: str = "1.1") -> tuple[int, dict[str, str], bytes]:
     """(status, headers, body) of a hand-written upgrade request to the stream."""
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(f"GET {STREAM} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{headers}\r\n".encode())
+        sock.sendall(f"GET {STREAM} HTTP/{version}\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{headers}\r\n".encode())
         answer = b""
         while b"\r\n\r\n" not in answer and (chunk := sock.recv(4096)):
             answer += chunk
@@ -627,6 +627,9 @@ def test_a_handshake_websockets_refuses_is_the_api_json_error_and_a_large_cookie
     large = key + "Sec-WebSocket-Version: 13\r\n" + f"Cookie: session={'c' * 9000}\r\n" + "".join(f"X-Extra-{i}: {i}\r\n" for i in range(130))
     status, _, _ = handshake(server, large)
     assert status == 101
+    # RFC 6455 §4.1: an HTTP/1.1 request (websockets switched an HTTP/1.0 one)
+    status, fields, body = handshake(server, key + "Sec-WebSocket-Version: 13\r\n", version="1.0")
+    assert status == 400 and fields["content-type"] == "application/json" and "HTTP/1.1" in json.loads(body)["error"]["message"]
     # but not 5,000 of them: websockets parses a handshake's headers again, in Python (~18 ms of the
     # event loop for 10,500 lines; a probe's 16 clients held /health/live at ~0.5 s)
     log = Path(server.process.log_path)
