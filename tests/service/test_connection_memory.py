@@ -1,11 +1,14 @@
-"""What a connection holds once it has closed: nothing. Our HTTP and WebSocket protocols (service/
-http_protocol.py) are run by uvicorn in a process of their own (`python -m
+"""What a connection and a request hold once they are done: nothing. Our HTTP and WebSocket
+protocols (service/http_protocol.py) are run by uvicorn in a process of their own (`python -m
 tests.service.test_connection_memory REPOSITORY`: a server in the test's own process leaves its
-threads and memory behind for the tests after it), with the garbage collector off, so that anything
-a closed connection leaves behind shows as a protocol object still alive (a reference cycle waits for
-a full collection, and holds the connection's last request, headers and all, until then: +1.3 MB
-per request of 10,500 header lines, before)."""
+threads and memory behind for the tests after it), with the garbage collector off, while the test
+drives it from outside, so that anything left behind shows: a protocol object still alive, or
+objects only a reference cycle holds (a cycle waits for a full collection, and held a closed
+connection's last request, headers and all, until then: +1.3 MB per request of 10,500 header
+lines, before). The client is the test's process, so its own cycles (httpx makes ~47 a request)
+are not counted."""
 import gc
+import io
 import json
 import socket
 import subprocess
@@ -13,6 +16,10 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+import httpx
+from PIL import Image
+from websockets.sync.client import connect
 
 
 def alive(kind: type) -> int:
@@ -25,12 +32,11 @@ def alive(kind: type) -> int:
     return count
 
 
-def protocols_left_after_connections(repository: Path) -> dict[str, int]:
-    """Serves `repository` in this process, opens and closes 10 connections (a generate and a GET
-    each) and 10 upscale streams with the garbage collector off, and counts the protocols alive."""
-    import httpx
+def serve_and_count(repository: Path) -> None:
+    """Serves `repository` in this process on a free port, printed as the first line, and answers
+    each line of stdin: `begin` collects what start-up left and turns the collector off; `count`
+    prints the protocols alive and the objects only reference cycles hold since `begin`."""
     import uvicorn
-    from websockets.sync.client import connect
 
     from service.app import create_app
     from service.http_protocol import GuardedHttpProtocol, GuardedWebSocketProtocol, guarded_protocol, guarded_websocket_protocol
@@ -47,37 +53,77 @@ def protocols_left_after_connections(repository: Path) -> dict[str, int]:
                                                                          settings.stream_max_messages_per_s),
                                            ws_max_size=settings.max_body_bytes, ws_per_message_deflate=False))
     threading.Thread(target=server.run, daemon=True).start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    gc.collect()
-    gc.disable()
-    for _ in range(10):
-        with httpx.Client(base_url=url, timeout=30) as client:  # a connection each
-            assert client.post("/v1/models/digits/generate", json={"seed": 1}).status_code == 200
-            assert client.get("/health/live").status_code == 200
-        with connect(f"ws://127.0.0.1:{port}/v1/models/upx4/upscale/stream") as stream:
-            assert '"ready"' in stream.recv(timeout=30)
-    time.sleep(1.0)  # (the server's side of the last close)
-    return {"http": alive(GuardedHttpProtocol), "websocket": alive(GuardedWebSocketProtocol)}
+    print(port, flush=True)
+    for line in sys.stdin:
+        if line.strip() == "begin":
+            gc.collect()
+            gc.disable()
+            print("ok", flush=True)
+        elif line.strip() == "count":
+            gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds unreachable is kept in gc.garbage, to be counted
+            gc.collect()
+            cyclic = [f"{type(thing).__module__}.{type(thing).__qualname__}" for thing in gc.garbage]
+            print(json.dumps({"http": alive(GuardedHttpProtocol), "websocket": alive(GuardedWebSocketProtocol),
+                              "cyclic": len(cyclic), "cyclic_kinds": sorted(set(cyclic))[:20]}), flush=True)
 
 
-def test_closed_connections_and_streams_leave_no_protocol_behind(repository):
-    run = subprocess.run([sys.executable, "-m", "tests.service.test_connection_memory", str(repository)],
-                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2])
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert json.loads(run.stdout.strip().splitlines()[-1]) == {"http": 0, "websocket": 0}  # 10 and 10 before
+def png(side: int) -> bytes:
+    encoded = io.BytesIO()
+    Image.new("RGB", (side, side), (40, 160, 90)).save(encoded, "PNG")
+    return encoded.getvalue()
+
+
+def requests_of_each_kind(url: str) -> None:
+    """A connection each: a generate, its 422 and 404, an upscale, a v2 inference, a GET; and an upscale stream."""
+    picture = png(16)
+    with httpx.Client(base_url=url, timeout=30) as client:
+        assert client.post("/v1/models/digits/generate", json={"seed": 1}).status_code == 200
+        assert client.post("/v1/models/digits/generate", json={"seed": "one"}).status_code == 422
+        assert client.post("/v1/models/nothing/generate", json={"seed": 1}).status_code == 404
+        assert client.post("/v1/models/upx4/upscale", content=picture, headers={"content-type": "image/png"}).status_code == 200
+        assert client.post("/v2/models/digits/infer", json={"inputs": [{"name": "z", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]}).status_code == 200
+        assert client.get("/health/live").status_code == 200
+    with connect(url.replace("http://", "ws://") + "/v1/models/upx4/upscale/stream") as stream:
+        assert '"ready"' in stream.recv(timeout=30)
+        stream.send(picture)
+        assert '"frame"' in stream.recv(timeout=30)
+        assert isinstance(stream.recv(timeout=30), bytes)
+
+
+def test_closed_connections_requests_and_streams_leave_nothing_for_the_collector(repository):
+    server = subprocess.Popen([sys.executable, "-m", "tests.service.test_connection_memory", str(repository)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=Path(__file__).parents[2])
+    try:
+        url = f"http://127.0.0.1:{int(server.stdout.readline())}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        requests_of_each_kind(url)  # (first uses import and build what stays: not counted)
+
+        def ask(command: str) -> str:
+            server.stdin.write(command + "\n")
+            server.stdin.flush()
+            return server.stdout.readline()
+
+        assert ask("begin").strip() == "ok"
+        for _ in range(10):
+            requests_of_each_kind(url)
+        time.sleep(1.0)  # (the server's side of the last close)
+        left = json.loads(ask("count"))
+    finally:
+        server.kill()
+        server.wait()
+    # 10 and 10 protocols before, each holding its connection's last request
+    assert (left["http"], left["websocket"], left["cyclic"]) == (0, 0, 0), left
 
 
 if __name__ == "__main__":
-    print(json.dumps(protocols_left_after_connections(Path(sys.argv[1]))), flush=True)
-    sys.stdout.flush()
+    serve_and_count(Path(sys.argv[1]))
     import os
 
     os._exit(0)  # (the server's thread and the models' pools: nothing to wait for)
