@@ -20,14 +20,18 @@
 #     ceiling (target >= 85 %).
 # All five overrun one 600 s call: run them as two, e.g. STEPS="dcgan sr-graphs" then STEPS="sr onnx style".
 # A capture that fails on the card fails its model's load, so step 1 or 2 ends early; the next step still runs.
-# Dry run on a CPU machine: PYTHON=.venv/bin/python DURATION=2 OUT=/tmp/gs bash bench/gpu_session.sh (with no
-# nvidia-smi, steps 1 and 2 capture nothing: CUDA graphs fail a model's load on a CPU, and the run would prove nothing else).
+# Dry run on a CPU machine, every step at small sizes (~6 min on 2 cores):
+#   PYTHON=.venv/bin/python DURATION=2 SR_SIZE=32 STYLE_RESOLUTION=32 OUT=/tmp/gs bash bench/gpu_session.sh
+# (with no nvidia-smi, steps 1 and 2 capture nothing: CUDA graphs fail a model's load on a CPU, and the run would prove
+# nothing else; at the real sizes a CPU runs past each step's limit, which cuts it without a table).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 DURATION=${DURATION:-6}
 STEPS=${STEPS:-dcgan sr-graphs sr onnx style}
 OUT=${OUT:-bench/results/gpu-session}
+SR_SIZE=${SR_SIZE:-256}  # the frames' side (the issue's 256² -> 1024²); smaller only for a dry run
+STYLE_RESOLUTION=${STYLE_RESOLUTION:-256}
 if command -v nvidia-smi >/dev/null; then CAPTURE=${CAPTURE:-cuda_graphs}; else CAPTURE=${CAPTURE:-none}; fi
 mkdir -p "$OUT"
 if [ -d .whl ]; then
@@ -49,21 +53,21 @@ step() {  # a step that overruns its share is cut, and the next one still runs
 wanted() { [[ " $STEPS " == *" $1 "* ]]; }
 wanted dcgan && step 260 bench --model dcgan-digits --runtime torchscript --graph-capture "$CAPTURE" --concurrency 1,16,64 --duration "$DURATION" \
     --workers 8 --threads 1 --out "$OUT/dcgan-torchscript-cuda-graphs.json"
-export GANSERVE_UPSCALE_TILE=256 GANSERVE_UPSCALE_OVERLAP=0  # a 256 px frame is one tile: uint8 on the device, no padding of 9 tiles up to 16
+export GANSERVE_UPSCALE_TILE=$SR_SIZE GANSERVE_UPSCALE_OVERLAP=0  # a 256 px frame is one tile: uint8 on the device, no padding of 9 tiles up to 16
 # --max-batch-size 16: frames of one tile batch up to the 16 clients; a captured graph per batch size up to 64 of
 # 1024 px outputs would cost warm-up time and tens of GB for batches the run never forms
-wanted sr-graphs && step 180 bench-upscale --model sr-rrdb-x4 --runtime torchscript --graph-capture "$CAPTURE" --size 256 --format jpeg \
+wanted sr-graphs && step 180 bench-upscale --model sr-rrdb-x4 --runtime torchscript --graph-capture "$CAPTURE" --size "$SR_SIZE" --format jpeg \
     --concurrency 1,4,16 --max-batch-size 16 --duration "$((DURATION + 2))" --out "$OUT/upscale-torchscript-cuda-graphs.json"
-wanted sr && step 80 bench-upscale --model sr-rrdb-x4 --runtime torchscript --size 256 --format jpeg --concurrency 1,16 --max-batch-size 16 \
+wanted sr && step 80 bench-upscale --model sr-rrdb-x4 --runtime torchscript --size "$SR_SIZE" --format jpeg --concurrency 1,16 --max-batch-size 16 \
     --duration "$DURATION" --out "$OUT/upscale-torchscript.json"
-wanted onnx && step 70 bench-upscale --model sr-rrdb-x4 --runtime onnx --size 256 --format jpeg --concurrency 1,16 --max-batch-size 16 \
+wanted onnx && step 70 bench-upscale --model sr-rrdb-x4 --runtime onnx --size "$SR_SIZE" --format jpeg --concurrency 1,16 --max-batch-size 16 \
     --duration "$DURATION" --out "$OUT/upscale-onnx.json"
 unset GANSERVE_UPSCALE_TILE GANSERVE_UPSCALE_OVERLAP
 if wanted style; then
-    echo "== a 256² StyleGAN2 config-f entry (random weights) in /tmp/style-repo"
+    echo "== a ${STYLE_RESOLUTION}² StyleGAN2 config-f entry (random weights) in /tmp/style-repo"
     rm -rf /tmp/style-repo  # the server serves every entry there: only this one
-    timeout 150 $PYTHON -m bench.style_entry /tmp/style-repo --resolution 256 2>&1 | tail -3 | tee -a "$OUT/tables.txt"
-    step 200 bench --repository /tmp/style-repo --model stylegan2-256 --runtime torchscript --concurrency 1,16 --duration "$DURATION" \
-        --big-request 16 --max-batch-size 16 --threads 1 --out "$OUT/stylegan2-256-torchscript.json"
+    timeout 150 $PYTHON -m bench.style_entry /tmp/style-repo --resolution "$STYLE_RESOLUTION" 2>&1 | tail -3 | tee -a "$OUT/tables.txt"
+    step 200 bench --repository /tmp/style-repo --model "stylegan2-$STYLE_RESOLUTION" --runtime torchscript --concurrency 1,16 --duration "$DURATION" \
+        --big-request 16 --max-batch-size 16 --threads 1 --out "$OUT/stylegan2-$STYLE_RESOLUTION-torchscript.json"
 fi
 ls -l "$OUT"
