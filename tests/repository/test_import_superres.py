@@ -184,6 +184,19 @@ BAD = [
 ]
 
 
+def test_an_import_in_a_terminal_shows_its_error_alone_without_the_dry_runs_warnings(tmp_path):
+    """What a user's terminal shows, stderr included (the runner above sees stdout, and pytest keeps
+    warnings to itself): the dry run on meta tensors made torch warn once per tensor it kept real,
+    17 warnings (34 lines) before this one-line error, 633 for a standard ESRGAN's import."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "ganserve_cli", "import", str(nan_safetensors(tmp_path)), "--name", "bad", "--format", "superres",
+                          "--repository", str(tmp_path / "repo")], capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2])
+    lines = (run.stdout + run.stderr).strip().splitlines()
+    assert run.returncode == 1 and len(lines) == 1 and "holds NaN or infinity" in lines[0], lines[:6]
+
+
 @pytest.mark.parametrize("case,make,mentions", BAD, ids=[c[0] for c in BAD])
 def test_a_bad_super_resolution_checkpoint_is_a_one_line_error_and_no_entry(tmp_path, case, make, mentions):
     result = run_import(tmp_path, make(tmp_path), "bad", "--format", "superres")
