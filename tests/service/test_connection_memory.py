@@ -10,6 +10,7 @@ are not counted."""
 import gc
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -122,8 +123,43 @@ def test_closed_connections_requests_and_streams_leave_nothing_for_the_collector
     assert (left["http"], left["websocket"], left["cyclic"]) == (0, 0, 0), left
 
 
+def test_a_workers_server_keeps_no_reference_cycles_in_its_engine_or_fronts(repository, tmp_path, monkeypatch):
+    """Under `--workers 2` every process runs with the collector off (a `sitecustomize` hook,
+    tests/service/collector_hook) and counts, on the test's signal, what only reference cycles
+    hold: between ten rounds of every kind of request and ten more, nothing new in the
+    supervisor, the engine or either front (the rounds before may make one-time things: a front's
+    first stream imports websockets' handshake code, ~300 objects in cycles)."""
+    from bench.server import process_roles
+    from tests.serving import running_server
+
+    hook = Path(__file__).parent / "collector_hook"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    monkeypatch.setenv("GANSERVE_TEST_CYCLES_DIR", str(tmp_path))
+
+    def counts(stamp: str) -> dict[int, int]:
+        (tmp_path / "count").write_text(stamp)
+        deadline = time.monotonic() + 30
+        found: dict[int, int] = {}
+        while time.monotonic() < deadline and len(found) < len(roles):
+            time.sleep(0.2)
+            for pid in roles:
+                lines = (tmp_path / f"{pid}.txt").read_text().split("\n") if (tmp_path / f"{pid}.txt").exists() else []
+                found.update({pid: int(line.split()[1]) for line in lines if line.startswith(stamp + " ")})
+        return found
+
+    with running_server(repository, workers=2, models=["digits", "upx4"]) as server:
+        roles = process_roles(server.process.pid)
+        assert sorted(roles.values()) == ["engine", "front", "front", "supervisor"]
+        for _ in range(10):
+            requests_of_each_kind(server.url)
+        before = counts("after-10")
+        for _ in range(10):
+            requests_of_each_kind(server.url)
+        after = counts("after-20")
+    assert len(before) == len(after) == 4, (before, after)
+    assert {roles[pid]: after[pid] - before[pid] for pid in roles} == {roles[pid]: 0 for pid in roles}, (before, after)
+
+
 if __name__ == "__main__":
     serve_and_count(Path(sys.argv[1]))
-    import os
-
     os._exit(0)  # (the server's thread and the models' pools: nothing to wait for)
