@@ -60,8 +60,14 @@ def context(request: Request) -> RequestContext:
     return found
 
 
+def declared_media(request: Request) -> str:
+    """The request's media type as its Content-Type declares it, lower case, parameters left off
+    ("" when it declares none)."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
 def require_json(request: Request) -> None:
-    if message := not_json(request.headers.get("content-type", "").split(";")[0].strip().lower()):
+    if message := not_json(declared_media(request)):
         raise ApiError(415, message)
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from service.errors import ApiError
 from service.imaging import UPLOAD_TYPES, UploadError, decode_upload, fit_square, probe_upload
-from service.pipeline import in_pool
+from service.pipeline import declared_media, in_pool
 from service.tiling import pad_to
 
 IMAGE_BODY = {"requestBody": {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}, "multipart/form-data": {}}}}  # for OpenAPI
@@ -21,7 +21,7 @@ LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 def upload_media(request: Request) -> str:
     """The upload's media type, 415 where it is no image type we decode nor a multipart form."""
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    media = declared_media(request)
     if media != "multipart/form-data" and media not in UPLOAD_TYPES:
         raise ApiError(415, f"send the image as {sorted(UPLOAD_TYPES)} or multipart/form-data (got {media or 'no content type'!r})")
     return media

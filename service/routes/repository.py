@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 
 from service.errors import ApiError, error_responses
 from service.intake import host_name, local_or_address
-from service.pipeline import DuplicateKey, registry_of, unique_keys
+from service.pipeline import DuplicateKey, declared_media, registry_of, unique_keys
 
 router = APIRouter(prefix="/v2/repository", tags=["v2"])
 # loads and unloads run one at a time; this many more may wait their turn, and the next is refused 429:
@@ -91,7 +91,7 @@ async def load_body(request: Request, what: str) -> dict:
     (on the event loop: a body-limit's worth of JSON held it for seconds). A body declared as
     another format (an image, a multipart form) is 415 before it is read: it was read, and a JSON
     object sent as `image/png` was taken."""
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    media = declared_media(request)
     if media not in REPOSITORY_MEDIA_TYPES:
         raise ApiError(415, f"send {what} as a JSON object, or with no body (got {media[:64]!r})")
     raw = await request.body()

@@ -23,7 +23,7 @@ from service.admission import servable_rows
 from service.batcher import run_items
 from service.digits import ascii_count
 from service.errors import ApiError, error_responses
-from service.pipeline import begin, checked_on_headers, estimate, execute, off_loop, path_value, registry_of, reserve
+from service.pipeline import begin, checked_on_headers, declared_media, estimate, execute, off_loop, path_value, registry_of, reserve
 from service.registry import IMAGE_TO_IMAGE, LoadedModel
 from service.schemas import VERSION_TEXT, VersionText
 from service.settings import Settings
@@ -234,7 +234,7 @@ INFER_MEDIA_TYPES = ("", "application/json", "application/octet-stream", "applic
 
 
 def infer_media(request: Request) -> None:
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    media = declared_media(request)
     if media not in INFER_MEDIA_TYPES:
         raise ApiError(415, f"send the inference request as JSON, or JSON followed by binary tensors (got {media!r})")
 
