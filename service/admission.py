@@ -451,6 +451,20 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
     return request_cost.seconds * correction
 
 
+def refuse_past_client_timeout(model: "LoadedModel", request_cost: RequestCost, timeout_s: float) -> None:
+    """413 for a request whose compute alone, at its model's measured speed on an idle lane, takes
+    more of its client's own timeout (v2's `timeout`, shorter than the server's) than a deadline
+    leaves for compute: no retry serves it, and admission's 503 said "retry in 1 s" (the deadline
+    taken by the upload). The answer names the timeout that would do."""
+    alone = request_cost.seconds / model.lane.threads
+    budget = timeout_s * COMPUTE_SHARE_OF_DEADLINE
+    if alone > budget:
+        enough_us = math.ceil(alone / COMPUTE_SHARE_OF_DEADLINE * 1e6)
+        raise ApiError(413, f"this request needs about {1000 * alone:.1f} ms of compute on {model.entry.name!r}; its timeout of "
+                            f"{round(timeout_s * 1e6)} µs leaves {1000 * budget:.1f} ms for it: send a timeout of at least {enough_us} µs "
+                            f"(or none: the server's deadline), or fewer rows or smaller images", code="too_expensive")
+
+
 def slower_by(correction: float) -> str:
     """How much slower a correction says a model runs, as a refusal says it: "2 % slower" (a probe
     read "1.0x slower" for 1.019), "1.7x slower" from twice as slow down."""

@@ -88,6 +88,7 @@ class RequestContext:
     reserved: int = 0  # bytes held from the memory budget until the response is sent
     encode_micros: list[int] = field(default_factory=list)  # counted in the encoder pool's backlog until the answer is encoded (`encoded`)
     timing: dict[str, float] = field(default_factory=dict)  # stage seconds for Server-Timing (queue, compute: the batcher's)
+    timeout_s: float | None = None  # the client's own deadline, where it asked for one shorter than the server's (v2's `timeout`)
 
     def encoded(self, backlog: "EncoderBacklog") -> None:
         """The answer is encoded (or never will be): its seconds leave the encoder pool's backlog."""

@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import TypeAdapter, ValidationError
 
-from service.admission import RequestCost, admit, batch_share_bytes, compute_seconds, is_slight, reserve_memory
+from service.admission import RequestCost, admit, batch_share_bytes, compute_seconds, is_slight, refuse_past_client_timeout, reserve_memory
 from service.batcher import DeadlineExceeded, QueueFull, RequestState, RequestTooLarge, ShuttingDown
 from service.connection_table import share_key
 from service.errors import ApiError, describe_validation
@@ -316,6 +316,8 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
     bound = registry.metrics.bound(*labels)
     booked: list[Booking] = []
     try:
+        if ctx.timeout_s is not None:
+            refuse_past_client_timeout(model, cost, ctx.timeout_s)
         state.lane_seconds = admit(model, cost, state.deadline - time.monotonic(), registry.memory,
                                    recheck_s=settings.remeasure_idle_s or settings.request_timeout_s, encoding=registry.encoding,
                                    timeout_s=settings.request_timeout_s, counted=ctx.encode_micros,
@@ -401,8 +403,20 @@ async def in_pool(registry: ModelRegistry, function: Callable[..., T], *args, de
 
 
 def deadline_of(registry: ModelRegistry, ctx: RequestContext) -> float:
-    """When a request's answer is due (monotonic seconds): its arrival plus the request timeout."""
-    return ctx.arrived + registry.settings.request_timeout_s
+    """When a request's answer is due (monotonic seconds): its arrival plus the request timeout,
+    or its client's own where that is shorter (`client_timeout`)."""
+    timeout = registry.settings.request_timeout_s
+    return ctx.arrived + (timeout if ctx.timeout_s is None else min(timeout, ctx.timeout_s))
+
+
+def client_timeout(request: Request, seconds: float | None) -> None:
+    """The client's own deadline, `seconds` after its request arrived (v2's `timeout`), where it
+    is shorter than the server's: admission refuses up front what cannot finish by it, and the
+    batcher drops its items once it passes (504), as Triton's dynamic batcher does. It was read
+    and ignored: a client that would give up after 100 ms had its request queued and computed
+    for up to the server's 30 s."""
+    if seconds is not None and seconds < registry_of(request).settings.request_timeout_s:
+        context(request).timeout_s = seconds
 
 
 def request_deadline(request: Request) -> float:

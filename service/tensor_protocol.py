@@ -37,10 +37,13 @@ class TensorParameters(BaseModel):
 
 
 class InferParameters(BaseModel):
-    """The request's parameters: `binary_data_output` a JSON boolean (the string "false" was truthy)."""
+    """The request's parameters: `binary_data_output` a JSON boolean (the string "false" was truthy);
+    `timeout` Triton's schedule-policy timeout, integer microseconds (0: none; tritonclient's
+    `infer(timeout=...)`)."""
 
     model_config = ConfigDict(extra="allow")
     binary_data_output: Annotated[bool, Strict()] | None = None
+    timeout: Annotated[int, Strict()] | None = Field(None, ge=0, le=2**63 - 1)
 
 
 class InferTensor(BaseModel):
@@ -63,6 +66,11 @@ class InferRequest(BaseModel):
     inputs: list[InferTensor] = Field(min_length=1, max_length=16)
     outputs: list[RequestedOutput] | None = Field(None, max_length=16)
     parameters: InferParameters | None = None
+
+    @property
+    def timeout_s(self) -> float | None:
+        """The client's own deadline in seconds, where it set one (`parameters.timeout`, µs; 0 is none, as in Triton)."""
+        return self.parameters.timeout / 1e6 if self.parameters and self.parameters.timeout else None
 
     def wants_binary(self, output: str) -> bool:
         """An output comes back binary if its request says so, else if `binary_data_output` does."""
@@ -111,8 +119,8 @@ def refuse_unserved_extensions(body: InferRequest) -> None:
     answer would be the raw tensor), a tensor in a shared-memory region (tritonclient's
     `set_shared_memory`: the output came back in the body, nothing written to the region the
     client then reads; an input's region was never read) and a sequence's parameters (each
-    request is served alone, with no state kept between them). `priority` and `timeout` are
-    scheduling hints this server does not act on (its deadline is GANSERVE_REQUEST_TIMEOUT_S)."""
+    request is served alone, with no state kept between them). `priority` is a scheduling hint this
+    server does not act on; `timeout` is honoured (`InferRequest.timeout_s`)."""
     for requested in body.outputs or []:
         if requested.parameters and (requested.parameters.model_extra or {}).get("classification"):
             raise ApiError(422, f"output {requested.name!r} asks for its top classes (the classification extension), which this server "

@@ -23,7 +23,7 @@ from service.admission import servable_rows
 from service.batcher import run_items
 from service.digits import ascii_count
 from service.errors import ApiError, error_responses
-from service.pipeline import begin, checked_on_headers, declared_media, estimate, execute, off_loop, path_value, registry_of, reserve
+from service.pipeline import begin, checked_on_headers, client_timeout, declared_media, estimate, execute, off_loop, path_value, registry_of, reserve
 from service.registry import IMAGE_TO_IMAGE, LoadedModel
 from service.schemas import VERSION_TEXT, VersionText
 from service.settings import Settings
@@ -266,6 +266,7 @@ async def infer_on(request: Request, name: str, version: int | None) -> Response
     check_json_values(name, value_limit, raw, json_bytes)
     reserve(request, json_bytes * PARSED_BYTES_PER_BODY_BYTE + len(raw))
     body, arrays = await off_loop(request, parse_request, raw, header_length)
+    client_timeout(request, body.timeout_s)
     shapes = [t.shape for t in body.inputs]
     items = await off_loop(request, parse_inputs, model, body, arrays, registry.settings)
     output_name = model.entry.spec["outputs"][0]["name"]

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +19,7 @@ from tritonclient.utils import InferenceServerException
 from service.imaging import to_uint8
 from service.operations import latent_for_seed
 from service.uploads import to_model_input
+from tests.serving import running_server
 
 MODELS = ["digits", "cdigits", "styles", "edges", "gray", "upx4"]
 
@@ -173,3 +178,51 @@ def test_what_the_server_does_not_serve_is_refused_with_a_reason_not_ignored(ser
         for length in ("0", "abc", "+123"):  # large enough a body that "all of it is JSON" passed the header limit
             answer = client.post("/v2/models/upx4/infer", content=image + b"\0" * 1_920_000, headers={"Inference-Header-Content-Length": length})
             assert answer.status_code == 422 and "Inference-Header-Content-Length" in answer.json()["error"], (length, answer.text[:200])
+
+
+def test_the_clients_timeout_is_its_deadline_and_one_too_short_for_the_compute_is_413_naming_what_would_do(server, triton):
+    """tritonclient's `infer(timeout=µs)`, Triton's schedule-policy timeout, was read and ignored:
+    a client that gives up after a millisecond had its request queued and computed for up to the
+    server's 30 s. Now the shorter of it and the server's deadline is the request's; 0 is none."""
+    z = tritonhttp.InferInput("z", [1, 64], "FP32")
+    z.set_data_from_numpy(latent_for_seed(1, 64)[None], binary_data=True)
+    with pytest.raises(InferenceServerException) as refused:
+        triton.infer("digits", [z], timeout=1)
+    assert refused.value.status() == "413" and "timeout of 1 µs" in refused.value.message()
+    enough = int(re.search(r"a timeout of at least (\d+) µs", refused.value.message()).group(1))
+    assert 1 < enough < 1_000_000
+    for timeout in (0, 1_000_000):  # none, and a second: served
+        assert triton.infer("digits", [z], timeout=timeout).as_numpy("image").shape == (1, 1, 32, 32)
+    with server.client() as client:
+        for bad in (-1, True, 1.5, "1000", 2**63):
+            body = {"inputs": [{"name": "z", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}], "parameters": {"timeout": bad}}
+            answer = client.post("/v2/models/digits/infer", json=body)
+            assert answer.status_code == 422 and "parameters.timeout" in answer.json()["error"], (bad, answer.text)
+
+
+def test_a_request_whose_timeout_its_models_queue_would_pass_is_refused_up_front_and_served_without_it():
+    """Admission weighs the queue against the client's own timeout: behind a 256² upscale (~2 s
+    here), a small one that would be computed in time alone but not behind it is 503 at once with
+    `Retry-After`, where it was queued and answered after the big one, long past what its client
+    waits for; the same request without a timeout is served."""
+    shipped = Path(__file__).resolve().parents[2] / "model_repository"
+    with running_server(shipped, models=["sr-rrdb-x4"], intra_op_threads=2, remeasure_idle_s=1) as server:
+        server.wait_for_side("sr-rrdb-x4", 256, timeout_s=90)
+        header = json.dumps({"inputs": [{"name": "image", "shape": [1, 3, 256, 256], "datatype": "FP32",
+                                         "parameters": {"binary_data_size": 3 * 256 * 256 * 4}}],
+                             "parameters": {"binary_data_output": True}}).encode()
+        big = header + np.zeros((1, 3, 256, 256), np.float32).tobytes()
+        with ThreadPoolExecutor(1) as pool, server.client(timeout=60) as client:
+            blocking = pool.submit(client.post, "/v2/models/sr-rrdb-x4/infer", content=big, headers={"Inference-Header-Content-Length": str(len(header))})
+            while server.metric("ganserve_requests_in_flight", model="sr-rrdb-x4") < 1:
+                assert not blocking.done(), blocking.result().text
+                time.sleep(0.01)
+            triton = tritonhttp.InferenceServerClient(url=server.url.removeprefix("http://"), network_timeout=60)
+            small = tritonhttp.InferInput("image", [1, 3, 48, 48], "FP32")
+            small.set_data_from_numpy(np.zeros((1, 3, 48, 48), np.float32), binary_data=True)
+            with pytest.raises(InferenceServerException) as refused:
+                triton.infer("sr-rrdb-x4", [small], timeout=500_000)
+            assert refused.value.status() == "503" and "work queued" in refused.value.message() and "retry in" in refused.value.message()
+            assert triton.infer("sr-rrdb-x4", [small]).as_numpy("output").shape == (1, 3, 192, 192)
+            assert blocking.result().status_code == 200
+            triton.close()
