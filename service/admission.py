@@ -362,7 +362,8 @@ def book(lane: LaneView, start_in: float, alone_s: float, others: Sequence[LaneV
 def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, budget: MemoryBudget, recheck_s: float = 30.0,
           encoding: EncoderBacklog | None = None, timeout_s: float = math.inf, counted: list[int] | None = None,
           beside: Sequence[LaneView] = (), booked: list[Booking] | None = None, other_share: float = 0.0,
-          holder: int | None = None, timing: dict[str, float] | None = None, host_share: float = 0.0) -> float:
+          holder: int | None = None, timing: dict[str, float] | None = None, host_share: float = 0.0,
+          protected_s: float | None = None) -> float:
     """Refuses what cannot finish in time or fit in memory; otherwise reserves the request's
     bytes and returns the lane seconds it will take (the caller adds them to the lane's backlog
     at once, so the requests admitted in one burst see each other, and releases both when the
@@ -379,7 +380,14 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
     `other_share`: the share of the device other processes held lately (`SharedDevice.other_share`):
     everything it waits for and computes takes `slowdown` times longer; `host_share`, this process's
     own work outside the lanes (a projection job, `SharedDevice.host_share`), likewise. `timing` (the request's
-    Server-Timing stages) gets `beside`: the seconds the other lanes' work was counted to add."""
+    Server-Timing stages) gets `beside`: the seconds the other lanes' work was counted to add.
+    `protected_s`: the time left of the server's deadline, where the client asked for a shorter
+    one (`remaining_s`, v2's `timeout`): what its booking protects against requests admitted
+    later beside it, and what its own push is slight against. A client's timeout limits its own
+    request and is no claim on the device: as a booking's latest, a stream of cheap requests with
+    100 ms timeouts to one model refused every heavy request to the others (each would push one
+    of them past its deadline)."""
+    protected_s = remaining_s if protected_s is None else max(remaining_s, protected_s)
     limit = model.limits.compute_seconds if model.limits else math.inf
     if request_cost.seconds > limit:
         raise ApiError(413, f"this request needs about {request_cost.seconds:.1f} s of compute on {model.entry.name!r}; "
@@ -418,14 +426,14 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
             why = f"this request needs about {alone:.1f} s of compute and its deadline leaves {budget_s:.1f} s"
         raise ApiError(503, f"{why}; this request would finish after its deadline: retry in {retry} s", code="overloaded",
                        headers={"Retry-After": str(retry)})
-    if crowded := crowded_out(lane, wait, alone, beside, now, remaining_s):
+    if crowded := crowded_out(lane, wait, alone, beside, now, protected_s):
         retry = max(1, math.ceil(crowded))
         if lane.claim is None or lane.claim.lapses <= now:  # the room after them is this lane's, when its client comes back
             lane.claim = Claim(now + retry, now + retry + CLAIM_GRACE_S)
         raise ApiError(503, f"this request's {alone:.1f} s of compute on {model.entry.name!r} would make requests admitted to other "
                             f"models on the same device miss their deadlines: retry in {retry} s", code="overloaded",
                        headers={"Retry-After": str(retry)})
-    if alone > SLIGHT_PUSH * remaining_s and (claim := claimed_beside(wait + alone + crowd, beside, now)):
+    if alone > SLIGHT_PUSH * protected_s and (claim := claimed_beside(wait + alone + crowd, beside, now)):
         retry = max(1, math.ceil(claim.lapses - now))
         raise ApiError(503, f"the device's room from {max(0.0, claim.opens - now):.1f} s from now is promised to another model's request, refused "
                             f"earlier to keep the requests admitted beside it in time: retry in {retry} s", code="overloaded",
@@ -445,7 +453,7 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
             counted.append(micros)
     lane.claim = None  # the room promised to this lane, if any, is taken
     if booked is not None:  # booked to end after what is queued beside it: the streams' requests push it as they come (`book`)
-        booked.append(book(lane, wait, alone, beside, wait + alone + queued, remaining_s * PROTECTED_SHARE_OF_DEADLINE, now, host_share))
+        booked.append(book(lane, wait, alone, beside, wait + alone + queued, protected_s * PROTECTED_SHARE_OF_DEADLINE, now, host_share))
     if timing is not None and crowd > 0.0:
         timing["beside"] = crowd
     return request_cost.seconds * correction

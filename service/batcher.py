@@ -67,6 +67,9 @@ class RequestState:
     """Shared by a request's items: once cancelled (deadline, disconnect), they are skipped."""
 
     deadline: float  # time.monotonic() seconds
+    # the server's deadline, where the client asked for a shorter one (v2's `timeout`): what the request's booking
+    # protects against work admitted beside it later (`admission.admit`'s `protected_s`); None: `deadline`
+    protected_until: float | None = None
     cancelled: bool = False
     lane_seconds: float = 0.0  # what admission added to the lane's backlog for it, not yet settled by its items
     # the lane that backlog was added to: a reload hands a waiting request's items to the replacement's
@@ -78,6 +81,10 @@ class RequestState:
 
     def alive(self, now: float) -> bool:
         return not self.cancelled and now < self.deadline
+
+    @property
+    def protected_deadline(self) -> float:
+        return self.deadline if self.protected_until is None else max(self.deadline, self.protected_until)
 
 
 @dataclass(eq=False)

@@ -92,12 +92,13 @@ class FrontConnection:
         self.on_lost()
 
     def submit(self, request_id: int, name: str, version: int, operation: str, graph: str,
-               inputs: list[dict[str, np.ndarray]], deadline: float, grid: TileGrid | None, host_share: float = 0.0) -> None:
+               inputs: list[dict[str, np.ndarray]], deadline: float, grid: TileGrid | None, host_share: float = 0.0,
+               protected_until: float | None = None) -> None:
         """Queues a request's items. With a tile `grid` (an upscale), the outputs are assembled
         into the image here, where they were computed (on a GPU, on the device), and one uint8
         image goes back instead of every tile's floats; otherwise each item's output goes back
         as it is computed."""
-        state = RequestState(deadline=deadline, timing={})
+        state = RequestState(deadline=deadline, timing={}, protected_until=protected_until)
         try:
             model = self.registry.get(name, version)
             batcher = self.registry.batcher(model, operation, graph)
@@ -121,10 +122,10 @@ class FrontConnection:
         state.lane = batcher.lane
         # booked here too (the fronts book it on their mirrors, for their admission): the engine's
         # projection job does not start while it would push a request booked on its lanes past its deadline
-        booking = engine_booking(lane, state.lane_seconds, deadline, self.registry.shared_device, host_share)
+        booking = engine_booking(lane, state.lane_seconds, state.protected_deadline, self.registry.shared_device, host_share)
         lane.bookings.add(booking)
         state.lane.add_backlog(state.lane_seconds)
-        state.slight = is_slight(state.lane_seconds, lane.threads, deadline - time.monotonic())  # as a single process marks it
+        state.slight = is_slight(state.lane_seconds, lane.threads, state.protected_deadline - time.monotonic())  # as a single process marks it
         self.requests[request_id] = state
         remaining = [len(items)]
 

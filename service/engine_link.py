@@ -6,10 +6,12 @@ its user can open (0700), so pickle's trust assumption holds: nothing outside th
 to it. A message is a tuple whose first element names it:
 
 front → engine
-  ("submit", request_id, model, version, operation, graph, inputs, deadline, grid, host_share)
+  ("submit", request_id, model, version, operation, graph, inputs, deadline, grid, host_share, protected_until)
                                                   items of one request; with a tile grid
                                                   (an upscale) the engine assembles their image;
-                                                  host_share: the host work its admission counted
+                                                  host_share: the host work its admission counted;
+                                                  protected_until: the server's deadline where the
+                                                  client's (`deadline`) is shorter, else None
   ("cancel", request_id)                          its client left
   ("snapshot", when_loaded)                       the models' state, now or once every model is tried
 

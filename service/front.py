@@ -273,7 +273,7 @@ class RemoteBatcher:
         # (with the host work its admission was judged beside: a job's share promised in the engine reaches the fronts
         # with the next snapshot, and a request admitted before it is waited for by the job)
         self.client.send(("submit", request_id, self.name, self.version, self.operation, self.graph, inputs, request.deadline, grid,
-                          self.registry.shared_device.host_share()))
+                          self.registry.shared_device.host_share(), request.protected_until))
         done = functools.partial(self.client.item_done, request_id)
         for future in futures:
             future.add_done_callback(done)

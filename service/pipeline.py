@@ -306,7 +306,8 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
                       work: Callable[[RequestState], Awaitable[T]]) -> T:
     """`execute` for a unit of work that is not an HTTP request (a stream's frame): its context
     says when it arrived, when its client left and what it reserved (the caller releases it)."""
-    state = RequestState(deadline=deadline_of(registry, ctx), timing=ctx.timing)
+    state = RequestState(deadline=deadline_of(registry, ctx), timing=ctx.timing,
+                         protected_until=None if ctx.timeout_s is None else ctx.arrived + registry.settings.request_timeout_s)
     if registry.draining:
         raise ApiError(503, "the server is shutting down", headers={"Retry-After": "1"})
     if ctx.disconnected.is_set():
@@ -323,7 +324,7 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
                                    timeout_s=settings.request_timeout_s, counted=ctx.encode_micros,
                                    beside=registry.lanes_beside(model), booked=booked, other_share=registry.shared_device.other_share(),
                                    holder=memory_holder(share_key(ctx.client) or "", labels[0], labels[2]), timing=ctx.timing,
-                                   host_share=registry.shared_device.host_share())
+                                   host_share=registry.shared_device.host_share(), protected_s=state.protected_deadline - time.monotonic())
     except ApiError as refusal:  # counted by reason beside the batcher's own (they showed in requests_total's status alone)
         if refusal.status == 503 and state.deadline <= time.monotonic():  # (a 413 says more: retrying cannot help)
             # admission read the negative time left as a wait to retry after: "retry in 1 s", half a minute late
@@ -335,7 +336,7 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
     ctx.timing["estimate"] = state.lane_seconds  # the compute admission counted (Server-Timing), beside what it took
     state.lane = model.lane
     state.lane.add_backlog(state.lane_seconds)  # its items take their shares off as they finish
-    state.slight = is_slight(state.lane_seconds, model.lane.threads, state.deadline - time.monotonic())
+    state.slight = is_slight(state.lane_seconds, model.lane.threads, state.protected_deadline - time.monotonic())
     task = asyncio.current_task()
     loop = task.get_loop()
     interruption = Interruption()

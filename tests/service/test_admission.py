@@ -93,6 +93,30 @@ def test_a_request_that_would_push_one_admitted_beside_it_past_its_deadline_wait
     assert admit(upx4, RequestCost(10.0, 0), 30.0, MemoryBudget(10**9), beside=[beside.lane]) == 10.0
 
 
+def test_a_clients_short_timeout_limits_its_own_request_and_claims_no_room_beside_it(upx4, beside):
+    """A v2 client's `timeout` is its request's deadline (`remaining_s`), not a claim on the
+    device: its booking is protected for the server's deadline (`protected_s`), as any request's.
+    Booked to its own 1 s, a cheap request to one model refused a 5 s one to another model (it
+    would push the cheap one past its second), and a stream of them refused every heavy request."""
+    with pytest.raises(ApiError) as refused:  # its own deadline does bound it
+        admit(beside, RequestCost(2.0, 0), 1.0, MemoryBudget(10**9), beside=[upx4.lane], protected_s=30.0)
+    assert refused.value.status == 503
+    for protected_s, heavy_admitted in ((None, False), (30.0, True)):
+        booked = []
+        assert admit(beside, RequestCost(0.5, 0), 1.0, MemoryBudget(10**9), beside=[upx4.lane], booked=booked, protected_s=protected_s) == 0.5
+        beside.lane.add_backlog(0.5)
+        try:
+            assert admit(upx4, RequestCost(5.0, 0), 30.0, MemoryBudget(10**9), beside=[beside.lane]) == 5.0
+            admitted = True
+        except ApiError as error:
+            assert "miss their deadlines" in error.message
+            admitted = False
+        assert admitted == heavy_admitted, protected_s
+        beside.lane.bookings.difference_update(booked)
+        beside.lane.remove_backlog(0.5)
+        upx4.lane.bookings.clear()
+
+
 def test_the_room_after_the_requests_a_refusal_protected_is_kept_for_the_refused_model(upx4, beside):
     """Refused to keep an upscale in time, a translate came back at its Retry-After to find the
     next upscale admitted in its place, every time: 11 translates answered to 28 upscales in

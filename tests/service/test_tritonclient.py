@@ -200,13 +200,15 @@ def test_the_clients_timeout_is_its_deadline_and_one_too_short_for_the_compute_i
             assert answer.status_code == 422 and "parameters.timeout" in answer.json()["error"], (bad, answer.text)
 
 
-def test_a_request_whose_timeout_its_models_queue_would_pass_is_refused_up_front_and_served_without_it():
+@pytest.mark.parametrize("settings", [{}, {"workers": 2}], ids=["one process", "engine and two fronts"])
+def test_a_request_whose_timeout_its_models_queue_would_pass_is_refused_up_front_and_served_without_it(settings):
     """Admission weighs the queue against the client's own timeout: behind a 256² upscale (~2 s
     here), a small one that would be computed in time alone but not behind it is 503 at once with
     `Retry-After`, where it was queued and answered after the big one, long past what its client
-    waits for; the same request without a timeout is served."""
+    waits for; the same request without a timeout is served, and so is one with a timeout it fits
+    in (under `--workers`, its deadline and the server's travel to the engine)."""
     shipped = Path(__file__).resolve().parents[2] / "model_repository"
-    with running_server(shipped, models=["sr-rrdb-x4"], intra_op_threads=2, remeasure_idle_s=1) as server:
+    with running_server(shipped, models=["sr-rrdb-x4"], intra_op_threads=2, remeasure_idle_s=1, **settings) as server:
         server.wait_for_side("sr-rrdb-x4", 256, timeout_s=90)
         header = json.dumps({"inputs": [{"name": "image", "shape": [1, 3, 256, 256], "datatype": "FP32",
                                          "parameters": {"binary_data_size": 3 * 256 * 256 * 4}}],
@@ -225,4 +227,5 @@ def test_a_request_whose_timeout_its_models_queue_would_pass_is_refused_up_front
             assert refused.value.status() == "503" and "work queued" in refused.value.message() and "retry in" in refused.value.message()
             assert triton.infer("sr-rrdb-x4", [small]).as_numpy("output").shape == (1, 3, 192, 192)
             assert blocking.result().status_code == 200
+            assert triton.infer("sr-rrdb-x4", [small], timeout=10_000_000).as_numpy("output").shape == (1, 3, 192, 192)
             triton.close()
