@@ -50,6 +50,10 @@ PROTECTED_SHARE_OF_DEADLINE = 0.9  # how far requests admitted later beside it m
 SLIGHT_PUSH = 0.01  # a push of at most this share of the time a booked request has left, or of the request's own deadline, is never refused
 CLAIM_GRACE_S = 1.0  # how long room promised with a Retry-After waits for the request to come back
 BARRIER_PENALTY = 1.5  # what a runtime of several threads loses per share of the device it is short of (`slowdown`)
+TIMEOUT_SPARE = 1.25  # the timeout a 413 names has this much more than the request needed as it was refused ...
+# ... and this long besides: a request's hops to the lane and back, and a 2-core host's scheduling, which no estimate holds
+# (a DCGAN image named 1.9 ms was 504 or refused as "slower than measured" 15 times in 15; from 5 ms on, all 200 in a probe)
+TIMEOUT_FLOOR_S = 0.005
 OTHER_LOAD_RETRY_S = 2  # a refusal for other processes' load: when to look again (the reading moves every half second)
 REQUEST_SHARE_OF_MEMORY = 0.5  # one request may hold at most this share of the budget
 LIMITS_MEMORY_MARGIN = 0.03  # and at most what the loaded models leave of it, less this share
@@ -459,18 +463,29 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
     return request_cost.seconds * correction
 
 
-def refuse_past_client_timeout(model: "LoadedModel", request_cost: RequestCost, timeout_s: float) -> None:
+def refuse_past_client_timeout(model: "LoadedModel", request_cost: RequestCost, timeout_s: float, remaining_s: float,
+                               other_share: float = 0.0) -> None:
     """413 for a request whose compute alone, at its model's measured speed on an idle lane, takes
-    more of its client's own timeout (v2's `timeout`, shorter than the server's) than a deadline
-    leaves for compute: no retry serves it, and admission's 503 said "retry in 1 s" (the deadline
-    taken by the upload). The answer names the timeout that would do."""
-    alone = request_cost.seconds / model.lane.threads
-    budget = timeout_s * COMPUTE_SHARE_OF_DEADLINE
-    if alone > budget:
-        enough_us = math.ceil(alone / COMPUTE_SHARE_OF_DEADLINE * 1e6)
-        raise ApiError(413, f"this request needs about {1000 * alone:.1f} ms of compute on {model.entry.name!r}; its timeout of "
-                            f"{round(timeout_s * 1e6)} µs leaves {1000 * budget:.1f} ms for it: send a timeout of at least {enough_us} µs "
-                            f"(or none: the server's deadline), or fewer rows or smaller images", code="too_expensive")
+    more of what its client's own timeout (v2's `timeout`, shorter than the server's) leaves at
+    admission (`remaining_s`) than a deadline leaves for compute. What reaching admission took
+    (reading and parsing the body) comes again with a retry, so none serves it: admission's 503
+    said "retry in 1 s", and where parsing had used the whole timeout, a 504 blamed the body.
+    The answer names a timeout that does: the compute at the model's speed lately and the cores'
+    load now (`other_share`), plus what reaching admission took, `TIMEOUT_SPARE` more and
+    `TIMEOUT_FLOOR_S` (the figure without them was refused 503 when sent: a hostile probe)."""
+    lane = model.lane
+    alone = request_cost.seconds / lane.threads
+    budget = max(0.0, remaining_s) * COMPUTE_SHARE_OF_DEADLINE
+    if alone <= budget:
+        return
+    cost = model.costs.get("model")
+    lately = alone * (cost.current_correction() if cost is not None else 1.0) * slowdown(lane, other_share)
+    reaching = max(0.0, timeout_s - remaining_s)
+    enough_us = math.ceil(((lately / COMPUTE_SHARE_OF_DEADLINE + reaching) * TIMEOUT_SPARE + TIMEOUT_FLOOR_S) * 1e6)
+    raise ApiError(413, f"this request needs about {1000 * alone:.1f} ms of compute on {model.entry.name!r}; its timeout of "
+                        f"{round(timeout_s * 1e6)} µs leaves {1000 * budget:.1f} ms for it once the request has reached admission "
+                        f"({1000 * reaching:.1f} ms after it arrived): send a timeout of at least {enough_us} µs (or none: the server's "
+                        f"deadline), or fewer rows or smaller images", code="too_expensive")
 
 
 def slower_by(correction: float) -> str:

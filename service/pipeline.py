@@ -318,7 +318,8 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
     booked: list[Booking] = []
     try:
         if ctx.timeout_s is not None:
-            refuse_past_client_timeout(model, cost, ctx.timeout_s)
+            refuse_past_client_timeout(model, cost, ctx.timeout_s, state.deadline - time.monotonic(),
+                                       registry.shared_device.other_share() + registry.shared_device.host_share())
         state.lane_seconds = admit(model, cost, state.deadline - time.monotonic(), registry.memory,
                                    recheck_s=settings.remeasure_idle_s or settings.request_timeout_s, encoding=registry.encoding,
                                    timeout_s=settings.request_timeout_s, counted=ctx.encode_micros,
