@@ -136,3 +136,25 @@ def install_error_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=error)
         return error_response(request, 500, f"internal error ({type(error).__name__}); the server's log has the details")
+
+
+def first_repeated(keys: list[str]) -> str | None:
+    """The first key that appears a second time, or None."""
+    seen: set[str] = set()
+    return next((key for key in keys if key in seen or seen.add(key)), None)
+
+
+class DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object's dict, refusing a key given twice: the standard parser keeps the last
+    silently (`{"seed": 1, "seed": 2}` made seed 2), where a proxy or filter in front of the server
+    may have read the first."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise DuplicateKey(first_repeated([key for key, _ in pairs]))
+    return obj

@@ -26,7 +26,7 @@ from pydantic import TypeAdapter, ValidationError
 from service.admission import RequestCost, admit, batch_share_bytes, compute_seconds, is_slight, refuse_past_client_timeout, reserve_memory
 from service.batcher import DeadlineExceeded, QueueFull, RequestState, RequestTooLarge, ShuttingDown
 from service.connection_table import share_key
-from service.errors import ApiError, describe_validation
+from service.errors import ApiError, DuplicateKey, describe_validation, first_repeated, unique_keys
 from service.intake import STATE_KEY, RequestContext, context_of, not_json
 from service.lanes import Booking
 from service.memory import memory_holder
@@ -83,12 +83,6 @@ def refuse_unknown_query(request: Request | WebSocket, taken: frozenset[str], hi
         raise ApiError(422, f"query parameter {repeated!r} is given twice")
 
 
-def first_repeated(keys: list[str]) -> str | None:
-    """The first key that appears a second time, or None."""
-    seen: set[str] = set()
-    return next((key for key in keys if key in seen or seen.add(key)), None)
-
-
 class KnownQueryRoute(APIRoute):
     """The route class of routers whose operations take their options in the query (uploads,
     jobs): 422 for a query parameter the operation does not take (`project?version=99` ran the
@@ -104,22 +98,6 @@ def refusing_unknown_query(handler: Callable[[Request], Awaitable[Response]], ta
         return await handler(request)
 
     return known_query
-
-
-class DuplicateKey(ValueError):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    """A JSON object's dict, refusing a key given twice: the standard parser keeps the last
-    silently (`{"seed": 1, "seed": 2}` made seed 2), where a proxy or filter in front of the server
-    may have read the first."""
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise DuplicateKey(first_repeated([key for key, _ in pairs]))
-    return obj
 
 
 class JsonBodyRoute(APIRoute):

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 from starlette.datastructures import Headers
 
 from service.digits import MAX_DIGITS, ascii_count
-from service.errors import ApiError, parse_failure
+from service.errors import ApiError, DuplicateKey, parse_failure, unique_keys
 from service.schemas import MAX_INPUT_MAGNITUDE
 
 # wire datatype → numpy; which wire datatypes each model input dtype accepts (converted on arrival)
@@ -139,10 +139,13 @@ def parse_request(raw: bytes, header_length: str | None) -> tuple[InferRequest, 
     """(runs in the encoder pool) The request and its input arrays, as sent (not yet converted)."""
     header, tail = split_body(raw, header_length)
     try:
-        body = InferRequest.model_validate(json.loads(header))
+        body = InferRequest.model_validate(json.loads(header, object_pairs_hook=unique_keys))
     except ValidationError as error:
         first = error.errors()[0]
         raise ApiError(422, f"{'.'.join(map(str, first['loc']))}: {first['msg']}")
+    except DuplicateKey as duplicate:  # (the parser kept the last: `"timeout": 1, "timeout": 0` was served with no timeout)
+        raise ApiError(422, f"the key {duplicate.key[:64]!r} appears more than once in one JSON object of the inference header: "
+                            "say it once") from None
     except (ValueError, RecursionError) as error:  # JSONDecodeError, int digits limit, nesting
         raise ApiError(422, f"the inference header is not valid JSON ({type(error).__name__}){parse_failure(error)}")
     refuse_unserved_extensions(body)

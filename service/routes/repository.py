@@ -14,9 +14,9 @@ from contextlib import contextmanager
 
 from fastapi import APIRouter, Request
 
-from service.errors import ApiError, error_responses
+from service.errors import ApiError, DuplicateKey, error_responses, unique_keys
 from service.intake import host_name, local_or_address
-from service.pipeline import DuplicateKey, declared_media, registry_of, unique_keys
+from service.pipeline import declared_media, registry_of
 
 router = APIRouter(prefix="/v2/repository", tags=["v2"])
 # loads and unloads run one at a time; this many more may wait their turn, and the next is refused 429:

@@ -208,6 +208,10 @@ def test_the_clients_timeout_is_its_deadline_and_one_too_short_for_the_compute_i
             body = {"inputs": [{"name": "z", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}], "parameters": {"timeout": bad}}
             answer = client.post("/v2/models/digits/infer", json=body)
             assert answer.status_code == 422 and "parameters.timeout" in answer.json()["error"], (bad, answer.text)
+        # given twice, the parser kept the last: a proxy in front may have read the first
+        twice = b'{"inputs": [{"name": "z", "shape": [1, 64], "datatype": "FP32", "data": [%s]}], "parameters": {"timeout": 1, "timeout": 0}}' % b",".join([b"0"] * 64)
+        answer = client.post("/v2/models/digits/infer", content=twice)
+        assert answer.status_code == 422 and "'timeout' appears more than once" in answer.json()["error"], answer.text
 
 
 @pytest.mark.parametrize("settings", [{}, {"workers": 2}], ids=["one process", "engine and two fronts"])
