@@ -44,7 +44,10 @@ VersionPath = Annotated[VersionText, Path()]
 
 @router.get("")
 async def server_metadata() -> dict:
-    return {"name": "ganserve", "version": importlib.metadata.version("ganserve"), "extensions": ["binary_tensor_data", "model_repository"]}
+    """`schedule_policy`: a request's `timeout` is its deadline where shorter than the server's, and
+    its `priority` is taken and, as in Triton without `priority_levels` (none in `/config`), has no effect."""
+    return {"name": "ganserve", "version": importlib.metadata.version("ganserve"),
+            "extensions": ["binary_tensor_data", "model_repository", "schedule_policy"]}
 
 
 def wire_tensors(items: list[dict]) -> list[dict]:

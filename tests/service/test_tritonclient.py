@@ -45,7 +45,7 @@ def png(pixels: np.ndarray) -> bytes:
 def test_the_standard_client_sees_the_server_and_every_model(triton):
     assert triton.is_server_live() and triton.is_server_ready()
     server = triton.get_server_metadata()
-    assert server["name"] == "ganserve" and {"binary_tensor_data", "model_repository"} <= set(server["extensions"])
+    assert server["name"] == "ganserve" and {"binary_tensor_data", "model_repository", "schedule_policy"} <= set(server["extensions"])
     for name in MODELS:
         assert triton.is_model_ready(name) and triton.is_model_ready(name, "1") and not triton.is_model_ready(name, "7")
         metadata = triton.get_model_metadata(name)
