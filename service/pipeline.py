@@ -307,6 +307,7 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
     except ApiError as refusal:  # counted by reason beside the batcher's own (they showed in requests_total's status alone)
         if refusal.status == 503 and state.deadline <= time.monotonic():  # (a 413 says more: retrying cannot help)
             # admission read the negative time left as a wait to retry after: "retry in 1 s", half a minute late
+            bound.rejected("deadline_before_admission").inc()  # (counted in requests_total alone: a probe)
             raise ApiError(504, "the request's deadline passed before it reached admission (its body arriving, or the server's "
                                 "encoder pool busy)") from None
         bound.rejected("too_expensive" if refusal.status == 413 else "overloaded").inc()

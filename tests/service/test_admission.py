@@ -376,3 +376,4 @@ def test_admissions_refusals_are_counted_by_reason(repository):
             late = read_until_closed(sock, 10)
         assert late.startswith(b"HTTP/1.1 504") and b"deadline passed before it reached admission" in late, late[:400]
         assert server.metric("ganserve_rejected_total", model="styles", operation="generate", reason="overloaded") == 0
+        assert server.metric("ganserve_rejected_total", model="styles", operation="generate", reason="deadline_before_admission") == 1
