@@ -334,13 +334,13 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
         state.cancelled = True  # what is still queued is dropped before compute
         if interruption.reason == "disconnect":
             raise ApiError(499, "the client closed the request", code="client_closed_request")
-        raise ApiError(504, "the request's deadline passed before its images were computed")
+        raise deadline_passed(ctx)
     except QueueFull as full:
         raise ApiError(429, "the model's queue is full; retry later", headers={"Retry-After": str(max(1, round(full.retry_after_s)))})
     except RequestTooLarge as error:
         raise ApiError(413, f"this request can never fit the model's queue: {error}", code="too_expensive")
     except DeadlineExceeded:
-        raise ApiError(504, "the request's deadline passed before its images were computed")
+        raise deadline_passed(ctx)
     except ShuttingDown:
         if registry.draining:
             raise ApiError(503, "the server is shutting down", headers={"Retry-After": "1"})
@@ -352,6 +352,14 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
         state.lane.remove_backlog(state.lane_seconds)  # what its items did not settle (dropped, estimate error)
         state.lane_seconds = 0.0
         state.lane.bookings.difference_update(booked)
+
+
+def deadline_passed(ctx: RequestContext) -> ApiError:
+    """The 504 of a request admitted whose deadline passed before its work was done: the client's
+    own timeout named where it set the deadline (v2's `timeout`)."""
+    if ctx.timeout_s is not None:
+        return ApiError(504, f"the request's timeout of {round(ctx.timeout_s * 1e6)} µs passed before its outputs were computed")
+    return ApiError(504, "the request's deadline passed before its images were computed")
 
 
 def reserve(request: Request, nbytes: int) -> None:
