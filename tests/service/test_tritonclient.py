@@ -212,6 +212,10 @@ def test_the_clients_timeout_is_its_deadline_and_one_too_short_for_the_compute_i
         twice = b'{"inputs": [{"name": "z", "shape": [1, 64], "datatype": "FP32", "data": [%s]}], "parameters": {"timeout": 1, "timeout": 0}}' % b",".join([b"0"] * 64)
         answer = client.post("/v2/models/digits/infer", content=twice)
         assert answer.status_code == 422 and "'timeout' appears more than once" in answer.json()["error"], answer.text
+        # each object is checked for repeated keys: objects by the thousand, which no request needs, are refused before parsing
+        braces = b'{"inputs": [{"name": "image", "shape": [1, 3, 8, 8], "datatype": "FP32", "data": [%s]}]}' % b",".join([b"{}"] * 20_000)
+        answer = client.post("/v2/models/edges/infer", content=braces)
+        assert answer.status_code == 422 and "JSON objects" in answer.json()["error"], answer.text
 
 
 @pytest.mark.parametrize("settings", [{}, {"workers": 2}], ids=["one process", "engine and two fronts"])
