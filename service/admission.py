@@ -388,9 +388,9 @@ def admit(model: "LoadedModel", request_cost: RequestCost, remaining_s: float, b
     `protected_s`: the time left of the server's deadline, where the client asked for a shorter
     one (`remaining_s`, v2's `timeout`): what its booking protects against requests admitted
     later beside it, and what its own push is slight against. A client's timeout limits its own
-    request and is no claim on the device: as a booking's latest, a stream of cheap requests with
-    100 ms timeouts to one model refused every heavy request to the others (each would push one
-    of them past its deadline)."""
+    request and is no claim on the device: as a booking's latest, a cheap request booked to its
+    1 s timeout refused a 5 s request to another model (it would push the cheap one past its
+    second; tests/service/test_admission.py), so a stream of them could keep heavy work out."""
     protected_s = remaining_s if protected_s is None else max(remaining_s, protected_s)
     limit = model.limits.compute_seconds if model.limits else math.inf
     if request_cost.seconds > limit:

@@ -303,7 +303,7 @@ async def execute_for(registry: ModelRegistry, ctx: RequestContext, model: Loade
                                    timeout_s=settings.request_timeout_s, counted=ctx.encode_micros,
                                    beside=registry.lanes_beside(model), booked=booked, other_share=registry.shared_device.other_share(),
                                    holder=memory_holder(share_key(ctx.client) or "", labels[0], labels[2]), timing=ctx.timing,
-                                   host_share=registry.shared_device.host_share(), protected_s=state.protected_deadline - time.monotonic())
+                                   host_share=registry.shared_device.host_share(), protected_s=None if state.protected_until is None else state.protected_until - time.monotonic())
     except ApiError as refusal:  # counted by reason beside the batcher's own (they showed in requests_total's status alone)
         if refusal.status == 503 and state.deadline <= time.monotonic():  # (a 413 says more: retrying cannot help)
             # admission read the negative time left as a wait to retry after: "retry in 1 s", half a minute late
