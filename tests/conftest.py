@@ -1,20 +1,56 @@
 """Shared test settings and fixtures: torch on the machine's two cores, a real model repository,
-and the real server."""
+and the real server.
+
+`make test` runs the suite in two phases (Makefile): every test that can share the machine on two
+pytest-xdist workers, then the `quiet_host` ones alone. Under xdist each test file runs whole on one
+worker, tests/ray as one, and the workers share one built repository. Plain `pytest` runs everything in one process."""
 import os
+import shutil
+from pathlib import Path
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # before any import of onnxruntime (models/onnx_runtime.py says why)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from filelock import FileLock  # noqa: E402
 
 from tests.serving import build_repository, running_server  # noqa: E402
 
 torch.set_num_threads(2)
 
 
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # set in an xdist worker ("gw0", "gw1"), absent otherwise
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Each test file whole on one worker (`--dist loadfile`: its module-scoped servers start once),
+    and tests/ray as one unit (its Ray cluster is package-scoped: two at once would each take a
+    core). Not `xdist_group` marks: `--dist loadgroup` ignores them under pytest 9.2
+    (pytest-dev/pytest-xdist#1386)."""
+    from xdist.scheduler import LoadFileScheduling
+
+    class FileOrRayScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "tests/ray" if path.startswith("tests/ray/") else path
+
+    return FileOrRayScheduling(config, log)
+
+
 @pytest.fixture(scope="session")
 def repository(tmp_path_factory):
-    return build_repository(tmp_path_factory.mktemp("serving"))
+    """Built once per run: under xdist the first worker to get here builds it (~50 s of both
+    cores) and the other waits for it, as building it twice at once took twice as long."""
+    if XDIST_WORKER is None:
+        return build_repository(tmp_path_factory.mktemp("serving"))
+    root = tmp_path_factory.getbasetemp().parent / "serving"  # the run's directory, above each worker's own
+    built = root / "built"
+    with FileLock(f"{root}.lock"):
+        if not built.exists():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            built.write_text(str(build_repository(root)))
+    return Path(built.read_text())
 
 
 @pytest.fixture(scope="session")

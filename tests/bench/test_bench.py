@@ -172,6 +172,7 @@ def test_the_contention_bench_counts_what_each_model_was_answered_beside_the_oth
     assert (tmp_path / "contention.json").exists()
 
 
+@pytest.mark.quiet_host  # it times one model twice and bounds the ratio: another worker's tests would load one timing
 def test_the_warmup_bench_sets_each_starts_warm_up_against_the_idle_servers_timing(tmp_path):
     """`ganserve bench-warmup`: a start's warm-up figure and what its idle re-measure timed."""
     from bench.warmup import run_warmup_bench

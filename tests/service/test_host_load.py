@@ -24,6 +24,8 @@ from tests.serving import running_server
 from tests.service.test_hostile import SHIPPED
 from tests.service.test_isolation import png
 
+pytestmark = pytest.mark.quiet_host  # its servers read other processes' load and its own busy processes must be the only ones
+
 linux_only = pytest.mark.skipif(busy_cpu_seconds({0}) is None, reason="reads /proc/stat")
 
 

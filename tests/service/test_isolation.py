@@ -9,11 +9,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from bench.limits import model_figures
 from tests.serving import running_server
 from tests.service.test_hostile import SHIPPED
+
+pytestmark = pytest.mark.quiet_host  # admission here counts the cores other processes take (another worker's tests would refuse its requests)
 
 
 def png(width: int, height: int) -> bytes:

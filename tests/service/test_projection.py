@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.quiet_host  # its jobs' time bounds and memory peaks are measured against a quiet machine
+
 
 def png_bytes(size=(24, 20), mode="RGB", colour=(200, 40, 40)) -> bytes:
     buffer = io.BytesIO()

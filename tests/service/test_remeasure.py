@@ -15,6 +15,8 @@ from bench.server import wait_ready
 from service.costs import GraphCost
 from tests.serving import running_server
 
+pytestmark = pytest.mark.quiet_host  # it times a model on an idle server, which another worker's tests keep busy
+
 
 def test_a_faster_fit_is_adopted_and_a_slower_one_never():
     cost = GraphCost(per_unit_s=0.3, overhead_s=0.01, bytes_per_unit=0, reference_pixels=None, warmed=(1.0, 2.0))

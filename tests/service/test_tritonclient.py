@@ -218,6 +218,7 @@ def test_the_clients_timeout_is_its_deadline_and_one_too_short_for_the_compute_i
         assert answer.status_code == 422 and "JSON objects" in answer.json()["error"], answer.text
 
 
+@pytest.mark.quiet_host  # its refusal must name the queue, not other processes' load
 @pytest.mark.parametrize("settings", [{}, {"workers": 2}], ids=["one process", "engine and two fronts"])
 def test_a_request_whose_timeout_its_models_queue_would_pass_is_refused_up_front_and_served_without_it(settings):
     """Admission weighs the queue against the client's own timeout: behind a 256² upscale (~2 s
