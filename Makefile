@@ -30,10 +30,14 @@ ray: install
 	$(BIN)/ganserve ray --repository model_repository --host 0.0.0.0 --port $(PORT)
 
 # Two phases, so that two cores are busy and no timing is disturbed: every test that can share the
-# machine on two pytest-xdist workers (each file whole on one worker: tests/conftest.py), then the `quiet_host` ones
-# alone (their servers weigh other processes' load). Both run; either failing fails the target.
+# machine on two pytest-xdist workers (each file whole on one worker: tests/conftest.py), then the
+# `quiet_host` ones alone (their servers weigh other processes' load). Both run, on one test model
+# repository built once; either failing fails the target.
 test: install
-	$(BIN)/pytest -q -n 2 -m "not quiet_host"; shared=$$?; $(BIN)/pytest -q -m quiet_host && exit $$shared
+	export TESTS_SHARED_REPOSITORY=$$(mktemp -d); \
+	$(BIN)/pytest -q -n 2 -m "not quiet_host"; shared=$$?; \
+	$(BIN)/pytest -q -m quiet_host; quiet=$$?; \
+	rm -rf "$$TESTS_SHARED_REPOSITORY"; [ $$shared -eq 0 ] && [ $$quiet -eq 0 ]
 
 # Rebuilds the default models from scratch with the project's own commands (about 3 h on 2 cores:
 # the digits models ~15 min, the StyleGAN ~2 h, CycleGAN ~15 min, SR x4 ~35 min).

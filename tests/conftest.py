@@ -3,7 +3,7 @@ and the real server.
 
 `make test` runs the suite in two phases (Makefile): every test that can share the machine on two
 pytest-xdist workers, then the `quiet_host` ones alone. Under xdist each test file runs whole on one
-worker, tests/ray as one, and the workers share one built repository. Plain `pytest` runs everything in one process."""
+worker, tests/ray as one, and both phases share one built repository. Plain `pytest` runs everything in one process."""
 import os
 import shutil
 from pathlib import Path
@@ -39,11 +39,14 @@ def pytest_xdist_make_scheduler(config, log):
 
 @pytest.fixture(scope="session")
 def repository(tmp_path_factory):
-    """Built once per run: under xdist the first worker to get here builds it (~50 s of both
-    cores) and the other waits for it, as building it twice at once took twice as long."""
-    if XDIST_WORKER is None:
+    """Built once where it can be shared (~50 s of both cores): by the xdist workers of one run
+    (the first to get here builds it, the other waits: building it twice at once shares the same
+    two cores), and by both of `make test`'s phases (the Makefile names a directory in
+    `TESTS_SHARED_REPOSITORY` for the one run, and removes it after)."""
+    shared = os.environ.get("TESTS_SHARED_REPOSITORY") or (XDIST_WORKER and tmp_path_factory.getbasetemp().parent)
+    if not shared:
         return build_repository(tmp_path_factory.mktemp("serving"))
-    root = tmp_path_factory.getbasetemp().parent / "serving"  # the run's directory, above each worker's own
+    root = Path(shared) / "serving"
     built = root / "built"
     with FileLock(f"{root}.lock"):
         if not built.exists():
