@@ -22,6 +22,7 @@ torch.set_num_threads(2)
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # set in an xdist worker ("gw0", "gw1"), absent otherwise
 
 
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: plain `pytest` runs without xdist too
 def pytest_xdist_make_scheduler(config, log):
     """Each test file whole on one worker (`--dist loadfile`: its module-scoped servers start once),
     and tests/ray as one unit (its Ray cluster is package-scoped: two at once would each take a
