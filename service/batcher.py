@@ -1,8 +1,7 @@
 """The dynamic batcher: one queue per (model, version, operation), items not requests.
 
 A worker takes up to `max_batch_size` items, or waits at most `max_queue_delay_ms` after the
-first one (less where a waiting request's deadline needs its batch sooner: a v2 client's short
-`timeout`), then runs one forward pass on its model's lane. A batch is capped by cost as well as
+first one, then runs one forward pass on its model's lane. A batch is capped by cost as well as
 by count: it stops where its measured cost (service/costs.py) would pass `max_batch_seconds`, so
 62 super-resolution tiles are never one 56-second pass on a CPU while 64 digits still are one
 pass of a millisecond. The queue is bounded (QueueFull → 429; a request larger than the whole
@@ -25,10 +24,6 @@ from service.costs import GraphCost
 from service.lanes import Lane
 from service.metrics import ServiceMetrics
 from service.runtimes import OutOfMemory
-
-# A waiting request's batch starts no later than its deadline less twice its queued compute and
-# this (admission's TIMEOUT_FLOOR_S: the hops to the lane and back, which no estimate holds).
-START_MARGIN_S = 0.005
 
 
 # A lone item whose measured compute is under this runs on the event loop: handing it to the lane's
@@ -126,7 +121,6 @@ class DynamicBatcher:
         self.max_batch_seconds = max_batch_seconds
         self.pad_to = pad_to  # warmed batch sizes a batch is padded up to (None: no padding)
         self.queue: deque[WorkItem] = deque()
-        self.start_by = math.inf  # when the most pressed waiting request needs its batch to start (START_MARGIN_S)
         self.wakeup = asyncio.Event()
         self.accepting = True
         self.running: set[asyncio.Task] = set()
@@ -161,7 +155,6 @@ class DynamicBatcher:
         if admit is not None:
             admit(sum(item.seconds for item in items))
         self.queue.extend(items)
-        self.start_by = min(self.start_by, request.deadline - 2 * sum(item.seconds for item in items) - START_MARGIN_S)
         self.metrics.queue_items.set(len(self.queue))
         self.wakeup.set()
         return items
@@ -194,14 +187,12 @@ class DynamicBatcher:
             await asyncio.gather(*self.running)
 
     async def wait_for_batch(self) -> None:
-        """Until the queue holds a full batch, the first item has waited max_queue_delay, or a
-        waiting request's deadline needs its batch now (`start_by`): a v2 client's 9 ms timeout
-        sat out a 400 ms batching delay and was 504 every time, with 0.1 ms of compute.
+        """Until the queue holds a full batch or the first item has waited max_queue_delay.
 
         With max_queue_delay_ms = 0 this is natural batching: whatever queued up while the
         previous batch ran goes together, and an idle device never waits."""
         while self.queue and len(self.queue) < self.max_batch_size and self.accepting:
-            remaining = min(self.queue[0].enqueued + self.max_queue_delay, self.start_by) - time.monotonic()
+            remaining = self.queue[0].enqueued + self.max_queue_delay - time.monotonic()
             if remaining <= 0:
                 return
             self.wakeup.clear()
@@ -270,11 +261,6 @@ class DynamicBatcher:
                     item.batched = True
                     item.request.items_batched += 1
         self.queue = deque(item for item in live if not item.batched)
-        waiting: dict[int, tuple[RequestState, float]] = {}  # each waiting request and its compute still queued
-        for item in self.queue:
-            request, seconds = waiting.get(id(item.request), (item.request, 0.0))
-            waiting[id(item.request)] = (request, seconds + item.seconds)
-        self.start_by = min((request.deadline - 2 * seconds - START_MARGIN_S for request, seconds in waiting.values()), default=math.inf)
         self.metrics.queue_items.set(len(self.queue))
         for item in batch:
             waited = now - item.enqueued

